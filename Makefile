@@ -1,0 +1,44 @@
+# make demo : set up, build, run the main job (grouped_mm benchmark, quick mode)
+# make test : set up, build, run every test
+#
+# The venv lives outside the checkout, keyed by requirements.txt, so CI and
+# fresh clones reuse it when the pins have not changed.
+
+SHELL := /bin/bash
+.SHELLFLAGS := -eu -o pipefail -c
+PYTHON ?= python3
+REQ_HASH := $(shell sha256sum requirements.txt | cut -c1-12)
+CACHE ?= $(HOME)/.cache/torch-moe-ops
+VENV ?= $(CACHE)/venv-$(REQ_HASH)
+PY := $(VENV)/bin/python
+export CUDA_HOME ?= /usr/local/cuda
+export TORCHINDUCTOR_CACHE_DIR ?= $(CACHE)/inductor
+export MAX_JOBS ?= 2
+export PYTHONPATH := $(CURDIR)$(if $(PYTHONPATH),:$(PYTHONPATH))
+
+.PHONY: all setup build test demo bench clean
+
+all: test
+
+$(VENV)/.installed: requirements.txt
+	rm -rf $(VENV)
+	$(PYTHON) -m venv $(VENV)
+	$(VENV)/bin/pip install --quiet -r requirements.txt
+	touch $@
+
+setup: $(VENV)/.installed
+
+build: setup
+	$(PY) setup.py --quiet build_ext --inplace
+
+test: build
+	$(PY) -m pytest -q test
+
+demo: build
+	$(PY) benchmarks/bench_grouped_mm.py --quick
+
+bench: build
+	$(PY) benchmarks/bench_grouped_mm.py
+
+clean:
+	rm -rf build torch_moe_ops/*.so *.egg-info

@@ -1,0 +1,19 @@
+"""torch-moe-ops: fast, deterministic Mixture-of-Experts ops for PyTorch.
+
+Importing this package loads the C++ extension (which defines every
+``torch.ops.moe_ops`` schema and its CPU/CUDA kernels) and registers the
+Python fake kernels and autograd formulas.
+"""
+
+import torch
+
+from . import _C  # noqa: F401  (registers torch.ops.moe_ops)
+from . import ops
+from .ops import grouped_mm
+
+__all__ = ["grouped_mm", "ops", "cuda_kernels_built"]
+
+
+def cuda_kernels_built() -> bool:
+    """Whether this build of _C registered CUDA kernels."""
+    return torch._C._dispatch_has_kernel_for_dispatch_key("moe_ops::grouped_mm", "CUDA")

@@ -1,0 +1,194 @@
+#pragma once
+
+// Shared validation and output allocation for moe_ops::grouped_mm, used by
+// every backend (CPU, CUDA). The Python fake kernel in torch_moe_ops/_checks.py
+// restates these checks one for one; keep the two in step.
+//
+// Layouts (G = number of groups, offs = int32 cumulative group ends):
+//   2D x 3D  mat_a (M, K),    mat_b (G, K, N), offs splits M  -> out (M, N)
+//   3D x 2D  mat_a (G, M, K), mat_b (K, N),    offs splits N  -> out (M, N)
+//   2D x 2D  mat_a (M, K),    mat_b (K, N),    offs splits K  -> out (G, M, N)
+//   3D x 3D  mat_a (G, M, K), mat_b (G, K, N), no offs        -> out (G, M, N)
+// bias, when given, is (G, N_out) with N_out = out.size(-1); in 3D x 2D the
+// group g adds bias[g, n] to the columns n it owns. Output elements that no
+// group covers (rows/columns past offs[-1]) are zero.
+
+#include <ATen/core/Tensor.h>
+#include <c10/core/ScalarType.h>
+#include <c10/util/SmallVector.h>
+
+#include <optional>
+
+namespace at::native {
+
+enum class GroupedMMLayout { k2d3d, k3d2d, k2d2d, k3d3d };
+
+inline GroupedMMLayout grouped_mm_layout(const Tensor& mat_a, const Tensor& mat_b) {
+  const bool a_2d = mat_a.dim() == 2;
+  const bool b_2d = mat_b.dim() == 2;
+  if (a_2d) {
+    return b_2d ? GroupedMMLayout::k2d2d : GroupedMMLayout::k2d3d;
+  }
+  return b_2d ? GroupedMMLayout::k3d2d : GroupedMMLayout::k3d3d;
+}
+
+inline bool grouped_mm_supported_dtype(ScalarType t) {
+  return t == kFloat || t == kHalf || t == kBFloat16 || t == kDouble;
+}
+
+// Output dtype: the input dtype, or float32 for 16-bit inputs (the kernels
+// accumulate in fp32 and round once).
+inline ScalarType grouped_mm_out_dtype(const Tensor& mat_a, std::optional<ScalarType> out_dtype) {
+  const auto in = mat_a.scalar_type();
+  const auto out = out_dtype.value_or(in);
+  TORCH_CHECK_VALUE(
+      out == in || (out == kFloat && (in == kHalf || in == kBFloat16)),
+      "grouped_mm: out_dtype must be the input dtype (", in,
+      ") or float32 for float16/bfloat16 inputs, got out_dtype=", out);
+  return out;
+}
+
+// Number of groups G.
+inline int64_t grouped_mm_num_groups(const Tensor& mat_a, const Tensor& mat_b, const std::optional<Tensor>& offs) {
+  if (offs.has_value()) {
+    return offs->size(0);
+  }
+  return mat_a.size(0);
+}
+
+// Extent of the dimension that offs splits (M, N or K); 0 for 3D x 3D.
+inline int64_t grouped_mm_split_size(const Tensor& mat_a, const Tensor& mat_b) {
+  switch (grouped_mm_layout(mat_a, mat_b)) {
+    case GroupedMMLayout::k2d3d: return mat_a.size(0);
+    case GroupedMMLayout::k3d2d: return mat_b.size(1);
+    case GroupedMMLayout::k2d2d: return mat_a.size(1);
+    case GroupedMMLayout::k3d3d: return 0;
+  }
+  return 0;
+}
+
+inline c10::SmallVector<int64_t, 3> grouped_mm_out_size(
+    const Tensor& mat_a, const Tensor& mat_b, const std::optional<Tensor>& offs) {
+  switch (grouped_mm_layout(mat_a, mat_b)) {
+    case GroupedMMLayout::k2d3d: return {mat_a.size(0), mat_b.size(2)};
+    case GroupedMMLayout::k3d2d: return {mat_a.size(1), mat_b.size(1)};
+    case GroupedMMLayout::k2d2d: return {offs->size(0), mat_a.size(0), mat_b.size(1)};
+    case GroupedMMLayout::k3d3d: return {mat_a.size(0), mat_a.size(1), mat_b.size(2)};
+  }
+  return {};
+}
+
+// Checks everything that does not need the values of offs. Every message
+// names the argument and the value received.
+inline void grouped_mm_check_inputs(
+    const Tensor& mat_a,
+    const Tensor& mat_b,
+    const std::optional<Tensor>& offs,
+    const std::optional<Tensor>& bias,
+    std::optional<ScalarType> out_dtype) {
+  TORCH_CHECK_VALUE(mat_a.dim() == 2 || mat_a.dim() == 3,
+      "grouped_mm: mat_a must be 2-D or 3-D, got ", mat_a.dim(), "-D with sizes ", mat_a.sizes());
+  TORCH_CHECK_VALUE(mat_b.dim() == 2 || mat_b.dim() == 3,
+      "grouped_mm: mat_b must be 2-D or 3-D, got ", mat_b.dim(), "-D with sizes ", mat_b.sizes());
+  TORCH_CHECK_VALUE(grouped_mm_supported_dtype(mat_a.scalar_type()),
+      "grouped_mm: mat_a must be float32, float16, bfloat16 or float64, got ", mat_a.scalar_type());
+  TORCH_CHECK_VALUE(mat_b.scalar_type() == mat_a.scalar_type(),
+      "grouped_mm: mat_b must have the dtype of mat_a (", mat_a.scalar_type(), "), got ", mat_b.scalar_type());
+  TORCH_CHECK_VALUE(mat_b.device() == mat_a.device(),
+      "grouped_mm: mat_b must be on the device of mat_a (", mat_a.device(), "), got ", mat_b.device());
+  TORCH_CHECK_VALUE(mat_a.size(-1) == mat_b.size(-2),
+      "grouped_mm: contraction sizes differ: mat_a ", mat_a.sizes(), " has K=", mat_a.size(-1),
+      " but mat_b ", mat_b.sizes(), " has K=", mat_b.size(-2));
+  grouped_mm_out_dtype(mat_a, out_dtype);
+
+  const auto layout = grouped_mm_layout(mat_a, mat_b);
+  if (layout == GroupedMMLayout::k3d3d) {
+    TORCH_CHECK_VALUE(!offs.has_value(),
+        "grouped_mm: offs must be None when mat_a and mat_b are both 3-D, got offs of sizes ", offs->sizes());
+    TORCH_CHECK_VALUE(mat_a.size(0) == mat_b.size(0),
+        "grouped_mm: batch sizes differ: mat_a ", mat_a.sizes(), ", mat_b ", mat_b.sizes());
+  } else {
+    TORCH_CHECK_VALUE(offs.has_value(),
+        "grouped_mm: offs is required when mat_a or mat_b is 2-D (mat_a ", mat_a.sizes(),
+        ", mat_b ", mat_b.sizes(), ")");
+    TORCH_CHECK_VALUE(offs->dim() == 1, "grouped_mm: offs must be 1-D, got ", offs->dim(), "-D with sizes ", offs->sizes());
+    TORCH_CHECK_VALUE(offs->scalar_type() == kInt, "grouped_mm: offs must be int32, got ", offs->scalar_type());
+    TORCH_CHECK_VALUE(offs->device() == mat_a.device(),
+        "grouped_mm: offs must be on the device of mat_a (", mat_a.device(), "), got ", offs->device());
+    if (layout == GroupedMMLayout::k2d3d) {
+      TORCH_CHECK_VALUE(offs->size(0) == mat_b.size(0),
+          "grouped_mm: offs has ", offs->size(0), " groups but mat_b ", mat_b.sizes(), " has ", mat_b.size(0));
+    } else if (layout == GroupedMMLayout::k3d2d) {
+      TORCH_CHECK_VALUE(offs->size(0) == mat_a.size(0),
+          "grouped_mm: offs has ", offs->size(0), " groups but mat_a ", mat_a.sizes(), " has ", mat_a.size(0));
+    }
+  }
+
+  if (bias.has_value()) {
+    const auto out_size = grouped_mm_out_size(mat_a, mat_b, offs);
+    const int64_t groups = grouped_mm_num_groups(mat_a, mat_b, offs);
+    const int64_t n_out = out_size.back();
+    TORCH_CHECK_VALUE(bias->dim() == 2 && bias->size(0) == groups && bias->size(1) == n_out,
+        "grouped_mm: bias must have shape (G, N) = (", groups, ", ", n_out, "), got ", bias->sizes());
+    const auto out_t = grouped_mm_out_dtype(mat_a, out_dtype);
+    TORCH_CHECK_VALUE(bias->scalar_type() == mat_a.scalar_type() || bias->scalar_type() == out_t,
+        "grouped_mm: bias must have the input dtype (", mat_a.scalar_type(), ") or the output dtype (",
+        out_t, "), got ", bias->scalar_type());
+    TORCH_CHECK_VALUE(bias->device() == mat_a.device(),
+        "grouped_mm: bias must be on the device of mat_a (", mat_a.device(), "), got ", bias->device());
+  }
+}
+
+// Checks the values of a CPU offs tensor: 0 <= offs[0] <= offs[1] <= ... <= split_size.
+inline void grouped_mm_check_offsets_cpu(const Tensor& offs, int64_t split_size, const char* split_name) {
+  const int64_t groups = offs.size(0);
+  const auto stride = offs.stride(0);
+  const int32_t* data = offs.const_data_ptr<int32_t>();
+  int64_t prev = 0;
+  for (int64_t g = 0; g < groups; ++g) {
+    const int64_t end = data[g * stride];
+    TORCH_CHECK_VALUE(end >= prev,
+        "grouped_mm: offs must be non-decreasing and non-negative, got offs[", g, "]=", end,
+        g == 0 ? std::string(" < 0") : " < offs[" + std::to_string(g - 1) + "]=" + std::to_string(prev));
+    prev = end;
+  }
+  TORCH_CHECK_VALUE(prev <= split_size,
+      "grouped_mm: offs[-1]=", prev, " exceeds the grouped dimension ", split_name, "=", split_size);
+}
+
+inline const char* grouped_mm_split_name(GroupedMMLayout layout) {
+  switch (layout) {
+    case GroupedMMLayout::k2d3d: return "M (mat_a.size(0))";
+    case GroupedMMLayout::k3d2d: return "N (mat_b.size(1))";
+    case GroupedMMLayout::k2d2d: return "K (mat_a.size(1))";
+    case GroupedMMLayout::k3d3d: return "none";
+  }
+  return "";
+}
+
+// CPU kernel: writes every element of out (a fresh tensor, contiguous in its
+// last dimension). Inputs may have any strides, including 0.
+void grouped_mm_cpu_kernel(
+    const Tensor& mat_a,
+    const Tensor& mat_b,
+    const std::optional<Tensor>& offs,
+    const std::optional<Tensor>& bias,
+    const Tensor& out);
+
+Tensor grouped_mm_cpu(
+    const Tensor& mat_a,
+    const Tensor& mat_b,
+    const std::optional<Tensor>& offs,
+    const std::optional<Tensor>& bias,
+    std::optional<ScalarType> out_dtype);
+
+#if defined(TORCH_MOE_OPS_WITH_CUDA)
+Tensor grouped_mm_cuda(
+    const Tensor& mat_a,
+    const Tensor& mat_b,
+    const std::optional<Tensor>& offs,
+    const std::optional<Tensor>& bias,
+    std::optional<ScalarType> out_dtype);
+#endif
+
+} // namespace at::native

@@ -1,0 +1,131 @@
+// CUDA entry point of grouped_mm.
+//
+// Routes to upstream's CUTLASS/cuBLAS grouped GEMM (aten::_grouped_mm) where
+// that supports the case (bf16 in and out, no bias, 16-byte aligned strides,
+// sm90+), and to a per-group fallback otherwise. Either way the output
+// elements no group covers are zeroed by a kernel that reads offs[-1] on the
+// device, and offs is validated with a device-side assert: no host sync on the
+// fast path. Hopper kernels of our own replace the routing in a later change.
+
+#include "../GroupedMM.h"
+
+#include <ATen/core/Tensor.h>
+#include <ATen/cuda/CUDAContext.h>
+#include <ATen/ops/_assert_async.h>
+#include <ATen/ops/_grouped_mm.h>
+#include <ATen/ops/empty.h>
+#include <ATen/ops/mm.h>
+#include <ATen/ops/zeros.h>
+#include <c10/cuda/CUDAException.h>
+
+namespace at::native {
+namespace {
+
+// Zeroes out[i, j] (a rows x cols view with strides rs/cs) wherever the index
+// along the grouped dimension (i if split_rows else j) is >= *covered.
+template <typename scalar_t>
+__global__ void zero_uncovered_kernel(scalar_t* out, int64_t rows, int64_t cols, int64_t rs, int64_t cs,
+                                      const int32_t* covered, bool split_rows) {
+  const int64_t limit = covered != nullptr ? static_cast<int64_t>(*covered) : 0;
+  const int64_t total = rows * cols;
+  for (int64_t idx = blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x; idx < total;
+       idx += static_cast<int64_t>(gridDim.x) * blockDim.x) {
+    const int64_t i = idx / cols;
+    const int64_t j = idx % cols;
+    if ((split_rows ? i : j) >= limit) {
+      out[i * rs + j * cs] = scalar_t(0);
+    }
+  }
+}
+
+void zero_uncovered(const Tensor& out, const Tensor& offs, bool split_rows) {
+  if (out.numel() == 0) return;
+  const int32_t* covered = offs.numel() > 0 ? offs.const_data_ptr<int32_t>() + (offs.size(0) - 1) * offs.stride(0) : nullptr;
+  const int64_t total = out.numel();
+  const int threads = 256;
+  const int64_t blocks = std::min<int64_t>((total + threads - 1) / threads, 4096);
+  auto stream = at::cuda::getCurrentCUDAStream();
+  AT_DISPATCH_FLOATING_TYPES_AND2(kBFloat16, kHalf, out.scalar_type(), "grouped_mm_zero_uncovered", [&] {
+    zero_uncovered_kernel<scalar_t><<<blocks, threads, 0, stream>>>(
+        out.mutable_data_ptr<scalar_t>(), out.size(0), out.size(1), out.stride(0), out.stride(1), covered, split_rows);
+  });
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+}
+
+bool upstream_strides_ok(const Tensor& t) {
+  const int64_t align = 16 / t.element_size();
+  if (reinterpret_cast<uintptr_t>(t.const_data_ptr()) % 16 != 0) return false;
+  const int64_t d = t.dim();
+  const bool row_major = t.stride(d - 1) == 1 && t.stride(d - 2) % align == 0 && t.stride(d - 2) >= t.size(d - 1);
+  const bool col_major = t.stride(d - 2) == 1 && t.stride(d - 1) % align == 0 && t.stride(d - 1) >= t.size(d - 2);
+  if (d == 3 && t.stride(0) % align != 0) return false;
+  return row_major || col_major;
+}
+
+bool upstream_supports(const Tensor& mat_a, const Tensor& mat_b, const std::optional<Tensor>& bias, ScalarType out_t) {
+  const auto* props = at::cuda::getCurrentDeviceProperties();
+  return props->major >= 9 && mat_a.scalar_type() == kBFloat16 && out_t == kBFloat16 && !bias.has_value() &&
+      upstream_strides_ok(mat_a) && upstream_strides_ok(mat_b);
+}
+
+Tensor fallback(const Tensor& mat_a, const Tensor& mat_b, const std::optional<Tensor>& offs,
+                const std::optional<Tensor>& bias, ScalarType out_t) {
+  const auto layout = grouped_mm_layout(mat_a, mat_b);
+  const auto acc = mat_a.scalar_type() == kDouble ? kDouble : kFloat;
+  Tensor out = at::zeros(grouped_mm_out_size(mat_a, mat_b, offs), mat_a.options().dtype(out_t));
+  const int64_t groups = grouped_mm_num_groups(mat_a, mat_b, offs);
+  // NOTE: host sync: the fallback needs the group boundaries on the host.
+  Tensor offs_cpu = offs.has_value() ? offs->cpu() : Tensor();
+  int64_t start = 0;
+  for (int64_t g = 0; g < groups; ++g) {
+    const int64_t end = offs_cpu.defined() ? offs_cpu[g].item<int64_t>() : 0;
+    Tensor a, b, o;
+    std::optional<Tensor> bias_g;
+    switch (layout) {
+      case GroupedMMLayout::k2d3d: a = mat_a.narrow(0, start, end - start); b = mat_b[g]; o = out.narrow(0, start, end - start); break;
+      case GroupedMMLayout::k3d2d: a = mat_a[g]; b = mat_b.narrow(1, start, end - start); o = out.narrow(1, start, end - start); break;
+      case GroupedMMLayout::k2d2d: a = mat_a.narrow(1, start, end - start); b = mat_b.narrow(0, start, end - start); o = out[g]; break;
+      case GroupedMMLayout::k3d3d: a = mat_a[g]; b = mat_b[g]; o = out[g]; break;
+    }
+    Tensor r = at::mm(a.to(acc), b.to(acc));
+    if (bias.has_value()) {
+      Tensor bg = (*bias)[g];
+      if (layout == GroupedMMLayout::k3d2d) bg = bg.narrow(0, start, end - start);
+      r.add_(bg.to(acc));
+    }
+    o.copy_(r);
+    start = end;
+  }
+  return out;
+}
+
+} // namespace
+
+Tensor grouped_mm_cuda(
+    const Tensor& mat_a,
+    const Tensor& mat_b,
+    const std::optional<Tensor>& offs,
+    const std::optional<Tensor>& bias,
+    std::optional<ScalarType> out_dtype) {
+  grouped_mm_check_inputs(mat_a, mat_b, offs, bias, out_dtype);
+  const auto layout = grouped_mm_layout(mat_a, mat_b);
+  const auto out_t = grouped_mm_out_dtype(mat_a, out_dtype);
+  if (offs.has_value() && offs->numel() > 0) {
+    const int64_t split = grouped_mm_split_size(mat_a, mat_b);
+    const Tensor o = offs->to(kLong);
+    const Tensor ok = o.select(0, 0).ge(0).logical_and(o.diff().ge(0).all()).logical_and(o.select(0, -1).le(split));
+    at::_assert_async(ok, "grouped_mm: offs must be non-negative, non-decreasing and at most the grouped dimension");
+  }
+  if (!upstream_supports(mat_a, mat_b, bias, out_t)) {
+    return fallback(mat_a, mat_b, offs, bias, out_t);
+  }
+  Tensor out = at::_grouped_mm(mat_a, mat_b, offs, std::nullopt, out_t);
+  if (layout == GroupedMMLayout::k2d3d) {
+    zero_uncovered(out, *offs, /*split_rows=*/true);
+  } else if (layout == GroupedMMLayout::k3d2d) {
+    zero_uncovered(out, *offs, /*split_rows=*/false);
+  }
+  return out;
+}
+
+} // namespace at::native

@@ -1,0 +1,6 @@
+"""Public Python API of the ops: thin wrappers over ``torch.ops.moe_ops``, with
+their fake kernels and autograd formulas."""
+
+from .grouped_mm import grouped_mm
+
+__all__ = ["grouped_mm"]
