@@ -45,19 +45,24 @@ def cuda_include_dirs():
 
 
 def extension():
-    sources = sorted(glob.glob(os.path.join(CSRC, "*.cpp")) + glob.glob(os.path.join(CSRC, "native", "*.cpp"))
-                     + glob.glob(os.path.join(CSRC, "native", "cpu", "*.cpp")))
+    # Kernel sources mirror ATen's tree (csrc/ATen/native/...) so that the
+    # upstream patches carry these very files; csrc/ is on the include path so
+    # that <ATen/native/GroupedMM.h> resolves to ours, as it will in-tree.
+    native = os.path.join(CSRC, "ATen", "native")
+    sources = sorted(glob.glob(os.path.join(CSRC, "*.cpp")) + glob.glob(os.path.join(native, "*.cpp"))
+                     + glob.glob(os.path.join(native, "cpu", "*.cpp")))
     cxx = ["-O3", "-std=c++20", "-fdiagnostics-color=always", "-Wall", "-Wno-unused-function"]
     macros = []
     if want_cuda():
-        sources += sorted(glob.glob(os.path.join(CSRC, "native", "cuda", "*.cu")))
+        sources += sorted(glob.glob(os.path.join(native, "cuda", "*.cu")))
         macros.append(("TORCH_MOE_OPS_WITH_CUDA", None))
         nvcc = ["-O3", "-std=c++20", "-gencode=arch=compute_90a,code=sm_90a", "--expt-relaxed-constexpr",
                 "--expt-extended-lambda", "-DTORCH_MOE_OPS_WITH_CUDA"]
         return CUDAExtension("torch_moe_ops._C", sources, define_macros=macros,
-                             include_dirs=cuda_include_dirs(),
+                             include_dirs=[os.path.join(ROOT, CSRC)] + cuda_include_dirs(),
                              extra_compile_args={"cxx": cxx, "nvcc": nvcc})
-    return CppExtension("torch_moe_ops._C", sources, define_macros=macros, extra_compile_args={"cxx": cxx})
+    return CppExtension("torch_moe_ops._C", sources, define_macros=macros, include_dirs=[os.path.join(ROOT, CSRC)],
+                        extra_compile_args={"cxx": cxx})
 
 
 setup(

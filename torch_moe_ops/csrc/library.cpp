@@ -5,7 +5,7 @@
 #include <Python.h>
 #include <torch/library.h>
 
-#include "native/GroupedMM.h"
+#include <ATen/native/GroupedMM.h>
 
 extern "C" {
 // Importing torch_moe_ops._C loads this library and runs the registrations

@@ -19,7 +19,7 @@
 // epilogue, which also adds the bias. The tiling depends only on the shapes,
 // never on the thread count, so results are bitwise reproducible.
 
-#include "../GroupedMM.h"
+#include <ATen/native/GroupedMM.h>
 
 #include <ATen/Config.h>
 #include <ATen/Dispatch.h>

@@ -1,6 +1,6 @@
 // CPU entry point of grouped_mm: validate, allocate, run the kernel.
 
-#include "GroupedMM.h"
+#include <ATen/native/GroupedMM.h>
 
 #include <ATen/core/Tensor.h>
 #include <ATen/ops/empty.h>

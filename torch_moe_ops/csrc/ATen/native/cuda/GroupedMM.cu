@@ -7,7 +7,7 @@
 // device, and offs is validated with a device-side assert: no host sync on the
 // fast path. Hopper kernels of our own replace the routing in a later change.
 
-#include "../GroupedMM.h"
+#include <ATen/native/GroupedMM.h>
 
 #include <ATen/core/Tensor.h>
 #include <ATen/cuda/CUDAContext.h>
