@@ -15,5 +15,5 @@ __all__ = ["grouped_mm", "ops", "cuda_kernels_built"]
 
 
 def cuda_kernels_built() -> bool:
-    """Whether this build of _C registered CUDA kernels."""
-    return torch._C._dispatch_has_kernel_for_dispatch_key("moe_ops::grouped_mm", "CUDA")
+    """Whether this build of _C compiled and registered the CUDA kernels."""
+    return bool(_C.WITH_CUDA)

@@ -9,10 +9,20 @@
 
 extern "C" {
 // Importing torch_moe_ops._C loads this library and runs the registrations
-// below; the module itself is empty.
+// below; the module itself only says whether CUDA kernels were built.
 PyObject* PyInit__C(void) {
   static struct PyModuleDef module_def = {PyModuleDef_HEAD_INIT, "_C", nullptr, -1, nullptr};
-  return PyModule_Create(&module_def);
+  PyObject* module = PyModule_Create(&module_def);
+#if defined(TORCH_MOE_OPS_WITH_CUDA)
+  constexpr long kWithCuda = 1;
+#else
+  constexpr long kWithCuda = 0;
+#endif
+  if (module != nullptr && PyModule_AddIntConstant(module, "WITH_CUDA", kWithCuda) != 0) {
+    Py_DECREF(module);
+    return nullptr;
+  }
+  return module;
 }
 }
 

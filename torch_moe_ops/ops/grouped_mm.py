@@ -52,6 +52,8 @@ def _setup_context(ctx, inputs, output):
     ctx.layout = _checks.grouped_mm_layout(mat_a, mat_b)
     ctx.in_dtype = mat_a.dtype
     ctx.bias_dtype = bias.dtype if bias is not None else None
+    # needs_input_grad only spans the arguments actually passed.
+    ctx.need_bias = bias is not None and bias.requires_grad
 
 
 def _bias_grad(grad: torch.Tensor, offs: Optional[torch.Tensor], layout: str, dtype: torch.dtype) -> torch.Tensor:
@@ -75,7 +77,7 @@ def _bias_grad(grad: torch.Tensor, offs: Optional[torch.Tensor], layout: str, dt
 
 def _backward(ctx, grad):
     mat_a, mat_b, offs = ctx.saved_tensors
-    need_a, need_b, _, need_bias, _ = ctx.needs_input_grad
+    need_a, need_b = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
     g = grad.to(ctx.in_dtype)
     grad_a = grad_b = grad_bias = None
     layout = ctx.layout
@@ -99,7 +101,7 @@ def _backward(ctx, grad):
             grad_a = _op(g, mat_b.transpose(-2, -1))
         if need_b:
             grad_b = _op(mat_a.transpose(-2, -1), g)
-    if need_bias:
+    if ctx.need_bias:
         grad_bias = _bias_grad(grad, offs, layout, ctx.bias_dtype)
     return grad_a, grad_b, None, grad_bias, None
 

@@ -10,6 +10,7 @@
 #include <ATen/native/GroupedMM.h>
 
 #include <ATen/core/Tensor.h>
+#include <ATen/Dispatch.h>
 #include <ATen/cuda/CUDAContext.h>
 #include <ATen/ops/_assert_async.h>
 #include <ATen/ops/_grouped_mm.h>

@@ -1,0 +1,214 @@
+"""Grouped GEMM benchmark on real MoE layer shapes, scaled to this CPU.
+
+For each model shape (from ../shared/moe_shapes.json: experts and top-k kept,
+widths and tokens scaled down) it times the expert up-projection, a 2D x 3D
+grouped mm of the routed tokens (M = tokens * top_k rows, uneven per expert)
+against the fused gate/up weights (G, hidden, 2 * intermediate), with
+
+  ours      torch.ops.moe_ops.grouped_mm
+  upstream  torch._grouped_mm
+  loop      a Python loop of torch.mm over experts
+  dense     one torch.mm of the same FLOPs, (M, K) @ (K, N)
+
+and prints GFLOP/s and ratios, checks the targets of issue #2, and writes
+the table as JSON. All timings of one row are taken side by side in one run.
+
+    python benchmarks/bench_grouped_mm.py [--quick] [--json PATH]
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import os
+import platform
+import sys
+from dataclasses import dataclass
+from typing import Optional
+
+import torch
+from torch.utils.benchmark import Timer
+
+import torch_moe_ops  # noqa: F401
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+SHAPES_JSON = os.path.join(HERE, "..", "..", "shared", "moe_shapes.json")
+
+
+@dataclass(frozen=True)
+class Config:
+    name: str
+    experts: int
+    top_k: int
+    tokens: int
+    hidden: int  # K
+    intermediate: int  # per-expert FFN width; N = 2 * intermediate (gate + up)
+    dtype: torch.dtype
+    kind: str  # "fine" (>= 64 experts, <= 128 rows per expert) or "coarse"
+
+    @property
+    def rows(self) -> int:
+        return self.tokens * self.top_k
+
+    @property
+    def n(self) -> int:
+        return 2 * self.intermediate
+
+    @property
+    def flops(self) -> int:
+        return 2 * self.rows * self.hidden * self.n
+
+
+@dataclass(frozen=True)
+class Result:
+    config: str
+    dtype: str
+    kind: str
+    experts: int
+    rows: int
+    k: int
+    n: int
+    max_rows_per_expert: int
+    ours_gflops: float
+    upstream_gflops: float
+    loop_gflops: float
+    dense_gflops: float
+
+    @property
+    def vs_upstream(self) -> float:
+        return self.ours_gflops / self.upstream_gflops
+
+    @property
+    def vs_dense(self) -> float:
+        return self.ours_gflops / self.dense_gflops
+
+
+def load_models() -> dict:
+    with open(SHAPES_JSON) as f:
+        return json.load(f)["models"]
+
+
+def configs(quick: bool) -> list[Config]:
+    models = load_models()
+    # (model, tokens, width scale) -> K = hidden / scale, I = intermediate / scale
+    plan = [
+        ("qwen3-30b-a3b", 768, 1, "fine"),   # 128 experts, ~48 rows each
+        ("olmoe-1b-7b", 768, 1, "fine"),     # 64 experts, ~96 rows each
+        ("deepseek-v3", 1024, 4, "fine"),    # 256 experts, ~32 rows each
+        ("mixtral-8x7b", 2048, 4, "coarse"),  # 8 experts, ~512 rows each
+    ]
+    if quick:
+        plan = [plan[0], plan[3]]
+    out = []
+    for name, tokens, scale, kind in plan:
+        m = models[name]
+        for dtype in (torch.bfloat16, torch.float32):
+            out.append(Config(name, m["experts"], m["top_k"], tokens, m["hidden"] // scale,
+                              m["expert_intermediate"] // scale, dtype, kind))
+    return out
+
+
+def routed_offsets(cfg: Config, gen: torch.Generator) -> torch.Tensor:
+    """Uneven tokens-per-expert: each token picks top_k distinct experts with
+    skewed (log-normal) preferences, as a trained router does."""
+    pref = torch.randn(cfg.experts, generator=gen) * 0.5
+    scores = pref + torch.randn(cfg.tokens, cfg.experts, generator=gen)
+    experts = scores.topk(cfg.top_k, dim=1).indices.flatten()
+    counts = torch.bincount(experts, minlength=cfg.experts)
+    return counts.cumsum(0).to(torch.int32)
+
+
+def gflops(stmt: str, env: dict, flops: int, min_run_time: float) -> float:
+    t = Timer(stmt, globals=env, num_threads=torch.get_num_threads()).blocked_autorange(min_run_time=min_run_time)
+    return flops / t.median / 1e9
+
+
+def run(cfg: Config, min_run_time: float) -> Result:
+    gen = torch.Generator().manual_seed(0)
+    offs = routed_offsets(cfg, gen)
+    a = torch.randn(cfg.rows, cfg.hidden, generator=gen).to(cfg.dtype)
+    b = (torch.randn(cfg.experts, cfg.hidden, cfg.n, generator=gen) / cfg.hidden**0.5).to(cfg.dtype)
+    dense_b = b[0].contiguous()
+    ends = offs.tolist()
+    starts = [0] + ends[:-1]
+
+    def loop():
+        out = a.new_empty(cfg.rows, cfg.n)
+        for g, (s, e) in enumerate(zip(starts, ends)):
+            torch.mm(a[s:e], b[g], out=out[s:e])
+        return out
+
+    ours = torch.ops.moe_ops.grouped_mm(a, b, offs)
+    upstream = torch._grouped_mm(a, b, offs=offs)
+    tol = 1e-4 if cfg.dtype == torch.float32 else 2e-2
+    torch.testing.assert_close(ours, upstream, rtol=tol, atol=tol)
+
+    env = dict(torch=torch, a=a, b=b, offs=offs, dense_b=dense_b, loop=loop)
+    counts = torch.diff(offs, prepend=offs.new_zeros(1))
+    return Result(
+        config=cfg.name, dtype=str(cfg.dtype).replace("torch.", ""), kind=cfg.kind, experts=cfg.experts,
+        rows=cfg.rows, k=cfg.hidden, n=cfg.n, max_rows_per_expert=int(counts.max()),
+        ours_gflops=gflops("torch.ops.moe_ops.grouped_mm(a, b, offs)", env, cfg.flops, min_run_time),
+        upstream_gflops=gflops("torch._grouped_mm(a, b, offs=offs)", env, cfg.flops, min_run_time),
+        loop_gflops=gflops("loop()", env, cfg.flops, min_run_time),
+        dense_gflops=gflops("torch.mm(a, dense_b)", env, cfg.flops, min_run_time),
+    )
+
+
+def check_targets(results: list[Result]) -> list[tuple[str, bool]]:
+    """Issue #2's targets, each a (description, met) pair."""
+    checks = []
+    for r in results:
+        tag = f"{r.config} {r.dtype}"
+        if r.kind == "fine" and r.dtype == "bfloat16":
+            checks.append((f"{tag}: ours >= 1.5x upstream ({r.vs_upstream:.2f}x)", r.vs_upstream >= 1.5))
+            checks.append((f"{tag}: ours >= 0.75x dense ({r.vs_dense:.2f}x)", r.vs_dense >= 0.75))
+        elif r.kind == "fine" and r.dtype == "float32":
+            checks.append((f"{tag}: ours >= 0.9x dense ({r.vs_dense:.2f}x)", r.vs_dense >= 0.9))
+            checks.append((f"{tag}: ours >= upstream ({r.vs_upstream:.2f}x)", r.vs_upstream >= 1.0))
+        elif r.kind == "coarse":
+            checks.append((f"{tag}: ours >= upstream ({r.vs_upstream:.2f}x)", r.vs_upstream >= 1.0))
+    return checks
+
+
+def format_table(results: list[Result]) -> str:
+    head = (f"{'model':<15} {'dtype':<9} {'G':>4} {'M':>6} {'K':>5} {'N':>5} {'maxrows':>7} "
+            f"{'ours':>7} {'upstream':>8} {'loop':>7} {'dense':>7} {'vs up':>6} {'vs dense':>8}")
+    lines = [head, "-" * len(head)]
+    for r in results:
+        lines.append(f"{r.config:<15} {r.dtype:<9} {r.experts:>4} {r.rows:>6} {r.k:>5} {r.n:>5} "
+                     f"{r.max_rows_per_expert:>7} {r.ours_gflops:>7.1f} {r.upstream_gflops:>8.1f} "
+                     f"{r.loop_gflops:>7.1f} {r.dense_gflops:>7.1f} {r.vs_upstream:>5.2f}x {r.vs_dense:>7.2f}x")
+    return "\n".join(lines)
+
+
+def main(argv: Optional[list[str]] = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--quick", action="store_true", help="two shapes, shorter timing (make demo)")
+    parser.add_argument("--json", default=os.path.join(HERE, "results", "grouped_mm.json"))
+    parser.add_argument("--check", action="store_true", help="exit 1 if a target is missed")
+    args = parser.parse_args(argv)
+
+    min_run_time = 0.5 if args.quick else 2.0
+    print(f"torch {torch.__version__}, {platform.processor() or platform.machine()}, "
+          f"{torch.get_num_threads()} threads, CPU capability {torch.backends.cpu.get_cpu_capability()}")
+    print("GFLOP/s of the expert up-projection (2D x 3D grouped mm), uneven tokens per expert\n")
+    results = [run(cfg, min_run_time) for cfg in configs(args.quick)]
+    print(format_table(results))
+    checks = check_targets(results)
+    print()
+    for text, ok in checks:
+        print(f"[{'met' if ok else 'MISSED'}] {text}")
+
+    os.makedirs(os.path.dirname(args.json), exist_ok=True)
+    with open(args.json, "w") as f:
+        json.dump({"torch": torch.__version__, "threads": torch.get_num_threads(),
+                   "results": [dataclasses.asdict(r) for r in results],
+                   "targets": [{"target": t, "met": ok} for t, ok in checks]}, f, indent=2)
+    print(f"\nwrote {os.path.relpath(args.json)}")
+    return 0 if (not args.check or all(ok for _, ok in checks)) else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

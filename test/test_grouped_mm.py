@@ -1,0 +1,268 @@
+"""Tests of moe_ops::grouped_mm: values against a float64 loop reference,
+fake/meta agreement, opcheck, errors, gradients, determinism and compile.
+
+Device-generic through instantiate_device_type_tests, so the same tests run on
+CUDA where one exists.
+"""
+
+import pytest
+import torch
+import torch._dynamo.testing
+from hypothesis import given, settings, strategies as st
+from torch._subclasses.fake_tensor import FakeTensorMode
+from torch.testing._internal.common_device_type import (
+    instantiate_device_type_tests,
+    onlyCPU,
+    ops,
+)
+from torch.testing._internal.common_utils import TestCase, run_tests
+
+import torch_moe_ops  # noqa: F401
+from torch_moe_ops.reference import torch_grouped_mm
+
+from opinfo import op_db
+
+# Kernels accumulate in fp32 (fp64 for fp64) and round once to the output
+# dtype. The reference rounds the exact float64 result once too, so both are
+# within half an ulp of the exact value and differ by at most one ulp (when
+# the exact value sits near a rounding boundary): rtol = 2^-7 (bf16) and
+# 2^-10 (fp16), plus a small atol for fp32 accumulation error near zero.
+# fp32: sums of <= 64 products of values in [-1, 1].
+TOLERANCES = {
+    torch.float64: dict(rtol=1e-12, atol=1e-12),
+    torch.float32: dict(rtol=1.3e-6, atol=2e-6),
+    torch.bfloat16: dict(rtol=2**-7, atol=2e-6),
+    torch.float16: dict(rtol=2**-10, atol=2e-6),
+}
+
+
+def _call(op, sample):
+    return op(sample.input, *sample.args, **sample.kwargs)
+
+
+def _detached(sample):
+    a = sample.input.detach()
+    b = sample.args[0].detach()
+    kw = {k: (v.detach() if isinstance(v, torch.Tensor) and k == "bias" else v) for k, v in sample.kwargs.items()}
+    return a, b, kw
+
+
+class TestGroupedMM(TestCase):
+    @ops(op_db)
+    def test_matches_float64_reference(self, device, dtype, op):
+        for sample in op.sample_inputs(device, dtype):
+            out = _call(op, sample)
+            ref = op.ref(sample.input, *sample.args, **sample.kwargs)
+            self.assertEqual(out.dtype, ref.dtype)
+            self.assertEqual(out, ref, exact_dtype=True, **TOLERANCES[out.dtype], msg=sample.name)
+
+    @ops(op_db)
+    def test_fake_matches_eager(self, device, dtype, op):
+        for sample in op.sample_inputs(device, dtype):
+            a, b, kw = _detached(sample)
+            out = _call(op, sample)
+            with FakeTensorMode() as mode:
+                fa, fb = mode.from_tensor(a), mode.from_tensor(b)
+                fkw = {k: (mode.from_tensor(v) if isinstance(v, torch.Tensor) else v) for k, v in kw.items()}
+                fout = op(fa, fb, **fkw)
+            self.assertEqual(fout.shape, out.shape, msg=sample.name)
+            self.assertEqual(fout.stride(), out.stride(), msg=sample.name)
+            self.assertEqual(fout.dtype, out.dtype, msg=sample.name)
+
+    @ops(op_db, allowed_dtypes=(torch.float32, torch.bfloat16))
+    def test_opcheck(self, device, dtype, op):
+        for requires_grad in (False, True):
+            for sample in op.sample_inputs(device, dtype, requires_grad=requires_grad):
+                torch.library.opcheck(op.op, (sample.input, *sample.args), sample.kwargs)
+
+    @ops(op_db, allowed_dtypes=(torch.float32,))
+    def test_error_inputs(self, device, dtype, op):
+        for ei in op.error_inputs(device):
+            s = ei.sample_input
+            with self.assertRaisesRegex(ei.error_type, ei.error_regex):
+                _call(op, s)
+            if s.name != "offs_values":  # fake kernels see shapes, not values
+                with FakeTensorMode() as mode, self.assertRaisesRegex(ei.error_type, ei.error_regex):
+                    op(mode.from_tensor(s.input), mode.from_tensor(s.args[0]),
+                       **{k: (mode.from_tensor(v) if isinstance(v, torch.Tensor) else v) for k, v in s.kwargs.items()})
+
+    @ops(op_db, allowed_dtypes=(torch.float64,))
+    def test_gradcheck(self, device, dtype, op):
+        for sample in op.sample_inputs(device, dtype, requires_grad=True):
+            if sample.input.numel() == 0:
+                continue
+            kw = dict(sample.kwargs)
+            bias = kw.pop("bias", None)
+            inputs = (sample.input, sample.args[0]) + ((bias,) if bias is not None else ())
+
+            def fn(a, b, *maybe_bias):
+                return op(a, b, bias=maybe_bias[0] if maybe_bias else None, **kw)
+
+            self.assertTrue(torch.autograd.gradcheck(fn, inputs), msg=sample.name)
+
+    @ops(op_db, allowed_dtypes=(torch.float32, torch.bfloat16))
+    def test_backward_matches_reference(self, device, dtype, op):
+        """Gradients against float64 autograd through the loop reference, for
+        the expanded gradient of .sum() and for a non-contiguous gradient."""
+        for sample in op.sample_inputs(device, dtype, requires_grad=True):
+            a, b, kw = _detached(sample)
+            leaves = [a, b] + ([kw["bias"]] if "bias" in kw else [])
+            ours = [t.clone().requires_grad_() for t in leaves]
+            refs = [t.double().requires_grad_() for t in leaves]
+            rest = {k: v for k, v in kw.items() if k != "bias"}
+            out = op(ours[0], ours[1], bias=ours[2] if len(ours) > 2 else None, **rest)
+            ref = torch_grouped_mm(refs[0], refs[1], bias=refs[2] if len(refs) > 2 else None,
+                                   **{**rest, "out_dtype": torch.float64})
+            def weighted(t):
+                # Small integer weights (exact in bf16) laid out column-major,
+                # so the incoming gradient is non-contiguous.
+                w = (torch.arange(t.numel(), device=t.device) % 7 - 3).view(t.shape).to(t.dtype)
+                return (t * w.mT.contiguous().mT).sum()
+
+            for make_grad in (lambda t: t.sum(), weighted):
+                for t in ours + refs:
+                    t.grad = None
+                make_grad(out).backward(retain_graph=True)
+                make_grad(ref).backward(retain_graph=True)
+                for mine, theirs in zip(ours, refs):
+                    # Gradients are grouped mms of the same inputs: K <= 16
+                    # terms, one rounding to the input dtype.
+                    tol = TOLERANCES[dtype]
+                    scale = max(theirs.grad.abs().max().item() if theirs.grad.numel() else 0.0, 1.0)
+                    self.assertEqual(mine.grad, theirs.grad.to(dtype), rtol=tol["rtol"] * 4,
+                                     atol=tol["atol"] * scale, msg=sample.name)
+
+    @ops(op_db, allowed_dtypes=(torch.float32, torch.bfloat16, torch.float16))
+    def test_deterministic(self, device, dtype, op):
+        for sample in op.sample_inputs(device, dtype):
+            first = _call(op, sample)
+            self.assertEqual(_call(op, sample), first, atol=0, rtol=0, msg=sample.name)
+
+    @onlyCPU
+    def test_bits_independent_of_thread_count(self, device):
+        g = torch.Generator().manual_seed(0)
+        sizes = torch.randint(0, 90, (24,), generator=g)
+        offs = sizes.cumsum(0).to(torch.int32)
+        for dtype in (torch.float32, torch.bfloat16, torch.float16):
+            a = torch.randn(int(offs[-1]), 136, generator=g).to(dtype)
+            b = torch.randn(24, 136, 200, generator=g).to(dtype)
+            threads = torch.get_num_threads()
+            try:
+                torch.set_num_threads(1)
+                one = torch.ops.moe_ops.grouped_mm(a, b, offs)
+            finally:
+                torch.set_num_threads(threads)
+            self.assertEqual(torch.ops.moe_ops.grouped_mm(a, b, offs), one, atol=0, rtol=0)
+
+    @onlyCPU
+    def test_large_index_past_int32(self, device):
+        # 2^31 + rows of bf16: offsets into mat_a overflow int32 unless the
+        # kernel indexes with int64. One group covers the tail rows.
+        K = 1 << 16
+        M = (1 << 31) // K + 3
+        a = torch.zeros(M, K, dtype=torch.bfloat16)
+        a[-1, -3:] = torch.tensor([1.0, 2.0, 3.0])
+        b = torch.ones(2, K, 4, dtype=torch.bfloat16)
+        offs = torch.tensor([M - 1, M], dtype=torch.int32)
+        out = torch.ops.moe_ops.grouped_mm(a, b, offs)
+        self.assertEqual(out[-1], torch.full((4,), 6.0, dtype=torch.bfloat16))
+        self.assertEqual(out[:-1].abs().sum().item(), 0.0)
+
+    def test_compile_dynamic_no_recompile(self, device):
+        for dtype in (torch.float32, torch.bfloat16):
+            torch._dynamo.reset()
+            counter = torch._dynamo.testing.CompileCounterWithBackend("inductor")
+
+            def f(x, w, offs):
+                return torch.ops.moe_ops.grouped_mm(x, w, offs).relu().sum()
+
+            cf = torch.compile(f, backend=counter, fullgraph=True, dynamic=True)
+            w = torch.randn(4, 16, 8, device=device, dtype=dtype, requires_grad=True)
+            for tokens in (10, 17, 33):
+                x = torch.randn(tokens, 16, device=device, dtype=dtype, requires_grad=True)
+                offs = torch.tensor([tokens // 4, tokens // 2, tokens // 2, tokens], dtype=torch.int32, device=device)
+                loss = cf(x, w, offs)
+                loss.backward()
+                xr, wr = x.detach().clone().requires_grad_(), w.detach().clone().requires_grad_()
+                f(xr, wr, offs).backward()
+                tol = TOLERANCES[dtype]
+                self.assertEqual(loss, f(xr, wr, offs), rtol=tol["rtol"] * 4, atol=1e-3)
+                self.assertEqual(x.grad, xr.grad, rtol=tol["rtol"] * 4, atol=1e-3)
+                w.grad = None
+            self.assertEqual(counter.frame_count, 1, msg=f"recompiled for new token counts ({dtype})")
+
+
+instantiate_device_type_tests(TestGroupedMM, globals(), only_for=("cpu", "cuda"))
+
+
+# Property tests against the float64 loop reference over random group
+# structures. fp32 so the tolerance stays tight; 16-bit paths share the tiling
+# and are covered by the OpInfo samples above.
+@st.composite
+def grouped_problems(draw):
+    layout = draw(st.sampled_from(["2d3d", "3d2d", "2d2d", "3d3d"]))
+    groups = draw(st.integers(0 if layout != "3d3d" else 1, 7))
+    sizes = draw(st.lists(st.integers(0, 40), min_size=groups, max_size=groups))
+    # Skew: sometimes all tokens in one group.
+    if sizes and draw(st.booleans()):
+        total = sum(sizes)
+        sizes = [0] * len(sizes)
+        sizes[draw(st.integers(0, len(sizes) - 1))] = total
+    extra = draw(st.integers(0, 3))  # rows/columns past offs[-1]
+    m = draw(st.integers(0, 37))
+    k = draw(st.integers(1, 70))
+    n = draw(st.integers(1, 70))
+    transpose_a = draw(st.booleans())
+    transpose_b = draw(st.booleans())
+    with_bias = draw(st.booleans())
+    return layout, sizes, extra, m, k, n, transpose_a, transpose_b, with_bias
+
+
+def _maybe_t(t, flag):
+    return t.transpose(-2, -1).contiguous().transpose(-2, -1) if flag else t
+
+
+@settings(max_examples=120, deadline=None)
+@given(grouped_problems(), st.integers(0, 2**31 - 1))
+def test_property_matches_reference(problem, seed):
+    layout, sizes, extra, m, k, n, ta, tb, with_bias = problem
+    g = torch.Generator().manual_seed(seed)
+    rand = lambda *shape: torch.rand(*shape, generator=g) * 2 - 1  # noqa: E731
+    G = len(sizes)
+    total = sum(sizes)
+    offs = torch.tensor(sizes, dtype=torch.int64).cumsum(0).to(torch.int32) if layout != "3d3d" else None
+    if layout == "2d3d":
+        a, b, n_out = rand(total + extra, k), rand(G, k, n), n
+    elif layout == "3d2d":
+        a, b, n_out = rand(G, m, k), rand(k, total + extra), total + extra
+    elif layout == "2d2d":
+        a, b, n_out = rand(m, total + extra), rand(total + extra, n), n
+    else:
+        G = max(G, 1)
+        a, b, n_out = rand(G, m, k), rand(G, k, n), n
+    a, b = _maybe_t(a, ta), _maybe_t(b, tb)
+    bias = rand(G, n_out) if with_bias else None
+    out = torch.ops.moe_ops.grouped_mm(a, b, offs, bias)
+    ref = torch_grouped_mm(a, b, offs, bias)
+    # fp32 accumulation of <= 70 products of values in [-1, 1].
+    torch.testing.assert_close(out, ref, rtol=2e-6, atol=1e-5)
+    assert torch.equal(torch.ops.moe_ops.grouped_mm(a, b, offs, bias), out)
+
+
+def test_cuda_kernels_registered_when_built():
+    """In a CUDA build every moe_ops op has a CUDA kernel in the dispatcher.
+    CI builds with TORCH_MOE_OPS_CUDA=1, so there the CUDA build must be on."""
+    import os
+
+    ops_ = sorted({name for name in torch._C._dispatch_get_all_op_names() if name.startswith("moe_ops::")})
+    assert "moe_ops::grouped_mm" in ops_
+    if os.environ.get("TORCH_MOE_OPS_CUDA") == "1":
+        assert torch_moe_ops.cuda_kernels_built(), "TORCH_MOE_OPS_CUDA=1 but _C was built without CUDA"
+    if not torch_moe_ops.cuda_kernels_built():
+        pytest.skip("CPU-only build")
+    missing = [op for op in ops_ if not torch._C._dispatch_has_kernel_for_dispatch_key(op, "CUDA")]
+    assert not missing, f"ops without a CUDA kernel: {missing}"
+
+
+if __name__ == "__main__":
+    run_tests()
