@@ -3,7 +3,7 @@
 #include <ATen/native/GroupedMM.h>
 
 #include <ATen/core/Tensor.h>
-#include <ATen/ops/empty.h>
+#include <ATen/ops/empty_strided.h>
 
 namespace at::native {
 
@@ -23,7 +23,9 @@ Tensor grouped_mm_cpu(
   }
 
   const auto out_t = grouped_mm_out_dtype(mat_a, out_dtype);
-  Tensor out = at::empty(grouped_mm_out_size(mat_a, mat_b, offs), mat_a.options().dtype(out_t));
+  const auto size = grouped_mm_out_size(mat_a, mat_b, offs);
+  Tensor out = at::empty_strided(size, grouped_mm_out_strides(size, out_t, mat_a.device()),
+                                 mat_a.options().dtype(out_t));
   // Rows (2D x 3D) or columns (3D x 2D) that no group covers are zero, never
   // uninitialised memory.
   if (layout == GroupedMMLayout::k2d3d && covered < out.size(0)) {

@@ -78,6 +78,23 @@ inline c10::SmallVector<int64_t, 3> grouped_mm_out_size(
   return {};
 }
 
+// Output strides: contiguous on CPU; on CUDA the last dimension is padded to
+// 16 bytes, the layout upstream's TMA-based kernels allocate. The fake kernel
+// (torch_moe_ops/_checks.py: grouped_mm_out_strides) mirrors this.
+inline c10::SmallVector<int64_t, 3> grouped_mm_out_strides(
+    c10::IntArrayRef size, ScalarType dtype, c10::Device device) {
+  c10::SmallVector<int64_t, 3> padded(size.begin(), size.end());
+  if (device.is_cuda()) {
+    const int64_t align = 16 / static_cast<int64_t>(c10::elementSize(dtype));
+    padded.back() = (padded.back() + align - 1) / align * align;
+  }
+  c10::SmallVector<int64_t, 3> strides(padded.size(), 1);
+  for (int64_t i = static_cast<int64_t>(padded.size()) - 2; i >= 0; --i) {
+    strides[i] = strides[i + 1] * padded[i + 1];
+  }
+  return strides;
+}
+
 // Checks everything that does not need the values of offs. Every message
 // names the argument and the value received.
 inline void grouped_mm_check_inputs(

@@ -14,9 +14,8 @@
 #include <ATen/cuda/CUDAContext.h>
 #include <ATen/ops/_assert_async.h>
 #include <ATen/ops/_grouped_mm.h>
-#include <ATen/ops/empty.h>
 #include <ATen/ops/mm.h>
-#include <ATen/ops/zeros.h>
+#include <ATen/ops/empty_strided.h>
 #include <c10/cuda/CUDAException.h>
 
 namespace at::native {
@@ -73,7 +72,9 @@ Tensor fallback(const Tensor& mat_a, const Tensor& mat_b, const std::optional<Te
                 const std::optional<Tensor>& bias, ScalarType out_t) {
   const auto layout = grouped_mm_layout(mat_a, mat_b);
   const auto acc = mat_a.scalar_type() == kDouble ? kDouble : kFloat;
-  Tensor out = at::zeros(grouped_mm_out_size(mat_a, mat_b, offs), mat_a.options().dtype(out_t));
+  const auto size = grouped_mm_out_size(mat_a, mat_b, offs);
+  Tensor out = at::empty_strided(size, grouped_mm_out_strides(size, out_t, mat_a.device()),
+                                 mat_a.options().dtype(out_t)).zero_();
   const int64_t groups = grouped_mm_num_groups(mat_a, mat_b, offs);
   // NOTE: host sync: the fallback needs the group boundaries on the host.
   Tensor offs_cpu = offs.has_value() ? offs->cpu() : Tensor();
