@@ -6,6 +6,7 @@ found and torch has CUDA, or forced with TORCH_MOE_OPS_CUDA=1 (0 turns them off)
 
 import glob
 import os
+import platform
 import sys
 
 from setuptools import find_packages, setup
@@ -51,8 +52,18 @@ def extension():
     native = os.path.join(CSRC, "ATen", "native")
     sources = sorted(glob.glob(os.path.join(CSRC, "*.cpp")) + glob.glob(os.path.join(native, "*.cpp"))
                      + glob.glob(os.path.join(native, "cpu", "*.cpp")))
-    cxx = ["-O3", "-std=c++20", "-fdiagnostics-color=always", "-Wall", "-Wno-unused-function"]
+    # -fopenmp: at::parallel_for is header code that expands to `#pragma omp
+    # parallel` (torch is built with AT_PARALLEL_OPENMP); without the flag every
+    # parallel_for in our kernels silently runs on one thread. The soname is
+    # libgomp.so.1, so the loader reuses the copy torch already loaded.
+    cxx = ["-O3", "-std=c++20", "-fopenmp", "-fdiagnostics-color=always", "-Wall", "-Wno-unused-function"]
+    link = ["-fopenmp"]
     macros = []
+    if platform.machine().lower() in ("x86_64", "amd64"):
+        # Kernels register through ATen's DispatchStub, whose out-of-line
+        # half in libtorch_cpu was built with these slots (x86 wheels); the
+        # header must see the same ones or the calls do not link.
+        macros += [("HAVE_AVX512_CPU_DEFINITION", None), ("HAVE_AVX2_CPU_DEFINITION", None)]
     if want_cuda():
         sources += sorted(glob.glob(os.path.join(native, "cuda", "*.cu")))
         macros.append(("TORCH_MOE_OPS_WITH_CUDA", None))
@@ -60,9 +71,9 @@ def extension():
                 "--expt-extended-lambda", "-DTORCH_MOE_OPS_WITH_CUDA"]
         return CUDAExtension("torch_moe_ops._C", sources, define_macros=macros,
                              include_dirs=[os.path.join(ROOT, CSRC)] + cuda_include_dirs(),
-                             extra_compile_args={"cxx": cxx, "nvcc": nvcc})
+                             extra_compile_args={"cxx": cxx, "nvcc": nvcc}, extra_link_args=link)
     return CppExtension("torch_moe_ops._C", sources, define_macros=macros, include_dirs=[os.path.join(ROOT, CSRC)],
-                        extra_compile_args={"cxx": cxx})
+                        extra_compile_args={"cxx": cxx}, extra_link_args=link)
 
 
 setup(

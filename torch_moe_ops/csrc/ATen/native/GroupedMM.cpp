@@ -7,6 +7,8 @@
 
 namespace at::native {
 
+DEFINE_DISPATCH(grouped_mm_stub);
+
 Tensor grouped_mm_cpu(
     const Tensor& mat_a,
     const Tensor& mat_b,
@@ -34,7 +36,7 @@ Tensor grouped_mm_cpu(
     out.narrow(1, covered, out.size(1) - covered).zero_();
   }
   if (out.numel() > 0) {
-    grouped_mm_cpu_kernel(mat_a, mat_b, offs, bias, out);
+    grouped_mm_stub(kCPU, mat_a, mat_b, offs, bias, out);
   }
   return out;
 }

@@ -14,6 +14,7 @@
 // group covers (rows/columns past offs[-1]) are zero.
 
 #include <ATen/core/Tensor.h>
+#include <ATen/native/DispatchStub.h>
 #include <c10/core/ScalarType.h>
 #include <c10/util/SmallVector.h>
 
@@ -183,14 +184,16 @@ inline const char* grouped_mm_split_name(GroupedMMLayout layout) {
   return "";
 }
 
-// CPU kernel: writes every element of out (a fresh tensor, contiguous in its
-// last dimension). Inputs may have any strides, including 0.
-void grouped_mm_cpu_kernel(
+// CPU kernel (native/cpu/GroupedMMKernel.cpp): writes every element of out (a
+// fresh tensor, contiguous in its last dimension). Inputs may have any
+// strides, including 0.
+using grouped_mm_fn = void (*)(
     const Tensor& mat_a,
     const Tensor& mat_b,
     const std::optional<Tensor>& offs,
     const std::optional<Tensor>& bias,
     const Tensor& out);
+DECLARE_DISPATCH(grouped_mm_fn, grouped_mm_stub);
 
 Tensor grouped_mm_cpu(
     const Tensor& mat_a,

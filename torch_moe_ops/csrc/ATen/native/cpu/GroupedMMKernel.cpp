@@ -9,15 +9,20 @@
 // cost (not by count) so uneven groups stay balanced, and each tile runs
 // single-threaded: small GEMMs lose most of their speed when split.
 //
-// Engines, per input dtype:
-//   bfloat16/float16 where oneDNN brgemm supports it: the weight tile is packed
-//     to VNNI in a thread-local buffer right before use (an in-cache pass, not a
-//     separate sweep over the weights), A rows are read in place.
-//   float32/float64, and 16-bit types without brgemm: BLAS gemm on tiles; 16-bit
-//     tiles are widened to float32 in thread-local buffers.
+// Engines:
+//   AVX-512 (float32, float16; bfloat16 with AVX512_BF16, except groups of
+//     hundreds of rows, where oneDNN is faster): our own micro-kernels read
+//     the expert weights straight from the caller's memory, one cache-sized
+//     block at a time, so streaming the weights from DRAM overlaps the
+//     arithmetic instead of preceding it.
+//   at::mm (oneDNN/MKL) per tile for bfloat16/float32 without bias, as the
+//     portable fallback and for large bfloat16 groups; otherwise tiles
+//     gathered into float32 (float64) buffers and multiplied by BLAS gemm.
+//     float64 always takes the BLAS path.
 // Accumulation is in float32 (float64 for float64) and rounded once in the
-// epilogue, which also adds the bias. The tiling depends only on the shapes,
-// never on the thread count, so results are bitwise reproducible.
+// epilogue, which also adds the bias. The tiling and the K blocking depend
+// only on the shapes, never on the thread count, so results are bitwise
+// reproducible.
 
 #include <ATen/native/GroupedMM.h>
 
@@ -36,6 +41,11 @@
 #include <limits>
 #include <type_traits>
 #include <vector>
+
+#if defined(__x86_64__) && (defined(__GNUC__) || defined(__clang__))
+#define GROUPED_MM_HAVE_AVX512_KERNELS 1
+#include <immintrin.h>
+#endif
 
 #if AT_BUILD_WITH_BLAS()
 // The BLAS torch links (MKL on x86 wheels); ATen's own float/double
@@ -207,43 +217,442 @@ struct ThreadBuffers {
   std::vector<char> a, b, acc;
 };
 
-// Does this build's oneDNN brgemm run float32 here? (It needs an x86 CPU
-// that oneDNN's brgemm supports; elsewhere BLAS takes its place.)
-bool brgemm_f32_available() {
-  static const bool available = [] {
-    try {
-      float a = 1.f, b = 2.f, c = 0.f;
-      cpublas::brgemm(1, 1, 1, 1, 1, 1, /*add_C=*/false, &a, &b, &c, /*is_vnni=*/false);
-      cpublas::brgemm_release(/*is_vnni=*/false);
-      return c == 2.f;
-    } catch (const std::exception&) {
-      return false;
-    }
-  }();
-  return available;
+// Buffers live as long as the thread: a fresh multi-100-KB allocation per call
+// would page-fault on every call.
+ThreadBuffers& thread_buffers() {
+  static thread_local ThreadBuffers buffers;
+  return buffers;
 }
 
 // Row-major C (mb x nb, ldc) (+)= A (mb x k, lda) B (k x nb, ldb), single-threaded.
 template <typename T>
 void gemm_row_major(int64_t mb, int64_t nb, int64_t k, const T* a, int64_t lda, const T* b, int64_t ldb,
-                    T* c, int64_t ldc, bool add_c, bool use_brgemm) {
-  if constexpr (std::is_same_v<T, float>) {
-    if (use_brgemm) {
-      cpublas::brgemm(mb, nb, k, lda, ldb, ldc, add_c, a, b, c, /*is_vnni=*/false);
-      return;
-    }
-  }
+                    T* c, int64_t ldc, bool add_c) {
   // Column-major view: C^T (nb x mb) = B^T (nb x k) A^T (k x mb).
   blas_gemm<T>(no_trans(), no_trans(), nb, mb, k, b, ldb, a, lda, c, ldc, add_c ? T(1) : T(0));
 }
+
+#ifdef GROUPED_MM_HAVE_AVX512_KERNELS
+#define GROUPED_MM_AVX512 __attribute__((target("avx512f,avx512bw,avx512vl")))
+#define GROUPED_MM_AVX512_BF16 __attribute__((target("avx512f,avx512bw,avx512vl,avx512bf16")))
+
+// ---- AVX-512 engine ---------------------------------------------------------
+// With a few dozen rows per expert the weights must come from DRAM on every
+// call, and a GEMM that first packs them in a separate pass pays the memory
+// time and the compute time one after the other. This engine reads the weight
+// tile straight from the caller's memory, one (KC x 64) block at a time: the
+// block is re-laid out into a 32 KB thread-local buffer right before use
+// (float32 for float32/float16 inputs, bfloat16 pairs interleaved along K for
+// vdpbf16ps), then every row block of the group runs against it from cache.
+// While a block is in use, the micro-kernels prefetch the next block into L2,
+// spread over the row blocks, so the DRAM stream overlaps the FMAs.
+//
+// Micro-kernel: C[MR x 64] in 4 x MR zmm accumulators, A broadcast one element
+// (float32) or one K pair (bfloat16) at a time from rows read in place when A
+// has unit column stride and the compute type (otherwise from a packed copy of
+// the A block). Accumulation is float32 in K order; a K block boundary spills
+// the accumulators to a float32 buffer, which does not change any rounding,
+// so the bits depend only on K and never on the tiling or thread count.
+constexpr int64_t kMR = 6;
+constexpr int64_t kNR = 64;
+// Rows of a group processed against one weight block: bounds the float32
+// accumulator buffer (kMC x kMicroNB) and the packed A block.
+constexpr int64_t kMC = 192;
+// Output columns per tile (the unit of work balanced across threads).
+constexpr int64_t kMicroNB = 256;
+
+bool cpu_has_avx512() {
+  static const bool ok = __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
+      __builtin_cpu_supports("avx512vl");
+  return ok;
+}
+
+bool cpu_has_avx512_bf16() {
+  static const bool ok = cpu_has_avx512() && __builtin_cpu_supports("avx512bf16");
+  return ok;
+}
+
+// Rows of the next weight block to pull into L2 while the current one is used.
+struct Prefetch {
+  const char* base = nullptr;
+  int64_t stride = 0; // bytes between rows
+  int64_t rows = 0;
+  int64_t bytes = 0; // bytes per row
+};
+
+GROUPED_MM_AVX512 inline void prefetch_row(const Prefetch& pf, int64_t row) {
+  const char* p = pf.base + row * pf.stride;
+  const char* end = p + pf.bytes;
+  for (const char* q = reinterpret_cast<const char*>(reinterpret_cast<uintptr_t>(p) & ~uintptr_t(63)); q < end;
+       q += 64) {
+    _mm_prefetch(q, _MM_HINT_T1);
+  }
+}
+
+GROUPED_MM_AVX512 inline __mmask16 col_mask16(int64_t w, int64_t j0) {
+  const int64_t n = std::clamp<int64_t>(w - j0, 0, 16);
+  return static_cast<__mmask16>((uint32_t{1} << n) - 1);
+}
+
+GROUPED_MM_AVX512 inline __mmask32 col_mask32(int64_t w, int64_t j0) {
+  const int64_t n = std::clamp<int64_t>(w - j0, 0, 32);
+  return static_cast<__mmask32>((uint64_t{1} << n) - 1);
+}
+
+// The all-lanes maskz_ forms of some intrinsics below avoid GCC 12's false
+// -Wmaybe-uninitialized on the unmasked forms (which start from an undefined
+// register); they compile to the same instructions.
+constexpr __mmask16 kAll16 = 0xFFFF;
+
+GROUPED_MM_AVX512 inline __m512 cvt_f16_f32(__m256i v) {
+  return _mm512_maskz_cvtph_ps(kAll16, v);
+}
+
+// float32 -> bfloat16, round to nearest even; NaN becomes 0x7FC0 (as
+// c10::BFloat16 does). Done in integer ops: vcvtneps2bf16 flushes denormals.
+GROUPED_MM_AVX512 inline __m256i cvt_f32_bf16(__m512 v) {
+  const __m512i bits = _mm512_castps_si512(v);
+  const __m512i lsb = _mm512_and_si512(_mm512_maskz_srli_epi32(kAll16, bits, 16), _mm512_set1_epi32(1));
+  const __m512i rounded = _mm512_add_epi32(_mm512_add_epi32(bits, _mm512_set1_epi32(0x7FFF)), lsb);
+  __m512i r = _mm512_maskz_srli_epi32(kAll16, rounded, 16);
+  const __mmask16 nan = _mm512_cmp_ps_mask(v, v, _CMP_UNORD_Q);
+  r = _mm512_mask_mov_epi32(r, nan, _mm512_set1_epi32(0x7FC0));
+  return _mm512_maskz_cvtepi32_epi16(kAll16, r);
+}
+
+// Epilogue of one output row: (acc + bias), rounded once to out_t, w columns.
+template <typename out_t>
+GROUPED_MM_AVX512 inline void store_out_row(out_t* o, const __m512* v, const float* bias, int64_t w) {
+  for (int j = 0; j < 4; ++j) {
+    const __mmask16 m = col_mask16(w, 16 * j);
+    __m512 x = v[j];
+    if (bias != nullptr) {
+      x = _mm512_add_ps(x, _mm512_maskz_loadu_ps(m, bias + 16 * j));
+    }
+    if constexpr (std::is_same_v<out_t, float>) {
+      _mm512_mask_storeu_ps(o + 16 * j, m, x);
+    } else if constexpr (std::is_same_v<out_t, BFloat16>) {
+      _mm256_mask_storeu_epi16(o + 16 * j, m, cvt_f32_bf16(x));
+    } else {
+      _mm256_mask_storeu_epi16(o + 16 * j, m, _mm512_maskz_cvtps_ph(kAll16, x, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC));
+    }
+  }
+}
+
+// Accumulators of MR rows: start from zero (first K block) or from acc, and
+// end in acc (more K blocks follow) or in the output (last K block).
+struct MicroArgs {
+  int64_t kc; // K extent of this block
+  float* acc; // MR x 64 float32, leading dimension ld_acc
+  int64_t ld_acc;
+  bool first, last;
+  void* c; // output rows, leading dimension ldc (elements)
+  int64_t ldc;
+  const float* bias; // nullptr or the 64 columns' bias
+  int64_t w; // valid output columns (<= 64)
+  Prefetch pf;
+  int64_t pf_begin, pf_end; // rows of pf this call prefetches
+};
+
+template <int MR>
+GROUPED_MM_AVX512 inline void load_acc(__m512 (&r)[MR][4], const MicroArgs& x) {
+  for (int i = 0; i < MR; ++i) {
+    for (int j = 0; j < 4; ++j) {
+      r[i][j] = x.first ? _mm512_setzero_ps() : _mm512_loadu_ps(x.acc + i * x.ld_acc + 16 * j);
+    }
+  }
+}
+
+template <int MR, typename out_t>
+GROUPED_MM_AVX512 inline void finish_acc(__m512 (&r)[MR][4], const MicroArgs& x) {
+  for (int i = 0; i < MR; ++i) {
+    if (x.last) {
+      store_out_row<out_t>(static_cast<out_t*>(x.c) + i * x.ldc, r[i], x.bias, x.w);
+    } else {
+      for (int j = 0; j < 4; ++j) _mm512_storeu_ps(x.acc + i * x.ld_acc + 16 * j, r[i][j]);
+    }
+  }
+}
+
+// float32 micro-kernel: a is MR rows (lda apart) of kc floats, b is kc x 64.
+template <int MR, typename out_t>
+GROUPED_MM_AVX512 void micro_f32(const float* a, int64_t lda, const float* b, const MicroArgs& x) {
+  __m512 r[MR][4];
+  load_acc<MR>(r, x);
+  int64_t pf = x.pf_begin;
+  for (int64_t k = 0; k < x.kc; ++k) {
+    const float* bk = b + k * kNR;
+    const __m512 b0 = _mm512_load_ps(bk), b1 = _mm512_load_ps(bk + 16);
+    const __m512 b2 = _mm512_load_ps(bk + 32), b3 = _mm512_load_ps(bk + 48);
+    for (int i = 0; i < MR; ++i) {
+      const __m512 av = _mm512_set1_ps(a[i * lda + k]);
+      r[i][0] = _mm512_fmadd_ps(av, b0, r[i][0]);
+      r[i][1] = _mm512_fmadd_ps(av, b1, r[i][1]);
+      r[i][2] = _mm512_fmadd_ps(av, b2, r[i][2]);
+      r[i][3] = _mm512_fmadd_ps(av, b3, r[i][3]);
+    }
+    if (pf < x.pf_end) prefetch_row(x.pf, pf++);
+  }
+  for (; pf < x.pf_end; ++pf) prefetch_row(x.pf, pf);
+  finish_acc<MR, out_t>(r, x);
+}
+
+// bfloat16 micro-kernel: a is MR rows of kc bfloat16 (pairs read as 32 bits),
+// b is ceil(kc / 2) x 64 K pairs; an odd last element pairs with zero.
+template <int MR, typename out_t>
+GROUPED_MM_AVX512_BF16 void micro_bf16(const BFloat16* a, int64_t lda, const uint32_t* b, const MicroArgs& x) {
+  __m512 r[MR][4];
+  load_acc<MR>(r, x);
+  int64_t pf = x.pf_begin;
+  const int64_t pairs = x.kc / 2;
+  for (int64_t kp = 0; kp < pairs; ++kp) {
+    const uint32_t* bk = b + kp * kNR;
+    const __m512bh b0 = (__m512bh)_mm512_load_si512(bk), b1 = (__m512bh)_mm512_load_si512(bk + 16);
+    const __m512bh b2 = (__m512bh)_mm512_load_si512(bk + 32), b3 = (__m512bh)_mm512_load_si512(bk + 48);
+    for (int i = 0; i < MR; ++i) {
+      int32_t pair;
+      std::memcpy(&pair, a + i * lda + 2 * kp, sizeof(pair));
+      const __m512bh av = (__m512bh)_mm512_set1_epi32(pair);
+      r[i][0] = _mm512_dpbf16_ps(r[i][0], av, b0);
+      r[i][1] = _mm512_dpbf16_ps(r[i][1], av, b1);
+      r[i][2] = _mm512_dpbf16_ps(r[i][2], av, b2);
+      r[i][3] = _mm512_dpbf16_ps(r[i][3], av, b3);
+    }
+    for (int u = 0; u < 2 && pf < x.pf_end; ++u) prefetch_row(x.pf, pf++);
+  }
+  if (x.kc % 2 != 0) {
+    const uint32_t* bk = b + pairs * kNR;
+    const __m512bh b0 = (__m512bh)_mm512_load_si512(bk), b1 = (__m512bh)_mm512_load_si512(bk + 16);
+    const __m512bh b2 = (__m512bh)_mm512_load_si512(bk + 32), b3 = (__m512bh)_mm512_load_si512(bk + 48);
+    for (int i = 0; i < MR; ++i) {
+      const __m512bh av = (__m512bh)_mm512_set1_epi32(a[i * lda + 2 * pairs].x);
+      r[i][0] = _mm512_dpbf16_ps(r[i][0], av, b0);
+      r[i][1] = _mm512_dpbf16_ps(r[i][1], av, b1);
+      r[i][2] = _mm512_dpbf16_ps(r[i][2], av, b2);
+      r[i][3] = _mm512_dpbf16_ps(r[i][3], av, b3);
+    }
+  }
+  for (; pf < x.pf_end; ++pf) prefetch_row(x.pf, pf);
+  finish_acc<MR, out_t>(r, x);
+}
+
+// Weight block (kc x w, strides rs/cs) -> kc x 64 float32, zero past w.
+template <typename scalar_t>
+GROUPED_MM_AVX512 void pack_b_f32(float* dst, const scalar_t* src, int64_t rs, int64_t cs, int64_t kc, int64_t w) {
+  if (cs == 1) {
+    for (int64_t k = 0; k < kc; ++k) {
+      const scalar_t* s = src + k * rs;
+      for (int64_t j = 0; j < kNR; j += 16) {
+        const __mmask16 m = col_mask16(w, j);
+        __m512 v;
+        if constexpr (std::is_same_v<scalar_t, float>) {
+          v = _mm512_maskz_loadu_ps(m, s + j);
+        } else {
+          v = cvt_f16_f32(_mm256_maskz_loadu_epi16(m, s + j));
+        }
+        _mm512_store_ps(dst + k * kNR + j, v);
+      }
+    }
+    return;
+  }
+  // Strided or transposed weights: walk along the source's inner dimension.
+  for (int64_t k = 0; k < kc; ++k) {
+    for (int64_t j = w; j < kNR; ++j) dst[k * kNR + j] = 0.f;
+  }
+  for (int64_t j = 0; j < w; ++j) {
+    for (int64_t k = 0; k < kc; ++k) dst[k * kNR + j] = static_cast<float>(src[k * rs + j * cs]);
+  }
+}
+
+// Weight block (kc x w) -> ceil(kc / 2) x 64 bfloat16 pairs (row 2p in the
+// low half, row 2p + 1 in the high half, zero past kc and past w).
+GROUPED_MM_AVX512 void pack_b_bf16(uint32_t* dst, const BFloat16* src, int64_t rs, int64_t cs, int64_t kc, int64_t w) {
+  const int64_t pairs = (kc + 1) / 2;
+  if (cs == 1) {
+    // unpack{lo,hi}_epi16 interleave within 128-bit lanes; the 64-bit
+    // permutes restore column order (columns 0-15, then 16-31).
+    const __m512i idx0 = _mm512_setr_epi64(0, 1, 8, 9, 2, 3, 10, 11);
+    const __m512i idx1 = _mm512_setr_epi64(4, 5, 12, 13, 6, 7, 14, 15);
+    for (int64_t kp = 0; kp < pairs; ++kp) {
+      const BFloat16* r0 = src + 2 * kp * rs;
+      const bool has_r1 = 2 * kp + 1 < kc;
+      for (int64_t j = 0; j < kNR; j += 32) {
+        const __mmask32 m = col_mask32(w, j);
+        const __m512i x0 = _mm512_maskz_loadu_epi16(m, r0 + j);
+        const __m512i x1 = has_r1 ? _mm512_maskz_loadu_epi16(m, r0 + rs + j) : _mm512_setzero_si512();
+        const __m512i lo = _mm512_unpacklo_epi16(x0, x1);
+        const __m512i hi = _mm512_unpackhi_epi16(x0, x1);
+        _mm512_store_si512(dst + kp * kNR + j, _mm512_permutex2var_epi64(lo, idx0, hi));
+        _mm512_store_si512(dst + kp * kNR + j + 16, _mm512_permutex2var_epi64(lo, idx1, hi));
+      }
+    }
+    return;
+  }
+  for (int64_t kp = 0; kp < pairs; ++kp) {
+    for (int64_t j = w; j < kNR; ++j) dst[kp * kNR + j] = 0;
+  }
+  for (int64_t j = 0; j < w; ++j) {
+    for (int64_t kp = 0; kp < pairs; ++kp) {
+      const uint32_t lo = src[2 * kp * rs + j * cs].x;
+      const uint32_t hi = 2 * kp + 1 < kc ? src[(2 * kp + 1) * rs + j * cs].x : 0;
+      dst[kp * kNR + j] = lo | (hi << 16);
+    }
+  }
+}
+
+// float16 rows (unit column stride) -> float32 rows, ld apart.
+GROUPED_MM_AVX512 void widen_rows_f16(float* dst, int64_t ld, const Half* src, int64_t rs, int64_t rows, int64_t cols) {
+  for (int64_t r = 0; r < rows; ++r) {
+    for (int64_t j = 0; j < cols; j += 16) {
+      const __mmask16 m = col_mask16(cols, j);
+      _mm512_mask_storeu_ps(dst + r * ld + j, m, cvt_f16_f32(_mm256_maskz_loadu_epi16(m, src + r * rs + j)));
+    }
+  }
+}
+
+// Per input type: the type A is read in by the micro-kernel, the packed
+// weight element, and the K block (a 32 KB packed weight block).
+template <typename scalar_t>
+struct MicroTraits {
+  using a_t = float;
+  using b_t = float;
+  static constexpr int64_t kKC = 128;
+};
+template <>
+struct MicroTraits<BFloat16> {
+  using a_t = BFloat16;
+  using b_t = uint32_t;
+  static constexpr int64_t kKC = 256;
+};
+
+template <typename scalar_t, typename out_t, int MR>
+void call_micro(const typename MicroTraits<scalar_t>::a_t* a, int64_t lda,
+                const typename MicroTraits<scalar_t>::b_t* b, const MicroArgs& x) {
+  if constexpr (std::is_same_v<scalar_t, BFloat16>) {
+    micro_bf16<MR, out_t>(a, lda, b, x);
+  } else {
+    micro_f32<MR, out_t>(a, lda, b, x);
+  }
+}
+
+template <typename scalar_t, typename out_t>
+void dispatch_micro(int64_t mr, const typename MicroTraits<scalar_t>::a_t* a, int64_t lda,
+                    const typename MicroTraits<scalar_t>::b_t* b, const MicroArgs& x) {
+  static_assert(kMR == 6);
+  switch (mr) {
+    case 1: call_micro<scalar_t, out_t, 1>(a, lda, b, x); break;
+    case 2: call_micro<scalar_t, out_t, 2>(a, lda, b, x); break;
+    case 3: call_micro<scalar_t, out_t, 3>(a, lda, b, x); break;
+    case 4: call_micro<scalar_t, out_t, 4>(a, lda, b, x); break;
+    case 5: call_micro<scalar_t, out_t, 5>(a, lda, b, x); break;
+    default: call_micro<scalar_t, out_t, 6>(a, lda, b, x); break;
+  }
+}
+
+// One tile: all rows of the problem x columns [n0, n0 + nb), nb <= kMicroNB.
+// Loop order per kMC rows: K blocks, then 64-column weight blocks, then MR-row
+// blocks, so each weight block is packed once and reused by every row block.
+template <typename scalar_t, typename out_t>
+void run_tile_avx512(const Problem<scalar_t, out_t, float>& p, const Tile& t, ThreadBuffers& buf) {
+  using Traits = MicroTraits<scalar_t>;
+  using a_t = typename Traits::a_t;
+  using b_t = typename Traits::b_t;
+  constexpr int64_t kKC = Traits::kKC;
+  constexpr int64_t kBRows = std::is_same_v<b_t, uint32_t> ? kKC / 2 : kKC;
+  const int64_t k = p.k;
+  const int64_t strips = (t.nb + kNR - 1) / kNR;
+  b_t* bpack = workspace<b_t>(buf.b, kBRows * kNR);
+  float* acc = k > kKC ? workspace<float>(buf.acc, kMC * strips * kNR) : nullptr;
+  const int64_t ld_acc = strips * kNR;
+  // A is read in place when its rows are unit-stride in the compute type.
+  constexpr bool kAInPlaceType = std::is_same_v<scalar_t, a_t>;
+  const bool a_in_place = kAInPlaceType && p.a_cs == 1;
+  // Weight rows are prefetched only when they are unit-stride rows.
+  const bool b_prefetch = p.b_cs == 1;
+
+  for (int64_t m0 = 0; m0 < p.m; m0 += kMC) {
+    const int64_t mc = std::min(kMC, p.m - m0);
+    const int64_t m_blocks = (mc + kMR - 1) / kMR;
+    for (int64_t k0 = 0; k0 < k; k0 += kKC) {
+      const int64_t kc = std::min(kKC, k - k0);
+      const a_t* a_blk;
+      int64_t lda;
+      if (a_in_place) {
+        a_blk = reinterpret_cast<const a_t*>(p.a + m0 * p.a_rs + k0);
+        lda = p.a_rs;
+      } else {
+        // Packed copy, rows padded to an even length (bfloat16 reads K pairs).
+        lda = (kc + 1) / 2 * 2;
+        a_t* w = workspace<a_t>(buf.a, mc * lda);
+        const scalar_t* src = p.a + m0 * p.a_rs + k0 * p.a_cs;
+        if constexpr (std::is_same_v<scalar_t, Half>) {
+          if (p.a_cs == 1) {
+            widen_rows_f16(w, lda, src, p.a_rs, mc, kc);
+            for (int64_t r = 0; r < mc; ++r)
+              for (int64_t c = kc; c < lda; ++c) w[r * lda + c] = 0.f;
+          } else {
+            gather_block(w, lda, src, p.a_rs, p.a_cs, mc, kc, lda);
+          }
+        } else {
+          gather_block(w, lda, src, p.a_rs, p.a_cs, mc, kc, lda);
+        }
+        a_blk = w;
+      }
+      for (int64_t s = 0; s < strips; ++s) {
+        const int64_t j0 = t.n0 + s * kNR;
+        const int64_t w = std::min(kNR, t.n0 + t.nb - j0);
+        const scalar_t* b_blk = p.b + k0 * p.b_rs + j0 * p.b_cs;
+        if constexpr (std::is_same_v<scalar_t, BFloat16>) {
+          pack_b_bf16(bpack, b_blk, p.b_rs, p.b_cs, kc, w);
+        } else {
+          pack_b_f32(bpack, b_blk, p.b_rs, p.b_cs, kc, w);
+        }
+        // Next weight block of this tile: next strip, else first strip of the
+        // next K block (the next row chunk rereads blocks already in cache).
+        Prefetch pf;
+        if (b_prefetch) {
+          int64_t nk0 = k0, nj0 = j0 + kNR;
+          if (s + 1 == strips) {
+            nk0 = k0 + kKC;
+            nj0 = t.n0;
+          }
+          if (nk0 < k) {
+            pf.base = reinterpret_cast<const char*>(p.b + nk0 * p.b_rs + nj0);
+            pf.stride = p.b_rs * static_cast<int64_t>(sizeof(scalar_t));
+            pf.rows = std::min(kKC, k - nk0);
+            pf.bytes = std::min(kNR, t.n0 + t.nb - nj0) * static_cast<int64_t>(sizeof(scalar_t));
+          }
+        }
+        MicroArgs x;
+        x.kc = kc;
+        x.ld_acc = ld_acc;
+        x.first = k0 == 0;
+        x.last = k0 + kc == k;
+        x.ldc = p.c_rs;
+        x.bias = p.bias != nullptr ? p.bias + j0 : nullptr;
+        x.w = w;
+        x.pf = pf;
+        for (int64_t mb = 0; mb < m_blocks; ++mb) {
+          const int64_t r0 = mb * kMR;
+          const int64_t mr = std::min(kMR, mc - r0);
+          x.acc = acc != nullptr ? acc + r0 * ld_acc + s * kNR : nullptr;
+          x.c = p.c + (m0 + r0) * p.c_rs + j0;
+          x.pf_begin = pf.rows * mb / m_blocks;
+          x.pf_end = pf.rows * (mb + 1) / m_blocks;
+          dispatch_micro<scalar_t, out_t>(mr, a_blk + r0 * lda, lda, bpack, x);
+        }
+      }
+    }
+  }
+}
+#endif // GROUPED_MM_HAVE_AVX512_KERNELS
 
 // ---- widening engine: row-major tiles in compute_t (float or double) --------
 // Float inputs with a unit inner stride are read in place; anything else
 // (transposed or broadcast operands, 16-bit types) is gathered tile by tile
 // into thread-local buffers that stay in cache.
 template <typename scalar_t, typename out_t, typename compute_t>
-void run_tile_widening(const Problem<scalar_t, out_t, compute_t>& p, const Tile& t, ThreadBuffers& buf,
-                       bool use_brgemm) {
+void run_tile_widening(const Problem<scalar_t, out_t, compute_t>& p, const Tile& t, ThreadBuffers& buf) {
   constexpr bool kInPlace = std::is_same_v<scalar_t, compute_t>;
   const int64_t k = p.k;
   const int64_t nb = t.nb;
@@ -286,9 +695,9 @@ void run_tile_widening(const Problem<scalar_t, out_t, compute_t>& p, const Tile&
           std::copy(p.bias + t.n0, p.bias + t.n0 + nb, c + r * p.c_rs);
         }
       }
-      gemm_row_major<compute_t>(mb, nb, k, a_ptr, lda, b_ptr, ldb, c, p.c_rs, p.bias != nullptr, use_brgemm);
+      gemm_row_major<compute_t>(mb, nb, k, a_ptr, lda, b_ptr, ldb, c, p.c_rs, p.bias != nullptr);
     } else {
-      gemm_row_major<compute_t>(mb, nb, k, a_ptr, lda, b_ptr, ldb, acc, nb, false, use_brgemm);
+      gemm_row_major<compute_t>(mb, nb, k, a_ptr, lda, b_ptr, ldb, acc, nb, false);
       store_tile<out_t>(p, m0, mb, t.n0, nb, acc, nb);
     }
   }
@@ -309,21 +718,57 @@ void run_tile_matmul(const Problem<scalar_t, out_t, acc_t>& p, const Tile& t) {
   at::mm_out(c_view, a_view, b_view);
 }
 
-enum class Engine { kMatmul, kWidening };
+enum class Engine { kMatmul, kWidening, kAvx512 };
+
+// Average rows per group from which oneDNN's bfloat16 matmul (behind at::mm)
+// overtakes the micro-kernel: its weight packing is then amortised over
+// enough rows. For float32 the micro-kernel matches MKL at any size.
+constexpr int64_t kBF16MatmulMinRows = 256;
+
+// The AVX-512 micro-kernels where the CPU has them (they beat oneDNN/MKL on
+// fine-grained groups by overlapping the weight stream with compute), except
+// for large bfloat16 groups; otherwise at::mm where it applies, else BLAS.
+template <typename scalar_t, typename out_t, typename acc_t>
+Engine choose_engine(const std::vector<Problem<scalar_t, out_t, acc_t>>& problems, bool has_bias) {
+  constexpr bool kMatmulCapable = (std::is_same_v<scalar_t, BFloat16> || std::is_same_v<scalar_t, float>) &&
+      std::is_same_v<out_t, scalar_t>;
+  const Engine fallback = kMatmulCapable && !has_bias ? Engine::kMatmul : Engine::kWidening;
+#ifdef GROUPED_MM_HAVE_AVX512_KERNELS
+  if constexpr (std::is_same_v<scalar_t, BFloat16>) {
+    int64_t rows = 0, nonempty = 0;
+    for (const auto& p : problems) {
+      if (p.m > 0 && p.n > 0) {
+        rows += p.m;
+        ++nonempty;
+      }
+    }
+    const bool large_groups = rows >= kBF16MatmulMinRows * std::max<int64_t>(nonempty, 1);
+    if (cpu_has_avx512_bf16() && !(fallback == Engine::kMatmul && large_groups)) {
+      return Engine::kAvx512;
+    }
+  } else if constexpr (!std::is_same_v<scalar_t, double>) {
+    if (cpu_has_avx512()) {
+      return Engine::kAvx512;
+    }
+  }
+#endif
+  return fallback;
+}
 
 template <typename scalar_t, typename out_t, typename acc_t>
 void run_problems(const std::vector<Problem<scalar_t, out_t, acc_t>>& problems, bool has_bias) {
-  constexpr bool kMatmulCapable = (std::is_same_v<scalar_t, BFloat16> || std::is_same_v<scalar_t, float>) && std::is_same_v<out_t, scalar_t>;
-  const Engine engine = kMatmulCapable && !has_bias ? Engine::kMatmul : Engine::kWidening;
-  // ATen's float brgemm serialises concurrent callers here (2 threads ran no
-  // faster than 1), so it stays off until our own micro-kernel replaces it.
-  const bool use_brgemm = false && std::is_same_v<acc_t, float> && brgemm_f32_available();
+  const Engine engine = choose_engine(problems, has_bias);
   // Tile widths depend on the shapes only (never on the thread count), so the
   // bits of the result do not change with the number of threads.
   int64_t tile_n = kWideNB;
   if (engine == Engine::kMatmul) {
     tile_n = problems.size() >= 16 ? std::numeric_limits<int64_t>::max() : kMatmulNB;
   }
+#ifdef GROUPED_MM_HAVE_AVX512_KERNELS
+  if (engine == Engine::kAvx512) {
+    tile_n = kMicroNB;
+  }
+#endif
 
   std::vector<Tile> tiles;
   double total = 0;
@@ -358,7 +803,7 @@ void run_problems(const std::vector<Problem<scalar_t, out_t, acc_t>>& problems, 
   }
 
   at::parallel_for(0, num_chunks, 1, [&](int64_t begin, int64_t end) {
-    ThreadBuffers buf;
+    ThreadBuffers& buf = thread_buffers();
     for (int64_t chunk = begin; chunk < end; ++chunk) {
       for (int64_t i = bounds[chunk]; i < bounds[chunk + 1]; ++i) {
         const Tile& t = tiles[i];
@@ -367,13 +812,16 @@ void run_problems(const std::vector<Problem<scalar_t, out_t, acc_t>>& problems, 
           store_bias_only<out_t>(p, t.n0, t.nb);
         } else if (engine == Engine::kMatmul) {
           run_tile_matmul(p, t);
+        } else if (engine == Engine::kWidening) {
+          run_tile_widening(p, t, buf);
         } else {
-          run_tile_widening(p, t, buf, use_brgemm);
+#ifdef GROUPED_MM_HAVE_AVX512_KERNELS
+          if constexpr (!std::is_same_v<scalar_t, double>) {
+            run_tile_avx512(p, t, buf);
+          }
+#endif
         }
       }
-    }
-    if (use_brgemm && engine == Engine::kWidening) {
-      cpublas::brgemm_release(/*is_vnni=*/false);
     }
   });
 }
@@ -443,10 +891,8 @@ void grouped_mm_typed(const Tensor& mat_a, const Tensor& mat_b, const std::optio
   run_problems(problems, bias_ptr != nullptr);
 }
 
-} // namespace
-
-void grouped_mm_cpu_kernel(const Tensor& mat_a, const Tensor& mat_b, const std::optional<Tensor>& offs,
-                           const std::optional<Tensor>& bias, const Tensor& out) {
+void grouped_mm_kernel(const Tensor& mat_a, const Tensor& mat_b, const std::optional<Tensor>& offs,
+                       const std::optional<Tensor>& bias, const Tensor& out) {
   TORCH_INTERNAL_ASSERT(out.stride(-1) == 1 || out.size(-1) <= 1);
   AT_DISPATCH_FLOATING_TYPES_AND2(kBFloat16, kHalf, mat_a.scalar_type(), "grouped_mm_cpu", [&] {
     if (out.scalar_type() == mat_a.scalar_type()) {
@@ -459,5 +905,19 @@ void grouped_mm_cpu_kernel(const Tensor& mat_a, const Tensor& mat_b, const std::
     }
   });
 }
+
+} // namespace
+
+// ATen compiles native/cpu/ once per CPU capability. This kernel selects its
+// ISA at run time, so each build registers it (AVX512 explicitly: plain
+// REGISTER_DISPATCH leaves that slot empty). Compiled once, as in the
+// extension, it fills every slot itself.
+#if defined(CPU_CAPABILITY_AVX512)
+ALSO_REGISTER_AVX512_DISPATCH(grouped_mm_stub, &grouped_mm_kernel)
+#elif defined(CPU_CAPABILITY)
+REGISTER_DISPATCH(grouped_mm_stub, &grouped_mm_kernel)
+#else
+REGISTER_ALL_CPU_DISPATCH(grouped_mm_stub, &grouped_mm_kernel)
+#endif
 
 } // namespace at::native
