@@ -9,9 +9,9 @@ import torch
 
 from . import _C  # noqa: F401  (registers torch.ops.moe_ops)
 from . import ops
-from .ops import grouped_mm
+from .ops import grouped_mm, permute, router_topk, unpermute
 
-__all__ = ["grouped_mm", "ops", "cuda_kernels_built"]
+__all__ = ["grouped_mm", "permute", "router_topk", "unpermute", "ops", "cuda_kernels_built"]
 
 
 def cuda_kernels_built() -> bool:

@@ -135,3 +135,117 @@ def check_grouped_mm_inputs(
         chk(bias.device == mat_a.device,
             lambda: f"grouped_mm: bias must be on the device of mat_a ({mat_a.device}), got {bias.device}")
     return out_dtype
+
+
+# ------------------------------------------------------------------ routing ops
+# Restates csrc/ATen/native/MoERouting.h one for one, with the same messages.
+
+ROUTER_SCORE_FUNCS = ("softmax", "sigmoid", "softmax_after_topk")
+
+
+def router_topk_weights_dtype(logits_dtype: torch.dtype) -> torch.dtype:
+    """float32 weights (float64 for float64 logits); see MoERouting.h."""
+    return torch.float64 if logits_dtype == torch.float64 else torch.float32
+
+
+def check_router_topk_inputs(
+    logits: torch.Tensor,
+    k: int,
+    score_func: str,
+    bias: Optional[torch.Tensor],
+    n_group: int,
+    topk_group: int,
+) -> None:
+    chk = torch._check_value
+    chk(score_func in ROUTER_SCORE_FUNCS,
+        lambda: f"router_topk: score_func must be 'softmax', 'sigmoid' or 'softmax_after_topk', got '{score_func}'")
+    chk(logits.dim() == 2,
+        lambda: f"router_topk: logits must be 2-D (tokens, experts), got {logits.dim()}-D with sizes {_sizes(logits)}")
+    chk(logits.dtype in GROUPED_MM_DTYPES,
+        lambda: f"router_topk: logits must be float32, float16, bfloat16 or float64, got {_c10(logits.dtype)}")
+    experts = logits.shape[1]
+    chk(1 <= k <= experts, lambda: f"router_topk: k must be in [1, num_experts={experts}], got k={k}")
+    chk(n_group >= 1 and experts % n_group == 0,
+        lambda: f"router_topk: n_group must be >= 1 and divide num_experts={experts}, got n_group={n_group}")
+    chk(1 <= topk_group <= n_group,
+        lambda: f"router_topk: topk_group must be in [1, n_group={n_group}], got topk_group={topk_group}")
+    chk(k <= topk_group * (experts // n_group),
+        lambda: f"router_topk: k={k} exceeds the experts of the selected groups, topk_group * num_experts / n_group "
+        f"= {topk_group * (experts // n_group)}")
+    chk(n_group <= 64, lambda: f"router_topk: n_group must be at most 64, got n_group={n_group}")
+    if bias is not None:
+        chk(bias.dim() == 1 and bias.shape[0] == experts,
+            lambda: f"router_topk: bias must have shape (num_experts,) = ({experts}), got {_sizes(bias)}")
+        chk(bias.dtype in (torch.float32, logits.dtype),
+            lambda: f"router_topk: bias must be float32 or the logits dtype ({_c10(logits.dtype)}), "
+            f"got {_c10(bias.dtype)}")
+        chk(bias.device == logits.device,
+            lambda: f"router_topk: bias must be on the device of logits ({logits.device}), got {bias.device}")
+
+
+def permute_num_local(num_experts: int, first_expert: int, num_local_experts: Optional[int]) -> int:
+    return num_experts - first_expert if num_local_experts is None else num_local_experts
+
+
+def permute_num_rows(tokens, top_k, num_local: int, alignment: int):
+    """Worst-case permuted rows: every (token, slot) local, every group padded by alignment - 1."""
+    return tokens * top_k + num_local * (alignment - 1)
+
+
+def check_permute_inputs(
+    tokens: torch.Tensor,
+    expert_ids: torch.Tensor,
+    num_experts: int,
+    alignment: int,
+    first_expert: int,
+    num_local_experts: Optional[int],
+) -> None:
+    chk = torch._check_value
+    chk(tokens.dim() == 2,
+        lambda: f"permute: tokens must be 2-D (tokens, hidden), got {tokens.dim()}-D with sizes {_sizes(tokens)}")
+    chk(expert_ids.dim() == 2,
+        lambda: f"permute: expert_ids must be 2-D (tokens, top_k), got {expert_ids.dim()}-D with sizes "
+        f"{_sizes(expert_ids)}")
+    chk(expert_ids.dtype in (torch.int32, torch.int64),
+        lambda: f"permute: expert_ids must be int32 or int64, got {_c10(expert_ids.dtype)}")
+    chk(expert_ids.shape[0] == tokens.shape[0],
+        lambda: f"permute: expert_ids must have one row per token ({tokens.shape[0]}), got sizes {_sizes(expert_ids)}")
+    chk(expert_ids.device == tokens.device,
+        lambda: f"permute: expert_ids must be on the device of tokens ({tokens.device}), got {expert_ids.device}")
+    chk(num_experts >= 1, lambda: f"permute: num_experts must be >= 1, got num_experts={num_experts}")
+    chk(1 <= alignment <= 128 and alignment & (alignment - 1) == 0,
+        lambda: f"permute: alignment must be a power of two in [1, 128], got alignment={alignment}")
+    chk(0 <= first_expert < num_experts,
+        lambda: f"permute: first_expert must be in [0, num_experts={num_experts}), got first_expert={first_expert}")
+    num_local = permute_num_local(num_experts, first_expert, num_local_experts)
+    chk(num_local >= 1 and first_expert + num_local <= num_experts,
+        lambda: f"permute: num_local_experts must be in [1, num_experts - first_expert = {num_experts - first_expert}]"
+        f", got num_local_experts={num_local}")
+    rows = permute_num_rows(tokens.shape[0], expert_ids.shape[1], num_local, alignment)
+    chk(rows <= 2**31 - 1,
+        lambda: f"permute: the permuted row count tokens * top_k + num_local_experts * (alignment - 1) = {rows} "
+        "does not fit the int32 offsets")
+
+
+def check_unpermute_inputs(
+    permuted: torch.Tensor, dst_rows: torch.Tensor, weights: Optional[torch.Tensor]
+) -> None:
+    chk = torch._check_value
+    chk(permuted.dim() == 2,
+        lambda: f"unpermute: permuted must be 2-D (rows, hidden), got {permuted.dim()}-D with sizes {_sizes(permuted)}")
+    chk(permuted.dtype in GROUPED_MM_DTYPES,
+        lambda: f"unpermute: permuted must be float32, float16, bfloat16 or float64, got {_c10(permuted.dtype)}")
+    chk(dst_rows.dim() == 2,
+        lambda: f"unpermute: dst_rows must be 2-D (tokens, top_k), got {dst_rows.dim()}-D with sizes "
+        f"{_sizes(dst_rows)}")
+    chk(dst_rows.dtype == torch.int64, lambda: f"unpermute: dst_rows must be int64, got {_c10(dst_rows.dtype)}")
+    chk(dst_rows.device == permuted.device,
+        lambda: f"unpermute: dst_rows must be on the device of permuted ({permuted.device}), got {dst_rows.device}")
+    if weights is not None:
+        chk(weights.shape == dst_rows.shape,
+            lambda: f"unpermute: weights must have the shape of dst_rows {_sizes(dst_rows)}, got {_sizes(weights)}")
+        chk(weights.dtype in (torch.float32, permuted.dtype),
+            lambda: f"unpermute: weights must be float32 or the dtype of permuted ({_c10(permuted.dtype)}), "
+            f"got {_c10(weights.dtype)}")
+        chk(weights.device == permuted.device,
+            lambda: f"unpermute: weights must be on the device of permuted ({permuted.device}), got {weights.device}")

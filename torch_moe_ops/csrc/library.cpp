@@ -6,6 +6,7 @@
 #include <torch/library.h>
 
 #include <ATen/native/GroupedMM.h>
+#include <ATen/native/MoERouting.h>
 
 extern "C" {
 // Importing torch_moe_ops._C loads this library and runs the registrations
@@ -30,14 +31,33 @@ TORCH_LIBRARY(moe_ops, m) {
   m.def(
       "grouped_mm(Tensor mat_a, Tensor mat_b, Tensor? offs=None, Tensor? bias=None, "
       "ScalarType? out_dtype=None) -> Tensor");
+  m.def(
+      "router_topk(Tensor logits, int k, str score_func=\"softmax\", Tensor? bias=None, int n_group=1, "
+      "int topk_group=1, bool renormalize=False, float scaling_factor=1.0) -> (Tensor weights, Tensor expert_ids, "
+      "Tensor counts)");
+  m.def(
+      "permute(Tensor tokens, Tensor expert_ids, int num_experts, int alignment=1, int first_expert=0, "
+      "int? num_local_experts=None) -> (Tensor permuted, Tensor dst_rows, Tensor src_rows, Tensor offs)");
+  m.def("unpermute(Tensor permuted, Tensor dst_rows, Tensor? weights=None) -> Tensor");
+  m.def(
+      "unpermute_backward(Tensor grad_output, Tensor dst_rows, SymInt num_rows, Tensor? weights=None, "
+      "Tensor? permuted=None) -> (Tensor grad_permuted, Tensor grad_weights)");
 }
 
 TORCH_LIBRARY_IMPL(moe_ops, CPU, m) {
   m.impl("grouped_mm", &at::native::grouped_mm_cpu);
+  m.impl("router_topk", &at::native::router_topk_cpu);
+  m.impl("permute", &at::native::permute_cpu);
+  m.impl("unpermute", &at::native::unpermute_cpu);
+  m.impl("unpermute_backward", &at::native::unpermute_backward_cpu);
 }
 
 #if defined(TORCH_MOE_OPS_WITH_CUDA)
 TORCH_LIBRARY_IMPL(moe_ops, CUDA, m) {
   m.impl("grouped_mm", &at::native::grouped_mm_cuda);
+  m.impl("router_topk", &at::native::router_topk_cuda);
+  m.impl("permute", &at::native::permute_cuda);
+  m.impl("unpermute", &at::native::unpermute_cuda);
+  m.impl("unpermute_backward", &at::native::unpermute_backward_cuda);
 }
 #endif

@@ -2,5 +2,6 @@
 their fake kernels and autograd formulas."""
 
 from .grouped_mm import grouped_mm
+from .routing import permute, router_topk, unpermute
 
-__all__ = ["grouped_mm"]
+__all__ = ["grouped_mm", "permute", "router_topk", "unpermute"]

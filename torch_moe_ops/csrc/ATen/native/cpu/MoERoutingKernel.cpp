@@ -1,0 +1,477 @@
+// CPU kernels of the routing ops.
+//
+// router_topk: one pass per token over its logits row: scores, the selection
+//   key (score + bias), the optional group mask and a top-k by insertion
+//   (E compares, a few inserts), then the weights. Tokens are independent, so
+//   the loop is split across threads; counts are summed from expert_ids after.
+// permute: a counting sort of (token, slot) pairs by expert, stable in
+//   (token, slot) order. Tokens are cut into chunks; a per-chunk histogram and
+//   a prefix sum over (expert, chunk) give every chunk its first row in every
+//   group, so the chunks assign rows in parallel and the result does not
+//   depend on the number of chunks or threads. The rows are then gathered in
+//   destination order: every permuted row (copy, padding or unused tail) is
+//   written exactly once, sequentially, without a prior zero-fill.
+// unpermute: per token, the weighted sum of its k rows in slot order,
+//   accumulated in float32 (float64 for float64) and rounded once. A gather:
+//   no atomics, deterministic.
+// All element offsets are int64.
+
+#include <ATen/native/MoERouting.h>
+
+#include <ATen/Dispatch.h>
+#include <ATen/OpMathType.h>
+#include <ATen/Parallel.h>
+#include <ATen/core/Tensor.h>
+#include <c10/util/irange.h>
+
+#include <algorithm>
+#include <cmath>
+#include <cstring>
+#include <limits>
+#include <vector>
+
+#if defined(__linux__)
+#include <sys/mman.h>
+#include <unistd.h>
+#endif
+
+namespace at::native {
+namespace {
+
+// The permuted output is fresh memory that the gather below writes exactly
+// once, so its cost is dominated by first-touch page faults (~1 us per 4 KB
+// page: a 128 MB output spends more time faulting than copying). Asking for
+// transparent huge pages before the first touch makes that 512x fewer faults.
+// Only a hint (no effect when THP is off, or when the pages are already
+// mapped, as for small allocations served from the heap), so it never
+// changes results. c10's allocator does the same for every allocation when
+// THP_MEM_ALLOC_ENABLE=1 is set.
+void advise_huge_pages(const Tensor& fresh) {
+#if defined(__linux__) && defined(MADV_HUGEPAGE)
+  constexpr int64_t kHugePage = int64_t(2) << 20;
+  const int64_t bytes = fresh.nbytes();
+  if (bytes < 2 * kHugePage) {
+    return;
+  }
+  const auto page = static_cast<uintptr_t>(sysconf(_SC_PAGESIZE));
+  const auto begin = reinterpret_cast<uintptr_t>(fresh.const_data_ptr());
+  const uintptr_t aligned = (begin + page - 1) / page * page;
+  const uintptr_t end = begin + static_cast<uintptr_t>(bytes);
+  // Failure (EINVAL without THP support) just leaves the default pages.
+  (void)madvise(reinterpret_cast<void*>(aligned), (end - aligned) / page * page, MADV_HUGEPAGE);
+#endif
+}
+
+// Orders experts by key, descending, ties to the lower id. NaN keys were
+// mapped to -inf so the order is total.
+template <typename acc_t>
+inline bool ranks_before(acc_t key_a, int64_t a, acc_t key_b, int64_t b) {
+  return key_a > key_b || (key_a == key_b && a < b);
+}
+
+// Inserts expert e into the sorted top list (ids/keys, `size` of `cap` used).
+template <typename acc_t>
+inline void topk_insert(int64_t* ids, acc_t* keys, int64_t& size, int64_t cap, int64_t e, acc_t key) {
+  if (size == cap && !ranks_before(key, e, keys[cap - 1], ids[cap - 1])) {
+    return;
+  }
+  int64_t pos = size < cap ? size++ : cap - 1;
+  while (pos > 0 && ranks_before(key, e, keys[pos - 1], ids[pos - 1])) {
+    ids[pos] = ids[pos - 1];
+    keys[pos] = keys[pos - 1];
+    --pos;
+  }
+  ids[pos] = e;
+  keys[pos] = key;
+}
+
+template <typename scalar_t, typename acc_t, typename bias_t>
+void router_topk_impl(
+    const Tensor& logits, int64_t k, RouterScore score_kind, const bias_t* bias, int64_t n_group,
+    int64_t topk_group, bool renormalize, acc_t scaling_factor, const Tensor& weights, const Tensor& expert_ids) {
+  const int64_t tokens = logits.size(0);
+  const int64_t experts = logits.size(1);
+  const int64_t group_size = experts / n_group;
+  const scalar_t* in = logits.const_data_ptr<scalar_t>();
+  acc_t* w_out = weights.mutable_data_ptr<acc_t>();
+  int32_t* id_out = expert_ids.mutable_data_ptr<int32_t>();
+  constexpr acc_t kNegInf = -std::numeric_limits<acc_t>::infinity();
+
+  // ~E * 20 flops per token; keep tasks at a few thousand experts' work.
+  const int64_t grain = std::max<int64_t>(1, 4096 / experts);
+  at::parallel_for(0, tokens, grain, [&](int64_t begin, int64_t end) {
+    std::vector<acc_t> score(experts), key(experts), top_keys(std::max(k, topk_group));
+    std::vector<int64_t> top_ids(std::max(k, topk_group));
+    for (const auto t : c10::irange(begin, end)) {
+      const scalar_t* row = in + t * experts;
+      // Scores: what the weights are made of.
+      if (score_kind == RouterScore::kSoftmax) {
+        acc_t mx = kNegInf;
+        for (const auto e : c10::irange(experts)) {
+          score[e] = static_cast<acc_t>(row[e]);
+          mx = std::max(mx, score[e]);
+        }
+        acc_t sum = 0;
+        for (const auto e : c10::irange(experts)) {
+          score[e] = std::exp(score[e] - mx);
+          sum += score[e];
+        }
+        const acc_t inv = acc_t(1) / sum;
+        for (const auto e : c10::irange(experts)) {
+          score[e] *= inv;
+        }
+      } else if (score_kind == RouterScore::kSigmoid) {
+        for (const auto e : c10::irange(experts)) {
+          score[e] = acc_t(1) / (acc_t(1) + std::exp(-static_cast<acc_t>(row[e])));
+        }
+      } else {  // kSoftmaxAfterTopk selects on the logits themselves.
+        for (const auto e : c10::irange(experts)) {
+          score[e] = static_cast<acc_t>(row[e]);
+        }
+      }
+      // Selection key: score plus the balancing bias, which never reaches
+      // the weights.
+      for (const auto e : c10::irange(experts)) {
+        const acc_t v = bias != nullptr ? score[e] + static_cast<acc_t>(bias[e]) : score[e];
+        key[e] = std::isnan(v) ? kNegInf : v;
+      }
+      // Grouped top-k (DeepSeek-V3): rank groups by the sum of their two best
+      // keys (one when a group has a single expert), keep topk_group groups.
+      uint64_t group_mask = ~uint64_t(0);
+      if (n_group > 1) {
+        int64_t kept = 0;
+        for (const auto g : c10::irange(n_group)) {
+          acc_t first = kNegInf, second = kNegInf;
+          for (int64_t e = g * group_size; e < (g + 1) * group_size; ++e) {
+            if (key[e] > first) {
+              second = first;
+              first = key[e];
+            } else if (key[e] > second) {
+              second = key[e];
+            }
+          }
+          topk_insert(top_ids.data(), top_keys.data(), kept, topk_group, g,
+                      group_size > 1 ? first + second : first);
+        }
+        group_mask = 0;
+        for (const auto i : c10::irange(kept)) {
+          group_mask |= uint64_t(1) << top_ids[i];
+        }
+      }
+      int64_t found = 0;
+      for (const auto e : c10::irange(experts)) {
+        if ((group_mask >> (e / group_size)) & 1) {
+          topk_insert(top_ids.data(), top_keys.data(), found, k, e, key[e]);
+        }
+      }
+      // Weights from the unbiased scores of the chosen experts.
+      acc_t* w = w_out + t * k;
+      int32_t* ids = id_out + t * k;
+      for (const auto j : c10::irange(k)) {
+        ids[j] = static_cast<int32_t>(top_ids[j]);
+        w[j] = score[top_ids[j]];
+      }
+      if (score_kind == RouterScore::kSoftmaxAfterTopk) {
+        acc_t mx = kNegInf;
+        for (const auto j : c10::irange(k)) mx = std::max(mx, w[j]);
+        acc_t sum = 0;
+        for (const auto j : c10::irange(k)) {
+          w[j] = std::exp(w[j] - mx);
+          sum += w[j];
+        }
+        for (const auto j : c10::irange(k)) w[j] /= sum;
+      }
+      if (renormalize) {
+        acc_t sum = 0;
+        for (const auto j : c10::irange(k)) sum += w[j];
+        for (const auto j : c10::irange(k)) w[j] /= sum;
+      }
+      if (scaling_factor != acc_t(1)) {
+        for (const auto j : c10::irange(k)) w[j] *= scaling_factor;
+      }
+    }
+  });
+}
+
+// Reads a weight stored as float32 or as the data dtype.
+template <typename scalar_t, typename acc_t>
+struct WeightReader {
+  const float* f32 = nullptr;
+  const scalar_t* same = nullptr;
+  acc_t operator()(int64_t i) const {
+    return f32 != nullptr ? static_cast<acc_t>(f32[i]) : static_cast<acc_t>(same[i]);
+  }
+};
+
+template <typename scalar_t, typename acc_t>
+WeightReader<scalar_t, acc_t> weight_reader(const std::optional<Tensor>& weights) {
+  WeightReader<scalar_t, acc_t> r;
+  if (weights.has_value()) {
+    if (weights->scalar_type() == kFloat) {
+      r.f32 = weights->const_data_ptr<float>();
+    } else {
+      r.same = weights->const_data_ptr<scalar_t>();
+    }
+  }
+  return r;
+}
+
+// dst_rows entries are -1 (dropped) or a row of permuted.
+void check_dst_rows(const char* op, const Tensor& dst_rows, int64_t num_rows) {
+  const int64_t* dst = dst_rows.const_data_ptr<int64_t>();
+  const int64_t n = dst_rows.numel();
+  const int64_t top_k = dst_rows.size(1);
+  for (const auto i : c10::irange(n)) {
+    TORCH_CHECK_VALUE(dst[i] >= -1 && dst[i] < num_rows,
+        op, ": dst_rows must be -1 or a row of permuted in [0, ", num_rows, "), got dst_rows[", i / top_k, ", ",
+        i % top_k, "]=", dst[i]);
+  }
+}
+
+// Rows per task for row-wise passes: ~64 KB of data each.
+int64_t row_grain(int64_t row_bytes) {
+  return std::max<int64_t>(1, (int64_t(1) << 16) / std::max<int64_t>(row_bytes, 1));
+}
+
+void router_topk_kernel(
+    const Tensor& logits, int64_t k, RouterScore score, const std::optional<Tensor>& bias, int64_t n_group,
+    int64_t topk_group, bool renormalize, double scaling_factor, const Tensor& weights, const Tensor& expert_ids,
+    const Tensor& counts) {
+  AT_DISPATCH_FLOATING_TYPES_AND2(kBFloat16, kHalf, logits.scalar_type(), "router_topk_cpu", [&] {
+    using acc_t = std::conditional_t<std::is_same_v<scalar_t, double>, double, float>;
+    const auto run = [&](const auto* bias_ptr) {
+      router_topk_impl<scalar_t, acc_t>(logits, k, score, bias_ptr, n_group, topk_group, renormalize,
+                                        static_cast<acc_t>(scaling_factor), weights, expert_ids);
+    };
+    if (!bias.has_value()) {
+      run(static_cast<const float*>(nullptr));
+    } else if (bias->scalar_type() == kFloat) {
+      run(bias->const_data_ptr<float>());
+    } else {
+      run(bias->const_data_ptr<scalar_t>());
+    }
+  });
+  // Tokens per expert: T * k integer increments, cheap next to the scores.
+  int32_t* c = counts.mutable_data_ptr<int32_t>();
+  std::fill_n(c, counts.numel(), 0);
+  const int32_t* ids = expert_ids.const_data_ptr<int32_t>();
+  for (const auto i : c10::irange(expert_ids.numel())) {
+    ++c[ids[i]];
+  }
+}
+
+void permute_kernel(
+    const Tensor& tokens, const Tensor& expert_ids, int64_t num_experts, int64_t alignment, int64_t first_expert,
+    const Tensor& permuted, const Tensor& dst_rows, const Tensor& src_rows, const Tensor& offs) {
+  const int64_t num_tokens = tokens.size(0);
+  const int64_t top_k = expert_ids.size(1);
+  const int64_t num_local = offs.size(0);
+  const int64_t rows = permuted.size(0);
+  int64_t* dst = dst_rows.mutable_data_ptr<int64_t>();
+  int64_t* src = src_rows.mutable_data_ptr<int64_t>();
+  int32_t* offs_out = offs.mutable_data_ptr<int32_t>();
+
+  // Chunks of tokens; any count gives the same result (see the top comment).
+  const int64_t chunks = std::max<int64_t>(1, std::min<int64_t>(num_tokens, at::get_num_threads()));
+  const auto chunk_begin = [&](int64_t c) { return c * num_tokens / chunks; };
+  // hist[c * L + e]: rows of local expert e in chunk c; becomes chunk c's next row in group e.
+  std::vector<int64_t> hist(chunks * num_local, 0);
+  std::vector<int64_t> first_bad(chunks, -1);
+
+  AT_DISPATCH_INDEX_TYPES(expert_ids.scalar_type(), "permute_cpu", [&] {
+    const index_t* ids = expert_ids.const_data_ptr<index_t>();
+    at::parallel_for(0, chunks, 1, [&](int64_t c0, int64_t c1) {
+      for (const auto c : c10::irange(c0, c1)) {
+        int64_t* h = hist.data() + c * num_local;
+        for (int64_t i = chunk_begin(c) * top_k; i < chunk_begin(c + 1) * top_k; ++i) {
+          const int64_t e = static_cast<int64_t>(ids[i]);
+          if (e < 0 || e >= num_experts) {
+            first_bad[c] = i;
+            break;
+          }
+          const int64_t local = e - first_expert;
+          if (local >= 0 && local < num_local) {
+            ++h[local];
+          }
+        }
+      }
+    });
+    for (const auto c : c10::irange(chunks)) {
+      if (first_bad[c] >= 0) {
+        const int64_t i = first_bad[c];
+        TORCH_CHECK_VALUE(false, "permute: expert_ids must be in [0, num_experts=", num_experts,
+                          "), got expert_ids[", i / top_k, ", ", i % top_k, "]=", static_cast<int64_t>(ids[i]));
+      }
+    }
+
+    // Group starts (aligned) and each chunk's first row in each group.
+    int64_t start = 0;
+    for (const auto e : c10::irange(num_local)) {
+      int64_t next = start;
+      for (const auto c : c10::irange(chunks)) {
+        const int64_t n = hist[c * num_local + e];
+        hist[c * num_local + e] = next;
+        next += n;
+      }
+      const int64_t end = (next + alignment - 1) / alignment * alignment;
+      for (int64_t r = next; r < end; ++r) {
+        src[r] = -1;  // padding
+      }
+      offs_out[e] = static_cast<int32_t>(end);
+      start = end;
+    }
+    for (int64_t r = start; r < rows; ++r) {
+      src[r] = -1;  // unused tail
+    }
+
+    at::parallel_for(0, chunks, 1, [&](int64_t c0, int64_t c1) {
+      for (const auto c : c10::irange(c0, c1)) {
+        int64_t* next = hist.data() + c * num_local;
+        for (int64_t i = chunk_begin(c) * top_k; i < chunk_begin(c + 1) * top_k; ++i) {
+          const int64_t local = static_cast<int64_t>(ids[i]) - first_expert;
+          if (local >= 0 && local < num_local) {
+            const int64_t r = next[local]++;
+            dst[i] = r;
+            src[r] = i;
+          } else {
+            dst[i] = -1;
+          }
+        }
+      }
+    });
+  });
+
+  // Gather the rows in destination order. A pure copy: bytes, any dtype.
+  advise_huge_pages(permuted);
+  const int64_t row_bytes = tokens.size(1) * tokens.element_size();
+  const int64_t in_stride = tokens.stride(0) * tokens.element_size();
+  const char* in = static_cast<const char*>(tokens.const_data_ptr());
+  char* out = static_cast<char*>(permuted.mutable_data_ptr());
+  at::parallel_for(0, rows, row_grain(row_bytes), [&](int64_t r0, int64_t r1) {
+    for (const auto r : c10::irange(r0, r1)) {
+      char* o = out + r * row_bytes;
+      if (src[r] >= 0) {
+        std::memcpy(o, in + (src[r] / top_k) * in_stride, row_bytes);
+      } else {
+        std::memset(o, 0, row_bytes);
+      }
+    }
+  });
+}
+
+void unpermute_kernel(
+    const Tensor& permuted, const Tensor& dst_rows, const std::optional<Tensor>& weights, const Tensor& out) {
+  check_dst_rows("unpermute", dst_rows, permuted.size(0));
+  const int64_t num_tokens = dst_rows.size(0);
+  const int64_t top_k = dst_rows.size(1);
+  const int64_t hidden = permuted.size(1);
+  const int64_t in_stride = permuted.stride(0);
+  const int64_t* dst = dst_rows.const_data_ptr<int64_t>();
+  advise_huge_pages(out);
+  AT_DISPATCH_FLOATING_TYPES_AND2(kBFloat16, kHalf, permuted.scalar_type(), "unpermute_cpu", [&] {
+    using acc_t = at::opmath_type<scalar_t>;
+    const scalar_t* in = permuted.const_data_ptr<scalar_t>();
+    scalar_t* o = out.mutable_data_ptr<scalar_t>();
+    const auto w = weight_reader<scalar_t, acc_t>(weights);
+    const bool weighted = weights.has_value();
+    at::parallel_for(0, num_tokens, row_grain(hidden * top_k * permuted.element_size()), [&](int64_t t0, int64_t t1) {
+      std::vector<acc_t> acc(hidden);
+      for (const auto t : c10::irange(t0, t1)) {
+        std::fill(acc.begin(), acc.end(), acc_t(0));
+        // Slot order, one rounding at the end: the result does not depend on
+        // where the rows sit in permuted.
+        for (const auto j : c10::irange(top_k)) {
+          const int64_t r = dst[t * top_k + j];
+          if (r < 0) continue;
+          const scalar_t* x = in + r * in_stride;
+          if (weighted) {
+            const acc_t wj = w(t * top_k + j);
+            for (const auto h : c10::irange(hidden)) acc[h] += wj * static_cast<acc_t>(x[h]);
+          } else {
+            for (const auto h : c10::irange(hidden)) acc[h] += static_cast<acc_t>(x[h]);
+          }
+        }
+        scalar_t* y = o + t * hidden;
+        for (const auto h : c10::irange(hidden)) y[h] = static_cast<scalar_t>(acc[h]);
+      }
+    });
+  });
+}
+
+void unpermute_backward_kernel(
+    const Tensor& grad_output, const Tensor& dst_rows, const std::optional<Tensor>& weights,
+    const std::optional<Tensor>& permuted, const Tensor& grad_permuted, const Tensor& grad_weights) {
+  check_dst_rows("unpermute_backward", dst_rows, grad_permuted.size(0));
+  const int64_t num_tokens = dst_rows.size(0);
+  const int64_t top_k = dst_rows.size(1);
+  const int64_t hidden = grad_output.size(1);
+  const int64_t* dst = dst_rows.const_data_ptr<int64_t>();
+  AT_DISPATCH_FLOATING_TYPES_AND2(kBFloat16, kHalf, grad_output.scalar_type(), "unpermute_backward_cpu", [&] {
+    using acc_t = at::opmath_type<scalar_t>;
+    const scalar_t* g = grad_output.const_data_ptr<scalar_t>();
+    scalar_t* gp = grad_permuted.mutable_data_ptr<scalar_t>();
+    const scalar_t* x = permuted.has_value() ? permuted->const_data_ptr<scalar_t>() : nullptr;
+    const auto w = weight_reader<scalar_t, acc_t>(weights);
+    const bool weighted = weights.has_value();
+    // grad_weights is float32 or the data dtype (like weights), when computed.
+    const bool gw_is_f32 = x != nullptr && grad_weights.scalar_type() == kFloat;
+    float* gw_f32 = gw_is_f32 ? grad_weights.mutable_data_ptr<float>() : nullptr;
+    scalar_t* gw_same = x != nullptr && !gw_is_f32 ? grad_weights.mutable_data_ptr<scalar_t>() : nullptr;
+    at::parallel_for(0, num_tokens, row_grain(hidden * top_k * grad_output.element_size()), [&](int64_t t0, int64_t t1) {
+      for (const auto t : c10::irange(t0, t1)) {
+        const scalar_t* gt = g + t * hidden;
+        for (const auto j : c10::irange(top_k)) {
+          const int64_t i = t * top_k + j;
+          const int64_t r = dst[i];
+          // Each (token, slot) owns its row: one writer per row, no atomics.
+          if (r >= 0) {
+            scalar_t* out_row = gp + r * hidden;
+            if (weighted) {
+              const acc_t wj = w(i);
+              for (const auto h : c10::irange(hidden)) out_row[h] = static_cast<scalar_t>(wj * static_cast<acc_t>(gt[h]));
+            } else {
+              std::memcpy(out_row, gt, hidden * sizeof(scalar_t));
+            }
+          }
+          if (x != nullptr) {
+            acc_t dot = 0;
+            if (r >= 0) {
+              const scalar_t* xr = x + r * hidden;
+              for (const auto h : c10::irange(hidden)) dot += static_cast<acc_t>(gt[h]) * static_cast<acc_t>(xr[h]);
+            }
+            if (gw_f32 != nullptr) {
+              gw_f32[i] = static_cast<float>(dot);
+            } else {
+              gw_same[i] = static_cast<scalar_t>(dot);
+            }
+          }
+        }
+      }
+    });
+  });
+}
+
+} // namespace
+
+// ATen compiles native/cpu/ once per CPU capability; these kernels have no
+// ISA-specific paths worth a separate AVX512 build, so that slot reuses them
+// explicitly (plain REGISTER_DISPATCH leaves it empty). Compiled once, as in
+// the extension, they fill every slot.
+#if defined(CPU_CAPABILITY_AVX512)
+ALSO_REGISTER_AVX512_DISPATCH(router_topk_stub, &router_topk_kernel)
+ALSO_REGISTER_AVX512_DISPATCH(permute_stub, &permute_kernel)
+ALSO_REGISTER_AVX512_DISPATCH(unpermute_stub, &unpermute_kernel)
+ALSO_REGISTER_AVX512_DISPATCH(unpermute_backward_stub, &unpermute_backward_kernel)
+#elif defined(CPU_CAPABILITY)
+REGISTER_DISPATCH(router_topk_stub, &router_topk_kernel)
+REGISTER_DISPATCH(permute_stub, &permute_kernel)
+REGISTER_DISPATCH(unpermute_stub, &unpermute_kernel)
+REGISTER_DISPATCH(unpermute_backward_stub, &unpermute_backward_kernel)
+#else
+REGISTER_ALL_CPU_DISPATCH(router_topk_stub, &router_topk_kernel)
+REGISTER_ALL_CPU_DISPATCH(permute_stub, &permute_kernel)
+REGISTER_ALL_CPU_DISPATCH(unpermute_stub, &unpermute_kernel)
+REGISTER_ALL_CPU_DISPATCH(unpermute_backward_stub, &unpermute_backward_kernel)
+#endif
+
+} // namespace at::native
