@@ -16,7 +16,7 @@ export TORCHINDUCTOR_CACHE_DIR ?= $(CACHE)/inductor
 export MAX_JOBS ?= 2
 export PYTHONPATH := $(CURDIR)$(if $(PYTHONPATH),:$(PYTHONPATH))
 
-.PHONY: all setup build test demo bench clean
+.PHONY: all setup build test demo bench patches clean
 
 all: test
 
@@ -39,6 +39,10 @@ demo: build
 
 bench: build
 	$(PY) benchmarks/bench_grouped_mm.py
+
+# Regenerate the upstream patch series from the in-repo sources (patches/README.md).
+patches: setup
+	$(PY) -m patches.generate
 
 clean:
 	rm -rf build torch_moe_ops/*.so *.egg-info

@@ -1,0 +1,422 @@
+"""What goes upstream, where, and in which patch.
+
+Each patch is a list of changes to PyTorch v2.14.1 paths. A change either
+copies an in-repo file verbatim (the C++ kernels: the very files the extension
+compiles), applies anchored edits to an upstream file, or generates Python from
+our sources with names rewritten (the meta function and the DTensor strategy
+are the code this package runs). Series are applied in order; each series'
+patches are stacked on the previous series.
+
+Paths in ``source`` are relative to the repository root.
+"""
+
+from __future__ import annotations
+
+import fnmatch
+import os
+import sys
+from dataclasses import dataclass, field
+from typing import Callable
+
+from . import rewrite
+from .errors import PatchError
+
+REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+# Every file under these in-repo directories must be either carried by some
+# change below or listed in NOT_UPSTREAMED: a new kernel source that the
+# manifest does not mention is an error, not a silent gap in the series.
+CARRIED_DIRS = ["torch_moe_ops/csrc/ATen"]
+
+# fnmatch patterns of sources deliberately kept out of the series, with why.
+# (fnmatch's * also matches "/".)
+NOT_UPSTREAMED = {
+    "torch_moe_ops/csrc/ATen/native/*MoERouting*": "routing ops: no upstream op to stage them for yet",
+}
+
+
+def _declared_at() -> str:
+    """manifest.py:LINE of the change being declared, for error messages."""
+    frame = sys._getframe(2)
+    return f"{os.path.relpath(frame.f_code.co_filename, REPO_ROOT)}:{frame.f_lineno}"
+
+
+def read_source(source: str, declared_at: str) -> str:
+    path = os.path.join(REPO_ROOT, source)
+    if not os.path.isfile(path):
+        file, line = declared_at.rsplit(":", 1)
+        raise PatchError(file, int(line), f"source {source} does not exist")
+    with open(path, encoding="utf-8", newline="") as f:
+        return f.read()
+
+
+@dataclass
+class Copy:
+    """A new upstream file, byte-identical to an in-repo source."""
+
+    path: str
+    source: str
+    declared_at: str = field(default_factory=_declared_at)
+
+    @property
+    def sources(self) -> list[str]:
+        return [self.source]
+
+    def apply(self, text: str | None) -> str:
+        if text is not None:
+            raise PatchError(self.path, None, "exists upstream; a Copy may only add new files")
+        return read_source(self.source, self.declared_at)
+
+
+@dataclass
+class Edit:
+    """Anchored edits to an upstream file: (old, new) pairs, each old exactly once."""
+
+    path: str
+    edits: list[tuple[str, str]]
+    declared_at: str = field(default_factory=_declared_at)
+    sources: list[str] = field(default_factory=list)
+
+    def apply(self, text: str | None) -> str:
+        if text is None:
+            raise PatchError(self.path, None, "does not exist in the base tree")
+        for old, new in self.edits:
+            text = rewrite.replace_once(text, old, new, self.path)
+        return text
+
+
+@dataclass
+class Generate:
+    """An upstream file (new when the base tree has none) computed from sources."""
+
+    path: str
+    sources: list[str]
+    make: Callable[..., str]  # make(upstream_text_or_None, *source_texts) -> new text
+    declared_at: str = field(default_factory=_declared_at)
+
+    def apply(self, text: str | None) -> str:
+        return self.make(text, *(read_source(s, self.declared_at) for s in self.sources))
+
+
+@dataclass
+class Patch:
+    title: str
+    summary: str
+    test_plan: str
+    changes: list
+
+
+@dataclass
+class Series:
+    name: str
+    patches: list[Patch]
+
+
+# ---------------------------------------------------------------------------
+# Names: our Python helpers become private helpers of torch/_meta_registrations.py.
+
+CHECKS = "torch_moe_ops/_checks.py"
+FAKE = "torch_moe_ops/ops/grouped_mm.py"
+STRATEGY = "distributed/grouped_mm_strategy.py"
+OPINFO = "test/opinfo.py"
+REFERENCE = "torch_moe_ops/reference.py"
+
+CHECK_NAMES = {
+    "GROUPED_MM_DTYPES": "_GROUPED_MM_DTYPES",
+    "grouped_mm_layout": "_grouped_mm_layout",
+    "grouped_mm_out_dtype": "_grouped_mm_out_dtype",
+    "grouped_mm_num_groups": "_grouped_mm_num_groups",
+    "grouped_mm_out_size": "_grouped_mm_out_size",
+    "grouped_mm_out_strides": "_grouped_mm_out_strides",
+    "_c10": "_grouped_mm_c10",
+    "_sizes": "_grouped_mm_sizes",
+    "check_grouped_mm_inputs": "_grouped_mm_check_inputs",
+}
+
+META_HEADER = """\
+# aten._grouped_mm: checks and output allocation. These restate
+# grouped_mm_check_inputs, grouped_mm_out_size and grouped_mm_out_strides of
+# ATen/native/GroupedMM.h one for one, with the same messages, so that an error
+# reads the same in eager and under torch.compile; keep the two in step.
+"""
+
+
+def _checks_block(checks_src: str) -> str:
+    """The grouped_mm definitions of CHECKS (it also holds other ops' checks)."""
+    renamed = rewrite.rename(checks_src, CHECKS, CHECK_NAMES)[0]
+    return rewrite.definitions(renamed, CHECKS, list(CHECK_NAMES.values()))
+
+
+def make_meta(upstream: str, checks_src: str, fake_src: str) -> str:
+    # Renamed as a whole file first, so that errors give the line in FAKE.
+    fake_src = rewrite.rename(fake_src, FAKE, {**CHECK_NAMES, "_grouped_mm_fake": "meta_grouped_mm"},
+                              module_alias="_checks")[0]
+    fake = rewrite.definition(fake_src, FAKE, "meta_grouped_mm")
+    fake = rewrite.replace_once(fake, '@torch.library.register_fake("moe_ops::grouped_mm")\n',
+                                "@register_meta(aten._grouped_mm)\n", FAKE)
+    # The checks annotate with Optional (they are written for Python 3.10).
+    upstream = rewrite.replace_once(upstream, "from typing import TypeVar\n",
+                                    "from typing import Optional, TypeVar\n", "torch/_meta_registrations.py")
+    block = META_HEADER + "\n" + _checks_block(checks_src) + "\n\n" + fake + "\n\n"
+    return rewrite.replace_definitions(upstream, "torch/_meta_registrations.py", ["meta_grouped_mm"], block)
+
+
+def make_strategy(upstream: str | None, strategy_src: str) -> str:
+    src = rewrite.replace_once(
+        strategy_src,
+        "The patch series turns this module into upstream's strategy for\n"
+        "``aten._grouped_mm`` (patches/manifest.py rewrites the op and the names of the\n"
+        "checks), so it is written against DTensor's own registry and helpers only.\n\n",
+        "", STRATEGY)
+    src = rewrite.replace_once(src, "torch.ops.moe_ops.grouped_mm.default", "torch.ops.aten._grouped_mm.default",
+                               STRATEGY)
+    src, used = rewrite.rename(src, STRATEGY, CHECK_NAMES, module_alias="_checks")
+    src = rewrite.replace_once(src, "\nfrom torch_moe_ops import _checks\n", "", STRATEGY)
+    # Upstream, the checks are the meta function's helpers (compile series).
+    imports = "".join(f"    {name},\n" for name in sorted(used))
+    return rewrite.replace_once(src, "import torch\n",
+                                f"import torch\nfrom torch._meta_registrations import (\n{imports})\n", STRATEGY)
+
+
+def make_opinfo(upstream: str | None, opinfo_src: str, reference_src: str) -> str:
+    reference = rewrite.definitions(reference_src, REFERENCE, ["torch_grouped_mm"])
+    src = "# mypy: ignore-errors\n\n" + opinfo_src
+    src = rewrite.replace_once(src, '''"""OpInfo for grouped_mm, usable for ``moe_ops.grouped_mm`` and, through the
+upstream patch series, for ``torch._grouped_mm``.''', '"""OpInfo for ``torch._grouped_mm``.', OPINFO)
+    src = rewrite.replace_once(src, "from functools import partial\n",
+                               "from functools import partial\nfrom typing import Optional\n", OPINFO)
+    src = rewrite.replace_once(src, "\nfrom torch_moe_ops.reference import torch_grouped_mm\n", "", OPINFO)
+    # The float64 loop reference (torch_moe_ops/reference.py) comes along: it
+    # is the OpInfo's ref.
+    src = rewrite.replace_once(src, "\n\ndef reference_grouped_mm(", "\n\n" + reference + "\n\ndef reference_grouped_mm(",
+                               OPINFO)
+    return rewrite.replace_once(
+        src, 'make_grouped_mm_opinfo("moe_ops.grouped_mm", torch.ops.moe_ops.grouped_mm.default)',
+        'make_grouped_mm_opinfo("_grouped_mm", torch._grouped_mm)', OPINFO)
+
+
+MATRIX_OPS = "torch/distributed/tensor/_ops/_matrix_ops.py"
+
+
+def remove_single_dim_strategy(upstream: str) -> str:
+    """Drops the single-dim strategy of _grouped_mm (it takes precedence over op
+    strategies) and the imports only it used."""
+    text = rewrite.replace_definitions(upstream, MATRIX_OPS,
+                                       ["_valid_grouped_mm_strides", "grouped_mm_single_dim_strategy"], "")
+    for old, new in [
+        ("from torch.distributed.device_mesh import DeviceMesh\n", ""),
+        ("from torch.distributed.tensor._dtensor_spec import DTensorSpec, TensorMeta\n",
+         "from torch.distributed.tensor._dtensor_spec import TensorMeta\n"),
+        ("from torch.distributed.tensor._utils import (\n"
+         "    compute_local_shape_and_global_offset,\n"
+         "    compute_local_stride,\n"
+         ")\n", ""),
+    ]:
+        text = rewrite.replace_once(text, old, new, MATRIX_OPS)
+    return text
+
+
+# ---------------------------------------------------------------------------
+# The series.
+
+NATIVE = "aten/src/ATen/native"
+
+SERIES = [
+    Series("core", [
+        Patch(
+            title="[ATen] _grouped_mm: CPU kernel with bias, fp32 output and checked offs",
+            summary="""\
+On CPU, _grouped_mm was a CompositeExplicitAutograd loop of mm: it never
+validated offs, rejected bias and an fp32 out_dtype, and left the rows (2D x 3D)
+or columns (3D x 2D) that no group covers uninitialised.
+
+This adds a CPU kernel, at::native::grouped_mm_cpu, and the checks every
+backend shares (ATen/native/GroupedMM.h):
+- all four layouts (2D x 3D, 3D x 2D, 2D x 2D, 3D x 3D), operands of any
+  strides including 0 (expanded gradients);
+- float32, float16, bfloat16 and float64; out_dtype=float32 for 16-bit inputs;
+- bias of shape (G, N_out), in the input or the output dtype;
+- offs validated (non-decreasing, non-negative, within the grouped dimension);
+  uncovered output elements are zero;
+- every error is a ValueError naming the argument and the value received.
+
+Dispatch: CPU now points at grouped_mm_cpu. CompositeExplicitAutograd stays for
+the other backends. CUDA stays at _grouped_mm_cuda on purpose: the CUDA entry
+carried here (cuda/GroupedMM.cu, grouped_mm_cuda) routes its fast path to
+aten::_grouped_mm itself, so registering it as the CUDA kernel would recurse.
+It is compiled (ATen globs native/cuda) so that it builds in CI, and becomes the
+CUDA kernel in a follow-up that gives it kernels of its own.
+
+The files are those of torch-moe-ops (torch_moe_ops/csrc/ATen/native), where
+the same kernel is registered as moe_ops::grouped_mm. ATen globs native/,
+native/cpu and native/cuda, so no build file changes.""",
+            test_plan="""\
+In torch-moe-ops (test/test_grouped_mm.py): the OpInfo samples (every layout,
+empty groups, zero tokens, rows past offs[-1], transposed and strided
+operands, bias, fp32 output) against a float64 loop reference, the error
+inputs, and hypothesis-generated shapes.
+Here: python test/test_ops.py -k _grouped_mm (OpInfo added later in this stack);
+torchgen parses the patched native_functions.yaml.""",
+            changes=[
+                Copy(f"{NATIVE}/GroupedMM.h", "torch_moe_ops/csrc/ATen/native/GroupedMM.h"),
+                Copy(f"{NATIVE}/GroupedMM.cpp", "torch_moe_ops/csrc/ATen/native/GroupedMM.cpp"),
+                Copy(f"{NATIVE}/cpu/GroupedMMKernel.cpp", "torch_moe_ops/csrc/ATen/native/cpu/GroupedMMKernel.cpp"),
+                Copy(f"{NATIVE}/cuda/GroupedMM.cu", "torch_moe_ops/csrc/ATen/native/cuda/GroupedMM.cu"),
+                Edit(f"{NATIVE}/native_functions.yaml", [(
+                    "  dispatch:\n"
+                    "    CompositeExplicitAutograd: _grouped_mm\n"
+                    "    CUDA: _grouped_mm_cuda\n",
+                    "  dispatch:\n"
+                    "    CPU: grouped_mm_cpu\n"
+                    "    CompositeExplicitAutograd: _grouped_mm\n"
+                    "    CUDA: _grouped_mm_cuda\n",
+                )]),
+            ],
+        ),
+        Patch(
+            title="[autograd] _grouped_mm: backward for every layout, expanded gradients and bias",
+            summary="""\
+The backward of a grouped mm is grouped mms in the other layouts, for all four
+layouts alike:
+  grad_mat_a = _grouped_mm(grad, mat2^T, offs)
+  grad_mat_b = _grouped_mm(self^T, grad, offs)
+grad is cast to the input dtype (it is float32 when out_dtype=float32) and made
+contiguous: x.sum().backward() hands an expanded, stride-0 gradient, which the
+CUDA kernel rejects; for the usual contiguous gradient this is a no-op.
+
+bias gets a gradient too: per-group sums of grad, accumulated in fp32 (fp64 for
+fp64) in a fixed order, returned in grad's dtype: a bias in the input dtype
+gets its gradient cast by autograd, as for any input, so nothing of bias is
+saved.
+
+The helpers live in a new header, torch/csrc/autograd/GroupedMMBackward.h,
+included by the generated Functions.cpp; it is header-only, so no build file
+changes. They also turn the undefined tensor that the generated code unpacks
+for an absent offs back into nullopt, which is how the kernels tell the
+layouts apart.
+
+The formulas are those of torch-moe-ops' Python autograd for moe_ops::grouped_mm
+(torch_moe_ops/ops/grouped_mm.py).""",
+            test_plan="""\
+In torch-moe-ops: gradcheck/gradgradcheck through the OpInfo samples, and
+x.sum().backward() for every layout.
+Here: gen_autograd generates GroupedMmBackward0 with the three formulas;
+python test/test_ops.py -k _grouped_mm (OpInfo added later in this stack).""",
+            changes=[
+                Copy("torch/csrc/autograd/GroupedMMBackward.h", "patches/src/torch/csrc/autograd/GroupedMMBackward.h"),
+                Edit("tools/autograd/templates/Functions.cpp", [(
+                    '#include "torch/csrc/autograd/FunctionsManual.h"\n',
+                    '#include "torch/csrc/autograd/FunctionsManual.h"\n'
+                    '#include "torch/csrc/autograd/GroupedMMBackward.h"\n',
+                )]),
+                Edit("tools/autograd/derivatives.yaml", [(
+                    "  self: _grouped_mm_mat1_backward(grad, mat2, self.sym_sizes(), self.sym_strides(), "
+                    "self.layout(), offs, 1)\n"
+                    "  mat2: _grouped_mm_mat2_backward(grad, self, mat2.sym_sizes(), mat2.sym_strides(), "
+                    "mat2.layout(), offs, 1)\n",
+                    "  self: grouped_mm_mat_a_backward(grad, mat2, offs, self.scalar_type())\n"
+                    "  mat2: grouped_mm_mat_b_backward(grad, self, offs, self.scalar_type())\n"
+                    "  bias: grouped_mm_bias_backward(grad, self, mat2, offs)\n",
+                )]),
+            ],
+        ),
+    ]),
+    Series("compile", [
+        Patch(
+            title="[meta] _grouped_mm: the eager checks, dtypes and strides",
+            summary="""\
+The meta function of _grouped_mm rejected float32/float16 inputs that eager
+accepts (so torch.compile failed on them), bias and out_dtype=float32, and
+never checked what the kernels check.
+
+It now restates grouped_mm_check_inputs of ATen/native/GroupedMM.h one for one,
+with the same messages, and allocates the output as the kernels do: contiguous
+on CPU, last dimension padded to 16 bytes on CUDA.
+
+The code is generated from torch-moe-ops' fake kernel for moe_ops::grouped_mm
+(torch_moe_ops/_checks.py and torch_moe_ops/ops/grouped_mm.py), with names
+made private to this module.""",
+            test_plan="""\
+In torch-moe-ops: this very function, run on every OpInfo sample and layout,
+agrees with the CPU kernel in shape, strides and dtype, and raises on every
+error input with the kernel's message; torch.compile(fullgraph=True) tests.
+Here: python test/test_ops.py -k "_grouped_mm and (meta or fake)";
+python test/inductor/test_torchinductor_opinfo.py -k _grouped_mm.""",
+            changes=[Generate("torch/_meta_registrations.py", [CHECKS, FAKE], make_meta)],
+        ),
+        Patch(
+            title="[OpInfo] Add an OpInfo for _grouped_mm",
+            summary="""\
+_grouped_mm had no OpInfo. Its samples cover the four layouts, empty groups,
+zero tokens, rows past offs[-1], transposed and non-contiguous operands, bias
+and fp32 output; its error inputs cover every rejected argument; its ref is a
+float64 loop of mm.
+
+Comes last in this stack: test_ops' meta and fake tests need the meta function
+of the previous patch, and the samples need the CPU kernel and backward of the
+core stack.
+
+The definition is torch-moe-ops' (test/opinfo.py), instantiated for
+torch._grouped_mm.""",
+            test_plan="""\
+python test/test_ops.py -k _grouped_mm
+In torch-moe-ops the same OpInfo runs against moe_ops::grouped_mm.""",
+            changes=[
+                Generate("torch/testing/_internal/opinfo/definitions/grouped_mm.py", [OPINFO, REFERENCE], make_opinfo),
+                Edit("torch/testing/_internal/opinfo/definitions/__init__.py", [
+                    ("    fft,\n    linalg,\n", "    fft,\n    grouped_mm,\n    linalg,\n"),
+                    ("    *fft.op_db,\n    *linalg.op_db,\n", "    *fft.op_db,\n    *grouped_mm.op_db,\n    *linalg.op_db,\n"),
+                ]),
+            ],
+        ),
+    ]),
+    Series("distributed", [
+        Patch(
+            title="[DTensor] _grouped_mm: shard experts, N and K",
+            summary="""\
+Replaces the single-dim strategy of _grouped_mm in _matrix_ops.py, which
+rejected bias and could not shard the experts of the batched 3D x 3D layout,
+with an op strategy that offers, per mesh dimension:
+- replicate everything;
+- 3D x 3D: shard the expert/batch dimension G of both operands, the output and
+  bias (expert parallelism: each rank runs its experts);
+- shard N (mat2's last dimension) -> the output's last dimension, bias along N,
+  except in 3D x 2D where offs splits N;
+- shard K on both operands -> Partial output, except in 2D x 2D where offs
+  splits K, and not with bias (each rank would add it).
+offs is always replicated.
+
+Inputs are validated by the meta function's checks (previous stack), so a bad
+call fails in sharding propagation with the kernel's message.
+
+Generated from torch-moe-ops' strategy for moe_ops::grouped_mm
+(distributed/grouped_mm_strategy.py).""",
+            test_plan="""\
+In torch-moe-ops (test/distributed, fake process group, world size 4): the
+placements DTensor picks for each layout, rank-local results against the
+unsharded op, Partial sums against the unsharded op, and no sharding across
+group boundaries.
+Here: python test/distributed/tensor/test_matrix_ops.py -k grouped_mm""",
+            changes=[
+                Generate("torch/distributed/tensor/_ops/_grouped_mm_ops.py", [STRATEGY], make_strategy),
+                Edit("torch/distributed/tensor/_ops/__init__.py", [(
+                    "from ._embedding_ops import *  # noqa: F403\n",
+                    "from ._embedding_ops import *  # noqa: F403\nfrom ._grouped_mm_ops import *  # noqa: F403\n",
+                )]),
+                Generate("torch/distributed/tensor/_ops/_matrix_ops.py", [], remove_single_dim_strategy),
+            ],
+        ),
+    ]),
+]
+
+
+def check_coverage() -> None:
+    """Every file under CARRIED_DIRS is the source of some change."""
+    carried = {s for series in SERIES for p in series.patches for c in p.changes for s in c.sources}
+    for top in CARRIED_DIRS:
+        for dirpath, _, files in os.walk(os.path.join(REPO_ROOT, top)):
+            for name in sorted(files):
+                rel = os.path.relpath(os.path.join(dirpath, name), REPO_ROOT)
+                if rel not in carried and not any(fnmatch.fnmatch(rel, p) for p in NOT_UPSTREAMED):
+                    raise PatchError(rel, None, "is in neither a change of patches/manifest.py nor its "
+                                                "NOT_UPSTREAMED: decide whether it goes upstream")

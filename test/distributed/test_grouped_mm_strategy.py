@@ -1,0 +1,115 @@
+"""DTensor sharding strategy of moe_ops.grouped_mm, on CPU.
+
+A fake process group (world size 4, rank 0) drives DTensor's real sharding
+propagation: the tests check which placements it picks, and that rank 0's
+local result is the matching piece of the unsharded op. For a Partial output
+the sum over every rank's local result is checked against the unsharded op by
+running each rank's local computation directly.
+"""
+
+import pytest
+import torch
+import torch.distributed as dist
+from torch.distributed.device_mesh import init_device_mesh
+from torch.distributed.tensor import DTensor, Partial, Replicate, Shard
+from torch.testing._internal.distributed.fake_pg import FakeStore
+
+import torch_moe_ops  # noqa: F401
+import torch_moe_ops.distributed  # noqa: F401  (registers the strategy)
+
+WORLD = 4
+op = torch.ops.moe_ops.grouped_mm.default
+
+
+@pytest.fixture(scope="module")
+def mesh():
+    dist.init_process_group("fake", store=FakeStore(), rank=0, world_size=WORLD)
+    try:
+        yield init_device_mesh("cpu", (WORLD,))
+    finally:
+        dist.destroy_process_group()
+
+
+def offsets(*sizes):
+    return torch.tensor(sizes, dtype=torch.int32).cumsum(0, dtype=torch.int32)
+
+
+def shard0(t, placement):
+    """Rank 0's local piece of t under placement."""
+    if isinstance(placement, Shard):
+        return t.chunk(WORLD, placement.dim)[0]
+    return t
+
+
+def run(mesh, a, b, a_p, b_p, offs=None, bias=None, bias_p=Replicate()):
+    d = lambda t, p: DTensor.from_local(shard0(t, p), mesh, [p], run_check=False)  # noqa: E731
+    args = [d(a, a_p), d(b, b_p)]
+    kwargs = {}
+    if offs is not None:
+        kwargs["offs"] = d(offs, Replicate())
+    if bias is not None:
+        kwargs["bias"] = d(bias, bias_p)
+    return op(*args, **kwargs)
+
+
+def test_3d3d_shards_experts(mesh):
+    a, b, bias = torch.randn(8, 3, 5), torch.randn(8, 5, 6), torch.randn(8, 6)
+    out = run(mesh, a, b, Shard(0), Shard(0), bias=bias, bias_p=Shard(0))
+    assert out.placements == (Shard(0),)
+    torch.testing.assert_close(out.to_local(), shard0(op(a, b, None, bias), Shard(0)))
+
+
+@pytest.mark.parametrize("layout", ["2d3d", "2d2d", "3d3d"])
+def test_shard_n(mesh, layout):
+    offs = offsets(2, 0, 3, 3)
+    a, b = {
+        "2d3d": (torch.randn(8, 5), torch.randn(4, 5, 8)),
+        "2d2d": (torch.randn(3, 8), torch.randn(8, 8)),
+        "3d3d": (torch.randn(4, 3, 5), torch.randn(4, 5, 8)),
+    }[layout]
+    offs = None if layout == "3d3d" else offs
+    bias = torch.randn(4, 8)
+    out = run(mesh, a, b, Replicate(), Shard(b.dim() - 1), offs=offs, bias=bias, bias_p=Shard(1))
+    full = op(a, b, offs, bias)
+    assert out.placements == (Shard(full.dim() - 1),)
+    torch.testing.assert_close(out.to_local(), shard0(full, Shard(full.dim() - 1)))
+
+
+@pytest.mark.parametrize("layout", ["2d3d", "3d2d", "3d3d"])
+def test_shard_k_is_partial(mesh, layout):
+    offs = offsets(2, 0, 3, 3)
+    a, b = {
+        "2d3d": (torch.randn(8, 8), torch.randn(4, 8, 6)),
+        "3d2d": (torch.randn(4, 3, 8), torch.randn(8, 8)),
+        "3d3d": (torch.randn(4, 3, 8), torch.randn(4, 8, 6)),
+    }[layout]
+    offs = None if layout == "3d3d" else offs
+    out = run(mesh, a, b, Shard(a.dim() - 1), Shard(b.dim() - 2), offs=offs)
+    assert out.placements == (Partial(),)
+    # Every rank's local product, summed, is the unsharded result.
+    pieces = zip(a.chunk(WORLD, a.dim() - 1), b.chunk(WORLD, b.dim() - 2))
+    total = sum(op(pa, pb, offs) for pa, pb in pieces)
+    torch.testing.assert_close(total, op(a, b, offs))
+
+
+def test_no_sharding_along_group_boundaries(mesh):
+    # 3D x 2D: offs splits N, so N sharding is not offered; 2D x 2D: offs
+    # splits K, so K sharding is not offered. DTensor redistributes instead.
+    offs = offsets(2, 2, 2, 2)
+    out = run(mesh, torch.randn(4, 3, 8), torch.randn(8, 8), Replicate(), Shard(1), offs=offs)
+    assert out.placements != (Shard(1),)
+    out = run(mesh, torch.randn(3, 8), torch.randn(8, 4), Shard(1), Shard(0), offs=offs)
+    assert out.placements != (Partial(),)
+
+
+def test_k_sharding_with_bias_is_not_partial(mesh):
+    offs = offsets(2, 2, 2, 2)
+    out = run(mesh, torch.randn(8, 8), torch.randn(4, 8, 6), Shard(1), Shard(1), offs=offs,
+              bias=torch.randn(4, 6))
+    assert out.placements != (Partial(),)
+
+
+def test_invalid_inputs_raise_the_kernel_message(mesh):
+    # DTensor wraps the ValueError of the checks into its propagation error.
+    with pytest.raises(RuntimeError, match="contraction sizes differ"):
+        run(mesh, torch.randn(8, 5), torch.randn(4, 6, 8), Replicate(), Replicate(), offs=offsets(2, 2, 2, 2))
