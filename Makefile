@@ -20,7 +20,9 @@ export PYTHONPATH := $(CURDIR)$(if $(PYTHONPATH),:$(PYTHONPATH))
 
 all: test
 
-$(VENV)/.installed: requirements.txt
+# The venv name carries the hash of requirements.txt, so a fresh clone (new
+# mtimes) reuses it; only new pins make a new venv.
+$(VENV)/.installed: | requirements.txt
 	rm -rf $(VENV)
 	$(PYTHON) -m venv $(VENV)
 	$(VENV)/bin/pip install --quiet -r requirements.txt
