@@ -401,6 +401,23 @@ def test_property_router_topk(tokens, shape, score_func, with_bias, renormalize,
     torch.testing.assert_close(w, rw, **WEIGHT_TOL[torch.float32])
 
 
+@pytest.mark.parametrize("experts,k,n_group,topk_group", [(8, 2, 1, 1), (60, 4, 1, 1), (128, 8, 1, 1),
+                                                        (256, 8, 8, 4), (384, 8, 1, 1), (1100, 6, 1, 1)])
+@pytest.mark.parametrize("score_func", ["softmax", "sigmoid"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+def test_router_topk_real_widths(experts, k, n_group, topk_group, score_func, dtype):
+    """Router widths of real models, past one vector of experts and past the
+    vectorised path's limit (1024 experts): ids exact, weights to rounding."""
+    g = torch.Generator().manual_seed(experts)
+    logits = (torch.randn(300, experts, generator=g) * 3).to(dtype)
+    bias = torch.randn(experts, generator=g) * 0.1
+    args = (logits, k, score_func, bias, n_group, topk_group, True, 2.5)
+    w, ids, counts = torch.ops.moe_ops.router_topk(*args)
+    rw, rids, rcounts = torch_router_topk(*args)
+    assert torch.equal(ids, rids) and torch.equal(counts, rcounts)
+    torch.testing.assert_close(w, rw, **WEIGHT_TOL[torch.float32])
+
+
 def test_cuda_kernels_registered_for_routing_ops():
     """Every routing op has a CUDA kernel in CUDA builds (the repo-wide check
     lives in test_grouped_mm.py; this names the routing ops explicitly)."""

@@ -28,7 +28,12 @@
 #include <cmath>
 #include <cstring>
 #include <limits>
+#include <type_traits>
 #include <vector>
+
+#if defined(__x86_64__) && (defined(__GNUC__) || defined(__clang__))
+#include <immintrin.h>
+#endif
 
 #if defined(__linux__)
 #include <sys/mman.h>
@@ -85,6 +90,167 @@ inline void topk_insert(int64_t* ids, acc_t* keys, int64_t& size, int64_t cap, i
   keys[pos] = key;
 }
 
+#if defined(__x86_64__) && (defined(__GNUC__) || defined(__clang__))
+#define MOE_ROUTING_HAVE_AVX512 1
+#define MOE_ROUTING_AVX512 __attribute__((target("avx512f,avx512bw,avx512vl,avx512dq")))
+
+// ---- AVX-512 router (float32 scores) -----------------------------------------
+// With a few dozen to a few hundred experts per token, the scalar router
+// spends its time in libm's expf calls and in the branches of the insertion
+// top-k. Here the scores are 16 experts per instruction and the top-k is k
+// rounds of a masked vector max; it picks the same experts in the same order
+// (largest key, ties to the lowest id), so ids are identical to the scalar
+// path. The selection runs on the availability bits of up to kMaxVecExperts.
+constexpr int64_t kMaxVecExperts = 1024;
+
+// GCC 12 reports its own unmasked AVX-512 intrinsics (which start from
+// _mm512_undefined_ps) as reading an uninitialised value: a false positive.
+#pragma GCC diagnostic push
+#pragma GCC diagnostic ignored "-Wmaybe-uninitialized"
+
+bool cpu_has_avx512() {
+  static const bool ok = __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
+      __builtin_cpu_supports("avx512vl") && __builtin_cpu_supports("avx512dq");
+  return ok;
+}
+
+MOE_ROUTING_AVX512 inline __mmask16 lanes(int64_t n, int64_t e0) {
+  const int64_t w = std::clamp<int64_t>(n - e0, 0, 16);
+  return static_cast<__mmask16>((uint32_t{1} << w) - 1);
+}
+
+// e^x to about 1 ulp: x = n ln2 + r with |r| <= ln2 / 2, a degree-7 Taylor
+// polynomial for e^r (remainder < 6e-9 relative), then scalef by 2^n, which
+// saturates to inf or flushes to 0 exactly as expf does. NaN stays NaN (max
+// and min return their second operand when either is NaN).
+MOE_ROUTING_AVX512 inline __m512 exp_ps(__m512 x) {
+  x = _mm512_max_ps(_mm512_set1_ps(-104.f), x);
+  x = _mm512_min_ps(_mm512_set1_ps(89.f), x);
+  const __m512 n = _mm512_roundscale_ps(_mm512_mul_ps(x, _mm512_set1_ps(1.44269504088896341f)),
+                                        _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+  __m512 r = _mm512_fnmadd_ps(n, _mm512_set1_ps(0.693145751953125f), x);
+  r = _mm512_fnmadd_ps(n, _mm512_set1_ps(1.428606765330187045e-06f), r);
+  __m512 p = _mm512_set1_ps(1.f / 5040);
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.f / 720));
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.f / 120));
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.f / 24));
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.f / 6));
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(0.5f));
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.f));
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.f));
+  return _mm512_scalef_ps(p, n);
+}
+
+template <typename scalar_t>
+MOE_ROUTING_AVX512 inline __m512 load_ps(const scalar_t* p, __mmask16 m) {
+  if constexpr (std::is_same_v<scalar_t, float>) {
+    return _mm512_maskz_loadu_ps(m, p);
+  } else if constexpr (std::is_same_v<scalar_t, BFloat16>) {
+    const __m512i w = _mm512_cvtepu16_epi32(_mm256_maskz_loadu_epi16(m, p));
+    return _mm512_castsi512_ps(_mm512_slli_epi32(w, 16));
+  } else {
+    return _mm512_cvtph_ps(_mm256_maskz_loadu_epi16(m, p));
+  }
+}
+
+// Selection key of 16 experts: score + bias, NaN -> -inf.
+MOE_ROUTING_AVX512 inline void store_key(float* key, __m512 v, const float* bias) {
+  if (bias != nullptr) {
+    v = _mm512_add_ps(v, _mm512_loadu_ps(bias));
+  }
+  const __m512 neg_inf = _mm512_set1_ps(-std::numeric_limits<float>::infinity());
+  _mm512_storeu_ps(key, _mm512_mask_mov_ps(v, _mm512_cmp_ps_mask(v, v, _CMP_UNORD_Q), neg_inf));
+}
+
+// One token's scores and selection keys (score + bias, NaN -> -inf). score,
+// key and bias (zeros past E) hold a multiple of 16 floats, so every store
+// and reload is a full vector: a masked store forwards to the next load
+// badly, and with a handful of experts per token that stall was the cost.
+template <typename scalar_t>
+MOE_ROUTING_AVX512 void router_scores_avx512(const scalar_t* row, int64_t experts, RouterScore kind,
+                                             const float* bias, float* score, float* key) {
+  const __m512 neg_inf = _mm512_set1_ps(-std::numeric_limits<float>::infinity());
+  if (kind == RouterScore::kSoftmax) {
+    __m512 vmax = neg_inf;
+    for (int64_t e = 0; e < experts; e += 16) {
+      const __mmask16 m = lanes(experts, e);
+      vmax = _mm512_mask_max_ps(vmax, m, vmax, load_ps(row + e, m));
+    }
+    const __m512 mx = _mm512_set1_ps(_mm512_reduce_max_ps(vmax));
+    __m512 vsum = _mm512_setzero_ps();
+    for (int64_t e = 0; e < experts; e += 16) {
+      const __mmask16 m = lanes(experts, e);
+      const __m512 y = _mm512_maskz_mov_ps(m, exp_ps(_mm512_sub_ps(load_ps(row + e, m), mx)));
+      vsum = _mm512_add_ps(vsum, y);
+      _mm512_storeu_ps(score + e, y);
+    }
+    const __m512 inv = _mm512_set1_ps(1.f / _mm512_reduce_add_ps(vsum));
+    for (int64_t e = 0; e < experts; e += 16) {
+      const __m512 v = _mm512_mul_ps(_mm512_loadu_ps(score + e), inv);
+      _mm512_storeu_ps(score + e, v);
+      store_key(key + e, v, bias != nullptr ? bias + e : nullptr);
+    }
+    return;
+  }
+  const __m512 one = _mm512_set1_ps(1.f);
+  for (int64_t e = 0; e < experts; e += 16) {
+    const __mmask16 m = lanes(experts, e);
+    __m512 x = load_ps(row + e, m);
+    if (kind == RouterScore::kSigmoid) {
+      x = _mm512_div_ps(one, _mm512_add_ps(one, exp_ps(_mm512_sub_ps(_mm512_setzero_ps(), x))));
+    }
+    x = _mm512_maskz_mov_ps(m, x);
+    _mm512_storeu_ps(score + e, x);
+    store_key(key + e, x, bias != nullptr ? bias + e : nullptr);
+  }
+}
+
+// Availability bits of the experts of the kept groups (all when n_group == 1).
+MOE_ROUTING_AVX512 inline void available_experts(__mmask16* avail, int64_t experts, int64_t n_group,
+                                                 int64_t group_size, uint64_t group_mask) {
+  const int64_t chunks = (experts + 15) / 16;
+  if (n_group == 1) {
+    for (int64_t c = 0; c < chunks; ++c) avail[c] = lanes(experts, 16 * c);
+    return;
+  }
+  std::fill_n(avail, chunks, __mmask16{0});
+  for (int64_t g = 0; g < n_group; ++g) {
+    if ((group_mask >> g) & 1) {
+      for (int64_t e = g * group_size; e < (g + 1) * group_size; ++e) {
+        avail[e / 16] = static_cast<__mmask16>(avail[e / 16] | (1u << (e % 16)));
+      }
+    }
+  }
+}
+
+// k rounds of: the largest key among the available experts, the lowest id
+// among equals; the winner leaves the available set. key is padded as above.
+MOE_ROUTING_AVX512 void topk_avx512(const float* key, int64_t experts, int64_t k, __mmask16* avail,
+                                    int64_t* ids, float* keys) {
+  const int64_t chunks = (experts + 15) / 16;
+  for (int64_t j = 0; j < k; ++j) {
+    __m512 vmax = _mm512_set1_ps(-std::numeric_limits<float>::infinity());
+    for (int64_t c = 0; c < chunks; ++c) {
+      vmax = _mm512_mask_max_ps(vmax, avail[c], vmax, _mm512_loadu_ps(key + 16 * c));
+    }
+    const float best = _mm512_reduce_max_ps(vmax);
+    const __m512 vbest = _mm512_set1_ps(best);
+    for (int64_t c = 0; c < chunks; ++c) {
+      const __mmask16 eq =
+          _mm512_mask_cmp_ps_mask(avail[c], _mm512_loadu_ps(key + 16 * c), vbest, _CMP_EQ_OQ);
+      if (eq != 0) {
+        const int lane = __builtin_ctz(eq);
+        avail[c] = static_cast<__mmask16>(avail[c] & ~(1u << lane));
+        ids[j] = 16 * c + lane;
+        keys[j] = best;
+        break;
+      }
+    }
+  }
+}
+#pragma GCC diagnostic pop
+#endif // x86-64
+
 template <typename scalar_t, typename acc_t, typename bias_t>
 void router_topk_impl(
     const Tensor& logits, int64_t k, RouterScore score_kind, const bias_t* bias, int64_t n_group,
@@ -99,13 +265,38 @@ void router_topk_impl(
 
   // ~E * 20 flops per token; keep tasks at a few thousand experts' work.
   const int64_t grain = std::max<int64_t>(1, 4096 / experts);
+#ifdef MOE_ROUTING_HAVE_AVX512
+  constexpr bool kVecType = std::is_same_v<acc_t, float> && !std::is_same_v<scalar_t, double>;
+  const bool use_vec = kVecType && experts <= kMaxVecExperts && cpu_has_avx512();
+#else
+  constexpr bool use_vec = false;
+#endif
   at::parallel_for(0, tokens, grain, [&](int64_t begin, int64_t end) {
-    std::vector<acc_t> score(experts), key(experts), top_keys(std::max(k, topk_group));
+    // Padded to whole vectors for the AVX-512 path.
+    const int64_t padded = (experts + 15) / 16 * 16;
+    std::vector<acc_t> score(padded), key(padded), top_keys(std::max(k, topk_group));
     std::vector<int64_t> top_ids(std::max(k, topk_group));
+#ifdef MOE_ROUTING_HAVE_AVX512
+    std::vector<float> bias_f;
+    if (use_vec && bias != nullptr) {
+      bias_f.resize(padded, 0.f);
+      for (const auto e : c10::irange(experts)) bias_f[e] = static_cast<float>(bias[e]);
+    }
+#endif
     for (const auto t : c10::irange(begin, end)) {
       const scalar_t* row = in + t * experts;
+#ifdef MOE_ROUTING_HAVE_AVX512
+      if constexpr (kVecType) {
+        if (use_vec) {
+          router_scores_avx512(row, experts, score_kind, bias != nullptr ? bias_f.data() : nullptr, score.data(),
+                               key.data());
+        }
+      }
+#endif
       // Scores: what the weights are made of.
-      if (score_kind == RouterScore::kSoftmax) {
+      if (use_vec) {
+        // Done above.
+      } else if (score_kind == RouterScore::kSoftmax) {
         acc_t mx = kNegInf;
         for (const auto e : c10::irange(experts)) {
           score[e] = static_cast<acc_t>(row[e]);
@@ -131,7 +322,7 @@ void router_topk_impl(
       }
       // Selection key: score plus the balancing bias, which never reaches
       // the weights.
-      for (const auto e : c10::irange(experts)) {
+      for (int64_t e = 0; !use_vec && e < experts; ++e) {
         const acc_t v = bias != nullptr ? score[e] + static_cast<acc_t>(bias[e]) : score[e];
         key[e] = std::isnan(v) ? kNegInf : v;
       }
@@ -158,10 +349,24 @@ void router_topk_impl(
           group_mask |= uint64_t(1) << top_ids[i];
         }
       }
-      int64_t found = 0;
-      for (const auto e : c10::irange(experts)) {
-        if ((group_mask >> (e / group_size)) & 1) {
-          topk_insert(top_ids.data(), top_keys.data(), found, k, e, key[e]);
+#ifdef MOE_ROUTING_HAVE_AVX512
+      if constexpr (kVecType) {
+        if (use_vec) {
+          __mmask16 avail[kMaxVecExperts / 16];
+          available_experts(avail, experts, n_group, group_size, group_mask);
+          topk_avx512(key.data(), experts, k, avail, top_ids.data(), top_keys.data());
+        }
+      }
+#endif
+      if (!use_vec) {
+        // Walked group by group (ascending ids, as a flat scan).
+        int64_t found = 0;
+        for (const auto g : c10::irange(n_group)) {
+          if ((group_mask >> g) & 1) {
+            for (int64_t e = g * group_size; e < (g + 1) * group_size; ++e) {
+              topk_insert(top_ids.data(), top_keys.data(), found, k, e, key[e]);
+            }
+          }
         }
       }
       // Weights from the unbiased scores of the chosen experts.
