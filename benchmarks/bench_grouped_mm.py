@@ -11,7 +11,8 @@ against the fused gate/up weights (G, hidden, 2 * intermediate), with
   dense     one torch.mm of the same FLOPs, (M, K) @ (K, N)
 
 and prints GFLOP/s and ratios, checks the targets of issue #2, and writes
-the table as JSON. All timings of one row are taken side by side in one run.
+the table as JSON. All timings of one row are taken side by side in one run,
+interleaved in rounds (median round per statement).
 
     python benchmarks/bench_grouped_mm.py [--quick] [--json PATH]
 """
@@ -28,9 +29,9 @@ from dataclasses import dataclass
 from typing import Optional
 
 import torch
-from torch.utils.benchmark import Timer
 
 import torch_moe_ops  # noqa: F401
+from _timing import interleaved_medians
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 SHAPES_JSON = os.path.join(HERE, "..", "..", "shared", "moe_shapes.json")
@@ -45,7 +46,9 @@ class Config:
     hidden: int  # K
     intermediate: int  # per-expert FFN width; N = 2 * intermediate (gate + up)
     dtype: torch.dtype
-    kind: str  # "fine" (>= 64 experts, <= 128 rows per expert) or "coarse"
+    # "fine" (>= 64 experts, <= 128 rows per expert on average; the skewed
+    # routing sends a few experts several times that) or "coarse"
+    kind: str
 
     @property
     def rows(self) -> int:
@@ -119,12 +122,11 @@ def routed_offsets(cfg: Config, gen: torch.Generator) -> torch.Tensor:
     return counts.cumsum(0).to(torch.int32)
 
 
-def gflops(stmt: str, env: dict, flops: int, min_run_time: float) -> float:
-    t = Timer(stmt, globals=env, num_threads=torch.get_num_threads()).blocked_autorange(min_run_time=min_run_time)
-    return flops / t.median / 1e9
+def gflops(stmts: dict[str, str], env: dict, flops: int, min_run_time: float, rounds: int) -> dict[str, float]:
+    return {name: flops / t / 1e9 for name, t in interleaved_medians(stmts, env, min_run_time, rounds).items()}
 
 
-def run(cfg: Config, min_run_time: float) -> Result:
+def run(cfg: Config, min_run_time: float, rounds: int) -> Result:
     gen = torch.Generator().manual_seed(0)
     offs = routed_offsets(cfg, gen)
     a = torch.randn(cfg.rows, cfg.hidden, generator=gen).to(cfg.dtype)
@@ -146,13 +148,14 @@ def run(cfg: Config, min_run_time: float) -> Result:
 
     env = dict(torch=torch, a=a, b=b, offs=offs, dense_b=dense_b, loop=loop)
     counts = torch.diff(offs, prepend=offs.new_zeros(1))
+    g = gflops({"ours": "torch.ops.moe_ops.grouped_mm(a, b, offs)",
+                "upstream": "torch._grouped_mm(a, b, offs=offs)",
+                "loop": "loop()",
+                "dense": "torch.mm(a, dense_b)"}, env, cfg.flops, min_run_time, rounds)
     return Result(
         config=cfg.name, dtype=str(cfg.dtype).replace("torch.", ""), kind=cfg.kind, experts=cfg.experts,
         rows=cfg.rows, k=cfg.hidden, n=cfg.n, max_rows_per_expert=int(counts.max()),
-        ours_gflops=gflops("torch.ops.moe_ops.grouped_mm(a, b, offs)", env, cfg.flops, min_run_time),
-        upstream_gflops=gflops("torch._grouped_mm(a, b, offs=offs)", env, cfg.flops, min_run_time),
-        loop_gflops=gflops("loop()", env, cfg.flops, min_run_time),
-        dense_gflops=gflops("torch.mm(a, dense_b)", env, cfg.flops, min_run_time),
+        ours_gflops=g["ours"], upstream_gflops=g["upstream"], loop_gflops=g["loop"], dense_gflops=g["dense"],
     )
 
 
@@ -173,12 +176,12 @@ def check_targets(results: list[Result]) -> list[tuple[str, bool]]:
 
 
 def format_table(results: list[Result]) -> str:
-    head = (f"{'model':<15} {'dtype':<9} {'G':>4} {'M':>6} {'K':>5} {'N':>5} {'maxrows':>7} "
+    head = (f"{'model':<15} {'dtype':<9} {'G':>4} {'M':>6} {'K':>5} {'N':>5} {'rows/E':>6} {'maxrows':>7} "
             f"{'ours':>7} {'upstream':>8} {'loop':>7} {'dense':>7} {'vs up':>6} {'vs dense':>8}")
     lines = [head, "-" * len(head)]
     for r in results:
         lines.append(f"{r.config:<15} {r.dtype:<9} {r.experts:>4} {r.rows:>6} {r.k:>5} {r.n:>5} "
-                     f"{r.max_rows_per_expert:>7} {r.ours_gflops:>7.1f} {r.upstream_gflops:>8.1f} "
+                     f"{r.rows / r.experts:>6.0f} {r.max_rows_per_expert:>7} {r.ours_gflops:>7.1f} {r.upstream_gflops:>8.1f} "
                      f"{r.loop_gflops:>7.1f} {r.dense_gflops:>7.1f} {r.vs_upstream:>5.2f}x {r.vs_dense:>7.2f}x")
     return "\n".join(lines)
 
@@ -190,11 +193,11 @@ def main(argv: Optional[list[str]] = None) -> int:
     parser.add_argument("--check", action="store_true", help="exit 1 if a target is missed")
     args = parser.parse_args(argv)
 
-    min_run_time = 0.5 if args.quick else 2.0
+    min_run_time, rounds = (0.25, 2) if args.quick else (0.5, 5)
     print(f"torch {torch.__version__}, {platform.processor() or platform.machine()}, "
           f"{torch.get_num_threads()} threads, CPU capability {torch.backends.cpu.get_cpu_capability()}")
     print("GFLOP/s of the expert up-projection (2D x 3D grouped mm), uneven tokens per expert\n")
-    results = [run(cfg, min_run_time) for cfg in configs(args.quick)]
+    results = [run(cfg, min_run_time, rounds) for cfg in configs(args.quick)]
     print(format_table(results))
     checks = check_targets(results)
     print()

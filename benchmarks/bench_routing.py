@@ -26,9 +26,9 @@ from dataclasses import dataclass
 from typing import Optional
 
 import torch
-from torch.utils.benchmark import Timer
 
 import torch_moe_ops  # noqa: F401
+from _timing import interleaved_medians
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 SHAPES_JSON = os.path.join(HERE, "..", "..", "shared", "moe_shapes.json")
@@ -129,29 +129,35 @@ def torch_router(logits, cfg: Config, bias):
     return weights, ids, counts
 
 
+# transformers' grouped_mm experts path (integrations/moe.py), step for step:
+# a stable argsort by expert and its inverse, the token rows gathered once
+# per (token, slot) and again in expert order, histc for the group sizes; on
+# the way back the weighted rows are gathered back to (token, slot) order and
+# summed per token with index_add_.
+
+
 def torch_native_permute(x, ids, num_experts):
-    flat = ids.flatten()
-    order = torch.argsort(flat, stable=True)
-    counts = torch.bincount(flat, minlength=num_experts)
-    offs = counts.cumsum(0).to(torch.int32)
-    return x.index_select(0, order // ids.shape[1]), order, offs
+    num_tokens, top_k = ids.shape
+    expert_ids = ids.reshape(-1)
+    token_idx = torch.arange(num_tokens).unsqueeze(1).expand(-1, top_k).reshape(-1)
+    perm = torch.argsort(expert_ids, stable=True)
+    inv_perm = torch.argsort(perm, stable=True)
+    rows = x[token_idx][perm]
+    counts = torch.histc(expert_ids[perm].float(), bins=num_experts, min=0, max=num_experts - 1)
+    offs = torch.cumsum(counts, dim=0, dtype=torch.int32)
+    return rows, (token_idx, perm, inv_perm), offs
 
 
 def torch_native_unpermute(y, order, weights, num_tokens):
-    contrib = y * weights.flatten()[order].unsqueeze(1).to(y.dtype)
-    out = y.new_zeros(num_tokens, y.shape[1])
-    return out.index_add_(0, order // weights.shape[1], contrib)
+    token_idx, perm, inv_perm = order
+    weighted = (y * weights.reshape(-1)[perm].unsqueeze(-1))[inv_perm]
+    return torch.zeros(num_tokens, y.shape[1], dtype=y.dtype).index_add_(0, token_idx, weighted.to(y.dtype))
 
 
 # -----------------------------------------------------------------------------
 
 
-def ms(stmt: str, env: dict, min_run_time: float) -> float:
-    t = Timer(stmt, globals=env, num_threads=torch.get_num_threads()).blocked_autorange(min_run_time=min_run_time)
-    return t.median * 1e3
-
-
-def run(cfg: Config, min_run_time: float) -> Result:
+def run(cfg: Config, min_run_time: float, rounds: int) -> Result:
     gen = torch.Generator().manual_seed(0)
     # A trained router's skew: per-expert preference plus per-token noise.
     logits = (torch.randn(cfg.experts, generator=gen) * 0.5 + torch.randn(cfg.tokens, cfg.experts, generator=gen))
@@ -165,29 +171,37 @@ def run(cfg: Config, min_run_time: float) -> Result:
     # Same rows in the same order (stable sort by expert), same combine.
     assert torch.equal(permuted, native) and torch.equal(offs, native_offs)
     out = torch.ops.moe_ops.unpermute(permuted, dst_rows, weights)
-    torch.testing.assert_close(out, torch_native_unpermute(native, order, weights, cfg.tokens), rtol=2e-2, atol=2e-2)
+    # transformers hands the experts routing weights in the model dtype.
+    native_weights = weights.to(cfg.dtype)
+    torch.testing.assert_close(out, torch_native_unpermute(native, order, native_weights, cfg.tokens),
+                               rtol=2e-2, atol=2e-2)
 
     env = dict(torch=torch, logits=logits, x=x, ids=ids, ids64=ids.long(), weights=weights, permuted=permuted,
-               dst_rows=dst_rows, order=order, cfg=cfg, bias=bias, router_args=router_args,
+               dst_rows=dst_rows, order=order, native_weights=native_weights, cfg=cfg, bias=bias, router_args=router_args,
                torch_router=torch_router, torch_native_permute=torch_native_permute,
                torch_native_unpermute=torch_native_unpermute)
     elt = x.element_size()
     rows_bytes = cfg.pairs * cfg.hidden * elt
-    permute_ms = ms("torch.ops.moe_ops.permute(x, ids, cfg.experts)", env, min_run_time)
-    unpermute_ms = ms("torch.ops.moe_ops.unpermute(permuted, dst_rows, weights)", env, min_run_time)
+    t = interleaved_medians({
+        "permute": "torch.ops.moe_ops.permute(x, ids, cfg.experts)",
+        "unpermute": "torch.ops.moe_ops.unpermute(permuted, dst_rows, weights)",
+        "clone": "permuted.clone()",
+        "torch_permute": "torch_native_permute(x, ids64, cfg.experts)",
+        "torch_unpermute": "torch_native_unpermute(permuted, order, native_weights, cfg.tokens)",
+        "router": "torch.ops.moe_ops.router_topk(logits, *router_args)",
+        "torch_router": "torch_router(logits, cfg, bias)",
+    }, env, min_run_time, rounds)
+    ms = {name: seconds * 1e3 for name, seconds in t.items()}
     return Result(
         config=cfg.name, dtype=str(cfg.dtype).replace("torch.", ""), tokens=cfg.tokens, hidden=cfg.hidden,
         experts=cfg.experts, top_k=cfg.top_k,
-        permute_ms=permute_ms, unpermute_ms=unpermute_ms,
-        clone_ms=ms("permuted.clone()", env, min_run_time),
-        torch_permute_ms=ms("torch_native_permute(x, ids64, cfg.experts)", env, min_run_time),
-        torch_unpermute_ms=ms("torch_native_unpermute(permuted, order, weights, cfg.tokens)", env, min_run_time),
-        router_ms=ms("torch.ops.moe_ops.router_topk(logits, *router_args)", env, min_run_time),
-        torch_router_ms=ms("torch_router(logits, cfg, bias)", env, min_run_time),
+        permute_ms=ms["permute"], unpermute_ms=ms["unpermute"], clone_ms=ms["clone"],
+        torch_permute_ms=ms["torch_permute"], torch_unpermute_ms=ms["torch_unpermute"],
+        router_ms=ms["router"], torch_router_ms=ms["torch_router"],
         # Bytes each op must move: permute reads k rows per token and writes
         # them; unpermute reads them and writes one row per token.
-        permute_gbs=2 * rows_bytes / permute_ms / 1e6,
-        unpermute_gbs=(rows_bytes + cfg.tokens * cfg.hidden * elt) / unpermute_ms / 1e6,
+        permute_gbs=2 * rows_bytes / ms["permute"] / 1e6,
+        unpermute_gbs=(rows_bytes + cfg.tokens * cfg.hidden * elt) / ms["unpermute"] / 1e6,
     )
 
 
@@ -225,12 +239,12 @@ def main(argv: Optional[list[str]] = None) -> int:
     parser.add_argument("--check", action="store_true", help="exit 1 if a target is missed")
     args = parser.parse_args(argv)
 
-    min_run_time = 0.3 if args.quick else 1.0
+    min_run_time, rounds = (0.2, 2) if args.quick else (0.4, 5)
     print(f"torch {torch.__version__}, {platform.processor() or platform.machine()}, "
           f"{torch.get_num_threads()} threads, CPU capability {torch.backends.cpu.get_cpu_capability()}")
     print("MoE routing: permute / unpermute (weighted) / router top-k, bf16, side by side "
           "(t.* = torch-native path)\n")
-    results = [run(cfg, min_run_time) for cfg in configs(args.quick)]
+    results = [run(cfg, min_run_time, rounds) for cfg in configs(args.quick)]
     print(format_table(results))
     checks = check_targets(results)
     print()
