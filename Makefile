@@ -41,6 +41,7 @@ demo: build
 
 bench: build
 	$(PY) benchmarks/bench_grouped_mm.py
+	$(PY) benchmarks/bench_routing.py
 
 # Regenerate the upstream patch series from the in-repo sources (patches/README.md).
 patches: setup
