@@ -7,7 +7,8 @@ the result:
 
 * torchgen parses native_functions.yaml and derivatives.yaml and gen_autograd
   generates the backward node of _grouped_mm; the new autograd header compiles
-  against the wheel's headers;
+  against the wheel's headers, and the CPU kernel as each CPU-capability build
+  of ATen compiles it;
 * every patched Python file compiles; the patched meta function, OpInfo and
   DTensor strategy are run against this package's kernels;
 * regenerating the series reproduces patches/ byte for byte;
@@ -117,6 +118,29 @@ def test_autograd_header_compiles(tree, tmp_path):
     src.write_text('#include "torch/csrc/autograd/GroupedMMBackward.h"\n')
     subprocess.run(["g++", "-std=c++20", "-fsyntax-only", f"-I{tree}", f"-I{include}", str(src)],
                    check=True, capture_output=True)
+
+
+# ATen builds native/cpu/ files once per CPU capability, each with its own
+# macros and ISA flags (cmake/Codegen.cmake); the extension builds them once.
+# Compile the carried kernel the in-tree ways, so that the capability branches
+# of its DispatchStub registration are checked too.
+CPU_CAPABILITY_BUILDS = {
+    "DEFAULT": [],
+    "AVX2": ["-mavx2", "-mfma", "-mf16c", "-mbmi", "-mbmi2"],
+    "AVX512": ["-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512dq", "-mfma", "-mf16c"],
+}
+
+
+@pytest.mark.parametrize("capability", sorted(CPU_CAPABILITY_BUILDS))
+def test_cpu_kernel_compiles_per_capability(tree, capability):
+    include = os.path.join(os.path.dirname(torch.__file__), "include")
+    kernel = os.path.join(tree, "aten/src/ATen/native/cpu/GroupedMMKernel.cpp")
+    flags = ["-std=c++20", "-fsyntax-only", "-fopenmp", f"-DCPU_CAPABILITY={capability}",
+             f"-DCPU_CAPABILITY_{capability}", "-DHAVE_AVX512_CPU_DEFINITION", "-DHAVE_AVX2_CPU_DEFINITION",
+             f"-I{os.path.join(tree, 'aten/src')}", f"-I{include}"]
+    result = subprocess.run(["g++", *flags, *CPU_CAPABILITY_BUILDS[capability], kernel],
+                            capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr[-4000:]
 
 
 # (c) ----------------------------------------------------------------------
