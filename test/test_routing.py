@@ -6,26 +6,23 @@ permute is a copy, so it is compared bitwise; unpermute accumulates in the
 reference's order and precision, so it is bitwise too; router_topk ids and
 counts are exact and its weights agree to float32 rounding.
 
-The OpInfos live here rather than in test/opinfo.py: the ops return tuples
-and take integer routing tensors, which the generic grouped_mm tests there do
-not handle.
+The OpInfos live in test/opinfo_routing.py (the ops return tuples and take
+integer routing tensors, which the grouped_mm tests do not handle); the patch
+series carries that module upstream.
 """
-
-from functools import partial
 
 import pytest
 import torch
 import torch._dynamo.testing
 from hypothesis import given, settings, strategies as st
 from torch._subclasses.fake_tensor import FakeTensorMode
-from torch.testing import make_tensor
 from torch.testing._internal.common_device_type import instantiate_device_type_tests, onlyCPU, ops
-from torch.testing._internal.common_dtype import floating_types_and
 from torch.testing._internal.common_utils import TestCase, run_tests
-from torch.testing._internal.opinfo.core import ErrorInput, OpInfo, SampleInput
 
 import torch_moe_ops  # noqa: F401
 from torch_moe_ops.reference import torch_permute, torch_router_topk, torch_unpermute
+
+from opinfo_routing import op_db as routing_op_db, random_routing
 
 # router_topk weights: the kernel and the reference both compute the scores in
 # float32, but with different exp implementations (<= 1 ulp each) and sum
@@ -35,150 +32,6 @@ from torch_moe_ops.reference import torch_permute, torch_router_topk, torch_unpe
 WEIGHT_TOL = {torch.float32: dict(rtol=2e-5, atol=1e-7), torch.float64: dict(rtol=1e-13, atol=1e-15)}
 
 
-def _routing(tokens, experts, k, device, generator=None, skew=None):
-    """Expert ids (T, k) with distinct experts per token. skew="one" sends every
-    token to experts 0..k-1 (all but k experts empty)."""
-    if skew == "one":
-        return torch.arange(k, device=device, dtype=torch.int32).expand(tokens, k).contiguous()
-    scores = torch.rand(tokens, experts, generator=generator).to(device)
-    return scores.topk(k, dim=1).indices.to(torch.int32)
-
-
-# ------------------------------------------------------------------- OpInfos
-
-
-def sample_inputs_router_topk(op_info, device, dtype, requires_grad, **kwargs):
-    # Logits on a grid of 1/4 so ties happen (and are broken by expert id)
-    # while distinct logits stay far apart in every dtype.
-    def logits(t, e):
-        x = (torch.randint(-12, 13, (t, e)) / 4).to(device=device, dtype=dtype)
-        return x.requires_grad_(requires_grad)
-
-    bias = (torch.randint(-4, 5, (16,)) / 32).to(device)
-    yield SampleInput(logits(9, 16), args=(4,), name="softmax")
-    yield SampleInput(logits(9, 16), args=(4,), kwargs=dict(renormalize=True), name="softmax_renorm")
-    yield SampleInput(logits(9, 16), args=(2,), kwargs=dict(score_func="sigmoid", bias=bias, n_group=4, topk_group=2,
-                                                            renormalize=True, scaling_factor=2.5), name="deepseek")
-    yield SampleInput(logits(9, 16), args=(3,), kwargs=dict(score_func="softmax_after_topk"), name="gpt_oss")
-    yield SampleInput(logits(7, 8), args=(8,), kwargs=dict(score_func="sigmoid"), name="k_equals_e")
-    yield SampleInput(logits(0, 8), args=(2,), name="zero_tokens")
-    yield SampleInput(logits(5, 32)[:, ::2], args=(3,), kwargs=dict(bias=bias.to(dtype)), name="strided_bias_dtype")
-
-
-def error_inputs_router_topk(op_info, device, **kwargs):
-    x = make_tensor((4, 8), device=device, dtype=torch.float32)
-
-    def err(inp, regex, *args, **kw):
-        return ErrorInput(SampleInput(inp, args=args, kwargs=kw), error_type=ValueError, error_regex=regex)
-
-    yield err(x[0], r"router_topk: logits must be 2-D \(tokens, experts\), got 1-D", 2)
-    yield err(x.int(), r"router_topk: logits must be float32, float16, bfloat16 or float64, got Int", 2)
-    yield err(x, r"router_topk: k must be in \[1, num_experts=8\], got k=9", 9)
-    yield err(x, r"router_topk: k must be in \[1, num_experts=8\], got k=0", 0)
-    yield err(x, r"score_func must be 'softmax', 'sigmoid' or 'softmax_after_topk', got 'relu'", 2, "relu")
-    yield err(x, r"n_group must be >= 1 and divide num_experts=8, got n_group=3", 2, n_group=3)
-    yield err(x, r"topk_group must be in \[1, n_group=4\], got topk_group=5", 2, n_group=4, topk_group=5)
-    yield err(x, r"k=5 exceeds the experts of the selected groups, topk_group \* num_experts / n_group = 4", 5,
-              n_group=4, topk_group=2)
-    yield err(x, r"bias must have shape \(num_experts,\) = \(8\), got \[7\]", 2, bias=x.new_zeros(7))
-    yield err(x, r"bias must be float32 or the logits dtype \(Float\), got Double", 2, bias=x.new_zeros(8).double())
-
-
-def sample_inputs_permute(op_info, device, dtype, requires_grad, **kwargs):
-    make = partial(make_tensor, device=device, dtype=dtype, requires_grad=requires_grad)
-    g = torch.Generator().manual_seed(0)
-    ids = _routing(11, 6, 3, device, g)
-    yield SampleInput(make((11, 7)), args=(ids, 6), name="basic")
-    yield SampleInput(make((11, 7)), args=(ids.long(), 6), kwargs=dict(alignment=8), name="aligned_int64_ids")
-    yield SampleInput(make((11, 7)), args=(ids, 6), kwargs=dict(alignment=4, first_expert=2, num_local_experts=3),
-                      name="local_range")
-    yield SampleInput(make((11, 7)), args=(_routing(11, 6, 3, device, skew="one"), 6), kwargs=dict(alignment=2),
-                      name="skewed_empty_experts")
-    yield SampleInput(make((0, 7)), args=(ids[:0], 6), kwargs=dict(alignment=16), name="zero_tokens")
-    yield SampleInput(make((11, 14))[:, ::2], args=(ids, 6), name="non_contiguous_tokens")
-    yield SampleInput(make((11, 7)), args=(ids.t().contiguous().t(), 6), name="non_contiguous_ids")
-
-
-def error_inputs_permute(op_info, device, **kwargs):
-    x = make_tensor((4, 8), device=device, dtype=torch.float32)
-    ids = torch.tensor([[0, 1], [2, 3], [1, 0], [3, 2]], dtype=torch.int32, device=device)
-
-    def err(inp, regex, *args, name="", **kw):
-        return ErrorInput(SampleInput(inp, args=args, kwargs=kw, name=name), error_type=ValueError, error_regex=regex)
-
-    yield err(x[0], r"permute: tokens must be 2-D \(tokens, hidden\), got 1-D", ids, 4)
-    yield err(x, r"permute: expert_ids must be 2-D \(tokens, top_k\), got 1-D", ids[:, 0], 4)
-    yield err(x, r"permute: expert_ids must be int32 or int64, got Float", ids.float(), 4)
-    yield err(x, r"permute: expert_ids must have one row per token \(4\), got sizes \[3, 2\]", ids[:3], 4)
-    yield err(x, r"permute: num_experts must be >= 1, got num_experts=0", ids, 0)
-    yield err(x, r"alignment must be a power of two in \[1, 128\], got alignment=3", ids, 4, alignment=3)
-    yield err(x, r"alignment must be a power of two in \[1, 128\], got alignment=256", ids, 4, alignment=256)
-    yield err(x, r"first_expert must be in \[0, num_experts=4\), got first_expert=4", ids, 4, first_expert=4)
-    yield err(x, r"num_local_experts must be in \[1, num_experts - first_expert = 3\], got num_local_experts=4", ids,
-              4, first_expert=1, num_local_experts=4)
-    if torch.device(device).type == "cpu":
-        # Values are checked where reading them needs no device sync (CUDA:
-        # device-side assert); fake kernels see no values ("ids_values").
-        bad = ids.clone()
-        bad[2, 1] = 7
-        yield err(x, r"permute: expert_ids must be in \[0, num_experts=4\), got expert_ids\[2, 1\]=7", bad, 4,
-                  name="ids_values")
-        bad[1, 0] = -1
-        yield err(x, r"permute: expert_ids must be in \[0, num_experts=4\), got expert_ids\[1, 0\]=-1", bad, 4,
-                  name="ids_values")
-
-
-def sample_inputs_unpermute(op_info, device, dtype, requires_grad, **kwargs):
-    g = torch.Generator().manual_seed(1)
-    make = partial(make_tensor, device=device, dtype=dtype, requires_grad=requires_grad)
-    for name, tokens, kw in [("basic", 9, {}), ("aligned", 9, dict(alignment=4)),
-                             ("dropped", 9, dict(first_expert=1, num_local_experts=3, alignment=2)),
-                             ("zero_tokens", 0, {})]:
-        ids = _routing(tokens, 5, 2, device, g)
-        permuted, dst_rows, _, _ = torch_permute(torch.zeros(tokens, 6, device=device), ids, 5, **kw)
-        x = make((permuted.shape[0], 6))
-        yield SampleInput(x, args=(dst_rows,), name=name)
-        yield SampleInput(x, args=(dst_rows, make((tokens, 2))), name=name + "_weighted")
-        w32 = make_tensor((tokens, 2), device=device, dtype=torch.float32, requires_grad=requires_grad)
-        yield SampleInput(x, args=(dst_rows, w32), name=name + "_fp32_weights")
-    ids = _routing(9, 5, 2, device, g)
-    _, dst_rows, _, _ = torch_permute(torch.zeros(9, 6, device=device), ids, 5)
-    yield SampleInput(make((18, 12))[:, ::2], args=(dst_rows, make((9, 2))), name="non_contiguous")
-
-
-def error_inputs_unpermute(op_info, device, **kwargs):
-    x = make_tensor((6, 4), device=device, dtype=torch.float32)
-    dst = torch.tensor([[0, 1], [2, -1], [4, 5]], device=device)
-
-    def err(inp, regex, *args, name=""):
-        return ErrorInput(SampleInput(inp, args=args, name=name), error_type=ValueError, error_regex=regex)
-
-    yield err(x[0], r"unpermute: permuted must be 2-D \(rows, hidden\), got 1-D", dst)
-    yield err(x.int(), r"unpermute: permuted must be float32, float16, bfloat16 or float64, got Int", dst)
-    yield err(x, r"unpermute: dst_rows must be 2-D \(tokens, top_k\), got 1-D", dst[0])
-    yield err(x, r"unpermute: dst_rows must be int64, got Int", dst.int())
-    yield err(x, r"unpermute: weights must have the shape of dst_rows \[3, 2\], got \[3, 3\]", dst, x.new_ones(3, 3))
-    yield err(x, r"unpermute: weights must be float32 or the dtype of permuted \(Float\), got Double", dst,
-              x.new_ones(3, 2).double())
-    if torch.device(device).type == "cpu":
-        yield err(x, r"unpermute: dst_rows must be -1 or a row of permuted in \[0, 6\), got dst_rows\[1, 1\]=6",
-                  torch.tensor([[0, 1], [2, 6], [4, 5]], device=device), name="ids_values")
-
-
-def _opinfo(name, sample_fn, error_fn, ref, dtypes, autograd):
-    return OpInfo(name, op=getattr(torch.ops.moe_ops, name.split(".")[-1]).default, ref=ref, dtypes=dtypes,
-                  sample_inputs_func=sample_fn, error_inputs_func=error_fn, supports_out=False,
-                  supports_autograd=autograd, supports_forward_ad=False, supports_fwgrad_bwgrad=False)
-
-
-routing_op_db = [
-    _opinfo("moe_ops.router_topk", sample_inputs_router_topk, error_inputs_router_topk, torch_router_topk,
-            floating_types_and(torch.float16, torch.bfloat16), True),
-    _opinfo("moe_ops.permute", sample_inputs_permute, error_inputs_permute, torch_permute,
-            floating_types_and(torch.float16, torch.bfloat16, torch.int32, torch.uint8), True),
-    _opinfo("moe_ops.unpermute", sample_inputs_unpermute, error_inputs_unpermute, torch_unpermute,
-            floating_types_and(torch.float16, torch.bfloat16), True),
-]
 
 
 def _call(op, s):
@@ -368,7 +221,7 @@ def routing_problems(draw):
 def test_property_permute_unpermute(problem, dtype, seed):
     experts, k, tokens, hidden, alignment, first, num_local, skew = problem
     g = torch.Generator().manual_seed(seed)
-    ids = _routing(tokens, experts, k, "cpu", g, skew)
+    ids = random_routing(tokens, experts, k, "cpu", g, skew)
     x = torch.randn(tokens, hidden, generator=g).to(dtype)
     out = torch.ops.moe_ops.permute(x, ids, experts, alignment, first, num_local)
     ref = torch_permute(x, ids, experts, alignment, first, num_local)

@@ -46,18 +46,18 @@ TORCH_LIBRARY(moe_ops, m) {
 
 TORCH_LIBRARY_IMPL(moe_ops, CPU, m) {
   m.impl("grouped_mm", &at::native::grouped_mm_cpu);
-  m.impl("router_topk", &at::native::router_topk_cpu);
-  m.impl("permute", &at::native::permute_cpu);
-  m.impl("unpermute", &at::native::unpermute_cpu);
-  m.impl("unpermute_backward", &at::native::unpermute_backward_cpu);
+  m.impl("router_topk", &at::native::moe_router_topk_cpu);
+  m.impl("permute", &at::native::moe_permute_cpu);
+  m.impl("unpermute", &at::native::moe_unpermute_cpu);
+  m.impl("unpermute_backward", &at::native::moe_unpermute_backward_cpu);
 }
 
 #if defined(TORCH_MOE_OPS_WITH_CUDA)
 TORCH_LIBRARY_IMPL(moe_ops, CUDA, m) {
   m.impl("grouped_mm", &at::native::grouped_mm_cuda);
-  m.impl("router_topk", &at::native::router_topk_cuda);
-  m.impl("permute", &at::native::permute_cuda);
-  m.impl("unpermute", &at::native::unpermute_cuda);
-  m.impl("unpermute_backward", &at::native::unpermute_backward_cuda);
+  m.impl("router_topk", &at::native::moe_router_topk_cuda);
+  m.impl("permute", &at::native::moe_permute_cuda);
+  m.impl("unpermute", &at::native::moe_unpermute_cuda);
+  m.impl("unpermute_backward", &at::native::moe_unpermute_backward_cuda);
 }
 #endif

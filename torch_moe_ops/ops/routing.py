@@ -105,8 +105,9 @@ def unpermute(
 
 
 @torch.library.register_fake("moe_ops::router_topk")
-def _router_topk_fake(logits, k, score_func="softmax", bias=None, n_group=1, topk_group=1, renormalize=False,
-                      scaling_factor=1.0):
+def _router_topk_fake(
+    logits, k, score_func="softmax", bias=None, n_group=1, topk_group=1, renormalize=False, scaling_factor=1.0
+):
     _checks.check_router_topk_inputs(logits, k, score_func, bias, n_group, topk_group)
     tokens, experts = logits.shape
     weights = logits.new_empty((tokens, k), dtype=_checks.router_topk_weights_dtype(logits.dtype))

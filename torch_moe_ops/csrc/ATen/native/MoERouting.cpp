@@ -8,12 +8,12 @@
 
 namespace at::native {
 
-DEFINE_DISPATCH(router_topk_stub);
-DEFINE_DISPATCH(permute_stub);
-DEFINE_DISPATCH(unpermute_stub);
-DEFINE_DISPATCH(unpermute_backward_stub);
+DEFINE_DISPATCH(moe_router_topk_stub);
+DEFINE_DISPATCH(moe_permute_stub);
+DEFINE_DISPATCH(moe_unpermute_stub);
+DEFINE_DISPATCH(moe_unpermute_backward_stub);
 
-std::tuple<Tensor, Tensor, Tensor> router_topk_cpu(
+std::tuple<Tensor, Tensor, Tensor> moe_router_topk_cpu(
     const Tensor& logits, int64_t k, c10::string_view score_func, const std::optional<Tensor>& bias,
     int64_t n_group, int64_t topk_group, bool renormalize, double scaling_factor) {
   router_topk_check_inputs(logits, k, score_func, bias, n_group, topk_group);
@@ -23,12 +23,12 @@ std::tuple<Tensor, Tensor, Tensor> router_topk_cpu(
   Tensor expert_ids = at::empty({tokens, k}, logits.options().dtype(kInt));
   Tensor counts = at::empty({experts}, logits.options().dtype(kInt));
   std::optional<Tensor> bias_c = bias.has_value() ? std::optional<Tensor>(bias->contiguous()) : std::nullopt;
-  router_topk_stub(kCPU, logits.contiguous(), k, router_topk_score(score_func), bias_c, n_group, topk_group,
+  moe_router_topk_stub(kCPU, logits.contiguous(), k, router_topk_score(score_func), bias_c, n_group, topk_group,
                          renormalize, scaling_factor, weights, expert_ids, counts);
   return {weights, expert_ids, counts};
 }
 
-std::tuple<Tensor, Tensor, Tensor, Tensor> permute_cpu(
+std::tuple<Tensor, Tensor, Tensor, Tensor> moe_permute_cpu(
     const Tensor& tokens, const Tensor& expert_ids, int64_t num_experts, int64_t alignment, int64_t first_expert,
     std::optional<int64_t> num_local_experts) {
   permute_check_inputs(tokens, expert_ids, num_experts, alignment, first_expert, num_local_experts);
@@ -43,21 +43,21 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> permute_cpu(
   // The kernel copies whole rows: a row-strided tokens view is read in place,
   // anything else is made row-contiguous once.
   const Tensor tokens_c = tokens.stride(1) == 1 ? tokens : tokens.contiguous();
-  permute_stub(kCPU, tokens_c, expert_ids.contiguous(), num_experts, alignment, first_expert, permuted, dst_rows,
+  moe_permute_stub(kCPU, tokens_c, expert_ids.contiguous(), num_experts, alignment, first_expert, permuted, dst_rows,
                      src_rows, offs);
   return {permuted, dst_rows, src_rows, offs};
 }
 
-Tensor unpermute_cpu(const Tensor& permuted, const Tensor& dst_rows, const std::optional<Tensor>& weights) {
+Tensor moe_unpermute_cpu(const Tensor& permuted, const Tensor& dst_rows, const std::optional<Tensor>& weights) {
   unpermute_check_inputs(permuted, dst_rows, weights);
   Tensor out = at::empty({dst_rows.size(0), permuted.size(1)}, permuted.options());
   std::optional<Tensor> weights_c = weights.has_value() ? std::optional<Tensor>(weights->contiguous()) : std::nullopt;
   const Tensor permuted_c = permuted.stride(1) == 1 ? permuted : permuted.contiguous();
-  unpermute_stub(kCPU, permuted_c, dst_rows.contiguous(), weights_c, out);
+  moe_unpermute_stub(kCPU, permuted_c, dst_rows.contiguous(), weights_c, out);
   return out;
 }
 
-std::tuple<Tensor, Tensor> unpermute_backward_cpu(
+std::tuple<Tensor, Tensor> moe_unpermute_backward_cpu(
     const Tensor& grad_output, const Tensor& dst_rows, int64_t num_rows, const std::optional<Tensor>& weights,
     const std::optional<Tensor>& permuted) {
   TORCH_CHECK_VALUE(grad_output.dim() == 2 && grad_output.size(0) == dst_rows.size(0),
@@ -78,7 +78,7 @@ std::tuple<Tensor, Tensor> unpermute_backward_cpu(
   std::optional<Tensor> weights_c = weights.has_value() ? std::optional<Tensor>(weights->contiguous()) : std::nullopt;
   std::optional<Tensor> permuted_c =
       permuted.has_value() ? std::optional<Tensor>(permuted->contiguous()) : std::nullopt;
-  unpermute_backward_stub(kCPU, grad_c, dst_rows.contiguous(), weights_c, permuted_c, grad_permuted, grad_weights);
+  moe_unpermute_backward_stub(kCPU, grad_c, dst_rows.contiguous(), weights_c, permuted_c, grad_permuted, grad_weights);
   return {grad_permuted, grad_weights};
 }
 

@@ -163,45 +163,45 @@ inline void unpermute_check_inputs(
 
 // Entry points (CPU in MoERouting.cpp, CUDA in cuda/MoERouting.cu).
 
-std::tuple<Tensor, Tensor, Tensor> router_topk_cpu(
+std::tuple<Tensor, Tensor, Tensor> moe_router_topk_cpu(
     const Tensor& logits, int64_t k, c10::string_view score_func, const std::optional<Tensor>& bias,
     int64_t n_group, int64_t topk_group, bool renormalize, double scaling_factor);
-std::tuple<Tensor, Tensor, Tensor, Tensor> permute_cpu(
+std::tuple<Tensor, Tensor, Tensor, Tensor> moe_permute_cpu(
     const Tensor& tokens, const Tensor& expert_ids, int64_t num_experts, int64_t alignment, int64_t first_expert,
     std::optional<int64_t> num_local_experts);
-Tensor unpermute_cpu(const Tensor& permuted, const Tensor& dst_rows, const std::optional<Tensor>& weights);
-std::tuple<Tensor, Tensor> unpermute_backward_cpu(
+Tensor moe_unpermute_cpu(const Tensor& permuted, const Tensor& dst_rows, const std::optional<Tensor>& weights);
+std::tuple<Tensor, Tensor> moe_unpermute_backward_cpu(
     const Tensor& grad_output, const Tensor& dst_rows, int64_t num_rows, const std::optional<Tensor>& weights,
     const std::optional<Tensor>& permuted);
 
 // CPU kernels (cpu/MoERoutingKernel.cpp). Outputs are fresh, contiguous and
 // fully written by the kernel; inputs are contiguous.
-using router_topk_fn = void (*)(
+using moe_router_topk_fn = void (*)(
     const Tensor& logits, int64_t k, RouterScore score, const std::optional<Tensor>& bias, int64_t n_group,
     int64_t topk_group, bool renormalize, double scaling_factor, const Tensor& weights, const Tensor& expert_ids,
     const Tensor& counts);
-using permute_fn = void (*)(
+using moe_permute_fn = void (*)(
     const Tensor& tokens, const Tensor& expert_ids, int64_t num_experts, int64_t alignment, int64_t first_expert,
     const Tensor& permuted, const Tensor& dst_rows, const Tensor& src_rows, const Tensor& offs);
-using unpermute_fn = void (*)(
+using moe_unpermute_fn = void (*)(
     const Tensor& permuted, const Tensor& dst_rows, const std::optional<Tensor>& weights, const Tensor& out);
-using unpermute_backward_fn = void (*)(
+using moe_unpermute_backward_fn = void (*)(
     const Tensor& grad_output, const Tensor& dst_rows, const std::optional<Tensor>& weights,
     const std::optional<Tensor>& permuted, const Tensor& grad_permuted, const Tensor& grad_weights);
-DECLARE_DISPATCH(router_topk_fn, router_topk_stub);
-DECLARE_DISPATCH(permute_fn, permute_stub);
-DECLARE_DISPATCH(unpermute_fn, unpermute_stub);
-DECLARE_DISPATCH(unpermute_backward_fn, unpermute_backward_stub);
+DECLARE_DISPATCH(moe_router_topk_fn, moe_router_topk_stub);
+DECLARE_DISPATCH(moe_permute_fn, moe_permute_stub);
+DECLARE_DISPATCH(moe_unpermute_fn, moe_unpermute_stub);
+DECLARE_DISPATCH(moe_unpermute_backward_fn, moe_unpermute_backward_stub);
 
 #if defined(TORCH_MOE_OPS_WITH_CUDA)
-std::tuple<Tensor, Tensor, Tensor> router_topk_cuda(
+std::tuple<Tensor, Tensor, Tensor> moe_router_topk_cuda(
     const Tensor& logits, int64_t k, c10::string_view score_func, const std::optional<Tensor>& bias,
     int64_t n_group, int64_t topk_group, bool renormalize, double scaling_factor);
-std::tuple<Tensor, Tensor, Tensor, Tensor> permute_cuda(
+std::tuple<Tensor, Tensor, Tensor, Tensor> moe_permute_cuda(
     const Tensor& tokens, const Tensor& expert_ids, int64_t num_experts, int64_t alignment, int64_t first_expert,
     std::optional<int64_t> num_local_experts);
-Tensor unpermute_cuda(const Tensor& permuted, const Tensor& dst_rows, const std::optional<Tensor>& weights);
-std::tuple<Tensor, Tensor> unpermute_backward_cuda(
+Tensor moe_unpermute_cuda(const Tensor& permuted, const Tensor& dst_rows, const std::optional<Tensor>& weights);
+std::tuple<Tensor, Tensor> moe_unpermute_backward_cuda(
     const Tensor& grad_output, const Tensor& dst_rows, int64_t num_rows, const std::optional<Tensor>& weights,
     const std::optional<Tensor>& permuted);
 #endif

@@ -442,7 +442,7 @@ void router_topk_kernel(
     const Tensor& logits, int64_t k, RouterScore score, const std::optional<Tensor>& bias, int64_t n_group,
     int64_t topk_group, bool renormalize, double scaling_factor, const Tensor& weights, const Tensor& expert_ids,
     const Tensor& counts) {
-  AT_DISPATCH_FLOATING_TYPES_AND2(kBFloat16, kHalf, logits.scalar_type(), "router_topk_cpu", [&] {
+  AT_DISPATCH_FLOATING_TYPES_AND2(kBFloat16, kHalf, logits.scalar_type(), "moe_router_topk_cpu", [&] {
     using acc_t = std::conditional_t<std::is_same_v<scalar_t, double>, double, float>;
     const auto run = [&](const auto* bias_ptr) {
       router_topk_impl<scalar_t, acc_t>(logits, k, score, bias_ptr, n_group, topk_group, renormalize,
@@ -483,7 +483,7 @@ void permute_kernel(
   std::vector<int64_t> hist(chunks * num_local, 0);
   std::vector<int64_t> first_bad(chunks, -1);
 
-  AT_DISPATCH_INDEX_TYPES(expert_ids.scalar_type(), "permute_cpu", [&] {
+  AT_DISPATCH_INDEX_TYPES(expert_ids.scalar_type(), "moe_permute_cpu", [&] {
     const index_t* ids = expert_ids.const_data_ptr<index_t>();
     at::parallel_for(0, chunks, 1, [&](int64_t c0, int64_t c1) {
       for (const auto c : c10::irange(c0, c1)) {
@@ -573,7 +573,7 @@ void unpermute_kernel(
   const int64_t in_stride = permuted.stride(0);
   const int64_t* dst = dst_rows.const_data_ptr<int64_t>();
   advise_huge_pages(out);
-  AT_DISPATCH_FLOATING_TYPES_AND2(kBFloat16, kHalf, permuted.scalar_type(), "unpermute_cpu", [&] {
+  AT_DISPATCH_FLOATING_TYPES_AND2(kBFloat16, kHalf, permuted.scalar_type(), "moe_unpermute_cpu", [&] {
     using acc_t = at::opmath_type<scalar_t>;
     const scalar_t* in = permuted.const_data_ptr<scalar_t>();
     scalar_t* o = out.mutable_data_ptr<scalar_t>();
@@ -611,7 +611,7 @@ void unpermute_backward_kernel(
   const int64_t top_k = dst_rows.size(1);
   const int64_t hidden = grad_output.size(1);
   const int64_t* dst = dst_rows.const_data_ptr<int64_t>();
-  AT_DISPATCH_FLOATING_TYPES_AND2(kBFloat16, kHalf, grad_output.scalar_type(), "unpermute_backward_cpu", [&] {
+  AT_DISPATCH_FLOATING_TYPES_AND2(kBFloat16, kHalf, grad_output.scalar_type(), "moe_unpermute_backward_cpu", [&] {
     using acc_t = at::opmath_type<scalar_t>;
     const scalar_t* g = grad_output.const_data_ptr<scalar_t>();
     scalar_t* gp = grad_permuted.mutable_data_ptr<scalar_t>();
@@ -663,20 +663,20 @@ void unpermute_backward_kernel(
 // explicitly (plain REGISTER_DISPATCH leaves it empty). Compiled once, as in
 // the extension, they fill every slot.
 #if defined(CPU_CAPABILITY_AVX512)
-ALSO_REGISTER_AVX512_DISPATCH(router_topk_stub, &router_topk_kernel)
-ALSO_REGISTER_AVX512_DISPATCH(permute_stub, &permute_kernel)
-ALSO_REGISTER_AVX512_DISPATCH(unpermute_stub, &unpermute_kernel)
-ALSO_REGISTER_AVX512_DISPATCH(unpermute_backward_stub, &unpermute_backward_kernel)
+ALSO_REGISTER_AVX512_DISPATCH(moe_router_topk_stub, &router_topk_kernel)
+ALSO_REGISTER_AVX512_DISPATCH(moe_permute_stub, &permute_kernel)
+ALSO_REGISTER_AVX512_DISPATCH(moe_unpermute_stub, &unpermute_kernel)
+ALSO_REGISTER_AVX512_DISPATCH(moe_unpermute_backward_stub, &unpermute_backward_kernel)
 #elif defined(CPU_CAPABILITY)
-REGISTER_DISPATCH(router_topk_stub, &router_topk_kernel)
-REGISTER_DISPATCH(permute_stub, &permute_kernel)
-REGISTER_DISPATCH(unpermute_stub, &unpermute_kernel)
-REGISTER_DISPATCH(unpermute_backward_stub, &unpermute_backward_kernel)
+REGISTER_DISPATCH(moe_router_topk_stub, &router_topk_kernel)
+REGISTER_DISPATCH(moe_permute_stub, &permute_kernel)
+REGISTER_DISPATCH(moe_unpermute_stub, &unpermute_kernel)
+REGISTER_DISPATCH(moe_unpermute_backward_stub, &unpermute_backward_kernel)
 #else
-REGISTER_ALL_CPU_DISPATCH(router_topk_stub, &router_topk_kernel)
-REGISTER_ALL_CPU_DISPATCH(permute_stub, &permute_kernel)
-REGISTER_ALL_CPU_DISPATCH(unpermute_stub, &unpermute_kernel)
-REGISTER_ALL_CPU_DISPATCH(unpermute_backward_stub, &unpermute_backward_kernel)
+REGISTER_ALL_CPU_DISPATCH(moe_router_topk_stub, &router_topk_kernel)
+REGISTER_ALL_CPU_DISPATCH(moe_permute_stub, &permute_kernel)
+REGISTER_ALL_CPU_DISPATCH(moe_unpermute_stub, &unpermute_kernel)
+REGISTER_ALL_CPU_DISPATCH(moe_unpermute_backward_stub, &unpermute_backward_kernel)
 #endif
 
 } // namespace at::native

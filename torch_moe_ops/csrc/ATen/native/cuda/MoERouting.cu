@@ -301,7 +301,7 @@ __global__ void unpermute_backward_kernel(
 
 } // namespace
 
-std::tuple<Tensor, Tensor, Tensor> router_topk_cuda(
+std::tuple<Tensor, Tensor, Tensor> moe_router_topk_cuda(
     const Tensor& logits_in, int64_t k, c10::string_view score_func, const std::optional<Tensor>& bias,
     int64_t n_group, int64_t topk_group, bool renormalize, double scaling_factor) {
   router_topk_check_inputs(logits_in, k, score_func, bias, n_group, topk_group);
@@ -315,7 +315,7 @@ std::tuple<Tensor, Tensor, Tensor> router_topk_cuda(
   const auto kind = router_topk_score(score_func);
   auto stream = at::cuda::getCurrentCUDAStream();
   const Tensor bias_c = bias.has_value() ? bias->contiguous() : Tensor();
-  AT_DISPATCH_FLOATING_TYPES_AND2(kBFloat16, kHalf, logits.scalar_type(), "router_topk_cuda", [&] {
+  AT_DISPATCH_FLOATING_TYPES_AND2(kBFloat16, kHalf, logits.scalar_type(), "moe_router_topk_cuda", [&] {
     using acc_t = std::conditional_t<std::is_same_v<scalar_t, double>, double, float>;
     const auto launch = [&](const auto* bias_ptr) {
       router_topk_kernel<scalar_t, acc_t><<<blocks_for(tokens, 128), 128, 0, stream>>>(
@@ -331,7 +331,7 @@ std::tuple<Tensor, Tensor, Tensor> router_topk_cuda(
   return {weights, ids, counts};
 }
 
-std::tuple<Tensor, Tensor, Tensor, Tensor> permute_cuda(
+std::tuple<Tensor, Tensor, Tensor, Tensor> moe_permute_cuda(
     const Tensor& tokens_in, const Tensor& expert_ids_in, int64_t num_experts, int64_t alignment,
     int64_t first_expert, std::optional<int64_t> num_local_experts) {
   permute_check_inputs(tokens_in, expert_ids_in, num_experts, alignment, first_expert, num_local_experts);
@@ -354,7 +354,7 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> permute_cuda(
     fill_minus_one_kernel<<<blocks_for(rows), kThreads, 0, stream>>>(src_rows.mutable_data_ptr<int64_t>(), rows);
     C10_CUDA_KERNEL_LAUNCH_CHECK();
   }
-  AT_DISPATCH_INDEX_TYPES(expert_ids.scalar_type(), "permute_cuda", [&] {
+  AT_DISPATCH_INDEX_TYPES(expert_ids.scalar_type(), "moe_permute_cuda", [&] {
     const index_t* ids = expert_ids.const_data_ptr<index_t>();
     const int64_t blocks = (chunks + kThreads - 1) / kThreads;
     permute_histogram_kernel<index_t><<<blocks, kThreads, 0, stream>>>(
@@ -379,7 +379,7 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> permute_cuda(
   return {permuted, dst_rows, src_rows, offs};
 }
 
-Tensor unpermute_cuda(const Tensor& permuted_in, const Tensor& dst_rows_in, const std::optional<Tensor>& weights) {
+Tensor moe_unpermute_cuda(const Tensor& permuted_in, const Tensor& dst_rows_in, const std::optional<Tensor>& weights) {
   unpermute_check_inputs(permuted_in, dst_rows_in, weights);
   const Tensor permuted = permuted_in.stride(1) == 1 ? permuted_in : permuted_in.contiguous();
   const Tensor dst_rows = dst_rows_in.contiguous();
@@ -390,7 +390,7 @@ Tensor unpermute_cuda(const Tensor& permuted_in, const Tensor& dst_rows_in, cons
   Tensor out = at::empty({tokens, hidden}, permuted.options());
   if (out.numel() == 0) return out;
   auto stream = at::cuda::getCurrentCUDAStream();
-  AT_DISPATCH_FLOATING_TYPES_AND2(kBFloat16, kHalf, permuted.scalar_type(), "unpermute_cuda", [&] {
+  AT_DISPATCH_FLOATING_TYPES_AND2(kBFloat16, kHalf, permuted.scalar_type(), "moe_unpermute_cuda", [&] {
     using acc_t = at::opmath_type<scalar_t>;
     unpermute_kernel<scalar_t, acc_t><<<tokens, kThreads, 0, stream>>>(
         permuted.const_data_ptr<scalar_t>(), permuted.stride(0), permuted.size(0),
@@ -401,7 +401,7 @@ Tensor unpermute_cuda(const Tensor& permuted_in, const Tensor& dst_rows_in, cons
   return out;
 }
 
-std::tuple<Tensor, Tensor> unpermute_backward_cuda(
+std::tuple<Tensor, Tensor> moe_unpermute_backward_cuda(
     const Tensor& grad_output_in, const Tensor& dst_rows_in, int64_t num_rows, const std::optional<Tensor>& weights,
     const std::optional<Tensor>& permuted_in) {
   TORCH_CHECK_VALUE(grad_output_in.dim() == 2 && grad_output_in.size(0) == dst_rows_in.size(0),
@@ -424,7 +424,7 @@ std::tuple<Tensor, Tensor> unpermute_backward_cuda(
   }
   if (dst_rows.numel() == 0) return {grad_permuted, grad_weights};
   auto stream = at::cuda::getCurrentCUDAStream();
-  AT_DISPATCH_FLOATING_TYPES_AND2(kBFloat16, kHalf, grad_output.scalar_type(), "unpermute_backward_cuda", [&] {
+  AT_DISPATCH_FLOATING_TYPES_AND2(kBFloat16, kHalf, grad_output.scalar_type(), "moe_unpermute_backward_cuda", [&] {
     using acc_t = at::opmath_type<scalar_t>;
     const auto launch = [&](auto* gw) {
       using w_out_t = std::remove_pointer_t<decltype(gw)>;
