@@ -30,9 +30,7 @@ CARRIED_DIRS = ["torch_moe_ops/csrc/ATen"]
 
 # fnmatch patterns of sources deliberately kept out of the series, with why.
 # (fnmatch's * also matches "/".)
-NOT_UPSTREAMED = {
-    "torch_moe_ops/csrc/ATen/native/*MoERouting*": "routing ops: no upstream op to stage them for yet",
-}
+NOT_UPSTREAMED: dict[str, str] = {}
 
 
 def _declared_at() -> str:
@@ -161,6 +159,53 @@ def make_meta(upstream: str, checks_src: str, fake_src: str) -> str:
     return rewrite.replace_definitions(upstream, "torch/_meta_registrations.py", ["meta_grouped_mm"], block)
 
 
+# The routing ops' checks and fake kernels become meta functions of the
+# aten._moe_* ops, next to those of _grouped_mm (whose _c10 and _sizes helpers
+# they share).
+ROUTING_FAKE = "torch_moe_ops/ops/routing.py"
+
+ROUTING_CHECK_NAMES = {
+    "ROUTER_SCORE_FUNCS": "_MOE_ROUTER_SCORE_FUNCS",
+    "router_topk_weights_dtype": "_moe_router_topk_weights_dtype",
+    "check_router_topk_inputs": "_moe_router_topk_check_inputs",
+    "permute_num_local": "_moe_permute_num_local",
+    "permute_num_rows": "_moe_permute_num_rows",
+    "check_permute_inputs": "_moe_permute_check_inputs",
+    "check_unpermute_inputs": "_moe_unpermute_check_inputs",
+}
+
+ROUTING_FAKES = {
+    "_router_topk_fake": ("meta_moe_router_topk", "router_topk"),
+    "_permute_fake": ("meta_moe_permute", "permute"),
+    "_unpermute_fake": ("meta_moe_unpermute", "unpermute"),
+    "_unpermute_backward_fake": ("meta_moe_unpermute_backward", "unpermute_backward"),
+}
+
+ROUTING_META_HEADER = """\
+# aten._moe_router_topk, _moe_permute, _moe_unpermute: checks and output
+# allocation. These restate the checks of ATen/native/MoERouting.h one for one,
+# with the same messages; keep the two in step.
+"""
+
+
+def make_routing_meta(upstream: str, checks_src: str, fake_src: str) -> str:
+    shared = {name: CHECK_NAMES[name] for name in ("_c10", "_sizes", "GROUPED_MM_DTYPES")}
+    checks = rewrite.rename(checks_src, CHECKS, {**ROUTING_CHECK_NAMES, **shared})[0]
+    checks = rewrite.definitions(checks, CHECKS, list(ROUTING_CHECK_NAMES.values()), provided=tuple(shared.values()))
+    fakes_renamed = rewrite.rename(fake_src, ROUTING_FAKE,
+                                   {**ROUTING_CHECK_NAMES, **shared, **{k: v[0] for k, v in ROUTING_FAKES.items()}},
+                                   module_alias="_checks")[0]
+    fakes = []
+    for meta_name, op in ROUTING_FAKES.values():
+        fake = rewrite.definition(fakes_renamed, ROUTING_FAKE, meta_name)
+        fakes.append(rewrite.replace_once(fake, f'@torch.library.register_fake("moe_ops::{op}")\n',
+                                          f"@register_meta(aten._moe_{op})\n", ROUTING_FAKE))
+    path = "torch/_meta_registrations.py"
+    grouped = rewrite.definition(upstream, path, "meta_grouped_mm")
+    block = grouped + "\n\n" + ROUTING_META_HEADER + "\n" + checks + "\n\n" + "\n\n".join(fakes) + "\n\n"
+    return rewrite.replace_definitions(upstream, path, ["meta_grouped_mm"], block)
+
+
 def make_strategy(upstream: str | None, strategy_src: str) -> str:
     src = rewrite.replace_once(
         strategy_src,
@@ -195,6 +240,32 @@ upstream patch series, for ``torch._grouped_mm``.''', '"""OpInfo for ``torch._gr
         'make_grouped_mm_opinfo("_grouped_mm", torch._grouped_mm)', OPINFO)
 
 
+ROUTING_OPINFO = "test/opinfo_routing.py"
+
+
+def make_routing_opinfo(upstream: str | None, opinfo_src: str, reference_src: str) -> str:
+    references = rewrite.definitions(reference_src, REFERENCE,
+                                     ["_routing_acc", "torch_router_topk", "torch_permute", "torch_unpermute"])
+    src = "# mypy: ignore-errors\n\n" + opinfo_src
+    src = rewrite.replace_once(src, '''"""OpInfos of the routing ops, usable for ``moe_ops.router_topk``,
+``moe_ops.permute`` and ``moe_ops.unpermute`` and, through the upstream patch
+series, for ``torch.ops.aten._moe_router_topk``, ``_moe_permute`` and
+``_moe_unpermute``.''', '''"""OpInfos of ``torch.ops.aten._moe_router_topk``, ``_moe_permute`` and
+``_moe_unpermute``.''', ROUTING_OPINFO)
+    src = rewrite.replace_once(src, "from __future__ import annotations\n\n", "", ROUTING_OPINFO)
+    src = rewrite.replace_once(src, "from functools import partial\n",
+                               "from functools import partial\nfrom typing import Optional\n", ROUTING_OPINFO)
+    # The plain-torch references (torch_moe_ops/reference.py) come along: they
+    # are the OpInfos' refs.
+    src = rewrite.replace_once(
+        src, "\nfrom torch_moe_ops.reference import torch_permute, torch_router_topk, torch_unpermute\n\n",
+        "\n\n" + references + "\n\n", ROUTING_OPINFO)
+    return rewrite.replace_once(
+        src, 'op_db = make_routing_op_db(lambda op: f"moe_ops.{op}", lambda op: getattr(torch.ops.moe_ops, op).default)',
+        'op_db = make_routing_op_db(lambda op: f"_moe_{op}", lambda op: getattr(torch.ops.aten, f"_moe_{op}").default)',
+        ROUTING_OPINFO)
+
+
 MATRIX_OPS = "torch/distributed/tensor/_ops/_matrix_ops.py"
 
 
@@ -215,6 +286,50 @@ def remove_single_dim_strategy(upstream: str) -> str:
         text = rewrite.replace_once(text, old, new, MATRIX_OPS)
     return text
 
+
+
+ROUTING_NATIVE_FUNCTIONS = """\
+- func: _moe_router_topk(Tensor logits, int k, str score_func="softmax", Tensor? bias=None, int n_group=1, int topk_group=1, bool renormalize=False, float scaling_factor=1.0) -> (Tensor weights, Tensor expert_ids, Tensor counts)
+  variants: function
+  dispatch:
+    CPU: moe_router_topk_cpu
+    CUDA: moe_router_topk_cuda
+
+- func: _moe_permute(Tensor tokens, Tensor expert_ids, int num_experts, int alignment=1, int first_expert=0, int? num_local_experts=None) -> (Tensor permuted, Tensor dst_rows, Tensor src_rows, Tensor offs)
+  variants: function
+  dispatch:
+    CPU: moe_permute_cpu
+    CUDA: moe_permute_cuda
+
+- func: _moe_unpermute(Tensor permuted, Tensor dst_rows, Tensor? weights=None) -> Tensor
+  variants: function
+  dispatch:
+    CPU: moe_unpermute_cpu
+    CUDA: moe_unpermute_cuda
+
+- func: _moe_unpermute_backward(Tensor grad_output, Tensor dst_rows, SymInt num_rows, Tensor? weights=None, Tensor? permuted=None) -> (Tensor grad_permuted, Tensor grad_weights)
+  variants: function
+  dispatch:
+    CPU: moe_unpermute_backward_cpu
+    CUDA: moe_unpermute_backward_cuda
+"""
+
+ROUTING_DERIVATIVES = """\
+- name: _moe_router_topk(Tensor logits, int k, str score_func="softmax", Tensor? bias=None, int n_group=1, int topk_group=1, bool renormalize=False, float scaling_factor=1.0) -> (Tensor weights, Tensor expert_ids, Tensor counts)
+  output_differentiability: [True, False, False]
+  logits: moe_router_topk_backward(grad, logits, expert_ids, score_func, renormalize, scaling_factor)
+  bias: non_differentiable
+
+- name: _moe_permute(Tensor tokens, Tensor expert_ids, int num_experts, int alignment=1, int first_expert=0, int? num_local_experts=None) -> (Tensor permuted, Tensor dst_rows, Tensor src_rows, Tensor offs)
+  output_differentiability: [True, False, False, False]
+  tokens: at::_moe_unpermute(grad, dst_rows)
+  expert_ids: non_differentiable
+
+- name: _moe_unpermute(Tensor permuted, Tensor dst_rows, Tensor? weights=None) -> Tensor
+  permuted, weights: _moe_unpermute_backward_symint(grad, dst_rows, permuted.sym_size(0), weights, wrap_opt_if(permuted, grad_input_mask[1]))
+  dst_rows: non_differentiable
+
+"""
 
 # ---------------------------------------------------------------------------
 # The series.
@@ -320,6 +435,94 @@ python test/test_ops.py -k _grouped_mm (OpInfo added later in this stack).""",
                 )]),
             ],
         ),
+        Patch(
+            title="[ATen] MoE routing ops: _moe_router_topk, _moe_permute, _moe_unpermute",
+            summary="""\
+Around every grouped GEMM an MoE layer routes tokens, sorts them by expert,
+pads groups to kernel alignment and scatters the results back with routing
+weights. Today that is argsort + histc + index_select + index_add_: several
+passes over the token rows, host syncs, and crash-prone edge cases. These ops
+make each step one call:
+
+- _moe_router_topk(logits, k, score_func, bias, n_group, topk_group,
+  renormalize, scaling_factor) -> (weights, expert_ids, counts): softmax or
+  sigmoid scores (or softmax over the k chosen), top-k with ties to the lowest
+  expert id, DeepSeek-V3 grouped top-k, a selection-only score bias
+  (aux-loss-free balancing), renormalisation and scaling;
+- _moe_permute(tokens, expert_ids, num_experts, alignment, first_expert,
+  num_local_experts) -> (permuted, dst_rows, src_rows, offs): a stable
+  counting sort of the (token, slot) rows by expert, groups aligned to a power
+  of two with zeroed padding, a local expert range for expert parallelism, and
+  int32 group ends ready for _grouped_mm. Output shapes depend on input shapes
+  only, so nothing syncs with the host;
+- _moe_unpermute(permuted, dst_rows, weights) -> out: the weighted sum of each
+  token's k rows, accumulated in fp32 in slot order (deterministic, no
+  atomics), and its backward _moe_unpermute_backward.
+
+Every bad input raises a ValueError naming the argument and the value.
+Indexing is int64 throughout. The CPU kernels are vectorised (AVX-512 router
+with a run-time CPU check) and parallel over tokens; results do not depend on
+the thread count. The CUDA kernels are compiled here but have not run on a GPU.
+
+The files are those of torch-moe-ops (torch_moe_ops/csrc/ATen/native), where
+the same kernels are registered as moe_ops::router_topk, permute and unpermute.""",
+            test_plan="""\
+In torch-moe-ops (test/test_routing.py): OpInfos for the three ops against
+plain-torch references (ids, counts, permuted rows and unpermute bitwise;
+weights to float32 rounding), hypothesis over tokens (including 0), widths,
+experts, k, alignment and skewed routing, opcheck, gradcheck, compile with
+fullgraph=True and dynamic=True; benchmarks/bench_routing.py.
+Here: torchgen parses the patched native_functions.yaml.""",
+            changes=[
+                Copy(f"{NATIVE}/MoERouting.h", "torch_moe_ops/csrc/ATen/native/MoERouting.h"),
+                Copy(f"{NATIVE}/MoERouting.cpp", "torch_moe_ops/csrc/ATen/native/MoERouting.cpp"),
+                Copy(f"{NATIVE}/cpu/MoERoutingKernel.cpp", "torch_moe_ops/csrc/ATen/native/cpu/MoERoutingKernel.cpp"),
+                Copy(f"{NATIVE}/cuda/MoERouting.cu", "torch_moe_ops/csrc/ATen/native/cuda/MoERouting.cu"),
+                Edit(f"{NATIVE}/native_functions.yaml", [(
+                    "    CPU: grouped_mm_cpu\n"
+                    "    CompositeExplicitAutograd: _grouped_mm\n"
+                    "    CUDA: _grouped_mm_cuda\n",
+                    "    CPU: grouped_mm_cpu\n"
+                    "    CompositeExplicitAutograd: _grouped_mm\n"
+                    "    CUDA: _grouped_mm_cuda\n\n" + ROUTING_NATIVE_FUNCTIONS,
+                )]),
+            ],
+        ),
+        Patch(
+            title="[autograd] MoE routing ops: derivatives of _moe_router_topk, _moe_permute, _moe_unpermute",
+            summary="""\
+- _moe_router_topk: the gradient flows to the logits through the weights;
+  with the expert ids fixed (selection is piecewise constant) the weights are
+  score(logits) gathered, renormalised and scaled, and the formula is that
+  chain rule (torch/csrc/autograd/MoERoutingBackward.h, header-only). The
+  selection bias gets none: it never reaches the weights.
+- _moe_permute: each token's gradient is the sum of its k rows' gradients,
+  which is _moe_unpermute without weights.
+- _moe_unpermute: _moe_unpermute_backward gives the gradient of the rows (the
+  weighted gradient of their token) and of the weights (the dot product of
+  each row with its token's gradient); the rows are saved only when the
+  weights need a gradient.
+
+The formulas are those of torch-moe-ops' Python autograd
+(torch_moe_ops/ops/routing.py).""",
+            test_plan="""\
+In torch-moe-ops: gradcheck through the OpInfo samples of the three ops.
+Here: gen_autograd generates MoeRouterTopkBackward0, MoePermuteBackward0 and
+MoeUnpermuteBackward0 with these formulas.""",
+            changes=[
+                Copy("torch/csrc/autograd/MoERoutingBackward.h", "patches/src/torch/csrc/autograd/MoERoutingBackward.h"),
+                Edit("tools/autograd/templates/Functions.cpp", [(
+                    '#include "torch/csrc/autograd/GroupedMMBackward.h"\n',
+                    '#include "torch/csrc/autograd/GroupedMMBackward.h"\n'
+                    '#include "torch/csrc/autograd/MoERoutingBackward.h"\n',
+                )]),
+                Edit("tools/autograd/derivatives.yaml", [(
+                    "- name: mode(Tensor self, int dim=-1, bool keepdim=False) -> (Tensor values, Tensor indices)\n",
+                    ROUTING_DERIVATIVES
+                    + "- name: mode(Tensor self, int dim=-1, bool keepdim=False) -> (Tensor values, Tensor indices)\n",
+                )]),
+            ],
+        ),
     ]),
     Series("compile", [
         Patch(
@@ -345,6 +548,26 @@ python test/inductor/test_torchinductor_opinfo.py -k _grouped_mm.""",
             changes=[Generate("torch/_meta_registrations.py", [CHECKS, FAKE], make_meta)],
         ),
         Patch(
+            title="[meta] MoE routing ops: meta functions of _moe_router_topk, _moe_permute, _moe_unpermute",
+            summary="""\
+Meta functions for the routing ops of the core stack, so that they trace under
+torch.compile with fake tensors. Every output shape is a function of the input
+shapes only (_moe_permute sizes its output for the worst case: T * k rows plus
+the alignment padding of every local expert), so a compiled MoE layer needs no
+host sync and no graph break.
+
+They restate the checks of ATen/native/MoERouting.h one for one, with the same
+messages, and are generated from torch-moe-ops' fake kernels
+(torch_moe_ops/_checks.py and torch_moe_ops/ops/routing.py).""",
+            test_plan="""\
+In torch-moe-ops: these very functions agree with the CPU kernels in shape,
+strides and dtype on every routing OpInfo sample, and raise the kernels'
+errors; the ops compile with fullgraph=True, dynamic=True and no recompile
+across token counts.
+Here: python test/test_ops.py -k "_moe_ and (meta or fake)".""",
+            changes=[Generate("torch/_meta_registrations.py", [CHECKS, ROUTING_FAKE], make_routing_meta)],
+        ),
+        Patch(
             title="[OpInfo] Add an OpInfo for _grouped_mm",
             summary="""\
 _grouped_mm had no OpInfo. Its samples cover the four layouts, empty groups,
@@ -366,6 +589,31 @@ In torch-moe-ops the same OpInfo runs against moe_ops::grouped_mm.""",
                 Edit("torch/testing/_internal/opinfo/definitions/__init__.py", [
                     ("    fft,\n    linalg,\n", "    fft,\n    grouped_mm,\n    linalg,\n"),
                     ("    *fft.op_db,\n    *linalg.op_db,\n", "    *fft.op_db,\n    *grouped_mm.op_db,\n    *linalg.op_db,\n"),
+                ]),
+            ],
+        ),
+        Patch(
+            title="[OpInfo] Add OpInfos for _moe_router_topk, _moe_permute, _moe_unpermute",
+            summary="""\
+OpInfos for the routing ops of the core stack. Samples: logits on a grid so
+that ties occur (broken by the lower expert id), DeepSeek-V3 grouped top-k
+with a selection bias, gpt-oss softmax after top-k, zero tokens, strided
+inputs; routing with empty experts and all tokens on one expert, alignment
+padding, a local expert range with dropped ids; weighted and unweighted
+combine. Error inputs cover every rejected argument. The refs are plain-torch
+implementations of the contracts (stable sorts for the tie rule).
+
+The definitions are torch-moe-ops' (test/opinfo_routing.py), instantiated for
+the aten ops.""",
+            test_plan="""\
+python test/test_ops.py -k _moe_
+In torch-moe-ops the same OpInfos run against the moe_ops kernels.""",
+            changes=[
+                Generate("torch/testing/_internal/opinfo/definitions/moe_routing.py", [ROUTING_OPINFO, REFERENCE],
+                         make_routing_opinfo),
+                Edit("torch/testing/_internal/opinfo/definitions/__init__.py", [
+                    ("    linalg,\n    signal,\n", "    linalg,\n    moe_routing,\n    signal,\n"),
+                    ("    *linalg.op_db,\n    *signal.op_db,\n", "    *linalg.op_db,\n    *moe_routing.op_db,\n    *signal.op_db,\n"),
                 ]),
             ],
         ),

@@ -65,11 +65,12 @@ def definition(source: str, path: str, name: str) -> str:
     raise PatchError(path, None, f"no top-level definition named {name!r}")
 
 
-def definitions(source: str, path: str, names: list[str]) -> str:
+def definitions(source: str, path: str, names: list[str], provided: tuple[str, ...] = ()) -> str:
     """The top-level definitions names, in source order, two blank lines apart.
 
     A carried definition that uses another top-level name of the module that
-    is not carried would fail upstream with a NameError: that is an error here.
+    is not carried (nor provided upstream by an earlier patch) would fail
+    upstream with a NameError: that is an error here.
     """
     tree = parse(source, path)
     top = {name: node for node in tree.body for name in top_level_names(node)}
@@ -79,7 +80,7 @@ def definitions(source: str, path: str, names: list[str]) -> str:
     nodes = sorted({id(top[n]): top[n] for n in names}.values(), key=lambda n: n.lineno)
     for node in nodes:
         for used in ast.walk(node):
-            if isinstance(used, ast.Name) and used.id in top and used.id not in names:
+            if isinstance(used, ast.Name) and used.id in top and used.id not in names and used.id not in provided:
                 raise PatchError(path, used.lineno, f"{used.id} is used by {top_level_names(node)[0]} "
                                                     "but not carried upstream: give it an upstream name")
     lines = source.splitlines(keepends=True)

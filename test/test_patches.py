@@ -38,9 +38,11 @@ from patches import generate, manifest, rewrite
 from patches.errors import PatchError
 
 from opinfo import error_inputs_grouped_mm, sample_inputs_grouped_mm
+from opinfo_routing import op_db as routing_op_db
 
 PATCHES = os.path.dirname(os.path.abspath(generate.__file__))
 SERIES = [s.name for s in manifest.SERIES]
+NUM_PATCHES = sum(len(s.patches) for s in manifest.SERIES)
 DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
 
 
@@ -56,26 +58,28 @@ def tree(tmp_path_factory):
     for name in SERIES:
         files = series_files(PATCHES, name)
         assert files, f"patches/{name} is empty: run python -m patches.generate"
-        # --check on the whole series at once: each patch against the tree
-        # the previous ones leave.
-        generate.git(root, "apply", "--check", *files)
-        # --keep-non-patch keeps the "[ATen]"-style tags of the titles.
-        generate.git(root, "am", "--quiet", "--keep-non-patch", *files)
+        # Each patch is checked against the tree the previous ones leave, then
+        # applied; --keep-non-patch keeps the "[ATen]"-style tags of the titles.
+        for path in files:
+            generate.git(root, "apply", "--check", path)
+            generate.git(root, "am", "--quiet", "--keep-non-patch", path)
     return root
 
 
 # (a) ----------------------------------------------------------------------
 
 def test_series_apply_in_order(tree):
-    titles = generate.git(tree, "log", "--reverse", "--format=%s", "HEAD~5..HEAD").splitlines()
+    titles = generate.git(tree, "log", "--reverse", "--format=%s", f"HEAD~{NUM_PATCHES}..HEAD").splitlines()
     assert titles == [p.title for s in manifest.SERIES for p in s.patches]
 
 
 def test_kernel_files_are_the_extension_sources(tree):
-    for change in manifest.SERIES[0].patches[0].changes:
-        if isinstance(change, manifest.Copy):
-            assert filecmp.cmp(os.path.join(tree, change.path), os.path.join(manifest.REPO_ROOT, change.source),
-                               shallow=False), change.path
+    copies = [c for p in manifest.SERIES[0].patches for c in p.changes
+              if isinstance(c, manifest.Copy) and c.path.startswith("aten/")]
+    assert len(copies) == 8
+    for change in copies:
+        assert filecmp.cmp(os.path.join(tree, change.path), os.path.join(manifest.REPO_ROOT, change.source),
+                           shallow=False), change.path
 
 
 # (b) ----------------------------------------------------------------------
@@ -93,6 +97,10 @@ def test_torchgen_accepts_the_yaml_and_generates_the_backward(tree, tmp_path):
     kernels = parsed.backend_indices
     assert kernels[DispatchKey.CPU].get_kernel(fn).kernel == "grouped_mm_cpu"
     assert kernels[DispatchKey.CUDA].get_kernel(fn).kernel == "_grouped_mm_cuda"
+    for op in ("router_topk", "permute", "unpermute", "unpermute_backward"):
+        (fn,) = [f for f in parsed.native_functions if str(f.func.name) == f"_moe_{op}"]
+        assert kernels[DispatchKey.CPU].get_kernel(fn).kernel == f"moe_{op}_cpu"
+        assert kernels[DispatchKey.CUDA].get_kernel(fn).kernel == f"moe_{op}_cuda"
 
     # gen_autograd reads every template; the series only patch Functions.cpp.
     autograd = os.path.join(tree, "tools/autograd")
@@ -109,15 +117,58 @@ def test_torchgen_accepts_the_yaml_and_generates_the_backward(tree, tmp_path):
                  "grouped_mm_bias_backward(grad, self, mat2, offs)"):
         assert call in functions
     assert "struct TORCH_API GroupedMmBackward0" in (tmp_path / "Functions.h").read_text()
+    assert '#include "torch/csrc/autograd/MoERoutingBackward.h"' in functions
+    for call in ("moe_router_topk_backward(grad, logits, expert_ids, score_func, renormalize, scaling_factor)",
+                 "at::_moe_unpermute(grad, dst_rows)",
+                 "_moe_unpermute_backward_symint(grad, dst_rows, permuted_sym_argsize_0, weights, "):
+        assert call in functions, call
+    header = (tmp_path / "Functions.h").read_text()
+    for node in ("MoeRouterTopkBackward0", "MoePermuteBackward0", "MoeUnpermuteBackward0"):
+        assert f"struct TORCH_API {node}" in header
 
 
 @pytest.mark.skipif(shutil.which("g++") is None, reason="needs g++")
 def test_autograd_header_compiles(tree, tmp_path):
     include = os.path.join(os.path.dirname(torch.__file__), "include")
     src = tmp_path / "use.cpp"
-    src.write_text('#include "torch/csrc/autograd/GroupedMMBackward.h"\n')
+    src.write_text('#include "torch/csrc/autograd/GroupedMMBackward.h"\n'
+                   '#include "torch/csrc/autograd/MoERoutingBackward.h"\n')
     subprocess.run(["g++", "-std=c++20", "-fsyntax-only", f"-I{tree}", f"-I{include}", str(src)],
                    check=True, capture_output=True)
+
+
+def test_router_backward_header_matches_python(tree, tmp_path):
+    """MoERoutingBackward.h restates the Python backward of router_topk in C++:
+    compile it into a scratch op and compare the two on every score function."""
+    from torch.utils.cpp_extension import load_inline
+
+    source = textwrap.dedent("""
+        #include <torch/library.h>
+        #include "torch/csrc/autograd/MoERoutingBackward.h"
+
+        at::Tensor router_topk_backward(const at::Tensor& grad, const at::Tensor& logits, const at::Tensor& ids,
+                                        c10::string_view score_func, bool renormalize, double scaling_factor) {
+          return torch::autograd::generated::details::moe_router_topk_backward(
+              grad, logits, ids, score_func, renormalize, scaling_factor);
+        }
+
+        TORCH_LIBRARY(moe_patch_test, m) {
+          m.def("router_topk_backward(Tensor grad, Tensor logits, Tensor ids, str score_func, bool renormalize, "
+                "float scaling_factor) -> Tensor", &router_topk_backward);
+        }
+    """)
+    load_inline("moe_patch_test", source, extra_include_paths=[str(tree)], extra_cflags=["-std=c++20"],
+                is_python_module=False, build_directory=str(tmp_path))
+    g = torch.Generator().manual_seed(0)
+    for score_func in ("softmax", "sigmoid", "softmax_after_topk"):
+        for renormalize in (False, True):
+            logits = torch.randn(7, 12, generator=g, dtype=torch.float64, requires_grad=True)
+            weights, ids, _ = torch.ops.moe_ops.router_topk(logits, 3, score_func, None, 1, 1, renormalize, 2.5)
+            grad = torch.randn(weights.shape, generator=g, dtype=torch.float64)
+            (expected,) = torch.autograd.grad(weights, logits, grad)
+            got = torch.ops.moe_patch_test.router_topk_backward(grad, logits.detach(), ids, score_func,
+                                                                renormalize, 2.5)
+            torch.testing.assert_close(got, expected, rtol=1e-12, atol=1e-14)
 
 
 # ATen builds native/cpu/ files once per CPU capability, each with its own
@@ -131,10 +182,11 @@ CPU_CAPABILITY_BUILDS = {
 }
 
 
+@pytest.mark.parametrize("kernel", ["GroupedMMKernel.cpp", "MoERoutingKernel.cpp"])
 @pytest.mark.parametrize("capability", sorted(CPU_CAPABILITY_BUILDS))
-def test_cpu_kernel_compiles_per_capability(tree, capability):
+def test_cpu_kernel_compiles_per_capability(tree, capability, kernel):
     include = os.path.join(os.path.dirname(torch.__file__), "include")
-    kernel = os.path.join(tree, "aten/src/ATen/native/cpu/GroupedMMKernel.cpp")
+    kernel = os.path.join(tree, "aten/src/ATen/native/cpu", kernel)
     flags = ["-std=c++20", "-fsyntax-only", "-fopenmp", f"-DCPU_CAPABILITY={capability}",
              f"-DCPU_CAPABILITY_{capability}", "-DHAVE_AVX512_CPU_DEFINITION", "-DHAVE_AVX2_CPU_DEFINITION",
              f"-I{os.path.join(tree, 'aten/src')}", f"-I{include}"]
@@ -146,13 +198,13 @@ def test_cpu_kernel_compiles_per_capability(tree, capability):
 # (c) ----------------------------------------------------------------------
 
 def patched_python_files(tree):
-    out = generate.git(tree, "diff", "--name-only", "HEAD~5", "HEAD", "--", "*.py")
+    out = generate.git(tree, "diff", "--name-only", f"HEAD~{NUM_PATCHES}", "HEAD", "--", "*.py")
     return out.split()
 
 
 def test_patched_python_compiles(tree):
     files = patched_python_files(tree)
-    assert len(files) == 6
+    assert len(files) == 7
     for path in files:
         with open(os.path.join(tree, path)) as f:
             compile(f.read(), path, "exec")
@@ -166,8 +218,16 @@ def meta(tree):
     path = os.path.join(tree, "torch/_meta_registrations.py")
     with open(path) as f:
         source = f.read()
-    names = list(manifest.CHECK_NAMES.values()) + ["meta_grouped_mm"]
-    namespace = {"torch": torch, "Optional": __import__("typing").Optional, "aten": torch.ops.aten,
+    names = (list(manifest.CHECK_NAMES.values()) + ["meta_grouped_mm"] + list(manifest.ROUTING_CHECK_NAMES.values())
+             + [meta_name for meta_name, _ in manifest.ROUTING_FAKES.values()])
+    class Aten:
+        """torch.ops.aten, plus names for the ops the core series adds (the
+        decorators only evaluate them)."""
+
+        def __getattr__(self, name):
+            return getattr(torch.ops.aten, name) if not name.startswith("_moe_") else name
+
+    namespace = {"torch": torch, "Optional": __import__("typing").Optional, "aten": Aten(),
                  "register_meta": lambda op: (lambda fn: fn)}
     generated = "\n\n".join(rewrite.definition(source, path, name) for name in names)
     exec(compile(generated, path, "exec"), namespace)
@@ -198,6 +258,30 @@ def test_patched_meta_raises_the_kernel_errors(meta):
             meta["meta_grouped_mm"](s.input, *s.args, **s.kwargs)
 
 
+@pytest.mark.parametrize("info", routing_op_db, ids=lambda info: info.name)
+def test_patched_routing_meta_matches_the_kernels(meta, info):
+    meta_fn = meta[f"meta_moe_{info.name.split('.')[-1]}"]
+    for dtype in (torch.float32, torch.bfloat16, torch.float64):
+        for s in info.sample_inputs("cpu", dtype):
+            args = [s.input, *s.args]
+            expected = info.op(*args, **s.kwargs)
+            expected = expected if isinstance(expected, tuple) else (expected,)
+            with FakeTensorMode() as mode:
+                to_fake = lambda t: mode.from_tensor(t) if isinstance(t, torch.Tensor) else t  # noqa: E731
+                got = meta_fn(*map(to_fake, args), **{k: to_fake(v) for k, v in s.kwargs.items()})
+            got = got if isinstance(got, tuple) else (got,)
+            assert [(t.shape, t.stride(), t.dtype) for t in got] == \
+                [(t.shape, t.stride(), t.dtype) for t in expected], s.name
+    for e in info.error_inputs("cpu"):
+        s = e.sample_input
+        # Errors that need tensor values (ids out of range) are the kernels'
+        # alone; the meta function raises every other one alike.
+        if s.name == "ids_values":
+            continue
+        with pytest.raises(e.error_type, match=e.error_regex):
+            meta_fn(s.input, *s.args, **s.kwargs)
+
+
 def load_module(path, name):
     spec = importlib.util.spec_from_file_location(name, path)
     module = importlib.util.module_from_spec(spec)
@@ -218,6 +302,28 @@ def test_patched_opinfo(tree):
     for e in ours.error_inputs("cpu"):
         with pytest.raises(e.error_type, match=e.error_regex):
             ours.op(e.sample_input.input, *e.sample_input.args, **e.sample_input.kwargs)
+
+
+def test_patched_routing_opinfo(tree):
+    """The patched definitions module, instantiated for our kernels (the aten
+    ops it names upstream do not exist in the wheel): samples match the refs,
+    error inputs raise."""
+    path = os.path.join(tree, "torch/testing/_internal/opinfo/definitions/moe_routing.py")
+    with open(path) as f:
+        source = f.read()
+    upstream_db = 'op_db = make_routing_op_db(lambda op: f"_moe_{op}", lambda op: getattr(torch.ops.aten, f"_moe_{op}").default)'
+    assert source.count(upstream_db) == 1
+    namespace = {"__name__": "patched_moe_routing"}
+    exec(compile(source.replace(upstream_db, ""), path, "exec"), namespace)
+    ours = namespace["make_routing_op_db"](lambda op: f"moe_ops.{op}", lambda op: getattr(torch.ops.moe_ops, op).default)
+    assert [info.name for info in ours] == ["moe_ops.router_topk", "moe_ops.permute", "moe_ops.unpermute"]
+    for info in ours:
+        for s in info.sample_inputs("cpu", torch.float64):
+            torch.testing.assert_close(info.op(s.input, *s.args, **s.kwargs), info.ref(s.input, *s.args, **s.kwargs),
+                                       rtol=1e-12, atol=1e-14, msg=lambda m: f"{info.name} {s.name}: {m}")
+        for e in info.error_inputs("cpu"):
+            with pytest.raises(e.error_type, match=e.error_regex):
+                info.op(e.sample_input.input, *e.sample_input.args, **e.sample_input.kwargs)
 
 
 def test_patched_strategy_matches_ours(tree, meta, monkeypatch):
