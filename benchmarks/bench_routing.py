@@ -17,10 +17,8 @@ GB/s and ratios, checks the targets of issue #4 and writes the table as JSON.
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import json
 import os
-import platform
 import sys
 from dataclasses import dataclass
 from typing import Optional
@@ -28,7 +26,7 @@ from typing import Optional
 import torch
 
 import torch_moe_ops  # noqa: F401
-from _timing import interleaved_medians
+from _harness import interleaved_medians, print_machine, report
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 SHAPES_JSON = os.path.join(HERE, "..", "..", "shared", "moe_shapes.json")
@@ -240,25 +238,12 @@ def main(argv: Optional[list[str]] = None) -> int:
     args = parser.parse_args(argv)
 
     min_run_time, rounds = (0.2, 2) if args.quick else (0.4, 5)
-    print(f"torch {torch.__version__}, {platform.processor() or platform.machine()}, "
-          f"{torch.get_num_threads()} threads, CPU capability {torch.backends.cpu.get_cpu_capability()}")
+    print_machine()
     print("MoE routing: permute / unpermute (weighted) / router top-k, bf16, side by side "
           "(t.* = torch-native path)\n")
     results = [run(cfg, min_run_time, rounds) for cfg in configs(args.quick)]
     print(format_table(results))
-    checks = check_targets(results)
-    print()
-    for text, ok in checks:
-        print(f"[{'met' if ok else 'MISSED'}] {text}")
-
-    os.makedirs(os.path.dirname(args.json), exist_ok=True)
-    with open(args.json, "w") as f:
-        json.dump({"torch": torch.__version__, "threads": torch.get_num_threads(),
-                   "results": [dataclasses.asdict(r) for r in results],
-                   "targets": [{"target": t, "met": ok} for t, ok in checks]}, f, indent=2)
-    print(f"\nwrote {os.path.relpath(args.json)}")
-    return 0 if (not args.check or all(ok for _, ok in checks)) else 1
-
+    return report(results, check_targets(results), args.json, args.check)
 
 if __name__ == "__main__":
     sys.exit(main())
