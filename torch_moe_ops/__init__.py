@@ -8,10 +8,10 @@ Python fake kernels and autograd formulas.
 import torch
 
 from . import _C  # noqa: F401  (registers torch.ops.moe_ops)
-from . import ops
+from . import nn, ops
 from .ops import grouped_mm, permute, router_topk, unpermute
 
-__all__ = ["grouped_mm", "permute", "router_topk", "unpermute", "ops", "cuda_kernels_built"]
+__all__ = ["grouped_mm", "permute", "router_topk", "unpermute", "nn", "ops", "cuda_kernels_built"]
 
 
 def cuda_kernels_built() -> bool:

@@ -1,0 +1,181 @@
+"""Tests of torch_moe_ops.nn.MoE against a float64 per-token reference.
+
+The reference computes each token on its own: router scores and selection by
+torch_moe_ops.reference.torch_router_topk, then every chosen expert's MLP
+with plain matmuls, summed with the routing weights. The module computes the
+same in float64 through permute / grouped_mm / unpermute, so the two agree to
+float64 rounding of sums of a few hundred terms (1e-10 relative).
+"""
+
+import json
+import os
+
+import pytest
+import torch
+import torch._dynamo.testing
+import torch.nn.functional as F
+
+from torch_moe_ops.nn import MoE, MoEConfig
+from torch_moe_ops.reference import torch_router_topk
+
+SHAPES = os.path.join(os.path.dirname(__file__), "..", "..", "shared", "moe_shapes.json")
+
+
+def reference_activation(h: torch.Tensor, c: MoEConfig) -> torch.Tensor:
+    """The activations written out from their definitions, independently of
+    the module's expert_activation."""
+    def silu(v):
+        return v / (1 + torch.exp(-v))
+
+    def gelu(v):
+        return 0.5 * v * (1 + torch.erf(v / 2**0.5))
+
+    if c.activation == "silu":
+        return silu(h)
+    if c.activation == "gelu":
+        return gelu(h)
+    if c.activation == "relu":
+        return torch.where(h > 0, h, 0)
+    n = h.shape[-1] // 2
+    gate, up = (h[0::2], h[1::2]) if c.gate_up_interleaved else (h[:n], h[n:])
+    if c.activation == "swiglu":
+        return silu(gate) * up
+    if c.activation == "geglu":
+        return gelu(gate) * up
+    # gpt-oss: gate clamped above, up clamped both ways, glu = gate * sigmoid(alpha * gate)
+    gate = torch.minimum(gate, torch.tensor(c.swiglu_limit, dtype=h.dtype))
+    up = torch.maximum(torch.minimum(up, torch.tensor(c.swiglu_limit, dtype=h.dtype)),
+                       torch.tensor(-c.swiglu_limit, dtype=h.dtype))
+    return (up + 1) * gate / (1 + torch.exp(-c.swiglu_alpha * gate))
+
+
+def reference_moe(moe: MoE, x: torch.Tensor, logits=None) -> torch.Tensor:
+    """logits: the router's, when the routing should follow another
+    precision's (the selection is discontinuous in them)."""
+    c = moe.config
+    x = x.reshape(-1, c.hidden).double()
+    logits = x @ moe.router_weight.double().T if logits is None else logits.double()
+    bias = moe.score_bias.double() if moe.score_bias is not None else None
+    weights, ids, _ = torch_router_topk(logits, c.top_k, c.score_func, bias, c.n_group, c.topk_group,
+                                        c.renormalize, c.scaling_factor)
+    out = torch.zeros_like(x)
+    for t in range(x.shape[0]):
+        for j in range(c.top_k):
+            e = int(ids[t, j])
+            h = moe.gate_up_proj[e].double() @ x[t]
+            if moe.gate_up_bias is not None:
+                h = h + moe.gate_up_bias[e].double()
+            y = moe.down_proj[e].double() @ reference_activation(h, c)
+            if moe.down_bias is not None:
+                y = y + moe.down_bias[e].double()
+            out[t] += weights[t, j] * y
+        if moe.shared_gate_up is not None:
+            gate, up = (moe.shared_gate_up.double() @ x[t]).chunk(2)
+            out[t] += moe.shared_down.double() @ (gate / (1 + torch.exp(-gate)) * up)
+    return out
+
+
+def load_models():
+    with open(SHAPES) as f:
+        return json.load(f)["models"]
+
+
+# Every model family of shared/moe_shapes.json, widths scaled down to a few
+# dozen so that the per-token reference stays fast.
+MODELS = ["mixtral-8x7b", "olmoe-1b-7b", "qwen3-30b-a3b", "deepseek-v3", "kimi-k2", "gpt-oss-20b", "llama4-scout"]
+
+
+def small_config(name, **overrides):
+    entry = load_models()[name]
+    scale = max(entry["hidden"] // 48, 1)
+    return MoEConfig.from_shapes(entry, scale=scale, **overrides)
+
+
+@pytest.mark.parametrize("name", MODELS)
+def test_matches_per_token_reference(name):
+    torch.manual_seed(0)
+    config = small_config(name)
+    moe = MoE(config, dtype=torch.float64)
+    with torch.no_grad():
+        for p in moe.parameters():
+            p.normal_(0, 0.3)  # non-zero biases too
+        if moe.score_bias is not None:
+            moe.score_bias.normal_(0, 0.05)
+    x = torch.randn(2, 19, config.hidden, dtype=torch.float64)
+    out, counts = moe(x)
+    torch.testing.assert_close(out.reshape(-1, config.hidden), reference_moe(moe, x), rtol=1e-10, atol=1e-12)
+    assert counts.dtype == torch.int32 and int(counts.sum()) == 38 * config.top_k
+
+
+@pytest.mark.parametrize("activation", ["geglu", "silu", "gelu", "relu"])
+def test_other_activations(activation):
+    torch.manual_seed(1)
+    config = MoEConfig(hidden=24, intermediate=20, num_experts=6, top_k=2, activation=activation, expert_bias=True)
+    moe = MoE(config, dtype=torch.float64)
+    x = torch.randn(13, 24, dtype=torch.float64)
+    torch.testing.assert_close(moe(x)[0], reference_moe(moe, x), rtol=1e-10, atol=1e-12)
+
+
+def test_zero_tokens_and_aux_loss():
+    config = small_config("qwen3-30b-a3b", aux_loss=True)
+    moe = MoE(config)
+    out, counts, loss = moe(torch.randn(0, config.hidden))
+    assert out.shape == (0, config.hidden) and int(counts.sum()) == 0 and float(loss) == 0.0
+    x = torch.randn(40, config.hidden)
+    out, counts, loss = moe(x)
+    # Perfectly uniform routing and probabilities give exactly 1; any skew more.
+    assert loss.item() >= 1.0 - 1e-6
+    loss.backward()
+    assert moe.router_weight.grad is not None and moe.router_weight.grad.abs().sum() > 0
+
+
+def test_gradcheck():
+    """Gradients of input and every parameter against finite differences. The
+    selection is piecewise constant, so inputs are drawn far from ties."""
+    torch.manual_seed(2)
+    config = MoEConfig(hidden=6, intermediate=4, num_experts=4, top_k=2, renormalize=True, expert_bias=True,
+                       shared_intermediate=3)
+    moe = MoE(config, dtype=torch.float64)
+    names = [n for n, _ in moe.named_parameters()]
+    params = [p.detach().clone().requires_grad_() for p in moe.parameters()]
+    x = torch.randn(5, 6, dtype=torch.float64, requires_grad=True)
+
+    def f(x, *ps):
+        state = dict(zip(names, ps))
+        return torch.func.functional_call(moe, state, (x,))[0]
+
+    assert torch.autograd.gradcheck(f, (x, *params), eps=1e-6, atol=1e-6)
+
+
+def test_bf16_close_to_float64():
+    """bf16 end to end against the float64 reference on the same (bf16)
+    weights: the up-projection, the activation, the down-projection and the
+    combine each round to bf16 once (2^-9 relative each), and the activation
+    multiplies two rounded values; 3% of the output's scale bounds that with
+    room, while a wrong expert or weight is off by the output's own size."""
+    torch.manual_seed(3)
+    config = small_config("deepseek-v3")
+    moe64 = MoE(config, dtype=torch.float64)
+    moe16 = MoE(config, dtype=torch.bfloat16)
+    moe16.load_state_dict({k: v.to(torch.bfloat16) if v.is_floating_point() and k != "score_bias" else v
+                           for k, v in moe64.state_dict().items()})
+    # The reference routes on the module's bf16 logits: a near-tie decided
+    # differently in float64 would swap an expert, not round a value.
+    x = torch.randn(32, config.hidden).to(torch.bfloat16)
+    ref = reference_moe(moe16, x, logits=F.linear(x, moe16.router_weight))
+    out, _ = moe16(x)
+    torch.testing.assert_close(out.double(), ref, rtol=0, atol=3e-2 * ref.abs().max().item())
+
+
+def test_compile_fullgraph_no_recompile():
+    config = small_config("deepseek-v3")
+    moe = MoE(config)
+    counter = torch._dynamo.testing.CompileCounter()
+    compiled = torch.compile(moe, backend=counter, fullgraph=True, dynamic=True)
+    for tokens in (7, 19, 33):
+        x = torch.randn(tokens, config.hidden, requires_grad=True)
+        out, counts = compiled(x)
+        ref, _ = moe(x)
+        torch.testing.assert_close(out, ref, rtol=0, atol=0)
+        out.sum().backward()
+    assert counter.frame_count == 1
