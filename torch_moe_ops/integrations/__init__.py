@@ -1,0 +1,1 @@
+"""Integrations of the moe_ops with other libraries (imported on demand)."""
