@@ -303,6 +303,7 @@ GROUPED_MM_AVX512 inline __mmask32 col_mask32(int64_t w, int64_t j0) {
 // -Wmaybe-uninitialized on the unmasked forms (which start from an undefined
 // register); they compile to the same instructions.
 constexpr __mmask16 kAll16 = 0xFFFF;
+constexpr __mmask8 kAll8 = 0xFF;
 
 GROUPED_MM_AVX512 inline __m512 cvt_f16_f32(__m256i v) {
   return _mm512_maskz_cvtph_ps(kAll16, v);
@@ -436,6 +437,66 @@ GROUPED_MM_AVX512_BF16 void micro_bf16(const BFloat16* a, int64_t lda, const uin
   finish_acc<MR, out_t>(r, x);
 }
 
+// r[i] (16 dwords each) <- column i of the 16 x 16 dword matrix in r.
+GROUPED_MM_AVX512 inline void transpose_16x16_epi32(__m512i (&r)[16]) {
+  __m512i t[16];
+  for (int i = 0; i < 16; i += 2) {
+    t[i] = _mm512_maskz_unpacklo_epi32(kAll16, r[i], r[i + 1]);
+    t[i + 1] = _mm512_maskz_unpackhi_epi32(kAll16, r[i], r[i + 1]);
+  }
+  for (int i = 0; i < 16; i += 4) {
+    r[i] = _mm512_maskz_unpacklo_epi64(kAll8, t[i], t[i + 2]);
+    r[i + 1] = _mm512_maskz_unpackhi_epi64(kAll8, t[i], t[i + 2]);
+    r[i + 2] = _mm512_maskz_unpacklo_epi64(kAll8, t[i + 1], t[i + 3]);
+    r[i + 3] = _mm512_maskz_unpackhi_epi64(kAll8, t[i + 1], t[i + 3]);
+  }
+  // Each 128-bit lane now holds a 4 x 4 block; gather the lanes.
+  for (int i = 0; i < 4; ++i) {
+    t[i] = _mm512_maskz_shuffle_i32x4(kAll16, r[i], r[i + 4], 0x88);
+    t[i + 4] = _mm512_maskz_shuffle_i32x4(kAll16, r[i + 8], r[i + 12], 0x88);
+    t[i + 8] = _mm512_maskz_shuffle_i32x4(kAll16, r[i], r[i + 4], 0xDD);
+    t[i + 12] = _mm512_maskz_shuffle_i32x4(kAll16, r[i + 8], r[i + 12], 0xDD);
+  }
+  for (int i = 0; i < 4; ++i) {
+    r[i] = _mm512_maskz_shuffle_i32x4(kAll16, t[i], t[i + 4], 0x88);
+    r[i + 4] = _mm512_maskz_shuffle_i32x4(kAll16, t[i + 8], t[i + 12], 0x88);
+    r[i + 8] = _mm512_maskz_shuffle_i32x4(kAll16, t[i], t[i + 4], 0xDD);
+    r[i + 12] = _mm512_maskz_shuffle_i32x4(kAll16, t[i + 8], t[i + 12], 0xDD);
+  }
+}
+
+// Packs 32-bit words of a K-contiguous source: word p of column j is at
+// src[j * ld + p]; dst[p * 64 + j] for p < words, j < w (zero past w).
+// Full 16 x 16 tiles are transposed in registers, the edges one by one.
+// This is how weights stored (E, N, K), transformers' layout, arrive: a
+// float32 row is one word, a bfloat16 K pair is one word.
+GROUPED_MM_AVX512 void pack_words_transposed(uint32_t* dst, const void* source, int64_t ld, int64_t words,
+                                             int64_t w) {
+  const auto* src = static_cast<const uint32_t*>(source);
+  // Edge words are copied with memcpy: the source may be bfloat16 memory.
+  const auto word = [src](int64_t i) {
+    uint32_t v;
+    std::memcpy(&v, src + i, sizeof(v));
+    return v;
+  };
+  const int64_t full_j = w / 16 * 16;
+  const int64_t full_p = words / 16 * 16;
+  for (int64_t j0 = 0; j0 < full_j; j0 += 16) {
+    for (int64_t p0 = 0; p0 < full_p; p0 += 16) {
+      __m512i r[16];
+      for (int c = 0; c < 16; ++c) r[c] = _mm512_loadu_si512(src + (j0 + c) * ld + p0);
+      transpose_16x16_epi32(r);
+      for (int q = 0; q < 16; ++q) _mm512_store_si512(dst + (p0 + q) * kNR + j0, r[q]);
+    }
+    for (int64_t p = full_p; p < words; ++p)
+      for (int64_t j = j0; j < j0 + 16; ++j) dst[p * kNR + j] = word(j * ld + p);
+  }
+  for (int64_t p = 0; p < words; ++p) {
+    for (int64_t j = full_j; j < w; ++j) dst[p * kNR + j] = word(j * ld + p);
+    for (int64_t j = w; j < kNR; ++j) dst[p * kNR + j] = 0;
+  }
+}
+
 // Weight block (kc x w, strides rs/cs) -> kc x 64 float32, zero past w.
 template <typename scalar_t>
 GROUPED_MM_AVX512 void pack_b_f32(float* dst, const scalar_t* src, int64_t rs, int64_t cs, int64_t kc, int64_t w) {
@@ -454,6 +515,12 @@ GROUPED_MM_AVX512 void pack_b_f32(float* dst, const scalar_t* src, int64_t rs, i
       }
     }
     return;
+  }
+  if constexpr (std::is_same_v<scalar_t, float>) {
+    if (rs == 1) {
+      pack_words_transposed(reinterpret_cast<uint32_t*>(dst), src, cs, kc, w);
+      return;
+    }
   }
   // Strided or transposed weights: walk along the source's inner dimension.
   for (int64_t k = 0; k < kc; ++k) {
@@ -485,6 +552,15 @@ GROUPED_MM_AVX512 void pack_b_bf16(uint32_t* dst, const BFloat16* src, int64_t r
         _mm512_store_si512(dst + kp * kNR + j, _mm512_permutex2var_epi64(lo, idx0, hi));
         _mm512_store_si512(dst + kp * kNR + j + 16, _mm512_permutex2var_epi64(lo, idx1, hi));
       }
+    }
+    return;
+  }
+  if (rs == 1 && cs % 2 == 0) {
+    // K-contiguous weights: a K pair is one 32-bit word of the source.
+    const int64_t full = kc / 2;
+    pack_words_transposed(dst, src, cs / 2, full, w);
+    if (full < pairs) {  // odd kc: the last row pairs with zero
+      for (int64_t j = 0; j < kNR; ++j) dst[full * kNR + j] = j < w ? src[(kc - 1) + j * cs].x : 0;
     }
     return;
   }
