@@ -395,6 +395,8 @@ The backward of a grouped mm is grouped mms in the other layouts, for all four
 layouts alike:
   grad_mat_a = _grouped_mm(grad, mat2^T, offs)
   grad_mat_b = _grouped_mm(self^T, grad, offs)
+(for a mat2 stored (G, N, K) and passed transposed, grad_mat_b is computed as
+(grad^T self)^T, in mat2's own layout, as _grouped_mm_mat2_backward did).
 grad is cast to the input dtype (it is float32 when out_dtype=float32) and made
 contiguous: x.sum().backward() hands an expanded, stride-0 gradient, which the
 CUDA kernel rejects; for the usual contiguous gradient this is a no-op.
@@ -430,7 +432,7 @@ python test/test_ops.py -k _grouped_mm (OpInfo added later in this stack).""",
                     "  mat2: _grouped_mm_mat2_backward(grad, self, mat2.sym_sizes(), mat2.sym_strides(), "
                     "mat2.layout(), offs, 1)\n",
                     "  self: grouped_mm_mat_a_backward(grad, mat2, offs, self.scalar_type())\n"
-                    "  mat2: grouped_mm_mat_b_backward(grad, self, offs, self.scalar_type())\n"
+                    "  mat2: grouped_mm_mat_b_backward(grad, self, mat2, offs, self.scalar_type())\n"
                     "  bias: grouped_mm_bias_backward(grad, self, mat2, offs)\n",
                 )]),
             ],

@@ -216,6 +216,24 @@ def test_weights_stored_transposed_give_the_same_bits(dtype, k, n):
     torch.testing.assert_close(transposed, ref, rtol=tol["rtol"], atol=tol["atol"] * k)
 
 
+def test_gradient_of_transposed_weights_keeps_their_layout():
+    """transformers stores expert weights (E, N, K) and passes the transposed
+    view: the weight gradient must arrive in that layout, or autograd copies
+    every expert's gradient once more."""
+    g = torch.Generator().manual_seed(0)
+    offs = torch.tensor([4, 4, 10], dtype=torch.int32)
+    a = torch.randn(12, 6, generator=g, dtype=torch.float64)
+    w = torch.randn(3, 5, 6, generator=g, dtype=torch.float64, requires_grad=True)
+    out = torch.ops.moe_ops.grouped_mm(a, w.transpose(-2, -1), offs)
+    grad = torch.randn(out.shape, generator=g, dtype=torch.float64)
+    out.backward(grad)
+    assert w.grad.is_contiguous()
+    ref = torch.zeros_like(w)
+    for e, (s0, s1) in enumerate(zip([0, 4, 4], [4, 4, 10])):
+        ref[e] = grad[s0:s1].t() @ a[s0:s1]
+    torch.testing.assert_close(w.grad, ref, rtol=1e-12, atol=1e-12)
+
+
 # Property tests against the float64 loop reference over random group
 # structures. fp32 so the tolerance stays tight; 16-bit paths share the tiling
 # and are covered by the OpInfo samples above.

@@ -113,7 +113,7 @@ def test_torchgen_accepts_the_yaml_and_generates_the_backward(tree, tmp_path):
     functions = (tmp_path / "Functions.cpp").read_text()
     assert '#include "torch/csrc/autograd/GroupedMMBackward.h"' in functions
     for call in ("grouped_mm_mat_a_backward(grad, mat2, offs, self_scalar_type)",
-                 "grouped_mm_mat_b_backward(grad, self, offs, self_scalar_type)",
+                 "grouped_mm_mat_b_backward(grad, self, mat2, offs, self_scalar_type)",
                  "grouped_mm_bias_backward(grad, self, mat2, offs)"):
         assert call in functions
     assert "struct TORCH_API GroupedMmBackward0" in (tmp_path / "Functions.h").read_text()
@@ -137,14 +137,22 @@ def test_autograd_header_compiles(tree, tmp_path):
                    check=True, capture_output=True)
 
 
-def test_router_backward_header_matches_python(tree, tmp_path):
-    """MoERoutingBackward.h restates the Python backward of router_topk in C++:
-    compile it into a scratch op and compare the two on every score function."""
+def test_backward_headers_match_python(tree, tmp_path):
+    """The backward headers restate our Python autograd in C++: compile them
+    into scratch ops and compare (router_topk on every score function, the
+    weight gradient of grouped_mm on both weight layouts)."""
     from torch.utils.cpp_extension import load_inline
 
     source = textwrap.dedent("""
         #include <torch/library.h>
+        #include "torch/csrc/autograd/GroupedMMBackward.h"
         #include "torch/csrc/autograd/MoERoutingBackward.h"
+
+        at::Tensor grouped_mm_mat_b_backward(const at::Tensor& grad, const at::Tensor& mat_a,
+                                             const at::Tensor& mat_b, const at::Tensor& offs) {
+          return torch::autograd::generated::details::grouped_mm_mat_b_backward(
+              grad, mat_a, mat_b, offs, mat_a.scalar_type());
+        }
 
         at::Tensor router_topk_backward(const at::Tensor& grad, const at::Tensor& logits, const at::Tensor& ids,
                                         c10::string_view score_func, bool renormalize, double scaling_factor) {
@@ -155,6 +163,8 @@ def test_router_backward_header_matches_python(tree, tmp_path):
         TORCH_LIBRARY(moe_patch_test, m) {
           m.def("router_topk_backward(Tensor grad, Tensor logits, Tensor ids, str score_func, bool renormalize, "
                 "float scaling_factor) -> Tensor", &router_topk_backward);
+          m.def("grouped_mm_mat_b_backward(Tensor grad, Tensor mat_a, Tensor mat_b, Tensor offs) -> Tensor",
+                &grouped_mm_mat_b_backward);
         }
     """)
     load_inline("moe_patch_test", source, extra_include_paths=[str(tree)], extra_cflags=["-std=c++20"],
@@ -169,6 +179,20 @@ def test_router_backward_header_matches_python(tree, tmp_path):
             got = torch.ops.moe_patch_test.router_topk_backward(grad, logits.detach(), ids, score_func,
                                                                 renormalize, 2.5)
             torch.testing.assert_close(got, expected, rtol=1e-12, atol=1e-14)
+    # grouped_mm's weight gradient (upstream's _grouped_mm computes it here),
+    # for weights stored (G, K, N) and stored (G, N, K) and read transposed:
+    # same values as our autograd, and in the weight's own layout.
+    # (Sizes keep the 16-byte strides upstream's CPU kernel still asks for.)
+    offs = torch.tensor([4, 4, 12], dtype=torch.int32)
+    a = torch.randn(12, 8, generator=g)
+    for w in (torch.randn(3, 8, 12, generator=g), torch.randn(3, 12, 8, generator=g).transpose(-2, -1)):
+        w = w.requires_grad_()
+        out = torch.ops.moe_ops.grouped_mm(a, w, offs)
+        grad = torch.randn(out.shape, generator=g)
+        (expected,) = torch.autograd.grad(out, w, grad)
+        got = torch.ops.moe_patch_test.grouped_mm_mat_b_backward(grad, a, w.detach(), offs)
+        torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-5)
+        assert got.stride() == w.stride() == expected.stride()
 
 
 # ATen builds native/cpu/ files once per CPU capability, each with its own

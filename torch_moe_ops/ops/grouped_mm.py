@@ -45,11 +45,18 @@ def _grouped_mm_fake(mat_a, mat_b, offs=None, bias=None, out_dtype=None):
     return mat_a.new_empty_strided(size, strides, dtype=out_dtype)
 
 
+def _k_major(mat_b: torch.Tensor) -> bool:
+    """Weights stored (..., N, K) and passed as a transposed view, as
+    transformers stores them."""
+    return mat_b.stride(-2) == 1 and mat_b.stride(-1) != 1 and mat_b.shape[-1] > 1
+
+
 def _setup_context(ctx, inputs, output):
     mat_a, mat_b, offs, bias, out_dtype = inputs
     need_a, need_b = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
     ctx.save_for_backward(mat_a if need_b else None, mat_b if need_a else None, offs)
     ctx.layout = _checks.grouped_mm_layout(mat_a, mat_b)
+    ctx.b_k_major = _k_major(mat_b)
     ctx.in_dtype = mat_a.dtype
     ctx.bias_dtype = bias.dtype if bias is not None else None
     # needs_input_grad only spans the arguments actually passed.
@@ -85,7 +92,12 @@ def _backward(ctx, grad):
         if need_a:
             grad_a = _op(g, mat_b.transpose(-2, -1), offs)            # 2D x 3D
         if need_b:
-            grad_b = _op(mat_a.t(), g, offs)                          # 2D x 2D over M
+            # In mat_b's own layout, so that autograd need not copy the
+            # gradient of a transposed weight view into the weight's layout.
+            if ctx.b_k_major:
+                grad_b = _op(g.t(), mat_a, offs).transpose(-2, -1)    # 2D x 2D over M, (G, N, K)
+            else:
+                grad_b = _op(mat_a.t(), g, offs)                      # 2D x 2D over M
     elif layout == "3d2d":  # out[:, cols_g] = A[g] @ B[:, cols_g]
         if need_a:
             grad_a = _op(g, mat_b.t(), offs)                          # 2D x 2D over N
@@ -100,7 +112,10 @@ def _backward(ctx, grad):
         if need_a:
             grad_a = _op(g, mat_b.transpose(-2, -1))
         if need_b:
-            grad_b = _op(mat_a.transpose(-2, -1), g)
+            if ctx.b_k_major:
+                grad_b = _op(g.transpose(-2, -1), mat_a).transpose(-2, -1)
+            else:
+                grad_b = _op(mat_a.transpose(-2, -1), g)
     if ctx.need_bias:
         grad_bias = _bias_grad(grad, offs, layout, ctx.bias_dtype)
     return grad_a, grad_b, None, grad_bias, None

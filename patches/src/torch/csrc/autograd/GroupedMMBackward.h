@@ -40,10 +40,18 @@ inline at::Tensor grouped_mm_mat_a_backward(
   return at::_grouped_mm(grouped_mm_grad_input(grad, input_dtype), mat_b.transpose(-2, -1), grouped_mm_offs(offs));
 }
 
+// grad_mat_b is produced in mat_b's own layout: for weights stored (G, N, K)
+// and passed transposed (mat_b K-major), as (grad^T mat_a)^T, so that
+// autograd need not copy it into the weight's layout.
 inline at::Tensor grouped_mm_mat_b_backward(
-    const at::Tensor& grad, const at::Tensor& mat_a, const std::optional<at::Tensor>& offs,
+    const at::Tensor& grad, const at::Tensor& mat_a, const at::Tensor& mat_b, const std::optional<at::Tensor>& offs,
     at::ScalarType input_dtype) {
-  return at::_grouped_mm(mat_a.transpose(-2, -1), grouped_mm_grad_input(grad, input_dtype), grouped_mm_offs(offs));
+  const auto g = grouped_mm_grad_input(grad, input_dtype);
+  const bool k_major = mat_b.stride(-2) == 1 && mat_b.stride(-1) != 1 && mat_b.size(-1) > 1;
+  if (k_major && (mat_b.dim() == 3) && (mat_a.dim() == 2 || mat_a.dim() == 3)) {
+    return at::_grouped_mm(g.transpose(-2, -1), mat_a, grouped_mm_offs(offs)).transpose(-2, -1);
+  }
+  return at::_grouped_mm(mat_a.transpose(-2, -1), g, grouped_mm_offs(offs));
 }
 
 // Gradient of bias (G, N_out): each group's sum of grad over the rows (2D x 3D)
