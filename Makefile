@@ -1,4 +1,4 @@
-# make demo : set up, build, run the main job (grouped_mm benchmark, quick mode)
+# make demo : set up, build, run the main job (an MoE layer's experts, fwd+bwd, quick mode)
 # make test : set up, build, run every test
 #
 # The venv lives outside the checkout, keyed by requirements.txt, so CI and
@@ -37,11 +37,12 @@ test: build
 	$(PY) -m pytest -q test
 
 demo: build
-	$(PY) benchmarks/bench_grouped_mm.py --quick
+	$(PY) benchmarks/bench_moe_layer.py --quick
 
 bench: build
 	$(PY) benchmarks/bench_grouped_mm.py
 	$(PY) benchmarks/bench_routing.py
+	$(PY) benchmarks/bench_moe_layer.py
 
 # Regenerate the upstream patch series from the in-repo sources (patches/README.md).
 patches: setup

@@ -233,9 +233,10 @@ def format_table(results: list[Result]) -> str:
 def main(argv: Optional[list[str]] = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--quick", action="store_true", help="two shapes, shorter timing")
-    parser.add_argument("--json", default=os.path.join(HERE, "results", "routing.json"))
+    parser.add_argument("--json", help="default: results/routing.json (results/routing-quick.json with --quick)")
     parser.add_argument("--check", action="store_true", help="exit 1 if a target is missed")
     args = parser.parse_args(argv)
+    args.json = args.json or os.path.join(HERE, "results", "routing-quick.json" if args.quick else "routing.json")
 
     min_run_time, rounds = (0.2, 2) if args.quick else (0.4, 5)
     print_machine()
