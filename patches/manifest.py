@@ -376,6 +376,7 @@ torchgen parses the patched native_functions.yaml.""",
                 Copy(f"{NATIVE}/GroupedMM.h", "torch_moe_ops/csrc/ATen/native/GroupedMM.h"),
                 Copy(f"{NATIVE}/GroupedMM.cpp", "torch_moe_ops/csrc/ATen/native/GroupedMM.cpp"),
                 Copy(f"{NATIVE}/cpu/GroupedMMKernel.cpp", "torch_moe_ops/csrc/ATen/native/cpu/GroupedMMKernel.cpp"),
+                Copy(f"{NATIVE}/cpu/MoEAvx512Utils.h", "torch_moe_ops/csrc/ATen/native/cpu/MoEAvx512Utils.h"),
                 Copy(f"{NATIVE}/cuda/GroupedMM.cu", "torch_moe_ops/csrc/ATen/native/cuda/GroupedMM.cu"),
                 Edit(f"{NATIVE}/native_functions.yaml", [(
                     "  dispatch:\n"

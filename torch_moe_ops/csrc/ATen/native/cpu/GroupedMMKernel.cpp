@@ -25,6 +25,7 @@
 // reproducible.
 
 #include <ATen/native/GroupedMM.h>
+#include <ATen/native/cpu/MoEAvx512Utils.h>
 
 #include <ATen/Config.h>
 #include <ATen/Dispatch.h>
@@ -309,18 +310,6 @@ GROUPED_MM_AVX512 inline __m512 cvt_f16_f32(__m256i v) {
   return _mm512_maskz_cvtph_ps(kAll16, v);
 }
 
-// float32 -> bfloat16, round to nearest even; NaN becomes 0x7FC0 (as
-// c10::BFloat16 does). Done in integer ops: vcvtneps2bf16 flushes denormals.
-GROUPED_MM_AVX512 inline __m256i cvt_f32_bf16(__m512 v) {
-  const __m512i bits = _mm512_castps_si512(v);
-  const __m512i lsb = _mm512_and_si512(_mm512_maskz_srli_epi32(kAll16, bits, 16), _mm512_set1_epi32(1));
-  const __m512i rounded = _mm512_add_epi32(_mm512_add_epi32(bits, _mm512_set1_epi32(0x7FFF)), lsb);
-  __m512i r = _mm512_maskz_srli_epi32(kAll16, rounded, 16);
-  const __mmask16 nan = _mm512_cmp_ps_mask(v, v, _CMP_UNORD_Q);
-  r = _mm512_mask_mov_epi32(r, nan, _mm512_set1_epi32(0x7FC0));
-  return _mm512_maskz_cvtepi32_epi16(kAll16, r);
-}
-
 // Epilogue of one output row: (acc + bias), rounded once to out_t, w columns.
 template <typename out_t>
 GROUPED_MM_AVX512 inline void store_out_row(out_t* o, const __m512* v, const float* bias, int64_t w) {
@@ -333,7 +322,7 @@ GROUPED_MM_AVX512 inline void store_out_row(out_t* o, const __m512* v, const flo
     if constexpr (std::is_same_v<out_t, float>) {
       _mm512_mask_storeu_ps(o + 16 * j, m, x);
     } else if constexpr (std::is_same_v<out_t, BFloat16>) {
-      _mm256_mask_storeu_epi16(o + 16 * j, m, cvt_f32_bf16(x));
+      _mm256_mask_storeu_epi16(o + 16 * j, m, moe_cvt_f32_bf16(x));
     } else {
       _mm256_mask_storeu_epi16(o + 16 * j, m, _mm512_maskz_cvtps_ph(kAll16, x, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC));
     }

@@ -17,6 +17,7 @@
 // All element offsets are int64.
 
 #include <ATen/native/MoERouting.h>
+#include <ATen/native/cpu/MoEAvx512Utils.h>
 
 #include <ATen/Dispatch.h>
 #include <ATen/OpMathType.h>
@@ -248,6 +249,45 @@ MOE_ROUTING_AVX512 void topk_avx512(const float* key, int64_t experts, int64_t k
     }
   }
 }
+// One token of unpermute: y = sum_j w_j * rows[j] in float32, slot order,
+// one rounding; as mul then add, the very operations of the scalar path and
+// of the reference, so the bits agree. Compilers contract a mul feeding an
+// add into an FMA (one rounding fewer) unless told not to.
+#if defined(__clang__)
+#define MOE_NO_FP_CONTRACT
+#else
+#define MOE_NO_FP_CONTRACT __attribute__((optimize("fp-contract=off")))
+#endif
+template <typename scalar_t>
+MOE_ROUTING_AVX512 MOE_NO_FP_CONTRACT void combine_row_avx512(scalar_t* y, const scalar_t* const* rows,
+                                                              const float* w, int64_t k, int64_t hidden) {
+#if defined(__clang__)
+#pragma clang fp contract(off)
+#endif
+  for (int64_t h = 0; h < hidden; h += 16) {
+    const __mmask16 m = lanes(hidden, h);
+    __m512 acc = _mm512_setzero_ps();
+    for (int64_t j = 0; j < k; ++j) {
+      __m512 x;
+      if constexpr (std::is_same_v<scalar_t, float>) {
+        x = _mm512_maskz_loadu_ps(m, rows[j] + h);
+      } else if constexpr (std::is_same_v<scalar_t, BFloat16>) {
+        x = moe_cvt_bf16_f32(_mm256_maskz_loadu_epi16(m, rows[j] + h));
+      } else {
+        x = _mm512_cvtph_ps(_mm256_maskz_loadu_epi16(m, rows[j] + h));
+      }
+      acc = _mm512_add_ps(acc, w != nullptr ? _mm512_mul_ps(_mm512_set1_ps(w[j]), x) : x);
+    }
+    if constexpr (std::is_same_v<scalar_t, float>) {
+      _mm512_mask_storeu_ps(y + h, m, acc);
+    } else if constexpr (std::is_same_v<scalar_t, BFloat16>) {
+      _mm256_mask_storeu_epi16(y + h, m, moe_cvt_f32_bf16(acc));
+    } else {
+      _mm256_mask_storeu_epi16(y + h, m, _mm512_cvtps_ph(acc, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC));
+    }
+  }
+}
+
 #pragma GCC diagnostic pop
 #endif // x86-64
 
@@ -580,6 +620,26 @@ void unpermute_kernel(
     const auto w = weight_reader<scalar_t, acc_t>(weights);
     const bool weighted = weights.has_value();
     at::parallel_for(0, num_tokens, row_grain(hidden * top_k * permuted.element_size()), [&](int64_t t0, int64_t t1) {
+#ifdef MOE_ROUTING_HAVE_AVX512
+      if constexpr (std::is_same_v<acc_t, float>) {
+        if (cpu_has_avx512()) {
+          std::vector<const scalar_t*> rows(top_k);
+          std::vector<float> wk(top_k);
+          for (const auto t : c10::irange(t0, t1)) {
+            // Dropped slots (-1) contribute nothing: they are left out.
+            int64_t n = 0;
+            for (const auto j : c10::irange(top_k)) {
+              const int64_t r = dst[t * top_k + j];
+              if (r < 0) continue;
+              rows[n] = in + r * in_stride;
+              wk[n++] = weighted ? w(t * top_k + j) : 1.f;
+            }
+            combine_row_avx512(o + t * hidden, rows.data(), weighted ? wk.data() : nullptr, n, hidden);
+          }
+          return;
+        }
+      }
+#endif
       std::vector<acc_t> acc(hidden);
       for (const auto t : c10::irange(t0, t1)) {
         std::fill(acc.begin(), acc.end(), acc_t(0));
