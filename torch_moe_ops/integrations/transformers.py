@@ -36,7 +36,6 @@ def moe_ops_experts_forward(
     if getattr(self, "_is_expert_parallel", False):
         raise NotImplementedError("torch_moe_ops experts: expert parallelism goes through "
                                   "torch_moe_ops.distributed, not transformers' sentinel ids")
-    num_tokens, top_k = top_k_index.shape
     if top_k_weights.shape != top_k_index.shape:  # (tokens, num_experts) routing weights
         top_k_weights = top_k_weights.gather(1, top_k_index)
     rows, dst_rows, _, offs = permute(hidden_states, top_k_index, self.num_experts)

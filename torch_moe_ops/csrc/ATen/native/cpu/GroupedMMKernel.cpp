@@ -262,14 +262,8 @@ constexpr int64_t kMC = 192;
 // Output columns per tile (the unit of work balanced across threads).
 constexpr int64_t kMicroNB = 256;
 
-bool cpu_has_avx512() {
-  static const bool ok = __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
-      __builtin_cpu_supports("avx512vl");
-  return ok;
-}
-
 bool cpu_has_avx512_bf16() {
-  static const bool ok = cpu_has_avx512() && __builtin_cpu_supports("avx512bf16");
+  static const bool ok = moe_cpu_has_avx512() && __builtin_cpu_supports("avx512bf16");
   return ok;
 }
 
@@ -288,11 +282,6 @@ GROUPED_MM_AVX512 inline void prefetch_row(const Prefetch& pf, int64_t row) {
        q += 64) {
     _mm_prefetch(q, _MM_HINT_T1);
   }
-}
-
-GROUPED_MM_AVX512 inline __mmask16 col_mask16(int64_t w, int64_t j0) {
-  const int64_t n = std::clamp<int64_t>(w - j0, 0, 16);
-  return static_cast<__mmask16>((uint32_t{1} << n) - 1);
 }
 
 GROUPED_MM_AVX512 inline __mmask32 col_mask32(int64_t w, int64_t j0) {
@@ -314,7 +303,7 @@ GROUPED_MM_AVX512 inline __m512 cvt_f16_f32(__m256i v) {
 template <typename out_t>
 GROUPED_MM_AVX512 inline void store_out_row(out_t* o, const __m512* v, const float* bias, int64_t w) {
   for (int j = 0; j < 4; ++j) {
-    const __mmask16 m = col_mask16(w, 16 * j);
+    const __mmask16 m = moe_lanes16(w, 16 * j);
     __m512 x = v[j];
     if (bias != nullptr) {
       x = _mm512_add_ps(x, _mm512_maskz_loadu_ps(m, bias + 16 * j));
@@ -493,7 +482,7 @@ GROUPED_MM_AVX512 void pack_b_f32(float* dst, const scalar_t* src, int64_t rs, i
     for (int64_t k = 0; k < kc; ++k) {
       const scalar_t* s = src + k * rs;
       for (int64_t j = 0; j < kNR; j += 16) {
-        const __mmask16 m = col_mask16(w, j);
+        const __mmask16 m = moe_lanes16(w, j);
         __m512 v;
         if constexpr (std::is_same_v<scalar_t, float>) {
           v = _mm512_maskz_loadu_ps(m, s + j);
@@ -569,7 +558,7 @@ GROUPED_MM_AVX512 void pack_b_bf16(uint32_t* dst, const BFloat16* src, int64_t r
 GROUPED_MM_AVX512 void widen_rows_f16(float* dst, int64_t ld, const Half* src, int64_t rs, int64_t rows, int64_t cols) {
   for (int64_t r = 0; r < rows; ++r) {
     for (int64_t j = 0; j < cols; j += 16) {
-      const __mmask16 m = col_mask16(cols, j);
+      const __mmask16 m = moe_lanes16(cols, j);
       _mm512_mask_storeu_ps(dst + r * ld + j, m, cvt_f16_f32(_mm256_maskz_loadu_epi16(m, src + r * rs + j)));
     }
   }
@@ -812,7 +801,7 @@ Engine choose_engine(const std::vector<Problem<scalar_t, out_t, acc_t>>& problem
       return Engine::kAvx512;
     }
   } else if constexpr (!std::is_same_v<scalar_t, double>) {
-    if (cpu_has_avx512()) {
+    if (moe_cpu_has_avx512()) {
       return Engine::kAvx512;
     }
   }

@@ -1,6 +1,6 @@
 #pragma once
 
-// AVX-512 conversions shared by the CPU kernels of this directory. The
+// AVX-512 helpers shared by the CPU kernels of this directory. The
 // functions carry their own target attribute, so the including file needs no
 // ISA flags (ATen compiles native/cpu/ once per CPU capability; these are
 // static, so each build keeps its own copy); call them only after checking
@@ -12,7 +12,23 @@
 
 #include <immintrin.h>
 
+#include <algorithm>
+#include <cstdint>
+
 namespace at::native {
+
+// What every kernel here needs; a kernel checks any further extension itself.
+static inline bool moe_cpu_has_avx512() {
+  static const bool ok = __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
+      __builtin_cpu_supports("avx512vl");
+  return ok;
+}
+
+// Mask of the lanes of the 16-wide chunk starting at j0 that fall below n.
+static inline __mmask16 moe_lanes16(int64_t n, int64_t j0) {
+  const int64_t w = std::clamp<int64_t>(n - j0, 0, 16);
+  return static_cast<__mmask16>((uint32_t{1} << w) - 1);
+}
 
 // float32 -> bfloat16, round to nearest even, NaN -> 0x7FC0: the bits of
 // c10::BFloat16(float). Integer arithmetic, because vcvtneps2bf16 flushes

@@ -1,8 +1,8 @@
 // CPU kernels of the routing ops.
 //
 // router_topk: one pass per token over its logits row: scores, the selection
-//   key (score + bias), the optional group mask and a top-k by insertion
-//   (E compares, a few inserts), then the weights. Tokens are independent, so
+//   key (score + bias), the optional group mask and the top-k (k rounds of a
+//   masked vector max with AVX-512, else an insertion list), then the weights. Tokens are independent, so
 //   the loop is split across threads; counts are summed from expert_ids after.
 // permute: a counting sort of (token, slot) pairs by expert, stable in
 //   (token, slot) order. Tokens are cut into chunks; a per-chunk histogram and
@@ -110,14 +110,8 @@ constexpr int64_t kMaxVecExperts = 1024;
 #pragma GCC diagnostic ignored "-Wmaybe-uninitialized"
 
 bool cpu_has_avx512() {
-  static const bool ok = __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
-      __builtin_cpu_supports("avx512vl") && __builtin_cpu_supports("avx512dq");
+  static const bool ok = moe_cpu_has_avx512() && __builtin_cpu_supports("avx512dq");
   return ok;
-}
-
-MOE_ROUTING_AVX512 inline __mmask16 lanes(int64_t n, int64_t e0) {
-  const int64_t w = std::clamp<int64_t>(n - e0, 0, 16);
-  return static_cast<__mmask16>((uint32_t{1} << w) - 1);
 }
 
 // e^x to about 1 ulp: x = n ln2 + r with |r| <= ln2 / 2, a degree-7 Taylor
@@ -147,8 +141,7 @@ MOE_ROUTING_AVX512 inline __m512 load_ps(const scalar_t* p, __mmask16 m) {
   if constexpr (std::is_same_v<scalar_t, float>) {
     return _mm512_maskz_loadu_ps(m, p);
   } else if constexpr (std::is_same_v<scalar_t, BFloat16>) {
-    const __m512i w = _mm512_cvtepu16_epi32(_mm256_maskz_loadu_epi16(m, p));
-    return _mm512_castsi512_ps(_mm512_slli_epi32(w, 16));
+    return moe_cvt_bf16_f32(_mm256_maskz_loadu_epi16(m, p));
   } else {
     return _mm512_cvtph_ps(_mm256_maskz_loadu_epi16(m, p));
   }
@@ -174,13 +167,13 @@ MOE_ROUTING_AVX512 void router_scores_avx512(const scalar_t* row, int64_t expert
   if (kind == RouterScore::kSoftmax) {
     __m512 vmax = neg_inf;
     for (int64_t e = 0; e < experts; e += 16) {
-      const __mmask16 m = lanes(experts, e);
+      const __mmask16 m = moe_lanes16(experts, e);
       vmax = _mm512_mask_max_ps(vmax, m, vmax, load_ps(row + e, m));
     }
     const __m512 mx = _mm512_set1_ps(_mm512_reduce_max_ps(vmax));
     __m512 vsum = _mm512_setzero_ps();
     for (int64_t e = 0; e < experts; e += 16) {
-      const __mmask16 m = lanes(experts, e);
+      const __mmask16 m = moe_lanes16(experts, e);
       const __m512 y = _mm512_maskz_mov_ps(m, exp_ps(_mm512_sub_ps(load_ps(row + e, m), mx)));
       vsum = _mm512_add_ps(vsum, y);
       _mm512_storeu_ps(score + e, y);
@@ -195,7 +188,7 @@ MOE_ROUTING_AVX512 void router_scores_avx512(const scalar_t* row, int64_t expert
   }
   const __m512 one = _mm512_set1_ps(1.f);
   for (int64_t e = 0; e < experts; e += 16) {
-    const __mmask16 m = lanes(experts, e);
+    const __mmask16 m = moe_lanes16(experts, e);
     __m512 x = load_ps(row + e, m);
     if (kind == RouterScore::kSigmoid) {
       x = _mm512_div_ps(one, _mm512_add_ps(one, exp_ps(_mm512_sub_ps(_mm512_setzero_ps(), x))));
@@ -211,7 +204,7 @@ MOE_ROUTING_AVX512 inline void available_experts(__mmask16* avail, int64_t exper
                                                  int64_t group_size, uint64_t group_mask) {
   const int64_t chunks = (experts + 15) / 16;
   if (n_group == 1) {
-    for (int64_t c = 0; c < chunks; ++c) avail[c] = lanes(experts, 16 * c);
+    for (int64_t c = 0; c < chunks; ++c) avail[c] = moe_lanes16(experts, 16 * c);
     return;
   }
   std::fill_n(avail, chunks, __mmask16{0});
@@ -265,17 +258,10 @@ MOE_ROUTING_AVX512 MOE_NO_FP_CONTRACT void combine_row_avx512(scalar_t* y, const
 #pragma clang fp contract(off)
 #endif
   for (int64_t h = 0; h < hidden; h += 16) {
-    const __mmask16 m = lanes(hidden, h);
+    const __mmask16 m = moe_lanes16(hidden, h);
     __m512 acc = _mm512_setzero_ps();
     for (int64_t j = 0; j < k; ++j) {
-      __m512 x;
-      if constexpr (std::is_same_v<scalar_t, float>) {
-        x = _mm512_maskz_loadu_ps(m, rows[j] + h);
-      } else if constexpr (std::is_same_v<scalar_t, BFloat16>) {
-        x = moe_cvt_bf16_f32(_mm256_maskz_loadu_epi16(m, rows[j] + h));
-      } else {
-        x = _mm512_cvtph_ps(_mm256_maskz_loadu_epi16(m, rows[j] + h));
-      }
+      const __m512 x = load_ps(rows[j] + h, m);
       acc = _mm512_add_ps(acc, w != nullptr ? _mm512_mul_ps(_mm512_set1_ps(w[j]), x) : x);
     }
     if constexpr (std::is_same_v<scalar_t, float>) {
