@@ -26,6 +26,7 @@
 
 #include <ATen/native/GroupedMM.h>
 #include <ATen/native/cpu/MoEAvx512Utils.h>
+#include <ATen/native/cpu/MoEHugePages.h>
 
 #include <ATen/Config.h>
 #include <ATen/Dispatch.h>
@@ -38,6 +39,7 @@
 #include <c10/util/irange.h>
 
 #include <algorithm>
+#include <cstdint>
 #include <cstring>
 #include <limits>
 #include <type_traits>
@@ -72,6 +74,13 @@ struct Problem {
   out_t* c; // unit stride along n
   int64_t c_rs;
   const acc_t* bias; // nullptr or n contiguous values
+  // grouped_mm_gather: row r of A is at a + a_row_idx[r] * a_rs, column k of
+  // A at a + a_col_idx[k] * a_cs, row k of B at b + b_idx[k] * b_rs; an index
+  // of -1 reads zeros.
+  const int64_t* a_row_idx = nullptr;
+  const int64_t* a_col_idx = nullptr;
+  const int64_t* b_idx = nullptr;
+  bool a_gathered() const { return a_row_idx != nullptr || a_col_idx != nullptr; }
 };
 
 struct Tile {
@@ -147,6 +156,53 @@ void gather_block(dst_t* dst, int64_t ld, const src_t* src, int64_t rs, int64_t 
       for (int64_t c = cols; c < cols_pad; ++c) dst[r * ld + c] = dst_t(0);
   } else {
     copy_block(dst, ld, src, rs, cs, rows, cols, cols_pad);
+  }
+}
+
+// Gathered rows: dst row r = row idx[r] of src (zero for -1), converted to
+// dst_t, columns [cols, cols_pad) zero. This is where an MoE layer's token
+// gather happens: inside the tile packing, never as a copy of the tokens.
+template <typename dst_t, typename src_t>
+void gather_rows(dst_t* dst, int64_t ld, const src_t* src, const int64_t* idx, int64_t rs, int64_t cs,
+                 int64_t rows, int64_t cols, int64_t cols_pad) {
+  for (int64_t r = 0; r < rows; ++r) {
+    if (idx[r] < 0) {
+      std::fill(dst + r * ld, dst + r * ld + cols_pad, dst_t(0));
+    } else {
+      copy_block(dst + r * ld, ld, src + idx[r] * rs, rs, cs, 1, cols, cols_pad);
+    }
+  }
+}
+
+// Gathered columns: dst[r * ld + c] = src[r * rs + idx[c] * cs] (zero for
+// -1), columns [cols, cols_pad) zero. Column-outer, so a source whose columns
+// are rows of a row-major matrix (rs == 1: an MoE layer's tokens, transposed)
+// is read sequentially.
+template <typename dst_t, typename src_t>
+void gather_cols(dst_t* dst, int64_t ld, const src_t* src, const int64_t* idx, int64_t rs, int64_t cs,
+                 int64_t rows, int64_t cols, int64_t cols_pad) {
+  for (int64_t c = 0; c < cols; ++c) {
+    if (idx[c] < 0) {
+      for (int64_t r = 0; r < rows; ++r) dst[r * ld + c] = dst_t(0);
+    } else {
+      const src_t* s = src + idx[c] * cs;
+      for (int64_t r = 0; r < rows; ++r) dst[r * ld + c] = static_cast<dst_t>(s[r * rs]);
+    }
+  }
+  for (int64_t r = 0; r < rows; ++r)
+    for (int64_t c = cols; c < cols_pad; ++c) dst[r * ld + c] = dst_t(0);
+}
+
+// A (mb x kc) block of a problem's A starting at row m0 and column k0, into
+// dst (leading dimension ld, columns [kc, ld) zero): gathered or strided.
+template <typename dst_t, typename P>
+void load_a_block(dst_t* dst, int64_t ld, const P& p, int64_t m0, int64_t mb, int64_t k0, int64_t kc) {
+  if (p.a_row_idx != nullptr) {
+    gather_rows(dst, ld, p.a + k0 * p.a_cs, p.a_row_idx + m0, p.a_rs, p.a_cs, mb, kc, ld);
+  } else if (p.a_col_idx != nullptr) {
+    gather_cols(dst, ld, p.a + m0 * p.a_rs, p.a_col_idx + k0, p.a_rs, p.a_cs, mb, kc, ld);
+  } else {
+    gather_block(dst, ld, p.a + m0 * p.a_rs + k0 * p.a_cs, p.a_rs, p.a_cs, mb, kc, ld);
   }
 }
 
@@ -475,14 +531,23 @@ GROUPED_MM_AVX512 void pack_words_transposed(uint32_t* dst, const void* source, 
   }
 }
 
+// Row k of a B block: src + k * rs, or with a row index (grouped_mm_gather)
+// src + rows[k] * rs, nullptr for a zero row.
+template <typename T>
+inline const T* b_row(const T* src, int64_t rs, const int64_t* rows, int64_t k) {
+  if (rows == nullptr) return src + k * rs;
+  return rows[k] < 0 ? nullptr : src + rows[k] * rs;
+}
+
 // Weight block (kc x w, strides rs/cs) -> kc x 64 float32, zero past w.
 template <typename scalar_t>
-GROUPED_MM_AVX512 void pack_b_f32(float* dst, const scalar_t* src, int64_t rs, int64_t cs, int64_t kc, int64_t w) {
+GROUPED_MM_AVX512 void pack_b_f32(float* dst, const scalar_t* src, int64_t rs, int64_t cs, int64_t kc, int64_t w,
+                                  const int64_t* rows) {
   if (cs == 1) {
     for (int64_t k = 0; k < kc; ++k) {
-      const scalar_t* s = src + k * rs;
+      const scalar_t* s = b_row(src, rs, rows, k);
       for (int64_t j = 0; j < kNR; j += 16) {
-        const __mmask16 m = moe_lanes16(w, j);
+        const __mmask16 m = s != nullptr ? moe_lanes16(w, j) : __mmask16(0);
         __m512 v;
         if constexpr (std::is_same_v<scalar_t, float>) {
           v = _mm512_maskz_loadu_ps(m, s + j);
@@ -495,7 +560,7 @@ GROUPED_MM_AVX512 void pack_b_f32(float* dst, const scalar_t* src, int64_t rs, i
     return;
   }
   if constexpr (std::is_same_v<scalar_t, float>) {
-    if (rs == 1) {
+    if (rs == 1 && rows == nullptr) {
       pack_words_transposed(reinterpret_cast<uint32_t*>(dst), src, cs, kc, w);
       return;
     }
@@ -505,13 +570,17 @@ GROUPED_MM_AVX512 void pack_b_f32(float* dst, const scalar_t* src, int64_t rs, i
     for (int64_t j = w; j < kNR; ++j) dst[k * kNR + j] = 0.f;
   }
   for (int64_t j = 0; j < w; ++j) {
-    for (int64_t k = 0; k < kc; ++k) dst[k * kNR + j] = static_cast<float>(src[k * rs + j * cs]);
+    for (int64_t k = 0; k < kc; ++k) {
+      const scalar_t* s = b_row(src, rs, rows, k);
+      dst[k * kNR + j] = s != nullptr ? static_cast<float>(s[j * cs]) : 0.f;
+    }
   }
 }
 
 // Weight block (kc x w) -> ceil(kc / 2) x 64 bfloat16 pairs (row 2p in the
 // low half, row 2p + 1 in the high half, zero past kc and past w).
-GROUPED_MM_AVX512 void pack_b_bf16(uint32_t* dst, const BFloat16* src, int64_t rs, int64_t cs, int64_t kc, int64_t w) {
+GROUPED_MM_AVX512 void pack_b_bf16(uint32_t* dst, const BFloat16* src, int64_t rs, int64_t cs, int64_t kc, int64_t w,
+                                   const int64_t* rows) {
   const int64_t pairs = (kc + 1) / 2;
   if (cs == 1) {
     // unpack{lo,hi}_epi16 interleave within 128-bit lanes; the 64-bit
@@ -519,12 +588,12 @@ GROUPED_MM_AVX512 void pack_b_bf16(uint32_t* dst, const BFloat16* src, int64_t r
     const __m512i idx0 = _mm512_setr_epi64(0, 1, 8, 9, 2, 3, 10, 11);
     const __m512i idx1 = _mm512_setr_epi64(4, 5, 12, 13, 6, 7, 14, 15);
     for (int64_t kp = 0; kp < pairs; ++kp) {
-      const BFloat16* r0 = src + 2 * kp * rs;
-      const bool has_r1 = 2 * kp + 1 < kc;
+      const BFloat16* r0 = b_row(src, rs, rows, 2 * kp);
+      const BFloat16* r1 = 2 * kp + 1 < kc ? b_row(src, rs, rows, 2 * kp + 1) : nullptr;
       for (int64_t j = 0; j < kNR; j += 32) {
         const __mmask32 m = col_mask32(w, j);
-        const __m512i x0 = _mm512_maskz_loadu_epi16(m, r0 + j);
-        const __m512i x1 = has_r1 ? _mm512_maskz_loadu_epi16(m, r0 + rs + j) : _mm512_setzero_si512();
+        const __m512i x0 = r0 != nullptr ? _mm512_maskz_loadu_epi16(m, r0 + j) : _mm512_setzero_si512();
+        const __m512i x1 = r1 != nullptr ? _mm512_maskz_loadu_epi16(m, r1 + j) : _mm512_setzero_si512();
         const __m512i lo = _mm512_unpacklo_epi16(x0, x1);
         const __m512i hi = _mm512_unpackhi_epi16(x0, x1);
         _mm512_store_si512(dst + kp * kNR + j, _mm512_permutex2var_epi64(lo, idx0, hi));
@@ -533,7 +602,7 @@ GROUPED_MM_AVX512 void pack_b_bf16(uint32_t* dst, const BFloat16* src, int64_t r
     }
     return;
   }
-  if (rs == 1 && cs % 2 == 0) {
+  if (rs == 1 && cs % 2 == 0 && rows == nullptr) {
     // K-contiguous weights: a K pair is one 32-bit word of the source.
     const int64_t full = kc / 2;
     pack_words_transposed(dst, src, cs / 2, full, w);
@@ -547,8 +616,10 @@ GROUPED_MM_AVX512 void pack_b_bf16(uint32_t* dst, const BFloat16* src, int64_t r
   }
   for (int64_t j = 0; j < w; ++j) {
     for (int64_t kp = 0; kp < pairs; ++kp) {
-      const uint32_t lo = src[2 * kp * rs + j * cs].x;
-      const uint32_t hi = 2 * kp + 1 < kc ? src[(2 * kp + 1) * rs + j * cs].x : 0;
+      const BFloat16* s0 = b_row(src, rs, rows, 2 * kp);
+      const BFloat16* s1 = 2 * kp + 1 < kc ? b_row(src, rs, rows, 2 * kp + 1) : nullptr;
+      const uint32_t lo = s0 != nullptr ? s0[j * cs].x : 0;
+      const uint32_t hi = s1 != nullptr ? s1[j * cs].x : 0;
       dst[kp * kNR + j] = lo | (hi << 16);
     }
   }
@@ -620,9 +691,9 @@ void run_tile_avx512(const Problem<scalar_t, out_t, float>& p, const Tile& t, Th
   const int64_t ld_acc = strips * kNR;
   // A is read in place when its rows are unit-stride in the compute type.
   constexpr bool kAInPlaceType = std::is_same_v<scalar_t, a_t>;
-  const bool a_in_place = kAInPlaceType && p.a_cs == 1;
-  // Weight rows are prefetched only when they are unit-stride rows.
-  const bool b_prefetch = p.b_cs == 1;
+  const bool a_in_place = kAInPlaceType && p.a_cs == 1 && !p.a_gathered();
+  // Weight rows are prefetched only when they are unit-stride rows in order.
+  const bool b_prefetch = p.b_cs == 1 && p.b_idx == nullptr;
 
   for (int64_t m0 = 0; m0 < p.m; m0 += kMC) {
     const int64_t mc = std::min(kMC, p.m - m0);
@@ -639,7 +710,9 @@ void run_tile_avx512(const Problem<scalar_t, out_t, float>& p, const Tile& t, Th
         lda = (kc + 1) / 2 * 2;
         a_t* w = workspace<a_t>(buf.a, mc * lda);
         const scalar_t* src = p.a + m0 * p.a_rs + k0 * p.a_cs;
-        if constexpr (std::is_same_v<scalar_t, Half>) {
+        if (p.a_gathered()) {
+          load_a_block(w, lda, p, m0, mc, k0, kc);
+        } else if constexpr (std::is_same_v<scalar_t, Half>) {
           if (p.a_cs == 1) {
             widen_rows_f16(w, lda, src, p.a_rs, mc, kc);
             for (int64_t r = 0; r < mc; ++r)
@@ -655,11 +728,12 @@ void run_tile_avx512(const Problem<scalar_t, out_t, float>& p, const Tile& t, Th
       for (int64_t s = 0; s < strips; ++s) {
         const int64_t j0 = t.n0 + s * kNR;
         const int64_t w = std::min(kNR, t.n0 + t.nb - j0);
-        const scalar_t* b_blk = p.b + k0 * p.b_rs + j0 * p.b_cs;
+        const int64_t* b_rows = p.b_idx != nullptr ? p.b_idx + k0 : nullptr;
+        const scalar_t* b_blk = p.b + (b_rows != nullptr ? 0 : k0 * p.b_rs) + j0 * p.b_cs;
         if constexpr (std::is_same_v<scalar_t, BFloat16>) {
-          pack_b_bf16(bpack, b_blk, p.b_rs, p.b_cs, kc, w);
+          pack_b_bf16(bpack, b_blk, p.b_rs, p.b_cs, kc, w, b_rows);
         } else {
-          pack_b_f32(bpack, b_blk, p.b_rs, p.b_cs, kc, w);
+          pack_b_f32(bpack, b_blk, p.b_rs, p.b_cs, kc, w, b_rows);
         }
         // Next weight block of this tile: next strip, else first strip of the
         // next K block (the next row chunk rereads blocks already in cache).
@@ -714,7 +788,12 @@ void run_tile_widening(const Problem<scalar_t, out_t, compute_t>& p, const Tile&
 
   const compute_t* b_ptr;
   int64_t ldb;
-  if (kInPlace && p.b_cs == 1 && (k == 1 || p.b_rs >= nb)) {
+  if (p.b_idx != nullptr) {
+    compute_t* w = workspace<compute_t>(buf.b, k * nb);
+    gather_rows(w, nb, b, p.b_idx, p.b_rs, p.b_cs, k, nb, nb);
+    b_ptr = w;
+    ldb = nb;
+  } else if (kInPlace && p.b_cs == 1 && (k == 1 || p.b_rs >= nb)) {
     b_ptr = reinterpret_cast<const compute_t*>(b);
     ldb = k == 1 ? nb : p.b_rs;
   } else {
@@ -728,7 +807,7 @@ void run_tile_widening(const Problem<scalar_t, out_t, compute_t>& p, const Tile&
   // is stored first and accumulated onto (add_C), still one rounding.
   constexpr bool kDirectOut = std::is_same_v<out_t, compute_t>;
   compute_t* acc = kDirectOut ? nullptr : workspace<compute_t>(buf.acc, kWideMB * nb);
-  const bool a_in_place = kInPlace && p.a_cs == 1 && (p.m == 1 || p.a_rs >= k);
+  const bool a_in_place = kInPlace && p.a_cs == 1 && (p.m == 1 || p.a_rs >= k) && !p.a_gathered();
   for (int64_t m0 = 0; m0 < p.m; m0 += kWideMB) {
     const int64_t mb = std::min(kWideMB, p.m - m0);
     const compute_t* a_ptr;
@@ -738,7 +817,7 @@ void run_tile_widening(const Problem<scalar_t, out_t, compute_t>& p, const Tile&
       lda = p.m == 1 ? k : p.a_rs;
     } else {
       compute_t* w = workspace<compute_t>(buf.a, mb * k);
-      gather_block(w, k, p.a + m0 * p.a_rs, p.a_rs, p.a_cs, mb, k, k);
+      load_a_block(w, k, p, m0, mb, 0, k);
       a_ptr = w;
       lda = k;
     }
@@ -783,10 +862,11 @@ constexpr int64_t kBF16MatmulMinRows = 256;
 // fine-grained groups by overlapping the weight stream with compute), except
 // for large bfloat16 groups; otherwise at::mm where it applies, else BLAS.
 template <typename scalar_t, typename out_t, typename acc_t>
-Engine choose_engine(const std::vector<Problem<scalar_t, out_t, acc_t>>& problems, bool has_bias) {
+Engine choose_engine(const std::vector<Problem<scalar_t, out_t, acc_t>>& problems, bool has_bias, bool gathered) {
   constexpr bool kMatmulCapable = (std::is_same_v<scalar_t, BFloat16> || std::is_same_v<scalar_t, float>) &&
       std::is_same_v<out_t, scalar_t>;
-  const Engine fallback = kMatmulCapable && !has_bias ? Engine::kMatmul : Engine::kWidening;
+  // at::mm cannot read rows through an index.
+  const Engine fallback = kMatmulCapable && !has_bias && !gathered ? Engine::kMatmul : Engine::kWidening;
 #ifdef GROUPED_MM_HAVE_AVX512_KERNELS
   if constexpr (std::is_same_v<scalar_t, BFloat16>) {
     int64_t rows = 0, nonempty = 0;
@@ -810,8 +890,8 @@ Engine choose_engine(const std::vector<Problem<scalar_t, out_t, acc_t>>& problem
 }
 
 template <typename scalar_t, typename out_t, typename acc_t>
-void run_problems(const std::vector<Problem<scalar_t, out_t, acc_t>>& problems, bool has_bias) {
-  const Engine engine = choose_engine(problems, has_bias);
+void run_problems(const std::vector<Problem<scalar_t, out_t, acc_t>>& problems, bool has_bias, bool gathered) {
+  const Engine engine = choose_engine(problems, has_bias, gathered);
   // Tile widths depend on the shapes only (never on the thread count), so the
   // bits of the result do not change with the number of threads.
   int64_t tile_n = kWideNB;
@@ -882,7 +962,8 @@ void run_problems(const std::vector<Problem<scalar_t, out_t, acc_t>>& problems, 
 
 template <typename scalar_t, typename out_t>
 void grouped_mm_typed(const Tensor& mat_a, const Tensor& mat_b, const std::optional<Tensor>& offs,
-                      const std::optional<Tensor>& bias, const Tensor& out) {
+                      const std::optional<Tensor>& bias, const std::optional<Tensor>& a_index,
+                      const std::optional<Tensor>& b_index, const Tensor& out) {
   using acc_t = at::opmath_type<scalar_t>;
   const auto layout = grouped_mm_layout(mat_a, mat_b);
   const int64_t groups = grouped_mm_num_groups(mat_a, mat_b, offs);
@@ -903,6 +984,8 @@ void grouped_mm_typed(const Tensor& mat_a, const Tensor& mat_b, const std::optio
   const int64_t c_rs = out.stride(-2);
   const int32_t* off = offs.has_value() ? offs->const_data_ptr<int32_t>() : nullptr;
   const int64_t off_stride = offs.has_value() ? offs->stride(0) : 0;
+  const int64_t* a_idx = a_index.has_value() ? a_index->const_data_ptr<int64_t>() : nullptr;
+  const int64_t* b_idx = b_index.has_value() ? b_index->const_data_ptr<int64_t>() : nullptr;
 
   std::vector<Problem<scalar_t, out_t, acc_t>> problems;
   problems.reserve(groups);
@@ -915,7 +998,8 @@ void grouped_mm_typed(const Tensor& mat_a, const Tensor& mat_b, const std::optio
     switch (layout) {
       case GroupedMMLayout::k2d3d:  // rows [start, end) of A and out, expert g of B
         p.m = end - start; p.n = mat_b.size(2); p.k = mat_a.size(1);
-        p.a = a + start * a_rs;
+        p.a = a_idx != nullptr ? a : a + start * a_rs;
+        p.a_row_idx = a_idx != nullptr ? a_idx + start : nullptr;
         p.b = b + g * mat_b.stride(0);
         p.c = c + start * c_rs;
         break;
@@ -928,8 +1012,10 @@ void grouped_mm_typed(const Tensor& mat_a, const Tensor& mat_b, const std::optio
         break;
       case GroupedMMLayout::k2d2d:  // contraction slice [start, end)
         p.m = mat_a.size(0); p.n = mat_b.size(1); p.k = end - start;
-        p.a = a + start * a_cs;
-        p.b = b + start * b_rs;
+        p.a = a_idx != nullptr ? a : a + start * a_cs;
+        p.a_col_idx = a_idx != nullptr ? a_idx + start : nullptr;
+        p.b = b_idx != nullptr ? b : b + start * b_rs;
+        p.b_idx = b_idx != nullptr ? b_idx + start : nullptr;
         p.c = c + g * out.stride(0);
         break;
       case GroupedMMLayout::k3d3d:
@@ -942,19 +1028,22 @@ void grouped_mm_typed(const Tensor& mat_a, const Tensor& mat_b, const std::optio
     problems.push_back(p);
     start = end;
   }
-  run_problems(problems, bias_ptr != nullptr);
+  run_problems(problems, bias_ptr != nullptr, a_idx != nullptr || b_idx != nullptr);
 }
 
 void grouped_mm_kernel(const Tensor& mat_a, const Tensor& mat_b, const std::optional<Tensor>& offs,
-                       const std::optional<Tensor>& bias, const Tensor& out) {
+                       const std::optional<Tensor>& bias, const std::optional<Tensor>& a_index,
+                       const std::optional<Tensor>& b_index, const Tensor& out) {
   TORCH_INTERNAL_ASSERT(out.stride(-1) == 1 || out.size(-1) <= 1);
+  // A weight gradient is hundreds of MB of fresh memory (MoEHugePages.h).
+  moe_advise_huge_pages(out);
   AT_DISPATCH_FLOATING_TYPES_AND2(kBFloat16, kHalf, mat_a.scalar_type(), "grouped_mm_cpu", [&] {
     if (out.scalar_type() == mat_a.scalar_type()) {
-      grouped_mm_typed<scalar_t, scalar_t>(mat_a, mat_b, offs, bias, out);
+      grouped_mm_typed<scalar_t, scalar_t>(mat_a, mat_b, offs, bias, a_index, b_index, out);
     } else {
       TORCH_INTERNAL_ASSERT(out.scalar_type() == kFloat);
       if constexpr (!std::is_same_v<scalar_t, double>) {
-        grouped_mm_typed<scalar_t, float>(mat_a, mat_b, offs, bias, out);
+        grouped_mm_typed<scalar_t, float>(mat_a, mat_b, offs, bias, a_index, b_index, out);
       }
     }
   });

@@ -18,6 +18,7 @@
 
 #include <ATen/native/MoERouting.h>
 #include <ATen/native/cpu/MoEAvx512Utils.h>
+#include <ATen/native/cpu/MoEHugePages.h>
 
 #include <ATen/Dispatch.h>
 #include <ATen/OpMathType.h>
@@ -36,37 +37,8 @@
 #include <immintrin.h>
 #endif
 
-#if defined(__linux__)
-#include <sys/mman.h>
-#include <unistd.h>
-#endif
-
 namespace at::native {
 namespace {
-
-// The permuted output is fresh memory that the gather below writes exactly
-// once, so its cost is dominated by first-touch page faults (~1 us per 4 KB
-// page: a 128 MB output spends more time faulting than copying). Asking for
-// transparent huge pages before the first touch makes that 512x fewer faults.
-// Only a hint (no effect when THP is off, or when the pages are already
-// mapped, as for small allocations served from the heap), so it never
-// changes results. c10's allocator does the same for every allocation when
-// THP_MEM_ALLOC_ENABLE=1 is set.
-void advise_huge_pages(const Tensor& fresh) {
-#if defined(__linux__) && defined(MADV_HUGEPAGE)
-  constexpr int64_t kHugePage = int64_t(2) << 20;
-  const int64_t bytes = fresh.nbytes();
-  if (bytes < 2 * kHugePage) {
-    return;
-  }
-  const auto page = static_cast<uintptr_t>(sysconf(_SC_PAGESIZE));
-  const auto begin = reinterpret_cast<uintptr_t>(fresh.const_data_ptr());
-  const uintptr_t aligned = (begin + page - 1) / page * page;
-  const uintptr_t end = begin + static_cast<uintptr_t>(bytes);
-  // Failure (EINVAL without THP support) just leaves the default pages.
-  (void)madvise(reinterpret_cast<void*>(aligned), (end - aligned) / page * page, MADV_HUGEPAGE);
-#endif
-}
 
 // Orders experts by key, descending, ties to the lower id. NaN keys were
 // mapped to -inf so the order is total.
@@ -573,7 +545,7 @@ void permute_kernel(
   });
 
   // Gather the rows in destination order. A pure copy: bytes, any dtype.
-  advise_huge_pages(permuted);
+  moe_advise_huge_pages(permuted);
   const int64_t row_bytes = tokens.size(1) * tokens.element_size();
   const int64_t in_stride = tokens.stride(0) * tokens.element_size();
   const char* in = static_cast<const char*>(tokens.const_data_ptr());
@@ -598,7 +570,7 @@ void unpermute_kernel(
   const int64_t hidden = permuted.size(1);
   const int64_t in_stride = permuted.stride(0);
   const int64_t* dst = dst_rows.const_data_ptr<int64_t>();
-  advise_huge_pages(out);
+  moe_advise_huge_pages(out);
   AT_DISPATCH_FLOATING_TYPES_AND2(kBFloat16, kHalf, permuted.scalar_type(), "moe_unpermute_cpu", [&] {
     using acc_t = at::opmath_type<scalar_t>;
     const scalar_t* in = permuted.const_data_ptr<scalar_t>();

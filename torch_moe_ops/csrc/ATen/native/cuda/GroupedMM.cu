@@ -16,6 +16,9 @@
 #include <ATen/ops/_grouped_mm.h>
 #include <ATen/ops/mm.h>
 #include <ATen/ops/empty_strided.h>
+#include <ATen/ops/index_select.h>
+#include <ATen/ops/where.h>
+#include <ATen/ops/zeros_like.h>
 #include <c10/cuda/CUDAException.h>
 
 namespace at::native {
@@ -128,6 +131,31 @@ Tensor grouped_mm_cuda(
     zero_uncovered(out, *offs, /*split_rows=*/false);
   }
   return out;
+}
+
+// The gathered operands are materialised here (index_select, -1 entries
+// zeroed) and run through grouped_mm_cuda; the CPU kernel reads them in
+// place. A Hopper kernel that gathers inside its TMA loads replaces this in a
+// later change.
+Tensor grouped_mm_gather_cuda(
+    const Tensor& mat_a,
+    const Tensor& mat_b,
+    const Tensor& offs,
+    const std::optional<Tensor>& a_index,
+    const std::optional<Tensor>& b_index,
+    const std::optional<Tensor>& bias,
+    std::optional<ScalarType> out_dtype) {
+  grouped_mm_gather_check_inputs(mat_a, mat_b, offs, a_index, b_index, bias, out_dtype);
+  const auto gather = [](const Tensor& mat, const Tensor& index, int64_t dim) {
+    const Tensor ok = index.ge(-1).logical_and(index.lt(mat.size(dim))).all();
+    at::_assert_async(ok, "grouped_mm_gather: index out of range [-1, size)");
+    const Tensor valid = index.ge(0);
+    Tensor picked = at::index_select(mat, dim, at::where(valid, index, at::zeros_like(index)));
+    return picked.mul_(valid.unsqueeze(1 - dim).to(picked.scalar_type()));
+  };
+  const Tensor a = a_index.has_value() ? gather(mat_a, *a_index, grouped_mm_gather_dim(true, mat_a, mat_b)) : mat_a;
+  const Tensor b = b_index.has_value() ? gather(mat_b, *b_index, 0) : mat_b;
+  return grouped_mm_cuda(a, b, offs, bias, out_dtype);
 }
 
 } // namespace at::native
