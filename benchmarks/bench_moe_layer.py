@@ -7,8 +7,12 @@ with ``config._experts_implementation`` switched between
 
   eager       transformers' per-expert loop
   grouped_mm  transformers' sort + gather + torch._grouped_mm path
-  ours        "torch_moe_ops": permute + grouped_mm + SwiGLU + grouped_mm + unpermute
+  unfused     "torch_moe_ops_unfused": permute + grouped_mm + SwiGLU + grouped_mm + unpermute
               (the unfused composition of our ops)
+  ours        "torch_moe_ops": the fused experts (moe_ops::expert_mlp: tokens gathered
+              inside the GEMM, SwiGLU between the GEMMs in cache-sized chunks, only the
+              up-projection output kept for a backward that never rebuilds the
+              down-projection output)
 
 on the same weights and the same skewed routing (weights requiring grad, as
 they do in training). Per shape it prints forward, backward and total time
@@ -40,7 +44,8 @@ from _harness import interleaved_medians, print_machine, report
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 SHAPES_JSON = os.path.join(HERE, "..", "..", "shared", "moe_shapes.json")
-IMPLS = {"eager": "eager", "grouped_mm": "grouped_mm", "ours": moe_transformers.NAME}
+IMPLS = {"eager": "eager", "grouped_mm": "grouped_mm", "unfused": moe_transformers.UNFUSED_NAME,
+         "ours": moe_transformers.NAME}
 # Bytes of zero gradients the eager loop may materialise per step (see run()).
 EAGER_MAX_TRAFFIC = 12 * 2**30
 
@@ -148,14 +153,15 @@ def run(cfg: Config, min_run_time: float, rounds: int) -> Result:
     # others add the k rows in bf16, ours in fp32).
     reference = impls[0]
     results = {}
-    for impl in (reference, "ours"):
+    for impl in (reference, "unfused", "ours"):
         for t in (x, weights, *params):
             t.grad = None
         out = forward(impl)
         out.backward(grad)
         results[impl] = [out.detach(), x.grad, weights.grad, *(p.grad for p in params)]
-    for got, ref in zip(results["ours"], results[reference]):
-        torch.testing.assert_close(got.float(), ref.float(), rtol=0, atol=8 * 2**-8 * ref.abs().max().item())
+    for impl in ("unfused", "ours"):
+        for got, ref in zip(results[impl], results[reference]):
+            torch.testing.assert_close(got.float(), ref.float(), rtol=0, atol=8 * 2**-8 * ref.abs().max().item())
 
     env = dict(forward=forward, forward_backward=forward_backward)
 
@@ -163,7 +169,7 @@ def run(cfg: Config, min_run_time: float, rounds: int) -> Result:
         return {f"{kind} {impl}": f"{fn}({impl!r})" for impl in impls
                 for kind, fn in (("fwd", "forward"), ("total", "forward_backward"))}
 
-    t = interleaved_medians(stmts(["grouped_mm", "ours"]), env, min_run_time, rounds)
+    t = interleaved_medians(stmts(["grouped_mm", "unfused", "ours"]), env, min_run_time, rounds)
     if "eager" in impls:
         # One round: the loop's backward is seconds per step.
         t.update(interleaved_medians(stmts(["eager"]), env, 0.0, 1))

@@ -30,7 +30,12 @@ CARRIED_DIRS = ["torch_moe_ops/csrc/ATen"]
 
 # fnmatch patterns of sources deliberately kept out of the series, with why.
 # (fnmatch's * also matches "/".)
-NOT_UPSTREAMED: dict[str, str] = {}
+NOT_UPSTREAMED: dict[str, str] = {
+    "torch_moe_ops/csrc/ATen/native/ExpertMLP.*": (
+        "the fused expert MLP is a layer-level composition (the torchao / torchtitan level of the stack) of "
+        "kernels that do go upstream (_grouped_mm and its gathered form, the routing ops); upstream takes the "
+        "primitives, not the layer"),
+}
 
 
 def _declared_at() -> str:
@@ -354,6 +359,14 @@ backend shares (ATen/native/GroupedMM.h):
 - offs validated (non-decreasing, non-negative, within the grouped dimension);
   uncovered output elements are zero;
 - every error is a ValueError naming the argument and the value received.
+- large outputs (a weight gradient is hundreds of MB) ask for transparent huge
+  pages before the first touch: page faults otherwise cost more than the GEMM.
+
+GroupedMM.{h,cpp,cu} also carry grouped_mm_gather, the same kernels with the
+grouped dimension read through an int64 index (-1 reads zeros), which lets an
+MoE layer run its expert GEMMs and their weight gradients straight from the
+unsorted tokens. Its schema (_grouped_mm_gather), meta function and OpInfo are
+left to a follow-up; until then those functions are compiled, not registered.
 
 Dispatch: CPU now points at grouped_mm_cpu. CompositeExplicitAutograd stays for
 the other backends. CUDA stays at _grouped_mm_cuda on purpose: the CUDA entry
@@ -377,6 +390,7 @@ torchgen parses the patched native_functions.yaml.""",
                 Copy(f"{NATIVE}/GroupedMM.cpp", "torch_moe_ops/csrc/ATen/native/GroupedMM.cpp"),
                 Copy(f"{NATIVE}/cpu/GroupedMMKernel.cpp", "torch_moe_ops/csrc/ATen/native/cpu/GroupedMMKernel.cpp"),
                 Copy(f"{NATIVE}/cpu/MoEAvx512Utils.h", "torch_moe_ops/csrc/ATen/native/cpu/MoEAvx512Utils.h"),
+                Copy(f"{NATIVE}/cpu/MoEHugePages.h", "torch_moe_ops/csrc/ATen/native/cpu/MoEHugePages.h"),
                 Copy(f"{NATIVE}/cuda/GroupedMM.cu", "torch_moe_ops/csrc/ATen/native/cuda/GroupedMM.cu"),
                 Edit(f"{NATIVE}/native_functions.yaml", [(
                     "  dispatch:\n"

@@ -91,10 +91,14 @@ def small_config(name, **overrides):
     return MoEConfig.from_shapes(entry, scale=scale, **overrides)
 
 
+IMPLS = ["fused", "unfused"]
+
+
+@pytest.mark.parametrize("impl", IMPLS)
 @pytest.mark.parametrize("name", MODELS)
-def test_matches_per_token_reference(name):
+def test_matches_per_token_reference(name, impl):
     torch.manual_seed(0)
-    config = small_config(name)
+    config = small_config(name, experts_impl=impl)
     moe = MoE(config, dtype=torch.float64)
     with torch.no_grad():
         for p in moe.parameters():
@@ -107,10 +111,12 @@ def test_matches_per_token_reference(name):
     assert counts.dtype == torch.int32 and int(counts.sum()) == 38 * config.top_k
 
 
+@pytest.mark.parametrize("impl", IMPLS)
 @pytest.mark.parametrize("activation", ["geglu", "silu", "gelu", "relu"])
-def test_other_activations(activation):
+def test_other_activations(activation, impl):
     torch.manual_seed(1)
-    config = MoEConfig(hidden=24, intermediate=20, num_experts=6, top_k=2, activation=activation, expert_bias=True)
+    config = MoEConfig(hidden=24, intermediate=20, num_experts=6, top_k=2, activation=activation, expert_bias=True,
+                       experts_impl=impl)
     moe = MoE(config, dtype=torch.float64)
     x = torch.randn(13, 24, dtype=torch.float64)
     torch.testing.assert_close(moe(x)[0], reference_moe(moe, x), rtol=1e-10, atol=1e-12)
@@ -129,12 +135,13 @@ def test_zero_tokens_and_aux_loss():
     assert moe.router_weight.grad is not None and moe.router_weight.grad.abs().sum() > 0
 
 
-def test_gradcheck():
+@pytest.mark.parametrize("impl", IMPLS)
+def test_gradcheck(impl):
     """Gradients of input and every parameter against finite differences. The
     selection is piecewise constant, so inputs are drawn far from ties."""
     torch.manual_seed(2)
     config = MoEConfig(hidden=6, intermediate=4, num_experts=4, top_k=2, renormalize=True, expert_bias=True,
-                       shared_intermediate=3)
+                       shared_intermediate=3, experts_impl=impl)
     moe = MoE(config, dtype=torch.float64)
     names = [n for n, _ in moe.named_parameters()]
     params = [p.detach().clone().requires_grad_() for p in moe.parameters()]
@@ -147,14 +154,15 @@ def test_gradcheck():
     assert torch.autograd.gradcheck(f, (x, *params), eps=1e-6, atol=1e-6)
 
 
-def test_bf16_close_to_float64():
+@pytest.mark.parametrize("impl", IMPLS)
+def test_bf16_close_to_float64(impl):
     """bf16 end to end against the float64 reference on the same (bf16)
     weights: the up-projection, the activation, the down-projection and the
     combine each round to bf16 once (2^-9 relative each), and the activation
     multiplies two rounded values; 3% of the output's scale bounds that with
     room, while a wrong expert or weight is off by the output's own size."""
     torch.manual_seed(3)
-    config = small_config("deepseek-v3")
+    config = small_config("deepseek-v3", experts_impl=impl)
     moe64 = MoE(config, dtype=torch.float64)
     moe16 = MoE(config, dtype=torch.bfloat16)
     moe16.load_state_dict({k: v.to(torch.bfloat16) if v.is_floating_point() and k != "score_bias" else v
@@ -167,8 +175,9 @@ def test_bf16_close_to_float64():
     torch.testing.assert_close(out.double(), ref, rtol=0, atol=3e-2 * ref.abs().max().item())
 
 
-def test_compile_fullgraph_no_recompile():
-    config = small_config("deepseek-v3")
+@pytest.mark.parametrize("impl", IMPLS)
+def test_compile_fullgraph_no_recompile(impl):
+    config = small_config("deepseek-v3", experts_impl=impl)
     moe = MoE(config)
     counter = torch._dynamo.testing.CompileCounter()
     compiled = torch.compile(moe, backend=counter, fullgraph=True, dynamic=True)

@@ -76,7 +76,7 @@ def test_series_apply_in_order(tree):
 def test_kernel_files_are_the_extension_sources(tree):
     copies = [c for p in manifest.SERIES[0].patches for c in p.changes
               if isinstance(c, manifest.Copy) and c.path.startswith("aten/")]
-    assert len(copies) == 9
+    assert len(copies) == 10
     for change in copies:
         assert filecmp.cmp(os.path.join(tree, change.path), os.path.join(manifest.REPO_ROOT, change.source),
                            shallow=False), change.path

@@ -49,16 +49,21 @@ def build(name, implementation, dtype):
     return model
 
 
+IMPLEMENTATIONS = {moe_transformers.NAME: moe_transformers.moe_ops_experts_forward,
+                   moe_transformers.UNFUSED_NAME: moe_transformers.moe_ops_experts_unfused_forward}
+
+
+@pytest.mark.parametrize("implementation", sorted(IMPLEMENTATIONS))
 @pytest.mark.parametrize("name", sorted(CONFIGS))
-def test_logits_and_gradients_match_eager(name, monkeypatch):
-    ours = build(name, "torch_moe_ops", torch.float64)
+def test_logits_and_gradients_match_eager(name, implementation, monkeypatch):
+    ours = build(name, implementation, torch.float64)
     eager = build(name, "eager", torch.float64)
     eager.load_state_dict(ours.state_dict())
     # The experts must really run through our ops (a fallback to eager would
     # make this test pass trivially).
     calls = []
-    forward = moe_transformers.moe_ops_experts_forward
-    monkeypatch.setitem(transformers.integrations.moe.ExpertsInterface._global_mapping, "torch_moe_ops",
+    forward = IMPLEMENTATIONS[implementation]
+    monkeypatch.setitem(transformers.integrations.moe.ExpertsInterface._global_mapping, implementation,
                         lambda *a, **k: calls.append(1) or forward(*a, **k))
     ids = torch.randint(0, 97, (2, 13), generator=torch.Generator().manual_seed(1))
     out, ref = ours(ids, labels=ids), eager(ids, labels=ids)
@@ -72,6 +77,31 @@ def test_logits_and_gradients_match_eager(name, monkeypatch):
             assert grads[pname].grad is None, pname
             continue
         torch.testing.assert_close(p.grad, grads[pname].grad, rtol=1e-9, atol=1e-12, msg=lambda m: f"{pname}: {m}")
+
+
+@pytest.mark.parametrize("name", sorted(CONFIGS))
+def test_every_model_takes_the_fused_path(name):
+    """The models' gates are ones expert_mlp implements, so "torch_moe_ops"
+    runs them fused rather than falling back to the unfused composition."""
+    model = build(name, moe_transformers.NAME, torch.float32)
+    experts = [m for m in model.modules() if hasattr(m, "has_gate") and hasattr(m, "down_proj")]
+    assert experts
+    for m in experts:
+        assert moe_transformers.fused_activation(m) is not None, type(m).__name__
+
+
+def test_unknown_gate_falls_back_to_unfused(monkeypatch):
+    """A module whose gate expert_mlp does not implement still runs, through
+    the module's own gate in the unfused composition."""
+    model = build("qwen3_moe", moe_transformers.NAME, torch.float64)
+    eager = build("qwen3_moe", "eager", torch.float64)
+    eager.load_state_dict(model.state_dict())
+    for m in list(model.modules()) + list(eager.modules()):
+        if hasattr(m, "has_gate") and hasattr(m, "down_proj"):
+            m.act_fn = torch.nn.Tanh()
+    assert all(moe_transformers.fused_activation(m) is None for m in model.modules() if hasattr(m, "has_gate"))
+    ids = torch.randint(0, 97, (2, 9), generator=torch.Generator().manual_seed(3))
+    torch.testing.assert_close(model(ids).logits, eager(ids).logits, rtol=1e-10, atol=1e-12)
 
 
 @pytest.mark.parametrize("name", ["qwen3_moe", "gpt_oss"])

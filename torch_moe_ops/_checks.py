@@ -137,6 +137,113 @@ def check_grouped_mm_inputs(
     return out_dtype
 
 
+# --------------------------------------------------------- grouped_mm_gather
+# Restates the grouped_mm_gather checks of GroupedMM.h.
+
+
+def grouped_mm_gather_dim(is_a: bool, mat_b: torch.Tensor) -> int:
+    """Dimension of the operand that its index replaces (the one offs splits)."""
+    return 1 if is_a and mat_b.dim() == 2 else 0
+
+
+def grouped_mm_gathered_shape(mat: torch.Tensor, index: Optional[torch.Tensor], dim: int) -> torch.Tensor:
+    """A stride-0 stand-in with the gathered operand's shape, for the grouped_mm checks."""
+    if index is None:
+        return mat
+    size = list(mat.shape)
+    size[dim] = index.shape[0]
+    return mat.new_empty((1, 1)).expand(size)
+
+
+def _check_gather_index(index: torch.Tensor, mat_a: torch.Tensor, name: str) -> None:
+    chk = torch._check_value
+    chk(index.dim() == 1,
+        lambda: f"grouped_mm_gather: {name} must be 1-D, got {index.dim()}-D with sizes {_sizes(index)}")
+    chk(index.dtype == torch.int64, lambda: f"grouped_mm_gather: {name} must be int64, got {_c10(index.dtype)}")
+    chk(index.device == mat_a.device,
+        lambda: f"grouped_mm_gather: {name} must be on the device of mat_a ({mat_a.device}), got {index.device}")
+
+
+def check_grouped_mm_gather_inputs(mat_a, mat_b, offs, a_index, b_index, bias, out_dtype):
+    """Validates grouped_mm_gather's arguments; returns (gathered A, gathered B, out dtype)."""
+    chk = torch._check_value
+    chk(a_index is not None or b_index is not None,
+        lambda: "grouped_mm_gather: a_index or b_index must be given (else call grouped_mm)")
+    chk(mat_a.dim() == 2 and mat_b.dim() in (2, 3),
+        lambda: "grouped_mm_gather: needs mat_a 2-D and mat_b 3-D (rows of A gathered) or 2-D (K gathered), "
+        f"got mat_a {_sizes(mat_a)} and mat_b {_sizes(mat_b)}")
+    chk(b_index is None or mat_b.dim() == 2,
+        lambda: f"grouped_mm_gather: b_index needs mat_b 2-D (the 2D x 2D layout), got mat_b {_sizes(mat_b)}")
+    if a_index is not None:
+        _check_gather_index(a_index, mat_a, "a_index")
+    if b_index is not None:
+        _check_gather_index(b_index, mat_a, "b_index")
+    a = grouped_mm_gathered_shape(mat_a, a_index, grouped_mm_gather_dim(True, mat_b))
+    b = grouped_mm_gathered_shape(mat_b, b_index, 0)
+    return a, b, check_grouped_mm_inputs(a, b, offs, bias, out_dtype)
+
+
+# --------------------------------------------------------------- expert_mlp
+# Restates csrc/ATen/native/ExpertMLP.h.
+
+EXPERT_ACTIVATIONS = ("swiglu", "geglu", "swiglu_clamped", "silu", "gelu", "relu")
+GATED_ACTIVATIONS = ("swiglu", "geglu", "swiglu_clamped")
+
+
+def check_expert_mlp_inputs(tokens, src_rows, offs, dst_rows, weights, gate_up_proj, down_proj, gate_up_bias,
+                            down_bias, activation, gate_up_interleaved) -> None:
+    chk = torch._check_value
+    chk(activation in EXPERT_ACTIVATIONS,
+        lambda: "expert_mlp: activation must be one of swiglu, geglu, swiglu_clamped, silu, gelu, relu, "
+        f'got "{activation}"')
+    gated = activation in GATED_ACTIVATIONS
+    chk(not gate_up_interleaved or gated,
+        lambda: f'expert_mlp: gate_up_interleaved needs a gated activation, got "{activation}"')
+    chk(tokens.dim() == 2,
+        lambda: f"expert_mlp: tokens must be 2-D (tokens, hidden), got {tokens.dim()}-D with sizes {_sizes(tokens)}")
+    chk(tokens.dtype in GROUPED_MM_DTYPES,
+        lambda: f"expert_mlp: tokens must be float32, float16, bfloat16 or float64, got {_c10(tokens.dtype)}")
+    chk(src_rows.dim() == 1 and src_rows.dtype == torch.int64,
+        lambda: f"expert_mlp: src_rows must be 1-D int64 (permute's src_rows), got {src_rows.dim()}-D "
+        f"{_c10(src_rows.dtype)}")
+    chk(dst_rows.dim() == 2 and dst_rows.dtype == torch.int64 and dst_rows.shape[0] == tokens.shape[0],
+        lambda: f"expert_mlp: dst_rows must be int64 (tokens, top_k) with tokens={tokens.shape[0]}, got "
+        f"{_c10(dst_rows.dtype)} of sizes {_sizes(dst_rows)}")
+    chk(dst_rows.shape[1] > 0, lambda: f"expert_mlp: dst_rows must have top_k >= 1, got sizes {_sizes(dst_rows)}")
+    chk(gate_up_proj.dim() == 3 and down_proj.dim() == 3,
+        lambda: f"expert_mlp: gate_up_proj (E, H, N1) and down_proj (E, I, H) must be 3-D, got "
+        f"{_sizes(gate_up_proj)} and {_sizes(down_proj)}")
+    experts, hidden, inter = gate_up_proj.shape[0], tokens.shape[1], down_proj.shape[1]
+    chk(gate_up_proj.shape[1] == hidden and down_proj.shape[2] == hidden,
+        lambda: f"expert_mlp: gate_up_proj must be (E, H, N1) and down_proj (E, I, H) with H={hidden} (tokens "
+        f"{_sizes(tokens)}), got {_sizes(gate_up_proj)} and {_sizes(down_proj)}")
+    chk(down_proj.shape[0] == experts and offs.dim() == 1 and offs.shape[0] == experts,
+        lambda: "expert_mlp: gate_up_proj, down_proj and offs must agree on the number of experts, got "
+        f"{_sizes(gate_up_proj)}, {_sizes(down_proj)} and offs of sizes {_sizes(offs)}")
+    n1 = 2 * inter if gated else inter
+    chk(gate_up_proj.shape[2] == n1,
+        lambda: f'expert_mlp: gate_up_proj must have N1={n1} columns for activation "{activation}" with I={inter} '
+        f"(down_proj {_sizes(down_proj)}), got {_sizes(gate_up_proj)}")
+    chk(gate_up_proj.dtype == tokens.dtype and down_proj.dtype == tokens.dtype,
+        lambda: f"expert_mlp: gate_up_proj and down_proj must have the dtype of tokens ({_c10(tokens.dtype)}), "
+        f"got {_c10(gate_up_proj.dtype)} and {_c10(down_proj.dtype)}")
+    if weights is not None:
+        chk(weights.shape == dst_rows.shape,
+            lambda: f"expert_mlp: weights must have the shape of dst_rows {_sizes(dst_rows)}, got {_sizes(weights)}")
+        chk(weights.dtype in (torch.float32, tokens.dtype),
+            lambda: f"expert_mlp: weights must be float32 or the dtype of tokens ({_c10(tokens.dtype)}), "
+            f"got {_c10(weights.dtype)}")
+    if gate_up_bias is not None:
+        chk(gate_up_bias.dim() == 2 and gate_up_bias.shape[0] == experts and gate_up_bias.shape[1] == n1,
+            lambda: f"expert_mlp: gate_up_bias must be (E, N1) = ({experts}, {n1}), got {_sizes(gate_up_bias)}")
+    if down_bias is not None:
+        chk(down_bias.dim() == 2 and down_bias.shape[0] == experts and down_bias.shape[1] == hidden,
+            lambda: f"expert_mlp: down_bias must be (E, H) = ({experts}, {hidden}), got {_sizes(down_bias)}")
+    for t in (src_rows, offs, dst_rows, gate_up_proj, down_proj):
+        chk(t.device == tokens.device,
+            lambda: f"expert_mlp: every input must be on the device of tokens ({tokens.device}), got one on {t.device}")
+
+
 # ------------------------------------------------------------------ routing ops
 # Restates csrc/ATen/native/MoERouting.h one for one, with the same messages.
 

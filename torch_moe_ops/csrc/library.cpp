@@ -5,6 +5,7 @@
 #include <Python.h>
 #include <torch/library.h>
 
+#include <ATen/native/ExpertMLP.h>
 #include <ATen/native/GroupedMM.h>
 #include <ATen/native/MoERouting.h>
 
@@ -32,6 +33,9 @@ TORCH_LIBRARY(moe_ops, m) {
       "grouped_mm(Tensor mat_a, Tensor mat_b, Tensor? offs=None, Tensor? bias=None, "
       "ScalarType? out_dtype=None) -> Tensor");
   m.def(
+      "grouped_mm_gather(Tensor mat_a, Tensor mat_b, Tensor offs, Tensor? a_index=None, Tensor? b_index=None, "
+      "Tensor? bias=None, ScalarType? out_dtype=None) -> Tensor");
+  m.def(
       "router_topk(Tensor logits, int k, str score_func=\"softmax\", Tensor? bias=None, int n_group=1, "
       "int topk_group=1, bool renormalize=False, float scaling_factor=1.0) -> (Tensor weights, Tensor expert_ids, "
       "Tensor counts)");
@@ -40,24 +44,42 @@ TORCH_LIBRARY(moe_ops, m) {
       "int? num_local_experts=None) -> (Tensor permuted, Tensor dst_rows, Tensor src_rows, Tensor offs)");
   m.def("unpermute(Tensor permuted, Tensor dst_rows, Tensor? weights=None) -> Tensor");
   m.def(
+      "expert_mlp(Tensor tokens, Tensor src_rows, Tensor offs, Tensor dst_rows, Tensor? weights, "
+      "Tensor gate_up_proj, Tensor down_proj, Tensor? gate_up_bias=None, Tensor? down_bias=None, "
+      "str activation=\"swiglu\", bool gate_up_interleaved=False, float swiglu_alpha=1.702, "
+      "float swiglu_limit=7.0) -> (Tensor out, Tensor h)");
+  m.def(
+      "expert_mlp_backward(Tensor grad_out, Tensor tokens, Tensor src_rows, Tensor offs, Tensor dst_rows, "
+      "Tensor? weights, Tensor gate_up_proj, Tensor down_proj, Tensor? gate_up_bias, Tensor? down_bias, Tensor h, "
+      "str activation, bool gate_up_interleaved, float swiglu_alpha, float swiglu_limit, bool[4] output_mask) -> "
+      "(Tensor grad_tokens, Tensor grad_weights, Tensor grad_gate_up_proj, Tensor grad_down_proj, "
+      "Tensor grad_gate_up_bias, Tensor grad_down_bias)");
+  m.def(
       "unpermute_backward(Tensor grad_output, Tensor dst_rows, SymInt num_rows, Tensor? weights=None, "
       "Tensor? permuted=None) -> (Tensor grad_permuted, Tensor grad_weights)");
 }
 
 TORCH_LIBRARY_IMPL(moe_ops, CPU, m) {
   m.impl("grouped_mm", &at::native::grouped_mm_cpu);
+  m.impl("grouped_mm_gather", &at::native::grouped_mm_gather_cpu);
   m.impl("router_topk", &at::native::moe_router_topk_cpu);
   m.impl("permute", &at::native::moe_permute_cpu);
   m.impl("unpermute", &at::native::moe_unpermute_cpu);
   m.impl("unpermute_backward", &at::native::moe_unpermute_backward_cpu);
+  m.impl("expert_mlp", &at::native::expert_mlp);
+  m.impl("expert_mlp_backward", &at::native::expert_mlp_backward);
 }
 
 #if defined(TORCH_MOE_OPS_WITH_CUDA)
 TORCH_LIBRARY_IMPL(moe_ops, CUDA, m) {
   m.impl("grouped_mm", &at::native::grouped_mm_cuda);
+  m.impl("grouped_mm_gather", &at::native::grouped_mm_gather_cuda);
   m.impl("router_topk", &at::native::moe_router_topk_cuda);
   m.impl("permute", &at::native::moe_permute_cuda);
   m.impl("unpermute", &at::native::moe_unpermute_cuda);
   m.impl("unpermute_backward", &at::native::moe_unpermute_backward_cuda);
+  // Device-generic compositions of the kernels above.
+  m.impl("expert_mlp", &at::native::expert_mlp);
+  m.impl("expert_mlp_backward", &at::native::expert_mlp_backward);
 }
 #endif

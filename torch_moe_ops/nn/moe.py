@@ -1,6 +1,12 @@
 """An MoE layer on the moe_ops: router, routed experts, optional shared expert.
 
-The experts run as the unfused composition of the ops::
+The experts run as one fused op (``experts_impl="fused"``, the default)::
+
+    out = fused_experts(x, ids, weights, gate_up_proj^T, down_proj^T, ...)
+
+which keeps only x, the routing and the up-projection output for the
+backward, or (``experts_impl="unfused"``, the simple reference kept beside
+it) as the composition of the ops::
 
     weights, ids, counts = router_topk(x @ router_weight.T, ...)
     rows, dst_rows, _, offs = permute(x, ids, E)
@@ -16,13 +22,13 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Optional
+from typing import Literal, Optional
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..ops import grouped_mm, permute, router_topk, unpermute
+from ..ops import fused_experts, grouped_mm, permute, router_topk, unpermute
 
 ACTIVATIONS = ("swiglu", "geglu", "swiglu_clamped", "silu", "gelu", "relu")
 GATED = ("swiglu", "geglu", "swiglu_clamped")
@@ -48,6 +54,8 @@ class MoEConfig:
     shared_intermediate: width of a shared SwiGLU expert every token passes
         through (DeepSeek-V3, Llama 4); 0 for none.
     aux_loss: also return the Switch load-balancing loss.
+    experts_impl: "fused" (moe_ops::expert_mlp: memory-lean backward) or
+        "unfused" (permute / grouped_mm / activation / grouped_mm / unpermute).
     """
 
     hidden: int
@@ -67,10 +75,13 @@ class MoEConfig:
     expert_bias: bool = False
     shared_intermediate: int = 0
     aux_loss: bool = False
+    experts_impl: Literal["fused", "unfused"] = "fused"
 
     def __post_init__(self) -> None:
         if self.activation not in ACTIVATIONS:
             raise ValueError(f"MoEConfig: activation must be one of {ACTIVATIONS}, got {self.activation!r}")
+        if self.experts_impl not in ("fused", "unfused"):
+            raise ValueError(f"MoEConfig: experts_impl must be 'fused' or 'unfused', got {self.experts_impl!r}")
         if self.gate_up_interleaved and self.activation not in GATED:
             raise ValueError(f"MoEConfig: gate_up_interleaved needs a gated activation, got {self.activation!r}")
 
@@ -161,6 +172,11 @@ class MoE(nn.Module):
 
     def experts(self, x: torch.Tensor, weights: torch.Tensor, expert_ids: torch.Tensor) -> torch.Tensor:
         """The routed experts on tokens (T, H) with their (T, k) routing."""
+        c = self.config
+        if c.experts_impl == "fused":
+            return fused_experts(x, expert_ids, weights, self.gate_up_proj.transpose(-2, -1),
+                                 self.down_proj.transpose(-2, -1), self.gate_up_bias, self.down_bias, c.activation,
+                                 c.gate_up_interleaved, c.swiglu_alpha, c.swiglu_limit)
         rows, dst_rows, _, offs = permute(x, expert_ids, self.config.num_experts)
         h = grouped_mm(rows, self.gate_up_proj.transpose(-2, -1), offs, self.gate_up_bias)
         y = grouped_mm(expert_activation(h, self.config), self.down_proj.transpose(-2, -1), offs, self.down_bias)

@@ -122,3 +122,4 @@ def _backward(ctx, grad):
 
 
 torch.library.register_autograd("moe_ops::grouped_mm", _backward, setup_context=_setup_context)
+

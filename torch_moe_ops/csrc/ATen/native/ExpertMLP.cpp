@@ -1,0 +1,321 @@
+// moe_ops::expert_mlp and its backward (see ExpertMLP.h): device-generic
+// composition of the moe_ops kernels, registered for CPU and CUDA.
+//
+// What is kept between forward and backward is h (R, N1) plus the inputs;
+// what the backward materialises is bounded by one (R, H) and a few (R, I)
+// buffers, none of them a copy of the tokens: every token or token-gradient
+// row is read in place through grouped_mm_gather.
+//
+// The activation and its derivative run in row chunks inside parallel_for,
+// in float32 (float64 for float64) and rounded once, so their temporaries are
+// cache-sized instead of (R, N1)-sized, and the bits do not depend on the
+// thread count (chunks are fixed by the shapes, each row computed alone).
+
+#include <ATen/native/ExpertMLP.h>
+
+#include <ATen/Functions.h>
+#include <ATen/Parallel.h>
+#include <ATen/TensorOperators.h>
+#include <ATen/core/dispatch/Dispatcher.h>
+
+namespace at::native {
+namespace {
+
+// The other moe_ops are reached through the dispatcher, so the composition
+// runs on whatever device the inputs are on.
+Tensor grouped_mm_op(const Tensor& a, const Tensor& b, const std::optional<Tensor>& offs,
+                     const std::optional<Tensor>& bias, std::optional<ScalarType> out_dtype) {
+  static auto op = c10::Dispatcher::singleton()
+                       .findSchemaOrThrow("moe_ops::grouped_mm", "")
+                       .typed<Tensor(const Tensor&, const Tensor&, const std::optional<Tensor>&,
+                                     const std::optional<Tensor>&, std::optional<ScalarType>)>();
+  return op.call(a, b, offs, bias, out_dtype);
+}
+
+Tensor grouped_mm_gather_op(const Tensor& a, const Tensor& b, const Tensor& offs, const std::optional<Tensor>& a_index,
+                            const std::optional<Tensor>& b_index, const std::optional<Tensor>& bias,
+                            std::optional<ScalarType> out_dtype) {
+  static auto op = c10::Dispatcher::singleton()
+                       .findSchemaOrThrow("moe_ops::grouped_mm_gather", "")
+                       .typed<Tensor(const Tensor&, const Tensor&, const Tensor&, const std::optional<Tensor>&,
+                                     const std::optional<Tensor>&, const std::optional<Tensor>&,
+                                     std::optional<ScalarType>)>();
+  return op.call(a, b, offs, a_index, b_index, bias, out_dtype);
+}
+
+Tensor unpermute_op(const Tensor& permuted, const Tensor& dst_rows, const std::optional<Tensor>& weights) {
+  static auto op = c10::Dispatcher::singleton()
+                       .findSchemaOrThrow("moe_ops::unpermute", "")
+                       .typed<Tensor(const Tensor&, const Tensor&, const std::optional<Tensor>&)>();
+  return op.call(permuted, dst_rows, weights);
+}
+
+struct Activation {
+  ExpertActivation kind;
+  bool interleaved;
+  double alpha, limit;
+  int64_t inter; // I
+};
+
+ScalarType acc_type(ScalarType t) {
+  return t == kDouble ? kDouble : kFloat;
+}
+
+// 16-bit GEMM outputs that feed more arithmetic stay in float32.
+std::optional<ScalarType> wide_out(ScalarType t) {
+  return t == kHalf || t == kBFloat16 ? std::optional<ScalarType>(kFloat) : std::nullopt;
+}
+
+std::pair<Tensor, Tensor> split_gate_up(const Tensor& h, const Activation& p) {
+  if (p.interleaved) {
+    return {h.slice(1, 0, 2 * p.inter, 2), h.slice(1, 1, 2 * p.inter, 2)};
+  }
+  return {h.narrow(1, 0, p.inter), h.narrow(1, p.inter, p.inter)};
+}
+
+// a = act(h), h in the accumulation type.
+Tensor activation_forward(const Tensor& h, const Activation& p) {
+  switch (p.kind) {
+    case ExpertActivation::kSiLU: return at::silu(h);
+    case ExpertActivation::kGeLU: return at::gelu(h);
+    case ExpertActivation::kReLU: return at::relu(h);
+    default: break;
+  }
+  auto [gate, up] = split_gate_up(h, p);
+  if (p.kind == ExpertActivation::kSwiGLU) {
+    return at::silu(gate) * up;
+  }
+  if (p.kind == ExpertActivation::kGeGLU) {
+    return at::gelu(gate) * up;
+  }
+  // gpt-oss: gate clamped above, up clamped both ways, (up + 1) * gate * sigmoid(alpha * gate).
+  const Tensor g = gate.clamp_max(p.limit);
+  return (up.clamp(-p.limit, p.limit) + 1) * (g * at::sigmoid(g * p.alpha));
+}
+
+// dL/dh from h and dL/da, in the accumulation type. Clamps pass the gradient
+// where min <= x <= max, as torch.clamp's backward does.
+Tensor activation_backward(const Tensor& h, const Tensor& da, const Activation& p) {
+  switch (p.kind) {
+    case ExpertActivation::kSiLU: return at::silu_backward(da, h);
+    case ExpertActivation::kGeLU: return at::gelu_backward(da, h);
+    case ExpertActivation::kReLU: return at::threshold_backward(da, h, 0);
+    default: break;
+  }
+  auto [gate, up] = split_gate_up(h, p);
+  Tensor d_gate, d_up;
+  if (p.kind == ExpertActivation::kSwiGLU) {
+    d_gate = at::silu_backward(da * up, gate);
+    d_up = da * at::silu(gate);
+  } else if (p.kind == ExpertActivation::kGeGLU) {
+    d_gate = at::gelu_backward(da * up, gate);
+    d_up = da * at::gelu(gate);
+  } else {
+    const Tensor g = gate.clamp_max(p.limit);
+    const Tensor s = at::sigmoid(g * p.alpha);
+    const Tensor glu = g * s;
+    const Tensor up_c = up.clamp(-p.limit, p.limit);
+    d_up = (da * glu).mul_(up.ge(-p.limit).logical_and_(up.le(p.limit)));
+    d_gate = (da * (up_c + 1) * (s + g * p.alpha * s * (1 - s))).mul_(gate.le(p.limit));
+  }
+  if (p.interleaved) {
+    return at::stack({d_gate, d_up}, 2).view({h.size(0), 2 * p.inter});
+  }
+  return at::cat({d_gate, d_up}, 1);
+}
+
+// Rows per chunk of the elementwise passes: float32 temporaries of a chunk
+// (a few x rows x N1) stay in L2 at MoE widths.
+constexpr int64_t kChunkRows = 64;
+
+// fn(begin, end) over row chunks: in parallel on CPU, one chunk elsewhere
+// (a device runs the whole tensor per launch).
+template <typename F>
+void for_row_chunks(const Tensor& like, int64_t rows, const F& fn) {
+  if (!like.device().is_cpu()) {
+    if (rows > 0) fn(0, rows);
+    return;
+  }
+  const int64_t chunks = (rows + kChunkRows - 1) / kChunkRows;
+  at::parallel_for(0, chunks, 1, [&](int64_t begin, int64_t end) {
+    for (int64_t c = begin; c < end; ++c) {
+      fn(c * kChunkRows, std::min(rows, (c + 1) * kChunkRows));
+    }
+  });
+}
+
+// Token of each row: src_rows / k, -1 for padding (floor division keeps -1).
+Tensor token_rows(const Tensor& src_rows, int64_t top_k) {
+  return at::div(src_rows, top_k, "floor");
+}
+
+bool k_major(const Tensor& w) {
+  return w.stride(-2) == 1 && w.stride(-1) != 1 && w.size(-1) > 1;
+}
+
+} // namespace
+
+std::tuple<Tensor, Tensor> expert_mlp(
+    const Tensor& tokens,
+    const Tensor& src_rows,
+    const Tensor& offs,
+    const Tensor& dst_rows,
+    const std::optional<Tensor>& weights,
+    const Tensor& gate_up_proj,
+    const Tensor& down_proj,
+    const std::optional<Tensor>& gate_up_bias,
+    const std::optional<Tensor>& down_bias,
+    c10::string_view activation,
+    bool gate_up_interleaved,
+    double swiglu_alpha,
+    double swiglu_limit) {
+  expert_mlp_check_inputs(tokens, src_rows, offs, dst_rows, weights, gate_up_proj, down_proj, gate_up_bias,
+                          down_bias, activation, gate_up_interleaved);
+  const Activation p{expert_activation_from_name(activation), gate_up_interleaved, swiglu_alpha, swiglu_limit,
+                     down_proj.size(1)};
+  const Tensor rows = token_rows(src_rows, dst_rows.size(1));
+  Tensor h = grouped_mm_gather_op(tokens, gate_up_proj, offs, rows, std::nullopt, gate_up_bias, std::nullopt);
+  const int64_t r = h.size(0);
+  Tensor a = at::empty({r, p.inter}, tokens.options());
+  const auto acc = acc_type(tokens.scalar_type());
+  for_row_chunks(tokens, r, [&](int64_t b, int64_t e) {
+    a.narrow(0, b, e - b).copy_(activation_forward(h.narrow(0, b, e - b).to(acc), p));
+  });
+  const Tensor y = grouped_mm_op(a, down_proj, offs, down_bias, std::nullopt);
+  return {unpermute_op(y, dst_rows, weights), h};
+}
+
+std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> expert_mlp_backward(
+    const Tensor& grad_out,
+    const Tensor& tokens,
+    const Tensor& src_rows,
+    const Tensor& offs,
+    const Tensor& dst_rows,
+    const std::optional<Tensor>& weights,
+    const Tensor& gate_up_proj,
+    const Tensor& down_proj,
+    const std::optional<Tensor>& gate_up_bias,
+    const std::optional<Tensor>& down_bias,
+    const Tensor& h,
+    c10::string_view activation,
+    bool gate_up_interleaved,
+    double swiglu_alpha,
+    double swiglu_limit,
+    std::array<bool, 4> output_mask) {
+  expert_mlp_check_inputs(tokens, src_rows, offs, dst_rows, weights, gate_up_proj, down_proj, gate_up_bias,
+                          down_bias, activation, gate_up_interleaved);
+  TORCH_CHECK_VALUE(grad_out.sizes() == tokens.sizes() && grad_out.scalar_type() == tokens.scalar_type(),
+      "expert_mlp_backward: grad_out must be ", tokens.scalar_type(), " of sizes ", tokens.sizes(), ", got ",
+      grad_out.scalar_type(), " of sizes ", grad_out.sizes());
+  TORCH_CHECK_VALUE(h.dim() == 2 && h.size(0) == src_rows.size(0) && h.size(1) == gate_up_proj.size(2),
+      "expert_mlp_backward: h must be (R, N1) = (", src_rows.size(0), ", ", gate_up_proj.size(2), "), got ",
+      h.sizes());
+  const auto [need_tokens, need_weights, need_gate_up, need_down] = output_mask;
+  const Activation p{expert_activation_from_name(activation), gate_up_interleaved, swiglu_alpha, swiglu_limit,
+                     down_proj.size(1)};
+  const auto dtype = tokens.scalar_type();
+  const auto acc = acc_type(dtype);
+  const int64_t r = h.size(0);
+  const int64_t top_k = dst_rows.size(1);
+  const Tensor rows = token_rows(src_rows, top_k);
+  // Strided grad_out (an expanded .sum() gradient) is read row by row below.
+  const Tensor dout = grad_out.contiguous();
+
+  // g[r] = grad_out[token] @ down_proj[e]^T, the gradient of a[r] before the
+  // routing weight: both the weight's gradient and a's come from it.
+  const Tensor g = grouped_mm_gather_op(dout, down_proj.transpose(-2, -1), offs, rows, std::nullopt, std::nullopt,
+                                        wide_out(dtype));
+  // Routing weight of each row (0 for padding), in the accumulation type.
+  Tensor row_weight;
+  if (weights.has_value()) {
+    const Tensor flat = weights->reshape({-1}).to(acc);
+    const Tensor valid = src_rows.ge(0);
+    row_weight = at::where(valid, flat.index_select(0, src_rows.clamp_min(0)), at::zeros({}, flat.options()));
+  }
+  Tensor row_expert;
+  if (need_weights && weights.has_value() && down_bias.has_value()) {
+    row_expert = at::searchsorted(offs, at::arange(r, offs.options()), /*out_int32=*/false, /*right=*/true)
+                     .clamp_max_(offs.size(0) - 1);
+  }
+
+  Tensor dh = at::empty({r, h.size(1)}, tokens.options());
+  // a scaled by the routing weight: the A operand of down_proj's gradient.
+  Tensor aw = need_down ? at::empty({r, p.inter}, tokens.options()) : Tensor();
+  Tensor d_row_weight = need_weights && weights.has_value() ? at::empty({r}, g.options().dtype(acc)) : Tensor();
+  for_row_chunks(tokens, r, [&](int64_t b, int64_t e) {
+    const Tensor h_c = h.narrow(0, b, e - b).to(acc);
+    const Tensor g_c = g.narrow(0, b, e - b).to(acc);
+    const Tensor a_c = activation_forward(h_c, p);
+    Tensor da = g_c;
+    if (row_weight.defined()) {
+      const Tensor w_c = row_weight.narrow(0, b, e - b).unsqueeze(1);
+      if (d_row_weight.defined()) {
+        Tensor dw = (g_c * a_c).sum(1);
+        if (row_expert.defined()) {
+          // + <grad_out[token], down_bias[e]>; padding rows have weight 0 and drop out below.
+          const Tensor tok = rows.narrow(0, b, e - b);
+          const Tensor go = dout.index_select(0, tok.clamp_min(0)).to(acc);
+          const Tensor bb = down_bias->index_select(0, row_expert.narrow(0, b, e - b)).to(acc);
+          dw.add_((go * bb).sum(1).mul_(tok.ge(0)));
+        }
+        d_row_weight.narrow(0, b, e - b).copy_(dw);
+      }
+      da = g_c * w_c;
+      if (aw.defined()) aw.narrow(0, b, e - b).copy_(a_c * w_c);
+    } else if (aw.defined()) {
+      aw.narrow(0, b, e - b).copy_(a_c);
+    }
+    dh.narrow(0, b, e - b).copy_(activation_backward(h_c, da, p));
+  });
+
+  Tensor grad_tokens, grad_weights, grad_gate_up, grad_down, grad_gate_up_bias, grad_down_bias;
+  if (need_tokens) {
+    // Each token's gradient is the sum of its k rows', in slot order.
+    grad_tokens = unpermute_op(grouped_mm_op(dh, gate_up_proj.transpose(-2, -1), offs, std::nullopt, std::nullopt),
+                               dst_rows, std::nullopt);
+  }
+  if (need_weights && weights.has_value()) {
+    const Tensor valid = dst_rows.ge(0);
+    grad_weights = at::where(valid, d_row_weight.index_select(0, dst_rows.reshape({-1}).clamp_min(0)).view(
+                                        dst_rows.sizes()), at::zeros({}, d_row_weight.options()))
+                       .to(weights->scalar_type());
+  }
+  if (need_gate_up) {
+    // Per expert: tokens[rows_e]^T @ dh_e, in the weight's own layout.
+    if (k_major(gate_up_proj)) {
+      grad_gate_up = grouped_mm_gather_op(dh.t(), tokens, offs, std::nullopt, rows, std::nullopt, std::nullopt)
+                         .transpose(-2, -1);
+    } else {
+      grad_gate_up = grouped_mm_gather_op(tokens.t(), dh, offs, rows, std::nullopt, std::nullopt, std::nullopt);
+    }
+    if (gate_up_bias.has_value()) {
+      const Tensor ones = at::ones({1, r}, dh.options());
+      grad_gate_up_bias = grouped_mm_op(ones, dh, offs, std::nullopt, wide_out(dtype)).squeeze(1)
+                              .to(gate_up_bias->scalar_type());
+    }
+  }
+  if (need_down) {
+    // Per expert: (w * a)_e^T @ grad_out[rows_e], in the weight's own layout.
+    if (k_major(down_proj)) {
+      grad_down = grouped_mm_gather_op(dout.t(), aw, offs, rows, std::nullopt, std::nullopt, std::nullopt)
+                      .transpose(-2, -1);
+    } else {
+      grad_down = grouped_mm_gather_op(aw.t(), dout, offs, std::nullopt, rows, std::nullopt, std::nullopt);
+    }
+    if (down_bias.has_value()) {
+      // Per expert: sum over its rows of w * grad_out[token].
+      const Tensor w_rows = (row_weight.defined() ? row_weight : src_rows.ge(0).to(acc)).to(dtype).unsqueeze(0);
+      grad_down_bias = grouped_mm_gather_op(w_rows, dout, offs, std::nullopt, rows, std::nullopt, wide_out(dtype))
+                           .squeeze(1).to(down_bias->scalar_type());
+    }
+  }
+  const auto none = [&] { return at::empty({0}, tokens.options()); };
+  return {grad_tokens.defined() ? grad_tokens : none(),
+          grad_weights.defined() ? grad_weights : none(),
+          grad_gate_up.defined() ? grad_gate_up : none(),
+          grad_down.defined() ? grad_down : none(),
+          grad_gate_up_bias.defined() ? grad_gate_up_bias : none(),
+          grad_down_bias.defined() ? grad_down_bias : none()};
+}
+
+} // namespace at::native
