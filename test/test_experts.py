@@ -337,3 +337,39 @@ def test_compile_fullgraph_backward_no_recompile():
     # New token counts compile nothing new; one graph holds the op.
     assert frames[0] == frames[-1]
     assert sum("moe_ops.expert_mlp.default" in g.code for g in counter.graphs) == 1
+
+
+@settings(max_examples=25, deadline=None)
+@given(m=st.integers(1, 260), n=st.integers(1, 150), tokens=st.integers(0, 40), groups=st.integers(1, 20),
+       dtype=st.sampled_from([torch.float32, torch.bfloat16, torch.float16]), layout=st.sampled_from(
+           ["rows", "b_index", "a_cols", "both"]), seed=st.integers(0, 2**16))
+def test_grouped_mm_gather_large_tiles(m, n, tokens, groups, dtype, layout, seed):
+    """Sizes past the micro-kernel's tiles (6-row blocks, 64-column strips,
+    192-row chunks, 256-deep K blocks), K-major A (a transposed operand, as
+    in a weight gradient) and gathered rows and columns with -1 entries,
+    against the float64 reference: one rounding of the exact result
+    (TOLERANCES) plus fp32 accumulation over up to a few hundred products."""
+    from opinfo_experts import torch_grouped_mm_gather
+    gen = torch.Generator().manual_seed(seed)
+    sizes = torch.randint(0, 30, (groups,), generator=gen)
+    offs = sizes.cumsum(0).to(torch.int32)
+    rows = int(offs[-1])
+    index = torch.randint(-1, max(tokens, 1), (rows,), generator=gen) if tokens else torch.full((rows,), -1)
+    make = lambda *s: torch.rand(*s, generator=gen, dtype=torch.float64).mul(2).sub(1).to(dtype)  # noqa: E731
+    if layout == "rows":
+        args = (make(tokens, m), make(groups, m, n), offs, index)
+        kw = {}
+    elif layout == "b_index":
+        args = (make(rows, m).t(), make(tokens, n), offs, None, index)  # K-major A, gathered B
+        kw = {}
+    elif layout == "a_cols":
+        args = (make(tokens, m).t(), make(rows, n), offs, index)  # gathered K-major A columns
+        kw = {}
+    else:
+        args = (make(tokens, m).t(), make(tokens, n), offs, index, index)
+        kw = {}
+    out = torch.ops.moe_ops.grouped_mm_gather(*args, **kw)
+    ref = torch_grouped_mm_gather(*args, **kw)
+    tol = dict(TOLERANCES[dtype])
+    tol["atol"] = max(tol["atol"], 1e-5 if dtype == torch.float32 else tol["atol"])
+    torch.testing.assert_close(out, ref, **tol)

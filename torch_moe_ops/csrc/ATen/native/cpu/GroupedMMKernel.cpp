@@ -378,6 +378,9 @@ GROUPED_MM_AVX512 inline void store_out_row(out_t* o, const __m512* v, const flo
 // end in acc (more K blocks follow) or in the output (last K block).
 struct MicroArgs {
   int64_t kc; // K extent of this block
+  // Elements between consecutive K (float32) or K pairs (bfloat16) of an A
+  // row: 1 / 2 for rows laid out along K, the packed width for K-major A.
+  int64_t a_step;
   float* acc; // MR x 64 float32, leading dimension ld_acc
   int64_t ld_acc;
   bool first, last;
@@ -409,9 +412,10 @@ GROUPED_MM_AVX512 inline void finish_acc(__m512 (&r)[MR][4], const MicroArgs& x)
   }
 }
 
-// float32 micro-kernel: a is MR rows (lda apart) of kc floats, b is kc x 64.
+// float32 micro-kernel: a holds MR row pointers of kc floats each (rows of
+// the caller's A, gathered or not, or of a packed copy), b is kc x 64.
 template <int MR, typename out_t>
-GROUPED_MM_AVX512 void micro_f32(const float* a, int64_t lda, const float* b, const MicroArgs& x) {
+GROUPED_MM_AVX512 void micro_f32(const float* const* a, const float* b, const MicroArgs& x) {
   __m512 r[MR][4];
   load_acc<MR>(r, x);
   int64_t pf = x.pf_begin;
@@ -420,7 +424,7 @@ GROUPED_MM_AVX512 void micro_f32(const float* a, int64_t lda, const float* b, co
     const __m512 b0 = _mm512_load_ps(bk), b1 = _mm512_load_ps(bk + 16);
     const __m512 b2 = _mm512_load_ps(bk + 32), b3 = _mm512_load_ps(bk + 48);
     for (int i = 0; i < MR; ++i) {
-      const __m512 av = _mm512_set1_ps(a[i * lda + k]);
+      const __m512 av = _mm512_set1_ps(a[i][k * x.a_step]);
       r[i][0] = _mm512_fmadd_ps(av, b0, r[i][0]);
       r[i][1] = _mm512_fmadd_ps(av, b1, r[i][1]);
       r[i][2] = _mm512_fmadd_ps(av, b2, r[i][2]);
@@ -435,7 +439,7 @@ GROUPED_MM_AVX512 void micro_f32(const float* a, int64_t lda, const float* b, co
 // bfloat16 micro-kernel: a is MR rows of kc bfloat16 (pairs read as 32 bits),
 // b is ceil(kc / 2) x 64 K pairs; an odd last element pairs with zero.
 template <int MR, typename out_t>
-GROUPED_MM_AVX512_BF16 void micro_bf16(const BFloat16* a, int64_t lda, const uint32_t* b, const MicroArgs& x) {
+GROUPED_MM_AVX512_BF16 void micro_bf16(const BFloat16* const* a, const uint32_t* b, const MicroArgs& x) {
   __m512 r[MR][4];
   load_acc<MR>(r, x);
   int64_t pf = x.pf_begin;
@@ -446,7 +450,7 @@ GROUPED_MM_AVX512_BF16 void micro_bf16(const BFloat16* a, int64_t lda, const uin
     const __m512bh b2 = (__m512bh)_mm512_load_si512(bk + 32), b3 = (__m512bh)_mm512_load_si512(bk + 48);
     for (int i = 0; i < MR; ++i) {
       int32_t pair;
-      std::memcpy(&pair, a + i * lda + 2 * kp, sizeof(pair));
+      std::memcpy(&pair, a[i] + kp * x.a_step, sizeof(pair));
       const __m512bh av = (__m512bh)_mm512_set1_epi32(pair);
       r[i][0] = _mm512_dpbf16_ps(r[i][0], av, b0);
       r[i][1] = _mm512_dpbf16_ps(r[i][1], av, b1);
@@ -460,7 +464,7 @@ GROUPED_MM_AVX512_BF16 void micro_bf16(const BFloat16* a, int64_t lda, const uin
     const __m512bh b0 = (__m512bh)_mm512_load_si512(bk), b1 = (__m512bh)_mm512_load_si512(bk + 16);
     const __m512bh b2 = (__m512bh)_mm512_load_si512(bk + 32), b3 = (__m512bh)_mm512_load_si512(bk + 48);
     for (int i = 0; i < MR; ++i) {
-      const __m512bh av = (__m512bh)_mm512_set1_epi32(a[i * lda + 2 * pairs].x);
+      const __m512bh av = (__m512bh)_mm512_set1_epi32(a[i][pairs * x.a_step].x);
       r[i][0] = _mm512_dpbf16_ps(r[i][0], av, b0);
       r[i][1] = _mm512_dpbf16_ps(r[i][1], av, b1);
       r[i][2] = _mm512_dpbf16_ps(r[i][2], av, b2);
@@ -539,24 +543,57 @@ inline const T* b_row(const T* src, int64_t rs, const int64_t* rows, int64_t k) 
   return rows[k] < 0 ? nullptr : src + rows[k] * rs;
 }
 
+// kc rows of w contiguous bfloat16 (row k at b_row(src, rs, rows, k)) ->
+// ceil(kc / 2) x ldw words, word j of row kp = (row 2kp, row 2kp + 1) at
+// column j, zero past w and past kc; ldw a multiple of 32.
+GROUPED_MM_AVX512 void pack_pairs_bf16(uint32_t* dst, int64_t ldw, const BFloat16* src, int64_t rs,
+                                       const int64_t* rows, int64_t kc, int64_t w) {
+  // unpack{lo,hi}_epi16 interleave within 128-bit lanes; the 64-bit
+  // permutes restore column order (columns 0-15, then 16-31).
+  const __m512i idx0 = _mm512_setr_epi64(0, 1, 8, 9, 2, 3, 10, 11);
+  const __m512i idx1 = _mm512_setr_epi64(4, 5, 12, 13, 6, 7, 14, 15);
+  const int64_t pairs = (kc + 1) / 2;
+  for (int64_t kp = 0; kp < pairs; ++kp) {
+    const BFloat16* r0 = b_row(src, rs, rows, 2 * kp);
+    const BFloat16* r1 = 2 * kp + 1 < kc ? b_row(src, rs, rows, 2 * kp + 1) : nullptr;
+    for (int64_t j = 0; j < ldw; j += 32) {
+      const __mmask32 m = col_mask32(w, j);
+      const __m512i x0 = r0 != nullptr ? _mm512_maskz_loadu_epi16(m, r0 + j) : _mm512_setzero_si512();
+      const __m512i x1 = r1 != nullptr ? _mm512_maskz_loadu_epi16(m, r1 + j) : _mm512_setzero_si512();
+      const __m512i lo = _mm512_unpacklo_epi16(x0, x1);
+      const __m512i hi = _mm512_unpackhi_epi16(x0, x1);
+      _mm512_store_si512(dst + kp * ldw + j, _mm512_permutex2var_epi64(lo, idx0, hi));
+      _mm512_store_si512(dst + kp * ldw + j + 16, _mm512_permutex2var_epi64(lo, idx1, hi));
+    }
+  }
+}
+
+// kc rows of w contiguous float32 / float16 values -> kc x ldw float32, zero
+// past w; ldw a multiple of 16.
+template <typename scalar_t>
+GROUPED_MM_AVX512 void pack_rows_f32(float* dst, int64_t ldw, const scalar_t* src, int64_t rs, const int64_t* rows,
+                                     int64_t kc, int64_t w) {
+  for (int64_t k = 0; k < kc; ++k) {
+    const scalar_t* s = b_row(src, rs, rows, k);
+    for (int64_t j = 0; j < ldw; j += 16) {
+      const __mmask16 m = s != nullptr ? moe_lanes16(w, j) : __mmask16(0);
+      __m512 v;
+      if constexpr (std::is_same_v<scalar_t, float>) {
+        v = _mm512_maskz_loadu_ps(m, s + j);
+      } else {
+        v = cvt_f16_f32(_mm256_maskz_loadu_epi16(m, s + j));
+      }
+      _mm512_store_ps(dst + k * ldw + j, v);
+    }
+  }
+}
+
 // Weight block (kc x w, strides rs/cs) -> kc x 64 float32, zero past w.
 template <typename scalar_t>
 GROUPED_MM_AVX512 void pack_b_f32(float* dst, const scalar_t* src, int64_t rs, int64_t cs, int64_t kc, int64_t w,
                                   const int64_t* rows) {
   if (cs == 1) {
-    for (int64_t k = 0; k < kc; ++k) {
-      const scalar_t* s = b_row(src, rs, rows, k);
-      for (int64_t j = 0; j < kNR; j += 16) {
-        const __mmask16 m = s != nullptr ? moe_lanes16(w, j) : __mmask16(0);
-        __m512 v;
-        if constexpr (std::is_same_v<scalar_t, float>) {
-          v = _mm512_maskz_loadu_ps(m, s + j);
-        } else {
-          v = cvt_f16_f32(_mm256_maskz_loadu_epi16(m, s + j));
-        }
-        _mm512_store_ps(dst + k * kNR + j, v);
-      }
-    }
+    pack_rows_f32(dst, kNR, src, rs, rows, kc, w);
     return;
   }
   if constexpr (std::is_same_v<scalar_t, float>) {
@@ -583,23 +620,7 @@ GROUPED_MM_AVX512 void pack_b_bf16(uint32_t* dst, const BFloat16* src, int64_t r
                                    const int64_t* rows) {
   const int64_t pairs = (kc + 1) / 2;
   if (cs == 1) {
-    // unpack{lo,hi}_epi16 interleave within 128-bit lanes; the 64-bit
-    // permutes restore column order (columns 0-15, then 16-31).
-    const __m512i idx0 = _mm512_setr_epi64(0, 1, 8, 9, 2, 3, 10, 11);
-    const __m512i idx1 = _mm512_setr_epi64(4, 5, 12, 13, 6, 7, 14, 15);
-    for (int64_t kp = 0; kp < pairs; ++kp) {
-      const BFloat16* r0 = b_row(src, rs, rows, 2 * kp);
-      const BFloat16* r1 = 2 * kp + 1 < kc ? b_row(src, rs, rows, 2 * kp + 1) : nullptr;
-      for (int64_t j = 0; j < kNR; j += 32) {
-        const __mmask32 m = col_mask32(w, j);
-        const __m512i x0 = r0 != nullptr ? _mm512_maskz_loadu_epi16(m, r0 + j) : _mm512_setzero_si512();
-        const __m512i x1 = r1 != nullptr ? _mm512_maskz_loadu_epi16(m, r1 + j) : _mm512_setzero_si512();
-        const __m512i lo = _mm512_unpacklo_epi16(x0, x1);
-        const __m512i hi = _mm512_unpackhi_epi16(x0, x1);
-        _mm512_store_si512(dst + kp * kNR + j, _mm512_permutex2var_epi64(lo, idx0, hi));
-        _mm512_store_si512(dst + kp * kNR + j + 16, _mm512_permutex2var_epi64(lo, idx1, hi));
-      }
-    }
+    pack_pairs_bf16(dst, kNR, src, rs, rows, kc, w);
     return;
   }
   if (rs == 1 && cs % 2 == 0 && rows == nullptr) {
@@ -651,30 +672,31 @@ struct MicroTraits<BFloat16> {
 };
 
 template <typename scalar_t, typename out_t, int MR>
-void call_micro(const typename MicroTraits<scalar_t>::a_t* a, int64_t lda,
+void call_micro(const typename MicroTraits<scalar_t>::a_t* const* a,
                 const typename MicroTraits<scalar_t>::b_t* b, const MicroArgs& x) {
   if constexpr (std::is_same_v<scalar_t, BFloat16>) {
-    micro_bf16<MR, out_t>(a, lda, b, x);
+    micro_bf16<MR, out_t>(a, b, x);
   } else {
-    micro_f32<MR, out_t>(a, lda, b, x);
+    micro_f32<MR, out_t>(a, b, x);
   }
 }
 
 template <typename scalar_t, typename out_t>
-void dispatch_micro(int64_t mr, const typename MicroTraits<scalar_t>::a_t* a, int64_t lda,
+void dispatch_micro(int64_t mr, const typename MicroTraits<scalar_t>::a_t* const* a,
                     const typename MicroTraits<scalar_t>::b_t* b, const MicroArgs& x) {
   static_assert(kMR == 6);
   switch (mr) {
-    case 1: call_micro<scalar_t, out_t, 1>(a, lda, b, x); break;
-    case 2: call_micro<scalar_t, out_t, 2>(a, lda, b, x); break;
-    case 3: call_micro<scalar_t, out_t, 3>(a, lda, b, x); break;
-    case 4: call_micro<scalar_t, out_t, 4>(a, lda, b, x); break;
-    case 5: call_micro<scalar_t, out_t, 5>(a, lda, b, x); break;
-    default: call_micro<scalar_t, out_t, 6>(a, lda, b, x); break;
+    case 1: call_micro<scalar_t, out_t, 1>(a, b, x); break;
+    case 2: call_micro<scalar_t, out_t, 2>(a, b, x); break;
+    case 3: call_micro<scalar_t, out_t, 3>(a, b, x); break;
+    case 4: call_micro<scalar_t, out_t, 4>(a, b, x); break;
+    case 5: call_micro<scalar_t, out_t, 5>(a, b, x); break;
+    default: call_micro<scalar_t, out_t, 6>(a, b, x); break;
   }
 }
 
-// One tile: all rows of the problem x columns [n0, n0 + nb), nb <= kMicroNB.
+// One tile: all rows of the problem x columns [n0, n0 + nb), nb <= kMicroNB
+// unless K fits one block (then no accumulator buffer is needed).
 // Loop order per kMC rows: K blocks, then 64-column weight blocks, then MR-row
 // blocks, so each weight block is packed once and reused by every row block.
 template <typename scalar_t, typename out_t>
@@ -689,9 +711,18 @@ void run_tile_avx512(const Problem<scalar_t, out_t, float>& p, const Tile& t, Th
   b_t* bpack = workspace<b_t>(buf.b, kBRows * kNR);
   float* acc = k > kKC ? workspace<float>(buf.acc, kMC * strips * kNR) : nullptr;
   const int64_t ld_acc = strips * kNR;
-  // A is read in place when its rows are unit-stride in the compute type.
+  // A is read in place when its rows are unit-stride in the compute type,
+  // gathered rows included: the micro-kernel takes one pointer per row.
   constexpr bool kAInPlaceType = std::is_same_v<scalar_t, a_t>;
-  const bool a_in_place = kAInPlaceType && p.a_cs == 1 && !p.a_gathered();
+  const bool a_in_place = kAInPlaceType && p.a_cs == 1 && p.a_col_idx == nullptr;
+  // A stored K-major (the transposed operand of a weight gradient, dh^T or
+  // grad^T, gathered columns included) is packed K-major by the vector
+  // routine that packs B, and the micro-kernel steps through it along K.
+  const bool a_k_major = !a_in_place && p.a_rs == 1 && p.a_cs != 1;
+  constexpr int64_t kRowStep = std::is_same_v<b_t, uint32_t> ? 2 : 1;
+  // What a -1 row index reads (at most kKC elements of a K block).
+  alignas(64) static const a_t kZeroRow[kKC] = {};
+  const a_t* a_rows[kMC];
   // Weight rows are prefetched only when they are unit-stride rows in order.
   const bool b_prefetch = p.b_cs == 1 && p.b_idx == nullptr;
 
@@ -700,14 +731,32 @@ void run_tile_avx512(const Problem<scalar_t, out_t, float>& p, const Tile& t, Th
     const int64_t m_blocks = (mc + kMR - 1) / kMR;
     for (int64_t k0 = 0; k0 < k; k0 += kKC) {
       const int64_t kc = std::min(kKC, k - k0);
-      const a_t* a_blk;
-      int64_t lda;
+      int64_t a_step = kRowStep;
       if (a_in_place) {
-        a_blk = reinterpret_cast<const a_t*>(p.a + m0 * p.a_rs + k0);
-        lda = p.a_rs;
+        for (int64_t r = 0; r < mc; ++r) {
+          const int64_t row = p.a_row_idx != nullptr ? p.a_row_idx[m0 + r] : m0 + r;
+          a_rows[r] = row < 0 ? kZeroRow : reinterpret_cast<const a_t*>(p.a + row * p.a_rs + k0);
+        }
+      } else if (a_k_major) {
+        // Column c of A (contiguous over the rows) is a "row" of the packer.
+        const scalar_t* base = p.a + m0 + (p.a_col_idx != nullptr ? 0 : k0 * p.a_cs);
+        const int64_t* cols = p.a_col_idx != nullptr ? p.a_col_idx + k0 : nullptr;
+        if constexpr (std::is_same_v<scalar_t, BFloat16>) {
+          const int64_t ldw = (mc + 31) / 32 * 32;
+          uint32_t* w = workspace<uint32_t>(buf.a, (kc + 1) / 2 * ldw);
+          pack_pairs_bf16(w, ldw, base, p.a_cs, cols, kc, mc);
+          for (int64_t r = 0; r < mc; ++r) a_rows[r] = reinterpret_cast<const a_t*>(w) + 2 * r;
+          a_step = 2 * ldw;
+        } else {
+          const int64_t ldw = (mc + 15) / 16 * 16;
+          float* w = workspace<float>(buf.a, kc * ldw);
+          pack_rows_f32(w, ldw, base, p.a_cs, cols, kc, mc);
+          for (int64_t r = 0; r < mc; ++r) a_rows[r] = w + r;
+          a_step = ldw;
+        }
       } else {
         // Packed copy, rows padded to an even length (bfloat16 reads K pairs).
-        lda = (kc + 1) / 2 * 2;
+        const int64_t lda = (kc + 1) / 2 * 2;
         a_t* w = workspace<a_t>(buf.a, mc * lda);
         const scalar_t* src = p.a + m0 * p.a_rs + k0 * p.a_cs;
         if (p.a_gathered()) {
@@ -723,7 +772,7 @@ void run_tile_avx512(const Problem<scalar_t, out_t, float>& p, const Tile& t, Th
         } else {
           gather_block(w, lda, src, p.a_rs, p.a_cs, mc, kc, lda);
         }
-        a_blk = w;
+        for (int64_t r = 0; r < mc; ++r) a_rows[r] = w + r * lda;
       }
       for (int64_t s = 0; s < strips; ++s) {
         const int64_t j0 = t.n0 + s * kNR;
@@ -753,6 +802,7 @@ void run_tile_avx512(const Problem<scalar_t, out_t, float>& p, const Tile& t, Th
         }
         MicroArgs x;
         x.kc = kc;
+        x.a_step = a_step;
         x.ld_acc = ld_acc;
         x.first = k0 == 0;
         x.last = k0 + kc == k;
@@ -767,7 +817,7 @@ void run_tile_avx512(const Problem<scalar_t, out_t, float>& p, const Tile& t, Th
           x.c = p.c + (m0 + r0) * p.c_rs + j0;
           x.pf_begin = pf.rows * mb / m_blocks;
           x.pf_end = pf.rows * (mb + 1) / m_blocks;
-          dispatch_micro<scalar_t, out_t>(mr, a_blk + r0 * lda, lda, bpack, x);
+          dispatch_micro<scalar_t, out_t>(mr, a_rows + r0, bpack, x);
         }
       }
     }
@@ -909,8 +959,20 @@ void run_problems(const std::vector<Problem<scalar_t, out_t, acc_t>>& problems, 
   for (const auto i : c10::irange(static_cast<int64_t>(problems.size()))) {
     const auto& p = problems[i];
     if (p.m == 0 || p.n == 0) continue;
-    for (int64_t n0 = 0; n0 < p.n; n0 += std::min(tile_n, p.n)) {
-      const int64_t nb = std::min(tile_n, p.n - n0);
+    int64_t problem_tile_n = tile_n;
+#ifdef GROUPED_MM_HAVE_AVX512_KERNELS
+    if constexpr (!std::is_same_v<scalar_t, double>) {
+      // A K that fits one block (a weight gradient over a few dozen routed
+      // rows) needs no accumulator buffer, so a tile can span all of N and
+      // pack (transpose, gather) its A block once instead of once per 256
+      // columns. Only with enough problems to keep every thread busy.
+      if (engine == Engine::kAvx512 && p.k <= MicroTraits<scalar_t>::kKC && problems.size() >= 16) {
+        problem_tile_n = p.n;
+      }
+    }
+#endif
+    for (int64_t n0 = 0; n0 < p.n; n0 += std::min(problem_tile_n, p.n)) {
+      const int64_t nb = std::min(problem_tile_n, p.n - n0);
       const double cost = static_cast<double>(nb) * std::max<int64_t>(p.k, 1) *
           (static_cast<double>(p.m) + kWeightStreamRows);
       tiles.push_back({i, n0, nb, cost});
