@@ -239,7 +239,9 @@ def check_expert_mlp_inputs(tokens, src_rows, offs, dst_rows, weights, gate_up_p
     if down_bias is not None:
         chk(down_bias.dim() == 2 and down_bias.shape[0] == experts and down_bias.shape[1] == hidden,
             lambda: f"expert_mlp: down_bias must be (E, H) = ({experts}, {hidden}), got {_sizes(down_bias)}")
-    for t in (src_rows, offs, dst_rows, gate_up_proj, down_proj):
+    for t in (src_rows, offs, dst_rows, gate_up_proj, down_proj, weights, gate_up_bias, down_bias):
+        if t is None:
+            continue
         chk(t.device == tokens.device,
             lambda: f"expert_mlp: every input must be on the device of tokens ({tokens.device}), got one on {t.device}")
 

@@ -119,6 +119,11 @@ inline void expert_mlp_check_inputs(
     TORCH_CHECK_VALUE(t->device() == tokens.device(), "expert_mlp: every input must be on the device of tokens (",
         tokens.device(), "), got one on ", t->device());
   }
+  for (const auto* t : {&weights, &gate_up_bias, &down_bias}) {
+    TORCH_CHECK_VALUE(!t->has_value() || (*t)->device() == tokens.device(),
+        "expert_mlp: every input must be on the device of tokens (", tokens.device(), "), got one on ",
+        (*t)->device());
+  }
 }
 
 // Forward: (out (T, H), h (R, N1)).
