@@ -331,6 +331,18 @@ ROUTING_DERIVATIVES = """\
 
 """
 
+FP8_NATIVE_FUNCTIONS = """\
+- func: _quantize_fp8(Tensor x, str recipe, ScalarType? float8_dtype=None, Tensor? offs=None, bool swizzle=False) -> (Tensor data, Tensor scale)
+  variants: function
+  dispatch:
+    CPU: quantize_fp8_cpu
+
+- func: _dequantize_fp8(Tensor data, Tensor scale, str recipe, ScalarType? out_dtype=None, Tensor? offs=None, bool swizzle=False) -> Tensor
+  variants: function
+  dispatch:
+    CPU: dequantize_fp8_cpu
+"""
+
 # ---------------------------------------------------------------------------
 # The series.
 
@@ -523,6 +535,64 @@ MoeUnpermuteBackward0 with these formulas.""",
                     "- name: mode(Tensor self, int dim=-1, bool keepdim=False) -> (Tensor values, Tensor indices)\n",
                     ROUTING_DERIVATIVES
                     + "- name: mode(Tensor self, int dim=-1, bool keepdim=False) -> (Tensor values, Tensor indices)\n",
+                )]),
+            ],
+        ),
+        Patch(
+            title="[ATen] fp8 quantisation: _quantize_fp8, _dequantize_fp8 with CPU kernels",
+            summary="""\
+_scaled_mm and _scaled_grouped_mm take float8 operands and scales, but ATen has
+no op that produces them: every user writes the amax/scale/clamp/cast by hand,
+and the MX scale layouts (e8m0 dtype, the blocked "swizzled" layout the CUDA
+kernels read) are a frequent source of errors. These ops quantise and
+dequantise for the recipes torch's scaled GEMMs accept:
+
+- _quantize_fp8(x, recipe, float8_dtype, offs, swizzle) -> (data, scale) with
+  recipe tensorwise, rowwise, blockwise_1x128, blockwise_128x128 (DeepSeek-V3)
+  or mx (1x32 blocks, float8_e8m0fnu scales, OCP MX with floor rounding of
+  the scale exponent); float8_e4m3fn (default) or float8_e5m2 data; scale is
+  the dequantisation scale, in the shape the scaled GEMMs take (rowwise:
+  (M,) for A, (G, N) for a (G, K, N) weight quantised through its transpose);
+  swizzle=True writes MX scales in the blocked 32_4_4 layout upstream's
+  CUDA MX kernels read;
+- offs gives per-group operands of the 2D x 2D (weight-gradient) layout:
+  groups along the contraction dimension, one scale per row and group, so
+  that no block straddles two groups;
+- _dequantize_fp8(data, scale, recipe, out_dtype, offs, swizzle) -> the
+  inverse, in float32, bfloat16 or float16.
+
+Numerics (ATen/native/MoEQuantize.h): float32 amax per block, saturation to
+the format's max, round to nearest even; a block holding NaN or inf
+dequantises to NaN. The CPU kernel is AVX-512 with a run-time CPU check and a
+scalar fallback that give the same bytes, parallel over rows, bitwise
+independent of the thread count. Every bad input raises a ValueError naming
+the argument and the value.
+
+Dispatch: CPU only. There is no CUDA kernel yet (torchao's Triton kernels
+cover GPUs today); other backends raise NotImplementedError.
+
+The files are those of torch-moe-ops (torch_moe_ops/csrc/ATen/native), where
+the same kernels are registered as moe_ops::quantize_fp8 and dequantize_fp8.""",
+            test_plan="""\
+In torch-moe-ops (test/test_fp8.py): OpInfos for both ops against plain-torch
+references that round with torch's own float -> float8 conversion, compared
+bit for bit (data and scale bytes) on every recipe, both formats, 2-D and
+3-D operands, partial blocks, zero sizes, transposed weights, swizzled MX
+scales and per-group operands; hypothesis over shapes, dtypes, magnitudes and
+NaN/inf/zero inputs; rounding checked against torch's conversion on every
+float8 value and midpoint; e8m0 edge cases (zero blocks, inf/NaN, denormals,
+saturation) against hand-computed bytes; opcheck and torch.compile with
+fullgraph=True, dynamic=True.
+Here: torchgen parses the patched native_functions.yaml.""",
+            changes=[
+                Copy(f"{NATIVE}/MoEQuantize.h", "torch_moe_ops/csrc/ATen/native/MoEQuantize.h"),
+                Copy(f"{NATIVE}/MoEQuantize.cpp", "torch_moe_ops/csrc/ATen/native/MoEQuantize.cpp"),
+                Copy(f"{NATIVE}/cpu/MoEQuantizeKernel.cpp", "torch_moe_ops/csrc/ATen/native/cpu/MoEQuantizeKernel.cpp"),
+                Edit(f"{NATIVE}/native_functions.yaml", [(
+                    "    CPU: moe_unpermute_backward_cpu\n"
+                    "    CUDA: moe_unpermute_backward_cuda\n",
+                    "    CPU: moe_unpermute_backward_cpu\n"
+                    "    CUDA: moe_unpermute_backward_cuda\n\n" + FP8_NATIVE_FUNCTIONS,
                 )]),
             ],
         ),

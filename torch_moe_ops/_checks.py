@@ -249,3 +249,111 @@ def check_unpermute_inputs(
             f"got {_c10(weights.dtype)}")
         chk(weights.device == permuted.device,
             lambda: f"unpermute: weights must be on the device of permuted ({permuted.device}), got {weights.device}")
+
+
+# ------------------------------------------------------------------ fp8 quantisation
+# Restates csrc/ATen/native/MoEQuantize.h one for one, with the same messages.
+
+FP8_RECIPES = ("tensorwise", "rowwise", "blockwise_1x128", "blockwise_128x128", "mx")
+FP8_DATA_DTYPES = (torch.float8_e4m3fn, torch.float8_e5m2)
+FP8_FLOAT_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+
+
+def _fp8_c10(dtype: torch.dtype) -> str:
+    return {torch.float8_e4m3fn: "Float8_e4m3fn", torch.float8_e5m2: "Float8_e5m2",
+            torch.float8_e8m0fnu: "Float8_e8m0fnu"}.get(dtype) or _c10(dtype)
+
+
+def _dims(sizes) -> str:
+    return "[" + ", ".join(str(s) for s in sizes) + "]"
+
+
+def _ceil_div(a, b):
+    return (a + b - 1) // b
+
+
+def fp8_check_recipe(op: str, recipe: str) -> None:
+    torch._check_value(
+        recipe in FP8_RECIPES,
+        lambda: f"{op}: recipe must be 'tensorwise', 'rowwise', 'blockwise_1x128', 'blockwise_128x128' or 'mx', "
+        f"got '{recipe}'")
+
+
+def fp8_scale_dtype(recipe: str) -> torch.dtype:
+    return torch.float8_e8m0fnu if recipe == "mx" else torch.float32
+
+
+def fp8_scale_size(sizes, recipe: str, groups: Optional[int], swizzle: bool) -> list:
+    """Scale shape for data of sizes (R, C) or (B, R, C); see MoEQuantize.h."""
+    rows, cols = sizes[-2], sizes[-1]
+    batch = list(sizes[:-2])
+    if groups is not None and recipe == "tensorwise":
+        return [groups]
+    if groups is not None and recipe == "rowwise":
+        return [groups, rows]
+    if recipe == "tensorwise":
+        return batch
+    if recipe == "rowwise":
+        return batch + [rows]
+    if recipe == "blockwise_128x128":
+        return batch + [_ceil_div(rows, 128), _ceil_div(cols, 128)]
+    s = _ceil_div(cols, 32 if recipe == "mx" else 128)
+    if swizzle:
+        rp, sp = _ceil_div(rows, 128) * 128, _ceil_div(s, 4) * 4
+        return [rp, sp] if len(sizes) == 2 else batch + [rp * sp]
+    return batch + [rows, s]
+
+
+def fp8_check_layout(op: str, arg: str, t: torch.Tensor, recipe: str, offs: Optional[torch.Tensor],
+                     swizzle: bool) -> None:
+    chk = torch._check_value
+    chk(t.dim() in (2, 3), lambda: f"{op}: {arg} must be 2-D or 3-D, got {t.dim()}-D with sizes {_sizes(t)}")
+    chk(not swizzle or recipe == "mx", lambda: f"{op}: swizzle=True needs recipe 'mx', got '{recipe}'")
+    if offs is not None:
+        chk(t.dim() == 2, lambda: f"{op}: offs needs a 2-D {arg}, got {arg} of sizes {_sizes(t)}")
+        chk(recipe in ("tensorwise", "rowwise", "mx"),
+            lambda: f"{op}: offs is supported with recipes 'tensorwise', 'rowwise' and 'mx', got '{recipe}'")
+        chk(not swizzle, lambda: f"{op}: swizzle=True does not take offs")
+        chk(offs.dim() == 1, lambda: f"{op}: offs must be 1-D, got {offs.dim()}-D with sizes {_sizes(offs)}")
+        chk(offs.dtype == torch.int32, lambda: f"{op}: offs must be int32, got {_c10(offs.dtype)}")
+        chk(offs.device == t.device,
+            lambda: f"{op}: offs must be on the device of {arg} ({t.device}), got {offs.device}")
+
+
+def check_quantize_fp8_inputs(x: torch.Tensor, recipe: str, float8_dtype: Optional[torch.dtype],
+                              offs: Optional[torch.Tensor], swizzle: bool) -> torch.dtype:
+    """Validates; returns the data dtype."""
+    fp8_check_recipe("quantize_fp8", recipe)
+    torch._check_value(x.dtype in FP8_FLOAT_DTYPES,
+                       lambda: f"quantize_fp8: x must be float32, bfloat16 or float16, got {_c10(x.dtype)}")
+    if float8_dtype is not None:
+        torch._check_value(float8_dtype in FP8_DATA_DTYPES,
+                           lambda: "quantize_fp8: float8_dtype must be Float8_e4m3fn or Float8_e5m2, got "
+                           f"{_fp8_c10(float8_dtype)}")
+    fp8_check_layout("quantize_fp8", "x", x, recipe, offs, swizzle)
+    return float8_dtype or torch.float8_e4m3fn
+
+
+def check_dequantize_fp8_inputs(data: torch.Tensor, scale: torch.Tensor, recipe: str,
+                                out_dtype: Optional[torch.dtype], offs: Optional[torch.Tensor],
+                                swizzle: bool) -> torch.dtype:
+    """Validates; returns the output dtype."""
+    chk = torch._check_value
+    fp8_check_recipe("dequantize_fp8", recipe)
+    chk(data.dtype in FP8_DATA_DTYPES,
+        lambda: f"dequantize_fp8: data must be Float8_e4m3fn or Float8_e5m2, got {_fp8_c10(data.dtype)}")
+    fp8_check_layout("dequantize_fp8", "data", data, recipe, offs, swizzle)
+    want_dtype = fp8_scale_dtype(recipe)
+    chk(scale.dtype == want_dtype,
+        lambda: f"dequantize_fp8: scale must be {_fp8_c10(want_dtype)} for recipe '{recipe}', got "
+        f"{_fp8_c10(scale.dtype)}")
+    want = fp8_scale_size(data.shape, recipe, offs.shape[0] if offs is not None else None, swizzle)
+    chk(list(scale.shape) == want,
+        lambda: f"dequantize_fp8: scale must have shape {_dims(want)} for data of sizes {_sizes(data)} and recipe "
+        f"'{recipe}'{' (swizzled)' if swizzle else ''}, got {_sizes(scale)}")
+    chk(scale.device == data.device,
+        lambda: f"dequantize_fp8: scale must be on the device of data ({data.device}), got {scale.device}")
+    out = out_dtype or torch.float32
+    chk(out in FP8_FLOAT_DTYPES,
+        lambda: f"dequantize_fp8: out_dtype must be float32, bfloat16 or float16, got {_fp8_c10(out)}")
+    return out

@@ -6,6 +6,7 @@
 #include <torch/library.h>
 
 #include <ATen/native/GroupedMM.h>
+#include <ATen/native/MoEQuantize.h>
 #include <ATen/native/MoERouting.h>
 
 extern "C" {
@@ -42,6 +43,12 @@ TORCH_LIBRARY(moe_ops, m) {
   m.def(
       "unpermute_backward(Tensor grad_output, Tensor dst_rows, SymInt num_rows, Tensor? weights=None, "
       "Tensor? permuted=None) -> (Tensor grad_permuted, Tensor grad_weights)");
+  m.def(
+      "quantize_fp8(Tensor x, str recipe, ScalarType? float8_dtype=None, Tensor? offs=None, bool swizzle=False) "
+      "-> (Tensor data, Tensor scale)");
+  m.def(
+      "dequantize_fp8(Tensor data, Tensor scale, str recipe, ScalarType? out_dtype=None, Tensor? offs=None, "
+      "bool swizzle=False) -> Tensor");
 }
 
 TORCH_LIBRARY_IMPL(moe_ops, CPU, m) {
@@ -50,6 +57,8 @@ TORCH_LIBRARY_IMPL(moe_ops, CPU, m) {
   m.impl("permute", &at::native::moe_permute_cpu);
   m.impl("unpermute", &at::native::moe_unpermute_cpu);
   m.impl("unpermute_backward", &at::native::moe_unpermute_backward_cpu);
+  m.impl("quantize_fp8", &at::native::quantize_fp8_cpu);
+  m.impl("dequantize_fp8", &at::native::dequantize_fp8_cpu);
 }
 
 #if defined(TORCH_MOE_OPS_WITH_CUDA)

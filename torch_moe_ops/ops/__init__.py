@@ -1,7 +1,8 @@
 """Public Python API of the ops: thin wrappers over ``torch.ops.moe_ops``, with
 their fake kernels and autograd formulas."""
 
+from .fp8 import dequantize_fp8, quantize_fp8
 from .grouped_mm import grouped_mm
 from .routing import permute, router_topk, unpermute
 
-__all__ = ["grouped_mm", "permute", "router_topk", "unpermute"]
+__all__ = ["dequantize_fp8", "grouped_mm", "permute", "quantize_fp8", "router_topk", "unpermute"]

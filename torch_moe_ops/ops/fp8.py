@@ -1,0 +1,89 @@
+"""moe_ops::quantize_fp8 and moe_ops::dequantize_fp8: wrappers and fake kernels.
+
+The recipes, scale shapes and numerics are specified once, in
+``csrc/ATen/native/MoEQuantize.h``; ``torch_moe_ops.reference`` has them in
+plain torch. In short, for ``x`` of shape ``(R, C)`` or ``(B, R, C)`` with
+blocks along the last dimension ``C``:
+
+=====================  ==========  ==============================  ================
+recipe                 block       scale (2-D x)                   scale dtype
+=====================  ==========  ==============================  ================
+``tensorwise``         R x C       ``()`` (``(B,)`` for 3-D)        float32
+``rowwise``            1 x C       ``(R,)``                        float32
+``blockwise_1x128``    1 x 128     ``(R, ceil(C/128))``            float32
+``blockwise_128x128``  128 x 128   ``(ceil(R/128), ceil(C/128))``  float32
+``mx``                 1 x 32      ``(R, ceil(C/32))``             float8_e8m0fnu
+=====================  ==========  ==============================  ================
+
+``scale`` is the dequantisation scale (``x ~= data.float() * scale``), the
+operand scale ``torch._scaled_grouped_mm`` takes. To scale a weight ``(G, K, N)``
+per output column, quantise its transpose ``w.transpose(-2, -1)`` (blocks along
+K) and transpose the data back: it is then column-major, as scaled GEMMs want.
+"""
+
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+
+from .. import _checks
+
+_quantize = torch.ops.moe_ops.quantize_fp8.default
+_dequantize = torch.ops.moe_ops.dequantize_fp8.default
+
+
+def quantize_fp8(
+    x: torch.Tensor,
+    recipe: str,
+    float8_dtype: Optional[torch.dtype] = None,
+    offs: Optional[torch.Tensor] = None,
+    swizzle: bool = False,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Quantise ``x`` to float8 (``float8_e4m3fn`` by default, or ``float8_e5m2``).
+
+    Returns ``(data, scale)``: ``data`` has ``x``'s shape (contiguous), ``scale``
+    the recipe's shape. Values saturate at the format's max and round to
+    nearest even; a block holding NaN or inf dequantises to NaN.
+
+    ``offs`` (2-D ``x``): int32 cumulative group ends along ``C``, for the
+    operands of the 2D x 2D (weight-gradient) grouped GEMM, where ``C`` is the
+    token dimension: ``tensorwise`` gives one scale per group ``(G,)``,
+    ``rowwise`` one per row and group ``(G, R)``; ``mx`` keeps its blocks and
+    requires groups of whole 32-element blocks. Elements past ``offs[-1]``
+    quantise to zero.
+
+    ``swizzle`` (``mx``): the scale in the blocked layout of upstream's CUDA MX
+    kernels, ``(round_up(R, 128), round_up(ceil(C/32), 4))``
+    (``(B, round_up(R, 128) * round_up(ceil(C/32), 4))`` for 3-D ``x``).
+    """
+    return _quantize(x, recipe, float8_dtype, offs, swizzle)
+
+
+def dequantize_fp8(
+    data: torch.Tensor,
+    scale: torch.Tensor,
+    recipe: str,
+    out_dtype: Optional[torch.dtype] = None,
+    offs: Optional[torch.Tensor] = None,
+    swizzle: bool = False,
+) -> torch.Tensor:
+    """``data.float() * scale`` per block, rounded once to ``out_dtype`` (float32 by default).
+
+    The inverse of :func:`quantize_fp8` with the same ``recipe``, ``offs`` and ``swizzle``.
+    """
+    return _dequantize(data, scale, recipe, out_dtype, offs, swizzle)
+
+
+@torch.library.register_fake("moe_ops::quantize_fp8")
+def _quantize_fp8_fake(x, recipe, float8_dtype=None, offs=None, swizzle=False):
+    f8 = _checks.check_quantize_fp8_inputs(x, recipe, float8_dtype, offs, swizzle)
+    groups = offs.shape[0] if offs is not None else None
+    scale_size = _checks.fp8_scale_size(x.shape, recipe, groups, swizzle)
+    return x.new_empty(x.shape, dtype=f8), x.new_empty(scale_size, dtype=_checks.fp8_scale_dtype(recipe))
+
+
+@torch.library.register_fake("moe_ops::dequantize_fp8")
+def _dequantize_fp8_fake(data, scale, recipe, out_dtype=None, offs=None, swizzle=False):
+    out = _checks.check_dequantize_fp8_inputs(data, scale, recipe, out_dtype, offs, swizzle)
+    return data.new_empty(data.shape, dtype=out)
