@@ -1,4 +1,5 @@
-"""OpInfos of the fp8 ops ``moe_ops.quantize_fp8`` and ``moe_ops.dequantize_fp8``.
+"""OpInfos of the fp8 ops ``moe_ops.quantize_fp8``, ``moe_ops.dequantize_fp8``
+and ``moe_ops.scaled_grouped_mm``.
 
 Samples cover every recipe on 2-D and 3-D operands, sizes that are not
 multiples of the blocks (partial last blocks), zero rows and zero columns, a
@@ -9,19 +10,33 @@ blocks differ in scale. Error inputs cover every rejected argument. The refs
 are the plain-torch references of ``torch_moe_ops/reference.py``, which use
 torch's own float -> float8 conversion.
 
+scaled_grouped_mm samples cover the four layouts with rowwise scales and the
+2D x 3D and 3D x 3D layouts with MX scales, both float8 formats, empty groups,
+rows past ``offs[-1]``, weights stored (G, N, K) (column-major, as upstream
+wants) and (G, K, N), bias in float32 and bfloat16; its ref dequantises in
+float64.
+
 The OpInfo's dtype is the floating dtype: the input of quantize_fp8 and the
-out_dtype of dequantize_fp8.
+out_dtype of dequantize_fp8 and scaled_grouped_mm.
 """
 
 from __future__ import annotations
+
+from functools import partial
 
 import torch
 from torch.testing import make_tensor
 from torch.testing._internal.opinfo.core import ErrorInput, OpInfo, SampleInput
 
-from torch_moe_ops.reference import FP8_RECIPES, torch_dequantize_fp8, torch_quantize_fp8
+from torch_moe_ops.reference import (
+    FP8_RECIPES,
+    torch_dequantize_fp8,
+    torch_quantize_fp8,
+    torch_scaled_grouped_mm,
+)
 
 FP8_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+SCALED_MM_DTYPES = (torch.bfloat16, torch.float32)
 
 
 def _offs(ends, device):
@@ -140,18 +155,134 @@ def error_inputs_dequantize_fp8(op_info, device, **kwargs):
     yield e(r"dequantize_fp8: offs must be int32, got Long", d, s, "rowwise", offs=offs.long())
 
 
-def make_fp8_op_db(name_of, op_of) -> list[OpInfo]:
-    """OpInfos of quantize_fp8 and dequantize_fp8; name_of and op_of map
-    "quantize_fp8", "dequantize_fp8" to the OpInfo's name and the op it calls."""
+def scaled_grouped_mm_cases(device, dtype):
+    """(name, args, kwargs) of scaled_grouped_mm samples, quantised by the reference."""
+    g = torch.Generator().manual_seed(7)
+    K, N, M, G = 80, 24, 30, 4
+    offs = _offs([5, 5, 17, 26], device)  # an empty group, rows past offs[-1]
 
-    def opinfo(op, sample_fn, error_fn, ref):
-        return OpInfo(name_of(op), op=op_of(op), ref=ref, dtypes=FP8_DTYPES, sample_inputs_func=sample_fn,
+    def rnd(*shape):
+        return torch.randn(shape, generator=g) * 3
+
+    def right(w, recipe, f8=None, offs=None, k_major=True):
+        """w (.., K, N) quantised per output column (blocks along K) through its
+        transpose; the data comes back column-major (k_major) or row-major."""
+        d, s = torch_quantize_fp8(w.transpose(-2, -1).contiguous(), recipe, f8, offs)
+        d = d.transpose(-2, -1)
+        return (d if k_major else d.contiguous()), s
+
+    def dev(*ts):
+        return [t.to(device) for t in ts]
+
+    for recipe in ("rowwise", "mx"):
+        for f8 in (torch.float8_e4m3fn, torch.float8_e5m2):
+            tag = f"{recipe}_{'e4m3' if f8 == torch.float8_e4m3fn else 'e5m2'}"
+            ad, as_ = torch_quantize_fp8(rnd(M, K), recipe, f8)
+            bd, bs = right(rnd(G, K, N), recipe, f8)
+            bias = rnd(G, N).to(device)
+            yield f"2d3d_{tag}", dev(ad, bd, as_, bs), dict(offs=offs, out_dtype=dtype)
+            yield f"2d3d_bias_{tag}", dev(ad, bd, as_, bs), dict(offs=offs, bias=bias, out_dtype=dtype)
+            brm, brs = right(rnd(G, K, N), recipe, f8, k_major=False)
+            yield f"2d3d_b_row_major_{tag}", dev(ad, brm, as_, brs), dict(offs=offs, out_dtype=dtype)
+            a3, a3s = torch_quantize_fp8(rnd(G, 7, K), recipe, f8)
+            yield f"3d3d_{tag}", dev(a3, bd, a3s, bs), dict(bias=bias.to(dtype), out_dtype=dtype)
+    ad, as_ = torch_quantize_fp8(rnd(0, K), "rowwise")
+    bd, bs = right(rnd(G, K, N), "rowwise")
+    yield "2d3d_zero_tokens", dev(ad, bd, as_, bs), dict(offs=_offs([0, 0, 0, 0], device), out_dtype=dtype)
+    # Rowwise only: 3D x 2D (offs over N) and 2D x 2D (offs over K: the weight gradient).
+    a3, a3s = torch_quantize_fp8(rnd(G, 7, K), "rowwise")
+    b2, b2s = right(rnd(K, 29), "rowwise")
+    yield "3d2d", dev(a3, b2, a3s, b2s), dict(offs=_offs([6, 6, 20, 27], device), bias=rnd(G, 29).to(device),
+                                              out_dtype=dtype)
+    # wgrad = grad_out^T @ x over each group's tokens: per-group rowwise scales along the tokens.
+    tok = _offs([10, 10, 22, 28], "cpu")
+    god, gos = torch_quantize_fp8(rnd(M, N).t().contiguous(), "rowwise", None, tok)  # (N, M), scale (G, N)
+    xd, xs = torch_quantize_fp8(rnd(M, K).t().contiguous(), "rowwise", None, tok)    # (K, M), scale (G, K)
+    yield "2d2d_wgrad", dev(god, xd.t(), gos.flatten(), xs.flatten()), dict(offs=tok.to(device), out_dtype=dtype)
+
+
+def sample_inputs_scaled_grouped_mm(op_info, device, dtype, requires_grad, **kwargs):
+    for name, args, kw in scaled_grouped_mm_cases(device, dtype):
+        yield SampleInput(args[0], args=tuple(args[1:]), kwargs=kw, name=name)
+
+
+def error_inputs_scaled_grouped_mm(op_info, device, **kwargs):
+    f8 = torch.float8_e4m3fn
+    M, K, N, G = 6, 64, 8, 2
+    a = torch.zeros(M, K, device=device).to(f8)
+    b = torch.zeros(G, N, K, device=device).to(f8).transpose(-2, -1)
+    a3 = torch.zeros(G, M, K, device=device).to(f8)
+    b2 = torch.zeros(K, N, device=device).to(f8)
+    offs = _offs([2, 6], device)
+    ones = partial(torch.ones, device=device)
+    sa, sb = ones(M), ones(G, N)
+    e8 = torch.float8_e8m0fnu
+    sa_mx, sb_mx = ones(M, 2).to(e8), ones(G, N, 2).to(e8)
+    e = _err
+    yield e(r"scaled_grouped_mm: mat_a must be 2-D or 3-D, got 1-D with sizes \[64\]", a[0], b, sa, sb, offs)
+    yield e(r"scaled_grouped_mm: mat_a must be Float8_e4m3fn or Float8_e5m2, got BFloat16", a.bfloat16(), b, sa, sb,
+            offs)
+    yield e(r"scaled_grouped_mm: mat_b must be Float8_e4m3fn or Float8_e5m2, got Float", a, b.float(), sa, sb, offs)
+    yield e(r"scaled_grouped_mm: contraction sizes differ: mat_a \[6, 32\] has K=32 but mat_b \[2, 64, 8\] has "
+            r"K=64", a[:, :32], b, sa, sb, offs)
+    yield e(r"scaled_grouped_mm: scale_result is not supported, got a tensor of sizes \[1\]", a, b, sa, sb, offs,
+            scale_result=ones(1))
+    yield e(r"scaled_grouped_mm: out_dtype must be bfloat16 or float32, got Half", a, b, sa, sb, offs,
+            out_dtype=torch.float16)
+    yield e(r"scaled_grouped_mm: offs is required when mat_a or mat_b is 2-D \(mat_a \[6, 64\], mat_b "
+            r"\[2, 64, 8\]\)", a, b, sa, sb)
+    yield e(r"scaled_grouped_mm: offs must be None when mat_a and mat_b are both 3-D", a3, b, ones(G, M), sb, offs)
+    yield e(r"scaled_grouped_mm: offs must be int32, got Long", a, b, sa, sb, offs.long())
+    yield e(r"scaled_grouped_mm: offs has 3 groups but mat_b \[2, 64, 8\] has 2", a, b, sa, sb, _offs([1, 2, 3], device))
+    # Rowwise scale shapes, every layout.
+    yield e(r"scaled_grouped_mm: scale_a must have shape \[6\] for rowwise scaling of these operands, got \[6, 1\]",
+            a, b, sa.view(M, 1), sb, offs)
+    yield e(r"scaled_grouped_mm: scale_b must have shape \[2, 8\] for rowwise scaling of these operands, got \[8\]",
+            a, b, sa, sb[0], offs)
+    yield e(r"scaled_grouped_mm: scale_a must have shape \[2, 6\] for rowwise scaling of these operands, got \[6\]",
+            a3, b, sa, sb)
+    yield e(r"scaled_grouped_mm: scale_b must have shape \[8\] for rowwise scaling of these operands, got \[2, 8\]",
+            a3, b2, ones(G, M), sb, _offs([3, 8], device))
+    # 2D x 2D: mat_a (8, 64), mat_b (64, 6), groups along K: scale_a (G * 8,), scale_b (G * 6,).
+    yield e(r"scaled_grouped_mm: scale_a must have shape \[16\] for rowwise scaling of these operands, got \[8\]",
+            b2.t().contiguous(), a.t(), ones(N), ones(G * M), _offs([30, 64], device))
+    # Scale dtypes and MX shapes.
+    yield e(r"scaled_grouped_mm: scale_a and scale_b must both be float32 \(rowwise\) or both Float8_e8m0fnu "
+            r"\(mx\), got Float and Float8_e8m0fnu", a, b, sa, sb_mx, offs)
+    yield e(r"scaled_grouped_mm: scale_a and scale_b must both be float32 \(rowwise\) or both Float8_e8m0fnu "
+            r"\(mx\), got BFloat16 and BFloat16", a, b, sa.bfloat16(), sb.bfloat16(), offs)
+    yield e(r"scaled_grouped_mm: scale_a must have shape \[6, 2\] for mx scaling of these operands, got \[6, 1\]",
+            a, b, sa_mx[:, :1], sb_mx, offs)
+    yield e(r"scaled_grouped_mm: scale_b must have shape \[2, 8, 2\] for mx scaling of these operands, got "
+            r"\[2, 16\]", a, b, sa_mx, sb_mx.view(G, -1), offs)
+    yield e(r"scaled_grouped_mm: scale_a must have shape \[2, 6, 2\] for mx scaling of these operands, got "
+            r"\[6, 2\]", a3, b, sa_mx, sb_mx)
+    yield e(r"scaled_grouped_mm: mx scaling supports 2D x 3D and 3D x 3D operands, got mat_a \[2, 6, 64\] and "
+            r"mat_b \[64, 8\]", a3, b2, ones(G, M, 2).to(e8), ones(N, 2).to(e8), _offs([3, 8], device))
+    yield e(r"scaled_grouped_mm: bias must have shape \(G, N\) = \(2, 8\), got \[8\]", a, b, sa, sb, offs,
+            bias=ones(N))
+    yield e(r"scaled_grouped_mm: bias must be float32 or the output dtype \(BFloat16\), got Half", a, b, sa, sb,
+            offs, bias=ones(G, N).half())
+    if torch.device(device).type == "cpu":
+        yield e(r"scaled_grouped_mm: offs must be non-decreasing in \[0, M \(mat_a.size\(0\)\)=6\], got "
+                r"offs\[1\]=7 after offs\[0\]=2", a, b, sa, sb, _offs([2, 7], device), name="offs_values")
+
+
+def make_fp8_op_db(name_of, op_of) -> list[OpInfo]:
+    """OpInfos of quantize_fp8, dequantize_fp8 and scaled_grouped_mm; name_of
+    and op_of map "quantize_fp8", "dequantize_fp8", "scaled_grouped_mm" to the
+    OpInfo's name and the op it calls."""
+
+    def opinfo(op, sample_fn, error_fn, ref, dtypes=FP8_DTYPES):
+        return OpInfo(name_of(op), op=op_of(op), ref=ref, dtypes=dtypes, sample_inputs_func=sample_fn,
                       error_inputs_func=error_fn, supports_out=False, supports_autograd=False,
                       supports_forward_ad=False, supports_fwgrad_bwgrad=False)
 
     return [
         opinfo("quantize_fp8", sample_inputs_quantize_fp8, error_inputs_quantize_fp8, torch_quantize_fp8),
         opinfo("dequantize_fp8", sample_inputs_dequantize_fp8, error_inputs_dequantize_fp8, torch_dequantize_fp8),
+        opinfo("scaled_grouped_mm", sample_inputs_scaled_grouped_mm, error_inputs_scaled_grouped_mm,
+               torch_scaled_grouped_mm, SCALED_MM_DTYPES),
     ]
 
 

@@ -1,4 +1,5 @@
-"""Tests of the fp8 ops: moe_ops::quantize_fp8 and moe_ops::dequantize_fp8.
+"""Tests of the fp8 ops: moe_ops::quantize_fp8, moe_ops::dequantize_fp8 and
+moe_ops::scaled_grouped_mm.
 
 quantize_fp8 is exact arithmetic (an amax, a division, a multiply by the
 block's q, a clamp and one rounding), so data and scale are compared bit for
@@ -7,7 +8,9 @@ rounding is torch's own float -> float8 conversion. Independently of that
 reference: the rounding agrees with torch's conversion on every float8 value
 and every midpoint between two of them, and the e8m0 edge cases are checked
 against bytes worked out by hand. dequantize_fp8 is one multiply and one
-rounding per element: compared exactly (NaN payloads aside).
+rounding per element: compared exactly (NaN payloads aside). scaled_grouped_mm
+sums in float32: compared with a float64 reference within a bound derived from
+the float32 summation (assert_scaled_mm_close).
 
 The OpInfos live in test/opinfo_fp8.py.
 """
@@ -21,7 +24,13 @@ from torch.testing._internal.common_device_type import instantiate_device_type_t
 from torch.testing._internal.common_utils import TestCase, run_tests
 
 import torch_moe_ops
-from torch_moe_ops.reference import FP8_RECIPES, torch_dequantize_fp8, torch_quantize_fp8
+from torch_moe_ops.reference import (
+    FP8_RECIPES,
+    torch_dequantize_fp8,
+    torch_grouped_mm,
+    torch_quantize_fp8,
+    torch_scaled_grouped_mm,
+)
 
 from opinfo_fp8 import op_db as fp8_op_db
 
@@ -56,11 +65,43 @@ def _assert_same(test, out, ref, msg=""):
             test.assertEqual(o, r, atol=0, rtol=0, equal_nan=True, msg=msg)
 
 
+def _abs_fp8(t):
+    """|t| of a float8 tensor (clear the sign bits), same strides."""
+    return (t.view(torch.uint8) & 0x7F).view(t.dtype)
+
+
+def assert_scaled_mm_close(out, mat_a, mat_b, scale_a, scale_b, offs=None, bias=None, out_dtype=None, **_):
+    """out within float32-accumulation rounding of the float64 reference.
+
+    The kernel sums exact products (float8 -> bfloat16 is exact) in float32,
+    in some order: each partial sum rounds with relative error <= 2^-24, so
+    |err| <= K * 2^-24 * sum_k |a_k b_k| (the same reference on absolute
+    values); then two scale multiplies, the bias add and the final rounding,
+    <= 3 * 2^-24 more relative, plus half an ulp of out_dtype (2^-9 relative
+    for bfloat16; taken as 2^-8 to cover the float32 error carried into it)."""
+    ref = torch_scaled_grouped_mm(mat_a, mat_b, scale_a, scale_b, offs, bias, None, torch.float64)
+    def abs_scale(t):  # e8m0 scales are positive (or NaN)
+        return t.abs() if t.dtype == torch.float32 else t
+
+    absprod = torch_scaled_grouped_mm(_abs_fp8(mat_a), _abs_fp8(mat_b), abs_scale(scale_a), abs_scale(scale_b), offs,
+                                      None, None, torch.float64)
+    k = mat_a.shape[-1]
+    out_rel = 2.0 ** -8 if (out_dtype or torch.bfloat16) == torch.bfloat16 else 2.0 ** -24
+    bound = (k + 3) * 2.0 ** -24 * absprod.abs() + out_rel * ref.abs() + 2 * 2.0 ** -24 * (
+        bias.double().abs().max() if bias is not None and bias.numel() else 0)
+    err = (out.double() - ref).abs()
+    assert out.dtype == (out_dtype or torch.bfloat16) and out.shape == ref.shape
+    assert bool((err <= bound).all()), f"max err {err.max()} (bound there {bound.view(-1)[err.argmax()]})"
+
+
 class TestFp8(TestCase):
     @ops(fp8_op_db)
     def test_matches_reference(self, device, dtype, op):
         for s in op.sample_inputs(device, dtype):
-            _assert_same(self, _call(op, s), op.ref(s.input, *s.args, **s.kwargs), msg=s.name)
+            if op.name.endswith("scaled_grouped_mm"):
+                assert_scaled_mm_close(_call(op, s), s.input, *s.args, **s.kwargs)
+            else:
+                _assert_same(self, _call(op, s), op.ref(s.input, *s.args, **s.kwargs), msg=s.name)
 
     @ops(fp8_op_db)
     def test_fake_matches_eager(self, device, dtype, op):
@@ -140,6 +181,24 @@ class TestFp8(TestCase):
             x = torch.randn(tokens, 64, device=device)
             for a, b in zip(compiled(x, w), roundtrip(x, w), strict=True):
                 self.assertEqual(a, b, atol=0, rtol=0)
+        self.assertEqual(counter.frame_count, 1, msg="recompiled for new token counts")
+
+    def test_compile_scaled_grouped_mm(self, device):
+        """quantize -> scaled_grouped_mm, the fp8 MoE forward, one frame for three token counts."""
+        torch._dynamo.reset()
+        counter = torch._dynamo.testing.CompileCounterWithBackend("inductor")
+
+        def forward(x, w, offs):
+            xd, xs = torch.ops.moe_ops.quantize_fp8(x, "rowwise")
+            wd, ws = torch.ops.moe_ops.quantize_fp8(w.transpose(-2, -1), "rowwise")
+            return torch.ops.moe_ops.scaled_grouped_mm(xd, wd.transpose(-2, -1), xs, ws, offs)
+
+        compiled = torch.compile(forward, backend=counter, fullgraph=True, dynamic=True)
+        w = torch.randn(3, 64, 48, device=device)
+        for tokens in (10, 17, 33):
+            x = torch.randn(tokens, 64, device=device)
+            offs = torch.tensor([tokens // 3, tokens // 2, tokens], dtype=torch.int32, device=device)
+            self.assertEqual(compiled(x, w, offs), forward(x, w, offs), atol=0, rtol=0)
         self.assertEqual(counter.frame_count, 1, msg="recompiled for new token counts")
 
 
@@ -309,10 +368,75 @@ def test_roundtrip_error_bound(recipe, f8, bound):
     assert rel > bound / 8  # the test can fail: the data really was rounded to fp8
 
 
+@st.composite
+def scaled_problems(draw):
+    layout = draw(st.sampled_from(["2d3d", "3d3d", "3d2d", "2d2d"]))
+    recipe = draw(st.sampled_from(["rowwise", "mx"])) if layout in ("2d3d", "3d3d") else "rowwise"
+    groups = draw(st.integers(1, 5))
+    m, k, n = draw(st.integers(0, 40)), draw(st.integers(0, 100)), draw(st.integers(1, 40))
+    sizes = draw(st.lists(st.integers(0, 12), min_size=groups, max_size=groups))
+    return layout, recipe, groups, m, k, n, sizes
+
+
+@settings(max_examples=80, deadline=None)
+@given(scaled_problems(), st.sampled_from([torch.float8_e4m3fn, torch.float8_e5m2]),
+       st.sampled_from([torch.bfloat16, torch.float32]), st.booleans(), st.booleans(), st.integers(0, 2**31 - 1))
+def test_property_scaled_grouped_mm(problem, f8, out_dtype, with_bias, k_major, seed):
+    """Every layout and recipe against the float64 reference, weights in both
+    storage orders, groups of any size (including empty)."""
+    layout, recipe, groups, m, k, n, sizes = problem
+    g = torch.Generator().manual_seed(seed)
+    ends = torch.tensor(sizes, dtype=torch.int32).cumsum(0).to(torch.int32)
+    total = int(ends[-1])
+
+    def right(w):  # (.., K, N) quantised per column; column-major (k_major) or row-major data
+        d, s_ = torch_quantize_fp8(w.transpose(-2, -1).contiguous(), recipe, f8)
+        return (d.transpose(-2, -1) if k_major else d.transpose(-2, -1).contiguous()), s_
+
+    offs = ends
+    if layout == "2d3d":
+        a, sa = torch_quantize_fp8(torch.randn(total + 2, k, generator=g), recipe, f8)
+        b, sb = right(torch.randn(groups, k, n, generator=g))
+    elif layout == "3d3d":
+        a, sa = torch_quantize_fp8(torch.randn(groups, m, k, generator=g), recipe, f8)
+        b, sb = right(torch.randn(groups, k, n, generator=g))
+        offs = None
+    elif layout == "3d2d":
+        a, sa = torch_quantize_fp8(torch.randn(groups, m, k, generator=g), recipe, f8)
+        b, sb = right(torch.randn(k, total + 1, generator=g))
+    else:  # 2d2d: groups along K, per-group rowwise scales of A's rows and B's columns
+        a, sa = torch_quantize_fp8(torch.randn(m, total + 3, generator=g), recipe, f8, ends)
+        bt, sb = torch_quantize_fp8(torch.randn(n, total + 3, generator=g), recipe, f8, ends)
+        b, sa, sb = bt.t(), sa.flatten(), sb.flatten()
+    n_out = b.shape[-1]
+    bias = torch.randn(groups, n_out, generator=g) if with_bias else None
+    out = torch.ops.moe_ops.scaled_grouped_mm(a, b, sa, sb, offs, bias, None, out_dtype)
+    assert_scaled_mm_close(out, a, b, sa, sb, offs, bias, out_dtype)
+
+
+def test_scaled_grouped_mm_is_dequantise_then_grouped_mm():
+    """The MoE forward shape: equal to grouped_mm of the dequantised operands
+    (float32, the same accumulation type) up to the order of the float32 sums:
+    both within K * 2^-24 * sum|a b| of the exact value, so within twice that
+    of each other."""
+    g = torch.Generator().manual_seed(3)
+    offs = torch.tensor([100, 100, 260, 300], dtype=torch.int32)
+    x, w = torch.randn(300, 256, generator=g), torch.randn(4, 256, 192, generator=g)
+    for recipe in ("rowwise", "mx"):
+        xd, xs = torch_moe_ops.quantize_fp8(x, recipe)
+        wd, ws = torch_moe_ops.quantize_fp8(w.transpose(-2, -1), recipe)
+        out = torch_moe_ops.scaled_grouped_mm(xd, wd.transpose(-2, -1), xs, ws, offs, out_dtype=torch.float32)
+        xf = torch_moe_ops.dequantize_fp8(xd, xs, recipe)
+        wf = torch_moe_ops.dequantize_fp8(wd, ws, recipe).transpose(-2, -1)
+        via = torch_moe_ops.grouped_mm(xf, wf, offs)
+        absprod = torch_grouped_mm(xf.abs(), wf.abs(), offs)
+        assert bool(((out - via).abs() <= 2 * (256 + 3) * 2.0 ** -24 * absprod).all())
+
+
 def test_cpu_kernels_registered_for_fp8_ops():
     """CPU kernels only: the fp8 ops are in CPU_ONLY_OPS of test_grouped_mm.py,
     the exemptions of its every-op-has-a-CUDA-kernel test."""
-    for name in ("moe_ops::quantize_fp8", "moe_ops::dequantize_fp8"):
+    for name in ("moe_ops::quantize_fp8", "moe_ops::dequantize_fp8", "moe_ops::scaled_grouped_mm"):
         assert torch._C._dispatch_has_kernel_for_dispatch_key(name, "CPU"), name
         assert not torch._C._dispatch_has_kernel_for_dispatch_key(name, "CUDA"), f"{name}: drop its exemption"
 

@@ -296,6 +296,8 @@ CPU_ONLY_OPS = {
     # every device's tests; on GPUs, torchao's Triton kernels quantise today.
     "moe_ops::quantize_fp8": "no CUDA kernel yet (issue #6)",
     "moe_ops::dequantize_fp8": "no CUDA kernel yet (issue #6)",
+    # On GPUs, torch._scaled_grouped_mm itself (cuBLAS/CUTLASS) is the kernel.
+    "moe_ops::scaled_grouped_mm": "no CUDA kernel yet (issue #6): call torch._scaled_grouped_mm there",
 }
 
 

@@ -357,3 +357,97 @@ def check_dequantize_fp8_inputs(data: torch.Tensor, scale: torch.Tensor, recipe:
     chk(out in FP8_FLOAT_DTYPES,
         lambda: f"dequantize_fp8: out_dtype must be float32, bfloat16 or float16, got {_fp8_c10(out)}")
     return out
+
+
+# ------------------------------------------------------------------ scaled_grouped_mm
+# Restates csrc/ATen/native/MoEScaledGroupedMM.h one for one, with the same messages.
+
+
+def scaled_grouped_mm_out_dtype(out_dtype: Optional[torch.dtype]) -> torch.dtype:
+    out = out_dtype or torch.bfloat16
+    torch._check_value(out in (torch.bfloat16, torch.float32),
+                       lambda: f"scaled_grouped_mm: out_dtype must be bfloat16 or float32, got {_fp8_c10(out)}")
+    return out
+
+
+def _scaled_check_scale(name: str, scale: torch.Tensor, want: list, recipe: str) -> None:
+    torch._check_value(list(scale.shape) == list(want),
+                       lambda: f"scaled_grouped_mm: {name} must have shape {_dims(want)} for {recipe} scaling of "
+                       f"these operands, got {_sizes(scale)}")
+
+
+def check_scaled_grouped_mm_inputs(mat_a, mat_b, scale_a, scale_b, offs, bias, scale_result, out_dtype):
+    """Validates everything but the values of offs; returns (recipe, output dtype)."""
+    chk = torch._check_value
+    chk(mat_a.dim() in (2, 3),
+        lambda: f"scaled_grouped_mm: mat_a must be 2-D or 3-D, got {mat_a.dim()}-D with sizes {_sizes(mat_a)}")
+    chk(mat_b.dim() in (2, 3),
+        lambda: f"scaled_grouped_mm: mat_b must be 2-D or 3-D, got {mat_b.dim()}-D with sizes {_sizes(mat_b)}")
+    chk(mat_a.dtype in FP8_DATA_DTYPES,
+        lambda: f"scaled_grouped_mm: mat_a must be Float8_e4m3fn or Float8_e5m2, got {_fp8_c10(mat_a.dtype)}")
+    chk(mat_b.dtype in FP8_DATA_DTYPES,
+        lambda: f"scaled_grouped_mm: mat_b must be Float8_e4m3fn or Float8_e5m2, got {_fp8_c10(mat_b.dtype)}")
+    chk(mat_b.device == mat_a.device,
+        lambda: f"scaled_grouped_mm: mat_b must be on the device of mat_a ({mat_a.device}), got {mat_b.device}")
+    chk(mat_a.shape[-1] == mat_b.shape[-2],
+        lambda: f"scaled_grouped_mm: contraction sizes differ: mat_a {_sizes(mat_a)} has K={mat_a.shape[-1]} "
+        f"but mat_b {_sizes(mat_b)} has K={mat_b.shape[-2]}")
+    chk(scale_result is None,
+        lambda: f"scaled_grouped_mm: scale_result is not supported, got a tensor of sizes {_sizes(scale_result)}")
+    out_t = scaled_grouped_mm_out_dtype(out_dtype)
+    layout = grouped_mm_layout(mat_a, mat_b)
+    if layout == "3d3d":
+        chk(offs is None,
+            lambda: "scaled_grouped_mm: offs must be None when mat_a and mat_b are both 3-D, "
+            f"got offs of sizes {_sizes(offs)}")
+        chk(mat_a.shape[0] == mat_b.shape[0],
+            lambda: f"scaled_grouped_mm: batch sizes differ: mat_a {_sizes(mat_a)}, mat_b {_sizes(mat_b)}")
+    else:
+        chk(offs is not None,
+            lambda: f"scaled_grouped_mm: offs is required when mat_a or mat_b is 2-D (mat_a {_sizes(mat_a)}, "
+            f"mat_b {_sizes(mat_b)})")
+        chk(offs.dim() == 1,
+            lambda: f"scaled_grouped_mm: offs must be 1-D, got {offs.dim()}-D with sizes {_sizes(offs)}")
+        chk(offs.dtype == torch.int32, lambda: f"scaled_grouped_mm: offs must be int32, got {_c10(offs.dtype)}")
+        chk(offs.device == mat_a.device,
+            lambda: f"scaled_grouped_mm: offs must be on the device of mat_a ({mat_a.device}), got {offs.device}")
+        if layout == "2d3d":
+            chk(offs.shape[0] == mat_b.shape[0],
+                lambda: f"scaled_grouped_mm: offs has {offs.shape[0]} groups but mat_b {_sizes(mat_b)} "
+                f"has {mat_b.shape[0]}")
+        elif layout == "3d2d":
+            chk(offs.shape[0] == mat_a.shape[0],
+                lambda: f"scaled_grouped_mm: offs has {offs.shape[0]} groups but mat_a {_sizes(mat_a)} "
+                f"has {mat_a.shape[0]}")
+
+    groups = grouped_mm_num_groups(mat_a, offs)
+    m, n, k = mat_a.shape[-2], mat_b.shape[-1], mat_a.shape[-1]
+    if scale_a.dtype == torch.float32 and scale_b.dtype == torch.float32:
+        recipe = "rowwise"
+        want = {"2d3d": ([m], [groups, n]), "3d3d": ([groups, m], [groups, n]), "3d2d": ([groups, m], [n]),
+                "2d2d": ([groups * m], [groups * n])}[layout]
+    else:
+        chk(scale_a.dtype == torch.float8_e8m0fnu and scale_b.dtype == torch.float8_e8m0fnu,
+            lambda: "scaled_grouped_mm: scale_a and scale_b must both be float32 (rowwise) or both Float8_e8m0fnu "
+            f"(mx), got {_fp8_c10(scale_a.dtype)} and {_fp8_c10(scale_b.dtype)}")
+        recipe = "mx"
+        chk(layout in ("2d3d", "3d3d"),
+            lambda: "scaled_grouped_mm: mx scaling supports 2D x 3D and 3D x 3D operands, got mat_a "
+            f"{_sizes(mat_a)} and mat_b {_sizes(mat_b)}")
+        s = (k + 31) // 32
+        want = ([m, s] if layout == "2d3d" else [groups, m, s], [groups, n, s])
+    _scaled_check_scale("scale_a", scale_a, want[0], recipe)
+    _scaled_check_scale("scale_b", scale_b, want[1], recipe)
+    chk(scale_a.device == mat_a.device and scale_b.device == mat_a.device,
+        lambda: f"scaled_grouped_mm: scale_a and scale_b must be on the device of mat_a ({mat_a.device}), got "
+        f"{scale_a.device} and {scale_b.device}")
+    if bias is not None:
+        n_out = grouped_mm_out_size(mat_a, mat_b, offs)[-1]
+        chk(bias.dim() == 2 and bias.shape[0] == groups and bias.shape[1] == n_out,
+            lambda: f"scaled_grouped_mm: bias must have shape (G, N) = ({groups}, {n_out}), got {_sizes(bias)}")
+        chk(bias.dtype in (torch.float32, out_t),
+            lambda: f"scaled_grouped_mm: bias must be float32 or the output dtype ({_c10(out_t)}), "
+            f"got {_fp8_c10(bias.dtype)}")
+        chk(bias.device == mat_a.device,
+            lambda: f"scaled_grouped_mm: bias must be on the device of mat_a ({mat_a.device}), got {bias.device}")
+    return recipe, out_t

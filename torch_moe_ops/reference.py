@@ -294,3 +294,40 @@ def _fp8_scale_grid(scale, nb, rows, nrb, nseg, dim, recipe, offs, swizzle) -> t
         grid = flat.permute(0, 1, 4, 3, 2, 5).reshape(nb, rp, sp)
         return grid[:, :rows, :nseg]
     return s
+
+
+def torch_scaled_grouped_mm(
+    mat_a: torch.Tensor,
+    mat_b: torch.Tensor,
+    scale_a: torch.Tensor,
+    scale_b: torch.Tensor,
+    offs: Optional[torch.Tensor] = None,
+    bias: Optional[torch.Tensor] = None,
+    scale_result: Optional[torch.Tensor] = None,
+    out_dtype: Optional[torch.dtype] = None,
+    use_fast_accum: bool = False,
+    acc_dtype: torch.dtype = torch.float64,
+) -> torch.Tensor:
+    """Reference scaled grouped mm: dequantise in ``acc_dtype``, ``torch_grouped_mm``, round once."""
+    out_dtype = out_dtype or torch.bfloat16
+    a, b = mat_a.to(acc_dtype), mat_b.to(acc_dtype)
+    sa, sb = scale_a.to(acc_dtype), scale_b.to(acc_dtype)
+    layout = f"{mat_a.dim()}d{mat_b.dim()}d"
+    k = a.shape[-1]
+    if scale_a.dtype == torch.float8_e8m0fnu:  # 1x32 blocks along K
+        a = a * sa.repeat_interleave(32, -1)[..., :k]
+        b = b * sb.repeat_interleave(32, -1)[..., :k].transpose(-2, -1)
+    elif layout == "2d2d":  # per group: row scales of A and column scales of B, applied after the product
+        out = torch_grouped_mm(a, b, offs, None, acc_dtype, acc_dtype)
+        groups, m, n = out.shape
+        out = out * sa.view(groups, m, 1) * sb.view(groups, 1, n)
+        if bias is not None:
+            out = out + bias.to(acc_dtype).unsqueeze(1)
+        return out.to(out_dtype)
+    elif layout == "2d3d":
+        a, b = a * sa[:, None], b * sb[:, None, :]
+    elif layout == "3d3d":
+        a, b = a * sa[:, :, None], b * sb[:, None, :]
+    else:  # 3d2d
+        a, b = a * sa[:, :, None], b * sb[None, :]
+    return torch_grouped_mm(a, b, offs, bias, acc_dtype, acc_dtype).to(out_dtype)

@@ -8,6 +8,7 @@
 #include <ATen/native/GroupedMM.h>
 #include <ATen/native/MoEQuantize.h>
 #include <ATen/native/MoERouting.h>
+#include <ATen/native/MoEScaledGroupedMM.h>
 
 extern "C" {
 // Importing torch_moe_ops._C loads this library and runs the registrations
@@ -49,6 +50,10 @@ TORCH_LIBRARY(moe_ops, m) {
   m.def(
       "dequantize_fp8(Tensor data, Tensor scale, str recipe, ScalarType? out_dtype=None, Tensor? offs=None, "
       "bool swizzle=False) -> Tensor");
+  // The schema of aten::_scaled_grouped_mm.
+  m.def(
+      "scaled_grouped_mm(Tensor mat_a, Tensor mat_b, Tensor scale_a, Tensor scale_b, Tensor? offs=None, "
+      "Tensor? bias=None, Tensor? scale_result=None, ScalarType? out_dtype=None, bool use_fast_accum=False) -> Tensor");
 }
 
 TORCH_LIBRARY_IMPL(moe_ops, CPU, m) {
@@ -59,6 +64,7 @@ TORCH_LIBRARY_IMPL(moe_ops, CPU, m) {
   m.impl("unpermute_backward", &at::native::moe_unpermute_backward_cpu);
   m.impl("quantize_fp8", &at::native::quantize_fp8_cpu);
   m.impl("dequantize_fp8", &at::native::dequantize_fp8_cpu);
+  m.impl("scaled_grouped_mm", &at::native::scaled_grouped_mm_cpu);
 }
 
 #if defined(TORCH_MOE_OPS_WITH_CUDA)

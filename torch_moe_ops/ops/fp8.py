@@ -87,3 +87,44 @@ def _quantize_fp8_fake(x, recipe, float8_dtype=None, offs=None, swizzle=False):
 def _dequantize_fp8_fake(data, scale, recipe, out_dtype=None, offs=None, swizzle=False):
     out = _checks.check_dequantize_fp8_inputs(data, scale, recipe, out_dtype, offs, swizzle)
     return data.new_empty(data.shape, dtype=out)
+
+
+_scaled_grouped_mm = torch.ops.moe_ops.scaled_grouped_mm.default
+
+
+def scaled_grouped_mm(
+    mat_a: torch.Tensor,
+    mat_b: torch.Tensor,
+    scale_a: torch.Tensor,
+    scale_b: torch.Tensor,
+    offs: Optional[torch.Tensor] = None,
+    bias: Optional[torch.Tensor] = None,
+    scale_result: Optional[torch.Tensor] = None,
+    out_dtype: Optional[torch.dtype] = None,
+    use_fast_accum: bool = False,
+) -> torch.Tensor:
+    """``torch._scaled_grouped_mm`` on every device with a kernel (CPU here).
+
+    The grouped mm of the dequantised operands (``grouped_mm``'s four layouts),
+    accumulated in float32, rounded once to ``out_dtype`` (bfloat16 by default,
+    or float32). Scales, as :func:`quantize_fp8` returns them:
+
+    * rowwise float32, upstream's shapes: ``scale_a (M,)`` / ``(G, M)`` (3-D
+      ``mat_a``) / ``(G * M,)`` (2D x 2D); ``scale_b (G, N)`` / ``(N,)`` (2-D
+      ``mat_b`` in 3D x 2D) / ``(G * N,)`` (2D x 2D);
+    * mx float8_e8m0fnu (2D x 3D, 3D x 3D): ``scale_a (M, ceil(K/32))`` or
+      ``(G, M, ceil(K/32))``, ``scale_b (G, N, ceil(K/32))`` (the scale of
+      ``quantize_fp8(w.transpose(-2, -1), "mx")``), not swizzled.
+
+    ``bias`` is ``(G, N_out)``; ``scale_result`` must be None; ``use_fast_accum``
+    is accepted and ignored (always float32 accumulation).
+    """
+    return _scaled_grouped_mm(mat_a, mat_b, scale_a, scale_b, offs, bias, scale_result, out_dtype, use_fast_accum)
+
+
+@torch.library.register_fake("moe_ops::scaled_grouped_mm")
+def _scaled_grouped_mm_fake(mat_a, mat_b, scale_a, scale_b, offs=None, bias=None, scale_result=None,
+                            out_dtype=None, use_fast_accum=False):
+    _, out_t = _checks.check_scaled_grouped_mm_inputs(mat_a, mat_b, scale_a, scale_b, offs, bias, scale_result,
+                                                      out_dtype)
+    return mat_a.new_empty(_checks.grouped_mm_out_size(mat_a, mat_b, offs), dtype=out_t)

@@ -15,6 +15,7 @@
 
 #include <ATen/native/MoEQuantize.h>
 #include <ATen/native/cpu/MoEAvx512Utils.h>
+#include <ATen/native/cpu/MoEFp8Utils.h>
 
 #include <ATen/Dispatch.h>
 #include <ATen/Parallel.h>
@@ -79,26 +80,6 @@ inline float fp8_clamp(float v, float max) {
   // Comparisons are false for NaN, which passes through.
   v = v < -max ? -max : v;
   return v > max ? max : v;
-}
-
-// 256-entry fp8 -> float32 tables, from c10's exact conversions.
-const float* fp8_table(ScalarType t) {
-  static const auto tables = [] {
-    std::array<std::array<float, 256>, 2> out{};
-    for (const auto i : c10::irange(256)) {
-      out[0][i] = static_cast<float>(c10::Float8_e4m3fn(static_cast<uint8_t>(i), c10::Float8_e4m3fn::from_bits()));
-      out[1][i] = static_cast<float>(c10::Float8_e5m2(static_cast<uint8_t>(i), c10::Float8_e5m2::from_bits()));
-    }
-    return out;
-  }();
-  return t == kFloat8_e5m2 ? tables[1].data() : tables[0].data();
-}
-
-// e8m0 -> float32: 2^(b - 127); 0 is the denormal 2^-127, 0xFF is NaN.
-inline float e8m0_to_float(uint8_t b) {
-  if (b == 0xFF) return std::numeric_limits<float>::quiet_NaN();
-  if (b == 0) return c10::bit_cast<float>(0x00400000u);
-  return c10::bit_cast<float>(static_cast<uint32_t>(b) << 23);
 }
 
 // ------------------------------------------------------------- scalar rows
@@ -389,7 +370,7 @@ template <typename out_t>
 void dequantize_typed(const Tensor& data, const Tensor& scale, const Blocks& bl, const Tensor& out) {
   const uint8_t* dp = static_cast<const uint8_t*>(data.const_data_ptr());
   out_t* op = out.data_ptr<out_t>();
-  const float* lut = fp8_table(data.scalar_type());
+  const float* lut = moe_fp8_table(data.scalar_type());
   const bool mx = bl.recipe == Fp8Recipe::kMX;
   const float* sf = mx ? nullptr : scale.const_data_ptr<float>();
   const uint8_t* s8 = mx ? static_cast<const uint8_t*>(scale.const_data_ptr()) : nullptr;
@@ -399,7 +380,7 @@ void dequantize_typed(const Tensor& data, const Tensor& scale, const Blocks& bl,
       const int64_t b = r / rows, rb = (r % rows) / bl.block_rows;
       for (int64_t s = 0; s < nseg; ++s) {
         const int64_t off = bl.scale_offset(b, rb, s);
-        const float sc = mx ? e8m0_to_float(s8[off]) : sf[off];
+        const float sc = mx ? moe_e8m0_to_float(s8[off]) : sf[off];
         row_dequantize(dp + r * cols + bl.seg[s], op + r * cols + bl.seg[s], bl.seg[s + 1] - bl.seg[s], sc, lut);
       }
       for (int64_t c = covered; c < cols; ++c) op[r * cols + c] = out_t(0);

@@ -1,0 +1,345 @@
+// CPU kernel for scaled_grouped_mm (semantics in ATen/native/MoEScaledGroupedMM.h).
+//
+// The groups are processed in chunks. A chunk's float8 operands are widened
+// to bfloat16 tile buffers (AVX-512 integer code, a table on other CPUs),
+// multiplied by grouped_mm's CPU kernel into a float32 accumulator, and the
+// epilogue applies the rowwise scales and the bias and rounds once to
+// out_dtype. Working memory is bounded by the chunk size (kChunkElems
+// converted elements, or one group's operands when a group alone is larger),
+// never a dequantised copy of all operands.
+//
+// Exactness: float8 -> bfloat16 is exact (3 or 2 mantissa bits, exponents
+// within bfloat16's); rowwise scales factor out of the K sum and are applied
+// to the float32 accumulator; MX scales are powers of two folded into the
+// conversion, exact unless a product falls below bfloat16's normal range
+// (2^-126). So the result is the float32-accumulated product of the
+// dequantised operands, as aten::_scaled_grouped_mm computes it on GPUs.
+
+#include <ATen/native/MoEScaledGroupedMM.h>
+#include <ATen/native/cpu/MoEAvx512Utils.h>
+#include <ATen/native/cpu/MoEFp8Utils.h>
+
+#include <ATen/Dispatch.h>
+#include <ATen/Parallel.h>
+#include <ATen/core/Tensor.h>
+#include <ATen/ops/from_blob.h>
+#include <c10/util/BFloat16.h>
+#include <c10/util/irange.h>
+
+#include <algorithm>
+#include <vector>
+
+namespace at::native {
+namespace {
+
+// Converted elements per chunk of groups (bfloat16: 16 MB).
+constexpr int64_t kChunkElems = int64_t{8} << 20;
+
+// Where the e8m0 scale of element (r, c) of an operand lives:
+// sc[(r / r_div) * r_mul + (c / c_div) * c_mul]; sc == nullptr means 1.
+struct ScaleMap {
+  const uint8_t* sc = nullptr;
+  int64_t r_div = 1, r_mul = 0, c_div = 1, c_mul = 0;
+};
+
+// A run of n contiguous float8 bytes; element i has scale
+// sc[(i / every) * stride] (sc == nullptr: 1).
+struct Run {
+  const uint8_t* src;
+  int64_t n;
+  const uint8_t* sc;
+  int64_t every, stride;
+};
+
+void convert_run_scalar(const Run& run, c10::BFloat16* dst, const float* lut) {
+  for (int64_t i = 0; i < run.n; ++i) {
+    float v = lut[run.src[i]];
+    if (run.sc != nullptr) v *= moe_e8m0_to_float(run.sc[(i / run.every) * run.stride]);
+    dst[i] = c10::BFloat16(v);
+  }
+}
+
+#ifdef MOE_OPS_HAVE_AVX512
+
+#if defined(__GNUC__) && !defined(__clang__)
+#pragma GCC diagnostic push
+#pragma GCC diagnostic ignored "-Wmaybe-uninitialized"  // GCC 12 false positive on unmasked intrinsics
+#endif
+
+// 16 float8 bytes -> float32, exact: integer re-biasing for normals,
+// int -> float times the smallest denormal for denormals (no float denormal
+// is ever formed, so the result is independent of DAZ/FTZ).
+MOE_OPS_AVX512 inline __m512 fp8x16_to_f32(__m128i bytes, bool e5m2) {
+  const __m512i b = _mm512_cvtepu8_epi32(bytes);
+  const __m512i mag = _mm512_and_si512(b, _mm512_set1_epi32(0x7F));
+  const __m512i sign = _mm512_slli_epi32(_mm512_and_si512(b, _mm512_set1_epi32(0x80)), 24);
+  __m512 v;
+  if (!e5m2) {  // s eeee mmm, bias 7
+    v = _mm512_castsi512_ps(_mm512_add_epi32(_mm512_slli_epi32(mag, 20), _mm512_set1_epi32(120 << 23)));
+    const __m512 den = _mm512_mul_ps(_mm512_cvtepi32_ps(mag), _mm512_set1_ps(1.0f / 512));
+    v = _mm512_mask_mov_ps(v, _mm512_cmplt_epi32_mask(mag, _mm512_set1_epi32(0x08)), den);
+    v = _mm512_mask_mov_ps(v, _mm512_cmpeq_epi32_mask(mag, _mm512_set1_epi32(0x7F)),
+                           _mm512_castsi512_ps(_mm512_set1_epi32(0x7FC00000)));
+  } else {  // s eeeee mm, bias 15
+    v = _mm512_castsi512_ps(_mm512_add_epi32(_mm512_slli_epi32(mag, 21), _mm512_set1_epi32(112 << 23)));
+    const __m512 den = _mm512_mul_ps(_mm512_cvtepi32_ps(mag), _mm512_set1_ps(1.0f / 65536));
+    v = _mm512_mask_mov_ps(v, _mm512_cmplt_epi32_mask(mag, _mm512_set1_epi32(0x04)), den);
+    v = _mm512_mask_mov_ps(v, _mm512_cmpeq_epi32_mask(mag, _mm512_set1_epi32(0x7C)),
+                           _mm512_castsi512_ps(_mm512_set1_epi32(0x7F800000)));
+    v = _mm512_mask_mov_ps(v, _mm512_cmpgt_epi32_mask(mag, _mm512_set1_epi32(0x7C)),
+                           _mm512_castsi512_ps(_mm512_set1_epi32(0x7FC00000)));
+  }
+  return _mm512_castsi512_ps(_mm512_or_si512(_mm512_castps_si512(v), sign));
+}
+
+MOE_OPS_AVX512 void convert_run_avx512(const Run& run, c10::BFloat16* dst, bool e5m2) {
+  alignas(64) float scales[16];
+  for (int64_t i = 0; i < run.n; i += 16) {
+    const __mmask16 m = moe_lanes16(run.n, i);
+    __m512 v = fp8x16_to_f32(_mm_maskz_loadu_epi8(m, run.src + i), e5m2);
+    if (run.sc != nullptr) {
+      if (run.every % 16 == 0) {  // one scale per 16 lanes (runs start on block bounds)
+        v = _mm512_mul_ps(v, _mm512_set1_ps(moe_e8m0_to_float(run.sc[(i / run.every) * run.stride])));
+      } else {
+        for (int64_t j = 0; j < 16; ++j) {
+          scales[j] = i + j < run.n ? moe_e8m0_to_float(run.sc[((i + j) / run.every) * run.stride]) : 0.0f;
+        }
+        v = _mm512_mul_ps(v, _mm512_load_ps(scales));
+      }
+    }
+    _mm256_mask_storeu_epi16(dst + i, m, moe_cvt_f32_bf16(v));
+  }
+}
+
+#if defined(__GNUC__) && !defined(__clang__)
+#pragma GCC diagnostic pop
+#endif
+
+#endif
+
+void convert_run(const Run& run, c10::BFloat16* dst, ScalarType t) {
+#ifdef MOE_OPS_HAVE_AVX512
+  if (moe_cpu_has_avx512()) return convert_run_avx512(run, dst, t == kFloat8_e5m2);
+#endif
+  convert_run_scalar(run, dst, moe_fp8_table(t));
+}
+
+// A (rows x cols) float8 matrix with element strides, converted into dst,
+// keeping its unit-stride dimension innermost. Returns the strides of dst.
+struct Strides2 {
+  int64_t rs, cs;
+};
+
+Strides2 convert_matrix(const uint8_t* src, int64_t rows, int64_t cols, int64_t rs, int64_t cs, ScalarType t,
+                        const ScaleMap& sm, c10::BFloat16* dst) {
+  const bool col_major = cs != 1 && rs == 1;
+  const int64_t runs = col_major ? cols : rows, len = col_major ? rows : cols;
+  const int64_t src_step = col_major ? cs : rs, src_inner = col_major ? rs : cs;
+  at::parallel_for(0, runs, std::max<int64_t>(1, 16384 / std::max<int64_t>(len, 1)), [&](int64_t b, int64_t e) {
+    std::vector<uint8_t> gathered;
+    for (int64_t i = b; i < e; ++i) {
+      Run run{src + i * src_step, len, nullptr, 1, 0};
+      if (sm.sc != nullptr) {
+        run.sc = col_major ? sm.sc + (i / sm.c_div) * sm.c_mul : sm.sc + (i / sm.r_div) * sm.r_mul;
+        run.every = col_major ? sm.r_div : sm.c_div;
+        run.stride = col_major ? sm.r_mul : sm.c_mul;
+      }
+      if (src_inner != 1 && len > 0) {  // neither dimension contiguous: gather the run first
+        gathered.resize(len);
+        for (int64_t j = 0; j < len; ++j) gathered[j] = run.src[j * src_inner];
+        run.src = gathered.data();
+      }
+      convert_run(run, dst + i * len, t);
+    }
+  });
+  return col_major ? Strides2{1, rows} : Strides2{cols, 1};
+}
+
+// out[r, c] = round((acc[r, c] * sa[r]) * sb[c] + bias[c]) for one group's block.
+template <typename out_t>
+void epilogue(const float* acc, int64_t acc_rs, out_t* out, int64_t out_rs, int64_t rows, int64_t cols,
+              const float* sa, const float* sb, const float* bias) {
+  at::parallel_for(0, rows, std::max<int64_t>(1, 8192 / std::max<int64_t>(cols, 1)), [&](int64_t b, int64_t e) {
+    for (int64_t r = b; r < e; ++r) {
+      const float* a = acc + r * acc_rs;
+      out_t* o = out + r * out_rs;
+      const float s = sa != nullptr ? sa[r] : 1.0f;
+      for (int64_t c = 0; c < cols; ++c) {
+        float v = a[c];
+        if (sa != nullptr) v = (v * s) * sb[c];
+        if (bias != nullptr) v += bias[c];
+        o[c] = static_cast<out_t>(v);
+      }
+    }
+  });
+}
+
+Tensor blob(c10::BFloat16* p, IntArrayRef sizes, IntArrayRef strides) {
+  return at::from_blob(p, sizes, strides, at::TensorOptions().dtype(kBFloat16));
+}
+
+template <typename out_t>
+void scaled_grouped_mm_typed(const Tensor& mat_a, const Tensor& mat_b, const Tensor& scale_a,
+                             const Tensor& scale_b, const std::optional<Tensor>& offs,
+                             const std::optional<Tensor>& bias, ScaledGroupedMMRecipe recipe, const Tensor& out) {
+  const auto layout = grouped_mm_layout(mat_a, mat_b);
+  const int64_t groups = grouped_mm_num_groups(mat_a, mat_b, offs);
+  const bool mx = recipe == ScaledGroupedMMRecipe::kMX;
+  const auto ta = mat_a.scalar_type(), tb = mat_b.scalar_type();
+  const auto* A = static_cast<const uint8_t*>(mat_a.const_data_ptr());
+  const auto* B = static_cast<const uint8_t*>(mat_b.const_data_ptr());
+  const int64_t a_rs = mat_a.stride(-2), a_cs = mat_a.stride(-1), b_rs = mat_b.stride(-2), b_cs = mat_b.stride(-1);
+  const int64_t a_gs = mat_a.dim() == 3 ? mat_a.stride(0) : 0, b_gs = mat_b.dim() == 3 ? mat_b.stride(0) : 0;
+  const int64_t M = mat_a.size(-2), K = mat_a.size(-1), N = mat_b.size(-1);
+  const float* sa = mx ? nullptr : scale_a.const_data_ptr<float>();
+  const float* sb = mx ? nullptr : scale_b.const_data_ptr<float>();
+  const auto* sa8 = mx ? static_cast<const uint8_t*>(scale_a.const_data_ptr()) : nullptr;
+  const auto* sb8 = mx ? static_cast<const uint8_t*>(scale_b.const_data_ptr()) : nullptr;
+  const int64_t S = (K + 31) / 32;
+  Tensor bias_f = bias.has_value() ? bias->to(kFloat).contiguous() : Tensor();
+  const float* bp = bias_f.defined() ? bias_f.const_data_ptr<float>() : nullptr;
+  const int64_t n_out = out.size(-1);
+  out_t* op = out.data_ptr<out_t>();
+
+  std::vector<int64_t> start(groups + 1, 0);  // group g spans [start[g], start[g + 1]) of the split dimension
+  for (const auto g : c10::irange(groups)) {
+    start[g + 1] = offs.has_value() ? offs->const_data_ptr<int32_t>()[g * offs->stride(0)] : 0;
+  }
+  auto extent = [&](int64_t g) { return start[g + 1] - start[g]; };
+  auto group_elems = [&](int64_t g) -> int64_t {
+    switch (layout) {
+      case GroupedMMLayout::k2d3d: return extent(g) * K + K * N;
+      case GroupedMMLayout::k3d3d: return M * K + K * N;
+      case GroupedMMLayout::k3d2d: return M * K + K * extent(g);
+      case GroupedMMLayout::k2d2d: return (M + N) * extent(g);
+    }
+    return 0;
+  };
+
+  std::vector<c10::BFloat16> buf_a, buf_b;
+  for (int64_t g0 = 0; g0 < groups;) {
+    int64_t g1 = g0 + 1, elems = group_elems(g0);
+    while (g1 < groups && elems + group_elems(g1) <= kChunkElems) elems += group_elems(g1++);
+    const int64_t gc = g1 - g0;
+    const int64_t s0 = start[g0], s1 = start[g1];
+    std::vector<int32_t> ends(gc);
+    for (int64_t g = g0; g < g1; ++g) ends[g - g0] = static_cast<int32_t>(start[g + 1] - s0);
+    Tensor offs_c = at::from_blob(ends.data(), {gc}, at::TensorOptions().dtype(kInt));
+
+    // MX scale maps: A element (m, k) -> scale_a[.., m, k / 32]; B element (k, n) -> scale_b[g, n, k / 32].
+    auto a_map = [&](int64_t g, int64_t row0) {
+      ScaleMap s;
+      if (mx) s = ScaleMap{sa8 + (g * M + row0) * S, 1, S, 32, 1};
+      return s;
+    };
+    auto b_map = [&](int64_t g) {
+      ScaleMap s;
+      if (mx) s = ScaleMap{sb8 + g * N * S, 32, 1, 1, S};
+      return s;
+    };
+
+    Tensor ta_t, tb_t;
+    switch (layout) {
+      case GroupedMMLayout::k2d3d: {  // rows [s0, s1) of A, experts g0..g1 of B
+        buf_a.resize((s1 - s0) * K);
+        buf_b.resize(gc * K * N);
+        const auto sa_str = convert_matrix(A + s0 * a_rs, s1 - s0, K, a_rs, a_cs, ta, a_map(0, s0),
+                                           buf_a.data());
+        Strides2 sb_str{N, 1};
+        for (int64_t g = g0; g < g1; ++g) {
+          sb_str = convert_matrix(B + g * b_gs, K, N, b_rs, b_cs, tb, b_map(g), buf_b.data() + (g - g0) * K * N);
+        }
+        ta_t = blob(buf_a.data(), {s1 - s0, K}, {sa_str.rs, sa_str.cs});
+        tb_t = blob(buf_b.data(), {gc, K, N}, {K * N, sb_str.rs, sb_str.cs});
+        break;
+      }
+      case GroupedMMLayout::k3d3d: {
+        buf_a.resize(gc * M * K);
+        buf_b.resize(gc * K * N);
+        Strides2 sa_str{K, 1}, sb_str{N, 1};
+        for (int64_t g = g0; g < g1; ++g) {
+          sa_str = convert_matrix(A + g * a_gs, M, K, a_rs, a_cs, ta, a_map(g, 0), buf_a.data() + (g - g0) * M * K);
+          sb_str = convert_matrix(B + g * b_gs, K, N, b_rs, b_cs, tb, b_map(g), buf_b.data() + (g - g0) * K * N);
+        }
+        ta_t = blob(buf_a.data(), {gc, M, K}, {M * K, sa_str.rs, sa_str.cs});
+        tb_t = blob(buf_b.data(), {gc, K, N}, {K * N, sb_str.rs, sb_str.cs});
+        break;
+      }
+      case GroupedMMLayout::k3d2d: {  // A groups g0..g1, columns [s0, s1) of B
+        buf_a.resize(gc * M * K);
+        buf_b.resize(K * (s1 - s0));
+        Strides2 sa_str{K, 1};
+        for (int64_t g = g0; g < g1; ++g) {
+          sa_str = convert_matrix(A + g * a_gs, M, K, a_rs, a_cs, ta, ScaleMap{}, buf_a.data() + (g - g0) * M * K);
+        }
+        const auto sb_str = convert_matrix(B + s0 * b_cs, K, s1 - s0, b_rs, b_cs, tb, ScaleMap{}, buf_b.data());
+        ta_t = blob(buf_a.data(), {gc, M, K}, {M * K, sa_str.rs, sa_str.cs});
+        tb_t = blob(buf_b.data(), {K, s1 - s0}, {sb_str.rs, sb_str.cs});
+        break;
+      }
+      case GroupedMMLayout::k2d2d: {  // contraction slice [s0, s1)
+        buf_a.resize(M * (s1 - s0));
+        buf_b.resize((s1 - s0) * N);
+        const auto sa_str = convert_matrix(A + s0 * a_cs, M, s1 - s0, a_rs, a_cs, ta, ScaleMap{}, buf_a.data());
+        const auto sb_str = convert_matrix(B + s0 * b_rs, s1 - s0, N, b_rs, b_cs, tb, ScaleMap{}, buf_b.data());
+        ta_t = blob(buf_a.data(), {M, s1 - s0}, {sa_str.rs, sa_str.cs});
+        tb_t = blob(buf_b.data(), {s1 - s0, N}, {sb_str.rs, sb_str.cs});
+        break;
+      }
+    }
+    const bool has_offs = layout != GroupedMMLayout::k3d3d;
+    const Tensor acc = grouped_mm_cpu(ta_t, tb_t, has_offs ? std::optional<Tensor>(offs_c) : std::nullopt,
+                                      std::nullopt, kFloat);
+    const float* ap = acc.const_data_ptr<float>();
+    const int64_t acc_rs = acc.stride(-2);
+
+    for (int64_t g = g0; g < g1; ++g) {
+      const float* bias_g = bp != nullptr ? bp + g * n_out : nullptr;
+      switch (layout) {
+        case GroupedMMLayout::k2d3d:
+          epilogue(ap + (start[g] - s0) * acc_rs, acc_rs, op + start[g] * n_out, n_out, extent(g), N,
+                   mx ? nullptr : sa + start[g], mx ? nullptr : sb + g * N, bias_g);
+          break;
+        case GroupedMMLayout::k3d3d:
+          epilogue(ap + (g - g0) * acc.stride(0), acc_rs, op + g * M * n_out, n_out, M, N,
+                   mx ? nullptr : sa + g * M, mx ? nullptr : sb + g * N, bias_g);
+          break;
+        case GroupedMMLayout::k3d2d:
+          epilogue(ap + (start[g] - s0), acc_rs, op + start[g], n_out, M, extent(g), sa + g * M, sb + start[g],
+                   bias_g != nullptr ? bias_g + start[g] : nullptr);
+          break;
+        case GroupedMMLayout::k2d2d:
+          epilogue(ap + (g - g0) * acc.stride(0), acc_rs, op + g * M * n_out, n_out, M, N, sa + g * M,
+                   sb + g * N, bias_g);
+          break;
+      }
+    }
+    g0 = g1;
+  }
+}
+
+void scaled_grouped_mm_kernel(const Tensor& mat_a, const Tensor& mat_b, const Tensor& scale_a,
+                              const Tensor& scale_b, const std::optional<Tensor>& offs,
+                              const std::optional<Tensor>& bias, ScaledGroupedMMRecipe recipe, const Tensor& out) {
+  if (out.scalar_type() == kFloat) {
+    scaled_grouped_mm_typed<float>(mat_a, mat_b, scale_a, scale_b, offs, bias, recipe, out);
+  } else {
+    scaled_grouped_mm_typed<c10::BFloat16>(mat_a, mat_b, scale_a, scale_b, offs, bias, recipe, out);
+  }
+}
+
+} // namespace
+
+// ATen compiles native/cpu/ once per CPU capability. This kernel selects its
+// ISA at run time, so each build registers it (AVX512 explicitly: plain
+// REGISTER_DISPATCH leaves that slot empty). Compiled once, as in the
+// extension, it fills every slot.
+#if defined(CPU_CAPABILITY_AVX512)
+ALSO_REGISTER_AVX512_DISPATCH(scaled_grouped_mm_stub, &scaled_grouped_mm_kernel)
+#elif defined(CPU_CAPABILITY)
+REGISTER_DISPATCH(scaled_grouped_mm_stub, &scaled_grouped_mm_kernel)
+#else
+REGISTER_ALL_CPU_DISPATCH(scaled_grouped_mm_stub, &scaled_grouped_mm_kernel)
+#endif
+
+} // namespace at::native
