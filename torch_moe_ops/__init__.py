@@ -9,10 +9,19 @@ import torch
 
 from . import _C  # noqa: F401  (registers torch.ops.moe_ops)
 from . import nn, ops
-from .ops import dequantize_fp8, grouped_mm, permute, quantize_fp8, router_topk, scaled_grouped_mm, unpermute
+from .ops import (
+    dequantize_fp8,
+    fp8_grouped_mm,
+    grouped_mm,
+    permute,
+    quantize_fp8,
+    router_topk,
+    scaled_grouped_mm,
+    unpermute,
+)
 
-__all__ = ["dequantize_fp8", "grouped_mm", "permute", "quantize_fp8", "router_topk", "scaled_grouped_mm",
-           "unpermute", "nn", "ops", "cuda_kernels_built"]
+__all__ = ["dequantize_fp8", "fp8_grouped_mm", "grouped_mm", "permute", "quantize_fp8", "router_topk",
+           "scaled_grouped_mm", "unpermute", "nn", "ops", "cuda_kernels_built"]
 
 
 def cuda_kernels_built() -> bool:

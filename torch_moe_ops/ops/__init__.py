@@ -1,9 +1,9 @@
 """Public Python API of the ops: thin wrappers over ``torch.ops.moe_ops``, with
 their fake kernels and autograd formulas."""
 
-from .fp8 import dequantize_fp8, quantize_fp8, scaled_grouped_mm
+from .fp8 import dequantize_fp8, fp8_grouped_mm, quantize_fp8, scaled_grouped_mm
 from .grouped_mm import grouped_mm
 from .routing import permute, router_topk, unpermute
 
-__all__ = ["dequantize_fp8", "grouped_mm", "permute", "quantize_fp8", "router_topk", "scaled_grouped_mm",
-           "unpermute"]
+__all__ = ["dequantize_fp8", "fp8_grouped_mm", "grouped_mm", "permute", "quantize_fp8", "router_topk",
+           "scaled_grouped_mm", "unpermute"]

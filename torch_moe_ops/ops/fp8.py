@@ -128,3 +128,86 @@ def _scaled_grouped_mm_fake(mat_a, mat_b, scale_a, scale_b, offs=None, bias=None
     _, out_t = _checks.check_scaled_grouped_mm_inputs(mat_a, mat_b, scale_a, scale_b, offs, bias, scale_result,
                                                       out_dtype)
     return mat_a.new_empty(_checks.grouped_mm_out_size(mat_a, mat_b, offs), dtype=out_t)
+
+
+# ------------------------------------------------------------------ training: fp8_grouped_mm
+
+FP8_TRAINING_RECIPES = ("rowwise", "mx")
+
+
+class _Fp8GroupedMM(torch.autograd.Function):
+    """out = A @ B[g] per group of rows, every GEMM in float8 (torchao's MoE training recipe).
+
+    forward  out    = scaled_grouped_mm(q(A) along K,        q(B) along K per column n)      2D x 3D
+    dgrad    grad_A = scaled_grouped_mm(q(grad) along N,     q(B^T) along N per column k)    2D x 3D
+    wgrad    grad_B = scaled_grouped_mm(q(A^T) per group along tokens, q(grad^T) likewise)   2D x 2D
+    The operands are re-quantised along each GEMM's own contraction dimension,
+    so every scale block lies within one reduction (and, for wgrad, one group).
+    The high-precision A and B are saved, not their float8 copies: the backward
+    quantises along other axes. With "mx", the weight gradient is computed in
+    high precision (torchao's wgrad_with_hp; scaled_grouped_mm has no MX 2D x 2D).
+    """
+
+    @staticmethod
+    def forward(ctx, a, b, offs, recipe, out_dtype):
+        a_d, a_s = _quantize(a, recipe, None, None, False)
+        bt_d, b_s = _quantize(b.transpose(-2, -1), recipe, None, None, False)
+        out = _scaled_grouped_mm(a_d, bt_d.transpose(-2, -1), a_s, b_s, offs, None, None, out_dtype, False)
+        ctx.save_for_backward(a if ctx.needs_input_grad[1] else None, b if ctx.needs_input_grad[0] else None, offs)
+        ctx.recipe = recipe
+        ctx.dtypes = (a.dtype, b.dtype)
+        return out
+
+    @staticmethod
+    def backward(ctx, grad):
+        a, b, offs = ctx.saved_tensors
+        recipe = ctx.recipe
+        a_dtype, b_dtype = ctx.dtypes
+        grad = grad.to(a_dtype)
+        grad_a = grad_b = None
+        if ctx.needs_input_grad[0]:
+            g_d, g_s = _quantize(grad, recipe, None, None, False)            # (M, N), along N
+            b_d, b_s = _quantize(b, recipe, None, None, False)               # (G, K, N), along N per k
+            grad_a = _scaled_grouped_mm(g_d, b_d.transpose(-2, -1), g_s, b_s, offs, None, None,
+                                        _out_dtype(a_dtype), False).to(a_dtype)
+        if ctx.needs_input_grad[1]:
+            if recipe == "rowwise":
+                at_d, at_s = _quantize(a.t(), recipe, None, offs, False)     # (K, M), (G, K)
+                gt_d, gt_s = _quantize(grad.t(), recipe, None, offs, False)  # (N, M), (G, N)
+                grad_b = _scaled_grouped_mm(at_d, gt_d.t(), at_s.flatten(), gt_s.flatten(), offs, None, None,
+                                            torch.float32, False)
+            else:
+                out_dtype = torch.float32 if grad.dtype in (torch.bfloat16, torch.float16) else None
+                grad_b = torch.ops.moe_ops.grouped_mm(a.t(), grad, offs, None, out_dtype)
+            grad_b = grad_b.to(b_dtype)
+        return grad_a, grad_b, None, None, None
+
+
+def _out_dtype(dtype: torch.dtype) -> torch.dtype:
+    return torch.float32 if dtype == torch.float32 else torch.bfloat16
+
+
+def fp8_grouped_mm(
+    a: torch.Tensor,
+    b: torch.Tensor,
+    offs: torch.Tensor,
+    recipe: str = "rowwise",
+) -> torch.Tensor:
+    """Differentiable ``grouped_mm(a, b, offs)`` (2D x 3D: rows ``offs[g-1]:offs[g]`` of
+    ``a (M, K)`` times ``b[g] (K, N)``) with the forward and both backward GEMMs in
+    float8_e4m3fn, as torchao's MoE training does.
+
+    ``recipe``: ``"rowwise"`` (float32 scales per row / column of each GEMM's
+    operands; the weight gradient per group of tokens) or ``"mx"`` (1x32 blocks
+    with e8m0 scales; the weight gradient in high precision). The output has
+    ``a``'s dtype (bfloat16 from bfloat16 inputs, float32 from float32).
+    """
+    # Plain raises: the conditions are static (recipe, ranks, dtypes), which
+    # torch.compile evaluates at trace time.
+    if recipe not in FP8_TRAINING_RECIPES:
+        raise ValueError(f"fp8_grouped_mm: recipe must be 'rowwise' or 'mx', got '{recipe}'")
+    if a.dim() != 2 or b.dim() != 3:
+        raise ValueError(f"fp8_grouped_mm: a must be 2-D and b 3-D, got a {list(a.shape)} and b {list(b.shape)}")
+    if a.dtype not in (torch.bfloat16, torch.float32) or b.dtype != a.dtype:
+        raise ValueError(f"fp8_grouped_mm: a and b must both be bfloat16 or both float32, got {a.dtype} and {b.dtype}")
+    return _Fp8GroupedMM.apply(a, b, offs, recipe, _out_dtype(a.dtype))
