@@ -434,7 +434,7 @@ def test_scaled_grouped_mm_is_dequantise_then_grouped_mm():
 
 
 def _sqnr_db(x, ref):
-    ref = ref.double()
+    x, ref = x.detach(), ref.detach().double()
     return float(10 * torch.log10(ref.pow(2).sum() / (x.double() - ref).pow(2).sum()))
 
 

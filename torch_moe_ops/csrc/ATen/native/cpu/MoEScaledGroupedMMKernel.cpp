@@ -6,7 +6,7 @@
 // epilogue applies the rowwise scales and the bias and rounds once to
 // out_dtype. Working memory is bounded by the chunk size (kChunkElems
 // converted elements, or one group's operands when a group alone is larger),
-// never a dequantised copy of all operands.
+// never a dequantised copy of all operands of a large layer.
 //
 // Exactness: float8 -> bfloat16 is exact (3 or 2 mantissa bits, exponents
 // within bfloat16's); rowwise scales factor out of the K sum and are applied
@@ -32,8 +32,11 @@
 namespace at::native {
 namespace {
 
-// Converted elements per chunk of groups (bfloat16: 16 MB).
-constexpr int64_t kChunkElems = int64_t{8} << 20;
+// Converted elements per chunk of groups (bfloat16: 64 MB). Each chunk costs
+// four parallel regions (two conversions, the GEMM, the epilogue); chunks this
+// large keep their count low (8 for DeepSeek-V3's 256 experts), which matters
+// when the cores are shared and every fork/join may wait for a time slice.
+constexpr int64_t kChunkElems = int64_t{32} << 20;
 
 // Where the e8m0 scale of element (r, c) of an operand lives:
 // sc[(r / r_div) * r_mul + (c / c_div) * c_mul]; sc == nullptr means 1.
@@ -124,50 +127,72 @@ void convert_run(const Run& run, c10::BFloat16* dst, ScalarType t) {
   convert_run_scalar(run, dst, moe_fp8_table(t));
 }
 
-// A (rows x cols) float8 matrix with element strides, converted into dst,
-// keeping its unit-stride dimension innermost. Returns the strides of dst.
+// `batch` (rows x cols) float8 matrices with element strides (matrix b at
+// src + b * src_bs, its scales at sm.sc + b * sc_bs), converted into dst +
+// b * dst_bs, keeping the unit-stride dimension innermost; one parallel
+// region for the whole batch. Returns the strides of each dst matrix.
 struct Strides2 {
   int64_t rs, cs;
 };
 
-Strides2 convert_matrix(const uint8_t* src, int64_t rows, int64_t cols, int64_t rs, int64_t cs, ScalarType t,
-                        const ScaleMap& sm, c10::BFloat16* dst) {
+Strides2 convert_batch(const uint8_t* src, int64_t batch, int64_t src_bs, int64_t rows, int64_t cols, int64_t rs,
+                       int64_t cs, ScalarType t, const ScaleMap& sm, int64_t sc_bs, c10::BFloat16* dst,
+                       int64_t dst_bs) {
   const bool col_major = cs != 1 && rs == 1;
   const int64_t runs = col_major ? cols : rows, len = col_major ? rows : cols;
   const int64_t src_step = col_major ? cs : rs, src_inner = col_major ? rs : cs;
-  at::parallel_for(0, runs, std::max<int64_t>(1, 16384 / std::max<int64_t>(len, 1)), [&](int64_t b, int64_t e) {
+  at::parallel_for(0, batch * runs, std::max<int64_t>(1, 16384 / std::max<int64_t>(len, 1)),
+                   [&](int64_t begin, int64_t end) {
     std::vector<uint8_t> gathered;
-    for (int64_t i = b; i < e; ++i) {
-      Run run{src + i * src_step, len, nullptr, 1, 0};
+    for (int64_t j = begin; j < end; ++j) {
+      const int64_t b = j / runs, i = j % runs;
+      Run run{src + b * src_bs + i * src_step, len, nullptr, 1, 0};
       if (sm.sc != nullptr) {
-        run.sc = col_major ? sm.sc + (i / sm.c_div) * sm.c_mul : sm.sc + (i / sm.r_div) * sm.r_mul;
+        const uint8_t* sc = sm.sc + b * sc_bs;
+        run.sc = col_major ? sc + (i / sm.c_div) * sm.c_mul : sc + (i / sm.r_div) * sm.r_mul;
         run.every = col_major ? sm.r_div : sm.c_div;
         run.stride = col_major ? sm.r_mul : sm.c_mul;
       }
       if (src_inner != 1 && len > 0) {  // neither dimension contiguous: gather the run first
         gathered.resize(len);
-        for (int64_t j = 0; j < len; ++j) gathered[j] = run.src[j * src_inner];
+        for (int64_t k = 0; k < len; ++k) gathered[k] = run.src[k * src_inner];
         run.src = gathered.data();
       }
-      convert_run(run, dst + i * len, t);
+      convert_run(run, dst + b * dst_bs + i * len, t);
     }
   });
   return col_major ? Strides2{1, rows} : Strides2{cols, 1};
 }
 
-// out[r, c] = round((acc[r, c] * sa[r]) * sb[c] + bias[c]) for one group's block.
+// One group's block of the output: out[r, c] = round((acc[r, c] * sa[r]) * sb[c] + bias[c]).
 template <typename out_t>
-void epilogue(const float* acc, int64_t acc_rs, out_t* out, int64_t out_rs, int64_t rows, int64_t cols,
-              const float* sa, const float* sb, const float* bias) {
-  at::parallel_for(0, rows, std::max<int64_t>(1, 8192 / std::max<int64_t>(cols, 1)), [&](int64_t b, int64_t e) {
-    for (int64_t r = b; r < e; ++r) {
-      const float* a = acc + r * acc_rs;
-      out_t* o = out + r * out_rs;
-      const float s = sa != nullptr ? sa[r] : 1.0f;
-      for (int64_t c = 0; c < cols; ++c) {
+struct Block {
+  const float* acc;
+  int64_t acc_rs;
+  out_t* out;
+  int64_t out_rs, rows, cols;
+  const float* sa;  // nullptr: no rowwise scales (MX folds them into the tiles)
+  const float* sb;
+  const float* bias;
+};
+
+template <typename out_t>
+void epilogue(const std::vector<Block<out_t>>& blocks) {
+  std::vector<int64_t> first_row(blocks.size() + 1, 0);
+  for (size_t i = 0; i < blocks.size(); ++i) first_row[i + 1] = first_row[i] + blocks[i].rows;
+  const int64_t cols = blocks.empty() ? 1 : std::max<int64_t>(blocks[0].cols, 1);
+  at::parallel_for(0, first_row.back(), std::max<int64_t>(1, 8192 / cols), [&](int64_t begin, int64_t end) {
+    for (int64_t j = begin; j < end; ++j) {
+      const size_t bi = std::upper_bound(first_row.begin(), first_row.end(), j) - first_row.begin() - 1;
+      const Block<out_t>& bl = blocks[bi];
+      const int64_t r = j - first_row[bi];
+      const float* a = bl.acc + r * bl.acc_rs;
+      out_t* o = bl.out + r * bl.out_rs;
+      const float s = bl.sa != nullptr ? bl.sa[r] : 1.0f;
+      for (int64_t c = 0; c < bl.cols; ++c) {
         float v = a[c];
-        if (sa != nullptr) v = (v * s) * sb[c];
-        if (bias != nullptr) v += bias[c];
+        if (bl.sa != nullptr) v = (v * s) * bl.sb[c];
+        if (bl.bias != nullptr) v += bl.bias[c];
         o[c] = static_cast<out_t>(v);
       }
     }
@@ -239,16 +264,15 @@ void scaled_grouped_mm_typed(const Tensor& mat_a, const Tensor& mat_b, const Ten
     };
 
     Tensor ta_t, tb_t;
+    const ScaleMap none{};
     switch (layout) {
       case GroupedMMLayout::k2d3d: {  // rows [s0, s1) of A, experts g0..g1 of B
         buf_a.resize((s1 - s0) * K);
         buf_b.resize(gc * K * N);
-        const auto sa_str = convert_matrix(A + s0 * a_rs, s1 - s0, K, a_rs, a_cs, ta, a_map(0, s0),
-                                           buf_a.data());
-        Strides2 sb_str{N, 1};
-        for (int64_t g = g0; g < g1; ++g) {
-          sb_str = convert_matrix(B + g * b_gs, K, N, b_rs, b_cs, tb, b_map(g), buf_b.data() + (g - g0) * K * N);
-        }
+        const auto sa_str = convert_batch(A + s0 * a_rs, 1, 0, s1 - s0, K, a_rs, a_cs, ta, a_map(0, s0), 0,
+                                          buf_a.data(), 0);
+        const auto sb_str = convert_batch(B + g0 * b_gs, gc, b_gs, K, N, b_rs, b_cs, tb, b_map(g0), N * S,
+                                          buf_b.data(), K * N);
         ta_t = blob(buf_a.data(), {s1 - s0, K}, {sa_str.rs, sa_str.cs});
         tb_t = blob(buf_b.data(), {gc, K, N}, {K * N, sb_str.rs, sb_str.cs});
         break;
@@ -256,11 +280,10 @@ void scaled_grouped_mm_typed(const Tensor& mat_a, const Tensor& mat_b, const Ten
       case GroupedMMLayout::k3d3d: {
         buf_a.resize(gc * M * K);
         buf_b.resize(gc * K * N);
-        Strides2 sa_str{K, 1}, sb_str{N, 1};
-        for (int64_t g = g0; g < g1; ++g) {
-          sa_str = convert_matrix(A + g * a_gs, M, K, a_rs, a_cs, ta, a_map(g, 0), buf_a.data() + (g - g0) * M * K);
-          sb_str = convert_matrix(B + g * b_gs, K, N, b_rs, b_cs, tb, b_map(g), buf_b.data() + (g - g0) * K * N);
-        }
+        const auto sa_str = convert_batch(A + g0 * a_gs, gc, a_gs, M, K, a_rs, a_cs, ta, a_map(g0, 0), M * S,
+                                          buf_a.data(), M * K);
+        const auto sb_str = convert_batch(B + g0 * b_gs, gc, b_gs, K, N, b_rs, b_cs, tb, b_map(g0), N * S,
+                                          buf_b.data(), K * N);
         ta_t = blob(buf_a.data(), {gc, M, K}, {M * K, sa_str.rs, sa_str.cs});
         tb_t = blob(buf_b.data(), {gc, K, N}, {K * N, sb_str.rs, sb_str.cs});
         break;
@@ -268,11 +291,9 @@ void scaled_grouped_mm_typed(const Tensor& mat_a, const Tensor& mat_b, const Ten
       case GroupedMMLayout::k3d2d: {  // A groups g0..g1, columns [s0, s1) of B
         buf_a.resize(gc * M * K);
         buf_b.resize(K * (s1 - s0));
-        Strides2 sa_str{K, 1};
-        for (int64_t g = g0; g < g1; ++g) {
-          sa_str = convert_matrix(A + g * a_gs, M, K, a_rs, a_cs, ta, ScaleMap{}, buf_a.data() + (g - g0) * M * K);
-        }
-        const auto sb_str = convert_matrix(B + s0 * b_cs, K, s1 - s0, b_rs, b_cs, tb, ScaleMap{}, buf_b.data());
+        const auto sa_str = convert_batch(A + g0 * a_gs, gc, a_gs, M, K, a_rs, a_cs, ta, none, 0, buf_a.data(),
+                                          M * K);
+        const auto sb_str = convert_batch(B + s0 * b_cs, 1, 0, K, s1 - s0, b_rs, b_cs, tb, none, 0, buf_b.data(), 0);
         ta_t = blob(buf_a.data(), {gc, M, K}, {M * K, sa_str.rs, sa_str.cs});
         tb_t = blob(buf_b.data(), {K, s1 - s0}, {sb_str.rs, sb_str.cs});
         break;
@@ -280,8 +301,8 @@ void scaled_grouped_mm_typed(const Tensor& mat_a, const Tensor& mat_b, const Ten
       case GroupedMMLayout::k2d2d: {  // contraction slice [s0, s1)
         buf_a.resize(M * (s1 - s0));
         buf_b.resize((s1 - s0) * N);
-        const auto sa_str = convert_matrix(A + s0 * a_cs, M, s1 - s0, a_rs, a_cs, ta, ScaleMap{}, buf_a.data());
-        const auto sb_str = convert_matrix(B + s0 * b_rs, s1 - s0, N, b_rs, b_cs, tb, ScaleMap{}, buf_b.data());
+        const auto sa_str = convert_batch(A + s0 * a_cs, 1, 0, M, s1 - s0, a_rs, a_cs, ta, none, 0, buf_a.data(), 0);
+        const auto sb_str = convert_batch(B + s0 * b_rs, 1, 0, s1 - s0, N, b_rs, b_cs, tb, none, 0, buf_b.data(), 0);
         ta_t = blob(buf_a.data(), {M, s1 - s0}, {sa_str.rs, sa_str.cs});
         tb_t = blob(buf_b.data(), {s1 - s0, N}, {sb_str.rs, sb_str.cs});
         break;
@@ -293,27 +314,30 @@ void scaled_grouped_mm_typed(const Tensor& mat_a, const Tensor& mat_b, const Ten
     const float* ap = acc.const_data_ptr<float>();
     const int64_t acc_rs = acc.stride(-2);
 
+    std::vector<Block<out_t>> blocks;
+    blocks.reserve(gc);
     for (int64_t g = g0; g < g1; ++g) {
       const float* bias_g = bp != nullptr ? bp + g * n_out : nullptr;
       switch (layout) {
         case GroupedMMLayout::k2d3d:
-          epilogue(ap + (start[g] - s0) * acc_rs, acc_rs, op + start[g] * n_out, n_out, extent(g), N,
-                   mx ? nullptr : sa + start[g], mx ? nullptr : sb + g * N, bias_g);
+          blocks.push_back({ap + (start[g] - s0) * acc_rs, acc_rs, op + start[g] * n_out, n_out, extent(g), N,
+                            mx ? nullptr : sa + start[g], mx ? nullptr : sb + g * N, bias_g});
           break;
         case GroupedMMLayout::k3d3d:
-          epilogue(ap + (g - g0) * acc.stride(0), acc_rs, op + g * M * n_out, n_out, M, N,
-                   mx ? nullptr : sa + g * M, mx ? nullptr : sb + g * N, bias_g);
+          blocks.push_back({ap + (g - g0) * acc.stride(0), acc_rs, op + g * M * n_out, n_out, M, N,
+                            mx ? nullptr : sa + g * M, mx ? nullptr : sb + g * N, bias_g});
           break;
         case GroupedMMLayout::k3d2d:
-          epilogue(ap + (start[g] - s0), acc_rs, op + start[g], n_out, M, extent(g), sa + g * M, sb + start[g],
-                   bias_g != nullptr ? bias_g + start[g] : nullptr);
+          blocks.push_back({ap + (start[g] - s0), acc_rs, op + start[g], n_out, M, extent(g), sa + g * M,
+                            sb + start[g], bias_g != nullptr ? bias_g + start[g] : nullptr});
           break;
         case GroupedMMLayout::k2d2d:
-          epilogue(ap + (g - g0) * acc.stride(0), acc_rs, op + g * M * n_out, n_out, M, N, sa + g * M,
-                   sb + g * N, bias_g);
+          blocks.push_back({ap + (g - g0) * acc.stride(0), acc_rs, op + g * M * n_out, n_out, M, N, sa + g * M,
+                            sb + g * N, bias_g});
           break;
       }
     }
+    epilogue(blocks);
     g0 = g1;
   }
 }
