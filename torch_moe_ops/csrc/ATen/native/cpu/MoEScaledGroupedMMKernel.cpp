@@ -27,16 +27,37 @@
 #include <c10/util/irange.h>
 
 #include <algorithm>
+#include <memory>
 #include <vector>
 
 namespace at::native {
 namespace {
 
-// Converted elements per chunk of groups (bfloat16: 64 MB). Each chunk costs
+// Converted elements per chunk of groups (bfloat16: 32 MB). Each chunk costs
 // four parallel regions (two conversions, the GEMM, the epilogue); chunks this
-// large keep their count low (8 for DeepSeek-V3's 256 experts), which matters
-// when the cores are shared and every fork/join may wait for a time slice.
-constexpr int64_t kChunkElems = int64_t{32} << 20;
+// large keep their count low (16 for DeepSeek-V3's 256 experts), which
+// matters when the cores are shared and a fork/join may wait for a time slice.
+constexpr int64_t kChunkElems = int64_t{16} << 20;
+
+// The tile buffers outlive the call (one pair per calling thread): buffers of
+// this size come from mmap, and re-faulting and zeroing tens of MB of fresh
+// pages on every call cost more than the conversion itself.
+struct Workspace {
+  std::unique_ptr<c10::BFloat16[]> data;
+  int64_t size = 0;
+  c10::BFloat16* get(int64_t n) {
+    if (n > size) {
+      data.reset(new c10::BFloat16[n]);  // default-initialised: no zero fill
+      size = n;
+    }
+    return data.get();
+  }
+};
+
+Workspace& workspace(int i) {
+  thread_local Workspace ws[2];
+  return ws[i];
+}
 
 // Where the e8m0 scale of element (r, c) of an operand lives:
 // sc[(r / r_div) * r_mul + (c / c_div) * c_mul]; sc == nullptr means 1.
@@ -241,7 +262,8 @@ void scaled_grouped_mm_typed(const Tensor& mat_a, const Tensor& mat_b, const Ten
     return 0;
   };
 
-  std::vector<c10::BFloat16> buf_a, buf_b;
+  Workspace& ws_a = workspace(0);
+  Workspace& ws_b = workspace(1);
   for (int64_t g0 = 0; g0 < groups;) {
     int64_t g1 = g0 + 1, elems = group_elems(g0);
     while (g1 < groups && elems + group_elems(g1) <= kChunkElems) elems += group_elems(g1++);
@@ -267,44 +289,44 @@ void scaled_grouped_mm_typed(const Tensor& mat_a, const Tensor& mat_b, const Ten
     const ScaleMap none{};
     switch (layout) {
       case GroupedMMLayout::k2d3d: {  // rows [s0, s1) of A, experts g0..g1 of B
-        buf_a.resize((s1 - s0) * K);
-        buf_b.resize(gc * K * N);
+        c10::BFloat16* const pa = ws_a.get((s1 - s0) * K);
+        c10::BFloat16* const pb = ws_b.get(gc * K * N);
         const auto sa_str = convert_batch(A + s0 * a_rs, 1, 0, s1 - s0, K, a_rs, a_cs, ta, a_map(0, s0), 0,
-                                          buf_a.data(), 0);
+                                          pa, 0);
         const auto sb_str = convert_batch(B + g0 * b_gs, gc, b_gs, K, N, b_rs, b_cs, tb, b_map(g0), N * S,
-                                          buf_b.data(), K * N);
-        ta_t = blob(buf_a.data(), {s1 - s0, K}, {sa_str.rs, sa_str.cs});
-        tb_t = blob(buf_b.data(), {gc, K, N}, {K * N, sb_str.rs, sb_str.cs});
+                                          pb, K * N);
+        ta_t = blob(pa, {s1 - s0, K}, {sa_str.rs, sa_str.cs});
+        tb_t = blob(pb, {gc, K, N}, {K * N, sb_str.rs, sb_str.cs});
         break;
       }
       case GroupedMMLayout::k3d3d: {
-        buf_a.resize(gc * M * K);
-        buf_b.resize(gc * K * N);
+        c10::BFloat16* const pa = ws_a.get(gc * M * K);
+        c10::BFloat16* const pb = ws_b.get(gc * K * N);
         const auto sa_str = convert_batch(A + g0 * a_gs, gc, a_gs, M, K, a_rs, a_cs, ta, a_map(g0, 0), M * S,
-                                          buf_a.data(), M * K);
+                                          pa, M * K);
         const auto sb_str = convert_batch(B + g0 * b_gs, gc, b_gs, K, N, b_rs, b_cs, tb, b_map(g0), N * S,
-                                          buf_b.data(), K * N);
-        ta_t = blob(buf_a.data(), {gc, M, K}, {M * K, sa_str.rs, sa_str.cs});
-        tb_t = blob(buf_b.data(), {gc, K, N}, {K * N, sb_str.rs, sb_str.cs});
+                                          pb, K * N);
+        ta_t = blob(pa, {gc, M, K}, {M * K, sa_str.rs, sa_str.cs});
+        tb_t = blob(pb, {gc, K, N}, {K * N, sb_str.rs, sb_str.cs});
         break;
       }
       case GroupedMMLayout::k3d2d: {  // A groups g0..g1, columns [s0, s1) of B
-        buf_a.resize(gc * M * K);
-        buf_b.resize(K * (s1 - s0));
-        const auto sa_str = convert_batch(A + g0 * a_gs, gc, a_gs, M, K, a_rs, a_cs, ta, none, 0, buf_a.data(),
+        c10::BFloat16* const pa = ws_a.get(gc * M * K);
+        c10::BFloat16* const pb = ws_b.get(K * (s1 - s0));
+        const auto sa_str = convert_batch(A + g0 * a_gs, gc, a_gs, M, K, a_rs, a_cs, ta, none, 0, pa,
                                           M * K);
-        const auto sb_str = convert_batch(B + s0 * b_cs, 1, 0, K, s1 - s0, b_rs, b_cs, tb, none, 0, buf_b.data(), 0);
-        ta_t = blob(buf_a.data(), {gc, M, K}, {M * K, sa_str.rs, sa_str.cs});
-        tb_t = blob(buf_b.data(), {K, s1 - s0}, {sb_str.rs, sb_str.cs});
+        const auto sb_str = convert_batch(B + s0 * b_cs, 1, 0, K, s1 - s0, b_rs, b_cs, tb, none, 0, pb, 0);
+        ta_t = blob(pa, {gc, M, K}, {M * K, sa_str.rs, sa_str.cs});
+        tb_t = blob(pb, {K, s1 - s0}, {sb_str.rs, sb_str.cs});
         break;
       }
       case GroupedMMLayout::k2d2d: {  // contraction slice [s0, s1)
-        buf_a.resize(M * (s1 - s0));
-        buf_b.resize((s1 - s0) * N);
-        const auto sa_str = convert_batch(A + s0 * a_cs, 1, 0, M, s1 - s0, a_rs, a_cs, ta, none, 0, buf_a.data(), 0);
-        const auto sb_str = convert_batch(B + s0 * b_rs, 1, 0, s1 - s0, N, b_rs, b_cs, tb, none, 0, buf_b.data(), 0);
-        ta_t = blob(buf_a.data(), {M, s1 - s0}, {sa_str.rs, sa_str.cs});
-        tb_t = blob(buf_b.data(), {s1 - s0, N}, {sb_str.rs, sb_str.cs});
+        c10::BFloat16* const pa = ws_a.get(M * (s1 - s0));
+        c10::BFloat16* const pb = ws_b.get((s1 - s0) * N);
+        const auto sa_str = convert_batch(A + s0 * a_cs, 1, 0, M, s1 - s0, a_rs, a_cs, ta, none, 0, pa, 0);
+        const auto sb_str = convert_batch(B + s0 * b_rs, 1, 0, s1 - s0, N, b_rs, b_cs, tb, none, 0, pb, 0);
+        ta_t = blob(pa, {M, s1 - s0}, {sa_str.rs, sa_str.cs});
+        tb_t = blob(pb, {s1 - s0, N}, {sb_str.rs, sb_str.cs});
         break;
       }
     }
