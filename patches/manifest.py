@@ -598,7 +598,7 @@ Here: torchgen parses the patched native_functions.yaml.""",
             ],
         ),
         Patch(
-            title="[ATen] _scaled_grouped_mm: CPU kernel for rowwise and MX scaling",
+            title="[ATen] _scaled_grouped_mm: CPU kernel for rowwise, blockwise and MX scaling",
             summary="""\
 _scaled_grouped_mm runs only on CUDA (sm_90/sm_100), so an fp8 MoE cannot be
 tested, debugged or run on a CPU at all. This adds a CPU kernel,
@@ -609,21 +609,24 @@ ATen/native/MoEScaledGroupedMM.h:
   float8_e4m3fn or float8_e5m2 operands of any strides (upstream's row-major
   A / column-major B included);
 - rowwise float32 scales in upstream's shapes (scale_a (M,) / (G, M) /
-  (G * M,), scale_b (G, N) / (N,) / (G * N,)), and MX float8_e8m0fnu scales
-  for 2D x 3D and 3D x 3D in the plain (not swizzled) 1x32 layout that
-  _quantize_fp8 returns;
+  (G * M,), scale_b (G, N) / (N,) / (G * N,)); for 2D x 3D and 3D x 3D also
+  DeepSeek-V3's blockwise float32 scales (1x128 blocks of A, 128x128 blocks
+  of the (N, K) weight) and MX float8_e8m0fnu scales in the plain (not
+  swizzled) 1x32 layout that _quantize_fp8 returns;
 - out_dtype bfloat16 (default) or float32, bias (G, N) in float32 or
   out_dtype; scale_result must be None; use_fast_accum is ignored (float32
   accumulation always);
 - every error is a ValueError naming the argument and the value.
 
 The kernel processes groups in chunks: float8 operands are widened to
-bfloat16 tiles (exact; AVX-512 integer code, a table elsewhere), multiplied by
-the _grouped_mm CPU kernel of this stack into a float32 accumulator, and the
-epilogue applies the rowwise scales and the bias and rounds once. Working
-memory is one chunk (16 MB of tiles), not a dequantised copy of the operands.
-On a 2-core Zen 4 it runs at ~0.7x the bfloat16 _grouped_mm rate on a
-Qwen3-MoE-shaped forward.
+bfloat16 tiles (exact; AVX-512 integer code, a table elsewhere; MX scales,
+powers of two, folded in) or, for blockwise scales, float32 tiles with the
+scale applied, multiplied by the _grouped_mm CPU kernel of this stack into a
+float32 accumulator; the epilogue applies the rowwise scales and the bias
+and rounds once. Working memory is one chunk (16M tile elements, kept
+across calls), not a dequantised copy of the operands. On a 2-core Zen 4 the
+rowwise path runs at 0.56-0.73x the bfloat16 _grouped_mm rate on the expert
+up-projection of Qwen3-MoE, OLMoE, DeepSeek-V3 and Mixtral shapes.
 
 Dispatch: CPU added beside CUDA. The meta function is unchanged and still
 states the CUDA constraints (e4m3 only, strides), so under torch.compile the

@@ -11,7 +11,8 @@ are the plain-torch references of ``torch_moe_ops/reference.py``, which use
 torch's own float -> float8 conversion.
 
 scaled_grouped_mm samples cover the four layouts with rowwise scales and the
-2D x 3D and 3D x 3D layouts with MX scales, both float8 formats, empty groups,
+2D x 3D and 3D x 3D layouts with MX and blockwise (1x128 x 128x128) scales,
+both float8 formats, empty groups,
 rows past ``offs[-1]``, weights stored (G, N, K) (column-major, as upstream
 wants) and (G, K, N), bias in float32 and bfloat16; its ref dequantises in
 float64.
@@ -186,6 +187,16 @@ def scaled_grouped_mm_cases(device, dtype):
             yield f"2d3d_b_row_major_{tag}", dev(ad, brm, as_, brs), dict(offs=offs, out_dtype=dtype)
             a3, a3s = torch_quantize_fp8(rnd(G, 7, K), recipe, f8)
             yield f"3d3d_{tag}", dev(a3, bd, a3s, bs), dict(bias=bias.to(dtype), out_dtype=dtype)
+    # DeepSeek-V3's recipe: 1x128 activations, 128x128 weights; K and N past one block.
+    Kb, Nb = 200, 150
+    for f8 in (torch.float8_e4m3fn, torch.float8_e5m2):
+        tag = "e4m3" if f8 == torch.float8_e4m3fn else "e5m2"
+        ad, as_ = torch_quantize_fp8(rnd(M, Kb), "blockwise_1x128", f8)
+        bd, bs = right(rnd(G, Kb, Nb), "blockwise_128x128", f8)
+        yield f"2d3d_blockwise_{tag}", dev(ad, bd, as_, bs), dict(offs=offs, bias=rnd(G, Nb).to(device),
+                                                                 out_dtype=dtype)
+        a3, a3s = torch_quantize_fp8(rnd(G, 5, Kb), "blockwise_1x128", f8)
+        yield f"3d3d_blockwise_{tag}", dev(a3, bd, a3s, bs), dict(out_dtype=dtype)
     ad, as_ = torch_quantize_fp8(rnd(0, K), "rowwise")
     bd, bs = right(rnd(G, K, N), "rowwise")
     yield "2d3d_zero_tokens", dev(ad, bd, as_, bs), dict(offs=_offs([0, 0, 0, 0], device), out_dtype=dtype)
@@ -233,10 +244,11 @@ def error_inputs_scaled_grouped_mm(op_info, device, **kwargs):
             r"\[2, 64, 8\]\)", a, b, sa, sb)
     yield e(r"scaled_grouped_mm: offs must be None when mat_a and mat_b are both 3-D", a3, b, ones(G, M), sb, offs)
     yield e(r"scaled_grouped_mm: offs must be int32, got Long", a, b, sa, sb, offs.long())
-    yield e(r"scaled_grouped_mm: offs has 3 groups but mat_b \[2, 64, 8\] has 2", a, b, sa, sb, _offs([1, 2, 3], device))
+    yield e(r"scaled_grouped_mm: offs has 3 groups but mat_b \[2, 64, 8\] has 2", a, b, sa, sb,
+            _offs([1, 2, 3], device))
     # Rowwise scale shapes, every layout.
-    yield e(r"scaled_grouped_mm: scale_a must have shape \[6\] for rowwise scaling of these operands, got \[6, 1\]",
-            a, b, sa.view(M, 1), sb, offs)
+    yield e(r"scaled_grouped_mm: scale_a must have shape \[6\] for rowwise scaling of these operands, got \[5\]",
+            a, b, sa[:5], sb, offs)
     yield e(r"scaled_grouped_mm: scale_b must have shape \[2, 8\] for rowwise scaling of these operands, got \[8\]",
             a, b, sa, sb[0], offs)
     yield e(r"scaled_grouped_mm: scale_a must have shape \[2, 6\] for rowwise scaling of these operands, got \[6\]",
@@ -247,10 +259,17 @@ def error_inputs_scaled_grouped_mm(op_info, device, **kwargs):
     yield e(r"scaled_grouped_mm: scale_a must have shape \[16\] for rowwise scaling of these operands, got \[8\]",
             b2.t().contiguous(), a.t(), ones(N), ones(G * M), _offs([30, 64], device))
     # Scale dtypes and MX shapes.
-    yield e(r"scaled_grouped_mm: scale_a and scale_b must both be float32 \(rowwise\) or both Float8_e8m0fnu "
-            r"\(mx\), got Float and Float8_e8m0fnu", a, b, sa, sb_mx, offs)
-    yield e(r"scaled_grouped_mm: scale_a and scale_b must both be float32 \(rowwise\) or both Float8_e8m0fnu "
-            r"\(mx\), got BFloat16 and BFloat16", a, b, sa.bfloat16(), sb.bfloat16(), offs)
+    yield e(r"scaled_grouped_mm: scale_a and scale_b must both be float32 \(rowwise, blockwise\) or both "
+            r"Float8_e8m0fnu \(mx\), got Float and Float8_e8m0fnu", a, b, sa, sb_mx, offs)
+    yield e(r"scaled_grouped_mm: scale_a and scale_b must both be float32 \(rowwise, blockwise\) or both "
+            r"Float8_e8m0fnu \(mx\), got BFloat16 and BFloat16", a, b, sa.bfloat16(), sb.bfloat16(), offs)
+    # Blockwise (scale_a of mat_a's rank): 1x128 x 128x128 grids, K = 64 -> 1 block, N = 8 -> 1 block.
+    yield e(r"scaled_grouped_mm: scale_a must have shape \[6, 1\] for blockwise \(1x128 x 128x128\) scaling of "
+            r"these operands, got \[6, 2\]", a, b, ones(M, 2), ones(G, 1, 1), offs)
+    yield e(r"scaled_grouped_mm: scale_b must have shape \[2, 1, 1\] for blockwise \(1x128 x 128x128\) scaling "
+            r"of these operands, got \[2, 8\]", a, b, ones(M, 1), sb, offs)
+    yield e(r"scaled_grouped_mm: scale_a must have shape \[2, 6, 1\] for blockwise \(1x128 x 128x128\) scaling "
+            r"of these operands, got \[2, 6, 2\]", a3, b, ones(G, M, 2), ones(G, 1, 1))
     yield e(r"scaled_grouped_mm: scale_a must have shape \[6, 2\] for mx scaling of these operands, got \[6, 1\]",
             a, b, sa_mx[:, :1], sb_mx, offs)
     yield e(r"scaled_grouped_mm: scale_b must have shape \[2, 8, 2\] for mx scaling of these operands, got "

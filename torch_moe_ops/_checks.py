@@ -422,14 +422,19 @@ def check_scaled_grouped_mm_inputs(mat_a, mat_b, scale_a, scale_b, offs, bias, s
 
     groups = grouped_mm_num_groups(mat_a, offs)
     m, n, k = mat_a.shape[-2], mat_b.shape[-1], mat_a.shape[-1]
-    if scale_a.dtype == torch.float32 and scale_b.dtype == torch.float32:
+    k_fixed = layout in ("2d3d", "3d3d")
+    if scale_a.dtype == torch.float32 and scale_b.dtype == torch.float32 and k_fixed and scale_a.dim() == mat_a.dim():
+        recipe = "blockwise (1x128 x 128x128)"
+        kb, nb = (k + 127) // 128, (n + 127) // 128
+        want = ([m, kb] if layout == "2d3d" else [groups, m, kb], [groups, nb, kb])
+    elif scale_a.dtype == torch.float32 and scale_b.dtype == torch.float32:
         recipe = "rowwise"
         want = {"2d3d": ([m], [groups, n]), "3d3d": ([groups, m], [groups, n]), "3d2d": ([groups, m], [n]),
                 "2d2d": ([groups * m], [groups * n])}[layout]
     else:
         chk(scale_a.dtype == torch.float8_e8m0fnu and scale_b.dtype == torch.float8_e8m0fnu,
-            lambda: "scaled_grouped_mm: scale_a and scale_b must both be float32 (rowwise) or both Float8_e8m0fnu "
-            f"(mx), got {_fp8_c10(scale_a.dtype)} and {_fp8_c10(scale_b.dtype)}")
+            lambda: "scaled_grouped_mm: scale_a and scale_b must both be float32 (rowwise, blockwise) or both "
+            f"Float8_e8m0fnu (mx), got {_fp8_c10(scale_a.dtype)} and {_fp8_c10(scale_b.dtype)}")
         recipe = "mx"
         chk(layout in ("2d3d", "3d3d"),
             lambda: "scaled_grouped_mm: mx scaling supports 2D x 3D and 3D x 3D operands, got mat_a "

@@ -314,9 +314,14 @@ def torch_scaled_grouped_mm(
     sa, sb = scale_a.to(acc_dtype), scale_b.to(acc_dtype)
     layout = f"{mat_a.dim()}d{mat_b.dim()}d"
     k = a.shape[-1]
+    n = b.shape[-1]
     if scale_a.dtype == torch.float8_e8m0fnu:  # 1x32 blocks along K
         a = a * sa.repeat_interleave(32, -1)[..., :k]
         b = b * sb.repeat_interleave(32, -1)[..., :k].transpose(-2, -1)
+    elif layout in ("2d3d", "3d3d") and scale_a.dim() == mat_a.dim():  # 1x128 (A) and 128x128 (B^T) blocks
+        a = a * sa.repeat_interleave(128, -1)[..., :k]
+        sbe = sb.repeat_interleave(128, -2)[..., :n, :].repeat_interleave(128, -1)[..., :k]  # (G, N, K)
+        b = b * sbe.transpose(-2, -1)
     elif layout == "2d2d":  # per group: row scales of A and column scales of B, applied after the product
         out = torch_grouped_mm(a, b, offs, None, acc_dtype, acc_dtype)
         groups, m, n = out.shape

@@ -115,6 +115,11 @@ def scaled_grouped_mm(
     * mx float8_e8m0fnu (2D x 3D, 3D x 3D): ``scale_a (M, ceil(K/32))`` or
       ``(G, M, ceil(K/32))``, ``scale_b (G, N, ceil(K/32))`` (the scale of
       ``quantize_fp8(w.transpose(-2, -1), "mx")``), not swizzled.
+    * blockwise float32, DeepSeek-V3's recipe (2D x 3D, 3D x 3D): ``scale_a
+      (M, ceil(K/128))`` or ``(G, M, ceil(K/128))`` (1x128 blocks),
+      ``scale_b (G, ceil(N/128), ceil(K/128))`` (128x128 blocks of the
+      ``(N, K)`` weight: ``quantize_fp8(w.transpose(-2, -1), "blockwise_128x128")``).
+      These run on float32 tiles (the scales are arbitrary floats per K block).
 
     ``bias`` is ``(G, N_out)``; ``scale_result`` must be None; ``use_fast_accum``
     is accepted and ignored (always float32 accumulation).

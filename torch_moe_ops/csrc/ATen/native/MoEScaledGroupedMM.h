@@ -20,6 +20,11 @@
 //   mx, float8_e8m0fnu, 1x32 blocks along K (2D x 3D and 3D x 3D):
 //     scale_a (M, ceil(K/32)) or (G, M, ceil(K/32)), scale_b (G, N, ceil(K/32))
 //     (quantize_fp8(mat_b.transpose(-2, -1), "mx")), not swizzled.
+//   blockwise, float32, DeepSeek-V3's recipe (2D x 3D and 3D x 3D): 1x128
+//     blocks of mat_a, scale_a (M, ceil(K/128)) or (G, M, ceil(K/128)), and
+//     128x128 blocks of the (N, K) weight, scale_b (G, ceil(N/128), ceil(K/128))
+//     (quantize_fp8(mat_b.transpose(-2, -1), "blockwise_128x128")). Told from
+//     rowwise by the rank of scale_a (one more dimension than rowwise's).
 // scale_result must be None and use_fast_accum is ignored: the CPU kernel
 // always accumulates in float32. bias is (G, N_out) in float32 or out_dtype.
 
@@ -34,7 +39,7 @@
 
 namespace at::native {
 
-enum class ScaledGroupedMMRecipe { kRowwise, kMX };
+enum class ScaledGroupedMMRecipe { kRowwise, kMX, kBlockwise };
 
 inline bool scaled_grouped_mm_fp8(ScalarType t) {
   return t == kFloat8_e4m3fn || t == kFloat8_e5m2;
@@ -107,7 +112,19 @@ inline ScaledGroupedMMRecipe scaled_grouped_mm_check_inputs(
   const int64_t groups = grouped_mm_num_groups(mat_a, mat_b, offs);
   const int64_t m = mat_a.size(-2), n = mat_b.size(-1), k = mat_a.size(-1);
   ScaledGroupedMMRecipe recipe;
-  if (scale_a.scalar_type() == kFloat && scale_b.scalar_type() == kFloat) {
+  const bool k_fixed = layout == GroupedMMLayout::k2d3d || layout == GroupedMMLayout::k3d3d;
+  if (scale_a.scalar_type() == kFloat && scale_b.scalar_type() == kFloat && k_fixed &&
+      scale_a.dim() == mat_a.dim()) {
+    recipe = ScaledGroupedMMRecipe::kBlockwise;
+    const int64_t kb = (k + 127) / 128, nb = (n + 127) / 128;
+    const char* what = "blockwise (1x128 x 128x128)";
+    if (layout == GroupedMMLayout::k2d3d) {
+      scaled_grouped_mm_check_scale("scale_a", scale_a, {m, kb}, what);
+    } else {
+      scaled_grouped_mm_check_scale("scale_a", scale_a, {groups, m, kb}, what);
+    }
+    scaled_grouped_mm_check_scale("scale_b", scale_b, {groups, nb, kb}, what);
+  } else if (scale_a.scalar_type() == kFloat && scale_b.scalar_type() == kFloat) {
     recipe = ScaledGroupedMMRecipe::kRowwise;
     const char* what = "rowwise";
     switch (layout) {
@@ -130,7 +147,8 @@ inline ScaledGroupedMMRecipe scaled_grouped_mm_check_inputs(
     }
   } else {
     TORCH_CHECK_VALUE(scale_a.scalar_type() == kFloat8_e8m0fnu && scale_b.scalar_type() == kFloat8_e8m0fnu,
-        "scaled_grouped_mm: scale_a and scale_b must both be float32 (rowwise) or both Float8_e8m0fnu (mx), got ",
+        "scaled_grouped_mm: scale_a and scale_b must both be float32 (rowwise, blockwise) or both Float8_e8m0fnu "
+        "(mx), got ",
         scale_a.scalar_type(), " and ", scale_b.scalar_type());
     recipe = ScaledGroupedMMRecipe::kMX;
     TORCH_CHECK_VALUE(layout == GroupedMMLayout::k2d3d || layout == GroupedMMLayout::k3d3d,

@@ -43,14 +43,16 @@ constexpr int64_t kChunkElems = int64_t{16} << 20;
 // this size come from mmap, and re-faulting and zeroing tens of MB of fresh
 // pages on every call cost more than the conversion itself.
 struct Workspace {
-  std::unique_ptr<c10::BFloat16[]> data;
-  int64_t size = 0;
-  c10::BFloat16* get(int64_t n) {
-    if (n > size) {
-      data.reset(new c10::BFloat16[n]);  // default-initialised: no zero fill
-      size = n;
+  std::unique_ptr<std::byte[]> data;
+  int64_t bytes = 0;
+  template <typename T>
+  T* get(int64_t n) {
+    const int64_t want = n * static_cast<int64_t>(sizeof(T));
+    if (want > bytes) {
+      data.reset(new std::byte[want]);  // default-initialised: no zero fill
+      bytes = want;
     }
-    return data.get();
+    return reinterpret_cast<T*>(data.get());
   }
 };
 
@@ -59,27 +61,37 @@ Workspace& workspace(int i) {
   return ws[i];
 }
 
-// Where the e8m0 scale of element (r, c) of an operand lives:
-// sc[(r / r_div) * r_mul + (c / c_div) * c_mul]; sc == nullptr means 1.
+// Where the scale of element (r, c) of an operand lives:
+// s[(r / r_div) * r_mul + (c / c_div) * c_mul], s = sc (e8m0, MX) or scf
+// (float32, blockwise); neither means 1.
 struct ScaleMap {
   const uint8_t* sc = nullptr;
+  const float* scf = nullptr;
   int64_t r_div = 1, r_mul = 0, c_div = 1, c_mul = 0;
+  bool any() const { return sc != nullptr || scf != nullptr; }
 };
 
 // A run of n contiguous float8 bytes; element i has scale
-// sc[(i / every) * stride] (sc == nullptr: 1).
+// s[(i / every) * stride] (no scale pointer: 1).
 struct Run {
   const uint8_t* src;
   int64_t n;
   const uint8_t* sc;
+  const float* scf;
   int64_t every, stride;
+  bool scaled() const { return sc != nullptr || scf != nullptr; }
+  float scale(int64_t i) const {
+    const int64_t k = (i / every) * stride;
+    return sc != nullptr ? moe_e8m0_to_float(sc[k]) : scf[k];
+  }
 };
 
-void convert_run_scalar(const Run& run, c10::BFloat16* dst, const float* lut) {
+template <typename dst_t>
+void convert_run_scalar(const Run& run, dst_t* dst, const float* lut) {
   for (int64_t i = 0; i < run.n; ++i) {
     float v = lut[run.src[i]];
-    if (run.sc != nullptr) v *= moe_e8m0_to_float(run.sc[(i / run.every) * run.stride]);
-    dst[i] = c10::BFloat16(v);
+    if (run.scaled()) v *= run.scale(i);
+    dst[i] = static_cast<dst_t>(v);
   }
 }
 
@@ -116,22 +128,27 @@ MOE_OPS_AVX512 inline __m512 fp8x16_to_f32(__m128i bytes, bool e5m2) {
   return _mm512_castsi512_ps(_mm512_or_si512(_mm512_castps_si512(v), sign));
 }
 
-MOE_OPS_AVX512 void convert_run_avx512(const Run& run, c10::BFloat16* dst, bool e5m2) {
+template <typename dst_t>
+MOE_OPS_AVX512 void convert_run_avx512(const Run& run, dst_t* dst, bool e5m2) {
   alignas(64) float scales[16];
   for (int64_t i = 0; i < run.n; i += 16) {
     const __mmask16 m = moe_lanes16(run.n, i);
     __m512 v = fp8x16_to_f32(_mm_maskz_loadu_epi8(m, run.src + i), e5m2);
-    if (run.sc != nullptr) {
+    if (run.scaled()) {
       if (run.every % 16 == 0) {  // one scale per 16 lanes (runs start on block bounds)
-        v = _mm512_mul_ps(v, _mm512_set1_ps(moe_e8m0_to_float(run.sc[(i / run.every) * run.stride])));
+        v = _mm512_mul_ps(v, _mm512_set1_ps(run.scale(i)));
       } else {
         for (int64_t j = 0; j < 16; ++j) {
-          scales[j] = i + j < run.n ? moe_e8m0_to_float(run.sc[((i + j) / run.every) * run.stride]) : 0.0f;
+          scales[j] = i + j < run.n ? run.scale(i + j) : 0.0f;
         }
         v = _mm512_mul_ps(v, _mm512_load_ps(scales));
       }
     }
-    _mm256_mask_storeu_epi16(dst + i, m, moe_cvt_f32_bf16(v));
+    if constexpr (std::is_same_v<dst_t, float>) {
+      _mm512_mask_storeu_ps(dst + i, m, v);
+    } else {
+      _mm256_mask_storeu_epi16(dst + i, m, moe_cvt_f32_bf16(v));
+    }
   }
 }
 
@@ -141,7 +158,8 @@ MOE_OPS_AVX512 void convert_run_avx512(const Run& run, c10::BFloat16* dst, bool 
 
 #endif
 
-void convert_run(const Run& run, c10::BFloat16* dst, ScalarType t) {
+template <typename dst_t>
+void convert_run(const Run& run, dst_t* dst, ScalarType t) {
 #ifdef MOE_OPS_HAVE_AVX512
   if (moe_cpu_has_avx512()) return convert_run_avx512(run, dst, t == kFloat8_e5m2);
 #endif
@@ -156,9 +174,9 @@ struct Strides2 {
   int64_t rs, cs;
 };
 
+template <typename dst_t>
 Strides2 convert_batch(const uint8_t* src, int64_t batch, int64_t src_bs, int64_t rows, int64_t cols, int64_t rs,
-                       int64_t cs, ScalarType t, const ScaleMap& sm, int64_t sc_bs, c10::BFloat16* dst,
-                       int64_t dst_bs) {
+                       int64_t cs, ScalarType t, const ScaleMap& sm, int64_t sc_bs, dst_t* dst, int64_t dst_bs) {
   const bool col_major = cs != 1 && rs == 1;
   const int64_t runs = col_major ? cols : rows, len = col_major ? rows : cols;
   const int64_t src_step = col_major ? cs : rs, src_inner = col_major ? rs : cs;
@@ -167,10 +185,11 @@ Strides2 convert_batch(const uint8_t* src, int64_t batch, int64_t src_bs, int64_
     std::vector<uint8_t> gathered;
     for (int64_t j = begin; j < end; ++j) {
       const int64_t b = j / runs, i = j % runs;
-      Run run{src + b * src_bs + i * src_step, len, nullptr, 1, 0};
-      if (sm.sc != nullptr) {
-        const uint8_t* sc = sm.sc + b * sc_bs;
-        run.sc = col_major ? sc + (i / sm.c_div) * sm.c_mul : sc + (i / sm.r_div) * sm.r_mul;
+      Run run{src + b * src_bs + i * src_step, len, nullptr, nullptr, 1, 0};
+      if (sm.any()) {
+        const int64_t off = b * sc_bs + (col_major ? (i / sm.c_div) * sm.c_mul : (i / sm.r_div) * sm.r_mul);
+        run.sc = sm.sc != nullptr ? sm.sc + off : nullptr;
+        run.scf = sm.scf != nullptr ? sm.scf + off : nullptr;
         run.every = col_major ? sm.r_div : sm.c_div;
         run.stride = col_major ? sm.r_mul : sm.c_mul;
       }
@@ -220,17 +239,23 @@ void epilogue(const std::vector<Block<out_t>>& blocks) {
   });
 }
 
-Tensor blob(c10::BFloat16* p, IntArrayRef sizes, IntArrayRef strides) {
-  return at::from_blob(p, sizes, strides, at::TensorOptions().dtype(kBFloat16));
+template <typename tile_t>
+Tensor blob(tile_t* p, IntArrayRef sizes, IntArrayRef strides) {
+  return at::from_blob(p, sizes, strides, at::TensorOptions().dtype(c10::CppTypeToScalarType<tile_t>::value));
 }
 
-template <typename out_t>
+// tile_t: bfloat16 (exact for rowwise and MX) or float32 (blockwise: the
+// scale, an arbitrary float per 128-block of K, is applied in the
+// conversion, one rounding to float32).
+template <typename out_t, typename tile_t>
 void scaled_grouped_mm_typed(const Tensor& mat_a, const Tensor& mat_b, const Tensor& scale_a,
                              const Tensor& scale_b, const std::optional<Tensor>& offs,
                              const std::optional<Tensor>& bias, ScaledGroupedMMRecipe recipe, const Tensor& out) {
   const auto layout = grouped_mm_layout(mat_a, mat_b);
   const int64_t groups = grouped_mm_num_groups(mat_a, mat_b, offs);
   const bool mx = recipe == ScaledGroupedMMRecipe::kMX;
+  const bool blockwise = recipe == ScaledGroupedMMRecipe::kBlockwise;
+  const bool rowwise = recipe == ScaledGroupedMMRecipe::kRowwise;
   const auto ta = mat_a.scalar_type(), tb = mat_b.scalar_type();
   const auto* A = static_cast<const uint8_t*>(mat_a.const_data_ptr());
   const auto* B = static_cast<const uint8_t*>(mat_b.const_data_ptr());
@@ -239,6 +264,7 @@ void scaled_grouped_mm_typed(const Tensor& mat_a, const Tensor& mat_b, const Ten
   const int64_t M = mat_a.size(-2), K = mat_a.size(-1), N = mat_b.size(-1);
   const float* sa = mx ? nullptr : scale_a.const_data_ptr<float>();
   const float* sb = mx ? nullptr : scale_b.const_data_ptr<float>();
+  const int64_t KB = (K + 127) / 128, NB = (N + 127) / 128;  // blockwise scale grids
   const auto* sa8 = mx ? static_cast<const uint8_t*>(scale_a.const_data_ptr()) : nullptr;
   const auto* sb8 = mx ? static_cast<const uint8_t*>(scale_b.const_data_ptr()) : nullptr;
   const int64_t S = (K + 31) / 32;
@@ -273,46 +299,51 @@ void scaled_grouped_mm_typed(const Tensor& mat_a, const Tensor& mat_b, const Ten
     for (int64_t g = g0; g < g1; ++g) ends[g - g0] = static_cast<int32_t>(start[g + 1] - s0);
     Tensor offs_c = at::from_blob(ends.data(), {gc}, at::TensorOptions().dtype(kInt));
 
-    // MX scale maps: A element (m, k) -> scale_a[.., m, k / 32]; B element (k, n) -> scale_b[g, n, k / 32].
+    // Scale maps. MX: A element (m, k) -> scale_a[.., m, k / 32], B element
+    // (k, n) -> scale_b[g, n, k / 32]. Blockwise: A (m, k) -> scale_a[.., m,
+    // k / 128], B (k, n) -> scale_b[g, n / 128, k / 128]. Rowwise: none (epilogue).
     auto a_map = [&](int64_t g, int64_t row0) {
       ScaleMap s;
-      if (mx) s = ScaleMap{sa8 + (g * M + row0) * S, 1, S, 32, 1};
+      if (mx) s = ScaleMap{sa8 + (g * M + row0) * S, nullptr, 1, S, 32, 1};
+      if (blockwise) s = ScaleMap{nullptr, sa + (g * M + row0) * KB, 1, KB, 128, 1};
       return s;
     };
     auto b_map = [&](int64_t g) {
       ScaleMap s;
-      if (mx) s = ScaleMap{sb8 + g * N * S, 32, 1, 1, S};
+      if (mx) s = ScaleMap{sb8 + g * N * S, nullptr, 32, 1, 1, S};
+      if (blockwise) s = ScaleMap{nullptr, sb + g * NB * KB, 128, 1, 128, KB};
       return s;
     };
+    const int64_t a_sc_bs = mx ? M * S : M * KB, b_sc_bs = mx ? N * S : NB * KB;
 
     Tensor ta_t, tb_t;
     const ScaleMap none{};
     switch (layout) {
       case GroupedMMLayout::k2d3d: {  // rows [s0, s1) of A, experts g0..g1 of B
-        c10::BFloat16* const pa = ws_a.get((s1 - s0) * K);
-        c10::BFloat16* const pb = ws_b.get(gc * K * N);
+        tile_t* const pa = ws_a.get<tile_t>((s1 - s0) * K);
+        tile_t* const pb = ws_b.get<tile_t>(gc * K * N);
         const auto sa_str = convert_batch(A + s0 * a_rs, 1, 0, s1 - s0, K, a_rs, a_cs, ta, a_map(0, s0), 0,
                                           pa, 0);
-        const auto sb_str = convert_batch(B + g0 * b_gs, gc, b_gs, K, N, b_rs, b_cs, tb, b_map(g0), N * S,
+        const auto sb_str = convert_batch(B + g0 * b_gs, gc, b_gs, K, N, b_rs, b_cs, tb, b_map(g0), b_sc_bs,
                                           pb, K * N);
         ta_t = blob(pa, {s1 - s0, K}, {sa_str.rs, sa_str.cs});
         tb_t = blob(pb, {gc, K, N}, {K * N, sb_str.rs, sb_str.cs});
         break;
       }
       case GroupedMMLayout::k3d3d: {
-        c10::BFloat16* const pa = ws_a.get(gc * M * K);
-        c10::BFloat16* const pb = ws_b.get(gc * K * N);
-        const auto sa_str = convert_batch(A + g0 * a_gs, gc, a_gs, M, K, a_rs, a_cs, ta, a_map(g0, 0), M * S,
+        tile_t* const pa = ws_a.get<tile_t>(gc * M * K);
+        tile_t* const pb = ws_b.get<tile_t>(gc * K * N);
+        const auto sa_str = convert_batch(A + g0 * a_gs, gc, a_gs, M, K, a_rs, a_cs, ta, a_map(g0, 0), a_sc_bs,
                                           pa, M * K);
-        const auto sb_str = convert_batch(B + g0 * b_gs, gc, b_gs, K, N, b_rs, b_cs, tb, b_map(g0), N * S,
+        const auto sb_str = convert_batch(B + g0 * b_gs, gc, b_gs, K, N, b_rs, b_cs, tb, b_map(g0), b_sc_bs,
                                           pb, K * N);
         ta_t = blob(pa, {gc, M, K}, {M * K, sa_str.rs, sa_str.cs});
         tb_t = blob(pb, {gc, K, N}, {K * N, sb_str.rs, sb_str.cs});
         break;
       }
       case GroupedMMLayout::k3d2d: {  // A groups g0..g1, columns [s0, s1) of B
-        c10::BFloat16* const pa = ws_a.get(gc * M * K);
-        c10::BFloat16* const pb = ws_b.get(K * (s1 - s0));
+        tile_t* const pa = ws_a.get<tile_t>(gc * M * K);
+        tile_t* const pb = ws_b.get<tile_t>(K * (s1 - s0));
         const auto sa_str = convert_batch(A + g0 * a_gs, gc, a_gs, M, K, a_rs, a_cs, ta, none, 0, pa,
                                           M * K);
         const auto sb_str = convert_batch(B + s0 * b_cs, 1, 0, K, s1 - s0, b_rs, b_cs, tb, none, 0, pb, 0);
@@ -321,8 +352,8 @@ void scaled_grouped_mm_typed(const Tensor& mat_a, const Tensor& mat_b, const Ten
         break;
       }
       case GroupedMMLayout::k2d2d: {  // contraction slice [s0, s1)
-        c10::BFloat16* const pa = ws_a.get(M * (s1 - s0));
-        c10::BFloat16* const pb = ws_b.get((s1 - s0) * N);
+        tile_t* const pa = ws_a.get<tile_t>(M * (s1 - s0));
+        tile_t* const pb = ws_b.get<tile_t>((s1 - s0) * N);
         const auto sa_str = convert_batch(A + s0 * a_cs, 1, 0, M, s1 - s0, a_rs, a_cs, ta, none, 0, pa, 0);
         const auto sb_str = convert_batch(B + s0 * b_rs, 1, 0, s1 - s0, N, b_rs, b_cs, tb, none, 0, pb, 0);
         ta_t = blob(pa, {M, s1 - s0}, {sa_str.rs, sa_str.cs});
@@ -343,11 +374,11 @@ void scaled_grouped_mm_typed(const Tensor& mat_a, const Tensor& mat_b, const Ten
       switch (layout) {
         case GroupedMMLayout::k2d3d:
           blocks.push_back({ap + (start[g] - s0) * acc_rs, acc_rs, op + start[g] * n_out, n_out, extent(g), N,
-                            mx ? nullptr : sa + start[g], mx ? nullptr : sb + g * N, bias_g});
+                            rowwise ? sa + start[g] : nullptr, rowwise ? sb + g * N : nullptr, bias_g});
           break;
         case GroupedMMLayout::k3d3d:
           blocks.push_back({ap + (g - g0) * acc.stride(0), acc_rs, op + g * M * n_out, n_out, M, N,
-                            mx ? nullptr : sa + g * M, mx ? nullptr : sb + g * N, bias_g});
+                            rowwise ? sa + g * M : nullptr, rowwise ? sb + g * N : nullptr, bias_g});
           break;
         case GroupedMMLayout::k3d2d:
           blocks.push_back({ap + (start[g] - s0), acc_rs, op + start[g], n_out, M, extent(g), sa + g * M,
@@ -367,10 +398,20 @@ void scaled_grouped_mm_typed(const Tensor& mat_a, const Tensor& mat_b, const Ten
 void scaled_grouped_mm_kernel(const Tensor& mat_a, const Tensor& mat_b, const Tensor& scale_a,
                               const Tensor& scale_b, const std::optional<Tensor>& offs,
                               const std::optional<Tensor>& bias, ScaledGroupedMMRecipe recipe, const Tensor& out) {
+  const bool f32_tiles = recipe == ScaledGroupedMMRecipe::kBlockwise;
   if (out.scalar_type() == kFloat) {
-    scaled_grouped_mm_typed<float>(mat_a, mat_b, scale_a, scale_b, offs, bias, recipe, out);
+    if (f32_tiles) {
+      scaled_grouped_mm_typed<float, float>(mat_a, mat_b, scale_a, scale_b, offs, bias, recipe, out);
+    } else {
+      scaled_grouped_mm_typed<float, c10::BFloat16>(mat_a, mat_b, scale_a, scale_b, offs, bias, recipe, out);
+    }
   } else {
-    scaled_grouped_mm_typed<c10::BFloat16>(mat_a, mat_b, scale_a, scale_b, offs, bias, recipe, out);
+    if (f32_tiles) {
+      scaled_grouped_mm_typed<c10::BFloat16, float>(mat_a, mat_b, scale_a, scale_b, offs, bias, recipe, out);
+    } else {
+      scaled_grouped_mm_typed<c10::BFloat16, c10::BFloat16>(mat_a, mat_b, scale_a, scale_b, offs, bias, recipe,
+                                                            out);
+    }
   }
 }
 
