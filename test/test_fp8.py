@@ -168,6 +168,26 @@ class TestFp8(TestCase):
         for a, b in zip(run(), one, strict=True):
             self.assertTrue(torch.equal(_bytes(a), _bytes(b)))
 
+    @onlyCPU
+    def test_scaled_grouped_mm_bits_independent_of_thread_count(self, device):
+        """Chunks, tiles and the K blocking depend on the shapes only."""
+        g = torch.Generator().manual_seed(1)
+        offs = torch.tensor([0, 300, 700, 1500], dtype=torch.int32)
+        x, w = torch.randn(1500, 384, generator=g), torch.randn(4, 320, 384, generator=g)
+        cases = []
+        for ra, rb in (("rowwise", "rowwise"), ("mx", "mx"), ("blockwise_1x128", "blockwise_128x128")):
+            xd, xs = torch.ops.moe_ops.quantize_fp8(x, ra)
+            wd, ws = torch.ops.moe_ops.quantize_fp8(w, rb)
+            cases.append((xd, wd.transpose(-2, -1), xs, ws, offs))
+        threads = torch.get_num_threads()
+        try:
+            torch.set_num_threads(1)
+            one = [torch.ops.moe_ops.scaled_grouped_mm(*c, out_dtype=torch.float32) for c in cases]
+        finally:
+            torch.set_num_threads(threads)
+        for c, ref in zip(cases, one, strict=True):
+            self.assertTrue(torch.equal(torch.ops.moe_ops.scaled_grouped_mm(*c, out_dtype=torch.float32), ref))
+
     def test_compile_dynamic_no_recompile(self, device):
         torch._dynamo.reset()
         counter = torch._dynamo.testing.CompileCounterWithBackend("inductor")
