@@ -187,6 +187,13 @@ def scaled_grouped_mm_cases(device, dtype):
             yield f"2d3d_b_row_major_{tag}", dev(ad, brm, as_, brs), dict(offs=offs, out_dtype=dtype)
             a3, a3s = torch_quantize_fp8(rnd(G, 7, K), recipe, f8)
             yield f"3d3d_{tag}", dev(a3, bd, a3s, bs), dict(bias=bias.to(dtype), out_dtype=dtype)
+    # MX scales of the 3-D operands in the swizzled layout upstream's kernels read.
+    w = rnd(G, N, K)
+    wd, ws = torch_quantize_fp8(w, "mx", None, None, True)
+    ad, as_ = torch_quantize_fp8(rnd(M, K), "mx")
+    yield "2d3d_mx_swizzled_b", dev(ad, wd.transpose(-2, -1), as_, ws), dict(offs=offs, out_dtype=dtype)
+    a3, a3s = torch_quantize_fp8(rnd(G, 7, K), "mx", None, None, True)
+    yield "3d3d_mx_swizzled", dev(a3, wd.transpose(-2, -1), a3s, ws), dict(out_dtype=dtype)
     # DeepSeek-V3's recipe: 1x128 activations, 128x128 weights; K and N past one block.
     Kb, Nb = 200, 150
     for f8 in (torch.float8_e4m3fn, torch.float8_e5m2):
@@ -273,9 +280,14 @@ def error_inputs_scaled_grouped_mm(op_info, device, **kwargs):
     yield e(r"scaled_grouped_mm: scale_a must have shape \[6, 2\] for mx scaling of these operands, got \[6, 1\]",
             a, b, sa_mx[:, :1], sb_mx, offs)
     yield e(r"scaled_grouped_mm: scale_b must have shape \[2, 8, 2\] for mx scaling of these operands, got "
-            r"\[2, 16\]", a, b, sa_mx, sb_mx.view(G, -1), offs)
+            r"\[2, 4, 2\]", a, b, sa_mx, sb_mx[:, :4], offs)
     yield e(r"scaled_grouped_mm: scale_a must have shape \[2, 6, 2\] for mx scaling of these operands, got "
-            r"\[6, 2\]", a3, b, sa_mx, sb_mx)
+            r"\[1, 6, 2\]", a3, b, sa_mx.unsqueeze(0), sb_mx)
+    # Swizzled MX scales of 3-D operands: (G, round_up(rows, 128) * round_up(ceil(K/32), 4)).
+    yield e(r"scaled_grouped_mm: scale_b must have shape \[2, 512\] for mx \(swizzled\) scaling of these "
+            r"operands, got \[2, 16\]", a, b, sa_mx, ones(G, 16).to(e8), offs)
+    yield e(r"scaled_grouped_mm: scale_a must have shape \[2, 512\] for mx \(swizzled\) scaling of these "
+            r"operands, got \[2, 12\]", a3, b, ones(G, 12).to(e8), sb_mx)
     yield e(r"scaled_grouped_mm: mx scaling supports 2D x 3D and 3D x 3D operands, got mat_a \[2, 6, 64\] and "
             r"mat_b \[64, 8\]", a3, b2, ones(G, M, 2).to(e8), ones(N, 2).to(e8), _offs([3, 8], device))
     yield e(r"scaled_grouped_mm: bias must have shape \(G, N\) = \(2, 8\), got \[8\]", a, b, sa, sb, offs,

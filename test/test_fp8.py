@@ -415,9 +415,10 @@ def test_property_scaled_grouped_mm(problem, f8, out_dtype, with_bias, k_major, 
     total = int(ends[-1])
 
     a_recipe, b_recipe = ("blockwise_1x128", "blockwise_128x128") if recipe == "blockwise" else (recipe, recipe)
+    swizzle = recipe == "mx" and seed % 2 == 1  # MX scales of 3-D operands in upstream's blocked layout
 
     def right(w):  # (.., K, N) quantised per column; column-major (k_major) or row-major data
-        d, s_ = torch_quantize_fp8(w.transpose(-2, -1).contiguous(), b_recipe, f8)
+        d, s_ = torch_quantize_fp8(w.transpose(-2, -1).contiguous(), b_recipe, f8, None, swizzle and w.dim() == 3)
         return (d.transpose(-2, -1) if k_major else d.transpose(-2, -1).contiguous()), s_
 
     offs = ends
@@ -425,7 +426,7 @@ def test_property_scaled_grouped_mm(problem, f8, out_dtype, with_bias, k_major, 
         a, sa = torch_quantize_fp8(torch.randn(total + 2, k, generator=g), a_recipe, f8)
         b, sb = right(torch.randn(groups, k, n, generator=g))
     elif layout == "3d3d":
-        a, sa = torch_quantize_fp8(torch.randn(groups, m, k, generator=g), a_recipe, f8)
+        a, sa = torch_quantize_fp8(torch.randn(groups, m, k, generator=g), a_recipe, f8, None, swizzle)
         b, sb = right(torch.randn(groups, k, n, generator=g))
         offs = None
     elif layout == "3d2d":

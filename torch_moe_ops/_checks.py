@@ -440,9 +440,25 @@ def check_scaled_grouped_mm_inputs(mat_a, mat_b, scale_a, scale_b, offs, bias, s
             lambda: "scaled_grouped_mm: mx scaling supports 2D x 3D and 3D x 3D operands, got mat_a "
             f"{_sizes(mat_a)} and mat_b {_sizes(mat_b)}")
         s = (k + 31) // 32
-        want = ([m, s] if layout == "2d3d" else [groups, m, s], [groups, n, s])
-    _scaled_check_scale("scale_a", scale_a, want[0], recipe)
-    _scaled_check_scale("scale_b", scale_b, want[1], recipe)
+        sp = _ceil_div(s, 4) * 4
+
+        def swz(rows):
+            return [groups, _ceil_div(rows, 128) * 128 * sp]
+
+        if layout == "2d3d":
+            _scaled_check_scale("scale_a", scale_a, [m, s], recipe)
+        elif scale_a.dim() == 2:
+            _scaled_check_scale("scale_a", scale_a, swz(m), "mx (swizzled)")
+        else:
+            _scaled_check_scale("scale_a", scale_a, [groups, m, s], recipe)
+        if scale_b.dim() == 2:
+            _scaled_check_scale("scale_b", scale_b, swz(n), "mx (swizzled)")
+        else:
+            _scaled_check_scale("scale_b", scale_b, [groups, n, s], recipe)
+        want = None
+    if want is not None:
+        _scaled_check_scale("scale_a", scale_a, want[0], recipe)
+        _scaled_check_scale("scale_b", scale_b, want[1], recipe)
     chk(scale_a.device == mat_a.device and scale_b.device == mat_a.device,
         lambda: f"scaled_grouped_mm: scale_a and scale_b must be on the device of mat_a ({mat_a.device}), got "
         f"{scale_a.device} and {scale_b.device}")

@@ -289,11 +289,17 @@ def _fp8_scale_grid(scale, nb, rows, nrb, nseg, dim, recipe, offs, swizzle) -> t
     if recipe == "rowwise":
         return s.reshape(nb, rows, 1)
     if swizzle:
-        rp, sp = -(-rows // 128) * 128, -(-nseg // 4) * 4
-        flat = s.reshape(nb, rp // 128, sp // 4, 32, 4, 4)   # [tile r][tile c][j][i][c]
-        grid = flat.permute(0, 1, 4, 3, 2, 5).reshape(nb, rp, sp)
-        return grid[:, :rows, :nseg]
+        return _fp8_unswizzle(s, rows, nseg)
     return s
+
+
+def _fp8_unswizzle(s: torch.Tensor, rows: int, nseg: int) -> torch.Tensor:
+    """Swizzled scales (B, ...) of (rows, nseg) grids -> the grids (B, rows, nseg)."""
+    nb = s.shape[0]
+    rp, sp = -(-rows // 128) * 128, -(-nseg // 4) * 4
+    flat = s.reshape(nb, rp // 128, sp // 4, 32, 4, 4)   # [tile r][tile c][j][i][c]
+    grid = flat.permute(0, 1, 4, 3, 2, 5).reshape(nb, rp, sp)
+    return grid[:, :rows, :nseg]
 
 
 def torch_scaled_grouped_mm(
@@ -316,6 +322,11 @@ def torch_scaled_grouped_mm(
     k = a.shape[-1]
     n = b.shape[-1]
     if scale_a.dtype == torch.float8_e8m0fnu:  # 1x32 blocks along K
+        s = -(-k // 32)
+        if mat_a.dim() == 3 and scale_a.dim() == 2:  # swizzled
+            sa = _fp8_unswizzle(sa, a.shape[1], s)
+        if scale_b.dim() == 2:
+            sb = _fp8_unswizzle(sb, n, s)
         a = a * sa.repeat_interleave(32, -1)[..., :k]
         b = b * sb.repeat_interleave(32, -1)[..., :k].transpose(-2, -1)
     elif layout in ("2d3d", "3d3d") and scale_a.dim() == mat_a.dim():  # 1x128 (A) and 128x128 (B^T) blocks

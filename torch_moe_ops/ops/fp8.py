@@ -114,7 +114,10 @@ def scaled_grouped_mm(
       ``mat_b`` in 3D x 2D) / ``(G * N,)`` (2D x 2D);
     * mx float8_e8m0fnu (2D x 3D, 3D x 3D): ``scale_a (M, ceil(K/32))`` or
       ``(G, M, ceil(K/32))``, ``scale_b (G, N, ceil(K/32))`` (the scale of
-      ``quantize_fp8(w.transpose(-2, -1), "mx")``), not swizzled.
+      ``quantize_fp8(w.transpose(-2, -1), "mx")``); the scale of a 3-D
+      operand may also be swizzled (``quantize_fp8(..., swizzle=True)``, the
+      layout upstream's CUDA kernels read): ``(G, round_up(rows, 128) *
+      round_up(ceil(K/32), 4))``.
     * blockwise float32, DeepSeek-V3's recipe (2D x 3D, 3D x 3D): ``scale_a
       (M, ceil(K/128))`` or ``(G, M, ceil(K/128))`` (1x128 blocks),
       ``scale_b (G, ceil(N/128), ceil(K/128))`` (128x128 blocks of the

@@ -56,10 +56,10 @@
 #include <ATen/native/DispatchStub.h>
 #include <c10/core/ScalarType.h>
 #include <c10/util/Exception.h>
-#include <c10/util/SmallVector.h>
 
 #include <optional>
 #include <string_view>
+#include <vector>
 
 namespace at::native {
 
@@ -115,13 +115,19 @@ inline int64_t fp8_round_up(int64_t a, int64_t b) {
   return fp8_ceil_div(a, b) * b;
 }
 
+// Byte offset of scale-grid element (r, s) in the swizzled (blocked 32_4_4)
+// layout of an (R, S) grid whose padded width is sp = round_up(S, 4).
+inline int64_t fp8_swizzled_offset(int64_t r, int64_t s, int64_t sp) {
+  const int64_t tile = (r / 128) * (sp / 4) + s / 4;
+  return tile * 512 + (r % 32) * 16 + ((r % 128) / 32) * 4 + s % 4;
+}
+
 // Scale shape for data of sizes (R, C) or (B, R, C); groups = offs.size(0) or
 // -1 without offs.
-inline c10::SmallVector<int64_t, 3> fp8_scale_size(
-    IntArrayRef sizes, Fp8Recipe recipe, int64_t groups, bool swizzle) {
+inline std::vector<int64_t> fp8_scale_size(IntArrayRef sizes, Fp8Recipe recipe, int64_t groups, bool swizzle) {
   const int64_t rows = sizes[sizes.size() - 2];
   const int64_t cols = sizes[sizes.size() - 1];
-  c10::SmallVector<int64_t, 3> out(sizes.begin(), sizes.end() - 2);
+  std::vector<int64_t> out(sizes.begin(), sizes.end() - 2);
   if (groups >= 0) {
     switch (recipe) {
       case Fp8Recipe::kTensorwise: return {groups};

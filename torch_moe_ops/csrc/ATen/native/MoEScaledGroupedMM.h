@@ -19,7 +19,11 @@
 //              group-major: quantize_fp8(..., "rowwise", offs=offs) flattened)
 //   mx, float8_e8m0fnu, 1x32 blocks along K (2D x 3D and 3D x 3D):
 //     scale_a (M, ceil(K/32)) or (G, M, ceil(K/32)), scale_b (G, N, ceil(K/32))
-//     (quantize_fp8(mat_b.transpose(-2, -1), "mx")), not swizzled.
+//     (quantize_fp8(mat_b.transpose(-2, -1), "mx")). The scale of a 3-D
+//     operand may also come swizzled, in the blocked layout upstream's CUDA
+//     kernels read (quantize_fp8(..., swizzle=True)): scale_b (G, round_up(N,
+//     128) * round_up(S, 4)), scale_a (G, round_up(M, 128) * round_up(S, 4)),
+//     S = ceil(K/32); the CPU entry unswizzles it (it is 1/32 of the operand).
 //   blockwise, float32, DeepSeek-V3's recipe (2D x 3D and 3D x 3D): 1x128
 //     blocks of mat_a, scale_a (M, ceil(K/128)) or (G, M, ceil(K/128)), and
 //     128x128 blocks of the (N, K) weight, scale_b (G, ceil(N/128), ceil(K/128))
@@ -29,6 +33,7 @@
 // always accumulates in float32. bias is (G, N_out) in float32 or out_dtype.
 
 #include <ATen/native/GroupedMM.h>
+#include <ATen/native/MoEQuantize.h>
 
 #include <ATen/core/Tensor.h>
 #include <ATen/native/DispatchStub.h>
@@ -156,12 +161,19 @@ inline ScaledGroupedMMRecipe scaled_grouped_mm_check_inputs(
         " and mat_b ", mat_b.sizes());
     const int64_t s = (k + 31) / 32;
     const char* what = "mx";
+    const char* swizzled = "mx (swizzled)";
     if (layout == GroupedMMLayout::k2d3d) {
       scaled_grouped_mm_check_scale("scale_a", scale_a, {m, s}, what);
+    } else if (scale_a.dim() == 2) {
+      scaled_grouped_mm_check_scale("scale_a", scale_a, {groups, fp8_round_up(m, 128) * fp8_round_up(s, 4)}, swizzled);
     } else {
       scaled_grouped_mm_check_scale("scale_a", scale_a, {groups, m, s}, what);
     }
-    scaled_grouped_mm_check_scale("scale_b", scale_b, {groups, n, s}, what);
+    if (scale_b.dim() == 2) {
+      scaled_grouped_mm_check_scale("scale_b", scale_b, {groups, fp8_round_up(n, 128) * fp8_round_up(s, 4)}, swizzled);
+    } else {
+      scaled_grouped_mm_check_scale("scale_b", scale_b, {groups, n, s}, what);
+    }
   }
   TORCH_CHECK_VALUE(scale_a.device() == mat_a.device() && scale_b.device() == mat_a.device(),
       "scaled_grouped_mm: scale_a and scale_b must be on the device of mat_a (", mat_a.device(), "), got ",

@@ -265,8 +265,7 @@ struct Blocks {
       case Fp8Recipe::kMX:
         if (swizzle) {
           const int64_t sp = fp8_round_up(nseg(), 4);
-          const int64_t tile = (rb / 128) * (sp / 4) + s / 4;
-          return b * fp8_round_up(rows, 128) * sp + tile * 512 + (rb % 32) * 16 + ((rb % 128) / 32) * 4 + s % 4;
+          return b * fp8_round_up(rows, 128) * sp + fp8_swizzled_offset(rb, s, sp);
         }
         [[fallthrough]];
       default: return (b * nrb + rb) * nseg() + s;
