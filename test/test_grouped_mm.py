@@ -288,9 +288,23 @@ def test_property_matches_reference(problem, seed):
     assert torch.equal(torch.ops.moe_ops.grouped_mm(a, b, offs, bias), out)
 
 
+# Ops with CPU kernels only, and why. Each entry is a known gap, not a
+# permanent state: test_fp8.py fails once such an op gains a CUDA kernel, so
+# that its entry is dropped here.
+CPU_ONLY_OPS = {
+    # fp8 quantisation: the CPU kernels are the reference-grade path for
+    # every device's tests; on GPUs, torchao's Triton kernels quantise today.
+    "moe_ops::quantize_fp8": "no CUDA kernel yet (issue #6)",
+    "moe_ops::dequantize_fp8": "no CUDA kernel yet (issue #6)",
+    # On GPUs, torch._scaled_grouped_mm itself (cuBLAS/CUTLASS) is the kernel.
+    "moe_ops::scaled_grouped_mm": "no CUDA kernel yet (issue #6): call torch._scaled_grouped_mm there",
+}
+
+
 def test_cuda_kernels_registered_when_built():
-    """In a CUDA build every moe_ops op has a CUDA kernel in the dispatcher.
-    CI builds with TORCH_MOE_OPS_CUDA=1, so there the CUDA build must be on."""
+    """In a CUDA build every moe_ops op but CPU_ONLY_OPS has a CUDA kernel in
+    the dispatcher. CI builds with TORCH_MOE_OPS_CUDA=1, so there the CUDA
+    build must be on."""
     import os
 
     ops_ = sorted({name for name in torch._C._dispatch_get_all_op_names() if name.startswith("moe_ops::")})
@@ -299,7 +313,8 @@ def test_cuda_kernels_registered_when_built():
         assert torch_moe_ops.cuda_kernels_built(), "TORCH_MOE_OPS_CUDA=1 but _C was built without CUDA"
     if not torch_moe_ops.cuda_kernels_built():
         pytest.skip("CPU-only build")
-    missing = [op for op in ops_ if not torch._C._dispatch_has_kernel_for_dispatch_key(op, "CUDA")]
+    missing = [op for op in ops_
+               if op not in CPU_ONLY_OPS and not torch._C._dispatch_has_kernel_for_dispatch_key(op, "CUDA")]
     assert not missing, f"ops without a CUDA kernel: {missing}"
 
 

@@ -76,7 +76,7 @@ def test_series_apply_in_order(tree):
 def test_kernel_files_are_the_extension_sources(tree):
     copies = [c for p in manifest.SERIES[0].patches for c in p.changes
               if isinstance(c, manifest.Copy) and c.path.startswith("aten/")]
-    assert len(copies) == 10
+    assert len(copies) == 17
     for change in copies:
         assert filecmp.cmp(os.path.join(tree, change.path), os.path.join(manifest.REPO_ROOT, change.source),
                            shallow=False), change.path
@@ -101,6 +101,13 @@ def test_torchgen_accepts_the_yaml_and_generates_the_backward(tree, tmp_path):
         (fn,) = [f for f in parsed.native_functions if str(f.func.name) == f"_moe_{op}"]
         assert kernels[DispatchKey.CPU].get_kernel(fn).kernel == f"moe_{op}_cpu"
         assert kernels[DispatchKey.CUDA].get_kernel(fn).kernel == f"moe_{op}_cuda"
+    for op in ("quantize_fp8", "dequantize_fp8"):  # CPU only (no CUDA kernel yet)
+        (fn,) = [f for f in parsed.native_functions if str(f.func.name) == f"_{op}"]
+        assert kernels[DispatchKey.CPU].get_kernel(fn).kernel == f"{op}_cpu"
+        assert kernels[DispatchKey.CUDA].get_kernel(fn) is None
+    (fn,) = [f for f in parsed.native_functions if str(f.func.name) == "_scaled_grouped_mm"]
+    assert kernels[DispatchKey.CPU].get_kernel(fn).kernel == "scaled_grouped_mm_cpu"
+    assert kernels[DispatchKey.CUDA].get_kernel(fn).kernel == "_scaled_grouped_mm_cuda"
 
     # gen_autograd reads every template; the series only patch Functions.cpp.
     autograd = os.path.join(tree, "tools/autograd")
@@ -206,7 +213,8 @@ CPU_CAPABILITY_BUILDS = {
 }
 
 
-@pytest.mark.parametrize("kernel", ["GroupedMMKernel.cpp", "MoERoutingKernel.cpp"])
+@pytest.mark.parametrize("kernel", ["GroupedMMKernel.cpp", "MoERoutingKernel.cpp", "MoEQuantizeKernel.cpp",
+                                    "MoEScaledGroupedMMKernel.cpp"])
 @pytest.mark.parametrize("capability", sorted(CPU_CAPABILITY_BUILDS))
 def test_cpu_kernel_compiles_per_capability(tree, capability, kernel):
     include = os.path.join(os.path.dirname(torch.__file__), "include")

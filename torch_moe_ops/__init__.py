@@ -9,9 +9,21 @@ import torch
 
 from . import _C  # noqa: F401  (registers torch.ops.moe_ops)
 from . import nn, ops
-from .ops import fused_experts, grouped_mm, grouped_mm_gather, permute, router_topk, unpermute
+from .ops import (
+    dequantize_fp8,
+    fp8_grouped_mm,
+    fused_experts,
+    grouped_mm,
+    grouped_mm_gather,
+    permute,
+    quantize_fp8,
+    router_topk,
+    scaled_grouped_mm,
+    unpermute,
+)
 
-__all__ = ["fused_experts", "grouped_mm", "grouped_mm_gather", "permute", "router_topk", "unpermute", "nn", "ops", "cuda_kernels_built"]
+__all__ = ["dequantize_fp8", "fp8_grouped_mm", "fused_experts", "grouped_mm", "grouped_mm_gather", "permute",
+           "quantize_fp8", "router_topk", "scaled_grouped_mm", "unpermute", "nn", "ops", "cuda_kernels_built"]
 
 
 def cuda_kernels_built() -> bool:

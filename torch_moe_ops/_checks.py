@@ -358,3 +358,226 @@ def check_unpermute_inputs(
             f"got {_c10(weights.dtype)}")
         chk(weights.device == permuted.device,
             lambda: f"unpermute: weights must be on the device of permuted ({permuted.device}), got {weights.device}")
+
+
+# ------------------------------------------------------------------ fp8 quantisation
+# Restates csrc/ATen/native/MoEQuantize.h one for one, with the same messages.
+
+FP8_RECIPES = ("tensorwise", "rowwise", "blockwise_1x128", "blockwise_128x128", "mx")
+FP8_DATA_DTYPES = (torch.float8_e4m3fn, torch.float8_e5m2)
+FP8_FLOAT_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+
+
+def _fp8_c10(dtype: torch.dtype) -> str:
+    return {torch.float8_e4m3fn: "Float8_e4m3fn", torch.float8_e5m2: "Float8_e5m2",
+            torch.float8_e8m0fnu: "Float8_e8m0fnu"}.get(dtype) or _c10(dtype)
+
+
+def _dims(sizes) -> str:
+    return "[" + ", ".join(str(s) for s in sizes) + "]"
+
+
+def _ceil_div(a, b):
+    return (a + b - 1) // b
+
+
+def fp8_check_recipe(op: str, recipe: str) -> None:
+    torch._check_value(
+        recipe in FP8_RECIPES,
+        lambda: f"{op}: recipe must be 'tensorwise', 'rowwise', 'blockwise_1x128', 'blockwise_128x128' or 'mx', "
+        f"got '{recipe}'")
+
+
+def fp8_scale_dtype(recipe: str) -> torch.dtype:
+    return torch.float8_e8m0fnu if recipe == "mx" else torch.float32
+
+
+def fp8_scale_size(sizes, recipe: str, groups: Optional[int], swizzle: bool) -> list:
+    """Scale shape for data of sizes (R, C) or (B, R, C); see MoEQuantize.h."""
+    rows, cols = sizes[-2], sizes[-1]
+    batch = list(sizes[:-2])
+    if groups is not None and recipe == "tensorwise":
+        return [groups]
+    if groups is not None and recipe == "rowwise":
+        return [groups, rows]
+    if recipe == "tensorwise":
+        return batch
+    if recipe == "rowwise":
+        return batch + [rows]
+    if recipe == "blockwise_128x128":
+        return batch + [_ceil_div(rows, 128), _ceil_div(cols, 128)]
+    s = _ceil_div(cols, 32 if recipe == "mx" else 128)
+    if swizzle:
+        rp, sp = _ceil_div(rows, 128) * 128, _ceil_div(s, 4) * 4
+        return [rp, sp] if len(sizes) == 2 else batch + [rp * sp]
+    return batch + [rows, s]
+
+
+def fp8_check_layout(op: str, arg: str, t: torch.Tensor, recipe: str, offs: Optional[torch.Tensor],
+                     swizzle: bool) -> None:
+    chk = torch._check_value
+    chk(t.dim() in (2, 3), lambda: f"{op}: {arg} must be 2-D or 3-D, got {t.dim()}-D with sizes {_sizes(t)}")
+    chk(not swizzle or recipe == "mx", lambda: f"{op}: swizzle=True needs recipe 'mx', got '{recipe}'")
+    if offs is not None:
+        chk(t.dim() == 2, lambda: f"{op}: offs needs a 2-D {arg}, got {arg} of sizes {_sizes(t)}")
+        chk(recipe in ("tensorwise", "rowwise", "mx"),
+            lambda: f"{op}: offs is supported with recipes 'tensorwise', 'rowwise' and 'mx', got '{recipe}'")
+        chk(not swizzle, lambda: f"{op}: swizzle=True does not take offs")
+        chk(offs.dim() == 1, lambda: f"{op}: offs must be 1-D, got {offs.dim()}-D with sizes {_sizes(offs)}")
+        chk(offs.dtype == torch.int32, lambda: f"{op}: offs must be int32, got {_c10(offs.dtype)}")
+        chk(offs.device == t.device,
+            lambda: f"{op}: offs must be on the device of {arg} ({t.device}), got {offs.device}")
+
+
+def check_quantize_fp8_inputs(x: torch.Tensor, recipe: str, float8_dtype: Optional[torch.dtype],
+                              offs: Optional[torch.Tensor], swizzle: bool) -> torch.dtype:
+    """Validates; returns the data dtype."""
+    fp8_check_recipe("quantize_fp8", recipe)
+    torch._check_value(x.dtype in FP8_FLOAT_DTYPES,
+                       lambda: f"quantize_fp8: x must be float32, bfloat16 or float16, got {_c10(x.dtype)}")
+    if float8_dtype is not None:
+        torch._check_value(float8_dtype in FP8_DATA_DTYPES,
+                           lambda: "quantize_fp8: float8_dtype must be Float8_e4m3fn or Float8_e5m2, got "
+                           f"{_fp8_c10(float8_dtype)}")
+    fp8_check_layout("quantize_fp8", "x", x, recipe, offs, swizzle)
+    return float8_dtype or torch.float8_e4m3fn
+
+
+def check_dequantize_fp8_inputs(data: torch.Tensor, scale: torch.Tensor, recipe: str,
+                                out_dtype: Optional[torch.dtype], offs: Optional[torch.Tensor],
+                                swizzle: bool) -> torch.dtype:
+    """Validates; returns the output dtype."""
+    chk = torch._check_value
+    fp8_check_recipe("dequantize_fp8", recipe)
+    chk(data.dtype in FP8_DATA_DTYPES,
+        lambda: f"dequantize_fp8: data must be Float8_e4m3fn or Float8_e5m2, got {_fp8_c10(data.dtype)}")
+    fp8_check_layout("dequantize_fp8", "data", data, recipe, offs, swizzle)
+    want_dtype = fp8_scale_dtype(recipe)
+    chk(scale.dtype == want_dtype,
+        lambda: f"dequantize_fp8: scale must be {_fp8_c10(want_dtype)} for recipe '{recipe}', got "
+        f"{_fp8_c10(scale.dtype)}")
+    want = fp8_scale_size(data.shape, recipe, offs.shape[0] if offs is not None else None, swizzle)
+    chk(list(scale.shape) == want,
+        lambda: f"dequantize_fp8: scale must have shape {_dims(want)} for data of sizes {_sizes(data)} and recipe "
+        f"'{recipe}'{' (swizzled)' if swizzle else ''}, got {_sizes(scale)}")
+    chk(scale.device == data.device,
+        lambda: f"dequantize_fp8: scale must be on the device of data ({data.device}), got {scale.device}")
+    out = out_dtype or torch.float32
+    chk(out in FP8_FLOAT_DTYPES,
+        lambda: f"dequantize_fp8: out_dtype must be float32, bfloat16 or float16, got {_fp8_c10(out)}")
+    return out
+
+
+# ------------------------------------------------------------------ scaled_grouped_mm
+# Restates csrc/ATen/native/MoEScaledGroupedMM.h one for one, with the same messages.
+
+
+def scaled_grouped_mm_out_dtype(out_dtype: Optional[torch.dtype]) -> torch.dtype:
+    out = out_dtype or torch.bfloat16
+    torch._check_value(out in (torch.bfloat16, torch.float32),
+                       lambda: f"scaled_grouped_mm: out_dtype must be bfloat16 or float32, got {_fp8_c10(out)}")
+    return out
+
+
+def _scaled_check_scale(name: str, scale: torch.Tensor, want: list, recipe: str) -> None:
+    torch._check_value(list(scale.shape) == list(want),
+                       lambda: f"scaled_grouped_mm: {name} must have shape {_dims(want)} for {recipe} scaling of "
+                       f"these operands, got {_sizes(scale)}")
+
+
+def check_scaled_grouped_mm_inputs(mat_a, mat_b, scale_a, scale_b, offs, bias, scale_result, out_dtype):
+    """Validates everything but the values of offs; returns (recipe, output dtype)."""
+    chk = torch._check_value
+    chk(mat_a.dim() in (2, 3),
+        lambda: f"scaled_grouped_mm: mat_a must be 2-D or 3-D, got {mat_a.dim()}-D with sizes {_sizes(mat_a)}")
+    chk(mat_b.dim() in (2, 3),
+        lambda: f"scaled_grouped_mm: mat_b must be 2-D or 3-D, got {mat_b.dim()}-D with sizes {_sizes(mat_b)}")
+    chk(mat_a.dtype in FP8_DATA_DTYPES,
+        lambda: f"scaled_grouped_mm: mat_a must be Float8_e4m3fn or Float8_e5m2, got {_fp8_c10(mat_a.dtype)}")
+    chk(mat_b.dtype in FP8_DATA_DTYPES,
+        lambda: f"scaled_grouped_mm: mat_b must be Float8_e4m3fn or Float8_e5m2, got {_fp8_c10(mat_b.dtype)}")
+    chk(mat_b.device == mat_a.device,
+        lambda: f"scaled_grouped_mm: mat_b must be on the device of mat_a ({mat_a.device}), got {mat_b.device}")
+    chk(mat_a.shape[-1] == mat_b.shape[-2],
+        lambda: f"scaled_grouped_mm: contraction sizes differ: mat_a {_sizes(mat_a)} has K={mat_a.shape[-1]} "
+        f"but mat_b {_sizes(mat_b)} has K={mat_b.shape[-2]}")
+    chk(scale_result is None,
+        lambda: f"scaled_grouped_mm: scale_result is not supported, got a tensor of sizes {_sizes(scale_result)}")
+    out_t = scaled_grouped_mm_out_dtype(out_dtype)
+    layout = grouped_mm_layout(mat_a, mat_b)
+    if layout == "3d3d":
+        chk(offs is None,
+            lambda: "scaled_grouped_mm: offs must be None when mat_a and mat_b are both 3-D, "
+            f"got offs of sizes {_sizes(offs)}")
+        chk(mat_a.shape[0] == mat_b.shape[0],
+            lambda: f"scaled_grouped_mm: batch sizes differ: mat_a {_sizes(mat_a)}, mat_b {_sizes(mat_b)}")
+    else:
+        chk(offs is not None,
+            lambda: f"scaled_grouped_mm: offs is required when mat_a or mat_b is 2-D (mat_a {_sizes(mat_a)}, "
+            f"mat_b {_sizes(mat_b)})")
+        chk(offs.dim() == 1,
+            lambda: f"scaled_grouped_mm: offs must be 1-D, got {offs.dim()}-D with sizes {_sizes(offs)}")
+        chk(offs.dtype == torch.int32, lambda: f"scaled_grouped_mm: offs must be int32, got {_c10(offs.dtype)}")
+        chk(offs.device == mat_a.device,
+            lambda: f"scaled_grouped_mm: offs must be on the device of mat_a ({mat_a.device}), got {offs.device}")
+        if layout == "2d3d":
+            chk(offs.shape[0] == mat_b.shape[0],
+                lambda: f"scaled_grouped_mm: offs has {offs.shape[0]} groups but mat_b {_sizes(mat_b)} "
+                f"has {mat_b.shape[0]}")
+        elif layout == "3d2d":
+            chk(offs.shape[0] == mat_a.shape[0],
+                lambda: f"scaled_grouped_mm: offs has {offs.shape[0]} groups but mat_a {_sizes(mat_a)} "
+                f"has {mat_a.shape[0]}")
+
+    groups = grouped_mm_num_groups(mat_a, offs)
+    m, n, k = mat_a.shape[-2], mat_b.shape[-1], mat_a.shape[-1]
+    k_fixed = layout in ("2d3d", "3d3d")
+    if scale_a.dtype == torch.float32 and scale_b.dtype == torch.float32 and k_fixed and scale_a.dim() == mat_a.dim():
+        recipe = "blockwise (1x128 x 128x128)"
+        kb, nb = (k + 127) // 128, (n + 127) // 128
+        want = ([m, kb] if layout == "2d3d" else [groups, m, kb], [groups, nb, kb])
+    elif scale_a.dtype == torch.float32 and scale_b.dtype == torch.float32:
+        recipe = "rowwise"
+        want = {"2d3d": ([m], [groups, n]), "3d3d": ([groups, m], [groups, n]), "3d2d": ([groups, m], [n]),
+                "2d2d": ([groups * m], [groups * n])}[layout]
+    else:
+        chk(scale_a.dtype == torch.float8_e8m0fnu and scale_b.dtype == torch.float8_e8m0fnu,
+            lambda: "scaled_grouped_mm: scale_a and scale_b must both be float32 (rowwise, blockwise) or both "
+            f"Float8_e8m0fnu (mx), got {_fp8_c10(scale_a.dtype)} and {_fp8_c10(scale_b.dtype)}")
+        recipe = "mx"
+        chk(layout in ("2d3d", "3d3d"),
+            lambda: "scaled_grouped_mm: mx scaling supports 2D x 3D and 3D x 3D operands, got mat_a "
+            f"{_sizes(mat_a)} and mat_b {_sizes(mat_b)}")
+        s = (k + 31) // 32
+        sp = _ceil_div(s, 4) * 4
+
+        def swz(rows):
+            return [groups, _ceil_div(rows, 128) * 128 * sp]
+
+        if layout == "2d3d":
+            _scaled_check_scale("scale_a", scale_a, [m, s], recipe)
+        elif scale_a.dim() == 2:
+            _scaled_check_scale("scale_a", scale_a, swz(m), "mx (swizzled)")
+        else:
+            _scaled_check_scale("scale_a", scale_a, [groups, m, s], recipe)
+        if scale_b.dim() == 2:
+            _scaled_check_scale("scale_b", scale_b, swz(n), "mx (swizzled)")
+        else:
+            _scaled_check_scale("scale_b", scale_b, [groups, n, s], recipe)
+        want = None
+    if want is not None:
+        _scaled_check_scale("scale_a", scale_a, want[0], recipe)
+        _scaled_check_scale("scale_b", scale_b, want[1], recipe)
+    chk(scale_a.device == mat_a.device and scale_b.device == mat_a.device,
+        lambda: f"scaled_grouped_mm: scale_a and scale_b must be on the device of mat_a ({mat_a.device}), got "
+        f"{scale_a.device} and {scale_b.device}")
+    if bias is not None:
+        n_out = grouped_mm_out_size(mat_a, mat_b, offs)[-1]
+        chk(bias.dim() == 2 and bias.shape[0] == groups and bias.shape[1] == n_out,
+            lambda: f"scaled_grouped_mm: bias must have shape (G, N) = ({groups}, {n_out}), got {_sizes(bias)}")
+        chk(bias.dtype in (torch.float32, out_t),
+            lambda: f"scaled_grouped_mm: bias must be float32 or the output dtype ({_c10(out_t)}), "
+            f"got {_fp8_c10(bias.dtype)}")
+        chk(bias.device == mat_a.device,
+            lambda: f"scaled_grouped_mm: bias must be on the device of mat_a ({mat_a.device}), got {bias.device}")
+    return recipe, out_t

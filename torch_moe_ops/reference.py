@@ -142,3 +142,208 @@ def torch_unpermute(
             term = term * weights[:, j : j + 1].to(acc)
         out = out + torch.where((rows >= 0).unsqueeze(1), term, 0)
     return out.to(permuted.dtype)
+
+
+# ------------------------------------------------------------------ fp8 quantisation
+# The contract of moe_ops::quantize_fp8 / dequantize_fp8 (csrc/ATen/native/MoEQuantize.h),
+# written with torch's own float -> float8 conversion on scaled, clamped values.
+
+FP8_RECIPES = ("tensorwise", "rowwise", "blockwise_1x128", "blockwise_128x128", "mx")
+_FP8_BLOCK = {"tensorwise": (0, 0), "rowwise": (1, 0), "blockwise_1x128": (1, 128),
+              "blockwise_128x128": (128, 128), "mx": (1, 32)}
+_FP8_EMAX = {torch.float8_e4m3fn: 8, torch.float8_e5m2: 15}
+
+
+def _fp8_blocks(rows: int, cols: int, recipe: str, offs: Optional[torch.Tensor]):
+    """Row blocks [(r0, r1)] and column segments [(c0, c1)] of one matrix."""
+    br, bc = _FP8_BLOCK[recipe]
+    if offs is not None and recipe != "mx":
+        ends = offs.tolist()
+        segs = list(zip([0] + ends[:-1], ends))
+    elif bc:
+        segs = [(c, min(c + bc, cols)) for c in range(0, cols, bc)]
+    else:
+        segs = [(0, cols)]
+    if br == 0:
+        rblocks = [(0, rows)]
+    else:
+        rblocks = [(r, min(r + br, rows)) for r in range(0, rows, br)]
+    return rblocks, segs
+
+
+def _fp8_swizzle(grid: torch.Tensor) -> torch.Tensor:
+    """(R, S) scale grid -> the blocked 32_4_4 layout, (round_up(R, 128), round_up(S, 4))."""
+    rows, cols = grid.shape
+    rp, sp = -(-rows // 128) * 128, -(-cols // 4) * 4
+    padded = grid.new_zeros(rp, sp)
+    padded[:rows, :cols] = grid
+    tiles = padded.view(rp // 128, 128, sp // 4, 4).permute(0, 2, 1, 3)  # (row tile, col tile, 128, 4)
+    tiles = tiles.reshape(-1, 4, 32, 4).transpose(1, 2)                  # row 32 i + j -> [j][i]
+    return tiles.reshape(rp, sp)
+
+
+def torch_quantize_fp8(
+    x: torch.Tensor,
+    recipe: str,
+    float8_dtype: Optional[torch.dtype] = None,
+    offs: Optional[torch.Tensor] = None,
+    swizzle: bool = False,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Reference quantisation: per block amax in float32, then ``(x * q).clamp(...).to(float8)``.
+
+    Loops over blocks, so it is slow and independent of the kernel's structure.
+    """
+    f8 = float8_dtype or torch.float8_e4m3fn
+    fmax = torch.finfo(f8).max
+    xs = x.float() if x.dim() == 3 else x.float().unsqueeze(0)
+    nb, rows, cols = xs.shape
+    rblocks, segs = _fp8_blocks(rows, cols, recipe, offs)
+    q = torch.empty(nb, len(rblocks), len(segs))
+    scale = torch.empty(nb, len(rblocks), len(segs), dtype=torch.float8_e8m0fnu if recipe == "mx" else torch.float32)
+    for b in range(nb):
+        for i, (r0, r1) in enumerate(rblocks):
+            for j, (c0, c1) in enumerate(segs):
+                blk = xs[b, r0:r1, c0:c1]
+                amax = blk.abs().amax() if blk.numel() else torch.tensor(0.0)
+                if recipe == "mx":
+                    if not bool(torch.isfinite(amax)):
+                        q[b, i, j] = float("nan")
+                        scale[b, i, j] = torch.tensor(255, dtype=torch.uint8).view(torch.float8_e8m0fnu)
+                    else:
+                        # floor(log2(amax)) from the float32 exponent field.
+                        e = int((amax.view(torch.int32) >> 23) & 0xFF) - 127 - _FP8_EMAX[f8]
+                        e = min(max(e, -127), 127)
+                        q[b, i, j] = 2.0 ** -e
+                        scale[b, i, j] = torch.tensor(e + 127, dtype=torch.uint8).view(torch.float8_e8m0fnu)
+                else:
+                    qq = torch.div(torch.tensor(fmax, dtype=torch.float32), amax.clamp_min(1e-12))
+                    q[b, i, j] = qq
+                    scale[b, i, j] = torch.reciprocal(qq)
+    # q of every element (columns past the last group are set to +0 below).
+    qe = torch.zeros(nb, rows, cols)
+    for i, (r0, r1) in enumerate(rblocks):
+        for j, (c0, c1) in enumerate(segs):
+            qe[:, r0:r1, c0:c1] = q[:, i, j, None, None]
+    y = (xs * qe).clamp(-fmax, fmax)
+    y = torch.where(y.isnan(), float("nan"), y)  # one NaN byte (0x7F), whatever the sign
+    if offs is not None and recipe != "mx":
+        y[:, :, segs[-1][1] if segs else 0:] = 0.0  # no group: +0
+    data = y.to(f8).reshape(x.shape)
+    scale = _fp8_scale_layout(scale, x.dim(), recipe, offs, swizzle)
+    return data, scale
+
+
+def _fp8_scale_layout(grid: torch.Tensor, dim: int, recipe: str, offs, swizzle: bool) -> torch.Tensor:
+    """(B, row blocks, segments) grid -> the documented scale shape."""
+    nb = grid.shape[0]
+    if offs is not None and recipe == "tensorwise":
+        return grid[0, 0]
+    if offs is not None and recipe == "rowwise":
+        return grid[0].t().contiguous()
+    if recipe == "tensorwise":
+        out = grid[:, 0, 0]
+    elif recipe == "rowwise":
+        out = grid[:, :, 0]
+    elif swizzle:
+        bits = grid.view(torch.uint8)
+        out = torch.stack([_fp8_swizzle(bits[b]) for b in range(nb)]).view(torch.float8_e8m0fnu)
+        if dim == 3:
+            out = out.reshape(nb, -1)
+    else:
+        out = grid
+    return out[0] if dim == 2 else out
+
+
+def torch_dequantize_fp8(
+    data: torch.Tensor,
+    scale: torch.Tensor,
+    recipe: str,
+    out_dtype: Optional[torch.dtype] = None,
+    offs: Optional[torch.Tensor] = None,
+    swizzle: bool = False,
+) -> torch.Tensor:
+    """Reference dequantisation: ``float(data) * scale`` in float32, rounded once to out_dtype."""
+    ds = data if data.dim() == 3 else data.unsqueeze(0)
+    nb, rows, cols = ds.shape
+    rblocks, segs = _fp8_blocks(rows, cols, recipe, offs)
+    grid = _fp8_scale_grid(scale.float(), nb, rows, len(rblocks), len(segs), data.dim(), recipe, offs, swizzle)
+    se = torch.zeros(nb, rows, cols)
+    for i, (r0, r1) in enumerate(rblocks):
+        for j, (c0, c1) in enumerate(segs):
+            se[:, r0:r1, c0:c1] = grid[:, i, j, None, None]
+    out = ds.float() * se
+    if offs is not None and recipe != "mx":
+        out[:, :, segs[-1][1] if segs else 0:] = 0
+    return out.reshape(data.shape).to(out_dtype or torch.float32)
+
+
+def _fp8_scale_grid(scale, nb, rows, nrb, nseg, dim, recipe, offs, swizzle) -> torch.Tensor:
+    """The inverse of _fp8_scale_layout: scale -> (B, row blocks, segments)."""
+    if offs is not None and recipe == "tensorwise":
+        return scale.view(1, 1, nseg)
+    if offs is not None and recipe == "rowwise":
+        return scale.t().reshape(1, rows, nseg)
+    s = scale if dim == 3 else scale.unsqueeze(0)
+    if recipe == "tensorwise":
+        return s.reshape(nb, 1, 1)
+    if recipe == "rowwise":
+        return s.reshape(nb, rows, 1)
+    if swizzle:
+        return _fp8_unswizzle(s, rows, nseg)
+    return s
+
+
+def _fp8_unswizzle(s: torch.Tensor, rows: int, nseg: int) -> torch.Tensor:
+    """Swizzled scales (B, ...) of (rows, nseg) grids -> the grids (B, rows, nseg)."""
+    nb = s.shape[0]
+    rp, sp = -(-rows // 128) * 128, -(-nseg // 4) * 4
+    flat = s.reshape(nb, rp // 128, sp // 4, 32, 4, 4)   # [tile r][tile c][j][i][c]
+    grid = flat.permute(0, 1, 4, 3, 2, 5).reshape(nb, rp, sp)
+    return grid[:, :rows, :nseg]
+
+
+def torch_scaled_grouped_mm(
+    mat_a: torch.Tensor,
+    mat_b: torch.Tensor,
+    scale_a: torch.Tensor,
+    scale_b: torch.Tensor,
+    offs: Optional[torch.Tensor] = None,
+    bias: Optional[torch.Tensor] = None,
+    scale_result: Optional[torch.Tensor] = None,
+    out_dtype: Optional[torch.dtype] = None,
+    use_fast_accum: bool = False,
+    acc_dtype: torch.dtype = torch.float64,
+) -> torch.Tensor:
+    """Reference scaled grouped mm: dequantise in ``acc_dtype``, ``torch_grouped_mm``, round once."""
+    out_dtype = out_dtype or torch.bfloat16
+    a, b = mat_a.to(acc_dtype), mat_b.to(acc_dtype)
+    sa, sb = scale_a.to(acc_dtype), scale_b.to(acc_dtype)
+    layout = f"{mat_a.dim()}d{mat_b.dim()}d"
+    k = a.shape[-1]
+    n = b.shape[-1]
+    if scale_a.dtype == torch.float8_e8m0fnu:  # 1x32 blocks along K
+        s = -(-k // 32)
+        if mat_a.dim() == 3 and scale_a.dim() == 2:  # swizzled
+            sa = _fp8_unswizzle(sa, a.shape[1], s)
+        if scale_b.dim() == 2:
+            sb = _fp8_unswizzle(sb, n, s)
+        a = a * sa.repeat_interleave(32, -1)[..., :k]
+        b = b * sb.repeat_interleave(32, -1)[..., :k].transpose(-2, -1)
+    elif layout in ("2d3d", "3d3d") and scale_a.dim() == mat_a.dim():  # 1x128 (A) and 128x128 (B^T) blocks
+        a = a * sa.repeat_interleave(128, -1)[..., :k]
+        sbe = sb.repeat_interleave(128, -2)[..., :n, :].repeat_interleave(128, -1)[..., :k]  # (G, N, K)
+        b = b * sbe.transpose(-2, -1)
+    elif layout == "2d2d":  # per group: row scales of A and column scales of B, applied after the product
+        out = torch_grouped_mm(a, b, offs, None, acc_dtype, acc_dtype)
+        groups, m, n = out.shape
+        out = out * sa.view(groups, m, 1) * sb.view(groups, 1, n)
+        if bias is not None:
+            out = out + bias.to(acc_dtype).unsqueeze(1)
+        return out.to(out_dtype)
+    elif layout == "2d3d":
+        a, b = a * sa[:, None], b * sb[:, None, :]
+    elif layout == "3d3d":
+        a, b = a * sa[:, :, None], b * sb[:, None, :]
+    else:  # 3d2d
+        a, b = a * sa[:, :, None], b * sb[None, :]
+    return torch_grouped_mm(a, b, offs, bias, acc_dtype, acc_dtype).to(out_dtype)

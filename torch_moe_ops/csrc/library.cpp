@@ -7,7 +7,9 @@
 
 #include <ATen/native/ExpertMLP.h>
 #include <ATen/native/GroupedMM.h>
+#include <ATen/native/MoEQuantize.h>
 #include <ATen/native/MoERouting.h>
+#include <ATen/native/MoEScaledGroupedMM.h>
 
 extern "C" {
 // Importing torch_moe_ops._C loads this library and runs the registrations
@@ -57,6 +59,16 @@ TORCH_LIBRARY(moe_ops, m) {
   m.def(
       "unpermute_backward(Tensor grad_output, Tensor dst_rows, SymInt num_rows, Tensor? weights=None, "
       "Tensor? permuted=None) -> (Tensor grad_permuted, Tensor grad_weights)");
+  m.def(
+      "quantize_fp8(Tensor x, str recipe, ScalarType? float8_dtype=None, Tensor? offs=None, bool swizzle=False) "
+      "-> (Tensor data, Tensor scale)");
+  m.def(
+      "dequantize_fp8(Tensor data, Tensor scale, str recipe, ScalarType? out_dtype=None, Tensor? offs=None, "
+      "bool swizzle=False) -> Tensor");
+  // The schema of aten::_scaled_grouped_mm.
+  m.def(
+      "scaled_grouped_mm(Tensor mat_a, Tensor mat_b, Tensor scale_a, Tensor scale_b, Tensor? offs=None, "
+      "Tensor? bias=None, Tensor? scale_result=None, ScalarType? out_dtype=None, bool use_fast_accum=False) -> Tensor");
 }
 
 TORCH_LIBRARY_IMPL(moe_ops, CPU, m) {
@@ -66,6 +78,9 @@ TORCH_LIBRARY_IMPL(moe_ops, CPU, m) {
   m.impl("permute", &at::native::moe_permute_cpu);
   m.impl("unpermute", &at::native::moe_unpermute_cpu);
   m.impl("unpermute_backward", &at::native::moe_unpermute_backward_cpu);
+  m.impl("quantize_fp8", &at::native::quantize_fp8_cpu);
+  m.impl("dequantize_fp8", &at::native::dequantize_fp8_cpu);
+  m.impl("scaled_grouped_mm", &at::native::scaled_grouped_mm_cpu);
   m.impl("expert_mlp", &at::native::expert_mlp);
   m.impl("expert_mlp_backward", &at::native::expert_mlp_backward);
 }

@@ -1,0 +1,320 @@
+"""OpInfos of the fp8 ops ``moe_ops.quantize_fp8``, ``moe_ops.dequantize_fp8``
+and ``moe_ops.scaled_grouped_mm``.
+
+Samples cover every recipe on 2-D and 3-D operands, sizes that are not
+multiples of the blocks (partial last blocks), zero rows and zero columns, a
+transposed (column-major) weight quantised per output column, both float8
+formats, the swizzled MX scale layout, per-group (offs) operands with empty
+groups and columns past ``offs[-1]``, and values spanning 40 binades so that
+blocks differ in scale. Error inputs cover every rejected argument. The refs
+are the plain-torch references of ``torch_moe_ops/reference.py``, which use
+torch's own float -> float8 conversion.
+
+scaled_grouped_mm samples cover the four layouts with rowwise scales and the
+2D x 3D and 3D x 3D layouts with MX and blockwise (1x128 x 128x128) scales,
+both float8 formats, empty groups,
+rows past ``offs[-1]``, weights stored (G, N, K) (column-major, as upstream
+wants) and (G, K, N), bias in float32 and bfloat16; its ref dequantises in
+float64.
+
+The OpInfo's dtype is the floating dtype: the input of quantize_fp8 and the
+out_dtype of dequantize_fp8 and scaled_grouped_mm.
+"""
+
+from __future__ import annotations
+
+from functools import partial
+
+import torch
+from torch.testing import make_tensor
+from torch.testing._internal.opinfo.core import ErrorInput, OpInfo, SampleInput
+
+from torch_moe_ops.reference import (
+    FP8_RECIPES,
+    torch_dequantize_fp8,
+    torch_quantize_fp8,
+    torch_scaled_grouped_mm,
+)
+
+FP8_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+SCALED_MM_DTYPES = (torch.bfloat16, torch.float32)
+
+
+def _offs(ends, device):
+    return torch.tensor(ends, dtype=torch.int32, device=device)
+
+
+def _spread(shape, device, dtype, seed=0):
+    """Normal values times a per-column magnitude from 2^-20 to 2^10 (so blocks
+    get different scales), within the range of every float dtype tested."""
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(shape, generator=g)
+    if shape[-1] > 0:
+        x = x * torch.logspace(-20, 10, shape[-1], base=2.0)
+    return x.to(device=device, dtype=dtype)
+
+
+def quantize_cases(device, dtype):
+    """(name, x, recipe, kwargs) for every sample of quantize_fp8."""
+    for recipe in FP8_RECIPES:
+        yield f"{recipe}_2d", _spread((5, 300), device, dtype), recipe, {}
+        yield f"{recipe}_3d", _spread((3, 130, 70), device, dtype, 1), recipe, {}
+        yield f"{recipe}_e5m2", _spread((4, 96), device, dtype, 2), recipe, dict(float8_dtype=torch.float8_e5m2)
+        yield f"{recipe}_zero_rows", _spread((0, 40), device, dtype), recipe, {}
+        yield f"{recipe}_zero_cols", _spread((6, 0), device, dtype), recipe, {}
+        # A weight (G, K, N) quantised per output column: blocks along K.
+        w = _spread((2, 64, 40), device, dtype, 3)
+        yield f"{recipe}_weight_transposed", w.transpose(-2, -1), recipe, {}
+    yield "mx_swizzle_2d", _spread((130, 200), device, dtype, 4), "mx", dict(swizzle=True)
+    yield "mx_swizzle_3d", _spread((2, 40, 96), device, dtype, 5), "mx", dict(swizzle=True)
+    # Per-group operands of the 2D x 2D grouped GEMM: groups along C (tokens).
+    x = _spread((7, 200), device, dtype, 6)
+    yield "tensorwise_offs", x, "tensorwise", dict(offs=_offs([50, 50, 130], device))
+    yield "rowwise_offs", x, "rowwise", dict(offs=_offs([10, 10, 64, 199], device))
+    yield "rowwise_offs_no_groups", x, "rowwise", dict(offs=_offs([], device))
+    yield "mx_offs", x, "mx", dict(offs=_offs([32, 32, 96, 200], device))
+
+
+def sample_inputs_quantize_fp8(op_info, device, dtype, requires_grad, **kwargs):
+    for name, x, recipe, kw in quantize_cases(device, dtype):
+        yield SampleInput(x, args=(recipe,), kwargs=kw, name=name)
+
+
+def sample_inputs_dequantize_fp8(op_info, device, dtype, requires_grad, **kwargs):
+    for name, x, recipe, kw in quantize_cases(device, torch.float32):
+        data, scale = torch_quantize_fp8(x.cpu(), recipe, **{k: v.cpu() if isinstance(v, torch.Tensor) else v
+                                                             for k, v in kw.items()})
+        kw = {k: v for k, v in kw.items() if k != "float8_dtype"}
+        yield SampleInput(data.to(device), args=(scale.to(device), recipe), kwargs=dict(out_dtype=dtype, **kw),
+                          name=name)
+
+
+def _err(regex, *args, name="", **kw):
+    return ErrorInput(SampleInput(args[0], args=args[1:], kwargs=kw, name=name), error_type=ValueError,
+                      error_regex=regex)
+
+
+def error_inputs_quantize_fp8(op_info, device, **kwargs):
+    x = make_tensor((4, 64), device=device, dtype=torch.float32)
+    offs = _offs([32, 64], device)
+    e = _err
+    yield e(r"quantize_fp8: recipe must be 'tensorwise', 'rowwise', 'blockwise_1x128', 'blockwise_128x128' "
+            r"or 'mx', got 'rowise'", x, "rowise")
+    yield e(r"quantize_fp8: x must be float32, bfloat16 or float16, got Double", x.double(), "mx")
+    yield e(r"quantize_fp8: float8_dtype must be Float8_e4m3fn or Float8_e5m2, got BFloat16", x, "mx",
+            float8_dtype=torch.bfloat16)
+    yield e(r"quantize_fp8: x must be 2-D or 3-D, got 1-D with sizes \[64\]", x[0], "rowwise")
+    yield e(r"quantize_fp8: x must be 2-D or 3-D, got 4-D", x.view(1, 1, 4, 64), "rowwise")
+    yield e(r"quantize_fp8: swizzle=True needs recipe 'mx', got 'blockwise_1x128'", x, "blockwise_1x128",
+            swizzle=True)
+    yield e(r"quantize_fp8: offs needs a 2-D x, got x of sizes \[1, 4, 64\]", x.view(1, 4, 64), "rowwise",
+            offs=offs)
+    yield e(r"quantize_fp8: offs is supported with recipes 'tensorwise', 'rowwise' and 'mx', got "
+            r"'blockwise_128x128'", x, "blockwise_128x128", offs=offs)
+    yield e(r"quantize_fp8: swizzle=True does not take offs", x, "mx", offs=offs, swizzle=True)
+    yield e(r"quantize_fp8: offs must be 1-D, got 2-D with sizes \[1, 2\]", x, "rowwise", offs=offs.view(1, 2))
+    yield e(r"quantize_fp8: offs must be int32, got Long", x, "rowwise", offs=offs.long())
+    if torch.device(device).type == "cpu":
+        # Values of offs: checked by the kernels, not by fake kernels.
+        yield e(r"quantize_fp8: offs must be non-decreasing in \[0, C=64\], got offs\[1\]=16 after offs\[0\]=32",
+                x, "rowwise", offs=_offs([32, 16], device), name="offs_values")
+        yield e(r"quantize_fp8: offs must be non-decreasing in \[0, C=64\], got offs\[0\]=65", x, "tensorwise",
+                offs=_offs([65], device), name="offs_values")
+        yield e(r"quantize_fp8: with recipe 'mx' every group must hold whole 32-element blocks: offs\[g\] must "
+                r"be a multiple of 32 or C=64, got offs\[0\]=40", x, "mx", offs=_offs([40, 64], device),
+                name="offs_values")
+
+
+def error_inputs_dequantize_fp8(op_info, device, **kwargs):
+    x = make_tensor((4, 64), device=device, dtype=torch.float32)
+    d, s = torch_quantize_fp8(x.cpu(), "rowwise")
+    d, s = d.to(device), s.to(device)
+    dm, sm = (t.to(device) for t in torch_quantize_fp8(x.cpu(), "mx"))
+    offs = _offs([32, 64], device)
+    e = _err
+    yield e(r"dequantize_fp8: recipe must be 'tensorwise', 'rowwise', 'blockwise_1x128', 'blockwise_128x128' "
+            r"or 'mx', got 'MX'", dm, sm, "MX")
+    yield e(r"dequantize_fp8: data must be Float8_e4m3fn or Float8_e5m2, got Float", x, s, "rowwise")
+    yield e(r"dequantize_fp8: data must be 2-D or 3-D, got 1-D with sizes \[64\]", d[0], s, "rowwise")
+    yield e(r"dequantize_fp8: scale must be Float8_e8m0fnu for recipe 'mx', got Float", dm, sm.float(), "mx")
+    yield e(r"dequantize_fp8: scale must be Float for recipe 'rowwise', got Float8_e8m0fnu", d,
+            s.to(torch.float8_e8m0fnu), "rowwise")
+    yield e(r"dequantize_fp8: scale must have shape \[4\] for data of sizes \[4, 64\] and recipe 'rowwise', "
+            r"got \[4, 1\]", d, s.view(4, 1), "rowwise")
+    yield e(r"dequantize_fp8: scale must have shape \[4, 2\] for data of sizes \[4, 64\] and recipe 'mx', "
+            r"got \[4, 1\]", dm, sm[:, :1], "mx")
+    yield e(r"dequantize_fp8: scale must have shape \[128, 4\] for data of sizes \[4, 64\] and recipe 'mx' "
+            r"\(swizzled\), got \[4, 2\]", dm, sm, "mx", swizzle=True)
+    yield e(r"dequantize_fp8: scale must have shape \[2, 4\] for data of sizes \[4, 64\] and recipe 'rowwise', "
+            r"got \[4\]", d, s, "rowwise", offs=offs)
+    yield e(r"dequantize_fp8: scale must have shape \[\] for data of sizes \[4, 64\] and recipe 'tensorwise', "
+            r"got \[4\]", d, s, "tensorwise")
+    yield e(r"dequantize_fp8: scale must have shape \[1, 1\] for data of sizes \[4, 64\] and recipe "
+            r"'blockwise_128x128', got \[4\]", d, s, "blockwise_128x128")
+    yield e(r"dequantize_fp8: out_dtype must be float32, bfloat16 or float16, got Double", d, s, "rowwise",
+            out_dtype=torch.float64)
+    yield e(r"dequantize_fp8: offs must be int32, got Long", d, s, "rowwise", offs=offs.long())
+
+
+def scaled_grouped_mm_cases(device, dtype):
+    """(name, args, kwargs) of scaled_grouped_mm samples, quantised by the reference."""
+    g = torch.Generator().manual_seed(7)
+    K, N, M, G = 80, 24, 30, 4
+    offs = _offs([5, 5, 17, 26], device)  # an empty group, rows past offs[-1]
+
+    def rnd(*shape):
+        return torch.randn(shape, generator=g) * 3
+
+    def right(w, recipe, f8=None, offs=None, k_major=True):
+        """w (.., K, N) quantised per output column (blocks along K) through its
+        transpose; the data comes back column-major (k_major) or row-major."""
+        d, s = torch_quantize_fp8(w.transpose(-2, -1).contiguous(), recipe, f8, offs)
+        d = d.transpose(-2, -1)
+        return (d if k_major else d.contiguous()), s
+
+    def dev(*ts):
+        return [t.to(device) for t in ts]
+
+    for recipe in ("rowwise", "mx"):
+        for f8 in (torch.float8_e4m3fn, torch.float8_e5m2):
+            tag = f"{recipe}_{'e4m3' if f8 == torch.float8_e4m3fn else 'e5m2'}"
+            ad, as_ = torch_quantize_fp8(rnd(M, K), recipe, f8)
+            bd, bs = right(rnd(G, K, N), recipe, f8)
+            bias = rnd(G, N).to(device)
+            yield f"2d3d_{tag}", dev(ad, bd, as_, bs), dict(offs=offs, out_dtype=dtype)
+            yield f"2d3d_bias_{tag}", dev(ad, bd, as_, bs), dict(offs=offs, bias=bias, out_dtype=dtype)
+            brm, brs = right(rnd(G, K, N), recipe, f8, k_major=False)
+            yield f"2d3d_b_row_major_{tag}", dev(ad, brm, as_, brs), dict(offs=offs, out_dtype=dtype)
+            a3, a3s = torch_quantize_fp8(rnd(G, 7, K), recipe, f8)
+            yield f"3d3d_{tag}", dev(a3, bd, a3s, bs), dict(bias=bias.to(dtype), out_dtype=dtype)
+    # MX scales of the 3-D operands in the swizzled layout upstream's kernels read.
+    w = rnd(G, N, K)
+    wd, ws = torch_quantize_fp8(w, "mx", None, None, True)
+    ad, as_ = torch_quantize_fp8(rnd(M, K), "mx")
+    yield "2d3d_mx_swizzled_b", dev(ad, wd.transpose(-2, -1), as_, ws), dict(offs=offs, out_dtype=dtype)
+    a3, a3s = torch_quantize_fp8(rnd(G, 7, K), "mx", None, None, True)
+    yield "3d3d_mx_swizzled", dev(a3, wd.transpose(-2, -1), a3s, ws), dict(out_dtype=dtype)
+    # DeepSeek-V3's recipe: 1x128 activations, 128x128 weights; K and N past one block.
+    Kb, Nb = 200, 150
+    for f8 in (torch.float8_e4m3fn, torch.float8_e5m2):
+        tag = "e4m3" if f8 == torch.float8_e4m3fn else "e5m2"
+        ad, as_ = torch_quantize_fp8(rnd(M, Kb), "blockwise_1x128", f8)
+        bd, bs = right(rnd(G, Kb, Nb), "blockwise_128x128", f8)
+        yield f"2d3d_blockwise_{tag}", dev(ad, bd, as_, bs), dict(offs=offs, bias=rnd(G, Nb).to(device),
+                                                                 out_dtype=dtype)
+        a3, a3s = torch_quantize_fp8(rnd(G, 5, Kb), "blockwise_1x128", f8)
+        yield f"3d3d_blockwise_{tag}", dev(a3, bd, a3s, bs), dict(out_dtype=dtype)
+    ad, as_ = torch_quantize_fp8(rnd(0, K), "rowwise")
+    bd, bs = right(rnd(G, K, N), "rowwise")
+    yield "2d3d_zero_tokens", dev(ad, bd, as_, bs), dict(offs=_offs([0, 0, 0, 0], device), out_dtype=dtype)
+    # Rowwise only: 3D x 2D (offs over N) and 2D x 2D (offs over K: the weight gradient).
+    a3, a3s = torch_quantize_fp8(rnd(G, 7, K), "rowwise")
+    b2, b2s = right(rnd(K, 29), "rowwise")
+    yield "3d2d", dev(a3, b2, a3s, b2s), dict(offs=_offs([6, 6, 20, 27], device), bias=rnd(G, 29).to(device),
+                                              out_dtype=dtype)
+    # wgrad = grad_out^T @ x over each group's tokens: per-group rowwise scales along the tokens.
+    tok = _offs([10, 10, 22, 28], "cpu")
+    god, gos = torch_quantize_fp8(rnd(M, N).t().contiguous(), "rowwise", None, tok)  # (N, M), scale (G, N)
+    xd, xs = torch_quantize_fp8(rnd(M, K).t().contiguous(), "rowwise", None, tok)    # (K, M), scale (G, K)
+    yield "2d2d_wgrad", dev(god, xd.t(), gos.flatten(), xs.flatten()), dict(offs=tok.to(device), out_dtype=dtype)
+
+
+def sample_inputs_scaled_grouped_mm(op_info, device, dtype, requires_grad, **kwargs):
+    for name, args, kw in scaled_grouped_mm_cases(device, dtype):
+        yield SampleInput(args[0], args=tuple(args[1:]), kwargs=kw, name=name)
+
+
+def error_inputs_scaled_grouped_mm(op_info, device, **kwargs):
+    f8 = torch.float8_e4m3fn
+    M, K, N, G = 6, 64, 8, 2
+    a = torch.zeros(M, K, device=device).to(f8)
+    b = torch.zeros(G, N, K, device=device).to(f8).transpose(-2, -1)
+    a3 = torch.zeros(G, M, K, device=device).to(f8)
+    b2 = torch.zeros(K, N, device=device).to(f8)
+    offs = _offs([2, 6], device)
+    ones = partial(torch.ones, device=device)
+    sa, sb = ones(M), ones(G, N)
+    e8 = torch.float8_e8m0fnu
+    sa_mx, sb_mx = ones(M, 2).to(e8), ones(G, N, 2).to(e8)
+    e = _err
+    yield e(r"scaled_grouped_mm: mat_a must be 2-D or 3-D, got 1-D with sizes \[64\]", a[0], b, sa, sb, offs)
+    yield e(r"scaled_grouped_mm: mat_a must be Float8_e4m3fn or Float8_e5m2, got BFloat16", a.bfloat16(), b, sa, sb,
+            offs)
+    yield e(r"scaled_grouped_mm: mat_b must be Float8_e4m3fn or Float8_e5m2, got Float", a, b.float(), sa, sb, offs)
+    yield e(r"scaled_grouped_mm: contraction sizes differ: mat_a \[6, 32\] has K=32 but mat_b \[2, 64, 8\] has "
+            r"K=64", a[:, :32], b, sa, sb, offs)
+    yield e(r"scaled_grouped_mm: scale_result is not supported, got a tensor of sizes \[1\]", a, b, sa, sb, offs,
+            scale_result=ones(1))
+    yield e(r"scaled_grouped_mm: out_dtype must be bfloat16 or float32, got Half", a, b, sa, sb, offs,
+            out_dtype=torch.float16)
+    yield e(r"scaled_grouped_mm: offs is required when mat_a or mat_b is 2-D \(mat_a \[6, 64\], mat_b "
+            r"\[2, 64, 8\]\)", a, b, sa, sb)
+    yield e(r"scaled_grouped_mm: offs must be None when mat_a and mat_b are both 3-D", a3, b, ones(G, M), sb, offs)
+    yield e(r"scaled_grouped_mm: offs must be int32, got Long", a, b, sa, sb, offs.long())
+    yield e(r"scaled_grouped_mm: offs has 3 groups but mat_b \[2, 64, 8\] has 2", a, b, sa, sb,
+            _offs([1, 2, 3], device))
+    # Rowwise scale shapes, every layout.
+    yield e(r"scaled_grouped_mm: scale_a must have shape \[6\] for rowwise scaling of these operands, got \[5\]",
+            a, b, sa[:5], sb, offs)
+    yield e(r"scaled_grouped_mm: scale_b must have shape \[2, 8\] for rowwise scaling of these operands, got \[8\]",
+            a, b, sa, sb[0], offs)
+    yield e(r"scaled_grouped_mm: scale_a must have shape \[2, 6\] for rowwise scaling of these operands, got \[6\]",
+            a3, b, sa, sb)
+    yield e(r"scaled_grouped_mm: scale_b must have shape \[8\] for rowwise scaling of these operands, got \[2, 8\]",
+            a3, b2, ones(G, M), sb, _offs([3, 8], device))
+    # 2D x 2D: mat_a (8, 64), mat_b (64, 6), groups along K: scale_a (G * 8,), scale_b (G * 6,).
+    yield e(r"scaled_grouped_mm: scale_a must have shape \[16\] for rowwise scaling of these operands, got \[8\]",
+            b2.t().contiguous(), a.t(), ones(N), ones(G * M), _offs([30, 64], device))
+    # Scale dtypes and MX shapes.
+    yield e(r"scaled_grouped_mm: scale_a and scale_b must both be float32 \(rowwise, blockwise\) or both "
+            r"Float8_e8m0fnu \(mx\), got Float and Float8_e8m0fnu", a, b, sa, sb_mx, offs)
+    yield e(r"scaled_grouped_mm: scale_a and scale_b must both be float32 \(rowwise, blockwise\) or both "
+            r"Float8_e8m0fnu \(mx\), got BFloat16 and BFloat16", a, b, sa.bfloat16(), sb.bfloat16(), offs)
+    # Blockwise (scale_a of mat_a's rank): 1x128 x 128x128 grids, K = 64 -> 1 block, N = 8 -> 1 block.
+    yield e(r"scaled_grouped_mm: scale_a must have shape \[6, 1\] for blockwise \(1x128 x 128x128\) scaling of "
+            r"these operands, got \[6, 2\]", a, b, ones(M, 2), ones(G, 1, 1), offs)
+    yield e(r"scaled_grouped_mm: scale_b must have shape \[2, 1, 1\] for blockwise \(1x128 x 128x128\) scaling "
+            r"of these operands, got \[2, 8\]", a, b, ones(M, 1), sb, offs)
+    yield e(r"scaled_grouped_mm: scale_a must have shape \[2, 6, 1\] for blockwise \(1x128 x 128x128\) scaling "
+            r"of these operands, got \[2, 6, 2\]", a3, b, ones(G, M, 2), ones(G, 1, 1))
+    yield e(r"scaled_grouped_mm: scale_a must have shape \[6, 2\] for mx scaling of these operands, got \[6, 1\]",
+            a, b, sa_mx[:, :1], sb_mx, offs)
+    yield e(r"scaled_grouped_mm: scale_b must have shape \[2, 8, 2\] for mx scaling of these operands, got "
+            r"\[2, 4, 2\]", a, b, sa_mx, sb_mx[:, :4], offs)
+    yield e(r"scaled_grouped_mm: scale_a must have shape \[2, 6, 2\] for mx scaling of these operands, got "
+            r"\[1, 6, 2\]", a3, b, sa_mx.unsqueeze(0), sb_mx)
+    # Swizzled MX scales of 3-D operands: (G, round_up(rows, 128) * round_up(ceil(K/32), 4)).
+    yield e(r"scaled_grouped_mm: scale_b must have shape \[2, 512\] for mx \(swizzled\) scaling of these "
+            r"operands, got \[2, 16\]", a, b, sa_mx, ones(G, 16).to(e8), offs)
+    yield e(r"scaled_grouped_mm: scale_a must have shape \[2, 512\] for mx \(swizzled\) scaling of these "
+            r"operands, got \[2, 12\]", a3, b, ones(G, 12).to(e8), sb_mx)
+    yield e(r"scaled_grouped_mm: mx scaling supports 2D x 3D and 3D x 3D operands, got mat_a \[2, 6, 64\] and "
+            r"mat_b \[64, 8\]", a3, b2, ones(G, M, 2).to(e8), ones(N, 2).to(e8), _offs([3, 8], device))
+    yield e(r"scaled_grouped_mm: bias must have shape \(G, N\) = \(2, 8\), got \[8\]", a, b, sa, sb, offs,
+            bias=ones(N))
+    yield e(r"scaled_grouped_mm: bias must be float32 or the output dtype \(BFloat16\), got Half", a, b, sa, sb,
+            offs, bias=ones(G, N).half())
+    if torch.device(device).type == "cpu":
+        yield e(r"scaled_grouped_mm: offs must be non-decreasing in \[0, M \(mat_a.size\(0\)\)=6\], got "
+                r"offs\[1\]=7 after offs\[0\]=2", a, b, sa, sb, _offs([2, 7], device), name="offs_values")
+
+
+def make_fp8_op_db(name_of, op_of) -> list[OpInfo]:
+    """OpInfos of quantize_fp8, dequantize_fp8 and scaled_grouped_mm; name_of
+    and op_of map "quantize_fp8", "dequantize_fp8", "scaled_grouped_mm" to the
+    OpInfo's name and the op it calls."""
+
+    def opinfo(op, sample_fn, error_fn, ref, dtypes=FP8_DTYPES):
+        return OpInfo(name_of(op), op=op_of(op), ref=ref, dtypes=dtypes, sample_inputs_func=sample_fn,
+                      error_inputs_func=error_fn, supports_out=False, supports_autograd=False,
+                      supports_forward_ad=False, supports_fwgrad_bwgrad=False)
+
+    return [
+        opinfo("quantize_fp8", sample_inputs_quantize_fp8, error_inputs_quantize_fp8, torch_quantize_fp8),
+        opinfo("dequantize_fp8", sample_inputs_dequantize_fp8, error_inputs_dequantize_fp8, torch_dequantize_fp8),
+        opinfo("scaled_grouped_mm", sample_inputs_scaled_grouped_mm, error_inputs_scaled_grouped_mm,
+               torch_scaled_grouped_mm, SCALED_MM_DTYPES),
+    ]
+
+
+op_db = make_fp8_op_db(lambda op: f"moe_ops.{op}", lambda op: getattr(torch.ops.moe_ops, op).default)

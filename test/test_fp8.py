@@ -1,0 +1,545 @@
+"""Tests of the fp8 ops: moe_ops::quantize_fp8, moe_ops::dequantize_fp8 and
+moe_ops::scaled_grouped_mm.
+
+quantize_fp8 is exact arithmetic (an amax, a division, a multiply by the
+block's q, a clamp and one rounding), so data and scale are compared bit for
+bit with the plain-torch reference (torch_moe_ops/reference.py), whose
+rounding is torch's own float -> float8 conversion. Independently of that
+reference: the rounding agrees with torch's conversion on every float8 value
+and every midpoint between two of them, and the e8m0 edge cases are checked
+against bytes worked out by hand. dequantize_fp8 is one multiply and one
+rounding per element: compared exactly (NaN payloads aside). scaled_grouped_mm
+sums in float32: compared with a float64 reference within a bound derived from
+the float32 summation (assert_scaled_mm_close).
+
+The OpInfos live in test/opinfo_fp8.py.
+"""
+
+import pytest
+import torch
+import torch._dynamo.testing
+from hypothesis import given, settings, strategies as st
+from torch._subclasses.fake_tensor import FakeTensorMode
+from torch.testing._internal.common_device_type import instantiate_device_type_tests, onlyCPU, ops
+from torch.testing._internal.common_utils import TestCase, run_tests
+
+import torch_moe_ops
+from torch_moe_ops.reference import (
+    FP8_RECIPES,
+    torch_dequantize_fp8,
+    torch_grouped_mm,
+    torch_quantize_fp8,
+    torch_scaled_grouped_mm,
+)
+
+from opinfo_fp8 import op_db as fp8_op_db
+
+E8M0 = torch.float8_e8m0fnu
+
+
+def _bytes(t):
+    """The bytes of a tensor, for bitwise comparison (NaN == NaN, -0 != +0)."""
+    return t.contiguous().reshape(-1).view(torch.uint8)
+
+
+def _call(op, s):
+    return op(s.input, *s.args, **s.kwargs)
+
+
+def _fake(mode, v):
+    return mode.from_tensor(v) if isinstance(v, torch.Tensor) else v
+
+
+def _as_tuple(x):
+    return x if isinstance(x, (tuple, list)) else (x,)
+
+
+def _assert_same(test, out, ref, msg=""):
+    """quantize outputs bitwise; dequantize outputs exactly, NaN equal to NaN
+    (the vector and scalar fp32 -> fp16 conversions keep different NaN payloads)."""
+    for o, r in zip(_as_tuple(out), _as_tuple(ref), strict=True):
+        test.assertEqual((o.shape, o.dtype), (r.shape, r.dtype), msg=msg)
+        if o.dtype.itemsize == 1:
+            test.assertTrue(torch.equal(_bytes(o), _bytes(r)), msg=msg)
+        else:
+            test.assertEqual(o, r, atol=0, rtol=0, equal_nan=True, msg=msg)
+
+
+def _abs_fp8(t):
+    """|t| of a float8 tensor (clear the sign bits), same strides."""
+    return (t.view(torch.uint8) & 0x7F).view(t.dtype)
+
+
+def assert_scaled_mm_close(out, mat_a, mat_b, scale_a, scale_b, offs=None, bias=None, out_dtype=None, **_):
+    """out within float32-accumulation rounding of the float64 reference.
+
+    The kernel sums products in float32, in some order: each partial sum
+    rounds with relative error <= 2^-24, so |err| <= K * 2^-24 * sum_k |a_k b_k|
+    (the same reference on absolute values). The products are exact for
+    rowwise and MX (float8 -> bfloat16 is exact, MX scales are powers of two);
+    blockwise tiles round each scaled element to float32 once, <= 2 * 2^-24
+    more per product. Then two scale multiplies, the bias add and the final
+    rounding, <= 3 * 2^-24 more relative, plus half an ulp of out_dtype
+    (2^-9 relative for bfloat16; taken as 2^-8 to cover the float32 error
+    carried into it)."""
+    ref = torch_scaled_grouped_mm(mat_a, mat_b, scale_a, scale_b, offs, bias, None, torch.float64)
+    def abs_scale(t):  # e8m0 scales are positive (or NaN)
+        return t.abs() if t.dtype == torch.float32 else t
+
+    absprod = torch_scaled_grouped_mm(_abs_fp8(mat_a), _abs_fp8(mat_b), abs_scale(scale_a), abs_scale(scale_b), offs,
+                                      None, None, torch.float64)
+    k = mat_a.shape[-1]
+    out_rel = 2.0 ** -8 if (out_dtype or torch.bfloat16) == torch.bfloat16 else 2.0 ** -24
+    bound = (k + 5) * 2.0 ** -24 * absprod.abs() + out_rel * ref.abs() + 2 * 2.0 ** -24 * (
+        bias.double().abs().max() if bias is not None and bias.numel() else 0)
+    err = (out.double() - ref).abs()
+    assert out.dtype == (out_dtype or torch.bfloat16) and out.shape == ref.shape
+    assert bool((err <= bound).all()), f"max err {err.max()} (bound there {bound.view(-1)[err.argmax()]})"
+
+
+class TestFp8(TestCase):
+    @ops(fp8_op_db)
+    def test_matches_reference(self, device, dtype, op):
+        for s in op.sample_inputs(device, dtype):
+            if op.name.endswith("scaled_grouped_mm"):
+                assert_scaled_mm_close(_call(op, s), s.input, *s.args, **s.kwargs)
+            else:
+                _assert_same(self, _call(op, s), op.ref(s.input, *s.args, **s.kwargs), msg=s.name)
+
+    @ops(fp8_op_db)
+    def test_fake_matches_eager(self, device, dtype, op):
+        for s in op.sample_inputs(device, dtype):
+            out = _as_tuple(_call(op, s))
+            with FakeTensorMode() as mode:
+                fout = _as_tuple(op(_fake(mode, s.input), *(_fake(mode, a) for a in s.args),
+                                    **{k: _fake(mode, v) for k, v in s.kwargs.items()}))
+            for o, f in zip(out, fout, strict=True):
+                self.assertEqual((f.shape, f.stride(), f.dtype), (o.shape, o.stride(), o.dtype), msg=s.name)
+
+    @ops(fp8_op_db, allowed_dtypes=(torch.float32, torch.bfloat16))
+    def test_opcheck(self, device, dtype, op):
+        # opcheck's test_schema compares the inputs before and after the call
+        # with ops that have no float8 kernels; for float8 inputs the bytes are
+        # compared here instead.
+        utils = ("test_autograd_registration", "test_faketensor", "test_aot_dispatch_dynamic")
+        for s in op.sample_inputs(device, dtype):
+            fp8_input = s.input.dtype.itemsize == 1
+            before = [_bytes(t).clone() for t in (s.input, *s.args) if isinstance(t, torch.Tensor)]
+            torch.library.opcheck(op.op, (s.input, *s.args), s.kwargs,
+                                  test_utils=utils if fp8_input else ("test_schema",) + utils)
+            after = [_bytes(t) for t in (s.input, *s.args) if isinstance(t, torch.Tensor)]
+            for a, b in zip(before, after, strict=True):
+                self.assertTrue(torch.equal(a, b), msg=f"{s.name}: an input was modified")
+
+    @ops(fp8_op_db, allowed_dtypes=(torch.float32,))
+    def test_error_inputs(self, device, dtype, op):
+        for ei in op.error_inputs(device):
+            s = ei.sample_input
+            with self.assertRaisesRegex(ei.error_type, ei.error_regex):
+                _call(op, s)
+            if s.name != "offs_values":  # fake kernels see shapes, not values
+                with FakeTensorMode() as mode, self.assertRaisesRegex(ei.error_type, ei.error_regex):
+                    op(_fake(mode, s.input), *(_fake(mode, a) for a in s.args),
+                       **{k: _fake(mode, v) for k, v in s.kwargs.items()})
+
+    @ops(fp8_op_db, allowed_dtypes=(torch.bfloat16,))
+    def test_deterministic(self, device, dtype, op):
+        for s in op.sample_inputs(device, dtype):
+            _assert_same(self, _call(op, s), _call(op, s), msg=s.name)
+
+    @onlyCPU
+    def test_bits_independent_of_thread_count(self, device):
+        g = torch.Generator().manual_seed(0)
+        x = (torch.randn(3, 700, 384, generator=g) * 10).bfloat16()
+        threads = torch.get_num_threads()
+
+        def run():
+            outs = []
+            for recipe in FP8_RECIPES:
+                d, s = torch.ops.moe_ops.quantize_fp8(x, recipe)
+                outs += [d, s, torch.ops.moe_ops.dequantize_fp8(d, s, recipe)]
+            return outs
+
+        try:
+            torch.set_num_threads(1)
+            one = run()
+        finally:
+            torch.set_num_threads(threads)
+        for a, b in zip(run(), one, strict=True):
+            self.assertTrue(torch.equal(_bytes(a), _bytes(b)))
+
+    @onlyCPU
+    def test_scaled_grouped_mm_bits_independent_of_thread_count(self, device):
+        """Chunks, tiles and the K blocking depend on the shapes only."""
+        g = torch.Generator().manual_seed(1)
+        offs = torch.tensor([0, 300, 700, 1500], dtype=torch.int32)
+        x, w = torch.randn(1500, 384, generator=g), torch.randn(4, 320, 384, generator=g)
+        cases = []
+        for ra, rb in (("rowwise", "rowwise"), ("mx", "mx"), ("blockwise_1x128", "blockwise_128x128")):
+            xd, xs = torch.ops.moe_ops.quantize_fp8(x, ra)
+            wd, ws = torch.ops.moe_ops.quantize_fp8(w, rb)
+            cases.append((xd, wd.transpose(-2, -1), xs, ws, offs))
+        threads = torch.get_num_threads()
+        try:
+            torch.set_num_threads(1)
+            one = [torch.ops.moe_ops.scaled_grouped_mm(*c, out_dtype=torch.float32) for c in cases]
+        finally:
+            torch.set_num_threads(threads)
+        for c, ref in zip(cases, one, strict=True):
+            self.assertTrue(torch.equal(torch.ops.moe_ops.scaled_grouped_mm(*c, out_dtype=torch.float32), ref))
+
+    def test_compile_dynamic_no_recompile(self, device):
+        torch._dynamo.reset()
+        counter = torch._dynamo.testing.CompileCounterWithBackend("inductor")
+
+        def roundtrip(x, w):
+            xd, xs = torch.ops.moe_ops.quantize_fp8(x, "rowwise")
+            wd, ws = torch.ops.moe_ops.quantize_fp8(w, "mx", swizzle=True)
+            return (torch.ops.moe_ops.dequantize_fp8(xd, xs, "rowwise", torch.bfloat16),
+                    torch.ops.moe_ops.dequantize_fp8(wd, ws, "mx", None, None, True))
+
+        compiled = torch.compile(roundtrip, backend=counter, fullgraph=True, dynamic=True)
+        w = torch.randn(4, 40, 64, device=device)
+        for tokens in (10, 17, 33):
+            x = torch.randn(tokens, 64, device=device)
+            for a, b in zip(compiled(x, w), roundtrip(x, w), strict=True):
+                self.assertEqual(a, b, atol=0, rtol=0)
+        self.assertEqual(counter.frame_count, 1, msg="recompiled for new token counts")
+
+    def test_compile_scaled_grouped_mm(self, device):
+        """quantize -> scaled_grouped_mm, the fp8 MoE forward, one frame for three token counts."""
+        torch._dynamo.reset()
+        counter = torch._dynamo.testing.CompileCounterWithBackend("inductor")
+
+        def forward(x, w, offs):
+            xd, xs = torch.ops.moe_ops.quantize_fp8(x, "rowwise")
+            wd, ws = torch.ops.moe_ops.quantize_fp8(w.transpose(-2, -1), "rowwise")
+            return torch.ops.moe_ops.scaled_grouped_mm(xd, wd.transpose(-2, -1), xs, ws, offs)
+
+        compiled = torch.compile(forward, backend=counter, fullgraph=True, dynamic=True)
+        w = torch.randn(3, 64, 48, device=device)
+        for tokens in (10, 17, 33):
+            x = torch.randn(tokens, 64, device=device)
+            offs = torch.tensor([tokens // 3, tokens // 2, tokens], dtype=torch.int32, device=device)
+            self.assertEqual(compiled(x, w, offs), forward(x, w, offs), atol=0, rtol=0)
+        self.assertEqual(counter.frame_count, 1, msg="recompiled for new token counts")
+
+
+instantiate_device_type_tests(TestFp8, globals(), only_for=("cpu", "cuda"))
+
+
+# ----------------------------------------------- rounding, independent of the reference
+
+
+@pytest.mark.parametrize("f8", [torch.float8_e4m3fn, torch.float8_e5m2])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_rounding_matches_torch_conversion(f8, dtype):
+    """Every float8 value, every midpoint between neighbours (ties to even), and
+    points just either side of them: tensorwise with amax = max gives q = 1, so
+    the data must be torch's own x.to(f8) of the input."""
+    fmax = torch.finfo(f8).max
+    values = torch.arange(256, dtype=torch.uint8).view(f8).float()
+    values = values[values.isfinite() & (values.abs() <= fmax)].unique()
+    mids = (values[1:] + values[:-1]) / 2  # exact in float32
+    ulp = torch.finfo(torch.float32).eps
+    x = torch.cat([values, mids, mids * (1 + ulp), mids * (1 - ulp), torch.tensor([fmax])])
+    x = x.to(dtype)
+    data, scale = torch.ops.moe_ops.quantize_fp8(x.view(1, -1), "tensorwise", f8)
+    assert scale.item() == 1.0
+    assert torch.equal(_bytes(data.view(-1)), _bytes(x.float().to(f8)))
+
+
+def _e8m0(byte):
+    return torch.tensor([byte], dtype=torch.uint8).view(E8M0)
+
+
+def test_mx_edge_cases_e4m3():
+    """OCP MX scale = 2^(floor(log2(amax)) - 8) for e4m3, bytes worked out by hand."""
+    x = torch.zeros(6, 32)
+    x[0, :3] = torch.tensor([480.0, 1.0, -0.5])  # floor(log2 480) = 8: scale 2^0, 480 saturates to 448
+    x[1, 0] = 1.0                                    # scale 2^-8; 1.0 -> 256 = 0x78
+    x[2] = 0.0                                       # zero block: smallest scale 2^-127 (byte 0), data 0
+    x[3, :2] = torch.tensor([float("inf"), 1.0])     # inf: NaN scale (0xFF), block dequantises to NaN
+    x[4, :2] = torch.tensor([float("nan"), 1.0])     # NaN likewise
+    x[5, :2] = torch.tensor([1e-40, -3e-41])         # float32 denormals: exponent field 0 -> scale 2^-127
+    data, scale = torch.ops.moe_ops.quantize_fp8(x, "mx")
+    sbytes = _bytes(scale).view(6, 1)[:, 0].tolist()
+    assert sbytes == [127, 127 - 8, 0, 255, 255, 0]
+    d = _bytes(data).view(6, 32)
+    assert d[0, :3].tolist() == [0x7E, 0x38, 0xB0]   # 448, 1.0, -0.5
+    assert d[1, 0].item() == 0x78 and d[2].eq(0).all()
+    assert d[3].eq(0x7F).all() and d[4].eq(0x7F).all()  # x * NaN: every element NaN
+    # 1e-40 * 2^127 = 0.01701 = 2^-6 * 1.089: nearest e4m3 is 2^-6 * 1.125, exponent 1, mantissa 001.
+    assert d[5, 0].item() == 0x09
+    out = torch.ops.moe_ops.dequantize_fp8(data, scale, "mx")
+    assert out[3].isnan().all() and out[4].isnan().all()
+    assert out[0, 0].item() == 448.0 and out[1, 0].item() == 1.0 and out[2].eq(0).all()
+    for got, ref in zip((data, scale), torch_quantize_fp8(x, "mx")):
+        assert torch.equal(_bytes(got), _bytes(ref))
+
+
+def test_mx_edge_cases_e5m2_and_largest():
+    x = torch.zeros(3, 32)
+    x[0, 0] = 57344.0 * 2                          # floor(log2 114688) = 16: scale 2^(16 - 15) = 2^1
+    x[1, 0] = torch.finfo(torch.float32).max       # exponent 127: scale 2^112, finite
+    x[2, 0] = 2.0 ** -140                          # denormal amax: clamped to the smallest scale
+    data, scale = torch.ops.moe_ops.quantize_fp8(x, "mx", torch.float8_e5m2)
+    assert _bytes(scale).tolist() == [128, 127 + 112, 0]
+    out = torch.ops.moe_ops.dequantize_fp8(data, scale, "mx")
+    assert out[0, 0].item() == 114688.0
+    # FLT_MAX * 2^-112 = 65535.99 would round up to 2^16, past the e5m2 max: it saturates to 57344 first.
+    assert out[1, 0].item() == 1.75 * 2.0 ** 127
+    assert out[2, 0].item() == 2.0 ** -140
+
+
+def test_float_recipe_edge_cases():
+    """q = fp8_max / max(amax, 1e-12), scale = 1 / q: an all-zero row gets a
+    finite scale; inf gives q = 0 (scale inf) and the row dequantises to NaN."""
+    x = torch.zeros(3, 8)
+    x[0, :2] = torch.tensor([896.0, -1.0])  # q = 0.5: scale 2, data [448, -0.5]
+    x[2, :2] = torch.tensor([float("inf"), 3.0])
+    data, scale = torch.ops.moe_ops.quantize_fp8(x, "rowwise")
+    assert scale[0].item() == 2.0
+    q = torch.tensor(448.0) / torch.tensor(1e-12)
+    assert scale[1] == torch.tensor(1.0) / q
+    assert scale[2].item() == float("inf")
+    assert _bytes(data[0, :2]).tolist() == [0x7E, 0xB0]
+    assert _bytes(data[1]).eq(0).all()
+    out = torch.ops.moe_ops.dequantize_fp8(data, scale, "rowwise")
+    assert out[2].isnan().all() and out[1].eq(0).all()
+
+
+def test_swizzle_layout_by_hand():
+    """Element (r, c) of the scale grid sits at byte 16 * (r % 32) + 4 * ((r % 128) // 32) + c % 4 of its
+    128 x 4 tile; tiles row-major over (row tile, column tile)."""
+    x = torch.zeros(130, 32 * 5)
+    for r in range(130):
+        for c in range(5):
+            x[r, 32 * c] = 2.0 ** ((r * 5 + c) % 50 - 20)  # a distinct scale per (r, c) within a tile
+    _, grid = torch.ops.moe_ops.quantize_fp8(x, "mx")
+    _, swz = torch.ops.moe_ops.quantize_fp8(x, "mx", swizzle=True)
+    assert swz.shape == (256, 8)
+    flat = _bytes(swz)
+    g = _bytes(grid).view(130, 5)
+    for r in range(130):
+        for c in range(5):
+            tile = (r // 128) * 2 + c // 4
+            assert flat[tile * 512 + (r % 32) * 16 + ((r % 128) // 32) * 4 + c % 4] == g[r, c]
+    assert int(flat.count_nonzero()) == 130 * 5  # padding is zero bytes; every real scale is non-zero here
+
+
+# ------------------------------------------------------ hypothesis properties
+
+
+@st.composite
+def fp8_problems(draw):
+    recipe = draw(st.sampled_from(FP8_RECIPES))
+    three_d = draw(st.booleans())
+    rows = draw(st.integers(0, 140))
+    cols = draw(st.integers(0, 300))
+    batch = draw(st.integers(1, 3)) if three_d else None
+    offs = None
+    if not three_d and recipe in ("tensorwise", "rowwise", "mx") and draw(st.booleans()):
+        step = 32 if recipe == "mx" else 1
+        cuts = sorted(draw(st.lists(st.integers(0, cols // step), max_size=5)))
+        offs = [c * step for c in cuts]
+    swizzle = recipe == "mx" and offs is None and draw(st.booleans())
+    return recipe, batch, rows, cols, offs, swizzle
+
+
+@settings(max_examples=120, deadline=None)
+@given(fp8_problems(), st.sampled_from([torch.float32, torch.bfloat16, torch.float16]),
+       st.sampled_from([torch.float8_e4m3fn, torch.float8_e5m2]), st.integers(-30, 10), st.integers(0, 2**31 - 1))
+def test_property_quantize_matches_reference(problem, dtype, f8, log_scale, seed):
+    recipe, batch, rows, cols, offs, swizzle = problem
+    g = torch.Generator().manual_seed(seed)
+    shape = (rows, cols) if batch is None else (batch, rows, cols)
+    x = torch.randn(shape, generator=g) * 2.0 ** log_scale
+    if x.numel() and seed % 3 == 0:  # sprinkle the specials
+        flat = x.view(-1)
+        idx = torch.randint(0, flat.numel(), (3,), generator=g)
+        flat[idx] = torch.tensor([0.0, float("inf"), float("nan")])[: len(idx)]
+    x = x.to(dtype)
+    o = torch.tensor(offs, dtype=torch.int32) if offs is not None else None
+    data, scale = torch.ops.moe_ops.quantize_fp8(x, recipe, f8, o, swizzle)
+    rdata, rscale = torch_quantize_fp8(x, recipe, f8, o, swizzle)
+    assert data.dtype == rdata.dtype and scale.dtype == rscale.dtype and scale.shape == rscale.shape
+    assert torch.equal(_bytes(data), _bytes(rdata))
+    assert torch.equal(_bytes(scale), _bytes(rscale))
+    out = torch.ops.moe_ops.dequantize_fp8(data, scale, recipe, dtype, o, swizzle)
+    torch.testing.assert_close(out, torch_dequantize_fp8(data, scale, recipe, dtype, o, swizzle), atol=0, rtol=0,
+                               equal_nan=True)
+
+
+@pytest.mark.parametrize("recipe,f8,bound", [
+    # Relative error of one element after a round trip, for elements within
+    # the block's top binade: half an fp8 ulp, 2^-4 (e4m3) or 2^-3 (e5m2),
+    # plus float32 rounding of q and 1/q (~2^-23 each).
+    ("rowwise", torch.float8_e4m3fn, 2.0 ** -4 + 2.0 ** -21),
+    ("blockwise_1x128", torch.float8_e4m3fn, 2.0 ** -4 + 2.0 ** -21),
+    ("mx", torch.float8_e4m3fn, 2.0 ** -4),
+    ("mx", torch.float8_e5m2, 2.0 ** -3),
+])
+def test_roundtrip_error_bound(recipe, f8, bound):
+    g = torch.Generator().manual_seed(0)
+    # [1, 1.75): the MX scale 2^(floor(log2 amax) - emax) maps it to [2^emax, max] without saturation.
+    x = torch.rand(64, 256, generator=g) * 0.75 + 1.0
+    data, scale = torch.ops.moe_ops.quantize_fp8(x, recipe, f8)
+    back = torch.ops.moe_ops.dequantize_fp8(data, scale, recipe)
+    rel = ((back - x).abs() / x).max().item()
+    assert rel <= bound
+    assert rel > bound / 8  # the test can fail: the data really was rounded to fp8
+
+
+@st.composite
+def scaled_problems(draw):
+    layout = draw(st.sampled_from(["2d3d", "3d3d", "3d2d", "2d2d"]))
+    recipe = draw(st.sampled_from(["rowwise", "mx", "blockwise"])) if layout in ("2d3d", "3d3d") else "rowwise"
+    groups = draw(st.integers(1, 5))
+    big = recipe == "blockwise" and draw(st.booleans())  # past one 128-block in K and N
+    m, k = draw(st.integers(0, 40)), draw(st.integers(0, 300 if big else 100))
+    n = draw(st.integers(1, 300 if big else 40))
+    sizes = draw(st.lists(st.integers(0, 12), min_size=groups, max_size=groups))
+    return layout, recipe, groups, m, k, n, sizes
+
+
+@settings(max_examples=80, deadline=None)
+@given(scaled_problems(), st.sampled_from([torch.float8_e4m3fn, torch.float8_e5m2]),
+       st.sampled_from([torch.bfloat16, torch.float32]), st.booleans(), st.booleans(), st.integers(0, 2**31 - 1))
+def test_property_scaled_grouped_mm(problem, f8, out_dtype, with_bias, k_major, seed):
+    """Every layout and recipe against the float64 reference, weights in both
+    storage orders, groups of any size (including empty)."""
+    layout, recipe, groups, m, k, n, sizes = problem
+    g = torch.Generator().manual_seed(seed)
+    ends = torch.tensor(sizes, dtype=torch.int32).cumsum(0).to(torch.int32)
+    total = int(ends[-1])
+
+    a_recipe, b_recipe = ("blockwise_1x128", "blockwise_128x128") if recipe == "blockwise" else (recipe, recipe)
+    swizzle = recipe == "mx" and seed % 2 == 1  # MX scales of 3-D operands in upstream's blocked layout
+
+    def right(w):  # (.., K, N) quantised per column; column-major (k_major) or row-major data
+        d, s_ = torch_quantize_fp8(w.transpose(-2, -1).contiguous(), b_recipe, f8, None, swizzle and w.dim() == 3)
+        return (d.transpose(-2, -1) if k_major else d.transpose(-2, -1).contiguous()), s_
+
+    offs = ends
+    if layout == "2d3d":
+        a, sa = torch_quantize_fp8(torch.randn(total + 2, k, generator=g), a_recipe, f8)
+        b, sb = right(torch.randn(groups, k, n, generator=g))
+    elif layout == "3d3d":
+        a, sa = torch_quantize_fp8(torch.randn(groups, m, k, generator=g), a_recipe, f8, None, swizzle)
+        b, sb = right(torch.randn(groups, k, n, generator=g))
+        offs = None
+    elif layout == "3d2d":
+        a, sa = torch_quantize_fp8(torch.randn(groups, m, k, generator=g), recipe, f8)
+        b, sb = right(torch.randn(k, total + 1, generator=g))
+    else:  # 2d2d: groups along K, per-group rowwise scales of A's rows and B's columns
+        a, sa = torch_quantize_fp8(torch.randn(m, total + 3, generator=g), recipe, f8, ends)
+        bt, sb = torch_quantize_fp8(torch.randn(n, total + 3, generator=g), recipe, f8, ends)
+        b, sa, sb = bt.t(), sa.flatten(), sb.flatten()
+    n_out = b.shape[-1]
+    bias = torch.randn(groups, n_out, generator=g) if with_bias else None
+    out = torch.ops.moe_ops.scaled_grouped_mm(a, b, sa, sb, offs, bias, None, out_dtype)
+    assert_scaled_mm_close(out, a, b, sa, sb, offs, bias, out_dtype)
+
+
+def test_scaled_grouped_mm_is_dequantise_then_grouped_mm():
+    """The MoE forward shape: equal to grouped_mm of the dequantised operands
+    (float32, the same accumulation type) up to the order of the float32 sums:
+    both within K * 2^-24 * sum|a b| of the exact value, so within twice that
+    of each other."""
+    g = torch.Generator().manual_seed(3)
+    offs = torch.tensor([100, 100, 260, 300], dtype=torch.int32)
+    x, w = torch.randn(300, 256, generator=g), torch.randn(4, 256, 192, generator=g)
+    for ra, rb in (("rowwise", "rowwise"), ("mx", "mx"), ("blockwise_1x128", "blockwise_128x128")):
+        xd, xs = torch_moe_ops.quantize_fp8(x, ra)
+        wd, ws = torch_moe_ops.quantize_fp8(w.transpose(-2, -1), rb)
+        out = torch_moe_ops.scaled_grouped_mm(xd, wd.transpose(-2, -1), xs, ws, offs, out_dtype=torch.float32)
+        xf = torch_moe_ops.dequantize_fp8(xd, xs, ra)
+        wf = torch_moe_ops.dequantize_fp8(wd, ws, rb).transpose(-2, -1)
+        via = torch_moe_ops.grouped_mm(xf, wf, offs)
+        absprod = torch_grouped_mm(xf.abs(), wf.abs(), offs)
+        assert bool(((out - via).abs() <= 2 * (256 + 5) * 2.0 ** -24 * absprod).all())
+
+
+def _sqnr_db(x, ref):
+    x, ref = x.detach(), ref.detach().double()
+    return float(10 * torch.log10(ref.pow(2).sum() / (x.double() - ref).pow(2).sum()))
+
+
+def _training_problem(dtype, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    offs = torch.tensor([40, 40, 100, 128], dtype=torch.int32)
+    a = torch.randn(130, 256, generator=g).to(dtype).requires_grad_()  # 2 rows past offs[-1]
+    # Weights stored (G, N, K), used transposed, as transformers stores them.
+    b = (torch.randn(4, 192, 256, generator=g) * 0.05).to(dtype).transpose(-2, -1).requires_grad_()
+    go = torch.randn(130, 192, generator=g).to(dtype)
+    return a, b, offs, go
+
+
+@pytest.mark.parametrize("recipe", ["rowwise", "mx"])
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+def test_fp8_grouped_mm_against_float64(recipe, dtype):
+    """Forward and both gradients near the float64 grouped mm. Rounding one
+    normal operand to e4m3 (3 mantissa bits, round to nearest) leaves a
+    relative error uniform in +-2^-4 of an ulp's binade, ~31 dB; two operands
+    ~28 dB. 24 dB leaves room for the block maxima that saturate (MX) and for
+    bfloat16 output rounding; a wrong scale or layout gives < 10 dB. With "mx"
+    the weight gradient is computed in high precision: > 40 dB."""
+    a, b, offs, go = _training_problem(dtype)
+    out = torch_moe_ops.fp8_grouped_mm(a, b, offs, recipe)
+    ga, gb = torch.autograd.grad(out, (a, b), go)
+    a64, b64 = (t.detach().double().requires_grad_() for t in (a, b))
+    ref = torch_moe_ops.grouped_mm(a64, b64, offs)
+    ra, rb = torch.autograd.grad(ref, (a64, b64), go.double())
+    assert out.dtype == ga.dtype == gb.dtype == dtype and gb.shape == b.shape
+    assert _sqnr_db(out, ref) > 24 and _sqnr_db(ga[:128], ra[:128]) > 24
+    assert ga[128:].eq(0).all()  # rows past offs[-1] take no gradient
+    assert _sqnr_db(gb, rb) > (24 if recipe == "rowwise" else 40)
+
+
+def test_fp8_grouped_mm_backward_is_the_documented_gemms():
+    """The rowwise backward is exactly: dgrad = scaled_grouped_mm of grad and
+    B quantised along N, wgrad = the 2D x 2D scaled_grouped_mm of A^T and
+    grad^T quantised per group of tokens (bitwise: the same ops)."""
+    a, b, offs, go = _training_problem(torch.bfloat16, 1)
+    out = torch_moe_ops.fp8_grouped_mm(a, b, offs, "rowwise")
+    ga, gb = torch.autograd.grad(out, (a, b), go)
+    q, mm = torch_moe_ops.quantize_fp8, torch_moe_ops.scaled_grouped_mm
+    g_d, g_s = q(go, "rowwise")
+    b_d, b_s = q(b.detach(), "rowwise")
+    assert torch.equal(ga, mm(g_d, b_d.transpose(-2, -1), g_s, b_s, offs))
+    at_d, at_s = q(a.detach().t(), "rowwise", offs=offs)
+    gt_d, gt_s = q(go.t(), "rowwise", offs=offs)
+    wgrad = mm(at_d, gt_d.t(), at_s.flatten(), gt_s.flatten(), offs, out_dtype=torch.float32)
+    assert torch.equal(gb, wgrad.to(torch.bfloat16))
+
+
+def test_fp8_grouped_mm_compiles():
+    torch._dynamo.reset()
+    counter = torch._dynamo.testing.CompileCounterWithBackend("inductor")
+    a, b, offs, go = _training_problem(torch.bfloat16, 2)
+
+    def step(a, b, offs):
+        return torch_moe_ops.fp8_grouped_mm(a, b, offs, "rowwise").float().square().sum()
+
+    loss = torch.compile(step, backend=counter, fullgraph=True)(a, b, offs)
+    grads = torch.autograd.grad(loss, (a, b))
+    ref_loss = step(a, b, offs)
+    ref_grads = torch.autograd.grad(ref_loss, (a, b))
+    # Same kernels on the same bits; inductor may sum the loss in another order.
+    torch.testing.assert_close(loss, ref_loss, rtol=1e-5, atol=0)
+    for x, y in zip(grads, ref_grads, strict=True):
+        torch.testing.assert_close(x, y, rtol=2 ** -7, atol=0)
+    assert counter.frame_count == 1
+
+
+def test_cpu_kernels_registered_for_fp8_ops():
+    """CPU kernels only: the fp8 ops are in CPU_ONLY_OPS of test_grouped_mm.py,
+    the exemptions of its every-op-has-a-CUDA-kernel test."""
+    for name in ("moe_ops::quantize_fp8", "moe_ops::dequantize_fp8", "moe_ops::scaled_grouped_mm"):
+        assert torch._C._dispatch_has_kernel_for_dispatch_key(name, "CPU"), name
+        assert not torch._C._dispatch_has_kernel_for_dispatch_key(name, "CUDA"), f"{name}: drop its exemption"
+
+
+if __name__ == "__main__":
+    run_tests()

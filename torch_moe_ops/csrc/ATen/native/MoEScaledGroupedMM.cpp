@@ -1,0 +1,73 @@
+// CPU entry point of scaled_grouped_mm: validate, allocate, run the kernel.
+
+#include <ATen/native/MoEScaledGroupedMM.h>
+
+#include <ATen/core/Tensor.h>
+#include <ATen/ops/empty.h>
+#include <ATen/native/MoEQuantize.h>
+
+#include <string>
+
+namespace at::native {
+
+DEFINE_DISPATCH(scaled_grouped_mm_stub);
+
+namespace {
+
+// The plain (G, rows, S) grid of a swizzled (G, round_up(rows, 128) *
+// round_up(S, 4)) MX scale.
+Tensor unswizzle_cpu(const Tensor& scale, int64_t rows, int64_t s) {
+  const int64_t groups = scale.size(0), sp = fp8_round_up(s, 4), per = scale.size(1);
+  const Tensor src = scale.contiguous();
+  Tensor out = at::empty({groups, rows, s}, scale.options());
+  const auto* in = static_cast<const uint8_t*>(src.const_data_ptr());
+  auto* o = static_cast<uint8_t*>(out.data_ptr());
+  for (int64_t g = 0; g < groups; ++g) {
+    for (int64_t r = 0; r < rows; ++r) {
+      for (int64_t c = 0; c < s; ++c) {
+        o[(g * rows + r) * s + c] = in[g * per + fp8_swizzled_offset(r, c, sp)];
+      }
+    }
+  }
+  return out;
+}
+
+} // namespace
+
+Tensor scaled_grouped_mm_cpu(
+    const Tensor& mat_a, const Tensor& mat_b, const Tensor& scale_a, const Tensor& scale_b,
+    const std::optional<Tensor>& offs, const std::optional<Tensor>& bias, const std::optional<Tensor>& scale_result,
+    std::optional<ScalarType> out_dtype, bool use_fast_accum) {
+  (void)use_fast_accum;  // always float32 accumulation on CPU
+  const auto recipe =
+      scaled_grouped_mm_check_inputs(mat_a, mat_b, scale_a, scale_b, offs, bias, scale_result, out_dtype);
+  const auto layout = grouped_mm_layout(mat_a, mat_b);
+  if (offs.has_value()) {
+    const int64_t split = grouped_mm_split_size(mat_a, mat_b);
+    const int32_t* o = offs->const_data_ptr<int32_t>();
+    int64_t prev = 0;
+    for (int64_t g = 0; g < offs->size(0); ++g) {
+      const int64_t end = o[g * offs->stride(0)];
+      TORCH_CHECK_VALUE(end >= prev && end <= split,
+          "scaled_grouped_mm: offs must be non-decreasing in [0, ", grouped_mm_split_name(layout), "=", split,
+          "], got offs[", g, "]=", end,
+          g == 0 ? std::string() : " after offs[" + std::to_string(g - 1) + "]=" + std::to_string(prev));
+      prev = end;
+    }
+  }
+  const auto size = grouped_mm_out_size(mat_a, mat_b, offs);
+  // Zeroed: rows (2D x 3D) or columns (3D x 2D) that no group covers stay 0.
+  Tensor out = at::empty(size, mat_a.options().dtype(scaled_grouped_mm_out_dtype(out_dtype))).zero_();
+  if (out.numel() > 0) {
+    const int64_t s = (mat_a.size(-1) + 31) / 32;
+    const bool mx = recipe == ScaledGroupedMMRecipe::kMX;
+    const Tensor sa = mx && mat_a.dim() == 3 && scale_a.dim() == 2
+        ? unswizzle_cpu(scale_a, mat_a.size(1), s) : scale_a.contiguous();
+    const Tensor sb = mx && scale_b.dim() == 2 ? unswizzle_cpu(scale_b, mat_b.size(2), s)
+                                               : scale_b.contiguous();
+    scaled_grouped_mm_stub(kCPU, mat_a, mat_b, sa, sb, offs, bias, recipe, out);
+  }
+  return out;
+}
+
+} // namespace at::native

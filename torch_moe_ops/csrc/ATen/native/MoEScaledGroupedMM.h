@@ -1,0 +1,207 @@
+#pragma once
+
+// Shared validation and output allocation for moe_ops::scaled_grouped_mm, the
+// schema and semantics of aten::_scaled_grouped_mm:
+//
+//   out = sum_k dequant(mat_a)[m, k] * dequant(mat_b)[k, n] (+ bias), per group
+//
+// in the four layouts of grouped_mm (GroupedMM.h), with float8_e4m3fn or
+// float8_e5m2 operands and out_dtype bfloat16 (default, as upstream) or
+// float32. torch_moe_ops/_checks.py restates these checks one for one, with
+// the same messages, for the fake kernel; keep the two in step.
+//
+// Scales (the dequantisation scales moe_ops::quantize_fp8 returns):
+//   rowwise, float32 (upstream's shapes):
+//     2D x 3D  scale_a (M,)      scale_b (G, N)
+//     3D x 3D  scale_a (G, M)    scale_b (G, N)
+//     3D x 2D  scale_a (G, M)    scale_b (N,)
+//     2D x 2D  scale_a (G * M,)  scale_b (G * N,)   (one scale per row and group,
+//              group-major: quantize_fp8(..., "rowwise", offs=offs) flattened)
+//   mx, float8_e8m0fnu, 1x32 blocks along K (2D x 3D and 3D x 3D):
+//     scale_a (M, ceil(K/32)) or (G, M, ceil(K/32)), scale_b (G, N, ceil(K/32))
+//     (quantize_fp8(mat_b.transpose(-2, -1), "mx")). The scale of a 3-D
+//     operand may also come swizzled, in the blocked layout upstream's CUDA
+//     kernels read (quantize_fp8(..., swizzle=True)): scale_b (G, round_up(N,
+//     128) * round_up(S, 4)), scale_a (G, round_up(M, 128) * round_up(S, 4)),
+//     S = ceil(K/32); the CPU entry unswizzles it (it is 1/32 of the operand).
+//   blockwise, float32, DeepSeek-V3's recipe (2D x 3D and 3D x 3D): 1x128
+//     blocks of mat_a, scale_a (M, ceil(K/128)) or (G, M, ceil(K/128)), and
+//     128x128 blocks of the (N, K) weight, scale_b (G, ceil(N/128), ceil(K/128))
+//     (quantize_fp8(mat_b.transpose(-2, -1), "blockwise_128x128")). Told from
+//     rowwise by the rank of scale_a (one more dimension than rowwise's).
+// scale_result must be None and use_fast_accum is ignored: the CPU kernel
+// always accumulates in float32. bias is (G, N_out) in float32 or out_dtype.
+
+#include <ATen/native/GroupedMM.h>
+#include <ATen/native/MoEQuantize.h>
+
+#include <ATen/core/Tensor.h>
+#include <ATen/native/DispatchStub.h>
+#include <c10/core/ScalarType.h>
+#include <c10/util/Exception.h>
+
+#include <optional>
+
+namespace at::native {
+
+enum class ScaledGroupedMMRecipe { kRowwise, kMX, kBlockwise };
+
+inline bool scaled_grouped_mm_fp8(ScalarType t) {
+  return t == kFloat8_e4m3fn || t == kFloat8_e5m2;
+}
+
+inline ScalarType scaled_grouped_mm_out_dtype(std::optional<ScalarType> out_dtype) {
+  const auto out = out_dtype.value_or(kBFloat16);
+  TORCH_CHECK_VALUE(out == kBFloat16 || out == kFloat,
+      "scaled_grouped_mm: out_dtype must be bfloat16 or float32, got ", out);
+  return out;
+}
+
+inline void scaled_grouped_mm_check_scale(
+    const char* name, const Tensor& scale, c10::IntArrayRef want, const char* recipe) {
+  TORCH_CHECK_VALUE(scale.sizes() == want,
+      "scaled_grouped_mm: ", name, " must have shape ", want, " for ", recipe, " scaling of these operands, got ",
+      scale.sizes());
+}
+
+inline ScaledGroupedMMRecipe scaled_grouped_mm_check_inputs(
+    const Tensor& mat_a,
+    const Tensor& mat_b,
+    const Tensor& scale_a,
+    const Tensor& scale_b,
+    const std::optional<Tensor>& offs,
+    const std::optional<Tensor>& bias,
+    const std::optional<Tensor>& scale_result,
+    std::optional<ScalarType> out_dtype) {
+  TORCH_CHECK_VALUE(mat_a.dim() == 2 || mat_a.dim() == 3,
+      "scaled_grouped_mm: mat_a must be 2-D or 3-D, got ", mat_a.dim(), "-D with sizes ", mat_a.sizes());
+  TORCH_CHECK_VALUE(mat_b.dim() == 2 || mat_b.dim() == 3,
+      "scaled_grouped_mm: mat_b must be 2-D or 3-D, got ", mat_b.dim(), "-D with sizes ", mat_b.sizes());
+  TORCH_CHECK_VALUE(scaled_grouped_mm_fp8(mat_a.scalar_type()),
+      "scaled_grouped_mm: mat_a must be Float8_e4m3fn or Float8_e5m2, got ", mat_a.scalar_type());
+  TORCH_CHECK_VALUE(scaled_grouped_mm_fp8(mat_b.scalar_type()),
+      "scaled_grouped_mm: mat_b must be Float8_e4m3fn or Float8_e5m2, got ", mat_b.scalar_type());
+  TORCH_CHECK_VALUE(mat_b.device() == mat_a.device(),
+      "scaled_grouped_mm: mat_b must be on the device of mat_a (", mat_a.device(), "), got ", mat_b.device());
+  TORCH_CHECK_VALUE(mat_a.size(-1) == mat_b.size(-2),
+      "scaled_grouped_mm: contraction sizes differ: mat_a ", mat_a.sizes(), " has K=", mat_a.size(-1),
+      " but mat_b ", mat_b.sizes(), " has K=", mat_b.size(-2));
+  TORCH_CHECK_VALUE(!scale_result.has_value(),
+      "scaled_grouped_mm: scale_result is not supported, got a tensor of sizes ", scale_result->sizes());
+  const auto out_t = scaled_grouped_mm_out_dtype(out_dtype);
+
+  const auto layout = grouped_mm_layout(mat_a, mat_b);
+  if (layout == GroupedMMLayout::k3d3d) {
+    TORCH_CHECK_VALUE(!offs.has_value(),
+        "scaled_grouped_mm: offs must be None when mat_a and mat_b are both 3-D, got offs of sizes ", offs->sizes());
+    TORCH_CHECK_VALUE(mat_a.size(0) == mat_b.size(0),
+        "scaled_grouped_mm: batch sizes differ: mat_a ", mat_a.sizes(), ", mat_b ", mat_b.sizes());
+  } else {
+    TORCH_CHECK_VALUE(offs.has_value(),
+        "scaled_grouped_mm: offs is required when mat_a or mat_b is 2-D (mat_a ", mat_a.sizes(), ", mat_b ",
+        mat_b.sizes(), ")");
+    TORCH_CHECK_VALUE(offs->dim() == 1,
+        "scaled_grouped_mm: offs must be 1-D, got ", offs->dim(), "-D with sizes ", offs->sizes());
+    TORCH_CHECK_VALUE(offs->scalar_type() == kInt, "scaled_grouped_mm: offs must be int32, got ", offs->scalar_type());
+    TORCH_CHECK_VALUE(offs->device() == mat_a.device(),
+        "scaled_grouped_mm: offs must be on the device of mat_a (", mat_a.device(), "), got ", offs->device());
+    if (layout == GroupedMMLayout::k2d3d) {
+      TORCH_CHECK_VALUE(offs->size(0) == mat_b.size(0),
+          "scaled_grouped_mm: offs has ", offs->size(0), " groups but mat_b ", mat_b.sizes(), " has ", mat_b.size(0));
+    } else if (layout == GroupedMMLayout::k3d2d) {
+      TORCH_CHECK_VALUE(offs->size(0) == mat_a.size(0),
+          "scaled_grouped_mm: offs has ", offs->size(0), " groups but mat_a ", mat_a.sizes(), " has ", mat_a.size(0));
+    }
+  }
+
+  const int64_t groups = grouped_mm_num_groups(mat_a, mat_b, offs);
+  const int64_t m = mat_a.size(-2), n = mat_b.size(-1), k = mat_a.size(-1);
+  ScaledGroupedMMRecipe recipe;
+  const bool k_fixed = layout == GroupedMMLayout::k2d3d || layout == GroupedMMLayout::k3d3d;
+  if (scale_a.scalar_type() == kFloat && scale_b.scalar_type() == kFloat && k_fixed &&
+      scale_a.dim() == mat_a.dim()) {
+    recipe = ScaledGroupedMMRecipe::kBlockwise;
+    const int64_t kb = (k + 127) / 128, nb = (n + 127) / 128;
+    const char* what = "blockwise (1x128 x 128x128)";
+    if (layout == GroupedMMLayout::k2d3d) {
+      scaled_grouped_mm_check_scale("scale_a", scale_a, {m, kb}, what);
+    } else {
+      scaled_grouped_mm_check_scale("scale_a", scale_a, {groups, m, kb}, what);
+    }
+    scaled_grouped_mm_check_scale("scale_b", scale_b, {groups, nb, kb}, what);
+  } else if (scale_a.scalar_type() == kFloat && scale_b.scalar_type() == kFloat) {
+    recipe = ScaledGroupedMMRecipe::kRowwise;
+    const char* what = "rowwise";
+    switch (layout) {
+      case GroupedMMLayout::k2d3d:
+        scaled_grouped_mm_check_scale("scale_a", scale_a, {m}, what);
+        scaled_grouped_mm_check_scale("scale_b", scale_b, {groups, n}, what);
+        break;
+      case GroupedMMLayout::k3d3d:
+        scaled_grouped_mm_check_scale("scale_a", scale_a, {groups, m}, what);
+        scaled_grouped_mm_check_scale("scale_b", scale_b, {groups, n}, what);
+        break;
+      case GroupedMMLayout::k3d2d:
+        scaled_grouped_mm_check_scale("scale_a", scale_a, {groups, m}, what);
+        scaled_grouped_mm_check_scale("scale_b", scale_b, {n}, what);
+        break;
+      case GroupedMMLayout::k2d2d:
+        scaled_grouped_mm_check_scale("scale_a", scale_a, {groups * m}, what);
+        scaled_grouped_mm_check_scale("scale_b", scale_b, {groups * n}, what);
+        break;
+    }
+  } else {
+    TORCH_CHECK_VALUE(scale_a.scalar_type() == kFloat8_e8m0fnu && scale_b.scalar_type() == kFloat8_e8m0fnu,
+        "scaled_grouped_mm: scale_a and scale_b must both be float32 (rowwise, blockwise) or both Float8_e8m0fnu "
+        "(mx), got ",
+        scale_a.scalar_type(), " and ", scale_b.scalar_type());
+    recipe = ScaledGroupedMMRecipe::kMX;
+    TORCH_CHECK_VALUE(layout == GroupedMMLayout::k2d3d || layout == GroupedMMLayout::k3d3d,
+        "scaled_grouped_mm: mx scaling supports 2D x 3D and 3D x 3D operands, got mat_a ", mat_a.sizes(),
+        " and mat_b ", mat_b.sizes());
+    const int64_t s = (k + 31) / 32;
+    const char* what = "mx";
+    const char* swizzled = "mx (swizzled)";
+    if (layout == GroupedMMLayout::k2d3d) {
+      scaled_grouped_mm_check_scale("scale_a", scale_a, {m, s}, what);
+    } else if (scale_a.dim() == 2) {
+      scaled_grouped_mm_check_scale("scale_a", scale_a, {groups, fp8_round_up(m, 128) * fp8_round_up(s, 4)}, swizzled);
+    } else {
+      scaled_grouped_mm_check_scale("scale_a", scale_a, {groups, m, s}, what);
+    }
+    if (scale_b.dim() == 2) {
+      scaled_grouped_mm_check_scale("scale_b", scale_b, {groups, fp8_round_up(n, 128) * fp8_round_up(s, 4)}, swizzled);
+    } else {
+      scaled_grouped_mm_check_scale("scale_b", scale_b, {groups, n, s}, what);
+    }
+  }
+  TORCH_CHECK_VALUE(scale_a.device() == mat_a.device() && scale_b.device() == mat_a.device(),
+      "scaled_grouped_mm: scale_a and scale_b must be on the device of mat_a (", mat_a.device(), "), got ",
+      scale_a.device(), " and ", scale_b.device());
+
+  if (bias.has_value()) {
+    const int64_t n_out = grouped_mm_out_size(mat_a, mat_b, offs).back();
+    TORCH_CHECK_VALUE(bias->dim() == 2 && bias->size(0) == groups && bias->size(1) == n_out,
+        "scaled_grouped_mm: bias must have shape (G, N) = (", groups, ", ", n_out, "), got ", bias->sizes());
+    TORCH_CHECK_VALUE(bias->scalar_type() == kFloat || bias->scalar_type() == out_t,
+        "scaled_grouped_mm: bias must be float32 or the output dtype (", out_t, "), got ", bias->scalar_type());
+    TORCH_CHECK_VALUE(bias->device() == mat_a.device(),
+        "scaled_grouped_mm: bias must be on the device of mat_a (", mat_a.device(), "), got ", bias->device());
+  }
+  return recipe;
+}
+
+// CPU kernel (native/cpu/MoEScaledGroupedMMKernel.cpp): writes every element
+// of out, a fresh contiguous tensor.
+using scaled_grouped_mm_fn = void (*)(
+    const Tensor& mat_a, const Tensor& mat_b, const Tensor& scale_a, const Tensor& scale_b,
+    const std::optional<Tensor>& offs, const std::optional<Tensor>& bias, ScaledGroupedMMRecipe recipe,
+    const Tensor& out);
+DECLARE_DISPATCH(scaled_grouped_mm_fn, scaled_grouped_mm_stub);
+
+Tensor scaled_grouped_mm_cpu(
+    const Tensor& mat_a, const Tensor& mat_b, const Tensor& scale_a, const Tensor& scale_b,
+    const std::optional<Tensor>& offs, const std::optional<Tensor>& bias, const std::optional<Tensor>& scale_result,
+    std::optional<ScalarType> out_dtype, bool use_fast_accum);
+
+} // namespace at::native

@@ -1,0 +1,432 @@
+// CPU kernel for scaled_grouped_mm (semantics in ATen/native/MoEScaledGroupedMM.h).
+//
+// The groups are processed in chunks. A chunk's float8 operands are widened
+// to bfloat16 tile buffers (AVX-512 integer code, a table on other CPUs),
+// multiplied by grouped_mm's CPU kernel into a float32 accumulator, and the
+// epilogue applies the rowwise scales and the bias and rounds once to
+// out_dtype. Working memory is bounded by the chunk size (kChunkElems
+// converted elements, or one group's operands when a group alone is larger),
+// never a dequantised copy of all operands of a large layer.
+//
+// Exactness: float8 -> bfloat16 is exact (3 or 2 mantissa bits, exponents
+// within bfloat16's); rowwise scales factor out of the K sum and are applied
+// to the float32 accumulator; MX scales are powers of two folded into the
+// conversion, exact unless a product falls below bfloat16's normal range
+// (2^-126). So the result is the float32-accumulated product of the
+// dequantised operands, as aten::_scaled_grouped_mm computes it on GPUs.
+
+#include <ATen/native/MoEScaledGroupedMM.h>
+#include <ATen/native/cpu/MoEAvx512Utils.h>
+#include <ATen/native/cpu/MoEFp8Utils.h>
+
+#include <ATen/Dispatch.h>
+#include <ATen/Parallel.h>
+#include <ATen/core/Tensor.h>
+#include <ATen/ops/from_blob.h>
+#include <c10/util/BFloat16.h>
+#include <c10/util/irange.h>
+
+#include <algorithm>
+#include <memory>
+#include <vector>
+
+namespace at::native {
+namespace {
+
+// Converted elements per chunk of groups (bfloat16: 32 MB). Each chunk costs
+// four parallel regions (two conversions, the GEMM, the epilogue); chunks this
+// large keep their count low (16 for DeepSeek-V3's 256 experts), which
+// matters when the cores are shared and a fork/join may wait for a time slice.
+constexpr int64_t kChunkElems = int64_t{16} << 20;
+
+// The tile buffers outlive the call (one pair per calling thread): buffers of
+// this size come from mmap, and re-faulting and zeroing tens of MB of fresh
+// pages on every call cost more than the conversion itself.
+struct Workspace {
+  std::unique_ptr<std::byte[]> data;
+  int64_t bytes = 0;
+  template <typename T>
+  T* get(int64_t n) {
+    const int64_t want = n * static_cast<int64_t>(sizeof(T));
+    if (want > bytes) {
+      data.reset(new std::byte[want]);  // default-initialised: no zero fill
+      bytes = want;
+    }
+    return reinterpret_cast<T*>(data.get());
+  }
+};
+
+Workspace& workspace(int i) {
+  thread_local Workspace ws[2];
+  return ws[i];
+}
+
+// Where the scale of element (r, c) of an operand lives:
+// s[(r / r_div) * r_mul + (c / c_div) * c_mul], s = sc (e8m0, MX) or scf
+// (float32, blockwise); neither means 1.
+struct ScaleMap {
+  const uint8_t* sc = nullptr;
+  const float* scf = nullptr;
+  int64_t r_div = 1, r_mul = 0, c_div = 1, c_mul = 0;
+  bool any() const { return sc != nullptr || scf != nullptr; }
+};
+
+// A run of n contiguous float8 bytes; element i has scale
+// s[(i / every) * stride] (no scale pointer: 1).
+struct Run {
+  const uint8_t* src;
+  int64_t n;
+  const uint8_t* sc;
+  const float* scf;
+  int64_t every, stride;
+  bool scaled() const { return sc != nullptr || scf != nullptr; }
+  float scale(int64_t i) const {
+    const int64_t k = (i / every) * stride;
+    return sc != nullptr ? moe_e8m0_to_float(sc[k]) : scf[k];
+  }
+};
+
+template <typename dst_t>
+void convert_run_scalar(const Run& run, dst_t* dst, const float* lut) {
+  for (int64_t i = 0; i < run.n; ++i) {
+    float v = lut[run.src[i]];
+    if (run.scaled()) v *= run.scale(i);
+    dst[i] = static_cast<dst_t>(v);
+  }
+}
+
+#ifdef MOE_OPS_HAVE_AVX512
+
+#if defined(__GNUC__) && !defined(__clang__)
+#pragma GCC diagnostic push
+#pragma GCC diagnostic ignored "-Wmaybe-uninitialized"  // GCC 12 false positive on unmasked intrinsics
+#endif
+
+// 16 float8 bytes -> float32, exact: integer re-biasing for normals,
+// int -> float times the smallest denormal for denormals (no float denormal
+// is ever formed, so the result is independent of DAZ/FTZ).
+MOE_OPS_AVX512 inline __m512 fp8x16_to_f32(__m128i bytes, bool e5m2) {
+  const __m512i b = _mm512_cvtepu8_epi32(bytes);
+  const __m512i mag = _mm512_and_si512(b, _mm512_set1_epi32(0x7F));
+  const __m512i sign = _mm512_slli_epi32(_mm512_and_si512(b, _mm512_set1_epi32(0x80)), 24);
+  __m512 v;
+  if (!e5m2) {  // s eeee mmm, bias 7
+    v = _mm512_castsi512_ps(_mm512_add_epi32(_mm512_slli_epi32(mag, 20), _mm512_set1_epi32(120 << 23)));
+    const __m512 den = _mm512_mul_ps(_mm512_cvtepi32_ps(mag), _mm512_set1_ps(1.0f / 512));
+    v = _mm512_mask_mov_ps(v, _mm512_cmplt_epi32_mask(mag, _mm512_set1_epi32(0x08)), den);
+    v = _mm512_mask_mov_ps(v, _mm512_cmpeq_epi32_mask(mag, _mm512_set1_epi32(0x7F)),
+                           _mm512_castsi512_ps(_mm512_set1_epi32(0x7FC00000)));
+  } else {  // s eeeee mm, bias 15
+    v = _mm512_castsi512_ps(_mm512_add_epi32(_mm512_slli_epi32(mag, 21), _mm512_set1_epi32(112 << 23)));
+    const __m512 den = _mm512_mul_ps(_mm512_cvtepi32_ps(mag), _mm512_set1_ps(1.0f / 65536));
+    v = _mm512_mask_mov_ps(v, _mm512_cmplt_epi32_mask(mag, _mm512_set1_epi32(0x04)), den);
+    v = _mm512_mask_mov_ps(v, _mm512_cmpeq_epi32_mask(mag, _mm512_set1_epi32(0x7C)),
+                           _mm512_castsi512_ps(_mm512_set1_epi32(0x7F800000)));
+    v = _mm512_mask_mov_ps(v, _mm512_cmpgt_epi32_mask(mag, _mm512_set1_epi32(0x7C)),
+                           _mm512_castsi512_ps(_mm512_set1_epi32(0x7FC00000)));
+  }
+  return _mm512_castsi512_ps(_mm512_or_si512(_mm512_castps_si512(v), sign));
+}
+
+template <typename dst_t>
+MOE_OPS_AVX512 void convert_run_avx512(const Run& run, dst_t* dst, bool e5m2) {
+  alignas(64) float scales[16];
+  for (int64_t i = 0; i < run.n; i += 16) {
+    const __mmask16 m = moe_lanes16(run.n, i);
+    __m512 v = fp8x16_to_f32(_mm_maskz_loadu_epi8(m, run.src + i), e5m2);
+    if (run.scaled()) {
+      if (run.every % 16 == 0) {  // one scale per 16 lanes (runs start on block bounds)
+        v = _mm512_mul_ps(v, _mm512_set1_ps(run.scale(i)));
+      } else {
+        for (int64_t j = 0; j < 16; ++j) {
+          scales[j] = i + j < run.n ? run.scale(i + j) : 0.0f;
+        }
+        v = _mm512_mul_ps(v, _mm512_load_ps(scales));
+      }
+    }
+    if constexpr (std::is_same_v<dst_t, float>) {
+      _mm512_mask_storeu_ps(dst + i, m, v);
+    } else {
+      _mm256_mask_storeu_epi16(dst + i, m, moe_cvt_f32_bf16(v));
+    }
+  }
+}
+
+#if defined(__GNUC__) && !defined(__clang__)
+#pragma GCC diagnostic pop
+#endif
+
+#endif
+
+template <typename dst_t>
+void convert_run(const Run& run, dst_t* dst, ScalarType t) {
+#ifdef MOE_OPS_HAVE_AVX512
+  if (moe_cpu_has_avx512()) return convert_run_avx512(run, dst, t == kFloat8_e5m2);
+#endif
+  convert_run_scalar(run, dst, moe_fp8_table(t));
+}
+
+// `batch` (rows x cols) float8 matrices with element strides (matrix b at
+// src + b * src_bs, its scales at sm.sc + b * sc_bs), converted into dst +
+// b * dst_bs, keeping the unit-stride dimension innermost; one parallel
+// region for the whole batch. Returns the strides of each dst matrix.
+struct Strides2 {
+  int64_t rs, cs;
+};
+
+template <typename dst_t>
+Strides2 convert_batch(const uint8_t* src, int64_t batch, int64_t src_bs, int64_t rows, int64_t cols, int64_t rs,
+                       int64_t cs, ScalarType t, const ScaleMap& sm, int64_t sc_bs, dst_t* dst, int64_t dst_bs) {
+  const bool col_major = cs != 1 && rs == 1;
+  const int64_t runs = col_major ? cols : rows, len = col_major ? rows : cols;
+  const int64_t src_step = col_major ? cs : rs, src_inner = col_major ? rs : cs;
+  at::parallel_for(0, batch * runs, std::max<int64_t>(1, 16384 / std::max<int64_t>(len, 1)),
+                   [&](int64_t begin, int64_t end) {
+    std::vector<uint8_t> gathered;
+    for (int64_t j = begin; j < end; ++j) {
+      const int64_t b = j / runs, i = j % runs;
+      Run run{src + b * src_bs + i * src_step, len, nullptr, nullptr, 1, 0};
+      if (sm.any()) {
+        const int64_t off = b * sc_bs + (col_major ? (i / sm.c_div) * sm.c_mul : (i / sm.r_div) * sm.r_mul);
+        run.sc = sm.sc != nullptr ? sm.sc + off : nullptr;
+        run.scf = sm.scf != nullptr ? sm.scf + off : nullptr;
+        run.every = col_major ? sm.r_div : sm.c_div;
+        run.stride = col_major ? sm.r_mul : sm.c_mul;
+      }
+      if (src_inner != 1 && len > 0) {  // neither dimension contiguous: gather the run first
+        gathered.resize(len);
+        for (int64_t k = 0; k < len; ++k) gathered[k] = run.src[k * src_inner];
+        run.src = gathered.data();
+      }
+      convert_run(run, dst + b * dst_bs + i * len, t);
+    }
+  });
+  return col_major ? Strides2{1, rows} : Strides2{cols, 1};
+}
+
+// One group's block of the output: out[r, c] = round((acc[r, c] * sa[r]) * sb[c] + bias[c]).
+template <typename out_t>
+struct Block {
+  const float* acc;
+  int64_t acc_rs;
+  out_t* out;
+  int64_t out_rs, rows, cols;
+  const float* sa;  // nullptr: no rowwise scales (MX folds them into the tiles)
+  const float* sb;
+  const float* bias;
+};
+
+template <typename out_t>
+void epilogue(const std::vector<Block<out_t>>& blocks) {
+  std::vector<int64_t> first_row(blocks.size() + 1, 0);
+  for (size_t i = 0; i < blocks.size(); ++i) first_row[i + 1] = first_row[i] + blocks[i].rows;
+  const int64_t cols = blocks.empty() ? 1 : std::max<int64_t>(blocks[0].cols, 1);
+  at::parallel_for(0, first_row.back(), std::max<int64_t>(1, 8192 / cols), [&](int64_t begin, int64_t end) {
+    for (int64_t j = begin; j < end; ++j) {
+      const size_t bi = std::upper_bound(first_row.begin(), first_row.end(), j) - first_row.begin() - 1;
+      const Block<out_t>& bl = blocks[bi];
+      const int64_t r = j - first_row[bi];
+      const float* a = bl.acc + r * bl.acc_rs;
+      out_t* o = bl.out + r * bl.out_rs;
+      const float s = bl.sa != nullptr ? bl.sa[r] : 1.0f;
+      for (int64_t c = 0; c < bl.cols; ++c) {
+        float v = a[c];
+        if (bl.sa != nullptr) v = (v * s) * bl.sb[c];
+        if (bl.bias != nullptr) v += bl.bias[c];
+        o[c] = static_cast<out_t>(v);
+      }
+    }
+  });
+}
+
+template <typename tile_t>
+Tensor blob(tile_t* p, IntArrayRef sizes, IntArrayRef strides) {
+  return at::from_blob(p, sizes, strides, at::TensorOptions().dtype(c10::CppTypeToScalarType<tile_t>::value));
+}
+
+// tile_t: bfloat16 (exact for rowwise and MX) or float32 (blockwise: the
+// scale, an arbitrary float per 128-block of K, is applied in the
+// conversion, one rounding to float32).
+template <typename out_t, typename tile_t>
+void scaled_grouped_mm_typed(const Tensor& mat_a, const Tensor& mat_b, const Tensor& scale_a,
+                             const Tensor& scale_b, const std::optional<Tensor>& offs,
+                             const std::optional<Tensor>& bias, ScaledGroupedMMRecipe recipe, const Tensor& out) {
+  const auto layout = grouped_mm_layout(mat_a, mat_b);
+  const int64_t groups = grouped_mm_num_groups(mat_a, mat_b, offs);
+  const bool mx = recipe == ScaledGroupedMMRecipe::kMX;
+  const bool blockwise = recipe == ScaledGroupedMMRecipe::kBlockwise;
+  const bool rowwise = recipe == ScaledGroupedMMRecipe::kRowwise;
+  const auto ta = mat_a.scalar_type(), tb = mat_b.scalar_type();
+  const auto* A = static_cast<const uint8_t*>(mat_a.const_data_ptr());
+  const auto* B = static_cast<const uint8_t*>(mat_b.const_data_ptr());
+  const int64_t a_rs = mat_a.stride(-2), a_cs = mat_a.stride(-1), b_rs = mat_b.stride(-2), b_cs = mat_b.stride(-1);
+  const int64_t a_gs = mat_a.dim() == 3 ? mat_a.stride(0) : 0, b_gs = mat_b.dim() == 3 ? mat_b.stride(0) : 0;
+  const int64_t M = mat_a.size(-2), K = mat_a.size(-1), N = mat_b.size(-1);
+  const float* sa = mx ? nullptr : scale_a.const_data_ptr<float>();
+  const float* sb = mx ? nullptr : scale_b.const_data_ptr<float>();
+  const int64_t KB = (K + 127) / 128, NB = (N + 127) / 128;  // blockwise scale grids
+  const auto* sa8 = mx ? static_cast<const uint8_t*>(scale_a.const_data_ptr()) : nullptr;
+  const auto* sb8 = mx ? static_cast<const uint8_t*>(scale_b.const_data_ptr()) : nullptr;
+  const int64_t S = (K + 31) / 32;
+  Tensor bias_f = bias.has_value() ? bias->to(kFloat).contiguous() : Tensor();
+  const float* bp = bias_f.defined() ? bias_f.const_data_ptr<float>() : nullptr;
+  const int64_t n_out = out.size(-1);
+  out_t* op = out.data_ptr<out_t>();
+
+  std::vector<int64_t> start(groups + 1, 0);  // group g spans [start[g], start[g + 1]) of the split dimension
+  for (const auto g : c10::irange(groups)) {
+    start[g + 1] = offs.has_value() ? offs->const_data_ptr<int32_t>()[g * offs->stride(0)] : 0;
+  }
+  auto extent = [&](int64_t g) { return start[g + 1] - start[g]; };
+  auto group_elems = [&](int64_t g) -> int64_t {
+    switch (layout) {
+      case GroupedMMLayout::k2d3d: return extent(g) * K + K * N;
+      case GroupedMMLayout::k3d3d: return M * K + K * N;
+      case GroupedMMLayout::k3d2d: return M * K + K * extent(g);
+      case GroupedMMLayout::k2d2d: return (M + N) * extent(g);
+    }
+    return 0;
+  };
+
+  Workspace& ws_a = workspace(0);
+  Workspace& ws_b = workspace(1);
+  for (int64_t g0 = 0; g0 < groups;) {
+    int64_t g1 = g0 + 1, elems = group_elems(g0);
+    while (g1 < groups && elems + group_elems(g1) <= kChunkElems) elems += group_elems(g1++);
+    const int64_t gc = g1 - g0;
+    const int64_t s0 = start[g0], s1 = start[g1];
+    std::vector<int32_t> ends(gc);
+    for (int64_t g = g0; g < g1; ++g) ends[g - g0] = static_cast<int32_t>(start[g + 1] - s0);
+    Tensor offs_c = at::from_blob(ends.data(), {gc}, at::TensorOptions().dtype(kInt));
+
+    // Scale maps. MX: A element (m, k) -> scale_a[.., m, k / 32], B element
+    // (k, n) -> scale_b[g, n, k / 32]. Blockwise: A (m, k) -> scale_a[.., m,
+    // k / 128], B (k, n) -> scale_b[g, n / 128, k / 128]. Rowwise: none (epilogue).
+    auto a_map = [&](int64_t g, int64_t row0) {
+      ScaleMap s;
+      if (mx) s = ScaleMap{sa8 + (g * M + row0) * S, nullptr, 1, S, 32, 1};
+      if (blockwise) s = ScaleMap{nullptr, sa + (g * M + row0) * KB, 1, KB, 128, 1};
+      return s;
+    };
+    auto b_map = [&](int64_t g) {
+      ScaleMap s;
+      if (mx) s = ScaleMap{sb8 + g * N * S, nullptr, 32, 1, 1, S};
+      if (blockwise) s = ScaleMap{nullptr, sb + g * NB * KB, 128, 1, 128, KB};
+      return s;
+    };
+    const int64_t a_sc_bs = mx ? M * S : M * KB, b_sc_bs = mx ? N * S : NB * KB;
+
+    Tensor ta_t, tb_t;
+    const ScaleMap none{};
+    switch (layout) {
+      case GroupedMMLayout::k2d3d: {  // rows [s0, s1) of A, experts g0..g1 of B
+        tile_t* const pa = ws_a.get<tile_t>((s1 - s0) * K);
+        tile_t* const pb = ws_b.get<tile_t>(gc * K * N);
+        const auto sa_str = convert_batch(A + s0 * a_rs, 1, 0, s1 - s0, K, a_rs, a_cs, ta, a_map(0, s0), 0,
+                                          pa, 0);
+        const auto sb_str = convert_batch(B + g0 * b_gs, gc, b_gs, K, N, b_rs, b_cs, tb, b_map(g0), b_sc_bs,
+                                          pb, K * N);
+        ta_t = blob(pa, {s1 - s0, K}, {sa_str.rs, sa_str.cs});
+        tb_t = blob(pb, {gc, K, N}, {K * N, sb_str.rs, sb_str.cs});
+        break;
+      }
+      case GroupedMMLayout::k3d3d: {
+        tile_t* const pa = ws_a.get<tile_t>(gc * M * K);
+        tile_t* const pb = ws_b.get<tile_t>(gc * K * N);
+        const auto sa_str = convert_batch(A + g0 * a_gs, gc, a_gs, M, K, a_rs, a_cs, ta, a_map(g0, 0), a_sc_bs,
+                                          pa, M * K);
+        const auto sb_str = convert_batch(B + g0 * b_gs, gc, b_gs, K, N, b_rs, b_cs, tb, b_map(g0), b_sc_bs,
+                                          pb, K * N);
+        ta_t = blob(pa, {gc, M, K}, {M * K, sa_str.rs, sa_str.cs});
+        tb_t = blob(pb, {gc, K, N}, {K * N, sb_str.rs, sb_str.cs});
+        break;
+      }
+      case GroupedMMLayout::k3d2d: {  // A groups g0..g1, columns [s0, s1) of B
+        tile_t* const pa = ws_a.get<tile_t>(gc * M * K);
+        tile_t* const pb = ws_b.get<tile_t>(K * (s1 - s0));
+        const auto sa_str = convert_batch(A + g0 * a_gs, gc, a_gs, M, K, a_rs, a_cs, ta, none, 0, pa,
+                                          M * K);
+        const auto sb_str = convert_batch(B + s0 * b_cs, 1, 0, K, s1 - s0, b_rs, b_cs, tb, none, 0, pb, 0);
+        ta_t = blob(pa, {gc, M, K}, {M * K, sa_str.rs, sa_str.cs});
+        tb_t = blob(pb, {K, s1 - s0}, {sb_str.rs, sb_str.cs});
+        break;
+      }
+      case GroupedMMLayout::k2d2d: {  // contraction slice [s0, s1)
+        tile_t* const pa = ws_a.get<tile_t>(M * (s1 - s0));
+        tile_t* const pb = ws_b.get<tile_t>((s1 - s0) * N);
+        const auto sa_str = convert_batch(A + s0 * a_cs, 1, 0, M, s1 - s0, a_rs, a_cs, ta, none, 0, pa, 0);
+        const auto sb_str = convert_batch(B + s0 * b_rs, 1, 0, s1 - s0, N, b_rs, b_cs, tb, none, 0, pb, 0);
+        ta_t = blob(pa, {M, s1 - s0}, {sa_str.rs, sa_str.cs});
+        tb_t = blob(pb, {s1 - s0, N}, {sb_str.rs, sb_str.cs});
+        break;
+      }
+    }
+    const bool has_offs = layout != GroupedMMLayout::k3d3d;
+    const Tensor acc = grouped_mm_cpu(ta_t, tb_t, has_offs ? std::optional<Tensor>(offs_c) : std::nullopt,
+                                      std::nullopt, kFloat);
+    const float* ap = acc.const_data_ptr<float>();
+    const int64_t acc_rs = acc.stride(-2);
+
+    std::vector<Block<out_t>> blocks;
+    blocks.reserve(gc);
+    for (int64_t g = g0; g < g1; ++g) {
+      const float* bias_g = bp != nullptr ? bp + g * n_out : nullptr;
+      switch (layout) {
+        case GroupedMMLayout::k2d3d:
+          blocks.push_back({ap + (start[g] - s0) * acc_rs, acc_rs, op + start[g] * n_out, n_out, extent(g), N,
+                            rowwise ? sa + start[g] : nullptr, rowwise ? sb + g * N : nullptr, bias_g});
+          break;
+        case GroupedMMLayout::k3d3d:
+          blocks.push_back({ap + (g - g0) * acc.stride(0), acc_rs, op + g * M * n_out, n_out, M, N,
+                            rowwise ? sa + g * M : nullptr, rowwise ? sb + g * N : nullptr, bias_g});
+          break;
+        case GroupedMMLayout::k3d2d:
+          blocks.push_back({ap + (start[g] - s0), acc_rs, op + start[g], n_out, M, extent(g), sa + g * M,
+                            sb + start[g], bias_g != nullptr ? bias_g + start[g] : nullptr});
+          break;
+        case GroupedMMLayout::k2d2d:
+          blocks.push_back({ap + (g - g0) * acc.stride(0), acc_rs, op + g * M * n_out, n_out, M, N, sa + g * M,
+                            sb + g * N, bias_g});
+          break;
+      }
+    }
+    epilogue(blocks);
+    g0 = g1;
+  }
+}
+
+void scaled_grouped_mm_kernel(const Tensor& mat_a, const Tensor& mat_b, const Tensor& scale_a,
+                              const Tensor& scale_b, const std::optional<Tensor>& offs,
+                              const std::optional<Tensor>& bias, ScaledGroupedMMRecipe recipe, const Tensor& out) {
+  const bool f32_tiles = recipe == ScaledGroupedMMRecipe::kBlockwise;
+  if (out.scalar_type() == kFloat) {
+    if (f32_tiles) {
+      scaled_grouped_mm_typed<float, float>(mat_a, mat_b, scale_a, scale_b, offs, bias, recipe, out);
+    } else {
+      scaled_grouped_mm_typed<float, c10::BFloat16>(mat_a, mat_b, scale_a, scale_b, offs, bias, recipe, out);
+    }
+  } else {
+    if (f32_tiles) {
+      scaled_grouped_mm_typed<c10::BFloat16, float>(mat_a, mat_b, scale_a, scale_b, offs, bias, recipe, out);
+    } else {
+      scaled_grouped_mm_typed<c10::BFloat16, c10::BFloat16>(mat_a, mat_b, scale_a, scale_b, offs, bias, recipe,
+                                                            out);
+    }
+  }
+}
+
+} // namespace
+
+// ATen compiles native/cpu/ once per CPU capability. This kernel selects its
+// ISA at run time, so each build registers it (AVX512 explicitly: plain
+// REGISTER_DISPATCH leaves that slot empty). Compiled once, as in the
+// extension, it fills every slot.
+#if defined(CPU_CAPABILITY_AVX512)
+ALSO_REGISTER_AVX512_DISPATCH(scaled_grouped_mm_stub, &scaled_grouped_mm_kernel)
+#elif defined(CPU_CAPABILITY)
+REGISTER_DISPATCH(scaled_grouped_mm_stub, &scaled_grouped_mm_kernel)
+#else
+REGISTER_ALL_CPU_DISPATCH(scaled_grouped_mm_stub, &scaled_grouped_mm_kernel)
+#endif
+
+} // namespace at::native

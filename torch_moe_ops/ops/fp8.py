@@ -1,0 +1,221 @@
+"""moe_ops::quantize_fp8 and moe_ops::dequantize_fp8: wrappers and fake kernels.
+
+The recipes, scale shapes and numerics are specified once, in
+``csrc/ATen/native/MoEQuantize.h``; ``torch_moe_ops.reference`` has them in
+plain torch. In short, for ``x`` of shape ``(R, C)`` or ``(B, R, C)`` with
+blocks along the last dimension ``C``:
+
+=====================  ==========  ==============================  ================
+recipe                 block       scale (2-D x)                   scale dtype
+=====================  ==========  ==============================  ================
+``tensorwise``         R x C       ``()`` (``(B,)`` for 3-D)        float32
+``rowwise``            1 x C       ``(R,)``                        float32
+``blockwise_1x128``    1 x 128     ``(R, ceil(C/128))``            float32
+``blockwise_128x128``  128 x 128   ``(ceil(R/128), ceil(C/128))``  float32
+``mx``                 1 x 32      ``(R, ceil(C/32))``             float8_e8m0fnu
+=====================  ==========  ==============================  ================
+
+``scale`` is the dequantisation scale (``x ~= data.float() * scale``), the
+operand scale ``torch._scaled_grouped_mm`` takes. To scale a weight ``(G, K, N)``
+per output column, quantise its transpose ``w.transpose(-2, -1)`` (blocks along
+K) and transpose the data back: it is then column-major, as scaled GEMMs want.
+"""
+
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+
+from .. import _checks
+
+_quantize = torch.ops.moe_ops.quantize_fp8.default
+_dequantize = torch.ops.moe_ops.dequantize_fp8.default
+
+
+def quantize_fp8(
+    x: torch.Tensor,
+    recipe: str,
+    float8_dtype: Optional[torch.dtype] = None,
+    offs: Optional[torch.Tensor] = None,
+    swizzle: bool = False,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Quantise ``x`` to float8 (``float8_e4m3fn`` by default, or ``float8_e5m2``).
+
+    Returns ``(data, scale)``: ``data`` has ``x``'s shape (contiguous), ``scale``
+    the recipe's shape. Values saturate at the format's max and round to
+    nearest even; a block holding NaN or inf dequantises to NaN.
+
+    ``offs`` (2-D ``x``): int32 cumulative group ends along ``C``, for the
+    operands of the 2D x 2D (weight-gradient) grouped GEMM, where ``C`` is the
+    token dimension: ``tensorwise`` gives one scale per group ``(G,)``,
+    ``rowwise`` one per row and group ``(G, R)``; ``mx`` keeps its blocks and
+    requires groups of whole 32-element blocks. Elements past ``offs[-1]``
+    quantise to zero.
+
+    ``swizzle`` (``mx``): the scale in the blocked layout of upstream's CUDA MX
+    kernels, ``(round_up(R, 128), round_up(ceil(C/32), 4))``
+    (``(B, round_up(R, 128) * round_up(ceil(C/32), 4))`` for 3-D ``x``).
+    """
+    return _quantize(x, recipe, float8_dtype, offs, swizzle)
+
+
+def dequantize_fp8(
+    data: torch.Tensor,
+    scale: torch.Tensor,
+    recipe: str,
+    out_dtype: Optional[torch.dtype] = None,
+    offs: Optional[torch.Tensor] = None,
+    swizzle: bool = False,
+) -> torch.Tensor:
+    """``data.float() * scale`` per block, rounded once to ``out_dtype`` (float32 by default).
+
+    The inverse of :func:`quantize_fp8` with the same ``recipe``, ``offs`` and ``swizzle``.
+    """
+    return _dequantize(data, scale, recipe, out_dtype, offs, swizzle)
+
+
+@torch.library.register_fake("moe_ops::quantize_fp8")
+def _quantize_fp8_fake(x, recipe, float8_dtype=None, offs=None, swizzle=False):
+    f8 = _checks.check_quantize_fp8_inputs(x, recipe, float8_dtype, offs, swizzle)
+    groups = offs.shape[0] if offs is not None else None
+    scale_size = _checks.fp8_scale_size(x.shape, recipe, groups, swizzle)
+    return x.new_empty(x.shape, dtype=f8), x.new_empty(scale_size, dtype=_checks.fp8_scale_dtype(recipe))
+
+
+@torch.library.register_fake("moe_ops::dequantize_fp8")
+def _dequantize_fp8_fake(data, scale, recipe, out_dtype=None, offs=None, swizzle=False):
+    out = _checks.check_dequantize_fp8_inputs(data, scale, recipe, out_dtype, offs, swizzle)
+    return data.new_empty(data.shape, dtype=out)
+
+
+_scaled_grouped_mm = torch.ops.moe_ops.scaled_grouped_mm.default
+
+
+def scaled_grouped_mm(
+    mat_a: torch.Tensor,
+    mat_b: torch.Tensor,
+    scale_a: torch.Tensor,
+    scale_b: torch.Tensor,
+    offs: Optional[torch.Tensor] = None,
+    bias: Optional[torch.Tensor] = None,
+    scale_result: Optional[torch.Tensor] = None,
+    out_dtype: Optional[torch.dtype] = None,
+    use_fast_accum: bool = False,
+) -> torch.Tensor:
+    """``torch._scaled_grouped_mm`` on every device with a kernel (CPU here).
+
+    The grouped mm of the dequantised operands (``grouped_mm``'s four layouts),
+    accumulated in float32, rounded once to ``out_dtype`` (bfloat16 by default,
+    or float32). Scales, as :func:`quantize_fp8` returns them:
+
+    * rowwise float32, upstream's shapes: ``scale_a (M,)`` / ``(G, M)`` (3-D
+      ``mat_a``) / ``(G * M,)`` (2D x 2D); ``scale_b (G, N)`` / ``(N,)`` (2-D
+      ``mat_b`` in 3D x 2D) / ``(G * N,)`` (2D x 2D);
+    * mx float8_e8m0fnu (2D x 3D, 3D x 3D): ``scale_a (M, ceil(K/32))`` or
+      ``(G, M, ceil(K/32))``, ``scale_b (G, N, ceil(K/32))`` (the scale of
+      ``quantize_fp8(w.transpose(-2, -1), "mx")``); the scale of a 3-D
+      operand may also be swizzled (``quantize_fp8(..., swizzle=True)``, the
+      layout upstream's CUDA kernels read): ``(G, round_up(rows, 128) *
+      round_up(ceil(K/32), 4))``.
+    * blockwise float32, DeepSeek-V3's recipe (2D x 3D, 3D x 3D): ``scale_a
+      (M, ceil(K/128))`` or ``(G, M, ceil(K/128))`` (1x128 blocks),
+      ``scale_b (G, ceil(N/128), ceil(K/128))`` (128x128 blocks of the
+      ``(N, K)`` weight: ``quantize_fp8(w.transpose(-2, -1), "blockwise_128x128")``).
+      These run on float32 tiles (the scales are arbitrary floats per K block).
+
+    ``bias`` is ``(G, N_out)``; ``scale_result`` must be None; ``use_fast_accum``
+    is accepted and ignored (always float32 accumulation).
+    """
+    return _scaled_grouped_mm(mat_a, mat_b, scale_a, scale_b, offs, bias, scale_result, out_dtype, use_fast_accum)
+
+
+@torch.library.register_fake("moe_ops::scaled_grouped_mm")
+def _scaled_grouped_mm_fake(mat_a, mat_b, scale_a, scale_b, offs=None, bias=None, scale_result=None,
+                            out_dtype=None, use_fast_accum=False):
+    _, out_t = _checks.check_scaled_grouped_mm_inputs(mat_a, mat_b, scale_a, scale_b, offs, bias, scale_result,
+                                                      out_dtype)
+    return mat_a.new_empty(_checks.grouped_mm_out_size(mat_a, mat_b, offs), dtype=out_t)
+
+
+# ------------------------------------------------------------------ training: fp8_grouped_mm
+
+FP8_TRAINING_RECIPES = ("rowwise", "mx")
+
+
+class _Fp8GroupedMM(torch.autograd.Function):
+    """out = A @ B[g] per group of rows, every GEMM in float8 (torchao's MoE training recipe).
+
+    forward  out    = scaled_grouped_mm(q(A) along K,        q(B) along K per column n)      2D x 3D
+    dgrad    grad_A = scaled_grouped_mm(q(grad) along N,     q(B^T) along N per column k)    2D x 3D
+    wgrad    grad_B = scaled_grouped_mm(q(A^T) per group along tokens, q(grad^T) likewise)   2D x 2D
+    The operands are re-quantised along each GEMM's own contraction dimension,
+    so every scale block lies within one reduction (and, for wgrad, one group).
+    The high-precision A and B are saved, not their float8 copies: the backward
+    quantises along other axes. With "mx", the weight gradient is computed in
+    high precision (torchao's wgrad_with_hp; scaled_grouped_mm has no MX 2D x 2D).
+    """
+
+    @staticmethod
+    def forward(ctx, a, b, offs, recipe, out_dtype):
+        a_d, a_s = _quantize(a, recipe, None, None, False)
+        bt_d, b_s = _quantize(b.transpose(-2, -1), recipe, None, None, False)
+        out = _scaled_grouped_mm(a_d, bt_d.transpose(-2, -1), a_s, b_s, offs, None, None, out_dtype, False)
+        ctx.save_for_backward(a if ctx.needs_input_grad[1] else None, b if ctx.needs_input_grad[0] else None, offs)
+        ctx.recipe = recipe
+        ctx.dtypes = (a.dtype, b.dtype)
+        return out
+
+    @staticmethod
+    def backward(ctx, grad):
+        a, b, offs = ctx.saved_tensors
+        recipe = ctx.recipe
+        a_dtype, b_dtype = ctx.dtypes
+        grad = grad.to(a_dtype)
+        grad_a = grad_b = None
+        if ctx.needs_input_grad[0]:
+            g_d, g_s = _quantize(grad, recipe, None, None, False)            # (M, N), along N
+            b_d, b_s = _quantize(b, recipe, None, None, False)               # (G, K, N), along N per k
+            grad_a = _scaled_grouped_mm(g_d, b_d.transpose(-2, -1), g_s, b_s, offs, None, None,
+                                        _out_dtype(a_dtype), False).to(a_dtype)
+        if ctx.needs_input_grad[1]:
+            if recipe == "rowwise":
+                at_d, at_s = _quantize(a.t(), recipe, None, offs, False)     # (K, M), (G, K)
+                gt_d, gt_s = _quantize(grad.t(), recipe, None, offs, False)  # (N, M), (G, N)
+                grad_b = _scaled_grouped_mm(at_d, gt_d.t(), at_s.flatten(), gt_s.flatten(), offs, None, None,
+                                            torch.float32, False)
+            else:
+                out_dtype = torch.float32 if grad.dtype in (torch.bfloat16, torch.float16) else None
+                grad_b = torch.ops.moe_ops.grouped_mm(a.t(), grad, offs, None, out_dtype)
+            grad_b = grad_b.to(b_dtype)
+        return grad_a, grad_b, None, None, None
+
+
+def _out_dtype(dtype: torch.dtype) -> torch.dtype:
+    return torch.float32 if dtype == torch.float32 else torch.bfloat16
+
+
+def fp8_grouped_mm(
+    a: torch.Tensor,
+    b: torch.Tensor,
+    offs: torch.Tensor,
+    recipe: str = "rowwise",
+) -> torch.Tensor:
+    """Differentiable ``grouped_mm(a, b, offs)`` (2D x 3D: rows ``offs[g-1]:offs[g]`` of
+    ``a (M, K)`` times ``b[g] (K, N)``) with the forward and both backward GEMMs in
+    float8_e4m3fn, as torchao's MoE training does.
+
+    ``recipe``: ``"rowwise"`` (float32 scales per row / column of each GEMM's
+    operands; the weight gradient per group of tokens) or ``"mx"`` (1x32 blocks
+    with e8m0 scales; the weight gradient in high precision). The output has
+    ``a``'s dtype (bfloat16 from bfloat16 inputs, float32 from float32).
+    """
+    # Plain raises: the conditions are static (recipe, ranks, dtypes), which
+    # torch.compile evaluates at trace time.
+    if recipe not in FP8_TRAINING_RECIPES:
+        raise ValueError(f"fp8_grouped_mm: recipe must be 'rowwise' or 'mx', got '{recipe}'")
+    if a.dim() != 2 or b.dim() != 3:
+        raise ValueError(f"fp8_grouped_mm: a must be 2-D and b 3-D, got a {list(a.shape)} and b {list(b.shape)}")
+    if a.dtype not in (torch.bfloat16, torch.float32) or b.dtype != a.dtype:
+        raise ValueError(f"fp8_grouped_mm: a and b must both be bfloat16 or both float32, got {a.dtype} and {b.dtype}")
+    return _Fp8GroupedMM.apply(a, b, offs, recipe, _out_dtype(a.dtype))
