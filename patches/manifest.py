@@ -133,6 +133,9 @@ CHECK_NAMES = {
     "grouped_mm_out_strides": "_grouped_mm_out_strides",
     "_c10": "_grouped_mm_c10",
     "_sizes": "_grouped_mm_sizes",
+    "check_grouped_mm_dims": "_grouped_mm_check_dims",
+    "check_grouped_mm_contraction": "_grouped_mm_check_contraction",
+    "check_grouped_mm_layout": "_grouped_mm_check_layout",
     "check_grouped_mm_inputs": "_grouped_mm_check_inputs",
 }
 

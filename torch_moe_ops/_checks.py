@@ -75,6 +75,48 @@ def _sizes(t: torch.Tensor) -> str:
     return "[" + ", ".join(str(s) for s in t.shape) + "]"
 
 
+def check_grouped_mm_dims(op: str, mat_a: torch.Tensor, mat_b: torch.Tensor) -> None:
+    """Shape checks shared by the grouped GEMMs; op names the operator in the messages."""
+    chk = torch._check_value
+    chk(mat_a.dim() in (2, 3),
+        lambda: f"{op}: mat_a must be 2-D or 3-D, got {mat_a.dim()}-D with sizes {_sizes(mat_a)}")
+    chk(mat_b.dim() in (2, 3),
+        lambda: f"{op}: mat_b must be 2-D or 3-D, got {mat_b.dim()}-D with sizes {_sizes(mat_b)}")
+
+
+def check_grouped_mm_contraction(op: str, mat_a: torch.Tensor, mat_b: torch.Tensor) -> None:
+    chk = torch._check_value
+    chk(mat_b.device == mat_a.device,
+        lambda: f"{op}: mat_b must be on the device of mat_a ({mat_a.device}), got {mat_b.device}")
+    chk(mat_a.shape[-1] == mat_b.shape[-2],
+        lambda: f"{op}: contraction sizes differ: mat_a {_sizes(mat_a)} has K={mat_a.shape[-1]} "
+        f"but mat_b {_sizes(mat_b)} has K={mat_b.shape[-2]}")
+
+
+def check_grouped_mm_layout(op: str, mat_a: torch.Tensor, mat_b: torch.Tensor, offs: Optional[torch.Tensor]) -> None:
+    """offs against the layout: None for 3D x 3D, else int32, 1-D, one entry per group."""
+    chk = torch._check_value
+    layout = grouped_mm_layout(mat_a, mat_b)
+    if layout == "3d3d":
+        chk(offs is None,
+            lambda: f"{op}: offs must be None when mat_a and mat_b are both 3-D, got offs of sizes {_sizes(offs)}")
+        chk(mat_a.shape[0] == mat_b.shape[0],
+            lambda: f"{op}: batch sizes differ: mat_a {_sizes(mat_a)}, mat_b {_sizes(mat_b)}")
+        return
+    chk(offs is not None,
+        lambda: f"{op}: offs is required when mat_a or mat_b is 2-D (mat_a {_sizes(mat_a)}, mat_b {_sizes(mat_b)})")
+    chk(offs.dim() == 1, lambda: f"{op}: offs must be 1-D, got {offs.dim()}-D with sizes {_sizes(offs)}")
+    chk(offs.dtype == torch.int32, lambda: f"{op}: offs must be int32, got {_c10(offs.dtype)}")
+    chk(offs.device == mat_a.device,
+        lambda: f"{op}: offs must be on the device of mat_a ({mat_a.device}), got {offs.device}")
+    if layout == "2d3d":
+        chk(offs.shape[0] == mat_b.shape[0],
+            lambda: f"{op}: offs has {offs.shape[0]} groups but mat_b {_sizes(mat_b)} has {mat_b.shape[0]}")
+    elif layout == "3d2d":
+        chk(offs.shape[0] == mat_a.shape[0],
+            lambda: f"{op}: offs has {offs.shape[0]} groups but mat_a {_sizes(mat_a)} has {mat_a.shape[0]}")
+
+
 def check_grouped_mm_inputs(
     mat_a: torch.Tensor,
     mat_b: torch.Tensor,
@@ -84,45 +126,14 @@ def check_grouped_mm_inputs(
 ) -> torch.dtype:
     """Validates everything but the values of offs; returns the output dtype."""
     chk = torch._check_value
-    chk(mat_a.dim() in (2, 3),
-        lambda: f"grouped_mm: mat_a must be 2-D or 3-D, got {mat_a.dim()}-D with sizes {_sizes(mat_a)}")
-    chk(mat_b.dim() in (2, 3),
-        lambda: f"grouped_mm: mat_b must be 2-D or 3-D, got {mat_b.dim()}-D with sizes {_sizes(mat_b)}")
+    check_grouped_mm_dims("grouped_mm", mat_a, mat_b)
     chk(mat_a.dtype in GROUPED_MM_DTYPES,
         lambda: f"grouped_mm: mat_a must be float32, float16, bfloat16 or float64, got {_c10(mat_a.dtype)}")
     chk(mat_b.dtype == mat_a.dtype,
         lambda: f"grouped_mm: mat_b must have the dtype of mat_a ({_c10(mat_a.dtype)}), got {_c10(mat_b.dtype)}")
-    chk(mat_b.device == mat_a.device,
-        lambda: f"grouped_mm: mat_b must be on the device of mat_a ({mat_a.device}), got {mat_b.device}")
-    chk(mat_a.shape[-1] == mat_b.shape[-2],
-        lambda: f"grouped_mm: contraction sizes differ: mat_a {_sizes(mat_a)} has K={mat_a.shape[-1]} "
-        f"but mat_b {_sizes(mat_b)} has K={mat_b.shape[-2]}")
+    check_grouped_mm_contraction("grouped_mm", mat_a, mat_b)
     out_dtype = grouped_mm_out_dtype(mat_a, out_dtype)
-
-    layout = grouped_mm_layout(mat_a, mat_b)
-    if layout == "3d3d":
-        chk(offs is None,
-            lambda: "grouped_mm: offs must be None when mat_a and mat_b are both 3-D, "
-            f"got offs of sizes {_sizes(offs)}")
-        chk(mat_a.shape[0] == mat_b.shape[0],
-            lambda: f"grouped_mm: batch sizes differ: mat_a {_sizes(mat_a)}, mat_b {_sizes(mat_b)}")
-    else:
-        chk(offs is not None,
-            lambda: f"grouped_mm: offs is required when mat_a or mat_b is 2-D (mat_a {_sizes(mat_a)}, "
-            f"mat_b {_sizes(mat_b)})")
-        chk(offs.dim() == 1,
-            lambda: f"grouped_mm: offs must be 1-D, got {offs.dim()}-D with sizes {_sizes(offs)}")
-        chk(offs.dtype == torch.int32, lambda: f"grouped_mm: offs must be int32, got {_c10(offs.dtype)}")
-        chk(offs.device == mat_a.device,
-            lambda: f"grouped_mm: offs must be on the device of mat_a ({mat_a.device}), got {offs.device}")
-        if layout == "2d3d":
-            chk(offs.shape[0] == mat_b.shape[0],
-                lambda: f"grouped_mm: offs has {offs.shape[0]} groups but mat_b {_sizes(mat_b)} "
-                f"has {mat_b.shape[0]}")
-        elif layout == "3d2d":
-            chk(offs.shape[0] == mat_a.shape[0],
-                lambda: f"grouped_mm: offs has {offs.shape[0]} groups but mat_a {_sizes(mat_a)} "
-                f"has {mat_a.shape[0]}")
+    check_grouped_mm_layout("grouped_mm", mat_a, mat_b, offs)
 
     if bias is not None:
         groups = grouped_mm_num_groups(mat_a, offs)
@@ -488,47 +499,17 @@ def _scaled_check_scale(name: str, scale: torch.Tensor, want: list, recipe: str)
 def check_scaled_grouped_mm_inputs(mat_a, mat_b, scale_a, scale_b, offs, bias, scale_result, out_dtype):
     """Validates everything but the values of offs; returns (recipe, output dtype)."""
     chk = torch._check_value
-    chk(mat_a.dim() in (2, 3),
-        lambda: f"scaled_grouped_mm: mat_a must be 2-D or 3-D, got {mat_a.dim()}-D with sizes {_sizes(mat_a)}")
-    chk(mat_b.dim() in (2, 3),
-        lambda: f"scaled_grouped_mm: mat_b must be 2-D or 3-D, got {mat_b.dim()}-D with sizes {_sizes(mat_b)}")
+    check_grouped_mm_dims("scaled_grouped_mm", mat_a, mat_b)
     chk(mat_a.dtype in FP8_DATA_DTYPES,
         lambda: f"scaled_grouped_mm: mat_a must be Float8_e4m3fn or Float8_e5m2, got {_fp8_c10(mat_a.dtype)}")
     chk(mat_b.dtype in FP8_DATA_DTYPES,
         lambda: f"scaled_grouped_mm: mat_b must be Float8_e4m3fn or Float8_e5m2, got {_fp8_c10(mat_b.dtype)}")
-    chk(mat_b.device == mat_a.device,
-        lambda: f"scaled_grouped_mm: mat_b must be on the device of mat_a ({mat_a.device}), got {mat_b.device}")
-    chk(mat_a.shape[-1] == mat_b.shape[-2],
-        lambda: f"scaled_grouped_mm: contraction sizes differ: mat_a {_sizes(mat_a)} has K={mat_a.shape[-1]} "
-        f"but mat_b {_sizes(mat_b)} has K={mat_b.shape[-2]}")
+    check_grouped_mm_contraction("scaled_grouped_mm", mat_a, mat_b)
     chk(scale_result is None,
         lambda: f"scaled_grouped_mm: scale_result is not supported, got a tensor of sizes {_sizes(scale_result)}")
     out_t = scaled_grouped_mm_out_dtype(out_dtype)
+    check_grouped_mm_layout("scaled_grouped_mm", mat_a, mat_b, offs)
     layout = grouped_mm_layout(mat_a, mat_b)
-    if layout == "3d3d":
-        chk(offs is None,
-            lambda: "scaled_grouped_mm: offs must be None when mat_a and mat_b are both 3-D, "
-            f"got offs of sizes {_sizes(offs)}")
-        chk(mat_a.shape[0] == mat_b.shape[0],
-            lambda: f"scaled_grouped_mm: batch sizes differ: mat_a {_sizes(mat_a)}, mat_b {_sizes(mat_b)}")
-    else:
-        chk(offs is not None,
-            lambda: f"scaled_grouped_mm: offs is required when mat_a or mat_b is 2-D (mat_a {_sizes(mat_a)}, "
-            f"mat_b {_sizes(mat_b)})")
-        chk(offs.dim() == 1,
-            lambda: f"scaled_grouped_mm: offs must be 1-D, got {offs.dim()}-D with sizes {_sizes(offs)}")
-        chk(offs.dtype == torch.int32, lambda: f"scaled_grouped_mm: offs must be int32, got {_c10(offs.dtype)}")
-        chk(offs.device == mat_a.device,
-            lambda: f"scaled_grouped_mm: offs must be on the device of mat_a ({mat_a.device}), got {offs.device}")
-        if layout == "2d3d":
-            chk(offs.shape[0] == mat_b.shape[0],
-                lambda: f"scaled_grouped_mm: offs has {offs.shape[0]} groups but mat_b {_sizes(mat_b)} "
-                f"has {mat_b.shape[0]}")
-        elif layout == "3d2d":
-            chk(offs.shape[0] == mat_a.shape[0],
-                lambda: f"scaled_grouped_mm: offs has {offs.shape[0]} groups but mat_a {_sizes(mat_a)} "
-                f"has {mat_a.shape[0]}")
-
     groups = grouped_mm_num_groups(mat_a, offs)
     m, n, k = mat_a.shape[-2], mat_b.shape[-1], mat_a.shape[-1]
     k_fixed = layout in ("2d3d", "3d3d")

@@ -97,6 +97,49 @@ inline c10::SmallVector<int64_t, 3> grouped_mm_out_strides(
   return strides;
 }
 
+// Shape checks shared by the grouped GEMMs (grouped_mm, scaled_grouped_mm):
+// op names the operator in the messages.
+inline void grouped_mm_check_dims(const char* op, const Tensor& mat_a, const Tensor& mat_b) {
+  TORCH_CHECK_VALUE(mat_a.dim() == 2 || mat_a.dim() == 3,
+      op, ": mat_a must be 2-D or 3-D, got ", mat_a.dim(), "-D with sizes ", mat_a.sizes());
+  TORCH_CHECK_VALUE(mat_b.dim() == 2 || mat_b.dim() == 3,
+      op, ": mat_b must be 2-D or 3-D, got ", mat_b.dim(), "-D with sizes ", mat_b.sizes());
+}
+
+inline void grouped_mm_check_contraction(const char* op, const Tensor& mat_a, const Tensor& mat_b) {
+  TORCH_CHECK_VALUE(mat_b.device() == mat_a.device(),
+      op, ": mat_b must be on the device of mat_a (", mat_a.device(), "), got ", mat_b.device());
+  TORCH_CHECK_VALUE(mat_a.size(-1) == mat_b.size(-2),
+      op, ": contraction sizes differ: mat_a ", mat_a.sizes(), " has K=", mat_a.size(-1),
+      " but mat_b ", mat_b.sizes(), " has K=", mat_b.size(-2));
+}
+
+// offs against the layout: None for 3D x 3D, else int32, 1-D, one entry per group.
+inline void grouped_mm_check_layout(
+    const char* op, const Tensor& mat_a, const Tensor& mat_b, const std::optional<Tensor>& offs) {
+  const auto layout = grouped_mm_layout(mat_a, mat_b);
+  if (layout == GroupedMMLayout::k3d3d) {
+    TORCH_CHECK_VALUE(!offs.has_value(),
+        op, ": offs must be None when mat_a and mat_b are both 3-D, got offs of sizes ", offs->sizes());
+    TORCH_CHECK_VALUE(mat_a.size(0) == mat_b.size(0),
+        op, ": batch sizes differ: mat_a ", mat_a.sizes(), ", mat_b ", mat_b.sizes());
+    return;
+  }
+  TORCH_CHECK_VALUE(offs.has_value(),
+      op, ": offs is required when mat_a or mat_b is 2-D (mat_a ", mat_a.sizes(), ", mat_b ", mat_b.sizes(), ")");
+  TORCH_CHECK_VALUE(offs->dim() == 1, op, ": offs must be 1-D, got ", offs->dim(), "-D with sizes ", offs->sizes());
+  TORCH_CHECK_VALUE(offs->scalar_type() == kInt, op, ": offs must be int32, got ", offs->scalar_type());
+  TORCH_CHECK_VALUE(offs->device() == mat_a.device(),
+      op, ": offs must be on the device of mat_a (", mat_a.device(), "), got ", offs->device());
+  if (layout == GroupedMMLayout::k2d3d) {
+    TORCH_CHECK_VALUE(offs->size(0) == mat_b.size(0),
+        op, ": offs has ", offs->size(0), " groups but mat_b ", mat_b.sizes(), " has ", mat_b.size(0));
+  } else if (layout == GroupedMMLayout::k3d2d) {
+    TORCH_CHECK_VALUE(offs->size(0) == mat_a.size(0),
+        op, ": offs has ", offs->size(0), " groups but mat_a ", mat_a.sizes(), " has ", mat_a.size(0));
+  }
+}
+
 // Checks everything that does not need the values of offs. Every message
 // names the argument and the value received.
 inline void grouped_mm_check_inputs(
@@ -105,43 +148,14 @@ inline void grouped_mm_check_inputs(
     const std::optional<Tensor>& offs,
     const std::optional<Tensor>& bias,
     std::optional<ScalarType> out_dtype) {
-  TORCH_CHECK_VALUE(mat_a.dim() == 2 || mat_a.dim() == 3,
-      "grouped_mm: mat_a must be 2-D or 3-D, got ", mat_a.dim(), "-D with sizes ", mat_a.sizes());
-  TORCH_CHECK_VALUE(mat_b.dim() == 2 || mat_b.dim() == 3,
-      "grouped_mm: mat_b must be 2-D or 3-D, got ", mat_b.dim(), "-D with sizes ", mat_b.sizes());
+  grouped_mm_check_dims("grouped_mm", mat_a, mat_b);
   TORCH_CHECK_VALUE(grouped_mm_supported_dtype(mat_a.scalar_type()),
       "grouped_mm: mat_a must be float32, float16, bfloat16 or float64, got ", mat_a.scalar_type());
   TORCH_CHECK_VALUE(mat_b.scalar_type() == mat_a.scalar_type(),
       "grouped_mm: mat_b must have the dtype of mat_a (", mat_a.scalar_type(), "), got ", mat_b.scalar_type());
-  TORCH_CHECK_VALUE(mat_b.device() == mat_a.device(),
-      "grouped_mm: mat_b must be on the device of mat_a (", mat_a.device(), "), got ", mat_b.device());
-  TORCH_CHECK_VALUE(mat_a.size(-1) == mat_b.size(-2),
-      "grouped_mm: contraction sizes differ: mat_a ", mat_a.sizes(), " has K=", mat_a.size(-1),
-      " but mat_b ", mat_b.sizes(), " has K=", mat_b.size(-2));
+  grouped_mm_check_contraction("grouped_mm", mat_a, mat_b);
   grouped_mm_out_dtype(mat_a, out_dtype);
-
-  const auto layout = grouped_mm_layout(mat_a, mat_b);
-  if (layout == GroupedMMLayout::k3d3d) {
-    TORCH_CHECK_VALUE(!offs.has_value(),
-        "grouped_mm: offs must be None when mat_a and mat_b are both 3-D, got offs of sizes ", offs->sizes());
-    TORCH_CHECK_VALUE(mat_a.size(0) == mat_b.size(0),
-        "grouped_mm: batch sizes differ: mat_a ", mat_a.sizes(), ", mat_b ", mat_b.sizes());
-  } else {
-    TORCH_CHECK_VALUE(offs.has_value(),
-        "grouped_mm: offs is required when mat_a or mat_b is 2-D (mat_a ", mat_a.sizes(),
-        ", mat_b ", mat_b.sizes(), ")");
-    TORCH_CHECK_VALUE(offs->dim() == 1, "grouped_mm: offs must be 1-D, got ", offs->dim(), "-D with sizes ", offs->sizes());
-    TORCH_CHECK_VALUE(offs->scalar_type() == kInt, "grouped_mm: offs must be int32, got ", offs->scalar_type());
-    TORCH_CHECK_VALUE(offs->device() == mat_a.device(),
-        "grouped_mm: offs must be on the device of mat_a (", mat_a.device(), "), got ", offs->device());
-    if (layout == GroupedMMLayout::k2d3d) {
-      TORCH_CHECK_VALUE(offs->size(0) == mat_b.size(0),
-          "grouped_mm: offs has ", offs->size(0), " groups but mat_b ", mat_b.sizes(), " has ", mat_b.size(0));
-    } else if (layout == GroupedMMLayout::k3d2d) {
-      TORCH_CHECK_VALUE(offs->size(0) == mat_a.size(0),
-          "grouped_mm: offs has ", offs->size(0), " groups but mat_a ", mat_a.sizes(), " has ", mat_a.size(0));
-    }
-  }
+  grouped_mm_check_layout("grouped_mm", mat_a, mat_b, offs);
 
   if (bias.has_value()) {
     const auto out_size = grouped_mm_out_size(mat_a, mat_b, offs);

@@ -73,46 +73,18 @@ inline ScaledGroupedMMRecipe scaled_grouped_mm_check_inputs(
     const std::optional<Tensor>& bias,
     const std::optional<Tensor>& scale_result,
     std::optional<ScalarType> out_dtype) {
-  TORCH_CHECK_VALUE(mat_a.dim() == 2 || mat_a.dim() == 3,
-      "scaled_grouped_mm: mat_a must be 2-D or 3-D, got ", mat_a.dim(), "-D with sizes ", mat_a.sizes());
-  TORCH_CHECK_VALUE(mat_b.dim() == 2 || mat_b.dim() == 3,
-      "scaled_grouped_mm: mat_b must be 2-D or 3-D, got ", mat_b.dim(), "-D with sizes ", mat_b.sizes());
+  grouped_mm_check_dims("scaled_grouped_mm", mat_a, mat_b);
   TORCH_CHECK_VALUE(scaled_grouped_mm_fp8(mat_a.scalar_type()),
       "scaled_grouped_mm: mat_a must be Float8_e4m3fn or Float8_e5m2, got ", mat_a.scalar_type());
   TORCH_CHECK_VALUE(scaled_grouped_mm_fp8(mat_b.scalar_type()),
       "scaled_grouped_mm: mat_b must be Float8_e4m3fn or Float8_e5m2, got ", mat_b.scalar_type());
-  TORCH_CHECK_VALUE(mat_b.device() == mat_a.device(),
-      "scaled_grouped_mm: mat_b must be on the device of mat_a (", mat_a.device(), "), got ", mat_b.device());
-  TORCH_CHECK_VALUE(mat_a.size(-1) == mat_b.size(-2),
-      "scaled_grouped_mm: contraction sizes differ: mat_a ", mat_a.sizes(), " has K=", mat_a.size(-1),
-      " but mat_b ", mat_b.sizes(), " has K=", mat_b.size(-2));
+  grouped_mm_check_contraction("scaled_grouped_mm", mat_a, mat_b);
   TORCH_CHECK_VALUE(!scale_result.has_value(),
       "scaled_grouped_mm: scale_result is not supported, got a tensor of sizes ", scale_result->sizes());
   const auto out_t = scaled_grouped_mm_out_dtype(out_dtype);
 
+  grouped_mm_check_layout("scaled_grouped_mm", mat_a, mat_b, offs);
   const auto layout = grouped_mm_layout(mat_a, mat_b);
-  if (layout == GroupedMMLayout::k3d3d) {
-    TORCH_CHECK_VALUE(!offs.has_value(),
-        "scaled_grouped_mm: offs must be None when mat_a and mat_b are both 3-D, got offs of sizes ", offs->sizes());
-    TORCH_CHECK_VALUE(mat_a.size(0) == mat_b.size(0),
-        "scaled_grouped_mm: batch sizes differ: mat_a ", mat_a.sizes(), ", mat_b ", mat_b.sizes());
-  } else {
-    TORCH_CHECK_VALUE(offs.has_value(),
-        "scaled_grouped_mm: offs is required when mat_a or mat_b is 2-D (mat_a ", mat_a.sizes(), ", mat_b ",
-        mat_b.sizes(), ")");
-    TORCH_CHECK_VALUE(offs->dim() == 1,
-        "scaled_grouped_mm: offs must be 1-D, got ", offs->dim(), "-D with sizes ", offs->sizes());
-    TORCH_CHECK_VALUE(offs->scalar_type() == kInt, "scaled_grouped_mm: offs must be int32, got ", offs->scalar_type());
-    TORCH_CHECK_VALUE(offs->device() == mat_a.device(),
-        "scaled_grouped_mm: offs must be on the device of mat_a (", mat_a.device(), "), got ", offs->device());
-    if (layout == GroupedMMLayout::k2d3d) {
-      TORCH_CHECK_VALUE(offs->size(0) == mat_b.size(0),
-          "scaled_grouped_mm: offs has ", offs->size(0), " groups but mat_b ", mat_b.sizes(), " has ", mat_b.size(0));
-    } else if (layout == GroupedMMLayout::k3d2d) {
-      TORCH_CHECK_VALUE(offs->size(0) == mat_a.size(0),
-          "scaled_grouped_mm: offs has ", offs->size(0), " groups but mat_a ", mat_a.sizes(), " has ", mat_a.size(0));
-    }
-  }
 
   const int64_t groups = grouped_mm_num_groups(mat_a, mat_b, offs);
   const int64_t m = mat_a.size(-2), n = mat_b.size(-1), k = mat_a.size(-1);
