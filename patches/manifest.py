@@ -628,10 +628,11 @@ ATen/native/MoEScaledGroupedMM.h:
 - rowwise float32 scales in upstream's shapes (scale_a (M,) / (G, M) /
   (G * M,), scale_b (G, N) / (N,) / (G * N,)); for 2D x 3D and 3D x 3D also
   DeepSeek-V3's blockwise float32 scales (1x128 blocks of A, 128x128 blocks
-  of the (N, K) weight) and MX float8_e8m0fnu scales (1x32) in the plain
-  layout _quantize_fp8 returns or, for 3-D operands, the swizzled layout
-  the CUDA kernels read (the per-group swizzle of a 2-D operand is not
-  supported);
+  of the (N, K) weight); MX float8_e8m0fnu scales (1x32 along K) for 2D x 3D,
+  3D x 3D and 2D x 2D (the weight gradient, token groups of whole blocks) in
+  the plain layout _quantize_fp8 returns or, for 3-D operands, the swizzled
+  layout the CUDA kernels read (the per-group swizzle of a 2-D operand is
+  not supported);
 - out_dtype bfloat16 (default) or float32, bias (G, N) in float32 or
   out_dtype; scale_result must be None; use_fast_accum is ignored (float32
   accumulation always);

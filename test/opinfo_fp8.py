@@ -217,6 +217,11 @@ def scaled_grouped_mm_cases(device, dtype):
     god, gos = torch_quantize_fp8(rnd(M, N).t().contiguous(), "rowwise", None, tok)  # (N, M), scale (G, N)
     xd, xs = torch_quantize_fp8(rnd(M, K).t().contiguous(), "rowwise", None, tok)    # (K, M), scale (G, K)
     yield "2d2d_wgrad", dev(god, xd.t(), gos.flatten(), xs.flatten()), dict(offs=tok.to(device), out_dtype=dtype)
+    # MX weight gradient: token groups of whole 32-blocks (an empty one, tokens past offs[-1]).
+    tok = _offs([64, 64, 128, 160], "cpu")
+    god, gos = torch_quantize_fp8(rnd(170, N).t().contiguous(), "mx", None, tok)  # (N, 170), scale (N, 6)
+    xd, xs = torch_quantize_fp8(rnd(170, K).t().contiguous(), "mx", None, tok)    # (K, 170), scale (K, 6)
+    yield "2d2d_wgrad_mx", dev(god, xd.t(), gos, xs), dict(offs=tok.to(device), out_dtype=dtype)
 
 
 def sample_inputs_scaled_grouped_mm(op_info, device, dtype, requires_grad, **kwargs):
@@ -288,13 +293,19 @@ def error_inputs_scaled_grouped_mm(op_info, device, **kwargs):
             r"operands, got \[2, 16\]", a, b, sa_mx, ones(G, 16).to(e8), offs)
     yield e(r"scaled_grouped_mm: scale_a must have shape \[2, 512\] for mx \(swizzled\) scaling of these "
             r"operands, got \[2, 12\]", a3, b, ones(G, 12).to(e8), sb_mx)
-    yield e(r"scaled_grouped_mm: mx scaling supports 2D x 3D and 3D x 3D operands, got mat_a \[2, 6, 64\] and "
-            r"mat_b \[64, 8\]", a3, b2, ones(G, M, 2).to(e8), ones(N, 2).to(e8), _offs([3, 8], device))
+    yield e(r"scaled_grouped_mm: mx scaling supports 2D x 3D, 3D x 3D and 2D x 2D operands, got mat_a "
+            r"\[2, 6, 64\] and mat_b \[64, 8\]", a3, b2, ones(G, M, 2).to(e8), ones(N, 2).to(e8), _offs([3, 8], device))
     yield e(r"scaled_grouped_mm: bias must have shape \(G, N\) = \(2, 8\), got \[8\]", a, b, sa, sb, offs,
             bias=ones(N))
     yield e(r"scaled_grouped_mm: bias must be float32 or the output dtype \(BFloat16\), got Half", a, b, sa, sb,
             offs, bias=ones(G, N).half())
+    # 2D x 2D mx: mat_a (8, 64), mat_b (64, 6): scale_a (8, 2), scale_b (6, 2).
+    yield e(r"scaled_grouped_mm: scale_b must have shape \[6, 2\] for mx scaling of these operands, got \[8, 2\]",
+            b2.t().contiguous(), a.t(), ones(N, 2).to(e8), ones(N, 2).to(e8), _offs([32, 64], device))
     if torch.device(device).type == "cpu":
+        yield e(r"scaled_grouped_mm: with mx scales every group of K must hold whole 32-element blocks: offs\[g\] "
+                r"must be a multiple of 32 or K=64, got offs\[0\]=30", b2.t().contiguous(), a.t(), ones(N, 2).to(e8),
+                ones(M, 2).to(e8), _offs([30, 64], device), name="offs_values")
         yield e(r"scaled_grouped_mm: offs must be non-decreasing in \[0, M \(mat_a.size\(0\)\)=6\], got "
                 r"offs\[1\]=7 after offs\[0\]=2", a, b, sa, sb, _offs([2, 7], device), name="offs_values")
 

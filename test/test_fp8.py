@@ -394,12 +394,16 @@ def test_roundtrip_error_bound(recipe, f8, bound):
 @st.composite
 def scaled_problems(draw):
     layout = draw(st.sampled_from(["2d3d", "3d3d", "3d2d", "2d2d"]))
-    recipe = draw(st.sampled_from(["rowwise", "mx", "blockwise"])) if layout in ("2d3d", "3d3d") else "rowwise"
+    recipes = {"2d3d": ["rowwise", "mx", "blockwise"], "3d3d": ["rowwise", "mx", "blockwise"], "3d2d": ["rowwise"],
+               "2d2d": ["rowwise", "mx"]}[layout]
+    recipe = draw(st.sampled_from(recipes))
     groups = draw(st.integers(1, 5))
     big = recipe == "blockwise" and draw(st.booleans())  # past one 128-block in K and N
     m, k = draw(st.integers(0, 40)), draw(st.integers(0, 300 if big else 100))
     n = draw(st.integers(1, 300 if big else 40))
     sizes = draw(st.lists(st.integers(0, 12), min_size=groups, max_size=groups))
+    if layout == "2d2d" and recipe == "mx":  # token groups of whole 32-blocks
+        sizes = [32 * (s_ % 3) for s_ in sizes]
     return layout, recipe, groups, m, k, n, sizes
 
 
@@ -432,10 +436,12 @@ def test_property_scaled_grouped_mm(problem, f8, out_dtype, with_bias, k_major, 
     elif layout == "3d2d":
         a, sa = torch_quantize_fp8(torch.randn(groups, m, k, generator=g), recipe, f8)
         b, sb = right(torch.randn(k, total + 1, generator=g))
-    else:  # 2d2d: groups along K, per-group rowwise scales of A's rows and B's columns
+    else:  # 2d2d: groups along K; rowwise: per-group scales of A's rows and B's columns
         a, sa = torch_quantize_fp8(torch.randn(m, total + 3, generator=g), recipe, f8, ends)
         bt, sb = torch_quantize_fp8(torch.randn(n, total + 3, generator=g), recipe, f8, ends)
-        b, sa, sb = bt.t(), sa.flatten(), sb.flatten()
+        b = bt.t()
+        if recipe == "rowwise":
+            sa, sb = sa.flatten(), sb.flatten()
     n_out = b.shape[-1]
     bias = torch.randn(groups, n_out, generator=g) if with_bias else None
     out = torch.ops.moe_ops.scaled_grouped_mm(a, b, sa, sb, offs, bias, None, out_dtype)
@@ -495,6 +501,24 @@ def test_fp8_grouped_mm_against_float64(recipe, dtype):
     assert _sqnr_db(out, ref) > 24 and _sqnr_db(ga[:128], ra[:128]) > 24
     assert ga[128:].eq(0).all()  # rows past offs[-1] take no gradient
     assert _sqnr_db(gb, rb) > (24 if recipe == "rowwise" else 40)
+
+
+def test_fp8_grouped_mm_mx_wgrad_in_fp8():
+    """MX weight gradient as a scaled 2D x 2D GEMM: token groups of whole
+    32-blocks (as permute(..., alignment=32) makes them), one empty; the same
+    SQNR bound as the other float8 GEMMs. Misaligned groups are an error."""
+    g = torch.Generator().manual_seed(5)
+    offs = torch.tensor([64, 64, 160, 192], dtype=torch.int32)
+    a = torch.randn(200, 256, generator=g).bfloat16().requires_grad_()
+    b = (torch.randn(4, 96, 256, generator=g) * 0.05).bfloat16().transpose(-2, -1).requires_grad_()
+    go = torch.randn(200, 96, generator=g).bfloat16()
+    (gb,) = torch.autograd.grad(torch_moe_ops.fp8_grouped_mm(a, b, offs, "mx", wgrad="fp8"), (b,), go)
+    (rb,) = torch.autograd.grad(torch_moe_ops.grouped_mm(a.double(), b.double(), offs), (b,), go.double())
+    assert _sqnr_db(gb, rb) > 24
+    bad = torch.tensor([60, 64, 160, 192], dtype=torch.int32)
+    out = torch_moe_ops.fp8_grouped_mm(a, b, bad, "mx", wgrad="fp8")
+    with pytest.raises(ValueError, match=r"offs\[g\] must be a multiple of 32 .* got offs\[0\]=60"):
+        torch.autograd.grad(out, (b,), go)
 
 
 def test_fp8_grouped_mm_backward_is_the_documented_gemms():

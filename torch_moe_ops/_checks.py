@@ -526,8 +526,8 @@ def check_scaled_grouped_mm_inputs(mat_a, mat_b, scale_a, scale_b, offs, bias, s
             lambda: "scaled_grouped_mm: scale_a and scale_b must both be float32 (rowwise, blockwise) or both "
             f"Float8_e8m0fnu (mx), got {_fp8_c10(scale_a.dtype)} and {_fp8_c10(scale_b.dtype)}")
         recipe = "mx"
-        chk(layout in ("2d3d", "3d3d"),
-            lambda: "scaled_grouped_mm: mx scaling supports 2D x 3D and 3D x 3D operands, got mat_a "
+        chk(layout != "3d2d",
+            lambda: "scaled_grouped_mm: mx scaling supports 2D x 3D, 3D x 3D and 2D x 2D operands, got mat_a "
             f"{_sizes(mat_a)} and mat_b {_sizes(mat_b)}")
         s = (k + 31) // 32
         sp = _ceil_div(s, 4) * 4
@@ -535,13 +535,17 @@ def check_scaled_grouped_mm_inputs(mat_a, mat_b, scale_a, scale_b, offs, bias, s
         def swz(rows):
             return [groups, _ceil_div(rows, 128) * 128 * sp]
 
-        if layout == "2d3d":
+        if layout == "2d2d":
+            _scaled_check_scale("scale_a", scale_a, [m, s], recipe)
+        elif layout == "2d3d":
             _scaled_check_scale("scale_a", scale_a, [m, s], recipe)
         elif scale_a.dim() == 2:
             _scaled_check_scale("scale_a", scale_a, swz(m), "mx (swizzled)")
         else:
             _scaled_check_scale("scale_a", scale_a, [groups, m, s], recipe)
-        if scale_b.dim() == 2:
+        if layout == "2d2d":
+            _scaled_check_scale("scale_b", scale_b, [n, s], recipe)
+        elif scale_b.dim() == 2:
             _scaled_check_scale("scale_b", scale_b, swz(n), "mx (swizzled)")
         else:
             _scaled_check_scale("scale_b", scale_b, [groups, n, s], recipe)

@@ -325,7 +325,7 @@ def torch_scaled_grouped_mm(
         s = -(-k // 32)
         if mat_a.dim() == 3 and scale_a.dim() == 2:  # swizzled
             sa = _fp8_unswizzle(sa, a.shape[1], s)
-        if scale_b.dim() == 2:
+        if mat_b.dim() == 3 and scale_b.dim() == 2:
             sb = _fp8_unswizzle(sb, n, s)
         a = a * sa.repeat_interleave(32, -1)[..., :k]
         b = b * sb.repeat_interleave(32, -1)[..., :k].transpose(-2, -1)

@@ -112,8 +112,9 @@ def scaled_grouped_mm(
     * rowwise float32, upstream's shapes: ``scale_a (M,)`` / ``(G, M)`` (3-D
       ``mat_a``) / ``(G * M,)`` (2D x 2D); ``scale_b (G, N)`` / ``(N,)`` (2-D
       ``mat_b`` in 3D x 2D) / ``(G * N,)`` (2D x 2D);
-    * mx float8_e8m0fnu (2D x 3D, 3D x 3D): ``scale_a (M, ceil(K/32))`` or
-      ``(G, M, ceil(K/32))``, ``scale_b (G, N, ceil(K/32))`` (the scale of
+    * mx float8_e8m0fnu (2D x 3D, 3D x 3D, 2D x 2D): ``scale_a (M, ceil(K/32))``
+      or ``(G, M, ceil(K/32))``, ``scale_b (G, N, ceil(K/32))`` (``(N, ceil(K/32))``
+      in 2D x 2D, whose ``offs`` must fall on multiples of 32) (the scale of
       ``quantize_fp8(w.transpose(-2, -1), "mx")``); the scale of a 3-D
       operand may also be swizzled (``quantize_fp8(..., swizzle=True)``, the
       layout upstream's CUDA kernels read): ``(G, round_up(rows, 128) *
@@ -152,17 +153,18 @@ class _Fp8GroupedMM(torch.autograd.Function):
     The operands are re-quantised along each GEMM's own contraction dimension,
     so every scale block lies within one reduction (and, for wgrad, one group).
     The high-precision A and B are saved, not their float8 copies: the backward
-    quantises along other axes. With "mx", the weight gradient is computed in
-    high precision (torchao's wgrad_with_hp; scaled_grouped_mm has no MX 2D x 2D).
+    quantises along other axes. wgrad_fp8=False computes the weight gradient in
+    high precision instead (torchao's wgrad_with_hp).
     """
 
     @staticmethod
-    def forward(ctx, a, b, offs, recipe, out_dtype):
+    def forward(ctx, a, b, offs, recipe, out_dtype, wgrad_fp8):
         a_d, a_s = _quantize(a, recipe, None, None, False)
         bt_d, b_s = _quantize(b.transpose(-2, -1), recipe, None, None, False)
         out = _scaled_grouped_mm(a_d, bt_d.transpose(-2, -1), a_s, b_s, offs, None, None, out_dtype, False)
         ctx.save_for_backward(a if ctx.needs_input_grad[1] else None, b if ctx.needs_input_grad[0] else None, offs)
         ctx.recipe = recipe
+        ctx.wgrad_fp8 = wgrad_fp8
         ctx.dtypes = (a.dtype, b.dtype)
         return out
 
@@ -179,16 +181,18 @@ class _Fp8GroupedMM(torch.autograd.Function):
             grad_a = _scaled_grouped_mm(g_d, b_d.transpose(-2, -1), g_s, b_s, offs, None, None,
                                         _out_dtype(a_dtype), False).to(a_dtype)
         if ctx.needs_input_grad[1]:
-            if recipe == "rowwise":
-                at_d, at_s = _quantize(a.t(), recipe, None, offs, False)     # (K, M), (G, K)
-                gt_d, gt_s = _quantize(grad.t(), recipe, None, offs, False)  # (N, M), (G, N)
-                grad_b = _scaled_grouped_mm(at_d, gt_d.t(), at_s.flatten(), gt_s.flatten(), offs, None, None,
-                                            torch.float32, False)
+            if ctx.wgrad_fp8:
+                # Blocks along the tokens, never across two experts' tokens.
+                at_d, at_s = _quantize(a.t(), recipe, None, offs, False)     # (K, M); rowwise (G, K), mx (K, M/32)
+                gt_d, gt_s = _quantize(grad.t(), recipe, None, offs, False)  # (N, M); rowwise (G, N), mx (N, M/32)
+                if recipe == "rowwise":
+                    at_s, gt_s = at_s.flatten(), gt_s.flatten()
+                grad_b = _scaled_grouped_mm(at_d, gt_d.t(), at_s, gt_s, offs, None, None, torch.float32, False)
             else:
                 out_dtype = torch.float32 if grad.dtype in (torch.bfloat16, torch.float16) else None
                 grad_b = torch.ops.moe_ops.grouped_mm(a.t(), grad, offs, None, out_dtype)
             grad_b = grad_b.to(b_dtype)
-        return grad_a, grad_b, None, None, None
+        return grad_a, grad_b, None, None, None, None
 
 
 def _out_dtype(dtype: torch.dtype) -> torch.dtype:
@@ -200,15 +204,21 @@ def fp8_grouped_mm(
     b: torch.Tensor,
     offs: torch.Tensor,
     recipe: str = "rowwise",
+    wgrad: str = "auto",
 ) -> torch.Tensor:
     """Differentiable ``grouped_mm(a, b, offs)`` (2D x 3D: rows ``offs[g-1]:offs[g]`` of
     ``a (M, K)`` times ``b[g] (K, N)``) with the forward and both backward GEMMs in
     float8_e4m3fn, as torchao's MoE training does.
 
     ``recipe``: ``"rowwise"`` (float32 scales per row / column of each GEMM's
-    operands; the weight gradient per group of tokens) or ``"mx"`` (1x32 blocks
-    with e8m0 scales; the weight gradient in high precision). The output has
-    ``a``'s dtype (bfloat16 from bfloat16 inputs, float32 from float32).
+    operands; the weight gradient's per group of tokens) or ``"mx"`` (1x32
+    blocks with e8m0 scales). ``wgrad``: ``"fp8"`` (the weight gradient as a
+    scaled 2D x 2D GEMM over each expert's tokens), ``"hp"`` (in high
+    precision, torchao's ``wgrad_with_hp``) or ``"auto"``: ``"fp8"`` for
+    rowwise, ``"hp"`` for mx, whose float8 weight gradient needs every
+    expert's token count to be a multiple of 32 (``permute(..., alignment=32)``;
+    checked by the kernels on the values of ``offs``). The output has ``a``'s
+    dtype (bfloat16 from bfloat16 inputs, float32 from float32).
     """
     # Plain raises: the conditions are static (recipe, ranks, dtypes), which
     # torch.compile evaluates at trace time.
@@ -218,4 +228,7 @@ def fp8_grouped_mm(
         raise ValueError(f"fp8_grouped_mm: a must be 2-D and b 3-D, got a {list(a.shape)} and b {list(b.shape)}")
     if a.dtype not in (torch.bfloat16, torch.float32) or b.dtype != a.dtype:
         raise ValueError(f"fp8_grouped_mm: a and b must both be bfloat16 or both float32, got {a.dtype} and {b.dtype}")
-    return _Fp8GroupedMM.apply(a, b, offs, recipe, _out_dtype(a.dtype))
+    if wgrad not in ("auto", "fp8", "hp"):
+        raise ValueError(f"fp8_grouped_mm: wgrad must be 'auto', 'fp8' or 'hp', got '{wgrad}'")
+    wgrad_fp8 = wgrad == "fp8" or (wgrad == "auto" and recipe == "rowwise")
+    return _Fp8GroupedMM.apply(a, b, offs, recipe, _out_dtype(a.dtype), wgrad_fp8)

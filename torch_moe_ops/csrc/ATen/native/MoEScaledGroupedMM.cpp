@@ -52,6 +52,10 @@ Tensor scaled_grouped_mm_cpu(
           "scaled_grouped_mm: offs must be non-decreasing in [0, ", grouped_mm_split_name(layout), "=", split,
           "], got offs[", g, "]=", end,
           g == 0 ? std::string() : " after offs[" + std::to_string(g - 1) + "]=" + std::to_string(prev));
+      TORCH_CHECK_VALUE(recipe != ScaledGroupedMMRecipe::kMX || layout != GroupedMMLayout::k2d2d || end % 32 == 0 ||
+                            end == split,
+          "scaled_grouped_mm: with mx scales every group of K must hold whole 32-element blocks: offs[g] must be "
+          "a multiple of 32 or K=", split, ", got offs[", g, "]=", end);
       prev = end;
     }
   }
@@ -63,7 +67,7 @@ Tensor scaled_grouped_mm_cpu(
     const bool mx = recipe == ScaledGroupedMMRecipe::kMX;
     const Tensor sa = mx && mat_a.dim() == 3 && scale_a.dim() == 2
         ? unswizzle_cpu(scale_a, mat_a.size(1), s) : scale_a.contiguous();
-    const Tensor sb = mx && scale_b.dim() == 2 ? unswizzle_cpu(scale_b, mat_b.size(2), s)
+    const Tensor sb = mx && mat_b.dim() == 3 && scale_b.dim() == 2 ? unswizzle_cpu(scale_b, mat_b.size(2), s)
                                                : scale_b.contiguous();
     scaled_grouped_mm_stub(kCPU, mat_a, mat_b, sa, sb, offs, bias, recipe, out);
   }

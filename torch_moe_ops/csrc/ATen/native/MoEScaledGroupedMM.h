@@ -17,8 +17,10 @@
 //     3D x 2D  scale_a (G, M)    scale_b (N,)
 //     2D x 2D  scale_a (G * M,)  scale_b (G * N,)   (one scale per row and group,
 //              group-major: quantize_fp8(..., "rowwise", offs=offs) flattened)
-//   mx, float8_e8m0fnu, 1x32 blocks along K (2D x 3D and 3D x 3D):
+//   mx, float8_e8m0fnu, 1x32 blocks along K (2D x 3D, 3D x 3D, 2D x 2D):
 //     scale_a (M, ceil(K/32)) or (G, M, ceil(K/32)), scale_b (G, N, ceil(K/32))
+//     or, in 2D x 2D, (N, ceil(K/32)), where every offs must be a multiple
+//     of 32 (or K) so that no block straddles two groups
 //     (quantize_fp8(mat_b.transpose(-2, -1), "mx")). The scale of a 3-D
 //     operand may also come swizzled, in the blocked layout upstream's CUDA
 //     kernels read (quantize_fp8(..., swizzle=True)): scale_b (G, round_up(N,
@@ -128,20 +130,24 @@ inline ScaledGroupedMMRecipe scaled_grouped_mm_check_inputs(
         "(mx), got ",
         scale_a.scalar_type(), " and ", scale_b.scalar_type());
     recipe = ScaledGroupedMMRecipe::kMX;
-    TORCH_CHECK_VALUE(layout == GroupedMMLayout::k2d3d || layout == GroupedMMLayout::k3d3d,
-        "scaled_grouped_mm: mx scaling supports 2D x 3D and 3D x 3D operands, got mat_a ", mat_a.sizes(),
+    TORCH_CHECK_VALUE(layout != GroupedMMLayout::k3d2d,
+        "scaled_grouped_mm: mx scaling supports 2D x 3D, 3D x 3D and 2D x 2D operands, got mat_a ", mat_a.sizes(),
         " and mat_b ", mat_b.sizes());
     const int64_t s = (k + 31) / 32;
     const char* what = "mx";
     const char* swizzled = "mx (swizzled)";
-    if (layout == GroupedMMLayout::k2d3d) {
+    if (layout == GroupedMMLayout::k2d2d) {  // groups along K: offs must fall on 32-blocks (checked on values)
+      scaled_grouped_mm_check_scale("scale_a", scale_a, {m, s}, what);
+      scaled_grouped_mm_check_scale("scale_b", scale_b, {n, s}, what);
+    } else if (layout == GroupedMMLayout::k2d3d) {
       scaled_grouped_mm_check_scale("scale_a", scale_a, {m, s}, what);
     } else if (scale_a.dim() == 2) {
       scaled_grouped_mm_check_scale("scale_a", scale_a, {groups, fp8_round_up(m, 128) * fp8_round_up(s, 4)}, swizzled);
     } else {
       scaled_grouped_mm_check_scale("scale_a", scale_a, {groups, m, s}, what);
     }
-    if (scale_b.dim() == 2) {
+    if (layout == GroupedMMLayout::k2d2d) {
+    } else if (scale_b.dim() == 2) {
       scaled_grouped_mm_check_scale("scale_b", scale_b, {groups, fp8_round_up(n, 128) * fp8_round_up(s, 4)}, swizzled);
     } else {
       scaled_grouped_mm_check_scale("scale_b", scale_b, {groups, n, s}, what);

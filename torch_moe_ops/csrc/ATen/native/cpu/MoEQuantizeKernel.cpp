@@ -196,6 +196,32 @@ MOE_OPS_AVX512 void dequantize_avx512(const uint8_t* d, out_t* out, int64_t n, f
   }
 }
 
+// A whole row of 32-element blocks (MX): the amax of each block, then its
+// quantisation, without a call per block.
+template <typename scalar_t>
+MOE_OPS_AVX512 void amax32_avx512(const scalar_t* x, int64_t blocks, float* out) {
+  for (int64_t b = 0; b < blocks; ++b) {
+    const __m512 v0 = load16(x + 32 * b, 0xFFFF), v1 = load16(x + 32 * b + 16, 0xFFFF);
+    const __mmask16 nan = _mm512_cmp_ps_mask(v0, v0, _CMP_UNORD_Q) | _mm512_cmp_ps_mask(v1, v1, _CMP_UNORD_Q);
+    out[b] = nan ? std::numeric_limits<float>::quiet_NaN()
+                 : _mm512_reduce_max_ps(_mm512_max_ps(_mm512_abs_ps(v0), _mm512_abs_ps(v1)));
+  }
+}
+
+template <typename scalar_t>
+MOE_OPS_AVX512 void quantize32_avx512(const scalar_t* x, uint8_t* out, int64_t blocks, const float* q,
+                                      const Fp8Format& f) {
+  const __m512 hi = _mm512_set1_ps(f.max), lo = _mm512_set1_ps(-f.max);
+  for (int64_t b = 0; b < blocks; ++b) {
+    const __m512 vq = _mm512_set1_ps(q[b]);
+    for (int64_t h = 0; h < 32; h += 16) {
+      __m512 v = _mm512_mul_ps(load16(x + 32 * b + h, 0xFFFF), vq);
+      v = _mm512_min_ps(hi, _mm512_max_ps(lo, v));
+      _mm_storeu_si128(reinterpret_cast<__m128i*>(out + 32 * b + h), _mm512_cvtepi32_epi8(fp8_encode16(v, f)));
+    }
+  }
+}
+
 #if defined(__GNUC__) && !defined(__clang__)
 #pragma GCC diagnostic pop
 #endif
@@ -288,17 +314,26 @@ void quantize_typed(const Tensor& x, const Blocks& bl, const Fp8Format& f, const
   const int64_t total_rows = bl.nb * rows;
 
   // (1) amax per (row, segment).
+  // MX rows (fixed 32-wide segments) go through the whole-row AVX-512 loops.
+  const bool whole32 = !bl.grouped && fp8_block_cols(bl.recipe) == 32;
   std::vector<float> ra(static_cast<size_t>(total_rows * nseg));
   at::parallel_for(0, total_rows, row_grain(cols), [&](int64_t begin, int64_t end) {
     for (int64_t r = begin; r < end; ++r) {
-      for (int64_t s = 0; s < nseg; ++s) {
+      int64_t s0 = 0;
+#ifdef MOE_OPS_HAVE_AVX512
+      if (whole32 && moe_cpu_has_avx512()) {  // full blocks here, a partial last one below
+        amax32_avx512(xp + r * cols, cols / 32, &ra[r * nseg]);
+        s0 = cols / 32;
+      }
+#endif
+      for (int64_t s = s0; s < nseg; ++s) {
         ra[r * nseg + s] = row_amax(xp + r * cols + bl.seg[s], bl.seg[s + 1] - bl.seg[s]);
       }
     }
   });
 
-  // (2) per block: amax, multiplier q, stored scale. Blocks are few (at most
-  // one per 32 elements); serial.
+  // (2) per block: amax, multiplier q, stored scale; block rows in parallel
+  // (MX has one block per 32 elements: serial, this pass halved its rate).
   const bool mx = bl.recipe == Fp8Recipe::kMX;
   std::vector<float> qs(static_cast<size_t>(bl.nb * bl.nrb * nseg));
   if (bl.swizzle) {
@@ -306,8 +341,10 @@ void quantize_typed(const Tensor& x, const Blocks& bl, const Fp8Format& f, const
   }
   float* sf = mx ? nullptr : scale.data_ptr<float>();
   uint8_t* s8 = mx ? static_cast<uint8_t*>(scale.data_ptr()) : nullptr;
-  for (int64_t b = 0; b < bl.nb; ++b) {
-    for (int64_t rb = 0; rb < bl.nrb; ++rb) {
+  at::parallel_for(0, bl.nb * bl.nrb, std::max<int64_t>(1, 4096 / std::max<int64_t>(nseg, 1)),
+                   [&](int64_t begin, int64_t end) {
+    for (int64_t j = begin; j < end; ++j) {
+      const int64_t b = j / bl.nrb, rb = j % bl.nrb;
       const int64_t r1 = std::min(rows, (rb + 1) * bl.block_rows);
       for (int64_t s = 0; s < nseg; ++s) {
         float amax = 0.0f;
@@ -336,14 +373,21 @@ void quantize_typed(const Tensor& x, const Blocks& bl, const Fp8Format& f, const
         qs[(b * bl.nrb + rb) * nseg + s] = q;
       }
     }
-  }
+  });
 
   // (3) quantize.
   const int64_t covered = bl.covered();
   at::parallel_for(0, total_rows, row_grain(cols), [&](int64_t begin, int64_t end) {
     for (int64_t r = begin; r < end; ++r) {
       const int64_t b = r / rows, rb = (r % rows) / bl.block_rows;
-      for (int64_t s = 0; s < nseg; ++s) {
+      int64_t s0 = 0;
+#ifdef MOE_OPS_HAVE_AVX512
+      if (whole32 && moe_cpu_has_avx512()) {
+        quantize32_avx512(xp + r * cols, dp + r * cols, cols / 32, &qs[(b * bl.nrb + rb) * nseg], f);
+        s0 = cols / 32;
+      }
+#endif
+      for (int64_t s = s0; s < nseg; ++s) {
         row_quantize(xp + r * cols + bl.seg[s], dp + r * cols + bl.seg[s], bl.seg[s + 1] - bl.seg[s],
                      qs[(b * bl.nrb + rb) * nseg + s], f);
       }

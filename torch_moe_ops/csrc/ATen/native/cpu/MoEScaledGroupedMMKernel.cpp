@@ -354,8 +354,11 @@ void scaled_grouped_mm_typed(const Tensor& mat_a, const Tensor& mat_b, const Ten
       case GroupedMMLayout::k2d2d: {  // contraction slice [s0, s1)
         tile_t* const pa = ws_a.get<tile_t>(M * (s1 - s0));
         tile_t* const pb = ws_b.get<tile_t>((s1 - s0) * N);
-        const auto sa_str = convert_batch(A + s0 * a_cs, 1, 0, M, s1 - s0, a_rs, a_cs, ta, none, 0, pa, 0);
-        const auto sb_str = convert_batch(B + s0 * b_rs, 1, 0, s1 - s0, N, b_rs, b_cs, tb, none, 0, pb, 0);
+        // MX: A (m, k) -> scale_a[m, k / 32], B (k, n) -> scale_b[n, k / 32]; s0 is a multiple of 32.
+        const ScaleMap a2 = mx ? ScaleMap{sa8 + s0 / 32, nullptr, 1, S, 32, 1} : none;
+        const ScaleMap b2 = mx ? ScaleMap{sb8 + s0 / 32, nullptr, 32, 1, 1, S} : none;
+        const auto sa_str = convert_batch(A + s0 * a_cs, 1, 0, M, s1 - s0, a_rs, a_cs, ta, a2, 0, pa, 0);
+        const auto sb_str = convert_batch(B + s0 * b_rs, 1, 0, s1 - s0, N, b_rs, b_cs, tb, b2, 0, pb, 0);
         ta_t = blob(pa, {M, s1 - s0}, {sa_str.rs, sa_str.cs});
         tb_t = blob(pb, {s1 - s0, N}, {sb_str.rs, sb_str.cs});
         break;
@@ -385,8 +388,8 @@ void scaled_grouped_mm_typed(const Tensor& mat_a, const Tensor& mat_b, const Ten
                             sb + start[g], bias_g != nullptr ? bias_g + start[g] : nullptr});
           break;
         case GroupedMMLayout::k2d2d:
-          blocks.push_back({ap + (g - g0) * acc.stride(0), acc_rs, op + g * M * n_out, n_out, M, N, sa + g * M,
-                            sb + g * N, bias_g});
+          blocks.push_back({ap + (g - g0) * acc.stride(0), acc_rs, op + g * M * n_out, n_out, M, N,
+                            rowwise ? sa + g * M : nullptr, rowwise ? sb + g * N : nullptr, bias_g});
           break;
       }
     }
