@@ -188,3 +188,39 @@ def test_compile_fullgraph_no_recompile(impl):
         torch.testing.assert_close(out, ref, rtol=0, atol=0)
         out.sum().backward()
     assert counter.frame_count == 1
+
+
+@pytest.mark.parametrize("recipe", ["rowwise", "mx"])
+def test_fp8_recipe_switch(recipe):
+    """fp8_recipe runs the expert GEMMs through fp8_grouped_mm: output and
+    gradients stay close to the bf16 module's but are not equal to them (the
+    switch is really taken). e4m3 keeps ~31 dB per operand rowwise and ~26 dB
+    with MX's power-of-two scales; every gradient here passes through at
+    least three quantised GEMMs and a loss that squares the quantised output.
+    Measured over three seeds: 21.6-26.1 dB rowwise, 15.3-19.2 dB mx; the
+    bounds sit ~2.5 dB below (a wrong scale or layout loses all of it)."""
+    torch.manual_seed(4)
+    base = MoEConfig(hidden=64, intermediate=64, num_experts=8, top_k=2)
+    moe = MoE(base, dtype=torch.bfloat16)
+    moe8 = MoE(MoEConfig(**{**base.__dict__, "fp8_recipe": recipe}), dtype=torch.bfloat16)
+    moe8.load_state_dict(moe.state_dict())
+    x = torch.randn(48, 64).to(torch.bfloat16)
+
+    def run(m):
+        xx = x.clone().requires_grad_()
+        out, _ = m(xx)
+        out.float().square().sum().backward()
+        return [out.float(), xx.grad.float(), m.gate_up_proj.grad.float(), m.down_proj.grad.float()]
+
+    def sqnr(a, b):
+        return 10 * torch.log10(b.square().sum() / (a - b).square().sum()).item()
+
+    bound = {"rowwise": 19.0, "mx": 12.5}[recipe]
+    for a, b in zip(run(moe8), run(moe)):
+        assert not torch.equal(a, b)
+        assert sqnr(a, b) > bound, sqnr(a, b)
+
+
+def test_fp8_recipe_rejects_bias():
+    with pytest.raises(ValueError, match="fp8_recipe does not support expert_bias"):
+        MoEConfig(hidden=8, intermediate=8, num_experts=2, top_k=1, expert_bias=True, fp8_recipe="rowwise")

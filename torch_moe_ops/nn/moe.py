@@ -28,7 +28,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..ops import fused_experts, grouped_mm, permute, router_topk, unpermute
+from ..ops import fp8_grouped_mm, fused_experts, grouped_mm, permute, router_topk, unpermute
 
 ACTIVATIONS = ("swiglu", "geglu", "swiglu_clamped", "silu", "gelu", "relu")
 GATED = ("swiglu", "geglu", "swiglu_clamped")
@@ -56,6 +56,10 @@ class MoEConfig:
     aux_loss: also return the Switch load-balancing loss.
     experts_impl: "fused" (moe_ops::expert_mlp: memory-lean backward) or
         "unfused" (permute / grouped_mm / activation / grouped_mm / unpermute).
+    fp8_recipe: None, or "rowwise" / "mx" to train the expert GEMMs in float8
+        (fp8_grouped_mm: forward, input gradient and, for rowwise, weight
+        gradient as scaled grouped GEMMs, torchao's MoE recipe); takes the
+        unfused path; no expert biases yet.
     """
 
     hidden: int
@@ -76,12 +80,17 @@ class MoEConfig:
     shared_intermediate: int = 0
     aux_loss: bool = False
     experts_impl: Literal["fused", "unfused"] = "fused"
+    fp8_recipe: Optional[Literal["rowwise", "mx"]] = None
 
     def __post_init__(self) -> None:
         if self.activation not in ACTIVATIONS:
             raise ValueError(f"MoEConfig: activation must be one of {ACTIVATIONS}, got {self.activation!r}")
         if self.experts_impl not in ("fused", "unfused"):
             raise ValueError(f"MoEConfig: experts_impl must be 'fused' or 'unfused', got {self.experts_impl!r}")
+        if self.fp8_recipe not in (None, "rowwise", "mx"):
+            raise ValueError(f"MoEConfig: fp8_recipe must be None, 'rowwise' or 'mx', got {self.fp8_recipe!r}")
+        if self.fp8_recipe is not None and self.expert_bias:
+            raise ValueError("MoEConfig: fp8_recipe does not support expert_bias yet (fp8_grouped_mm has no bias)")
         if self.gate_up_interleaved and self.activation not in GATED:
             raise ValueError(f"MoEConfig: gate_up_interleaved needs a gated activation, got {self.activation!r}")
 
@@ -173,6 +182,11 @@ class MoE(nn.Module):
     def experts(self, x: torch.Tensor, weights: torch.Tensor, expert_ids: torch.Tensor) -> torch.Tensor:
         """The routed experts on tokens (T, H) with their (T, k) routing."""
         c = self.config
+        if c.fp8_recipe is not None:
+            rows, dst_rows, _, offs = permute(x, expert_ids, c.num_experts)
+            h = fp8_grouped_mm(rows, self.gate_up_proj.transpose(-2, -1), offs, c.fp8_recipe)
+            y = fp8_grouped_mm(expert_activation(h, c), self.down_proj.transpose(-2, -1), offs, c.fp8_recipe)
+            return unpermute(y, dst_rows, weights)
         if c.experts_impl == "fused":
             return fused_experts(x, expert_ids, weights, self.gate_up_proj.transpose(-2, -1),
                                  self.down_proj.transpose(-2, -1), self.gate_up_bias, self.down_bias, c.activation,
