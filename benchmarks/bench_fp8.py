@@ -15,6 +15,11 @@
 
    Issue #6's target: fp8 >= 0.5x bf16. All timings of one row are taken
    side by side, interleaved in rounds (median round per statement).
+3. Bytes of one MoE layer at full size (every model of moe_shapes.json): the
+   expert weights (gate_up + down) and the expert GEMMs' inputs for 4096
+   tokens, in bfloat16 against float8 data + scales, rowwise and MX. The
+   float8 sizes are those quantize_fp8 returns, taken from its fake kernel
+   (no full-size tensor is allocated).
 
     python benchmarks/bench_fp8.py [--quick] [--json PATH] [--check]
 """
@@ -22,11 +27,13 @@
 from __future__ import annotations
 
 import argparse
+import json
 import os
 from dataclasses import dataclass
 from typing import Optional
 
 import torch
+from torch._subclasses.fake_tensor import FakeTensorMode
 
 import torch_moe_ops  # noqa: F401
 from _harness import interleaved_medians, print_machine, report
@@ -119,6 +126,41 @@ def run_gemm(cfg, min_run_time: float, rounds: int) -> GemmResult:
                       gf["fp8_mx"])
 
 
+@dataclass(frozen=True)
+class BytesResult:
+    config: str
+    weights_bf16_gb: float
+    weights_rowwise_gb: float
+    weights_mx_gb: float
+    inputs_bf16_mb: float
+    inputs_rowwise_mb: float
+    inputs_mx_mb: float
+
+
+def layer_bytes(name: str, entry: dict, tokens: int = 4096) -> BytesResult:
+    """A layer's expert weights, quantised per output column (blocks along K,
+    as the scaled GEMMs read them), and the inputs of its two expert GEMMs:
+    tokens * top_k rows of H, then of I."""
+    e, h, i, k = entry["experts"], entry["hidden"], entry["expert_intermediate"], entry["top_k"]
+    shapes_w = [(e, 2 * i, h), (e, h, i)]  # transformers' (E, out, in) layouts
+    shapes_x = [(tokens * k, h), (tokens * k, i)]
+
+    def nbytes(shapes, recipe):
+        total = 0
+        with FakeTensorMode():
+            for shape in shapes:
+                t = torch.empty(shape, dtype=torch.bfloat16)
+                if recipe is None:
+                    total += t.numel() * t.element_size()
+                    continue
+                data, scale = torch_moe_ops.quantize_fp8(t, recipe)
+                total += data.numel() * data.element_size() + scale.numel() * scale.element_size()
+        return total
+
+    return BytesResult(name, *(nbytes(shapes_w, r) / 1e9 for r in (None, "rowwise", "mx")),
+                       *(nbytes(shapes_x, r) / 1e6 for r in (None, "rowwise", "mx")))
+
+
 def main(argv: Optional[list[str]] = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--quick", action="store_true", help="two shapes, shorter timing")
@@ -146,7 +188,19 @@ def main(argv: Optional[list[str]] = None) -> int:
               f"{r.fp8_quant_gflops:>9.1f} {r.fp8_mx_gflops:>7.1f} {r.fp8_vs_bf16:>7.2f}x")
     checks = [(f"{r.config}: fp8 scaled_grouped_mm >= 0.5x bf16 grouped_mm ({r.fp8_vs_bf16:.2f}x)",
                r.fp8_vs_bf16 >= 0.5) for r in gemm]
-    return report(quant + gemm, checks, args.json, args.check)
+
+    with open(os.path.join(HERE, "..", "..", "shared", "moe_shapes.json")) as f:
+        models = json.load(f)["models"]
+    sizes = [layer_bytes(name, entry) for name, entry in models.items()]
+    print("\nOne full-size MoE layer: expert weights (GB) and expert GEMM inputs for 4096 tokens (MB)\n")
+    head = (f"{'model':<16} {'w bf16':>7} {'w fp8':>7} {'w mx':>7} {'saved':>6} | {'x bf16':>7} {'x fp8':>7} "
+            f"{'x mx':>7} {'saved':>6}")
+    print(head + "\n" + "-" * len(head))
+    for r in sizes:
+        print(f"{r.config:<16} {r.weights_bf16_gb:>7.2f} {r.weights_rowwise_gb:>7.2f} {r.weights_mx_gb:>7.2f} "
+              f"{1 - r.weights_rowwise_gb / r.weights_bf16_gb:>6.1%} | {r.inputs_bf16_mb:>7.1f} "
+              f"{r.inputs_rowwise_mb:>7.1f} {r.inputs_mx_mb:>7.1f} {1 - r.inputs_rowwise_mb / r.inputs_bf16_mb:>6.1%}")
+    return report(quant + gemm + sizes, checks, args.json, args.check)
 
 
 if __name__ == "__main__":

@@ -14,7 +14,10 @@ relative error of the elements within 2^-10 of their block's amax, the ones a
 recipe should represent: smaller ones may underflow by design), and for the
 recipes scaled_grouped_mm accepts (rowwise, mx) the SQNR of the grouped GEMM
 out = A @ W^T per expert against the float64 GEMM of the unquantised
-operands. Writes a table, results/numerics_fp8.json and a bar chart of the
+operands, and for the training path (fp8_grouped_mm: rowwise with its weight
+gradient in float8, MX with it in float8 and in high precision) the SQNR of
+the output and of both gradients against float64 autograd. Writes a table,
+results/numerics_fp8.json and a bar chart of the
 round-trip SQNR, results/numerics_fp8.png (drawn here: no plotting
 dependency).
 
@@ -72,6 +75,19 @@ def gemm_sqnr(x, w, offs, recipe, f8) -> float:
     out = torch_moe_ops.scaled_grouped_mm(xd, wd.transpose(-2, -1), xs, ws, offs, out_dtype=torch.float32)
     ref = torch_moe_ops.grouped_mm(x.double(), w.double().transpose(-2, -1), offs)
     return sqnr_db(out, ref)
+
+
+def training_sqnr(x, w, offs, recipe, wgrad, gen) -> dict:
+    """fp8_grouped_mm(x, w^T) forward, grad of x (dgrad) and grad of w
+    (wgrad) for a random upstream gradient, against float64 autograd."""
+    grad = torch.randn(x.shape[0], w.shape[1], generator=gen).bfloat16()
+    a, b = x.clone().requires_grad_(), w.clone().requires_grad_()
+    out = torch_moe_ops.fp8_grouped_mm(a, b.transpose(-2, -1), offs, recipe, wgrad)
+    out.backward(grad)
+    a64, b64 = x.double().requires_grad_(), w.double().requires_grad_()
+    ref = torch_moe_ops.grouped_mm(a64, b64.transpose(-2, -1), offs)
+    ref.backward(grad.double())
+    return {"out": sqnr_db(out, ref), "dgrad": sqnr_db(a.grad, a64.grad), "wgrad": sqnr_db(b.grad, b64.grad)}
 
 
 # ---------------------------------------------------------------- PNG chart
@@ -166,6 +182,10 @@ def main() -> int:
             for fmt, f8 in FORMATS.items():
                 rows.append(dict(operand=operand, recipe=recipe, format=fmt, **roundtrip(t, recipe, f8)))
     gemm = {(r, f): gemm_sqnr(x, w, offs, r, f8) for r in ("rowwise", "mx") for f, f8 in FORMATS.items()}
+    # Every expert's token count is a multiple of 128 here, so MX's float8
+    # weight gradient (32-row blocks within a group) applies too.
+    training = {(r, wg): training_sqnr(x, w, offs, r, wg, gen) for r, wg in
+                (("rowwise", "fp8"), ("mx", "fp8"), ("mx", "hp"))}
     print(f"operands: activations {tuple(x.shape)} bf16 with 1% outlier channels x30, "
           f"weights {tuple(w.shape)} bf16, experts at scales 2^[-2, 2]\n")
     print(f"{'operand':<12} {'recipe':<18} {'format':<6} {'SQNR dB':>8} {'max rel err':>12}")
@@ -174,10 +194,16 @@ def main() -> int:
     print("\nscaled_grouped_mm (activations x weights^T per expert) vs float64 GEMM of the unquantised operands")
     for (recipe, fmt), db in gemm.items():
         print(f"  {recipe:<8} {fmt}: SQNR {db:6.2f} dB")
+    print("\nfp8_grouped_mm (training path, e4m3) vs float64 autograd: SQNR dB of the output and the gradients")
+    print(f"  {'recipe':<8} {'wgrad':<6} {'out':>6} {'dgrad':>6} {'wgrad':>6}")
+    for (recipe, wg), v in training.items():
+        print(f"  {recipe:<8} {wg:<6} {v['out']:>6.2f} {v['dgrad']:>6.2f} {v['wgrad']:>6.2f}")
     os.makedirs(os.path.join(HERE, "results"), exist_ok=True)
     with open(os.path.join(HERE, "results", "numerics_fp8.json"), "w") as f:
         json.dump({"torch": torch.__version__, "roundtrip": rows,
-                   "gemm": [dict(recipe=r, format=fm, sqnr_db=v) for (r, fm), v in gemm.items()]}, f, indent=2)
+                   "gemm": [dict(recipe=r, format=fm, sqnr_db=v) for (r, fm), v in gemm.items()],
+                   "training": [dict(recipe=r, wgrad_path=wg, out_db=v["out"], dgrad_db=v["dgrad"], wgrad_db=v["wgrad"])
+                                for (r, wg), v in training.items()]}, f, indent=2)
     chart(rows, os.path.join(HERE, "results", "numerics_fp8.png"))
     print("\nwrote benchmarks/results/numerics_fp8.json, benchmarks/results/numerics_fp8.png")
     return 0
