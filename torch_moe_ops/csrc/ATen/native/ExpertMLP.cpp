@@ -316,7 +316,9 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> expert_mlp_backward(
       grad_down = grouped_mm_gather_op(aw.t(), dout, offs, std::nullopt, rows, std::nullopt, std::nullopt);
     }
     if (down_bias.has_value()) {
-      // Per expert: sum over its rows of w * grad_out[token].
+      // Per expert: sum over its rows of w * grad_out[token], a 1-row grouped
+      // GEMM. Its operands share a dtype, so the weights are rounded to the
+      // tokens' dtype first (2^-9 relative in bf16); the sum is fp32.
       const Tensor w_rows = (row_weight.defined() ? row_weight : src_rows.ge(0).to(acc)).to(dtype).unsqueeze(0);
       grad_down_bias = grouped_mm_gather_op(w_rows, dout, offs, std::nullopt, rows, std::nullopt, wide_out(dtype))
                            .squeeze(1).to(down_bias->scalar_type());
