@@ -182,18 +182,19 @@ class MoE(nn.Module):
     def experts(self, x: torch.Tensor, weights: torch.Tensor, expert_ids: torch.Tensor) -> torch.Tensor:
         """The routed experts on tokens (T, H) with their (T, k) routing."""
         c = self.config
-        if c.fp8_recipe is not None:
-            rows, dst_rows, _, offs = permute(x, expert_ids, c.num_experts)
-            h = fp8_grouped_mm(rows, self.gate_up_proj.transpose(-2, -1), offs, c.fp8_recipe)
-            y = fp8_grouped_mm(expert_activation(h, c), self.down_proj.transpose(-2, -1), offs, c.fp8_recipe)
-            return unpermute(y, dst_rows, weights)
-        if c.experts_impl == "fused":
+        if c.experts_impl == "fused" and c.fp8_recipe is None:
             return fused_experts(x, expert_ids, weights, self.gate_up_proj.transpose(-2, -1),
                                  self.down_proj.transpose(-2, -1), self.gate_up_bias, self.down_bias, c.activation,
                                  c.gate_up_interleaved, c.swiglu_alpha, c.swiglu_limit)
-        rows, dst_rows, _, offs = permute(x, expert_ids, self.config.num_experts)
-        h = grouped_mm(rows, self.gate_up_proj.transpose(-2, -1), offs, self.gate_up_bias)
-        y = grouped_mm(expert_activation(h, self.config), self.down_proj.transpose(-2, -1), offs, self.down_bias)
+        rows, dst_rows, _, offs = permute(x, expert_ids, c.num_experts)
+
+        def mm(a, w, bias):
+            if c.fp8_recipe is None:
+                return grouped_mm(a, w, offs, bias)
+            return fp8_grouped_mm(a, w, offs, c.fp8_recipe)  # MoEConfig rejects biases with fp8
+
+        h = mm(rows, self.gate_up_proj.transpose(-2, -1), self.gate_up_bias)
+        y = mm(expert_activation(h, c), self.down_proj.transpose(-2, -1), self.down_bias)
         return unpermute(y, dst_rows, weights)
 
     def forward(self, x: torch.Tensor):
