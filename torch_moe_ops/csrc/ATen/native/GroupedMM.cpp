@@ -13,7 +13,10 @@ DEFINE_DISPATCH(grouped_mm_stub);
 namespace {
 
 // mat_a / mat_b are the caller's tensors; a_index / b_index (validated) say
-// which of their rows or columns form the grouped dimension.
+// which of their rows or columns form the grouped dimension, and a_shape /
+// b_shape are the operands as the kernel sees them (mat_a / mat_b when
+// nothing is gathered, else the checks' stand-ins: one row or column per
+// index).
 Tensor grouped_mm_cpu_impl(
     const Tensor& mat_a,
     const Tensor& mat_b,
@@ -21,10 +24,9 @@ Tensor grouped_mm_cpu_impl(
     const std::optional<Tensor>& bias,
     std::optional<ScalarType> out_dtype,
     const std::optional<Tensor>& a_index,
-    const std::optional<Tensor>& b_index) {
-  // Shapes as the kernel sees them: one row (column) per index.
-  const Tensor a_shape = grouped_mm_gathered_shape(mat_a, a_index, grouped_mm_gather_dim(true, mat_a, mat_b));
-  const Tensor b_shape = grouped_mm_gathered_shape(mat_b, b_index, 0);
+    const std::optional<Tensor>& b_index,
+    const Tensor& a_shape,
+    const Tensor& b_shape) {
   const auto layout = grouped_mm_layout(a_shape, b_shape);
   int64_t covered = 0;
   if (offs.has_value()) {
@@ -59,7 +61,7 @@ Tensor grouped_mm_cpu(
     const std::optional<Tensor>& bias,
     std::optional<ScalarType> out_dtype) {
   grouped_mm_check_inputs(mat_a, mat_b, offs, bias, out_dtype);
-  return grouped_mm_cpu_impl(mat_a, mat_b, offs, bias, out_dtype, std::nullopt, std::nullopt);
+  return grouped_mm_cpu_impl(mat_a, mat_b, offs, bias, out_dtype, std::nullopt, std::nullopt, mat_a, mat_b);
 }
 
 Tensor grouped_mm_gather_cpu(
@@ -70,7 +72,8 @@ Tensor grouped_mm_gather_cpu(
     const std::optional<Tensor>& b_index,
     const std::optional<Tensor>& bias,
     std::optional<ScalarType> out_dtype) {
-  grouped_mm_gather_check_inputs(mat_a, mat_b, offs, a_index, b_index, bias, out_dtype);
+  const auto [a_shape, b_shape] = grouped_mm_gather_check_inputs(mat_a, mat_b, offs, a_index, b_index, bias,
+                                                                 out_dtype);
   std::optional<Tensor> a_idx, b_idx;
   if (a_index.has_value()) {
     a_idx = a_index->contiguous();
@@ -80,7 +83,7 @@ Tensor grouped_mm_gather_cpu(
     b_idx = b_index->contiguous();
     grouped_mm_check_index_cpu(*b_idx, mat_b.size(0), "b_index");
   }
-  return grouped_mm_cpu_impl(mat_a, mat_b, offs, bias, out_dtype, a_idx, b_idx);
+  return grouped_mm_cpu_impl(mat_a, mat_b, offs, bias, out_dtype, a_idx, b_idx, a_shape, b_shape);
 }
 
 } // namespace at::native

@@ -20,6 +20,7 @@
 #include <c10/util/SmallVector.h>
 
 #include <optional>
+#include <utility>
 
 namespace at::native {
 
@@ -233,7 +234,9 @@ inline void grouped_mm_gather_check_index(const Tensor& index, const Tensor& mat
       " must be on the device of mat_a (", mat_a.device(), "), got ", index.device());
 }
 
-inline void grouped_mm_gather_check_inputs(
+// Returns the stand-ins of the gathered operands (A, B), for the caller's
+// shape computations.
+inline std::pair<Tensor, Tensor> grouped_mm_gather_check_inputs(
     const Tensor& mat_a,
     const Tensor& mat_b,
     const Tensor& offs,
@@ -254,9 +257,10 @@ inline void grouped_mm_gather_check_inputs(
   if (b_index.has_value()) {
     grouped_mm_gather_check_index(*b_index, mat_a, "b_index");
   }
-  grouped_mm_check_inputs(
-      grouped_mm_gathered_shape(mat_a, a_index, grouped_mm_gather_dim(true, mat_a, mat_b)),
-      grouped_mm_gathered_shape(mat_b, b_index, 0), offs, bias, out_dtype);
+  Tensor a = grouped_mm_gathered_shape(mat_a, a_index, grouped_mm_gather_dim(true, mat_a, mat_b));
+  Tensor b = grouped_mm_gathered_shape(mat_b, b_index, 0);
+  grouped_mm_check_inputs(a, b, offs, bias, out_dtype);
+  return {std::move(a), std::move(b)};
 }
 
 // Checks the values of a CPU index: -1 <= index[i] < size.
