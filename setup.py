@@ -65,7 +65,8 @@ def extension():
         # header must see the same ones or the calls do not link.
         macros += [("HAVE_AVX512_CPU_DEFINITION", None), ("HAVE_AVX2_CPU_DEFINITION", None)]
     if want_cuda():
-        sources += sorted(glob.glob(os.path.join(native, "cuda", "*.cu")))
+        # native/cuda/*.cpp: host code of the CUDA build (ATen's layout too).
+        sources += sorted(glob.glob(os.path.join(native, "cuda", "*.cu")) + glob.glob(os.path.join(native, "cuda", "*.cpp")))
         macros.append(("TORCH_MOE_OPS_WITH_CUDA", None))
         nvcc = ["-O3", "-std=c++20", "-gencode=arch=compute_90a,code=sm_90a", "--expt-relaxed-constexpr",
                 "--expt-extended-lambda", "-DTORCH_MOE_OPS_WITH_CUDA"]

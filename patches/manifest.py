@@ -344,11 +344,13 @@ FP8_NATIVE_FUNCTIONS = """\
   variants: function
   dispatch:
     CPU: quantize_fp8_cpu
+    CUDA: quantize_fp8_cuda
 
 - func: _dequantize_fp8(Tensor data, Tensor scale, str recipe, ScalarType? out_dtype=None, Tensor? offs=None, bool swizzle=False) -> Tensor
   variants: function
   dispatch:
     CPU: dequantize_fp8_cpu
+    CUDA: dequantize_fp8_cuda
 """
 
 # ---------------------------------------------------------------------------
@@ -585,8 +587,13 @@ scalar fallback that give the same bytes, parallel over rows, bitwise
 independent of the thread count. Every bad input raises a ValueError naming
 the argument and the value.
 
-Dispatch: CPU only. There is no CUDA kernel yet (torchao's Triton kernels
-cover GPUs today); other backends raise NotImplementedError.
+Dispatch: CPU, and CUDA through device-generic ATen code
+(native/cuda/MoEQuantize.cpp: block amax, float32 division, multiply, clamp,
+c10's float -> float8 conversion, which is the same function on host and
+device), so the CUDA path gives the CPU kernel's bytes; offs is validated on
+the device with _assert_async, no host sync. It costs a float32 copy of x and
+a few passes where a fused kernel would read x twice: a fused Triton/CUDA
+kernel is the follow-up, with a GPU to measure it on.
 
 The files are those of torch-moe-ops (torch_moe_ops/csrc/ATen/native), where
 the same kernels are registered as moe_ops::quantize_fp8 and dequantize_fp8.""",
@@ -599,13 +606,16 @@ scales and per-group operands; hypothesis over shapes, dtypes, magnitudes and
 NaN/inf/zero inputs; rounding checked against torch's conversion on every
 float8 value and midpoint; e8m0 edge cases (zero blocks, inf/NaN, denormals,
 saturation) against hand-computed bytes; opcheck and torch.compile with
-fullgraph=True, dynamic=True.
+fullgraph=True, dynamic=True. The CUDA functions run there on CPU tensors
+(called through the dispatcher's CUDA slot) and give the CPU kernel's bytes
+on every OpInfo sample and on hypothesis-drawn problems.
 Here: torchgen parses the patched native_functions.yaml.""",
             changes=[
                 Copy(f"{NATIVE}/MoEQuantize.h", "torch_moe_ops/csrc/ATen/native/MoEQuantize.h"),
                 Copy(f"{NATIVE}/MoEQuantize.cpp", "torch_moe_ops/csrc/ATen/native/MoEQuantize.cpp"),
                 Copy(f"{NATIVE}/cpu/MoEQuantizeKernel.cpp", "torch_moe_ops/csrc/ATen/native/cpu/MoEQuantizeKernel.cpp"),
                 Copy(f"{NATIVE}/cpu/MoEFp8Utils.h", "torch_moe_ops/csrc/ATen/native/cpu/MoEFp8Utils.h"),
+                Copy(f"{NATIVE}/cuda/MoEQuantize.cpp", "torch_moe_ops/csrc/ATen/native/cuda/MoEQuantize.cpp"),
                 Edit(f"{NATIVE}/native_functions.yaml", [(
                     "    CPU: moe_unpermute_backward_cpu\n"
                     "    CUDA: moe_unpermute_backward_cuda\n",
@@ -650,20 +660,33 @@ up-projection of Qwen3-MoE, OLMoE, DeepSeek-V3 and Mixtral shapes.
 
 Dispatch: CPU added beside CUDA. The meta function is unchanged and still
 states the CUDA constraints (e4m3 only, strides), so under torch.compile the
-CPU kernel's extra freedom is not reachable yet; left for a follow-up.""",
+CPU kernel's extra freedom is not reachable yet; left for a follow-up.
+
+cuda/MoEScaledGroupedMM.cpp carries scaled_grouped_mm_cuda, which runs the
+cases upstream's CUDA kernels reject (MX and blockwise scales on sm_90, e5m2,
+bias, float32 out, other strides) as their definition: _dequantize_fp8 of the
+operands (exact to bfloat16 for rowwise and MX), grouped_mm in float32, the
+rowwise scales and bias on the float32 product, rounded once. It is compiled
+here, not registered: it routes the supported cases to aten::_scaled_grouped_mm
+itself, so as the CUDA kernel it would recurse; it becomes the fallback of
+_scaled_grouped_mm_cuda in a follow-up that edits ScaledBlas.cpp.""",
             test_plan="""\
 In torch-moe-ops (test/test_fp8.py): OpInfo samples (every layout, both
 recipes and formats, empty groups, rows past offs[-1], both weight storage
 orders, bias, both output dtypes) and hypothesis-generated problems against a
 float64 dequantise-then-matmul reference, within a bound derived from float32
 summation; equality with _grouped_mm of the dequantised operands; error inputs
-for every wrong scale shape and dtype; opcheck; torch.compile.
+for every wrong scale shape and dtype; opcheck; torch.compile. The fallback of
+cuda/MoEScaledGroupedMM.cpp runs there on CPU tensors (through the
+dispatcher's CUDA slot of moe_ops::scaled_grouped_mm) on the same samples.
 Here: torchgen parses the patched native_functions.yaml.""",
             changes=[
                 Copy(f"{NATIVE}/MoEScaledGroupedMM.h", "torch_moe_ops/csrc/ATen/native/MoEScaledGroupedMM.h"),
                 Copy(f"{NATIVE}/MoEScaledGroupedMM.cpp", "torch_moe_ops/csrc/ATen/native/MoEScaledGroupedMM.cpp"),
                 Copy(f"{NATIVE}/cpu/MoEScaledGroupedMMKernel.cpp",
                      "torch_moe_ops/csrc/ATen/native/cpu/MoEScaledGroupedMMKernel.cpp"),
+                Copy(f"{NATIVE}/cuda/MoEScaledGroupedMM.cpp",
+                     "torch_moe_ops/csrc/ATen/native/cuda/MoEScaledGroupedMM.cpp"),
                 Edit(f"{NATIVE}/native_functions.yaml", [(
                     "  dispatch:\n"
                     "    CUDA: _scaled_grouped_mm_cuda\n"

@@ -19,6 +19,7 @@ import pytest
 import torch
 import torch._dynamo.testing
 from hypothesis import given, settings, strategies as st
+from torch._C import DispatchKey
 from torch._subclasses.fake_tensor import FakeTensorMode
 from torch.testing._internal.common_device_type import instantiate_device_type_tests, onlyCPU, ops
 from torch.testing._internal.common_utils import TestCase, run_tests
@@ -32,7 +33,7 @@ from torch_moe_ops.reference import (
     torch_scaled_grouped_mm,
 )
 
-from opinfo_fp8 import op_db as fp8_op_db
+from opinfo_fp8 import make_fp8_op_db, op_db as fp8_op_db
 
 E8M0 = torch.float8_e8m0fnu
 
@@ -328,6 +329,28 @@ def test_swizzle_layout_by_hand():
     assert int(flat.count_nonzero()) == 130 * 5  # padding is zero bytes; every real scale is non-zero here
 
 
+# The CUDA entries of the three ops (native/cuda/MoEQuantize.cpp,
+# MoEScaledGroupedMM.cpp) are device-generic ATen code, except that rowwise
+# scaled_grouped_mm on sm_90+ CUDA tensors goes to upstream's kernel. Called
+# through the dispatcher's CUDA slot with CPU tensors they run here, so CI
+# proves them without a GPU: the same checks, the CPU kernels' bytes.
+requires_cuda_build = pytest.mark.skipif(not torch_moe_ops.cuda_kernels_built(), reason="CPU-only build")
+
+
+def _cuda_entry(name):
+    op = getattr(torch.ops.moe_ops, name).default
+    return lambda *args, **kwargs: op._op_dk(DispatchKey.CUDA, *args, **kwargs)
+
+
+ENTRIES = {
+    "cpu": lambda name: getattr(torch.ops.moe_ops, name).default,
+    "cuda_entry": _cuda_entry,
+}
+entry_params = pytest.mark.parametrize(
+    "entry", ["cpu", pytest.param("cuda_entry", marks=requires_cuda_build)])
+
+
+
 # ------------------------------------------------------ hypothesis properties
 
 
@@ -350,7 +373,8 @@ def fp8_problems(draw):
 @settings(max_examples=120, deadline=None)
 @given(fp8_problems(), st.sampled_from([torch.float32, torch.bfloat16, torch.float16]),
        st.sampled_from([torch.float8_e4m3fn, torch.float8_e5m2]), st.integers(-30, 10), st.integers(0, 2**31 - 1))
-def test_property_quantize_matches_reference(problem, dtype, f8, log_scale, seed):
+@entry_params
+def test_property_quantize_matches_reference(entry, problem, dtype, f8, log_scale, seed):
     recipe, batch, rows, cols, offs, swizzle = problem
     g = torch.Generator().manual_seed(seed)
     shape = (rows, cols) if batch is None else (batch, rows, cols)
@@ -361,12 +385,12 @@ def test_property_quantize_matches_reference(problem, dtype, f8, log_scale, seed
         flat[idx] = torch.tensor([0.0, float("inf"), float("nan")])[: len(idx)]
     x = x.to(dtype)
     o = torch.tensor(offs, dtype=torch.int32) if offs is not None else None
-    data, scale = torch.ops.moe_ops.quantize_fp8(x, recipe, f8, o, swizzle)
+    data, scale = ENTRIES[entry]("quantize_fp8")(x, recipe, f8, o, swizzle)
     rdata, rscale = torch_quantize_fp8(x, recipe, f8, o, swizzle)
     assert data.dtype == rdata.dtype and scale.dtype == rscale.dtype and scale.shape == rscale.shape
     assert torch.equal(_bytes(data), _bytes(rdata))
     assert torch.equal(_bytes(scale), _bytes(rscale))
-    out = torch.ops.moe_ops.dequantize_fp8(data, scale, recipe, dtype, o, swizzle)
+    out = ENTRIES[entry]("dequantize_fp8")(data, scale, recipe, dtype, o, swizzle)
     torch.testing.assert_close(out, torch_dequantize_fp8(data, scale, recipe, dtype, o, swizzle), atol=0, rtol=0,
                                equal_nan=True)
 
@@ -410,7 +434,8 @@ def scaled_problems(draw):
 @settings(max_examples=80, deadline=None)
 @given(scaled_problems(), st.sampled_from([torch.float8_e4m3fn, torch.float8_e5m2]),
        st.sampled_from([torch.bfloat16, torch.float32]), st.booleans(), st.booleans(), st.integers(0, 2**31 - 1))
-def test_property_scaled_grouped_mm(problem, f8, out_dtype, with_bias, k_major, seed):
+@entry_params
+def test_property_scaled_grouped_mm(entry, problem, f8, out_dtype, with_bias, k_major, seed):
     """Every layout and recipe against the float64 reference, weights in both
     storage orders, groups of any size (including empty)."""
     layout, recipe, groups, m, k, n, sizes = problem
@@ -444,7 +469,7 @@ def test_property_scaled_grouped_mm(problem, f8, out_dtype, with_bias, k_major, 
             sa, sb = sa.flatten(), sb.flatten()
     n_out = b.shape[-1]
     bias = torch.randn(groups, n_out, generator=g) if with_bias else None
-    out = torch.ops.moe_ops.scaled_grouped_mm(a, b, sa, sb, offs, bias, None, out_dtype)
+    out = ENTRIES[entry]("scaled_grouped_mm")(a, b, sa, sb, offs, bias, None, out_dtype)
     assert_scaled_mm_close(out, a, b, sa, sb, offs, bias, out_dtype)
 
 
@@ -557,12 +582,75 @@ def test_fp8_grouped_mm_compiles():
     assert counter.frame_count == 1
 
 
-def test_cpu_kernels_registered_for_fp8_ops():
-    """CPU kernels only: the fp8 ops are in CPU_ONLY_OPS of test_grouped_mm.py,
-    the exemptions of its every-op-has-a-CUDA-kernel test."""
+cuda_entry_db = make_fp8_op_db(lambda op: f"moe_ops.{op}", _cuda_entry)
+
+
+def _assert_outputs_equal(out, ref, msg):
+    """Bitwise for float8 and e8m0 outputs, exact (NaN == NaN) otherwise; same strides."""
+    for o, r in zip(_as_tuple(out), _as_tuple(ref), strict=True):
+        assert (o.shape, o.stride(), o.dtype) == (r.shape, r.stride(), r.dtype), msg
+        if o.dtype.itemsize == 1:
+            assert torch.equal(_bytes(o), _bytes(r)), msg
+        else:
+            torch.testing.assert_close(o, r, atol=0, rtol=0, equal_nan=True, msg=msg)
+
+
+@requires_cuda_build
+@pytest.mark.parametrize("op", cuda_entry_db, ids=lambda op: op.name)
+def test_cuda_entry_matches_cpu_kernel(op):
+    """Every OpInfo sample, in every dtype the op takes, through the CUDA entry:
+    quantize and dequantize give the CPU kernel's bytes and strides;
+    scaled_grouped_mm is within the float32-summation bound of the float64
+    reference, and strided alike."""
+    cpu_kernel = getattr(torch.ops.moe_ops, op.name.split(".")[1]).default
+    for dtype in sorted(op.dtypes, key=str):
+        for s in op.sample_inputs("cpu", dtype):
+            out = _call(op, s)
+            ref = cpu_kernel(s.input, *s.args, **s.kwargs)
+            msg = f"{s.name} ({dtype})"
+            if op.name.endswith("scaled_grouped_mm"):
+                assert_scaled_mm_close(out, s.input, *s.args, **s.kwargs)
+                assert (out.shape, out.stride()) == (ref.shape, ref.stride()), msg
+            else:
+                _assert_outputs_equal(out, ref, msg)
+
+
+@requires_cuda_build
+@pytest.mark.parametrize("op", cuda_entry_db, ids=lambda op: op.name)
+def test_cuda_entry_error_inputs(op):
+    """The shape and dtype errors are the shared checks' (the same messages);
+    bad offs values are caught on the device (_assert_async, no host sync),
+    which on CPU tensors raises at once."""
+    for ei in op.error_inputs("cpu"):
+        s = ei.sample_input
+        if s.name == "offs_values":
+            with pytest.raises(RuntimeError, match="offs must be|whole 32-element blocks"):
+                _call(op, s)
+        else:
+            with pytest.raises(ei.error_type, match=ei.error_regex):
+                _call(op, s)
+
+
+@requires_cuda_build
+def test_cuda_entry_rejects_bad_offs_values():
+    x = torch.randn(4, 96)
+    for offs, recipe in (([40, 30], "rowwise"), ([32, 97], "tensorwise"), ([-1, 96], "rowwise"), ([48, 96], "mx")):
+        o = torch.tensor(offs, dtype=torch.int32)
+        with pytest.raises(RuntimeError, match="quantize_fp8: offs must be non-decreasing in \\[0, C=96\\]"):
+            _cuda_entry("quantize_fp8")(x, recipe, None, o)
+        data = torch.zeros(4, 96, dtype=torch.float8_e4m3fn)
+        scale = torch.ones(2, 4) if recipe == "rowwise" else torch.ones(2) if recipe == "tensorwise" else (
+            torch.ones(4, 3).to(E8M0))
+        with pytest.raises(RuntimeError, match="dequantize_fp8: offs must be non-decreasing"):
+            _cuda_entry("dequantize_fp8")(data, scale, recipe, None, o)
+
+
+def test_fp8_ops_registered_on_cpu_and_cuda():
+    """CPU kernels always; CUDA entries in a CUDA build (so none of the fp8
+    ops is in CPU_ONLY_OPS of test_grouped_mm.py)."""
     for name in ("moe_ops::quantize_fp8", "moe_ops::dequantize_fp8", "moe_ops::scaled_grouped_mm"):
         assert torch._C._dispatch_has_kernel_for_dispatch_key(name, "CPU"), name
-        assert not torch._C._dispatch_has_kernel_for_dispatch_key(name, "CUDA"), f"{name}: drop its exemption"
+        assert torch._C._dispatch_has_kernel_for_dispatch_key(name, "CUDA") == torch_moe_ops.cuda_kernels_built(), name
 
 
 if __name__ == "__main__":

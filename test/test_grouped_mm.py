@@ -288,17 +288,9 @@ def test_property_matches_reference(problem, seed):
     assert torch.equal(torch.ops.moe_ops.grouped_mm(a, b, offs, bias), out)
 
 
-# Ops with CPU kernels only, and why. Each entry is a known gap, not a
-# permanent state: test_fp8.py fails once such an op gains a CUDA kernel, so
-# that its entry is dropped here.
-CPU_ONLY_OPS = {
-    # fp8 quantisation: the CPU kernels are the reference-grade path for
-    # every device's tests; on GPUs, torchao's Triton kernels quantise today.
-    "moe_ops::quantize_fp8": "no CUDA kernel yet (issue #6)",
-    "moe_ops::dequantize_fp8": "no CUDA kernel yet (issue #6)",
-    # On GPUs, torch._scaled_grouped_mm itself (cuBLAS/CUTLASS) is the kernel.
-    "moe_ops::scaled_grouped_mm": "no CUDA kernel yet (issue #6): call torch._scaled_grouped_mm there",
-}
+# Ops with CPU kernels only, and why: each entry would be a known gap, listed
+# here rather than hidden. None today.
+CPU_ONLY_OPS: dict[str, str] = {}
 
 
 def test_cuda_kernels_registered_when_built():

@@ -76,7 +76,7 @@ def test_series_apply_in_order(tree):
 def test_kernel_files_are_the_extension_sources(tree):
     copies = [c for p in manifest.SERIES[0].patches for c in p.changes
               if isinstance(c, manifest.Copy) and c.path.startswith("aten/")]
-    assert len(copies) == 17
+    assert len(copies) == 19
     for change in copies:
         assert filecmp.cmp(os.path.join(tree, change.path), os.path.join(manifest.REPO_ROOT, change.source),
                            shallow=False), change.path
@@ -101,10 +101,10 @@ def test_torchgen_accepts_the_yaml_and_generates_the_backward(tree, tmp_path):
         (fn,) = [f for f in parsed.native_functions if str(f.func.name) == f"_moe_{op}"]
         assert kernels[DispatchKey.CPU].get_kernel(fn).kernel == f"moe_{op}_cpu"
         assert kernels[DispatchKey.CUDA].get_kernel(fn).kernel == f"moe_{op}_cuda"
-    for op in ("quantize_fp8", "dequantize_fp8"):  # CPU only (no CUDA kernel yet)
+    for op in ("quantize_fp8", "dequantize_fp8"):
         (fn,) = [f for f in parsed.native_functions if str(f.func.name) == f"_{op}"]
         assert kernels[DispatchKey.CPU].get_kernel(fn).kernel == f"{op}_cpu"
-        assert kernels[DispatchKey.CUDA].get_kernel(fn) is None
+        assert kernels[DispatchKey.CUDA].get_kernel(fn).kernel == f"{op}_cuda"
     (fn,) = [f for f in parsed.native_functions if str(f.func.name) == "_scaled_grouped_mm"]
     assert kernels[DispatchKey.CPU].get_kernel(fn).kernel == "scaled_grouped_mm_cpu"
     assert kernels[DispatchKey.CUDA].get_kernel(fn).kernel == "_scaled_grouped_mm_cuda"

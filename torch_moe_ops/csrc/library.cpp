@@ -93,6 +93,9 @@ TORCH_LIBRARY_IMPL(moe_ops, CUDA, m) {
   m.impl("permute", &at::native::moe_permute_cuda);
   m.impl("unpermute", &at::native::moe_unpermute_cuda);
   m.impl("unpermute_backward", &at::native::moe_unpermute_backward_cuda);
+  m.impl("quantize_fp8", &at::native::quantize_fp8_cuda);
+  m.impl("dequantize_fp8", &at::native::dequantize_fp8_cuda);
+  m.impl("scaled_grouped_mm", &at::native::scaled_grouped_mm_cuda);
   // Device-generic compositions of the kernels above.
   m.impl("expert_mlp", &at::native::expert_mlp);
   m.impl("expert_mlp_backward", &at::native::expert_mlp_backward);

@@ -103,7 +103,7 @@ def scaled_grouped_mm(
     out_dtype: Optional[torch.dtype] = None,
     use_fast_accum: bool = False,
 ) -> torch.Tensor:
-    """``torch._scaled_grouped_mm`` on every device with a kernel (CPU here).
+    """``torch._scaled_grouped_mm`` on CPU and CUDA, for every recipe on both.
 
     The grouped mm of the dequantised operands (``grouped_mm``'s four layouts),
     accumulated in float32, rounded once to ``out_dtype`` (bfloat16 by default,

@@ -304,7 +304,8 @@ Tensor grouped_mm_gather_cpu(
     const std::optional<Tensor>& bias,
     std::optional<ScalarType> out_dtype);
 
-#if defined(TORCH_MOE_OPS_WITH_CUDA)
+// CUDA entry points (native/cuda/), declared for every build: in-tree, other
+// CUDA sources call them.
 Tensor grouped_mm_gather_cuda(
     const Tensor& mat_a,
     const Tensor& mat_b,
@@ -320,6 +321,9 @@ Tensor grouped_mm_cuda(
     const std::optional<Tensor>& offs,
     const std::optional<Tensor>& bias,
     std::optional<ScalarType> out_dtype);
-#endif
+
+// Zeroes the rows (split_rows, 2D x 3D) or columns (3D x 2D) of out at or past
+// offs[-1], reading offs on the device.
+void grouped_mm_zero_uncovered_cuda(const Tensor& out, const Tensor& offs, bool split_rows);
 
 } // namespace at::native

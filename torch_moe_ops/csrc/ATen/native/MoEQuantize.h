@@ -221,6 +221,13 @@ inline void dequantize_fp8_check_inputs(
       "dequantize_fp8: out_dtype must be float32, bfloat16 or float16, got ", dequantize_fp8_out_dtype(out_dtype));
 }
 
+// t with the strides of a fresh contiguous tensor, as the fake kernels promise
+// (contiguous() keeps whatever strides an empty tensor has; ops composed of
+// other ops return through this).
+inline Tensor fp8_dense_output(const Tensor& t) {
+  return t.numel() > 0 && t.is_contiguous() ? t : t.clone(at::MemoryFormat::Contiguous);
+}
+
 // Values of a CPU offs: non-decreasing, within C, and (mx) on block bounds.
 inline void fp8_check_offsets_cpu(const char* op, const Tensor& offs, int64_t cols, Fp8Recipe recipe) {
   const int64_t groups = offs.size(0);
@@ -255,6 +262,15 @@ std::tuple<Tensor, Tensor> quantize_fp8_cpu(
     const std::optional<Tensor>& offs, bool swizzle);
 
 Tensor dequantize_fp8_cpu(
+    const Tensor& data, const Tensor& scale, c10::string_view recipe, std::optional<ScalarType> out_dtype,
+    const std::optional<Tensor>& offs, bool swizzle);
+
+// CUDA entry points (native/cuda/MoEQuantize.cpp): device-generic ATen code.
+std::tuple<Tensor, Tensor> quantize_fp8_cuda(
+    const Tensor& x, c10::string_view recipe, std::optional<ScalarType> float8_dtype,
+    const std::optional<Tensor>& offs, bool swizzle);
+
+Tensor dequantize_fp8_cuda(
     const Tensor& data, const Tensor& scale, c10::string_view recipe, std::optional<ScalarType> out_dtype,
     const std::optional<Tensor>& offs, bool swizzle);
 
