@@ -214,6 +214,102 @@ def make_routing_meta(upstream: str, checks_src: str, fake_src: str) -> str:
     return rewrite.replace_definitions(upstream, path, ["meta_grouped_mm"], block)
 
 
+# The fp8 ops' checks and fake kernels become the meta functions of
+# aten._quantize_fp8 and _dequantize_fp8, and the CPU branch of
+# _scaled_grouped_mm's meta function (its CUDA branch stays upstream's, which
+# states what the CUDA kernels accept).
+FP8_FAKE = "torch_moe_ops/ops/fp8.py"
+
+FP8_CHECK_NAMES = {
+    "FP8_RECIPES": "_FP8_RECIPES",
+    "FP8_DATA_DTYPES": "_FP8_DATA_DTYPES",
+    "FP8_FLOAT_DTYPES": "_FP8_FLOAT_DTYPES",
+    "_fp8_c10": "_fp8_c10",
+    "_dims": "_fp8_dims",
+    "_ceil_div": "_fp8_ceil_div",
+    "fp8_check_recipe": "_fp8_check_recipe",
+    "fp8_scale_dtype": "_fp8_scale_dtype",
+    "fp8_scale_size": "_fp8_scale_size",
+    "fp8_check_layout": "_fp8_check_layout",
+    "check_quantize_fp8_inputs": "_quantize_fp8_check_inputs",
+    "check_dequantize_fp8_inputs": "_dequantize_fp8_check_inputs",
+    "scaled_grouped_mm_out_dtype": "_scaled_grouped_mm_out_dtype",
+    "_scaled_check_scale": "_scaled_grouped_mm_check_scale",
+    "check_scaled_grouped_mm_inputs": "_scaled_grouped_mm_check_inputs",
+}
+
+# fake kernel -> (meta name, aten op registered, or None for a helper)
+FP8_FAKES = {
+    "_quantize_fp8_fake": ("meta_quantize_fp8", "_quantize_fp8"),
+    "_dequantize_fp8_fake": ("meta_dequantize_fp8", "_dequantize_fp8"),
+    "_scaled_grouped_mm_fake": ("_meta_scaled_grouped_mm_cpu", None),
+}
+
+FP8_META_HEADER = """\
+# aten._quantize_fp8, _dequantize_fp8, and _scaled_grouped_mm on CPU: checks
+# and output allocation. These restate the checks of ATen/native/MoEQuantize.h
+# and MoEScaledGroupedMM.h one for one, with the same messages; keep them in
+# step.
+"""
+
+
+def make_fp8_meta(upstream: str, checks_src: str, fake_src: str) -> str:
+    path = "torch/_meta_registrations.py"
+    shared = {name: CHECK_NAMES[name] for name in (
+        "_c10", "_sizes", "check_grouped_mm_dims", "check_grouped_mm_contraction", "check_grouped_mm_layout",
+        "grouped_mm_layout", "grouped_mm_num_groups", "grouped_mm_out_size")}
+    checks = rewrite.rename(checks_src, CHECKS, {**FP8_CHECK_NAMES, **shared})[0]
+    checks = rewrite.definitions(checks, CHECKS, list(FP8_CHECK_NAMES.values()), provided=tuple(shared.values()))
+    fakes_renamed = rewrite.rename(fake_src, FP8_FAKE,
+                                   {**FP8_CHECK_NAMES, **shared, **{k: v[0] for k, v in FP8_FAKES.items()}},
+                                   module_alias="_checks")[0]
+    fakes = []
+    for meta_name, op in FP8_FAKES.values():
+        fake = rewrite.definition(fakes_renamed, FP8_FAKE, meta_name)
+        register = f"@torch.library.register_fake(\"moe_ops::{op[1:] if op else 'scaled_grouped_mm'}\")\n"
+        fakes.append(rewrite.replace_once(fake, register, f"@register_meta(aten.{op})\n" if op else "", FP8_FAKE))
+    last_routing = ROUTING_FAKES["_unpermute_backward_fake"][0]
+    block = (rewrite.definition(upstream, path, last_routing) + "\n\n" + FP8_META_HEADER + "\n" + checks + "\n\n"
+             + "\n\n".join(fakes) + "\n\n")
+    text = rewrite.replace_definitions(upstream, path, [last_routing], block)
+    return rewrite.replace_once(
+        text,
+        "    # matching _scaled_grouped_mm_cuda Blas.cpp implementation\n",
+        "    if mat_a.device.type == \"cpu\":  # the CPU kernel's checks, wider than the CUDA kernels'\n"
+        "        return _meta_scaled_grouped_mm_cpu(\n"
+        "            mat_a, mat_b, scale_a, scale_b, offs, bias, scale_result, out_dtype, use_fast_accum\n"
+        "        )\n"
+        "    # matching _scaled_grouped_mm_cuda Blas.cpp implementation\n",
+        path)
+
+
+FP8_OPINFO = "test/opinfo_fp8.py"
+
+
+def make_fp8_opinfo(upstream: str | None, opinfo_src: str, reference_src: str) -> str:
+    references = rewrite.definitions(reference_src, REFERENCE, [
+        "torch_grouped_mm", "FP8_RECIPES", "_FP8_BLOCK", "_FP8_EMAX", "_fp8_blocks", "_fp8_swizzle",
+        "torch_quantize_fp8", "_fp8_scale_layout", "torch_dequantize_fp8", "_fp8_scale_grid", "_fp8_unswizzle",
+        "torch_scaled_grouped_mm"])
+    src = "# mypy: ignore-errors\n\n" + opinfo_src
+    src = rewrite.replace_once(src, '''"""OpInfos of the fp8 ops ``moe_ops.quantize_fp8``, ``moe_ops.dequantize_fp8``
+and ``moe_ops.scaled_grouped_mm``.''', '''"""OpInfos of ``torch.ops.aten._quantize_fp8``, ``_dequantize_fp8`` and
+``_scaled_grouped_mm``.''', FP8_OPINFO)
+    src = rewrite.replace_once(src, "from __future__ import annotations\n\n", "", FP8_OPINFO)
+    src = rewrite.replace_once(src, "from functools import partial\n",
+                               "from functools import partial\nfrom typing import Optional\n", FP8_OPINFO)
+    # The plain-torch references (torch_moe_ops/reference.py) come along: they
+    # are the OpInfos' refs.
+    src = rewrite.replace_once(
+        src, "\nfrom torch_moe_ops.reference import (\n    FP8_RECIPES,\n    torch_dequantize_fp8,\n"
+             "    torch_quantize_fp8,\n    torch_scaled_grouped_mm,\n)\n",
+        "\n\n" + references + "\n\n", FP8_OPINFO)
+    return rewrite.replace_once(
+        src, 'op_db = make_fp8_op_db(lambda op: f"moe_ops.{op}", lambda op: getattr(torch.ops.moe_ops, op).default)',
+        'op_db = make_fp8_op_db(lambda op: f"_{op}", lambda op: getattr(torch.ops.aten, f"_{op}").default)',
+        FP8_OPINFO)
+
+
 def make_strategy(upstream: str | None, strategy_src: str) -> str:
     src = rewrite.replace_once(
         strategy_src,
@@ -658,9 +754,9 @@ across calls), not a dequantised copy of the operands. On a 2-core Zen 4 the
 rowwise path runs at 0.56-0.73x the bfloat16 _grouped_mm rate on the expert
 up-projection of Qwen3-MoE, OLMoE, DeepSeek-V3 and Mixtral shapes.
 
-Dispatch: CPU added beside CUDA. The meta function is unchanged and still
-states the CUDA constraints (e4m3 only, strides), so under torch.compile the
-CPU kernel's extra freedom is not reachable yet; left for a follow-up.
+Dispatch: CPU added beside CUDA. The meta function still states the CUDA
+constraints (e4m3 only, strides); the compile series gives it a CPU branch
+with this kernel's checks.
 
 cuda/MoEScaledGroupedMM.cpp carries scaled_grouped_mm_cuda, which runs the
 cases upstream's CUDA kernels reject (MX and blockwise scales on sm_90, e5m2,
@@ -789,6 +885,61 @@ In torch-moe-ops the same OpInfos run against the moe_ops kernels.""",
                 Edit("torch/testing/_internal/opinfo/definitions/__init__.py", [
                     ("    linalg,\n    signal,\n", "    linalg,\n    moe_routing,\n    signal,\n"),
                     ("    *linalg.op_db,\n    *signal.op_db,\n", "    *linalg.op_db,\n    *moe_routing.op_db,\n    *signal.op_db,\n"),
+                ]),
+            ],
+        ),
+        Patch(
+            title="[meta] fp8 ops: meta functions of _quantize_fp8 and _dequantize_fp8, _scaled_grouped_mm on CPU",
+            summary="""\
+Meta functions for the fp8 quantisation ops of the core stack, so that they
+trace under torch.compile with fake tensors: output shapes and dtypes are
+functions of the arguments (the scale shape of each recipe, swizzled or not,
+per group with offs), and every check of ATen/native/MoEQuantize.h is restated
+with the same message.
+
+_scaled_grouped_mm's meta function states what the CUDA kernels accept
+(e4m3 only, no bias, their strides). CPU tensors now take a branch with the
+checks of the CPU kernel (ATen/native/MoEScaledGroupedMM.h: e4m3 and e5m2,
+rowwise, blockwise and MX scales in every layout the kernel runs, bias,
+bfloat16 or float32 out) and a contiguous output, so that what runs in eager
+on CPU also compiles. The CUDA branch is unchanged.
+
+Generated from torch-moe-ops' fake kernels (torch_moe_ops/_checks.py and
+torch_moe_ops/ops/fp8.py), with names made private to this module.""",
+            test_plan="""\
+In torch-moe-ops: these very functions agree with the CPU kernels in shape,
+strides and dtype on every fp8 OpInfo sample, and raise the kernels' errors
+on every error input that does not need tensor values; the ops compile with
+fullgraph=True, dynamic=True.
+Here: python test/test_ops.py -k "(_quantize_fp8 or _dequantize_fp8 or _scaled_grouped_mm) and (meta or fake)".""",
+            changes=[Generate("torch/_meta_registrations.py", [CHECKS, FP8_FAKE], make_fp8_meta)],
+        ),
+        Patch(
+            title="[OpInfo] Add OpInfos for _quantize_fp8, _dequantize_fp8, _scaled_grouped_mm",
+            summary="""\
+OpInfos for the fp8 ops. quantize/dequantize samples: every recipe on 2-D
+and 3-D operands, partial blocks, zero rows and columns, a transposed weight
+quantised per output column, both float8 formats, swizzled MX scales, and
+per-group operands with empty groups and columns past offs[-1], with values
+spanning 40 binades. _scaled_grouped_mm samples: the four layouts with rowwise
+scales, 2D x 3D and 3D x 3D with MX and blockwise scales, 2D x 2D with MX,
+empty groups, rows past offs[-1], both weight storage orders, bias, both
+output dtypes. Error inputs cover every rejected argument. The refs are
+plain-torch implementations (block loops, torch's own float -> float8
+conversion; dequantise in float64 then a loop of mm).
+
+The definitions are torch-moe-ops' (test/opinfo_fp8.py), instantiated for
+the aten ops; the CPU samples need the kernels of the core stack.""",
+            test_plan="""\
+python test/test_ops.py -k "_quantize_fp8 or _dequantize_fp8 or _scaled_grouped_mm"
+In torch-moe-ops the same OpInfos run against the moe_ops kernels (and their
+CUDA entries, on CPU tensors).""",
+            changes=[
+                Generate("torch/testing/_internal/opinfo/definitions/fp8.py", [FP8_OPINFO, REFERENCE],
+                         make_fp8_opinfo),
+                Edit("torch/testing/_internal/opinfo/definitions/__init__.py", [
+                    ("    fft,\n    grouped_mm,\n", "    fft,\n    fp8,\n    grouped_mm,\n"),
+                    ("    *fft.op_db,\n    *grouped_mm.op_db,\n", "    *fft.op_db,\n    *fp8.op_db,\n    *grouped_mm.op_db,\n"),
                 ]),
             ],
         ),

@@ -38,6 +38,9 @@ from patches import generate, manifest, rewrite
 from patches.errors import PatchError
 
 from opinfo import error_inputs_grouped_mm, sample_inputs_grouped_mm
+from opinfo_fp8 import op_db as fp8_op_db
+from test_fp8 import assert_scaled_mm_close
+from torch_moe_ops.reference import torch_scaled_grouped_mm
 from opinfo_routing import op_db as routing_op_db
 
 PATCHES = os.path.dirname(os.path.abspath(generate.__file__))
@@ -236,7 +239,7 @@ def patched_python_files(tree):
 
 def test_patched_python_compiles(tree):
     files = patched_python_files(tree)
-    assert len(files) == 7
+    assert len(files) == 8
     for path in files:
         with open(os.path.join(tree, path)) as f:
             compile(f.read(), path, "exec")
@@ -251,13 +254,17 @@ def meta(tree):
     with open(path) as f:
         source = f.read()
     names = (list(manifest.CHECK_NAMES.values()) + ["meta_grouped_mm"] + list(manifest.ROUTING_CHECK_NAMES.values())
-             + [meta_name for meta_name, _ in manifest.ROUTING_FAKES.values()])
+             + [meta_name for meta_name, _ in manifest.ROUTING_FAKES.values()]
+             + list(manifest.FP8_CHECK_NAMES.values()) + [meta_name for meta_name, _ in manifest.FP8_FAKES.values()]
+             + ["meta_scaled_grouped_mm"])
+    new_ops = ("_quantize_fp8", "_dequantize_fp8")
+
     class Aten:
         """torch.ops.aten, plus names for the ops the core series adds (the
         decorators only evaluate them)."""
 
         def __getattr__(self, name):
-            return getattr(torch.ops.aten, name) if not name.startswith("_moe_") else name
+            return name if name.startswith("_moe_") or name in new_ops else getattr(torch.ops.aten, name)
 
     namespace = {"torch": torch, "Optional": __import__("typing").Optional, "aten": Aten(),
                  "register_meta": lambda op: (lambda fn: fn)}
@@ -314,6 +321,30 @@ def test_patched_routing_meta_matches_the_kernels(meta, info):
             meta_fn(s.input, *s.args, **s.kwargs)
 
 
+@pytest.mark.parametrize("info", fp8_op_db, ids=lambda info: info.name)
+def test_patched_fp8_meta_matches_the_kernels(meta, info):
+    """meta_quantize_fp8, meta_dequantize_fp8, and meta_scaled_grouped_mm on
+    CPU fake tensors (its CPU branch), against the CPU kernels."""
+    meta_fn = meta[f"meta_{info.name.split('.')[-1]}"]
+    for dtype in info.dtypes:
+        for s in info.sample_inputs("cpu", dtype):
+            args = [s.input, *s.args]
+            expected = info.op(*args, **s.kwargs)
+            expected = expected if isinstance(expected, tuple) else (expected,)
+            with FakeTensorMode() as mode:
+                to_fake = lambda t: mode.from_tensor(t) if isinstance(t, torch.Tensor) else t  # noqa: E731
+                got = meta_fn(*map(to_fake, args), **{k: to_fake(v) for k, v in s.kwargs.items()})
+            got = got if isinstance(got, tuple) else (got,)
+            assert [(t.shape, t.stride(), t.dtype) for t in got] == \
+                [(t.shape, t.stride(), t.dtype) for t in expected], s.name
+    for e in info.error_inputs("cpu"):
+        s = e.sample_input
+        if s.name == "offs_values":  # needs the values of offs: the kernels' alone
+            continue
+        with pytest.raises(e.error_type, match=e.error_regex):
+            meta_fn(s.input, *s.args, **s.kwargs)
+
+
 def load_module(path, name):
     spec = importlib.util.spec_from_file_location(name, path)
     module = importlib.util.module_from_spec(spec)
@@ -353,6 +384,41 @@ def test_patched_routing_opinfo(tree):
         for s in info.sample_inputs("cpu", torch.float64):
             torch.testing.assert_close(info.op(s.input, *s.args, **s.kwargs), info.ref(s.input, *s.args, **s.kwargs),
                                        rtol=1e-12, atol=1e-14, msg=lambda m: f"{info.name} {s.name}: {m}")
+        for e in info.error_inputs("cpu"):
+            with pytest.raises(e.error_type, match=e.error_regex):
+                info.op(e.sample_input.input, *e.sample_input.args, **e.sample_input.kwargs)
+
+
+def test_patched_fp8_opinfo(tree):
+    """The patched fp8 definitions module, instantiated for our kernels (the
+    aten ops it names upstream do not exist in the wheel): quantize and
+    dequantize equal their refs bit for bit, scaled_grouped_mm is close to its
+    float64 ref, error inputs raise."""
+    path = os.path.join(tree, "torch/testing/_internal/opinfo/definitions/fp8.py")
+    with open(path) as f:
+        source = f.read()
+    upstream_db = 'op_db = make_fp8_op_db(lambda op: f"_{op}", lambda op: getattr(torch.ops.aten, f"_{op}").default)'
+    assert source.count(upstream_db) == 1
+    namespace = {"__name__": "patched_fp8"}
+    exec(compile(source.replace(upstream_db, ""), path, "exec"), namespace)
+    ours = namespace["make_fp8_op_db"](lambda op: f"moe_ops.{op}", lambda op: getattr(torch.ops.moe_ops, op).default)
+    assert [info.name for info in ours] == ["moe_ops.quantize_fp8", "moe_ops.dequantize_fp8",
+                                            "moe_ops.scaled_grouped_mm"]
+    for info in ours:
+        for s in info.sample_inputs("cpu", torch.float32):
+            out = info.op(s.input, *s.args, **s.kwargs)
+            ref = info.ref(s.input, *s.args, **s.kwargs)
+            if info.name.endswith("scaled_grouped_mm"):  # float32 sums: within test_fp8's bound of the float64 ref
+                assert_scaled_mm_close(out, s.input, *s.args, **s.kwargs)
+                assert torch.equal(ref, torch_scaled_grouped_mm(s.input, *s.args, **s.kwargs)), s.name
+                continue
+            for o, r in zip(out if isinstance(out, tuple) else (out,), ref if isinstance(ref, tuple) else (ref,),
+                            strict=True):
+                if o.dtype.itemsize == 1:
+                    assert torch.equal(o.view(torch.uint8), r.view(torch.uint8)), f"{info.name} {s.name}"
+                else:
+                    torch.testing.assert_close(o, r, rtol=0, atol=0, equal_nan=True,
+                                               msg=lambda m: f"{info.name} {s.name}: {m}")
         for e in info.error_inputs("cpu"):
             with pytest.raises(e.error_type, match=e.error_regex):
                 info.op(e.sample_input.input, *e.sample_input.args, **e.sample_input.kwargs)
