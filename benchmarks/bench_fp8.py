@@ -107,6 +107,7 @@ def run_gemm(cfg, min_run_time: float, rounds: int) -> GemmResult:
     ad, as_ = q(a, "rowwise")
     wd, ws = q(w, "rowwise")
     am, ams = q(a, "mx")
+    ams = torch.ops.moe_ops.swizzle_mx_scale(ams, offs, 0)  # upstream's layout for a 2-D operand
     wm, wms = q(w, "mx")
     bd, bm = wd.transpose(-2, -1), wm.transpose(-2, -1)
     # Sanity: fp8 against bf16 within fp8 quantisation noise (SQNR > 20 dB).

@@ -72,6 +72,8 @@ def roundtrip(t: torch.Tensor, recipe: str, f8: torch.dtype) -> dict:
 def gemm_sqnr(x, w, offs, recipe, f8) -> float:
     xd, xs = torch_moe_ops.quantize_fp8(x, recipe, f8)
     wd, ws = torch_moe_ops.quantize_fp8(w, recipe, f8)
+    if recipe == "mx":  # a 2-D operand's MX scale goes blocked per group
+        xs = torch_moe_ops.swizzle_mx_scale(xs, offs, 0)
     out = torch_moe_ops.scaled_grouped_mm(xd, wd.transpose(-2, -1), xs, ws, offs, out_dtype=torch.float32)
     ref = torch_moe_ops.grouped_mm(x.double(), w.double().transpose(-2, -1), offs)
     return sqnr_db(out, ref)

@@ -236,6 +236,8 @@ FP8_CHECK_NAMES = {
     "scaled_grouped_mm_out_dtype": "_scaled_grouped_mm_out_dtype",
     "_scaled_check_scale": "_scaled_grouped_mm_check_scale",
     "check_scaled_grouped_mm_inputs": "_scaled_grouped_mm_check_inputs",
+    "swizzle_mx_scale_size": "_swizzle_mx_scale_size",
+    "check_swizzle_mx_scale_inputs": "_swizzle_mx_scale_check_inputs",
 }
 
 # fake kernel -> (meta name, aten op registered, or None for a helper)
@@ -243,6 +245,7 @@ FP8_FAKES = {
     "_quantize_fp8_fake": ("meta_quantize_fp8", "_quantize_fp8"),
     "_dequantize_fp8_fake": ("meta_dequantize_fp8", "_dequantize_fp8"),
     "_scaled_grouped_mm_fake": ("_meta_scaled_grouped_mm_cpu", None),
+    "_swizzle_mx_scale_fake": ("meta_swizzle_mx_scale", "_swizzle_mx_scale"),
 }
 
 FP8_META_HEADER = """\
@@ -290,11 +293,11 @@ def make_fp8_opinfo(upstream: str | None, opinfo_src: str, reference_src: str) -
     references = rewrite.definitions(reference_src, REFERENCE, [
         "torch_grouped_mm", "FP8_RECIPES", "_FP8_BLOCK", "_FP8_EMAX", "_fp8_blocks", "_fp8_swizzle",
         "torch_quantize_fp8", "_fp8_scale_layout", "torch_dequantize_fp8", "_fp8_scale_grid", "_fp8_unswizzle",
-        "torch_scaled_grouped_mm"])
+        "torch_swizzle_mx_scale", "_fp8_unswizzle_groups", "torch_scaled_grouped_mm"])
     src = "# mypy: ignore-errors\n\n" + opinfo_src
-    src = rewrite.replace_once(src, '''"""OpInfos of the fp8 ops ``moe_ops.quantize_fp8``, ``moe_ops.dequantize_fp8``
-and ``moe_ops.scaled_grouped_mm``.''', '''"""OpInfos of ``torch.ops.aten._quantize_fp8``, ``_dequantize_fp8`` and
-``_scaled_grouped_mm``.''', FP8_OPINFO)
+    src = rewrite.replace_once(src, '''"""OpInfos of the fp8 ops ``moe_ops.quantize_fp8``, ``moe_ops.dequantize_fp8``,
+``moe_ops.scaled_grouped_mm`` and ``moe_ops.swizzle_mx_scale``.''', '''"""OpInfos of ``torch.ops.aten._quantize_fp8``,
+``_dequantize_fp8``, ``_scaled_grouped_mm`` and ``_swizzle_mx_scale``.''', FP8_OPINFO)
     src = rewrite.replace_once(src, "from __future__ import annotations\n\n", "", FP8_OPINFO)
     src = rewrite.replace_once(src, "from functools import partial\n",
                                "from functools import partial\nfrom typing import Optional\n", FP8_OPINFO)
@@ -302,7 +305,7 @@ and ``moe_ops.scaled_grouped_mm``.''', '''"""OpInfos of ``torch.ops.aten._quanti
     # are the OpInfos' refs.
     src = rewrite.replace_once(
         src, "\nfrom torch_moe_ops.reference import (\n    FP8_RECIPES,\n    torch_dequantize_fp8,\n"
-             "    torch_quantize_fp8,\n    torch_scaled_grouped_mm,\n)\n",
+             "    torch_quantize_fp8,\n    torch_scaled_grouped_mm,\n    torch_swizzle_mx_scale,\n)\n",
         "\n\n" + references + "\n\n", FP8_OPINFO)
     return rewrite.replace_once(
         src, 'op_db = make_fp8_op_db(lambda op: f"moe_ops.{op}", lambda op: getattr(torch.ops.moe_ops, op).default)',
@@ -447,6 +450,11 @@ FP8_NATIVE_FUNCTIONS = """\
   dispatch:
     CPU: dequantize_fp8_cpu
     CUDA: dequantize_fp8_cuda
+
+- func: _swizzle_mx_scale(Tensor scale, Tensor offs, int dim) -> Tensor
+  variants: function
+  dispatch:
+    CPU, CUDA: swizzle_mx_scale
 """
 
 # ---------------------------------------------------------------------------
@@ -654,7 +662,7 @@ MoeUnpermuteBackward0 with these formulas.""",
             ],
         ),
         Patch(
-            title="[ATen] fp8 quantisation: _quantize_fp8, _dequantize_fp8 with CPU kernels",
+            title="[ATen] fp8 quantisation: _quantize_fp8, _dequantize_fp8, _swizzle_mx_scale",
             summary="""\
 _scaled_mm and _scaled_grouped_mm take float8 operands and scales, but ATen has
 no op that produces them: every user writes the amax/scale/clamp/cast by hand,
@@ -674,7 +682,13 @@ dequantise for the recipes torch's scaled GEMMs accept:
   groups along the contraction dimension, one scale per row and group, so
   that no block straddles two groups;
 - _dequantize_fp8(data, scale, recipe, out_dtype, offs, swizzle) -> the
-  inverse, in float32, bfloat16 or float16.
+  inverse, in float32, bfloat16 or float16;
+- _swizzle_mx_scale(scale, offs, dim) -> the MX scales of a 2-D grouped
+  operand in the layout the CUDA MX grouped GEMMs read for 2-D operands:
+  each group's part of the grid blocked on its own, groups one after the
+  other (groups of rows, dim=0, for the 2D x 3D forward; along K, dim=1, for
+  the 2D x 2D weight gradient), in a shape bounded by the arguments' shapes
+  (no host sync).
 
 Numerics (ATen/native/MoEQuantize.h): float32 amax per block, saturation to
 the format's max, round to nearest even; a block holding NaN or inf
@@ -736,9 +750,11 @@ ATen/native/MoEScaledGroupedMM.h:
   DeepSeek-V3's blockwise float32 scales (1x128 blocks of A, 128x128 blocks
   of the (N, K) weight); MX float8_e8m0fnu scales (1x32 along K) for 2D x 3D,
   3D x 3D and 2D x 2D (the weight gradient, token groups of whole blocks) in
-  the plain layout _quantize_fp8 returns or, for 3-D operands, the swizzled
-  layout the CUDA kernels read (the per-group swizzle of a 2-D operand is
-  not supported);
+  the layouts the CUDA kernels take: a 3-D operand's plain (G, rows, S) grid or
+  its swizzled (G, round_up(rows, 128) * round_up(S, 4)) form, a 2-D
+  operand's per-group blocked layout (_swizzle_mx_scale; any 2-D shape with
+  at least `rows` rows that holds the groups' bytes, checked against offs's
+  values);
 - out_dtype bfloat16 (default) or float32, bias (G, N) in float32 or
   out_dtype; scale_result must be None; use_fast_accum is ignored (float32
   accumulation always);
@@ -889,13 +905,13 @@ In torch-moe-ops the same OpInfos run against the moe_ops kernels.""",
             ],
         ),
         Patch(
-            title="[meta] fp8 ops: meta functions of _quantize_fp8 and _dequantize_fp8, _scaled_grouped_mm on CPU",
+            title="[meta] fp8 ops: meta functions of the quantisation ops, _scaled_grouped_mm on CPU",
             summary="""\
-Meta functions for the fp8 quantisation ops of the core stack, so that they
-trace under torch.compile with fake tensors: output shapes and dtypes are
-functions of the arguments (the scale shape of each recipe, swizzled or not,
-per group with offs), and every check of ATen/native/MoEQuantize.h is restated
-with the same message.
+Meta functions for the fp8 quantisation ops of the core stack (_quantize_fp8,
+_dequantize_fp8, _swizzle_mx_scale), so that they trace under torch.compile
+with fake tensors: output shapes and dtypes are functions of the arguments
+(the scale shape of each recipe, swizzled or not, per group with offs), and
+every check of ATen/native/MoEQuantize.h is restated with the same message.
 
 _scaled_grouped_mm's meta function states what the CUDA kernels accept
 (e4m3 only, no bias, their strides). CPU tensors now take a branch with the
@@ -911,11 +927,12 @@ In torch-moe-ops: these very functions agree with the CPU kernels in shape,
 strides and dtype on every fp8 OpInfo sample, and raise the kernels' errors
 on every error input that does not need tensor values; the ops compile with
 fullgraph=True, dynamic=True.
-Here: python test/test_ops.py -k "(_quantize_fp8 or _dequantize_fp8 or _scaled_grouped_mm) and (meta or fake)".""",
+Here: python test/test_ops.py -k "(_quantize_fp8 or _dequantize_fp8 or _scaled_grouped_mm or _swizzle_mx_scale)
+and (meta or fake)".""",
             changes=[Generate("torch/_meta_registrations.py", [CHECKS, FP8_FAKE], make_fp8_meta)],
         ),
         Patch(
-            title="[OpInfo] Add OpInfos for _quantize_fp8, _dequantize_fp8, _scaled_grouped_mm",
+            title="[OpInfo] Add OpInfos for the fp8 ops",
             summary="""\
 OpInfos for the fp8 ops. quantize/dequantize samples: every recipe on 2-D
 and 3-D operands, partial blocks, zero rows and columns, a transposed weight
@@ -924,14 +941,16 @@ per-group operands with empty groups and columns past offs[-1], with values
 spanning 40 binades. _scaled_grouped_mm samples: the four layouts with rowwise
 scales, 2D x 3D and 3D x 3D with MX and blockwise scales, 2D x 2D with MX,
 empty groups, rows past offs[-1], both weight storage orders, bias, both
-output dtypes. Error inputs cover every rejected argument. The refs are
-plain-torch implementations (block loops, torch's own float -> float8
-conversion; dequantise in float64 then a loop of mm).
+output dtypes. _swizzle_mx_scale samples: groups of rows and along K, empty
+groups, groups past 128 rows, rows and columns past offs[-1], no groups.
+Error inputs cover every rejected argument. The refs are plain-torch
+implementations (block loops, torch's own float -> float8 conversion;
+dequantise in float64 then a loop of mm).
 
 The definitions are torch-moe-ops' (test/opinfo_fp8.py), instantiated for
 the aten ops; the CPU samples need the kernels of the core stack.""",
             test_plan="""\
-python test/test_ops.py -k "_quantize_fp8 or _dequantize_fp8 or _scaled_grouped_mm"
+python test/test_ops.py -k "_quantize_fp8 or _dequantize_fp8 or _scaled_grouped_mm or _swizzle_mx_scale"
 In torch-moe-ops the same OpInfos run against the moe_ops kernels (and their
 CUDA entries, on CPU tensors).""",
             changes=[

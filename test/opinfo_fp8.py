@@ -1,5 +1,5 @@
-"""OpInfos of the fp8 ops ``moe_ops.quantize_fp8``, ``moe_ops.dequantize_fp8``
-and ``moe_ops.scaled_grouped_mm``.
+"""OpInfos of the fp8 ops ``moe_ops.quantize_fp8``, ``moe_ops.dequantize_fp8``,
+``moe_ops.scaled_grouped_mm`` and ``moe_ops.swizzle_mx_scale``.
 
 Samples cover every recipe on 2-D and 3-D operands, sizes that are not
 multiples of the blocks (partial last blocks), zero rows and zero columns, a
@@ -34,6 +34,7 @@ from torch_moe_ops.reference import (
     torch_dequantize_fp8,
     torch_quantize_fp8,
     torch_scaled_grouped_mm,
+    torch_swizzle_mx_scale,
 )
 
 FP8_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
@@ -179,6 +180,8 @@ def scaled_grouped_mm_cases(device, dtype):
         for f8 in (torch.float8_e4m3fn, torch.float8_e5m2):
             tag = f"{recipe}_{'e4m3' if f8 == torch.float8_e4m3fn else 'e5m2'}"
             ad, as_ = torch_quantize_fp8(rnd(M, K), recipe, f8)
+            if recipe == "mx":  # a 2-D operand's MX scale goes blocked per group of rows
+                as_ = torch_swizzle_mx_scale(as_, offs, 0)
             bd, bs = right(rnd(G, K, N), recipe, f8)
             bias = rnd(G, N).to(device)
             yield f"2d3d_{tag}", dev(ad, bd, as_, bs), dict(offs=offs, out_dtype=dtype)
@@ -191,6 +194,7 @@ def scaled_grouped_mm_cases(device, dtype):
     w = rnd(G, N, K)
     wd, ws = torch_quantize_fp8(w, "mx", None, None, True)
     ad, as_ = torch_quantize_fp8(rnd(M, K), "mx")
+    as_ = torch_swizzle_mx_scale(as_, offs, 0)
     yield "2d3d_mx_swizzled_b", dev(ad, wd.transpose(-2, -1), as_, ws), dict(offs=offs, out_dtype=dtype)
     a3, a3s = torch_quantize_fp8(rnd(G, 7, K), "mx", None, None, True)
     yield "3d3d_mx_swizzled", dev(a3, wd.transpose(-2, -1), a3s, ws), dict(out_dtype=dtype)
@@ -221,7 +225,15 @@ def scaled_grouped_mm_cases(device, dtype):
     tok = _offs([64, 64, 128, 160], "cpu")
     god, gos = torch_quantize_fp8(rnd(170, N).t().contiguous(), "mx", None, tok)  # (N, 170), scale (N, 6)
     xd, xs = torch_quantize_fp8(rnd(170, K).t().contiguous(), "mx", None, tok)    # (K, 170), scale (K, 6)
+    gos, xs = torch_swizzle_mx_scale(gos, tok, 1), torch_swizzle_mx_scale(xs, tok, 1)  # blocked per group of K
     yield "2d2d_wgrad_mx", dev(god, xd.t(), gos, xs), dict(offs=tok.to(device), out_dtype=dtype)
+    # A blocked scale shaped as upstream's tests build it: the groups' blocks
+    # cut to exactly their bytes, (sum_g round_up(M_g, 128) * 4 / S, S) for S = 4.
+    K4 = 128
+    ad, as_ = torch_quantize_fp8(rnd(M, K4), "mx")
+    blocked = torch_swizzle_mx_scale(as_, offs, 0)[:3 * 128]  # groups of 5, 12 and 9 rows: 3 x 128 rows
+    bd, bs = right(rnd(G, K4, N), "mx")
+    yield "2d3d_mx_exact_blocked_a", dev(ad, bd, blocked, bs), dict(offs=offs, out_dtype=dtype)
 
 
 def sample_inputs_scaled_grouped_mm(op_info, device, dtype, requires_grad, **kwargs):
@@ -282,8 +294,10 @@ def error_inputs_scaled_grouped_mm(op_info, device, **kwargs):
             r"of these operands, got \[2, 8\]", a, b, ones(M, 1), sb, offs)
     yield e(r"scaled_grouped_mm: scale_a must have shape \[2, 6, 1\] for blockwise \(1x128 x 128x128\) scaling "
             r"of these operands, got \[2, 6, 2\]", a3, b, ones(G, M, 2), ones(G, 1, 1))
-    yield e(r"scaled_grouped_mm: scale_a must have shape \[6, 2\] for mx scaling of these operands, got \[6, 1\]",
-            a, b, sa_mx[:, :1], sb_mx, offs)
+    yield e(r"scaled_grouped_mm: scale_a must be the mx scale of mat_a blocked per group \(swizzle_mx_scale\(scale, "
+            r"offs, dim=0\)\): 2-D with at least 6 rows, got \[5, 2\]", a, b, sa_mx[:5], sb_mx, offs)
+    yield e(r"scaled_grouped_mm: scale_a must be the mx scale of mat_a blocked per group \(swizzle_mx_scale\(scale, "
+            r"offs, dim=0\)\): 2-D with at least 6 rows, got \[6, 2, 1\]", a, b, sa_mx.unsqueeze(-1), sb_mx, offs)
     yield e(r"scaled_grouped_mm: scale_b must have shape \[2, 8, 2\] for mx scaling of these operands, got "
             r"\[2, 4, 2\]", a, b, sa_mx, sb_mx[:, :4], offs)
     yield e(r"scaled_grouped_mm: scale_a must have shape \[2, 6, 2\] for mx scaling of these operands, got "
@@ -300,20 +314,63 @@ def error_inputs_scaled_grouped_mm(op_info, device, **kwargs):
     yield e(r"scaled_grouped_mm: bias must be float32 or the output dtype \(BFloat16\), got Half", a, b, sa, sb,
             offs, bias=ones(G, N).half())
     # 2D x 2D mx: mat_a (8, 64), mat_b (64, 6): scale_a (8, 2), scale_b (6, 2).
-    yield e(r"scaled_grouped_mm: scale_b must have shape \[6, 2\] for mx scaling of these operands, got \[8, 2\]",
-            b2.t().contiguous(), a.t(), ones(N, 2).to(e8), ones(N, 2).to(e8), _offs([32, 64], device))
+    yield e(r"scaled_grouped_mm: scale_b must be the mx scale of mat_b\^T blocked per group \(swizzle_mx_scale\("
+            r"scale, offs, dim=1\)\): 2-D with at least 6 rows, got \[5, 2\]",
+            b2.t().contiguous(), a.t(), ones(N, 2).to(e8), ones(5, 2).to(e8), _offs([32, 64], device))
     if torch.device(device).type == "cpu":
         yield e(r"scaled_grouped_mm: with mx scales every group of K must hold whole 32-element blocks: offs\[g\] "
                 r"must be a multiple of 32 or K=64, got offs\[0\]=30", b2.t().contiguous(), a.t(), ones(N, 2).to(e8),
                 ones(M, 2).to(e8), _offs([30, 64], device), name="offs_values")
         yield e(r"scaled_grouped_mm: offs must be non-decreasing in \[0, M \(mat_a.size\(0\)\)=6\], got "
                 r"offs\[1\]=7 after offs\[0\]=2", a, b, sa, sb, _offs([2, 7], device), name="offs_values")
+        # Groups of 2 and 4 rows: two 128-row blocks of 4 columns, 1024 bytes.
+        yield e(r"scaled_grouped_mm: the blocked mx scale of sizes \[6, 2\] holds 12 bytes, fewer than the groups "
+                r"of offs need \(562\)", a, b, sa_mx, sb_mx, offs, name="offs_values")
+
+
+def swizzle_cases(device, dtype):
+    """(name, scale, offs, dim): MX grids of 2-D operands and their groups."""
+    def grid(rows, cols, seed):
+        return torch_quantize_fp8(_spread((rows, cols), "cpu", dtype, seed), "mx")[1].to(device)
+
+    # Groups of rows (2D x 3D tokens): an empty group, rows past offs[-1], a group past 128 rows.
+    yield "rows", grid(300, 200, 8), _offs([10, 10, 140, 290], device), 0
+    yield "rows_no_groups", grid(7, 64, 9), _offs([], device), 0
+    yield "rows_zero_tokens", grid(0, 64, 10), _offs([0, 0], device), 0
+    # Groups along K on 32-element blocks (2D x 2D), a partial last block.
+    yield "cols", grid(7, 250, 11), _offs([32, 32, 96, 250], device), 1
+    yield "cols_past_128_rows", grid(130, 300, 12), _offs([64, 192], device), 1
+    yield "cols_no_groups", grid(40, 64, 13), _offs([], device), 1
+
+
+def sample_inputs_swizzle_mx_scale(op_info, device, dtype, requires_grad, **kwargs):
+    for name, scale, offs, dim in swizzle_cases(device, dtype):
+        yield SampleInput(scale, args=(offs, dim), name=name)
+
+
+def error_inputs_swizzle_mx_scale(op_info, device, **kwargs):
+    e8 = torch.float8_e8m0fnu
+    scale = torch.ones(6, 4, device=device).to(e8)
+    offs = _offs([2, 6], device)
+    e = _err
+    yield e(r"swizzle_mx_scale: scale must be Float8_e8m0fnu, got Float", scale.float(), offs, 0)
+    yield e(r"swizzle_mx_scale: scale must be the 2-D \(R, S\) grid of a 2-D operand, got sizes \[2, 6, 4\]",
+            scale.expand(2, 6, 4), offs, 0)
+    yield e(r"swizzle_mx_scale: dim must be 0 or 1, got 2", scale, offs, 2)
+    yield e(r"swizzle_mx_scale: offs must be 1-D, got 2-D with sizes \[1, 2\]", scale, offs[None], 0)
+    yield e(r"swizzle_mx_scale: offs must be int32, got Long", scale, offs.long(), 0)
+    if torch.device(device).type == "cpu":
+        yield e(r"swizzle_mx_scale: offs must be non-decreasing in \[0, R=6\], got offs\[1\]=7 after offs\[0\]=2",
+                scale, _offs([2, 7], device), 0, name="offs_values")
+        yield e(r"swizzle_mx_scale: with groups along K every group must hold whole 32-element blocks: offs\[g\] "
+                r"must be a multiple of 32 or end in the last block, got offs\[0\]=40", scale, _offs([40, 128], device),
+                1, name="offs_values")
 
 
 def make_fp8_op_db(name_of, op_of) -> list[OpInfo]:
-    """OpInfos of quantize_fp8, dequantize_fp8 and scaled_grouped_mm; name_of
-    and op_of map "quantize_fp8", "dequantize_fp8", "scaled_grouped_mm" to the
-    OpInfo's name and the op it calls."""
+    """OpInfos of quantize_fp8, dequantize_fp8, scaled_grouped_mm and
+    swizzle_mx_scale; name_of and op_of map each op's name ("quantize_fp8", ...)
+    to the OpInfo's name and the op it calls."""
 
     def opinfo(op, sample_fn, error_fn, ref, dtypes=FP8_DTYPES):
         return OpInfo(name_of(op), op=op_of(op), ref=ref, dtypes=dtypes, sample_inputs_func=sample_fn,
@@ -325,6 +382,8 @@ def make_fp8_op_db(name_of, op_of) -> list[OpInfo]:
         opinfo("dequantize_fp8", sample_inputs_dequantize_fp8, error_inputs_dequantize_fp8, torch_dequantize_fp8),
         opinfo("scaled_grouped_mm", sample_inputs_scaled_grouped_mm, error_inputs_scaled_grouped_mm,
                torch_scaled_grouped_mm, SCALED_MM_DTYPES),
+        opinfo("swizzle_mx_scale", sample_inputs_swizzle_mx_scale, error_inputs_swizzle_mx_scale,
+               torch_swizzle_mx_scale, (torch.float32,)),
     ]
 
 

@@ -31,6 +31,7 @@ from torch_moe_ops.reference import (
     torch_grouped_mm,
     torch_quantize_fp8,
     torch_scaled_grouped_mm,
+    torch_swizzle_mx_scale,
 )
 
 from opinfo_fp8 import make_fp8_op_db, op_db as fp8_op_db
@@ -179,6 +180,8 @@ class TestFp8(TestCase):
         for ra, rb in (("rowwise", "rowwise"), ("mx", "mx"), ("blockwise_1x128", "blockwise_128x128")):
             xd, xs = torch.ops.moe_ops.quantize_fp8(x, ra)
             wd, ws = torch.ops.moe_ops.quantize_fp8(w, rb)
+            if ra == "mx":
+                xs = torch.ops.moe_ops.swizzle_mx_scale(xs, offs, 0)
             cases.append((xd, wd.transpose(-2, -1), xs, ws, offs))
         threads = torch.get_num_threads()
         try:
@@ -453,6 +456,8 @@ def test_property_scaled_grouped_mm(entry, problem, f8, out_dtype, with_bias, k_
     offs = ends
     if layout == "2d3d":
         a, sa = torch_quantize_fp8(torch.randn(total + 2, k, generator=g), a_recipe, f8)
+        if recipe == "mx":  # 2-D operand: blocked per group of rows
+            sa = torch_swizzle_mx_scale(sa, ends, 0)
         b, sb = right(torch.randn(groups, k, n, generator=g))
     elif layout == "3d3d":
         a, sa = torch_quantize_fp8(torch.randn(groups, m, k, generator=g), a_recipe, f8, None, swizzle)
@@ -467,10 +472,34 @@ def test_property_scaled_grouped_mm(entry, problem, f8, out_dtype, with_bias, k_
         b = bt.t()
         if recipe == "rowwise":
             sa, sb = sa.flatten(), sb.flatten()
+        else:  # blocked per group of K
+            sa, sb = torch_swizzle_mx_scale(sa, ends, 1), torch_swizzle_mx_scale(sb, ends, 1)
     n_out = b.shape[-1]
     bias = torch.randn(groups, n_out, generator=g) if with_bias else None
     out = ENTRIES[entry]("scaled_grouped_mm")(a, b, sa, sb, offs, bias, None, out_dtype)
     assert_scaled_mm_close(out, a, b, sa, sb, offs, bias, out_dtype)
+
+
+@settings(max_examples=60, deadline=None)
+@given(st.integers(0, 300), st.integers(0, 12), st.lists(st.integers(0, 150), max_size=6), st.sampled_from([0, 1]),
+       st.integers(0, 2**31 - 1))
+@entry_params
+def test_property_swizzle_mx_scale(entry, rows, blocks, sizes, dim, seed):
+    """Per-group blocked MX scales: bitwise the reference's bytes, and
+    scaled_grouped_mm reads them back to the plain grid (a 2D x 3D or 2D x 2D
+    product equal to the one from the plain grid dequantised)."""
+    g = torch.Generator().manual_seed(seed)
+    cols = 32 * blocks
+    x = torch.randn(rows, cols, generator=g) * 2.0 ** torch.randint(-20, 20, (rows, cols), generator=g)
+    _, scale = torch_quantize_fp8(x, "mx")
+    if dim == 0:
+        ends = torch.tensor(sizes, dtype=torch.int64).cumsum(0).clamp_max(rows)
+    else:
+        ends = (torch.tensor(sizes, dtype=torch.int64) // 32 * 32).cumsum(0).clamp_max(cols)
+    offs = ends.to(torch.int32)
+    out = ENTRIES[entry]("swizzle_mx_scale")(scale, offs, dim)
+    ref = torch_swizzle_mx_scale(scale, offs, dim)
+    assert out.shape == ref.shape and torch.equal(_bytes(out), _bytes(ref))
 
 
 def test_scaled_grouped_mm_is_dequantise_then_grouped_mm():
@@ -484,7 +513,8 @@ def test_scaled_grouped_mm_is_dequantise_then_grouped_mm():
     for ra, rb in (("rowwise", "rowwise"), ("mx", "mx"), ("blockwise_1x128", "blockwise_128x128")):
         xd, xs = torch_moe_ops.quantize_fp8(x, ra)
         wd, ws = torch_moe_ops.quantize_fp8(w.transpose(-2, -1), rb)
-        out = torch_moe_ops.scaled_grouped_mm(xd, wd.transpose(-2, -1), xs, ws, offs, out_dtype=torch.float32)
+        blocked = torch_moe_ops.swizzle_mx_scale(xs, offs, 0) if ra == "mx" else xs
+        out = torch_moe_ops.scaled_grouped_mm(xd, wd.transpose(-2, -1), blocked, ws, offs, out_dtype=torch.float32)
         xf = torch_moe_ops.dequantize_fp8(xd, xs, ra)
         wf = torch_moe_ops.dequantize_fp8(wd, ws, rb).transpose(-2, -1)
         via = torch_moe_ops.grouped_mm(xf, wf, offs)
@@ -624,7 +654,7 @@ def test_cuda_entry_error_inputs(op):
     for ei in op.error_inputs("cpu"):
         s = ei.sample_input
         if s.name == "offs_values":
-            with pytest.raises(RuntimeError, match="offs must be|whole 32-element blocks"):
+            with pytest.raises((RuntimeError, ValueError), match="offs must be|whole 32-element blocks|fewer than"):
                 _call(op, s)
         else:
             with pytest.raises(ei.error_type, match=ei.error_regex):

@@ -108,6 +108,9 @@ def test_torchgen_accepts_the_yaml_and_generates_the_backward(tree, tmp_path):
         (fn,) = [f for f in parsed.native_functions if str(f.func.name) == f"_{op}"]
         assert kernels[DispatchKey.CPU].get_kernel(fn).kernel == f"{op}_cpu"
         assert kernels[DispatchKey.CUDA].get_kernel(fn).kernel == f"{op}_cuda"
+    (fn,) = [f for f in parsed.native_functions if str(f.func.name) == "_swizzle_mx_scale"]
+    assert kernels[DispatchKey.CPU].get_kernel(fn).kernel == kernels[DispatchKey.CUDA].get_kernel(fn).kernel == \
+        "swizzle_mx_scale"
     (fn,) = [f for f in parsed.native_functions if str(f.func.name) == "_scaled_grouped_mm"]
     assert kernels[DispatchKey.CPU].get_kernel(fn).kernel == "scaled_grouped_mm_cpu"
     assert kernels[DispatchKey.CUDA].get_kernel(fn).kernel == "_scaled_grouped_mm_cuda"
@@ -257,7 +260,7 @@ def meta(tree):
              + [meta_name for meta_name, _ in manifest.ROUTING_FAKES.values()]
              + list(manifest.FP8_CHECK_NAMES.values()) + [meta_name for meta_name, _ in manifest.FP8_FAKES.values()]
              + ["meta_scaled_grouped_mm"])
-    new_ops = ("_quantize_fp8", "_dequantize_fp8")
+    new_ops = ("_quantize_fp8", "_dequantize_fp8", "_swizzle_mx_scale")
 
     class Aten:
         """torch.ops.aten, plus names for the ops the core series adds (the
@@ -403,7 +406,7 @@ def test_patched_fp8_opinfo(tree):
     exec(compile(source.replace(upstream_db, ""), path, "exec"), namespace)
     ours = namespace["make_fp8_op_db"](lambda op: f"moe_ops.{op}", lambda op: getattr(torch.ops.moe_ops, op).default)
     assert [info.name for info in ours] == ["moe_ops.quantize_fp8", "moe_ops.dequantize_fp8",
-                                            "moe_ops.scaled_grouped_mm"]
+                                            "moe_ops.scaled_grouped_mm", "moe_ops.swizzle_mx_scale"]
     for info in ours:
         for s in info.sample_inputs("cpu", torch.float32):
             out = info.op(s.input, *s.args, **s.kwargs)

@@ -19,11 +19,13 @@ from .ops import (
     quantize_fp8,
     router_topk,
     scaled_grouped_mm,
+    swizzle_mx_scale,
     unpermute,
 )
 
 __all__ = ["dequantize_fp8", "fp8_grouped_mm", "fused_experts", "grouped_mm", "grouped_mm_gather", "permute",
-           "quantize_fp8", "router_topk", "scaled_grouped_mm", "unpermute", "nn", "ops", "cuda_kernels_built"]
+           "quantize_fp8", "router_topk", "scaled_grouped_mm", "swizzle_mx_scale", "unpermute", "nn", "ops",
+           "cuda_kernels_built"]
 
 
 def cuda_kernels_built() -> bool:

@@ -479,6 +479,25 @@ def check_dequantize_fp8_inputs(data: torch.Tensor, scale: torch.Tensor, recipe:
     return out
 
 
+def swizzle_mx_scale_size(rows: int, s: int, groups: int, dim: int) -> list:
+    if dim == 0:
+        return [rows + 128 * groups, _ceil_div(s, 4) * 4]
+    return [_ceil_div(rows, 128) * 128, s + 4 * groups]
+
+
+def check_swizzle_mx_scale_inputs(scale: torch.Tensor, offs: torch.Tensor, dim: int) -> None:
+    chk = torch._check_value
+    chk(scale.dtype == torch.float8_e8m0fnu,
+        lambda: f"swizzle_mx_scale: scale must be Float8_e8m0fnu, got {_fp8_c10(scale.dtype)}")
+    chk(scale.dim() == 2,
+        lambda: f"swizzle_mx_scale: scale must be the 2-D (R, S) grid of a 2-D operand, got sizes {_sizes(scale)}")
+    chk(dim in (0, 1), lambda: f"swizzle_mx_scale: dim must be 0 or 1, got {dim}")
+    chk(offs.dim() == 1, lambda: f"swizzle_mx_scale: offs must be 1-D, got {offs.dim()}-D with sizes {_sizes(offs)}")
+    chk(offs.dtype == torch.int32, lambda: f"swizzle_mx_scale: offs must be int32, got {_c10(offs.dtype)}")
+    chk(offs.device == scale.device,
+        lambda: f"swizzle_mx_scale: offs must be on the device of scale ({scale.device}), got {offs.device}")
+
+
 # ------------------------------------------------------------------ scaled_grouped_mm
 # Restates csrc/ATen/native/MoEScaledGroupedMM.h one for one, with the same messages.
 
@@ -535,16 +554,21 @@ def check_scaled_grouped_mm_inputs(mat_a, mat_b, scale_a, scale_b, offs, bias, s
         def swz(rows):
             return [groups, _ceil_div(rows, 128) * 128 * sp]
 
+        def check_blocked(name, scale, operand, rows, dim):
+            chk(scale.dim() == 2 and scale.shape[0] >= rows,
+                lambda: f"scaled_grouped_mm: {name} must be the mx scale of {operand} blocked per group "
+                f"(swizzle_mx_scale(scale, offs, dim={dim})): 2-D with at least {rows} rows, got {_sizes(scale)}")
+
         if layout == "2d2d":
-            _scaled_check_scale("scale_a", scale_a, [m, s], recipe)
+            check_blocked("scale_a", scale_a, "mat_a", m, 1)
         elif layout == "2d3d":
-            _scaled_check_scale("scale_a", scale_a, [m, s], recipe)
+            check_blocked("scale_a", scale_a, "mat_a", m, 0)
         elif scale_a.dim() == 2:
             _scaled_check_scale("scale_a", scale_a, swz(m), "mx (swizzled)")
         else:
             _scaled_check_scale("scale_a", scale_a, [groups, m, s], recipe)
         if layout == "2d2d":
-            _scaled_check_scale("scale_b", scale_b, [n, s], recipe)
+            check_blocked("scale_b", scale_b, "mat_b^T", n, 1)
         elif scale_b.dim() == 2:
             _scaled_check_scale("scale_b", scale_b, swz(n), "mx (swizzled)")
         else:

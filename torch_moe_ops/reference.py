@@ -302,6 +302,43 @@ def _fp8_unswizzle(s: torch.Tensor, rows: int, nseg: int) -> torch.Tensor:
     return grid[:, :rows, :nseg]
 
 
+def torch_swizzle_mx_scale(scale: torch.Tensor, offs: torch.Tensor, dim: int) -> torch.Tensor:
+    """Reference per-group blocked MX scales: each group's part of the (R, S) grid
+    through ``_fp8_swizzle`` on its own, the groups' bytes one after the other."""
+    rows, s = scale.shape
+    ends = offs.tolist()
+    bits = scale.view(torch.uint8)
+    if dim == 0:
+        out = torch.zeros(rows + 128 * len(ends), -(-s // 4) * 4, dtype=torch.uint8)
+    else:
+        out = torch.zeros(-(-rows // 128) * 128, s + 4 * len(ends), dtype=torch.uint8)
+    flat = out.view(-1)
+    pos, start = 0, 0
+    for end in ends:
+        part = bits[start:end] if dim == 0 else bits[:, -(-start // 32):-(-end // 32)]
+        if part.numel():
+            blk = _fp8_swizzle(part).reshape(-1)
+            flat[pos:pos + blk.numel()] = blk
+            pos += blk.numel()
+        start = end
+    return out.view(torch.float8_e8m0fnu)
+
+
+def _fp8_unswizzle_groups(scale: torch.Tensor, rows: int, s: int, offs: torch.Tensor, dim: int) -> torch.Tensor:
+    """The inverse of torch_swizzle_mx_scale: the plain (rows, s) grid; no group: 1.0."""
+    flat = scale.contiguous().view(torch.uint8).reshape(-1)
+    out = torch.full((rows, s), 127, dtype=torch.uint8)
+    pos, start = 0, 0
+    for end in offs.tolist():
+        r0, r1, c0, c1 = (start, end, 0, s) if dim == 0 else (0, rows, -(-start // 32), -(-end // 32))
+        if r1 > r0 and c1 > c0:
+            n = (-(-(r1 - r0) // 128) * 128) * (-(-(c1 - c0) // 4) * 4)
+            out[r0:r1, c0:c1] = _fp8_unswizzle(flat[pos:pos + n].view(1, n), r1 - r0, c1 - c0)[0]
+            pos += n
+        start = end
+    return out.view(torch.float8_e8m0fnu)
+
+
 def torch_scaled_grouped_mm(
     mat_a: torch.Tensor,
     mat_b: torch.Tensor,
@@ -327,6 +364,11 @@ def torch_scaled_grouped_mm(
             sa = _fp8_unswizzle(sa, a.shape[1], s)
         if mat_b.dim() == 3 and scale_b.dim() == 2:
             sb = _fp8_unswizzle(sb, n, s)
+        dim = 1 if layout == "2d2d" else 0  # 2-D operands: blocked per group of rows (2D x 3D) or of K (2D x 2D)
+        if mat_a.dim() == 2:
+            sa = _fp8_unswizzle_groups(scale_a, a.shape[0], s, offs, dim).to(acc_dtype)
+        if mat_b.dim() == 2:
+            sb = _fp8_unswizzle_groups(scale_b, n, s, offs, dim).to(acc_dtype)
         a = a * sa.repeat_interleave(32, -1)[..., :k]
         b = b * sb.repeat_interleave(32, -1)[..., :k].transpose(-2, -1)
     elif layout in ("2d3d", "3d3d") and scale_a.dim() == mat_a.dim():  # 1x128 (A) and 128x128 (B^T) blocks

@@ -65,6 +65,7 @@ TORCH_LIBRARY(moe_ops, m) {
   m.def(
       "dequantize_fp8(Tensor data, Tensor scale, str recipe, ScalarType? out_dtype=None, Tensor? offs=None, "
       "bool swizzle=False) -> Tensor");
+  m.def("swizzle_mx_scale(Tensor scale, Tensor offs, int dim) -> Tensor");
   // The schema of aten::_scaled_grouped_mm.
   m.def(
       "scaled_grouped_mm(Tensor mat_a, Tensor mat_b, Tensor scale_a, Tensor scale_b, Tensor? offs=None, "
@@ -81,6 +82,7 @@ TORCH_LIBRARY_IMPL(moe_ops, CPU, m) {
   m.impl("quantize_fp8", &at::native::quantize_fp8_cpu);
   m.impl("dequantize_fp8", &at::native::dequantize_fp8_cpu);
   m.impl("scaled_grouped_mm", &at::native::scaled_grouped_mm_cpu);
+  m.impl("swizzle_mx_scale", &at::native::swizzle_mx_scale);
   m.impl("expert_mlp", &at::native::expert_mlp);
   m.impl("expert_mlp_backward", &at::native::expert_mlp_backward);
 }
@@ -96,6 +98,7 @@ TORCH_LIBRARY_IMPL(moe_ops, CUDA, m) {
   m.impl("quantize_fp8", &at::native::quantize_fp8_cuda);
   m.impl("dequantize_fp8", &at::native::dequantize_fp8_cuda);
   m.impl("scaled_grouped_mm", &at::native::scaled_grouped_mm_cuda);
+  m.impl("swizzle_mx_scale", &at::native::swizzle_mx_scale);  // device-generic ATen code
   // Device-generic compositions of the kernels above.
   m.impl("expert_mlp", &at::native::expert_mlp);
   m.impl("expert_mlp_backward", &at::native::expert_mlp_backward);

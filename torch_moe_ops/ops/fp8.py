@@ -89,6 +89,31 @@ def _dequantize_fp8_fake(data, scale, recipe, out_dtype=None, offs=None, swizzle
     return data.new_empty(data.shape, dtype=out)
 
 
+_swizzle_mx_scale = torch.ops.moe_ops.swizzle_mx_scale.default
+
+
+def swizzle_mx_scale(scale: torch.Tensor, offs: torch.Tensor, dim: int) -> torch.Tensor:
+    """MX scales of a 2-D grouped operand in the layout upstream's CUDA MX grouped
+    GEMMs read, which :func:`scaled_grouped_mm` takes for 2-D operands.
+
+    ``scale`` is the plain ``(R, S)`` grid ``quantize_fp8(x, "mx")`` returns for
+    ``x (R, C)``; ``offs`` the int32 group ends along ``x``'s dimension ``dim``:
+    ``0`` for the tokens of the 2D x 3D forward (groups of rows), ``1`` for the
+    2D x 2D weight gradient (groups along ``C``, on multiples of 32). Each
+    group's part of the grid is blocked (32_4_4) on its own, the groups one
+    after the other. The shape, ``(R + 128 G, round_up(S, 4))`` (dim 0) or
+    ``(round_up(R, 128), S + 4 G)`` (dim 1), bounds the bytes used, which
+    depend on ``offs``; unused bytes are zero.
+    """
+    return _swizzle_mx_scale(scale, offs, dim)
+
+
+@torch.library.register_fake("moe_ops::swizzle_mx_scale")
+def _swizzle_mx_scale_fake(scale, offs, dim):
+    _checks.check_swizzle_mx_scale_inputs(scale, offs, dim)
+    return scale.new_empty(_checks.swizzle_mx_scale_size(scale.shape[0], scale.shape[1], offs.shape[0], dim))
+
+
 _scaled_grouped_mm = torch.ops.moe_ops.scaled_grouped_mm.default
 
 
@@ -112,13 +137,14 @@ def scaled_grouped_mm(
     * rowwise float32, upstream's shapes: ``scale_a (M,)`` / ``(G, M)`` (3-D
       ``mat_a``) / ``(G * M,)`` (2D x 2D); ``scale_b (G, N)`` / ``(N,)`` (2-D
       ``mat_b`` in 3D x 2D) / ``(G * N,)`` (2D x 2D);
-    * mx float8_e8m0fnu (2D x 3D, 3D x 3D, 2D x 2D): ``scale_a (M, ceil(K/32))``
-      or ``(G, M, ceil(K/32))``, ``scale_b (G, N, ceil(K/32))`` (``(N, ceil(K/32))``
-      in 2D x 2D, whose ``offs`` must fall on multiples of 32) (the scale of
-      ``quantize_fp8(w.transpose(-2, -1), "mx")``); the scale of a 3-D
-      operand may also be swizzled (``quantize_fp8(..., swizzle=True)``, the
-      layout upstream's CUDA kernels read): ``(G, round_up(rows, 128) *
-      round_up(ceil(K/32), 4))``.
+    * mx float8_e8m0fnu (2D x 3D, 3D x 3D, 2D x 2D), in upstream's layouts: a
+      3-D operand's scale plain, ``(G, rows, ceil(K/32))``, or swizzled
+      (``quantize_fp8(..., swizzle=True)``), ``(G, round_up(rows, 128) *
+      round_up(ceil(K/32), 4))``, with ``rows`` = N for ``mat_b`` (the scale of
+      ``quantize_fp8(w.transpose(-2, -1), "mx")``); a 2-D operand's scale
+      blocked per group (:func:`swizzle_mx_scale`): ``mat_a`` of 2D x 3D with
+      ``dim=0``, ``mat_a`` and ``mat_b^T`` of 2D x 2D with ``dim=1`` (whose
+      ``offs`` must fall on multiples of 32).
     * blockwise float32, DeepSeek-V3's recipe (2D x 3D, 3D x 3D): ``scale_a
       (M, ceil(K/128))`` or ``(G, M, ceil(K/128))`` (1x128 blocks),
       ``scale_b (G, ceil(N/128), ceil(K/128))`` (128x128 blocks of the
@@ -160,6 +186,8 @@ class _Fp8GroupedMM(torch.autograd.Function):
     @staticmethod
     def forward(ctx, a, b, offs, recipe, out_dtype, wgrad_fp8):
         a_d, a_s = _quantize(a, recipe, None, None, False)
+        if recipe == "mx":  # 2-D operands' MX scales go blocked per group (upstream's layout)
+            a_s = _swizzle_mx_scale(a_s, offs, 0)
         bt_d, b_s = _quantize(b.transpose(-2, -1), recipe, None, None, False)
         out = _scaled_grouped_mm(a_d, bt_d.transpose(-2, -1), a_s, b_s, offs, None, None, out_dtype, False)
         ctx.save_for_backward(a if ctx.needs_input_grad[1] else None, b if ctx.needs_input_grad[0] else None, offs)
@@ -177,6 +205,8 @@ class _Fp8GroupedMM(torch.autograd.Function):
         grad_a = grad_b = None
         if ctx.needs_input_grad[0]:
             g_d, g_s = _quantize(grad, recipe, None, None, False)            # (M, N), along N
+            if recipe == "mx":
+                g_s = _swizzle_mx_scale(g_s, offs, 0)
             b_d, b_s = _quantize(b, recipe, None, None, False)               # (G, K, N), along N per k
             grad_a = _scaled_grouped_mm(g_d, b_d.transpose(-2, -1), g_s, b_s, offs, None, None,
                                         _out_dtype(a_dtype), False).to(a_dtype)
@@ -187,6 +217,8 @@ class _Fp8GroupedMM(torch.autograd.Function):
                 gt_d, gt_s = _quantize(grad.t(), recipe, None, offs, False)  # (N, M); rowwise (G, N), mx (N, M/32)
                 if recipe == "rowwise":
                     at_s, gt_s = at_s.flatten(), gt_s.flatten()
+                else:
+                    at_s, gt_s = _swizzle_mx_scale(at_s, offs, 1), _swizzle_mx_scale(gt_s, offs, 1)
                 grad_b = _scaled_grouped_mm(at_d, gt_d.t(), at_s, gt_s, offs, None, None, torch.float32, False)
             else:
                 out_dtype = torch.float32 if grad.dtype in (torch.bfloat16, torch.float16) else None

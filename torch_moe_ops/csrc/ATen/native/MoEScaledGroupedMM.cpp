@@ -65,10 +65,20 @@ Tensor scaled_grouped_mm_cpu(
   if (out.numel() > 0) {
     const int64_t s = (mat_a.size(-1) + 31) / 32;
     const bool mx = recipe == ScaledGroupedMMRecipe::kMX;
-    const Tensor sa = mx && mat_a.dim() == 3 && scale_a.dim() == 2
-        ? unswizzle_cpu(scale_a, mat_a.size(1), s) : scale_a.contiguous();
-    const Tensor sb = mx && mat_b.dim() == 3 && scale_b.dim() == 2 ? unswizzle_cpu(scale_b, mat_b.size(2), s)
-                                               : scale_b.contiguous();
+    Tensor sa = scale_a.contiguous(), sb = scale_b.contiguous();
+    if (mx) {
+      const int64_t dim = layout == GroupedMMLayout::k2d2d ? 1 : 0;
+      if (mat_a.dim() == 2) {
+        sa = unswizzle_mx_scale(scale_a, mat_a.size(0), s, *offs, dim);
+      } else if (scale_a.dim() == 2) {
+        sa = unswizzle_cpu(scale_a, mat_a.size(1), s);
+      }
+      if (mat_b.dim() == 2) {
+        sb = unswizzle_mx_scale(scale_b, mat_b.size(1), s, *offs, dim);
+      } else if (scale_b.dim() == 2) {
+        sb = unswizzle_cpu(scale_b, mat_b.size(2), s);
+      }
+    }
     scaled_grouped_mm_stub(kCPU, mat_a, mat_b, sa, sb, offs, bias, recipe, out);
   }
   return out;

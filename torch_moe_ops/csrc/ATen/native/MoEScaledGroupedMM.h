@@ -17,15 +17,18 @@
 //     3D x 2D  scale_a (G, M)    scale_b (N,)
 //     2D x 2D  scale_a (G * M,)  scale_b (G * N,)   (one scale per row and group,
 //              group-major: quantize_fp8(..., "rowwise", offs=offs) flattened)
-//   mx, float8_e8m0fnu, 1x32 blocks along K (2D x 3D, 3D x 3D, 2D x 2D):
-//     scale_a (M, ceil(K/32)) or (G, M, ceil(K/32)), scale_b (G, N, ceil(K/32))
-//     or, in 2D x 2D, (N, ceil(K/32)), where every offs must be a multiple
-//     of 32 (or K) so that no block straddles two groups
-//     (quantize_fp8(mat_b.transpose(-2, -1), "mx")). The scale of a 3-D
-//     operand may also come swizzled, in the blocked layout upstream's CUDA
-//     kernels read (quantize_fp8(..., swizzle=True)): scale_b (G, round_up(N,
-//     128) * round_up(S, 4)), scale_a (G, round_up(M, 128) * round_up(S, 4)),
-//     S = ceil(K/32); the CPU entry unswizzles it (it is 1/32 of the operand).
+//   mx, float8_e8m0fnu, 1x32 blocks along K (2D x 3D, 3D x 3D, 2D x 2D), as
+//     upstream's CUDA MX kernels take them, S = ceil(K/32):
+//     3-D operands: the plain (G, rows, S) grid or its swizzled form,
+//     (G, round_up(rows, 128) * round_up(S, 4)) (quantize_fp8(...,
+//     swizzle=True); for mat_b, of mat_b.transpose(-2, -1), rows = N);
+//     2-D operands: blocked per group (swizzle_mx_scale, MoEQuantize.h):
+//     mat_a of 2D x 3D with groups of rows (dim 0), mat_a and mat_b^T of
+//     2D x 2D with groups along K (dim 1), where every offs must be a
+//     multiple of 32 (or K) so that no block straddles two groups. Any 2-D
+//     shape with at least rows rows that holds the groups' bytes is taken,
+//     as upstream does. The entries unswizzle the scales (1/32 of the
+//     operand) before the kernel.
 //   blockwise, float32, DeepSeek-V3's recipe (2D x 3D and 3D x 3D): 1x128
 //     blocks of mat_a, scale_a (M, ceil(K/128)) or (G, M, ceil(K/128)), and
 //     128x128 blocks of the (N, K) weight, scale_b (G, ceil(N/128), ceil(K/128))
@@ -136,11 +139,20 @@ inline ScaledGroupedMMRecipe scaled_grouped_mm_check_inputs(
     const int64_t s = (k + 31) / 32;
     const char* what = "mx";
     const char* swizzled = "mx (swizzled)";
+    // 2-D operands: the per-group blocked layout (swizzle_mx_scale), whose
+    // byte count depends on offs: here its rank and rows, as upstream checks;
+    // the bytes against offs's values where those are read.
+    const auto check_blocked = [&](const char* name, const Tensor& scale, const char* operand, int64_t rows,
+                                   int64_t dim) {
+      TORCH_CHECK_VALUE(scale.dim() == 2 && scale.size(0) >= rows,
+          "scaled_grouped_mm: ", name, " must be the mx scale of ", operand, " blocked per group "
+          "(swizzle_mx_scale(scale, offs, dim=", dim, ")): 2-D with at least ", rows, " rows, got ", scale.sizes());
+    };
     if (layout == GroupedMMLayout::k2d2d) {  // groups along K: offs must fall on 32-blocks (checked on values)
-      scaled_grouped_mm_check_scale("scale_a", scale_a, {m, s}, what);
-      scaled_grouped_mm_check_scale("scale_b", scale_b, {n, s}, what);
+      check_blocked("scale_a", scale_a, "mat_a", m, 1);
+      check_blocked("scale_b", scale_b, "mat_b^T", n, 1);
     } else if (layout == GroupedMMLayout::k2d3d) {
-      scaled_grouped_mm_check_scale("scale_a", scale_a, {m, s}, what);
+      check_blocked("scale_a", scale_a, "mat_a", m, 0);
     } else if (scale_a.dim() == 2) {
       scaled_grouped_mm_check_scale("scale_a", scale_a, {groups, fp8_round_up(m, 128) * fp8_round_up(s, 4)}, swizzled);
     } else {

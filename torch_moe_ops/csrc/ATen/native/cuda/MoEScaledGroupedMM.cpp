@@ -136,10 +136,16 @@ Tensor scaled_grouped_mm_cuda(
       sb = scale_b;
       break;
     case ScaledGroupedMMRecipe::kMX: {
-      const bool swizzled_a = mat_a.dim() == 3 && scale_a.dim() == 2;
-      const bool swizzled_b = mat_b.dim() == 3 && scale_b.dim() == 2;
-      a = dequantize_fp8_cuda(mat_a, scale_a, "mx", kBFloat16, std::nullopt, swizzled_a);
-      b = widen_b("mx", kBFloat16, swizzled_b);
+      // 2-D operands' scales come blocked per group: back to the plain grid.
+      const int64_t s = (mat_a.size(-1) + 31) / 32, dim = layout == GroupedMMLayout::k2d2d ? 1 : 0;
+      const Tensor sa2 = mat_a.dim() == 2 ? unswizzle_mx_scale(scale_a, mat_a.size(0), s, *offs, dim) : scale_a;
+      a = dequantize_fp8_cuda(mat_a, sa2, "mx", kBFloat16, std::nullopt, mat_a.dim() == 3 && scale_a.dim() == 2);
+      if (mat_b.dim() == 2) {
+        const Tensor sb2 = unswizzle_mx_scale(scale_b, mat_b.size(1), s, *offs, dim);
+        b = dequantize_fp8_cuda(mat_b.t(), sb2, "mx", kBFloat16, std::nullopt, false).t();
+      } else {
+        b = widen_b("mx", kBFloat16, scale_b.dim() == 2);
+      }
       break;
     }
     case ScaledGroupedMMRecipe::kBlockwise:
