@@ -1,9 +1,10 @@
 // CUDA entry point of scaled_grouped_mm (semantics in ATen/native/MoEScaledGroupedMM.h).
 //
-// Rowwise e4m3 operands in the layouts upstream's kernels take (sm_90+,
-// bfloat16 out, no bias, row-major A and column-major B with 16-byte aligned
-// strides) go to aten::_scaled_grouped_mm. Everything else (MX and blockwise
-// scales on Hopper, e5m2, bias, float32 out, other strides) runs as its
+// e4m3 operands in the cases upstream's kernels take (rowwise on sm_90+; MX
+// on sm_100 in 2D x 3D and 2D x 2D, whose scale layouts are upstream's; bfloat16
+// out, no bias, row-major A and column-major B with 16-byte aligned strides)
+// go to aten::_scaled_grouped_mm. Everything else (MX and blockwise scales on
+// Hopper, e5m2, bias, float32 out, other strides) runs as its
 // definition: the operands are widened by dequantize_fp8 (float8 -> bfloat16
 // is exact, and so is an MX power-of-two scale folded in; blockwise scales
 // widen to float32), multiplied by grouped_mm in float32, and the rowwise
@@ -38,10 +39,15 @@ bool upstream_operand_ok(const Tensor& t, bool row_major) {
 
 bool upstream_supports(const Tensor& mat_a, const Tensor& mat_b, const Tensor& scale_a, const Tensor& scale_b,
                        const std::optional<Tensor>& bias, ScaledGroupedMMRecipe recipe, ScalarType out_t) {
-  if (!mat_a.is_cuda() || recipe != ScaledGroupedMMRecipe::kRowwise || bias.has_value() || out_t != kBFloat16) {
+  if (!mat_a.is_cuda() || recipe == ScaledGroupedMMRecipe::kBlockwise || bias.has_value() || out_t != kBFloat16) {
     return false;
   }
   const auto* props = at::cuda::getCurrentDeviceProperties();
+  if (recipe == ScaledGroupedMMRecipe::kMX) {
+    // sm_100's MX grouped GEMM: 2D x 3D and 2D x 2D, the 3-D weight's scale swizzled.
+    const bool layout_ok = mat_a.dim() == 2 && (mat_b.dim() == 2 || scale_b.dim() == 2);
+    if (props->major < 10 || !layout_ok) return false;
+  }
   return props->major >= 9 && mat_a.scalar_type() == kFloat8_e4m3fn && mat_b.scalar_type() == kFloat8_e4m3fn &&
       mat_a.size(-1) % 16 == 0 && mat_b.size(-1) % 16 == 0 && scale_a.is_contiguous() && scale_b.is_contiguous() &&
       upstream_operand_ok(mat_a, /*row_major=*/true) && upstream_operand_ok(mat_b, /*row_major=*/false);
