@@ -555,10 +555,13 @@ inline const T* b_row(const T* src, int64_t rs, const int64_t* rows, int64_t k) 
 // column j, zero past w and past kc; ldw a multiple of 32.
 GROUPED_MM_AVX512 void pack_pairs_bf16(uint32_t* dst, int64_t ldw, const BFloat16* src, int64_t rs,
                                        const int64_t* rows, int64_t kc, int64_t w) {
-  // unpack{lo,hi}_epi16 interleave within 128-bit lanes; the 64-bit
-  // permutes restore column order (columns 0-15, then 16-31).
-  const __m512i idx0 = _mm512_setr_epi64(0, 1, 8, 9, 2, 3, 10, 11);
-  const __m512i idx1 = _mm512_setr_epi64(4, 5, 12, 13, 6, 7, 14, 15);
+  // One two-source word permute per 16 output columns: lane 2c takes
+  // column c of row 2kp (x0), lane 2c + 1 column c of row 2kp + 1 (x1).
+  alignas(64) static const int16_t kLo[32] = {0, 32, 1, 33, 2, 34, 3, 35, 4, 36, 5, 37, 6, 38, 7, 39,
+                                              8, 40, 9, 41, 10, 42, 11, 43, 12, 44, 13, 45, 14, 46, 15, 47};
+  alignas(64) static const int16_t kHi[32] = {16, 48, 17, 49, 18, 50, 19, 51, 20, 52, 21, 53, 22, 54, 23, 55,
+                                              24, 56, 25, 57, 26, 58, 27, 59, 28, 60, 29, 61, 30, 62, 31, 63};
+  const __m512i idx0 = _mm512_load_si512(kLo), idx1 = _mm512_load_si512(kHi);
   const int64_t pairs = (kc + 1) / 2;
   for (int64_t kp = 0; kp < pairs; ++kp) {
     const BFloat16* r0 = b_row(src, rs, rows, 2 * kp);
@@ -567,10 +570,8 @@ GROUPED_MM_AVX512 void pack_pairs_bf16(uint32_t* dst, int64_t ldw, const BFloat1
       const __mmask32 m = col_mask32(w, j);
       const __m512i x0 = r0 != nullptr ? _mm512_maskz_loadu_epi16(m, r0 + j) : _mm512_setzero_si512();
       const __m512i x1 = r1 != nullptr ? _mm512_maskz_loadu_epi16(m, r1 + j) : _mm512_setzero_si512();
-      const __m512i lo = _mm512_unpacklo_epi16(x0, x1);
-      const __m512i hi = _mm512_unpackhi_epi16(x0, x1);
-      _mm512_store_si512(dst + kp * ldw + j, _mm512_permutex2var_epi64(lo, idx0, hi));
-      _mm512_store_si512(dst + kp * ldw + j + 16, _mm512_permutex2var_epi64(lo, idx1, hi));
+      _mm512_store_si512(dst + kp * ldw + j, _mm512_permutex2var_epi16(x0, idx0, x1));
+      _mm512_store_si512(dst + kp * ldw + j + 16, _mm512_permutex2var_epi16(x0, idx1, x1));
     }
   }
 }
