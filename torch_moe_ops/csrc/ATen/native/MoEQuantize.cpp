@@ -134,7 +134,7 @@ Tensor swizzle_mx_scale(const Tensor& scale, const Tensor& offs, int64_t dim) {
   // Elements of no group go to one extra byte past the end, dropped below:
   // the scatter needs no data-dependent shape (no host sync on GPUs).
   const int64_t total = size[0] * size[1];
-  index = at::where(held, index, total);
+  index = at::where(held, index.clamp(0, total - 1), total);
   Tensor out = at::zeros({total + 1}, scale.options().dtype(kByte));
   out.index_put_({index.reshape(-1)}, scale.view(kByte).reshape(-1));
   return fp8_dense_output(out.narrow(0, 0, total).view(size).view(kFloat8_e8m0fnu));
@@ -156,7 +156,9 @@ Tensor unswizzle_mx_scale(const Tensor& blocked, int64_t rows, int64_t s, const 
     at::_assert_async(needed.le(flat.numel()),
         "scaled_grouped_mm: the blocked mx scale holds fewer bytes than the groups of offs need");
   }
-  const Tensor picked = flat.index_select(0, index.clamp_max(std::max<int64_t>(flat.numel() - 1, 0)).reshape(-1));
+  // Clamped: offs are validated asynchronously on GPUs, and a bad value must
+  // fail that check, not read out of bounds first.
+  const Tensor picked = flat.index_select(0, index.clamp(0, std::max<int64_t>(flat.numel() - 1, 0)).reshape(-1));
   return at::where(held, picked.view({rows, s}), at::scalar_tensor(127, picked.options())).view(kFloat8_e8m0fnu);
 }
 
