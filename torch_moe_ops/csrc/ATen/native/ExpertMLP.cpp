@@ -12,6 +12,7 @@
 // thread count (chunks are fixed by the shapes, each row computed alone).
 
 #include <ATen/native/ExpertMLP.h>
+#include <ATen/native/GroupedMM.h>
 #include <ATen/native/cpu/MoEHugePages.h>
 
 #include <ATen/Functions.h>
@@ -247,8 +248,7 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> expert_mlp_backward(
   }
   Tensor row_expert;
   if (need_weights && weights.has_value() && down_bias.has_value()) {
-    row_expert = at::searchsorted(offs, at::arange(r, offs.options()), /*out_int32=*/false, /*right=*/true)
-                     .clamp_max_(offs.size(0) - 1);
+    row_expert = grouped_mm_group_index(offs, r).clamp_max_(offs.size(0) - 1);
   }
 
   Tensor dh = empty_workspace({r, h.size(1)}, tokens.options());

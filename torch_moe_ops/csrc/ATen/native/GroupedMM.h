@@ -15,7 +15,9 @@
 
 #include <ATen/core/Tensor.h>
 #include <ATen/native/DispatchStub.h>
+#include <ATen/ops/arange.h>
 #include <ATen/ops/empty.h>
+#include <ATen/ops/searchsorted.h>
 #include <c10/core/ScalarType.h>
 #include <c10/util/SmallVector.h>
 
@@ -60,6 +62,14 @@ inline int64_t grouped_mm_num_groups(const Tensor& mat_a, const Tensor& mat_b, c
 }
 
 // Extent of the dimension that offs splits (M, N or K); 0 for 3D x 3D.
+// The group of every index 0 .. size-1 along the grouped dimension: g where
+// offs[g-1] <= i < offs[g], and G = offs.size(0) past offs[-1]. int64, on
+// offs's device, no host sync (ATen operations on offs as it is).
+inline Tensor grouped_mm_group_index(const Tensor& offs, int64_t size) {
+  const Tensor o = offs.to(kLong);
+  return at::searchsorted(o, at::arange(size, o.options()), /*out_int32=*/false, /*right=*/true);
+}
+
 inline int64_t grouped_mm_split_size(const Tensor& mat_a, const Tensor& mat_b) {
   switch (grouped_mm_layout(mat_a, mat_b)) {
     case GroupedMMLayout::k2d3d: return mat_a.size(0);

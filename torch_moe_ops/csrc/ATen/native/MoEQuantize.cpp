@@ -1,6 +1,7 @@
 // CPU entry points of quantize_fp8 and dequantize_fp8: validate, allocate,
 // run the kernels.
 
+#include <ATen/native/GroupedMM.h>
 #include <ATen/native/MoEQuantize.h>
 
 #include <ATen/core/Tensor.h>
@@ -10,7 +11,6 @@
 #include <ATen/ops/empty.h>
 #include <ATen/ops/full.h>
 #include <ATen/ops/scalar_tensor.h>
-#include <ATen/ops/searchsorted.h>
 #include <ATen/ops/where.h>
 #include <ATen/ops/zeros.h>
 
@@ -78,7 +78,7 @@ std::pair<Tensor, Tensor> swizzle_mx_scale_index(int64_t rows, int64_t s, const 
   if (dim == 0) {
     const Tensor starts = at::cat({zero, o.narrow(0, 0, groups - 1)});
     const Tensor padded = o.sub(starts).add(127).div(128, "floor").mul(128);
-    const Tensor g = at::searchsorted(o, r.squeeze(1), /*out_int32=*/false, /*right=*/true);  // (R,)
+    const Tensor g = grouped_mm_group_index(o, rows);  // (R,)
     const Tensor gi = g.clamp_max(groups - 1);
     const Tensor r_local = r.squeeze(1).sub(starts.index_select(0, gi)).unsqueeze(1);
     const int64_t sp = fp8_round_up(s, 4);
@@ -89,7 +89,7 @@ std::pair<Tensor, Tensor> swizzle_mx_scale_index(int64_t rows, int64_t s, const 
   const Tensor ends = o.add(31).div(32, "floor");  // in scale columns
   const Tensor starts = at::cat({zero, ends.narrow(0, 0, groups - 1)});
   const Tensor widths = ends.sub(starts).add(3).div(4, "floor").mul(4);
-  const Tensor g = at::searchsorted(ends, c.squeeze(0), /*out_int32=*/false, /*right=*/true);  // (S,)
+  const Tensor g = grouped_mm_group_index(ends, s);  // (S,): groups of scale columns
   const Tensor gi = g.clamp_max(groups - 1);
   const Tensor c_local = c.squeeze(0).sub(starts.index_select(0, gi)).unsqueeze(0);
   const Tensor base = exclusive_cumsum(widths).index_select(0, gi).mul(fp8_round_up(rows, 128)).unsqueeze(0);
@@ -123,6 +123,13 @@ void swizzle_mx_scale_check_offsets(const char* op, const Tensor& offs, int64_t 
         "of 32 or end in the last block, got offs[", g, "]=", end);
     prev = end;
   }
+}
+
+Tensor fp8_unswizzle_scale(const Tensor& scale, int64_t nb, int64_t rows, int64_t s) {
+  const int64_t rp = fp8_round_up(rows, 128), sp = fp8_round_up(s, 4);
+  // [t][u][j][i][c] -> row 128 t + 32 i + j, column 4 u + c (fp8_swizzled_offset)
+  return scale.reshape({nb, rp / 128, sp / 4, 32, 4, 4}).permute({0, 1, 4, 3, 2, 5}).reshape({nb, rp, sp})
+      .narrow(1, 0, rows).narrow(2, 0, s);
 }
 
 Tensor swizzle_mx_scale(const Tensor& scale, const Tensor& offs, int64_t dim) {

@@ -117,6 +117,7 @@ inline int64_t fp8_round_up(int64_t a, int64_t b) {
 
 // Byte offset of scale-grid element (r, s) in the swizzled (blocked 32_4_4)
 // layout of an (R, S) grid whose padded width is sp = round_up(S, 4).
+// fp8_unswizzle_scale (MoEQuantize.cpp) is its inverse on whole tensors.
 inline int64_t fp8_swizzled_offset(int64_t r, int64_t s, int64_t sp) {
   const int64_t tile = (r / 128) * (sp / 4) + s / 4;
   return tile * 512 + (r % 32) * 16 + ((r % 128) / 32) * 4 + s % 4;
@@ -196,6 +197,11 @@ inline void swizzle_mx_scale_check_inputs(const Tensor& scale, const Tensor& off
   TORCH_CHECK_VALUE(offs.device() == scale.device(),
       "swizzle_mx_scale: offs must be on the device of scale (", scale.device(), "), got ", offs.device());
 }
+
+// The plain (B, R, S) grids of swizzled MX scales, (B, round_up(R, 128) *
+// round_up(S, 4)) or, for one 2-D grid, (round_up(R, 128), round_up(S, 4)):
+// a view where it can be (ATen operations, any device).
+Tensor fp8_unswizzle_scale(const Tensor& scale, int64_t nb, int64_t rows, int64_t s);
 
 // Byte offset in the per-group blocked layout of each element of the plain
 // (R, S) grid, and whether a group holds it: int64 (R, S), bool (R, S).

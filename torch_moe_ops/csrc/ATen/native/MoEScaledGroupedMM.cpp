@@ -12,28 +12,6 @@ namespace at::native {
 
 DEFINE_DISPATCH(scaled_grouped_mm_stub);
 
-namespace {
-
-// The plain (G, rows, S) grid of a swizzled (G, round_up(rows, 128) *
-// round_up(S, 4)) MX scale.
-Tensor unswizzle_cpu(const Tensor& scale, int64_t rows, int64_t s) {
-  const int64_t groups = scale.size(0), sp = fp8_round_up(s, 4), per = scale.size(1);
-  const Tensor src = scale.contiguous();
-  Tensor out = at::empty({groups, rows, s}, scale.options());
-  const auto* in = static_cast<const uint8_t*>(src.const_data_ptr());
-  auto* o = static_cast<uint8_t*>(out.data_ptr());
-  for (int64_t g = 0; g < groups; ++g) {
-    for (int64_t r = 0; r < rows; ++r) {
-      for (int64_t c = 0; c < s; ++c) {
-        o[(g * rows + r) * s + c] = in[g * per + fp8_swizzled_offset(r, c, sp)];
-      }
-    }
-  }
-  return out;
-}
-
-} // namespace
-
 Tensor scaled_grouped_mm_cpu(
     const Tensor& mat_a, const Tensor& mat_b, const Tensor& scale_a, const Tensor& scale_b,
     const std::optional<Tensor>& offs, const std::optional<Tensor>& bias, const std::optional<Tensor>& scale_result,
@@ -71,12 +49,12 @@ Tensor scaled_grouped_mm_cpu(
       if (mat_a.dim() == 2) {
         sa = unswizzle_mx_scale(scale_a, mat_a.size(0), s, *offs, dim);
       } else if (scale_a.dim() == 2) {
-        sa = unswizzle_cpu(scale_a, mat_a.size(1), s);
+        sa = fp8_unswizzle_scale(scale_a, scale_a.size(0), mat_a.size(1), s).contiguous();
       }
       if (mat_b.dim() == 2) {
         sb = unswizzle_mx_scale(scale_b, mat_b.size(1), s, *offs, dim);
       } else if (scale_b.dim() == 2) {
-        sb = unswizzle_cpu(scale_b, mat_b.size(2), s);
+        sb = fp8_unswizzle_scale(scale_b, scale_b.size(0), mat_b.size(2), s).contiguous();
       }
     }
     scaled_grouped_mm_stub(kCPU, mat_a, mat_b, sa, sb, offs, bias, recipe, out);

@@ -13,15 +13,14 @@
 //
 // offs is validated on the device (_assert_async): no host sync.
 
+#include <ATen/native/GroupedMM.h>
 #include <ATen/native/MoEQuantize.h>
 
 #include <ATen/core/Tensor.h>
 #include <ATen/ops/_assert_async.h>
-#include <ATen/ops/arange.h>
 #include <ATen/ops/constant_pad_nd.h>
 #include <ATen/ops/div.h>
 #include <ATen/ops/scalar_tensor.h>
-#include <ATen/ops/searchsorted.h>
 #include <ATen/ops/where.h>
 #include <ATen/ops/zeros.h>
 
@@ -47,12 +46,6 @@ void fp8_check_offsets_async(const char* op, const Tensor& offs, int64_t cols, F
   }
   at::_assert_async(ok, std::string(op) + ": offs must be non-decreasing in [0, C=" + std::to_string(cols) + "]" +
                             (recipe == Fp8Recipe::kMX ? " and multiples of 32 (or C) with recipe 'mx'" : ""));
-}
-
-// The group of every column along C: g where offs[g-1] <= c < offs[g], G past offs[-1].
-Tensor fp8_column_groups(const Tensor& offs, int64_t cols) {
-  const Tensor o = offs.to(kLong);
-  return at::searchsorted(o, at::arange(cols, o.options()), /*out_int32=*/false, /*right=*/true);
 }
 
 // Multiplier q and stored scale of blocks with float32 amax (any shape).
@@ -88,12 +81,6 @@ Tensor fp8_swizzle(const Tensor& grid, bool two_d) {
   // row 128 t + 32 i + j, column 4 u + c  ->  [t][u][j][i][c]
   const Tensor tiles = padded.view({nb, rp / 128, 4, 32, sp / 4, 4}).permute({0, 1, 4, 3, 2, 5}).contiguous();
   return fp8_dense_output(two_d ? tiles.view({rp, sp}) : tiles.view({nb, rp * sp}));
-}
-
-Tensor fp8_unswizzle(const Tensor& scale, int64_t nb, int64_t rows, int64_t s) {
-  const int64_t rp = fp8_round_up(rows, 128), sp = fp8_round_up(s, 4);
-  return scale.reshape({nb, rp / 128, sp / 4, 32, 4, 4}).permute({0, 1, 4, 3, 2, 5}).reshape({nb, rp, sp})
-      .narrow(1, 0, rows).narrow(2, 0, s);
 }
 
 // e8m0 -> float32: 2^(b - 127); 0 is the denormal 2^-127, 0xFF is NaN.
@@ -142,7 +129,7 @@ std::tuple<Tensor, Tensor> quantize_fp8_cuda(
 
   if (offs.has_value() && recipe != Fp8Recipe::kMX) {  // tensorwise/rowwise per group of columns
     const int64_t rows = x.size(0), cols = x.size(1), groups = offs->size(0);
-    const Tensor gid = fp8_column_groups(*offs, cols).unsqueeze(0).expand({rows, cols});
+    const Tensor gid = grouped_mm_group_index(*offs, cols).unsqueeze(0).expand({rows, cols});
     const Tensor ax = xf.abs();
     const Tensor nan = ax.isnan();
     // amax per (row, group); column `groups` collects the columns of no group.
@@ -188,7 +175,7 @@ Tensor dequantize_fp8_cuda(
 
   if (offs.has_value() && recipe != Fp8Recipe::kMX) {
     const int64_t rows = data.size(0), cols = data.size(1), groups = offs->size(0);
-    const Tensor gid = fp8_column_groups(*offs, cols).unsqueeze(0).expand({rows, cols});
+    const Tensor gid = grouped_mm_group_index(*offs, cols).unsqueeze(0).expand({rows, cols});
     const Tensor grid = recipe == Fp8Recipe::kTensorwise ? scale.view({1, groups}).expand({rows, groups})
                                                          : scale.t();  // (R, G)
     const Tensor s_el = at::constant_pad_nd(grid, {0, 1}, 0).gather(1, gid);
@@ -198,7 +185,7 @@ Tensor dequantize_fp8_cuda(
   const BlockGrid g(data, recipe);
   Tensor grid;
   if (recipe == Fp8Recipe::kMX) {
-    grid = e8m0_to_float(swizzle ? fp8_unswizzle(scale, g.nb, g.rows, g.nseg) : scale);
+    grid = e8m0_to_float(swizzle ? fp8_unswizzle_scale(scale, g.nb, g.rows, g.nseg) : scale);
   } else {
     grid = scale;
   }

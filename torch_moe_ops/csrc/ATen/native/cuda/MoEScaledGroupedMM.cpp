@@ -21,9 +21,7 @@
 #include <ATen/cuda/CUDAContext.h>
 #include <ATen/ops/_assert_async.h>
 #include <ATen/ops/_scaled_grouped_mm.h>
-#include <ATen/ops/arange.h>
 #include <ATen/ops/constant_pad_nd.h>
-#include <ATen/ops/searchsorted.h>
 #include <ATen/ops/where.h>
 
 namespace at::native {
@@ -53,12 +51,6 @@ bool upstream_supports(const Tensor& mat_a, const Tensor& mat_b, const Tensor& s
       upstream_operand_ok(mat_a, /*row_major=*/true) && upstream_operand_ok(mat_b, /*row_major=*/false);
 }
 
-// The group of each index along the split dimension (G past offs[-1]).
-Tensor split_groups(const Tensor& offs, int64_t size) {
-  const Tensor o = offs.to(kLong);
-  return at::searchsorted(o, at::arange(size, o.options()), /*out_int32=*/false, /*right=*/true);
-}
-
 // Per-group rows of a (G, X) tensor spread over the split dimension: row gid[i]
 // for index i, zeros past offs[-1]. (size, X)
 Tensor spread(const Tensor& per_group, const Tensor& gid) {
@@ -73,13 +65,13 @@ Tensor epilogue(Tensor acc, GroupedMMLayout layout, const Tensor& sa, const Tens
   const Tensor bias_f = bias.has_value() ? bias->to(kFloat) : Tensor();
   switch (layout) {
     case GroupedMMLayout::k2d3d: {  // acc (M, N); rows split by offs
-      const Tensor gid = split_groups(*offs, acc.size(0));
+      const Tensor gid = grouped_mm_group_index(*offs, acc.size(0));
       if (scaled) acc = acc.mul(sa.unsqueeze(1)).mul(spread(sb, gid));
       if (bias_f.defined()) acc = acc.add(spread(bias_f, gid));
       return at::where(gid.lt(groups).unsqueeze(1), acc, 0.0);
     }
     case GroupedMMLayout::k3d2d: {  // acc (M, N); columns split by offs
-      const Tensor gid = split_groups(*offs, acc.size(1));
+      const Tensor gid = grouped_mm_group_index(*offs, acc.size(1));
       if (scaled) acc = acc.mul(spread(sa, gid).t()).mul(sb.unsqueeze(0));
       if (bias_f.defined()) {
         acc = acc.add(at::constant_pad_nd(bias_f, {0, 0, 0, 1}, 0).gather(0, gid.unsqueeze(0)));
