@@ -56,15 +56,17 @@ def _as_tuple(x):
     return x if isinstance(x, (tuple, list)) else (x,)
 
 
-def _assert_same(test, out, ref, msg=""):
-    """quantize outputs bitwise; dequantize outputs exactly, NaN equal to NaN
-    (the vector and scalar fp32 -> fp16 conversions keep different NaN payloads)."""
+def _assert_same(out, ref, msg="", strides=False):
+    """float8 and e8m0 outputs bitwise; the others exactly, NaN equal to NaN
+    (the vector and scalar fp32 -> fp16 conversions keep different NaN
+    payloads); with strides=True, strided alike too."""
     for o, r in zip(_as_tuple(out), _as_tuple(ref), strict=True):
-        test.assertEqual((o.shape, o.dtype), (r.shape, r.dtype), msg=msg)
+        assert (o.shape, o.dtype) == (r.shape, r.dtype), msg
+        assert not strides or o.stride() == r.stride(), msg
         if o.dtype.itemsize == 1:
-            test.assertTrue(torch.equal(_bytes(o), _bytes(r)), msg=msg)
+            assert torch.equal(_bytes(o), _bytes(r)), msg
         else:
-            test.assertEqual(o, r, atol=0, rtol=0, equal_nan=True, msg=msg)
+            torch.testing.assert_close(o, r, atol=0, rtol=0, equal_nan=True, msg=msg)
 
 
 def _abs_fp8(t):
@@ -106,7 +108,7 @@ class TestFp8(TestCase):
             if op.name.endswith("scaled_grouped_mm"):
                 assert_scaled_mm_close(_call(op, s), s.input, *s.args, **s.kwargs)
             else:
-                _assert_same(self, _call(op, s), op.ref(s.input, *s.args, **s.kwargs), msg=s.name)
+                _assert_same(_call(op, s), op.ref(s.input, *s.args, **s.kwargs), msg=s.name)
 
     @ops(fp8_op_db)
     def test_fake_matches_eager(self, device, dtype, op):
@@ -147,7 +149,7 @@ class TestFp8(TestCase):
     @ops(fp8_op_db, allowed_dtypes=(torch.bfloat16,))
     def test_deterministic(self, device, dtype, op):
         for s in op.sample_inputs(device, dtype):
-            _assert_same(self, _call(op, s), _call(op, s), msg=s.name)
+            _assert_same(_call(op, s), _call(op, s), msg=s.name)
 
     @onlyCPU
     def test_bits_independent_of_thread_count(self, device):
@@ -615,16 +617,6 @@ def test_fp8_grouped_mm_compiles():
 cuda_entry_db = make_fp8_op_db(lambda op: f"moe_ops.{op}", _cuda_entry)
 
 
-def _assert_outputs_equal(out, ref, msg):
-    """Bitwise for float8 and e8m0 outputs, exact (NaN == NaN) otherwise; same strides."""
-    for o, r in zip(_as_tuple(out), _as_tuple(ref), strict=True):
-        assert (o.shape, o.stride(), o.dtype) == (r.shape, r.stride(), r.dtype), msg
-        if o.dtype.itemsize == 1:
-            assert torch.equal(_bytes(o), _bytes(r)), msg
-        else:
-            torch.testing.assert_close(o, r, atol=0, rtol=0, equal_nan=True, msg=msg)
-
-
 @requires_cuda_build
 @pytest.mark.parametrize("op", cuda_entry_db, ids=lambda op: op.name)
 def test_cuda_entry_matches_cpu_kernel(op):
@@ -642,7 +634,7 @@ def test_cuda_entry_matches_cpu_kernel(op):
                 assert_scaled_mm_close(out, s.input, *s.args, **s.kwargs)
                 assert (out.shape, out.stride()) == (ref.shape, ref.stride()), msg
             else:
-                _assert_outputs_equal(out, ref, msg)
+                _assert_same(out, ref, msg, strides=True)
 
 
 @requires_cuda_build
