@@ -300,10 +300,11 @@ def test_patched_meta_raises_the_kernel_errors(meta):
             meta["meta_grouped_mm"](s.input, *s.args, **s.kwargs)
 
 
-@pytest.mark.parametrize("info", routing_op_db, ids=lambda info: info.name)
-def test_patched_routing_meta_matches_the_kernels(meta, info):
-    meta_fn = meta[f"meta_moe_{info.name.split('.')[-1]}"]
-    for dtype in (torch.float32, torch.bfloat16, torch.float64):
+def check_meta_against_kernel(meta_fn, info, dtypes, value_errors: str) -> None:
+    """meta_fn on fake copies of every OpInfo sample agrees with the kernel in
+    shape, strides and dtype, and raises every error input's error alike but
+    those named value_errors (they need tensor values: the kernels' alone)."""
+    for dtype in dtypes:
         for s in info.sample_inputs("cpu", dtype):
             args = [s.input, *s.args]
             expected = info.op(*args, **s.kwargs)
@@ -316,36 +317,25 @@ def test_patched_routing_meta_matches_the_kernels(meta, info):
                 [(t.shape, t.stride(), t.dtype) for t in expected], s.name
     for e in info.error_inputs("cpu"):
         s = e.sample_input
-        # Errors that need tensor values (ids out of range) are the kernels'
-        # alone; the meta function raises every other one alike.
-        if s.name == "ids_values":
+        if s.name == value_errors:
             continue
         with pytest.raises(e.error_type, match=e.error_regex):
             meta_fn(s.input, *s.args, **s.kwargs)
+
+
+@pytest.mark.parametrize("info", routing_op_db, ids=lambda info: info.name)
+def test_patched_routing_meta_matches_the_kernels(meta, info):
+    check_meta_against_kernel(meta[f"meta_moe_{info.name.split('.')[-1]}"], info,
+                              (torch.float32, torch.bfloat16, torch.float64), value_errors="ids_values")
 
 
 @pytest.mark.parametrize("info", fp8_op_db, ids=lambda info: info.name)
 def test_patched_fp8_meta_matches_the_kernels(meta, info):
-    """meta_quantize_fp8, meta_dequantize_fp8, and meta_scaled_grouped_mm on
-    CPU fake tensors (its CPU branch), against the CPU kernels."""
-    meta_fn = meta[f"meta_{info.name.split('.')[-1]}"]
-    for dtype in info.dtypes:
-        for s in info.sample_inputs("cpu", dtype):
-            args = [s.input, *s.args]
-            expected = info.op(*args, **s.kwargs)
-            expected = expected if isinstance(expected, tuple) else (expected,)
-            with FakeTensorMode() as mode:
-                to_fake = lambda t: mode.from_tensor(t) if isinstance(t, torch.Tensor) else t  # noqa: E731
-                got = meta_fn(*map(to_fake, args), **{k: to_fake(v) for k, v in s.kwargs.items()})
-            got = got if isinstance(got, tuple) else (got,)
-            assert [(t.shape, t.stride(), t.dtype) for t in got] == \
-                [(t.shape, t.stride(), t.dtype) for t in expected], s.name
-    for e in info.error_inputs("cpu"):
-        s = e.sample_input
-        if s.name == "offs_values":  # needs the values of offs: the kernels' alone
-            continue
-        with pytest.raises(e.error_type, match=e.error_regex):
-            meta_fn(s.input, *s.args, **s.kwargs)
+    """meta_quantize_fp8, meta_dequantize_fp8, meta_swizzle_mx_scale, and
+    meta_scaled_grouped_mm on CPU fake tensors (its CPU branch), against the
+    CPU kernels."""
+    check_meta_against_kernel(meta[f"meta_{info.name.split('.')[-1]}"], info, info.dtypes,
+                              value_errors="offs_values")
 
 
 def load_module(path, name):
