@@ -196,22 +196,39 @@ ROUTING_META_HEADER = """\
 """
 
 
-def make_routing_meta(upstream: str, checks_src: str, fake_src: str) -> str:
-    shared = {name: CHECK_NAMES[name] for name in ("_c10", "_sizes", "GROUPED_MM_DTYPES")}
-    checks = rewrite.rename(checks_src, CHECKS, {**ROUTING_CHECK_NAMES, **shared})[0]
-    checks = rewrite.definitions(checks, CHECKS, list(ROUTING_CHECK_NAMES.values()), provided=tuple(shared.values()))
-    fakes_renamed = rewrite.rename(fake_src, ROUTING_FAKE,
-                                   {**ROUTING_CHECK_NAMES, **shared, **{k: v[0] for k, v in ROUTING_FAKES.items()}},
+def _meta_block(checks_src: str, fake_src: str, fake_path: str, check_names: dict, shared_names: tuple,
+                fakes: list, header: str) -> str:
+    """One family of ops for torch/_meta_registrations.py: the checks of CHECKS
+    named in check_names (they may use the grouped_mm helpers shared_names,
+    carried by the first compile patch) and the fake kernels of fake_path, each
+    (fake, meta name, moe_ops op, aten op or None for a plain helper) renamed,
+    register_fake turned into register_meta."""
+    shared = {name: CHECK_NAMES[name] for name in shared_names}
+    checks = rewrite.rename(checks_src, CHECKS, {**check_names, **shared})[0]
+    checks = rewrite.definitions(checks, CHECKS, list(check_names.values()), provided=tuple(shared.values()))
+    fakes_renamed = rewrite.rename(fake_src, fake_path,
+                                   {**check_names, **shared, **{fake: meta for fake, meta, _, _ in fakes}},
                                    module_alias="_checks")[0]
-    fakes = []
-    for meta_name, op in ROUTING_FAKES.values():
-        fake = rewrite.definition(fakes_renamed, ROUTING_FAKE, meta_name)
-        fakes.append(rewrite.replace_once(fake, f'@torch.library.register_fake("moe_ops::{op}")\n',
-                                          f"@register_meta(aten._moe_{op})\n", ROUTING_FAKE))
+    metas = []
+    for _, meta_name, op, aten_op in fakes:
+        fake = rewrite.definition(fakes_renamed, fake_path, meta_name)
+        metas.append(rewrite.replace_once(fake, f'@torch.library.register_fake("moe_ops::{op}")\n',
+                                          f"@register_meta(aten.{aten_op})\n" if aten_op else "", fake_path))
+    return header + "\n" + checks + "\n\n" + "\n\n".join(metas) + "\n\n"
+
+
+def _insert_after(upstream: str, name: str, block: str) -> str:
+    """block placed after the top-level definition name of torch/_meta_registrations.py."""
     path = "torch/_meta_registrations.py"
-    grouped = rewrite.definition(upstream, path, "meta_grouped_mm")
-    block = grouped + "\n\n" + ROUTING_META_HEADER + "\n" + checks + "\n\n" + "\n\n".join(fakes) + "\n\n"
-    return rewrite.replace_definitions(upstream, path, ["meta_grouped_mm"], block)
+    after = rewrite.definition(upstream, path, name)
+    return rewrite.replace_definitions(upstream, path, [name], after + "\n\n" + block)
+
+
+def make_routing_meta(upstream: str, checks_src: str, fake_src: str) -> str:
+    fakes = [(fake, meta, op, f"_moe_{op}") for fake, (meta, op) in ROUTING_FAKES.items()]
+    shared = ("_c10", "_sizes", "GROUPED_MM_DTYPES")
+    block = _meta_block(checks_src, fake_src, ROUTING_FAKE, ROUTING_CHECK_NAMES, shared, fakes, ROUTING_META_HEADER)
+    return _insert_after(upstream, "meta_grouped_mm", block)
 
 
 # The fp8 ops' checks and fake kernels become the meta functions of
@@ -258,23 +275,12 @@ FP8_META_HEADER = """\
 
 def make_fp8_meta(upstream: str, checks_src: str, fake_src: str) -> str:
     path = "torch/_meta_registrations.py"
-    shared = {name: CHECK_NAMES[name] for name in (
-        "_c10", "_sizes", "check_grouped_mm_dims", "check_grouped_mm_contraction", "check_grouped_mm_layout",
-        "grouped_mm_layout", "grouped_mm_num_groups", "grouped_mm_out_size")}
-    checks = rewrite.rename(checks_src, CHECKS, {**FP8_CHECK_NAMES, **shared})[0]
-    checks = rewrite.definitions(checks, CHECKS, list(FP8_CHECK_NAMES.values()), provided=tuple(shared.values()))
-    fakes_renamed = rewrite.rename(fake_src, FP8_FAKE,
-                                   {**FP8_CHECK_NAMES, **shared, **{k: v[0] for k, v in FP8_FAKES.items()}},
-                                   module_alias="_checks")[0]
-    fakes = []
-    for meta_name, op in FP8_FAKES.values():
-        fake = rewrite.definition(fakes_renamed, FP8_FAKE, meta_name)
-        register = f"@torch.library.register_fake(\"moe_ops::{op[1:] if op else 'scaled_grouped_mm'}\")\n"
-        fakes.append(rewrite.replace_once(fake, register, f"@register_meta(aten.{op})\n" if op else "", FP8_FAKE))
-    last_routing = ROUTING_FAKES["_unpermute_backward_fake"][0]
-    block = (rewrite.definition(upstream, path, last_routing) + "\n\n" + FP8_META_HEADER + "\n" + checks + "\n\n"
-             + "\n\n".join(fakes) + "\n\n")
-    text = rewrite.replace_definitions(upstream, path, [last_routing], block)
+    shared = ("_c10", "_sizes", "check_grouped_mm_dims", "check_grouped_mm_contraction", "check_grouped_mm_layout",
+              "grouped_mm_layout", "grouped_mm_num_groups", "grouped_mm_out_size")
+    fakes = [(fake, meta, aten_op[1:] if aten_op else "scaled_grouped_mm", aten_op)
+             for fake, (meta, aten_op) in FP8_FAKES.items()]
+    block = _meta_block(checks_src, fake_src, FP8_FAKE, FP8_CHECK_NAMES, shared, fakes, FP8_META_HEADER)
+    text = _insert_after(upstream, ROUTING_FAKES["_unpermute_backward_fake"][0], block)
     return rewrite.replace_once(
         text,
         "    # matching _scaled_grouped_mm_cuda Blas.cpp implementation\n",
