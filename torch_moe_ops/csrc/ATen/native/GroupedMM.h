@@ -70,6 +70,13 @@ inline Tensor grouped_mm_group_index(const Tensor& offs, int64_t size) {
   return at::searchsorted(o, at::arange(size, o.options()), /*out_int32=*/false, /*right=*/true);
 }
 
+// Whether int64 offs (of any device) are non-negative, non-decreasing and at
+// most extent: a 0-dim bool tensor, for _assert_async where offs live on a GPU
+// (a host check would sync).
+inline Tensor grouped_mm_offs_ok(const Tensor& offs, int64_t extent) {
+  return offs.ge(0).all().logical_and(offs.diff().ge(0).all()).logical_and(offs.le(extent).all());
+}
+
 inline int64_t grouped_mm_split_size(const Tensor& mat_a, const Tensor& mat_b) {
   switch (grouped_mm_layout(mat_a, mat_b)) {
     case GroupedMMLayout::k2d3d: return mat_a.size(0);

@@ -103,7 +103,7 @@ void swizzle_mx_scale_check_offsets(const char* op, const Tensor& offs, int64_t 
   if (!offs.is_cpu()) {
     if (offs.numel() == 0) return;
     const Tensor o = offs.to(kLong);
-    Tensor ok = o.ge(0).all().logical_and(o.diff().ge(0).all()).logical_and(o.le(extent).all());
+    Tensor ok = grouped_mm_offs_ok(o, extent);
     if (dim == 1) {
       ok = ok.logical_and(o.remainder(32).eq(0).logical_or(o.add(31).div(32, "floor").eq(s)).all());
     }

@@ -124,9 +124,8 @@ Tensor grouped_mm_cuda(
   const auto out_t = grouped_mm_out_dtype(mat_a, out_dtype);
   if (offs.has_value() && offs->numel() > 0) {
     const int64_t split = grouped_mm_split_size(mat_a, mat_b);
-    const Tensor o = offs->to(kLong);
-    const Tensor ok = o.select(0, 0).ge(0).logical_and(o.diff().ge(0).all()).logical_and(o.select(0, -1).le(split));
-    at::_assert_async(ok, "grouped_mm: offs must be non-negative, non-decreasing and at most the grouped dimension");
+    at::_assert_async(grouped_mm_offs_ok(offs->to(kLong), split),
+                      "grouped_mm: offs must be non-negative, non-decreasing and at most the grouped dimension");
   }
   if (!upstream_supports(mat_a, mat_b, bias, out_t)) {
     return fallback(mat_a, mat_b, offs, bias, out_t);

@@ -40,7 +40,7 @@ std::pair<double, int64_t> fp8_max_emax(ScalarType t) {
 void fp8_check_offsets_async(const char* op, const Tensor& offs, int64_t cols, Fp8Recipe recipe) {
   if (offs.numel() == 0) return;
   const Tensor o = offs.to(kLong);
-  Tensor ok = o.ge(0).all().logical_and(o.diff().ge(0).all()).logical_and(o.le(cols).all());
+  Tensor ok = grouped_mm_offs_ok(o, cols);
   if (recipe == Fp8Recipe::kMX) {
     ok = ok.logical_and(o.remainder(32).eq(0).logical_or(o.eq(cols)).all());
   }
