@@ -252,7 +252,9 @@ def error_inputs_scaled_grouped_mm(op_info, device, **kwargs):
     ones = partial(torch.ones, device=device)
     sa, sb = ones(M), ones(G, N)
     e8 = torch.float8_e8m0fnu
-    sa_mx, sb_mx = ones(M, 2).to(e8), ones(G, N, 2).to(e8)
+    # scale_a of the 2-D mat_a: blocked per group; (M, 4) holds bytes as a blocked scale may, and is not the
+    # plain grid's shape (M, ceil(K/32)) = (6, 2), which is refused (its own error input below).
+    sa_mx, sb_mx = ones(M, 4).to(e8), ones(G, N, 2).to(e8)
     e = _err
     yield e(r"scaled_grouped_mm: mat_a must be 2-D or 3-D, got 1-D with sizes \[64\]", a[0], b, sa, sb, offs)
     yield e(r"scaled_grouped_mm: mat_a must be Float8_e4m3fn or Float8_e5m2, got BFloat16", a.bfloat16(), b, sa, sb,
@@ -295,13 +297,16 @@ def error_inputs_scaled_grouped_mm(op_info, device, **kwargs):
     yield e(r"scaled_grouped_mm: scale_a must have shape \[2, 6, 1\] for blockwise \(1x128 x 128x128\) scaling "
             r"of these operands, got \[2, 6, 2\]", a3, b, ones(G, M, 2), ones(G, 1, 1))
     yield e(r"scaled_grouped_mm: scale_a must be the mx scale of mat_a blocked per group \(swizzle_mx_scale\(scale, "
-            r"offs, dim=0\)\): 2-D with at least 6 rows, got \[5, 2\]", a, b, sa_mx[:5], sb_mx, offs)
+            r"offs, dim=0\)\): 2-D with at least 6 rows, got \[5, 4\]", a, b, sa_mx[:5], sb_mx, offs)
     yield e(r"scaled_grouped_mm: scale_a must be the mx scale of mat_a blocked per group \(swizzle_mx_scale\(scale, "
-            r"offs, dim=0\)\): 2-D with at least 6 rows, got \[6, 2, 1\]", a, b, sa_mx.unsqueeze(-1), sb_mx, offs)
+            r"offs, dim=0\)\): 2-D with at least 6 rows, got \[6, 4, 1\]", a, b, sa_mx.unsqueeze(-1), sb_mx, offs)
+    yield e(r"scaled_grouped_mm: scale_a has the shape of the plain mx scale grid of mat_a, \[6, 2\]; 2-D operands "
+            r"take their scales blocked per group \(swizzle_mx_scale\(scale, offs, dim=0\)\), which at this shape "
+            r"cannot be told from the plain grid", a, b, ones(M, 2).to(e8), sb_mx, offs)
     yield e(r"scaled_grouped_mm: scale_b must have shape \[2, 8, 2\] for mx scaling of these operands, got "
             r"\[2, 4, 2\]", a, b, sa_mx, sb_mx[:, :4], offs)
     yield e(r"scaled_grouped_mm: scale_a must have shape \[2, 6, 2\] for mx scaling of these operands, got "
-            r"\[1, 6, 2\]", a3, b, sa_mx.unsqueeze(0), sb_mx)
+            r"\[1, 6, 2\]", a3, b, ones(1, M, 2).to(e8), sb_mx)
     # Swizzled MX scales of 3-D operands: (G, round_up(rows, 128) * round_up(ceil(K/32), 4)).
     yield e(r"scaled_grouped_mm: scale_b must have shape \[2, 512\] for mx \(swizzled\) scaling of these "
             r"operands, got \[2, 16\]", a, b, sa_mx, ones(G, 16).to(e8), offs)
@@ -316,15 +321,17 @@ def error_inputs_scaled_grouped_mm(op_info, device, **kwargs):
     # 2D x 2D mx: mat_a (8, 64), mat_b (64, 6): scale_a (8, 2), scale_b (6, 2).
     yield e(r"scaled_grouped_mm: scale_b must be the mx scale of mat_b\^T blocked per group \(swizzle_mx_scale\("
             r"scale, offs, dim=1\)\): 2-D with at least 6 rows, got \[5, 2\]",
-            b2.t().contiguous(), a.t(), ones(N, 2).to(e8), ones(5, 2).to(e8), _offs([32, 64], device))
+            b2.t().contiguous(), a.t(), ones(N, 6).to(e8), ones(5, 2).to(e8), _offs([32, 64], device))
+    yield e(r"scaled_grouped_mm: scale_b has the shape of the plain mx scale grid of mat_b\^T, \[6, 2\]",
+            b2.t().contiguous(), a.t(), ones(N, 6).to(e8), ones(M, 2).to(e8), _offs([32, 64], device))
     if torch.device(device).type == "cpu":
         yield e(r"scaled_grouped_mm: with mx scales every group of K must hold whole 32-element blocks: offs\[g\] "
-                r"must be a multiple of 32 or K=64, got offs\[0\]=30", b2.t().contiguous(), a.t(), ones(N, 2).to(e8),
-                ones(M, 2).to(e8), _offs([30, 64], device), name="offs_values")
+                r"must be a multiple of 32 or K=64, got offs\[0\]=30", b2.t().contiguous(), a.t(), ones(N, 6).to(e8),
+                ones(M, 6).to(e8), _offs([30, 64], device), name="offs_values")
         yield e(r"scaled_grouped_mm: offs must be non-decreasing in \[0, M \(mat_a.size\(0\)\)=6\], got "
                 r"offs\[1\]=7 after offs\[0\]=2", a, b, sa, sb, _offs([2, 7], device), name="offs_values")
         # Groups of 2 and 4 rows: two 128-row blocks of 4 columns, 1024 bytes.
-        yield e(r"scaled_grouped_mm: the blocked mx scale of sizes \[6, 2\] holds 12 bytes, fewer than the groups "
+        yield e(r"scaled_grouped_mm: the blocked mx scale of sizes \[6, 4\] holds 24 bytes, fewer than the groups "
                 r"of offs need \(562\)", a, b, sa_mx, sb_mx, offs, name="offs_values")
 
 

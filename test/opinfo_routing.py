@@ -94,7 +94,13 @@ def error_inputs_permute(op_info, device, **kwargs):
     yield err(x, r"permute: expert_ids must be 2-D \(tokens, top_k\), got 1-D", ids[:, 0], 4)
     yield err(x, r"permute: expert_ids must be int32 or int64, got Float", ids.float(), 4)
     yield err(x, r"permute: expert_ids must have one row per token \(4\), got sizes \[3, 2\]", ids[:3], 4)
-    yield err(x, r"permute: num_experts must be >= 1, got num_experts=0", ids, 0)
+    yield err(x, r"permute: num_experts must be in \[1, 2\^31 - 1\], got num_experts=0", ids, 0)
+    # Sizes near 2^63: the checks must not overflow on their way to the message.
+    yield err(x, r"permute: num_experts must be in \[1, 2\^31 - 1\], got num_experts=4611686018427387904", ids, 2**62,
+              name="num_experts_2^62")
+    yield err(x, r"num_local_experts must be in \[1, num_experts - first_expert = 3\], "
+              r"got num_local_experts=9223372036854775807", ids, 4, first_expert=1, num_local_experts=2**63 - 1,
+              name="num_local_experts_2^63-1")
     yield err(x, r"alignment must be a power of two in \[1, 128\], got alignment=3", ids, 4, alignment=3)
     yield err(x, r"alignment must be a power of two in \[1, 128\], got alignment=256", ids, 4, alignment=256)
     yield err(x, r"first_expert must be in \[0, num_experts=4\), got first_expert=4", ids, 4, first_expert=4)

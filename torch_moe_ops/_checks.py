@@ -231,6 +231,7 @@ def check_expert_mlp_inputs(tokens, src_rows, offs, dst_rows, weights, gate_up_p
     chk(down_proj.shape[0] == experts and offs.dim() == 1 and offs.shape[0] == experts,
         lambda: "expert_mlp: gate_up_proj, down_proj and offs must agree on the number of experts, got "
         f"{_sizes(gate_up_proj)}, {_sizes(down_proj)} and offs of sizes {_sizes(offs)}")
+    chk(offs.dtype == torch.int32, lambda: f"expert_mlp: offs must be int32, got {_c10(offs.dtype)}")
     n1 = 2 * inter if gated else inter
     chk(gate_up_proj.shape[2] == n1,
         lambda: f'expert_mlp: gate_up_proj must have N1={n1} columns for activation "{activation}" with I={inter} '
@@ -332,19 +333,21 @@ def check_permute_inputs(
         lambda: f"permute: expert_ids must have one row per token ({tokens.shape[0]}), got sizes {_sizes(expert_ids)}")
     chk(expert_ids.device == tokens.device,
         lambda: f"permute: expert_ids must be on the device of tokens ({tokens.device}), got {expert_ids.device}")
-    chk(num_experts >= 1, lambda: f"permute: num_experts must be >= 1, got num_experts={num_experts}")
+    chk(1 <= num_experts <= 2**31 - 1,
+        lambda: f"permute: num_experts must be in [1, 2^31 - 1], got num_experts={num_experts}")
     chk(1 <= alignment <= 128 and alignment & (alignment - 1) == 0,
         lambda: f"permute: alignment must be a power of two in [1, 128], got alignment={alignment}")
     chk(0 <= first_expert < num_experts,
         lambda: f"permute: first_expert must be in [0, num_experts={num_experts}), got first_expert={first_expert}")
     num_local = permute_num_local(num_experts, first_expert, num_local_experts)
-    chk(num_local >= 1 and first_expert + num_local <= num_experts,
+    chk(1 <= num_local <= num_experts - first_expert,
         lambda: f"permute: num_local_experts must be in [1, num_experts - first_expert = {num_experts - first_expert}]"
         f", got num_local_experts={num_local}")
-    rows = permute_num_rows(tokens.shape[0], expert_ids.shape[1], num_local, alignment)
+    tokens_n, top_k = tokens.shape[0], expert_ids.shape[1]
+    rows = permute_num_rows(tokens_n, top_k, num_local, alignment)
     chk(rows <= 2**31 - 1,
-        lambda: f"permute: the permuted row count tokens * top_k + num_local_experts * (alignment - 1) = {rows} "
-        "does not fit the int32 offsets")
+        lambda: f"permute: the permuted row count tokens * top_k + num_local_experts * (alignment - 1) = {tokens_n} * "
+        f"{top_k} + {num_local} * {alignment - 1} exceeds the int32 offsets (2^31 - 1)")
 
 
 def check_unpermute_inputs(
@@ -558,6 +561,10 @@ def check_scaled_grouped_mm_inputs(mat_a, mat_b, scale_a, scale_b, offs, bias, s
             chk(scale.dim() == 2 and scale.shape[0] >= rows,
                 lambda: f"scaled_grouped_mm: {name} must be the mx scale of {operand} blocked per group "
                 f"(swizzle_mx_scale(scale, offs, dim={dim})): 2-D with at least {rows} rows, got {_sizes(scale)}")
+            chk(not (scale.shape[0] == rows and scale.shape[1] == s),
+                lambda: f"scaled_grouped_mm: {name} has the shape of the plain mx scale grid of {operand}, "
+                f"[{rows}, {s}]; 2-D operands take their scales blocked per group "
+                f"(swizzle_mx_scale(scale, offs, dim={dim})), which at this shape cannot be told from the plain grid")
 
         if layout == "2d2d":
             check_blocked("scale_a", scale_a, "mat_a", m, 1)

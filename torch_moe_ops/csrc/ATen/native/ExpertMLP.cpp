@@ -19,6 +19,7 @@
 #include <ATen/Parallel.h>
 #include <ATen/TensorOperators.h>
 #include <ATen/core/dispatch/Dispatcher.h>
+#include <ATen/ops/_assert_async.h>
 
 namespace at::native {
 namespace {
@@ -163,6 +164,46 @@ Tensor token_rows(const Tensor& src_rows, int64_t top_k) {
   return at::div(src_rows, top_k, "floor");
 }
 
+// The routing's values, named as the caller passed them (the GEMMs and the
+// combine below would otherwise report them as their own arguments):
+// src_rows in [-1, T * k), dst_rows in [-1, R), offs non-decreasing in [0, R].
+// Read on the host for CPU tensors; checked on the device elsewhere.
+void check_routing_values(const Tensor& tokens, const Tensor& src_rows, const Tensor& offs, const Tensor& dst_rows) {
+  const int64_t rows = src_rows.size(0);
+  const int64_t top_k = dst_rows.size(1);
+  const int64_t slots = tokens.size(0) * top_k;
+  if (!tokens.device().is_cpu()) {
+    at::_assert_async(src_rows.ge(-1).logical_and(src_rows.lt(slots)).all(),
+                      "expert_mlp: src_rows must be -1 or token * top_k + slot in [0, tokens * top_k)");
+    at::_assert_async(dst_rows.ge(-1).logical_and(dst_rows.lt(rows)).all(),
+                      "expert_mlp: dst_rows must be -1 or a row in [0, src_rows.size(0))");
+    at::_assert_async(grouped_mm_offs_ok(offs.to(kLong), rows),
+                      "expert_mlp: offs must be non-decreasing, non-negative and at most src_rows.size(0)");
+    return;
+  }
+  const Tensor src = src_rows.contiguous();
+  const int64_t* s = src.const_data_ptr<int64_t>();
+  for (int64_t i = 0; i < rows; ++i) {
+    TORCH_CHECK_VALUE(s[i] >= -1 && s[i] < slots, "expert_mlp: src_rows must be -1 or token * top_k + slot in [0, ",
+        tokens.size(0), " * ", top_k, " = ", slots, "), got src_rows[", i, "]=", s[i]);
+  }
+  const Tensor dst = dst_rows.contiguous();
+  const int64_t* d = dst.const_data_ptr<int64_t>();
+  for (int64_t i = 0; i < dst.numel(); ++i) {
+    TORCH_CHECK_VALUE(d[i] >= -1 && d[i] < rows, "expert_mlp: dst_rows must be -1 or a row in [0, src_rows.size(0)=",
+        rows, "), got dst_rows[", i / top_k, ", ", i % top_k, "]=", d[i]);
+  }
+  const int32_t* o = offs.const_data_ptr<int32_t>();
+  int64_t prev = 0;
+  for (int64_t g = 0; g < offs.size(0); ++g) {
+    const int64_t end = o[g * offs.stride(0)];
+    TORCH_CHECK_VALUE(end >= prev, "expert_mlp: offs must be non-decreasing and non-negative, got offs[", g, "]=", end,
+        g == 0 ? std::string(" < 0") : " < offs[" + std::to_string(g - 1) + "]=" + std::to_string(prev));
+    prev = end;
+  }
+  TORCH_CHECK_VALUE(prev <= rows, "expert_mlp: offs[-1]=", prev, " exceeds the rows of src_rows (", rows, ")");
+}
+
 bool k_major(const Tensor& w) {
   return w.stride(-2) == 1 && w.stride(-1) != 1 && w.size(-1) > 1;
 }
@@ -185,6 +226,7 @@ std::tuple<Tensor, Tensor> expert_mlp(
     double swiglu_limit) {
   expert_mlp_check_inputs(tokens, src_rows, offs, dst_rows, weights, gate_up_proj, down_proj, gate_up_bias,
                           down_bias, activation, gate_up_interleaved);
+  check_routing_values(tokens, src_rows, offs, dst_rows);
   const Activation p{expert_activation_from_name(activation), gate_up_interleaved, swiglu_alpha, swiglu_limit,
                      down_proj.size(1)};
   const Tensor rows = token_rows(src_rows, dst_rows.size(1));
@@ -224,6 +266,7 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> expert_mlp_backward(
   TORCH_CHECK_VALUE(h.dim() == 2 && h.size(0) == src_rows.size(0) && h.size(1) == gate_up_proj.size(2),
       "expert_mlp_backward: h must be (R, N1) = (", src_rows.size(0), ", ", gate_up_proj.size(2), "), got ",
       h.sizes());
+  check_routing_values(tokens, src_rows, offs, dst_rows);
   const auto [need_tokens, need_weights, need_gate_up, need_down] = output_mask;
   const Activation p{expert_activation_from_name(activation), gate_up_interleaved, swiglu_alpha, swiglu_limit,
                      down_proj.size(1)};

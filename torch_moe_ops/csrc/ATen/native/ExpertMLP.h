@@ -52,8 +52,8 @@ inline bool expert_mlp_dtype_ok(ScalarType t) {
   return t == kFloat || t == kHalf || t == kBFloat16 || t == kDouble;
 }
 
-// Everything that does not need tensor values; the grouped GEMMs and the
-// combine check offs and the row indices.
+// Everything that does not need tensor values (the routing's values are
+// checked where they are read, under expert_mlp's name).
 inline void expert_mlp_check_inputs(
     const Tensor& tokens,
     const Tensor& src_rows,
@@ -92,6 +92,7 @@ inline void expert_mlp_check_inputs(
   TORCH_CHECK_VALUE(down_proj.size(0) == experts && offs.dim() == 1 && offs.size(0) == experts,
       "expert_mlp: gate_up_proj, down_proj and offs must agree on the number of experts, got ",
       gate_up_proj.sizes(), ", ", down_proj.sizes(), " and offs of sizes ", offs.sizes());
+  TORCH_CHECK_VALUE(offs.scalar_type() == kInt, "expert_mlp: offs must be int32, got ", offs.scalar_type());
   const int64_t n1 = expert_activation_gated(act) ? 2 * inter : inter;
   TORCH_CHECK_VALUE(gate_up_proj.size(2) == n1,
       "expert_mlp: gate_up_proj must have N1=", n1, " columns for activation \"", activation, "\" with I=", inter,

@@ -121,20 +121,28 @@ inline void permute_check_inputs(
       "permute: expert_ids must have one row per token (", tokens.size(0), "), got sizes ", expert_ids.sizes());
   TORCH_CHECK_VALUE(expert_ids.device() == tokens.device(),
       "permute: expert_ids must be on the device of tokens (", tokens.device(), "), got ", expert_ids.device());
-  TORCH_CHECK_VALUE(num_experts >= 1, "permute: num_experts must be >= 1, got num_experts=", num_experts);
+  // Expert ids are int32 (router_topk's output) and every local expert has
+  // an int32 entry in offs: counts past int32 cannot be honoured.
+  TORCH_CHECK_VALUE(num_experts >= 1 && num_experts <= std::numeric_limits<int32_t>::max(),
+      "permute: num_experts must be in [1, 2^31 - 1], got num_experts=", num_experts);
   TORCH_CHECK_VALUE(permute_alignment_ok(alignment),
       "permute: alignment must be a power of two in [1, 128], got alignment=", alignment);
   TORCH_CHECK_VALUE(first_expert >= 0 && first_expert < num_experts,
       "permute: first_expert must be in [0, num_experts=", num_experts, "), got first_expert=", first_expert);
   const int64_t num_local = permute_num_local(num_experts, first_expert, num_local_experts);
-  TORCH_CHECK_VALUE(num_local >= 1 && first_expert + num_local <= num_experts,
+  // Compared with num_experts - first_expert, never first_expert + num_local, which can overflow.
+  TORCH_CHECK_VALUE(num_local >= 1 && num_local <= num_experts - first_expert,
       "permute: num_local_experts must be in [1, num_experts - first_expert = ", num_experts - first_expert,
       "], got num_local_experts=", num_local);
-  const int64_t rows = permute_num_rows(tokens.size(0), expert_ids.size(1), num_local, alignment);
-  // offs is int32, the layout grouped_mm takes.
-  TORCH_CHECK_VALUE(rows <= std::numeric_limits<int32_t>::max(),
-      "permute: the permuted row count tokens * top_k + num_local_experts * (alignment - 1) = ", rows,
-      " does not fit the int32 offsets");
+  // offs is int32, the layout grouped_mm takes. Sizes are bounded first, so
+  // the row count below cannot overflow int64.
+  constexpr int64_t kMaxRows = std::numeric_limits<int32_t>::max();
+  const int64_t tokens_n = tokens.size(0), top_k = expert_ids.size(1);
+  const bool fits = top_k == 0 || tokens_n <= kMaxRows / top_k;
+  const int64_t rows = fits ? permute_num_rows(tokens_n, top_k, num_local, alignment) : -1;
+  TORCH_CHECK_VALUE(fits && rows <= kMaxRows,
+      "permute: the permuted row count tokens * top_k + num_local_experts * (alignment - 1) = ", tokens_n, " * ",
+      top_k, " + ", num_local, " * ", alignment - 1, " exceeds the int32 offsets (2^31 - 1)");
 }
 
 // ------------------------------------------------------------------ unpermute

@@ -27,7 +27,8 @@
 //     2D x 2D with groups along K (dim 1), where every offs must be a
 //     multiple of 32 (or K) so that no block straddles two groups. Any 2-D
 //     shape with at least rows rows that holds the groups' bytes is taken,
-//     as upstream does. The entries unswizzle the scales (1/32 of the
+//     as upstream does, except the plain grid's (rows, S), which would be
+//     read as blocked bytes it is not. The entries unswizzle the scales (1/32 of the
 //     operand) before the kernel.
 //   blockwise, float32, DeepSeek-V3's recipe (2D x 3D and 3D x 3D): 1x128
 //     blocks of mat_a, scale_a (M, ceil(K/128)) or (G, M, ceil(K/128)), and
@@ -147,6 +148,13 @@ inline ScaledGroupedMMRecipe scaled_grouped_mm_check_inputs(
       TORCH_CHECK_VALUE(scale.dim() == 2 && scale.size(0) >= rows,
           "scaled_grouped_mm: ", name, " must be the mx scale of ", operand, " blocked per group "
           "(swizzle_mx_scale(scale, offs, dim=", dim, ")): 2-D with at least ", rows, " rows, got ", scale.sizes());
+      // Upstream takes any 2-D shape that holds the blocked bytes, so a plain
+      // grid, always (rows, S), can pass for a blocked one and be read
+      // wrongly: that shape is refused, since its bytes could be either.
+      TORCH_CHECK_VALUE(!(scale.size(0) == rows && scale.size(1) == s),
+          "scaled_grouped_mm: ", name, " has the shape of the plain mx scale grid of ", operand, ", [", rows, ", ", s,
+          "]; 2-D operands take their scales blocked per group (swizzle_mx_scale(scale, offs, dim=", dim,
+          ")), which at this shape cannot be told from the plain grid");
     };
     if (layout == GroupedMMLayout::k2d2d) {  // groups along K: offs must fall on 32-blocks (checked on values)
       check_blocked("scale_a", scale_a, "mat_a", m, 1);

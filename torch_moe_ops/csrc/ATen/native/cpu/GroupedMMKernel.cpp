@@ -730,7 +730,8 @@ void run_tile_avx512(const Problem<scalar_t, out_t, float>& p, const Tile& t, Th
   // A stored K-major (the transposed operand of a weight gradient, dh^T or
   // grad^T, gathered columns included) is packed K-major by the vector
   // routine that packs B, and the micro-kernel steps through it along K.
-  const bool a_k_major = !a_in_place && p.a_rs == 1 && p.a_cs != 1;
+  // Gathered rows of a K-major A are not: the packer walks rows in order.
+  const bool a_k_major = !a_in_place && p.a_rs == 1 && p.a_cs != 1 && p.a_row_idx == nullptr;
   constexpr int64_t kRowStep = std::is_same_v<b_t, uint32_t> ? 2 : 1;
   // What a -1 row index reads (at most kKC elements of a K block).
   alignas(64) static const a_t kZeroRow[kKC] = {};

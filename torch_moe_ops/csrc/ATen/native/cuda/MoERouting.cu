@@ -20,6 +20,7 @@
 #include <ATen/core/Tensor.h>
 #include <ATen/cuda/CUDAContext.h>
 #include <ATen/ops/empty.h>
+#include <ATen/ops/sort.h>
 #include <ATen/ops/zeros.h>
 #include <c10/cuda/CUDAException.h>
 #include <c10/macros/Macros.h>
@@ -269,27 +270,44 @@ __global__ void unpermute_kernel(
   }
 }
 
-// One block per (token, slot): the row gradient, then the weight gradient as
-// a block reduction in a fixed tree order.
+// One block per run of equal rows in the stably sorted dst_rows: the row's
+// gradient is the sum over the slots that read it, in slot order, rounded
+// once (permute reads each row at most once; any other index may repeat
+// rows, and a write per slot would then race).
+template <typename scalar_t, typename acc_t>
+__global__ void unpermute_backward_rows_kernel(
+    const scalar_t* g, const int64_t* sorted_rows, const int64_t* slot_of, int64_t n, int64_t rows,
+    int64_t top_k, int64_t hidden, WeightReader<scalar_t, acc_t> w, bool weighted, scalar_t* gp) {
+  const int64_t p = blockIdx.x;
+  const int64_t r = sorted_rows[p];
+  CUDA_KERNEL_ASSERT(r >= -1 && r < rows && "unpermute_backward: dst_rows must be -1 or a row of permuted");
+  if (r < 0 || (p > 0 && sorted_rows[p - 1] == r)) return;
+  for (int64_t h = threadIdx.x; h < hidden; h += blockDim.x) {
+    acc_t acc = 0;
+    for (int64_t q = p; q < n && sorted_rows[q] == r; ++q) {
+      const int64_t i = slot_of[q];
+      const acc_t gv = static_cast<acc_t>(g[(i / top_k) * hidden + h]);
+      acc += weighted ? w(i) * gv : gv;
+    }
+    gp[r * hidden + h] = static_cast<scalar_t>(acc);
+  }
+}
+
+// One block per (token, slot): the weight gradient <grad_output[t],
+// permuted[r]> as a block reduction in a fixed tree order.
 template <typename scalar_t, typename acc_t, typename w_out_t>
-__global__ void unpermute_backward_kernel(
-    const scalar_t* g, const int64_t* dst, int64_t rows, int64_t top_k, int64_t hidden,
-    WeightReader<scalar_t, acc_t> w, bool weighted, const scalar_t* x, scalar_t* gp, w_out_t* gw) {
+__global__ void unpermute_backward_weights_kernel(
+    const scalar_t* g, const int64_t* dst, int64_t top_k, int64_t hidden, const scalar_t* x, w_out_t* gw) {
   __shared__ acc_t partial[kThreads];
   const int64_t i = blockIdx.x;
   const int64_t t = i / top_k;
   const int64_t r = dst[i];
-  CUDA_KERNEL_ASSERT(r >= -1 && r < rows && "unpermute_backward: dst_rows must be -1 or a row of permuted");
   acc_t dot = 0;
   if (r >= 0) {
-    const acc_t wi = weighted ? w(i) : acc_t(1);
     for (int64_t h = threadIdx.x; h < hidden; h += blockDim.x) {
-      const acc_t gv = static_cast<acc_t>(g[t * hidden + h]);
-      gp[r * hidden + h] = static_cast<scalar_t>(wi * gv);
-      if (x != nullptr) dot += gv * static_cast<acc_t>(x[r * hidden + h]);
+      dot += static_cast<acc_t>(g[t * hidden + h]) * static_cast<acc_t>(x[r * hidden + h]);
     }
   }
-  if (gw == nullptr) return;
   partial[threadIdx.x] = dot;
   __syncthreads();
   for (int s = blockDim.x / 2; s > 0; s /= 2) {
@@ -423,19 +441,25 @@ std::tuple<Tensor, Tensor> moe_unpermute_backward_cuda(
     grad_weights = at::empty({0}, grad_output.options().dtype(kFloat));
   }
   if (dst_rows.numel() == 0) return {grad_permuted, grad_weights};
+  // Slots in the order of the rows they read (stable: slot order within a row).
+  const auto [sorted_rows, slot_of] = at::sort(dst_rows.view({-1}), /*stable=*/true, /*dim=*/0, /*descending=*/false);
+  const int64_t n = dst_rows.numel();
   auto stream = at::cuda::getCurrentCUDAStream();
   AT_DISPATCH_FLOATING_TYPES_AND2(kBFloat16, kHalf, grad_output.scalar_type(), "moe_unpermute_backward_cuda", [&] {
     using acc_t = at::opmath_type<scalar_t>;
+    unpermute_backward_rows_kernel<scalar_t, acc_t><<<n, kThreads, 0, stream>>>(
+        grad_output.const_data_ptr<scalar_t>(), sorted_rows.const_data_ptr<int64_t>(),
+        slot_of.const_data_ptr<int64_t>(), n, num_rows, dst_rows.size(1), grad_output.size(1),
+        weight_reader<scalar_t, acc_t>(weights_c), weights_c.has_value(), grad_permuted.mutable_data_ptr<scalar_t>());
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
     const auto launch = [&](auto* gw) {
       using w_out_t = std::remove_pointer_t<decltype(gw)>;
-      unpermute_backward_kernel<scalar_t, acc_t, w_out_t><<<dst_rows.numel(), kThreads, 0, stream>>>(
-          grad_output.const_data_ptr<scalar_t>(), dst_rows.const_data_ptr<int64_t>(), num_rows, dst_rows.size(1),
-          grad_output.size(1), weight_reader<scalar_t, acc_t>(weights_c), weights_c.has_value(),
-          permuted.defined() ? permuted.const_data_ptr<scalar_t>() : nullptr,
-          grad_permuted.mutable_data_ptr<scalar_t>(), gw);
+      unpermute_backward_weights_kernel<scalar_t, acc_t, w_out_t><<<n, kThreads, 0, stream>>>(
+          grad_output.const_data_ptr<scalar_t>(), dst_rows.const_data_ptr<int64_t>(), dst_rows.size(1),
+          grad_output.size(1), permuted.const_data_ptr<scalar_t>(), gw);
     };
-    if (!permuted.defined()) launch(static_cast<float*>(nullptr));
-    else if (grad_weights.scalar_type() == kFloat) launch(grad_weights.mutable_data_ptr<float>());
+    if (!permuted.defined()) return;
+    if (grad_weights.scalar_type() == kFloat) launch(grad_weights.mutable_data_ptr<float>());
     else launch(grad_weights.mutable_data_ptr<scalar_t>());
   });
   C10_CUDA_KERNEL_LAUNCH_CHECK();
