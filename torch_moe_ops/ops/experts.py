@@ -19,7 +19,7 @@ from typing import Optional
 import torch
 
 from .. import _checks
-from .routing import permute
+from .routing import _unpermute_backward, permute
 
 _gather_op = torch.ops.moe_ops.grouped_mm_gather.default
 
@@ -42,8 +42,9 @@ def grouped_mm_gather(
       gradients from the tokens (or their gradients) in place.
 
     int64 indices; ``-1`` reads zeros. The kernel gathers while packing its
-    tiles: no gathered copy is made on CPU. No autograd: a building block of
-    :func:`torch_moe_ops.ops.fused_experts`, whose backward calls it.
+    tiles: no gathered copy is made on CPU. Differentiable in ``mat_a``,
+    ``mat_b`` and ``bias``; a row or column read by several indices gets the
+    sum of their gradients (fp32, index order, one rounding).
     """
     return _gather_op(mat_a, mat_b, offs, a_index, b_index, bias, out_dtype)
 
@@ -54,6 +55,70 @@ def _grouped_mm_gather_fake(mat_a, mat_b, offs, a_index=None, b_index=None, bias
     size = _checks.grouped_mm_out_size(a, b, offs)
     strides = _checks.grouped_mm_out_strides(size, out_dtype, mat_a.device)
     return mat_a.new_empty_strided(size, strides, dtype=out_dtype)
+
+
+def _wide(t: torch.Tensor) -> Optional[torch.dtype]:
+    return torch.float32 if t.dtype in (torch.float16, torch.bfloat16) else None
+
+
+def _scatter_rows(rows: torch.Tensor, index: Optional[torch.Tensor], size: int, dtype: torch.dtype) -> torch.Tensor:
+    """out[t] = sum of rows[i] over i with index[i] == t (zero for -1), in
+    index order and rounded once: unpermute's backward with one slot per row,
+    deterministic on every device. No index: the rows as they are."""
+    if index is None:
+        return rows.to(dtype)
+    return _unpermute_backward(rows, index.reshape(-1, 1), size, None, None)[0].to(dtype)
+
+
+def _gather_setup_context(ctx, inputs, output):
+    mat_a, mat_b, offs, a_index, b_index, bias, out_dtype = inputs
+    need_a, need_b = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
+    ctx.save_for_backward(mat_a if need_b else None, mat_b if need_a else None, offs, a_index, b_index)
+    ctx.shapes = (mat_a.shape, mat_b.shape)
+    ctx.dtypes = (mat_a.dtype, bias.dtype if bias is not None else None)
+    ctx.need_bias = bias is not None and bias.requires_grad
+
+
+def _gather_backward(ctx, grad):
+    """out = gathered(A) @ gathered(B) per group; the gradients of the
+    gathered operands are grouped mms read through the same indices, then
+    summed back onto the rows (columns) the indices name."""
+    mat_a, mat_b, offs, a_index, b_index = ctx.saved_tensors
+    (a_shape, b_shape), (dtype, bias_dtype) = ctx.shapes, ctx.dtypes
+    need_a, need_b = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
+    g = grad.to(dtype)
+    grad_a = grad_b = grad_bias = None
+    if len(b_shape) == 3:  # 2D x 3D: out[i] = A[a_index[i]] @ B[g(i)]
+        if need_a:
+            rows = torch.ops.moe_ops.grouped_mm(g, mat_b.transpose(-2, -1), offs, None, _wide(g))
+            grad_a = _scatter_rows(rows, a_index, a_shape[0], dtype)
+        if need_b:
+            grad_b = _gather_op(mat_a.t(), g, offs, a_index, None, None, None)
+        if ctx.need_bias:
+            ones = g.new_ones((1, g.shape[0]))
+            grad_bias = torch.ops.moe_ops.grouped_mm(ones, g, offs, None, _wide(g)).squeeze(1).to(bias_dtype)
+    else:  # 2D x 2D: out[g] = A[:, a_index[k]] @ B[b_index[k], :] over the k of group g
+        if need_a:
+            # Column k of A's gradient, grad[g(k)] @ B[b_index[k]], as row k of a (K, M) 2D x 3D product.
+            if b_index is not None:
+                cols = _gather_op(mat_b, g.transpose(-2, -1), offs, b_index, None, None, _wide(g))
+            else:
+                cols = torch.ops.moe_ops.grouped_mm(mat_b, g.transpose(-2, -1), offs, None, _wide(g))
+            grad_a = _scatter_rows(cols, a_index, a_shape[1], dtype).t()
+        if need_b:
+            # Row k of B's gradient, A[:, a_index[k]] @ grad[g(k)], (K, N).
+            if a_index is not None:
+                rows = _gather_op(mat_a.t(), g, offs, a_index, None, None, _wide(g))
+            else:
+                rows = torch.ops.moe_ops.grouped_mm(mat_a.t(), g, offs, None, _wide(g))
+            grad_b = _scatter_rows(rows, b_index, b_shape[0], dtype)
+        if ctx.need_bias:
+            acc = torch.float64 if g.dtype == torch.float64 else torch.float32
+            grad_bias = g.sum(1, dtype=acc).to(bias_dtype)
+    return grad_a, grad_b, None, None, None, grad_bias, None
+
+
+torch.library.register_autograd("moe_ops::grouped_mm_gather", _gather_backward, setup_context=_gather_setup_context)
 
 
 # ------------------------------------------------------------------ expert_mlp

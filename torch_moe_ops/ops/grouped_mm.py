@@ -75,7 +75,7 @@ def _bias_grad(grad: torch.Tensor, offs: Optional[torch.Tensor], layout: str, dt
         # Group g owns columns offs[g-1]:offs[g].
         col_sum = grad.sum(0, dtype=acc)
         cols = torch.arange(grad.shape[1], device=grad.device, dtype=offs.dtype)
-        col_group = torch.searchsorted(offs, cols, right=True)
+        col_group = torch.searchsorted(offs.contiguous(), cols, right=True)
         groups = torch.arange(offs.shape[0], device=grad.device, dtype=col_group.dtype)
         mask = col_group.unsqueeze(0) == groups.unsqueeze(1)
         return torch.where(mask, col_sum.unsqueeze(0), 0).to(dtype)

@@ -166,8 +166,11 @@ Tensor token_rows(const Tensor& src_rows, int64_t top_k) {
 
 // The routing's values, named as the caller passed them (the GEMMs and the
 // combine below would otherwise report them as their own arguments):
-// src_rows in [-1, T * k), dst_rows in [-1, R), offs non-decreasing in [0, R].
-// Read on the host for CPU tensors; checked on the device elsewhere.
+// src_rows in [-1, T * k), dst_rows in [-1, R), offs non-decreasing in [0, R],
+// and src_rows and dst_rows inverse maps of each other, as permute returns
+// them: the forward combines through dst_rows, the backward weighs rows
+// through src_rows, so maps that disagree would give gradients of another
+// function. Read on the host for CPU tensors; checked on the device elsewhere.
 void check_routing_values(const Tensor& tokens, const Tensor& src_rows, const Tensor& offs, const Tensor& dst_rows) {
   const int64_t rows = src_rows.size(0);
   const int64_t top_k = dst_rows.size(1);
@@ -179,6 +182,13 @@ void check_routing_values(const Tensor& tokens, const Tensor& src_rows, const Te
                       "expert_mlp: dst_rows must be -1 or a row in [0, src_rows.size(0))");
     at::_assert_async(grouped_mm_offs_ok(offs.to(kLong), rows),
                       "expert_mlp: offs must be non-decreasing, non-negative and at most src_rows.size(0)");
+    const Tensor dst = dst_rows.reshape({-1});
+    const Tensor slot = at::arange(dst.numel(), dst.options());
+    const Tensor src_of_dst = src_rows.index_select(0, dst.clamp(0, std::max<int64_t>(rows - 1, 0)));
+    const Tensor dst_of_src = dst.index_select(0, src_rows.clamp(0, std::max<int64_t>(slots - 1, 0)));
+    at::_assert_async(dst.lt(0).logical_or(src_of_dst.eq(slot)).all().logical_and(
+                          src_rows.lt(0).logical_or(dst_of_src.eq(at::arange(rows, dst.options()))).all()),
+                      "expert_mlp: src_rows and dst_rows must be inverse maps (permute's outputs)");
     return;
   }
   const Tensor src = src_rows.contiguous();
@@ -202,6 +212,14 @@ void check_routing_values(const Tensor& tokens, const Tensor& src_rows, const Te
     prev = end;
   }
   TORCH_CHECK_VALUE(prev <= rows, "expert_mlp: offs[-1]=", prev, " exceeds the rows of src_rows (", rows, ")");
+  for (int64_t i = 0; i < dst.numel(); ++i) {
+    TORCH_CHECK_VALUE(d[i] < 0 || s[d[i]] == i, "expert_mlp: src_rows and dst_rows must be inverse maps (permute's "
+        "outputs), got dst_rows[", i / top_k, ", ", i % top_k, "]=", d[i], " but src_rows[", d[i], "]=", s[d[i]]);
+  }
+  for (int64_t r = 0; r < rows; ++r) {
+    TORCH_CHECK_VALUE(s[r] < 0 || d[s[r]] == r, "expert_mlp: src_rows and dst_rows must be inverse maps (permute's "
+        "outputs), got src_rows[", r, "]=", s[r], " but dst_rows[", s[r] / top_k, ", ", s[r] % top_k, "]=", d[s[r]]);
+  }
 }
 
 bool k_major(const Tensor& w) {
@@ -289,9 +307,13 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> expert_mlp_backward(
     const Tensor valid = src_rows.ge(0);
     row_weight = at::where(valid, flat.index_select(0, src_rows.clamp_min(0)), at::zeros({}, flat.options()));
   }
-  Tensor row_expert;
+  // Expert of each row, for the down bias's share of the weight gradient;
+  // rows past offs[-1] belong to none (their y is zero, bias included).
+  Tensor row_expert, row_has_expert;
   if (need_weights && weights.has_value() && down_bias.has_value()) {
-    row_expert = grouped_mm_group_index(offs, r).clamp_max_(offs.size(0) - 1);
+    row_expert = grouped_mm_group_index(offs, r);
+    row_has_expert = row_expert.lt(offs.size(0));
+    row_expert.clamp_max_(std::max<int64_t>(offs.size(0) - 1, 0));
   }
 
   Tensor dh = empty_workspace({r, h.size(1)}, tokens.options());
@@ -312,7 +334,7 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> expert_mlp_backward(
           const Tensor tok = rows.narrow(0, b, e - b);
           const Tensor go = dout.index_select(0, tok.clamp_min(0)).to(acc);
           const Tensor bb = down_bias->index_select(0, row_expert.narrow(0, b, e - b)).to(acc);
-          dw.add_((go * bb).sum(1).mul_(tok.ge(0)));
+          dw.add_((go * bb).sum(1).mul_(tok.ge(0).logical_and_(row_has_expert.narrow(0, b, e - b))));
         }
         d_row_weight.narrow(0, b, e - b).copy_(dw);
       }
