@@ -124,8 +124,10 @@ def torch_permute(
     dst_rows[order] = dest
     src_rows = torch.full((rows,), -1, dtype=torch.int64, device=device)
     src_rows[dest] = order
-    permuted = tokens.new_zeros(rows, tokens.shape[1])
-    permuted[dest] = tokens[order // top_k]
+    # A gather, which every dtype has (index_put is missing for some): row -1 of
+    # the tokens and a zero row is that zero row, for padding.
+    padded_tokens = torch.cat([tokens, tokens.new_zeros(1, tokens.shape[1])])
+    permuted = padded_tokens[src_rows.div(top_k, rounding_mode="floor")]
     return permuted, dst_rows.view(num_tokens, top_k), src_rows, ends.to(torch.int32)
 
 
