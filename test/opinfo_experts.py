@@ -47,31 +47,36 @@ def sample_inputs_grouped_mm_gather(op_info, device, dtype, requires_grad, **kwa
     T, K, N = 9, 12, 10
     group_sizes = [3, 0, 5, 2]
     G, M = len(group_sizes), sum(group_sizes)
-    offs = _offs(group_sizes, device)
-    # Unsorted, repeated, with padding (-1): an MoE layer's rows.
-    rows = _index([4, -1, 0, 8, 8, 2, -1, 7, 1, 3], device)
+
+    def offs():
+        return _offs(group_sizes, device)
+
+    def rows():
+        """Unsorted, repeated, with padding (-1): an MoE layer's rows."""
+        return _index([4, -1, 0, 8, 8, 2, -1, 7, 1, 3], device)
 
     def sample(a, b, offs, name, **kw):
         return SampleInput(a, args=(b, offs), kwargs=kw, name=name)
 
     # 2D x 3D, a_index: tokens -> expert rows.
-    yield sample(make((T, K)), make((G, K, N)), offs, "2d3d", a_index=rows)
-    yield sample(make((T, K)), make((G, K, N)), offs, "2d3d_rows_past_offs", a_index=torch.cat([rows, rows[:3]]))
-    yield sample(make((T, K)), _transposed(make((G, K, N))), offs, "2d3d_b_transposed", a_index=rows)
-    yield sample(make((T, 2 * K))[:, ::2], make((G, K, N)), offs, "2d3d_a_strided", a_index=rows)
-    yield sample(make((T, K)), make((G, K, N)), offs, "2d3d_bias", a_index=rows, bias=make((G, N)))
+    yield sample(make((T, K)), make((G, K, N)), offs(), "2d3d", a_index=rows())
+    yield sample(make((T, K)), make((G, K, N)), offs(), "2d3d_rows_past_offs", a_index=torch.cat([rows(), rows()[:3]]))
+    yield sample(make((T, K)), _transposed(make((G, K, N))), offs(), "2d3d_b_transposed", a_index=rows())
+    yield sample(make((T, 2 * K))[:, ::2], make((G, K, N)), offs(), "2d3d_a_strided", a_index=rows())
+    yield sample(make((T, K)), make((G, K, N)), offs(), "2d3d_bias", a_index=rows(), bias=make((G, N)))
     yield sample(make((0, K)), make((G, K, N)), _offs([1, 0, 1, 0], device), "2d3d_zero_tokens",
                  a_index=_index([-1, -1], device))
     yield sample(make((T, K)), make((G, K, N)), _offs([0] * G, device), "2d3d_zero_rows",
                  a_index=_index([], device))
     if dtype in (torch.float16, torch.bfloat16):
-        yield sample(make((T, K)), make((G, K, N)), offs, "2d3d_out_fp32", a_index=rows, out_dtype=torch.float32)
+        yield sample(make((T, K)), make((G, K, N)), offs(), "2d3d_out_fp32", a_index=rows(), out_dtype=torch.float32)
     # 2D x 2D: the contraction (rows of the layer) gathered.
-    yield sample(make((7, M)), make((T, N)), offs, "2d2d_b_index", b_index=rows)
-    yield sample(_transposed(make((7, M))), make((T, N)), offs, "2d2d_b_index_a_transposed", b_index=rows,
+    yield sample(make((7, M)), make((T, N)), offs(), "2d2d_b_index", b_index=rows())
+    yield sample(_transposed(make((7, M))), make((T, N)), offs(), "2d2d_b_index_a_transposed", b_index=rows(),
                  bias=make((G, N)))
-    yield sample(make((T, 7)).t(), make((M, N)), offs, "2d2d_a_index", a_index=rows)
-    yield sample(make((T, 7)).t(), make((T, N)), offs, "2d2d_both", a_index=rows, b_index=rows)
+    yield sample(make((T, 7)).t(), make((M, N)), offs(), "2d2d_a_index", a_index=rows())
+    both = rows()
+    yield sample(make((T, 7)).t(), make((T, N)), offs(), "2d2d_both", a_index=both, b_index=both)
 
 
 def error_inputs_grouped_mm_gather(op_info, device, **kwargs):
