@@ -53,16 +53,16 @@ def sample_inputs_grouped_mm(op_info, device, dtype, requires_grad, **kwargs):
         return SampleInput(a, args=(b,), kwargs=kw, name=name)
 
     # 2D x 3D: tokens sorted by expert (the MoE forward).
-    offs = _offs(group_sizes, device)
-    yield sample(make((M, K)), make((G, K, N)), offs, name="2d3d")
-    yield sample(make((M + 3, K)), make((G, K, N)), offs, name="2d3d_rows_past_offs")
-    yield sample(make((M, K)), _transposed(make((G, K, N))), offs, name="2d3d_b_transposed")
-    yield sample(make((M, 2 * K))[:, ::2], make((G, K, N)), offs, name="2d3d_a_strided")
-    yield sample(make((M, K)), make((G, K, N)), offs, bias=make((G, N)), name="2d3d_bias")
+    offs = partial(_offs, group_sizes, device)
+    yield sample(make((M, K)), make((G, K, N)), offs(), name="2d3d")
+    yield sample(make((M + 3, K)), make((G, K, N)), offs(), name="2d3d_rows_past_offs")
+    yield sample(make((M, K)), _transposed(make((G, K, N))), offs(), name="2d3d_b_transposed")
+    yield sample(make((M, 2 * K))[:, ::2], make((G, K, N)), offs(), name="2d3d_a_strided")
+    yield sample(make((M, K)), make((G, K, N)), offs(), bias=make((G, N)), name="2d3d_bias")
     yield sample(make((0, K)), make((G, K, N)), _offs([0] * G, device), name="2d3d_zero_tokens")
-    yield sample(make((M, 7)), make((G, 7, 5)), offs, name="2d3d_odd_sizes")
+    yield sample(make((M, 7)), make((G, 7, 5)), offs(), name="2d3d_odd_sizes")
     if sixteen_bit:
-        yield sample(make((M, K)), make((G, K, N)), offs, bias=make((G, N)), out_dtype=torch.float32,
+        yield sample(make((M, K)), make((G, K, N)), offs(), bias=make((G, N)), out_dtype=torch.float32,
                      name="2d3d_out_fp32")
     # 3D x 2D: offs splits N.
     n_sizes = [4, 0, 3, 2]

@@ -18,11 +18,13 @@ wants) and (G, K, N), bias in float32 and bfloat16; its ref dequantises in
 float64.
 
 The OpInfo's dtype is the floating dtype: the input of quantize_fp8 and the
-out_dtype of dequantize_fp8 and scaled_grouped_mm.
+out_dtype of dequantize_fp8 and scaled_grouped_mm; for swizzle_mx_scale it is
+the dtype of the scale, float8_e8m0fnu.
 """
 
 from __future__ import annotations
 
+import functools
 from functools import partial
 
 import torch
@@ -69,11 +71,11 @@ def quantize_cases(device, dtype):
     yield "mx_swizzle_2d", _spread((130, 200), device, dtype, 4), "mx", dict(swizzle=True)
     yield "mx_swizzle_3d", _spread((2, 40, 96), device, dtype, 5), "mx", dict(swizzle=True)
     # Per-group operands of the 2D x 2D grouped GEMM: groups along C (tokens).
-    x = _spread((7, 200), device, dtype, 6)
-    yield "tensorwise_offs", x, "tensorwise", dict(offs=_offs([50, 50, 130], device))
-    yield "rowwise_offs", x, "rowwise", dict(offs=_offs([10, 10, 64, 199], device))
-    yield "rowwise_offs_no_groups", x, "rowwise", dict(offs=_offs([], device))
-    yield "mx_offs", x, "mx", dict(offs=_offs([32, 32, 96, 200], device))
+    x = partial(_spread, (7, 200), device, dtype, 6)
+    yield "tensorwise_offs", x(), "tensorwise", dict(offs=_offs([50, 50, 130], device))
+    yield "rowwise_offs", x(), "rowwise", dict(offs=_offs([10, 10, 64, 199], device))
+    yield "rowwise_offs_no_groups", x(), "rowwise", dict(offs=_offs([], device))
+    yield "mx_offs", x(), "mx", dict(offs=_offs([32, 32, 96, 200], device))
 
 
 def sample_inputs_quantize_fp8(op_info, device, dtype, requires_grad, **kwargs):
@@ -81,13 +83,24 @@ def sample_inputs_quantize_fp8(op_info, device, dtype, requires_grad, **kwargs):
         yield SampleInput(x, args=(recipe,), kwargs=kw, name=name)
 
 
-def sample_inputs_dequantize_fp8(op_info, device, dtype, requires_grad, **kwargs):
+@functools.cache
+def _dequantize_cases(device):
+    """(name, data, scale, recipe, kwargs): quantize_cases quantised by the
+    reference. The reference quantiser is slow and the samples of every dtype
+    read the same data: made once per device (each sample gets copies)."""
+    cases = []
     for name, x, recipe, kw in quantize_cases(device, torch.float32):
         data, scale = torch_quantize_fp8(x.cpu(), recipe, **{k: v.cpu() if isinstance(v, torch.Tensor) else v
                                                              for k, v in kw.items()})
         kw = {k: v for k, v in kw.items() if k != "float8_dtype"}
-        yield SampleInput(data.to(device), args=(scale.to(device), recipe), kwargs=dict(out_dtype=dtype, **kw),
-                          name=name)
+        cases.append((name, data.to(device), scale.to(device), recipe, kw))
+    return cases
+
+
+def sample_inputs_dequantize_fp8(op_info, device, dtype, requires_grad, **kwargs):
+    for name, data, scale, recipe, kw in _dequantize_cases(str(device)):
+        kw = {k: v.clone() if isinstance(v, torch.Tensor) else v for k, v in kw.items()}
+        yield SampleInput(data.clone(), args=(scale.clone(), recipe), kwargs=dict(out_dtype=dtype, **kw), name=name)
 
 
 def _err(regex, *args, name="", **kw):
@@ -157,11 +170,19 @@ def error_inputs_dequantize_fp8(op_info, device, **kwargs):
     yield e(r"dequantize_fp8: offs must be int32, got Long", d, s, "rowwise", offs=offs.long())
 
 
-def scaled_grouped_mm_cases(device, dtype):
-    """(name, args, kwargs) of scaled_grouped_mm samples, quantised by the reference."""
+@functools.cache
+def _scaled_grouped_mm_operands(device):
+    """(name, args, kwargs, bias_in_out_dtype) of the scaled_grouped_mm samples
+    but their out_dtype, quantised by the reference. The reference quantiser is
+    slow and the samples of every dtype read the same operands: made once per
+    device (each sample gets copies)."""
     g = torch.Generator().manual_seed(7)
     K, N, M, G = 80, 24, 30, 4
     offs = _offs([5, 5, 17, 26], device)  # an empty group, rows past offs[-1]
+    cases = []
+
+    def case(name, args, bias_in_out_dtype=False, **kw):
+        cases.append((name, [t.to(device) for t in args], kw, bias_in_out_dtype))
 
     def rnd(*shape):
         return torch.randn(shape, generator=g) * 3
@@ -173,9 +194,6 @@ def scaled_grouped_mm_cases(device, dtype):
         d = d.transpose(-2, -1)
         return (d if k_major else d.contiguous()), s
 
-    def dev(*ts):
-        return [t.to(device) for t in ts]
-
     for recipe in ("rowwise", "mx"):
         for f8 in (torch.float8_e4m3fn, torch.float8_e5m2):
             tag = f"{recipe}_{'e4m3' if f8 == torch.float8_e4m3fn else 'e5m2'}"
@@ -184,56 +202,66 @@ def scaled_grouped_mm_cases(device, dtype):
                 as_ = torch_swizzle_mx_scale(as_, offs, 0)
             bd, bs = right(rnd(G, K, N), recipe, f8)
             bias = rnd(G, N).to(device)
-            yield f"2d3d_{tag}", dev(ad, bd, as_, bs), dict(offs=offs, out_dtype=dtype)
-            yield f"2d3d_bias_{tag}", dev(ad, bd, as_, bs), dict(offs=offs, bias=bias, out_dtype=dtype)
+            case(f"2d3d_{tag}", (ad, bd, as_, bs), offs=offs)
+            case(f"2d3d_bias_{tag}", (ad, bd, as_, bs), offs=offs, bias=bias)
             brm, brs = right(rnd(G, K, N), recipe, f8, k_major=False)
-            yield f"2d3d_b_row_major_{tag}", dev(ad, brm, as_, brs), dict(offs=offs, out_dtype=dtype)
+            case(f"2d3d_b_row_major_{tag}", (ad, brm, as_, brs), offs=offs)
             a3, a3s = torch_quantize_fp8(rnd(G, 7, K), recipe, f8)
-            yield f"3d3d_{tag}", dev(a3, bd, a3s, bs), dict(bias=bias.to(dtype), out_dtype=dtype)
+            case(f"3d3d_{tag}", (a3, bd, a3s, bs), bias_in_out_dtype=True, bias=bias)
     # MX scales of the 3-D operands in the swizzled layout upstream's kernels read.
     w = rnd(G, N, K)
     wd, ws = torch_quantize_fp8(w, "mx", None, None, True)
     ad, as_ = torch_quantize_fp8(rnd(M, K), "mx")
     as_ = torch_swizzle_mx_scale(as_, offs, 0)
-    yield "2d3d_mx_swizzled_b", dev(ad, wd.transpose(-2, -1), as_, ws), dict(offs=offs, out_dtype=dtype)
+    case("2d3d_mx_swizzled_b", (ad, wd.transpose(-2, -1), as_, ws), offs=offs)
     a3, a3s = torch_quantize_fp8(rnd(G, 7, K), "mx", None, None, True)
-    yield "3d3d_mx_swizzled", dev(a3, wd.transpose(-2, -1), a3s, ws), dict(out_dtype=dtype)
+    case("3d3d_mx_swizzled", (a3, wd.transpose(-2, -1), a3s, ws))
     # DeepSeek-V3's recipe: 1x128 activations, 128x128 weights; K and N past one block.
     Kb, Nb = 200, 150
     for f8 in (torch.float8_e4m3fn, torch.float8_e5m2):
         tag = "e4m3" if f8 == torch.float8_e4m3fn else "e5m2"
         ad, as_ = torch_quantize_fp8(rnd(M, Kb), "blockwise_1x128", f8)
         bd, bs = right(rnd(G, Kb, Nb), "blockwise_128x128", f8)
-        yield f"2d3d_blockwise_{tag}", dev(ad, bd, as_, bs), dict(offs=offs, bias=rnd(G, Nb).to(device),
-                                                                 out_dtype=dtype)
+        case(f"2d3d_blockwise_{tag}", (ad, bd, as_, bs), offs=offs, bias=rnd(G, Nb).to(device))
         a3, a3s = torch_quantize_fp8(rnd(G, 5, Kb), "blockwise_1x128", f8)
-        yield f"3d3d_blockwise_{tag}", dev(a3, bd, a3s, bs), dict(out_dtype=dtype)
+        case(f"3d3d_blockwise_{tag}", (a3, bd, a3s, bs))
     ad, as_ = torch_quantize_fp8(rnd(0, K), "rowwise")
     bd, bs = right(rnd(G, K, N), "rowwise")
-    yield "2d3d_zero_tokens", dev(ad, bd, as_, bs), dict(offs=_offs([0, 0, 0, 0], device), out_dtype=dtype)
+    case("2d3d_zero_tokens", (ad, bd, as_, bs), offs=_offs([0, 0, 0, 0], device))
     # Rowwise only: 3D x 2D (offs over N) and 2D x 2D (offs over K: the weight gradient).
     a3, a3s = torch_quantize_fp8(rnd(G, 7, K), "rowwise")
     b2, b2s = right(rnd(K, 29), "rowwise")
-    yield "3d2d", dev(a3, b2, a3s, b2s), dict(offs=_offs([6, 6, 20, 27], device), bias=rnd(G, 29).to(device),
-                                              out_dtype=dtype)
+    case("3d2d", (a3, b2, a3s, b2s), offs=_offs([6, 6, 20, 27], device), bias=rnd(G, 29).to(device))
     # wgrad = grad_out^T @ x over each group's tokens: per-group rowwise scales along the tokens.
     tok = _offs([10, 10, 22, 28], "cpu")
     god, gos = torch_quantize_fp8(rnd(M, N).t().contiguous(), "rowwise", None, tok)  # (N, M), scale (G, N)
     xd, xs = torch_quantize_fp8(rnd(M, K).t().contiguous(), "rowwise", None, tok)    # (K, M), scale (G, K)
-    yield "2d2d_wgrad", dev(god, xd.t(), gos.flatten(), xs.flatten()), dict(offs=tok.to(device), out_dtype=dtype)
+    case("2d2d_wgrad", (god, xd.t(), gos.flatten(), xs.flatten()), offs=tok.to(device))
     # MX weight gradient: token groups of whole 32-blocks (an empty one, tokens past offs[-1]).
     tok = _offs([64, 64, 128, 160], "cpu")
     god, gos = torch_quantize_fp8(rnd(170, N).t().contiguous(), "mx", None, tok)  # (N, 170), scale (N, 6)
     xd, xs = torch_quantize_fp8(rnd(170, K).t().contiguous(), "mx", None, tok)    # (K, 170), scale (K, 6)
     gos, xs = torch_swizzle_mx_scale(gos, tok, 1), torch_swizzle_mx_scale(xs, tok, 1)  # blocked per group of K
-    yield "2d2d_wgrad_mx", dev(god, xd.t(), gos, xs), dict(offs=tok.to(device), out_dtype=dtype)
+    case("2d2d_wgrad_mx", (god, xd.t(), gos, xs), offs=tok.to(device))
     # A blocked scale shaped as upstream's tests build it: the groups' blocks
     # cut to exactly their bytes, (sum_g round_up(M_g, 128) * 4 / S, S) for S = 4.
     K4 = 128
     ad, as_ = torch_quantize_fp8(rnd(M, K4), "mx")
     blocked = torch_swizzle_mx_scale(as_, offs, 0)[:3 * 128]  # groups of 5, 12 and 9 rows: 3 x 128 rows
     bd, bs = right(rnd(G, K4, N), "mx")
-    yield "2d3d_mx_exact_blocked_a", dev(ad, bd, blocked, bs), dict(offs=offs, out_dtype=dtype)
+    case("2d3d_mx_exact_blocked_a", (ad, bd, blocked, bs), offs=offs)
+    return cases
+
+
+def scaled_grouped_mm_cases(device, dtype):
+    """(name, args, kwargs) of scaled_grouped_mm samples, quantised by the
+    reference: biases in float32, those of 3D x 3D in the output dtype. Each
+    case owns its tensors (clone keeps the strides of these dense tensors)."""
+    for name, args, kw, bias_in_out_dtype in _scaled_grouped_mm_operands(str(device)):
+        kw = {k: v.clone() for k, v in kw.items()}
+        if bias_in_out_dtype:
+            kw["bias"] = kw["bias"].to(dtype)
+        yield name, [t.clone() for t in args], dict(kw, out_dtype=dtype)
 
 
 def sample_inputs_scaled_grouped_mm(op_info, device, dtype, requires_grad, **kwargs):
@@ -336,9 +364,16 @@ def error_inputs_scaled_grouped_mm(op_info, device, **kwargs):
 
 
 def swizzle_cases(device, dtype):
-    """(name, scale, offs, dim): MX grids of 2-D operands and their groups."""
-    def grid(rows, cols, seed):
-        return torch_quantize_fp8(_spread((rows, cols), "cpu", dtype, seed), "mx")[1].to(device)
+    """(name, scale, offs, dim): MX scale grids of 2-D operands and their groups.
+    The op moves bytes, so the scales are random finite ones (bytes 0..254),
+    which show any misplaced byte. The grids are float8_e8m0fnu, the op's
+    dtype; asked for another dtype, they are converted to it (the op must
+    refuse them)."""
+    def grid(rows, k, seed):
+        """The (rows, ceil(k / 32)) grid of a (rows, k) operand."""
+        g = torch.Generator().manual_seed(seed)
+        scale = torch.randint(0, 255, (rows, -(-k // 32)), generator=g, dtype=torch.uint8)
+        return scale.view(torch.float8_e8m0fnu).to(device, dtype)
 
     # Groups of rows (2D x 3D tokens): an empty group, rows past offs[-1], a group past 128 rows.
     yield "rows", grid(300, 200, 8), _offs([10, 10, 140, 290], device), 0
@@ -390,7 +425,7 @@ def make_fp8_op_db(name_of, op_of) -> list[OpInfo]:
         opinfo("scaled_grouped_mm", sample_inputs_scaled_grouped_mm, error_inputs_scaled_grouped_mm,
                torch_scaled_grouped_mm, SCALED_MM_DTYPES),
         opinfo("swizzle_mx_scale", sample_inputs_swizzle_mx_scale, error_inputs_swizzle_mx_scale,
-               torch_swizzle_mx_scale, (torch.float32,)),
+               torch_swizzle_mx_scale, (torch.float8_e8m0fnu,)),
     ]
 
 

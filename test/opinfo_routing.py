@@ -15,7 +15,7 @@ from functools import partial
 
 import torch
 from torch.testing import make_tensor
-from torch.testing._internal.common_dtype import floating_types_and
+from torch.testing._internal.common_dtype import all_types_and_complex_and, floating_types_and
 from torch.testing._internal.opinfo.core import ErrorInput, OpInfo, SampleInput
 
 from torch_moe_ops.reference import torch_permute, torch_router_topk, torch_unpermute
@@ -30,23 +30,26 @@ def random_routing(tokens, experts, k, device, generator=None, skew=None):
     return scores.topk(k, dim=1).indices.to(torch.int32)
 
 
-
 def sample_inputs_router_topk(op_info, device, dtype, requires_grad, **kwargs):
     # Logits on a grid of 1/4 so ties happen (and are broken by expert id)
     # while distinct logits stay far apart in every dtype.
-    def logits(t, e):
-        x = (torch.randint(-12, 13, (t, e)) / 4).to(device=device, dtype=dtype)
+    def logits(t, e, step=1):
+        """(t, e) logits; step=2 takes every other column of (t, 2e) storage. The
+        strided view of detached storage is made the leaf, so gradients reach it."""
+        x = (torch.randint(-12, 13, (t, e * step)) / 4).to(device=device, dtype=dtype)[:, ::step]
         return x.requires_grad_(requires_grad)
 
-    bias = (torch.randint(-4, 5, (16,)) / 32).to(device)
+    def bias(dtype=torch.float32):
+        return (torch.randint(-4, 5, (16,)) / 32).to(device=device, dtype=dtype)
+
     yield SampleInput(logits(9, 16), args=(4,), name="softmax")
     yield SampleInput(logits(9, 16), args=(4,), kwargs=dict(renormalize=True), name="softmax_renorm")
-    yield SampleInput(logits(9, 16), args=(2,), kwargs=dict(score_func="sigmoid", bias=bias, n_group=4, topk_group=2,
+    yield SampleInput(logits(9, 16), args=(2,), kwargs=dict(score_func="sigmoid", bias=bias(), n_group=4, topk_group=2,
                                                             renormalize=True, scaling_factor=2.5), name="deepseek")
     yield SampleInput(logits(9, 16), args=(3,), kwargs=dict(score_func="softmax_after_topk"), name="gpt_oss")
     yield SampleInput(logits(7, 8), args=(8,), kwargs=dict(score_func="sigmoid"), name="k_equals_e")
     yield SampleInput(logits(0, 8), args=(2,), name="zero_tokens")
-    yield SampleInput(logits(5, 32)[:, ::2], args=(3,), kwargs=dict(bias=bias.to(dtype)), name="strided_bias_dtype")
+    yield SampleInput(logits(5, 16, step=2), args=(3,), kwargs=dict(bias=bias(dtype)), name="strided_bias_dtype")
 
 
 def error_inputs_router_topk(op_info, device, **kwargs):
@@ -68,19 +71,40 @@ def error_inputs_router_topk(op_info, device, **kwargs):
     yield err(x, r"bias must be float32 or the logits dtype \(Float\), got Double", 2, bias=x.new_zeros(8).double())
 
 
+# permute copies rows as bytes, so it takes every dtype: among them the
+# float8 formats of fp8 dispatch, whose tokens (float8_e4m3fn) and MX scales
+# (float8_e8m0fnu) are permuted alike.
+PERMUTE_DTYPES = all_types_and_complex_and(
+    torch.bool, torch.float16, torch.bfloat16, torch.complex32, torch.bcomplex32, torch.uint16, torch.uint32,
+    torch.uint64, torch.float8_e4m3fn, torch.float8_e5m2, torch.float8_e4m3fnuz, torch.float8_e5m2fnuz,
+    torch.float8_e8m0fnu)
+
+
+def make_rows(shape, *, device, dtype, requires_grad=False, noncontiguous=False):
+    """make_tensor, and float8_e8m0fnu (which make_tensor does not make) as
+    random finite bytes."""
+    if dtype == torch.float8_e8m0fnu:
+        return make_tensor(shape, device=device, dtype=torch.uint8, low=0, high=254,
+                           noncontiguous=noncontiguous).view(dtype)
+    return make_tensor(shape, device=device, dtype=dtype, requires_grad=requires_grad, noncontiguous=noncontiguous)
+
+
 def sample_inputs_permute(op_info, device, dtype, requires_grad, **kwargs):
-    make = partial(make_tensor, device=device, dtype=dtype, requires_grad=requires_grad)
+    make = partial(make_rows, device=device, dtype=dtype, requires_grad=requires_grad)
     g = torch.Generator().manual_seed(0)
-    ids = random_routing(11, 6, 3, device, g)
-    yield SampleInput(make((11, 7)), args=(ids, 6), name="basic")
-    yield SampleInput(make((11, 7)), args=(ids.long(), 6), kwargs=dict(alignment=8), name="aligned_int64_ids")
-    yield SampleInput(make((11, 7)), args=(ids, 6), kwargs=dict(alignment=4, first_expert=2, num_local_experts=3),
+
+    def ids(tokens=11):
+        return random_routing(tokens, 6, 3, device, g)
+
+    yield SampleInput(make((11, 7)), args=(ids(), 6), name="basic")
+    yield SampleInput(make((11, 7)), args=(ids().long(), 6), kwargs=dict(alignment=8), name="aligned_int64_ids")
+    yield SampleInput(make((11, 7)), args=(ids(), 6), kwargs=dict(alignment=4, first_expert=2, num_local_experts=3),
                       name="local_range")
     yield SampleInput(make((11, 7)), args=(random_routing(11, 6, 3, device, skew="one"), 6), kwargs=dict(alignment=2),
                       name="skewed_empty_experts")
-    yield SampleInput(make((0, 7)), args=(ids[:0], 6), kwargs=dict(alignment=16), name="zero_tokens")
-    yield SampleInput(make((11, 14))[:, ::2], args=(ids, 6), name="non_contiguous_tokens")
-    yield SampleInput(make((11, 7)), args=(ids.t().contiguous().t(), 6), name="non_contiguous_ids")
+    yield SampleInput(make((0, 7)), args=(ids(0), 6), kwargs=dict(alignment=16), name="zero_tokens")
+    yield SampleInput(make((11, 7), noncontiguous=True), args=(ids(), 6), name="non_contiguous_tokens")
+    yield SampleInput(make((11, 7)), args=(ids().t().contiguous().t(), 6), name="non_contiguous_ids")
 
 
 def error_inputs_permute(op_info, device, **kwargs):
@@ -126,14 +150,15 @@ def sample_inputs_unpermute(op_info, device, dtype, requires_grad, **kwargs):
                              ("zero_tokens", 0, {})]:
         ids = random_routing(tokens, 5, 2, device, g)
         permuted, dst_rows, _, _ = torch_permute(torch.zeros(tokens, 6, device=device), ids, 5, **kw)
-        x = make((permuted.shape[0], 6))
-        yield SampleInput(x, args=(dst_rows,), name=name)
-        yield SampleInput(x, args=(dst_rows, make((tokens, 2))), name=name + "_weighted")
+        rows = permuted.shape[0]
+        yield SampleInput(make((rows, 6)), args=(dst_rows.clone(),), name=name)
+        yield SampleInput(make((rows, 6)), args=(dst_rows.clone(), make((tokens, 2))), name=name + "_weighted")
         w32 = make_tensor((tokens, 2), device=device, dtype=torch.float32, requires_grad=requires_grad)
-        yield SampleInput(x, args=(dst_rows, w32), name=name + "_fp32_weights")
+        yield SampleInput(make((rows, 6)), args=(dst_rows.clone(), w32), name=name + "_fp32_weights")
     ids = random_routing(9, 5, 2, device, g)
     _, dst_rows, _, _ = torch_permute(torch.zeros(9, 6, device=device), ids, 5)
-    yield SampleInput(make((18, 12))[:, ::2], args=(dst_rows, make((9, 2))), name="non_contiguous")
+    yield SampleInput(make((18, 6), noncontiguous=True), args=(dst_rows, make((9, 2), noncontiguous=True)),
+                      name="non_contiguous")
 
 
 def error_inputs_unpermute(op_info, device, **kwargs):
@@ -159,18 +184,18 @@ def make_routing_op_db(name_of, op_of) -> list[OpInfo]:
     """OpInfos of the three routing ops; name_of and op_of map "router_topk",
     "permute", "unpermute" to the OpInfo's name and the op it calls."""
 
-    def opinfo(op, sample_fn, error_fn, ref, dtypes):
-        return OpInfo(name_of(op), op=op_of(op), ref=ref, dtypes=dtypes, sample_inputs_func=sample_fn,
-                      error_inputs_func=error_fn, supports_out=False, supports_autograd=True,
-                      supports_forward_ad=False, supports_fwgrad_bwgrad=False)
+    floating = floating_types_and(torch.float16, torch.bfloat16)
+
+    def opinfo(op, sample_fn, error_fn, ref, dtypes, backward_dtypes=floating):
+        return OpInfo(name_of(op), op=op_of(op), ref=ref, dtypes=dtypes, backward_dtypes=backward_dtypes,
+                      sample_inputs_func=sample_fn, error_inputs_func=error_fn, supports_out=False,
+                      supports_autograd=True, supports_forward_ad=False, supports_fwgrad_bwgrad=False)
 
     return [
-        opinfo("router_topk", sample_inputs_router_topk, error_inputs_router_topk, torch_router_topk,
-               floating_types_and(torch.float16, torch.bfloat16)),
-        opinfo("permute", sample_inputs_permute, error_inputs_permute, torch_permute,
-               floating_types_and(torch.float16, torch.bfloat16, torch.int32, torch.uint8)),
-        opinfo("unpermute", sample_inputs_unpermute, error_inputs_unpermute, torch_unpermute,
-               floating_types_and(torch.float16, torch.bfloat16)),
+        opinfo("router_topk", sample_inputs_router_topk, error_inputs_router_topk, torch_router_topk, floating),
+        # The backward of permute is an unpermute: floating dtypes only.
+        opinfo("permute", sample_inputs_permute, error_inputs_permute, torch_permute, PERMUTE_DTYPES),
+        opinfo("unpermute", sample_inputs_unpermute, error_inputs_unpermute, torch_unpermute, floating),
     ]
 
 

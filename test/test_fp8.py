@@ -21,7 +21,7 @@ import torch._dynamo.testing
 from hypothesis import given, settings, strategies as st
 from torch._C import DispatchKey
 from torch._subclasses.fake_tensor import FakeTensorMode
-from torch.testing._internal.common_device_type import instantiate_device_type_tests, onlyCPU, ops
+from torch.testing._internal.common_device_type import OpDTypes, instantiate_device_type_tests, onlyCPU, ops
 from torch.testing._internal.common_utils import TestCase, run_tests
 
 import torch_moe_ops
@@ -120,7 +120,7 @@ class TestFp8(TestCase):
             for o, f in zip(out, fout, strict=True):
                 self.assertEqual((f.shape, f.stride(), f.dtype), (o.shape, o.stride(), o.dtype), msg=s.name)
 
-    @ops(fp8_op_db, allowed_dtypes=(torch.float32, torch.bfloat16))
+    @ops(fp8_op_db, allowed_dtypes=(torch.float32, torch.bfloat16, E8M0))
     def test_opcheck(self, device, dtype, op):
         # opcheck's test_schema compares the inputs before and after the call
         # with ops that have no float8 kernels; for float8 inputs the bytes are
@@ -135,7 +135,7 @@ class TestFp8(TestCase):
             for a, b in zip(before, after, strict=True):
                 self.assertTrue(torch.equal(a, b), msg=f"{s.name}: an input was modified")
 
-    @ops(fp8_op_db, allowed_dtypes=(torch.float32,))
+    @ops(fp8_op_db, dtypes=OpDTypes.any_one)
     def test_error_inputs(self, device, dtype, op):
         for ei in op.error_inputs(device):
             s = ei.sample_input
@@ -146,7 +146,7 @@ class TestFp8(TestCase):
                     op(_fake(mode, s.input), *(_fake(mode, a) for a in s.args),
                        **{k: _fake(mode, v) for k, v in s.kwargs.items()})
 
-    @ops(fp8_op_db, allowed_dtypes=(torch.bfloat16,))
+    @ops(fp8_op_db, allowed_dtypes=(torch.bfloat16, E8M0))
     def test_deterministic(self, device, dtype, op):
         for s in op.sample_inputs(device, dtype):
             _assert_same(_call(op, s), _call(op, s), msg=s.name)

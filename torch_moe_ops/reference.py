@@ -124,8 +124,10 @@ def torch_permute(
     dst_rows[order] = dest
     src_rows = torch.full((rows,), -1, dtype=torch.int64, device=device)
     src_rows[dest] = order
-    permuted = tokens.new_zeros(rows, tokens.shape[1])
-    permuted[dest] = tokens[order // top_k]
+    # A gather, which every dtype has (index_put is missing for some): row -1 of
+    # the tokens and a zero row is that zero row, for padding.
+    padded_tokens = torch.cat([tokens, tokens.new_zeros(1, tokens.shape[1])])
+    permuted = padded_tokens[src_rows.div(top_k, rounding_mode="floor")]
     return permuted, dst_rows.view(num_tokens, top_k), src_rows, ends.to(torch.int32)
 
 
@@ -142,6 +144,57 @@ def torch_unpermute(
             term = term * weights[:, j : j + 1].to(acc)
         out = out + torch.where((rows >= 0).unsqueeze(1), term, 0)
     return out.to(permuted.dtype)
+
+
+# ------------------------------------------------------------------ expert MLP
+# The contract of moe_ops::expert_mlp (csrc/ATen/native/ExpertMLP.h).
+
+
+def _expert_activation(h: torch.Tensor, activation: str, interleaved: bool, alpha: float, limit: float):
+    """act(h) from the definitions; gated activations split h into gate and up halves."""
+    if activation == "silu":
+        return h * torch.sigmoid(h)
+    if activation == "gelu":
+        return 0.5 * h * (1 + torch.erf(h / 2**0.5))
+    if activation == "relu":
+        return h.clamp(min=0)
+    inter = h.shape[1] // 2
+    gate, up = (h[:, 0::2], h[:, 1::2]) if interleaved else (h[:, :inter], h[:, inter:])
+    if activation == "swiglu":
+        return gate * torch.sigmoid(gate) * up
+    if activation == "geglu":
+        return 0.5 * gate * (1 + torch.erf(gate / 2**0.5)) * up
+    g = gate.clamp(max=limit)  # swiglu_clamped (gpt-oss)
+    return (up.clamp(-limit, limit) + 1) * g * torch.sigmoid(alpha * g)
+
+
+def torch_expert_mlp(
+    tokens: torch.Tensor,
+    src_rows: torch.Tensor,
+    offs: torch.Tensor,
+    dst_rows: torch.Tensor,
+    weights: Optional[torch.Tensor],
+    gate_up_proj: torch.Tensor,
+    down_proj: torch.Tensor,
+    gate_up_bias: Optional[torch.Tensor] = None,
+    down_bias: Optional[torch.Tensor] = None,
+    activation: str = "swiglu",
+    gate_up_interleaved: bool = False,
+    swiglu_alpha: float = 1.702,
+    swiglu_limit: float = 7.0,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Reference experts: every step in float64, ``out`` and ``h`` rounded once to the tokens' dtype.
+
+    Row ``r`` of ``h`` is token ``src_rows[r] // k`` (zeros for padding, -1)
+    through its group's ``gate_up_proj``; rows past ``offs[-1]`` are zero."""
+    f64 = torch.float64
+    rows = src_rows.div(dst_rows.shape[1], rounding_mode="floor")
+    x = torch.cat([tokens.to(f64), tokens.new_zeros(1, tokens.shape[1], dtype=f64)])[rows]  # -1: the zero row
+    h = torch_grouped_mm(x, gate_up_proj, offs, gate_up_bias, f64)
+    a = _expert_activation(h, activation, gate_up_interleaved, swiglu_alpha, swiglu_limit)
+    y = torch_grouped_mm(a, down_proj, offs, down_bias, f64)
+    out = torch_unpermute(y, dst_rows, weights)
+    return out.to(tokens.dtype), h.to(tokens.dtype)
 
 
 # ------------------------------------------------------------------ fp8 quantisation
