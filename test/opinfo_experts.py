@@ -191,9 +191,10 @@ def sample_inputs_expert_mlp(op_info, device, dtype, requires_grad, **kwargs):
     yield sample("local_experts", routing_experts=8, seed=7, permute_kw=dict(first_expert=2, num_local_experts=4))
     yield sample("empty_experts", skew="one", seed=8)
     yield sample("zero_tokens", tokens=make((0, H)))
-    # No routing weights: with them the backward fails on these inputs
-    # (test_experts.py: test_backward_of_zero_tokens_with_padding_rows).
-    yield sample("zero_tokens_aligned", tokens=make((0, H)), bias=True, weights=None, permute_kw=dict(alignment=4))
+    # Every row padding (src_rows all -1), with and without routing weights.
+    yield sample("zero_tokens_aligned", tokens=make((0, H)), bias=True, permute_kw=dict(alignment=4))
+    yield sample("zero_tokens_aligned_unweighted", tokens=make((0, H)), bias=True, weights=None,
+                 permute_kw=dict(alignment=4))
     yield sample("noncontiguous_tokens", tokens=make((T, H), noncontiguous=True), seed=9)
     yield sample("column_major_tokens", tokens=leaf(_transposed(make_tensor((T, H), device=device, dtype=dtype,
                                                                              low=-1, high=1))), seed=10)
@@ -251,13 +252,22 @@ def error_inputs_expert_mlp(op_info, device, **kwargs):
               weights=make((T, k), dtype=torch.float64))
     yield err(r"expert_mlp: gate_up_bias must be \(E, N1\) = \(3, 8\), got \[3, 4\]", gate_up_bias=make((E, I)))
     yield err(r"expert_mlp: down_bias must be \(E, H\) = \(3, 8\), got \[8\]", down_bias=make((H,)))
+    yield err(r"expert_mlp: gate_up_bias must have the dtype of tokens \(Float\), got Double",
+              gate_up_bias=make((E, 2 * I), dtype=torch.float64))
+    yield err(r"expert_mlp: down_bias must have the dtype of tokens \(Float\), got Double",
+              down_bias=make((E, H), dtype=torch.float64))
+    yield err(r"expert_mlp: offs must be int32, got Long", offs=offs.long())
     if torch.device(device).type == "cpu":
-        # Values of the routing: checked by the kernels the op composes (CUDA:
-        # device-side asserts), not by the fake kernel.
-        yield err(r"dst_rows must be -1 or a row of permuted in \[0, 18\), got dst_rows\[4, 1\]=18",
+        # Values of the routing, under expert_mlp's name (CUDA: device-side
+        # asserts), not seen by the fake kernel.
+        yield err(r"expert_mlp: src_rows must be -1 or token \* top_k \+ slot in \[0, 9 \* 2 = 18\), "
+                  r"got src_rows\[3\]=18", name="routing_values", src_rows=with_value(src_rows, (3,), 18))
+        yield err(r"expert_mlp: dst_rows must be -1 or a row in \[0, src_rows.size\(0\)=18\), got dst_rows\[4, 1\]=18",
                   name="routing_values", dst_rows=with_value(dst_rows, (4, 1), 18))
-        yield err(r"offs must be non-decreasing and non-negative, got offs\[1\]=3 < offs\[0\]=5",
+        yield err(r"expert_mlp: offs must be non-decreasing and non-negative, got offs\[1\]=3 < offs\[0\]=5",
                   name="routing_values", offs=torch.tensor([5, 3, 18], dtype=torch.int32, device=device))
+        yield err(r"expert_mlp: src_rows and dst_rows must be inverse maps \(permute's outputs\), got dst_rows\[0, 0\]=",
+                  name="routing_values", dst_rows=dst_rows.flip(0))
 
 
 expert_mlp_opinfo = OpInfo(

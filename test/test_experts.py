@@ -2,11 +2,10 @@
 device-generic) and moe_ops::expert_mlp / fused_experts (the OpInfo's samples
 in every dtype against the float64 reference, values and every gradient
 against a float64 per-token loop, hypothesis over shapes and routing, what
-autograd keeps, opcheck, errors, determinism, compile; expected failures for
-the op bugs known so far). The generic OpInfo tests are in test_ops.py.
+autograd keeps, opcheck, errors, determinism, compile; the op bugs the
+OpInfo found, as regression tests). The generic OpInfo tests are in test_ops.py.
 """
 
-import unittest
 from functools import partial
 
 import pytest
@@ -17,7 +16,6 @@ from hypothesis import given, settings, strategies as st
 from torch._subclasses.fake_tensor import FakeTensorMode
 from torch.testing._internal.common_device_type import instantiate_device_type_tests, ops
 from torch.testing._internal.common_utils import TestCase
-from torch.testing._internal.opinfo.core import XFailRule, sample_skips_and_xfails
 
 import torch_moe_ops
 from torch_moe_ops import fused_experts
@@ -317,15 +315,6 @@ def test_routing_out_of_range_names_the_id():
         fused_experts(x, ids, w, *views(gate_up, down))
 
 
-# moe_ops::grouped_mm_gather ignores a_index when mat_a is column-major (its
-# float32 and float16 kernels; a fix is under way in C++). expert_mlp gathers
-# the tokens through it, so column-major tokens read the wrong rows.
-GATHER_COLUMN_MAJOR_BUG = XFailRule(
-    op_match_fn=lambda device, op: op.name == "moe_ops.expert_mlp",
-    sample_match_fn=lambda device, s: s.name == "column_major_tokens" and s.input.dtype in (torch.float32,
-                                                                                           torch.float16),
-    error_type=AssertionError, name="grouped_mm_gather ignores a_index of a column-major mat_a")
-
 # The output against the float64 reference, relative to the output's scale: h,
 # a and y round once each to the dtype and the combine accumulates in fp32
 # (see test_16bit_and_fp32_close_to_float64); float16 has 3 more bits than
@@ -339,10 +328,9 @@ def _op_args_on(device, dtype=torch.float32):
 
 class TestExpertMLP(TestCase):
     @ops([expert_mlp_opinfo])
-    @sample_skips_and_xfails([GATHER_COLUMN_MAJOR_BUG])
     def test_matches_float64_reference(self, device, dtype, op):
-        for s, subtest, xfail in op.sample_inputs(device, dtype, use_subtests=True):
-            with subtest(self), xfail(self):
+        for s in op.sample_inputs(device, dtype):
+            with self.subTest(sample=s.name):
                 out, h = op(s.input, *s.args, **s.kwargs)
                 ref_out, ref_h = op.ref(s.input, *s.args, **s.kwargs)
                 scale = max(ref_out.abs().max().item() if ref_out.numel() else 0.0, 1.0)
@@ -350,26 +338,20 @@ class TestExpertMLP(TestCase):
                 # h is one grouped GEMM rounded once (test_grouped_mm.TOLERANCES).
                 self.assertEqual(h, ref_h, **TOLERANCES[dtype])
 
-    @unittest.expectedFailure
-    def test_h_is_not_differentiable_or_its_gradient_is_right(self, device):
-        """Op bug: h is returned requiring grad, but the backward drops its
-        gradient (experts.py _backward: "grad_h is None"), so a loss on h gets
-        zero gradients, silently. Either mark h non-differentiable in
-        _setup_context or send grad_h into the backward."""
+    def test_h_is_not_differentiable(self, device):
+        """h is returned only for the backward to keep: it carries no
+        gradient, so a loss on it fails loudly instead of getting zeros."""
         x, src_rows, offs, dst_rows, w, gu, dn, gub, dnb = _op_args_on(device, torch.float64)
-        leaves = [t.requires_grad_() for t in (x, gu, gub)]
-        _, h = torch.ops.moe_ops.expert_mlp(x, src_rows, offs, dst_rows, w, gu, dn, gub, dnb)
-        if h.requires_grad:
-            _, ref_h = torch_expert_mlp(x, src_rows, offs, dst_rows, w, gu, dn, gub, dnb)
-            self.assertEqual(torch.autograd.grad(h.sum(), leaves), torch.autograd.grad(ref_h.sum(), leaves))
+        for t in (x, gu, gub):
+            t.requires_grad_()
+        out, h = torch.ops.moe_ops.expert_mlp(x, src_rows, offs, dst_rows, w, gu, dn, gub, dnb)
+        self.assertTrue(out.requires_grad)
+        self.assertFalse(h.requires_grad)
 
-    @unittest.expectedFailure
     def test_backward_of_zero_tokens_with_padding_rows(self, device):
-        """Op bug (ExpertMLP.cpp, expert_mlp_backward): no tokens, routing from
-        permute with alignment > 1 (every row padding, src_rows all -1) and
-        routing weights: the backward raises "IndexError: index out of range in
-        self" (index_select of the empty routing weights at src_rows.clamp_min(0)).
-        The forward works; every gradient should be zero."""
+        """No tokens, routing from permute with alignment > 1 (every row
+        padding, src_rows all -1) and routing weights: every gradient is zero
+        (the backward once indexed the empty routing weights)."""
         ids = torch.zeros(0, 2, dtype=torch.int32, device=device)
         _, dst_rows, src_rows, offs = torch_moe_ops.permute(torch.zeros(0, 0, device=device), ids, 3, alignment=4)
         make = partial(torch.randn, dtype=torch.float64, device=device, requires_grad=True)
@@ -379,13 +361,10 @@ class TestExpertMLP(TestCase):
         self.assertEqual([g if g is not None else torch.zeros_like(t) for g, t in zip(grads, (x, w, gu, dn))],
                          [torch.zeros_like(t) for t in (x, w, gu, dn)])
 
-    @unittest.expectedFailure
     def test_bias_dtype_errors_name_the_bias(self, device):
-        """Op bug (ExpertMLP.h, _checks.py): expert_mlp does not check the
-        biases' dtypes. Eager fails inside grouped_mm with "grouped_mm: bias
-        must have the input dtype (Float) or the output dtype (Float), got
-        Double", naming neither expert_mlp nor gate_up_bias / down_bias; the
-        fake kernel accepts them (torch.compile traces, then fails at run time)."""
+        """Biases of another dtype than the tokens are refused by eager and
+        fake alike, naming the bias (they once failed inside grouped_mm,
+        naming neither, and the fake kernel let them through)."""
         args = dict(zip(("x", "src_rows", "offs", "dst_rows", "w", "gu", "dn", "gub", "dnb"), _op_args_on(device)))
         for key, name in (("gub", "gate_up_bias"), ("dnb", "down_bias")):
             bad = dict(args, **{key: args[key].double()})
@@ -394,16 +373,13 @@ class TestExpertMLP(TestCase):
             with FakeTensorMode() as mode, self.assertRaisesRegex(ValueError, f"expert_mlp: {name}"):
                 torch.ops.moe_ops.expert_mlp(*(_fake(mode, v) for v in bad.values()))
 
-    @unittest.expectedFailure
     def test_offs_dtype_error_in_fake_mode(self, device):
-        """Op bug (ExpertMLP.h, _checks.py): int64 offs are refused by eager
-        (inside grouped_mm: "grouped_mm: offs must be int32, got Long") but
-        accepted by the fake kernel."""
+        """int64 offs are refused by eager and fake alike, under expert_mlp's name."""
         x, src_rows, offs, dst_rows, w, gu, dn, gub, dnb = _op_args_on(device)
         args = (x, src_rows, offs.long(), dst_rows, w, gu, dn, gub, dnb)
-        with self.assertRaisesRegex(ValueError, r"offs must be int32, got Long"):
+        with self.assertRaisesRegex(ValueError, r"expert_mlp: offs must be int32, got Long"):
             torch.ops.moe_ops.expert_mlp(*args)
-        with FakeTensorMode() as mode, self.assertRaisesRegex(ValueError, r"offs must be int32, got Long"):
+        with FakeTensorMode() as mode, self.assertRaisesRegex(ValueError, r"expert_mlp: offs must be int32, got Long"):
             torch.ops.moe_ops.expert_mlp(*(_fake(mode, v) for v in args))
 
 

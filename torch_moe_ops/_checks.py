@@ -248,9 +248,15 @@ def check_expert_mlp_inputs(tokens, src_rows, offs, dst_rows, weights, gate_up_p
     if gate_up_bias is not None:
         chk(gate_up_bias.dim() == 2 and gate_up_bias.shape[0] == experts and gate_up_bias.shape[1] == n1,
             lambda: f"expert_mlp: gate_up_bias must be (E, N1) = ({experts}, {n1}), got {_sizes(gate_up_bias)}")
+        chk(gate_up_bias.dtype == tokens.dtype,
+            lambda: f"expert_mlp: gate_up_bias must have the dtype of tokens ({_c10(tokens.dtype)}), got "
+            f"{_c10(gate_up_bias.dtype)}")
     if down_bias is not None:
         chk(down_bias.dim() == 2 and down_bias.shape[0] == experts and down_bias.shape[1] == hidden,
             lambda: f"expert_mlp: down_bias must be (E, H) = ({experts}, {hidden}), got {_sizes(down_bias)}")
+        chk(down_bias.dtype == tokens.dtype,
+            lambda: f"expert_mlp: down_bias must have the dtype of tokens ({_c10(tokens.dtype)}), got "
+            f"{_c10(down_bias.dtype)}")
     for t in (src_rows, offs, dst_rows, gate_up_proj, down_proj, weights, gate_up_bias, down_bias):
         if t is None:
             continue

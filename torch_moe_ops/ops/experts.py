@@ -202,6 +202,10 @@ def _setup_context(ctx, inputs, output):
     (tokens, src_rows, offs, dst_rows, weights, gate_up_proj, down_proj, gate_up_bias, down_bias, activation,
      interleaved, alpha, limit) = inputs
     _, h = output
+    # h is returned only so that the backward can keep it: not a function of
+    # the inputs to differentiate through (a loss on it gets no gradient, so
+    # autograd refuses it instead of returning zeros).
+    ctx.mark_non_differentiable(h)
     # The lean set: inputs, routing and h; no activation of size T * k * H.
     ctx.save_for_backward(tokens, src_rows, offs, dst_rows, weights, gate_up_proj, down_proj, gate_up_bias,
                           down_bias, h)
@@ -213,7 +217,6 @@ def _setup_context(ctx, inputs, output):
 
 
 def _backward(ctx, grad_out, grad_h):
-    # grad_h is None: h is an output only so that the backward can keep it.
     tokens, src_rows, offs, dst_rows, weights, gate_up_proj, down_proj, gate_up_bias, down_bias, h = ctx.saved_tensors
     if grad_out is None or not any(ctx.mask):
         return (None,) * 13

@@ -182,11 +182,16 @@ void check_routing_values(const Tensor& tokens, const Tensor& src_rows, const Te
                       "expert_mlp: dst_rows must be -1 or a row in [0, src_rows.size(0))");
     at::_assert_async(grouped_mm_offs_ok(offs.to(kLong), rows),
                       "expert_mlp: offs must be non-decreasing, non-negative and at most src_rows.size(0)");
+    // Each map read through the other, with a sentinel (-2, never a valid
+    // entry) past the end for entries out of range, so that no read faults
+    // and an out-of-range entry also fails this check.
     const Tensor dst = dst_rows.reshape({-1});
-    const Tensor slot = at::arange(dst.numel(), dst.options());
-    const Tensor src_of_dst = src_rows.index_select(0, dst.clamp(0, std::max<int64_t>(rows - 1, 0)));
-    const Tensor dst_of_src = dst.index_select(0, src_rows.clamp(0, std::max<int64_t>(slots - 1, 0)));
-    at::_assert_async(dst.lt(0).logical_or(src_of_dst.eq(slot)).all().logical_and(
+    const Tensor sentinel = at::full({1}, -2, dst.options());
+    const Tensor src_of_dst = at::cat({src_rows, sentinel})
+        .index_select(0, at::where(dst.ge(0).logical_and(dst.lt(rows)), dst, rows));
+    const Tensor dst_of_src = at::cat({dst, sentinel})
+        .index_select(0, at::where(src_rows.ge(0).logical_and(src_rows.lt(slots)), src_rows, slots));
+    at::_assert_async(dst.lt(0).logical_or(src_of_dst.eq(at::arange(slots, dst.options()))).all().logical_and(
                           src_rows.lt(0).logical_or(dst_of_src.eq(at::arange(rows, dst.options()))).all()),
                       "expert_mlp: src_rows and dst_rows must be inverse maps (permute's outputs)");
     return;
@@ -303,9 +308,10 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> expert_mlp_backward(
   // Routing weight of each row (0 for padding), in the accumulation type.
   Tensor row_weight;
   if (weights.has_value()) {
-    const Tensor flat = weights->reshape({-1}).to(acc);
-    const Tensor valid = src_rows.ge(0);
-    row_weight = at::where(valid, flat.index_select(0, src_rows.clamp_min(0)), at::zeros({}, flat.options()));
+    // A zero appended so that padding rows (-1) read it: an index_select at
+    // 0 would fail when there are no tokens at all.
+    const Tensor flat = at::cat({weights->reshape({-1}).to(acc), at::zeros({1}, weights->options().dtype(acc))});
+    row_weight = flat.index_select(0, at::where(src_rows.ge(0), src_rows, flat.size(0) - 1));
   }
   // Expert of each row, for the down bias's share of the weight gradient;
   // rows past offs[-1] belong to none (their y is zero, bias included).
@@ -332,7 +338,10 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> expert_mlp_backward(
         if (row_expert.defined()) {
           // + <grad_out[token], down_bias[e]>; padding rows have weight 0 and drop out below.
           const Tensor tok = rows.narrow(0, b, e - b);
-          const Tensor go = dout.index_select(0, tok.clamp_min(0)).to(acc);
+          // Padding rows (token -1) have weight 0; with no tokens at all
+          // every row is padding and there is nothing to read.
+          const Tensor go = dout.size(0) > 0 ? dout.index_select(0, tok.clamp_min(0)).to(acc)
+                                             : at::zeros({e - b, dout.size(1)}, dout.options().dtype(acc));
           const Tensor bb = down_bias->index_select(0, row_expert.narrow(0, b, e - b)).to(acc);
           dw.add_((go * bb).sum(1).mul_(tok.ge(0).logical_and_(row_has_expert.narrow(0, b, e - b))));
         }
@@ -353,9 +362,10 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> expert_mlp_backward(
                                dst_rows, std::nullopt);
   }
   if (need_weights && weights.has_value()) {
-    const Tensor valid = dst_rows.ge(0);
-    grad_weights = at::where(valid, d_row_weight.index_select(0, dst_rows.reshape({-1}).clamp_min(0)).view(
-                                        dst_rows.sizes()), at::zeros({}, d_row_weight.options()))
+    // Dropped slots (-1) read the zero appended past the rows.
+    const Tensor padded = at::cat({d_row_weight, at::zeros({1}, d_row_weight.options())});
+    const Tensor dst = dst_rows.reshape({-1});
+    grad_weights = padded.index_select(0, at::where(dst.ge(0), dst, r)).view(dst_rows.sizes())
                        .to(weights->scalar_type());
   }
   if (need_gate_up) {

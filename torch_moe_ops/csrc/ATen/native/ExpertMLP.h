@@ -111,10 +111,16 @@ inline void expert_mlp_check_inputs(
   if (gate_up_bias.has_value()) {
     TORCH_CHECK_VALUE(gate_up_bias->dim() == 2 && gate_up_bias->size(0) == experts && gate_up_bias->size(1) == n1,
         "expert_mlp: gate_up_bias must be (E, N1) = (", experts, ", ", n1, "), got ", gate_up_bias->sizes());
+    TORCH_CHECK_VALUE(gate_up_bias->scalar_type() == tokens.scalar_type(),
+        "expert_mlp: gate_up_bias must have the dtype of tokens (", tokens.scalar_type(), "), got ",
+        gate_up_bias->scalar_type());
   }
   if (down_bias.has_value()) {
     TORCH_CHECK_VALUE(down_bias->dim() == 2 && down_bias->size(0) == experts && down_bias->size(1) == hidden,
         "expert_mlp: down_bias must be (E, H) = (", experts, ", ", hidden, "), got ", down_bias->sizes());
+    TORCH_CHECK_VALUE(down_bias->scalar_type() == tokens.scalar_type(),
+        "expert_mlp: down_bias must have the dtype of tokens (", tokens.scalar_type(), "), got ",
+        down_bias->scalar_type());
   }
   for (const Tensor* t : {&src_rows, &offs, &dst_rows, &gate_up_proj, &down_proj}) {
     TORCH_CHECK_VALUE(t->device() == tokens.device(), "expert_mlp: every input must be on the device of tokens (",
