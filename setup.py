@@ -83,6 +83,7 @@ setup(
     description="Fast, deterministic Mixture-of-Experts ops for PyTorch",
     # torch_moe_ops/distributed is a symlink to the top-level distributed/.
     packages=find_packages(include=["torch_moe_ops", "torch_moe_ops.*"]),
+    package_data={"torch_moe_ops": ["data/*.json"]},
     ext_modules=[extension()],
     cmdclass={"build_ext": BuildExtension.with_options(use_ninja=True)},
     python_requires=">=3.10",

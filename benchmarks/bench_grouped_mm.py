@@ -1,6 +1,6 @@
 """Grouped GEMM benchmark on real MoE layer shapes, scaled to this CPU.
 
-For each model shape (from ../shared/moe_shapes.json: experts and top-k kept,
+For each model shape (torch_moe_ops.shapes: experts and top-k kept,
 widths and tokens scaled down) it times the expert up-projection, a 2D x 3D
 grouped mm of the routed tokens (M = tokens * top_k rows, uneven per expert)
 against the fused gate/up weights (G, hidden, 2 * intermediate), with
@@ -20,7 +20,6 @@ interleaved in rounds (median round per statement).
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import sys
 from dataclasses import dataclass
@@ -28,11 +27,10 @@ from typing import Optional
 
 import torch
 
-import torch_moe_ops  # noqa: F401
+from torch_moe_ops import shapes
 from _harness import interleaved_medians, print_machine, report
 
 HERE = os.path.dirname(os.path.abspath(__file__))
-SHAPES_JSON = os.path.join(HERE, "..", "..", "shared", "moe_shapes.json")
 
 
 @dataclass(frozen=True)
@@ -86,8 +84,7 @@ class Result:
 
 
 def load_models() -> dict:
-    with open(SHAPES_JSON) as f:
-        return json.load(f)["models"]
+    return shapes.models()
 
 
 def configs(quick: bool) -> list[Config]:
