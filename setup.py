@@ -51,7 +51,8 @@ def cuda_toolkit() -> Optional[str]:
         for home in dict.fromkeys(c for c in candidates if c):
             missing = toolkit_missing(home)
             if missing is None:
-                print(f"torch_moe_ops: building the CUDA sources with the toolkit in {home}", file=sys.stderr)
+                skipped = f" (passed over: {'; '.join(problems)})" if problems else ""
+                print(f"torch_moe_ops: building the CUDA sources with the toolkit in {home}{skipped}", file=sys.stderr)
                 return home
             problems.append(f"{home} has no {missing}")
         why = "no CUDA toolkit found (" + "; ".join(problems) + ")"
