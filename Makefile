@@ -11,7 +11,6 @@ REQ_HASH := $(shell sha256sum requirements.txt | cut -c1-12)
 CACHE ?= $(HOME)/.cache/torch-moe-ops
 VENV ?= $(CACHE)/venv-$(REQ_HASH)
 PY := $(VENV)/bin/python
-export CUDA_HOME ?= /usr/local/cuda
 export TORCHINDUCTOR_CACHE_DIR ?= $(CACHE)/inductor
 export MAX_JOBS ?= 2
 export PYTHONPATH := $(CURDIR)$(if $(PYTHONPATH),:$(PYTHONPATH))

@@ -1,35 +1,66 @@
 """Build torch_moe_ops and its one C++ extension, torch_moe_ops._C.
 
-C++ CPU kernels are always built. CUDA sources (sm_90a) are built when nvcc is
-found and torch has CUDA, or forced with TORCH_MOE_OPS_CUDA=1 (0 turns them off).
+C++ CPU kernels are always built. CUDA sources (sm_90a) are built when torch
+has CUDA and a CUDA toolkit is found (TORCH_MOE_OPS_CUDA=auto, the default),
+must be (1) or are not (0); the build prints one line saying which and why.
 """
 
 import glob
 import os
 import platform
 import sys
+from typing import Optional
 
 from setuptools import find_packages, setup
 
 import torch
-from torch.utils.cpp_extension import BuildExtension, CppExtension, CUDAExtension, CUDA_HOME
+import torch.utils.cpp_extension as cpp_extension
+from torch.utils.cpp_extension import BuildExtension, CppExtension, CUDAExtension
 
 ROOT = os.path.dirname(os.path.abspath(__file__))
 CSRC = os.path.join("torch_moe_ops", "csrc")
 
+# What a directory must hold to compile our CUDA sources. An nvcc on PATH is
+# not enough: where it is a wrapper script outside the toolkit (as
+# /usr/local/bin/nvcc on our machines), torch guesses CUDA_HOME as its parent's parent, which
+# has no CUDA headers, and the build stops at "crt/host_defines.h: No such file".
+TOOLKIT_FILES = ("bin/nvcc", "include/cuda_runtime.h", "include/crt/host_defines.h")
 
-def want_cuda() -> bool:
+
+def toolkit_missing(home: str) -> Optional[str]:
+    """The first of TOOLKIT_FILES that home lacks, None if it is a toolkit."""
+    return next((f for f in TOOLKIT_FILES if not os.path.isfile(os.path.join(home, f))), None)
+
+
+def cuda_toolkit() -> Optional[str]:
+    """The CUDA toolkit to build the CUDA sources with, None for a CPU-only build.
+
+    An explicit CUDA_HOME (or CUDA_PATH) is the only candidate, as it is for
+    torch; otherwise torch's guess (from nvcc on PATH), then /usr/local/cuda.
+    """
     flag = os.environ.get("TORCH_MOE_OPS_CUDA", "auto").lower()
     if flag in ("0", "off", "false", "no"):
-        return False
-    found = torch.version.cuda is not None and CUDA_HOME is not None and os.path.exists(
-        os.path.join(CUDA_HOME, "bin", "nvcc"))
+        print("torch_moe_ops: CPU-only build (TORCH_MOE_OPS_CUDA=0)", file=sys.stderr)
+        return None
+    if torch.version.cuda is None:
+        why = f"torch {torch.__version__} is not a CUDA build"
+    else:
+        explicit = os.environ.get("CUDA_HOME") or os.environ.get("CUDA_PATH")
+        candidates = [explicit] if explicit else [cpp_extension.CUDA_HOME, "/usr/local/cuda"]
+        problems = []
+        for home in dict.fromkeys(c for c in candidates if c):
+            missing = toolkit_missing(home)
+            if missing is None:
+                skipped = f" (passed over: {'; '.join(problems)})" if problems else ""
+                print(f"torch_moe_ops: building the CUDA sources with the toolkit in {home}{skipped}", file=sys.stderr)
+                return home
+            problems.append(f"{home} has no {missing}")
+        why = "no CUDA toolkit found (" + "; ".join(problems) + ")"
     if flag in ("1", "on", "true", "yes"):
-        if not found:
-            sys.exit("TORCH_MOE_OPS_CUDA=1 but nvcc or a CUDA build of torch was not found "
-                     f"(CUDA_HOME={CUDA_HOME}, torch.version.cuda={torch.version.cuda})")
-        return True
-    return found
+        sys.exit(f"torch_moe_ops: TORCH_MOE_OPS_CUDA=1 but {why}")
+    print(f"torch_moe_ops: CPU-only build: {why}; set CUDA_HOME to a CUDA toolkit to build the CUDA sources",
+          file=sys.stderr)
+    return None
 
 
 def cuda_include_dirs():
@@ -64,7 +95,11 @@ def extension():
         # half in libtorch_cpu was built with these slots (x86 wheels); the
         # header must see the same ones or the calls do not link.
         macros += [("HAVE_AVX512_CPU_DEFINITION", None), ("HAVE_AVX2_CPU_DEFINITION", None)]
-    if want_cuda():
+    toolkit = cuda_toolkit()
+    if toolkit is not None:
+        # CUDAExtension and BuildExtension read the toolkit from this global,
+        # which holds torch's guess, not necessarily the toolkit found above.
+        cpp_extension.CUDA_HOME = toolkit
         # native/cuda/*.cpp: host code of the CUDA build (ATen's layout too).
         sources += sorted(glob.glob(os.path.join(native, "cuda", "*.cu")) + glob.glob(os.path.join(native, "cuda", "*.cpp")))
         macros.append(("TORCH_MOE_OPS_WITH_CUDA", None))
@@ -83,6 +118,7 @@ setup(
     description="Fast, deterministic Mixture-of-Experts ops for PyTorch",
     # torch_moe_ops/distributed is a symlink to the top-level distributed/.
     packages=find_packages(include=["torch_moe_ops", "torch_moe_ops.*"]),
+    package_data={"torch_moe_ops": ["data/*.json"]},
     ext_modules=[extension()],
     cmdclass={"build_ext": BuildExtension.with_options(use_ninja=True)},
     python_requires=">=3.10",

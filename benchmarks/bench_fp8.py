@@ -3,7 +3,7 @@
 1. quantize_fp8 / dequantize_fp8 in GB/s (bytes read + written) for every
    recipe on a (tokens, hidden) bfloat16 activation, against the same
    arithmetic in eager torch (amax, multiply, clamp, .to(float8)).
-2. The expert up-projection of real MoE shapes (../shared/moe_shapes.json,
+2. The expert up-projection of real MoE shapes (torch_moe_ops.shapes,
    the configs of bench_grouped_mm.py): a 2D x 3D grouped mm with uneven
    tokens per expert, GFLOP/s of
 
@@ -15,7 +15,7 @@
 
    Issue #6's target: fp8 >= 0.5x bf16. All timings of one row are taken
    side by side, interleaved in rounds (median round per statement).
-3. Bytes of one MoE layer at full size (every model of moe_shapes.json): the
+3. Bytes of one MoE layer at full size (every model of torch_moe_ops.shapes): the
    expert weights (gate_up + down) and the expert GEMMs' inputs for 4096
    tokens, in bfloat16 against float8 data + scales, rowwise and MX. The
    float8 sizes are those quantize_fp8 returns, taken from its fake kernel
@@ -27,7 +27,6 @@
 from __future__ import annotations
 
 import argparse
-import json
 import os
 from dataclasses import dataclass
 from typing import Optional
@@ -35,7 +34,7 @@ from typing import Optional
 import torch
 from torch._subclasses.fake_tensor import FakeTensorMode
 
-import torch_moe_ops  # noqa: F401
+import torch_moe_ops.shapes
 from _harness import interleaved_medians, print_machine, report
 from bench_grouped_mm import configs, routed_offsets
 
@@ -190,8 +189,7 @@ def main(argv: Optional[list[str]] = None) -> int:
     checks = [(f"{r.config}: fp8 scaled_grouped_mm >= 0.5x bf16 grouped_mm ({r.fp8_vs_bf16:.2f}x)",
                r.fp8_vs_bf16 >= 0.5) for r in gemm]
 
-    with open(os.path.join(HERE, "..", "..", "shared", "moe_shapes.json")) as f:
-        models = json.load(f)["models"]
+    models = torch_moe_ops.shapes.models()
     sizes = [layer_bytes(name, entry) for name, entry in models.items()]
     print("\nOne full-size MoE layer: expert weights (GB) and expert GEMM inputs for 4096 tokens (MB)\n")
     head = (f"{'model':<16} {'w bf16':>7} {'w fp8':>7} {'w mx':>7} {'saved':>6} | {'x bf16':>7} {'x fp8':>7} "

@@ -1,8 +1,9 @@
 """Grouped GEMM benchmark on real MoE layer shapes, every layout and both
 weight storage orders, scaled to this CPU.
 
-For each model shape (experts and top-k kept, widths and tokens scaled down;
-tokens per expert skewed as a trained router's are) it times the four
+For each model shape (torch_moe_ops.shapes: experts and top-k kept, widths
+and tokens scaled down; tokens per expert skewed as a trained router's are)
+it times the four
 grouped_mm layouts as an MoE layer uses them, each with the weights stored
 (G, K, N) ("kn") and (G, N, K) ("nk", transformers' and torchtitan's
 (E, out, in) storage, which reaches grouped_mm as a transposed view):
@@ -31,7 +32,6 @@ interleaved in rounds (median round per statement).
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import sys
 from dataclasses import dataclass
@@ -41,9 +41,9 @@ import torch
 
 import torch_moe_ops  # noqa: F401
 from _harness import interleaved_medians, print_machine, report
+from torch_moe_ops import shapes
 
 HERE = os.path.dirname(os.path.abspath(__file__))
-SHAPES_JSON = os.path.join(HERE, "..", "..", "shared", "moe_shapes.json")
 
 LAYOUTS = ("2d3d", "3d3d", "3d2d", "2d2d")
 ORDERS = ("kn", "nk")
@@ -101,8 +101,7 @@ class Result:
 
 
 def load_models() -> dict:
-    with open(SHAPES_JSON) as f:
-        return json.load(f)["models"]
+    return shapes.models()
 
 
 def configs(quick: bool) -> list[Config]:

@@ -29,7 +29,6 @@ from __future__ import annotations
 
 import argparse
 import copy
-import json
 import os
 import sys
 from dataclasses import dataclass
@@ -40,10 +39,10 @@ import transformers
 from transformers.models.qwen3_moe.modeling_qwen3_moe import Qwen3MoeExperts
 
 import torch_moe_ops.integrations.transformers as moe_transformers
+from torch_moe_ops import shapes
 from _harness import interleaved_medians, print_machine, report
 
 HERE = os.path.dirname(os.path.abspath(__file__))
-SHAPES_JSON = os.path.join(HERE, "..", "..", "shared", "moe_shapes.json")
 IMPLS = {"eager": "eager", "grouped_mm": "grouped_mm", "unfused": moe_transformers.UNFUSED_NAME,
          "ours": moe_transformers.NAME}
 # Bytes of zero gradients the eager loop may materialise per step (see run()).
@@ -78,8 +77,7 @@ class Result:
 
 
 def configs(quick: bool) -> list[Config]:
-    with open(SHAPES_JSON) as f:
-        models = json.load(f)["models"]
+    models = shapes.models()
     # (model, tokens, width scale): fine-grained shapes first.
     plan = [("qwen3-30b-a3b", 1024, 2), ("olmoe-1b-7b", 1024, 2), ("deepseek-v3", 512, 4), ("mixtral-8x7b", 1024, 4)]
     if quick:

@@ -1,6 +1,6 @@
 """Routing benchmark on real MoE shapes: router top-k, permute and unpermute.
 
-For each model shape (../shared/moe_shapes.json: experts, top_k, hidden and the
+For each model shape (torch_moe_ops.shapes: experts, top_k, hidden and the
 router kind kept; tokens chosen for this CPU) it times, side by side in one run,
 
   permute      torch.ops.moe_ops.permute          vs  argsort + bincount + index_select
@@ -17,7 +17,6 @@ GB/s and ratios, checks the targets of issue #4 and writes the table as JSON.
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import sys
 from dataclasses import dataclass
@@ -25,11 +24,10 @@ from typing import Optional
 
 import torch
 
-import torch_moe_ops  # noqa: F401
+from torch_moe_ops import shapes
 from _harness import interleaved_medians, print_machine, report
 
 HERE = os.path.dirname(os.path.abspath(__file__))
-SHAPES_JSON = os.path.join(HERE, "..", "..", "shared", "moe_shapes.json")
 
 
 @dataclass(frozen=True)
@@ -87,8 +85,7 @@ class Result:
 
 
 def configs(quick: bool) -> list[Config]:
-    with open(SHAPES_JSON) as f:
-        models = json.load(f)["models"]
+    models = shapes.models()
     # (model, tokens, hidden scale)
     plan = [("qwen3-30b-a3b", 4096, 1), ("olmoe-1b-7b", 4096, 1), ("deepseek-v3", 2048, 4),
             ("gpt-oss-20b", 4096, 2), ("mixtral-8x7b", 4096, 2)]

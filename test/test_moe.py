@@ -7,18 +7,14 @@ same in float64 through permute / grouped_mm / unpermute, so the two agree to
 float64 rounding of sums of a few hundred terms (1e-10 relative).
 """
 
-import json
-import os
-
 import pytest
 import torch
 import torch._dynamo.testing
 import torch.nn.functional as F
 
+from torch_moe_ops import shapes
 from torch_moe_ops.nn import MoE, MoEConfig
 from torch_moe_ops.reference import torch_router_topk
-
-SHAPES = os.path.join(os.path.dirname(__file__), "..", "..", "shared", "moe_shapes.json")
 
 
 def reference_activation(h: torch.Tensor, c: MoEConfig) -> torch.Tensor:
@@ -75,18 +71,13 @@ def reference_moe(moe: MoE, x: torch.Tensor, logits=None) -> torch.Tensor:
     return out
 
 
-def load_models():
-    with open(SHAPES) as f:
-        return json.load(f)["models"]
-
-
-# Every model family of shared/moe_shapes.json, widths scaled down to a few
-# dozen so that the per-token reference stays fast.
+# Every model family of the shape table (torch_moe_ops.shapes), widths scaled
+# down to a few dozen so that the per-token reference stays fast.
 MODELS = ["mixtral-8x7b", "olmoe-1b-7b", "qwen3-30b-a3b", "deepseek-v3", "kimi-k2", "gpt-oss-20b", "llama4-scout"]
 
 
 def small_config(name, **overrides):
-    entry = load_models()[name]
+    entry = shapes.model(name)
     scale = max(entry["hidden"] // 48, 1)
     return MoEConfig.from_shapes(entry, scale=scale, **overrides)
 

@@ -28,6 +28,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .. import shapes
 from ..ops import fp8_grouped_mm, fused_experts, grouped_mm, permute, router_topk, unpermute
 
 ACTIVATIONS = ("swiglu", "geglu", "swiglu_clamped", "silu", "gelu", "relu")
@@ -95,8 +96,10 @@ class MoEConfig:
             raise ValueError(f"MoEConfig: gate_up_interleaved needs a gated activation, got {self.activation!r}")
 
     @classmethod
-    def from_shapes(cls, entry: dict, scale: int = 1, **overrides) -> "MoEConfig":
-        """From a model entry of ``shared/moe_shapes.json``, widths divided by scale."""
+    def from_shapes(cls, model: str | dict, scale: int = 1, **overrides) -> "MoEConfig":
+        """From a model of the shape table (``torch_moe_ops.shapes``), by name
+        or as its entry, widths divided by scale."""
+        entry = shapes.model(model) if isinstance(model, str) else model
         activation = entry.get("activation", "swiglu")
         fields = dict(
             hidden=entry["hidden"] // scale,
