@@ -205,9 +205,10 @@ def test_weights_stored_transposed(dtype, k, n):
     longer K through the inner-product engine, which reads them in place and
     sums along K in another order. So the two storage orders agree within
     float32 summation (each sum of K products off by at most K * 2^-24 of the
-    sum of their magnitudes, twice for the two orders, plus one rounding of
-    each to bfloat16: 2^-8 relative), and each is the same bits with 1 or 2
-    threads and from run to run."""
+    sum of their magnitudes, twice for the two orders; in bfloat16 the two
+    rounded results may then land on neighbouring values, one ulp apart:
+    2^-7 relative), and each is the same bits with 1 or 2 threads and from
+    run to run."""
     g = torch.Generator().manual_seed(k * 1000 + n)
     offs = torch.tensor([5, 5, 40, 47], dtype=torch.int32)
     a = torch.randn(50, k, generator=g).to(dtype)
@@ -215,7 +216,7 @@ def test_weights_stored_transposed(dtype, k, n):
     transposed = torch.ops.moe_ops.grouped_mm(a, b_nk.transpose(-2, -1), offs)
     contiguous = torch.ops.moe_ops.grouped_mm(a, b_nk.transpose(-2, -1).contiguous(), offs)
     magnitude = torch_grouped_mm(a.abs(), b_nk.transpose(-2, -1).abs(), offs, out_dtype=torch.float64)
-    rounding = 2.0**-8 if dtype == torch.bfloat16 else 0.0
+    rounding = 2.0**-7 if dtype == torch.bfloat16 else 0.0
     bound = 2 * k * 2.0**-24 * magnitude + rounding * contiguous.double().abs()
     assert ((transposed.double() - contiguous.double()).abs() <= bound).all()
     threads = torch.get_num_threads()

@@ -358,6 +358,16 @@ GROUPED_MM_AVX512 inline __m512 cvt_f16_f32(__m256i v) {
   return _mm512_maskz_cvtph_ps(kAll16, v);
 }
 
+// 16 float16 or bfloat16 values -> float32, exactly.
+template <typename scalar_t>
+GROUPED_MM_AVX512 inline __m512 cvt_16bit_f32(__m256i v) {
+  if constexpr (std::is_same_v<scalar_t, BFloat16>) {
+    return moe_cvt_bf16_f32(v);
+  } else {
+    return cvt_f16_f32(v);
+  }
+}
+
 // Epilogue of one output row: (acc + bias), rounded once to out_t, w columns.
 template <typename out_t>
 GROUPED_MM_AVX512 inline void store_out_row(out_t* o, const __m512* v, const float* bias, int64_t w) {
@@ -423,6 +433,8 @@ GROUPED_MM_AVX512 void micro_f32(const float* const* a, const float* b, const Mi
   load_acc<MR>(r, x);
   int64_t pf = x.pf_begin;
   const int64_t every = std::max<int64_t>(1, x.kc / std::max<int64_t>(1, x.pf_end - x.pf_begin));
+  // A countdown, not k % every: an integer division per step costs as much as the step.
+  int64_t until_pf = 0;
   for (int64_t k = 0; k < x.kc; ++k) {
     const float* bk = b + k * kNR;
     const __m512 b0 = _mm512_load_ps(bk), b1 = _mm512_load_ps(bk + 16);
@@ -434,7 +446,10 @@ GROUPED_MM_AVX512 void micro_f32(const float* const* a, const float* b, const Mi
       r[i][2] = _mm512_fmadd_ps(av, b2, r[i][2]);
       r[i][3] = _mm512_fmadd_ps(av, b3, r[i][3]);
     }
-    if (k % every == 0 && pf < x.pf_end) prefetch_row(x.pf, pf++);
+    if (--until_pf <= 0 && pf < x.pf_end) {
+      prefetch_row(x.pf, pf++);
+      until_pf = every;
+    }
   }
   for (; pf < x.pf_end; ++pf) prefetch_row(x.pf, pf);
   finish_acc<MR, out_t>(r, x);
@@ -451,6 +466,7 @@ GROUPED_MM_AVX512_BF16 void micro_bf16(const BFloat16* const* a, const uint32_t*
   // One prefetched row every `every` K pairs: evenly spread, not in a burst
   // that would overflow the outstanding-miss queues.
   const int64_t every = std::max<int64_t>(1, pairs / std::max<int64_t>(1, x.pf_end - x.pf_begin));
+  int64_t until_pf = 0;
   for (int64_t kp = 0; kp < pairs; ++kp) {
     const uint32_t* bk = b + kp * kNR;
     const __m512bh b0 = (__m512bh)_mm512_load_si512(bk), b1 = (__m512bh)_mm512_load_si512(bk + 16);
@@ -464,7 +480,10 @@ GROUPED_MM_AVX512_BF16 void micro_bf16(const BFloat16* const* a, const uint32_t*
       r[i][2] = _mm512_dpbf16_ps(r[i][2], av, b2);
       r[i][3] = _mm512_dpbf16_ps(r[i][3], av, b3);
     }
-    if (kp % every == 0 && pf < x.pf_end) prefetch_row(x.pf, pf++);
+    if (--until_pf <= 0 && pf < x.pf_end) {
+      prefetch_row(x.pf, pf++);
+      until_pf = every;
+    }
   }
   if (x.kc % 2 != 0) {
     const uint32_t* bk = b + pairs * kNR;
@@ -589,7 +608,7 @@ GROUPED_MM_AVX512 void pack_rows_f32(float* dst, int64_t ldw, const scalar_t* sr
       if constexpr (std::is_same_v<scalar_t, float>) {
         v = _mm512_maskz_loadu_ps(m, s + j);
       } else {
-        v = cvt_f16_f32(_mm256_maskz_loadu_epi16(m, s + j));
+        v = cvt_16bit_f32<scalar_t>(_mm256_maskz_loadu_epi16(m, s + j));
       }
       _mm512_store_ps(dst + k * ldw + j, v);
     }
@@ -654,53 +673,70 @@ GROUPED_MM_AVX512 void pack_b_bf16(uint32_t* dst, const BFloat16* src, int64_t r
   }
 }
 
-// float16 rows (unit column stride) -> float32 rows, ld apart.
-GROUPED_MM_AVX512 void widen_rows_f16(float* dst, int64_t ld, const Half* src, int64_t rs, int64_t rows, int64_t cols) {
+// float16 / bfloat16 rows (unit column stride) -> float32 rows, ld apart.
+template <typename scalar_t>
+GROUPED_MM_AVX512 void widen_rows_16bit(float* dst, int64_t ld, const scalar_t* src, int64_t rs, int64_t rows,
+                                        int64_t cols) {
   for (int64_t r = 0; r < rows; ++r) {
     for (int64_t j = 0; j < cols; j += 16) {
       const __mmask16 m = moe_lanes16(cols, j);
-      _mm512_mask_storeu_ps(dst + r * ld + j, m, cvt_f16_f32(_mm256_maskz_loadu_epi16(m, src + r * rs + j)));
+      _mm512_mask_storeu_ps(dst + r * ld + j, m,
+                            cvt_16bit_f32<scalar_t>(_mm256_maskz_loadu_epi16(m, src + r * rs + j)));
     }
   }
 }
 
 // Per input type: the type A is read in by the micro-kernel, the packed
-// weight element, and the K block (a 32 KB packed weight block).
-template <typename scalar_t>
+// weight element, and the K block (a 32 KB packed weight block). bfloat16
+// runs as K pairs through vdpbf16ps where the CPU has AVX512_BF16
+// (kPairs), else widened to float32 like float16: exact, at float32 speed,
+// which on such CPUs is several times oneDNN's bfloat16 matmul.
+template <typename scalar_t, bool kPairs = false>
 struct MicroTraits {
   using a_t = float;
   using b_t = float;
   static constexpr int64_t kKC = 128;
 };
 template <>
-struct MicroTraits<BFloat16> {
+struct MicroTraits<BFloat16, true> {
   using a_t = BFloat16;
   using b_t = uint32_t;
   static constexpr int64_t kKC = 256;
 };
 
-template <typename scalar_t, typename out_t, int MR>
-void call_micro(const typename MicroTraits<scalar_t>::a_t* const* a,
-                const typename MicroTraits<scalar_t>::b_t* b, const MicroArgs& x) {
-  if constexpr (std::is_same_v<scalar_t, BFloat16>) {
+template <typename Traits>
+constexpr bool kPairsOf = std::is_same_v<typename Traits::b_t, uint32_t>;
+
+template <typename Traits, typename out_t, int MR>
+void call_micro(const typename Traits::a_t* const* a, const typename Traits::b_t* b, const MicroArgs& x) {
+  if constexpr (kPairsOf<Traits>) {
     micro_bf16<MR, out_t>(a, b, x);
   } else {
     micro_f32<MR, out_t>(a, b, x);
   }
 }
 
-template <typename scalar_t, typename out_t>
-void dispatch_micro(int64_t mr, const typename MicroTraits<scalar_t>::a_t* const* a,
-                    const typename MicroTraits<scalar_t>::b_t* b, const MicroArgs& x) {
+template <typename Traits, typename out_t>
+void dispatch_micro(int64_t mr, const typename Traits::a_t* const* a, const typename Traits::b_t* b,
+                    const MicroArgs& x) {
   static_assert(kMR == 6);
   switch (mr) {
-    case 1: call_micro<scalar_t, out_t, 1>(a, b, x); break;
-    case 2: call_micro<scalar_t, out_t, 2>(a, b, x); break;
-    case 3: call_micro<scalar_t, out_t, 3>(a, b, x); break;
-    case 4: call_micro<scalar_t, out_t, 4>(a, b, x); break;
-    case 5: call_micro<scalar_t, out_t, 5>(a, b, x); break;
-    default: call_micro<scalar_t, out_t, 6>(a, b, x); break;
+    case 1: call_micro<Traits, out_t, 1>(a, b, x); break;
+    case 2: call_micro<Traits, out_t, 2>(a, b, x); break;
+    case 3: call_micro<Traits, out_t, 3>(a, b, x); break;
+    case 4: call_micro<Traits, out_t, 4>(a, b, x); break;
+    case 5: call_micro<Traits, out_t, 5>(a, b, x); break;
+    default: call_micro<Traits, out_t, 6>(a, b, x); break;
   }
+}
+
+// The K block of the broadcast engine for this input type on this CPU.
+template <typename scalar_t>
+int64_t micro_kc() {
+  if constexpr (std::is_same_v<scalar_t, BFloat16>) {
+    return cpu_has_avx512_bf16() ? MicroTraits<BFloat16, true>::kKC : MicroTraits<BFloat16, false>::kKC;
+  }
+  return MicroTraits<scalar_t>::kKC;
 }
 
 // One tile: all rows of the problem x columns [n0, n0 + nb), nb <= kMicroNB
@@ -710,10 +746,9 @@ void dispatch_micro(int64_t mr, const typename MicroTraits<scalar_t>::a_t* const
 // next: the tile this thread runs after t (nullptr if none), whose first
 // weight block is prefetched while t's last one is in use: with a few dozen
 // rows per expert a tile is short, and a cold first block stalls its pack.
-template <typename scalar_t, typename out_t>
+template <typename scalar_t, typename out_t, typename Traits>
 void run_tile_avx512(const Problem<scalar_t, out_t, float>& p, const Tile& t, ThreadBuffers& buf,
                      const Problem<scalar_t, out_t, float>* next_p, const Tile* next) {
-  using Traits = MicroTraits<scalar_t>;
   using a_t = typename Traits::a_t;
   using b_t = typename Traits::b_t;
   constexpr int64_t kKC = Traits::kKC;
@@ -754,7 +789,7 @@ void run_tile_avx512(const Problem<scalar_t, out_t, float>& p, const Tile& t, Th
         // Column c of A (contiguous over the rows) is a "row" of the packer.
         const scalar_t* base = p.a + m0 + (p.a_col_idx != nullptr ? 0 : k0 * p.a_cs);
         const int64_t* cols = p.a_col_idx != nullptr ? p.a_col_idx + k0 : nullptr;
-        if constexpr (std::is_same_v<scalar_t, BFloat16>) {
+        if constexpr (kPairsOf<Traits>) {
           const int64_t ldw = (mc + 31) / 32 * 32;
           uint32_t* w = workspace<uint32_t>(buf.a, (kc + 1) / 2 * ldw);
           pack_pairs_bf16(w, ldw, base, p.a_cs, cols, kc, mc);
@@ -774,9 +809,9 @@ void run_tile_avx512(const Problem<scalar_t, out_t, float>& p, const Tile& t, Th
         const scalar_t* src = p.a + m0 * p.a_rs + k0 * p.a_cs;
         if (p.a_gathered()) {
           load_a_block(w, lda, p, m0, mc, k0, kc);
-        } else if constexpr (std::is_same_v<scalar_t, Half>) {
+        } else if constexpr (!std::is_same_v<scalar_t, float> && !kPairsOf<Traits>) {
           if (p.a_cs == 1) {
-            widen_rows_f16(w, lda, src, p.a_rs, mc, kc);
+            widen_rows_16bit(w, lda, src, p.a_rs, mc, kc);
             for (int64_t r = 0; r < mc; ++r)
               for (int64_t c = kc; c < lda; ++c) w[r * lda + c] = 0.f;
           } else {
@@ -792,7 +827,7 @@ void run_tile_avx512(const Problem<scalar_t, out_t, float>& p, const Tile& t, Th
         const int64_t w = std::min(kNR, t.n0 + t.nb - j0);
         const int64_t* b_rows = p.b_idx != nullptr ? p.b_idx + k0 : nullptr;
         const scalar_t* b_blk = p.b + (b_rows != nullptr ? 0 : k0 * p.b_rs) + j0 * p.b_cs;
-        if constexpr (std::is_same_v<scalar_t, BFloat16>) {
+        if constexpr (kPairsOf<Traits>) {
           pack_b_bf16(bpack, b_blk, p.b_rs, p.b_cs, kc, w, b_rows);
         } else {
           pack_b_f32(bpack, b_blk, p.b_rs, p.b_cs, kc, w, b_rows);
@@ -838,7 +873,7 @@ void run_tile_avx512(const Problem<scalar_t, out_t, float>& p, const Tile& t, Th
           const int64_t pf_blocks = (m_blocks + 1) / 2;
           x.pf_begin = mb < pf_blocks ? pf.rows * mb / pf_blocks : 0;
           x.pf_end = mb < pf_blocks ? pf.rows * (mb + 1) / pf_blocks : 0;
-          dispatch_micro<scalar_t, out_t>(mr, a_rows + r0, bpack, x);
+          dispatch_micro<Traits, out_t>(mr, a_rows + r0, bpack, x);
         }
       }
     }
@@ -870,7 +905,7 @@ struct NtPrefetch {
   int64_t begin = 0, end = 0;  // line range [begin, end) over rows x lines_per_row
 };
 
-GROUPED_MM_AVX512 inline void nt_prefetch_line(const NtPrefetch& pf, int64_t line) {
+GROUPED_MM_AVX512 __attribute__((always_inline)) inline void nt_prefetch_line(const NtPrefetch& pf, int64_t line) {
   const int64_t r = line / pf.lines_per_row;
   _mm_prefetch(pf.rows[r] + (line - r * pf.lines_per_row) * 64, _MM_HINT_T1);
 }
@@ -889,55 +924,109 @@ GROUPED_MM_AVX512 inline __m128 nt_reduce4(__m512 v0, __m512 v1, __m512 v2, __m5
 }
 
 // sums[i][j] = <a[i][0:k], b[j][0:k]> for i < MR, j < 4. float32: 16 K
-// values a step; bfloat16: 32 (16 pairs for vdpbf16ps). The K tail is read
-// with masked loads (zeros contribute nothing).
+// values a step; bfloat16: 32 (16 pairs for vdpbf16ps); the K tail is one
+// more step of masked loads (zeros contribute nothing). The 4 x MR
+// accumulators are named variables (NT_ACC), not an array: GCC 12 keeps an
+// array of them in memory and stores all 24 on every step, which halves the
+// speed; a prefetch goes out every `every` steps from the same loop.
+#define NT_ACC(i) __m512 c##i##0 = _mm512_setzero_ps(), c##i##1 = _mm512_setzero_ps(), \
+                         c##i##2 = _mm512_setzero_ps(), c##i##3 = _mm512_setzero_ps();
+#define NT_ROW_F32(i, m)                                                                          \
+  if constexpr (MR > i) {                                                                         \
+    const __m512 av = _mm512_maskz_loadu_ps(m, a##i + off);                                       \
+    c##i##0 = _mm512_fmadd_ps(av, v0, c##i##0);                                                   \
+    c##i##1 = _mm512_fmadd_ps(av, v1, c##i##1);                                                   \
+    c##i##2 = _mm512_fmadd_ps(av, v2, c##i##2);                                                   \
+    c##i##3 = _mm512_fmadd_ps(av, v3, c##i##3);                                                   \
+  }
+#define NT_ROW_BF16(i, m)                                                                         \
+  if constexpr (MR > i) {                                                                         \
+    const __m512bh av = (__m512bh)_mm512_maskz_loadu_epi16(m, a##i + off);                       \
+    c##i##0 = _mm512_dpbf16_ps(c##i##0, av, v0);                                                  \
+    c##i##1 = _mm512_dpbf16_ps(c##i##1, av, v1);                                                  \
+    c##i##2 = _mm512_dpbf16_ps(c##i##2, av, v2);                                                  \
+    c##i##3 = _mm512_dpbf16_ps(c##i##3, av, v3);                                                  \
+  }
+#define NT_SUMS(i) \
+  if constexpr (MR > i) _mm_storeu_ps(sums[i], nt_reduce4(c##i##0, c##i##1, c##i##2, c##i##3));
+#define NT_ROWS(T)                                                                                \
+  const T* a0 = a[0];                                                                             \
+  const T* a1 = a[MR > 1 ? 1 : 0];                                                                \
+  const T* a2 = a[MR > 2 ? 2 : 0];                                                                \
+  const T* a3 = a[MR > 3 ? 3 : 0];                                                                \
+  const T* a4 = a[MR > 4 ? 4 : 0];                                                                \
+  const T* a5 = a[MR > 5 ? 5 : 0];                                                                \
+  const T *b0 = b[0], *b1 = b[1], *b2 = b[2], *b3 = b[3];
+
 template <int MR>
 GROUPED_MM_AVX512 void nt_micro_f32(const float* const* a, const float* const* b, int64_t k, float (*sums)[kNtNR],
                                     const NtPrefetch& pf) {
-  __m512 acc[MR][kNtNR];
-  for (int i = 0; i < MR; ++i)
-    for (int j = 0; j < kNtNR; ++j) acc[i][j] = _mm512_setzero_ps();
-  const int64_t steps = (k + 15) / 16;
-  const int64_t every = std::max<int64_t>(1, steps / std::max<int64_t>(1, pf.end - pf.begin));
-  int64_t line = pf.begin;
-  for (int64_t s = 0; s < steps; ++s) {
+  static_assert(kNtMR == 6 && kNtNR == 4);
+  NT_ROWS(float)
+  NT_ACC(0) NT_ACC(1) NT_ACC(2) NT_ACC(3) NT_ACC(4) NT_ACC(5)
+  const int64_t full = k / 16;
+  const int64_t every = std::max<int64_t>(1, full / std::max<int64_t>(1, pf.end - pf.begin));
+  int64_t line = pf.begin, next_pf = 0;
+  for (int64_t s = 0; s < full; ++s) {
     const int64_t off = s * 16;
-    const __mmask16 m = moe_lanes16(k, off);
-    __m512 bv[kNtNR];
-    for (int j = 0; j < kNtNR; ++j) bv[j] = _mm512_maskz_loadu_ps(m, b[j] + off);
-    for (int i = 0; i < MR; ++i) {
-      const __m512 av = _mm512_maskz_loadu_ps(m, a[i] + off);
-      for (int j = 0; j < kNtNR; ++j) acc[i][j] = _mm512_fmadd_ps(av, bv[j], acc[i][j]);
+    const __m512 v0 = _mm512_loadu_ps(b0 + off), v1 = _mm512_loadu_ps(b1 + off);
+    const __m512 v2 = _mm512_loadu_ps(b2 + off), v3 = _mm512_loadu_ps(b3 + off);
+    NT_ROW_F32(0, kAll16) NT_ROW_F32(1, kAll16) NT_ROW_F32(2, kAll16)
+    NT_ROW_F32(3, kAll16) NT_ROW_F32(4, kAll16) NT_ROW_F32(5, kAll16)
+    if (s == next_pf && line < pf.end) {
+      nt_prefetch_line(pf, line++);
+      next_pf += every;
     }
-    if (s % every == 0 && line < pf.end) nt_prefetch_line(pf, line++);
+  }
+  if (k % 16 != 0) {
+    const int64_t off = full * 16;
+    const __mmask16 m = moe_lanes16(k, off);
+    const __m512 v0 = _mm512_maskz_loadu_ps(m, b0 + off), v1 = _mm512_maskz_loadu_ps(m, b1 + off);
+    const __m512 v2 = _mm512_maskz_loadu_ps(m, b2 + off), v3 = _mm512_maskz_loadu_ps(m, b3 + off);
+    NT_ROW_F32(0, m) NT_ROW_F32(1, m) NT_ROW_F32(2, m) NT_ROW_F32(3, m) NT_ROW_F32(4, m) NT_ROW_F32(5, m)
   }
   for (; line < pf.end; ++line) nt_prefetch_line(pf, line);
-  for (int i = 0; i < MR; ++i) _mm_storeu_ps(sums[i], nt_reduce4(acc[i][0], acc[i][1], acc[i][2], acc[i][3]));
+  NT_SUMS(0) NT_SUMS(1) NT_SUMS(2) NT_SUMS(3) NT_SUMS(4) NT_SUMS(5)
 }
 
 template <int MR>
 GROUPED_MM_AVX512_BF16 void nt_micro_bf16(const BFloat16* const* a, const BFloat16* const* b, int64_t k,
                                           float (*sums)[kNtNR], const NtPrefetch& pf) {
-  __m512 acc[MR][kNtNR];
-  for (int i = 0; i < MR; ++i)
-    for (int j = 0; j < kNtNR; ++j) acc[i][j] = _mm512_setzero_ps();
-  const int64_t steps = (k + 31) / 32;
-  const int64_t every = std::max<int64_t>(1, steps / std::max<int64_t>(1, pf.end - pf.begin));
-  int64_t line = pf.begin;
-  for (int64_t s = 0; s < steps; ++s) {
+  static_assert(kNtMR == 6 && kNtNR == 4);
+  NT_ROWS(BFloat16)
+  NT_ACC(0) NT_ACC(1) NT_ACC(2) NT_ACC(3) NT_ACC(4) NT_ACC(5)
+  const int64_t full = k / 32;
+  const int64_t every = std::max<int64_t>(1, full / std::max<int64_t>(1, pf.end - pf.begin));
+  int64_t line = pf.begin, next_pf = 0;
+  constexpr __mmask32 kAll32 = ~__mmask32(0);
+  for (int64_t s = 0; s < full; ++s) {
     const int64_t off = s * 32;
-    const __mmask32 m = col_mask32(k, off);
-    __m512bh bv[kNtNR];
-    for (int j = 0; j < kNtNR; ++j) bv[j] = (__m512bh)_mm512_maskz_loadu_epi16(m, b[j] + off);
-    for (int i = 0; i < MR; ++i) {
-      const __m512bh av = (__m512bh)_mm512_maskz_loadu_epi16(m, a[i] + off);
-      for (int j = 0; j < kNtNR; ++j) acc[i][j] = _mm512_dpbf16_ps(acc[i][j], av, bv[j]);
+    const __m512bh v0 = (__m512bh)_mm512_loadu_si512(b0 + off), v1 = (__m512bh)_mm512_loadu_si512(b1 + off);
+    const __m512bh v2 = (__m512bh)_mm512_loadu_si512(b2 + off), v3 = (__m512bh)_mm512_loadu_si512(b3 + off);
+    NT_ROW_BF16(0, kAll32) NT_ROW_BF16(1, kAll32) NT_ROW_BF16(2, kAll32)
+    NT_ROW_BF16(3, kAll32) NT_ROW_BF16(4, kAll32) NT_ROW_BF16(5, kAll32)
+    if (s == next_pf && line < pf.end) {
+      nt_prefetch_line(pf, line++);
+      next_pf += every;
     }
-    if (s % every == 0 && line < pf.end) nt_prefetch_line(pf, line++);
+  }
+  if (k % 32 != 0) {
+    const int64_t off = full * 32;
+    const __mmask32 m = col_mask32(k, off);
+    const __m512bh v0 = (__m512bh)_mm512_maskz_loadu_epi16(m, b0 + off);
+    const __m512bh v1 = (__m512bh)_mm512_maskz_loadu_epi16(m, b1 + off);
+    const __m512bh v2 = (__m512bh)_mm512_maskz_loadu_epi16(m, b2 + off);
+    const __m512bh v3 = (__m512bh)_mm512_maskz_loadu_epi16(m, b3 + off);
+    NT_ROW_BF16(0, m) NT_ROW_BF16(1, m) NT_ROW_BF16(2, m) NT_ROW_BF16(3, m) NT_ROW_BF16(4, m) NT_ROW_BF16(5, m)
   }
   for (; line < pf.end; ++line) nt_prefetch_line(pf, line);
-  for (int i = 0; i < MR; ++i) _mm_storeu_ps(sums[i], nt_reduce4(acc[i][0], acc[i][1], acc[i][2], acc[i][3]));
+  NT_SUMS(0) NT_SUMS(1) NT_SUMS(2) NT_SUMS(3) NT_SUMS(4) NT_SUMS(5)
 }
+#undef NT_ACC
+#undef NT_ROW_F32
+#undef NT_ROW_BF16
+#undef NT_SUMS
+#undef NT_ROWS
 
 template <typename scalar_t, int MR>
 void call_nt_micro(const scalar_t* const* a, const scalar_t* const* b, int64_t k, float (*sums)[kNtNR],
@@ -969,10 +1058,8 @@ void dispatch_nt_micro(int64_t mr, const scalar_t* const* a, const scalar_t* con
 // reductions are a small part of the work.
 template <typename scalar_t, typename P>
 bool nt_eligible(const P& p) {
-  if constexpr (std::is_same_v<scalar_t, float>) {
+  if constexpr (std::is_same_v<scalar_t, float> || std::is_same_v<scalar_t, BFloat16>) {
     if (!moe_cpu_has_avx512()) return false;
-  } else if constexpr (std::is_same_v<scalar_t, BFloat16>) {
-    if (!cpu_has_avx512_bf16()) return false;
   } else {
     return false;
   }
@@ -983,20 +1070,25 @@ bool nt_eligible(const P& p) {
 // One tile: all rows of the problem x columns [n0, n0 + nb), 4 weight rows
 // at a time; next (the tile this thread runs after it, or nullptr) has its
 // first weight rows prefetched while this tile's last ones are in use.
+// bfloat16 without AVX512_BF16 runs the float32 micro-kernel on widened
+// copies: a row chunk of A once per tile (reused by every weight block), the
+// 4 weight rows once per block (reused by every row block).
 template <typename scalar_t, typename out_t>
 void run_tile_nt(const Problem<scalar_t, out_t, float>& p, const Tile& t, ThreadBuffers& buf,
                  const Problem<scalar_t, out_t, float>* next_p, const Tile* next) {
+  const bool widen = std::is_same_v<scalar_t, BFloat16> && !cpu_has_avx512_bf16();
   const int64_t k = p.k;
   const int64_t n_end = t.n0 + t.nb;
   const int64_t row_bytes = k * static_cast<int64_t>(sizeof(scalar_t));
   // What a -1 row index reads.
   const scalar_t* zero_row = nullptr;
-  if (p.a_row_idx != nullptr) {
+  if (p.a_row_idx != nullptr && !widen) {
     scalar_t* z = workspace<scalar_t>(buf.a, k);
     std::fill(z, z + k, scalar_t(0));
     zero_row = z;
   }
   const scalar_t* a_rows[kNtMC];
+  const float* a_wide[kNtMC];
   float sums[kNtMR][kNtNR];
   for (int64_t m0 = 0; m0 < p.m; m0 += kNtMC) {
     const int64_t mc = std::min(kNtMC, p.m - m0);
@@ -1004,11 +1096,34 @@ void run_tile_nt(const Problem<scalar_t, out_t, float>& p, const Tile& t, Thread
       const int64_t row = p.a_row_idx != nullptr ? p.a_row_idx[m0 + r] : m0 + r;
       a_rows[r] = row < 0 ? zero_row : p.a + row * p.a_rs;
     }
+    if constexpr (std::is_same_v<scalar_t, BFloat16>) {
+      if (widen) {
+        float* w = workspace<float>(buf.acc, mc * k);
+        for (int64_t r = 0; r < mc; ++r) {
+          if (a_rows[r] == nullptr) {
+            std::fill(w + r * k, w + (r + 1) * k, 0.f);
+          } else {
+            widen_rows_16bit(w + r * k, k, a_rows[r], k, 1, k);
+          }
+          a_wide[r] = w + r * k;
+        }
+      }
+    }
     const int64_t m_blocks = (mc + kNtMR - 1) / kNtMR;
     for (int64_t n0 = t.n0; n0 < n_end; n0 += kNtNR) {
       const int64_t w = std::min(kNtNR, n_end - n0);
       const scalar_t* b_rows[kNtNR];
       for (int64_t j = 0; j < kNtNR; ++j) b_rows[j] = p.b + (n0 + std::min(j, w - 1)) * p.b_cs;
+      const float* b_wide[kNtNR];
+      if constexpr (std::is_same_v<scalar_t, BFloat16>) {
+        if (widen) {
+          float* bw = workspace<float>(buf.b, kNtNR * k);
+          for (int64_t j = 0; j < kNtNR; ++j) {
+            widen_rows_16bit(bw + j * k, k, b_rows[j], k, 1, k);
+            b_wide[j] = bw + j * k;
+          }
+        }
+      }
       // The weight rows used next: this tile's next block, else (last row
       // chunk) the next tile's first, when it reads its weights the same way.
       NtPrefetch pf;
@@ -1035,7 +1150,11 @@ void run_tile_nt(const Problem<scalar_t, out_t, float>& p, const Tile& t, Thread
         const int64_t mr = std::min(kNtMR, mc - r0);
         pf.begin = pf_lines * mb / m_blocks;
         pf.end = pf_lines * (mb + 1) / m_blocks;
-        dispatch_nt_micro<scalar_t>(mr, a_rows + r0, b_rows, k, sums, pf);
+        if (widen) {
+          dispatch_nt_micro<float>(mr, a_wide + r0, b_wide, k, sums, pf);
+        } else {
+          dispatch_nt_micro<scalar_t>(mr, a_rows + r0, b_rows, k, sums, pf);
+        }
         for (int64_t i = 0; i < mr; ++i) {
           out_t* o = p.c + (m0 + r0 + i) * p.c_rs + n0;
           for (int64_t j = 0; j < w; ++j) {
@@ -1153,6 +1272,11 @@ Engine choose_engine(const std::vector<Problem<scalar_t, out_t, acc_t>>& problem
     if (cpu_has_avx512_bf16() && !(fallback == Engine::kMatmul && large_groups)) {
       return Engine::kAvx512;
     }
+    // Without AVX512_BF16 oneDNN's bfloat16 matmul runs at a fraction of the
+    // float32 rate; the micro-kernels widen to float32 and keep that rate.
+    if (!cpu_has_avx512_bf16() && moe_cpu_has_avx512()) {
+      return Engine::kAvx512;
+    }
   } else if constexpr (!std::is_same_v<scalar_t, double>) {
     if (moe_cpu_has_avx512()) {
       return Engine::kAvx512;
@@ -1189,7 +1313,7 @@ void run_problems(const std::vector<Problem<scalar_t, out_t, acc_t>>& problems, 
       // rows) needs no accumulator buffer, so a tile can span all of N and
       // pack (transpose, gather) its A block once instead of once per 256
       // columns. Only with enough problems to keep every thread busy.
-      if (engine == Engine::kAvx512 && p.k <= MicroTraits<scalar_t>::kKC && problems.size() >= 16) {
+      if (engine == Engine::kAvx512 && p.k <= micro_kc<scalar_t>() && problems.size() >= 16) {
         problem_tile_n = p.n;
       }
     }
@@ -1244,7 +1368,15 @@ void run_problems(const std::vector<Problem<scalar_t, out_t, acc_t>>& problems, 
                 continue;
               }
             }
-            run_tile_avx512(p, t, buf, next_p, next);
+            if constexpr (std::is_same_v<scalar_t, BFloat16>) {
+              if (cpu_has_avx512_bf16()) {
+                run_tile_avx512<scalar_t, out_t, MicroTraits<BFloat16, true>>(p, t, buf, next_p, next);
+              } else {
+                run_tile_avx512<scalar_t, out_t, MicroTraits<BFloat16, false>>(p, t, buf, next_p, next);
+              }
+            } else {
+              run_tile_avx512<scalar_t, out_t, MicroTraits<scalar_t>>(p, t, buf, next_p, next);
+            }
           }
 #endif
         }

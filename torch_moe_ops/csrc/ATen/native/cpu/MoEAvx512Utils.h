@@ -47,7 +47,8 @@ MOE_OPS_AVX512 static inline __m256i moe_cvt_f32_bf16(__m512 v) {
 
 // bfloat16 -> float32: exact.
 MOE_OPS_AVX512 static inline __m512 moe_cvt_bf16_f32(__m256i v) {
-  return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(v), 16));
+  const __mmask16 all = 0xFFFF;
+  return _mm512_castsi512_ps(_mm512_maskz_slli_epi32(all, _mm512_maskz_cvtepu16_epi32(all, v), 16));
 }
 
 } // namespace at::native
