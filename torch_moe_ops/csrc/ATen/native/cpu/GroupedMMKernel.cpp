@@ -94,7 +94,8 @@ struct Tile {
 // and stays in L2 while the group's row blocks stream past it.
 constexpr int64_t kWideNB = 256;
 constexpr int64_t kWideMB = 128;
-// Matmul engine with few groups: split N so both threads get work.
+// Matmul engine with fewer than 8 groups: split N so both threads get work
+// (with more, whole groups balance well, and a split would repack A per tile).
 constexpr int64_t kMatmulNB = 256;
 // Cost of streaming one weight tile, in rows of compute: lets groups with few
 // rows still count for the memory traffic they cause.
@@ -1245,10 +1246,10 @@ void run_tile_matmul(const Problem<scalar_t, out_t, acc_t>& p, const Tile& t) {
 
 enum class Engine { kMatmul, kWidening, kAvx512 };
 
-// Average rows per group from which oneDNN's bfloat16 matmul (behind at::mm)
-// overtakes the micro-kernel: its weight packing is then amortised over
-// enough rows. For float32 the micro-kernel matches MKL at any size.
-constexpr int64_t kBF16MatmulMinRows = 256;
+// Average rows per group from which the BLAS behind at::mm (oneDNN's
+// bfloat16 matmul with AVX512_BF16, MKL's sgemm) overtakes the
+// micro-kernel: its weight packing is then amortised over enough rows.
+constexpr int64_t kMatmulMinRows = 256;
 
 // The AVX-512 micro-kernels where the CPU has them (they beat oneDNN/MKL on
 // fine-grained groups by overlapping the weight stream with compute), except
@@ -1260,15 +1261,15 @@ Engine choose_engine(const std::vector<Problem<scalar_t, out_t, acc_t>>& problem
   // at::mm cannot read rows through an index.
   const Engine fallback = kMatmulCapable && !has_bias && !gathered ? Engine::kMatmul : Engine::kWidening;
 #ifdef GROUPED_MM_HAVE_AVX512_KERNELS
-  if constexpr (std::is_same_v<scalar_t, BFloat16>) {
-    int64_t rows = 0, nonempty = 0;
-    for (const auto& p : problems) {
-      if (p.m > 0 && p.n > 0) {
-        rows += p.m;
-        ++nonempty;
-      }
+  int64_t rows = 0, nonempty = 0;
+  for (const auto& p : problems) {
+    if (p.m > 0 && p.n > 0) {
+      rows += p.m;
+      ++nonempty;
     }
-    const bool large_groups = rows >= kBF16MatmulMinRows * std::max<int64_t>(nonempty, 1);
+  }
+  const bool large_groups = rows >= kMatmulMinRows * std::max<int64_t>(nonempty, 1);
+  if constexpr (std::is_same_v<scalar_t, BFloat16>) {
     if (cpu_has_avx512_bf16() && !(fallback == Engine::kMatmul && large_groups)) {
       return Engine::kAvx512;
     }
@@ -1278,7 +1279,11 @@ Engine choose_engine(const std::vector<Problem<scalar_t, out_t, acc_t>>& problem
       return Engine::kAvx512;
     }
   } else if constexpr (!std::is_same_v<scalar_t, double>) {
-    if (moe_cpu_has_avx512()) {
+    // float32 groups of hundreds of rows amortise MKL's weight packing, and
+    // on Intel cores its sgemm outruns the micro-kernel (Ice Lake: 0.6-0.8x
+    // of it at Mixtral's 512 rows per expert, measured); below that the
+    // micro-kernel's streamed weights win.
+    if (moe_cpu_has_avx512() && !(std::is_same_v<scalar_t, float> && fallback == Engine::kMatmul && large_groups)) {
       return Engine::kAvx512;
     }
   }
@@ -1293,7 +1298,7 @@ void run_problems(const std::vector<Problem<scalar_t, out_t, acc_t>>& problems, 
   // bits of the result do not change with the number of threads.
   int64_t tile_n = kWideNB;
   if (engine == Engine::kMatmul) {
-    tile_n = problems.size() >= 16 ? std::numeric_limits<int64_t>::max() : kMatmulNB;
+    tile_n = problems.size() >= 8 ? std::numeric_limits<int64_t>::max() : kMatmulNB;
   }
 #ifdef GROUPED_MM_HAVE_AVX512_KERNELS
   if (engine == Engine::kAvx512) {
