@@ -56,7 +56,15 @@ def _index(values, device):
 
 
 def sample_inputs_grouped_mm_gather(op_info, device, dtype, requires_grad, **kwargs):
-    make = partial(make_tensor, device=device, dtype=dtype, low=-1, high=1)
+    values = partial(make_tensor, device=device, dtype=dtype, low=-1, high=1)
+
+    def leaf(t):
+        """t (any strides) as a leaf of the autograd graph."""
+        return t.detach().requires_grad_(requires_grad)
+
+    def make(shape):
+        return leaf(values(shape))
+
     T, K, N = 9, 12, 10
     group_sizes = [3, 0, 5, 2]
     G, M = len(group_sizes), sum(group_sizes)
@@ -74,8 +82,8 @@ def sample_inputs_grouped_mm_gather(op_info, device, dtype, requires_grad, **kwa
     # 2D x 3D, a_index: tokens -> expert rows.
     yield sample(make((T, K)), make((G, K, N)), offs(), "2d3d", a_index=rows())
     yield sample(make((T, K)), make((G, K, N)), offs(), "2d3d_rows_past_offs", a_index=torch.cat([rows(), rows()[:3]]))
-    yield sample(make((T, K)), _transposed(make((G, K, N))), offs(), "2d3d_b_transposed", a_index=rows())
-    yield sample(make((T, 2 * K))[:, ::2], make((G, K, N)), offs(), "2d3d_a_strided", a_index=rows())
+    yield sample(make((T, K)), leaf(_transposed(values((G, K, N)))), offs(), "2d3d_b_transposed", a_index=rows())
+    yield sample(leaf(values((T, 2 * K))[:, ::2]), make((G, K, N)), offs(), "2d3d_a_strided", a_index=rows())
     yield sample(make((T, K)), make((G, K, N)), offs(), "2d3d_bias", a_index=rows(), bias=make((G, N)))
     yield sample(make((0, K)), make((G, K, N)), _offs([1, 0, 1, 0], device), "2d3d_zero_tokens",
                  a_index=_index([-1, -1], device))
@@ -85,11 +93,11 @@ def sample_inputs_grouped_mm_gather(op_info, device, dtype, requires_grad, **kwa
         yield sample(make((T, K)), make((G, K, N)), offs(), "2d3d_out_fp32", a_index=rows(), out_dtype=torch.float32)
     # 2D x 2D: the contraction (rows of the layer) gathered.
     yield sample(make((7, M)), make((T, N)), offs(), "2d2d_b_index", b_index=rows())
-    yield sample(_transposed(make((7, M))), make((T, N)), offs(), "2d2d_b_index_a_transposed", b_index=rows(),
+    yield sample(leaf(_transposed(values((7, M)))), make((T, N)), offs(), "2d2d_b_index_a_transposed", b_index=rows(),
                  bias=make((G, N)))
-    yield sample(make((T, 7)).t(), make((M, N)), offs(), "2d2d_a_index", a_index=rows())
+    yield sample(leaf(values((T, 7)).t()), make((M, N)), offs(), "2d2d_a_index", a_index=rows())
     both = rows()
-    yield sample(make((T, 7)).t(), make((T, N)), offs(), "2d2d_both", a_index=both, b_index=both)
+    yield sample(leaf(values((T, 7)).t()), make((T, N)), offs(), "2d2d_both", a_index=both, b_index=both)
 
 
 def error_inputs_grouped_mm_gather(op_info, device, **kwargs):
@@ -128,7 +136,9 @@ grouped_mm_gather_opinfo = OpInfo(
     sample_inputs_func=sample_inputs_grouped_mm_gather,
     error_inputs_func=error_inputs_grouped_mm_gather,
     supports_out=False,
-    supports_autograd=False,
+    supports_autograd=True,
+    supports_forward_ad=False,
+    supports_fwgrad_bwgrad=False,
 )
 
 
