@@ -10,19 +10,25 @@
 // single-threaded: small GEMMs lose most of their speed when split.
 //
 // Engines:
-//   AVX-512 (float32, float16; bfloat16 with AVX512_BF16, except groups of
-//     hundreds of rows, where oneDNN is faster): our own micro-kernels read
-//     the expert weights straight from the caller's memory, one cache-sized
-//     block at a time, so streaming the weights from DRAM overlaps the
-//     arithmetic instead of preceding it.
+//   AVX-512 (float32, float16, bfloat16; except groups of hundreds of rows
+//     of float32, or of bfloat16 on CPUs with AVX512_BF16, where MKL /
+//     oneDNN are faster): our own micro-kernels read the expert weights
+//     straight from the caller's memory, one cache-sized block at a time,
+//     so streaming the weights from DRAM overlaps the arithmetic instead of
+//     preceding it. Weights stored along K ((E, N, K), transformers' layout)
+//     go to the inner-product kernel (run_tile_nt), which reads them in
+//     place; the others are re-laid out block by block for a broadcast
+//     kernel (run_tile_avx512). bfloat16 runs as K pairs through vdpbf16ps
+//     where the CPU has AVX512_BF16, widened to float32 where it has not.
 //   at::mm (oneDNN/MKL) per tile for bfloat16/float32 without bias, as the
-//     portable fallback and for large bfloat16 groups; otherwise tiles
-//     gathered into float32 (float64) buffers and multiplied by BLAS gemm.
-//     float64 always takes the BLAS path.
+//     portable fallback and for large groups; otherwise tiles gathered into
+//     float32 (float64) buffers and multiplied by BLAS gemm. float64 always
+//     takes the BLAS path.
 // Accumulation is in float32 (float64 for float64) and rounded once in the
-// epilogue, which also adds the bias. The tiling and the K blocking depend
-// only on the shapes, never on the thread count, so results are bitwise
-// reproducible.
+// epilogue, which also adds the bias. The engine, the tiling and the K
+// blocking depend only on the shapes, strides and CPU, never on the thread
+// count, so results are bitwise reproducible on a machine (the two weight
+// storage orders sum along K in different orders, so their bits may differ).
 
 #include <ATen/native/GroupedMM.h>
 #include <ATen/native/cpu/MoEAvx512Utils.h>
