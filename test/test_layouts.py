@@ -35,6 +35,8 @@ import torch
 import torch_moe_ops  # noqa: F401
 from torch_moe_ops import reference as ref
 
+from opinfo_experts import gathered
+
 OPS = torch.ops.moe_ops
 FLOATS = (torch.float64, torch.float32, torch.bfloat16, torch.float16)
 ROW_TOL = {torch.float64: 1e-12, torch.float32: 2e-5, torch.bfloat16: 2.0**-8, torch.float16: 2.0**-11}
@@ -173,13 +175,6 @@ def grouped_mm_problems(dtype):
                   call, refn, dtype, grads=("mat_a", "mat_b"))
 
 
-def _gathered(mat, index, dim):
-    """mat's rows (dim 0) or columns (dim 1) picked by index, zeros for -1."""
-    picked = mat.index_select(dim, index.clamp(min=0))
-    keep = (index >= 0).view([-1, 1] if dim == 0 else [1, -1])
-    return torch.where(keep, picked, torch.zeros((), dtype=mat.dtype))
-
-
 def grouped_mm_gather_problems(dtype):
     gen = torch.Generator().manual_seed(2)
     G, T, K, N = 4, 11, 72, 21
@@ -190,7 +185,7 @@ def grouped_mm_gather_problems(dtype):
                                       v.get("bias")),)
 
     def ref_2d3d(v):
-        a = _gathered(v["mat_a"], v["a_index"], 0)
+        a = gathered(v["mat_a"], v["a_index"], 0)
         return (ref.torch_grouped_mm(a, v["mat_b"], v["offs"], v.get("bias"), out_dtype=torch.float64),)
 
     yield Problem("grouped_mm_gather_2d3d",
@@ -199,8 +194,8 @@ def grouped_mm_gather_problems(dtype):
                   call, ref_2d3d, dtype, grads=("mat_a", "mat_b", "bias"))
 
     def ref_2d2d(v):
-        a = _gathered(v["mat_a"], v["a_index"], 1)
-        b = _gathered(v["mat_b"], v["b_index"], 0)
+        a = gathered(v["mat_a"], v["a_index"], 1)
+        b = gathered(v["mat_b"], v["b_index"], 0)
         return (ref.torch_grouped_mm(a, b, v["offs"], out_dtype=torch.float64),)
 
     # Weight gradients: tokens^T gathered along K, gradient rows gathered along K.
@@ -266,8 +261,8 @@ def routing_problems(dtype):
                   unpermute_call, unpermute_ref, dtype, factor=2, grads=("permuted", "weights"))
 
 
-def _silu(x):
-    return x * torch.sigmoid(x)
+def _float64(v: dict) -> dict:
+    return {n: t.double() if t.dtype.is_floating_point else t for n, t in v.items()}
 
 
 def expert_mlp_problems(dtype):
@@ -289,28 +284,18 @@ def expert_mlp_problems(dtype):
         return (out,)
 
     def reference(v):
-        """The composition, in float64: gather, grouped mm, SwiGLU, grouped mm, weighted combine."""
-        d = {n: t.double() if t.dtype.is_floating_point else t for n, t in v.items()}
-        x = _gathered(d["tokens"], torch.div(d["src_rows"], k, rounding_mode="floor"), 0)
-        h = ref.torch_grouped_mm(x, d["gate_up_proj"], d["offs"], d["gate_up_bias"], out_dtype=torch.float64)
-        gate, up = h.chunk(2, dim=1)
-        y = ref.torch_grouped_mm(_silu(gate) * up, d["down_proj"], d["offs"], d["down_bias"],
-                                 out_dtype=torch.float64)
-        return (ref.torch_unpermute(y, d["dst_rows"], d["weights"]),)
+        return (ref.torch_expert_mlp(**_float64(v))[0],)
 
     def weights_grad_magnitude(v, gouts):
         """The routing weight's gradient is <grad_out[t], y[r]> = <grad_out[t] @ down^T, act(h[r])> (+ the
         bias term): its rounding errors scale with sum_i |grad_out[t] @ |down|^T|_i |act(h[r])_i|, which
         cancellation can make far larger than the result."""
-        d = {n: t.double() if t.dtype.is_floating_point else t for n, t in v.items()}
-        rows = torch.div(d["src_rows"], k, rounding_mode="floor")
-        x = _gathered(d["tokens"], rows, 0)
-        h = ref.torch_grouped_mm(x, d["gate_up_proj"], d["offs"], d["gate_up_bias"], out_dtype=torch.float64)
-        gate, up = h.chunk(2, dim=1)
-        go = _gathered(gouts[0].abs(), rows, 0)
+        d = _float64(v)
+        gate, up = ref.torch_expert_mlp(**d)[1].chunk(2, dim=1)
+        go = gathered(gouts[0].abs(), torch.div(d["src_rows"], k, rounding_mode="floor"), 0)
         gd = ref.torch_grouped_mm(go, d["down_proj"].abs().transpose(-2, -1), d["offs"], out_dtype=torch.float64)
         gb = ref.torch_grouped_mm(go, d["down_bias"].abs().unsqueeze(-1), d["offs"], out_dtype=torch.float64)
-        per_row = (gd * (_silu(gate) * up).abs()).sum(1) + gb.squeeze(1)
+        per_row = (gd * (torch.nn.functional.silu(gate) * up).abs()).sum(1) + gb.squeeze(1)
         dst = d["dst_rows"]
         return {"weights": torch.where(dst >= 0, per_row[dst.clamp(min=0)], 0.0)}
 

@@ -19,6 +19,7 @@ from typing import Optional
 import torch
 
 from .. import _checks
+from .grouped_mm import _bias_grad
 from .routing import _unpermute_backward, permute
 
 _gather_op = torch.ops.moe_ops.grouped_mm_gather.default
@@ -94,9 +95,6 @@ def _gather_backward(ctx, grad):
             grad_a = _scatter_rows(rows, a_index, a_shape[0], dtype)
         if need_b:
             grad_b = _gather_op(mat_a.t(), g, offs, a_index, None, None, None)
-        if ctx.need_bias:
-            ones = g.new_ones((1, g.shape[0]))
-            grad_bias = torch.ops.moe_ops.grouped_mm(ones, g, offs, None, _wide(g)).squeeze(1).to(bias_dtype)
     else:  # 2D x 2D: out[g] = A[:, a_index[k]] @ B[b_index[k], :] over the k of group g
         if need_a:
             # Column k of A's gradient, grad[g(k)] @ B[b_index[k]], as row k of a (K, M) 2D x 3D product.
@@ -112,9 +110,9 @@ def _gather_backward(ctx, grad):
             else:
                 rows = torch.ops.moe_ops.grouped_mm(mat_a.t(), g, offs, None, _wide(g))
             grad_b = _scatter_rows(rows, b_index, b_shape[0], dtype)
-        if ctx.need_bias:
-            acc = torch.float64 if g.dtype == torch.float64 else torch.float32
-            grad_bias = g.sum(1, dtype=acc).to(bias_dtype)
+    if ctx.need_bias:
+        # The bias is added after the gather: grouped_mm's own bias gradient.
+        grad_bias = _bias_grad(grad, offs, "2d3d" if len(b_shape) == 3 else "2d2d", bias_dtype)
     return grad_a, grad_b, None, None, None, grad_bias, None
 
 

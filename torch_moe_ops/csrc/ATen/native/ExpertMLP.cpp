@@ -208,15 +208,7 @@ void check_routing_values(const Tensor& tokens, const Tensor& src_rows, const Te
     TORCH_CHECK_VALUE(d[i] >= -1 && d[i] < rows, "expert_mlp: dst_rows must be -1 or a row in [0, src_rows.size(0)=",
         rows, "), got dst_rows[", i / top_k, ", ", i % top_k, "]=", d[i]);
   }
-  const int32_t* o = offs.const_data_ptr<int32_t>();
-  int64_t prev = 0;
-  for (int64_t g = 0; g < offs.size(0); ++g) {
-    const int64_t end = o[g * offs.stride(0)];
-    TORCH_CHECK_VALUE(end >= prev, "expert_mlp: offs must be non-decreasing and non-negative, got offs[", g, "]=", end,
-        g == 0 ? std::string(" < 0") : " < offs[" + std::to_string(g - 1) + "]=" + std::to_string(prev));
-    prev = end;
-  }
-  TORCH_CHECK_VALUE(prev <= rows, "expert_mlp: offs[-1]=", prev, " exceeds the rows of src_rows (", rows, ")");
+  grouped_mm_check_offsets_cpu(offs, rows, "R (src_rows.size(0))", "expert_mlp");
   for (int64_t i = 0; i < dst.numel(); ++i) {
     TORCH_CHECK_VALUE(d[i] < 0 || s[d[i]] == i, "expert_mlp: src_rows and dst_rows must be inverse maps (permute's "
         "outputs), got dst_rows[", i / top_k, ", ", i % top_k, "]=", d[i], " but src_rows[", d[i], "]=", s[d[i]]);

@@ -190,8 +190,10 @@ inline void grouped_mm_check_inputs(
   }
 }
 
-// Checks the values of a CPU offs tensor: 0 <= offs[0] <= offs[1] <= ... <= split_size.
-inline void grouped_mm_check_offsets_cpu(const Tensor& offs, int64_t split_size, const char* split_name) {
+// Checks the values of a CPU offs tensor: 0 <= offs[0] <= offs[1] <= ... <=
+// split_size; op names the operator the caller called.
+inline void grouped_mm_check_offsets_cpu(
+    const Tensor& offs, int64_t split_size, const char* split_name, const char* op = "grouped_mm") {
   const int64_t groups = offs.size(0);
   const auto stride = offs.stride(0);
   const int32_t* data = offs.const_data_ptr<int32_t>();
@@ -199,12 +201,12 @@ inline void grouped_mm_check_offsets_cpu(const Tensor& offs, int64_t split_size,
   for (int64_t g = 0; g < groups; ++g) {
     const int64_t end = data[g * stride];
     TORCH_CHECK_VALUE(end >= prev,
-        "grouped_mm: offs must be non-decreasing and non-negative, got offs[", g, "]=", end,
+        op, ": offs must be non-decreasing and non-negative, got offs[", g, "]=", end,
         g == 0 ? std::string(" < 0") : " < offs[" + std::to_string(g - 1) + "]=" + std::to_string(prev));
     prev = end;
   }
   TORCH_CHECK_VALUE(prev <= split_size,
-      "grouped_mm: offs[-1]=", prev, " exceeds the grouped dimension ", split_name, "=", split_size);
+      op, ": offs[-1]=", prev, " exceeds the grouped dimension ", split_name, "=", split_size);
 }
 
 inline const char* grouped_mm_split_name(GroupedMMLayout layout) {
