@@ -29,8 +29,10 @@ $(VENV)/.installed: | requirements.txt
 
 setup: $(VENV)/.installed
 
+# The build is cached outside the checkout, keyed by the content of every
+# source that goes into it (.ci/cached_build), so fresh clones and CI reuse it.
 build: setup
-	$(PY) setup.py --quiet build_ext --inplace
+	.ci/cached_build $(PY) $(CACHE)
 
 test: build
 	$(PY) -m pytest -q test
