@@ -21,6 +21,7 @@ import torch_moe_ops
 from torch_moe_ops import fused_experts
 from torch_moe_ops.reference import torch_expert_mlp
 
+from common import assert_rows_close, assert_same_bits_at_thread_counts
 from opinfo_experts import expert_mlp_opinfo, grouped_mm_gather_opinfo
 from test_grouped_mm import TOLERANCES
 
@@ -54,18 +55,6 @@ class TestGroupedMMGather(TestCase):
     def test_opcheck(self, device, dtype, op):
         for s in op.sample_inputs(device, dtype):
             torch.library.opcheck(op.op, (s.input, *s.args), s.kwargs)
-
-    @ops([grouped_mm_gather_opinfo], allowed_dtypes=(torch.float32,))
-    def test_error_inputs(self, device, dtype, op):
-        for ei in op.error_inputs(device):
-            s = ei.sample_input
-            with self.assertRaisesRegex(ei.error_type, ei.error_regex):
-                op(s.input, *s.args, **s.kwargs)
-            if s.name not in ("offs_values", "index_values"):  # fakes see shapes, not values
-                with FakeTensorMode() as mode, self.assertRaisesRegex(ei.error_type, ei.error_regex):
-                    op(_fake(mode, s.input), *(_fake(mode, a) for a in s.args),
-                       **{k: _fake(mode, v) for k, v in s.kwargs.items()})
-
 
 instantiate_device_type_tests(TestGroupedMMGather, globals(), only_for=("cpu", "cuda"))
 
@@ -134,7 +123,7 @@ def make_problem(tokens, hidden, inter, experts, top_k, activation, bias, k_majo
     return x, ids, w, gate_up, down, gub, dnb, views
 
 
-@settings(max_examples=40, deadline=None)
+@settings(max_examples=150, deadline=None)
 @given(tokens=st.integers(0, 17), hidden=st.integers(1, 20), inter=st.integers(1, 12), experts=st.integers(1, 6),
        data=st.data(), activation=st.sampled_from(ACTIVATIONS), bias=st.booleans(), k_major=st.booleans(),
        skew=st.booleans(), weights=st.booleans(), seed=st.integers(0, 2**16))
@@ -179,24 +168,56 @@ def test_gradcheck(activation):
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
 def test_16bit_and_fp32_close_to_float64(dtype):
-    """h and a round once each to the dtype (2^-9 relative in bf16), y once,
-    the combine accumulates in fp32; 2% of the output's scale bounds that
-    with room while a wrong expert or weight is off by the output's size.
-    Gradients: g and every elementwise step in fp32, rounded once."""
+    """Per element. h, act(h) and y round once each to the dtype (2^-9
+    relative in bf16) and the combine accumulates in fp32: each output row is
+    within 3 roundings of its own magnitude (its largest element), factor 4
+    of ROW_TOL (measured: 1.6 over 20 seeds). Gradients: every elementwise
+    step in fp32, the GEMM inputs rounded once: the token gradient, the down
+    weights' and the biases' likewise per row. The gradients of gate_up
+    (sum over an expert's tokens of x * dh) and of the routing weights
+    (<grad_out, y> over hidden) cancel, so they are bounded by the sums of
+    their absolute terms (|x|^T |dh| with dh's own cancelling sum
+    |grad_out| @ |down|^T, and |grad_out| . |y|, in float64 one slot at a
+    time) instead of their rows."""
     x, ids, w, gate_up, down, gub, dnb, views = make_problem(40, 64, 24, 8, 3, "swiglu", True, True, False, dtype, 5)
     leaves = [t.requires_grad_() for t in (x, w, gate_up, down, gub, dnb)]
     out = fused_experts(x, ids, w, *views(gate_up, down), gub, dnb)
-    ref = reference_experts(x, ids, w, *views(gate_up, down), gub, dnb, "swiglu", False)
-    tol = 2e-2 if dtype == torch.bfloat16 else 1e-5
-    torch.testing.assert_close(out.double(), ref, rtol=0, atol=tol * ref.abs().max().item())
     grad = torch.randn(out.shape, dtype=torch.float64)
     got = torch.autograd.grad(out, leaves, grad.to(dtype))
     leaves64 = [t.detach().double().requires_grad_() for t in leaves]
     ref = reference_experts(leaves64[0], ids, leaves64[1], *views(leaves64[2], leaves64[3]), leaves64[4],
                             leaves64[5], "swiglu", False)
+    assert_rows_close(out, ref, dtype, 4, "out")
     want = torch.autograd.grad(ref, leaves64, grad)
-    for g, r in zip(got, want):
-        torch.testing.assert_close(g.double(), r, rtol=0, atol=tol * r.abs().max().item())
+    magnitude = _cancelling_grad_magnitudes(leaves64, ids, grad, views)
+    for name, g, r in zip(("tokens", "weights", "gate_up", "down", "gate_up_bias", "down_bias"), got, want):
+        assert_rows_close(g, r, dtype, 4, f"grad of {name}", magnitude.get(name))
+
+
+def _cancelling_grad_magnitudes(leaves64, ids, grad, views):
+    """Sums of the absolute terms of the gate_up weights' and routing
+    weights' gradients (swiglu, not interleaved), one (token, slot) at a time."""
+    x, w, stored_gate_up, down, gub, dnb = (t.detach() for t in leaves64)
+    gate_up, down = views(stored_gate_up, down)
+    inter = down.shape[1]
+    mag_gate_up, mag_w = torch.zeros_like(gate_up), torch.zeros_like(w)
+    for t in range(x.shape[0]):
+        for j in range(ids.shape[1]):
+            e = int(ids[t, j])
+            h = x[t] @ gate_up[e] + gub[e]
+            gate, up = h[:inter], h[inter:]
+            sig = torch.sigmoid(gate)
+            y = (gate * sig * up) @ down[e] + dnb[e]
+            # d act(h) = (grad_out * w) @ down^T cancels over hidden: its
+            # magnitude, through |d act / d gate| and |d act / d up|.
+            da = (grad[t] * w[t, j]).abs() @ down[e].abs().t()
+            dh = torch.cat([da * (up * sig * (1 + gate * (1 - sig))).abs(), da * (gate * sig).abs()])
+            mag_gate_up[e] += torch.outer(x[t].abs(), dh)
+            mag_w[t, j] = (grad[t].abs() * y.abs()).sum()
+    # In the stored layout of the leaf (views may transpose (E, N, K) weights).
+    if mag_gate_up.shape != stored_gate_up.shape:
+        mag_gate_up = mag_gate_up.transpose(-2, -1)
+    return {"gate_up": mag_gate_up, "weights": mag_w}
 
 
 def test_keeps_no_token_times_k_times_hidden_activation():
@@ -247,16 +268,7 @@ def test_bits_independent_of_thread_count_and_run():
         out = fused_experts(x, ids, w, *views(gate_up, down), gub, dnb)
         return [out, *torch.autograd.grad(out, leaves, grad)]
 
-    threads = torch.get_num_threads()
-    try:
-        torch.set_num_threads(1)
-        one = run()
-        torch.set_num_threads(max(threads, 2))
-        two, again = run(), run()
-    finally:
-        torch.set_num_threads(threads)
-    for a, b, c in zip(one, two, again):
-        assert torch.equal(a, b) and torch.equal(b, c)
+    assert_same_bits_at_thread_counts(run)
 
 
 def _op_args(dtype=torch.float32, bias=True):
@@ -319,9 +331,6 @@ def test_routing_out_of_range_names_the_id():
 # a and y round once each to the dtype and the combine accumulates in fp32
 # (see test_16bit_and_fp32_close_to_float64); float16 has 3 more bits than
 # bfloat16, float64 differs in summation order only.
-OUT_TOL = {torch.bfloat16: 2e-2, torch.float16: 2.5e-3, torch.float32: 1e-5, torch.float64: 1e-10}
-
-
 def _op_args_on(device, dtype=torch.float32):
     return [a.to(device) for a in _op_args(dtype)]
 
@@ -333,8 +342,10 @@ class TestExpertMLP(TestCase):
             with self.subTest(sample=s.name):
                 out, h = op(s.input, *s.args, **s.kwargs)
                 ref_out, ref_h = op.ref(s.input, *s.args, **s.kwargs)
-                scale = max(ref_out.abs().max().item() if ref_out.numel() else 0.0, 1.0)
-                self.assertEqual(out, ref_out, rtol=0, atol=OUT_TOL[dtype] * scale)
+                # Per element, against the output row's magnitude (its largest
+                # element): h, act(h) and y rounded once each, as in
+                # test_16bit_and_fp32_close_to_float64.
+                assert_rows_close(out, ref_out, dtype, 4, s.name)
                 # h is one grouped GEMM rounded once (test_grouped_mm.TOLERANCES).
                 self.assertEqual(h, ref_h, **TOLERANCES[dtype])
 
@@ -415,7 +426,7 @@ def test_compile_fullgraph_backward_no_recompile():
     assert sum("moe_ops.expert_mlp.default" in g.code for g in counter.graphs) == 1
 
 
-@settings(max_examples=25, deadline=None)
+@settings(max_examples=100, deadline=None)
 @given(m=st.integers(1, 260), n=st.integers(1, 150), tokens=st.integers(0, 40), groups=st.integers(1, 20),
        dtype=st.sampled_from([torch.float32, torch.bfloat16, torch.float16]), layout=st.sampled_from(
            ["rows", "b_index", "a_cols", "both"]), seed=st.integers(0, 2**16))

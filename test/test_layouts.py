@@ -35,11 +35,11 @@ import torch
 import torch_moe_ops  # noqa: F401
 from torch_moe_ops import reference as ref
 
+from common import assert_rows_close
 from opinfo_experts import gathered
 
 OPS = torch.ops.moe_ops
 FLOATS = (torch.float64, torch.float32, torch.bfloat16, torch.float16)
-ROW_TOL = {torch.float64: 1e-12, torch.float32: 2e-5, torch.bfloat16: 2.0**-8, torch.float16: 2.0**-11}
 
 
 # ------------------------------------------------------------- storage orders
@@ -91,28 +91,6 @@ def _kinds_for_all(t: torch.Tensor) -> list[str]:
 
 
 # --------------------------------------------------------------- comparisons
-
-
-def assert_rows_close(out: torch.Tensor, expected: torch.Tensor, dtype: torch.dtype, factor: float, what: str,
-                      magnitude: Optional[torch.Tensor] = None):
-    """|out - expected| <= factor * row_tol(dtype) * (|expected| + max |expected| of the row), per element,
-    or with the given magnitude of each element (the sum of the absolute terms it is made of) in place of
-    the row's largest value."""
-    assert out.shape == expected.shape, f"{what}: shape {tuple(out.shape)} != {tuple(expected.shape)}"
-    if out.numel() == 0:
-        return
-    e = expected.double()
-    o = out.double()
-    tol = factor * ROW_TOL[dtype]
-    if magnitude is None:
-        magnitude = e.abs().amax(dim=-1, keepdim=True) if e.dim() else e.abs()
-    bound = tol * (e.abs() + magnitude) + (1e-300 if dtype == torch.float64 else 0)
-    err = (o - e).abs()
-    bad = ~(err <= bound)
-    if bad.any():
-        i = bad.nonzero()[0].tolist()
-        raise AssertionError(f"{what}: {int(bad.sum())} of {out.numel()} elements off, first at {i}: "
-                             f"got {o[tuple(i)].item()}, expected {e[tuple(i)].item()} (bound {bound[tuple(i)].item():.3g})")
 
 
 def assert_same(out: torch.Tensor, expected: torch.Tensor, what: str):

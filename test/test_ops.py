@@ -246,10 +246,15 @@ class TestMoEOps(TestCase):
             s = ei.sample_input
             with self.assertRaisesRegex(ei.error_type, ei.error_regex, msg=s.name):
                 _call(op, s)
-            if s.name.endswith("_values"):
-                continue
-            with FakeTensorMode() as mode, self.assertRaisesRegex(ei.error_type, ei.error_regex, msg=s.name):
-                _call(op, _map(s, mode.from_tensor))
+            with FakeTensorMode() as mode:
+                fake = _map(s, mode.from_tensor)
+                if s.name.endswith("_values"):
+                    # A bad value in an index tensor: fake kernels see shapes,
+                    # not values, and must accept what is well-shaped.
+                    _call(op, fake)
+                    continue
+                with self.assertRaisesRegex(ei.error_type, ei.error_regex, msg=s.name):
+                    _call(op, fake)
 
     @ops(op_db, dtypes=OpDTypes.any_one)
     def test_out(self, device, dtype, op):

@@ -13,6 +13,8 @@ import transformers
 
 import torch_moe_ops.integrations.transformers as moe_transformers
 
+from common import MoeOpsCalls, assert_rows_close
+
 moe_transformers.register()
 
 COMMON = dict(vocab_size=97, hidden_size=32, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
@@ -52,24 +54,35 @@ def build(name, implementation, dtype):
 IMPLEMENTATIONS = {moe_transformers.NAME: moe_transformers.moe_ops_experts_forward,
                    moe_transformers.UNFUSED_NAME: moe_transformers.moe_ops_experts_unfused_forward}
 
+# The moe_ops kernels each implementation must dispatch to, forward and
+# backward, and those it must not (the fused path never runs the unfused one).
+KERNELS = {moe_transformers.NAME: ({"permute", "expert_mlp", "expert_mlp_backward"}, {"grouped_mm", "unpermute"}),
+           moe_transformers.UNFUSED_NAME: ({"permute", "grouped_mm", "unpermute", "unpermute_backward"},
+                                           {"expert_mlp"})}
+
+
+def assert_kernels_ran(calls: MoeOpsCalls, implementation: str):
+    required, excluded = KERNELS[implementation]
+    ran = set(calls.names)
+    assert required <= ran, f"{implementation}: {sorted(required - ran)} never ran (ran: {sorted(ran)})"
+    assert not (excluded & ran), f"{implementation}: {sorted(excluded & ran)} ran"
+
 
 @pytest.mark.parametrize("implementation", sorted(IMPLEMENTATIONS))
 @pytest.mark.parametrize("name", sorted(CONFIGS))
-def test_logits_and_gradients_match_eager(name, implementation, monkeypatch):
+def test_logits_and_gradients_match_eager(name, implementation):
     ours = build(name, implementation, torch.float64)
     eager = build(name, "eager", torch.float64)
     eager.load_state_dict(ours.state_dict())
-    # The experts must really run through our ops (a fallback to eager would
-    # make this test pass trivially).
-    calls = []
-    forward = IMPLEMENTATIONS[implementation]
-    monkeypatch.setitem(transformers.integrations.moe.ExpertsInterface._global_mapping, implementation,
-                        lambda *a, **k: calls.append(1) or forward(*a, **k))
     ids = torch.randint(0, 97, (2, 13), generator=torch.Generator().manual_seed(1))
-    out, ref = ours(ids, labels=ids), eager(ids, labels=ids)
-    assert calls, "the experts did not run through torch_moe_ops"
+    # The experts must really run through our kernels, forward and backward
+    # (a fallback to eager would make this test pass trivially).
+    with MoeOpsCalls() as calls:
+        out = ours(ids, labels=ids)
+        out.loss.backward()
+    assert_kernels_ran(calls, implementation)
+    ref = eager(ids, labels=ids)
     torch.testing.assert_close(out.logits, ref.logits, rtol=1e-10, atol=1e-12)
-    out.loss.backward()
     ref.loss.backward()
     grads = dict(eager.named_parameters())
     for pname, p in ours.named_parameters():
@@ -90,7 +103,7 @@ def test_every_model_takes_the_fused_path(name):
         assert moe_transformers.fused_activation(m) is not None, type(m).__name__
 
 
-def test_unknown_gate_falls_back_to_unfused(monkeypatch):
+def test_unknown_gate_falls_back_to_unfused():
     """A module whose gate expert_mlp does not implement still runs, through
     the module's own gate in the unfused composition."""
     model = build("qwen3_moe", moe_transformers.NAME, torch.float64)
@@ -101,7 +114,11 @@ def test_unknown_gate_falls_back_to_unfused(monkeypatch):
             m.act_fn = torch.nn.Tanh()
     assert all(moe_transformers.fused_activation(m) is None for m in model.modules() if hasattr(m, "has_gate"))
     ids = torch.randint(0, 97, (2, 9), generator=torch.Generator().manual_seed(3))
-    torch.testing.assert_close(model(ids).logits, eager(ids).logits, rtol=1e-10, atol=1e-12)
+    with MoeOpsCalls() as calls:
+        logits = model(ids).logits
+    # Forward only: the unfused kernels, not expert_mlp.
+    assert {"permute", "grouped_mm", "unpermute"} <= set(calls.names) and "expert_mlp" not in calls.names, calls.names
+    torch.testing.assert_close(logits, eager(ids).logits, rtol=1e-10, atol=1e-12)
 
 
 @pytest.mark.parametrize("name", ["qwen3_moe", "gpt_oss"])
@@ -113,6 +130,10 @@ def test_bf16_matches_eager_bf16(name):
     eager = build(name, "eager", torch.bfloat16)
     eager.load_state_dict(ours.state_dict())
     ids = torch.randint(0, 97, (2, 13), generator=torch.Generator().manual_seed(2))
-    a, b = ours(ids).logits.float(), eager(ids).logits.float()
+    with MoeOpsCalls() as calls:
+        a = ours(ids).logits.float()
+    assert "expert_mlp" in calls.names, calls.names
+    b = eager(ids).logits.float()
     assert a.dtype == b.dtype and a.shape == b.shape
-    torch.testing.assert_close(a, b, rtol=0, atol=4 * 2**-8 * b.abs().max().item())
+    # Per element, against each token's logit row (its largest element).
+    assert_rows_close(a, b, torch.bfloat16, 4, name)
