@@ -93,20 +93,42 @@ def test_shard_k_is_partial(mesh, layout):
 
 
 def test_no_sharding_along_group_boundaries(mesh):
-    # 3D x 2D: offs splits N, so N sharding is not offered; 2D x 2D: offs
-    # splits K, so K sharding is not offered. DTensor redistributes instead.
+    # 3D x 2D: offs splits N; 2D x 2D: offs splits K. Refused with the reason,
+    # instead of an all-gather DTensor would plan silently.
     offs = offsets(2, 2, 2, 2)
-    out = run(mesh, torch.randn(4, 3, 8), torch.randn(8, 8), Replicate(), Shard(1), offs=offs)
-    assert out.placements != (Shard(1),)
-    out = run(mesh, torch.randn(3, 8), torch.randn(8, 4), Shard(1), Shard(0), offs=offs)
-    assert out.placements != (Partial(),)
+    with pytest.raises(RuntimeError, match=r"mat_b placed Shard\(1\) \(its N \(columns, grouped by offs\)"):
+        run(mesh, torch.randn(4, 3, 8), torch.randn(8, 8), Replicate(), Shard(1), offs=offs)
+    with pytest.raises(RuntimeError, match=r"mat_a placed Shard\(1\) \(its K \(grouped by offs\)"):
+        run(mesh, torch.randn(3, 8), torch.randn(8, 4), Shard(1), Shard(0), offs=offs)
 
 
-def test_k_sharding_with_bias_is_not_partial(mesh):
+def test_experts_of_2d_layouts_are_refused(mesh):
     offs = offsets(2, 2, 2, 2)
-    out = run(mesh, torch.randn(8, 8), torch.randn(4, 8, 6), Shard(1), Shard(1), offs=offs,
-              bias=torch.randn(4, 6))
-    assert out.placements != (Partial(),)
+    with pytest.raises(RuntimeError, match=r"mat_b placed Shard\(0\) \(its G \(experts\) dimension\).*offs"):
+        run(mesh, torch.randn(8, 8), torch.randn(4, 8, 6), Replicate(), Shard(0), offs=offs)
+
+
+def test_k_sharding_with_bias_is_refused(mesh):
+    offs = offsets(2, 2, 2, 2)
+    with pytest.raises(RuntimeError, match="every rank would add the bias"):
+        run(mesh, torch.randn(8, 8), torch.randn(4, 8, 6), Shard(1), Shard(1), offs=offs, bias=torch.randn(4, 6))
+
+
+@pytest.mark.parametrize("layout", ["3d2d", "2d2d", "3d3d"])
+def test_shard_m(mesh, layout):
+    offs = offsets(2, 0, 3, 3)
+    a, b = {
+        "3d2d": (torch.randn(4, 8, 5), torch.randn(5, 8)),
+        "2d2d": (torch.randn(8, 8), torch.randn(8, 6)),
+        "3d3d": (torch.randn(4, 8, 5), torch.randn(4, 5, 6)),
+    }[layout]
+    offs = None if layout == "3d3d" else offs
+    m_dim = a.dim() - 2
+    out = run(mesh, a, b, Shard(m_dim), Replicate(), offs=offs)
+    full = op(a, b, offs)
+    out_m = full.dim() - 2
+    assert out.placements == (Shard(out_m),)
+    torch.testing.assert_close(out.to_local(), shard0(full, Shard(out_m)))
 
 
 def test_invalid_inputs_raise_the_kernel_message(mesh):
