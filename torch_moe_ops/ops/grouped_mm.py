@@ -72,12 +72,12 @@ def _bias_grad(grad: torch.Tensor, offs: Optional[torch.Tensor], layout: str, dt
         out_dtype = torch.float32 if grad.dtype in (torch.float16, torch.bfloat16) else None
         return _op(ones, grad, offs, None, out_dtype).squeeze(1).to(dtype)
     if layout == "3d2d":
-        # Group g owns columns offs[g-1]:offs[g].
+        # Group g owns columns offs[g-1]:offs[g]. The column indices are made
+        # from offs (new_ones), so that they are DTensors when offs is one.
         col_sum = grad.sum(0, dtype=acc)
-        cols = torch.arange(grad.shape[1], device=grad.device, dtype=offs.dtype)
-        col_group = torch.searchsorted(offs.contiguous(), cols, right=True)
-        groups = torch.arange(offs.shape[0], device=grad.device, dtype=col_group.dtype)
-        mask = col_group.unsqueeze(0) == groups.unsqueeze(1)
+        cols = offs.new_ones(grad.shape[1]).cumsum(0) - 1
+        starts = torch.cat([offs.new_zeros(1), offs[:-1]])
+        mask = (cols.unsqueeze(0) >= starts.unsqueeze(1)) & (cols.unsqueeze(0) < offs.unsqueeze(1))
         return torch.where(mask, col_sum.unsqueeze(0), 0).to(dtype)
     return grad.sum(1, dtype=acc).to(dtype)  # (G, M, N) outputs
 
