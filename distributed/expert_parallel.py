@@ -1,0 +1,132 @@
+"""Expert parallelism for ``torch_moe_ops.nn.MoE`` as a ParallelStyle.
+
+    from torch.distributed.tensor.parallel import parallelize_module
+    parallelize_module(moe, ep_mesh, ExpertParallel())     # ep_mesh: 1-D DeviceMesh
+
+The routed experts' weights become DTensors sharded along the experts
+(``Shard(0)``: rank r owns experts ``[r * E / EP, (r + 1) * E / EP)``); the
+router and the shared expert stay plain, data-parallel parameters (their
+gradients are the local tokens' contributions, reduced by the data-parallel
+wrapper as usual). Each rank routes its own tokens, then the style's experts
+step (replacing ``moe.experts`` on the instance; the model code is unchanged):
+
+1. ``permute`` sorts the rank's (token, slot) rows by expert; the tokens per
+   expert, ``counts (E,)``, are exchanged with an all-to-all (async), so each
+   rank learns how many rows it receives from every peer for each of its
+   experts;
+2. dispatch: ``all_to_all_single`` of the rows with those split sizes (the
+   ``splits`` mode; its one host sync, marked below, reads the send and receive
+   sizes just before the all-to-all, as Megatron-Core does);
+3. the local experts run on the received rows (``permute`` by local expert,
+   the fused or unfused experts of the module's config) with weights 1;
+4. combine: the reverse ``all_to_all_single``, then ``unpermute`` with the
+   routing weights on the token's own rank (weighted sum in fp32, slot order).
+
+Both all-to-alls are ``torch.distributed.nn.functional.all_to_all_single``,
+differentiable: the backward sends the gradients back the same way.
+"""
+
+from __future__ import annotations
+
+import types
+
+import torch
+import torch.distributed as dist
+import torch.distributed.nn.functional as dist_fn
+from torch import nn
+from torch.distributed.device_mesh import DeviceMesh
+from torch.distributed.tensor import DTensor, Shard, distribute_tensor
+from torch.distributed.tensor.parallel import ParallelStyle
+
+from torch_moe_ops.nn.moe import MoE, expert_activation
+from torch_moe_ops.ops import fp8_grouped_mm, fused_experts, grouped_mm, permute, unpermute
+
+__all__ = ["ExpertParallel"]
+
+_EXPERT_PARAMS = ("gate_up_proj", "down_proj", "gate_up_bias", "down_bias")
+
+
+class ExpertParallel(ParallelStyle):
+    """Shards an ``MoE``'s routed experts over a 1-D device mesh and dispatches
+    tokens to them by all-to-all (see the module docstring)."""
+
+    def _apply(self, module: nn.Module, device_mesh: DeviceMesh) -> nn.Module:
+        if not isinstance(module, MoE):
+            raise TypeError(f"ExpertParallel: module must be a torch_moe_ops.nn.MoE, got {type(module).__name__}")
+        if device_mesh.ndim != 1:
+            raise ValueError(f"ExpertParallel: device_mesh must be 1-D (the expert-parallel ranks), got a "
+                             f"{device_mesh.ndim}-D mesh of shape {tuple(device_mesh.shape)}")
+        ep = device_mesh.size()
+        experts = module.config.num_experts
+        if experts % ep != 0:
+            raise ValueError(f"ExpertParallel: num_experts={experts} must be divisible by the expert-parallel size "
+                             f"{ep}")
+        for name in _EXPERT_PARAMS:
+            p = getattr(module, name)
+            if p is None or isinstance(p, DTensor):
+                continue
+            dt = distribute_tensor(p.detach(), device_mesh, [Shard(0)], src_data_rank=self.src_data_rank)
+            module.register_parameter(name, nn.Parameter(dt, requires_grad=p.requires_grad))
+        module._ep_mesh = device_mesh
+        module.experts = types.MethodType(_expert_parallel_experts, module)
+        return module
+
+
+def _local(p):
+    return p.to_local() if isinstance(p, DTensor) else p
+
+
+def _local_experts(module: MoE, rows: torch.Tensor, local_ids: torch.Tensor, num_local: int) -> torch.Tensor:
+    """The rank's experts on rows (R, H) routed by local_ids (R, 1), weight 1:
+    the computation of MoE.experts on the local shards of the weights."""
+    c = module.config
+    gate_up, down = _local(module.gate_up_proj).transpose(-2, -1), _local(module.down_proj).transpose(-2, -1)
+    gate_up_bias, down_bias = _local(module.gate_up_bias), _local(module.down_bias)
+    if c.experts_impl == "fused" and c.fp8_recipe is None:
+        return fused_experts(rows, local_ids, None, gate_up, down, gate_up_bias, down_bias, c.activation,
+                             c.gate_up_interleaved, c.swiglu_alpha, c.swiglu_limit)
+    permuted, dst_rows, _, offs = permute(rows, local_ids, num_local)
+
+    def mm(a, w, bias):
+        if c.fp8_recipe is None:
+            return grouped_mm(a, w, offs, bias)
+        return fp8_grouped_mm(a, w, offs, c.fp8_recipe)
+
+    h = mm(permuted, gate_up, gate_up_bias)
+    return unpermute(mm(expert_activation(h, c), down, down_bias), dst_rows, None)
+
+
+def _expert_parallel_experts(module: MoE, x: torch.Tensor, weights: torch.Tensor,
+                             expert_ids: torch.Tensor) -> torch.Tensor:
+    """MoE.experts under expert parallelism: dispatch, local experts, combine."""
+    mesh = module._ep_mesh
+    group = mesh.get_group()
+    ep = mesh.size()
+    experts = module.config.num_experts
+    num_local = experts // ep
+    tokens, top_k = expert_ids.shape
+
+    # Rows sorted by expert: rank r's experts' rows are one contiguous run.
+    permuted, dst_rows, _, offs = permute(x, expert_ids, experts)
+    counts = torch.diff(offs, prepend=offs.new_zeros(1)).long()
+    # Rows this rank receives from each peer for each local expert, (EP * L,).
+    recv_counts = torch.empty_like(counts)
+    exchange = dist.all_to_all_single(recv_counts, counts, group=group, async_op=True)
+    send_splits = counts.view(ep, num_local).sum(1)
+    exchange.wait()
+    recv_splits = recv_counts.view(ep, num_local).sum(1)
+    # NOTE: host sync: the all-to-all takes its split sizes as Python ints (the
+    # `splits` dispatch mode); one read of both, just before the all-to-all.
+    sizes = torch.cat([send_splits, recv_splits]).tolist()
+    send_sizes, recv_sizes = sizes[:ep], sizes[ep:]
+    received = sum(recv_sizes)
+
+    dispatched = dist_fn.all_to_all_single(permuted.new_empty((received, permuted.shape[1])), permuted,
+                                           recv_sizes, send_sizes, group=group)
+    # The received rows come by peer, each peer's by local expert.
+    local_expert = torch.arange(num_local, device=x.device).repeat(ep)
+    local_ids = torch.repeat_interleave(local_expert, recv_counts, output_size=received).view(-1, 1)
+    y = _local_experts(module, dispatched, local_ids, num_local)
+    combined = dist_fn.all_to_all_single(y.new_empty((tokens * top_k, y.shape[1])), y, send_sizes, recv_sizes,
+                                         group=group)
+    return unpermute(combined, dst_rows, weights)

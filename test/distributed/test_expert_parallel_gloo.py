@@ -1,0 +1,111 @@
+"""ExpertParallel on real processes (gloo, EP = 2 and 4) against the
+single-process MoE: outputs, the input's and the router's gradients (each
+rank's tokens; the router's summed over ranks, as data parallelism would) and
+the experts' gradients (DTensor shards, full_tensor()).
+
+Routings: uniform (random router), skewed (a selection bias favouring a few
+experts), all-to-one-rank (every token picks two experts of rank 0, so the
+other ranks receive zero rows), and a rank that has no tokens at all.
+
+float64. The experts see the same rows in the same order as in one process
+(peers arrive in rank order, each peer's rows in (token, slot) order, which is
+the single-process order of an expert's rows), and the combine is the same
+weighted sum in slot order; what may differ is the blocking of the grouped
+GEMMs over groups of other sizes, a reassociation within K * 2^-53 relative
+(K <= 16 here), so rtol = 1e-12.
+"""
+
+import pytest
+import torch
+import torch.distributed as dist
+from torch.distributed.device_mesh import init_device_mesh
+from torch.distributed.tensor import DTensor, Shard
+from torch.distributed.tensor.parallel import parallelize_module
+
+import torch_moe_ops  # noqa: F401
+from torch_moe_ops.distributed import ExpertParallel
+from torch_moe_ops.nn import MoE, MoEConfig
+
+from multiprocess import run_on_ranks
+
+E = 8
+TOL = dict(rtol=1e-12, atol=1e-14)
+
+
+def _case(mesh, name, config, bias=None, tokens_per_rank=None):
+    rank, world = dist.get_rank(), dist.get_world_size()
+    torch.manual_seed(0)
+    ref = MoE(config, dtype=torch.float64)
+    if bias is not None:
+        ref.score_bias.copy_(bias)
+    ep = MoE(config, dtype=torch.float64)
+    ep.load_state_dict(ref.state_dict())
+    parallelize_module(ep, mesh, ExpertParallel())
+    assert isinstance(ep.gate_up_proj, DTensor) and ep.gate_up_proj.placements == (Shard(0),), name
+    assert ep.gate_up_proj.to_local().shape[0] == E // world, name
+
+    sizes = tokens_per_rank or [6] * world
+    x_full = torch.randn(sum(sizes), config.hidden, dtype=torch.float64)
+    g_full = torch.randn_like(x_full)
+    start = sum(sizes[:rank])
+    rows = slice(start, start + sizes[rank])
+
+    x_ref = x_full.clone().requires_grad_()
+    out_ref, counts_ref = ref(x_ref)[:2]
+    (out_ref * g_full).sum().backward()
+
+    x = x_full[rows].clone().requires_grad_()
+    out, counts = ep(x)[:2]
+    (out * g_full[rows]).sum().backward()
+
+    torch.testing.assert_close(out, out_ref[rows], **TOL, msg=lambda m: f"{name}, output: {m}")
+    dist.all_reduce(counts)
+    assert torch.equal(counts, counts_ref), f"{name}: counts {counts} vs {counts_ref}"
+    torch.testing.assert_close(x.grad, x_ref.grad[rows], **TOL, msg=lambda m: f"{name}, grad of x: {m}")
+    for pname, p_ref in ref.named_parameters():
+        p = getattr(ep, pname)
+        if isinstance(p, DTensor):
+            grad = p.grad.full_tensor()
+        else:  # data-parallel parameter: the local tokens' part, summed over ranks
+            grad = p.grad.clone()
+            dist.all_reduce(grad)
+        torch.testing.assert_close(grad, p_ref.grad, **TOL, msg=lambda m: f"{name}, grad of {pname}: {m}")
+    return counts_ref
+
+
+def _check_expert_parallel():
+    world = dist.get_world_size()
+    mesh = init_device_mesh("cpu", (world,))
+    base = dict(hidden=8, intermediate=6, num_experts=E, top_k=2)
+    _case(mesh, "uniform, fused", MoEConfig(**base))
+    _case(mesh, "uniform, unfused, expert biases, shared expert",
+          MoEConfig(**base, experts_impl="unfused", expert_bias=True, shared_intermediate=4))
+    skew = torch.zeros(E)
+    skew[:3] = torch.tensor([1.0, 0.6, 0.3])
+    counts = _case(mesh, "skewed", MoEConfig(**base, score_bias=True, score_func="sigmoid"), bias=skew)
+    assert counts[:3].sum() > counts[3:].sum(), counts
+    to_rank0 = torch.zeros(E)
+    to_rank0[:2] = 100.0  # experts 0 and 1: both on rank 0, whatever the EP size
+    counts = _case(mesh, "all to one rank", MoEConfig(**base, score_bias=True), bias=to_rank0)
+    assert counts[2:].sum() == 0, counts
+    _case(mesh, "a rank without tokens", MoEConfig(**base), tokens_per_rank=[5] * (world - 1) + [0])
+
+
+def _check_errors():
+    mesh = init_device_mesh("cpu", (dist.get_world_size(),))
+    with pytest.raises(ValueError, match=r"ExpertParallel: num_experts=6 must be divisible by the expert-parallel "
+                                         r"size 4"):
+        parallelize_module(MoE(MoEConfig(hidden=4, intermediate=4, num_experts=6, top_k=1)), mesh, ExpertParallel())
+    with pytest.raises(TypeError, match="ExpertParallel: module must be a torch_moe_ops.nn.MoE, got Linear"):
+        parallelize_module(torch.nn.Linear(2, 2), mesh, ExpertParallel())
+
+
+def _check_all():
+    _check_expert_parallel()
+    if dist.get_world_size() == 4:
+        _check_errors()
+
+
+@pytest.mark.parametrize("world_size", [2, 4])
+def test_expert_parallel_matches_one_process(world_size):
+    run_on_ranks(_check_all, world_size)
