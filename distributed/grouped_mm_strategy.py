@@ -154,14 +154,16 @@ _GROUPED_MM_DIMS = {
 
 _EXPERTS_NEED_DISPATCH = (
     "each rank would need the {what} of its own experts and their offs, which a Shard of the global tensors does "
-    "not give; dispatch the tokens to the experts' ranks first (torch_moe_ops.distributed.ExpertParallel)")
+    "not give; dispatch the tokens to the experts' ranks first (expert parallelism's all-to-all)")
 _GROUP_BOUNDARIES = "offs splits this dimension into groups, so a group boundary would fall between ranks"
 _BIAS_TWICE = ("with K sharded the output is a Partial sum and every rank would add the bias; drop the bias from "
                "the sharded product and add it after the reduction")
 
 
-@register_op_strategy(torch.ops.moe_ops.grouped_mm.default,
-                      schema_info=_static_schema_info(torch.ops.moe_ops.grouped_mm.default))
+_GROUPED_MM = torch.ops.moe_ops.grouped_mm.default
+
+
+@register_op_strategy(_GROUPED_MM, schema_info=_static_schema_info(_GROUPED_MM))
 def grouped_mm_strategy(op_schema: OpSchema) -> StrategyType:
     args = _schema_args(op_schema)
     mat_a, mat_b = _meta_stand_in(args["mat_a"]), _meta_stand_in(args["mat_b"])

@@ -71,7 +71,8 @@ def _metas(args: dict, names) -> list:
 
 _INDEX_REPLICATED = "indices and offs name rows of the whole operands, so every rank needs all of them"
 _TOKENS_NEED_DISPATCH = ("the rows are sorted by expert over all tokens, so a rank's tokens do not make a shard of "
-                         "the output; dispatch tokens with torch_moe_ops.distributed.ExpertParallel")
+                         "the output; dispatch the tokens to the experts' ranks instead (expert parallelism's "
+                         "all-to-all)")
 
 
 # ------------------------------------------------------------ scaled_grouped_mm

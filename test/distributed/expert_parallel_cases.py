@@ -1,7 +1,8 @@
-"""ExpertParallel on real processes (gloo, EP = 2 and 4) against the
-single-process MoE: outputs, the input's and the router's gradients (each
-rank's tokens; the router's summed over ranks, as data parallelism would) and
-the experts' gradients (DTensor shards, full_tensor()).
+"""ExpertParallel on real processes (gloo, EP = 2 and 4; run by test_gloo.py)
+against the single-process MoE: outputs, the input's and the router's
+gradients (each rank's tokens; the router's summed over ranks, as data
+parallelism would) and the experts' gradients (DTensor shards,
+full_tensor()).
 
 Routings: uniform (random router), skewed (a selection bias favouring a few
 experts), all-to-one-rank (every token picks two experts of rank 0, so the
@@ -25,8 +26,6 @@ from torch.distributed.tensor.parallel import parallelize_module
 import torch_moe_ops  # noqa: F401
 from torch_moe_ops.distributed import ExpertParallel
 from torch_moe_ops.nn import MoE, MoEConfig
-
-from multiprocess import run_on_ranks
 
 E = 8
 TOL = dict(rtol=1e-12, atol=1e-14)
@@ -73,7 +72,7 @@ def _case(mesh, name, config, bias=None, tokens_per_rank=None):
     return counts_ref
 
 
-def _check_expert_parallel():
+def _check_routings():
     world = dist.get_world_size()
     mesh = init_device_mesh("cpu", (world,))
     base = dict(hidden=8, intermediate=6, num_experts=E, top_k=2)
@@ -100,12 +99,8 @@ def _check_errors():
         parallelize_module(torch.nn.Linear(2, 2), mesh, ExpertParallel())
 
 
-def _check_all():
-    _check_expert_parallel()
+def check_expert_parallel():
+    _check_routings()
     if dist.get_world_size() == 4:
         _check_errors()
 
-
-@pytest.mark.parametrize("world_size", [2, 4])
-def test_expert_parallel_matches_one_process(world_size):
-    run_on_ranks(_check_all, world_size)

@@ -1,0 +1,22 @@
+"""The distributed tests on real processes (gloo, the CPU backend), 2 and 4
+ranks: every op's DTensor strategies (strategy_cases.py) and ExpertParallel
+(expert_parallel_cases.py). One spawn per world size runs them all: starting
+the processes (imports) costs ~15-20 s each time on a 2-core machine, more
+than the cases themselves. A failing case is named in the rank's traceback.
+"""
+
+import pytest
+
+from expert_parallel_cases import check_expert_parallel
+from multiprocess import run_on_ranks
+from strategy_cases import check_all_strategies
+
+
+def _check_everything():
+    check_all_strategies()
+    check_expert_parallel()
+
+
+@pytest.mark.parametrize("world_size", [2, 4])
+def test_strategies_and_expert_parallel(world_size):
+    run_on_ranks(_check_everything, world_size)
