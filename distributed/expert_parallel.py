@@ -22,7 +22,8 @@ step (replacing ``moe.experts`` on the instance; the model code is unchanged):
 4. combine: the reverse ``all_to_all_single``, then ``unpermute`` with the
    routing weights on the token's own rank (weighted sum in fp32, slot order).
 
-Both all-to-alls are ``torch.distributed.nn.functional.all_to_all_single``,
+Both all-to-alls are functional collectives
+(``torch.distributed._functional_collectives.all_to_all_single_autograd``),
 differentiable: the backward sends the gradients back the same way.
 """
 
@@ -32,7 +33,7 @@ import types
 
 import torch
 import torch.distributed as dist
-import torch.distributed.nn.functional as dist_fn
+import torch.distributed._functional_collectives as funcol
 from torch import nn
 from torch.distributed.device_mesh import DeviceMesh
 from torch.distributed.tensor import DTensor, Shard, distribute_tensor
@@ -51,6 +52,9 @@ class ExpertParallel(ParallelStyle):
     tokens to them by all-to-all (see the module docstring)."""
 
     def _apply(self, module: nn.Module, device_mesh: DeviceMesh) -> nn.Module:
+        # First, before anything a rank could refuse alone: every rank must
+        # shard the same layer, else the all-to-alls would hang or mix tensors.
+        _check_same_on_every_rank(module, device_mesh)
         if not isinstance(module, MoE):
             raise TypeError(f"ExpertParallel: module must be a torch_moe_ops.nn.MoE, got {type(module).__name__}")
         if device_mesh.ndim != 1:
@@ -70,6 +74,31 @@ class ExpertParallel(ParallelStyle):
         module._ep_mesh = device_mesh
         module.experts = types.MethodType(_expert_parallel_experts, module)
         return module
+
+
+def _describe(module: nn.Module) -> dict:
+    if not isinstance(module, MoE):
+        return {"module": type(module).__name__}
+    c = module.config
+    return {"module": type(module).__name__, "num_experts": c.num_experts, "hidden": c.hidden,
+            "intermediate": c.intermediate, "top_k": c.top_k, "activation": c.activation,
+            "experts_impl": c.experts_impl, "fp8_recipe": c.fp8_recipe, "expert_bias": c.expert_bias,
+            "dtype": str(module.gate_up_proj.dtype).replace("torch.", "")}
+
+
+def _check_same_on_every_rank(module: nn.Module, mesh: DeviceMesh) -> None:
+    """One all_gather_object over the mesh; every rank raises the same error
+    when the layers differ (bounded time, no rank left waiting)."""
+    if mesh.ndim != 1:
+        return  # refused right after, by every rank alike
+    mine = _describe(module)
+    every = [None] * mesh.size()
+    dist.all_gather_object(every, mine, group=mesh.get_group())
+    differ = sorted({k for d in every for k in d if d.get(k) != every[0].get(k)})
+    if differ:
+        per_rank = "; ".join(f"rank {r}: " + ", ".join(f"{k}={d.get(k)}" for k in differ) for r, d in enumerate(every))
+        raise ValueError(f"ExpertParallel: the MoE layer differs between the ranks of the mesh in {', '.join(differ)} "
+                         f"({per_rank}); every expert-parallel rank must apply it to the same layer")
 
 
 def _local(p):
@@ -121,12 +150,10 @@ def _expert_parallel_experts(module: MoE, x: torch.Tensor, weights: torch.Tensor
     send_sizes, recv_sizes = sizes[:ep], sizes[ep:]
     received = sum(recv_sizes)
 
-    dispatched = dist_fn.all_to_all_single(permuted.new_empty((received, permuted.shape[1])), permuted,
-                                           recv_sizes, send_sizes, group=group)
+    dispatched = funcol.all_to_all_single_autograd(permuted, recv_sizes, send_sizes, group)
     # The received rows come by peer, each peer's by local expert.
     local_expert = torch.arange(num_local, device=x.device).repeat(ep)
     local_ids = torch.repeat_interleave(local_expert, recv_counts, output_size=received).view(-1, 1)
     y = _local_experts(module, dispatched, local_ids, num_local)
-    combined = dist_fn.all_to_all_single(y.new_empty((tokens * top_k, y.shape[1])), y, send_sizes, recv_sizes,
-                                         group=group)
-    return unpermute(combined, dst_rows, weights)
+    combined = funcol.all_to_all_single_autograd(y, send_sizes, recv_sizes, group)
+    return unpermute(funcol.wait_tensor(combined), dst_rows, weights)

@@ -99,8 +99,26 @@ def _check_errors():
         parallelize_module(torch.nn.Linear(2, 2), mesh, ExpertParallel())
 
 
+def _check_disagreeing_ranks():
+    rank = dist.get_rank()
+    mesh = init_device_mesh("cpu", (dist.get_world_size(),))
+    # The last rank has another top_k and hidden size: every rank fails alike
+    # (none is left waiting in a collective), naming what differs.
+    cfg = MoEConfig(hidden=8 if rank < 3 else 4, intermediate=4, num_experts=8, top_k=2 if rank < 3 else 1)
+    with pytest.raises(ValueError, match=r"ExpertParallel: the MoE layer differs between the ranks of the mesh in "
+                                         r"hidden, top_k \(rank 0: hidden=8, top_k=2; .*rank 3: hidden=4, top_k=1\)"):
+        parallelize_module(MoE(cfg), mesh, ExpertParallel())
+    with pytest.raises(ValueError, match=r"differs between the ranks of the mesh in dtype \(.*rank 1: dtype=float64"):
+        parallelize_module(MoE(MoEConfig(hidden=4, intermediate=4, num_experts=8, top_k=1),
+                               dtype=torch.float64 if rank == 1 else torch.float32), mesh, ExpertParallel())
+    same = MoEConfig(hidden=4, intermediate=4, num_experts=8, top_k=1)
+    with pytest.raises(ValueError, match=r"in module \(rank 0: module=MoE; rank 1: module=MoE; rank 2: module=Linear"):
+        parallelize_module(torch.nn.Linear(2, 2) if rank == 2 else MoE(same), mesh, ExpertParallel())
+
+
 def check_expert_parallel():
     _check_routings()
     if dist.get_world_size() == 4:
         _check_errors()
+        _check_disagreeing_ranks()
 
