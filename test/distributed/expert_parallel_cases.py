@@ -31,20 +31,20 @@ E = 8
 TOL = dict(rtol=1e-12, atol=1e-14)
 
 
-def _case(mesh, name, config, bias=None, tokens_per_rank=None):
+def _case(mesh, name, config, bias=None, tokens_per_rank=None, dtype=torch.float64, tol=TOL):
     rank, world = dist.get_rank(), dist.get_world_size()
     torch.manual_seed(0)
-    ref = MoE(config, dtype=torch.float64)
+    ref = MoE(config, dtype=dtype)
     if bias is not None:
         ref.score_bias.copy_(bias)
-    ep = MoE(config, dtype=torch.float64)
+    ep = MoE(config, dtype=dtype)
     ep.load_state_dict(ref.state_dict())
     parallelize_module(ep, mesh, ExpertParallel())
     assert isinstance(ep.gate_up_proj, DTensor) and ep.gate_up_proj.placements == (Shard(0),), name
     assert ep.gate_up_proj.to_local().shape[0] == E // world, name
 
     sizes = tokens_per_rank or [6] * world
-    x_full = torch.randn(sum(sizes), config.hidden, dtype=torch.float64)
+    x_full = torch.randn(sum(sizes), config.hidden, dtype=dtype)
     g_full = torch.randn_like(x_full)
     start = sum(sizes[:rank])
     rows = slice(start, start + sizes[rank])
@@ -57,10 +57,10 @@ def _case(mesh, name, config, bias=None, tokens_per_rank=None):
     out, counts = ep(x)[:2]
     (out * g_full[rows]).sum().backward()
 
-    torch.testing.assert_close(out, out_ref[rows], **TOL, msg=lambda m: f"{name}, output: {m}")
+    torch.testing.assert_close(out, out_ref[rows], **tol, msg=lambda m: f"{name}, output: {m}")
     dist.all_reduce(counts)
     assert torch.equal(counts, counts_ref), f"{name}: counts {counts} vs {counts_ref}"
-    torch.testing.assert_close(x.grad, x_ref.grad[rows], **TOL, msg=lambda m: f"{name}, grad of x: {m}")
+    torch.testing.assert_close(x.grad, x_ref.grad[rows], **tol, msg=lambda m: f"{name}, grad of x: {m}")
     for pname, p_ref in ref.named_parameters():
         p = getattr(ep, pname)
         if isinstance(p, DTensor):
@@ -68,7 +68,7 @@ def _case(mesh, name, config, bias=None, tokens_per_rank=None):
         else:  # data-parallel parameter: the local tokens' part, summed over ranks
             grad = p.grad.clone()
             dist.all_reduce(grad)
-        torch.testing.assert_close(grad, p_ref.grad, **TOL, msg=lambda m: f"{name}, grad of {pname}: {m}")
+        torch.testing.assert_close(grad, p_ref.grad, **tol, msg=lambda m: f"{name}, grad of {pname}: {m}")
     return counts_ref
 
 
@@ -88,6 +88,11 @@ def _check_routings():
     counts = _case(mesh, "all to one rank", MoEConfig(**base, score_bias=True), bias=to_rank0)
     assert counts[2:].sum() == 0, counts
     _case(mesh, "a rank without tokens", MoEConfig(**base), tokens_per_rank=[5] * (world - 1) + [0])
+    # float8 experts (float32 model): each expert quantises the same rows as
+    # in one process, so only float32 reassociation remains (the router's
+    # gradient summed over ranks in another order): K * 2^-24 ~ 1e-6.
+    _case(mesh, "fp8 rowwise experts", MoEConfig(**base, fp8_recipe="rowwise"), dtype=torch.float32,
+          tol=dict(rtol=1e-5, atol=1e-5))
 
 
 def _check_errors():
