@@ -4,10 +4,11 @@ Importable as ``torch_moe_ops.distributed``. Parallelism stays out of the
 model code in ``torch_moe_ops.nn``. Importing this package registers the
 DTensor sharding strategies of every ``moe_ops`` op (grouped_mm_strategy.py,
 strategies.py); ``ExpertParallel`` (expert_parallel.py) is the ParallelStyle
-that shards an MoE's experts and dispatches tokens by all-to-all.
+that shards an MoE's experts and dispatches tokens by all-to-all;
+``TensorParallelExperts`` shards each expert's intermediate dimension.
 """
 
 from . import grouped_mm_strategy, strategies
-from .expert_parallel import ExpertParallel
+from .expert_parallel import ExpertParallel, TensorParallelExperts
 
-__all__ = ["ExpertParallel", "grouped_mm_strategy", "strategies"]
+__all__ = ["ExpertParallel", "TensorParallelExperts", "grouped_mm_strategy", "strategies"]

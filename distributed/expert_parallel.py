@@ -36,13 +36,13 @@ import torch.distributed as dist
 import torch.distributed._functional_collectives as funcol
 from torch import nn
 from torch.distributed.device_mesh import DeviceMesh
-from torch.distributed.tensor import DTensor, Shard, distribute_tensor
+from torch.distributed.tensor import DTensor, Replicate, Shard, distribute_tensor
 from torch.distributed.tensor.parallel import ParallelStyle
 
 from torch_moe_ops.nn.moe import MoE, expert_activation
 from torch_moe_ops.ops import fp8_grouped_mm, fused_experts, grouped_mm, permute, unpermute
 
-__all__ = ["ExpertParallel"]
+__all__ = ["ExpertParallel", "TensorParallelExperts"]
 
 _EXPERT_PARAMS = ("gate_up_proj", "down_proj", "gate_up_bias", "down_bias")
 
@@ -54,7 +54,7 @@ class ExpertParallel(ParallelStyle):
     def _apply(self, module: nn.Module, device_mesh: DeviceMesh) -> nn.Module:
         # First, before anything a rank could refuse alone: every rank must
         # shard the same layer, else the all-to-alls would hang or mix tensors.
-        _check_same_on_every_rank(module, device_mesh)
+        _check_same_on_every_rank(module, device_mesh, "ExpertParallel")
         if not isinstance(module, MoE):
             raise TypeError(f"ExpertParallel: module must be a torch_moe_ops.nn.MoE, got {type(module).__name__}")
         if device_mesh.ndim != 1:
@@ -86,7 +86,7 @@ def _describe(module: nn.Module) -> dict:
             "dtype": str(module.gate_up_proj.dtype).replace("torch.", "")}
 
 
-def _check_same_on_every_rank(module: nn.Module, mesh: DeviceMesh) -> None:
+def _check_same_on_every_rank(module: nn.Module, mesh: DeviceMesh, style: str) -> None:
     """One all_gather_object over the mesh; every rank raises the same error
     when the layers differ (bounded time, no rank left waiting)."""
     if mesh.ndim != 1:
@@ -97,8 +97,8 @@ def _check_same_on_every_rank(module: nn.Module, mesh: DeviceMesh) -> None:
     differ = sorted({k for d in every for k in d if d.get(k) != every[0].get(k)})
     if differ:
         per_rank = "; ".join(f"rank {r}: " + ", ".join(f"{k}={d.get(k)}" for k in differ) for r, d in enumerate(every))
-        raise ValueError(f"ExpertParallel: the MoE layer differs between the ranks of the mesh in {', '.join(differ)} "
-                         f"({per_rank}); every expert-parallel rank must apply it to the same layer")
+        raise ValueError(f"{style}: the MoE layer differs between the ranks of the mesh in {', '.join(differ)} "
+                         f"({per_rank}); every rank of the mesh must apply it to the same layer")
 
 
 def _local(p):
@@ -157,3 +157,63 @@ def _expert_parallel_experts(module: MoE, x: torch.Tensor, weights: torch.Tensor
     y = _local_experts(module, dispatched, local_ids, num_local)
     combined = funcol.all_to_all_single_autograd(y, send_sizes, recv_sizes, group)
     return unpermute(funcol.wait_tensor(combined), dst_rows, weights)
+
+
+class TensorParallelExperts(ParallelStyle):
+    """Tensor parallelism inside an ``MoE``'s experts over a 1-D device mesh
+    (every rank holds every token and every expert, a slice of each expert's
+    intermediate dimension I): ``gate_up_proj (E, N1, H)`` Shard(1),
+    ``down_proj (E, H, I)`` Shard(2). The experts run as one ``expert_mlp`` on
+    DTensors (its I-sharded strategy: ``h`` sharded, output Partial), reduced
+    by one all-reduce; the router and shared expert stay replicated (plain).
+
+    Needs the fused experts, no expert biases (every rank would add
+    ``down_bias`` to its partial sum), and a non-gated activation or a gated
+    one with ``gate_up_interleaved`` and I divisible by the mesh size (a
+    rank's gate and up columns must pair up). The tokens given to the layer
+    must be the same on every rank.
+    """
+
+    def _apply(self, module: nn.Module, device_mesh: DeviceMesh) -> nn.Module:
+        _check_same_on_every_rank(module, device_mesh, "TensorParallelExperts")
+        if not isinstance(module, MoE):
+            raise TypeError(f"TensorParallelExperts: module must be a torch_moe_ops.nn.MoE, got "
+                            f"{type(module).__name__}")
+        if device_mesh.ndim != 1:
+            raise ValueError(f"TensorParallelExperts: device_mesh must be 1-D, got a {device_mesh.ndim}-D mesh of "
+                             f"shape {tuple(device_mesh.shape)}")
+        c, tp = module.config, device_mesh.size()
+        if c.experts_impl != "fused" or c.fp8_recipe is not None:
+            raise ValueError("TensorParallelExperts: needs the fused experts (experts_impl='fused', fp8_recipe=None), "
+                             f"got experts_impl={c.experts_impl!r}, fp8_recipe={c.fp8_recipe!r}")
+        if c.expert_bias:
+            raise ValueError("TensorParallelExperts: expert_bias=True is not supported: with I sharded each rank "
+                             "computes a partial sum, and every rank would add down_bias")
+        if c.activation in ("swiglu", "geglu", "swiglu_clamped"):
+            if not c.gate_up_interleaved:
+                raise ValueError(f"TensorParallelExperts: the gated activation {c.activation!r} needs "
+                                 "gate_up_interleaved=True: with gate and up as the two halves of N1, a shard of N1 "
+                                 "puts a gate column and its up column on different ranks")
+            if c.intermediate % tp != 0:
+                raise ValueError(f"TensorParallelExperts: intermediate={c.intermediate} must be divisible by the "
+                                 f"tensor-parallel size {tp} (gate_up_interleaved pairs stay on one rank)")
+        for name, dim in (("gate_up_proj", 1), ("down_proj", 2)):
+            p = getattr(module, name)
+            if not isinstance(p, DTensor):
+                dt = distribute_tensor(p.detach(), device_mesh, [Shard(dim)], src_data_rank=self.src_data_rank)
+                module.register_parameter(name, nn.Parameter(dt, requires_grad=p.requires_grad))
+        module._tp_mesh = device_mesh
+        module.experts = types.MethodType(_tensor_parallel_experts, module)
+        return module
+
+
+def _tensor_parallel_experts(module: MoE, x: torch.Tensor, weights: torch.Tensor,
+                             expert_ids: torch.Tensor) -> torch.Tensor:
+    """MoE.experts on replicated DTensors of the (same on every rank) tokens
+    and routing: the I-sharded expert_mlp gives a Partial sum, all-reduced.
+    The backward all-reduces the gradients of x and of the routing weights
+    (Partial sums over I) when they leave the DTensors."""
+    mesh, rep = module._tp_mesh, [Replicate()]
+    as_dtensor = lambda t: DTensor.from_local(t, mesh, rep, run_check=False)  # noqa: E731
+    out = MoE.experts(module, as_dtensor(x), as_dtensor(weights), as_dtensor(expert_ids))
+    return out.redistribute(mesh, rep).to_local()

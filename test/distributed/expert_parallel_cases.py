@@ -24,7 +24,7 @@ from torch.distributed.tensor import DTensor, Shard
 from torch.distributed.tensor.parallel import parallelize_module
 
 import torch_moe_ops  # noqa: F401
-from torch_moe_ops.distributed import ExpertParallel
+from torch_moe_ops.distributed import ExpertParallel, TensorParallelExperts
 from torch_moe_ops.nn import MoE, MoEConfig
 
 E = 8
@@ -121,8 +121,47 @@ def _check_disagreeing_ranks():
         parallelize_module(torch.nn.Linear(2, 2) if rank == 2 else MoE(same), mesh, ExpertParallel())
 
 
+def _check_tensor_parallel():
+    """TensorParallelExperts: every rank has all tokens; each expert's I is
+    split. The I slices' partial sums add in another order: float64
+    reassociation over I <= 8 terms, rtol 1e-12. Every gradient is the full
+    one on every rank (the experts' as DTensor shards)."""
+    world = dist.get_world_size()
+    mesh = init_device_mesh("cpu", (world,))
+    base = dict(hidden=8, intermediate=8, num_experts=4, top_k=2)
+    for name, cfg in [("silu", MoEConfig(**base, activation="silu")),
+                      ("swiglu interleaved, shared expert",
+                       MoEConfig(**base, gate_up_interleaved=True, shared_intermediate=4))]:
+        torch.manual_seed(0)
+        ref = MoE(cfg, dtype=torch.float64)
+        tp = MoE(cfg, dtype=torch.float64)
+        tp.load_state_dict(ref.state_dict())
+        parallelize_module(tp, mesh, TensorParallelExperts())
+        assert tp.gate_up_proj.placements == (Shard(1),) and tp.down_proj.placements == (Shard(2),), name
+        x_full = torch.randn(10, cfg.hidden, dtype=torch.float64)
+        g = torch.randn_like(x_full)
+        x_ref, x = x_full.clone().requires_grad_(), x_full.clone().requires_grad_()
+        out_ref = ref(x_ref)[0]
+        (out_ref * g).sum().backward()
+        out = tp(x)[0]
+        (out * g).sum().backward()
+        name = f"tensor parallel {name}"
+        torch.testing.assert_close(out, out_ref, **TOL, msg=lambda m: f"{name}, output: {m}")
+        torch.testing.assert_close(x.grad, x_ref.grad, **TOL, msg=lambda m: f"{name}, grad of x: {m}")
+        for pname, p_ref in ref.named_parameters():
+            p = getattr(tp, pname)
+            grad = p.grad.full_tensor() if isinstance(p, DTensor) else p.grad
+            torch.testing.assert_close(grad, p_ref.grad, **TOL, msg=lambda m: f"{name}, grad of {pname}: {m}")
+    with pytest.raises(ValueError, match=r"TensorParallelExperts: the gated activation 'swiglu' needs "
+                                         r"gate_up_interleaved=True"):
+        parallelize_module(MoE(MoEConfig(**base)), mesh, TensorParallelExperts())
+    with pytest.raises(ValueError, match=r"TensorParallelExperts: expert_bias=True is not supported"):
+        parallelize_module(MoE(MoEConfig(**base, activation="silu", expert_bias=True)), mesh, TensorParallelExperts())
+
+
 def check_expert_parallel():
     _check_routings()
+    _check_tensor_parallel()
     if dist.get_world_size() == 4:
         _check_errors()
         _check_disagreeing_ranks()
