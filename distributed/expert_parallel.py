@@ -42,7 +42,7 @@ from torch.distributed.tensor.parallel import ParallelStyle
 from torch_moe_ops.nn.moe import MoE, expert_activation
 from torch_moe_ops.ops import fp8_grouped_mm, fused_experts, grouped_mm, permute, unpermute
 
-__all__ = ["ExpertParallel", "TensorParallelExperts"]
+__all__ = ["ExpertParallel", "ExpertTensorParallel", "TensorParallelExperts"]
 
 _EXPERT_PARAMS = ("gate_up_proj", "down_proj", "gate_up_bias", "down_bias")
 
@@ -87,18 +87,41 @@ def _describe(module: nn.Module) -> dict:
 
 
 def _check_same_on_every_rank(module: nn.Module, mesh: DeviceMesh, style: str) -> None:
-    """One all_gather_object over the mesh; every rank raises the same error
-    when the layers differ (bounded time, no rank left waiting)."""
-    if mesh.ndim != 1:
-        return  # refused right after, by every rank alike
+    """One all_gather_object over the mesh (its group if 1-D, the world's if
+    it spans the world); every rank raises the same error when the layers
+    differ (bounded time, no rank left waiting). A multi-dimensional mesh
+    over part of the world is not checked."""
+    if mesh.ndim == 1:
+        group = mesh.get_group()
+    elif mesh.size() == dist.get_world_size():
+        group = None
+    else:
+        return
     mine = _describe(module)
     every = [None] * mesh.size()
-    dist.all_gather_object(every, mine, group=mesh.get_group())
+    dist.all_gather_object(every, mine, group=group)
     differ = sorted({k for d in every for k in d if d.get(k) != every[0].get(k)})
     if differ:
         per_rank = "; ".join(f"rank {r}: " + ", ".join(f"{k}={d.get(k)}" for k in differ) for r, d in enumerate(every))
         raise ValueError(f"{style}: the MoE layer differs between the ranks of the mesh in {', '.join(differ)} "
                          f"({per_rank}); every rank of the mesh must apply it to the same layer")
+
+
+def _check_tensor_parallel_config(style: str, c, tp: int, even: bool) -> None:
+    """What the I-sharded expert_mlp needs (see TensorParallelExperts)."""
+    if c.experts_impl != "fused" or c.fp8_recipe is not None:
+        raise ValueError(f"{style}: needs the fused experts (experts_impl='fused', fp8_recipe=None), "
+                         f"got experts_impl={c.experts_impl!r}, fp8_recipe={c.fp8_recipe!r}")
+    if c.expert_bias:
+        raise ValueError(f"{style}: expert_bias=True is not supported: with I sharded each rank computes a partial "
+                         "sum, and every rank would add down_bias")
+    gated = c.activation in ("swiglu", "geglu", "swiglu_clamped")
+    if gated and not c.gate_up_interleaved:
+        raise ValueError(f"{style}: the gated activation {c.activation!r} needs gate_up_interleaved=True: with gate "
+                         "and up as the two halves of N1, a shard of N1 puts a gate column and its up column on "
+                         "different ranks")
+    if (gated or even) and c.intermediate % tp != 0:
+        raise ValueError(f"{style}: intermediate={c.intermediate} must be divisible by the tensor-parallel size {tp}")
 
 
 def _local(p):
@@ -111,6 +134,14 @@ def _local_experts(module: MoE, rows: torch.Tensor, local_ids: torch.Tensor, num
     c = module.config
     gate_up, down = _local(module.gate_up_proj).transpose(-2, -1), _local(module.down_proj).transpose(-2, -1)
     gate_up_bias, down_bias = _local(module.gate_up_bias), _local(module.down_bias)
+    tp_mesh = getattr(module, "_tp_mesh", None)
+    if tp_mesh is not None:  # ExpertTensorParallel: the TP peers received the same rows
+        rep = [Replicate()]
+        as_dtensor = lambda t, p: DTensor.from_local(t, tp_mesh, p, run_check=False)  # noqa: E731
+        out = fused_experts(as_dtensor(rows, rep), as_dtensor(local_ids, rep), None, as_dtensor(gate_up, [Shard(2)]),
+                            as_dtensor(down, [Shard(1)]), None, None, c.activation, c.gate_up_interleaved,
+                            c.swiglu_alpha, c.swiglu_limit)
+        return out.redistribute(tp_mesh, rep).to_local()
     if c.experts_impl == "fused" and c.fp8_recipe is None:
         return fused_experts(rows, local_ids, None, gate_up, down, gate_up_bias, down_bias, c.activation,
                              c.gate_up_interleaved, c.swiglu_alpha, c.swiglu_limit)
@@ -182,21 +213,7 @@ class TensorParallelExperts(ParallelStyle):
         if device_mesh.ndim != 1:
             raise ValueError(f"TensorParallelExperts: device_mesh must be 1-D, got a {device_mesh.ndim}-D mesh of "
                              f"shape {tuple(device_mesh.shape)}")
-        c, tp = module.config, device_mesh.size()
-        if c.experts_impl != "fused" or c.fp8_recipe is not None:
-            raise ValueError("TensorParallelExperts: needs the fused experts (experts_impl='fused', fp8_recipe=None), "
-                             f"got experts_impl={c.experts_impl!r}, fp8_recipe={c.fp8_recipe!r}")
-        if c.expert_bias:
-            raise ValueError("TensorParallelExperts: expert_bias=True is not supported: with I sharded each rank "
-                             "computes a partial sum, and every rank would add down_bias")
-        if c.activation in ("swiglu", "geglu", "swiglu_clamped"):
-            if not c.gate_up_interleaved:
-                raise ValueError(f"TensorParallelExperts: the gated activation {c.activation!r} needs "
-                                 "gate_up_interleaved=True: with gate and up as the two halves of N1, a shard of N1 "
-                                 "puts a gate column and its up column on different ranks")
-            if c.intermediate % tp != 0:
-                raise ValueError(f"TensorParallelExperts: intermediate={c.intermediate} must be divisible by the "
-                                 f"tensor-parallel size {tp} (gate_up_interleaved pairs stay on one rank)")
+        _check_tensor_parallel_config("TensorParallelExperts", module.config, device_mesh.size(), even=False)
         for name, dim in (("gate_up_proj", 1), ("down_proj", 2)):
             p = getattr(module, name)
             if not isinstance(p, DTensor):
@@ -217,3 +234,38 @@ def _tensor_parallel_experts(module: MoE, x: torch.Tensor, weights: torch.Tensor
     as_dtensor = lambda t: DTensor.from_local(t, mesh, rep, run_check=False)  # noqa: E731
     out = MoE.experts(module, as_dtensor(x), as_dtensor(weights), as_dtensor(expert_ids))
     return out.redistribute(mesh, rep).to_local()
+
+
+class ExpertTensorParallel(ParallelStyle):
+    """Expert and tensor parallelism on a 2-D mesh with named dimensions
+    ``(EP, TP)``: experts Shard(0) over EP and each expert's I over TP
+    (``gate_up_proj`` ``[Shard(0), Shard(1)]``, ``down_proj``
+    ``[Shard(0), Shard(2)]``). The ranks of a TP group hold the same tokens;
+    tokens are dispatched over the EP dimension as in ExpertParallel, then
+    every TP peer runs its I slice of the received rows (the I-sharded
+    expert_mlp), all-reduced over TP before the combine. The constraints of
+    TensorParallelExperts apply, and I must be divisible by the TP size.
+    """
+
+    def _apply(self, module: nn.Module, device_mesh: DeviceMesh) -> nn.Module:
+        _check_same_on_every_rank(module, device_mesh, "ExpertTensorParallel")
+        if not isinstance(module, MoE):
+            raise TypeError(f"ExpertTensorParallel: module must be a torch_moe_ops.nn.MoE, got "
+                            f"{type(module).__name__}")
+        names = device_mesh.mesh_dim_names
+        if device_mesh.ndim != 2 or names is None:
+            raise ValueError("ExpertTensorParallel: device_mesh must be 2-D (EP, TP) with mesh_dim_names, got shape "
+                             f"{tuple(device_mesh.shape)} and mesh_dim_names={names}")
+        ep, tp = device_mesh.size(0), device_mesh.size(1)
+        c = module.config
+        if c.num_experts % ep != 0:
+            raise ValueError(f"ExpertTensorParallel: num_experts={c.num_experts} must be divisible by the "
+                             f"expert-parallel size {ep}")
+        _check_tensor_parallel_config("ExpertTensorParallel", c, tp, even=True)
+        for name, dim in (("gate_up_proj", 1), ("down_proj", 2)):
+            p = getattr(module, name)
+            dt = distribute_tensor(p.detach(), device_mesh, [Shard(0), Shard(dim)], src_data_rank=self.src_data_rank)
+            module.register_parameter(name, nn.Parameter(dt, requires_grad=p.requires_grad))
+        module._ep_mesh, module._tp_mesh = device_mesh[names[0]], device_mesh[names[1]]
+        module.experts = types.MethodType(_expert_parallel_experts, module)
+        return module
