@@ -42,24 +42,34 @@ from torch.distributed.tensor.parallel import ParallelStyle
 from torch_moe_ops.nn.moe import MoE, expert_activation
 from torch_moe_ops.ops import fp8_grouped_mm, fused_experts, grouped_mm, permute, unpermute
 
-__all__ = ["ExpertParallel", "ExpertTensorParallel", "TensorParallelExperts"]
+__all__ = ["ExpertParallel", "ExpertTensorParallel", "TensorParallelExperts", "dispatch_combine"]
 
 _EXPERT_PARAMS = ("gate_up_proj", "down_proj", "gate_up_bias", "down_bias")
 
 
 class ExpertParallel(ParallelStyle):
     """Shards an ``MoE``'s routed experts over a 1-D device mesh and dispatches
-    tokens to them by all-to-all (see the module docstring)."""
+    tokens to them by all-to-all (see the module docstring).
+
+    Also applies to a transformers experts module (``model.model.layers[i].mlp.experts``
+    of a model built with ``use_experts_implementation``): its expert weights
+    (and biases) become Shard(0) DTensors and its forward runs the same
+    dispatch and combine around torch_moe_ops' experts implementation
+    (integrations/transformers.py) on the local experts.
+    """
 
     def _apply(self, module: nn.Module, device_mesh: DeviceMesh) -> nn.Module:
         # First, before anything a rank could refuse alone: every rank must
         # shard the same layer, else the all-to-alls would hang or mix tensors.
         _check_same_on_every_rank(module, device_mesh, "ExpertParallel")
-        if not isinstance(module, MoE):
-            raise TypeError(f"ExpertParallel: module must be a torch_moe_ops.nn.MoE, got {type(module).__name__}")
+        if not isinstance(module, MoE) and not _is_transformers_experts(module):
+            raise TypeError("ExpertParallel: module must be a torch_moe_ops.nn.MoE or a transformers experts "
+                            f"module, got {type(module).__name__}")
         if device_mesh.ndim != 1:
             raise ValueError(f"ExpertParallel: device_mesh must be 1-D (the expert-parallel ranks), got a "
                              f"{device_mesh.ndim}-D mesh of shape {tuple(device_mesh.shape)}")
+        if not isinstance(module, MoE):
+            return _apply_to_transformers_experts(module, device_mesh, self.src_data_rank)
         ep = device_mesh.size()
         experts = module.config.num_experts
         if experts % ep != 0:
@@ -159,15 +169,28 @@ def _local_experts(module: MoE, rows: torch.Tensor, local_ids: torch.Tensor, num
 def _expert_parallel_experts(module: MoE, x: torch.Tensor, weights: torch.Tensor,
                              expert_ids: torch.Tensor) -> torch.Tensor:
     """MoE.experts under expert parallelism: dispatch, local experts, combine."""
-    mesh = module._ep_mesh
+    num_local = module.config.num_experts // module._ep_mesh.size()
+    return dispatch_combine(x, expert_ids, weights, module.config.num_experts, module._ep_mesh,
+                            lambda rows, local_ids: _local_experts(module, rows, local_ids, num_local))
+
+
+def dispatch_combine(x: torch.Tensor, expert_ids: torch.Tensor, weights: torch.Tensor, num_experts: int,
+                     mesh: DeviceMesh, local_experts) -> torch.Tensor:
+    """Expert parallelism's token flow over a 1-D mesh (``splits`` mode).
+
+    ``x (T, H)`` this rank's tokens, ``expert_ids (T, k)`` their experts among
+    ``num_experts`` (rank r owns ``[r * L, (r + 1) * L)``), ``weights (T, k)``
+    the routing weights. ``local_experts(rows (R, H), local_ids (R, 1))``
+    computes this rank's experts on the rows it receives, unweighted. Returns
+    ``(T, H)``: every token's weighted sum of its experts' outputs.
+    """
     group = mesh.get_group()
     ep = mesh.size()
-    experts = module.config.num_experts
-    num_local = experts // ep
+    num_local = num_experts // ep
     tokens, top_k = expert_ids.shape
 
     # Rows sorted by expert: rank r's experts' rows are one contiguous run.
-    permuted, dst_rows, _, offs = permute(x, expert_ids, experts)
+    permuted, dst_rows, _, offs = permute(x, expert_ids, num_experts)
     counts = torch.diff(offs, prepend=offs.new_zeros(1)).long()
     # Rows this rank receives from each peer for each local expert, (EP * L,).
     recv_counts = torch.empty_like(counts)
@@ -185,9 +208,73 @@ def _expert_parallel_experts(module: MoE, x: torch.Tensor, weights: torch.Tensor
     # The received rows come by peer, each peer's by local expert.
     local_expert = torch.arange(num_local, device=x.device).repeat(ep)
     local_ids = torch.repeat_interleave(local_expert, recv_counts, output_size=received).view(-1, 1)
-    y = _local_experts(module, dispatched, local_ids, num_local)
+    y = local_experts(dispatched, local_ids)
     combined = funcol.all_to_all_single_autograd(y, send_sizes, recv_sizes, group)
     return unpermute(funcol.wait_tensor(combined), dst_rows, weights)
+
+
+# ------------------------------------------------- transformers' experts modules
+
+
+def _is_transformers_experts(module: nn.Module) -> bool:
+    """An experts module of transformers (>= 5): use_experts_implementation's
+    interface (num_experts, has_gate, has_bias, is_transposed, down_proj)."""
+    return all(hasattr(module, a) for a in ("num_experts", "has_gate", "has_bias", "is_transposed", "down_proj"))
+
+
+def _transformers_expert_params(module: nn.Module) -> list:
+    up = "gate_up_proj" if module.has_gate else "up_proj"
+    names = [up, "down_proj"]
+    if module.has_bias:
+        names += [f"{up}_bias", "down_proj_bias"]
+    return names
+
+
+def _apply_to_transformers_experts(module: nn.Module, mesh: DeviceMesh, src_data_rank) -> nn.Module:
+    ep = mesh.size()
+    if module.num_experts % ep != 0:
+        raise ValueError(f"ExpertParallel: num_experts={module.num_experts} must be divisible by the "
+                         f"expert-parallel size {ep}")
+    for name in _transformers_expert_params(module):
+        p = module._parameters[name]
+        if not isinstance(p, DTensor):
+            dt = distribute_tensor(p.detach(), mesh, [Shard(0)], src_data_rank=src_data_rank)
+            module.register_parameter(name, nn.Parameter(dt, requires_grad=p.requires_grad))
+    module._ep_mesh = mesh
+    module.forward = types.MethodType(_transformers_expert_parallel_forward, module)
+    return module
+
+
+def _transformers_expert_parallel_forward(self: nn.Module, hidden_states: torch.Tensor, top_k_index: torch.Tensor,
+                                          top_k_weights: torch.Tensor) -> torch.Tensor:
+    """The experts module's forward under expert parallelism: our dispatch and
+    combine around torch_moe_ops' experts implementation of transformers
+    (fused when the module's gate allows), run on the local experts."""
+    from torch_moe_ops.integrations import transformers as moe_tf
+
+    mesh = self._ep_mesh
+    num_experts = self.num_experts
+    num_local = num_experts // mesh.size()
+    names = _transformers_expert_params(self)
+
+    def local_experts(rows, local_ids):
+        # The module's own computation (its gate, activation, norm) on the
+        # local shards: for the call, its parameters are the local tensors
+        # (views of the DTensors, so gradients reach them) and num_experts L.
+        saved = {n: self._parameters[n] for n in names}
+        try:
+            for n in names:
+                self._parameters[n] = saved[n].to_local()
+            self.num_experts = num_local
+            ones = rows.new_ones((rows.shape[0], 1), dtype=torch.float32)
+            return moe_tf.moe_ops_experts_forward(self, rows, local_ids, ones)
+        finally:
+            self._parameters.update(saved)
+            self.num_experts = num_experts
+
+    weights = moe_tf._routing_weights(top_k_index, top_k_weights, hidden_states.dtype)
+    out = dispatch_combine(hidden_states, top_k_index, weights, num_experts, mesh, local_experts)
+    return out.to(hidden_states.dtype)
 
 
 class TensorParallelExperts(ParallelStyle):

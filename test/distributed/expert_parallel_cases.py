@@ -100,7 +100,8 @@ def _check_errors():
     with pytest.raises(ValueError, match=r"ExpertParallel: num_experts=6 must be divisible by the expert-parallel "
                                          r"size 4"):
         parallelize_module(MoE(MoEConfig(hidden=4, intermediate=4, num_experts=6, top_k=1)), mesh, ExpertParallel())
-    with pytest.raises(TypeError, match="ExpertParallel: module must be a torch_moe_ops.nn.MoE, got Linear"):
+    with pytest.raises(TypeError, match="ExpertParallel: module must be a torch_moe_ops.nn.MoE or a transformers "
+                                        "experts module, got Linear"):
         parallelize_module(torch.nn.Linear(2, 2), mesh, ExpertParallel())
 
 
@@ -204,9 +205,62 @@ def _check_expert_tensor_parallel():
                            ExpertTensorParallel())
 
 
+def _check_transformers():
+    """ExpertParallel on the experts of a tiny transformers Qwen3-MoE (built
+    from a config, torch_moe_ops' experts implementation), the batch split
+    over the ranks: logits and every gradient of the single-process model.
+    float64; attention and the rest run per sample, so only BLAS blocking and
+    the order of the router's gradient sum differ (the integration test's
+    tolerances, rtol 1e-9)."""
+    import transformers
+
+    import torch_moe_ops.integrations.transformers as moe_tf
+
+    moe_tf.register()
+    rank, world = dist.get_rank(), dist.get_world_size()
+    mesh = init_device_mesh("cpu", (world,))
+    config = transformers.Qwen3MoeConfig(vocab_size=97, hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
+                                         num_key_value_heads=2, head_dim=8, max_position_embeddings=64,
+                                         intermediate_size=48, moe_intermediate_size=16, num_experts=8,
+                                         num_experts_per_tok=4, norm_topk_prob=True)
+    torch.manual_seed(0)
+    ref = transformers.AutoModelForCausalLM.from_config(config, experts_implementation=moe_tf.NAME,
+                                                        dtype=torch.float64)
+    torch.manual_seed(0)
+    model = transformers.AutoModelForCausalLM.from_config(config, experts_implementation=moe_tf.NAME,
+                                                          dtype=torch.float64)
+    model.load_state_dict(ref.state_dict())
+    experts = [name for name, m in model.named_modules() if name.endswith("mlp.experts")]
+    assert len(experts) == 2, experts
+    for name in experts:
+        parallelize_module(model.get_submodule(name), mesh, ExpertParallel())
+    ids = torch.randint(0, 97, (2 * world, 7), generator=torch.Generator().manual_seed(1))
+    g = torch.randn(2 * world, 7, 97, generator=torch.Generator().manual_seed(2), dtype=torch.float64)
+    rows = slice(2 * rank, 2 * rank + 2)
+    logits_ref = ref(ids).logits
+    (logits_ref * g).sum().backward()
+    logits = model(ids[rows]).logits
+    (logits * g[rows]).sum().backward()
+    tol = dict(rtol=1e-9, atol=1e-12)
+    torch.testing.assert_close(logits, logits_ref[rows], **tol, msg=lambda m: f"transformers logits: {m}")
+    sharded = 0
+    for pname, p_ref in ref.named_parameters():
+        p = model.get_parameter(pname)
+        if isinstance(p, DTensor):
+            sharded += 1
+            grad = p.grad.full_tensor()
+        else:
+            grad = p.grad.clone()
+            dist.all_reduce(grad)
+        torch.testing.assert_close(grad, p_ref.grad, **tol, msg=lambda m: f"transformers, grad of {pname}: {m}")
+    assert sharded == 4, sharded  # gate_up_proj and down_proj of both layers
+
+
 def check_expert_parallel():
     _check_routings()
     _check_tensor_parallel()
+    if dist.get_world_size() == 2:  # transformers' import costs ~10 s per process
+        _check_transformers()
     if dist.get_world_size() == 4:
         _check_errors()
         _check_disagreeing_ranks()
