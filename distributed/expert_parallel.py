@@ -29,6 +29,7 @@ differentiable: the backward sends the gradients back the same way.
 
 from __future__ import annotations
 
+import math
 import types
 
 import torch
@@ -58,6 +59,14 @@ class ExpertParallel(ParallelStyle):
     (integrations/transformers.py) on the local experts.
     """
 
+    def __init__(self, dispatch: str = "splits", capacity_factor: float = 1.25) -> None:
+        if dispatch not in ("splits", "capacity"):
+            raise ValueError(f"ExpertParallel: dispatch must be 'splits' or 'capacity', got {dispatch!r}")
+        if not capacity_factor > 0:
+            raise ValueError(f"ExpertParallel: capacity_factor must be > 0, got {capacity_factor}")
+        self.dispatch = dispatch
+        self.capacity_factor = capacity_factor
+
     def _apply(self, module: nn.Module, device_mesh: DeviceMesh) -> nn.Module:
         # First, before anything a rank could refuse alone: every rank must
         # shard the same layer, else the all-to-alls would hang or mix tensors.
@@ -68,6 +77,7 @@ class ExpertParallel(ParallelStyle):
         if device_mesh.ndim != 1:
             raise ValueError(f"ExpertParallel: device_mesh must be 1-D (the expert-parallel ranks), got a "
                              f"{device_mesh.ndim}-D mesh of shape {tuple(device_mesh.shape)}")
+        module._ep_dispatch = dict(mode=self.dispatch, capacity_factor=self.capacity_factor)
         if not isinstance(module, MoE):
             return _apply_to_transformers_experts(module, device_mesh, self.src_data_rank)
         ep = device_mesh.size()
@@ -171,19 +181,33 @@ def _expert_parallel_experts(module: MoE, x: torch.Tensor, weights: torch.Tensor
     """MoE.experts under expert parallelism: dispatch, local experts, combine."""
     num_local = module.config.num_experts // module._ep_mesh.size()
     return dispatch_combine(x, expert_ids, weights, module.config.num_experts, module._ep_mesh,
-                            lambda rows, local_ids: _local_experts(module, rows, local_ids, num_local))
+                            lambda rows, local_ids: _local_experts(module, rows, local_ids, num_local),
+                            stats=module, **getattr(module, "_ep_dispatch", {}))
 
 
 def dispatch_combine(x: torch.Tensor, expert_ids: torch.Tensor, weights: torch.Tensor, num_experts: int,
-                     mesh: DeviceMesh, local_experts) -> torch.Tensor:
-    """Expert parallelism's token flow over a 1-D mesh (``splits`` mode).
+                     mesh: DeviceMesh, local_experts, mode: str = "splits", capacity_factor: float = 1.25,
+                     stats=None) -> torch.Tensor:
+    """Expert parallelism's token flow over a 1-D mesh.
 
     ``x (T, H)`` this rank's tokens, ``expert_ids (T, k)`` their experts among
     ``num_experts`` (rank r owns ``[r * L, (r + 1) * L)``), ``weights (T, k)``
     the routing weights. ``local_experts(rows (R, H), local_ids (R, 1))``
     computes this rank's experts on the rows it receives, unweighted. Returns
     ``(T, H)``: every token's weighted sum of its experts' outputs.
+
+    ``mode="splits"``: exact split sizes, exchanged first (one host sync).
+    ``mode="capacity"``: no host sync and shapes that depend only on ``T``
+    (CUDA graphs, ``torch.compile(fullgraph=True)``): each rank sends every
+    expert a buffer of ``C = ceil(capacity_factor * T * k / num_experts)``
+    rows (zero-padded); a token's slot beyond its expert's C rows from this
+    rank (in token order) is dropped: it adds nothing to the token's output.
+    Every rank must pass the same T. The number of dropped slots, a tensor,
+    is left in ``stats.ep_dropped`` when stats is given.
     """
+    if mode == "capacity":
+        return _capacity_dispatch_combine(x, expert_ids, weights, num_experts, mesh, local_experts, capacity_factor,
+                                          stats)
     group = mesh.get_group()
     ep = mesh.size()
     num_local = num_experts // ep
@@ -211,6 +235,42 @@ def dispatch_combine(x: torch.Tensor, expert_ids: torch.Tensor, weights: torch.T
     y = local_experts(dispatched, local_ids)
     combined = funcol.all_to_all_single_autograd(y, send_sizes, recv_sizes, group)
     return unpermute(funcol.wait_tensor(combined), dst_rows, weights)
+
+
+def _capacity_dispatch_combine(x, expert_ids, weights, num_experts, mesh, local_experts, capacity_factor, stats):
+    """dispatch_combine's ``capacity`` mode: fixed-size buffers, equal splits,
+    no tensor data read on the host."""
+    group = mesh.get_group()
+    ep = mesh.size()
+    num_local = num_experts // ep
+    tokens, top_k = expert_ids.shape
+    cap = max(1, math.ceil(capacity_factor * tokens * top_k / num_experts))
+    # Routing only (a zero-width view moves no bytes): each (token, slot)'s row
+    # in the expert-sorted order, hence its position among its expert's rows.
+    _, dst_rows, _, offs = permute(x.detach()[:, :0], expert_ids, num_experts)
+    counts = torch.diff(offs, prepend=offs.new_zeros(1)).long()
+    recv_counts = torch.empty_like(counts)
+    exchange = dist.all_to_all_single(recv_counts, counts, group=group, async_op=True)
+    ids = expert_ids.long()
+    starts = offs.long() - counts
+    pos = dst_rows - starts.index_select(0, ids.flatten()).view_as(ids)
+    keep = pos < cap
+    slot = torch.where(keep, ids * cap + pos, num_experts * cap)  # the last row collects the dropped
+    send = x.new_zeros((num_experts * cap + 1, x.shape[1])).index_copy(
+        0, slot.flatten(), x.repeat_interleave(top_k, dim=0))[:-1]
+    sizes = [num_local * cap] * ep
+    received = funcol.all_to_all_single_autograd(send, sizes, sizes, group)
+    # Received rows: [peer][local expert][c], valid while c < that count.
+    local_ids = torch.arange(num_local, device=x.device).repeat_interleave(cap).repeat(ep)
+    c = torch.arange(cap, device=x.device).repeat(ep * num_local)
+    exchange.wait()
+    valid = c < recv_counts.repeat_interleave(cap)
+    y = local_experts(funcol.wait_tensor(received), local_ids.view(-1, 1))
+    y = y * valid.unsqueeze(1).to(y.dtype)
+    combined = funcol.all_to_all_single_autograd(y, sizes, sizes, group)
+    if stats is not None:
+        stats.ep_dropped = (~keep).sum()
+    return unpermute(funcol.wait_tensor(combined), torch.where(keep, slot, -1), weights)
 
 
 # ------------------------------------------------- transformers' experts modules
@@ -273,7 +333,8 @@ def _transformers_expert_parallel_forward(self: nn.Module, hidden_states: torch.
             self.num_experts = num_experts
 
     weights = moe_tf._routing_weights(top_k_index, top_k_weights, hidden_states.dtype)
-    out = dispatch_combine(hidden_states, top_k_index, weights, num_experts, mesh, local_experts)
+    out = dispatch_combine(hidden_states, top_k_index, weights, num_experts, mesh, local_experts, stats=self,
+                           **self._ep_dispatch)
     return out.to(hidden_states.dtype)
 
 

@@ -22,6 +22,7 @@ import torch.distributed as dist
 from torch.distributed.device_mesh import init_device_mesh
 from torch.distributed.tensor import DTensor, Shard
 from torch.distributed.tensor.parallel import parallelize_module
+from torch.utils._python_dispatch import TorchDispatchMode
 
 import torch_moe_ops  # noqa: F401
 from torch_moe_ops.distributed import ExpertParallel, ExpertTensorParallel, TensorParallelExperts
@@ -31,7 +32,7 @@ E = 8
 TOL = dict(rtol=1e-12, atol=1e-14)
 
 
-def _case(mesh, name, config, bias=None, tokens_per_rank=None, dtype=torch.float64, tol=TOL):
+def _case(mesh, name, config, bias=None, tokens_per_rank=None, dtype=torch.float64, tol=TOL, style=None):
     rank, world = dist.get_rank(), dist.get_world_size()
     torch.manual_seed(0)
     ref = MoE(config, dtype=dtype)
@@ -39,7 +40,7 @@ def _case(mesh, name, config, bias=None, tokens_per_rank=None, dtype=torch.float
         ref.score_bias.copy_(bias)
     ep = MoE(config, dtype=dtype)
     ep.load_state_dict(ref.state_dict())
-    parallelize_module(ep, mesh, ExpertParallel())
+    parallelize_module(ep, mesh, style or ExpertParallel())
     assert isinstance(ep.gate_up_proj, DTensor) and ep.gate_up_proj.placements == (Shard(0),), name
     assert ep.gate_up_proj.to_local().shape[0] == E // world, name
 
@@ -69,6 +70,8 @@ def _case(mesh, name, config, bias=None, tokens_per_rank=None, dtype=torch.float
             grad = p.grad.clone()
             dist.all_reduce(grad)
         torch.testing.assert_close(grad, p_ref.grad, **tol, msg=lambda m: f"{name}, grad of {pname}: {m}")
+    if style is not None and style.dispatch == "capacity":
+        assert int(ep.ep_dropped) == 0, f"{name}: {int(ep.ep_dropped)} slots dropped"
     return counts_ref
 
 
@@ -93,6 +96,109 @@ def _check_routings():
     # gradient summed over ranks in another order): K * 2^-24 ~ 1e-6.
     _case(mesh, "fp8 rowwise experts", MoEConfig(**base, fp8_recipe="rowwise"), dtype=torch.float32,
           tol=dict(rtol=1e-5, atol=1e-5))
+
+
+def _check_capacity():
+    """The capacity mode: without drops (capacity_factor = E / top_k: C = T,
+    room for every token) it is the splits mode's layer; with drops it is the
+    single-process layer whose dropped slots (beyond the first C of an expert
+    from a rank, in token order) have weight 0; it reads no tensor data on the
+    host (the splits mode does, once, and is caught by the same checker)."""
+    world = dist.get_world_size()
+    mesh = init_device_mesh("cpu", (world,))
+    base = dict(hidden=8, intermediate=6, num_experts=E, top_k=2)
+    roomy = ExpertParallel(dispatch="capacity", capacity_factor=E / 2)
+    _case(mesh, "capacity, uniform", MoEConfig(**base), style=roomy)
+    to_rank0 = torch.zeros(E)
+    to_rank0[:2] = 100.0
+    _case(mesh, "capacity, all to one rank", MoEConfig(**base, score_bias=True), bias=to_rank0, style=roomy)
+
+    # Drops: C = ceil(1.0 * 6 * 2 / 8) = 2 rows per (rank, expert), skewed routing.
+    rank = dist.get_rank()
+    cfg = MoEConfig(**base, score_bias=True)
+    skew = torch.zeros(E)
+    skew[:3] = torch.tensor([1.0, 0.6, 0.3])
+    torch.manual_seed(0)
+    ref = MoE(cfg, dtype=torch.float64)
+    ref.score_bias.copy_(skew)
+    ep = MoE(cfg, dtype=torch.float64)
+    ep.load_state_dict(ref.state_dict())
+    parallelize_module(ep, mesh, ExpertParallel(dispatch="capacity", capacity_factor=1.0))
+    T, cap = 6, 2
+    x_full = torch.randn(T * world, cfg.hidden, dtype=torch.float64)
+    g_full = torch.randn_like(x_full)
+    x_ref = x_full.clone().requires_grad_()
+    dropped_ref, loss = 0, 0
+    for r in range(world):  # each rank's tokens, its own capacity
+        xr = x_ref[T * r:T * (r + 1)]
+        weights, ids, _ = torch_moe_ops.router_topk(torch.nn.functional.linear(xr, ref.router_weight), cfg.top_k,
+                                                    cfg.score_func, ref.score_bias)
+        keep = torch.ones(ids.shape, dtype=torch.bool)
+        seen = [0] * E
+        for t in range(T):
+            for j in range(cfg.top_k):
+                e = int(ids[t, j])
+                keep[t, j] = seen[e] < cap
+                seen[e] += 1
+        dropped_ref += int((~keep).sum())
+        out_r = ref.experts(xr, weights * keep, ids)
+        if r == rank:
+            out_ref = out_r.detach()
+        loss = loss + (out_r * g_full[T * r:T * (r + 1)]).sum()
+    loss.backward()
+    assert dropped_ref > 0, "the skew must overflow some expert's capacity"
+    rows = slice(T * rank, T * (rank + 1))
+    x = x_full[rows].clone().requires_grad_()
+    out = ep(x)[0]
+    (out * g_full[rows]).sum().backward()
+    dropped = ep.ep_dropped.clone()
+    dist.all_reduce(dropped)
+    assert int(dropped) == dropped_ref, (int(dropped), dropped_ref)
+    name = "capacity with drops"
+    torch.testing.assert_close(out, out_ref, **TOL, msg=lambda m: f"{name}, output: {m}")
+    torch.testing.assert_close(x.grad, x_ref.grad[rows], **TOL, msg=lambda m: f"{name}, grad of x: {m}")
+    for pname, p_ref in ref.named_parameters():
+        p = getattr(ep, pname)
+        grad = p.grad.full_tensor() if isinstance(p, DTensor) else p.grad.clone()
+        if not isinstance(p, DTensor):
+            dist.all_reduce(grad)
+        torch.testing.assert_close(grad, p_ref.grad, **TOL, msg=lambda m: f"{name}, grad of {pname}: {m}")
+
+    # No host reads: forward and backward under a mode that fails on them.
+    x = x_full[rows].clone().requires_grad_()
+    with _NoHostReads():
+        out = ep(x)[0]
+        out.sum().backward()
+    splits = MoE(cfg, dtype=torch.float64)
+    parallelize_module(splits, mesh, ExpertParallel())
+    with pytest.raises(AssertionError, match="host read: tolist"), _NoHostReads():
+        splits(x_full[rows])
+
+
+class _NoHostReads(TorchDispatchMode):
+    """Fails on a read of tensor data by the host: ops tagged
+    data_dependent_output (item, _local_scalar_dense) or dynamic_output_shape
+    (nonzero, masked_select, ...), and Tensor.tolist / item, which CPU tensors
+    serve without the dispatcher."""
+
+    def __enter__(self):
+        self._saved = torch.Tensor.tolist, torch.Tensor.item
+
+        def refuse(name):
+            def fn(*args, **kwargs):
+                raise AssertionError(f"host read: {name}")
+            return fn
+        torch.Tensor.tolist, torch.Tensor.item = refuse("tolist"), refuse("item")
+        return super().__enter__()
+
+    def __exit__(self, *exc):
+        torch.Tensor.tolist, torch.Tensor.item = self._saved
+        return super().__exit__(*exc)
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        if torch.Tag.data_dependent_output in func.tags or torch.Tag.dynamic_output_shape in func.tags:
+            raise AssertionError(f"host read: {func}")
+        return func(*args, **(kwargs or {}))
 
 
 def _check_errors():
@@ -259,6 +365,7 @@ def _check_transformers():
 def check_expert_parallel():
     _check_routings()
     _check_tensor_parallel()
+    _check_capacity()
     if dist.get_world_size() == 2:  # transformers' import costs ~10 s per process
         _check_transformers()
     if dist.get_world_size() == 4:
