@@ -31,6 +31,7 @@ from __future__ import annotations
 
 import math
 import types
+from typing import Optional
 
 import torch
 import torch.distributed as dist
@@ -41,7 +42,15 @@ from torch.distributed.tensor import DTensor, Replicate, Shard, distribute_tenso
 from torch.distributed.tensor.parallel import ParallelStyle
 
 from torch_moe_ops.nn.moe import MoE, expert_activation
-from torch_moe_ops.ops import fp8_grouped_mm, fused_experts, grouped_mm, permute, unpermute
+from torch_moe_ops.ops import (
+    dequantize_fp8,
+    fp8_grouped_mm,
+    fused_experts,
+    grouped_mm,
+    permute,
+    quantize_fp8,
+    unpermute,
+)
 
 __all__ = ["ExpertParallel", "ExpertTensorParallel", "TensorParallelExperts", "dispatch_combine"]
 
@@ -59,13 +68,19 @@ class ExpertParallel(ParallelStyle):
     (integrations/transformers.py) on the local experts.
     """
 
-    def __init__(self, dispatch: str = "splits", capacity_factor: float = 1.25) -> None:
+    def __init__(self, dispatch: str = "splits", capacity_factor: float = 1.25,
+                 fp8_dispatch: Optional[str] = None) -> None:
         if dispatch not in ("splits", "capacity"):
             raise ValueError(f"ExpertParallel: dispatch must be 'splits' or 'capacity', got {dispatch!r}")
         if not capacity_factor > 0:
             raise ValueError(f"ExpertParallel: capacity_factor must be > 0, got {capacity_factor}")
+        if fp8_dispatch not in (None, "rowwise", "mx"):
+            raise ValueError(f"ExpertParallel: fp8_dispatch must be None, 'rowwise' or 'mx', got {fp8_dispatch!r}")
+        if fp8_dispatch is not None and dispatch != "splits":
+            raise ValueError(f"ExpertParallel: fp8_dispatch needs dispatch='splits', got dispatch={dispatch!r}")
         self.dispatch = dispatch
         self.capacity_factor = capacity_factor
+        self.fp8_dispatch = fp8_dispatch
 
     def _apply(self, module: nn.Module, device_mesh: DeviceMesh) -> nn.Module:
         # First, before anything a rank could refuse alone: every rank must
@@ -77,7 +92,8 @@ class ExpertParallel(ParallelStyle):
         if device_mesh.ndim != 1:
             raise ValueError(f"ExpertParallel: device_mesh must be 1-D (the expert-parallel ranks), got a "
                              f"{device_mesh.ndim}-D mesh of shape {tuple(device_mesh.shape)}")
-        module._ep_dispatch = dict(mode=self.dispatch, capacity_factor=self.capacity_factor)
+        module._ep_dispatch = dict(mode=self.dispatch, capacity_factor=self.capacity_factor,
+                                   fp8_dispatch=self.fp8_dispatch)
         if not isinstance(module, MoE):
             return _apply_to_transformers_experts(module, device_mesh, self.src_data_rank)
         ep = device_mesh.size()
@@ -187,7 +203,7 @@ def _expert_parallel_experts(module: MoE, x: torch.Tensor, weights: torch.Tensor
 
 def dispatch_combine(x: torch.Tensor, expert_ids: torch.Tensor, weights: torch.Tensor, num_experts: int,
                      mesh: DeviceMesh, local_experts, mode: str = "splits", capacity_factor: float = 1.25,
-                     stats=None) -> torch.Tensor:
+                     stats=None, fp8_dispatch: Optional[str] = None) -> torch.Tensor:
     """Expert parallelism's token flow over a 1-D mesh.
 
     ``x (T, H)`` this rank's tokens, ``expert_ids (T, k)`` their experts among
@@ -204,6 +220,13 @@ def dispatch_combine(x: torch.Tensor, expert_ids: torch.Tensor, weights: torch.T
     rank (in token order) is dropped: it adds nothing to the token's output.
     Every rank must pass the same T. The number of dropped slots, a tensor,
     is left in ``stats.ep_dropped`` when stats is given.
+
+    ``fp8_dispatch`` (``"rowwise"`` or ``"mx"``, splits mode): the dispatch
+    sends each row as float8_e4m3fn data and its scales (``quantize_fp8``),
+    dequantised on arrival to x's dtype; the combine and the backward stay in
+    x's dtype, the quantisation passed straight through (its gradient taken
+    as the identity), as DeepEP's fp8 dispatch. The bytes the dispatch sent
+    (data and scales) are left in ``stats.ep_dispatch_bytes``.
     """
     if mode == "capacity":
         return _capacity_dispatch_combine(x, expert_ids, weights, num_experts, mesh, local_experts, capacity_factor,
@@ -228,13 +251,46 @@ def dispatch_combine(x: torch.Tensor, expert_ids: torch.Tensor, weights: torch.T
     send_sizes, recv_sizes = sizes[:ep], sizes[ep:]
     received = sum(recv_sizes)
 
-    dispatched = funcol.all_to_all_single_autograd(permuted, recv_sizes, send_sizes, group)
+    if fp8_dispatch is None:
+        dispatched = funcol.all_to_all_single_autograd(permuted, recv_sizes, send_sizes, group)
+        sent = permuted.numel() * permuted.element_size()
+    else:
+        dispatched, sent = _Fp8Dispatch.apply(permuted, fp8_dispatch, recv_sizes, send_sizes, group)
+    if stats is not None:
+        stats.ep_dispatch_bytes = sent
     # The received rows come by peer, each peer's by local expert.
     local_expert = torch.arange(num_local, device=x.device).repeat(ep)
     local_ids = torch.repeat_interleave(local_expert, recv_counts, output_size=received).view(-1, 1)
     y = local_experts(dispatched, local_ids)
     combined = funcol.all_to_all_single_autograd(y, send_sizes, recv_sizes, group)
     return unpermute(funcol.wait_tensor(combined), dst_rows, weights)
+
+
+class _Fp8Dispatch(torch.autograd.Function):
+    """all_to_all_single of rows (R, H) as float8 data + scales, dequantised
+    on arrival; the backward sends the gradient back in its own dtype
+    (straight through the quantisation)."""
+
+    @staticmethod
+    def forward(ctx, rows, recipe, recv_sizes, send_sizes, group):
+        data, scale = quantize_fp8(rows, recipe)
+        # Sent as bytes (gloo has no float8); the scales of a row travel with it.
+        scale_2d = scale.view(rows.shape[0], -1)
+        data_in = funcol.all_to_all_single(data.view(torch.uint8), recv_sizes, send_sizes, group)
+        scale_in = funcol.all_to_all_single(scale_2d.view(torch.uint8), recv_sizes, send_sizes, group)
+        data_in = funcol.wait_tensor(data_in).view(data.dtype)
+        scale_in = funcol.wait_tensor(scale_in).view(scale.dtype)
+        if recipe == "rowwise":
+            scale_in = scale_in.view(-1)
+        ctx.sizes, ctx.group = (recv_sizes, send_sizes), group
+        sent = data.numel() * data.element_size() + scale.numel() * scale.element_size()
+        return dequantize_fp8(data_in, scale_in, recipe, rows.dtype), sent
+
+    @staticmethod
+    def backward(ctx, grad, _):
+        recv_sizes, send_sizes = ctx.sizes
+        back = funcol.all_to_all_single(grad.contiguous(), send_sizes, recv_sizes, ctx.group)
+        return funcol.wait_tensor(back), None, None, None, None
 
 
 def _capacity_dispatch_combine(x, expert_ids, weights, num_experts, mesh, local_experts, capacity_factor, stats):
