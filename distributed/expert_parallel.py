@@ -243,7 +243,7 @@ def dispatch_combine(x: torch.Tensor, expert_ids: torch.Tensor, weights: torch.T
     recv_counts = torch.empty_like(counts)
     exchange = dist.all_to_all_single(recv_counts, counts, group=group, async_op=True)
     send_splits = counts.view(ep, num_local).sum(1)
-    exchange.wait()
+    _wait_for_peers(exchange, mesh)
     recv_splits = recv_counts.view(ep, num_local).sum(1)
     # NOTE: host sync: the all-to-all takes its split sizes as Python ints (the
     # `splits` dispatch mode); one read of both, just before the all-to-all.
@@ -264,6 +264,19 @@ def dispatch_combine(x: torch.Tensor, expert_ids: torch.Tensor, weights: torch.T
     y = local_experts(dispatched, local_ids)
     combined = funcol.all_to_all_single_autograd(y, send_sizes, recv_sizes, group)
     return unpermute(funcol.wait_tensor(combined), dst_rows, weights)
+
+
+def _wait_for_peers(work, mesh: DeviceMesh) -> None:
+    """The first collective of every step: a peer that died (or never calls
+    the layer) shows up here, as the process group's timeout, with a message
+    that says so instead of gloo's or NCCL's bare one."""
+    try:
+        work.wait()
+    except RuntimeError as e:
+        ranks = mesh.mesh.flatten().tolist()
+        raise RuntimeError(f"ExpertParallel: the exchange of token counts with the expert-parallel peers (ranks "
+                           f"{ranks}) failed or timed out: a peer has died or is not running this layer "
+                           f"(process group error: {e})") from e
 
 
 class _Fp8Dispatch(torch.autograd.Function):
@@ -319,7 +332,7 @@ def _capacity_dispatch_combine(x, expert_ids, weights, num_experts, mesh, local_
     # Received rows: [peer][local expert][c], valid while c < that count.
     local_ids = torch.arange(num_local, device=x.device).repeat_interleave(cap).repeat(ep)
     c = torch.arange(cap, device=x.device).repeat(ep * num_local)
-    exchange.wait()
+    _wait_for_peers(exchange, mesh)
     valid = c < recv_counts.repeat_interleave(cap)
     y = local_experts(funcol.wait_tensor(received), local_ids.view(-1, 1))
     y = y * valid.unsqueeze(1).to(y.dtype)

@@ -16,10 +16,13 @@ GEMMs over groups of other sizes, a reassociation within K * 2^-53 relative
 (K <= 16 here), so rtol = 1e-12.
 """
 
+import datetime
+import time
+
 import pytest
 import torch
 import torch.distributed as dist
-from torch.distributed.device_mesh import init_device_mesh
+from torch.distributed.device_mesh import DeviceMesh, init_device_mesh
 from torch.distributed.tensor import DTensor, Shard
 from torch.distributed.tensor.parallel import parallelize_module
 from torch.utils._python_dispatch import TorchDispatchMode
@@ -243,6 +246,24 @@ def _check_fp8_dispatch():
         assert ep.ep_dispatch_bytes <= 0.53 * bf16_bytes, (recipe, ep.ep_dispatch_bytes, bf16_bytes)
 
 
+def _check_dead_peer():
+    """A peer that stops calling the layer (as if it had died): the other
+    fails within its process group's timeout (2 s here) with an error that
+    says so. On a separate group, so that the default one stays usable."""
+    rank = dist.get_rank()
+    group = dist.new_group(backend="gloo", timeout=datetime.timedelta(seconds=2))
+    mesh = DeviceMesh.from_group(group, "cpu")
+    ep = MoE(MoEConfig(hidden=8, intermediate=4, num_experts=E, top_k=2), dtype=torch.float64)
+    parallelize_module(ep, mesh, ExpertParallel())
+    if rank == 0:
+        start = time.monotonic()
+        with pytest.raises(RuntimeError, match=r"ExpertParallel: the exchange of token counts with the "
+                                               r"expert-parallel peers \(ranks \[0, 1\]\) failed or timed out: a "
+                                               r"peer has died"):
+            ep(torch.randn(4, 8, dtype=torch.float64))
+        assert time.monotonic() - start < 30
+
+
 def _check_errors():
     mesh = init_device_mesh("cpu", (dist.get_world_size(),))
     with pytest.raises(ValueError, match=r"ExpertParallel: num_experts=6 must be divisible by the expert-parallel "
@@ -410,6 +431,7 @@ def check_expert_parallel():
     _check_capacity()
     _check_fp8_dispatch()
     if dist.get_world_size() == 2:  # transformers' import costs ~10 s per process
+        _check_dead_peer()
         _check_transformers()
     if dist.get_world_size() == 4:
         _check_errors()
