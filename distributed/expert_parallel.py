@@ -30,6 +30,7 @@ differentiable: the backward sends the gradients back the same way.
 from __future__ import annotations
 
 import math
+import time
 import types
 from typing import Optional
 
@@ -69,7 +70,7 @@ class ExpertParallel(ParallelStyle):
     """
 
     def __init__(self, dispatch: str = "splits", capacity_factor: float = 1.25,
-                 fp8_dispatch: Optional[str] = None) -> None:
+                 fp8_dispatch: Optional[str] = None, chunks: int = 1) -> None:
         if dispatch not in ("splits", "capacity"):
             raise ValueError(f"ExpertParallel: dispatch must be 'splits' or 'capacity', got {dispatch!r}")
         if not capacity_factor > 0:
@@ -78,9 +79,15 @@ class ExpertParallel(ParallelStyle):
             raise ValueError(f"ExpertParallel: fp8_dispatch must be None, 'rowwise' or 'mx', got {fp8_dispatch!r}")
         if fp8_dispatch is not None and dispatch != "splits":
             raise ValueError(f"ExpertParallel: fp8_dispatch needs dispatch='splits', got dispatch={dispatch!r}")
+        if not (isinstance(chunks, int) and chunks >= 1):
+            raise ValueError(f"ExpertParallel: chunks must be an int >= 1, got {chunks!r}")
+        if chunks > 1 and (dispatch != "splits" or fp8_dispatch is not None):
+            raise ValueError("ExpertParallel: chunks > 1 (overlap) needs dispatch='splits' without fp8_dispatch, got "
+                             f"dispatch={dispatch!r}, fp8_dispatch={fp8_dispatch!r}")
         self.dispatch = dispatch
         self.capacity_factor = capacity_factor
         self.fp8_dispatch = fp8_dispatch
+        self.chunks = chunks
 
     def _apply(self, module: nn.Module, device_mesh: DeviceMesh) -> nn.Module:
         # First, before anything a rank could refuse alone: every rank must
@@ -93,7 +100,7 @@ class ExpertParallel(ParallelStyle):
             raise ValueError(f"ExpertParallel: device_mesh must be 1-D (the expert-parallel ranks), got a "
                              f"{device_mesh.ndim}-D mesh of shape {tuple(device_mesh.shape)}")
         module._ep_dispatch = dict(mode=self.dispatch, capacity_factor=self.capacity_factor,
-                                   fp8_dispatch=self.fp8_dispatch)
+                                   fp8_dispatch=self.fp8_dispatch, chunks=self.chunks)
         if not isinstance(module, MoE):
             return _apply_to_transformers_experts(module, device_mesh, self.src_data_rank)
         ep = device_mesh.size()
@@ -203,7 +210,7 @@ def _expert_parallel_experts(module: MoE, x: torch.Tensor, weights: torch.Tensor
 
 def dispatch_combine(x: torch.Tensor, expert_ids: torch.Tensor, weights: torch.Tensor, num_experts: int,
                      mesh: DeviceMesh, local_experts, mode: str = "splits", capacity_factor: float = 1.25,
-                     stats=None, fp8_dispatch: Optional[str] = None) -> torch.Tensor:
+                     stats=None, fp8_dispatch: Optional[str] = None, chunks: int = 1) -> torch.Tensor:
     """Expert parallelism's token flow over a 1-D mesh.
 
     ``x (T, H)`` this rank's tokens, ``expert_ids (T, k)`` their experts among
@@ -221,6 +228,14 @@ def dispatch_combine(x: torch.Tensor, expert_ids: torch.Tensor, weights: torch.T
     Every rank must pass the same T. The number of dropped slots, a tensor,
     is left in ``stats.ep_dropped`` when stats is given.
 
+    ``chunks > 1`` (splits mode): the tokens go in that many chunks; every
+    chunk's dispatch is issued first, then chunk i's experts run while the
+    later chunks' dispatches and chunk i-1's combine are in flight (async
+    collectives), so the all-to-alls overlap the expert GEMMs in the forward.
+    ``stats.ep_trace`` records ``(event, chunk, time.perf_counter())`` for
+    ``experts_start``, ``experts_end`` (the combine is issued right after),
+    ``combine_issued`` and ``combine_done``.
+
     ``fp8_dispatch`` (``"rowwise"`` or ``"mx"``, splits mode): the dispatch
     sends each row as float8_e4m3fn data and its scales (``quantize_fp8``),
     dequantised on arrival to x's dtype; the combine and the backward stay in
@@ -231,6 +246,8 @@ def dispatch_combine(x: torch.Tensor, expert_ids: torch.Tensor, weights: torch.T
     if mode == "capacity":
         return _capacity_dispatch_combine(x, expert_ids, weights, num_experts, mesh, local_experts, capacity_factor,
                                           stats)
+    if chunks > 1:
+        return _chunked_dispatch_combine(x, expert_ids, weights, num_experts, mesh, local_experts, chunks, stats)
     group = mesh.get_group()
     ep = mesh.size()
     num_local = num_experts // ep
@@ -277,6 +294,47 @@ def _wait_for_peers(work, mesh: DeviceMesh) -> None:
         raise RuntimeError(f"ExpertParallel: the exchange of token counts with the expert-parallel peers (ranks "
                            f"{ranks}) failed or timed out: a peer has died or is not running this layer "
                            f"(process group error: {e})") from e
+
+
+def _chunked_dispatch_combine(x, expert_ids, weights, num_experts, mesh, local_experts, chunks, stats):
+    """dispatch_combine's splits mode in chunks, overlapping collectives and experts."""
+    group = mesh.get_group()
+    ep = mesh.size()
+    num_local = num_experts // ep
+    trace = []
+    plans = []
+    for xc, ids_c in zip(x.tensor_split(chunks), expert_ids.tensor_split(chunks)):
+        permuted, dst_rows, _, offs = permute(xc, ids_c, num_experts)
+        counts = torch.diff(offs, prepend=offs.new_zeros(1)).long()
+        recv_counts = torch.empty_like(counts)
+        work = dist.all_to_all_single(recv_counts, counts, group=group, async_op=True)
+        plans.append((permuted, dst_rows, counts, recv_counts, work))
+    for plan in plans:
+        _wait_for_peers(plan[4], mesh)
+    # NOTE: host sync: one read of every chunk's send and receive sizes.
+    sizes = torch.cat([torch.cat([c.view(ep, num_local).sum(1), r.view(ep, num_local).sum(1)])
+                       for _, _, c, r, _ in plans]).tolist()
+    sizes = [(sizes[2 * ep * i:2 * ep * i + ep], sizes[2 * ep * i + ep:2 * ep * (i + 1)]) for i in range(chunks)]
+    dispatched = [funcol.all_to_all_single_autograd(plan[0], recv, send, group)
+                  for plan, (send, recv) in zip(plans, sizes)]
+    local_expert = torch.arange(num_local, device=x.device).repeat(ep)
+    combined = []
+    for i, (plan, (send, recv)) in enumerate(zip(plans, sizes)):
+        rows = funcol.wait_tensor(dispatched[i])
+        trace.append(("experts_start", i, time.perf_counter()))
+        local_ids = torch.repeat_interleave(local_expert, plan[3], output_size=sum(recv)).view(-1, 1)
+        y = local_experts(rows, local_ids)
+        trace.append(("experts_end", i, time.perf_counter()))
+        combined.append(funcol.all_to_all_single_autograd(y, send, recv, group))
+        trace.append(("combine_issued", i, time.perf_counter()))
+    outs = []
+    for i, (plan, w) in enumerate(zip(plans, weights.tensor_split(chunks))):
+        back = funcol.wait_tensor(combined[i])
+        trace.append(("combine_done", i, time.perf_counter()))
+        outs.append(unpermute(back, plan[1], w))
+    if stats is not None:
+        stats.ep_trace = trace
+    return torch.cat(outs)
 
 
 class _Fp8Dispatch(torch.autograd.Function):

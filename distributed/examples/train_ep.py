@@ -85,6 +85,8 @@ def main(argv=None) -> None:
         dist.all_reduce(mean)
         if rank == 0:
             print(f"step {step} loss {mean.item() / world:.4f}", flush=True)
+    # Every rank done with its collectives before the group goes away.
+    dist.barrier()
     dist.destroy_process_group()
 
 

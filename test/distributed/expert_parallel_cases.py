@@ -246,6 +246,43 @@ def _check_fp8_dispatch():
         assert ep.ep_dispatch_bytes <= 0.53 * bf16_bytes, (recipe, ep.ep_dispatch_bytes, bf16_bytes)
 
 
+def _check_overlap():
+    """chunks=3: the single-process layer's outputs and gradients; and with
+    rank 1's experts of chunk 0 slowed by 1 s (so rank 0's combine of chunk
+    0 cannot finish before rank 1 sends it), rank 0 starts chunk 1's experts
+    right after issuing chunk 0's combine, long before that combine finishes."""
+    world, rank = dist.get_world_size(), dist.get_rank()
+    mesh = init_device_mesh("cpu", (world,))
+    base = dict(hidden=8, intermediate=6, num_experts=E, top_k=2)
+    _case(mesh, "overlap, 3 chunks", MoEConfig(**base), style=ExpertParallel(chunks=3),
+          tokens_per_rank=[7] * world)
+
+    import torch_moe_ops.distributed.expert_parallel as ep_module
+
+    torch.manual_seed(0)
+    ep = MoE(MoEConfig(**base), dtype=torch.float64)
+    parallelize_module(ep, mesh, ExpertParallel(chunks=2))
+    original, calls = ep_module._local_experts, []
+
+    def slowed(*args):
+        calls.append(None)
+        if rank == 1 and len(calls) == 1:
+            time.sleep(1.0)
+        return original(*args)
+
+    ep_module._local_experts = slowed
+    try:
+        ep(torch.randn(8, 8, dtype=torch.float64))
+    finally:
+        ep_module._local_experts = original
+    if rank == 0:
+        at = {(event, chunk): t for event, chunk, t in ep.ep_trace}
+        done = at[("experts_end", 0)]  # chunk 0's combine is issued here
+        # Margins for a loaded machine: chunk 0's experts take ~50 ms here.
+        assert at[("experts_start", 1)] - done < 0.3, ep.ep_trace
+        assert at[("combine_done", 0)] - done > 0.5, ep.ep_trace
+
+
 def _check_dead_peer():
     """A peer that stops calling the layer (as if it had died): the other
     fails within its process group's timeout (2 s here) with an error that
@@ -431,6 +468,7 @@ def check_expert_parallel():
     _check_capacity()
     _check_fp8_dispatch()
     if dist.get_world_size() == 2:  # transformers' import costs ~10 s per process
+        _check_overlap()
         _check_dead_peer()
         _check_transformers()
     if dist.get_world_size() == 4:
