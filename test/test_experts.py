@@ -41,21 +41,6 @@ class TestGroupedMMGather(TestCase):
             ref = op.ref(s.input, *s.args, **s.kwargs)
             self.assertEqual(out, ref, exact_dtype=True, **TOLERANCES[out.dtype], msg=s.name)
 
-    @ops([grouped_mm_gather_opinfo], allowed_dtypes=(torch.float32, torch.bfloat16))
-    def test_fake_matches_eager(self, device, dtype, op):
-        for s in op.sample_inputs(device, dtype):
-            out = op(s.input, *s.args, **s.kwargs)
-            with FakeTensorMode() as mode:
-                fout = op(_fake(mode, s.input), *(_fake(mode, a) for a in s.args),
-                          **{k: _fake(mode, v) for k, v in s.kwargs.items()})
-            self.assertEqual((fout.shape, fout.stride(), fout.dtype), (out.shape, out.stride(), out.dtype),
-                             msg=s.name)
-
-    @ops([grouped_mm_gather_opinfo], allowed_dtypes=(torch.float32,))
-    def test_opcheck(self, device, dtype, op):
-        for s in op.sample_inputs(device, dtype):
-            torch.library.opcheck(op.op, (s.input, *s.args), s.kwargs)
-
 instantiate_device_type_tests(TestGroupedMMGather, globals(), only_for=("cpu", "cuda"))
 
 

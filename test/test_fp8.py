@@ -111,36 +111,6 @@ class TestFp8(TestCase):
             else:
                 _assert_same(_call(op, s), op.ref(s.input, *s.args, **s.kwargs), msg=s.name)
 
-    @ops(fp8_op_db)
-    def test_fake_matches_eager(self, device, dtype, op):
-        for s in op.sample_inputs(device, dtype):
-            out = _as_tuple(_call(op, s))
-            with FakeTensorMode() as mode:
-                fout = _as_tuple(op(_fake(mode, s.input), *(_fake(mode, a) for a in s.args),
-                                    **{k: _fake(mode, v) for k, v in s.kwargs.items()}))
-            for o, f in zip(out, fout, strict=True):
-                self.assertEqual((f.shape, f.stride(), f.dtype), (o.shape, o.stride(), o.dtype), msg=s.name)
-
-    @ops(fp8_op_db, allowed_dtypes=(torch.float32, torch.bfloat16, E8M0))
-    def test_opcheck(self, device, dtype, op):
-        # opcheck's test_schema compares the inputs before and after the call
-        # with ops that have no float8 kernels; for float8 inputs the bytes are
-        # compared here instead.
-        utils = ("test_autograd_registration", "test_faketensor", "test_aot_dispatch_dynamic")
-        for s in op.sample_inputs(device, dtype):
-            fp8_input = s.input.dtype.itemsize == 1
-            before = [_bytes(t).clone() for t in (s.input, *s.args) if isinstance(t, torch.Tensor)]
-            torch.library.opcheck(op.op, (s.input, *s.args), s.kwargs,
-                                  test_utils=utils if fp8_input else ("test_schema",) + utils)
-            after = [_bytes(t) for t in (s.input, *s.args) if isinstance(t, torch.Tensor)]
-            for a, b in zip(before, after, strict=True):
-                self.assertTrue(torch.equal(a, b), msg=f"{s.name}: an input was modified")
-
-    @ops(fp8_op_db, allowed_dtypes=(torch.bfloat16, E8M0))
-    def test_deterministic(self, device, dtype, op):
-        for s in op.sample_inputs(device, dtype):
-            _assert_same(_call(op, s), _call(op, s), msg=s.name)
-
     @onlyCPU
     def test_bits_independent_of_thread_count(self, device):
         g = torch.Generator().manual_seed(0)

@@ -57,39 +57,6 @@ class TestGroupedMM(TestCase):
             self.assertEqual(out.dtype, ref.dtype)
             self.assertEqual(out, ref, exact_dtype=True, **TOLERANCES[out.dtype], msg=sample.name)
 
-    @ops(op_db)
-    def test_fake_matches_eager(self, device, dtype, op):
-        for sample in op.sample_inputs(device, dtype):
-            a, b, kw = _detached(sample)
-            out = _call(op, sample)
-            with FakeTensorMode() as mode:
-                fa, fb = mode.from_tensor(a), mode.from_tensor(b)
-                fkw = {k: (mode.from_tensor(v) if isinstance(v, torch.Tensor) else v) for k, v in kw.items()}
-                fout = op(fa, fb, **fkw)
-            self.assertEqual(fout.shape, out.shape, msg=sample.name)
-            self.assertEqual(fout.stride(), out.stride(), msg=sample.name)
-            self.assertEqual(fout.dtype, out.dtype, msg=sample.name)
-
-    @ops(op_db, allowed_dtypes=(torch.float32, torch.bfloat16))
-    def test_opcheck(self, device, dtype, op):
-        for requires_grad in (False, True):
-            for sample in op.sample_inputs(device, dtype, requires_grad=requires_grad):
-                torch.library.opcheck(op.op, (sample.input, *sample.args), sample.kwargs)
-
-    @ops(op_db, allowed_dtypes=(torch.float64,))
-    def test_gradcheck(self, device, dtype, op):
-        # Every sample, the empty ones too: their gradients (zeros for the
-        # operand that is not empty) are checked like any other.
-        for sample in op.sample_inputs(device, dtype, requires_grad=True):
-            kw = dict(sample.kwargs)
-            bias = kw.pop("bias", None)
-            inputs = (sample.input, sample.args[0]) + ((bias,) if bias is not None else ())
-
-            def fn(a, b, *maybe_bias):
-                return op(a, b, bias=maybe_bias[0] if maybe_bias else None, **kw)
-
-            self.assertTrue(torch.autograd.gradcheck(fn, inputs), msg=sample.name)
-
     @ops(op_db, allowed_dtypes=(torch.float32, torch.bfloat16))
     def test_backward_matches_reference(self, device, dtype, op):
         """Gradients against float64 autograd through the loop reference, for
@@ -131,12 +98,6 @@ class TestGroupedMM(TestCase):
                     err = (mine.grad.double() - theirs.grad).abs()
                     self.assertTrue(bool((err <= bound).all()),
                                     msg=f"{sample.name}: {(err - bound).amax().item() if err.numel() else 0} over the bound")
-
-    @ops(op_db, allowed_dtypes=(torch.float32, torch.bfloat16, torch.float16))
-    def test_deterministic(self, device, dtype, op):
-        for sample in op.sample_inputs(device, dtype):
-            first = _call(op, sample)
-            self.assertEqual(_call(op, sample), first, atol=0, rtol=0, msg=sample.name)
 
     @onlyCPU
     def test_bits_independent_of_thread_count(self, device):
