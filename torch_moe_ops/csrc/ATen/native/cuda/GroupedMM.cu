@@ -8,6 +8,7 @@
 // fast path. Hopper kernels of our own replace the routing in a later change.
 
 #include <ATen/native/GroupedMM.h>
+#include <ATen/native/cuda/GroupedMM.cuh>
 
 #include <ATen/core/Tensor.h>
 #include <ATen/Dispatch.h>
@@ -24,21 +25,10 @@
 namespace at::native {
 namespace {
 
-// Zeroes out[i, j] (a rows x cols view with strides rs/cs) wherever the index
-// along the grouped dimension (i if split_rows else j) is >= *covered.
 template <typename scalar_t>
 __global__ void zero_uncovered_kernel(scalar_t* out, int64_t rows, int64_t cols, int64_t rs, int64_t cs,
                                       const int32_t* covered, bool split_rows) {
-  const int64_t limit = covered != nullptr ? static_cast<int64_t>(*covered) : 0;
-  const int64_t total = rows * cols;
-  for (int64_t idx = blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x; idx < total;
-       idx += static_cast<int64_t>(gridDim.x) * blockDim.x) {
-    const int64_t i = idx / cols;
-    const int64_t j = idx % cols;
-    if ((split_rows ? i : j) >= limit) {
-      out[i * rs + j * cs] = scalar_t(0);
-    }
-  }
+  moe_cuda::grouped_mm_zero_uncovered_thread(moe_cuda::this_thread(), out, rows, cols, rs, cs, covered, split_rows);
 }
 
 } // namespace
@@ -46,12 +36,10 @@ __global__ void zero_uncovered_kernel(scalar_t* out, int64_t rows, int64_t cols,
 void grouped_mm_zero_uncovered_cuda(const Tensor& out, const Tensor& offs, bool split_rows) {
   if (out.numel() == 0) return;
   const int32_t* covered = offs.numel() > 0 ? offs.const_data_ptr<int32_t>() + (offs.size(0) - 1) * offs.stride(0) : nullptr;
-  const int64_t total = out.numel();
-  const int threads = 256;
-  const int64_t blocks = std::min<int64_t>((total + threads - 1) / threads, 4096);
+  const auto grid = moe_cuda::grouped_mm_zero_uncovered_launch(out.numel());
   auto stream = at::cuda::getCurrentCUDAStream();
   AT_DISPATCH_FLOATING_TYPES_AND2(kBFloat16, kHalf, out.scalar_type(), "grouped_mm_zero_uncovered", [&] {
-    zero_uncovered_kernel<scalar_t><<<blocks, threads, 0, stream>>>(
+    zero_uncovered_kernel<scalar_t><<<grid.blocks, grid.threads, 0, stream>>>(
         out.mutable_data_ptr<scalar_t>(), out.size(0), out.size(1), out.stride(0), out.stride(1), covered, split_rows);
   });
   C10_CUDA_KERNEL_LAUNCH_CHECK();
