@@ -519,6 +519,8 @@ torchgen parses the patched native_functions.yaml.""",
                 Copy(f"{NATIVE}/cpu/MoEAvx512Utils.h", "torch_moe_ops/csrc/ATen/native/cpu/MoEAvx512Utils.h"),
                 Copy(f"{NATIVE}/cpu/MoEHugePages.h", "torch_moe_ops/csrc/ATen/native/cpu/MoEHugePages.h"),
                 Copy(f"{NATIVE}/cuda/GroupedMM.cu", "torch_moe_ops/csrc/ATen/native/cuda/GroupedMM.cu"),
+                Copy(f"{NATIVE}/cuda/GroupedMM.cuh", "torch_moe_ops/csrc/ATen/native/cuda/GroupedMM.cuh"),
+                Copy(f"{NATIVE}/cuda/MoEThreadPos.cuh", "torch_moe_ops/csrc/ATen/native/cuda/MoEThreadPos.cuh"),
                 Edit(f"{NATIVE}/native_functions.yaml", [(
                     "  dispatch:\n"
                     "    CompositeExplicitAutograd: _grouped_mm\n"
@@ -622,6 +624,7 @@ Here: torchgen parses the patched native_functions.yaml.""",
                 Copy(f"{NATIVE}/MoERouting.cpp", "torch_moe_ops/csrc/ATen/native/MoERouting.cpp"),
                 Copy(f"{NATIVE}/cpu/MoERoutingKernel.cpp", "torch_moe_ops/csrc/ATen/native/cpu/MoERoutingKernel.cpp"),
                 Copy(f"{NATIVE}/cuda/MoERouting.cu", "torch_moe_ops/csrc/ATen/native/cuda/MoERouting.cu"),
+                Copy(f"{NATIVE}/cuda/MoERouting.cuh", "torch_moe_ops/csrc/ATen/native/cuda/MoERouting.cuh"),
                 Edit(f"{NATIVE}/native_functions.yaml", [(
                     "    CPU: grouped_mm_cpu\n"
                     "    CompositeExplicitAutograd: _grouped_mm\n"

@@ -21,7 +21,7 @@ import torch._dynamo.testing
 from hypothesis import given, settings, strategies as st
 from torch._C import DispatchKey
 from torch._subclasses.fake_tensor import FakeTensorMode
-from torch.testing._internal.common_device_type import OpDTypes, instantiate_device_type_tests, onlyCPU, ops
+from torch.testing._internal.common_device_type import OpDTypes, onlyCPU, ops
 from torch.testing._internal.common_utils import TestCase, run_tests
 
 import torch_moe_ops
@@ -35,6 +35,7 @@ from torch_moe_ops.reference import (
 )
 
 from common import assert_same_bits_at_thread_counts
+from _device import instantiate_cpu_and_cuda
 from opinfo_fp8 import make_fp8_op_db, op_db as fp8_op_db
 
 E8M0 = torch.float8_e8m0fnu
@@ -178,7 +179,9 @@ class TestFp8(TestCase):
         self.assertEqual(counter.frame_count, 1, msg="recompiled for new token counts")
 
 
-instantiate_device_type_tests(TestFp8, globals(), only_for=("cpu", "cuda"))
+instantiate_cpu_and_cuda(TestFp8, globals(), gpu_adds=(
+    "upstream's scaled grouped GEMM (e4m3 rowwise on sm_90+, MX on sm_100) and the ATen ops on the device; "
+    "the entries' device-generic code runs on CPU tensors here (entry=cuda_entry)"))
 
 
 # ----------------------------------------------- rounding, independent of the reference

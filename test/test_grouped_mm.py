@@ -11,7 +11,6 @@ import torch._dynamo.testing
 from hypothesis import given, settings, strategies as st
 from torch._subclasses.fake_tensor import FakeTensorMode
 from torch.testing._internal.common_device_type import (
-    instantiate_device_type_tests,
     onlyCPU,
     ops,
 )
@@ -21,6 +20,7 @@ import torch_moe_ops  # noqa: F401
 from torch_moe_ops.reference import torch_grouped_mm
 
 from common import assert_same_bits_at_thread_counts, at_thread_counts
+from _device import instantiate_cpu_and_cuda
 from opinfo import op_db
 
 # Kernels accumulate in fp32 (fp64 for fp64) and round once to the output
@@ -153,7 +153,9 @@ class TestGroupedMM(TestCase):
             self.assertEqual(counter.frame_count, 1, msg=f"recompiled for new token counts ({dtype})")
 
 
-instantiate_device_type_tests(TestGroupedMM, globals(), only_for=("cpu", "cuda"))
+instantiate_cpu_and_cuda(TestGroupedMM, globals(), gpu_adds=(
+    "the CUDA entry on CUDA tensors: upstream's grouped GEMM (bf16, sm_90+), the zero-uncovered kernel after it, "
+    "device-side asserts on offs; its device-generic fallback runs on CPU tensors in test_cuda_entries.py"))
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])

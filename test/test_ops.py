@@ -47,7 +47,7 @@ from torch.fx.experimental.symbolic_shapes import (
     free_unbacked_symbols,
 )
 from torch.testing._internal import composite_compliance
-from torch.testing._internal.common_device_type import OpDTypes, instantiate_device_type_tests, ops
+from torch.testing._internal.common_device_type import OpDTypes, ops
 from torch.testing._internal.common_dtype import all_types_and_complex_and, floating_and_complex_types_and
 from torch.testing._internal.common_utils import TestCase, noncontiguous_like, run_tests
 from torch.testing._internal.opinfo.core import SampleInput
@@ -56,6 +56,7 @@ from torch.utils._pytree import tree_flatten, tree_leaves, tree_map_only, tree_u
 
 import torch_moe_ops
 
+from _device import instantiate_cpu_and_cuda
 from opinfo import op_db as grouped_mm_op_db
 from opinfo_experts import op_db as experts_op_db
 from opinfo_fp8 import op_db as fp8_op_db
@@ -550,7 +551,9 @@ class TestMoEOps(TestCase):
         self.assertEqual(set(INTERNAL_OPS) - reached, set())
 
 
-instantiate_device_type_tests(TestMoEOps, globals(), only_for=("cpu", "cuda"))
+instantiate_cpu_and_cuda(TestMoEOps, globals(), gpu_adds=(
+    "the generic OpInfo checks on CUDA tensors: every CUDA kernel, device-side asserts instead of the "
+    "\"*_values\" errors"))
 
 
 if __name__ == "__main__":

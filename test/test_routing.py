@@ -16,13 +16,14 @@ import torch
 import torch._dynamo.testing
 from hypothesis import given, settings, strategies as st
 from torch._subclasses.fake_tensor import FakeTensorMode
-from torch.testing._internal.common_device_type import instantiate_device_type_tests, onlyCPU, ops
+from torch.testing._internal.common_device_type import onlyCPU, ops
 from torch.testing._internal.common_utils import TestCase, run_tests
 
 import torch_moe_ops  # noqa: F401
 from torch_moe_ops.reference import torch_permute, torch_router_topk, torch_unpermute
 
 from common import assert_same_bits_at_thread_counts
+from _device import instantiate_cpu_and_cuda
 from opinfo_routing import op_db as routing_op_db, random_routing
 
 # router_topk weights: the kernel and the reference both compute the scores in
@@ -133,7 +134,9 @@ class TestRouting(TestCase):
         self.assertEqual(counter.frame_count, 1, msg="recompiled for new token counts")
 
 
-instantiate_device_type_tests(TestRouting, globals(), only_for=("cpu", "cuda"))
+instantiate_cpu_and_cuda(TestRouting, globals(), gpu_adds=(
+    "the routing kernels on the device: launches, barriers, atomics, the memory model, the device's exp; "
+    "their bodies run on the host in test_routing_device_logic.py"))
 
 
 # ------------------------------------------------------ hypothesis properties
