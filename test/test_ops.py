@@ -274,7 +274,11 @@ class TestMoEOps(TestCase):
 
             # Detached leaves with the samples' strides (some samples are views).
             inputs = tuple(t.detach().requires_grad_() for t in leaves)
-            self.assertTrue(torch.autograd.gradcheck(fn, inputs), msg=s.name)
+            # The full Jacobian costs two calls per input element: past a few
+            # hundred elements, fast mode's random projections of it (upstream's
+            # gradcheck_fast_mode) check the same formulas in a few calls.
+            fast = sum(t.numel() for t in inputs) > 256
+            self.assertTrue(torch.autograd.gradcheck(fn, inputs, fast_mode=fast), msg=s.name)
         self.assertGreater(checked, 0, msg=f"{op.name}: no sample was gradchecked")
 
     def _check_float32_leaf_grad(self, op, s, leaf):
