@@ -180,6 +180,7 @@ ROUTING_CHECK_NAMES = {
     "permute_num_rows": "_moe_permute_num_rows",
     "check_permute_inputs": "_moe_permute_check_inputs",
     "check_unpermute_inputs": "_moe_unpermute_check_inputs",
+    "check_unpermute_backward_inputs": "_moe_unpermute_backward_check_inputs",
 }
 
 ROUTING_FAKES = {

@@ -224,3 +224,34 @@ def test_cuda_kernels_registered_for_routing_ops():
 
 if __name__ == "__main__":
     run_tests()
+
+
+def _unpermute_backward_args():
+    dst = torch.tensor([[0, 2], [1, -1], [3, 4]])
+    return dict(grad_output=torch.randn(3, 5), dst_rows=dst, num_rows=6, weights=torch.rand(3, 2),
+                permuted=torch.randn(6, 5))
+
+
+@pytest.mark.parametrize("change, regex", [
+    (dict(grad_output=torch.randn(3, 4)), r"grad_output must be as wide as permuted \(5\), got sizes \[3, 4\]"),
+    (dict(grad_output=torch.randn(3, 5).double()), r"grad_output must have permuted's dtype \(Float\), got Double"),
+    (dict(grad_output=torch.ones(3, 5, dtype=torch.int32)),
+     r"grad_output must be float32, float16, bfloat16 or float64, got Int"),
+    (dict(grad_output=torch.randn(2, 5)), r"grad_output must be 2-D with one row per token \(3\), got sizes \[2, 5\]"),
+    (dict(num_rows=7), r"num_rows must be permuted's row count \(6\), got 7"),
+    (dict(num_rows=-1, permuted=None, weights=None), r"num_rows must be >= 0, got -1"),
+    (dict(dst_rows=torch.zeros(3, dtype=torch.long), permuted=None, weights=None),
+     r"dst_rows must be 2-D \(tokens, top_k\), got 1-D"),
+    (dict(dst_rows=torch.zeros(3, 2, dtype=torch.int32), permuted=None, weights=None),
+     r"dst_rows must be int64, got Int"),
+])
+def test_unpermute_backward_errors_in_eager_and_fake(change, regex):
+    """unpermute_backward has no OpInfo (it is unpermute's backward, reached by
+    the gradient tests), but it is a public op: a gradient of the wrong width
+    or dtype must be an error naming it, in eager and in fake mode."""
+    kw = {**_unpermute_backward_args(), **change}
+    with pytest.raises(ValueError, match="unpermute_backward: " + regex):
+        torch.ops.moe_ops.unpermute_backward(**kw)
+    with FakeTensorMode() as mode, pytest.raises(ValueError, match="unpermute_backward: " + regex):
+        torch.ops.moe_ops.unpermute_backward(
+            **{k: mode.from_tensor(v) if isinstance(v, torch.Tensor) else v for k, v in kw.items()})

@@ -43,6 +43,7 @@ import pytest
 import torch
 
 import torch_moe_ops  # noqa: F401  (loads _C, which registers moe_ops_testing)
+from torch_moe_ops.reference import torch_router_topk
 
 from opinfo_routing import PERMUTE_DTYPES, make_rows, op_db, random_routing
 from test_routing import WEIGHT_TOL
@@ -232,16 +233,17 @@ def test_unpermute_on_host_rejects_bad_rows():
         on_host.unpermute_backward_on_host(torch.randn(3, 4), bad - 8, 6)
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "open: a group whose two best keys are +inf and -inf (softmax_after_topk on infinite logits, n_group > 1) "
-    "has the key inf + -inf = NaN, which no ranking orders: the CUDA body keeps every NaN group (possibly more "
-    "than topk_group), the CPU kernel's insertion keeps an arbitrary topk_group of them, the reference's sort puts "
-    "NaN first. Needs a rule in the op's contract (CPU, CUDA, reference alike)."))
 def test_router_topk_nan_group_keys():
+    """A group whose two best keys are +inf and -inf (softmax_after_topk on
+    infinite logits, n_group > 1) has the key inf + -inf = NaN: the contract
+    ranks it as -inf (as a NaN expert key), ties by lower group id, on the
+    CUDA body, the CPU kernel and the reference alike."""
     g = torch.Generator().manual_seed(0)
     for _ in range(50):
         x = torch.randint(-3, 4, (16, 16), generator=g).double()
         m = torch.rand(16, 16, generator=g)
         x[m < 0.15], x[m > 0.85] = float("inf"), -float("inf")
         kw = dict(score_func="softmax_after_topk", n_group=4, topk_group=2)
-        _assert_same(on_host.router_topk_on_host(x, 3, **kw)[1], torch.ops.moe_ops.router_topk(x, 3, **kw)[1], "")
+        ids = torch.ops.moe_ops.router_topk(x, 3, **kw)[1]
+        _assert_same(on_host.router_topk_on_host(x, 3, **kw)[1], ids, "CUDA body")
+        _assert_same(torch_router_topk(x, 3, **kw)[1], ids, "reference")

@@ -184,7 +184,9 @@ C10_HOST_DEVICE inline void router_topk_token(const RouterTopkArgs<scalar_t, acc
           second = v;
         }
       }
-      return group_size > 1 ? first + second : first;
+      // +inf + -inf: a NaN key ranks as -inf, as a NaN expert key does.
+      const acc_t sum = group_size > 1 ? first + second : first;
+      return sum != sum ? ninf : sum;
     };
     group_mask = 0;
     for (int64_t g = 0; g < a.n_group; ++g) {
