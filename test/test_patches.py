@@ -18,6 +18,8 @@ the result:
   and OpInfos resolve to the ops the patched yaml generates (with their
   schemas); the patched meta function, OpInfo and DTensor strategy are run
   against this package's kernels;
+* the base tree holds every upstream file the series edits, and no new file
+  takes an upstream path (patches/upstream_tree.txt);
 * regenerating the series reproduces patches/ byte for byte;
 * bad input to the generator fails naming the file (and line); a kernel that
   does not match the yaml, a kernel name no file defines, a misspelt aten name
@@ -43,7 +45,7 @@ import torchgen
 from torch._subclasses.fake_tensor import FakeTensorMode
 
 import torch_moe_ops  # noqa: F401
-from patches import generate, manifest, proof, rewrite
+from patches import base, generate, manifest, proof, rewrite, upstream_tree
 from patches.errors import PatchError
 
 from opinfo import error_inputs_grouped_mm, sample_inputs_grouped_mm
@@ -92,6 +94,48 @@ def test_kernel_files_are_the_extension_sources(tree):
     for change in copies:
         assert filecmp.cmp(os.path.join(tree, change.path), os.path.join(manifest.REPO_ROOT, change.source),
                            shallow=False), change.path
+
+
+def series_paths(tree, status):
+    """Paths the series adds (status "A") or modifies ("M")."""
+    return generate.git(tree, "diff", "--name-only", f"--diff-filter={status}", f"HEAD~{NUM_PATCHES}", "HEAD").split()
+
+
+def test_base_tree_holds_every_upstream_file_the_series_edits(tree):
+    """Every file a patch modifies is in the base tree, from the wheel (none
+    needs vendoring: patches/base.py), and is listed upstream."""
+    edited = series_paths(tree, "M")
+    assert edited and set(edited) <= set(base.WHEEL_PATHS), set(edited) - set(base.WHEEL_PATHS)
+    assert set(edited) <= set(upstream_tree.load().wheel)
+
+
+def test_upstream_tree_is_current():
+    listed = upstream_tree.load()
+    assert listed.dirs == upstream_tree.touched_dirs(), \
+        "the series touches other directories: run `python -m patches.upstream_tree`"
+    if listed.torch_version != torch.__version__:
+        pytest.skip(f"patches/upstream_tree.txt lists torch {listed.torch_version}, "
+                    f"torch {torch.__version__} is installed")
+    assert listed.wheel == upstream_tree.wheel_paths(listed.dirs), "run `python -m patches.upstream_tree`"
+
+
+def test_new_files_take_no_upstream_path(tree):
+    """No new file of the series lands on an upstream path (up to case), and
+    each was looked up upstream (an `absent` line of patches/upstream_tree.txt)."""
+    new = series_paths(tree, "A")
+    listed = upstream_tree.load()
+    assert not upstream_tree.collisions(new, listed.upstream()), upstream_tree.collisions(new, listed.upstream())
+    assert not set(new) - set(listed.absent), (
+        f"new files never looked up upstream: {sorted(set(new) - set(listed.absent))}; check that v2.14.1 has no "
+        "such path and add an `absent` line to patches/upstream_tree.txt")
+    assert not set(listed.absent) - set(new), f"stale `absent` lines: {sorted(set(listed.absent) - set(new))}"
+
+
+def test_collision_up_to_case_is_found():
+    listed = upstream_tree.load()
+    assert upstream_tree.collisions(["aten/src/ATen/native/groupedmmutils.h", "aten/src/ATen/native/GroupedMM.h"],
+                                    listed.upstream()) == [("aten/src/ATen/native/groupedmmutils.h",
+                                                            "aten/src/ATen/native/GroupedMMUtils.h")]
 
 
 # (b) ----------------------------------------------------------------------
