@@ -545,8 +545,10 @@ def carried_files() -> list[str]:
 @functools.lru_cache(maxsize=None)
 def cuda_toolkit() -> str | None:
     """A CUDA toolkit (nvcc and the CUDA headers), as setup.py finds one."""
+    from torch.utils import cpp_extension
+
     explicit = os.environ.get("CUDA_HOME") or os.environ.get("CUDA_PATH")
-    for home in [explicit] if explicit else ["/usr/local/cuda"]:
+    for home in [explicit] if explicit else [cpp_extension.CUDA_HOME, "/usr/local/cuda"]:
         if home and all(os.path.isfile(os.path.join(home, f))
                         for f in ("bin/nvcc", "include/cuda_runtime.h", "include/crt/host_defines.h")):
             return home
