@@ -12,6 +12,8 @@ CACHE ?= $(HOME)/.cache/torch-moe-ops
 VENV ?= $(CACHE)/venv-$(REQ_HASH)
 PY := $(VENV)/bin/python
 export TORCHINDUCTOR_CACHE_DIR ?= $(CACHE)/inductor
+# patches/proof.py caches the generated ATen headers and compile results here.
+export TORCH_MOE_OPS_CACHE ?= $(CACHE)
 export MAX_JOBS ?= 2
 export PYTHONPATH := $(CURDIR)$(if $(PYTHONPATH),:$(PYTHONPATH))
 
