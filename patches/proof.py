@@ -667,10 +667,20 @@ def headers_not_compiled(tree: str, autograd_root: str | None) -> list[str]:
     if autograd_root is not None:
         texts.append(_read(os.path.join(autograd_root, GENERATED_AUTOGRAD, "Functions.cpp")))
     headers = [p for p in carried_files() if p.endswith((".h", ".cuh"))]
+
     def included(path: str) -> bool:
         rel = path.split("aten/src/", 1)[-1]
         return any(f"<{rel}>" in t or f'"{rel}"' in t for t in texts)
-    return [h for h in headers if not included(h)]
+
+    # Headers reach a unit through other headers too: include them until no
+    # more are reached.
+    reached: set[str] = set()
+    while True:
+        new = [h for h in headers if h not in reached and included(h)]
+        if not new:
+            return [h for h in headers if h not in reached]
+        reached.update(new)
+        texts += [_read(os.path.join(tree, h)) for h in new]
 
 
 @functools.lru_cache(maxsize=None)

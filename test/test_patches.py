@@ -90,7 +90,9 @@ def test_series_apply_in_order(tree):
 def test_kernel_files_are_the_extension_sources(tree):
     copies = [c for p in manifest.SERIES[0].patches for c in p.changes
               if isinstance(c, manifest.Copy) and c.path.startswith("aten/")]
-    assert len(copies) == 19
+    # Which sources must be carried is manifest.check_coverage's business
+    # (every native source carried or NOT_UPSTREAMED); here, that they are.
+    assert copies
     for change in copies:
         assert filecmp.cmp(os.path.join(tree, change.path), os.path.join(manifest.REPO_ROOT, change.source),
                            shallow=False), change.path
