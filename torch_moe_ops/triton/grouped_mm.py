@@ -1,0 +1,361 @@
+"""Persistent grouped GEMM in Triton: ``moe_ops::grouped_mm`` and the row gather of
+``moe_ops::grouped_mm_gather``.
+
+One kernel serves the four layouts of ``torch._grouped_mm``. Per group ``g`` the
+problem is ``out[g][M_lo:M_hi, N_lo:N_hi] = A[g][M, K_lo:K_hi] @ B[g][K_lo:K_hi, N]
+(+ bias[g])``, where the range ``offs[g-1]:offs[g]`` is read on the device and
+splits M (2D x 3D), N (3D x 2D) or K (2D x 2D); 3D x 3D splits nothing. A 2-D
+operand has group stride 0. Rows (2D x 3D) or columns (3D x 2D) past ``offs[-1]``
+are one more "tail" group with an empty K range, so the kernel writes their zeros
+and the output needs no memset.
+
+Schedule: a persistent grid of ``min(#SMs, tile bound)`` programs. Every program
+walks the groups in order, counting their tiles (from ``offs``, on the device:
+no host sync), and takes tiles ``pid, pid + P, pid + 2P, ...`` of that global
+numbering. Within a group tiles run M-fastest, so programs that run at the same
+time share the weight tile B[g][:, n-block] (the large operand of an MoE layer).
+
+Loads are pointer loads with masks, through the strides: any storage order of
+either operand works, in particular weights stored (G, K, N) or (G, N, K).
+No TMA descriptors yet: group boundaries cut tiles, A rows may be gathered and the
+test shapes are not 16-byte aligned, so TMA would need a second code path
+(masked pointer tiles at group edges, a scratch allocator for device-side
+descriptors); left for when it can be timed on a GPU.
+
+Accumulation is fp32 (``tl.dot``: wgmma on sm_90 for fp16/bf16). fp32 inputs
+use the exact (``ieee``) product unless ``allow_tf32=True``.
+"""
+
+from __future__ import annotations
+
+import functools
+import os
+from typing import Optional
+
+import torch
+import triton
+import triton.language as tl
+
+from .. import _checks
+
+# Layout codes (constexpr LAYOUT).
+LAYOUT_2D3D, LAYOUT_3D2D, LAYOUT_2D2D, LAYOUT_3D3D = 0, 1, 2, 3
+_LAYOUTS = {"2d3d": LAYOUT_2D3D, "3d2d": LAYOUT_3D2D, "2d2d": LAYOUT_2D2D, "3d3d": LAYOUT_3D3D}
+
+_TL_DTYPES = {torch.float16: tl.float16, torch.bfloat16: tl.bfloat16, torch.float32: tl.float32}
+SUPPORTED_DTYPES = tuple(_TL_DTYPES)
+
+
+@triton.jit
+def grouped_mm_kernel(
+    a_ptr, b_ptr, out_ptr, bias_ptr, offs_ptr, a_index_ptr,
+    G, M, N, K,
+    stride_ag, stride_am, stride_ak,
+    stride_bg, stride_bk, stride_bn,
+    stride_og, stride_om, stride_on,
+    stride_biasg, stride_biasn,
+    num_programs,
+    LAYOUT: tl.constexpr,
+    HAS_BIAS: tl.constexpr,
+    HAS_A_INDEX: tl.constexpr,
+    INPUT_PRECISION: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    BLOCK_K: tl.constexpr,
+):
+    # M, N: extents of the output's last two dims (N of 3D x 2D spans every group);
+    # K: the contraction extent (2D x 2D: all groups' K). One function calling no @triton.jit
+    # helper (tl.cdiv is one): tests run it in Triton's interpreter through
+    # InterpretedFunction(fn) without TRITON_INTERPRET=1, and a helper would still be compiled.
+    pid = tl.program_id(0)
+    # Tiles per group: (split extent / block) x FIXED tiles of the dims offs does not split.
+    if LAYOUT == 0:
+        FIXED = (N + BLOCK_N - 1) // BLOCK_N
+        SPLIT_TOTAL = M
+    elif LAYOUT == 1:
+        FIXED = (M + BLOCK_M - 1) // BLOCK_M
+        SPLIT_TOTAL = N
+    else:
+        FIXED = ((M + BLOCK_M - 1) // BLOCK_M) * ((N + BLOCK_N - 1) // BLOCK_N)
+        SPLIT_TOTAL = 0
+    SPLIT_BLOCK: tl.constexpr = BLOCK_M if LAYOUT == 0 else BLOCK_N
+    # Pass 1: the number of tiles, from offs on the device. 2D x 3D and 3D x 2D
+    # have one more group, g = G, the rows/columns past offs[-1] (zeros).
+    if LAYOUT == 0 or LAYOUT == 1:
+        total = 0
+        for g in range(0, G + 1):
+            lo = tl.load(offs_ptr + g - 1, mask=g > 0, other=0)
+            hi = tl.load(offs_ptr + g, mask=g < G, other=SPLIT_TOTAL)
+            total += (hi - lo + SPLIT_BLOCK - 1) // SPLIT_BLOCK * FIXED
+    else:
+        total = G * FIXED
+    # Pass 2: tiles pid, pid + P, ... of that numbering. Being increasing, the
+    # group cursor (g, its range lo:hi, the tiles before it) only moves forward.
+    # A for loop, not a while loop over groups: Triton pipelines the K loop
+    # (num_stages) only inside scf.for.
+    g = -1
+    lo = 0
+    hi = 0
+    seen = 0
+    group_tiles = 0
+    for tile in range(pid, total, num_programs):
+        if LAYOUT == 0 or LAYOUT == 1:
+            while tile >= seen + group_tiles:
+                seen += group_tiles
+                g += 1
+                lo = tl.load(offs_ptr + g - 1, mask=g > 0, other=0)
+                hi = tl.load(offs_ptr + g, mask=g < G, other=SPLIT_TOTAL)
+                group_tiles = (hi - lo + SPLIT_BLOCK - 1) // SPLIT_BLOCK * FIXED
+        else:
+            g = tile // FIXED
+            seen = g * FIXED
+            if LAYOUT == 2:
+                lo = tl.load(offs_ptr + g - 1, mask=g > 0, other=0)
+                hi = tl.load(offs_ptr + g)
+        m_lo = 0
+        m_hi = M
+        n_lo = 0
+        n_hi = N
+        k_lo = 0
+        k_hi = K
+        if LAYOUT == 0:  # 2D x 3D: offs splits M; group G (rows past offs[-1]) has no K
+            m_lo = lo
+            m_hi = hi
+            k_hi = tl.where(g < G, K, 0)
+        elif LAYOUT == 1:  # 3D x 2D: offs splits N
+            n_lo = lo
+            n_hi = hi
+            k_hi = tl.where(g < G, K, 0)
+        elif LAYOUT == 2:  # 2D x 2D: offs splits K
+            k_lo = lo
+            k_hi = hi
+        # M-fastest within a group: programs running together share B's n-block.
+        num_m = (m_hi - m_lo + BLOCK_M - 1) // BLOCK_M  # not tl.cdiv: a @jit helper (see above)
+        local = tile - seen
+        tm = local % num_m
+        tn = local // num_m
+        offs_m = m_lo + tm * BLOCK_M + tl.arange(0, BLOCK_M)
+        offs_n = n_lo + tn * BLOCK_N + tl.arange(0, BLOCK_N)
+        mask_m = offs_m < m_hi
+        mask_n = offs_n < n_hi
+        g64 = tl.cast(g, tl.int64)  # g is a Python int in the interpreter
+        if HAS_A_INDEX:
+            rows = tl.load(a_index_ptr + offs_m, mask=mask_m, other=-1)
+            row_ok = rows >= 0  # -1 gathers a zero row
+            a_rows = tl.where(row_ok, rows, 0).to(tl.int64)
+        else:
+            row_ok = mask_m
+            a_rows = offs_m.to(tl.int64)
+        offs_k = tl.arange(0, BLOCK_K)
+        a_ptrs = (a_ptr + g64 * stride_ag + a_rows[:, None] * stride_am
+                  + (k_lo + offs_k)[None, :].to(tl.int64) * stride_ak)
+        b_ptrs = (b_ptr + g64 * stride_bg + (k_lo + offs_k)[:, None].to(tl.int64) * stride_bk
+                  + offs_n[None, :].to(tl.int64) * stride_bn)
+        acc = tl.full((BLOCK_M, BLOCK_N), 0.0, tl.float32)  # not tl.zeros: a @jit helper
+        for k in range(k_lo, k_hi, BLOCK_K):
+            k_ok = (k + offs_k) < k_hi
+            a = tl.load(a_ptrs, mask=row_ok[:, None] & k_ok[None, :], other=0.0)
+            b = tl.load(b_ptrs, mask=k_ok[:, None] & mask_n[None, :], other=0.0)
+            acc = tl.dot(a, b, acc, input_precision=INPUT_PRECISION)
+            a_ptrs += BLOCK_K * stride_ak
+            b_ptrs += BLOCK_K * stride_bk
+        if HAS_BIAS:
+            bias = tl.load(bias_ptr + g64 * stride_biasg + offs_n.to(tl.int64) * stride_biasn,
+                           mask=mask_n & (g < G), other=0.0)
+            acc += bias.to(tl.float32)[None, :]
+        out_ptrs = (out_ptr + g64 * stride_og + offs_m[:, None].to(tl.int64) * stride_om
+                    + offs_n[None, :].to(tl.int64) * stride_on)
+        tl.store(out_ptrs, acc.to(out_ptr.dtype.element_ty), mask=mask_m[:, None] & mask_n[None, :])
+
+
+# Autotuner configurations: short on purpose, every one is compiled for sm_90a
+# by the tests (test/test_triton_grouped_mm.py) and listed in
+# benchmarks/gpu/kernels.json with its registers, spills and shared memory.
+CONFIGS_16BIT = [
+    triton.Config({"BLOCK_M": 128, "BLOCK_N": 128, "BLOCK_K": 64}, num_warps=8, num_stages=3),
+    triton.Config({"BLOCK_M": 64, "BLOCK_N": 128, "BLOCK_K": 64}, num_warps=4, num_stages=4),
+]
+CONFIGS_FP32 = [
+    triton.Config({"BLOCK_M": 64, "BLOCK_N": 64, "BLOCK_K": 32}, num_warps=4, num_stages=3),
+]
+# The interpreter runs one program at a time in numpy: small tiles, a few
+# programs (so the persistent loop takes several tiles per program).
+INTERPRETER_CONFIG = triton.Config({"BLOCK_M": 16, "BLOCK_N": 16, "BLOCK_K": 16}, num_warps=4, num_stages=1)
+INTERPRETER_PROGRAMS = 3
+
+# Tuned once per (layout, N, K, dtypes, ...); not per M, which changes every step.
+_AUTOTUNE_KEY = ["N", "K", "LAYOUT", "HAS_BIAS", "HAS_A_INDEX", "INPUT_PRECISION"]
+_autotuned_16bit = triton.autotune(configs=CONFIGS_16BIT, key=_AUTOTUNE_KEY)(grouped_mm_kernel)
+_autotuned_fp32 = triton.autotune(configs=CONFIGS_FP32, key=_AUTOTUNE_KEY)(grouped_mm_kernel)
+
+
+def configs_for(dtype: torch.dtype) -> list:
+    """The configurations the autotuner may pick for inputs of ``dtype``."""
+    return CONFIGS_FP32 if dtype == torch.float32 else CONFIGS_16BIT
+
+
+@functools.lru_cache(maxsize=None)
+def _interpreted():
+    from triton.runtime.interpreter import InterpretedFunction
+
+    fn = grouped_mm_kernel.fn if hasattr(grouped_mm_kernel, "fn") else grouped_mm_kernel
+    return InterpretedFunction(fn)
+
+
+@functools.lru_cache(maxsize=None)
+def _num_sms(index: int) -> int:
+    return torch.cuda.get_device_properties(index).multi_processor_count
+
+
+def _tile_bound(layout: int, M: int, N: int, K: int, G: int, bm: int, bn: int) -> int:
+    """An upper bound on the number of tiles, from shapes only (no look at offs)."""
+    cdiv = triton.cdiv
+    if layout == LAYOUT_2D3D:  # sum_g cdiv(M_g, bm) <= cdiv(M, bm) + groups (tail included)
+        return (cdiv(M, bm) + G + 1) * cdiv(N, bn)
+    if layout == LAYOUT_3D2D:
+        return cdiv(M, bm) * (cdiv(N, bn) + G + 1)
+    return G * cdiv(M, bm) * cdiv(N, bn)
+
+
+def _prepare(mat_a, mat_b, offs, bias, out_dtype, a_index):
+    """Checks (the fake kernels' own), output allocation and the kernel's arguments."""
+    if a_index is not None:
+        a_shape, _, out_dtype = _checks.check_grouped_mm_gather_inputs(
+            mat_a, mat_b, offs, a_index, None, bias, out_dtype)
+        if mat_b.dim() != 3:
+            raise NotImplementedError("triton_grouped_mm_gather: only rows of A gathered (mat_b 3-D) so far")
+    else:
+        a_shape = mat_a
+        out_dtype = _checks.check_grouped_mm_inputs(mat_a, mat_b, offs, bias, out_dtype)
+    if mat_a.dtype not in SUPPORTED_DTYPES:
+        raise NotImplementedError(f"triton_grouped_mm: {mat_a.dtype} inputs are not supported (float16, bfloat16, "
+                                  "float32 are)")
+    layout = _LAYOUTS[_checks.grouped_mm_layout(mat_a, mat_b)]
+    size = _checks.grouped_mm_out_size(a_shape, mat_b, offs)
+    out = mat_a.new_empty_strided(size, _checks.grouped_mm_out_strides(size, out_dtype, mat_a.device),
+                                  dtype=out_dtype)
+    G = _checks.grouped_mm_num_groups(mat_a, offs)
+    a3, b3, o3 = mat_a.dim() == 3, mat_b.dim() == 3, out.dim() == 3
+    M, N = size[-2], size[-1]
+    K = mat_a.shape[-1]
+    args = dict(
+        a_ptr=mat_a, b_ptr=mat_b, out_ptr=out,
+        bias_ptr=bias if bias is not None else out,
+        offs_ptr=offs if offs is not None else out,
+        a_index_ptr=a_index if a_index is not None else out,
+        G=G, M=M, N=N, K=K,
+        stride_ag=mat_a.stride(0) if a3 else 0, stride_am=mat_a.stride(-2), stride_ak=mat_a.stride(-1),
+        stride_bg=mat_b.stride(0) if b3 else 0, stride_bk=mat_b.stride(-2), stride_bn=mat_b.stride(-1),
+        stride_og=out.stride(0) if o3 else 0, stride_om=out.stride(-2), stride_on=out.stride(-1),
+        stride_biasg=bias.stride(0) if bias is not None else 0,
+        stride_biasn=bias.stride(1) if bias is not None else 0,
+        LAYOUT=layout, HAS_BIAS=bias is not None, HAS_A_INDEX=a_index is not None,
+    )
+    return out, args
+
+
+def _launch(out, args, allow_tf32, config, num_programs, wrap=lambda k: k):
+    dtype = args["a_ptr"].dtype
+    args["INPUT_PRECISION"] = "tf32" if (allow_tf32 and dtype == torch.float32) else "ieee"
+    if out.numel() == 0:
+        return out
+    layout, M, N, K, G = (args[k] for k in ("LAYOUT", "M", "N", "K", "G"))
+    interpret = out.device.type != "cuda"
+    if interpret:
+        config = config or INTERPRETER_CONFIG
+    if num_programs is None:
+        num_programs = INTERPRETER_PROGRAMS if interpret else _num_sms(out.device.index or 0)
+
+    def grid(meta):
+        bound = _tile_bound(layout, M, N, K, G, meta["BLOCK_M"], meta["BLOCK_N"])
+        return (max(1, min(num_programs, bound)),)
+
+    # Every program strides by the launched grid size.
+    def launch(kernel, **meta):
+        nprog = grid({**args, **meta})[0]
+        kernel[(nprog,)](**args, num_programs=nprog, **meta)
+
+    if interpret:
+        launch(_interpreted(), **config.all_kwargs())
+    elif config is not None:
+        launch(wrap(grouped_mm_kernel), **config.all_kwargs())
+    else:
+        kernel = _autotuned_fp32 if dtype == torch.float32 else _autotuned_16bit
+        # The autotuner picks BLOCK_M/BLOCK_N, so num_programs is bounded inside the kernel
+        # arguments from the smallest tile of its configurations.
+        smallest = min(configs_for(dtype), key=lambda c: c.kwargs["BLOCK_M"] * c.kwargs["BLOCK_N"])
+        nprog = grid(smallest.kwargs)[0]
+        wrap(kernel)[(nprog,)](**args, num_programs=nprog)
+    return out
+
+
+def triton_grouped_mm(
+    mat_a: torch.Tensor,
+    mat_b: torch.Tensor,
+    offs: Optional[torch.Tensor] = None,
+    bias: Optional[torch.Tensor] = None,
+    out_dtype: Optional[torch.dtype] = None,
+    *,
+    allow_tf32: bool = False,
+    config: Optional[triton.Config] = None,
+    num_programs: Optional[int] = None,
+) -> torch.Tensor:
+    """``moe_ops.grouped_mm`` by the Triton kernel (interpreted for CPU tensors).
+
+    ``config`` fixes the tile configuration (default: autotuned on CUDA,
+    ``INTERPRETER_CONFIG`` on CPU); ``num_programs`` the persistent grid
+    (default: the number of SMs, ``INTERPRETER_PROGRAMS`` on CPU). Not
+    differentiable (the autograd formulas are those of ``moe_ops.grouped_mm``).
+    """
+    out, args = _prepare(mat_a, mat_b, offs, bias, out_dtype, None)
+    return _launch(out, args, allow_tf32, config, num_programs)
+
+
+def triton_grouped_mm_gather(
+    mat_a: torch.Tensor,
+    mat_b: torch.Tensor,
+    offs: torch.Tensor,
+    a_index: torch.Tensor,
+    bias: Optional[torch.Tensor] = None,
+    out_dtype: Optional[torch.dtype] = None,
+    *,
+    allow_tf32: bool = False,
+    config: Optional[triton.Config] = None,
+    num_programs: Optional[int] = None,
+) -> torch.Tensor:
+    """``moe_ops.grouped_mm_gather`` with ``a_index`` (2D x 3D): row ``i`` of the
+    product uses ``mat_a[a_index[i]]`` (a zero row for -1), gathered in the load."""
+    out, args = _prepare(mat_a, mat_b, offs, bias, out_dtype, a_index)
+    return _launch(out, args, allow_tf32, config, num_programs)
+
+
+# ----------------------------------------------------------- torch.library
+# moe_ops_triton::grouped_mm: the same computation as a triton_op, so that
+# torch.compile traces into the kernel (wrap_triton) instead of an opaque call.
+# CPU tensors go to an opaque custom op that runs the interpreter (tests only).
+
+
+@torch.library.custom_op("moe_ops_triton::grouped_mm_interpreted", mutates_args=())
+def _grouped_mm_interpreted(mat_a: torch.Tensor, mat_b: torch.Tensor, offs: Optional[torch.Tensor],
+                            bias: Optional[torch.Tensor], out_dtype: Optional[torch.dtype]) -> torch.Tensor:
+    return triton_grouped_mm(mat_a, mat_b, offs, bias, out_dtype)
+
+
+@_grouped_mm_interpreted.register_fake
+def _(mat_a, mat_b, offs, bias, out_dtype):
+    out, _ = _prepare(mat_a, mat_b, offs, bias, out_dtype, None)
+    return out
+
+
+@torch.library.triton_op("moe_ops_triton::grouped_mm", mutates_args=())
+def _grouped_mm_op(mat_a: torch.Tensor, mat_b: torch.Tensor, offs: Optional[torch.Tensor] = None,
+                   bias: Optional[torch.Tensor] = None, out_dtype: Optional[torch.dtype] = None) -> torch.Tensor:
+    if mat_a.device.type != "cuda":
+        return torch.ops.moe_ops_triton.grouped_mm_interpreted(mat_a, mat_b, offs, bias, out_dtype)
+    out, args = _prepare(mat_a, mat_b, offs, bias, out_dtype, None)
+    return _launch(out, args, False, None, None, wrap=torch.library.wrap_triton)
+
+
+def interpreting() -> bool:
+    """Whether TRITON_INTERPRET=1 made ``grouped_mm_kernel`` an interpreted function."""
+    return os.environ.get("TRITON_INTERPRET", "0") == "1"
