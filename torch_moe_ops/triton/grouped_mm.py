@@ -1,5 +1,5 @@
-"""Persistent grouped GEMM in Triton: ``moe_ops::grouped_mm`` and the row gather of
-``moe_ops::grouped_mm_gather``.
+"""Persistent grouped GEMM in Triton: ``moe_ops::grouped_mm`` and
+``moe_ops::grouped_mm_gather`` (operands read through indices in the loads).
 
 One kernel serves the four layouts of ``torch._grouped_mm``. Per group ``g`` the
 problem is ``out[g][M_lo:M_hi, N_lo:N_hi] = A[g][M, K_lo:K_hi] @ B[g][K_lo:K_hi, N]
@@ -29,7 +29,6 @@ use the exact (``ieee``) product unless ``allow_tf32=True``.
 from __future__ import annotations
 
 import functools
-import os
 from typing import Optional
 
 import torch
@@ -46,9 +45,11 @@ _TL_DTYPES = {torch.float16: tl.float16, torch.bfloat16: tl.bfloat16, torch.floa
 SUPPORTED_DTYPES = tuple(_TL_DTYPES)
 
 
-@triton.jit
+# M (tokens), G and the grid change from call to call: not specialised on (a
+# value of 1 or a multiple of 16 would otherwise compile another kernel).
+@triton.jit(do_not_specialize=["G", "M", "num_programs"])
 def grouped_mm_kernel(
-    a_ptr, b_ptr, out_ptr, bias_ptr, offs_ptr, a_index_ptr,
+    a_ptr, b_ptr, out_ptr, bias_ptr, offs_ptr, a_index_ptr, b_index_ptr,
     G, M, N, K,
     stride_ag, stride_am, stride_ak,
     stride_bg, stride_bk, stride_bn,
@@ -58,6 +59,7 @@ def grouped_mm_kernel(
     LAYOUT: tl.constexpr,
     HAS_BIAS: tl.constexpr,
     HAS_A_INDEX: tl.constexpr,
+    HAS_B_INDEX: tl.constexpr,
     INPUT_PRECISION: tl.constexpr,
     BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr,
@@ -139,7 +141,11 @@ def grouped_mm_kernel(
         mask_m = offs_m < m_hi
         mask_n = offs_n < n_hi
         g64 = tl.cast(g, tl.int64)  # g is a Python int in the interpreter
-        if HAS_A_INDEX:
+        # a_index gathers rows of A (2D x 3D) or its K columns (2D x 2D), b_index
+        # the K rows of B (2D x 2D); -1 reads zeros.
+        GATHER_ROWS: tl.constexpr = HAS_A_INDEX and LAYOUT == 0
+        GATHER_A_K: tl.constexpr = HAS_A_INDEX and LAYOUT == 2
+        if GATHER_ROWS:
             rows = tl.load(a_index_ptr + offs_m, mask=mask_m, other=-1)
             row_ok = rows >= 0  # -1 gathers a zero row
             a_rows = tl.where(row_ok, rows, 0).to(tl.int64)
@@ -147,15 +153,26 @@ def grouped_mm_kernel(
             row_ok = mask_m
             a_rows = offs_m.to(tl.int64)
         offs_k = tl.arange(0, BLOCK_K)
-        a_ptrs = (a_ptr + g64 * stride_ag + a_rows[:, None] * stride_am
-                  + (k_lo + offs_k)[None, :].to(tl.int64) * stride_ak)
-        b_ptrs = (b_ptr + g64 * stride_bg + (k_lo + offs_k)[:, None].to(tl.int64) * stride_bk
-                  + offs_n[None, :].to(tl.int64) * stride_bn)
+        a_base = a_ptr + g64 * stride_ag + a_rows[:, None] * stride_am
+        b_base = b_ptr + g64 * stride_bg + offs_n[None, :].to(tl.int64) * stride_bn
+        a_ptrs = a_base + (k_lo + offs_k)[None, :].to(tl.int64) * stride_ak
+        b_ptrs = b_base + (k_lo + offs_k)[:, None].to(tl.int64) * stride_bk
         acc = tl.full((BLOCK_M, BLOCK_N), 0.0, tl.float32)  # not tl.zeros: a @jit helper
         for k in range(k_lo, k_hi, BLOCK_K):
-            k_ok = (k + offs_k) < k_hi
-            a = tl.load(a_ptrs, mask=row_ok[:, None] & k_ok[None, :], other=0.0)
-            b = tl.load(b_ptrs, mask=k_ok[:, None] & mask_n[None, :], other=0.0)
+            kk = k + offs_k
+            k_ok = kk < k_hi
+            if GATHER_A_K:
+                ka = tl.load(a_index_ptr + kk, mask=k_ok, other=-1)
+                a = tl.load(a_base + tl.where(ka >= 0, ka, 0).to(tl.int64)[None, :] * stride_ak,
+                            mask=row_ok[:, None] & (ka >= 0)[None, :], other=0.0)
+            else:
+                a = tl.load(a_ptrs, mask=row_ok[:, None] & k_ok[None, :], other=0.0)
+            if HAS_B_INDEX:
+                kb = tl.load(b_index_ptr + kk, mask=k_ok, other=-1)
+                b = tl.load(b_base + tl.where(kb >= 0, kb, 0).to(tl.int64)[:, None] * stride_bk,
+                            mask=(kb >= 0)[:, None] & mask_n[None, :], other=0.0)
+            else:
+                b = tl.load(b_ptrs, mask=k_ok[:, None] & mask_n[None, :], other=0.0)
             acc = tl.dot(a, b, acc, input_precision=INPUT_PRECISION)
             a_ptrs += BLOCK_K * stride_ak
             b_ptrs += BLOCK_K * stride_bk
@@ -175,8 +192,9 @@ CONFIGS_16BIT = [
     triton.Config({"BLOCK_M": 128, "BLOCK_N": 128, "BLOCK_K": 64}, num_warps=8, num_stages=3),
     triton.Config({"BLOCK_M": 64, "BLOCK_N": 128, "BLOCK_K": 64}, num_warps=4, num_stages=4),
 ]
+# fp32: 8 warps; with 4 warps ptxas spills 8 bytes for the exact (FFMA) product.
 CONFIGS_FP32 = [
-    triton.Config({"BLOCK_M": 64, "BLOCK_N": 64, "BLOCK_K": 32}, num_warps=4, num_stages=3),
+    triton.Config({"BLOCK_M": 64, "BLOCK_N": 64, "BLOCK_K": 32}, num_warps=8, num_stages=3),
 ]
 # The interpreter runs one program at a time in numpy: small tiles, a few
 # programs (so the persistent loop takes several tiles per program).
@@ -184,7 +202,7 @@ INTERPRETER_CONFIG = triton.Config({"BLOCK_M": 16, "BLOCK_N": 16, "BLOCK_K": 16}
 INTERPRETER_PROGRAMS = 3
 
 # Tuned once per (layout, N, K, dtypes, ...); not per M, which changes every step.
-_AUTOTUNE_KEY = ["N", "K", "LAYOUT", "HAS_BIAS", "HAS_A_INDEX", "INPUT_PRECISION"]
+_AUTOTUNE_KEY = ["N", "K", "LAYOUT", "HAS_BIAS", "HAS_A_INDEX", "HAS_B_INDEX", "INPUT_PRECISION"]
 _autotuned_16bit = triton.autotune(configs=CONFIGS_16BIT, key=_AUTOTUNE_KEY)(grouped_mm_kernel)
 _autotuned_fp32 = triton.autotune(configs=CONFIGS_FP32, key=_AUTOTUNE_KEY)(grouped_mm_kernel)
 
@@ -217,32 +235,31 @@ def _tile_bound(layout: int, M: int, N: int, K: int, G: int, bm: int, bn: int) -
     return G * cdiv(M, bm) * cdiv(N, bn)
 
 
-def _prepare(mat_a, mat_b, offs, bias, out_dtype, a_index):
+def _prepare(mat_a, mat_b, offs, bias, out_dtype, a_index=None, b_index=None, gather=False):
     """Checks (the fake kernels' own), output allocation and the kernel's arguments."""
-    if a_index is not None:
-        a_shape, _, out_dtype = _checks.check_grouped_mm_gather_inputs(
-            mat_a, mat_b, offs, a_index, None, bias, out_dtype)
-        if mat_b.dim() != 3:
-            raise NotImplementedError("triton_grouped_mm_gather: only rows of A gathered (mat_b 3-D) so far")
+    if gather:
+        a_shape, b_shape, out_dtype = _checks.check_grouped_mm_gather_inputs(
+            mat_a, mat_b, offs, a_index, b_index, bias, out_dtype)
     else:
-        a_shape = mat_a
+        a_shape, b_shape = mat_a, mat_b
         out_dtype = _checks.check_grouped_mm_inputs(mat_a, mat_b, offs, bias, out_dtype)
     if mat_a.dtype not in SUPPORTED_DTYPES:
         raise NotImplementedError(f"triton_grouped_mm: {mat_a.dtype} inputs are not supported (float16, bfloat16, "
                                   "float32 are)")
     layout = _LAYOUTS[_checks.grouped_mm_layout(mat_a, mat_b)]
-    size = _checks.grouped_mm_out_size(a_shape, mat_b, offs)
+    size = _checks.grouped_mm_out_size(a_shape, b_shape, offs)
     out = mat_a.new_empty_strided(size, _checks.grouped_mm_out_strides(size, out_dtype, mat_a.device),
                                   dtype=out_dtype)
     G = _checks.grouped_mm_num_groups(mat_a, offs)
     a3, b3, o3 = mat_a.dim() == 3, mat_b.dim() == 3, out.dim() == 3
     M, N = size[-2], size[-1]
-    K = mat_a.shape[-1]
+    K = a_shape.shape[-1]  # gathered K for 2D x 2D with an index
     args = dict(
         a_ptr=mat_a, b_ptr=mat_b, out_ptr=out,
         bias_ptr=bias if bias is not None else out,
         offs_ptr=offs if offs is not None else out,
         a_index_ptr=a_index if a_index is not None else out,
+        b_index_ptr=b_index if b_index is not None else out,
         G=G, M=M, N=N, K=K,
         stride_ag=mat_a.stride(0) if a3 else 0, stride_am=mat_a.stride(-2), stride_ak=mat_a.stride(-1),
         stride_bg=mat_b.stride(0) if b3 else 0, stride_bk=mat_b.stride(-2), stride_bn=mat_b.stride(-1),
@@ -250,6 +267,7 @@ def _prepare(mat_a, mat_b, offs, bias, out_dtype, a_index):
         stride_biasg=bias.stride(0) if bias is not None else 0,
         stride_biasn=bias.stride(1) if bias is not None else 0,
         LAYOUT=layout, HAS_BIAS=bias is not None, HAS_A_INDEX=a_index is not None,
+        HAS_B_INDEX=b_index is not None,
     )
     return out, args
 
@@ -307,7 +325,7 @@ def triton_grouped_mm(
     (default: the number of SMs, ``INTERPRETER_PROGRAMS`` on CPU). Not
     differentiable (the autograd formulas are those of ``moe_ops.grouped_mm``).
     """
-    out, args = _prepare(mat_a, mat_b, offs, bias, out_dtype, None)
+    out, args = _prepare(mat_a, mat_b, offs, bias, out_dtype)
     return _launch(out, args, allow_tf32, config, num_programs)
 
 
@@ -315,7 +333,8 @@ def triton_grouped_mm_gather(
     mat_a: torch.Tensor,
     mat_b: torch.Tensor,
     offs: torch.Tensor,
-    a_index: torch.Tensor,
+    a_index: Optional[torch.Tensor] = None,
+    b_index: Optional[torch.Tensor] = None,
     bias: Optional[torch.Tensor] = None,
     out_dtype: Optional[torch.dtype] = None,
     *,
@@ -323,9 +342,11 @@ def triton_grouped_mm_gather(
     config: Optional[triton.Config] = None,
     num_programs: Optional[int] = None,
 ) -> torch.Tensor:
-    """``moe_ops.grouped_mm_gather`` with ``a_index`` (2D x 3D): row ``i`` of the
-    product uses ``mat_a[a_index[i]]`` (a zero row for -1), gathered in the load."""
-    out, args = _prepare(mat_a, mat_b, offs, bias, out_dtype, a_index)
+    """``moe_ops.grouped_mm_gather``, the operands read through the indices in
+    the loads (-1 reads zeros): 2D x 3D, row ``i`` of A is ``mat_a[a_index[i]]``;
+    2D x 2D, column ``k`` of A is ``mat_a[:, a_index[k]]`` and row ``k`` of B is
+    ``mat_b[b_index[k]]`` (offs splits the gathered K)."""
+    out, args = _prepare(mat_a, mat_b, offs, bias, out_dtype, a_index, b_index, gather=True)
     return _launch(out, args, allow_tf32, config, num_programs)
 
 
@@ -343,7 +364,7 @@ def _grouped_mm_interpreted(mat_a: torch.Tensor, mat_b: torch.Tensor, offs: Opti
 
 @_grouped_mm_interpreted.register_fake
 def _(mat_a, mat_b, offs, bias, out_dtype):
-    out, _ = _prepare(mat_a, mat_b, offs, bias, out_dtype, None)
+    out, _ = _prepare(mat_a, mat_b, offs, bias, out_dtype)
     return out
 
 
@@ -352,10 +373,6 @@ def _grouped_mm_op(mat_a: torch.Tensor, mat_b: torch.Tensor, offs: Optional[torc
                    bias: Optional[torch.Tensor] = None, out_dtype: Optional[torch.dtype] = None) -> torch.Tensor:
     if mat_a.device.type != "cuda":
         return torch.ops.moe_ops_triton.grouped_mm_interpreted(mat_a, mat_b, offs, bias, out_dtype)
-    out, args = _prepare(mat_a, mat_b, offs, bias, out_dtype, None)
+    out, args = _prepare(mat_a, mat_b, offs, bias, out_dtype)
     return _launch(out, args, False, None, None, wrap=torch.library.wrap_triton)
 
-
-def interpreting() -> bool:
-    """Whether TRITON_INTERPRET=1 made ``grouped_mm_kernel`` an interpreted function."""
-    return os.environ.get("TRITON_INTERPRET", "0") == "1"

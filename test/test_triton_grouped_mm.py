@@ -1,0 +1,180 @@
+"""The Triton grouped GEMM (torch_moe_ops/triton/grouped_mm.py) in Triton's
+interpreter, on CPU tensors, against the float64 references.
+
+The kernel runs through ``InterpretedFunction`` (CPU tensors take that path in
+``triton_grouped_mm``), so this module needs no ``TRITON_INTERPRET=1`` and
+leaves the rest of the pytest process compiling Triton normally. The
+interpreter executes the kernel's program logic exactly as written: the
+persistent schedule over groups read from ``offs``, the tail group, every mask,
+the strides of both weight storage orders, the row gather and the epilogue.
+
+Dtypes: float32 and float16 products are checked against the float64
+reference; the interpreter's bfloat16 arithmetic is wrong (numpy has no
+bfloat16: a bfloat16 ``tl.dot`` returns garbage there), so bfloat16 is checked
+only on paths without a product (bias loads, zero fill, stores, out_dtype).
+
+What only a GPU can verify: the compiled kernel's numerics (wgmma's fp32
+accumulation order, tf32), the autotuner's choice, the memory model (cp.async
+pipelining, races between programs), timing. test_triton_aot.py checks what the
+compiler says about the sm_90a build.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch.testing._internal.common_utils import run_tests
+
+import torch_moe_ops  # noqa: F401  (moe_ops, for the OpInfo modules)
+from torch_moe_ops.reference import torch_grouped_mm
+from torch_moe_ops.triton import triton_grouped_mm, triton_grouped_mm_gather
+from torch_moe_ops.triton import grouped_mm as tgm
+
+from opinfo import _offs, sample_inputs_grouped_mm, grouped_mm_opinfo
+from opinfo_experts import gathered, grouped_mm_gather_opinfo, sample_inputs_grouped_mm_gather
+
+UNIT_ROUNDOFF = {torch.float32: 2.0**-24, torch.float16: 2.0**-11, torch.bfloat16: 2.0**-8}
+
+
+def _abs(t):
+    return None if t is None else t.abs()
+
+
+def assert_close_to_reference(out, mat_a, mat_b, offs, bias, out_dtype):
+    """Elementwise: |out - ref| <= tol, with tol per element from the standard
+    bound of an fp32 dot product: every product and sum rounds once with unit
+    roundoff u = 2^-24, along at most K products, K - 1 sums (any order, as
+    tl.dot and numpy sum in blocks), the accumulate into acc and the bias add,
+    so |acc - exact| <= (K + 2) u (|A||B| + |bias|)_ij; then one rounding to the
+    output dtype adds u_out |acc_ij|. Elements no group covers and empty groups
+    have |A||B| + |bias| = 0: they must be exactly zero (or exactly the bias)."""
+    out_dtype = out_dtype or mat_a.dtype
+    ref = torch_grouped_mm(mat_a, mat_b, offs, bias, torch.float64)
+    magnitude = torch_grouped_mm(_abs(mat_a), _abs(mat_b), offs, _abs(bias), torch.float64)
+    K = mat_a.shape[-1]
+    acc_err = (K + 2) * 2.0**-24 * magnitude
+    tol = 1.01 * (acc_err + UNIT_ROUNDOFF[out_dtype] * (ref.abs() + acc_err))
+    assert out.dtype == out_dtype and out.shape == ref.shape
+    err = (out.double() - ref).abs()
+    bad = err > tol
+    assert not bad.any(), (f"{int(bad.sum())} elements off, worst at {tuple(bad.nonzero()[0].tolist())}: "
+                           f"err {err[bad].max().item():.3g} > tol {tol[bad].min().item():.3g}")
+
+
+def _call(sample, fn=triton_grouped_mm):
+    return fn(sample.input, *sample.args, **sample.kwargs)
+
+
+def _samples(fn, opinfo, dtype):
+    return list(fn(opinfo, "cpu", dtype, requires_grad=False))
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=["fp32", "fp16"])
+def test_opinfo_samples(dtype):
+    """Every grouped_mm OpInfo sample (four layouts, empty groups, zero tokens,
+    rows past offs[-1], transposed and strided operands, bias, fp32 out)."""
+    samples = _samples(sample_inputs_grouped_mm, grouped_mm_opinfo, dtype)
+    assert {s.name for s in samples} >= {"2d3d", "2d3d_b_transposed", "2d3d_zero_tokens", "3d2d", "2d2d", "3d3d"}
+    for s in samples:
+        out = _call(s)
+        kw = s.kwargs
+        assert_close_to_reference(out, s.input, s.args[0], kw["offs"], kw.get("bias"), kw.get("out_dtype"))
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=["fp32", "fp16"])
+def test_gather_opinfo_samples(dtype):
+    """Every grouped_mm_gather OpInfo sample: rows of A gathered over 3-D mat_b
+    (unsorted, repeated and -1 rows, zero rows, rows past offs[-1]) and the
+    2D x 2D gathers of K through a_index, b_index or both."""
+    samples = _samples(sample_inputs_grouped_mm_gather, grouped_mm_gather_opinfo, dtype)
+    assert {s.name for s in samples} >= {"2d3d", "2d3d_zero_tokens", "2d2d_a_index", "2d2d_b_index", "2d2d_both"}
+    for s in samples:
+        mat_b, offs = s.args
+        kw = s.kwargs
+        a_index, b_index = kw.get("a_index"), kw.get("b_index")
+        out = triton_grouped_mm_gather(s.input, mat_b, offs, a_index, b_index, kw.get("bias"), kw.get("out_dtype"))
+        a = gathered(s.input, a_index, 1 if mat_b.dim() == 2 else 0)
+        assert_close_to_reference(out, a, gathered(mat_b, b_index, 0), offs, kw.get("bias"), kw.get("out_dtype"))
+
+
+def _multi_tile_case(dtype, b_nk: bool):
+    """Groups spanning several 16x16 tiles and 16-deep K steps of the
+    interpreter's config, with a ragged K (40) and N (36)."""
+    g = torch.Generator().manual_seed(0)
+    sizes = [0, 37, 2, 33]
+    a = torch.rand(sum(sizes) + 5, 40, generator=g).sub(0.5).to(dtype)
+    b = torch.rand(len(sizes), 36, 40, generator=g).sub(0.5).to(dtype)
+    b = b.transpose(1, 2) if b_nk else b.transpose(1, 2).contiguous()
+    bias = torch.rand(len(sizes), 36, generator=g).to(dtype)
+    return a, b, _offs(sizes, "cpu"), bias
+
+
+@pytest.mark.parametrize("b_nk", [False, True], ids=["b_kn", "b_nk"])
+def test_persistent_schedule_independent_of_grid(b_nk):
+    """Weights stored (G, K, N) and (G, N, K). Each tile is computed whole by one
+    program, so the result is bitwise the same for any number of persistent
+    programs (1: one program walks every group; 40: more programs than tiles)."""
+    a, b, offs, bias = _multi_tile_case(torch.float32, b_nk)
+    assert b.stride(1) == (1 if b_nk else 36)
+    outs = [triton_grouped_mm(a, b, offs, bias, num_programs=p) for p in (1, 3, 7, 40)]
+    assert_close_to_reference(outs[0], a, b, offs, bias, None)
+    for o in outs[1:]:
+        assert torch.equal(o, outs[0])
+
+
+def test_multi_tile_fp16_out_fp32():
+    a, b, offs, bias = _multi_tile_case(torch.float16, False)
+    out = triton_grouped_mm(a, b, offs, bias, out_dtype=torch.float32)
+    assert_close_to_reference(out, a, b, offs, bias, torch.float32)
+
+
+def test_bfloat16_load_store_paths():
+    """bfloat16 without products (the interpreter's bfloat16 dot is wrong):
+    empty contractions give exactly the bias, in bfloat16 and as float32;
+    rows past offs[-1] are exactly zero."""
+    bias = torch.randn(4, 10, dtype=torch.bfloat16)
+    empty_k = [  # (mat_a, mat_b, offs): K = 0 in 3D x 3D, every K group empty in 2D x 2D
+        (torch.randn(4, 6, 0, dtype=torch.bfloat16), torch.randn(4, 0, 10, dtype=torch.bfloat16), None),
+        (torch.randn(6, 0, dtype=torch.bfloat16), torch.randn(0, 10, dtype=torch.bfloat16),
+         torch.zeros(4, dtype=torch.int32)),
+    ]
+    for a, b, offs in empty_k:
+        for out_dtype in (None, torch.float32):
+            out = triton_grouped_mm(a, b, offs, bias, out_dtype=out_dtype)
+            assert torch.equal(out, bias.to(out_dtype or bias.dtype)[:, None].expand(4, 6, 10))
+    a, b = torch.randn(13, 12, dtype=torch.bfloat16), torch.randn(4, 12, 10, dtype=torch.bfloat16)
+    out = triton_grouped_mm(a, b, _offs([3, 0, 5, 2], "cpu"), bias)
+    assert torch.equal(out[10:], torch.zeros(3, 10, dtype=torch.bfloat16))
+
+
+def test_rejects_what_grouped_mm_rejects():
+    """The checks are grouped_mm's own (torch_moe_ops._checks), messages included."""
+    a, b = torch.randn(5, 4), torch.randn(2, 4, 3)
+    with pytest.raises(ValueError, match="offs is required"):
+        triton_grouped_mm(a, b)
+    with pytest.raises(ValueError, match="out_dtype must be the input dtype"):
+        triton_grouped_mm(a, b, _offs([2, 3], "cpu"), out_dtype=torch.bfloat16)
+    with pytest.raises(NotImplementedError, match="float64 inputs are not supported"):
+        triton_grouped_mm(a.double(), b.double(), _offs([2, 3], "cpu"))
+
+
+def test_triton_op_eager_and_traced():
+    """moe_ops_triton::grouped_mm: eager on CPU is the interpreted kernel; the
+    op traces with fake tensors (shape, strides, dtype) under torch.compile."""
+    a, b, offs, bias = _multi_tile_case(torch.float32, True)
+    eager = torch.ops.moe_ops_triton.grouped_mm(a, b, offs, bias)
+    assert torch.equal(eager, triton_grouped_mm(a, b, offs, bias))
+    compiled = torch.compile(torch.ops.moe_ops_triton.grouped_mm, backend="aot_eager", fullgraph=True)
+    assert torch.equal(compiled(a, b, offs, bias), eager)
+    torch.library.opcheck(torch.ops.moe_ops_triton.grouped_mm_interpreted.default, (a, b, offs, bias, None),
+                          test_utils=("test_schema", "test_faketensor"))
+
+
+def test_autotuner_configs_are_the_compiled_ones():
+    """The configs the autotuners may pick are those test_triton_aot compiles."""
+    assert tgm._autotuned_16bit.configs == tgm.CONFIGS_16BIT == tgm.configs_for(torch.bfloat16)
+    assert tgm._autotuned_fp32.configs == tgm.CONFIGS_FP32 == tgm.configs_for(torch.float32)
+
+
+if __name__ == "__main__":
+    run_tests()
