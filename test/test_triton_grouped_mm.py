@@ -33,6 +33,11 @@ from torch_moe_ops.triton import grouped_mm as tgm
 from opinfo import _offs, sample_inputs_grouped_mm, grouped_mm_opinfo
 from opinfo_experts import gathered, grouped_mm_gather_opinfo, sample_inputs_grouped_mm_gather
 
+# CPU runs the interpreter; with a GPU the same tests run the compiled kernel,
+# and bfloat16 products are checked too (the interpreter's are wrong).
+DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
+PRODUCT_DTYPES = [(d, t) for d in DEVICES for t in (torch.float32, torch.float16)
+                  + ((torch.bfloat16,) if d == "cuda" else ())]
 UNIT_ROUNDOFF = {torch.float32: 2.0**-24, torch.float16: 2.0**-11, torch.bfloat16: 2.0**-8}
 
 
@@ -65,15 +70,15 @@ def _call(sample, fn=triton_grouped_mm):
     return fn(sample.input, *sample.args, **sample.kwargs)
 
 
-def _samples(fn, opinfo, dtype):
-    return list(fn(opinfo, "cpu", dtype, requires_grad=False))
+def _samples(fn, opinfo, device, dtype):
+    return list(fn(opinfo, device, dtype, requires_grad=False))
 
 
-@pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=["fp32", "fp16"])
-def test_opinfo_samples(dtype):
+@pytest.mark.parametrize("device,dtype", PRODUCT_DTYPES, ids=str)
+def test_opinfo_samples(device, dtype):
     """Every grouped_mm OpInfo sample (four layouts, empty groups, zero tokens,
     rows past offs[-1], transposed and strided operands, bias, fp32 out)."""
-    samples = _samples(sample_inputs_grouped_mm, grouped_mm_opinfo, dtype)
+    samples = _samples(sample_inputs_grouped_mm, grouped_mm_opinfo, device, dtype)
     assert {s.name for s in samples} >= {"2d3d", "2d3d_b_transposed", "2d3d_zero_tokens", "3d2d", "2d2d", "3d3d"}
     for s in samples:
         out = _call(s)
@@ -81,12 +86,12 @@ def test_opinfo_samples(dtype):
         assert_close_to_reference(out, s.input, s.args[0], kw["offs"], kw.get("bias"), kw.get("out_dtype"))
 
 
-@pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=["fp32", "fp16"])
-def test_gather_opinfo_samples(dtype):
+@pytest.mark.parametrize("device,dtype", PRODUCT_DTYPES, ids=str)
+def test_gather_opinfo_samples(device, dtype):
     """Every grouped_mm_gather OpInfo sample: rows of A gathered over 3-D mat_b
     (unsorted, repeated and -1 rows, zero rows, rows past offs[-1]) and the
     2D x 2D gathers of K through a_index, b_index or both."""
-    samples = _samples(sample_inputs_grouped_mm_gather, grouped_mm_gather_opinfo, dtype)
+    samples = _samples(sample_inputs_grouped_mm_gather, grouped_mm_gather_opinfo, device, dtype)
     assert {s.name for s in samples} >= {"2d3d", "2d3d_zero_tokens", "2d2d_a_index", "2d2d_b_index", "2d2d_both"}
     for s in samples:
         mat_b, offs = s.args
