@@ -21,6 +21,8 @@ compiler says about the sm_90a build.
 
 from __future__ import annotations
 
+import operator
+
 import pytest
 import torch
 from torch.testing._internal.common_utils import run_tests
@@ -173,6 +175,34 @@ def test_triton_op_eager_and_traced():
     assert torch.equal(compiled(a, b, offs, bias), eager)
     torch.library.opcheck(torch.ops.moe_ops_triton.grouped_mm_interpreted.default, (a, b, offs, bias, None),
                           test_utils=("test_schema", "test_faketensor"))
+
+
+def test_triton_op_traces_into_the_kernel_on_cuda(monkeypatch):
+    """With fake CUDA tensors (no GPU needed), tracing moe_ops_triton::grouped_mm
+    as torch.compile's functionalisation does yields the Triton kernel itself
+    (triton_kernel_wrapper_functional, the node Inductor compiles), not an
+    opaque call, and the graph returns the kernel's out_ptr. Without a driver
+    Triton cannot analyse which arguments the kernel stores to, so here every
+    pointer is cloned; on a GPU only out_ptr is (not checked here)."""
+    from torch._subclasses.fake_tensor import FakeTensorMode
+    from torch._subclasses.functional_tensor import dispatch_functionalize
+    from torch.fx.experimental.proxy_tensor import make_fx
+
+    monkeypatch.setattr(tgm, "_num_sms", lambda index: 132)  # the driver query of a real launch
+    with FakeTensorMode():
+        a = torch.empty(250, 256, device="cuda", dtype=torch.bfloat16)
+        b = torch.empty(4, 128, 256, device="cuda", dtype=torch.bfloat16).transpose(1, 2)
+        offs = torch.empty(4, device="cuda", dtype=torch.int32)
+        bias = torch.empty(4, 128, device="cuda", dtype=torch.bfloat16)
+        graph = make_fx(dispatch_functionalize(torch.ops.moe_ops_triton.grouped_mm))(a, b, offs, bias)
+    (node,) = [n for n in graph.graph.nodes if n.target is torch.ops.higher_order.triton_kernel_wrapper_functional]
+    from torch._higher_order_ops.triton_kernel_wrap import kernel_side_table
+
+    assert kernel_side_table.get_kernel(node.kwargs["kernel_idx"]).fn is tgm.grouped_mm_kernel
+    kw = node.kwargs["kwargs"]
+    assert kw["stride_bk"] == 1 and kw["LAYOUT"] == tgm.LAYOUT_2D3D and kw["HAS_BIAS"]
+    ret = graph.graph.output_node().args[0]
+    assert ret.target is operator.getitem and ret.args == (node, "out_ptr")
 
 
 def test_autotuner_configs_are_the_compiled_ones():

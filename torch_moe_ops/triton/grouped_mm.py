@@ -256,10 +256,12 @@ def _prepare(mat_a, mat_b, offs, bias, out_dtype, a_index=None, b_index=None, ga
     K = a_shape.shape[-1]  # gathered K for 2D x 2D with an index
     args = dict(
         a_ptr=mat_a, b_ptr=mat_b, out_ptr=out,
-        bias_ptr=bias if bias is not None else out,
-        offs_ptr=offs if offs is not None else out,
-        a_index_ptr=a_index if a_index is not None else out,
-        b_index_ptr=b_index if b_index is not None else out,
+        # Absent operands point at mat_a (never read): not at out, whose aliases
+        # would confuse the functionalisation of the kernel under torch.compile.
+        bias_ptr=bias if bias is not None else mat_a,
+        offs_ptr=offs if offs is not None else mat_a,
+        a_index_ptr=a_index if a_index is not None else mat_a,
+        b_index_ptr=b_index if b_index is not None else mat_a,
         G=G, M=M, N=N, K=K,
         stride_ag=mat_a.stride(0) if a3 else 0, stride_am=mat_a.stride(-2), stride_ak=mat_a.stride(-1),
         stride_bg=mat_b.stride(0) if b3 else 0, stride_bk=mat_b.stride(-2), stride_bn=mat_b.stride(-1),
