@@ -116,14 +116,18 @@ def _multi_tile_case(dtype, b_nk: bool):
     return a, b, _offs(sizes, "cpu"), bias
 
 
+@pytest.mark.parametrize("tma", [False, True], ids=["pointers", "tma"])
 @pytest.mark.parametrize("b_nk", [False, True], ids=["b_kn", "b_nk"])
-def test_persistent_schedule_independent_of_grid(b_nk):
-    """Weights stored (G, K, N) and (G, N, K). Each tile is computed whole by one
-    program, so the result is bitwise the same for any number of persistent
-    programs (1: one program walks every group; 40: more programs than tiles)."""
+def test_persistent_schedule_independent_of_grid(b_nk, tma):
+    """Weights stored (G, K, N) and (G, N, K), read by pointers or through a TMA
+    descriptor (the interpreter emulates its bounds: zeros past each group's K
+    and N). Each tile is computed whole by one program, so the result is
+    bitwise the same for any number of persistent programs (1: one program
+    walks every group; 40: more programs than tiles)."""
     a, b, offs, bias = _multi_tile_case(torch.float32, b_nk)
     assert b.stride(1) == (1 if b_nk else 36)
-    outs = [triton_grouped_mm(a, b, offs, bias, num_programs=p) for p in (1, 3, 7, 40)]
+    assert tgm._prepare(a, b, offs, bias, None, tma=tma)[1]["B_DESC"] == (0 if not tma else 2 if b_nk else 1)
+    outs = [triton_grouped_mm(a, b, offs, bias, num_programs=p, tma=tma) for p in (1, 3, 40)]
     assert_close_to_reference(outs[0], a, b, offs, bias, None)
     for o in outs[1:]:
         assert torch.equal(o, outs[0])
@@ -133,6 +137,21 @@ def test_multi_tile_fp16_out_fp32():
     a, b, offs, bias = _multi_tile_case(torch.float16, False)
     out = triton_grouped_mm(a, b, offs, bias, out_dtype=torch.float32)
     assert_close_to_reference(out, a, b, offs, bias, torch.float32)
+
+
+def test_tma_gather_and_batched():
+    """The TMA path with gathered A rows (2D x 3D) and in 3D x 3D; tma=True
+    refuses weights TMA cannot address (fp16 rows of 36 elements: 72 bytes)."""
+    a, b, offs, bias = _multi_tile_case(torch.float32, True)
+    index = torch.tensor([5, -1, 3] + list(range(70)) + [76, 76], dtype=torch.int64)[:72]
+    out = triton_grouped_mm_gather(a, b, offs, index, None, bias, tma=True)
+    assert_close_to_reference(out, gathered(a, index, 0), b, offs, bias, None)
+    a3 = a[:60].reshape(4, 15, 40)
+    out = triton_grouped_mm(a3, b, None, bias, tma=True)
+    assert_close_to_reference(out, a3, b, None, bias, None)
+    a16, b16, offs16, _ = _multi_tile_case(torch.float16, False)
+    with pytest.raises(ValueError, match="tma=True needs mat_b 16-byte aligned"):
+        triton_grouped_mm(a16, b16, offs16, tma=True)
 
 
 def test_bfloat16_load_store_paths():
@@ -188,7 +207,8 @@ def test_triton_op_traces_into_the_kernel_on_cuda(monkeypatch):
     from torch._subclasses.functional_tensor import dispatch_functionalize
     from torch.fx.experimental.proxy_tensor import make_fx
 
-    monkeypatch.setattr(tgm, "_num_sms", lambda index: 132)  # the driver query of a real launch
+    monkeypatch.setattr(tgm, "_num_sms", lambda index: 132)  # the driver queries of a real launch (an H100)
+    monkeypatch.setattr(tgm, "_capability", lambda index: (9, 0))
     with FakeTensorMode():
         a = torch.empty(250, 256, device="cuda", dtype=torch.bfloat16)
         b = torch.empty(4, 128, 256, device="cuda", dtype=torch.bfloat16).transpose(1, 2)
@@ -201,6 +221,7 @@ def test_triton_op_traces_into_the_kernel_on_cuda(monkeypatch):
     assert kernel_side_table.get_kernel(node.kwargs["kernel_idx"]).fn is tgm.grouped_mm_kernel
     kw = node.kwargs["kwargs"]
     assert kw["stride_bk"] == 1 and kw["LAYOUT"] == tgm.LAYOUT_2D3D and kw["HAS_BIAS"]
+    assert kw["B_DESC"] == 2  # sm_90, weights stored (G, N, K) and aligned: TMA
     ret = graph.graph.output_node().args[0]
     assert ret.target is operator.getitem and ret.args == (node, "out_ptr")
 

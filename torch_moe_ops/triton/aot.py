@@ -54,6 +54,7 @@ class Variant:
     layout: str
     make: Callable[[torch.dtype], tuple]  # dtype -> (mat_a, mat_b, offs, bias, out_dtype, a_index[, b_index])
     allow_tf32: bool = False
+    tma: bool = False  # B through a TMA descriptor (what sm_90 picks for aligned 3-D weights)
 
 
 def _offs(*ends):
@@ -104,9 +105,13 @@ _LAYOUT_MAKERS = {"2d3d": _2d3d, "2d3d_b_nk": _2d3d_b_nk, "2d3d_gather_bias": _2
 
 
 def grouped_mm_variants() -> list:
-    """bfloat16 (the MoE dtype) in every layout and option; float16 and float32 in
-    the main one (2D x 3D); float32 with and without tf32."""
+    """bfloat16 (the MoE dtype) in every layout and option, with the weights
+    through TMA where the kernel can (sm_90's choice for aligned weights) and
+    through pointers (unaligned weights, other GPUs); float16 and float32 in the
+    main layout (2D x 3D); float32 with and without tf32."""
     out = [Variant(f"bf16_{n}", torch.bfloat16, n, f) for n, f in _LAYOUT_MAKERS.items()]
+    out += [Variant(f"bf16_{n}_tma", torch.bfloat16, n, _LAYOUT_MAKERS[n], tma=True)
+            for n in ("2d3d", "2d3d_b_nk", "2d3d_gather_bias", "3d3d")]
     out.append(Variant("fp16_2d3d", torch.float16, "2d3d", _2d3d))
     out.append(Variant("fp32_2d3d", torch.float32, "2d3d", _2d3d))
     out.append(Variant("fp32_2d3d_tf32", torch.float32, "2d3d", _2d3d, allow_tf32=True))
@@ -126,7 +131,7 @@ def _bind(kernel, args: dict, config: triton.Config):
 def variant_source(variant: Variant, config: triton.Config):
     mat_a, mat_b, offs, bias, out_dtype, a_index, b_index = (variant.make(variant.dtype) + (None,))[:7]
     gather = a_index is not None or b_index is not None
-    _, args = gm._prepare(mat_a, mat_b, offs, bias, out_dtype, a_index, b_index, gather)
+    _, args = gm._prepare(mat_a, mat_b, offs, bias, out_dtype, a_index, b_index, gather, tma=variant.tma)
     args["INPUT_PRECISION"] = "tf32" if variant.allow_tf32 else "ieee"
     args["num_programs"] = NUM_SMS_H100
     return _bind(gm.grouped_mm_kernel, args, config)
@@ -168,6 +173,7 @@ def _analyse(compiled, ptxas_log: str) -> dict:
         "local": int(usage["LOCAL"]),
         "smem_dynamic": compiled.metadata.shared,
         "smem_static": int(usage["SHARED"]),
+        "global_scratch": compiled.metadata.global_scratch_size,
         "sass_instructions": len(ops),
         "HGMMA": count("HGMMA"),
         "HMMA": count("HMMA"),

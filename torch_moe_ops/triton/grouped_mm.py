@@ -15,12 +15,17 @@ no host sync), and takes tiles ``pid, pid + P, pid + 2P, ...`` of that global
 numbering. Within a group tiles run M-fastest, so programs that run at the same
 time share the weight tile B[g][:, n-block] (the large operand of an MoE layer).
 
-Loads are pointer loads with masks, through the strides: any storage order of
-either operand works, in particular weights stored (G, K, N) or (G, N, K).
-No TMA descriptors yet: group boundaries cut tiles, A rows may be gathered and the
-test shapes are not 16-byte aligned, so TMA would need a second code path
-(masked pointer tiles at group edges, a scratch allocator for device-side
-descriptors); left for when it can be timed on a GPU.
+Loads: A (and B in 3D x 2D / 2D x 2D, or with an index) by pointers with masks
+through the strides, pipelined with cp.async when the strides are 16-byte
+multiples. 3-D weights (2D x 3D, 3D x 3D) by TMA on sm_90+ when their strides
+allow it: a device-side descriptor (``tl.make_tensor_descriptor``, 128 bytes of
+global scratch per program, hence ``triton.set_allocator``) over the (G, K, N)
+or the (G, N, K) storage, whose per-group bounds zero-fill past K and N;
+otherwise pointers, so either storage order works everywhere. A is not read by
+TMA: group boundaries cut its tiles (rows of the next group would be read and
+masked anyway) and the gather needs per-row addresses (Hopper has no TMA
+gather). Stores are pointer stores (a TMA store would overwrite the next
+group's rows).
 
 Accumulation is fp32 (``tl.dot``: wgmma on sm_90 for fp16/bf16). fp32 inputs
 use the exact (``ieee``) product unless ``allow_tf32=True``.
@@ -60,6 +65,7 @@ def grouped_mm_kernel(
     HAS_BIAS: tl.constexpr,
     HAS_A_INDEX: tl.constexpr,
     HAS_B_INDEX: tl.constexpr,
+    B_DESC: tl.constexpr,
     INPUT_PRECISION: tl.constexpr,
     BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr,
@@ -70,6 +76,15 @@ def grouped_mm_kernel(
     # helper (tl.cdiv is one): tests run it in Triton's interpreter through
     # InterpretedFunction(fn) without TRITON_INTERPRET=1, and a helper would still be compiled.
     pid = tl.program_id(0)
+    # B_DESC (2D x 3D, 3D x 3D; K not split): B read by TMA through a device-side
+    # descriptor over the (G, K, N) (1) or (G, N, K) (2) storage, whose bounds
+    # are per group (zero fill past K and N); 0: pointer loads.
+    if B_DESC == 1:
+        b_desc = tl.make_tensor_descriptor(b_ptr, shape=[G, K, N], strides=[stride_bg, stride_bk, 1],
+                                           block_shape=[1, BLOCK_K, BLOCK_N])
+    elif B_DESC == 2:
+        b_desc = tl.make_tensor_descriptor(b_ptr, shape=[G, N, K], strides=[stride_bg, stride_bn, 1],
+                                           block_shape=[1, BLOCK_N, BLOCK_K])
     # Tiles per group: (split extent / block) x FIXED tiles of the dims offs does not split.
     if LAYOUT == 0:
         FIXED = (N + BLOCK_N - 1) // BLOCK_N
@@ -167,7 +182,11 @@ def grouped_mm_kernel(
                             mask=row_ok[:, None] & (ka >= 0)[None, :], other=0.0)
             else:
                 a = tl.load(a_ptrs, mask=row_ok[:, None] & k_ok[None, :], other=0.0)
-            if HAS_B_INDEX:
+            if B_DESC == 1:
+                b = b_desc.load([g, k, n_lo + tn * BLOCK_N]).reshape(BLOCK_K, BLOCK_N)
+            elif B_DESC == 2:
+                b = tl.trans(b_desc.load([g, n_lo + tn * BLOCK_N, k]).reshape(BLOCK_N, BLOCK_K))
+            elif HAS_B_INDEX:
                 kb = tl.load(b_index_ptr + kk, mask=k_ok, other=-1)
                 b = tl.load(b_base + tl.where(kb >= 0, kb, 0).to(tl.int64)[:, None] * stride_bk,
                             mask=(kb >= 0)[:, None] & mask_n[None, :], other=0.0)
@@ -202,7 +221,7 @@ INTERPRETER_CONFIG = triton.Config({"BLOCK_M": 16, "BLOCK_N": 16, "BLOCK_K": 16}
 INTERPRETER_PROGRAMS = 3
 
 # Tuned once per (layout, N, K, dtypes, ...); not per M, which changes every step.
-_AUTOTUNE_KEY = ["N", "K", "LAYOUT", "HAS_BIAS", "HAS_A_INDEX", "HAS_B_INDEX", "INPUT_PRECISION"]
+_AUTOTUNE_KEY = ["N", "K", "LAYOUT", "HAS_BIAS", "HAS_A_INDEX", "HAS_B_INDEX", "B_DESC", "INPUT_PRECISION"]
 _autotuned_16bit = triton.autotune(configs=CONFIGS_16BIT, key=_AUTOTUNE_KEY)(grouped_mm_kernel)
 _autotuned_fp32 = triton.autotune(configs=CONFIGS_FP32, key=_AUTOTUNE_KEY)(grouped_mm_kernel)
 
@@ -221,6 +240,11 @@ def _interpreted():
 
 
 @functools.lru_cache(maxsize=None)
+def _capability(index: int) -> tuple:
+    return torch.cuda.get_device_capability(index)
+
+
+@functools.lru_cache(maxsize=None)
 def _num_sms(index: int) -> int:
     return torch.cuda.get_device_properties(index).multi_processor_count
 
@@ -235,7 +259,31 @@ def _tile_bound(layout: int, M: int, N: int, K: int, G: int, bm: int, bn: int) -
     return G * cdiv(M, bm) * cdiv(N, bn)
 
 
-def _prepare(mat_a, mat_b, offs, bias, out_dtype, a_index=None, b_index=None, gather=False):
+def _tma_ok(t: torch.Tensor, contiguous_dim: int) -> bool:
+    """A TMA descriptor needs a 16-byte aligned base, unit stride in its last
+    dimension and 16-byte multiples for the other strides. The base is judged
+    by the storage offset (storages are allocated aligned), so that fake tensors
+    under torch.compile decide as the real ones will."""
+    size = t.element_size()
+    return ((t.storage_offset() * size) % 16 == 0 and t.stride(contiguous_dim) == 1
+            and all((t.stride(d) * size) % 16 == 0 for d in range(t.dim()) if d != contiguous_dim))
+
+
+def _b_desc(mat_b: torch.Tensor, layout: int, tma: Optional[bool]) -> int:
+    """0 (pointer loads), 1 (descriptor over (G, K, N)) or 2 (over (G, N, K)).
+    ``tma=None`` chooses TMA on sm_90+ when the weights' strides allow it."""
+    if tma is False or layout not in (LAYOUT_2D3D, LAYOUT_3D3D):
+        return 0
+    if tma is None:
+        if mat_b.device.type != "cuda" or _capability(mat_b.device.index or 0)[0] < 9:
+            return 0
+    order = 1 if _tma_ok(mat_b, 2) else 2 if _tma_ok(mat_b, 1) else 0
+    if tma and order == 0:
+        raise ValueError("triton_grouped_mm: tma=True needs mat_b 16-byte aligned with a unit stride in K or N")
+    return order
+
+
+def _prepare(mat_a, mat_b, offs, bias, out_dtype, a_index=None, b_index=None, gather=False, tma=None):
     """Checks (the fake kernels' own), output allocation and the kernel's arguments."""
     if gather:
         a_shape, b_shape, out_dtype = _checks.check_grouped_mm_gather_inputs(
@@ -270,8 +318,16 @@ def _prepare(mat_a, mat_b, offs, bias, out_dtype, a_index=None, b_index=None, ga
         stride_biasn=bias.stride(1) if bias is not None else 0,
         LAYOUT=layout, HAS_BIAS=bias is not None, HAS_A_INDEX=a_index is not None,
         HAS_B_INDEX=b_index is not None,
+        B_DESC=_b_desc(mat_b, layout, tma) if b_index is None and mat_b.numel() else 0,
     )
     return out, args
+
+
+@functools.lru_cache(maxsize=None)
+def _set_tma_allocator():
+    """Device-side TMA descriptors live in global scratch memory that Triton
+    asks the launcher for (128 bytes per program)."""
+    triton.set_allocator(lambda size, alignment, stream: torch.empty(size, dtype=torch.int8, device="cuda"))
 
 
 def _launch(out, args, allow_tf32, config, num_programs, wrap=lambda k: k):
@@ -281,6 +337,8 @@ def _launch(out, args, allow_tf32, config, num_programs, wrap=lambda k: k):
         return out
     layout, M, N, K, G = (args[k] for k in ("LAYOUT", "M", "N", "K", "G"))
     interpret = out.device.type != "cuda"
+    if args["B_DESC"] and not interpret:
+        _set_tma_allocator()
     if interpret:
         config = config or INTERPRETER_CONFIG
     if num_programs is None:
@@ -319,15 +377,18 @@ def triton_grouped_mm(
     allow_tf32: bool = False,
     config: Optional[triton.Config] = None,
     num_programs: Optional[int] = None,
+    tma: Optional[bool] = None,
 ) -> torch.Tensor:
     """``moe_ops.grouped_mm`` by the Triton kernel (interpreted for CPU tensors).
 
     ``config`` fixes the tile configuration (default: autotuned on CUDA,
     ``INTERPRETER_CONFIG`` on CPU); ``num_programs`` the persistent grid
-    (default: the number of SMs, ``INTERPRETER_PROGRAMS`` on CPU). Not
-    differentiable (the autograd formulas are those of ``moe_ops.grouped_mm``).
+    (default: the number of SMs, ``INTERPRETER_PROGRAMS`` on CPU); ``tma`` the
+    weights' loads (default: TMA on sm_90+ for 3-D weights with 16-byte aligned
+    strides, 2D x 3D and 3D x 3D). Not differentiable (the autograd formulas
+    are those of ``moe_ops.grouped_mm``).
     """
-    out, args = _prepare(mat_a, mat_b, offs, bias, out_dtype)
+    out, args = _prepare(mat_a, mat_b, offs, bias, out_dtype, tma=tma)
     return _launch(out, args, allow_tf32, config, num_programs)
 
 
@@ -343,12 +404,13 @@ def triton_grouped_mm_gather(
     allow_tf32: bool = False,
     config: Optional[triton.Config] = None,
     num_programs: Optional[int] = None,
+    tma: Optional[bool] = None,
 ) -> torch.Tensor:
     """``moe_ops.grouped_mm_gather``, the operands read through the indices in
     the loads (-1 reads zeros): 2D x 3D, row ``i`` of A is ``mat_a[a_index[i]]``;
     2D x 2D, column ``k`` of A is ``mat_a[:, a_index[k]]`` and row ``k`` of B is
     ``mat_b[b_index[k]]`` (offs splits the gathered K)."""
-    out, args = _prepare(mat_a, mat_b, offs, bias, out_dtype, a_index, b_index, gather=True)
+    out, args = _prepare(mat_a, mat_b, offs, bias, out_dtype, a_index, b_index, gather=True, tma=tma)
     return _launch(out, args, allow_tf32, config, num_programs)
 
 
