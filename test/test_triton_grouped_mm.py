@@ -25,6 +25,8 @@ import operator
 
 import pytest
 import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
 from torch.testing._internal.common_utils import run_tests
 
 import torch_moe_ops  # noqa: F401  (moe_ops, for the OpInfo modules)
@@ -152,6 +154,56 @@ def test_tma_gather_and_batched():
     a16, b16, offs16, _ = _multi_tile_case(torch.float16, False)
     with pytest.raises(ValueError, match="tma=True needs mat_b 16-byte aligned"):
         triton_grouped_mm(a16, b16, offs16, tma=True)
+
+
+@st.composite
+def grouped_problems(draw):
+    """Random group structures (empty groups, skew, rows/columns past offs[-1]),
+    sizes ragged against the interpreter's 16-wide tiles, either storage order
+    of both operands, bias, the persistent grid size and, for 3-D weights, TMA."""
+    layout = draw(st.sampled_from(["2d3d", "3d2d", "2d2d", "3d3d"]))
+    sizes = draw(st.lists(st.integers(0, 40), min_size=0 if layout != "3d3d" else 1, max_size=6))
+    if sizes and draw(st.booleans()):  # skew: every row in one group
+        total, sizes = sum(sizes), [0] * len(sizes)
+        sizes[draw(st.integers(0, len(sizes) - 1))] = total
+    dims = [draw(st.integers(1, 40)) for _ in range(3)]  # m, k, n
+    flags = [draw(st.booleans()) for _ in range(3)]  # transpose a, transpose b, bias
+    tma = draw(st.booleans())
+    if tma:  # fp32 weights TMA can address: K and N multiples of 4 (16 bytes)
+        dims[1], dims[2] = -(-dims[1] // 4) * 4, -(-dims[2] // 4) * 4
+    return layout, sizes, draw(st.integers(0, 3)), dims, flags, draw(st.integers(1, 6)), tma
+
+
+TMA_EXAMPLES: list = []
+
+
+@settings(max_examples=40, deadline=None)
+@given(grouped_problems(), st.integers(0, 2**31 - 1))
+def test_property_matches_reference(problem, seed):
+    layout, sizes, extra, (m, k, n), (ta, tb, with_bias), programs, tma = problem
+    g = torch.Generator().manual_seed(seed)
+    rand = lambda *shape: torch.rand(*shape, generator=g) * 2 - 1  # noqa: E731
+    G, total = len(sizes), sum(sizes)
+    offs = _offs(sizes, "cpu") if layout != "3d3d" else None
+    a, b = {"2d3d": lambda: (rand(total + extra, k), rand(G, k, n)),
+            "3d2d": lambda: (rand(G, m, k), rand(k, total + extra)),
+            "2d2d": lambda: (rand(m, total + extra), rand(total + extra, n)),
+            "3d3d": lambda: (rand(G, m, k), rand(G, k, n))}[layout]()
+    t = lambda x, flag: x.transpose(-2, -1).contiguous().transpose(-2, -1) if flag else x  # noqa: E731
+    a, b = t(a, ta), t(b, tb)
+    bias = rand(G, total + extra if layout == "3d2d" else n) if with_bias else None
+    # TMA where the weights allow it (not for 2-D weights or empty ones); counted below.
+    use_tma = tma and b.dim() == 3 and b.numel() > 0 and (tgm._tma_ok(b, 2) or tgm._tma_ok(b, 1))
+    TMA_EXAMPLES.append(use_tma)
+    out = triton_grouped_mm(a, b, offs, bias, num_programs=programs, tma=use_tma)
+    assert_close_to_reference(out, a, b, offs, bias, None)
+
+
+def test_property_examples_reached_tma():
+    """The examples above (derandomised: the same on every run) include TMA ones."""
+    if not TMA_EXAMPLES:
+        test_property_matches_reference()
+    assert sum(TMA_EXAMPLES) >= 3, TMA_EXAMPLES
 
 
 def test_bfloat16_load_store_paths():
