@@ -29,7 +29,6 @@ import torch
 import triton
 from hypothesis import given, settings
 from hypothesis import strategies as st
-from torch.testing._internal.common_utils import run_tests
 
 import torch_moe_ops  # noqa: F401  (moe_ops, for the OpInfo modules)
 from torch_moe_ops.reference import torch_grouped_mm
@@ -287,6 +286,3 @@ def test_autotuner_configs_are_the_compiled_ones():
     assert tgm._autotuned_16bit.configs == tgm.CONFIGS_16BIT == tgm.configs_for(torch.bfloat16)
     assert tgm._autotuned_fp32.configs == tgm.CONFIGS_FP32 == tgm.configs_for(torch.float32)
 
-
-if __name__ == "__main__":
-    run_tests()

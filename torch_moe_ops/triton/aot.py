@@ -62,7 +62,8 @@ def _offs(*ends):
 
 
 def _2d3d(dt):  # tokens (M, K) x experts' weights (G, K, N); M not a multiple of 16
-    return torch.zeros(250, 256, dtype=dt), torch.zeros(4, 256, 128, dtype=dt), _offs(50, 50, 200, 250), None, None, None
+    return (torch.zeros(250, 256, dtype=dt), torch.zeros(4, 256, 128, dtype=dt), _offs(50, 50, 200, 250),
+            None, None, None)
 
 
 def _2d3d_b_nk(dt):  # weights stored (G, N, K), passed as the transposed view (transformers' layout)
@@ -87,7 +88,8 @@ def _2d3d_out_fp32(dt):
 
 
 def _3d2d(dt):  # offs splits N
-    return torch.zeros(4, 128, 256, dtype=dt), torch.zeros(256, 256, dtype=dt), _offs(64, 64, 200, 256), None, None, None
+    return (torch.zeros(4, 128, 256, dtype=dt), torch.zeros(256, 256, dtype=dt), _offs(64, 64, 200, 256),
+            None, None, None)
 
 
 def _2d2d(dt):  # the weight gradient: X^T (a transposed view) x dY, offs splits the tokens
