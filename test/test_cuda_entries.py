@@ -23,8 +23,7 @@ import torch_moe_ops
 
 from opinfo import op_db as grouped_mm_op_db
 from opinfo_experts import expert_mlp_opinfo, grouped_mm_gather_opinfo
-from test_grouped_mm import TOLERANCES, _maybe_t, grouped_problems
-from torch_moe_ops.reference import torch_grouped_mm
+from test_grouped_mm import TOLERANCES, assert_close_to_float64, grouped_problem_tensors, grouped_problems
 
 requires_cuda_build = pytest.mark.skipif(
     not torch_moe_ops.cuda_kernels_built(),
@@ -98,24 +97,9 @@ def test_property_grouped_mm_entry(problem, seed):
     of any size (none, empty, all tokens in one), rows or columns past
     offs[-1], transposed operands, bias; fp32 accumulation of <= 70 products
     of values in [-1, 1]."""
-    layout, sizes, extra, m, k, n, ta, tb, with_bias = problem
-    g = torch.Generator().manual_seed(seed)
-    rand = lambda *shape: torch.rand(*shape, generator=g) * 2 - 1  # noqa: E731
-    G, total = len(sizes), sum(sizes)
-    offs = torch.tensor(sizes, dtype=torch.int64).cumsum(0).to(torch.int32) if layout != "3d3d" else None
-    if layout == "2d3d":
-        a, b, n_out = rand(total + extra, k), rand(G, k, n), n
-    elif layout == "3d2d":
-        a, b, n_out = rand(G, m, k), rand(k, total + extra), total + extra
-    elif layout == "2d2d":
-        a, b, n_out = rand(m, total + extra), rand(total + extra, n), n
-    else:
-        G = max(G, 1)
-        a, b, n_out = rand(G, m, k), rand(G, k, n), n
-    a, b = _maybe_t(a, ta), _maybe_t(b, tb)
-    bias = rand(G, n_out) if with_bias else None
+    a, b, offs, bias = grouped_problem_tensors(problem, seed)
     out = cuda_entry(torch.ops.moe_ops.grouped_mm.default)(a, b, offs, bias)
-    torch.testing.assert_close(out, torch_grouped_mm(a, b, offs, bias), rtol=2e-6, atol=1e-5)
+    assert_close_to_float64(out, a, b, offs, bias)
 
 
 # The values of offs and of the gather indices are checked on the device
