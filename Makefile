@@ -12,10 +12,12 @@ CACHE ?= $(HOME)/.cache/torch-moe-ops
 VENV ?= $(CACHE)/venv-$(REQ_HASH)
 PY := $(VENV)/bin/python
 export TORCHINDUCTOR_CACHE_DIR ?= $(CACHE)/inductor
+# patches/proof.py caches the generated ATen headers and compile results here.
+export TORCH_MOE_OPS_CACHE ?= $(CACHE)
 export MAX_JOBS ?= 2
 export PYTHONPATH := $(CURDIR)$(if $(PYTHONPATH),:$(PYTHONPATH))
 
-.PHONY: all setup build test demo bench patches clean
+.PHONY: all setup build test demo bench bench-check patches clean
 
 all: test
 
@@ -40,10 +42,20 @@ test: build
 demo: build
 	$(PY) benchmarks/bench_moe_layer.py --quick
 
+# Every benchmark in full (benchmarks/README.md): writes benchmarks/results/*.json,
+# then regenerates the README's tables from them. Needs the machine to itself.
+BENCHMARKS := bench_grouped_mm bench_routing bench_fp8 bench_moe_layer numerics_fp8
+
 bench: build
-	$(PY) benchmarks/bench_grouped_mm.py
-	$(PY) benchmarks/bench_routing.py
-	$(PY) benchmarks/bench_moe_layer.py
+	for b in $(BENCHMARKS); do $(PY) benchmarks/$$b.py; done
+	$(PY) benchmarks/tables.py
+
+# The same with --check: runs every benchmark (each one's missed targets listed
+# at its end), regenerates the tables, then fails if any target was missed or
+# any benchmark failed.
+bench-check: build
+	status=0; for b in $(BENCHMARKS); do $(PY) benchmarks/$$b.py --check || status=1; done; \
+	$(PY) benchmarks/tables.py; exit $$status
 
 # Regenerate the upstream patch series from the in-repo sources (patches/README.md).
 patches: setup

@@ -81,8 +81,10 @@ def extension():
     # upstream patches carry these very files; csrc/ is on the include path so
     # that <ATen/native/GroupedMM.h> resolves to ours, as it will in-tree.
     native = os.path.join(CSRC, "ATen", "native")
+    # csrc/testing/: test-only ops (torch.ops.moe_ops_testing) that run the
+    # CUDA kernels' bodies on the CPU; in every build, so CI tests them.
     sources = sorted(glob.glob(os.path.join(CSRC, "*.cpp")) + glob.glob(os.path.join(native, "*.cpp"))
-                     + glob.glob(os.path.join(native, "cpu", "*.cpp")))
+                     + glob.glob(os.path.join(native, "cpu", "*.cpp")) + glob.glob(os.path.join(CSRC, "testing", "*.cpp")))
     # -fopenmp: at::parallel_for is header code that expands to `#pragma omp
     # parallel` (torch is built with AT_PARALLEL_OPENMP); without the flag every
     # parallel_for in our kernels silently runs on one thread. The soname is

@@ -14,22 +14,29 @@ with ``config._experts_implementation`` switched between
               up-projection output kept for a backward that never rebuilds the
               down-projection output)
 
-on the same weights and the same skewed routing (weights requiring grad, as
-they do in training). Per shape it prints forward, backward and total time
-and the activation memory: the bytes autograd saves for the backward (unique
-storages, parameters excluded), which is what a training step holds from the
-forward to the backward (this CPU build of torch has no allocator peak
-statistic). Before timing, ours is checked against eager, or against
-transformers' grouped_mm where eager is too slow to run (EAGER_MAX_TRAFFIC).
+  dense       not an MoE: one SwiGLU MLP of one expert's shape over all tokens * top_k
+              rows (torch.mm, autograd), the same FLOPs, weights in the same storage order
 
-    python benchmarks/bench_moe_layer.py [--quick] [--json PATH] [--check]
+on the same weights and the same skewed routing (weights requiring grad, as
+they do in training), with the weights stored as transformers' module stores
+them, (E, out, in) ("nk", passed to the GEMMs as a transposed view), and
+stored (E, in, out) ("kn", the module's ``is_transposed``, as gpt-oss's);
+transformers' eager loop reads only the first, so it runs on "nk" rows. Per
+shape and weight order it prints forward, backward and total time and the
+activation memory: the bytes autograd saves for the backward (unique storages,
+parameters excluded), which is what a training step holds from the forward to
+the backward (this CPU build of torch has no allocator peak statistic), with
+the row's targets (row_targets). Before timing, ours is checked against
+eager, or against transformers' grouped_mm where eager does not run. Writes
+the table as JSON (benchmarks/tables.py renders it, here and in the README).
+
+    python benchmarks/bench_moe_layer.py [--quick] [--check] [--out DIR]
 """
 
 from __future__ import annotations
 
 import argparse
 import copy
-import os
 import sys
 from dataclasses import dataclass
 from typing import Optional
@@ -38,11 +45,12 @@ import torch
 import transformers
 from transformers.models.qwen3_moe.modeling_qwen3_moe import Qwen3MoeExperts
 
+import tables
 import torch_moe_ops.integrations.transformers as moe_transformers
+from _harness import add_common_args, finish, interleaved_medians, json_path, metadata, print_machine, target, targets
 from torch_moe_ops import shapes
-from _harness import interleaved_medians, print_machine, report
 
-HERE = os.path.dirname(os.path.abspath(__file__))
+ORDERS = ("nk", "kn")
 IMPLS = {"eager": "eager", "grouped_mm": "grouped_mm", "unfused": moe_transformers.UNFUSED_NAME,
          "ours": moe_transformers.NAME}
 # Bytes of zero gradients the eager loop may materialise per step (see run()).
@@ -60,40 +68,36 @@ class Config:
     dtype: torch.dtype
 
 
-@dataclass(frozen=True)
-class Result:
-    config: str
-    tokens: int
-    hidden: int
-    intermediate: int
-    experts: int
-    top_k: int
-    fwd_ms: dict
-    bwd_ms: dict
-    saved_mb: dict
-
-    def total_ms(self, impl: str) -> float:
-        return self.fwd_ms[impl] + self.bwd_ms[impl]
-
-
 def configs(quick: bool) -> list[Config]:
     models = shapes.models()
     # (model, tokens, width scale): fine-grained shapes first.
     plan = [("qwen3-30b-a3b", 1024, 2), ("olmoe-1b-7b", 1024, 2), ("deepseek-v3", 512, 4), ("mixtral-8x7b", 1024, 4)]
-    if quick:
-        plan = [("qwen3-30b-a3b", 512, 4)]
+    if quick:  # make demo, CI, tests: one small shape, short timing, numbers not comparable to a full run
+        plan = [("qwen3-30b-a3b", 128, 8)]
     return [Config(name, tokens, models[name]["hidden"] // scale, models[name]["expert_intermediate"] // scale,
                    models[name]["experts"], models[name]["top_k"], torch.bfloat16) for name, tokens, scale in plan]
 
 
-def make_experts(cfg: Config) -> Qwen3MoeExperts:
+def make_experts(cfg: Config, gen: torch.Generator) -> Qwen3MoeExperts:
+    """Qwen3-MoE's experts module, weights stored (E, out, in) as transformers stores them."""
     config = transformers.Qwen3MoeConfig(hidden_size=cfg.hidden, moe_intermediate_size=cfg.intermediate,
                                          num_experts=cfg.experts, num_experts_per_tok=cfg.top_k)
     experts = Qwen3MoeExperts(copy.deepcopy(config)).to(cfg.dtype)
     with torch.no_grad():
-        experts.gate_up_proj.normal_(0, cfg.hidden ** -0.5)
-        experts.down_proj.normal_(0, cfg.intermediate ** -0.5)
+        experts.gate_up_proj.copy_(torch.randn(experts.gate_up_proj.shape, generator=gen) * cfg.hidden ** -0.5)
+        experts.down_proj.copy_(torch.randn(experts.down_proj.shape, generator=gen) * cfg.intermediate ** -0.5)
     return experts
+
+
+def transposed_experts(experts: Qwen3MoeExperts) -> Qwen3MoeExperts:
+    """The same module and weight values, the weights stored (E, in, out)
+    (transformers' ``is_transposed``, as gpt-oss stores them)."""
+    out = copy.deepcopy(experts)
+    for name in ("gate_up_proj", "down_proj"):
+        w = getattr(experts, name).detach()
+        setattr(out, name, torch.nn.Parameter(w.transpose(-2, -1).contiguous()))
+    out.is_transposed = True
+    return out
 
 
 def routing(cfg: Config, gen: torch.Generator):
@@ -121,9 +125,8 @@ def saved_bytes(fn, params) -> int:
     return sum(seen.values())
 
 
-def run(cfg: Config, min_run_time: float, rounds: int) -> Result:
-    gen = torch.Generator().manual_seed(0)
-    experts = make_experts(cfg)
+def run(cfg: Config, experts: Qwen3MoeExperts, order: str, min_run_time: float, rounds: int) -> dict:
+    gen = torch.Generator().manual_seed(1)
     ids, weights = routing(cfg, gen)
     x = torch.randn(cfg.tokens, cfg.hidden, generator=gen).to(cfg.dtype).requires_grad_()
     weights.requires_grad_()
@@ -141,87 +144,125 @@ def run(cfg: Config, min_run_time: float, rounds: int) -> Result:
             t.grad = None
         forward(impl).backward(grad)
 
-    # The eager loop's backward materialises a zero gradient of every expert
-    # weight per expert (select_backward): E x the weights' bytes of memory
-    # traffic, minutes at DeepSeek-V3's shape. It runs where that stays small.
+    # The dense baseline: one expert's SwiGLU MLP over all routed rows (the
+    # same FLOPs as the experts), weights stored as the experts' are.
+    rows = cfg.tokens * cfg.top_k
+    dense_x = torch.randn(rows, cfg.hidden, generator=gen).to(cfg.dtype).requires_grad_()
+    dense_grad = torch.randn(rows, cfg.hidden, generator=gen).to(cfg.dtype)
+    dense_up = experts.gate_up_proj[0].detach().clone().requires_grad_()  # (2I, H) "nk", (H, 2I) "kn"
+    dense_down = experts.down_proj[0].detach().clone().requires_grad_()   # (H, I) "nk", (I, H) "kn"
+    dense_params = [dense_up, dense_down]
+
+    def dense_forward():
+        up, down = (dense_up.t(), dense_down.t()) if order == "nk" else (dense_up, dense_down)
+        gate, u = (dense_x @ up).chunk(2, dim=-1)
+        return (torch.nn.functional.silu(gate) * u) @ down
+
+    def dense_forward_backward():
+        for t in (dense_x, *dense_params):
+            t.grad = None
+        dense_forward().backward(dense_grad)
+
+    # The eager loop reads (E, out, in) weights only, and its backward
+    # materialises a zero gradient of every expert weight per expert
+    # (select_backward): E x the weights' bytes of memory traffic, minutes at
+    # DeepSeek-V3's shape. It runs on "nk" rows where that stays small.
     weight_bytes = sum(p.numel() * p.element_size() for p in params)
-    impls = [i for i in IMPLS if i != "eager" or cfg.experts * weight_bytes <= EAGER_MAX_TRAFFIC]
+    not_run = {}
+    if order != "nk":
+        not_run["eager"] = "transformers' eager loop reads (E, out, in) weights only"
+    elif cfg.experts * weight_bytes > EAGER_MAX_TRAFFIC:
+        not_run["eager"] = "see EAGER_MAX_TRAFFIC"
+    impls = [i for i in IMPLS if i not in not_run]
     # Ours against the reference (eager, else transformers' grouped_mm): bf16
     # outputs and gradients within a few bf16 ulps of the largest value (the
     # others add the k rows in bf16, ours in fp32).
+    # Every timed path runs once here, which also warms it up (transformers'
+    # grouped_mm path is seconds slower on its first calls: oneDNN creates a
+    # primitive per group size).
     reference = impls[0]
     results = {}
-    for impl in (reference, "unfused", "ours"):
+    for impl in dict.fromkeys((reference, "grouped_mm", "unfused", "ours")):
         for t in (x, weights, *params):
             t.grad = None
         out = forward(impl)
         out.backward(grad)
         results[impl] = [out.detach(), x.grad, weights.grad, *(p.grad for p in params)]
+    dense_forward_backward()
     for impl in ("unfused", "ours"):
         for got, ref in zip(results[impl], results[reference]):
             torch.testing.assert_close(got.float(), ref.float(), rtol=0, atol=8 * 2**-8 * ref.abs().max().item())
 
-    env = dict(forward=forward, forward_backward=forward_backward)
+    env = dict(forward=forward, forward_backward=forward_backward, dense_forward=dense_forward,
+               dense_forward_backward=dense_forward_backward)
 
     def stmts(impls):
         return {f"{kind} {impl}": f"{fn}({impl!r})" for impl in impls
                 for kind, fn in (("fwd", "forward"), ("total", "forward_backward"))}
 
-    t = interleaved_medians(stmts(["grouped_mm", "unfused", "ours"]), env, min_run_time, rounds)
+    t = interleaved_medians({**stmts(["grouped_mm", "unfused", "ours"]), "fwd dense": "dense_forward()",
+                             "total dense": "dense_forward_backward()"}, env, min_run_time, rounds)
     if "eager" in impls:
         # One round: the loop's backward is seconds per step.
         t.update(interleaved_medians(stmts(["eager"]), env, 0.0, 1))
-    fwd = {impl: t[f"fwd {impl}"] * 1e3 for impl in impls}
-    bwd = {impl: max(t[f"total {impl}"] * 1e3 - fwd[impl], 0.0) for impl in impls}
+    timed = impls + ["dense"]
+    fwd = {impl: t[f"fwd {impl}"] * 1e3 for impl in timed}
+    bwd = {impl: max(t[f"total {impl}"] * 1e3 - fwd[impl], 0.0) for impl in timed}
     saved = {impl: saved_bytes(lambda: forward(impl), params) / 2**20 for impl in impls}
-    return Result(cfg.name, cfg.tokens, cfg.hidden, cfg.intermediate, cfg.experts, cfg.top_k, fwd, bwd, saved)
+    saved["dense"] = saved_bytes(dense_forward, dense_params) / 2**20
+    total = {impl: fwd[impl] + bwd[impl] for impl in timed}
+    row = dict(config=cfg.name, order=order, tokens=cfg.tokens, hidden=cfg.hidden, intermediate=cfg.intermediate,
+               experts=cfg.experts, top_k=cfg.top_k, fwd_ms=fwd, bwd_ms=bwd, saved_mb=saved, not_run=not_run,
+               vs_grouped_mm=total["grouped_mm"] / total["ours"], vs_dense=total["dense"] / total["ours"],
+               grouped_mm_vs_dense=total["dense"] / total["grouped_mm"],
+               memory_vs_grouped_mm=saved["ours"] / saved["grouped_mm"])
+    row["targets"] = row_targets(row)
+    return row
 
 
-def check_targets(results: list[Result]) -> list[tuple[str, bool]]:
-    """Issue #5's targets, on fine-grained shapes (>= 64 experts, top-k >= 4)."""
-    checks = []
-    for r in results:
-        if r.experts >= 64 and r.top_k >= 4:
-            speedup = r.total_ms("grouped_mm") / r.total_ms("ours")
-            memory = r.saved_mb["ours"] / r.saved_mb["grouped_mm"]
-            checks.append((f"{r.config}: fwd+bwd >= 1.5x transformers grouped_mm ({speedup:.2f}x)", speedup >= 1.5))
-            checks.append((f"{r.config}: activation memory <= 0.6x grouped_mm ({memory:.2f}x)", memory <= 0.6))
-    return checks
-
-
-def format_table(results: list[Result]) -> str:
-    head = (f"{'model':<14} {'T':>5} {'H':>5} {'I':>5} {'E':>4} {'k':>2} {'impl':<10} {'fwd ms':>8} {'bwd ms':>8} "
-            f"{'total ms':>9} {'saved MB':>9} {'vs grouped_mm':>13}")
-    lines = [head, "-" * len(head)]
-    for r in results:
-        for impl in IMPLS:
-            if impl not in r.fwd_ms:
-                lines.append(f"{r.config:<14} {r.tokens:>5} {r.hidden:>5} {r.intermediate:>5} {r.experts:>4} "
-                             f"{r.top_k:>2} {impl:<10} {'(not run: see EAGER_MAX_TRAFFIC)':>50}")
-                continue
-            speed = r.total_ms("grouped_mm") / r.total_ms(impl)
-            lines.append(f"{r.config:<14} {r.tokens:>5} {r.hidden:>5} {r.intermediate:>5} {r.experts:>4} {r.top_k:>2} "
-                         f"{impl:<10} {r.fwd_ms[impl]:>8.1f} {r.bwd_ms[impl]:>8.1f} {r.total_ms(impl):>9.1f} "
-                         f"{r.saved_mb[impl]:>9.1f} {speed:>12.2f}x")
-    return "\n".join(lines)
+def row_targets(r: dict) -> list[dict]:
+    """On the fine-grained shapes (>= 64 experts, top-k >= 4), in both weight
+    orders: issue #5's fwd+bwd >= 1.5x transformers' grouped_mm and activation
+    memory <= 0.6x its; issue #11 asks of expert_mlp "the same" as of
+    grouped_mm with (G, N, K) weights, read here as its bf16 targets with the
+    layer's fwd+bwd in place of one GEMM: >= 0.85x the dense MLP of the same
+    FLOPs (its "never slower than upstream", upstream being transformers'
+    torch._grouped_mm path, and ">= 1.3x upstream where it runs below 0.65x
+    dense" are implied by #5's 1.5x on the same row). No target is stated
+    for the coarse shape (Mixtral)."""
+    if not (r["experts"] >= 64 and r["top_k"] >= 4):
+        return []
+    where = "fine-grained shapes"
+    return targets(
+        target(5, "gmm", "ours/transformers grouped_mm, fwd+bwd speed", where, r["vs_grouped_mm"], ">=", 1.5),
+        target(5, "mem", "ours/transformers grouped_mm, saved activations", where, r["memory_vs_grouped_mm"],
+               "<=", 0.6),
+        target(11, "dense", "ours/dense MLP, fwd+bwd speed", where, r.get("vs_dense"), ">=", 0.85),
+    )
 
 
 def main(argv: Optional[list[str]] = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--quick", action="store_true", help="one shape, short timing (make demo)")
-    parser.add_argument("--json", help="default: results/moe_layer.json (results/moe_layer-quick.json with --quick)")
-    parser.add_argument("--check", action="store_true", help="exit 1 if a target is missed")
+    add_common_args(parser, "one small shape, short timing (make demo; CI and tests: proves the script runs)")
     args = parser.parse_args(argv)
-    args.json = args.json or os.path.join(HERE, "results", "moe_layer-quick.json" if args.quick else "moe_layer.json")
 
     moe_transformers.register()
-    min_run_time, rounds = (0.2, 1) if args.quick else (0.5, 3)
+    min_run_time, rounds = (0.05, 1) if args.quick else (0.5, 3)
+    doc = dict(benchmark="moe_layer", meta=metadata(__file__, argv, args.quick), results=[])
     print_machine()
-    print("MoE experts, bf16 forward + backward through transformers' experts module, side by side; "
-          "ours checked first against eager (transformers' grouped_mm where eager is not run)\n")
-    results = [run(cfg, min_run_time, rounds) for cfg in configs(args.quick)]
-    print(format_table(results))
-    return report(results, check_targets(results), args.json, args.check)
+    print("MoE experts, bf16 forward + backward through transformers' experts module, side by side, weights stored "
+          "(E, out, in) ('nk') and (E, in, out) ('kn'); ours checked first against eager (transformers' grouped_mm "
+          "where eager is not run)\n")
+    for cfg in configs(args.quick):
+        experts = make_experts(cfg, torch.Generator().manual_seed(0))
+        for order in ORDERS:
+            doc["results"].append(run(cfg, experts if order == "nk" else transposed_experts(experts), order,
+                                      min_run_time, rounds))
+            print("\n".join(tables.table("moe_layer", dict(results=doc["results"][-1:])).splitlines()[2:]),
+                  flush=True)
+    print()
+    print(tables.table("moe_layer", doc))
+    return finish(doc, json_path("moe_layer", args), tables.missed("moe_layer", doc), args.check)
 
 
 if __name__ == "__main__":

@@ -21,21 +21,25 @@ results/numerics_fp8.json and a bar chart of the
 round-trip SQNR, results/numerics_fp8.png (drawn here: no plotting
 dependency).
 
-    python benchmarks/numerics_fp8.py
+Deterministic; no targets (issue #6 asks for the report, not for bounds).
+benchmarks/tables.py renders the JSON, here and in the README.
+
+    python benchmarks/numerics_fp8.py [--quick] [--out DIR]
 """
 
 from __future__ import annotations
 
-import json
+import argparse
 import os
 import struct
 import zlib
+from typing import Optional
 
 import torch
 
+import tables
 import torch_moe_ops
-
-HERE = os.path.dirname(os.path.abspath(__file__))
+from _harness import add_common_args, finish, json_path, metadata
 RECIPES = ("tensorwise", "rowwise", "blockwise_1x128", "blockwise_128x128", "mx")
 SHORT = {"tensorwise": "TW", "rowwise": "RW", "blockwise_1x128": "1X128", "blockwise_128x128": "128X128", "mx": "MX"}
 FORMATS = {"e4m3": torch.float8_e4m3fn, "e5m2": torch.float8_e5m2}
@@ -46,8 +50,10 @@ def sqnr_db(x: torch.Tensor, ref: torch.Tensor) -> float:
     return float(10 * torch.log10(ref.pow(2).sum() / (x.double() - ref).pow(2).sum()))
 
 
-def operands(gen: torch.Generator):
-    tokens, hidden, experts, n = 2048, 2048, 16, 768
+def operands(gen: torch.Generator, quick: bool = False):
+    # Every expert's token count is a multiple of 128 (MX's float8 weight
+    # gradient takes 32-row blocks within a group).
+    tokens, hidden, experts, n = (512, 256, 4, 128) if quick else (2048, 2048, 16, 768)
     x = torch.randn(tokens, hidden, generator=gen)
     outliers = torch.randperm(hidden, generator=gen)[: hidden // 100]
     x[:, outliers] *= 30
@@ -175,40 +181,33 @@ def chart(rows: list[dict], path: str) -> None:
         f.write(c.png())
 
 
-def main() -> int:
+def main(argv: Optional[list[str]] = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    add_common_args(parser, "smaller operands: proves the script runs (CI, tests)")
+    args = parser.parse_args(argv)
     gen = torch.Generator().manual_seed(0)
-    x, w, offs = operands(gen)
+    x, w, offs = operands(gen, args.quick)
     rows = []
     for operand, t in (("activations", x), ("weights", w)):
         for recipe in RECIPES:
             for fmt, f8 in FORMATS.items():
                 rows.append(dict(operand=operand, recipe=recipe, format=fmt, **roundtrip(t, recipe, f8)))
     gemm = {(r, f): gemm_sqnr(x, w, offs, r, f8) for r in ("rowwise", "mx") for f, f8 in FORMATS.items()}
-    # Every expert's token count is a multiple of 128 here, so MX's float8
-    # weight gradient (32-row blocks within a group) applies too.
     training = {(r, wg): training_sqnr(x, w, offs, r, wg, gen) for r, wg in
                 (("rowwise", "fp8"), ("mx", "fp8"), ("mx", "hp"))}
+    doc = dict(benchmark="numerics_fp8", meta=metadata(__file__, argv, args.quick), roundtrip=rows,
+               gemm=[dict(recipe=r, format=fm, sqnr_db=v) for (r, fm), v in gemm.items()],
+               training=[dict(recipe=r, wgrad_path=wg, out_db=v["out"], dgrad_db=v["dgrad"], wgrad_db=v["wgrad"])
+                         for (r, wg), v in training.items()])
     print(f"operands: activations {tuple(x.shape)} bf16 with 1% outlier channels x30, "
           f"weights {tuple(w.shape)} bf16, experts at scales 2^[-2, 2]\n")
-    print(f"{'operand':<12} {'recipe':<18} {'format':<6} {'SQNR dB':>8} {'max rel err':>12}")
-    for r in rows:
-        print(f"{r['operand']:<12} {r['recipe']:<18} {r['format']:<6} {r['sqnr_db']:>8.2f} {r['max_rel_err']:>12.4f}")
-    print("\nscaled_grouped_mm (activations x weights^T per expert) vs float64 GEMM of the unquantised operands")
-    for (recipe, fmt), db in gemm.items():
-        print(f"  {recipe:<8} {fmt}: SQNR {db:6.2f} dB")
-    print("\nfp8_grouped_mm (training path, e4m3) vs float64 autograd: SQNR dB of the output and the gradients")
-    print(f"  {'recipe':<8} {'wgrad':<6} {'out':>6} {'dgrad':>6} {'wgrad':>6}")
-    for (recipe, wg), v in training.items():
-        print(f"  {recipe:<8} {wg:<6} {v['out']:>6.2f} {v['dgrad']:>6.2f} {v['wgrad']:>6.2f}")
-    os.makedirs(os.path.join(HERE, "results"), exist_ok=True)
-    with open(os.path.join(HERE, "results", "numerics_fp8.json"), "w") as f:
-        json.dump({"torch": torch.__version__, "roundtrip": rows,
-                   "gemm": [dict(recipe=r, format=fm, sqnr_db=v) for (r, fm), v in gemm.items()],
-                   "training": [dict(recipe=r, wgrad_path=wg, out_db=v["out"], dgrad_db=v["dgrad"], wgrad_db=v["wgrad"])
-                                for (r, wg), v in training.items()]}, f, indent=2)
-    chart(rows, os.path.join(HERE, "results", "numerics_fp8.png"))
-    print("\nwrote benchmarks/results/numerics_fp8.json, benchmarks/results/numerics_fp8.png")
-    return 0
+    print(tables.table("numerics_fp8", doc))
+    path = json_path("numerics_fp8", args)
+    png = os.path.splitext(path)[0] + ".png"
+    os.makedirs(os.path.dirname(os.path.abspath(png)), exist_ok=True)
+    chart(rows, png)
+    print(f"\nwrote {png}")
+    return finish(doc, path, None, args.check)
 
 
 if __name__ == "__main__":

@@ -54,7 +54,7 @@ def init_base_repo(root: str) -> None:
 
 
 def commit_message(patch: manifest.Patch) -> str:
-    return f"{patch.title}\n\n{patch.summary}\n\nTest Plan:\n{patch.test_plan}\n"
+    return patch.text
 
 
 def _in_tree(message: str, root: str) -> str:

@@ -101,12 +101,25 @@ class Generate:
         return self.make(text, *(read_source(s, self.declared_at) for s in self.sources))
 
 
+MESSAGES = os.path.join(os.path.dirname(os.path.abspath(__file__)), "messages")
+
+
 @dataclass
 class Patch:
-    title: str
-    summary: str
-    test_plan: str
+    """One commit: its message (a file under patches/messages: the title, a
+    blank line, the summary, and a `Test Plan:` section) and its changes."""
+
+    message: str
     changes: list
+
+    @property
+    def text(self) -> str:
+        with open(os.path.join(MESSAGES, self.message), encoding="utf-8") as f:
+            return f.read()
+
+    @property
+    def title(self) -> str:
+        return self.text.split("\n", 1)[0]
 
 
 @dataclass
@@ -180,6 +193,7 @@ ROUTING_CHECK_NAMES = {
     "permute_num_rows": "_moe_permute_num_rows",
     "check_permute_inputs": "_moe_permute_check_inputs",
     "check_unpermute_inputs": "_moe_unpermute_check_inputs",
+    "check_unpermute_backward_inputs": "_moe_unpermute_backward_check_inputs",
 }
 
 ROUTING_FAKES = {
@@ -471,47 +485,7 @@ NATIVE = "aten/src/ATen/native"
 SERIES = [
     Series("core", [
         Patch(
-            title="[ATen] _grouped_mm: CPU kernel with bias, fp32 output and checked offs",
-            summary="""\
-On CPU, _grouped_mm was a CompositeExplicitAutograd loop of mm: it never
-validated offs, rejected bias and an fp32 out_dtype, and left the rows (2D x 3D)
-or columns (3D x 2D) that no group covers uninitialised.
-
-This adds a CPU kernel, at::native::grouped_mm_cpu, and the checks every
-backend shares (ATen/native/GroupedMM.h):
-- all four layouts (2D x 3D, 3D x 2D, 2D x 2D, 3D x 3D), operands of any
-  strides including 0 (expanded gradients);
-- float32, float16, bfloat16 and float64; out_dtype=float32 for 16-bit inputs;
-- bias of shape (G, N_out), in the input or the output dtype;
-- offs validated (non-decreasing, non-negative, within the grouped dimension);
-  uncovered output elements are zero;
-- every error is a ValueError naming the argument and the value received.
-- large outputs (a weight gradient is hundreds of MB) ask for transparent huge
-  pages before the first touch: page faults otherwise cost more than the GEMM.
-
-GroupedMM.{h,cpp,cu} also carry grouped_mm_gather, the same kernels with the
-grouped dimension read through an int64 index (-1 reads zeros), which lets an
-MoE layer run its expert GEMMs and their weight gradients straight from the
-unsorted tokens. Its schema (_grouped_mm_gather), meta function and OpInfo are
-left to a follow-up; until then those functions are compiled, not registered.
-
-Dispatch: CPU now points at grouped_mm_cpu. CompositeExplicitAutograd stays for
-the other backends. CUDA stays at _grouped_mm_cuda on purpose: the CUDA entry
-carried here (cuda/GroupedMM.cu, grouped_mm_cuda) routes its fast path to
-aten::_grouped_mm itself, so registering it as the CUDA kernel would recurse.
-It is compiled (ATen globs native/cuda) so that it builds in CI, and becomes the
-CUDA kernel in a follow-up that gives it kernels of its own.
-
-The files are those of torch-moe-ops (torch_moe_ops/csrc/ATen/native), where
-the same kernel is registered as moe_ops::grouped_mm. ATen globs native/,
-native/cpu and native/cuda, so no build file changes.""",
-            test_plan="""\
-In torch-moe-ops (test/test_grouped_mm.py): the OpInfo samples (every layout,
-empty groups, zero tokens, rows past offs[-1], transposed and strided
-operands, bias, fp32 output) against a float64 loop reference, the error
-inputs, and hypothesis-generated shapes.
-Here: python test/test_ops.py -k _grouped_mm (OpInfo added later in this stack);
-torchgen parses the patched native_functions.yaml.""",
+            message="core/0001-grouped-mm-cpu-kernel-with-bias-fp32-output-and.txt",
             changes=[
                 Copy(f"{NATIVE}/GroupedMM.h", "torch_moe_ops/csrc/ATen/native/GroupedMM.h"),
                 Copy(f"{NATIVE}/GroupedMM.cpp", "torch_moe_ops/csrc/ATen/native/GroupedMM.cpp"),
@@ -519,6 +493,8 @@ torchgen parses the patched native_functions.yaml.""",
                 Copy(f"{NATIVE}/cpu/MoEAvx512Utils.h", "torch_moe_ops/csrc/ATen/native/cpu/MoEAvx512Utils.h"),
                 Copy(f"{NATIVE}/cpu/MoEHugePages.h", "torch_moe_ops/csrc/ATen/native/cpu/MoEHugePages.h"),
                 Copy(f"{NATIVE}/cuda/GroupedMM.cu", "torch_moe_ops/csrc/ATen/native/cuda/GroupedMM.cu"),
+                Copy(f"{NATIVE}/cuda/GroupedMM.cuh", "torch_moe_ops/csrc/ATen/native/cuda/GroupedMM.cuh"),
+                Copy(f"{NATIVE}/cuda/MoEThreadPos.cuh", "torch_moe_ops/csrc/ATen/native/cuda/MoEThreadPos.cuh"),
                 Edit(f"{NATIVE}/native_functions.yaml", [(
                     "  dispatch:\n"
                     "    CompositeExplicitAutograd: _grouped_mm\n"
@@ -531,36 +507,7 @@ torchgen parses the patched native_functions.yaml.""",
             ],
         ),
         Patch(
-            title="[autograd] _grouped_mm: backward for every layout, expanded gradients and bias",
-            summary="""\
-The backward of a grouped mm is grouped mms in the other layouts, for all four
-layouts alike:
-  grad_mat_a = _grouped_mm(grad, mat2^T, offs)
-  grad_mat_b = _grouped_mm(self^T, grad, offs)
-(for a mat2 stored (G, N, K) and passed transposed, grad_mat_b is computed as
-(grad^T self)^T, in mat2's own layout, as _grouped_mm_mat2_backward did).
-grad is cast to the input dtype (it is float32 when out_dtype=float32) and made
-contiguous: x.sum().backward() hands an expanded, stride-0 gradient, which the
-CUDA kernel rejects; for the usual contiguous gradient this is a no-op.
-
-bias gets a gradient too: per-group sums of grad, accumulated in fp32 (fp64 for
-fp64) in a fixed order, returned in grad's dtype: a bias in the input dtype
-gets its gradient cast by autograd, as for any input, so nothing of bias is
-saved.
-
-The helpers live in a new header, torch/csrc/autograd/GroupedMMBackward.h,
-included by the generated Functions.cpp; it is header-only, so no build file
-changes. They also turn the undefined tensor that the generated code unpacks
-for an absent offs back into nullopt, which is how the kernels tell the
-layouts apart.
-
-The formulas are those of torch-moe-ops' Python autograd for moe_ops::grouped_mm
-(torch_moe_ops/ops/grouped_mm.py).""",
-            test_plan="""\
-In torch-moe-ops: gradcheck/gradgradcheck through the OpInfo samples, and
-x.sum().backward() for every layout.
-Here: gen_autograd generates GroupedMmBackward0 with the three formulas;
-python test/test_ops.py -k _grouped_mm (OpInfo added later in this stack).""",
+            message="core/0002-grouped-mm-backward-for-every-layout-expanded-gr.txt",
             changes=[
                 Copy("torch/csrc/autograd/GroupedMMBackward.h", "patches/src/torch/csrc/autograd/GroupedMMBackward.h"),
                 Edit("tools/autograd/templates/Functions.cpp", [(
@@ -580,48 +527,13 @@ python test/test_ops.py -k _grouped_mm (OpInfo added later in this stack).""",
             ],
         ),
         Patch(
-            title="[ATen] MoE routing ops: _moe_router_topk, _moe_permute, _moe_unpermute",
-            summary="""\
-Around every grouped GEMM an MoE layer routes tokens, sorts them by expert,
-pads groups to kernel alignment and scatters the results back with routing
-weights. Today that is argsort + histc + index_select + index_add_: several
-passes over the token rows, host syncs, and crash-prone edge cases. These ops
-make each step one call:
-
-- _moe_router_topk(logits, k, score_func, bias, n_group, topk_group,
-  renormalize, scaling_factor) -> (weights, expert_ids, counts): softmax or
-  sigmoid scores (or softmax over the k chosen), top-k with ties to the lowest
-  expert id, DeepSeek-V3 grouped top-k, a selection-only score bias
-  (aux-loss-free balancing), renormalisation and scaling;
-- _moe_permute(tokens, expert_ids, num_experts, alignment, first_expert,
-  num_local_experts) -> (permuted, dst_rows, src_rows, offs): a stable
-  counting sort of the (token, slot) rows by expert, groups aligned to a power
-  of two with zeroed padding, a local expert range for expert parallelism, and
-  int32 group ends ready for _grouped_mm. Output shapes depend on input shapes
-  only, so nothing syncs with the host;
-- _moe_unpermute(permuted, dst_rows, weights) -> out: the weighted sum of each
-  token's k rows, accumulated in fp32 in slot order (deterministic, no
-  atomics), and its backward _moe_unpermute_backward.
-
-Every bad input raises a ValueError naming the argument and the value.
-Indexing is int64 throughout. The CPU kernels are vectorised (AVX-512 router
-with a run-time CPU check) and parallel over tokens; results do not depend on
-the thread count. The CUDA kernels are compiled here but have not run on a GPU.
-
-The files are those of torch-moe-ops (torch_moe_ops/csrc/ATen/native), where
-the same kernels are registered as moe_ops::router_topk, permute and unpermute.""",
-            test_plan="""\
-In torch-moe-ops (test/test_routing.py): OpInfos for the three ops against
-plain-torch references (ids, counts, permuted rows and unpermute bitwise;
-weights to float32 rounding), hypothesis over tokens (including 0), widths,
-experts, k, alignment and skewed routing, opcheck, gradcheck, compile with
-fullgraph=True and dynamic=True; benchmarks/bench_routing.py.
-Here: torchgen parses the patched native_functions.yaml.""",
+            message="core/0003-moe-routing-ops-moe-router-topk-moe-permute-moe.txt",
             changes=[
                 Copy(f"{NATIVE}/MoERouting.h", "torch_moe_ops/csrc/ATen/native/MoERouting.h"),
                 Copy(f"{NATIVE}/MoERouting.cpp", "torch_moe_ops/csrc/ATen/native/MoERouting.cpp"),
                 Copy(f"{NATIVE}/cpu/MoERoutingKernel.cpp", "torch_moe_ops/csrc/ATen/native/cpu/MoERoutingKernel.cpp"),
                 Copy(f"{NATIVE}/cuda/MoERouting.cu", "torch_moe_ops/csrc/ATen/native/cuda/MoERouting.cu"),
+                Copy(f"{NATIVE}/cuda/MoERouting.cuh", "torch_moe_ops/csrc/ATen/native/cuda/MoERouting.cuh"),
                 Edit(f"{NATIVE}/native_functions.yaml", [(
                     "    CPU: grouped_mm_cpu\n"
                     "    CompositeExplicitAutograd: _grouped_mm\n"
@@ -633,26 +545,7 @@ Here: torchgen parses the patched native_functions.yaml.""",
             ],
         ),
         Patch(
-            title="[autograd] MoE routing ops: derivatives of _moe_router_topk, _moe_permute, _moe_unpermute",
-            summary="""\
-- _moe_router_topk: the gradient flows to the logits through the weights;
-  with the expert ids fixed (selection is piecewise constant) the weights are
-  score(logits) gathered, renormalised and scaled, and the formula is that
-  chain rule (torch/csrc/autograd/MoERoutingBackward.h, header-only). The
-  selection bias gets none: it never reaches the weights.
-- _moe_permute: each token's gradient is the sum of its k rows' gradients,
-  which is _moe_unpermute without weights.
-- _moe_unpermute: _moe_unpermute_backward gives the gradient of the rows (the
-  weighted gradient of their token) and of the weights (the dot product of
-  each row with its token's gradient); the rows are saved only when the
-  weights need a gradient.
-
-The formulas are those of torch-moe-ops' Python autograd
-(torch_moe_ops/ops/routing.py).""",
-            test_plan="""\
-In torch-moe-ops: gradcheck through the OpInfo samples of the three ops.
-Here: gen_autograd generates MoeRouterTopkBackward0, MoePermuteBackward0 and
-MoeUnpermuteBackward0 with these formulas.""",
+            message="core/0004-moe-routing-ops-derivatives-of-moe-router-topk-m.txt",
             changes=[
                 Copy("torch/csrc/autograd/MoERoutingBackward.h", "patches/src/torch/csrc/autograd/MoERoutingBackward.h"),
                 Edit("tools/autograd/templates/Functions.cpp", [(
@@ -668,64 +561,7 @@ MoeUnpermuteBackward0 with these formulas.""",
             ],
         ),
         Patch(
-            title="[ATen] fp8 quantisation: _quantize_fp8, _dequantize_fp8, _swizzle_mx_scale",
-            summary="""\
-_scaled_mm and _scaled_grouped_mm take float8 operands and scales, but ATen has
-no op that produces them: every user writes the amax/scale/clamp/cast by hand,
-and the MX scale layouts (e8m0 dtype, the blocked "swizzled" layout the CUDA
-kernels read) are a frequent source of errors. These ops quantise and
-dequantise for the recipes torch's scaled GEMMs accept:
-
-- _quantize_fp8(x, recipe, float8_dtype, offs, swizzle) -> (data, scale) with
-  recipe tensorwise, rowwise, blockwise_1x128, blockwise_128x128 (DeepSeek-V3)
-  or mx (1x32 blocks, float8_e8m0fnu scales, OCP MX with floor rounding of
-  the scale exponent); float8_e4m3fn (default) or float8_e5m2 data; scale is
-  the dequantisation scale, in the shape the scaled GEMMs take (rowwise:
-  (M,) for A, (G, N) for a (G, K, N) weight quantised through its transpose);
-  swizzle=True writes MX scales in the blocked 32_4_4 layout upstream's
-  CUDA MX kernels read;
-- offs gives per-group operands of the 2D x 2D (weight-gradient) layout:
-  groups along the contraction dimension, one scale per row and group, so
-  that no block straddles two groups;
-- _dequantize_fp8(data, scale, recipe, out_dtype, offs, swizzle) -> the
-  inverse, in float32, bfloat16 or float16;
-- _swizzle_mx_scale(scale, offs, dim) -> the MX scales of a 2-D grouped
-  operand in the layout the CUDA MX grouped GEMMs read for 2-D operands:
-  each group's part of the grid blocked on its own, groups one after the
-  other (groups of rows, dim=0, for the 2D x 3D forward; along K, dim=1, for
-  the 2D x 2D weight gradient), in a shape bounded by the arguments' shapes
-  (no host sync).
-
-Numerics (ATen/native/MoEQuantize.h): float32 amax per block, saturation to
-the format's max, round to nearest even; a block holding NaN or inf
-dequantises to NaN. The CPU kernel is AVX-512 with a run-time CPU check and a
-scalar fallback that give the same bytes, parallel over rows, bitwise
-independent of the thread count. Every bad input raises a ValueError naming
-the argument and the value.
-
-Dispatch: CPU, and CUDA through device-generic ATen code
-(native/cuda/MoEQuantize.cpp: block amax, float32 division, multiply, clamp,
-c10's float -> float8 conversion, which is the same function on host and
-device), so the CUDA path gives the CPU kernel's bytes; offs is validated on
-the device with _assert_async, no host sync. It costs a float32 copy of x and
-a few passes where a fused kernel would read x twice: a fused Triton/CUDA
-kernel is the follow-up, with a GPU to measure it on.
-
-The files are those of torch-moe-ops (torch_moe_ops/csrc/ATen/native), where
-the same kernels are registered as moe_ops::quantize_fp8 and dequantize_fp8.""",
-            test_plan="""\
-In torch-moe-ops (test/test_fp8.py): OpInfos for both ops against plain-torch
-references that round with torch's own float -> float8 conversion, compared
-bit for bit (data and scale bytes) on every recipe, both formats, 2-D and
-3-D operands, partial blocks, zero sizes, transposed weights, swizzled MX
-scales and per-group operands; hypothesis over shapes, dtypes, magnitudes and
-NaN/inf/zero inputs; rounding checked against torch's conversion on every
-float8 value and midpoint; e8m0 edge cases (zero blocks, inf/NaN, denormals,
-saturation) against hand-computed bytes; opcheck and torch.compile with
-fullgraph=True, dynamic=True. The CUDA functions run there on CPU tensors
-(called through the dispatcher's CUDA slot) and give the CPU kernel's bytes
-on every OpInfo sample and on hypothesis-drawn problems.
-Here: torchgen parses the patched native_functions.yaml.""",
+            message="core/0005-fp8-quantisation-quantize-fp8-dequantize-fp8-swi.txt",
             changes=[
                 Copy(f"{NATIVE}/MoEQuantize.h", "torch_moe_ops/csrc/ATen/native/MoEQuantize.h"),
                 Copy(f"{NATIVE}/MoEQuantize.cpp", "torch_moe_ops/csrc/ATen/native/MoEQuantize.cpp"),
@@ -741,63 +577,7 @@ Here: torchgen parses the patched native_functions.yaml.""",
             ],
         ),
         Patch(
-            title="[ATen] _scaled_grouped_mm: CPU kernel for rowwise, blockwise and MX scaling",
-            summary="""\
-_scaled_grouped_mm runs only on CUDA (sm_90/sm_100), so an fp8 MoE cannot be
-tested, debugged or run on a CPU at all. This adds a CPU kernel,
-at::native::scaled_grouped_mm_cpu, with the checks it needs in
-ATen/native/MoEScaledGroupedMM.h:
-
-- the four layouts of _grouped_mm (2D x 3D, 3D x 3D, 3D x 2D, 2D x 2D), with
-  float8_e4m3fn or float8_e5m2 operands of any strides (upstream's row-major
-  A / column-major B included);
-- rowwise float32 scales in upstream's shapes (scale_a (M,) / (G, M) /
-  (G * M,), scale_b (G, N) / (N,) / (G * N,)); for 2D x 3D and 3D x 3D also
-  DeepSeek-V3's blockwise float32 scales (1x128 blocks of A, 128x128 blocks
-  of the (N, K) weight); MX float8_e8m0fnu scales (1x32 along K) for 2D x 3D,
-  3D x 3D and 2D x 2D (the weight gradient, token groups of whole blocks) in
-  the layouts the CUDA kernels take: a 3-D operand's plain (G, rows, S) grid or
-  its swizzled (G, round_up(rows, 128) * round_up(S, 4)) form, a 2-D
-  operand's per-group blocked layout (_swizzle_mx_scale; any 2-D shape with
-  at least `rows` rows that holds the groups' bytes, checked against offs's
-  values);
-- out_dtype bfloat16 (default) or float32, bias (G, N) in float32 or
-  out_dtype; scale_result must be None; use_fast_accum is ignored (float32
-  accumulation always);
-- every error is a ValueError naming the argument and the value.
-
-The kernel processes groups in chunks: float8 operands are widened to
-bfloat16 tiles (exact; AVX-512 integer code, a table elsewhere; MX scales,
-powers of two, folded in) or, for blockwise scales, float32 tiles with the
-scale applied, multiplied by the _grouped_mm CPU kernel of this stack into a
-float32 accumulator; the epilogue applies the rowwise scales and the bias
-and rounds once. Working memory is one chunk (16M tile elements, kept
-across calls), not a dequantised copy of the operands. On a 2-core Zen 4 the
-rowwise path runs at 0.56-0.73x the bfloat16 _grouped_mm rate on the expert
-up-projection of Qwen3-MoE, OLMoE, DeepSeek-V3 and Mixtral shapes.
-
-Dispatch: CPU added beside CUDA. The meta function still states the CUDA
-constraints (e4m3 only, strides); the compile series gives it a CPU branch
-with this kernel's checks.
-
-cuda/MoEScaledGroupedMM.cpp carries scaled_grouped_mm_cuda, which runs the
-cases upstream's CUDA kernels reject (MX and blockwise scales on sm_90, e5m2,
-bias, float32 out, other strides) as their definition: _dequantize_fp8 of the
-operands (exact to bfloat16 for rowwise and MX), grouped_mm in float32, the
-rowwise scales and bias on the float32 product, rounded once. It is compiled
-here, not registered: it routes the supported cases to aten::_scaled_grouped_mm
-itself, so as the CUDA kernel it would recurse; it becomes the fallback of
-_scaled_grouped_mm_cuda in a follow-up that edits ScaledBlas.cpp.""",
-            test_plan="""\
-In torch-moe-ops (test/test_fp8.py): OpInfo samples (every layout, both
-recipes and formats, empty groups, rows past offs[-1], both weight storage
-orders, bias, both output dtypes) and hypothesis-generated problems against a
-float64 dequantise-then-matmul reference, within a bound derived from float32
-summation; equality with _grouped_mm of the dequantised operands; error inputs
-for every wrong scale shape and dtype; opcheck; torch.compile. The fallback of
-cuda/MoEScaledGroupedMM.cpp runs there on CPU tensors (through the
-dispatcher's CUDA slot of moe_ops::scaled_grouped_mm) on the same samples.
-Here: torchgen parses the patched native_functions.yaml.""",
+            message="core/0006-scaled-grouped-mm-cpu-kernel-for-rowwise-blockwi.txt",
             changes=[
                 Copy(f"{NATIVE}/MoEScaledGroupedMM.h", "torch_moe_ops/csrc/ATen/native/MoEScaledGroupedMM.h"),
                 Copy(f"{NATIVE}/MoEScaledGroupedMM.cpp", "torch_moe_ops/csrc/ATen/native/MoEScaledGroupedMM.cpp"),
@@ -819,64 +599,15 @@ Here: torchgen parses the patched native_functions.yaml.""",
     ]),
     Series("compile", [
         Patch(
-            title="[meta] _grouped_mm: the eager checks, dtypes and strides",
-            summary="""\
-The meta function of _grouped_mm rejected float32/float16 inputs that eager
-accepts (so torch.compile failed on them), bias and out_dtype=float32, and
-never checked what the kernels check.
-
-It now restates grouped_mm_check_inputs of ATen/native/GroupedMM.h one for one,
-with the same messages, and allocates the output as the kernels do: contiguous
-on CPU, last dimension padded to 16 bytes on CUDA.
-
-The code is generated from torch-moe-ops' fake kernel for moe_ops::grouped_mm
-(torch_moe_ops/_checks.py and torch_moe_ops/ops/grouped_mm.py), with names
-made private to this module.""",
-            test_plan="""\
-In torch-moe-ops: this very function, run on every OpInfo sample and layout,
-agrees with the CPU kernel in shape, strides and dtype, and raises on every
-error input with the kernel's message; torch.compile(fullgraph=True) tests.
-Here: python test/test_ops.py -k "_grouped_mm and (meta or fake)";
-python test/inductor/test_torchinductor_opinfo.py -k _grouped_mm.""",
+            message="compile/0001-grouped-mm-the-eager-checks-dtypes-and-strides.txt",
             changes=[Generate("torch/_meta_registrations.py", [CHECKS, FAKE], make_meta)],
         ),
         Patch(
-            title="[meta] MoE routing ops: meta functions of _moe_router_topk, _moe_permute, _moe_unpermute",
-            summary="""\
-Meta functions for the routing ops of the core stack, so that they trace under
-torch.compile with fake tensors. Every output shape is a function of the input
-shapes only (_moe_permute sizes its output for the worst case: T * k rows plus
-the alignment padding of every local expert), so a compiled MoE layer needs no
-host sync and no graph break.
-
-They restate the checks of ATen/native/MoERouting.h one for one, with the same
-messages, and are generated from torch-moe-ops' fake kernels
-(torch_moe_ops/_checks.py and torch_moe_ops/ops/routing.py).""",
-            test_plan="""\
-In torch-moe-ops: these very functions agree with the CPU kernels in shape,
-strides and dtype on every routing OpInfo sample, and raise the kernels'
-errors; the ops compile with fullgraph=True, dynamic=True and no recompile
-across token counts.
-Here: python test/test_ops.py -k "_moe_ and (meta or fake)".""",
+            message="compile/0002-moe-routing-ops-meta-functions-of-moe-router-top.txt",
             changes=[Generate("torch/_meta_registrations.py", [CHECKS, ROUTING_FAKE], make_routing_meta)],
         ),
         Patch(
-            title="[OpInfo] Add an OpInfo for _grouped_mm",
-            summary="""\
-_grouped_mm had no OpInfo. Its samples cover the four layouts, empty groups,
-zero tokens, rows past offs[-1], transposed and non-contiguous operands, bias
-and fp32 output; its error inputs cover every rejected argument; its ref is a
-float64 loop of mm.
-
-Comes last in this stack: test_ops' meta and fake tests need the meta function
-of the previous patch, and the samples need the CPU kernel and backward of the
-core stack.
-
-The definition is torch-moe-ops' (test/opinfo.py), instantiated for
-torch._grouped_mm.""",
-            test_plan="""\
-python test/test_ops.py -k _grouped_mm
-In torch-moe-ops the same OpInfo runs against moe_ops::grouped_mm.""",
+            message="compile/0003-add-an-opinfo-for-grouped-mm.txt",
             changes=[
                 Generate("torch/testing/_internal/opinfo/definitions/grouped_mm.py", [OPINFO, REFERENCE], make_opinfo),
                 Edit("torch/testing/_internal/opinfo/definitions/__init__.py", [
@@ -886,21 +617,7 @@ In torch-moe-ops the same OpInfo runs against moe_ops::grouped_mm.""",
             ],
         ),
         Patch(
-            title="[OpInfo] Add OpInfos for _moe_router_topk, _moe_permute, _moe_unpermute",
-            summary="""\
-OpInfos for the routing ops of the core stack. Samples: logits on a grid so
-that ties occur (broken by the lower expert id), DeepSeek-V3 grouped top-k
-with a selection bias, gpt-oss softmax after top-k, zero tokens, strided
-inputs; routing with empty experts and all tokens on one expert, alignment
-padding, a local expert range with dropped ids; weighted and unweighted
-combine. Error inputs cover every rejected argument. The refs are plain-torch
-implementations of the contracts (stable sorts for the tie rule).
-
-The definitions are torch-moe-ops' (test/opinfo_routing.py), instantiated for
-the aten ops.""",
-            test_plan="""\
-python test/test_ops.py -k _moe_
-In torch-moe-ops the same OpInfos run against the moe_ops kernels.""",
+            message="compile/0004-add-opinfos-for-moe-router-topk-moe-permute-moe.txt",
             changes=[
                 Generate("torch/testing/_internal/opinfo/definitions/moe_routing.py", [ROUTING_OPINFO, REFERENCE],
                          make_routing_opinfo),
@@ -911,54 +628,11 @@ In torch-moe-ops the same OpInfos run against the moe_ops kernels.""",
             ],
         ),
         Patch(
-            title="[meta] fp8 ops: meta functions of the quantisation ops, _scaled_grouped_mm on CPU",
-            summary="""\
-Meta functions for the fp8 quantisation ops of the core stack (_quantize_fp8,
-_dequantize_fp8, _swizzle_mx_scale), so that they trace under torch.compile
-with fake tensors: output shapes and dtypes are functions of the arguments
-(the scale shape of each recipe, swizzled or not, per group with offs), and
-every check of ATen/native/MoEQuantize.h is restated with the same message.
-
-_scaled_grouped_mm's meta function states what the CUDA kernels accept
-(e4m3 only, no bias, their strides). CPU tensors now take a branch with the
-checks of the CPU kernel (ATen/native/MoEScaledGroupedMM.h: e4m3 and e5m2,
-rowwise, blockwise and MX scales in every layout the kernel runs, bias,
-bfloat16 or float32 out) and a contiguous output, so that what runs in eager
-on CPU also compiles. The CUDA branch is unchanged.
-
-Generated from torch-moe-ops' fake kernels (torch_moe_ops/_checks.py and
-torch_moe_ops/ops/fp8.py), with names made private to this module.""",
-            test_plan="""\
-In torch-moe-ops: these very functions agree with the CPU kernels in shape,
-strides and dtype on every fp8 OpInfo sample, and raise the kernels' errors
-on every error input that does not need tensor values; the ops compile with
-fullgraph=True, dynamic=True.
-Here: python test/test_ops.py -k "(_quantize_fp8 or _dequantize_fp8 or _scaled_grouped_mm or _swizzle_mx_scale)
-and (meta or fake)".""",
+            message="compile/0005-fp8-ops-meta-functions-of-the-quantisation-ops-s.txt",
             changes=[Generate("torch/_meta_registrations.py", [CHECKS, FP8_FAKE], make_fp8_meta)],
         ),
         Patch(
-            title="[OpInfo] Add OpInfos for the fp8 ops",
-            summary="""\
-OpInfos for the fp8 ops. quantize/dequantize samples: every recipe on 2-D
-and 3-D operands, partial blocks, zero rows and columns, a transposed weight
-quantised per output column, both float8 formats, swizzled MX scales, and
-per-group operands with empty groups and columns past offs[-1], with values
-spanning 40 binades. _scaled_grouped_mm samples: the four layouts with rowwise
-scales, 2D x 3D and 3D x 3D with MX and blockwise scales, 2D x 2D with MX,
-empty groups, rows past offs[-1], both weight storage orders, bias, both
-output dtypes. _swizzle_mx_scale samples: groups of rows and along K, empty
-groups, groups past 128 rows, rows and columns past offs[-1], no groups.
-Error inputs cover every rejected argument. The refs are plain-torch
-implementations (block loops, torch's own float -> float8 conversion;
-dequantise in float64 then a loop of mm).
-
-The definitions are torch-moe-ops' (test/opinfo_fp8.py), instantiated for
-the aten ops; the CPU samples need the kernels of the core stack.""",
-            test_plan="""\
-python test/test_ops.py -k "_quantize_fp8 or _dequantize_fp8 or _scaled_grouped_mm or _swizzle_mx_scale"
-In torch-moe-ops the same OpInfos run against the moe_ops kernels (and their
-CUDA entries, on CPU tensors).""",
+            message="compile/0006-add-opinfos-for-the-fp8-ops.txt",
             changes=[
                 Generate("torch/testing/_internal/opinfo/definitions/fp8.py", [FP8_OPINFO, REFERENCE],
                          make_fp8_opinfo),
@@ -971,31 +645,7 @@ CUDA entries, on CPU tensors).""",
     ]),
     Series("distributed", [
         Patch(
-            title="[DTensor] _grouped_mm: shard experts, N and K",
-            summary="""\
-Replaces the single-dim strategy of _grouped_mm in _matrix_ops.py, which
-rejected bias and could not shard the experts of the batched 3D x 3D layout,
-with an op strategy that offers, per mesh dimension:
-- replicate everything;
-- 3D x 3D: shard the expert/batch dimension G of both operands, the output and
-  bias (expert parallelism: each rank runs its experts);
-- shard N (mat2's last dimension) -> the output's last dimension, bias along N,
-  except in 3D x 2D where offs splits N;
-- shard K on both operands -> Partial output, except in 2D x 2D where offs
-  splits K, and not with bias (each rank would add it).
-offs is always replicated.
-
-Inputs are validated by the meta function's checks (previous stack), so a bad
-call fails in sharding propagation with the kernel's message.
-
-Generated from torch-moe-ops' strategy for moe_ops::grouped_mm
-(distributed/grouped_mm_strategy.py).""",
-            test_plan="""\
-In torch-moe-ops (test/distributed, fake process group, world size 4): the
-placements DTensor picks for each layout, rank-local results against the
-unsharded op, Partial sums against the unsharded op, and no sharding across
-group boundaries.
-Here: python test/distributed/tensor/test_matrix_ops.py -k grouped_mm""",
+            message="distributed/0001-grouped-mm-shard-experts-n-and-k.txt",
             changes=[
                 Generate("torch/distributed/tensor/_ops/_grouped_mm_ops.py", [STRATEGY], make_strategy),
                 Edit("torch/distributed/tensor/_ops/__init__.py", [(

@@ -14,7 +14,7 @@ import torch._dynamo.testing
 import torch.nn.functional as F
 from hypothesis import given, settings, strategies as st
 from torch._subclasses.fake_tensor import FakeTensorMode
-from torch.testing._internal.common_device_type import instantiate_device_type_tests, ops
+from torch.testing._internal.common_device_type import ops
 from torch.testing._internal.common_utils import TestCase
 
 import torch_moe_ops
@@ -22,6 +22,7 @@ from torch_moe_ops import fused_experts
 from torch_moe_ops.reference import torch_expert_mlp
 
 from common import assert_rows_close, assert_same_bits_at_thread_counts
+from _device import instantiate_cpu_and_cuda
 from opinfo_experts import expert_mlp_opinfo, grouped_mm_gather_opinfo
 from test_grouped_mm import TOLERANCES
 
@@ -41,22 +42,10 @@ class TestGroupedMMGather(TestCase):
             ref = op.ref(s.input, *s.args, **s.kwargs)
             self.assertEqual(out, ref, exact_dtype=True, **TOLERANCES[out.dtype], msg=s.name)
 
-    @ops([grouped_mm_gather_opinfo], allowed_dtypes=(torch.float32, torch.bfloat16))
-    def test_fake_matches_eager(self, device, dtype, op):
-        for s in op.sample_inputs(device, dtype):
-            out = op(s.input, *s.args, **s.kwargs)
-            with FakeTensorMode() as mode:
-                fout = op(_fake(mode, s.input), *(_fake(mode, a) for a in s.args),
-                          **{k: _fake(mode, v) for k, v in s.kwargs.items()})
-            self.assertEqual((fout.shape, fout.stride(), fout.dtype), (out.shape, out.stride(), out.dtype),
-                             msg=s.name)
 
-    @ops([grouped_mm_gather_opinfo], allowed_dtypes=(torch.float32,))
-    def test_opcheck(self, device, dtype, op):
-        for s in op.sample_inputs(device, dtype):
-            torch.library.opcheck(op.op, (s.input, *s.args), s.kwargs)
-
-instantiate_device_type_tests(TestGroupedMMGather, globals(), only_for=("cpu", "cuda"))
+instantiate_cpu_and_cuda(TestGroupedMMGather, globals(), gpu_adds=(
+    "the CUDA entry on CUDA tensors (the gather and upstream's grouped GEMM on the device); "
+    "on CPU tensors it runs in test_cuda_entries.py"))
 
 
 # --------------------------------------------------------------- expert_mlp
@@ -394,7 +383,9 @@ class TestExpertMLP(TestCase):
             torch.ops.moe_ops.expert_mlp(*(_fake(mode, v) for v in args))
 
 
-instantiate_device_type_tests(TestExpertMLP, globals(), only_for=("cpu", "cuda"))
+instantiate_cpu_and_cuda(TestExpertMLP, globals(), gpu_adds=(
+    "the composition over the CUDA kernels of the ops it calls; its device path runs on CPU tensors in "
+    "test_cuda_entries.py"))
 
 
 def test_compile_fullgraph_backward_no_recompile():

@@ -10,7 +10,9 @@ apply to custom ops, against the OpInfos of every family (test/opinfo*.py):
   (test_samples_require_grad_on_leaves), no tensor shared between samples
   (test_samples_own_their_tensors); the float64 reference (test_reference);
   non-contiguous samples give the contiguous results and gradients
-  (test_noncontiguous_samples); error inputs raise in eager and fake mode
+  (test_noncontiguous_samples); the same bits run after run
+  (test_deterministic); torch.library.opcheck (test_opcheck); gradients
+  against finite differences (test_gradcheck); error inputs raise in eager and fake mode
   (test_errors); out= exactly when the schema has an out overload (test_out);
   the public wrapper of an op gives the op's results (test_variant_consistency);
   no input written, no output aliasing an input
@@ -32,7 +34,7 @@ kernels check them, fake kernels cannot.
 
 The family files (test_grouped_mm.py, test_routing.py, ...) keep what is op
 specific: values in every dtype against the references with derived
-tolerances, gradcheck, opcheck, compile, hypothesis properties.
+tolerances, compile, thread counts, hypothesis properties.
 """
 
 import torch
@@ -45,7 +47,7 @@ from torch.fx.experimental.symbolic_shapes import (
     free_unbacked_symbols,
 )
 from torch.testing._internal import composite_compliance
-from torch.testing._internal.common_device_type import OpDTypes, instantiate_device_type_tests, ops
+from torch.testing._internal.common_device_type import OpDTypes, ops
 from torch.testing._internal.common_dtype import all_types_and_complex_and, floating_and_complex_types_and
 from torch.testing._internal.common_utils import TestCase, noncontiguous_like, run_tests
 from torch.testing._internal.opinfo.core import SampleInput
@@ -54,6 +56,7 @@ from torch.utils._pytree import tree_flatten, tree_leaves, tree_map_only, tree_u
 
 import torch_moe_ops
 
+from _device import instantiate_cpu_and_cuda
 from opinfo import op_db as grouped_mm_op_db
 from opinfo_experts import op_db as experts_op_db
 from opinfo_fp8 import op_db as fp8_op_db
@@ -217,6 +220,84 @@ class TestMoEOps(TestCase):
             # element is off by a term's size.
             self.assertEqual(_call(op, s), op.ref(s.input, *s.args, **s.kwargs), rtol=1e-10, atol=1e-10,
                              msg=s.name)
+
+    @ops(op_db, allowed_dtypes=(torch.float32, torch.bfloat16, torch.float16, torch.float8_e8m0fnu))
+    def test_deterministic(self, device, dtype, op):
+        """The same inputs give the same bits, run after run."""
+        for s in _samples(op, device, dtype):
+            first = _outputs(_call(op, s))
+            self.assertEqual([_bytes(t) for t in _outputs(_call(op, s))], [_bytes(t) for t in first], atol=0,
+                             rtol=0, msg=s.name)
+
+    @ops(op_db, allowed_dtypes=(torch.float32, torch.bfloat16, torch.float8_e8m0fnu))
+    def test_opcheck(self, device, dtype, op):
+        """torch.library.opcheck on every sample, with and without gradients:
+        schema (no input written, no undeclared aliasing), fake kernel,
+        autograd registration, AOT dispatch with dynamic shapes. opcheck's
+        schema check compares inputs with ops that have no float8 kernels:
+        for samples with float8 inputs the bytes are compared here instead."""
+        checks = ("test_autograd_registration", "test_faketensor", "test_aot_dispatch_dynamic")
+        grads = (False, True) if op.supports_autograd and _with_grad(op, device, dtype) else (False,)
+        for requires_grad in grads:
+            for s in _samples(op, device, dtype, requires_grad=requires_grad):
+                has_fp8 = any(t.dtype.is_floating_point and t.dtype.itemsize == 1 for t in _tensors(s))
+                before = [_bytes(t).clone() for t in _tensors(s)]
+                torch.library.opcheck(op.op, (s.input, *s.args), s.kwargs,
+                                      test_utils=checks if has_fp8 else ("test_schema",) + checks)
+                for a, b in zip(before, [_bytes(t) for t in _tensors(s)], strict=True):
+                    self.assertTrue(torch.equal(a, b), msg=f"{s.name}: an input was modified")
+
+    @ops([op for op in op_db if op.supports_autograd], allowed_dtypes=(torch.float64,))
+    def test_gradcheck(self, device, dtype, op):
+        """Every sample's float64 inputs that take a gradient, against finite
+        differences (through the OpInfo's gradcheck_wrapper: router_topk's
+        breaks the ties its samples make on purpose). A float32 input beside
+        them (unpermute's float32 routing weights) cannot pass a float64
+        finite-difference check: its gradient is compared with the float64
+        reference's instead."""
+        checked = 0
+        for s in _samples(op, device, dtype, requires_grad=True):
+            leaves = _leaves_requiring_grad(s)
+            for leaf in (t for t in leaves if t.dtype != torch.float64):
+                self._check_float32_leaf_grad(op, s, leaf)
+            leaves = [t for t in leaves if t.dtype == torch.float64]
+            if not leaves:
+                continue
+            checked += 1
+
+            def fn(*ts, s=s, leaves=leaves):
+                swap = {id(a): b for a, b in zip(leaves, ts)}
+                inp, args, kwargs = tree_map_only(torch.Tensor, lambda v: swap.get(id(v), v),
+                                                  (s.input, s.args, s.kwargs))
+                out = op.gradcheck_wrapper(op, inp, *args, **kwargs)
+                return tuple(o for o in _outputs(s.output_process_fn_grad(out)) if o.requires_grad)
+
+            # Detached leaves with the samples' strides (some samples are views).
+            inputs = tuple(t.detach().requires_grad_() for t in leaves)
+            # The full Jacobian costs two calls per input element: past a few
+            # hundred elements, fast mode's random projections of it (upstream's
+            # gradcheck_fast_mode) check the same formulas in a few calls.
+            fast = sum(t.numel() for t in inputs) > 256
+            self.assertTrue(torch.autograd.gradcheck(fn, inputs, fast_mode=fast), msg=s.name)
+        self.assertGreater(checked, 0, msg=f"{op.name}: no sample was gradchecked")
+
+    def _check_float32_leaf_grad(self, op, s, leaf):
+        """The gradient of a float32 input beside float64 ones, against the
+        reference run with that input in float64: the kernel accumulates in
+        float64 and rounds once to float32 (2^-24 relative; 1e-300 absolute
+        for exact zeros)."""
+        self.assertEqual(leaf.dtype, torch.float32, msg=s.name)
+
+        def grad(fn, cast):
+            x = cast(leaf).detach().requires_grad_()
+            inp, args, kwargs = tree_map_only(torch.Tensor, lambda v: x if v is leaf else v,
+                                              (s.input, s.args, s.kwargs))
+            outs = [o for o in _outputs(fn(inp, *args, **kwargs)) if o.is_floating_point() and o.requires_grad]
+            return torch.autograd.grad(outs, x, [torch.ones_like(o) for o in outs])[0]
+
+        ours, ref = grad(op, lambda t: t), grad(op.ref, lambda t: t.double())
+        self.assertEqual(ours.dtype, torch.float32, msg=s.name)
+        self.assertEqual(ours.double(), ref, rtol=2**-24, atol=1e-300, msg=s.name)
 
     @ops(op_db, allowed_dtypes=(torch.float32, torch.long, torch.complex64))
     def test_noncontiguous_samples(self, device, dtype, op):
@@ -474,7 +555,9 @@ class TestMoEOps(TestCase):
         self.assertEqual(set(INTERNAL_OPS) - reached, set())
 
 
-instantiate_device_type_tests(TestMoEOps, globals(), only_for=("cpu", "cuda"))
+instantiate_cpu_and_cuda(TestMoEOps, globals(), gpu_adds=(
+    "the generic OpInfo checks on CUDA tensors: every CUDA kernel, device-side asserts instead of the "
+    "\"*_values\" errors"))
 
 
 if __name__ == "__main__":

@@ -6,16 +6,27 @@ checked with ``git apply --check`` and applied with ``git am``, in order. On
 the result:
 
 * torchgen parses native_functions.yaml and derivatives.yaml and gen_autograd
-  generates the backward node of _grouped_mm; the new autograd header compiles
-  against the wheel's headers, and the CPU kernel as each CPU-capability build
-  of ATen compiles it;
-* every patched Python file compiles; the patched meta function, OpInfo and
-  DTensor strategy are run against this package's kernels;
+  generates the backward nodes;
+* the carried C++ compiles as in-tree (patches/proof.py): torchgen generates
+  the ATen operator headers of the patched yaml, every carried file compiles
+  against them (native/cpu/ per CPU capability, the CUDA files with the CUDA
+  headers) with upstream's warnings as errors, each kernel the yaml names has
+  the signature torchgen declares for it, and the autograd code generated from
+  the new formulas compiles; the backward headers agree with our Python
+  autograd;
+* every patched Python file compiles; aten names in the patched meta functions
+  and OpInfos resolve to the ops the patched yaml generates (with their
+  schemas); the patched meta function, OpInfo and DTensor strategy are run
+  against this package's kernels;
+* the base tree holds every upstream file the series edits, and no new file
+  takes an upstream path (patches/upstream_tree.txt);
 * regenerating the series reproduces patches/ byte for byte;
-* bad input to the generator fails naming the file (and line).
+* bad input to the generator fails naming the file (and line); a kernel that
+  does not match the yaml, a kernel name no file defines, a misspelt aten name
+  and a formula calling a misspelt op are rejected.
 
-What only a source build of PyTorch (with a GPU for the CUDA file) can prove,
-the kernels compiled in-tree, is listed in patches/README.md.
+What only a source build of PyTorch (with a GPU for the CUDA files) can prove
+is listed in patches/README.md.
 """
 
 import difflib
@@ -23,8 +34,8 @@ import filecmp
 import glob
 import importlib.util
 import os
+import pathlib
 import shutil
-import subprocess
 import sys
 import textwrap
 
@@ -34,7 +45,7 @@ import torchgen
 from torch._subclasses.fake_tensor import FakeTensorMode
 
 import torch_moe_ops  # noqa: F401
-from patches import generate, manifest, rewrite
+from patches import base, generate, manifest, proof, rewrite, upstream_tree
 from patches.errors import PatchError
 
 from opinfo import error_inputs_grouped_mm, sample_inputs_grouped_mm
@@ -79,10 +90,54 @@ def test_series_apply_in_order(tree):
 def test_kernel_files_are_the_extension_sources(tree):
     copies = [c for p in manifest.SERIES[0].patches for c in p.changes
               if isinstance(c, manifest.Copy) and c.path.startswith("aten/")]
-    assert len(copies) == 19
+    # Which sources must be carried is manifest.check_coverage's business
+    # (every native source carried or NOT_UPSTREAMED); here, that they are.
+    assert copies
     for change in copies:
         assert filecmp.cmp(os.path.join(tree, change.path), os.path.join(manifest.REPO_ROOT, change.source),
                            shallow=False), change.path
+
+
+def series_paths(tree, status):
+    """Paths the series adds (status "A") or modifies ("M")."""
+    return generate.git(tree, "diff", "--name-only", f"--diff-filter={status}", f"HEAD~{NUM_PATCHES}", "HEAD").split()
+
+
+def test_base_tree_holds_every_upstream_file_the_series_edits(tree):
+    """Every file a patch modifies is in the base tree, from the wheel (none
+    needs vendoring: patches/base.py), and is listed upstream."""
+    edited = series_paths(tree, "M")
+    assert edited and set(edited) <= set(base.WHEEL_PATHS), set(edited) - set(base.WHEEL_PATHS)
+    assert set(edited) <= set(upstream_tree.load().wheel)
+
+
+def test_upstream_tree_is_current():
+    listed = upstream_tree.load()
+    assert listed.dirs == upstream_tree.touched_dirs(), \
+        "the series touches other directories: run `python -m patches.upstream_tree`"
+    if listed.torch_version != torch.__version__:
+        pytest.skip(f"patches/upstream_tree.txt lists torch {listed.torch_version}, "
+                    f"torch {torch.__version__} is installed")
+    assert listed.wheel == upstream_tree.wheel_paths(listed.dirs), "run `python -m patches.upstream_tree`"
+
+
+def test_new_files_take_no_upstream_path(tree):
+    """No new file of the series lands on an upstream path (up to case), and
+    each was looked up upstream (an `absent` line of patches/upstream_tree.txt)."""
+    new = series_paths(tree, "A")
+    listed = upstream_tree.load()
+    assert not upstream_tree.collisions(new, listed.upstream()), upstream_tree.collisions(new, listed.upstream())
+    assert not set(new) - set(listed.absent), (
+        f"new files never looked up upstream: {sorted(set(new) - set(listed.absent))}; check that v2.14.1 has no "
+        "such path and add an `absent` line to patches/upstream_tree.txt")
+    assert not set(listed.absent) - set(new), f"stale `absent` lines: {sorted(set(listed.absent) - set(new))}"
+
+
+def test_collision_up_to_case_is_found():
+    listed = upstream_tree.load()
+    assert upstream_tree.collisions(["aten/src/ATen/native/groupedmmutils.h", "aten/src/ATen/native/GroupedMM.h"],
+                                    listed.upstream()) == [("aten/src/ATen/native/groupedmmutils.h",
+                                                            "aten/src/ATen/native/GroupedMMUtils.h")]
 
 
 # (b) ----------------------------------------------------------------------
@@ -138,16 +193,6 @@ def test_torchgen_accepts_the_yaml_and_generates_the_backward(tree, tmp_path):
     header = (tmp_path / "Functions.h").read_text()
     for node in ("MoeRouterTopkBackward0", "MoePermuteBackward0", "MoeUnpermuteBackward0"):
         assert f"struct TORCH_API {node}" in header
-
-
-@pytest.mark.skipif(shutil.which("g++") is None, reason="needs g++")
-def test_autograd_header_compiles(tree, tmp_path):
-    include = os.path.join(os.path.dirname(torch.__file__), "include")
-    src = tmp_path / "use.cpp"
-    src.write_text('#include "torch/csrc/autograd/GroupedMMBackward.h"\n'
-                   '#include "torch/csrc/autograd/MoERoutingBackward.h"\n')
-    subprocess.run(["g++", "-std=c++20", "-fsyntax-only", f"-I{tree}", f"-I{include}", str(src)],
-                   check=True, capture_output=True)
 
 
 def test_backward_headers_match_python(tree, tmp_path):
@@ -208,29 +253,139 @@ def test_backward_headers_match_python(tree, tmp_path):
         assert got.stride() == w.stride() == expected.stride()
 
 
-# ATen builds native/cpu/ files once per CPU capability, each with its own
-# macros and ISA flags (cmake/Codegen.cmake); the extension builds them once.
-# Compile the carried kernel the in-tree ways, so that the capability branches
-# of its DispatchStub registration are checked too.
-CPU_CAPABILITY_BUILDS = {
-    "DEFAULT": [],
-    "AVX2": ["-mavx2", "-mfma", "-mf16c", "-mbmi", "-mbmi2"],
-    "AVX512": ["-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512dq", "-mfma", "-mf16c"],
-}
+# (b2) The carried C++, compiled as in-tree (patches/proof.py) ------------------
+
+SOURCES = [p for p in proof.carried_files() if not p.endswith((".h", ".cuh"))]
 
 
-@pytest.mark.parametrize("kernel", ["GroupedMMKernel.cpp", "MoERoutingKernel.cpp", "MoEQuantizeKernel.cpp",
-                                    "MoEScaledGroupedMMKernel.cpp"])
-@pytest.mark.parametrize("capability", sorted(CPU_CAPABILITY_BUILDS))
-def test_cpu_kernel_compiles_per_capability(tree, capability, kernel):
-    include = os.path.join(os.path.dirname(torch.__file__), "include")
-    kernel = os.path.join(tree, "aten/src/ATen/native/cpu", kernel)
-    flags = ["-std=c++20", "-fsyntax-only", "-fopenmp", f"-DCPU_CAPABILITY={capability}",
-             f"-DCPU_CAPABILITY_{capability}", "-DHAVE_AVX512_CPU_DEFINITION", "-DHAVE_AVX2_CPU_DEFINITION",
-             f"-I{os.path.join(tree, 'aten/src')}", f"-I{include}"]
-    result = subprocess.run(["g++", *flags, *CPU_CAPABILITY_BUILDS[capability], kernel],
-                            capture_output=True, text=True)
-    assert result.returncode == 0, result.stderr[-4000:]
+@pytest.fixture(scope="module")
+def compiled(tree, tmp_path_factory):
+    """ATen headers generated from the patched yaml, the autograd code of the
+    new formulas, and every translation unit compiled (cached by content)."""
+    return proof.prove(tree, str(tmp_path_factory.mktemp("autograd")))
+
+
+def unit_results(compiled, prefix):
+    results = [r for name, r in compiled.results.items() if name == prefix or name.startswith(prefix + " ")]
+    assert results, f"{prefix}: patches/proof.py made no translation unit of it"
+    skipped = [r.unit.skip for r in results if r.unit.skip]
+    if skipped:
+        pytest.skip(skipped[0])
+    failed = [r.report() for r in results if not r.ok]
+    assert not failed, "\n\n".join(failed)
+    return results
+
+
+@pytest.mark.parametrize("path", SOURCES)
+def test_carried_file_compiles_in_tree(compiled, path):
+    """Entry points with the yaml's kernel signatures and the generated
+    declarations, native/cpu/ kernels once per CPU capability, the CUDA files
+    as ATen's CUDA build compiles them."""
+    results = unit_results(compiled, path)
+    if "/native/cpu/" in path:
+        assert len(results) == len(proof.CPU_CAPABILITY_BUILDS)
+
+
+@pytest.mark.parametrize("generated", ["Functions.cpp", "VariableTypeEverything.cpp"])
+def test_generated_autograd_code_compiles(compiled, generated):
+    """The backward nodes of the series' formulas (Functions.cpp) and the
+    autograd kernels that save what they use (VariableType), as torchgen
+    generates them from the patched derivatives.yaml."""
+    unit_results(compiled, f"{proof.GENERATED_AUTOGRAD}/{generated}")
+    text = (pathlib.Path(compiled.autograd_root) / proof.GENERATED_AUTOGRAD / generated).read_text()
+    for node in ("GroupedMmBackward0", "MoeRouterTopkBackward0", "MoePermuteBackward0", "MoeUnpermuteBackward0"):
+        assert node in text, f"{generated} has no {node}"
+
+
+def test_every_new_kernel_is_checked(compiled):
+    """The kernels the patched yaml names that v2.14.1's does not, each checked
+    against the file that defines it."""
+    keys = ("CPU", "CUDA")
+    assert {(k.op, k.key): k.name for k in compiled.kernels} == {
+        ("_grouped_mm", "CPU"): "grouped_mm_cpu",
+        ("_scaled_grouped_mm", "CPU"): "scaled_grouped_mm_cpu",
+        **{(f"_moe_{op}", key): f"moe_{op}_{key.lower()}"
+           for op in ("router_topk", "permute", "unpermute", "unpermute_backward") for key in keys},
+        **{(f"_{op}", key): f"{op}_{key.lower()}" for op in ("quantize_fp8", "dequantize_fp8") for key in keys},
+        **{("_swizzle_mx_scale", key): "swizzle_mx_scale" for key in keys},
+    }
+    unchecked = proof.check_kernels_covered(compiled.kernels, [u for u in compiled.units if not u.skip])
+    if unchecked and all(k.key == "CUDA" for k in unchecked) and proof.cuda_toolkit() is None:
+        pytest.skip("no CUDA toolkit: the CUDA kernels are not compiled here")
+    assert not unchecked, "native_functions.yaml names kernels that no carried file defines: " + ", ".join(
+        f"{k.op} [{k.key}] at::native::{k.name}" for k in unchecked)
+
+
+def test_every_carried_header_is_compiled(compiled, tree):
+    assert not proof.headers_not_compiled(tree, compiled.autograd_root)
+
+
+def test_generated_aten_headers(compiled):
+    """The overlay holds the headers of the new and changed ops; torchgen
+    reproduced every other header of the wheel (proof.aten_headers checks)."""
+    files = set(proof.overlay_files(compiled.overlay))
+    for root in ("_moe_router_topk", "_moe_permute", "_moe_unpermute", "_moe_unpermute_backward", "_quantize_fp8",
+                 "_dequantize_fp8", "_swizzle_mx_scale"):
+        assert {f"ATen/ops/{root}.h", f"ATen/ops/{root}_ops.h", f"ATen/ops/{root}_native.h"} <= files, root
+    assert {"ATen/ops/_grouped_mm_native.h", "ATen/ops/_grouped_mm_cpu_dispatch.h",
+            "ATen/ops/_scaled_grouped_mm_native.h", "ATen/ops/_scaled_grouped_mm_cpu_dispatch.h", "ATen/Functions.h",
+            "ATen/Operators.h"} <= files
+    assert "ATen/ops/_grouped_mm.h" not in files  # the schema is unchanged
+    native = (pathlib.Path(compiled.overlay) / "ATen/ops/_moe_permute_native.h").read_text()
+    assert "moe_permute_cpu(" in native and "moe_permute_cuda(" in native
+
+
+def test_compile_rejects_a_definition_that_drifts_from_the_yaml(compiled, tree, tmp_path):
+    """moe_permute_cpu defined with a num_local_experts that is not optional:
+    the file alone compiles (a new overload; the build would fail to link),
+    the in-tree proof does not."""
+    copy = tmp_path / "tree"
+    shutil.copytree(os.path.join(tree, "aten"), copy / "aten")
+    path = copy / "aten/src/ATen/native/MoERouting.cpp"
+    text = path.read_text()
+    old = "int64_t first_expert,\n    std::optional<int64_t> num_local_experts) {\n  permute_check_inputs"
+    drift = text.replace(old, old.replace("std::optional<int64_t> num_local_experts", "int64_t num_local_experts"))
+    assert drift != text
+    path.write_text(drift)
+    (unit,) = proof.units(str(copy), compiled.overlay, None, compiled.kernels, compiled.roots,
+                          sources=["aten/src/ATen/native/MoERouting.cpp"])
+    result = proof.compile_unit(unit, str(copy), proof._sha(drift), {str(copy): "<tree>"})
+    assert not result.ok
+    assert "moe_permute_cpu" in result.output and "overloaded function" in result.output, result.output[-3000:]
+
+
+def test_kernel_named_by_no_carried_file_is_rejected(compiled, tree, tmp_path):
+    """native_functions.yaml naming a kernel no carried file defines (a typo)."""
+    copy = tmp_path / "tree"
+    for rel in (proof.NATIVE_YAML, proof.TAGS_YAML, proof.DERIVATIVES_YAML):
+        (copy / rel).parent.mkdir(parents=True, exist_ok=True)
+        shutil.copyfile(os.path.join(tree, rel), copy / rel)
+    native = copy / proof.NATIVE_YAML
+    native.write_text(native.read_text().replace("    CPU: moe_permute_cpu\n", "    CPU: moe_permute_cpux\n"))
+    kernels = proof.series_kernels(proof.parse_base(), proof.parse(str(copy)))
+    unit_list = proof.units(tree, compiled.overlay, None, kernels, compiled.roots)
+    (unchecked,) = proof.check_kernels_covered(kernels, unit_list)
+    assert (unchecked.op, unchecked.key, unchecked.name) == ("_moe_permute", "CPU", "moe_permute_cpux")
+
+
+def test_formula_calling_a_misspelt_op_does_not_compile(compiled, tree, tmp_path):
+    """A derivatives.yaml formula is C++: torchgen copies it into Functions.cpp
+    unchecked, the compile rejects it."""
+    copy = tmp_path / "tree"
+    shutil.copytree(os.path.join(tree, "aten"), copy / "aten")
+    shutil.copytree(os.path.join(tree, "tools"), copy / "tools")
+    shutil.copytree(os.path.join(tree, "torch/csrc"), copy / "torch/csrc")
+    derivatives = copy / proof.DERIVATIVES_YAML
+    text = derivatives.read_text()
+    assert text.count("tokens: at::_moe_unpermute(grad, dst_rows)") == 1
+    derivatives.write_text(text.replace("tokens: at::_moe_unpermute(grad, dst_rows)",
+                                        "tokens: at::_moe_unpermut(grad, dst_rows)"))
+    out = tmp_path / "autograd"
+    proof.autograd_sources(str(copy), str(out), derivatives={"_moe_permute"})
+    unit = [u for u in proof.units(str(copy), compiled.overlay, str(out), [], set(), sources=[])
+            if "Functions.cpp" in u.name][0]
+    result = proof.compile_unit(unit, str(copy), proof._sha(derivatives.read_text()), {str(copy): "<tree>"})
+    assert not result.ok and "_moe_unpermut" in result.output, result.output[-3000:]
 
 
 # (c) ----------------------------------------------------------------------
@@ -249,10 +404,17 @@ def test_patched_python_compiles(tree):
 
 
 @pytest.fixture(scope="module")
-def meta(tree):
+def aten(tree):
+    """torch.ops.aten as the patched native_functions.yaml generates it."""
+    return proof.GeneratedAten(tree)
+
+
+@pytest.fixture(scope="module")
+def meta(tree, aten):
     """The generated part of the patched torch/_meta_registrations.py, run in
     a scratch namespace (importing the whole file would register every meta
-    function again)."""
+    function again). Its aten names resolve against the ops the patched yaml
+    generates; register_meta records what it registers."""
     path = os.path.join(tree, "torch/_meta_registrations.py")
     with open(path) as f:
         source = f.read()
@@ -260,20 +422,52 @@ def meta(tree):
              + [meta_name for meta_name, _ in manifest.ROUTING_FAKES.values()]
              + list(manifest.FP8_CHECK_NAMES.values()) + [meta_name for meta_name, _ in manifest.FP8_FAKES.values()]
              + ["meta_scaled_grouped_mm"])
-    new_ops = ("_quantize_fp8", "_dequantize_fp8", "_swizzle_mx_scale")
+    registered = []
 
-    class Aten:
-        """torch.ops.aten, plus names for the ops the core series adds (the
-        decorators only evaluate them)."""
+    def register_meta(op):
+        def record(fn):
+            registered.append((op, fn))
+            return fn
+        return record
 
-        def __getattr__(self, name):
-            return name if name.startswith("_moe_") or name in new_ops else getattr(torch.ops.aten, name)
-
-    namespace = {"torch": torch, "Optional": __import__("typing").Optional, "aten": Aten(),
-                 "register_meta": lambda op: (lambda fn: fn)}
+    namespace = {"torch": torch, "Optional": __import__("typing").Optional, "aten": aten,
+                 "register_meta": register_meta, "__registered__": registered}
     generated = "\n\n".join(rewrite.definition(source, path, name) for name in names)
     exec(compile(generated, path, "exec"), namespace)
     return namespace
+
+
+def test_patched_meta_registers_generated_ops(meta):
+    """Each register_meta names an op of the patched yaml, and the meta
+    function can take that op's arguments."""
+    registered = {}
+    for op, fn in meta["__registered__"]:
+        for schema in proof.torchgen_schemas(op):
+            mismatch = proof.meta_signature_mismatch(fn, schema)
+            assert mismatch is None, mismatch
+            registered[str(schema.name)] = fn.__name__
+    assert registered == {
+        "_grouped_mm": "meta_grouped_mm", "_moe_router_topk": "meta_moe_router_topk",
+        "_moe_permute": "meta_moe_permute", "_moe_unpermute": "meta_moe_unpermute",
+        "_moe_unpermute_backward": "meta_moe_unpermute_backward",
+        "_quantize_fp8": "meta_quantize_fp8", "_dequantize_fp8": "meta_dequantize_fp8",
+        "_swizzle_mx_scale": "meta_swizzle_mx_scale", "_scaled_grouped_mm": "meta_scaled_grouped_mm"}
+
+
+def test_generated_aten_rejects_what_the_yaml_does_not_define(aten):
+    with pytest.raises(AttributeError, match=r"aten\._moe_permut: the patched native_functions.yaml defines no such "
+                                             r"op \(aten\._moe_permute\?\)"):
+        aten._moe_permut
+    with pytest.raises(AttributeError, match=r"aten\._moe_permute\.out: .* the overloads \['default'\]"):
+        aten._moe_permute.out
+    (schema,) = proof.torchgen_schemas(aten._moe_permute)
+
+    def meta_moe_permute(tokens, expert_ids, num_experts):
+        pass
+    assert "cannot take aten::_moe_permute" in proof.meta_signature_mismatch(meta_moe_permute, schema)
+    # An aten op whose generated schema is not that of the kernel that runs it.
+    with pytest.raises(AssertionError, match=r"differ: arguments differ"):
+        proof.GeneratedOverload("_moe_permute", "default", schema, torch.ops.moe_ops.unpermute.default)
 
 
 def samples(dtype):
@@ -360,20 +554,44 @@ def test_patched_opinfo(tree):
             ours.op(e.sample_input.input, *e.sample_input.args, **e.sample_input.kwargs)
 
 
-def test_patched_routing_opinfo(tree):
-    """The patched definitions module, instantiated for our kernels (the aten
-    ops it names upstream do not exist in the wheel): samples match the refs,
-    error inputs raise."""
-    path = os.path.join(tree, "torch/testing/_internal/opinfo/definitions/moe_routing.py")
+class _TorchWithAten:
+    """torch, but torch.ops.aten is the patched yaml's (proof.GeneratedAten)."""
+
+    def __init__(self, aten):
+        self.ops = type("ops", (), {"aten": aten, "__getattr__": lambda self, name: getattr(torch.ops, name)})()
+
+    def __getattr__(self, name):
+        return getattr(torch, name)
+
+
+def upstream_op_db(tree, aten, rel, upstream_db):
+    """op_db of the patched definitions module, as upstream builds it (its
+    aten names resolved by the patched yaml, each op run by the moe_ops kernel
+    of the same schema)."""
+    path = os.path.join(tree, rel)
     with open(path) as f:
         source = f.read()
-    upstream_db = 'op_db = make_routing_op_db(lambda op: f"_moe_{op}", lambda op: getattr(torch.ops.aten, f"_moe_{op}").default)'
     assert source.count(upstream_db) == 1
-    namespace = {"__name__": "patched_moe_routing"}
+    namespace = {"__name__": "patched_" + os.path.basename(rel)[:-3]}
     exec(compile(source.replace(upstream_db, ""), path, "exec"), namespace)
-    ours = namespace["make_routing_op_db"](lambda op: f"moe_ops.{op}", lambda op: getattr(torch.ops.moe_ops, op).default)
-    assert [info.name for info in ours] == ["moe_ops.router_topk", "moe_ops.permute", "moe_ops.unpermute"]
-    for info in ours:
+    namespace["torch"] = _TorchWithAten(aten)
+    try:
+        exec(compile(upstream_db, path, "exec"), namespace)
+    finally:
+        namespace["torch"] = torch
+    return namespace["op_db"]
+
+
+def test_patched_routing_opinfo(tree, aten):
+    """The patched definitions module's op_db, built as upstream does: samples
+    match the refs, error inputs raise."""
+    op_db = upstream_op_db(
+        tree, aten, "torch/testing/_internal/opinfo/definitions/moe_routing.py",
+        'op_db = make_routing_op_db(lambda op: f"_moe_{op}", lambda op: getattr(torch.ops.aten, f"_moe_{op}").default)')
+    assert [info.name for info in op_db] == ["_moe_router_topk", "_moe_permute", "_moe_unpermute"]
+    assert [info.op.impl for info in op_db] == [getattr(torch.ops.moe_ops, op).default
+                                                for op in ("router_topk", "permute", "unpermute")]
+    for info in op_db:
         for s in info.sample_inputs("cpu", torch.float64):
             torch.testing.assert_close(info.op(s.input, *s.args, **s.kwargs), info.ref(s.input, *s.args, **s.kwargs),
                                        rtol=1e-12, atol=1e-14, msg=lambda m: f"{info.name} {s.name}: {m}")
@@ -382,21 +600,18 @@ def test_patched_routing_opinfo(tree):
                 info.op(e.sample_input.input, *e.sample_input.args, **e.sample_input.kwargs)
 
 
-def test_patched_fp8_opinfo(tree):
-    """The patched fp8 definitions module, instantiated for our kernels (the
-    aten ops it names upstream do not exist in the wheel): quantize and
-    dequantize equal their refs bit for bit, scaled_grouped_mm is close to its
-    float64 ref, error inputs raise."""
-    path = os.path.join(tree, "torch/testing/_internal/opinfo/definitions/fp8.py")
-    with open(path) as f:
-        source = f.read()
-    upstream_db = 'op_db = make_fp8_op_db(lambda op: f"_{op}", lambda op: getattr(torch.ops.aten, f"_{op}").default)'
-    assert source.count(upstream_db) == 1
-    namespace = {"__name__": "patched_fp8"}
-    exec(compile(source.replace(upstream_db, ""), path, "exec"), namespace)
-    ours = namespace["make_fp8_op_db"](lambda op: f"moe_ops.{op}", lambda op: getattr(torch.ops.moe_ops, op).default)
-    assert [info.name for info in ours] == ["moe_ops.quantize_fp8", "moe_ops.dequantize_fp8",
-                                            "moe_ops.scaled_grouped_mm", "moe_ops.swizzle_mx_scale"]
+def test_patched_fp8_opinfo(tree, aten):
+    """The patched fp8 definitions module's op_db, built as upstream does:
+    quantize and dequantize equal their refs bit for bit, scaled_grouped_mm is
+    close to its float64 ref, error inputs raise."""
+    ours = upstream_op_db(
+        tree, aten, "torch/testing/_internal/opinfo/definitions/fp8.py",
+        'op_db = make_fp8_op_db(lambda op: f"_{op}", lambda op: getattr(torch.ops.aten, f"_{op}").default)')
+    assert [info.name for info in ours] == ["_quantize_fp8", "_dequantize_fp8", "_scaled_grouped_mm",
+                                            "_swizzle_mx_scale"]
+    assert [info.op.impl for info in ours] == [getattr(torch.ops.moe_ops, name[1:]).default
+                                               for name in ("_quantize_fp8", "_dequantize_fp8", "_scaled_grouped_mm",
+                                                            "_swizzle_mx_scale")]
     for info in ours:
         dtype = torch.float32 if torch.float32 in info.dtypes else next(iter(info.dtypes))
         for s in info.sample_inputs("cpu", dtype):

@@ -16,13 +16,14 @@ import torch
 import torch._dynamo.testing
 from hypothesis import given, settings, strategies as st
 from torch._subclasses.fake_tensor import FakeTensorMode
-from torch.testing._internal.common_device_type import instantiate_device_type_tests, onlyCPU, ops
+from torch.testing._internal.common_device_type import onlyCPU, ops
 from torch.testing._internal.common_utils import TestCase, run_tests
 
 import torch_moe_ops  # noqa: F401
 from torch_moe_ops.reference import torch_permute, torch_router_topk, torch_unpermute
 
 from common import assert_same_bits_at_thread_counts
+from _device import instantiate_cpu_and_cuda
 from opinfo_routing import op_db as routing_op_db, random_routing
 
 # router_topk weights: the kernel and the reference both compute the scores in
@@ -65,81 +66,6 @@ class TestRouting(TestCase):
                     self.assertEqual(o, r, **WEIGHT_TOL[o.dtype], msg=s.name)
                 else:  # ids, counts, permute (a copy), unpermute (same order and precision)
                     self.assertEqual(o, r, atol=0, rtol=0, msg=f"{s.name} output {i}")
-
-    @ops(routing_op_db)
-    def test_fake_matches_eager(self, device, dtype, op):
-        for s in op.sample_inputs(device, dtype):
-            out = _as_tuple(_call(op, s))
-            with FakeTensorMode() as mode:
-                fout = _as_tuple(op(_fake(mode, s.input), *(_fake(mode, a) for a in s.args),
-                                    **{k: _fake(mode, v) for k, v in s.kwargs.items()}))
-            for o, f in zip(out, fout, strict=True):
-                self.assertEqual((f.shape, f.stride(), f.dtype), (o.shape, o.stride(), o.dtype), msg=s.name)
-
-    @ops(routing_op_db, allowed_dtypes=(torch.float32, torch.bfloat16))
-    def test_opcheck(self, device, dtype, op):
-        for requires_grad in (False, True):
-            for s in op.sample_inputs(device, dtype, requires_grad=requires_grad):
-                torch.library.opcheck(op.op, (s.input, *s.args), s.kwargs)
-
-    @ops(routing_op_db, allowed_dtypes=(torch.float64,))
-    def test_gradcheck(self, device, dtype, op):
-        checked = 0
-        for s in op.sample_inputs(device, dtype, requires_grad=True):
-            # float32 leaves (the _fp32_weights samples) cannot pass a float64
-            # finite-difference check: gradcheck holds them constant, and
-            # their gradient is compared with the float64 reference's here.
-            leaves = [t for t in _diff_inputs(s) if t.dtype == torch.float64]
-            if not leaves:
-                self.assertFalse(_diff_inputs(s), msg=f"{s.name}: differentiable inputs left unchecked")
-                continue
-            checked += 1
-            for w in (t for t in _diff_inputs(s) if t.dtype == torch.float32):
-                self._check_float32_leaf_grad(op, s, w)
-            if op.name.endswith("router_topk"):
-                # Selection is piecewise constant: perturb logits on a grid of
-                # 1/4 by gradcheck's eps=1e-6 keeps the ids, except at exact
-                # ties, which the grid creates; break them.
-                s.input.detach().add_(torch.arange(s.input.numel(), dtype=dtype, device=device)
-                                  .view_as(s.input) * 1e-3)
-
-            def fn(*ts, s=s, leaves=leaves):
-                swap = {id(a): b for a, b in zip(leaves, ts)}
-                sub = lambda v: swap.get(id(v), v)  # noqa: E731
-                out = op(sub(s.input), *(sub(a) for a in s.args), **{k: sub(v) for k, v in s.kwargs.items()})
-                return tuple(o for o in _as_tuple(out) if o.is_floating_point())
-
-            # Detached leaves with the samples' strides (some samples are views).
-            inputs = tuple(t.detach().requires_grad_() for t in leaves)
-            self.assertTrue(torch.autograd.gradcheck(fn, inputs), msg=s.name)
-        self.assertGreater(checked, 0, msg=f"{op.name}: no sample was gradchecked")
-
-    def _check_float32_leaf_grad(self, op, s, leaf):
-        """The gradient of a float32 input beside float64 ones, against the
-        reference run with that input in float64: the kernel accumulates in
-        float64 and rounds once to float32 (2^-24 relative; 1e-300 absolute
-        for exact zeros)."""
-        def grad(fn, cast):
-            swap = lambda v: cast(v) if v is leaf else v  # noqa: E731
-            x = swap(leaf).detach().requires_grad_()
-            sub = lambda v: x if v is leaf else v  # noqa: E731
-            outs = [o for o in _as_tuple(fn(sub(s.input), *(sub(a) for a in s.args),
-                                            **{k: sub(v) for k, v in s.kwargs.items()}))
-                    if o.is_floating_point() and o.requires_grad]
-            g = torch.autograd.grad(outs, x, [torch.ones_like(o) for o in outs])[0]
-            return g
-
-        ours = grad(op, lambda t: t)
-        ref = grad(op.ref, lambda t: t.double())
-        self.assertEqual(ours.dtype, torch.float32, msg=s.name)
-        self.assertEqual(ours.double(), ref, rtol=2**-24, atol=1e-300, msg=s.name)
-
-    @ops(routing_op_db, allowed_dtypes=(torch.float32, torch.bfloat16))
-    def test_deterministic(self, device, dtype, op):
-        for s in op.sample_inputs(device, dtype):
-            first = _as_tuple(_call(op, s))
-            for a, b in zip(first, _as_tuple(_call(op, s))):
-                self.assertEqual(a, b, atol=0, rtol=0, msg=s.name)
 
     @onlyCPU
     def test_bits_independent_of_thread_count(self, device):
@@ -208,7 +134,9 @@ class TestRouting(TestCase):
         self.assertEqual(counter.frame_count, 1, msg="recompiled for new token counts")
 
 
-instantiate_device_type_tests(TestRouting, globals(), only_for=("cpu", "cuda"))
+instantiate_cpu_and_cuda(TestRouting, globals(), gpu_adds=(
+    "the routing kernels on the device: launches, barriers, atomics, the memory model, the device's exp; "
+    "their bodies run on the host in test_routing_device_logic.py"))
 
 
 # ------------------------------------------------------ hypothesis properties
@@ -296,3 +224,34 @@ def test_cuda_kernels_registered_for_routing_ops():
 
 if __name__ == "__main__":
     run_tests()
+
+
+def _unpermute_backward_args():
+    dst = torch.tensor([[0, 2], [1, -1], [3, 4]])
+    return dict(grad_output=torch.randn(3, 5), dst_rows=dst, num_rows=6, weights=torch.rand(3, 2),
+                permuted=torch.randn(6, 5))
+
+
+@pytest.mark.parametrize("change, regex", [
+    (dict(grad_output=torch.randn(3, 4)), r"grad_output must be as wide as permuted \(5\), got sizes \[3, 4\]"),
+    (dict(grad_output=torch.randn(3, 5).double()), r"grad_output must have permuted's dtype \(Float\), got Double"),
+    (dict(grad_output=torch.ones(3, 5, dtype=torch.int32)),
+     r"grad_output must be float32, float16, bfloat16 or float64, got Int"),
+    (dict(grad_output=torch.randn(2, 5)), r"grad_output must be 2-D with one row per token \(3\), got sizes \[2, 5\]"),
+    (dict(num_rows=7), r"num_rows must be permuted's row count \(6\), got 7"),
+    (dict(num_rows=-1, permuted=None, weights=None), r"num_rows must be >= 0, got -1"),
+    (dict(dst_rows=torch.zeros(3, dtype=torch.long), permuted=None, weights=None),
+     r"dst_rows must be 2-D \(tokens, top_k\), got 1-D"),
+    (dict(dst_rows=torch.zeros(3, 2, dtype=torch.int32), permuted=None, weights=None),
+     r"dst_rows must be int64, got Int"),
+])
+def test_unpermute_backward_errors_in_eager_and_fake(change, regex):
+    """unpermute_backward has no OpInfo (it is unpermute's backward, reached by
+    the gradient tests), but it is a public op: a gradient of the wrong width
+    or dtype must be an error naming it, in eager and in fake mode."""
+    kw = {**_unpermute_backward_args(), **change}
+    with pytest.raises(ValueError, match="unpermute_backward: " + regex):
+        torch.ops.moe_ops.unpermute_backward(**kw)
+    with FakeTensorMode() as mode, pytest.raises(ValueError, match="unpermute_backward: " + regex):
+        torch.ops.moe_ops.unpermute_backward(
+            **{k: mode.from_tensor(v) if isinstance(v, torch.Tensor) else v for k, v in kw.items()})

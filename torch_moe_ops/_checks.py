@@ -380,6 +380,38 @@ def check_unpermute_inputs(
             lambda: f"unpermute: weights must be on the device of permuted ({permuted.device}), got {weights.device}")
 
 
+def check_unpermute_backward_inputs(
+    grad_output: torch.Tensor, dst_rows: torch.Tensor, num_rows, weights: Optional[torch.Tensor],
+    permuted: Optional[torch.Tensor],
+) -> None:
+    chk = torch._check_value
+    chk(dst_rows.dim() == 2,
+        lambda: f"unpermute_backward: dst_rows must be 2-D (tokens, top_k), got {dst_rows.dim()}-D with sizes "
+        f"{_sizes(dst_rows)}")
+    chk(dst_rows.dtype == torch.int64,
+        lambda: f"unpermute_backward: dst_rows must be int64, got {_c10(dst_rows.dtype)}")
+    chk(grad_output.dim() == 2 and grad_output.shape[0] == dst_rows.shape[0],
+        lambda: f"unpermute_backward: grad_output must be 2-D with one row per token ({dst_rows.shape[0]}), "
+        f"got sizes {_sizes(grad_output)}")
+    chk(grad_output.dtype in GROUPED_MM_DTYPES,
+        lambda: f"unpermute_backward: grad_output must be float32, float16, bfloat16 or float64, got "
+        f"{_c10(grad_output.dtype)}")
+    chk(dst_rows.device == grad_output.device,
+        lambda: f"unpermute_backward: dst_rows must be on the device of grad_output ({grad_output.device}), got "
+        f"{dst_rows.device}")
+    chk(num_rows >= 0, lambda: f"unpermute_backward: num_rows must be >= 0, got {num_rows}")
+    if permuted is not None:
+        check_unpermute_inputs(permuted, dst_rows, weights)
+        chk(permuted.shape[0] == num_rows,
+            lambda: f"unpermute_backward: num_rows must be permuted's row count ({permuted.shape[0]}), got {num_rows}")
+        chk(grad_output.shape[1] == permuted.shape[1],
+            lambda: f"unpermute_backward: grad_output must be as wide as permuted ({permuted.shape[1]}), got sizes "
+            f"{_sizes(grad_output)}")
+        chk(grad_output.dtype == permuted.dtype,
+            lambda: f"unpermute_backward: grad_output must have permuted's dtype ({_c10(permuted.dtype)}), got "
+            f"{_c10(grad_output.dtype)}")
+
+
 # ------------------------------------------------------------------ fp8 quantisation
 # Restates csrc/ATen/native/MoEQuantize.h one for one, with the same messages.
 

@@ -78,6 +78,8 @@ def torch_router_topk(
         group_size = experts // n_group
         grouped = key.view(tokens, n_group, group_size)
         group_key = grouped.topk(min(2, group_size), dim=-1).values.sum(-1)
+        # +inf + -inf: a NaN group key ranks as -inf, as a NaN expert key does.
+        group_key = group_key.masked_fill(group_key.isnan(), float("-inf"))
         keep = torch.sort(group_key, dim=-1, descending=True, stable=True).indices[:, :topk_group]
         mask = torch.zeros(tokens, n_group, dtype=torch.bool, device=logits.device).scatter(1, keep, True)
         key = key.masked_fill(~mask.repeat_interleave(group_size, dim=1), float("-inf"))

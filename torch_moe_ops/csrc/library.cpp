@@ -99,8 +99,8 @@ TORCH_LIBRARY_IMPL(moe_ops, CUDA, m) {
   m.impl("dequantize_fp8", &at::native::dequantize_fp8_cuda);
   m.impl("scaled_grouped_mm", &at::native::scaled_grouped_mm_cuda);
   m.impl("swizzle_mx_scale", &at::native::swizzle_mx_scale);  // device-generic ATen code
-  // Device-generic compositions of the kernels above.
-  m.impl("expert_mlp", &at::native::expert_mlp);
-  m.impl("expert_mlp_backward", &at::native::expert_mlp_backward);
+  // The compositions of the kernels above on their device path.
+  m.impl("expert_mlp", &at::native::expert_mlp_cuda);
+  m.impl("expert_mlp_backward", &at::native::expert_mlp_backward_cuda);
 }
 #endif

@@ -135,14 +135,10 @@ def _unpermute_fake(permuted, dst_rows, weights=None):
 
 @torch.library.register_fake("moe_ops::unpermute_backward")
 def _unpermute_backward_fake(grad_output, dst_rows, num_rows, weights=None, permuted=None):
-    torch._check_value(
-        grad_output.dim() == 2 and grad_output.shape[0] == dst_rows.shape[0],
-        lambda: f"unpermute_backward: grad_output must be 2-D with one row per token ({dst_rows.shape[0]}), "
-        f"got sizes {_checks._sizes(grad_output)}")
+    _checks.check_unpermute_backward_inputs(grad_output, dst_rows, num_rows, weights, permuted)
     grad_permuted = grad_output.new_empty((num_rows, grad_output.shape[1]))
     if permuted is None:
         return grad_permuted, grad_output.new_empty((0,), dtype=torch.float32)
-    _checks.check_unpermute_inputs(permuted, dst_rows, weights)
     w_dtype = weights.dtype if weights is not None else torch.float32
     return grad_permuted, grad_output.new_empty(dst_rows.shape, dtype=w_dtype)
 

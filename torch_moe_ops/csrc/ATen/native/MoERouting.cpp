@@ -60,16 +60,13 @@ Tensor moe_unpermute_cpu(const Tensor& permuted, const Tensor& dst_rows, const s
 std::tuple<Tensor, Tensor> moe_unpermute_backward_cpu(
     const Tensor& grad_output, const Tensor& dst_rows, int64_t num_rows, const std::optional<Tensor>& weights,
     const std::optional<Tensor>& permuted) {
-  TORCH_CHECK_VALUE(grad_output.dim() == 2 && grad_output.size(0) == dst_rows.size(0),
-      "unpermute_backward: grad_output must be 2-D with one row per token (", dst_rows.size(0), "), got sizes ",
-      grad_output.sizes());
+  unpermute_backward_check_inputs(grad_output, dst_rows, num_rows, weights, permuted);
   const Tensor grad_c = grad_output.contiguous();
   // Rows no (token, slot) maps to (padding, unused tail) get a zero gradient;
   // the kernel writes every mapped row once.
   Tensor grad_permuted = at::zeros({num_rows, grad_output.size(1)}, grad_output.options());
   Tensor grad_weights;
   if (permuted.has_value()) {
-    unpermute_check_inputs(*permuted, dst_rows, weights);
     const auto w_dtype = weights.has_value() ? weights->scalar_type() : kFloat;
     grad_weights = at::empty(dst_rows.sizes(), grad_output.options().dtype(w_dtype));
   } else {

@@ -169,6 +169,40 @@ inline void unpermute_check_inputs(
   }
 }
 
+// unpermute's backward takes the forward's inputs (permuted only when the
+// weights need a gradient): the forward's checks, and grad_output must be a
+// gradient of unpermute's output, one row per token, hidden wide.
+inline void unpermute_backward_check_inputs(
+    const Tensor& grad_output, const Tensor& dst_rows, int64_t num_rows, const std::optional<Tensor>& weights,
+    const std::optional<Tensor>& permuted) {
+  TORCH_CHECK_VALUE(dst_rows.dim() == 2,
+      "unpermute_backward: dst_rows must be 2-D (tokens, top_k), got ", dst_rows.dim(), "-D with sizes ",
+      dst_rows.sizes());
+  TORCH_CHECK_VALUE(dst_rows.scalar_type() == kLong,
+      "unpermute_backward: dst_rows must be int64, got ", dst_rows.scalar_type());
+  TORCH_CHECK_VALUE(grad_output.dim() == 2 && grad_output.size(0) == dst_rows.size(0),
+      "unpermute_backward: grad_output must be 2-D with one row per token (", dst_rows.size(0), "), got sizes ",
+      grad_output.sizes());
+  TORCH_CHECK_VALUE(routing_float_dtype(grad_output.scalar_type()),
+      "unpermute_backward: grad_output must be float32, float16, bfloat16 or float64, got ",
+      grad_output.scalar_type());
+  TORCH_CHECK_VALUE(dst_rows.device() == grad_output.device(),
+      "unpermute_backward: dst_rows must be on the device of grad_output (", grad_output.device(), "), got ",
+      dst_rows.device());
+  TORCH_CHECK_VALUE(num_rows >= 0, "unpermute_backward: num_rows must be >= 0, got ", num_rows);
+  if (permuted.has_value()) {
+    unpermute_check_inputs(*permuted, dst_rows, weights);
+    TORCH_CHECK_VALUE(permuted->size(0) == num_rows,
+        "unpermute_backward: num_rows must be permuted's row count (", permuted->size(0), "), got ", num_rows);
+    TORCH_CHECK_VALUE(grad_output.size(1) == permuted->size(1),
+        "unpermute_backward: grad_output must be as wide as permuted (", permuted->size(1), "), got sizes ",
+        grad_output.sizes());
+    TORCH_CHECK_VALUE(grad_output.scalar_type() == permuted->scalar_type(),
+        "unpermute_backward: grad_output must have permuted's dtype (", permuted->scalar_type(), "), got ",
+        grad_output.scalar_type());
+  }
+}
+
 // Entry points (CPU in MoERouting.cpp, CUDA in cuda/MoERouting.cu).
 
 std::tuple<Tensor, Tensor, Tensor> moe_router_topk_cpu(

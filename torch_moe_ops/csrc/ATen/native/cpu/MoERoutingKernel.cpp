@@ -339,8 +339,10 @@ void router_topk_impl(
               second = key[e];
             }
           }
+          // +inf + -inf: a NaN key ranks as -inf, as a NaN expert key does.
+          const acc_t group_key = group_size > 1 ? first + second : first;
           topk_insert(top_ids.data(), top_keys.data(), kept, topk_group, g,
-                      group_size > 1 ? first + second : first);
+                      std::isnan(group_key) ? kNegInf : group_key);
         }
         group_mask = 0;
         for (const auto i : c10::irange(kept)) {

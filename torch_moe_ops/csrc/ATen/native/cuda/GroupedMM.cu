@@ -2,12 +2,14 @@
 //
 // Routes to upstream's CUTLASS/cuBLAS grouped GEMM (aten::_grouped_mm) where
 // that supports the case (bf16 in and out, no bias, 16-byte aligned strides,
-// sm90+), and to a per-group fallback otherwise. Either way the output
-// elements no group covers are zeroed by a kernel that reads offs[-1] on the
-// device, and offs is validated with a device-side assert: no host sync on the
-// fast path. Hopper kernels of our own replace the routing in a later change.
+// sm90+), and to a per-group fallback otherwise. After upstream's GEMM the
+// output elements no group covers are zeroed by a kernel that reads offs[-1]
+// on the device (the fallback starts from zeros), and offs is validated with a
+// device-side assert: no host sync on the fast path. Hopper kernels of our own
+// replace the routing in a later change.
 
 #include <ATen/native/GroupedMM.h>
+#include <ATen/native/cuda/GroupedMM.cuh>
 
 #include <ATen/core/Tensor.h>
 #include <ATen/Dispatch.h>
@@ -17,28 +19,16 @@
 #include <ATen/ops/mm.h>
 #include <ATen/ops/empty_strided.h>
 #include <ATen/ops/index_select.h>
-#include <ATen/ops/where.h>
-#include <ATen/ops/zeros_like.h>
+#include <ATen/ops/zeros.h>
 #include <c10/cuda/CUDAException.h>
 
 namespace at::native {
 namespace {
 
-// Zeroes out[i, j] (a rows x cols view with strides rs/cs) wherever the index
-// along the grouped dimension (i if split_rows else j) is >= *covered.
 template <typename scalar_t>
 __global__ void zero_uncovered_kernel(scalar_t* out, int64_t rows, int64_t cols, int64_t rs, int64_t cs,
                                       const int32_t* covered, bool split_rows) {
-  const int64_t limit = covered != nullptr ? static_cast<int64_t>(*covered) : 0;
-  const int64_t total = rows * cols;
-  for (int64_t idx = blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x; idx < total;
-       idx += static_cast<int64_t>(gridDim.x) * blockDim.x) {
-    const int64_t i = idx / cols;
-    const int64_t j = idx % cols;
-    if ((split_rows ? i : j) >= limit) {
-      out[i * rs + j * cs] = scalar_t(0);
-    }
-  }
+  moe_cuda::grouped_mm_zero_uncovered_thread(moe_cuda::this_thread(), out, rows, cols, rs, cs, covered, split_rows);
 }
 
 } // namespace
@@ -46,12 +36,10 @@ __global__ void zero_uncovered_kernel(scalar_t* out, int64_t rows, int64_t cols,
 void grouped_mm_zero_uncovered_cuda(const Tensor& out, const Tensor& offs, bool split_rows) {
   if (out.numel() == 0) return;
   const int32_t* covered = offs.numel() > 0 ? offs.const_data_ptr<int32_t>() + (offs.size(0) - 1) * offs.stride(0) : nullptr;
-  const int64_t total = out.numel();
-  const int threads = 256;
-  const int64_t blocks = std::min<int64_t>((total + threads - 1) / threads, 4096);
+  const auto grid = moe_cuda::grouped_mm_zero_uncovered_launch(out.numel());
   auto stream = at::cuda::getCurrentCUDAStream();
   AT_DISPATCH_FLOATING_TYPES_AND2(kBFloat16, kHalf, out.scalar_type(), "grouped_mm_zero_uncovered", [&] {
-    zero_uncovered_kernel<scalar_t><<<blocks, threads, 0, stream>>>(
+    zero_uncovered_kernel<scalar_t><<<grid.blocks, grid.threads, 0, stream>>>(
         out.mutable_data_ptr<scalar_t>(), out.size(0), out.size(1), out.stride(0), out.stride(1), covered, split_rows);
   });
   C10_CUDA_KERNEL_LAUNCH_CHECK();
@@ -70,8 +58,9 @@ bool upstream_strides_ok(const Tensor& t) {
 }
 
 bool upstream_supports(const Tensor& mat_a, const Tensor& mat_b, const std::optional<Tensor>& bias, ScalarType out_t) {
-  // CPU tensors reach here when a test runs this entry through the
-  // dispatcher's CUDA slot; they take the fallback, which is device-generic.
+  // CPU tensors reach here when test/test_cuda_entries.py calls this entry
+  // through the dispatcher's CUDA slot; they take the fallback, which is
+  // device-generic ATen code.
   if (!mat_a.is_cuda()) return false;
   const auto* props = at::cuda::getCurrentDeviceProperties();
   return props->major >= 9 && mat_a.scalar_type() == kBFloat16 && out_t == kBFloat16 && !bias.has_value() &&
@@ -152,15 +141,24 @@ Tensor grouped_mm_gather_cuda(
     const std::optional<Tensor>& bias,
     std::optional<ScalarType> out_dtype) {
   grouped_mm_gather_check_inputs(mat_a, mat_b, offs, a_index, b_index, bias, out_dtype);
-  const auto gather = [](const Tensor& mat, const Tensor& index, int64_t dim) {
-    const Tensor ok = index.ge(-1).logical_and(index.lt(mat.size(dim))).all();
-    at::_assert_async(ok, "grouped_mm_gather: index out of range [-1, size)");
-    const Tensor valid = index.ge(0);
-    Tensor picked = at::index_select(mat, dim, at::where(valid, index, at::zeros_like(index)));
-    return picked.mul_(valid.unsqueeze(1 - dim).to(picked.scalar_type()));
+  const auto gather = [](const Tensor& mat, const Tensor& index, int64_t dim, const char* name) {
+    const int64_t size = mat.size(dim);
+    const Tensor ok = index.ge(-1).logical_and(index.lt(size)).all();
+    at::_assert_async(ok, std::string("grouped_mm_gather: ") + name + " has an entry out of range [-1, " +
+                              std::to_string(size) + ")");
+    if (size == 0) {  // every entry is -1 (asserted): nothing to select from
+      auto shape = mat.sizes().vec();
+      shape[dim] = index.size(0);
+      return at::zeros(shape, mat.options());
+    }
+    const Tensor dropped = index.lt(0);
+    Tensor picked = at::index_select(mat, dim, index.clamp_min(0));
+    // -1 reads zeros, not 0 * mat[0] (NaN where mat[0] holds an inf or a NaN).
+    return picked.masked_fill_(dropped.unsqueeze(1 - dim), 0);
   };
-  const Tensor a = a_index.has_value() ? gather(mat_a, *a_index, grouped_mm_gather_dim(true, mat_a, mat_b)) : mat_a;
-  const Tensor b = b_index.has_value() ? gather(mat_b, *b_index, 0) : mat_b;
+  const Tensor a =
+      a_index.has_value() ? gather(mat_a, *a_index, grouped_mm_gather_dim(true, mat_a, mat_b), "a_index") : mat_a;
+  const Tensor b = b_index.has_value() ? gather(mat_b, *b_index, 0, "b_index") : mat_b;
   return grouped_mm_cuda(a, b, offs, bias, out_dtype);
 }
 

@@ -1,0 +1,223 @@
+"""The CUDA entries of moe_ops that are device-generic ATen code, run on CPU
+tensors through the dispatcher's CUDA slot.
+
+``op._op_dk(DispatchKey.CUDA, ...)`` calls the kernel registered at the CUDA
+key whatever the device of the tensors, so a CUDA build (CI's) runs these
+entries here, with no GPU, and they must give what the CPU kernels give: the
+same dtypes, shapes and strides, the same errors for the shared checks, values
+within the float64 reference's bound (bitwise where the code is the CPU's).
+The ATen ops they call dispatch on the tensors, so on CPU tensors those run
+their CPU kernels; what a GPU adds is listed in CUDA_ENTRIES below.
+
+In a build without CUDA (TORCH_MOE_OPS_CUDA=0) nothing is registered at the
+CUDA key and the slot tests skip, saying so. grouped_mm's zero-uncovered
+kernel (a CUDA launch) is tested on the host through its body, below.
+"""
+
+import pytest
+import torch
+from hypothesis import given, settings, strategies as st
+from torch._C import DispatchKey
+
+import torch_moe_ops
+
+from opinfo import op_db as grouped_mm_op_db
+from opinfo_experts import expert_mlp_opinfo, grouped_mm_gather_opinfo
+from test_grouped_mm import TOLERANCES, assert_close_to_float64, grouped_problem_tensors, grouped_problems
+
+requires_cuda_build = pytest.mark.skipif(
+    not torch_moe_ops.cuda_kernels_built(),
+    reason="CPU-only build (TORCH_MOE_OPS_CUDA=0): no kernel is registered at the CUDA key to call")
+
+# Every moe_ops op with a CUDA kernel, and where that kernel is tested
+# without a GPU; test_every_cuda_entry_is_accounted_for keeps this complete.
+CUDA_ENTRIES = {
+    "moe_ops::grouped_mm": "here, the per-group fallback; upstream's grouped GEMM (bf16, sm_90+) needs CUDA "
+                           "tensors, and the zero-uncovered kernel after it runs on the host through its body",
+    "moe_ops::grouped_mm_gather": "here (index_select of the gathered operands, then grouped_mm's entry)",
+    "moe_ops::expert_mlp": "here, the composition's device path (device-side asserts, one chunk)",
+    "moe_ops::expert_mlp_backward": "here, as expert_mlp",
+    "moe_ops::quantize_fp8": "test_fp8.py (test_cuda_entry_*, entry=cuda_entry)",
+    "moe_ops::dequantize_fp8": "test_fp8.py (test_cuda_entry_*, entry=cuda_entry)",
+    "moe_ops::scaled_grouped_mm": "test_fp8.py (test_cuda_entry_*, entry=cuda_entry); upstream's kernels need "
+                                  "CUDA tensors",
+    "moe_ops::swizzle_mx_scale": "test_fp8.py (the CPU kernel's function, registered at both keys)",
+    "moe_ops::router_topk": "launches CUDA kernels: their bodies run on the host in test_routing_device_logic.py",
+    "moe_ops::permute": "launches CUDA kernels: their bodies run on the host in test_routing_device_logic.py",
+    "moe_ops::unpermute": "launches CUDA kernels: their bodies run on the host in test_routing_device_logic.py",
+    "moe_ops::unpermute_backward": "launches CUDA kernels: their bodies run on the host in "
+                                   "test_routing_device_logic.py",
+}
+
+
+def cuda_entry(op):
+    """op's kernel at the CUDA key, called on whatever tensors it is given."""
+    return lambda *args, **kwargs: op._op_dk(DispatchKey.CUDA, *args, **kwargs)
+
+
+def _call(fn, s):
+    return fn(s.input, *s.args, **s.kwargs)
+
+
+@requires_cuda_build
+def test_every_cuda_entry_is_accounted_for():
+    with_cuda = {name for name in torch._C._dispatch_get_all_op_names()
+                 if name.startswith("moe_ops::") and torch._C._dispatch_has_kernel_for_dispatch_key(name, "CUDA")}
+    assert with_cuda == set(CUDA_ENTRIES)
+
+
+# ---------------------------------------------------------- grouped_mm(_gather)
+
+GROUPED = [*grouped_mm_op_db, grouped_mm_gather_opinfo]
+
+
+@requires_cuda_build
+@pytest.mark.parametrize("op", GROUPED, ids=lambda op: op.name)
+def test_grouped_entry_matches_cpu(op):
+    """Every OpInfo sample (bias, out_dtype, every layout, empty groups, zero
+    tokens, rows past offs[-1], -1 gather entries, strided operands) in every
+    dtype: the CPU kernel's dtype, shape and strides, and values within the
+    float64 reference's bound (the fallback multiplies with at::mm, another
+    summation order than the CPU kernel's, so the bound, not the bits)."""
+    for dtype in sorted(op.dtypes, key=str):
+        for s in op.sample_inputs("cpu", dtype):
+            out = _call(cuda_entry(op.op), s)
+            cpu = _call(op.op, s)
+            msg = f"{s.name} ({dtype})"
+            assert (out.dtype, out.shape, out.stride()) == (cpu.dtype, cpu.shape, cpu.stride()), msg
+            ref = op.ref(s.input, *s.args, **s.kwargs)
+            torch.testing.assert_close(out, ref, **TOLERANCES[out.dtype], msg=msg)
+
+
+@requires_cuda_build
+@settings(max_examples=80, deadline=None)
+@given(grouped_problems(), st.integers(0, 2**31 - 1))
+def test_property_grouped_mm_entry(problem, seed):
+    """test_grouped_mm's property through the CUDA slot: every layout, groups
+    of any size (none, empty, all tokens in one), rows or columns past
+    offs[-1], transposed operands, bias; fp32 accumulation of <= 70 products
+    of values in [-1, 1]."""
+    a, b, offs, bias = grouped_problem_tensors(problem, seed)
+    out = cuda_entry(torch.ops.moe_ops.grouped_mm.default)(a, b, offs, bias)
+    assert_close_to_float64(out, a, b, offs, bias)
+
+
+# The values of offs and of the gather indices are checked on the device
+# (_assert_async: no host sync, so the message cannot name the entry); on CPU
+# tensors the assert raises at once.
+ASYNC_VALUE_ERRORS = {
+    "offs_values": r"grouped_mm: offs must be non-negative, non-decreasing and at most the grouped dimension",
+    "index_values": r"grouped_mm_gather: [ab]_index has an entry out of range \[-1, \d+\)",
+    "routing_values": r"expert_mlp: (src_rows must be -1 or token \* top_k \+ slot in \[0, tokens \* top_k\)|"
+                      r"dst_rows must be -1 or a row in \[0, src_rows.size\(0\)\)|offs must be non-decreasing|"
+                      r"src_rows and dst_rows must be inverse maps)",
+}
+
+
+@requires_cuda_build
+@pytest.mark.parametrize("op", [*GROUPED, expert_mlp_opinfo], ids=lambda op: op.name)
+def test_entry_error_inputs(op):
+    """Shape, dtype and argument errors are the shared checks' (the CPU
+    messages); bad values fail the device-side asserts."""
+    seen = set()
+    for ei in op.error_inputs("cpu"):
+        s = ei.sample_input
+        if s.name in ASYNC_VALUE_ERRORS:
+            seen.add(s.name)
+            with pytest.raises(RuntimeError, match=ASYNC_VALUE_ERRORS[s.name]):
+                _call(cuda_entry(op.op), s)
+        else:
+            with pytest.raises(ei.error_type, match=ei.error_regex):
+                _call(cuda_entry(op.op), s)
+    assert seen, "the OpInfo has value errors; the device-side asserts must be reached"
+
+
+@requires_cuda_build
+def test_gather_entry_reads_zeros_for_minus_one():
+    """-1 entries read zeros, also where the row or column a clamped index
+    would read holds inf or NaN (0 * inf is NaN: the entry once multiplied
+    the selected row by 0); and an empty source with every entry -1."""
+    g = torch.Generator().manual_seed(0)
+    gather = cuda_entry(torch.ops.moe_ops.grouped_mm_gather.default)
+    a = torch.randn(4, 3, generator=g)
+    a[0] = torch.tensor([float("inf"), float("nan"), -float("inf")])
+    b = torch.randn(2, 3, 5, generator=g)
+    offs = torch.tensor([2, 4], dtype=torch.int32)
+    index = torch.tensor([1, -1, 2, -1])
+    out = gather(a, b, offs, index)
+    assert torch.equal(out, torch.ops.moe_ops.grouped_mm_gather(a, b, offs, index))
+    assert out[[1, 3]].eq(0).all() and out.isfinite().all()
+    # 2D x 2D, K gathered: columns of A and rows of B read through one index.
+    a2, b2 = torch.randn(3, 4, generator=g), torch.randn(4, 5, generator=g)
+    a2[:, 0], b2[0] = float("nan"), float("inf")
+    out2 = gather(a2, b2, offs, index, index)
+    assert out2.isfinite().all()
+    torch.testing.assert_close(out2, torch.ops.moe_ops.grouped_mm_gather(a2, b2, offs, index, index))
+    empty = gather(torch.zeros(0, 3), b, offs, torch.tensor([-1, -1, -1, -1]))
+    assert empty.shape == (4, 5) and empty.eq(0).all()
+
+
+# ------------------------------------------------------------------ expert_mlp
+
+
+@requires_cuda_build
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float64])
+def test_expert_mlp_entry_matches_cpu(dtype):
+    """The device path of the composition (one chunk, device-side asserts)
+    gives the host path's bits, forward and every gradient: its passes are
+    row-wise, so how rows are chunked does not change a value. The ops it
+    composes run their CPU kernels here (they dispatch on the tensors)."""
+    fwd, bwd = torch.ops.moe_ops.expert_mlp.default, torch.ops.moe_ops.expert_mlp_backward.default
+    g = torch.Generator().manual_seed(0)
+    for s in expert_mlp_opinfo.sample_inputs("cpu", dtype):
+        out, h = _call(cuda_entry(fwd), s)
+        ref_out, ref_h = _call(fwd, s)
+        assert torch.equal(out, ref_out) and torch.equal(h, ref_h), s.name
+        src_rows, offs, dst_rows, weights, gate_up, down = s.args
+        kw = s.kwargs
+        grad = torch.randn(out.shape, generator=g).to(dtype)
+        args = (grad, s.input, src_rows, offs, dst_rows, weights, gate_up, down, kw.get("gate_up_bias"),
+                kw.get("down_bias"), h, kw["activation"], kw.get("gate_up_interleaved", False),
+                kw.get("swiglu_alpha", 1.702), kw.get("swiglu_limit", 7.0), [True, True, True, True])
+        for mine, theirs, name in zip(cuda_entry(bwd)(*args), bwd(*args), ("tokens", "weights", "gate_up", "down",
+                                                                         "gate_up_bias", "down_bias"), strict=True):
+            assert mine.shape == theirs.shape and torch.equal(mine, theirs), f"{s.name}: grad {name}"
+
+
+# ---------------------------------------- grouped_mm's zero-uncovered kernel
+
+
+@pytest.mark.parametrize("max_blocks", [1, 3, 4096])
+def test_zero_uncovered_kernel_body_on_host(max_blocks):
+    """grouped_mm_zero_uncovered_cuda (after upstream's grouped GEMM, which
+    leaves rows or columns past offs[-1] unwritten) over its whole grid on the
+    host: exactly the rows (2D x 3D) or columns (3D x 2D) at or past offs[-1]
+    become zero, in any output strides, offs read through its stride, no
+    offs (no groups) zeroing everything; max_blocks below the entry's 4096
+    makes threads stride. Runs in every build (the body is host code too).
+    Only a GPU shows the launch and the device's read of offs[-1]."""
+    zero = torch.ops.moe_ops_testing.grouped_mm_zero_uncovered_on_host
+    g = torch.Generator().manual_seed(0)
+    cases = []
+    for dtype in (torch.float32, torch.bfloat16, torch.float16, torch.float64):
+        for rows, cols in ((11, 10), (300, 7), (5, 0), (0, 4)):
+            x = torch.randn(rows, cols, generator=g).abs().to(dtype) + 1  # no zeros to begin with
+            for out in (x, x.t().contiguous().t(), torch.randn(rows, 2 * cols, generator=g).abs().to(dtype)[:, ::2] + 1):
+                for split_rows in (True, False):
+                    n = rows if split_rows else cols
+                    for ends in ([n], [0], [n // 3, n // 2], []):
+                        cases.append((out, split_rows, ends))
+    # offs read through its stride, at its last element.
+    strided_offs = torch.tensor([1, 99, 4, 99, 6, 99], dtype=torch.int32)[::2]
+    cases.append((torch.randn(9, 4, generator=g).abs() + 1, True, strided_offs))
+    for out, split_rows, ends in cases:
+        offs = ends if isinstance(ends, torch.Tensor) else torch.tensor(ends, dtype=torch.int32)
+        res = zero(out, offs, split_rows, max_blocks)
+        expected = out.clone()
+        limit = int(offs[-1]) if offs.numel() else 0
+        if split_rows:
+            expected[limit:] = 0
+        else:
+            expected[:, limit:] = 0
+        assert res.stride() == expected.stride() and torch.equal(res, expected), (out.shape, out.stride(), split_rows, ends)
+        assert res[:limit].ne(0).all() if split_rows else res[:, :limit].ne(0).all()

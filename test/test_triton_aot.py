@@ -1,0 +1,113 @@
+"""The Triton kernels compiled ahead of time for sm_90a, on a machine with no GPU
+(torch_moe_ops/triton/aot.py): every variant in every configuration its
+autotuner may pick compiles; 16-bit and tf32 GEMMs issue wgmma (PTX) / HGMMA
+(SASS), the exact fp32 path does not; ptxas spills nothing; and the checked-in
+report benchmarks/gpu/kernels.json (registers, spills, shared memory, SASS
+instruction counts) is what this Triton and ptxas produce.
+
+A kernel change changes the report: regenerate it with
+``TORCH_MOE_OPS_REGEN_KERNELS=1`` on this test (or benchmarks/gpu/kernels.py)
+and commit it, so the review sees the resource changes.
+
+A separate module from test_triton_grouped_mm.py: later kernels (expert_mlp,
+fp8) join this report and these checks.
+
+What only a GPU can verify: that the cubins load and run (occupancy with these
+registers and shared memory, the launch itself), the numerics of wgmma and tf32,
+the pipelining's memory ordering, TMA behaviour (descriptor creation in global
+scratch, the zero fill past each group's K and N, which the interpreter
+emulates), and timing.
+
+Compiling is seconds per kernel; entries are cached by content under
+~/.cache/torch-moe-ops/triton-aot, so only changed kernels recompile.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from torch_moe_ops.triton import aot
+from torch_moe_ops.triton import grouped_mm as tgm
+
+ROOT = Path(__file__).resolve().parents[1]
+REPORT = ROOT / "benchmarks" / "gpu" / "kernels.json"
+SM90_SMEM_PER_BLOCK = 227 * 1024  # H100: the most dynamic shared memory one block may opt into
+MAX_REGS = 255
+
+
+@pytest.fixture(scope="module")
+def report():
+    return aot.report()
+
+
+def test_report_is_up_to_date(report):
+    if os.environ.get("TORCH_MOE_OPS_REGEN_KERNELS") == "1":
+        sys.path.insert(0, str(ROOT / "benchmarks" / "gpu"))
+        import kernels
+
+        kernels.write(report, REPORT)
+    stored = json.loads(REPORT.read_text())
+    assert stored == report, (
+        "benchmarks/gpu/kernels.json is stale: rerun with TORCH_MOE_OPS_REGEN_KERNELS=1 and commit it. "
+        + "\n".join(f"{a} != {b}" for a, b in zip(stored["kernels"], report["kernels"]) if a != b)
+        + f"\n{ {k: v for k, v in stored.items() if k != 'kernels'} } vs "
+        f"{ {k: v for k, v in report.items() if k != 'kernels'} }")
+
+
+def test_every_autotuner_config_of_every_variant_is_compiled(report):
+    compiled = {(k["variant"], tuple(sorted(k["config"].items()))) for k in report["kernels"]}
+    variants = aot.grouped_mm_variants()
+    assert {v.layout for v in variants} >= {"2d3d", "2d3d_b_nk", "2d3d_gather_bias", "3d2d", "2d2d",
+                                           "2d2d_gather", "3d3d"}
+    assert {v.layout for v in variants if v.tma} == {"2d3d", "2d3d_b_nk", "2d3d_gather_bias", "3d3d"}
+    for v in variants:
+        for c in tgm.configs_for(v.dtype):
+            key = {**c.kwargs, "num_warps": c.num_warps, "num_stages": c.num_stages}
+            assert (v.name, tuple(sorted(key.items()))) in compiled
+
+
+def test_no_spills_and_resources_fit_sm90(report):
+    for k in report["kernels"]:
+        where = f"{k['variant']} {k['config']}"
+        assert k["spill_stores"] == 0 and k["spill_loads"] == 0, where
+        assert k["local"] == 0 and k["stack"] == 0 and k["LDL_STL"] == 0, where
+        assert k["regs"] == k["ptxas_regs"] <= MAX_REGS, where
+        assert 0 < k["smem_dynamic"] + k["smem_static"] <= SM90_SMEM_PER_BLOCK, where
+
+
+def test_matrix_instructions(report):
+    """bf16/fp16 and tf32: wgmma in the PTX, HGMMA in the SASS, the K loop
+    pipelined with cp.async (LDGSTS). Exact fp32: no tensor cores (FFMA)."""
+    for k in report["kernels"]:
+        where = f"{k['variant']} {k['config']}"
+        exact_fp32 = k["dtype"] == "float32" and not k["variant"].endswith("tf32")
+        if exact_fp32:
+            assert k["HGMMA"] == k["ptx_wgmma"] == k["HMMA"] == 0 and k["FFMA"] > 0, where
+        else:
+            steps = k["config"]["BLOCK_K"] // (8 if k["dtype"] == "float32" else 16)
+            assert k["ptx_wgmma"] == steps and k["HGMMA"] == steps, where  # one per K step of the tile
+        if k["variant"].endswith("_tma"):  # B by TMA (device-side descriptor in global scratch), A by cp.async
+            assert k["UTMALDG"] == k["config"]["num_stages"] and k["global_scratch"] > 0, where
+        else:
+            assert k["UTMALDG"] == 0 and k["global_scratch"] == 0, where
+        assert k["LDGSTS"] > 0, where
+
+
+def test_fresh_compile_ptx_and_sass():
+    """One kernel compiled anew (no report cache): the raw PTX and SASS text and
+    the ptxas log themselves, not counts read back from the cache."""
+    variant = next(v for v in aot.grouped_mm_variants() if v.name == "bf16_2d3d")
+    keep = {}
+    entry = aot.compile_entry(variant, tgm.CONFIGS_16BIT[0], use_cache=False, keep=keep)
+    assert ".target sm_90a" in keep["ptx"]
+    assert "wgmma.mma_async.sync.aligned.m64n128k16.f32.bf16.bf16" in keep["ptx"]
+    assert "HGMMA.64x128x16.F32.BF16" in keep["sass"]
+    assert "0 bytes spill stores, 0 bytes spill loads" in keep["ptxas_log"]
+    assert f"Used {entry['regs']} registers" in keep["ptxas_log"]
+    assert entry["smem_dynamic"] == 3 * (128 * 64 + 64 * 128) * torch.bfloat16.itemsize  # 3 stages of A and B

@@ -1,0 +1,242 @@
+"""Ahead-of-time compilation of the Triton kernels for sm_90a, with no GPU.
+
+Each *variant* is a launch of a kernel on representative CPU tensors (aligned
+MoE-like shapes, small): its arguments come from the very function the launcher
+uses (``grouped_mm._prepare``) and are bound by Triton's own binder, so the
+signature, the constexprs and the divisibility/"== 1" specialisations are those
+a CUDA launch with such shapes compiles. ``triton.compile`` then runs the whole
+pipeline to PTX and ptxas to a cubin; nothing here queries a driver.
+
+From each compilation: registers, stack and local memory (``cuobjdump
+-res-usage`` on the cubin), spill stores/loads (the ptxas log), dynamic shared
+memory (Triton's metadata), SASS instruction counts (``nvdisasm``) and PTX
+``wgmma.mma_async`` count. ``benchmarks/gpu/kernels.py`` writes them to
+``benchmarks/gpu/kernels.json``; ``test/test_triton_aot.py`` regenerates and
+compares.
+
+A compilation costs seconds; its entry is cached by content (the source's hash,
+which covers the kernel's code, the signature, constexprs and attributes, with
+the options, target and Triton version) under ``~/.cache/torch-moe-ops/triton-aot``
+(``TORCH_MOE_OPS_CACHE`` overrides the root).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import io
+import json
+import os
+import re
+import subprocess
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable, Optional
+
+import torch
+import triton
+from triton.backends.compiler import GPUTarget
+from triton.compiler import make_backend
+from triton.runtime.jit import create_function_from_signature
+
+from . import grouped_mm as gm
+
+TARGET = GPUTarget("cuda", 90, 32)  # sm_90a (Triton adds the "a" for 9.0)
+NUM_SMS_H100 = 132  # the persistent grid of an H100 SXM (a runtime argument, not specialised)
+_BIN = Path(triton.__file__).parent / "backends" / "nvidia" / "bin"
+
+
+@dataclass(frozen=True)
+class Variant:
+    name: str
+    dtype: torch.dtype
+    layout: str
+    make: Callable[[torch.dtype], tuple]  # dtype -> (mat_a, mat_b, offs, bias, out_dtype, a_index[, b_index])
+    allow_tf32: bool = False
+    tma: bool = False  # B through a TMA descriptor (what sm_90 picks for aligned 3-D weights)
+
+
+def _offs(*ends):
+    return torch.tensor(ends, dtype=torch.int32)
+
+
+def _2d3d(dt):  # tokens (M, K) x experts' weights (G, K, N); M not a multiple of 16
+    return (torch.zeros(250, 256, dtype=dt), torch.zeros(4, 256, 128, dtype=dt), _offs(50, 50, 200, 250),
+            None, None, None)
+
+
+def _2d3d_b_nk(dt):  # weights stored (G, N, K), passed as the transposed view (transformers' layout)
+    return (torch.zeros(250, 256, dtype=dt), torch.zeros(4, 128, 256, dtype=dt).transpose(1, 2),
+            _offs(50, 50, 200, 250), None, None, None)
+
+
+def _2d3d_gather_bias(dt):  # grouped_mm_gather: rows of A by index, bias (G, N)
+    return (torch.zeros(100, 256, dtype=dt), torch.zeros(4, 256, 128, dtype=dt), _offs(50, 50, 200, 250),
+            torch.zeros(4, 128, dtype=dt), None, torch.zeros(250, dtype=torch.int64))
+
+
+def _2d2d_gather(dt):  # grouped_mm_gather's 2D x 2D: K (the rows of the layer) gathered in A and B
+    idx = torch.zeros(250, dtype=torch.int64)
+    return (torch.zeros(100, 256, dtype=dt).t(), torch.zeros(100, 128, dtype=dt), _offs(50, 50, 200, 250),
+            None, None, idx, idx)
+
+
+def _2d3d_out_fp32(dt):
+    a, b, offs, _, _, _ = _2d3d(dt)
+    return a, b, offs, torch.zeros(4, 128, dtype=torch.float32), torch.float32, None
+
+
+def _3d2d(dt):  # offs splits N
+    return (torch.zeros(4, 128, 256, dtype=dt), torch.zeros(256, 256, dtype=dt), _offs(64, 64, 200, 256),
+            None, None, None)
+
+
+def _2d2d(dt):  # the weight gradient: X^T (a transposed view) x dY, offs splits the tokens
+    return (torch.zeros(250, 256, dtype=dt).t(), torch.zeros(250, 128, dtype=dt), _offs(50, 50, 200, 250),
+            None, None, None)
+
+
+def _3d3d(dt):
+    return torch.zeros(4, 128, 256, dtype=dt), torch.zeros(4, 256, 128, dtype=dt), None, None, None, None
+
+
+_LAYOUT_MAKERS = {"2d3d": _2d3d, "2d3d_b_nk": _2d3d_b_nk, "2d3d_gather_bias": _2d3d_gather_bias,
+                  "2d3d_out_fp32": _2d3d_out_fp32, "3d2d": _3d2d, "2d2d": _2d2d, "2d2d_gather": _2d2d_gather,
+                  "3d3d": _3d3d}
+
+
+def grouped_mm_variants() -> list:
+    """bfloat16 (the MoE dtype) in every layout and option, with the weights
+    through TMA where the kernel can (sm_90's choice for aligned weights) and
+    through pointers (unaligned weights, other GPUs); float16 and float32 in the
+    main layout (2D x 3D); float32 with and without tf32."""
+    out = [Variant(f"bf16_{n}", torch.bfloat16, n, f) for n, f in _LAYOUT_MAKERS.items()]
+    out += [Variant(f"bf16_{n}_tma", torch.bfloat16, n, _LAYOUT_MAKERS[n], tma=True)
+            for n in ("2d3d", "2d3d_b_nk", "2d3d_gather_bias", "3d3d")]
+    out.append(Variant("fp16_2d3d", torch.float16, "2d3d", _2d3d))
+    out.append(Variant("fp32_2d3d", torch.float32, "2d3d", _2d3d))
+    out.append(Variant("fp32_2d3d_tf32", torch.float32, "2d3d", _2d3d, allow_tf32=True))
+    return out
+
+
+def _bind(kernel, args: dict, config: triton.Config):
+    """What a CUDA launch would compile: (ASTSource, options)."""
+    backend = make_backend(TARGET)
+    binder = create_function_from_signature(kernel.signature, kernel.params, backend)
+    launch_opts = dict(num_warps=config.num_warps, num_stages=config.num_stages)
+    params, spec, opts = binder(**args, **config.kwargs, **launch_opts)
+    _, signature, constexprs, attrs = kernel._pack_args(backend, opts, params, spec, opts)
+    return triton.compiler.ASTSource(kernel, signature, constexprs, attrs), launch_opts
+
+
+def variant_source(variant: Variant, config: triton.Config):
+    mat_a, mat_b, offs, bias, out_dtype, a_index, b_index = (variant.make(variant.dtype) + (None,))[:7]
+    gather = a_index is not None or b_index is not None
+    _, args = gm._prepare(mat_a, mat_b, offs, bias, out_dtype, a_index, b_index, gather, tma=variant.tma)
+    args["INPUT_PRECISION"] = "tf32" if variant.allow_tf32 else "ieee"
+    args["num_programs"] = NUM_SMS_H100
+    return _bind(gm.grouped_mm_kernel, args, config)
+
+
+def _cache_dir() -> Path:
+    root = Path(os.environ.get("TORCH_MOE_OPS_CACHE", Path.home() / ".cache" / "torch-moe-ops"))
+    return root / "triton-aot"
+
+
+def _run(tool: str, *args) -> str:
+    return subprocess.run([str(_BIN / tool), *map(str, args)], capture_output=True, text=True, check=True).stdout
+
+
+def ptxas_version() -> str:
+    return _run("ptxas", "--version").strip().splitlines()[-1]
+
+
+_SASS_OP = re.compile(r"^\S+\t(?:@!?U?P\w+ )?([A-Z][A-Z0-9_]*)[.\s;]", re.M)
+
+
+def _analyse(compiled, ptxas_log: str) -> dict:
+    with tempfile.NamedTemporaryFile(suffix=".cubin") as f:
+        f.write(compiled.asm["cubin"])
+        f.flush()
+        res = _run("cuobjdump", "-res-usage", f.name)
+    usage = dict(re.findall(r"(\w+):(\d+)", res.split("Function", 1)[1]))
+    spill = re.search(r"(\d+) bytes spill stores, (\d+) bytes spill loads", ptxas_log)
+    regs = re.search(r"Used (\d+) registers", ptxas_log)
+    ops = _SASS_OP.findall(compiled.asm["sass"])
+    ops = [o for o in ops if o != "NOP"]
+    count = lambda name: sum(1 for o in ops if o == name)  # noqa: E731
+    return {
+        "regs": int(usage["REG"]),
+        "ptxas_regs": int(regs.group(1)),
+        "spill_stores": int(spill.group(1)),
+        "spill_loads": int(spill.group(2)),
+        "stack": int(usage["STACK"]),
+        "local": int(usage["LOCAL"]),
+        "smem_dynamic": compiled.metadata.shared,
+        "smem_static": int(usage["SHARED"]),
+        "global_scratch": compiled.metadata.global_scratch_size,
+        "sass_instructions": len(ops),
+        "HGMMA": count("HGMMA"),
+        "HMMA": count("HMMA"),
+        "FFMA": count("FFMA"),
+        "UTMALDG": count("UTMALDG"),
+        "LDGSTS": count("LDGSTS"),
+        "LDL_STL": count("LDL") + count("STL"),
+        "ptx_wgmma": compiled.asm["ptx"].count("wgmma.mma_async"),
+    }
+
+
+def compile_source(src, options: dict) -> tuple:
+    """(compiled kernel, ptxas log). Compiles in a private Triton cache so that
+    ptxas runs and its log is seen (a cache hit would skip it)."""
+    buf = io.StringIO()
+    with tempfile.TemporaryDirectory() as d, triton.knobs.cache.scope(), triton.knobs.nvidia.scope():
+        triton.knobs.cache.dir = d
+        triton.knobs.nvidia.dump_ptxas_log = True
+        with contextlib.redirect_stdout(buf):
+            compiled = triton.compile(src, target=TARGET, options=options)
+        compiled.asm["sass"]  # nvdisasm while the files exist
+    return compiled, buf.getvalue()
+
+
+def compile_entry(variant: Variant, config: triton.Config, use_cache: bool = True, keep: Optional[dict] = None) -> dict:
+    """The report entry of one (variant, config), cached by content. ``keep``
+    receives the PTX and SASS when compiled (tests inspect them)."""
+    src, options = variant_source(variant, config)
+    key = hashlib.sha256(json.dumps([src.hash(), options, str(TARGET), triton.__version__]).encode()).hexdigest()[:24]
+    path = _cache_dir() / f"grouped_mm-{key}.json"
+    if use_cache and keep is None and path.exists():
+        return json.loads(path.read_text())
+    compiled, log = compile_source(src, options)
+    entry = {
+        "kernel": "grouped_mm_kernel",
+        "variant": variant.name,
+        "dtype": str(variant.dtype).replace("torch.", ""),
+        "config": {**config.kwargs, "num_warps": config.num_warps, "num_stages": config.num_stages},
+        **_analyse(compiled, log),
+    }
+    if keep is not None:
+        keep.update(ptx=compiled.asm["ptx"], sass=compiled.asm["sass"], ptxas_log=log)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(f".tmp{os.getpid()}")
+    tmp.write_text(json.dumps(entry))
+    tmp.replace(path)
+    return entry
+
+
+def all_entries(use_cache: bool = True) -> list:
+    """Every variant in every configuration its autotuner may pick."""
+    return [compile_entry(v, c, use_cache) for v in grouped_mm_variants() for c in gm.configs_for(v.dtype)]
+
+
+def report(use_cache: bool = True) -> dict:
+    return {
+        "about": "Triton kernels compiled ahead of time for sm_90a (no GPU): per kernel variant and autotuner "
+                 "configuration, registers, spills, shared memory (bytes) and SASS instruction counts. "
+                 "Regenerate: python benchmarks/gpu/kernels.py (test/test_triton_aot.py compares).",
+        "target": "sm_90a",
+        "triton": triton.__version__,
+        "ptxas": ptxas_version(),
+        "kernels": all_entries(use_cache),
+    }
