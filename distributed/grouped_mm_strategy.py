@@ -58,19 +58,22 @@ def _meta_stand_in(strategy: OpStrategy | None) -> torch.Tensor | None:
     return torch.empty_strided(meta.shape, meta.stride, dtype=meta.dtype, device="meta")
 
 
-def _schema_args(op_schema: OpSchema) -> dict:
+def _schema_args(op_schema: OpSchema, names: tuple[str, ...] | None = None) -> dict:
     """The op's arguments by name in schema order, whether passed positionally,
     by keyword or left to their default: OpStrategy for tensors (None when
-    absent), the values of the others."""
+    absent), the values of the others. names: the strategy's own names for
+    the arguments, by position, where the op's schema may name them otherwise
+    (aten._grouped_mm's self and mat2 are grouped_mm's mat_a and mat_b)."""
     arguments = op_schema.op._schema.arguments
     out = {}
     for i, arg in enumerate(arguments):
+        name = names[i] if names is not None else arg.name
         if arg.name in op_schema.kwargs_schema:
-            out[arg.name] = op_schema.kwargs_schema[arg.name]
+            out[name] = op_schema.kwargs_schema[arg.name]
         elif i < len(op_schema.args_schema):
-            out[arg.name] = op_schema.args_schema[i]
+            out[name] = op_schema.args_schema[i]
         else:
-            out[arg.name] = arg.default_value if arg.has_default_value() else None
+            out[name] = arg.default_value if arg.has_default_value() else None
     return out
 
 
@@ -94,25 +97,29 @@ def expand_or_refuse(
     strategies: list[tuple[list, dict]],
     why_not: dict,
     dims: dict,
+    names: tuple[str, ...] | None = None,
 ) -> StrategyType:
     """The full-mesh strategy of an op from its single-mesh-dimension ones.
 
     strategies: ``(output placements, {input name: placement})``; inputs not
     named are Replicate, absent optional tensors are dropped. why_not:
     ``{(input name, Shard dim): reason}`` for the shardings refused. dims:
-    ``{input name: names of its dimensions}`` for the messages.
+    ``{input name: names of its dimensions}`` for the messages. names: as
+    for _schema_args.
 
     Before DTensor plans any redistribution, each mesh dimension's current
     Shard placements must all be kept by one strategy; else a ValueError
     names the argument, its placement and the reason.
     """
     mesh = op_schema.get_mesh_from_args()
-    args = _schema_args(op_schema)
+    args = _schema_args(op_schema, names)
     # The order in which expand_to_full_mesh_op_strategy reads the inputs:
     # positional tensors, then keyword tensors.
-    arg_names = [a.name for a in op_schema.op._schema.arguments]
+    schema_names = [a.name for a in op_schema.op._schema.arguments]
+    arg_names = list(names) if names is not None else schema_names
+    own_name = dict(zip(schema_names, arg_names))
     order = [arg_names[i] for i, v in enumerate(op_schema.args_schema) if isinstance(v, OpStrategy)]
-    order += [k for k, v in op_schema.kwargs_schema.items() if isinstance(v, OpStrategy)]
+    order += [own_name[k] for k, v in op_schema.kwargs_schema.items() if isinstance(v, OpStrategy)]
 
     current = {}
     for name in order:
@@ -161,11 +168,12 @@ _BIAS_TWICE = ("with K sharded the output is a Partial sum and every rank would 
 
 
 _GROUPED_MM = torch.ops.moe_ops.grouped_mm.default
+_GROUPED_MM_ARGS = ("mat_a", "mat_b", "offs", "bias", "out_dtype")
 
 
 @register_op_strategy(_GROUPED_MM, schema_info=_static_schema_info(_GROUPED_MM))
 def grouped_mm_strategy(op_schema: OpSchema) -> StrategyType:
-    args = _schema_args(op_schema)
+    args = _schema_args(op_schema, _GROUPED_MM_ARGS)
     mat_a, mat_b = _meta_stand_in(args["mat_a"]), _meta_stand_in(args["mat_b"])
     offs, bias = _meta_stand_in(args["offs"]), _meta_stand_in(args["bias"])
     # Reject what the kernels reject, with their messages, before any
@@ -200,4 +208,4 @@ def grouped_mm_strategy(op_schema: OpSchema) -> StrategyType:
         strategies.append(([Shard(2)], {"mat_b": Shard(2), "bias": Shard(1)}))
     if layout != "2d2d" and not has_bias:
         strategies.append(([Partial()], {"mat_a": Shard(k_a), "mat_b": Shard(k_b)}))
-    return expand_or_refuse("grouped_mm", op_schema, strategies, why_not, _GROUPED_MM_DIMS[layout])
+    return expand_or_refuse("grouped_mm", op_schema, strategies, why_not, _GROUPED_MM_DIMS[layout], _GROUPED_MM_ARGS)

@@ -650,7 +650,7 @@ def test_patched_strategy_matches_ours(tree, meta, monkeypatch):
     # replace the wheel's aten._grouped_mm strategy for the whole session.
     for name in manifest.CHECK_NAMES.values():
         monkeypatch.setattr(upstream_meta, name, meta[name], raising=False)
-    monkeypatch.setattr(utils, "register_op_strategy", lambda op: (lambda fn: fn))
+    monkeypatch.setattr(utils, "register_op_strategy", lambda op, **kwargs: (lambda fn: fn))
     patched = load_module(os.path.join(tree, "torch/distributed/tensor/_ops/_grouped_mm_ops.py"),
                           "patched_grouped_mm_ops").grouped_mm_strategy
 
@@ -667,9 +667,10 @@ def test_patched_strategy_matches_ours(tree, meta, monkeypatch):
         # and the strategies offered per mesh dim (squared on the 2 x 2 mesh).
         cases = [
             ((torch.empty(8, 8), torch.empty(4, 8, 6), offs, None), (Shard(1), Shard(1)), 3),  # R, N, K
-            ((torch.empty(4, 3, 8), torch.empty(8, 8), offs, torch.empty(4, 8)), (Replicate(), Shard(1)), 1),  # R
-            ((torch.empty(3, 8), torch.empty(8, 4), offs, None), (Shard(1), Shard(0)), 2),  # R, N
-            ((torch.empty(4, 3, 8), torch.empty(4, 8, 6), None, torch.empty(4, 6)), (Shard(0), Shard(0)), 3),  # R, G, N
+            ((torch.empty(4, 4, 8), torch.empty(8, 8), offs, torch.empty(4, 8)), (Shard(1), Replicate()), 2),  # R, M
+            ((torch.empty(4, 8), torch.empty(8, 4), offs, None), (Shard(0), Replicate()), 3),  # R, M, N
+            ((torch.empty(4, 4, 8), torch.empty(4, 8, 8), None, torch.empty(4, 8)), (Shard(0), Shard(0)),
+             4),  # R, G, M, N
         ]
         for tensors, (pa, pb), per_dim in cases:
             args = [arg(tensors[0], pa), arg(tensors[1], pb)] + [
@@ -681,6 +682,15 @@ def test_patched_strategy_matches_ours(tree, meta, monkeypatch):
                 decisions.append([str(s) for s in result.strategies])
             assert decisions[0] == decisions[1]
             assert len(decisions[0]) == per_dim ** 2
+        # Both refuse a sharding along offs' groups with the same message.
+        args = [arg(torch.empty(4, 3, 8), Replicate()), arg(torch.empty(8, 8), Shard(1)), arg(offs, Replicate())]
+        messages = []
+        for op, strategy in ((torch.ops.moe_ops.grouped_mm.default, grouped_mm_strategy),
+                             (torch.ops.aten._grouped_mm.default, patched)):
+            with pytest.raises(ValueError, match="offs splits this dimension into groups") as info:
+                strategy(OpSchema(op, tuple(args), {}))
+            messages.append(str(info.value))
+        assert messages[0] == messages[1]
     finally:
         dist.destroy_process_group()
 
