@@ -214,9 +214,9 @@ def test_triton_op_eager_and_traced():
 
 
 def test_autotuner_configs_are_the_compiled_ones():
-    assert tex._autotuned(False, True).configs == tex.CONFIGS_16BIT_GATED
+    assert tex._autotuned(False, True).configs == tex.CONFIGS_16BIT_GATE_UP
     assert tex._autotuned(False, False).configs == tex.CONFIGS_16BIT
-    assert tex._autotuned(True, True).configs == tex.CONFIGS_FP32_GATED
+    assert tex._autotuned(True, True).configs == tex.CONFIGS_FP32_GATE_UP
     assert tex._autotuned(True, False).configs == tex.CONFIGS_FP32
 
 

@@ -242,13 +242,15 @@ def combine_kernel(
 
 
 # Autotuner configurations, every one compiled for sm_90a by test_triton_aot.py.
-# Gated gate/up tiles hold two accumulators: half the N width of grouped_mm's tiles.
-CONFIGS_16BIT_GATED = [
+# Gate/up tiles (gated ones hold two accumulators; every one evaluates the
+# activation in the epilogue): half the N width of grouped_mm's tiles. With
+# 128x128 tiles the erf epilogue of gelu took 254 registers.
+CONFIGS_16BIT_GATE_UP = [
     triton.Config({"BLOCK_M": 128, "BLOCK_N": 64, "BLOCK_K": 64}, num_warps=8, num_stages=3),
     triton.Config({"BLOCK_M": 64, "BLOCK_N": 64, "BLOCK_K": 64}, num_warps=4, num_stages=4),
 ]
 CONFIGS_16BIT = gm.CONFIGS_16BIT
-CONFIGS_FP32_GATED = [
+CONFIGS_FP32_GATE_UP = [
     triton.Config({"BLOCK_M": 64, "BLOCK_N": 32, "BLOCK_K": 32}, num_warps=8, num_stages=3),
 ]
 CONFIGS_FP32 = gm.CONFIGS_FP32
@@ -261,17 +263,17 @@ _AUTOTUNE_KEY = ["N", "K", "STAGE", "ACTIVATION", "INTERLEAVED", "HAS_BIAS", "HA
                  "INPUT_PRECISION"]
 
 
-def configs_for(dtype: torch.dtype, gated_stage: bool) -> list:
-    """The configurations the autotuner may pick for a GEMM of ``dtype``;
-    ``gated_stage``: the gate/up GEMM of a gated activation (two accumulators)."""
+def configs_for(dtype: torch.dtype, gate_up: bool) -> list:
+    """The configurations the autotuner may pick for a GEMM of ``dtype``:
+    the gate/up GEMM (``gate_up``, the activation epilogue) or the down GEMM."""
     if dtype == torch.float32:
-        return CONFIGS_FP32_GATED if gated_stage else CONFIGS_FP32
-    return CONFIGS_16BIT_GATED if gated_stage else CONFIGS_16BIT
+        return CONFIGS_FP32_GATE_UP if gate_up else CONFIGS_FP32
+    return CONFIGS_16BIT_GATE_UP if gate_up else CONFIGS_16BIT
 
 
 @functools.lru_cache(maxsize=None)
-def _autotuned(dtype_is_fp32: bool, gated_stage: bool):
-    configs = configs_for(torch.float32 if dtype_is_fp32 else torch.bfloat16, gated_stage)
+def _autotuned(dtype_is_fp32: bool, gate_up: bool):
+    configs = configs_for(torch.float32 if dtype_is_fp32 else torch.bfloat16, gate_up)
     return triton.autotune(configs=configs, key=_AUTOTUNE_KEY)(expert_gemm_kernel)
 
 
@@ -364,16 +366,16 @@ def _run_gemm(args, allow_tf32, config, num_programs, wrap):
         bound = gm._tile_bound(gm.LAYOUT_2D3D, M, N, args["K"], args["G"], meta["BLOCK_M"], meta["BLOCK_N"])
         return max(1, min(num_programs, bound))
 
-    gated_stage = args["STAGE"] == 0 and args["ACTIVATION"] < 3
+    gate_up = args["STAGE"] == 0
     if interpret or config is not None:
         config = config or INTERPRETER_CONFIG
         p = nprog(config.kwargs)
         kernel = _interpreted("gemm") if interpret else wrap(expert_gemm_kernel)
         kernel[(p,)](**args, num_programs=p, **config.all_kwargs())
     else:
-        smallest = min(configs_for(dtype, gated_stage), key=lambda c: c.kwargs["BLOCK_M"] * c.kwargs["BLOCK_N"])
+        smallest = min(configs_for(dtype, gate_up), key=lambda c: c.kwargs["BLOCK_M"] * c.kwargs["BLOCK_N"])
         p = nprog(smallest.kwargs)
-        wrap(_autotuned(dtype == torch.float32, gated_stage))[(p,)](**args, num_programs=p)
+        wrap(_autotuned(dtype == torch.float32, gate_up))[(p,)](**args, num_programs=p)
 
 
 def _run_combine(args, wrap):
