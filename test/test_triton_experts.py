@@ -19,6 +19,7 @@ import pytest
 import torch
 
 import torch_moe_ops  # noqa: F401  (moe_ops, for the OpInfo modules)
+from torch_moe_ops.ops.experts import _like_strides
 from torch_moe_ops.reference import torch_expert_mlp, torch_grouped_mm
 from torch_moe_ops.triton import experts as tex
 from torch_moe_ops.triton import triton_expert_mlp
@@ -231,3 +232,144 @@ def test_bound_catches_a_one_percent_error():
     out, _ = triton_expert_mlp(*wrong, **kwargs)
     with pytest.raises(AssertionError, match="out: .* elements off"):
         assert_within(out, exact, tol, "out")
+
+
+# ------------------------------------------------------------------ backward
+
+
+def backward_magnitudes(grad_out, tokens, src_rows, offs, dst_rows, weights, gate_up_proj, down_proj, gate_up_bias,
+                        down_bias, activation, gate_up_interleaved, swiglu_alpha, swiglu_limit):
+    """Per element of every gradient, the sum of the absolute values of the
+    terms it is made of (float64), through bounds of the activations'
+    factors: row r (token t, weight w, expert e) has g = grad_out[t] @ down_e^T
+    with |g| <= |grad_out[t]| @ |down_e|^T =: G; the gate's gradient factor
+    |d act / d gate| <= (1.13 + |gate|) |up'| (1.13 bounds silu' and gelu'; the
+    |gate| term covers their change over h's rounding, |f''| <= 0.5 |..|), the
+    up's |gate|; non-gated 1.13 + |h|. The GEMMs then sum such terms with
+    absolute operands. Cancellation (the gradients of gate_up and of the
+    routing weights sum terms of both signs) is why the bound is this sum and
+    not the rows' largest value (CONTRIBUTING: per element)."""
+    f64 = torch.float64
+    k, H = dst_rows.shape[1], tokens.shape[1]
+    inter = down_proj.shape[1]
+    rows = src_rows.div(k, rounding_mode="floor")
+    pad = lambda t: torch.cat([t.double(), t.new_zeros(1, t.shape[1], dtype=f64)])  # noqa: E731
+    x, go = pad(tokens)[rows].abs(), pad(grad_out)[rows].abs()
+    if weights is not None:
+        flat = torch.cat([weights.reshape(-1).double().abs(), torch.zeros(1, dtype=f64)])
+        w = flat[torch.where(src_rows >= 0, src_rows, flat.shape[0] - 1)][:, None]
+    else:
+        w = (src_rows >= 0).double()[:, None]
+    h = torch_grouped_mm(pad(tokens)[rows], gate_up_proj.double(), offs, _f64(gate_up_bias), f64)
+    G = torch_grouped_mm(go, down_proj.double().abs().transpose(-2, -1), offs, None, f64)
+    if activation in ("swiglu", "geglu", "swiglu_clamped"):
+        if gate_up_interleaved:
+            gate, up = h[:, 0::2].abs(), h[:, 1::2].abs()
+        else:
+            gate, up = h[:, :inter].abs(), h[:, inter:].abs()
+        up_f = up.clamp(max=swiglu_limit) + 1 if activation == "swiglu_clamped" else up
+        d_gate, d_up = w * G * (1.13 + gate) * up_f, w * G * gate
+        dh = torch.stack([d_gate, d_up], 2).flatten(1) if gate_up_interleaved else torch.cat([d_gate, d_up], 1)
+        act = gate * up_f
+    else:
+        dh = w * G * (1.13 + h.abs())
+        act = h.abs()
+    dx = torch_grouped_mm(dh, gate_up_proj.double().abs().transpose(-2, -1), offs, None, f64)
+    from torch_moe_ops.reference import torch_unpermute
+    mags = {"tokens": torch_unpermute(dx, dst_rows, None)}
+    if weights is not None:
+        d_row = (G * act).sum(1)
+        if down_bias is not None:
+            d_row = d_row + torch_grouped_mm(go, _abs(down_bias).unsqueeze(-1), offs, None, f64).squeeze(1)
+        flat_d = torch.cat([d_row, torch.zeros(1, dtype=f64)])
+        dst = dst_rows.reshape(-1)
+        mags["weights"] = flat_d[torch.where(dst >= 0, dst, d_row.shape[0])].view(dst_rows.shape)
+    mags["gate_up"] = torch_grouped_mm(x.t(), dh, offs, None, f64)
+    mags["down"] = torch_grouped_mm((w * act).t(), go, offs, None, f64)
+    if gate_up_bias is not None:
+        mags["gate_up_bias"] = torch_grouped_mm(torch.ones(1, dh.shape[0], dtype=f64), dh, offs, None, f64)[:, 0]
+    if down_bias is not None:
+        mags["down_bias"] = torch_grouped_mm(w.t(), go, offs, None, f64)[:, 0]
+    return mags
+
+
+GRAD_NAMES = ("tokens", "weights", "gate_up", "down", "gate_up_bias", "down_bias")
+
+
+def check_backward(args, kwargs, seed=0, factor=4, got=None, **launch):
+    """Every gradient of the Triton backward (h from the Triton forward)
+    against float64 autograd through reference.torch_expert_mlp, per element:
+    factor * ROW_TOL[dtype] * (|exact| + magnitude) (test/common.py), with
+    the magnitude of backward_magnitudes. ROW_TOL is 2^-11 for fp16 (one
+    rounding; the chain rounds h, act(h) and dh once each, and the GEMMs'
+    fp32 sums add (K + 2) 2^-24, far below) and 2e-5 for fp32 (335 units of
+    2^-24: the K + 2 of each of two chained fp32 dots, K <= 40 here)."""
+    from common import assert_rows_close
+
+    full = {**dict(gate_up_bias=None, down_bias=None, activation="swiglu", gate_up_interleaved=False,
+                   swiglu_alpha=1.702, swiglu_limit=7.0), **kwargs}
+    tokens, src_rows, offs, dst_rows, weights, gate_up, down = args
+    dtype = tokens.dtype
+    h = triton_expert_mlp(*args, **kwargs)[1] if got is None else None
+    grad = torch.randn(tokens.shape, generator=torch.Generator().manual_seed(seed)).to(dtype)
+    rest = (full["gate_up_bias"], full["down_bias"], h, full["activation"], full["gate_up_interleaved"],
+            full["swiglu_alpha"], full["swiglu_limit"])
+    if got is None:  # else: given gradients, checked
+        got = tex.triton_expert_mlp_backward(grad, *args, *rest, (True,) * 4, **launch)
+    leaves = {"tokens": tokens, "weights": weights, "gate_up": gate_up, "down": down,
+              "gate_up_bias": full["gate_up_bias"], "down_bias": full["down_bias"]}
+    leaves64 = {n: v.detach().double().requires_grad_() for n, v in leaves.items() if v is not None}
+    ref_out, _ = torch_expert_mlp(leaves64["tokens"], src_rows, offs, dst_rows, leaves64.get("weights"),
+                                  leaves64["gate_up"], leaves64["down"], leaves64.get("gate_up_bias"),
+                                  leaves64.get("down_bias"), full["activation"], full["gate_up_interleaved"],
+                                  full["swiglu_alpha"], full["swiglu_limit"])
+    names = list(leaves64)
+    want = dict(zip(names, torch.autograd.grad(ref_out, [leaves64[n] for n in names], grad.double(),
+                                               allow_unused=True)))
+    mags = backward_magnitudes(grad, *args, *rest[:2], *rest[3:])
+    for name, g in zip(GRAD_NAMES, got):
+        if leaves[name] is None:
+            assert g.numel() == 0, name
+            continue
+        # expert_mlp_backward's layouts: the weights' own (a transposed view stays one), else contiguous.
+        layout = _like_strides(leaves[name]) if name in ("gate_up", "down") else leaves[name].new_empty(g.shape)
+        assert g.dtype == leaves[name].dtype and g.stride() == layout.stride(), name
+        exact = want[name] if want[name] is not None else torch.zeros_like(leaves64[name])
+        assert_rows_close(g, exact, dtype, factor, f"grad of {name}", mags[name])
+    return got
+
+
+@pytest.mark.parametrize("device,dtype", PRODUCT_DTYPES, ids=str)
+def test_backward_opinfo_samples(device, dtype):
+    """Every expert_mlp OpInfo sample's six gradients (the weights' in their
+    own layout: transformers' transposed views stay transposed)."""
+    for s in sample_inputs_expert_mlp(expert_mlp_opinfo, device, dtype, requires_grad=False):
+        check_backward((s.input, *s.args), s.kwargs)
+
+
+@pytest.mark.parametrize("activation,interleaved,tma", [("swiglu", False, True), ("swiglu_clamped", True, False),
+                                                        ("geglu", False, False)])
+def test_backward_multi_tile(activation, interleaved, tma):
+    """Several tiles per group (so several partial sums per row for the
+    routing weights' gradient); the bits do not depend on the grid."""
+    args, kwargs = _multi_tile_case(torch.float32, activation, interleaved, bias=True, k_major=tma)
+    first = check_backward(args, kwargs, num_programs=1, tma=tma)
+    again = check_backward(args, kwargs, num_programs=5, tma=tma)
+    assert all(torch.equal(a, b) for a, b in zip(first, again))
+
+
+def test_backward_fp16_multi_tile():
+    args, kwargs = _multi_tile_case(torch.float16, "swiglu", False, bias=True, k_major=False, seed=2)
+    check_backward(args, kwargs)
+
+
+def test_backward_bound_catches_a_one_percent_error():
+    """In fp32 any one gradient 1% off fails the bound (it is a worst case over
+    the absolute terms, so in fp16 the gradients that cancel, of the tokens and
+    of gate_up, allow a few percent: measured 1% = 0.3 and 0.9 of their fp16
+    bounds, 24 times more of the fp32 ones)."""
+    args, kwargs = _multi_tile_case(torch.float32, "swiglu", False, bias=True, k_major=False, seed=2)
+    got = check_backward(args, kwargs)
+    for i, name in enumerate(GRAD_NAMES):
+        with pytest.raises(AssertionError, match=f"grad of {name}"):
+            check_backward(args, kwargs, got=tuple(g * 1.01 if j == i else g for j, g in enumerate(got)))

@@ -60,7 +60,7 @@ ACTIVATIONS = {"swiglu": 0, "geglu": 1, "swiglu_clamped": 2, "silu": 3, "gelu": 
 
 @triton.jit(do_not_specialize=["G", "M", "top_k", "num_programs"])
 def expert_gemm_kernel(
-    a_ptr, b_ptr, bias_ptr, offs_ptr, src_ptr, w_ptr, h_ptr, out_ptr,
+    a_ptr, b_ptr, bias_ptr, offs_ptr, src_ptr, w_ptr, h_ptr, out_ptr, aux_ptr, dw_ptr,
     G, M, N, K, NB, top_k,
     stride_am, stride_ak,
     stride_bg, stride_bk, stride_bn,
@@ -68,6 +68,8 @@ def expert_gemm_kernel(
     stride_wt, stride_wk,
     stride_hm, stride_hn,
     stride_om, stride_on,
+    stride_xm, stride_xn,
+    stride_dwm,
     alpha, limit,
     num_programs,
     STAGE: tl.constexpr,
@@ -83,10 +85,14 @@ def expert_gemm_kernel(
 ):
     # STAGE 0: a_ptr tokens (T, H), b_ptr gate_up (G, H, NB = N1), N output columns (I gated, N1 not),
     #   h_ptr h (R, N1), out_ptr act (R, N). STAGE 1: a_ptr act (R, I), b_ptr down (G, I, NB = H),
-    #   out_ptr the fp32 slot rows (T * top_k, H). M = R, the rows offs splits. No @triton.jit helper
-    #   is called (see grouped_mm_kernel): sigmoid is written out.
+    #   out_ptr the fp32 slot rows (T * top_k, H). STAGE 2 (backward): a_ptr grad_out (T, H) gathered
+    #   as in stage 0, b_ptr down^T (G, H, NB = I), N = I (gated) or N1; h_ptr h (R, N1) read, out_ptr
+    #   dh (R, N1), aux_ptr w * act(h) (R, N), dw_ptr (R, N tiles) fp32 partial sums of g * act(h).
+    #   M = R, the rows offs splits. No @triton.jit helper is called (see grouped_mm_kernel):
+    #   sigmoid is written out.
     pid = tl.program_id(0)
-    GATED: tl.constexpr = STAGE == 0 and ACTIVATION < 3
+    GLU: tl.constexpr = ACTIVATION < 3
+    GATED: tl.constexpr = STAGE == 0 and GLU  # two accumulators
     if B_DESC == 1:
         b_desc = tl.make_tensor_descriptor(b_ptr, shape=[G, K, NB], strides=[stride_bg, stride_bk, 1],
                                            block_shape=[1, BLOCK_K, BLOCK_N])
@@ -124,19 +130,25 @@ def expert_gemm_kernel(
         g64 = tl.cast(g, tl.int64)
         src = tl.load(src_ptr + offs_m, mask=mask_m, other=-1)
         src_ok = src >= 0
-        if STAGE == 0:  # the gather: token src // top_k, a zero row for padding
+        if STAGE != 1:  # the gather: token src // top_k, a zero row for padding
             row_ok = src_ok
             a_rows = (tl.where(src_ok, src, 0) // top_k).to(tl.int64)
         else:
             row_ok = mask_m
             a_rows = offs_m.to(tl.int64)
-        # B's columns of the gate (or only) and up accumulators.
-        if GATED and INTERLEAVED:
-            cols_g = 2 * offs_n
-            cols_u = 2 * offs_n + 1
-        elif GATED:
-            cols_g = offs_n
-            cols_u = offs_n + N
+        # h's columns of the gate (or only) and up halves of output columns n; in stage 0 also B's.
+        if GLU and INTERLEAVED:
+            hcols_g = 2 * offs_n
+            hcols_u = 2 * offs_n + 1
+        elif GLU:
+            hcols_g = offs_n
+            hcols_u = offs_n + N
+        else:
+            hcols_g = offs_n
+            hcols_u = offs_n
+        if STAGE == 0:
+            cols_g = hcols_g
+            cols_u = hcols_u
         else:
             cols_g = offs_n
             cols_u = offs_n
@@ -204,13 +216,80 @@ def expert_gemm_kernel(
                 act = tl.maximum(x, 0.0)
             tl.store(out_ptr + rows64 * stride_om + offs_n[None, :].to(tl.int64) * stride_on,
                      act.to(out_ptr.dtype.element_ty), mask=mask)
-        else:
+        elif STAGE == 1:
             slot = tl.where(src_ok, src, 0).to(tl.int64)
             if HAS_WEIGHTS:  # the routing weight of slot (token, j), in fp32
                 w = tl.load(w_ptr + (slot // top_k) * stride_wt + (slot % top_k) * stride_wk, mask=src_ok, other=0.0)
                 acc = acc * w.to(tl.float32)[:, None]
             tl.store(out_ptr + slot[:, None] * stride_om + offs_n[None, :].to(tl.int64) * stride_on, acc,
                      mask=src_ok[:, None] & mask_n[None, :])
+        else:
+            # Backward: acc = g = grad_out[token] @ down^T, the gradient of act(h) before the routing weight.
+            slot = tl.where(src_ok, src, 0).to(tl.int64)
+            if HAS_WEIGHTS:
+                w = tl.load(w_ptr + (slot // top_k) * stride_wt + (slot % top_k) * stride_wk, mask=src_ok,
+                            other=0.0).to(tl.float32)[:, None]
+                da = acc * w
+            else:
+                da = acc
+            h_row = h_ptr + rows64 * stride_hm
+            x = tl.load(h_row + hcols_g[None, :].to(tl.int64) * stride_hn, mask=mask, other=0.0).to(tl.float32)
+            if GLU:
+                up = tl.load(h_row + hcols_u[None, :].to(tl.int64) * stride_hn, mask=mask, other=0.0).to(tl.float32)
+                if ACTIVATION == 0:
+                    sg = 1.0 / (1.0 + tl.exp(-x))
+                    f = x * sg
+                    df = sg * (1.0 + x * (1.0 - sg))
+                    up_f = up
+                    d_up = da * f
+                elif ACTIVATION == 1:
+                    cdf = 0.5 * (1.0 + tl.math.erf(x * 0.7071067811865476))
+                    f = x * cdf
+                    df = cdf + x * tl.exp(-0.5 * x * x) * 0.3989422804014327
+                    up_f = up
+                    d_up = da * f
+                else:  # clamps pass the gradient where min <= x <= max, as torch.clamp's backward
+                    xc = tl.minimum(x, limit)
+                    sg = 1.0 / (1.0 + tl.exp(-alpha * xc))
+                    f = xc * sg
+                    df = tl.where(x <= limit, sg + xc * alpha * sg * (1.0 - sg), 0.0)
+                    up_f = tl.minimum(tl.maximum(up, -limit), limit) + 1.0
+                    d_up = tl.where((up >= -limit) & (up <= limit), da * f, 0.0)
+                act = f * up_f
+                d_gate = da * up_f * df
+                dh_row = out_ptr + rows64 * stride_om
+                tl.store(dh_row + hcols_g[None, :].to(tl.int64) * stride_on, d_gate.to(out_ptr.dtype.element_ty),
+                         mask=mask)
+                tl.store(dh_row + hcols_u[None, :].to(tl.int64) * stride_on, d_up.to(out_ptr.dtype.element_ty),
+                         mask=mask)
+            else:
+                if ACTIVATION == 3:
+                    sg = 1.0 / (1.0 + tl.exp(-x))
+                    act = x * sg
+                    dh = da * (sg * (1.0 + x * (1.0 - sg)))
+                elif ACTIVATION == 4:
+                    cdf = 0.5 * (1.0 + tl.math.erf(x * 0.7071067811865476))
+                    act = x * cdf
+                    dh = da * (cdf + x * tl.exp(-0.5 * x * x) * 0.3989422804014327)
+                else:
+                    act = tl.maximum(x, 0.0)
+                    dh = tl.where(x > 0.0, da, 0.0)
+                tl.store(out_ptr + rows64 * stride_om + offs_n[None, :].to(tl.int64) * stride_on,
+                         dh.to(out_ptr.dtype.element_ty), mask=mask)
+            if HAS_WEIGHTS:
+                aw = act * w
+                # This tile's share of the routing weight's gradient, sum_n g * act(h): one partial per
+                # (row, N tile), summed by the caller in tile order (no atomics). The row sums as an exact
+                # fp32 product with a (BLOCK_N, 16) matrix of ones (tl.sum is a @jit helper), column 0 stored.
+                ones = tl.full((BLOCK_N, 16), 1.0, tl.float32)
+                part = tl.dot(tl.where(mask, acc * act, 0.0), ones, input_precision="ieee")
+                col = tl.arange(0, 16)
+                tl.store(dw_ptr + offs_m[:, None].to(tl.int64) * stride_dwm + tn + col[None, :] * 0, part,
+                         mask=mask_m[:, None] & (col == 0)[None, :])
+            else:
+                aw = act
+            tl.store(aux_ptr + rows64 * stride_xm + offs_n[None, :].to(tl.int64) * stride_xn,
+                     aw.to(aux_ptr.dtype.element_ty), mask=mask)
 
 
 @triton.jit(do_not_specialize=["T"])
@@ -220,11 +299,13 @@ def combine_kernel(
     stride_dt, stride_dk,
     stride_ym,
     stride_om, stride_on,
+    BY_DST: tl.constexpr,
     BLOCK_T: tl.constexpr,
     BLOCK_H: tl.constexpr,
 ):
-    """out[t] = sum over j = 0, 1, ... of the slot rows y[t * top_k + j] with
-    dst_rows[t, j] >= 0, in fp32 in that order, one rounding."""
+    """out[t] = sum over j = 0, 1, ... of the slot rows y[t * top_k + j] (BY_DST:
+    the rows y[dst_rows[t, j]]) with dst_rows[t, j] >= 0, in fp32 in that
+    order, one rounding."""
     offs_t = tl.program_id(0) * BLOCK_T + tl.arange(0, BLOCK_T)
     offs_h = tl.program_id(1) * BLOCK_H + tl.arange(0, BLOCK_H)
     mask_t = offs_t < T
@@ -233,7 +314,10 @@ def combine_kernel(
     acc = tl.full((BLOCK_T, BLOCK_H), 0.0, tl.float32)
     for j in range(0, top_k):
         d = tl.load(dst_ptr + t64 * stride_dt + j * stride_dk, mask=mask_t, other=-1)
-        slot = t64 * top_k + j
+        if BY_DST:
+            slot = tl.where(d >= 0, d, 0).to(tl.int64)
+        else:
+            slot = t64 * top_k + j
         y = tl.load(y_ptr + slot[:, None] * stride_ym + offs_h[None, :], mask=(d >= 0)[:, None] & mask_h[None, :],
                     other=0.0)
         acc += y
@@ -307,20 +391,27 @@ def _check(tokens, src_rows, offs, dst_rows, weights, gate_up_proj, down_proj, g
 
 def stage_args(stage: int, tokens, src_rows, offs, dst_rows, weights, gate_up_proj, down_proj, gate_up_bias,
                down_bias, activation, gate_up_interleaved, swiglu_alpha, swiglu_limit, h, act, slot_rows,
-               tma=None) -> dict:
-    """The GEMM kernel's arguments for one stage (0: gate/up, 1: down), but for
+               tma=None, grad_out=None, dh=None, dw=None) -> dict:
+    """The GEMM kernel's arguments for one stage (0: gate/up, 1: down, 2: the
+    backward's dgrad of act(h); there ``act`` receives w * act(h)), but for
     num_programs and INPUT_PRECISION."""
     code = ACTIVATIONS[activation]
     gated = code < 3
+    aux = dw_ = None
     if stage == 0:
         a, b, bias, out = tokens, gate_up_proj, gate_up_bias, act
-        N = down_proj.shape[1] if gated else gate_up_proj.shape[2]
-    else:
+        N = down_proj.shape[1]
+    elif stage == 1:
         a, b, bias, out = act, down_proj, down_bias, slot_rows
         N = down_proj.shape[2]
+    else:
+        a, b, bias, out, aux, dw_ = grad_out, down_proj.transpose(-2, -1), None, dh, act, dw
+        N = down_proj.shape[1]
+    aux = aux if aux is not None else out
+    dw_ = dw_ if dw_ is not None else a
     return dict(
         a_ptr=a, b_ptr=b, bias_ptr=bias if bias is not None else a, offs_ptr=offs, src_ptr=src_rows,
-        w_ptr=weights if weights is not None else a, h_ptr=h, out_ptr=out,
+        w_ptr=weights if weights is not None else a, h_ptr=h, out_ptr=out, aux_ptr=aux, dw_ptr=dw_,
         G=offs.shape[0], M=src_rows.shape[0], N=N, K=a.shape[1], NB=b.shape[2], top_k=dst_rows.shape[1],
         stride_am=a.stride(0), stride_ak=a.stride(1),
         stride_bg=b.stride(0), stride_bk=b.stride(1), stride_bn=b.stride(2),
@@ -328,17 +419,19 @@ def stage_args(stage: int, tokens, src_rows, offs, dst_rows, weights, gate_up_pr
         stride_wt=weights.stride(0) if weights is not None else 0,
         stride_wk=weights.stride(1) if weights is not None else 0,
         stride_hm=h.stride(0), stride_hn=h.stride(1), stride_om=out.stride(0), stride_on=out.stride(1),
+        stride_xm=aux.stride(0), stride_xn=aux.stride(1), stride_dwm=dw_.stride(0) if dw_.dim() else 0,
         alpha=float(swiglu_alpha), limit=float(swiglu_limit),
         STAGE=stage, ACTIVATION=code, INTERLEAVED=bool(gate_up_interleaved) and gated,
-        HAS_BIAS=bias is not None, HAS_WEIGHTS=stage == 1 and weights is not None,
+        HAS_BIAS=bias is not None, HAS_WEIGHTS=stage != 0 and weights is not None,
         B_DESC=_b_desc(b, stage, gated, gate_up_interleaved, tma),
     )
 
 
-def combine_args(slot_rows, dst_rows, out) -> dict:
+def combine_args(slot_rows, dst_rows, out, by_dst=False) -> dict:
+    assert slot_rows.stride(1) == 1
     return dict(y_ptr=slot_rows, dst_ptr=dst_rows, out_ptr=out, T=out.shape[0], H=out.shape[1],
                 top_k=dst_rows.shape[1], stride_dt=dst_rows.stride(0), stride_dk=dst_rows.stride(1),
-                stride_ym=slot_rows.stride(0), stride_om=out.stride(0), stride_on=out.stride(1))
+                stride_ym=slot_rows.stride(0), stride_om=out.stride(0), stride_on=out.stride(1), BY_DST=by_dst)
 
 
 def _allocate(tokens, src_rows, dst_rows, gate_up_proj, down_proj):
@@ -366,7 +459,7 @@ def _run_gemm(args, allow_tf32, config, num_programs, wrap):
         bound = gm._tile_bound(gm.LAYOUT_2D3D, M, N, args["K"], args["G"], meta["BLOCK_M"], meta["BLOCK_N"])
         return max(1, min(num_programs, bound))
 
-    gate_up = args["STAGE"] == 0
+    gate_up = args["STAGE"] != 1  # the activation epilogues: forward and backward
     if interpret or config is not None:
         config = config or INTERPRETER_CONFIG
         p = nprog(config.kwargs)
@@ -430,6 +523,109 @@ def triton_expert_mlp(
         _run_gemm(stage_args(1, *common, tma=tma), allow_tf32, config1, num_programs, _wrap)
         _run_combine(combine_args(slot_rows, dst_rows, out), _wrap)
     return out, h
+
+
+def _k_major(w: torch.Tensor) -> bool:
+    return w.stride(-2) == 1 and w.stride(-1) != 1 and w.shape[-1] > 1
+
+
+def triton_expert_mlp_backward(
+    grad_out: torch.Tensor,
+    tokens: torch.Tensor,
+    src_rows: torch.Tensor,
+    offs: torch.Tensor,
+    dst_rows: torch.Tensor,
+    weights: Optional[torch.Tensor],
+    gate_up_proj: torch.Tensor,
+    down_proj: torch.Tensor,
+    gate_up_bias: Optional[torch.Tensor],
+    down_bias: Optional[torch.Tensor],
+    h: torch.Tensor,
+    activation: str = "swiglu",
+    gate_up_interleaved: bool = False,
+    swiglu_alpha: float = 1.702,
+    swiglu_limit: float = 7.0,
+    output_mask: tuple = (True, True, True, True),
+    *,
+    num_programs: Optional[int] = None,
+    tma: Optional[bool] = None,
+) -> tuple:
+    """``moe_ops.expert_mlp_backward`` by Triton kernels: (grad tokens, grad
+    weights, grad gate_up_proj, grad down_proj, grad gate_up_bias, grad
+    down_bias), an empty tensor for each one ``output_mask`` does not ask for.
+
+    From the inputs, the routing and h only. One fused kernel,
+    ``expert_gemm_kernel`` with ``STAGE=2``: ``g = grad_out[token] @ down^T``
+    (the token rows gathered in the A load), and in its epilogue act(h) and
+    its derivative from h: it stores ``dh`` (the dSwiGLU etc.), ``w * act(h)``
+    (the down weights' gradient operand) and per-tile partial sums of
+    ``g . act(h)`` (the routing weights' gradient; summed over tiles in
+    order by torch, no atomics). Then the existing grouped GEMM kernel:
+    ``dh @ gate_up^T`` and the combine of each token's rows in slot order
+    (grad tokens); the weight gradients as variable-K (2D x 2D) grouped GEMMs
+    reading the tokens and grad_out rows through the index; the biases'
+    gradients as 1-row 2D x 2D grouped GEMMs. Weight gradients in the
+    weight's own layout (a transposed view stays one), as expert_mlp_backward.
+    """
+    from .grouped_mm import triton_grouped_mm, triton_grouped_mm_gather
+
+    _check(tokens, src_rows, offs, dst_rows, weights, gate_up_proj, down_proj, gate_up_bias, down_bias, activation,
+           gate_up_interleaved)
+    need_tokens, need_weights, need_gate_up, need_down = output_mask
+    need_weights = need_weights and weights is not None
+    none = lambda: tokens.new_empty((0,))  # noqa: E731
+    if not any((need_tokens, need_weights, need_gate_up, need_down)):
+        return tuple(none() for _ in range(6))
+    dtype = tokens.dtype
+    wide = torch.float32 if dtype != torch.float32 else None
+    R, top_k, inter = src_rows.shape[0], dst_rows.shape[1], down_proj.shape[1]
+    rows = src_rows.div(top_k, rounding_mode="floor")
+    dh = tokens.new_empty(h.shape)
+    aw = tokens.new_empty((R, inter))
+    smallest_n = min(c.kwargs["BLOCK_N"] for c in configs_for(dtype, True) + [INTERPRETER_CONFIG])
+    dw = torch.zeros((R, triton.cdiv(inter, smallest_n) if need_weights else 1), dtype=torch.float32,
+                     device=tokens.device)
+    args = stage_args(2, tokens, src_rows, offs, dst_rows, weights, gate_up_proj, down_proj, gate_up_bias, down_bias,
+                      activation, gate_up_interleaved, swiglu_alpha, swiglu_limit, h, aw, None, tma=tma,
+                      grad_out=grad_out, dh=dh, dw=dw)
+    args["HAS_WEIGHTS"] = weights is not None
+    _run_gemm(args, False, None, num_programs, lambda k: k)
+    grads = [none() for _ in range(6)]
+    if need_tokens:
+        dx = triton_grouped_mm(dh, gate_up_proj.transpose(-2, -1), offs, num_programs=num_programs)
+        grad_tokens = tokens.new_empty(tokens.shape)
+        _run_combine(combine_args(dx, dst_rows, grad_tokens, by_dst=True), lambda k: k)
+        grads[0] = grad_tokens
+    if need_weights:
+        d_row = dw.sum(1)
+        if down_bias is not None:  # + <grad_out[token], down_bias[e]>; zero for padding and rows past offs[-1]
+            d_row = d_row + triton_grouped_mm_gather(grad_out, down_bias.unsqueeze(-1), offs, rows,
+                                                     out_dtype=wide).squeeze(1).float()
+        flat = dst_rows.reshape(-1)
+        padded = torch.cat([d_row, d_row.new_zeros(1)])
+        grads[1] = padded[torch.where(flat >= 0, flat, R)].view(dst_rows.shape).to(weights.dtype)
+    if need_gate_up:
+        if _k_major(gate_up_proj):
+            grads[2] = triton_grouped_mm_gather(dh.t(), tokens, offs, None, rows).transpose(-2, -1)
+        else:
+            grads[2] = triton_grouped_mm_gather(tokens.t(), dh, offs, rows)
+        if gate_up_bias is not None:
+            ones = dh.new_ones((1, R))
+            grads[4] = triton_grouped_mm(ones, dh, offs, out_dtype=wide).squeeze(1).to(gate_up_bias.dtype)
+    if need_down:
+        if _k_major(down_proj):
+            grads[3] = triton_grouped_mm_gather(grad_out.t(), aw, offs, rows).transpose(-2, -1)
+        else:
+            grads[3] = triton_grouped_mm_gather(aw.t(), grad_out, offs, None, rows)
+        if down_bias is not None:
+            if weights is not None:
+                flat_w = torch.cat([weights.reshape(-1).float(), weights.new_zeros(1, dtype=torch.float32)])
+                w_rows = flat_w[torch.where(src_rows >= 0, src_rows, flat_w.shape[0] - 1)]
+            else:
+                w_rows = (src_rows >= 0).float()
+            grads[5] = triton_grouped_mm_gather(w_rows.to(dtype).unsqueeze(0), grad_out, offs, None, rows,
+                                                out_dtype=wide).squeeze(1).to(down_bias.dtype)
+    return tuple(grads)
 
 
 # ----------------------------------------------------------- torch.library
