@@ -80,10 +80,10 @@ def test_every_autotuner_config_of_every_variant_is_compiled(report):
                                            "2d2d_gather", "3d3d"}
     assert {v.layout for v in variants if v.tma} == {"2d3d", "2d3d_b_nk", "2d3d_gather_bias", "3d3d"}
     experts = aot.expert_mlp_variants()
-    assert {v.kernel for v in experts} == {"expert_gate_up", "expert_down", "expert_combine"}
+    assert {v.kernel for v in experts} == {"expert_gate_up", "expert_down", "expert_dgrad", "expert_combine"}
     assert {v.make(v.dtype)[1]["activation"] for v in experts if v.kernel == "expert_gate_up"} >= {
         "swiglu", "geglu", "swiglu_clamped", "gelu"}
-    assert {v.kernel for v in experts if v.tma} == {"expert_gate_up", "expert_down"}
+    assert {v.kernel for v in experts if v.tma} == {"expert_gate_up", "expert_down", "expert_dgrad"}
     assert len(VARIANTS) == len(variants) + len(experts)  # names are unique
     for v in VARIANTS.values():
         configs = aot.configs_for_variant(v)

@@ -56,7 +56,7 @@ class Variant:
     make: Callable[[torch.dtype], tuple]  # dtype -> (mat_a, mat_b, offs, bias, out_dtype, a_index[, b_index])
     allow_tf32: bool = False
     tma: bool = False  # B through a TMA descriptor (what sm_90 picks for aligned 3-D weights)
-    kernel: str = "grouped_mm"  # or expert_gate_up, expert_down, expert_combine (triton/experts.py)
+    kernel: str = "grouped_mm"  # or expert_gate_up, expert_down, expert_dgrad, expert_combine (triton/experts.py)
 
 
 def _offs(*ends):
@@ -146,7 +146,7 @@ def _experts(activation="swiglu", interleaved=False, bias=False, k_major=False):
 def expert_mlp_variants() -> list:
     """The fused experts' three kernels: the gate/up GEMM for every activation
     epilogue kind (split and interleaved gated, not gated), the down GEMM, the
-    combine; bfloat16 with TMA (split gate/up, weights (E, N, K)) and pointers,
+    combine, the backward's dgrad (activation derivative epilogue); bfloat16 with TMA (split gate/up, weights (E, N, K)) and pointers,
     float16 and float32 (exact and tf32) gate/up and down."""
     sw, sw_tma = _experts(), _experts(k_major=True)
     clamped = _experts("swiglu_clamped", interleaved=True, bias=True, k_major=True)
@@ -163,6 +163,12 @@ def expert_mlp_variants() -> list:
         Variant("fp32_swiglu", torch.float32, "2d3d", sw, kernel="expert_gate_up"),
         Variant("fp32_swiglu_tf32", torch.float32, "2d3d", sw, kernel="expert_gate_up", allow_tf32=True),
         Variant("fp32_down", torch.float32, "2d3d", sw, kernel="expert_down"),
+        Variant("bf16_swiglu_dgrad", torch.bfloat16, "2d3d", sw, kernel="expert_dgrad"),
+        Variant("bf16_swiglu_dgrad_tma", torch.bfloat16, "2d3d", sw_tma, kernel="expert_dgrad", tma=True),
+        Variant("bf16_swiglu_clamped_interleaved_dgrad", torch.bfloat16, "2d3d", clamped, kernel="expert_dgrad"),
+        Variant("bf16_gelu_dgrad", torch.bfloat16, "2d3d", _experts("gelu"), kernel="expert_dgrad"),
+        Variant("fp16_swiglu_dgrad", torch.float16, "2d3d", sw, kernel="expert_dgrad"),
+        Variant("fp32_swiglu_dgrad", torch.float32, "2d3d", sw, kernel="expert_dgrad"),
         Variant("bf16_combine", torch.bfloat16, "", sw, kernel="expert_combine"),
         Variant("fp32_combine", torch.float32, "", sw, kernel="expert_combine"),
     ]
@@ -179,7 +185,7 @@ def configs_for_variant(variant: Variant) -> list:
         return gm.configs_for(variant.dtype)
     if variant.kernel == "expert_combine":
         return [ex.COMBINE_CONFIG]
-    return ex.configs_for(variant.dtype, variant.kernel == "expert_gate_up")
+    return ex.configs_for(variant.dtype, {"expert_gate_up": 0, "expert_down": 1, "expert_dgrad": 2}[variant.kernel])
 
 
 def kernel_name(variant: Variant) -> str:
@@ -216,10 +222,12 @@ def _expert_source(variant: Variant, config: triton.Config):
         return _bind(ex.combine_kernel, ex.combine_args(slot_rows, dst_rows, out), config)
     kw = {**dict(gate_up_bias=None, down_bias=None, gate_up_interleaved=False, swiglu_alpha=1.702, swiglu_limit=7.0),
           **kwargs}
-    stage = 0 if variant.kernel == "expert_gate_up" else 1
+    stage = {"expert_gate_up": 0, "expert_down": 1, "expert_dgrad": 2}[variant.kernel]
+    dw = torch.zeros(src_rows.shape[0], 2, dtype=torch.float32)
     bound = ex.stage_args(stage, tokens, src_rows, offs, dst_rows, weights, gate_up, down, kw["gate_up_bias"],
                           kw["down_bias"], kw["activation"], kw["gate_up_interleaved"], kw["swiglu_alpha"],
-                          kw["swiglu_limit"], h, act, slot_rows, tma=variant.tma)
+                          kw["swiglu_limit"], h, act, slot_rows, tma=variant.tma, grad_out=torch.zeros_like(tokens),
+                          dh=torch.empty_like(h), dw=dw)
     assert bool(bound["B_DESC"]) == variant.tma, variant
     bound["INPUT_PRECISION"] = "tf32" if variant.allow_tf32 else "ieee"
     bound["num_programs"] = NUM_SMS_H100

@@ -334,6 +334,13 @@ CONFIGS_16BIT_GATE_UP = [
     triton.Config({"BLOCK_M": 64, "BLOCK_N": 64, "BLOCK_K": 64}, num_warps=4, num_stages=4),
 ]
 CONFIGS_16BIT = gm.CONFIGS_16BIT
+# The backward's dgrad: one accumulator but the heaviest epilogue (h's two halves, act, its
+# derivative, three stores and the row sums): 64-wide tiles held 255 registers and spilled
+# 440 bytes for the interleaved clamped swiglu; 32-wide tiles do not.
+CONFIGS_16BIT_DGRAD = [
+    triton.Config({"BLOCK_M": 128, "BLOCK_N": 32, "BLOCK_K": 64}, num_warps=8, num_stages=3),
+    triton.Config({"BLOCK_M": 64, "BLOCK_N": 32, "BLOCK_K": 64}, num_warps=4, num_stages=4),
+]
 CONFIGS_FP32_GATE_UP = [
     triton.Config({"BLOCK_M": 64, "BLOCK_N": 32, "BLOCK_K": 32}, num_warps=8, num_stages=3),
 ]
@@ -347,17 +354,17 @@ _AUTOTUNE_KEY = ["N", "K", "STAGE", "ACTIVATION", "INTERLEAVED", "HAS_BIAS", "HA
                  "INPUT_PRECISION"]
 
 
-def configs_for(dtype: torch.dtype, gate_up: bool) -> list:
-    """The configurations the autotuner may pick for a GEMM of ``dtype``:
-    the gate/up GEMM (``gate_up``, the activation epilogue) or the down GEMM."""
+def configs_for(dtype: torch.dtype, stage: int) -> list:
+    """The configurations the autotuner may pick for a GEMM of ``dtype`` in
+    ``stage`` (0: gate/up, 1: down, 2: the backward's dgrad)."""
     if dtype == torch.float32:
-        return CONFIGS_FP32_GATE_UP if gate_up else CONFIGS_FP32
-    return CONFIGS_16BIT_GATE_UP if gate_up else CONFIGS_16BIT
+        return CONFIGS_FP32 if stage == 1 else CONFIGS_FP32_GATE_UP
+    return (CONFIGS_16BIT_GATE_UP, CONFIGS_16BIT, CONFIGS_16BIT_DGRAD)[stage]
 
 
 @functools.lru_cache(maxsize=None)
-def _autotuned(dtype_is_fp32: bool, gate_up: bool):
-    configs = configs_for(torch.float32 if dtype_is_fp32 else torch.bfloat16, gate_up)
+def _autotuned(dtype_is_fp32: bool, stage: int):
+    configs = configs_for(torch.float32 if dtype_is_fp32 else torch.bfloat16, stage)
     return triton.autotune(configs=configs, key=_AUTOTUNE_KEY)(expert_gemm_kernel)
 
 
@@ -459,16 +466,16 @@ def _run_gemm(args, allow_tf32, config, num_programs, wrap):
         bound = gm._tile_bound(gm.LAYOUT_2D3D, M, N, args["K"], args["G"], meta["BLOCK_M"], meta["BLOCK_N"])
         return max(1, min(num_programs, bound))
 
-    gate_up = args["STAGE"] != 1  # the activation epilogues: forward and backward
+    stage = args["STAGE"]
     if interpret or config is not None:
         config = config or INTERPRETER_CONFIG
         p = nprog(config.kwargs)
         kernel = _interpreted("gemm") if interpret else wrap(expert_gemm_kernel)
         kernel[(p,)](**args, num_programs=p, **config.all_kwargs())
     else:
-        smallest = min(configs_for(dtype, gate_up), key=lambda c: c.kwargs["BLOCK_M"] * c.kwargs["BLOCK_N"])
+        smallest = min(configs_for(dtype, stage), key=lambda c: c.kwargs["BLOCK_M"] * c.kwargs["BLOCK_N"])
         p = nprog(smallest.kwargs)
-        wrap(_autotuned(dtype == torch.float32, gate_up))[(p,)](**args, num_programs=p)
+        wrap(_autotuned(dtype == torch.float32, stage))[(p,)](**args, num_programs=p)
 
 
 def _run_combine(args, wrap):
@@ -582,7 +589,7 @@ def triton_expert_mlp_backward(
     rows = src_rows.div(top_k, rounding_mode="floor")
     dh = tokens.new_empty(h.shape)
     aw = tokens.new_empty((R, inter))
-    smallest_n = min(c.kwargs["BLOCK_N"] for c in configs_for(dtype, True) + [INTERPRETER_CONFIG])
+    smallest_n = min(c.kwargs["BLOCK_N"] for c in configs_for(dtype, 2) + [INTERPRETER_CONFIG])
     dw = torch.zeros((R, triton.cdiv(inter, smallest_n) if need_weights else 1), dtype=torch.float32,
                      device=tokens.device)
     args = stage_args(2, tokens, src_rows, offs, dst_rows, weights, gate_up_proj, down_proj, gate_up_bias, down_bias,
