@@ -1,6 +1,7 @@
-"""The Triton fused experts' forward (torch_moe_ops/triton/experts.py) in
-Triton's interpreter, on CPU tensors, against the float64 reference
-(reference.torch_expert_mlp computed on float64 copies of the inputs).
+"""The Triton fused experts (torch_moe_ops/triton/experts.py), forward and
+backward, in Triton's interpreter, on CPU tensors, against the float64
+reference (reference.torch_expert_mlp on float64 copies of the inputs, and
+float64 autograd through it for the six gradients).
 
 As test_triton_grouped_mm.py: the kernels run through ``InterpretedFunction``
 (no ``TRITON_INTERPRET=1`` needed), float32 and float16 are checked against a
@@ -17,6 +18,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+import triton
 
 import torch_moe_ops  # noqa: F401  (moe_ops, for the OpInfo modules)
 from torch_moe_ops.ops.experts import _like_strides
@@ -363,3 +365,79 @@ def test_backward_bound_catches_a_one_percent_error():
     for i, name in enumerate(GRAD_NAMES):
         with pytest.raises(AssertionError, match=f"grad of {name}"):
             check_backward(args, kwargs, got=tuple(g * 1.01 if j == i else g for j, g in enumerate(got)))
+
+
+def test_triton_op_autograd_eager_and_compiled():
+    """moe_ops_triton::expert_mlp is differentiable (moe_ops.expert_mlp's
+    saved set, its backward moe_ops_triton::expert_mlp_backward): the
+    gradients equal triton_expert_mlp_backward's, eager and under
+    torch.compile(fullgraph=True) with aot_eager."""
+    s = next(s for s in sample_inputs_expert_mlp(expert_mlp_opinfo, "cpu", torch.float32, requires_grad=False)
+             if s.name == "swiglu_clamped_interleaved_bias")  # small: the interpreter runs it three times
+    args, kwargs = (s.input, *s.args), {**s.kwargs, "swiglu_limit": 1.0}
+    tokens, src_rows, offs, dst_rows, weights, gate_up, down = args
+    gub, dnb = kwargs["gate_up_bias"], kwargs["down_bias"]
+    grad = torch.randn(tokens.shape, generator=torch.Generator().manual_seed(3))
+    out, h = triton_expert_mlp(*args, **kwargs)
+    want = tex.triton_expert_mlp_backward(grad, *args, gub, dnb, h, "swiglu_clamped", True, 1.702, 1.0,
+                                          (True,) * 4)
+
+    def grads(fn):
+        leaves = [t.detach().clone().requires_grad_() for t in (tokens, weights, gate_up, down, gub, dnb)]
+        x, w, gu, dn, b1, b2 = leaves
+        o, _ = fn(x, src_rows, offs, dst_rows, w, gu, dn, b1, b2, "swiglu_clamped", True, 1.702, 1.0)
+        return torch.autograd.grad(o, leaves, grad)
+
+    op = torch.ops.moe_ops_triton.expert_mlp
+    for got in (grads(op), grads(torch.compile(op, backend="aot_eager", fullgraph=True))):
+        for name, g, w in zip(GRAD_NAMES, got, want):
+            assert torch.equal(g, w.reshape(g.shape)), name
+    pos = (grad, *args, gub, dnb, h, "swiglu_clamped", True, 1.702, 1.0, [True] * 4)
+    torch.library.opcheck(torch.ops.moe_ops_triton.expert_mlp_backward_interpreted.default, pos,
+                          test_utils=("test_schema", "test_faketensor"))
+
+
+@pytest.mark.skipif(not isinstance(tex.expert_gemm_kernel, triton.runtime.JITFunction),
+                    reason="TRITON_INTERPRET=1 makes the kernels interpreted functions: nothing to trace")
+def test_triton_ops_trace_into_the_kernels_on_cuda(monkeypatch):
+    """With fake CUDA tensors (no GPU needed), functionalised tracing of
+    moe_ops_triton::expert_mlp and ::expert_mlp_backward yields the Triton
+    kernels themselves (triton_kernel_wrapper_functional nodes, which
+    Inductor compiles), not opaque calls: forward gate/up GEMM, down GEMM,
+    combine; backward dgrad, the grouped GEMMs and the combine."""
+    from torch._higher_order_ops.triton_kernel_wrap import kernel_side_table
+    from torch._subclasses.fake_tensor import FakeTensorMode
+    from torch._subclasses.functional_tensor import dispatch_functionalize
+    from torch.fx.experimental.proxy_tensor import make_fx
+    from torch_moe_ops.triton import grouped_mm as tgm
+
+    monkeypatch.setattr(tgm, "_num_sms", lambda index: 132)  # an H100's driver answers
+    monkeypatch.setattr(tgm, "_capability", lambda index: (9, 0))
+
+    def kernels(graph):
+        nodes = [n for n in graph.graph.nodes if n.target is torch.ops.higher_order.triton_kernel_wrapper_functional]
+        found = []
+        for n in nodes:
+            k = kernel_side_table.get_kernel(n.kwargs["kernel_idx"])
+            found.append((getattr(k, "fn", k).__name__, n.kwargs["kwargs"].get("STAGE")))
+        return found
+
+    with FakeTensorMode():
+        E, T, H, inter, k = 4, 64, 256, 128, 2
+        dev = dict(device="cuda", dtype=torch.bfloat16)
+        tokens = torch.empty(T, H, **dev)
+        src_rows = torch.empty(T * k, device="cuda", dtype=torch.int64)
+        offs = torch.empty(E, device="cuda", dtype=torch.int32)
+        dst_rows = torch.empty(T, k, device="cuda", dtype=torch.int64)
+        weights = torch.empty(T, k, device="cuda", dtype=torch.float32)
+        gate_up = torch.empty(E, 2 * inter, H, **dev).transpose(1, 2)
+        down = torch.empty(E, H, inter, **dev).transpose(1, 2)
+        args = (tokens, src_rows, offs, dst_rows, weights, gate_up, down)
+        fwd = make_fx(dispatch_functionalize(torch.ops.moe_ops_triton.expert_mlp))(*args)
+        h = torch.empty(T * k, 2 * inter, **dev)
+        bwd = make_fx(dispatch_functionalize(torch.ops.moe_ops_triton.expert_mlp_backward))(
+            torch.empty(T, H, **dev), *args, None, None, h, "swiglu", False, 1.702, 7.0, [True] * 4)
+    assert kernels(fwd) == [("expert_gemm_kernel", 0), ("expert_gemm_kernel", 1), ("combine_kernel", None)]
+    found = kernels(bwd)
+    assert found[0] == ("expert_gemm_kernel", 2) and ("combine_kernel", None) in found
+    assert sum(name == "grouped_mm_kernel" for name, _ in found) == 3  # dx and the two weights (no biases)

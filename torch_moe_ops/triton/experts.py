@@ -1,5 +1,5 @@
-"""Fused experts in Triton: the forward of ``moe_ops::expert_mlp`` (issue 16
-item 2, SonicMoE's design) in three launches, no atomics:
+"""Fused experts in Triton: ``moe_ops::expert_mlp`` and its backward (issue 16
+item 2, SonicMoE's design), no atomics anywhere. The forward in three launches:
 
 1. ``expert_gemm_kernel`` with ``STAGE=0``: row ``r`` of the tokens gathered by
    ``src_rows[r] // top_k`` in the A load (-1: a zero row), times the expert's
@@ -19,6 +19,15 @@ item 2, SonicMoE's design) in three launches, no atomics:
    with ``dst_rows[t, j] >= 0``, in slot order in fp32, one rounding: the
    same order as ``moe_ops.unpermute``, so the bits do not depend on the
    schedule (each slot row is written by exactly one tile).
+
+The backward (``triton_expert_mlp_backward``, from the inputs, the routing
+and h only): ``STAGE=2`` of the same kernel, ``g = grad_out[token] @ down^T``
+with the activation's derivative in the epilogue (dSwiGLU etc. from h),
+storing dh, ``w * act(h)`` and per-tile partial sums of the routing weights'
+gradient; then ``grouped_mm_kernel`` for ``dh @ gate_up^T`` (combined per
+token in slot order by ``combine_kernel``) and for the weight gradients as
+variable-K (2D x 2D) grouped GEMMs reading tokens and grad_out through the
+index. ``moe_ops_triton::expert_mlp`` is differentiable through it.
 
 Against ``moe_ops.expert_mlp`` (the composition in ExpertMLP.cpp) the only
 numerical difference is that the down projection's rows are not rounded to
@@ -450,6 +459,11 @@ def _allocate(tokens, src_rows, dst_rows, gate_up_proj, down_proj):
     return out, h, act, slot_rows
 
 
+def _meta(config: triton.Config) -> dict:
+    """A fixed config's launch arguments (wrap_triton refuses num_ctas and the like)."""
+    return {**config.kwargs, "num_warps": config.num_warps, "num_stages": config.num_stages}
+
+
 def _run_gemm(args, allow_tf32, config, num_programs, wrap):
     dtype = args["a_ptr"].dtype
     args["INPUT_PRECISION"] = "tf32" if (allow_tf32 and dtype == torch.float32) else "ieee"
@@ -471,7 +485,7 @@ def _run_gemm(args, allow_tf32, config, num_programs, wrap):
         config = config or INTERPRETER_CONFIG
         p = nprog(config.kwargs)
         kernel = _interpreted("gemm") if interpret else wrap(expert_gemm_kernel)
-        kernel[(p,)](**args, num_programs=p, **config.all_kwargs())
+        kernel[(p,)](**args, num_programs=p, **_meta(config))
     else:
         smallest = min(configs_for(dtype, stage), key=lambda c: c.kwargs["BLOCK_M"] * c.kwargs["BLOCK_N"])
         p = nprog(smallest.kwargs)
@@ -486,7 +500,7 @@ def _run_combine(args, wrap):
     config = INTERPRETER_COMBINE_CONFIG if interpret else COMBINE_CONFIG
     grid = (triton.cdiv(T, config.kwargs["BLOCK_T"]), triton.cdiv(H, config.kwargs["BLOCK_H"]))
     kernel = _interpreted("combine") if interpret else wrap(combine_kernel)
-    kernel[grid](**args, **config.all_kwargs())
+    kernel[grid](**args, **_meta(config))
 
 
 def triton_expert_mlp(
@@ -516,9 +530,9 @@ def triton_expert_mlp(
     ``configs``: a (gate/up, down) pair of fixed tile configurations (default:
     autotuned on CUDA, ``INTERPRETER_CONFIG`` on CPU); ``num_programs`` the
     persistent grid of both GEMMs; ``tma`` the weights' loads (default: TMA on
-    sm_90+ when aligned). Not differentiable (the backward is still
-    ``moe_ops.expert_mlp_backward``). Transient memory: ``a (R, I)`` in the
-    dtype and the fp32 slot rows ``(T * top_k, H)``."""
+    sm_90+ when aligned). Not differentiable itself: ``moe_ops_triton::expert_mlp``
+    is, through ``triton_expert_mlp_backward``. Transient memory: ``a (R, I)``
+    in the dtype and the fp32 slot rows ``(T * top_k, H)``."""
     _check(tokens, src_rows, offs, dst_rows, weights, gate_up_proj, down_proj, gate_up_bias, down_bias, activation,
            gate_up_interleaved)
     out, h, act, slot_rows = _allocate(tokens, src_rows, dst_rows, gate_up_proj, down_proj)
@@ -556,6 +570,7 @@ def triton_expert_mlp_backward(
     *,
     num_programs: Optional[int] = None,
     tma: Optional[bool] = None,
+    _wrap=lambda k: k,
 ) -> tuple:
     """``moe_ops.expert_mlp_backward`` by Triton kernels: (grad tokens, grad
     weights, grad gate_up_proj, grad down_proj, grad gate_up_bias, grad
@@ -596,41 +611,43 @@ def triton_expert_mlp_backward(
                       activation, gate_up_interleaved, swiglu_alpha, swiglu_limit, h, aw, None, tma=tma,
                       grad_out=grad_out, dh=dh, dw=dw)
     args["HAS_WEIGHTS"] = weights is not None
-    _run_gemm(args, False, None, num_programs, lambda k: k)
+    _run_gemm(args, False, None, num_programs, _wrap)
     grads = [none() for _ in range(6)]
+    mm = functools.partial(triton_grouped_mm, num_programs=num_programs, _wrap=_wrap)
+    mm_gather = functools.partial(triton_grouped_mm_gather, num_programs=num_programs, _wrap=_wrap)
     if need_tokens:
-        dx = triton_grouped_mm(dh, gate_up_proj.transpose(-2, -1), offs, num_programs=num_programs)
+        dx = mm(dh, gate_up_proj.transpose(-2, -1), offs)
         grad_tokens = tokens.new_empty(tokens.shape)
-        _run_combine(combine_args(dx, dst_rows, grad_tokens, by_dst=True), lambda k: k)
+        _run_combine(combine_args(dx, dst_rows, grad_tokens, by_dst=True), _wrap)
         grads[0] = grad_tokens
     if need_weights:
         d_row = dw.sum(1)
         if down_bias is not None:  # + <grad_out[token], down_bias[e]>; zero for padding and rows past offs[-1]
-            d_row = d_row + triton_grouped_mm_gather(grad_out, down_bias.unsqueeze(-1), offs, rows,
+            d_row = d_row + mm_gather(grad_out, down_bias.unsqueeze(-1), offs, rows,
                                                      out_dtype=wide).squeeze(1).float()
         flat = dst_rows.reshape(-1)
         padded = torch.cat([d_row, d_row.new_zeros(1)])
         grads[1] = padded[torch.where(flat >= 0, flat, R)].view(dst_rows.shape).to(weights.dtype)
     if need_gate_up:
         if _k_major(gate_up_proj):
-            grads[2] = triton_grouped_mm_gather(dh.t(), tokens, offs, None, rows).transpose(-2, -1)
+            grads[2] = mm_gather(dh.t(), tokens, offs, None, rows).transpose(-2, -1)
         else:
-            grads[2] = triton_grouped_mm_gather(tokens.t(), dh, offs, rows)
+            grads[2] = mm_gather(tokens.t(), dh, offs, rows)
         if gate_up_bias is not None:
             ones = dh.new_ones((1, R))
-            grads[4] = triton_grouped_mm(ones, dh, offs, out_dtype=wide).squeeze(1).to(gate_up_bias.dtype)
+            grads[4] = mm(ones, dh, offs, out_dtype=wide).squeeze(1).to(gate_up_bias.dtype)
     if need_down:
         if _k_major(down_proj):
-            grads[3] = triton_grouped_mm_gather(grad_out.t(), aw, offs, rows).transpose(-2, -1)
+            grads[3] = mm_gather(grad_out.t(), aw, offs, rows).transpose(-2, -1)
         else:
-            grads[3] = triton_grouped_mm_gather(aw.t(), grad_out, offs, None, rows)
+            grads[3] = mm_gather(aw.t(), grad_out, offs, None, rows)
         if down_bias is not None:
             if weights is not None:
                 flat_w = torch.cat([weights.reshape(-1).float(), weights.new_zeros(1, dtype=torch.float32)])
                 w_rows = flat_w[torch.where(src_rows >= 0, src_rows, flat_w.shape[0] - 1)]
             else:
                 w_rows = (src_rows >= 0).float()
-            grads[5] = triton_grouped_mm_gather(w_rows.to(dtype).unsqueeze(0), grad_out, offs, None, rows,
+            grads[5] = mm_gather(w_rows.to(dtype).unsqueeze(0), grad_out, offs, None, rows,
                                                 out_dtype=wide).squeeze(1).to(down_bias.dtype)
     return tuple(grads)
 
@@ -673,3 +690,72 @@ def _expert_mlp_op(tokens: torch.Tensor, src_rows: torch.Tensor, offs: torch.Ten
     if tokens.device.type != "cuda":
         return torch.ops.moe_ops_triton.expert_mlp_interpreted(*args)
     return triton_expert_mlp(*args, _wrap=torch.library.wrap_triton)
+
+
+@torch.library.custom_op("moe_ops_triton::expert_mlp_backward_interpreted", mutates_args=())
+def _expert_mlp_backward_interpreted(
+        grad_out: torch.Tensor, tokens: torch.Tensor, src_rows: torch.Tensor, offs: torch.Tensor,
+        dst_rows: torch.Tensor, weights: Optional[torch.Tensor], gate_up_proj: torch.Tensor, down_proj: torch.Tensor,
+        gate_up_bias: Optional[torch.Tensor], down_bias: Optional[torch.Tensor], h: torch.Tensor, activation: str,
+        gate_up_interleaved: bool, swiglu_alpha: float, swiglu_limit: float,
+        output_mask: list[bool]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor,
+                                          torch.Tensor]:
+    return triton_expert_mlp_backward(grad_out, tokens, src_rows, offs, dst_rows, weights, gate_up_proj, down_proj,
+                                      gate_up_bias, down_bias, h, activation, gate_up_interleaved, swiglu_alpha,
+                                      swiglu_limit, tuple(output_mask))
+
+
+def _backward_fake(*args):
+    from ..ops.experts import _expert_mlp_backward_fake
+
+    return _expert_mlp_backward_fake(*args)
+
+
+_expert_mlp_backward_interpreted.register_fake(_backward_fake)
+
+
+@torch.library.triton_op("moe_ops_triton::expert_mlp_backward", mutates_args=())
+def _expert_mlp_backward_op(
+        grad_out: torch.Tensor, tokens: torch.Tensor, src_rows: torch.Tensor, offs: torch.Tensor,
+        dst_rows: torch.Tensor, weights: Optional[torch.Tensor], gate_up_proj: torch.Tensor, down_proj: torch.Tensor,
+        gate_up_bias: Optional[torch.Tensor], down_bias: Optional[torch.Tensor], h: torch.Tensor, activation: str,
+        gate_up_interleaved: bool, swiglu_alpha: float, swiglu_limit: float,
+        output_mask: list[bool]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor,
+                                          torch.Tensor]:
+    args = (grad_out, tokens, src_rows, offs, dst_rows, weights, gate_up_proj, down_proj, gate_up_bias, down_bias, h,
+            activation, gate_up_interleaved, swiglu_alpha, swiglu_limit)
+    if tokens.device.type != "cuda":
+        return torch.ops.moe_ops_triton.expert_mlp_backward_interpreted(*args, output_mask)
+    return triton_expert_mlp_backward(*args, tuple(output_mask), _wrap=torch.library.wrap_triton)
+
+
+def _autograd_backward(ctx, grad_out, grad_h):
+    """moe_ops.expert_mlp's autograd (ops/experts.py: same saved set, inputs,
+    routing and h), its backward by moe_ops_triton::expert_mlp_backward."""
+    from ..ops import experts as ops_experts
+
+    tokens, src_rows, offs, dst_rows, weights, gate_up_proj, down_proj, gate_up_bias, down_bias, h = ctx.saved_tensors
+    if grad_out is None or not any(ctx.mask):
+        return (None,) * 13
+    g = torch.ops.moe_ops_triton.expert_mlp_backward(
+        grad_out.to(tokens.dtype), tokens, src_rows, offs, dst_rows, weights, gate_up_proj, down_proj, gate_up_bias,
+        down_bias, h, *ctx.args, ctx.mask)
+    need = ctx.needs_input_grad
+    pick = lambda v, i: v if need[i] else None  # noqa: E731
+    oe = ops_experts
+    return (pick(g[0], oe._TOKENS), None, None, None,
+            pick(g[1], oe._WEIGHTS) if weights is not None else None,
+            pick(g[2], oe._GATE_UP), pick(g[3], oe._DOWN),
+            pick(g[4], oe._GATE_UP_BIAS) if gate_up_bias is not None else None,
+            pick(g[5], oe._DOWN_BIAS) if down_bias is not None else None,
+            None, None, None, None)
+
+
+def _autograd_setup_context(ctx, inputs, output):
+    from ..ops.experts import _setup_context
+
+    _setup_context(ctx, inputs, output)
+
+
+torch.library.register_autograd("moe_ops_triton::expert_mlp", _autograd_backward,
+                                setup_context=_autograd_setup_context)
