@@ -441,3 +441,17 @@ def test_triton_ops_trace_into_the_kernels_on_cuda(monkeypatch):
     found = kernels(bwd)
     assert found[0] == ("expert_gemm_kernel", 2) and ("combine_kernel", None) in found
     assert sum(name == "grouped_mm_kernel" for name, _ in found) == 3  # dx and the two weights (no biases)
+
+
+def test_backward_rejects_what_expert_mlp_backward_rejects():
+    """The messages of moe_ops.expert_mlp_backward (ExpertMLP.cpp) for grad_out and h."""
+    args, kwargs = _multi_tile_case(torch.float32, "swiglu", False, bias=False, k_major=True)
+    tokens = args[0]
+    h = torch.zeros(args[1].shape[0], args[5].shape[2])
+    rest = (None, None, h, "swiglu", False, 1.702, 7.0)
+    for bad_grad, bad_h in ((tokens.double(), h), (tokens[:-1], h), (tokens, h[:, :-1])):
+        with pytest.raises(ValueError, match="expert_mlp_backward: (grad_out|h) must be") as tri:
+            tex.triton_expert_mlp_backward(bad_grad, *args, *rest[:2], bad_h, *rest[3:])
+        with pytest.raises((ValueError, RuntimeError)) as op:
+            torch.ops.moe_ops.expert_mlp_backward(bad_grad, *args, *rest[:2], bad_h, *rest[3:], [True] * 4)
+        assert str(tri.value) in str(op.value)

@@ -144,10 +144,11 @@ def _experts(activation="swiglu", interleaved=False, bias=False, k_major=False):
 
 
 def expert_mlp_variants() -> list:
-    """The fused experts' three kernels: the gate/up GEMM for every activation
+    """The fused experts' kernels: the gate/up GEMM for every activation
     epilogue kind (split and interleaved gated, not gated), the down GEMM, the
-    combine, the backward's dgrad (activation derivative epilogue); bfloat16 with TMA (split gate/up, weights (E, N, K)) and pointers,
-    float16 and float32 (exact and tf32) gate/up and down."""
+    backward's dgrad (the activation's derivative in the epilogue), the
+    combine; bfloat16 with TMA (split gate/up, weights stored (E, N, K)) and
+    pointers, float16 and float32 (exact; tf32 for gate/up)."""
     sw, sw_tma = _experts(), _experts(k_major=True)
     clamped = _experts("swiglu_clamped", interleaved=True, bias=True, k_major=True)
     out = [

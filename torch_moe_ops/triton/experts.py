@@ -593,6 +593,13 @@ def triton_expert_mlp_backward(
 
     _check(tokens, src_rows, offs, dst_rows, weights, gate_up_proj, down_proj, gate_up_bias, down_bias, activation,
            gate_up_interleaved)
+    c10, sizes = _checks._c10, _checks._sizes  # expert_mlp_backward's own checks (ExpertMLP.cpp), same messages
+    torch._check_value(grad_out.shape == tokens.shape and grad_out.dtype == tokens.dtype, lambda: (
+        f"expert_mlp_backward: grad_out must be {c10(tokens.dtype)} of sizes {sizes(tokens)}, got "
+        f"{c10(grad_out.dtype)} of sizes {sizes(grad_out)}"))
+    torch._check_value(h.dim() == 2 and h.shape[0] == src_rows.shape[0] and h.shape[1] == gate_up_proj.shape[2],
+                       lambda: (f"expert_mlp_backward: h must be (R, N1) = ({src_rows.shape[0]}, "
+                                f"{gate_up_proj.shape[2]}), got {sizes(h)}"))
     need_tokens, need_weights, need_gate_up, need_down = output_mask
     need_weights = need_weights and weights is not None
     none = lambda: tokens.new_empty((0,))  # noqa: E731
@@ -655,10 +662,6 @@ def triton_expert_mlp_backward(
 # ----------------------------------------------------------- torch.library
 # As moe_ops_triton::grouped_mm: a triton_op (torch.compile traces into the
 # three kernels); CPU tensors go to an opaque custom op running the interpreter.
-
-_SCHEMA_ARGS = ("tokens", "src_rows", "offs", "dst_rows", "weights", "gate_up_proj", "down_proj", "gate_up_bias",
-                "down_bias", "activation", "gate_up_interleaved", "swiglu_alpha", "swiglu_limit")
-
 
 @torch.library.custom_op("moe_ops_triton::expert_mlp_interpreted", mutates_args=())
 def _expert_mlp_interpreted(tokens: torch.Tensor, src_rows: torch.Tensor, offs: torch.Tensor, dst_rows: torch.Tensor,
