@@ -19,6 +19,8 @@ from __future__ import annotations
 import pytest
 import torch
 import triton
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 import torch_moe_ops  # noqa: F401  (moe_ops, for the OpInfo modules)
 from torch_moe_ops.ops.experts import _like_strides
@@ -455,3 +457,52 @@ def test_backward_rejects_what_expert_mlp_backward_rejects():
         with pytest.raises((ValueError, RuntimeError)) as op:
             torch.ops.moe_ops.expert_mlp_backward(bad_grad, *args, *rest[:2], bad_h, *rest[3:], [True] * 4)
         assert str(tri.value) in str(op.value)
+
+
+
+@st.composite
+def expert_problems(draw):
+    """Random layers: tokens (zero included), hidden and intermediate sizes
+    ragged against the interpreter's 16-wide tiles, experts, top_k, skewed
+    routing, expert-parallel local ranges (dropped slots), padding alignment,
+    every activation, interleaving, biases, weights absent/fp32, either
+    weight storage order, the persistent grid size."""
+    T, H, inter = draw(st.integers(0, 24)), draw(st.integers(1, 36)), draw(st.integers(1, 20))
+    E, k = draw(st.integers(1, 5)), draw(st.integers(1, 3))
+    k = min(k, E + 1)
+    activation = draw(st.sampled_from(sorted(tex.ACTIVATIONS)))
+    gated = activation in ("swiglu", "geglu", "swiglu_clamped")
+    return dict(T=T, H=H, inter=inter, E=E, k=k, activation=activation,
+                interleaved=gated and draw(st.booleans()), bias=draw(st.booleans()),
+                weights=draw(st.booleans()), k_major=draw(st.booleans()), skew=draw(st.booleans()),
+                local=draw(st.booleans()), alignment=draw(st.sampled_from([1, 4])),
+                programs=draw(st.integers(1, 5)), backward=draw(st.booleans()))
+
+
+@settings(max_examples=25, deadline=None)
+@given(expert_problems(), st.integers(0, 2**31 - 1))
+def test_property_matches_reference(p, seed):
+    """Forward (and, for half the examples, every gradient) against the
+    float64 reference with the bounds above, fp32."""
+    g = torch.Generator().manual_seed(seed)
+    rand = lambda *s, scale=1.0: (torch.rand(*s, generator=g) * 2 - 1) * scale  # noqa: E731
+    routed = p["E"] + (2 if p["local"] else 0)  # local: experts 0..E-1 of E + 2, the rest dropped
+    k = min(p["k"], routed)
+    src_rows, offs, dst_rows = _expert_routing(p["T"], routed, k, "cpu", seed % 1000, "one" if p["skew"] else None,
+                                               alignment=p["alignment"], first_expert=0,
+                                               num_local_experts=p["E"])
+    gated = p["activation"] in ("swiglu", "geglu", "swiglu_clamped")
+    E, H, inter = p["E"], p["H"], p["inter"]
+    n1 = 2 * inter if gated else inter
+    if p["k_major"]:
+        gate_up, down = rand(E, n1, H, scale=0.5).mT, rand(E, H, inter, scale=0.5).mT
+    else:
+        gate_up, down = rand(E, H, n1, scale=0.5), rand(E, inter, H, scale=0.5)
+    weights = torch.rand(p["T"], k, generator=g) if p["weights"] else None
+    kwargs = dict(activation=p["activation"], gate_up_interleaved=p["interleaved"], swiglu_limit=1.5)
+    if p["bias"]:
+        kwargs.update(gate_up_bias=rand(E, n1), down_bias=rand(E, H))
+    args = (rand(p["T"], H), src_rows, offs, dst_rows, weights, gate_up, down)
+    check_against_reference(args, kwargs, num_programs=p["programs"])
+    if p["backward"]:
+        check_backward(args, kwargs, seed=seed, num_programs=p["programs"])
