@@ -9,8 +9,9 @@ A kernel change changes the report: regenerate it with
 ``TORCH_MOE_OPS_REGEN_KERNELS=1`` on this test (or benchmarks/gpu/kernels.py)
 and commit it, so the review sees the resource changes.
 
-A separate module from test_triton_grouped_mm.py: later kernels (expert_mlp,
-fp8) join this report and these checks.
+A separate module from test_triton_grouped_mm.py: the fused experts' kernels
+(triton/experts.py: the gate/up GEMM with its activation epilogue, the down
+GEMM, the combine) are in this report and these checks; fp8 will join.
 
 What only a GPU can verify: that the cubins load and run (occupancy with these
 registers and shared memory, the launch itself), the numerics of wgmma and tf32,
@@ -60,14 +61,34 @@ def test_report_is_up_to_date(report):
         f"{ {k: v for k, v in report.items() if k != 'kernels'} }")
 
 
+VARIANTS = {v.name: v for v in aot.all_variants()}
+
+
+def _gemms_per_k_step(variant) -> int:
+    """tl.dot calls per K step: the gate/up GEMM of a gated activation has two accumulators."""
+    if variant.kernel == "expert_combine":
+        return 0
+    if variant.kernel == "expert_gate_up":
+        return 2 if variant.make(variant.dtype)[1]["activation"] in ("swiglu", "geglu", "swiglu_clamped") else 1
+    return 1
+
+
 def test_every_autotuner_config_of_every_variant_is_compiled(report):
     compiled = {(k["variant"], tuple(sorted(k["config"].items()))) for k in report["kernels"]}
     variants = aot.grouped_mm_variants()
     assert {v.layout for v in variants} >= {"2d3d", "2d3d_b_nk", "2d3d_gather_bias", "3d2d", "2d2d",
                                            "2d2d_gather", "3d3d"}
     assert {v.layout for v in variants if v.tma} == {"2d3d", "2d3d_b_nk", "2d3d_gather_bias", "3d3d"}
-    for v in variants:
-        for c in tgm.configs_for(v.dtype):
+    experts = aot.expert_mlp_variants()
+    assert {v.kernel for v in experts} == {"expert_gate_up", "expert_down", "expert_dgrad", "expert_combine"}
+    assert {v.make(v.dtype)[1]["activation"] for v in experts if v.kernel == "expert_gate_up"} >= {
+        "swiglu", "geglu", "swiglu_clamped", "gelu"}
+    assert {v.kernel for v in experts if v.tma} == {"expert_gate_up", "expert_down", "expert_dgrad"}
+    assert len(VARIANTS) == len(variants) + len(experts)  # names are unique
+    for v in VARIANTS.values():
+        configs = aot.configs_for_variant(v)
+        assert configs == (tgm.configs_for(v.dtype) if v.kernel == "grouped_mm" else configs)
+        for c in configs:
             key = {**c.kwargs, "num_warps": c.num_warps, "num_stages": c.num_stages}
             assert (v.name, tuple(sorted(key.items()))) in compiled
 
@@ -78,22 +99,33 @@ def test_no_spills_and_resources_fit_sm90(report):
         assert k["spill_stores"] == 0 and k["spill_loads"] == 0, where
         assert k["local"] == 0 and k["stack"] == 0 and k["LDL_STL"] == 0, where
         assert k["regs"] == k["ptxas_regs"] <= MAX_REGS, where
-        assert 0 < k["smem_dynamic"] + k["smem_static"] <= SM90_SMEM_PER_BLOCK, where
+        smem = k["smem_dynamic"] + k["smem_static"]
+        if k["kernel"] == "combine_kernel":  # elementwise: no shared memory at all
+            assert smem == 0, where
+        else:
+            assert 0 < smem <= SM90_SMEM_PER_BLOCK, where
 
 
 def test_matrix_instructions(report):
     """bf16/fp16 and tf32: wgmma in the PTX, HGMMA in the SASS, the K loop
-    pipelined with cp.async (LDGSTS). Exact fp32: no tensor cores (FFMA)."""
+    pipelined with cp.async (LDGSTS). Exact fp32: no tensor cores (FFMA).
+    The gated gate/up GEMM issues two per K step (gate and up accumulators);
+    the combine none."""
     for k in report["kernels"]:
         where = f"{k['variant']} {k['config']}"
+        gemms = _gemms_per_k_step(VARIANTS[k["variant"]])
+        if gemms == 0:  # the combine: loads, fp32 adds, stores
+            assert k["kernel"] == "combine_kernel" and k["HGMMA"] == k["ptx_wgmma"] == k["HMMA"] == 0, where
+            assert k["UTMALDG"] == 0 and k["global_scratch"] == 0, where
+            continue
         exact_fp32 = k["dtype"] == "float32" and not k["variant"].endswith("tf32")
         if exact_fp32:
             assert k["HGMMA"] == k["ptx_wgmma"] == k["HMMA"] == 0 and k["FFMA"] > 0, where
         else:
-            steps = k["config"]["BLOCK_K"] // (8 if k["dtype"] == "float32" else 16)
-            assert k["ptx_wgmma"] == steps and k["HGMMA"] == steps, where  # one per K step of the tile
+            steps = gemms * k["config"]["BLOCK_K"] // (8 if k["dtype"] == "float32" else 16)
+            assert k["ptx_wgmma"] == steps and k["HGMMA"] == steps, where  # one per K step of each tile
         if k["variant"].endswith("_tma"):  # B by TMA (device-side descriptor in global scratch), A by cp.async
-            assert k["UTMALDG"] == k["config"]["num_stages"] and k["global_scratch"] > 0, where
+            assert k["UTMALDG"] == gemms * k["config"]["num_stages"] and k["global_scratch"] > 0, where
         else:
             assert k["UTMALDG"] == 0 and k["global_scratch"] == 0, where
         assert k["LDGSTS"] > 0, where

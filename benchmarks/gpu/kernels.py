@@ -29,7 +29,8 @@ def main() -> None:
     write(report)
     for k in report["kernels"]:
         c = k["config"]
-        print(f"{k['variant']:<22} {c['BLOCK_M']}x{c['BLOCK_N']}x{c['BLOCK_K']} w{c['num_warps']} s{c['num_stages']}: "
+        tile = "x".join(str(v) for n, v in c.items() if n.startswith("BLOCK"))
+        print(f"{k['kernel']:<19} {k['variant']:<37} {tile} w{c['num_warps']} s{c['num_stages']}: "
               f"{k['regs']} regs, spills {k['spill_stores']}/{k['spill_loads']} B, smem {k['smem_dynamic']} B, "
               f"{k['sass_instructions']} SASS, HGMMA {k['HGMMA']}")
     print(f"wrote {REPORT}")

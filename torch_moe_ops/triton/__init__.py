@@ -13,6 +13,7 @@ fake kernels and autograd; this holds kernels that can be timed and swapped in
 on their own (as torchao keeps ``triton_*`` kernels beside ``torch_*`` ones).
 """
 
+from .experts import triton_expert_mlp, triton_expert_mlp_backward
 from .grouped_mm import triton_grouped_mm, triton_grouped_mm_gather
 
-__all__ = ["triton_grouped_mm", "triton_grouped_mm_gather"]
+__all__ = ["triton_expert_mlp", "triton_expert_mlp_backward", "triton_grouped_mm", "triton_grouped_mm_gather"]

@@ -40,6 +40,7 @@ from triton.backends.compiler import GPUTarget
 from triton.compiler import make_backend
 from triton.runtime.jit import create_function_from_signature
 
+from . import experts as ex
 from . import grouped_mm as gm
 
 TARGET = GPUTarget("cuda", 90, 32)  # sm_90a (Triton adds the "a" for 9.0)
@@ -55,6 +56,7 @@ class Variant:
     make: Callable[[torch.dtype], tuple]  # dtype -> (mat_a, mat_b, offs, bias, out_dtype, a_index[, b_index])
     allow_tf32: bool = False
     tma: bool = False  # B through a TMA descriptor (what sm_90 picks for aligned 3-D weights)
+    kernel: str = "grouped_mm"  # or expert_gate_up, expert_down, expert_dgrad, expert_combine (triton/experts.py)
 
 
 def _offs(*ends):
@@ -120,6 +122,78 @@ def grouped_mm_variants() -> list:
     return out
 
 
+def _experts(activation="swiglu", interleaved=False, bias=False, k_major=False):
+    """dtype -> (triton_expert_mlp's args, kwargs): 64 tokens, H = 256, I = 128,
+    4 experts, top_k 2 (R = 128 rows); weights stored (E, N, K) when k_major
+    (transformers' layout, passed transposed)."""
+    def make(dt):
+        T, H, inter, E, k = 64, 256, 128, 4, 2
+        n1 = 2 * inter if activation in ("swiglu", "geglu", "swiglu_clamped") else inter
+        if k_major:
+            gate_up, down = torch.zeros(E, n1, H, dtype=dt).mT, torch.zeros(E, H, inter, dtype=dt).mT
+        else:
+            gate_up, down = torch.zeros(E, H, n1, dtype=dt), torch.zeros(E, inter, H, dtype=dt)
+        src_rows, dst_rows = torch.zeros(T * k, dtype=torch.int64), torch.zeros(T, k, dtype=torch.int64)
+        args = (torch.zeros(T, H, dtype=dt), src_rows, _offs(32, 32, 96, 128), dst_rows,
+                torch.zeros(T, k, dtype=torch.float32), gate_up, down)
+        kwargs = dict(activation=activation, gate_up_interleaved=interleaved)
+        if bias:
+            kwargs.update(gate_up_bias=torch.zeros(E, n1, dtype=dt), down_bias=torch.zeros(E, H, dtype=dt))
+        return args, kwargs
+    return make
+
+
+def expert_mlp_variants() -> list:
+    """The fused experts' kernels: the gate/up GEMM for every activation
+    epilogue kind (split and interleaved gated, not gated), the down GEMM, the
+    backward's dgrad (the activation's derivative in the epilogue), the
+    combine; bfloat16 with TMA (split gate/up, weights stored (E, N, K)) and
+    pointers, float16 and float32 (exact; tf32 for gate/up)."""
+    sw, sw_tma = _experts(), _experts(k_major=True)
+    clamped = _experts("swiglu_clamped", interleaved=True, bias=True, k_major=True)
+    out = [
+        Variant("bf16_swiglu", torch.bfloat16, "2d3d", sw, kernel="expert_gate_up"),
+        Variant("bf16_swiglu_tma", torch.bfloat16, "2d3d", sw_tma, kernel="expert_gate_up", tma=True),
+        Variant("bf16_swiglu_clamped_interleaved_bias", torch.bfloat16, "2d3d", clamped, kernel="expert_gate_up"),
+        Variant("bf16_geglu", torch.bfloat16, "2d3d", _experts("geglu"), kernel="expert_gate_up"),
+        Variant("bf16_gelu", torch.bfloat16, "2d3d", _experts("gelu"), kernel="expert_gate_up"),
+        Variant("bf16_down_bias", torch.bfloat16, "2d3d", clamped, kernel="expert_down"),
+        Variant("bf16_down_tma", torch.bfloat16, "2d3d", sw_tma, kernel="expert_down", tma=True),
+        Variant("fp16_swiglu", torch.float16, "2d3d", sw, kernel="expert_gate_up"),
+        Variant("fp16_down", torch.float16, "2d3d", sw, kernel="expert_down"),
+        Variant("fp32_swiglu", torch.float32, "2d3d", sw, kernel="expert_gate_up"),
+        Variant("fp32_swiglu_tf32", torch.float32, "2d3d", sw, kernel="expert_gate_up", allow_tf32=True),
+        Variant("fp32_down", torch.float32, "2d3d", sw, kernel="expert_down"),
+        Variant("bf16_swiglu_dgrad", torch.bfloat16, "2d3d", sw, kernel="expert_dgrad"),
+        Variant("bf16_swiglu_dgrad_tma", torch.bfloat16, "2d3d", sw_tma, kernel="expert_dgrad", tma=True),
+        Variant("bf16_swiglu_clamped_interleaved_dgrad", torch.bfloat16, "2d3d", clamped, kernel="expert_dgrad"),
+        Variant("bf16_gelu_dgrad", torch.bfloat16, "2d3d", _experts("gelu"), kernel="expert_dgrad"),
+        Variant("fp16_swiglu_dgrad", torch.float16, "2d3d", sw, kernel="expert_dgrad"),
+        Variant("fp32_swiglu_dgrad", torch.float32, "2d3d", sw, kernel="expert_dgrad"),
+        Variant("bf16_combine", torch.bfloat16, "", sw, kernel="expert_combine"),
+        Variant("fp32_combine", torch.float32, "", sw, kernel="expert_combine"),
+    ]
+    return out
+
+
+def all_variants() -> list:
+    return grouped_mm_variants() + expert_mlp_variants()
+
+
+def configs_for_variant(variant: Variant) -> list:
+    """Every configuration the variant's autotuner may pick (the combine has one)."""
+    if variant.kernel == "grouped_mm":
+        return gm.configs_for(variant.dtype)
+    if variant.kernel == "expert_combine":
+        return [ex.COMBINE_CONFIG]
+    return ex.configs_for(variant.dtype, {"expert_gate_up": 0, "expert_down": 1, "expert_dgrad": 2}[variant.kernel])
+
+
+def kernel_name(variant: Variant) -> str:
+    return {"grouped_mm": "grouped_mm_kernel", "expert_combine": "combine_kernel"}.get(variant.kernel,
+                                                                                    "expert_gemm_kernel")
+
+
 def _bind(kernel, args: dict, config: triton.Config):
     """What a CUDA launch would compile: (ASTSource, options)."""
     backend = make_backend(TARGET)
@@ -131,12 +205,34 @@ def _bind(kernel, args: dict, config: triton.Config):
 
 
 def variant_source(variant: Variant, config: triton.Config):
+    if variant.kernel != "grouped_mm":
+        return _expert_source(variant, config)
     mat_a, mat_b, offs, bias, out_dtype, a_index, b_index = (variant.make(variant.dtype) + (None,))[:7]
     gather = a_index is not None or b_index is not None
     _, args = gm._prepare(mat_a, mat_b, offs, bias, out_dtype, a_index, b_index, gather, tma=variant.tma)
     args["INPUT_PRECISION"] = "tf32" if variant.allow_tf32 else "ieee"
     args["num_programs"] = NUM_SMS_H100
     return _bind(gm.grouped_mm_kernel, args, config)
+
+
+def _expert_source(variant: Variant, config: triton.Config):
+    args, kwargs = variant.make(variant.dtype)
+    tokens, src_rows, offs, dst_rows, weights, gate_up, down = args
+    out, h, act, slot_rows = ex._allocate(tokens, src_rows, dst_rows, gate_up, down)
+    if variant.kernel == "expert_combine":
+        return _bind(ex.combine_kernel, ex.combine_args(slot_rows, dst_rows, out), config)
+    kw = {**dict(gate_up_bias=None, down_bias=None, gate_up_interleaved=False, swiglu_alpha=1.702, swiglu_limit=7.0),
+          **kwargs}
+    stage = {"expert_gate_up": 0, "expert_down": 1, "expert_dgrad": 2}[variant.kernel]
+    dw = torch.zeros(src_rows.shape[0], 2, dtype=torch.float32)
+    bound = ex.stage_args(stage, tokens, src_rows, offs, dst_rows, weights, gate_up, down, kw["gate_up_bias"],
+                          kw["down_bias"], kw["activation"], kw["gate_up_interleaved"], kw["swiglu_alpha"],
+                          kw["swiglu_limit"], h, act, slot_rows, tma=variant.tma, grad_out=torch.zeros_like(tokens),
+                          dh=torch.empty_like(h), dw=dw)
+    assert bool(bound["B_DESC"]) == variant.tma, variant
+    bound["INPUT_PRECISION"] = "tf32" if variant.allow_tf32 else "ieee"
+    bound["num_programs"] = NUM_SMS_H100
+    return _bind(ex.expert_gemm_kernel, bound, config)
 
 
 def _cache_dir() -> Path:
@@ -205,12 +301,12 @@ def compile_entry(variant: Variant, config: triton.Config, use_cache: bool = Tru
     receives the PTX and SASS when compiled (tests inspect them)."""
     src, options = variant_source(variant, config)
     key = hashlib.sha256(json.dumps([src.hash(), options, str(TARGET), triton.__version__]).encode()).hexdigest()[:24]
-    path = _cache_dir() / f"grouped_mm-{key}.json"
+    path = _cache_dir() / f"{variant.kernel}-{key}.json"
     if use_cache and keep is None and path.exists():
         return json.loads(path.read_text())
     compiled, log = compile_source(src, options)
     entry = {
-        "kernel": "grouped_mm_kernel",
+        "kernel": kernel_name(variant),
         "variant": variant.name,
         "dtype": str(variant.dtype).replace("torch.", ""),
         "config": {**config.kwargs, "num_warps": config.num_warps, "num_stages": config.num_stages},
@@ -227,7 +323,7 @@ def compile_entry(variant: Variant, config: triton.Config, use_cache: bool = Tru
 
 def all_entries(use_cache: bool = True) -> list:
     """Every variant in every configuration its autotuner may pick."""
-    return [compile_entry(v, c, use_cache) for v in grouped_mm_variants() for c in gm.configs_for(v.dtype)]
+    return [compile_entry(v, c, use_cache) for v in all_variants() for c in configs_for_variant(v)]
 
 
 def report(use_cache: bool = True) -> dict:

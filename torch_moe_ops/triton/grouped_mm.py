@@ -378,6 +378,7 @@ def triton_grouped_mm(
     config: Optional[triton.Config] = None,
     num_programs: Optional[int] = None,
     tma: Optional[bool] = None,
+    _wrap=lambda k: k,
 ) -> torch.Tensor:
     """``moe_ops.grouped_mm`` by the Triton kernel (interpreted for CPU tensors).
 
@@ -389,7 +390,7 @@ def triton_grouped_mm(
     are those of ``moe_ops.grouped_mm``).
     """
     out, args = _prepare(mat_a, mat_b, offs, bias, out_dtype, tma=tma)
-    return _launch(out, args, allow_tf32, config, num_programs)
+    return _launch(out, args, allow_tf32, config, num_programs, wrap=_wrap)
 
 
 def triton_grouped_mm_gather(
@@ -405,13 +406,14 @@ def triton_grouped_mm_gather(
     config: Optional[triton.Config] = None,
     num_programs: Optional[int] = None,
     tma: Optional[bool] = None,
+    _wrap=lambda k: k,
 ) -> torch.Tensor:
     """``moe_ops.grouped_mm_gather``, the operands read through the indices in
     the loads (-1 reads zeros): 2D x 3D, row ``i`` of A is ``mat_a[a_index[i]]``;
     2D x 2D, column ``k`` of A is ``mat_a[:, a_index[k]]`` and row ``k`` of B is
     ``mat_b[b_index[k]]`` (offs splits the gathered K)."""
     out, args = _prepare(mat_a, mat_b, offs, bias, out_dtype, a_index, b_index, gather=True, tma=tma)
-    return _launch(out, args, allow_tf32, config, num_programs)
+    return _launch(out, args, allow_tf32, config, num_programs, wrap=_wrap)
 
 
 # ----------------------------------------------------------- torch.library

@@ -1,0 +1,764 @@
+"""Fused experts in Triton: ``moe_ops::expert_mlp`` and its backward (issue 16
+item 2, SonicMoE's design), no atomics anywhere. The forward in three launches:
+
+1. ``expert_gemm_kernel`` with ``STAGE=0``: row ``r`` of the tokens gathered by
+   ``src_rows[r] // top_k`` in the A load (-1: a zero row), times the expert's
+   ``gate_up_proj``, plus ``gate_up_bias``. Gated activations keep two
+   accumulators per tile, the gate and the up columns of the same output
+   columns (``n`` and ``I + n``, or ``2n`` and ``2n + 1`` interleaved), so the
+   activation runs in the epilogue. It stores ``h (R, N1)``, the
+   pre-activation rounded to the tokens' dtype (expert_mlp's ``h``: what the
+   backward keeps), and ``a = act(h) (R, I)`` computed in fp32 *from the stored
+   h* (as ``moe_ops.expert_mlp`` and its backward do), rounded once.
+2. ``expert_gemm_kernel`` with ``STAGE=1``: ``a`` times the expert's
+   ``down_proj`` plus ``down_bias``, scaled in fp32 by the routing weight of
+   the row's slot, stored in fp32 to row ``src_rows[r]`` (slot order
+   ``token * top_k + j``) of a ``(T * top_k, H)`` buffer; padding rows store
+   nothing.
+3. ``combine_kernel``: ``out[t] = sum_j Y[t * top_k + j]`` over the slots
+   with ``dst_rows[t, j] >= 0``, in slot order in fp32, one rounding: the
+   same order as ``moe_ops.unpermute``, so the bits do not depend on the
+   schedule (each slot row is written by exactly one tile).
+
+The backward (``triton_expert_mlp_backward``, from the inputs, the routing
+and h only): ``STAGE=2`` of the same kernel, ``g = grad_out[token] @ down^T``
+with the activation's derivative in the epilogue (dSwiGLU etc. from h),
+storing dh, ``w * act(h)`` and per-tile partial sums of the routing weights'
+gradient; then ``grouped_mm_kernel`` for ``dh @ gate_up^T`` (combined per
+token in slot order by ``combine_kernel``) and for the weight gradients as
+variable-K (2D x 2D) grouped GEMMs reading tokens and grad_out through the
+index. ``moe_ops_triton::expert_mlp`` is differentiable through it.
+
+Against ``moe_ops.expert_mlp`` (the composition in ExpertMLP.cpp) the only
+numerical difference is that the down projection's rows are not rounded to
+the dtype before the weighted sum (fp32 all the way to the one final
+rounding), closer to the float64 reference.
+
+Schedule and loads as ``grouped_mm_kernel`` (2D x 3D only): persistent
+programs over the tiles of every group counted from ``offs`` on the device,
+the rows past ``offs[-1]`` one more tail group (no K: h = 0, a = act(0) = 0,
+Y = 0 for them), M-fastest within a group; the weights by TMA on sm_90+
+when aligned (split gate/up only: interleaved columns are pointer loads,
+a TMA box cannot stride by 2 in its inner dimension).
+
+Routing values (src_rows and dst_rows inverse maps, offs non-decreasing)
+are not checked here (no host sync, no device asserts): the shapes and dtypes
+are checked as ``moe_ops.expert_mlp`` checks them.
+
+What only a GPU can verify: the compiled kernels' numerics (wgmma order,
+fast ``exp``/``erf``), the autotuner's choice, TMA's zero fill (emulated by the
+interpreter), races, and whether fp32 for Y (8 bytes per element written and
+read) is the right trade against 16-bit Y; timing.
+"""
+
+from __future__ import annotations
+
+import functools
+from typing import Optional
+
+import torch
+import triton
+import triton.language as tl
+
+from .. import _checks
+from . import grouped_mm as gm
+
+# Activation codes (constexpr ACTIVATION); < 3 are gated.
+ACTIVATIONS = {"swiglu": 0, "geglu": 1, "swiglu_clamped": 2, "silu": 3, "gelu": 4, "relu": 5}
+
+
+@triton.jit(do_not_specialize=["G", "M", "top_k", "num_programs"])
+def expert_gemm_kernel(
+    a_ptr, b_ptr, bias_ptr, offs_ptr, src_ptr, w_ptr, h_ptr, out_ptr, aux_ptr, dw_ptr,
+    G, M, N, K, NB, top_k,
+    stride_am, stride_ak,
+    stride_bg, stride_bk, stride_bn,
+    stride_biasg, stride_biasn,
+    stride_wt, stride_wk,
+    stride_hm, stride_hn,
+    stride_om, stride_on,
+    stride_xm, stride_xn,
+    stride_dwm,
+    alpha, limit,
+    num_programs,
+    STAGE: tl.constexpr,
+    ACTIVATION: tl.constexpr,
+    INTERLEAVED: tl.constexpr,
+    HAS_BIAS: tl.constexpr,
+    HAS_WEIGHTS: tl.constexpr,
+    B_DESC: tl.constexpr,
+    INPUT_PRECISION: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    BLOCK_K: tl.constexpr,
+):
+    # STAGE 0: a_ptr tokens (T, H), b_ptr gate_up (G, H, NB = N1), N output columns (I gated, N1 not),
+    #   h_ptr h (R, N1), out_ptr act (R, N). STAGE 1: a_ptr act (R, I), b_ptr down (G, I, NB = H),
+    #   out_ptr the fp32 slot rows (T * top_k, H). STAGE 2 (backward): a_ptr grad_out (T, H) gathered
+    #   as in stage 0, b_ptr down^T (G, H, NB = I), N = I (gated) or N1; h_ptr h (R, N1) read, out_ptr
+    #   dh (R, N1), aux_ptr w * act(h) (R, N), dw_ptr (R, N tiles) fp32 partial sums of g * act(h).
+    #   M = R, the rows offs splits. No @triton.jit helper is called (see grouped_mm_kernel):
+    #   sigmoid is written out.
+    pid = tl.program_id(0)
+    GLU: tl.constexpr = ACTIVATION < 3
+    GATED: tl.constexpr = STAGE == 0 and GLU  # two accumulators
+    if B_DESC == 1:
+        b_desc = tl.make_tensor_descriptor(b_ptr, shape=[G, K, NB], strides=[stride_bg, stride_bk, 1],
+                                           block_shape=[1, BLOCK_K, BLOCK_N])
+    elif B_DESC == 2:
+        b_desc = tl.make_tensor_descriptor(b_ptr, shape=[G, NB, K], strides=[stride_bg, stride_bn, 1],
+                                           block_shape=[1, BLOCK_N, BLOCK_K])
+    FIXED = (N + BLOCK_N - 1) // BLOCK_N
+    total = 0
+    for g in range(0, G + 1):  # group G: the rows past offs[-1]
+        lo = tl.load(offs_ptr + g - 1, mask=g > 0, other=0)
+        hi = tl.load(offs_ptr + g, mask=g < G, other=M)
+        total += (hi - lo + BLOCK_M - 1) // BLOCK_M * FIXED
+    g = -1
+    lo = 0
+    hi = 0
+    seen = 0
+    group_tiles = 0
+    for tile in range(pid, total, num_programs):
+        while tile >= seen + group_tiles:
+            seen += group_tiles
+            g += 1
+            lo = tl.load(offs_ptr + g - 1, mask=g > 0, other=0)
+            hi = tl.load(offs_ptr + g, mask=g < G, other=M)
+            group_tiles = (hi - lo + BLOCK_M - 1) // BLOCK_M * FIXED
+        k_hi = tl.where(g < G, K, 0)
+        num_m = (hi - lo + BLOCK_M - 1) // BLOCK_M
+        local = tile - seen
+        tm = local % num_m
+        tn = local // num_m
+        n0 = tn * BLOCK_N
+        offs_m = lo + tm * BLOCK_M + tl.arange(0, BLOCK_M)
+        offs_n = n0 + tl.arange(0, BLOCK_N)
+        mask_m = offs_m < hi
+        mask_n = offs_n < N
+        g64 = tl.cast(g, tl.int64)
+        src = tl.load(src_ptr + offs_m, mask=mask_m, other=-1)
+        src_ok = src >= 0
+        if STAGE != 1:  # the gather: token src // top_k, a zero row for padding
+            row_ok = src_ok
+            a_rows = (tl.where(src_ok, src, 0) // top_k).to(tl.int64)
+        else:
+            row_ok = mask_m
+            a_rows = offs_m.to(tl.int64)
+        # h's columns of the gate (or only) and up halves of output columns n; in stage 0 also B's.
+        if GLU and INTERLEAVED:
+            hcols_g = 2 * offs_n
+            hcols_u = 2 * offs_n + 1
+        elif GLU:
+            hcols_g = offs_n
+            hcols_u = offs_n + N
+        else:
+            hcols_g = offs_n
+            hcols_u = offs_n
+        if STAGE == 0:
+            cols_g = hcols_g
+            cols_u = hcols_u
+        else:
+            cols_g = offs_n
+            cols_u = offs_n
+        offs_k = tl.arange(0, BLOCK_K)
+        a_ptrs = a_ptr + a_rows[:, None] * stride_am + offs_k[None, :].to(tl.int64) * stride_ak
+        b_base = b_ptr + g64 * stride_bg + offs_k[:, None].to(tl.int64) * stride_bk
+        bg_ptrs = b_base + cols_g[None, :].to(tl.int64) * stride_bn
+        bu_ptrs = b_base + cols_u[None, :].to(tl.int64) * stride_bn
+        acc = tl.full((BLOCK_M, BLOCK_N), 0.0, tl.float32)
+        acc_u = tl.full((BLOCK_M, BLOCK_N), 0.0, tl.float32)
+        for k in range(0, k_hi, BLOCK_K):
+            k_ok = (k + offs_k) < k_hi
+            a = tl.load(a_ptrs, mask=row_ok[:, None] & k_ok[None, :], other=0.0)
+            # The gate tile's columns past I read up columns through the descriptor: never stored.
+            if B_DESC == 1:
+                b = b_desc.load([g, k, n0]).reshape(BLOCK_K, BLOCK_N)
+            elif B_DESC == 2:
+                b = tl.trans(b_desc.load([g, n0, k]).reshape(BLOCK_N, BLOCK_K))
+            else:
+                b = tl.load(bg_ptrs, mask=k_ok[:, None] & mask_n[None, :], other=0.0)
+            acc = tl.dot(a, b, acc, input_precision=INPUT_PRECISION)
+            if GATED:
+                if B_DESC == 1:
+                    bu = b_desc.load([g, k, n0 + N]).reshape(BLOCK_K, BLOCK_N)
+                elif B_DESC == 2:
+                    bu = tl.trans(b_desc.load([g, n0 + N, k]).reshape(BLOCK_N, BLOCK_K))
+                else:
+                    bu = tl.load(bu_ptrs, mask=k_ok[:, None] & mask_n[None, :], other=0.0)
+                acc_u = tl.dot(a, bu, acc_u, input_precision=INPUT_PRECISION)
+            a_ptrs += BLOCK_K * stride_ak
+            bg_ptrs += BLOCK_K * stride_bk
+            bu_ptrs += BLOCK_K * stride_bk
+        bias_ok = mask_n & (g < G)
+        if HAS_BIAS:
+            bias_base = bias_ptr + g64 * stride_biasg
+            bias_g = tl.load(bias_base + cols_g.to(tl.int64) * stride_biasn, mask=bias_ok, other=0.0)
+            acc += bias_g.to(tl.float32)[None, :]
+            if GATED:
+                bias_u = tl.load(bias_base + cols_u.to(tl.int64) * stride_biasn, mask=bias_ok, other=0.0)
+                acc_u += bias_u.to(tl.float32)[None, :]
+        mask = mask_m[:, None] & mask_n[None, :]
+        rows64 = offs_m[:, None].to(tl.int64)
+        if STAGE == 0:
+            # h as stored; the activation reads it back rounded, as the backward will.
+            h_g = acc.to(h_ptr.dtype.element_ty)
+            tl.store(h_ptr + rows64 * stride_hm + cols_g[None, :].to(tl.int64) * stride_hn, h_g, mask=mask)
+            x = h_g.to(tl.float32)
+            if GATED:
+                h_u = acc_u.to(h_ptr.dtype.element_ty)
+                tl.store(h_ptr + rows64 * stride_hm + cols_u[None, :].to(tl.int64) * stride_hn, h_u, mask=mask)
+                up = h_u.to(tl.float32)
+                if ACTIVATION == 0:  # swiglu: silu(gate) * up
+                    act = x / (1.0 + tl.exp(-x)) * up
+                elif ACTIVATION == 1:  # geglu: gelu(gate) * up (erf form)
+                    act = 0.5 * x * (1.0 + tl.math.erf(x * 0.7071067811865476)) * up
+                else:  # gpt-oss: (clamp(up, -limit, limit) + 1) * gate' * sigmoid(alpha * gate'), gate' <= limit
+                    xc = tl.minimum(x, limit)
+                    uc = tl.minimum(tl.maximum(up, -limit), limit)
+                    act = (uc + 1.0) * (xc / (1.0 + tl.exp(-alpha * xc)))
+            elif ACTIVATION == 3:
+                act = x / (1.0 + tl.exp(-x))
+            elif ACTIVATION == 4:
+                act = 0.5 * x * (1.0 + tl.math.erf(x * 0.7071067811865476))
+            else:
+                act = tl.maximum(x, 0.0)
+            tl.store(out_ptr + rows64 * stride_om + offs_n[None, :].to(tl.int64) * stride_on,
+                     act.to(out_ptr.dtype.element_ty), mask=mask)
+        elif STAGE == 1:
+            slot = tl.where(src_ok, src, 0).to(tl.int64)
+            if HAS_WEIGHTS:  # the routing weight of slot (token, j), in fp32
+                w = tl.load(w_ptr + (slot // top_k) * stride_wt + (slot % top_k) * stride_wk, mask=src_ok, other=0.0)
+                acc = acc * w.to(tl.float32)[:, None]
+            tl.store(out_ptr + slot[:, None] * stride_om + offs_n[None, :].to(tl.int64) * stride_on, acc,
+                     mask=src_ok[:, None] & mask_n[None, :])
+        else:
+            # Backward: acc = g = grad_out[token] @ down^T, the gradient of act(h) before the routing weight.
+            slot = tl.where(src_ok, src, 0).to(tl.int64)
+            if HAS_WEIGHTS:
+                w = tl.load(w_ptr + (slot // top_k) * stride_wt + (slot % top_k) * stride_wk, mask=src_ok,
+                            other=0.0).to(tl.float32)[:, None]
+                da = acc * w
+            else:
+                da = acc
+            h_row = h_ptr + rows64 * stride_hm
+            x = tl.load(h_row + hcols_g[None, :].to(tl.int64) * stride_hn, mask=mask, other=0.0).to(tl.float32)
+            if GLU:
+                up = tl.load(h_row + hcols_u[None, :].to(tl.int64) * stride_hn, mask=mask, other=0.0).to(tl.float32)
+                if ACTIVATION == 0:
+                    sg = 1.0 / (1.0 + tl.exp(-x))
+                    f = x * sg
+                    df = sg * (1.0 + x * (1.0 - sg))
+                    up_f = up
+                    d_up = da * f
+                elif ACTIVATION == 1:
+                    cdf = 0.5 * (1.0 + tl.math.erf(x * 0.7071067811865476))
+                    f = x * cdf
+                    df = cdf + x * tl.exp(-0.5 * x * x) * 0.3989422804014327
+                    up_f = up
+                    d_up = da * f
+                else:  # clamps pass the gradient where min <= x <= max, as torch.clamp's backward
+                    xc = tl.minimum(x, limit)
+                    sg = 1.0 / (1.0 + tl.exp(-alpha * xc))
+                    f = xc * sg
+                    df = tl.where(x <= limit, sg + xc * alpha * sg * (1.0 - sg), 0.0)
+                    up_f = tl.minimum(tl.maximum(up, -limit), limit) + 1.0
+                    d_up = tl.where((up >= -limit) & (up <= limit), da * f, 0.0)
+                act = f * up_f
+                d_gate = da * up_f * df
+                dh_row = out_ptr + rows64 * stride_om
+                tl.store(dh_row + hcols_g[None, :].to(tl.int64) * stride_on, d_gate.to(out_ptr.dtype.element_ty),
+                         mask=mask)
+                tl.store(dh_row + hcols_u[None, :].to(tl.int64) * stride_on, d_up.to(out_ptr.dtype.element_ty),
+                         mask=mask)
+            else:
+                if ACTIVATION == 3:
+                    sg = 1.0 / (1.0 + tl.exp(-x))
+                    act = x * sg
+                    dh = da * (sg * (1.0 + x * (1.0 - sg)))
+                elif ACTIVATION == 4:
+                    cdf = 0.5 * (1.0 + tl.math.erf(x * 0.7071067811865476))
+                    act = x * cdf
+                    dh = da * (cdf + x * tl.exp(-0.5 * x * x) * 0.3989422804014327)
+                else:
+                    act = tl.maximum(x, 0.0)
+                    dh = tl.where(x > 0.0, da, 0.0)
+                tl.store(out_ptr + rows64 * stride_om + offs_n[None, :].to(tl.int64) * stride_on,
+                         dh.to(out_ptr.dtype.element_ty), mask=mask)
+            if HAS_WEIGHTS:
+                aw = act * w
+                # This tile's share of the routing weight's gradient, sum_n g * act(h): one partial per
+                # (row, N tile), summed by the caller in tile order (no atomics). The row sums as an exact
+                # fp32 product with a (BLOCK_N, 16) matrix of ones (tl.sum is a @jit helper), column 0 stored.
+                ones = tl.full((BLOCK_N, 16), 1.0, tl.float32)
+                part = tl.dot(tl.where(mask, acc * act, 0.0), ones, input_precision="ieee")
+                col = tl.arange(0, 16)
+                tl.store(dw_ptr + offs_m[:, None].to(tl.int64) * stride_dwm + tn + col[None, :] * 0, part,
+                         mask=mask_m[:, None] & (col == 0)[None, :])
+            else:
+                aw = act
+            tl.store(aux_ptr + rows64 * stride_xm + offs_n[None, :].to(tl.int64) * stride_xn,
+                     aw.to(aux_ptr.dtype.element_ty), mask=mask)
+
+
+@triton.jit(do_not_specialize=["T"])
+def combine_kernel(
+    y_ptr, dst_ptr, out_ptr,
+    T, H, top_k,
+    stride_dt, stride_dk,
+    stride_ym,
+    stride_om, stride_on,
+    BY_DST: tl.constexpr,
+    BLOCK_T: tl.constexpr,
+    BLOCK_H: tl.constexpr,
+):
+    """out[t] = sum over j = 0, 1, ... of the slot rows y[t * top_k + j] (BY_DST:
+    the rows y[dst_rows[t, j]]) with dst_rows[t, j] >= 0, in fp32 in that
+    order, one rounding."""
+    offs_t = tl.program_id(0) * BLOCK_T + tl.arange(0, BLOCK_T)
+    offs_h = tl.program_id(1) * BLOCK_H + tl.arange(0, BLOCK_H)
+    mask_t = offs_t < T
+    mask_h = offs_h < H
+    t64 = offs_t.to(tl.int64)
+    acc = tl.full((BLOCK_T, BLOCK_H), 0.0, tl.float32)
+    for j in range(0, top_k):
+        d = tl.load(dst_ptr + t64 * stride_dt + j * stride_dk, mask=mask_t, other=-1)
+        if BY_DST:
+            slot = tl.where(d >= 0, d, 0).to(tl.int64)
+        else:
+            slot = t64 * top_k + j
+        y = tl.load(y_ptr + slot[:, None] * stride_ym + offs_h[None, :], mask=(d >= 0)[:, None] & mask_h[None, :],
+                    other=0.0)
+        acc += y
+    tl.store(out_ptr + t64[:, None] * stride_om + offs_h[None, :].to(tl.int64) * stride_on,
+             acc.to(out_ptr.dtype.element_ty), mask=mask_t[:, None] & mask_h[None, :])
+
+
+# Autotuner configurations, every one compiled for sm_90a by test_triton_aot.py.
+# Gate/up tiles (gated ones hold two accumulators; every one evaluates the
+# activation in the epilogue): half the N width of grouped_mm's tiles. With
+# 128x128 tiles the erf epilogue of gelu took 254 registers.
+CONFIGS_16BIT_GATE_UP = [
+    triton.Config({"BLOCK_M": 128, "BLOCK_N": 64, "BLOCK_K": 64}, num_warps=8, num_stages=3),
+    triton.Config({"BLOCK_M": 64, "BLOCK_N": 64, "BLOCK_K": 64}, num_warps=4, num_stages=4),
+]
+CONFIGS_16BIT = gm.CONFIGS_16BIT
+# The backward's dgrad: one accumulator but the heaviest epilogue (h's two halves, act, its
+# derivative, three stores and the row sums): 64-wide tiles held 255 registers and spilled
+# 440 bytes for the interleaved clamped swiglu; 32-wide tiles do not.
+CONFIGS_16BIT_DGRAD = [
+    triton.Config({"BLOCK_M": 128, "BLOCK_N": 32, "BLOCK_K": 64}, num_warps=8, num_stages=3),
+    triton.Config({"BLOCK_M": 64, "BLOCK_N": 32, "BLOCK_K": 64}, num_warps=4, num_stages=4),
+]
+CONFIGS_FP32_GATE_UP = [
+    triton.Config({"BLOCK_M": 64, "BLOCK_N": 32, "BLOCK_K": 32}, num_warps=8, num_stages=3),
+]
+CONFIGS_FP32 = gm.CONFIGS_FP32
+COMBINE_CONFIG = triton.Config({"BLOCK_T": 4, "BLOCK_H": 512}, num_warps=4, num_stages=1)
+INTERPRETER_CONFIG = gm.INTERPRETER_CONFIG
+INTERPRETER_COMBINE_CONFIG = triton.Config({"BLOCK_T": 4, "BLOCK_H": 16}, num_warps=4, num_stages=1)
+INTERPRETER_PROGRAMS = gm.INTERPRETER_PROGRAMS
+
+_AUTOTUNE_KEY = ["N", "K", "STAGE", "ACTIVATION", "INTERLEAVED", "HAS_BIAS", "HAS_WEIGHTS", "B_DESC",
+                 "INPUT_PRECISION"]
+
+
+def configs_for(dtype: torch.dtype, stage: int) -> list:
+    """The configurations the autotuner may pick for a GEMM of ``dtype`` in
+    ``stage`` (0: gate/up, 1: down, 2: the backward's dgrad)."""
+    if dtype == torch.float32:
+        return CONFIGS_FP32 if stage == 1 else CONFIGS_FP32_GATE_UP
+    return (CONFIGS_16BIT_GATE_UP, CONFIGS_16BIT, CONFIGS_16BIT_DGRAD)[stage]
+
+
+@functools.lru_cache(maxsize=None)
+def _autotuned(dtype_is_fp32: bool, stage: int):
+    configs = configs_for(torch.float32 if dtype_is_fp32 else torch.bfloat16, stage)
+    return triton.autotune(configs=configs, key=_AUTOTUNE_KEY)(expert_gemm_kernel)
+
+
+@functools.lru_cache(maxsize=None)
+def _interpreted(kernel_name: str):
+    from triton.runtime.interpreter import InterpretedFunction
+
+    kernel = {"gemm": expert_gemm_kernel, "combine": combine_kernel}[kernel_name]
+    return InterpretedFunction(kernel.fn if hasattr(kernel, "fn") else kernel)
+
+
+def _b_desc(w: torch.Tensor, stage: int, gated: bool, interleaved: bool, tma: Optional[bool]) -> int:
+    if tma is False or w.numel() == 0 or (stage == 0 and gated and interleaved):
+        return 0
+    if tma is None and (w.device.type != "cuda" or gm._capability(w.device.index or 0)[0] < 9):
+        return 0
+    order = 1 if gm._tma_ok(w, 2) else 2 if gm._tma_ok(w, 1) else 0
+    if tma and order == 0:
+        raise ValueError("triton_expert_mlp: tma=True needs weights 16-byte aligned with a unit stride in K or N")
+    return order
+
+
+def _check(tokens, src_rows, offs, dst_rows, weights, gate_up_proj, down_proj, gate_up_bias, down_bias,
+           activation, gate_up_interleaved):
+    _checks.check_expert_mlp_inputs(tokens, src_rows, offs, dst_rows, weights, gate_up_proj, down_proj,
+                                    gate_up_bias, down_bias, activation, gate_up_interleaved)
+    if tokens.dtype not in gm.SUPPORTED_DTYPES:
+        raise NotImplementedError(f"triton_expert_mlp: {tokens.dtype} inputs are not supported (float16, bfloat16, "
+                                  "float32 are)")
+
+
+def stage_args(stage: int, tokens, src_rows, offs, dst_rows, weights, gate_up_proj, down_proj, gate_up_bias,
+               down_bias, activation, gate_up_interleaved, swiglu_alpha, swiglu_limit, h, act, slot_rows,
+               tma=None, grad_out=None, dh=None, dw=None) -> dict:
+    """The GEMM kernel's arguments for one stage (0: gate/up, 1: down, 2: the
+    backward's dgrad of act(h); there ``act`` receives w * act(h)), but for
+    num_programs and INPUT_PRECISION."""
+    code = ACTIVATIONS[activation]
+    gated = code < 3
+    aux = dw_ = None
+    if stage == 0:
+        a, b, bias, out = tokens, gate_up_proj, gate_up_bias, act
+        N = down_proj.shape[1]
+    elif stage == 1:
+        a, b, bias, out = act, down_proj, down_bias, slot_rows
+        N = down_proj.shape[2]
+    else:
+        a, b, bias, out, aux, dw_ = grad_out, down_proj.transpose(-2, -1), None, dh, act, dw
+        N = down_proj.shape[1]
+    aux = aux if aux is not None else out
+    dw_ = dw_ if dw_ is not None else a
+    return dict(
+        a_ptr=a, b_ptr=b, bias_ptr=bias if bias is not None else a, offs_ptr=offs, src_ptr=src_rows,
+        w_ptr=weights if weights is not None else a, h_ptr=h, out_ptr=out, aux_ptr=aux, dw_ptr=dw_,
+        G=offs.shape[0], M=src_rows.shape[0], N=N, K=a.shape[1], NB=b.shape[2], top_k=dst_rows.shape[1],
+        stride_am=a.stride(0), stride_ak=a.stride(1),
+        stride_bg=b.stride(0), stride_bk=b.stride(1), stride_bn=b.stride(2),
+        stride_biasg=bias.stride(0) if bias is not None else 0, stride_biasn=bias.stride(1) if bias is not None else 0,
+        stride_wt=weights.stride(0) if weights is not None else 0,
+        stride_wk=weights.stride(1) if weights is not None else 0,
+        stride_hm=h.stride(0), stride_hn=h.stride(1), stride_om=out.stride(0), stride_on=out.stride(1),
+        stride_xm=aux.stride(0), stride_xn=aux.stride(1), stride_dwm=dw_.stride(0) if dw_.dim() else 0,
+        alpha=float(swiglu_alpha), limit=float(swiglu_limit),
+        STAGE=stage, ACTIVATION=code, INTERLEAVED=bool(gate_up_interleaved) and gated,
+        HAS_BIAS=bias is not None, HAS_WEIGHTS=stage != 0 and weights is not None,
+        B_DESC=_b_desc(b, stage, gated, gate_up_interleaved, tma),
+    )
+
+
+def combine_args(slot_rows, dst_rows, out, by_dst=False) -> dict:
+    assert slot_rows.stride(1) == 1
+    return dict(y_ptr=slot_rows, dst_ptr=dst_rows, out_ptr=out, T=out.shape[0], H=out.shape[1],
+                top_k=dst_rows.shape[1], stride_dt=dst_rows.stride(0), stride_dk=dst_rows.stride(1),
+                stride_ym=slot_rows.stride(0), stride_om=out.stride(0), stride_on=out.stride(1), BY_DST=by_dst)
+
+
+def _allocate(tokens, src_rows, dst_rows, gate_up_proj, down_proj):
+    R, n1, inter = src_rows.shape[0], gate_up_proj.shape[2], down_proj.shape[1]
+    h = tokens.new_empty((R, n1))
+    act = tokens.new_empty((R, inter))
+    slot_rows = tokens.new_empty((tokens.shape[0] * dst_rows.shape[1], tokens.shape[1]), dtype=torch.float32)
+    out = tokens.new_empty(tokens.shape)
+    return out, h, act, slot_rows
+
+
+def _meta(config: triton.Config) -> dict:
+    """A fixed config's launch arguments (wrap_triton refuses num_ctas and the like)."""
+    return {**config.kwargs, "num_warps": config.num_warps, "num_stages": config.num_stages}
+
+
+def _run_gemm(args, allow_tf32, config, num_programs, wrap):
+    dtype = args["a_ptr"].dtype
+    args["INPUT_PRECISION"] = "tf32" if (allow_tf32 and dtype == torch.float32) else "ieee"
+    M, N = args["M"], args["N"]
+    if M == 0 or N == 0:
+        return
+    interpret = args["a_ptr"].device.type != "cuda"
+    if args["B_DESC"] and not interpret:
+        gm._set_tma_allocator()
+    if num_programs is None:
+        num_programs = INTERPRETER_PROGRAMS if interpret else gm._num_sms(args["a_ptr"].device.index or 0)
+
+    def nprog(meta):
+        bound = gm._tile_bound(gm.LAYOUT_2D3D, M, N, args["K"], args["G"], meta["BLOCK_M"], meta["BLOCK_N"])
+        return max(1, min(num_programs, bound))
+
+    stage = args["STAGE"]
+    if interpret or config is not None:
+        config = config or INTERPRETER_CONFIG
+        p = nprog(config.kwargs)
+        kernel = _interpreted("gemm") if interpret else wrap(expert_gemm_kernel)
+        kernel[(p,)](**args, num_programs=p, **_meta(config))
+    else:
+        smallest = min(configs_for(dtype, stage), key=lambda c: c.kwargs["BLOCK_M"] * c.kwargs["BLOCK_N"])
+        p = nprog(smallest.kwargs)
+        wrap(_autotuned(dtype == torch.float32, stage))[(p,)](**args, num_programs=p)
+
+
+def _run_combine(args, wrap):
+    T, H = args["T"], args["H"]
+    if T == 0 or H == 0:
+        return
+    interpret = args["out_ptr"].device.type != "cuda"
+    config = INTERPRETER_COMBINE_CONFIG if interpret else COMBINE_CONFIG
+    grid = (triton.cdiv(T, config.kwargs["BLOCK_T"]), triton.cdiv(H, config.kwargs["BLOCK_H"]))
+    kernel = _interpreted("combine") if interpret else wrap(combine_kernel)
+    kernel[grid](**args, **_meta(config))
+
+
+def triton_expert_mlp(
+    tokens: torch.Tensor,
+    src_rows: torch.Tensor,
+    offs: torch.Tensor,
+    dst_rows: torch.Tensor,
+    weights: Optional[torch.Tensor],
+    gate_up_proj: torch.Tensor,
+    down_proj: torch.Tensor,
+    gate_up_bias: Optional[torch.Tensor] = None,
+    down_bias: Optional[torch.Tensor] = None,
+    activation: str = "swiglu",
+    gate_up_interleaved: bool = False,
+    swiglu_alpha: float = 1.702,
+    swiglu_limit: float = 7.0,
+    *,
+    allow_tf32: bool = False,
+    configs: Optional[tuple] = None,
+    num_programs: Optional[int] = None,
+    tma: Optional[bool] = None,
+    _wrap=lambda k: k,
+) -> tuple:
+    """``moe_ops.expert_mlp``'s forward by the Triton kernels (interpreted for
+    CPU tensors): ``(out (T, H), h (R, N1))``, same inputs and outputs.
+
+    ``configs``: a (gate/up, down) pair of fixed tile configurations (default:
+    autotuned on CUDA, ``INTERPRETER_CONFIG`` on CPU); ``num_programs`` the
+    persistent grid of both GEMMs; ``tma`` the weights' loads (default: TMA on
+    sm_90+ when aligned). Not differentiable itself: ``moe_ops_triton::expert_mlp``
+    is, through ``triton_expert_mlp_backward``. Transient memory: ``a (R, I)``
+    in the dtype and the fp32 slot rows ``(T * top_k, H)``."""
+    _check(tokens, src_rows, offs, dst_rows, weights, gate_up_proj, down_proj, gate_up_bias, down_bias, activation,
+           gate_up_interleaved)
+    out, h, act, slot_rows = _allocate(tokens, src_rows, dst_rows, gate_up_proj, down_proj)
+    common = (tokens, src_rows, offs, dst_rows, weights, gate_up_proj, down_proj, gate_up_bias, down_bias, activation,
+              gate_up_interleaved, swiglu_alpha, swiglu_limit, h, act, slot_rows)
+    config0, config1 = configs or (None, None)
+    _run_gemm(stage_args(0, *common, tma=tma), allow_tf32, config0, num_programs, _wrap)
+    if tokens.shape[0]:
+        _run_gemm(stage_args(1, *common, tma=tma), allow_tf32, config1, num_programs, _wrap)
+        _run_combine(combine_args(slot_rows, dst_rows, out), _wrap)
+    return out, h
+
+
+def _k_major(w: torch.Tensor) -> bool:
+    return w.stride(-2) == 1 and w.stride(-1) != 1 and w.shape[-1] > 1
+
+
+def triton_expert_mlp_backward(
+    grad_out: torch.Tensor,
+    tokens: torch.Tensor,
+    src_rows: torch.Tensor,
+    offs: torch.Tensor,
+    dst_rows: torch.Tensor,
+    weights: Optional[torch.Tensor],
+    gate_up_proj: torch.Tensor,
+    down_proj: torch.Tensor,
+    gate_up_bias: Optional[torch.Tensor],
+    down_bias: Optional[torch.Tensor],
+    h: torch.Tensor,
+    activation: str = "swiglu",
+    gate_up_interleaved: bool = False,
+    swiglu_alpha: float = 1.702,
+    swiglu_limit: float = 7.0,
+    output_mask: tuple = (True, True, True, True),
+    *,
+    num_programs: Optional[int] = None,
+    tma: Optional[bool] = None,
+    _wrap=lambda k: k,
+) -> tuple:
+    """``moe_ops.expert_mlp_backward`` by Triton kernels: (grad tokens, grad
+    weights, grad gate_up_proj, grad down_proj, grad gate_up_bias, grad
+    down_bias), an empty tensor for each one ``output_mask`` does not ask for.
+
+    From the inputs, the routing and h only. One fused kernel,
+    ``expert_gemm_kernel`` with ``STAGE=2``: ``g = grad_out[token] @ down^T``
+    (the token rows gathered in the A load), and in its epilogue act(h) and
+    its derivative from h: it stores ``dh`` (the dSwiGLU etc.), ``w * act(h)``
+    (the down weights' gradient operand) and per-tile partial sums of
+    ``g . act(h)`` (the routing weights' gradient; summed over tiles in
+    order by torch, no atomics). Then the existing grouped GEMM kernel:
+    ``dh @ gate_up^T`` and the combine of each token's rows in slot order
+    (grad tokens); the weight gradients as variable-K (2D x 2D) grouped GEMMs
+    reading the tokens and grad_out rows through the index; the biases'
+    gradients as 1-row 2D x 2D grouped GEMMs. Weight gradients in the
+    weight's own layout (a transposed view stays one), as expert_mlp_backward.
+    """
+    from .grouped_mm import triton_grouped_mm, triton_grouped_mm_gather
+
+    _check(tokens, src_rows, offs, dst_rows, weights, gate_up_proj, down_proj, gate_up_bias, down_bias, activation,
+           gate_up_interleaved)
+    c10, sizes = _checks._c10, _checks._sizes  # expert_mlp_backward's own checks (ExpertMLP.cpp), same messages
+    torch._check_value(grad_out.shape == tokens.shape and grad_out.dtype == tokens.dtype, lambda: (
+        f"expert_mlp_backward: grad_out must be {c10(tokens.dtype)} of sizes {sizes(tokens)}, got "
+        f"{c10(grad_out.dtype)} of sizes {sizes(grad_out)}"))
+    torch._check_value(h.dim() == 2 and h.shape[0] == src_rows.shape[0] and h.shape[1] == gate_up_proj.shape[2],
+                       lambda: (f"expert_mlp_backward: h must be (R, N1) = ({src_rows.shape[0]}, "
+                                f"{gate_up_proj.shape[2]}), got {sizes(h)}"))
+    need_tokens, need_weights, need_gate_up, need_down = output_mask
+    need_weights = need_weights and weights is not None
+    none = lambda: tokens.new_empty((0,))  # noqa: E731
+    if not any((need_tokens, need_weights, need_gate_up, need_down)):
+        return tuple(none() for _ in range(6))
+    dtype = tokens.dtype
+    wide = torch.float32 if dtype != torch.float32 else None
+    R, top_k, inter = src_rows.shape[0], dst_rows.shape[1], down_proj.shape[1]
+    rows = src_rows.div(top_k, rounding_mode="floor")
+    dh = tokens.new_empty(h.shape)
+    aw = tokens.new_empty((R, inter))
+    smallest_n = min(c.kwargs["BLOCK_N"] for c in configs_for(dtype, 2) + [INTERPRETER_CONFIG])
+    dw = torch.zeros((R, triton.cdiv(inter, smallest_n) if need_weights else 1), dtype=torch.float32,
+                     device=tokens.device)
+    args = stage_args(2, tokens, src_rows, offs, dst_rows, weights, gate_up_proj, down_proj, gate_up_bias, down_bias,
+                      activation, gate_up_interleaved, swiglu_alpha, swiglu_limit, h, aw, None, tma=tma,
+                      grad_out=grad_out, dh=dh, dw=dw)
+    args["HAS_WEIGHTS"] = weights is not None
+    _run_gemm(args, False, None, num_programs, _wrap)
+    grads = [none() for _ in range(6)]
+    mm = functools.partial(triton_grouped_mm, num_programs=num_programs, _wrap=_wrap)
+    mm_gather = functools.partial(triton_grouped_mm_gather, num_programs=num_programs, _wrap=_wrap)
+    if need_tokens:
+        dx = mm(dh, gate_up_proj.transpose(-2, -1), offs)
+        grad_tokens = tokens.new_empty(tokens.shape)
+        _run_combine(combine_args(dx, dst_rows, grad_tokens, by_dst=True), _wrap)
+        grads[0] = grad_tokens
+    if need_weights:
+        d_row = dw.sum(1)
+        if down_bias is not None:  # + <grad_out[token], down_bias[e]>; zero for padding and rows past offs[-1]
+            d_row = d_row + mm_gather(grad_out, down_bias.unsqueeze(-1), offs, rows,
+                                                     out_dtype=wide).squeeze(1).float()
+        flat = dst_rows.reshape(-1)
+        padded = torch.cat([d_row, d_row.new_zeros(1)])
+        grads[1] = padded[torch.where(flat >= 0, flat, R)].view(dst_rows.shape).to(weights.dtype)
+    if need_gate_up:
+        if _k_major(gate_up_proj):
+            grads[2] = mm_gather(dh.t(), tokens, offs, None, rows).transpose(-2, -1)
+        else:
+            grads[2] = mm_gather(tokens.t(), dh, offs, rows)
+        if gate_up_bias is not None:
+            ones = dh.new_ones((1, R))
+            grads[4] = mm(ones, dh, offs, out_dtype=wide).squeeze(1).to(gate_up_bias.dtype)
+    if need_down:
+        if _k_major(down_proj):
+            grads[3] = mm_gather(grad_out.t(), aw, offs, rows).transpose(-2, -1)
+        else:
+            grads[3] = mm_gather(aw.t(), grad_out, offs, None, rows)
+        if down_bias is not None:
+            if weights is not None:
+                flat_w = torch.cat([weights.reshape(-1).float(), weights.new_zeros(1, dtype=torch.float32)])
+                w_rows = flat_w[torch.where(src_rows >= 0, src_rows, flat_w.shape[0] - 1)]
+            else:
+                w_rows = (src_rows >= 0).float()
+            grads[5] = mm_gather(w_rows.to(dtype).unsqueeze(0), grad_out, offs, None, rows,
+                                                out_dtype=wide).squeeze(1).to(down_bias.dtype)
+    return tuple(grads)
+
+
+# ----------------------------------------------------------- torch.library
+# As moe_ops_triton::grouped_mm: a triton_op (torch.compile traces into the
+# three kernels); CPU tensors go to an opaque custom op running the interpreter.
+
+@torch.library.custom_op("moe_ops_triton::expert_mlp_interpreted", mutates_args=())
+def _expert_mlp_interpreted(tokens: torch.Tensor, src_rows: torch.Tensor, offs: torch.Tensor, dst_rows: torch.Tensor,
+                            weights: Optional[torch.Tensor], gate_up_proj: torch.Tensor, down_proj: torch.Tensor,
+                            gate_up_bias: Optional[torch.Tensor], down_bias: Optional[torch.Tensor], activation: str,
+                            gate_up_interleaved: bool, swiglu_alpha: float,
+                            swiglu_limit: float) -> tuple[torch.Tensor, torch.Tensor]:
+    return triton_expert_mlp(tokens, src_rows, offs, dst_rows, weights, gate_up_proj, down_proj, gate_up_bias,
+                             down_bias, activation, gate_up_interleaved, swiglu_alpha, swiglu_limit)
+
+
+@_expert_mlp_interpreted.register_fake
+def _(tokens, src_rows, offs, dst_rows, weights, gate_up_proj, down_proj, gate_up_bias, down_bias, activation,
+      gate_up_interleaved, swiglu_alpha, swiglu_limit):
+    _check(tokens, src_rows, offs, dst_rows, weights, gate_up_proj, down_proj, gate_up_bias, down_bias, activation,
+           gate_up_interleaved)
+    out, h, _, _ = _allocate(tokens, src_rows, dst_rows, gate_up_proj, down_proj)
+    return out, h
+
+
+@torch.library.triton_op("moe_ops_triton::expert_mlp", mutates_args=())
+def _expert_mlp_op(tokens: torch.Tensor, src_rows: torch.Tensor, offs: torch.Tensor, dst_rows: torch.Tensor,
+                   weights: Optional[torch.Tensor], gate_up_proj: torch.Tensor, down_proj: torch.Tensor,
+                   gate_up_bias: Optional[torch.Tensor] = None, down_bias: Optional[torch.Tensor] = None,
+                   activation: str = "swiglu", gate_up_interleaved: bool = False, swiglu_alpha: float = 1.702,
+                   swiglu_limit: float = 7.0) -> tuple[torch.Tensor, torch.Tensor]:
+    args = (tokens, src_rows, offs, dst_rows, weights, gate_up_proj, down_proj, gate_up_bias, down_bias, activation,
+            gate_up_interleaved, swiglu_alpha, swiglu_limit)
+    if tokens.device.type != "cuda":
+        return torch.ops.moe_ops_triton.expert_mlp_interpreted(*args)
+    return triton_expert_mlp(*args, _wrap=torch.library.wrap_triton)
+
+
+@torch.library.custom_op("moe_ops_triton::expert_mlp_backward_interpreted", mutates_args=())
+def _expert_mlp_backward_interpreted(
+        grad_out: torch.Tensor, tokens: torch.Tensor, src_rows: torch.Tensor, offs: torch.Tensor,
+        dst_rows: torch.Tensor, weights: Optional[torch.Tensor], gate_up_proj: torch.Tensor, down_proj: torch.Tensor,
+        gate_up_bias: Optional[torch.Tensor], down_bias: Optional[torch.Tensor], h: torch.Tensor, activation: str,
+        gate_up_interleaved: bool, swiglu_alpha: float, swiglu_limit: float,
+        output_mask: list[bool]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor,
+                                          torch.Tensor]:
+    return triton_expert_mlp_backward(grad_out, tokens, src_rows, offs, dst_rows, weights, gate_up_proj, down_proj,
+                                      gate_up_bias, down_bias, h, activation, gate_up_interleaved, swiglu_alpha,
+                                      swiglu_limit, tuple(output_mask))
+
+
+def _backward_fake(*args):
+    from ..ops.experts import _expert_mlp_backward_fake
+
+    return _expert_mlp_backward_fake(*args)
+
+
+_expert_mlp_backward_interpreted.register_fake(_backward_fake)
+
+
+@torch.library.triton_op("moe_ops_triton::expert_mlp_backward", mutates_args=())
+def _expert_mlp_backward_op(
+        grad_out: torch.Tensor, tokens: torch.Tensor, src_rows: torch.Tensor, offs: torch.Tensor,
+        dst_rows: torch.Tensor, weights: Optional[torch.Tensor], gate_up_proj: torch.Tensor, down_proj: torch.Tensor,
+        gate_up_bias: Optional[torch.Tensor], down_bias: Optional[torch.Tensor], h: torch.Tensor, activation: str,
+        gate_up_interleaved: bool, swiglu_alpha: float, swiglu_limit: float,
+        output_mask: list[bool]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor,
+                                          torch.Tensor]:
+    args = (grad_out, tokens, src_rows, offs, dst_rows, weights, gate_up_proj, down_proj, gate_up_bias, down_bias, h,
+            activation, gate_up_interleaved, swiglu_alpha, swiglu_limit)
+    if tokens.device.type != "cuda":
+        return torch.ops.moe_ops_triton.expert_mlp_backward_interpreted(*args, output_mask)
+    return triton_expert_mlp_backward(*args, tuple(output_mask), _wrap=torch.library.wrap_triton)
+
+
+def _autograd_backward(ctx, grad_out, grad_h):
+    """moe_ops.expert_mlp's autograd (ops/experts.py: same saved set, inputs,
+    routing and h), its backward by moe_ops_triton::expert_mlp_backward."""
+    from ..ops import experts as ops_experts
+
+    tokens, src_rows, offs, dst_rows, weights, gate_up_proj, down_proj, gate_up_bias, down_bias, h = ctx.saved_tensors
+    if grad_out is None or not any(ctx.mask):
+        return (None,) * 13
+    g = torch.ops.moe_ops_triton.expert_mlp_backward(
+        grad_out.to(tokens.dtype), tokens, src_rows, offs, dst_rows, weights, gate_up_proj, down_proj, gate_up_bias,
+        down_bias, h, *ctx.args, ctx.mask)
+    need = ctx.needs_input_grad
+    pick = lambda v, i: v if need[i] else None  # noqa: E731
+    oe = ops_experts
+    return (pick(g[0], oe._TOKENS), None, None, None,
+            pick(g[1], oe._WEIGHTS) if weights is not None else None,
+            pick(g[2], oe._GATE_UP), pick(g[3], oe._DOWN),
+            pick(g[4], oe._GATE_UP_BIAS) if gate_up_bias is not None else None,
+            pick(g[5], oe._DOWN_BIAS) if down_bias is not None else None,
+            None, None, None, None)
+
+
+def _autograd_setup_context(ctx, inputs, output):
+    from ..ops.experts import _setup_context
+
+    _setup_context(ctx, inputs, output)
+
+
+torch.library.register_autograd("moe_ops_triton::expert_mlp", _autograd_backward,
+                                setup_context=_autograd_setup_context)
