@@ -191,9 +191,7 @@ Tensor unpermute_on_host(const Tensor& permuted_in, const Tensor& dst_rows_in, c
 std::tuple<Tensor, Tensor> unpermute_backward_on_host(
     const Tensor& grad_output_in, const Tensor& dst_rows_in, int64_t num_rows, const std::optional<Tensor>& weights,
     const std::optional<Tensor>& permuted_in) {
-  TORCH_CHECK_VALUE(grad_output_in.dim() == 2 && grad_output_in.size(0) == dst_rows_in.size(0),
-      "unpermute_backward: grad_output must be 2-D with one row per token (", dst_rows_in.size(0), "), got sizes ",
-      grad_output_in.sizes());
+  unpermute_backward_check_inputs(grad_output_in, dst_rows_in, num_rows, weights, permuted_in);
   const Tensor grad_output = grad_output_in.contiguous();
   const Tensor dst_rows = dst_rows_in.contiguous();
   const std::optional<Tensor> weights_c =
@@ -201,7 +199,6 @@ std::tuple<Tensor, Tensor> unpermute_backward_on_host(
   Tensor grad_permuted = at::zeros({num_rows, grad_output.size(1)}, grad_output.options());
   Tensor permuted, grad_weights;
   if (permuted_in.has_value()) {
-    unpermute_check_inputs(*permuted_in, dst_rows, weights);
     permuted = permuted_in->contiguous();
     grad_weights = at::empty(dst_rows.sizes(),
                              grad_output.options().dtype(weights.has_value() ? weights->scalar_type() : kFloat));
