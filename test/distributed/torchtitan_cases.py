@@ -8,7 +8,8 @@ The layers are parallelized the way torchtitan's trainer does it:
 Shard(0) over ``ep``, the tokens data parallel) and ``Module.parallelize``,
 which wires the EP mesh into the dispatcher. Both SPMD backends run:
 ``full_dtensor`` (inputs and parameters DTensors) and ``spmd_types``
-(torchtitan 0.3.0's default; plain local tensors, type checking off).
+(torchtitan 0.3.0's default; plain local tensors; once more with its global
+type checking on).
 torchtitan picks its device with ``torch.cuda.is_available() or "cuda"``,
 so the test points its ParallelDims at "cpu".
 
@@ -78,9 +79,10 @@ def _parallel_layer(cfg, state, pd):
     return layer
 
 
-def _run(layer, x_local, g_local, pd, backend):
+def _run(layer, x_local, g_local, pd, backend, typecheck=False):
     """Forward and backward of a parallelized layer on this rank's tokens:
-    (output, grad of x, {param: full gradient})."""
+    (output, grad of x, {param: full gradient}). typecheck: under
+    spmd_types' global type checking (torchtitan's debug.spmd_typechecking)."""
     from torchtitan.distributed.utils import get_spmd_context
 
     x = x_local.clone().requires_grad_()
@@ -89,10 +91,10 @@ def _run(layer, x_local, g_local, pd, backend):
         from torchtitan.distributed.full_dtensor import _DENSE_STORAGE_AXES
 
         xin = DTensor.from_local(x, pd.get_activated_mesh(_DENSE_STORAGE_AXES), [Shard(0)])
-    with get_spmd_context(parallel_dims=pd)():
+    with get_spmd_context(parallel_dims=pd, spmd_typechecking=typecheck)():
         out = layer(xin)
         out = out.to_local() if isinstance(out, DTensor) else out
-        (out * g_local).sum().backward()
+        out.backward(g_local)
     grads = {}
     for name, p in layer.named_parameters():
         if isinstance(p, DTensor):
@@ -229,6 +231,14 @@ def _check_routings(backend, pd):
             for pname in ref[2]:
                 if "inner_experts" in pname:
                     assert torch.equal(got[2][pname], titan[2][pname]), f"{routing}: grad of {pname}"
+        elif routing == "uniform":
+            # Our ops pass spmd_types' type checking (forward and backward),
+            # same numbers (the parameter gradients accumulate: a + a = 2a).
+            got_typed = _run(layer, x_full[rows], g_full[rows], pd, backend, typecheck=True)
+            assert torch.equal(got_typed[0], got[0]) and torch.equal(got_typed[1], got[1]), routing
+            for pname, grad in got[2].items():
+                if "inner_experts" in pname:
+                    assert torch.equal(got_typed[2][pname], 2 * grad), pname
         elif routing == "all to one rank":
             # Roomy capacity (C = T: no drop) is the splits mode's layer, bitwise.
             roomy = _parallel_layer(_config(_ours(mode="capacity", capacity_factor=E / K)), state, pd)
