@@ -41,6 +41,7 @@ from torchtitan.models.common.token_dispatcher import (
     AllToAllTokenDispatcher,
     BaseEPTokenDispatcher,
     LocalTokenDispatcher,
+    TorchAOTokenDispatcher,
 )
 
 from torch_moe_ops.ops import permute, unpermute
@@ -104,6 +105,12 @@ class MoeOpsTokenDispatcher(BaseEPTokenDispatcher):
       the layer's dtype (straight through). Only the all-to-all is affected:
       without an EP mesh nothing is sent and nothing is quantised.
       ``dispatch_bytes`` holds the bytes sent by the last call.
+    * ``pad_multiple`` (a power of two <= 128, e.g. 16 for float8 and 32 for
+      MXFP8 grouped GEMMs, what TorchAOTokenDispatcher pads to): every
+      expert's group of rows given to the experts starts and ends on a
+      multiple of it, zero rows filling the gaps (``permute``'s alignment; in
+      capacity mode C is rounded up to a multiple of it). The padding rows are
+      never read back.
 
     The chunked overlap of ``ExpertParallel(chunks=...)`` does not fit this
     interface: torchtitan calls the experts once, between ``dispatch`` and
@@ -115,6 +122,7 @@ class MoeOpsTokenDispatcher(BaseEPTokenDispatcher):
         mode: Literal["splits", "capacity"] = "splits"
         capacity_factor: float = 1.25
         fp8_dispatch: Optional[Literal["rowwise", "mx"]] = None
+        pad_multiple: Optional[int] = None
 
     def __init__(self, config: Config):
         super().__init__(config)
@@ -130,6 +138,10 @@ class MoeOpsTokenDispatcher(BaseEPTokenDispatcher):
             raise ValueError(f"{name}: capacity_factor must be > 0, got {config.capacity_factor!r}")
         if config.fp8_dispatch not in (None, "rowwise", "mx"):
             raise ValueError(f"{name}: fp8_dispatch must be None, 'rowwise' or 'mx', got {config.fp8_dispatch!r}")
+        pad = config.pad_multiple
+        if pad is not None and not (isinstance(pad, int) and 1 <= pad <= 128 and pad & (pad - 1) == 0):
+            raise ValueError(f"{name}: pad_multiple must be None or a power of two in [1, 128], got {pad!r}")
+        self.pad_multiple = 1 if pad is None else pad
         self.mode = config.mode
         self.capacity_factor = float(config.capacity_factor)
         self.fp8_dispatch = config.fp8_dispatch
@@ -152,7 +164,8 @@ class MoeOpsTokenDispatcher(BaseEPTokenDispatcher):
         (a hang or garbage); one all_gather_object at wiring time makes every
         rank fail alike, naming what differs."""
         mine = {"num_experts": self.num_experts, "top_k": self.top_k, "mode": self.mode,
-                "capacity_factor": self.capacity_factor, "fp8_dispatch": self.fp8_dispatch}
+                "capacity_factor": self.capacity_factor, "fp8_dispatch": self.fp8_dispatch,
+                "pad_multiple": self.pad_multiple}
         every = [None] * mesh.size()
         dist.all_gather_object(every, mine, group=mesh.get_group())
         differ = [k for k in mine if any(d[k] != every[0][k] for d in every)]
@@ -173,10 +186,12 @@ class MoeOpsTokenDispatcher(BaseEPTokenDispatcher):
         self._check_routing(x_TD, topk_scores_TK, topk_expert_ids_TK)
         if self.mode == "capacity":
             return self._capacity_dispatch(x_TD, topk_scores_TK, topk_expert_ids_TK)
+        if self.ep_mesh is None:
+            permuted, dst_rows, _, offs = permute(x_TD, topk_expert_ids_TK, self.num_experts, self.pad_multiple)
+            return permuted, self._group_sizes(offs), MoeOpsDispatchMetadata(dst_rows=dst_rows,
+                                                                             weights=topk_scores_TK)
         permuted, dst_rows, _, offs = permute(x_TD, topk_expert_ids_TK, self.num_experts)
         counts = torch.diff(offs, prepend=offs.new_zeros(1)).long()
-        if self.ep_mesh is None:
-            return permuted, counts, MoeOpsDispatchMetadata(dst_rows=dst_rows, weights=topk_scores_TK)
         mesh = self.ep_mesh
         group, ep = mesh.get_group(), mesh.size()
         num_local = self.num_experts // ep
@@ -201,8 +216,9 @@ class MoeOpsTokenDispatcher(BaseEPTokenDispatcher):
         # its (token, slot) order, peers in rank order).
         local_ids = torch.repeat_interleave(torch.arange(num_local, device=x_TD.device).repeat(ep), recv_counts,
                                             output_size=received).view(-1, 1)
-        expert_rows, local_dst_rows, _, local_offs = permute(funcol.wait_tensor(rows), local_ids, num_local)
-        local_counts = torch.diff(local_offs, prepend=local_offs.new_zeros(1)).long()
+        expert_rows, local_dst_rows, _, local_offs = permute(funcol.wait_tensor(rows), local_ids, num_local,
+                                                             self.pad_multiple)
+        local_counts = self._group_sizes(local_offs)
         meta = MoeOpsDispatchMetadata(dst_rows=dst_rows, weights=topk_scores_TK, local_dst_rows=local_dst_rows,
                                       send_sizes=send_sizes, recv_sizes=recv_sizes)
         return expert_rows, local_counts, meta
@@ -213,6 +229,7 @@ class MoeOpsTokenDispatcher(BaseEPTokenDispatcher):
         ep = 1 if self.ep_mesh is None else self.ep_mesh.size()
         num_local = num_experts // ep
         cap = max(1, math.ceil(self.capacity_factor * tokens * top_k / num_experts))
+        cap = -(-cap // self.pad_multiple) * self.pad_multiple
         # Routing only (a zero-width view moves no bytes): each (token, slot)'s
         # row in the expert-sorted order, hence its rank among its expert's rows.
         _, dst_rows, _, offs = permute(x.detach()[:, :0], expert_ids, num_experts)
@@ -242,6 +259,14 @@ class MoeOpsTokenDispatcher(BaseEPTokenDispatcher):
         local_counts = torch.full((num_local,), ep * cap, dtype=torch.int64, device=x.device)
         meta = MoeOpsDispatchMetadata(dst_rows=torch.where(keep, slot, -1), weights=weights, capacity=cap)
         return rows, local_counts, meta
+
+    def _group_sizes(self, offs):
+        """The rows per expert handed to the experts: from one aligned group
+        start to the next (the real rows and the zero padding after them),
+        so that their cumulative sum gives every group's true start."""
+        pad = self.pad_multiple
+        ends = offs.long() if pad == 1 else (offs.long() + pad - 1) // pad * pad
+        return torch.diff(ends, prepend=ends.new_zeros(1))
 
     def _check_routing(self, x, scores, ids):
         name = "MoeOpsTokenDispatcher.dispatch"
@@ -280,18 +305,24 @@ class MoeOpsTokenDispatcher(BaseEPTokenDispatcher):
           description="torch_moe_ops token dispatcher (moe_ops permute/unpermute, all_to_all_single expert "
                       "parallelism, splits or capacity mode)")
 def moe_ops_token_dispatcher(cfg: LocalTokenDispatcher.Config, *, mode: str = "splits", capacity_factor: float = 1.25,
-                             fp8_dispatch: Optional[str] = None) -> MoeOpsTokenDispatcher.Config:
+                             fp8_dispatch: Optional[str] = None,
+                             pad_multiple: Optional[int] = None) -> MoeOpsTokenDispatcher.Config:
     """torchtitan override: every standard token dispatcher config
-    (LocalTokenDispatcher, AllToAllTokenDispatcher) becomes a
-    MoeOpsTokenDispatcher with the given options. The backend-specific
-    dispatchers (DeepEP, HybridEP, MinimalAsyncEP, TorchAO's padded one) are
-    refused rather than silently replaced: their configs carry buffer sizes or
-    padding that this dispatcher would ignore."""
-    if type(cfg) not in (LocalTokenDispatcher.Config, AllToAllTokenDispatcher.Config, MoeOpsTokenDispatcher.Config):
-        raise ValueError(f"moe_ops_token_dispatcher: replaces LocalTokenDispatcher and AllToAllTokenDispatcher "
-                         f"configs (comm_backend='standard'), got {type(cfg).__qualname__}; configure the model with "
-                         f"comm_backend='standard' or narrow the override's target")
+    (LocalTokenDispatcher, AllToAllTokenDispatcher, and TorchAOTokenDispatcher,
+    which torchtitan's float8 / MX converters put in their place, its
+    pad_multiple kept unless given) becomes a MoeOpsTokenDispatcher with the
+    given options. The backend-specific dispatchers (DeepEP, HybridEP,
+    MinimalAsyncEP) are refused rather than silently replaced: their configs
+    carry buffer sizes and backend options that this dispatcher would ignore."""
+    if type(cfg) not in (LocalTokenDispatcher.Config, AllToAllTokenDispatcher.Config, TorchAOTokenDispatcher.Config,
+                         MoeOpsTokenDispatcher.Config):
+        raise ValueError(f"moe_ops_token_dispatcher: replaces LocalTokenDispatcher, AllToAllTokenDispatcher and "
+                         f"TorchAOTokenDispatcher configs (comm_backend='standard'), got {type(cfg).__qualname__}; "
+                         f"configure the model with comm_backend='standard' or narrow the override's target")
+    if pad_multiple is None:
+        pad_multiple = getattr(cfg, "pad_multiple", None)
     new = MoeOpsTokenDispatcher.Config(num_experts=cfg.num_experts, top_k=cfg.top_k, mode=mode,
-                                       capacity_factor=capacity_factor, fp8_dispatch=fp8_dispatch)
+                                       capacity_factor=capacity_factor, fp8_dispatch=fp8_dispatch,
+                                       pad_multiple=pad_multiple)
     MoeOpsTokenDispatcher(new)  # the options' errors now, at config time, not at model build
     return new

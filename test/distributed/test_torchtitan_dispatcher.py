@@ -128,6 +128,27 @@ def test_same_as_torchtitan_local_dispatcher(routing, top_k, mode):
         assert counts[3:].sum() == 0 and counts[:3].sum() == 14 * top_k, counts
 
 
+@pytest.mark.parametrize("mode", ["splits", "capacity"])
+def test_pad_multiple(mode):
+    """pad_multiple = 16 (what float8 grouped GEMMs want): every group handed
+    to the experts is a multiple of 16 rows, the extra rows zero; the layer's
+    outputs and gradients are those of torchtitan's unpadded layer, bitwise
+    as above (a zero row adds exact zeros to the weight gradients)."""
+    dispatcher = MoeOpsTokenDispatcher.Config(num_experts=E, top_k=2, mode=mode, capacity_factor=E / 2,
+                                              pad_multiple=16)
+    ref, ours = _layers(2, dispatcher, _routing_bias("skewed"))
+    seen = []
+    inner = ours.routed_experts.inner_experts
+    inner.register_forward_pre_hook(lambda module, args: seen.append((args[0].detach(), args[1])))
+    x, g = torch.randn(2, 7, D), torch.randn(2, 7, D)
+    _compare(ref, ours, x, g, exact_out=True)
+    rows, counts = seen[0]
+    assert (counts % 16 == 0).all() and int(counts.sum()) <= rows.shape[0], counts
+    assert int((rows.abs().sum(1) != 0).sum()) == 14 * 2  # the real rows; the padding is zero
+    if mode == "capacity":
+        assert int(ours.routed_experts.token_dispatcher.dropped) == 0
+
+
 def test_non_contiguous_tokens_and_zero_tokens():
     """x sliced out of a wider tensor (torchtitan views it as (T, D)); a batch
     of zero tokens gives an empty output and zero expert gradients."""
@@ -238,6 +259,17 @@ def test_override_on_a_layer_config():
     _compare(ref, ours, torch.randn(2, 7, D), torch.randn(2, 7, D), exact_out=True)
 
 
+def test_override_keeps_torchao_padding():
+    """torchtitan's float8 / MX converters replace the standard dispatcher by
+    TorchAOTokenDispatcher (padded groups); the override keeps its padding."""
+    from torchtitan.models.common.token_dispatcher import TorchAOTokenDispatcher
+
+    cfg = _config(2, TorchAOTokenDispatcher.Config(num_experts=E, top_k=2, pad_multiple=32))
+    apply_overrides(OverrideConfig(imports=[(OVERRIDE, {"mode": "capacity"})]), cfg)
+    new = cfg.routed_experts.token_dispatcher
+    assert type(new) is MoeOpsTokenDispatcher.Config and (new.pad_multiple, new.mode) == (32, "capacity")
+
+
 def test_errors():
     ok = dict(num_experts=E, top_k=2)
     for kw, match in [
@@ -246,6 +278,8 @@ def test_errors():
         (dict(fp8_dispatch="e5m2"), r"MoeOpsTokenDispatcher: fp8_dispatch must be None, 'rowwise' or 'mx', "
                                     r"got 'e5m2'"),
         (dict(top_k=9), r"MoeOpsTokenDispatcher: top_k must be an int in \[1, num_experts=8\], got 9"),
+        (dict(pad_multiple=24), r"MoeOpsTokenDispatcher: pad_multiple must be None or a power of two in "
+                                r"\[1, 128\], got 24"),
     ]:
         with pytest.raises(ValueError, match=match):
             MoeOpsTokenDispatcher.Config(**{**ok, **kw}).build()
@@ -261,8 +295,9 @@ def test_errors():
     deepep = make_token_dispatcher_config(num_experts=E, top_k=2, comm_backend="deepep", hidden_dim=D,
                                           num_max_tokens_per_rank=16)
     cfg = _config(2, deepep)
-    with pytest.raises(ValueError, match=r"moe_ops_token_dispatcher: replaces LocalTokenDispatcher and "
-                                         r"AllToAllTokenDispatcher configs .*got DeepEPTokenDispatcher.Config"):
+    with pytest.raises(ValueError, match=r"moe_ops_token_dispatcher: replaces LocalTokenDispatcher, "
+                                         r"AllToAllTokenDispatcher and TorchAOTokenDispatcher configs .*got "
+                                         r"DeepEPTokenDispatcher.Config"):
         apply_overrides(OverrideConfig(imports=[OVERRIDE]), cfg)
     with pytest.raises(ValueError, match=r"MoeOpsTokenDispatcher: capacity_factor must be > 0, got -1"):
         apply_overrides(OverrideConfig(imports=[(OVERRIDE, {"capacity_factor": -1})]), _config(2))
