@@ -225,6 +225,29 @@ def test_bfloat16_layer():
     assert not torch.equal(out, out_ref), "one rounding instead of k + 1 should show somewhere"
 
 
+def test_capacity_compiles_fullgraph():
+    """The capacity mode's dispatch, a grouped GEMM on its rows and its
+    combine trace as one graph (torch.compile(fullgraph=True): no graph
+    break, no data-dependent shape) and give the eager numbers, drops
+    included. Without an EP mesh; with one, the collectives are funcol's
+    traceable all_to_all_single with sizes fixed by T."""
+    dispatcher = MoeOpsTokenDispatcher.Config(num_experts=E, top_k=2, mode="capacity", capacity_factor=1.0).build()
+    weight = torch.randn(E, D, D)
+
+    def layer(x, scores, ids):
+        rows, counts, meta = dispatcher.dispatch(x, scores, ids, None)
+        offs = torch.cumsum(counts, 0, dtype=torch.int32)
+        y = torch._grouped_mm(rows.bfloat16(), weight.bfloat16(), offs=offs).float()
+        return dispatcher.combine(y, meta, x)
+
+    gen = torch.Generator().manual_seed(0)
+    x, scores = torch.randn(14, D, generator=gen), torch.rand(14, 2, generator=gen)
+    ids = torch.randint(0, 3, (14, 2), generator=gen)  # 3 experts: some overflow C = 4
+    eager = layer(x, scores, ids)
+    assert int(dispatcher.dropped) > 0
+    assert torch.equal(torch.compile(layer, fullgraph=True)(x, scores, ids), eager)
+
+
 def test_override_switches_a_model_config():
     """The configuration switch: torchtitan's override, parsed from the
     command-line form, turns every standard dispatcher of a real model config
