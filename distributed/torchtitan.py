@@ -20,7 +20,9 @@ mechanism (``--override.imports`` on the command line)::
     --override.imports 'torch_moe_ops.distributed.torchtitan.moe_ops_token_dispatcher={"mode": "capacity"}'
 
 which replaces every ``LocalTokenDispatcher`` / ``AllToAllTokenDispatcher``
-config of the model (those of ``comm_backend="standard"``).
+config of the model (those of ``comm_backend="standard"``), and the
+``TorchAOTokenDispatcher`` that torchtitan's float8 / MX converters put in
+their place (its ``pad_multiple`` kept).
 
 Importing this module imports torchtitan (it is not imported by
 ``torch_moe_ops.distributed``).

@@ -302,14 +302,16 @@ def _check_fp8_dispatch(backend, pd):
     Reference: the single-process layer whose experts read
     rows + (qdq(rows) - rows).detach(); the same rows give the same scales,
     so the same bitwise equalities hold. The bytes sent, measured, are
-    <= 0.53x those of bfloat16 rows."""
+    <= 0.53x those of the same rows in bfloat16."""
     import torch_moe_ops
 
     dim = 128
     state = _state(None, dim=dim)
     x_full, g_full, rows = _inputs(3, dim=dim)
-    for recipe in ("rowwise", "mx"):
-        layer = _parallel_layer(_config(_ours(fp8_dispatch=recipe), dim=dim), state, pd)
+    for recipe, mode in (("rowwise", "splits"), ("mx", "splits"), ("rowwise", "capacity")):
+        # capacity: room for every slot (C = T); the zero padding rows quantise to zero.
+        extra = dict(mode="capacity", capacity_factor=E / K) if mode == "capacity" else {}
+        layer = _parallel_layer(_config(_ours(fp8_dispatch=recipe, **extra), dim=dim), state, pd)
         got = _run(layer, x_full[rows], g_full[rows], pd, backend)
 
         class Fp8:
@@ -325,10 +327,10 @@ def _check_fp8_dispatch(backend, pd):
                 return self.inner.combine(*args)
 
         ref = _reference(_config(dim=dim), state, x_full, g_full, wrap=Fp8)
-        _compare(f"{backend}, fp8 dispatch {recipe}", got, ref, rows, dim=dim)
+        _compare(f"{backend}, fp8 dispatch {recipe}, {mode}", got, ref, rows, dim=dim)
         sent = layer.routed_experts.token_dispatcher.dispatch_bytes
-        bf16_bytes = B * L * K * dim * 2
-        assert sent <= 0.53 * bf16_bytes, (recipe, sent, bf16_bytes)
+        rows_sent = B * L * K if mode == "splits" else E * B * L  # capacity: E buffers of C = T rows
+        assert sent <= 0.53 * rows_sent * dim * 2, (recipe, mode, sent, rows_sent)
 
 
 def _check_disagreeing_ranks(pd):
