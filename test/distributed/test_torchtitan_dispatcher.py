@@ -324,3 +324,15 @@ def test_errors():
         apply_overrides(OverrideConfig(imports=[OVERRIDE]), cfg)
     with pytest.raises(ValueError, match=r"MoeOpsTokenDispatcher: capacity_factor must be > 0, got -1"):
         apply_overrides(OverrideConfig(imports=[(OVERRIDE, {"capacity_factor": -1})]), _config(2))
+
+
+def test_deepep_cannot_run_on_this_machine():
+    """What only a GPU machine can compare against: torchtitan's DeepEP
+    dispatcher needs DeepEP v2 (CUDA/NVSHMEM kernels), not installable here;
+    HybridEP's ops are CUDA-only custom ops on the same library; MinimalAsyncEP
+    refuses any symmetric-memory backend but CUDA. If DeepEP appears in the
+    environment, this fails: then compare against it too."""
+    cfg = make_token_dispatcher_config(num_experts=E, top_k=2, comm_backend="deepep", hidden_dim=D,
+                                       num_max_tokens_per_rank=16)
+    with pytest.raises(ImportError, match=r"DeepEP v2 \(>= 2.0.0, ElasticBuffer\) is required"):
+        cfg.build()
