@@ -10,6 +10,7 @@ import pytest
 from expert_parallel_cases import check_expert_parallel
 from multiprocess import run_on_ranks
 from strategy_cases import check_all_strategies
+from torchtitan_cases import check_torchtitan_dispatcher
 
 
 def _check_everything():
@@ -20,3 +21,10 @@ def _check_everything():
 @pytest.mark.parametrize("world_size", [2, 4])
 def test_strategies_and_expert_parallel(world_size):
     run_on_ranks(_check_everything, world_size)
+
+
+def test_torchtitan_dispatcher():
+    """torchtitan's MoE layer with MoeOpsTokenDispatcher under torchtitan's
+    own EP = 2 (torchtitan_cases.py); a spawn of its own: torchtitan's
+    import costs the other cases' spawns nothing."""
+    run_on_ranks(check_torchtitan_dispatcher, 2)
