@@ -1,10 +1,10 @@
 """DTensor sharding strategy for grouped_mm, as upstream writes it.
 
 The patch series turns this module into upstream's strategy for
-``aten._grouped_mm``: ``grouped_mm_single_dim_strategy`` replaces the function
-of that name in torch/distributed/tensor/_ops/_matrix_ops.py (v2.14.1), with
-the op and the names of the checks rewritten; upstream's own
-``_valid_grouped_mm_strides`` stays. So this module uses DTensor's registry and
+``aten._grouped_mm``: ``_valid_grouped_mm_strides`` and
+``grouped_mm_single_dim_strategy`` replace the functions of those names in
+torch/distributed/tensor/_ops/_matrix_ops.py (v2.14.1), with the op and the
+names of the checks rewritten. So this module uses DTensor's registry and
 helpers only. The refusal of placements no rule keeps is this project's and
 sits beside the strategy (placement_guard.py, installed by strategies.py).
 

@@ -323,14 +323,18 @@ def _expert_mlp_pairs_on_one_rank(mesh, op_schema, input_specs, output_specs) ->
     return down.tensor_meta.shape[1] % shards == 0
 
 
-def _expert_mlp_rules(args: dict, m: dict, outputs_tp: list, extra_inputs: dict, names: list) -> list:
+def _expert_mlp_rules(args: dict, outputs: list, names: list, backward: bool) -> list:
+    """The I-sharded rule(s): concrete Shards, since the (gate, up) pairs stay
+    together in contiguous chunks only."""
     if _expert_mlp_i_reason(args):
         return []
     rule = _Rule(args, names)
-    tp = dict(gate_up_proj=Shard(2), down_proj=Shard(1), gate_up_bias=Shard(1), **extra_inputs)
-    # Concrete Shards: the (gate, up) pairs stay together in contiguous chunks only.
-    return [rule(outputs_tp, **tp, down_bias=P)] + ([rule(outputs_tp, **tp)] if args["down_bias"] is not None
-                                                     and "h" in names else [])
+    tp = dict(gate_up_proj=Shard(2), down_proj=Shard(1), gate_up_bias=Shard(1), down_bias=P)
+    if backward:
+        # down_bias stays Partial: the routing weights' gradient adds
+        # <grad_out, down_bias[e]> to a Partial sum, once over the ranks.
+        tp["h"] = Shard(1)
+    return [rule(outputs, **tp)]
 
 
 @_register(ops.expert_mlp.default, full_mesh_strategy_filter=_expert_mlp_pairs_on_one_rank)
@@ -341,7 +345,7 @@ def expert_mlp_single_dim_strategy(op, args_schema, kwargs_schema):
     # I sharded: the down projection sums over I, so the output is a Partial
     # sum (down_bias Partial, added once); h, the up projection's output, is
     # sharded along its columns.
-    return _expert_mlp_rules(args, m, [P, Shard(1)], {}, _EXPERT_MLP_INPUTS)
+    return _expert_mlp_rules(args, [P, Shard(1)], _EXPERT_MLP_INPUTS, backward=False)
 
 
 @_register(ops.expert_mlp_backward.default, full_mesh_strategy_filter=_expert_mlp_pairs_on_one_rank)
@@ -353,13 +357,12 @@ def expert_mlp_backward_single_dim_strategy(op, args_schema, kwargs_schema):
     need_tokens, need_weights, need_gate_up, need_down = args["output_mask"]
     # Outputs not asked for are (0,) placeholders: replicated.
     on = lambda cond, p: p if cond else R  # noqa: E731
-    # Every gradient but the weights' is linear in the I slices: tokens and
-    # routing weights get Partial sums, the sharded weights their shards;
-    # down_bias's gradient does not depend on I (every rank has all of it),
-    # nor on down_bias, which may be Partial or not.
+    # The gradients are sums over the I slices (tokens, routing weights:
+    # Partial) or the slices' own (the sharded weights); down_bias's gradient
+    # does not depend on I: every rank has all of it.
     outputs = [on(need_tokens, P), on(need_weights and args["weights"] is not None, P), on(need_gate_up, Shard(2)),
                on(need_down, Shard(1)), on(need_gate_up and args["gate_up_bias"] is not None, Shard(1)), R]
-    return _expert_mlp_rules(args, m, outputs, {"h": Shard(1)}, names)
+    return _expert_mlp_rules(args, outputs, names, backward=True)
 
 
 def _explain_expert_mlp(args: dict):
