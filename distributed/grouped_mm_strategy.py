@@ -1,12 +1,13 @@
 """DTensor sharding strategy for grouped_mm, as upstream writes it.
 
 The patch series turns this module into upstream's strategy for
-``aten._grouped_mm``: ``_valid_grouped_mm_strides`` and
-``grouped_mm_single_dim_strategy`` replace the functions of those names in
-torch/distributed/tensor/_ops/_matrix_ops.py (v2.14.1), with the op and the
-names of the checks rewritten. So this module uses DTensor's registry and
-helpers only. The refusal of placements no rule keeps is this project's and
-sits beside the strategy (placement_guard.py, installed by strategies.py).
+``aten._grouped_mm``: ``grouped_mm_single_dim_strategy`` replaces the function
+of that name in torch/distributed/tensor/_ops/_matrix_ops.py (v2.14.1), with
+the op and the names of the checks rewritten, and registers with upstream's own
+``_valid_grouped_mm_strides`` there (see that function here for why ours
+differs). So this module uses DTensor's registry and helpers only. The refusal
+of placements no rule keeps is this project's and sits beside the strategy
+(placement_guard.py, installed by strategies.py).
 
 Per mesh dimension, besides everything replicated (``G`` the groups, ``M``
 ``K`` ``N`` the GEMM dimensions, S a sharding of any layout, Shard or
@@ -55,11 +56,17 @@ def _valid_grouped_mm_strides(
     input_specs: list[DTensorSpec],
     output_specs: DTensorSpec | tuple[DTensorSpec | None, ...],
 ) -> bool:
-    """Every rank's local operands must pass the op's own checks (the meta
-    function's: sizes, and the strides its kernels read)."""
-    # v2.14.1's filter restated the meta's stride checks here; calling the
-    # checks keeps one source. The local strides are the dense ones in the
-    # global tensor's dimension order, as DTensor materialises the shards.
+    """Every rank's local operands must pass the op's own checks (the fake
+    kernel's, torch_moe_ops/_checks.py)."""
+    # Upstream's filter of this name (v2.14.1, kept by the patch) rejects
+    # local shards whose strides are not 16-byte aligned, which its CUDA
+    # kernels and its meta require of every operand. Our kernels read any
+    # strides, so ours checks what they do require of the local operands,
+    # through the checks themselves rather than a copy. (The checks run on
+    # meta tensors here, which carry no device: device-specific stride rules
+    # could not be enforced this way, one reason upstream keeps its own.)
+    # The local strides are the dense ones in the global tensor's dimension
+    # order, as DTensor computes them.
     def local(spec: DTensorSpec) -> torch.Tensor:
         meta = spec.tensor_meta
         local_shape, _ = compute_local_shape_and_global_offset(meta.shape, mesh, spec.placements, skip_offset=True)
