@@ -38,8 +38,9 @@ dispatch).
 from __future__ import annotations
 
 import torch
+from torch._ops import OpOverload
 from torch.distributed.device_mesh import DeviceMesh
-from torch.distributed.tensor._dtensor_spec import DTensorSpec
+from torch.distributed.tensor._dtensor_spec import DTensorSpec, TensorMeta
 from torch.distributed.tensor._op_schema import ArgsType, KwargsType, OpSchema, OpStrategy, RuntimeSchemaInfo
 from torch.distributed.tensor._ops.single_dim_strategy import _ShardingPlaceholder, register_single_dim_strategy
 from torch.distributed.tensor._utils import compute_local_shape_and_global_offset, compute_local_stride
@@ -93,63 +94,132 @@ def _valid_grouped_mm_strides(
     full_mesh_strategy_filter=_valid_grouped_mm_strides,
 )
 def grouped_mm_single_dim_strategy(
-    op: torch._ops.OpOverload, args_schema: ArgsType, kwargs_schema: KwargsType
+    op: OpOverload, args_schema: ArgsType, kwargs_schema: KwargsType
 ) -> list[list[Placement | _ShardingPlaceholder | None]]:
+    mat1_meta = args_schema[0]
+    if not isinstance(mat1_meta, TensorMeta):
+        raise AssertionError(f"Expected TensorMeta, got {type(mat1_meta)}")
+    mat2_meta = args_schema[1]
+    if not isinstance(mat2_meta, TensorMeta):
+        raise AssertionError(f"Expected TensorMeta, got {type(mat2_meta)}")
+
     def arg(index: int, name: str):
         return args_schema[index] if index < len(args_schema) else kwargs_schema.get(name)
 
-    def meta(m):
-        return None if m is None else torch.empty_strided(m.shape, m.stride, dtype=m.dtype, device="meta")
+    def meta(m: TensorMeta | None) -> torch.Tensor | None:
+        if m is None:
+            return None
+        return torch.empty_strided(m.shape, m.stride, dtype=m.dtype, device="meta")
 
-    mat1_meta, mat2_meta = args_schema[0], args_schema[1]
-    offs_meta, bias_meta = arg(2, "offs"), arg(3, "bias")
-    # Reject what the kernels reject, with their messages (the meta function's
-    # checks), before any redistribution is planned.
-    _checks.check_grouped_mm_inputs(meta(mat1_meta), meta(mat2_meta), meta(offs_meta), meta(bias_meta),
-                                    arg(4, "out_dtype"))
+    offs_meta, bias_meta, out_dtype = arg(2, "offs"), arg(3, "bias"), arg(4, "out_dtype")
+    # Reject what the kernels reject, with their messages (the meta
+    # function's checks), before any redistribution is planned.
+    _checks.check_grouped_mm_inputs(
+        meta(mat1_meta), meta(mat2_meta), meta(offs_meta), meta(bias_meta), out_dtype
+    )
 
-    def rule(out, mat1, mat2, bias) -> list[Placement | _ShardingPlaceholder | None]:
-        placements = [out, mat1, mat2]
+    def tensor_inputs_tail(bias: Placement | _ShardingPlaceholder) -> list:
+        """offs (replicated: every rank needs every group boundary) and the
+        bias (G, N), each if given. The bias is added once per rank: it
+        follows the output's N or G shards, and is Partial where the output
+        is, so that the ranks' biases sum to it once."""
+        tail: list[Placement | _ShardingPlaceholder | None] = []
         if offs_meta is not None:
-            placements.append(Replicate())
+            tail.append(Replicate())
         if bias_meta is not None:
-            placements.append(bias)
-        return placements
+            tail.append(bias)
+        return tail
 
-    S = _ShardingPlaceholder
-    # Linear in each operand: a Partial one gives a Partial output.
-    strategies = [
-        rule(Partial(), Partial(), Replicate(), Partial()),
-        rule(Partial(), Replicate(), Partial(), Partial()),
+    strategies: list[list[Placement | _ShardingPlaceholder | None]] = [
+        [Partial(), Partial(), Replicate(), *tensor_inputs_tail(Partial())],
+        [Partial(), Replicate(), Partial(), *tensor_inputs_tail(Partial())],
     ]
 
     mat1_ndim = len(mat1_meta.shape)
     mat2_ndim = len(mat2_meta.shape)
 
     if mat1_ndim == 2 and mat2_ndim == 3:
-        strategies.extend([
-            rule(S(1), Replicate(), S(2), S(1)),  # N
-            rule(Partial(), S(1), S(1), Partial()),  # K
-        ])
+        strategies.extend(
+            [
+                [
+                    _ShardingPlaceholder(1),
+                    Replicate(),
+                    _ShardingPlaceholder(2),
+                    *tensor_inputs_tail(_ShardingPlaceholder(1)),
+                ],
+                [
+                    Partial(),
+                    _ShardingPlaceholder(1),
+                    _ShardingPlaceholder(1),
+                    *tensor_inputs_tail(Partial()),
+                ],
+            ]
+        )
 
     if mat1_ndim == 3 and mat2_ndim == 2:
-        strategies.extend([
-            rule(Partial(), S(2), S(0), Partial()),  # K
-            rule(S(0), S(1), Replicate(), Replicate()),  # M
-        ])
+        strategies.extend(
+            [
+                [
+                    Partial(),
+                    _ShardingPlaceholder(2),
+                    _ShardingPlaceholder(0),
+                    *tensor_inputs_tail(Partial()),
+                ],
+                [
+                    _ShardingPlaceholder(0),
+                    _ShardingPlaceholder(1),
+                    Replicate(),
+                    *tensor_inputs_tail(Replicate()),
+                ],
+            ]
+        )
 
     if mat1_ndim == 2 and mat2_ndim == 2:
-        strategies.extend([
-            rule(S(2), Replicate(), S(1), S(1)),  # N
-            rule(S(1), S(0), Replicate(), Replicate()),  # M
-        ])
+        strategies.extend(
+            [
+                [
+                    _ShardingPlaceholder(2),
+                    Replicate(),
+                    _ShardingPlaceholder(1),
+                    *tensor_inputs_tail(_ShardingPlaceholder(1)),
+                ],
+                [
+                    _ShardingPlaceholder(1),
+                    _ShardingPlaceholder(0),
+                    Replicate(),
+                    *tensor_inputs_tail(Replicate()),
+                ],
+            ]
+        )
 
     if mat1_ndim == 3 and mat2_ndim == 3:
-        strategies.extend([
-            rule(S(2), Replicate(), S(2), S(1)),  # N
-            rule(S(1), S(1), Replicate(), Replicate()),  # M
-            rule(Partial(), S(2), S(1), Partial()),  # K
-            rule(S(0), S(0), S(0), S(0)),  # G: the experts
-        ])
+        strategies.extend(
+            [
+                [
+                    _ShardingPlaceholder(2),
+                    Replicate(),
+                    _ShardingPlaceholder(2),
+                    *tensor_inputs_tail(_ShardingPlaceholder(1)),
+                ],
+                [
+                    _ShardingPlaceholder(1),
+                    _ShardingPlaceholder(1),
+                    Replicate(),
+                    *tensor_inputs_tail(Replicate()),
+                ],
+                [
+                    Partial(),
+                    _ShardingPlaceholder(2),
+                    _ShardingPlaceholder(1),
+                    *tensor_inputs_tail(Partial()),
+                ],
+                [
+                    _ShardingPlaceholder(0),
+                    _ShardingPlaceholder(0),
+                    _ShardingPlaceholder(0),
+                    *tensor_inputs_tail(_ShardingPlaceholder(0)),
+                ],
+            ]
+        )
 
     return strategies

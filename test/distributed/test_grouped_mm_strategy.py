@@ -211,3 +211,32 @@ def test_stride_filter_checks_the_local_shards(mesh):
     # for mat_a's dim 1 but mat_b is split along N): rejected.
     assert not _valid_grouped_mm_strides(
         mesh, schema, [spec(a, Shard(1)), spec(b, Shard(2)), spec(offs, Replicate()), spec(bias, Shard(1))], None)
+
+
+@pytest.mark.parametrize("layout", ["2d3d", "3d2d", "2d2d", "3d3d"])
+def test_rules_without_bias_are_upstreams(layout):
+    # Every rule of v2.14.1's grouped_mm_single_dim_strategy (aten._grouped_mm),
+    # in its order, and no other, when there is no bias; with a bias, the same
+    # rules with the bias's placement appended.
+    from torch.distributed.tensor._dtensor_spec import TensorMeta
+    from torch.distributed.tensor._ops._matrix_ops import grouped_mm_single_dim_strategy as upstream
+
+    from distributed.grouped_mm_strategy import grouped_mm_single_dim_strategy as ours
+
+    def meta(t):
+        return TensorMeta(t.shape, t.stride(), t.dtype)
+
+    a, b = {
+        "2d3d": (torch.randn(8, 16), torch.randn(4, 16, 8)),
+        "3d2d": (torch.randn(4, 8, 16), torch.randn(16, 8)),
+        "2d2d": (torch.randn(8, 8), torch.randn(8, 16)),
+        "3d3d": (torch.randn(4, 8, 16), torch.randn(4, 16, 8)),
+    }[layout]
+    args = [meta(a), meta(b)] + ([] if layout == "3d3d" else [meta(offsets(2, 2, 2, 2))])
+    rules = ours(op, tuple(args), {})
+    assert repr(rules) == repr(upstream(torch.ops.aten._grouped_mm.default, tuple(args), {}))
+    bias = torch.randn(4, 8 if layout != "2d2d" else 16)
+    with_bias = ours(op, tuple(args + [None] * (3 - len(args)) + [meta(bias)]), {})
+    assert repr([r[:-1] for r in with_bias]) == repr(rules)
+    assert {repr(r[-1]) for r in with_bias} <= {"Partial(sum)", "Replicate()", "_ShardingPlaceholder(dim=0)",
+                                                 "_ShardingPlaceholder(dim=1)"}
