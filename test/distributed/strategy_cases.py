@@ -299,6 +299,13 @@ def _expert_mlp_cases(mesh):
     gated = dict(**route, gate_up_proj=r(E, H, 2 * I), down_proj=r(E, I, H))
     _refused(mesh, "expert_mlp I, swiglu halves", mlp, gated, dict(gate_up_proj=Shard(2), down_proj=Shard(1)),
              r"expert_mlp: gate_up_proj placed Shard\(2\).*gate_up_interleaved=True")
+    # I = 5 splits into whole (gate, up) pairs neither 2 nor 4 ways: the
+    # I-sharded rule exists, its full-mesh filter rejects every shard layout.
+    _refused(mesh, "expert_mlp I, swiglu interleaved, uneven I", mlp,
+             dict(**route, gate_up_proj=r(E, 10, H).transpose(-2, -1), down_proj=r(E, 5, H), activation="swiglu",
+                  gate_up_interleaved=True), dict(gate_up_proj=Shard(2), down_proj=Shard(1)),
+             r"expert_mlp: the placements gate_up_proj Shard\(2\), down_proj Shard\(1\) cannot be honoured: "
+             r"With gate_up_interleaved, each rank's slice of I must be whole \(gate, up\) column pairs")
     _refused(mesh, "expert_mlp experts", mlp, gated, dict(gate_up_proj=Shard(0), down_proj=Shard(0)),
              r"expert_mlp: gate_up_proj placed Shard\(0\) \(its E \(experts\).*expert parallelism")
     _refused(mesh, "expert_mlp tokens", mlp, gated, dict(dst_rows=Shard(0), weights=Shard(0)),

@@ -196,7 +196,7 @@ def test_stride_filter_checks_the_local_shards(mesh):
     from torch.distributed.tensor._dtensor_spec import DTensorSpec, TensorMeta
     from torch.distributed.tensor._op_schema import OpSchema, OpSpec, OpStrategy
 
-    from distributed.grouped_mm_strategy import _valid_grouped_mm_strides
+    from torch_moe_ops.distributed.grouped_mm_strategy import _valid_grouped_mm_strides
 
     def spec(t, p):
         return DTensorSpec(mesh, (p,), tensor_meta=TensorMeta(t.shape, t.stride(), t.dtype))
@@ -221,7 +221,7 @@ def test_rules_without_bias_are_upstreams(layout):
     from torch.distributed.tensor._dtensor_spec import TensorMeta
     from torch.distributed.tensor._ops._matrix_ops import grouped_mm_single_dim_strategy as upstream
 
-    from distributed.grouped_mm_strategy import grouped_mm_single_dim_strategy as ours
+    from torch_moe_ops.distributed.grouped_mm_strategy import grouped_mm_single_dim_strategy as ours
 
     def meta(t):
         return TensorMeta(t.shape, t.stride(), t.dtype)
