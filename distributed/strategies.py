@@ -275,7 +275,9 @@ def _explain_unpermute(args: dict):
 @_register(ops.unpermute_backward.default)
 def unpermute_backward_single_dim_strategy(op, args_schema, kwargs_schema):
     names = ["grad_output", "dst_rows", "weights", "permuted"]
-    args, _ = _args(op, args_schema, kwargs_schema, [])
+    args, m = _args(op, args_schema, kwargs_schema, names)
+    _checks.check_unpermute_backward_inputs(m["grad_output"], m["dst_rows"], args["num_rows"], m["weights"],
+                                            m["permuted"])
     rule = _Rule(args, names)
     # grad_weights is a (0,) placeholder when permuted is not given.
     gw = (lambda p: p) if args["permuted"] is not None else (lambda p: R)  # noqa: E731
