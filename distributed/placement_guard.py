@@ -105,6 +105,13 @@ def _placement_str(p: Placement) -> str:
     return type(p).__name__ + "()"
 
 
+def _placements_str(placements) -> str:
+    """One placement as is; those of a mesh of several dimensions in parentheses."""
+    if len(placements) == 1:
+        return _placement_str(placements[0])
+    return "(" + ", ".join(_placement_str(p) for p in placements) + ")"
+
+
 class _Guard:
     """The full-mesh filter that refuses placements no rule keeps (see the
     module docstring), then defers to the op's own filter."""
@@ -145,7 +152,7 @@ class _Guard:
         current = self._current(op_schema)
         prepared = _PreparedSingleDimStrategy(self.info, op_schema, None)
         n_out = prepared.num_outputs
-        rules = [r for r in prepared.expanded_strategies]
+        rules = list(prepared.expanded_strategies)
         # 1. Per mesh dimension, some rule keeps every input.
         keeping_per_dim = []
         for mesh_dim in range(mesh.ndim):
@@ -168,16 +175,17 @@ class _Guard:
             if unshardable:
                 name, spec = unshardable[0]
                 reason = (f"{name} of sizes {list(spec.tensor_meta.shape)} has fewer entries than shards along a "
-                          f"dimension placed {', '.join(_placement_str(p) for p in spec.placements)}")
+                          f"dimension placed {_placements_str(spec.placements)}")
                 continue
             outputs = [DTensorSpec(mesh, tuple(r[i] for r in combo)) if combo[0][i] is not None else None
                        for i in range(n_out)]
             out_specs = outputs[0] if n_out == 1 else tuple(outputs)
             if self.inner is not None and not self.inner(mesh, op_schema, specs, out_specs):
                 reason = " ".join((self.inner.__doc__ or "the op's filter rejects its local shards").split())
+                reason = reason.rstrip(".")
                 continue
             return
-        placed = ", ".join(f"{n} {', '.join(_placement_str(q) for q in p)}" for n, p in current
+        placed = ", ".join(f"{n} {_placements_str(p)}" for n, p in current
                            if any(not isinstance(q, Replicate) for q in p))
         raise ValueError(f"{self.op_name}: the placements {placed} cannot be honoured: {reason}. Redistribute "
                          "them explicitly to placements the op accepts.")
