@@ -1,196 +1,255 @@
 """DTensor sharding strategies of the moe_ops ops other than grouped_mm
-(grouped_mm_strategy.py), on DTensor's registry.
+(grouped_mm_strategy.py), as single-dim strategies (``register_single_dim_strategy``),
+and the refusal of placements they cannot keep for every op (placement_guard.py).
 
-Per mesh dimension, besides everything replicated:
+Per mesh dimension, besides everything replicated (S a sharding of any
+layout, Shard or _StridedShard, where every layout is correct; Shard where
+only contiguous chunks are):
 
 * ``scaled_grouped_mm``: grouped_mm's shardings, the scales following their
-  operand: rowwise in 2D x 3D (N: ``scale_b`` along N; K: scales replicated,
-  Partial output), 3D x 3D (G, M, N, K) and 3D x 2D (M, K); blockwise and mx
-  in 3D x 3D along G (and M for blockwise and plain mx scales). The rest (2D x
-  2D's flattened per-group scales, K blocks of 32 or 128, swizzled layouts)
-  is refused.
-* ``grouped_mm_gather``: 2D x 3D N and K (Partial); 2D x 2D M and N. The
-  indices and offs are replicated (they name rows of the whole operand).
-* ``router_topk``: tokens: ``logits`` Shard(0) -> weights and expert ids
-  Shard(0), ``counts`` Partial (a sum over tokens).
-* ``permute``: hidden: ``tokens`` Shard(1) -> ``permuted`` Shard(1); a Partial
+  operand: rowwise in 2D x 3D (N: ``scale_b`` S(1); K: scales replicated,
+  Partial output), 3D x 2D (M, K) and 3D x 3D (G, M, N, K); blockwise and mx
+  in 3D x 3D along G, M (scale_a 3-D: blockwise, plain mx) and N (plain mx
+  scale_b). The bias follows the output as in grouped_mm (Partial with a K
+  split). Refused: 2D x 2D's flattened per-group rowwise scales, splits of K
+  or N through 128- or 32-blocks, swizzled layouts. No Partial operands: a
+  sum of float8 data is not float8 data.
+* ``grouped_mm_gather``: 2D x 3D N and K (Partial); 2D x 2D M and N; a
+  Partial operand gives a Partial output (the gather is linear). Indices and
+  offs replicated (they name rows of the whole operands).
+* ``router_topk``: tokens: ``logits`` S(0) -> weights and expert ids S(0),
+  ``counts`` Partial (a sum over tokens).
+* ``permute``: hidden: ``tokens`` S(1) -> ``permuted`` S(1); a Partial
   ``tokens`` (permute is linear in it) -> ``permuted`` Partial.
-* ``unpermute``: hidden (Shard(1)); tokens (``dst_rows``, ``weights``
-  Shard(0) -> output Shard(0)); a Partial ``permuted`` -> Partial output.
+* ``unpermute``: hidden (S(1)); tokens (``dst_rows``, ``weights`` S(0) ->
+  output S(0)); a Partial ``permuted`` -> Partial output.
   ``unpermute_backward`` mirrors it (tokens sharded -> Partial
   ``grad_permuted``).
 * ``expert_mlp`` (and its backward): the experts' intermediate dimension I
   (tensor parallel experts): ``gate_up_proj`` Shard(2), ``down_proj``
-  Shard(1), ``gate_up_bias`` Shard(1) -> Partial output, ``h`` Shard(1); for
-  non-gated activations, or gated ones with ``gate_up_interleaved`` and I
-  divisible by the mesh size (gate and up columns must land on the same rank).
+  Shard(1), ``gate_up_bias`` Shard(1), ``down_bias`` Partial -> Partial
+  output, ``h`` Shard(1); for non-gated activations, or gated ones with
+  ``gate_up_interleaved`` when the shards split I evenly (a full-mesh filter:
+  each (gate, up) column pair must land on one rank).
 * ``quantize_fp8`` / ``dequantize_fp8``: along rows (and the batch of 3-D
   inputs) for the recipes whose blocks lie within a row: rowwise,
   blockwise_1x128, mx (not swizzled); the scale follows the data.
 * ``swizzle_mx_scale``: replicated only.
 
-A sharded input no strategy keeps raises an error naming it (see
-``expand_or_refuse``): tokens sharded into permute or expert_mlp, or the
-experts of expert_mlp sharded, need expert parallelism's all-to-all, not a
-silent all-gather.
+Each op's ``_explain_*`` gives the reasons of the refusals: tokens sharded
+into permute or expert_mlp, or the experts of the 2D grouped GEMMs or of
+expert_mlp sharded, need expert parallelism's all-to-all, not a silent
+all-gather.
 """
 
 from __future__ import annotations
 
 import torch
-from torch.distributed.tensor._op_schema import OpSchema, StrategyType
-from torch.distributed.tensor._ops.utils import register_op_strategy
+from torch.distributed.tensor._ops.single_dim_strategy import _ShardingPlaceholder, register_single_dim_strategy
 from torch.distributed.tensor.placement_types import Partial, Replicate, Shard
 
 from torch_moe_ops import _checks
 
-from .grouped_mm_strategy import (
-    _BIAS_TWICE,
-    _EXPERTS_NEED_DISPATCH,
-    _GROUP_BOUNDARIES,
-    _GROUPED_MM_DIMS,
-    _meta_stand_in,
-    _schema_args,
-    _static_schema_info,
-    expand_or_refuse,
-)
+from .placement_guard import guard_placements, meta_tensor, named_args, static_schema_info
 
 __all__ = []
 
 R = Replicate()
+P = Partial()
+S = _ShardingPlaceholder
 ops = torch.ops.moe_ops
 
 
-def _register(op):
-    return register_op_strategy(op, schema_info=_static_schema_info(op))
+def _register(op, **kwargs):
+    return register_single_dim_strategy(op, schema_info=static_schema_info(op), **kwargs)
 
 
-def _metas(args: dict, names) -> list:
-    return [_meta_stand_in(args[n]) for n in names]
+def _args(op, args_schema, kwargs_schema, tensors) -> tuple[dict, dict]:
+    """(every argument by name, meta tensors of the tensor ones named)."""
+    args = named_args(op, args_schema, kwargs_schema)
+    return args, {n: meta_tensor(args[n]) for n in tensors}
 
 
+class _Rule:
+    """Builds one rule: outputs, then the tensor inputs present, in schema
+    order; inputs not named are Replicate."""
+
+    def __init__(self, args: dict, inputs: list[str]):
+        self.inputs = [n for n in inputs if args[n] is not None]
+
+    def __call__(self, outputs: list, **placements) -> list:
+        return list(outputs) + [placements.get(n, R) for n in self.inputs]
+
+
+_EXPERTS_NEED_DISPATCH = (
+    "each rank would need the {what} of its own experts and their offs, which a Shard of the global tensors does "
+    "not give; dispatch the tokens to the experts' ranks first (expert parallelism's all-to-all)")
+_GROUP_BOUNDARIES = "offs splits this dimension into groups, so a group boundary would fall between ranks"
+_BIAS_TWICE = ("with K sharded, or an operand Partial, the output is a Partial sum and every rank would add the "
+               "bias; place the bias Partial() too (e.g. DTensor.from_local with the bias on one rank and zeros on "
+               "the others) or add it after the reduction")
+_OFFS_REPLICATED = "every rank needs every group boundary"
 _INDEX_REPLICATED = "indices and offs name rows of the whole operands, so every rank needs all of them"
 _TOKENS_NEED_DISPATCH = ("the rows are sorted by expert over all tokens, so a rank's tokens do not make a shard of "
                          "the output; dispatch the tokens to the experts' ranks instead (expert parallelism's "
                          "all-to-all)")
 
 
+# ---------------------------------------------------------------- grouped_mm
+
+_GROUPED_MM_DIMS = {
+    "2d3d": {"mat_a": ("M (rows, grouped by offs)", "K"), "mat_b": ("G (experts)", "K", "N"),
+             "bias": ("G (experts)", "N")},
+    "3d2d": {"mat_a": ("G (experts)", "M", "K"), "mat_b": ("K", "N (columns, grouped by offs)"),
+             "bias": ("G (experts)", "N")},
+    "2d2d": {"mat_a": ("M", "K (grouped by offs)"), "mat_b": ("K (grouped by offs)", "N"),
+             "bias": ("G (groups)", "N")},
+    "3d3d": {"mat_a": ("G (experts)", "M", "K"), "mat_b": ("G (experts)", "K", "N"), "bias": ("G (experts)", "N")},
+}
+
+
+def _grouped_mm_why_not(layout: str) -> dict:
+    why_not = {("offs", 0): _OFFS_REPLICATED, ("bias", "partial"): _BIAS_TWICE}
+    if layout == "2d3d":
+        why_not[("mat_a", 0)] = _GROUP_BOUNDARIES
+        why_not[("mat_b", 0)] = why_not[("bias", 0)] = _EXPERTS_NEED_DISPATCH.format(what="rows of mat_a")
+    elif layout == "3d2d":
+        why_not[("mat_b", 1)] = why_not[("bias", 1)] = _GROUP_BOUNDARIES
+        why_not[("mat_a", 0)] = why_not[("bias", 0)] = _EXPERTS_NEED_DISPATCH.format(what="columns of mat_b")
+    elif layout == "2d2d":
+        why_not[("mat_a", 1)] = why_not[("mat_b", 0)] = _GROUP_BOUNDARIES
+        why_not[("bias", 0)] = "every group's output reads all of mat_a and mat_b along K, split by offs"
+    return why_not
+
+
+def _explain_grouped_mm(args: dict):
+    layout = f"{len(args['mat_a'].shape)}d{len(args['mat_b'].shape)}d"
+    return _grouped_mm_why_not(layout), _GROUPED_MM_DIMS[layout]
+
+
 # ------------------------------------------------------------ scaled_grouped_mm
+
+_SCALED_INPUTS = ["mat_a", "mat_b", "scale_a", "scale_b", "offs", "bias", "scale_result"]
 
 
 @_register(ops.scaled_grouped_mm.default)
-def scaled_grouped_mm_strategy(op_schema: OpSchema) -> StrategyType:
-    args = _schema_args(op_schema)
-    mat_a, mat_b, scale_a, scale_b, offs, bias, scale_result = _metas(
-        args, ["mat_a", "mat_b", "scale_a", "scale_b", "offs", "bias", "scale_result"])
-    recipe, _ = _checks.check_scaled_grouped_mm_inputs(mat_a, mat_b, scale_a, scale_b, offs, bias, scale_result,
-                                                      args["out_dtype"])
-    layout = _checks.grouped_mm_layout(mat_a, mat_b)
-    has_bias = bias is not None
-    strategies = [([R], {})]
-    why_not = {("offs", 0): "every rank needs every group boundary"}
-    k_a, k_b = mat_a.dim() - 1, mat_b.dim() - 2
-    scales_follow = ("scale_a and scale_b follow their operand, and a {recipe} scale cannot be split with it this "
-                     "way").format(recipe=recipe)
+def scaled_grouped_mm_single_dim_strategy(op, args_schema, kwargs_schema):
+    args, m = _args(op, args_schema, kwargs_schema, _SCALED_INPUTS)
+    recipe, _ = _checks.check_scaled_grouped_mm_inputs(*(m[n] for n in _SCALED_INPUTS), args["out_dtype"])
+    layout = _checks.grouped_mm_layout(m["mat_a"], m["mat_b"])
+    rule = _Rule(args, _SCALED_INPUTS)
+    k_a, k_b = m["mat_a"].dim() - 1, m["mat_b"].dim() - 2
+    experts = rule([S(0)], mat_a=S(0), mat_b=S(0), scale_a=S(0), scale_b=S(0), bias=S(0))
     if recipe == "rowwise":
-        if has_bias:
-            why_not[("mat_a", k_a)] = why_not[("mat_b", k_b)] = _BIAS_TWICE
-        if layout == "2d3d":
-            strategies.append(([Shard(1)], {"mat_b": Shard(2), "scale_b": Shard(1), "bias": Shard(1)}))
-            why_not[("mat_a", 0)] = why_not[("scale_a", 0)] = _GROUP_BOUNDARIES
-            why_not[("mat_b", 0)] = _EXPERTS_NEED_DISPATCH.format(what="rows of mat_a")
-        elif layout == "3d2d":
-            strategies.append(([Shard(0)], {"mat_a": Shard(1), "scale_a": Shard(1)}))
-            why_not[("mat_b", 1)] = _GROUP_BOUNDARIES
-            why_not[("mat_a", 0)] = _EXPERTS_NEED_DISPATCH.format(what="columns of mat_b")
-        elif layout == "3d3d":
-            strategies.append(([Shard(0)], {"mat_a": Shard(0), "mat_b": Shard(0), "scale_a": Shard(0),
-                                            "scale_b": Shard(0), "bias": Shard(0)}))
-            strategies.append(([Shard(1)], {"mat_a": Shard(1), "scale_a": Shard(1)}))
-            strategies.append(([Shard(2)], {"mat_b": Shard(2), "scale_b": Shard(1), "bias": Shard(1)}))
-        else:
+        # Rowwise scales are per row of A and column of B: each rank's
+        # partial product over its K slice is scaled by the same factors.
+        k_split = rule([P], mat_a=S(k_a), mat_b=S(k_b), bias=P)
+        return {
+            "2d3d": [rule([S(1)], mat_b=S(2), scale_b=S(1), bias=S(1)), k_split],
+            "3d2d": [rule([S(0)], mat_a=S(1), scale_a=S(1)), k_split],
+            "3d3d": [experts, rule([S(1)], mat_a=S(1), scale_a=S(1)),
+                     rule([S(2)], mat_b=S(2), scale_b=S(1), bias=S(1)), k_split],
+            "2d2d": [],
+        }[layout]
+    strategies = []
+    if layout == "3d3d":
+        strategies.append(experts)
+        if m["scale_a"].dim() == 3:  # blockwise (G, M, K/128) or plain mx (G, M, K/32): rows are not blocked
+            strategies.append(rule([S(1)], mat_a=S(1), scale_a=S(1)))
+        if recipe == "mx" and m["scale_b"].dim() == 3:  # plain mx (G, N, K/32): columns of B are not blocked
+            strategies.append(rule([S(2)], mat_b=S(2), scale_b=S(1), bias=S(1)))
+    return strategies
+
+
+def _explain_scaled_grouped_mm(args: dict):
+    m = {n: meta_tensor(args[n]) for n in _SCALED_INPUTS}
+    recipe, _ = _checks.check_scaled_grouped_mm_inputs(*(m[n] for n in _SCALED_INPUTS), args["out_dtype"])
+    layout = _checks.grouped_mm_layout(m["mat_a"], m["mat_b"])
+    why_not = _grouped_mm_why_not(layout)
+    k_a, k_b = m["mat_a"].dim() - 1, m["mat_b"].dim() - 2
+    follow = (f"scale_a and scale_b follow their operand, and a {recipe} scale cannot be split with it this way")
+    if recipe == "rowwise":
+        why_not[("scale_a", 0)] = why_not.get(("mat_a", 0), follow)
+        if layout == "2d2d":
             for name, dim in [("mat_a", 0), ("mat_b", 1), ("scale_a", 0), ("scale_b", 0)]:
                 why_not[(name, dim)] = ("2D x 2D rowwise scales are flattened per group, (G * M,) and (G * N,), so "
                                         "they cannot follow a shard of M or N")
-            why_not[("mat_a", 1)] = why_not[("mat_b", 0)] = _GROUP_BOUNDARIES
-        if layout != "2d2d" and not has_bias:
-            # Rowwise scales are per row of A and column of B: each rank's
-            # partial product over its K slice is scaled by the same factors.
-            strategies.append(([Partial()], {"mat_a": Shard(k_a), "mat_b": Shard(k_b)}))
     else:
-        if layout == "3d3d":
-            strategies.append(([Shard(0)], {"mat_a": Shard(0), "mat_b": Shard(0), "scale_a": Shard(0),
-                                            "scale_b": Shard(0), "bias": Shard(0)}))
-            if scale_a.dim() == 3:  # blockwise (G, M, K/128) or plain mx (G, M, K/32): rows are not blocked
-                strategies.append(([Shard(1)], {"mat_a": Shard(1), "scale_a": Shard(1)}))
-        for name, p_dim in [("mat_a", k_a), ("mat_b", k_b)]:
-            why_not[(name, p_dim)] = (f"{recipe} scales have blocks along K, which a shard of K would cut or "
-                                      "misalign")
-        why_not.setdefault(("mat_b", mat_b.dim() - 1), scales_follow)
-        why_not[("mat_b", 0)] = (_EXPERTS_NEED_DISPATCH.format(what="rows of mat_a") if layout == "2d3d"
-                                 else scales_follow)
-    dims = dict(_GROUPED_MM_DIMS[layout])
-    return expand_or_refuse("scaled_grouped_mm", op_schema, strategies, why_not, dims)
+        for name, dim in [("mat_a", k_a), ("mat_b", k_b)]:
+            why_not[(name, dim)] = f"{recipe} scales have blocks along K, which a shard of K would cut or misalign"
+        why_not.setdefault(("mat_b", m["mat_b"].dim() - 1), follow)
+        if layout != "2d3d":
+            why_not[("mat_b", 0)] = follow
+    return why_not, _GROUPED_MM_DIMS[layout]
 
 
 # ------------------------------------------------------------ grouped_mm_gather
 
+_GATHER_INPUTS = ["mat_a", "mat_b", "offs", "a_index", "b_index", "bias"]
+
 
 @_register(ops.grouped_mm_gather.default)
-def grouped_mm_gather_strategy(op_schema: OpSchema) -> StrategyType:
-    args = _schema_args(op_schema)
-    mat_a, mat_b, offs, a_index, b_index, bias = _metas(args, ["mat_a", "mat_b", "offs", "a_index", "b_index", "bias"])
-    _checks.check_grouped_mm_gather_inputs(mat_a, mat_b, offs, a_index, b_index, bias, args["out_dtype"])
-    has_bias = bias is not None
-    strategies = [([R], {})]
+def grouped_mm_gather_single_dim_strategy(op, args_schema, kwargs_schema):
+    args, m = _args(op, args_schema, kwargs_schema, _GATHER_INPUTS)
+    _checks.check_grouped_mm_gather_inputs(*(m[n] for n in _GATHER_INPUTS), args["out_dtype"])
+    rule = _Rule(args, _GATHER_INPUTS)
+    # The gather is linear (a -1 index reads zeros): as grouped_mm, a Partial
+    # operand gives a Partial output, the bias Partial with it.
+    strategies = [rule([P], mat_a=P, bias=P), rule([P], mat_b=P, bias=P)]
+    if m["mat_b"].dim() == 3:  # rows of A gathered: (T, K) x (G, K, N) -> (M, N)
+        strategies += [rule([S(1)], mat_b=S(2), bias=S(1)), rule([P], mat_a=S(1), mat_b=S(1), bias=P)]
+    else:  # K gathered: (M, T) x (T', N) -> (G, M, N)
+        strategies += [rule([S(1)], mat_a=S(0)), rule([S(2)], mat_b=S(1), bias=S(1))]
+    return strategies
+
+
+def _explain_grouped_mm_gather(args: dict):
     why_not = {(n, 0): _INDEX_REPLICATED for n in ("offs", "a_index", "b_index")}
-    if mat_b.dim() == 3:  # rows of A gathered: (T, K) x (G, K, N) -> (M, N)
-        strategies.append(([Shard(1)], {"mat_b": Shard(2), "bias": Shard(1)}))
-        if not has_bias:
-            strategies.append(([Partial()], {"mat_a": Shard(1), "mat_b": Shard(1)}))
-        else:
-            why_not[("mat_a", 1)] = why_not[("mat_b", 1)] = _BIAS_TWICE
+    why_not[("bias", "partial")] = _BIAS_TWICE
+    if len(args["mat_b"].shape) == 3:
         why_not[("mat_a", 0)] = "a_index reads rows of the whole mat_a; " + _INDEX_REPLICATED
         why_not[("mat_b", 0)] = _EXPERTS_NEED_DISPATCH.format(what="gathered rows")
         dims = {"mat_a": ("T (tokens, read through a_index)", "K"), "mat_b": ("G (experts)", "K", "N"),
                 "bias": ("G (experts)", "N")}
-    else:  # K gathered: (M, T) x (T', N) -> (G, M, N)
-        strategies.append(([Shard(1)], {"mat_a": Shard(0)}))
-        strategies.append(([Shard(2)], {"mat_b": Shard(1), "bias": Shard(1)}))
+    else:
         why_not[("mat_a", 1)] = why_not[("mat_b", 0)] = "the indices read the whole K; " + _INDEX_REPLICATED
         dims = {"mat_a": ("M", "K (read through a_index)"), "mat_b": ("K (read through b_index)", "N"),
                 "bias": ("G (groups)", "N")}
-    return expand_or_refuse("grouped_mm_gather", op_schema, strategies, why_not, dims)
+    return why_not, dims
 
 
 # ------------------------------------------------------------------- routing
 
 
 @_register(ops.router_topk.default)
-def router_topk_strategy(op_schema: OpSchema) -> StrategyType:
-    args = _schema_args(op_schema)
-    logits, bias = _metas(args, ["logits", "bias"])
-    _checks.check_router_topk_inputs(logits, args["k"], args["score_func"], bias, args["n_group"],
+def router_topk_single_dim_strategy(op, args_schema, kwargs_schema):
+    args, m = _args(op, args_schema, kwargs_schema, ["logits", "bias"])
+    _checks.check_router_topk_inputs(m["logits"], args["k"], args["score_func"], m["bias"], args["n_group"],
                                      args["topk_group"])
-    strategies = [([R, R, R], {}), ([Shard(0), Shard(0), Partial()], {"logits": Shard(0)})]
+    rule = _Rule(args, ["logits", "bias"])
+    return [rule([S(0), S(0), P], logits=S(0))]
+
+
+def _explain_router_topk(args: dict):
     why_not = {("logits", 1): "the top-k and the score normalisation run over all experts of a token",
                ("bias", 0): "the selection of every token reads every expert's bias"}
-    dims = {"logits": ("T (tokens)", "E (experts)"), "bias": ("E (experts)",)}
-    return expand_or_refuse("router_topk", op_schema, strategies, why_not, dims)
+    return why_not, {"logits": ("T (tokens)", "E (experts)"), "bias": ("E (experts)",)}
 
 
 @_register(ops.permute.default)
-def permute_strategy(op_schema: OpSchema) -> StrategyType:
-    args = _schema_args(op_schema)
-    tokens, expert_ids = _metas(args, ["tokens", "expert_ids"])
-    _checks.check_permute_inputs(tokens, expert_ids, args["num_experts"], args["alignment"], args["first_expert"],
-                                 args["num_local_experts"])
-    strategies = [([R, R, R, R], {}), ([Shard(1), R, R, R], {"tokens": Shard(1)}),
-                  ([Partial(), R, R, R], {"tokens": Partial()})]
+def permute_single_dim_strategy(op, args_schema, kwargs_schema):
+    args, m = _args(op, args_schema, kwargs_schema, ["tokens", "expert_ids"])
+    _checks.check_permute_inputs(m["tokens"], m["expert_ids"], args["num_experts"], args["alignment"],
+                                 args["first_expert"], args["num_local_experts"])
+    rule = _Rule(args, ["tokens", "expert_ids"])
+    # permuted is tokens' rows moved (and zero padding): linear in tokens.
+    return [rule([S(1), R, R, R], tokens=S(1)), rule([P, R, R, R], tokens=P)]
+
+
+def _explain_permute(args: dict):
     why_not = {("tokens", 0): _TOKENS_NEED_DISPATCH, ("expert_ids", 0): _TOKENS_NEED_DISPATCH,
                ("expert_ids", 1): "each row's slots are numbered over all its top_k slots"}
-    dims = {"tokens": ("T (tokens)", "H (hidden)"), "expert_ids": ("T (tokens)", "top_k")}
-    return expand_or_refuse("permute", op_schema, strategies, why_not, dims)
+    return why_not, {"tokens": ("T (tokens)", "H (hidden)"), "expert_ids": ("T (tokens)", "top_k")}
 
 
 _UNPERMUTE_DIMS = {"permuted": ("R (expert-sorted rows)", "H (hidden)"), "dst_rows": ("T (tokens)", "top_k"),
@@ -199,118 +258,135 @@ _ROWS_OF_ALL = "dst_rows name rows of the whole permuted tensor, so every rank n
 
 
 @_register(ops.unpermute.default)
-def unpermute_strategy(op_schema: OpSchema) -> StrategyType:
-    args = _schema_args(op_schema)
-    permuted, dst_rows, weights = _metas(args, ["permuted", "dst_rows", "weights"])
-    _checks.check_unpermute_inputs(permuted, dst_rows, weights)
-    strategies = [([R], {}), ([Shard(1)], {"permuted": Shard(1)}),
-                  ([Shard(0)], {"dst_rows": Shard(0), "weights": Shard(0)}),
-                  ([Partial()], {"permuted": Partial()})]
+def unpermute_single_dim_strategy(op, args_schema, kwargs_schema):
+    names = ["permuted", "dst_rows", "weights"]
+    args, m = _args(op, args_schema, kwargs_schema, names)
+    _checks.check_unpermute_inputs(*(m[n] for n in names))
+    rule = _Rule(args, names)
+    return [rule([S(1)], permuted=S(1)), rule([S(0)], dst_rows=S(0), weights=S(0)), rule([P], permuted=P)]
+
+
+def _explain_unpermute(args: dict):
     why_not = {("permuted", 0): _ROWS_OF_ALL, ("dst_rows", 1): "a token's slots are summed together",
                ("weights", 1): "a token's slots are summed together"}
-    return expand_or_refuse("unpermute", op_schema, strategies, why_not, _UNPERMUTE_DIMS)
+    return why_not, _UNPERMUTE_DIMS
 
 
 @_register(ops.unpermute_backward.default)
-def unpermute_backward_strategy(op_schema: OpSchema) -> StrategyType:
-    args = _schema_args(op_schema)
-    has_perm = args["permuted"] is not None
+def unpermute_backward_single_dim_strategy(op, args_schema, kwargs_schema):
+    names = ["grad_output", "dst_rows", "weights", "permuted"]
+    args, m = _args(op, args_schema, kwargs_schema, names)
+    _checks.check_unpermute_backward_inputs(m["grad_output"], m["dst_rows"], args["num_rows"], m["weights"],
+                                            m["permuted"])
+    rule = _Rule(args, names)
     # grad_weights is a (0,) placeholder when permuted is not given.
-    gw = lambda p: p if has_perm else R  # noqa: E731
-    strategies = [([R, R], {}),
-                  # grad_weights = <grad_output, permuted rows> sums over H.
-                  ([Shard(1), gw(Partial())], {"grad_output": Shard(1), "permuted": Shard(1)}),
-                  # Each row of permuted belongs to one (token, slot): the
-                  # rows of other ranks' tokens are zero in a rank's result.
-                  ([Partial(), gw(Shard(0))], {"grad_output": Shard(0), "dst_rows": Shard(0), "weights": Shard(0)}),
-                  ([Partial(), gw(Partial())], {"grad_output": Partial()})]
-    why_not = {("permuted", 0): _ROWS_OF_ALL}
-    return expand_or_refuse("unpermute_backward", op_schema, strategies, why_not, _UNPERMUTE_DIMS)
+    gw = (lambda p: p) if args["permuted"] is not None else (lambda p: R)  # noqa: E731
+    return [
+        # grad_weights = <grad_output, permuted rows> sums over H.
+        rule([S(1), gw(P)], grad_output=S(1), permuted=S(1)),
+        # Each row of permuted belongs to one (token, slot): the rows of other
+        # ranks' tokens are zero in a rank's result.
+        rule([P, gw(S(0))], grad_output=S(0), dst_rows=S(0), weights=S(0)),
+        rule([P, gw(P)], grad_output=P),
+    ]
 
 
 # ---------------------------------------------------------------- expert_mlp
 
-
-def _expert_mlp_tp(op_schema: OpSchema, args: dict, gate_up_proj, down_proj) -> tuple[bool, str]:
-    """Whether I (the intermediate dimension) can be sharded, and why not."""
-    activation, interleaved = args["activation"], args["gate_up_interleaved"]
-    if args["down_bias"] is not None:
-        return False, ("with I sharded the output is a Partial sum and every rank would add down_bias; add it "
-                       "after the reduction")
-    if activation not in _checks.GATED_ACTIVATIONS:
-        return True, ""
-    if not interleaved:
-        return False, (f'the gated activation "{activation}" pairs column i of the gate half with column i of the '
-                       "up half of N1 = 2I, which a Shard of N1 puts on different ranks; store gate and up "
-                       "interleaved (gate_up_interleaved=True)")
-    mesh = op_schema.get_mesh_from_args()
-    inter = down_proj.shape[1]
-    if inter % mesh.size() != 0:
-        return False, (f"with gate_up_interleaved the (gate, up) pairs stay on one rank only when I={inter} is "
-                       f"divisible by the mesh size {mesh.size()}")
-    return True, ""
+_EXPERT_MLP_INPUTS = ["tokens", "src_rows", "offs", "dst_rows", "weights", "gate_up_proj", "down_proj",
+                      "gate_up_bias", "down_bias"]
 
 
-_EXPERT_MLP_DIMS = {"tokens": ("T (tokens)", "H (hidden)"), "dst_rows": ("T (tokens)", "top_k"),
-                    "weights": ("T (tokens)", "top_k"), "src_rows": ("R (rows)",), "offs": ("E (experts)",),
-                    "gate_up_proj": ("E (experts)", "H (hidden)", "N1 (gate/up)"),
-                    "down_proj": ("E (experts)", "I (intermediate)", "H (hidden)"),
-                    "gate_up_bias": ("E (experts)", "N1 (gate/up)"), "down_bias": ("E (experts)", "H (hidden)"),
-                    "h": ("R (rows)", "N1 (gate/up)"), "grad_out": ("T (tokens)", "H (hidden)")}
+def _expert_mlp_i_reason(args: dict) -> str:
+    """Why I cannot be sharded at all for these arguments ("" if it can)."""
+    activation = args["activation"]
+    if activation in _checks.GATED_ACTIVATIONS and not args["gate_up_interleaved"]:
+        return (f'the gated activation "{activation}" pairs column i of the gate half with column i of the up half '
+                "of N1 = 2I, which a Shard of N1 puts on different ranks; store gate and up interleaved "
+                "(gate_up_interleaved=True)")
+    return ""
 
 
-def _expert_mlp_why_not(tp_reason: str) -> dict:
+def _expert_mlp_pairs_on_one_rank(mesh, op_schema, input_specs, output_specs) -> bool:
+    """With gate_up_interleaved, each rank's slice of I must be whole (gate, up)
+    column pairs: I must divide evenly among the shards of down_proj's I."""
+    args = named_args(op_schema.op, op_schema.args_meta, op_schema.kwargs_meta)
+    if args["activation"] not in _checks.GATED_ACTIVATIONS:
+        return True
+    names = [a.name for a in op_schema.op._schema.arguments]
+    present = [n for i, n in enumerate(names) if i < len(op_schema.args_schema)
+               and hasattr(op_schema.args_schema[i], "strategies")]
+    present += [n for n, v in op_schema.kwargs_schema.items() if hasattr(v, "strategies")]
+    down = input_specs[present.index("down_proj")]
+    shards = 1
+    for mesh_dim, p in enumerate(down.placements):
+        if isinstance(p, Shard) and p.dim == 1:
+            shards *= mesh.size(mesh_dim)
+    return down.tensor_meta.shape[1] % shards == 0
+
+
+def _expert_mlp_rules(args: dict, outputs: list, names: list, backward: bool) -> list:
+    """The I-sharded rule(s): concrete Shards, since the (gate, up) pairs stay
+    together in contiguous chunks only."""
+    if _expert_mlp_i_reason(args):
+        return []
+    rule = _Rule(args, names)
+    tp = dict(gate_up_proj=Shard(2), down_proj=Shard(1), gate_up_bias=Shard(1), down_bias=P)
+    if backward:
+        # down_bias stays Partial: the routing weights' gradient adds
+        # <grad_out, down_bias[e]> to a Partial sum, once over the ranks.
+        tp["h"] = Shard(1)
+    return [rule(outputs, **tp)]
+
+
+@_register(ops.expert_mlp.default, full_mesh_strategy_filter=_expert_mlp_pairs_on_one_rank)
+def expert_mlp_single_dim_strategy(op, args_schema, kwargs_schema):
+    args, m = _args(op, args_schema, kwargs_schema, _EXPERT_MLP_INPUTS)
+    _checks.check_expert_mlp_inputs(*(m[n] for n in _EXPERT_MLP_INPUTS), args["activation"],
+                                    args["gate_up_interleaved"])
+    # I sharded: the down projection sums over I, so the output is a Partial
+    # sum (down_bias Partial, added once); h, the up projection's output, is
+    # sharded along its columns.
+    return _expert_mlp_rules(args, [P, Shard(1)], _EXPERT_MLP_INPUTS, backward=False)
+
+
+@_register(ops.expert_mlp_backward.default, full_mesh_strategy_filter=_expert_mlp_pairs_on_one_rank)
+def expert_mlp_backward_single_dim_strategy(op, args_schema, kwargs_schema):
+    names = ["grad_out"] + _EXPERT_MLP_INPUTS + ["h"]
+    args, m = _args(op, args_schema, kwargs_schema, names)
+    _checks.check_expert_mlp_inputs(*(m[n] for n in _EXPERT_MLP_INPUTS), args["activation"],
+                                    args["gate_up_interleaved"])
+    need_tokens, need_weights, need_gate_up, need_down = args["output_mask"]
+    # Outputs not asked for are (0,) placeholders: replicated.
+    on = lambda cond, p: p if cond else R  # noqa: E731
+    # The gradients are sums over the I slices (tokens, routing weights:
+    # Partial) or the slices' own (the sharded weights); down_bias's gradient
+    # does not depend on I: every rank has all of it.
+    outputs = [on(need_tokens, P), on(need_weights and args["weights"] is not None, P), on(need_gate_up, Shard(2)),
+               on(need_down, Shard(1)), on(need_gate_up and args["gate_up_bias"] is not None, Shard(1)), R]
+    return _expert_mlp_rules(args, outputs, names, backward=True)
+
+
+def _explain_expert_mlp(args: dict):
     experts = _EXPERTS_NEED_DISPATCH.format(what="tokens")
     why_not = {(n, 0): experts for n in ("gate_up_proj", "down_proj", "gate_up_bias", "down_bias", "offs")}
     why_not.update({(n, 0): _TOKENS_NEED_DISPATCH for n in ("tokens", "dst_rows", "weights", "src_rows", "grad_out",
                                                             "h")})
-    why_not.update({("gate_up_proj", 1): "H is the up-projection's contraction and the down-projection's output",
-                    ("down_proj", 2): "H is the up-projection's contraction and the down-projection's output",
-                    ("tokens", 1): "H is the up-projection's contraction and the down-projection's output"})
-    if tp_reason:
+    h_reason = "H is the up-projection's contraction and the down-projection's output"
+    why_not.update({("gate_up_proj", 1): h_reason, ("down_proj", 2): h_reason, ("tokens", 1): h_reason,
+                    ("down_bias", "partial"): ("with I sharded the output is a Partial sum and every rank would add "
+                                               "down_bias; place it Partial() too or add it after the reduction")})
+    reason = _expert_mlp_i_reason(args)
+    if reason:
         for key in [("gate_up_proj", 2), ("down_proj", 1), ("gate_up_bias", 1), ("h", 1)]:
-            why_not[key] = tp_reason
-    return why_not
-
-
-@_register(ops.expert_mlp.default)
-def expert_mlp_strategy(op_schema: OpSchema) -> StrategyType:
-    args = _schema_args(op_schema)
-    names = ["tokens", "src_rows", "offs", "dst_rows", "weights", "gate_up_proj", "down_proj", "gate_up_bias",
-             "down_bias"]
-    metas = dict(zip(names, _metas(args, names)))
-    _checks.check_expert_mlp_inputs(*metas.values(), args["activation"], args["gate_up_interleaved"])
-    strategies = [([R, R], {})]
-    tp, reason = _expert_mlp_tp(op_schema, args, metas["gate_up_proj"], metas["down_proj"])
-    if tp:
-        strategies.append(([Partial(), Shard(1)],
-                           {"gate_up_proj": Shard(2), "down_proj": Shard(1), "gate_up_bias": Shard(1)}))
-    return expand_or_refuse("expert_mlp", op_schema, strategies, _expert_mlp_why_not(reason), _EXPERT_MLP_DIMS)
-
-
-@_register(ops.expert_mlp_backward.default)
-def expert_mlp_backward_strategy(op_schema: OpSchema) -> StrategyType:
-    args = _schema_args(op_schema)
-    names = ["tokens", "src_rows", "offs", "dst_rows", "weights", "gate_up_proj", "down_proj", "gate_up_bias",
-             "down_bias"]
-    metas = dict(zip(names, _metas(args, names)))
-    _checks.check_expert_mlp_inputs(*metas.values(), args["activation"], args["gate_up_interleaved"])
-    need_tokens, need_weights, need_gate_up, need_down = args["output_mask"]
-    has = lambda n: args[n] is not None  # noqa: E731
-    # Outputs not asked for are (0,) placeholders: replicated.
-    on = lambda cond, p: p if cond else R  # noqa: E731
-    strategies = [([R] * 6, {})]
-    tp, reason = _expert_mlp_tp(op_schema, args, metas["gate_up_proj"], metas["down_proj"])
-    if tp:
-        # Every gradient but the weights' is linear in the I slices: tokens and
-        # routing weights get Partial sums, the sharded weights their shards.
-        strategies.append(([on(need_tokens, Partial()), on(need_weights and has("weights"), Partial()),
-                            on(need_gate_up, Shard(2)), on(need_down, Shard(1)),
-                            on(need_gate_up and has("gate_up_bias"), Shard(1)), R],
-                           {"gate_up_proj": Shard(2), "down_proj": Shard(1), "gate_up_bias": Shard(1),
-                            "h": Shard(1)}))
-    return expand_or_refuse("expert_mlp_backward", op_schema, strategies, _expert_mlp_why_not(reason),
-                            _EXPERT_MLP_DIMS)
+            why_not[key] = reason
+    dims = {"tokens": ("T (tokens)", "H (hidden)"), "dst_rows": ("T (tokens)", "top_k"),
+            "weights": ("T (tokens)", "top_k"), "src_rows": ("R (rows)",), "offs": ("E (experts)",),
+            "gate_up_proj": ("E (experts)", "H (hidden)", "N1 (gate/up)"),
+            "down_proj": ("E (experts)", "I (intermediate)", "H (hidden)"),
+            "gate_up_bias": ("E (experts)", "N1 (gate/up)"), "down_bias": ("E (experts)", "H (hidden)"),
+            "h": ("R (rows)", "N1 (gate/up)"), "grad_out": ("T (tokens)", "H (hidden)")}
+    return why_not, dims
 
 
 # ---------------------------------------------------------------- fp8 quantisation
@@ -325,62 +401,84 @@ def _fp8_row_strategies(recipe: str, ndim: int, has_offs: bool, swizzle: bool) -
         return []
     out = []
     if ndim == 3:
-        out.append((Shard(0), Shard(0)))  # the batch: every recipe's scale leads with it
+        out.append((S(0), S(0)))  # the batch: every recipe's scale leads with it
     if recipe in _ROW_RECIPES:
         row = ndim - 2
         if has_offs:  # 2-D x grouped along C: rowwise scale (G, R), mx (R, C/32)
-            out.append((Shard(0), Shard(1) if recipe == "rowwise" else Shard(0)))
+            out.append((S(0), S(1) if recipe == "rowwise" else S(0)))
         else:
-            out.append((Shard(row), Shard(row)))
+            out.append((S(row), S(row)))
     return out
 
 
-def _fp8_why_not(op: str, data_name: str, recipe: str, ndim: int, swizzle: bool) -> dict:
-    if swizzle:
-        reason = "the swizzled scale layout interleaves rows of 128 and scale columns of 4"
-    elif recipe == "tensorwise":
-        reason = "a tensorwise scale is the amax over the whole (batch entry of the) tensor"
-    else:
-        reason = f"{recipe} scale blocks run along this dimension"
-    why_not = {(data_name, d): reason for d in range(ndim)}
-    why_not.update({("scale", d): reason for d in range(ndim)})
-    why_not[(data_name, ndim - 1)] = why_not[("scale", ndim - 1)] = (
-        f"{recipe} scale blocks run along the last dimension" if recipe != "tensorwise" else reason)
-    why_not[("offs", 0)] = "every rank needs every group boundary"
-    return why_not
+def _explain_fp8(data_name: str):
+    def explain(args: dict):
+        recipe, swizzle = args["recipe"], args["swizzle"]
+        ndim = len(args[data_name].shape)
+        if swizzle:
+            reason = "the swizzled scale layout interleaves rows of 128 and scale columns of 4"
+        elif recipe == "tensorwise":
+            reason = "a tensorwise scale is the amax over the whole (batch entry of the) tensor"
+        else:
+            reason = f"{recipe} scale blocks run along this dimension"
+        why_not = {(data_name, d): reason for d in range(ndim)}
+        why_not.update({("scale", d): reason for d in range(ndim)})
+        why_not[(data_name, ndim - 1)] = why_not[("scale", ndim - 1)] = (
+            f"{recipe} scale blocks run along the last dimension" if recipe != "tensorwise" else reason)
+        why_not[("offs", 0)] = _OFFS_REPLICATED
+        return why_not, {}
+    return explain
 
 
 @_register(ops.quantize_fp8.default)
-def quantize_fp8_strategy(op_schema: OpSchema) -> StrategyType:
-    args = _schema_args(op_schema)
-    x, offs = _metas(args, ["x", "offs"])
-    recipe, swizzle = args["recipe"], args["swizzle"]
-    _checks.check_quantize_fp8_inputs(x, recipe, args["float8_dtype"], offs, swizzle)
-    strategies = [([R, R], {})]
-    for data_p, scale_p in _fp8_row_strategies(recipe, x.dim(), offs is not None, swizzle):
-        strategies.append(([data_p, scale_p], {"x": data_p}))
-    return expand_or_refuse("quantize_fp8", op_schema, strategies, _fp8_why_not("quantize_fp8", "x", recipe, x.dim(),
-                                                                               swizzle), {})
+def quantize_fp8_single_dim_strategy(op, args_schema, kwargs_schema):
+    args, m = _args(op, args_schema, kwargs_schema, ["x", "offs"])
+    _checks.check_quantize_fp8_inputs(m["x"], args["recipe"], args["float8_dtype"], m["offs"], args["swizzle"])
+    rule = _Rule(args, ["x", "offs"])
+    return [rule([data_p, scale_p], x=data_p)
+            for data_p, scale_p in _fp8_row_strategies(args["recipe"], m["x"].dim(), m["offs"] is not None,
+                                                       args["swizzle"])]
 
 
 @_register(ops.dequantize_fp8.default)
-def dequantize_fp8_strategy(op_schema: OpSchema) -> StrategyType:
-    args = _schema_args(op_schema)
-    data, scale, offs = _metas(args, ["data", "scale", "offs"])
-    recipe, swizzle = args["recipe"], args["swizzle"]
-    _checks.check_dequantize_fp8_inputs(data, scale, recipe, args["out_dtype"], offs, swizzle)
-    strategies = [([R], {})]
-    for data_p, scale_p in _fp8_row_strategies(recipe, data.dim(), offs is not None, swizzle):
-        strategies.append(([data_p], {"data": data_p, "scale": scale_p}))
-    return expand_or_refuse("dequantize_fp8", op_schema, strategies,
-                            _fp8_why_not("dequantize_fp8", "data", recipe, data.dim(), swizzle), {})
+def dequantize_fp8_single_dim_strategy(op, args_schema, kwargs_schema):
+    args, m = _args(op, args_schema, kwargs_schema, ["data", "scale", "offs"])
+    _checks.check_dequantize_fp8_inputs(m["data"], m["scale"], args["recipe"], args["out_dtype"], m["offs"],
+                                        args["swizzle"])
+    rule = _Rule(args, ["data", "scale", "offs"])
+    return [rule([data_p], data=data_p, scale=scale_p)
+            for data_p, scale_p in _fp8_row_strategies(args["recipe"], m["data"].dim(), m["offs"] is not None,
+                                                       args["swizzle"])]
 
 
 @_register(ops.swizzle_mx_scale.default)
-def swizzle_mx_scale_strategy(op_schema: OpSchema) -> StrategyType:
-    args = _schema_args(op_schema)
-    scale, offs = _metas(args, ["scale", "offs"])
-    _checks.check_swizzle_mx_scale_inputs(scale, offs, args["dim"])
+def swizzle_mx_scale_single_dim_strategy(op, args_schema, kwargs_schema):
+    args, m = _args(op, args_schema, kwargs_schema, ["scale", "offs"])
+    _checks.check_swizzle_mx_scale_inputs(m["scale"], m["offs"], args["dim"])
+    return []  # replicated only
+
+
+def _explain_swizzle_mx_scale(args: dict):
     reason = "the blocked layout moves every group's scales by the sizes of the groups before it"
-    why_not = {("scale", 0): reason, ("scale", 1): reason, ("offs", 0): "every rank needs every group boundary"}
-    return expand_or_refuse("swizzle_mx_scale", op_schema, [([R], {})], why_not, {})
+    return {("scale", 0): reason, ("scale", 1): reason, ("offs", 0): _OFFS_REPLICATED}, {}
+
+
+def _explain_unpermute_backward(args: dict):
+    return {("permuted", 0): _ROWS_OF_ALL}, _UNPERMUTE_DIMS
+
+
+for _op, _explain in [
+    (ops.grouped_mm.default, _explain_grouped_mm),
+    (ops.scaled_grouped_mm.default, _explain_scaled_grouped_mm),
+    (ops.grouped_mm_gather.default, _explain_grouped_mm_gather),
+    (ops.router_topk.default, _explain_router_topk),
+    (ops.permute.default, _explain_permute),
+    (ops.unpermute.default, _explain_unpermute),
+    (ops.unpermute_backward.default, _explain_unpermute_backward),
+    (ops.expert_mlp.default, _explain_expert_mlp),
+    (ops.expert_mlp_backward.default, _explain_expert_mlp),
+    (ops.quantize_fp8.default, _explain_fp8("x")),
+    (ops.dequantize_fp8.default, _explain_fp8("data")),
+    (ops.swizzle_mx_scale.default, _explain_swizzle_mx_scale),
+]:
+    guard_placements(_op, _explain)

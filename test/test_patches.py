@@ -634,65 +634,46 @@ def test_patched_fp8_opinfo(tree, aten):
 
 
 def test_patched_strategy_matches_ours(tree, meta, monkeypatch):
-    """The generated aten._grouped_mm strategy decides as the in-repo one."""
-    import torch.distributed as dist
+    """The patched aten._grouped_mm single-dim strategy (_matrix_ops.py) gives
+    the in-repo one's rules, and rejects bad inputs with the same message."""
     import torch._meta_registrations as upstream_meta
-    from torch.distributed.device_mesh import init_device_mesh
-    from torch.distributed.tensor import Replicate, Shard
-    from torch.distributed.tensor._dtensor_spec import DTensorSpec, TensorMeta
-    from torch.distributed.tensor._op_schema import OpSchema, OpSpec, OpStrategy
-    from torch.distributed.tensor._ops import utils
-    from torch.testing._internal.distributed.fake_pg import FakeStore
+    from torch.distributed.tensor._dtensor_spec import TensorMeta
+    from torch.distributed.tensor._ops import single_dim_strategy
 
-    from torch_moe_ops.distributed.grouped_mm_strategy import grouped_mm_strategy
+    from torch_moe_ops.distributed.grouped_mm_strategy import grouped_mm_single_dim_strategy as ours
 
-    # Its imports resolve to the patched meta helpers; registering it would
-    # replace the wheel's aten._grouped_mm strategy for the whole session.
+    # Its imports resolve to the patched meta helpers; registering its
+    # strategies would replace the wheel's for the whole session.
     for name in manifest.CHECK_NAMES.values():
         monkeypatch.setattr(upstream_meta, name, meta[name], raising=False)
-    monkeypatch.setattr(utils, "register_op_strategy", lambda op, **kwargs: (lambda fn: fn))
-    patched = load_module(os.path.join(tree, "torch/distributed/tensor/_ops/_grouped_mm_ops.py"),
-                          "patched_grouped_mm_ops").grouped_mm_strategy
+    monkeypatch.setattr(single_dim_strategy, "register_single_dim_strategy", lambda *a, **k: (lambda fn: fn))
+    # In its package, for its relative imports.
+    patched = load_module(os.path.join(tree, "torch/distributed/tensor/_ops/_matrix_ops.py"),
+                          "torch.distributed.tensor._ops._patched_matrix_ops").grouped_mm_single_dim_strategy
 
-    dist.init_process_group("fake", store=FakeStore(), rank=0, world_size=4)
-    try:
-        mesh = init_device_mesh("cpu", (2, 2))
+    def metas(*tensors):
+        return tuple(None if t is None else TensorMeta(t.shape, t.stride(), t.dtype) for t in tensors)
 
-        def arg(t, placement):
-            spec = DTensorSpec(mesh, (placement, Replicate()), TensorMeta(t.shape, t.stride(), t.dtype))
-            return OpStrategy([OpSpec(spec)])
-
-        offs = torch.tensor([2, 4, 6, 8], dtype=torch.int32)
-        # (mat_a, mat_b, offs, bias), placements of mat_a and mat_b on mesh dim 0,
-        # and the strategies offered per mesh dim (squared on the 2 x 2 mesh).
-        cases = [
-            ((torch.empty(8, 8), torch.empty(4, 8, 6), offs, None), (Shard(1), Shard(1)), 3),  # R, N, K
-            ((torch.empty(4, 4, 8), torch.empty(8, 8), offs, torch.empty(4, 8)), (Shard(1), Replicate()), 2),  # R, M
-            ((torch.empty(4, 8), torch.empty(8, 4), offs, None), (Shard(0), Replicate()), 3),  # R, M, N
-            ((torch.empty(4, 4, 8), torch.empty(4, 8, 8), None, torch.empty(4, 8)), (Shard(0), Shard(0)),
-             4),  # R, G, M, N
-        ]
-        for tensors, (pa, pb), per_dim in cases:
-            args = [arg(tensors[0], pa), arg(tensors[1], pb)] + [
-                arg(t, Replicate()) if t is not None else None for t in tensors[2:]]
-            decisions = []
-            for op, strategy in ((torch.ops.moe_ops.grouped_mm.default, grouped_mm_strategy),
-                                 (torch.ops.aten._grouped_mm.default, patched)):
-                result = strategy(OpSchema(op, tuple(args), {}))
-                decisions.append([str(s) for s in result.strategies])
-            assert decisions[0] == decisions[1]
-            assert len(decisions[0]) == per_dim ** 2
-        # Both refuse a sharding along offs' groups with the same message.
-        args = [arg(torch.empty(4, 3, 8), Replicate()), arg(torch.empty(8, 8), Shard(1)), arg(offs, Replicate())]
-        messages = []
-        for op, strategy in ((torch.ops.moe_ops.grouped_mm.default, grouped_mm_strategy),
-                             (torch.ops.aten._grouped_mm.default, patched)):
-            with pytest.raises(ValueError, match="offs splits this dimension into groups") as info:
-                strategy(OpSchema(op, tuple(args), {}))
-            messages.append(str(info.value))
-        assert messages[0] == messages[1]
-    finally:
-        dist.destroy_process_group()
+    offs = torch.tensor([2, 4, 6, 8], dtype=torch.int32)
+    cases = [
+        metas(torch.empty(8, 8), torch.empty(4, 8, 6), offs),
+        metas(torch.empty(8, 8), torch.empty(4, 8, 6), offs, torch.empty(4, 6)),
+        metas(torch.empty(4, 4, 8), torch.empty(8, 8), offs, torch.empty(4, 8)),
+        metas(torch.empty(4, 8), torch.empty(8, 4), offs),
+        metas(torch.empty(4, 4, 8), torch.empty(4, 8, 8)),
+        metas(torch.empty(4, 4, 8), torch.empty(4, 8, 8), None, torch.empty(4, 8)),
+    ]
+    for args in cases:
+        rules = ours(torch.ops.moe_ops.grouped_mm.default, args, {})
+        assert repr(patched(torch.ops.aten._grouped_mm.default, args, {})) == repr(rules)
+    # Both reject mismatched operands with the checks' message.
+    bad = metas(torch.empty(8, 5), torch.empty(4, 6, 8), offs)
+    messages = []
+    for op, strategy in ((torch.ops.moe_ops.grouped_mm.default, ours), (torch.ops.aten._grouped_mm.default, patched)):
+        with pytest.raises(ValueError, match="contraction sizes differ") as info:
+            strategy(op, bad, {})
+        messages.append(str(info.value))
+    assert messages[0] == messages[1]
 
 
 # (d) ----------------------------------------------------------------------

@@ -41,10 +41,12 @@ def _rand():
 
 
 def _dt(mesh, t, p):
-    """t as a DTensor placed p, without communication (gloo moves no float8)."""
+    """t as a DTensor placed p (one placement, or a tuple of one per mesh
+    dimension without Partial), without communication (gloo moves no float8)."""
     if isinstance(p, Partial):  # rank 0 holds it all, the others zeros: an exact sum
         return DTensor.from_local(t if dist.get_rank() == 0 else torch.zeros_like(t), mesh, [p], run_check=False)
-    return distribute_tensor(t, mesh, [p], src_data_rank=None)
+    placements = list(p) if isinstance(p, tuple) else [p] * mesh.ndim if isinstance(p, Replicate) else [p]
+    return distribute_tensor(t, mesh, placements, src_data_rank=None)
 
 
 FAILURES = []
@@ -80,7 +82,8 @@ def _case(mesh, name, fn, full, placements, expected, rtol=1e-13, atol=None, gra
     for i, (o, r, e) in enumerate(zip(out, ref, expected)):
         assert isinstance(o, DTensor), f"{name}: output {i} is not a DTensor"
         if e is not None:
-            assert o.placements == (e,), f"{name}: output {i} placed {o.placements}, expected {e}"
+            e = e if isinstance(e, tuple) else (e,)
+            assert o.placements == e, f"{name}: output {i} placed {o.placements}, expected {e}"
         if o.dtype in FP8:  # the local shard against the same shard of the reference
             want = _dt(mesh, r.detach(), o.placements[0]).to_local()
             assert torch.equal(o.to_local().view(torch.uint8), want.view(torch.uint8)), f"{name}: output {i}"
@@ -138,6 +141,29 @@ def _grouped_mm_cases(mesh):
         ("2d2d N", dict(mat_a=r(3, rows), mat_b=r(rows, N), offs=offs, bias=r(G, N)),
          dict(mat_b=Shard(1), bias=Shard(1)), Shard(2)),
     ]
+    # Upstream's Partial rules (grouped_mm is linear in each operand), the
+    # bias Partial with them or with a K split so that it is added once.
+    for layout, a, b, o in [("2d3d", r(rows, K), r(G, K, N), offs), ("3d2d", r(G, 3, K), r(K, rows), offs),
+                            ("2d2d", r(3, rows), r(rows, N), offs), ("3d3d", r(G, 3, K), r(G, K, N), None)]:
+        full = dict(mat_a=a, mat_b=b, offs=o)
+        cases.append((f"{layout} mat_a Partial", full, dict(mat_a=P), P))
+        cases.append((f"{layout} mat_b Partial, bias Partial", {**full, "bias": r(G, b.shape[-1])},
+                      dict(mat_b=P, bias=P), P))
+        # A Replicate bias is never turned Partial (DTensor would divide it by
+        # the mesh size): the Partial operand is reduced instead.
+        cases.append((f"{layout} mat_a Partial, bias Replicate", {**full, "bias": r(G, b.shape[-1])},
+                      dict(mat_a=P), Replicate()))
+    cases += [
+        ("2d3d K, bias Partial", dict(mat_a=r(rows, K), mat_b=r(G, K, N), offs=offs, bias=r(G, N)),
+         dict(mat_a=Shard(1), mat_b=Shard(1), bias=P), P),
+        ("3d3d K, bias Partial", dict(mat_a=r(G, 3, K), mat_b=r(G, K, N), bias=r(G, N)),
+         dict(mat_a=Shard(2), mat_b=Shard(1), bias=P), P),
+        ("3d2d K, bias Partial", dict(mat_a=r(G, 3, K), mat_b=r(K, rows), offs=offs, bias=r(G, rows)),
+         dict(mat_a=Shard(2), mat_b=Shard(0), bias=P), P),
+        # A Replicate operand is chunked where the sharding of the other asks
+        # (no communication): mat_b follows mat_a's K split.
+        ("2d3d K from mat_a alone", dict(mat_a=r(rows, K), mat_b=r(G, K, N), offs=offs), dict(mat_a=Shard(1)), P),
+    ]
     for name, full, placements, expected in cases:
         _case(mesh, "grouped_mm " + name, mm, full, placements, [expected])
 
@@ -159,6 +185,14 @@ def _grouped_mm_cases(mesh):
         ("K and N together", dict(mat_a=r(rows, K), mat_b=r(G, K, N), offs=offs),
          dict(mat_a=Shard(1), mat_b=Shard(2)), r"no sharding of this op keeps mat_a Shard\(1\), mat_b Shard\(2\)"),
     ]
+    refused += [
+        ("3d3d K with bias", dict(mat_a=r(G, 3, K), mat_b=r(G, K, N), bias=r(G, N)),
+         dict(mat_a=Shard(2), mat_b=Shard(1)),
+         r"mat_a placed Shard\(2\) \(its K dimension\) on mesh dimension 0 cannot be honoured with bias placed "
+         r"Replicate\(\): .*place the bias Partial\(\)"),
+        ("3d2d experts, bias", dict(mat_a=r(G, 3, K), mat_b=r(K, rows), offs=offs, bias=r(G, rows)),
+         dict(bias=Shard(0)), r"bias placed Shard\(0\) \(its G \(experts\) dimension\)"),
+    ]
     for name, full, placements, match in refused:
         _refused(mesh, "grouped_mm " + name, mm, full, placements, "grouped_mm: " + match)
 
@@ -178,6 +212,14 @@ def _gather_cases(mesh):
     full = dict(mat_a=r(4, 6), mat_b=r(7, N), offs=offs, a_index=index, b_index=index.clamp(min=0) + 1)
     _case(mesh, "gather 2d2d M", gather, full, dict(mat_a=Shard(0)), [Shard(1)])
     _case(mesh, "gather 2d2d N", gather, {**full, "bias": r(4, N)}, dict(mat_b=Shard(1), bias=Shard(1)), [Shard(2)])
+    # Linear in each operand, as grouped_mm: Partial in, Partial out.
+    full = dict(mat_a=r(6, K), mat_b=r(4, K, N), offs=offs, a_index=index, bias=r(4, N))
+    _case(mesh, "gather 2d3d mat_a Partial, bias Partial", gather, full, dict(mat_a=Partial(), bias=Partial()),
+          [Partial()])
+    _case(mesh, "gather 2d3d K, bias Partial", gather, full, dict(mat_a=Shard(1), mat_b=Shard(1), bias=Partial()),
+          [Partial()])
+    _refused(mesh, "gather 2d3d K, bias Replicate", gather, full, dict(mat_a=Shard(1), mat_b=Shard(1)),
+             r"grouped_mm_gather: mat_a placed Shard\(1\).*with bias placed Replicate\(\).*add the bias")
     _refused(mesh, "gather tokens", gather, dict(mat_a=r(6, K), mat_b=r(4, K, N), offs=offs, a_index=index),
              dict(mat_a=Shard(0)), r"grouped_mm_gather: mat_a placed Shard\(0\) \(its T \(tokens")
     _refused(mesh, "gather index", gather, dict(mat_a=r(6, K), mat_b=r(4, K, N), offs=offs, a_index=index),
@@ -245,11 +287,25 @@ def _expert_mlp_cases(mesh):
           dict(**route, gate_up_proj=r(E, 2 * I, H).transpose(-2, -1), down_proj=r(E, I, H),
                activation="swiglu", gate_up_interleaved=True), dict(gate_up_proj=Shard(2), down_proj=Shard(1)),
           [Partial()])
+    _case(mesh, "expert_mlp I, gelu, down_bias Partial", mlp,
+          dict(**route, gate_up_proj=r(E, H, I), down_proj=r(E, I, H), down_bias=r(E, H), activation="gelu"),
+          dict(gate_up_proj=Shard(2), down_proj=Shard(1), down_bias=Partial()), [Partial()])
+    _refused(mesh, "expert_mlp I, down_bias Replicate", mlp,
+             dict(**route, gate_up_proj=r(E, H, I), down_proj=r(E, I, H), down_bias=r(E, H), activation="gelu"),
+             dict(gate_up_proj=Shard(2), down_proj=Shard(1)),
+             r"expert_mlp: gate_up_proj placed Shard\(2\).*with down_bias placed Replicate\(\).*Partial")
     _case(mesh, "expert_mlp replicated", mlp,
           dict(**route, gate_up_proj=r(E, H, 2 * I), down_proj=r(E, I, H), down_bias=r(E, H)), {}, [Replicate()])
     gated = dict(**route, gate_up_proj=r(E, H, 2 * I), down_proj=r(E, I, H))
     _refused(mesh, "expert_mlp I, swiglu halves", mlp, gated, dict(gate_up_proj=Shard(2), down_proj=Shard(1)),
              r"expert_mlp: gate_up_proj placed Shard\(2\).*gate_up_interleaved=True")
+    # I = 5 splits into whole (gate, up) pairs neither 2 nor 4 ways: the
+    # I-sharded rule exists, its full-mesh filter rejects every shard layout.
+    _refused(mesh, "expert_mlp I, swiglu interleaved, uneven I", mlp,
+             dict(**route, gate_up_proj=r(E, 10, H).transpose(-2, -1), down_proj=r(E, 5, H), activation="swiglu",
+                  gate_up_interleaved=True), dict(gate_up_proj=Shard(2), down_proj=Shard(1)),
+             r"expert_mlp: the placements gate_up_proj Shard\(2\), down_proj Shard\(1\) cannot be honoured: "
+             r"With gate_up_interleaved, each rank's slice of I must be whole \(gate, up\) column pairs")
     _refused(mesh, "expert_mlp experts", mlp, gated, dict(gate_up_proj=Shard(0), down_proj=Shard(0)),
              r"expert_mlp: gate_up_proj placed Shard\(0\) \(its E \(experts\).*expert parallelism")
     _refused(mesh, "expert_mlp tokens", mlp, gated, dict(dst_rows=Shard(0), weights=Shard(0)),
@@ -321,11 +377,50 @@ def _scaled_grouped_mm_cases(mesh):
     basemx = dict(mat_a=mx_a, mat_b=mx_bt.transpose(-2, -1), scale_a=mx_as, scale_b=mx_bs, out_dtype=torch.float32)
     _case(mesh, "scaled_grouped_mm mx 3d3d experts", sgm, basemx,
           dict(mat_a=Shard(0), mat_b=Shard(0), scale_a=Shard(0), scale_b=Shard(0)), [Shard(0)], **tol)
+    _case(mesh, "scaled_grouped_mm mx 3d3d N", sgm, basemx, dict(mat_b=Shard(2), scale_b=Shard(1)), [Shard(2)],
+          **tol)
+    _case(mesh, "scaled_grouped_mm 2d3d K, bias Partial", sgm, {**base, "bias": r(4, Nq).float()},
+          dict(mat_a=Shard(1), mat_b=Shard(1), bias=Partial()), [Partial()], **tol)
+    # A replicated scale is chunked to follow its operand (no communication).
+    _case(mesh, "scaled_grouped_mm mx 3d3d N, scale_b chunked", sgm, basemx, dict(mat_b=Shard(2)), [Shard(2)],
+          **tol)
     _refused(mesh, "scaled_grouped_mm mx K", sgm, basemx, dict(mat_a=Shard(2), mat_b=Shard(1)),
              r"scaled_grouped_mm: mat_a placed Shard\(2\).*blocks along K")
 
 
+def _mesh_2d_cases(mesh):
+    """A 2 x 2 mesh: the single-dim rules expanded over both mesh dimensions
+    (experts on one, M, N or K on the other), Partial on one dimension only."""
+    r = _rand()
+    R = Replicate()
+    mm = ops.grouped_mm
+    _case(mesh, "grouped_mm 2-D mesh 3d3d experts x M", mm,
+          dict(mat_a=r(4, 4, K), mat_b=r(4, K, N), bias=r(4, N)),
+          dict(mat_a=(Shard(0), Shard(1)), mat_b=(Shard(0), R), bias=(Shard(0), R)), [(Shard(0), Shard(1))])
+    _case(mesh, "grouped_mm 2-D mesh 3d3d experts x K", mm, dict(mat_a=r(4, 3, K), mat_b=r(4, K, N)),
+          dict(mat_a=(Shard(0), Shard(2)), mat_b=(Shard(0), Shard(1))), [(Shard(0), Partial())])
+    offs = _offsets(2, 0, 3, 3)
+    _case(mesh, "grouped_mm 2-D mesh 2d3d N x K", mm, dict(mat_a=r(8, K), mat_b=r(4, K, N), offs=offs),
+          dict(mat_a=(R, Shard(1)), mat_b=(Shard(2), Shard(1))), [(Shard(1), Partial())])
+    _refused(mesh, "grouped_mm 2-D mesh 2d3d experts", mm, dict(mat_a=r(8, K), mat_b=r(4, K, N), offs=offs),
+             dict(mat_b=(R, Shard(0))),
+             r"grouped_mm: mat_b placed Shard\(0\) \(its G \(experts\) dimension\) on mesh dimension 1")
+    T, E, H, I = 8, 4, 6, 4
+    tokens = r(T, H)
+    _, ids, _ = ops.router_topk(r(T, E), 2)
+    _, dst_rows, src_rows, eoffs = ops.permute(tokens[:, :0], ids, E)
+    mlp = lambda **kw: ops.expert_mlp(**kw)[0]  # noqa: E731
+    full = dict(tokens=tokens, src_rows=src_rows, offs=eoffs, dst_rows=dst_rows, weights=r(T, 2),
+                gate_up_proj=r(E, 2 * I, H).transpose(-2, -1), down_proj=r(E, I, H), activation="swiglu",
+                gate_up_interleaved=True)
+    # I split over both mesh dimensions: 4 slices of whole (gate, up) pairs.
+    _case(mesh, "expert_mlp 2-D mesh I x I", mlp, full,
+          dict(gate_up_proj=(Shard(2), Shard(2)), down_proj=(Shard(1), Shard(1))), [(Partial(), Partial())])
+
+
 def check_all_strategies():
+    if dist.get_world_size() == 4:
+        _mesh_2d_cases(init_device_mesh("cpu", (2, 2)))
     mesh = init_device_mesh("cpu", (dist.get_world_size(),))
     _grouped_mm_cases(mesh)
     _gather_cases(mesh)
