@@ -221,11 +221,14 @@ def test_triton_op_eager_and_traced():
 def test_autotuner_configs_are_the_compiled_ones():
     """The configs the autotuners may pick (per dtype class and stage) are
     those test_triton_aot compiles (aot.configs_for_variant reads configs_for)."""
-    assert tex._autotuned(False, 0).configs == tex.CONFIGS_16BIT_GATE_UP == tex.configs_for(torch.bfloat16, 0)
-    assert tex._autotuned(False, 1).configs == tex.CONFIGS_16BIT == tex.configs_for(torch.float16, 1)
-    assert tex._autotuned(False, 2).configs == tex.CONFIGS_16BIT_DGRAD == tex.configs_for(torch.bfloat16, 2)
-    assert tex._autotuned(True, 0).configs == tex.CONFIGS_FP32_GATE_UP == tex.configs_for(torch.float32, 2)
-    assert tex._autotuned(True, 1).configs == tex.CONFIGS_FP32
+    bf16, fp16, fp32, fp64 = torch.bfloat16, torch.float16, torch.float32, torch.float64
+    assert tex._autotuned(bf16, 0).configs == tex.CONFIGS_16BIT_GATE_UP == tex.configs_for(bf16, 0)
+    assert tex._autotuned(fp16, 1) is tex._autotuned(bf16, 1)
+    assert tex._autotuned(fp16, 1).configs == tex.CONFIGS_16BIT == tex.configs_for(fp16, 1)
+    assert tex._autotuned(bf16, 2).configs == tex.CONFIGS_16BIT_DGRAD == tex.configs_for(bf16, 2)
+    assert tex._autotuned(fp32, 0).configs == tex.CONFIGS_FP32_GATE_UP == tex.configs_for(fp32, 2)
+    assert tex._autotuned(fp32, 1).configs == tex.CONFIGS_FP32
+    assert all(tex._autotuned(fp64, s).configs == tex.CONFIGS_FP64 for s in range(3))
 
 
 # ------------------------------------------------------------------ backward

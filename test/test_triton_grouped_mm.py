@@ -233,8 +233,8 @@ def test_rejects_what_grouped_mm_rejects():
         triton_grouped_mm(a, b)
     with pytest.raises(ValueError, match="out_dtype must be the input dtype"):
         triton_grouped_mm(a, b, _offs([2, 3], "cpu"), out_dtype=torch.bfloat16)
-    with pytest.raises(NotImplementedError, match="float64 inputs are not supported"):
-        triton_grouped_mm(a.double(), b.double(), _offs([2, 3], "cpu"))
+    with pytest.raises(NotImplementedError, match="torch.int32 inputs are not supported"):
+        triton_grouped_mm(a.int(), b.int(), _offs([2, 3], "cpu"))
 
 
 def test_triton_op_eager_and_traced():
@@ -285,4 +285,5 @@ def test_autotuner_configs_are_the_compiled_ones():
     """The configs the autotuners may pick are those test_triton_aot compiles."""
     assert tgm._autotuned_16bit.configs == tgm.CONFIGS_16BIT == tgm.configs_for(torch.bfloat16)
     assert tgm._autotuned_fp32.configs == tgm.CONFIGS_FP32 == tgm.configs_for(torch.float32)
+    assert tgm._autotuned_fp64.configs == tgm.CONFIGS_FP64 == tgm.configs_for(torch.float64)
 
