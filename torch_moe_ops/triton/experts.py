@@ -412,9 +412,6 @@ def _check(tokens, src_rows, offs, dst_rows, weights, gate_up_proj, down_proj, g
            activation, gate_up_interleaved):
     _checks.check_expert_mlp_inputs(tokens, src_rows, offs, dst_rows, weights, gate_up_proj, down_proj,
                                     gate_up_bias, down_bias, activation, gate_up_interleaved)
-    if tokens.dtype not in gm.SUPPORTED_DTYPES:
-        raise NotImplementedError(f"triton_expert_mlp: {tokens.dtype} inputs are not supported (float16, bfloat16, "
-                                  "float32, float64 are)")
 
 
 def stage_args(stage: int, tokens, src_rows, offs, dst_rows, weights, gate_up_proj, down_proj, gate_up_bias,

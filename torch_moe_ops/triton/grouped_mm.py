@@ -48,9 +48,6 @@ from .. import _checks
 LAYOUT_2D3D, LAYOUT_3D2D, LAYOUT_2D2D, LAYOUT_3D3D = 0, 1, 2, 3
 _LAYOUTS = {"2d3d": LAYOUT_2D3D, "3d2d": LAYOUT_3D2D, "2d2d": LAYOUT_2D2D, "3d3d": LAYOUT_3D3D}
 
-_TL_DTYPES = {torch.float16: tl.float16, torch.bfloat16: tl.bfloat16, torch.float32: tl.float32,
-              torch.float64: tl.float64}
-SUPPORTED_DTYPES = tuple(_TL_DTYPES)
 
 
 # M (tokens), G and the grid change from call to call: not specialised on (a
@@ -301,9 +298,6 @@ def _prepare(mat_a, mat_b, offs, bias, out_dtype, a_index=None, b_index=None, ga
     else:
         a_shape, b_shape = mat_a, mat_b
         out_dtype = _checks.check_grouped_mm_inputs(mat_a, mat_b, offs, bias, out_dtype)
-    if mat_a.dtype not in SUPPORTED_DTYPES:
-        raise NotImplementedError(f"triton_grouped_mm: {mat_a.dtype} inputs are not supported (float16, bfloat16, "
-                                  "float32, float64 are)")
     layout = _LAYOUTS[_checks.grouped_mm_layout(mat_a, mat_b)]
     size = _checks.grouped_mm_out_size(a_shape, b_shape, offs)
     out = mat_a.new_empty_strided(size, _checks.grouped_mm_out_strides(size, out_dtype, mat_a.device),
