@@ -6,7 +6,13 @@ the compiled (autotuned) Triton kernel; on CPU tensors it runs the same kernel i
 Triton's interpreter, which is how this GPU-less project tests the kernels'
 indexing, masking and scheduling. ``torch.ops.moe_ops_triton.<op>`` are the same
 functions registered with ``torch.library.triton_op``, so torch.compile sees the
-Triton kernels. The ``moe_ops`` ops' CUDA slot is still the C++ entry.
+Triton kernels. ``cuda.py`` makes them the CUDA kernels of ``moe_ops::grouped_mm``,
+``grouped_mm_gather``, ``expert_mlp`` and ``expert_mlp_backward`` (torch.compile
+sees the Triton kernels there too); ``import torch_moe_ops`` registers them.
+
+Nothing here needs the compiled extension (``torch_moe_ops._C``): on a machine
+where it is not built, ``torch_moe_ops.triton`` and ``torch_moe_ops.reference``
+still import and run (benchmarks/gpu/run.py relies on it).
 
 A separate subpackage, not ``ops/``: ``ops/`` holds the public ops' wrappers,
 fake kernels and autograd; this holds kernels that can be timed and swapped in
