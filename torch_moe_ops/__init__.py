@@ -47,11 +47,8 @@ if _C is not None:
         unpermute,
     )
 
-    try:
-        import triton  # noqa: F401
-    except ImportError:  # a torch without Triton (CPU wheels): the grouped GEMMs have no CUDA kernel
-        pass
-    else:
+    # A torch without Triton (CPU wheels): the grouped GEMMs and experts have no CUDA kernel.
+    if importlib.util.find_spec("triton") is not None:
         from .triton import cuda as _triton_cuda
 
         _triton_cuda.register_all()

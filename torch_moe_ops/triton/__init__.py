@@ -19,7 +19,18 @@ fake kernels and autograd; this holds kernels that can be timed and swapped in
 on their own (as torchao keeps ``triton_*`` kernels beside ``torch_*`` ones).
 """
 
-from .experts import triton_expert_mlp, triton_expert_mlp_backward
-from .grouped_mm import triton_grouped_mm, triton_grouped_mm_gather
+import importlib
 
-__all__ = ["triton_expert_mlp", "triton_expert_mlp_backward", "triton_grouped_mm", "triton_grouped_mm_gather"]
+# The kernels' modules import on first use: defining their triton_ops loads
+# torch._inductor, seconds that `import torch_moe_ops` (which imports cuda.py)
+# should not pay.
+_LAZY = {"triton_expert_mlp": "experts", "triton_expert_mlp_backward": "experts",
+         "triton_grouped_mm": "grouped_mm", "triton_grouped_mm_gather": "grouped_mm"}
+
+__all__ = list(_LAZY)
+
+
+def __getattr__(name):
+    if name in _LAZY:
+        return getattr(importlib.import_module(f"{__name__}.{_LAZY[name]}"), name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -25,25 +25,28 @@ host sync) on ``offs``, the gather indices and the routing maps, with the
 messages of the CPU kernels' checks.
 
 Wiring another op is one line, e.g. ``register_cuda_kernel("scaled_grouped_mm",
-fp8.triton_scaled_grouped_mm)``: the function must take the op's arguments
-positionally and a ``_wrap`` keyword through which it passes every kernel it
-launches (the convention of every ``triton_<op>`` here), and the op's C++
-``m.impl`` at the CUDA key must be removed.
+"fp8:triton_scaled_grouped_mm")``: the function (``module:name`` in this
+package, imported on the first call, or a callable) must take the op's
+arguments positionally and a ``_wrap`` keyword through which it passes every
+kernel it launches (the convention of every ``triton_<op>`` here), and the op's
+C++ ``m.impl`` at the CUDA key must be removed.
+
+Registering imports no kernel module: ``import torch_moe_ops`` stays light, and
+the first call on CUDA tensors (or the first trace) imports it.
 """
 
 from __future__ import annotations
 
 import functools
-from typing import Callable, Optional
+import importlib
+from typing import Callable, Optional, Union
 
 import torch
 
 from .. import _checks
-from .experts import triton_expert_mlp, triton_expert_mlp_backward
-from .grouped_mm import triton_grouped_mm, triton_grouped_mm_gather
 
-# Op name -> (value checks, Triton function); what register_cuda_kernel registered.
-REGISTERED: dict[str, tuple[Optional[Callable], Callable]] = {}
+# Op name -> (value checks, Triton function or its "module:name"); what register_cuda_kernel registered.
+REGISTERED: dict[str, tuple[Optional[Callable], Union[Callable, str]]] = {}
 
 _LIB: Optional[torch.library.Library] = None
 
@@ -59,12 +62,23 @@ def _first_tensor(args) -> torch.Tensor:
     return next(a for a in args if isinstance(a, torch.Tensor))
 
 
-def register_cuda_kernel(op: str, fn: Callable, checks: Optional[Callable] = None) -> None:
-    """Makes ``fn`` (a ``triton_<op>`` function) the CUDA kernel of
-    ``moe_ops::<op>``, seen by torch.compile as its Triton kernels. ``checks``
-    (same arguments) runs first: value checks that need the device."""
+@functools.lru_cache(maxsize=None)
+def _resolve(spec: str) -> Callable:
+    """"module:name" in this package, imported on first use."""
+    module, name = spec.split(":")
+    return getattr(importlib.import_module(f"{__package__}.{module}"), name)
+
+
+def register_cuda_kernel(op: str, fn: Union[Callable, str], checks: Optional[Callable] = None) -> None:
+    """Makes ``fn`` (a ``triton_<op>`` function, or its ``"module:name"`` in this
+    package) the CUDA kernel of ``moe_ops::<op>``, seen by torch.compile as its
+    Triton kernels. ``checks`` (same arguments) runs first: value checks that
+    need the device."""
     from torch._subclasses.functional_tensor import FunctionalTensor, FunctionalTensorMode
     from torch._subclasses.fake_tensor import FakeTensor
+
+    def run(*args, **kwargs):
+        return (fn if callable(fn) else _resolve(fn))(*args, **kwargs)
 
     def kernel(*args):
         if checks is not None:
@@ -73,13 +87,13 @@ def register_cuda_kernel(op: str, fn: Callable, checks: Optional[Callable] = Non
         # Triton launches on the current device; a C++ kernel would get this guard from the dispatcher.
         if device.type == "cuda" and device.index is not None and device.index != torch.cuda.current_device():
             with torch.cuda.device(device):
-                return fn(*args)
-        return fn(*args)
+                return run(*args)
+        return run(*args)
 
     def traced(*args):
         if checks is not None:
             checks(*args)
-        return fn(*args, _wrap=torch.library.wrap_triton)
+        return run(*args, _wrap=torch.library.wrap_triton)
 
     def functional_rule(mode, func, types, args, kwargs):
         from torch.export._trace import custom_triton_ops_decomposition_disabled
@@ -177,14 +191,14 @@ def check_expert_mlp_backward(grad_out, tokens, src_rows, offs, dst_rows, weight
 
 def _expert_mlp_backward(*args, _wrap=lambda k: k):
     # The schema's output_mask is a list; the function takes a tuple.
-    return triton_expert_mlp_backward(*args[:-1], tuple(args[-1]), _wrap=_wrap)
+    return _resolve("experts:triton_expert_mlp_backward")(*args[:-1], tuple(args[-1]), _wrap=_wrap)
 
 
 @functools.lru_cache(maxsize=None)
 def register_all() -> None:
     """The CUDA kernels of grouped_mm, grouped_mm_gather, expert_mlp and
     expert_mlp_backward (called once, by ``import torch_moe_ops``)."""
-    register_cuda_kernel("grouped_mm", triton_grouped_mm, check_grouped_mm)
-    register_cuda_kernel("grouped_mm_gather", triton_grouped_mm_gather, check_grouped_mm_gather)
-    register_cuda_kernel("expert_mlp", triton_expert_mlp, check_expert_mlp)
+    register_cuda_kernel("grouped_mm", "grouped_mm:triton_grouped_mm", check_grouped_mm)
+    register_cuda_kernel("grouped_mm_gather", "grouped_mm:triton_grouped_mm_gather", check_grouped_mm_gather)
+    register_cuda_kernel("expert_mlp", "experts:triton_expert_mlp", check_expert_mlp)
     register_cuda_kernel("expert_mlp_backward", _expert_mlp_backward, check_expert_mlp_backward)
