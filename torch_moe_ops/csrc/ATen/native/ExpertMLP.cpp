@@ -1,5 +1,5 @@
-// moe_ops::expert_mlp and its backward (see ExpertMLP.h): device-generic
-// composition of the moe_ops kernels, registered for CPU and CUDA.
+// moe_ops::expert_mlp and its backward (see ExpertMLP.h): the CPU kernels, a
+// composition of the other moe_ops kernels through the dispatcher.
 //
 // What is kept between forward and backward is h (R, N1) plus the inputs;
 // what the backward materialises is bounded by one (R, H) and a few (R, I)
@@ -11,10 +11,10 @@
 // cache-sized instead of (R, N1)-sized, and the bits do not depend on the
 // thread count (chunks are fixed by the shapes, each row computed alone).
 //
-// The CPU kernel of both ops. The CUDA kernels are Triton kernels registered
-// from Python (torch_moe_ops/triton/experts.py, torch_moe_ops/triton/cuda.py),
-// so this composition runs on the host only: it reads the routing's values on
-// the host and splits rows over threads.
+// The CUDA kernels of both ops are Triton kernels registered from Python
+// (torch_moe_ops/triton/experts.py, torch_moe_ops/triton/cuda.py), so this
+// composition runs on the host only: it reads the routing's values on the
+// host and splits rows over threads.
 
 #include <ATen/native/ExpertMLP.h>
 #include <ATen/native/GroupedMM.h>
