@@ -80,31 +80,32 @@ def register_cuda_kernel(op: str, fn: Union[Callable, str], checks: Optional[Cal
     def run(*args, **kwargs):
         return (fn if callable(fn) else _resolve(fn))(*args, **kwargs)
 
-    def kernel(*args):
+    # The dispatcher passes positional arguments (trailing defaults dropped) and keyword-only ones by name.
+    def kernel(*args, **kwargs):
         if checks is not None:
-            checks(*args)
+            checks(*args, **kwargs)
         device = _first_tensor(args).device
         # Triton launches on the current device; a C++ kernel would get this guard from the dispatcher.
         if device.type == "cuda" and device.index is not None and device.index != torch.cuda.current_device():
             with torch.cuda.device(device):
-                return run(*args)
-        return run(*args)
+                return run(*args, **kwargs)
+        return run(*args, **kwargs)
 
-    def traced(*args):
+    def traced(*args, **kwargs):
         if checks is not None:
-            checks(*args)
-        return run(*args, _wrap=torch.library.wrap_triton)
+            checks(*args, **kwargs)
+        return run(*args, **kwargs, _wrap=torch.library.wrap_triton)
 
     def functional_rule(mode, func, types, args, kwargs):
         from torch.export._trace import custom_triton_ops_decomposition_disabled
 
         if any(not issubclass(t, (FakeTensor, FunctionalTensor)) and t is not torch.Tensor for t in types):
             return NotImplemented  # another tensor subclass: let it handle the op
-        schema_args, _ = torch._library.utils.fill_defaults(func._schema, args, kwargs)
+        schema_args, schema_kwargs = torch._library.utils.fill_defaults(func._schema, args, kwargs)
         if custom_triton_ops_decomposition_disabled() or _first_tensor(schema_args).device.type != "cuda":
             return mode.__torch_dispatch__(func, types, args, kwargs)
         with mode:
-            return traced(*schema_args)
+            return traced(*schema_args, **schema_kwargs)
 
     lib = _library()
     lib.impl(op, kernel, "CUDA")
