@@ -44,8 +44,9 @@ class TestGroupedMMGather(TestCase):
 
 
 instantiate_cpu_and_cuda(TestGroupedMMGather, globals(), gpu_adds=(
-    "the CUDA entry on CUDA tensors (the gather and upstream's grouped GEMM on the device); "
-    "on CPU tensors it runs in test_cuda_entries.py"))
+    "the CUDA kernel on CUDA tensors: the Triton grouped GEMM compiled (the gather in its loads, wgmma, TMA), "
+    "device-side asserts on the indices and offs; it runs in Triton's interpreter on CPU tensors in "
+    "test_cuda_entries.py and test_triton_grouped_mm.py"))
 
 
 # --------------------------------------------------------------- expert_mlp
@@ -384,8 +385,9 @@ class TestExpertMLP(TestCase):
 
 
 instantiate_cpu_and_cuda(TestExpertMLP, globals(), gpu_adds=(
-    "the composition over the CUDA kernels of the ops it calls; its device path runs on CPU tensors in "
-    "test_cuda_entries.py"))
+    "the CUDA kernels on CUDA tensors: the fused Triton kernels compiled (gate/up with the activation "
+    "epilogue, down with the weighted slot rows, combine; the backward's), device-side asserts on the routing; "
+    "they run in Triton's interpreter on CPU tensors in test_cuda_entries.py and test_triton_experts.py"))
 
 
 def test_compile_fullgraph_backward_no_recompile():

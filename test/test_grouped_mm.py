@@ -154,8 +154,9 @@ class TestGroupedMM(TestCase):
 
 
 instantiate_cpu_and_cuda(TestGroupedMM, globals(), gpu_adds=(
-    "the CUDA entry on CUDA tensors: upstream's grouped GEMM (bf16, sm_90+), the zero-uncovered kernel after it, "
-    "device-side asserts on offs; its device-generic fallback runs on CPU tensors in test_cuda_entries.py"))
+    "the CUDA kernel on CUDA tensors: the Triton grouped GEMM compiled (wgmma, TMA, the autotuner), "
+    "device-side asserts on offs; it runs in Triton's interpreter on CPU tensors in test_cuda_entries.py and "
+    "test_triton_grouped_mm.py"))
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])

@@ -109,6 +109,7 @@ def test_no_spills_and_resources_fit_sm90(report):
 def test_matrix_instructions(report):
     """bf16/fp16 and tf32: wgmma in the PTX, HGMMA in the SASS, the K loop
     pipelined with cp.async (LDGSTS). Exact fp32: no tensor cores (FFMA).
+    float64: DMMA (the fp64 tensor cores' mma.sync).
     The gated gate/up GEMM issues two per K step (gate and up accumulators);
     the combine none."""
     for k in report["kernels"]:
@@ -119,7 +120,9 @@ def test_matrix_instructions(report):
             assert k["UTMALDG"] == 0 and k["global_scratch"] == 0, where
             continue
         exact_fp32 = k["dtype"] == "float32" and not k["variant"].endswith("tf32")
-        if exact_fp32:
+        if k["dtype"] == "float64":  # Hopper's fp64 tensor cores (DMMA), no wgmma
+            assert k["HGMMA"] == k["ptx_wgmma"] == k["HMMA"] == 0 and k["DMMA"] > 0, where
+        elif exact_fp32:
             assert k["HGMMA"] == k["ptx_wgmma"] == k["HMMA"] == 0 and k["FFMA"] > 0, where
         else:
             steps = gemms * k["config"]["BLOCK_K"] // (8 if k["dtype"] == "float32" else 16)

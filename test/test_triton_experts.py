@@ -33,7 +33,7 @@ from opinfo_experts import _expert_routing, expert_mlp_opinfo, sample_inputs_exp
 DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
 PRODUCT_DTYPES = [(d, t) for d in DEVICES for t in (torch.float32, torch.float16)
                   + ((torch.bfloat16,) if d == "cuda" else ())]
-UNIT_ROUNDOFF = {torch.float32: 2.0**-24, torch.float16: 2.0**-11, torch.bfloat16: 2.0**-8}
+UNIT_ROUNDOFF = {torch.float64: 2.0**-53, torch.float32: 2.0**-24, torch.float16: 2.0**-11, torch.bfloat16: 2.0**-8}
 U32 = 2.0**-24
 # Largest |f'| of the activations' nonlinear factors: silu' in [-0.100, 1.100] (also d/dg of
 # g * sigmoid(alpha * g), which is silu'(alpha * g)), gelu' in [-0.17, 1.13]; clamps and relu: 1.
@@ -74,6 +74,7 @@ def expert_mlp_error_bounds(tokens, src_rows, offs, dst_rows, weights, gate_up_p
     they must be exact."""
     dtype = tokens.dtype
     ud = UNIT_ROUNDOFF[dtype]
+    U32 = 2.0**-53 if dtype == torch.float64 else 2.0**-24  # the kernels' accumulation: fp64 for fp64 inputs
     args64 = [_f64(a) for a in (tokens, src_rows, offs, dst_rows, weights, gate_up_proj, down_proj, gate_up_bias,
                                 down_bias)]
     out, h = torch_expert_mlp(*args64, activation, gate_up_interleaved, swiglu_alpha, swiglu_limit)
@@ -200,8 +201,24 @@ def test_rejects_what_expert_mlp_rejects():
     args, kwargs = _multi_tile_case(torch.float32, "swiglu", False, bias=False, k_major=True)
     with pytest.raises(ValueError, match='activation must be one of .* got "tanh"'):
         triton_expert_mlp(*args, activation="tanh")
-    with pytest.raises(NotImplementedError, match="float64 inputs are not supported"):
-        triton_expert_mlp(*[_f64(a) for a in args])
+
+
+def test_float64_forward_and_backward(activation="swiglu_clamped", interleaved=True):
+    """float64 inputs: accumulators, activations and slot rows in float64 (the
+    ops take float64: gradcheck on a GPU runs these kernels). Forward within
+    twice the bound derived above with u = 2^-53 (the kernels' rounding and
+    the float64 reference's own, each within the bound); the six gradients
+    within check_backward's float64 tolerance. One case (the fullest epilogue:
+    interleaved gated clamps and biases), ~18 s in the interpreter."""
+    args, kwargs = _multi_tile_case(torch.float64, activation, interleaved, bias=True, k_major=True)
+    args = (*args[:4], args[4].double(), *args[5:])  # weights in the tokens' dtype (fp32 weights widen exactly)
+    out, h = triton_expert_mlp(*args, **kwargs)
+    exact_out, exact_h, tol_out, tol_h = expert_mlp_error_bounds(*args, **kwargs)
+    assert out.dtype == h.dtype == torch.float64
+    assert_within(h, exact_h, 2 * tol_h, "h")
+    assert_within(out, exact_out, 2 * tol_out, "out")
+    assert (out - exact_out).abs().max() < 1e-12  # not a float32 path
+    check_backward(args, kwargs)
 
 
 def test_triton_op_eager_and_traced():
@@ -221,11 +238,14 @@ def test_triton_op_eager_and_traced():
 def test_autotuner_configs_are_the_compiled_ones():
     """The configs the autotuners may pick (per dtype class and stage) are
     those test_triton_aot compiles (aot.configs_for_variant reads configs_for)."""
-    assert tex._autotuned(False, 0).configs == tex.CONFIGS_16BIT_GATE_UP == tex.configs_for(torch.bfloat16, 0)
-    assert tex._autotuned(False, 1).configs == tex.CONFIGS_16BIT == tex.configs_for(torch.float16, 1)
-    assert tex._autotuned(False, 2).configs == tex.CONFIGS_16BIT_DGRAD == tex.configs_for(torch.bfloat16, 2)
-    assert tex._autotuned(True, 0).configs == tex.CONFIGS_FP32_GATE_UP == tex.configs_for(torch.float32, 2)
-    assert tex._autotuned(True, 1).configs == tex.CONFIGS_FP32
+    bf16, fp16, fp32, fp64 = torch.bfloat16, torch.float16, torch.float32, torch.float64
+    assert tex._autotuned(bf16, 0).configs == tex.CONFIGS_16BIT_GATE_UP == tex.configs_for(bf16, 0)
+    assert tex._autotuned(fp16, 1) is tex._autotuned(bf16, 1)
+    assert tex._autotuned(fp16, 1).configs == tex.CONFIGS_16BIT == tex.configs_for(fp16, 1)
+    assert tex._autotuned(bf16, 2).configs == tex.CONFIGS_16BIT_DGRAD == tex.configs_for(bf16, 2)
+    assert tex._autotuned(fp32, 0).configs == tex.CONFIGS_FP32_GATE_UP == tex.configs_for(fp32, 2)
+    assert tex._autotuned(fp32, 1).configs == tex.CONFIGS_FP32
+    assert all(tex._autotuned(fp64, s).configs == tex.CONFIGS_FP64 for s in range(3))
 
 
 # ------------------------------------------------------------------ backward

@@ -31,6 +31,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 import torch_moe_ops  # noqa: F401  (moe_ops, for the OpInfo modules)
+from torch_moe_ops import _checks
 from torch_moe_ops.reference import torch_grouped_mm
 from torch_moe_ops.triton import triton_grouped_mm, triton_grouped_mm_gather
 from torch_moe_ops.triton import grouped_mm as tgm
@@ -233,8 +234,29 @@ def test_rejects_what_grouped_mm_rejects():
         triton_grouped_mm(a, b)
     with pytest.raises(ValueError, match="out_dtype must be the input dtype"):
         triton_grouped_mm(a, b, _offs([2, 3], "cpu"), out_dtype=torch.bfloat16)
-    with pytest.raises(NotImplementedError, match="float64 inputs are not supported"):
-        triton_grouped_mm(a.double(), b.double(), _offs([2, 3], "cpu"))
+    with pytest.raises(ValueError, match="mat_a must be float32, float16, bfloat16 or float64, got Int"):
+        triton_grouped_mm(a.int(), b.int(), _offs([2, 3], "cpu"))
+    assert set(_checks.GROUPED_MM_DTYPES) == {torch.float16, torch.bfloat16, torch.float32, torch.float64}
+
+
+@pytest.mark.parametrize("tma", [False, True], ids=["pointers", "tma"])
+def test_float64(tma):
+    """float64 inputs accumulate in float64 (the ops take float64: gradcheck on
+    a GPU runs here): within 2 (K + 2) 2^-53 of the sum of the absolute terms
+    (the kernel's and the float64 reference's rounding, each (K + 2) u), every
+    layout's path through the multi-tile case and 3D x 3D."""
+    a, b, offs, bias = _multi_tile_case(torch.float32, True)
+    a, b, bias = a.double(), b.double(), bias.double()
+    cases = [(a, b, offs, bias), (a[:60].reshape(4, 15, 40), b, None, bias), (a.t(), a, _offs([9, 0, 40, 20], "cpu"),
+                                                                               None)]
+    for mat_a, mat_b, o, bb in cases:
+        out = triton_grouped_mm(mat_a, mat_b, o, bb, tma=tma and mat_b.dim() == 3)
+        ref = torch_grouped_mm(mat_a, mat_b, o, bb, torch.float64)
+        mag = torch_grouped_mm(mat_a.abs(), mat_b.abs(), o, _abs(bb), torch.float64)
+        assert out.dtype == torch.float64
+        tol = 2 * (mat_a.shape[-1] + 2) * 2.0**-53 * mag
+        assert ((out - ref).abs() <= tol).all(), ((out - ref).abs() - tol).max()
+        assert (out - ref).abs().max() < 1e-13  # and not the float32 path (errors near 1e-6)
 
 
 def test_triton_op_eager_and_traced():
@@ -285,4 +307,5 @@ def test_autotuner_configs_are_the_compiled_ones():
     """The configs the autotuners may pick are those test_triton_aot compiles."""
     assert tgm._autotuned_16bit.configs == tgm.CONFIGS_16BIT == tgm.configs_for(torch.bfloat16)
     assert tgm._autotuned_fp32.configs == tgm.CONFIGS_FP32 == tgm.configs_for(torch.float32)
+    assert tgm._autotuned_fp64.configs == tgm.CONFIGS_FP64 == tgm.configs_for(torch.float64)
 

@@ -1,33 +1,64 @@
 """torch-moe-ops: fast, deterministic Mixture-of-Experts ops for PyTorch.
 
 Importing this package loads the C++ extension (which defines every
-``torch.ops.moe_ops`` schema and its CPU/CUDA kernels) and registers the
-Python fake kernels and autograd formulas.
+``torch.ops.moe_ops`` schema and its CPU/CUDA kernels), registers the Python
+fake kernels and autograd formulas, and makes the Triton kernels
+(``torch_moe_ops.triton``) the CUDA kernels of the grouped GEMMs and the fused
+experts.
+
+Without the extension (a checkout that was never built, e.g. on a GPU machine
+with another torch and no compiler), the package still imports: the Triton
+kernels (``torch_moe_ops.triton``), the plain-torch references
+(``torch_moe_ops.reference``) and the shape table (``torch_moe_ops.shapes``)
+work on their own; the ops (``torch.ops.moe_ops``, ``torch_moe_ops.ops``,
+``torch_moe_ops.nn``) need the extension and say so.
 """
+
+import importlib.util
 
 import torch
 
-from . import _C  # noqa: F401  (registers torch.ops.moe_ops)
-from . import nn, ops
-from .ops import (
-    dequantize_fp8,
-    fp8_grouped_mm,
-    fused_experts,
-    grouped_mm,
-    grouped_mm_gather,
-    permute,
-    quantize_fp8,
-    router_topk,
-    scaled_grouped_mm,
-    swizzle_mx_scale,
-    unpermute,
-)
+# Only a missing extension is tolerated: one that is there but fails to load raises.
+if importlib.util.find_spec(f"{__name__}._C") is not None:
+    from . import _C  # registers torch.ops.moe_ops
+else:
+    _C = None
+    _C_MISSING = ("torch_moe_ops._C (the C++ extension defining torch.ops.moe_ops) is not built in this checkout; "
+                  "build it (make build, or pip install --no-build-isolation -e .) to use the ops. Without it "
+                  "torch_moe_ops.triton, torch_moe_ops.reference and torch_moe_ops.shapes work.")
 
 __all__ = ["dequantize_fp8", "fp8_grouped_mm", "fused_experts", "grouped_mm", "grouped_mm_gather", "permute",
            "quantize_fp8", "router_topk", "scaled_grouped_mm", "swizzle_mx_scale", "unpermute", "nn", "ops",
            "cuda_kernels_built"]
 
+if _C is not None:
+    from . import nn, ops
+    from .ops import (
+        dequantize_fp8,
+        fp8_grouped_mm,
+        fused_experts,
+        grouped_mm,
+        grouped_mm_gather,
+        permute,
+        quantize_fp8,
+        router_topk,
+        scaled_grouped_mm,
+        swizzle_mx_scale,
+        unpermute,
+    )
+
+    # A torch without Triton (CPU wheels): the grouped GEMMs and experts have no CUDA kernel.
+    if importlib.util.find_spec("triton") is not None:
+        from .triton import cuda as _triton_cuda
+
+        _triton_cuda.register_all()
+else:
+    def __getattr__(name):
+        if name in __all__ and name != "cuda_kernels_built":
+            raise ImportError(f"torch_moe_ops.{name}: {_C_MISSING}")
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
 
 def cuda_kernels_built() -> bool:
     """Whether this build of _C compiled and registered the CUDA kernels."""
-    return bool(_C.WITH_CUDA)
+    return _C is not None and bool(_C.WITH_CUDA)

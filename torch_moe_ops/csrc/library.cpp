@@ -1,6 +1,7 @@
 // The moe_ops library: every schema is defined here, once. Kernels register
-// per dispatch key: CPU below, CUDA in native/cuda/, Meta (fake) and autograd
-// in Python (torch_moe_ops/ops/).
+// per dispatch key: CPU below, CUDA in native/cuda/ or as Triton kernels from
+// Python (torch_moe_ops/triton/cuda.py), Meta (fake) and autograd in Python
+// (torch_moe_ops/ops/).
 
 #include <Python.h>
 #include <torch/library.h>
@@ -89,8 +90,6 @@ TORCH_LIBRARY_IMPL(moe_ops, CPU, m) {
 
 #if defined(TORCH_MOE_OPS_WITH_CUDA)
 TORCH_LIBRARY_IMPL(moe_ops, CUDA, m) {
-  m.impl("grouped_mm", &at::native::grouped_mm_cuda);
-  m.impl("grouped_mm_gather", &at::native::grouped_mm_gather_cuda);
   m.impl("router_topk", &at::native::moe_router_topk_cuda);
   m.impl("permute", &at::native::moe_permute_cuda);
   m.impl("unpermute", &at::native::moe_unpermute_cuda);
@@ -99,8 +98,7 @@ TORCH_LIBRARY_IMPL(moe_ops, CUDA, m) {
   m.impl("dequantize_fp8", &at::native::dequantize_fp8_cuda);
   m.impl("scaled_grouped_mm", &at::native::scaled_grouped_mm_cuda);
   m.impl("swizzle_mx_scale", &at::native::swizzle_mx_scale);  // device-generic ATen code
-  // The compositions of the kernels above on their device path.
-  m.impl("expert_mlp", &at::native::expert_mlp_cuda);
-  m.impl("expert_mlp_backward", &at::native::expert_mlp_backward_cuda);
+  // grouped_mm, grouped_mm_gather, expert_mlp and expert_mlp_backward: Triton
+  // kernels, registered at this key from Python (torch_moe_ops/triton/cuda.py).
 }
 #endif

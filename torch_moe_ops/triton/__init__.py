@@ -6,14 +6,31 @@ the compiled (autotuned) Triton kernel; on CPU tensors it runs the same kernel i
 Triton's interpreter, which is how this GPU-less project tests the kernels'
 indexing, masking and scheduling. ``torch.ops.moe_ops_triton.<op>`` are the same
 functions registered with ``torch.library.triton_op``, so torch.compile sees the
-Triton kernels. The ``moe_ops`` ops' CUDA slot is still the C++ entry.
+Triton kernels. ``cuda.py`` makes them the CUDA kernels of ``moe_ops::grouped_mm``,
+``grouped_mm_gather``, ``expert_mlp`` and ``expert_mlp_backward`` (torch.compile
+sees the Triton kernels there too); ``import torch_moe_ops`` registers them.
+
+Nothing here needs the compiled extension (``torch_moe_ops._C``): on a machine
+where it is not built, ``torch_moe_ops.triton`` and ``torch_moe_ops.reference``
+still import and run (benchmarks/gpu/run.py relies on it).
 
 A separate subpackage, not ``ops/``: ``ops/`` holds the public ops' wrappers,
 fake kernels and autograd; this holds kernels that can be timed and swapped in
 on their own (as torchao keeps ``triton_*`` kernels beside ``torch_*`` ones).
 """
 
-from .experts import triton_expert_mlp, triton_expert_mlp_backward
-from .grouped_mm import triton_grouped_mm, triton_grouped_mm_gather
+import importlib
 
-__all__ = ["triton_expert_mlp", "triton_expert_mlp_backward", "triton_grouped_mm", "triton_grouped_mm_gather"]
+# The kernels' modules import on first use: defining their triton_ops loads
+# torch._inductor, seconds that `import torch_moe_ops` (which imports cuda.py)
+# should not pay.
+_LAZY = {"triton_expert_mlp": "experts", "triton_expert_mlp_backward": "experts",
+         "triton_grouped_mm": "grouped_mm", "triton_grouped_mm_gather": "grouped_mm"}
+
+__all__ = list(_LAZY)
+
+
+def __getattr__(name):
+    if name in _LAZY:
+        return getattr(importlib.import_module(f"{__name__}.{_LAZY[name]}"), name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -112,13 +112,16 @@ def grouped_mm_variants() -> list:
     """bfloat16 (the MoE dtype) in every layout and option, with the weights
     through TMA where the kernel can (sm_90's choice for aligned weights) and
     through pointers (unaligned weights, other GPUs); float16 and float32 in the
-    main layout (2D x 3D); float32 with and without tf32."""
+    main layout (2D x 3D); float32 with and without tf32; float64 (tests and
+    gradcheck on a GPU: the ops take it) in 2D x 3D."""
     out = [Variant(f"bf16_{n}", torch.bfloat16, n, f) for n, f in _LAYOUT_MAKERS.items()]
     out += [Variant(f"bf16_{n}_tma", torch.bfloat16, n, _LAYOUT_MAKERS[n], tma=True)
             for n in ("2d3d", "2d3d_b_nk", "2d3d_gather_bias", "3d3d")]
     out.append(Variant("fp16_2d3d", torch.float16, "2d3d", _2d3d))
     out.append(Variant("fp32_2d3d", torch.float32, "2d3d", _2d3d))
     out.append(Variant("fp32_2d3d_tf32", torch.float32, "2d3d", _2d3d, allow_tf32=True))
+    out.append(Variant("fp64_2d3d", torch.float64, "2d3d", _2d3d))
+    out.append(Variant("fp64_2d3d_tma", torch.float64, "2d3d", _2d3d, tma=True))
     return out
 
 
@@ -148,7 +151,7 @@ def expert_mlp_variants() -> list:
     epilogue kind (split and interleaved gated, not gated), the down GEMM, the
     backward's dgrad (the activation's derivative in the epilogue), the
     combine; bfloat16 with TMA (split gate/up, weights stored (E, N, K)) and
-    pointers, float16 and float32 (exact; tf32 for gate/up)."""
+    pointers, float16 and float32 (exact; tf32 for gate/up), float64."""
     sw, sw_tma = _experts(), _experts(k_major=True)
     clamped = _experts("swiglu_clamped", interleaved=True, bias=True, k_major=True)
     out = [
@@ -172,6 +175,10 @@ def expert_mlp_variants() -> list:
         Variant("fp32_swiglu_dgrad", torch.float32, "2d3d", sw, kernel="expert_dgrad"),
         Variant("bf16_combine", torch.bfloat16, "", sw, kernel="expert_combine"),
         Variant("fp32_combine", torch.float32, "", sw, kernel="expert_combine"),
+        Variant("fp64_swiglu", torch.float64, "2d3d", sw, kernel="expert_gate_up"),
+        Variant("fp64_down", torch.float64, "2d3d", sw, kernel="expert_down"),
+        Variant("fp64_swiglu_dgrad", torch.float64, "2d3d", sw, kernel="expert_dgrad"),
+        Variant("fp64_combine", torch.float64, "", sw, kernel="expert_combine"),
     ]
     return out
 
@@ -224,7 +231,7 @@ def _expert_source(variant: Variant, config: triton.Config):
     kw = {**dict(gate_up_bias=None, down_bias=None, gate_up_interleaved=False, swiglu_alpha=1.702, swiglu_limit=7.0),
           **kwargs}
     stage = {"expert_gate_up": 0, "expert_down": 1, "expert_dgrad": 2}[variant.kernel]
-    dw = torch.zeros(src_rows.shape[0], 2, dtype=torch.float32)
+    dw = torch.zeros(src_rows.shape[0], 2, dtype=ex._acc(variant.dtype))
     bound = ex.stage_args(stage, tokens, src_rows, offs, dst_rows, weights, gate_up, down, kw["gate_up_bias"],
                           kw["down_bias"], kw["activation"], kw["gate_up_interleaved"], kw["swiglu_alpha"],
                           kw["swiglu_limit"], h, act, slot_rows, tma=variant.tma, grad_out=torch.zeros_like(tokens),
@@ -276,6 +283,8 @@ def _analyse(compiled, ptxas_log: str) -> dict:
         "HGMMA": count("HGMMA"),
         "HMMA": count("HMMA"),
         "FFMA": count("FFMA"),
+        "DMMA": count("DMMA"),
+        "DFMA": count("DFMA"),
         "UTMALDG": count("UTMALDG"),
         "LDGSTS": count("LDGSTS"),
         "LDL_STL": count("LDL") + count("STL"),

@@ -100,6 +100,8 @@ def expert_gemm_kernel(
     #   M = R, the rows offs splits. No @triton.jit helper is called (see grouped_mm_kernel):
     #   sigmoid is written out.
     pid = tl.program_id(0)
+    # Accumulators and epilogue arithmetic: fp32, fp64 for fp64 inputs.
+    ACC: tl.constexpr = tl.float64 if a_ptr.dtype.element_ty == tl.float64 else tl.float32
     GLU: tl.constexpr = ACTIVATION < 3
     GATED: tl.constexpr = STAGE == 0 and GLU  # two accumulators
     if B_DESC == 1:
@@ -166,8 +168,8 @@ def expert_gemm_kernel(
         b_base = b_ptr + g64 * stride_bg + offs_k[:, None].to(tl.int64) * stride_bk
         bg_ptrs = b_base + cols_g[None, :].to(tl.int64) * stride_bn
         bu_ptrs = b_base + cols_u[None, :].to(tl.int64) * stride_bn
-        acc = tl.full((BLOCK_M, BLOCK_N), 0.0, tl.float32)
-        acc_u = tl.full((BLOCK_M, BLOCK_N), 0.0, tl.float32)
+        acc = tl.full((BLOCK_M, BLOCK_N), 0.0, ACC)
+        acc_u = tl.full((BLOCK_M, BLOCK_N), 0.0, ACC)
         for k in range(0, k_hi, BLOCK_K):
             k_ok = (k + offs_k) < k_hi
             a = tl.load(a_ptrs, mask=row_ok[:, None] & k_ok[None, :], other=0.0)
@@ -194,21 +196,21 @@ def expert_gemm_kernel(
         if HAS_BIAS:
             bias_base = bias_ptr + g64 * stride_biasg
             bias_g = tl.load(bias_base + cols_g.to(tl.int64) * stride_biasn, mask=bias_ok, other=0.0)
-            acc += bias_g.to(tl.float32)[None, :]
+            acc += bias_g.to(ACC)[None, :]
             if GATED:
                 bias_u = tl.load(bias_base + cols_u.to(tl.int64) * stride_biasn, mask=bias_ok, other=0.0)
-                acc_u += bias_u.to(tl.float32)[None, :]
+                acc_u += bias_u.to(ACC)[None, :]
         mask = mask_m[:, None] & mask_n[None, :]
         rows64 = offs_m[:, None].to(tl.int64)
         if STAGE == 0:
             # h as stored; the activation reads it back rounded, as the backward will.
             h_g = acc.to(h_ptr.dtype.element_ty)
             tl.store(h_ptr + rows64 * stride_hm + cols_g[None, :].to(tl.int64) * stride_hn, h_g, mask=mask)
-            x = h_g.to(tl.float32)
+            x = h_g.to(ACC)
             if GATED:
                 h_u = acc_u.to(h_ptr.dtype.element_ty)
                 tl.store(h_ptr + rows64 * stride_hm + cols_u[None, :].to(tl.int64) * stride_hn, h_u, mask=mask)
-                up = h_u.to(tl.float32)
+                up = h_u.to(ACC)
                 if ACTIVATION == 0:  # swiglu: silu(gate) * up
                     act = x / (1.0 + tl.exp(-x)) * up
                 elif ACTIVATION == 1:  # geglu: gelu(gate) * up (erf form)
@@ -229,7 +231,7 @@ def expert_gemm_kernel(
             slot = tl.where(src_ok, src, 0).to(tl.int64)
             if HAS_WEIGHTS:  # the routing weight of slot (token, j), in fp32
                 w = tl.load(w_ptr + (slot // top_k) * stride_wt + (slot % top_k) * stride_wk, mask=src_ok, other=0.0)
-                acc = acc * w.to(tl.float32)[:, None]
+                acc = acc * w.to(ACC)[:, None]
             tl.store(out_ptr + slot[:, None] * stride_om + offs_n[None, :].to(tl.int64) * stride_on, acc,
                      mask=src_ok[:, None] & mask_n[None, :])
         else:
@@ -237,14 +239,14 @@ def expert_gemm_kernel(
             slot = tl.where(src_ok, src, 0).to(tl.int64)
             if HAS_WEIGHTS:
                 w = tl.load(w_ptr + (slot // top_k) * stride_wt + (slot % top_k) * stride_wk, mask=src_ok,
-                            other=0.0).to(tl.float32)[:, None]
+                            other=0.0).to(ACC)[:, None]
                 da = acc * w
             else:
                 da = acc
             h_row = h_ptr + rows64 * stride_hm
-            x = tl.load(h_row + hcols_g[None, :].to(tl.int64) * stride_hn, mask=mask, other=0.0).to(tl.float32)
+            x = tl.load(h_row + hcols_g[None, :].to(tl.int64) * stride_hn, mask=mask, other=0.0).to(ACC)
             if GLU:
-                up = tl.load(h_row + hcols_u[None, :].to(tl.int64) * stride_hn, mask=mask, other=0.0).to(tl.float32)
+                up = tl.load(h_row + hcols_u[None, :].to(tl.int64) * stride_hn, mask=mask, other=0.0).to(ACC)
                 if ACTIVATION == 0:
                     sg = 1.0 / (1.0 + tl.exp(-x))
                     f = x * sg
@@ -290,7 +292,7 @@ def expert_gemm_kernel(
                 # This tile's share of the routing weight's gradient, sum_n g * act(h): one partial per
                 # (row, N tile), summed by the caller in tile order (no atomics). The row sums as an exact
                 # fp32 product with a (BLOCK_N, 16) matrix of ones (tl.sum is a @jit helper), column 0 stored.
-                ones = tl.full((BLOCK_N, 16), 1.0, tl.float32)
+                ones = tl.full((BLOCK_N, 16), 1.0, ACC)
                 part = tl.dot(tl.where(mask, acc * act, 0.0), ones, input_precision="ieee")
                 col = tl.arange(0, 16)
                 tl.store(dw_ptr + offs_m[:, None].to(tl.int64) * stride_dwm + tn + col[None, :] * 0, part,
@@ -313,14 +315,15 @@ def combine_kernel(
     BLOCK_H: tl.constexpr,
 ):
     """out[t] = sum over j = 0, 1, ... of the slot rows y[t * top_k + j] (BY_DST:
-    the rows y[dst_rows[t, j]]) with dst_rows[t, j] >= 0, in fp32 in that
-    order, one rounding."""
+    the rows y[dst_rows[t, j]]) with dst_rows[t, j] >= 0, in fp32 (fp64 for
+    fp64 rows) in that order, one rounding."""
     offs_t = tl.program_id(0) * BLOCK_T + tl.arange(0, BLOCK_T)
     offs_h = tl.program_id(1) * BLOCK_H + tl.arange(0, BLOCK_H)
     mask_t = offs_t < T
     mask_h = offs_h < H
     t64 = offs_t.to(tl.int64)
-    acc = tl.full((BLOCK_T, BLOCK_H), 0.0, tl.float32)
+    ACC: tl.constexpr = tl.float64 if y_ptr.dtype.element_ty == tl.float64 else tl.float32
+    acc = tl.full((BLOCK_T, BLOCK_H), 0.0, ACC)
     for j in range(0, top_k):
         d = tl.load(dst_ptr + t64 * stride_dt + j * stride_dk, mask=mask_t, other=-1)
         if BY_DST:
@@ -354,6 +357,10 @@ CONFIGS_FP32_GATE_UP = [
     triton.Config({"BLOCK_M": 64, "BLOCK_N": 32, "BLOCK_K": 32}, num_warps=8, num_stages=3),
 ]
 CONFIGS_FP32 = gm.CONFIGS_FP32
+# fp64 (tests, gradcheck on a GPU): every stage, one small tile, correctness only.
+CONFIGS_FP64 = [
+    triton.Config({"BLOCK_M": 32, "BLOCK_N": 32, "BLOCK_K": 16}, num_warps=4, num_stages=2),
+]
 COMBINE_CONFIG = triton.Config({"BLOCK_T": 4, "BLOCK_H": 512}, num_warps=4, num_stages=1)
 INTERPRETER_CONFIG = gm.INTERPRETER_CONFIG
 INTERPRETER_COMBINE_CONFIG = triton.Config({"BLOCK_T": 4, "BLOCK_H": 16}, num_warps=4, num_stages=1)
@@ -366,15 +373,20 @@ _AUTOTUNE_KEY = ["N", "K", "STAGE", "ACTIVATION", "INTERLEAVED", "HAS_BIAS", "HA
 def configs_for(dtype: torch.dtype, stage: int) -> list:
     """The configurations the autotuner may pick for a GEMM of ``dtype`` in
     ``stage`` (0: gate/up, 1: down, 2: the backward's dgrad)."""
+    if dtype == torch.float64:
+        return CONFIGS_FP64
     if dtype == torch.float32:
         return CONFIGS_FP32 if stage == 1 else CONFIGS_FP32_GATE_UP
     return (CONFIGS_16BIT_GATE_UP, CONFIGS_16BIT, CONFIGS_16BIT_DGRAD)[stage]
 
 
 @functools.lru_cache(maxsize=None)
-def _autotuned(dtype_is_fp32: bool, stage: int):
-    configs = configs_for(torch.float32 if dtype_is_fp32 else torch.bfloat16, stage)
-    return triton.autotune(configs=configs, key=_AUTOTUNE_KEY)(expert_gemm_kernel)
+def _autotuned(dtype: torch.dtype, stage: int):
+    """The autotuned kernel for a stage; float16 and bfloat16 share one (the
+    same configurations)."""
+    if dtype == torch.float16:
+        return _autotuned(torch.bfloat16, stage)
+    return triton.autotune(configs=configs_for(dtype, stage), key=_AUTOTUNE_KEY)(expert_gemm_kernel)
 
 
 @functools.lru_cache(maxsize=None)
@@ -400,9 +412,6 @@ def _check(tokens, src_rows, offs, dst_rows, weights, gate_up_proj, down_proj, g
            activation, gate_up_interleaved):
     _checks.check_expert_mlp_inputs(tokens, src_rows, offs, dst_rows, weights, gate_up_proj, down_proj,
                                     gate_up_bias, down_bias, activation, gate_up_interleaved)
-    if tokens.dtype not in gm.SUPPORTED_DTYPES:
-        raise NotImplementedError(f"triton_expert_mlp: {tokens.dtype} inputs are not supported (float16, bfloat16, "
-                                  "float32 are)")
 
 
 def stage_args(stage: int, tokens, src_rows, offs, dst_rows, weights, gate_up_proj, down_proj, gate_up_bias,
@@ -454,9 +463,14 @@ def _allocate(tokens, src_rows, dst_rows, gate_up_proj, down_proj):
     R, n1, inter = src_rows.shape[0], gate_up_proj.shape[2], down_proj.shape[1]
     h = tokens.new_empty((R, n1))
     act = tokens.new_empty((R, inter))
-    slot_rows = tokens.new_empty((tokens.shape[0] * dst_rows.shape[1], tokens.shape[1]), dtype=torch.float32)
+    slot_rows = tokens.new_empty((tokens.shape[0] * dst_rows.shape[1], tokens.shape[1]), dtype=_acc(tokens.dtype))
     out = tokens.new_empty(tokens.shape)
     return out, h, act, slot_rows
+
+
+def _acc(dtype: torch.dtype) -> torch.dtype:
+    """The kernels' accumulator dtype for inputs of dtype."""
+    return torch.float64 if dtype == torch.float64 else torch.float32
 
 
 def _meta(config: triton.Config) -> dict:
@@ -489,7 +503,7 @@ def _run_gemm(args, allow_tf32, config, num_programs, wrap):
     else:
         smallest = min(configs_for(dtype, stage), key=lambda c: c.kwargs["BLOCK_M"] * c.kwargs["BLOCK_N"])
         p = nprog(smallest.kwargs)
-        wrap(_autotuned(dtype == torch.float32, stage))[(p,)](**args, num_programs=p)
+        wrap(_autotuned(dtype, stage))[(p,)](**args, num_programs=p)
 
 
 def _run_combine(args, wrap):
@@ -606,13 +620,14 @@ def triton_expert_mlp_backward(
     if not any((need_tokens, need_weights, need_gate_up, need_down)):
         return tuple(none() for _ in range(6))
     dtype = tokens.dtype
-    wide = torch.float32 if dtype != torch.float32 else None
+    wide = torch.float32 if dtype in (torch.float16, torch.bfloat16) else None
+    acc = _acc(dtype)
     R, top_k, inter = src_rows.shape[0], dst_rows.shape[1], down_proj.shape[1]
     rows = src_rows.div(top_k, rounding_mode="floor")
     dh = tokens.new_empty(h.shape)
     aw = tokens.new_empty((R, inter))
     smallest_n = min(c.kwargs["BLOCK_N"] for c in configs_for(dtype, 2) + [INTERPRETER_CONFIG])
-    dw = torch.zeros((R, triton.cdiv(inter, smallest_n) if need_weights else 1), dtype=torch.float32,
+    dw = torch.zeros((R, triton.cdiv(inter, smallest_n) if need_weights else 1), dtype=acc,
                      device=tokens.device)
     args = stage_args(2, tokens, src_rows, offs, dst_rows, weights, gate_up_proj, down_proj, gate_up_bias, down_bias,
                       activation, gate_up_interleaved, swiglu_alpha, swiglu_limit, h, aw, None, tma=tma,
@@ -631,7 +646,7 @@ def triton_expert_mlp_backward(
         d_row = dw.sum(1)
         if down_bias is not None:  # + <grad_out[token], down_bias[e]>; zero for padding and rows past offs[-1]
             d_row = d_row + mm_gather(grad_out, down_bias.unsqueeze(-1), offs, rows,
-                                                     out_dtype=wide).squeeze(1).float()
+                                                     out_dtype=wide).squeeze(1).to(acc)
         flat = dst_rows.reshape(-1)
         padded = torch.cat([d_row, d_row.new_zeros(1)])
         grads[1] = padded[torch.where(flat >= 0, flat, R)].view(dst_rows.shape).to(weights.dtype)
@@ -650,10 +665,10 @@ def triton_expert_mlp_backward(
             grads[3] = mm_gather(aw.t(), grad_out, offs, None, rows)
         if down_bias is not None:
             if weights is not None:
-                flat_w = torch.cat([weights.reshape(-1).float(), weights.new_zeros(1, dtype=torch.float32)])
+                flat_w = torch.cat([weights.reshape(-1).to(acc), weights.new_zeros(1, dtype=acc)])
                 w_rows = flat_w[torch.where(src_rows >= 0, src_rows, flat_w.shape[0] - 1)]
             else:
-                w_rows = (src_rows >= 0).float()
+                w_rows = (src_rows >= 0).to(acc)
             grads[5] = mm_gather(w_rows.to(dtype).unsqueeze(0), grad_out, offs, None, rows,
                                                 out_dtype=wide).squeeze(1).to(down_bias.dtype)
     return tuple(grads)

@@ -28,7 +28,9 @@ gather). Stores are pointer stores (a TMA store would overwrite the next
 group's rows).
 
 Accumulation is fp32 (``tl.dot``: wgmma on sm_90 for fp16/bf16). fp32 inputs
-use the exact (``ieee``) product unless ``allow_tf32=True``.
+use the exact (``ieee``) product unless ``allow_tf32=True``. fp64 inputs (the
+ops take them: gradcheck) accumulate in fp64, DMMA or FMA as Triton lowers them;
+no speed is claimed for them.
 """
 
 from __future__ import annotations
@@ -46,8 +48,6 @@ from .. import _checks
 LAYOUT_2D3D, LAYOUT_3D2D, LAYOUT_2D2D, LAYOUT_3D3D = 0, 1, 2, 3
 _LAYOUTS = {"2d3d": LAYOUT_2D3D, "3d2d": LAYOUT_3D2D, "2d2d": LAYOUT_2D2D, "3d3d": LAYOUT_3D3D}
 
-_TL_DTYPES = {torch.float16: tl.float16, torch.bfloat16: tl.bfloat16, torch.float32: tl.float32}
-SUPPORTED_DTYPES = tuple(_TL_DTYPES)
 
 
 # M (tokens), G and the grid change from call to call: not specialised on (a
@@ -76,6 +76,8 @@ def grouped_mm_kernel(
     # helper (tl.cdiv is one): tests run it in Triton's interpreter through
     # InterpretedFunction(fn) without TRITON_INTERPRET=1, and a helper would still be compiled.
     pid = tl.program_id(0)
+    # The accumulator: fp32, fp64 for fp64 inputs.
+    ACC: tl.constexpr = tl.float64 if a_ptr.dtype.element_ty == tl.float64 else tl.float32
     # B_DESC (2D x 3D, 3D x 3D; K not split): B read by TMA through a device-side
     # descriptor over the (G, K, N) (1) or (G, N, K) (2) storage, whose bounds
     # are per group (zero fill past K and N); 0: pointer loads.
@@ -172,7 +174,7 @@ def grouped_mm_kernel(
         b_base = b_ptr + g64 * stride_bg + offs_n[None, :].to(tl.int64) * stride_bn
         a_ptrs = a_base + (k_lo + offs_k)[None, :].to(tl.int64) * stride_ak
         b_ptrs = b_base + (k_lo + offs_k)[:, None].to(tl.int64) * stride_bk
-        acc = tl.full((BLOCK_M, BLOCK_N), 0.0, tl.float32)  # not tl.zeros: a @jit helper
+        acc = tl.full((BLOCK_M, BLOCK_N), 0.0, ACC)  # not tl.zeros: a @jit helper
         for k in range(k_lo, k_hi, BLOCK_K):
             kk = k + offs_k
             k_ok = kk < k_hi
@@ -198,7 +200,7 @@ def grouped_mm_kernel(
         if HAS_BIAS:
             bias = tl.load(bias_ptr + g64 * stride_biasg + offs_n.to(tl.int64) * stride_biasn,
                            mask=mask_n & (g < G), other=0.0)
-            acc += bias.to(tl.float32)[None, :]
+            acc += bias.to(ACC)[None, :]
         out_ptrs = (out_ptr + g64 * stride_og + offs_m[:, None].to(tl.int64) * stride_om
                     + offs_n[None, :].to(tl.int64) * stride_on)
         tl.store(out_ptrs, acc.to(out_ptr.dtype.element_ty), mask=mask_m[:, None] & mask_n[None, :])
@@ -215,6 +217,10 @@ CONFIGS_16BIT = [
 CONFIGS_FP32 = [
     triton.Config({"BLOCK_M": 64, "BLOCK_N": 64, "BLOCK_K": 32}, num_warps=8, num_stages=3),
 ]
+# fp64 (tests, gradcheck on a GPU): one small tile, correctness only.
+CONFIGS_FP64 = [
+    triton.Config({"BLOCK_M": 32, "BLOCK_N": 32, "BLOCK_K": 16}, num_warps=4, num_stages=2),
+]
 # The interpreter runs one program at a time in numpy: small tiles, a few
 # programs (so the persistent loop takes several tiles per program).
 INTERPRETER_CONFIG = triton.Config({"BLOCK_M": 16, "BLOCK_N": 16, "BLOCK_K": 16}, num_warps=4, num_stages=1)
@@ -224,11 +230,12 @@ INTERPRETER_PROGRAMS = 3
 _AUTOTUNE_KEY = ["N", "K", "LAYOUT", "HAS_BIAS", "HAS_A_INDEX", "HAS_B_INDEX", "B_DESC", "INPUT_PRECISION"]
 _autotuned_16bit = triton.autotune(configs=CONFIGS_16BIT, key=_AUTOTUNE_KEY)(grouped_mm_kernel)
 _autotuned_fp32 = triton.autotune(configs=CONFIGS_FP32, key=_AUTOTUNE_KEY)(grouped_mm_kernel)
+_autotuned_fp64 = triton.autotune(configs=CONFIGS_FP64, key=_AUTOTUNE_KEY)(grouped_mm_kernel)
 
 
 def configs_for(dtype: torch.dtype) -> list:
     """The configurations the autotuner may pick for inputs of ``dtype``."""
-    return CONFIGS_FP32 if dtype == torch.float32 else CONFIGS_16BIT
+    return {torch.float32: CONFIGS_FP32, torch.float64: CONFIGS_FP64}.get(dtype, CONFIGS_16BIT)
 
 
 @functools.lru_cache(maxsize=None)
@@ -291,9 +298,6 @@ def _prepare(mat_a, mat_b, offs, bias, out_dtype, a_index=None, b_index=None, ga
     else:
         a_shape, b_shape = mat_a, mat_b
         out_dtype = _checks.check_grouped_mm_inputs(mat_a, mat_b, offs, bias, out_dtype)
-    if mat_a.dtype not in SUPPORTED_DTYPES:
-        raise NotImplementedError(f"triton_grouped_mm: {mat_a.dtype} inputs are not supported (float16, bfloat16, "
-                                  "float32 are)")
     layout = _LAYOUTS[_checks.grouped_mm_layout(mat_a, mat_b)]
     size = _checks.grouped_mm_out_size(a_shape, b_shape, offs)
     out = mat_a.new_empty_strided(size, _checks.grouped_mm_out_strides(size, out_dtype, mat_a.device),
@@ -358,7 +362,7 @@ def _launch(out, args, allow_tf32, config, num_programs, wrap=lambda k: k):
     elif config is not None:
         launch(wrap(grouped_mm_kernel), **config.all_kwargs())
     else:
-        kernel = _autotuned_fp32 if dtype == torch.float32 else _autotuned_16bit
+        kernel = {torch.float32: _autotuned_fp32, torch.float64: _autotuned_fp64}.get(dtype, _autotuned_16bit)
         # The autotuner picks BLOCK_M/BLOCK_N, so num_programs is bounded inside the kernel
         # arguments from the smallest tile of its configurations.
         smallest = min(configs_for(dtype), key=lambda c: c.kwargs["BLOCK_M"] * c.kwargs["BLOCK_N"])

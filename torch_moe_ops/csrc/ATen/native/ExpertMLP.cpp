@@ -1,5 +1,5 @@
-// moe_ops::expert_mlp and its backward (see ExpertMLP.h): device-generic
-// composition of the moe_ops kernels, registered for CPU and CUDA.
+// moe_ops::expert_mlp and its backward (see ExpertMLP.h): the CPU kernels, a
+// composition of the other moe_ops kernels through the dispatcher.
 //
 // What is kept between forward and backward is h (R, N1) plus the inputs;
 // what the backward materialises is bounded by one (R, H) and a few (R, I)
@@ -11,12 +11,10 @@
 // cache-sized instead of (R, N1)-sized, and the bits do not depend on the
 // thread count (chunks are fixed by the shapes, each row computed alone).
 //
-// Two paths, chosen by the dispatch key that called (the CPU and CUDA
-// entries below), not by the tensors' device: the host path reads the
-// routing's values on the host and splits rows over threads; the device path
-// checks them with device-side asserts and runs each pass whole. Chosen so,
-// the CUDA entry runs on CPU tensors too (test/test_cuda_entries.py calls it
-// through the dispatcher's CUDA slot), device path included.
+// The CUDA kernels of both ops are Triton kernels registered from Python
+// (torch_moe_ops/triton/experts.py, torch_moe_ops/triton/cuda.py), so this
+// composition runs on the host only: it reads the routing's values on the
+// host and splits rows over threads.
 
 #include <ATen/native/ExpertMLP.h>
 #include <ATen/native/GroupedMM.h>
@@ -26,7 +24,6 @@
 #include <ATen/Parallel.h>
 #include <ATen/TensorOperators.h>
 #include <ATen/core/dispatch/Dispatcher.h>
-#include <ATen/ops/_assert_async.h>
 
 namespace at::native {
 namespace {
@@ -140,24 +137,19 @@ Tensor activation_backward(const Tensor& h, const Tensor& da, const Activation& 
 // call overhead per backward at a Qwen3 shape, measured).
 constexpr int64_t kChunkRows = 128;
 
-// A fresh buffer of the layer's size; on the host path (CPU), with huge
-// pages asked for before the first touch (MoEHugePages.h).
-Tensor empty_workspace(IntArrayRef size, const TensorOptions& options, bool on_host) {
+// A fresh buffer of the layer's size, with huge pages asked for before the
+// first touch (MoEHugePages.h).
+Tensor empty_workspace(IntArrayRef size, const TensorOptions& options) {
   Tensor t = at::empty(size, options);
-  if (on_host && t.device().is_cpu()) {
+  if (t.device().is_cpu()) {
     moe_advise_huge_pages(t);
   }
   return t;
 }
 
-// fn(begin, end) over row chunks: in parallel on the host path, one chunk on
-// the device path (a device runs the whole tensor per launch).
+// fn(begin, end) over row chunks, in parallel.
 template <typename F>
-void for_row_chunks(bool on_host, int64_t rows, const F& fn) {
-  if (!on_host) {
-    if (rows > 0) fn(0, rows);
-    return;
-  }
+void for_row_chunks(int64_t rows, const F& fn) {
   const int64_t chunks = (rows + kChunkRows - 1) / kChunkRows;
   at::parallel_for(0, chunks, 1, [&](int64_t begin, int64_t end) {
     for (int64_t c = begin; c < end; ++c) {
@@ -177,34 +169,13 @@ Tensor token_rows(const Tensor& src_rows, int64_t top_k) {
 // and src_rows and dst_rows inverse maps of each other, as permute returns
 // them: the forward combines through dst_rows, the backward weighs rows
 // through src_rows, so maps that disagree would give gradients of another
-// function. Read on the host on the host path; checked by device-side
-// asserts on the device path (no host sync; on CPU tensors they raise at once).
-void check_routing_values(bool on_host, const Tensor& tokens, const Tensor& src_rows, const Tensor& offs,
+// function. (The CUDA kernels check the same with device-side asserts,
+// torch_moe_ops/triton/cuda.py.)
+void check_routing_values(const Tensor& tokens, const Tensor& src_rows, const Tensor& offs,
                           const Tensor& dst_rows) {
   const int64_t rows = src_rows.size(0);
   const int64_t top_k = dst_rows.size(1);
   const int64_t slots = tokens.size(0) * top_k;
-  if (!on_host) {
-    at::_assert_async(src_rows.ge(-1).logical_and(src_rows.lt(slots)).all(),
-                      "expert_mlp: src_rows must be -1 or token * top_k + slot in [0, tokens * top_k)");
-    at::_assert_async(dst_rows.ge(-1).logical_and(dst_rows.lt(rows)).all(),
-                      "expert_mlp: dst_rows must be -1 or a row in [0, src_rows.size(0))");
-    at::_assert_async(grouped_mm_offs_ok(offs.to(kLong), rows),
-                      "expert_mlp: offs must be non-decreasing, non-negative and at most src_rows.size(0)");
-    // Each map read through the other, with a sentinel (-2, never a valid
-    // entry) past the end for entries out of range, so that no read faults
-    // and an out-of-range entry also fails this check.
-    const Tensor dst = dst_rows.reshape({-1});
-    const Tensor sentinel = at::full({1}, -2, dst.options());
-    const Tensor src_of_dst = at::cat({src_rows, sentinel})
-        .index_select(0, at::where(dst.ge(0).logical_and(dst.lt(rows)), dst, rows));
-    const Tensor dst_of_src = at::cat({dst, sentinel})
-        .index_select(0, at::where(src_rows.ge(0).logical_and(src_rows.lt(slots)), src_rows, slots));
-    at::_assert_async(dst.lt(0).logical_or(src_of_dst.eq(at::arange(slots, dst.options()))).all().logical_and(
-                          src_rows.lt(0).logical_or(dst_of_src.eq(at::arange(rows, dst.options()))).all()),
-                      "expert_mlp: src_rows and dst_rows must be inverse maps (permute's outputs)");
-    return;
-  }
   const Tensor src = src_rows.contiguous();
   const int64_t* s = src.const_data_ptr<int64_t>();
   for (int64_t i = 0; i < rows; ++i) {
@@ -233,7 +204,6 @@ bool k_major(const Tensor& w) {
 }
 
 std::tuple<Tensor, Tensor> expert_mlp_impl(
-    bool on_host,
     const Tensor& tokens,
     const Tensor& src_rows,
     const Tensor& offs,
@@ -249,15 +219,15 @@ std::tuple<Tensor, Tensor> expert_mlp_impl(
     double swiglu_limit) {
   expert_mlp_check_inputs(tokens, src_rows, offs, dst_rows, weights, gate_up_proj, down_proj, gate_up_bias,
                           down_bias, activation, gate_up_interleaved);
-  check_routing_values(on_host, tokens, src_rows, offs, dst_rows);
+  check_routing_values(tokens, src_rows, offs, dst_rows);
   const Activation p{expert_activation_from_name(activation), gate_up_interleaved, swiglu_alpha, swiglu_limit,
                      down_proj.size(1)};
   const Tensor rows = token_rows(src_rows, dst_rows.size(1));
   Tensor h = grouped_mm_gather_op(tokens, gate_up_proj, offs, rows, std::nullopt, gate_up_bias, std::nullopt);
   const int64_t r = h.size(0);
-  Tensor a = empty_workspace({r, p.inter}, tokens.options(), on_host);
+  Tensor a = empty_workspace({r, p.inter}, tokens.options());
   const auto acc = acc_type(tokens.scalar_type());
-  for_row_chunks(on_host, r, [&](int64_t b, int64_t e) {
+  for_row_chunks(r, [&](int64_t b, int64_t e) {
     a.narrow(0, b, e - b).copy_(activation_forward(h.narrow(0, b, e - b).to(acc), p));
   });
   const Tensor y = grouped_mm_op(a, down_proj, offs, down_bias, std::nullopt);
@@ -265,7 +235,6 @@ std::tuple<Tensor, Tensor> expert_mlp_impl(
 }
 
 std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> expert_mlp_backward_impl(
-    bool on_host,
     const Tensor& grad_out,
     const Tensor& tokens,
     const Tensor& src_rows,
@@ -290,7 +259,7 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> expert_mlp_backward_i
   TORCH_CHECK_VALUE(h.dim() == 2 && h.size(0) == src_rows.size(0) && h.size(1) == gate_up_proj.size(2),
       "expert_mlp_backward: h must be (R, N1) = (", src_rows.size(0), ", ", gate_up_proj.size(2), "), got ",
       h.sizes());
-  check_routing_values(on_host, tokens, src_rows, offs, dst_rows);
+  check_routing_values(tokens, src_rows, offs, dst_rows);
   const auto [need_tokens, need_weights, need_gate_up, need_down] = output_mask;
   const Activation p{expert_activation_from_name(activation), gate_up_interleaved, swiglu_alpha, swiglu_limit,
                      down_proj.size(1)};
@@ -323,11 +292,11 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> expert_mlp_backward_i
     row_expert.clamp_max_(std::max<int64_t>(offs.size(0) - 1, 0));
   }
 
-  Tensor dh = empty_workspace({r, h.size(1)}, tokens.options(), on_host);
+  Tensor dh = empty_workspace({r, h.size(1)}, tokens.options());
   // a scaled by the routing weight: the A operand of down_proj's gradient.
-  Tensor aw = need_down ? empty_workspace({r, p.inter}, tokens.options(), on_host) : Tensor();
+  Tensor aw = need_down ? empty_workspace({r, p.inter}, tokens.options()) : Tensor();
   Tensor d_row_weight = need_weights && weights.has_value() ? at::empty({r}, g.options().dtype(acc)) : Tensor();
-  for_row_chunks(on_host, r, [&](int64_t b, int64_t e) {
+  for_row_chunks(r, [&](int64_t b, int64_t e) {
     const Tensor h_c = h.narrow(0, b, e - b).to(acc);
     const Tensor g_c = g.narrow(0, b, e - b).to(acc);
     const Tensor a_c = activation_forward(h_c, p);
@@ -416,16 +385,7 @@ std::tuple<Tensor, Tensor> expert_mlp(
     const std::optional<Tensor>& weights, const Tensor& gate_up_proj, const Tensor& down_proj,
     const std::optional<Tensor>& gate_up_bias, const std::optional<Tensor>& down_bias, c10::string_view activation,
     bool gate_up_interleaved, double swiglu_alpha, double swiglu_limit) {
-  return expert_mlp_impl(/*on_host=*/true, tokens, src_rows, offs, dst_rows, weights, gate_up_proj, down_proj,
-                         gate_up_bias, down_bias, activation, gate_up_interleaved, swiglu_alpha, swiglu_limit);
-}
-
-std::tuple<Tensor, Tensor> expert_mlp_cuda(
-    const Tensor& tokens, const Tensor& src_rows, const Tensor& offs, const Tensor& dst_rows,
-    const std::optional<Tensor>& weights, const Tensor& gate_up_proj, const Tensor& down_proj,
-    const std::optional<Tensor>& gate_up_bias, const std::optional<Tensor>& down_bias, c10::string_view activation,
-    bool gate_up_interleaved, double swiglu_alpha, double swiglu_limit) {
-  return expert_mlp_impl(/*on_host=*/false, tokens, src_rows, offs, dst_rows, weights, gate_up_proj, down_proj,
+  return expert_mlp_impl(tokens, src_rows, offs, dst_rows, weights, gate_up_proj, down_proj,
                          gate_up_bias, down_bias, activation, gate_up_interleaved, swiglu_alpha, swiglu_limit);
 }
 
@@ -435,20 +395,9 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> expert_mlp_backward(
     const std::optional<Tensor>& gate_up_bias, const std::optional<Tensor>& down_bias, const Tensor& h,
     c10::string_view activation, bool gate_up_interleaved, double swiglu_alpha, double swiglu_limit,
     std::array<bool, 4> output_mask) {
-  return expert_mlp_backward_impl(/*on_host=*/true, grad_out, tokens, src_rows, offs, dst_rows, weights, gate_up_proj,
+  return expert_mlp_backward_impl(grad_out, tokens, src_rows, offs, dst_rows, weights, gate_up_proj,
                                   down_proj, gate_up_bias, down_bias, h, activation, gate_up_interleaved, swiglu_alpha,
                                   swiglu_limit, output_mask);
-}
-
-std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> expert_mlp_backward_cuda(
-    const Tensor& grad_out, const Tensor& tokens, const Tensor& src_rows, const Tensor& offs, const Tensor& dst_rows,
-    const std::optional<Tensor>& weights, const Tensor& gate_up_proj, const Tensor& down_proj,
-    const std::optional<Tensor>& gate_up_bias, const std::optional<Tensor>& down_bias, const Tensor& h,
-    c10::string_view activation, bool gate_up_interleaved, double swiglu_alpha, double swiglu_limit,
-    std::array<bool, 4> output_mask) {
-  return expert_mlp_backward_impl(/*on_host=*/false, grad_out, tokens, src_rows, offs, dst_rows, weights,
-                                  gate_up_proj, down_proj, gate_up_bias, down_bias, h, activation,
-                                  gate_up_interleaved, swiglu_alpha, swiglu_limit, output_mask);
 }
 
 } // namespace at::native

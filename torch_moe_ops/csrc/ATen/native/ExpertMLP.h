@@ -172,39 +172,4 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> expert_mlp_backward(
     double swiglu_limit,
     std::array<bool, 4> output_mask);
 
-// The CUDA entries: the same composition on its device path (routing values
-// checked by device-side asserts, each pass run whole), which runs on any
-// device's tensors.
-std::tuple<Tensor, Tensor> expert_mlp_cuda(
-    const Tensor& tokens,
-    const Tensor& src_rows,
-    const Tensor& offs,
-    const Tensor& dst_rows,
-    const std::optional<Tensor>& weights,
-    const Tensor& gate_up_proj,
-    const Tensor& down_proj,
-    const std::optional<Tensor>& gate_up_bias,
-    const std::optional<Tensor>& down_bias,
-    c10::string_view activation,
-    bool gate_up_interleaved,
-    double swiglu_alpha,
-    double swiglu_limit);
-std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> expert_mlp_backward_cuda(
-    const Tensor& grad_out,
-    const Tensor& tokens,
-    const Tensor& src_rows,
-    const Tensor& offs,
-    const Tensor& dst_rows,
-    const std::optional<Tensor>& weights,
-    const Tensor& gate_up_proj,
-    const Tensor& down_proj,
-    const std::optional<Tensor>& gate_up_bias,
-    const std::optional<Tensor>& down_bias,
-    const Tensor& h,
-    c10::string_view activation,
-    bool gate_up_interleaved,
-    double swiglu_alpha,
-    double swiglu_limit,
-    std::array<bool, 4> output_mask);
-
 } // namespace at::native

@@ -323,26 +323,11 @@ Tensor grouped_mm_gather_cpu(
     const std::optional<Tensor>& bias,
     std::optional<ScalarType> out_dtype);
 
-// CUDA entry points (native/cuda/), declared for every build: in-tree, other
-// CUDA sources call them.
-Tensor grouped_mm_gather_cuda(
-    const Tensor& mat_a,
-    const Tensor& mat_b,
-    const Tensor& offs,
-    const std::optional<Tensor>& a_index,
-    const std::optional<Tensor>& b_index,
-    const std::optional<Tensor>& bias,
-    std::optional<ScalarType> out_dtype);
-
-Tensor grouped_mm_cuda(
-    const Tensor& mat_a,
-    const Tensor& mat_b,
-    const std::optional<Tensor>& offs,
-    const std::optional<Tensor>& bias,
-    std::optional<ScalarType> out_dtype);
-
 // Zeroes the rows (split_rows, 2D x 3D) or columns (3D x 2D) of out at or past
-// offs[-1], reading offs on the device.
+// offs[-1], reading offs on the device (native/cuda/GroupedMM.cu; declared for
+// every build: in-tree, other CUDA sources call it). grouped_mm's and
+// grouped_mm_gather's own CUDA kernels are Triton kernels
+// (torch_moe_ops/triton/), registered from Python.
 void grouped_mm_zero_uncovered_cuda(const Tensor& out, const Tensor& offs, bool split_rows);
 
 } // namespace at::native

@@ -18,6 +18,7 @@
 #include <ATen/native/MoEScaledGroupedMM.h>
 
 #include <ATen/core/Tensor.h>
+#include <ATen/core/dispatch/Dispatcher.h>
 #include <ATen/cuda/CUDAContext.h>
 #include <ATen/ops/_assert_async.h>
 #include <ATen/ops/_scaled_grouped_mm.h>
@@ -26,6 +27,18 @@
 
 namespace at::native {
 namespace {
+
+// grouped_mm through the dispatcher: on CUDA tensors its Triton kernel
+// (registered from Python), on CPU tensors (test_fp8's runs of this entry) its
+// CPU kernel.
+Tensor grouped_mm_op(const Tensor& a, const Tensor& b, const std::optional<Tensor>& offs,
+                     std::optional<ScalarType> out_dtype) {
+  static auto op = c10::Dispatcher::singleton()
+                       .findSchemaOrThrow("moe_ops::grouped_mm", "")
+                       .typed<Tensor(const Tensor&, const Tensor&, const std::optional<Tensor>&,
+                                     const std::optional<Tensor>&, std::optional<ScalarType>)>();
+  return op.call(a, b, offs, std::nullopt, out_dtype);
+}
 
 bool upstream_operand_ok(const Tensor& t, bool row_major) {
   const int64_t d = t.dim();
@@ -153,9 +166,9 @@ Tensor scaled_grouped_mm_cuda(
   }
   const std::optional<Tensor> group_offs = layout == GroupedMMLayout::k3d3d ? std::nullopt : offs;
   if (!sa.defined() && !bias.has_value() && out_t == kBFloat16 && a.scalar_type() == kBFloat16) {
-    return fp8_dense_output(grouped_mm_cuda(a, b, group_offs, std::nullopt, kBFloat16));  // rounded once, in the GEMM
+    return fp8_dense_output(grouped_mm_op(a, b, group_offs, kBFloat16));  // rounded once, in the GEMM
   }
-  const Tensor acc = grouped_mm_cuda(a, b, group_offs, std::nullopt, kFloat);
+  const Tensor acc = grouped_mm_op(a, b, group_offs, kFloat);
   return fp8_dense_output(epilogue(acc, layout, sa, sb, offs, bias, groups).to(out_t));
 }
 
