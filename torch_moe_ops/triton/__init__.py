@@ -14,6 +14,8 @@ on their own (as torchao keeps ``triton_*`` kernels beside ``torch_*`` ones).
 """
 
 from .experts import triton_expert_mlp, triton_expert_mlp_backward
+from .fp8 import triton_quantize_fp8, triton_scaled_grouped_mm
 from .grouped_mm import triton_grouped_mm, triton_grouped_mm_gather
 
-__all__ = ["triton_expert_mlp", "triton_expert_mlp_backward", "triton_grouped_mm", "triton_grouped_mm_gather"]
+__all__ = ["triton_expert_mlp", "triton_expert_mlp_backward", "triton_grouped_mm", "triton_grouped_mm_gather",
+           "triton_quantize_fp8", "triton_scaled_grouped_mm"]

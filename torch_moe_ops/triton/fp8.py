@@ -90,11 +90,17 @@ def _interpreting():
     from triton.runtime.jit import JITFunction
 
     saved = JITFunction.__call__
-    JITFunction.__call__ = lambda self, *args, **kwargs: InterpretedFunction(self.fn)(*args, **kwargs)
+    JITFunction.__call__ = lambda self, *args, **kwargs: _interpreted_helper(self.fn, InterpretedFunction)(*args,
+                                                                                                          **kwargs)
     try:
         yield
     finally:
         JITFunction.__call__ = saved
+
+
+@functools.lru_cache(maxsize=None)
+def _interpreted_helper(fn, interpreted_function):
+    return interpreted_function(fn)  # made once: its constructor reads and parses the source
 
 
 @triton.jit
@@ -348,13 +354,39 @@ def _check_offs_values(mat_a, mat_b, scale_a, offs, recipe: int, layout: str) ->
             raise ValueError("scaled_grouped_mm: with mx scales every group of K must hold whole 32-element blocks: "
                              f"offs[g] must be a multiple of 32 or K={split}, got offs[{g}]={end}")
         prev = end
-    if recipe == SCALE_MX and layout == "2d3d":
-        sp = -(-(-(-mat_a.shape[1] // 32)) // 4) * 4
+    if recipe == SCALE_MX and layout in ("2d3d", "2d2d"):
+        s = -(-mat_a.shape[-1] // 32)
         ends = offs.tolist()
-        need = sum(-(-(e - s) // 128) * 128 * sp for s, e in zip([0] + ends[:-1], ends))
-        if scale_a.numel() < need:
-            raise ValueError(f"scaled_grouped_mm: the blocked mx scale of sizes {_checks._dims(scale_a.shape)} holds "
-                             f"{scale_a.numel()} bytes, fewer than the groups of offs need ({need})")
+        blocked = [(scale_a, mat_a.shape[0])] + ([(scale_b, mat_b.shape[1])] if layout == "2d2d" else [])
+        for scale, rows in blocked:
+            need = _blocked_bytes_read(rows, s, ends, 0 if layout == "2d3d" else 1)
+            if scale.numel() < need:
+                raise ValueError(f"scaled_grouped_mm: the blocked mx scale of sizes {_checks._dims(scale.shape)} "
+                                 f"holds {scale.numel()} bytes, fewer than the groups of offs need ({need})")
+
+
+def _blocked_bytes_read(rows: int, s: int, ends: list, dim: int) -> int:
+    """1 + the last byte the kernel reads of a scale blocked per group
+    (swizzle_mx_scale's layout; MoEQuantize.cpp's unswizzle_mx_scale checks the same)."""
+    def last(r: int, c: int, sp: int) -> int:  # the largest swizzled offset within (r, c)
+        ri, ci = torch.arange(r).view(-1, 1), torch.arange(c).view(1, -1)
+        return int((((ri // 128) * (sp // 4) + ci // 4) * 512 + (ri % 32) * 16 + ((ri % 128) // 32) * 4
+                    + ci % 4).max())
+
+    need, base, start = 0, 0, 0
+    for end in ends:
+        if dim == 0:
+            r, c, sp = end - start, s, -(-s // 4) * 4
+            step = -(-r // 128) * 128 * sp
+        else:
+            c0, c1 = start // 32, -(-end // 32)
+            r, c, sp = rows, c1 - c0, -(-(c1 - c0) // 4) * 4
+            step = -(-rows // 128) * 128 * sp
+        if r > 0 and c > 0:
+            need = max(need, base + last(r, c, sp) + 1)
+        base += step
+        start = end
+    return need
 
 
 def _scale_view(scale: torch.Tensor) -> torch.Tensor:
@@ -418,9 +450,22 @@ def _prepare_scaled(mat_a, mat_b, scale_a, scale_b, offs, bias, scale_result, ou
         stride_biasg=bias.stride(0) if bias is not None else 0,
         stride_biasn=bias.stride(1) if bias is not None else 0,
         LAYOUT=layout, SCALE=recipe, SA_LAYOUT=sa_layout, SB_LAYOUT=sb_layout, HAS_BIAS=bias is not None,
-        B_DESC=gm._b_desc(mat_b, layout, tma) if mat_b.numel() else 0,
+        B_DESC=_b_desc(mat_b, layout, tma) if mat_b.numel() else 0,
     )
     return out, args
+
+
+def _b_desc(mat_b: torch.Tensor, layout: int, tma: Optional[bool]) -> int:
+    """grouped_mm's choice (TMA on sm_90+ for 3-D weights it can address), this op's message."""
+    if tma and layout in (gm.LAYOUT_2D3D, gm.LAYOUT_3D3D) and not (gm._tma_ok(mat_b, 2) or gm._tma_ok(mat_b, 1)):
+        raise ValueError("triton_scaled_grouped_mm: tma=True needs mat_b 16-byte aligned with a unit stride in K or N"
+                         f", got strides {tuple(mat_b.stride())} of a float8 tensor")
+    return gm._b_desc(mat_b, layout, tma)
+
+
+def _meta(config: triton.Config) -> dict:
+    """A config's launch arguments (wrap_triton refuses num_ctas and the like)."""
+    return dict(config.kwargs, num_warps=config.num_warps, num_stages=config.num_stages)
 
 
 def _launch_scaled(out, args, config, num_programs, wrap=lambda k: k):
@@ -443,7 +488,7 @@ def _launch_scaled(out, args, config, num_programs, wrap=lambda k: k):
             _interpreted("gemm")[(p,)](**args, num_programs=p, **config.all_kwargs())
     elif config is not None:
         p = nprog(config.kwargs)
-        wrap(scaled_grouped_mm_kernel)[(p,)](**args, num_programs=p, **config.all_kwargs())
+        wrap(scaled_grouped_mm_kernel)[(p,)](**args, num_programs=p, **_meta(config))
     else:
         configs = configs_for(args["SCALE"])
         kernel = _autotuned_mx if args["SCALE"] == SCALE_MX else _autotuned_fp8
@@ -607,11 +652,11 @@ QUANT_CONFIGS = {
 }
 # Interpreter: small chunks, so that the loops over chunks take several steps.
 QUANT_INTERPRETER_CONFIGS = {
-    "tensorwise": triton.Config({"BLOCK_R": 4, "BLOCK_C": 16}),
-    "rowwise": triton.Config({"BLOCK_R": 4, "BLOCK_C": 16}),
-    "blockwise_1x128": triton.Config({"BLOCK_R": 4, "BLOCK_C": 128}),
-    "blockwise_128x128": triton.Config({"BLOCK_R": 32, "BLOCK_C": 128}),
-    "mx": triton.Config({"BLOCK_R": 4, "BLOCK_C": 32}),
+    "tensorwise": triton.Config({"BLOCK_R": 8, "BLOCK_C": 64}),
+    "rowwise": triton.Config({"BLOCK_R": 8, "BLOCK_C": 64}),
+    "blockwise_1x128": triton.Config({"BLOCK_R": 8, "BLOCK_C": 128}),
+    "blockwise_128x128": triton.Config({"BLOCK_R": 64, "BLOCK_C": 128}),
+    "mx": triton.Config({"BLOCK_R": 16, "BLOCK_C": 32}),
 }
 
 
@@ -630,7 +675,7 @@ def _check_quantize_offs_values(x, recipe, offs) -> None:
         prev = end
 
 
-def _prepare_quantize(x, recipe, float8_dtype, offs, swizzle):
+def _prepare_quantize(x, recipe, float8_dtype=None, offs=None, swizzle=False):
     f8 = _checks.check_quantize_fp8_inputs(x, recipe, float8_dtype, offs, swizzle)
     _check_quantize_offs_values(x, recipe, offs)
     groups = offs.shape[0] if offs is not None else None
@@ -689,7 +734,7 @@ def _launch_quantize(data, scale, args, grid, recipe, config, wrap=lambda k: k):
         with _interpreting():
             _interpreted("quantize")[full](**args, **config.all_kwargs())
     else:
-        wrap(quantize_fp8_kernel)[full](**args, **config.all_kwargs())
+        wrap(quantize_fp8_kernel)[full](**args, **_meta(config))
     return data, scale
 
 
