@@ -293,7 +293,7 @@ def scaled_problems(draw):
     """Random recipes and layouts (rowwise: all four; blockwise: 2D x 3D and
     3D x 3D; mx: 2D x 3D, 3D x 3D with plain or swizzled scales, 2D x 2D), group
     sizes with empty groups, skew and rows past offs[-1] (zero tokens too), K
-    and N ragged against the tiles, both formats, both weight storage orders,
+    and N ragged against the tiles, both formats (and e4m3 x e5m2), both weight storage orders,
     bias, the grid size."""
     recipe = draw(st.sampled_from(["rowwise", "blockwise", "mx"]))
     layouts = {"rowwise": ["2d3d", "3d2d", "2d2d", "3d3d"], "blockwise": ["2d3d", "3d3d"],
@@ -309,44 +309,46 @@ def scaled_problems(draw):
     k = draw(st.integers(1, 150 if recipe == "blockwise" else 70))
     n = draw(st.integers(1, 40))
     m = draw(st.integers(1, 20))
-    return (recipe, layout, sizes, extra, m, k, n, draw(st.sampled_from([E4M3, E5M2])), draw(st.booleans()),
+    formats = draw(st.sampled_from([(E4M3, E4M3), (E5M2, E5M2), (E4M3, E5M2)]))  # the op allows mixing
+    return (recipe, layout, sizes, extra, m, k, n, formats, draw(st.booleans()),
             draw(st.booleans()), draw(st.booleans()), draw(st.integers(1, 5)))
 
 
 def _build(problem, seed):
     """Operands and scales of a scaled_problems example, quantised by the reference."""
-    recipe, layout, sizes, extra, m, k, n, f8, k_major, with_bias, swizzle, _ = problem
+    recipe, layout, sizes, extra, m, k, n, (fa, fb), k_major, with_bias, swizzle, _ = problem
     g = torch.Generator().manual_seed(seed)
     rnd = lambda *s: torch.randn(*s, generator=g) * 3  # noqa: E731
     G, total = len(sizes), sum(sizes)
     offs = _offs(torch.tensor(sizes).cumsum(0).tolist(), "cpu") if layout != "3d3d" else None
-    q = lambda x, r, **kw: torch_quantize_fp8(x, r, f8, **kw)  # noqa: E731
+    qa = lambda x, r, **kw: torch_quantize_fp8(x, r, fa, **kw)  # noqa: E731
+    q = lambda x, r, **kw: torch_quantize_fp8(x, r, fb, **kw)  # noqa: E731  (B)
     ra, rb = {"rowwise": ("rowwise", "rowwise"), "blockwise": ("blockwise_1x128", "blockwise_128x128"),
               "mx": ("mx", "mx")}[recipe]
     n_out = n
     if layout == "2d3d":
-        ad, sa = q(rnd(total + extra, k), ra)
+        ad, sa = qa(rnd(total + extra, k), ra)
         if recipe == "mx":
             sa = torch_swizzle_mx_scale(sa, offs, 0)
         bd, sb = q(rnd(G, n, k), rb, swizzle=swizzle and recipe == "mx")
         bd = bd.transpose(-2, -1)
     elif layout == "3d3d":
-        ad, sa = q(rnd(G, m, k), ra, swizzle=swizzle and recipe == "mx")
+        ad, sa = qa(rnd(G, m, k), ra, swizzle=swizzle and recipe == "mx")
         bd, sb = q(rnd(G, n, k), rb, swizzle=swizzle and recipe == "mx")
         bd = bd.transpose(-2, -1)
     elif layout == "3d2d":  # rowwise: offs splits N
-        ad, sa = q(rnd(G, m, k), ra)
+        ad, sa = qa(rnd(G, m, k), ra)
         n_out = total + extra
         bd, sb = q(rnd(n_out, k), rb)
         bd = bd.t()
     else:  # 2d2d: offs splits K = the tokens
         kk = total + extra
         if recipe == "rowwise":
-            ad, sa = q(rnd(m, kk), ra, offs=offs)
+            ad, sa = qa(rnd(m, kk), ra, offs=offs)
             bd, sb = q(rnd(n, kk), rb, offs=offs)
             sa, sb = sa.flatten(), sb.flatten()
         else:
-            ad, sa = q(rnd(m, kk), ra, offs=offs)
+            ad, sa = qa(rnd(m, kk), ra, offs=offs)
             bd, sb = q(rnd(n, kk), rb, offs=offs)
             sa, sb = torch_swizzle_mx_scale(sa, offs, 1), torch_swizzle_mx_scale(sb, offs, 1)
         bd = bd.t()
@@ -455,7 +457,14 @@ def test_triton_op_traces_into_the_kernel_on_cuda(monkeypatch):
 def test_autotuner_configs_are_the_compiled_ones():
     """The configs the autotuners may pick are those test_triton_aot compiles;
     rowwise and blockwise K steps lie within one 128-block, MX's within one 32-block."""
-    assert tf8._autotuned_fp8.configs == tf8.CONFIGS_FP8 == tf8.configs_for(tf8.SCALE_BLOCKWISE)
-    assert tf8._autotuned_mx.configs == tf8.CONFIGS_MX == tf8.configs_for(tf8.SCALE_MX)
-    assert all(128 % c.kwargs["BLOCK_K"] == 0 and c.kwargs["BLOCK_K"] % 32 == 0 for c in tf8.CONFIGS_FP8)
+    from torch_moe_ops.triton.grouped_mm import LAYOUT_2D2D, LAYOUT_2D3D, LAYOUT_3D3D
+
+    for scale in (tf8.SCALE_ROWWISE, tf8.SCALE_BLOCKWISE, tf8.SCALE_MX):
+        for layout in (LAYOUT_2D3D, LAYOUT_3D3D, LAYOUT_2D2D):
+            assert tf8._autotuned(scale, layout).configs == tf8.configs_for(scale, layout)
+    assert tf8.configs_for(tf8.SCALE_BLOCKWISE, LAYOUT_2D3D) == tf8.CONFIGS_FP8
+    assert tf8.configs_for(tf8.SCALE_ROWWISE, LAYOUT_2D2D) == tf8.CONFIGS_FP8_2D2D
+    assert tf8.configs_for(tf8.SCALE_MX, LAYOUT_2D2D) == tf8.CONFIGS_MX
+    assert all(128 % c.kwargs["BLOCK_K"] == 0 and c.kwargs["BLOCK_K"] % 32 == 0
+               for c in tf8.CONFIGS_FP8 + tf8.CONFIGS_FP8_2D2D)
     assert all(c.kwargs["BLOCK_K"] == 32 for c in tf8.CONFIGS_MX)

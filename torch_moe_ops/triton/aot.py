@@ -190,14 +190,15 @@ def _e8m0(*shape):
     return torch.zeros(*shape, dtype=torch.uint8).view(_E8M0)
 
 
-def _scaled(recipe: str, layout: str, b_nk: bool = True, bias: bool = False, out_dtype=None):
+def _scaled(recipe: str, layout: str, b_nk: bool = True, bias: bool = False, out_dtype=None, b_dtype=None):
     """dtype -> triton_scaled_grouped_mm's (args, kwargs), the MoE shapes of the
     16-bit variants (M = 250 tokens, K = 256, N = 128, 4 experts), scales in the
     layouts the op takes (mx: A blocked per group of rows, 3-D B swizzled)."""
     def make(dt):
         M, K, N, G = 250, 256, 128, 4
         offs = _offs(50, 50, 200, 250)
-        w = _f8(G, N, K, dtype=dt).transpose(1, 2) if b_nk else _f8(G, K, N, dtype=dt)
+        bt = b_dtype or dt
+        w = _f8(G, N, K, dtype=bt).transpose(1, 2) if b_nk else _f8(G, K, N, dtype=bt)
         kb, nb, s = K // 128, N // 128, K // 32
         if layout == "2d3d":
             a = _f8(M, K, dtype=dt)
@@ -230,22 +231,27 @@ def _scaled(recipe: str, layout: str, b_nk: bool = True, bias: bool = False, out
 
 def scaled_grouped_mm_variants() -> list:
     """The fp8 GEMM: rowwise in the four layouts (2D x 3D with B by TMA from
-    (G, N, K) storage and by pointers from (G, K, N); e5m2; bias and float32
-    out); DeepSeek-V3 blockwise and MX in 2D x 3D (TMA) and 3D x 3D; MX in
-    2D x 2D (the weight gradient)."""
+    either storage order, (G, N, K) being the one fp8 wgmma reads without a
+    transpose, and by pointers; e5m2; bias and float32 out); DeepSeek-V3
+    blockwise and MX in 2D x 3D (TMA) and 3D x 3D; MX in 2D x 2D (the weight
+    gradient)."""
     V = Variant
     out = [
         V("fp8_rowwise_2d3d_tma", _E4M3, "2d3d", _scaled("rowwise", "2d3d"), kernel="scaled_grouped_mm", tma=True),
         V("fp8_rowwise_2d3d_b_kn", _E4M3, "2d3d", _scaled("rowwise", "2d3d", b_nk=False), kernel="scaled_grouped_mm"),
+        V("fp8_rowwise_2d3d_b_kn_tma", _E4M3, "2d3d", _scaled("rowwise", "2d3d", b_nk=False),
+          kernel="scaled_grouped_mm", tma=True),
         V("fp8_rowwise_2d3d_e5m2_bias_out_fp32_tma", _E5M2, "2d3d",
           _scaled("rowwise", "2d3d", bias=True, out_dtype=torch.float32), kernel="scaled_grouped_mm", tma=True),
+        V("fp8_rowwise_2d3d_e4m3_e5m2_tma", _E4M3, "2d3d", _scaled("rowwise", "2d3d", b_dtype=_E5M2),
+          kernel="scaled_grouped_mm", tma=True),
         V("fp8_rowwise_3d2d", _E4M3, "3d2d", _scaled("rowwise", "3d2d"), kernel="scaled_grouped_mm"),
         V("fp8_rowwise_2d2d", _E4M3, "2d2d", _scaled("rowwise", "2d2d"), kernel="scaled_grouped_mm"),
         V("fp8_rowwise_3d3d_tma", _E4M3, "3d3d", _scaled("rowwise", "3d3d"), kernel="scaled_grouped_mm", tma=True),
         V("fp8_blockwise_2d3d_tma", _E4M3, "2d3d", _scaled("blockwise", "2d3d"), kernel="scaled_grouped_mm",
           tma=True),
-        V("fp8_blockwise_2d3d_b_kn", _E4M3, "2d3d", _scaled("blockwise", "2d3d", b_nk=False),
-          kernel="scaled_grouped_mm"),
+        V("fp8_blockwise_2d3d_b_kn_tma", _E4M3, "2d3d", _scaled("blockwise", "2d3d", b_nk=False),
+          kernel="scaled_grouped_mm", tma=True),
         V("fp8_blockwise_3d3d_tma", _E4M3, "3d3d", _scaled("blockwise", "3d3d"), kernel="scaled_grouped_mm",
           tma=True),
         V("fp8_mx_2d3d_tma", _E4M3, "2d3d", _scaled("mx", "2d3d"), kernel="scaled_grouped_mm", tma=True),
@@ -298,7 +304,8 @@ def configs_for_variant(variant: Variant) -> list:
     if variant.kernel == "grouped_mm":
         return gm.configs_for(variant.dtype)
     if variant.kernel == "scaled_grouped_mm":
-        return f8.configs_for(_fp8_source_args(variant)[1]["SCALE"])
+        bound = _fp8_source_args(variant)[1]
+        return f8.configs_for(bound["SCALE"], bound["LAYOUT"])
     if variant.kernel == "quantize_fp8":
         return [f8.QUANT_CONFIGS[variant.make(variant.dtype)[0][1]]]
     if variant.kernel == "expert_combine":

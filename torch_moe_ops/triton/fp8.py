@@ -222,10 +222,15 @@ def scaled_grouped_mm_kernel(
         mask_n = offs_n < n_hi
         g64 = tl.cast(g, tl.int64)
         offs_k = tl.arange(0, BLOCK_K)
+        # K steps start on a BLOCK_K multiple (2D x 2D: below the group's first
+        # token, masked), so that the compiler knows the loads' alignment and
+        # vectorises them: byte loads at offs-dependent offsets cost a 64-bit
+        # address each (ptxas spilled 1.3 KB for that). mx groups start on 32-blocks.
+        k_first = k_lo // BLOCK_K * BLOCK_K
         a_ptrs = (a_ptr + g64 * stride_ag + offs_m[:, None].to(tl.int64) * stride_am
-                  + (k_lo + offs_k)[None, :].to(tl.int64) * stride_ak)
+                  + (k_first + offs_k)[None, :].to(tl.int64) * stride_ak)
         b_ptrs = (b_ptr + g64 * stride_bg + offs_n[None, :].to(tl.int64) * stride_bn
-                  + (k_lo + offs_k)[:, None].to(tl.int64) * stride_bk)
+                  + (k_first + offs_k)[:, None].to(tl.int64) * stride_bk)
         # Scale rows: A's rows m; B's columns n (mx: rows of B^T) or their 128-blocks (blockwise).
         sa_rows = offs_m.to(tl.int64)
         sb_rows = (offs_n // 128 if SCALE == 1 else offs_n).to(tl.int64)
@@ -248,8 +253,8 @@ def scaled_grouped_mm_kernel(
             sa_base = sa_ptr + g64 * stride_sag
             sb_base = sb_ptr + g64 * stride_sbg
         acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-        for k in range(k_lo, k_hi, BLOCK_K):
-            k_ok = (k + offs_k) < k_hi
+        for k in range(k_first, k_hi, BLOCK_K):
+            k_ok = ((k + offs_k) < k_hi) & ((k + offs_k) >= k_lo)
             a = tl.load(a_ptrs, mask=mask_m[:, None] & k_ok[None, :], other=0.0)
             if B_DESC == 1:
                 b = b_desc.load([g, k, n_lo + tn * BLOCK_N]).reshape(BLOCK_K, BLOCK_N)
@@ -302,30 +307,47 @@ def scaled_grouped_mm_kernel(
         tl.store(out_ptrs, acc.to(out_ptr.dtype.element_ty), mask=mask_m[:, None] & mask_n[None, :])
 
 
-# GPU configurations, every one compiled for sm_90a by test/test_triton_aot.py.
-# Rowwise and blockwise: K steps of 128 (one blockwise scale block; 4 wgmma
-# k32 between promotions). mx: K steps of 32, one scale block each.
+# GPU configurations, every one compiled for sm_90a by test/test_triton_aot.py
+# (0 bytes of spill each). Rowwise and blockwise: K steps of 128 (one blockwise
+# scale block; 4 wgmma k32 between promotions). 2D x 2D loads through registers
+# (no cp.async: K starts at offs), so its 64-row tile takes 8 warps (4 spilled
+# 3.4 KB). mx: K steps of 32, one scale block each; a 128 x 128 tile spilled
+# in 3D x 3D (the two fp32 accumulators and the scales' addresses), hence
+# 8192-element tiles on one warpgroup.
 CONFIGS_FP8 = [
     triton.Config({"BLOCK_M": 128, "BLOCK_N": 128, "BLOCK_K": 128}, num_warps=8, num_stages=4),
     triton.Config({"BLOCK_M": 64, "BLOCK_N": 128, "BLOCK_K": 128}, num_warps=4, num_stages=4),
 ]
+CONFIGS_FP8_2D2D = [
+    triton.Config({"BLOCK_M": 128, "BLOCK_N": 128, "BLOCK_K": 128}, num_warps=8, num_stages=4),
+    triton.Config({"BLOCK_M": 64, "BLOCK_N": 128, "BLOCK_K": 128}, num_warps=8, num_stages=4),
+]
 CONFIGS_MX = [
-    triton.Config({"BLOCK_M": 128, "BLOCK_N": 128, "BLOCK_K": 32}, num_warps=8, num_stages=6),
     triton.Config({"BLOCK_M": 64, "BLOCK_N": 128, "BLOCK_K": 32}, num_warps=4, num_stages=6),
+    triton.Config({"BLOCK_M": 128, "BLOCK_N": 64, "BLOCK_K": 32}, num_warps=4, num_stages=6),
 ]
 INTERPRETER_CONFIG = triton.Config({"BLOCK_M": 16, "BLOCK_N": 16, "BLOCK_K": 16}, num_warps=4, num_stages=1)
 INTERPRETER_PROGRAMS = 3
 
 _AUTOTUNE_KEY = ["N", "K", "LAYOUT", "SCALE", "SA_LAYOUT", "SB_LAYOUT", "HAS_BIAS", "B_DESC"]
 _autotuned_fp8 = triton.autotune(configs=CONFIGS_FP8, key=_AUTOTUNE_KEY)(scaled_grouped_mm_kernel)
+_autotuned_fp8_2d2d = triton.autotune(configs=CONFIGS_FP8_2D2D, key=_AUTOTUNE_KEY)(scaled_grouped_mm_kernel)
 _autotuned_mx = triton.autotune(configs=CONFIGS_MX, key=_AUTOTUNE_KEY)(scaled_grouped_mm_kernel)
 
 _RECIPES = {"rowwise": SCALE_ROWWISE, "blockwise (1x128 x 128x128)": SCALE_BLOCKWISE, "mx": SCALE_MX}
 
 
-def configs_for(scale: int) -> list:
-    """The configurations the autotuner may pick for a scale recipe (SCALE_*)."""
-    return CONFIGS_MX if scale == SCALE_MX else CONFIGS_FP8
+def configs_for(scale: int, layout: int) -> list:
+    """The configurations the autotuner may pick for a scale recipe (SCALE_*) and layout (grouped_mm.LAYOUT_*)."""
+    if scale == SCALE_MX:
+        return CONFIGS_MX
+    return CONFIGS_FP8_2D2D if layout == gm.LAYOUT_2D2D else CONFIGS_FP8
+
+
+def _autotuned(scale: int, layout: int):
+    if scale == SCALE_MX:
+        return _autotuned_mx
+    return _autotuned_fp8_2d2d if layout == gm.LAYOUT_2D2D else _autotuned_fp8
 
 
 @functools.lru_cache(maxsize=None)
@@ -336,7 +358,7 @@ def _interpreted(name: str):
     return InterpretedFunction(kernel.fn if hasattr(kernel, "fn") else kernel)
 
 
-def _check_offs_values(mat_a, mat_b, scale_a, offs, recipe: int, layout: str) -> None:
+def _check_offs_values(mat_a, mat_b, scale_a, scale_b, offs, recipe: int, layout: str) -> None:
     """The value checks of the CPU kernel (MoEScaledGroupedMM.cpp), same messages,
     on CPU tensors only: on CUDA they would cost a host sync. The blocked scale's
     size check keeps the kernel's reads inside it."""
@@ -400,7 +422,7 @@ def _prepare_scaled(mat_a, mat_b, scale_a, scale_b, offs, bias, scale_result, ou
     recipe = _RECIPES[recipe_name]
     layout_name = _checks.grouped_mm_layout(mat_a, mat_b)
     layout = gm._LAYOUTS[layout_name]
-    _check_offs_values(mat_a, mat_b, scale_a, offs, recipe, layout_name)
+    _check_offs_values(mat_a, mat_b, scale_a, scale_b, offs, recipe, layout_name)
     size = _checks.grouped_mm_out_size(mat_a, mat_b, offs)
     out = mat_a.new_empty(size, dtype=out_t)  # contiguous, as the op's fake kernel promises
     G = _checks.grouped_mm_num_groups(mat_a, offs)
@@ -490,8 +512,8 @@ def _launch_scaled(out, args, config, num_programs, wrap=lambda k: k):
         p = nprog(config.kwargs)
         wrap(scaled_grouped_mm_kernel)[(p,)](**args, num_programs=p, **_meta(config))
     else:
-        configs = configs_for(args["SCALE"])
-        kernel = _autotuned_mx if args["SCALE"] == SCALE_MX else _autotuned_fp8
+        configs = configs_for(args["SCALE"], layout)
+        kernel = _autotuned(args["SCALE"], layout)
         p = nprog(min(configs, key=lambda c: c.kwargs["BLOCK_M"] * c.kwargs["BLOCK_N"]).kwargs)
         wrap(kernel)[(p,)](**args, num_programs=p)
     return out
@@ -644,7 +666,7 @@ def quantize_fp8_kernel(
 _QUANT_BLOCKS = {"tensorwise": (0, 0), "rowwise": (1, 0), "blockwise_1x128": (1, 128),
                  "blockwise_128x128": (128, 128), "mx": (1, 32)}
 QUANT_CONFIGS = {
-    "tensorwise": triton.Config({"BLOCK_R": 16, "BLOCK_C": 256}, num_warps=4),
+    "tensorwise": triton.Config({"BLOCK_R": 8, "BLOCK_C": 256}, num_warps=4),  # 16 rows spilled with offs
     "rowwise": triton.Config({"BLOCK_R": 16, "BLOCK_C": 256}, num_warps=4),
     "blockwise_1x128": triton.Config({"BLOCK_R": 32, "BLOCK_C": 128}, num_warps=4),
     "blockwise_128x128": triton.Config({"BLOCK_R": 32, "BLOCK_C": 128}, num_warps=4),
