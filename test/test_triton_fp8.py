@@ -377,6 +377,44 @@ def test_scaled_property_examples_cover_the_recipes():
     assert {r for r, _ in SCALED_EXAMPLES} == {"rowwise", "blockwise", "mx"}, SCALED_EXAMPLES
 
 
+@pytest.mark.parametrize("recipe,quantize_out,f8,layout", [
+    ("blockwise", "blockwise_1x128", E4M3, "2d3d"), ("rowwise", "mx", E5M2, "2d3d"), ("mx", "mx", E4M3, "2d3d"),
+    ("rowwise", "blockwise_1x128", E5M2, "3d3d")],
+    ids=["blockwise-to-1x128-e4m3", "rowwise-to-mx-e5m2", "mx-to-mx-e4m3", "rowwise-3d3d-to-1x128-e5m2"])
+def test_quantize_out_is_quantize_fp8_of_the_output(recipe, quantize_out, f8, layout):
+    """The epilogue's quantisation for the next GEMM: bit for bit
+    moe_ops.quantize_fp8 of the float32 output the same call computes (same
+    tiles, so the same accumulator bits), with output columns over 40 binades
+    (blocks of different scales), a partial last block (N = 150), an empty
+    group and rows past offs[-1] (zeros: the smallest scale)."""
+    args, kw = _multi_tile_case(recipe, seed=3)
+    ad, bd, as_, bs = args
+    if layout == "3d3d":
+        ad, as_ = torch_quantize_fp8(torch.randn(4, 9, ad.shape[1]), "rowwise")
+        kw = dict(out_dtype=torch.float32)
+    g = torch.Generator().manual_seed(1)
+    w = torch.randn(4, 150, ad.shape[-1], generator=g) * torch.logspace(-20, 20, 150, base=2.0).view(1, -1, 1)
+    bd, bs = torch_quantize_fp8(w, {"rowwise": "rowwise", "blockwise": "blockwise_128x128", "mx": "mx"}[recipe])
+    kw = {**kw, "bias": torch.randn(4, 150, generator=g) if layout == "2d3d" else None}
+    config = triton.Config({"BLOCK_M": 16, "BLOCK_N": 128 if quantize_out != "mx" else 32, "BLOCK_K": 16})
+    args = (ad, bd.transpose(1, 2), as_, bs)
+    data, scale = triton_scaled_grouped_mm(*args, **kw, quantize_out=quantize_out, quantize_dtype=f8, config=config)
+    out32 = triton_scaled_grouped_mm(*args, **{**kw, "out_dtype": torch.float32}, config=config)
+    assert_close_to_reference(out32, args, {**kw, "out_dtype": torch.float32}, 16)
+    assert_same_bits((data, scale), _op_quantize(out32, quantize_out, f8), f"{recipe} -> {quantize_out}")
+
+
+def test_quantize_out_rejects():
+    args, kw = _multi_tile_case("mx")
+    with pytest.raises(ValueError, match="quantize_out must be None, 'blockwise_1x128' or 'mx', got 'rowwise'"):
+        triton_scaled_grouped_mm(*args, **kw, quantize_out="rowwise")
+    with pytest.raises(NotImplementedError, match="quantize_out='blockwise_1x128' with mx scales"):
+        triton_scaled_grouped_mm(*args, **kw, quantize_out="blockwise_1x128")
+    wgrad = {n: (a, k) for n, a, k in scaled_grouped_mm_cases("cpu", torch.float32)}["2d2d_wgrad"]
+    with pytest.raises(ValueError, match="quantize_out needs 2D x 3D or 3D x 3D operands"):
+        triton_scaled_grouped_mm(*wgrad[0], **wgrad[1], quantize_out="mx")
+
+
 @pytest.mark.parametrize("device", DEVICES)
 def test_scaled_rejects_what_the_op_rejects(device):
     """The error inputs of moe_ops.scaled_grouped_mm, same errors and messages

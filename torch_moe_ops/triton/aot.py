@@ -190,7 +190,8 @@ def _e8m0(*shape):
     return torch.zeros(*shape, dtype=torch.uint8).view(_E8M0)
 
 
-def _scaled(recipe: str, layout: str, b_nk: bool = True, bias: bool = False, out_dtype=None, b_dtype=None):
+def _scaled(recipe: str, layout: str, b_nk: bool = True, bias: bool = False, out_dtype=None, b_dtype=None,
+            quantize_out=None):
     """dtype -> triton_scaled_grouped_mm's (args, kwargs), the MoE shapes of the
     16-bit variants (M = 250 tokens, K = 256, N = 128, 4 experts), scales in the
     layouts the op takes (mx: A blocked per group of rows, 3-D B swizzled)."""
@@ -225,6 +226,8 @@ def _scaled(recipe: str, layout: str, b_nk: bool = True, bias: bool = False, out
             args = (a, b, sa, sb, toks)
         n_out = {"3d2d": 256, "2d2d": K}.get(layout, N)
         kwargs = dict(bias=torch.zeros(G, n_out) if bias else None, out_dtype=out_dtype)
+        if quantize_out:
+            kwargs["quantize_out"] = quantize_out
         return args, kwargs
     return make
 
@@ -257,6 +260,13 @@ def scaled_grouped_mm_variants() -> list:
         V("fp8_mx_2d3d_tma", _E4M3, "2d3d", _scaled("mx", "2d3d"), kernel="scaled_grouped_mm", tma=True),
         V("fp8_mx_3d3d_tma", _E4M3, "3d3d", _scaled("mx", "3d3d"), kernel="scaled_grouped_mm", tma=True),
         V("fp8_mx_2d2d", _E4M3, "2d2d", _scaled("mx", "2d2d"), kernel="scaled_grouped_mm"),
+        # The output quantised in the epilogue for the next GEMM.
+        V("fp8_blockwise_2d3d_quant_out_1x128_tma", _E4M3, "2d3d",
+          _scaled("blockwise", "2d3d", quantize_out="blockwise_1x128"), kernel="scaled_grouped_mm", tma=True),
+        V("fp8_rowwise_2d3d_quant_out_mx_tma", _E4M3, "2d3d", _scaled("rowwise", "2d3d", quantize_out="mx"),
+          kernel="scaled_grouped_mm", tma=True),
+        V("fp8_mx_2d3d_quant_out_mx_tma", _E4M3, "2d3d", _scaled("mx", "2d3d", quantize_out="mx"),
+          kernel="scaled_grouped_mm", tma=True),
     ]
     return out
 
@@ -334,7 +344,8 @@ def _fp8_source_args(variant: Variant) -> tuple:
     args, kwargs = variant.make(variant.dtype)
     if variant.kernel == "quantize_fp8":
         return f8.quantize_fp8_kernel, f8._prepare_quantize(*args, **kwargs)[2]
-    _, bound = f8._prepare_scaled(*args, kwargs.get("bias"), None, kwargs.get("out_dtype"), tma=variant.tma)
+    _, bound = f8._prepare_scaled(*args, kwargs.get("bias"), None, kwargs.get("out_dtype"), tma=variant.tma,
+                                  quantize_out=kwargs.get("quantize_out"))
     assert bool(bound["B_DESC"]) == variant.tma, variant
     bound["num_programs"] = NUM_SMS_H100
     return f8.scaled_grouped_mm_kernel, bound

@@ -23,6 +23,14 @@ sm_90 when aligned) on float8 operands, with the scales of three recipes:
   group's byte offset computed on the device from ``offs``), so nothing is
   unswizzled on the host.
 
+Fused quantisation (``quantize_out``, 2D x 3D and 3D x 3D): the epilogue can
+store the output already quantised for the GEMM that consumes it, in 1x128
+(DeepSeek-V3's activations) or MX 1x32 blocks with their scales, e.g. an
+expert's gate/up output kept in float8 for its backward: a tile holds whole
+blocks of a row (N is not split by offs), so the amax needs no other tile, and
+the bits are those of ``quantize_fp8`` on the float32 output. Rowwise and
+tensorwise output scales would need the whole row: not fusable in one pass.
+
 Accumulation: on sm_90 Triton lets an fp8 ``tl.dot`` accumulate the whole K in
 the tensor core's accumulator (``max_num_imprecise_acc`` defaults to 2^30),
 whose fp8 adds keep fewer bits than fp32. Every recipe here (rowwise too, so
@@ -124,7 +132,7 @@ def _e8m0_to_f32(byte):
 
 @triton.jit(do_not_specialize=["G", "M", "num_programs"])
 def scaled_grouped_mm_kernel(
-    a_ptr, b_ptr, sa_ptr, sb_ptr, out_ptr, bias_ptr, offs_ptr,
+    a_ptr, b_ptr, sa_ptr, sb_ptr, out_ptr, bias_ptr, offs_ptr, qs_ptr,
     G, M, N, K,
     stride_ag, stride_am, stride_ak,
     stride_bg, stride_bk, stride_bn,
@@ -132,6 +140,7 @@ def scaled_grouped_mm_kernel(
     stride_sag, stride_sam, stride_sak,
     stride_sbg, stride_sbn, stride_sbk,
     stride_biasg, stride_biasn,
+    stride_qsg, stride_qsm, stride_qsn,
     num_programs,
     LAYOUT: tl.constexpr,
     SCALE: tl.constexpr,
@@ -139,6 +148,10 @@ def scaled_grouped_mm_kernel(
     SB_LAYOUT: tl.constexpr,
     HAS_BIAS: tl.constexpr,
     B_DESC: tl.constexpr,
+    QUANT_OUT: tl.constexpr,  # 0, or the output quantised in 1 x QUANT_OUT blocks (128: blockwise_1x128, 32: mx)
+    Q_MX: tl.constexpr,
+    MANT: tl.constexpr, BIAS: tl.constexpr, MIN_NORMAL: tl.constexpr, MAGIC: tl.constexpr,
+    FP8_MAX: tl.constexpr, EMAX: tl.constexpr,
     BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr,
     BLOCK_K: tl.constexpr,
@@ -304,7 +317,36 @@ def scaled_grouped_mm_kernel(
         acc = tl.where(covered, acc, 0.0)
         out_ptrs = (out_ptr + g64 * stride_og + offs_m[:, None].to(tl.int64) * stride_om
                     + offs_n[None, :].to(tl.int64) * stride_on)
-        tl.store(out_ptrs, acc.to(out_ptr.dtype.element_ty), mask=mask_m[:, None] & mask_n[None, :])
+        if QUANT_OUT > 0:
+            # The output quantised for the next GEMM, as quantize_fp8 would quantise
+            # the float32 result: a tile holds whole 1 x QUANT_OUT blocks (N is not
+            # split by offs in 2D x 3D and 3D x 3D), so amax needs no other tile.
+            NB: tl.constexpr = BLOCK_N // QUANT_OUT
+            v = tl.reshape(tl.where(mask_n[None, :], acc, 0.0), (BLOCK_M, NB, QUANT_OUT))
+            amax = tl.max(tl.abs(v), axis=2)
+            nan = tl.max((v != v).to(tl.int32), axis=2)
+            amax = tl.where(nan > 0, float("nan"), amax)
+            if Q_MX:
+                finite = amax <= 3.4028234663852886e38
+                e = ((amax.to(tl.int32, bitcast=True) >> 23) & 0xFF) - 127 - EMAX
+                e = tl.minimum(tl.maximum(e, -127), 127)
+                q = tl.where(finite, ((127 - e) << 23).to(tl.float32, bitcast=True), float("nan"))
+                stored = tl.where(finite, e + 127, 255).to(tl.uint8)
+            else:
+                q = tl.math.div_rn(tl.zeros((BLOCK_M, NB), dtype=tl.float32) + FP8_MAX,
+                                   tl.where(amax < 1e-12, 1e-12, amax))
+                stored = tl.math.div_rn(tl.zeros((BLOCK_M, NB), dtype=tl.float32) + 1.0, q)
+            y = v * q[:, :, None]
+            y = tl.where(y < -FP8_MAX, -FP8_MAX, y)
+            y = tl.where(y > FP8_MAX, FP8_MAX, y)
+            bits = tl.reshape(_fp8_bits(y, MANT, BIAS, MIN_NORMAL, MAGIC), (BLOCK_M, BLOCK_N))
+            tl.store(out_ptrs, bits, mask=mask_m[:, None] & mask_n[None, :])
+            blocks = tn * NB + tl.arange(0, NB)
+            qs_ptrs = (qs_ptr + g64 * stride_qsg + offs_m[:, None].to(tl.int64) * stride_qsm
+                       + blocks[None, :].to(tl.int64) * stride_qsn)
+            tl.store(qs_ptrs, stored, mask=mask_m[:, None] & (blocks * QUANT_OUT < n_hi)[None, :])
+        else:
+            tl.store(out_ptrs, acc.to(out_ptr.dtype.element_ty), mask=mask_m[:, None] & mask_n[None, :])
 
 
 # GPU configurations, every one compiled for sm_90a by test/test_triton_aot.py
@@ -329,7 +371,7 @@ CONFIGS_MX = [
 INTERPRETER_CONFIG = triton.Config({"BLOCK_M": 16, "BLOCK_N": 16, "BLOCK_K": 16}, num_warps=4, num_stages=1)
 INTERPRETER_PROGRAMS = 3
 
-_AUTOTUNE_KEY = ["N", "K", "LAYOUT", "SCALE", "SA_LAYOUT", "SB_LAYOUT", "HAS_BIAS", "B_DESC"]
+_AUTOTUNE_KEY = ["N", "K", "LAYOUT", "SCALE", "SA_LAYOUT", "SB_LAYOUT", "HAS_BIAS", "B_DESC", "QUANT_OUT", "Q_MX"]
 _autotuned_fp8 = triton.autotune(configs=CONFIGS_FP8, key=_AUTOTUNE_KEY)(scaled_grouped_mm_kernel)
 _autotuned_fp8_2d2d = triton.autotune(configs=CONFIGS_FP8_2D2D, key=_AUTOTUNE_KEY)(scaled_grouped_mm_kernel)
 _autotuned_mx = triton.autotune(configs=CONFIGS_MX, key=_AUTOTUNE_KEY)(scaled_grouped_mm_kernel)
@@ -416,15 +458,49 @@ def _scale_view(scale: torch.Tensor) -> torch.Tensor:
     return scale.view(torch.uint8) if scale.dtype == torch.float8_e8m0fnu else scale
 
 
-def _prepare_scaled(mat_a, mat_b, scale_a, scale_b, offs, bias, scale_result, out_dtype, tma=None):
+_QUANT_OUT = {"blockwise_1x128": 128, "mx": 32}
+
+
+def _check_quantize_out(quantize_out, quantize_dtype, layout_name, recipe) -> None:
+    if quantize_out is None:
+        return
+    if quantize_out not in _QUANT_OUT:
+        raise ValueError(f"triton_scaled_grouped_mm: quantize_out must be None, 'blockwise_1x128' or 'mx', got "
+                         f"'{quantize_out}'")
+    if layout_name not in ("2d3d", "3d3d"):
+        raise ValueError("triton_scaled_grouped_mm: quantize_out needs 2D x 3D or 3D x 3D operands (N not split by "
+                         f"offs), got {layout_name}")
+    if quantize_out == "blockwise_1x128" and recipe == SCALE_MX:
+        raise NotImplementedError("triton_scaled_grouped_mm: quantize_out='blockwise_1x128' with mx scales: the mx "
+                                  "configurations' 64-column tiles hold no whole 128-block")
+    if quantize_dtype not in (None, torch.float8_e4m3fn, torch.float8_e5m2):
+        raise ValueError(f"triton_scaled_grouped_mm: quantize_dtype must be Float8_e4m3fn or Float8_e5m2, got "
+                         f"{quantize_dtype}")
+
+
+def _prepare_scaled(mat_a, mat_b, scale_a, scale_b, offs, bias, scale_result, out_dtype, tma=None,
+                    quantize_out=None, quantize_dtype=None):
     recipe_name, out_t = _checks.check_scaled_grouped_mm_inputs(mat_a, mat_b, scale_a, scale_b, offs, bias,
                                                                 scale_result, out_dtype)
     recipe = _RECIPES[recipe_name]
     layout_name = _checks.grouped_mm_layout(mat_a, mat_b)
     layout = gm._LAYOUTS[layout_name]
+    _check_quantize_out(quantize_out, quantize_dtype, layout_name, recipe)
     _check_offs_values(mat_a, mat_b, scale_a, scale_b, offs, recipe, layout_name)
     size = _checks.grouped_mm_out_size(mat_a, mat_b, offs)
-    out = mat_a.new_empty(size, dtype=out_t)  # contiguous, as the op's fake kernel promises
+    f8 = quantize_dtype or torch.float8_e4m3fn
+    fmt = _FP8[f8]
+    qblock = _QUANT_OUT.get(quantize_out, 0)
+    if qblock:
+        out = mat_a.new_empty(size, dtype=f8)
+        qsize = size[:-1] + [triton.cdiv(size[-1], qblock)]
+        qscale = mat_a.new_empty(qsize, dtype=_checks.fp8_scale_dtype(quantize_out))
+        qs = _scale_view(qscale)
+        q_strides = (qs.stride(0) if qs.dim() == 3 else 0, qs.stride(-2), qs.stride(-1))
+    else:
+        out = mat_a.new_empty(size, dtype=out_t)  # contiguous, as the op's fake kernel promises
+        qscale = None
+        q_strides = (0, 0, 0)
     G = _checks.grouped_mm_num_groups(mat_a, offs)
     a3, b3, o3 = mat_a.dim() == 3, mat_b.dim() == 3, out.dim() == 3
     sa, sb = _scale_view(scale_a), _scale_view(scale_b)
@@ -460,9 +536,10 @@ def _prepare_scaled(mat_a, mat_b, scale_a, scale_b, offs, bias, scale_result, ou
             else:
                 s_b = tuple(sb.stride())
     args = dict(
-        a_ptr=mat_a, b_ptr=mat_b, sa_ptr=sa, sb_ptr=sb, out_ptr=out,
+        a_ptr=mat_a, b_ptr=mat_b, sa_ptr=sa, sb_ptr=sb, out_ptr=out.view(torch.uint8) if qblock else out,
         bias_ptr=bias if bias is not None else sa,
         offs_ptr=offs if offs is not None else sa,
+        qs_ptr=_scale_view(qscale) if qblock else sa,
         G=G, M=size[-2], N=size[-1], K=mat_a.shape[-1],
         stride_ag=mat_a.stride(0) if a3 else 0, stride_am=mat_a.stride(-2), stride_ak=mat_a.stride(-1),
         stride_bg=mat_b.stride(0) if b3 else 0, stride_bk=mat_b.stride(-2), stride_bn=mat_b.stride(-1),
@@ -471,9 +548,14 @@ def _prepare_scaled(mat_a, mat_b, scale_a, scale_b, offs, bias, scale_result, ou
         stride_sbg=s_b[0], stride_sbn=s_b[1], stride_sbk=s_b[2],
         stride_biasg=bias.stride(0) if bias is not None else 0,
         stride_biasn=bias.stride(1) if bias is not None else 0,
+        stride_qsg=q_strides[0], stride_qsm=q_strides[1], stride_qsn=q_strides[2],
+        QUANT_OUT=qblock, Q_MX=quantize_out == "mx",
+        MANT=fmt[0], BIAS=fmt[1], MIN_NORMAL=fmt[2], MAGIC=fmt[3], FP8_MAX=fmt[4], EMAX=fmt[5],
         LAYOUT=layout, SCALE=recipe, SA_LAYOUT=sa_layout, SB_LAYOUT=sb_layout, HAS_BIAS=bias is not None,
         B_DESC=_b_desc(mat_b, layout, tma) if mat_b.numel() else 0,
     )
+    if qblock:
+        return (out, qscale), args
     return out, args
 
 
@@ -490,9 +572,10 @@ def _meta(config: triton.Config) -> dict:
     return dict(config.kwargs, num_warps=config.num_warps, num_stages=config.num_stages)
 
 
-def _launch_scaled(out, args, config, num_programs, wrap=lambda k: k):
+def _launch_scaled(result, args, config, num_programs, wrap=lambda k: k):
+    out = result[0] if isinstance(result, tuple) else result
     if out.numel() == 0:
-        return out
+        return result
     layout, M, N, K, G = (args[k] for k in ("LAYOUT", "M", "N", "K", "G"))
     interpret = out.device.type != "cuda"
     if args["B_DESC"] and not interpret:
@@ -504,7 +587,12 @@ def _launch_scaled(out, args, config, num_programs, wrap=lambda k: k):
         return max(1, min(num_programs, gm._tile_bound(layout, M, N, K, G, meta["BLOCK_M"], meta["BLOCK_N"])))
 
     if interpret:
+        if config is None and args["QUANT_OUT"]:  # tiles of whole output blocks
+            config = triton.Config({**INTERPRETER_CONFIG.kwargs, "BLOCK_N": args["QUANT_OUT"]})
         config = config or INTERPRETER_CONFIG
+        if args["QUANT_OUT"] and config.kwargs["BLOCK_N"] % args["QUANT_OUT"]:
+            raise ValueError(f"triton_scaled_grouped_mm: quantize_out needs BLOCK_N a multiple of "
+                             f"{args['QUANT_OUT']}, got config {config.kwargs}")
         p = nprog(config.kwargs)
         with _interpreting():
             _interpreted("gemm")[(p,)](**args, num_programs=p, **config.all_kwargs())
@@ -516,7 +604,7 @@ def _launch_scaled(out, args, config, num_programs, wrap=lambda k: k):
         kernel = _autotuned(args["SCALE"], layout)
         p = nprog(min(configs, key=lambda c: c.kwargs["BLOCK_M"] * c.kwargs["BLOCK_N"]).kwargs)
         wrap(kernel)[(p,)](**args, num_programs=p)
-    return out
+    return result
 
 
 def triton_scaled_grouped_mm(
@@ -533,15 +621,24 @@ def triton_scaled_grouped_mm(
     config: Optional[triton.Config] = None,
     num_programs: Optional[int] = None,
     tma: Optional[bool] = None,
+    quantize_out: Optional[str] = None,
+    quantize_dtype: Optional[torch.dtype] = None,
     _wrap=lambda k: k,
-) -> torch.Tensor:
+):
     """``moe_ops.scaled_grouped_mm`` by the Triton kernel (interpreted for CPU
     tensors): same arguments, checks, scale layouts and output (contiguous,
     bfloat16 by default or float32). ``use_fast_accum`` is ignored, as by the
-    op: the accumulation is promoted to fp32 every K step. The keyword-only
-    arguments are those of ``triton_grouped_mm``."""
+    op: the accumulation is promoted to fp32 every K step. ``config``,
+    ``num_programs`` and ``tma`` are those of ``triton_grouped_mm``.
+
+    ``quantize_out`` (``"blockwise_1x128"`` or ``"mx"``; 2D x 3D and 3D x 3D)
+    quantises the output in the epilogue for the GEMM that consumes it, and
+    returns ``(data, scale)``: bit for bit ``quantize_fp8(out, quantize_out,
+    quantize_dtype)`` of the float32 output this call computes with
+    ``out_dtype=float32`` (and the same config and grid), without writing it."""
     del use_fast_accum
-    out, args = _prepare_scaled(mat_a, mat_b, scale_a, scale_b, offs, bias, scale_result, out_dtype, tma)
+    out, args = _prepare_scaled(mat_a, mat_b, scale_a, scale_b, offs, bias, scale_result, out_dtype, tma,
+                                quantize_out, quantize_dtype)
     return _launch_scaled(out, args, config, num_programs, _wrap)
 
 
