@@ -62,6 +62,12 @@ for the launch (``_interpreting``). ``torch.ops.moe_ops_triton.scaled_grouped_mm
 and ``quantize_fp8`` are the same functions as ``triton_op``s, with the
 signatures of ``torch.ops.moe_ops.scaled_grouped_mm`` and ``quantize_fp8``.
 
+Checks: the ops' own (``_checks``, same messages); the values of ``offs``
+(ordering, MX's 32-element groups of K, the blocked scales' size) only on CPU
+tensors, with the CPU kernels' messages: on CUDA nothing is read back (no host
+sync; ``moe_ops.scaled_grouped_mm``'s CUDA entry has a device assert for MX
+2D x 2D that this launcher lacks).
+
 What only a GPU can verify: the numerics of QGMMA's imprecise accumulation
 within a K step, the autotuner's choice, TMA zero fill, races, timing.
 """
