@@ -11,7 +11,9 @@ and commit it, so the review sees the resource changes.
 
 A separate module from test_triton_grouped_mm.py: the fused experts' kernels
 (triton/experts.py: the gate/up GEMM with its activation epilogue, the down
-GEMM, the combine) are in this report and these checks; fp8 will join.
+GEMM, the combine) and the fp8 kernels (triton/fp8.py: the scaled grouped GEMM
+for rowwise, blockwise and MX scales, whose SASS must hold QGMMA, and the
+quantiser) are in this report and these checks.
 
 What only a GPU can verify: that the cubins load and run (occupancy with these
 registers and shared memory, the launch itself), the numerics of wgmma and tf32,
@@ -66,7 +68,7 @@ VARIANTS = {v.name: v for v in aot.all_variants()}
 
 def _gemms_per_k_step(variant) -> int:
     """tl.dot calls per K step: the gate/up GEMM of a gated activation has two accumulators."""
-    if variant.kernel == "expert_combine":
+    if variant.kernel in ("expert_combine", "quantize_fp8"):
         return 0
     if variant.kernel == "expert_gate_up":
         return 2 if variant.make(variant.dtype)[1]["activation"] in ("swiglu", "geglu", "swiglu_clamped") else 1
@@ -84,7 +86,14 @@ def test_every_autotuner_config_of_every_variant_is_compiled(report):
     assert {v.make(v.dtype)[1]["activation"] for v in experts if v.kernel == "expert_gate_up"} >= {
         "swiglu", "geglu", "swiglu_clamped", "gelu"}
     assert {v.kernel for v in experts if v.tma} == {"expert_gate_up", "expert_down", "expert_dgrad"}
-    assert len(VARIANTS) == len(variants) + len(experts)  # names are unique
+    scaled = aot.scaled_grouped_mm_variants()
+    recipes = {(v.name.split("_")[1], v.layout) for v in scaled}
+    assert recipes == {("rowwise", "2d3d"), ("rowwise", "3d2d"), ("rowwise", "2d2d"), ("rowwise", "3d3d"),
+                       ("blockwise", "2d3d"), ("blockwise", "3d3d"), ("mx", "2d3d"), ("mx", "3d3d"), ("mx", "2d2d")}
+    assert {v.name.split("_")[1] for v in scaled if v.tma} == {"rowwise", "blockwise", "mx"}
+    assert {v.make(v.dtype)[0][1] for v in aot.quantize_fp8_variants()} == {
+        "tensorwise", "rowwise", "blockwise_1x128", "blockwise_128x128", "mx"}
+    assert len(VARIANTS) == len(variants) + len(experts) + len(aot.fp8_variants())  # names are unique
     for v in VARIANTS.values():
         configs = aot.configs_for_variant(v)
         assert configs == (tgm.configs_for(v.dtype) if v.kernel == "grouped_mm" else configs)
@@ -102,6 +111,10 @@ def test_no_spills_and_resources_fit_sm90(report):
         smem = k["smem_dynamic"] + k["smem_static"]
         if k["kernel"] == "combine_kernel":  # elementwise: no shared memory at all
             assert smem == 0, where
+        elif k["kernel"] == "quantize_fp8_kernel":
+            # The cross-warp reductions' scratch; a transposed input (a weight
+            # quantised per output column) also goes through a layout conversion.
+            assert smem <= (16384 if "transposed" in k["variant"] else 4096), where
         else:
             assert 0 < smem <= SM90_SMEM_PER_BLOCK, where
 
@@ -115,23 +128,36 @@ def test_matrix_instructions(report):
     for k in report["kernels"]:
         where = f"{k['variant']} {k['config']}"
         gemms = _gemms_per_k_step(VARIANTS[k["variant"]])
-        if gemms == 0:  # the combine: loads, fp32 adds, stores
-            assert k["kernel"] == "combine_kernel" and k["HGMMA"] == k["ptx_wgmma"] == k["HMMA"] == 0, where
+        if gemms == 0:  # the combine and the quantiser: loads, fp32 arithmetic, stores
+            assert k["kernel"] in ("combine_kernel", "quantize_fp8_kernel"), where
+            assert k["HGMMA"] == k["QGMMA"] == k["ptx_wgmma"] == k["HMMA"] == 0, where
             assert k["UTMALDG"] == 0 and k["global_scratch"] == 0, where
             continue
         exact_fp32 = k["dtype"] == "float32" and not k["variant"].endswith("tf32")
         if k["dtype"] == "float64":  # Hopper's fp64 tensor cores (DMMA), no wgmma
             assert k["HGMMA"] == k["ptx_wgmma"] == k["HMMA"] == 0 and k["DMMA"] > 0, where
+        elif k["kernel"] == "scaled_grouped_mm_kernel":  # fp8: QGMMA (wgmma k32), never the 16-bit HGMMA
+            # Per k32 step, one m64 wgmma per 64 rows of each warpgroup's share of the
+            # tile (warpgroups split M, or N when M has too few rows for them all).
+            c = k["config"]
+            steps = c["BLOCK_K"] // 32 * max(1, c["BLOCK_M"] // (16 * c["num_warps"]))
+            assert k["ptx_wgmma"] == steps and k["QGMMA"] == steps and k["HGMMA"] == k["HMMA"] == 0, where
         elif exact_fp32:
             assert k["HGMMA"] == k["ptx_wgmma"] == k["HMMA"] == 0 and k["FFMA"] > 0, where
         else:
             steps = gemms * k["config"]["BLOCK_K"] // (8 if k["dtype"] == "float32" else 16)
             assert k["ptx_wgmma"] == steps and k["HGMMA"] == steps, where  # one per K step of each tile
+            assert k["QGMMA"] == 0, where
         if k["variant"].endswith("_tma"):  # B by TMA (device-side descriptor in global scratch), A by cp.async
             assert k["UTMALDG"] == gemms * k["config"]["num_stages"] and k["global_scratch"] > 0, where
         else:
             assert k["UTMALDG"] == 0 and k["global_scratch"] == 0, where
-        assert k["LDGSTS"] > 0, where
+        if k["kernel"] == "scaled_grouped_mm_kernel" and "_2d2d" in k["variant"]:
+            # The fp8 weight gradient's loads are staged in registers, not
+            # cp.async: a known gap of this layout, to be tuned on a GPU.
+            assert k["LDGSTS"] == 0, where
+        else:
+            assert k["LDGSTS"] > 0, where
 
 
 def test_fresh_compile_ptx_and_sass():
@@ -146,3 +172,17 @@ def test_fresh_compile_ptx_and_sass():
     assert "0 bytes spill stores, 0 bytes spill loads" in keep["ptxas_log"]
     assert f"Used {entry['regs']} registers" in keep["ptxas_log"]
     assert entry["smem_dynamic"] == 3 * (128 * 64 + 64 * 128) * torch.bfloat16.itemsize  # 3 stages of A and B
+
+
+def test_fresh_compile_fp8_blockwise_ptx_and_sass():
+    """The DeepSeek-V3 blockwise GEMM compiled anew: e4m3 wgmma in the PTX,
+    QGMMA in the SASS (no HGMMA: the operands stay float8), B by TMA, no spill."""
+    variant = next(v for v in aot.scaled_grouped_mm_variants() if v.name == "fp8_blockwise_2d3d_tma")
+    keep = {}
+    entry = aot.compile_entry(variant, aot.configs_for_variant(variant)[0], use_cache=False, keep=keep)
+    assert ".target sm_90a" in keep["ptx"]
+    assert "wgmma.mma_async.sync.aligned.m64n128k32.f32.e4m3.e4m3" in keep["ptx"]
+    assert "QGMMA.64x128x32.F32.E4M3.E4M3" in keep["sass"] and "HGMMA" not in keep["sass"]
+    assert "UTMALDG" in keep["sass"]
+    assert "0 bytes spill stores, 0 bytes spill loads" in keep["ptxas_log"]
+    assert entry["smem_dynamic"] >= 4 * (128 * 128 + 128 * 128)  # 4 stages of float8 A and B tiles

@@ -41,6 +41,7 @@ from triton.compiler import make_backend
 from triton.runtime.jit import create_function_from_signature
 
 from . import experts as ex
+from . import fp8 as f8
 from . import grouped_mm as gm
 
 TARGET = GPUTarget("cuda", 90, 32)  # sm_90a (Triton adds the "a" for 9.0)
@@ -56,7 +57,9 @@ class Variant:
     make: Callable[[torch.dtype], tuple]  # dtype -> (mat_a, mat_b, offs, bias, out_dtype, a_index[, b_index])
     allow_tf32: bool = False
     tma: bool = False  # B through a TMA descriptor (what sm_90 picks for aligned 3-D weights)
-    kernel: str = "grouped_mm"  # or expert_gate_up, expert_down, expert_dgrad, expert_combine (triton/experts.py)
+    # or expert_gate_up, expert_down, expert_dgrad, expert_combine (triton/experts.py),
+    # scaled_grouped_mm, quantize_fp8 (triton/fp8.py; make returns (args, kwargs) of their triton_* function)
+    kernel: str = "grouped_mm"
 
 
 def _offs(*ends):
@@ -183,22 +186,154 @@ def expert_mlp_variants() -> list:
     return out
 
 
+_E4M3, _E5M2, _E8M0 = torch.float8_e4m3fn, torch.float8_e5m2, torch.float8_e8m0fnu
+
+
+def _f8(*shape, dtype=_E4M3):
+    return torch.zeros(*shape).to(dtype)
+
+
+def _e8m0(*shape):
+    return torch.zeros(*shape, dtype=torch.uint8).view(_E8M0)
+
+
+def _scaled(recipe: str, layout: str, b_nk: bool = True, bias: bool = False, out_dtype=None, b_dtype=None,
+            quantize_out=None):
+    """dtype -> triton_scaled_grouped_mm's (args, kwargs), the MoE shapes of the
+    16-bit variants (M = 250 tokens, K = 256, N = 128, 4 experts), scales in the
+    layouts the op takes (mx: A blocked per group of rows, 3-D B swizzled)."""
+    def make(dt):
+        M, K, N, G = 250, 256, 128, 4
+        offs = _offs(50, 50, 200, 250)
+        bt = b_dtype or dt
+        w = _f8(G, N, K, dtype=bt).transpose(1, 2) if b_nk else _f8(G, K, N, dtype=bt)
+        kb, nb, s = K // 128, N // 128, K // 32
+        if layout == "2d3d":
+            a = _f8(M, K, dtype=dt)
+            sa, sb = {"rowwise": (torch.ones(M), torch.ones(G, N)),
+                      "blockwise": (torch.ones(M, kb), torch.ones(G, nb, kb)),
+                      "mx": (_e8m0(M + 128 * G, s), _e8m0(G, N * s))}[recipe]
+            args = (a, w, sa, sb, offs)
+        elif layout == "3d3d":
+            a = _f8(G, 128, K, dtype=dt)
+            sa, sb = {"rowwise": (torch.ones(G, 128), torch.ones(G, N)),
+                      "blockwise": (torch.ones(G, 128, kb), torch.ones(G, nb, kb)),
+                      "mx": (_e8m0(G, 128, s), _e8m0(G, N, s))}[recipe]
+            args = (a, w, sa, sb, None)
+        elif layout == "3d2d":  # rowwise only: offs splits N
+            args = (_f8(G, 128, K, dtype=dt), _f8(256, K, dtype=dt).t(), torch.ones(G, 128), torch.ones(256),
+                    _offs(64, 64, 200, 256))
+        else:  # 2d2d, the weight gradient: dY^T (N, tokens) x X (tokens, K), offs splits the tokens
+            toks = _offs(64, 64, 192, 256)
+            a, b = _f8(N, 256, dtype=dt), _f8(K, 256, dtype=dt).t()
+            if recipe == "rowwise":
+                sa, sb = torch.ones(G * N), torch.ones(G * K)
+            else:  # blocked per group along the tokens: round_up(rows, 128) x (S + 4 G)
+                sa, sb = _e8m0(128, 8 + 4 * G), _e8m0(256, 8 + 4 * G)
+            args = (a, b, sa, sb, toks)
+        n_out = {"3d2d": 256, "2d2d": K}.get(layout, N)
+        kwargs = dict(bias=torch.zeros(G, n_out) if bias else None, out_dtype=out_dtype)
+        if quantize_out:
+            kwargs["quantize_out"] = quantize_out
+        return args, kwargs
+    return make
+
+
+def scaled_grouped_mm_variants() -> list:
+    """The fp8 GEMM: rowwise in the four layouts (2D x 3D with B by TMA from
+    either storage order, (G, N, K) being the one fp8 wgmma reads without a
+    transpose, and by pointers; e5m2; bias and float32 out); DeepSeek-V3
+    blockwise and MX in 2D x 3D (TMA) and 3D x 3D; MX in 2D x 2D (the weight
+    gradient)."""
+    V = Variant
+    out = [
+        V("fp8_rowwise_2d3d_tma", _E4M3, "2d3d", _scaled("rowwise", "2d3d"), kernel="scaled_grouped_mm", tma=True),
+        V("fp8_rowwise_2d3d_b_kn", _E4M3, "2d3d", _scaled("rowwise", "2d3d", b_nk=False), kernel="scaled_grouped_mm"),
+        V("fp8_rowwise_2d3d_b_kn_tma", _E4M3, "2d3d", _scaled("rowwise", "2d3d", b_nk=False),
+          kernel="scaled_grouped_mm", tma=True),
+        V("fp8_rowwise_2d3d_e5m2_bias_out_fp32_tma", _E5M2, "2d3d",
+          _scaled("rowwise", "2d3d", bias=True, out_dtype=torch.float32), kernel="scaled_grouped_mm", tma=True),
+        V("fp8_rowwise_2d3d_e4m3_e5m2_tma", _E4M3, "2d3d", _scaled("rowwise", "2d3d", b_dtype=_E5M2),
+          kernel="scaled_grouped_mm", tma=True),
+        V("fp8_rowwise_3d2d", _E4M3, "3d2d", _scaled("rowwise", "3d2d"), kernel="scaled_grouped_mm"),
+        V("fp8_rowwise_2d2d", _E4M3, "2d2d", _scaled("rowwise", "2d2d"), kernel="scaled_grouped_mm"),
+        V("fp8_rowwise_3d3d_tma", _E4M3, "3d3d", _scaled("rowwise", "3d3d"), kernel="scaled_grouped_mm", tma=True),
+        V("fp8_blockwise_2d3d_tma", _E4M3, "2d3d", _scaled("blockwise", "2d3d"), kernel="scaled_grouped_mm",
+          tma=True),
+        V("fp8_blockwise_2d3d_b_kn_tma", _E4M3, "2d3d", _scaled("blockwise", "2d3d", b_nk=False),
+          kernel="scaled_grouped_mm", tma=True),
+        V("fp8_blockwise_3d3d_tma", _E4M3, "3d3d", _scaled("blockwise", "3d3d"), kernel="scaled_grouped_mm",
+          tma=True),
+        V("fp8_mx_2d3d_tma", _E4M3, "2d3d", _scaled("mx", "2d3d"), kernel="scaled_grouped_mm", tma=True),
+        V("fp8_mx_3d3d_tma", _E4M3, "3d3d", _scaled("mx", "3d3d"), kernel="scaled_grouped_mm", tma=True),
+        V("fp8_mx_2d2d", _E4M3, "2d2d", _scaled("mx", "2d2d"), kernel="scaled_grouped_mm"),
+        # The output quantised in the epilogue for the next GEMM.
+        V("fp8_blockwise_2d3d_quant_out_1x128_tma", _E4M3, "2d3d",
+          _scaled("blockwise", "2d3d", quantize_out="blockwise_1x128"), kernel="scaled_grouped_mm", tma=True),
+        V("fp8_rowwise_2d3d_quant_out_mx_tma", _E4M3, "2d3d", _scaled("rowwise", "2d3d", quantize_out="mx"),
+          kernel="scaled_grouped_mm", tma=True),
+        V("fp8_mx_2d3d_quant_out_mx_tma", _E4M3, "2d3d", _scaled("mx", "2d3d", quantize_out="mx"),
+          kernel="scaled_grouped_mm", tma=True),
+    ]
+    return out
+
+
+def _quantize(recipe: str, shape=(250, 256), transposed=False, **kwargs):
+    """dtype -> triton_quantize_fp8's (args, kwargs) for x of dtype (a weight
+    (G, K, N) quantised per output column when transposed)."""
+    def make(dt):
+        x = torch.zeros(*shape, dtype=dt)
+        return (x.transpose(-2, -1) if transposed else x, recipe), dict(kwargs)
+    return make
+
+
+def quantize_fp8_variants() -> list:
+    """The quantiser for every recipe (bfloat16 in, e4m3 out), rowwise and
+    tensorwise per group of columns (offs), e5m2, MX swizzled, a transposed
+    3-D weight, float32 in."""
+    V = Variant
+    q = "quantize_fp8"
+    return [
+        V("bf16_tensorwise", torch.bfloat16, "", _quantize("tensorwise"), kernel=q),
+        V("bf16_tensorwise_offs", torch.bfloat16, "", _quantize("tensorwise", offs=_offs(64, 64, 200)), kernel=q),
+        V("bf16_rowwise", torch.bfloat16, "", _quantize("rowwise"), kernel=q),
+        V("bf16_rowwise_offs", torch.bfloat16, "", _quantize("rowwise", offs=_offs(64, 64, 200)), kernel=q),
+        V("bf16_rowwise_e5m2", torch.bfloat16, "", _quantize("rowwise", float8_dtype=_E5M2), kernel=q),
+        V("bf16_blockwise_1x128", torch.bfloat16, "", _quantize("blockwise_1x128"), kernel=q),
+        V("bf16_blockwise_128x128_weight_transposed", torch.bfloat16, "",
+          _quantize("blockwise_128x128", (4, 256, 128), transposed=True), kernel=q),
+        V("bf16_mx", torch.bfloat16, "", _quantize("mx"), kernel=q),
+        V("bf16_mx_swizzle", torch.bfloat16, "", _quantize("mx", swizzle=True), kernel=q),
+        V("fp32_rowwise", torch.float32, "", _quantize("rowwise"), kernel=q),
+    ]
+
+
+def fp8_variants() -> list:
+    return scaled_grouped_mm_variants() + quantize_fp8_variants()
+
+
 def all_variants() -> list:
-    return grouped_mm_variants() + expert_mlp_variants()
+    return grouped_mm_variants() + expert_mlp_variants() + fp8_variants()
 
 
 def configs_for_variant(variant: Variant) -> list:
     """Every configuration the variant's autotuner may pick (the combine has one)."""
     if variant.kernel == "grouped_mm":
         return gm.configs_for(variant.dtype)
+    if variant.kernel == "scaled_grouped_mm":
+        bound = _fp8_source_args(variant)[1]
+        return f8.configs_for(bound["SCALE"], bound["LAYOUT"])
+    if variant.kernel == "quantize_fp8":
+        return [f8.QUANT_CONFIGS[variant.make(variant.dtype)[0][1]]]
     if variant.kernel == "expert_combine":
         return [ex.COMBINE_CONFIG]
     return ex.configs_for(variant.dtype, {"expert_gate_up": 0, "expert_down": 1, "expert_dgrad": 2}[variant.kernel])
 
 
 def kernel_name(variant: Variant) -> str:
-    return {"grouped_mm": "grouped_mm_kernel", "expert_combine": "combine_kernel"}.get(variant.kernel,
-                                                                                    "expert_gemm_kernel")
+    return {"grouped_mm": "grouped_mm_kernel", "expert_combine": "combine_kernel",
+            "scaled_grouped_mm": "scaled_grouped_mm_kernel", "quantize_fp8": "quantize_fp8_kernel"}.get(
+        variant.kernel, "expert_gemm_kernel")
 
 
 def _bind(kernel, args: dict, config: triton.Config):
@@ -211,7 +346,21 @@ def _bind(kernel, args: dict, config: triton.Config):
     return triton.compiler.ASTSource(kernel, signature, constexprs, attrs), launch_opts
 
 
+def _fp8_source_args(variant: Variant) -> tuple:
+    """(kernel, bound arguments) of an fp8 variant, from the launchers' own _prepare."""
+    args, kwargs = variant.make(variant.dtype)
+    if variant.kernel == "quantize_fp8":
+        return f8.quantize_fp8_kernel, f8._prepare_quantize(*args, **kwargs)[2]
+    _, bound = f8._prepare_scaled(*args, kwargs.get("bias"), None, kwargs.get("out_dtype"), tma=variant.tma,
+                                  quantize_out=kwargs.get("quantize_out"))
+    assert bool(bound["B_DESC"]) == variant.tma, variant
+    bound["num_programs"] = NUM_SMS_H100
+    return f8.scaled_grouped_mm_kernel, bound
+
+
 def variant_source(variant: Variant, config: triton.Config):
+    if variant.kernel in ("scaled_grouped_mm", "quantize_fp8"):
+        return _bind(*_fp8_source_args(variant), config)
     if variant.kernel != "grouped_mm":
         return _expert_source(variant, config)
     mat_a, mat_b, offs, bias, out_dtype, a_index, b_index = (variant.make(variant.dtype) + (None,))[:7]
@@ -255,6 +404,8 @@ def ptxas_version() -> str:
     return _run("ptxas", "--version").strip().splitlines()[-1]
 
 
+# Version of the entries' fields (2: QGMMA counted), part of the cache key.
+_ANALYSIS = 2
 _SASS_OP = re.compile(r"^\S+\t(?:@!?U?P\w+ )?([A-Z][A-Z0-9_]*)[.\s;]", re.M)
 
 
@@ -281,6 +432,7 @@ def _analyse(compiled, ptxas_log: str) -> dict:
         "global_scratch": compiled.metadata.global_scratch_size,
         "sass_instructions": len(ops),
         "HGMMA": count("HGMMA"),
+        "QGMMA": count("QGMMA"),
         "HMMA": count("HMMA"),
         "FFMA": count("FFMA"),
         "DMMA": count("DMMA"),
@@ -309,7 +461,8 @@ def compile_entry(variant: Variant, config: triton.Config, use_cache: bool = Tru
     """The report entry of one (variant, config), cached by content. ``keep``
     receives the PTX and SASS when compiled (tests inspect them)."""
     src, options = variant_source(variant, config)
-    key = hashlib.sha256(json.dumps([src.hash(), options, str(TARGET), triton.__version__]).encode()).hexdigest()[:24]
+    key = hashlib.sha256(json.dumps([src.hash(), options, str(TARGET), triton.__version__, _ANALYSIS])
+                         .encode()).hexdigest()[:24]
     path = _cache_dir() / f"{variant.kernel}-{key}.json"
     if use_cache and keep is None and path.exists():
         return json.loads(path.read_text())
