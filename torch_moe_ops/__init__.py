@@ -9,23 +9,9 @@ import torch
 
 from . import _C  # noqa: F401  (registers torch.ops.moe_ops)
 from . import nn, ops
-from .ops import (
-    dequantize_fp8,
-    fp8_grouped_mm,
-    fused_experts,
-    grouped_mm,
-    grouped_mm_gather,
-    permute,
-    quantize_fp8,
-    router_topk,
-    scaled_grouped_mm,
-    swizzle_mx_scale,
-    unpermute,
-)
+from .ops import *  # noqa: F403  (every family's public wrappers)
 
-__all__ = ["dequantize_fp8", "fp8_grouped_mm", "fused_experts", "grouped_mm", "grouped_mm_gather", "permute",
-           "quantize_fp8", "router_topk", "scaled_grouped_mm", "swizzle_mx_scale", "unpermute", "nn", "ops",
-           "cuda_kernels_built"]
+__all__ = [*ops.__all__, "nn", "ops", "cuda_kernels_built"]
 
 
 def cuda_kernels_built() -> bool:

@@ -29,6 +29,9 @@ import torch
 
 from .. import _checks
 
+# The public wrappers (torch_moe_ops.ops and torch_moe_ops re-export them).
+__all__ = ["dequantize_fp8", "fp8_grouped_mm", "quantize_fp8", "scaled_grouped_mm", "swizzle_mx_scale"]
+
 _quantize = torch.ops.moe_ops.quantize_fp8.default
 _dequantize = torch.ops.moe_ops.dequantize_fp8.default
 
