@@ -21,7 +21,7 @@ DERIVATIVES = "tools/autograd/derivatives.yaml"
 def _entry(text: str, path: str, key: str, name: str) -> tuple[int, int]:
     """Start and end (past its last line) of the entry ``- key: name(...)``."""
     head = f"- {key}: {name}("
-    starts, at = [], text.find("\n" + head)
+    starts, at = ([0] if text.startswith(head) else []), text.find("\n" + head)
     while at >= 0:
         starts.append(at + 1)
         at = text.find("\n" + head, at + 1)

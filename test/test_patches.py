@@ -759,3 +759,51 @@ def test_error_python_rejected():
     """)
     with pytest.raises(PatchError, match=r"^x.py:2: _checks.not_carried has no upstream name"):
         rewrite.rename(bad, "x.py", {}, module_alias="_checks")
+
+
+# Names and yaml entries derived from the declaration ------------------------
+
+def test_upstream_names_follow_the_rule():
+    """The rule of patches/names.py on the shapes of names it meets: an op's
+    name leads (the longest that fits), else the family's prefix."""
+    assert names.helper_name("check_unpermute_backward_inputs", "routing") == "_moe_unpermute_backward_check_inputs"
+    assert names.helper_name("permute_num_rows", "routing") == "_moe_permute_num_rows"
+    assert names.helper_name("ROUTER_SCORE_FUNCS", "routing") == "_MOE_ROUTER_SCORE_FUNCS"
+    assert names.helper_name("GROUPED_MM_DTYPES", "grouped_mm") == "_GROUPED_MM_DTYPES"
+    assert names.helper_name("_c10", "grouped_mm") == "_grouped_mm_c10"
+    assert names.helper_name("_fp8_c10", "fp8") == "_fp8_c10"
+    assert names.helper_name("fp8_check_recipe", "fp8") == "_fp8_check_recipe"
+    assert names.helper_name("scaled_grouped_mm_out_dtype", "fp8") == "_scaled_grouped_mm_out_dtype"
+    assert names.helper_name("_check_scaled_grouped_mm_scale", "fp8") == "_scaled_grouped_mm_check_scale"
+    with pytest.raises(PatchError, match="expert_mlp does not go upstream"):
+        names.aten_name("expert_mlp")
+
+
+def test_family_checks_are_what_the_fake_kernels_reach():
+    """Each family carries the checks its fake kernels reach and no other;
+    those an earlier family carries are shared, not repeated."""
+    grouped, routing, fp8 = (set(names.family_checks(f)) for f in ("grouped_mm", "routing", "fp8"))
+    assert "check_grouped_mm_inputs" in grouped and "_c10" in grouped
+    assert "check_permute_inputs" in routing and "_c10" not in routing
+    assert "check_scaled_grouped_mm_inputs" in fp8 and not fp8 & (grouped | routing)
+    # grouped_mm_gather's checks stay here: no fake kernel of an upstreamed op reaches them.
+    assert "check_grouped_mm_gather_inputs" not in grouped | routing | fp8
+
+
+def test_yaml_entries_from_the_declaration():
+    """A new op's entry is its declared schema under the aten name with its
+    dispatch (keys sharing a kernel on one line); an extended entry gets the
+    declared keys first in its dispatch."""
+    from patches.native_yaml import Dispatch, NativeFunctions
+
+    base = ("- func: _grouped_mm(Tensor self) -> Tensor\n  variants: function\n  dispatch:\n"
+            "    CUDA: _grouped_mm_cuda\n\n# NOTE\n")
+    extended = Dispatch("grouped_mm").apply(base)
+    assert "  dispatch:\n    CPU: grouped_mm_cpu\n    CUDA: _grouped_mm_cuda\n" in extended
+    patched = NativeFunctions("fp8", after="_grouped_mm").apply(extended)
+    assert ("    CUDA: _grouped_mm_cuda\n\n- func: _quantize_fp8(Tensor x, str recipe, ScalarType? float8_dtype=None, "
+            "Tensor? offs=None, bool swizzle=False) -> (Tensor data, Tensor scale)\n") in patched
+    assert "  dispatch:\n    CPU, CUDA: swizzle_mx_scale\n\n# NOTE\n" in patched
+    assert "_scaled_grouped_mm" not in patched  # upstream has it: Dispatch extends its entry instead
+    with pytest.raises(PatchError, match="expected one entry '- func: _no_such_op\\('"):
+        NativeFunctions("fp8", after="_no_such_op").apply(base)
