@@ -68,7 +68,7 @@ def test_library_defines_the_declared_schemas():
 
 @pytest.mark.parametrize("key", ["CPU", "CUDA"])
 def test_library_registers_the_declared_dispatch(key):
-    declared = {op.name: op.dispatch[key] for op in OPS if key in op.dispatch}
+    declared = {op.name: op.cpp_dispatch()[key] for op in OPS if key in op.cpp_dispatch()}
     assert _library_impls(key) == declared
 
 
@@ -77,6 +77,11 @@ def test_dispatcher_holds_the_declared_ops():
     for op in OPS:
         registered = getattr(torch.ops.moe_ops, op.name).default._schema
         assert registered == torch._C.parse_schema(op.qualname + op.func[len(op.name):]), op.name
+        # Kernels registered from Python: the module named registers one at that key.
+        for key, value in op.dispatch.items():
+            if value.startswith(native_functions.PY) and (key != "CUDA" or torch_moe_ops._C.WITH_CUDA):
+                importlib.import_module(value[len(native_functions.PY):])
+                assert torch._C._dispatch_has_kernel_for_dispatch_key(op.qualname, key), (op.name, key, value)
 
 
 def test_opinfo_modules_hold_their_families_ops():

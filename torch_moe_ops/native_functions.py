@@ -21,6 +21,11 @@ _KEYS = {"func", "family", "dispatch", "upstream", "not_upstreamed", "backward_o
 _UPSTREAM_KEYS = {"name", "extends", "derivatives"}
 
 
+# A dispatch value "py:<module>" says the kernel at that key is registered
+# from Python, by that module, rather than by csrc/library.cpp.
+PY = "py:"
+
+
 class DeclarationError(ValueError):
     pass
 
@@ -59,10 +64,15 @@ class Op:
         """The schema under its aten name (the arguments are ours)."""
         return self.upstream.name + self.func[len(self.name):]
 
+    def cpp_dispatch(self) -> dict[str, str]:
+        """The keys csrc/library.cpp registers (at::native functions), not
+        those registered from Python (``py:<module>``)."""
+        return {k: v for k, v in self.dispatch.items() if not v.startswith(PY)}
+
     def upstream_dispatch(self) -> dict[str, str]:
-        """The dispatch the series gives the aten op: every key of ours for a
-        new op, the keys it extends upstream's entry with otherwise."""
-        keys = self.upstream.extends or tuple(self.dispatch)
+        """The dispatch the series gives the aten op: every C++ key of ours
+        for a new op, the keys it extends upstream's entry with otherwise."""
+        keys = self.upstream.extends or tuple(self.cpp_dispatch())
         return {k: self.dispatch[k] for k in keys}
 
 
@@ -89,8 +99,8 @@ def _op(entry: dict, index: int) -> Op:
         if set(upstream) - _UPSTREAM_KEYS or "name" not in upstream:
             raise DeclarationError(f"{where}: upstream takes {sorted(_UPSTREAM_KEYS)} and needs a name")
         extends = tuple(upstream.get("extends", ()))
-        if set(extends) - set(dispatch):
-            raise DeclarationError(f"{where}: upstream extends keys {extends} that dispatch does not have")
+        if set(extends) - set(dispatch) or any(dispatch[k].startswith(PY) for k in extends):
+            raise DeclarationError(f"{where}: upstream extends keys {extends} that dispatch has no C++ kernel for")
         upstream = Upstream(upstream["name"], extends, upstream.get("derivatives"))
     return Op(func=func, family=entry["family"], dispatch=dict(dispatch), upstream=upstream,
               not_upstreamed=entry.get("not_upstreamed"), backward_of=entry.get("backward_of"),
