@@ -64,6 +64,8 @@ import torch
 import torchgen
 import yaml
 
+from torch_moe_ops import native_functions
+
 from . import manifest
 from .errors import PatchError
 
@@ -110,19 +112,10 @@ NVCC_FLAGS = ["-std=c++20", "--cuda", "-o", os.devnull, "-gencode=arch=compute_9
               "--expt-relaxed-constexpr", "--expt-extended-lambda", "-DAT_PER_OPERATOR_HEADERS",
               "-DHAVE_AVX512_CPU_DEFINITION", "-DHAVE_AVX2_CPU_DEFINITION", "-x", "cu"]
 
-# aten op the series adds or changes -> the moe_ops op whose kernels it carries.
-# The generated aten schema must be that op's (argument names aside).
-MOE_OPS = {
-    "_grouped_mm": "grouped_mm",
-    "_moe_router_topk": "router_topk",
-    "_moe_permute": "permute",
-    "_moe_unpermute": "unpermute",
-    "_moe_unpermute_backward": "unpermute_backward",
-    "_quantize_fp8": "quantize_fp8",
-    "_dequantize_fp8": "dequantize_fp8",
-    "_swizzle_mx_scale": "swizzle_mx_scale",
-    "_scaled_grouped_mm": "scaled_grouped_mm",
-}
+# aten op the series adds or changes -> the moe_ops op whose kernels it carries
+# (the declaration's upstream names). The generated aten schema must be that
+# op's (argument names aside).
+MOE_OPS = {aten: op for op, aten in native_functions.upstream_names().items()}
 
 
 def cache_dir(*parts: str) -> str:
@@ -347,8 +340,8 @@ class GeneratedAten:
         if name in MOE_OPS:
             return GeneratedOp(name, self._ops[name], getattr(torch.ops.moe_ops, MOE_OPS[name]))
         if name in self._new:
-            raise AttributeError(f"aten.{name}: the series adds it, but patches/proof.py's MOE_OPS names no "
-                                 "moe_ops op with its kernels")
+            raise AttributeError(f"aten.{name}: the series adds it, but no op of "
+                                 "torch_moe_ops/native_functions.yaml has it as its upstream name")
         return getattr(torch.ops.aten, name)
 
 

@@ -3,7 +3,7 @@ import sys
 
 from hypothesis import HealthCheck, settings
 
-# test/opinfo.py is imported by name from the tests.
+# test/opinfo_<family>.py are imported by name from the tests.
 sys.path.insert(0, os.path.dirname(__file__))
 
 # Property tests draw the same examples on every run and machine (derandomize):

@@ -28,7 +28,7 @@ from torch.testing._internal.opinfo.core import ErrorInput, OpInfo, SampleInput
 
 from torch_moe_ops.reference import torch_expert_mlp, torch_grouped_mm, torch_permute
 
-from opinfo import _offs, _transposed
+from opinfo_grouped_mm import _offs, _transposed
 from opinfo_routing import random_routing
 
 

@@ -32,7 +32,7 @@ from torch._C import DispatchKey
 
 import torch_moe_ops
 
-from opinfo import op_db as grouped_mm_op_db
+from opinfo_grouped_mm import op_db as grouped_mm_op_db
 from opinfo_experts import expert_mlp_opinfo, grouped_mm_gather_opinfo
 from opinfo_experts import gathered
 from test_grouped_mm import assert_close_to_float64, grouped_problem_tensors, grouped_problems

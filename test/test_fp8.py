@@ -547,6 +547,18 @@ def test_fp8_grouped_mm_backward_is_the_documented_gemms():
     assert torch.equal(gb, wgrad.to(torch.bfloat16))
 
 
+def test_fp8_grouped_mm_opcheck():
+    """The custom op behind fp8_grouped_mm (its gradient a register_autograd
+    formula, as every op's): its fake kernel (the same composition on fake
+    tensors) matches eager in shape, strides and dtype, and its autograd
+    registration traces, rowwise with the float8 weight gradient and mx with
+    the high-precision one."""
+    a, b, offs, _ = _training_problem(torch.bfloat16, 3)
+    for recipe, wgrad_fp8 in (("rowwise", True), ("mx", False)):
+        torch.library.opcheck(torch.ops.moe_ops_training.fp8_grouped_mm.default,
+                              (a, b, offs, recipe, torch.bfloat16, wgrad_fp8))
+
+
 def test_fp8_grouped_mm_compiles():
     torch._dynamo.reset()
     counter = torch._dynamo.testing.CompileCounterWithBackend("inductor")

@@ -17,11 +17,12 @@ from torch.testing._internal.common_device_type import (
 from torch.testing._internal.common_utils import TestCase, run_tests
 
 import torch_moe_ops  # noqa: F401
+from torch_moe_ops import native_functions
 from torch_moe_ops.reference import torch_grouped_mm
 
 from common import assert_same_bits_at_thread_counts, at_thread_counts
 from _device import instantiate_cpu_and_cuda
-from opinfo import op_db
+from opinfo_grouped_mm import op_db
 
 # Kernels accumulate in fp32 (fp64 for fp64) and round once to the output
 # dtype. The reference rounds the exact float64 result once too, so both are
@@ -279,9 +280,9 @@ def test_property_matches_reference(problem, seed):
     assert torch.equal(torch.ops.moe_ops.grouped_mm(a, b, offs, bias), out)
 
 
-# Ops with CPU kernels only, and why: each entry would be a known gap, listed
-# here rather than hidden. None today.
-CPU_ONLY_OPS: dict[str, str] = {}
+# Ops with CPU kernels only, and why: each would be a known gap, declared
+# (cpu_only in torch_moe_ops/native_functions.yaml) rather than hidden. None today.
+CPU_ONLY_OPS = {op.qualname: op.cpu_only for op in native_functions.ops() if op.cpu_only}
 
 
 def test_cuda_kernels_registered_when_built():

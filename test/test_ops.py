@@ -37,6 +37,8 @@ specific: values in every dtype against the references with derived
 tolerances, compile, thread counts, hypothesis properties.
 """
 
+import importlib
+
 import torch
 from torch._subclasses.fake_tensor import FakeTensorMode
 from torch._subclasses.fake_utils import CrossRefFakeMode
@@ -55,14 +57,12 @@ from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_flatten, tree_leaves, tree_map_only, tree_unflatten
 
 import torch_moe_ops
+from torch_moe_ops import native_functions
 
 from _device import instantiate_cpu_and_cuda
-from opinfo import op_db as grouped_mm_op_db
-from opinfo_experts import op_db as experts_op_db
-from opinfo_fp8 import op_db as fp8_op_db
-from opinfo_routing import op_db as routing_op_db
 
-op_db = grouped_mm_op_db + experts_op_db + routing_op_db + fp8_op_db
+# Every family's OpInfos (test/opinfo_<family>.py), the families as declared.
+op_db = [info for family in native_functions.families() for info in importlib.import_module(f"opinfo_{family}").op_db]
 
 # Every dtype torch.testing.make_tensor creates, and float8_e8m0fnu (MX scales).
 ALL_DTYPES = all_types_and_complex_and(
@@ -72,11 +72,9 @@ ALL_DTYPES = all_types_and_complex_and(
 # The dtypes gradients are asked for in (upstream's choice; OpInfo.supported_backward_dtypes is within them).
 GRAD_DTYPES = floating_and_complex_types_and(torch.float16, torch.bfloat16, torch.complex32)
 
-# Ops without an OpInfo, and why.
-INTERNAL_OPS = {
-    "moe_ops::expert_mlp_backward": "expert_mlp's backward (torch_moe_ops/ops/experts.py)",
-    "moe_ops::unpermute_backward": "unpermute's backward (torch_moe_ops/ops/routing.py)",
-}
+# Ops without an OpInfo: the backward ops (backward_of in the declaration).
+INTERNAL_OPS = {op.qualname: f"{op.backward_of}'s backward ({op.ops_module})"
+                for op in native_functions.ops() if op.backward_of is not None}
 
 
 def _samples(op, device, dtype, requires_grad=False):

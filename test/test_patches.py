@@ -45,12 +45,13 @@ import torchgen
 from torch._subclasses.fake_tensor import FakeTensorMode
 
 import torch_moe_ops  # noqa: F401
-from patches import base, generate, manifest, proof, rewrite, upstream_tree
+from patches import base, generate, manifest, names, proof, rewrite, upstream_tree
 from patches.errors import PatchError
 
-from opinfo import error_inputs_grouped_mm, sample_inputs_grouped_mm
+from opinfo_grouped_mm import error_inputs_grouped_mm, sample_inputs_grouped_mm
 from opinfo_fp8 import op_db as fp8_op_db
 from test_fp8 import assert_scaled_mm_close
+from torch_moe_ops import native_functions
 from torch_moe_ops.reference import torch_scaled_grouped_mm
 from opinfo_routing import op_db as routing_op_db
 
@@ -151,24 +152,19 @@ def test_torchgen_accepts_the_yaml_and_generates_the_backward(tree, tmp_path):
     native = os.path.join(tree, "aten/src/ATen/native/native_functions.yaml")
     tags = os.path.join(tree, "aten/src/ATen/native/tags.yaml")
     parsed = parse_native_yaml(native, tags)
-    (fn,) = [f for f in parsed.native_functions if str(f.func.name) == "_grouped_mm"]
     kernels = parsed.backend_indices
-    assert kernels[DispatchKey.CPU].get_kernel(fn).kernel == "grouped_mm_cpu"
-    assert kernels[DispatchKey.CUDA].get_kernel(fn).kernel == "_grouped_mm_cuda"
-    for op in ("router_topk", "permute", "unpermute", "unpermute_backward"):
-        (fn,) = [f for f in parsed.native_functions if str(f.func.name) == f"_moe_{op}"]
-        assert kernels[DispatchKey.CPU].get_kernel(fn).kernel == f"moe_{op}_cpu"
-        assert kernels[DispatchKey.CUDA].get_kernel(fn).kernel == f"moe_{op}_cuda"
-    for op in ("quantize_fp8", "dequantize_fp8"):
-        (fn,) = [f for f in parsed.native_functions if str(f.func.name) == f"_{op}"]
-        assert kernels[DispatchKey.CPU].get_kernel(fn).kernel == f"{op}_cpu"
-        assert kernels[DispatchKey.CUDA].get_kernel(fn).kernel == f"{op}_cuda"
-    (fn,) = [f for f in parsed.native_functions if str(f.func.name) == "_swizzle_mx_scale"]
-    assert kernels[DispatchKey.CPU].get_kernel(fn).kernel == kernels[DispatchKey.CUDA].get_kernel(fn).kernel == \
-        "swizzle_mx_scale"
-    (fn,) = [f for f in parsed.native_functions if str(f.func.name) == "_scaled_grouped_mm"]
-    assert kernels[DispatchKey.CPU].get_kernel(fn).kernel == "scaled_grouped_mm_cpu"
-    assert kernels[DispatchKey.CUDA].get_kernel(fn).kernel == "_scaled_grouped_mm_cuda"
+    # Each op the declaration sends upstream dispatches to the kernels it
+    # declares (new ops: all of ours; extended ones: the keys they add).
+    upstreamed = native_functions.upstreamed()
+    assert upstreamed
+    for op in upstreamed:
+        (fn,) = [f for f in parsed.native_functions if str(f.func.name) == op.upstream.name]
+        for key, kernel in op.upstream_dispatch().items():
+            assert kernels[getattr(DispatchKey, key)].get_kernel(fn).kernel == kernel, (op.name, key)
+    # Upstream's own CUDA kernels stay where the series extends an entry.
+    for name in ("_grouped_mm", "_scaled_grouped_mm"):
+        (fn,) = [f for f in parsed.native_functions if str(f.func.name) == name]
+        assert kernels[DispatchKey.CUDA].get_kernel(fn).kernel == f"{name}_cuda"
 
     # gen_autograd reads every template; the series only patch Functions.cpp.
     autograd = os.path.join(tree, "tools/autograd")
@@ -300,15 +296,9 @@ def test_generated_autograd_code_compiles(compiled, generated):
 def test_every_new_kernel_is_checked(compiled):
     """The kernels the patched yaml names that v2.14.1's does not, each checked
     against the file that defines it."""
-    keys = ("CPU", "CUDA")
     assert {(k.op, k.key): k.name for k in compiled.kernels} == {
-        ("_grouped_mm", "CPU"): "grouped_mm_cpu",
-        ("_scaled_grouped_mm", "CPU"): "scaled_grouped_mm_cpu",
-        **{(f"_moe_{op}", key): f"moe_{op}_{key.lower()}"
-           for op in ("router_topk", "permute", "unpermute", "unpermute_backward") for key in keys},
-        **{(f"_{op}", key): f"{op}_{key.lower()}" for op in ("quantize_fp8", "dequantize_fp8") for key in keys},
-        **{("_swizzle_mx_scale", key): "swizzle_mx_scale" for key in keys},
-    }
+        (op.upstream.name, key): kernel
+        for op in native_functions.upstreamed() for key, kernel in op.upstream_dispatch().items()}
     unchecked = proof.check_kernels_covered(compiled.kernels, [u for u in compiled.units if not u.skip])
     if unchecked and all(k.key == "CUDA" for k in unchecked) and proof.cuda_toolkit() is None:
         pytest.skip("no CUDA toolkit: the CUDA kernels are not compiled here")
@@ -324,8 +314,9 @@ def test_generated_aten_headers(compiled):
     """The overlay holds the headers of the new and changed ops; torchgen
     reproduced every other header of the wheel (proof.aten_headers checks)."""
     files = set(proof.overlay_files(compiled.overlay))
-    for root in ("_moe_router_topk", "_moe_permute", "_moe_unpermute", "_moe_unpermute_backward", "_quantize_fp8",
-                 "_dequantize_fp8", "_swizzle_mx_scale"):
+    new_ops = [op.upstream.name for op in native_functions.upstreamed() if not op.upstream.extends]
+    assert new_ops
+    for root in new_ops:
         assert {f"ATen/ops/{root}.h", f"ATen/ops/{root}_ops.h", f"ATen/ops/{root}_native.h"} <= files, root
     assert {"ATen/ops/_grouped_mm_native.h", "ATen/ops/_grouped_mm_cpu_dispatch.h",
             "ATen/ops/_scaled_grouped_mm_native.h", "ATen/ops/_scaled_grouped_mm_cpu_dispatch.h", "ATen/Functions.h",
@@ -418,10 +409,10 @@ def meta(tree, aten):
     path = os.path.join(tree, "torch/_meta_registrations.py")
     with open(path) as f:
         source = f.read()
-    names = (list(manifest.CHECK_NAMES.values()) + ["meta_grouped_mm"] + list(manifest.ROUTING_CHECK_NAMES.values())
-             + [meta_name for meta_name, _ in manifest.ROUTING_FAKES.values()]
-             + list(manifest.FP8_CHECK_NAMES.values()) + [meta_name for meta_name, _ in manifest.FP8_FAKES.values()]
-             + ["meta_scaled_grouped_mm"])
+    metas = [c for s in manifest.SERIES for p in s.patches for c in p.changes if isinstance(c, manifest.Meta)]
+    generated = [name for m in metas for name in [*names.family_checks(m.family).values(), *m.meta_names().values()]]
+    # upstream's meta function of _scaled_grouped_mm, which calls its CPU branch
+    generated.append("meta_scaled_grouped_mm")
     registered = []
 
     def register_meta(op):
@@ -432,7 +423,7 @@ def meta(tree, aten):
 
     namespace = {"torch": torch, "Optional": __import__("typing").Optional, "aten": aten,
                  "register_meta": register_meta, "__registered__": registered}
-    generated = "\n\n".join(rewrite.definition(source, path, name) for name in names)
+    generated = "\n\n".join(rewrite.definition(source, path, name) for name in generated)
     exec(compile(generated, path, "exec"), namespace)
     return namespace
 
@@ -446,12 +437,7 @@ def test_patched_meta_registers_generated_ops(meta):
             mismatch = proof.meta_signature_mismatch(fn, schema)
             assert mismatch is None, mismatch
             registered[str(schema.name)] = fn.__name__
-    assert registered == {
-        "_grouped_mm": "meta_grouped_mm", "_moe_router_topk": "meta_moe_router_topk",
-        "_moe_permute": "meta_moe_permute", "_moe_unpermute": "meta_moe_unpermute",
-        "_moe_unpermute_backward": "meta_moe_unpermute_backward",
-        "_quantize_fp8": "meta_quantize_fp8", "_dequantize_fp8": "meta_dequantize_fp8",
-        "_swizzle_mx_scale": "meta_swizzle_mx_scale", "_scaled_grouped_mm": "meta_scaled_grouped_mm"}
+    assert registered == {op.upstream.name: names.meta_name(op.name) for op in native_functions.upstreamed()}
 
 
 def test_generated_aten_rejects_what_the_yaml_does_not_define(aten):
@@ -519,7 +505,7 @@ def check_meta_against_kernel(meta_fn, info, dtypes, value_errors: str) -> None:
 
 @pytest.mark.parametrize("info", routing_op_db, ids=lambda info: info.name)
 def test_patched_routing_meta_matches_the_kernels(meta, info):
-    check_meta_against_kernel(meta[f"meta_moe_{info.name.split('.')[-1]}"], info,
+    check_meta_against_kernel(meta[names.meta_name(info.name.split('.')[-1])], info,
                               (torch.float32, torch.bfloat16, torch.float64), value_errors="ids_values")
 
 
@@ -528,7 +514,7 @@ def test_patched_fp8_meta_matches_the_kernels(meta, info):
     """meta_quantize_fp8, meta_dequantize_fp8, meta_swizzle_mx_scale, and
     meta_scaled_grouped_mm on CPU fake tensors (its CPU branch), against the
     CPU kernels."""
-    check_meta_against_kernel(meta[f"meta_{info.name.split('.')[-1]}"], info, info.dtypes,
+    check_meta_against_kernel(meta[names.meta_name(info.name.split('.')[-1])], info, info.dtypes,
                               value_errors="offs_values")
 
 
@@ -582,15 +568,22 @@ def upstream_op_db(tree, aten, rel, upstream_db):
     return namespace["op_db"]
 
 
+def upstream_op_db_line(family):
+    """The op_db statement of a family's patched OpInfo module, with the aten
+    names of the declaration (the family's prefix: "_moe_" for routing)."""
+    prefix = names.op_prefix(family)
+    return (f'op_db = make_{family}_op_db(lambda op: f"{prefix}{{op}}", '
+            f'lambda op: getattr(torch.ops.aten, f"{prefix}{{op}}").default)')
+
+
 def test_patched_routing_opinfo(tree, aten):
     """The patched definitions module's op_db, built as upstream does: samples
     match the refs, error inputs raise."""
-    op_db = upstream_op_db(
-        tree, aten, "torch/testing/_internal/opinfo/definitions/moe_routing.py",
-        'op_db = make_routing_op_db(lambda op: f"_moe_{op}", lambda op: getattr(torch.ops.aten, f"_moe_{op}").default)')
-    assert [info.name for info in op_db] == ["_moe_router_topk", "_moe_permute", "_moe_unpermute"]
-    assert [info.op.impl for info in op_db] == [getattr(torch.ops.moe_ops, op).default
-                                                for op in ("router_topk", "permute", "unpermute")]
+    op_db = upstream_op_db(tree, aten, "torch/testing/_internal/opinfo/definitions/moe_routing.py",
+                           upstream_op_db_line("routing"))
+    ops = [op.name for op in native_functions.public_ops("routing")]
+    assert [info.name for info in op_db] == [names.aten_name(op) for op in ops]
+    assert [info.op.impl for info in op_db] == [getattr(torch.ops.moe_ops, op).default for op in ops]
     for info in op_db:
         for s in info.sample_inputs("cpu", torch.float64):
             torch.testing.assert_close(info.op(s.input, *s.args, **s.kwargs), info.ref(s.input, *s.args, **s.kwargs),
@@ -604,14 +597,10 @@ def test_patched_fp8_opinfo(tree, aten):
     """The patched fp8 definitions module's op_db, built as upstream does:
     quantize and dequantize equal their refs bit for bit, scaled_grouped_mm is
     close to its float64 ref, error inputs raise."""
-    ours = upstream_op_db(
-        tree, aten, "torch/testing/_internal/opinfo/definitions/fp8.py",
-        'op_db = make_fp8_op_db(lambda op: f"_{op}", lambda op: getattr(torch.ops.aten, f"_{op}").default)')
-    assert [info.name for info in ours] == ["_quantize_fp8", "_dequantize_fp8", "_scaled_grouped_mm",
-                                            "_swizzle_mx_scale"]
-    assert [info.op.impl for info in ours] == [getattr(torch.ops.moe_ops, name[1:]).default
-                                               for name in ("_quantize_fp8", "_dequantize_fp8", "_scaled_grouped_mm",
-                                                            "_swizzle_mx_scale")]
+    ours = upstream_op_db(tree, aten, "torch/testing/_internal/opinfo/definitions/fp8.py", upstream_op_db_line("fp8"))
+    ops = [op.name for op in native_functions.public_ops("fp8")]
+    assert [info.name for info in ours] == [names.aten_name(op) for op in ops]
+    assert [info.op.impl for info in ours] == [getattr(torch.ops.moe_ops, op).default for op in ops]
     for info in ours:
         dtype = torch.float32 if torch.float32 in info.dtypes else next(iter(info.dtypes))
         for s in info.sample_inputs("cpu", dtype):
@@ -642,9 +631,9 @@ def test_patched_strategy_matches_ours(tree, meta, monkeypatch):
 
     from torch_moe_ops.distributed.grouped_mm_strategy import grouped_mm_single_dim_strategy as ours
 
-    # Its imports resolve to the patched meta helpers; registering its
-    # strategies would replace the wheel's for the whole session.
-    for name in manifest.CHECK_NAMES.values():
+    # Its imports resolve to the patched meta helpers; registering it would
+    # replace the wheel's aten._grouped_mm strategy for the whole session.
+    for name in names.family_checks("grouped_mm").values():
         monkeypatch.setattr(upstream_meta, name, meta[name], raising=False)
     monkeypatch.setattr(single_dim_strategy, "register_single_dim_strategy", lambda *a, **k: (lambda fn: fn))
     # In its package, for its relative imports.
@@ -751,3 +740,51 @@ def test_error_python_rejected():
     """)
     with pytest.raises(PatchError, match=r"^x.py:2: _checks.not_carried has no upstream name"):
         rewrite.rename(bad, "x.py", {}, module_alias="_checks")
+
+
+# Names and yaml entries derived from the declaration ------------------------
+
+def test_upstream_names_follow_the_rule():
+    """The rule of patches/names.py on the shapes of names it meets: an op's
+    name leads (the longest that fits), else the family's prefix."""
+    assert names.helper_name("check_unpermute_backward_inputs", "routing") == "_moe_unpermute_backward_check_inputs"
+    assert names.helper_name("permute_num_rows", "routing") == "_moe_permute_num_rows"
+    assert names.helper_name("ROUTER_SCORE_FUNCS", "routing") == "_MOE_ROUTER_SCORE_FUNCS"
+    assert names.helper_name("GROUPED_MM_DTYPES", "grouped_mm") == "_GROUPED_MM_DTYPES"
+    assert names.helper_name("_c10", "grouped_mm") == "_grouped_mm_c10"
+    assert names.helper_name("_fp8_c10", "fp8") == "_fp8_c10"
+    assert names.helper_name("fp8_check_recipe", "fp8") == "_fp8_check_recipe"
+    assert names.helper_name("scaled_grouped_mm_out_dtype", "fp8") == "_scaled_grouped_mm_out_dtype"
+    assert names.helper_name("_check_scaled_grouped_mm_scale", "fp8") == "_scaled_grouped_mm_check_scale"
+    with pytest.raises(PatchError, match="expert_mlp does not go upstream"):
+        names.aten_name("expert_mlp")
+
+
+def test_family_checks_are_what_the_fake_kernels_reach():
+    """Each family carries the checks its fake kernels reach and no other;
+    those an earlier family carries are shared, not repeated."""
+    grouped, routing, fp8 = (set(names.family_checks(f)) for f in ("grouped_mm", "routing", "fp8"))
+    assert "check_grouped_mm_inputs" in grouped and "_c10" in grouped
+    assert "check_permute_inputs" in routing and "_c10" not in routing
+    assert "check_scaled_grouped_mm_inputs" in fp8 and not fp8 & (grouped | routing)
+    # grouped_mm_gather's checks stay here: no fake kernel of an upstreamed op reaches them.
+    assert "check_grouped_mm_gather_inputs" not in grouped | routing | fp8
+
+
+def test_yaml_entries_from_the_declaration():
+    """A new op's entry is its declared schema under the aten name with its
+    dispatch (keys sharing a kernel on one line); an extended entry gets the
+    declared keys first in its dispatch."""
+    from patches.native_yaml import Dispatch, NativeFunctions
+
+    base = ("- func: _grouped_mm(Tensor self) -> Tensor\n  variants: function\n  dispatch:\n"
+            "    CUDA: _grouped_mm_cuda\n\n# NOTE\n")
+    extended = Dispatch("grouped_mm").apply(base)
+    assert "  dispatch:\n    CPU: grouped_mm_cpu\n    CUDA: _grouped_mm_cuda\n" in extended
+    patched = NativeFunctions("fp8", after="_grouped_mm").apply(extended)
+    assert ("    CUDA: _grouped_mm_cuda\n\n- func: _quantize_fp8(Tensor x, str recipe, ScalarType? float8_dtype=None, "
+            "Tensor? offs=None, bool swizzle=False) -> (Tensor data, Tensor scale)\n") in patched
+    assert "  dispatch:\n    CPU, CUDA: swizzle_mx_scale\n\n# NOTE\n" in patched
+    assert "_scaled_grouped_mm" not in patched  # upstream has it: Dispatch extends its entry instead
+    with pytest.raises(PatchError, match="expected one entry '- func: _no_such_op\\('"):
+        NativeFunctions("fp8", after="_no_such_op").apply(base)

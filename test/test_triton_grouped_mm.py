@@ -36,7 +36,7 @@ from torch_moe_ops.reference import torch_grouped_mm
 from torch_moe_ops.triton import triton_grouped_mm, triton_grouped_mm_gather
 from torch_moe_ops.triton import grouped_mm as tgm
 
-from opinfo import _offs, sample_inputs_grouped_mm, grouped_mm_opinfo
+from opinfo_grouped_mm import _offs, sample_inputs_grouped_mm, grouped_mm_opinfo
 from opinfo_experts import gathered, grouped_mm_gather_opinfo, sample_inputs_grouped_mm_gather
 
 # CPU runs the interpreter; with a GPU the same tests run the compiled kernel,

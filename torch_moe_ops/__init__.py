@@ -27,25 +27,12 @@ else:
                   "build it (make build, or pip install --no-build-isolation -e .) to use the ops. Without it "
                   "torch_moe_ops.triton, torch_moe_ops.reference and torch_moe_ops.shapes work.")
 
-__all__ = ["dequantize_fp8", "fp8_grouped_mm", "fused_experts", "grouped_mm", "grouped_mm_gather", "permute",
-           "quantize_fp8", "router_topk", "scaled_grouped_mm", "swizzle_mx_scale", "unpermute", "nn", "ops",
-           "cuda_kernels_built"]
 
 if _C is not None:
     from . import nn, ops
-    from .ops import (
-        dequantize_fp8,
-        fp8_grouped_mm,
-        fused_experts,
-        grouped_mm,
-        grouped_mm_gather,
-        permute,
-        quantize_fp8,
-        router_topk,
-        scaled_grouped_mm,
-        swizzle_mx_scale,
-        unpermute,
-    )
+    from .ops import *  # noqa: F403  (every family's public wrappers)
+
+    __all__ = [*ops.__all__, "nn", "ops", "cuda_kernels_built"]
 
     # A torch without Triton (CPU wheels): the grouped GEMMs and experts have no CUDA kernel.
     if importlib.util.find_spec("triton") is not None:
@@ -53,8 +40,12 @@ if _C is not None:
 
         _triton_cuda.register_all()
 else:
+    __all__ = ["nn", "ops", "cuda_kernels_built"]
+
     def __getattr__(name):
-        if name in __all__ and name != "cuda_kernels_built":
+        # A submodule not imported yet is an AttributeError (so that `from torch_moe_ops import
+        # reference` imports it); any other public name is an op wrapper, which needs _C.
+        if not name.startswith("_") and importlib.util.find_spec(f"{__name__}.{name}") is None:
             raise ImportError(f"torch_moe_ops.{name}: {_C_MISSING}")
         raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 

@@ -550,7 +550,7 @@ def scaled_grouped_mm_out_dtype(out_dtype: Optional[torch.dtype]) -> torch.dtype
     return out
 
 
-def _scaled_check_scale(name: str, scale: torch.Tensor, want: list, recipe: str) -> None:
+def _check_scaled_grouped_mm_scale(name: str, scale: torch.Tensor, want: list, recipe: str) -> None:
     torch._check_value(list(scale.shape) == list(want),
                        lambda: f"scaled_grouped_mm: {name} must have shape {_dims(want)} for {recipe} scaling of "
                        f"these operands, got {_sizes(scale)}")
@@ -609,19 +609,19 @@ def check_scaled_grouped_mm_inputs(mat_a, mat_b, scale_a, scale_b, offs, bias, s
         elif layout == "2d3d":
             check_blocked("scale_a", scale_a, "mat_a", m, 0)
         elif scale_a.dim() == 2:
-            _scaled_check_scale("scale_a", scale_a, swz(m), "mx (swizzled)")
+            _check_scaled_grouped_mm_scale("scale_a", scale_a, swz(m), "mx (swizzled)")
         else:
-            _scaled_check_scale("scale_a", scale_a, [groups, m, s], recipe)
+            _check_scaled_grouped_mm_scale("scale_a", scale_a, [groups, m, s], recipe)
         if layout == "2d2d":
             check_blocked("scale_b", scale_b, "mat_b^T", n, 1)
         elif scale_b.dim() == 2:
-            _scaled_check_scale("scale_b", scale_b, swz(n), "mx (swizzled)")
+            _check_scaled_grouped_mm_scale("scale_b", scale_b, swz(n), "mx (swizzled)")
         else:
-            _scaled_check_scale("scale_b", scale_b, [groups, n, s], recipe)
+            _check_scaled_grouped_mm_scale("scale_b", scale_b, [groups, n, s], recipe)
         want = None
     if want is not None:
-        _scaled_check_scale("scale_a", scale_a, want[0], recipe)
-        _scaled_check_scale("scale_b", scale_b, want[1], recipe)
+        _check_scaled_grouped_mm_scale("scale_a", scale_a, want[0], recipe)
+        _check_scaled_grouped_mm_scale("scale_b", scale_b, want[1], recipe)
     chk(scale_a.device == mat_a.device and scale_b.device == mat_a.device,
         lambda: f"scaled_grouped_mm: scale_a and scale_b must be on the device of mat_a ({mat_a.device}), got "
         f"{scale_a.device} and {scale_b.device}")

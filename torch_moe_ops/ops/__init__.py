@@ -1,15 +1,16 @@
 """Public Python API of the ops: thin wrappers over ``torch.ops.moe_ops``, with
-their fake kernels and autograd formulas."""
+their fake kernels and autograd formulas, one module per family; each module's
+``__all__`` names its public wrappers."""
 
 import torch_moe_ops as _pkg
 
 if _pkg._C is None:
     raise ImportError(f"torch_moe_ops.ops: {_pkg._C_MISSING}")
 
-from .experts import fused_experts, grouped_mm_gather  # noqa: E402
-from .fp8 import dequantize_fp8, fp8_grouped_mm, quantize_fp8, scaled_grouped_mm, swizzle_mx_scale  # noqa: E402
-from .grouped_mm import grouped_mm  # noqa: E402
-from .routing import permute, router_topk, unpermute  # noqa: E402
+from . import experts as _experts, fp8 as _fp8, grouped_mm as _grouped_mm, routing as _routing  # noqa: E402
+from .experts import *  # noqa: E402,F403
+from .fp8 import *  # noqa: E402,F403
+from .grouped_mm import *  # noqa: E402,F403
+from .routing import *  # noqa: E402,F403
 
-__all__ = ["dequantize_fp8", "fp8_grouped_mm", "fused_experts", "grouped_mm", "grouped_mm_gather", "permute",
-           "quantize_fp8", "router_topk", "scaled_grouped_mm", "swizzle_mx_scale", "unpermute"]
+__all__ = sorted(_experts.__all__ + _fp8.__all__ + _grouped_mm.__all__ + _routing.__all__)

@@ -22,6 +22,9 @@ from .. import _checks
 from .grouped_mm import _bias_grad
 from .routing import _unpermute_backward, permute
 
+# The public wrappers (torch_moe_ops.ops and torch_moe_ops re-export them).
+__all__ = ["fused_experts", "grouped_mm_gather"]
+
 _gather_op = torch.ops.moe_ops.grouped_mm_gather.default
 
 

@@ -29,6 +29,9 @@ import torch
 
 from .. import _checks
 
+# The public wrappers (torch_moe_ops.ops and torch_moe_ops re-export them).
+__all__ = ["dequantize_fp8", "fp8_grouped_mm", "quantize_fp8", "scaled_grouped_mm", "swizzle_mx_scale"]
+
 _quantize = torch.ops.moe_ops.quantize_fp8.default
 _dequantize = torch.ops.moe_ops.dequantize_fp8.default
 
@@ -170,7 +173,11 @@ def _scaled_grouped_mm_fake(mat_a, mat_b, scale_a, scale_b, offs=None, bias=None
 FP8_TRAINING_RECIPES = ("rowwise", "mx")
 
 
-class _Fp8GroupedMM(torch.autograd.Function):
+# A custom op (not moe_ops: it is composed in Python of moe_ops kernels, and
+# moe_ops holds exactly the schemas csrc/library.cpp defines), so that its
+# gradient is a register_autograd formula as every other op's.
+def _fp8_grouped_mm_forward(a: torch.Tensor, b: torch.Tensor, offs: torch.Tensor, recipe: str,
+                            out_dtype: torch.dtype, wgrad_fp8: bool) -> torch.Tensor:
     """out = A @ B[g] per group of rows, every GEMM in float8 (torchao's MoE training recipe).
 
     forward  out    = scaled_grouped_mm(q(A) along K,        q(B) along K per column n)      2D x 3D
@@ -182,49 +189,57 @@ class _Fp8GroupedMM(torch.autograd.Function):
     quantises along other axes. wgrad_fp8=False computes the weight gradient in
     high precision instead (torchao's wgrad_with_hp).
     """
+    a_d, a_s = _quantize(a, recipe, None, None, False)
+    if recipe == "mx":  # 2-D operands' MX scales go blocked per group (upstream's layout)
+        a_s = _swizzle_mx_scale(a_s, offs, 0)
+    bt_d, b_s = _quantize(b.transpose(-2, -1), recipe, None, None, False)
+    return _scaled_grouped_mm(a_d, bt_d.transpose(-2, -1), a_s, b_s, offs, None, None, out_dtype, False)
 
-    @staticmethod
-    def forward(ctx, a, b, offs, recipe, out_dtype, wgrad_fp8):
-        a_d, a_s = _quantize(a, recipe, None, None, False)
-        if recipe == "mx":  # 2-D operands' MX scales go blocked per group (upstream's layout)
-            a_s = _swizzle_mx_scale(a_s, offs, 0)
-        bt_d, b_s = _quantize(b.transpose(-2, -1), recipe, None, None, False)
-        out = _scaled_grouped_mm(a_d, bt_d.transpose(-2, -1), a_s, b_s, offs, None, None, out_dtype, False)
-        ctx.save_for_backward(a if ctx.needs_input_grad[1] else None, b if ctx.needs_input_grad[0] else None, offs)
-        ctx.recipe = recipe
-        ctx.wgrad_fp8 = wgrad_fp8
-        ctx.dtypes = (a.dtype, b.dtype)
-        return out
 
-    @staticmethod
-    def backward(ctx, grad):
-        a, b, offs = ctx.saved_tensors
-        recipe = ctx.recipe
-        a_dtype, b_dtype = ctx.dtypes
-        grad = grad.to(a_dtype)
-        grad_a = grad_b = None
-        if ctx.needs_input_grad[0]:
-            g_d, g_s = _quantize(grad, recipe, None, None, False)            # (M, N), along N
-            if recipe == "mx":
-                g_s = _swizzle_mx_scale(g_s, offs, 0)
-            b_d, b_s = _quantize(b, recipe, None, None, False)               # (G, K, N), along N per k
-            grad_a = _scaled_grouped_mm(g_d, b_d.transpose(-2, -1), g_s, b_s, offs, None, None,
-                                        _out_dtype(a_dtype), False).to(a_dtype)
-        if ctx.needs_input_grad[1]:
-            if ctx.wgrad_fp8:
-                # Blocks along the tokens, never across two experts' tokens.
-                at_d, at_s = _quantize(a.t(), recipe, None, offs, False)     # (K, M); rowwise (G, K), mx (K, M/32)
-                gt_d, gt_s = _quantize(grad.t(), recipe, None, offs, False)  # (N, M); rowwise (G, N), mx (N, M/32)
-                if recipe == "rowwise":
-                    at_s, gt_s = at_s.flatten(), gt_s.flatten()
-                else:
-                    at_s, gt_s = _swizzle_mx_scale(at_s, offs, 1), _swizzle_mx_scale(gt_s, offs, 1)
-                grad_b = _scaled_grouped_mm(at_d, gt_d.t(), at_s, gt_s, offs, None, None, torch.float32, False)
+_fp8_grouped_mm = torch.library.custom_op("moe_ops_training::fp8_grouped_mm", mutates_args=())(_fp8_grouped_mm_forward)
+# The same composition on fake tensors: every op in it has its fake kernel.
+_fp8_grouped_mm.register_fake(_fp8_grouped_mm_forward)
+
+
+def _fp8_grouped_mm_setup_context(ctx, inputs, output):
+    a, b, offs, recipe, _, wgrad_fp8 = inputs
+    ctx.save_for_backward(a if ctx.needs_input_grad[1] else None, b if ctx.needs_input_grad[0] else None, offs)
+    ctx.recipe = recipe
+    ctx.wgrad_fp8 = wgrad_fp8
+    ctx.dtypes = (a.dtype, b.dtype)
+
+
+def _fp8_grouped_mm_backward(ctx, grad):
+    a, b, offs = ctx.saved_tensors
+    recipe = ctx.recipe
+    a_dtype, b_dtype = ctx.dtypes
+    grad = grad.to(a_dtype)
+    grad_a = grad_b = None
+    if ctx.needs_input_grad[0]:
+        g_d, g_s = _quantize(grad, recipe, None, None, False)            # (M, N), along N
+        if recipe == "mx":
+            g_s = _swizzle_mx_scale(g_s, offs, 0)
+        b_d, b_s = _quantize(b, recipe, None, None, False)               # (G, K, N), along N per k
+        grad_a = _scaled_grouped_mm(g_d, b_d.transpose(-2, -1), g_s, b_s, offs, None, None,
+                                    _out_dtype(a_dtype), False).to(a_dtype)
+    if ctx.needs_input_grad[1]:
+        if ctx.wgrad_fp8:
+            # Blocks along the tokens, never across two experts' tokens.
+            at_d, at_s = _quantize(a.t(), recipe, None, offs, False)     # (K, M); rowwise (G, K), mx (K, M/32)
+            gt_d, gt_s = _quantize(grad.t(), recipe, None, offs, False)  # (N, M); rowwise (G, N), mx (N, M/32)
+            if recipe == "rowwise":
+                at_s, gt_s = at_s.flatten(), gt_s.flatten()
             else:
-                out_dtype = torch.float32 if grad.dtype in (torch.bfloat16, torch.float16) else None
-                grad_b = torch.ops.moe_ops.grouped_mm(a.t(), grad, offs, None, out_dtype)
-            grad_b = grad_b.to(b_dtype)
-        return grad_a, grad_b, None, None, None, None
+                at_s, gt_s = _swizzle_mx_scale(at_s, offs, 1), _swizzle_mx_scale(gt_s, offs, 1)
+            grad_b = _scaled_grouped_mm(at_d, gt_d.t(), at_s, gt_s, offs, None, None, torch.float32, False)
+        else:
+            out_dtype = torch.float32 if grad.dtype in (torch.bfloat16, torch.float16) else None
+            grad_b = torch.ops.moe_ops.grouped_mm(a.t(), grad, offs, None, out_dtype)
+        grad_b = grad_b.to(b_dtype)
+    return grad_a, grad_b, None, None, None, None
+
+
+_fp8_grouped_mm.register_autograd(_fp8_grouped_mm_backward, setup_context=_fp8_grouped_mm_setup_context)
 
 
 def _out_dtype(dtype: torch.dtype) -> torch.dtype:
@@ -263,4 +278,4 @@ def fp8_grouped_mm(
     if wgrad not in ("auto", "fp8", "hp"):
         raise ValueError(f"fp8_grouped_mm: wgrad must be 'auto', 'fp8' or 'hp', got '{wgrad}'")
     wgrad_fp8 = wgrad == "fp8" or (wgrad == "auto" and recipe == "rowwise")
-    return _Fp8GroupedMM.apply(a, b, offs, recipe, _out_dtype(a.dtype), wgrad_fp8)
+    return _fp8_grouped_mm(a, b, offs, recipe, _out_dtype(a.dtype), wgrad_fp8)

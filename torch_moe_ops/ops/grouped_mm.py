@@ -12,6 +12,9 @@ import torch
 
 from .. import _checks
 
+# The public wrappers (torch_moe_ops.ops and torch_moe_ops re-export them).
+__all__ = ["grouped_mm"]
+
 _op = torch.ops.moe_ops.grouped_mm.default
 
 

@@ -21,6 +21,9 @@ import torch
 
 from .. import _checks
 
+# The public wrappers (torch_moe_ops.ops and torch_moe_ops re-export them).
+__all__ = ["permute", "router_topk", "unpermute"]
+
 _router_topk = torch.ops.moe_ops.router_topk.default
 _permute = torch.ops.moe_ops.permute.default
 _unpermute = torch.ops.moe_ops.unpermute.default

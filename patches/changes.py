@@ -1,0 +1,111 @@
+"""The data model of the series: a Series is a list of Patches (one commit
+each, its message a file under patches/messages), a Patch a list of changes
+to PyTorch v2.14.1 paths. Every change has ``path`` (the upstream file),
+``sources`` (the in-repo files it reads) and ``apply(text) -> text`` (text is
+None for a new file). The kinds of change are: Copy and Edit here; the yaml
+edits derived from the op declaration (native_yaml.py); the meta functions
+(meta.py), OpInfos (opinfo.py) and DTensor strategies (strategy.py)
+generated from our Python.
+
+Paths in ``source`` are relative to the repository root.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+from dataclasses import dataclass, field
+from typing import Callable
+
+from . import rewrite
+from .errors import PatchError
+
+REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+MESSAGES = os.path.join(os.path.dirname(os.path.abspath(__file__)), "messages")
+
+
+def declared_at() -> str:
+    """FILE:LINE of the change being declared (the caller of its __init__), for error messages."""
+    frame = sys._getframe(2)
+    return f"{os.path.relpath(frame.f_code.co_filename, REPO_ROOT)}:{frame.f_lineno}"
+
+
+def read_source(source: str, declared: str) -> str:
+    path = os.path.join(REPO_ROOT, source)
+    if not os.path.isfile(path):
+        file, line = declared.rsplit(":", 1)
+        raise PatchError(file, int(line), f"source {source} does not exist")
+    with open(path, encoding="utf-8", newline="") as f:
+        return f.read()
+
+
+@dataclass
+class Copy:
+    """A new upstream file, byte-identical to an in-repo source."""
+
+    path: str
+    source: str
+    declared_at: str = field(default_factory=declared_at)
+
+    @property
+    def sources(self) -> list[str]:
+        return [self.source]
+
+    def apply(self, text: str | None) -> str:
+        if text is not None:
+            raise PatchError(self.path, None, "exists upstream; a Copy may only add new files")
+        return read_source(self.source, self.declared_at)
+
+
+@dataclass
+class Edit:
+    """Anchored edits to an upstream file: (old, new) pairs, each old exactly once."""
+
+    path: str
+    edits: list[tuple[str, str]]
+    declared_at: str = field(default_factory=declared_at)
+    sources: list[str] = field(default_factory=list)
+
+    def apply(self, text: str | None) -> str:
+        if text is None:
+            raise PatchError(self.path, None, "does not exist in the base tree")
+        for old, new in self.edits:
+            text = rewrite.replace_once(text, old, new, self.path)
+        return text
+
+
+@dataclass
+class Patch:
+    """One commit: its message (a file under patches/messages: the title, a
+    blank line, the summary, and a `Test Plan:` section) and its changes."""
+
+    message: str
+    changes: list
+
+    @property
+    def text(self) -> str:
+        with open(os.path.join(MESSAGES, self.message), encoding="utf-8") as f:
+            return f.read()
+
+    @property
+    def title(self) -> str:
+        return self.text.split("\n", 1)[0]
+
+
+@dataclass
+class Series:
+    name: str
+    patches: list[Patch]
+
+
+@dataclass
+class Generate:
+    """An upstream file (new when the base tree has none) computed from sources."""
+
+    path: str
+    sources: list[str]
+    make: Callable[..., str]  # make(upstream_text_or_None, *source_texts) -> new text
+    declared_at: str = field(default_factory=declared_at)
+
+    def apply(self, text: str | None) -> str:
+        return self.make(text, *(read_source(s, self.declared_at) for s in self.sources))

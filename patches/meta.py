@@ -1,0 +1,73 @@
+"""Meta functions: a family's checks (torch_moe_ops/_checks.py) and fake
+kernels (torch_moe_ops/ops/<family>.py) become helpers and meta functions of
+torch/_meta_registrations.py, names rewritten to their upstream spelling
+(patches/names.py derives which checks and what names)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from . import names, rewrite
+from .changes import declared_at, read_source
+
+META_REGISTRATIONS = "torch/_meta_registrations.py"
+
+
+@dataclass
+class Meta:
+    """The family's block for torch/_meta_registrations.py: header, the
+    checks it carries, then a meta function per fake kernel (register_fake
+    turned into register_meta of the aten op). The block replaces the
+    upstream definitions ``replaces`` or follows the definition ``after``.
+    Ops in ``cpu_branch`` keep upstream's meta function: their fake becomes
+    the helper ``_meta_<aten name>_cpu`` that ``edits`` (anchored on the
+    upstream file) call. ``edits`` are applied to the upstream file first."""
+
+    family: str
+    header: str
+    replaces: list[str] = field(default_factory=list)
+    after: str | None = None
+    cpu_branch: tuple[str, ...] = ()
+    edits: list[tuple[str, str]] = field(default_factory=list)
+    path: str = META_REGISTRATIONS
+    declared_at: str = field(default_factory=declared_at)
+
+    @property
+    def fake_source(self) -> str:
+        return f"torch_moe_ops/ops/{self.family}.py"
+
+    @property
+    def sources(self) -> list[str]:
+        return [names.CHECKS, self.fake_source]
+
+    def meta_names(self) -> dict[str, str]:
+        """fake kernel -> its upstream name."""
+        out = {}
+        for op, fake in names.fake_kernels(self.family).items():
+            out[fake] = (f"_meta_{names.aten_name(op).lstrip('_')}_cpu" if op in self.cpu_branch
+                         else names.meta_name(op))
+        return out
+
+    def apply(self, upstream: str | None) -> str:
+        checks_src, fake_src = (read_source(s, self.declared_at) for s in self.sources)
+        mine, shared = names.family_checks(self.family), names.shared_checks(self.family)
+        # Shared checks are carried by an earlier family's block: renamed, not repeated.
+        used_shared = {k: v for k, v in shared.items() if k not in mine}
+        checks = rewrite.rename(checks_src, names.CHECKS, {**mine, **used_shared})[0]
+        checks = rewrite.definitions(checks, names.CHECKS, list(mine.values()), provided=tuple(used_shared.values()))
+        metas = self.meta_names()
+        # Renamed as a whole file first, so that errors give the line in the ops module.
+        fakes = rewrite.rename(fake_src, self.fake_source, {**mine, **used_shared, **metas}, module_alias="_checks")[0]
+        blocks = []
+        for op, fake in names.fake_kernels(self.family).items():
+            meta = rewrite.definition(fakes, self.fake_source, metas[fake])
+            register = "" if op in self.cpu_branch else f"@register_meta(aten.{names.aten_name(op)})\n"
+            blocks.append(rewrite.replace_once(meta, f'@torch.library.register_fake("moe_ops::{op}")\n', register,
+                                               self.fake_source))
+        block = self.header + "\n" + checks + "\n\n" + "\n\n".join(blocks) + "\n\n"
+        for old, new in self.edits:
+            upstream = rewrite.replace_once(upstream, old, new, self.path)
+        if self.replaces:
+            return rewrite.replace_definitions(upstream, self.path, self.replaces, block)
+        after = rewrite.definition(upstream, self.path, self.after)
+        return rewrite.replace_definitions(upstream, self.path, [self.after], after + "\n\n" + block)

@@ -1,0 +1,93 @@
+"""OpInfos: test/opinfo_<family>.py becomes a module of
+torch/testing/_internal/opinfo/definitions/, with the plain-torch references
+it imports from torch_moe_ops/reference.py inlined (they are its refs) and
+its op_db built for the aten ops instead of moe_ops."""
+
+from __future__ import annotations
+
+import ast
+from dataclasses import dataclass, field
+
+
+from . import names, rewrite
+from .changes import declared_at, read_source
+from .errors import PatchError
+
+REFERENCE = "torch_moe_ops/reference.py"
+DEFINITIONS = "torch/testing/_internal/opinfo/definitions"
+
+
+def _closure(source: str, roots: list[str]) -> list[str]:
+    """roots and the top-level names of source they use, transitively."""
+    top = {n: node for node in rewrite.parse(source, REFERENCE).body for n in rewrite.top_level_names(node)}
+    seen, todo = [], list(roots)
+    while todo:
+        name = todo.pop()
+        if name not in seen:
+            seen.append(name)
+            todo += [n.id for n in ast.walk(top[name]) if isinstance(n, ast.Name) and n.id in top]
+    return seen
+
+
+@dataclass
+class OpInfoModule:
+    """``module``.py of the OpInfo definitions from test/opinfo_<family>.py:
+    the first paragraph of its docstring becomes ``title``; the statement
+    ``op_db = make_<family>_op_db(lambda op: f"moe_ops.{op}", lambda op:
+    getattr(torch.ops.moe_ops, op).default)`` names and calls the aten ops
+    (the family's aten prefix, from the declaration), or, for a module built
+    otherwise, ``op_db_call`` gives (ours, upstream's)."""
+
+    family: str
+    module: str
+    title: str
+    op_db_call: tuple[str, str] | None = None
+    declared_at: str = field(default_factory=declared_at)
+
+    @property
+    def path(self) -> str:
+        return f"{DEFINITIONS}/{self.module}.py"
+
+    @property
+    def source(self) -> str:
+        return f"test/opinfo_{self.family}.py"
+
+    @property
+    def sources(self) -> list[str]:
+        return [self.source, REFERENCE]
+
+    def apply(self, upstream: str | None) -> str:
+        src, reference_src = (read_source(s, self.declared_at) for s in self.sources)
+        tree = rewrite.parse(src, self.source)
+        lines = src.splitlines(keepends=True)
+        doc = tree.body[0]
+        if not (isinstance(doc, ast.Expr) and isinstance(doc.value, ast.Constant) and lines[0].startswith('"""')):
+            raise PatchError(self.source, 1, "an OpInfo module starts with its docstring")
+        first = src.index("\n\n")
+        src = '"""' + self.title + src[first:]
+        src = "# mypy: ignore-errors\n\n" + src
+        src = rewrite.replace_once(src, "from __future__ import annotations\n\n", "", self.source)
+        src = rewrite.replace_once(src, "from functools import partial\n",
+                                   "from functools import partial\nfrom typing import Optional\n", self.source)
+        # The references come along, in reference.py's order, where the import was.
+        imports = [n for n in rewrite.parse(src, self.source).body
+                   if isinstance(n, ast.ImportFrom) and n.module == "torch_moe_ops.reference"]
+        if len(imports) != 1:
+            raise PatchError(self.source, None, "expected one import from torch_moe_ops.reference")
+        (imp,) = imports
+        references = rewrite.definitions(reference_src, REFERENCE,
+                                         _closure(reference_src, [a.name for a in imp.names]))
+        lines = src.splitlines(keepends=True)
+        start, end = imp.lineno - 1, imp.end_lineno
+        while start and not lines[start - 1].strip():
+            start -= 1
+        while end < len(lines) and not lines[end].strip():
+            end += 1
+        src = "".join(lines[:start]) + "\n\n" + references + "\n\n\n" + "".join(lines[end:])
+        if self.op_db_call is not None:
+            ours, theirs = self.op_db_call
+        else:
+            prefix = names.op_prefix(self.family)
+            ours = f'lambda op: f"moe_ops.{{op}}", lambda op: getattr(torch.ops.moe_ops, op).default)'
+            theirs = f'lambda op: f"{prefix}{{op}}", lambda op: getattr(torch.ops.aten, f"{prefix}{{op}}").default)'
+        return rewrite.replace_once(src, ours, theirs, self.source)

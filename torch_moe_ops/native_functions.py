@@ -1,0 +1,151 @@
+"""The declaration of every moe_ops op (native_functions.yaml beside this file).
+
+Read by the upstream patch generator (patches/) and the tests, never at import
+of the package: the extension registers its schemas in csrc/library.cpp, which
+test/test_op_pieces.py holds to this declaration. PyYAML is a test and
+generator dependency (requirements.txt), not one of the package.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import os
+import re
+
+PATH = os.path.join(os.path.dirname(os.path.abspath(__file__)), "native_functions.yaml")
+
+FAMILIES = ("grouped_mm", "experts", "routing", "fp8")
+_KEYS = {"func", "family", "dispatch", "upstream", "not_upstreamed", "backward_of", "benchmarked_through",
+         "cpu_only"}
+_UPSTREAM_KEYS = {"name", "extends", "derivatives"}
+
+
+# A dispatch value "py:<module>" says the kernel at that key is registered
+# from Python, by that module, rather than by csrc/library.cpp.
+PY = "py:"
+
+
+class DeclarationError(ValueError):
+    pass
+
+
+@dataclasses.dataclass(frozen=True)
+class Upstream:
+    name: str                   # the aten op, e.g. "_moe_permute"
+    extends: tuple[str, ...]    # dispatch keys added to upstream's existing entry; () for a new op
+    derivatives: str | None     # derivatives.yaml formula lines, unindented
+
+
+@dataclasses.dataclass(frozen=True)
+class Op:
+    func: str
+    family: str
+    dispatch: dict[str, str]
+    upstream: Upstream | None = None
+    not_upstreamed: str | None = None
+    backward_of: str | None = None
+    benchmarked_through: str | None = None
+    cpu_only: str | None = None
+
+    @property
+    def name(self) -> str:
+        return self.func.split("(", 1)[0]
+
+    @property
+    def qualname(self) -> str:
+        return f"moe_ops::{self.name}"
+
+    @property
+    def ops_module(self) -> str:
+        return f"torch_moe_ops/ops/{self.family}.py"
+
+    def upstream_func(self) -> str:
+        """The schema under its aten name (the arguments are ours)."""
+        return self.upstream.name + self.func[len(self.name):]
+
+    def cpp_dispatch(self) -> dict[str, str]:
+        """The keys csrc/library.cpp registers (at::native functions), not
+        those registered from Python (``py:<module>``)."""
+        return {k: v for k, v in self.dispatch.items() if not v.startswith(PY)}
+
+    def upstream_dispatch(self) -> dict[str, str]:
+        """The dispatch the series gives the aten op: every C++ key of ours
+        for a new op, the keys it extends upstream's entry with otherwise."""
+        keys = self.upstream.extends or tuple(self.cpp_dispatch())
+        return {k: self.dispatch[k] for k in keys}
+
+
+def _op(entry: dict, index: int) -> Op:
+    where = f"{PATH}: entry {index + 1}"
+    unknown = set(entry) - _KEYS
+    if unknown:
+        raise DeclarationError(f"{where}: unknown keys {sorted(unknown)}")
+    func = entry.get("func")
+    if not isinstance(func, str) or not re.match(r"^\w+\(", func):
+        raise DeclarationError(f"{where}: func must be a schema, got {func!r}")
+    where = f"{PATH}: {func.split('(', 1)[0]}"
+    if entry.get("family") not in FAMILIES:
+        raise DeclarationError(f"{where}: family must be one of {FAMILIES}, got {entry.get('family')!r}")
+    dispatch = entry.get("dispatch") or {}
+    if "CPU" not in dispatch:
+        raise DeclarationError(f"{where}: dispatch has no CPU kernel")
+    if "CUDA" not in dispatch and not entry.get("cpu_only"):
+        raise DeclarationError(f"{where}: dispatch has no CUDA kernel and no cpu_only reason")
+    upstream = entry.get("upstream")
+    if (upstream is None) == (entry.get("not_upstreamed") is None):
+        raise DeclarationError(f"{where}: needs exactly one of upstream and not_upstreamed")
+    if upstream is not None:
+        if set(upstream) - _UPSTREAM_KEYS or "name" not in upstream:
+            raise DeclarationError(f"{where}: upstream takes {sorted(_UPSTREAM_KEYS)} and needs a name")
+        extends = tuple(upstream.get("extends", ()))
+        if set(extends) - set(dispatch) or any(dispatch[k].startswith(PY) for k in extends):
+            raise DeclarationError(f"{where}: upstream extends keys {extends} that dispatch has no C++ kernel for")
+        upstream = Upstream(upstream["name"], extends, upstream.get("derivatives"))
+    return Op(func=func, family=entry["family"], dispatch=dict(dispatch), upstream=upstream,
+              not_upstreamed=entry.get("not_upstreamed"), backward_of=entry.get("backward_of"),
+              benchmarked_through=entry.get("benchmarked_through"), cpu_only=entry.get("cpu_only"))
+
+
+@functools.cache
+def load() -> tuple[Op, ...]:
+    import yaml
+
+    with open(PATH, encoding="utf-8") as f:
+        entries = yaml.safe_load(f)
+    ops = tuple(_op(entry, i) for i, entry in enumerate(entries))
+    names = [op.name for op in ops]
+    if len(set(names)) != len(names):
+        raise DeclarationError(f"{PATH}: an op is declared twice: {names}")
+    for op in ops:
+        if op.backward_of is not None and op.backward_of not in names:
+            raise DeclarationError(f"{PATH}: {op.name}: backward_of names no declared op: {op.backward_of}")
+    return ops
+
+
+def ops(family: str | None = None) -> list[Op]:
+    return [op for op in load() if family is None or op.family == family]
+
+
+def op(name: str) -> Op:
+    (found,) = [o for o in load() if o.name == name]
+    return found
+
+
+def public_ops(family: str | None = None) -> list[Op]:
+    """The ops users call (each has its OpInfo, benchmark and README row)."""
+    return [o for o in ops(family) if o.backward_of is None]
+
+
+def upstreamed(family: str | None = None) -> list[Op]:
+    return [o for o in ops(family) if o.upstream is not None]
+
+
+def upstream_names() -> dict[str, str]:
+    """moe_ops name -> aten name, for every op that goes upstream."""
+    return {o.name: o.upstream.name for o in upstreamed()}
+
+
+def families() -> list[str]:
+    """The families that have ops, in FAMILIES' order."""
+    return [f for f in FAMILIES if ops(f)]
