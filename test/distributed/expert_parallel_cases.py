@@ -286,22 +286,23 @@ def _routing_biases():
 
 
 def _check_fp8_dispatch():
-    """fp8 dispatch (rowwise, mx) in both modes, one chunk and two, for every
-    routing, and for a rank without tokens (splits: the capacity mode needs
-    the same T on every rank)."""
+    """fp8 dispatch: every recipe, mode, chunking and routing, and a rank
+    without tokens, each at least once (a covering set, not the product:
+    at 4 ranks on 2 cores each case costs ~3 s, mostly the reference and the
+    gathers of gradients; the capacity mode needs the same T on every rank)."""
     world = dist.get_world_size()
     mesh = init_device_mesh("cpu", (world,))
     roomy = dict(dispatch="capacity", capacity_factor=E / 2)  # C = T: no drops
-    for recipe in ("rowwise", "mx"):
-        for mode, kw in (("splits", {}), ("capacity", roomy)):
-            for chunks in (1, 2):
-                for routing, bias in _routing_biases().items():
-                    if (routing, chunks) == ("skewed", 2) or (recipe, routing) == ("mx", "skewed"):
-                        continue  # the combinations add no path the others miss; spawn time is the budget
-                    _fp8_case(mesh, f"fp8 {recipe}, {mode}, {chunks} chunk(s), {routing}",
-                              ExpertParallel(fp8_dispatch=recipe, chunks=chunks, **kw), bias=bias)
-        _fp8_case(mesh, f"fp8 {recipe}, a rank without tokens", ExpertParallel(fp8_dispatch=recipe, chunks=2),
-                  tokens_per_rank=[5] * (world - 1) + [0])
+    biases = _routing_biases()
+    for recipe, mode, chunks, routing in [("rowwise", "splits", 1, "uniform"), ("mx", "splits", 2, "skewed"),
+                                          ("mx", "splits", 1, "all to one rank"), ("mx", "capacity", 1, "uniform"),
+                                          ("rowwise", "capacity", 1, "skewed"),
+                                          ("rowwise", "capacity", 2, "all to one rank")]:
+        _fp8_case(mesh, f"fp8 {recipe}, {mode}, {chunks} chunk(s), {routing}",
+                  ExpertParallel(fp8_dispatch=recipe, chunks=chunks, **(roomy if mode == "capacity" else {})),
+                  bias=biases[routing])
+    _fp8_case(mesh, "fp8 rowwise, 2 chunks, a rank without tokens", ExpertParallel(fp8_dispatch="rowwise", chunks=2),
+              tokens_per_rank=[5] * (world - 1) + [0])
     _check_fp8_bytes(mesh)
 
 
@@ -330,7 +331,8 @@ def _check_fp8_bytes(mesh):
     T, k, H = 8, 2, 128
     x = torch.randn(T, H, dtype=torch.bfloat16)
     ids, w = _balanced_ids(T, k, E), torch.ones(T, k)
-    for mode, chunks in (("splits", 1), ("capacity", 1), ("splits", 2), ("capacity", 2)):
+    # _Fp8Dispatch in both modes, and the pipeline's packed rows.
+    for mode, chunks in (("splits", 1), ("capacity", 1), ("capacity", 2)):
         sent = {}
         for recipe in (None, "rowwise", "mx"):
             with torch.no_grad(), AllToAllBytes() as traffic:
@@ -347,17 +349,21 @@ def _check_fp8_bytes(mesh):
 
 def _check_overlap():
     """chunks > 1: the single-process layer's outputs and gradients (both
-    modes, every routing, a rank without tokens); then the order of events
-    with a slowed all-to-all (below)."""
+    modes, every routing, a rank without tokens; 7 tokens per rank: chunks
+    of unequal sizes). The capacity mode gets the skewed routing with room for
+    every token: with a capacity per chunk, drops would depend on the
+    chunking."""
     world = dist.get_world_size()
     mesh = init_device_mesh("cpu", (world,))
     base = dict(hidden=8, intermediate=6, num_experts=E, top_k=2)
-    for routing, bias in _routing_biases().items():
-        cfg = MoEConfig(**base, score_bias=bias is not None)
-        _case(mesh, f"overlap, 3 chunks, {routing}", cfg, bias=bias, style=ExpertParallel(chunks=3),
-              tokens_per_rank=[7] * world)
-        _case(mesh, f"overlap, capacity, 2 chunks, {routing}", cfg, bias=bias,
-              style=ExpertParallel(dispatch="capacity", capacity_factor=E / 2, chunks=2))
+    biases = _routing_biases()
+    for name, routing, style in [("3 chunks", "uniform", ExpertParallel(chunks=3)),
+                                 ("capacity, 2 chunks", "skewed",
+                                  ExpertParallel(dispatch="capacity", capacity_factor=E / 2, chunks=2)),
+                                 ("2 chunks", "all to one rank", ExpertParallel(chunks=2))]:
+        bias = biases[routing]
+        _case(mesh, f"overlap, {name}, {routing}", MoEConfig(**base, score_bias=bias is not None), bias=bias,
+              style=style, tokens_per_rank=[7] * world)
     _case(mesh, "overlap, unfused, expert biases, shared expert, a rank without tokens",
           MoEConfig(**base, experts_impl="unfused", expert_bias=True, shared_intermediate=4),
           style=ExpertParallel(chunks=2), tokens_per_rank=[5] * (world - 1) + [0])
