@@ -64,7 +64,7 @@ SCALE_BYTES = {"rowwise": lambda h: 4, "mx": lambda h: -(-h // 32)}
 def shape(quick: bool) -> dict:
     if quick:  # proves the script runs (CI, tests): numbers not comparable
         return dict(tokens=64, hidden=128, intermediate=32, experts=8, top_k=2, rounds=1, warmup=1)
-    return dict(tokens=1024, hidden=1024, intermediate=256, experts=16, top_k=2, rounds=5, warmup=1)
+    return dict(tokens=1024, hidden=512, intermediate=256, experts=16, top_k=2, rounds=3, warmup=1)
 
 
 def row_bytes(hidden: int, recipe: Optional[str], elem: int = 2) -> int:
@@ -266,8 +266,6 @@ def main(argv: Optional[list[str]] = None) -> int:
     doc["meta"]["note"] = ("gloo over loopback, spawned processes, one thread each; the machine's 2 cores are "
                            "shared with other jobs: timings are noisy (bytes are exact).")
     print_machine()
-    print(f"layer: {cfg['tokens']} tokens per rank, hidden {cfg['hidden']}, intermediate {cfg['intermediate']}, "
-          f"{cfg['experts']} experts, top-{cfg['top_k']}, bfloat16, swiglu\n")
     for ep in ((1, 2) if args.quick else (1, 2, 4)):
         start = time.perf_counter()
         every = run_ep(ep, cfg)

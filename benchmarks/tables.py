@@ -203,7 +203,9 @@ def ep_time_table(doc: dict) -> str:
     head = (f"{'EP':>2} {'mode':<8} {'fp8':<7} {'chunks':>6} {'step':>7} {'dispatch':>8} {'experts':>8} "
             f"{'combine':>8} {'hidden':>7} | {'fwd: disp':>9} {'exp':>7} {'comb':>7} | {'bwd: comb':>9} {'exp':>7} "
             f"{'disp':>7}")
-    lines = [head, rule(head)]
+    c = doc["shape"]
+    lines = [f"layer: {c['tokens']} tokens per rank, hidden {c['hidden']}, intermediate {c['intermediate']}, "
+             f"{c['experts']} experts, top-{c['top_k']}, bfloat16; median of {c['rounds']} rounds", "", head, rule(head)]
     for r in doc["timing"]:
         lines.append(
             f"{r['ep']:>2} {r['mode']:<8} {r['fp8']:<7} {r['chunks']:>6} {r['step_ms']:>7.1f} {r['dispatch_ms']:>8.1f} "
