@@ -251,8 +251,8 @@ def dispatch_combine(x: torch.Tensor, expert_ids: torch.Tensor, weights: torch.T
     x's dtype, the quantisation passed straight through (its gradient taken
     as the identity), as DeepEP's fp8 dispatch. The bytes the dispatch sent
     (data and scales) are left in ``stats.ep_dispatch_bytes`` (one chunk);
-    ``distributed/traffic.py`` measures every all-to-all's bytes
-    on the collectives themselves.
+    ``distributed/traffic.py`` measures every all-to-all's bytes on the
+    collectives themselves.
     """
     if chunks > 1:
         return _pipelined_dispatch_combine(x, expert_ids, weights, num_experts, mesh, local_experts, mode,

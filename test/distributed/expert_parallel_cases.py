@@ -493,6 +493,11 @@ def check_peer_dies(mode, chunks):
 
 def _check_errors():
     mesh = init_device_mesh("cpu", (dist.get_world_size(),))
+    with pytest.raises(ValueError, match=r"ExpertParallel: chunks must be an int >= 1, got 0"):
+        ExpertParallel(chunks=0)
+    with pytest.raises(ValueError, match=r"ExpertParallel: fp8_dispatch must be None, 'rowwise' or 'mx', got "
+                                         r"'tensorwise'"):
+        ExpertParallel(fp8_dispatch="tensorwise")
     with pytest.raises(ValueError, match=r"ExpertParallel: num_experts=6 must be divisible by the expert-parallel "
                                          r"size 4"):
         parallelize_module(MoE(MoEConfig(hidden=4, intermediate=4, num_experts=6, top_k=1)), mesh, ExpertParallel())
