@@ -18,8 +18,9 @@ local experts (the fused experts, bfloat16).
    read off the pipeline's event trace (the same schedule with chunks = 1,
    no overlap, and chunks = 2, overlap), for the splits and capacity modes and
    the fp8 (rowwise) dispatch. "hidden" is the step time that overlap saved
-   against the same mode and EP without it. Timings are the median of
-   interleaved rounds, the slowest rank's (a step waits for it).
+   against the same mode and EP without it. Each rank keeps its round of
+   median step time (rounds interleave the variants), whose phases add up
+   to its step; the table shows the slowest rank's (a step waits for it).
 2. Bytes sent per rank, measured on the all-to-alls' own arguments
    (distributed/traffic.py's AllToAllBytes, forward: dispatch and combine),
    against the analytic volume tokens x top-k x hidden x bytes x (EP-1)/EP
@@ -40,7 +41,6 @@ from __future__ import annotations
 
 import argparse
 import os
-import statistics
 import sys
 import tempfile
 import time
@@ -66,7 +66,7 @@ SCALE_BYTES = {"rowwise": lambda h: 4, "mx": lambda h: -(-h // 32)}
 def shape(quick: bool) -> dict:
     if quick:  # proves the script runs (CI, tests): numbers not comparable
         return dict(tokens=64, hidden=128, intermediate=32, experts=8, top_k=2, rounds=1, warmup=1)
-    return dict(tokens=1024, hidden=512, intermediate=256, experts=16, top_k=2, rounds=3, warmup=1)
+    return dict(tokens=1024, hidden=512, intermediate=256, experts=16, top_k=2, rounds=5, warmup=1)
 
 
 def row_bytes(hidden: int, recipe: Optional[str], elem: int = 2) -> int:
@@ -166,7 +166,9 @@ def _rank_main(rank, world, init_file, cfg, out_file):
         for _ in range(cfg["rounds"]):
             for v in VARIANTS:
                 times[v].append(_timed_step(ep_module, cfg, mesh, x, ids, w, gate_up, down, *v))
-        medians = {v: {key: statistics.median(t[key] for t in ts) for key in ts[0]} for v, ts in times.items()}
+        # The round of median step time, whole: its phases partition its step
+        # (medians taken phase by phase would not add up).
+        medians = {v: sorted(ts, key=lambda t: t["step"])[len(ts) // 2] for v, ts in times.items()}
         every = [None] * world
         dist.all_gather_object(every, dict(sent=sent, times=medians))
         if rank == 0:
