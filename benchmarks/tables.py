@@ -302,7 +302,8 @@ def summary(name: str, doc: dict) -> str:
         values = [t["value"] for t in ts]
         span = f"{min(values):.2f}-{max(values):.2f}" if len(values) > 1 else f"{values[0]:.2f}"
         flag = "" if met == len(ts) else " **missed**"
-        out.append(f"| #{issue} | {what} {op} {bound:g} | {where} | {len(ts)} | {met}{flag} | {span} |")
+        cell = f"{what} {op} {bound:g}".replace("|", "\\|")  # a literal | would end the Markdown cell
+        out.append(f"| #{issue} | {cell} | {where} | {len(ts)} | {met}{flag} | {span} |")
     return "\n".join(out) + "\n"
 
 
