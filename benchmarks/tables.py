@@ -205,7 +205,8 @@ def ep_time_table(doc: dict) -> str:
             f"{'disp':>7}")
     c = doc["shape"]
     lines = [f"layer: {c['tokens']} tokens per rank, hidden {c['hidden']}, intermediate {c['intermediate']}, "
-             f"{c['experts']} experts, top-{c['top_k']}, bfloat16; the round of median step of {c['rounds']}", "", head, rule(head)]
+             f"{c['experts']} experts, top-{c['top_k']}, bfloat16; the round of median step of {c['rounds']}",
+             "", head, rule(head)]
     for r in doc["timing"]:
         lines.append(
             f"{r['ep']:>2} {r['mode']:<8} {r['fp8']:<7} {r['chunks']:>6} {r['step_ms']:>7.1f} {r['dispatch_ms']:>8.1f} "
