@@ -196,6 +196,54 @@ def numerics_table(doc: dict) -> str:
     return "\n".join(lines)
 
 
+# ------------------------------------------------------------------ ep
+
+
+def ep_time_table(doc: dict) -> str:
+    head = (f"{'EP':>2} {'mode':<8} {'fp8':<7} {'chunks':>6} {'step':>7} {'dispatch':>8} {'experts':>8} "
+            f"{'combine':>8} {'hidden':>7} | {'fwd: disp':>9} {'exp':>7} {'comb':>7} | {'bwd: comb':>9} {'exp':>7} "
+            f"{'disp':>7}")
+    c = doc["shape"]
+    lines = [f"layer: {c['tokens']} tokens per rank, hidden {c['hidden']}, intermediate {c['intermediate']}, "
+             f"{c['experts']} experts, top-{c['top_k']}, bfloat16; the round of median step of {c['rounds']}",
+             "", head, rule(head)]
+    for r in doc["timing"]:
+        lines.append(
+            f"{r['ep']:>2} {r['mode']:<8} {r['fp8']:<7} {r['chunks']:>6} {r['step_ms']:>7.1f} {r['dispatch_ms']:>8.1f} "
+            f"{r['experts_ms']:>8.1f} {r['combine_ms']:>8.1f} {num(r.get('hidden_ms'), '.1f', 7)} | "
+            f"{r['fwd_dispatch_ms']:>9.1f} {r['fwd_experts_ms']:>7.1f} {r['fwd_combine_ms']:>7.1f} | "
+            f"{r['bwd_combine_ms']:>9.1f} {r['bwd_experts_ms']:>7.1f} {r['bwd_dispatch_ms']:>7.1f}")
+    return "\n".join(lines)
+
+
+def ep_bytes_tag(r: dict) -> str:
+    return f"EP={r['ep']} {r['mode']} fp8={r['fp8']}"
+
+
+def ep_bytes_table(doc: dict) -> str:
+    head = (f"{'EP':>2} {'mode':<8} {'fp8':<7} {'row B':>5} {'dispatch B':>10} {'analytic':>10} {'combine B':>10} "
+            f"{'analytic':>10} {'vs bf16':>7}  targets")
+    lines = [head, rule(head)]
+    for r in doc["bytes"]:
+        d, c = r["dispatch_bytes"], r["combine_bytes"]
+        # Every rank's measurement; one number when they all agree.
+        show = lambda v: str(v[0]) if len(set(v)) == 1 else "/".join(map(str, v))  # noqa: E731
+        lines.append(
+            f"{r['ep']:>2} {r['mode']:<8} {r['fp8']:<7} {r['row_bytes']:>5} {show(d):>10} {r['analytic_dispatch']:>10} "
+            f"{show(c):>10} {r['analytic_combine']:>10} {num(r.get('vs_bf16'), '.3f', 6, 'x')}  "
+            f"{target_cell(r['targets'])}".rstrip())
+    return "\n".join(lines)
+
+
+def ep_volume_table(doc: dict) -> str:
+    head = f"{'model':<15} {'EP':>3} {'top_k':>5} {'hidden':>6} {'bf16 MB':>8} {'fp8 MB':>7} {'mx MB':>7}"
+    lines = [head, rule(head)]
+    for r in doc["volume"]:
+        lines.append(f"{r['config']:<15} {r['ep']:>3} {r['top_k']:>5} {r['hidden']:>6} {r['bf16_mb']:>8.1f} "
+                     f"{r['rowwise_mb']:>7.1f} {r['mx_mb']:>7.1f}")
+    return "\n".join(lines)
+
+
 # ------------------------------------------------------------------ registry
 
 # README marker -> (JSON file, table renderer, section holding rows with
@@ -208,6 +256,9 @@ TABLES: dict[str, tuple[str, Callable[[dict], str], Optional[str], Optional[Call
     "fp8/gemm": ("fp8.json", fp8_gemm_table, "gemm", fp8_gemm_tag),
     "fp8/bytes": ("fp8.json", fp8_bytes_table, None, None),
     "numerics_fp8": ("numerics_fp8.json", numerics_table, None, None),
+    "ep/time": ("ep.json", ep_time_table, None, None),
+    "ep/bytes": ("ep.json", ep_bytes_table, "bytes", ep_bytes_tag),
+    "ep/volume": ("ep.json", ep_volume_table, None, None),
 }
 
 
@@ -252,7 +303,8 @@ def summary(name: str, doc: dict) -> str:
         values = [t["value"] for t in ts]
         span = f"{min(values):.2f}-{max(values):.2f}" if len(values) > 1 else f"{values[0]:.2f}"
         flag = "" if met == len(ts) else " **missed**"
-        out.append(f"| #{issue} | {what} {op} {bound:g} | {where} | {len(ts)} | {met}{flag} | {span} |")
+        cell = f"{what} {op} {bound:g}".replace("|", "\\|")  # a literal | would end the Markdown cell
+        out.append(f"| #{issue} | {cell} | {where} | {len(ts)} | {met}{flag} | {span} |")
     return "\n".join(out) + "\n"
 
 

@@ -42,6 +42,7 @@ from torch.distributed.device_mesh import DeviceMesh
 from torch.distributed.tensor import DTensor, Replicate, Shard, distribute_tensor
 from torch.distributed.tensor.parallel import ParallelStyle
 
+from torch_moe_ops import _checks
 from torch_moe_ops.nn.moe import MoE, expert_activation
 from torch_moe_ops.ops import (
     dequantize_fp8,
@@ -77,13 +78,8 @@ class ExpertParallel(ParallelStyle):
             raise ValueError(f"ExpertParallel: capacity_factor must be > 0, got {capacity_factor}")
         if fp8_dispatch not in (None, "rowwise", "mx"):
             raise ValueError(f"ExpertParallel: fp8_dispatch must be None, 'rowwise' or 'mx', got {fp8_dispatch!r}")
-        if fp8_dispatch is not None and dispatch != "splits":
-            raise ValueError(f"ExpertParallel: fp8_dispatch needs dispatch='splits', got dispatch={dispatch!r}")
         if not (isinstance(chunks, int) and chunks >= 1):
             raise ValueError(f"ExpertParallel: chunks must be an int >= 1, got {chunks!r}")
-        if chunks > 1 and (dispatch != "splits" or fp8_dispatch is not None):
-            raise ValueError("ExpertParallel: chunks > 1 (overlap) needs dispatch='splits' without fp8_dispatch, got "
-                             f"dispatch={dispatch!r}, fp8_dispatch={fp8_dispatch!r}")
         self.dispatch = dispatch
         self.capacity_factor = capacity_factor
         self.fp8_dispatch = fp8_dispatch
@@ -92,7 +88,11 @@ class ExpertParallel(ParallelStyle):
     def _apply(self, module: nn.Module, device_mesh: DeviceMesh) -> nn.Module:
         # First, before anything a rank could refuse alone: every rank must
         # shard the same layer, else the all-to-alls would hang or mix tensors.
-        _check_same_on_every_rank(module, device_mesh, "ExpertParallel")
+        # The dispatch settings too: ranks that disagree on them would send
+        # buffers of different sizes, or different numbers of all-to-alls.
+        _check_same_on_every_rank(module, device_mesh, "ExpertParallel",
+                                  dict(dispatch=self.dispatch, capacity_factor=self.capacity_factor,
+                                       fp8_dispatch=self.fp8_dispatch, chunks=self.chunks))
         if not isinstance(module, MoE) and not _is_transformers_experts(module):
             raise TypeError("ExpertParallel: module must be a torch_moe_ops.nn.MoE or a transformers experts "
                             f"module, got {type(module).__name__}")
@@ -129,7 +129,8 @@ def _describe(module: nn.Module) -> dict:
             "dtype": str(module.gate_up_proj.dtype).replace("torch.", "")}
 
 
-def _check_same_on_every_rank(module: nn.Module, mesh: DeviceMesh, style: str) -> None:
+def _check_same_on_every_rank(module: nn.Module, mesh: DeviceMesh, style: str,
+                              settings: Optional[dict] = None) -> None:
     """One all_gather_object over the mesh (its group if 1-D, the world's if
     it spans the world); every rank raises the same error when the layers
     differ (bounded time, no rank left waiting). A multi-dimensional mesh
@@ -140,7 +141,7 @@ def _check_same_on_every_rank(module: nn.Module, mesh: DeviceMesh, style: str) -
         group = None
     else:
         return
-    mine = _describe(module)
+    mine = {**_describe(module), **(settings or {})}
     every = [None] * mesh.size()
     dist.all_gather_object(every, mine, group=group)
     differ = sorted({k for d in every for k in d if d.get(k) != every[0].get(k)})
@@ -228,26 +229,37 @@ def dispatch_combine(x: torch.Tensor, expert_ids: torch.Tensor, weights: torch.T
     Every rank must pass the same T. The number of dropped slots, a tensor,
     is left in ``stats.ep_dropped`` when stats is given.
 
-    ``chunks > 1`` (splits mode): the tokens go in that many chunks; every
-    chunk's dispatch is issued first, then chunk i's experts run while the
-    later chunks' dispatches and chunk i-1's combine are in flight (async
-    collectives), so the all-to-alls overlap the expert GEMMs in the forward.
-    ``stats.ep_trace`` records ``(event, chunk, time.perf_counter())`` for
-    ``experts_start``, ``experts_end`` (the combine is issued right after),
-    ``combine_issued`` and ``combine_done``.
+    ``chunks > 1`` (either mode, with or without fp8): the tokens go in that
+    many chunks (``x.tensor_split``). In the forward every chunk's dispatch is
+    issued first, then chunk i's experts run while the later chunks'
+    dispatches and the earlier chunks' combines are in flight; in the
+    backward every chunk's combine gradient is issued first, then chunk i's
+    expert gradients run while the other chunks' all-to-alls are in flight
+    (async work handles of ``dist.all_to_all_single``, see ``_Pipeline``).
+    ``stats.ep_trace`` records ``(event, chunk, time.perf_counter())``:
+    ``dispatch_issued``, ``experts_start``, ``experts_end``, ``combine_issued``,
+    ``combine_done``, then in the backward ``combine_grad_issued``,
+    ``experts_grad_start``, ``experts_grad_end``, ``dispatch_grad_issued``,
+    ``dispatch_grad_done``. The experts' gradients are taken by a nested
+    ``torch.autograd.backward`` (as reentrant checkpointing does): they
+    accumulate into the parameters' ``.grad`` even under
+    ``torch.autograd.grad``, and double backward is not supported.
 
-    ``fp8_dispatch`` (``"rowwise"`` or ``"mx"``, splits mode): the dispatch
+    ``fp8_dispatch`` (``"rowwise"`` or ``"mx"``, either mode): the dispatch
     sends each row as float8_e4m3fn data and its scales (``quantize_fp8``),
     dequantised on arrival to x's dtype; the combine and the backward stay in
     x's dtype, the quantisation passed straight through (its gradient taken
     as the identity), as DeepEP's fp8 dispatch. The bytes the dispatch sent
-    (data and scales) are left in ``stats.ep_dispatch_bytes``.
+    (data and scales) are left in ``stats.ep_dispatch_bytes`` (one chunk);
+    ``distributed/traffic.py`` measures every all-to-all's bytes on the
+    collectives themselves.
     """
+    if chunks > 1:
+        return _pipelined_dispatch_combine(x, expert_ids, weights, num_experts, mesh, local_experts, mode,
+                                           capacity_factor, stats, fp8_dispatch, chunks)
     if mode == "capacity":
         return _capacity_dispatch_combine(x, expert_ids, weights, num_experts, mesh, local_experts, capacity_factor,
-                                          stats)
-    if chunks > 1:
-        return _chunked_dispatch_combine(x, expert_ids, weights, num_experts, mesh, local_experts, chunks, stats)
+                                          stats, fp8_dispatch)
     group = mesh.get_group()
     ep = mesh.size()
     num_local = num_experts // ep
@@ -296,45 +308,185 @@ def _wait_for_peers(work, mesh: DeviceMesh) -> None:
                            f"(process group error: {e})") from e
 
 
-def _chunked_dispatch_combine(x, expert_ids, weights, num_experts, mesh, local_experts, chunks, stats):
-    """dispatch_combine's splits mode in chunks, overlapping collectives and experts."""
+def _splits_plans(xs, ids, num_experts: int, mesh: DeviceMesh) -> list:
+    """The splits mode's per-chunk plans: rows sorted by expert, exact split
+    sizes (every chunk's counts exchanged first, then one host read)."""
     group = mesh.get_group()
     ep = mesh.size()
     num_local = num_experts // ep
-    trace = []
-    plans = []
-    for xc, ids_c in zip(x.tensor_split(chunks), expert_ids.tensor_split(chunks)):
+    pending = []
+    for xc, ids_c in zip(xs, ids):
         permuted, dst_rows, _, offs = permute(xc, ids_c, num_experts)
         counts = torch.diff(offs, prepend=offs.new_zeros(1)).long()
         recv_counts = torch.empty_like(counts)
         work = dist.all_to_all_single(recv_counts, counts, group=group, async_op=True)
-        plans.append((permuted, dst_rows, counts, recv_counts, work))
-    for plan in plans:
-        _wait_for_peers(plan[4], mesh)
+        pending.append((permuted, dst_rows, counts, recv_counts, work))
+    for *_, work in pending:
+        _wait_for_peers(work, mesh)
     # NOTE: host sync: one read of every chunk's send and receive sizes.
     sizes = torch.cat([torch.cat([c.view(ep, num_local).sum(1), r.view(ep, num_local).sum(1)])
-                       for _, _, c, r, _ in plans]).tolist()
-    sizes = [(sizes[2 * ep * i:2 * ep * i + ep], sizes[2 * ep * i + ep:2 * ep * (i + 1)]) for i in range(chunks)]
-    dispatched = [funcol.all_to_all_single_autograd(plan[0], recv, send, group)
-                  for plan, (send, recv) in zip(plans, sizes)]
-    local_expert = torch.arange(num_local, device=x.device).repeat(ep)
-    combined = []
-    for i, (plan, (send, recv)) in enumerate(zip(plans, sizes)):
-        rows = funcol.wait_tensor(dispatched[i])
-        trace.append(("experts_start", i, time.perf_counter()))
-        local_ids = torch.repeat_interleave(local_expert, plan[3], output_size=sum(recv)).view(-1, 1)
-        y = local_experts(rows, local_ids)
-        trace.append(("experts_end", i, time.perf_counter()))
-        combined.append(funcol.all_to_all_single_autograd(y, send, recv, group))
-        trace.append(("combine_issued", i, time.perf_counter()))
-    outs = []
-    for i, (plan, w) in enumerate(zip(plans, weights.tensor_split(chunks))):
-        back = funcol.wait_tensor(combined[i])
-        trace.append(("combine_done", i, time.perf_counter()))
-        outs.append(unpermute(back, plan[1], w))
-    if stats is not None:
+                       for _, _, c, r, _ in pending]).tolist()
+    local_expert = torch.arange(num_local, device=xs[0].device).repeat(ep)
+    plans = []
+    for i, (permuted, dst_rows, _, recv_counts, _) in enumerate(pending):
+        send, recv = sizes[2 * ep * i:2 * ep * i + ep], sizes[2 * ep * i + ep:2 * ep * (i + 1)]
+        local_ids = torch.repeat_interleave(local_expert, recv_counts, output_size=sum(recv)).view(-1, 1)
+        plans.append(types.SimpleNamespace(send=permuted, send_sizes=send, recv_sizes=recv, local_ids=local_ids,
+                                           rows=dst_rows, valid=None))
+    return plans
+
+
+def _pipelined_dispatch_combine(x, expert_ids, weights, num_experts, mesh, local_experts, mode, capacity_factor,
+                                stats, fp8_dispatch, chunks):
+    """dispatch_combine in chunks, every payload all-to-all async, forward
+    and backward (see _Pipeline). chunks=1 is the same schedule without
+    overlap (the benchmark's baseline)."""
+    xs, ids = x.tensor_split(chunks), expert_ids.tensor_split(chunks)
+    if mode == "capacity":
+        plans = [_capacity_plan(xc, ids_c, num_experts, mesh, capacity_factor) for xc, ids_c in zip(xs, ids)]
+        for plan in plans:
+            plan.valid = _capacity_valid(plan, mesh)
+    else:
+        plans = _splits_plans(xs, ids, num_experts, mesh)
+    trace: list = []
+    if stats is not None:  # before the all-to-alls: a test's transport hook appends to it
         stats.ep_trace = trace
+    grad = torch.is_grad_enabled()
+    run = types.SimpleNamespace(plans=plans, mesh=mesh, recipe=fp8_dispatch, local_experts=local_experts,
+                                trace=trace, hidden=x.shape[1], dtype=x.dtype, grad=grad)
+    # The experts' parameters are not inputs of the Function: an input that
+    # requires grad keeps its node in the graph even when x does not.
+    anchor = x.new_empty(0, requires_grad=grad)
+    backs = _Pipeline.apply(run, anchor, *[plan.send for plan in plans])
+    outs = [unpermute(back, plan.rows, w) for back, plan, w in zip(backs, plans, weights.tensor_split(chunks))]
+    if stats is not None and mode == "capacity":
+        stats.ep_dropped = torch.stack([plan.dropped for plan in plans]).sum()
     return torch.cat(outs)
+
+
+def _start_all_to_all(out, rows, out_sizes, in_sizes, group, what):
+    """One async all-to-all of rows, the pipeline's only payload transport
+    (tests wrap it to slow it down); what = (kind, chunk)."""
+    return dist.all_to_all_single(out, rows, out_sizes, in_sizes, group=group, async_op=True)
+
+
+def _finish(work, mesh: DeviceMesh, what) -> None:
+    try:
+        work.wait()
+    except RuntimeError as e:
+        ranks = mesh.mesh.flatten().tolist()
+        raise RuntimeError(f"ExpertParallel: the {what[0]} all-to-all of chunk {what[1]} with the expert-parallel "
+                           f"peers (ranks {ranks}) failed or timed out: a peer has died or is not running this "
+                           f"layer (process group error: {e})") from e
+
+
+def _event(trace: list, name: str, chunk: int) -> None:
+    trace.append((name, chunk, time.perf_counter()))
+
+
+def _encode(rows: torch.Tensor, recipe: Optional[str]) -> torch.Tensor:
+    """Rows as sent: as they are, or (recipe) one uint8 row per token, its
+    float8 data then its scales' bytes (gloo has no float8; one all-to-all
+    carries both)."""
+    if recipe is None:
+        return rows.contiguous()
+    data, scale = quantize_fp8(rows, recipe)
+    scale_cols = 1 if recipe == "rowwise" else -(-rows.shape[1] // 32)
+    return torch.cat([data.view(torch.uint8), scale.reshape(rows.shape[0], scale_cols).view(torch.uint8)], dim=1)
+
+
+def _decode(buf: torch.Tensor, recipe: Optional[str], hidden: int, dtype: torch.dtype) -> torch.Tensor:
+    if recipe is None:
+        return buf
+    data = buf[:, :hidden].contiguous().view(torch.float8_e4m3fn)
+    scale = buf[:, hidden:].contiguous().view(_checks.fp8_scale_dtype(recipe))
+    if recipe == "rowwise":
+        scale = scale.view(-1)
+    return dequantize_fp8(data, scale, recipe, dtype)
+
+
+class _Pipeline(torch.autograd.Function):
+    """Dispatch, experts and combine of every chunk, scheduled by hand.
+
+    Forward: issue every chunk's dispatch; then for each chunk wait for its
+    rows, run its experts (a graph of their own, built here on the received
+    rows as leaves) and issue its combine; wait for the combines. Backward:
+    issue every chunk's combine gradient; then for each chunk wait for it,
+    backpropagate through its experts (nested autograd.backward: the
+    parameters' gradients accumulate, the rows' gradient is read off the
+    leaf) and issue its dispatch gradient; wait for those. So one chunk's
+    all-to-alls travel while another chunk's expert GEMMs (or their
+    gradients) run. The autograd engine alone would not give this order: it
+    runs ready nodes by creation order and each collective's wait is a node
+    of its own next to the GEMMs that need it.
+
+    fp8 payloads: the dispatch sends _encode's bytes; its gradient travels in
+    x's dtype (straight through the quantisation)."""
+
+    @staticmethod
+    def forward(ctx, run, anchor, *sends):
+        group, trace = run.mesh.get_group(), run.trace
+        inflight = []
+        for i, (plan, send) in enumerate(zip(run.plans, sends)):
+            payload = _encode(send, run.recipe)
+            buf = payload.new_empty((sum(plan.recv_sizes), payload.shape[1]))
+            inflight.append((buf, _start_all_to_all(buf, payload, plan.recv_sizes, plan.send_sizes, group,
+                                                    ("dispatch", i))))
+            _event(trace, "dispatch_issued", i)
+        rows, ys, combines = [], [], []
+        for i, (plan, (buf, work)) in enumerate(zip(run.plans, inflight)):
+            _finish(work, run.mesh, ("dispatch", i))
+            r = _decode(buf, run.recipe, run.hidden, run.dtype).detach().requires_grad_(run.grad)
+            _event(trace, "experts_start", i)
+            with torch.set_grad_enabled(run.grad):
+                y = run.local_experts(r, plan.local_ids)
+                if plan.valid is not None:
+                    y = y * plan.valid.unsqueeze(1).to(y.dtype)
+            _event(trace, "experts_end", i)
+            out = y.new_empty((sum(plan.send_sizes), y.shape[1]))
+            combines.append((out, _start_all_to_all(out, y.detach().contiguous(), plan.send_sizes, plan.recv_sizes,
+                                                    group, ("combine", i))))
+            _event(trace, "combine_issued", i)
+            rows.append(r)
+            ys.append(y)
+        for i, (_, work) in enumerate(combines):
+            _finish(work, run.mesh, ("combine", i))
+            _event(trace, "combine_done", i)
+        ctx.run, ctx.rows, ctx.ys = run, rows, ys
+        return tuple(out for out, _ in combines)
+
+    @staticmethod
+    def backward(ctx, *grads):
+        run = ctx.run
+        group, trace = run.mesh.get_group(), run.trace
+        if ctx.ys is None:
+            raise RuntimeError("ExpertParallel: the chunked dispatch (chunks > 1) backpropagates once: its experts' "
+                               "graphs are freed by the first backward (retain_graph is not supported)")
+        inflight = []
+        for i, (plan, g, y) in enumerate(zip(run.plans, grads, ctx.ys)):
+            g = y.new_zeros((sum(plan.send_sizes), y.shape[1])) if g is None else g.contiguous()
+            buf = g.new_empty((sum(plan.recv_sizes), g.shape[1]))
+            inflight.append((buf, _start_all_to_all(buf, g, plan.recv_sizes, plan.send_sizes, group,
+                                                    ("combine_grad", i))))
+            _event(trace, "combine_grad_issued", i)
+        backs = []
+        for i, (plan, r, y, (buf, work)) in enumerate(zip(run.plans, ctx.rows, ctx.ys, inflight)):
+            _finish(work, run.mesh, ("combine_grad", i))
+            _event(trace, "experts_grad_start", i)
+            if y.requires_grad:
+                with torch.enable_grad():
+                    torch.autograd.backward(y, buf)
+            g_rows = r.grad if r.grad is not None else torch.zeros_like(r)
+            _event(trace, "experts_grad_end", i)
+            out = g_rows.new_empty((sum(plan.send_sizes), g_rows.shape[1]))
+            backs.append((out, _start_all_to_all(out, g_rows.contiguous(), plan.send_sizes, plan.recv_sizes, group,
+                                                 ("dispatch_grad", i))))
+            _event(trace, "dispatch_grad_issued", i)
+        for i, (_, work) in enumerate(backs):
+            _finish(work, run.mesh, ("dispatch_grad", i))
+            _event(trace, "dispatch_grad_done", i)
+        ctx.rows = ctx.ys = None
+        return (None, None, *[out for out, _ in backs])
 
 
 class _Fp8Dispatch(torch.autograd.Function):
@@ -346,7 +498,7 @@ class _Fp8Dispatch(torch.autograd.Function):
     def forward(ctx, rows, recipe, recv_sizes, send_sizes, group):
         data, scale = quantize_fp8(rows, recipe)
         # Sent as bytes (gloo has no float8); the scales of a row travel with it.
-        scale_2d = scale.view(rows.shape[0], -1)
+        scale_2d = scale.reshape(rows.shape[0], 1 if recipe == "rowwise" else -(-rows.shape[1] // 32))
         data_in = funcol.all_to_all_single(data.view(torch.uint8), recv_sizes, send_sizes, group)
         scale_in = funcol.all_to_all_single(scale_2d.view(torch.uint8), recv_sizes, send_sizes, group)
         data_in = funcol.wait_tensor(data_in).view(data.dtype)
@@ -364,9 +516,10 @@ class _Fp8Dispatch(torch.autograd.Function):
         return funcol.wait_tensor(back), None, None, None, None
 
 
-def _capacity_dispatch_combine(x, expert_ids, weights, num_experts, mesh, local_experts, capacity_factor, stats):
-    """dispatch_combine's ``capacity`` mode: fixed-size buffers, equal splits,
-    no tensor data read on the host."""
+def _capacity_plan(x, expert_ids, num_experts, mesh, capacity_factor):
+    """The capacity mode's buffers for x (T, H): every expert C rows from
+    this rank (zero-padded, equal splits), no tensor data read on the host.
+    The counts' exchange is left in flight (_capacity_valid waits)."""
     group = mesh.get_group()
     ep = mesh.size()
     num_local = num_experts // ep
@@ -386,18 +539,39 @@ def _capacity_dispatch_combine(x, expert_ids, weights, num_experts, mesh, local_
     send = x.new_zeros((num_experts * cap + 1, x.shape[1])).index_copy(
         0, slot.flatten(), x.repeat_interleave(top_k, dim=0))[:-1]
     sizes = [num_local * cap] * ep
-    received = funcol.all_to_all_single_autograd(send, sizes, sizes, group)
     # Received rows: [peer][local expert][c], valid while c < that count.
-    local_ids = torch.arange(num_local, device=x.device).repeat_interleave(cap).repeat(ep)
+    local_ids = torch.arange(num_local, device=x.device).repeat_interleave(cap).repeat(ep).view(-1, 1)
     c = torch.arange(cap, device=x.device).repeat(ep * num_local)
-    _wait_for_peers(exchange, mesh)
-    valid = c < recv_counts.repeat_interleave(cap)
-    y = local_experts(funcol.wait_tensor(received), local_ids.view(-1, 1))
+    return types.SimpleNamespace(send=send, send_sizes=sizes, recv_sizes=sizes, local_ids=local_ids,
+                                 rows=torch.where(keep, slot, -1), dropped=(~keep).sum(), cap=cap, c=c,
+                                 recv_counts=recv_counts, exchange=exchange, valid=None)
+
+
+def _capacity_valid(plan, mesh: DeviceMesh) -> torch.Tensor:
+    _wait_for_peers(plan.exchange, mesh)
+    return plan.c < plan.recv_counts.repeat_interleave(plan.cap)
+
+
+def _capacity_dispatch_combine(x, expert_ids, weights, num_experts, mesh, local_experts, capacity_factor, stats,
+                               fp8_dispatch=None):
+    """dispatch_combine's ``capacity`` mode: fixed-size buffers, equal splits,
+    no tensor data read on the host."""
+    group = mesh.get_group()
+    plan = _capacity_plan(x, expert_ids, num_experts, mesh, capacity_factor)
+    sizes = plan.send_sizes
+    if fp8_dispatch is None:
+        received = funcol.all_to_all_single_autograd(plan.send, sizes, sizes, group)
+        sent = plan.send.numel() * plan.send.element_size()
+    else:
+        received, sent = _Fp8Dispatch.apply(plan.send, fp8_dispatch, sizes, sizes, group)
+    valid = _capacity_valid(plan, mesh)
+    y = local_experts(funcol.wait_tensor(received), plan.local_ids)
     y = y * valid.unsqueeze(1).to(y.dtype)
     combined = funcol.all_to_all_single_autograd(y, sizes, sizes, group)
     if stats is not None:
-        stats.ep_dropped = (~keep).sum()
-    return unpermute(funcol.wait_tensor(combined), torch.where(keep, slot, -1), weights)
+        stats.ep_dropped = plan.dropped
+        stats.ep_dispatch_bytes = sent
+    return unpermute(funcol.wait_tensor(combined), plan.rows, weights)
 
 
 # ------------------------------------------------- transformers' experts modules

@@ -29,6 +29,8 @@ from torch.utils._python_dispatch import TorchDispatchMode
 
 import torch_moe_ops  # noqa: F401
 from torch_moe_ops.distributed import ExpertParallel, ExpertTensorParallel, TensorParallelExperts
+from torch_moe_ops.distributed.expert_parallel import dispatch_combine
+from torch_moe_ops.distributed.traffic import AllToAllBytes
 from torch_moe_ops.nn import MoE, MoEConfig
 
 E = 8
@@ -167,11 +169,22 @@ def _check_capacity():
             dist.all_reduce(grad)
         torch.testing.assert_close(grad, p_ref.grad, **TOL, msg=lambda m: f"{name}, grad of {pname}: {m}")
 
-    # No host reads: forward and backward under a mode that fails on them.
+    # No host reads: forward and backward under a mode that fails on them,
+    # also with fp8 payloads and in chunks (the pipeline's own backward).
+    _NoHostReads.check_itself()
     x = x_full[rows].clone().requires_grad_()
     with _NoHostReads():
         out = ep(x)[0]
         out.sum().backward()
+    for style in (ExpertParallel(dispatch="capacity", fp8_dispatch="mx"),
+                  ExpertParallel(dispatch="capacity", fp8_dispatch="rowwise", chunks=2),
+                  ExpertParallel(dispatch="capacity", chunks=3)):
+        m = MoE(MoEConfig(hidden=64, intermediate=6, num_experts=E, top_k=2))
+        parallelize_module(m, mesh, style)
+        x = torch.randn(6, 64, requires_grad=True)
+        with _NoHostReads():
+            m(x)[0].sum().backward()
+        assert x.grad.abs().sum() > 0
     splits = MoE(cfg, dtype=torch.float64)
     parallelize_module(splits, mesh, ExpertParallel())
     with pytest.raises(AssertionError, match="host read: tolist"), _NoHostReads():
@@ -181,22 +194,38 @@ def _check_capacity():
 class _NoHostReads(TorchDispatchMode):
     """Fails on a read of tensor data by the host: ops tagged
     data_dependent_output (item, _local_scalar_dense) or dynamic_output_shape
-    (nonzero, masked_select, ...), and Tensor.tolist / item, which CPU tensors
-    serve without the dispatcher."""
+    (nonzero, masked_select, ...), and Tensor.tolist / item / __bool__ /
+    __int__ / __float__ / __index__, which CPU tensors serve without the
+    dispatcher."""
+
+    READS = ("tolist", "item", "__bool__", "__int__", "__float__", "__index__")
 
     def __enter__(self):
-        self._saved = torch.Tensor.tolist, torch.Tensor.item
+        self._saved = {name: getattr(torch.Tensor, name) for name in self.READS}
 
         def refuse(name):
             def fn(*args, **kwargs):
                 raise AssertionError(f"host read: {name}")
             return fn
-        torch.Tensor.tolist, torch.Tensor.item = refuse("tolist"), refuse("item")
+        for name in self.READS:
+            setattr(torch.Tensor, name, refuse(name))
         return super().__enter__()
 
     def __exit__(self, *exc):
-        torch.Tensor.tolist, torch.Tensor.item = self._saved
+        for name, fn in self._saved.items():
+            setattr(torch.Tensor, name, fn)
         return super().__exit__(*exc)
+
+    @staticmethod
+    def check_itself():
+        """The checker catches each kind of read it claims to."""
+        t = torch.tensor([1.0, 0.0])
+        reads = {"_local_scalar_dense": lambda: torch.ops.aten._local_scalar_dense(t[0]), "item": lambda: t[0].item(),
+                 "tolist": lambda: t.tolist(), "nonzero": t.nonzero, "bool": lambda: bool(t[0]),
+                 "int": lambda: int(t[0]), "index": lambda: [0, 1][t[0].long()]}
+        for name, read in reads.items():
+            with pytest.raises(AssertionError, match="host read"), _NoHostReads():
+                read()
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         if torch.Tag.data_dependent_output in func.tags or torch.Tag.dynamic_output_shape in func.tags:
@@ -204,89 +233,225 @@ class _NoHostReads(TorchDispatchMode):
         return func(*args, **(kwargs or {}))
 
 
-def _check_fp8_dispatch():
-    """fp8 dispatch (rowwise, mx) in a float32 layer: the experts receive the
-    quantise-dequantised token rows, everything else stays float32, the
-    quantisation's gradient is the identity (straight through). Reference:
-    the single-process layer whose experts read x + (qdq(x) - x).detach().
-    The expert inputs are then the same numbers, so only float32
-    reassociation differs (rtol = atol = 1e-5). The dispatch's bytes, measured
-    on the tensors sent, are <= 0.53x those of bfloat16 rows (H = 128)."""
+def _fp8_case(mesh, name, style, bias=None, tokens_per_rank=None):
+    """One fp8-dispatch layer (float32) against the single-process layer whose
+    experts read x + (qdq(x) - x).detach(): the quantise-dequantised token
+    rows, the quantisation's gradient the identity (straight through). Each
+    row quantises alone (rowwise: its own scale; mx: blocks of 32 along H),
+    so the experts get the same numbers as in the reference and only float32
+    reassociation differs (rtol = atol = 1e-5)."""
     world, rank = dist.get_world_size(), dist.get_rank()
+    cfg = MoEConfig(hidden=128, intermediate=32, num_experts=E, top_k=2, score_bias=bias is not None)
+    torch.manual_seed(0)
+    ref = MoE(cfg)
+    if bias is not None:
+        ref.score_bias.copy_(bias)
+    ep = MoE(cfg)
+    ep.load_state_dict(ref.state_dict())
+    parallelize_module(ep, mesh, style)
+    sizes = tokens_per_rank or [6] * world
+    x_full = torch.randn(sum(sizes), cfg.hidden)
+    g_full = torch.randn_like(x_full)
+    x_ref = x_full.clone().requires_grad_()
+    qdq = torch_moe_ops.dequantize_fp8(*torch_moe_ops.quantize_fp8(x_ref.detach(), style.fp8_dispatch),
+                                       style.fp8_dispatch)
+    weights, ids, _ = torch_moe_ops.router_topk(torch.nn.functional.linear(x_ref, ref.router_weight), cfg.top_k,
+                                                cfg.score_func, ref.score_bias)
+    out_ref = ref.experts(x_ref + (qdq - x_ref).detach(), weights, ids)
+    (out_ref * g_full).sum().backward()
+    start = sum(sizes[:rank])
+    rows = slice(start, start + sizes[rank])
+    x = x_full[rows].clone().requires_grad_()
+    out = ep(x)[0]
+    (out * g_full[rows]).sum().backward()
+    tol = dict(rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(out, out_ref[rows], **tol, msg=lambda m: f"{name}, output: {m}")
+    torch.testing.assert_close(x.grad, x_ref.grad[rows], **tol, msg=lambda m: f"{name}, grad of x: {m}")
+    for pname, p_ref in ref.named_parameters():
+        p = getattr(ep, pname)
+        grad = p.grad.full_tensor() if isinstance(p, DTensor) else p.grad.clone()
+        if not isinstance(p, DTensor):
+            dist.all_reduce(grad)
+        torch.testing.assert_close(grad, p_ref.grad, **tol, msg=lambda m: f"{name}, grad of {pname}: {m}")
+    if style.dispatch == "capacity":
+        assert int(ep.ep_dropped) == 0, f"{name}: {int(ep.ep_dropped)} slots dropped"
+
+
+def _routing_biases():
+    skew = torch.zeros(E)
+    skew[:3] = torch.tensor([1.0, 0.6, 0.3])
+    to_rank0 = torch.zeros(E)
+    to_rank0[:2] = 100.0  # experts 0 and 1: both on rank 0, whatever the EP size
+    return {"uniform": None, "skewed": skew, "all to one rank": to_rank0}
+
+
+def _check_fp8_dispatch():
+    """fp8 dispatch: every recipe, mode, chunking and routing, and a rank
+    without tokens, each at least once (a covering set, not the product:
+    at 4 ranks on 2 cores each case costs ~3 s, mostly the reference and the
+    gathers of gradients; the capacity mode needs the same T on every rank)."""
+    world = dist.get_world_size()
     mesh = init_device_mesh("cpu", (world,))
-    cfg = MoEConfig(hidden=128, intermediate=32, num_experts=E, top_k=2)
-    T = 6
-    for recipe in ("rowwise", "mx"):
-        torch.manual_seed(0)
-        ref = MoE(cfg)
-        ep = MoE(cfg)
-        ep.load_state_dict(ref.state_dict())
-        parallelize_module(ep, mesh, ExpertParallel(fp8_dispatch=recipe))
-        x_full = torch.randn(T * world, cfg.hidden)
-        g_full = torch.randn_like(x_full)
-        x_ref = x_full.clone().requires_grad_()
-        qdq = torch_moe_ops.dequantize_fp8(*torch_moe_ops.quantize_fp8(x_ref.detach(), recipe), recipe)
-        weights, ids, _ = torch_moe_ops.router_topk(torch.nn.functional.linear(x_ref, ref.router_weight), cfg.top_k)
-        out_ref = ref.experts(x_ref + (qdq - x_ref).detach(), weights, ids)
-        (out_ref * g_full).sum().backward()
-        rows = slice(T * rank, T * (rank + 1))
-        x = x_full[rows].clone().requires_grad_()
-        out = ep(x)[0]
-        (out * g_full[rows]).sum().backward()
-        name, tol = f"fp8 dispatch {recipe}", dict(rtol=1e-5, atol=1e-5)
-        torch.testing.assert_close(out, out_ref[rows], **tol, msg=lambda m: f"{name}, output: {m}")
-        torch.testing.assert_close(x.grad, x_ref.grad[rows], **tol, msg=lambda m: f"{name}, grad of x: {m}")
-        for pname, p_ref in ref.named_parameters():
-            p = getattr(ep, pname)
-            grad = p.grad.full_tensor() if isinstance(p, DTensor) else p.grad.clone()
-            if not isinstance(p, DTensor):
-                dist.all_reduce(grad)
-            torch.testing.assert_close(grad, p_ref.grad, **tol, msg=lambda m: f"{name}, grad of {pname}: {m}")
-        bf16_bytes = T * cfg.top_k * cfg.hidden * 2
-        assert ep.ep_dispatch_bytes <= 0.53 * bf16_bytes, (recipe, ep.ep_dispatch_bytes, bf16_bytes)
+    roomy = dict(dispatch="capacity", capacity_factor=E / 2)  # C = T: no drops
+    biases = _routing_biases()
+    for recipe, mode, chunks, routing in [("rowwise", "splits", 1, "uniform"), ("mx", "splits", 2, "skewed"),
+                                          ("mx", "splits", 1, "all to one rank"), ("mx", "capacity", 1, "uniform"),
+                                          ("rowwise", "capacity", 1, "skewed"),
+                                          ("rowwise", "capacity", 2, "all to one rank")]:
+        _fp8_case(mesh, f"fp8 {recipe}, {mode}, {chunks} chunk(s), {routing}",
+                  ExpertParallel(fp8_dispatch=recipe, chunks=chunks, **(roomy if mode == "capacity" else {})),
+                  bias=biases[routing])
+    _fp8_case(mesh, "fp8 rowwise, 2 chunks, a rank without tokens", ExpertParallel(fp8_dispatch="rowwise", chunks=2),
+              tokens_per_rank=[5] * (world - 1) + [0])
+    _check_fp8_bytes(mesh)
+
+
+def _balanced_ids(tokens, top_k, num_experts):
+    """Token t's slot j goes to expert (t * k + j) mod E: with T * k a multiple
+    of E every expert gets T * k / E rows from every rank, so exactly
+    (EP - 1) / EP of a rank's rows leave it."""
+    return (torch.arange(tokens * top_k) % num_experts).view(tokens, top_k)
+
+
+def dispatch_bytes(traffic, chunks):
+    """The forward's bytes to peers: dispatch (every payload all-to-all but the
+    last `chunks`, which are the combines) and combine; the token counts'
+    exchange (int64) apart."""
+    payload = [c for c in traffic.calls if c.dtype != torch.int64]
+    return (sum(c.bytes_to_peers for c in payload[:-chunks]), sum(c.bytes_to_peers for c in payload[-chunks:]))
+
+
+def _check_fp8_bytes(mesh):
+    """fp8 dispatch sends <= 0.53x the bytes of bfloat16, measured on the
+    all-to-alls' own arguments (AllToAllBytes), and the bfloat16 dispatch and
+    combine send exactly T * k * H * 2 * (EP - 1) / EP bytes each under a
+    balanced routing. H = 128: a row is 128 bytes of data and 4 of scales
+    (rowwise: one float32; mx: four e8m0 bytes), 132 / 256 = 0.516."""
+    world = dist.get_world_size()
+    T, k, H = 8, 2, 128
+    x = torch.randn(T, H, dtype=torch.bfloat16)
+    ids, w = _balanced_ids(T, k, E), torch.ones(T, k)
+    # _Fp8Dispatch in both modes, and the pipeline's packed rows.
+    for mode, chunks in (("splits", 1), ("capacity", 1), ("capacity", 2)):
+        sent = {}
+        for recipe in (None, "rowwise", "mx"):
+            with torch.no_grad(), AllToAllBytes() as traffic:
+                dispatch_combine(x, ids, w, E, mesh, lambda rows, local_ids: rows, mode=mode, capacity_factor=1.0,
+                                 fp8_dispatch=recipe, chunks=chunks)
+            sent[recipe] = dispatch_bytes(traffic, chunks)
+        analytic = T * k * H * 2 * (world - 1) // world
+        assert sent[None] == (analytic, analytic), (mode, chunks, sent[None], analytic)
+        for recipe in ("rowwise", "mx"):
+            assert sent[recipe][1] == analytic, (mode, chunks, recipe, sent[recipe])  # the combine stays bf16
+            assert sent[recipe][0] == T * k * (H + 4) * (world - 1) // world, (mode, chunks, recipe, sent[recipe])
+            assert sent[recipe][0] <= 0.53 * sent[None][0], (mode, chunks, recipe, sent)
 
 
 def _check_overlap():
-    """chunks=3: the single-process layer's outputs and gradients; and with
-    rank 1's experts of chunk 0 slowed by 1 s (so rank 0's combine of chunk
-    0 cannot finish before rank 1 sends it), rank 0 starts chunk 1's experts
-    right after issuing chunk 0's combine, long before that combine finishes."""
-    world, rank = dist.get_world_size(), dist.get_rank()
+    """chunks > 1: the single-process layer's outputs and gradients (both
+    modes, every routing, a rank without tokens; 7 tokens per rank: chunks
+    of unequal sizes). The capacity mode gets the skewed routing with room for
+    every token: with a capacity per chunk, drops would depend on the
+    chunking."""
+    world = dist.get_world_size()
     mesh = init_device_mesh("cpu", (world,))
     base = dict(hidden=8, intermediate=6, num_experts=E, top_k=2)
-    _case(mesh, "overlap, 3 chunks", MoEConfig(**base), style=ExpertParallel(chunks=3),
-          tokens_per_rank=[7] * world)
+    biases = _routing_biases()
+    for name, routing, style in [("3 chunks", "uniform", ExpertParallel(chunks=3)),
+                                 ("capacity, 2 chunks", "skewed",
+                                  ExpertParallel(dispatch="capacity", capacity_factor=E / 2, chunks=2)),
+                                 ("2 chunks", "all to one rank", ExpertParallel(chunks=2))]:
+        bias = biases[routing]
+        _case(mesh, f"overlap, {name}, {routing}", MoEConfig(**base, score_bias=bias is not None), bias=bias,
+              style=style, tokens_per_rank=[7] * world)
+    _case(mesh, "overlap, unfused, expert biases, shared expert, a rank without tokens",
+          MoEConfig(**base, experts_impl="unfused", expert_bias=True, shared_intermediate=4),
+          style=ExpertParallel(chunks=2), tokens_per_rank=[5] * (world - 1) + [0])
 
+
+class _SlowAllToAll:
+    """Stands in for the pipeline's transport (expert_parallel._start_all_to_all):
+    every all-to-all runs on one worker thread, in the order issued (the same
+    on every rank, so the ranks' collectives match), each after `delay`
+    seconds, and its completion is appended to the layer's trace as
+    ("<kind>_arrived", chunk, time) when the data has arrived: what the caller saw
+    as in flight really was."""
+
+    def __init__(self, trace_of, delay):
+        import queue
+        import threading
+
+        self.trace_of, self.delay, self.jobs = trace_of, delay, queue.Queue()
+        self.thread = threading.Thread(target=self._serve, daemon=True)
+        self.thread.start()
+
+    def _serve(self):
+        while True:
+            job = self.jobs.get()
+            if job is None:
+                return
+            args, what, done, error = job
+            try:
+                time.sleep(self.delay)
+                dist.all_to_all_single(*args[:4], group=args[4])
+                self.trace_of().append((f"{what[0]}_arrived", what[1], time.perf_counter()))
+            except Exception as e:  # handed to the waiter
+                error.append(e)
+            done.set()
+
+    def __call__(self, out, rows, out_sizes, in_sizes, group, what):
+        import threading
+
+        done, error = threading.Event(), []
+        self.jobs.put(((out, rows, out_sizes, in_sizes, group), what, done, error))
+
+        class Work:
+            def wait(self_):
+                done.wait()
+                if error:
+                    raise error[0]
+                return True
+        return Work()
+
+    def stop(self):
+        self.jobs.put(None)
+        self.thread.join()
+
+
+def _check_overlap_order(mesh):
+    """With every all-to-all slowed (0.15 s each, on one transport thread),
+    the order of events proves the overlap; no wall-time threshold. Forward:
+    chunk 1's experts start before chunk 0's combine has arrived. Backward:
+    chunk 1's expert gradients start before chunk 0's dispatch gradient has
+    arrived. A schedule that waited for each all-to-all where it issued it
+    would put every arrival before the next chunk's GEMMs."""
     import torch_moe_ops.distributed.expert_parallel as ep_module
 
     torch.manual_seed(0)
-    ep = MoE(MoEConfig(**base), dtype=torch.float64)
+    ep = MoE(MoEConfig(hidden=8, intermediate=6, num_experts=E, top_k=2), dtype=torch.float64)
     parallelize_module(ep, mesh, ExpertParallel(chunks=2))
-    original, calls = ep_module._local_experts, []
-
-    def slowed(*args):
-        calls.append(None)
-        if rank == 1 and len(calls) == 1:
-            time.sleep(1.0)
-        return original(*args)
-
-    ep_module._local_experts = slowed
+    slow = _SlowAllToAll(lambda: ep.ep_trace, delay=0.15)
+    original = ep_module._start_all_to_all
+    ep_module._start_all_to_all = slow
     try:
-        ep(torch.randn(8, 8, dtype=torch.float64))
+        x = torch.randn(8, 8, dtype=torch.float64, requires_grad=True)
+        ep(x)[0].sum().backward()
     finally:
-        ep_module._local_experts = original
-    if rank == 0:
-        at = {(event, chunk): t for event, chunk, t in ep.ep_trace}
-        done = at[("experts_end", 0)]  # chunk 0's combine is issued here
-        # Margins for a loaded machine: chunk 0's experts take ~50 ms here.
-        assert at[("experts_start", 1)] - done < 0.3, ep.ep_trace
-        assert at[("combine_done", 0)] - done > 0.5, ep.ep_trace
+        ep_module._start_all_to_all = original
+        slow.stop()
+    order = [e[:2] for e in ep.ep_trace]
+    at = order.index
+    assert at(("experts_start", 1)) < at(("combine_arrived", 0)), order
+    assert at(("experts_grad_start", 1)) < at(("dispatch_grad_arrived", 0)), order
+    # and the schedule as documented: every dispatch issued before the first experts
+    assert at(("dispatch_issued", 1)) < at(("experts_start", 0)), order
+    assert at(("combine_grad_issued", 1)) < at(("experts_grad_start", 0)), order
 
 
 def _check_dead_peer():
-    """A peer that stops calling the layer (as if it had died): the other
-    fails within its process group's timeout (2 s here) with an error that
-    says so. On a separate group, so that the default one stays usable."""
+    """A peer that stops calling the layer (as if it hung): the other fails
+    within its process group's timeout (2 s here) with an error that says
+    so. On a separate group, so that the default one stays usable."""
     rank = dist.get_rank()
     group = dist.new_group(backend="gloo", timeout=datetime.timedelta(seconds=2))
     mesh = DeviceMesh.from_group(group, "cpu")
@@ -301,8 +466,38 @@ def _check_dead_peer():
         assert time.monotonic() - start < 30
 
 
+def check_peer_dies(mode, chunks):
+    """The last thing of a run (the harness skips its final barrier): rank 1
+    exits (os._exit, no goodbye to the process group) while rank 0 runs the
+    layer; rank 0 fails with ExpertParallel's error, within the group's
+    timeout (2 s) or sooner (gloo sees the closed connection)."""
+    import os
+
+    rank = dist.get_rank()
+    group = dist.new_group(backend="gloo", timeout=datetime.timedelta(seconds=2))
+    mesh = DeviceMesh.from_group(group, "cpu")
+    ep = MoE(MoEConfig(hidden=8, intermediate=4, num_experts=E, top_k=2), dtype=torch.float64)
+    parallelize_module(ep, mesh, ExpertParallel(dispatch=mode, chunks=chunks))
+    dist.barrier(group)
+    if rank == 1:
+        os._exit(0)
+    time.sleep(0.5)  # let it go
+    start = time.monotonic()
+    with pytest.raises(RuntimeError, match=r"ExpertParallel: the exchange of token counts with the expert-parallel "
+                                           r"peers \(ranks \[0, 1\]\) failed or timed out: a peer has died"):
+        ep(torch.randn(4, 8, dtype=torch.float64))
+    took = time.monotonic() - start
+    assert took < 30, took
+    return "skip_barrier"
+
+
 def _check_errors():
     mesh = init_device_mesh("cpu", (dist.get_world_size(),))
+    with pytest.raises(ValueError, match=r"ExpertParallel: chunks must be an int >= 1, got 0"):
+        ExpertParallel(chunks=0)
+    with pytest.raises(ValueError, match=r"ExpertParallel: fp8_dispatch must be None, 'rowwise' or 'mx', got "
+                                         r"'tensorwise'"):
+        ExpertParallel(fp8_dispatch="tensorwise")
     with pytest.raises(ValueError, match=r"ExpertParallel: num_experts=6 must be divisible by the expert-parallel "
                                          r"size 4"):
         parallelize_module(MoE(MoEConfig(hidden=4, intermediate=4, num_experts=6, top_k=1)), mesh, ExpertParallel())
@@ -312,20 +507,35 @@ def _check_errors():
 
 
 def _check_disagreeing_ranks():
-    rank = dist.get_rank()
-    mesh = init_device_mesh("cpu", (dist.get_world_size(),))
-    # The last rank has another top_k and hidden size: every rank fails alike
-    # (none is left waiting in a collective), naming what differs.
-    cfg = MoEConfig(hidden=8 if rank < 3 else 4, intermediate=4, num_experts=8, top_k=2 if rank < 3 else 1)
-    with pytest.raises(ValueError, match=r"ExpertParallel: the MoE layer differs between the ranks of the mesh in "
-                                         r"hidden, top_k \(rank 0: hidden=8, top_k=2; .*rank 3: hidden=4, top_k=1\)"):
+    """A rank whose layer or dispatch settings differ: every rank fails alike
+    at parallelize_module (one all_gather_object: bounded time, none is left
+    waiting in a collective), naming what differs and each rank's value."""
+    rank, world = dist.get_rank(), dist.get_world_size()
+    last = world - 1
+    mesh = init_device_mesh("cpu", (world,))
+    start = time.monotonic()
+    cfg = MoEConfig(hidden=8 if rank < last else 4, intermediate=4, num_experts=8, top_k=2 if rank < last else 1)
+    with pytest.raises(ValueError, match=rf"ExpertParallel: the MoE layer differs between the ranks of the mesh in "
+                                         rf"hidden, top_k \(rank 0: hidden=8, top_k=2; .*rank {last}: hidden=4, "
+                                         rf"top_k=1\)"):
         parallelize_module(MoE(cfg), mesh, ExpertParallel())
+    with pytest.raises(ValueError, match=rf"in num_experts \(rank 0: num_experts=8; .*rank {last}: num_experts=4\)"):
+        parallelize_module(MoE(MoEConfig(hidden=4, intermediate=4, num_experts=8 if rank < last else 4, top_k=1)),
+                           mesh, ExpertParallel())
     with pytest.raises(ValueError, match=r"differs between the ranks of the mesh in dtype \(.*rank 1: dtype=float64"):
         parallelize_module(MoE(MoEConfig(hidden=4, intermediate=4, num_experts=8, top_k=1),
                                dtype=torch.float64 if rank == 1 else torch.float32), mesh, ExpertParallel())
     same = MoEConfig(hidden=4, intermediate=4, num_experts=8, top_k=1)
-    with pytest.raises(ValueError, match=r"in module \(rank 0: module=MoE; rank 1: module=MoE; rank 2: module=Linear"):
-        parallelize_module(torch.nn.Linear(2, 2) if rank == 2 else MoE(same), mesh, ExpertParallel())
+    with pytest.raises(ValueError, match=rf"in chunks, fp8_dispatch \(rank 0: chunks=1, fp8_dispatch=None; .*"
+                                         rf"rank {last}: chunks=2, fp8_dispatch=mx\)"):
+        parallelize_module(MoE(same), mesh, ExpertParallel(fp8_dispatch="mx", chunks=2) if rank == last
+                           else ExpertParallel())
+    with pytest.raises(ValueError, match=r"in capacity_factor, dispatch \(rank 0: capacity_factor=1.25, "
+                                         r"dispatch=splits; rank 1: capacity_factor=2.0, dispatch=capacity"):
+        parallelize_module(MoE(same), mesh, ExpertParallel("capacity", 2.0) if rank == 1 else ExpertParallel())
+    with pytest.raises(ValueError, match=r"in module \(rank 0: module=MoE; rank 1: module=Linear"):
+        parallelize_module(torch.nn.Linear(2, 2) if rank == 1 else MoE(same), mesh, ExpertParallel())
+    assert time.monotonic() - start < 60
 
 
 def _check_tensor_parallel():
@@ -467,12 +677,12 @@ def check_expert_parallel():
     _check_tensor_parallel()
     _check_capacity()
     _check_fp8_dispatch()
+    _check_overlap()
+    _check_disagreeing_ranks()
     if dist.get_world_size() == 2:  # transformers' import costs ~10 s per process
-        _check_overlap()
+        _check_overlap_order(init_device_mesh("cpu", (2,)))
         _check_dead_peer()
         _check_transformers()
     if dist.get_world_size() == 4:
         _check_errors()
-        _check_disagreeing_ranks()
         _check_expert_tensor_parallel()
-

@@ -6,8 +6,9 @@ than the cases themselves. A failing case is named in the rank's traceback.
 """
 
 import pytest
+import torch.distributed as dist
 
-from expert_parallel_cases import check_expert_parallel
+from expert_parallel_cases import check_expert_parallel, check_peer_dies
 from multiprocess import run_on_ranks
 from strategy_cases import check_all_strategies
 from torchtitan_cases import check_torchtitan_dispatcher
@@ -16,6 +17,8 @@ from torchtitan_cases import check_torchtitan_dispatcher
 def _check_everything():
     check_all_strategies()
     check_expert_parallel()
+    if dist.get_world_size() == 2:  # last: rank 1 exits
+        return check_peer_dies("capacity", 2)
 
 
 @pytest.mark.parametrize("world_size", [2, 4])
