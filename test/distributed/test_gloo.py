@@ -9,7 +9,7 @@ import pytest
 import torch.distributed as dist
 
 from expert_parallel_cases import check_expert_parallel, check_peer_dies
-from multiprocess import run_on_ranks
+from gloo_ranks import run_on_ranks
 from strategy_cases import check_all_strategies
 from torchtitan_cases import check_torchtitan_dispatcher
 

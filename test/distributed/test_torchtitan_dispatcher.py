@@ -253,8 +253,7 @@ def test_override_switches_a_model_config():
     command-line form, turns every standard dispatcher of a real model config
     (qwen3's debug MoE model) into ours with the given options. (The trainer
     applies the same apply_overrides to its whole config; its config registry
-    is not imported here: it imports datasets, whose `multiprocess`
-    dependency this directory's multiprocess.py would shadow.)"""
+    is not imported here: it pulls in datasets, which nothing else needs.)"""
     from torchtitan.models.qwen3 import model_registry
 
     model = model_registry("debugmodel_moe").model
