@@ -10,7 +10,7 @@ below derive from it and from our sources, one builder per kind of change:
 * NativeFunctions, Dispatch, Derivatives (native_yaml.py): the yaml entries;
 * Meta (meta.py): checks and fake kernels as meta functions;
 * OpInfoModule (opinfo.py): the OpInfos with their references;
-* Strategy, DropSingleDimStrategy (strategy.py): the DTensor strategy;
+* SingleDimStrategy (strategy.py): the DTensor strategy;
 * Edit (changes.py): anchored edits of upstream files (includes, __init__ lists).
 
 Series are applied in order; each series' patches are stacked on the
@@ -28,7 +28,7 @@ from .errors import PatchError
 from .meta import Meta
 from .native_yaml import Derivatives, Dispatch, NativeFunctions
 from .opinfo import OpInfoModule
-from .strategy import DropSingleDimStrategy, Strategy
+from .strategy import SingleDimStrategy
 
 __all__ = ["REPO_ROOT", "SERIES", "NOT_UPSTREAMED", "CARRIED_DIRS", "check_coverage", "Copy", "Edit", "Patch",
            "Series"]
@@ -144,7 +144,6 @@ SERIES = [
                 Copy(f"{NATIVE}/MoEScaledGroupedMM.h", f"{SRC}/MoEScaledGroupedMM.h"),
                 Copy(f"{NATIVE}/MoEScaledGroupedMM.cpp", f"{SRC}/MoEScaledGroupedMM.cpp"),
                 Copy(f"{NATIVE}/cpu/MoEScaledGroupedMMKernel.cpp", f"{SRC}/cpu/MoEScaledGroupedMMKernel.cpp"),
-                Copy(f"{NATIVE}/cuda/MoEScaledGroupedMM.cpp", f"{SRC}/cuda/MoEScaledGroupedMM.cpp"),
                 Dispatch("scaled_grouped_mm"),
             ],
         ),
@@ -208,18 +207,11 @@ SERIES = [
     ]),
     Series("distributed", [
         Patch(
-            message="distributed/0001-grouped-mm-shard-experts-n-and-k.txt",
+            message="distributed/0001-grouped-mm-bias-and-partial-bias.txt",
             changes=[
-                Strategy("torch/distributed/tensor/_ops/_grouped_mm_ops.py", "distributed/grouped_mm_strategy.py",
-                         "grouped_mm", drop=(
-                             "The patch series turns this module into upstream's strategy for\n"
-                             "``aten._grouped_mm`` (patches/manifest.py rewrites the op and the names of the\n"
-                             "checks), so it is written against DTensor's own registry and helpers only.\n\n")),
-                Edit("torch/distributed/tensor/_ops/__init__.py", [(
-                    "from ._embedding_ops import *  # noqa: F403\n",
-                    "from ._embedding_ops import *  # noqa: F403\nfrom ._grouped_mm_ops import *  # noqa: F403\n",
-                )]),
-                DropSingleDimStrategy(),
+                SingleDimStrategy("torch/distributed/tensor/_ops/_matrix_ops.py", "distributed/grouped_mm_strategy.py",
+                                  "grouped_mm", "grouped_mm_single_dim_strategy",
+                                  provided=("_valid_grouped_mm_strides",)),
             ],
         ),
     ]),

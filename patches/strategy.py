@@ -1,7 +1,7 @@
-"""DTensor strategies: a module of distributed/ becomes a module of
-torch/distributed/tensor/_ops/, its moe_ops ops the aten ops and its checks
-the meta function's helpers (carried by the compile series); and upstream's
-own strategies that would take precedence over it are dropped."""
+"""DTensor strategies, as upstream writes them now (register_single_dim_strategy):
+an in-repo single-dim strategy replaces upstream's function of the same name,
+its moe_ops ops renamed to the aten ops and its checks to the meta function's
+helpers (carried by the compile series)."""
 
 from __future__ import annotations
 
@@ -18,15 +18,19 @@ MATRIX_OPS = f"{OPS_DIR}/_matrix_ops.py"
 
 
 @dataclass
-class Strategy:
-    """The strategy module ``source`` (of the ops of ``family``) as ``path``.
-    ``drop`` is the text of its docstring that speaks of this repository (the
-    paragraph saying the series rewrites it)."""
+class SingleDimStrategy:
+    """Replaces upstream's single-dim strategy ``function`` in ``path`` with the
+    in-repo one of the same name from ``source`` (a module of distributed/ whose
+    ops are those of ``family``): its moe_ops ops become the aten ops, its
+    checks the meta function's helpers (carried by the compile series), which
+    it imports. ``provided`` are the module-level names it uses that upstream's
+    module already defines (kept as upstream has them)."""
 
     path: str
     source: str
     family: str
-    drop: str
+    function: str
+    provided: tuple[str, ...] = ()
     declared_at: str = field(default_factory=declared_at)
 
     @property
@@ -35,40 +39,16 @@ class Strategy:
 
     def apply(self, upstream: str | None) -> str:
         src = read_source(self.source, self.declared_at)
-        src = rewrite.replace_once(src, self.drop, "", self.source)
+        new = rewrite.definitions(src, self.source, [self.function], provided=self.provided)
         aten = native_functions.upstream_names()
-        src = re.sub(r"\btorch\.ops\.moe_ops\.(\w+)\.default\b",
-                     lambda m: f"torch.ops.aten.{aten[m.group(1)]}.default", src)
+        new = re.sub(r"\btorch\.ops\.moe_ops\.(\w+)\.default\b", lambda m: f"aten.{aten[m.group(1)]}.default", new)
         checks = {**names.shared_checks(self.family), **names.family_checks(self.family)}
-        src, used = rewrite.rename(src, self.source, checks, module_alias="_checks")
-        src = rewrite.replace_once(src, "\nfrom torch_moe_ops import _checks\n", "", self.source)
+        new, used = rewrite.rename(new, self.source, checks, module_alias="_checks")
+        text = rewrite.replace_definitions(upstream, self.path, [self.function], new)
+        if not used:
+            return text
         # Upstream, the checks are the meta function's helpers (compile series).
         imports = "".join(f"    {name},\n" for name in sorted(used))
-        return rewrite.replace_once(src, "import torch\n",
-                                    f"import torch\nfrom torch._meta_registrations import (\n{imports})\n",
-                                    self.source)
-
-
-@dataclass
-class DropSingleDimStrategy:
-    """Drops the single-dim strategy of _grouped_mm (it takes precedence over
-    op strategies) and the imports only it used."""
-
-    path: str = MATRIX_OPS
-    sources: list[str] = field(default_factory=list)
-    declared_at: str = field(default_factory=declared_at)
-
-    def apply(self, upstream: str | None) -> str:
-        text = rewrite.replace_definitions(upstream, self.path,
-                                           ["_valid_grouped_mm_strides", "grouped_mm_single_dim_strategy"], "")
-        for old, new in [
-            ("from torch.distributed.device_mesh import DeviceMesh\n", ""),
-            ("from torch.distributed.tensor._dtensor_spec import DTensorSpec, TensorMeta\n",
-             "from torch.distributed.tensor._dtensor_spec import TensorMeta\n"),
-            ("from torch.distributed.tensor._utils import (\n"
-             "    compute_local_shape_and_global_offset,\n"
-             "    compute_local_stride,\n"
-             ")\n", ""),
-        ]:
-            text = rewrite.replace_once(text, old, new, self.path)
-        return text
+        return rewrite.replace_once(text, "from torch._ops import OpOverload\n",
+                                    f"from torch._meta_registrations import (\n{imports})\n"
+                                    "from torch._ops import OpOverload\n", self.path)

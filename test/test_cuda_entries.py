@@ -9,8 +9,8 @@ within the float64 reference's bound (bitwise where the code is the CPU's).
 The ATen ops they call dispatch on the tensors, so on CPU tensors those run
 their CPU kernels; what a GPU adds is listed in CUDA_ENTRIES below.
 
-grouped_mm, grouped_mm_gather, expert_mlp and expert_mlp_backward have Triton
-kernels at the CUDA key (torch_moe_ops/triton/cuda.py, registered whenever
+grouped_mm, grouped_mm_gather, expert_mlp, expert_mlp_backward and
+scaled_grouped_mm have Triton kernels at the CUDA key (torch_moe_ops/triton/cuda.py, registered whenever
 Triton is installed, even in a build without CUDA sources): on CPU tensors
 they run in Triton's interpreter, here in float32 and float16 only (the
 interpreter's bfloat16 products are wrong: numpy has no bfloat16; the
@@ -21,8 +21,9 @@ asserts on the device, timing.
 
 In a build without CUDA (TORCH_MOE_OPS_CUDA=0) no C++ kernel is registered at
 the CUDA key and those slot tests skip, saying so. grouped_mm's zero-uncovered
-kernel (a CUDA launch after upstream's grouped GEMMs, in scaled_grouped_mm's
-entry) is tested on the host through its body, below.
+kernel (GroupedMM.cu, carried by the core series; no entry of this build
+calls it since scaled_grouped_mm's CUDA slot is the Triton kernel) is tested
+on the host through its body, below.
 """
 
 import pytest
@@ -59,8 +60,8 @@ CUDA_ENTRIES = {
     "moe_ops::expert_mlp_backward": "here, as expert_mlp",
     "moe_ops::quantize_fp8": "test_fp8.py (test_cuda_entry_*, entry=cuda_entry)",
     "moe_ops::dequantize_fp8": "test_fp8.py (test_cuda_entry_*, entry=cuda_entry)",
-    "moe_ops::scaled_grouped_mm": "test_fp8.py (test_cuda_entry_*, entry=cuda_entry); upstream's kernels need "
-                                  "CUDA tensors",
+    "moe_ops::scaled_grouped_mm": "test_fp8.py (test_cuda_entry_*, entry=cuda_entry): the Triton kernel in "
+                                  "Triton's interpreter; and test_triton_fp8",
     "moe_ops::swizzle_mx_scale": "test_fp8.py (the CPU kernel's function, registered at both keys)",
     "moe_ops::router_topk": "launches CUDA kernels: their bodies run on the host in test_routing_device_logic.py",
     "moe_ops::permute": "launches CUDA kernels: their bodies run on the host in test_routing_device_logic.py",

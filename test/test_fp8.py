@@ -15,6 +15,8 @@ the float32 summation (assert_scaled_mm_close).
 The OpInfos live in test/opinfo_fp8.py.
 """
 
+import importlib.util
+
 import pytest
 import torch
 import torch._dynamo.testing
@@ -635,11 +637,15 @@ def test_cuda_entry_rejects_bad_offs_values():
 
 
 def test_fp8_ops_registered_on_cpu_and_cuda():
-    """CPU kernels always; CUDA entries in a CUDA build (so none of the fp8
-    ops is in CPU_ONLY_OPS of test_grouped_mm.py)."""
-    for name in ("moe_ops::quantize_fp8", "moe_ops::dequantize_fp8", "moe_ops::scaled_grouped_mm"):
+    """CPU kernels always; the C++ CUDA entries in a CUDA build, and
+    scaled_grouped_mm's Triton kernel wherever Triton is installed (so none of
+    the fp8 ops is in CPU_ONLY_OPS of test_grouped_mm.py)."""
+    for name in ("moe_ops::quantize_fp8", "moe_ops::dequantize_fp8"):
         assert torch._C._dispatch_has_kernel_for_dispatch_key(name, "CPU"), name
         assert torch._C._dispatch_has_kernel_for_dispatch_key(name, "CUDA") == torch_moe_ops.cuda_kernels_built(), name
+    assert torch._C._dispatch_has_kernel_for_dispatch_key("moe_ops::scaled_grouped_mm", "CPU")
+    assert torch._C._dispatch_has_kernel_for_dispatch_key("moe_ops::scaled_grouped_mm", "CUDA") == (
+        importlib.util.find_spec("triton") is not None)
 
 
 if __name__ == "__main__":

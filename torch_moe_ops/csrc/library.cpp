@@ -96,9 +96,9 @@ TORCH_LIBRARY_IMPL(moe_ops, CUDA, m) {
   m.impl("unpermute_backward", &at::native::moe_unpermute_backward_cuda);
   m.impl("quantize_fp8", &at::native::quantize_fp8_cuda);
   m.impl("dequantize_fp8", &at::native::dequantize_fp8_cuda);
-  m.impl("scaled_grouped_mm", &at::native::scaled_grouped_mm_cuda);
   m.impl("swizzle_mx_scale", &at::native::swizzle_mx_scale);  // device-generic ATen code
-  // grouped_mm, grouped_mm_gather, expert_mlp and expert_mlp_backward: Triton
-  // kernels, registered at this key from Python (torch_moe_ops/triton/cuda.py).
+  // grouped_mm, grouped_mm_gather, expert_mlp, expert_mlp_backward and
+  // scaled_grouped_mm: Triton kernels, registered at this key from Python
+  // (torch_moe_ops/triton/cuda.py).
 }
 #endif

@@ -151,6 +151,25 @@ def check_grouped_mm_gather(mat_a, mat_b, offs, a_index=None, b_index=None, bias
     _assert_offs(a, b, offs)
 
 
+def check_scaled_grouped_mm(mat_a, mat_b, scale_a, scale_b, offs=None, bias=None, scale_result=None,
+                            out_dtype=None, use_fast_accum=False) -> None:
+    _checks.check_scaled_grouped_mm_inputs(mat_a, mat_b, scale_a, scale_b, offs, bias, scale_result, out_dtype)
+    # CPU tensors (the interpreter): the Triton function checks offs's values with the CPU kernel's messages.
+    if offs is None or offs.numel() == 0 or offs.device.type == "cpu":
+        return
+    layout = _checks.grouped_mm_layout(mat_a, mat_b)
+    if layout == "3d3d":
+        return
+    extent = _split_size(mat_a, mat_b)
+    torch._assert_async(_offs_ok(offs, extent),
+                        f"scaled_grouped_mm: offs must be non-decreasing in [0, {extent}] (the grouped dimension)")
+    if layout == "2d2d" and scale_a.dtype == torch.float8_e8m0fnu:
+        o = offs.long()
+        torch._assert_async((o.remainder(32).eq(0) | o.eq(extent)).all(),
+                            "scaled_grouped_mm: with mx scales every group of K must hold whole 32-element blocks: "
+                            f"offs must be multiples of 32 or K={extent}")
+
+
 def _check_routing(tokens, src_rows, offs, dst_rows) -> None:
     """src_rows in [-1, T * k), dst_rows in [-1, R), offs non-decreasing in
     [0, R], and the two maps inverse of each other (permute's outputs)."""
@@ -197,9 +216,13 @@ def _expert_mlp_backward(*args, _wrap=lambda k: k):
 
 @functools.lru_cache(maxsize=None)
 def register_all() -> None:
-    """The CUDA kernels of grouped_mm, grouped_mm_gather, expert_mlp and
-    expert_mlp_backward (called once, by ``import torch_moe_ops``)."""
+    """The CUDA kernels of grouped_mm, grouped_mm_gather, expert_mlp,
+    expert_mlp_backward and scaled_grouped_mm (called once, by ``import
+    torch_moe_ops``). quantize_fp8 keeps its C++ entry (carried upstream by
+    the core series); its Triton kernel serves the fused epilogues and
+    ``moe_ops_triton::quantize_fp8``."""
     register_cuda_kernel("grouped_mm", "grouped_mm:triton_grouped_mm", check_grouped_mm)
     register_cuda_kernel("grouped_mm_gather", "grouped_mm:triton_grouped_mm_gather", check_grouped_mm_gather)
     register_cuda_kernel("expert_mlp", "experts:triton_expert_mlp", check_expert_mlp)
     register_cuda_kernel("expert_mlp_backward", _expert_mlp_backward, check_expert_mlp_backward)
+    register_cuda_kernel("scaled_grouped_mm", "fp8:triton_scaled_grouped_mm", check_scaled_grouped_mm)

@@ -202,10 +202,4 @@ Tensor scaled_grouped_mm_cpu(
     const std::optional<Tensor>& offs, const std::optional<Tensor>& bias, const std::optional<Tensor>& scale_result,
     std::optional<ScalarType> out_dtype, bool use_fast_accum);
 
-// CUDA entry point (native/cuda/MoEScaledGroupedMM.cpp).
-Tensor scaled_grouped_mm_cuda(
-    const Tensor& mat_a, const Tensor& mat_b, const Tensor& scale_a, const Tensor& scale_b,
-    const std::optional<Tensor>& offs, const std::optional<Tensor>& bias, const std::optional<Tensor>& scale_result,
-    std::optional<ScalarType> out_dtype, bool use_fast_accum);
-
 } // namespace at::native
