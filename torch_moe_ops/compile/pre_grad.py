@@ -262,6 +262,173 @@ def rewrite_transformers_experts(graph: fx.Graph) -> int:
     return fired
 
 
+def _is_scatter_add(node: fx.Node) -> bool:
+    if not isinstance(node, fx.Node):
+        return False
+    if node.op == "call_function" and str(node.target) in (
+            "torchtitan.deterministic_scatter_add.default", "torchtitan.deterministic_scatter_add"):
+        return True
+    return is_op(node, "scatter_add") and arg(node, 1, "dim") == 0
+
+
+def _view_root(node):
+    """The tensor a chain of view / reshape nodes starts from."""
+    while isinstance(node, fx.Node) and (is_op(node, "view") or is_op(node, "reshape")):
+        node = node.args[0]
+    return node
+
+
+def match_torchtitan_experts(sa: fx.Node) -> Optional[dict]:
+    """torchtitan 0.3.0's LocalTokenDispatcher.dispatch -> GroupedExperts -> combine, from the combine's
+    scatter_add:
+
+    order = argsort(ids.view(-1), stable=True); s = scores.view(-1)[order]; tok = order // k;
+    x = x_TD[tok]; h = silu(gmm(x, w1^T)) * gmm(x, w3^T); y = gmm(h, w2^T);
+    out = scatter_add(zeros_like(x_TD), 0, tok.reshape(-1, 1).expand(-1, D), (y.float() * s.reshape(-1, 1)).to(dt))
+
+    with offsets = cumsum(counts, 0, int32) and counts = zeros_like(., bool).scatter_(-1, ids, True).sum((0, 1)).
+    """
+    if not _is_scatter_add(sa):
+        return None
+    if sa.op == "call_function" and "torchtitan" in str(sa.target):
+        zeros, index, src = sa.args[:3]
+    else:
+        zeros, index, src = sa.args[0], arg(sa, 2, "index"), arg(sa, 3, "src")
+    region: list[fx.Node] = [sa]
+    if not (is_op(zeros, "zeros_like") and len(zeros.args) == 1 and not zeros.kwargs):
+        return None
+    x_td = zeros.args[0]
+    vx = val(x_td)
+    if not (isinstance(vx, torch.Tensor) and vx.dim() == 2 and vx.dtype in (torch.bfloat16, torch.float16,
+                                                                                torch.float32)):
+        return None
+    # index: tok.reshape(-1, 1).expand(-1, D)
+    if not (is_op(index, "expand") and tuple(index.args[1:]) in ((-1, vx.shape[1]),)):
+        return None
+    col = index.args[0]
+    if not ((is_op(col, "reshape") or is_op(col, "view")) and tuple(col.args[1:]) == (-1, 1)):
+        return None
+    tok = col.args[0]
+    if not (is_op(tok, "floordiv") and isinstance(tok.args[1], int)):
+        return None
+    order, k = tok.args
+    if not (is_op(order, "argsort") and arg(order, 1, "dim", -1) in (-1, 0) and order.kwargs.get("stable", False)
+            and not arg(order, 2, "descending", False)):
+        return None
+    flat_ids = order.args[0]
+    if not (is_op(flat_ids, "view") or is_op(flat_ids, "reshape")) or tuple(flat_ids.args[1:]) != (-1,):
+        return None
+    ids_tk = flat_ids.args[0]
+    vi = val(ids_tk)
+    if not (isinstance(vi, torch.Tensor) and vi.dim() == 2 and vi.shape[1] == k
+            and vi.dtype in (torch.int32, torch.int64)):
+        return None
+    region += [zeros, index, col, tok, order, flat_ids]
+    # src: (y.to(float32) * s.reshape(-1, 1)).to(dt)
+    cast = src
+    if not (is_op(cast, "to") and dtype(cast) == vx.dtype and len(cast.args) == 2 and not cast.kwargs):
+        return None
+    mul = cast.args[0]
+    if not (is_op(mul, "mul") and len(mul.args) == 2):
+        return None
+    up, sr = mul.args
+    if not (is_op(sr, "reshape") or is_op(sr, "view")) or tuple(sr.args[1:]) != (-1, 1):
+        return None
+    s_sorted = sr.args[0]
+    if not (is_op(s_sorted, "getitem") and s_sorted.args[1] is order):
+        return None
+    flat_s = s_sorted.args[0]
+    if not (is_op(flat_s, "view") or is_op(flat_s, "reshape")) or tuple(flat_s.args[1:]) != (-1,):
+        return None
+    scores_tk = flat_s.args[0]
+    vs = val(scores_tk)
+    if not (isinstance(vs, torch.Tensor) and tuple(vs.shape) == tuple(vi.shape)
+            and vs.dtype in (torch.float32, vx.dtype)):
+        return None
+    if not (is_op(up, "to") and dtype(up) == torch.float32 and len(up.args) == 2 and not up.kwargs):
+        return None
+    region += [cast, mul, sr, s_sorted, flat_s, up]
+    y = skip_noop_to(up.args[0])
+    if y is not up.args[0]:
+        region.append(up.args[0])
+    m2 = grouped_mm_args(y)
+    if m2 is None:
+        return None
+    h, b2, offs = m2
+    region.append(y)
+    # h = silu(gmm(x, w1^T)) * gmm(x, w3^T), x = x_TD[tok] (through no-op casts)
+    if not (is_op(h, "mul") and len(h.args) == 2):
+        return None
+    act = next((a for a in h.args if is_op(a, "silu") and not a.kwargs.get("inplace", False)), None)
+    if act is None:
+        return None
+    g3 = h.args[1] if h.args[0] is act else h.args[0]
+    g1 = act.args[0]
+    m1, m3 = grouped_mm_args(g1), grouped_mm_args(g3)
+    if m1 is None or m3 is None or m1[2] is not offs or m3[2] is not offs:
+        return None
+    region += [h, act, g1, g3]
+    routed = None
+    for a in (m1[0], m3[0]):
+        r = skip_noop_to(a)
+        if r is not a:
+            region.append(a)
+        if routed is not None and r is not routed:
+            return None
+        routed = r
+    if not (is_op(routed, "getitem") and routed.args[0] is x_td and routed.args[1] is tok):
+        return None
+    region.append(routed)
+    if dtype(y) != vx.dtype or dtype(g1) != vx.dtype:
+        return None
+    # offsets: cumsum of the per-expert counts of the same ids
+    num_experts = val(m1[1]).shape[0]
+    if not (is_op(offs, "cumsum") and arg(offs, 1, "dim") == 0 and dtype(offs) == torch.int32):
+        return None
+    counts = offs.args[0]
+    if not (is_op(counts, "sum") and tuple(arg(counts, 1, "dim") or ()) in ((0, 1), (0,))):
+        return None
+    routing_map = counts.args[0]
+    scatter = routing_map
+    if not (isinstance(scatter, fx.Node) and scatter.op == "call_method" and scatter.target == "scatter_"
+            and len(scatter.args) == 4 and scatter.args[3] is True and not scatter.kwargs
+            and isinstance(val(scatter), torch.Tensor) and _fx.is_last_dim(scatter.args[1], val(scatter).dim())):
+        return None
+    base = scatter.args[0]
+    if not (is_op(base, "zeros_like") and base.kwargs.get("dtype") == torch.bool
+            and val(base).shape[-1] == num_experts
+            and tuple(arg(counts, 1, "dim")) == tuple(range(val(base).dim() - 1))):
+        return None
+    if _view_root(scatter.args[2]) is not _view_root(ids_tk):
+        return None
+    region.append(offs)
+    inside = set(region)
+    for n in region:
+        if n is not sa and any(u not in inside for u in n.users):
+            return None
+    return dict(region=region, out=sa, hidden=x_td, expert_ids=ids_tk, weights=scores_tk,
+                gate=m1[1], up=m3[1], down=b2)
+
+
+def rewrite_torchtitan_experts(graph: fx.Graph) -> int:
+    fired = 0
+    for node in list(graph.nodes):
+        if node not in graph.nodes or not _is_scatter_add(node):
+            continue
+        m = match_torchtitan_experts(node)
+        if m is None:
+            continue
+        out = m["out"]
+        new = _fx.insert_call(graph, out, _run_experts_separate_gate_up,
+                              (m["hidden"], m["expert_ids"], m["weights"], m["gate"], m["up"], m["down"],
+                               dtype(out)), {}, [m["hidden"], m["gate"]])
+        out.replace_all_uses_with(new)
+        _fx.erase_dead(graph, m["region"])
+        _count("expert_mlp")
+        fired += 1
+    return fired
+
+
 # ------------------------------------------------------------------ (d) router
 
 # The renormalisation's epsilon is exact when it vanishes in the sum's fp32
@@ -412,6 +579,7 @@ def run(graph: fx.Graph) -> None:
     """Every pre-grad rewrite, the experts block first (its match starts from
     the router's outputs, which the router rewrite replaces)."""
     changed = rewrite_transformers_experts(graph)
+    changed += rewrite_torchtitan_experts(graph)
     changed += rewrite_routers(graph)
     if changed:
         graph.lint()
