@@ -519,7 +519,7 @@ def match_router(tk: fx.Node) -> Optional[dict]:
     else:
         if 0 in parts and parts[0].users:
             return None
-        gathers = [u for u in ids.users if is_op(u, "gather") and u.args[0] is scores and u.args[2] is ids]
+        gathers = [u for u in ids.users if is_op(u, "gather") and u.args[0] is scores and arg(u, 2, "index") is ids]
         if len(gathers) != 1 or not _fx.is_last_dim(arg(gathers[0], 1, "dim"), vc.dim()):
             return None
         w = gathers[0]
