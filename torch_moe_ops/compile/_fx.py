@@ -38,6 +38,7 @@ _FUNCTIONS: dict[str, tuple[Any, ...]] = {
     "arange": (torch.arange,),
     "zeros_like": (torch.zeros_like,),
     "scatter_add": (torch.scatter_add,),
+    "masked_fill": (torch.masked_fill,),
     "expand": (),
     "to": (),
     "float": (),
@@ -57,7 +58,7 @@ _FUNCTIONS: dict[str, tuple[Any, ...]] = {
 # Tensor methods that some spelling uses (x.float() has no torch.float function).
 _METHODS = {"reshape", "view", "sort", "argsort", "histc", "cumsum", "transpose", "chunk", "sigmoid", "softmax",
             "topk", "gather", "sum", "unsqueeze", "expand", "to", "float", "int", "bfloat16", "type_as", "mul",
-            "add", "div", "scatter_add", "relu"}
+            "add", "div", "scatter_add", "relu", "masked_fill"}
 
 
 def is_op(node: Any, name: str) -> bool:
