@@ -3,6 +3,7 @@
     import torch_moe_ops.compile
     torch_moe_ops.compile.enable()          # or: with torch_moe_ops.compile.enabled(): ...
     model = torch.compile(model)            # transformers / torchtitan model code unchanged
+    # or for one model only: torch.compile(model, options=torch_moe_ops.compile.options())
 
 Pre-grad (Dynamo's torch-level graph, before AOT autograd; the replacement
 brings its own backward):
@@ -38,7 +39,7 @@ from torch._inductor.custom_graph_pass import CustomGraphPass, get_hash_for_file
 
 from .pre_grad import COUNTER
 
-__all__ = ["enable", "disable", "enabled", "is_enabled", "COUNTER"]
+__all__ = ["enable", "disable", "enabled", "is_enabled", "options", "COUNTER"]
 
 _HERE = os.path.dirname(os.path.abspath(__file__))
 
@@ -76,6 +77,12 @@ def _passes(value) -> list:
     if value is None:
         return []
     return list(value) if isinstance(value, (list, tuple)) else [value]
+
+
+def options() -> dict:
+    """The passes as ``torch.compile`` options, for one compiled callable only:
+    ``torch.compile(model, options=torch_moe_ops.compile.options())``."""
+    return {slot: p for slot, p in _SLOTS}
 
 
 def enable() -> None:

@@ -90,10 +90,38 @@ def _run_experts(hidden, expert_ids, weights, gate_up, down, activation, out_dty
     return out if out.dtype == out_dtype else out.to(out_dtype)
 
 
+class _SeparateGateUpExperts(torch.autograd.Function):
+    """expert_mlp on gate and up weights held apart (torchtitan's w1 and w3): the op reads them side by
+    side, so the forward concatenates them, and so does the backward again rather than keeping the
+    concatenation (a copy of both weights) alive from the forward to the backward."""
+
+    @staticmethod
+    def forward(ctx, tokens, src_rows, offs, dst_rows, weights, gate, up, down):
+        gate_up = torch.cat([gate, up], dim=-1)
+        out, h = torch.ops.moe_ops.expert_mlp.default(tokens, src_rows, offs, dst_rows, weights, gate_up, down,
+                                                      None, None, "swiglu", False, 1.702, 7.0)
+        ctx.save_for_backward(tokens, src_rows, offs, dst_rows, weights, gate, up, down, h)
+        return out
+
+    @staticmethod
+    def backward(ctx, grad):
+        tokens, src_rows, offs, dst_rows, weights, gate, up, down, h = ctx.saved_tensors
+        need = ctx.needs_input_grad
+        mask = [need[0], need[4], need[5] or need[6], need[7]]
+        gate_up = torch.cat([gate, up], dim=-1)
+        g_tokens, g_weights, g_gate_up, g_down, _, _ = torch.ops.moe_ops.expert_mlp_backward.default(
+            grad.to(tokens.dtype), tokens, src_rows, offs, dst_rows, weights, gate_up, down, None, None, h,
+            "swiglu", False, 1.702, 7.0, mask)
+        inter = gate.shape[-1]
+        return (g_tokens if need[0] else None, None, None, None, g_weights if need[4] else None,
+                g_gate_up[..., :inter] if need[5] else None, g_gate_up[..., inter:] if need[6] else None,
+                g_down if need[7] else None)
+
+
 def _run_experts_separate_gate_up(hidden, expert_ids, weights, gate, up, down, out_dtype):
-    # torchtitan keeps w1 and w3 apart; the op takes them side by side, [gate | up] along N.
-    from ..ops.experts import fused_experts
-    out = fused_experts(hidden, expert_ids, weights, torch.cat([gate, up], dim=-1), down, activation="swiglu")
+    from ..ops.routing import permute
+    _, dst_rows, src_rows, offs = permute(hidden.detach()[:, :0], expert_ids, gate.shape[0])
+    out = _SeparateGateUpExperts.apply(hidden, src_rows, offs, dst_rows, weights, gate, up, down)
     return out if out.dtype == out_dtype else out.to(out_dtype)
 
 
