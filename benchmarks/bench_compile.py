@@ -49,7 +49,8 @@ class Config:
 
 def configs(quick: bool) -> list[Config]:
     if quick:
-        return [Config("transformers", "qwen3-30b-a3b", 32, 64), Config("torchtitan", "qwen3-30b-a3b", 32, 64)]
+        # Compile time dominates (two graphs, forward and backward, per compiled model): one small model each.
+        return [Config("transformers", "qwen3-30b-a3b", 64, 32), Config("torchtitan", "qwen3-30b-a3b", 64, 32)]
     return [Config("transformers", "qwen3-30b-a3b", 8, 256), Config("transformers", "olmoe-1b-7b", 8, 256),
             Config("transformers", "deepseek-v3", 16, 256), Config("torchtitan", "qwen3-30b-a3b", 8, 256)]
 
@@ -140,8 +141,12 @@ def main(argv: Optional[list[str]] = None) -> int:
     doc = dict(benchmark="compile", meta=metadata(__file__, argv, args.quick), results=[])
     import transformers
     import torchtitan
-    doc["meta"]["versions"] = dict(transformers=transformers.__version__,
-                                   torchtitan=getattr(torchtitan, "__version__", "0.3.0"))
+    versions = dict(transformers=transformers.__version__, torchtitan=getattr(torchtitan, "__version__", "0.3.0"))
+    doc["meta"]["versions"] = versions
+    load = os.getloadavg()[0]
+    doc["meta"]["note"] = (f"transformers {versions['transformers']}, torchtitan {versions['torchtitan']}. "
+                           f"Load average {load:.1f} on {os.cpu_count()} cores at the start"
+                           + (" (shared with other jobs: noisy)." if load > 1.5 else "."))
     print_machine()
     print("Stock MoE models (bf16, one MoE layer), torch.compile(fullgraph=True, dynamic=True) with and without "
           "torch_moe_ops.compile's passes, training step (fwd + bwd) side by side\n")

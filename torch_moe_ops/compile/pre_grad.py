@@ -108,7 +108,9 @@ class _SeparateGateUpExperts(torch.autograd.Function):
         tokens, src_rows, offs, dst_rows, weights, gate, up, down, h = ctx.saved_tensors
         need = ctx.needs_input_grad
         mask = [need[0], need[4], need[5] or need[6], need[7]]
-        gate_up = torch.cat([gate, up], dim=-1)
+        # The same concatenation as the forward's, spelt with another dim argument: AOT autograd's CSE
+        # would otherwise merge the two and the partitioner would save the forward's copy after all.
+        gate_up = torch.cat([gate, up], dim=gate.dim() - 1)
         g_tokens, g_weights, g_gate_up, g_down, _, _ = torch.ops.moe_ops.expert_mlp_backward.default(
             grad.to(tokens.dtype), tokens, src_rows, offs, dst_rows, weights, gate_up, down, None, None, h,
             "swiglu", False, 1.702, 7.0, mask)
