@@ -304,3 +304,29 @@ def assert_tensors_close(got, want):
     for i, (a, b) in enumerate(zip(got, want)):
         err, scale = (a - b).abs().max().item(), b.abs().max().item()
         assert err <= 2e-6 * scale, f"tensor {i}: max error {err} of {scale}"
+
+
+def test_fp8_ops_no_host_reads():
+    """The fp8 ops under Inductor (test_fp8.py checks their values and one frame per token count):
+    no host read in the generated code, no recompile for a second token count, eager's bits."""
+    def forward(x, w, offs):
+        xd, xs = torch.ops.moe_ops.quantize_fp8(x, "rowwise")
+        wd, ws = torch.ops.moe_ops.quantize_fp8(w.transpose(-2, -1), "rowwise")
+        md, ms = torch.ops.moe_ops.quantize_fp8(w, "mx", swizzle=True)
+        return (torch.ops.moe_ops.scaled_grouped_mm(xd, wd.transpose(-2, -1), xs, ws, offs),
+                torch.ops.moe_ops.dequantize_fp8(md, ms, "mx", None, None, True))
+
+    w = torch.randn(3, 64, 48, generator=torch.Generator().manual_seed(11))
+
+    def inputs(tokens):
+        x = torch.randn(tokens, 64, generator=torch.Generator().manual_seed(tokens))
+        return x, w, torch.tensor([tokens // 3, tokens // 2, tokens], dtype=torch.int32)
+    compiled = torch.compile(forward, fullgraph=True, dynamic=True)
+    got, codes = run_and_get_code(compiled, *inputs(10))
+    check_code(codes, must=("moe_ops.quantize_fp8", "moe_ops.scaled_grouped_mm"))
+    for a, b in zip(got, forward(*inputs(10))):
+        assert torch.equal(a, b)
+    with torch.compiler.set_stance("fail_on_recompile"):
+        got = compiled(*inputs(33))
+    for a, b in zip(got, forward(*inputs(33))):
+        assert torch.equal(a, b)
