@@ -28,7 +28,7 @@ from torch._inductor.pattern_matcher import (
     register_graph_pattern,
 )
 
-from .pre_grad import COUNTER
+from .pre_grad import COUNTER, safe_match
 
 aten = torch.ops.aten
 _PATTERNS = PatternMatcherPass(pass_name="torch_moe_ops_post_grad")
@@ -81,6 +81,10 @@ def _plain_grouped_mm(node) -> bool:
 # ------------------------------------------------------------ (a) gather -> GEMM
 
 def _gather_check(match: Match) -> bool:
+    return bool(safe_match(_gather_check_unsafe, match))
+
+
+def _gather_check_unsafe(match: Match) -> bool:
     x, idx, w, offs = (match.kwargs[n] for n in ("x", "idx", "w", "offs"))
     vx, vi, vw, vo = _val(x), _val(idx), _val(w), _val(offs)
     if not all(isinstance(v, torch.Tensor) for v in (vx, vi, vw, vo)):
@@ -107,6 +111,10 @@ def _gather_into_grouped_mm(match: Match, x, idx, w, offs):
 # ------------------------------------------------------------ (b) weighted scatter -> combine
 
 def _combine_check(match: Match) -> bool:
+    return bool(safe_match(_combine_check_unsafe, match))
+
+
+def _combine_check_unsafe(match: Match) -> bool:
     zeros, idx, y, wflat, perm = (match.kwargs[n] for n in ("zeros", "idx", "y", "wflat", "perm"))
     vz, vy, vwf = _val(zeros), _val(y), _val(wflat)
     if not all(isinstance(v, torch.Tensor) for v in (vz, vy, vwf)):

@@ -16,7 +16,8 @@ that do not agree.
 
 from __future__ import annotations
 
-from typing import Optional
+import logging
+from typing import Any, Callable, Optional
 
 import torch
 import torch.fx as fx
@@ -25,10 +26,23 @@ from . import _fx
 from ._fx import arg, dtype, getitem_users, is_op, only_user, skip_noop_to, val
 
 COUNTER = "torch_moe_ops"
+log = logging.getLogger(__name__)
 
 
 def _count(name: str) -> None:
     torch._dynamo.utils.counters[COUNTER][name] += 1
+
+
+def safe_match(matcher: Callable[[Any], Any], node: Any) -> Any:
+    """A matcher's result, None if it raised: a matcher bug must not break the user's compile. It is
+    logged and counted (``matcher_error``), which the tests' exact counter checks would show."""
+    try:
+        return matcher(node)
+    except Exception:  # noqa: BLE001
+        log.warning("torch_moe_ops.compile: %s failed on %s; left unchanged", matcher.__name__, node,
+                    exc_info=True)
+        _count("matcher_error")
+        return None
 
 
 # ------------------------------------------------------------------ helpers
@@ -277,8 +291,8 @@ def rewrite_transformers_experts(graph: fx.Graph) -> int:
     for node in list(graph.nodes):
         if node.graph is not graph or node not in graph.nodes:
             continue
-        m = match_transformers_experts(node) if (is_op(node, "grouped_mm") or _is_transformers_fallback(node)) \
-            else None
+        m = safe_match(match_transformers_experts, node) \
+            if (is_op(node, "grouped_mm") or _is_transformers_fallback(node)) else None
         if m is None:
             continue
         out = m["out"]
@@ -416,7 +430,8 @@ def match_torchtitan_experts(sa: fx.Node) -> Optional[dict]:
     if not (is_op(offs, "cumsum") and arg(offs, 1, "dim") == 0 and dtype(offs) == torch.int32):
         return None
     counts = offs.args[0]
-    if not (is_op(counts, "sum") and tuple(arg(counts, 1, "dim") or ()) in ((0, 1), (0,))):
+    dims = arg(counts, 1, "dim")
+    if not (is_op(counts, "sum") and isinstance(dims, (tuple, list)) and tuple(dims) in ((0, 1), (0,))):
         return None
     routing_map = counts.args[0]
     scatter = routing_map
@@ -427,7 +442,7 @@ def match_torchtitan_experts(sa: fx.Node) -> Optional[dict]:
     base = scatter.args[0]
     if not (is_op(base, "zeros_like") and base.kwargs.get("dtype") == torch.bool
             and val(base).shape[-1] == num_experts
-            and tuple(arg(counts, 1, "dim")) == tuple(range(val(base).dim() - 1))):
+            and tuple(dims) == tuple(range(val(base).dim() - 1))):
         return None
     if _view_root(scatter.args[2]) is not _view_root(ids_tk):
         return None
@@ -445,7 +460,7 @@ def rewrite_torchtitan_experts(graph: fx.Graph) -> int:
     for node in list(graph.nodes):
         if node not in graph.nodes or not _is_scatter_add(node):
             continue
-        m = match_torchtitan_experts(node)
+        m = safe_match(match_torchtitan_experts, node)
         if m is None:
             continue
         out = m["out"]
@@ -659,7 +674,7 @@ def rewrite_routers(graph: fx.Graph) -> int:
     for node in list(graph.nodes):
         if node not in graph.nodes or not is_op(node, "topk"):
             continue
-        m = match_router(node)
+        m = safe_match(match_router, node)
         if m is None:
             continue
         new = _fx.insert_call(graph, m["tk"], _run_router,
