@@ -44,7 +44,7 @@ demo: build
 
 # Every benchmark in full (benchmarks/README.md): writes benchmarks/results/*.json,
 # then regenerates the README's tables from them. Needs the machine to itself.
-BENCHMARKS := bench_grouped_mm bench_routing bench_fp8 bench_moe_layer numerics_fp8 bench_ep
+BENCHMARKS := bench_grouped_mm bench_routing bench_fp8 bench_moe_layer numerics_fp8 bench_ep bench_compile
 
 bench: build
 	for b in $(BENCHMARKS); do $(PY) benchmarks/$$b.py; done

@@ -133,6 +133,30 @@ def moe_layer_table(doc: dict) -> str:
     return "\n".join(lines)
 
 
+# ------------------------------------------------------------------ compile
+
+
+def compile_tag(r: dict) -> str:
+    return f"{r['framework']} {r['model']}"
+
+
+def compile_table(doc: dict) -> str:
+    head = (f"{'framework':<12} {'model':<14} {'T':>5} {'H':>5} {'I':>5} {'E':>4} {'k':>2} {'compiled':<8} "
+            f"{'step ms':>9} {'saved MB':>9} {'speedup':>8} {'memory':>7}  {'fired':<28} targets")
+    lines = [head, rule(head)]
+    for r in doc["results"]:
+        pre = (f"{r['framework']:<12} {r['model']:<14} {r['tokens']:>5} {r['hidden']:>5} {r['intermediate']:>5} "
+               f"{r['experts']:>4} {r['top_k']:>2}")
+        for name in ("stock", "ours"):
+            ours = name == "ours"
+            fired = " ".join(f"{k}x{v}" for k, v in sorted(r["fired"].items())) if ours else ""
+            lines.append(f"{pre} {name:<8} {r['step_ms'][name]:>9.1f} {r['saved_mb'][name]:>9.1f} "
+                         f"{num(r['speedup'] if ours else 1.0, '.2f', 8, 'x')} "
+                         f"{num(r['memory'] if ours else 1.0, '.2f', 7, 'x')}  {fired:<28} "
+                         f"{target_cell(r['targets']) if ours else ''}".rstrip())
+    return "\n".join(lines)
+
+
 # ------------------------------------------------------------------ fp8
 
 
@@ -259,6 +283,7 @@ TABLES: dict[str, tuple[str, Callable[[dict], str], Optional[str], Optional[Call
     "ep/time": ("ep.json", ep_time_table, None, None),
     "ep/bytes": ("ep.json", ep_bytes_table, "bytes", ep_bytes_tag),
     "ep/volume": ("ep.json", ep_volume_table, None, None),
+    "compile": ("compile.json", compile_table, "results", compile_tag),
 }
 
 

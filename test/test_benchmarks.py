@@ -28,7 +28,8 @@ import tables  # noqa: E402  (benchmarks/tables.py: pure Python, no torch)
 
 # script -> JSON name; make bench / bench-check run these (see test_makefile_runs_every_benchmark).
 SCRIPTS = {"bench_grouped_mm": "grouped_mm", "bench_routing": "routing", "bench_fp8": "fp8",
-           "bench_moe_layer": "moe_layer", "numerics_fp8": "numerics_fp8", "bench_ep": "ep"}
+           "bench_moe_layer": "moe_layer", "numerics_fp8": "numerics_fp8", "bench_ep": "ep",
+           "bench_compile": "compile"}
 META = {"date", "machine", "cores", "threads", "torch", "python", "commit", "command", "quick"}
 TARGET = {"issue", "key", "what", "where", "op", "bound", "value", "met"}
 
@@ -117,7 +118,8 @@ def digest(directory: Path) -> dict:
 # processes, their imports). About 3x less on an idle machine.
 QUICK = [pytest.param("bench_grouped_mm"), pytest.param("bench_routing"), pytest.param("bench_fp8"),
          pytest.param("numerics_fp8"), pytest.param("bench_moe_layer", marks=pytest.mark.slow),
-         pytest.param("bench_ep")]
+         pytest.param("bench_ep"),
+         pytest.param("bench_compile", marks=pytest.mark.slow)]
 
 
 @pytest.mark.parametrize("script", QUICK)
