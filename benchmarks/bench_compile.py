@@ -1,8 +1,8 @@
 """Compile benchmark: stock MoE model code under torch.compile, with and without our passes.
 
 Issue #17's targets: bf16 Qwen3-MoE, OLMoE and DeepSeek-V3-shaped transformers models built
-from their configs (one decoder layer, widths of ``moe_shapes.json`` divided by ``shrink``,
-experts and top-k kept), unchanged model code, ``"grouped_mm"`` experts implementation; and
+from their configs (one decoder layer, widths of ``torch_moe_ops.shapes`` divided by
+``shrink``, experts and top-k kept), unchanged model code, ``"grouped_mm"`` experts implementation; and
 torchtitan 0.3.0's MoE layer (router, local dispatch, GroupedExperts, combine) at the same
 shapes. Each is compiled twice, ``fullgraph=True, dynamic=True``, on its own copy of the same
 weights:
@@ -42,7 +42,7 @@ from torch_moe_ops.compile import stock
 @dataclass(frozen=True)
 class Config:
     framework: str   # "transformers" or "torchtitan"
-    model: str       # moe_shapes.json name
+    model: str       # a model of torch_moe_ops.shapes
     shrink: int
     tokens: int
 

@@ -267,17 +267,7 @@ def dispatch_combine(x: torch.Tensor, expert_ids: torch.Tensor, weights: torch.T
 
     # Rows sorted by expert: rank r's experts' rows are one contiguous run.
     permuted, dst_rows, _, offs = permute(x, expert_ids, num_experts)
-    counts = torch.diff(offs, prepend=offs.new_zeros(1)).long()
-    # Rows this rank receives from each peer for each local expert, (EP * L,).
-    recv_counts = torch.empty_like(counts)
-    exchange = dist.all_to_all_single(recv_counts, counts, group=group, async_op=True)
-    send_splits = counts.view(ep, num_local).sum(1)
-    _wait_for_peers(exchange, mesh)
-    recv_splits = recv_counts.view(ep, num_local).sum(1)
-    # NOTE: host sync: the all-to-all takes its split sizes as Python ints (the
-    # `splits` dispatch mode); one read of both, just before the all-to-all.
-    sizes = torch.cat([send_splits, recv_splits]).tolist()
-    send_sizes, recv_sizes = sizes[:ep], sizes[ep:]
+    recv_counts, send_sizes, recv_sizes = exchange_split_sizes(offs, mesh, num_local)
     received = sum(recv_sizes)
 
     if fp8_dispatch is None:
@@ -293,6 +283,24 @@ def dispatch_combine(x: torch.Tensor, expert_ids: torch.Tensor, weights: torch.T
     y = local_experts(dispatched, local_ids)
     combined = funcol.all_to_all_single_autograd(y, send_sizes, recv_sizes, group)
     return unpermute(funcol.wait_tensor(combined), dst_rows, weights)
+
+
+def exchange_split_sizes(offs: torch.Tensor, mesh: DeviceMesh, num_local: int) -> tuple[torch.Tensor, list, list]:
+    """The `splits` mode's exchange, for rows sorted by global expert (permute's
+    ``offs``, E = EP * num_local groups): ``recv_counts (EP * L,)``, the rows
+    each peer sends to each local expert, and the row counts this rank sends to
+    and receives from each peer, as Python ints."""
+    group, ep = mesh.get_group(), mesh.size()
+    counts = torch.diff(offs, prepend=offs.new_zeros(1)).long()
+    recv_counts = torch.empty_like(counts)
+    exchange = dist.all_to_all_single(recv_counts, counts, group=group, async_op=True)
+    send_splits = counts.view(ep, num_local).sum(1)
+    _wait_for_peers(exchange, mesh)
+    recv_splits = recv_counts.view(ep, num_local).sum(1)
+    # NOTE: host sync: the all-to-all takes its split sizes as Python ints (the
+    # `splits` dispatch mode); one read of both, just before the all-to-all.
+    sizes = torch.cat([send_splits, recv_splits]).tolist()
+    return recv_counts, sizes[:ep], sizes[ep:]
 
 
 def _wait_for_peers(work, mesh: DeviceMesh) -> None:

@@ -48,7 +48,7 @@ from torchtitan.models.common.token_dispatcher import (
 
 from torch_moe_ops.ops import permute, unpermute
 
-from .expert_parallel import _Fp8Dispatch, _wait_for_peers
+from .expert_parallel import _Fp8Dispatch, exchange_split_sizes
 
 __all__ = ["MoeOpsDispatchMetadata", "MoeOpsTokenDispatcher", "moe_ops_token_dispatcher"]
 
@@ -193,20 +193,11 @@ class MoeOpsTokenDispatcher(BaseEPTokenDispatcher):
             return permuted, self._group_sizes(offs), MoeOpsDispatchMetadata(dst_rows=dst_rows,
                                                                              weights=topk_scores_TK)
         permuted, dst_rows, _, offs = permute(x_TD, topk_expert_ids_TK, self.num_experts)
-        counts = torch.diff(offs, prepend=offs.new_zeros(1)).long()
         mesh = self.ep_mesh
         group, ep = mesh.get_group(), mesh.size()
         num_local = self.num_experts // ep
-        # recv_counts[p * L + e]: rows peer p sends to this rank's expert e.
-        recv_counts = torch.empty_like(counts)
-        exchange = dist.all_to_all_single(recv_counts, counts, group=group, async_op=True)
-        send_splits = counts.view(ep, num_local).sum(1)
-        _wait_for_peers(exchange, mesh)
-        recv_splits = recv_counts.view(ep, num_local).sum(1)
-        # NOTE: host sync: all_to_all_single takes its split sizes as Python
-        # ints (the `splits` mode); one read of both, just before it.
-        sizes = torch.cat([send_splits, recv_splits]).tolist()
-        send_sizes, recv_sizes = sizes[:ep], sizes[ep:]
+        # recv_counts[p * L + e]: rows peer p sends to this rank's expert e (one host sync, marked there).
+        recv_counts, send_sizes, recv_sizes = exchange_split_sizes(offs, mesh, num_local)
         received = sum(recv_sizes)
         if self.fp8_dispatch is None:
             rows = funcol.all_to_all_single_autograd(permuted, recv_sizes, send_sizes, group)

@@ -49,7 +49,7 @@ requires_triton_kernels = pytest.mark.skipif(
 # The Triton kernels in the interpreter: no bfloat16 (its products are wrong there).
 INTERPRETED_DTYPES = (torch.float32, torch.float16)
 TRITON_OPS = ("moe_ops::grouped_mm", "moe_ops::grouped_mm_gather", "moe_ops::expert_mlp",
-              "moe_ops::expert_mlp_backward")
+              "moe_ops::expert_mlp_backward", "moe_ops::scaled_grouped_mm")
 
 # Every moe_ops op with a CUDA kernel, and where that kernel is tested
 # without a GPU; test_every_cuda_entry_is_accounted_for keeps this complete.
@@ -89,7 +89,7 @@ def test_every_cuda_entry_is_accounted_for():
 
 @requires_triton_kernels
 def test_triton_kernels_are_the_cuda_kernels():
-    """The four ops' CUDA kernels are the Python ones registered from
+    """The five ops' CUDA kernels are the Python ones registered from
     torch_moe_ops/triton/cuda.py (no C++ kernel left at the key: a C++ one
     registered as well would have been overridden, with a warning), and each
     runs the Triton function: bitwise its result (the interpreter is

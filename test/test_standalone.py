@@ -82,7 +82,7 @@ def readme_example() -> str:
     """README's example of the ops and an MoE layer (its Python block that
     imports torch_moe_ops)."""
     blocks = re.findall(r"```python\n(.*?)```", (ROOT / "README.md").read_text(), re.S)
-    (example,) = [b for b in blocks if b.startswith("import torch, torch_moe_ops")]
+    (example,) = [b for b in blocks if b.startswith("import torch, torch_moe_ops\n")]
     return example
 
 

@@ -3,8 +3,8 @@ what the compile passes' tests and ``benchmarks/bench_compile.py`` run.
 
 transformers 5 models come from their configs with the ``"grouped_mm"`` experts
 implementation; torchtitan's MoE layer from its ``MoE.Config``. Widths are
-``moe_shapes.json``'s divided by ``shrink`` (experts and top-k kept), so that
-they run on a CPU.
+those of ``torch_moe_ops.shapes`` divided by ``shrink`` (experts and top-k
+kept), so that they run on a CPU.
 """
 
 from __future__ import annotations
@@ -13,7 +13,7 @@ import torch
 
 from .. import shapes
 
-# transformers config class and its names for the MoE fields, per model in moe_shapes.json.
+# transformers config class and its names for the MoE fields, per model of torch_moe_ops.shapes.
 _TRANSFORMERS = {
     "qwen3-30b-a3b": "qwen3_moe",
     "olmoe-1b-7b": "olmoe",
