@@ -388,7 +388,7 @@ def patched_python_files(tree):
 
 def test_patched_python_compiles(tree):
     files = patched_python_files(tree)
-    assert len(files) == 8
+    assert len(files) == 6  # the meta functions, 4 OpInfo files, _matrix_ops.py (the DTensor rule)
     for path in files:
         with open(os.path.join(tree, path)) as f:
             compile(f.read(), path, "exec")

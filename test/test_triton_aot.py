@@ -160,12 +160,40 @@ def test_matrix_instructions(report):
             assert k["LDGSTS"] > 0, where
 
 
+_FRESH_COMPILE = """
+import json, sys
+from torch_moe_ops.triton import aot
+variants = {v.name: v for v in aot.all_variants()}
+variant = variants[sys.argv[1]]
+keep = {}
+entry = aot.compile_entry(variant, aot.configs_for_variant(variant)[0], use_cache=False, keep=keep)
+json.dump({"entry": entry, "keep": {k: keep[k] for k in ("ptx", "sass", "ptxas_log")}}, sys.stdout)
+"""
+
+
+def fresh_compile(name: str) -> tuple[dict, dict]:
+    """compile_entry(variant, its first config) with no cache, in a fresh
+    process: Triton's interpreter, which other tests in this process may have
+    run, patches triton.language in place, and a real compile after it fails
+    ("'block_argument' object has no attribute 'dtype'")."""
+    import subprocess
+
+    root = Path(__file__).resolve().parent.parent
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(root), os.environ.get("PYTHONPATH", "")]))
+    env.pop("TRITON_INTERPRET", None)
+    done = subprocess.run([sys.executable, "-c", _FRESH_COMPILE, name], capture_output=True, text=True, env=env,
+                          timeout=600)
+    assert done.returncode == 0, done.stderr[-4000:]
+    out = json.loads(done.stdout)
+    return out["entry"], out["keep"]
+
+
 def test_fresh_compile_ptx_and_sass():
     """One kernel compiled anew (no report cache): the raw PTX and SASS text and
     the ptxas log themselves, not counts read back from the cache."""
-    variant = next(v for v in aot.grouped_mm_variants() if v.name == "bf16_2d3d")
-    keep = {}
-    entry = aot.compile_entry(variant, tgm.CONFIGS_16BIT[0], use_cache=False, keep=keep)
+    assert aot.configs_for_variant(next(v for v in aot.grouped_mm_variants() if v.name == "bf16_2d3d"))[0] is (
+        tgm.CONFIGS_16BIT[0])
+    entry, keep = fresh_compile("bf16_2d3d")
     assert ".target sm_90a" in keep["ptx"]
     assert "wgmma.mma_async.sync.aligned.m64n128k16.f32.bf16.bf16" in keep["ptx"]
     assert "HGMMA.64x128x16.F32.BF16" in keep["sass"]
@@ -177,9 +205,7 @@ def test_fresh_compile_ptx_and_sass():
 def test_fresh_compile_fp8_blockwise_ptx_and_sass():
     """The DeepSeek-V3 blockwise GEMM compiled anew: e4m3 wgmma in the PTX,
     QGMMA in the SASS (no HGMMA: the operands stay float8), B by TMA, no spill."""
-    variant = next(v for v in aot.scaled_grouped_mm_variants() if v.name == "fp8_blockwise_2d3d_tma")
-    keep = {}
-    entry = aot.compile_entry(variant, aot.configs_for_variant(variant)[0], use_cache=False, keep=keep)
+    entry, keep = fresh_compile("fp8_blockwise_2d3d_tma")
     assert ".target sm_90a" in keep["ptx"]
     assert "wgmma.mma_async.sync.aligned.m64n128k32.f32.e4m3.e4m3" in keep["ptx"]
     assert "QGMMA.64x128x32.F32.E4M3.E4M3" in keep["sass"] and "HGMMA" not in keep["sass"]

@@ -43,9 +43,10 @@ else:
     __all__ = ["nn", "ops", "cuda_kernels_built"]
 
     def __getattr__(name):
-        # A submodule not imported yet is an AttributeError (so that `from torch_moe_ops import
-        # reference` imports it); any other public name is an op wrapper, which needs _C.
-        if not name.startswith("_") and importlib.util.find_spec(f"{__name__}.{name}") is None:
+        # The ops and the layers (`nn`, `ops`, the wrappers) need _C. Another submodule not imported
+        # yet is an AttributeError, so that `from torch_moe_ops import reference` imports it.
+        wrapper = not name.startswith("_") and importlib.util.find_spec(f"{__name__}.{name}") is None
+        if name in ("nn", "ops") or wrapper:
             raise ImportError(f"torch_moe_ops.{name}: {_C_MISSING}")
         raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
