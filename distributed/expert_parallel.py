@@ -303,17 +303,17 @@ def exchange_split_sizes(offs: torch.Tensor, mesh: DeviceMesh, num_local: int) -
     return recv_counts, sizes[:ep], sizes[ep:]
 
 
-def _wait_for_peers(work, mesh: DeviceMesh) -> None:
-    """The first collective of every step: a peer that died (or never calls
-    the layer) shows up here, as the process group's timeout, with a message
-    that says so instead of gloo's or NCCL's bare one."""
+def _wait_for_peers(work, mesh: DeviceMesh, what: str = "the exchange of token counts") -> None:
+    """Waits for a collective with the expert-parallel peers (first of all, every
+    step's exchange of token counts): a peer that died (or never calls the
+    layer) shows up here, as the process group's timeout, with a message that
+    says so instead of gloo's or NCCL's bare one."""
     try:
         work.wait()
     except RuntimeError as e:
         ranks = mesh.mesh.flatten().tolist()
-        raise RuntimeError(f"ExpertParallel: the exchange of token counts with the expert-parallel peers (ranks "
-                           f"{ranks}) failed or timed out: a peer has died or is not running this layer "
-                           f"(process group error: {e})") from e
+        raise RuntimeError(f"ExpertParallel: {what} with the expert-parallel peers (ranks {ranks}) failed or timed "
+                           f"out: a peer has died or is not running this layer (process group error: {e})") from e
 
 
 def _splits_plans(xs, ids, num_experts: int, mesh: DeviceMesh) -> list:
@@ -379,13 +379,7 @@ def _start_all_to_all(out, rows, out_sizes, in_sizes, group, what):
 
 
 def _finish(work, mesh: DeviceMesh, what) -> None:
-    try:
-        work.wait()
-    except RuntimeError as e:
-        ranks = mesh.mesh.flatten().tolist()
-        raise RuntimeError(f"ExpertParallel: the {what[0]} all-to-all of chunk {what[1]} with the expert-parallel "
-                           f"peers (ranks {ranks}) failed or timed out: a peer has died or is not running this "
-                           f"layer (process group error: {e})") from e
+    _wait_for_peers(work, mesh, f"the {what[0]} all-to-all of chunk {what[1]}")
 
 
 def _event(trace: list, name: str, chunk: int) -> None:
