@@ -130,10 +130,10 @@ def _split_size(mat_a: torch.Tensor, mat_b: torch.Tensor) -> int:
             "3d3d": lambda: 0}[_checks.grouped_mm_layout(mat_a, mat_b)]()
 
 
-def _assert_offs(mat_a, mat_b, offs) -> None:
+def _assert_offs(mat_a, mat_b, offs, op: str = "grouped_mm") -> None:
     if offs is not None and offs.numel() > 0:
         torch._assert_async(_offs_ok(offs, _split_size(mat_a, mat_b)),
-                            "grouped_mm: offs must be non-negative, non-decreasing and at most the grouped dimension")
+                            f"{op}: offs must be non-negative, non-decreasing and at most the grouped dimension")
 
 
 def check_grouped_mm(mat_a, mat_b, offs=None, bias=None, out_dtype=None) -> None:
@@ -160,11 +160,9 @@ def check_scaled_grouped_mm(mat_a, mat_b, scale_a, scale_b, offs=None, bias=None
     layout = _checks.grouped_mm_layout(mat_a, mat_b)
     if layout == "3d3d":
         return
-    extent = _split_size(mat_a, mat_b)
-    torch._assert_async(_offs_ok(offs, extent),
-                        f"scaled_grouped_mm: offs must be non-decreasing in [0, {extent}] (the grouped dimension)")
+    _assert_offs(mat_a, mat_b, offs, "scaled_grouped_mm")
     if layout == "2d2d" and scale_a.dtype == torch.float8_e8m0fnu:
-        o = offs.long()
+        o, extent = offs.long(), _split_size(mat_a, mat_b)
         torch._assert_async((o.remainder(32).eq(0) | o.eq(extent)).all(),
                             "scaled_grouped_mm: with mx scales every group of K must hold whole 32-element blocks: "
                             f"offs must be multiples of 32 or K={extent}")
