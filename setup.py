@@ -79,12 +79,13 @@ def cuda_include_dirs():
 # ATen compiles every source under native/cpu/ once per CPU capability, with
 # these flags (cmake/Codegen.cmake), and DispatchStub picks one copy at run
 # time (cpuinfo; ATEN_CPU_CAPABILITY overrides). Our kernels are built the
-# same way. The x86 wheels' libtorch_cpu has these three slots
-# (HAVE_*_CPU_DEFINITION below); elsewhere only DEFAULT.
+# same way, with the flags patches/proof.py compiles them with in-tree. The
+# x86 wheels' libtorch_cpu has these three slots (HAVE_*_CPU_DEFINITION
+# below); elsewhere only DEFAULT.
 CPU_CAPABILITY_FLAGS_X86 = {
     "DEFAULT": [],
-    "AVX2": ["-mavx2", "-mfma", "-mf16c"],
-    "AVX512": ["-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512dq", "-mfma"],
+    "AVX2": ["-mavx2", "-mfma", "-mf16c", "-mbmi", "-mbmi2"],
+    "AVX512": ["-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512dq", "-mfma", "-mf16c"],
 }
 
 

@@ -29,8 +29,7 @@ import tables  # noqa: E402  (benchmarks/tables.py: pure Python, no torch)
 # script -> JSON name; make bench / bench-check run these (see test_makefile_runs_every_benchmark).
 SCRIPTS = {"bench_grouped_mm": "grouped_mm", "bench_routing": "routing", "bench_fp8": "fp8",
            "bench_moe_layer": "moe_layer", "numerics_fp8": "numerics_fp8"}
-META = {"date", "machine", "cores", "threads", "torch", "python", "commit", "command", "quick", "cpu_capability",
-        "thp_mem_alloc_enable"}
+META = {"date", "machine", "cores", "threads", "torch", "python", "commit", "command", "quick"}
 TARGET = {"issue", "key", "what", "where", "op", "bound", "value", "met"}
 
 

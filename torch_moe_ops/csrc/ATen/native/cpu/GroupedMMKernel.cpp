@@ -42,7 +42,6 @@
 #include <ATen/OpMathType.h>
 #include <ATen/Parallel.h>
 #include <ATen/core/Tensor.h>
-#include <ATen/cpu/vec/functional.h>
 #include <ATen/cpu/vec/vec.h>
 #include <ATen/ops/empty.h>
 #include <ATen/ops/from_blob.h>
@@ -52,7 +51,6 @@
 #include <algorithm>
 #include <cstdint>
 #include <cstring>
-#include <limits>
 #include <type_traits>
 #include <vector>
 
@@ -313,7 +311,7 @@ void gemm_row_major(int64_t mb, int64_t nb, int64_t k, const T* a, int64_t lda, 
 // call, and a GEMM that first packs them in a separate pass pays the memory
 // time and the compute time one after the other. This engine reads the weight
 // tile straight from the caller's memory, one (KC x 64) block at a time: the
-// block is re-laid out into a 32 KB thread-local buffer right before use
+// block is re-laid out into a 32 KB buffer of the thread's scratch right before use
 // (float32 for float32/float16 inputs, bfloat16 pairs interleaved along K for
 // vdpbf16ps), then every row block of the group runs against it from cache.
 // While a block is in use, the micro-kernels prefetch the next block into L2
@@ -1311,7 +1309,8 @@ constexpr int64_t kMatmulMinRows = 256;
 
 // The AVX-512 micro-kernels where the CPU has them (they beat oneDNN/MKL on
 // fine-grained groups by overlapping the weight stream with compute), except
-// for large bfloat16 groups; otherwise at::mm where it applies, else BLAS.
+// for large bfloat16 groups; otherwise at::mm where it applies, else the
+// widening engine.
 template <typename scalar_t, typename out_t, typename acc_t>
 Engine choose_engine(const std::vector<Problem<scalar_t, out_t, acc_t>>& problems, bool has_bias, bool gathered) {
   constexpr bool kMatmulCapable = (std::is_same_v<scalar_t, BFloat16> || std::is_same_v<scalar_t, float>) &&

@@ -39,6 +39,40 @@
 namespace at::native {
 namespace {
 
+// Compilers contract a mul feeding an add into an FMA (one rounding fewer)
+// unless told not to, and the AVX2/AVX512 builds have FMA: the sums of the
+// combine and its backward are mul then add in every build, as the reference.
+#if defined(__clang__)
+#define MOE_NO_FP_CONTRACT
+#else
+#define MOE_NO_FP_CONTRACT __attribute__((optimize("fp-contract=off")))
+#endif
+
+// acc[h] += w * x[h] (w == nullptr: += x[h]), h < n.
+template <typename acc_t, typename scalar_t>
+MOE_NO_FP_CONTRACT void accumulate_row(acc_t* acc, const scalar_t* x, const acc_t* w, int64_t n) {
+#if defined(__clang__)
+#pragma clang fp contract(off)
+#endif
+  if (w != nullptr) {
+    const acc_t wj = *w;
+    for (int64_t h = 0; h < n; ++h) acc[h] += wj * static_cast<acc_t>(x[h]);
+  } else {
+    for (int64_t h = 0; h < n; ++h) acc[h] += static_cast<acc_t>(x[h]);
+  }
+}
+
+// sum_h a[h] * b[h] in acc_t, in order.
+template <typename acc_t, typename scalar_t>
+MOE_NO_FP_CONTRACT acc_t dot_row(const scalar_t* a, const scalar_t* b, int64_t n) {
+#if defined(__clang__)
+#pragma clang fp contract(off)
+#endif
+  acc_t dot = 0;
+  for (int64_t h = 0; h < n; ++h) dot += static_cast<acc_t>(a[h]) * static_cast<acc_t>(b[h]);
+  return dot;
+}
+
 // Orders experts by key, descending, ties to the lower id. NaN keys were
 // mapped to -inf so the order is total.
 template <typename acc_t>
@@ -210,13 +244,7 @@ void topk_avx512(const float* key, int64_t experts, int64_t k, __mmask16* avail,
 }
 // One token of unpermute: y = sum_j w_j * rows[j] in float32, slot order,
 // one rounding; as mul then add, the very operations of the scalar path and
-// of the reference, so the bits agree. Compilers contract a mul feeding an
-// add into an FMA (one rounding fewer) unless told not to.
-#if defined(__clang__)
-#define MOE_NO_FP_CONTRACT
-#else
-#define MOE_NO_FP_CONTRACT __attribute__((optimize("fp-contract=off")))
-#endif
+// of the reference, so the bits agree.
 template <typename scalar_t>
 MOE_NO_FP_CONTRACT void combine_row_avx512(scalar_t* y, const scalar_t* const* rows,
                                                               const float* w, int64_t k, int64_t hidden) {
@@ -599,12 +627,8 @@ void unpermute_kernel(
           const int64_t r = dst[t * top_k + j];
           if (r < 0) continue;
           const scalar_t* x = in + r * in_stride;
-          if (weighted) {
-            const acc_t wj = w(t * top_k + j);
-            for (const auto h : c10::irange(hidden)) acc[h] += wj * static_cast<acc_t>(x[h]);
-          } else {
-            for (const auto h : c10::irange(hidden)) acc[h] += static_cast<acc_t>(x[h]);
-          }
+          const acc_t wj = weighted ? w(t * top_k + j) : acc_t(1);
+          accumulate_row(acc.data(), x, weighted ? &wj : nullptr, hidden);
         }
         scalar_t* y = o + t * hidden;
         for (const auto h : c10::irange(hidden)) y[h] = static_cast<scalar_t>(acc[h]);
@@ -673,7 +697,7 @@ void unpermute_backward_kernel(
             const int64_t i = by_row.slots[s];
             const scalar_t* gt = g + (i / top_k) * hidden;
             const acc_t wi = weighted ? w(i) : acc_t(1);
-            for (const auto h : c10::irange(hidden)) acc[h] += wi * static_cast<acc_t>(gt[h]);
+            accumulate_row(acc.data(), gt, &wi, hidden);
           }
           scalar_t* out_row = gp + r * hidden;
           for (const auto h : c10::irange(hidden)) out_row[h] = static_cast<scalar_t>(acc[h]);
@@ -697,11 +721,7 @@ void unpermute_backward_kernel(
             }
           }
           if (x != nullptr) {
-            acc_t dot = 0;
-            if (r >= 0) {
-              const scalar_t* xr = x + r * hidden;
-              for (const auto h : c10::irange(hidden)) dot += static_cast<acc_t>(gt[h]) * static_cast<acc_t>(xr[h]);
-            }
+            const acc_t dot = r >= 0 ? dot_row<acc_t>(gt, x + r * hidden, hidden) : acc_t(0);
             if (gw_f32 != nullptr) {
               gw_f32[i] = static_cast<float>(dot);
             } else {
