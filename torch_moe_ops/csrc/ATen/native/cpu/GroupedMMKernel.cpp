@@ -1315,8 +1315,13 @@ template <typename scalar_t, typename out_t, typename acc_t>
 Engine choose_engine(const std::vector<Problem<scalar_t, out_t, acc_t>>& problems, bool has_bias, bool gathered) {
   constexpr bool kMatmulCapable = (std::is_same_v<scalar_t, BFloat16> || std::is_same_v<scalar_t, float>) &&
       std::is_same_v<out_t, scalar_t>;
-  // at::mm cannot read rows through an index.
-  const Engine fallback = kMatmulCapable && !has_bias && !gathered ? Engine::kMatmul : Engine::kWidening;
+  // at::mm cannot read rows through an index. It runs a whole group on all
+  // threads, and MKL / oneDNN may then split K across them for small shapes,
+  // which changes the bits with the thread count: so only for the large
+  // groups of the AVX512 build, where it is the faster engine; the DEFAULT
+  // and AVX2 builds use the widening engine, whose bits never depend on it.
+  [[maybe_unused]] const Engine fallback =
+      kMatmulCapable && !has_bias && !gathered ? Engine::kMatmul : Engine::kWidening;
 #if defined(CPU_CAPABILITY_AVX512)
   int64_t rows = 0, nonempty = 0;
   for (const auto& p : problems) {
@@ -1344,8 +1349,10 @@ Engine choose_engine(const std::vector<Problem<scalar_t, out_t, acc_t>>& problem
       return Engine::kAvx512;
     }
   }
-#endif
   return fallback;
+#else
+  return Engine::kWidening;
+#endif
 }
 
 template <typename scalar_t, typename out_t, typename acc_t>
