@@ -76,6 +76,37 @@ def cuda_include_dirs():
     return dirs
 
 
+# ATen compiles every source under native/cpu/ once per CPU capability, with
+# these flags (cmake/Codegen.cmake), and DispatchStub picks one copy at run
+# time (cpuinfo; ATEN_CPU_CAPABILITY overrides). Our kernels are built the
+# same way, with the flags patches/proof.py compiles them with in-tree. The
+# x86 wheels' libtorch_cpu has these three slots (HAVE_*_CPU_DEFINITION
+# below); elsewhere only DEFAULT.
+CPU_CAPABILITY_FLAGS_X86 = {
+    "DEFAULT": [],
+    "AVX2": ["-mavx2", "-mfma", "-mf16c", "-mbmi", "-mbmi2"],
+    "AVX512": ["-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512dq", "-mfma", "-mf16c"],
+}
+
+
+class BuildExtensionPerCapability(BuildExtension.with_options(use_ninja=True)):
+    """BuildExtension that first compiles each extension's cpu_capability_sources
+    once per capability, into its own object directory with that capability's
+    flags, and links those objects in. (An extension has one set of flags, so
+    these cannot be ordinary sources.)"""
+
+    def build_extension(self, ext):
+        for cap, flags in getattr(ext, "cpu_capabilities", {}).items():
+            args = ext.extra_compile_args
+            cxx = (list(args["cxx"]) if isinstance(args, dict) else list(args)) + flags + [
+                f"-DCPU_CAPABILITY={cap}", f"-DCPU_CAPABILITY_{cap}"]
+            ext.extra_objects = list(ext.extra_objects or []) + self.compiler.compile(
+                ext.cpu_capability_sources, output_dir=os.path.join(self.build_temp, "cpu_capability", cap),
+                macros=ext.define_macros, include_dirs=ext.include_dirs, debug=self.debug,
+                extra_postargs={"cxx": cxx}, depends=ext.depends)
+        super().build_extension(ext)
+
+
 def extension():
     # Kernel sources mirror ATen's tree (csrc/ATen/native/...) so that the
     # upstream patches carry these very files; csrc/ is on the include path so
@@ -83,16 +114,24 @@ def extension():
     native = os.path.join(CSRC, "ATen", "native")
     # csrc/testing/: test-only ops (torch.ops.moe_ops_testing) that run the
     # CUDA kernels' bodies on the CPU; in every build, so CI tests them.
+    x86 = platform.machine().lower() in ("x86_64", "amd64")
     sources = sorted(glob.glob(os.path.join(CSRC, "*.cpp")) + glob.glob(os.path.join(native, "*.cpp"))
-                     + glob.glob(os.path.join(native, "cpu", "*.cpp")) + glob.glob(os.path.join(CSRC, "testing", "*.cpp")))
+                     + glob.glob(os.path.join(CSRC, "testing", "*.cpp")))
+    # native/cpu/: compiled once per CPU capability (BuildExtensionPerCapability).
+    cpu_kernels = sorted(glob.glob(os.path.join(native, "cpu", "*.cpp")))
+    # The link is skipped when no source is newer than the library: list the
+    # per-capability kernels and their headers as dependencies.
+    depends = cpu_kernels + sorted(glob.glob(os.path.join(native, "cpu", "*.h")))
     # -fopenmp: at::parallel_for is header code that expands to `#pragma omp
     # parallel` (torch is built with AT_PARALLEL_OPENMP); without the flag every
     # parallel_for in our kernels silently runs on one thread. The soname is
     # libgomp.so.1, so the loader reuses the copy torch already loaded.
-    cxx = ["-O3", "-std=c++20", "-fopenmp", "-fdiagnostics-color=always", "-Wall", "-Wno-unused-function"]
+    # -Wno-unknown-pragmas: ATen's vec headers carry `#pragma unroll` (as ATen's own build does).
+    cxx = ["-O3", "-std=c++20", "-fopenmp", "-fdiagnostics-color=always", "-Wall", "-Wno-unused-function",
+           "-Wno-unknown-pragmas"]
     link = ["-fopenmp"]
     macros = []
-    if platform.machine().lower() in ("x86_64", "amd64"):
+    if x86:
         # Kernels register through ATen's DispatchStub, whose out-of-line
         # half in libtorch_cpu was built with these slots (x86 wheels); the
         # header must see the same ones or the calls do not link.
@@ -107,11 +146,15 @@ def extension():
         macros.append(("TORCH_MOE_OPS_WITH_CUDA", None))
         nvcc = ["-O3", "-std=c++20", "-gencode=arch=compute_90a,code=sm_90a", "--expt-relaxed-constexpr",
                 "--expt-extended-lambda", "-DTORCH_MOE_OPS_WITH_CUDA"]
-        return CUDAExtension("torch_moe_ops._C", sources, define_macros=macros,
-                             include_dirs=[os.path.join(ROOT, CSRC)] + cuda_include_dirs(),
-                             extra_compile_args={"cxx": cxx, "nvcc": nvcc}, extra_link_args=link)
-    return CppExtension("torch_moe_ops._C", sources, define_macros=macros, include_dirs=[os.path.join(ROOT, CSRC)],
-                        extra_compile_args={"cxx": cxx}, extra_link_args=link)
+        ext = CUDAExtension("torch_moe_ops._C", sources, define_macros=macros,
+                            include_dirs=[os.path.join(ROOT, CSRC)] + cuda_include_dirs(),
+                            extra_compile_args={"cxx": cxx, "nvcc": nvcc}, extra_link_args=link, depends=depends)
+    else:
+        ext = CppExtension("torch_moe_ops._C", sources, define_macros=macros, include_dirs=[os.path.join(ROOT, CSRC)],
+                           extra_compile_args={"cxx": cxx}, extra_link_args=link, depends=depends)
+    ext.cpu_capability_sources = cpu_kernels
+    ext.cpu_capabilities = CPU_CAPABILITY_FLAGS_X86 if x86 else {"DEFAULT": []}
+    return ext
 
 
 setup(
@@ -122,7 +165,7 @@ setup(
     packages=find_packages(include=["torch_moe_ops", "torch_moe_ops.*"]),
     package_data={"torch_moe_ops": ["data/*.json"]},
     ext_modules=[extension()],
-    cmdclass={"build_ext": BuildExtension.with_options(use_ninja=True)},
+    cmdclass={"build_ext": BuildExtensionPerCapability},
     python_requires=">=3.10",
     install_requires=["torch>=2.14"],
 )

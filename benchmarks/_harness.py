@@ -52,9 +52,18 @@ def interleaved_medians(stmts: dict[str, str], env: dict, min_run_time: float, r
     return {name: statistics.median(ts) for name, ts in times.items()}
 
 
+def thp_alloc() -> str:
+    """c10's CPU allocator advises MADV_HUGEPAGE on allocations of 2 MB and more
+    when THP_MEM_ALLOC_ENABLE=1 (read once, at its first allocation: set it
+    before starting Python). The kernels leave page size to the allocator, and
+    large fresh outputs (permute, weight gradients) spend much of their time in
+    first-touch faults without it, so every result records this setting."""
+    return os.environ.get("THP_MEM_ALLOC_ENABLE", "0")
+
+
 def print_machine() -> None:
     print(f"torch {torch.__version__}, {machine()}, {torch.get_num_threads()} threads, "
-          f"CPU capability {torch.backends.cpu.get_cpu_capability()}")
+          f"CPU capability {torch.backends.cpu.get_cpu_capability()}, THP_MEM_ALLOC_ENABLE={thp_alloc()}")
 
 
 # ------------------------------------------------------------------ targets
@@ -128,7 +137,8 @@ def metadata(script: str, argv: Optional[list[str]], quick: bool) -> dict:
     return dict(
         date=datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
         machine=machine(), cores=os.cpu_count(), threads=torch.get_num_threads(), torch=torch.__version__,
-        python=platform.python_version(), commit=commit(), command=command(script, argv), quick=quick)
+        python=platform.python_version(), commit=commit(), command=command(script, argv), quick=quick,
+        cpu_capability=torch.backends.cpu.get_cpu_capability(), thp_mem_alloc_enable=thp_alloc())
 
 
 # ------------------------------------------------------------------ the run

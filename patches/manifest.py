@@ -85,7 +85,6 @@ SERIES = [
                 Copy(f"{NATIVE}/GroupedMM.cpp", f"{SRC}/GroupedMM.cpp"),
                 Copy(f"{NATIVE}/cpu/GroupedMMKernel.cpp", f"{SRC}/cpu/GroupedMMKernel.cpp"),
                 Copy(f"{NATIVE}/cpu/MoEAvx512Utils.h", f"{SRC}/cpu/MoEAvx512Utils.h"),
-                Copy(f"{NATIVE}/cpu/MoEHugePages.h", f"{SRC}/cpu/MoEHugePages.h"),
                 Copy(f"{NATIVE}/cuda/GroupedMM.cu", f"{SRC}/cuda/GroupedMM.cu"),
                 Copy(f"{NATIVE}/cuda/GroupedMM.cuh", f"{SRC}/cuda/GroupedMM.cuh"),
                 Copy(f"{NATIVE}/cuda/MoEThreadPos.cuh", f"{SRC}/cuda/MoEThreadPos.cuh"),

@@ -18,7 +18,6 @@
 
 #include <ATen/native/ExpertMLP.h>
 #include <ATen/native/GroupedMM.h>
-#include <ATen/native/cpu/MoEHugePages.h>
 
 #include <ATen/Functions.h>
 #include <ATen/Parallel.h>
@@ -137,14 +136,11 @@ Tensor activation_backward(const Tensor& h, const Tensor& da, const Activation& 
 // call overhead per backward at a Qwen3 shape, measured).
 constexpr int64_t kChunkRows = 128;
 
-// A fresh buffer of the layer's size, with huge pages asked for before the
-// first touch (MoEHugePages.h).
+// A fresh buffer of the layer's size. Its first-touch page faults are the
+// allocator's business: c10's CPU allocator asks for huge pages with
+// THP_MEM_ALLOC_ENABLE=1.
 Tensor empty_workspace(IntArrayRef size, const TensorOptions& options) {
-  Tensor t = at::empty(size, options);
-  if (t.device().is_cpu()) {
-    moe_advise_huge_pages(t);
-  }
-  return t;
+  return at::empty(size, options);
 }
 
 // fn(begin, end) over row chunks, in parallel.

@@ -20,26 +20,30 @@
 //     place; the others are re-laid out block by block for a broadcast
 //     kernel (run_tile_avx512). bfloat16 runs as K pairs through vdpbf16ps
 //     where the CPU has AVX512_BF16, widened to float32 where it has not.
-//   at::mm (oneDNN/MKL) per tile for bfloat16/float32 without bias, as the
-//     portable fallback and for large groups; otherwise tiles gathered into
-//     float32 (float64) buffers and multiplied by BLAS gemm. float64 always
-//     takes the BLAS path.
+//   at::mm (oneDNN/MKL) per group for bfloat16/float32 without bias, as the
+//     portable fallback and for large groups, one group after the other
+//     outside any parallel region (the BLAS threads each GEMM itself);
+//     otherwise tiles gathered into float32 (float64) buffers and multiplied
+//     by a Vectorized<T> kernel. float64 always takes that path.
+// The AVX-512 engine exists in the CPU_CAPABILITY_AVX512 build of this file
+// only; the DEFAULT and AVX2 builds use the other two.
 // Accumulation is in float32 (float64 for float64) and rounded once in the
 // epilogue, which also adds the bias. The engine, the tiling and the K
 // blocking depend only on the shapes, strides and CPU, never on the thread
 // count, so results are bitwise reproducible on a machine (the two weight
 // storage orders sum along K in different orders, so their bits may differ).
+// Scratch is allocated per call (one slice per thread) and freed at return.
 
 #include <ATen/native/GroupedMM.h>
 #include <ATen/native/cpu/MoEAvx512Utils.h>
-#include <ATen/native/cpu/MoEHugePages.h>
 
 #include <ATen/Config.h>
 #include <ATen/Dispatch.h>
 #include <ATen/OpMathType.h>
 #include <ATen/Parallel.h>
 #include <ATen/core/Tensor.h>
-#include <ATen/native/CPUBlas.h>
+#include <ATen/cpu/vec/vec.h>
+#include <ATen/ops/empty.h>
 #include <ATen/ops/from_blob.h>
 #include <ATen/ops/mm.h>
 #include <c10/util/irange.h>
@@ -47,22 +51,12 @@
 #include <algorithm>
 #include <cstdint>
 #include <cstring>
-#include <limits>
 #include <type_traits>
 #include <vector>
 
-#if defined(__x86_64__) && (defined(__GNUC__) || defined(__clang__))
-#define GROUPED_MM_HAVE_AVX512_KERNELS 1
+#if defined(CPU_CAPABILITY_AVX512)
+#include <cpuinfo.h>
 #include <immintrin.h>
-#endif
-
-#if AT_BUILD_WITH_BLAS()
-// The BLAS torch links (MKL on x86 wheels); ATen's own float/double
-// cpublas::gemm overloads wrap these but are not exported to extensions.
-extern "C" void sgemm_(char* transa, char* transb, int* m, int* n, int* k, float* alpha, const float* a,
-                       int* lda, const float* b, int* ldb, float* beta, float* c, int* ldc);
-extern "C" void dgemm_(char* transa, char* transb, int* m, int* n, int* k, double* alpha, const double* a,
-                       int* lda, const double* b, int* ldb, double* beta, double* c, int* ldc);
 #endif
 
 namespace at::native {
@@ -100,22 +94,36 @@ struct Tile {
 // and stays in L2 while the group's row blocks stream past it.
 constexpr int64_t kWideNB = 256;
 constexpr int64_t kWideMB = 128;
-// Matmul engine with fewer than 8 groups: split N so both threads get work
-// (with more, whole groups balance well, and a split would repack A per tile).
-constexpr int64_t kMatmulNB = 256;
 // Cost of streaming one weight tile, in rows of compute: lets groups with few
 // rows still count for the memory traffic they cause.
 constexpr double kWeightStreamRows = 16.0;
 
+// A thread's share of the call's scratch: 64-byte aligned, sized before the
+// parallel region by the engine's bound for every tile (scratch_bytes below).
+struct Region {
+  char* data = nullptr;
+  int64_t bytes = 0;
+};
+
+struct ThreadBuffers {
+  Region a, b, acc;
+};
+
 template <typename T>
-inline T* workspace(std::vector<char>& buf, int64_t numel) {
-  const size_t bytes = static_cast<size_t>(numel) * sizeof(T) + 64;
-  if (buf.size() < bytes) {
-    buf.resize(bytes);
-  }
-  auto p = reinterpret_cast<uintptr_t>(buf.data());
-  return reinterpret_cast<T*>((p + 63) & ~uintptr_t(63));
+inline T* workspace(const Region& r, int64_t numel) {
+  TORCH_INTERNAL_ASSERT(numel * static_cast<int64_t>(sizeof(T)) <= r.bytes);
+  return reinterpret_cast<T*>(r.data);
 }
+
+// Bytes each thread needs per region (the maximum over its tiles).
+struct ScratchBytes {
+  int64_t a = 0, b = 0, acc = 0;
+  void at_least(int64_t na, int64_t nb, int64_t nacc) {
+    a = std::max(a, na);
+    b = std::max(b, nb);
+    acc = std::max(acc, nacc);
+  }
+};
 
 // dst[r * ld + c] = src[r * rs + c * cs] for r < rows, c < cols, converted
 // to dst_t; columns in [cols, cols_pad) are zero.
@@ -239,73 +247,71 @@ void store_bias_only(const P& p, int64_t n0, int64_t nb) {
   }
 }
 
-inline TransposeType no_trans() { return TransposeType::NoTranspose; }
-inline TransposeType trans() { return TransposeType::Transpose; }
+// Row-major C (mb x nb, ldc) = A (mb x k, lda) B (k x nb, ldb), single-threaded.
+// Each output is summed along K in order from zero with Vectorized<T>::fmadd
+// (on AVX2/AVX-512 one rounding per step, as the AVX-512 engine), so its bits
+// do not depend on the blocking. A tile of kGemmRows rows x 2 vectors is held
+// in registers; edge tiles use the same code on partial vectors.
+constexpr int64_t kGemmRows = 4;
 
-// Column-major C (m x n) = op(A) (m x k) op(B) (k x n) + beta C. Tiles are
-// bounded by the tile sizes and K, so the int casts cannot overflow for K < 2^31.
-template <typename T>
-void blas_gemm(TransposeType ta, TransposeType tb, int64_t m, int64_t n, int64_t k,
-               const T* a, int64_t lda, const T* b, int64_t ldb, T* c, int64_t ldc, T beta) {
-#if AT_BUILD_WITH_BLAS()
-  if (k <= std::numeric_limits<int>::max() && lda <= std::numeric_limits<int>::max() &&
-      ldb <= std::numeric_limits<int>::max()) {
-    char ta_c = ta == TransposeType::NoTranspose ? 'n' : 't';
-    char tb_c = tb == TransposeType::NoTranspose ? 'n' : 't';
-    int m_ = static_cast<int>(m), n_ = static_cast<int>(n), k_ = static_cast<int>(k);
-    int lda_ = static_cast<int>(lda), ldb_ = static_cast<int>(ldb), ldc_ = static_cast<int>(ldc);
-    T alpha = 1;
-    if constexpr (std::is_same_v<T, float>) {
-      sgemm_(&ta_c, &tb_c, &m_, &n_, &k_, &alpha, a, &lda_, b, &ldb_, &beta, c, &ldc_);
-    } else {
-      dgemm_(&ta_c, &tb_c, &m_, &n_, &k_, &alpha, a, &lda_, b, &ldb_, &beta, c, &ldc_);
-    }
-    return;
+template <typename T, int R>
+void gemm_tile(int64_t k, const T* a, int64_t lda, const T* b, int64_t ldb, T* c, int64_t ldc, int64_t w) {
+  using Vec = vec::Vectorized<T>;
+  constexpr int64_t kV = Vec::size();
+  const int64_t w0 = std::min<int64_t>(w, kV), w1 = std::max<int64_t>(w - kV, 0);
+  Vec acc0[R], acc1[R];
+  for (int i = 0; i < R; ++i) {
+    acc0[i] = Vec(T(0));
+    acc1[i] = Vec(T(0));
   }
-#endif
-  // No BLAS (or K past int): a plain loop in the same column-major terms.
-  for (int64_t j = 0; j < n; ++j) {
-    for (int64_t i = 0; i < m; ++i) {
-      T sum = beta == T(0) ? T(0) : c[i + j * ldc];
-      for (int64_t l = 0; l < k; ++l) {
-        const T av = ta == TransposeType::NoTranspose ? a[i + l * lda] : a[l + i * lda];
-        const T bv = tb == TransposeType::NoTranspose ? b[l + j * ldb] : b[j + l * ldb];
-        sum += av * bv;
-      }
-      c[i + j * ldc] = sum;
+  for (int64_t l = 0; l < k; ++l) {
+    const T* bl = b + l * ldb;
+    const Vec b0 = w0 == kV ? Vec::loadu(bl) : Vec::loadu(bl, w0);
+    const Vec b1 = w1 == kV ? Vec::loadu(bl + kV) : (w1 > 0 ? Vec::loadu(bl + kV, w1) : Vec(T(0)));
+    for (int i = 0; i < R; ++i) {
+      const Vec av(a[i * lda + l]);
+      acc0[i] = vec::fmadd(av, b0, acc0[i]);
+      acc1[i] = vec::fmadd(av, b1, acc1[i]);
     }
+  }
+  for (int i = 0; i < R; ++i) {
+    acc0[i].store(c + i * ldc, w0);
+    if (w1 > 0) acc1[i].store(c + i * ldc + kV, w1);
   }
 }
 
-struct ThreadBuffers {
-  std::vector<char> a, b, acc;
-};
-
-// Buffers live as long as the thread: a fresh multi-100-KB allocation per call
-// would page-fault on every call.
-ThreadBuffers& thread_buffers() {
-  static thread_local ThreadBuffers buffers;
-  return buffers;
-}
-
-// Row-major C (mb x nb, ldc) (+)= A (mb x k, lda) B (k x nb, ldb), single-threaded.
 template <typename T>
 void gemm_row_major(int64_t mb, int64_t nb, int64_t k, const T* a, int64_t lda, const T* b, int64_t ldb,
-                    T* c, int64_t ldc, bool add_c) {
-  // Column-major view: C^T (nb x mb) = B^T (nb x k) A^T (k x mb).
-  blas_gemm<T>(no_trans(), no_trans(), nb, mb, k, b, ldb, a, lda, c, ldc, add_c ? T(1) : T(0));
+                    T* c, int64_t ldc) {
+  constexpr int64_t kW = 2 * vec::Vectorized<T>::size();
+  for (int64_t j0 = 0; j0 < nb; j0 += kW) {
+    const int64_t w = std::min(kW, nb - j0);
+    int64_t r0 = 0;
+    for (; r0 + kGemmRows <= mb; r0 += kGemmRows) {
+      gemm_tile<T, kGemmRows>(k, a + r0 * lda, lda, b + j0, ldb, c + r0 * ldc + j0, ldc, w);
+    }
+    for (; r0 < mb; ++r0) {
+      gemm_tile<T, 1>(k, a + r0 * lda, lda, b + j0, ldb, c + r0 * ldc + j0, ldc, w);
+    }
+  }
 }
 
-#ifdef GROUPED_MM_HAVE_AVX512_KERNELS
-#define GROUPED_MM_AVX512 __attribute__((target("avx512f,avx512bw,avx512vl")))
-#define GROUPED_MM_AVX512_BF16 __attribute__((target("avx512f,avx512bw,avx512vl,avx512bf16")))
+#if defined(CPU_CAPABILITY_AVX512)
+// vdpbf16ps (AVX512_BF16) is beyond ATen's AVX512 capability (its flags stop
+// at AVX512DQ), so the two kernels that use it carry their own target and run
+// only where cpuinfo reports AVX512_BF16 (cpu_has_avx512_bf16).
+#define GROUPED_MM_AVX512_BF16 __attribute__((target("avx512f,avx512bw,avx512vl,avx512dq,fma,avx512bf16")))
 
 // ---- AVX-512 engine ---------------------------------------------------------
+// Intrinsics, not Vectorized<T>: the engine's speed comes from what
+// Vectorized<T> does not express (masked loads and stores, broadcast FMAs on
+// 4 x MR named accumulators, in-register 16 x 16 transposes, vdpbf16ps K
+// pairs, L2 prefetch of the next weight block); see the measurements below.
 // With a few dozen rows per expert the weights must come from DRAM on every
 // call, and a GEMM that first packs them in a separate pass pays the memory
 // time and the compute time one after the other. This engine reads the weight
 // tile straight from the caller's memory, one (KC x 64) block at a time: the
-// block is re-laid out into a 32 KB thread-local buffer right before use
+// block is re-laid out into a 32 KB buffer of the thread's scratch right before use
 // (float32 for float32/float16 inputs, bfloat16 pairs interleaved along K for
 // vdpbf16ps), then every row block of the group runs against it from cache.
 // While a block is in use, the micro-kernels prefetch the next block into L2
@@ -328,8 +334,11 @@ constexpr int64_t kMC = 192;
 // Output columns per tile (the unit of work balanced across threads).
 constexpr int64_t kMicroNB = 256;
 
+// cpuinfo, as at::cpu::is_avx512_bf16_supported (which libtorch does not
+// export). Ice Lake, where the tests run, has no AVX512_BF16: the vdpbf16ps
+// kernels are compiled there but only run on CPUs that have it.
 bool cpu_has_avx512_bf16() {
-  static const bool ok = moe_cpu_has_avx512() && __builtin_cpu_supports("avx512bf16");
+  static const bool ok = cpuinfo_initialize() && cpuinfo_has_x86_avx512bf16();
   return ok;
 }
 
@@ -341,7 +350,7 @@ struct Prefetch {
   int64_t bytes = 0; // bytes per row
 };
 
-GROUPED_MM_AVX512 inline void prefetch_row(const Prefetch& pf, int64_t row) {
+inline void prefetch_row(const Prefetch& pf, int64_t row) {
   const char* p = pf.base + row * pf.stride;
   const char* end = p + pf.bytes;
   for (const char* q = reinterpret_cast<const char*>(reinterpret_cast<uintptr_t>(p) & ~uintptr_t(63)); q < end;
@@ -350,7 +359,7 @@ GROUPED_MM_AVX512 inline void prefetch_row(const Prefetch& pf, int64_t row) {
   }
 }
 
-GROUPED_MM_AVX512 inline __mmask32 col_mask32(int64_t w, int64_t j0) {
+inline __mmask32 col_mask32(int64_t w, int64_t j0) {
   const int64_t n = std::clamp<int64_t>(w - j0, 0, 32);
   return static_cast<__mmask32>((uint64_t{1} << n) - 1);
 }
@@ -361,13 +370,13 @@ GROUPED_MM_AVX512 inline __mmask32 col_mask32(int64_t w, int64_t j0) {
 constexpr __mmask16 kAll16 = 0xFFFF;
 constexpr __mmask8 kAll8 = 0xFF;
 
-GROUPED_MM_AVX512 inline __m512 cvt_f16_f32(__m256i v) {
+inline __m512 cvt_f16_f32(__m256i v) {
   return _mm512_maskz_cvtph_ps(kAll16, v);
 }
 
 // 16 float16 or bfloat16 values -> float32, exactly.
 template <typename scalar_t>
-GROUPED_MM_AVX512 inline __m512 cvt_16bit_f32(__m256i v) {
+inline __m512 cvt_16bit_f32(__m256i v) {
   if constexpr (std::is_same_v<scalar_t, BFloat16>) {
     return moe_cvt_bf16_f32(v);
   } else {
@@ -377,7 +386,7 @@ GROUPED_MM_AVX512 inline __m512 cvt_16bit_f32(__m256i v) {
 
 // Epilogue of one output row: (acc + bias), rounded once to out_t, w columns.
 template <typename out_t>
-GROUPED_MM_AVX512 inline void store_out_row(out_t* o, const __m512* v, const float* bias, int64_t w) {
+inline void store_out_row(out_t* o, const __m512* v, const float* bias, int64_t w) {
   for (int j = 0; j < 4; ++j) {
     const __mmask16 m = moe_lanes16(w, 16 * j);
     __m512 x = v[j];
@@ -413,7 +422,7 @@ struct MicroArgs {
 };
 
 template <int MR>
-GROUPED_MM_AVX512 inline void load_acc(__m512 (&r)[MR][4], const MicroArgs& x) {
+inline void load_acc(__m512 (&r)[MR][4], const MicroArgs& x) {
   for (int i = 0; i < MR; ++i) {
     for (int j = 0; j < 4; ++j) {
       r[i][j] = x.first ? _mm512_setzero_ps() : _mm512_loadu_ps(x.acc + i * x.ld_acc + 16 * j);
@@ -422,7 +431,7 @@ GROUPED_MM_AVX512 inline void load_acc(__m512 (&r)[MR][4], const MicroArgs& x) {
 }
 
 template <int MR, typename out_t>
-GROUPED_MM_AVX512 inline void finish_acc(__m512 (&r)[MR][4], const MicroArgs& x) {
+inline void finish_acc(__m512 (&r)[MR][4], const MicroArgs& x) {
   for (int i = 0; i < MR; ++i) {
     if (x.last) {
       store_out_row<out_t>(static_cast<out_t*>(x.c) + i * x.ldc, r[i], x.bias, x.w);
@@ -435,7 +444,7 @@ GROUPED_MM_AVX512 inline void finish_acc(__m512 (&r)[MR][4], const MicroArgs& x)
 // float32 micro-kernel: a holds MR row pointers of kc floats each (rows of
 // the caller's A, gathered or not, or of a packed copy), b is kc x 64.
 template <int MR, typename out_t>
-GROUPED_MM_AVX512 void micro_f32(const float* const* a, const float* b, const MicroArgs& x) {
+void micro_f32(const float* const* a, const float* b, const MicroArgs& x) {
   __m512 r[MR][4];
   load_acc<MR>(r, x);
   int64_t pf = x.pf_begin;
@@ -509,7 +518,7 @@ GROUPED_MM_AVX512_BF16 void micro_bf16(const BFloat16* const* a, const uint32_t*
 }
 
 // r[i] (16 dwords each) <- column i of the 16 x 16 dword matrix in r.
-GROUPED_MM_AVX512 inline void transpose_16x16_epi32(__m512i (&r)[16]) {
+inline void transpose_16x16_epi32(__m512i (&r)[16]) {
   __m512i t[16];
   for (int i = 0; i < 16; i += 2) {
     t[i] = _mm512_maskz_unpacklo_epi32(kAll16, r[i], r[i + 1]);
@@ -541,7 +550,7 @@ GROUPED_MM_AVX512 inline void transpose_16x16_epi32(__m512i (&r)[16]) {
 // Full 16 x 16 tiles are transposed in registers, the edges one by one.
 // This is how weights stored (E, N, K), transformers' layout, arrive: a
 // float32 row is one word, a bfloat16 K pair is one word.
-GROUPED_MM_AVX512 void pack_words_transposed(uint32_t* dst, const void* source, int64_t ld, int64_t words,
+void pack_words_transposed(uint32_t* dst, const void* source, int64_t ld, int64_t words,
                                              int64_t w) {
   const auto* src = static_cast<const uint32_t*>(source);
   // Edge words are copied with memcpy: the source may be bfloat16 memory.
@@ -579,7 +588,7 @@ inline const T* b_row(const T* src, int64_t rs, const int64_t* rows, int64_t k) 
 // kc rows of w contiguous bfloat16 (row k at b_row(src, rs, rows, k)) ->
 // ceil(kc / 2) x ldw words, word j of row kp = (row 2kp, row 2kp + 1) at
 // column j, zero past w and past kc; ldw a multiple of 32.
-GROUPED_MM_AVX512 void pack_pairs_bf16(uint32_t* dst, int64_t ldw, const BFloat16* src, int64_t rs,
+void pack_pairs_bf16(uint32_t* dst, int64_t ldw, const BFloat16* src, int64_t rs,
                                        const int64_t* rows, int64_t kc, int64_t w) {
   // One two-source word permute per 16 output columns: lane 2c takes
   // column c of row 2kp (x0), lane 2c + 1 column c of row 2kp + 1 (x1).
@@ -605,7 +614,7 @@ GROUPED_MM_AVX512 void pack_pairs_bf16(uint32_t* dst, int64_t ldw, const BFloat1
 // kc rows of w contiguous float32 / float16 values -> kc x ldw float32, zero
 // past w; ldw a multiple of 16.
 template <typename scalar_t>
-GROUPED_MM_AVX512 void pack_rows_f32(float* dst, int64_t ldw, const scalar_t* src, int64_t rs, const int64_t* rows,
+void pack_rows_f32(float* dst, int64_t ldw, const scalar_t* src, int64_t rs, const int64_t* rows,
                                      int64_t kc, int64_t w) {
   for (int64_t k = 0; k < kc; ++k) {
     const scalar_t* s = b_row(src, rs, rows, k);
@@ -624,7 +633,7 @@ GROUPED_MM_AVX512 void pack_rows_f32(float* dst, int64_t ldw, const scalar_t* sr
 
 // Weight block (kc x w, strides rs/cs) -> kc x 64 float32, zero past w.
 template <typename scalar_t>
-GROUPED_MM_AVX512 void pack_b_f32(float* dst, const scalar_t* src, int64_t rs, int64_t cs, int64_t kc, int64_t w,
+void pack_b_f32(float* dst, const scalar_t* src, int64_t rs, int64_t cs, int64_t kc, int64_t w,
                                   const int64_t* rows) {
   if (cs == 1) {
     pack_rows_f32(dst, kNR, src, rs, rows, kc, w);
@@ -650,7 +659,7 @@ GROUPED_MM_AVX512 void pack_b_f32(float* dst, const scalar_t* src, int64_t rs, i
 
 // Weight block (kc x w) -> ceil(kc / 2) x 64 bfloat16 pairs (row 2p in the
 // low half, row 2p + 1 in the high half, zero past kc and past w).
-GROUPED_MM_AVX512 void pack_b_bf16(uint32_t* dst, const BFloat16* src, int64_t rs, int64_t cs, int64_t kc, int64_t w,
+void pack_b_bf16(uint32_t* dst, const BFloat16* src, int64_t rs, int64_t cs, int64_t kc, int64_t w,
                                    const int64_t* rows) {
   const int64_t pairs = (kc + 1) / 2;
   if (cs == 1) {
@@ -682,7 +691,7 @@ GROUPED_MM_AVX512 void pack_b_bf16(uint32_t* dst, const BFloat16* src, int64_t r
 
 // float16 / bfloat16 rows (unit column stride) -> float32 rows, ld apart.
 template <typename scalar_t>
-GROUPED_MM_AVX512 void widen_rows_16bit(float* dst, int64_t ld, const scalar_t* src, int64_t rs, int64_t rows,
+void widen_rows_16bit(float* dst, int64_t ld, const scalar_t* src, int64_t rs, int64_t rows,
                                         int64_t cols) {
   for (int64_t r = 0; r < rows; ++r) {
     for (int64_t j = 0; j < cols; j += 16) {
@@ -912,14 +921,14 @@ struct NtPrefetch {
   int64_t begin = 0, end = 0;  // line range [begin, end) over rows x lines_per_row
 };
 
-GROUPED_MM_AVX512 __attribute__((always_inline)) inline void nt_prefetch_line(const NtPrefetch& pf, int64_t line) {
+__attribute__((always_inline)) inline void nt_prefetch_line(const NtPrefetch& pf, int64_t line) {
   const int64_t r = line / pf.lines_per_row;
   _mm_prefetch(pf.rows[r] + (line - r * pf.lines_per_row) * 64, _MM_HINT_T1);
 }
 
 // Sums of the 16 lanes of v0..v3 in lanes 0..3 of the result, in a fixed
 // order (pairs of lanes first, then the four 128-bit lanes).
-GROUPED_MM_AVX512 inline __m128 nt_reduce4(__m512 v0, __m512 v1, __m512 v2, __m512 v3) {
+inline __m128 nt_reduce4(__m512 v0, __m512 v1, __m512 v2, __m512 v3) {
   const __m512 t0 = _mm512_add_ps(_mm512_maskz_unpacklo_ps(kAll16, v0, v1), _mm512_maskz_unpackhi_ps(kAll16, v0, v1));
   const __m512 t1 = _mm512_add_ps(_mm512_maskz_unpacklo_ps(kAll16, v2, v3), _mm512_maskz_unpackhi_ps(kAll16, v2, v3));
   const __m512d d0 = _mm512_castps_pd(t0), d1 = _mm512_castps_pd(t1);
@@ -966,7 +975,7 @@ GROUPED_MM_AVX512 inline __m128 nt_reduce4(__m512 v0, __m512 v1, __m512 v2, __m5
   const T *b0 = b[0], *b1 = b[1], *b2 = b[2], *b3 = b[3];
 
 template <int MR>
-GROUPED_MM_AVX512 void nt_micro_f32(const float* const* a, const float* const* b, int64_t k, float (*sums)[kNtNR],
+void nt_micro_f32(const float* const* a, const float* const* b, int64_t k, float (*sums)[kNtNR],
                                     const NtPrefetch& pf) {
   static_assert(kNtMR == 6 && kNtNR == 4);
   NT_ROWS(float)
@@ -1065,9 +1074,7 @@ void dispatch_nt_micro(int64_t mr, const scalar_t* const* a, const scalar_t* con
 // reductions are a small part of the work.
 template <typename scalar_t, typename P>
 bool nt_eligible(const P& p) {
-  if constexpr (std::is_same_v<scalar_t, float> || std::is_same_v<scalar_t, BFloat16>) {
-    if (!moe_cpu_has_avx512()) return false;
-  } else {
+  if constexpr (!std::is_same_v<scalar_t, float> && !std::is_same_v<scalar_t, BFloat16>) {
     return false;
   }
   return p.a_cs == 1 && p.a_col_idx == nullptr && p.b_rs == 1 && p.b_cs != 1 && p.b_idx == nullptr &&
@@ -1172,12 +1179,55 @@ void run_tile_nt(const Problem<scalar_t, out_t, float>& p, const Tile& t, Thread
     }
   }
 }
-#endif // GROUPED_MM_HAVE_AVX512_KERNELS
+
+// What run_tile_nt or run_tile_avx512 takes from the thread's scratch for t.
+template <typename scalar_t, typename out_t>
+void avx512_scratch(const Problem<scalar_t, out_t, float>& p, const Tile& t, ScratchBytes& s) {
+  const int64_t k = p.k;
+  if (nt_eligible<scalar_t>(p)) {
+    if (std::is_same_v<scalar_t, BFloat16> && !cpu_has_avx512_bf16()) {  // widened copies
+      s.at_least(0, kNtNR * k * 4, std::min(kNtMC, p.m) * k * 4);
+    } else if (p.a_row_idx != nullptr) {  // the zero row
+      s.at_least(k * static_cast<int64_t>(sizeof(scalar_t)), 0, 0);
+    }
+    return;
+  }
+  const auto need = [&](auto traits) {
+    using Traits = decltype(traits);
+    constexpr int64_t kKC = Traits::kKC;
+    constexpr int64_t kBRows = kPairsOf<Traits> ? kKC / 2 : kKC;
+    const int64_t strips = (t.nb + kNR - 1) / kNR;
+    // A block: at most kMC rows (padded to 32) x kKC (+1 for pairs) 4-byte words.
+    s.at_least(kMC * (kKC + 32) * 4, kBRows * kNR * static_cast<int64_t>(sizeof(typename Traits::b_t)),
+               k > kKC ? kMC * strips * kNR * 4 : 0);
+  };
+  if constexpr (std::is_same_v<scalar_t, BFloat16>) {
+    if (cpu_has_avx512_bf16()) {
+      need(MicroTraits<BFloat16, true>{});
+    } else {
+      need(MicroTraits<BFloat16, false>{});
+    }
+  } else {
+    need(MicroTraits<scalar_t>{});
+  }
+}
+#endif // CPU_CAPABILITY_AVX512
 
 // ---- widening engine: row-major tiles in compute_t (float or double) --------
 // Float inputs with a unit inner stride are read in place; anything else
 // (transposed or broadcast operands, 16-bit types) is gathered tile by tile
-// into thread-local buffers that stay in cache.
+// into the thread's scratch, which stays in cache.
+template <typename scalar_t, typename out_t, typename compute_t>
+void widening_scratch(const Problem<scalar_t, out_t, compute_t>& p, const Tile& t, ScratchBytes& s) {
+  // The same conditions as run_tile_widening's copies.
+  constexpr bool kInPlace = std::is_same_v<scalar_t, compute_t>;
+  const bool b_copy = p.b_idx != nullptr || !(kInPlace && p.b_cs == 1 && (p.k == 1 || p.b_rs >= t.nb));
+  const bool a_copy = !(kInPlace && p.a_cs == 1 && (p.m == 1 || p.a_rs >= p.k) && !p.a_gathered());
+  const auto e = static_cast<int64_t>(sizeof(compute_t));
+  s.at_least(a_copy ? std::min(kWideMB, p.m) * p.k * e : 0, b_copy ? p.k * t.nb * e : 0,
+             std::is_same_v<out_t, compute_t> ? 0 : kWideMB * t.nb * e);
+}
+
 template <typename scalar_t, typename out_t, typename compute_t>
 void run_tile_widening(const Problem<scalar_t, out_t, compute_t>& p, const Tile& t, ThreadBuffers& buf) {
   constexpr bool kInPlace = std::is_same_v<scalar_t, compute_t>;
@@ -1202,8 +1252,8 @@ void run_tile_widening(const Problem<scalar_t, out_t, compute_t>& p, const Tile&
     ldb = nb;
   }
 
-  // fp32 output without a type change accumulates straight into out; a bias
-  // is stored first and accumulated onto (add_C), still one rounding.
+  // fp32 output without a type change accumulates straight into out, then
+  // adds the bias: the same two roundings as the other engines' epilogue.
   constexpr bool kDirectOut = std::is_same_v<out_t, compute_t>;
   compute_t* acc = kDirectOut ? nullptr : workspace<compute_t>(buf.acc, kWideMB * nb);
   const bool a_in_place = kInPlace && p.a_cs == 1 && (p.m == 1 || p.a_rs >= k) && !p.a_gathered();
@@ -1222,31 +1272,31 @@ void run_tile_widening(const Problem<scalar_t, out_t, compute_t>& p, const Tile&
     }
     if constexpr (kDirectOut) {
       compute_t* c = reinterpret_cast<compute_t*>(p.c) + m0 * p.c_rs + t.n0;
+      gemm_row_major<compute_t>(mb, nb, k, a_ptr, lda, b_ptr, ldb, c, p.c_rs);
       if (p.bias != nullptr) {
         for (int64_t r = 0; r < mb; ++r) {
-          std::copy(p.bias + t.n0, p.bias + t.n0 + nb, c + r * p.c_rs);
+          for (int64_t j = 0; j < nb; ++j) c[r * p.c_rs + j] += p.bias[t.n0 + j];
         }
       }
-      gemm_row_major<compute_t>(mb, nb, k, a_ptr, lda, b_ptr, ldb, c, p.c_rs, p.bias != nullptr);
     } else {
-      gemm_row_major<compute_t>(mb, nb, k, a_ptr, lda, b_ptr, ldb, acc, nb, false);
+      gemm_row_major<compute_t>(mb, nb, k, a_ptr, lda, b_ptr, ldb, acc, nb);
       store_tile<out_t>(p, m0, mb, t.n0, nb, acc, nb);
     }
   }
 }
 
-// ---- oneDNN matmul engine: bfloat16 in and out, no bias ---------------------
-// oneDNN's bf16 matmul (avx512_bf16/AMX) behind at::mm is the fastest bf16
-// GEMM this build has; called from inside the parallel region it runs on one
-// thread, which for small per-expert GEMMs is ~90% of the one-thread dense rate.
+// ---- matmul engine: bfloat16 / float32 in and out, no bias ------------------
+// oneDNN's bf16 matmul (avx512_bf16/AMX) and MKL's sgemm behind at::mm, one
+// group after the other and outside any parallel region: each GEMM is
+// threaded by the library, and no ATen op runs inside at::parallel_for.
 template <typename scalar_t, typename out_t, typename acc_t>
-void run_tile_matmul(const Problem<scalar_t, out_t, acc_t>& p, const Tile& t) {
+void run_group_matmul(const Problem<scalar_t, out_t, acc_t>& p) {
   const auto opts = at::TensorOptions().dtype(c10::CppTypeToScalarType<scalar_t>::value);
   auto* a = const_cast<scalar_t*>(p.a);
-  auto* b = const_cast<scalar_t*>(p.b + t.n0 * p.b_cs);
+  auto* b = const_cast<scalar_t*>(p.b);
   const Tensor a_view = at::from_blob(a, {p.m, p.k}, {p.a_rs, p.a_cs}, opts);
-  const Tensor b_view = at::from_blob(b, {p.k, t.nb}, {p.b_rs, p.b_cs}, opts);
-  Tensor c_view = at::from_blob(p.c + t.n0, {p.m, t.nb}, {p.c_rs, 1}, opts);
+  const Tensor b_view = at::from_blob(b, {p.k, p.n}, {p.b_rs, p.b_cs}, opts);
+  Tensor c_view = at::from_blob(p.c, {p.m, p.n}, {p.c_rs, 1}, opts);
   at::mm_out(c_view, a_view, b_view);
 }
 
@@ -1259,14 +1309,20 @@ constexpr int64_t kMatmulMinRows = 256;
 
 // The AVX-512 micro-kernels where the CPU has them (they beat oneDNN/MKL on
 // fine-grained groups by overlapping the weight stream with compute), except
-// for large bfloat16 groups; otherwise at::mm where it applies, else BLAS.
+// for large bfloat16 groups; otherwise at::mm where it applies, else the
+// widening engine.
 template <typename scalar_t, typename out_t, typename acc_t>
 Engine choose_engine(const std::vector<Problem<scalar_t, out_t, acc_t>>& problems, bool has_bias, bool gathered) {
   constexpr bool kMatmulCapable = (std::is_same_v<scalar_t, BFloat16> || std::is_same_v<scalar_t, float>) &&
       std::is_same_v<out_t, scalar_t>;
-  // at::mm cannot read rows through an index.
-  const Engine fallback = kMatmulCapable && !has_bias && !gathered ? Engine::kMatmul : Engine::kWidening;
-#ifdef GROUPED_MM_HAVE_AVX512_KERNELS
+  // at::mm cannot read rows through an index. It runs a whole group on all
+  // threads, and MKL / oneDNN may then split K across them for small shapes,
+  // which changes the bits with the thread count: so only for the large
+  // groups of the AVX512 build, where it is the faster engine; the DEFAULT
+  // and AVX2 builds use the widening engine, whose bits never depend on it.
+  [[maybe_unused]] const Engine fallback =
+      kMatmulCapable && !has_bias && !gathered ? Engine::kMatmul : Engine::kWidening;
+#if defined(CPU_CAPABILITY_AVX512)
   int64_t rows = 0, nonempty = 0;
   for (const auto& p : problems) {
     if (p.m > 0 && p.n > 0) {
@@ -1281,7 +1337,7 @@ Engine choose_engine(const std::vector<Problem<scalar_t, out_t, acc_t>>& problem
     }
     // Without AVX512_BF16 oneDNN's bfloat16 matmul runs at a fraction of the
     // float32 rate; the micro-kernels widen to float32 and keep that rate.
-    if (!cpu_has_avx512_bf16() && moe_cpu_has_avx512()) {
+    if (!cpu_has_avx512_bf16()) {
       return Engine::kAvx512;
     }
   } else if constexpr (!std::is_same_v<scalar_t, double>) {
@@ -1289,24 +1345,34 @@ Engine choose_engine(const std::vector<Problem<scalar_t, out_t, acc_t>>& problem
     // on Intel cores its sgemm outruns the micro-kernel (Ice Lake: 0.6-0.8x
     // of it at Mixtral's 512 rows per expert, measured); below that the
     // micro-kernel's streamed weights win.
-    if (moe_cpu_has_avx512() && !(std::is_same_v<scalar_t, float> && fallback == Engine::kMatmul && large_groups)) {
+    if (!(std::is_same_v<scalar_t, float> && fallback == Engine::kMatmul && large_groups)) {
       return Engine::kAvx512;
     }
   }
-#endif
   return fallback;
+#else
+  return Engine::kWidening;
+#endif
 }
 
 template <typename scalar_t, typename out_t, typename acc_t>
 void run_problems(const std::vector<Problem<scalar_t, out_t, acc_t>>& problems, bool has_bias, bool gathered) {
   const Engine engine = choose_engine(problems, has_bias, gathered);
+  if (engine == Engine::kMatmul) {
+    for (const auto& p : problems) {
+      if (p.m == 0 || p.n == 0) continue;
+      if (p.k == 0) {
+        store_bias_only<out_t>(p, 0, p.n);
+      } else {
+        run_group_matmul(p);
+      }
+    }
+    return;
+  }
   // Tile widths depend on the shapes only (never on the thread count), so the
   // bits of the result do not change with the number of threads.
   int64_t tile_n = kWideNB;
-  if (engine == Engine::kMatmul) {
-    tile_n = problems.size() >= 8 ? std::numeric_limits<int64_t>::max() : kMatmulNB;
-  }
-#ifdef GROUPED_MM_HAVE_AVX512_KERNELS
+#if defined(CPU_CAPABILITY_AVX512)
   if (engine == Engine::kAvx512) {
     tile_n = kMicroNB;
   }
@@ -1318,7 +1384,7 @@ void run_problems(const std::vector<Problem<scalar_t, out_t, acc_t>>& problems, 
     const auto& p = problems[i];
     if (p.m == 0 || p.n == 0) continue;
     int64_t problem_tile_n = tile_n;
-#ifdef GROUPED_MM_HAVE_AVX512_KERNELS
+#if defined(CPU_CAPABILITY_AVX512)
     if constexpr (!std::is_same_v<scalar_t, double>) {
       // A K that fits one block (a weight gradient over a few dozen routed
       // rows) needs no accumulator buffer, so a tile can span all of N and
@@ -1356,20 +1422,43 @@ void run_problems(const std::vector<Problem<scalar_t, out_t, acc_t>>& problems, 
     }
   }
 
+  // Scratch for this call, one slice per chunk (a thread runs its chunks one
+  // after the other in one slice), sized for the largest tile of the engine.
+  ScratchBytes need;
+  for (const Tile& t : tiles) {
+    const auto& p = problems[t.problem];
+    if (p.k == 0) continue;
+    if (engine == Engine::kWidening) {
+      widening_scratch(p, t, need);
+    } else {
+#if defined(CPU_CAPABILITY_AVX512)
+      if constexpr (!std::is_same_v<scalar_t, double>) {
+        avx512_scratch(p, t, need);
+      }
+#endif
+    }
+  }
+  const auto round64 = [](int64_t bytes) { return (bytes + 63) / 64 * 64; };
+  const int64_t slice = round64(need.a) + round64(need.b) + round64(need.acc);
+  const Tensor scratch = at::empty({num_chunks * slice}, at::TensorOptions().dtype(kByte));
+  char* const scratch_base = reinterpret_cast<char*>(scratch.data_ptr());
+
   at::parallel_for(0, num_chunks, 1, [&](int64_t begin, int64_t end) {
-    ThreadBuffers& buf = thread_buffers();
+    ThreadBuffers buf;
+    char* base = scratch_base + begin * slice;
+    buf.a = {base, need.a};
+    buf.b = {base + round64(need.a), need.b};
+    buf.acc = {base + round64(need.a) + round64(need.b), need.acc};
     for (int64_t chunk = begin; chunk < end; ++chunk) {
       for (int64_t i = bounds[chunk]; i < bounds[chunk + 1]; ++i) {
         const Tile& t = tiles[i];
         const auto& p = problems[t.problem];
         if (p.k == 0) {
           store_bias_only<out_t>(p, t.n0, t.nb);
-        } else if (engine == Engine::kMatmul) {
-          run_tile_matmul(p, t);
         } else if (engine == Engine::kWidening) {
           run_tile_widening(p, t, buf);
         } else {
-#ifdef GROUPED_MM_HAVE_AVX512_KERNELS
+#if defined(CPU_CAPABILITY_AVX512)
           if constexpr (!std::is_same_v<scalar_t, double>) {
             const Tile* next = i + 1 < bounds[chunk + 1] ? &tiles[i + 1] : nullptr;
             const auto* next_p = next != nullptr ? &problems[next->problem] : nullptr;
@@ -1471,8 +1560,6 @@ void grouped_mm_kernel(const Tensor& mat_a, const Tensor& mat_b, const std::opti
                        const std::optional<Tensor>& bias, const std::optional<Tensor>& a_index,
                        const std::optional<Tensor>& b_index, const Tensor& out) {
   TORCH_INTERNAL_ASSERT(out.stride(-1) == 1 || out.size(-1) <= 1);
-  // A weight gradient is hundreds of MB of fresh memory (MoEHugePages.h).
-  moe_advise_huge_pages(out);
   AT_DISPATCH_FLOATING_TYPES_AND2(kBFloat16, kHalf, mat_a.scalar_type(), "grouped_mm_cpu", [&] {
     if (out.scalar_type() == mat_a.scalar_type()) {
       grouped_mm_typed<scalar_t, scalar_t>(mat_a, mat_b, offs, bias, a_index, b_index, out);
@@ -1487,16 +1574,8 @@ void grouped_mm_kernel(const Tensor& mat_a, const Tensor& mat_b, const std::opti
 
 } // namespace
 
-// ATen compiles native/cpu/ once per CPU capability. This kernel selects its
-// ISA at run time, so each build registers it (AVX512 explicitly: plain
-// REGISTER_DISPATCH leaves that slot empty). Compiled once, as in the
-// extension, it fills every slot itself.
-#if defined(CPU_CAPABILITY_AVX512)
+// Every capability's build registers its copy; the AVX512 one has the
+// AVX-512 engine (plain REGISTER_DISPATCH would leave that slot empty).
 ALSO_REGISTER_AVX512_DISPATCH(grouped_mm_stub, &grouped_mm_kernel)
-#elif defined(CPU_CAPABILITY)
-REGISTER_DISPATCH(grouped_mm_stub, &grouped_mm_kernel)
-#else
-REGISTER_ALL_CPU_DISPATCH(grouped_mm_stub, &grouped_mm_kernel)
-#endif
 
 } // namespace at::native

@@ -112,7 +112,10 @@ void dequantize_scalar(const uint8_t* d, out_t* out, int64_t n, float s, const f
 
 // ------------------------------------------------------------- AVX-512 rows
 
-#ifdef MOE_OPS_HAVE_AVX512
+#if defined(CPU_CAPABILITY_AVX512)
+// Intrinsics: the fp8 rounding is integer code on the float bits (unsigned
+// compares, variable shifts, masked narrowing stores) and the dequantize a
+// table gather, which Vectorized<T> does not provide.
 
 // GCC 12 reports the unmasked intrinsics' internal undefined vectors as
 // maybe-uninitialized (a false positive; MoEAvx512Utils.h works around it
@@ -123,7 +126,7 @@ void dequantize_scalar(const uint8_t* d, out_t* out, int64_t n, float s, const f
 #endif
 
 template <typename scalar_t>
-MOE_OPS_AVX512 inline __m512 load16(const scalar_t* p, __mmask16 m) {
+inline __m512 load16(const scalar_t* p, __mmask16 m) {
   if constexpr (std::is_same_v<scalar_t, float>) {
     return _mm512_maskz_loadu_ps(m, p);
   } else if constexpr (std::is_same_v<scalar_t, c10::BFloat16>) {
@@ -134,7 +137,7 @@ MOE_OPS_AVX512 inline __m512 load16(const scalar_t* p, __mmask16 m) {
 }
 
 template <typename scalar_t>
-MOE_OPS_AVX512 float amax_avx512(const scalar_t* x, int64_t n) {
+float amax_avx512(const scalar_t* x, int64_t n) {
   __m512 acc = _mm512_setzero_ps();
   __mmask16 nan = 0;
   for (int64_t i = 0; i < n; i += 16) {
@@ -146,7 +149,7 @@ MOE_OPS_AVX512 float amax_avx512(const scalar_t* x, int64_t n) {
 }
 
 // fp8_encode on 16 lanes.
-MOE_OPS_AVX512 inline __m512i fp8_encode16(__m512 v, const Fp8Format& f) {
+inline __m512i fp8_encode16(__m512 v, const Fp8Format& f) {
   const __m512i bits = _mm512_castps_si512(v);
   const __m512i a = _mm512_and_si512(bits, _mm512_set1_epi32(0x7FFFFFFF));
   const __m512i sign = _mm512_and_si512(_mm512_srli_epi32(bits, 24), _mm512_set1_epi32(0x80));
@@ -166,7 +169,7 @@ MOE_OPS_AVX512 inline __m512i fp8_encode16(__m512 v, const Fp8Format& f) {
 }
 
 template <typename scalar_t>
-MOE_OPS_AVX512 void quantize_avx512(const scalar_t* x, uint8_t* out, int64_t n, float q, const Fp8Format& f) {
+void quantize_avx512(const scalar_t* x, uint8_t* out, int64_t n, float q, const Fp8Format& f) {
   const __m512 vq = _mm512_set1_ps(q);
   const __m512 hi = _mm512_set1_ps(f.max);
   const __m512 lo = _mm512_set1_ps(-f.max);
@@ -180,7 +183,7 @@ MOE_OPS_AVX512 void quantize_avx512(const scalar_t* x, uint8_t* out, int64_t n, 
 }
 
 template <typename out_t>
-MOE_OPS_AVX512 void dequantize_avx512(const uint8_t* d, out_t* out, int64_t n, float s, const float* lut) {
+void dequantize_avx512(const uint8_t* d, out_t* out, int64_t n, float s, const float* lut) {
   const __m512 vs = _mm512_set1_ps(s);
   for (int64_t i = 0; i < n; i += 16) {
     const __mmask16 m = moe_lanes16(n, i);
@@ -199,7 +202,7 @@ MOE_OPS_AVX512 void dequantize_avx512(const uint8_t* d, out_t* out, int64_t n, f
 // A whole row of 32-element blocks (MX): the amax of each block, then its
 // quantisation, without a call per block.
 template <typename scalar_t>
-MOE_OPS_AVX512 void amax32_avx512(const scalar_t* x, int64_t blocks, float* out) {
+void amax32_avx512(const scalar_t* x, int64_t blocks, float* out) {
   for (int64_t b = 0; b < blocks; ++b) {
     const __m512 v0 = load16(x + 32 * b, 0xFFFF), v1 = load16(x + 32 * b + 16, 0xFFFF);
     const __mmask16 nan = _mm512_cmp_ps_mask(v0, v0, _CMP_UNORD_Q) | _mm512_cmp_ps_mask(v1, v1, _CMP_UNORD_Q);
@@ -209,7 +212,7 @@ MOE_OPS_AVX512 void amax32_avx512(const scalar_t* x, int64_t blocks, float* out)
 }
 
 template <typename scalar_t>
-MOE_OPS_AVX512 void quantize32_avx512(const scalar_t* x, uint8_t* out, int64_t blocks, const float* q,
+void quantize32_avx512(const scalar_t* x, uint8_t* out, int64_t blocks, const float* q,
                                       const Fp8Format& f) {
   const __m512 hi = _mm512_set1_ps(f.max), lo = _mm512_set1_ps(-f.max);
   for (int64_t b = 0; b < blocks; ++b) {
@@ -230,26 +233,29 @@ MOE_OPS_AVX512 void quantize32_avx512(const scalar_t* x, uint8_t* out, int64_t b
 
 template <typename scalar_t>
 float row_amax(const scalar_t* x, int64_t n) {
-#ifdef MOE_OPS_HAVE_AVX512
-  if (moe_cpu_has_avx512()) return amax_avx512(x, n);
-#endif
+#if defined(CPU_CAPABILITY_AVX512)
+  return amax_avx512(x, n);
+#else
   return amax_scalar(x, n);
+#endif
 }
 
 template <typename scalar_t>
 void row_quantize(const scalar_t* x, uint8_t* out, int64_t n, float q, const Fp8Format& f) {
-#ifdef MOE_OPS_HAVE_AVX512
-  if (moe_cpu_has_avx512()) return quantize_avx512(x, out, n, q, f);
-#endif
+#if defined(CPU_CAPABILITY_AVX512)
+  return quantize_avx512(x, out, n, q, f);
+#else
   quantize_scalar(x, out, n, q, f);
+#endif
 }
 
 template <typename out_t>
 void row_dequantize(const uint8_t* d, out_t* out, int64_t n, float s, const float* lut) {
-#ifdef MOE_OPS_HAVE_AVX512
-  if (moe_cpu_has_avx512()) return dequantize_avx512(d, out, n, s, lut);
-#endif
+#if defined(CPU_CAPABILITY_AVX512)
+  return dequantize_avx512(d, out, n, s, lut);
+#else
   dequantize_scalar(d, out, n, s, lut);
+#endif
 }
 
 // --------------------------------------------------------------- geometry
@@ -315,13 +321,13 @@ void quantize_typed(const Tensor& x, const Blocks& bl, const Fp8Format& f, const
 
   // (1) amax per (row, segment).
   // MX rows (fixed 32-wide segments) go through the whole-row AVX-512 loops.
-  const bool whole32 = !bl.grouped && fp8_block_cols(bl.recipe) == 32;
+  [[maybe_unused]] const bool whole32 = !bl.grouped && fp8_block_cols(bl.recipe) == 32;
   std::vector<float> ra(static_cast<size_t>(total_rows * nseg));
   at::parallel_for(0, total_rows, row_grain(cols), [&](int64_t begin, int64_t end) {
     for (int64_t r = begin; r < end; ++r) {
       int64_t s0 = 0;
-#ifdef MOE_OPS_HAVE_AVX512
-      if (whole32 && moe_cpu_has_avx512()) {  // full blocks here, a partial last one below
+#if defined(CPU_CAPABILITY_AVX512)
+      if (whole32) {  // full blocks here, a partial last one below
         amax32_avx512(xp + r * cols, cols / 32, &ra[r * nseg]);
         s0 = cols / 32;
       }
@@ -381,8 +387,8 @@ void quantize_typed(const Tensor& x, const Blocks& bl, const Fp8Format& f, const
     for (int64_t r = begin; r < end; ++r) {
       const int64_t b = r / rows, rb = (r % rows) / bl.block_rows;
       int64_t s0 = 0;
-#ifdef MOE_OPS_HAVE_AVX512
-      if (whole32 && moe_cpu_has_avx512()) {
+#if defined(CPU_CAPABILITY_AVX512)
+      if (whole32) {
         quantize32_avx512(xp + r * cols, dp + r * cols, cols / 32, &qs[(b * bl.nrb + rb) * nseg], f);
         s0 = cols / 32;
       }
@@ -443,19 +449,9 @@ void dequantize_fp8_kernel(const Tensor& data, const Tensor& scale, Fp8Recipe re
 
 } // namespace
 
-// ATen compiles native/cpu/ once per CPU capability. These kernels select
-// their ISA at run time, so each build registers them (AVX512 explicitly:
-// plain REGISTER_DISPATCH leaves that slot empty). Compiled once, as in the
-// extension, they fill every slot.
-#if defined(CPU_CAPABILITY_AVX512)
+// Every capability's build registers its copy; the AVX512 one has the
+// AVX-512 paths (plain REGISTER_DISPATCH would leave that slot empty).
 ALSO_REGISTER_AVX512_DISPATCH(quantize_fp8_stub, &quantize_fp8_kernel)
 ALSO_REGISTER_AVX512_DISPATCH(dequantize_fp8_stub, &dequantize_fp8_kernel)
-#elif defined(CPU_CAPABILITY)
-REGISTER_DISPATCH(quantize_fp8_stub, &quantize_fp8_kernel)
-REGISTER_DISPATCH(dequantize_fp8_stub, &dequantize_fp8_kernel)
-#else
-REGISTER_ALL_CPU_DISPATCH(quantize_fp8_stub, &quantize_fp8_kernel)
-REGISTER_ALL_CPU_DISPATCH(dequantize_fp8_stub, &dequantize_fp8_kernel)
-#endif
 
 } // namespace at::native

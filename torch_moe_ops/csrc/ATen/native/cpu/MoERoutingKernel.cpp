@@ -18,7 +18,6 @@
 
 #include <ATen/native/MoERouting.h>
 #include <ATen/native/cpu/MoEAvx512Utils.h>
-#include <ATen/native/cpu/MoEHugePages.h>
 
 #include <ATen/Dispatch.h>
 #include <ATen/OpMathType.h>
@@ -33,12 +32,46 @@
 #include <type_traits>
 #include <vector>
 
-#if defined(__x86_64__) && (defined(__GNUC__) || defined(__clang__))
+#if defined(CPU_CAPABILITY_AVX512)
 #include <immintrin.h>
 #endif
 
 namespace at::native {
 namespace {
+
+// Compilers contract a mul feeding an add into an FMA (one rounding fewer)
+// unless told not to, and the AVX2/AVX512 builds have FMA: the sums of the
+// combine and its backward are mul then add in every build, as the reference.
+#if defined(__clang__)
+#define MOE_NO_FP_CONTRACT
+#else
+#define MOE_NO_FP_CONTRACT __attribute__((optimize("fp-contract=off")))
+#endif
+
+// acc[h] += w * x[h] (w == nullptr: += x[h]), h < n.
+template <typename acc_t, typename scalar_t>
+MOE_NO_FP_CONTRACT void accumulate_row(acc_t* acc, const scalar_t* x, const acc_t* w, int64_t n) {
+#if defined(__clang__)
+#pragma clang fp contract(off)
+#endif
+  if (w != nullptr) {
+    const acc_t wj = *w;
+    for (int64_t h = 0; h < n; ++h) acc[h] += wj * static_cast<acc_t>(x[h]);
+  } else {
+    for (int64_t h = 0; h < n; ++h) acc[h] += static_cast<acc_t>(x[h]);
+  }
+}
+
+// sum_h a[h] * b[h] in acc_t, in order.
+template <typename acc_t, typename scalar_t>
+MOE_NO_FP_CONTRACT acc_t dot_row(const scalar_t* a, const scalar_t* b, int64_t n) {
+#if defined(__clang__)
+#pragma clang fp contract(off)
+#endif
+  acc_t dot = 0;
+  for (int64_t h = 0; h < n; ++h) dot += static_cast<acc_t>(a[h]) * static_cast<acc_t>(b[h]);
+  return dot;
+}
 
 // Orders experts by key, descending, ties to the lower id. NaN keys were
 // mapped to -inf so the order is total.
@@ -63,11 +96,11 @@ inline void topk_insert(int64_t* ids, acc_t* keys, int64_t& size, int64_t cap, i
   keys[pos] = key;
 }
 
-#if defined(__x86_64__) && (defined(__GNUC__) || defined(__clang__))
-#define MOE_ROUTING_HAVE_AVX512 1
-#define MOE_ROUTING_AVX512 __attribute__((target("avx512f,avx512bw,avx512vl,avx512dq")))
-
+#if defined(CPU_CAPABILITY_AVX512)
 // ---- AVX-512 router (float32 scores) -----------------------------------------
+// Intrinsics, not Vectorized<T>: the selection runs on mask registers
+// (kmov/ctz over availability bits) and the exp must be this polynomial, the
+// one the tests pin, not Vectorized<float>::exp's (Sleef) bits.
 // With a few dozen to a few hundred experts per token, the scalar router
 // spends its time in libm's expf calls and in the branches of the insertion
 // top-k. Here the scores are 16 experts per instruction and the top-k is k
@@ -81,16 +114,11 @@ constexpr int64_t kMaxVecExperts = 1024;
 #pragma GCC diagnostic push
 #pragma GCC diagnostic ignored "-Wmaybe-uninitialized"
 
-bool cpu_has_avx512() {
-  static const bool ok = moe_cpu_has_avx512() && __builtin_cpu_supports("avx512dq");
-  return ok;
-}
-
 // e^x to about 1 ulp: x = n ln2 + r with |r| <= ln2 / 2, a degree-7 Taylor
 // polynomial for e^r (remainder < 6e-9 relative), then scalef by 2^n, which
 // saturates to inf or flushes to 0 exactly as expf does. NaN stays NaN (max
 // and min return their second operand when either is NaN).
-MOE_ROUTING_AVX512 inline __m512 exp_ps(__m512 x) {
+inline __m512 exp_ps(__m512 x) {
   x = _mm512_max_ps(_mm512_set1_ps(-104.f), x);
   x = _mm512_min_ps(_mm512_set1_ps(89.f), x);
   const __m512 n = _mm512_roundscale_ps(_mm512_mul_ps(x, _mm512_set1_ps(1.44269504088896341f)),
@@ -109,7 +137,7 @@ MOE_ROUTING_AVX512 inline __m512 exp_ps(__m512 x) {
 }
 
 template <typename scalar_t>
-MOE_ROUTING_AVX512 inline __m512 load_ps(const scalar_t* p, __mmask16 m) {
+inline __m512 load_ps(const scalar_t* p, __mmask16 m) {
   if constexpr (std::is_same_v<scalar_t, float>) {
     return _mm512_maskz_loadu_ps(m, p);
   } else if constexpr (std::is_same_v<scalar_t, BFloat16>) {
@@ -120,7 +148,7 @@ MOE_ROUTING_AVX512 inline __m512 load_ps(const scalar_t* p, __mmask16 m) {
 }
 
 // Selection key of 16 experts: score + bias, NaN -> -inf.
-MOE_ROUTING_AVX512 inline void store_key(float* key, __m512 v, const float* bias) {
+inline void store_key(float* key, __m512 v, const float* bias) {
   if (bias != nullptr) {
     v = _mm512_add_ps(v, _mm512_loadu_ps(bias));
   }
@@ -133,7 +161,7 @@ MOE_ROUTING_AVX512 inline void store_key(float* key, __m512 v, const float* bias
 // and reload is a full vector: a masked store forwards to the next load
 // badly, and with a handful of experts per token that stall was the cost.
 template <typename scalar_t>
-MOE_ROUTING_AVX512 void router_scores_avx512(const scalar_t* row, int64_t experts, RouterScore kind,
+void router_scores_avx512(const scalar_t* row, int64_t experts, RouterScore kind,
                                              const float* bias, float* score, float* key) {
   const __m512 neg_inf = _mm512_set1_ps(-std::numeric_limits<float>::infinity());
   if (kind == RouterScore::kSoftmax) {
@@ -172,7 +200,7 @@ MOE_ROUTING_AVX512 void router_scores_avx512(const scalar_t* row, int64_t expert
 }
 
 // Availability bits of the experts of the kept groups (all when n_group == 1).
-MOE_ROUTING_AVX512 inline void available_experts(__mmask16* avail, int64_t experts, int64_t n_group,
+inline void available_experts(__mmask16* avail, int64_t experts, int64_t n_group,
                                                  int64_t group_size, uint64_t group_mask) {
   const int64_t chunks = (experts + 15) / 16;
   if (n_group == 1) {
@@ -191,7 +219,7 @@ MOE_ROUTING_AVX512 inline void available_experts(__mmask16* avail, int64_t exper
 
 // k rounds of: the largest key among the available experts, the lowest id
 // among equals; the winner leaves the available set. key is padded as above.
-MOE_ROUTING_AVX512 void topk_avx512(const float* key, int64_t experts, int64_t k, __mmask16* avail,
+void topk_avx512(const float* key, int64_t experts, int64_t k, __mmask16* avail,
                                     int64_t* ids, float* keys) {
   const int64_t chunks = (experts + 15) / 16;
   for (int64_t j = 0; j < k; ++j) {
@@ -216,15 +244,9 @@ MOE_ROUTING_AVX512 void topk_avx512(const float* key, int64_t experts, int64_t k
 }
 // One token of unpermute: y = sum_j w_j * rows[j] in float32, slot order,
 // one rounding; as mul then add, the very operations of the scalar path and
-// of the reference, so the bits agree. Compilers contract a mul feeding an
-// add into an FMA (one rounding fewer) unless told not to.
-#if defined(__clang__)
-#define MOE_NO_FP_CONTRACT
-#else
-#define MOE_NO_FP_CONTRACT __attribute__((optimize("fp-contract=off")))
-#endif
+// of the reference, so the bits agree.
 template <typename scalar_t>
-MOE_ROUTING_AVX512 MOE_NO_FP_CONTRACT void combine_row_avx512(scalar_t* y, const scalar_t* const* rows,
+MOE_NO_FP_CONTRACT void combine_row_avx512(scalar_t* y, const scalar_t* const* rows,
                                                               const float* w, int64_t k, int64_t hidden) {
 #if defined(__clang__)
 #pragma clang fp contract(off)
@@ -247,7 +269,7 @@ MOE_ROUTING_AVX512 MOE_NO_FP_CONTRACT void combine_row_avx512(scalar_t* y, const
 }
 
 #pragma GCC diagnostic pop
-#endif // x86-64
+#endif // CPU_CAPABILITY_AVX512
 
 template <typename scalar_t, typename acc_t, typename bias_t>
 void router_topk_impl(
@@ -263,9 +285,9 @@ void router_topk_impl(
 
   // ~E * 20 flops per token; keep tasks at a few thousand experts' work.
   const int64_t grain = std::max<int64_t>(1, 4096 / experts);
-#ifdef MOE_ROUTING_HAVE_AVX512
+#if defined(CPU_CAPABILITY_AVX512)
   constexpr bool kVecType = std::is_same_v<acc_t, float> && !std::is_same_v<scalar_t, double>;
-  const bool use_vec = kVecType && experts <= kMaxVecExperts && cpu_has_avx512();
+  const bool use_vec = kVecType && experts <= kMaxVecExperts;
 #else
   constexpr bool use_vec = false;
 #endif
@@ -274,7 +296,7 @@ void router_topk_impl(
     const int64_t padded = (experts + 15) / 16 * 16;
     std::vector<acc_t> score(padded), key(padded), top_keys(std::max(k, topk_group));
     std::vector<int64_t> top_ids(std::max(k, topk_group));
-#ifdef MOE_ROUTING_HAVE_AVX512
+#if defined(CPU_CAPABILITY_AVX512)
     std::vector<float> bias_f;
     if (use_vec && bias != nullptr) {
       bias_f.resize(padded, 0.f);
@@ -283,7 +305,7 @@ void router_topk_impl(
 #endif
     for (const auto t : c10::irange(begin, end)) {
       const scalar_t* row = in + t * experts;
-#ifdef MOE_ROUTING_HAVE_AVX512
+#if defined(CPU_CAPABILITY_AVX512)
       if constexpr (kVecType) {
         if (use_vec) {
           router_scores_avx512(row, experts, score_kind, bias != nullptr ? bias_f.data() : nullptr, score.data(),
@@ -349,7 +371,7 @@ void router_topk_impl(
           group_mask |= uint64_t(1) << top_ids[i];
         }
       }
-#ifdef MOE_ROUTING_HAVE_AVX512
+#if defined(CPU_CAPABILITY_AVX512)
       if constexpr (kVecType) {
         if (use_vec) {
           __mmask16 avail[kMaxVecExperts / 16];
@@ -547,7 +569,6 @@ void permute_kernel(
   });
 
   // Gather the rows in destination order. A pure copy: bytes, any dtype.
-  moe_advise_huge_pages(permuted);
   const int64_t row_bytes = tokens.size(1) * tokens.element_size();
   const int64_t in_stride = tokens.stride(0) * tokens.element_size();
   const char* in = static_cast<const char*>(tokens.const_data_ptr());
@@ -572,7 +593,6 @@ void unpermute_kernel(
   const int64_t hidden = permuted.size(1);
   const int64_t in_stride = permuted.stride(0);
   const int64_t* dst = dst_rows.const_data_ptr<int64_t>();
-  moe_advise_huge_pages(out);
   AT_DISPATCH_FLOATING_TYPES_AND2(kBFloat16, kHalf, permuted.scalar_type(), "moe_unpermute_cpu", [&] {
     using acc_t = at::opmath_type<scalar_t>;
     const scalar_t* in = permuted.const_data_ptr<scalar_t>();
@@ -580,24 +600,22 @@ void unpermute_kernel(
     const auto w = weight_reader<scalar_t, acc_t>(weights);
     const bool weighted = weights.has_value();
     at::parallel_for(0, num_tokens, row_grain(hidden * top_k * permuted.element_size()), [&](int64_t t0, int64_t t1) {
-#ifdef MOE_ROUTING_HAVE_AVX512
+#if defined(CPU_CAPABILITY_AVX512)
       if constexpr (std::is_same_v<acc_t, float>) {
-        if (cpu_has_avx512()) {
-          std::vector<const scalar_t*> rows(top_k);
-          std::vector<float> wk(top_k);
-          for (const auto t : c10::irange(t0, t1)) {
-            // Dropped slots (-1) contribute nothing: they are left out.
-            int64_t n = 0;
-            for (const auto j : c10::irange(top_k)) {
-              const int64_t r = dst[t * top_k + j];
-              if (r < 0) continue;
-              rows[n] = in + r * in_stride;
-              wk[n++] = weighted ? w(t * top_k + j) : 1.f;
-            }
-            combine_row_avx512(o + t * hidden, rows.data(), weighted ? wk.data() : nullptr, n, hidden);
+        std::vector<const scalar_t*> rows(top_k);
+        std::vector<float> wk(top_k);
+        for (const auto t : c10::irange(t0, t1)) {
+          // Dropped slots (-1) contribute nothing: they are left out.
+          int64_t n = 0;
+          for (const auto j : c10::irange(top_k)) {
+            const int64_t r = dst[t * top_k + j];
+            if (r < 0) continue;
+            rows[n] = in + r * in_stride;
+            wk[n++] = weighted ? w(t * top_k + j) : 1.f;
           }
-          return;
+          combine_row_avx512(o + t * hidden, rows.data(), weighted ? wk.data() : nullptr, n, hidden);
         }
+        return;
       }
 #endif
       std::vector<acc_t> acc(hidden);
@@ -609,12 +627,8 @@ void unpermute_kernel(
           const int64_t r = dst[t * top_k + j];
           if (r < 0) continue;
           const scalar_t* x = in + r * in_stride;
-          if (weighted) {
-            const acc_t wj = w(t * top_k + j);
-            for (const auto h : c10::irange(hidden)) acc[h] += wj * static_cast<acc_t>(x[h]);
-          } else {
-            for (const auto h : c10::irange(hidden)) acc[h] += static_cast<acc_t>(x[h]);
-          }
+          const acc_t wj = weighted ? w(t * top_k + j) : acc_t(1);
+          accumulate_row(acc.data(), x, weighted ? &wj : nullptr, hidden);
         }
         scalar_t* y = o + t * hidden;
         for (const auto h : c10::irange(hidden)) y[h] = static_cast<scalar_t>(acc[h]);
@@ -683,7 +697,7 @@ void unpermute_backward_kernel(
             const int64_t i = by_row.slots[s];
             const scalar_t* gt = g + (i / top_k) * hidden;
             const acc_t wi = weighted ? w(i) : acc_t(1);
-            for (const auto h : c10::irange(hidden)) acc[h] += wi * static_cast<acc_t>(gt[h]);
+            accumulate_row(acc.data(), gt, &wi, hidden);
           }
           scalar_t* out_row = gp + r * hidden;
           for (const auto h : c10::irange(hidden)) out_row[h] = static_cast<scalar_t>(acc[h]);
@@ -707,11 +721,7 @@ void unpermute_backward_kernel(
             }
           }
           if (x != nullptr) {
-            acc_t dot = 0;
-            if (r >= 0) {
-              const scalar_t* xr = x + r * hidden;
-              for (const auto h : c10::irange(hidden)) dot += static_cast<acc_t>(gt[h]) * static_cast<acc_t>(xr[h]);
-            }
+            const acc_t dot = r >= 0 ? dot_row<acc_t>(gt, x + r * hidden, hidden) : acc_t(0);
             if (gw_f32 != nullptr) {
               gw_f32[i] = static_cast<float>(dot);
             } else {
@@ -726,25 +736,11 @@ void unpermute_backward_kernel(
 
 } // namespace
 
-// ATen compiles native/cpu/ once per CPU capability; these kernels have no
-// ISA-specific paths worth a separate AVX512 build, so that slot reuses them
-// explicitly (plain REGISTER_DISPATCH leaves it empty). Compiled once, as in
-// the extension, they fill every slot.
-#if defined(CPU_CAPABILITY_AVX512)
+// Every capability's build registers its copy; the AVX512 one has the
+// vector router and combine (plain REGISTER_DISPATCH would leave that slot empty).
 ALSO_REGISTER_AVX512_DISPATCH(moe_router_topk_stub, &router_topk_kernel)
 ALSO_REGISTER_AVX512_DISPATCH(moe_permute_stub, &permute_kernel)
 ALSO_REGISTER_AVX512_DISPATCH(moe_unpermute_stub, &unpermute_kernel)
 ALSO_REGISTER_AVX512_DISPATCH(moe_unpermute_backward_stub, &unpermute_backward_kernel)
-#elif defined(CPU_CAPABILITY)
-REGISTER_DISPATCH(moe_router_topk_stub, &router_topk_kernel)
-REGISTER_DISPATCH(moe_permute_stub, &permute_kernel)
-REGISTER_DISPATCH(moe_unpermute_stub, &unpermute_kernel)
-REGISTER_DISPATCH(moe_unpermute_backward_stub, &unpermute_backward_kernel)
-#else
-REGISTER_ALL_CPU_DISPATCH(moe_router_topk_stub, &router_topk_kernel)
-REGISTER_ALL_CPU_DISPATCH(moe_permute_stub, &permute_kernel)
-REGISTER_ALL_CPU_DISPATCH(moe_unpermute_stub, &unpermute_kernel)
-REGISTER_ALL_CPU_DISPATCH(moe_unpermute_backward_stub, &unpermute_backward_kernel)
-#endif
 
 } // namespace at::native

@@ -22,12 +22,12 @@
 #include <ATen/Dispatch.h>
 #include <ATen/Parallel.h>
 #include <ATen/core/Tensor.h>
+#include <ATen/ops/empty.h>
 #include <ATen/ops/from_blob.h>
 #include <c10/util/BFloat16.h>
 #include <c10/util/irange.h>
 
 #include <algorithm>
-#include <memory>
 #include <vector>
 
 namespace at::native {
@@ -39,27 +39,21 @@ namespace {
 // matters when the cores are shared and a fork/join may wait for a time slice.
 constexpr int64_t kChunkElems = int64_t{16} << 20;
 
-// The tile buffers outlive the call (one pair per calling thread): buffers of
-// this size come from mmap, and re-faulting and zeroing tens of MB of fresh
-// pages on every call cost more than the conversion itself.
+// The converted operands of a chunk of groups, owned by the call and reused
+// by its chunks (grown to the largest). Tens of MB: from c10's allocator, so
+// THP_MEM_ALLOC_ENABLE=1 gives them huge pages (first-touch faults otherwise
+// cost about as much as the conversion).
 struct Workspace {
-  std::unique_ptr<std::byte[]> data;
-  int64_t bytes = 0;
+  Tensor data;
   template <typename T>
   T* get(int64_t n) {
     const int64_t want = n * static_cast<int64_t>(sizeof(T));
-    if (want > bytes) {
-      data.reset(new std::byte[want]);  // default-initialised: no zero fill
-      bytes = want;
+    if (!data.defined() || want > data.numel()) {
+      data = at::empty({want}, at::TensorOptions().dtype(kByte));
     }
-    return reinterpret_cast<T*>(data.get());
+    return reinterpret_cast<T*>(data.data_ptr());
   }
 };
-
-Workspace& workspace(int i) {
-  thread_local Workspace ws[2];
-  return ws[i];
-}
 
 // Where the scale of element (r, c) of an operand lives:
 // s[(r / r_div) * r_mul + (c / c_div) * c_mul], s = sc (e8m0, MX) or scf
@@ -95,7 +89,9 @@ void convert_run_scalar(const Run& run, dst_t* dst, const float* lut) {
   }
 }
 
-#ifdef MOE_OPS_HAVE_AVX512
+#if defined(CPU_CAPABILITY_AVX512)
+// Intrinsics: the float8 decode is integer bit surgery on 16 lanes (expand,
+// shift, blend for denormals) that Vectorized<T> has no operations for.
 
 #if defined(__GNUC__) && !defined(__clang__)
 #pragma GCC diagnostic push
@@ -105,7 +101,7 @@ void convert_run_scalar(const Run& run, dst_t* dst, const float* lut) {
 // 16 float8 bytes -> float32, exact: integer re-biasing for normals,
 // int -> float times the smallest denormal for denormals (no float denormal
 // is ever formed, so the result is independent of DAZ/FTZ).
-MOE_OPS_AVX512 inline __m512 fp8x16_to_f32(__m128i bytes, bool e5m2) {
+inline __m512 fp8x16_to_f32(__m128i bytes, bool e5m2) {
   const __m512i b = _mm512_cvtepu8_epi32(bytes);
   const __m512i mag = _mm512_and_si512(b, _mm512_set1_epi32(0x7F));
   const __m512i sign = _mm512_slli_epi32(_mm512_and_si512(b, _mm512_set1_epi32(0x80)), 24);
@@ -129,7 +125,7 @@ MOE_OPS_AVX512 inline __m512 fp8x16_to_f32(__m128i bytes, bool e5m2) {
 }
 
 template <typename dst_t>
-MOE_OPS_AVX512 void convert_run_avx512(const Run& run, dst_t* dst, bool e5m2) {
+void convert_run_avx512(const Run& run, dst_t* dst, bool e5m2) {
   alignas(64) float scales[16];
   for (int64_t i = 0; i < run.n; i += 16) {
     const __mmask16 m = moe_lanes16(run.n, i);
@@ -160,10 +156,11 @@ MOE_OPS_AVX512 void convert_run_avx512(const Run& run, dst_t* dst, bool e5m2) {
 
 template <typename dst_t>
 void convert_run(const Run& run, dst_t* dst, ScalarType t) {
-#ifdef MOE_OPS_HAVE_AVX512
-  if (moe_cpu_has_avx512()) return convert_run_avx512(run, dst, t == kFloat8_e5m2);
-#endif
+#if defined(CPU_CAPABILITY_AVX512)
+  return convert_run_avx512(run, dst, t == kFloat8_e5m2);
+#else
   convert_run_scalar(run, dst, moe_fp8_table(t));
+#endif
 }
 
 // `batch` (rows x cols) float8 matrices with element strides (matrix b at
@@ -288,8 +285,7 @@ void scaled_grouped_mm_typed(const Tensor& mat_a, const Tensor& mat_b, const Ten
     return 0;
   };
 
-  Workspace& ws_a = workspace(0);
-  Workspace& ws_b = workspace(1);
+  Workspace ws_a, ws_b;
   for (int64_t g0 = 0; g0 < groups;) {
     int64_t g1 = g0 + 1, elems = group_elems(g0);
     while (g1 < groups && elems + group_elems(g1) <= kChunkElems) elems += group_elems(g1++);
@@ -420,16 +416,8 @@ void scaled_grouped_mm_kernel(const Tensor& mat_a, const Tensor& mat_b, const Te
 
 } // namespace
 
-// ATen compiles native/cpu/ once per CPU capability. This kernel selects its
-// ISA at run time, so each build registers it (AVX512 explicitly: plain
-// REGISTER_DISPATCH leaves that slot empty). Compiled once, as in the
-// extension, it fills every slot.
-#if defined(CPU_CAPABILITY_AVX512)
+// Every capability's build registers its copy; the AVX512 one has the
+// AVX-512 paths (plain REGISTER_DISPATCH would leave that slot empty).
 ALSO_REGISTER_AVX512_DISPATCH(scaled_grouped_mm_stub, &scaled_grouped_mm_kernel)
-#elif defined(CPU_CAPABILITY)
-REGISTER_DISPATCH(scaled_grouped_mm_stub, &scaled_grouped_mm_kernel)
-#else
-REGISTER_ALL_CPU_DISPATCH(scaled_grouped_mm_stub, &scaled_grouped_mm_kernel)
-#endif
 
 } // namespace at::native
