@@ -6,6 +6,7 @@ must be (1) or are not (0); the build prints one line saying which and why.
 """
 
 import glob
+import importlib.util
 import os
 import platform
 import sys
@@ -19,6 +20,20 @@ from torch.utils.cpp_extension import BuildExtension, CppExtension, CUDAExtensio
 
 ROOT = os.path.dirname(os.path.abspath(__file__))
 CSRC = os.path.join("torch_moe_ops", "csrc")
+# The op declaration and its generator (library.cpp's registrations).
+DECLARATION = [os.path.join("torch_moe_ops", "native_functions.yaml"),
+               os.path.join("torch_moe_ops", "native_functions.py")]
+
+
+def native_functions():
+    """torch_moe_ops/native_functions.py, loaded by path: importing the
+    package would import torch_moe_ops/__init__.py, which needs _C."""
+    spec = importlib.util.spec_from_file_location("_torch_moe_ops_native_functions",
+                                                  os.path.join(ROOT, DECLARATION[1]))
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module  # dataclasses look their module up there
+    spec.loader.exec_module(module)
+    return module
 
 # What a directory must hold to compile our CUDA sources. An nvcc on PATH is
 # not enough: where it is a wrapper script outside the toolkit (as
@@ -90,12 +105,18 @@ CPU_CAPABILITY_FLAGS_X86 = {
 
 
 class BuildExtensionPerCapability(BuildExtension.with_options(use_ninja=True)):
-    """BuildExtension that first compiles each extension's cpu_capability_sources
-    once per capability, into its own object directory with that capability's
-    flags, and links those objects in. (An extension has one set of flags, so
-    these cannot be ordinary sources.)"""
+    """BuildExtension that first writes the registrations generated from the op
+    declaration (RegisterMoeOps.h, included by csrc/library.cpp) into the build
+    tree, then compiles each extension's cpu_capability_sources once per
+    capability, into its own object directory with that capability's flags,
+    and links those objects in. (An extension has one set of flags, so these
+    cannot be ordinary sources.)"""
 
     def build_extension(self, ext):
+        generated = os.path.join(os.path.abspath(self.build_temp), "generated")
+        native_functions().write_registrations_header(generated)
+        if generated not in ext.include_dirs:
+            ext.include_dirs.append(generated)
         for cap, flags in getattr(ext, "cpu_capabilities", {}).items():
             args = ext.extra_compile_args
             cxx = (list(args["cxx"]) if isinstance(args, dict) else list(args)) + flags + [
@@ -112,16 +133,19 @@ def extension():
     # upstream patches carry these very files; csrc/ is on the include path so
     # that <ATen/native/GroupedMM.h> resolves to ours, as it will in-tree.
     native = os.path.join(CSRC, "ATen", "native")
+    # csrc/moe/: project-only kernels (not upstreamed; patches/manifest.py
+    # NOT_UPSTREAMED), outside the ATen mirror.
     # csrc/testing/: test-only ops (torch.ops.moe_ops_testing) that run the
     # CUDA kernels' bodies on the CPU; in every build, so CI tests them.
     x86 = platform.machine().lower() in ("x86_64", "amd64")
     sources = sorted(glob.glob(os.path.join(CSRC, "*.cpp")) + glob.glob(os.path.join(native, "*.cpp"))
-                     + glob.glob(os.path.join(CSRC, "testing", "*.cpp")))
+                     + glob.glob(os.path.join(CSRC, "moe", "*.cpp")) + glob.glob(os.path.join(CSRC, "testing", "*.cpp")))
     # native/cpu/: compiled once per CPU capability (BuildExtensionPerCapability).
     cpu_kernels = sorted(glob.glob(os.path.join(native, "cpu", "*.cpp")))
     # The link is skipped when no source is newer than the library: list the
     # per-capability kernels and their headers as dependencies.
-    depends = cpu_kernels + sorted(glob.glob(os.path.join(native, "cpu", "*.h")))
+    # The declaration too: it changes library.cpp's generated registrations.
+    depends = cpu_kernels + sorted(glob.glob(os.path.join(native, "cpu", "*.h"))) + DECLARATION
     # -fopenmp: at::parallel_for is header code that expands to `#pragma omp
     # parallel` (torch is built with AT_PARALLEL_OPENMP); without the flag every
     # parallel_for in our kernels silently runs on one thread. The soname is
@@ -163,7 +187,7 @@ setup(
     description="Fast, deterministic Mixture-of-Experts ops for PyTorch",
     # torch_moe_ops/distributed is a symlink to the top-level distributed/.
     packages=find_packages(include=["torch_moe_ops", "torch_moe_ops.*"]),
-    package_data={"torch_moe_ops": ["data/*.json"]},
+    package_data={"torch_moe_ops": ["data/*.json", "native_functions.yaml"]},
     ext_modules=[extension()],
     cmdclass={"build_ext": BuildExtensionPerCapability},
     python_requires=">=3.10",

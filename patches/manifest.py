@@ -36,15 +36,22 @@ __all__ = ["REPO_ROOT", "SERIES", "NOT_UPSTREAMED", "CARRIED_DIRS", "check_cover
 # Every file under these in-repo directories must be either carried by some
 # change below or listed in NOT_UPSTREAMED: a new kernel source that the
 # manifest does not mention is an error, not a silent gap in the series.
-CARRIED_DIRS = ["torch_moe_ops/csrc/ATen"]
+CARRIED_DIRS = ["torch_moe_ops/csrc"]
 
-# fnmatch patterns of sources deliberately kept out of the series, with why.
-# (fnmatch's * also matches "/".)
+# The upstream-mirror tree: it holds only what the series carries (check_coverage).
+MIRROR = "torch_moe_ops/csrc/ATen"
+
+# fnmatch patterns of sources deliberately kept out of the series, with why;
+# they live outside MIRROR. (fnmatch's * also matches "/".)
 NOT_UPSTREAMED: dict[str, str] = {
-    "torch_moe_ops/csrc/ATen/native/ExpertMLP.*": (
-        "the fused expert MLP is a layer-level composition (the torchao / torchtitan level of the stack) of "
-        "kernels that do go upstream (_grouped_mm and its gathered form, the routing ops); upstream takes the "
-        "primitives, not the layer"),
+    "torch_moe_ops/csrc/moe/*": (
+        "project-only kernels. The fused expert MLP (ExpertMLP.*) is a layer-level composition (the torchao / "
+        "torchtitan level of the stack) of kernels that do go upstream (_grouped_mm and its gathered form, the "
+        "routing ops); upstream takes the primitives, not the layer"),
+    "torch_moe_ops/csrc/library.cpp": (
+        "the extension's registration glue; in-tree, torchgen generates the registrations from the core "
+        "series' native_functions.yaml entries"),
+    "torch_moe_ops/csrc/testing/*": "test-only ops (torch.ops.moe_ops_testing), not kernels",
 }
 
 NATIVE = "aten/src/ATen/native"
@@ -218,12 +225,17 @@ SERIES = [
 
 
 def check_coverage() -> None:
-    """Every file under CARRIED_DIRS is the source of some change."""
+    """Every file under CARRIED_DIRS is the source of some change or, outside
+    MIRROR, NOT_UPSTREAMED."""
     carried = {s for series in SERIES for p in series.patches for c in p.changes for s in c.sources}
     for top in CARRIED_DIRS:
         for dirpath, _, files in os.walk(os.path.join(REPO_ROOT, top)):
             for name in sorted(files):
                 rel = os.path.relpath(os.path.join(dirpath, name), REPO_ROOT)
+                if rel not in carried and rel.startswith(MIRROR + "/"):
+                    raise PatchError(rel, None, f"is in the upstream-mirror tree ({MIRROR}/) but in no change of "
+                                                "patches/manifest.py: carry it, or move it to "
+                                                "torch_moe_ops/csrc/moe/ and give NOT_UPSTREAMED its reason")
                 if rel not in carried and not any(fnmatch.fnmatch(rel, p) for p in NOT_UPSTREAMED):
                     raise PatchError(rel, None, "is in neither a change of patches/manifest.py nor its "
                                                 "NOT_UPSTREAMED: decide whether it goes upstream")

@@ -149,3 +149,68 @@ def upstream_names() -> dict[str, str]:
 def families() -> list[str]:
     """The families that have ops, in FAMILIES' order."""
     return [f for f in FAMILIES if ops(f)]
+
+
+# ---------------------------------------------------------------------------
+# csrc/library.cpp's registrations, generated from the declaration (as torchgen
+# generates ATen's RegisterCPU.cpp etc. from native_functions.yaml). setup.py
+# writes the header into the build tree before compiling; .ci/cached_build
+# keys the build on this file and the yaml.
+
+REGISTRATIONS_HEADER = "torch_moe_ops/RegisterMoeOps.h"
+# The dispatch keys library.cpp has a TORCH_LIBRARY_IMPL block for, and the
+# macro a key's kernels are compiled under (None: always).
+CPP_KEYS = {"CPU": None, "CUDA": "TORCH_MOE_OPS_WITH_CUDA"}
+
+
+def _cpp_string(text: str) -> str:
+    return '"' + text.replace("\\", "\\\\").replace('"', '\\"') + '"'
+
+
+def registrations_header() -> str:
+    """The C++ header csrc/library.cpp includes: define_schemas(m) for its
+    TORCH_LIBRARY block and register_<KEY>(m) for each TORCH_LIBRARY_IMPL."""
+    ops = load()
+    for o in ops:
+        other = set(o.cpp_dispatch()) - set(CPP_KEYS)
+        if other:
+            raise DeclarationError(f"{PATH}: {o.name}: csrc/library.cpp registers C++ kernels at "
+                                   f"{sorted(CPP_KEYS)} only, not {sorted(other)} (use py:<module> there)")
+    lines = [
+        "// Generated from torch_moe_ops/native_functions.yaml by torch_moe_ops/native_functions.py",
+        "// (run by setup.py into the build tree). Do not edit: edit the yaml.",
+        "#pragma once",
+        "",
+        "#include <torch/library.h>",
+        "",
+        "namespace torch_moe_ops::generated {",
+        "",
+        "inline void define_schemas(torch::Library& m) {",
+        *(f"  m.def({_cpp_string(o.func)});" for o in ops),
+        "}",
+    ]
+    for key, macro in CPP_KEYS.items():
+        body = [f"  m.impl({_cpp_string(o.name)}, &at::native::{o.cpp_dispatch()[key]});"
+                for o in ops if key in o.cpp_dispatch()]
+        lines += ["", *([f"#if defined({macro})"] if macro else []),
+                  f"inline void register_{key}(torch::Library& m) {{", *body, "}",
+                  *([f"#endif  // {macro}"] if macro else [])]
+    lines += ["", "}  // namespace torch_moe_ops::generated", ""]
+    return "\n".join(lines)
+
+
+def write_registrations_header(include_dir: str) -> str:
+    """Writes registrations_header() under include_dir (only when it changed,
+    so that ninja does not recompile library.cpp for nothing); its path."""
+    path = os.path.join(include_dir, REGISTRATIONS_HEADER)
+    text = registrations_header()
+    try:
+        with open(path, encoding="utf-8") as f:
+            if f.read() == text:
+                return path
+    except FileNotFoundError:
+        pass
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    with open(path, "w", encoding="utf-8") as f:
+        f.write(text)
+    return path

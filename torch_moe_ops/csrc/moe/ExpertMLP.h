@@ -1,5 +1,9 @@
 #pragma once
 
+// Project-only (csrc/moe/, outside the ATen mirror the upstream series copies):
+// the fused experts stay here, the ops they compose go upstream (why:
+// patches/manifest.py NOT_UPSTREAMED).
+//
 // moe_ops::expert_mlp: the routed experts of an MoE layer in one op, built
 // for the memory of training (SonicMoE's design):
 //

@@ -16,7 +16,7 @@
 // composition runs on the host only: it reads the routing's values on the
 // host and splits rows over threads.
 
-#include <ATen/native/ExpertMLP.h>
+#include <moe/ExpertMLP.h>
 #include <ATen/native/GroupedMM.h>
 
 #include <ATen/Functions.h>
