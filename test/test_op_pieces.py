@@ -10,9 +10,11 @@ function library.cpp registers) or the reason it stays here; a benchmark; a
 row in README.md's table of ops. Adding an op without one of them fails here,
 naming the op and the piece.
 
-The declaration is the one list of ops: csrc/library.cpp's TORCH_LIBRARY
-block must define exactly its schemas and its TORCH_LIBRARY_IMPL blocks
-register exactly its dispatch, and the dispatcher must hold exactly its ops.
+The declaration is the one list of ops: csrc/library.cpp's schemas and C++
+registrations are generated from it (RegisterMoeOps.h, written by setup.py),
+every kernel they name must be declared in the headers library.cpp includes,
+and the dispatcher must hold exactly its ops, each key's kernel registered
+from where the declaration says (library.cpp's C++ or the named module).
 """
 
 import importlib
@@ -26,7 +28,8 @@ import torch_moe_ops
 from torch_moe_ops import native_functions
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
-LIBRARY = ROOT / "torch_moe_ops/csrc/library.cpp"
+CSRC = ROOT / "torch_moe_ops/csrc"
+LIBRARY = CSRC / "library.cpp"
 OPS = native_functions.load()
 
 
@@ -47,29 +50,44 @@ def _cpp_strings(text):
     return "".join(bytes(s, "utf-8").decode("unicode_escape") for s in re.findall(r'"((?:[^"\\]|\\.)*)"', text))
 
 
-def _library_defs():
-    """The schemas of library.cpp's TORCH_LIBRARY(moe_ops, m) block."""
+def _function_body(text, name):
+    (body,) = re.findall(rf"^inline void {name}\(torch::Library& m\) \{{(.*?)^\}}", text, re.S | re.M)
+    return body
+
+
+def test_generated_registration_is_the_declaration():
+    """The header the build generates defines exactly the declared schemas
+    (C++ escaping included) and registers exactly the declared C++ kernels."""
+    text = native_functions.registrations_header()
+    defs = [_cpp_strings(args) for args in re.findall(r"m\.def\((.*?)\);$", _function_body(text, "define_schemas"),
+                                                      re.M)]
+    assert sorted(defs) == sorted(op.func for op in OPS)
+    for key in native_functions.CPP_KEYS:
+        impls = dict(re.findall(r'm\.impl\("(\w+)", &at::native::(\w+)\);', _function_body(text, f"register_{key}")))
+        assert impls == {op.name: op.cpp_dispatch()[key] for op in OPS if key in op.cpp_dispatch()}, key
+
+
+def test_library_cpp_leaves_registration_to_the_generated_header():
     text = LIBRARY.read_text()
-    (block,) = re.findall(r"^TORCH_LIBRARY\(moe_ops, m\) \{(.*?)^\}", text, re.S | re.M)
-    return [_cpp_strings(args) for args in re.findall(r"m\.def\((.*?)\);", block, re.S)]
+    assert "m.def(" not in text and "m.impl(" not in text, "csrc/library.cpp registers by hand: declare the op in " \
+        "torch_moe_ops/native_functions.yaml instead"
+    assert f"#include <{native_functions.REGISTRATIONS_HEADER}>" in text
+    assert re.search(r"^TORCH_LIBRARY\(moe_ops, m\) \{\s*torch_moe_ops::generated::define_schemas\(m\);", text, re.M)
+    for key in native_functions.CPP_KEYS:
+        assert re.search(rf"^TORCH_LIBRARY_IMPL\(moe_ops, {key}, m\) \{{\s*torch_moe_ops::generated::register_{key}\(m\);",
+                         text, re.M), key
 
 
-def _library_impls(key):
-    """op -> the at::native function library.cpp registers at key."""
-    text = LIBRARY.read_text()
-    blocks = re.findall(rf"^TORCH_LIBRARY_IMPL\(moe_ops, {key}, m\) \{{(.*?)^\}}", text, re.S | re.M)
-    return {op: fn.rsplit("::", 1)[-1] for block in blocks for op, fn in re.findall(r'm\.impl\("(\w+)", &([\w:]+)\)', block)}
-
-
-def test_library_defines_the_declared_schemas():
-    assert sorted(_library_defs()) == sorted(op.func for op in OPS), (
-        "csrc/library.cpp's TORCH_LIBRARY block and torch_moe_ops/native_functions.yaml differ")
-
-
-@pytest.mark.parametrize("key", ["CPU", "CUDA"])
-def test_library_registers_the_declared_dispatch(key):
-    declared = {op.name: op.cpp_dispatch()[key] for op in OPS if key in op.cpp_dispatch()}
-    assert _library_impls(key) == declared
+def test_declared_kernels_exist():
+    """Every at::native function the declaration dispatches to is declared in
+    a header csrc/library.cpp includes (a typo would otherwise surface as a
+    compile error in the generated header, far from the yaml)."""
+    includes = re.findall(r"^#include <((?:ATen/native|moe)/\w+\.h)>", LIBRARY.read_text(), re.M)
+    headers = {h: (CSRC / h).read_text() for h in includes}
+    for op in OPS:
+        for key, fn in op.cpp_dispatch().items():
+            assert any(re.search(rf"\b{fn}\s*\(", text) for text in headers.values()), (
+                f"{op.name}: dispatch {key}: at::native::{fn} is declared in none of library.cpp's headers {includes}")
 
 
 def test_dispatcher_holds_the_declared_ops():
@@ -77,11 +95,38 @@ def test_dispatcher_holds_the_declared_ops():
     for op in OPS:
         registered = getattr(torch.ops.moe_ops, op.name).default._schema
         assert registered == torch._C.parse_schema(op.qualname + op.func[len(op.name):]), op.name
-        # Kernels registered from Python: the module named registers one at that key.
         for key, value in op.dispatch.items():
-            if value.startswith(native_functions.PY) and (key != "CUDA" or torch_moe_ops._C.WITH_CUDA):
-                importlib.import_module(value[len(native_functions.PY):])
-                assert torch._C._dispatch_has_kernel_for_dispatch_key(op.qualname, key), (op.name, key, value)
+            if key == "CUDA" and not torch_moe_ops._C.WITH_CUDA:
+                continue
+            if value.startswith(native_functions.PY):
+                module = value[len(native_functions.PY):]
+                importlib.import_module(module)
+                where = module.replace(".", "/") + ".py"
+            else:
+                where = "torch_moe_ops/csrc/library.cpp"
+            # The kernel at this key: a C++ function (unboxed) registered by
+            # library.cpp's generated registration, or a Python one registered
+            # by the module named. (Paths are those of the checkout that built
+            # _C, which may be a cached build of another clone.)
+            line = re.search(rf"^{key}: registered at (\S+):\d+ :: .*\[ ([\w ]+) \]$",
+                             torch._C._dispatch_dump(op.qualname), re.M)
+            assert line is not None, (op.name, key, value)
+            assert line[1].endswith(where), (op.name, key, value, line[0])
+            assert ("unboxed" in line[2].split()) == (where.endswith(".cpp")), (op.name, key, value, line[0])
+
+
+def test_device_generic_code_includes_no_cpu_header():
+    """Only native/cpu/ includes native/cpu/ headers: those are compiled once
+    per CPU capability (each copy in its own CPU_CAPABILITY namespace and
+    flags), so code compiled once that includes one gets a second, default
+    copy of vectorised inline code, as ATen's layering forbids."""
+    offenders = []
+    for path in sorted(CSRC.rglob("*")):
+        if path.suffix in (".h", ".cpp", ".cu", ".cuh") and path.parent != CSRC / "ATen/native/cpu":
+            for line in path.read_text().splitlines():
+                if re.match(r'#include [<"](ATen/native/)?cpu/', line):
+                    offenders.append(f"{path.relative_to(ROOT)}: {line}")
+    assert not offenders
 
 
 def test_opinfo_modules_hold_their_families_ops():
