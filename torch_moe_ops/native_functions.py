@@ -1,9 +1,14 @@
 """The declaration of every moe_ops op (native_functions.yaml beside this file).
 
-Read by the upstream patch generator (patches/) and the tests, never at import
-of the package: the extension registers its schemas in csrc/library.cpp, which
-test/test_op_pieces.py holds to this declaration. PyYAML is a test and
-generator dependency (requirements.txt), not one of the package.
+Read by setup.py (csrc/library.cpp's schemas and C++ registrations are
+generated from it into the build tree), the upstream patch generator
+(patches/) and the tests, never at import of the package. PyYAML is a build,
+test and generator dependency (requirements.txt, pyproject.toml), not one of
+the package. Standalone, with no torch and no package import:
+
+    python torch_moe_ops/native_functions.py registrations   # print the generated C++ header
+    python torch_moe_ops/native_functions.py readme          # rewrite README.md's table of ops
+    python torch_moe_ops/native_functions.py readme --check  # exit 1 (with a diff) if it is stale
 """
 
 from __future__ import annotations
@@ -16,8 +21,8 @@ import re
 PATH = os.path.join(os.path.dirname(os.path.abspath(__file__)), "native_functions.yaml")
 
 FAMILIES = ("grouped_mm", "experts", "routing", "fp8")
-_KEYS = {"func", "family", "dispatch", "upstream", "not_upstreamed", "backward_of", "benchmarked_through",
-         "cpu_only"}
+_KEYS = {"func", "family", "readme", "dispatch", "upstream", "not_upstreamed", "backward_of",
+         "benchmarked_through", "cpu_only"}
 _UPSTREAM_KEYS = {"name", "extends", "derivatives"}
 
 
@@ -47,6 +52,7 @@ class Op:
     backward_of: str | None = None
     benchmarked_through: str | None = None
     cpu_only: str | None = None
+    readme: str | None = None
 
     @property
     def name(self) -> str:
@@ -85,6 +91,10 @@ def _op(entry: dict, index: int) -> Op:
     if not isinstance(func, str) or not re.match(r"^\w+\(", func):
         raise DeclarationError(f"{where}: func must be a schema, got {func!r}")
     where = f"{PATH}: {func.split('(', 1)[0]}"
+    if entry.get("backward_of") is None and not isinstance(entry.get("readme"), str):
+        raise DeclarationError(f"{where}: needs readme (its row in README.md's table of ops), got {entry.get('readme')!r}")
+    if entry.get("backward_of") is not None and "readme" in entry:
+        raise DeclarationError(f"{where}: a backward_of op has no README row (drop readme)")
     if entry.get("family") not in FAMILIES:
         raise DeclarationError(f"{where}: family must be one of {FAMILIES}, got {entry.get('family')!r}")
     dispatch = entry.get("dispatch") or {}
@@ -104,7 +114,8 @@ def _op(entry: dict, index: int) -> Op:
         upstream = Upstream(upstream["name"], extends, upstream.get("derivatives"))
     return Op(func=func, family=entry["family"], dispatch=dict(dispatch), upstream=upstream,
               not_upstreamed=entry.get("not_upstreamed"), backward_of=entry.get("backward_of"),
-              benchmarked_through=entry.get("benchmarked_through"), cpu_only=entry.get("cpu_only"))
+              benchmarked_through=entry.get("benchmarked_through"), cpu_only=entry.get("cpu_only"),
+              readme=entry.get("readme"))
 
 
 @functools.cache
@@ -214,3 +225,83 @@ def write_registrations_header(include_dir: str) -> str:
     with open(path, "w", encoding="utf-8") as f:
         f.write(text)
     return path
+
+
+# ---------------------------------------------------------------------------
+# README.md's table of ops, generated between these markers (test_op_pieces
+# fails when it is stale).
+
+README = os.path.join(os.path.dirname(os.path.dirname(PATH)), "README.md")
+README_BEGIN = "<!-- ops-table: generated from torch_moe_ops/native_functions.yaml " \
+               "by `python torch_moe_ops/native_functions.py readme` -->\n"
+README_END = "<!-- /ops-table -->"
+
+
+def _arguments(func: str) -> list[str]:
+    """The arguments of a schema, as written ("Tensor? offs=None", "*")."""
+    depth, start, out = 0, func.index("(") + 1, []
+    for i in range(start, len(func)):
+        c = func[i]
+        if c in "([":
+            depth += 1
+        elif c in ")]" and depth:
+            depth -= 1
+        elif c == ")" or (c == "," and depth == 0):
+            out.append(func[start:i].strip())
+            start = i + 1
+            if c == ")":
+                return [a for a in out if a]
+    raise DeclarationError(f"{PATH}: unbalanced schema {func!r}")
+
+
+def call_signature(op: Op) -> str:
+    """How Python calls the op: moe_ops::name(arg, arg=default, ...)."""
+    names = [a if a == "*" else a.split(" ", 1)[1] for a in _arguments(op.func)]
+    return f"moe_ops::{op.name}({', '.join(names)})"
+
+
+def readme_table() -> str:
+    rows = [f"| `{call_signature(o)}` | {' '.join(o.readme.split())} |" for o in public_ops()]
+    return "\n".join(["| op | what it does |", "|---|---|", *rows]) + "\n"
+
+
+def render_readme(text: str) -> str:
+    """text (README.md) with its table of ops regenerated."""
+    begin, end = text.find(README_BEGIN), text.find(README_END)
+    if begin < 0 or end < begin:
+        raise DeclarationError(f"{README}: no {README_BEGIN.strip()} ... {README_END} block")
+    return text[:begin + len(README_BEGIN)] + readme_table() + text[end:]
+
+
+def _main(argv: list[str]) -> int:
+    import argparse
+    import difflib
+    import sys
+
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("what", choices=["registrations", "readme"])
+    parser.add_argument("--check", action="store_true", help="readme: exit 1 if README.md is stale")
+    args = parser.parse_args(argv)
+    if args.what == "registrations":
+        sys.stdout.write(registrations_header())
+        return 0
+    with open(README, encoding="utf-8") as f:
+        text = f.read()
+    rendered = render_readme(text)
+    if args.check:
+        if rendered != text:
+            sys.stdout.writelines(difflib.unified_diff(text.splitlines(True), rendered.splitlines(True),
+                                                       "README.md", "README.md (rendered)"))
+            print("README.md's table of ops is stale: run `python torch_moe_ops/native_functions.py readme`")
+            return 1
+        return 0
+    if rendered != text:
+        with open(README, "w", encoding="utf-8") as f:
+            f.write(rendered)
+    return 0
+
+
+if __name__ == "__main__":
+    import sys
+
+    raise SystemExit(_main(sys.argv[1:]))
