@@ -13,6 +13,7 @@ Paths in ``source`` are relative to the repository root.
 from __future__ import annotations
 
 import os
+import re
 import sys
 from dataclasses import dataclass, field
 from typing import Callable
@@ -74,18 +75,57 @@ class Edit:
         return text
 
 
+# Placeholders of the messages, filled from the op declaration so that a
+# message naming a family's ops needs no edit when the family gains one:
+# {KIND:FAMILY} or {KIND:FAMILY:SEPARATOR} (default ", "), where KIND is
+#   ops             the aten names of the family's upstreamed ops (public ones, not backward_of)
+#   new_ops         those the series adds as new entries (not `extends` of an upstream op)
+#   moe_ops         new_ops under their moe_ops:: names
+#   derivatives     the aten names of new_ops with derivatives
+#   backward_nodes  their autograd nodes as gen_autograd names them (_moe_permute -> MoePermuteBackward0)
+PLACEHOLDER = re.compile(r"\{(\w+):(\w+)(?::([^{}]*))?\}")
+
+
+def _declared(kind: str, family: str, where: str) -> list[str]:
+    from torch_moe_ops import native_functions
+
+    if family not in native_functions.families():
+        raise PatchError(where, None, f"placeholder {{{kind}:{family}}}: no family {family!r} in "
+                                      f"{native_functions.FAMILIES}")
+    ops = [o for o in native_functions.upstreamed(family) if o.backward_of is None]
+    new = [o for o in ops if not o.upstream.extends]
+    kinds = {
+        "ops": lambda: [o.upstream.name for o in ops],
+        "new_ops": lambda: [o.upstream.name for o in new],
+        "moe_ops": lambda: [o.qualname for o in new],
+        "derivatives": lambda: [o.upstream.name for o in new if o.upstream.derivatives],
+        "backward_nodes": lambda: ["".join(w.title() for w in o.upstream.name.split("_")) + "Backward0"
+                                   for o in new if o.upstream.derivatives],
+    }
+    if kind not in kinds:
+        raise PatchError(where, None, f"placeholder {{{kind}:{family}}}: kind must be one of {sorted(kinds)}")
+    return kinds[kind]()
+
+
+def fill_message(text: str, where: str) -> str:
+    """text with its placeholders filled from the op declaration."""
+    return PLACEHOLDER.sub(lambda m: (", " if m[3] is None else m[3]).join(_declared(m[1], m[2], where)), text)
+
+
 @dataclass
 class Patch:
     """One commit: its message (a file under patches/messages: the title, a
-    blank line, the summary, and a `Test Plan:` section) and its changes."""
+    blank line, the summary, and a `Test Plan:` section; lists of a family's
+    ops are placeholders, see PLACEHOLDER) and its changes."""
 
     message: str
     changes: list
 
     @property
     def text(self) -> str:
-        with open(os.path.join(MESSAGES, self.message), encoding="utf-8") as f:
-            return f.read()
+        path = os.path.join(MESSAGES, self.message)
+        with open(path, encoding="utf-8") as f:
+            return fill_message(f.read(), os.path.relpath(path, REPO_ROOT))
 
     @property
     def title(self) -> str:

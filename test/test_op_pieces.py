@@ -115,6 +115,14 @@ def test_dispatcher_holds_the_declared_ops():
             assert ("unboxed" in line[2].split()) == (where.endswith(".cpp")), (op.name, key, value, line[0])
 
 
+def test_readme_table_of_ops_is_generated():
+    """README.md's table of ops is what the declaration renders (each public
+    op's call signature and readme text)."""
+    text = pathlib.Path(native_functions.README).read_text()
+    assert native_functions.render_readme(text) == text, (
+        "README.md's table of ops is stale: run `python torch_moe_ops/native_functions.py readme`")
+
+
 def test_device_generic_code_includes_no_cpu_header():
     """Only native/cpu/ includes native/cpu/ headers: those are compiled once
     per CPU capability (each copy in its own CPU_CAPABILITY namespace and
@@ -188,3 +196,29 @@ def test_op_has_every_piece(op):
     if f"| `moe_ops::{op}(" not in readme:
         missing.append("row in README.md's table of ops")
     assert not missing, f"{op} lacks: {', '.join(missing)}"
+
+
+def test_patch_messages_list_ops_through_placeholders():
+    """A message names a family's ops through a placeholder filled from the
+    declaration (patches/changes.py PLACEHOLDER), so a new op needs no message
+    edit: no message lists two or more aten ops by hand, and the placeholders
+    fill to the declared ops."""
+    from patches import changes, manifest
+    from patches.errors import PatchError
+
+    aten = "|".join(sorted(native_functions.upstream_names().values(), key=len, reverse=True))
+    by_hand = re.compile(rf"(?<!\w)(?:{aten})(?:,\s+(?:and\s+)?|\s+and\s+|\s+or\s+)(?:{aten})(?!\w)")
+    for series in manifest.SERIES:
+        for patch in series.patches:
+            raw = (pathlib.Path(changes.MESSAGES) / patch.message).read_text()
+            assert not by_hand.search(raw), f"patches/messages/{patch.message} lists ops by hand: {by_hand.search(raw)[0]}"
+    routing = [o for o in native_functions.upstreamed("routing") if o.backward_of is None]
+    assert changes.fill_message("{new_ops:routing}", "x") == ", ".join(o.upstream.name for o in routing)
+    assert changes.fill_message("{moe_ops:fp8: or }", "x") == " or ".join(
+        o.qualname for o in native_functions.upstreamed("fp8") if not o.upstream.extends)
+    assert changes.fill_message("{backward_nodes:routing}", "x").split(", ")[0] == "MoeRouterTopkBackward0"
+    assert changes.fill_message("GroupedMM.{h,cpp}", "x") == "GroupedMM.{h,cpp}"
+    with pytest.raises(PatchError, match=r"x: placeholder \{opz:routing\}: kind must be one of"):
+        changes.fill_message("{opz:routing}", "x")
+    with pytest.raises(PatchError, match=r"x: placeholder \{ops:routng\}: no family 'routng'"):
+        changes.fill_message("{ops:routng}", "x")
