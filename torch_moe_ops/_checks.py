@@ -195,7 +195,7 @@ def check_grouped_mm_gather_inputs(mat_a, mat_b, offs, a_index, b_index, bias, o
 
 
 # --------------------------------------------------------------- expert_mlp
-# Restates csrc/ATen/native/ExpertMLP.h.
+# Restates csrc/moe/ExpertMLP.h.
 
 EXPERT_ACTIVATIONS = ("swiglu", "geglu", "swiglu_clamped", "silu", "gelu", "relu")
 GATED_ACTIVATIONS = ("swiglu", "geglu", "swiglu_clamped")

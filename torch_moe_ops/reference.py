@@ -149,7 +149,7 @@ def torch_unpermute(
 
 
 # ------------------------------------------------------------------ expert MLP
-# The contract of moe_ops::expert_mlp (csrc/ATen/native/ExpertMLP.h).
+# The contract of moe_ops::expert_mlp (csrc/moe/ExpertMLP.h).
 
 
 def _expert_activation(h: torch.Tensor, activation: str, interleaved: bool, alpha: float, limit: float):

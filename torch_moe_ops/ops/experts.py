@@ -1,6 +1,6 @@
 """moe_ops::grouped_mm_gather and moe_ops::expert_mlp: the routed experts of
 an MoE layer as one op, with a memory-lean backward
-(csrc/ATen/native/ExpertMLP.h has the math), on a grouped GEMM that reads the
+(csrc/moe/ExpertMLP.h has the math), on a grouped GEMM that reads the
 tokens in place.
 
     out = fused_experts(tokens, expert_ids, weights, gate_up_proj, down_proj)

@@ -174,7 +174,7 @@ FP8_TRAINING_RECIPES = ("rowwise", "mx")
 
 
 # A custom op (not moe_ops: it is composed in Python of moe_ops kernels, and
-# moe_ops holds exactly the schemas csrc/library.cpp defines), so that its
+# moe_ops holds exactly the schemas native_functions.yaml declares), so that its
 # gradient is a register_autograd formula as every other op's.
 def _fp8_grouped_mm_forward(a: torch.Tensor, b: torch.Tensor, offs: torch.Tensor, recipe: str,
                             out_dtype: torch.dtype, wgrad_fp8: bool) -> torch.Tensor:

@@ -1,5 +1,6 @@
 """The Triton kernels as the CUDA kernels of ``moe_ops`` ops whose schemas C++
-defines (csrc/library.cpp).
+defines (csrc/library.cpp, from native_functions.yaml; the yaml's
+``CUDA: py:torch_moe_ops.triton.cuda`` says this module registers the kernel).
 
 Two registrations per op, both made by :func:`register_cuda_kernel`:
 

@@ -29,7 +29,7 @@ token in slot order by ``combine_kernel``) and for the weight gradients as
 variable-K (2D x 2D) grouped GEMMs reading tokens and grad_out through the
 index. ``moe_ops_triton::expert_mlp`` is differentiable through it.
 
-Against ``moe_ops.expert_mlp`` (the composition in ExpertMLP.cpp) the only
+Against ``moe_ops.expert_mlp`` (the composition in csrc/moe/ExpertMLP.cpp) the only
 numerical difference is that the down projection's rows are not rounded to
 the dtype before the weighted sum (fp32 all the way to the one final
 rounding), closer to the float64 reference.
