@@ -58,6 +58,8 @@ def _function_body(text, name):
 def test_generated_registration_is_the_declaration():
     """The header the build generates defines exactly the declared schemas
     (C++ escaping included) and registers exactly the declared C++ kernels."""
+    # setup.py's reader (no PyYAML) sees what the full load sees.
+    assert native_functions._registration_entries() == [(op.func, op.dispatch) for op in OPS]
     text = native_functions.registrations_header()
     defs = [_cpp_strings(args) for args in re.findall(r"m\.def\((.*?)\);$", _function_body(text, "define_schemas"),
                                                       re.M)]
@@ -65,6 +67,25 @@ def test_generated_registration_is_the_declaration():
     for key in native_functions.CPP_KEYS:
         impls = dict(re.findall(r'm\.impl\("(\w+)", &at::native::(\w+)\);', _function_body(text, f"register_{key}")))
         assert impls == {op.name: op.cpp_dispatch()[key] for op in OPS if key in op.cpp_dispatch()}, key
+
+
+@pytest.mark.parametrize("line, error", [
+    ('- func: "grouped_mm(Tensor mat_a) -> Tensor"', r"an entry must start with `- func: <schema>`"),
+    ("    CPU: grouped_mm_cpu  # ours", r"dispatch takes plain `KEY: function` lines"),
+    ("    CUDA: 'grouped_mm_cuda'", r"dispatch takes plain `KEY: function` lines"),
+])
+def test_registration_reader_refuses_what_it_does_not_read(tmp_path, monkeypatch, line, error):
+    """setup.py's reader errs, naming the line, rather than misread the yaml."""
+    text = pathlib.Path(native_functions.PATH).read_text()
+    if line.startswith("-"):
+        text = text.replace("- func: grouped_mm(", line + "\n- func: grouped_mm(", 1)
+    else:
+        text = text.replace("    CPU: grouped_mm_cpu\n", line + "\n", 1)
+    bad = tmp_path / "native_functions.yaml"
+    bad.write_text(text)
+    monkeypatch.setattr(native_functions, "PATH", str(bad))
+    with pytest.raises(native_functions.DeclarationError, match=rf"native_functions.yaml:\d+: {error}"):
+        native_functions.registrations_header()
 
 
 def test_library_cpp_leaves_registration_to_the_generated_header():

@@ -2,9 +2,11 @@
 
 Read by setup.py (csrc/library.cpp's schemas and C++ registrations are
 generated from it into the build tree), the upstream patch generator
-(patches/) and the tests, never at import of the package. PyYAML is a build,
-test and generator dependency (requirements.txt, pyproject.toml), not one of
-the package. Standalone, with no torch and no package import:
+(patches/) and the tests, never at import of the package. PyYAML is a test and
+generator dependency (requirements.txt), not one of the package or the build:
+the registrations are read without it (_registration_entries), since
+`pip install --no-build-isolation` builds where only torch is installed.
+Standalone, with no torch and no package import:
 
     python torch_moe_ops/native_functions.py registrations   # print the generated C++ header
     python torch_moe_ops/native_functions.py readme          # rewrite README.md's table of ops
@@ -178,10 +180,42 @@ def _cpp_string(text: str) -> str:
     return '"' + text.replace("\\", "\\\\").replace('"', '\\"') + '"'
 
 
+def _registration_entries() -> list[tuple[str, dict[str, str]]]:
+    """(func, dispatch) of every entry, read without PyYAML: only the
+    `- func: <schema>` lines and the `  dispatch:` block's `    KEY: value`
+    lines (test_op_pieces checks the result against load()). Anything else
+    in those places is an error rather than a guess."""
+    entries: list[tuple[str, dict[str, str]]] = []
+    in_dispatch = False
+    with open(PATH, encoding="utf-8") as f:
+        for n, line in enumerate(f, 1):
+            body = line.rstrip("\n")
+            if not body.strip() or body.lstrip().startswith("#"):
+                continue
+            indent = len(body) - len(body.lstrip(" "))
+            if body.startswith("-"):
+                m = re.fullmatch(r"- func: (\w+\(.*\) -> \S.*)", body)
+                if m is None:
+                    raise DeclarationError(f"{PATH}:{n}: an entry must start with `- func: <schema>` "
+                                           f"(unquoted, on one line), got {body!r}")
+                entries.append((m[1], {}))
+                in_dispatch = False
+            elif indent == 2:
+                in_dispatch = body == "  dispatch:"
+            elif in_dispatch:
+                m = re.fullmatch(r"    (\w+): ([\w.:]+)", body)
+                if m is None or not entries:
+                    raise DeclarationError(f"{PATH}:{n}: dispatch takes plain `KEY: function` lines "
+                                           f"indented by 4, got {body!r}")
+                entries[-1][1][m[1]] = m[2]
+    return entries
+
+
 def registrations_header() -> str:
     """The C++ header csrc/library.cpp includes: define_schemas(m) for its
-    TORCH_LIBRARY block and register_<KEY>(m) for each TORCH_LIBRARY_IMPL."""
-    ops = load()
+    TORCH_LIBRARY block and register_<KEY>(m) for each TORCH_LIBRARY_IMPL.
+    Needs no PyYAML (setup.py runs it)."""
+    ops = [Op(func=func, family="", dispatch=dispatch) for func, dispatch in _registration_entries()]
     for o in ops:
         other = set(o.cpp_dispatch()) - set(CPP_KEYS)
         if other:
