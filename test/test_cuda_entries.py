@@ -26,12 +26,15 @@ calls it since scaled_grouped_mm's CUDA slot is the Triton kernel) is tested
 on the host through its body, below.
 """
 
+import importlib
+
 import pytest
 import torch
 from hypothesis import given, settings, strategies as st
 from torch._C import DispatchKey
 
 import torch_moe_ops
+from torch_moe_ops import native_functions
 
 from opinfo_grouped_mm import op_db as grouped_mm_op_db
 from opinfo_experts import expert_mlp_opinfo, grouped_mm_gather_opinfo
@@ -52,23 +55,10 @@ TRITON_OPS = ("moe_ops::grouped_mm", "moe_ops::grouped_mm_gather", "moe_ops::exp
               "moe_ops::expert_mlp_backward", "moe_ops::scaled_grouped_mm")
 
 # Every moe_ops op with a CUDA kernel, and where that kernel is tested
-# without a GPU; test_every_cuda_entry_is_accounted_for keeps this complete.
-CUDA_ENTRIES = {
-    "moe_ops::grouped_mm": "here, the Triton kernel in Triton's interpreter (fp32, fp16), and test_triton_grouped_mm",
-    "moe_ops::grouped_mm_gather": "here, the Triton kernel in Triton's interpreter, and test_triton_grouped_mm",
-    "moe_ops::expert_mlp": "here, the Triton kernels in Triton's interpreter, and test_triton_experts",
-    "moe_ops::expert_mlp_backward": "here, as expert_mlp",
-    "moe_ops::quantize_fp8": "test_fp8.py (test_cuda_entry_*, entry=cuda_entry)",
-    "moe_ops::dequantize_fp8": "test_fp8.py (test_cuda_entry_*, entry=cuda_entry)",
-    "moe_ops::scaled_grouped_mm": "test_fp8.py (test_cuda_entry_*, entry=cuda_entry): the Triton kernel in "
-                                  "Triton's interpreter; and test_triton_fp8",
-    "moe_ops::swizzle_mx_scale": "test_fp8.py (the CPU kernel's function, registered at both keys)",
-    "moe_ops::router_topk": "launches CUDA kernels: their bodies run on the host in test_routing_device_logic.py",
-    "moe_ops::permute": "launches CUDA kernels: their bodies run on the host in test_routing_device_logic.py",
-    "moe_ops::unpermute": "launches CUDA kernels: their bodies run on the host in test_routing_device_logic.py",
-    "moe_ops::unpermute_backward": "launches CUDA kernels: their bodies run on the host in "
-                                   "test_routing_device_logic.py",
-}
+# without a GPU (the declaration's cuda_tested); test_every_cuda_entry_is_accounted_for
+# holds the dispatcher to it.
+CUDA_ENTRIES = {op.qualname: op.cuda_tested for op in native_functions.ops() if "CUDA" in op.dispatch}
+GENERIC = [op.name for op in native_functions.ops() if op.cuda_tested == native_functions.CUDA_TESTED_GENERIC]
 
 
 def cuda_entry(op):
@@ -85,6 +75,41 @@ def test_every_cuda_entry_is_accounted_for():
     with_cuda = {name for name in torch._C._dispatch_get_all_op_names()
                  if name.startswith("moe_ops::") and torch._C._dispatch_has_kernel_for_dispatch_key(name, "CUDA")}
     assert with_cuda == set(CUDA_ENTRIES)
+
+
+def _bytes(t):
+    return t.detach().flatten().view(torch.uint8)
+
+
+@requires_cuda_build
+@pytest.mark.parametrize("name", GENERIC)
+def test_generic_cuda_entry_is_the_cpu_kernel(name):
+    """An entry declared `cuda_tested: generic` (device-generic ATen code
+    computing what the CPU kernel does), on CPU tensors through the CUDA slot:
+    over every OpInfo sample in every dtype, the CPU kernel's dtypes, shapes,
+    strides and bytes; on every error input, its error (a `*_values` input may
+    instead trip a device-side assert, a RuntimeError). What a GPU adds: the
+    ATen ops it calls run their CUDA kernels, and the asserts run on the device."""
+    decl = native_functions.op(name)
+    (info,) = [i for i in importlib.import_module(f"opinfo_{decl.family}").op_db if i.name == f"moe_ops.{name}"]
+    op = getattr(torch.ops.moe_ops, name).default
+    entry = cuda_entry(op)
+    checked = 0
+    for dtype in sorted(info.dtypes, key=str):
+        for s in info.sample_inputs("cpu", dtype):
+            expected, actual = _call(op, s), _call(entry, s)
+            expected = expected if isinstance(expected, tuple) else (expected,)
+            actual = actual if isinstance(actual, tuple) else (actual,)
+            for e, a in zip(expected, actual, strict=True):
+                assert (a.dtype, a.shape, a.stride()) == (e.dtype, e.shape, e.stride()), (s.name, dtype)
+                assert torch.equal(_bytes(a), _bytes(e)), (s.name, dtype)
+            checked += 1
+    assert checked
+    for ei in info.error_inputs("cpu"):
+        s = ei.sample_input
+        types = (ei.error_type, RuntimeError) if s.name.endswith("_values") else ei.error_type
+        with pytest.raises(types, match=ei.error_regex if types is ei.error_type else None):
+            _call(entry, s)
 
 
 @requires_triton_kernels

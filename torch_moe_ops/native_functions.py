@@ -24,13 +24,19 @@ PATH = os.path.join(os.path.dirname(os.path.abspath(__file__)), "native_function
 
 FAMILIES = ("grouped_mm", "experts", "routing", "fp8")
 _KEYS = {"func", "family", "readme", "dispatch", "upstream", "not_upstreamed", "backward_of",
-         "benchmarked_through", "cpu_only"}
+         "benchmarked_through", "cpu_only", "cuda_tested"}
 _UPSTREAM_KEYS = {"name", "extends", "derivatives"}
 
 
 # A dispatch value "py:<module>" says the kernel at that key is registered
 # from Python, by that module, rather than by csrc/library.cpp.
 PY = "py:"
+
+
+# cuda_tested: generic says the CUDA kernel computes what the CPU kernel does,
+# in device-generic ATen code: test/test_cuda_entries.py runs it through the
+# dispatcher's CUDA slot on CPU tensors over every OpInfo sample and error input.
+CUDA_TESTED_GENERIC = "generic"
 
 
 class DeclarationError(ValueError):
@@ -55,6 +61,7 @@ class Op:
     benchmarked_through: str | None = None
     cpu_only: str | None = None
     readme: str | None = None
+    cuda_tested: str | None = None
 
     @property
     def name(self) -> str:
@@ -104,6 +111,9 @@ def _op(entry: dict, index: int) -> Op:
         raise DeclarationError(f"{where}: dispatch has no CPU kernel")
     if "CUDA" not in dispatch and not entry.get("cpu_only"):
         raise DeclarationError(f"{where}: dispatch has no CUDA kernel and no cpu_only reason")
+    if ("CUDA" in dispatch) != isinstance(entry.get("cuda_tested"), str):
+        raise DeclarationError(f"{where}: cuda_tested (where the CUDA kernel is tested without a GPU, or "
+                               f"{CUDA_TESTED_GENERIC!r}) goes with a CUDA dispatch, and only with one")
     upstream = entry.get("upstream")
     if (upstream is None) == (entry.get("not_upstreamed") is None):
         raise DeclarationError(f"{where}: needs exactly one of upstream and not_upstreamed")
@@ -117,7 +127,7 @@ def _op(entry: dict, index: int) -> Op:
     return Op(func=func, family=entry["family"], dispatch=dict(dispatch), upstream=upstream,
               not_upstreamed=entry.get("not_upstreamed"), backward_of=entry.get("backward_of"),
               benchmarked_through=entry.get("benchmarked_through"), cpu_only=entry.get("cpu_only"),
-              readme=entry.get("readme"))
+              readme=entry.get("readme"), cuda_tested=entry.get("cuda_tested"))
 
 
 @functools.cache
