@@ -10,7 +10,7 @@ below derive from it and from our sources, one builder per kind of change:
 * NativeFunctions, Dispatch, Derivatives (native_yaml.py): the yaml entries;
 * Meta (meta.py): checks and fake kernels as meta functions;
 * OpInfoModule (opinfo.py): the OpInfos with their references;
-* SingleDimStrategy (strategy.py): the DTensor strategy;
+* SingleDimStrategy, StrategyModule (strategy.py): the DTensor strategies;
 * Edit (changes.py): anchored edits of upstream files (includes, __init__ lists).
 
 Series are applied in order; each series' patches are stacked on the
@@ -28,7 +28,7 @@ from .errors import PatchError
 from .meta import Meta
 from .native_yaml import Derivatives, Dispatch, NativeFunctions
 from .opinfo import OpInfoModule
-from .strategy import SingleDimStrategy
+from .strategy import SingleDimStrategy, StrategyModule
 
 __all__ = ["REPO_ROOT", "SERIES", "NOT_UPSTREAMED", "CARRIED_DIRS", "check_coverage", "Copy", "Edit", "Patch",
            "Series"]
@@ -71,6 +71,32 @@ FP8_META = """\
 # and output allocation. These restate the checks of ATen/native/MoEQuantize.h
 # and MoEScaledGroupedMM.h one for one, with the same messages; keep them in
 # step.
+"""
+
+MOE_OPS_STRATEGY_DOC = """\
+Sharding strategies of the MoE routing ops (_moe_router_topk, _moe_permute,
+_moe_unpermute, _moe_unpermute_backward) and the fp8 quantisation ops
+(_quantize_fp8, _dequantize_fp8, _swizzle_mx_scale).
+
+Per mesh dimension, besides everything replicated:
+
+* _moe_router_topk: tokens: logits Shard(0) -> weights and expert ids
+  Shard(0), counts Partial (a sum over tokens); the bias replicated.
+* _moe_permute: hidden: tokens Shard(1) -> permuted Shard(1); a Partial
+  tokens (permute is linear in it) -> permuted Partial. Tokens are never
+  sharded: the rows are sorted by expert over all tokens (expert
+  parallelism's all-to-all moves them instead).
+* _moe_unpermute: hidden; tokens (dst_rows, weights Shard(0) -> output
+  Shard(0)); a Partial permuted -> Partial output. _moe_unpermute_backward
+  mirrors it (tokens sharded -> Partial grad_permuted).
+* _quantize_fp8 / _dequantize_fp8: along rows (and the batch of 3-D inputs)
+  for the recipes whose blocks lie within a row: rowwise, blockwise_1x128,
+  mx (not swizzled); the scale follows the data. No Partial: a sum of float8
+  data is not float8 data.
+* _swizzle_mx_scale: replicated only.
+
+Inputs are validated by the meta functions' checks, so a bad call fails in
+sharding propagation with the kernel's message.
 """
 
 # ---------------------------------------------------------------------------
@@ -211,6 +237,25 @@ SERIES = [
                 SingleDimStrategy("torch/distributed/tensor/_ops/_matrix_ops.py", "distributed/grouped_mm_strategy.py",
                                   "grouped_mm", "grouped_mm_single_dim_strategy",
                                   provided=("_valid_grouped_mm_strides",)),
+            ],
+        ),
+        Patch(
+            message="distributed/0002-moe-routing-and-fp8-quantisation-ops-sharding.txt",
+            changes=[
+                StrategyModule("torch/distributed/tensor/_ops/_moe_ops.py", "distributed/moe_strategy.py",
+                               ("routing", "fp8"), MOE_OPS_STRATEGY_DOC),
+                Edit("torch/distributed/tensor/_ops/__init__.py", [(
+                    "from ._matrix_ops import *  # noqa: F403\n",
+                    "from ._matrix_ops import *  # noqa: F403\nfrom ._moe_ops import *  # noqa: F403\n",
+                )]),
+            ],
+        ),
+        Patch(
+            message="distributed/0003-scaled-grouped-mm-sharding-rules.txt",
+            changes=[
+                SingleDimStrategy("torch/distributed/tensor/_ops/_matrix_ops.py",
+                                  "distributed/scaled_grouped_mm_strategy.py", "fp8",
+                                  "scaled_grouped_mm_single_dim_strategy", after="grouped_mm_single_dim_strategy"),
             ],
         ),
     ]),
