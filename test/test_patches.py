@@ -35,6 +35,7 @@ import glob
 import importlib.util
 import os
 import pathlib
+import re
 import shutil
 import sys
 import textwrap
@@ -43,6 +44,7 @@ import pytest
 import torch
 import torchgen
 from torch._subclasses.fake_tensor import FakeTensorMode
+from torch.testing._internal.opinfo.core import SampleInput
 
 import torch_moe_ops  # noqa: F401
 from patches import base, generate, manifest, names, proof, rewrite, upstream_tree
@@ -388,7 +390,8 @@ def patched_python_files(tree):
 
 def test_patched_python_compiles(tree):
     files = patched_python_files(tree)
-    assert len(files) == 6  # the meta functions, 4 OpInfo files, _matrix_ops.py (the DTensor rule)
+    # the meta functions, 4 OpInfo files, the DTensor rules: _matrix_ops.py, _moe_ops.py and _ops/__init__.py
+    assert len(files) == 8
     for path in files:
         with open(os.path.join(tree, path)) as f:
             compile(f.read(), path, "exec")
@@ -624,7 +627,9 @@ def test_patched_fp8_opinfo(tree, aten):
 
 def test_patched_strategy_matches_ours(tree, meta, monkeypatch):
     """The patched aten._grouped_mm single-dim strategy (_matrix_ops.py) gives
-    the in-repo one's rules, and rejects bad inputs with the same message."""
+    the in-repo one's rules, and rejects bad inputs with the same message; so
+    does the aten._scaled_grouped_mm one distributed/0003 adds there, on every
+    OpInfo sample."""
     import torch._meta_registrations as upstream_meta
     from torch.distributed.tensor._dtensor_spec import TensorMeta
     from torch.distributed.tensor._ops import single_dim_strategy
@@ -633,12 +638,14 @@ def test_patched_strategy_matches_ours(tree, meta, monkeypatch):
 
     # Its imports resolve to the patched meta helpers; registering it would
     # replace the wheel's aten._grouped_mm strategy for the whole session.
-    for name in names.family_checks("grouped_mm").values():
-        monkeypatch.setattr(upstream_meta, name, meta[name], raising=False)
+    for family in ("grouped_mm", "fp8"):  # _grouped_mm's and (distributed/0003) _scaled_grouped_mm's
+        for name in names.family_checks(family).values():
+            monkeypatch.setattr(upstream_meta, name, meta[name], raising=False)
     monkeypatch.setattr(single_dim_strategy, "register_single_dim_strategy", lambda *a, **k: (lambda fn: fn))
     # In its package, for its relative imports.
-    patched = load_module(os.path.join(tree, "torch/distributed/tensor/_ops/_matrix_ops.py"),
-                          "torch.distributed.tensor._ops._patched_matrix_ops").grouped_mm_single_dim_strategy
+    module = load_module(os.path.join(tree, "torch/distributed/tensor/_ops/_matrix_ops.py"),
+                         "torch.distributed.tensor._ops._patched_matrix_ops")
+    patched = module.grouped_mm_single_dim_strategy
 
     def metas(*tensors):
         return tuple(None if t is None else TensorMeta(t.shape, t.stride(), t.dtype) for t in tensors)
@@ -663,6 +670,115 @@ def test_patched_strategy_matches_ours(tree, meta, monkeypatch):
             strategy(op, bad, {})
         messages.append(str(info.value))
     assert messages[0] == messages[1]
+
+    # distributed/0003: aten._scaled_grouped_mm's strategy, after grouped_mm's.
+    (scaled,) = [info for info in fp8_op_db if info.name == "moe_ops.scaled_grouped_mm"]
+    assert compare_strategies(module.scaled_grouped_mm_single_dim_strategy,
+                              torch.ops.aten._scaled_grouped_mm.default, torch.ops.moe_ops.scaled_grouped_mm.default,
+                              sample_cases(scaled)) > 0
+
+
+def as_strategy_args(sample):
+    """A sample's arguments as DTensor gives them to a single-dim strategy:
+    tensors as TensorMeta, positional and keyword as the caller passed them."""
+    from torch.distributed.tensor._dtensor_spec import TensorMeta
+
+    def meta(v):
+        return TensorMeta(v.shape, v.stride(), v.dtype) if isinstance(v, torch.Tensor) else v
+    return tuple(map(meta, [sample.input, *sample.args])), {k: meta(v) for k, v in sample.kwargs.items()}
+
+
+def ours_single_dim(op):
+    """The in-repo strategy registered for a moe_ops op (without the guard,
+    which wraps only the full-mesh filter)."""
+    from torch.distributed.tensor import DTensor
+
+    import torch_moe_ops.distributed  # noqa: F401  (registers them)
+    return DTensor._op_dispatcher.sharding_propagator.op_single_dim_strategy_funcs[op].func
+
+
+def sample_cases(info):
+    """Every OpInfo sample of every dtype, as a strategy gets it."""
+    return [as_strategy_args(s) for dtype in sorted(info.dtypes, key=str) for s in info.sample_inputs("cpu", dtype)]
+
+
+def compare_strategies(patched, aten_op, ours_op, cases):
+    """The patched strategy gives the in-repo one's rules on every case
+    ((args, kwargs) as DTensor passes them), or raises the same error.
+    Returns how many rules the cases gave (the comparison bites only on
+    cases with rules)."""
+    ours = ours_single_dim(ours_op)
+    assert cases
+    rules = 0
+    for args, kwargs in cases:
+        try:
+            expected = repr(ours(ours_op, args, kwargs))
+        except (RuntimeError, ValueError) as e:
+            with pytest.raises(type(e), match=re.escape(str(e))):
+                patched(aten_op, args, kwargs)
+            continue
+        assert repr(patched(aten_op, args, kwargs)) == expected, (ours_op, args, kwargs)
+        rules += expected.count("[") - 1
+    return rules
+
+
+def test_patched_moe_strategies_register_and_match_ours(tree, meta, aten, monkeypatch):
+    """distributed/0002's new module _ops/_moe_ops.py, imported against the
+    installed torch with torch.ops.aten as the patched yaml generates it and
+    the meta helpers of the compile series: it registers one strategy for
+    each of the routing and fp8 quantisation aten ops (the upstream names of
+    the yaml), with our schema info, and each gives the in-repo strategy's
+    rules (or error) on every OpInfo sample."""
+    import torch._meta_registrations as upstream_meta
+    from torch.distributed.tensor import DTensor
+    from torch.distributed.tensor._ops import single_dim_strategy
+
+    for family in ("routing", "fp8"):
+        for name in names.family_checks(family).values():
+            monkeypatch.setattr(upstream_meta, name, meta[name], raising=False)
+    registered = {}
+
+    def record(op, **kwargs):
+        def register(fn):
+            assert str(op) not in registered, f"{op} registered twice"
+            registered[str(op)] = (op, kwargs, fn)
+            return fn
+        return register
+    monkeypatch.setattr(single_dim_strategy, "register_single_dim_strategy", record)
+    monkeypatch.setattr(torch.ops, "aten", aten)
+    module = load_module(os.path.join(tree, "torch/distributed/tensor/_ops/_moe_ops.py"),
+                         "torch.distributed.tensor._ops._patched_moe_ops")
+    monkeypatch.undo()  # the real torch.ops.aten and meta helpers again; the module keeps what it imported
+    ours_ops = ["router_topk", "permute", "unpermute", "unpermute_backward", "quantize_fp8", "dequantize_fp8",
+                "swizzle_mx_scale"]
+    upstream = native_functions.upstream_names()
+    assert sorted(registered) == sorted(f"aten.{upstream[op]}.default (generated; runs moe_ops.{op}.default)"
+                                        for op in ours_ops)
+    propagator = DTensor._op_dispatcher.sharding_propagator
+    by_op = {}
+    for op_name in ours_ops:
+        op, kwargs, fn = registered[f"aten.{upstream[op_name]}.default (generated; runs moe_ops.{op_name}.default)"]
+        ours_op = getattr(torch.ops.moe_ops, op_name).default
+        assert isinstance(op, proof.GeneratedOverload) and op.impl is ours_op
+        ours_single_dim(ours_op)
+        assert kwargs.pop("schema_info") == propagator.op_to_schema_info_for_single_dim_strategy[ours_op], op_name
+        assert kwargs == {}, (op_name, kwargs)
+        by_op[op_name] = (fn, op, ours_op)
+    infos = {info.name.removeprefix("moe_ops."): info for info in [*routing_op_db, *fp8_op_db]}
+    for op_name, (fn, op, ours_op) in by_op.items():
+        if op_name == "unpermute_backward":  # no OpInfo of its own: unpermute's samples, as its backward gets them
+            extra = []
+            for s in infos["unpermute"].sample_inputs("cpu", torch.float64):
+                permuted, dst_rows, weights = s.input, s.args[0], (s.args[1] if len(s.args) > 1 else None)
+                grad = torch.empty(dst_rows.shape[0], permuted.shape[1], dtype=permuted.dtype)
+                sample = SampleInput(grad, args=(dst_rows, permuted.shape[0], weights, permuted))
+                extra.append(as_strategy_args(sample))
+            cases = extra
+        else:
+            cases = sample_cases(infos[op_name])
+        rules = compare_strategies(fn, op, ours_op, cases)
+        # swizzle_mx_scale is replicated only: its cases check the errors and the empty list.
+        assert rules > 0 or op_name == "swizzle_mx_scale", f"{op_name}: no sample gives a sharding rule"
 
 
 # (d) ----------------------------------------------------------------------
