@@ -141,7 +141,7 @@ def test_deepseek_v3_moe_block_bf16():
 def test_torchtitan_moe_bf16():
     """torchtitan's MoE layer in bf16: dispatch -> GroupedExperts -> combine -> expert_mlp (w1 | w3 side by
     side). The router stays: on CPU torchtitan's fp32 autocast region is a no-op, so its scores are bf16,
-    which router_topk (fp32 scores) does not reproduce exactly. Tolerance as for DeepSeek-V3, plus the
+    which router_topk (fp32 scores) does not reproduce (TestMoEPasses.test_router_left_alone_on_16bit_scores). Tolerance as for DeepSeek-V3, plus the
     stock combine's bf16 scatter_add, which rounds after every addition (k = 2 here)."""
     moe = stock.torchtitan_moe("mixtral-8x7b", shrink=128, dtype=torch.bfloat16)
     x = torch.randn(2, 5, 32, generator=torch.Generator().manual_seed(4)).bfloat16()
