@@ -85,12 +85,13 @@ FP8_META = """\
 MOE_MODULES = {"_fx": "moe_fx_utils", "router": "moe_router", "combine": "moe_combine"}
 
 MOE_CONFIG = """\
-# set to True to rewrite stock mixture-of-experts code into the MoE ops where
-# they compute exactly what it does: a router's score function and top-k into
-# aten._moe_router_topk (pre-grad, fx_passes/moe_router.py), the weighted
-# index_add / scatter_add of a grouped GEMM's rows into aten._moe_unpermute
-# (post-grad, fx_passes/moe_combine.py). Each rewrite counts itself in
-# torch._dynamo.utils.counters["moe_passes"].
+# set to True to rewrite stock mixture-of-experts code into the MoE ops: a
+# router's score function and top-k into aten._moe_router_topk (pre-grad,
+# fx_passes/moe_router.py; only where the op selects the same experts), the
+# weighted index_add / scatter_add of a grouped GEMM's rows into
+# aten._moe_unpermute (post-grad, fx_passes/moe_combine.py; it sums in fp32 and
+# rounds once where the stock code rounds every step). Each rewrite counts
+# itself in torch._dynamo.utils.counters["moe_passes"].
 moe_passes = os.environ.get("TORCHINDUCTOR_MOE_PASSES", "0") == "1"
 """
 
