@@ -521,3 +521,79 @@ class TestMoEPasses(TestCase):
         want = fn(logits, zero)
         self.assertEqual(want[1].tolist(), [[0]])  # the tie, kept by the stock code (CPU's topk: the first)
         self.assertTrue(torch.equal(got[1], want[1]) and torch.equal(got[0], want[0]))
+
+
+# The rewrites whose target ops stay here, on drawn routing (zero tokens, empty experts, uneven loads).
+
+@FEW
+@given(tokens=st.sampled_from([0, 1, 6, 23]), experts=st.integers(1, 6), k=st.integers(1, 3),
+       hidden=st.sampled_from([8, 16]), inter=st.sampled_from([8, 24]), data=st.data())
+def test_experts_rewrite_on_drawn_routing(tokens, experts, k, hidden, inter, data):
+    """transformers' "grouped_mm" experts (OLMoE's SwiGLU experts, called with drawn routing) -> expert_mlp,
+    forward and backward in fp32 (transformers' own grouped GEMM under compile). Both sides compute in fp32
+    and differ in summation order only: within 4 fp32 row tolerances (common.ROW_TOL), as the Qwen3 test."""
+    import transformers
+    torch._dynamo.reset()
+    counters.clear()
+    k = min(k, experts)
+    used = data.draw(st.sets(st.integers(0, experts - 1), min_size=k, max_size=experts), label="used experts")
+    seed = data.draw(st.integers(0, 2 ** 16), label="seed")
+    cfg = transformers.OlmoeConfig(vocab_size=16, hidden_size=hidden, intermediate_size=inter, num_hidden_layers=1,
+                                   num_attention_heads=2, num_key_value_heads=2, num_experts=experts,
+                                   num_experts_per_tok=k, eos_token_id=None, pad_token_id=None,
+                                   bos_token_id=None)
+    model = transformers.AutoModelForCausalLM.from_config(cfg, experts_implementation="grouped_mm")
+    experts_module = stock.moe_block(model).experts.float()
+    ids, w = _routing(tokens, experts, k, used, seed)
+    x = torch.randn(tokens, hidden, generator=torch.Generator().manual_seed(seed + 1))
+
+    def run(fn):
+        leaves = [x.clone().requires_grad_(True), w.clone().requires_grad_(True)]
+        for t in (*leaves, ids):
+            # Only the token count is dynamic: called on its own, the module reads k from top_k_index's shape,
+            # which dynamic=True would make symbolic (in a model k comes from the router's static topk, and
+            # the matcher takes a static k only).
+            torch._dynamo.maybe_mark_dynamic(t, 0)
+        for p in experts_module.parameters():
+            p.grad = None
+        out = fn(leaves[0], ids, leaves[1])
+        (out.square().sum() / 2).backward()
+        return out.detach(), [p.grad.clone() for p in experts_module.parameters()] + [t.grad for t in leaves]
+
+    want = run(experts_module)
+    got = run(torch.compile(experts_module, fullgraph=True, dynamic=False))
+    assert fired() == {"expert_mlp": 1}
+    if tokens:
+        assert_all_close(got, want, torch.float32, 4, f"experts {tokens}x{experts} k={k}")
+    else:
+        assert got[0].shape == want[0].shape and all(not g.any() for g in got[1][:2])
+
+
+@FEW
+@given(tokens=st.sampled_from([0, 1, 5, 29]), experts=st.integers(1, 5), k=st.integers(1, 3),
+       hidden=st.sampled_from([8, 24]), out=st.sampled_from([8, 16]), data=st.data())
+def test_gather_and_combine_on_drawn_routing(tokens, experts, k, hidden, out, data):
+    """Inference: x[perm // k] into the grouped GEMM -> grouped_mm_gather, and the combine -> unpermute, on
+    drawn routing, bf16. The gathered GEMM computes exactly the rows of the stock one (same kernel, rows
+    read through the index); the combine's bound is TestMoEPasses.test_combine_rewrite's: (k + 1) bf16
+    roundings of the sum of the terms' magnitudes, per element."""
+    torch._dynamo.reset()
+    counters.clear()
+    k = min(k, experts)
+    used = data.draw(st.sets(st.integers(0, experts - 1), min_size=k, max_size=experts), label="used experts")
+    seed = data.draw(st.integers(0, 2 ** 16), label="seed")
+    ids, w = _routing(tokens, experts, k, used, seed)
+    g = torch.Generator().manual_seed(seed + 1)
+    x = torch.randn(tokens, hidden, generator=g).bfloat16()
+    w1 = (torch.randn(experts, hidden, out, generator=g) / hidden ** 0.5).bfloat16()
+    w = w.bfloat16()
+    with torch.no_grad():
+        got = torch.compile(_stock_combine, fullgraph=True, dynamic=True)(x, ids, w, w1)
+        want = _stock_combine(x, ids, w, w1)
+    assert fired() == {"grouped_mm_gather": 1, "unpermute": 1}
+    rows = (x.double().abs().repeat_interleave(k, dim=0)[:, None, :]
+            @ w1.double().abs()[ids.reshape(-1)]).squeeze(1) * w.double().reshape(-1, 1)
+    terms = torch.zeros(tokens, out, dtype=torch.float64).index_add(0, torch.arange(tokens).repeat_interleave(k), rows)
+    err = (got.double() - want.double()).abs()
+    outside = err > (k + 1) * 2.0 ** -8 * terms
+    assert not outside.any(), f"errors {err[outside].tolist()} outside the bound"
