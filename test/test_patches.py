@@ -701,6 +701,29 @@ def test_patched_moe_pass_files_resolve_every_name(tree, path):
     assert unresolved_globals("def f():\n    return nowhere\n", "x.py") == ["nowhere"]  # the check bites
 
 
+def test_patched_moe_hooks_reach_the_passes(tree):
+    """The patched hooks import names the patched pass modules define, under a switch the patched config
+    defines (off by default), and run where the custom passes run (just before them)."""
+    import ast
+    def read(rel):
+        with open(os.path.join(tree, rel)) as f:
+            return f.read()
+    config = ast.parse(read("torch/_inductor/config.py"))
+    switch = [n for n in config.body if isinstance(n, ast.Assign) and any(
+        isinstance(t, ast.Name) and t.id == "moe_passes" for t in n.targets)]
+    assert len(switch) == 1 and "TORCHINDUCTOR_MOE_PASSES" in ast.unparse(switch[0].value)
+    for hook, custom in (("pre_grad", "pre_grad_custom_pass"), ("post_grad", "post_grad_custom_post_pass")):
+        source = read(f"torch/_inductor/fx_passes/{hook}.py")
+        imports = [n for n in ast.walk(ast.parse(source)) if isinstance(n, ast.ImportFrom) and n.level == 1
+                   and n.module and n.module.startswith("moe_")]
+        assert len(imports) == 1, hook
+        (imp,) = imports
+        module = ast.parse(read(f"torch/_inductor/fx_passes/{imp.module}.py"))
+        defined = {name for node in module.body for name in rewrite.top_level_names(node)}
+        assert {a.name for a in imp.names} <= defined, (hook, imp.module)
+        assert source.index("if config.moe_passes:") < source.index(f"for {custom} in get_custom_graph_passes(")
+
+
 @pytest.fixture(scope="module")
 def patched_moe_passes(tree, aten):
     """The patched torch/_inductor/fx_passes/moe_*.py, imported from the patched tree as a package of their
