@@ -390,8 +390,9 @@ def patched_python_files(tree):
 
 def test_patched_python_compiles(tree):
     files = patched_python_files(tree)
-    # the meta functions, 4 OpInfo files, the DTensor rules: _matrix_ops.py, _moe_ops.py and _ops/__init__.py
-    assert len(files) == 8
+    # the meta functions, 4 OpInfo files, the DTensor rules (_matrix_ops.py, _moe_ops.py and
+    # _ops/__init__.py); the MoE passes: 3 modules, the config switch, its two hooks and the tests
+    assert len(files) == 15
     for path in files:
         with open(os.path.join(tree, path)) as f:
             compile(f.read(), path, "exec")
@@ -781,6 +782,130 @@ def test_patched_moe_strategies_register_and_match_ours(tree, meta, aten, monkey
         assert rules > 0 or op_name == "swizzle_mx_scale", f"{op_name}: no sample gives a sharding rule"
 
 
+def unresolved_globals(source, path):
+    """Names a module reads as globals that nothing binds: not a module-level name, an import or a builtin
+    (a NameError upstream the first time the code runs)."""
+    import builtins
+    import symtable
+    top = symtable.symtable(source, path, "exec")
+    bound = {s.get_name() for s in top.get_symbols() if s.is_assigned() or s.is_imported()
+             or s.is_namespace()}
+    missing = set()
+
+    def walk(table):
+        for sym in table.get_symbols():
+            if sym.is_referenced() and (sym.is_global() or table is top) and not sym.is_assigned() \
+                    and sym.get_name() not in bound and not hasattr(builtins, sym.get_name()):
+                missing.add(sym.get_name())
+        for child in table.get_children():
+            walk(child)
+    walk(top)
+    return sorted(missing)
+
+
+MOE_PASS_FILES = [c.path for p in manifest.SERIES[1].patches for c in p.changes
+                  if isinstance(c, (manifest.FxPassModule, manifest.PassTests))]
+
+
+@pytest.mark.parametrize("path", MOE_PASS_FILES)
+def test_patched_moe_pass_files_resolve_every_name(tree, path):
+    with open(os.path.join(tree, path)) as f:
+        source = f.read()
+    assert not unresolved_globals(source, path)
+    assert "moe_ops" not in source.replace("_moe_", "")
+    assert unresolved_globals("def f():\n    return nowhere\n", "x.py") == ["nowhere"]  # the check bites
+
+
+def test_patched_moe_hooks_reach_the_passes(tree):
+    """The patched hooks import names the patched pass modules define, under a switch the patched config
+    defines (off by default), and run where the custom passes run (just before them)."""
+    import ast
+    def read(rel):
+        with open(os.path.join(tree, rel)) as f:
+            return f.read()
+    config = ast.parse(read("torch/_inductor/config.py"))
+    switch = [n for n in config.body if isinstance(n, ast.Assign) and any(
+        isinstance(t, ast.Name) and t.id == "moe_passes" for t in n.targets)]
+    assert len(switch) == 1 and "TORCHINDUCTOR_MOE_PASSES" in ast.unparse(switch[0].value)
+    for hook, custom in (("pre_grad", "pre_grad_custom_pass"), ("post_grad", "post_grad_custom_post_pass")):
+        source = read(f"torch/_inductor/fx_passes/{hook}.py")
+        imports = [n for n in ast.walk(ast.parse(source)) if isinstance(n, ast.ImportFrom) and n.level == 1
+                   and n.module and n.module.startswith("moe_")]
+        assert len(imports) == 1, hook
+        (imp,) = imports
+        module = ast.parse(read(f"torch/_inductor/fx_passes/{imp.module}.py"))
+        defined = {name for node in module.body for name in rewrite.top_level_names(node)}
+        assert {a.name for a in imp.names} <= defined, (hook, imp.module)
+        assert source.index("if config.moe_passes:") < source.index(f"for {custom} in get_custom_graph_passes(")
+
+
+@pytest.fixture(scope="module")
+def patched_moe_passes(tree, aten):
+    """The patched torch/_inductor/fx_passes/moe_*.py, imported from the patched tree as a package of their
+    own (their relative imports resolve among them, everything else against the installed torch), with
+    torch.ops.aten the patched yaml's: the aten ops they insert run our kernels of the same schema."""
+    import types
+    package = "patched_fx_passes"
+    pkg = types.ModuleType(package)
+    pkg.__path__ = [os.path.join(tree, "torch/_inductor/fx_passes")]
+    sys.modules[package] = pkg
+    modules = {}
+    try:
+        for name in ("moe_fx_utils", "moe_router", "moe_combine"):
+            spec = importlib.util.spec_from_file_location(f"{package}.{name}",
+                                                          os.path.join(tree, f"torch/_inductor/fx_passes/{name}.py"))
+            module = importlib.util.module_from_spec(spec)
+            sys.modules[spec.name] = module
+            spec.loader.exec_module(module)
+            module.torch = _TorchWithAten(aten)
+            modules[name] = module
+        yield modules
+    finally:
+        for name in [n for n in sys.modules if n == package or n.startswith(package + ".")]:
+            del sys.modules[name]
+
+
+def test_patched_moe_passes_rewrite_traced_graphs(patched_moe_passes):
+    """The patched passes, as the patched hooks run them (moe_router.rewrite_routers before the pre-grad
+    custom pass, moe_combine.run before the post-grad custom post pass; here in those slots), rewrite a
+    stock router and a stock combine compiled with dynamic shapes into the patched aten ops (run by our
+    kernels), bump the patched counter, and give eager's ids and, within fp32 / bf16 rounding, its values.
+    test_compile_passes.py's TestMoEPasses (the patched test file) tests the same code in depth."""
+    from torch._dynamo.utils import counters
+    from torch._inductor.utils import run_and_get_code
+    from test_compile_passes import _SoftmaxRouter, _stock_combine, _routing
+    fx_utils, router, combine = (patched_moe_passes[n] for n in ("moe_fx_utils", "moe_router", "moe_combine"))
+    assert fx_utils.COUNTER == "moe_passes"
+    with torch._inductor.config.patch(pre_grad_custom_pass=router.rewrite_routers,
+                                      post_grad_custom_post_pass=combine.run, fx_graph_cache=False), \
+            torch._functorch.config.patch(enable_autograd_cache=False):
+        torch._dynamo.reset()
+        counters.clear()
+        logits = torch.randn(9, 6, generator=torch.Generator().manual_seed(0))
+        fn = _SoftmaxRouter(2, True)
+        (weights, ids), codes = run_and_get_code(torch.compile(fn, fullgraph=True, dynamic=True), logits)
+        assert dict(counters["moe_passes"]) == {"router_topk": 1}
+        assert any("moe_ops.router_topk" in c for c in codes)
+        want = fn(logits)
+        assert torch.equal(ids.long(), want[1])
+        torch.testing.assert_close(weights, want[0], rtol=2.0 ** -20, atol=0)
+
+        torch._dynamo.reset()
+        counters.clear()
+        ids, w = _routing(11, 4, 2, {0, 2, 3}, 1)
+        g = torch.Generator().manual_seed(2)
+        x, w1 = torch.randn(11, 8, generator=g).bfloat16(), torch.randn(4, 8, 16, generator=g).bfloat16()
+        with torch.no_grad():
+            out, codes = run_and_get_code(torch.compile(_stock_combine, fullgraph=True, dynamic=True),
+                                          x, ids, w.bfloat16(), w1)
+            want = _stock_combine(x, ids, w.bfloat16(), w1)
+        assert dict(counters["moe_passes"]) == {"unpermute": 1}
+        assert any("moe_ops.unpermute" in c for c in codes)
+        # each side within 3 bf16 roundings (k + 1) of the exact combine
+        torch.testing.assert_close(out.float(), want.float(), rtol=6 * 2.0 ** -8, atol=6 * 2.0 ** -8)
+    torch._dynamo.reset()
+
+
 # (d) ----------------------------------------------------------------------
 
 def test_series_up_to_date(tmp_path):
@@ -856,6 +981,24 @@ def test_error_python_rejected():
     """)
     with pytest.raises(PatchError, match=r"^x.py:2: _checks.not_carried has no upstream name"):
         rewrite.rename(bad, "x.py", {}, module_alias="_checks")
+
+
+def test_error_pass_module_naming_an_op_that_stays_here():
+    """A carried pass module may name only ops that go upstream, and no other part of this package."""
+    from patches import fx_passes
+    src = "import torch\n\nrepl = torch.ops.moe_ops.grouped_mm_gather.default\n"
+    with pytest.raises(PatchError, match=r"^x.py:3: torch.ops.moe_ops.grouped_mm_gather does not go upstream"):
+        fx_passes.rename_ops(src, "x.py")
+    with pytest.raises(PatchError, match=r"^x.py:2: mentions moe_ops with no upstream spelling"):
+        fx_passes.rename_ops("import torch\n# see torch.ops.moe_ops_testing\n", "x.py")
+    assert fx_passes.rename_ops("f = torch.ops.moe_ops.unpermute.default  # moe_ops::router_topk\n", "x.py") == \
+        "f = torch.ops.aten._moe_unpermute.default  # aten::_moe_router_topk\n"
+    with pytest.raises(PatchError, match=r"^x.py:1: imports from torch_moe_ops outside the carried modules"):
+        fx_passes.rename_imports("from ..ops.routing import router_topk\n", "x.py", {})
+    with pytest.raises(PatchError, match=r"^x.py:2: imports .pre_grad, which is not carried upstream"):
+        fx_passes.rename_imports("import torch\nfrom .pre_grad import run\n", "x.py", {"_fx": "moe_fx_utils"})
+    assert fx_passes.rename_imports("from . import _fx\nfrom ._fx import count\n", "x.py", {"_fx": "moe_fx_utils"}) \
+        == "from . import moe_fx_utils as _fx\nfrom .moe_fx_utils import count\n"
 
 
 # Names and yaml entries derived from the declaration ------------------------
