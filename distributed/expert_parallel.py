@@ -22,9 +22,11 @@ step (replacing ``moe.experts`` on the instance; the model code is unchanged):
 4. combine: the reverse ``all_to_all_single``, then ``unpermute`` with the
    routing weights on the token's own rank (weighted sum in fp32, slot order).
 
-Both all-to-alls are functional collectives
-(``torch.distributed._functional_collectives.all_to_all_single_autograd``),
-differentiable: the backward sends the gradients back the same way.
+Both all-to-alls are differentiable: the backward sends the gradients back
+the same way. In eager they are ``dist.all_to_all_single`` waited for with a
+clear error when a peer has died or stopped calling the layer, in the forward
+and in the backward alike; under torch.compile, the traceable functional
+collectives (``torch.distributed._functional_collectives``).
 """
 
 from __future__ import annotations
@@ -59,7 +61,41 @@ __all__ = ["ExpertParallel", "ExpertTensorParallel", "TensorParallelExperts", "d
 _EXPERT_PARAMS = ("gate_up_proj", "down_proj", "gate_up_bias", "down_bias")
 
 
-class ExpertParallel(ParallelStyle):
+class _TokenDispatch:
+    """The token dispatch options of the expert-parallel styles (ExpertParallel,
+    ExpertTensorParallel): ``dispatch`` ("splits" or "capacity"),
+    ``capacity_factor``, ``fp8_dispatch`` (None, "rowwise" or "mx") and
+    ``chunks``; see dispatch_combine."""
+
+    def __init__(self, dispatch: str = "splits", capacity_factor: float = 1.25,
+                 fp8_dispatch: Optional[str] = None, chunks: int = 1) -> None:
+        style = type(self).__name__
+        if dispatch not in ("splits", "capacity"):
+            raise ValueError(f"{style}: dispatch must be 'splits' or 'capacity', got {dispatch!r}")
+        if not capacity_factor > 0:
+            raise ValueError(f"{style}: capacity_factor must be > 0, got {capacity_factor}")
+        if fp8_dispatch not in (None, "rowwise", "mx"):
+            raise ValueError(f"{style}: fp8_dispatch must be None, 'rowwise' or 'mx', got {fp8_dispatch!r}")
+        if not (isinstance(chunks, int) and chunks >= 1):
+            raise ValueError(f"{style}: chunks must be an int >= 1, got {chunks!r}")
+        self.dispatch = dispatch
+        self.capacity_factor = capacity_factor
+        self.fp8_dispatch = fp8_dispatch
+        self.chunks = chunks
+
+    def _dispatch_settings(self) -> dict:
+        """As compared between the ranks: ranks that disagree on them would send
+        buffers of different sizes, or different numbers of all-to-alls."""
+        return dict(dispatch=self.dispatch, capacity_factor=self.capacity_factor, fp8_dispatch=self.fp8_dispatch,
+                    chunks=self.chunks)
+
+    def _dispatch_kwargs(self) -> dict:
+        """dispatch_combine's keyword arguments."""
+        return dict(mode=self.dispatch, capacity_factor=self.capacity_factor, fp8_dispatch=self.fp8_dispatch,
+                    chunks=self.chunks)
+
+
+class ExpertParallel(_TokenDispatch, ParallelStyle):
     """Shards an ``MoE``'s routed experts over a 1-D device mesh and dispatches
     tokens to them by all-to-all (see the module docstring).
 
@@ -70,37 +106,18 @@ class ExpertParallel(ParallelStyle):
     (integrations/transformers.py) on the local experts.
     """
 
-    def __init__(self, dispatch: str = "splits", capacity_factor: float = 1.25,
-                 fp8_dispatch: Optional[str] = None, chunks: int = 1) -> None:
-        if dispatch not in ("splits", "capacity"):
-            raise ValueError(f"ExpertParallel: dispatch must be 'splits' or 'capacity', got {dispatch!r}")
-        if not capacity_factor > 0:
-            raise ValueError(f"ExpertParallel: capacity_factor must be > 0, got {capacity_factor}")
-        if fp8_dispatch not in (None, "rowwise", "mx"):
-            raise ValueError(f"ExpertParallel: fp8_dispatch must be None, 'rowwise' or 'mx', got {fp8_dispatch!r}")
-        if not (isinstance(chunks, int) and chunks >= 1):
-            raise ValueError(f"ExpertParallel: chunks must be an int >= 1, got {chunks!r}")
-        self.dispatch = dispatch
-        self.capacity_factor = capacity_factor
-        self.fp8_dispatch = fp8_dispatch
-        self.chunks = chunks
-
     def _apply(self, module: nn.Module, device_mesh: DeviceMesh) -> nn.Module:
         # First, before anything a rank could refuse alone: every rank must
         # shard the same layer, else the all-to-alls would hang or mix tensors.
-        # The dispatch settings too: ranks that disagree on them would send
-        # buffers of different sizes, or different numbers of all-to-alls.
-        _check_same_on_every_rank(module, device_mesh, "ExpertParallel",
-                                  dict(dispatch=self.dispatch, capacity_factor=self.capacity_factor,
-                                       fp8_dispatch=self.fp8_dispatch, chunks=self.chunks))
+        # The dispatch settings too (_TokenDispatch._dispatch_settings).
+        _check_same_on_every_rank(module, device_mesh, "ExpertParallel", self._dispatch_settings())
         if not isinstance(module, MoE) and not _is_transformers_experts(module):
             raise TypeError("ExpertParallel: module must be a torch_moe_ops.nn.MoE or a transformers experts "
                             f"module, got {type(module).__name__}")
         if device_mesh.ndim != 1:
             raise ValueError(f"ExpertParallel: device_mesh must be 1-D (the expert-parallel ranks), got a "
                              f"{device_mesh.ndim}-D mesh of shape {tuple(device_mesh.shape)}")
-        module._ep_dispatch = dict(mode=self.dispatch, capacity_factor=self.capacity_factor,
-                                   fp8_dispatch=self.fp8_dispatch, chunks=self.chunks)
+        module._ep_dispatch = self._dispatch_kwargs()
         if not isinstance(module, MoE):
             return _apply_to_transformers_experts(module, device_mesh, self.src_data_rank)
         ep = device_mesh.size()
@@ -271,7 +288,7 @@ def dispatch_combine(x: torch.Tensor, expert_ids: torch.Tensor, weights: torch.T
     received = sum(recv_sizes)
 
     if fp8_dispatch is None:
-        dispatched = funcol.all_to_all_single_autograd(permuted, recv_sizes, send_sizes, group)
+        dispatched = _all_to_all(permuted, recv_sizes, send_sizes, group, "dispatch")
         sent = permuted.numel() * permuted.element_size()
     else:
         dispatched, sent = _Fp8Dispatch.apply(permuted, fp8_dispatch, recv_sizes, send_sizes, group)
@@ -281,8 +298,8 @@ def dispatch_combine(x: torch.Tensor, expert_ids: torch.Tensor, weights: torch.T
     local_expert = torch.arange(num_local, device=x.device).repeat(ep)
     local_ids = torch.repeat_interleave(local_expert, recv_counts, output_size=received).view(-1, 1)
     y = local_experts(dispatched, local_ids)
-    combined = funcol.all_to_all_single_autograd(y, send_sizes, recv_sizes, group)
-    return unpermute(funcol.wait_tensor(combined), dst_rows, weights)
+    combined = _all_to_all(y, send_sizes, recv_sizes, group, "combine")
+    return unpermute(combined, dst_rows, weights)
 
 
 def exchange_split_sizes(offs: torch.Tensor, mesh: DeviceMesh, num_local: int) -> tuple[torch.Tensor, list, list]:
@@ -303,17 +320,60 @@ def exchange_split_sizes(offs: torch.Tensor, mesh: DeviceMesh, num_local: int) -
     return recv_counts, sizes[:ep], sizes[ep:]
 
 
-def _wait_for_peers(work, mesh: DeviceMesh, what: str = "the exchange of token counts") -> None:
-    """Waits for a collective with the expert-parallel peers (first of all, every
-    step's exchange of token counts): a peer that died (or never calls the
-    layer) shows up here, as the process group's timeout, with a message that
-    says so instead of gloo's or NCCL's bare one."""
+def _wait_for_peers(work, mesh, what: str = "the exchange of token counts") -> None:
+    """Waits for a collective with the expert-parallel peers (a DeviceMesh or
+    its process group), first of all every step's exchange of token counts: a
+    peer that died (or never calls the layer) shows up here, as the process
+    group's timeout, with a message that says so instead of gloo's or NCCL's
+    bare one."""
     try:
         work.wait()
     except RuntimeError as e:
-        ranks = mesh.mesh.flatten().tolist()
+        if isinstance(mesh, DeviceMesh):
+            ranks = mesh.mesh.flatten().tolist()
+        else:
+            ranks = dist.get_process_group_ranks(mesh)
         raise RuntimeError(f"ExpertParallel: {what} with the expert-parallel peers (ranks {ranks}) failed or timed "
                            f"out: a peer has died or is not running this layer (process group error: {e})") from e
+
+
+def _exchange(rows: torch.Tensor, out_sizes: list, in_sizes: list, group, what: str,
+              backward: bool = False) -> torch.Tensor:
+    """all_to_all_single of rows (sent in_sizes, received out_sizes), waited
+    for with _wait_for_peers' error. Under torch.compile, the functional
+    collective (traceable; its errors are the process group's own)."""
+    if torch.compiler.is_compiling():
+        return funcol.wait_tensor(funcol.all_to_all_single(rows.contiguous(), out_sizes, in_sizes, group))
+    rows = rows.contiguous()
+    out = rows.new_empty((sum(out_sizes), *rows.shape[1:]))
+    work = dist.all_to_all_single(out, rows, out_sizes, in_sizes, group=group, async_op=True)
+    _wait_for_peers(work, group, f"the {'backward of the ' if backward else ''}{what} all-to-all")
+    return out
+
+
+class _AllToAll(torch.autograd.Function):
+    """A differentiable _exchange: the backward sends the gradient back the
+    same way, so that a peer that dies between the forward and the backward
+    gives the others the same clear error as in the forward (the functional
+    collective's own backward would raise the process group's bare one)."""
+
+    @staticmethod
+    def forward(ctx, rows, out_sizes, in_sizes, group, what):
+        ctx.args = (out_sizes, in_sizes, group, what)
+        return _exchange(rows, out_sizes, in_sizes, group, what)
+
+    @staticmethod
+    def backward(ctx, grad):
+        out_sizes, in_sizes, group, what = ctx.args
+        return _exchange(grad, in_sizes, out_sizes, group, what, backward=True), None, None, None, None
+
+
+def _all_to_all(rows: torch.Tensor, out_sizes: list, in_sizes: list, group, what: str) -> torch.Tensor:
+    """The payload all-to-all of the unchunked dispatch and combine,
+    differentiable; the functional collective under torch.compile."""
+    if torch.compiler.is_compiling():
+        return funcol.wait_tensor(funcol.all_to_all_single_autograd(rows, out_sizes, in_sizes, group))
+    return _AllToAll.apply(rows, out_sizes, in_sizes, group, what)
 
 
 def _splits_plans(xs, ids, num_experts: int, mesh: DeviceMesh) -> list:
@@ -501,10 +561,9 @@ class _Fp8Dispatch(torch.autograd.Function):
         data, scale = quantize_fp8(rows, recipe)
         # Sent as bytes (gloo has no float8); the scales of a row travel with it.
         scale_2d = scale.reshape(rows.shape[0], 1 if recipe == "rowwise" else -(-rows.shape[1] // 32))
-        data_in = funcol.all_to_all_single(data.view(torch.uint8), recv_sizes, send_sizes, group)
-        scale_in = funcol.all_to_all_single(scale_2d.view(torch.uint8), recv_sizes, send_sizes, group)
-        data_in = funcol.wait_tensor(data_in).view(data.dtype)
-        scale_in = funcol.wait_tensor(scale_in).view(scale.dtype)
+        data_in = _exchange(data.view(torch.uint8), recv_sizes, send_sizes, group, "dispatch").view(data.dtype)
+        scale_in = _exchange(scale_2d.view(torch.uint8), recv_sizes, send_sizes, group, "dispatch")
+        scale_in = scale_in.view(scale.dtype)
         if recipe == "rowwise":
             scale_in = scale_in.view(-1)
         ctx.sizes, ctx.group = (recv_sizes, send_sizes), group
@@ -514,8 +573,8 @@ class _Fp8Dispatch(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad, _):
         recv_sizes, send_sizes = ctx.sizes
-        back = funcol.all_to_all_single(grad.contiguous(), send_sizes, recv_sizes, ctx.group)
-        return funcol.wait_tensor(back), None, None, None, None
+        back = _exchange(grad, send_sizes, recv_sizes, ctx.group, "dispatch", backward=True)
+        return back, None, None, None, None
 
 
 def _capacity_plan(x, expert_ids, num_experts, mesh, capacity_factor):
@@ -562,18 +621,18 @@ def _capacity_dispatch_combine(x, expert_ids, weights, num_experts, mesh, local_
     plan = _capacity_plan(x, expert_ids, num_experts, mesh, capacity_factor)
     sizes = plan.send_sizes
     if fp8_dispatch is None:
-        received = funcol.all_to_all_single_autograd(plan.send, sizes, sizes, group)
+        received = _all_to_all(plan.send, sizes, sizes, group, "dispatch")
         sent = plan.send.numel() * plan.send.element_size()
     else:
         received, sent = _Fp8Dispatch.apply(plan.send, fp8_dispatch, sizes, sizes, group)
     valid = _capacity_valid(plan, mesh)
-    y = local_experts(funcol.wait_tensor(received), plan.local_ids)
+    y = local_experts(received, plan.local_ids)
     y = y * valid.unsqueeze(1).to(y.dtype)
-    combined = funcol.all_to_all_single_autograd(y, sizes, sizes, group)
+    combined = _all_to_all(y, sizes, sizes, group, "combine")
     if stats is not None:
         stats.ep_dropped = plan.dropped
         stats.ep_dispatch_bytes = sent
-    return unpermute(funcol.wait_tensor(combined), plan.rows, weights)
+    return unpermute(combined, plan.rows, weights)
 
 
 # ------------------------------------------------- transformers' experts modules
@@ -687,7 +746,7 @@ def _tensor_parallel_experts(module: MoE, x: torch.Tensor, weights: torch.Tensor
     return out.redistribute(mesh, rep).to_local()
 
 
-class ExpertTensorParallel(ParallelStyle):
+class ExpertTensorParallel(_TokenDispatch, ParallelStyle):
     """Expert and tensor parallelism on a 2-D mesh with named dimensions
     ``(EP, TP)``: experts Shard(0) over EP and each expert's I over TP
     (``gate_up_proj`` ``[Shard(0), Shard(1)]``, ``down_proj``
@@ -696,10 +755,14 @@ class ExpertTensorParallel(ParallelStyle):
     every TP peer runs its I slice of the received rows (the I-sharded
     expert_mlp), all-reduced over TP before the combine. The constraints of
     TensorParallelExperts apply, and I must be divisible by the TP size.
+
+    The dispatch options are ExpertParallel's (``dispatch``,
+    ``capacity_factor``, ``fp8_dispatch``, ``chunks``), over the EP dimension:
+    the TP peers of an EP rank send and receive the same buffers.
     """
 
     def _apply(self, module: nn.Module, device_mesh: DeviceMesh) -> nn.Module:
-        _check_same_on_every_rank(module, device_mesh, "ExpertTensorParallel")
+        _check_same_on_every_rank(module, device_mesh, "ExpertTensorParallel", self._dispatch_settings())
         if not isinstance(module, MoE):
             raise TypeError(f"ExpertTensorParallel: module must be a torch_moe_ops.nn.MoE, got "
                             f"{type(module).__name__}")
@@ -718,5 +781,6 @@ class ExpertTensorParallel(ParallelStyle):
             dt = distribute_tensor(p.detach(), device_mesh, [Shard(0), Shard(dim)], src_data_rank=self.src_data_rank)
             module.register_parameter(name, nn.Parameter(dt, requires_grad=p.requires_grad))
         module._ep_mesh, module._tp_mesh = device_mesh[names[0]], device_mesh[names[1]]
+        module._ep_dispatch = self._dispatch_kwargs()
         module.experts = types.MethodType(_expert_parallel_experts, module)
         return module

@@ -1,40 +1,26 @@
-"""DTensor sharding strategies of the moe_ops ops other than grouped_mm
-(grouped_mm_strategy.py), as single-dim strategies (``register_single_dim_strategy``),
-and the refusal of placements they cannot keep for every op (placement_guard.py).
+"""DTensor sharding strategies of the moe_ops ops that stay in this project
+(grouped_mm_gather, expert_mlp and its backward), and the refusal of
+placements no rule keeps, for every op (placement_guard.py).
+
+The strategies of the ops that go upstream are written as upstream writes
+them, each in the module the patch series carries: grouped_mm_strategy.py
+(grouped_mm), scaled_grouped_mm_strategy.py, moe_strategy.py (routing and
+fp8 quantisation ops). This module imports them, so that every rule is
+registered before the guard wraps it.
 
 Per mesh dimension, besides everything replicated (S a sharding of any
 layout, Shard or _StridedShard, where every layout is correct; Shard where
 only contiguous chunks are):
 
-* ``scaled_grouped_mm``: grouped_mm's shardings, the scales following their
-  operand: rowwise in 2D x 3D (N: ``scale_b`` S(1); K: scales replicated,
-  Partial output), 3D x 2D (M, K) and 3D x 3D (G, M, N, K); blockwise and mx
-  in 3D x 3D along G, M (scale_a 3-D: blockwise, plain mx) and N (plain mx
-  scale_b). The bias follows the output as in grouped_mm (Partial with a K
-  split). Refused: 2D x 2D's flattened per-group rowwise scales, splits of K
-  or N through 128- or 32-blocks, swizzled layouts. No Partial operands: a
-  sum of float8 data is not float8 data.
 * ``grouped_mm_gather``: 2D x 3D N and K (Partial); 2D x 2D M and N; a
   Partial operand gives a Partial output (the gather is linear). Indices and
   offs replicated (they name rows of the whole operands).
-* ``router_topk``: tokens: ``logits`` S(0) -> weights and expert ids S(0),
-  ``counts`` Partial (a sum over tokens).
-* ``permute``: hidden: ``tokens`` S(1) -> ``permuted`` S(1); a Partial
-  ``tokens`` (permute is linear in it) -> ``permuted`` Partial.
-* ``unpermute``: hidden (S(1)); tokens (``dst_rows``, ``weights`` S(0) ->
-  output S(0)); a Partial ``permuted`` -> Partial output.
-  ``unpermute_backward`` mirrors it (tokens sharded -> Partial
-  ``grad_permuted``).
 * ``expert_mlp`` (and its backward): the experts' intermediate dimension I
   (tensor parallel experts): ``gate_up_proj`` Shard(2), ``down_proj``
   Shard(1), ``gate_up_bias`` Shard(1), ``down_bias`` Partial -> Partial
   output, ``h`` Shard(1); for non-gated activations, or gated ones with
   ``gate_up_interleaved`` when the shards split I evenly (a full-mesh filter:
   each (gate, up) column pair must land on one rank).
-* ``quantize_fp8`` / ``dequantize_fp8``: along rows (and the batch of 3-D
-  inputs) for the recipes whose blocks lie within a row: rowwise,
-  blockwise_1x128, mx (not swizzled); the scale follows the data.
-* ``swizzle_mx_scale``: replicated only.
 
 Each op's ``_explain_*`` gives the reasons of the refusals: tokens sharded
 into permute or expert_mlp, or the experts of the 2D grouped GEMMs or of
@@ -50,6 +36,8 @@ from torch.distributed.tensor.placement_types import Partial, Replicate, Shard
 
 from torch_moe_ops import _checks
 
+# Registered on import, before the guard wraps them.
+from . import grouped_mm_strategy, moe_strategy, scaled_grouped_mm_strategy  # noqa: F401
 from .placement_guard import guard_placements, meta_tensor, named_args, static_schema_info
 
 __all__ = []
@@ -132,35 +120,6 @@ def _explain_grouped_mm(args: dict):
 _SCALED_INPUTS = ["mat_a", "mat_b", "scale_a", "scale_b", "offs", "bias", "scale_result"]
 
 
-@_register(ops.scaled_grouped_mm.default)
-def scaled_grouped_mm_single_dim_strategy(op, args_schema, kwargs_schema):
-    args, m = _args(op, args_schema, kwargs_schema, _SCALED_INPUTS)
-    recipe, _ = _checks.check_scaled_grouped_mm_inputs(*(m[n] for n in _SCALED_INPUTS), args["out_dtype"])
-    layout = _checks.grouped_mm_layout(m["mat_a"], m["mat_b"])
-    rule = _Rule(args, _SCALED_INPUTS)
-    k_a, k_b = m["mat_a"].dim() - 1, m["mat_b"].dim() - 2
-    experts = rule([S(0)], mat_a=S(0), mat_b=S(0), scale_a=S(0), scale_b=S(0), bias=S(0))
-    if recipe == "rowwise":
-        # Rowwise scales are per row of A and column of B: each rank's
-        # partial product over its K slice is scaled by the same factors.
-        k_split = rule([P], mat_a=S(k_a), mat_b=S(k_b), bias=P)
-        return {
-            "2d3d": [rule([S(1)], mat_b=S(2), scale_b=S(1), bias=S(1)), k_split],
-            "3d2d": [rule([S(0)], mat_a=S(1), scale_a=S(1)), k_split],
-            "3d3d": [experts, rule([S(1)], mat_a=S(1), scale_a=S(1)),
-                     rule([S(2)], mat_b=S(2), scale_b=S(1), bias=S(1)), k_split],
-            "2d2d": [],
-        }[layout]
-    strategies = []
-    if layout == "3d3d":
-        strategies.append(experts)
-        if m["scale_a"].dim() == 3:  # blockwise (G, M, K/128) or plain mx (G, M, K/32): rows are not blocked
-            strategies.append(rule([S(1)], mat_a=S(1), scale_a=S(1)))
-        if recipe == "mx" and m["scale_b"].dim() == 3:  # plain mx (G, N, K/32): columns of B are not blocked
-            strategies.append(rule([S(2)], mat_b=S(2), scale_b=S(1), bias=S(1)))
-    return strategies
-
-
 def _explain_scaled_grouped_mm(args: dict):
     m = {n: meta_tensor(args[n]) for n in _SCALED_INPUTS}
     recipe, _ = _checks.check_scaled_grouped_mm_inputs(*(m[n] for n in _SCALED_INPUTS), args["out_dtype"])
@@ -221,29 +180,10 @@ def _explain_grouped_mm_gather(args: dict):
 # ------------------------------------------------------------------- routing
 
 
-@_register(ops.router_topk.default)
-def router_topk_single_dim_strategy(op, args_schema, kwargs_schema):
-    args, m = _args(op, args_schema, kwargs_schema, ["logits", "bias"])
-    _checks.check_router_topk_inputs(m["logits"], args["k"], args["score_func"], m["bias"], args["n_group"],
-                                     args["topk_group"])
-    rule = _Rule(args, ["logits", "bias"])
-    return [rule([S(0), S(0), P], logits=S(0))]
-
-
 def _explain_router_topk(args: dict):
     why_not = {("logits", 1): "the top-k and the score normalisation run over all experts of a token",
                ("bias", 0): "the selection of every token reads every expert's bias"}
     return why_not, {"logits": ("T (tokens)", "E (experts)"), "bias": ("E (experts)",)}
-
-
-@_register(ops.permute.default)
-def permute_single_dim_strategy(op, args_schema, kwargs_schema):
-    args, m = _args(op, args_schema, kwargs_schema, ["tokens", "expert_ids"])
-    _checks.check_permute_inputs(m["tokens"], m["expert_ids"], args["num_experts"], args["alignment"],
-                                 args["first_expert"], args["num_local_experts"])
-    rule = _Rule(args, ["tokens", "expert_ids"])
-    # permuted is tokens' rows moved (and zero padding): linear in tokens.
-    return [rule([S(1), R, R, R], tokens=S(1)), rule([P, R, R, R], tokens=P)]
 
 
 def _explain_permute(args: dict):
@@ -257,38 +197,10 @@ _UNPERMUTE_DIMS = {"permuted": ("R (expert-sorted rows)", "H (hidden)"), "dst_ro
 _ROWS_OF_ALL = "dst_rows name rows of the whole permuted tensor, so every rank needs all its rows"
 
 
-@_register(ops.unpermute.default)
-def unpermute_single_dim_strategy(op, args_schema, kwargs_schema):
-    names = ["permuted", "dst_rows", "weights"]
-    args, m = _args(op, args_schema, kwargs_schema, names)
-    _checks.check_unpermute_inputs(*(m[n] for n in names))
-    rule = _Rule(args, names)
-    return [rule([S(1)], permuted=S(1)), rule([S(0)], dst_rows=S(0), weights=S(0)), rule([P], permuted=P)]
-
-
 def _explain_unpermute(args: dict):
     why_not = {("permuted", 0): _ROWS_OF_ALL, ("dst_rows", 1): "a token's slots are summed together",
                ("weights", 1): "a token's slots are summed together"}
     return why_not, _UNPERMUTE_DIMS
-
-
-@_register(ops.unpermute_backward.default)
-def unpermute_backward_single_dim_strategy(op, args_schema, kwargs_schema):
-    names = ["grad_output", "dst_rows", "weights", "permuted"]
-    args, m = _args(op, args_schema, kwargs_schema, names)
-    _checks.check_unpermute_backward_inputs(m["grad_output"], m["dst_rows"], args["num_rows"], m["weights"],
-                                            m["permuted"])
-    rule = _Rule(args, names)
-    # grad_weights is a (0,) placeholder when permuted is not given.
-    gw = (lambda p: p) if args["permuted"] is not None else (lambda p: R)  # noqa: E731
-    return [
-        # grad_weights = <grad_output, permuted rows> sums over H.
-        rule([S(1), gw(P)], grad_output=S(1), permuted=S(1)),
-        # Each row of permuted belongs to one (token, slot): the rows of other
-        # ranks' tokens are zero in a rank's result.
-        rule([P, gw(S(0))], grad_output=S(0), dst_rows=S(0), weights=S(0)),
-        rule([P, gw(P)], grad_output=P),
-    ]
 
 
 # ---------------------------------------------------------------- expert_mlp
@@ -391,26 +303,6 @@ def _explain_expert_mlp(args: dict):
 
 # ---------------------------------------------------------------- fp8 quantisation
 
-_ROW_RECIPES = ("rowwise", "blockwise_1x128", "mx")
-
-
-def _fp8_row_strategies(recipe: str, ndim: int, has_offs: bool, swizzle: bool) -> list:
-    """[(data placement, scale placement)] for the data's dimensions whose
-    shards keep every scale block within a rank."""
-    if swizzle:
-        return []
-    out = []
-    if ndim == 3:
-        out.append((S(0), S(0)))  # the batch: every recipe's scale leads with it
-    if recipe in _ROW_RECIPES:
-        row = ndim - 2
-        if has_offs:  # 2-D x grouped along C: rowwise scale (G, R), mx (R, C/32)
-            out.append((S(0), S(1) if recipe == "rowwise" else S(0)))
-        else:
-            out.append((S(row), S(row)))
-    return out
-
-
 def _explain_fp8(data_name: str):
     def explain(args: dict):
         recipe, swizzle = args["recipe"], args["swizzle"]
@@ -428,34 +320,6 @@ def _explain_fp8(data_name: str):
         why_not[("offs", 0)] = _OFFS_REPLICATED
         return why_not, {}
     return explain
-
-
-@_register(ops.quantize_fp8.default)
-def quantize_fp8_single_dim_strategy(op, args_schema, kwargs_schema):
-    args, m = _args(op, args_schema, kwargs_schema, ["x", "offs"])
-    _checks.check_quantize_fp8_inputs(m["x"], args["recipe"], args["float8_dtype"], m["offs"], args["swizzle"])
-    rule = _Rule(args, ["x", "offs"])
-    return [rule([data_p, scale_p], x=data_p)
-            for data_p, scale_p in _fp8_row_strategies(args["recipe"], m["x"].dim(), m["offs"] is not None,
-                                                       args["swizzle"])]
-
-
-@_register(ops.dequantize_fp8.default)
-def dequantize_fp8_single_dim_strategy(op, args_schema, kwargs_schema):
-    args, m = _args(op, args_schema, kwargs_schema, ["data", "scale", "offs"])
-    _checks.check_dequantize_fp8_inputs(m["data"], m["scale"], args["recipe"], args["out_dtype"], m["offs"],
-                                        args["swizzle"])
-    rule = _Rule(args, ["data", "scale", "offs"])
-    return [rule([data_p], data=data_p, scale=scale_p)
-            for data_p, scale_p in _fp8_row_strategies(args["recipe"], m["data"].dim(), m["offs"] is not None,
-                                                       args["swizzle"])]
-
-
-@_register(ops.swizzle_mx_scale.default)
-def swizzle_mx_scale_single_dim_strategy(op, args_schema, kwargs_schema):
-    args, m = _args(op, args_schema, kwargs_schema, ["scale", "offs"])
-    _checks.check_swizzle_mx_scale_inputs(m["scale"], m["offs"], args["dim"])
-    return []  # replicated only
 
 
 def _explain_swizzle_mx_scale(args: dict):

@@ -28,6 +28,9 @@ WHEEL_PATHS = {
     "tools/autograd/derivatives.yaml": f"{_TORCHGEN}/packaged/autograd/derivatives.yaml",
     "tools/autograd/templates/Functions.cpp": f"{_TORCHGEN}/packaged/autograd/templates/Functions.cpp",
     "torch/_meta_registrations.py": f"{_TORCH}/_meta_registrations.py",
+    "torch/_inductor/config.py": f"{_TORCH}/_inductor/config.py",
+    "torch/_inductor/fx_passes/pre_grad.py": f"{_TORCH}/_inductor/fx_passes/pre_grad.py",
+    "torch/_inductor/fx_passes/post_grad.py": f"{_TORCH}/_inductor/fx_passes/post_grad.py",
     "torch/testing/_internal/opinfo/definitions/__init__.py":
         f"{_TORCH}/testing/_internal/opinfo/definitions/__init__.py",
     "torch/distributed/tensor/_ops/__init__.py": f"{_TORCH}/distributed/tensor/_ops/__init__.py",

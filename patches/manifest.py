@@ -10,7 +10,8 @@ below derive from it and from our sources, one builder per kind of change:
 * NativeFunctions, Dispatch, Derivatives (native_yaml.py): the yaml entries;
 * Meta (meta.py): checks and fake kernels as meta functions;
 * OpInfoModule (opinfo.py): the OpInfos with their references;
-* SingleDimStrategy (strategy.py): the DTensor strategy;
+* SingleDimStrategy, StrategyModule (strategy.py): the DTensor strategies;
+* FxPassModule, PassTests (fx_passes.py): Inductor passes of torch_moe_ops/compile/ and their tests;
 * Edit (changes.py): anchored edits of upstream files (includes, __init__ lists).
 
 Series are applied in order; each series' patches are stacked on the
@@ -25,13 +26,14 @@ import os
 
 from .changes import REPO_ROOT, Copy, Edit, Patch, Series
 from .errors import PatchError
+from .fx_passes import FxPassModule, PassTests
 from .meta import Meta
 from .native_yaml import Derivatives, Dispatch, NativeFunctions
 from .opinfo import OpInfoModule
-from .strategy import SingleDimStrategy
+from .strategy import SingleDimStrategy, StrategyModule
 
 __all__ = ["REPO_ROOT", "SERIES", "NOT_UPSTREAMED", "CARRIED_DIRS", "check_coverage", "Copy", "Edit", "Patch",
-           "Series"]
+           "Series", "FxPassModule", "PassTests"]
 
 # Every file under these in-repo directories must be either carried by some
 # change below or listed in NOT_UPSTREAMED: a new kernel source that the
@@ -78,6 +80,66 @@ FP8_META = """\
 # and output allocation. These restate the checks of ATen/native/MoEQuantize.h
 # and MoEScaledGroupedMM.h one for one, with the same messages; keep them in
 # step.
+"""
+
+MOE_OPS_STRATEGY_DOC = """\
+Sharding strategies of the MoE routing ops (_moe_router_topk, _moe_permute,
+_moe_unpermute, _moe_unpermute_backward) and the fp8 quantisation ops
+(_quantize_fp8, _dequantize_fp8, _swizzle_mx_scale).
+
+Per mesh dimension, besides everything replicated:
+
+* _moe_router_topk: tokens: logits Shard(0) -> weights and expert ids
+  Shard(0), counts Partial (a sum over tokens); the bias replicated.
+* _moe_permute: hidden: tokens Shard(1) -> permuted Shard(1); a Partial
+  tokens (permute is linear in it) -> permuted Partial. Tokens are never
+  sharded: the rows are sorted by expert over all tokens (expert
+  parallelism's all-to-all moves them instead).
+* _moe_unpermute: hidden; tokens (dst_rows, weights Shard(0) -> output
+  Shard(0)); a Partial permuted -> Partial output. _moe_unpermute_backward
+  mirrors it (tokens sharded -> Partial grad_permuted).
+* _quantize_fp8 / _dequantize_fp8: along rows (and the batch of 3-D inputs)
+  for the recipes whose blocks lie within a row: rowwise, blockwise_1x128,
+  mx (not swizzled); the scale follows the data. No Partial: a sum of float8
+  data is not float8 data.
+* _swizzle_mx_scale: replicated only.
+
+Inputs are validated by the meta functions' checks, so a bad call fails in
+sharding propagation with the kernel's message.
+"""
+
+# ---------------------------------------------------------------------------
+# The Inductor MoE passes (torch_moe_ops/compile/). Only the rewrites whose target ops go upstream are
+# carried: the router (router.py -> aten._moe_router_topk) and the combine (combine.py ->
+# aten._moe_unpermute), with the helpers they share (_fx.py). The experts-block rewrite (pre_grad.py ->
+# expert_mlp) and the gather rewrite (post_grad.py -> grouped_mm_gather) target ops that stay here: the
+# builders reject any mention of them (patches/fx_passes.py), and the message says why.
+
+MOE_MODULES = {"_fx": "moe_fx_utils", "router": "moe_router", "combine": "moe_combine"}
+
+MOE_CONFIG = """\
+# set to True to rewrite stock mixture-of-experts code into the MoE ops: a
+# router's score function and top-k into aten._moe_router_topk (pre-grad,
+# fx_passes/moe_router.py; only where the op selects the same experts), the
+# weighted index_add / scatter_add of a grouped GEMM's rows into
+# aten._moe_unpermute (post-grad, fx_passes/moe_combine.py; it sums in fp32 and
+# rounds once where the stock code rounds every step). Each rewrite counts
+# itself in torch._dynamo.utils.counters["moe_passes"].
+moe_passes = os.environ.get("TORCHINDUCTOR_MOE_PASSES", "0") == "1"
+"""
+
+MOE_TESTS_HEADER = """\
+# Owner(s): ["module: inductor"]
+\"\"\"The MoE passes (config.moe_passes): fx_passes/moe_router.py and moe_combine.py on
+hand-written stock MoE code, with hypothesis-drawn shapes.\"\"\"
+
+import contextlib
+
+import torch
+from hypothesis import given, Phase, settings, strategies as st
+from torch._dynamo.utils import counters
+from torch._inductor.fx_passes.moe_fx_utils import COUNTER
+from torch._inductor.test_case import run_tests, TestCase
 """
 
 # ---------------------------------------------------------------------------
@@ -210,6 +272,38 @@ SERIES = [
                 ]),
             ],
         ),
+        Patch(
+            message="compile/0007-inductor-moe-passes-router-and-combine.txt",
+            changes=[
+                FxPassModule("moe_fx_utils", "torch_moe_ops/compile/_fx.py", MOE_MODULES,
+                             edits=[('COUNTER = "torch_moe_ops"\n', 'COUNTER = "moe_passes"\n')]),
+                FxPassModule("moe_router", "torch_moe_ops/compile/router.py", MOE_MODULES),
+                FxPassModule("moe_combine", "torch_moe_ops/compile/combine.py", MOE_MODULES),
+                Edit("torch/_inductor/config.py", [(
+                    "# set to True to enable the back-to-back GEMM pass\nb2b_gemm_pass = False\n",
+                    "# set to True to enable the back-to-back GEMM pass\nb2b_gemm_pass = False\n\n" + MOE_CONFIG,
+                )]),
+                Edit("torch/_inductor/fx_passes/pre_grad.py", [(
+                    "    for pre_grad_custom_pass in get_custom_graph_passes(config.pre_grad_custom_pass):\n",
+                    "    if config.moe_passes:\n"
+                    "        from .moe_router import rewrite_routers\n\n"
+                    "        GraphTransformObserver(gm, \"moe_router\").apply_graph_pass(rewrite_routers)\n\n"
+                    "    for pre_grad_custom_pass in get_custom_graph_passes(config.pre_grad_custom_pass):\n",
+                )]),
+                Edit("torch/_inductor/fx_passes/post_grad.py", [(
+                    "    for post_grad_custom_post_pass in get_custom_graph_passes(\n",
+                    "    if config.moe_passes:\n"
+                    "        from .moe_combine import run as moe_combine\n\n"
+                    "        GraphTransformObserver(gm, \"moe_combine\").apply_graph_pass(moe_combine)\n\n"
+                    "    for post_grad_custom_post_pass in get_custom_graph_passes(\n",
+                )]),
+                PassTests("test/inductor/test_moe_passes.py", "test/test_compile_passes.py", MOE_TESTS_HEADER,
+                          ["FEW", "_SoftmaxRouter", "_SigmoidRouter", "_stock_combine", "_routing", "_moe_counters",
+                           "TestMoEPasses"],
+                          edits=[("        self._stack.enter_context(moe_compile.enabled())\n",
+                                  "        self._stack.enter_context(torch._inductor.config.patch(moe_passes=True))\n")]),
+            ],
+        ),
     ]),
     Series("distributed", [
         Patch(
@@ -218,6 +312,25 @@ SERIES = [
                 SingleDimStrategy("torch/distributed/tensor/_ops/_matrix_ops.py", "distributed/grouped_mm_strategy.py",
                                   "grouped_mm", "grouped_mm_single_dim_strategy",
                                   provided=("_valid_grouped_mm_strides",)),
+            ],
+        ),
+        Patch(
+            message="distributed/0002-moe-routing-and-fp8-quantisation-ops-sharding.txt",
+            changes=[
+                StrategyModule("torch/distributed/tensor/_ops/_moe_ops.py", "distributed/moe_strategy.py",
+                               ("routing", "fp8"), MOE_OPS_STRATEGY_DOC),
+                Edit("torch/distributed/tensor/_ops/__init__.py", [(
+                    "from ._matrix_ops import *  # noqa: F403\n",
+                    "from ._matrix_ops import *  # noqa: F403\nfrom ._moe_ops import *  # noqa: F403\n",
+                )]),
+            ],
+        ),
+        Patch(
+            message="distributed/0003-scaled-grouped-mm-sharding-rules.txt",
+            changes=[
+                SingleDimStrategy("torch/distributed/tensor/_ops/_matrix_ops.py",
+                                  "distributed/scaled_grouped_mm_strategy.py", "fp8",
+                                  "scaled_grouped_mm_single_dim_strategy", after="grouped_mm_single_dim_strategy"),
             ],
         ),
     ]),

@@ -14,16 +14,20 @@ runs is the ops' own dispatch, tested in their own files.
 
 from __future__ import annotations
 
+import contextlib
 import warnings
 
 import pytest
 import torch
+from hypothesis import Phase, given, settings, strategies as st
+from torch._dynamo.test_case import TestCase
 from torch._dynamo.utils import counters
 from torch._inductor.utils import run_and_get_code
 
 import torch_moe_ops  # noqa: F401
 import torch_moe_ops.compile as moe_compile
 from torch_moe_ops.compile import stock
+from torch_moe_ops.compile._fx import COUNTER
 from torch_moe_ops.ops import fused_experts, grouped_mm, grouped_mm_gather, permute, router_topk, unpermute
 
 from common import assert_rows_close
@@ -137,7 +141,7 @@ def test_deepseek_v3_moe_block_bf16():
 def test_torchtitan_moe_bf16():
     """torchtitan's MoE layer in bf16: dispatch -> GroupedExperts -> combine -> expert_mlp (w1 | w3 side by
     side). The router stays: on CPU torchtitan's fp32 autocast region is a no-op, so its scores are bf16,
-    which router_topk (fp32 scores) does not reproduce exactly. Tolerance as for DeepSeek-V3, plus the
+    which router_topk (fp32 scores) does not reproduce (TestMoEPasses.test_router_left_alone_on_16bit_scores). Tolerance as for DeepSeek-V3, plus the
     stock combine's bf16 scatter_add, which rounds after every addition (k = 2 here)."""
     moe = stock.torchtitan_moe("mixtral-8x7b", shrink=128, dtype=torch.bfloat16)
     x = torch.randn(2, 5, 32, generator=torch.Generator().manual_seed(4)).bfloat16()
@@ -330,3 +334,266 @@ def test_fp8_ops_no_host_reads():
         got = compiled(*inputs(33))
     for a, b in zip(got, forward(*inputs(33))):
         assert torch.equal(a, b)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# The rewrites whose target ops go upstream (the router -> router_topk, the combine -> unpermute) on
+# hand-written stock code, with hypothesis-drawn shapes. TestMoEPasses and the helpers it uses are
+# carried by the Compile series as test/inductor/test_moe_passes.py (patches/manifest.py), so they use
+# nothing of this package but the passes' switch and counter.
+
+# Compile time dominates (several seconds a graph): a few examples per test, and no shrinking (each
+# shrink step compiles again; a failure prints its example, which replays: the draws are derandomized).
+FEW = settings(max_examples=3, deadline=None, phases=(Phase.explicit, Phase.reuse, Phase.generate))
+
+
+class _SoftmaxRouter(torch.nn.Module):
+    """Mixtral / Qwen3-MoE / OLMoE: softmax over the experts, top-k, optionally renormalised. k is a module
+    attribute, as in the models (Dynamo keeps it static; a closure or argument int it would make symbolic
+    under dynamic=True, and the op takes a static k)."""
+
+    def __init__(self, k, renormalize):
+        super().__init__()
+        self.k, self.renormalize = k, renormalize
+
+    def forward(self, logits):
+        scores = torch.softmax(logits, dim=-1)
+        weights, ids = torch.topk(scores, self.k, dim=-1)
+        if self.renormalize:
+            weights = weights / weights.sum(dim=-1, keepdim=True)
+        return weights, ids
+
+
+class _SigmoidRouter(torch.nn.Module):
+    """DeepSeek-V3 without groups: sigmoid, a bias for the choice only, the unbiased scores gathered,
+    renormalised with an epsilon, scaled (a literal: Dynamo reads a float attribute as a tensor)."""
+
+    def __init__(self, k):
+        super().__init__()
+        self.k = k
+
+    def forward(self, logits, bias):
+        scores = logits.sigmoid()
+        ids = torch.topk(scores + bias, self.k, dim=-1)[1]
+        weights = scores.gather(-1, ids)
+        weights = weights / (weights.sum(dim=-1, keepdim=True) + 1e-20)
+        return weights * 2.5, ids
+
+
+def _stock_combine(x, ids, w, w1):
+    """A stock experts layer up to its combine: tokens sorted by expert, one grouped GEMM, each row
+    weighted and added back to its token (index_add)."""
+    k = ids.shape[1]
+    perm = torch.sort(ids.reshape(-1)).indices
+    tok = perm // k
+    counts = torch.histc(ids.reshape(-1).float(), bins=w1.shape[0], min=0, max=w1.shape[0] - 1)
+    offs = torch.cumsum(counts, 0, dtype=torch.int32)
+    y = torch._grouped_mm(x[tok], w1, offs=offs)
+    return torch.zeros(x.shape[0], y.shape[1], dtype=y.dtype).index_add(0, tok, y * w.reshape(-1)[perm].unsqueeze(-1))
+
+
+def _routing(tokens, experts, k, used, seed):
+    """ids (tokens, k), each row k distinct experts drawn from ``used`` (so the others get no rows and the
+    loads are uneven), and weights in (0, 1]."""
+    g = torch.Generator().manual_seed(seed)
+    used = torch.tensor(sorted(used))
+    pick = torch.rand(tokens, len(used), generator=g).argsort(dim=-1)[:, :k]
+    return used[pick], torch.rand(tokens, k, generator=g) + 2 ** -8
+
+
+def _moe_counters():
+    return dict(counters[COUNTER])
+
+
+class TestMoEPasses(TestCase):
+    def setUp(self):
+        super().setUp()
+        torch._dynamo.reset()
+        counters.clear()
+        self._stack = contextlib.ExitStack()
+        self._stack.enter_context(moe_compile.enabled())
+        # No FX graph / AOT autograd cache: on a hit Inductor skips the passes, and their counters.
+        self._stack.enter_context(torch._inductor.config.patch(fx_graph_cache=False))
+        self._stack.enter_context(torch._functorch.config.patch(enable_autograd_cache=False))
+
+    def tearDown(self):
+        self._stack.close()
+        torch._dynamo.reset()
+        super().tearDown()
+
+    def _fresh(self):
+        torch._dynamo.reset()
+        counters.clear()
+
+    @FEW
+    @given(tokens=st.sampled_from([0, 1, 7, 33]), experts=st.integers(2, 12), k=st.integers(1, 4),
+           softmax=st.booleans(), renormalize=st.booleans(), seed=st.integers(0, 2 ** 16))
+    def test_router_rewrite(self, tokens, experts, k, softmax, renormalize, seed):
+        """fp32 routers -> router_topk: ids equal eager's exactly (random logits: no ties), weights and the
+        logits' gradient within fp32 summation order. The sums run over at most 12 experts (softmax) and
+        4 slots (renormalisation), so each side is within 12 ulps of the exact value: rtol 2^-19 (8 ulps
+        each side) and, for the gradient (a difference of such sums, softmax's backward: cancellation),
+        atol 2^-19 times the largest |upstream gradient| (< 5 for these normal draws)."""
+        self._fresh()
+        k = min(k, experts)
+        g = torch.Generator().manual_seed(seed)
+        logits = torch.randn(tokens, experts, generator=g)
+        bias = torch.randn(experts, generator=g) / 4
+        grad = torch.randn(tokens, k, generator=g)
+        if softmax:
+            fn, args = _SoftmaxRouter(k, renormalize), ()
+        else:
+            fn, args = _SigmoidRouter(k), (bias,)
+
+        def run(f):
+            x = logits.clone().requires_grad_(True)
+            weights, ids = f(x, *args)
+            (weights * grad).sum().backward()
+            return weights.detach(), ids, x.grad
+
+        want = run(fn)
+        got = run(torch.compile(fn, fullgraph=True, dynamic=True))
+        self.assertEqual(_moe_counters(), {"router_topk": 1})
+        self.assertTrue(torch.equal(got[1].long(), want[1]))
+        tol = 2.0 ** -19
+        torch.testing.assert_close(got[0], want[0], rtol=tol, atol=tol * 2 ** -10)
+        torch.testing.assert_close(got[2], want[2], rtol=tol, atol=tol * 5)
+
+    @FEW
+    @given(tokens=st.sampled_from([0, 1, 5, 29]), experts=st.integers(1, 5), k=st.integers(1, 3),
+           hidden=st.sampled_from([8, 24]), out=st.sampled_from([8, 16]), data=st.data())
+    def test_combine_rewrite(self, tokens, experts, k, hidden, out, data):
+        """The weighted index_add after a grouped GEMM -> unpermute, forward and backward, in bf16 (the
+        dtype _grouped_mm takes on every device). Some experts get no rows; widths are multiples of 8
+        (_grouped_mm's 16-byte stride rule). The op sums each token's k products in fp32 and rounds once;
+        the stock code rounds each product and each addition to bf16: the two are within (k + 1) bf16
+        roundings (2^-8 relative) of the sum of the terms' magnitudes, per element (a magnitude bounded
+        through |x| @ |w1|, which also covers the GEMM's own rounding). The gradients come from the stock
+        backward graph on both sides (the rewrite replaces forward ops only), which Inductor fuses in
+        fp32 where eager rounds each op to bf16: within 4 bf16 roundings of the largest gradient."""
+        self._fresh()
+        k = min(k, experts)
+        used = data.draw(st.sets(st.integers(0, experts - 1), min_size=k, max_size=experts), label="used experts")
+        seed = data.draw(st.integers(0, 2 ** 16), label="seed")
+        ids, w = _routing(tokens, experts, k, used, seed)
+        g = torch.Generator().manual_seed(seed + 1)
+        x = torch.randn(tokens, hidden, generator=g).bfloat16()
+        w1 = (torch.randn(experts, hidden, out, generator=g) / hidden ** 0.5).bfloat16()
+        w = w.bfloat16()
+        grad = torch.randn(tokens, out, generator=g).bfloat16()
+
+        def run(f):
+            leaves = [t.clone().requires_grad_(True) for t in (x, w, w1)]
+            y = f(leaves[0], ids, leaves[1], leaves[2])
+            (y.float() * grad.float()).sum().backward()
+            return [y.detach()] + [t.grad for t in leaves]
+
+        want = run(_stock_combine)
+        got = run(torch.compile(_stock_combine, fullgraph=True, dynamic=True))
+        self.assertEqual(_moe_counters(), {"unpermute": 1})
+        rows = (x.double().abs().repeat_interleave(k, dim=0)[:, None, :]
+                @ w1.double().abs()[ids.reshape(-1)]).squeeze(1) * w.double().reshape(-1, 1)
+        terms = torch.zeros(tokens, out, dtype=torch.float64).index_add(0, torch.arange(tokens).repeat_interleave(k),
+                                                                        rows)
+        bound = (k + 1) * 2.0 ** -8 * terms
+        err = (got[0].double() - want[0].double()).abs()
+        outside = err > bound
+        self.assertFalse(bool(outside.any()), f"combine output: errors {err[outside].tolist()} outside the bound")
+        for a, b in zip(got[1:], want[1:]):
+            scale = b.float().abs().max().item() if b.numel() else 0.0
+            torch.testing.assert_close(a.float(), b.float(), rtol=0, atol=4 * 2.0 ** -8 * scale)
+
+    def test_router_left_alone_on_16bit_scores(self):
+        """A bf16 router (torchtitan's on CPU: its fp32 autocast region is a no-op there, so the gate's
+        logits and the scores are bf16) is left alone: the stock top-k selects on bf16-rounded scores, the
+        op on fp32 scores, so where two scores round to the same bf16 value they pick different experts.
+        Shown on such a pair: logits -0.84375 and -0.83984375 (adjacent in bf16) have fp32 sigmoids
+        0.300746 < 0.301568 that both round to 0.30078125 in bf16."""
+        logits = torch.tensor([[-0.84375, -0.83984375, -1.0]], dtype=torch.bfloat16)
+        self.assertEqual(logits.sigmoid()[0, 0].item(), logits.sigmoid()[0, 1].item())
+        self.assertLess(logits[0, 0].float().sigmoid().item(), logits[0, 1].float().sigmoid().item())
+        op_ids = torch.ops.moe_ops.router_topk.default(logits, 1, "sigmoid", None, 1, 1, False, 1.0)[1]
+        self.assertEqual(op_ids.tolist(), [[1]])  # the larger fp32 score
+        fn = _SigmoidRouter(1)
+        zero = torch.zeros(3, dtype=torch.bfloat16)
+        got = torch.compile(fn, fullgraph=True, dynamic=True)(logits, zero)
+        self.assertEqual(_moe_counters(), {})
+        want = fn(logits, zero)
+        self.assertEqual(want[1].tolist(), [[0]])  # the tie, kept by the stock code (CPU's topk: the first)
+        self.assertTrue(torch.equal(got[1], want[1]) and torch.equal(got[0], want[0]))
+
+
+# The rewrites whose target ops stay here, on drawn routing (zero tokens, empty experts, uneven loads).
+
+@FEW
+@given(tokens=st.sampled_from([0, 1, 6, 23]), experts=st.integers(1, 6), k=st.integers(1, 3),
+       hidden=st.sampled_from([8, 16]), inter=st.sampled_from([8, 24]), data=st.data())
+def test_experts_rewrite_on_drawn_routing(tokens, experts, k, hidden, inter, data):
+    """transformers' "grouped_mm" experts (OLMoE's SwiGLU experts, called with drawn routing) -> expert_mlp,
+    forward and backward in fp32 (transformers' own grouped GEMM under compile). Both sides compute in fp32
+    and differ in summation order only: within 4 fp32 row tolerances (common.ROW_TOL), as the Qwen3 test."""
+    import transformers
+    torch._dynamo.reset()
+    counters.clear()
+    k = min(k, experts)
+    used = data.draw(st.sets(st.integers(0, experts - 1), min_size=k, max_size=experts), label="used experts")
+    seed = data.draw(st.integers(0, 2 ** 16), label="seed")
+    cfg = transformers.OlmoeConfig(vocab_size=16, hidden_size=hidden, intermediate_size=inter, num_hidden_layers=1,
+                                   num_attention_heads=2, num_key_value_heads=2, num_experts=experts,
+                                   num_experts_per_tok=k, eos_token_id=None, pad_token_id=None,
+                                   bos_token_id=None)
+    model = transformers.AutoModelForCausalLM.from_config(cfg, experts_implementation="grouped_mm")
+    experts_module = stock.moe_block(model).experts.float()
+    ids, w = _routing(tokens, experts, k, used, seed)
+    x = torch.randn(tokens, hidden, generator=torch.Generator().manual_seed(seed + 1))
+
+    def run(fn):
+        leaves = [x.clone().requires_grad_(True), w.clone().requires_grad_(True)]
+        for t in (*leaves, ids):
+            # Only the token count is dynamic: called on its own, the module reads k from top_k_index's shape,
+            # which dynamic=True would make symbolic (in a model k comes from the router's static topk, and
+            # the matcher takes a static k only).
+            torch._dynamo.maybe_mark_dynamic(t, 0)
+        for p in experts_module.parameters():
+            p.grad = None
+        out = fn(leaves[0], ids, leaves[1])
+        (out.square().sum() / 2).backward()
+        return out.detach(), [p.grad.clone() for p in experts_module.parameters()] + [t.grad for t in leaves]
+
+    want = run(experts_module)
+    got = run(torch.compile(experts_module, fullgraph=True, dynamic=False))
+    assert fired() == {"expert_mlp": 1}
+    if tokens:
+        assert_all_close(got, want, torch.float32, 4, f"experts {tokens}x{experts} k={k}")
+    else:
+        assert got[0].shape == want[0].shape and all(not g.any() for g in got[1][:2])
+
+
+@FEW
+@given(tokens=st.sampled_from([0, 1, 5, 29]), experts=st.integers(1, 5), k=st.integers(1, 3),
+       hidden=st.sampled_from([8, 24]), out=st.sampled_from([8, 16]), data=st.data())
+def test_gather_and_combine_on_drawn_routing(tokens, experts, k, hidden, out, data):
+    """Inference: x[perm // k] into the grouped GEMM -> grouped_mm_gather, and the combine -> unpermute, on
+    drawn routing, bf16. The gathered GEMM computes exactly the rows of the stock one (same kernel, rows
+    read through the index); the combine's bound is TestMoEPasses.test_combine_rewrite's: (k + 1) bf16
+    roundings of the sum of the terms' magnitudes, per element."""
+    torch._dynamo.reset()
+    counters.clear()
+    k = min(k, experts)
+    used = data.draw(st.sets(st.integers(0, experts - 1), min_size=k, max_size=experts), label="used experts")
+    seed = data.draw(st.integers(0, 2 ** 16), label="seed")
+    ids, w = _routing(tokens, experts, k, used, seed)
+    g = torch.Generator().manual_seed(seed + 1)
+    x = torch.randn(tokens, hidden, generator=g).bfloat16()
+    w1 = (torch.randn(experts, hidden, out, generator=g) / hidden ** 0.5).bfloat16()
+    w = w.bfloat16()
+    with torch.no_grad():
+        got = torch.compile(_stock_combine, fullgraph=True, dynamic=True)(x, ids, w, w1)
+        want = _stock_combine(x, ids, w, w1)
+    assert fired() == {"grouped_mm_gather": 1, "unpermute": 1}
+    rows = (x.double().abs().repeat_interleave(k, dim=0)[:, None, :]
+            @ w1.double().abs()[ids.reshape(-1)]).squeeze(1) * w.double().reshape(-1, 1)
+    terms = torch.zeros(tokens, out, dtype=torch.float64).index_add(0, torch.arange(tokens).repeat_interleave(k), rows)
+    err = (got.double() - want.double()).abs()
+    outside = err > (k + 1) * 2.0 ** -8 * terms
+    assert not outside.any(), f"errors {err[outside].tolist()} outside the bound"

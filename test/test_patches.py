@@ -35,6 +35,7 @@ import glob
 import importlib.util
 import os
 import pathlib
+import re
 import shutil
 import sys
 import textwrap
@@ -43,6 +44,7 @@ import pytest
 import torch
 import torchgen
 from torch._subclasses.fake_tensor import FakeTensorMode
+from torch.testing._internal.opinfo.core import SampleInput
 
 import torch_moe_ops  # noqa: F401
 from patches import base, generate, manifest, names, proof, rewrite, upstream_tree
@@ -388,7 +390,9 @@ def patched_python_files(tree):
 
 def test_patched_python_compiles(tree):
     files = patched_python_files(tree)
-    assert len(files) == 6  # the meta functions, 4 OpInfo files, _matrix_ops.py (the DTensor rule)
+    # the meta functions, 4 OpInfo files, the DTensor rules (_matrix_ops.py, _moe_ops.py and
+    # _ops/__init__.py); the MoE passes: 3 modules, the config switch, its two hooks and the tests
+    assert len(files) == 15
     for path in files:
         with open(os.path.join(tree, path)) as f:
             compile(f.read(), path, "exec")
@@ -624,7 +628,9 @@ def test_patched_fp8_opinfo(tree, aten):
 
 def test_patched_strategy_matches_ours(tree, meta, monkeypatch):
     """The patched aten._grouped_mm single-dim strategy (_matrix_ops.py) gives
-    the in-repo one's rules, and rejects bad inputs with the same message."""
+    the in-repo one's rules, and rejects bad inputs with the same message; so
+    does the aten._scaled_grouped_mm one distributed/0003 adds there, on every
+    OpInfo sample."""
     import torch._meta_registrations as upstream_meta
     from torch.distributed.tensor._dtensor_spec import TensorMeta
     from torch.distributed.tensor._ops import single_dim_strategy
@@ -633,12 +639,14 @@ def test_patched_strategy_matches_ours(tree, meta, monkeypatch):
 
     # Its imports resolve to the patched meta helpers; registering it would
     # replace the wheel's aten._grouped_mm strategy for the whole session.
-    for name in names.family_checks("grouped_mm").values():
-        monkeypatch.setattr(upstream_meta, name, meta[name], raising=False)
+    for family in ("grouped_mm", "fp8"):  # _grouped_mm's and (distributed/0003) _scaled_grouped_mm's
+        for name in names.family_checks(family).values():
+            monkeypatch.setattr(upstream_meta, name, meta[name], raising=False)
     monkeypatch.setattr(single_dim_strategy, "register_single_dim_strategy", lambda *a, **k: (lambda fn: fn))
     # In its package, for its relative imports.
-    patched = load_module(os.path.join(tree, "torch/distributed/tensor/_ops/_matrix_ops.py"),
-                          "torch.distributed.tensor._ops._patched_matrix_ops").grouped_mm_single_dim_strategy
+    module = load_module(os.path.join(tree, "torch/distributed/tensor/_ops/_matrix_ops.py"),
+                         "torch.distributed.tensor._ops._patched_matrix_ops")
+    patched = module.grouped_mm_single_dim_strategy
 
     def metas(*tensors):
         return tuple(None if t is None else TensorMeta(t.shape, t.stride(), t.dtype) for t in tensors)
@@ -663,6 +671,239 @@ def test_patched_strategy_matches_ours(tree, meta, monkeypatch):
             strategy(op, bad, {})
         messages.append(str(info.value))
     assert messages[0] == messages[1]
+
+    # distributed/0003: aten._scaled_grouped_mm's strategy, after grouped_mm's.
+    (scaled,) = [info for info in fp8_op_db if info.name == "moe_ops.scaled_grouped_mm"]
+    assert compare_strategies(module.scaled_grouped_mm_single_dim_strategy,
+                              torch.ops.aten._scaled_grouped_mm.default, torch.ops.moe_ops.scaled_grouped_mm.default,
+                              sample_cases(scaled)) > 0
+
+
+def as_strategy_args(sample):
+    """A sample's arguments as DTensor gives them to a single-dim strategy:
+    tensors as TensorMeta, positional and keyword as the caller passed them."""
+    from torch.distributed.tensor._dtensor_spec import TensorMeta
+
+    def meta(v):
+        return TensorMeta(v.shape, v.stride(), v.dtype) if isinstance(v, torch.Tensor) else v
+    return tuple(map(meta, [sample.input, *sample.args])), {k: meta(v) for k, v in sample.kwargs.items()}
+
+
+def ours_single_dim(op):
+    """The in-repo strategy registered for a moe_ops op (without the guard,
+    which wraps only the full-mesh filter)."""
+    from torch.distributed.tensor import DTensor
+
+    import torch_moe_ops.distributed  # noqa: F401  (registers them)
+    return DTensor._op_dispatcher.sharding_propagator.op_single_dim_strategy_funcs[op].func
+
+
+def sample_cases(info):
+    """Every OpInfo sample of every dtype, as a strategy gets it."""
+    return [as_strategy_args(s) for dtype in sorted(info.dtypes, key=str) for s in info.sample_inputs("cpu", dtype)]
+
+
+def compare_strategies(patched, aten_op, ours_op, cases):
+    """The patched strategy gives the in-repo one's rules on every case
+    ((args, kwargs) as DTensor passes them), or raises the same error.
+    Returns how many rules the cases gave (the comparison bites only on
+    cases with rules)."""
+    ours = ours_single_dim(ours_op)
+    assert cases
+    rules = 0
+    for args, kwargs in cases:
+        try:
+            expected = repr(ours(ours_op, args, kwargs))
+        except (RuntimeError, ValueError) as e:
+            with pytest.raises(type(e), match=re.escape(str(e))):
+                patched(aten_op, args, kwargs)
+            continue
+        assert repr(patched(aten_op, args, kwargs)) == expected, (ours_op, args, kwargs)
+        rules += expected.count("[") - 1
+    return rules
+
+
+def test_patched_moe_strategies_register_and_match_ours(tree, meta, aten, monkeypatch):
+    """distributed/0002's new module _ops/_moe_ops.py, imported against the
+    installed torch with torch.ops.aten as the patched yaml generates it and
+    the meta helpers of the compile series: it registers one strategy for
+    each of the routing and fp8 quantisation aten ops (the upstream names of
+    the yaml), with our schema info, and each gives the in-repo strategy's
+    rules (or error) on every OpInfo sample."""
+    import torch._meta_registrations as upstream_meta
+    from torch.distributed.tensor import DTensor
+    from torch.distributed.tensor._ops import single_dim_strategy
+
+    for family in ("routing", "fp8"):
+        for name in names.family_checks(family).values():
+            monkeypatch.setattr(upstream_meta, name, meta[name], raising=False)
+    registered = {}
+
+    def record(op, **kwargs):
+        def register(fn):
+            assert str(op) not in registered, f"{op} registered twice"
+            registered[str(op)] = (op, kwargs, fn)
+            return fn
+        return register
+    monkeypatch.setattr(single_dim_strategy, "register_single_dim_strategy", record)
+    monkeypatch.setattr(torch.ops, "aten", aten)
+    module = load_module(os.path.join(tree, "torch/distributed/tensor/_ops/_moe_ops.py"),
+                         "torch.distributed.tensor._ops._patched_moe_ops")
+    monkeypatch.undo()  # the real torch.ops.aten and meta helpers again; the module keeps what it imported
+    ours_ops = ["router_topk", "permute", "unpermute", "unpermute_backward", "quantize_fp8", "dequantize_fp8",
+                "swizzle_mx_scale"]
+    upstream = native_functions.upstream_names()
+    assert sorted(registered) == sorted(f"aten.{upstream[op]}.default (generated; runs moe_ops.{op}.default)"
+                                        for op in ours_ops)
+    propagator = DTensor._op_dispatcher.sharding_propagator
+    by_op = {}
+    for op_name in ours_ops:
+        op, kwargs, fn = registered[f"aten.{upstream[op_name]}.default (generated; runs moe_ops.{op_name}.default)"]
+        ours_op = getattr(torch.ops.moe_ops, op_name).default
+        assert isinstance(op, proof.GeneratedOverload) and op.impl is ours_op
+        ours_single_dim(ours_op)
+        assert kwargs.pop("schema_info") == propagator.op_to_schema_info_for_single_dim_strategy[ours_op], op_name
+        assert kwargs == {}, (op_name, kwargs)
+        by_op[op_name] = (fn, op, ours_op)
+    infos = {info.name.removeprefix("moe_ops."): info for info in [*routing_op_db, *fp8_op_db]}
+    for op_name, (fn, op, ours_op) in by_op.items():
+        if op_name == "unpermute_backward":  # no OpInfo of its own: unpermute's samples, as its backward gets them
+            extra = []
+            for s in infos["unpermute"].sample_inputs("cpu", torch.float64):
+                permuted, dst_rows, weights = s.input, s.args[0], (s.args[1] if len(s.args) > 1 else None)
+                grad = torch.empty(dst_rows.shape[0], permuted.shape[1], dtype=permuted.dtype)
+                sample = SampleInput(grad, args=(dst_rows, permuted.shape[0], weights, permuted))
+                extra.append(as_strategy_args(sample))
+            cases = extra
+        else:
+            cases = sample_cases(infos[op_name])
+        rules = compare_strategies(fn, op, ours_op, cases)
+        # swizzle_mx_scale is replicated only: its cases check the errors and the empty list.
+        assert rules > 0 or op_name == "swizzle_mx_scale", f"{op_name}: no sample gives a sharding rule"
+
+
+def unresolved_globals(source, path):
+    """Names a module reads as globals that nothing binds: not a module-level name, an import or a builtin
+    (a NameError upstream the first time the code runs)."""
+    import builtins
+    import symtable
+    top = symtable.symtable(source, path, "exec")
+    bound = {s.get_name() for s in top.get_symbols() if s.is_assigned() or s.is_imported()
+             or s.is_namespace()}
+    missing = set()
+
+    def walk(table):
+        for sym in table.get_symbols():
+            if sym.is_referenced() and (sym.is_global() or table is top) and not sym.is_assigned() \
+                    and sym.get_name() not in bound and not hasattr(builtins, sym.get_name()):
+                missing.add(sym.get_name())
+        for child in table.get_children():
+            walk(child)
+    walk(top)
+    return sorted(missing)
+
+
+MOE_PASS_FILES = [c.path for p in manifest.SERIES[1].patches for c in p.changes
+                  if isinstance(c, (manifest.FxPassModule, manifest.PassTests))]
+
+
+@pytest.mark.parametrize("path", MOE_PASS_FILES)
+def test_patched_moe_pass_files_resolve_every_name(tree, path):
+    with open(os.path.join(tree, path)) as f:
+        source = f.read()
+    assert not unresolved_globals(source, path)
+    assert "moe_ops" not in source.replace("_moe_", "")
+    assert unresolved_globals("def f():\n    return nowhere\n", "x.py") == ["nowhere"]  # the check bites
+
+
+def test_patched_moe_hooks_reach_the_passes(tree):
+    """The patched hooks import names the patched pass modules define, under a switch the patched config
+    defines (off by default), and run where the custom passes run (just before them)."""
+    import ast
+    def read(rel):
+        with open(os.path.join(tree, rel)) as f:
+            return f.read()
+    config = ast.parse(read("torch/_inductor/config.py"))
+    switch = [n for n in config.body if isinstance(n, ast.Assign) and any(
+        isinstance(t, ast.Name) and t.id == "moe_passes" for t in n.targets)]
+    assert len(switch) == 1 and "TORCHINDUCTOR_MOE_PASSES" in ast.unparse(switch[0].value)
+    for hook, custom in (("pre_grad", "pre_grad_custom_pass"), ("post_grad", "post_grad_custom_post_pass")):
+        source = read(f"torch/_inductor/fx_passes/{hook}.py")
+        imports = [n for n in ast.walk(ast.parse(source)) if isinstance(n, ast.ImportFrom) and n.level == 1
+                   and n.module and n.module.startswith("moe_")]
+        assert len(imports) == 1, hook
+        (imp,) = imports
+        module = ast.parse(read(f"torch/_inductor/fx_passes/{imp.module}.py"))
+        defined = {name for node in module.body for name in rewrite.top_level_names(node)}
+        assert {a.name for a in imp.names} <= defined, (hook, imp.module)
+        assert source.index("if config.moe_passes:") < source.index(f"for {custom} in get_custom_graph_passes(")
+
+
+@pytest.fixture(scope="module")
+def patched_moe_passes(tree, aten):
+    """The patched torch/_inductor/fx_passes/moe_*.py, imported from the patched tree as a package of their
+    own (their relative imports resolve among them, everything else against the installed torch), with
+    torch.ops.aten the patched yaml's: the aten ops they insert run our kernels of the same schema."""
+    import types
+    package = "patched_fx_passes"
+    pkg = types.ModuleType(package)
+    pkg.__path__ = [os.path.join(tree, "torch/_inductor/fx_passes")]
+    sys.modules[package] = pkg
+    modules = {}
+    try:
+        for name in ("moe_fx_utils", "moe_router", "moe_combine"):
+            spec = importlib.util.spec_from_file_location(f"{package}.{name}",
+                                                          os.path.join(tree, f"torch/_inductor/fx_passes/{name}.py"))
+            module = importlib.util.module_from_spec(spec)
+            sys.modules[spec.name] = module
+            spec.loader.exec_module(module)
+            module.torch = _TorchWithAten(aten)
+            modules[name] = module
+        yield modules
+    finally:
+        for name in [n for n in sys.modules if n == package or n.startswith(package + ".")]:
+            del sys.modules[name]
+
+
+def test_patched_moe_passes_rewrite_traced_graphs(patched_moe_passes):
+    """The patched passes, as the patched hooks run them (moe_router.rewrite_routers before the pre-grad
+    custom pass, moe_combine.run before the post-grad custom post pass; here in those slots), rewrite a
+    stock router and a stock combine compiled with dynamic shapes into the patched aten ops (run by our
+    kernels), bump the patched counter, and give eager's ids and, within fp32 / bf16 rounding, its values.
+    test_compile_passes.py's TestMoEPasses (the patched test file) tests the same code in depth."""
+    from torch._dynamo.utils import counters
+    from torch._inductor.utils import run_and_get_code
+    from test_compile_passes import _SoftmaxRouter, _stock_combine, _routing
+    fx_utils, router, combine = (patched_moe_passes[n] for n in ("moe_fx_utils", "moe_router", "moe_combine"))
+    assert fx_utils.COUNTER == "moe_passes"
+    with torch._inductor.config.patch(pre_grad_custom_pass=router.rewrite_routers,
+                                      post_grad_custom_post_pass=combine.run, fx_graph_cache=False), \
+            torch._functorch.config.patch(enable_autograd_cache=False):
+        torch._dynamo.reset()
+        counters.clear()
+        logits = torch.randn(9, 6, generator=torch.Generator().manual_seed(0))
+        fn = _SoftmaxRouter(2, True)
+        (weights, ids), codes = run_and_get_code(torch.compile(fn, fullgraph=True, dynamic=True), logits)
+        assert dict(counters["moe_passes"]) == {"router_topk": 1}
+        assert any("moe_ops.router_topk" in c for c in codes)
+        want = fn(logits)
+        assert torch.equal(ids.long(), want[1])
+        torch.testing.assert_close(weights, want[0], rtol=2.0 ** -20, atol=0)
+
+        torch._dynamo.reset()
+        counters.clear()
+        ids, w = _routing(11, 4, 2, {0, 2, 3}, 1)
+        g = torch.Generator().manual_seed(2)
+        x, w1 = torch.randn(11, 8, generator=g).bfloat16(), torch.randn(4, 8, 16, generator=g).bfloat16()
+        with torch.no_grad():
+            out, codes = run_and_get_code(torch.compile(_stock_combine, fullgraph=True, dynamic=True),
+                                          x, ids, w.bfloat16(), w1)
+            want = _stock_combine(x, ids, w.bfloat16(), w1)
+        assert dict(counters["moe_passes"]) == {"unpermute": 1}
+        assert any("moe_ops.unpermute" in c for c in codes)
+        # each side within 3 bf16 roundings (k + 1) of the exact combine
+        torch.testing.assert_close(out.float(), want.float(), rtol=6 * 2.0 ** -8, atol=6 * 2.0 ** -8)
+    torch._dynamo.reset()
 
 
 # (d) ----------------------------------------------------------------------
@@ -740,6 +981,24 @@ def test_error_python_rejected():
     """)
     with pytest.raises(PatchError, match=r"^x.py:2: _checks.not_carried has no upstream name"):
         rewrite.rename(bad, "x.py", {}, module_alias="_checks")
+
+
+def test_error_pass_module_naming_an_op_that_stays_here():
+    """A carried pass module may name only ops that go upstream, and no other part of this package."""
+    from patches import fx_passes
+    src = "import torch\n\nrepl = torch.ops.moe_ops.grouped_mm_gather.default\n"
+    with pytest.raises(PatchError, match=r"^x.py:3: torch.ops.moe_ops.grouped_mm_gather does not go upstream"):
+        fx_passes.rename_ops(src, "x.py")
+    with pytest.raises(PatchError, match=r"^x.py:2: mentions moe_ops with no upstream spelling"):
+        fx_passes.rename_ops("import torch\n# see torch.ops.moe_ops_testing\n", "x.py")
+    assert fx_passes.rename_ops("f = torch.ops.moe_ops.unpermute.default  # moe_ops::router_topk\n", "x.py") == \
+        "f = torch.ops.aten._moe_unpermute.default  # aten::_moe_router_topk\n"
+    with pytest.raises(PatchError, match=r"^x.py:1: imports from torch_moe_ops outside the carried modules"):
+        fx_passes.rename_imports("from ..ops.routing import router_topk\n", "x.py", {})
+    with pytest.raises(PatchError, match=r"^x.py:2: imports .pre_grad, which is not carried upstream"):
+        fx_passes.rename_imports("import torch\nfrom .pre_grad import run\n", "x.py", {"_fx": "moe_fx_utils"})
+    assert fx_passes.rename_imports("from . import _fx\nfrom ._fx import count\n", "x.py", {"_fx": "moe_fx_utils"}) \
+        == "from . import moe_fx_utils as _fx\nfrom .moe_fx_utils import count\n"
 
 
 # Names and yaml entries derived from the declaration ------------------------

@@ -468,24 +468,35 @@ def _check_dead_peer():
 
 def check_peer_dies(mode, chunks):
     """The last thing of a run (the harness skips its final barrier): rank 1
-    exits (os._exit, no goodbye to the process group) while rank 0 runs the
-    layer; rank 0 fails with ExpertParallel's error, within the group's
-    timeout (2 s) or sooner (gloo sees the closed connection)."""
+    exits (os._exit, no goodbye to the process group) between a forward and
+    its backward. Rank 0 fails with ExpertParallel's error in the backward
+    (the unchunked layer's combine gradient; the chunked pipeline's backward
+    has its own wait), then in the forward of a layer with the given
+    dispatch, each within the group's timeout (2 s) or sooner (gloo sees the
+    closed connection), never gloo's bare error."""
     import os
 
     rank = dist.get_rank()
     group = dist.new_group(backend="gloo", timeout=datetime.timedelta(seconds=2))
     mesh = DeviceMesh.from_group(group, "cpu")
-    ep = MoE(MoEConfig(hidden=8, intermediate=4, num_experts=E, top_k=2), dtype=torch.float64)
-    parallelize_module(ep, mesh, ExpertParallel(dispatch=mode, chunks=chunks))
+    layers = []
+    for style in (ExpertParallel(), ExpertParallel(dispatch=mode, chunks=chunks)):
+        torch.manual_seed(0)
+        layers.append(MoE(MoEConfig(hidden=8, intermediate=4, num_experts=E, top_k=2), dtype=torch.float64))
+        parallelize_module(layers[-1], mesh, style)
+    out = layers[0](torch.randn(4, 8, dtype=torch.float64, requires_grad=True))[0]
     dist.barrier(group)
     if rank == 1:
         os._exit(0)
     time.sleep(0.5)  # let it go
     start = time.monotonic()
+    with pytest.raises(RuntimeError, match=r"ExpertParallel: the backward of the combine all-to-all with the "
+                                           r"expert-parallel peers \(ranks \[0, 1\]\) failed or timed out: a peer "
+                                           r"has died"):
+        out.sum().backward()
     with pytest.raises(RuntimeError, match=r"ExpertParallel: the exchange of token counts with the expert-parallel "
                                            r"peers \(ranks \[0, 1\]\) failed or timed out: a peer has died"):
-        ep(torch.randn(4, 8, dtype=torch.float64))
+        layers[1](torch.randn(4, 8, dtype=torch.float64))
     took = time.monotonic() - start
     assert took < 30, took
     return "skip_barrier"
@@ -621,6 +632,84 @@ def _check_expert_tensor_parallel():
                            ExpertTensorParallel())
 
 
+def _etp_case(mesh, name, cfg, style, bias=None):
+    """One ExpertTensorParallel layer with dispatch options on an (EP, TP)
+    mesh against the single-process layer: outputs and every gradient. Each EP
+    rank has 6 tokens (the capacity mode needs the same T everywhere), its TP
+    peers the same ones. float64 without fp8 (TOL, as above: the I slices and
+    the grouped GEMMs' blocks add in another order). With fp8_dispatch the
+    reference experts read x + (qdq(x) - x).detach(), as in _fp8_case, and the
+    model is float32: each row quantises alone, so only float32 reassociation
+    differs (rtol = atol = 1e-5)."""
+    fp8 = style.fp8_dispatch
+    dtype, tol = (torch.float32, dict(rtol=1e-5, atol=1e-5)) if fp8 else (torch.float64, TOL)
+    ep_size, ep_rank = mesh.size(0), mesh.get_local_rank(0)
+    torch.manual_seed(0)
+    ref = MoE(cfg, dtype=dtype)
+    if bias is not None:
+        ref.score_bias.copy_(bias)
+    etp = MoE(cfg, dtype=dtype)
+    etp.load_state_dict(ref.state_dict())
+    parallelize_module(etp, mesh, style)
+    assert etp.gate_up_proj.placements == (Shard(0), Shard(1)), name
+    x_full = torch.randn(6 * ep_size, cfg.hidden, dtype=dtype)
+    g = torch.randn_like(x_full)
+    rows = slice(6 * ep_rank, 6 * ep_rank + 6)
+    x_ref, x = x_full.clone().requires_grad_(), x_full[rows].clone().requires_grad_()
+    if fp8:
+        qdq = torch_moe_ops.dequantize_fp8(*torch_moe_ops.quantize_fp8(x_ref.detach(), fp8), fp8)
+        weights, ids, _ = torch_moe_ops.router_topk(torch.nn.functional.linear(x_ref, ref.router_weight), cfg.top_k,
+                                                    cfg.score_func, ref.score_bias)
+        out_ref = ref.experts(x_ref + (qdq - x_ref).detach(), weights, ids)
+    else:
+        out_ref = ref(x_ref)[0]
+    (out_ref * g).sum().backward()
+    out = etp(x)[0]
+    (out * g[rows]).sum().backward()
+    name = f"expert x tensor parallel {tuple(mesh.shape)}, {name}"
+    torch.testing.assert_close(out, out_ref[rows], **tol, msg=lambda m: f"{name}, output: {m}")
+    torch.testing.assert_close(x.grad, x_ref.grad[rows], **tol, msg=lambda m: f"{name}, grad of x: {m}")
+    for pname, p_ref in ref.named_parameters():
+        p = getattr(etp, pname)
+        if isinstance(p, DTensor):
+            grad = p.grad.full_tensor()
+        else:  # the router: each EP rank's tokens' part (the same on its TP peers), summed over EP
+            grad = p.grad.clone()
+            dist.all_reduce(grad, group=mesh.get_group(0))
+        torch.testing.assert_close(grad, p_ref.grad, **tol, msg=lambda m: f"{name}, grad of {pname}: {m}")
+    if style.dispatch == "capacity":
+        assert int(etp.ep_dropped) == 0, f"{name}: {int(etp.ep_dropped)} slots dropped"
+
+
+def _check_expert_tensor_parallel_dispatch():
+    """ExpertTensorParallel with ExpertParallel's dispatch options (capacity
+    mode, fp8 payloads, chunks), a covering set: on (EP, TP) = (2, 1) and
+    (1, 2) at 2 ranks, (2, 2) at 4."""
+    world = dist.get_world_size()
+    roomy = dict(dispatch="capacity", capacity_factor=E / 2)  # C = T: no drops
+    silu = MoEConfig(hidden=8, intermediate=8, num_experts=E, top_k=2, activation="silu")
+    swiglu = MoEConfig(hidden=8, intermediate=8, num_experts=E, top_k=2, gate_up_interleaved=True, score_bias=True)
+    fp8 = MoEConfig(hidden=32, intermediate=8, num_experts=E, top_k=2, activation="silu", score_bias=True)
+    to_ep0 = torch.zeros(E)
+    to_ep0[:2] = 100.0  # experts 0 and 1: EP rank 0 receives every row, EP rank 1 none
+    skew = _routing_biases()["skewed"]
+    shapes = [(2, 1), (1, 2)] if world == 2 else [(2, 2)]
+    for shape in shapes:
+        mesh = init_device_mesh("cpu", shape, mesh_dim_names=("ep", "tp"))
+        _etp_case(mesh, "capacity, silu", silu, ExpertTensorParallel(**roomy))
+        _etp_case(mesh, "capacity, 2 chunks, swiglu, all to one EP rank", swiglu,
+                  ExpertTensorParallel(**roomy, chunks=2), bias=to_ep0)
+        _etp_case(mesh, "splits, 3 chunks, swiglu, skewed", swiglu, ExpertTensorParallel(chunks=3), bias=skew)
+        _etp_case(mesh, "fp8 rowwise, splits, skewed", fp8, ExpertTensorParallel(fp8_dispatch="rowwise"), bias=skew)
+        _etp_case(mesh, "fp8 mx, capacity, 2 chunks", fp8,
+                  ExpertTensorParallel(fp8_dispatch="mx", chunks=2, **roomy), bias=torch.zeros(E))
+    with pytest.raises(ValueError, match=r"ExpertTensorParallel: chunks must be an int >= 1, got 0"):
+        ExpertTensorParallel(chunks=0)
+    with pytest.raises(ValueError, match=r"ExpertTensorParallel: dispatch must be 'splits' or 'capacity', got "
+                                         r"'exact'"):
+        ExpertTensorParallel(dispatch="exact")
+
+
 def _check_transformers():
     """ExpertParallel on the experts of a tiny transformers Qwen3-MoE (built
     from a config, torch_moe_ops' experts implementation), the batch split
@@ -686,3 +775,4 @@ def check_expert_parallel():
     if dist.get_world_size() == 4:
         _check_errors()
         _check_expert_tensor_parallel()
+    _check_expert_tensor_parallel_dispatch()

@@ -37,7 +37,7 @@ import torch
 from torch._inductor import config as inductor_config
 from torch._inductor.custom_graph_pass import CustomGraphPass, get_hash_for_files
 
-from .pre_grad import COUNTER
+from ._fx import COUNTER
 
 __all__ = ["enable", "disable", "enabled", "is_enabled", "options", "COUNTER"]
 

@@ -9,11 +9,34 @@ dtypes and shapes from the fake tensors Dynamo stores in ``meta``.
 
 from __future__ import annotations
 
+import logging
 import operator
 from typing import Any, Callable, Optional
 
 import torch
 import torch.fx as fx
+
+# What the rewrites did: torch._dynamo.utils.counters[COUNTER][<op>] (and "matcher_error").
+COUNTER = "torch_moe_ops"
+log = logging.getLogger(__name__)
+
+
+def count(name: str) -> None:
+    torch._dynamo.utils.counters[COUNTER][name] += 1
+
+
+def safe_match(matcher: Callable[[Any], Any], node: Any) -> Any:
+    """A matcher's result, None if it raised: a matcher bug must not break the user's compile. It is
+    logged and counted (``matcher_error``), which the tests' exact counter checks would show."""
+    try:
+        return matcher(node)
+    except Exception:  # noqa: BLE001
+        log.warning("MoE pass: %s failed on %s; left unchanged", matcher.__name__, node,
+                    exc_info=True)
+        count("matcher_error")
+        return None
+
+
 
 # Spellings of one op: torch functions and Tensor method names.
 _FUNCTIONS: dict[str, tuple[Any, ...]] = {
