@@ -36,12 +36,15 @@ class OpInfoModule:
     ``op_db = make_<family>_op_db(lambda op: f"moe_ops.{op}", lambda op:
     getattr(torch.ops.moe_ops, op).default)`` names and calls the aten ops
     (the family's aten prefix, from the declaration), or, for a module built
-    otherwise, ``op_db_call`` gives (ours, upstream's)."""
+    otherwise, ``op_db_call`` gives (ours, upstream's). ``edits``, anchored
+    (old, new) pairs, are applied to the result (e.g. an OpInfo flag a later
+    patch of the stack flips)."""
 
     family: str
     module: str
     title: str
     op_db_call: tuple[str, str] | None = None
+    edits: list[tuple[str, str]] = field(default_factory=list)
     declared_at: str = field(default_factory=declared_at)
 
     @property
@@ -90,4 +93,7 @@ class OpInfoModule:
             prefix = names.op_prefix(self.family)
             ours = f'lambda op: f"moe_ops.{{op}}", lambda op: getattr(torch.ops.moe_ops, op).default)'
             theirs = f'lambda op: f"{prefix}{{op}}", lambda op: getattr(torch.ops.aten, f"{prefix}{{op}}").default)'
-        return rewrite.replace_once(src, ours, theirs, self.source)
+        src = rewrite.replace_once(src, ours, theirs, self.source)
+        for old, new in self.edits:
+            src = rewrite.replace_once(src, old, new, self.source)
+        return src
