@@ -6,7 +6,10 @@ its op_db built for the aten ops instead of moe_ops."""
 from __future__ import annotations
 
 import ast
+import re
 from dataclasses import dataclass, field
+
+from torch_moe_ops import native_functions
 
 
 from . import names, rewrite
@@ -94,6 +97,10 @@ class OpInfoModule:
             ours = f'lambda op: f"moe_ops.{{op}}", lambda op: getattr(torch.ops.moe_ops, op).default)'
             theirs = f'lambda op: f"{prefix}{{op}}", lambda op: getattr(torch.ops.aten, f"{prefix}{{op}}").default)'
         src = rewrite.replace_once(src, ours, theirs, self.source)
+        # Our op names in the inlined docstrings become the aten ones.
+        aten = {op.name: op.upstream.name for op in native_functions.upstreamed()}
+        src = re.sub(r"``moe_ops::(\w+)``", lambda m: f"``aten::{aten[m.group(1)]}``" if m.group(1) in aten
+                     else m.group(0), src)
         for old, new in self.edits:
             src = rewrite.replace_once(src, old, new, self.source)
         return src

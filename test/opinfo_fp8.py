@@ -7,8 +7,8 @@ transposed (column-major) weight quantised per output column, both float8
 formats, the swizzled MX scale layout, per-group (offs) operands with empty
 groups and columns past ``offs[-1]``, and values spanning 40 binades so that
 blocks differ in scale. Error inputs cover every rejected argument. The refs
-are the plain-torch references of ``torch_moe_ops/reference.py``, which use
-torch's own float -> float8 conversion.
+are plain-torch implementations of the ops, which use torch's own
+float -> float8 conversion.
 
 scaled_grouped_mm samples cover the four layouts with rowwise scales and the
 2D x 3D and 3D x 3D layouts with MX and blockwise (1x128 x 128x128) scales,
