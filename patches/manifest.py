@@ -145,7 +145,7 @@ SERIES = [
                 Derivatives(family="grouped_mm"),
                 OpInfoModule("grouped_mm", "grouped_mm", "OpInfo for ``torch._grouped_mm``.", op_db_call=(
                     'make_grouped_mm_opinfo("moe_ops.grouped_mm", torch.ops.moe_ops.grouped_mm.default)',
-                    'make_grouped_mm_opinfo("_grouped_mm", torch._grouped_mm)')),
+                    'make_grouped_mm_opinfo("_grouped_mm", torch._grouped_mm, cuda_full_contract=False)')),
                 Edit(OPINFO_INIT, [
                     ("    fft,\n    linalg,\n", "    fft,\n    grouped_mm,\n    linalg,\n"),
                     ("    *fft.op_db,\n    *linalg.op_db,\n", "    *fft.op_db,\n    *grouped_mm.op_db,\n    *linalg.op_db,\n"),
@@ -216,7 +216,10 @@ SERIES = [
                          "    # matching _scaled_grouped_mm_cuda Blas.cpp implementation\n")]),
                 DecompExpect("fp8"),
                 OpInfoModule("fp8", "fp8", "OpInfos of ``torch.ops.aten._quantize_fp8``,\n``_dequantize_fp8``, "
-                                           "``_scaled_grouped_mm`` and ``_swizzle_mx_scale``."),
+                                           "``_scaled_grouped_mm`` and ``_swizzle_mx_scale``.", op_db_call=(
+                    'make_fp8_op_db(lambda op: f"moe_ops.{op}", lambda op: getattr(torch.ops.moe_ops, op).default)',
+                    'make_fp8_op_db(lambda op: f"_{op}", lambda op: getattr(torch.ops.aten, f"_{op}").default,\n'
+                    '               cuda_tested_elsewhere=("scaled_grouped_mm",))')),
                 Edit(OPINFO_INIT, [
                     ("    fft,\n    grouped_mm,\n", "    fft,\n    fp8,\n    grouped_mm,\n"),
                     ("    *fft.op_db,\n    *grouped_mm.op_db,\n", "    *fft.op_db,\n    *fp8.op_db,\n    *grouped_mm.op_db,\n"),
