@@ -3,17 +3,22 @@
 The PyTorch source tree is not needed: the wheel ships every file the patches
 edit, under other paths. ``WHEEL_PATHS`` maps each in-tree path to its place in
 the wheel; ``build_base_tree`` copies them into a directory laid out like a
-PyTorch checkout.
+PyTorch checkout. The one exception, a test expect file (the wheel ships no
+test/), is rebuilt: ``REBUILT`` maps it to the script that writes it the way
+its test does, run against the wheel.
 """
 
 from __future__ import annotations
 
 import os
 import shutil
+import subprocess
+import sys
 
 import torch
 import torchgen
 
+from .decomp_expect import EXPECT_SCRIPT, HAS_DECOMPOSITION_EXPECT
 from .errors import PatchError
 
 UPSTREAM_VERSION = "2.14.1"
@@ -35,7 +40,24 @@ WHEEL_PATHS = {
         f"{_TORCH}/testing/_internal/opinfo/definitions/__init__.py",
     "torch/distributed/tensor/_ops/__init__.py": f"{_TORCH}/distributed/tensor/_ops/__init__.py",
     "torch/distributed/tensor/_ops/_matrix_ops.py": f"{_TORCH}/distributed/tensor/_ops/_matrix_ops.py",
+    "torch/nn/functional.py": f"{_TORCH}/nn/functional.py",
 }
+
+# In-tree path -> Python script that prints it, from the installed wheel.
+REBUILT = {
+    HAS_DECOMPOSITION_EXPECT: EXPECT_SCRIPT,
+}
+
+
+def rebuild(tree_path: str) -> str:
+    """The text of a REBUILT file, from a fresh interpreter (what other
+    modules of this process registered must not count)."""
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
+    result = subprocess.run([sys.executable, "-c", REBUILT[tree_path]], capture_output=True, text=True, env=env,
+                            cwd=os.path.dirname(_TORCH))
+    if result.returncode != 0:
+        raise PatchError(tree_path, None, f"rebuilding it from the wheel failed:\n{result.stderr.strip()}")
+    return result.stdout
 
 
 def check_torch_version() -> None:
@@ -55,3 +77,8 @@ def build_base_tree(root: str) -> None:
         dest = os.path.join(root, tree_path)
         os.makedirs(os.path.dirname(dest), exist_ok=True)
         shutil.copyfile(wheel_path, dest)
+    for tree_path in REBUILT:
+        dest = os.path.join(root, tree_path)
+        os.makedirs(os.path.dirname(dest), exist_ok=True)
+        with open(dest, "w", encoding="utf-8", newline="") as f:
+            f.write(rebuild(tree_path))

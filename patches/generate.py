@@ -8,7 +8,9 @@ with ``git format-patch`` into DIR/<series>/ (default: patches/).
 
 Output is deterministic: fixed author, committer and dates, zeroed commit ids,
 full blob ids and no git version signature, so regenerating an unchanged
-repository leaves patches/ byte-identical.
+repository leaves patches/ byte-identical. The author (and committer) is
+``PATCH_AUTHOR="Name <email>"`` from the environment when set (the person who
+submits the stack), else the fixed default below, which the committed series use.
 """
 
 from __future__ import annotations
@@ -16,6 +18,7 @@ from __future__ import annotations
 import argparse
 import glob
 import os
+import re
 import subprocess
 import sys
 import tempfile
@@ -24,14 +27,24 @@ from . import base, manifest
 from .errors import PatchError
 
 AUTHOR = "torch-moe-ops <torch-moe-ops@users.noreply.github.com>"
+AUTHOR_ENV = "PATCH_AUTHOR"
 DATE = "2026-11-24T00:00:00+00:00"
 PATCHES_DIR = os.path.dirname(os.path.abspath(__file__))
 
 
+def author() -> tuple[str, str]:
+    """(name, email) of the series' commits: $PATCH_AUTHOR, else AUTHOR."""
+    value = os.environ.get(AUTHOR_ENV) or AUTHOR
+    match = re.fullmatch(r"([^<>]*[^<>\s])\s+<([^<>\s]+@[^<>\s]+)>", value.strip())
+    if match is None:
+        raise PatchError(AUTHOR_ENV, None, f"expected 'Name <email>', got {value!r}")
+    return match.group(1), match.group(2)
+
+
 def git_env() -> dict:
     """Environment that makes git ignore the user's configuration and stamp
-    every commit with the same identity and date."""
-    name, email = AUTHOR[:AUTHOR.index(" <")], AUTHOR[AUTHOR.index("<") + 1:-1]
+    every commit with the same identity (author()) and date."""
+    name, email = author()
     env = dict(os.environ, GIT_CONFIG_NOSYSTEM="1", GIT_CONFIG_GLOBAL=os.devnull)
     for who in ("AUTHOR", "COMMITTER"):
         env.update({f"GIT_{who}_NAME": name, f"GIT_{who}_EMAIL": email, f"GIT_{who}_DATE": DATE})

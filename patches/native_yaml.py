@@ -47,10 +47,14 @@ def _dispatch_lines(dispatch: dict[str, str]) -> str:
 class NativeFunctions:
     """native_functions.yaml entries of the family's new ops (their
     declared schema under the aten name, their dispatch), placed after the
-    entry of the aten op ``after``."""
+    entry of the aten op ``after``. Dispatch keys in ``later`` are left out
+    where their kernel is not also another key's (a device-generic kernel
+    keeps them): a later patch adds them with Dispatch(op, keys=...), with
+    the kernels it carries."""
 
     family: str
     after: str
+    later: tuple[str, ...] = ()
     path: str = NATIVE_FUNCTIONS
     declared_at: str = field(default_factory=declared_at)
 
@@ -64,9 +68,14 @@ class NativeFunctions:
             raise PatchError(DECLARATION, None, f"the {self.family} family declares no new upstream op")
         return ops
 
+    def _dispatch(self, o) -> dict[str, str]:
+        dispatch = o.upstream_dispatch()
+        now = {k: v for k, v in dispatch.items() if k not in self.later}
+        return {k: v for k, v in dispatch.items() if k in now or v in now.values()}
+
     def apply(self, text: str | None) -> str:
         entries = [f"- func: {o.upstream_func()}\n  variants: function\n  dispatch:\n"
-                   + _dispatch_lines(o.upstream_dispatch()) for o in self.ops()]
+                   + _dispatch_lines(self._dispatch(o)) for o in self.ops()]
         _, end = _entry(text, self.path, "func", self.after)
         return text[:end] + "\n" + "\n".join(entries) + text[end:]
 
@@ -74,9 +83,12 @@ class NativeFunctions:
 @dataclass
 class Dispatch:
     """The dispatch keys the declaration says the series adds to the
-    upstream entry of op (``upstream.extends``), first in its dispatch."""
+    upstream entry of op (``upstream.extends``), first in its dispatch; or,
+    with ``keys``, those keys of a new op's declared dispatch, added last to
+    the entry an earlier NativeFunctions(later=keys) wrote without them."""
 
     op: str
+    keys: tuple[str, ...] = ()
     path: str = NATIVE_FUNCTIONS
     declared_at: str = field(default_factory=declared_at)
 
@@ -86,14 +98,21 @@ class Dispatch:
 
     def apply(self, text: str | None) -> str:
         op = native_functions.op(self.op)
-        if op.upstream is None or not op.upstream.extends:
+        if op.upstream is None or not (op.upstream.extends or self.keys):
             raise PatchError(DECLARATION, None, f"{self.op}: upstream.extends names no dispatch key to add")
         start, end = _entry(text, self.path, "func", op.upstream.name)
         at = text.find("  dispatch:\n", start, end)
         if at < 0:
             raise PatchError(self.path, None, f"{op.upstream.name} has no dispatch to extend")
         at += len("  dispatch:\n")
-        return text[:at] + _dispatch_lines(op.upstream_dispatch()) + text[at:]
+        if not self.keys:
+            return text[:at] + _dispatch_lines(op.upstream_dispatch()) + text[at:]
+        missing = [k for k in self.keys if k not in op.upstream_dispatch()]
+        if missing:
+            raise PatchError(DECLARATION, None, f"{self.op}: no {missing} kernel declared")
+        while text.startswith("    ", at):  # past the entry's dispatch lines
+            at = text.index("\n", at) + 1
+        return text[:at] + _dispatch_lines({k: op.upstream_dispatch()[k] for k in self.keys}) + text[at:]
 
 
 @dataclass

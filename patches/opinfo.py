@@ -6,7 +6,10 @@ its op_db built for the aten ops instead of moe_ops."""
 from __future__ import annotations
 
 import ast
+import re
 from dataclasses import dataclass, field
+
+from torch_moe_ops import native_functions
 
 
 from . import names, rewrite
@@ -36,12 +39,15 @@ class OpInfoModule:
     ``op_db = make_<family>_op_db(lambda op: f"moe_ops.{op}", lambda op:
     getattr(torch.ops.moe_ops, op).default)`` names and calls the aten ops
     (the family's aten prefix, from the declaration), or, for a module built
-    otherwise, ``op_db_call`` gives (ours, upstream's)."""
+    otherwise, ``op_db_call`` gives (ours, upstream's). ``edits``, anchored
+    (old, new) pairs, are applied to the result (e.g. an OpInfo flag a later
+    patch of the stack flips)."""
 
     family: str
     module: str
     title: str
     op_db_call: tuple[str, str] | None = None
+    edits: list[tuple[str, str]] = field(default_factory=list)
     declared_at: str = field(default_factory=declared_at)
 
     @property
@@ -90,4 +96,11 @@ class OpInfoModule:
             prefix = names.op_prefix(self.family)
             ours = f'lambda op: f"moe_ops.{{op}}", lambda op: getattr(torch.ops.moe_ops, op).default)'
             theirs = f'lambda op: f"{prefix}{{op}}", lambda op: getattr(torch.ops.aten, f"{prefix}{{op}}").default)'
-        return rewrite.replace_once(src, ours, theirs, self.source)
+        src = rewrite.replace_once(src, ours, theirs, self.source)
+        # Our op names in the inlined docstrings become the aten ones.
+        aten = {op.name: op.upstream.name for op in native_functions.upstreamed()}
+        src = re.sub(r"``moe_ops::(\w+)``", lambda m: f"``aten::{aten[m.group(1)]}``" if m.group(1) in aten
+                     else m.group(0), src)
+        for old, new in self.edits:
+            src = rewrite.replace_once(src, old, new, self.source)
+        return src

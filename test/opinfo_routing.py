@@ -6,7 +6,7 @@ series, for ``torch.ops.aten._moe_router_topk``, ``_moe_permute`` and
 Samples cover ties (logits on a grid), grouped top-k with a bias, zero
 tokens, strided inputs, empty experts, skewed routing, alignment padding and
 a local expert range; error inputs cover every rejected argument; each ref is
-the plain-torch reference of ``torch_moe_ops/reference.py``.
+a plain-torch implementation of its op.
 """
 
 from __future__ import annotations

@@ -20,6 +20,11 @@ the result:
   against this package's kernels;
 * the base tree holds every upstream file the series edits, and no new file
   takes an upstream path (patches/upstream_tree.txt);
+* every PR is within patches/sizes.py's LIMIT (generated expect files
+  excluded), or within the ceiling OVER_LIMIT records with its reason;
+* the new ops are in HasDecompTest's expect file; test/test_matmul.py, the
+  upstream test file the series adds, passes against this package's kernel;
+* the commit author comes from PATCH_AUTHOR (default: the fixed one);
 * regenerating the series reproduces patches/ byte for byte;
 * bad input to the generator fails naming the file (and line); a kernel that
   does not match the yaml, a kernel name no file defines, a misspelt aten name
@@ -33,12 +38,14 @@ import difflib
 import filecmp
 import glob
 import importlib.util
+import io
 import os
 import pathlib
 import re
 import shutil
 import sys
 import textwrap
+import unittest
 
 import pytest
 import torch
@@ -47,7 +54,8 @@ from torch._subclasses.fake_tensor import FakeTensorMode
 from torch.testing._internal.opinfo.core import SampleInput
 
 import torch_moe_ops  # noqa: F401
-from patches import base, generate, manifest, names, proof, rewrite, upstream_tree
+from patches import base, generate, manifest, names, proof, rewrite, sizes, upstream_tree
+from patches.decomp_expect import HAS_DECOMPOSITION_EXPECT, DecompExpect
 from patches.errors import PatchError
 
 from opinfo_grouped_mm import error_inputs_grouped_mm, sample_inputs_grouped_mm
@@ -58,7 +66,9 @@ from torch_moe_ops.reference import torch_scaled_grouped_mm
 from opinfo_routing import op_db as routing_op_db
 
 PATCHES = os.path.dirname(os.path.abspath(generate.__file__))
-SERIES = [s.name for s in manifest.SERIES]
+# Series with patches (one may be empty until its first entry lands).
+SERIES = [s.name for s in manifest.SERIES if s.patches]
+PATCH_LIST = [p for s in manifest.SERIES for p in s.patches]
 NUM_PATCHES = sum(len(s.patches) for s in manifest.SERIES)
 DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
 
@@ -72,6 +82,9 @@ def tree(tmp_path_factory):
     """The base tree with every committed series applied, as git am would."""
     root = str(tmp_path_factory.mktemp("pytorch"))
     generate.init_base_repo(root)
+    for series in manifest.SERIES:
+        if not series.patches:
+            assert not series_files(PATCHES, series.name), f"patches/{series.name} has no manifest entry"
     for name in SERIES:
         files = series_files(PATCHES, name)
         assert files, f"patches/{name} is empty: run python -m patches.generate"
@@ -110,8 +123,9 @@ def test_base_tree_holds_every_upstream_file_the_series_edits(tree):
     """Every file a patch modifies is in the base tree, from the wheel (none
     needs vendoring: patches/base.py), and is listed upstream."""
     edited = series_paths(tree, "M")
-    assert edited and set(edited) <= set(base.WHEEL_PATHS), set(edited) - set(base.WHEEL_PATHS)
-    assert set(edited) <= set(upstream_tree.load().wheel)
+    from_wheel = set(edited) - set(base.REBUILT)
+    assert edited and from_wheel <= set(base.WHEEL_PATHS), from_wheel - set(base.WHEEL_PATHS)
+    assert from_wheel <= set(upstream_tree.load().wheel)
 
 
 def test_upstream_tree_is_current():
@@ -390,9 +404,10 @@ def patched_python_files(tree):
 
 def test_patched_python_compiles(tree):
     files = patched_python_files(tree)
-    # the meta functions, 4 OpInfo files, the DTensor rules (_matrix_ops.py, _moe_ops.py and
-    # _ops/__init__.py); the MoE passes: 3 modules, the config switch, its two hooks and the tests
-    assert len(files) == 15
+    # the meta functions, 4 OpInfo files, functional.py (grouped_mm's docstring), test/test_matmul.py;
+    # the DTensor rules (_matrix_ops.py, _moe_ops.py and _ops/__init__.py); the MoE passes: 3 modules,
+    # the config switch, its two hooks and the tests
+    assert len(files) == 17
     for path in files:
         with open(os.path.join(tree, path)) as f:
             compile(f.read(), path, "exec")
@@ -572,12 +587,12 @@ def upstream_op_db(tree, aten, rel, upstream_db):
     return namespace["op_db"]
 
 
-def upstream_op_db_line(family):
+def upstream_op_db_line(family, rest=""):
     """The op_db statement of a family's patched OpInfo module, with the aten
     names of the declaration (the family's prefix: "_moe_" for routing)."""
     prefix = names.op_prefix(family)
     return (f'op_db = make_{family}_op_db(lambda op: f"{prefix}{{op}}", '
-            f'lambda op: getattr(torch.ops.aten, f"{prefix}{{op}}").default)')
+            f'lambda op: getattr(torch.ops.aten, f"{prefix}{{op}}").default{rest})')
 
 
 def test_patched_routing_opinfo(tree, aten):
@@ -601,10 +616,14 @@ def test_patched_fp8_opinfo(tree, aten):
     """The patched fp8 definitions module's op_db, built as upstream does:
     quantize and dequantize equal their refs bit for bit, scaled_grouped_mm is
     close to its float64 ref, error inputs raise."""
-    ours = upstream_op_db(tree, aten, "torch/testing/_internal/opinfo/definitions/fp8.py", upstream_op_db_line("fp8"))
+    ours = upstream_op_db(tree, aten, "torch/testing/_internal/opinfo/definitions/fp8.py", upstream_op_db_line(
+        "fp8", ',\n               cuda_tested_elsewhere=("scaled_grouped_mm",)'))
     ops = [op.name for op in native_functions.public_ops("fp8")]
     assert [info.name for info in ours] == [names.aten_name(op) for op in ops]
     assert [info.op.impl for info in ours] == [getattr(torch.ops.moe_ops, op).default for op in ops]
+    # upstream's CUDA kernel of _scaled_grouped_mm is tested in its own files
+    skipped = {info.name for info in ours if any(d.device_type == "cuda" for d in info.decorators)}
+    assert skipped == {"_scaled_grouped_mm"}
     for info in ours:
         dtype = torch.float32 if torch.float32 in info.dtypes else next(iter(info.dtypes))
         for s in info.sample_inputs("cpu", dtype):
@@ -906,9 +925,175 @@ def test_patched_moe_passes_rewrite_traced_graphs(patched_moe_passes):
     torch._dynamo.reset()
 
 
+# (c2) What each PR carries besides code; its size ------------------------------
+
+def patch_files():
+    """(Patch, its .patch file) for every patch of the series, in order."""
+    out = []
+    for series in manifest.SERIES:
+        files = series_files(PATCHES, series.name)
+        assert len(files) == len(series.patches), f"patches/{series.name}: run python -m patches.generate"
+        out += list(zip(series.patches, files))
+    return out
+
+
+def test_each_pr_within_the_size_limit():
+    """Every PR is at most sizes.LIMIT changed lines (expect files aside), or
+    is one of sizes.OVER_LIMIT and within the ceiling recorded there (those
+    wait for a split of the in-repo sources, named with them)."""
+    assert set(sizes.OVER_LIMIT) <= {p.message for p in PATCH_LIST}, "OVER_LIMIT names a patch the manifest lacks"
+    over, stale = [], []
+    for patch, path in patch_files():
+        with open(path) as f:
+            size = sizes.pr_size(f.read())
+        known = sizes.OVER_LIMIT.get(patch.message)
+        if known is None and size > sizes.LIMIT:
+            over.append(f"{patch.message}: {size} lines > {sizes.LIMIT}")
+        elif known is not None and size > known[0]:
+            over.append(f"{patch.message}: {size} lines, over its recorded ceiling {known[0]}")
+        elif known is not None and size <= sizes.LIMIT:
+            stale.append(f"{patch.message}: {size} lines, within the limit now")
+    assert not over, "PRs too big (patches/sizes.py): " + "; ".join(over)
+    assert not stale, "drop from sizes.OVER_LIMIT: " + "; ".join(stale)
+
+
+def test_size_counts_changed_lines_but_not_expect_files():
+    def diff(path, added, removed=0):
+        return (f"diff --git a/{path} b/{path}\n--- a/{path}\n+++ b/{path}\n@@ -1,{removed} +1,{added} @@\n"
+                + "+x\n" * added + "-y\n" * removed + " context\n")
+
+    text = "Subject: [PATCH] t\n---\n" + diff("aten/src/ATen/native/Big.cpp", sizes.LIMIT, 1) + diff(
+        "test/expect/HasDecompTest.test_has_decomposition.expect", 40)
+    assert sizes.patch_sizes(text) == {"aten/src/ATen/native/Big.cpp": sizes.LIMIT + 1,
+                                       "test/expect/HasDecompTest.test_has_decomposition.expect": 40}
+    assert sizes.pr_size(text) == sizes.LIMIT + 1 > sizes.LIMIT
+
+
+def test_new_ops_are_in_the_decomposition_expect_file(tree):
+    """HasDecompTest lists every aten overload with a Tensor in its schema, no
+    CompositeImplicitAutograd kernel and no decomposition: each new op of the
+    series is one, so each is added (sorted), and nothing else changes."""
+    from torchgen.gen import parse_native_yaml
+
+    base_lines = base.rebuild(HAS_DECOMPOSITION_EXPECT).splitlines()
+    # The rebuild is the test's own computation: upstream ops with kernels and
+    # no decomposition are there, ops with one are not.
+    assert {"aten::_grouped_mm", "aten::_scaled_grouped_mm"} <= set(base_lines)
+    assert not {"aten::addmm", "aten::gelu", "aten::_softmax"} & set(base_lines)
+    with open(os.path.join(tree, HAS_DECOMPOSITION_EXPECT)) as f:
+        lines = f.read().splitlines()
+    assert lines == sorted(lines) and set(base_lines) <= set(lines)
+    parsed = parse_native_yaml(os.path.join(tree, "aten/src/ATen/native/native_functions.yaml"),
+                               os.path.join(tree, "aten/src/ATen/native/tags.yaml"))
+    new = {op.upstream.name for op in native_functions.upstreamed() if not op.upstream.extends}
+    wanted = set()
+    for fn in parsed.native_functions:
+        if str(fn.func.name.name) in new:
+            assert fn.func.name.overload_name == "", fn.func.name  # the series adds no .out variants
+            assert not fn.has_composite_implicit_autograd_kernel
+            assert any("Tensor" in str(a.type) for a in [*fn.func.arguments.flat_all, *fn.func.returns])
+            wanted.add(f"aten::{fn.func.name}")
+    assert {n.removeprefix("aten::") for n in wanted} == new
+    assert set(lines) - set(base_lines) == wanted
+
+
+def test_decomp_expect_rejects_an_unsorted_or_listed_file():
+    change = DecompExpect("routing")
+    with pytest.raises(PatchError, match="is not sorted"):
+        change.apply("aten::b\naten::a\n")
+    with pytest.raises(PatchError, match="already lists aten::_moe_permute"):
+        change.apply("aten::_moe_permute\n")
+    assert change.apply("aten::_a\naten::_z\n").splitlines() == [
+        "aten::_a", "aten::_moe_permute", "aten::_moe_router_topk", "aten::_moe_unpermute",
+        "aten::_moe_unpermute_backward", "aten::_z"]
+
+
+class _TorchGroupedMM:
+    """torch, whose _grouped_mm is the given function (the patched op, run by our kernel)."""
+
+    def __init__(self, grouped_mm):
+        self._grouped_mm = grouped_mm
+
+    def __getattr__(self, name):
+        return getattr(torch, name)
+
+
+def run_upstream_test_matmul(tree, grouped_mm):
+    """test/test_matmul.py of the series, its CPU tests run with torch._grouped_mm = grouped_mm."""
+    path = os.path.join(tree, "test/test_matmul.py")
+    namespace = {"__name__": "patched_test_matmul"}
+    with open(path) as f:
+        exec(compile(f.read(), path, "exec"), namespace)
+    namespace["torch"] = _TorchGroupedMM(grouped_mm)
+    suite = unittest.defaultTestLoader.loadTestsFromTestCase(namespace["TestGroupedMMCPU"])
+    stream = io.StringIO()
+    return unittest.TextTestRunner(stream=stream, verbosity=0).run(suite), stream.getvalue()
+
+
+def test_upstream_test_matmul_passes_against_the_kernel(tree):
+    """The device-generic tests the series adds to PyTorch's test/, run on CPU
+    with _grouped_mm as the patched yaml makes it (our kernel); they fail for
+    a kernel off by 2^-10 relative, and for v2.14.1's CPU _grouped_mm (no bias,
+    no fp32 output, no float64)."""
+    result, log = run_upstream_test_matmul(tree, torch.ops.moe_ops.grouped_mm.default)
+    assert result.testsRun >= 45 and result.wasSuccessful() and not result.skipped, log
+
+    def off(*args, **kwargs):
+        out = torch.ops.moe_ops.grouped_mm.default(*args, **kwargs)
+        return out + out.abs() * 2.0 ** -10
+
+    result, _ = run_upstream_test_matmul(tree, off)
+    assert len(result.failures) >= 20
+    result, _ = run_upstream_test_matmul(tree, torch._grouped_mm)  # the wheel's
+    failed = {t.id().rsplit(".", 1)[1] for t, _ in result.failures + result.errors}
+    assert {"test_grouped_mm_bias_layout_2d3d_cpu_float32", "test_grouped_mm_out_dtype_float32_cpu_bfloat16",
+            "test_grouped_mm_layouts_layout_2d3d_cpu_float64"} <= failed
+
+
+def test_commit_author_from_the_environment(tmp_path, monkeypatch):
+    monkeypatch.delenv(generate.AUTHOR_ENV, raising=False)
+    assert generate.author() == ("torch-moe-ops", "torch-moe-ops@users.noreply.github.com")
+    monkeypatch.setenv(generate.AUTHOR_ENV, " Ada Lovelace <ada@example.org> ")
+    repo = str(tmp_path)
+    generate.git(repo, "init", "--quiet")
+    generate.git(repo, "commit", "--quiet", "--allow-empty", "--message", "t")
+    assert generate.git(repo, "log", "--format=%an <%ae>|%cn <%ce>") == (
+        "Ada Lovelace <ada@example.org>|Ada Lovelace <ada@example.org>\n")
+    for bad in ("Ada", "<ada@example.org>", "Ada <ada>", "Ada <a@b> <c@d>"):
+        monkeypatch.setenv(generate.AUTHOR_ENV, bad)
+        with pytest.raises(PatchError, match=r"PATCH_AUTHOR: expected 'Name <email>'"):
+            generate.author()
+
+
+# What of this project the carried files still name: comments and one #if of
+# the C++ in torch_moe_ops/csrc/ATen (edits pending there; the patches carry
+# those files verbatim). Each name must go: this set only shrinks.
+PROJECT_NAMES = re.compile(r"moe_ops::|TORCH_MOE_OPS|torch_moe_ops|torch-moe-ops")
+PROJECT_NAMES_PENDING = {
+    "aten/src/ATen/native/GroupedMM.h",  # moe_ops::grouped_mm, torch_moe_ops/_checks.py, torch_moe_ops/triton/
+    "aten/src/ATen/native/MoERouting.h",  # torch_moe_ops/_checks.py; #if defined(TORCH_MOE_OPS_WITH_CUDA)
+    "aten/src/ATen/native/MoEQuantize.h",  # moe_ops::quantize_fp8 ..., torch_moe_ops/_checks.py
+    "aten/src/ATen/native/MoEScaledGroupedMM.h",  # moe_ops::scaled_grouped_mm ..., torch_moe_ops/_checks.py
+}
+
+
+def test_carried_files_name_nothing_of_this_project(tree):
+    """No file the series adds or edits names this project (its namespace,
+    macros, paths) except the C++ files pending in PROJECT_NAMES_PENDING."""
+    found = set()
+    for path in series_paths(tree, "A") + series_paths(tree, "M"):
+        with open(os.path.join(tree, path), encoding="utf-8") as f:
+            if PROJECT_NAMES.search(f.read()):
+                found.add(path)
+    assert found == PROJECT_NAMES_PENDING, (
+        f"name this project: {sorted(found - PROJECT_NAMES_PENDING)}; "
+        f"clean now (drop from PROJECT_NAMES_PENDING): {sorted(PROJECT_NAMES_PENDING - found)}")
+
+
 # (d) ----------------------------------------------------------------------
 
-def test_series_up_to_date(tmp_path):
+def test_series_up_to_date(tmp_path, monkeypatch):
+    monkeypatch.delenv(generate.AUTHOR_ENV, raising=False)
     generate.generate(str(tmp_path))
     diffs = []
     for name in SERIES:

@@ -9,8 +9,7 @@
 // softmax over the k gathered logits. This is the chain rule of that
 // expression, computed in the weights' precision (float32, float64 for
 // float64 logits). The scatters write k distinct ids per row, so the result
-// is deterministic. Restates _router_topk_backward of torch-moe-ops
-// (torch_moe_ops/ops/routing.py); keep the two in step.
+// is deterministic.
 
 #include <ATen/TensorOperators.h>
 #include <ATen/core/Tensor.h>

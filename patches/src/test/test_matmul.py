@@ -1,0 +1,187 @@
+# Owner(s): ["module: linear algebra"]
+
+# Device-generic tests of torch._grouped_mm (the CUDA-only ones stay in
+# test_matmul_cuda.py). What the CPU kernel does that the CUDA kernels do not
+# (bias, float16/float32/float64, a float32 output for 16-bit inputs, zeroed
+# rows past offs[-1], ValueErrors naming the argument) is tested on CPU only.
+
+import itertools
+
+import torch
+from torch.testing._internal.common_cuda import SM80OrLater
+from torch.testing._internal.common_device_type import (
+    dtypes,
+    dtypesIfCUDA,
+    instantiate_device_type_tests,
+    onlyCPU,
+    skipCUDAIf,
+)
+from torch.testing._internal.common_utils import parametrize, run_tests, TestCase
+
+
+def _offs(sizes, device):
+    return torch.tensor(list(itertools.accumulate(sizes)), dtype=torch.int32, device=device)
+
+
+def _groups(layout, sizes, device, dtype, *, m=5, k=16, n=24):
+    """Operands of layout with the grouped dimension split into sizes."""
+
+    def make(*shape):
+        return torch.empty(shape, device=device, dtype=dtype).uniform_(-1, 1)
+
+    total, g = sum(sizes), len(sizes)
+    if layout == "2d3d":
+        return make(total, k), make(g, k, n), _offs(sizes, device)
+    if layout == "3d2d":
+        return make(g, m, k), make(k, total), _offs(sizes, device)
+    if layout == "2d2d":
+        return make(m, total), make(total, n), _offs(sizes, device)
+    return make(g, m, k), make(g, k, n), None
+
+
+def _loop(a, b, offs, bias):
+    """The grouped product in float64, one group at a time."""
+    ends = [] if offs is None else offs.tolist()
+    starts = [0, *ends[:-1]]
+    if a.dim() == 2 and b.dim() == 3:  # offs splits the rows of a
+        out = a.new_zeros(a.size(0), b.size(2))
+        for g, (s, e) in enumerate(zip(starts, ends)):
+            out[s:e] = a[s:e] @ b[g] + (0 if bias is None else bias[g])
+        return out
+    if a.dim() == 3 and b.dim() == 2:  # offs splits the columns of b
+        out = a.new_zeros(a.size(1), b.size(1))
+        for g, (s, e) in enumerate(zip(starts, ends)):
+            out[:, s:e] = a[g] @ b[:, s:e] + (0 if bias is None else bias[g, s:e])
+        return out
+    if a.dim() == 2:  # 2D x 2D: offs splits K, one output per group
+        out = a.new_zeros(len(ends), a.size(0), b.size(1))
+        for g, (s, e) in enumerate(zip(starts, ends)):
+            out[g] = a[:, s:e] @ b[s:e] + (0 if bias is None else bias[g])
+        return out
+    return a @ b + (0 if bias is None else bias[:, None])
+
+
+def _reference(a, b, offs, bias=None):
+    """The float64 result, the magnitude |a| @ |b| + |bias| that bounds a
+    kernel's rounding error per element, and K."""
+    a, b = a.double(), b.double()
+    bias = None if bias is None else bias.double()
+    mag = _loop(a.abs(), b.abs(), offs, None if bias is None else bias.abs())
+    return _loop(a, b, offs, bias), mag, a.size(-1)
+
+
+class TestGroupedMM(TestCase):
+    def assertGroupedClose(self, out, a, b, offs, bias=None):
+        ref, mag, k = _reference(a, b, offs, bias)
+        acc = torch.float64 if a.dtype == torch.float64 else torch.float32
+        # The dot-product bound: K + 1 roundings of the accumulator (the
+        # products' sums and the bias), then one rounding to the output dtype.
+        # finfo.eps is twice the unit roundoff, so the bound has a factor 2 of slack.
+        bound = (k + 1) * torch.finfo(acc).eps * mag + torch.finfo(out.dtype).eps * ref.abs()
+        err = (out.double() - ref).abs()
+        self.assertEqual(out.shape, ref.shape)
+        bad = err > bound
+        if bad.any():
+            self.fail(f"{int(bad.sum())} elements over the bound, worst error {err[bad].max()}")
+
+    @skipCUDAIf(not SM80OrLater, "grouped GEMM needs SM80+ on CUDA")
+    @dtypes(torch.float32, torch.float16, torch.bfloat16, torch.float64)
+    @dtypesIfCUDA(torch.bfloat16)
+    @parametrize("layout", ["2d3d", "3d2d", "2d2d", "3d3d"])
+    def test_grouped_mm_layouts(self, device, dtype, layout):
+        # Group sizes stay multiples of 16 so that CUDA's TMA alignment holds;
+        # the CPU-only test below covers empty and unaligned groups.
+        for sizes in ([16, 32, 16], [48], [16, 16, 16, 16]):
+            a, b, offs = _groups(layout, sizes, device, dtype)
+            out = torch._grouped_mm(a, b, offs=offs)
+            self.assertEqual(out.dtype, dtype)
+            self.assertGroupedClose(out, a, b, offs)
+
+    @onlyCPU
+    @dtypes(torch.float32, torch.bfloat16, torch.float64)
+    @parametrize("layout", ["2d3d", "3d2d", "2d2d", "3d3d"])
+    def test_grouped_mm_ragged(self, device, dtype, layout):
+        # Empty groups, unaligned sizes, odd K and N, zero tokens.
+        for sizes, k, n in (([3, 0, 5, 2], 7, 5), ([0, 0, 0], 12, 10), ([1], 1, 1), ([0, 9], 33, 17)):
+            a, b, offs = _groups(layout, sizes, device, dtype, k=k, n=n)
+            self.assertGroupedClose(torch._grouped_mm(a, b, offs=offs), a, b, offs)
+
+    @onlyCPU
+    @dtypes(torch.float32, torch.bfloat16)
+    def test_grouped_mm_noncontiguous(self, device, dtype):
+        # nn.Linear-layout expert weights (G, N, K) passed transposed, and a
+        # strided view of the tokens, as MoE layers call it.
+        sizes = [4, 0, 7, 3]
+        a = torch.randn(sum(sizes), 32, device=device, dtype=dtype)[:, ::2]
+        w = torch.randn(len(sizes), 12, 16, device=device, dtype=dtype)
+        offs = _offs(sizes, device)
+        self.assertGroupedClose(torch._grouped_mm(a, w.transpose(-2, -1), offs=offs), a, w.transpose(-2, -1), offs)
+
+    @onlyCPU
+    @dtypes(torch.float32, torch.bfloat16, torch.float64)
+    @parametrize("layout", ["2d3d", "3d2d", "2d2d", "3d3d"])
+    def test_grouped_mm_bias(self, device, dtype, layout):
+        a, b, offs = _groups(layout, [3, 0, 6], device, dtype)
+        n = b.size(-1)
+        bias = torch.randn(3, n, device=device, dtype=dtype)
+        self.assertGroupedClose(torch._grouped_mm(a, b, offs=offs, bias=bias), a, b, offs, bias)
+
+    @onlyCPU
+    @dtypes(torch.float16, torch.bfloat16)
+    def test_grouped_mm_out_dtype_float32(self, device, dtype):
+        a, b, offs = _groups("2d3d", [5, 0, 11], device, dtype, k=40)
+        out = torch._grouped_mm(a, b, offs=offs, out_dtype=torch.float32)
+        self.assertEqual(out.dtype, torch.float32)
+        self.assertGroupedClose(out, a, b, offs)
+        # One rounding of the same float32 sums: the 16-bit output is its cast.
+        self.assertEqual(torch._grouped_mm(a, b, offs=offs), out.to(dtype), atol=0, rtol=0)
+
+    @onlyCPU
+    @dtypes(torch.float32, torch.bfloat16)
+    def test_grouped_mm_rows_past_offs_are_zero(self, device, dtype):
+        a, b, offs = _groups("2d3d", [2, 3], device, dtype)
+        a = torch.cat([a, torch.full((4, a.size(1)), float("nan"), device=device, dtype=dtype)])
+        out = torch._grouped_mm(a, b, offs=offs)
+        self.assertEqual(out[5:], torch.zeros_like(out[5:]), atol=0, rtol=0)
+        a, b, offs = _groups("3d2d", [2, 3], device, dtype)
+        out = torch._grouped_mm(a, torch.cat([b, b[:, :2]], dim=1), offs=offs)
+        self.assertEqual(out[:, 5:], torch.zeros_like(out[:, 5:]), atol=0, rtol=0)
+
+    @onlyCPU
+    @dtypes(torch.float32, torch.bfloat16)
+    def test_grouped_mm_deterministic(self, device, dtype):
+        # The same bits whatever the thread count: no split-K reductions
+        # whose order depends on the threads.
+        a, b, offs = _groups("2d3d", [37, 0, 130, 5], device, dtype, k=300, n=70)
+        threads = torch.get_num_threads()
+        try:
+            outs = []
+            for n in (1, max(threads, 2)):
+                torch.set_num_threads(n)
+                outs.append(torch._grouped_mm(a, b, offs=offs))
+        finally:
+            torch.set_num_threads(threads)
+        self.assertEqual(outs[0], outs[1], atol=0, rtol=0)
+
+    @onlyCPU
+    def test_grouped_mm_errors(self, device):
+        a, b = torch.randn(5, 4, device=device), torch.randn(2, 4, 3, device=device)
+        offs = _offs([2, 3], device)
+        cases = [
+            ((a, torch.randn(2, 5, 3)), {"offs": offs}, r"contraction sizes differ"),
+            ((a, b), {}, r"offs is required when mat_a or mat_b is 2-D"),
+            ((a, b), {"offs": offs.long()}, r"offs must be int32, got Long"),
+            ((a, b), {"offs": _offs([3, -2], device)}, r"offs must be non-decreasing"),
+            ((a, b), {"offs": _offs([2, 4], device)}, r"offs\[-1\]=6 exceeds the grouped dimension M"),
+            ((a, b), {"offs": offs, "bias": torch.randn(3)}, r"bias must have shape \(G, N\) = \(2, 3\)"),
+            ((a, b), {"offs": offs, "out_dtype": torch.bfloat16}, r"out_dtype must be the input dtype"),
+        ]
+        for args, kwargs, message in cases:
+            with self.assertRaisesRegex(ValueError, message):
+                torch._grouped_mm(*args, **kwargs)
+
+
+instantiate_device_type_tests(TestGroupedMM, globals())
+
+if __name__ == "__main__":
+    run_tests()
