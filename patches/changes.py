@@ -83,6 +83,7 @@ class Edit:
 #   moe_ops         new_ops under their moe_ops:: names
 #   derivatives     the aten names of new_ops with derivatives
 #   backward_nodes  their autograd nodes as gen_autograd names them (_moe_permute -> MoePermuteBackward0)
+#   cuda_ops        the aten names of new_ops with a CUDA kernel of their own (not the CPU one's)
 PLACEHOLDER = re.compile(r"\{(\w+):(\w+)(?::([^{}]*))?\}")
 
 
@@ -101,6 +102,8 @@ def _declared(kind: str, family: str, where: str) -> list[str]:
         "derivatives": lambda: [o.upstream.name for o in new if o.upstream.derivatives],
         "backward_nodes": lambda: ["".join(w.title() for w in o.upstream.name.split("_")) + "Backward0"
                                    for o in new if o.upstream.derivatives],
+        "cuda_ops": lambda: [o.upstream.name for o in new
+                             if o.dispatch.get("CUDA") and o.dispatch.get("CUDA") != o.dispatch.get("CPU")],
     }
     if kind not in kinds:
         raise PatchError(where, None, f"placeholder {{{kind}:{family}}}: kind must be one of {sorted(kinds)}")
