@@ -1118,11 +1118,20 @@ def test_error_source_missing_on_disk():
 
 
 def test_error_source_missing_from_manifest(tmp_path, monkeypatch):
+    # In the upstream-mirror tree: carry it or move it out.
     extra = tmp_path / "torch_moe_ops/csrc/ATen/native/cpu/NewKernel.cpp"
     extra.parent.mkdir(parents=True)
     extra.write_text("// a kernel nobody listed\n")
     monkeypatch.setattr(manifest, "REPO_ROOT", str(tmp_path))
-    with pytest.raises(PatchError, match=r"^torch_moe_ops/csrc/ATen/native/cpu/NewKernel.cpp: is in neither"):
+    with pytest.raises(PatchError, match=r"^torch_moe_ops/csrc/ATen/native/cpu/NewKernel.cpp: is in the "
+                                         r"upstream-mirror tree .* carry it, or move it to torch_moe_ops/csrc/moe/"):
+        manifest.check_coverage()
+    # Elsewhere in csrc/: decide.
+    extra.unlink()
+    other = tmp_path / "torch_moe_ops/csrc/other/New.cpp"
+    other.parent.mkdir(parents=True)
+    other.write_text("// a source nobody listed\n")
+    with pytest.raises(PatchError, match=r"^torch_moe_ops/csrc/other/New.cpp: is in neither"):
         manifest.check_coverage()
 
 
