@@ -31,7 +31,7 @@ GENERATED = ("test/expect/*.expect",)
 
 # Patch message (patches/messages/<series>/...) -> (ceiling, reason and fix).
 OVER_LIMIT: dict[str, tuple[int, str]] = {
-    "core/0001-grouped-mm-cpu-kernel.txt": (2419, (
+    "core/0001-grouped-mm-cpu-kernel.txt": (2417, (
         "cpu/GroupedMMKernel.cpp alone is 1581 lines and GroupedMM.h 333 (the patches carry the extension's "
         "files verbatim). Fix: split the kernel file by layout family (2D x 3D / 3D x 3D forward; the "
         "2D x 2D weight gradient; 3D x 2D) and move grouped_mm_gather out of GroupedMM.{h,cpp} and the "

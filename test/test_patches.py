@@ -1065,16 +1065,9 @@ def test_commit_author_from_the_environment(tmp_path, monkeypatch):
             generate.author()
 
 
-# What of this project the carried files still name: comments and one #if of
-# the C++ in torch_moe_ops/csrc/ATen (edits pending there; the patches carry
-# those files verbatim). Each name must go: this set only shrinks.
+# Carried files that still name this project (none now; the set only shrinks).
 PROJECT_NAMES = re.compile(r"moe_ops::|TORCH_MOE_OPS|torch_moe_ops|torch-moe-ops")
-PROJECT_NAMES_PENDING = {
-    "aten/src/ATen/native/GroupedMM.h",  # moe_ops::grouped_mm, torch_moe_ops/_checks.py, torch_moe_ops/triton/
-    "aten/src/ATen/native/MoERouting.h",  # torch_moe_ops/_checks.py; #if defined(TORCH_MOE_OPS_WITH_CUDA)
-    "aten/src/ATen/native/MoEQuantize.h",  # moe_ops::quantize_fp8 ..., torch_moe_ops/_checks.py
-    "aten/src/ATen/native/MoEScaledGroupedMM.h",  # moe_ops::scaled_grouped_mm ..., torch_moe_ops/_checks.py
-}
+PROJECT_NAMES_PENDING: set[str] = set()
 
 
 def test_carried_files_name_nothing_of_this_project(tree):

@@ -1,8 +1,8 @@
 #pragma once
 
-// Shared validation and output allocation for moe_ops::grouped_mm, used by
-// every backend (CPU, CUDA). The Python fake kernel in torch_moe_ops/_checks.py
-// restates these checks one for one; keep the two in step.
+// Shared validation and output allocation for the grouped mm (_grouped_mm),
+// used by every backend (CPU, CUDA). Its Python meta function restates these
+// checks one for one, with the same messages; keep the two in step.
 //
 // Layouts (G = number of groups, offs = int32 cumulative group ends):
 //   2D x 3D  mat_a (M, K),    mat_b (G, K, N), offs splits M  -> out (M, N)
@@ -99,8 +99,8 @@ inline c10::SmallVector<int64_t, 3> grouped_mm_out_size(
 }
 
 // Output strides: contiguous on CPU; on CUDA the last dimension is padded to
-// 16 bytes, the layout upstream's TMA-based kernels allocate. The fake kernel
-// (torch_moe_ops/_checks.py: grouped_mm_out_strides) mirrors this.
+// 16 bytes, the layout upstream's TMA-based kernels allocate. The meta
+// function (grouped_mm_out_strides) mirrors this.
 inline c10::SmallVector<int64_t, 3> grouped_mm_out_strides(
     c10::IntArrayRef size, ScalarType dtype, c10::Device device) {
   c10::SmallVector<int64_t, 3> padded(size.begin(), size.end());
@@ -325,9 +325,7 @@ Tensor grouped_mm_gather_cpu(
 
 // Zeroes the rows (split_rows, 2D x 3D) or columns (3D x 2D) of out at or past
 // offs[-1], reading offs on the device (native/cuda/GroupedMM.cu; declared for
-// every build: in-tree, other CUDA sources call it). grouped_mm's and
-// grouped_mm_gather's own CUDA kernels are Triton kernels
-// (torch_moe_ops/triton/), registered from Python.
+// every build: other CUDA sources call it).
 void grouped_mm_zero_uncovered_cuda(const Tensor& out, const Tensor& offs, bool split_rows);
 
 } // namespace at::native

@@ -1,9 +1,9 @@
 #pragma once
 
-// Shared validation and output sizes for moe_ops::quantize_fp8 and
-// moe_ops::dequantize_fp8, used by every backend. torch_moe_ops/_checks.py
-// restates these checks one for one, with the same messages, for the fake
-// kernels; keep the two in step.
+// Shared validation and output sizes for the fp8 quantisation ops
+// (_quantize_fp8, _dequantize_fp8), used by every backend. Their Python meta
+// functions restate these checks one for one, with the same messages; keep
+// the two in step.
 //
 // x is (R, C) or (B, R, C); blocks run along the last dimension C (the
 // contraction dimension K of a GEMM operand: pass B^T to scale a weight per
@@ -18,7 +18,7 @@
 //
 // A partial last block (C not a multiple of the block) is scaled by its own
 // elements. scale is the dequantisation scale: x ~= float(data) * scale, the
-// operand scale aten::_scaled_grouped_mm and moe_ops::scaled_grouped_mm take.
+// operand scale _scaled_grouped_mm takes.
 //
 // Float recipes (torchao's float8 recipes): amax = max |x| over the block in
 // float32, clamped below to 1e-12 so that an all-zero block gets a finite

@@ -1,8 +1,8 @@
 #pragma once
 
 // Shared validation and output sizes for the MoE routing ops, used by every
-// backend (CPU, CUDA). torch_moe_ops/_checks.py restates these checks one for
-// one, with the same messages, for the fake kernels; keep the two in step.
+// backend (CPU, CUDA). The Python meta functions restate these checks one for
+// one, with the same messages; keep the two in step.
 //
 //   router_topk(logits (T, E), k, ...) -> weights (T, k) float32 (float64 for
 //       float64 logits), expert_ids (T, k) int32, counts (E,) int32
@@ -235,7 +235,8 @@ DECLARE_DISPATCH(moe_permute_fn, moe_permute_stub);
 DECLARE_DISPATCH(moe_unpermute_fn, moe_unpermute_stub);
 DECLARE_DISPATCH(moe_unpermute_backward_fn, moe_unpermute_backward_stub);
 
-#if defined(TORCH_MOE_OPS_WITH_CUDA)
+// The CUDA kernels (cuda/MoERouting.cu), declared for every build as ATen
+// declares its CUDA entries.
 std::tuple<Tensor, Tensor, Tensor> moe_router_topk_cuda(
     const Tensor& logits, int64_t k, c10::string_view score_func, const std::optional<Tensor>& bias,
     int64_t n_group, int64_t topk_group, bool renormalize, double scaling_factor);
@@ -246,6 +247,5 @@ Tensor moe_unpermute_cuda(const Tensor& permuted, const Tensor& dst_rows, const 
 std::tuple<Tensor, Tensor> moe_unpermute_backward_cuda(
     const Tensor& grad_output, const Tensor& dst_rows, int64_t num_rows, const std::optional<Tensor>& weights,
     const std::optional<Tensor>& permuted);
-#endif
 
 } // namespace at::native

@@ -1,16 +1,16 @@
 #pragma once
 
-// Shared validation and output allocation for moe_ops::scaled_grouped_mm, the
-// schema and semantics of aten::_scaled_grouped_mm:
+// Shared validation and output allocation for the CPU kernel of
+// _scaled_grouped_mm (upstream's schema and semantics):
 //
 //   out = sum_k dequant(mat_a)[m, k] * dequant(mat_b)[k, n] (+ bias), per group
 //
 // in the four layouts of grouped_mm (GroupedMM.h), with float8_e4m3fn or
 // float8_e5m2 operands and out_dtype bfloat16 (default, as upstream) or
-// float32. torch_moe_ops/_checks.py restates these checks one for one, with
-// the same messages, for the fake kernel; keep the two in step.
+// float32. Its Python meta function (the CPU branch) restates these checks one
+// for one, with the same messages; keep the two in step.
 //
-// Scales (the dequantisation scales moe_ops::quantize_fp8 returns):
+// Scales (the dequantisation scales _quantize_fp8 returns):
 //   rowwise, float32 (upstream's shapes):
 //     2D x 3D  scale_a (M,)      scale_b (G, N)
 //     3D x 3D  scale_a (G, M)    scale_b (G, N)
