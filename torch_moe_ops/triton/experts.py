@@ -53,6 +53,7 @@ read) is the right trade against 16-bit Y; timing.
 
 from __future__ import annotations
 
+import contextlib
 import functools
 from typing import Optional
 
@@ -97,47 +98,25 @@ def expert_gemm_kernel(
     #   out_ptr the fp32 slot rows (T * top_k, H). STAGE 2 (backward): a_ptr grad_out (T, H) gathered
     #   as in stage 0, b_ptr down^T (G, H, NB = I), N = I (gated) or N1; h_ptr h (R, N1) read, out_ptr
     #   dh (R, N1), aux_ptr w * act(h) (R, N), dw_ptr (R, N tiles) fp32 partial sums of g * act(h).
-    #   M = R, the rows offs splits. No @triton.jit helper is called (see grouped_mm_kernel):
-    #   sigmoid is written out.
+    #   M = R, the rows offs splits. Schedule and B's loads by grouped_mm's shared helpers.
     pid = tl.program_id(0)
     # Accumulators and epilogue arithmetic: fp32, fp64 for fp64 inputs.
     ACC: tl.constexpr = tl.float64 if a_ptr.dtype.element_ty == tl.float64 else tl.float32
     GLU: tl.constexpr = ACTIVATION < 3
     GATED: tl.constexpr = STAGE == 0 and GLU  # two accumulators
-    if B_DESC == 1:
-        b_desc = tl.make_tensor_descriptor(b_ptr, shape=[G, K, NB], strides=[stride_bg, stride_bk, 1],
-                                           block_shape=[1, BLOCK_K, BLOCK_N])
-    elif B_DESC == 2:
-        b_desc = tl.make_tensor_descriptor(b_ptr, shape=[G, NB, K], strides=[stride_bg, stride_bn, 1],
-                                           block_shape=[1, BLOCK_N, BLOCK_K])
-    FIXED = (N + BLOCK_N - 1) // BLOCK_N
-    total = 0
-    for g in range(0, G + 1):  # group G: the rows past offs[-1]
-        lo = tl.load(offs_ptr + g - 1, mask=g > 0, other=0)
-        hi = tl.load(offs_ptr + g, mask=g < G, other=M)
-        total += (hi - lo + BLOCK_M - 1) // BLOCK_M * FIXED
+    b_desc = gm._b_descriptor(b_ptr, G, K, NB, stride_bg, stride_bk, stride_bn, B_DESC, BLOCK_K, BLOCK_N)
+    total = gm._tile_count(offs_ptr, G, M, N, 0, BLOCK_M, BLOCK_N)  # 2D x 3D; group G: the rows past offs[-1]
     g = -1
     lo = 0
     hi = 0
     seen = 0
     group_tiles = 0
+    pad = 0  # rows of the groups before g, each rounded up to 128 (the mx scale blocked per group of rows)
     for tile in range(pid, total, num_programs):
-        while tile >= seen + group_tiles:
-            seen += group_tiles
-            g += 1
-            lo = tl.load(offs_ptr + g - 1, mask=g > 0, other=0)
-            hi = tl.load(offs_ptr + g, mask=g < G, other=M)
-            group_tiles = (hi - lo + BLOCK_M - 1) // BLOCK_M * FIXED
-        k_hi = tl.where(g < G, K, 0)
-        num_m = (hi - lo + BLOCK_M - 1) // BLOCK_M
-        local = tile - seen
-        tm = local % num_m
-        tn = local // num_m
-        n0 = tn * BLOCK_N
-        offs_m = lo + tm * BLOCK_M + tl.arange(0, BLOCK_M)
-        offs_n = n0 + tl.arange(0, BLOCK_N)
-        mask_m = offs_m < hi
-        mask_n = offs_n < N
+        g, lo, hi, seen, group_tiles, pad = gm._advance(tile, g, lo, hi, seen, group_tiles, pad, offs_ptr, G, M, N,
+                                                        0, BLOCK_M, BLOCK_N)
+        offs_m, offs_n, mask_m, mask_n, m_lo, n0, n_hi, k_lo, k_hi, tn = gm._tile_ranges(
+            tile, g, lo, hi, seen, G, M, N, K, 0, BLOCK_M, BLOCK_N)
         g64 = tl.cast(g, tl.int64)
         src = tl.load(src_ptr + offs_m, mask=mask_m, other=-1)
         src_ok = src >= 0
@@ -174,20 +153,11 @@ def expert_gemm_kernel(
             k_ok = (k + offs_k) < k_hi
             a = tl.load(a_ptrs, mask=row_ok[:, None] & k_ok[None, :], other=0.0)
             # The gate tile's columns past I read up columns through the descriptor: never stored.
-            if B_DESC == 1:
-                b = b_desc.load([g, k, n0]).reshape(BLOCK_K, BLOCK_N)
-            elif B_DESC == 2:
-                b = tl.trans(b_desc.load([g, n0, k]).reshape(BLOCK_N, BLOCK_K))
-            else:
-                b = tl.load(bg_ptrs, mask=k_ok[:, None] & mask_n[None, :], other=0.0)
+            b = gm._load_b(b_desc, bg_ptrs, k_ok[:, None] & mask_n[None, :], g, k, n0, B_DESC, BLOCK_K, BLOCK_N)
             acc = tl.dot(a, b, acc, input_precision=INPUT_PRECISION)
-            if GATED:
-                if B_DESC == 1:
-                    bu = b_desc.load([g, k, n0 + N]).reshape(BLOCK_K, BLOCK_N)
-                elif B_DESC == 2:
-                    bu = tl.trans(b_desc.load([g, n0 + N, k]).reshape(BLOCK_N, BLOCK_K))
-                else:
-                    bu = tl.load(bu_ptrs, mask=k_ok[:, None] & mask_n[None, :], other=0.0)
+            if GATED:  # the up columns: N further in (G, K, N1), or by pointers when interleaved
+                bu = gm._load_b(b_desc, bu_ptrs, k_ok[:, None] & mask_n[None, :], g, k, n0 + N, B_DESC, BLOCK_K,
+                                BLOCK_N)
                 acc_u = tl.dot(a, bu, acc_u, input_precision=INPUT_PRECISION)
             a_ptrs += BLOCK_K * stride_ak
             bg_ptrs += BLOCK_K * stride_bk
@@ -499,7 +469,8 @@ def _run_gemm(args, allow_tf32, config, num_programs, wrap):
         config = config or INTERPRETER_CONFIG
         p = nprog(config.kwargs)
         kernel = _interpreted("gemm") if interpret else wrap(expert_gemm_kernel)
-        kernel[(p,)](**args, num_programs=p, **_meta(config))
+        with gm._interpreting() if interpret else contextlib.nullcontext():
+            kernel[(p,)](**args, num_programs=p, **_meta(config))
     else:
         smallest = min(configs_for(dtype, stage), key=lambda c: c.kwargs["BLOCK_M"] * c.kwargs["BLOCK_N"])
         p = nprog(smallest.kwargs)

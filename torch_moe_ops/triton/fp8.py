@@ -74,7 +74,6 @@ within a K step, the autotuner's choice, TMA zero fill, races, timing.
 
 from __future__ import annotations
 
-import contextlib
 import functools
 from typing import Optional
 
@@ -95,26 +94,7 @@ _FP8 = {  # mantissa bits, exponent bias, fp32 bits of the smallest normal, deno
 }
 
 
-@contextlib.contextmanager
-def _interpreting():
-    """Route calls of @triton.jit functions (Triton's ``tl.max``, our helpers)
-    to the interpreter while an interpreted kernel runs. Without
-    TRITON_INTERPRET=1 they are JITFunctions, which refuse a call from Python."""
-    from triton.runtime.interpreter import InterpretedFunction
-    from triton.runtime.jit import JITFunction
-
-    saved = JITFunction.__call__
-    JITFunction.__call__ = lambda self, *args, **kwargs: _interpreted_helper(self.fn, InterpretedFunction)(*args,
-                                                                                                          **kwargs)
-    try:
-        yield
-    finally:
-        JITFunction.__call__ = saved
-
-
-@functools.lru_cache(maxsize=None)
-def _interpreted_helper(fn, interpreted_function):
-    return interpreted_function(fn)  # made once: its constructor reads and parses the source
+_interpreting = gm._interpreting
 
 
 @triton.jit
@@ -167,30 +147,8 @@ def scaled_grouped_mm_kernel(
     pid = tl.program_id(0)
     SCALE_K: tl.constexpr = 128 if SCALE == 1 else 32  # K extent of a scale block (blockwise, mx)
     tl.static_assert(SCALE == 0 or SCALE_K % BLOCK_K == 0, "a K step must lie within one scale block")
-    if B_DESC == 1:
-        b_desc = tl.make_tensor_descriptor(b_ptr, shape=[G, K, N], strides=[stride_bg, stride_bk, 1],
-                                           block_shape=[1, BLOCK_K, BLOCK_N])
-    elif B_DESC == 2:
-        b_desc = tl.make_tensor_descriptor(b_ptr, shape=[G, N, K], strides=[stride_bg, stride_bn, 1],
-                                           block_shape=[1, BLOCK_N, BLOCK_K])
-    if LAYOUT == 0:
-        FIXED = (N + BLOCK_N - 1) // BLOCK_N
-        SPLIT_TOTAL = M
-    elif LAYOUT == 1:
-        FIXED = (M + BLOCK_M - 1) // BLOCK_M
-        SPLIT_TOTAL = N
-    else:
-        FIXED = ((M + BLOCK_M - 1) // BLOCK_M) * ((N + BLOCK_N - 1) // BLOCK_N)
-        SPLIT_TOTAL = 0
-    SPLIT_BLOCK: tl.constexpr = BLOCK_M if LAYOUT == 0 else BLOCK_N
-    if LAYOUT == 0 or LAYOUT == 1:
-        total = 0
-        for g in range(0, G + 1):
-            lo = tl.load(offs_ptr + g - 1, mask=g > 0, other=0)
-            hi = tl.load(offs_ptr + g, mask=g < G, other=SPLIT_TOTAL)
-            total += (hi - lo + SPLIT_BLOCK - 1) // SPLIT_BLOCK * FIXED
-    else:
-        total = G * FIXED
+    b_desc = gm._b_descriptor(b_ptr, G, K, N, stride_bg, stride_bk, stride_bn, B_DESC, BLOCK_K, BLOCK_N)
+    total = gm._tile_count(offs_ptr, G, M, N, LAYOUT, BLOCK_M, BLOCK_N)
     # MX: padded width of the scale grids (ceil(K/32) rounded up to 4 columns).
     SP = ((K + 31) // 32 + 3) // 4 * 4
     g = -1
@@ -198,47 +156,12 @@ def scaled_grouped_mm_kernel(
     hi = 0
     seen = 0
     group_tiles = 0
-    sa_group = 0  # 2D x 3D mx: byte offset of group g in A's scale blocked per group of rows
+    pad = 0  # 2D x 3D: rows of the groups before g, each rounded up to 128 (mx: A's scale blocked per group)
     for tile in range(pid, total, num_programs):
-        if LAYOUT == 0 or LAYOUT == 1:
-            while tile >= seen + group_tiles:
-                seen += group_tiles
-                sa_group += (hi - lo + 127) // 128 * 128 * SP  # the previous group's blocks
-                g += 1
-                lo = tl.load(offs_ptr + g - 1, mask=g > 0, other=0)
-                hi = tl.load(offs_ptr + g, mask=g < G, other=SPLIT_TOTAL)
-                group_tiles = (hi - lo + SPLIT_BLOCK - 1) // SPLIT_BLOCK * FIXED
-        else:
-            g = tile // FIXED
-            seen = g * FIXED
-            if LAYOUT == 2:
-                lo = tl.load(offs_ptr + g - 1, mask=g > 0, other=0)
-                hi = tl.load(offs_ptr + g)
-        m_lo = 0
-        m_hi = M
-        n_lo = 0
-        n_hi = N
-        k_lo = 0
-        k_hi = K
-        if LAYOUT == 0:
-            m_lo = lo
-            m_hi = hi
-            k_hi = tl.where(g < G, K, 0)
-        elif LAYOUT == 1:
-            n_lo = lo
-            n_hi = hi
-            k_hi = tl.where(g < G, K, 0)
-        elif LAYOUT == 2:
-            k_lo = lo
-            k_hi = hi
-        num_m = (m_hi - m_lo + BLOCK_M - 1) // BLOCK_M
-        local = tile - seen
-        tm = local % num_m
-        tn = local // num_m
-        offs_m = m_lo + tm * BLOCK_M + tl.arange(0, BLOCK_M)
-        offs_n = n_lo + tn * BLOCK_N + tl.arange(0, BLOCK_N)
-        mask_m = offs_m < m_hi
-        mask_n = offs_n < n_hi
+        g, lo, hi, seen, group_tiles, pad = gm._advance(tile, g, lo, hi, seen, group_tiles, pad, offs_ptr, G, M, N,
+                                                        LAYOUT, BLOCK_M, BLOCK_N)
+        offs_m, offs_n, mask_m, mask_n, m_lo, n0, n_hi, k_lo, k_hi, tn = gm._tile_ranges(
+            tile, g, lo, hi, seen, G, M, N, K, LAYOUT, BLOCK_M, BLOCK_N)
         g64 = tl.cast(g, tl.int64)
         offs_k = tl.arange(0, BLOCK_K)
         # K steps start on a BLOCK_K multiple (2D x 2D: below the group's first
@@ -265,7 +188,7 @@ def scaled_grouped_mm_kernel(
             sa_base = sa_ptr + k_group.to(tl.int64) * ((M + 127) // 128 * 128)
             sb_base = sb_ptr + k_group.to(tl.int64) * ((N + 127) // 128 * 128)
         elif SCALE == 2 and LAYOUT == 0 and SA_LAYOUT == 2:
-            sa_base = sa_ptr + sa_group
+            sa_base = sa_ptr + pad * SP  # group g's byte offset in A's scale blocked per group of rows
             sb_base = sb_ptr + g64 * stride_sbg
             sa_rows = (offs_m - m_lo).to(tl.int64)  # row within the group's blocks
         else:
@@ -275,12 +198,7 @@ def scaled_grouped_mm_kernel(
         for k in range(k_first, k_hi, BLOCK_K):
             k_ok = ((k + offs_k) < k_hi) & ((k + offs_k) >= k_lo)
             a = tl.load(a_ptrs, mask=mask_m[:, None] & k_ok[None, :], other=0.0)
-            if B_DESC == 1:
-                b = b_desc.load([g, k, n_lo + tn * BLOCK_N]).reshape(BLOCK_K, BLOCK_N)
-            elif B_DESC == 2:
-                b = tl.trans(b_desc.load([g, n_lo + tn * BLOCK_N, k]).reshape(BLOCK_N, BLOCK_K))
-            else:
-                b = tl.load(b_ptrs, mask=k_ok[:, None] & mask_n[None, :], other=0.0)
+            b = gm._load_b(b_desc, b_ptrs, k_ok[:, None] & mask_n[None, :], g, k, n0, B_DESC, BLOCK_K, BLOCK_N)
             # A fresh accumulator per K step, promoted into fp32 (see the module's docstring).
             part = tl.dot(a, b)
             if SCALE == 0:
