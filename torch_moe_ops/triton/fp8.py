@@ -246,24 +246,8 @@ def scaled_grouped_mm_kernel(
             # the float32 result: a tile holds whole 1 x QUANT_OUT blocks (N is not
             # split by offs in 2D x 3D and 3D x 3D), so amax needs no other tile.
             NB: tl.constexpr = BLOCK_N // QUANT_OUT
-            v = tl.reshape(tl.where(mask_n[None, :], acc, 0.0), (BLOCK_M, NB, QUANT_OUT))
-            amax = tl.max(tl.abs(v), axis=2)
-            nan = tl.max((v != v).to(tl.int32), axis=2)
-            amax = tl.where(nan > 0, float("nan"), amax)
-            if Q_MX:
-                finite = amax <= 3.4028234663852886e38
-                e = ((amax.to(tl.int32, bitcast=True) >> 23) & 0xFF) - 127 - EMAX
-                e = tl.minimum(tl.maximum(e, -127), 127)
-                q = tl.where(finite, ((127 - e) << 23).to(tl.float32, bitcast=True), float("nan"))
-                stored = tl.where(finite, e + 127, 255).to(tl.uint8)
-            else:
-                q = tl.math.div_rn(tl.zeros((BLOCK_M, NB), dtype=tl.float32) + FP8_MAX,
-                                   tl.where(amax < 1e-12, 1e-12, amax))
-                stored = tl.math.div_rn(tl.zeros((BLOCK_M, NB), dtype=tl.float32) + 1.0, q)
-            y = v * q[:, :, None]
-            y = tl.where(y < -FP8_MAX, -FP8_MAX, y)
-            y = tl.where(y > FP8_MAX, FP8_MAX, y)
-            bits = tl.reshape(_fp8_bits(y, MANT, BIAS, MIN_NORMAL, MAGIC), (BLOCK_M, BLOCK_N))
+            bits, stored = _quantize_row_blocks(acc, mask_n, QUANT_OUT, Q_MX, MANT, BIAS, MIN_NORMAL, MAGIC, FP8_MAX,
+                                                EMAX, BLOCK_M, BLOCK_N)
             tl.store(out_ptrs, bits, mask=mask_m[:, None] & mask_n[None, :])
             blocks = tn * NB + tl.arange(0, NB)
             qs_ptrs = (qs_ptr + g64 * stride_qsg + offs_m[:, None].to(tl.int64) * stride_qsm
@@ -585,6 +569,52 @@ def _fp8_bits(v, MANT: tl.constexpr, BIAS: tl.constexpr, MIN_NORMAL: tl.constexp
     return tl.where(a > 0x7F800000, 0x7F, r).to(tl.uint8)
 
 
+@triton.jit
+def _fp8_block_scale(amax, MX: tl.constexpr, FP8_MAX: tl.constexpr, EMAX: tl.constexpr):
+    """(multiplier q, stored dequantisation scale) of blocks whose absolute
+    maximum is amax (NaN for a block holding a NaN): MX's power of two from
+    amax's exponent field (e8m0 bits; NaN/inf: 255), else fp8_max / max(amax,
+    1e-12) and its inverse with correctly rounded divisions."""
+    if MX:
+        finite = amax <= 3.4028234663852886e38  # false for NaN and inf
+        e = ((amax.to(tl.int32, bitcast=True) >> 23) & 0xFF) - 127 - EMAX
+        e = tl.minimum(tl.maximum(e, -127), 127)
+        q = tl.where(finite, ((127 - e) << 23).to(tl.float32, bitcast=True), float("nan"))
+        stored = tl.where(finite, e + 127, 255).to(tl.uint8)
+    else:
+        a = tl.where(amax < 1e-12, 1e-12, amax)  # NaN stays NaN
+        q = tl.math.div_rn(tl.zeros_like(a) + FP8_MAX, a)
+        stored = tl.math.div_rn(tl.zeros_like(a) + 1.0, q)
+    return q, stored
+
+
+@triton.jit
+def _fp8_saturated_bits(y, FP8_MAX: tl.constexpr, MANT: tl.constexpr, BIAS: tl.constexpr,
+                        MIN_NORMAL: tl.constexpr, MAGIC: tl.constexpr):
+    """x * q clamped to the format's range (NaN passes: comparisons are false) and encoded."""
+    y = tl.where(y < -FP8_MAX, -FP8_MAX, y)
+    y = tl.where(y > FP8_MAX, FP8_MAX, y)
+    return _fp8_bits(y, MANT, BIAS, MIN_NORMAL, MAGIC)
+
+
+@triton.jit
+def _quantize_row_blocks(x, keep, QB: tl.constexpr, MX: tl.constexpr, MANT: tl.constexpr, BIAS: tl.constexpr,
+                         MIN_NORMAL: tl.constexpr, MAGIC: tl.constexpr, FP8_MAX: tl.constexpr, EMAX: tl.constexpr,
+                         BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+    """A (BLOCK_M, BLOCK_N) fp32 tile quantised in 1 x QB blocks of its rows, as
+    quantize_fp8 quantises them (the columns where ``keep`` is false are not
+    part of any block: the partial last block): (float8 bits (BLOCK_M,
+    BLOCK_N), stored scales (BLOCK_M, BLOCK_N // QB))."""
+    NB: tl.constexpr = BLOCK_N // QB
+    v = tl.reshape(tl.where(keep[None, :], x, 0.0), (BLOCK_M, NB, QB))
+    amax = tl.max(tl.abs(v), axis=2)
+    nan = tl.max((v != v).to(tl.int32), axis=2)  # Triton's max drops NaN
+    amax = tl.where(nan > 0, float("nan"), amax)
+    q, stored = _fp8_block_scale(amax, MX, FP8_MAX, EMAX)
+    bits = _fp8_saturated_bits(v * q[:, :, None], FP8_MAX, MANT, BIAS, MIN_NORMAL, MAGIC)
+    return tl.reshape(bits, (BLOCK_M, BLOCK_N)), stored
+
+
 @triton.jit(do_not_specialize=["R", "C", "G"])
 def quantize_fp8_kernel(
     x_ptr, data_ptr, scale_ptr, offs_ptr,
@@ -645,16 +675,7 @@ def quantize_fp8_kernel(
         nan = tl.zeros((BLOCK_R,), dtype=tl.int32) + tl.max(nan, axis=0)
     amax = tl.where(nan > 0, float("nan"), amax)
     # Multiplier q and the stored (dequantisation) scale.
-    if MX:
-        finite = amax <= 3.4028234663852886e38  # false for NaN and inf
-        e = ((amax.to(tl.int32, bitcast=True) >> 23) & 0xFF) - 127 - EMAX
-        e = tl.minimum(tl.maximum(e, -127), 127)
-        q = tl.where(finite, ((127 - e) << 23).to(tl.float32, bitcast=True), float("nan"))
-        stored = tl.where(finite, e + 127, 255).to(tl.uint8)
-    else:
-        a = tl.where(amax < 1e-12, 1e-12, amax)  # NaN stays NaN
-        q = tl.math.div_rn(tl.full((BLOCK_R,), FP8_MAX, tl.float32), a)
-        stored = tl.math.div_rn(tl.full((BLOCK_R,), 1.0, tl.float32), q)
+    q, stored = _fp8_block_scale(amax, MX, FP8_MAX, EMAX)
     rows = r_lo + tl.arange(0, BLOCK_R)
     if ROW_SPAN == 1:
         if SWIZZLE:
@@ -675,10 +696,7 @@ def quantize_fp8_kernel(
             m = r_ok[:, None] & (cols < c_hi)[None, :]
             v = tl.load(x_base + rows[:, None].to(tl.int64) * stride_xr + cols[None, :].to(tl.int64) * stride_xc,
                         mask=m, other=0.0).to(tl.float32)
-            y = v * q[:, None]
-            y = tl.where(y < -FP8_MAX, -FP8_MAX, y)  # comparisons are false for NaN, which passes
-            y = tl.where(y > FP8_MAX, FP8_MAX, y)
-            bits = _fp8_bits(y, MANT, BIAS, MIN_NORMAL, MAGIC)
+            bits = _fp8_saturated_bits(v * q[:, None], FP8_MAX, MANT, BIAS, MIN_NORMAL, MAGIC)
             bits = tl.where(covered, bits, 0).to(tl.uint8)
             tl.store(d_base + rows[:, None].to(tl.int64) * stride_dr + cols[None, :], bits, mask=m)
 
