@@ -484,12 +484,14 @@ def configs_for(dtype: torch.dtype, stage: int, quant: int = 0) -> list:
     return (CONFIGS_16BIT_GATE_UP, CONFIGS_16BIT, CONFIGS_16BIT_DGRAD)[stage]
 
 
-@functools.lru_cache(maxsize=None)
 def _autotuned(dtype: torch.dtype, stage: int, quant: int = 0):
-    """The autotuned kernel for a stage; float16 and bfloat16 share one (the
-    same configurations)."""
-    if dtype == torch.float16:
-        return _autotuned(torch.bfloat16, stage, quant)
+    """The autotuned kernel for a stage (and act's float8 recipe); float16 and
+    bfloat16 share one (the same configurations)."""
+    return _autotuned_kernel(torch.bfloat16 if dtype == torch.float16 else dtype, stage, quant)
+
+
+@functools.lru_cache(maxsize=None)
+def _autotuned_kernel(dtype: torch.dtype, stage: int, quant: int):
     return triton.autotune(configs=configs_for(dtype, stage, quant), key=_AUTOTUNE_KEY)(expert_gemm_kernel)
 
 
@@ -739,6 +741,8 @@ def _gate_up_fp8(tokens, src_rows, offs, dst_rows, gate_up_proj, inter, gate_up_
                       data.view(torch.uint8), None, tma=tma)
     args.update(qs_ptr=qs, stride_qsm=q_strides[0], stride_qsn=q_strides[1], QUANT=quant, STORE_H=keep_h,
                 **_fp8_format(f8dt))
+    if isinstance(config, str) and config == "args":  # aot.py: the arguments only
+        return args
     _run_gemm(args, False, config, num_programs, wrap)
     return data, scale, h
 
@@ -1023,3 +1027,39 @@ def _autograd_setup_context(ctx, inputs, output):
 
 torch.library.register_autograd("moe_ops_triton::expert_mlp", _autograd_backward,
                                 setup_context=_autograd_setup_context)
+
+
+@torch.library.custom_op("moe_ops_triton::expert_mlp_fp8_interpreted", mutates_args=())
+def _expert_mlp_fp8_interpreted(tokens: torch.Tensor, src_rows: torch.Tensor, offs: torch.Tensor,
+                                dst_rows: torch.Tensor, weights: Optional[torch.Tensor], gate_up_proj: torch.Tensor,
+                                down_proj: torch.Tensor, down_scale: torch.Tensor, gate_up_bias: Optional[torch.Tensor],
+                                down_bias: Optional[torch.Tensor], activation: str, gate_up_interleaved: bool,
+                                swiglu_alpha: float, swiglu_limit: float, recipe: str,
+                                float8_dtype: Optional[torch.dtype]) -> torch.Tensor:
+    return triton_expert_mlp_fp8(tokens, src_rows, offs, dst_rows, weights, gate_up_proj, down_proj, down_scale,
+                                 gate_up_bias, down_bias, activation, gate_up_interleaved, swiglu_alpha, swiglu_limit,
+                                 recipe, float8_dtype)
+
+
+@_expert_mlp_fp8_interpreted.register_fake
+def _(tokens, src_rows, offs, dst_rows, weights, gate_up_proj, down_proj, down_scale, gate_up_bias, down_bias,
+      activation, gate_up_interleaved, swiglu_alpha, swiglu_limit, recipe, float8_dtype):
+    _check_fp8(tokens, src_rows, offs, dst_rows, weights, gate_up_proj, down_proj, gate_up_bias, down_bias,
+               activation, gate_up_interleaved, recipe, float8_dtype)
+    return tokens.new_empty(tokens.shape)
+
+
+@torch.library.triton_op("moe_ops_triton::expert_mlp_fp8", mutates_args=())
+def _expert_mlp_fp8_op(tokens: torch.Tensor, src_rows: torch.Tensor, offs: torch.Tensor, dst_rows: torch.Tensor,
+                       weights: Optional[torch.Tensor], gate_up_proj: torch.Tensor, down_proj: torch.Tensor,
+                       down_scale: torch.Tensor, gate_up_bias: Optional[torch.Tensor] = None,
+                       down_bias: Optional[torch.Tensor] = None, activation: str = "swiglu",
+                       gate_up_interleaved: bool = False, swiglu_alpha: float = 1.702, swiglu_limit: float = 7.0,
+                       recipe: str = "blockwise_1x128", float8_dtype: Optional[torch.dtype] = None) -> torch.Tensor:
+    """triton_expert_mlp_fp8 (the forward only: not differentiable), traced by
+    torch.compile into its kernels on CUDA tensors."""
+    args = (tokens, src_rows, offs, dst_rows, weights, gate_up_proj, down_proj, down_scale, gate_up_bias, down_bias,
+            activation, gate_up_interleaved, swiglu_alpha, swiglu_limit, recipe, float8_dtype)
+    if tokens.device.type != "cuda":
+        return torch.ops.moe_ops_triton.expert_mlp_fp8_interpreted(*args)
+    return triton_expert_mlp_fp8(*args, _wrap=torch.library.wrap_triton)
