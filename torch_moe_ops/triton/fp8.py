@@ -65,8 +65,8 @@ signatures of ``torch.ops.moe_ops.scaled_grouped_mm`` and ``quantize_fp8``.
 Checks: the ops' own (``_checks``, same messages); the values of ``offs``
 (ordering, MX's 32-element groups of K, the blocked scales' size) only on CPU
 tensors, with the CPU kernels' messages: on CUDA nothing is read back (no host
-sync; ``moe_ops.scaled_grouped_mm``'s CUDA entry has a device assert for MX
-2D x 2D that this launcher lacks).
+sync; ``triton/cuda.py``'s checks of the op's CUDA kernel assert them on the
+device: offs, MX's 32-element groups of K and the blocked scales' size).
 
 What only a GPU can verify: the numerics of QGMMA's imprecise accumulation
 within a K step, the autotuner's choice, TMA zero fill, races, timing.
@@ -333,8 +333,7 @@ def _check_offs_values(mat_a, mat_b, scale_a, scale_b, offs, recipe: int, layout
         for scale, rows in blocked:
             need = _blocked_bytes_read(rows, s, ends, 0 if layout == "2d3d" else 1)
             if scale.numel() < need:
-                raise ValueError(f"scaled_grouped_mm: the blocked mx scale of sizes {_checks._dims(scale.shape)} "
-                                 f"holds {scale.numel()} bytes, fewer than the groups of offs need ({need})")
+                raise ValueError(_checks.mx_blocked_scale_message(scale, need))
 
 
 def _blocked_bytes_read(rows: int, s: int, ends: list, dim: int) -> int:
