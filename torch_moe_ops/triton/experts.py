@@ -100,11 +100,12 @@ def _mainloop(a_ptr, b_ptr, b_desc, a_rows, row_ok, cols_g, cols_u, mask_n, g, n
         a = tl.load(a_ptrs, mask=row_ok[:, None] & k_ok[None, :], other=0.0)
         # The gate tile's columns past I read up columns through the descriptor: never stored.
         b = gm._load_b(b_desc, bg_ptrs, k_ok[:, None] & mask_n[None, :], g, k, n0, B_DESC, BLOCK_K, BLOCK_N)
-        acc = tl.dot(a, b, acc, input_precision=INPUT_PRECISION)
+        # out_dtype: Triton 3.6 asserts that an fp64 accumulator is out_dtype's (float32 by default).
+        acc = tl.dot(a, b, acc, input_precision=INPUT_PRECISION, out_dtype=ACC)
         if TWO:  # the up columns: N further in (G, K, N1), or by pointers when interleaved
             bu = gm._load_b(b_desc, bu_ptrs, k_ok[:, None] & mask_n[None, :], g, k, n0 + N, B_DESC, BLOCK_K,
                             BLOCK_N)
-            acc_u = tl.dot(a, bu, acc_u, input_precision=INPUT_PRECISION)
+            acc_u = tl.dot(a, bu, acc_u, input_precision=INPUT_PRECISION, out_dtype=ACC)
         a_ptrs += BLOCK_K * stride_ak
         bg_ptrs += BLOCK_K * stride_bk
         bu_ptrs += BLOCK_K * stride_bk
@@ -376,7 +377,7 @@ def expert_gemm_kernel(
                     # (row, N tile), summed by the caller in tile order (no atomics). The row sums as an exact
                     # fp32 product with a (BLOCK_N, 16) matrix of ones (tl.sum is a @jit helper), column 0 stored.
                     ones = tl.full((BLOCK_N, 16), 1.0, ACC)
-                    part = tl.dot(tl.where(mask, acc * act, 0.0), ones, input_precision="ieee")
+                    part = tl.dot(tl.where(mask, acc * act, 0.0), ones, input_precision="ieee", out_dtype=ACC)
                     col = tl.arange(0, 16)
                     tl.store(dw_ptr + offs_m[:, None].to(tl.int64) * stride_dwm + tn + col[None, :] * 0, part,
                              mask=mask_m[:, None] & (col == 0)[None, :])

@@ -250,7 +250,8 @@ def grouped_mm_kernel(
                             mask=(kb >= 0)[:, None] & mask_n[None, :], other=0.0)
             else:
                 b = _load_b(b_desc, b_ptrs, k_ok[:, None] & mask_n[None, :], g, k, n0, B_DESC, BLOCK_K, BLOCK_N)
-            acc = tl.dot(a, b, acc, input_precision=INPUT_PRECISION)
+            # out_dtype: Triton 3.6 asserts that an fp64 accumulator is out_dtype's (float32 by default).
+            acc = tl.dot(a, b, acc, input_precision=INPUT_PRECISION, out_dtype=ACC)
             a_ptrs += BLOCK_K * stride_ak
             b_ptrs += BLOCK_K * stride_bk
         if HAS_BIAS:
