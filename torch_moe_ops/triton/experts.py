@@ -41,9 +41,26 @@ Y = 0 for them), M-fastest within a group; the weights by TMA on sm_90+
 when aligned (split gate/up only: interleaved columns are pointer loads,
 a TMA box cannot stride by 2 in its inner dimension).
 
+The fp8 forward (``triton_expert_mlp_fp8``, ``moe_ops_triton::expert_mlp_fp8``;
+inference, or the forward of fp8 training): stage 0 with ``QUANT`` stores act
+as float8 data and scales instead of act (and h only if asked), so neither
+reaches memory in 16 or 32 bits: act rounded to the tokens' dtype (what the
+unfused path stores) and quantised as ``quantize_fp8`` does, in 1x128 or mx
+(1x32) blocks of the tile (BLOCK_N a multiple of the block: one pass; mx scales
+written in ``swizzle_mx_scale``'s per-group blocked layout, at the group's
+byte offset that the schedule's cursor carries) or rowwise (the row's amax
+needs every N tile: a program owns a block of rows and sweeps its N tiles
+twice, the gate/up GEMM computed twice). The down GEMM is
+``fp8.scaled_grouped_mm_kernel`` on those rows (fp32 out, the down bias), and
+the combine weights each token's rows in slot order.
+
 Routing values (src_rows and dst_rows inverse maps, offs non-decreasing)
 are not checked here (no host sync, no device asserts): the shapes and dtypes
 are checked as ``moe_ops.expert_mlp`` checks them.
+
+Helpers (``_mainloop``, ``_gate_up_tile``, grouped_mm.py's schedule) are
+@triton.jit functions: the interpreted launches route their calls to the
+interpreter (``grouped_mm._interpreting``).
 
 What only a GPU can verify: the compiled kernels' numerics (wgmma order,
 fast ``exp``/``erf``), the autotuner's choice, TMA's zero fill (emulated by the
@@ -375,7 +392,7 @@ def expert_gemm_kernel(
                     aw = act * w
                     # This tile's share of the routing weight's gradient, sum_n g * act(h): one partial per
                     # (row, N tile), summed by the caller in tile order (no atomics). The row sums as an exact
-                    # fp32 product with a (BLOCK_N, 16) matrix of ones (tl.sum is a @jit helper), column 0 stored.
+                    # fp32 product with a (BLOCK_N, 16) matrix of ones, column 0 stored.
                     ones = tl.full((BLOCK_N, 16), 1.0, ACC)
                     part = tl.dot(tl.where(mask, acc * act, 0.0), ones, input_precision="ieee", out_dtype=ACC)
                     col = tl.arange(0, 16)

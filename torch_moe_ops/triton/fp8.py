@@ -30,6 +30,9 @@ expert's gate/up output kept in float8 for its backward: a tile holds whole
 blocks of a row (N is not split by offs), so the amax needs no other tile, and
 the bits are those of ``quantize_fp8`` on the float32 output. Rowwise and
 tensorwise output scales would need the whole row: not fusable in one pass.
+The same block quantiser (``_quantize_row_blocks``) serves the fused experts'
+gate/up epilogue (``experts.triton_expert_mlp_fp8``), whose act feeds this
+kernel's fp8 down GEMM.
 
 Accumulation: on sm_90 Triton lets an fp8 ``tl.dot`` accumulate the whole K in
 the tensor core's accumulator (``max_num_imprecise_acc`` defaults to 2^30),
@@ -56,9 +59,10 @@ recipe a single program serialises), columns in BLOCK_C chunks over the
 block's columns, twice (amax, then quantise; the second read mostly hits L2).
 
 On CPU tensors both run in Triton's interpreter (``InterpretedFunction``, as
-``grouped_mm.py``); the kernels call Triton's ``tl.max`` and helpers of their
-own, which the interpreter runs when ``JITFunction.__call__`` is routed to it
-for the launch (``_interpreting``). ``torch.ops.moe_ops_triton.scaled_grouped_mm``
+``grouped_mm.py``); the kernels call Triton's ``tl.max``, grouped_mm.py's
+shared schedule helpers and helpers of their own, which the interpreter runs
+when ``JITFunction.__call__`` is routed to it for the launch
+(``grouped_mm._interpreting``). ``torch.ops.moe_ops_triton.scaled_grouped_mm``
 and ``quantize_fp8`` are the same functions as ``triton_op``s, with the
 signatures of ``torch.ops.moe_ops.scaled_grouped_mm`` and ``quantize_fp8``.
 

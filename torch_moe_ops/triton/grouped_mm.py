@@ -27,6 +27,11 @@ masked anyway) and the gather needs per-row addresses (Hopper has no TMA
 gather). Stores are pointer stores (a TMA store would overwrite the next
 group's rows).
 
+The schedule and B's load setup are @triton.jit helpers shared with the
+fused experts' and the fp8 GEMM kernels (``_tile_count``, ``_advance``,
+``_tile_ranges``, ``_b_descriptor``, ``_load_b``); interpreted launches route
+their calls to the interpreter (``_interpreting``).
+
 Accumulation is fp32 (``tl.dot``: wgmma on sm_90 for fp16/bf16). fp32 inputs
 use the exact (``ieee``) product unless ``allow_tf32=True``. fp64 inputs (the
 ops take them: gradcheck) accumulate in fp64, DMMA or FMA as Triton lowers them;
