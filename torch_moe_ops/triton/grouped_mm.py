@@ -320,12 +320,7 @@ def _interpreting():
 
 @functools.lru_cache(maxsize=None)
 def _interpreted_helper(fn, interpreted_function):
-    """The helper as the interpreter rewrites it, made once (parsing the source).
-    Called straight, not through InterpretedFunction.__call__, which patches
-    triton.language anew on every call (most of the interpreter's time in the
-    schedule helpers): the running launch has patched it already, and it is one
-    module for every kernel and helper here."""
-    return interpreted_function(fn).rewrite()
+    return interpreted_function(fn)  # made once: its constructor reads and parses the source
 
 
 @functools.lru_cache(maxsize=None)
