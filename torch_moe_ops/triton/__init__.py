@@ -25,8 +25,8 @@ import importlib
 # torch._inductor, seconds that `import torch_moe_ops` (which imports cuda.py)
 # should not pay.
 _LAZY = {"triton_expert_mlp": "experts", "triton_expert_mlp_backward": "experts",
-         "triton_expert_mlp_fp8": "experts", "triton_grouped_mm": "grouped_mm", "triton_grouped_mm_gather": "grouped_mm",
-         "triton_quantize_fp8": "fp8", "triton_scaled_grouped_mm": "fp8"}
+         "triton_expert_mlp_fp8": "experts", "triton_grouped_mm": "grouped_mm",
+         "triton_grouped_mm_gather": "grouped_mm", "triton_quantize_fp8": "fp8", "triton_scaled_grouped_mm": "fp8"}
 
 __all__ = list(_LAZY)
 
