@@ -759,3 +759,44 @@ def test_fp8_triton_op_eager_and_traced():
     assert torch.equal(compiled(*a, recipe="mx"), eager)
     torch.library.opcheck(torch.ops.moe_ops_triton.expert_mlp_fp8_interpreted.default,
                           a + ("swiglu", False, 1.702, 7.0, "mx", None), test_utils=("test_faketensor",))
+
+
+@settings(max_examples=10, deadline=None)
+@given(expert_problems(), st.sampled_from(FP8_RECIPES), st.integers(0, 2**31 - 1))
+def test_fp8_property(p, recipe, seed):
+    """Random layers (expert_problems: zero tokens, ragged H and I, empty and
+    dropped experts, padding rows, every activation, interleaving, biases,
+    either weight order, the grid), tokens a non-contiguous view: the float8
+    act is quantize_fp8 of the unfused act bit for bit (h too), and the fp8
+    forward is within the bound of the float64 forward on the float8 values."""
+    g = torch.Generator().manual_seed(seed)
+    rand = lambda *s, scale=1.0: (torch.rand(*s, generator=g) * 2 - 1) * scale  # noqa: E731
+    routed = p["E"] + (2 if p["local"] else 0)
+    k = min(p["k"], routed)
+    src_rows, offs, dst_rows = _expert_routing(p["T"], routed, k, "cpu", seed % 1000, "one" if p["skew"] else None,
+                                               alignment=p["alignment"], first_expert=0, num_local_experts=p["E"])
+    gated = p["activation"] in ("swiglu", "geglu", "swiglu_clamped")
+    E, H, inter = p["E"], p["H"], p["inter"]
+    n1 = 2 * inter if gated else inter
+    if p["k_major"]:
+        gate_up, down = rand(E, n1, H, scale=0.5).mT, rand(E, H, inter, scale=0.5).mT
+    else:
+        gate_up, down = rand(E, H, n1, scale=0.5), rand(E, inter, H, scale=0.5)
+    weights = torch.rand(p["T"], k, generator=g) if p["weights"] else None
+    kwargs = dict(activation=p["activation"], gate_up_interleaved=p["interleaved"], swiglu_limit=1.5)
+    if p["bias"]:
+        kwargs.update(gate_up_bias=rand(E, n1), down_bias=rand(E, H))
+    tokens = rand(H, p["T"]).t()  # column-major: a non-contiguous view
+    args = (tokens, src_rows, offs, dst_rows, weights, gate_up, down)
+    act, h = _unfused_act(args, kwargs, num_programs=p["programs"])
+    data, scale, h8 = _fused_act(args, kwargs, recipe, num_programs=p["programs"])
+    want = _quantized_act_reference(act, recipe, offs)
+    assert torch.equal(_bits(data), _bits(want[0])) and torch.equal(_bits(scale), _bits(want[1])), recipe
+    assert torch.equal(h8, h)
+    down_data, down_scale = _fp8_weights(down, recipe)
+    exact, tol = fp8_forward_reference(args, kwargs, recipe, down_data.mT, down_scale)
+    fwd_kw = {n: kwargs[n] for n in ("gate_up_bias", "down_bias") if n in kwargs}
+    out = tex.triton_expert_mlp_fp8(*args[:6], down_data, down_scale, **fwd_kw, activation=p["activation"],
+                                    gate_up_interleaved=p["interleaved"], swiglu_limit=1.5, recipe=recipe,
+                                    num_programs=p["programs"])
+    assert_within(out, exact, tol, f"fp8 {recipe} out")
