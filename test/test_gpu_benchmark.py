@@ -75,14 +75,15 @@ def test_rows_run_on_cpu_in_the_interpreter(monkeypatch):
     run.time_experts(runner, case, sonic=None)
     assert not runner.failed_checks
     checks = [r for r in runner.rows if "check" in r]
-    assert len(checks) == 4 and all(r["ok"] for r in checks)
+    assert len(checks) == 5 and all(r["ok"] for r in checks)
     timed = [r for r in runner.rows if "impl" in r]
     triton_rows = [r for r in timed if r["impl"].startswith("triton")]
-    assert len(triton_rows) == 6 and all("error" not in r for r in triton_rows), triton_rows
+    assert len(triton_rows) == 9 and all("error" not in r for r in triton_rows), triton_rows
     assert {r["kernel"] for r in triton_rows} == {
         "grouped_mm 2d3d up (gate+up proj)", "grouped_mm 2d3d down proj",
         "grouped_mm_gather up (tokens read by routing)", "grouped_mm 2d2d wgrad (up proj)",
-        "expert_mlp forward", "expert_mlp backward"}
+        "expert_mlp forward", "expert_mlp backward"} | {
+        f"expert_mlp forward, fp8 down ({recipe} act)" for recipe in ("blockwise_1x128", "mx", "rowwise")}
     for r in triton_rows:  # 1 ms per row: TFLOP/s = FLOPs / 1e9, GB/s = bytes / 1e6
         assert r["tflops"] == pytest.approx(r["flops"] / 1e9) and r["gbps"] == pytest.approx(r["bytes"] / 1e6)
     unfused = [r for r in timed if r["impl"].startswith("unfused")]

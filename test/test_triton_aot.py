@@ -71,7 +71,9 @@ def _gemms_per_k_step(variant) -> int:
     if variant.kernel in ("expert_combine", "quantize_fp8"):
         return 0
     if variant.kernel == "expert_gate_up":
-        return 2 if variant.make(variant.dtype)[1]["activation"] in ("swiglu", "geglu", "swiglu_clamped") else 1
+        gated = 2 if variant.make(variant.dtype)[1]["activation"] in ("swiglu", "geglu", "swiglu_clamped") else 1
+        # Rowwise float8 act: the K loop twice (the amax sweep, then the stores).
+        return gated * (2 if variant.quant == "rowwise" else 1)
     return 1
 
 
@@ -86,6 +88,8 @@ def test_every_autotuner_config_of_every_variant_is_compiled(report):
     assert {v.make(v.dtype)[1]["activation"] for v in experts if v.kernel == "expert_gate_up"} >= {
         "swiglu", "geglu", "swiglu_clamped", "gelu"}
     assert {v.kernel for v in experts if v.tma} == {"expert_gate_up", "expert_down", "expert_dgrad"}
+    assert {v.quant for v in experts if v.kernel == "expert_gate_up"} == {None, "rowwise", "blockwise_1x128", "mx"}
+    assert any(v.weighted for v in experts if v.kernel == "expert_combine")
     scaled = aot.scaled_grouped_mm_variants()
     recipes = {(v.name.split("_")[1], v.layout) for v in scaled}
     assert recipes == {("rowwise", "2d3d"), ("rowwise", "3d2d"), ("rowwise", "2d2d"), ("rowwise", "3d3d"),

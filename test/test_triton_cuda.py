@@ -36,10 +36,11 @@ import triton
 
 import torch_moe_ops
 from torch_moe_ops.triton import experts as tex
+from torch_moe_ops.triton import fp8 as tf8
 from torch_moe_ops.triton import grouped_mm as tgm
 
 ROOT = Path(__file__).resolve().parents[1]
-OUR_KERNELS = {tgm.grouped_mm_kernel, tex.expert_gemm_kernel, tex.combine_kernel}
+OUR_KERNELS = {tgm.grouped_mm_kernel, tex.expert_gemm_kernel, tex.combine_kernel, tf8.scaled_grouped_mm_kernel}
 
 pytestmark = pytest.mark.skipif(
     not isinstance(tgm.grouped_mm_kernel, triton.runtime.JITFunction),
@@ -161,6 +162,23 @@ def test_grouped_mm_backward_formulas_trace_into_triton_kernels(h100):
         a, b, offs = _e(250, 256), _e(4, 128, 256).transpose(1, 2), _e(4, dtype=torch.int32)
         graph = _trace(backward, a, b, offs, _e(250, 128), _e(250, 128))
     assert_triton_kernels_only(graph, kernels=2, asserts=2)
+
+
+def test_scaled_grouped_mm_mx_traces_with_the_blocked_scale_assert(h100):
+    """scaled_grouped_mm with mx scales on CUDA: its Triton kernel and the
+    device-side value checks, offs's and, for each scale blocked per group
+    (2D x 3D: A's; 2D x 2D: both), that it holds the bytes offs's groups read
+    (the CPU kernel checks that on the host; here no host sync)."""
+    e8, f8 = torch.float8_e8m0fnu, torch.float8_e4m3fn
+    with _fake_cuda():
+        a, b, offs = _e(250, 256, dtype=f8), _e(4, 128, 256, dtype=f8).transpose(1, 2), _e(4, dtype=torch.int32)
+        up = _trace(torch.ops.moe_ops.scaled_grouped_mm, a, b, _e(250 + 4 * 128, 8, dtype=e8),
+                    _e(4, 128, 8, dtype=e8), offs)
+        toks = _e(4, dtype=torch.int32)
+        wgrad = _trace(torch.ops.moe_ops.scaled_grouped_mm, _e(128, 256, dtype=f8), _e(64, 256, dtype=f8).t(),
+                       _e(128, 8 + 16, dtype=e8), _e(128, 8 + 16, dtype=e8), toks)
+    assert_triton_kernels_only(up, kernels=1, asserts=2)
+    assert_triton_kernels_only(wgrad, kernels=1, asserts=4)  # offs, whole 32-blocks of K, two scales
 
 
 def test_aot_autograd_graph_holds_the_triton_kernels(h100):

@@ -246,6 +246,15 @@ def test_autotuner_configs_are_the_compiled_ones():
     assert tex._autotuned(fp32, 0).configs == tex.CONFIGS_FP32_GATE_UP == tex.configs_for(fp32, 2)
     assert tex._autotuned(fp32, 1).configs == tex.CONFIGS_FP32
     assert all(tex._autotuned(fp64, s).configs == tex.CONFIGS_FP64 for s in range(3))
+    # act stored in float8: 1x128 blocks need 128-wide tiles; rowwise and mx take the gate/up ones.
+    q = tex.QUANT_RECIPES
+    assert tex._autotuned(fp16, 0, q["blockwise_1x128"]) is tex._autotuned(bf16, 0, q["blockwise_1x128"])
+    assert tex._autotuned(bf16, 0, q["blockwise_1x128"]).configs == tex.CONFIGS_16BIT_GATE_UP_1X128
+    assert tex._autotuned(fp32, 0, q["blockwise_1x128"]).configs == tex.CONFIGS_FP32_GATE_UP_1X128
+    assert all(c.kwargs["BLOCK_N"] % 128 == 0 for c in tex.CONFIGS_16BIT_GATE_UP_1X128 + tex.CONFIGS_FP32_GATE_UP_1X128)
+    for recipe in ("rowwise", "mx"):
+        assert tex._autotuned(bf16, 0, q[recipe]).configs == tex.CONFIGS_16BIT_GATE_UP
+    assert all(c.kwargs["BLOCK_N"] % 32 == 0 for c in tex.CONFIGS_16BIT_GATE_UP + tex.CONFIGS_FP32_GATE_UP)
 
 
 # ------------------------------------------------------------------ backward
@@ -526,3 +535,268 @@ def test_property_matches_reference(p, seed):
     check_against_reference(args, kwargs, num_programs=p["programs"])
     if p["backward"]:
         check_backward(args, kwargs, seed=seed, num_programs=p["programs"])
+
+
+# ------------------------------------------------------------------ float8 act for an fp8 down GEMM
+# triton_expert_mlp_fp8: the gate/up epilogue stores act quantised (rowwise, 1x128 or
+# mx) and the down GEMM is the fp8 scaled kernel. Interpreted in float32 and float16;
+# not bfloat16, whose tl.dot and float32 -> bfloat16 rounding are wrong in Triton's
+# interpreter (so neither the unfused act nor the reference would be right). What only
+# a GPU can verify: that the compiled epilogue's exp/erf give the interpreter's act
+# bits (the fused and unfused kernels share one code path, so they agree with each
+# other on the GPU too), QGMMA's accumulation, timing.
+
+FP8_RECIPES = ("rowwise", "blockwise_1x128", "mx")
+# The down weights' recipe that pairs with act's in scaled_grouped_mm (2D x 3D).
+WEIGHT_RECIPE = {"rowwise": "rowwise", "blockwise_1x128": "blockwise_128x128", "mx": "mx"}
+
+
+def _bits(t):
+    return t.contiguous().view(torch.uint8)
+
+
+def _unfused_act(args, kwargs, **launch):
+    """(act, h) of the unfused gate/up GEMM (triton_expert_mlp's first kernel)."""
+    tokens, src_rows, offs, dst_rows, weights, gate_up, down = args
+    kw = {**dict(gate_up_bias=None, down_bias=None, activation="swiglu", gate_up_interleaved=False,
+                 swiglu_alpha=1.702, swiglu_limit=7.0), **kwargs}
+    _, h, act, slot_rows = tex._allocate(tokens, src_rows, dst_rows, gate_up, down)
+    stage = tex.stage_args(0, tokens, src_rows, offs, dst_rows, weights, gate_up, down, kw["gate_up_bias"], None,
+                           kw["activation"], kw["gate_up_interleaved"], kw["swiglu_alpha"], kw["swiglu_limit"], h, act,
+                           slot_rows, tma=launch.get("tma"))
+    tex._run_gemm(stage, False, None, launch.get("num_programs"), lambda k: k)
+    return act, h
+
+
+def _fused_act(args, kwargs, recipe, f8=torch.float8_e4m3fn, **launch):
+    tokens, src_rows, offs, dst_rows, weights, gate_up, down = args
+    kw = {**dict(gate_up_bias=None, activation="swiglu", gate_up_interleaved=False, swiglu_alpha=1.702,
+                 swiglu_limit=7.0), **kwargs}
+    return tex._gate_up_fp8(tokens, src_rows, offs, dst_rows, gate_up, down.shape[1], kw["gate_up_bias"],
+                            kw["activation"], kw["gate_up_interleaved"], kw["swiglu_alpha"], kw["swiglu_limit"],
+                            recipe, f8, True, None, launch.get("num_programs"), launch.get("tma"), lambda k: k)
+
+
+def _quantized_act_reference(act, recipe, offs, f8=torch.float8_e4m3fn):
+    """moe_ops.quantize_fp8 of the unfused act; mx scales blocked per group of rows."""
+    data, scale = torch.ops.moe_ops.quantize_fp8(act, recipe, f8)
+    if recipe == "mx":
+        scale = torch.ops.moe_ops.swizzle_mx_scale(scale, offs, 0)
+    return data, scale
+
+
+def _fp8_case(dtype, activation, interleaved, inter=36, seed=0):
+    args, kwargs = _multi_tile_case(dtype, activation, interleaved, bias=True, k_major=True, seed=seed)
+    if inter != 36:  # a wider I: several 1x128 blocks per row (the last one partial)
+        tokens, src_rows, offs, dst_rows, weights, gate_up, down = args
+        g = torch.Generator().manual_seed(seed + 7)
+        n1 = 2 * inter if activation in ("swiglu", "geglu", "swiglu_clamped") else inter
+        gate_up = ((torch.rand(gate_up.shape[0], n1, gate_up.shape[1], generator=g) * 2 - 1) * 0.3).to(dtype).mT
+        down = ((torch.rand(down.shape[0], inter, down.shape[2], generator=g) * 2 - 1) * 0.3).to(dtype)
+        kwargs["gate_up_bias"] = ((torch.rand(gate_up.shape[0], n1, generator=g) * 2 - 1)).to(dtype)
+        args = (tokens, src_rows, offs, dst_rows, weights, gate_up, down)
+    return args, kwargs
+
+
+@pytest.mark.parametrize("recipe", FP8_RECIPES)
+@pytest.mark.parametrize("dtype,activation,interleaved,tma", [
+    (torch.float32, "swiglu", False, True), (torch.float32, "swiglu_clamped", True, False),
+    (torch.float16, "geglu", False, False), (torch.float32, "relu", False, True)], ids=str)
+def test_fp8_act_is_quantize_fp8_of_the_unfused_act(recipe, dtype, activation, interleaved, tma):
+    """The gate/up epilogue's float8 act and scales are, bit for bit,
+    moe_ops.quantize_fp8 of the act the unfused kernel stores (rounded to the
+    tokens' dtype; mx scales then swizzle_mx_scale(scale, offs, 0), the layout
+    the down GEMM reads, padding bytes zero), and h is the unfused h: ragged I
+    (36: partial 1x128 and mx blocks), several N tiles per row (rowwise's two
+    sweeps), aligned padding rows, a dropped slot, rows past offs[-1], for any
+    persistent grid (1 program, 3, more than tiles: in the first case only)."""
+    args, kwargs = _fp8_case(dtype, activation, interleaved)
+    act, h = _unfused_act(args, kwargs, tma=tma)
+    want = _quantized_act_reference(act, recipe, args[2])
+    for p in (1, 3, 40) if (dtype, activation) == (torch.float32, "swiglu") else (3,):
+        data, scale, h8 = _fused_act(args, kwargs, recipe, num_programs=p, tma=tma)
+        assert data.dtype == torch.float8_e4m3fn and data.shape == act.shape
+        assert scale.dtype == want[1].dtype and scale.shape == want[1].shape, (scale.shape, want[1].shape)
+        assert torch.equal(_bits(data), _bits(want[0])), f"{recipe} p={p}: data bits differ"
+        assert torch.equal(_bits(scale), _bits(want[1])), f"{recipe} p={p}: scale bits differ"
+        assert torch.equal(h8, h)
+
+
+@pytest.mark.parametrize("recipe", ["blockwise_1x128", "mx"])
+def test_fp8_act_wide_rows_and_e5m2(recipe):
+    """I = 160: two 1x128 blocks a row (one partial), five mx blocks; e5m2
+    (rowwise's several N tiles a row are in the test above)."""
+    args, kwargs = _fp8_case(torch.float32, "swiglu", False, inter=160, seed=2)
+    act, _ = _unfused_act(args, kwargs)
+    want = _quantized_act_reference(act, recipe, args[2], torch.float8_e5m2)
+    data, scale, _ = _fused_act(args, kwargs, recipe, torch.float8_e5m2)
+    assert data.dtype == torch.float8_e5m2
+    assert torch.equal(_bits(data), _bits(want[0])) and torch.equal(_bits(scale), _bits(want[1]))
+
+
+def _deq64(data, scale, recipe, shape):
+    """float8 data times its scales, exactly (float64), for act (R, I) and the
+    down weights quantised as (E, H, I)."""
+    d = data.double()
+    if recipe == "mx":
+        s = torch.exp2(scale.view(torch.uint8).double() - 127).repeat_interleave(32, -1)[..., :shape[-1]]
+    elif recipe == "rowwise":
+        s = scale.double().unsqueeze(-1)
+    elif recipe == "blockwise_1x128":
+        s = scale.double().repeat_interleave(128, -1)[..., :shape[-1]]
+    else:  # 128x128 blocks of the last two dims
+        s = scale.double().repeat_interleave(128, -2)[..., :shape[-2], :].repeat_interleave(128, -1)[..., :shape[-1]]
+    return d * s
+
+
+def fp8_forward_reference(args, kwargs, recipe, down_data, down_scale):
+    """(exact out, per-element bound) of triton_expert_mlp_fp8, in float64,
+    from the unfused act quantised by quantize_fp8 (the epilogue's bits, by
+    the test above) and the down weights' float8 values:
+    y = deq(act) deq(W2)^T + b2 with an fp32 accumulation (the products of
+    float8 values are exact in fp32; per block sums promoted with two scale
+    products: (I + 2 cdiv(I, 32) + 2) u (|a| |W2| + |b2|) covers every
+    recipe); then each token's rows times their fp32 weights (one rounding),
+    k - 1 fp32 sums in slot order and the output's rounding."""
+    tokens, src_rows, offs, dst_rows, weights, gate_up, down = args
+    act, _ = _unfused_act(args, kwargs)
+    ad, ascale = torch.ops.moe_ops.quantize_fp8(act, recipe)
+    a = _deq64(ad, ascale, recipe, act.shape)
+    w = _deq64(down_data, down_scale, WEIGHT_RECIPE[recipe], down_data.shape)  # (E, H, I)
+    b = kwargs.get("down_bias")
+    R, H, inter = act.shape[0], down.shape[2], down.shape[1]
+    y, mag = torch.zeros(R, H, dtype=torch.float64), torch.zeros(R, H, dtype=torch.float64)
+    ends = offs.tolist()
+    for e, (lo, hi) in enumerate(zip([0] + ends[:-1], ends)):
+        y[lo:hi] = a[lo:hi] @ w[e].T
+        mag[lo:hi] = a[lo:hi].abs() @ w[e].T.abs()
+        if b is not None:
+            y[lo:hi] += b[e].double()
+            mag[lo:hi] += b[e].double().abs()
+    err_y = (inter + 2 * -(-inter // 32) + 2) * U32 * mag
+    T, k = dst_rows.shape
+    wt = weights.double() if weights is not None else torch.ones(T, k, dtype=torch.float64)
+    out, tol, terms = (torch.zeros(T, H, dtype=torch.float64) for _ in range(3))
+    for j in range(k):
+        d = dst_rows[:, j]
+        ok = (d >= 0).double().unsqueeze(1)
+        rows = d.clamp(min=0)
+        out += ok * wt[:, j:j + 1] * y[rows]
+        tol += ok * wt[:, j:j + 1].abs() * err_y[rows]
+        terms += ok * wt[:, j:j + 1].abs() * (y[rows].abs() + err_y[rows])
+    tol = tol + (k + 1) * U32 * terms
+    tol = tol + UNIT_ROUNDOFF[tokens.dtype] * (out.abs() + tol)
+    return out, tol
+
+
+def _fp8_weights(down, recipe, f8=torch.float8_e4m3fn):
+    """down (E, I, H) quantised per output column along I: (data (E, I, H) view, scale)."""
+    data, scale = torch.ops.moe_ops.quantize_fp8(down.mT.contiguous().float(), WEIGHT_RECIPE[recipe], f8)
+    return data.mT, scale
+
+
+@pytest.mark.parametrize("recipe", FP8_RECIPES)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=str)
+def test_fp8_forward_against_float64(recipe, dtype):
+    """triton_expert_mlp_fp8's output within the bound derived above of the
+    float64 forward on the float8 values; the bound is tight enough that a
+    1% error in any row fails."""
+    args, kwargs = _fp8_case(dtype, "swiglu", False)
+    down_data, down_scale = _fp8_weights(args[6], recipe)
+    exact, tol = fp8_forward_reference(args, kwargs, recipe, down_data.mT, down_scale)
+    fp8_args = (*args[:6], down_data, down_scale)
+    out, h = tex.triton_expert_mlp_fp8(*fp8_args, kwargs["gate_up_bias"], kwargs["down_bias"], recipe=recipe,
+                                       keep_h=True)
+    assert out.dtype == dtype and out.shape == args[0].shape
+    assert_within(out, exact, tol, f"fp8 {recipe} out")
+    assert torch.equal(h, _unfused_act(args, kwargs)[1])
+    assert ((exact * 0.01).abs() > tol).any(), "the bound could not catch a 1% error"
+    assert torch.equal(tex.triton_expert_mlp_fp8(*fp8_args, kwargs["gate_up_bias"], kwargs["down_bias"],
+                                                 recipe=recipe), out)
+
+
+def test_fp8_forward_zero_tokens_and_empty_experts():
+    """No tokens: an empty output, no launch reads anything; experts with no
+    rows (offs repeats) as in the cases above."""
+    args, kwargs = _fp8_case(torch.float32, "silu", False)
+    tokens, src_rows, offs, dst_rows, weights, gate_up, down = args
+    empty = (tokens[:0], src_rows[:0], torch.zeros_like(offs), dst_rows[:0], weights[:0], gate_up)
+    for recipe in FP8_RECIPES:
+        dd, ds = _fp8_weights(down, recipe)
+        out = tex.triton_expert_mlp_fp8(*empty, dd, ds, activation="silu", recipe=recipe)
+        assert out.shape == (0, tokens.shape[1])
+
+
+def test_fp8_rejects():
+    args, kwargs = _fp8_case(torch.float32, "swiglu", False)
+    dd, ds = _fp8_weights(args[6], "rowwise")
+    a = (*args[:6], dd, ds)
+    with pytest.raises(ValueError, match="recipe must be 'rowwise', 'blockwise_1x128' or 'mx', got 'tensorwise'"):
+        tex.triton_expert_mlp_fp8(*a, recipe="tensorwise")
+    with pytest.raises(ValueError, match="down_proj must be Float8_e4m3fn or Float8_e5m2, got torch.float32"):
+        tex.triton_expert_mlp_fp8(*args, ds, recipe="rowwise")
+    with pytest.raises(ValueError, match="tokens must be Float, Half or BFloat16, got Double"):
+        tex.triton_expert_mlp_fp8(args[0].double(), *a[1:], recipe="rowwise")
+    with pytest.raises(ValueError, match="activation must be one of .* got \"tanh\""):
+        tex.triton_expert_mlp_fp8(*a, activation="tanh", recipe="rowwise")
+    with pytest.raises(ValueError, match="needs BLOCK_N a multiple of 128"):
+        tex.triton_expert_mlp_fp8(*a, recipe="blockwise_1x128", configs=(tex.INTERPRETER_CONFIG, None))
+    with pytest.raises(ValueError, match="scale_b"):  # the down GEMM's checks: rowwise scales for 1x128 act
+        tex.triton_expert_mlp_fp8(*a, recipe="blockwise_1x128")
+
+
+def test_fp8_triton_op_eager_and_traced():
+    """moe_ops_triton::expert_mlp_fp8: eager on CPU is the interpreted kernels;
+    it traces with fake tensors under torch.compile; opcheck's fake tensor
+    check on the interpreted op (its schema check multiplies the inputs, which
+    CPU float8 tensors do not support)."""
+    args, kwargs = _fp8_case(torch.float32, "swiglu", False)
+    dd, ds = _fp8_weights(args[6], "mx")
+    a = (*args[:6], dd, ds, kwargs["gate_up_bias"], kwargs["down_bias"])
+    eager = torch.ops.moe_ops_triton.expert_mlp_fp8(*a, recipe="mx")
+    assert torch.equal(eager, tex.triton_expert_mlp_fp8(*a, recipe="mx"))
+    compiled = torch.compile(torch.ops.moe_ops_triton.expert_mlp_fp8, backend="aot_eager", fullgraph=True)
+    assert torch.equal(compiled(*a, recipe="mx"), eager)
+    torch.library.opcheck(torch.ops.moe_ops_triton.expert_mlp_fp8_interpreted.default,
+                          a + ("swiglu", False, 1.702, 7.0, "mx", None), test_utils=("test_faketensor",))
+
+
+@settings(max_examples=10, deadline=None)
+@given(expert_problems(), st.sampled_from(FP8_RECIPES), st.integers(0, 2**31 - 1))
+def test_fp8_property(p, recipe, seed):
+    """Random layers (expert_problems: zero tokens, ragged H and I, empty and
+    dropped experts, padding rows, every activation, interleaving, biases,
+    either weight order, the grid), tokens a non-contiguous view: the float8
+    act is quantize_fp8 of the unfused act bit for bit (h too), and the fp8
+    forward is within the bound of the float64 forward on the float8 values."""
+    g = torch.Generator().manual_seed(seed)
+    rand = lambda *s, scale=1.0: (torch.rand(*s, generator=g) * 2 - 1) * scale  # noqa: E731
+    routed = p["E"] + (2 if p["local"] else 0)
+    k = min(p["k"], routed)
+    src_rows, offs, dst_rows = _expert_routing(p["T"], routed, k, "cpu", seed % 1000, "one" if p["skew"] else None,
+                                               alignment=p["alignment"], first_expert=0, num_local_experts=p["E"])
+    gated = p["activation"] in ("swiglu", "geglu", "swiglu_clamped")
+    E, H, inter = p["E"], p["H"], p["inter"]
+    n1 = 2 * inter if gated else inter
+    if p["k_major"]:
+        gate_up, down = rand(E, n1, H, scale=0.5).mT, rand(E, H, inter, scale=0.5).mT
+    else:
+        gate_up, down = rand(E, H, n1, scale=0.5), rand(E, inter, H, scale=0.5)
+    weights = torch.rand(p["T"], k, generator=g) if p["weights"] else None
+    kwargs = dict(activation=p["activation"], gate_up_interleaved=p["interleaved"], swiglu_limit=1.5)
+    if p["bias"]:
+        kwargs.update(gate_up_bias=rand(E, n1), down_bias=rand(E, H))
+    tokens = rand(H, p["T"]).t()  # column-major: a non-contiguous view
+    args = (tokens, src_rows, offs, dst_rows, weights, gate_up, down)
+    act, h = _unfused_act(args, kwargs, num_programs=p["programs"])
+    data, scale, h8 = _fused_act(args, kwargs, recipe, num_programs=p["programs"])
+    want = _quantized_act_reference(act, recipe, offs)
+    assert torch.equal(_bits(data), _bits(want[0])) and torch.equal(_bits(scale), _bits(want[1])), recipe
+    assert torch.equal(h8, h)
+    down_data, down_scale = _fp8_weights(down, recipe)
+    exact, tol = fp8_forward_reference(args, kwargs, recipe, down_data.mT, down_scale)
+    fwd_kw = {n: kwargs[n] for n in ("gate_up_bias", "down_bias") if n in kwargs}
+    out = tex.triton_expert_mlp_fp8(*args[:6], down_data, down_scale, **fwd_kw, activation=p["activation"],
+                                    gate_up_interleaved=p["interleaved"], swiglu_limit=1.5, recipe=recipe,
+                                    num_programs=p["programs"])
+    assert_within(out, exact, tol, f"fp8 {recipe} out")

@@ -26,6 +26,7 @@ ptxas says about the sm_90a build.
 from __future__ import annotations
 
 import operator
+import re
 
 import pytest
 import torch
@@ -506,3 +507,71 @@ def test_autotuner_configs_are_the_compiled_ones():
     assert all(128 % c.kwargs["BLOCK_K"] == 0 and c.kwargs["BLOCK_K"] % 32 == 0
                for c in tf8.CONFIGS_FP8 + tf8.CONFIGS_FP8_2D2D)
     assert all(c.kwargs["BLOCK_K"] == 32 for c in tf8.CONFIGS_MX)
+
+
+# ------------------------------------------------------------------ the blocked mx scale's size on the device
+
+
+def test_device_blocked_scale_bytes_are_the_cpu_checks():
+    """triton/cuda.py's mx_blocked_bytes_needed (tensor arithmetic on offs, no
+    host sync: what the CUDA kernel's device assert compares) gives the bytes
+    the CPU check computes by enumerating every scale element
+    (fp8._blocked_bytes_read), for groups of rows (2D x 3D) and of K
+    (2D x 2D): empty groups, groups of 1 row, 31/32/33 and 127/128/129 rows,
+    partial 4-column blocks, columns past offs[-1], no rows."""
+    from torch_moe_ops.triton import cuda
+
+    import random
+
+    rng = random.Random(0)
+    cases = [(0, 1, 1, [1]), (0, 129, 3, [31, 32, 33, 129]), (0, 300, 5, [0, 127, 128, 128, 300]),
+             (1, 1, 0, [0]), (1, 0, 4, [32, 128]), (1, 129, 5, [0, 32, 33, 160]), (1, 256, 9, [96, 96, 280])]
+    for _ in range(150):
+        dim, groups = rng.randint(0, 1), rng.randint(1, 6)
+        if dim == 0:
+            rows, s = rng.randint(0, 400), rng.randint(0, 9)
+            ends = sorted(rng.randint(0, rows) for _ in range(groups))
+        else:
+            rows, k = rng.randint(0, 300), rng.randint(0, 500)
+            s = -(-k // 32)
+            ends = sorted(rng.choice([rng.randint(0, k // 32) * 32, k]) for _ in range(groups))
+        cases.append((dim, rows, s, ends))
+    for dim, rows, s, ends in cases:
+        want = tf8._blocked_bytes_read(rows, s, ends, dim)
+        got = cuda.mx_blocked_bytes_needed(torch.tensor(ends, dtype=torch.int32), rows, s, dim)
+        assert got.dim() == 0 and int(got) == want, (dim, rows, s, ends, int(got), want)
+
+
+def test_device_assert_of_a_short_blocked_scale():
+    """The CUDA kernel's check (device-side asserts; on CPU tensors
+    torch._assert_async raises at once): a blocked mx scale one byte short of
+    what offs's groups read fails with the CPU check's message (less the
+    count, which only offs's values give), for 2D x 3D's scale_a and 2D x 2D's
+    scale_a and scale_b; the exact size passes."""
+    from torch_moe_ops import _checks
+    from torch_moe_ops.triton import cuda
+
+    offs = torch.tensor([40, 40, 200], dtype=torch.int32)
+    a, b = torch.zeros(200, 64).to(E4M3), torch.zeros(3, 64, 48).to(E4M3)
+    need = tf8._blocked_bytes_read(200, 2, offs.tolist(), 0)
+    sb = torch.zeros(3, 48, 2, dtype=torch.uint8).view(E8M0)
+    for short in (True, False):
+        sa = torch.zeros(need - short, dtype=torch.uint8).view(E8M0).view(-1, 1)
+        if short:
+            with pytest.raises(RuntimeError, match=re.escape(_checks.mx_blocked_scale_message(sa))):
+                cuda.assert_mx_blocked_scales(a, b, sa, sb, offs)
+            with pytest.raises(ValueError, match=re.escape(_checks.mx_blocked_scale_message(sa, need))):
+                tf8._check_offs_values(a, b, sa, sb, offs, tf8.SCALE_MX, "2d3d")
+        else:
+            cuda.assert_mx_blocked_scales(a, b, sa, sb, offs)
+    # 2D x 2D (the weight gradient): both operands' scales blocked per group of K.
+    koffs = torch.tensor([64, 64, 160], dtype=torch.int32)
+    a2, b2 = torch.zeros(130, 160).to(E4M3), torch.zeros(160, 40).to(E4M3)
+    need_a = tf8._blocked_bytes_read(130, 5, koffs.tolist(), 1)
+    need_b = tf8._blocked_bytes_read(40, 5, koffs.tolist(), 1)
+    ok_a = torch.zeros(need_a, 1, dtype=torch.uint8).view(E8M0)
+    ok_b = torch.zeros(need_b, 1, dtype=torch.uint8).view(E8M0)
+    cuda.assert_mx_blocked_scales(a2, b2, ok_a, ok_b, koffs)
+    for sa, sb, short in ((ok_a[:-1], ok_b, ok_a[:-1]), (ok_a, ok_b[:-1], ok_b[:-1])):
+        with pytest.raises(RuntimeError, match=re.escape(_checks.mx_blocked_scale_message(short))):
+            cuda.assert_mx_blocked_scales(a2, b2, sa, sb, koffs)

@@ -433,6 +433,16 @@ def _ceil_div(a, b):
     return (a + b - 1) // b
 
 
+def mx_blocked_scale_message(scale, need=None) -> str:
+    """scaled_grouped_mm's message for an mx scale blocked per group
+    (swizzle_mx_scale's layout) that holds fewer bytes than the groups of offs
+    read. ``need`` comes from offs's values: the CPU check gives it; a
+    device-side check (no host sync) cannot format it and leaves it out."""
+    msg = (f"scaled_grouped_mm: the blocked mx scale of sizes {_dims(scale.shape)} holds {scale.numel()} bytes, "
+           "fewer than the groups of offs need")
+    return msg if need is None else f"{msg} ({need})"
+
+
 def fp8_check_recipe(op: str, recipe: str) -> None:
     torch._check_value(
         recipe in FP8_RECIPES,

@@ -361,6 +361,40 @@ def check_experts(r: Runner, case: dict) -> None:
     worst = max(errs.values())
     r.check(f"expert_mlp fwd+bwd {case['name']}", worst <= bound,
             "norm-wise relative errors " + ", ".join(f"{n} {e:.1e}" for n, e in errs.items()) + f" (bound {bound:.1e})")
+    fp8_forward = _fp8_experts()
+    if fp8_forward is not None:
+        # act and the down weights in e4m3 (3 mantissa bits: 2^-4 relative per element, a few percent
+        # norm-wise for the two together); a misplaced row or block scale errs by the values themselves.
+        fp8_bound = 2.0**-3
+        fp8_errs = {}
+        for recipe in FP8_EXPERT_RECIPES:
+            down, scale = fp8_down_weights(w2, recipe)
+            got8 = fp8_forward(x, src_rows, offs, dst_rows, weights, w1, down, scale, recipe=recipe)
+            fp8_errs[recipe] = rel_error(got8, ref_out)
+        r.check(f"expert_mlp fp8 forward {case['name']}", max(fp8_errs.values()) <= fp8_bound,
+                "norm-wise relative errors " + ", ".join(f"{n} {e:.1e}" for n, e in fp8_errs.items())
+                + f" (bound {fp8_bound:.1e})")
+
+
+# act quantised in the gate/up epilogue for an fp8 down GEMM: the recipe of act (and of the down weights).
+FP8_EXPERT_RECIPES = ("blockwise_1x128", "mx", "rowwise")
+_FP8_WEIGHT_RECIPE = {"blockwise_1x128": "blockwise_128x128", "mx": "mx", "rowwise": "rowwise"}
+
+
+def _fp8_experts():
+    """triton_expert_mlp_fp8, or None in a checkout without it."""
+    from torch_moe_ops.triton import experts
+
+    return getattr(experts, "triton_expert_mlp_fp8", None)
+
+
+def fp8_down_weights(w2, recipe: str):
+    """The down weights (E, I, H) in e4m3 with their scales per output column
+    (blocks along I), as triton_expert_mlp_fp8 takes them."""
+    from torch_moe_ops.triton import triton_quantize_fp8
+
+    data, scale = triton_quantize_fp8(w2.transpose(1, 2), _FP8_WEIGHT_RECIPE[recipe])
+    return data.transpose(1, 2), scale
 
 
 # ------------------------------------------------------------------- timings
@@ -457,6 +491,18 @@ def time_experts(r: Runner, case: dict, sonic) -> None:
                                                     None, hs[i], "swiglu", False, 1.702, 7.0,
                                                     (True, True, True, True)), n, bwd_flops, bwd_bytes)
     del hs
+    fp8_forward = _fp8_experts()
+    if fp8_forward is not None:
+        # The forward with act stored in float8 by the gate/up epilogue and the down GEMM in fp8
+        # (inference): 1 byte per act and down-weight element; rowwise computes the gate/up GEMM twice.
+        fp8_bytes = el * (2 * T * H + 2 * E * H * inter) + R * inter + E * H * inter
+        for recipe in FP8_EXPERT_RECIPES:
+            downs = [fp8_down_weights(ws[i][1], recipe) for i in range(n)]
+            r.time_row(f"expert_mlp forward, fp8 down ({recipe} act)", name, "triton (fused)",
+                       lambda i: fp8_forward(xs[i], src_rows, offs, dst_rows, weights, ws[i][0], *downs[i],
+                                             recipe=recipe), n, fwd_flops, fp8_bytes,
+                       note="gate/up in the tokens' dtype, down GEMM in e4m3; FLOPs as the 16-bit forward")
+            del downs
     leaves = [[xs[i].detach().requires_grad_(), ws[i][0].detach().requires_grad_(),
                ws[i][1].detach().requires_grad_()] for i in range(n)]
     outs = [unfused_experts(lv[0], rows, offs, dst_rows, weights, lv[1], lv[2]) for lv in leaves]

@@ -7,8 +7,11 @@ Triton's interpreter, which is how this GPU-less project tests the kernels'
 indexing, masking and scheduling. ``torch.ops.moe_ops_triton.<op>`` are the same
 functions registered with ``torch.library.triton_op``, so torch.compile sees the
 Triton kernels. ``cuda.py`` makes them the CUDA kernels of ``moe_ops::grouped_mm``,
-``grouped_mm_gather``, ``expert_mlp`` and ``expert_mlp_backward`` (torch.compile
-sees the Triton kernels there too); ``import torch_moe_ops`` registers them.
+``grouped_mm_gather``, ``expert_mlp``, ``expert_mlp_backward`` and
+``scaled_grouped_mm`` (torch.compile sees the Triton kernels there too);
+``import torch_moe_ops`` registers them. ``triton_expert_mlp_fp8``
+(``moe_ops_triton::expert_mlp_fp8``) has no ``moe_ops`` op: the fused experts'
+forward whose gate/up epilogue stores act in float8 for an fp8 down GEMM.
 
 Nothing here needs the compiled extension (``torch_moe_ops._C``): on a machine
 where it is not built, ``torch_moe_ops.triton`` and ``torch_moe_ops.reference``
@@ -25,8 +28,8 @@ import importlib
 # torch._inductor, seconds that `import torch_moe_ops` (which imports cuda.py)
 # should not pay.
 _LAZY = {"triton_expert_mlp": "experts", "triton_expert_mlp_backward": "experts",
-         "triton_grouped_mm": "grouped_mm", "triton_grouped_mm_gather": "grouped_mm",
-         "triton_quantize_fp8": "fp8", "triton_scaled_grouped_mm": "fp8"}
+         "triton_expert_mlp_fp8": "experts", "triton_grouped_mm": "grouped_mm",
+         "triton_grouped_mm_gather": "grouped_mm", "triton_quantize_fp8": "fp8", "triton_scaled_grouped_mm": "fp8"}
 
 __all__ = list(_LAZY)
 

@@ -60,6 +60,8 @@ class Variant:
     # or expert_gate_up, expert_down, expert_dgrad, expert_combine (triton/experts.py),
     # scaled_grouped_mm, quantize_fp8 (triton/fp8.py; make returns (args, kwargs) of their triton_* function)
     kernel: str = "grouped_mm"
+    quant: Optional[str] = None  # expert_gate_up: act stored in float8 by this recipe (triton_expert_mlp_fp8)
+    weighted: bool = False  # expert_combine: rows times their routing weights (triton_expert_mlp_fp8's combine)
 
 
 def _offs(*ends):
@@ -178,6 +180,21 @@ def expert_mlp_variants() -> list:
         Variant("fp32_swiglu_dgrad", torch.float32, "2d3d", sw, kernel="expert_dgrad"),
         Variant("bf16_combine", torch.bfloat16, "", sw, kernel="expert_combine"),
         Variant("fp32_combine", torch.float32, "", sw, kernel="expert_combine"),
+        # The gate/up GEMM storing act in float8 for the fp8 down GEMM (triton_expert_mlp_fp8).
+        Variant("bf16_swiglu_fp8_1x128", torch.bfloat16, "2d3d", sw, kernel="expert_gate_up",
+                quant="blockwise_1x128"),
+        Variant("bf16_swiglu_fp8_1x128_tma", torch.bfloat16, "2d3d", sw_tma, kernel="expert_gate_up", tma=True,
+                quant="blockwise_1x128"),
+        Variant("bf16_swiglu_clamped_interleaved_bias_fp8_1x128", torch.bfloat16, "2d3d", clamped,
+                kernel="expert_gate_up", quant="blockwise_1x128"),
+        Variant("bf16_swiglu_fp8_mx_tma", torch.bfloat16, "2d3d", sw_tma, kernel="expert_gate_up", tma=True,
+                quant="mx"),
+        Variant("bf16_gelu_fp8_mx", torch.bfloat16, "2d3d", _experts("gelu"), kernel="expert_gate_up", quant="mx"),
+        Variant("bf16_swiglu_fp8_rowwise_tma", torch.bfloat16, "2d3d", sw_tma, kernel="expert_gate_up", tma=True,
+                quant="rowwise"),
+        Variant("fp32_swiglu_fp8_1x128", torch.float32, "2d3d", sw, kernel="expert_gate_up",
+                quant="blockwise_1x128"),
+        Variant("bf16_combine_weighted", torch.bfloat16, "", sw, kernel="expert_combine", weighted=True),
         Variant("fp64_swiglu", torch.float64, "2d3d", sw, kernel="expert_gate_up"),
         Variant("fp64_down", torch.float64, "2d3d", sw, kernel="expert_down"),
         Variant("fp64_swiglu_dgrad", torch.float64, "2d3d", sw, kernel="expert_dgrad"),
@@ -327,7 +344,8 @@ def configs_for_variant(variant: Variant) -> list:
         return [f8.QUANT_CONFIGS[variant.make(variant.dtype)[0][1]]]
     if variant.kernel == "expert_combine":
         return [ex.COMBINE_CONFIG]
-    return ex.configs_for(variant.dtype, {"expert_gate_up": 0, "expert_down": 1, "expert_dgrad": 2}[variant.kernel])
+    return ex.configs_for(variant.dtype, {"expert_gate_up": 0, "expert_down": 1, "expert_dgrad": 2}[variant.kernel],
+                          ex.QUANT_RECIPES[variant.quant] if variant.quant else 0)
 
 
 def kernel_name(variant: Variant) -> str:
@@ -376,9 +394,20 @@ def _expert_source(variant: Variant, config: triton.Config):
     tokens, src_rows, offs, dst_rows, weights, gate_up, down = args
     out, h, act, slot_rows = ex._allocate(tokens, src_rows, dst_rows, gate_up, down)
     if variant.kernel == "expert_combine":
+        if variant.weighted:  # triton_expert_mlp_fp8's: the down GEMM's fp32 rows by dst_rows, times the weights
+            return _bind(ex.combine_kernel, ex.combine_args(torch.zeros(src_rows.shape[0], tokens.shape[1]), dst_rows,
+                                                            out, by_dst=True, weights=weights), config)
         return _bind(ex.combine_kernel, ex.combine_args(slot_rows, dst_rows, out), config)
     kw = {**dict(gate_up_bias=None, down_bias=None, gate_up_interleaved=False, swiglu_alpha=1.702, swiglu_limit=7.0),
           **kwargs}
+    if variant.quant:
+        bound = ex._gate_up_fp8(tokens, src_rows, offs, dst_rows, gate_up, down.shape[1], kw["gate_up_bias"],
+                                kw["activation"], kw["gate_up_interleaved"], kw["swiglu_alpha"], kw["swiglu_limit"],
+                                variant.quant, torch.float8_e4m3fn, False, "args", None, variant.tma, None)
+        assert bool(bound["B_DESC"]) == variant.tma, variant
+        bound["INPUT_PRECISION"] = "tf32" if variant.allow_tf32 else "ieee"
+        bound["num_programs"] = NUM_SMS_H100
+        return _bind(ex.expert_gemm_kernel, bound, config)
     stage = {"expert_gate_up": 0, "expert_down": 1, "expert_dgrad": 2}[variant.kernel]
     dw = torch.zeros(src_rows.shape[0], 2, dtype=ex._acc(variant.dtype))
     bound = ex.stage_args(stage, tokens, src_rows, offs, dst_rows, weights, gate_up, down, kw["gate_up_bias"],

@@ -167,6 +167,60 @@ def check_scaled_grouped_mm(mat_a, mat_b, scale_a, scale_b, offs=None, bias=None
         torch._assert_async((o.remainder(32).eq(0) | o.eq(extent)).all(),
                             "scaled_grouped_mm: with mx scales every group of K must hold whole 32-element blocks: "
                             f"offs must be multiples of 32 or K={extent}")
+    if scale_a.dtype == torch.float8_e8m0fnu:
+        assert_mx_blocked_scales(mat_a, mat_b, scale_a, scale_b, offs)
+
+
+def mx_blocked_bytes_needed(offs: torch.Tensor, rows: int, s: int, dim: int) -> torch.Tensor:
+    """1 + the last byte the scaled GEMM reads of an mx scale blocked per group
+    (swizzle_mx_scale's layout, fp8.py's _blocked_bytes_read) as a 0-dim int64
+    tensor on offs's device, computed from offs without a host sync. dim 0:
+    groups of the ``rows`` rows of a 2D x 3D A, each with the ``s`` columns of
+    K's 32-blocks; dim 1: groups of K's 32-blocks (2D x 2D), each over every
+    row. The swizzled offset of (r, c) is a sum of a row term and an increasing
+    column term, so a group's largest offset is its largest row term (in its
+    last 128-row block) plus the term of its last column."""
+    o = offs.long()
+    starts = torch.cat([o.new_zeros(1), o[:-1]])
+
+    def row_term(r, block_stride):  # the largest row term over rows [0, r), r >= 1
+        q = (r - 1) % 128  # the last 128-block's rows 0..q; 16 * (x % 32) + 4 * ((x % 128) // 32) peaks at x % 32 = 31
+        inner = torch.where(q >= 31, 496 + 4 * torch.div(q - 31, 32, rounding_mode="floor"), 16 * q)
+        return torch.div(r - 1, 128, rounding_mode="floor") * block_stride + inner
+
+    def col_term(c):  # ((c - 1) // 4) * 512 + (c - 1) % 4, c >= 1
+        return torch.div(c - 1, 4, rounding_mode="floor") * 512 + (c - 1) % 4
+
+    if dim == 0:
+        sp = -(-s // 4) * 4
+        r = o - starts
+        held = (r > 0) & (s > 0)
+        step = torch.div(r + 127, 128, rounding_mode="floor") * 128 * sp
+        last = row_term(r.clamp(min=1), (sp // 4) * 512) + col_term(o.new_full(r.shape, max(s, 1)))
+    else:
+        c0 = torch.div(starts, 32, rounding_mode="floor")
+        c = torch.div(o + 31, 32, rounding_mode="floor") - c0
+        sp = torch.div(c + 3, 4, rounding_mode="floor") * 4
+        held = (c > 0) & (rows > 0)
+        step = -(-rows // 128) * 128 * sp
+        last = row_term(o.new_full(c.shape, max(rows, 1)), torch.div(sp, 4, rounding_mode="floor") * 512) + col_term(
+            c.clamp(min=1))
+    base = torch.cumsum(step, 0) - step
+    return torch.where(held, base + last + 1, 0).max() if o.numel() else o.new_zeros(())
+
+
+def assert_mx_blocked_scales(mat_a, mat_b, scale_a, scale_b, offs) -> None:
+    """The CPU check that a blocked mx scale holds enough bytes for its operand
+    (fp8.py's _check_offs_values, same message less the count, which only offs's
+    values give), as device-side asserts: 2D x 3D's scale_a, 2D x 2D's both."""
+    layout = _checks.grouped_mm_layout(mat_a, mat_b)
+    if offs is None or offs.numel() == 0 or layout not in ("2d3d", "2d2d"):
+        return
+    s = -(-mat_a.shape[-1] // 32)
+    blocked = [(scale_a, mat_a.shape[0])] + ([(scale_b, mat_b.shape[1])] if layout == "2d2d" else [])
+    for scale, rows in blocked:
+        need = mx_blocked_bytes_needed(offs, rows, s, 0 if layout == "2d3d" else 1)
+        torch._assert_async(need.le(scale.numel()), _checks.mx_blocked_scale_message(scale))
 
 
 def _check_routing(tokens, src_rows, offs, dst_rows) -> None:

@@ -30,6 +30,9 @@ expert's gate/up output kept in float8 for its backward: a tile holds whole
 blocks of a row (N is not split by offs), so the amax needs no other tile, and
 the bits are those of ``quantize_fp8`` on the float32 output. Rowwise and
 tensorwise output scales would need the whole row: not fusable in one pass.
+The same block quantiser (``_quantize_row_blocks``) serves the fused experts'
+gate/up epilogue (``experts.triton_expert_mlp_fp8``), whose act feeds this
+kernel's fp8 down GEMM.
 
 Accumulation: on sm_90 Triton lets an fp8 ``tl.dot`` accumulate the whole K in
 the tensor core's accumulator (``max_num_imprecise_acc`` defaults to 2^30),
@@ -56,17 +59,18 @@ recipe a single program serialises), columns in BLOCK_C chunks over the
 block's columns, twice (amax, then quantise; the second read mostly hits L2).
 
 On CPU tensors both run in Triton's interpreter (``InterpretedFunction``, as
-``grouped_mm.py``); the kernels call Triton's ``tl.max`` and helpers of their
-own, which the interpreter runs when ``JITFunction.__call__`` is routed to it
-for the launch (``_interpreting``). ``torch.ops.moe_ops_triton.scaled_grouped_mm``
+``grouped_mm.py``); the kernels call Triton's ``tl.max``, grouped_mm.py's
+shared schedule helpers and helpers of their own, which the interpreter runs
+when ``JITFunction.__call__`` is routed to it for the launch
+(``grouped_mm._interpreting``). ``torch.ops.moe_ops_triton.scaled_grouped_mm``
 and ``quantize_fp8`` are the same functions as ``triton_op``s, with the
 signatures of ``torch.ops.moe_ops.scaled_grouped_mm`` and ``quantize_fp8``.
 
 Checks: the ops' own (``_checks``, same messages); the values of ``offs``
 (ordering, MX's 32-element groups of K, the blocked scales' size) only on CPU
 tensors, with the CPU kernels' messages: on CUDA nothing is read back (no host
-sync; ``moe_ops.scaled_grouped_mm``'s CUDA entry has a device assert for MX
-2D x 2D that this launcher lacks).
+sync; ``triton/cuda.py``'s checks of the op's CUDA kernel assert them on the
+device: offs, MX's 32-element groups of K and the blocked scales' size).
 
 What only a GPU can verify: the numerics of QGMMA's imprecise accumulation
 within a K step, the autotuner's choice, TMA zero fill, races, timing.
@@ -74,7 +78,6 @@ within a K step, the autotuner's choice, TMA zero fill, races, timing.
 
 from __future__ import annotations
 
-import contextlib
 import functools
 from typing import Optional
 
@@ -95,26 +98,7 @@ _FP8 = {  # mantissa bits, exponent bias, fp32 bits of the smallest normal, deno
 }
 
 
-@contextlib.contextmanager
-def _interpreting():
-    """Route calls of @triton.jit functions (Triton's ``tl.max``, our helpers)
-    to the interpreter while an interpreted kernel runs. Without
-    TRITON_INTERPRET=1 they are JITFunctions, which refuse a call from Python."""
-    from triton.runtime.interpreter import InterpretedFunction
-    from triton.runtime.jit import JITFunction
-
-    saved = JITFunction.__call__
-    JITFunction.__call__ = lambda self, *args, **kwargs: _interpreted_helper(self.fn, InterpretedFunction)(*args,
-                                                                                                          **kwargs)
-    try:
-        yield
-    finally:
-        JITFunction.__call__ = saved
-
-
-@functools.lru_cache(maxsize=None)
-def _interpreted_helper(fn, interpreted_function):
-    return interpreted_function(fn)  # made once: its constructor reads and parses the source
+_interpreting = gm._interpreting
 
 
 @triton.jit
@@ -167,30 +151,8 @@ def scaled_grouped_mm_kernel(
     pid = tl.program_id(0)
     SCALE_K: tl.constexpr = 128 if SCALE == 1 else 32  # K extent of a scale block (blockwise, mx)
     tl.static_assert(SCALE == 0 or SCALE_K % BLOCK_K == 0, "a K step must lie within one scale block")
-    if B_DESC == 1:
-        b_desc = tl.make_tensor_descriptor(b_ptr, shape=[G, K, N], strides=[stride_bg, stride_bk, 1],
-                                           block_shape=[1, BLOCK_K, BLOCK_N])
-    elif B_DESC == 2:
-        b_desc = tl.make_tensor_descriptor(b_ptr, shape=[G, N, K], strides=[stride_bg, stride_bn, 1],
-                                           block_shape=[1, BLOCK_N, BLOCK_K])
-    if LAYOUT == 0:
-        FIXED = (N + BLOCK_N - 1) // BLOCK_N
-        SPLIT_TOTAL = M
-    elif LAYOUT == 1:
-        FIXED = (M + BLOCK_M - 1) // BLOCK_M
-        SPLIT_TOTAL = N
-    else:
-        FIXED = ((M + BLOCK_M - 1) // BLOCK_M) * ((N + BLOCK_N - 1) // BLOCK_N)
-        SPLIT_TOTAL = 0
-    SPLIT_BLOCK: tl.constexpr = BLOCK_M if LAYOUT == 0 else BLOCK_N
-    if LAYOUT == 0 or LAYOUT == 1:
-        total = 0
-        for g in range(0, G + 1):
-            lo = tl.load(offs_ptr + g - 1, mask=g > 0, other=0)
-            hi = tl.load(offs_ptr + g, mask=g < G, other=SPLIT_TOTAL)
-            total += (hi - lo + SPLIT_BLOCK - 1) // SPLIT_BLOCK * FIXED
-    else:
-        total = G * FIXED
+    b_desc = gm._b_descriptor(b_ptr, G, K, N, stride_bg, stride_bk, stride_bn, B_DESC, BLOCK_K, BLOCK_N)
+    total = gm._tile_count(offs_ptr, G, M, N, LAYOUT, BLOCK_M, BLOCK_N)
     # MX: padded width of the scale grids (ceil(K/32) rounded up to 4 columns).
     SP = ((K + 31) // 32 + 3) // 4 * 4
     g = -1
@@ -198,47 +160,12 @@ def scaled_grouped_mm_kernel(
     hi = 0
     seen = 0
     group_tiles = 0
-    sa_group = 0  # 2D x 3D mx: byte offset of group g in A's scale blocked per group of rows
+    pad = 0  # 2D x 3D: rows of the groups before g, each rounded up to 128 (mx: A's scale blocked per group)
     for tile in range(pid, total, num_programs):
-        if LAYOUT == 0 or LAYOUT == 1:
-            while tile >= seen + group_tiles:
-                seen += group_tiles
-                sa_group += (hi - lo + 127) // 128 * 128 * SP  # the previous group's blocks
-                g += 1
-                lo = tl.load(offs_ptr + g - 1, mask=g > 0, other=0)
-                hi = tl.load(offs_ptr + g, mask=g < G, other=SPLIT_TOTAL)
-                group_tiles = (hi - lo + SPLIT_BLOCK - 1) // SPLIT_BLOCK * FIXED
-        else:
-            g = tile // FIXED
-            seen = g * FIXED
-            if LAYOUT == 2:
-                lo = tl.load(offs_ptr + g - 1, mask=g > 0, other=0)
-                hi = tl.load(offs_ptr + g)
-        m_lo = 0
-        m_hi = M
-        n_lo = 0
-        n_hi = N
-        k_lo = 0
-        k_hi = K
-        if LAYOUT == 0:
-            m_lo = lo
-            m_hi = hi
-            k_hi = tl.where(g < G, K, 0)
-        elif LAYOUT == 1:
-            n_lo = lo
-            n_hi = hi
-            k_hi = tl.where(g < G, K, 0)
-        elif LAYOUT == 2:
-            k_lo = lo
-            k_hi = hi
-        num_m = (m_hi - m_lo + BLOCK_M - 1) // BLOCK_M
-        local = tile - seen
-        tm = local % num_m
-        tn = local // num_m
-        offs_m = m_lo + tm * BLOCK_M + tl.arange(0, BLOCK_M)
-        offs_n = n_lo + tn * BLOCK_N + tl.arange(0, BLOCK_N)
-        mask_m = offs_m < m_hi
-        mask_n = offs_n < n_hi
+        g, lo, hi, seen, group_tiles, pad = gm._advance(tile, g, lo, hi, seen, group_tiles, pad, offs_ptr, G, M, N,
+                                                        LAYOUT, BLOCK_M, BLOCK_N)
+        offs_m, offs_n, mask_m, mask_n, m_lo, n0, n_hi, k_lo, k_hi, tn = gm._tile_ranges(
+            tile, g, lo, hi, seen, G, M, N, K, LAYOUT, BLOCK_M, BLOCK_N)
         g64 = tl.cast(g, tl.int64)
         offs_k = tl.arange(0, BLOCK_K)
         # K steps start on a BLOCK_K multiple (2D x 2D: below the group's first
@@ -265,7 +192,7 @@ def scaled_grouped_mm_kernel(
             sa_base = sa_ptr + k_group.to(tl.int64) * ((M + 127) // 128 * 128)
             sb_base = sb_ptr + k_group.to(tl.int64) * ((N + 127) // 128 * 128)
         elif SCALE == 2 and LAYOUT == 0 and SA_LAYOUT == 2:
-            sa_base = sa_ptr + sa_group
+            sa_base = sa_ptr + pad * SP  # group g's byte offset in A's scale blocked per group of rows
             sb_base = sb_ptr + g64 * stride_sbg
             sa_rows = (offs_m - m_lo).to(tl.int64)  # row within the group's blocks
         else:
@@ -275,12 +202,7 @@ def scaled_grouped_mm_kernel(
         for k in range(k_first, k_hi, BLOCK_K):
             k_ok = ((k + offs_k) < k_hi) & ((k + offs_k) >= k_lo)
             a = tl.load(a_ptrs, mask=mask_m[:, None] & k_ok[None, :], other=0.0)
-            if B_DESC == 1:
-                b = b_desc.load([g, k, n_lo + tn * BLOCK_N]).reshape(BLOCK_K, BLOCK_N)
-            elif B_DESC == 2:
-                b = tl.trans(b_desc.load([g, n_lo + tn * BLOCK_N, k]).reshape(BLOCK_N, BLOCK_K))
-            else:
-                b = tl.load(b_ptrs, mask=k_ok[:, None] & mask_n[None, :], other=0.0)
+            b = gm._load_b(b_desc, b_ptrs, k_ok[:, None] & mask_n[None, :], g, k, n0, B_DESC, BLOCK_K, BLOCK_N)
             # A fresh accumulator per K step, promoted into fp32 (see the module's docstring).
             part = tl.dot(a, b)
             if SCALE == 0:
@@ -328,24 +250,8 @@ def scaled_grouped_mm_kernel(
             # the float32 result: a tile holds whole 1 x QUANT_OUT blocks (N is not
             # split by offs in 2D x 3D and 3D x 3D), so amax needs no other tile.
             NB: tl.constexpr = BLOCK_N // QUANT_OUT
-            v = tl.reshape(tl.where(mask_n[None, :], acc, 0.0), (BLOCK_M, NB, QUANT_OUT))
-            amax = tl.max(tl.abs(v), axis=2)
-            nan = tl.max((v != v).to(tl.int32), axis=2)
-            amax = tl.where(nan > 0, float("nan"), amax)
-            if Q_MX:
-                finite = amax <= 3.4028234663852886e38
-                e = ((amax.to(tl.int32, bitcast=True) >> 23) & 0xFF) - 127 - EMAX
-                e = tl.minimum(tl.maximum(e, -127), 127)
-                q = tl.where(finite, ((127 - e) << 23).to(tl.float32, bitcast=True), float("nan"))
-                stored = tl.where(finite, e + 127, 255).to(tl.uint8)
-            else:
-                q = tl.math.div_rn(tl.zeros((BLOCK_M, NB), dtype=tl.float32) + FP8_MAX,
-                                   tl.where(amax < 1e-12, 1e-12, amax))
-                stored = tl.math.div_rn(tl.zeros((BLOCK_M, NB), dtype=tl.float32) + 1.0, q)
-            y = v * q[:, :, None]
-            y = tl.where(y < -FP8_MAX, -FP8_MAX, y)
-            y = tl.where(y > FP8_MAX, FP8_MAX, y)
-            bits = tl.reshape(_fp8_bits(y, MANT, BIAS, MIN_NORMAL, MAGIC), (BLOCK_M, BLOCK_N))
+            bits, stored = _quantize_row_blocks(acc, mask_n, QUANT_OUT, Q_MX, MANT, BIAS, MIN_NORMAL, MAGIC, FP8_MAX,
+                                                EMAX, BLOCK_M, BLOCK_N)
             tl.store(out_ptrs, bits, mask=mask_m[:, None] & mask_n[None, :])
             blocks = tn * NB + tl.arange(0, NB)
             qs_ptrs = (qs_ptr + g64 * stride_qsg + offs_m[:, None].to(tl.int64) * stride_qsm
@@ -431,8 +337,7 @@ def _check_offs_values(mat_a, mat_b, scale_a, scale_b, offs, recipe: int, layout
         for scale, rows in blocked:
             need = _blocked_bytes_read(rows, s, ends, 0 if layout == "2d3d" else 1)
             if scale.numel() < need:
-                raise ValueError(f"scaled_grouped_mm: the blocked mx scale of sizes {_checks._dims(scale.shape)} "
-                                 f"holds {scale.numel()} bytes, fewer than the groups of offs need ({need})")
+                raise ValueError(_checks.mx_blocked_scale_message(scale, need))
 
 
 def _blocked_bytes_read(rows: int, s: int, ends: list, dim: int) -> int:
@@ -667,6 +572,52 @@ def _fp8_bits(v, MANT: tl.constexpr, BIAS: tl.constexpr, MIN_NORMAL: tl.constexp
     return tl.where(a > 0x7F800000, 0x7F, r).to(tl.uint8)
 
 
+@triton.jit
+def _fp8_block_scale(amax, MX: tl.constexpr, FP8_MAX: tl.constexpr, EMAX: tl.constexpr):
+    """(multiplier q, stored dequantisation scale) of blocks whose absolute
+    maximum is amax (NaN for a block holding a NaN): MX's power of two from
+    amax's exponent field (e8m0 bits; NaN/inf: 255), else fp8_max / max(amax,
+    1e-12) and its inverse with correctly rounded divisions."""
+    if MX:
+        finite = amax <= 3.4028234663852886e38  # false for NaN and inf
+        e = ((amax.to(tl.int32, bitcast=True) >> 23) & 0xFF) - 127 - EMAX
+        e = tl.minimum(tl.maximum(e, -127), 127)
+        q = tl.where(finite, ((127 - e) << 23).to(tl.float32, bitcast=True), float("nan"))
+        stored = tl.where(finite, e + 127, 255).to(tl.uint8)
+    else:
+        a = tl.where(amax < 1e-12, 1e-12, amax)  # NaN stays NaN
+        q = tl.math.div_rn(tl.zeros_like(a) + FP8_MAX, a)
+        stored = tl.math.div_rn(tl.zeros_like(a) + 1.0, q)
+    return q, stored
+
+
+@triton.jit
+def _fp8_saturated_bits(y, FP8_MAX: tl.constexpr, MANT: tl.constexpr, BIAS: tl.constexpr,
+                        MIN_NORMAL: tl.constexpr, MAGIC: tl.constexpr):
+    """x * q clamped to the format's range (NaN passes: comparisons are false) and encoded."""
+    y = tl.where(y < -FP8_MAX, -FP8_MAX, y)
+    y = tl.where(y > FP8_MAX, FP8_MAX, y)
+    return _fp8_bits(y, MANT, BIAS, MIN_NORMAL, MAGIC)
+
+
+@triton.jit
+def _quantize_row_blocks(x, keep, QB: tl.constexpr, MX: tl.constexpr, MANT: tl.constexpr, BIAS: tl.constexpr,
+                         MIN_NORMAL: tl.constexpr, MAGIC: tl.constexpr, FP8_MAX: tl.constexpr, EMAX: tl.constexpr,
+                         BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+    """A (BLOCK_M, BLOCK_N) fp32 tile quantised in 1 x QB blocks of its rows, as
+    quantize_fp8 quantises them (the columns where ``keep`` is false are not
+    part of any block: the partial last block): (float8 bits (BLOCK_M,
+    BLOCK_N), stored scales (BLOCK_M, BLOCK_N // QB))."""
+    NB: tl.constexpr = BLOCK_N // QB
+    v = tl.reshape(tl.where(keep[None, :], x, 0.0), (BLOCK_M, NB, QB))
+    amax = tl.max(tl.abs(v), axis=2)
+    nan = tl.max((v != v).to(tl.int32), axis=2)  # Triton's max drops NaN
+    amax = tl.where(nan > 0, float("nan"), amax)
+    q, stored = _fp8_block_scale(amax, MX, FP8_MAX, EMAX)
+    bits = _fp8_saturated_bits(v * q[:, :, None], FP8_MAX, MANT, BIAS, MIN_NORMAL, MAGIC)
+    return tl.reshape(bits, (BLOCK_M, BLOCK_N)), stored
+
+
 @triton.jit(do_not_specialize=["R", "C", "G"])
 def quantize_fp8_kernel(
     x_ptr, data_ptr, scale_ptr, offs_ptr,
@@ -727,16 +678,7 @@ def quantize_fp8_kernel(
         nan = tl.zeros((BLOCK_R,), dtype=tl.int32) + tl.max(nan, axis=0)
     amax = tl.where(nan > 0, float("nan"), amax)
     # Multiplier q and the stored (dequantisation) scale.
-    if MX:
-        finite = amax <= 3.4028234663852886e38  # false for NaN and inf
-        e = ((amax.to(tl.int32, bitcast=True) >> 23) & 0xFF) - 127 - EMAX
-        e = tl.minimum(tl.maximum(e, -127), 127)
-        q = tl.where(finite, ((127 - e) << 23).to(tl.float32, bitcast=True), float("nan"))
-        stored = tl.where(finite, e + 127, 255).to(tl.uint8)
-    else:
-        a = tl.where(amax < 1e-12, 1e-12, amax)  # NaN stays NaN
-        q = tl.math.div_rn(tl.full((BLOCK_R,), FP8_MAX, tl.float32), a)
-        stored = tl.math.div_rn(tl.full((BLOCK_R,), 1.0, tl.float32), q)
+    q, stored = _fp8_block_scale(amax, MX, FP8_MAX, EMAX)
     rows = r_lo + tl.arange(0, BLOCK_R)
     if ROW_SPAN == 1:
         if SWIZZLE:
@@ -757,10 +699,7 @@ def quantize_fp8_kernel(
             m = r_ok[:, None] & (cols < c_hi)[None, :]
             v = tl.load(x_base + rows[:, None].to(tl.int64) * stride_xr + cols[None, :].to(tl.int64) * stride_xc,
                         mask=m, other=0.0).to(tl.float32)
-            y = v * q[:, None]
-            y = tl.where(y < -FP8_MAX, -FP8_MAX, y)  # comparisons are false for NaN, which passes
-            y = tl.where(y > FP8_MAX, FP8_MAX, y)
-            bits = _fp8_bits(y, MANT, BIAS, MIN_NORMAL, MAGIC)
+            bits = _fp8_saturated_bits(v * q[:, None], FP8_MAX, MANT, BIAS, MIN_NORMAL, MAGIC)
             bits = tl.where(covered, bits, 0).to(tl.uint8)
             tl.store(d_base + rows[:, None].to(tl.int64) * stride_dr + cols[None, :], bits, mask=m)
 

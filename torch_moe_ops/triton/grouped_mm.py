@@ -27,6 +27,11 @@ masked anyway) and the gather needs per-row addresses (Hopper has no TMA
 gather). Stores are pointer stores (a TMA store would overwrite the next
 group's rows).
 
+The schedule and B's load setup are @triton.jit helpers shared with the
+fused experts' and the fp8 GEMM kernels (``_tile_count``, ``_advance``,
+``_tile_ranges``, ``_b_descriptor``, ``_load_b``); interpreted launches route
+their calls to the interpreter (``_interpreting``).
+
 Accumulation is fp32 (``tl.dot``: wgmma on sm_90 for fp16/bf16). fp32 inputs
 use the exact (``ieee``) product unless ``allow_tf32=True``. fp64 inputs (the
 ops take them: gradcheck) accumulate in fp64, DMMA or FMA as Triton lowers them;
@@ -35,6 +40,7 @@ no speed is claimed for them.
 
 from __future__ import annotations
 
+import contextlib
 import functools
 from typing import Optional
 
@@ -48,6 +54,131 @@ from .. import _checks
 LAYOUT_2D3D, LAYOUT_3D2D, LAYOUT_2D2D, LAYOUT_3D3D = 0, 1, 2, 3
 _LAYOUTS = {"2d3d": LAYOUT_2D3D, "3d2d": LAYOUT_3D2D, "2d2d": LAYOUT_2D2D, "3d3d": LAYOUT_3D3D}
 
+
+
+# ------------------------------------------------------------- shared @triton.jit helpers
+# The persistent tile schedule and the weights' load setup of every GEMM kernel
+# here (grouped_mm_kernel; experts.expert_gemm_kernel; fp8.scaled_grouped_mm_kernel).
+# In Triton's interpreter (CPU tensors) they are JITFunctions called from an
+# interpreted kernel: the launchers route those calls to the interpreter
+# (``_interpreting``).
+
+
+@triton.jit
+def _split_extents(M, N, LAYOUT: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+    """(tiles per group of the dims offs does not split, extent of the split dim)."""
+    if LAYOUT == 0:
+        return (N + BLOCK_N - 1) // BLOCK_N, M
+    elif LAYOUT == 1:
+        return (M + BLOCK_M - 1) // BLOCK_M, N
+    else:
+        return ((M + BLOCK_M - 1) // BLOCK_M) * ((N + BLOCK_N - 1) // BLOCK_N), 0
+
+
+@triton.jit
+def _tile_count(offs_ptr, G, M, N, LAYOUT: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+    """The number of tiles, from offs on the device (no host sync). 2D x 3D and
+    3D x 2D have one more group, g = G: the rows/columns past offs[-1] (zeros)."""
+    fixed, split_total = _split_extents(M, N, LAYOUT, BLOCK_M, BLOCK_N)
+    SPLIT_BLOCK: tl.constexpr = BLOCK_M if LAYOUT == 0 else BLOCK_N
+    if LAYOUT == 0 or LAYOUT == 1:
+        total = 0
+        for g in range(0, G + 1):
+            lo = tl.load(offs_ptr + g - 1, mask=g > 0, other=0)
+            hi = tl.load(offs_ptr + g, mask=g < G, other=split_total)
+            total += (hi - lo + SPLIT_BLOCK - 1) // SPLIT_BLOCK * fixed
+    else:
+        total = G * fixed
+    return total
+
+
+@triton.jit
+def _advance(tile, g, lo, hi, seen, group_tiles, pad, offs_ptr, G, M, N,
+             LAYOUT: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+    """The group cursor moved to the group of ``tile``: (g, its range lo:hi of the
+    split dim, the tiles before it, its tiles, pad). Tiles come in increasing
+    order, so the cursor only moves forward (a while loop in a for loop: Triton
+    pipelines the K loop (num_stages) only inside scf.for). ``pad``: the rows of
+    the groups before g, each rounded up to 128 (2D x 3D: where a scale blocked
+    per group of rows puts group g)."""
+    fixed, split_total = _split_extents(M, N, LAYOUT, BLOCK_M, BLOCK_N)
+    SPLIT_BLOCK: tl.constexpr = BLOCK_M if LAYOUT == 0 else BLOCK_N
+    if LAYOUT == 0 or LAYOUT == 1:
+        while tile >= seen + group_tiles:
+            seen += group_tiles
+            pad += (hi - lo + 127) // 128 * 128
+            g += 1
+            lo = tl.load(offs_ptr + g - 1, mask=g > 0, other=0)
+            hi = tl.load(offs_ptr + g, mask=g < G, other=split_total)
+            group_tiles = (hi - lo + SPLIT_BLOCK - 1) // SPLIT_BLOCK * fixed
+    else:
+        g = tile // fixed
+        seen = g * fixed
+        if LAYOUT == 2:
+            lo = tl.load(offs_ptr + g - 1, mask=g > 0, other=0)
+            hi = tl.load(offs_ptr + g)
+    return g, lo, hi, seen, group_tiles, pad
+
+
+@triton.jit
+def _tile_ranges(tile, g, lo, hi, seen, G, M, N, K,
+                 LAYOUT: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+    """Rows, columns and K range of ``tile`` of group g (M-fastest within a group:
+    programs running together share B's n-block): (offs_m, offs_n, mask_m,
+    mask_n, m_lo, n0 (the tile's first column), n_hi, k_lo, k_hi, tn)."""
+    m_lo = 0
+    m_hi = M
+    n_lo = 0
+    n_hi = N
+    k_lo = 0
+    k_hi = K
+    if LAYOUT == 0:  # 2D x 3D: offs splits M; group G (rows past offs[-1]) has no K
+        m_lo = lo
+        m_hi = hi
+        k_hi = tl.where(g < G, K, 0)
+    elif LAYOUT == 1:  # 3D x 2D: offs splits N
+        n_lo = lo
+        n_hi = hi
+        k_hi = tl.where(g < G, K, 0)
+    elif LAYOUT == 2:  # 2D x 2D: offs splits K
+        k_lo = lo
+        k_hi = hi
+    num_m = (m_hi - m_lo + BLOCK_M - 1) // BLOCK_M
+    local = tile - seen
+    tm = local % num_m
+    tn = local // num_m
+    offs_m = m_lo + tm * BLOCK_M + tl.arange(0, BLOCK_M)
+    n0 = n_lo + tn * BLOCK_N
+    offs_n = n0 + tl.arange(0, BLOCK_N)
+    return offs_m, offs_n, offs_m < m_hi, offs_n < n_hi, m_lo, n0, n_hi, k_lo, k_hi, tn
+
+
+@triton.jit
+def _b_descriptor(b_ptr, G, K, NB, stride_bg, stride_bk, stride_bn,
+                  B_DESC: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_N: tl.constexpr):
+    """B_DESC 1 / 2: a device-side TMA descriptor over the 3-D weights stored
+    (G, K, NB) / (G, NB, K), whose per-group bounds zero-fill past K and NB;
+    0: b_ptr itself (pointer loads)."""
+    if B_DESC == 1:
+        return tl.make_tensor_descriptor(b_ptr, shape=[G, K, NB], strides=[stride_bg, stride_bk, 1],
+                                         block_shape=[1, BLOCK_K, BLOCK_N])
+    elif B_DESC == 2:
+        return tl.make_tensor_descriptor(b_ptr, shape=[G, NB, K], strides=[stride_bg, stride_bn, 1],
+                                         block_shape=[1, BLOCK_N, BLOCK_K])
+    else:
+        return b_ptr
+
+
+@triton.jit
+def _load_b(b_desc, b_ptrs, mask, g, k, n0, B_DESC: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_N: tl.constexpr):
+    """B's (BLOCK_K, BLOCK_N) tile at K offset k and column n0: through the
+    descriptor (B_DESC 1 / 2) or the pointers with mask (0)."""
+    if B_DESC == 1:
+        return b_desc.load([g, k, n0]).reshape(BLOCK_K, BLOCK_N)
+    elif B_DESC == 2:
+        return tl.trans(b_desc.load([g, n0, k]).reshape(BLOCK_N, BLOCK_K))
+    else:
+        return tl.load(b_ptrs, mask=mask, other=0.0)
 
 
 # M (tokens), G and the grid change from call to call: not specialised on (a
@@ -72,91 +203,25 @@ def grouped_mm_kernel(
     BLOCK_K: tl.constexpr,
 ):
     # M, N: extents of the output's last two dims (N of 3D x 2D spans every group);
-    # K: the contraction extent (2D x 2D: all groups' K). One function calling no @triton.jit
-    # helper (tl.cdiv is one): tests run it in Triton's interpreter through
-    # InterpretedFunction(fn) without TRITON_INTERPRET=1, and a helper would still be compiled.
+    # K: the contraction extent (2D x 2D: all groups' K). Schedule and B's
+    # descriptor by the shared helpers above.
     pid = tl.program_id(0)
     # The accumulator: fp32, fp64 for fp64 inputs.
     ACC: tl.constexpr = tl.float64 if a_ptr.dtype.element_ty == tl.float64 else tl.float32
-    # B_DESC (2D x 3D, 3D x 3D; K not split): B read by TMA through a device-side
-    # descriptor over the (G, K, N) (1) or (G, N, K) (2) storage, whose bounds
-    # are per group (zero fill past K and N); 0: pointer loads.
-    if B_DESC == 1:
-        b_desc = tl.make_tensor_descriptor(b_ptr, shape=[G, K, N], strides=[stride_bg, stride_bk, 1],
-                                           block_shape=[1, BLOCK_K, BLOCK_N])
-    elif B_DESC == 2:
-        b_desc = tl.make_tensor_descriptor(b_ptr, shape=[G, N, K], strides=[stride_bg, stride_bn, 1],
-                                           block_shape=[1, BLOCK_N, BLOCK_K])
-    # Tiles per group: (split extent / block) x FIXED tiles of the dims offs does not split.
-    if LAYOUT == 0:
-        FIXED = (N + BLOCK_N - 1) // BLOCK_N
-        SPLIT_TOTAL = M
-    elif LAYOUT == 1:
-        FIXED = (M + BLOCK_M - 1) // BLOCK_M
-        SPLIT_TOTAL = N
-    else:
-        FIXED = ((M + BLOCK_M - 1) // BLOCK_M) * ((N + BLOCK_N - 1) // BLOCK_N)
-        SPLIT_TOTAL = 0
-    SPLIT_BLOCK: tl.constexpr = BLOCK_M if LAYOUT == 0 else BLOCK_N
-    # Pass 1: the number of tiles, from offs on the device. 2D x 3D and 3D x 2D
-    # have one more group, g = G, the rows/columns past offs[-1] (zeros).
-    if LAYOUT == 0 or LAYOUT == 1:
-        total = 0
-        for g in range(0, G + 1):
-            lo = tl.load(offs_ptr + g - 1, mask=g > 0, other=0)
-            hi = tl.load(offs_ptr + g, mask=g < G, other=SPLIT_TOTAL)
-            total += (hi - lo + SPLIT_BLOCK - 1) // SPLIT_BLOCK * FIXED
-    else:
-        total = G * FIXED
-    # Pass 2: tiles pid, pid + P, ... of that numbering. Being increasing, the
-    # group cursor (g, its range lo:hi, the tiles before it) only moves forward.
-    # A for loop, not a while loop over groups: Triton pipelines the K loop
-    # (num_stages) only inside scf.for.
+    b_desc = _b_descriptor(b_ptr, G, K, N, stride_bg, stride_bk, stride_bn, B_DESC, BLOCK_K, BLOCK_N)
+    total = _tile_count(offs_ptr, G, M, N, LAYOUT, BLOCK_M, BLOCK_N)
+    # Tiles pid, pid + P, ... of that numbering.
     g = -1
     lo = 0
     hi = 0
     seen = 0
     group_tiles = 0
+    pad = 0
     for tile in range(pid, total, num_programs):
-        if LAYOUT == 0 or LAYOUT == 1:
-            while tile >= seen + group_tiles:
-                seen += group_tiles
-                g += 1
-                lo = tl.load(offs_ptr + g - 1, mask=g > 0, other=0)
-                hi = tl.load(offs_ptr + g, mask=g < G, other=SPLIT_TOTAL)
-                group_tiles = (hi - lo + SPLIT_BLOCK - 1) // SPLIT_BLOCK * FIXED
-        else:
-            g = tile // FIXED
-            seen = g * FIXED
-            if LAYOUT == 2:
-                lo = tl.load(offs_ptr + g - 1, mask=g > 0, other=0)
-                hi = tl.load(offs_ptr + g)
-        m_lo = 0
-        m_hi = M
-        n_lo = 0
-        n_hi = N
-        k_lo = 0
-        k_hi = K
-        if LAYOUT == 0:  # 2D x 3D: offs splits M; group G (rows past offs[-1]) has no K
-            m_lo = lo
-            m_hi = hi
-            k_hi = tl.where(g < G, K, 0)
-        elif LAYOUT == 1:  # 3D x 2D: offs splits N
-            n_lo = lo
-            n_hi = hi
-            k_hi = tl.where(g < G, K, 0)
-        elif LAYOUT == 2:  # 2D x 2D: offs splits K
-            k_lo = lo
-            k_hi = hi
-        # M-fastest within a group: programs running together share B's n-block.
-        num_m = (m_hi - m_lo + BLOCK_M - 1) // BLOCK_M  # not tl.cdiv: a @jit helper (see above)
-        local = tile - seen
-        tm = local % num_m
-        tn = local // num_m
-        offs_m = m_lo + tm * BLOCK_M + tl.arange(0, BLOCK_M)
-        offs_n = n_lo + tn * BLOCK_N + tl.arange(0, BLOCK_N)
-        mask_m = offs_m < m_hi
-        mask_n = offs_n < n_hi
+        g, lo, hi, seen, group_tiles, pad = _advance(tile, g, lo, hi, seen, group_tiles, pad, offs_ptr, G, M, N,
+                                                     LAYOUT, BLOCK_M, BLOCK_N)
+        offs_m, offs_n, mask_m, mask_n, m_lo, n0, n_hi, k_lo, k_hi, tn = _tile_ranges(
+            tile, g, lo, hi, seen, G, M, N, K, LAYOUT, BLOCK_M, BLOCK_N)
         g64 = tl.cast(g, tl.int64)  # g is a Python int in the interpreter
         # a_index gathers rows of A (2D x 3D) or its K columns (2D x 2D), b_index
         # the K rows of B (2D x 2D); -1 reads zeros.
@@ -174,7 +239,7 @@ def grouped_mm_kernel(
         b_base = b_ptr + g64 * stride_bg + offs_n[None, :].to(tl.int64) * stride_bn
         a_ptrs = a_base + (k_lo + offs_k)[None, :].to(tl.int64) * stride_ak
         b_ptrs = b_base + (k_lo + offs_k)[:, None].to(tl.int64) * stride_bk
-        acc = tl.full((BLOCK_M, BLOCK_N), 0.0, ACC)  # not tl.zeros: a @jit helper
+        acc = tl.full((BLOCK_M, BLOCK_N), 0.0, ACC)
         for k in range(k_lo, k_hi, BLOCK_K):
             kk = k + offs_k
             k_ok = kk < k_hi
@@ -184,17 +249,14 @@ def grouped_mm_kernel(
                             mask=row_ok[:, None] & (ka >= 0)[None, :], other=0.0)
             else:
                 a = tl.load(a_ptrs, mask=row_ok[:, None] & k_ok[None, :], other=0.0)
-            if B_DESC == 1:
-                b = b_desc.load([g, k, n_lo + tn * BLOCK_N]).reshape(BLOCK_K, BLOCK_N)
-            elif B_DESC == 2:
-                b = tl.trans(b_desc.load([g, n_lo + tn * BLOCK_N, k]).reshape(BLOCK_N, BLOCK_K))
-            elif HAS_B_INDEX:
+            if HAS_B_INDEX:
                 kb = tl.load(b_index_ptr + kk, mask=k_ok, other=-1)
                 b = tl.load(b_base + tl.where(kb >= 0, kb, 0).to(tl.int64)[:, None] * stride_bk,
                             mask=(kb >= 0)[:, None] & mask_n[None, :], other=0.0)
             else:
-                b = tl.load(b_ptrs, mask=k_ok[:, None] & mask_n[None, :], other=0.0)
-            acc = tl.dot(a, b, acc, input_precision=INPUT_PRECISION)
+                b = _load_b(b_desc, b_ptrs, k_ok[:, None] & mask_n[None, :], g, k, n0, B_DESC, BLOCK_K, BLOCK_N)
+            # out_dtype: Triton 3.6 asserts that an fp64 accumulator is out_dtype's (float32 by default).
+            acc = tl.dot(a, b, acc, input_precision=INPUT_PRECISION, out_dtype=ACC)
             a_ptrs += BLOCK_K * stride_ak
             b_ptrs += BLOCK_K * stride_bk
         if HAS_BIAS:
@@ -236,6 +298,29 @@ _autotuned_fp64 = triton.autotune(configs=CONFIGS_FP64, key=_AUTOTUNE_KEY)(group
 def configs_for(dtype: torch.dtype) -> list:
     """The configurations the autotuner may pick for inputs of ``dtype``."""
     return {torch.float32: CONFIGS_FP32, torch.float64: CONFIGS_FP64}.get(dtype, CONFIGS_16BIT)
+
+
+@contextlib.contextmanager
+def _interpreting():
+    """Route calls of @triton.jit functions (the shared helpers above, Triton's
+    ``tl.max`` and the like) to the interpreter while an interpreted kernel
+    runs. Without TRITON_INTERPRET=1 they are JITFunctions, which refuse a call
+    from Python."""
+    from triton.runtime.interpreter import InterpretedFunction
+    from triton.runtime.jit import JITFunction
+
+    saved = JITFunction.__call__
+    JITFunction.__call__ = lambda self, *args, **kwargs: _interpreted_helper(self.fn, InterpretedFunction)(*args,
+                                                                                                          **kwargs)
+    try:
+        yield
+    finally:
+        JITFunction.__call__ = saved
+
+
+@functools.lru_cache(maxsize=None)
+def _interpreted_helper(fn, interpreted_function):
+    return interpreted_function(fn)  # made once: its constructor reads and parses the source
 
 
 @functools.lru_cache(maxsize=None)
@@ -358,7 +443,8 @@ def _launch(out, args, allow_tf32, config, num_programs, wrap=lambda k: k):
         kernel[(nprog,)](**args, num_programs=nprog, **meta)
 
     if interpret:
-        launch(_interpreted(), **config.all_kwargs())
+        with _interpreting():
+            launch(_interpreted(), **config.all_kwargs())
     elif config is not None:
         launch(wrap(grouped_mm_kernel), **config.all_kwargs())
     else:
