@@ -508,18 +508,16 @@ def expert_problems(draw):
                 programs=draw(st.integers(1, 5)), backward=draw(st.booleans()))
 
 
-@settings(max_examples=25, deadline=None)
-@given(expert_problems(), st.integers(0, 2**31 - 1))
-def test_property_matches_reference(p, seed):
-    """Forward (and, for half the examples, every gradient) against the
-    float64 reference with the bounds above, fp32."""
+def _problem_case(p, seed, column_major_tokens=False):
+    """An expert_problems draw as (args, kwargs) of triton_expert_mlp, float32
+    values in [-1, 1) (weights scaled by 1/2). local: experts 0..E-1 of E + 2
+    are this rank's, the slots routed to the other two are dropped."""
     g = torch.Generator().manual_seed(seed)
     rand = lambda *s, scale=1.0: (torch.rand(*s, generator=g) * 2 - 1) * scale  # noqa: E731
-    routed = p["E"] + (2 if p["local"] else 0)  # local: experts 0..E-1 of E + 2, the rest dropped
+    routed = p["E"] + (2 if p["local"] else 0)
     k = min(p["k"], routed)
     src_rows, offs, dst_rows = _expert_routing(p["T"], routed, k, "cpu", seed % 1000, "one" if p["skew"] else None,
-                                               alignment=p["alignment"], first_expert=0,
-                                               num_local_experts=p["E"])
+                                               alignment=p["alignment"], first_expert=0, num_local_experts=p["E"])
     gated = p["activation"] in ("swiglu", "geglu", "swiglu_clamped")
     E, H, inter = p["E"], p["H"], p["inter"]
     n1 = 2 * inter if gated else inter
@@ -531,7 +529,16 @@ def test_property_matches_reference(p, seed):
     kwargs = dict(activation=p["activation"], gate_up_interleaved=p["interleaved"], swiglu_limit=1.5)
     if p["bias"]:
         kwargs.update(gate_up_bias=rand(E, n1), down_bias=rand(E, H))
-    args = (rand(p["T"], H), src_rows, offs, dst_rows, weights, gate_up, down)
+    tokens = rand(H, p["T"]).t() if column_major_tokens else rand(p["T"], H)
+    return (tokens, src_rows, offs, dst_rows, weights, gate_up, down), kwargs
+
+
+@settings(max_examples=25, deadline=None)
+@given(expert_problems(), st.integers(0, 2**31 - 1))
+def test_property_matches_reference(p, seed):
+    """Forward (and, for half the examples, every gradient) against the
+    float64 reference with the bounds above, fp32."""
+    args, kwargs = _problem_case(p, seed)
     check_against_reference(args, kwargs, num_programs=p["programs"])
     if p["backward"]:
         check_backward(args, kwargs, seed=seed, num_programs=p["programs"])
@@ -769,25 +776,8 @@ def test_fp8_property(p, recipe, seed):
     either weight order, the grid), tokens a non-contiguous view: the float8
     act is quantize_fp8 of the unfused act bit for bit (h too), and the fp8
     forward is within the bound of the float64 forward on the float8 values."""
-    g = torch.Generator().manual_seed(seed)
-    rand = lambda *s, scale=1.0: (torch.rand(*s, generator=g) * 2 - 1) * scale  # noqa: E731
-    routed = p["E"] + (2 if p["local"] else 0)
-    k = min(p["k"], routed)
-    src_rows, offs, dst_rows = _expert_routing(p["T"], routed, k, "cpu", seed % 1000, "one" if p["skew"] else None,
-                                               alignment=p["alignment"], first_expert=0, num_local_experts=p["E"])
-    gated = p["activation"] in ("swiglu", "geglu", "swiglu_clamped")
-    E, H, inter = p["E"], p["H"], p["inter"]
-    n1 = 2 * inter if gated else inter
-    if p["k_major"]:
-        gate_up, down = rand(E, n1, H, scale=0.5).mT, rand(E, H, inter, scale=0.5).mT
-    else:
-        gate_up, down = rand(E, H, n1, scale=0.5), rand(E, inter, H, scale=0.5)
-    weights = torch.rand(p["T"], k, generator=g) if p["weights"] else None
-    kwargs = dict(activation=p["activation"], gate_up_interleaved=p["interleaved"], swiglu_limit=1.5)
-    if p["bias"]:
-        kwargs.update(gate_up_bias=rand(E, n1), down_bias=rand(E, H))
-    tokens = rand(H, p["T"]).t()  # column-major: a non-contiguous view
-    args = (tokens, src_rows, offs, dst_rows, weights, gate_up, down)
+    args, kwargs = _problem_case(p, seed, column_major_tokens=True)
+    offs, down = args[2], args[6]
     act, h = _unfused_act(args, kwargs, num_programs=p["programs"])
     data, scale, h8 = _fused_act(args, kwargs, recipe, num_programs=p["programs"])
     want = _quantized_act_reference(act, recipe, offs)
