@@ -592,40 +592,13 @@ def _check_expert_tensor_parallel():
     tokens, EP ranks their own. Same references and tolerance as above (the
     I slices add in another order); the router's gradient is summed over EP."""
     mesh = init_device_mesh("cpu", (2, 2), mesh_dim_names=("ep", "tp"))
-    ep_rank = mesh.get_local_rank("ep")
     base = dict(hidden=8, intermediate=8, num_experts=8, top_k=2)
     skew = torch.zeros(E)
     skew[:2] = 100.0  # every token to experts 0 and 1: EP rank 1 receives nothing
     for name, cfg, bias in [("silu", MoEConfig(**base, activation="silu"), None),
                             ("swiglu interleaved, all to one EP rank",
                              MoEConfig(**base, gate_up_interleaved=True, score_bias=True), skew)]:
-        torch.manual_seed(0)
-        ref = MoE(cfg, dtype=torch.float64)
-        if bias is not None:
-            ref.score_bias.copy_(bias)
-        etp = MoE(cfg, dtype=torch.float64)
-        etp.load_state_dict(ref.state_dict())
-        parallelize_module(etp, mesh, ExpertTensorParallel())
-        assert etp.gate_up_proj.placements == (Shard(0), Shard(1)), name
-        x_full = torch.randn(12, cfg.hidden, dtype=torch.float64)
-        g = torch.randn_like(x_full)
-        rows = slice(6 * ep_rank, 6 * ep_rank + 6)
-        x_ref, x = x_full.clone().requires_grad_(), x_full[rows].clone().requires_grad_()
-        out_ref = ref(x_ref)[0]
-        (out_ref * g).sum().backward()
-        out = etp(x)[0]
-        (out * g[rows]).sum().backward()
-        name = f"expert x tensor parallel {name}"
-        torch.testing.assert_close(out, out_ref[rows], **TOL, msg=lambda m: f"{name}, output: {m}")
-        torch.testing.assert_close(x.grad, x_ref.grad[rows], **TOL, msg=lambda m: f"{name}, grad of x: {m}")
-        for pname, p_ref in ref.named_parameters():
-            p = getattr(etp, pname)
-            if isinstance(p, DTensor):
-                grad = p.grad.full_tensor()
-            else:
-                grad = p.grad.clone()
-                dist.all_reduce(grad, group=mesh.get_group("ep"))
-            torch.testing.assert_close(grad, p_ref.grad, **TOL, msg=lambda m: f"{name}, grad of {pname}: {m}")
+        _etp_case(mesh, name, cfg, ExpertTensorParallel(), bias)
     with pytest.raises(ValueError, match=r"ExpertTensorParallel: intermediate=5 must be divisible by the "
                                          r"tensor-parallel size 2"):
         parallelize_module(MoE(MoEConfig(**{**base, "intermediate": 5}, activation="silu")), mesh,
