@@ -102,8 +102,7 @@ def _declared(kind: str, family: str, where: str) -> list[str]:
         "derivatives": lambda: [o.upstream.name for o in new if o.upstream.derivatives],
         "backward_nodes": lambda: ["".join(w.title() for w in o.upstream.name.split("_")) + "Backward0"
                                    for o in new if o.upstream.derivatives],
-        "cuda_ops": lambda: [o.upstream.name for o in new
-                             if o.dispatch.get("CUDA") and o.dispatch.get("CUDA") != o.dispatch.get("CPU")],
+        "cuda_ops": lambda: [o.upstream.name for o in new if o.has_own_cuda_kernel],
     }
     if kind not in kinds:
         raise PatchError(where, None, f"placeholder {{{kind}:{family}}}: kind must be one of {sorted(kinds)}")

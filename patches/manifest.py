@@ -305,7 +305,7 @@ SERIES = [
             changes=[
                 Copy(f"{NATIVE}/cuda/MoEQuantize.cpp", f"{SRC}/cuda/MoEQuantize.cpp"),
                 *(Dispatch(op.name, keys=("CUDA",)) for op in native_functions.upstreamed("fp8")
-                  if not op.upstream.extends and op.dispatch.get("CUDA") != op.dispatch.get("CPU")),
+                  if not op.upstream.extends and op.has_own_cuda_kernel),
             ],
         ),
     ]),

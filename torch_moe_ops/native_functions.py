@@ -72,6 +72,11 @@ class Op:
         return f"moe_ops::{self.name}"
 
     @property
+    def has_own_cuda_kernel(self) -> bool:
+        """A CUDA kernel of its own, not the CPU kernel registered for CUDA too."""
+        return bool(self.dispatch.get("CUDA")) and self.dispatch.get("CUDA") != self.dispatch.get("CPU")
+
+    @property
     def ops_module(self) -> str:
         return f"torch_moe_ops/ops/{self.family}.py"
 
