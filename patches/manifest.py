@@ -81,10 +81,28 @@ GROUPED_MM_META = """\
 # reads the same in eager and under torch.compile; keep the two in step.
 """
 
-ROUTING_META = """\
-# aten._moe_router_topk, _moe_permute, _moe_unpermute: checks and output
-# allocation. These restate the checks of ATen/native/MoERouting.h one for one,
-# with the same messages; keep the two in step.
+PERMUTE_META = """\
+# aten._moe_permute: checks and output allocation. These restate the checks of
+# ATen/native/MoEPermute.h one for one, with the same messages; keep the two in
+# step.
+"""
+
+UNPERMUTE_META = """\
+# aten._moe_unpermute: checks and output allocation. These restate the checks
+# of ATen/native/MoEUnpermute.h one for one, with the same messages; keep the
+# two in step.
+"""
+
+UNPERMUTE_BACKWARD_META = """\
+# aten._moe_unpermute_backward: checks and output allocation. These restate the
+# checks of ATen/native/MoEUnpermuteBackward.h one for one, with the same
+# messages; keep the two in step.
+"""
+
+ROUTER_TOPK_META = """\
+# aten._moe_router_topk: checks and output allocation. These restate the checks
+# of ATen/native/MoERouterTopk.h one for one, with the same messages; keep the
+# two in step.
 """
 
 FP8_META = """\
@@ -182,12 +200,14 @@ GROUPED_MM_DOCS = [(
 
 OPINFO_INIT = "torch/testing/_internal/opinfo/definitions/__init__.py"
 
-# The routing OpInfos test the forward until the derivatives land (the next PR
-# turns autograd on).
-ROUTING_NO_AUTOGRAD = (
-    "supports_autograd=True, supports_forward_ad=False, supports_fwgrad_bwgrad=False, **kwargs)",
-    "supports_autograd=False, supports_forward_ad=False, supports_fwgrad_bwgrad=False, **kwargs)",
-)
+# Each routing OpInfo tests the forward until its op's derivatives land (a
+# later PR of the stack turns autograd on).
+ROUTING_OPINFO_TITLE = "OpInfos of the MoE routing ops (``torch.ops.aten._moe_*``)."
+PERMUTE_NO_AUTOGRAD = ("torch_permute, PERMUTE_DTYPES)", "torch_permute, PERMUTE_DTYPES,\n               supports_autograd=False)")
+UNPERMUTE_NO_AUTOGRAD = ("torch_unpermute, floating)", "torch_unpermute, floating,\n               supports_autograd=False)")
+ROUTER_NO_AUTOGRAD = ("gradcheck_wrapper=gradcheck_router_topk)",
+                      "gradcheck_wrapper=gradcheck_router_topk, supports_autograd=False)")
+ROUTING_OPINFO = "torch/testing/_internal/opinfo/definitions/moe_routing.py"
 
 SERIES = [
     Series("core", [
@@ -227,18 +247,19 @@ SERIES = [
             ],
         ),
         # -- Stack 2: MoE routing ops (patches/rfc/0002-moe-routing-ops.md) ------------------------------
+        # One op per PR on CPU (permute; unpermute; unpermute's backward with the derivatives of both;
+        # the router; its derivative), then the CUDA kernels, one PR per op.
         Patch(
-            message="core/0003-moe-routing-ops-cpu.txt",
+            message="core/0003-moe-permute-cpu.txt",
             changes=[
-                Copy(f"{NATIVE}/MoERouting.h", f"{SRC}/MoERouting.h"),
-                Copy(f"{NATIVE}/MoERouting.cpp", f"{SRC}/MoERouting.cpp"),
-                Copy(f"{NATIVE}/cpu/MoERoutingKernel.cpp", f"{SRC}/cpu/MoERoutingKernel.cpp"),
-                NativeFunctions("routing", after="_grouped_mm", later=("CUDA",)),
-                Meta("routing", ROUTING_META, after="meta_grouped_mm"),
-                DecompExpect("routing"),
-                OpInfoModule("routing", "moe_routing", "OpInfos of ``torch.ops.aten._moe_router_topk``, "
-                                                       "``_moe_permute`` and\n``_moe_unpermute``.",
-                             edits=[ROUTING_NO_AUTOGRAD]),
+                Copy(f"{NATIVE}/MoEPermute.h", f"{SRC}/MoEPermute.h"),
+                Copy(f"{NATIVE}/MoEPermute.cpp", f"{SRC}/MoEPermute.cpp"),
+                Copy(f"{NATIVE}/cpu/MoEPermuteKernel.cpp", f"{SRC}/cpu/MoEPermuteKernel.cpp"),
+                NativeFunctions("routing", after="_grouped_mm", later=("CUDA",), ops=("permute",)),
+                Meta("routing", PERMUTE_META, after="meta_grouped_mm", ops=("permute",)),
+                DecompExpect("routing", ops=("permute",)),
+                OpInfoModule("routing", "moe_routing", ROUTING_OPINFO_TITLE, ops=("permute",),
+                             edits=[PERMUTE_NO_AUTOGRAD]),
                 Edit(OPINFO_INIT, [
                     ("    linalg,\n    signal,\n", "    linalg,\n    moe_routing,\n    signal,\n"),
                     ("    *linalg.op_db,\n    *signal.op_db,\n", "    *linalg.op_db,\n    *moe_routing.op_db,\n    *signal.op_db,\n"),
@@ -246,7 +267,48 @@ SERIES = [
             ],
         ),
         Patch(
-            message="core/0004-moe-routing-ops-derivatives.txt",
+            message="core/0003b-moe-unpermute-cpu.txt",
+            changes=[
+                Copy(f"{NATIVE}/MoERouting.h", f"{SRC}/MoERouting.h"),
+                Copy(f"{NATIVE}/MoEUnpermute.h", f"{SRC}/MoEUnpermute.h"),
+                Copy(f"{NATIVE}/MoEUnpermute.cpp", f"{SRC}/MoEUnpermute.cpp"),
+                Copy(f"{NATIVE}/cpu/MoERoutingUtils.h", f"{SRC}/cpu/MoERoutingUtils.h"),
+                Copy(f"{NATIVE}/cpu/MoEUnpermuteKernel.cpp", f"{SRC}/cpu/MoEUnpermuteKernel.cpp"),
+                NativeFunctions("routing", after="_moe_permute", later=("CUDA",), ops=("unpermute",)),
+                Meta("routing", UNPERMUTE_META, after="meta_moe_permute", ops=("unpermute",)),
+                DecompExpect("routing", ops=("unpermute",)),
+                OpInfoModule("routing", "moe_routing", ROUTING_OPINFO_TITLE, ops=("permute", "unpermute"),
+                             edits=[PERMUTE_NO_AUTOGRAD, UNPERMUTE_NO_AUTOGRAD]),
+            ],
+        ),
+        Patch(
+            message="core/0003c-moe-unpermute-backward-and-derivatives.txt",
+            changes=[
+                Copy(f"{NATIVE}/MoEUnpermuteBackward.h", f"{SRC}/MoEUnpermuteBackward.h"),
+                Copy(f"{NATIVE}/MoEUnpermuteBackward.cpp", f"{SRC}/MoEUnpermuteBackward.cpp"),
+                Copy(f"{NATIVE}/cpu/MoEUnpermuteBackwardKernel.cpp", f"{SRC}/cpu/MoEUnpermuteBackwardKernel.cpp"),
+                NativeFunctions("routing", after="_moe_unpermute", later=("CUDA",), ops=("unpermute_backward",)),
+                Meta("routing", UNPERMUTE_BACKWARD_META, after="meta_moe_unpermute", ops=("unpermute_backward",)),
+                DecompExpect("routing", ops=("unpermute_backward",)),
+                Derivatives(ops=["permute", "unpermute"], before="mode"),
+                Edit(ROUTING_OPINFO, [PERMUTE_NO_AUTOGRAD[::-1], UNPERMUTE_NO_AUTOGRAD[::-1]]),
+            ],
+        ),
+        Patch(
+            message="core/0003d-moe-router-topk-cpu.txt",
+            changes=[
+                Copy(f"{NATIVE}/MoERouterTopk.h", f"{SRC}/MoERouterTopk.h"),
+                Copy(f"{NATIVE}/MoERouterTopk.cpp", f"{SRC}/MoERouterTopk.cpp"),
+                Copy(f"{NATIVE}/cpu/MoERouterTopkKernel.cpp", f"{SRC}/cpu/MoERouterTopkKernel.cpp"),
+                NativeFunctions("routing", after="_grouped_mm", later=("CUDA",), ops=("router_topk",)),
+                Meta("routing", ROUTER_TOPK_META, after="meta_grouped_mm", ops=("router_topk",)),
+                DecompExpect("routing", ops=("router_topk",)),
+                OpInfoModule("routing", "moe_routing", ROUTING_OPINFO_TITLE, ops=("router_topk", "permute", "unpermute"),
+                             edits=[ROUTER_NO_AUTOGRAD]),
+            ],
+        ),
+        Patch(
+            message="core/0004-moe-router-topk-derivatives.txt",
             changes=[
                 Copy("torch/csrc/autograd/MoERoutingBackward.h", "patches/src/torch/csrc/autograd/MoERoutingBackward.h"),
                 Edit("tools/autograd/templates/Functions.cpp", [(
@@ -254,17 +316,35 @@ SERIES = [
                     '#include "torch/csrc/autograd/GroupedMMBackward.h"\n'
                     '#include "torch/csrc/autograd/MoERoutingBackward.h"\n',
                 )]),
-                Derivatives(family="routing", before="mode"),
-                Edit("torch/testing/_internal/opinfo/definitions/moe_routing.py", [ROUTING_NO_AUTOGRAD[::-1]]),
+                Derivatives(ops=["router_topk"], before="_moe_permute"),
+                Edit(ROUTING_OPINFO, [ROUTER_NO_AUTOGRAD[::-1]]),
             ],
         ),
         Patch(
-            message="core/0005-moe-routing-ops-cuda.txt",
+            message="core/0005-moe-permute-cuda.txt",
             changes=[
                 Copy(f"{NATIVE}/cuda/MoEThreadPos.cuh", f"{SRC}/cuda/MoEThreadPos.cuh"),
                 Copy(f"{NATIVE}/cuda/MoERouting.cuh", f"{SRC}/cuda/MoERouting.cuh"),
-                Copy(f"{NATIVE}/cuda/MoERouting.cu", f"{SRC}/cuda/MoERouting.cu"),
-                *(Dispatch(op.name, keys=("CUDA",)) for op in native_functions.upstreamed("routing")),
+                Copy(f"{NATIVE}/cuda/MoEPermute.cuh", f"{SRC}/cuda/MoEPermute.cuh"),
+                Copy(f"{NATIVE}/cuda/MoEPermute.cu", f"{SRC}/cuda/MoEPermute.cu"),
+                Dispatch("permute", keys=("CUDA",)),
+            ],
+        ),
+        Patch(
+            message="core/0005b-moe-unpermute-cuda.txt",
+            changes=[
+                Copy(f"{NATIVE}/cuda/MoEUnpermute.cuh", f"{SRC}/cuda/MoEUnpermute.cuh"),
+                Copy(f"{NATIVE}/cuda/MoEUnpermute.cu", f"{SRC}/cuda/MoEUnpermute.cu"),
+                Dispatch("unpermute", keys=("CUDA",)),
+                Dispatch("unpermute_backward", keys=("CUDA",)),
+            ],
+        ),
+        Patch(
+            message="core/0005c-moe-router-topk-cuda.txt",
+            changes=[
+                Copy(f"{NATIVE}/cuda/MoERouterTopk.cuh", f"{SRC}/cuda/MoERouterTopk.cuh"),
+                Copy(f"{NATIVE}/cuda/MoERouterTopk.cu", f"{SRC}/cuda/MoERouterTopk.cu"),
+                Dispatch("router_topk", keys=("CUDA",)),
             ],
         ),
         # -- Stack 3: fp8 grouped GEMM on CPU (patches/rfc/0003-fp8-grouped-gemm-cpu.md) -----------------

@@ -3,10 +3,10 @@
 series, for ``torch.ops.aten._moe_router_topk``, ``_moe_permute`` and
 ``_moe_unpermute``.
 
-Samples cover ties (logits on a grid), grouped top-k with a bias, zero
-tokens, strided inputs, empty experts, skewed routing, alignment padding and
-a local expert range; error inputs cover every rejected argument; each ref is
-a plain-torch implementation of its op.
+Each op's samples cover its edge cases (zero tokens, strided inputs, and
+per op: ties, grouped top-k with a bias; empty experts, skewed routing,
+alignment padding, a local expert range); its error inputs cover every
+rejected argument; its ref is a plain-torch implementation of the op.
 """
 
 from __future__ import annotations
@@ -190,15 +190,16 @@ def gradcheck_router_topk(op, logits, *args, **kwargs):
 
 
 def make_routing_op_db(name_of, op_of) -> list[OpInfo]:
-    """OpInfos of the three routing ops; name_of and op_of map "router_topk",
-    "permute", "unpermute" to the OpInfo's name and the op it calls."""
+    """OpInfos of the routing ops; name_of and op_of map an op's name
+    ("permute") to the OpInfo's name and the op it calls."""
 
     floating = floating_types_and(torch.float16, torch.bfloat16)
 
-    def opinfo(op, sample_fn, error_fn, ref, dtypes, backward_dtypes=floating, **kwargs):
+    def opinfo(op, sample_fn, error_fn, ref, dtypes, backward_dtypes=floating, supports_autograd=True, **kwargs):
         return OpInfo(name_of(op), op=op_of(op), ref=ref, dtypes=dtypes, backward_dtypes=backward_dtypes,
                       sample_inputs_func=sample_fn, error_inputs_func=error_fn, supports_out=False,
-                      supports_autograd=True, supports_forward_ad=False, supports_fwgrad_bwgrad=False, **kwargs)
+                      supports_autograd=supports_autograd, supports_forward_ad=False, supports_fwgrad_bwgrad=False,
+                      **kwargs)
 
     return [
         opinfo("router_topk", sample_inputs_router_topk, error_inputs_router_topk, torch_router_topk, floating,

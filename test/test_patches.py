@@ -348,14 +348,14 @@ def test_compile_rejects_a_definition_that_drifts_from_the_yaml(compiled, tree, 
     the in-tree proof does not."""
     copy = tmp_path / "tree"
     shutil.copytree(os.path.join(tree, "aten"), copy / "aten")
-    path = copy / "aten/src/ATen/native/MoERouting.cpp"
+    path = copy / "aten/src/ATen/native/MoEPermute.cpp"
     text = path.read_text()
     old = "int64_t first_expert,\n    std::optional<int64_t> num_local_experts) {\n  permute_check_inputs"
     drift = text.replace(old, old.replace("std::optional<int64_t> num_local_experts", "int64_t num_local_experts"))
     assert drift != text
     path.write_text(drift)
     (unit,) = proof.units(str(copy), compiled.overlay, None, compiled.kernels, compiled.roots,
-                          sources=["aten/src/ATen/native/MoERouting.cpp"])
+                          sources=["aten/src/ATen/native/MoEPermute.cpp"])
     result = proof.compile_unit(unit, str(copy), proof._sha(drift), {str(copy): "<tree>"})
     assert not result.ok
     assert "moe_permute_cpu" in result.output and "overloaded function" in result.output, result.output[-3000:]

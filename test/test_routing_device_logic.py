@@ -1,7 +1,7 @@
-"""The routing kernels of cuda/MoERouting.cu, run on the host.
+"""The routing kernels of cuda/MoE{Permute,Unpermute,RouterTopk}.cu, run on the host.
 
 The kernels are shells around bodies written as C10_HOST_DEVICE functions
-(cuda/MoERouting.cuh) that the CPU build compiles too. The test-only ops
+(cuda/MoE{Permute,Unpermute,RouterTopk}.cuh) that the CPU build compiles too. The test-only ops
 torch.ops.moe_ops_testing.*_on_host (csrc/testing/CudaKernelsOnHost.cpp)
 mirror the CUDA entries (checks, allocations, arguments, launch sequence) and
 walk every block and thread of each launch in sequence, running the phases a

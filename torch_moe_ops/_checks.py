@@ -265,13 +265,14 @@ def check_expert_mlp_inputs(tokens, src_rows, offs, dst_rows, weights, gate_up_p
 
 
 # ------------------------------------------------------------------ routing ops
-# Restates csrc/ATen/native/MoERouting.h one for one, with the same messages.
+# Restates csrc/ATen/native/MoE{Permute,Unpermute,UnpermuteBackward,RouterTopk}.h one for one, with the
+# same messages.
 
 ROUTER_SCORE_FUNCS = ("softmax", "sigmoid", "softmax_after_topk")
 
 
 def router_topk_weights_dtype(logits_dtype: torch.dtype) -> torch.dtype:
-    """float32 weights (float64 for float64 logits); see MoERouting.h."""
+    """float32 weights (float64 for float64 logits); see MoERouterTopk.h."""
     return torch.float64 if logits_dtype == torch.float64 else torch.float32
 
 

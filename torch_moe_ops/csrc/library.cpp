@@ -10,9 +10,12 @@
 #include <torch/library.h>
 
 #include <ATen/native/GroupedMM.h>
+#include <ATen/native/MoEPermute.h>
 #include <ATen/native/MoEQuantize.h>
-#include <ATen/native/MoERouting.h>
+#include <ATen/native/MoERouterTopk.h>
 #include <ATen/native/MoEScaledGroupedMM.h>
+#include <ATen/native/MoEUnpermute.h>
+#include <ATen/native/MoEUnpermuteBackward.h>
 #include <moe/ExpertMLP.h>
 
 #include <torch_moe_ops/RegisterMoeOps.h>

@@ -1,7 +1,7 @@
 // Test-only ops, torch.ops.moe_ops_testing.*: the CUDA kernels of the routing
 // ops and grouped_mm's zero-uncovered kernel, run on the CPU.
 //
-// Each op mirrors its CUDA entry (native/cuda/MoERouting.cu, GroupedMM.cu):
+// Each op mirrors its CUDA entry (native/cuda/MoE{RouterTopk,Permute,Unpermute}.cu, GroupedMM.cu):
 // the same checks, allocations, arguments and launch sequence, with every
 // launch replaced by a walk over its grid, block by block and thread by
 // thread, calling the kernel's body (native/cuda/*.cuh, compiled here by the
@@ -14,9 +14,14 @@
 // uses (kMaxGridBlocks), so that small inputs reach their stride loops. Not
 // part of the moe_ops library and not carried upstream.
 
-#include <ATen/native/MoERouting.h>
+#include <ATen/native/MoEPermute.h>
+#include <ATen/native/MoERouterTopk.h>
+#include <ATen/native/MoEUnpermute.h>
+#include <ATen/native/MoEUnpermuteBackward.h>
 #include <ATen/native/cuda/GroupedMM.cuh>
-#include <ATen/native/cuda/MoERouting.cuh>
+#include <ATen/native/cuda/MoEPermute.cuh>
+#include <ATen/native/cuda/MoERouterTopk.cuh>
+#include <ATen/native/cuda/MoEUnpermute.cuh>
 
 #include <ATen/Dispatch.h>
 #include <ATen/OpMathType.h>
