@@ -86,7 +86,9 @@ class Meta:
             register = "" if op in self.cpu_branch else f"@register_meta(aten.{names.aten_name(op)})\n"
             blocks.append(rewrite.replace_once(meta, f'@torch.library.register_fake("moe_ops::{op}")\n', register,
                                                self.fake_source))
-        block = self.header + "\n" + (checks + "\n\n" if checks else "") + "\n\n".join(blocks) + "\n\n"
+        body = (checks + "\n\n" if checks else "") + "\n\n".join(blocks) + "\n\n"
+        # Two blank lines between the header and a function (pycodestyle's E302), one before a constant.
+        block = self.header + ("\n\n" if body.startswith(("def ", "@")) else "\n") + body
         if self.replaces:
             return rewrite.replace_definitions(upstream, self.path, self.replaces, block)
         after = rewrite.definition(upstream, self.path, self.after)

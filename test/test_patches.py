@@ -34,6 +34,7 @@ What only a source build of PyTorch (with a GPU for the CUDA files) can prove
 is listed in patches/README.md.
 """
 
+import ast as ast_mod
 import difflib
 import filecmp
 import glob
@@ -1234,3 +1235,72 @@ def test_yaml_entries_from_the_declaration():
     assert "_scaled_grouped_mm" not in patched  # upstream has it: Dispatch extends its entry instead
     with pytest.raises(PatchError, match="expected one entry '- func: _no_such_op\\('"):
         NativeFunctions("fp8", after="_no_such_op").apply(base)
+
+
+def test_yaml_entries_of_some_ops_of_a_family():
+    """NativeFunctions(ops=...): a stack that adds a family's ops one PR at a
+    time writes only those entries; an op the family does not send upstream
+    as a new entry is an error."""
+    from patches.native_yaml import NativeFunctions
+
+    base = "- func: _grouped_mm(Tensor self) -> Tensor\n  variants: function\n\n# NOTE\n"
+    permute = NativeFunctions("routing", after="_grouped_mm", later=("CUDA",), ops=("permute",)).apply(base)
+    assert permute.count("- func: _moe_") == 1 and "- func: _moe_permute(Tensor tokens" in permute
+    assert "    CPU: moe_permute_cpu\n" in permute and "CUDA" not in permute
+    both = NativeFunctions("routing", after="_moe_permute", ops=("unpermute",)).apply(permute)
+    assert [line.split("(")[0] for line in both.splitlines() if line.startswith("- func: ")] == \
+        ["- func: _grouped_mm", "- func: _moe_permute", "- func: _moe_unpermute"]
+    with pytest.raises(PatchError, match=r"declares no new upstream op \['grouped_mm'\]"):
+        NativeFunctions("routing", after="_grouped_mm", ops=("grouped_mm",)).apply(base)
+
+
+def test_meta_blocks_of_some_ops_of_a_family():
+    """Meta(ops=...): each block carries its ops' meta functions and the checks
+    they reach; a check an earlier block of the family defines is called, not
+    repeated (unpermute_backward's checks call unpermute's)."""
+    from patches.meta import Meta
+
+    upstream = "import torch\n\n\ndef meta_grouped_mm(mat_a, mat_b):\n    return mat_a\n"
+    first = Meta("routing", "# unpermute\n", after="meta_grouped_mm", ops=("unpermute",)).apply(upstream)
+    assert "def _moe_unpermute_check_inputs(" in first and "def meta_moe_unpermute(" in first
+    for other in ("meta_moe_permute", "meta_moe_router_topk", "meta_moe_unpermute_backward",
+                  "_moe_unpermute_backward_check_inputs", "_moe_permute_check_inputs"):
+        assert other not in first, other
+    second = Meta("routing", "# unpermute_backward\n", after="meta_moe_unpermute",
+                  ops=("unpermute_backward",)).apply(first)
+    assert second.startswith(first.split("\n\n\n# unpermute\n")[0])
+    assert second.count("def _moe_unpermute_check_inputs(") == 1
+    assert "def _moe_unpermute_backward_check_inputs(" in second
+    assert "        _moe_unpermute_check_inputs(permuted, dst_rows, weights)\n" in second
+    assert second.index("def meta_moe_unpermute(") < second.index("# unpermute_backward\n")
+    with pytest.raises(PatchError, match=r"no fake kernel of \['grouped_mm'\]"):
+        Meta("routing", "#\n", after="meta_grouped_mm", ops=("grouped_mm",)).apply(upstream)
+
+
+def test_opinfo_module_of_some_ops_of_a_family():
+    """OpInfoModule(ops=...): the module holds only those ops' OpInfos and what
+    they use (references inlined, imports); the module of more ops is a
+    superset line for line, so a later PR that rewrites it only adds."""
+    from patches.opinfo import OpInfoModule
+
+    def module(*ops):
+        return OpInfoModule("routing", "moe_routing", "Title.", ops=ops).apply(None)
+
+    permute, both, every = module("permute"), module("permute", "unpermute"), module("router_topk", "permute", "unpermute")
+    assert 'opinfo("permute"' in permute and 'opinfo("unpermute"' not in permute
+    for other in ("torch_unpermute", "sample_inputs_unpermute", "torch_router_topk", "gradcheck_router_topk",
+                  "_routing_acc"):
+        assert other not in permute, other
+    compile(permute, "moe_routing.py", "exec")
+    # The imports are those the kept code uses (none left over for flake8 to flag).
+    tree = rewrite.parse(permute, "moe_routing.py")
+    imported = {a.asname or a.name.split(".")[0] for n in tree.body if isinstance(n, (ast_mod.Import, ast_mod.ImportFrom))
+                for a in n.names}
+    used = {n.id for n in ast_mod.walk(tree) if isinstance(n, ast_mod.Name)}
+    assert imported - {"torch"} <= used, imported - used
+    for smaller, larger in ((permute, both), (both, every)):
+        removed = [line for line in difflib.ndiff(smaller.splitlines(), larger.splitlines()) if line.startswith("- ")]
+        assert not removed, removed
+    assert every == OpInfoModule("routing", "moe_routing", "Title.").apply(None)
+    with pytest.raises(PatchError, match=r"ops=\['grouped_mm'\]: no such op of the routing family"):
+        module("grouped_mm")
