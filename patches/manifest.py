@@ -129,21 +129,31 @@ sharding propagation with the kernel's message.
 
 MOE_MODULES = {"_fx": "moe_fx_utils", "router": "moe_router", "combine": "moe_combine"}
 
+# The switch as the router's PR adds it; the combine's PR widens its comment (MOE_CONFIG_COMBINE).
 MOE_CONFIG = """\
 # set to True to rewrite stock mixture-of-experts code into the MoE ops: a
 # router's score function and top-k into aten._moe_router_topk (pre-grad,
-# fx_passes/moe_router.py; only where the op selects the same experts), the
-# weighted index_add / scatter_add of a grouped GEMM's rows into
-# aten._moe_unpermute (post-grad, fx_passes/moe_combine.py; it sums in fp32 and
-# rounds once where the stock code rounds every step). Each rewrite counts
-# itself in torch._dynamo.utils.counters["moe_passes"].
+# fx_passes/moe_router.py; only where the op selects the same experts).
+# Each rewrite counts itself in torch._dynamo.utils.counters["moe_passes"].
 moe_passes = os.environ.get("TORCHINDUCTOR_MOE_PASSES", "0") == "1"
 """
 
+MOE_CONFIG_COMBINE = (
+    "# fx_passes/moe_router.py; only where the op selects the same experts).\n"
+    "# Each rewrite counts itself in torch._dynamo.utils.counters[\"moe_passes\"].\n",
+    "# fx_passes/moe_router.py; only where the op selects the same experts), the\n"
+    "# weighted index_add / scatter_add of a grouped GEMM's rows into\n"
+    "# aten._moe_unpermute (post-grad, fx_passes/moe_combine.py; it sums in fp32 and\n"
+    "# rounds once where the stock code rounds every step). Each rewrite counts\n"
+    "# itself in torch._dynamo.utils.counters[\"moe_passes\"].\n",
+)
+
+MOE_TESTS = "test/inductor/test_moe_passes.py"
+
 MOE_TESTS_HEADER = """\
 # Owner(s): ["module: inductor"]
-\"\"\"The MoE passes (config.moe_passes): fx_passes/moe_router.py and moe_combine.py on
-hand-written stock MoE code, with hypothesis-drawn shapes.\"\"\"
+\"\"\"The MoE passes (config.moe_passes, fx_passes/moe_*.py) on hand-written stock MoE code,
+with hypothesis-drawn shapes.\"\"\"
 
 import contextlib
 
@@ -310,13 +320,14 @@ SERIES = [
         ),
     ]),
     Series("compile", [
+        # The router rewrite with the matching helpers and the test file, then the combine rewrite with
+        # its hook and its test case appended to that file.
         Patch(
-            message="compile/0001-inductor-moe-passes-router-and-combine.txt",
+            message="compile/0001-inductor-moe-router-pass.txt",
             changes=[
                 FxPassModule("moe_fx_utils", "torch_moe_ops/compile/_fx.py", MOE_MODULES,
                              edits=[('COUNTER = "torch_moe_ops"\n', 'COUNTER = "moe_passes"\n')]),
                 FxPassModule("moe_router", "torch_moe_ops/compile/router.py", MOE_MODULES),
-                FxPassModule("moe_combine", "torch_moe_ops/compile/combine.py", MOE_MODULES),
                 Edit("torch/_inductor/config.py", [(
                     "# set to True to enable the back-to-back GEMM pass\nb2b_gemm_pass = False\n",
                     "# set to True to enable the back-to-back GEMM pass\nb2b_gemm_pass = False\n\n" + MOE_CONFIG,
@@ -328,6 +339,18 @@ SERIES = [
                     "        GraphTransformObserver(gm, \"moe_router\").apply_graph_pass(rewrite_routers)\n\n"
                     "    for pre_grad_custom_pass in get_custom_graph_passes(config.pre_grad_custom_pass):\n",
                 )]),
+                PassTests(MOE_TESTS, "test/test_compile_passes.py", MOE_TESTS_HEADER,
+                          ["FEW", "_SoftmaxRouter", "_SigmoidRouter", "_moe_counters", "MoEPassTestCase",
+                           "TestMoERouterPass"],
+                          edits=[("        self._stack.enter_context(moe_compile.enabled())\n",
+                                  "        self._stack.enter_context(torch._inductor.config.patch(moe_passes=True))\n")]),
+            ],
+        ),
+        Patch(
+            message="compile/0002-inductor-moe-combine-pass.txt",
+            changes=[
+                FxPassModule("moe_combine", "torch_moe_ops/compile/combine.py", MOE_MODULES),
+                Edit("torch/_inductor/config.py", [MOE_CONFIG_COMBINE]),
                 Edit("torch/_inductor/fx_passes/post_grad.py", [(
                     "    for post_grad_custom_post_pass in get_custom_graph_passes(\n",
                     "    if config.moe_passes:\n"
@@ -335,11 +358,8 @@ SERIES = [
                     "        GraphTransformObserver(gm, \"moe_combine\").apply_graph_pass(moe_combine)\n\n"
                     "    for post_grad_custom_post_pass in get_custom_graph_passes(\n",
                 )]),
-                PassTests("test/inductor/test_moe_passes.py", "test/test_compile_passes.py", MOE_TESTS_HEADER,
-                          ["FEW", "_SoftmaxRouter", "_SigmoidRouter", "_stock_combine", "_routing", "_moe_counters",
-                           "TestMoEPasses"],
-                          edits=[("        self._stack.enter_context(moe_compile.enabled())\n",
-                                  "        self._stack.enter_context(torch._inductor.config.patch(moe_passes=True))\n")]),
+                PassTests(MOE_TESTS, "test/test_compile_passes.py", "",
+                          ["_stock_combine", "_routing", "TestMoECombinePass"], extends=True),
             ],
         ),
     ]),

@@ -49,11 +49,11 @@ OVER_LIMIT: dict[str, tuple[int, str]] = {
         "(707 lines) per family, and MoEQuantizeKernel.cpp (457) / MoEScaledGroupedMMKernel.cpp (423). Fix: "
         "split test/opinfo_fp8.py and the fp8 meta block per op (quantize/dequantize; swizzle_mx_scale; "
         "scaled_grouped_mm) and carry _scaled_grouped_mm in its own PR")),
-    "compile/0001-inductor-moe-passes-router-and-combine.txt": (801, (
-        "the router and the combine rewrites land together with their shared helpers (moe_fx_utils.py, 197 "
-        "lines) and one test file. Fix: two PRs, the router rewrite with the helpers it uses and its tests "
-        "(~450 lines once the helpers only the combine needs move into moe_combine.py), then the combine "
-        "rewrite with its tests (~300), which needs PassTests to extend the test file the first PR adds")),
+    "compile/0001-inductor-moe-router-pass.txt": (544, (
+        "fx_passes/moe_router.py alone is 240 lines and the matching helpers it reads (moe_fx_utils.py) 160, "
+        "with the test file's 133 (the combine's PR, compile/0002, is 230). Fix: carry DeepSeek-V3's "
+        "group-limited selection (router.py's _group_limit, ~70 lines with its test) as a third PR, which "
+        "needs the router's matcher to take the group limit from a module of its own")),
 }
 
 

@@ -822,8 +822,8 @@ def unresolved_globals(source, path):
     return sorted(missing)
 
 
-MOE_PASS_FILES = [c.path for p in manifest.SERIES[1].patches for c in p.changes
-                  if isinstance(c, (manifest.FxPassModule, manifest.PassTests))]
+MOE_PASS_FILES = sorted({c.path for p in manifest.SERIES[1].patches for c in p.changes
+                         if isinstance(c, (manifest.FxPassModule, manifest.PassTests))})
 
 
 @pytest.mark.parametrize("path", MOE_PASS_FILES)
@@ -889,7 +889,7 @@ def test_patched_moe_passes_rewrite_traced_graphs(patched_moe_passes):
     custom pass, moe_combine.run before the post-grad custom post pass; here in those slots), rewrite a
     stock router and a stock combine compiled with dynamic shapes into the patched aten ops (run by our
     kernels), bump the patched counter, and give eager's ids and, within fp32 / bf16 rounding, its values.
-    test_compile_passes.py's TestMoEPasses (the patched test file) tests the same code in depth."""
+    test_compile_passes.py's TestMoERouterPass and TestMoECombinePass (the patched test file) tests the same code in depth."""
     from torch._dynamo.utils import counters
     from torch._inductor.utils import run_and_get_code
     from test_compile_passes import _SoftmaxRouter, _stock_combine, _routing
@@ -1186,6 +1186,32 @@ def test_error_pass_module_naming_an_op_that_stays_here():
         fx_passes.rename_imports("import torch\nfrom .pre_grad import run\n", "x.py", {"_fx": "moe_fx_utils"})
     assert fx_passes.rename_imports("from . import _fx\nfrom ._fx import count\n", "x.py", {"_fx": "moe_fx_utils"}) \
         == "from . import moe_fx_utils as _fx\nfrom .moe_fx_utils import count\n"
+
+
+
+def test_pass_tests_extend_the_file_an_earlier_pr_added(tmp_path):
+    """PassTests(extends=True) appends its definitions before run_tests(), may use what the file defines,
+    and refuses a file that is not there yet, a definition carried twice, a name neither carries, a header."""
+    src = tmp_path / "t.py"
+    src.write_text("import torch\n\nA = 1\n\n\nclass Base:\n    pass\n\n\ndef helper():\n    return A\n\n\n"
+                   "class TestOne(Base):\n    x = A\n\n\nclass TestTwo(Base):\n    y = helper()\n")
+    first = manifest.PassTests("test/t.py", str(src), "import torch", ["A", "Base", "TestOne"])
+    text = first.apply(None)
+    second = manifest.PassTests("test/t.py", str(src), "", ["helper", "TestTwo"], extends=True)
+    both = second.apply(text)
+    assert both == text.replace('\n\n\nif __name__', "\n\n\ndef helper():\n    return A\n\n\nclass TestTwo(Base):\n"
+                                "    y = helper()\n\n\nif __name__")
+    assert both.endswith('\n\n\nif __name__ == "__main__":\n    run_tests()\n')
+    with pytest.raises(PatchError, match="does not exist yet"):
+        second.apply(None)
+    with pytest.raises(PatchError, match="exists upstream"):
+        first.apply(text)
+    with pytest.raises(PatchError, match=r"already defines \['Base'\]"):
+        manifest.PassTests("test/t.py", str(src), "", ["Base", "TestTwo"], extends=True).apply(text)
+    with pytest.raises(PatchError, match="helper is used by TestTwo but not carried upstream"):
+        manifest.PassTests("test/t.py", str(src), "", ["TestTwo"], extends=True).apply(text)
+    with pytest.raises(PatchError, match="takes no header"):
+        manifest.PassTests("test/t.py", str(src), "import os", ["helper", "TestTwo"], extends=True).apply(text)
 
 
 # Names and yaml entries derived from the declaration ------------------------
