@@ -87,11 +87,23 @@ ROUTING_META = """\
 # with the same messages; keep the two in step.
 """
 
-FP8_META = """\
-# aten._quantize_fp8, _dequantize_fp8, and _scaled_grouped_mm on CPU: checks
-# and output allocation. These restate the checks of ATen/native/MoEQuantize.h
-# and MoEScaledGroupedMM.h one for one, with the same messages; keep them in
-# step.
+FP8_QUANTIZE_META = """\
+# aten._quantize_fp8, _dequantize_fp8: checks and output allocation. These
+# restate the checks of ATen/native/MoEQuantize.h one for one, with the same
+# messages; keep them in step.
+"""
+
+SWIZZLE_MX_SCALE_META = """\
+# aten._swizzle_mx_scale: checks and output allocation. These restate the
+# checks of ATen/native/MoESwizzleMXScale.h one for one, with the same
+# messages; keep them in step.
+"""
+
+SCALED_GROUPED_MM_CPU_META = """\
+# aten._scaled_grouped_mm on CPU (the CPU branch of meta_scaled_grouped_mm):
+# checks and output allocation. These restate the checks of
+# ATen/native/MoEScaledGroupedMM.h one for one, with the same messages; keep
+# them in step.
 """
 
 MOE_OPS_STRATEGY_DOC = """\
@@ -199,6 +211,33 @@ ROUTING_NO_AUTOGRAD = (
     "supports_autograd=False, supports_forward_ad=False, supports_fwgrad_bwgrad=False, **kwargs)",
 )
 
+# Stack 3, one op per PR: the top-level definitions of test/opinfo_fp8.py each PR carries (its op's
+# builder and what only it uses), and the op_db statement of the upstream module after each PR.
+FP8_QUANTIZE_OPS = ("quantize_fp8", "dequantize_fp8")
+FP8_OPINFOS = {
+    "quantize_fp8_opinfos": ["FP8_DTYPES", "_offs", "_spread", "quantize_cases", "sample_inputs_quantize_fp8",
+                             "_dequantize_cases", "sample_inputs_dequantize_fp8", "_err", "error_inputs_quantize_fp8",
+                             "error_inputs_dequantize_fp8", "_fp8_opinfo", "quantize_fp8_opinfos"],
+    "swizzle_mx_scale_opinfos": ["swizzle_cases", "sample_inputs_swizzle_mx_scale", "error_inputs_swizzle_mx_scale",
+                                 "swizzle_mx_scale_opinfos"],
+    "scaled_grouped_mm_opinfos": ["SCALED_MM_DTYPES", "_scaled_grouped_mm_operands", "scaled_grouped_mm_cases",
+                                  "sample_inputs_scaled_grouped_mm", "error_inputs_scaled_grouped_mm",
+                                  "scaled_grouped_mm_opinfos"],
+}
+# upstream's CUDA kernel of _scaled_grouped_mm is narrower than the CPU one's samples: tested in its own files
+FP8_CUDA_TESTED_ELSEWHERE = {"scaled_grouped_mm_opinfos": ', cuda_tested_elsewhere=("scaled_grouped_mm",)'}
+
+
+def fp8_op_db(*builders: str) -> str:
+    """The op_db statement of definitions/fp8.py holding the OpInfos of builders (of test/opinfo_fp8.py)
+    for the aten ops."""
+    return "op_db = [\n" + "".join(
+        f'    *{b}(lambda op: f"_{{op}}", lambda op: getattr(torch.ops.aten, f"_{{op}}").default'
+        f'{FP8_CUDA_TESTED_ELSEWHERE.get(b, "")}),\n' for b in builders) + "]\n"
+
+
+FP8_OP_DB = fp8_op_db("quantize_fp8_opinfos", "swizzle_mx_scale_opinfos", "scaled_grouped_mm_opinfos")
+
 SERIES = [
     Series("core", [
         # -- Stack 1: grouped mm on CPU (patches/rfc/0001-grouped-mm-cpu.md) ---------------------------
@@ -278,6 +317,9 @@ SERIES = [
             ],
         ),
         # -- Stack 3: fp8 grouped GEMM on CPU (patches/rfc/0003-fp8-grouped-gemm-cpu.md) -----------------
+        # One op per PR: the quantisation ops, _swizzle_mx_scale, then _scaled_grouped_mm's CPU kernel;
+        # each brings its schema, dispatch, meta block (the checks it reaches, less an earlier PR's),
+        # OpInfos (appended to definitions/fp8.py) and expect entries.
         Patch(
             message="core/0006-fp8-cpu.txt",
             changes=[
@@ -285,12 +327,40 @@ SERIES = [
                 Copy(f"{NATIVE}/MoEQuantize.cpp", f"{SRC}/MoEQuantize.cpp"),
                 Copy(f"{NATIVE}/cpu/MoEQuantizeKernel.cpp", f"{SRC}/cpu/MoEQuantizeKernel.cpp"),
                 Copy(f"{NATIVE}/cpu/MoEFp8Utils.h", f"{SRC}/cpu/MoEFp8Utils.h"),
+                NativeFunctions("fp8", after="_moe_unpermute_backward", later=("CUDA",), ops=FP8_QUANTIZE_OPS),
+                Meta("fp8", FP8_QUANTIZE_META, ops=FP8_QUANTIZE_OPS, after="meta_moe_unpermute_backward"),
+                DecompExpect("fp8", ops=FP8_QUANTIZE_OPS),
+                OpInfoModule("fp8", "fp8", "OpInfos of the fp8 ops.", carried=FP8_OPINFOS["quantize_fp8_opinfos"],
+                             op_db=fp8_op_db("quantize_fp8_opinfos")),
+                Edit(OPINFO_INIT, [
+                    ("    fft,\n    grouped_mm,\n", "    fft,\n    fp8,\n    grouped_mm,\n"),
+                    ("    *fft.op_db,\n    *grouped_mm.op_db,\n", "    *fft.op_db,\n    *fp8.op_db,\n    *grouped_mm.op_db,\n"),
+                ]),
+            ],
+        ),
+        Patch(
+            message="core/0006b-fp8-swizzle-mx-scale.txt",
+            changes=[
+                Copy(f"{NATIVE}/MoESwizzleMXScale.h", f"{SRC}/MoESwizzleMXScale.h"),
+                Copy(f"{NATIVE}/MoESwizzleMXScale.cpp", f"{SRC}/MoESwizzleMXScale.cpp"),
+                NativeFunctions("fp8", after="_dequantize_fp8", ops=("swizzle_mx_scale",)),
+                Meta("fp8", SWIZZLE_MX_SCALE_META, ops=("swizzle_mx_scale",), earlier_ops=FP8_QUANTIZE_OPS,
+                     after="meta_dequantize_fp8"),
+                DecompExpect("fp8", ops=("swizzle_mx_scale",)),
+                OpInfoModule("fp8", "fp8", "", carried=FP8_OPINFOS["swizzle_mx_scale_opinfos"], extends=True,
+                             op_db=fp8_op_db("quantize_fp8_opinfos", "swizzle_mx_scale_opinfos")),
+            ],
+        ),
+        Patch(
+            message="core/0006c-fp8-scaled-grouped-mm-cpu.txt",
+            changes=[
                 Copy(f"{NATIVE}/MoEScaledGroupedMM.h", f"{SRC}/MoEScaledGroupedMM.h"),
                 Copy(f"{NATIVE}/MoEScaledGroupedMM.cpp", f"{SRC}/MoEScaledGroupedMM.cpp"),
                 Copy(f"{NATIVE}/cpu/MoEScaledGroupedMMKernel.cpp", f"{SRC}/cpu/MoEScaledGroupedMMKernel.cpp"),
-                NativeFunctions("fp8", after="_moe_unpermute_backward", later=("CUDA",)),
                 Dispatch("scaled_grouped_mm"),
-                Meta("fp8", FP8_META, after="meta_moe_unpermute_backward", cpu_branch=("scaled_grouped_mm",),
+                Meta("fp8", SCALED_GROUPED_MM_CPU_META, ops=("scaled_grouped_mm",),
+                     earlier_ops=(*FP8_QUANTIZE_OPS, "swizzle_mx_scale"), after="meta_swizzle_mx_scale",
+                     cpu_branch=("scaled_grouped_mm",),
                      edits=[(
                          "    # matching _scaled_grouped_mm_cuda Blas.cpp implementation\n",
                          "    if mat_a.device.type == \"cpu\":  # the CPU kernel's checks, wider than the CUDA kernels'\n"
@@ -298,16 +368,8 @@ SERIES = [
                          "            mat_a, mat_b, scale_a, scale_b, offs, bias, scale_result, out_dtype, use_fast_accum\n"
                          "        )\n"
                          "    # matching _scaled_grouped_mm_cuda Blas.cpp implementation\n")]),
-                DecompExpect("fp8"),
-                OpInfoModule("fp8", "fp8", "OpInfos of ``torch.ops.aten._quantize_fp8``,\n``_dequantize_fp8``, "
-                                           "``_scaled_grouped_mm`` and ``_swizzle_mx_scale``.", op_db_call=(
-                    'make_fp8_op_db(lambda op: f"moe_ops.{op}", lambda op: getattr(torch.ops.moe_ops, op).default)',
-                    'make_fp8_op_db(lambda op: f"_{op}", lambda op: getattr(torch.ops.aten, f"_{op}").default,\n'
-                    '               cuda_tested_elsewhere=("scaled_grouped_mm",))')),
-                Edit(OPINFO_INIT, [
-                    ("    fft,\n    grouped_mm,\n", "    fft,\n    fp8,\n    grouped_mm,\n"),
-                    ("    *fft.op_db,\n    *grouped_mm.op_db,\n", "    *fft.op_db,\n    *fp8.op_db,\n    *grouped_mm.op_db,\n"),
-                ]),
+                OpInfoModule("fp8", "fp8", "", carried=FP8_OPINFOS["scaled_grouped_mm_opinfos"], extends=True,
+                             op_db=FP8_OP_DB),
             ],
         ),
         Patch(

@@ -21,10 +21,17 @@ class Meta:
     upstream definitions ``replaces`` or follows the definition ``after``.
     Ops in ``cpu_branch`` keep upstream's meta function: their fake becomes
     the helper ``_meta_<aten name>_cpu`` that ``edits`` (anchored on the
-    upstream file) call. ``edits`` are applied to the upstream file first."""
+    upstream file) call. ``edits`` are applied to the upstream file first.
+
+    ``ops`` selects some of the family's ops (all when empty), for a PR of
+    one op: the block carries their meta functions and the checks they reach
+    but those of ``earlier_ops``, the family's ops an earlier PR's block
+    carries (and whose checks it may use)."""
 
     family: str
     header: str
+    ops: tuple[str, ...] = ()
+    earlier_ops: tuple[str, ...] = ()
     replaces: list[str] = field(default_factory=list)
     after: str | None = None
     cpu_branch: tuple[str, ...] = ()
@@ -40,26 +47,35 @@ class Meta:
     def sources(self) -> list[str]:
         return [names.CHECKS, self.fake_source]
 
+    def carried_checks(self) -> dict[str, str]:
+        """The checks this block carries -> their upstream names."""
+        return names.op_checks(self.family, tuple(self.ops), tuple(self.earlier_ops))
+
     def meta_names(self) -> dict[str, str]:
         """fake kernel -> its upstream name."""
         out = {}
-        for op, fake in names.fake_kernels(self.family).items():
+        for op, fake in names.fake_kernels(self.family, tuple(self.ops)).items():
             out[fake] = (f"_meta_{names.aten_name(op).lstrip('_')}_cpu" if op in self.cpu_branch
                          else names.meta_name(op))
         return out
 
     def apply(self, upstream: str | None) -> str:
         checks_src, fake_src = (read_source(s, self.declared_at) for s in self.sources)
-        mine, shared = names.family_checks(self.family), names.shared_checks(self.family)
-        # Shared checks are carried by an earlier family's block: renamed, not repeated.
+        mine = self.carried_checks()
+        shared = {**names.shared_checks(self.family),
+                  **(names.op_checks(self.family, tuple(self.earlier_ops)) if self.earlier_ops else {})}
+        # Shared checks are carried by an earlier block (another family's, or an earlier op's of this
+        # family): renamed, not repeated.
         used_shared = {k: v for k, v in shared.items() if k not in mine}
         checks = rewrite.rename(checks_src, names.CHECKS, {**mine, **used_shared})[0]
         checks = rewrite.definitions(checks, names.CHECKS, list(mine.values()), provided=tuple(used_shared.values()))
         metas = self.meta_names()
         # Renamed as a whole file first, so that errors give the line in the ops module.
-        fakes = rewrite.rename(fake_src, self.fake_source, {**mine, **used_shared, **metas}, module_alias="_checks")[0]
+        # (every check of the family: the file's other fake kernels, not carried here, read theirs)
+        every = {**names.shared_checks(self.family), **names.family_checks(self.family)}
+        fakes = rewrite.rename(fake_src, self.fake_source, {**every, **metas}, module_alias="_checks")[0]
         blocks = []
-        for op, fake in names.fake_kernels(self.family).items():
+        for op, fake in names.fake_kernels(self.family, tuple(self.ops)).items():
             meta = rewrite.definition(fakes, self.fake_source, metas[fake])
             register = "" if op in self.cpu_branch else f"@register_meta(aten.{names.aten_name(op)})\n"
             blocks.append(rewrite.replace_once(meta, f'@torch.library.register_fake("moe_ops::{op}")\n', register,

@@ -50,11 +50,13 @@ class NativeFunctions:
     entry of the aten op ``after``. Dispatch keys in ``later`` are left out
     where their kernel is not also another key's (a device-generic kernel
     keeps them): a later patch adds them with Dispatch(op, keys=...), with
-    the kernels it carries."""
+    the kernels it carries. ``ops`` selects some of the family's new ops (all
+    when empty), for a PR of one op."""
 
     family: str
     after: str
     later: tuple[str, ...] = ()
+    ops: tuple[str, ...] = ()
     path: str = NATIVE_FUNCTIONS
     declared_at: str = field(default_factory=declared_at)
 
@@ -62,8 +64,12 @@ class NativeFunctions:
     def sources(self) -> list[str]:
         return [DECLARATION]
 
-    def ops(self) -> list:
+    def new_ops(self) -> list:
         ops = [o for o in native_functions.upstreamed(self.family) if not o.upstream.extends]
+        unknown = [n for n in self.ops if n not in [o.name for o in ops]]
+        if unknown:
+            raise PatchError(DECLARATION, None, f"{unknown} are not new upstream ops of the {self.family} family")
+        ops = [o for o in ops if not self.ops or o.name in self.ops]
         if not ops:
             raise PatchError(DECLARATION, None, f"the {self.family} family declares no new upstream op")
         return ops
@@ -75,7 +81,7 @@ class NativeFunctions:
 
     def apply(self, text: str | None) -> str:
         entries = [f"- func: {o.upstream_func()}\n  variants: function\n  dispatch:\n"
-                   + _dispatch_lines(self._dispatch(o)) for o in self.ops()]
+                   + _dispatch_lines(self._dispatch(o)) for o in self.new_ops()]
         _, end = _entry(text, self.path, "func", self.after)
         return text[:end] + "\n" + "\n".join(entries) + text[end:]
 

@@ -44,11 +44,17 @@ OVER_LIMIT: dict[str, tuple[int, str]] = {
     "core/0005-moe-routing-ops-cuda.txt": (799, (
         "cuda/MoERouting.cuh (468) and cuda/MoERouting.cu (272) hold the three ops' CUDA kernels together. "
         "Fix: the same per-op split as the CPU kernels")),
-    "core/0006-fp8-cpu.txt": (2688, (
-        "the quantisation ops and _scaled_grouped_mm come together: one meta block and one OpInfo module "
-        "(707 lines) per family, and MoEQuantizeKernel.cpp (457) / MoEScaledGroupedMMKernel.cpp (423). Fix: "
-        "split test/opinfo_fp8.py and the fp8 meta block per op (quantize/dequantize; swizzle_mx_scale; "
-        "scaled_grouped_mm) and carry _scaled_grouped_mm in its own PR")),
+    "core/0006-fp8-cpu.txt": (1308, (
+        "_quantize_fp8 and _dequantize_fp8 (core/0006b, _swizzle_mx_scale, is 316): cpu/MoEQuantizeKernel.cpp "
+        "(457) and MoEQuantize.h (283) hold every recipe's kernel and checks, with the two ops' OpInfos (338) "
+        "and meta functions (127). Fix: split the kernel, checks and samples by recipe: tensorwise and rowwise "
+        "(whole-row segments) first, then the blocked recipes (1x128, 128x128), then MX (e8m0 scales, "
+        "swizzle), each PR with its recipes' samples")),
+    "core/0006c-fp8-scaled-grouped-mm-cpu.txt": (1117, (
+        "_scaled_grouped_mm on CPU: cpu/MoEScaledGroupedMMKernel.cpp (423), MoEScaledGroupedMM.h (205) and "
+        "its OpInfo (312) cover every recipe. Fix: the rowwise kernel first, then the blockwise and the MX "
+        "scales in PRs of their own (the target stack of patches/rfc/0003, on _scaled_grouped_mm_v2, "
+        "which re-cuts this PR)")),
     "compile/0001-inductor-moe-router-pass.txt": (544, (
         "fx_passes/moe_router.py alone is 240 lines and the matching helpers it reads (moe_fx_utils.py) 160, "
         "with the test file's 133 (the combine's PR, compile/0002, is 230). Fix: carry DeepSeek-V3's "

@@ -429,7 +429,7 @@ def meta(tree, aten):
     with open(path) as f:
         source = f.read()
     metas = [c for s in manifest.SERIES for p in s.patches for c in p.changes if isinstance(c, manifest.Meta)]
-    generated = [name for m in metas for name in [*names.family_checks(m.family).values(), *m.meta_names().values()]]
+    generated = [name for m in metas for name in [*m.carried_checks().values(), *m.meta_names().values()]]
     # upstream's meta function of _scaled_grouped_mm, which calls its CPU branch
     generated.append("meta_scaled_grouped_mm")
     registered = []
@@ -616,11 +616,11 @@ def test_patched_fp8_opinfo(tree, aten):
     """The patched fp8 definitions module's op_db, built as upstream does:
     quantize and dequantize equal their refs bit for bit, scaled_grouped_mm is
     close to its float64 ref, error inputs raise."""
-    ours = upstream_op_db(tree, aten, "torch/testing/_internal/opinfo/definitions/fp8.py", upstream_op_db_line(
-        "fp8", ',\n               cuda_tested_elsewhere=("scaled_grouped_mm",)'))
+    ours = upstream_op_db(tree, aten, "torch/testing/_internal/opinfo/definitions/fp8.py", manifest.FP8_OP_DB)
     ops = [op.name for op in native_functions.public_ops("fp8")]
-    assert [info.name for info in ours] == [names.aten_name(op) for op in ops]
-    assert [info.op.impl for info in ours] == [getattr(torch.ops.moe_ops, op).default for op in ops]
+    # in the stack's order (one PR per op), each op once
+    assert sorted(info.name for info in ours) == sorted(names.aten_name(op) for op in ops)
+    assert [info.op.impl for info in ours] == [getattr(torch.ops.moe_ops, info.name[1:]).default for info in ours]
     # upstream's CUDA kernel of _scaled_grouped_mm is tested in its own files
     skipped = {info.name for info in ours if any(d.device_type == "cuda" for d in info.decorators)}
     assert skipped == {"_scaled_grouped_mm"}
@@ -1260,3 +1260,54 @@ def test_yaml_entries_from_the_declaration():
     assert "_scaled_grouped_mm" not in patched  # upstream has it: Dispatch extends its entry instead
     with pytest.raises(PatchError, match="expected one entry '- func: _no_such_op\\('"):
         NativeFunctions("fp8", after="_no_such_op").apply(base)
+    # An op selection (a PR of one op) writes only its entries; a name not of the family is an error.
+    one = NativeFunctions("fp8", after="_grouped_mm", ops=("swizzle_mx_scale",)).apply(extended)
+    assert "- func: _swizzle_mx_scale(" in one and "_quantize_fp8" not in one
+    with pytest.raises(PatchError, match=r"\['permute'\] are not new upstream ops of the fp8 family"):
+        NativeFunctions("fp8", after="_grouped_mm", ops=("permute",)).apply(extended)
+    with pytest.raises(PatchError, match=r"\['scaled_grouped_mm'\] are not new upstream ops of the fp8 family"):
+        NativeFunctions("fp8", after="_grouped_mm", ops=("scaled_grouped_mm",)).apply(extended)
+    with pytest.raises(PatchError, match=r"\['permute'\] are not upstreamed ops of the fp8 family"):
+        DecompExpect("fp8", ops=("permute",)).names()
+
+
+def test_stack_3_meta_blocks_partition_the_fp8_checks():
+    """Stack 3's meta blocks, one per op PR, carry every check of the fp8 family once between them, each
+    block the checks its ops reach but an earlier block's; each block names only its ops' meta functions."""
+    metas = [c for p in manifest.SERIES[0].patches for c in p.changes
+             if isinstance(c, manifest.Meta) and c.family == "fp8"]
+    assert [m.ops for m in metas] == [manifest.FP8_QUANTIZE_OPS, ("swizzle_mx_scale",), ("scaled_grouped_mm",)]
+    carried = [set(m.carried_checks()) for m in metas]
+    assert set().union(*carried) == set(names.family_checks("fp8"))
+    assert sum(map(len, carried)) == len(names.family_checks("fp8"))  # disjoint
+    assert "check_scaled_grouped_mm_inputs" in carried[2] and "check_swizzle_mx_scale_inputs" in carried[1]
+    assert [tuple(m.earlier_ops) for m in metas] == [(), manifest.FP8_QUANTIZE_OPS,
+                                                     (*manifest.FP8_QUANTIZE_OPS, "swizzle_mx_scale")]
+    assert list(metas[1].meta_names().values()) == ["meta_swizzle_mx_scale"]
+    with pytest.raises(PatchError, match=r"\['router_topk'\] are not upstreamed ops of the fp8 family"):
+        names.op_checks("fp8", ("router_topk",))
+
+
+def test_opinfo_module_grows_one_op_per_pr():
+    """The fp8 OpInfo module of stack 3: the first PR writes it, each later one appends its op's
+    definitions and widens op_db; carrying a definition twice, or extending a module not written yet, is
+    an error."""
+    from patches.opinfo import OpInfoModule
+    first = OpInfoModule("fp8", "fp8", "OpInfos.", carried=manifest.FP8_OPINFOS["quantize_fp8_opinfos"],
+                         op_db=manifest.fp8_op_db("quantize_fp8_opinfos"))
+    text = first.apply(None)
+    assert text.startswith('# mypy: ignore-errors\n\n"""OpInfos."""\n\nimport functools\n')
+    assert "def torch_quantize_fp8(" in text and "def torch_swizzle_mx_scale(" not in text
+    assert "torch_moe_ops" not in text and "moe_ops" not in text.replace("_moe_", "")
+    second = OpInfoModule("fp8", "fp8", "", carried=manifest.FP8_OPINFOS["swizzle_mx_scale_opinfos"],
+                          extends=True, op_db=manifest.fp8_op_db("quantize_fp8_opinfos", "swizzle_mx_scale_opinfos"))
+    grown = second.apply(text)
+    assert grown.startswith(text[:text.index("\n\n\nop_db = [")])
+    assert grown.count("def torch_swizzle_mx_scale(") == 1 and grown.count("def _fp8_swizzle(") == 1
+    assert grown.endswith(manifest.fp8_op_db("quantize_fp8_opinfos", "swizzle_mx_scale_opinfos"))
+    with pytest.raises(PatchError, match="does not exist yet"):
+        second.apply(None)
+    with pytest.raises(PatchError, match=r"already defines \['_offs'\]"):
+        OpInfoModule("fp8", "fp8", "", carried=["_offs"], extends=True, op_db="op_db = []\n").apply(text)
+    with pytest.raises(PatchError, match="exists already"):
+        first.apply(text)
