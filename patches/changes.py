@@ -84,16 +84,19 @@ class Edit:
 #   derivatives     the aten names of new_ops with derivatives
 #   backward_nodes  their autograd nodes as gen_autograd names them (_moe_permute -> MoePermuteBackward0)
 #   cuda_ops        the aten names of new_ops with a CUDA kernel of their own (not the CPU one's)
+# In a patch that selects some of a family's ops (the ``ops=`` of its changes: a PR of one op), every
+# kind lists only the selected ones.
 PLACEHOLDER = re.compile(r"\{(\w+):(\w+)(?::([^{}]*))?\}")
 
 
-def _declared(kind: str, family: str, where: str) -> list[str]:
+def _declared(kind: str, family: str, where: str, selection: dict[str, set[str]] | None = None) -> list[str]:
     from torch_moe_ops import native_functions
 
     if family not in native_functions.families():
         raise PatchError(where, None, f"placeholder {{{kind}:{family}}}: no family {family!r} in "
                                       f"{native_functions.FAMILIES}")
-    ops = [o for o in native_functions.upstreamed(family) if o.backward_of is None]
+    ops = [o for o in native_functions.upstreamed(family) if o.backward_of is None
+           and (not selection or family not in selection or o.name in selection[family])]
     new = [o for o in ops if not o.upstream.extends]
     kinds = {
         "ops": lambda: [o.upstream.name for o in ops],
@@ -109,9 +112,11 @@ def _declared(kind: str, family: str, where: str) -> list[str]:
     return kinds[kind]()
 
 
-def fill_message(text: str, where: str) -> str:
-    """text with its placeholders filled from the op declaration."""
-    return PLACEHOLDER.sub(lambda m: (", " if m[3] is None else m[3]).join(_declared(m[1], m[2], where)), text)
+def fill_message(text: str, where: str, selection: dict[str, set[str]] | None = None) -> str:
+    """text with its placeholders filled from the op declaration (of the ops
+    ``selection`` names, for the families it names)."""
+    return PLACEHOLDER.sub(lambda m: (", " if m[3] is None else m[3]).join(_declared(m[1], m[2], where, selection)),
+                           text)
 
 
 @dataclass
@@ -124,10 +129,20 @@ class Patch:
     changes: list
 
     @property
+    def selection(self) -> dict[str, set[str]]:
+        """family -> the ops its changes select (``ops=``), for the families a change selects ops of."""
+        out: dict[str, set[str]] = {}
+        for change in self.changes:
+            family, ops = getattr(change, "family", None), getattr(change, "ops", None)
+            if family and isinstance(ops, (tuple, list)) and ops:
+                out.setdefault(family, set()).update(ops)
+        return out
+
+    @property
     def text(self) -> str:
         path = os.path.join(MESSAGES, self.message)
         with open(path, encoding="utf-8") as f:
-            return fill_message(f.read(), os.path.relpath(path, REPO_ROOT))
+            return fill_message(f.read(), os.path.relpath(path, REPO_ROOT), self.selection)
 
     @property
     def title(self) -> str:

@@ -73,6 +73,9 @@ class DecompExpect:
         return [DECLARATION]
 
     def names(self) -> list[str]:
+        unknown = [n for n in self.ops if n not in [o.name for o in native_functions.upstreamed(self.family)]]
+        if unknown:
+            raise PatchError(DECLARATION, None, f"{unknown} are not upstreamed ops of the {self.family} family")
         ops = [o for o in native_functions.upstreamed(self.family) if not o.upstream.extends
                and (not self.ops or o.name in self.ops)]
         if not ops:

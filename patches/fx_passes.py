@@ -104,19 +104,28 @@ class FxPassModule:
         return text
 
 
+_RUN_TESTS = '\n\n\nif __name__ == "__main__":\n    run_tests()\n'
+
+
 @dataclass
 class PassTests:
     """An upstream test file from the top-level definitions ``carried`` of
     ``source`` (in source order, with every module-level name they use:
     rewrite.definitions), after ``header`` (the upstream imports), with
     ``edits`` anchored on the carried text and ops by their aten names, and
-    upstream's ``run_tests()`` entry point."""
+    upstream's ``run_tests()`` entry point.
+
+    With ``extends``, the file is one an earlier PR of the stack added (a
+    PassTests without it): ``carried`` is appended before its ``run_tests()``
+    entry point and may use what that file defines; ``header`` must be empty
+    (the imports are the first PR's)."""
 
     path: str
     source: str
     header: str
     carried: list[str]
     edits: list[tuple[str, str]] = field(default_factory=list)
+    extends: bool = False
     declared_at: str = field(default_factory=declared_at)
 
     @property
@@ -124,14 +133,31 @@ class PassTests:
         return [self.source]
 
     def apply(self, upstream: str | None) -> str:
-        if upstream is not None:
-            raise PatchError(self.path, None, "exists upstream; PassTests adds a new test file")
+        if self.extends and upstream is None:
+            raise PatchError(self.path, None, "does not exist yet; the first PassTests of a file adds it "
+                                              "(extends=False)")
+        if not self.extends and upstream is not None:
+            raise PatchError(self.path, None, "exists upstream; PassTests adds a new test file (or extends=True "
+                                              "one an earlier PR added)")
+        if self.extends and self.header:
+            file, line = self.declared_at.rsplit(":", 1)
+            raise PatchError(file, int(line), "an extending PassTests takes no header: the imports are those of "
+                                              "the PR that added the file")
         src = read_source(self.source, self.declared_at)
-        body = rewrite.definitions(src, self.source, self.carried)
+        provided: tuple[str, ...] = ()
+        if self.extends:
+            defined = [n for node in rewrite.parse(upstream, self.path).body for n in rewrite.top_level_names(node)]
+            again = [n for n in self.carried if n in defined]
+            if again:
+                raise PatchError(self.path, None, f"already defines {again}: carry each definition once")
+            provided = tuple(defined)
+        body = rewrite.definitions(src, self.source, self.carried, provided=provided)
         for old, new in self.edits:
             body = rewrite.replace_once(body, old, new, self.source)
         body = rename_ops(body, self.source)
-        text = self.header.rstrip("\n") + "\n\n\n" + body.rstrip("\n") + \
-            '\n\n\nif __name__ == "__main__":\n    run_tests()\n'
+        if self.extends:
+            text = rewrite.replace_once(upstream, _RUN_TESTS, "\n\n\n" + body.rstrip("\n") + _RUN_TESTS, self.path)
+        else:
+            text = self.header.rstrip("\n") + "\n\n\n" + body.rstrip("\n") + _RUN_TESTS
         rewrite.parse(text, self.path)
         return text

@@ -105,11 +105,23 @@ ROUTER_TOPK_META = """\
 # two in step.
 """
 
-FP8_META = """\
-# aten._quantize_fp8, _dequantize_fp8, and _scaled_grouped_mm on CPU: checks
-# and output allocation. These restate the checks of ATen/native/MoEQuantize.h
-# and MoEScaledGroupedMM.h one for one, with the same messages; keep them in
-# step.
+FP8_QUANTIZE_META = """\
+# aten._quantize_fp8, _dequantize_fp8: checks and output allocation. These
+# restate the checks of ATen/native/MoEQuantize.h one for one, with the same
+# messages; keep them in step.
+"""
+
+SWIZZLE_MX_SCALE_META = """\
+# aten._swizzle_mx_scale: checks and output allocation. These restate the
+# checks of ATen/native/MoESwizzleMXScale.h one for one, with the same
+# messages; keep them in step.
+"""
+
+SCALED_GROUPED_MM_CPU_META = """\
+# aten._scaled_grouped_mm on CPU (the CPU branch of meta_scaled_grouped_mm):
+# checks and output allocation. These restate the checks of
+# ATen/native/MoEScaledGroupedMM.h one for one, with the same messages; keep
+# them in step.
 """
 
 MOE_OPS_STRATEGY_DOC = """\
@@ -147,21 +159,31 @@ sharding propagation with the kernel's message.
 
 MOE_MODULES = {"_fx": "moe_fx_utils", "router": "moe_router", "combine": "moe_combine"}
 
+# The switch as the router's PR adds it; the combine's PR widens its comment (MOE_CONFIG_COMBINE).
 MOE_CONFIG = """\
 # set to True to rewrite stock mixture-of-experts code into the MoE ops: a
 # router's score function and top-k into aten._moe_router_topk (pre-grad,
-# fx_passes/moe_router.py; only where the op selects the same experts), the
-# weighted index_add / scatter_add of a grouped GEMM's rows into
-# aten._moe_unpermute (post-grad, fx_passes/moe_combine.py; it sums in fp32 and
-# rounds once where the stock code rounds every step). Each rewrite counts
-# itself in torch._dynamo.utils.counters["moe_passes"].
+# fx_passes/moe_router.py; only where the op selects the same experts).
+# Each rewrite counts itself in torch._dynamo.utils.counters["moe_passes"].
 moe_passes = os.environ.get("TORCHINDUCTOR_MOE_PASSES", "0") == "1"
 """
 
+MOE_CONFIG_COMBINE = (
+    "# fx_passes/moe_router.py; only where the op selects the same experts).\n"
+    "# Each rewrite counts itself in torch._dynamo.utils.counters[\"moe_passes\"].\n",
+    "# fx_passes/moe_router.py; only where the op selects the same experts), the\n"
+    "# weighted index_add / scatter_add of a grouped GEMM's rows into\n"
+    "# aten._moe_unpermute (post-grad, fx_passes/moe_combine.py; it sums in fp32 and\n"
+    "# rounds once where the stock code rounds every step). Each rewrite counts\n"
+    "# itself in torch._dynamo.utils.counters[\"moe_passes\"].\n",
+)
+
+MOE_TESTS = "test/inductor/test_moe_passes.py"
+
 MOE_TESTS_HEADER = """\
 # Owner(s): ["module: inductor"]
-\"\"\"The MoE passes (config.moe_passes): fx_passes/moe_router.py and moe_combine.py on
-hand-written stock MoE code, with hypothesis-drawn shapes.\"\"\"
+\"\"\"The MoE passes (config.moe_passes, fx_passes/moe_*.py) on hand-written stock MoE code,
+with hypothesis-drawn shapes.\"\"\"
 
 import contextlib
 
@@ -208,6 +230,33 @@ UNPERMUTE_NO_AUTOGRAD = ("torch_unpermute, floating)", "torch_unpermute, floatin
 ROUTER_NO_AUTOGRAD = ("gradcheck_wrapper=gradcheck_router_topk)",
                       "gradcheck_wrapper=gradcheck_router_topk, supports_autograd=False)")
 ROUTING_OPINFO = "torch/testing/_internal/opinfo/definitions/moe_routing.py"
+
+# Stack 3, one op per PR: the top-level definitions of test/opinfo_fp8.py each PR carries (its op's
+# builder and what only it uses), and the op_db statement of the upstream module after each PR.
+FP8_QUANTIZE_OPS = ("quantize_fp8", "dequantize_fp8")
+FP8_OPINFOS = {
+    "quantize_fp8_opinfos": ["FP8_DTYPES", "_offs", "_spread", "quantize_cases", "sample_inputs_quantize_fp8",
+                             "_dequantize_cases", "sample_inputs_dequantize_fp8", "_err", "error_inputs_quantize_fp8",
+                             "error_inputs_dequantize_fp8", "_fp8_opinfo", "quantize_fp8_opinfos"],
+    "swizzle_mx_scale_opinfos": ["swizzle_cases", "sample_inputs_swizzle_mx_scale", "error_inputs_swizzle_mx_scale",
+                                 "swizzle_mx_scale_opinfos"],
+    "scaled_grouped_mm_opinfos": ["SCALED_MM_DTYPES", "_scaled_grouped_mm_operands", "scaled_grouped_mm_cases",
+                                  "sample_inputs_scaled_grouped_mm", "error_inputs_scaled_grouped_mm",
+                                  "scaled_grouped_mm_opinfos"],
+}
+# upstream's CUDA kernel of _scaled_grouped_mm is narrower than the CPU one's samples: tested in its own files
+FP8_CUDA_TESTED_ELSEWHERE = {"scaled_grouped_mm_opinfos": ', cuda_tested_elsewhere=("scaled_grouped_mm",)'}
+
+
+def fp8_op_db(*builders: str) -> str:
+    """The op_db statement of definitions/fp8.py holding the OpInfos of builders (of test/opinfo_fp8.py)
+    for the aten ops."""
+    return "op_db = [\n" + "".join(
+        f'    *{b}(lambda op: f"_{{op}}", lambda op: getattr(torch.ops.aten, f"_{{op}}").default'
+        f'{FP8_CUDA_TESTED_ELSEWHERE.get(b, "")}),\n' for b in builders) + "]\n"
+
+
+FP8_OP_DB = fp8_op_db("quantize_fp8_opinfos", "swizzle_mx_scale_opinfos", "scaled_grouped_mm_opinfos")
 
 SERIES = [
     Series("core", [
@@ -275,7 +324,7 @@ SERIES = [
                 Copy(f"{NATIVE}/cpu/MoERoutingUtils.h", f"{SRC}/cpu/MoERoutingUtils.h"),
                 Copy(f"{NATIVE}/cpu/MoEUnpermuteKernel.cpp", f"{SRC}/cpu/MoEUnpermuteKernel.cpp"),
                 NativeFunctions("routing", after="_moe_permute", later=("CUDA",), ops=("unpermute",)),
-                Meta("routing", UNPERMUTE_META, after="meta_moe_permute", ops=("unpermute",)),
+                Meta("routing", UNPERMUTE_META, after="meta_moe_permute", ops=("unpermute",), earlier_ops=("permute",)),
                 DecompExpect("routing", ops=("unpermute",)),
                 OpInfoModule("routing", "moe_routing", ROUTING_OPINFO_TITLE, ops=("permute", "unpermute"),
                              edits=[PERMUTE_NO_AUTOGRAD, UNPERMUTE_NO_AUTOGRAD]),
@@ -288,7 +337,8 @@ SERIES = [
                 Copy(f"{NATIVE}/MoEUnpermuteBackward.cpp", f"{SRC}/MoEUnpermuteBackward.cpp"),
                 Copy(f"{NATIVE}/cpu/MoEUnpermuteBackwardKernel.cpp", f"{SRC}/cpu/MoEUnpermuteBackwardKernel.cpp"),
                 NativeFunctions("routing", after="_moe_unpermute", later=("CUDA",), ops=("unpermute_backward",)),
-                Meta("routing", UNPERMUTE_BACKWARD_META, after="meta_moe_unpermute", ops=("unpermute_backward",)),
+                Meta("routing", UNPERMUTE_BACKWARD_META, after="meta_moe_unpermute", ops=("unpermute_backward",),
+                     earlier_ops=("permute", "unpermute")),
                 DecompExpect("routing", ops=("unpermute_backward",)),
                 Derivatives(ops=["permute", "unpermute"], before="mode"),
                 Edit(ROUTING_OPINFO, [PERMUTE_NO_AUTOGRAD[::-1], UNPERMUTE_NO_AUTOGRAD[::-1]]),
@@ -301,7 +351,8 @@ SERIES = [
                 Copy(f"{NATIVE}/MoERouterTopk.cpp", f"{SRC}/MoERouterTopk.cpp"),
                 Copy(f"{NATIVE}/cpu/MoERouterTopkKernel.cpp", f"{SRC}/cpu/MoERouterTopkKernel.cpp"),
                 NativeFunctions("routing", after="_grouped_mm", later=("CUDA",), ops=("router_topk",)),
-                Meta("routing", ROUTER_TOPK_META, after="meta_grouped_mm", ops=("router_topk",)),
+                Meta("routing", ROUTER_TOPK_META, after="meta_grouped_mm", ops=("router_topk",),
+                     earlier_ops=("permute", "unpermute", "unpermute_backward")),
                 DecompExpect("routing", ops=("router_topk",)),
                 OpInfoModule("routing", "moe_routing", ROUTING_OPINFO_TITLE, ops=("router_topk", "permute", "unpermute"),
                              edits=[ROUTER_NO_AUTOGRAD]),
@@ -348,6 +399,9 @@ SERIES = [
             ],
         ),
         # -- Stack 3: fp8 grouped GEMM on CPU (patches/rfc/0003-fp8-grouped-gemm-cpu.md) -----------------
+        # One op per PR: the quantisation ops, _swizzle_mx_scale, then _scaled_grouped_mm's CPU kernel;
+        # each brings its schema, dispatch, meta block (the checks it reaches, less an earlier PR's),
+        # OpInfos (appended to definitions/fp8.py) and expect entries.
         Patch(
             message="core/0006-fp8-cpu.txt",
             changes=[
@@ -355,12 +409,40 @@ SERIES = [
                 Copy(f"{NATIVE}/MoEQuantize.cpp", f"{SRC}/MoEQuantize.cpp"),
                 Copy(f"{NATIVE}/cpu/MoEQuantizeKernel.cpp", f"{SRC}/cpu/MoEQuantizeKernel.cpp"),
                 Copy(f"{NATIVE}/cpu/MoEFp8Utils.h", f"{SRC}/cpu/MoEFp8Utils.h"),
+                NativeFunctions("fp8", after="_moe_unpermute_backward", later=("CUDA",), ops=FP8_QUANTIZE_OPS),
+                Meta("fp8", FP8_QUANTIZE_META, ops=FP8_QUANTIZE_OPS, after="meta_moe_unpermute_backward"),
+                DecompExpect("fp8", ops=FP8_QUANTIZE_OPS),
+                OpInfoModule("fp8", "fp8", "OpInfos of the fp8 ops.", carried=FP8_OPINFOS["quantize_fp8_opinfos"],
+                             op_db=fp8_op_db("quantize_fp8_opinfos")),
+                Edit(OPINFO_INIT, [
+                    ("    fft,\n    grouped_mm,\n", "    fft,\n    fp8,\n    grouped_mm,\n"),
+                    ("    *fft.op_db,\n    *grouped_mm.op_db,\n", "    *fft.op_db,\n    *fp8.op_db,\n    *grouped_mm.op_db,\n"),
+                ]),
+            ],
+        ),
+        Patch(
+            message="core/0006b-fp8-swizzle-mx-scale.txt",
+            changes=[
+                Copy(f"{NATIVE}/MoESwizzleMXScale.h", f"{SRC}/MoESwizzleMXScale.h"),
+                Copy(f"{NATIVE}/MoESwizzleMXScale.cpp", f"{SRC}/MoESwizzleMXScale.cpp"),
+                NativeFunctions("fp8", after="_dequantize_fp8", ops=("swizzle_mx_scale",)),
+                Meta("fp8", SWIZZLE_MX_SCALE_META, ops=("swizzle_mx_scale",), earlier_ops=FP8_QUANTIZE_OPS,
+                     after="meta_dequantize_fp8"),
+                DecompExpect("fp8", ops=("swizzle_mx_scale",)),
+                OpInfoModule("fp8", "fp8", "", carried=FP8_OPINFOS["swizzle_mx_scale_opinfos"], extends=True,
+                             op_db=fp8_op_db("quantize_fp8_opinfos", "swizzle_mx_scale_opinfos")),
+            ],
+        ),
+        Patch(
+            message="core/0006c-fp8-scaled-grouped-mm-cpu.txt",
+            changes=[
                 Copy(f"{NATIVE}/MoEScaledGroupedMM.h", f"{SRC}/MoEScaledGroupedMM.h"),
                 Copy(f"{NATIVE}/MoEScaledGroupedMM.cpp", f"{SRC}/MoEScaledGroupedMM.cpp"),
                 Copy(f"{NATIVE}/cpu/MoEScaledGroupedMMKernel.cpp", f"{SRC}/cpu/MoEScaledGroupedMMKernel.cpp"),
-                NativeFunctions("fp8", after="_moe_unpermute_backward", later=("CUDA",)),
                 Dispatch("scaled_grouped_mm"),
-                Meta("fp8", FP8_META, after="meta_moe_unpermute_backward", cpu_branch=("scaled_grouped_mm",),
+                Meta("fp8", SCALED_GROUPED_MM_CPU_META, ops=("scaled_grouped_mm",),
+                     earlier_ops=(*FP8_QUANTIZE_OPS, "swizzle_mx_scale"), after="meta_swizzle_mx_scale",
+                     cpu_branch=("scaled_grouped_mm",),
                      edits=[(
                          "    # matching _scaled_grouped_mm_cuda Blas.cpp implementation\n",
                          "    if mat_a.device.type == \"cpu\":  # the CPU kernel's checks, wider than the CUDA kernels'\n"
@@ -368,16 +450,8 @@ SERIES = [
                          "            mat_a, mat_b, scale_a, scale_b, offs, bias, scale_result, out_dtype, use_fast_accum\n"
                          "        )\n"
                          "    # matching _scaled_grouped_mm_cuda Blas.cpp implementation\n")]),
-                DecompExpect("fp8"),
-                OpInfoModule("fp8", "fp8", "OpInfos of ``torch.ops.aten._quantize_fp8``,\n``_dequantize_fp8``, "
-                                           "``_scaled_grouped_mm`` and ``_swizzle_mx_scale``.", op_db_call=(
-                    'make_fp8_op_db(lambda op: f"moe_ops.{op}", lambda op: getattr(torch.ops.moe_ops, op).default)',
-                    'make_fp8_op_db(lambda op: f"_{op}", lambda op: getattr(torch.ops.aten, f"_{op}").default,\n'
-                    '               cuda_tested_elsewhere=("scaled_grouped_mm",))')),
-                Edit(OPINFO_INIT, [
-                    ("    fft,\n    grouped_mm,\n", "    fft,\n    fp8,\n    grouped_mm,\n"),
-                    ("    *fft.op_db,\n    *grouped_mm.op_db,\n", "    *fft.op_db,\n    *fp8.op_db,\n    *grouped_mm.op_db,\n"),
-                ]),
+                OpInfoModule("fp8", "fp8", "", carried=FP8_OPINFOS["scaled_grouped_mm_opinfos"], extends=True,
+                             op_db=FP8_OP_DB),
             ],
         ),
         Patch(
@@ -390,13 +464,14 @@ SERIES = [
         ),
     ]),
     Series("compile", [
+        # The router rewrite with the matching helpers and the test file, then the combine rewrite with
+        # its hook and its test case appended to that file.
         Patch(
-            message="compile/0001-inductor-moe-passes-router-and-combine.txt",
+            message="compile/0001-inductor-moe-router-pass.txt",
             changes=[
                 FxPassModule("moe_fx_utils", "torch_moe_ops/compile/_fx.py", MOE_MODULES,
                              edits=[('COUNTER = "torch_moe_ops"\n', 'COUNTER = "moe_passes"\n')]),
                 FxPassModule("moe_router", "torch_moe_ops/compile/router.py", MOE_MODULES),
-                FxPassModule("moe_combine", "torch_moe_ops/compile/combine.py", MOE_MODULES),
                 Edit("torch/_inductor/config.py", [(
                     "# set to True to enable the back-to-back GEMM pass\nb2b_gemm_pass = False\n",
                     "# set to True to enable the back-to-back GEMM pass\nb2b_gemm_pass = False\n\n" + MOE_CONFIG,
@@ -408,6 +483,18 @@ SERIES = [
                     "        GraphTransformObserver(gm, \"moe_router\").apply_graph_pass(rewrite_routers)\n\n"
                     "    for pre_grad_custom_pass in get_custom_graph_passes(config.pre_grad_custom_pass):\n",
                 )]),
+                PassTests(MOE_TESTS, "test/test_compile_passes.py", MOE_TESTS_HEADER,
+                          ["FEW", "_SoftmaxRouter", "_SigmoidRouter", "_moe_counters", "MoEPassTestCase",
+                           "TestMoERouterPass"],
+                          edits=[("        self._stack.enter_context(moe_compile.enabled())\n",
+                                  "        self._stack.enter_context(torch._inductor.config.patch(moe_passes=True))\n")]),
+            ],
+        ),
+        Patch(
+            message="compile/0002-inductor-moe-combine-pass.txt",
+            changes=[
+                FxPassModule("moe_combine", "torch_moe_ops/compile/combine.py", MOE_MODULES),
+                Edit("torch/_inductor/config.py", [MOE_CONFIG_COMBINE]),
                 Edit("torch/_inductor/fx_passes/post_grad.py", [(
                     "    for post_grad_custom_post_pass in get_custom_graph_passes(\n",
                     "    if config.moe_passes:\n"
@@ -415,11 +502,8 @@ SERIES = [
                     "        GraphTransformObserver(gm, \"moe_combine\").apply_graph_pass(moe_combine)\n\n"
                     "    for post_grad_custom_post_pass in get_custom_graph_passes(\n",
                 )]),
-                PassTests("test/inductor/test_moe_passes.py", "test/test_compile_passes.py", MOE_TESTS_HEADER,
-                          ["FEW", "_SoftmaxRouter", "_SigmoidRouter", "_stock_combine", "_routing", "_moe_counters",
-                           "TestMoEPasses"],
-                          edits=[("        self._stack.enter_context(moe_compile.enabled())\n",
-                                  "        self._stack.enter_context(torch._inductor.config.patch(moe_passes=True))\n")]),
+                PassTests(MOE_TESTS, "test/test_compile_passes.py", "",
+                          ["_stock_combine", "_routing", "TestMoECombinePass"], extends=True),
             ],
         ),
     ]),

@@ -9,7 +9,6 @@ from dataclasses import dataclass, field
 
 from . import names, rewrite
 from .changes import declared_at, read_source
-from .errors import PatchError
 
 META_REGISTRATIONS = "torch/_meta_registrations.py"
 
@@ -24,18 +23,19 @@ class Meta:
     the helper ``_meta_<aten name>_cpu`` that ``edits`` (anchored on the
     upstream file) call. ``edits`` are applied to the upstream file first.
 
-    With ``ops`` (a stack that adds a family's ops one PR at a time), only
-    the fake kernels of these ops and the checks they reach; checks that an
-    earlier block of the family already defines in the upstream file are
-    used, not repeated."""
+    ``ops`` selects some of the family's ops (all when empty), for a PR of
+    one op: the block carries their meta functions and the checks they reach
+    but those of ``earlier_ops``, the family's ops an earlier PR's block
+    carries (and whose checks it may use)."""
 
     family: str
     header: str
+    ops: tuple[str, ...] = ()
+    earlier_ops: tuple[str, ...] = ()
     replaces: list[str] = field(default_factory=list)
     after: str | None = None
     cpu_branch: tuple[str, ...] = ()
     edits: list[tuple[str, str]] = field(default_factory=list)
-    ops: tuple[str, ...] = ()
     path: str = META_REGISTRATIONS
     declared_at: str = field(default_factory=declared_at)
 
@@ -47,41 +47,35 @@ class Meta:
     def sources(self) -> list[str]:
         return [names.CHECKS, self.fake_source]
 
-    def fake_kernels(self) -> dict[str, str]:
-        """op -> its fake kernel, for the ops of this block."""
-        fakes = names.fake_kernels(self.family)
-        unknown = [op for op in self.ops if op not in fakes]
-        if unknown:
-            raise PatchError(self.fake_source, None, f"no fake kernel of {unknown} (ops=) in the {self.family} family")
-        return {op: fake for op, fake in fakes.items() if not self.ops or op in self.ops}
+    def carried_checks(self) -> dict[str, str]:
+        """The checks this block carries -> their upstream names."""
+        return names.op_checks(self.family, tuple(self.ops), tuple(self.earlier_ops))
 
     def meta_names(self) -> dict[str, str]:
         """fake kernel -> its upstream name."""
         out = {}
-        for op, fake in self.fake_kernels().items():
+        for op, fake in names.fake_kernels(self.family, tuple(self.ops)).items():
             out[fake] = (f"_meta_{names.aten_name(op).lstrip('_')}_cpu" if op in self.cpu_branch
                          else names.meta_name(op))
         return out
 
     def apply(self, upstream: str | None) -> str:
         checks_src, fake_src = (read_source(s, self.declared_at) for s in self.sources)
-        for old, new in self.edits:
-            upstream = rewrite.replace_once(upstream, old, new, self.path)
-        mine, shared = names.family_checks(self.family, tuple(self.ops)), names.shared_checks(self.family)
-        # Checks an earlier block of the family defines (an earlier op's PR): renamed, not repeated.
-        defined = {n for node in rewrite.parse(upstream, self.path).body for n in rewrite.top_level_names(node)}
-        shared = {**shared, **{k: v for k, v in names.family_checks(self.family).items() if v in defined}}
-        mine = {k: v for k, v in mine.items() if v not in defined}
-        # Shared checks are carried by an earlier family's block: renamed, not repeated.
+        mine = self.carried_checks()
+        shared = {**names.shared_checks(self.family),
+                  **(names.op_checks(self.family, tuple(self.earlier_ops)) if self.earlier_ops else {})}
+        # Shared checks are carried by an earlier block (another family's, or an earlier op's of this
+        # family): renamed, not repeated.
         used_shared = {k: v for k, v in shared.items() if k not in mine}
         checks = rewrite.rename(checks_src, names.CHECKS, {**mine, **used_shared})[0]
         checks = rewrite.definitions(checks, names.CHECKS, list(mine.values()), provided=tuple(used_shared.values()))
         metas = self.meta_names()
         # Renamed as a whole file first, so that errors give the line in the ops module.
-        fakes = rewrite.rename(fake_src, self.fake_source, {**names.family_checks(self.family), **mine, **used_shared, **metas},
-                               module_alias="_checks")[0]
+        # (every check of the family: the file's other fake kernels, not carried here, read theirs)
+        every = {**names.shared_checks(self.family), **names.family_checks(self.family)}
+        fakes = rewrite.rename(fake_src, self.fake_source, {**every, **metas}, module_alias="_checks")[0]
         blocks = []
-        for op, fake in self.fake_kernels().items():
+        for op, fake in names.fake_kernels(self.family, tuple(self.ops)).items():
             meta = rewrite.definition(fakes, self.fake_source, metas[fake])
             register = "" if op in self.cpu_branch else f"@register_meta(aten.{names.aten_name(op)})\n"
             blocks.append(rewrite.replace_once(meta, f'@torch.library.register_fake("moe_ops::{op}")\n', register,
@@ -89,6 +83,8 @@ class Meta:
         body = (checks + "\n\n" if checks else "") + "\n\n".join(blocks) + "\n\n"
         # Two blank lines between the header and a function (pycodestyle's E302), one before a constant.
         block = self.header + ("\n\n" if body.startswith(("def ", "@")) else "\n") + body
+        for old, new in self.edits:
+            upstream = rewrite.replace_once(upstream, old, new, self.path)
         if self.replaces:
             return rewrite.replace_definitions(upstream, self.path, self.replaces, block)
         after = rewrite.definition(upstream, self.path, self.after)

@@ -87,9 +87,10 @@ def _top(source: str, path: str) -> dict[str, ast.stmt]:
     return {n: node for node in parse(source, path).body for n in top_level_names(node)}
 
 
-def fake_kernels(family: str) -> dict[str, str]:
+def fake_kernels(family: str, ops: tuple[str, ...] = ()) -> dict[str, str]:
     """op -> the name of its fake kernel in the family's ops module, for the
-    family's ops that go upstream."""
+    family's ops that go upstream (those of ``ops`` only, when given)."""
+    selection = _selection(family, ops)
     path = f"torch_moe_ops/ops/{family}.py"
     found = {}
     for node in _top(_read(path), path).values():
@@ -97,7 +98,7 @@ def fake_kernels(family: str) -> dict[str, str]:
             if (isinstance(d, ast.Call) and ast.unparse(d.func) == "torch.library.register_fake"
                     and isinstance(d.args[0], ast.Constant)):
                 found[d.args[0].value.split("::", 1)[1]] = node.name
-    ops = [o.name for o in native_functions.upstreamed(family)]
+    ops = [o.name for o in native_functions.upstreamed(family) if not selection or o.name in selection]
     missing = [op for op in ops if op not in found]
     if missing:
         raise PatchError(path, None, f"no register_fake of {missing}")
@@ -118,23 +119,42 @@ def _closure(checks: dict[str, ast.stmt], roots: set[str]) -> set[str]:
     return seen
 
 
+def _selection(family: str, ops: tuple[str, ...]) -> tuple[str, ...]:
+    """ops, checked to be upstreamed ops of family."""
+    known = [o.name for o in native_functions.upstreamed(family)]
+    unknown = [op for op in ops if op not in known]
+    if unknown:
+        raise PatchError(DECLARATION, None, f"{unknown} are not upstreamed ops of the {family} family ({known})")
+    return ops
+
+
 @functools.cache
-def family_checks(family: str, ops: tuple[str, ...] = ()) -> dict[str, str]:
+def family_checks(family: str) -> dict[str, str]:
     """The checks the family's meta functions carry (not those an earlier
-    family carries), each -> its upstream name, in _checks.py's order; with
-    ``ops``, those that the fake kernels of these ops reach."""
+    family carries), each -> its upstream name, in _checks.py's order."""
+    return op_checks(family)
+
+
+@functools.cache
+def op_checks(family: str, ops: tuple[str, ...] = (), earlier_ops: tuple[str, ...] = ()) -> dict[str, str]:
+    """The checks the meta functions of the family's ``ops`` (all its ops when
+    empty) carry, each -> its upstream name, in _checks.py's order: those their
+    fake kernels reach, less those an earlier family carries and those the
+    family's ``earlier_ops`` (an earlier PR's meta functions) reach."""
     checks = _top(_read(CHECKS), CHECKS)
     path = f"torch_moe_ops/ops/{family}.py"
     top = _top(_read(path), path)
-    roots = set()
-    for op, fake in fake_kernels(family).items():
-        if ops and op not in ops:
-            continue
-        roots |= {n.attr for n in ast.walk(top[fake]) if isinstance(n, ast.Attribute)
-                  and isinstance(n.value, ast.Name) and n.value.id == "_checks"}
-    earlier = shared_checks(family)
+
+    def reached(selection: tuple[str, ...]) -> set[str]:
+        roots = set()
+        for fake in fake_kernels(family, selection).values():
+            roots |= {n.attr for n in ast.walk(top[fake]) if isinstance(n, ast.Attribute)
+                      and isinstance(n.value, ast.Name) and n.value.id == "_checks"}
+        return _closure(checks, roots)
+
+    earlier = set(shared_checks(family)) | (reached(earlier_ops) if earlier_ops else set())
     order = list(checks)
-    mine = sorted(_closure(checks, roots) - set(earlier), key=order.index)
+    mine = sorted(reached(ops) - earlier, key=order.index)
     return {name: helper_name(name, family) for name in mine}
 
 

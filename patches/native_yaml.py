@@ -50,8 +50,8 @@ class NativeFunctions:
     entry of the aten op ``after``. Dispatch keys in ``later`` are left out
     where their kernel is not also another key's (a device-generic kernel
     keeps them): a later patch adds them with Dispatch(op, keys=...), with
-    the kernels it carries. With ``ops`` (our names), only those of the
-    family's new ops, for a stack that adds them one PR at a time."""
+    the kernels it carries. ``ops`` selects some of the family's new ops (all
+    when empty), for a PR of one op."""
 
     family: str
     after: str
@@ -66,9 +66,9 @@ class NativeFunctions:
 
     def new_ops(self) -> list:
         ops = [o for o in native_functions.upstreamed(self.family) if not o.upstream.extends]
-        unknown = [n for n in self.ops if n not in {o.name for o in ops}]
+        unknown = [n for n in self.ops if n not in [o.name for o in ops]]
         if unknown:
-            raise PatchError(DECLARATION, None, f"the {self.family} family declares no new upstream op {unknown}")
+            raise PatchError(DECLARATION, None, f"{unknown} are not new upstream ops of the {self.family} family")
         ops = [o for o in ops if not self.ops or o.name in self.ops]
         if not ops:
             raise PatchError(DECLARATION, None, f"the {self.family} family declares no new upstream op")

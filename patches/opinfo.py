@@ -49,7 +49,14 @@ class OpInfoModule:
     first (``opinfo("router_topk", ...)``) is left out with the comment lines
     above it, then every top-level definition and imported name no kept code
     uses. A later patch's OpInfoModule of the same module with more ops
-    rewrites the file: its diff adds their OpInfos."""
+    rewrites the file: its diff adds their OpInfos. A module whose OpInfos
+    are built by a function per op (test/opinfo_fp8.py) is cut otherwise:
+    ``carried`` names
+    the top-level definitions of the source a PR carries (with the references
+    and imports they use) and ``op_db`` its op_db statement: the first such PR
+    writes the module (its docstring ``title``), each later one
+    (``extends=True``) appends its definitions before the op_db statement and
+    replaces that statement with its own."""
 
     family: str
     module: str
@@ -57,6 +64,9 @@ class OpInfoModule:
     op_db_call: tuple[str, str] | None = None
     edits: list[tuple[str, str]] = field(default_factory=list)
     ops: tuple[str, ...] = ()
+    carried: list[str] | None = None
+    op_db: str | None = None
+    extends: bool = False
     declared_at: str = field(default_factory=declared_at)
 
     @property
@@ -72,6 +82,10 @@ class OpInfoModule:
         return [self.source, REFERENCE]
 
     def apply(self, upstream: str | None) -> str:
+        if self.carried is not None:
+            return self._apply_selection(upstream)
+        if self.extends or self.op_db is not None:
+            raise PatchError(self.declared_at, None, "extends= and op_db= go with carried=")
         src, reference_src = (read_source(s, self.declared_at) for s in self.sources)
         tree = rewrite.parse(src, self.source)
         lines = src.splitlines(keepends=True)
@@ -119,6 +133,74 @@ class OpInfoModule:
         for old, new in self.edits:
             src = rewrite.replace_once(src, old, new, self.source)
         return src
+
+    def _apply_selection(self, upstream: str | None) -> str:
+        if self.op_db is None:
+            raise PatchError(self.declared_at, None, "carried= needs op_db= (the module's op_db statement)")
+        if self.extends != (upstream is not None):
+            raise PatchError(self.path, None, "exists already: extend it (extends=True)" if upstream is not None
+                             else "does not exist yet: the first OpInfoModule of a module adds it (extends=False)")
+        src, reference_src = (read_source(s, self.declared_at) for s in self.sources)
+        tree = rewrite.parse(src, self.source)
+        defined: list[str] = []
+        if upstream is not None:
+            defined = [n for node in rewrite.parse(upstream, self.path).body for n in rewrite.top_level_names(node)]
+            again = [n for n in self.carried if n in defined]
+            if again:
+                raise PatchError(self.path, None, f"already defines {again}: carry each definition once")
+        body = rewrite.definitions(src, self.source, self.carried, provided=tuple(defined))
+        used = {n.id for n in ast.walk(rewrite.parse(body, self.source)) if isinstance(n, ast.Name)}
+        # The references the carried definitions call, inlined (those an earlier PR inlined are there).
+        imports = [n for n in tree.body if isinstance(n, ast.ImportFrom) and n.module == "torch_moe_ops.reference"]
+        if len(imports) != 1:
+            raise PatchError(self.source, None, "expected one import from torch_moe_ops.reference")
+        roots = [a.name for a in imports[0].names if a.name in used and a.name not in defined]
+        refs = [n for n in _closure(reference_src, roots) if n not in defined]
+        references = rewrite.definitions(reference_src, REFERENCE, refs, provided=tuple(defined)) if refs else ""
+        new = (references + "\n\n\n" if references else "") + body
+        code = rewrite.parse(new + "\n" + self.op_db, self.path)
+        used = {n.id for n in ast.walk(code) if isinstance(n, ast.Name)} | \
+            {n.value.id for n in ast.walk(code) if isinstance(n, ast.Attribute) and isinstance(n.value, ast.Name)}
+        lines = src.splitlines(keepends=True)
+        statements = []  # the source's imports the new code uses (this package's excepted)
+        for node in tree.body:
+            if isinstance(node, (ast.Import, ast.ImportFrom)) and not (
+                    isinstance(node, ast.ImportFrom) and (node.module or "").split(".")[0] in ("__future__",
+                                                                                               "torch_moe_ops")):
+                if any((a.asname or a.name).split(".")[0] in used for a in node.names):
+                    statements.append("".join(lines[node.lineno - 1:node.end_lineno]))
+        if "Optional" in used:  # the references annotate with it (the module has no __future__ annotations)
+            statements.append("from typing import Optional\n")
+        new = new.rstrip("\n")
+        if upstream is None:
+            # The standard library's imports, then torch's, as upstream groups them.
+            std = sorted((t for t in statements if not t.startswith(("import torch", "from torch"))),
+                         key=lambda t: (t.startswith("from "), t))
+            torch_imports = [t for t in statements if t.startswith(("import torch", "from torch"))]
+            text = ('# mypy: ignore-errors\n\n"""' + self.title + '"""\n\n' + "".join(std)
+                    + ("\n" if std and torch_imports else "") + "".join(torch_imports) + "\n\n"
+                    + new + "\n\n\n" + self.op_db.rstrip("\n") + "\n")
+        else:
+            text = upstream
+            missing = [t for t in statements if t not in text]
+            if missing:
+                last = [n for n in rewrite.parse(text, self.path).body if isinstance(n, (ast.Import, ast.ImportFrom))][-1]
+                at = sum(len(line) for line in text.splitlines(keepends=True)[:last.end_lineno])
+                text = text[:at] + "".join(missing) + text[at:]
+            dbs = [n for n in rewrite.parse(text, self.path).body if "op_db" in rewrite.top_level_names(n)]
+            if len(dbs) != 1:
+                raise PatchError(self.path, None, f"expected one op_db statement, found {len(dbs)}")
+            tlines = text.splitlines(keepends=True)
+            start, end = dbs[0].lineno - 1, dbs[0].end_lineno
+            text = ("".join(tlines[:start]).rstrip("\n") + "\n\n\n" + new + "\n\n\n" + self.op_db.rstrip("\n") + "\n"
+                    + "".join(tlines[end:]))
+        aten = {op.name: op.upstream.name for op in native_functions.upstreamed()}
+        text = re.sub(r"``moe_ops::(\w+)``", lambda m: f"``aten::{aten[m.group(1)]}``" if m.group(1) in aten
+                      else m.group(0), text)
+        for old, new_text in self.edits:
+            text = rewrite.replace_once(text, old, new_text, self.source)
+        rewrite.parse(text, self.path)
+        return text
 
 
 def _select_ops(src: str, path: str, family: str, ops: tuple[str, ...]) -> str:

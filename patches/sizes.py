@@ -42,16 +42,22 @@ OVER_LIMIT: dict[str, tuple[int, str]] = {
         "the AVX-512 path in a PR of its own after this one, which needs a Copy that carries the kernel file "
         "without its CPU_CAPABILITY_AVX512 blocks first (what the DEFAULT and AVX2 builds of the same file "
         "compile), then the whole file")),
-    "core/0006-fp8-cpu.txt": (2688, (
-        "the quantisation ops and _scaled_grouped_mm come together: one meta block and one OpInfo module "
-        "(707 lines) per family, and MoEQuantizeKernel.cpp (457) / MoEScaledGroupedMMKernel.cpp (423). Fix: "
-        "split test/opinfo_fp8.py and the fp8 meta block per op (quantize/dequantize; swizzle_mx_scale; "
-        "scaled_grouped_mm) and carry _scaled_grouped_mm in its own PR")),
-    "compile/0001-inductor-moe-passes-router-and-combine.txt": (801, (
-        "the router and the combine rewrites land together with their shared helpers (moe_fx_utils.py, 197 "
-        "lines) and one test file. Fix: two PRs, the router rewrite with the helpers it uses and its tests "
-        "(~450 lines once the helpers only the combine needs move into moe_combine.py), then the combine "
-        "rewrite with its tests (~300), which needs PassTests to extend the test file the first PR adds")),
+    "core/0006-fp8-cpu.txt": (1308, (
+        "_quantize_fp8 and _dequantize_fp8 (core/0006b, _swizzle_mx_scale, is 316): cpu/MoEQuantizeKernel.cpp "
+        "(457) and MoEQuantize.h (283) hold every recipe's kernel and checks, with the two ops' OpInfos (338) "
+        "and meta functions (127). Fix: split the kernel, checks and samples by recipe: tensorwise and rowwise "
+        "(whole-row segments) first, then the blocked recipes (1x128, 128x128), then MX (e8m0 scales, "
+        "swizzle), each PR with its recipes' samples")),
+    "core/0006c-fp8-scaled-grouped-mm-cpu.txt": (1117, (
+        "_scaled_grouped_mm on CPU: cpu/MoEScaledGroupedMMKernel.cpp (423), MoEScaledGroupedMM.h (205) and "
+        "its OpInfo (312) cover every recipe. Fix: the rowwise kernel first, then the blockwise and the MX "
+        "scales in PRs of their own (the target stack of patches/rfc/0003, on _scaled_grouped_mm_v2, "
+        "which re-cuts this PR)")),
+    "compile/0001-inductor-moe-router-pass.txt": (544, (
+        "fx_passes/moe_router.py alone is 240 lines and the matching helpers it reads (moe_fx_utils.py) 160, "
+        "with the test file's 133 (the combine's PR, compile/0002, is 230). Fix: carry DeepSeek-V3's "
+        "group-limited selection (router.py's _group_limit, ~70 lines with its test) as a third PR, which "
+        "needs the router's matcher to take the group limit from a module of its own")),
 }
 
 

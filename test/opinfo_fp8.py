@@ -1,21 +1,10 @@
 """OpInfos of the fp8 ops ``moe_ops.quantize_fp8``, ``moe_ops.dequantize_fp8``,
 ``moe_ops.scaled_grouped_mm`` and ``moe_ops.swizzle_mx_scale``.
 
-Samples cover every recipe on 2-D and 3-D operands, sizes that are not
-multiples of the blocks (partial last blocks), zero rows and zero columns, a
-transposed (column-major) weight quantised per output column, both float8
-formats, the swizzled MX scale layout, per-group (offs) operands with empty
-groups and columns past ``offs[-1]``, and values spanning 40 binades so that
-blocks differ in scale. Error inputs cover every rejected argument. The refs
-are plain-torch implementations of the ops, which use torch's own
-float -> float8 conversion.
-
-scaled_grouped_mm samples cover the four layouts with rowwise scales and the
-2D x 3D and 3D x 3D layouts with MX and blockwise (1x128 x 128x128) scales,
-both float8 formats, empty groups,
-rows past ``offs[-1]``, weights stored (G, N, K) (column-major, as upstream
-wants) and (G, K, N), bias in float32 and bfloat16; its ref dequantises in
-float64.
+One builder per op (``quantize_fp8_opinfos``: quantize_fp8 and its inverse,
+``swizzle_mx_scale_opinfos``, ``scaled_grouped_mm_opinfos``), each with its
+samples, error inputs and plain-torch ref, so that each op's PR carries its
+own (patches/manifest.py). Error inputs cover every rejected argument.
 
 The OpInfo's dtype is the floating dtype: the input of quantize_fp8 and the
 out_dtype of dequantize_fp8 and scaled_grouped_mm; for swizzle_mx_scale it is
@@ -410,31 +399,66 @@ def error_inputs_swizzle_mx_scale(op_info, device, **kwargs):
                 1, name="offs_values")
 
 
-def make_fp8_op_db(name_of, op_of, cuda_tested_elsewhere=()) -> list[OpInfo]:
-    """OpInfos of quantize_fp8, dequantize_fp8, scaled_grouped_mm and
-    swizzle_mx_scale; name_of and op_of map each op's name ("quantize_fp8", ...)
-    to the OpInfo's name and the op it calls. The ops in cuda_tested_elsewhere
-    have a narrower CUDA kernel than these samples need (upstream's
-    _scaled_grouped_mm: e4m3 only, no bias, no float32 output, no MX or
-    blockwise scales on sm_90): their OpInfos skip CUDA."""
+def _fp8_opinfo(name, op, ref, dtypes, sample_inputs_func, error_inputs_func, cuda_skip=False) -> OpInfo:
+    """An fp8 op's OpInfo: no autograd, no out=; cuda_skip for an op whose CUDA
+    kernel is narrower than these samples and tested in its own files."""
+    skips = ()
+    if cuda_skip:
+        skips = (DecorateInfo(unittest.skip("CUDA: a narrower kernel, tested in test_scaled_matmul_cuda.py"),
+                              device_type="cuda"),)
+    return OpInfo(name, op=op, ref=ref, dtypes=dtypes, sample_inputs_func=sample_inputs_func,
+                  error_inputs_func=error_inputs_func, supports_out=False, supports_autograd=False,
+                  supports_forward_ad=False, supports_fwgrad_bwgrad=False, skips=skips)
 
-    def opinfo(op, sample_fn, error_fn, ref, dtypes=FP8_DTYPES):
-        skips = ()
-        if op in cuda_tested_elsewhere:
-            skips = (DecorateInfo(unittest.skip("CUDA: a narrower kernel, tested in test_scaled_matmul_cuda.py"),
-                                  device_type="cuda"),)
-        return OpInfo(name_of(op), op=op_of(op), ref=ref, dtypes=dtypes, sample_inputs_func=sample_fn,
-                      error_inputs_func=error_fn, supports_out=False, supports_autograd=False,
-                      supports_forward_ad=False, supports_fwgrad_bwgrad=False, skips=skips)
 
+def quantize_fp8_opinfos(name_of, op_of, cuda_tested_elsewhere=()) -> list[OpInfo]:
+    """quantize_fp8 and dequantize_fp8. Samples cover every recipe on 2-D and
+    3-D operands, sizes that are not multiples of the blocks (partial last
+    blocks), zero rows and zero columns, a transposed (column-major) weight
+    quantised per output column, both float8 formats, the swizzled MX scale
+    layout, per-group (offs) operands with empty groups and columns past
+    ``offs[-1]``, and values spanning 40 binades so that blocks differ in
+    scale. The refs are plain-torch implementations of the ops, which use
+    torch's own float -> float8 conversion. name_of and op_of map each op's
+    name ("quantize_fp8", ...) to the OpInfo's name and the op it calls; the
+    ops in cuda_tested_elsewhere skip CUDA."""
     return [
-        opinfo("quantize_fp8", sample_inputs_quantize_fp8, error_inputs_quantize_fp8, torch_quantize_fp8),
-        opinfo("dequantize_fp8", sample_inputs_dequantize_fp8, error_inputs_dequantize_fp8, torch_dequantize_fp8),
-        opinfo("scaled_grouped_mm", sample_inputs_scaled_grouped_mm, error_inputs_scaled_grouped_mm,
-               torch_scaled_grouped_mm, SCALED_MM_DTYPES),
-        opinfo("swizzle_mx_scale", sample_inputs_swizzle_mx_scale, error_inputs_swizzle_mx_scale,
-               torch_swizzle_mx_scale, (torch.float8_e8m0fnu,)),
+        _fp8_opinfo(name_of("quantize_fp8"), op_of("quantize_fp8"), torch_quantize_fp8, FP8_DTYPES,
+                    sample_inputs_quantize_fp8, error_inputs_quantize_fp8, "quantize_fp8" in cuda_tested_elsewhere),
+        _fp8_opinfo(name_of("dequantize_fp8"), op_of("dequantize_fp8"), torch_dequantize_fp8, FP8_DTYPES,
+                    sample_inputs_dequantize_fp8, error_inputs_dequantize_fp8,
+                    "dequantize_fp8" in cuda_tested_elsewhere),
     ]
+
+
+def scaled_grouped_mm_opinfos(name_of, op_of, cuda_tested_elsewhere=()) -> list[OpInfo]:
+    """scaled_grouped_mm. Samples cover the four layouts with rowwise scales
+    and the 2D x 3D and 3D x 3D layouts with MX and blockwise (1x128 x
+    128x128) scales, both float8 formats, empty groups, rows past
+    ``offs[-1]``, weights stored (G, N, K) (column-major, as upstream wants)
+    and (G, K, N), bias in float32 and bfloat16; its ref dequantises in
+    float64. Upstream's CUDA kernel is narrower (e4m3 only, no bias, no
+    float32 output, no MX or blockwise scales on sm_90): name it in
+    cuda_tested_elsewhere to skip CUDA."""
+    return [_fp8_opinfo(name_of("scaled_grouped_mm"), op_of("scaled_grouped_mm"), torch_scaled_grouped_mm,
+                        SCALED_MM_DTYPES, sample_inputs_scaled_grouped_mm, error_inputs_scaled_grouped_mm,
+                        "scaled_grouped_mm" in cuda_tested_elsewhere)]
+
+
+def swizzle_mx_scale_opinfos(name_of, op_of, cuda_tested_elsewhere=()) -> list[OpInfo]:
+    """swizzle_mx_scale: scale grids of groups of rows and of groups along K,
+    empty groups, rows or columns past ``offs[-1]``, zero rows; its ref moves
+    the bytes one group at a time."""
+    return [_fp8_opinfo(name_of("swizzle_mx_scale"), op_of("swizzle_mx_scale"), torch_swizzle_mx_scale,
+                        (torch.float8_e8m0fnu,), sample_inputs_swizzle_mx_scale, error_inputs_swizzle_mx_scale,
+                        "swizzle_mx_scale" in cuda_tested_elsewhere)]
+
+
+def make_fp8_op_db(name_of, op_of, cuda_tested_elsewhere=()) -> list[OpInfo]:
+    """The OpInfos of every fp8 op, in the declaration's order."""
+    return [*quantize_fp8_opinfos(name_of, op_of, cuda_tested_elsewhere),
+            *scaled_grouped_mm_opinfos(name_of, op_of, cuda_tested_elsewhere),
+            *swizzle_mx_scale_opinfos(name_of, op_of, cuda_tested_elsewhere)]
 
 
 op_db = make_fp8_op_db(lambda op: f"moe_ops.{op}", lambda op: getattr(torch.ops.moe_ops, op).default)

@@ -141,7 +141,7 @@ def test_deepseek_v3_moe_block_bf16():
 def test_torchtitan_moe_bf16():
     """torchtitan's MoE layer in bf16: dispatch -> GroupedExperts -> combine -> expert_mlp (w1 | w3 side by
     side). The router stays: on CPU torchtitan's fp32 autocast region is a no-op, so its scores are bf16,
-    which router_topk (fp32 scores) does not reproduce (TestMoEPasses.test_router_left_alone_on_16bit_scores). Tolerance as for DeepSeek-V3, plus the
+    which router_topk (fp32 scores) does not reproduce (TestMoERouterPass.test_router_left_alone_on_16bit_scores). Tolerance as for DeepSeek-V3, plus the
     stock combine's bf16 scatter_add, which rounds after every addition (k = 2 here)."""
     moe = stock.torchtitan_moe("mixtral-8x7b", shrink=128, dtype=torch.bfloat16)
     x = torch.randn(2, 5, 32, generator=torch.Generator().manual_seed(4)).bfloat16()
@@ -338,9 +338,10 @@ def test_fp8_ops_no_host_reads():
 
 # ----------------------------------------------------------------------------------------------------------
 # The rewrites whose target ops go upstream (the router -> router_topk, the combine -> unpermute) on
-# hand-written stock code, with hypothesis-drawn shapes. TestMoEPasses and the helpers it uses are
-# carried by the Compile series as test/inductor/test_moe_passes.py (patches/manifest.py), so they use
-# nothing of this package but the passes' switch and counter.
+# hand-written stock code, with hypothesis-drawn shapes. The test cases and the helpers they use are
+# carried by the Compile series as test/inductor/test_moe_passes.py (patches/manifest.py: the router's
+# PR adds the file with MoEPassTestCase and TestMoERouterPass, the combine's appends TestMoECombinePass),
+# so they use nothing of this package but the passes' switch and counter.
 
 # Compile time dominates (several seconds a graph): a few examples per test, and no shrinking (each
 # shrink step compiles again; a failure prints its example, which replays: the draws are derandomized).
@@ -380,32 +381,13 @@ class _SigmoidRouter(torch.nn.Module):
         return weights * 2.5, ids
 
 
-def _stock_combine(x, ids, w, w1):
-    """A stock experts layer up to its combine: tokens sorted by expert, one grouped GEMM, each row
-    weighted and added back to its token (index_add)."""
-    k = ids.shape[1]
-    perm = torch.sort(ids.reshape(-1)).indices
-    tok = perm // k
-    counts = torch.histc(ids.reshape(-1).float(), bins=w1.shape[0], min=0, max=w1.shape[0] - 1)
-    offs = torch.cumsum(counts, 0, dtype=torch.int32)
-    y = torch._grouped_mm(x[tok], w1, offs=offs)
-    return torch.zeros(x.shape[0], y.shape[1], dtype=y.dtype).index_add(0, tok, y * w.reshape(-1)[perm].unsqueeze(-1))
-
-
-def _routing(tokens, experts, k, used, seed):
-    """ids (tokens, k), each row k distinct experts drawn from ``used`` (so the others get no rows and the
-    loads are uneven), and weights in (0, 1]."""
-    g = torch.Generator().manual_seed(seed)
-    used = torch.tensor(sorted(used))
-    pick = torch.rand(tokens, len(used), generator=g).argsort(dim=-1)[:, :k]
-    return used[pick], torch.rand(tokens, k, generator=g) + 2 ** -8
-
-
 def _moe_counters():
     return dict(counters[COUNTER])
 
 
-class TestMoEPasses(TestCase):
+class MoEPassTestCase(TestCase):
+    """The passes switched on, caches off, counters cleared; no tests of its own."""
+
     def setUp(self):
         super().setUp()
         torch._dynamo.reset()
@@ -425,6 +407,8 @@ class TestMoEPasses(TestCase):
         torch._dynamo.reset()
         counters.clear()
 
+
+class TestMoERouterPass(MoEPassTestCase):
     @FEW
     @given(tokens=st.sampled_from([0, 1, 7, 33]), experts=st.integers(2, 12), k=st.integers(1, 4),
            softmax=st.booleans(), renormalize=st.booleans(), seed=st.integers(0, 2 ** 16))
@@ -459,6 +443,48 @@ class TestMoEPasses(TestCase):
         torch.testing.assert_close(got[0], want[0], rtol=tol, atol=tol * 2 ** -10)
         torch.testing.assert_close(got[2], want[2], rtol=tol, atol=tol * 5)
 
+    def test_router_left_alone_on_16bit_scores(self):
+        """A bf16 router (torchtitan's on CPU: its fp32 autocast region is a no-op there, so the gate's
+        logits and the scores are bf16) is left alone: the stock top-k selects on bf16-rounded scores, the
+        op on fp32 scores, so where two scores round to the same bf16 value they pick different experts.
+        Shown on such a pair: logits -0.84375 and -0.83984375 (adjacent in bf16) have fp32 sigmoids
+        0.300746 < 0.301568 that both round to 0.30078125 in bf16."""
+        logits = torch.tensor([[-0.84375, -0.83984375, -1.0]], dtype=torch.bfloat16)
+        self.assertEqual(logits.sigmoid()[0, 0].item(), logits.sigmoid()[0, 1].item())
+        self.assertLess(logits[0, 0].float().sigmoid().item(), logits[0, 1].float().sigmoid().item())
+        op_ids = torch.ops.moe_ops.router_topk.default(logits, 1, "sigmoid", None, 1, 1, False, 1.0)[1]
+        self.assertEqual(op_ids.tolist(), [[1]])  # the larger fp32 score
+        fn = _SigmoidRouter(1)
+        zero = torch.zeros(3, dtype=torch.bfloat16)
+        got = torch.compile(fn, fullgraph=True, dynamic=True)(logits, zero)
+        self.assertEqual(_moe_counters(), {})
+        want = fn(logits, zero)
+        self.assertEqual(want[1].tolist(), [[0]])  # the tie, kept by the stock code (CPU's topk: the first)
+        self.assertTrue(torch.equal(got[1], want[1]) and torch.equal(got[0], want[0]))
+
+
+def _stock_combine(x, ids, w, w1):
+    """A stock experts layer up to its combine: tokens sorted by expert, one grouped GEMM, each row
+    weighted and added back to its token (index_add)."""
+    k = ids.shape[1]
+    perm = torch.sort(ids.reshape(-1)).indices
+    tok = perm // k
+    counts = torch.histc(ids.reshape(-1).float(), bins=w1.shape[0], min=0, max=w1.shape[0] - 1)
+    offs = torch.cumsum(counts, 0, dtype=torch.int32)
+    y = torch._grouped_mm(x[tok], w1, offs=offs)
+    return torch.zeros(x.shape[0], y.shape[1], dtype=y.dtype).index_add(0, tok, y * w.reshape(-1)[perm].unsqueeze(-1))
+
+
+def _routing(tokens, experts, k, used, seed):
+    """ids (tokens, k), each row k distinct experts drawn from ``used`` (so the others get no rows and the
+    loads are uneven), and weights in (0, 1]."""
+    g = torch.Generator().manual_seed(seed)
+    used = torch.tensor(sorted(used))
+    pick = torch.rand(tokens, len(used), generator=g).argsort(dim=-1)[:, :k]
+    return used[pick], torch.rand(tokens, k, generator=g) + 2 ** -8
+
+
+class TestMoECombinePass(MoEPassTestCase):
     @FEW
     @given(tokens=st.sampled_from([0, 1, 5, 29]), experts=st.integers(1, 5), k=st.integers(1, 3),
            hidden=st.sampled_from([8, 24]), out=st.sampled_from([8, 16]), data=st.data())
@@ -502,25 +528,6 @@ class TestMoEPasses(TestCase):
         for a, b in zip(got[1:], want[1:]):
             scale = b.float().abs().max().item() if b.numel() else 0.0
             torch.testing.assert_close(a.float(), b.float(), rtol=0, atol=4 * 2.0 ** -8 * scale)
-
-    def test_router_left_alone_on_16bit_scores(self):
-        """A bf16 router (torchtitan's on CPU: its fp32 autocast region is a no-op there, so the gate's
-        logits and the scores are bf16) is left alone: the stock top-k selects on bf16-rounded scores, the
-        op on fp32 scores, so where two scores round to the same bf16 value they pick different experts.
-        Shown on such a pair: logits -0.84375 and -0.83984375 (adjacent in bf16) have fp32 sigmoids
-        0.300746 < 0.301568 that both round to 0.30078125 in bf16."""
-        logits = torch.tensor([[-0.84375, -0.83984375, -1.0]], dtype=torch.bfloat16)
-        self.assertEqual(logits.sigmoid()[0, 0].item(), logits.sigmoid()[0, 1].item())
-        self.assertLess(logits[0, 0].float().sigmoid().item(), logits[0, 1].float().sigmoid().item())
-        op_ids = torch.ops.moe_ops.router_topk.default(logits, 1, "sigmoid", None, 1, 1, False, 1.0)[1]
-        self.assertEqual(op_ids.tolist(), [[1]])  # the larger fp32 score
-        fn = _SigmoidRouter(1)
-        zero = torch.zeros(3, dtype=torch.bfloat16)
-        got = torch.compile(fn, fullgraph=True, dynamic=True)(logits, zero)
-        self.assertEqual(_moe_counters(), {})
-        want = fn(logits, zero)
-        self.assertEqual(want[1].tolist(), [[0]])  # the tie, kept by the stock code (CPU's topk: the first)
-        self.assertTrue(torch.equal(got[1], want[1]) and torch.equal(got[0], want[0]))
 
 
 # The rewrites whose target ops stay here, on drawn routing (zero tokens, empty experts, uneven loads).
@@ -575,7 +582,7 @@ def test_experts_rewrite_on_drawn_routing(tokens, experts, k, hidden, inter, dat
 def test_gather_and_combine_on_drawn_routing(tokens, experts, k, hidden, out, data):
     """Inference: x[perm // k] into the grouped GEMM -> grouped_mm_gather, and the combine -> unpermute, on
     drawn routing, bf16. The gathered GEMM computes exactly the rows of the stock one (same kernel, rows
-    read through the index); the combine's bound is TestMoEPasses.test_combine_rewrite's: (k + 1) bf16
+    read through the index); the combine's bound is TestMoECombinePass.test_combine_rewrite's: (k + 1) bf16
     roundings of the sum of the terms' magnitudes, per element."""
     torch._dynamo.reset()
     counters.clear()

@@ -238,6 +238,12 @@ def test_patch_messages_list_ops_through_placeholders():
     assert changes.fill_message("{moe_ops:fp8: or }", "x") == " or ".join(
         o.qualname for o in native_functions.upstreamed("fp8") if not o.upstream.extends)
     assert changes.fill_message("{backward_nodes:routing}", "x").split(", ")[0] == "MoeRouterTopkBackward0"
+    # A PR of some of a family's ops (the ops= of its changes) lists those only.
+    quantize = next(p for p in manifest.SERIES[0].patches if p.message == "core/0006-fp8-cpu.txt")
+    assert quantize.selection == {"fp8": {"quantize_fp8", "dequantize_fp8"}}
+    assert changes.fill_message("{ops:fp8: and }", "x", quantize.selection) == "_quantize_fp8 and _dequantize_fp8"
+    assert changes.fill_message("{ops:fp8: and }", "x", {"routing": {"permute"}}) == " and ".join(
+        o.upstream.name for o in native_functions.upstreamed("fp8"))
     assert changes.fill_message("GroupedMM.{h,cpp}", "x") == "GroupedMM.{h,cpp}"
     with pytest.raises(PatchError, match=r"x: placeholder \{opz:routing\}: kind must be one of"):
         changes.fill_message("{opz:routing}", "x")

@@ -430,7 +430,7 @@ def meta(tree, aten):
     with open(path) as f:
         source = f.read()
     metas = [c for s in manifest.SERIES for p in s.patches for c in p.changes if isinstance(c, manifest.Meta)]
-    generated = [name for m in metas for name in [*names.family_checks(m.family).values(), *m.meta_names().values()]]
+    generated = [name for m in metas for name in [*m.carried_checks().values(), *m.meta_names().values()]]
     # upstream's meta function of _scaled_grouped_mm, which calls its CPU branch
     generated.append("meta_scaled_grouped_mm")
     registered = []
@@ -617,11 +617,11 @@ def test_patched_fp8_opinfo(tree, aten):
     """The patched fp8 definitions module's op_db, built as upstream does:
     quantize and dequantize equal their refs bit for bit, scaled_grouped_mm is
     close to its float64 ref, error inputs raise."""
-    ours = upstream_op_db(tree, aten, "torch/testing/_internal/opinfo/definitions/fp8.py", upstream_op_db_line(
-        "fp8", ',\n               cuda_tested_elsewhere=("scaled_grouped_mm",)'))
+    ours = upstream_op_db(tree, aten, "torch/testing/_internal/opinfo/definitions/fp8.py", manifest.FP8_OP_DB)
     ops = [op.name for op in native_functions.public_ops("fp8")]
-    assert [info.name for info in ours] == [names.aten_name(op) for op in ops]
-    assert [info.op.impl for info in ours] == [getattr(torch.ops.moe_ops, op).default for op in ops]
+    # in the stack's order (one PR per op), each op once
+    assert sorted(info.name for info in ours) == sorted(names.aten_name(op) for op in ops)
+    assert [info.op.impl for info in ours] == [getattr(torch.ops.moe_ops, info.name[1:]).default for info in ours]
     # upstream's CUDA kernel of _scaled_grouped_mm is tested in its own files
     skipped = {info.name for info in ours if any(d.device_type == "cuda" for d in info.decorators)}
     assert skipped == {"_scaled_grouped_mm"}
@@ -823,8 +823,8 @@ def unresolved_globals(source, path):
     return sorted(missing)
 
 
-MOE_PASS_FILES = [c.path for p in manifest.SERIES[1].patches for c in p.changes
-                  if isinstance(c, (manifest.FxPassModule, manifest.PassTests))]
+MOE_PASS_FILES = sorted({c.path for p in manifest.SERIES[1].patches for c in p.changes
+                         if isinstance(c, (manifest.FxPassModule, manifest.PassTests))})
 
 
 @pytest.mark.parametrize("path", MOE_PASS_FILES)
@@ -890,7 +890,7 @@ def test_patched_moe_passes_rewrite_traced_graphs(patched_moe_passes):
     custom pass, moe_combine.run before the post-grad custom post pass; here in those slots), rewrite a
     stock router and a stock combine compiled with dynamic shapes into the patched aten ops (run by our
     kernels), bump the patched counter, and give eager's ids and, within fp32 / bf16 rounding, its values.
-    test_compile_passes.py's TestMoEPasses (the patched test file) tests the same code in depth."""
+    test_compile_passes.py's TestMoERouterPass and TestMoECombinePass (the patched test file) tests the same code in depth."""
     from torch._dynamo.utils import counters
     from torch._inductor.utils import run_and_get_code
     from test_compile_passes import _SoftmaxRouter, _stock_combine, _routing
@@ -1189,6 +1189,32 @@ def test_error_pass_module_naming_an_op_that_stays_here():
         == "from . import moe_fx_utils as _fx\nfrom .moe_fx_utils import count\n"
 
 
+
+def test_pass_tests_extend_the_file_an_earlier_pr_added(tmp_path):
+    """PassTests(extends=True) appends its definitions before run_tests(), may use what the file defines,
+    and refuses a file that is not there yet, a definition carried twice, a name neither carries, a header."""
+    src = tmp_path / "t.py"
+    src.write_text("import torch\n\nA = 1\n\n\nclass Base:\n    pass\n\n\ndef helper():\n    return A\n\n\n"
+                   "class TestOne(Base):\n    x = A\n\n\nclass TestTwo(Base):\n    y = helper()\n")
+    first = manifest.PassTests("test/t.py", str(src), "import torch", ["A", "Base", "TestOne"])
+    text = first.apply(None)
+    second = manifest.PassTests("test/t.py", str(src), "", ["helper", "TestTwo"], extends=True)
+    both = second.apply(text)
+    assert both == text.replace('\n\n\nif __name__', "\n\n\ndef helper():\n    return A\n\n\nclass TestTwo(Base):\n"
+                                "    y = helper()\n\n\nif __name__")
+    assert both.endswith('\n\n\nif __name__ == "__main__":\n    run_tests()\n')
+    with pytest.raises(PatchError, match="does not exist yet"):
+        second.apply(None)
+    with pytest.raises(PatchError, match="exists upstream"):
+        first.apply(text)
+    with pytest.raises(PatchError, match=r"already defines \['Base'\]"):
+        manifest.PassTests("test/t.py", str(src), "", ["Base", "TestTwo"], extends=True).apply(text)
+    with pytest.raises(PatchError, match="helper is used by TestTwo but not carried upstream"):
+        manifest.PassTests("test/t.py", str(src), "", ["TestTwo"], extends=True).apply(text)
+    with pytest.raises(PatchError, match="takes no header"):
+        manifest.PassTests("test/t.py", str(src), "import os", ["helper", "TestTwo"], extends=True).apply(text)
+
+
 # Names and yaml entries derived from the declaration ------------------------
 
 def test_upstream_names_follow_the_rule():
@@ -1250,14 +1276,15 @@ def test_yaml_entries_of_some_ops_of_a_family():
     both = NativeFunctions("routing", after="_moe_permute", ops=("unpermute",)).apply(permute)
     assert [line.split("(")[0] for line in both.splitlines() if line.startswith("- func: ")] == \
         ["- func: _grouped_mm", "- func: _moe_permute", "- func: _moe_unpermute"]
-    with pytest.raises(PatchError, match=r"declares no new upstream op \['grouped_mm'\]"):
+    with pytest.raises(PatchError, match=r"\['grouped_mm'\] are not new upstream ops of the routing family"):
         NativeFunctions("routing", after="_grouped_mm", ops=("grouped_mm",)).apply(base)
 
 
 def test_meta_blocks_of_some_ops_of_a_family():
-    """Meta(ops=...): each block carries its ops' meta functions and the checks
-    they reach; a check an earlier block of the family defines is called, not
-    repeated (unpermute_backward's checks call unpermute's)."""
+    """Meta(ops=..., earlier_ops=...): each block carries its ops' meta
+    functions and the checks they reach; a check an earlier block of the
+    family carries is called, not repeated (unpermute_backward's checks call
+    unpermute's)."""
     from patches.meta import Meta
 
     upstream = "import torch\n\n\ndef meta_grouped_mm(mat_a, mat_b):\n    return mat_a\n"
@@ -1267,13 +1294,13 @@ def test_meta_blocks_of_some_ops_of_a_family():
                   "_moe_unpermute_backward_check_inputs", "_moe_permute_check_inputs"):
         assert other not in first, other
     second = Meta("routing", "# unpermute_backward\n", after="meta_moe_unpermute",
-                  ops=("unpermute_backward",)).apply(first)
+                  ops=("unpermute_backward",), earlier_ops=("unpermute",)).apply(first)
     assert second.startswith(first.split("\n\n\n# unpermute\n")[0])
     assert second.count("def _moe_unpermute_check_inputs(") == 1
     assert "def _moe_unpermute_backward_check_inputs(" in second
     assert "        _moe_unpermute_check_inputs(permuted, dst_rows, weights)\n" in second
     assert second.index("def meta_moe_unpermute(") < second.index("# unpermute_backward\n")
-    with pytest.raises(PatchError, match=r"no fake kernel of \['grouped_mm'\]"):
+    with pytest.raises(PatchError, match=r"\['grouped_mm'\] are not upstreamed ops of the routing family"):
         Meta("routing", "#\n", after="meta_grouped_mm", ops=("grouped_mm",)).apply(upstream)
 
 
@@ -1304,3 +1331,54 @@ def test_opinfo_module_of_some_ops_of_a_family():
     assert every == OpInfoModule("routing", "moe_routing", "Title.").apply(None)
     with pytest.raises(PatchError, match=r"ops=\['grouped_mm'\]: no such op of the routing family"):
         module("grouped_mm")
+    # An op selection (a PR of one op) writes only its entries; a name not of the family is an error.
+    one = NativeFunctions("fp8", after="_grouped_mm", ops=("swizzle_mx_scale",)).apply(extended)
+    assert "- func: _swizzle_mx_scale(" in one and "_quantize_fp8" not in one
+    with pytest.raises(PatchError, match=r"\['permute'\] are not new upstream ops of the fp8 family"):
+        NativeFunctions("fp8", after="_grouped_mm", ops=("permute",)).apply(extended)
+    with pytest.raises(PatchError, match=r"\['scaled_grouped_mm'\] are not new upstream ops of the fp8 family"):
+        NativeFunctions("fp8", after="_grouped_mm", ops=("scaled_grouped_mm",)).apply(extended)
+    with pytest.raises(PatchError, match=r"\['permute'\] are not upstreamed ops of the fp8 family"):
+        DecompExpect("fp8", ops=("permute",)).names()
+
+
+def test_stack_3_meta_blocks_partition_the_fp8_checks():
+    """Stack 3's meta blocks, one per op PR, carry every check of the fp8 family once between them, each
+    block the checks its ops reach but an earlier block's; each block names only its ops' meta functions."""
+    metas = [c for p in manifest.SERIES[0].patches for c in p.changes
+             if isinstance(c, manifest.Meta) and c.family == "fp8"]
+    assert [m.ops for m in metas] == [manifest.FP8_QUANTIZE_OPS, ("swizzle_mx_scale",), ("scaled_grouped_mm",)]
+    carried = [set(m.carried_checks()) for m in metas]
+    assert set().union(*carried) == set(names.family_checks("fp8"))
+    assert sum(map(len, carried)) == len(names.family_checks("fp8"))  # disjoint
+    assert "check_scaled_grouped_mm_inputs" in carried[2] and "check_swizzle_mx_scale_inputs" in carried[1]
+    assert [tuple(m.earlier_ops) for m in metas] == [(), manifest.FP8_QUANTIZE_OPS,
+                                                     (*manifest.FP8_QUANTIZE_OPS, "swizzle_mx_scale")]
+    assert list(metas[1].meta_names().values()) == ["meta_swizzle_mx_scale"]
+    with pytest.raises(PatchError, match=r"\['router_topk'\] are not upstreamed ops of the fp8 family"):
+        names.op_checks("fp8", ("router_topk",))
+
+
+def test_opinfo_module_grows_one_op_per_pr():
+    """The fp8 OpInfo module of stack 3: the first PR writes it, each later one appends its op's
+    definitions and widens op_db; carrying a definition twice, or extending a module not written yet, is
+    an error."""
+    from patches.opinfo import OpInfoModule
+    first = OpInfoModule("fp8", "fp8", "OpInfos.", carried=manifest.FP8_OPINFOS["quantize_fp8_opinfos"],
+                         op_db=manifest.fp8_op_db("quantize_fp8_opinfos"))
+    text = first.apply(None)
+    assert text.startswith('# mypy: ignore-errors\n\n"""OpInfos."""\n\nimport functools\n')
+    assert "def torch_quantize_fp8(" in text and "def torch_swizzle_mx_scale(" not in text
+    assert "torch_moe_ops" not in text and "moe_ops" not in text.replace("_moe_", "")
+    second = OpInfoModule("fp8", "fp8", "", carried=manifest.FP8_OPINFOS["swizzle_mx_scale_opinfos"],
+                          extends=True, op_db=manifest.fp8_op_db("quantize_fp8_opinfos", "swizzle_mx_scale_opinfos"))
+    grown = second.apply(text)
+    assert grown.startswith(text[:text.index("\n\n\nop_db = [")])
+    assert grown.count("def torch_swizzle_mx_scale(") == 1 and grown.count("def _fp8_swizzle(") == 1
+    assert grown.endswith(manifest.fp8_op_db("quantize_fp8_opinfos", "swizzle_mx_scale_opinfos"))
+    with pytest.raises(PatchError, match="does not exist yet"):
+        second.apply(None)
+    with pytest.raises(PatchError, match=r"already defines \['_offs'\]"):
+        OpInfoModule("fp8", "fp8", "", carried=["_offs"], extends=True, op_db="op_db = []\n").apply(text)
+    with pytest.raises(PatchError, match="exists already"):
+        first.apply(text)

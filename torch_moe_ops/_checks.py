@@ -531,6 +531,9 @@ def check_dequantize_fp8_inputs(data: torch.Tensor, scale: torch.Tensor, recipe:
     return out
 
 
+# ------------------------------------------------------------------ swizzle_mx_scale
+# Restates csrc/ATen/native/MoESwizzleMXScale.h one for one, with the same messages.
+
 def swizzle_mx_scale_size(rows: int, s: int, groups: int, dim: int) -> list:
     if dim == 0:
         return [rows + 128 * groups, _ceil_div(s, 4) * 4]

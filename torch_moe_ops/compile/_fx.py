@@ -38,50 +38,27 @@ def safe_match(matcher: Callable[[Any], Any], node: Any) -> Any:
 
 
 
-# Spellings of one op: torch functions and Tensor method names.
+# Function spellings of the ops the router rewrite and these helpers read (a Tensor method is matched by
+# its name). The experts rewrites (pre_grad.py) read more, in a table of their own.
 _FUNCTIONS: dict[str, tuple[Any, ...]] = {
     "reshape": (torch.reshape,),
     "view": (),
-    "sort": (torch.sort,),
-    "argsort": (torch.argsort,),
-    "histc": (torch.histc,),
-    "cumsum": (torch.cumsum,),
-    "transpose": (torch.transpose,),
-    "chunk": (torch.chunk,),
-    "silu": (torch.nn.functional.silu,),
-    "gelu": (torch.nn.functional.gelu,),
-    "relu": (torch.nn.functional.relu, torch.relu),
     "sigmoid": (torch.sigmoid, torch.nn.functional.sigmoid),
     "softmax": (torch.softmax, torch.nn.functional.softmax, torch.ops.aten.softmax),
     "topk": (torch.topk,),
     "gather": (torch.gather,),
     "sum": (torch.sum,),
     "unsqueeze": (torch.unsqueeze,),
-    "empty_like": (torch.empty_like,),
-    "arange": (torch.arange,),
     "zeros_like": (torch.zeros_like,),
-    "scatter_add": (torch.scatter_add,),
     "masked_fill": (torch.masked_fill,),
     "expand": (),
-    "to": (),
-    "float": (),
-    "int": (),
-    "bfloat16": (),
-    "type_as": (),
     "mul": (operator.mul, torch.mul),
     "add": (operator.add, torch.add),
     "truediv": (operator.truediv, torch.div, torch.true_divide),
     "itruediv": (operator.itruediv,),
-    "floordiv": (operator.floordiv,),
     "getitem": (operator.getitem,),
     "setitem": (operator.setitem,),
-    "grouped_mm": tuple(f for f in (getattr(torch, "_grouped_mm", None),
-                                    getattr(torch.nn.functional, "grouped_mm", None)) if f is not None),
 }
-# Tensor methods that some spelling uses (x.float() has no torch.float function).
-_METHODS = {"reshape", "view", "sort", "argsort", "histc", "cumsum", "transpose", "chunk", "sigmoid", "softmax",
-            "topk", "gather", "sum", "unsqueeze", "expand", "to", "float", "int", "bfloat16", "type_as", "mul",
-            "add", "div", "scatter_add", "relu", "masked_fill"}
 
 
 def is_op(node: Any, name: str) -> bool:
@@ -129,20 +106,6 @@ def getitem_users(node: fx.Node) -> Optional[dict[int, fx.Node]]:
             return None
         out[u.args[1]] = u
     return out
-
-
-def skip_noop_to(node: Any) -> Any:
-    """The input of a chain of dtype conversions that change nothing (``x.to(x.dtype)``,
-    ``x.bfloat16()`` on bf16); ``node`` itself otherwise."""
-    while isinstance(node, fx.Node) and (is_op(node, "to") or is_op(node, "bfloat16") or is_op(node, "float")
-                                         or is_op(node, "type_as")):
-        src = node.args[0]
-        if not isinstance(src, fx.Node) or dtype(src) is None or dtype(src) != dtype(node):
-            return node
-        if is_op(node, "to") and (len(node.args) > 2 or set(node.kwargs) - {"dtype"}):
-            return node  # device moves, copy=, memory_format=: not a plain cast
-        node = src
-    return node
 
 
 def is_last_dim(d: Any, rank: int) -> bool:

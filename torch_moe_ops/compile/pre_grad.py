@@ -16,19 +16,62 @@ that do not agree.
 
 from __future__ import annotations
 
-from typing import Optional
+import operator
+from typing import Any, Optional
 
 import torch
 import torch.fx as fx
 
 from . import _fx
-from ._fx import COUNTER, arg, count, dtype, getitem_users, is_op, only_user, safe_match, skip_noop_to, val
+from ._fx import COUNTER, arg, count, dtype, getitem_users, only_user, safe_match, val
 from .router import rewrite_routers
 
 __all__ = ["COUNTER", "run", "safe_match"]
 
 
 # ------------------------------------------------------------------ helpers
+
+# Function spellings of the ops only these rewrites read (the router's, and those _fx's helpers read, are in
+# _fx._FUNCTIONS; a Tensor method is matched by its name).
+_FUNCTIONS: dict[str, tuple] = {
+    "sort": (torch.sort,),
+    "argsort": (torch.argsort,),
+    "histc": (torch.histc,),
+    "cumsum": (torch.cumsum,),
+    "transpose": (torch.transpose,),
+    "chunk": (torch.chunk,),
+    "silu": (torch.nn.functional.silu,),
+    "gelu": (torch.nn.functional.gelu,),
+    "relu": (torch.nn.functional.relu, torch.relu),
+    "empty_like": (torch.empty_like,),
+    "arange": (torch.arange,),
+    "scatter_add": (torch.scatter_add,),
+    "floordiv": (operator.floordiv,),
+    "grouped_mm": tuple(f for f in (getattr(torch, "_grouped_mm", None),
+                                    getattr(torch.nn.functional, "grouped_mm", None)) if f is not None),
+}
+
+
+def is_op(node, name: str) -> bool:
+    """_fx.is_op, with these rewrites' spellings too."""
+    if isinstance(node, fx.Node) and node.op == "call_function" and name in _FUNCTIONS:
+        return node.target in _FUNCTIONS[name]
+    return _fx.is_op(node, name)
+
+
+def skip_noop_to(node: Any) -> Any:
+    """The input of a chain of dtype conversions that change nothing (``x.to(x.dtype)``,
+    ``x.bfloat16()`` on bf16); ``node`` itself otherwise."""
+    while isinstance(node, fx.Node) and (is_op(node, "to") or is_op(node, "bfloat16") or is_op(node, "float")
+                                         or is_op(node, "type_as")):
+        src = node.args[0]
+        if not isinstance(src, fx.Node) or dtype(src) is None or dtype(src) != dtype(node):
+            return node
+        if is_op(node, "to") and (len(node.args) > 2 or set(node.kwargs) - {"dtype"}):
+            return node  # device moves, copy=, memory_format=: not a plain cast
+        node = src
+    return node
+
 
 def _is_transformers_fallback(node: fx.Node) -> bool:
     # transformers' own grouped GEMM (used under compile for non-bf16 weights): same contract as _grouped_mm.

@@ -16,6 +16,7 @@
 #include <ATen/native/MoEScaledGroupedMM.h>
 #include <ATen/native/MoEUnpermute.h>
 #include <ATen/native/MoEUnpermuteBackward.h>
+#include <ATen/native/MoESwizzleMXScale.h>
 #include <moe/ExpertMLP.h>
 
 #include <torch_moe_ops/RegisterMoeOps.h>

@@ -342,7 +342,7 @@ def _check_offs_values(mat_a, mat_b, scale_a, scale_b, offs, recipe: int, layout
 
 def _blocked_bytes_read(rows: int, s: int, ends: list, dim: int) -> int:
     """1 + the last byte the kernel reads of a scale blocked per group
-    (swizzle_mx_scale's layout; MoEQuantize.cpp's unswizzle_mx_scale checks the same)."""
+    (swizzle_mx_scale's layout; MoESwizzleMXScale.cpp's unswizzle_mx_scale checks the same)."""
     def last(r: int, c: int, sp: int) -> int:  # the largest swizzled offset within (r, c)
         ri, ci = torch.arange(r).view(-1, 1), torch.arange(c).view(1, -1)
         return int((((ri // 128) * (sp // 4) + ci // 4) * 512 + (ri % 32) * 16 + ((ri % 128) // 32) * 4

@@ -5,6 +5,7 @@
 #include <ATen/core/Tensor.h>
 #include <ATen/ops/empty.h>
 #include <ATen/native/MoEQuantize.h>
+#include <ATen/native/MoESwizzleMXScale.h>
 
 #include <string>
 

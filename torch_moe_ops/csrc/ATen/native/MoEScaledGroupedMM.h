@@ -22,7 +22,7 @@
 //     3-D operands: the plain (G, rows, S) grid or its swizzled form,
 //     (G, round_up(rows, 128) * round_up(S, 4)) (quantize_fp8(...,
 //     swizzle=True); for mat_b, of mat_b.transpose(-2, -1), rows = N);
-//     2-D operands: blocked per group (swizzle_mx_scale, MoEQuantize.h):
+//     2-D operands: blocked per group (swizzle_mx_scale, MoESwizzleMXScale.h):
 //     mat_a of 2D x 3D with groups of rows (dim 0), mat_a and mat_b^T of
 //     2D x 2D with groups along K (dim 1), where every offs must be a
 //     multiple of 32 (or K) so that no block straddles two groups. Any 2-D
