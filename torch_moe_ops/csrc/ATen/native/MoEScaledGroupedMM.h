@@ -41,6 +41,7 @@
 #include <ATen/native/GroupedMM.h>
 #include <ATen/native/MoEQuantize.h>
 
+#include <ATen/BlasBackend.h>
 #include <ATen/core/Tensor.h>
 #include <ATen/native/DispatchStub.h>
 #include <c10/core/ScalarType.h>
@@ -70,6 +71,129 @@ inline void scaled_grouped_mm_check_scale(
       scale.sizes());
 }
 
+// The checks every recipe shares (operands, layout, out_dtype); returns the
+// output dtype.
+inline ScalarType scaled_grouped_mm_check_operands(
+    const char* op, const Tensor& mat_a, const Tensor& mat_b, std::optional<ScalarType> out_dtype) {
+  grouped_mm_check_dims(op, mat_a, mat_b);
+  TORCH_CHECK_VALUE(scaled_grouped_mm_fp8(mat_a.scalar_type()),
+      op, ": mat_a must be Float8_e4m3fn or Float8_e5m2, got ", mat_a.scalar_type());
+  TORCH_CHECK_VALUE(scaled_grouped_mm_fp8(mat_b.scalar_type()),
+      op, ": mat_b must be Float8_e4m3fn or Float8_e5m2, got ", mat_b.scalar_type());
+  grouped_mm_check_contraction(op, mat_a, mat_b);
+  return scaled_grouped_mm_out_dtype(out_dtype);
+}
+
+// The scale shapes of each recipe (the header comment), once the recipe is
+// known: from the scales' dtypes and ranks in _scaled_grouped_mm, from
+// recipe_a / recipe_b / swizzle_a / swizzle_b in _scaled_grouped_mm_v2.
+inline void scaled_grouped_mm_check_rowwise_scales(
+    const Tensor& mat_a, const Tensor& mat_b, const Tensor& scale_a, const Tensor& scale_b, int64_t groups) {
+  const int64_t m = mat_a.size(-2), n = mat_b.size(-1);
+  const char* what = "rowwise";
+  switch (grouped_mm_layout(mat_a, mat_b)) {
+    case GroupedMMLayout::k2d3d:
+      scaled_grouped_mm_check_scale("scale_a", scale_a, {m}, what);
+      scaled_grouped_mm_check_scale("scale_b", scale_b, {groups, n}, what);
+      break;
+    case GroupedMMLayout::k3d3d:
+      scaled_grouped_mm_check_scale("scale_a", scale_a, {groups, m}, what);
+      scaled_grouped_mm_check_scale("scale_b", scale_b, {groups, n}, what);
+      break;
+    case GroupedMMLayout::k3d2d:
+      scaled_grouped_mm_check_scale("scale_a", scale_a, {groups, m}, what);
+      scaled_grouped_mm_check_scale("scale_b", scale_b, {n}, what);
+      break;
+    case GroupedMMLayout::k2d2d:
+      scaled_grouped_mm_check_scale("scale_a", scale_a, {groups * m}, what);
+      scaled_grouped_mm_check_scale("scale_b", scale_b, {groups * n}, what);
+      break;
+  }
+}
+
+// Blockwise: 2D x 3D and 3D x 3D only (the caller checks the layout).
+inline void scaled_grouped_mm_check_blockwise_scales(
+    const Tensor& mat_a, const Tensor& mat_b, const Tensor& scale_a, const Tensor& scale_b, int64_t groups) {
+  const int64_t m = mat_a.size(-2), n = mat_b.size(-1), k = mat_a.size(-1);
+  const int64_t kb = (k + 127) / 128, nb = (n + 127) / 128;
+  const char* what = "blockwise (1x128 x 128x128)";
+  if (mat_a.dim() == 2) {
+    scaled_grouped_mm_check_scale("scale_a", scale_a, {m, kb}, what);
+  } else {
+    scaled_grouped_mm_check_scale("scale_a", scale_a, {groups, m, kb}, what);
+  }
+  scaled_grouped_mm_check_scale("scale_b", scale_b, {groups, nb, kb}, what);
+}
+
+// 2-D operands: the per-group blocked layout (swizzle_mx_scale), whose byte
+// count depends on offs: here its rank and rows, as upstream checks; the
+// bytes against offs's values where those are read.
+inline void scaled_grouped_mm_check_mx_blocked_scale(
+    const char* name, const Tensor& scale, const char* operand, int64_t rows, int64_t s, int64_t dim) {
+  TORCH_CHECK_VALUE(scale.dim() == 2 && scale.size(0) >= rows,
+      "scaled_grouped_mm: ", name, " must be the mx scale of ", operand, " blocked per group "
+      "(swizzle_mx_scale(scale, offs, dim=", dim, ")): 2-D with at least ", rows, " rows, got ", scale.sizes());
+  // Upstream takes any 2-D shape that holds the blocked bytes, so a plain
+  // grid, always (rows, S), can pass for a blocked one and be read wrongly:
+  // that shape is refused, since its bytes could be either.
+  TORCH_CHECK_VALUE(!(scale.size(0) == rows && scale.size(1) == s),
+      "scaled_grouped_mm: ", name, " has the shape of the plain mx scale grid of ", operand, ", [", rows, ", ", s,
+      "]; 2-D operands take their scales blocked per group (swizzle_mx_scale(scale, offs, dim=", dim,
+      ")), which at this shape cannot be told from the plain grid");
+}
+
+// A 3-D operand's mx scale: the plain (G, rows, S) grid or, swizzled, the
+// (G, round_up(rows, 128) * round_up(S, 4)) one.
+inline void scaled_grouped_mm_check_mx_3d_scale(
+    const char* name, const Tensor& scale, int64_t groups, int64_t rows, int64_t s, bool swizzled) {
+  if (swizzled) {
+    scaled_grouped_mm_check_scale(name, scale, {groups, fp8_round_up(rows, 128) * fp8_round_up(s, 4)},
+        "mx (swizzled)");
+  } else {
+    scaled_grouped_mm_check_scale(name, scale, {groups, rows, s}, "mx");
+  }
+}
+
+inline void scaled_grouped_mm_check_mx_scales(
+    const Tensor& mat_a, const Tensor& mat_b, const Tensor& scale_a, const Tensor& scale_b, int64_t groups,
+    bool swizzled_a, bool swizzled_b) {
+  const auto layout = grouped_mm_layout(mat_a, mat_b);
+  TORCH_CHECK_VALUE(layout != GroupedMMLayout::k3d2d,
+      "scaled_grouped_mm: mx scaling supports 2D x 3D, 3D x 3D and 2D x 2D operands, got mat_a ", mat_a.sizes(),
+      " and mat_b ", mat_b.sizes());
+  const int64_t m = mat_a.size(-2), n = mat_b.size(-1), s = (mat_a.size(-1) + 31) / 32;
+  if (layout == GroupedMMLayout::k2d2d) {  // groups along K: offs must fall on 32-blocks (checked on values)
+    scaled_grouped_mm_check_mx_blocked_scale("scale_a", scale_a, "mat_a", m, s, 1);
+    scaled_grouped_mm_check_mx_blocked_scale("scale_b", scale_b, "mat_b^T", n, s, 1);
+    return;
+  }
+  if (layout == GroupedMMLayout::k2d3d) {
+    scaled_grouped_mm_check_mx_blocked_scale("scale_a", scale_a, "mat_a", m, s, 0);
+  } else {
+    scaled_grouped_mm_check_mx_3d_scale("scale_a", scale_a, groups, m, s, swizzled_a);
+  }
+  scaled_grouped_mm_check_mx_3d_scale("scale_b", scale_b, groups, n, s, swizzled_b);
+}
+
+// bias and the scales' device, after the recipe's checks.
+inline void scaled_grouped_mm_check_bias_and_devices(
+    const Tensor& mat_a, const Tensor& mat_b, const Tensor& scale_a, const Tensor& scale_b,
+    const std::optional<Tensor>& offs, const std::optional<Tensor>& bias, int64_t groups, ScalarType out_t) {
+  TORCH_CHECK_VALUE(scale_a.device() == mat_a.device() && scale_b.device() == mat_a.device(),
+      "scaled_grouped_mm: scale_a and scale_b must be on the device of mat_a (", mat_a.device(), "), got ",
+      scale_a.device(), " and ", scale_b.device());
+  if (bias.has_value()) {
+    const int64_t n_out = grouped_mm_out_size(mat_a, mat_b, offs).back();
+    TORCH_CHECK_VALUE(bias->dim() == 2 && bias->size(0) == groups && bias->size(1) == n_out,
+        "scaled_grouped_mm: bias must have shape (G, N) = (", groups, ", ", n_out, "), got ", bias->sizes());
+    TORCH_CHECK_VALUE(bias->scalar_type() == kFloat || bias->scalar_type() == out_t,
+        "scaled_grouped_mm: bias must be float32 or the output dtype (", out_t, "), got ", bias->scalar_type());
+    TORCH_CHECK_VALUE(bias->device() == mat_a.device(),
+        "scaled_grouped_mm: bias must be on the device of mat_a (", mat_a.device(), "), got ", bias->device());
+  }
+}
+
+// _scaled_grouped_mm: the recipe told from the scales' dtypes and ranks.
 inline ScaledGroupedMMRecipe scaled_grouped_mm_check_inputs(
     const Tensor& mat_a,
     const Tensor& mat_b,
@@ -93,99 +217,158 @@ inline ScaledGroupedMMRecipe scaled_grouped_mm_check_inputs(
   const auto layout = grouped_mm_layout(mat_a, mat_b);
 
   const int64_t groups = grouped_mm_num_groups(mat_a, mat_b, offs);
-  const int64_t m = mat_a.size(-2), n = mat_b.size(-1), k = mat_a.size(-1);
   ScaledGroupedMMRecipe recipe;
   const bool k_fixed = layout == GroupedMMLayout::k2d3d || layout == GroupedMMLayout::k3d3d;
   if (scale_a.scalar_type() == kFloat && scale_b.scalar_type() == kFloat && k_fixed &&
       scale_a.dim() == mat_a.dim()) {
     recipe = ScaledGroupedMMRecipe::kBlockwise;
-    const int64_t kb = (k + 127) / 128, nb = (n + 127) / 128;
-    const char* what = "blockwise (1x128 x 128x128)";
-    if (layout == GroupedMMLayout::k2d3d) {
-      scaled_grouped_mm_check_scale("scale_a", scale_a, {m, kb}, what);
-    } else {
-      scaled_grouped_mm_check_scale("scale_a", scale_a, {groups, m, kb}, what);
-    }
-    scaled_grouped_mm_check_scale("scale_b", scale_b, {groups, nb, kb}, what);
+    scaled_grouped_mm_check_blockwise_scales(mat_a, mat_b, scale_a, scale_b, groups);
   } else if (scale_a.scalar_type() == kFloat && scale_b.scalar_type() == kFloat) {
     recipe = ScaledGroupedMMRecipe::kRowwise;
-    const char* what = "rowwise";
-    switch (layout) {
-      case GroupedMMLayout::k2d3d:
-        scaled_grouped_mm_check_scale("scale_a", scale_a, {m}, what);
-        scaled_grouped_mm_check_scale("scale_b", scale_b, {groups, n}, what);
-        break;
-      case GroupedMMLayout::k3d3d:
-        scaled_grouped_mm_check_scale("scale_a", scale_a, {groups, m}, what);
-        scaled_grouped_mm_check_scale("scale_b", scale_b, {groups, n}, what);
-        break;
-      case GroupedMMLayout::k3d2d:
-        scaled_grouped_mm_check_scale("scale_a", scale_a, {groups, m}, what);
-        scaled_grouped_mm_check_scale("scale_b", scale_b, {n}, what);
-        break;
-      case GroupedMMLayout::k2d2d:
-        scaled_grouped_mm_check_scale("scale_a", scale_a, {groups * m}, what);
-        scaled_grouped_mm_check_scale("scale_b", scale_b, {groups * n}, what);
-        break;
-    }
+    scaled_grouped_mm_check_rowwise_scales(mat_a, mat_b, scale_a, scale_b, groups);
   } else {
     TORCH_CHECK_VALUE(scale_a.scalar_type() == kFloat8_e8m0fnu && scale_b.scalar_type() == kFloat8_e8m0fnu,
         "scaled_grouped_mm: scale_a and scale_b must both be float32 (rowwise, blockwise) or both Float8_e8m0fnu "
         "(mx), got ",
         scale_a.scalar_type(), " and ", scale_b.scalar_type());
     recipe = ScaledGroupedMMRecipe::kMX;
-    TORCH_CHECK_VALUE(layout != GroupedMMLayout::k3d2d,
-        "scaled_grouped_mm: mx scaling supports 2D x 3D, 3D x 3D and 2D x 2D operands, got mat_a ", mat_a.sizes(),
-        " and mat_b ", mat_b.sizes());
-    const int64_t s = (k + 31) / 32;
-    const char* what = "mx";
-    const char* swizzled = "mx (swizzled)";
-    // 2-D operands: the per-group blocked layout (swizzle_mx_scale), whose
-    // byte count depends on offs: here its rank and rows, as upstream checks;
-    // the bytes against offs's values where those are read.
-    const auto check_blocked = [&](const char* name, const Tensor& scale, const char* operand, int64_t rows,
-                                   int64_t dim) {
-      TORCH_CHECK_VALUE(scale.dim() == 2 && scale.size(0) >= rows,
-          "scaled_grouped_mm: ", name, " must be the mx scale of ", operand, " blocked per group "
-          "(swizzle_mx_scale(scale, offs, dim=", dim, ")): 2-D with at least ", rows, " rows, got ", scale.sizes());
-      // Upstream takes any 2-D shape that holds the blocked bytes, so a plain
-      // grid, always (rows, S), can pass for a blocked one and be read
-      // wrongly: that shape is refused, since its bytes could be either.
-      TORCH_CHECK_VALUE(!(scale.size(0) == rows && scale.size(1) == s),
-          "scaled_grouped_mm: ", name, " has the shape of the plain mx scale grid of ", operand, ", [", rows, ", ", s,
-          "]; 2-D operands take their scales blocked per group (swizzle_mx_scale(scale, offs, dim=", dim,
-          ")), which at this shape cannot be told from the plain grid");
-    };
-    if (layout == GroupedMMLayout::k2d2d) {  // groups along K: offs must fall on 32-blocks (checked on values)
-      check_blocked("scale_a", scale_a, "mat_a", m, 1);
-      check_blocked("scale_b", scale_b, "mat_b^T", n, 1);
-    } else if (layout == GroupedMMLayout::k2d3d) {
-      check_blocked("scale_a", scale_a, "mat_a", m, 0);
-    } else if (scale_a.dim() == 2) {
-      scaled_grouped_mm_check_scale("scale_a", scale_a, {groups, fp8_round_up(m, 128) * fp8_round_up(s, 4)}, swizzled);
-    } else {
-      scaled_grouped_mm_check_scale("scale_a", scale_a, {groups, m, s}, what);
-    }
-    if (layout == GroupedMMLayout::k2d2d) {
-    } else if (scale_b.dim() == 2) {
-      scaled_grouped_mm_check_scale("scale_b", scale_b, {groups, fp8_round_up(n, 128) * fp8_round_up(s, 4)}, swizzled);
-    } else {
-      scaled_grouped_mm_check_scale("scale_b", scale_b, {groups, n, s}, what);
-    }
+    // 3-D operands: the rank of the scale tells plain from swizzled.
+    scaled_grouped_mm_check_mx_scales(mat_a, mat_b, scale_a, scale_b, groups, scale_a.dim() == 2,
+                                      scale_b.dim() == 2);
   }
-  TORCH_CHECK_VALUE(scale_a.device() == mat_a.device() && scale_b.device() == mat_a.device(),
-      "scaled_grouped_mm: scale_a and scale_b must be on the device of mat_a (", mat_a.device(), "), got ",
-      scale_a.device(), " and ", scale_b.device());
+  scaled_grouped_mm_check_bias_and_devices(mat_a, mat_b, scale_a, scale_b, offs, bias, groups, out_t);
+  return recipe;
+}
 
-  if (bias.has_value()) {
-    const int64_t n_out = grouped_mm_out_size(mat_a, mat_b, offs).back();
-    TORCH_CHECK_VALUE(bias->dim() == 2 && bias->size(0) == groups && bias->size(1) == n_out,
-        "scaled_grouped_mm: bias must have shape (G, N) = (", groups, ", ", n_out, "), got ", bias->sizes());
-    TORCH_CHECK_VALUE(bias->scalar_type() == kFloat || bias->scalar_type() == out_t,
-        "scaled_grouped_mm: bias must be float32 or the output dtype (", out_t, "), got ", bias->scalar_type());
-    TORCH_CHECK_VALUE(bias->device() == mat_a.device(),
-        "scaled_grouped_mm: bias must be on the device of mat_a (", mat_a.device(), "), got ", bias->device());
+// _scaled_grouped_mm_v2: the recipe is stated, by at::blas::ScalingType and
+// SwizzleType values (ATen/BlasBackend.h), never inferred. The CPU kernel
+// takes one scale per operand in exactly these (recipe_a, recipe_b) pairs:
+//   RowWise x RowWise                   rowwise, float32 scales, no swizzle;
+//   BlockWise1x32 x BlockWise1x32       mx, Float8_e8m0fnu scales: 2-D
+//       operands' scales blocked per group, so SWIZZLE_32_4_4; 3-D operands'
+//       NO_SWIZZLE (the plain grid) or SWIZZLE_32_4_4;
+//   BlockWise1x128 x BlockWise128x128   DeepSeek-V3 blockwise, float32, no
+//       swizzle, 2D x 3D and 3D x 3D.
+// TensorWise, BlockWise1x16 (NVFP4) and every other pairing are refused by
+// value. An empty swizzle list means NO_SWIZZLE (F.scaled_grouped_mm passes
+// [] for None); contraction_dim is [] or (-1, -2), the only contraction the
+// four layouts have.
+inline const char* scaled_grouped_mm_v2_recipe_name(int64_t v) {
+  switch (v) {
+    case static_cast<int64_t>(blas::ScalingType::TensorWise): return "TensorWise";
+    case static_cast<int64_t>(blas::ScalingType::RowWise): return "RowWise";
+    case static_cast<int64_t>(blas::ScalingType::BlockWise1x16): return "BlockWise1x16";
+    case static_cast<int64_t>(blas::ScalingType::BlockWise1x32): return "BlockWise1x32";
+    case static_cast<int64_t>(blas::ScalingType::BlockWise1x128): return "BlockWise1x128";
+    case static_cast<int64_t>(blas::ScalingType::BlockWise128x128): return "BlockWise128x128";
+    default: return nullptr;
   }
+}
+
+inline blas::ScalingType scaled_grouped_mm_v2_recipe(const char* name, c10::IntArrayRef recipe) {
+  TORCH_CHECK_VALUE(recipe.size() == 1,
+      "scaled_grouped_mm_v2: ", name, " must hold one ScalingType (one scale per operand on CPU), got ", name,
+      "=", recipe);
+  TORCH_CHECK_VALUE(scaled_grouped_mm_v2_recipe_name(recipe[0]) != nullptr,
+      "scaled_grouped_mm_v2: ", name, "=", recipe, " is not a ScalingType (0 TensorWise .. 5 BlockWise128x128)");
+  return static_cast<blas::ScalingType>(recipe[0]);
+}
+
+// Whether the scale is swizzled (SWIZZLE_32_4_4).
+inline bool scaled_grouped_mm_v2_swizzle(const char* name, c10::IntArrayRef swizzle) {
+  TORCH_CHECK_VALUE(swizzle.size() <= 1,
+      "scaled_grouped_mm_v2: ", name, " must hold at most one SwizzleType (one scale per operand on CPU), got ",
+      name, "=", swizzle);
+  if (swizzle.empty()) {
+    return false;
+  }
+  TORCH_CHECK_VALUE(swizzle[0] == static_cast<int64_t>(blas::SwizzleType::NO_SWIZZLE) ||
+                        swizzle[0] == static_cast<int64_t>(blas::SwizzleType::SWIZZLE_32_4_4),
+      "scaled_grouped_mm_v2: ", name, "=", swizzle, " is not a SwizzleType (0 NO_SWIZZLE, 1 SWIZZLE_32_4_4)");
+  return swizzle[0] == static_cast<int64_t>(blas::SwizzleType::SWIZZLE_32_4_4);
+}
+
+inline void scaled_grouped_mm_v2_check_scale_dtype(
+    const char* name, const Tensor& scale, ScalarType want, const char* recipe) {
+  TORCH_CHECK_VALUE(scale.scalar_type() == want,
+      "scaled_grouped_mm_v2: ", name, " must be ", want, " for ", recipe, ", got ", scale.scalar_type());
+}
+
+inline ScaledGroupedMMRecipe scaled_grouped_mm_v2_check_inputs(
+    const Tensor& mat_a, const Tensor& mat_b,
+    c10::ArrayRef<Tensor> scale_a, c10::IntArrayRef recipe_a, c10::IntArrayRef swizzle_a,
+    c10::ArrayRef<Tensor> scale_b, c10::IntArrayRef recipe_b, c10::IntArrayRef swizzle_b,
+    const std::optional<Tensor>& offs, const std::optional<Tensor>& bias, std::optional<ScalarType> out_dtype,
+    c10::IntArrayRef contraction_dim) {
+  const auto out_t = scaled_grouped_mm_check_operands("scaled_grouped_mm_v2", mat_a, mat_b, out_dtype);
+  const auto ra = scaled_grouped_mm_v2_recipe("recipe_a", recipe_a);
+  const auto rb = scaled_grouped_mm_v2_recipe("recipe_b", recipe_b);
+  const bool swa = scaled_grouped_mm_v2_swizzle("swizzle_a", swizzle_a);
+  const bool swb = scaled_grouped_mm_v2_swizzle("swizzle_b", swizzle_b);
+  TORCH_CHECK_VALUE(scale_a.size() == 1,
+      "scaled_grouped_mm_v2: scale_a must hold one tensor for recipe_a=", recipe_a, " (",
+      scaled_grouped_mm_v2_recipe_name(recipe_a[0]), "), got ", scale_a.size());
+  TORCH_CHECK_VALUE(scale_b.size() == 1,
+      "scaled_grouped_mm_v2: scale_b must hold one tensor for recipe_b=", recipe_b, " (",
+      scaled_grouped_mm_v2_recipe_name(recipe_b[0]), "), got ", scale_b.size());
+  if (!contraction_dim.empty()) {
+    const bool k_last = contraction_dim.size() == 2 &&
+        (contraction_dim[0] == -1 || contraction_dim[0] == mat_a.dim() - 1) &&
+        (contraction_dim[1] == -2 || contraction_dim[1] == mat_b.dim() - 2);
+    TORCH_CHECK_VALUE(k_last,
+        "scaled_grouped_mm_v2: contraction_dim must be [] or [-1, -2] (K last in mat_a, first in mat_b), got "
+        "contraction_dim=", contraction_dim);
+  }
+  grouped_mm_check_layout("scaled_grouped_mm_v2", mat_a, mat_b, offs);
+  const auto layout = grouped_mm_layout(mat_a, mat_b);
+  const int64_t groups = grouped_mm_num_groups(mat_a, mat_b, offs);
+  const Tensor& sa = scale_a[0];
+  const Tensor& sb = scale_b[0];
+  using blas::ScalingType;
+  ScaledGroupedMMRecipe recipe;
+  const auto refuse_swizzle = [&](const char* recipe_name) {
+    TORCH_CHECK_VALUE(!swa && !swb,
+        "scaled_grouped_mm_v2: ", recipe_name, " scales are never swizzled: swizzle_a and swizzle_b must be [] or "
+        "[0] (NO_SWIZZLE), got swizzle_a=", swizzle_a, " and swizzle_b=", swizzle_b);
+  };
+  if (ra == ScalingType::RowWise && rb == ScalingType::RowWise) {
+    recipe = ScaledGroupedMMRecipe::kRowwise;
+    refuse_swizzle("RowWise");
+    scaled_grouped_mm_v2_check_scale_dtype("scale_a", sa, kFloat, "recipe_a=[1] (RowWise)");
+    scaled_grouped_mm_v2_check_scale_dtype("scale_b", sb, kFloat, "recipe_b=[1] (RowWise)");
+    scaled_grouped_mm_check_rowwise_scales(mat_a, mat_b, sa, sb, groups);
+  } else if (ra == ScalingType::BlockWise1x32 && rb == ScalingType::BlockWise1x32) {
+    recipe = ScaledGroupedMMRecipe::kMX;
+    scaled_grouped_mm_v2_check_scale_dtype("scale_a", sa, kFloat8_e8m0fnu, "recipe_a=[3] (BlockWise1x32)");
+    scaled_grouped_mm_v2_check_scale_dtype("scale_b", sb, kFloat8_e8m0fnu, "recipe_b=[3] (BlockWise1x32)");
+    TORCH_CHECK_VALUE(layout != GroupedMMLayout::k3d2d,
+        "scaled_grouped_mm_v2: recipe_a=[3] x recipe_b=[3] (BlockWise1x32, MXFP8) supports 2D x 3D, 3D x 3D and "
+        "2D x 2D operands, got mat_a ", mat_a.sizes(), " and mat_b ", mat_b.sizes());
+    // A 2-D operand's scale is blocked per group: the 32_4_4 swizzle, group by group.
+    TORCH_CHECK_VALUE(mat_a.dim() == 3 || swa,
+        "scaled_grouped_mm_v2: recipe_a=[3] (BlockWise1x32) of a 2-D mat_a takes its scale blocked per group "
+        "(swizzle_mx_scale): swizzle_a must be [1] (SWIZZLE_32_4_4), got swizzle_a=", swizzle_a);
+    TORCH_CHECK_VALUE(mat_b.dim() == 3 || swb,
+        "scaled_grouped_mm_v2: recipe_b=[3] (BlockWise1x32) of a 2-D mat_b takes its scale blocked per group "
+        "(swizzle_mx_scale): swizzle_b must be [1] (SWIZZLE_32_4_4), got swizzle_b=", swizzle_b);
+    scaled_grouped_mm_check_mx_scales(mat_a, mat_b, sa, sb, groups, swa, swb);
+  } else if (ra == ScalingType::BlockWise1x128 && rb == ScalingType::BlockWise128x128) {
+    recipe = ScaledGroupedMMRecipe::kBlockwise;
+    refuse_swizzle("BlockWise1x128 x BlockWise128x128");
+    TORCH_CHECK_VALUE(layout == GroupedMMLayout::k2d3d || layout == GroupedMMLayout::k3d3d,
+        "scaled_grouped_mm_v2: recipe_a=[4] (BlockWise1x128) x recipe_b=[5] (BlockWise128x128) supports 2D x 3D "
+        "and 3D x 3D operands, got mat_a ", mat_a.sizes(), " and mat_b ", mat_b.sizes());
+    scaled_grouped_mm_v2_check_scale_dtype("scale_a", sa, kFloat, "recipe_a=[4] (BlockWise1x128)");
+    scaled_grouped_mm_v2_check_scale_dtype("scale_b", sb, kFloat, "recipe_b=[5] (BlockWise128x128)");
+    scaled_grouped_mm_check_blockwise_scales(mat_a, mat_b, sa, sb, groups);
+  } else {
+    TORCH_CHECK_VALUE(false,
+        "scaled_grouped_mm_v2: recipe_a=", recipe_a, " (", scaled_grouped_mm_v2_recipe_name(recipe_a[0]),
+        ") x recipe_b=", recipe_b, " (", scaled_grouped_mm_v2_recipe_name(recipe_b[0]),
+        ") is not supported on CPU; the CPU kernel takes RowWise x RowWise ([1] x [1]), BlockWise1x32 x "
+        "BlockWise1x32 ([3] x [3], MXFP8) and BlockWise1x128 x BlockWise128x128 ([4] x [5])");
+  }
+  scaled_grouped_mm_check_bias_and_devices(mat_a, mat_b, sa, sb, offs, bias, groups, out_t);
   return recipe;
 }
 
@@ -201,5 +384,11 @@ Tensor scaled_grouped_mm_cpu(
     const Tensor& mat_a, const Tensor& mat_b, const Tensor& scale_a, const Tensor& scale_b,
     const std::optional<Tensor>& offs, const std::optional<Tensor>& bias, const std::optional<Tensor>& scale_result,
     std::optional<ScalarType> out_dtype, bool use_fast_accum);
+
+Tensor scaled_grouped_mm_v2_cpu(
+    const Tensor& mat_a, const Tensor& mat_b, c10::ArrayRef<Tensor> scale_a, c10::IntArrayRef recipe_a,
+    c10::IntArrayRef swizzle_a, c10::ArrayRef<Tensor> scale_b, c10::IntArrayRef recipe_b, c10::IntArrayRef swizzle_b,
+    const std::optional<Tensor>& offs, const std::optional<Tensor>& bias, std::optional<ScalarType> out_dtype,
+    c10::IntArrayRef contraction_dim, bool use_fast_accum);
 
 } // namespace at::native
