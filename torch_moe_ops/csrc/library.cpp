@@ -13,6 +13,7 @@
 #include <ATen/native/MoEQuantize.h>
 #include <ATen/native/MoERouting.h>
 #include <ATen/native/MoEScaledGroupedMM.h>
+#include <ATen/native/MoEScaledGroupedMMv2.h>
 #include <moe/ExpertMLP.h>
 
 #include <torch_moe_ops/RegisterMoeOps.h>

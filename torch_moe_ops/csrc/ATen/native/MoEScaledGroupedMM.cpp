@@ -12,11 +12,6 @@ namespace at::native {
 
 DEFINE_DISPATCH(scaled_grouped_mm_stub);
 
-namespace {
-
-// Both entries, once the inputs are checked and the recipe known: the same
-// kernel on the same arguments, so _scaled_grouped_mm_v2 equals
-// _scaled_grouped_mm bit for bit wherever both take a call.
 Tensor scaled_grouped_mm_cpu_run(
     const Tensor& mat_a, const Tensor& mat_b, const Tensor& scale_a, const Tensor& scale_b,
     const std::optional<Tensor>& offs, const std::optional<Tensor>& bias, std::optional<ScalarType> out_dtype,
@@ -64,8 +59,6 @@ Tensor scaled_grouped_mm_cpu_run(
   return out;
 }
 
-} // namespace
-
 Tensor scaled_grouped_mm_cpu(
     const Tensor& mat_a, const Tensor& mat_b, const Tensor& scale_a, const Tensor& scale_b,
     const std::optional<Tensor>& offs, const std::optional<Tensor>& bias, const std::optional<Tensor>& scale_result,
@@ -74,17 +67,6 @@ Tensor scaled_grouped_mm_cpu(
   const auto recipe =
       scaled_grouped_mm_check_inputs(mat_a, mat_b, scale_a, scale_b, offs, bias, scale_result, out_dtype);
   return scaled_grouped_mm_cpu_run(mat_a, mat_b, scale_a, scale_b, offs, bias, out_dtype, recipe);
-}
-
-Tensor scaled_grouped_mm_v2_cpu(
-    const Tensor& mat_a, const Tensor& mat_b, c10::ArrayRef<Tensor> scale_a, c10::IntArrayRef recipe_a,
-    c10::IntArrayRef swizzle_a, c10::ArrayRef<Tensor> scale_b, c10::IntArrayRef recipe_b, c10::IntArrayRef swizzle_b,
-    const std::optional<Tensor>& offs, const std::optional<Tensor>& bias, std::optional<ScalarType> out_dtype,
-    c10::IntArrayRef contraction_dim, bool use_fast_accum) {
-  (void)use_fast_accum;  // always float32 accumulation on CPU
-  const auto recipe = scaled_grouped_mm_v2_check_inputs(mat_a, mat_b, scale_a, recipe_a, swizzle_a, scale_b, recipe_b,
-                                                        swizzle_b, offs, bias, out_dtype, contraction_dim);
-  return scaled_grouped_mm_cpu_run(mat_a, mat_b, scale_a[0], scale_b[0], offs, bias, out_dtype, recipe);
 }
 
 } // namespace at::native
