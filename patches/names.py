@@ -119,14 +119,18 @@ def _closure(checks: dict[str, ast.stmt], roots: set[str]) -> set[str]:
 
 
 @functools.cache
-def family_checks(family: str) -> dict[str, str]:
+def family_checks(family: str, ops: tuple[str, ...] | None = None) -> dict[str, str]:
     """The checks the family's meta functions carry (not those an earlier
-    family carries), each -> its upstream name, in _checks.py's order."""
+    family carries), each -> its upstream name, in _checks.py's order; with
+    ops, those that the fake kernels of these ops reach (a block of the
+    family's meta functions that a later patch carries)."""
     checks = _top(_read(CHECKS), CHECKS)
     path = f"torch_moe_ops/ops/{family}.py"
     top = _top(_read(path), path)
     roots = set()
-    for fake in fake_kernels(family).values():
+    for op, fake in fake_kernels(family).items():
+        if ops is not None and op not in ops:
+            continue
         roots |= {n.attr for n in ast.walk(top[fake]) if isinstance(n, ast.Attribute)
                   and isinstance(n.value, ast.Name) and n.value.id == "_checks"}
     earlier = shared_checks(family)

@@ -438,8 +438,3 @@ def make_fp8_op_db(name_of, op_of, cuda_tested_elsewhere=()) -> list[OpInfo]:
 
 
 op_db = make_fp8_op_db(lambda op: f"moe_ops.{op}", lambda op: getattr(torch.ops.moe_ops, op).default)
-
-# scaled_grouped_mm_v2 (the family's fifth op) has its OpInfo in its own module.
-from opinfo_scaled_grouped_mm_v2 import op_db as _scaled_grouped_mm_v2_op_db  # noqa: E402
-
-op_db += _scaled_grouped_mm_v2_op_db

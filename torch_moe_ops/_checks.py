@@ -659,7 +659,8 @@ def check_scaled_grouped_mm_inputs(mat_a, mat_b, scale_a, scale_b, offs, bias, s
 # (torch.nn.functional.ScalingType / SwizzleType), never told from the scales.
 
 SCALING_TYPES = ("TensorWise", "RowWise", "BlockWise1x16", "BlockWise1x32", "BlockWise1x128", "BlockWise128x128")
-NO_SWIZZLE, SWIZZLE_32_4_4 = 0, 1
+NO_SWIZZLE = 0
+SWIZZLE_32_4_4 = 1
 # (recipe_a, recipe_b) -> the v1 recipe the CPU kernel runs; every other pair is refused.
 SCALED_GROUPED_MM_V2_RECIPES = {(1, 1): "rowwise", (3, 3): "mx", (4, 5): "blockwise (1x128 x 128x128)"}
 
