@@ -186,7 +186,8 @@ def error_inputs_scaled_grouped_mm_v2(op_info, device, **kwargs):
     yield e(r"scaled_grouped_mm: bias must have shape \(G, N\) = \(2, 8\), got \[8\]", a, b, [sa], R, [], [sb], R, [],
             bias=ones(N))
     if torch.device(device).type == "cpu":
-        yield e(r"scaled_grouped_mm: offs must be non-decreasing in \[0, M=6\], got offs\[1\]=7 after offs\[0\]=2", a,
+        yield e(r"scaled_grouped_mm: offs must be non-decreasing in \[0, M \(mat_a.size\(0\)\)=6\], got offs\[1\]=7 "
+                r"after offs\[0\]=2", a,
                 b, [sa], R, [], [sb], R, [], offs=torch.tensor([2, 7], dtype=torch.int32, device=device))
 
 

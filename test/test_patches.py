@@ -175,6 +175,8 @@ def test_torchgen_accepts_the_yaml_and_generates_the_backward(tree, tmp_path):
     assert upstreamed
     for op in upstreamed:
         (fn,) = [f for f in parsed.native_functions if str(f.func.name) == op.upstream.name]
+        if fn.structured_delegate is not None:  # a structured op's kernels are its out= overload's
+            (fn,) = [f for f in parsed.native_functions if f.func.name == fn.structured_delegate]
         for key, kernel in op.upstream_dispatch().items():
             assert kernels[getattr(DispatchKey, key)].get_kernel(fn).kernel == kernel, (op.name, key)
     # Upstream's own CUDA kernels stay where the series extends an entry.
@@ -432,6 +434,8 @@ def meta(tree, aten):
     generated = [name for m in metas for name in [*names.family_checks(m.family).values(), *m.meta_names().values()]]
     # upstream's meta function of _scaled_grouped_mm, which calls its CPU branch
     generated.append("meta_scaled_grouped_mm")
+    # and of _scaled_grouped_mm_v2 (core/0008's CPU branch), with the helper its shape inference calls
+    generated += ["_create_grouped_mm_output_tensor", "meta_scaled_grouped_mm_v2"]
     registered = []
 
     def register_meta(op):
@@ -526,6 +530,31 @@ def check_meta_against_kernel(meta_fn, info, dtypes, value_errors: str) -> None:
 def test_patched_routing_meta_matches_the_kernels(meta, info):
     check_meta_against_kernel(meta[names.meta_name(info.name.split('.')[-1])], info,
                               (torch.float32, torch.bfloat16, torch.float64), value_errors="ids_values")
+
+
+def test_patched_scaled_grouped_mm_v2_meta_has_the_cpu_checks(meta):
+    """core/0008: upstream's meta_scaled_grouped_mm_v2 with its CPU branch raises the CPU
+    kernel's error on every error input (but those needing offs's values) and, on every
+    sample, infers the kernel's shape and dtype (its strides stay upstream's, padded as the
+    structured meta function allocates out)."""
+    from opinfo_scaled_grouped_mm_v2 import op_db as v2_op_db
+
+    (info,) = v2_op_db
+    fn = meta["meta_scaled_grouped_mm_v2"]
+    for dtype in info.dtypes:
+        for s in info.sample_inputs("cpu", dtype):
+            expected = info.op(s.input, *s.args, **s.kwargs)
+            with FakeTensorMode() as mode:
+                fake = lambda t: (mode.from_tensor(t) if isinstance(t, torch.Tensor)  # noqa: E731
+                                  else [fake(x) for x in t] if isinstance(t, list) else t)
+                got = fn(fake(s.input), *map(fake, s.args), **{k: fake(v) for k, v in s.kwargs.items()})
+            assert (got.shape, got.dtype) == (expected.shape, expected.dtype), s.name
+    for e in info.error_inputs("cpu"):
+        s = e.sample_input
+        if "offs must be non-decreasing" in e.error_regex:
+            continue
+        with pytest.raises(e.error_type, match=e.error_regex):
+            fn(s.input, *s.args, **s.kwargs)
 
 
 @pytest.mark.parametrize("info", fp8_op_db, ids=lambda info: info.name)

@@ -126,8 +126,10 @@ def test_schema_and_enums_are_upstreams():
         (a.name, str(a.type), a.default_value) for a in theirs.arguments]
     assert [str(r.type) for r in ours.returns] == [str(r.type) for r in theirs.returns]
     F = torch.nn.functional
-    assert [t.name for t in sorted(F.ScalingType, key=lambda t: t.value)] == list(_checks.SCALING_TYPES)
-    assert (F.SwizzleType.NO_SWIZZLE.value, F.SwizzleType.SWIZZLE_32_4_4.value) == (NO_SWIZZLE, SWIZZLE_32_4_4)
+    assert {k: v.value for k, v in F.ScalingType.__members__.items()} == {
+        name: value for value, name in enumerate(_checks.SCALING_TYPES)}
+    assert {k: v.value for k, v in F.SwizzleType.__members__.items()} == {
+        "NO_SWIZZLE": NO_SWIZZLE, "SWIZZLE_32_4_4": SWIZZLE_32_4_4}
 
 
 def test_functional_spelling():
@@ -146,12 +148,13 @@ def test_functional_spelling():
 
 
 def test_opcheck():
-    """Schema, fake kernel and dispatch agree (torch.library.opcheck) on one sample per recipe."""
+    """The fake kernel agrees with the kernel under torch.library.opcheck on one sample per recipe and
+    layout (its test_schema cannot compare float8 inputs for mutation: allclose has no float8 kernel)."""
     picked = {}
     for name, args, kw, _, _ in scaled_grouped_mm_v2_cases("cpu", torch.bfloat16):
         picked.setdefault((args[3][0], len(args[4]) and args[4][0], args[0].dim(), args[1].dim()), (args, kw))
     for args, kw in list(picked.values())[:4]:
-        torch.library.opcheck(V2, args, kw, test_utils=("test_schema", "test_faketensor"))
+        torch.library.opcheck(V2, args, kw, test_utils=("test_faketensor",))
 
 
 @st.composite

@@ -4,7 +4,7 @@
 // SwizzleType are checked pair by pair (MoEScaledGroupedMM.h) and run by the
 // CPU scaled grouped GEMM that _scaled_grouped_mm's CPU kernel runs.
 
-#include <ATen/native/MoEScaledGroupedMM.h>
+#include <ATen/native/MoEScaledGroupedMMv2.h>
 
 #include <ATen/core/Tensor.h>
 #include <ATen/ops/_scaled_grouped_mm_v2_native.h>
