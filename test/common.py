@@ -101,6 +101,6 @@ def family_op_db(family: str) -> list:
     here = pathlib.Path(__file__).parent
     db = list(importlib.import_module(f"opinfo_{family}").op_db)
     for op in native_functions.public_ops(family):
-        if (here / f"opinfo_{op.name}.py").exists():
+        if op.name != family and (here / f"opinfo_{op.name}.py").exists():
             db += importlib.import_module(f"opinfo_{op.name}").op_db
     return db
