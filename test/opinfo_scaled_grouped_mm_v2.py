@@ -59,11 +59,23 @@ def scaled_grouped_mm_v2_cases(device, dtype):
             # The same call spelt as v2 also allows: K's dimensions given, fast accumulation asked
             # (float32 accumulation on CPU regardless), NO_SWIZZLE spelt out where nothing is swizzled.
             swz = lambda s: s if s else [NO_SWIZZLE]  # noqa: E731
-            named = v2[:4] + [swz(v2[4])] + v2[5:7] + [swz(v2[7])]
-            yield (f"{name}_contraction_dim", named, dict(v2kw, contraction_dim=[-1, -2], use_fast_accum=True),
-                   args, kw)
-            dims = [args[0].dim() - 1, args[1].dim() - 2]
-            yield f"{name}_contraction_dim_positive", v2, dict(v2kw, contraction_dim=dims), args, kw
+            for suffix, kw_extra, swizzles in (("_contraction_dim", dict(contraction_dim=[-1, -2], use_fast_accum=True),
+                                                swz),
+                                               ("_contraction_dim_positive",
+                                                dict(contraction_dim=[args[0].dim() - 1, args[1].dim() - 2]),
+                                                lambda s: s)):
+                a2, k2, a1, k1 = _own(v2), _own(v2kw), _own(args), _own(kw)  # each sample owns its tensors
+                a2 = a2[:4] + [swizzles(a2[4])] + a2[5:7] + [swizzles(a2[7])]
+                yield name + suffix, a2, dict(k2, **kw_extra), a1, k1
+
+
+def _own(x):
+    """A copy of x's tensors (clone keeps the strides of these dense tensors)."""
+    if isinstance(x, dict):
+        return {k: _own(v) for k, v in x.items()}
+    if isinstance(x, list):
+        return [_own(v) for v in x]
+    return x.clone() if isinstance(x, torch.Tensor) else x
 
 
 def sample_inputs_scaled_grouped_mm_v2(op_info, device, dtype, requires_grad, **kwargs):
@@ -188,7 +200,8 @@ def error_inputs_scaled_grouped_mm_v2(op_info, device, **kwargs):
     if torch.device(device).type == "cpu":
         yield e(r"scaled_grouped_mm: offs must be non-decreasing in \[0, M \(mat_a.size\(0\)\)=6\], got offs\[1\]=7 "
                 r"after offs\[0\]=2", a,
-                b, [sa], R, [], [sb], R, [], offs=torch.tensor([2, 7], dtype=torch.int32, device=device))
+                b, [sa], R, [], [sb], R, [], offs=torch.tensor([2, 7], dtype=torch.int32, device=device),
+                name="offs_values")
 
 
 def make_scaled_grouped_mm_v2_opinfo(name, op) -> OpInfo:
