@@ -124,6 +124,13 @@ SCALED_GROUPED_MM_CPU_META = """\
 # them in step.
 """
 
+SCALED_GROUPED_MM_V2_META = """\
+# aten._scaled_grouped_mm_v2 on CPU: the checks of the recipes the CPU kernel
+# takes, as stated by ScalingType / SwizzleType. These restate the checks of
+# ATen/native/MoEScaledGroupedMMv2.h one for one, with the same messages; keep
+# them in step.
+"""
+
 MOE_OPS_STRATEGY_DOC = """\
 Sharding strategies of the MoE routing ops (_moe_router_topk, _moe_permute,
 _moe_unpermute, _moe_unpermute_backward) and the fp8 quantisation ops
@@ -460,6 +467,26 @@ SERIES = [
                 Copy(f"{NATIVE}/cuda/MoEQuantize.cpp", f"{SRC}/cuda/MoEQuantize.cpp"),
                 *(Dispatch(op.name, keys=("CUDA",)) for op in native_functions.upstreamed("fp8")
                   if not op.upstream.extends and op.has_own_cuda_kernel),
+            ],
+        ),
+        # -- After stack 3: _scaled_grouped_mm_v2 on CPU (patches/rfc/0003-fp8-grouped-gemm-cpu.md) -------------
+        Patch(
+            message="core/0008-scaled-grouped-mm-v2-cpu.txt",
+            changes=[
+                Copy(f"{NATIVE}/MoEScaledGroupedMMv2.h", f"{SRC}/MoEScaledGroupedMMv2.h"),
+                Copy(f"{NATIVE}/MoEScaledGroupedMMv2.cpp", f"{SRC}/MoEScaledGroupedMMv2.cpp"),
+                Copy(f"{NATIVE}/ScaledGroupedMMCPU.cpp", "patches/src/aten/src/ATen/native/ScaledGroupedMMCPU.cpp"),
+                Dispatch("scaled_grouped_mm_v2"),
+                Meta("fp8", SCALED_GROUPED_MM_V2_META, after="_meta_scaled_grouped_mm_cpu",
+                     ops=("scaled_grouped_mm_v2",), earlier_ops=(*FP8_QUANTIZE_OPS, "swizzle_mx_scale", "scaled_grouped_mm"),
+                     cpu_branch=("scaled_grouped_mm_v2",), edits=[(
+                         "    _out_dtype = out_dtype or torch.bfloat16\n",
+                         "    if mat_a.device.type == \"cpu\":  # the CPU kernel's checks of the stated recipes\n"
+                         "        _meta_scaled_grouped_mm_v2_cpu(\n"
+                         "            mat_a, mat_b, scale_a, scale_recipe_a, swizzle_a, scale_b, scale_recipe_b, swizzle_b,\n"
+                         "            offs, bias, out_dtype, contraction_dim or [], use_fast_accum\n"
+                         "        )\n"
+                         "    _out_dtype = out_dtype or torch.bfloat16\n")]),
             ],
         ),
     ]),

@@ -6,6 +6,7 @@ an edit here or in the manifest."""
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass, field
 
 from torch_moe_ops import native_functions
@@ -89,7 +90,8 @@ class NativeFunctions:
 @dataclass
 class Dispatch:
     """The dispatch keys the declaration says the series adds to the
-    upstream entry of op (``upstream.extends``), first in its dispatch; or,
+    upstream entry of op (``upstream.extends``; of a structured op, to its
+    out= overload's entry, whose kernels are structured), first in its dispatch; or,
     with ``keys``, those keys of a new op's declared dispatch, added last to
     the entry an earlier NativeFunctions(later=keys) wrote without them."""
 
@@ -107,6 +109,9 @@ class Dispatch:
         if op.upstream is None or not (op.upstream.extends or self.keys):
             raise PatchError(DECLARATION, None, f"{self.op}: upstream.extends names no dispatch key to add")
         start, end = _entry(text, self.path, "func", op.upstream.name)
+        delegate = re.search(r"^  structured_delegate: (\S+)$", text[start:end], re.M)
+        if delegate:  # a structured op's kernels are its out= overload's
+            start, end = _entry(text, self.path, "func", delegate[1])
         at = text.find("  dispatch:\n", start, end)
         if at < 0:
             raise PatchError(self.path, None, f"{op.upstream.name} has no dispatch to extend")

@@ -191,6 +191,11 @@ class Kernel:
     decl: str      # the declaration torchgen writes in ATen/ops/<root>_native.h
     ptr_type: str  # the C++ type of &at::native::<name>
     root: str      # the op's root name (its ATen/ops/<root>*.h headers)
+    # A structured kernel (the out= overload of a structured op) is the impl of
+    # struct structured_<name>, which the generated <root>_native.h declares:
+    # the carried file defining TORCH_IMPL_FUNC(<name>) is checked by compiling
+    # that definition against the declaration, not by a static_assert.
+    structured: bool = False
 
 
 def _kernels(parsed) -> dict[tuple[str, str], tuple]:
@@ -219,10 +224,7 @@ def series_kernels(base, patched) -> list[Kernel]:
         previous = old.get((op, key))
         if previous is not None and (previous[0].kernel, previous[1]) == (metadata.kernel, decl):
             continue
-        if metadata.structured:
-            raise PatchError(NATIVE_YAML, None, f"{op}: {key} kernel {metadata.kernel} is structured; "
-                                                "patches/proof.py checks unstructured kernels only")
-        kernels.append(Kernel(op, key, metadata.kernel, decl, ptr_type, root))
+        kernels.append(Kernel(op, key, metadata.kernel, decl, ptr_type, root, bool(metadata.structured)))
     return kernels
 
 
@@ -595,6 +597,13 @@ def _mentions(text: str, name: str) -> bool:
     return re.search(rf"\b{re.escape(name)}\s*\(", text) is not None
 
 
+def _defines(text: str, k: Kernel) -> bool:
+    """Whether text may define kernel k: mentions it, or, structured, defines TORCH_IMPL_FUNC(name)."""
+    if k.structured:
+        return re.search(rf"\bTORCH_IMPL_FUNC\(\s*{re.escape(k.name)}\s*\)", text) is not None
+    return _mentions(text, k.name)
+
+
 def signature_checks(kernels: list[Kernel], roots: set[str]) -> str:
     """Appended to an entry-point TU: each kernel has the declared signature
     (before the generated declarations are visible, so the message is ours),
@@ -602,7 +611,7 @@ def signature_checks(kernels: list[Kernel], roots: set[str]) -> str:
     declaration the file made."""
     lines = ["", "// patches/proof.py: the kernels native_functions.yaml names, as torchgen declares them.",
              "#include <type_traits>"]
-    for k in kernels:
+    for k in (k for k in kernels if not k.structured):
         message = (f"native_functions.yaml: the {k.key} kernel of aten::{k.op} is declared "
                    f"'{k.decl}' in ATen/ops/{k.root}_native.h; at::native::{k.name} here does not match it")
         lines.append(f"static_assert(std::is_same_v<decltype(&at::native::{k.name}), {k.ptr_type}>, "
@@ -625,7 +634,7 @@ def units(tree: str, overlay: str, autograd_root: str | None, kernels: list[Kern
         full = os.path.join(tree, path)
         text = _read(full)
         head = f'#include "{full}"\n'
-        mine = [k for k in kernels if _mentions(text, k.name)]
+        mine = [k for k in kernels if _defines(text, k)]
         checks = signature_checks(mine, roots)
         if path.endswith((".h", ".cuh")):
             continue  # compiled where they are included; see headers_not_compiled()

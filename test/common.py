@@ -88,3 +88,19 @@ def assert_rows_close(out: torch.Tensor, expected: torch.Tensor, dtype: torch.dt
         i = bad.nonzero()[0].tolist()
         raise AssertionError(f"{what}: {int(bad.sum())} of {out.numel()} elements off, first at {i}: "
                              f"got {o[tuple(i)].item()}, expected {e[tuple(i)].item()} (bound {bound[tuple(i)].item():.3g})")
+
+
+def family_op_db(family: str) -> list:
+    """A family's OpInfos: test/opinfo_<family>.py's, and those of its ops that have a module of
+    their own (test/opinfo_<op>.py, e.g. scaled_grouped_mm_v2)."""
+    import importlib
+    import pathlib
+
+    from torch_moe_ops import native_functions
+
+    here = pathlib.Path(__file__).parent
+    db = list(importlib.import_module(f"opinfo_{family}").op_db)
+    for op in native_functions.public_ops(family):
+        if op.name != family and (here / f"opinfo_{op.name}.py").exists():
+            db += importlib.import_module(f"opinfo_{op.name}").op_db
+    return db

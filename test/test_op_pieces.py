@@ -27,6 +27,8 @@ import torch
 import torch_moe_ops
 from torch_moe_ops import native_functions
 
+from common import family_op_db
+
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 CSRC = ROOT / "torch_moe_ops/csrc"
 LIBRARY = CSRC / "library.cpp"
@@ -34,7 +36,7 @@ OPS = native_functions.load()
 
 
 def _family_op_db(family):
-    return importlib.import_module(f"opinfo_{family}").op_db
+    return family_op_db(family)
 
 
 OPINFOS = {info.name.split(".", 1)[1]: (family, info)

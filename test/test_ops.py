@@ -37,7 +37,6 @@ specific: values in every dtype against the references with derived
 tolerances, compile, thread counts, hypothesis properties.
 """
 
-import importlib
 
 import torch
 from torch._subclasses.fake_tensor import FakeTensorMode
@@ -60,9 +59,10 @@ import torch_moe_ops
 from torch_moe_ops import native_functions
 
 from _device import instantiate_cpu_and_cuda
+from common import family_op_db
 
-# Every family's OpInfos (test/opinfo_<family>.py), the families as declared.
-op_db = [info for family in native_functions.families() for info in importlib.import_module(f"opinfo_{family}").op_db]
+# Every family's OpInfos (test/opinfo_<family>.py and per-op modules), the families as declared.
+op_db = [info for family in native_functions.families() for info in family_op_db(family)]
 
 # Every dtype torch.testing.make_tensor creates, and float8_e8m0fnu (MX scales).
 ALL_DTYPES = all_types_and_complex_and(

@@ -176,6 +176,8 @@ def test_torchgen_accepts_the_yaml_and_generates_the_backward(tree, tmp_path):
     assert upstreamed
     for op in upstreamed:
         (fn,) = [f for f in parsed.native_functions if str(f.func.name) == op.upstream.name]
+        if fn.structured_delegate is not None:  # a structured op's kernels are its out= overload's
+            (fn,) = [f for f in parsed.native_functions if f.func.name == fn.structured_delegate]
         for key, kernel in op.upstream_dispatch().items():
             assert kernels[getattr(DispatchKey, key)].get_kernel(fn).kernel == kernel, (op.name, key)
     # Upstream's own CUDA kernels stay where the series extends an entry.
@@ -313,7 +315,8 @@ def test_generated_autograd_code_compiles(compiled, generated):
 def test_every_new_kernel_is_checked(compiled):
     """The kernels the patched yaml names that v2.14.1's does not, each checked
     against the file that defines it."""
-    assert {(k.op, k.key): k.name for k in compiled.kernels} == {
+    # (a structured op's kernel is its out= overload's)
+    assert {(k.op.removesuffix(".out") if k.structured else k.op, k.key): k.name for k in compiled.kernels} == {
         (op.upstream.name, key): kernel
         for op in native_functions.upstreamed() for key, kernel in op.upstream_dispatch().items()}
     unchecked = proof.check_kernels_covered(compiled.kernels, [u for u in compiled.units if not u.skip])
@@ -433,6 +436,8 @@ def meta(tree, aten):
     generated = [name for m in metas for name in [*m.carried_checks().values(), *m.meta_names().values()]]
     # upstream's meta function of _scaled_grouped_mm, which calls its CPU branch
     generated.append("meta_scaled_grouped_mm")
+    # and of _scaled_grouped_mm_v2 (core/0008's CPU branch), with the helper its shape inference calls
+    generated += ["_create_grouped_mm_output_tensor", "meta_scaled_grouped_mm_v2"]
     registered = []
 
     def register_meta(op):
@@ -529,6 +534,31 @@ def test_patched_routing_meta_matches_the_kernels(meta, info):
                               (torch.float32, torch.bfloat16, torch.float64), value_errors="ids_values")
 
 
+def test_patched_scaled_grouped_mm_v2_meta_has_the_cpu_checks(meta):
+    """core/0008: upstream's meta_scaled_grouped_mm_v2 with its CPU branch raises the CPU
+    kernel's error on every error input (but those needing offs's values) and, on every
+    sample, infers the kernel's shape and dtype (its strides stay upstream's, padded as the
+    structured meta function allocates out)."""
+    from opinfo_scaled_grouped_mm_v2 import op_db as v2_op_db
+
+    (info,) = v2_op_db
+    fn = meta["meta_scaled_grouped_mm_v2"]
+    for dtype in info.dtypes:
+        for s in info.sample_inputs("cpu", dtype):
+            expected = info.op(s.input, *s.args, **s.kwargs)
+            with FakeTensorMode() as mode:
+                fake = lambda t: (mode.from_tensor(t) if isinstance(t, torch.Tensor)  # noqa: E731
+                                  else [fake(x) for x in t] if isinstance(t, list) else t)
+                got = fn(fake(s.input), *map(fake, s.args), **{k: fake(v) for k, v in s.kwargs.items()})
+            assert (got.shape, got.dtype) == (expected.shape, expected.dtype), s.name
+    for e in info.error_inputs("cpu"):
+        s = e.sample_input
+        if s.name == "offs_values":
+            continue
+        with pytest.raises(e.error_type, match=e.error_regex):
+            fn(s.input, *s.args, **s.kwargs)
+
+
 @pytest.mark.parametrize("info", fp8_op_db, ids=lambda info: info.name)
 def test_patched_fp8_meta_matches_the_kernels(meta, info):
     """meta_quantize_fp8, meta_dequantize_fp8, meta_swizzle_mx_scale, and
@@ -618,7 +648,7 @@ def test_patched_fp8_opinfo(tree, aten):
     quantize and dequantize equal their refs bit for bit, scaled_grouped_mm is
     close to its float64 ref, error inputs raise."""
     ours = upstream_op_db(tree, aten, "torch/testing/_internal/opinfo/definitions/fp8.py", manifest.FP8_OP_DB)
-    ops = [op.name for op in native_functions.public_ops("fp8")]
+    ops = [info.name.split(".", 1)[1] for info in fp8_op_db]  # scaled_grouped_mm_v2's is a module of its own
     # in the stack's order (one PR per op), each op once
     assert sorted(info.name for info in ours) == sorted(names.aten_name(op) for op in ops)
     assert [info.op.impl for info in ours] == [getattr(torch.ops.moe_ops, info.name[1:]).default for info in ours]
@@ -1347,13 +1377,16 @@ def test_stack_3_meta_blocks_partition_the_fp8_checks():
     block the checks its ops reach but an earlier block's; each block names only its ops' meta functions."""
     metas = [c for p in manifest.SERIES[0].patches for c in p.changes
              if isinstance(c, manifest.Meta) and c.family == "fp8"]
-    assert [m.ops for m in metas] == [manifest.FP8_QUANTIZE_OPS, ("swizzle_mx_scale",), ("scaled_grouped_mm",)]
+    assert [m.ops for m in metas] == [manifest.FP8_QUANTIZE_OPS, ("swizzle_mx_scale",), ("scaled_grouped_mm",),
+                                      ("scaled_grouped_mm_v2",)]
     carried = [set(m.carried_checks()) for m in metas]
     assert set().union(*carried) == set(names.family_checks("fp8"))
     assert sum(map(len, carried)) == len(names.family_checks("fp8"))  # disjoint
     assert "check_scaled_grouped_mm_inputs" in carried[2] and "check_swizzle_mx_scale_inputs" in carried[1]
     assert [tuple(m.earlier_ops) for m in metas] == [(), manifest.FP8_QUANTIZE_OPS,
-                                                     (*manifest.FP8_QUANTIZE_OPS, "swizzle_mx_scale")]
+                                                     (*manifest.FP8_QUANTIZE_OPS, "swizzle_mx_scale"),
+                                                     (*manifest.FP8_QUANTIZE_OPS, "swizzle_mx_scale",
+                                                      "scaled_grouped_mm")]
     assert list(metas[1].meta_names().values()) == ["meta_swizzle_mx_scale"]
     with pytest.raises(PatchError, match=r"\['router_topk'\] are not upstreamed ops of the fp8 family"):
         names.op_checks("fp8", ("router_topk",))

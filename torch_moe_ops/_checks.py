@@ -570,6 +570,18 @@ def _check_scaled_grouped_mm_scale(name: str, scale: torch.Tensor, want: list, r
                        f"these operands, got {_sizes(scale)}")
 
 
+def _check_mx_blocked_scale(name: str, scale: torch.Tensor, operand: str, rows: int, s: int, dim: int) -> None:
+    """A 2-D operand's mx scale, blocked per group (swizzle_mx_scale): its rank and rows."""
+    chk = torch._check_value
+    chk(scale.dim() == 2 and scale.shape[0] >= rows,
+        lambda: f"scaled_grouped_mm: {name} must be the mx scale of {operand} blocked per group "
+        f"(swizzle_mx_scale(scale, offs, dim={dim})): 2-D with at least {rows} rows, got {_sizes(scale)}")
+    chk(not (scale.shape[0] == rows and scale.shape[1] == s),
+        lambda: f"scaled_grouped_mm: {name} has the shape of the plain mx scale grid of {operand}, "
+        f"[{rows}, {s}]; 2-D operands take their scales blocked per group "
+        f"(swizzle_mx_scale(scale, offs, dim={dim})), which at this shape cannot be told from the plain grid")
+
+
 def check_scaled_grouped_mm_inputs(mat_a, mat_b, scale_a, scale_b, offs, bias, scale_result, out_dtype):
     """Validates everything but the values of offs; returns (recipe, output dtype)."""
     chk = torch._check_value
@@ -610,13 +622,7 @@ def check_scaled_grouped_mm_inputs(mat_a, mat_b, scale_a, scale_b, offs, bias, s
             return [groups, _ceil_div(rows, 128) * 128 * sp]
 
         def check_blocked(name, scale, operand, rows, dim):
-            chk(scale.dim() == 2 and scale.shape[0] >= rows,
-                lambda: f"scaled_grouped_mm: {name} must be the mx scale of {operand} blocked per group "
-                f"(swizzle_mx_scale(scale, offs, dim={dim})): 2-D with at least {rows} rows, got {_sizes(scale)}")
-            chk(not (scale.shape[0] == rows and scale.shape[1] == s),
-                lambda: f"scaled_grouped_mm: {name} has the shape of the plain mx scale grid of {operand}, "
-                f"[{rows}, {s}]; 2-D operands take their scales blocked per group "
-                f"(swizzle_mx_scale(scale, offs, dim={dim})), which at this shape cannot be told from the plain grid")
+            _check_mx_blocked_scale(name, scale, operand, rows, s, dim)
 
         if layout == "2d2d":
             check_blocked("scale_a", scale_a, "mat_a", m, 1)
@@ -648,4 +654,136 @@ def check_scaled_grouped_mm_inputs(mat_a, mat_b, scale_a, scale_b, offs, bias, s
             f"got {_fp8_c10(bias.dtype)}")
         chk(bias.device == mat_a.device,
             lambda: f"scaled_grouped_mm: bias must be on the device of mat_a ({mat_a.device}), got {bias.device}")
+    return recipe, out_t
+
+
+# ------------------------------------------------------------------ scaled_grouped_mm_v2
+# Restates scaled_grouped_mm_v2_check_inputs (csrc/ATen/native/MoEScaledGroupedMM.h) one for
+# one, with the same messages: the recipe stated by at::blas::ScalingType / SwizzleType values
+# (torch.nn.functional.ScalingType / SwizzleType), never told from the scales.
+
+SCALING_TYPES = ("TensorWise", "RowWise", "BlockWise1x16", "BlockWise1x32", "BlockWise1x128", "BlockWise128x128")
+NO_SWIZZLE = 0
+SWIZZLE_32_4_4 = 1
+# (recipe_a, recipe_b) -> the v1 recipe the CPU kernel runs; every other pair is refused.
+SCALED_GROUPED_MM_V2_RECIPES = {(1, 1): "rowwise", (3, 3): "mx", (4, 5): "blockwise (1x128 x 128x128)"}
+
+
+def _int_list(v) -> str:
+    return "[" + ", ".join(str(int(x)) for x in v) + "]"
+
+
+def _scaled_grouped_mm_v2_recipe(name: str, recipe) -> int:
+    torch._check_value(len(recipe) == 1,
+                       lambda: f"scaled_grouped_mm_v2: {name} must hold one ScalingType (one scale per operand on "
+                       f"CPU), got {name}={_int_list(recipe)}")
+    torch._check_value(0 <= recipe[0] < len(SCALING_TYPES),
+                       lambda: f"scaled_grouped_mm_v2: {name}={_int_list(recipe)} is not a ScalingType "
+                       "(0 TensorWise .. 5 BlockWise128x128)")
+    return int(recipe[0])
+
+
+def _scaled_grouped_mm_v2_swizzle(name: str, swizzle) -> bool:
+    torch._check_value(len(swizzle) <= 1,
+                       lambda: f"scaled_grouped_mm_v2: {name} must hold at most one SwizzleType (one scale per "
+                       f"operand on CPU), got {name}={_int_list(swizzle)}")
+    if not swizzle:
+        return False
+    torch._check_value(swizzle[0] in (NO_SWIZZLE, SWIZZLE_32_4_4),
+                       lambda: f"scaled_grouped_mm_v2: {name}={_int_list(swizzle)} is not a SwizzleType "
+                       "(0 NO_SWIZZLE, 1 SWIZZLE_32_4_4)")
+    return swizzle[0] == SWIZZLE_32_4_4
+
+
+def _scaled_grouped_mm_v2_scale_dtype(name: str, scale: torch.Tensor, want: torch.dtype, recipe: str) -> None:
+    torch._check_value(scale.dtype == want,
+                       lambda: f"scaled_grouped_mm_v2: {name} must be {_fp8_c10(want)} for {recipe}, got "
+                       f"{_fp8_c10(scale.dtype)}")
+
+
+def check_scaled_grouped_mm_v2_inputs(mat_a, mat_b, scale_a, recipe_a, swizzle_a, scale_b, recipe_b, swizzle_b,
+                                      offs, bias, out_dtype, contraction_dim):
+    """Validates everything but the values of offs; returns (the v1 recipe the kernel runs, output dtype)."""
+    chk = torch._check_value
+    op = "scaled_grouped_mm_v2"
+    check_grouped_mm_dims(op, mat_a, mat_b)
+    chk(mat_a.dtype in FP8_DATA_DTYPES,
+        lambda: f"{op}: mat_a must be Float8_e4m3fn or Float8_e5m2, got {_fp8_c10(mat_a.dtype)}")
+    chk(mat_b.dtype in FP8_DATA_DTYPES,
+        lambda: f"{op}: mat_b must be Float8_e4m3fn or Float8_e5m2, got {_fp8_c10(mat_b.dtype)}")
+    check_grouped_mm_contraction(op, mat_a, mat_b)
+    scaled_grouped_mm_out_dtype(out_dtype)
+    ra = _scaled_grouped_mm_v2_recipe("recipe_a", recipe_a)
+    rb = _scaled_grouped_mm_v2_recipe("recipe_b", recipe_b)
+    swa = _scaled_grouped_mm_v2_swizzle("swizzle_a", swizzle_a)
+    swb = _scaled_grouped_mm_v2_swizzle("swizzle_b", swizzle_b)
+    chk(len(scale_a) == 1, lambda: f"{op}: scale_a must hold one tensor for recipe_a={_int_list(recipe_a)} "
+        f"({SCALING_TYPES[ra]}), got {len(scale_a)}")
+    chk(len(scale_b) == 1, lambda: f"{op}: scale_b must hold one tensor for recipe_b={_int_list(recipe_b)} "
+        f"({SCALING_TYPES[rb]}), got {len(scale_b)}")
+    if len(contraction_dim):
+        cd = list(contraction_dim)
+        chk(len(cd) == 2 and cd[0] in (-1, mat_a.dim() - 1) and cd[1] in (-2, mat_b.dim() - 2),
+            lambda: f"{op}: contraction_dim must be [] or [-1, -2] (K last in mat_a, first in mat_b), got "
+            f"contraction_dim={_int_list(cd)}")
+    check_grouped_mm_layout(op, mat_a, mat_b, offs)
+    layout = grouped_mm_layout(mat_a, mat_b)
+    groups = grouped_mm_num_groups(mat_a, offs)
+    (sa,), (sb,) = scale_a, scale_b
+    m, n, k = mat_a.shape[-2], mat_b.shape[-1], mat_a.shape[-1]
+    recipe = SCALED_GROUPED_MM_V2_RECIPES.get((ra, rb))
+
+    def refuse_swizzle(name):
+        chk(not swa and not swb,
+            lambda: f"{op}: {name} scales are never swizzled: swizzle_a and swizzle_b must be [] or [0] "
+            f"(NO_SWIZZLE), got swizzle_a={_int_list(swizzle_a)} and swizzle_b={_int_list(swizzle_b)}")
+
+    if recipe == "rowwise":
+        refuse_swizzle("RowWise")
+        _scaled_grouped_mm_v2_scale_dtype("scale_a", sa, torch.float32, "recipe_a=[1] (RowWise)")
+        _scaled_grouped_mm_v2_scale_dtype("scale_b", sb, torch.float32, "recipe_b=[1] (RowWise)")
+        want = {"2d3d": ([m], [groups, n]), "3d3d": ([groups, m], [groups, n]), "3d2d": ([groups, m], [n]),
+                "2d2d": ([groups * m], [groups * n])}[layout]
+        _check_scaled_grouped_mm_scale("scale_a", sa, want[0], recipe)
+        _check_scaled_grouped_mm_scale("scale_b", sb, want[1], recipe)
+    elif recipe == "mx":
+        _scaled_grouped_mm_v2_scale_dtype("scale_a", sa, torch.float8_e8m0fnu, "recipe_a=[3] (BlockWise1x32)")
+        _scaled_grouped_mm_v2_scale_dtype("scale_b", sb, torch.float8_e8m0fnu, "recipe_b=[3] (BlockWise1x32)")
+        chk(layout != "3d2d",
+            lambda: f"{op}: recipe_a=[3] x recipe_b=[3] (BlockWise1x32, MXFP8) supports 2D x 3D, 3D x 3D and "
+            f"2D x 2D operands, got mat_a {_sizes(mat_a)} and mat_b {_sizes(mat_b)}")
+        for mat, sw, x in ((mat_a, swa, "a"), (mat_b, swb, "b")):
+            chk(mat.dim() == 3 or sw,
+                lambda: f"{op}: recipe_{x}=[3] (BlockWise1x32) of a 2-D mat_{x} takes its scale blocked per group "
+                f"(swizzle_mx_scale): swizzle_{x} must be [1] (SWIZZLE_32_4_4), got "
+                f"swizzle_{x}={_int_list(swizzle_a if x == 'a' else swizzle_b)}")
+        # 3-D operands: the swizzle stated, not the scale's rank (as v1 has it), says which grid.
+        s = (k + 31) // 32
+        sp = _ceil_div(s, 4) * 4
+        if layout == "2d3d":
+            _check_mx_blocked_scale("scale_a", sa, "mat_a", m, s, 0)
+        for name, scale, mat, sw, rows in (("scale_a", sa, mat_a, swa, m), ("scale_b", sb, mat_b, swb, n)):
+            if mat.dim() == 3:
+                want, what = (([groups, _ceil_div(rows, 128) * 128 * sp], "mx (swizzled)") if sw
+                              else ([groups, rows, s], "mx"))
+                _check_scaled_grouped_mm_scale(name, scale, want, what)
+    elif recipe is not None:
+        refuse_swizzle("BlockWise1x128 x BlockWise128x128")
+        chk(layout in ("2d3d", "3d3d"),
+            lambda: f"{op}: recipe_a=[4] (BlockWise1x128) x recipe_b=[5] (BlockWise128x128) supports 2D x 3D and "
+            f"3D x 3D operands, got mat_a {_sizes(mat_a)} and mat_b {_sizes(mat_b)}")
+        _scaled_grouped_mm_v2_scale_dtype("scale_a", sa, torch.float32, "recipe_a=[4] (BlockWise1x128)")
+        _scaled_grouped_mm_v2_scale_dtype("scale_b", sb, torch.float32, "recipe_b=[5] (BlockWise128x128)")
+        kb, nb = (k + 127) // 128, (n + 127) // 128
+        _check_scaled_grouped_mm_scale("scale_a", sa, [m, kb] if layout == "2d3d" else [groups, m, kb], recipe)
+        _check_scaled_grouped_mm_scale("scale_b", sb, [groups, nb, kb], recipe)
+    else:
+        chk(False, lambda: f"{op}: recipe_a={_int_list(recipe_a)} ({SCALING_TYPES[ra]}) x recipe_b="
+            f"{_int_list(recipe_b)} ({SCALING_TYPES[rb]}) is not supported on CPU; the CPU kernel takes RowWise x "
+            "RowWise ([1] x [1]), BlockWise1x32 x BlockWise1x32 ([3] x [3], MXFP8) and BlockWise1x128 x "
+            "BlockWise128x128 ([4] x [5])")
+    # The recipe now stated and its scales checked, v1's checks (which tell the same recipe from these
+    # scales) do the rest: the mx scales of 2-D operands, the devices and bias.
+    v1_recipe, out_t = check_scaled_grouped_mm_inputs(mat_a, mat_b, sa, sb, offs, bias, None, out_dtype)
+    torch._check(v1_recipe == recipe, lambda: f"{op}: internal: recipe {recipe} read as {v1_recipe}")
     return recipe, out_t

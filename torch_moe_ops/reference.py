@@ -444,3 +444,48 @@ def torch_scaled_grouped_mm(
     else:  # 3d2d
         a, b = a * sa[:, :, None], b * sb[None, :]
     return torch_grouped_mm(a, b, offs, bias, acc_dtype, acc_dtype).to(out_dtype)
+
+
+def torch_scaled_grouped_mm_v2(
+    mat_a: torch.Tensor,
+    mat_b: torch.Tensor,
+    scale_a: list,
+    recipe_a: list,
+    swizzle_a: list,
+    scale_b: list,
+    recipe_b: list,
+    swizzle_b: list,
+    offs: Optional[torch.Tensor] = None,
+    bias: Optional[torch.Tensor] = None,
+    out_dtype: Optional[torch.dtype] = None,
+    contraction_dim: list = (),
+    use_fast_accum: bool = False,
+    acc_dtype: torch.dtype = torch.float64,
+) -> torch.Tensor:
+    """Reference of ``_scaled_grouped_mm_v2``: the operands dequantised in ``acc_dtype`` as the stated
+    recipes say (ScalingType 1 RowWise, 3 BlockWise1x32, 4 / 5 BlockWise1x128 / BlockWise128x128;
+    SwizzleType 1 SWIZZLE_32_4_4), ``torch_grouped_mm``, rounded once."""
+    (sa,), (sb,), (ra,), (rb,) = scale_a, scale_b, recipe_a, recipe_b
+    swa, swb = bool(len(swizzle_a) and swizzle_a[0]), bool(len(swizzle_b) and swizzle_b[0])
+    if (ra, rb) != (3, 3):
+        # RowWise x RowWise or BlockWise1x128 x BlockWise128x128: scales never swizzled; the v1
+        # reference reads these two from the rank of scale_a, which the stated recipe fixes.
+        blockwise = (ra, rb) == (4, 5)
+        if not (blockwise or (ra, rb) == (1, 1)) or swa or swb or (sa.dim() == mat_a.dim()) != blockwise:
+            raise ValueError(f"torch_scaled_grouped_mm_v2: no reference for recipes {ra} x {rb}, swizzles "
+                             f"{list(swizzle_a)} x {list(swizzle_b)} with scale_a of rank {sa.dim()}")
+        return torch_scaled_grouped_mm(mat_a, mat_b, sa, sb, offs, bias, None, out_dtype, acc_dtype=acc_dtype)
+    out_dtype = out_dtype or torch.bfloat16
+    k, layout = mat_a.shape[-1], f"{mat_a.dim()}d{mat_b.dim()}d"
+    s = -(-k // 32)
+
+    def grid(scale, mat, rows, swizzled):  # the (.., rows, S) grid of 1x32 blocks along K
+        if mat.dim() == 2:  # blocked per group: of rows (2D x 3D) or of K (2D x 2D)
+            return _fp8_unswizzle_groups(scale, rows, s, offs, 1 if layout == "2d2d" else 0).to(acc_dtype)
+        return (_fp8_unswizzle(scale.to(acc_dtype), rows, s) if swizzled else scale.to(acc_dtype))
+
+    ga = grid(sa, mat_a, mat_a.shape[-2], swa)
+    gb = grid(sb, mat_b, mat_b.shape[-1], swb)
+    a = mat_a.to(acc_dtype) * ga.repeat_interleave(32, -1)[..., :k]
+    b = mat_b.to(acc_dtype) * gb.repeat_interleave(32, -1)[..., :k].transpose(-2, -1)
+    return torch_grouped_mm(a, b, offs, bias, acc_dtype, acc_dtype).to(out_dtype)

@@ -17,6 +17,7 @@
 #include <ATen/native/MoEUnpermute.h>
 #include <ATen/native/MoEUnpermuteBackward.h>
 #include <ATen/native/MoESwizzleMXScale.h>
+#include <ATen/native/MoEScaledGroupedMMv2.h>
 #include <moe/ExpertMLP.h>
 
 #include <torch_moe_ops/RegisterMoeOps.h>

@@ -168,6 +168,27 @@ def _scaled_grouped_mm_fake(mat_a, mat_b, scale_a, scale_b, offs=None, bias=None
     return mat_a.new_empty(_checks.grouped_mm_out_size(mat_a, mat_b, offs), dtype=out_t)
 
 
+@torch.library.register_fake("moe_ops::scaled_grouped_mm_v2")
+def _scaled_grouped_mm_v2_fake(self, mat2, scale_a, recipe_a, swizzle_a, scale_b, recipe_b, swizzle_b, offs=None,
+                               bias=None, out_dtype=None, contraction_dim=(), use_fast_accum=False):
+    _, out_t = _checks.check_scaled_grouped_mm_v2_inputs(self, mat2, scale_a, recipe_a, swizzle_a, scale_b, recipe_b,
+                                                         swizzle_b, offs, bias, out_dtype, contraction_dim)
+    return self.new_empty(_checks.grouped_mm_out_size(self, mat2, offs), dtype=out_t)
+
+
+# The CUDA kernel of scaled_grouped_mm_v2 is the CPU one's: the stated recipe checked (the same
+# checks and messages), then scaled_grouped_mm's CUDA kernel on the one scale of each operand.
+def _scaled_grouped_mm_v2_cuda(self, mat2, scale_a, recipe_a, swizzle_a, scale_b, recipe_b, swizzle_b, offs=None,
+                               bias=None, out_dtype=None, contraction_dim=(), use_fast_accum=False):
+    _checks.check_scaled_grouped_mm_v2_inputs(self, mat2, scale_a, recipe_a, swizzle_a, scale_b, recipe_b, swizzle_b,
+                                              offs, bias, out_dtype, contraction_dim)
+    return _scaled_grouped_mm(self, mat2, scale_a[0], scale_b[0], offs, bias, None, out_dtype, use_fast_accum)
+
+
+_LIB = torch.library.Library("moe_ops", "IMPL")  # noqa: TOR901 (kept alive by this module)
+_LIB.impl("scaled_grouped_mm_v2", _scaled_grouped_mm_v2_cuda, "CUDA")
+
+
 # ------------------------------------------------------------------ training: fp8_grouped_mm
 
 FP8_TRAINING_RECIPES = ("rowwise", "mx")

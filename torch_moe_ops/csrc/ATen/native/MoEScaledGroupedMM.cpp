@@ -13,13 +13,10 @@ namespace at::native {
 
 DEFINE_DISPATCH(scaled_grouped_mm_stub);
 
-Tensor scaled_grouped_mm_cpu(
+Tensor scaled_grouped_mm_cpu_run(
     const Tensor& mat_a, const Tensor& mat_b, const Tensor& scale_a, const Tensor& scale_b,
-    const std::optional<Tensor>& offs, const std::optional<Tensor>& bias, const std::optional<Tensor>& scale_result,
-    std::optional<ScalarType> out_dtype, bool use_fast_accum) {
-  (void)use_fast_accum;  // always float32 accumulation on CPU
-  const auto recipe =
-      scaled_grouped_mm_check_inputs(mat_a, mat_b, scale_a, scale_b, offs, bias, scale_result, out_dtype);
+    const std::optional<Tensor>& offs, const std::optional<Tensor>& bias, std::optional<ScalarType> out_dtype,
+    ScaledGroupedMMRecipe recipe) {
   const auto layout = grouped_mm_layout(mat_a, mat_b);
   if (offs.has_value()) {
     const int64_t split = grouped_mm_split_size(mat_a, mat_b);
@@ -61,6 +58,16 @@ Tensor scaled_grouped_mm_cpu(
     scaled_grouped_mm_stub(kCPU, mat_a, mat_b, sa, sb, offs, bias, recipe, out);
   }
   return out;
+}
+
+Tensor scaled_grouped_mm_cpu(
+    const Tensor& mat_a, const Tensor& mat_b, const Tensor& scale_a, const Tensor& scale_b,
+    const std::optional<Tensor>& offs, const std::optional<Tensor>& bias, const std::optional<Tensor>& scale_result,
+    std::optional<ScalarType> out_dtype, bool use_fast_accum) {
+  (void)use_fast_accum;  // always float32 accumulation on CPU
+  const auto recipe =
+      scaled_grouped_mm_check_inputs(mat_a, mat_b, scale_a, scale_b, offs, bias, scale_result, out_dtype);
+  return scaled_grouped_mm_cpu_run(mat_a, mat_b, scale_a, scale_b, offs, bias, out_dtype, recipe);
 }
 
 } // namespace at::native

@@ -70,6 +70,129 @@ inline void scaled_grouped_mm_check_scale(
       scale.sizes());
 }
 
+// The checks every recipe shares (operands, layout, out_dtype); returns the
+// output dtype.
+inline ScalarType scaled_grouped_mm_check_operands(
+    const char* op, const Tensor& mat_a, const Tensor& mat_b, std::optional<ScalarType> out_dtype) {
+  grouped_mm_check_dims(op, mat_a, mat_b);
+  TORCH_CHECK_VALUE(scaled_grouped_mm_fp8(mat_a.scalar_type()),
+      op, ": mat_a must be Float8_e4m3fn or Float8_e5m2, got ", mat_a.scalar_type());
+  TORCH_CHECK_VALUE(scaled_grouped_mm_fp8(mat_b.scalar_type()),
+      op, ": mat_b must be Float8_e4m3fn or Float8_e5m2, got ", mat_b.scalar_type());
+  grouped_mm_check_contraction(op, mat_a, mat_b);
+  return scaled_grouped_mm_out_dtype(out_dtype);
+}
+
+// The scale shapes of each recipe (the header comment), once the recipe is
+// known: from the scales' dtypes and ranks in _scaled_grouped_mm, from
+// recipe_a / recipe_b / swizzle_a / swizzle_b in _scaled_grouped_mm_v2.
+inline void scaled_grouped_mm_check_rowwise_scales(
+    const Tensor& mat_a, const Tensor& mat_b, const Tensor& scale_a, const Tensor& scale_b, int64_t groups) {
+  const int64_t m = mat_a.size(-2), n = mat_b.size(-1);
+  const char* what = "rowwise";
+  switch (grouped_mm_layout(mat_a, mat_b)) {
+    case GroupedMMLayout::k2d3d:
+      scaled_grouped_mm_check_scale("scale_a", scale_a, {m}, what);
+      scaled_grouped_mm_check_scale("scale_b", scale_b, {groups, n}, what);
+      break;
+    case GroupedMMLayout::k3d3d:
+      scaled_grouped_mm_check_scale("scale_a", scale_a, {groups, m}, what);
+      scaled_grouped_mm_check_scale("scale_b", scale_b, {groups, n}, what);
+      break;
+    case GroupedMMLayout::k3d2d:
+      scaled_grouped_mm_check_scale("scale_a", scale_a, {groups, m}, what);
+      scaled_grouped_mm_check_scale("scale_b", scale_b, {n}, what);
+      break;
+    case GroupedMMLayout::k2d2d:
+      scaled_grouped_mm_check_scale("scale_a", scale_a, {groups * m}, what);
+      scaled_grouped_mm_check_scale("scale_b", scale_b, {groups * n}, what);
+      break;
+  }
+}
+
+// Blockwise: 2D x 3D and 3D x 3D only (the caller checks the layout).
+inline void scaled_grouped_mm_check_blockwise_scales(
+    const Tensor& mat_a, const Tensor& mat_b, const Tensor& scale_a, const Tensor& scale_b, int64_t groups) {
+  const int64_t m = mat_a.size(-2), n = mat_b.size(-1), k = mat_a.size(-1);
+  const int64_t kb = (k + 127) / 128, nb = (n + 127) / 128;
+  const char* what = "blockwise (1x128 x 128x128)";
+  if (mat_a.dim() == 2) {
+    scaled_grouped_mm_check_scale("scale_a", scale_a, {m, kb}, what);
+  } else {
+    scaled_grouped_mm_check_scale("scale_a", scale_a, {groups, m, kb}, what);
+  }
+  scaled_grouped_mm_check_scale("scale_b", scale_b, {groups, nb, kb}, what);
+}
+
+// 2-D operands: the per-group blocked layout (swizzle_mx_scale), whose byte
+// count depends on offs: here its rank and rows, as upstream checks; the
+// bytes against offs's values where those are read.
+inline void scaled_grouped_mm_check_mx_blocked_scale(
+    const char* name, const Tensor& scale, const char* operand, int64_t rows, int64_t s, int64_t dim) {
+  TORCH_CHECK_VALUE(scale.dim() == 2 && scale.size(0) >= rows,
+      "scaled_grouped_mm: ", name, " must be the mx scale of ", operand, " blocked per group "
+      "(swizzle_mx_scale(scale, offs, dim=", dim, ")): 2-D with at least ", rows, " rows, got ", scale.sizes());
+  // Upstream takes any 2-D shape that holds the blocked bytes, so a plain
+  // grid, always (rows, S), can pass for a blocked one and be read wrongly:
+  // that shape is refused, since its bytes could be either.
+  TORCH_CHECK_VALUE(!(scale.size(0) == rows && scale.size(1) == s),
+      "scaled_grouped_mm: ", name, " has the shape of the plain mx scale grid of ", operand, ", [", rows, ", ", s,
+      "]; 2-D operands take their scales blocked per group (swizzle_mx_scale(scale, offs, dim=", dim,
+      ")), which at this shape cannot be told from the plain grid");
+}
+
+// A 3-D operand's mx scale: the plain (G, rows, S) grid or, swizzled, the
+// (G, round_up(rows, 128) * round_up(S, 4)) one.
+inline void scaled_grouped_mm_check_mx_3d_scale(
+    const char* name, const Tensor& scale, int64_t groups, int64_t rows, int64_t s, bool swizzled) {
+  if (swizzled) {
+    scaled_grouped_mm_check_scale(name, scale, {groups, fp8_round_up(rows, 128) * fp8_round_up(s, 4)},
+        "mx (swizzled)");
+  } else {
+    scaled_grouped_mm_check_scale(name, scale, {groups, rows, s}, "mx");
+  }
+}
+
+inline void scaled_grouped_mm_check_mx_scales(
+    const Tensor& mat_a, const Tensor& mat_b, const Tensor& scale_a, const Tensor& scale_b, int64_t groups,
+    bool swizzled_a, bool swizzled_b) {
+  const auto layout = grouped_mm_layout(mat_a, mat_b);
+  TORCH_CHECK_VALUE(layout != GroupedMMLayout::k3d2d,
+      "scaled_grouped_mm: mx scaling supports 2D x 3D, 3D x 3D and 2D x 2D operands, got mat_a ", mat_a.sizes(),
+      " and mat_b ", mat_b.sizes());
+  const int64_t m = mat_a.size(-2), n = mat_b.size(-1), s = (mat_a.size(-1) + 31) / 32;
+  if (layout == GroupedMMLayout::k2d2d) {  // groups along K: offs must fall on 32-blocks (checked on values)
+    scaled_grouped_mm_check_mx_blocked_scale("scale_a", scale_a, "mat_a", m, s, 1);
+    scaled_grouped_mm_check_mx_blocked_scale("scale_b", scale_b, "mat_b^T", n, s, 1);
+    return;
+  }
+  if (layout == GroupedMMLayout::k2d3d) {
+    scaled_grouped_mm_check_mx_blocked_scale("scale_a", scale_a, "mat_a", m, s, 0);
+  } else {
+    scaled_grouped_mm_check_mx_3d_scale("scale_a", scale_a, groups, m, s, swizzled_a);
+  }
+  scaled_grouped_mm_check_mx_3d_scale("scale_b", scale_b, groups, n, s, swizzled_b);
+}
+
+// bias and the scales' device, after the recipe's checks.
+inline void scaled_grouped_mm_check_bias_and_devices(
+    const Tensor& mat_a, const Tensor& mat_b, const Tensor& scale_a, const Tensor& scale_b,
+    const std::optional<Tensor>& offs, const std::optional<Tensor>& bias, int64_t groups, ScalarType out_t) {
+  TORCH_CHECK_VALUE(scale_a.device() == mat_a.device() && scale_b.device() == mat_a.device(),
+      "scaled_grouped_mm: scale_a and scale_b must be on the device of mat_a (", mat_a.device(), "), got ",
+      scale_a.device(), " and ", scale_b.device());
+  if (bias.has_value()) {
+    const int64_t n_out = grouped_mm_out_size(mat_a, mat_b, offs).back();
+    TORCH_CHECK_VALUE(bias->dim() == 2 && bias->size(0) == groups && bias->size(1) == n_out,
+        "scaled_grouped_mm: bias must have shape (G, N) = (", groups, ", ", n_out, "), got ", bias->sizes());
+    TORCH_CHECK_VALUE(bias->scalar_type() == kFloat || bias->scalar_type() == out_t,
+        "scaled_grouped_mm: bias must be float32 or the output dtype (", out_t, "), got ", bias->scalar_type());
+    TORCH_CHECK_VALUE(bias->device() == mat_a.device(),
+        "scaled_grouped_mm: bias must be on the device of mat_a (", mat_a.device(), "), got ", bias->device());
+  }
+}
+
+// _scaled_grouped_mm: the recipe told from the scales' dtypes and ranks.
 inline ScaledGroupedMMRecipe scaled_grouped_mm_check_inputs(
     const Tensor& mat_a,
     const Tensor& mat_b,
@@ -93,99 +216,26 @@ inline ScaledGroupedMMRecipe scaled_grouped_mm_check_inputs(
   const auto layout = grouped_mm_layout(mat_a, mat_b);
 
   const int64_t groups = grouped_mm_num_groups(mat_a, mat_b, offs);
-  const int64_t m = mat_a.size(-2), n = mat_b.size(-1), k = mat_a.size(-1);
   ScaledGroupedMMRecipe recipe;
   const bool k_fixed = layout == GroupedMMLayout::k2d3d || layout == GroupedMMLayout::k3d3d;
   if (scale_a.scalar_type() == kFloat && scale_b.scalar_type() == kFloat && k_fixed &&
       scale_a.dim() == mat_a.dim()) {
     recipe = ScaledGroupedMMRecipe::kBlockwise;
-    const int64_t kb = (k + 127) / 128, nb = (n + 127) / 128;
-    const char* what = "blockwise (1x128 x 128x128)";
-    if (layout == GroupedMMLayout::k2d3d) {
-      scaled_grouped_mm_check_scale("scale_a", scale_a, {m, kb}, what);
-    } else {
-      scaled_grouped_mm_check_scale("scale_a", scale_a, {groups, m, kb}, what);
-    }
-    scaled_grouped_mm_check_scale("scale_b", scale_b, {groups, nb, kb}, what);
+    scaled_grouped_mm_check_blockwise_scales(mat_a, mat_b, scale_a, scale_b, groups);
   } else if (scale_a.scalar_type() == kFloat && scale_b.scalar_type() == kFloat) {
     recipe = ScaledGroupedMMRecipe::kRowwise;
-    const char* what = "rowwise";
-    switch (layout) {
-      case GroupedMMLayout::k2d3d:
-        scaled_grouped_mm_check_scale("scale_a", scale_a, {m}, what);
-        scaled_grouped_mm_check_scale("scale_b", scale_b, {groups, n}, what);
-        break;
-      case GroupedMMLayout::k3d3d:
-        scaled_grouped_mm_check_scale("scale_a", scale_a, {groups, m}, what);
-        scaled_grouped_mm_check_scale("scale_b", scale_b, {groups, n}, what);
-        break;
-      case GroupedMMLayout::k3d2d:
-        scaled_grouped_mm_check_scale("scale_a", scale_a, {groups, m}, what);
-        scaled_grouped_mm_check_scale("scale_b", scale_b, {n}, what);
-        break;
-      case GroupedMMLayout::k2d2d:
-        scaled_grouped_mm_check_scale("scale_a", scale_a, {groups * m}, what);
-        scaled_grouped_mm_check_scale("scale_b", scale_b, {groups * n}, what);
-        break;
-    }
+    scaled_grouped_mm_check_rowwise_scales(mat_a, mat_b, scale_a, scale_b, groups);
   } else {
     TORCH_CHECK_VALUE(scale_a.scalar_type() == kFloat8_e8m0fnu && scale_b.scalar_type() == kFloat8_e8m0fnu,
         "scaled_grouped_mm: scale_a and scale_b must both be float32 (rowwise, blockwise) or both Float8_e8m0fnu "
         "(mx), got ",
         scale_a.scalar_type(), " and ", scale_b.scalar_type());
     recipe = ScaledGroupedMMRecipe::kMX;
-    TORCH_CHECK_VALUE(layout != GroupedMMLayout::k3d2d,
-        "scaled_grouped_mm: mx scaling supports 2D x 3D, 3D x 3D and 2D x 2D operands, got mat_a ", mat_a.sizes(),
-        " and mat_b ", mat_b.sizes());
-    const int64_t s = (k + 31) / 32;
-    const char* what = "mx";
-    const char* swizzled = "mx (swizzled)";
-    // 2-D operands: the per-group blocked layout (swizzle_mx_scale), whose
-    // byte count depends on offs: here its rank and rows, as upstream checks;
-    // the bytes against offs's values where those are read.
-    const auto check_blocked = [&](const char* name, const Tensor& scale, const char* operand, int64_t rows,
-                                   int64_t dim) {
-      TORCH_CHECK_VALUE(scale.dim() == 2 && scale.size(0) >= rows,
-          "scaled_grouped_mm: ", name, " must be the mx scale of ", operand, " blocked per group "
-          "(swizzle_mx_scale(scale, offs, dim=", dim, ")): 2-D with at least ", rows, " rows, got ", scale.sizes());
-      // Upstream takes any 2-D shape that holds the blocked bytes, so a plain
-      // grid, always (rows, S), can pass for a blocked one and be read
-      // wrongly: that shape is refused, since its bytes could be either.
-      TORCH_CHECK_VALUE(!(scale.size(0) == rows && scale.size(1) == s),
-          "scaled_grouped_mm: ", name, " has the shape of the plain mx scale grid of ", operand, ", [", rows, ", ", s,
-          "]; 2-D operands take their scales blocked per group (swizzle_mx_scale(scale, offs, dim=", dim,
-          ")), which at this shape cannot be told from the plain grid");
-    };
-    if (layout == GroupedMMLayout::k2d2d) {  // groups along K: offs must fall on 32-blocks (checked on values)
-      check_blocked("scale_a", scale_a, "mat_a", m, 1);
-      check_blocked("scale_b", scale_b, "mat_b^T", n, 1);
-    } else if (layout == GroupedMMLayout::k2d3d) {
-      check_blocked("scale_a", scale_a, "mat_a", m, 0);
-    } else if (scale_a.dim() == 2) {
-      scaled_grouped_mm_check_scale("scale_a", scale_a, {groups, fp8_round_up(m, 128) * fp8_round_up(s, 4)}, swizzled);
-    } else {
-      scaled_grouped_mm_check_scale("scale_a", scale_a, {groups, m, s}, what);
-    }
-    if (layout == GroupedMMLayout::k2d2d) {
-    } else if (scale_b.dim() == 2) {
-      scaled_grouped_mm_check_scale("scale_b", scale_b, {groups, fp8_round_up(n, 128) * fp8_round_up(s, 4)}, swizzled);
-    } else {
-      scaled_grouped_mm_check_scale("scale_b", scale_b, {groups, n, s}, what);
-    }
+    // 3-D operands: the rank of the scale tells plain from swizzled.
+    scaled_grouped_mm_check_mx_scales(mat_a, mat_b, scale_a, scale_b, groups, scale_a.dim() == 2,
+                                      scale_b.dim() == 2);
   }
-  TORCH_CHECK_VALUE(scale_a.device() == mat_a.device() && scale_b.device() == mat_a.device(),
-      "scaled_grouped_mm: scale_a and scale_b must be on the device of mat_a (", mat_a.device(), "), got ",
-      scale_a.device(), " and ", scale_b.device());
-
-  if (bias.has_value()) {
-    const int64_t n_out = grouped_mm_out_size(mat_a, mat_b, offs).back();
-    TORCH_CHECK_VALUE(bias->dim() == 2 && bias->size(0) == groups && bias->size(1) == n_out,
-        "scaled_grouped_mm: bias must have shape (G, N) = (", groups, ", ", n_out, "), got ", bias->sizes());
-    TORCH_CHECK_VALUE(bias->scalar_type() == kFloat || bias->scalar_type() == out_t,
-        "scaled_grouped_mm: bias must be float32 or the output dtype (", out_t, "), got ", bias->scalar_type());
-    TORCH_CHECK_VALUE(bias->device() == mat_a.device(),
-        "scaled_grouped_mm: bias must be on the device of mat_a (", mat_a.device(), "), got ", bias->device());
-  }
+  scaled_grouped_mm_check_bias_and_devices(mat_a, mat_b, scale_a, scale_b, offs, bias, groups, out_t);
   return recipe;
 }
 
@@ -201,5 +251,13 @@ Tensor scaled_grouped_mm_cpu(
     const Tensor& mat_a, const Tensor& mat_b, const Tensor& scale_a, const Tensor& scale_b,
     const std::optional<Tensor>& offs, const std::optional<Tensor>& bias, const std::optional<Tensor>& scale_result,
     std::optional<ScalarType> out_dtype, bool use_fast_accum);
+
+// The CPU kernel once the inputs are checked and the recipe known, for both
+// entries (_scaled_grouped_mm, _scaled_grouped_mm_v2): the same kernel on the
+// same arguments, so the two agree bit for bit wherever both take a call.
+Tensor scaled_grouped_mm_cpu_run(
+    const Tensor& mat_a, const Tensor& mat_b, const Tensor& scale_a, const Tensor& scale_b,
+    const std::optional<Tensor>& offs, const std::optional<Tensor>& bias, std::optional<ScalarType> out_dtype,
+    ScaledGroupedMMRecipe recipe);
 
 } // namespace at::native
