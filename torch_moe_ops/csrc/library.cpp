@@ -14,6 +14,7 @@
 #include <ATen/native/MoERouting.h>
 #include <ATen/native/MoEScaledGroupedMM.h>
 #include <moe/ExpertMLP.h>
+#include <moe/GroupedMMGather.h>
 
 #include <torch_moe_ops/RegisterMoeOps.h>
 
