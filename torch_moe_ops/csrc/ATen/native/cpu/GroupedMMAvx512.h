@@ -2,7 +2,7 @@
 
 // The AVX-512 engine of the CPU grouped mm kernel (cpu/GroupedMMKernel.cpp,
 // which includes this header in its CPU_CAPABILITY_AVX512 build only; see
-// GroupedMMUtils.h for why the definitions have internal linkage). For
+// GroupedMMKernelUtils.h for why the definitions have internal linkage). For
 // float32, float16 and bfloat16, except groups of hundreds of rows of
 // float32, or of bfloat16 on CPUs with AVX512_BF16, where MKL / oneDNN are
 // faster: micro-kernels that read the expert weights straight from the
@@ -13,7 +13,7 @@
 
 #if defined(CPU_CAPABILITY_AVX512)
 
-#include <ATen/native/cpu/GroupedMMUtils.h>
+#include <ATen/native/cpu/GroupedMMKernelUtils.h>
 #include <ATen/native/cpu/MoEAvx512Utils.h>
 
 #include <cpuinfo.h>

@@ -10,16 +10,15 @@
 // single-threaded: small GEMMs lose most of their speed when split.
 //
 // Engines:
-//   AVX-512 (GroupedMMAvx512.h; in the CPU_CAPABILITY_AVX512 build of this
-//     file only): our own micro-kernels, which stream the expert weights
-//     from the caller's memory while they compute; weights stored along K
-//     go to its inner-product kernel (GroupedMMInnerProduct.h).
-//   at::mm (oneDNN/MKL) per group for bfloat16/float32 without bias, as the
-//     portable fallback and for large groups, one group after the other
-//     outside any parallel region (the BLAS threads each GEMM itself);
-//     otherwise tiles gathered into float32 (float64) buffers and multiplied
-//     by a Vectorized<T> kernel. float64 always takes that path.
-// The DEFAULT and AVX2 builds use the other two.
+//   widening: tiles gathered into float32 (float64) buffers and multiplied by
+//     a Vectorized<T> kernel. The DEFAULT and AVX2 builds of this file run
+//     every call here, and float64 always does.
+//   AVX-512 (GroupedMMAvx512.h, GroupedMMInnerProduct.h; the
+//     CPU_CAPABILITY_AVX512 build of this file only): micro-kernels that
+//     stream the expert weights from the caller's memory while they compute,
+//     and at::mm (oneDNN/MKL) per group where the BLAS is faster (groups of
+//     hundreds of rows of bfloat16/float32 without bias), one group after the
+//     other outside any parallel region (the BLAS threads each GEMM itself).
 // Accumulation is in float32 (float64 for float64) and rounded once in the
 // epilogue, which also adds the bias. The engine, the tiling and the K
 // blocking depend only on the shapes, strides and CPU, never on the thread
@@ -28,7 +27,7 @@
 // Scratch is allocated per call (one slice per thread) and freed at return.
 
 #include <ATen/native/GroupedMM.h>
-#include <ATen/native/cpu/GroupedMMUtils.h>
+#include <ATen/native/cpu/GroupedMMKernelUtils.h>
 
 #include <ATen/Config.h>
 #include <ATen/Dispatch.h>
@@ -37,8 +36,6 @@
 #include <ATen/core/Tensor.h>
 #include <ATen/cpu/vec/vec.h>
 #include <ATen/ops/empty.h>
-#include <ATen/ops/from_blob.h>
-#include <ATen/ops/mm.h>
 #include <c10/util/irange.h>
 
 #include <algorithm>
@@ -50,6 +47,8 @@
 #if defined(CPU_CAPABILITY_AVX512)
 #include <ATen/native/cpu/GroupedMMAvx512.h>
 #include <ATen/native/cpu/GroupedMMInnerProduct.h>
+#include <ATen/ops/from_blob.h>
+#include <ATen/ops/mm.h>
 #endif
 
 namespace at::native {
@@ -127,6 +126,7 @@ void run_tile_widening(const Problem<scalar_t, out_t, compute_t>& p, const Tile&
   }
 }
 
+#if defined(CPU_CAPABILITY_AVX512)
 // ---- matmul engine: bfloat16 / float32 in and out, no bias ------------------
 // oneDNN's bf16 matmul (avx512_bf16/AMX) and MKL's sgemm behind at::mm, one
 // group after the other and outside any parallel region: each GEMM is
@@ -149,22 +149,19 @@ enum class Engine { kMatmul, kWidening, kAvx512 };
 // micro-kernel: its weight packing is then amortised over enough rows.
 constexpr int64_t kMatmulMinRows = 256;
 
-// The AVX-512 micro-kernels where the CPU has them (they beat oneDNN/MKL on
-// fine-grained groups by overlapping the weight stream with compute), except
-// for large bfloat16 groups; otherwise at::mm where it applies, else the
-// widening engine.
+// The AVX-512 micro-kernels (they beat oneDNN/MKL on fine-grained groups by
+// overlapping the weight stream with compute), except for large bfloat16
+// groups; otherwise at::mm where it applies, else the widening engine.
+// at::mm cannot read rows through an index. It runs a whole group on all
+// threads, and MKL / oneDNN may then split K across them for small shapes,
+// which changes the bits with the thread count: so only for the large
+// groups, where it is the faster engine; the DEFAULT and AVX2 builds use the
+// widening engine, whose bits never depend on it.
 template <typename scalar_t, typename out_t, typename acc_t>
 Engine choose_engine(const std::vector<Problem<scalar_t, out_t, acc_t>>& problems, bool has_bias, bool gathered) {
   constexpr bool kMatmulCapable = (std::is_same_v<scalar_t, BFloat16> || std::is_same_v<scalar_t, float>) &&
       std::is_same_v<out_t, scalar_t>;
-  // at::mm cannot read rows through an index. It runs a whole group on all
-  // threads, and MKL / oneDNN may then split K across them for small shapes,
-  // which changes the bits with the thread count: so only for the large
-  // groups of the AVX512 build, where it is the faster engine; the DEFAULT
-  // and AVX2 builds use the widening engine, whose bits never depend on it.
-  [[maybe_unused]] const Engine fallback =
-      kMatmulCapable && !has_bias && !gathered ? Engine::kMatmul : Engine::kWidening;
-#if defined(CPU_CAPABILITY_AVX512)
+  const Engine fallback = kMatmulCapable && !has_bias && !gathered ? Engine::kMatmul : Engine::kWidening;
   int64_t rows = 0, nonempty = 0;
   for (const auto& p : problems) {
     if (p.m > 0 && p.n > 0) {
@@ -192,13 +189,15 @@ Engine choose_engine(const std::vector<Problem<scalar_t, out_t, acc_t>>& problem
     }
   }
   return fallback;
-#else
-  return Engine::kWidening;
-#endif
 }
+#endif // CPU_CAPABILITY_AVX512
 
 template <typename scalar_t, typename out_t, typename acc_t>
 void run_problems(const std::vector<Problem<scalar_t, out_t, acc_t>>& problems, bool has_bias, bool gathered) {
+  // Tile widths depend on the shapes only (never on the thread count), so the
+  // bits of the result do not change with the number of threads.
+  int64_t tile_n = kWideNB;
+#if defined(CPU_CAPABILITY_AVX512)
   const Engine engine = choose_engine(problems, has_bias, gathered);
   if (engine == Engine::kMatmul) {
     for (const auto& p : problems) {
@@ -211,11 +210,8 @@ void run_problems(const std::vector<Problem<scalar_t, out_t, acc_t>>& problems, 
     }
     return;
   }
-  // Tile widths depend on the shapes only (never on the thread count), so the
-  // bits of the result do not change with the number of threads.
-  int64_t tile_n = kWideNB;
-#if defined(CPU_CAPABILITY_AVX512)
-  if (engine == Engine::kAvx512) {
+  const bool micro = engine == Engine::kAvx512;
+  if (micro) {
     tile_n = kMicroNB;
   }
 #endif
@@ -232,7 +228,7 @@ void run_problems(const std::vector<Problem<scalar_t, out_t, acc_t>>& problems, 
       // rows) needs no accumulator buffer, so a tile can span all of N and
       // pack (transpose, gather) its A block once instead of once per 256
       // columns. Only with enough problems to keep every thread busy.
-      if (engine == Engine::kAvx512 && p.k <= micro_kc<scalar_t>() && problems.size() >= 16) {
+      if (micro && p.k <= micro_kc<scalar_t>() && problems.size() >= 16) {
         problem_tile_n = p.n;
       }
     }
@@ -270,19 +266,19 @@ void run_problems(const std::vector<Problem<scalar_t, out_t, acc_t>>& problems, 
   for (const Tile& t : tiles) {
     const auto& p = problems[t.problem];
     if (p.k == 0) continue;
-    if (engine == Engine::kWidening) {
-      widening_scratch(p, t, need);
-    } else {
 #if defined(CPU_CAPABILITY_AVX512)
-      if constexpr (!std::is_same_v<scalar_t, double>) {
+    if constexpr (!std::is_same_v<scalar_t, double>) {
+      if (micro) {
         if (nt_eligible<scalar_t>(p)) {
           nt_scratch(p, need);
-          continue;
+        } else {
+          avx512_scratch(p, t, need);
         }
-        avx512_scratch(p, t, need);
+        continue;
       }
-#endif
     }
+#endif
+    widening_scratch(p, t, need);
   }
   const auto round64 = [](int64_t bytes) { return (bytes + 63) / 64 * 64; };
   const int64_t slice = round64(need.a) + round64(need.b) + round64(need.acc);
@@ -301,11 +297,11 @@ void run_problems(const std::vector<Problem<scalar_t, out_t, acc_t>>& problems, 
         const auto& p = problems[t.problem];
         if (p.k == 0) {
           store_bias_only<out_t>(p, t.n0, t.nb);
-        } else if (engine == Engine::kWidening) {
-          run_tile_widening(p, t, buf);
-        } else {
+          continue;
+        }
 #if defined(CPU_CAPABILITY_AVX512)
-          if constexpr (!std::is_same_v<scalar_t, double>) {
+        if constexpr (!std::is_same_v<scalar_t, double>) {
+          if (micro) {
             const Tile* next = i + 1 < bounds[chunk + 1] ? &tiles[i + 1] : nullptr;
             const auto* next_p = next != nullptr ? &problems[next->problem] : nullptr;
             if constexpr (std::is_same_v<scalar_t, float> || std::is_same_v<scalar_t, BFloat16>) {
@@ -323,9 +319,11 @@ void run_problems(const std::vector<Problem<scalar_t, out_t, acc_t>>& problems, 
             } else {
               run_tile_avx512<scalar_t, out_t, MicroTraits<scalar_t>>(p, t, buf, next_p, next);
             }
+            continue;
           }
-#endif
         }
+#endif
+        run_tile_widening(p, t, buf);
       }
     }
   });
