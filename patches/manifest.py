@@ -51,8 +51,10 @@ MIRROR = "torch_moe_ops/csrc/ATen"
 NOT_UPSTREAMED: dict[str, str] = {
     "torch_moe_ops/csrc/moe/*": (
         "project-only kernels. The fused expert MLP (ExpertMLP.*) is a layer-level composition (the torchao / "
-        "torchtitan level of the stack) of kernels that do go upstream (_grouped_mm and its gathered form, the "
-        "routing ops); upstream takes the primitives, not the layer"),
+        "torchtitan level of the stack) of kernels that do go upstream (_grouped_mm, the routing ops); "
+        "upstream takes the primitives, not the layer. grouped_mm_gather (GroupedMMGather.*: its checks and "
+        "entry point) is _grouped_mm with the grouped dimension read through an index, an op no upstream "
+        "schema has; its kernel is the carried one (grouped_mm_stub's index parameters)"),
     "torch_moe_ops/csrc/library.cpp": (
         "the extension's registration glue; in-tree, torchgen generates the registrations from the core "
         "series' native_functions.yaml entries"),
@@ -215,9 +217,11 @@ PORTABLE_KERNEL = [(
 # The AVX-512 PR: the file without the inner-product engine (the next PR).
 WITHOUT_INNER_PRODUCT = [(
     "//   AVX-512 (GroupedMMAvx512.h, GroupedMMInnerProduct.h; the\n"
-    "//     CPU_CAPABILITY_AVX512 build of this file only): micro-kernels that\n",
-    "//   AVX-512 (GroupedMMAvx512.h; the CPU_CAPABILITY_AVX512 build of this\n"
-    "//     file only): micro-kernels that\n",
+    "//     CPU_CAPABILITY_AVX512 build of this file only): micro-kernels that\n"
+    "//     stream the expert weights from the caller's memory while they compute,\n",
+    "//   AVX-512 (GroupedMMAvx512.h; the CPU_CAPABILITY_AVX512 build of this file\n"
+    "//     only): micro-kernels that stream the expert weights from the caller's\n"
+    "//     memory while they compute,\n",
 ), (
     "#include <ATen/native/cpu/GroupedMMInnerProduct.h>\n", "",
 ), (
