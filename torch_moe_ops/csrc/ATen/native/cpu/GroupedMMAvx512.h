@@ -302,7 +302,7 @@ void pack_words_transposed(uint32_t* dst, const void* source, int64_t ld, int64_
   }
 }
 
-// Row k of a B block: src + k * rs, or with a row index (grouped_mm_gather)
+// Row k of a B block: src + k * rs, or with a row index (grouped_mm_stub's b_index)
 // src + rows[k] * rs, nullptr for a zero row.
 template <typename T>
 inline const T* b_row(const T* src, int64_t rs, const int64_t* rows, int64_t k) {
