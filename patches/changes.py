@@ -42,10 +42,20 @@ def read_source(source: str, declared: str) -> str:
 
 @dataclass
 class Copy:
-    """A new upstream file, byte-identical to an in-repo source."""
+    """A new upstream file, byte-identical to an in-repo source; or, for a
+    file that a stack adds over several PRs, that file as one PR leaves it.
+
+    ``undefine``: macros whose ``#if defined(MACRO)`` blocks are not in this
+    PR (their ``#else`` branches are); ``edits``: (old, new) anchored edits of
+    the rest; ``update``: the file exists (an earlier PR of the series added
+    it) and this PR replaces it by the new text. The series' last version of
+    every file is the source itself (test_patches checks)."""
 
     path: str
     source: str
+    undefine: tuple[str, ...] = ()
+    edits: list[tuple[str, str]] = field(default_factory=list)
+    update: bool = False
     declared_at: str = field(default_factory=declared_at)
 
     @property
@@ -53,9 +63,58 @@ class Copy:
         return [self.source]
 
     def apply(self, text: str | None) -> str:
-        if text is not None:
+        if self.update and text is None:
+            raise PatchError(self.path, None, "does not exist: an update needs an earlier Copy of the file")
+        if text is not None and not self.update:
             raise PatchError(self.path, None, "exists upstream; a Copy may only add new files")
-        return read_source(self.source, self.declared_at)
+        out = read_source(self.source, self.declared_at)
+        for macro in self.undefine:
+            out = undefine(out, macro, self.source)
+        for old, new in self.edits:
+            out = rewrite.replace_once(out, old, new, self.source)
+        return out
+
+
+_IF = re.compile(r"\s*#\s*if(?:def|ndef)?\b")
+_ELSE = re.compile(r"\s*#\s*el(?:se|if)\b")
+_ENDIF = re.compile(r"\s*#\s*endif\b")
+
+
+def undefine(text: str, macro: str, path: str) -> str:
+    """text as the preprocessor leaves it with macro undefined, for the
+    blocks that test it: ``#if defined(MACRO)`` ... [``#else`` ...] ``#endif``
+    lose their first branch and their directives; every other line and
+    directive stays. A conditional that tests the macro otherwise is an error."""
+    lines = text.splitlines(keepends=True)
+    out: list[str] = []
+    stack: list[str] = []  # per open conditional: "other", "drop" (macro's branch), "keep" (its #else)
+    opener = re.compile(rf"\s*#\s*if\s+defined\s*\(\s*{re.escape(macro)}\s*\)\s*(//.*)?$")
+    dropped = False  # a block was just left out: a blank line after it goes if one precedes it
+    for number, line in enumerate(lines, 1):
+        dropping = "drop" in stack
+        if opener.match(line):
+            stack.append("drop")
+            dropped = True
+            continue
+        if _IF.match(line):
+            if re.search(rf"\b{re.escape(macro)}\b", line):
+                raise PatchError(path, number, f"undefine {macro}: only `#if defined({macro})` blocks are supported")
+            stack.append("other")
+        elif _ELSE.match(line) and stack and stack[-1] != "other":
+            if re.match(r"\s*#\s*elif\b", line):
+                raise PatchError(path, number, f"undefine {macro}: #elif in a `#if defined({macro})` block")
+            stack[-1] = "keep"
+            continue
+        elif _ENDIF.match(line) and stack:
+            if stack.pop() != "other":
+                continue
+        if not dropping:
+            if not (dropped and not line.strip() and out and not out[-1].strip()):
+                out.append(line)
+            dropped = False
+    if stack:
+        raise PatchError(path, None, f"undefine {macro}: unterminated conditional")
+    return "".join(out)
 
 
 @dataclass

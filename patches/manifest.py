@@ -51,8 +51,10 @@ MIRROR = "torch_moe_ops/csrc/ATen"
 NOT_UPSTREAMED: dict[str, str] = {
     "torch_moe_ops/csrc/moe/*": (
         "project-only kernels. The fused expert MLP (ExpertMLP.*) is a layer-level composition (the torchao / "
-        "torchtitan level of the stack) of kernels that do go upstream (_grouped_mm and its gathered form, the "
-        "routing ops); upstream takes the primitives, not the layer"),
+        "torchtitan level of the stack) of kernels that do go upstream (_grouped_mm, the routing ops); "
+        "upstream takes the primitives, not the layer. grouped_mm_gather (GroupedMMGather.*: its checks and "
+        "entry point) is _grouped_mm with the grouped dimension read through an index, an op no upstream "
+        "schema has; its kernel is the carried one (grouped_mm_stub's index parameters)"),
     "torch_moe_ops/csrc/library.cpp": (
         "the extension's registration glue; in-tree, torchgen generates the registrations from the core "
         "series' native_functions.yaml entries"),
@@ -229,6 +231,78 @@ GROUPED_MM_DOCS = [(
 
 OPINFO_INIT = "torch/testing/_internal/opinfo/definitions/__init__.py"
 
+# GroupedMMKernel.cpp as the stack's PRs leave it. The first carries the
+# portable engine only: the file without its CPU_CAPABILITY_AVX512 blocks,
+# and these edits.
+PORTABLE_KERNEL = [(
+    "// Engines:\n"
+    "//   widening: tiles gathered into float32 (float64) buffers and multiplied by\n"
+    "//     a Vectorized<T> kernel. The DEFAULT and AVX2 builds of this file run\n"
+    "//     every call here, and float64 always does.\n"
+    "//   AVX-512 (GroupedMMAvx512.h, GroupedMMInnerProduct.h; the\n"
+    "//     CPU_CAPABILITY_AVX512 build of this file only): micro-kernels that\n"
+    "//     stream the expert weights from the caller's memory while they compute,\n"
+    "//     and at::mm (oneDNN/MKL) per group where the BLAS is faster (groups of\n"
+    "//     hundreds of rows of bfloat16/float32 without bias), one group after the\n"
+    "//     other outside any parallel region (the BLAS threads each GEMM itself).\n",
+    "// Tiles are gathered into float32 (float64) buffers and multiplied by a\n"
+    "// Vectorized<T> kernel.\n",
+), (
+    "  int64_t tile_n = kWideNB;\n\n  std::vector<Tile> tiles;\n",
+    "  const int64_t tile_n = kWideNB;\n\n  std::vector<Tile> tiles;\n",
+), (
+    "    int64_t problem_tile_n = tile_n;\n",
+    "    const int64_t problem_tile_n = tile_n;\n",
+), (
+    "problems, bool has_bias, bool gathered) {\n",
+    "problems) {\n",
+), (
+    "  run_problems(problems, bias_ptr != nullptr, a_idx != nullptr || b_idx != nullptr);\n",
+    "  run_problems(problems);\n",
+)]
+
+# The AVX-512 PR: the file without the inner-product engine (the next PR).
+WITHOUT_INNER_PRODUCT = [(
+    "//   AVX-512 (GroupedMMAvx512.h, GroupedMMInnerProduct.h; the\n"
+    "//     CPU_CAPABILITY_AVX512 build of this file only): micro-kernels that\n"
+    "//     stream the expert weights from the caller's memory while they compute,\n",
+    "//   AVX-512 (GroupedMMAvx512.h; the CPU_CAPABILITY_AVX512 build of this file\n"
+    "//     only): micro-kernels that stream the expert weights from the caller's\n"
+    "//     memory while they compute,\n",
+), (
+    "#include <ATen/native/cpu/GroupedMMInnerProduct.h>\n", "",
+), (
+    "        if (nt_eligible<scalar_t>(p)) {\n"
+    "          nt_scratch(p, need);\n"
+    "        } else {\n"
+    "          avx512_scratch(p, t, need);\n"
+    "        }\n",
+    "        avx512_scratch(p, t, need);\n",
+), (
+    "            if constexpr (std::is_same_v<scalar_t, float> || std::is_same_v<scalar_t, BFloat16>) {\n"
+    "              if (nt_eligible<scalar_t>(p)) {\n"
+    "                run_tile_nt(p, t, buf, next_p, next);\n"
+    "                continue;\n"
+    "              }\n"
+    "            }\n",
+    "",
+)]
+
+
+def _test_method(name: str) -> str:
+    """The text of TestGroupedMM.<name> in patches/src/test/test_matmul.py, its decorators and the blank
+    line after it included: the tests a later PR of the stack adds."""
+    with open(os.path.join(REPO_ROOT, "patches/src/test/test_matmul.py"), encoding="utf-8") as f:
+        text = f.read()
+    end = text.index(f"    def {name}(")
+    start = text.rindex("\n\n", 0, end) + 2
+    stop = text.index("\n\n", end) + 2
+    return text[start:stop]
+
+
+AVX512_TEST = _test_method("test_grouped_mm_blocked")
+INNER_PRODUCT_TEST = _test_method("test_grouped_mm_weights_along_k")
+
 # Each routing OpInfo tests the forward until its op's derivatives land (a
 # later PR of the stack turns autograd on).
 ROUTING_OPINFO_TITLE = "OpInfos of the MoE routing ops (``torch.ops.aten._moe_*``)."
@@ -268,19 +342,42 @@ FP8_OP_DB = fp8_op_db("quantize_fp8_opinfos", "swizzle_mx_scale_opinfos", "scale
 SERIES = [
     Series("core", [
         # -- Stack 1: grouped mm on CPU (patches/rfc/0001-grouped-mm-cpu.md) ---------------------------
+        # The kernel lands engine by engine: each PR carries GroupedMMKernel.cpp (and the tests) as it
+        # leaves them, the last one the file itself (Copy's undefine / edits / update).
         Patch(
             message="core/0001-grouped-mm-cpu-kernel.txt",
             changes=[
                 Copy(f"{NATIVE}/GroupedMM.h", f"{SRC}/GroupedMM.h"),
                 Copy(f"{NATIVE}/GroupedMM.cpp", f"{SRC}/GroupedMM.cpp"),
-                Copy(f"{NATIVE}/cpu/GroupedMMKernel.cpp", f"{SRC}/cpu/GroupedMMKernel.cpp"),
-                Copy(f"{NATIVE}/cpu/MoEAvx512Utils.h", f"{SRC}/cpu/MoEAvx512Utils.h"),
+                Copy(f"{NATIVE}/cpu/GroupedMMKernelUtils.h", f"{SRC}/cpu/GroupedMMKernelUtils.h"),
+                Copy(f"{NATIVE}/cpu/GroupedMMKernel.cpp", f"{SRC}/cpu/GroupedMMKernel.cpp",
+                     undefine=("CPU_CAPABILITY_AVX512",), edits=PORTABLE_KERNEL),
                 Dispatch("grouped_mm"),
                 Meta("grouped_mm", GROUPED_MM_META, replaces=["meta_grouped_mm"],
                      # The checks annotate with Optional (they are written for Python 3.10).
                      edits=[("from typing import TypeVar\n", "from typing import Optional, TypeVar\n")]),
                 Edit("torch/nn/functional.py", GROUPED_MM_DOCS),
-                Copy("test/test_matmul.py", "patches/src/test/test_matmul.py"),
+                Copy("test/test_matmul.py", "patches/src/test/test_matmul.py",
+                     edits=[(AVX512_TEST, ""), (INNER_PRODUCT_TEST, "")]),
+            ],
+        ),
+        Patch(
+            message="core/0001b-grouped-mm-cpu-avx512.txt",
+            changes=[
+                Copy(f"{NATIVE}/cpu/MoEAvx512Utils.h", f"{SRC}/cpu/MoEAvx512Utils.h"),
+                Copy(f"{NATIVE}/cpu/GroupedMMAvx512.h", f"{SRC}/cpu/GroupedMMAvx512.h"),
+                Copy(f"{NATIVE}/cpu/GroupedMMKernel.cpp", f"{SRC}/cpu/GroupedMMKernel.cpp", edits=WITHOUT_INNER_PRODUCT,
+                     update=True),
+                Copy("test/test_matmul.py", "patches/src/test/test_matmul.py", edits=[(INNER_PRODUCT_TEST, "")],
+                     update=True),
+            ],
+        ),
+        Patch(
+            message="core/0001c-grouped-mm-cpu-inner-product.txt",
+            changes=[
+                Copy(f"{NATIVE}/cpu/GroupedMMInnerProduct.h", f"{SRC}/cpu/GroupedMMInnerProduct.h"),
+                Copy(f"{NATIVE}/cpu/GroupedMMKernel.cpp", f"{SRC}/cpu/GroupedMMKernel.cpp", update=True),
+                Copy("test/test_matmul.py", "patches/src/test/test_matmul.py", update=True),
             ],
         ),
         Patch(

@@ -534,7 +534,28 @@ def autograd_sources(tree: str, out_root: str, derivatives: set[str] | None = No
 def carried_files() -> list[str]:
     """In-tree paths of the C++ files the series adds (Copy changes)."""
     return sorted({c.path for s in manifest.SERIES for p in s.patches for c in p.changes
-                   if isinstance(c, manifest.Copy) and c.path.endswith((".h", ".cpp", ".cu", ".cuh"))})
+                   if isinstance(c, manifest.Copy) and c.path.endswith(CXX_SOURCES)})
+
+
+CXX_SOURCES = (".h", ".cpp", ".cu", ".cuh")
+
+
+def intermediate_versions() -> dict[str, dict[str, str]]:
+    """The carried C++ as the PRs leave it where that is not the series' end
+    state (a file a stack grows over several PRs: Copy's undefine / edits /
+    update): patch message -> {in-tree path: text} of every carried C++ file
+    the series holds after that patch, for the patches after which some file
+    differs from its last version."""
+    states: list[tuple[str, dict[str, str]]] = []
+    state: dict[str, str] = {}
+    for series in manifest.SERIES:
+        for patch in series.patches:
+            for c in patch.changes:
+                if isinstance(c, manifest.Copy) and c.path.endswith(CXX_SOURCES):
+                    state[c.path] = c.apply(state.get(c.path))
+            states.append((patch.message, dict(state)))
+    return {message: files for message, files in states
+            if any(text != state[path] for path, text in files.items())}
 
 
 @functools.lru_cache(maxsize=None)
@@ -663,6 +684,33 @@ def units(tree: str, overlay: str, autograd_root: str | None, kernels: list[Kern
     return out
 
 
+def intermediate_units(tree: str, overlay: str, scratch: str) -> list[Unit]:
+    """Units of the C++ files as earlier PRs leave them (intermediate_versions):
+    each PR's files are written under scratch/<patch>/ and found first on the
+    include path; a .cpp is compiled where it, or a header it includes, differs
+    from the series' end state. Named "<patch>: <path> [...]"."""
+    out = []
+    final = {path: _read(os.path.join(tree, path)) for path in carried_files()}
+    for message, files in intermediate_versions().items():
+        root = os.path.join(scratch, "intermediate", message.replace("/", "_").removesuffix(".txt"))
+        for path, text in files.items():
+            os.makedirs(os.path.dirname(os.path.join(root, path)), exist_ok=True)
+            with open(os.path.join(root, path), "w", encoding="utf-8") as f:
+                f.write(text)
+        changed = {p for p, text in files.items() if text != final[p]}
+        headers = [p.split("aten/src/", 1)[-1] for p in changed if p.endswith((".h", ".cuh"))]
+        sources = [p for p in files if not p.endswith((".h", ".cuh"))
+                   and (p in changed or any(f"<{h}>" in files[p] or f'"{h}"' in files[p] for h in headers))]
+        staged = units(root, overlay, None, [], set(), sources)
+        # The cache key of a unit covers the series' end state, not these texts: name them in the unit.
+        digest = _sha("intermediate/1", *(p + "\0" + files[p] for p in sorted(files)))
+        for unit in staged:
+            unit.name = f"{message}: {unit.name}"
+            unit.source = f"// {message} at {digest}\n" + unit.source
+        out += staged
+    return out
+
+
 def headers_not_compiled(tree: str, autograd_root: str | None) -> list[str]:
     """Carried headers that no compiled unit includes."""
     texts = [_read(os.path.join(tree, p)) for p in carried_files() if not p.endswith((".h", ".cuh"))]
@@ -774,7 +822,7 @@ def prove(tree: str, scratch: str, jobs: int | None = None) -> Proof:
     kernels, roots = series_kernels(base, patched), series_roots(base, patched)
     overlay = aten_headers(tree)
     autograd_sources(tree, scratch)
-    unit_list = units(tree, overlay, scratch, kernels, roots)
+    unit_list = units(tree, overlay, scratch, kernels, roots) + intermediate_units(tree, overlay, scratch)
     results = compile_all(unit_list, tree, jobs, {overlay: "<aten-headers>", scratch: "<autograd>"})
     return Proof(overlay, scratch, kernels, roots, unit_list, results)
 

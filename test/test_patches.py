@@ -301,6 +301,17 @@ def test_carried_file_compiles_in_tree(compiled, path):
         assert len(results) == len(proof.CPU_CAPABILITY_BUILDS)
 
 
+def test_carried_files_compile_as_each_pr_leaves_them(compiled):
+    """A file a stack grows over several PRs (Copy's undefine / edits / update)
+    compiles as each of them leaves it, with only the files the series holds
+    by then: each PR builds on its own, not only the end of the series."""
+    stages = proof.intermediate_versions()
+    results = [r for name, r in compiled.results.items() if any(name.startswith(f"{m}: ") for m in stages)]
+    assert {name.split(": ", 1)[0] for name in (r.unit.name for r in results)} == set(stages)
+    failed = [r.report() for r in results if not r.ok and not r.unit.skip]
+    assert not failed, "\n\n".join(failed)
+
+
 @pytest.mark.parametrize("generated", ["Functions.cpp", "VariableTypeEverything.cpp"])
 def test_generated_autograd_code_compiles(compiled, generated):
     """The backward nodes of the series' formulas (Functions.cpp) and the

@@ -19,6 +19,7 @@
 #include <ATen/native/MoESwizzleMXScale.h>
 #include <ATen/native/MoEScaledGroupedMMv2.h>
 #include <moe/ExpertMLP.h>
+#include <moe/GroupedMMGather.h>
 
 #include <torch_moe_ops/RegisterMoeOps.h>
 

@@ -164,6 +164,51 @@ class TestGroupedMM(TestCase):
         self.assertEqual(outs[0], outs[1], atol=0, rtol=0)
 
     @onlyCPU
+    @dtypes(torch.float32, torch.float16, torch.bfloat16)
+    def test_grouped_mm_blocked(self, device, dtype):
+        # Past one block in every dimension, with ragged edges: a group of more
+        # rows than a row block, K over several K blocks, N over several column
+        # tiles; many groups of a short K (a weight gradient over a few routed
+        # rows); large float32 groups without bias (there the CPU kernel may
+        # hand each group to the BLAS behind mm).
+        bias_dtype = torch.float32 if dtype == torch.float32 else dtype
+        a, b, offs = _groups("2d3d", [200, 0, 7, 65], device, dtype, k=300, n=300)
+        bias = torch.randn(4, 300, device=device, dtype=bias_dtype)
+        self.assertGroupedClose(torch._grouped_mm(a, b, offs=offs, bias=bias), a, b, offs, bias)
+        a, b, offs = _groups("3d2d", [130, 3, 170], device, dtype, m=70, k=150)
+        self.assertGroupedClose(torch._grouped_mm(a, b, offs=offs), a, b, offs)
+        a, b, offs = _groups("2d2d", [5, 0, 3, 9] * 5, device, dtype, m=33, n=290)
+        self.assertGroupedClose(torch._grouped_mm(a, b, offs=offs), a, b, offs)
+        if dtype != torch.float32:
+            out = torch._grouped_mm(a, b, offs=offs, out_dtype=torch.float32)
+            self.assertEqual(out.dtype, torch.float32)
+            self.assertGroupedClose(out, a, b, offs)
+        a, b, offs = _groups("2d3d", [300, 270], device, dtype, k=64, n=40)
+        self.assertGroupedClose(torch._grouped_mm(a, b, offs=offs), a, b, offs)
+
+    @onlyCPU
+    @dtypes(torch.float32, torch.bfloat16, torch.float16)
+    def test_grouped_mm_weights_along_k(self, device, dtype):
+        # Expert weights stored (G, N, K), passed transposed: rows of A and
+        # columns of B both contiguous along K. K long enough for the kernels
+        # that read such weights in place, and not a multiple of their vector
+        # width; N not a multiple of their weight rows; a group of more rows
+        # than they hold at once; bias and a float32 output.
+        for sizes, k, n in (([100, 0, 9, 31], 100, 13), ([6, 1], 257, 70), ([40], 64, 4)):
+            g = len(sizes)
+            a = torch.randn(sum(sizes), k, device=device, dtype=dtype)
+            w = torch.randn(g, n, k, device=device, dtype=dtype).transpose(-2, -1)
+            offs = _offs(sizes, device)
+            bias = torch.randn(g, n, device=device, dtype=dtype)
+            self.assertGroupedClose(torch._grouped_mm(a, w, offs=offs, bias=bias), a, w, offs, bias)
+            if dtype != torch.float32:
+                out = torch._grouped_mm(a, w, offs=offs, out_dtype=torch.float32)
+                self.assertGroupedClose(out, a, w, offs)
+            # 3D x 3D and 2D x 3D with the tokens strided as well.
+            a3 = torch.randn(g, 7, 2 * k, device=device, dtype=dtype)[..., ::2].contiguous()
+            self.assertGroupedClose(torch._grouped_mm(a3, w), a3, w, None)
+
+    @onlyCPU
     def test_grouped_mm_errors(self, device):
         a, b = torch.randn(5, 4, device=device), torch.randn(2, 4, 3, device=device)
         offs = _offs([2, 3], device)

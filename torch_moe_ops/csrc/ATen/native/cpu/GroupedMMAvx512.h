@@ -1,0 +1,651 @@
+#pragma once
+
+// The AVX-512 engine of the CPU grouped mm kernel (cpu/GroupedMMKernel.cpp,
+// which includes this header in its CPU_CAPABILITY_AVX512 build only; see
+// GroupedMMKernelUtils.h for why the definitions have internal linkage). For
+// float32, float16 and bfloat16, except groups of hundreds of rows of
+// float32, or of bfloat16 on CPUs with AVX512_BF16, where MKL / oneDNN are
+// faster: micro-kernels that read the expert weights straight from the
+// caller's memory, one cache-sized block at a time, so streaming the weights
+// from DRAM overlaps the arithmetic instead of preceding it. bfloat16 runs as
+// K pairs through vdpbf16ps where the CPU has AVX512_BF16, widened to float32
+// where it has not.
+
+#if defined(CPU_CAPABILITY_AVX512)
+
+#include <ATen/native/cpu/GroupedMMKernelUtils.h>
+#include <ATen/native/cpu/MoEAvx512Utils.h>
+
+#include <cpuinfo.h>
+#include <immintrin.h>
+
+namespace at::native {
+namespace {
+
+// vdpbf16ps (AVX512_BF16) is beyond ATen's AVX512 capability (its flags stop
+// at AVX512DQ), so the two kernels that use it carry their own target and run
+// only where cpuinfo reports AVX512_BF16 (cpu_has_avx512_bf16).
+#define GROUPED_MM_AVX512_BF16 __attribute__((target("avx512f,avx512bw,avx512vl,avx512dq,fma,avx512bf16")))
+
+// ---- AVX-512 engine ---------------------------------------------------------
+// Intrinsics, not Vectorized<T>: the engine's speed comes from what
+// Vectorized<T> does not express (masked loads and stores, broadcast FMAs on
+// 4 x MR named accumulators, in-register 16 x 16 transposes, vdpbf16ps K
+// pairs, L2 prefetch of the next weight block); see the measurements below.
+// With a few dozen rows per expert the weights must come from DRAM on every
+// call, and a GEMM that first packs them in a separate pass pays the memory
+// time and the compute time one after the other. This engine reads the weight
+// tile straight from the caller's memory, one (KC x 64) block at a time: the
+// block is re-laid out into a 32 KB buffer of the thread's scratch right before use
+// (float32 for float32/float16 inputs, bfloat16 pairs interleaved along K for
+// vdpbf16ps), then every row block of the group runs against it from cache.
+// While a block is in use, the micro-kernels prefetch the next block into L2
+// (a tile's last block: the next tile's first), a row every few K steps over
+// the first half of the row blocks, so the DRAM stream overlaps the FMAs and
+// the lines have landed before the next pack reads them (at 32 rows per
+// expert this moved the bf16 kernel from ~305 to ~325 GFLOP/s).
+//
+// Micro-kernel: C[MR x 64] in 4 x MR zmm accumulators, A broadcast one element
+// (float32) or one K pair (bfloat16) at a time from rows read in place when A
+// has unit column stride and the compute type (otherwise from a packed copy of
+// the A block). Accumulation is float32 in K order; a K block boundary spills
+// the accumulators to a float32 buffer, which does not change any rounding,
+// so the bits depend only on K and never on the tiling or thread count.
+constexpr int64_t kMR = 6;
+constexpr int64_t kNR = 64;
+// Rows of a group processed against one weight block: bounds the float32
+// accumulator buffer (kMC x kMicroNB) and the packed A block.
+constexpr int64_t kMC = 192;
+// Output columns per tile (the unit of work balanced across threads).
+constexpr int64_t kMicroNB = 256;
+
+// cpuinfo, as at::cpu::is_avx512_bf16_supported (which libtorch does not
+// export). Ice Lake, where the tests run, has no AVX512_BF16: the vdpbf16ps
+// kernels are compiled there but only run on CPUs that have it.
+bool cpu_has_avx512_bf16() {
+  static const bool ok = cpuinfo_initialize() && cpuinfo_has_x86_avx512bf16();
+  return ok;
+}
+
+// Rows of the next weight block to pull into L2 while the current one is used.
+struct Prefetch {
+  const char* base = nullptr;
+  int64_t stride = 0; // bytes between rows
+  int64_t rows = 0;
+  int64_t bytes = 0; // bytes per row
+};
+
+inline void prefetch_row(const Prefetch& pf, int64_t row) {
+  const char* p = pf.base + row * pf.stride;
+  const char* end = p + pf.bytes;
+  for (const char* q = reinterpret_cast<const char*>(reinterpret_cast<uintptr_t>(p) & ~uintptr_t(63)); q < end;
+       q += 64) {
+    _mm_prefetch(q, _MM_HINT_T1);
+  }
+}
+
+inline __mmask32 col_mask32(int64_t w, int64_t j0) {
+  const int64_t n = std::clamp<int64_t>(w - j0, 0, 32);
+  return static_cast<__mmask32>((uint64_t{1} << n) - 1);
+}
+
+// The all-lanes maskz_ forms of some intrinsics below avoid GCC 12's false
+// -Wmaybe-uninitialized on the unmasked forms (which start from an undefined
+// register); they compile to the same instructions.
+constexpr __mmask16 kAll16 = 0xFFFF;
+constexpr __mmask8 kAll8 = 0xFF;
+
+inline __m512 cvt_f16_f32(__m256i v) {
+  return _mm512_maskz_cvtph_ps(kAll16, v);
+}
+
+// 16 float16 or bfloat16 values -> float32, exactly.
+template <typename scalar_t>
+inline __m512 cvt_16bit_f32(__m256i v) {
+  if constexpr (std::is_same_v<scalar_t, BFloat16>) {
+    return moe_cvt_bf16_f32(v);
+  } else {
+    return cvt_f16_f32(v);
+  }
+}
+
+// Epilogue of one output row: (acc + bias), rounded once to out_t, w columns.
+template <typename out_t>
+inline void store_out_row(out_t* o, const __m512* v, const float* bias, int64_t w) {
+  for (int j = 0; j < 4; ++j) {
+    const __mmask16 m = moe_lanes16(w, 16 * j);
+    __m512 x = v[j];
+    if (bias != nullptr) {
+      x = _mm512_add_ps(x, _mm512_maskz_loadu_ps(m, bias + 16 * j));
+    }
+    if constexpr (std::is_same_v<out_t, float>) {
+      _mm512_mask_storeu_ps(o + 16 * j, m, x);
+    } else if constexpr (std::is_same_v<out_t, BFloat16>) {
+      _mm256_mask_storeu_epi16(o + 16 * j, m, moe_cvt_f32_bf16(x));
+    } else {
+      _mm256_mask_storeu_epi16(o + 16 * j, m, _mm512_maskz_cvtps_ph(kAll16, x, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC));
+    }
+  }
+}
+
+// Accumulators of MR rows: start from zero (first K block) or from acc, and
+// end in acc (more K blocks follow) or in the output (last K block).
+struct MicroArgs {
+  int64_t kc; // K extent of this block
+  // Elements between consecutive K (float32) or K pairs (bfloat16) of an A
+  // row: 1 / 2 for rows laid out along K, the packed width for K-major A.
+  int64_t a_step;
+  float* acc; // MR x 64 float32, leading dimension ld_acc
+  int64_t ld_acc;
+  bool first, last;
+  void* c; // output rows, leading dimension ldc (elements)
+  int64_t ldc;
+  const float* bias; // nullptr or the 64 columns' bias
+  int64_t w; // valid output columns (<= 64)
+  Prefetch pf;
+  int64_t pf_begin, pf_end; // rows of pf this call prefetches
+};
+
+template <int MR>
+inline void load_acc(__m512 (&r)[MR][4], const MicroArgs& x) {
+  for (int i = 0; i < MR; ++i) {
+    for (int j = 0; j < 4; ++j) {
+      r[i][j] = x.first ? _mm512_setzero_ps() : _mm512_loadu_ps(x.acc + i * x.ld_acc + 16 * j);
+    }
+  }
+}
+
+template <int MR, typename out_t>
+inline void finish_acc(__m512 (&r)[MR][4], const MicroArgs& x) {
+  for (int i = 0; i < MR; ++i) {
+    if (x.last) {
+      store_out_row<out_t>(static_cast<out_t*>(x.c) + i * x.ldc, r[i], x.bias, x.w);
+    } else {
+      for (int j = 0; j < 4; ++j) _mm512_storeu_ps(x.acc + i * x.ld_acc + 16 * j, r[i][j]);
+    }
+  }
+}
+
+// float32 micro-kernel: a holds MR row pointers of kc floats each (rows of
+// the caller's A, gathered or not, or of a packed copy), b is kc x 64.
+template <int MR, typename out_t>
+void micro_f32(const float* const* a, const float* b, const MicroArgs& x) {
+  __m512 r[MR][4];
+  load_acc<MR>(r, x);
+  int64_t pf = x.pf_begin;
+  const int64_t every = std::max<int64_t>(1, x.kc / std::max<int64_t>(1, x.pf_end - x.pf_begin));
+  // A countdown, not k % every: an integer division per step costs as much as the step.
+  int64_t until_pf = 0;
+  for (int64_t k = 0; k < x.kc; ++k) {
+    const float* bk = b + k * kNR;
+    const __m512 b0 = _mm512_load_ps(bk), b1 = _mm512_load_ps(bk + 16);
+    const __m512 b2 = _mm512_load_ps(bk + 32), b3 = _mm512_load_ps(bk + 48);
+    for (int i = 0; i < MR; ++i) {
+      const __m512 av = _mm512_set1_ps(a[i][k * x.a_step]);
+      r[i][0] = _mm512_fmadd_ps(av, b0, r[i][0]);
+      r[i][1] = _mm512_fmadd_ps(av, b1, r[i][1]);
+      r[i][2] = _mm512_fmadd_ps(av, b2, r[i][2]);
+      r[i][3] = _mm512_fmadd_ps(av, b3, r[i][3]);
+    }
+    if (--until_pf <= 0 && pf < x.pf_end) {
+      prefetch_row(x.pf, pf++);
+      until_pf = every;
+    }
+  }
+  for (; pf < x.pf_end; ++pf) prefetch_row(x.pf, pf);
+  finish_acc<MR, out_t>(r, x);
+}
+
+// bfloat16 micro-kernel: a is MR rows of kc bfloat16 (pairs read as 32 bits),
+// b is ceil(kc / 2) x 64 K pairs; an odd last element pairs with zero.
+template <int MR, typename out_t>
+GROUPED_MM_AVX512_BF16 void micro_bf16(const BFloat16* const* a, const uint32_t* b, const MicroArgs& x) {
+  __m512 r[MR][4];
+  load_acc<MR>(r, x);
+  int64_t pf = x.pf_begin;
+  const int64_t pairs = x.kc / 2;
+  // One prefetched row every `every` K pairs: evenly spread, not in a burst
+  // that would overflow the outstanding-miss queues.
+  const int64_t every = std::max<int64_t>(1, pairs / std::max<int64_t>(1, x.pf_end - x.pf_begin));
+  int64_t until_pf = 0;
+  for (int64_t kp = 0; kp < pairs; ++kp) {
+    const uint32_t* bk = b + kp * kNR;
+    const __m512bh b0 = (__m512bh)_mm512_load_si512(bk), b1 = (__m512bh)_mm512_load_si512(bk + 16);
+    const __m512bh b2 = (__m512bh)_mm512_load_si512(bk + 32), b3 = (__m512bh)_mm512_load_si512(bk + 48);
+    for (int i = 0; i < MR; ++i) {
+      int32_t pair;
+      std::memcpy(&pair, a[i] + kp * x.a_step, sizeof(pair));
+      const __m512bh av = (__m512bh)_mm512_set1_epi32(pair);
+      r[i][0] = _mm512_dpbf16_ps(r[i][0], av, b0);
+      r[i][1] = _mm512_dpbf16_ps(r[i][1], av, b1);
+      r[i][2] = _mm512_dpbf16_ps(r[i][2], av, b2);
+      r[i][3] = _mm512_dpbf16_ps(r[i][3], av, b3);
+    }
+    if (--until_pf <= 0 && pf < x.pf_end) {
+      prefetch_row(x.pf, pf++);
+      until_pf = every;
+    }
+  }
+  if (x.kc % 2 != 0) {
+    const uint32_t* bk = b + pairs * kNR;
+    const __m512bh b0 = (__m512bh)_mm512_load_si512(bk), b1 = (__m512bh)_mm512_load_si512(bk + 16);
+    const __m512bh b2 = (__m512bh)_mm512_load_si512(bk + 32), b3 = (__m512bh)_mm512_load_si512(bk + 48);
+    for (int i = 0; i < MR; ++i) {
+      const __m512bh av = (__m512bh)_mm512_set1_epi32(a[i][pairs * x.a_step].x);
+      r[i][0] = _mm512_dpbf16_ps(r[i][0], av, b0);
+      r[i][1] = _mm512_dpbf16_ps(r[i][1], av, b1);
+      r[i][2] = _mm512_dpbf16_ps(r[i][2], av, b2);
+      r[i][3] = _mm512_dpbf16_ps(r[i][3], av, b3);
+    }
+  }
+  for (; pf < x.pf_end; ++pf) prefetch_row(x.pf, pf);
+  finish_acc<MR, out_t>(r, x);
+}
+
+// r[i] (16 dwords each) <- column i of the 16 x 16 dword matrix in r.
+inline void transpose_16x16_epi32(__m512i (&r)[16]) {
+  __m512i t[16];
+  for (int i = 0; i < 16; i += 2) {
+    t[i] = _mm512_maskz_unpacklo_epi32(kAll16, r[i], r[i + 1]);
+    t[i + 1] = _mm512_maskz_unpackhi_epi32(kAll16, r[i], r[i + 1]);
+  }
+  for (int i = 0; i < 16; i += 4) {
+    r[i] = _mm512_maskz_unpacklo_epi64(kAll8, t[i], t[i + 2]);
+    r[i + 1] = _mm512_maskz_unpackhi_epi64(kAll8, t[i], t[i + 2]);
+    r[i + 2] = _mm512_maskz_unpacklo_epi64(kAll8, t[i + 1], t[i + 3]);
+    r[i + 3] = _mm512_maskz_unpackhi_epi64(kAll8, t[i + 1], t[i + 3]);
+  }
+  // Each 128-bit lane now holds a 4 x 4 block; gather the lanes.
+  for (int i = 0; i < 4; ++i) {
+    t[i] = _mm512_maskz_shuffle_i32x4(kAll16, r[i], r[i + 4], 0x88);
+    t[i + 4] = _mm512_maskz_shuffle_i32x4(kAll16, r[i + 8], r[i + 12], 0x88);
+    t[i + 8] = _mm512_maskz_shuffle_i32x4(kAll16, r[i], r[i + 4], 0xDD);
+    t[i + 12] = _mm512_maskz_shuffle_i32x4(kAll16, r[i + 8], r[i + 12], 0xDD);
+  }
+  for (int i = 0; i < 4; ++i) {
+    r[i] = _mm512_maskz_shuffle_i32x4(kAll16, t[i], t[i + 4], 0x88);
+    r[i + 4] = _mm512_maskz_shuffle_i32x4(kAll16, t[i + 8], t[i + 12], 0x88);
+    r[i + 8] = _mm512_maskz_shuffle_i32x4(kAll16, t[i], t[i + 4], 0xDD);
+    r[i + 12] = _mm512_maskz_shuffle_i32x4(kAll16, t[i + 8], t[i + 12], 0xDD);
+  }
+}
+
+// Packs 32-bit words of a K-contiguous source: word p of column j is at
+// src[j * ld + p]; dst[p * 64 + j] for p < words, j < w (zero past w).
+// Full 16 x 16 tiles are transposed in registers, the edges one by one.
+// This is how weights stored (E, N, K), transformers' layout, arrive: a
+// float32 row is one word, a bfloat16 K pair is one word.
+void pack_words_transposed(uint32_t* dst, const void* source, int64_t ld, int64_t words,
+                                             int64_t w) {
+  const auto* src = static_cast<const uint32_t*>(source);
+  // Edge words are copied with memcpy: the source may be bfloat16 memory.
+  const auto word = [src](int64_t i) {
+    uint32_t v;
+    std::memcpy(&v, src + i, sizeof(v));
+    return v;
+  };
+  const int64_t full_j = w / 16 * 16;
+  const int64_t full_p = words / 16 * 16;
+  for (int64_t j0 = 0; j0 < full_j; j0 += 16) {
+    for (int64_t p0 = 0; p0 < full_p; p0 += 16) {
+      __m512i r[16];
+      for (int c = 0; c < 16; ++c) r[c] = _mm512_loadu_si512(src + (j0 + c) * ld + p0);
+      transpose_16x16_epi32(r);
+      for (int q = 0; q < 16; ++q) _mm512_store_si512(dst + (p0 + q) * kNR + j0, r[q]);
+    }
+    for (int64_t p = full_p; p < words; ++p)
+      for (int64_t j = j0; j < j0 + 16; ++j) dst[p * kNR + j] = word(j * ld + p);
+  }
+  for (int64_t p = 0; p < words; ++p) {
+    for (int64_t j = full_j; j < w; ++j) dst[p * kNR + j] = word(j * ld + p);
+    for (int64_t j = w; j < kNR; ++j) dst[p * kNR + j] = 0;
+  }
+}
+
+// Row k of a B block: src + k * rs, or with a row index (grouped_mm_stub's b_index)
+// src + rows[k] * rs, nullptr for a zero row.
+template <typename T>
+inline const T* b_row(const T* src, int64_t rs, const int64_t* rows, int64_t k) {
+  if (rows == nullptr) return src + k * rs;
+  return rows[k] < 0 ? nullptr : src + rows[k] * rs;
+}
+
+// kc rows of w contiguous bfloat16 (row k at b_row(src, rs, rows, k)) ->
+// ceil(kc / 2) x ldw words, word j of row kp = (row 2kp, row 2kp + 1) at
+// column j, zero past w and past kc; ldw a multiple of 32.
+void pack_pairs_bf16(uint32_t* dst, int64_t ldw, const BFloat16* src, int64_t rs,
+                                       const int64_t* rows, int64_t kc, int64_t w) {
+  // One two-source word permute per 16 output columns: lane 2c takes
+  // column c of row 2kp (x0), lane 2c + 1 column c of row 2kp + 1 (x1).
+  alignas(64) static const int16_t kLo[32] = {0, 32, 1, 33, 2, 34, 3, 35, 4, 36, 5, 37, 6, 38, 7, 39,
+                                              8, 40, 9, 41, 10, 42, 11, 43, 12, 44, 13, 45, 14, 46, 15, 47};
+  alignas(64) static const int16_t kHi[32] = {16, 48, 17, 49, 18, 50, 19, 51, 20, 52, 21, 53, 22, 54, 23, 55,
+                                              24, 56, 25, 57, 26, 58, 27, 59, 28, 60, 29, 61, 30, 62, 31, 63};
+  const __m512i idx0 = _mm512_load_si512(kLo), idx1 = _mm512_load_si512(kHi);
+  const int64_t pairs = (kc + 1) / 2;
+  for (int64_t kp = 0; kp < pairs; ++kp) {
+    const BFloat16* r0 = b_row(src, rs, rows, 2 * kp);
+    const BFloat16* r1 = 2 * kp + 1 < kc ? b_row(src, rs, rows, 2 * kp + 1) : nullptr;
+    for (int64_t j = 0; j < ldw; j += 32) {
+      const __mmask32 m = col_mask32(w, j);
+      const __m512i x0 = r0 != nullptr ? _mm512_maskz_loadu_epi16(m, r0 + j) : _mm512_setzero_si512();
+      const __m512i x1 = r1 != nullptr ? _mm512_maskz_loadu_epi16(m, r1 + j) : _mm512_setzero_si512();
+      _mm512_store_si512(dst + kp * ldw + j, _mm512_permutex2var_epi16(x0, idx0, x1));
+      _mm512_store_si512(dst + kp * ldw + j + 16, _mm512_permutex2var_epi16(x0, idx1, x1));
+    }
+  }
+}
+
+// kc rows of w contiguous float32 / float16 values -> kc x ldw float32, zero
+// past w; ldw a multiple of 16.
+template <typename scalar_t>
+void pack_rows_f32(float* dst, int64_t ldw, const scalar_t* src, int64_t rs, const int64_t* rows,
+                                     int64_t kc, int64_t w) {
+  for (int64_t k = 0; k < kc; ++k) {
+    const scalar_t* s = b_row(src, rs, rows, k);
+    for (int64_t j = 0; j < ldw; j += 16) {
+      const __mmask16 m = s != nullptr ? moe_lanes16(w, j) : __mmask16(0);
+      __m512 v;
+      if constexpr (std::is_same_v<scalar_t, float>) {
+        v = _mm512_maskz_loadu_ps(m, s + j);
+      } else {
+        v = cvt_16bit_f32<scalar_t>(_mm256_maskz_loadu_epi16(m, s + j));
+      }
+      _mm512_store_ps(dst + k * ldw + j, v);
+    }
+  }
+}
+
+// Weight block (kc x w, strides rs/cs) -> kc x 64 float32, zero past w.
+template <typename scalar_t>
+void pack_b_f32(float* dst, const scalar_t* src, int64_t rs, int64_t cs, int64_t kc, int64_t w,
+                                  const int64_t* rows) {
+  if (cs == 1) {
+    pack_rows_f32(dst, kNR, src, rs, rows, kc, w);
+    return;
+  }
+  if constexpr (std::is_same_v<scalar_t, float>) {
+    if (rs == 1 && rows == nullptr) {
+      pack_words_transposed(reinterpret_cast<uint32_t*>(dst), src, cs, kc, w);
+      return;
+    }
+  }
+  // Strided or transposed weights: walk along the source's inner dimension.
+  for (int64_t k = 0; k < kc; ++k) {
+    for (int64_t j = w; j < kNR; ++j) dst[k * kNR + j] = 0.f;
+  }
+  for (int64_t j = 0; j < w; ++j) {
+    for (int64_t k = 0; k < kc; ++k) {
+      const scalar_t* s = b_row(src, rs, rows, k);
+      dst[k * kNR + j] = s != nullptr ? static_cast<float>(s[j * cs]) : 0.f;
+    }
+  }
+}
+
+// Weight block (kc x w) -> ceil(kc / 2) x 64 bfloat16 pairs (row 2p in the
+// low half, row 2p + 1 in the high half, zero past kc and past w).
+void pack_b_bf16(uint32_t* dst, const BFloat16* src, int64_t rs, int64_t cs, int64_t kc, int64_t w,
+                                   const int64_t* rows) {
+  const int64_t pairs = (kc + 1) / 2;
+  if (cs == 1) {
+    pack_pairs_bf16(dst, kNR, src, rs, rows, kc, w);
+    return;
+  }
+  if (rs == 1 && cs % 2 == 0 && rows == nullptr) {
+    // K-contiguous weights: a K pair is one 32-bit word of the source.
+    const int64_t full = kc / 2;
+    pack_words_transposed(dst, src, cs / 2, full, w);
+    if (full < pairs) {  // odd kc: the last row pairs with zero
+      for (int64_t j = 0; j < kNR; ++j) dst[full * kNR + j] = j < w ? src[(kc - 1) + j * cs].x : 0;
+    }
+    return;
+  }
+  for (int64_t kp = 0; kp < pairs; ++kp) {
+    for (int64_t j = w; j < kNR; ++j) dst[kp * kNR + j] = 0;
+  }
+  for (int64_t j = 0; j < w; ++j) {
+    for (int64_t kp = 0; kp < pairs; ++kp) {
+      const BFloat16* s0 = b_row(src, rs, rows, 2 * kp);
+      const BFloat16* s1 = 2 * kp + 1 < kc ? b_row(src, rs, rows, 2 * kp + 1) : nullptr;
+      const uint32_t lo = s0 != nullptr ? s0[j * cs].x : 0;
+      const uint32_t hi = s1 != nullptr ? s1[j * cs].x : 0;
+      dst[kp * kNR + j] = lo | (hi << 16);
+    }
+  }
+}
+
+// float16 / bfloat16 rows (unit column stride) -> float32 rows, ld apart.
+template <typename scalar_t>
+void widen_rows_16bit(float* dst, int64_t ld, const scalar_t* src, int64_t rs, int64_t rows,
+                                        int64_t cols) {
+  for (int64_t r = 0; r < rows; ++r) {
+    for (int64_t j = 0; j < cols; j += 16) {
+      const __mmask16 m = moe_lanes16(cols, j);
+      _mm512_mask_storeu_ps(dst + r * ld + j, m,
+                            cvt_16bit_f32<scalar_t>(_mm256_maskz_loadu_epi16(m, src + r * rs + j)));
+    }
+  }
+}
+
+// Per input type: the type A is read in by the micro-kernel, the packed
+// weight element, and the K block (a 32 KB packed weight block). bfloat16
+// runs as K pairs through vdpbf16ps where the CPU has AVX512_BF16
+// (kPairs), else widened to float32 like float16: exact, at float32 speed,
+// which on such CPUs is several times oneDNN's bfloat16 matmul.
+template <typename scalar_t, bool kPairs = false>
+struct MicroTraits {
+  using a_t = float;
+  using b_t = float;
+  static constexpr int64_t kKC = 128;
+};
+template <>
+struct MicroTraits<BFloat16, true> {
+  using a_t = BFloat16;
+  using b_t = uint32_t;
+  static constexpr int64_t kKC = 256;
+};
+
+template <typename Traits>
+constexpr bool kPairsOf = std::is_same_v<typename Traits::b_t, uint32_t>;
+
+template <typename Traits, typename out_t, int MR>
+void call_micro(const typename Traits::a_t* const* a, const typename Traits::b_t* b, const MicroArgs& x) {
+  if constexpr (kPairsOf<Traits>) {
+    micro_bf16<MR, out_t>(a, b, x);
+  } else {
+    micro_f32<MR, out_t>(a, b, x);
+  }
+}
+
+template <typename Traits, typename out_t>
+void dispatch_micro(int64_t mr, const typename Traits::a_t* const* a, const typename Traits::b_t* b,
+                    const MicroArgs& x) {
+  static_assert(kMR == 6);
+  switch (mr) {
+    case 1: call_micro<Traits, out_t, 1>(a, b, x); break;
+    case 2: call_micro<Traits, out_t, 2>(a, b, x); break;
+    case 3: call_micro<Traits, out_t, 3>(a, b, x); break;
+    case 4: call_micro<Traits, out_t, 4>(a, b, x); break;
+    case 5: call_micro<Traits, out_t, 5>(a, b, x); break;
+    default: call_micro<Traits, out_t, 6>(a, b, x); break;
+  }
+}
+
+// The K block of the broadcast engine for this input type on this CPU.
+template <typename scalar_t>
+int64_t micro_kc() {
+  if constexpr (std::is_same_v<scalar_t, BFloat16>) {
+    return cpu_has_avx512_bf16() ? MicroTraits<BFloat16, true>::kKC : MicroTraits<BFloat16, false>::kKC;
+  }
+  return MicroTraits<scalar_t>::kKC;
+}
+
+// One tile: all rows of the problem x columns [n0, n0 + nb), nb <= kMicroNB
+// unless K fits one block (then no accumulator buffer is needed).
+// Loop order per kMC rows: K blocks, then 64-column weight blocks, then MR-row
+// blocks, so each weight block is packed once and reused by every row block.
+// next: the tile this thread runs after t (nullptr if none), whose first
+// weight block is prefetched while t's last one is in use: with a few dozen
+// rows per expert a tile is short, and a cold first block stalls its pack.
+template <typename scalar_t, typename out_t, typename Traits>
+void run_tile_avx512(const Problem<scalar_t, out_t, float>& p, const Tile& t, ThreadBuffers& buf,
+                     const Problem<scalar_t, out_t, float>* next_p, const Tile* next) {
+  using a_t = typename Traits::a_t;
+  using b_t = typename Traits::b_t;
+  constexpr int64_t kKC = Traits::kKC;
+  constexpr int64_t kBRows = std::is_same_v<b_t, uint32_t> ? kKC / 2 : kKC;
+  const int64_t k = p.k;
+  const int64_t strips = (t.nb + kNR - 1) / kNR;
+  b_t* bpack = workspace<b_t>(buf.b, kBRows * kNR);
+  float* acc = k > kKC ? workspace<float>(buf.acc, kMC * strips * kNR) : nullptr;
+  const int64_t ld_acc = strips * kNR;
+  // A is read in place when its rows are unit-stride in the compute type,
+  // gathered rows included: the micro-kernel takes one pointer per row.
+  constexpr bool kAInPlaceType = std::is_same_v<scalar_t, a_t>;
+  const bool a_in_place = kAInPlaceType && p.a_cs == 1 && p.a_col_idx == nullptr;
+  // A stored K-major (the transposed operand of a weight gradient, dh^T or
+  // grad^T, gathered columns included) is packed K-major by the vector
+  // routine that packs B, and the micro-kernel steps through it along K.
+  // Gathered rows of a K-major A are not: the packer walks rows in order.
+  const bool a_k_major = !a_in_place && p.a_rs == 1 && p.a_cs != 1 && p.a_row_idx == nullptr;
+  constexpr int64_t kRowStep = std::is_same_v<b_t, uint32_t> ? 2 : 1;
+  // What a -1 row index reads (at most kKC elements of a K block).
+  alignas(64) static const a_t kZeroRow[kKC] = {};
+  const a_t* a_rows[kMC];
+  // Weight rows are prefetched only when they are unit-stride rows in order.
+  const bool b_prefetch = p.b_cs == 1 && p.b_idx == nullptr;
+
+  for (int64_t m0 = 0; m0 < p.m; m0 += kMC) {
+    const int64_t mc = std::min(kMC, p.m - m0);
+    const int64_t m_blocks = (mc + kMR - 1) / kMR;
+    for (int64_t k0 = 0; k0 < k; k0 += kKC) {
+      const int64_t kc = std::min(kKC, k - k0);
+      int64_t a_step = kRowStep;
+      if (a_in_place) {
+        for (int64_t r = 0; r < mc; ++r) {
+          const int64_t row = p.a_row_idx != nullptr ? p.a_row_idx[m0 + r] : m0 + r;
+          a_rows[r] = row < 0 ? kZeroRow : reinterpret_cast<const a_t*>(p.a + row * p.a_rs + k0);
+        }
+      } else if (a_k_major) {
+        // Column c of A (contiguous over the rows) is a "row" of the packer.
+        const scalar_t* base = p.a + m0 + (p.a_col_idx != nullptr ? 0 : k0 * p.a_cs);
+        const int64_t* cols = p.a_col_idx != nullptr ? p.a_col_idx + k0 : nullptr;
+        if constexpr (kPairsOf<Traits>) {
+          const int64_t ldw = (mc + 31) / 32 * 32;
+          uint32_t* w = workspace<uint32_t>(buf.a, (kc + 1) / 2 * ldw);
+          pack_pairs_bf16(w, ldw, base, p.a_cs, cols, kc, mc);
+          for (int64_t r = 0; r < mc; ++r) a_rows[r] = reinterpret_cast<const a_t*>(w) + 2 * r;
+          a_step = 2 * ldw;
+        } else {
+          const int64_t ldw = (mc + 15) / 16 * 16;
+          float* w = workspace<float>(buf.a, kc * ldw);
+          pack_rows_f32(w, ldw, base, p.a_cs, cols, kc, mc);
+          for (int64_t r = 0; r < mc; ++r) a_rows[r] = w + r;
+          a_step = ldw;
+        }
+      } else {
+        // Packed copy, rows padded to an even length (bfloat16 reads K pairs).
+        const int64_t lda = (kc + 1) / 2 * 2;
+        a_t* w = workspace<a_t>(buf.a, mc * lda);
+        const scalar_t* src = p.a + m0 * p.a_rs + k0 * p.a_cs;
+        if (p.a_gathered()) {
+          load_a_block(w, lda, p, m0, mc, k0, kc);
+        } else if constexpr (!std::is_same_v<scalar_t, float> && !kPairsOf<Traits>) {
+          if (p.a_cs == 1) {
+            widen_rows_16bit(w, lda, src, p.a_rs, mc, kc);
+            for (int64_t r = 0; r < mc; ++r)
+              for (int64_t c = kc; c < lda; ++c) w[r * lda + c] = 0.f;
+          } else {
+            gather_block(w, lda, src, p.a_rs, p.a_cs, mc, kc, lda);
+          }
+        } else {
+          gather_block(w, lda, src, p.a_rs, p.a_cs, mc, kc, lda);
+        }
+        for (int64_t r = 0; r < mc; ++r) a_rows[r] = w + r * lda;
+      }
+      for (int64_t s = 0; s < strips; ++s) {
+        const int64_t j0 = t.n0 + s * kNR;
+        const int64_t w = std::min(kNR, t.n0 + t.nb - j0);
+        const int64_t* b_rows = p.b_idx != nullptr ? p.b_idx + k0 : nullptr;
+        const scalar_t* b_blk = p.b + (b_rows != nullptr ? 0 : k0 * p.b_rs) + j0 * p.b_cs;
+        if constexpr (kPairsOf<Traits>) {
+          pack_b_bf16(bpack, b_blk, p.b_rs, p.b_cs, kc, w, b_rows);
+        } else {
+          pack_b_f32(bpack, b_blk, p.b_rs, p.b_cs, kc, w, b_rows);
+        }
+        // Next weight block of this tile: next strip, else first strip of the
+        // next K block (the next row chunk rereads blocks already in cache).
+        Prefetch pf;
+        if (b_prefetch) {
+          int64_t nk0 = k0, nj0 = j0 + kNR;
+          if (s + 1 == strips) {
+            nk0 = k0 + kKC;
+            nj0 = t.n0;
+          }
+          if (nk0 < k) {
+            pf.base = reinterpret_cast<const char*>(p.b + nk0 * p.b_rs + nj0);
+            pf.stride = p.b_rs * static_cast<int64_t>(sizeof(scalar_t));
+            pf.rows = std::min(kKC, k - nk0);
+            pf.bytes = std::min(kNR, t.n0 + t.nb - nj0) * static_cast<int64_t>(sizeof(scalar_t));
+          } else if (next != nullptr && m0 + kMC >= p.m && next_p->k > 0 && next_p->b_cs == 1 &&
+                     next_p->b_idx == nullptr) {
+            pf.base = reinterpret_cast<const char*>(next_p->b + next->n0);
+            pf.stride = next_p->b_rs * static_cast<int64_t>(sizeof(scalar_t));
+            pf.rows = std::min(kKC, next_p->k);
+            pf.bytes = std::min(kNR, next->nb) * static_cast<int64_t>(sizeof(scalar_t));
+          }
+        }
+        MicroArgs x;
+        x.kc = kc;
+        x.a_step = a_step;
+        x.ld_acc = ld_acc;
+        x.first = k0 == 0;
+        x.last = k0 + kc == k;
+        x.ldc = p.c_rs;
+        x.bias = p.bias != nullptr ? p.bias + j0 : nullptr;
+        x.w = w;
+        x.pf = pf;
+        for (int64_t mb = 0; mb < m_blocks; ++mb) {
+          const int64_t r0 = mb * kMR;
+          const int64_t mr = std::min(kMR, mc - r0);
+          x.acc = acc != nullptr ? acc + r0 * ld_acc + s * kNR : nullptr;
+          x.c = p.c + (m0 + r0) * p.c_rs + j0;
+          // Over the first half of the row blocks, so the lines land before the next pack.
+          const int64_t pf_blocks = (m_blocks + 1) / 2;
+          x.pf_begin = mb < pf_blocks ? pf.rows * mb / pf_blocks : 0;
+          x.pf_end = mb < pf_blocks ? pf.rows * (mb + 1) / pf_blocks : 0;
+          dispatch_micro<Traits, out_t>(mr, a_rows + r0, bpack, x);
+        }
+      }
+    }
+  }
+}
+
+// What run_tile_avx512 takes from the thread's scratch for t.
+template <typename scalar_t, typename out_t>
+void avx512_scratch(const Problem<scalar_t, out_t, float>& p, const Tile& t, ScratchBytes& s) {
+  const int64_t k = p.k;
+  const auto need = [&](auto traits) {
+    using Traits = decltype(traits);
+    constexpr int64_t kKC = Traits::kKC;
+    constexpr int64_t kBRows = kPairsOf<Traits> ? kKC / 2 : kKC;
+    const int64_t strips = (t.nb + kNR - 1) / kNR;
+    // A block: at most kMC rows (padded to 32) x kKC (+1 for pairs) 4-byte words.
+    s.at_least(kMC * (kKC + 32) * 4, kBRows * kNR * static_cast<int64_t>(sizeof(typename Traits::b_t)),
+               k > kKC ? kMC * strips * kNR * 4 : 0);
+  };
+  if constexpr (std::is_same_v<scalar_t, BFloat16>) {
+    if (cpu_has_avx512_bf16()) {
+      need(MicroTraits<BFloat16, true>{});
+    } else {
+      need(MicroTraits<BFloat16, false>{});
+    }
+  } else {
+    need(MicroTraits<scalar_t>{});
+  }
+}
+
+} // namespace
+} // namespace at::native
+
+#endif // CPU_CAPABILITY_AVX512

@@ -1,0 +1,257 @@
+#pragma once
+
+// What the engines of the CPU grouped mm kernel (cpu/GroupedMMKernel.cpp)
+// share: the problem and tile descriptions, the per-thread scratch, block
+// copies, the epilogue and a Vectorized<T> GEMM. Included only by that file
+// and the engine headers it includes, so these have internal linkage and are
+// compiled, once per CPU capability, into the one translation unit that uses
+// them, exactly as if they were written there.
+
+#include <ATen/core/Tensor.h>
+#include <ATen/cpu/vec/vec.h>
+#include <c10/util/irange.h>
+
+#include <algorithm>
+#include <cstdint>
+#include <cstring>
+#include <type_traits>
+
+namespace at::native {
+namespace {
+
+// One group's matmul: C[m, n] = sum_k A[m, k] B[k, n] (+ bias[n]).
+// Strides are in elements and may be anything, including 0.
+template <typename scalar_t, typename out_t, typename acc_t>
+struct Problem {
+  int64_t m, n, k;
+  const scalar_t* a;
+  int64_t a_rs, a_cs;
+  const scalar_t* b;
+  int64_t b_rs, b_cs;
+  out_t* c; // unit stride along n
+  int64_t c_rs;
+  const acc_t* bias; // nullptr or n contiguous values
+  // With indices (grouped_mm_stub's a_index / b_index): row r of A is at
+  // a + a_row_idx[r] * a_rs, column k of A at a + a_col_idx[k] * a_cs, row k
+  // of B at b + b_idx[k] * b_rs; an index of -1 reads zeros.
+  const int64_t* a_row_idx = nullptr;
+  const int64_t* a_col_idx = nullptr;
+  const int64_t* b_idx = nullptr;
+  bool a_gathered() const { return a_row_idx != nullptr || a_col_idx != nullptr; }
+};
+
+struct Tile {
+  int64_t problem;
+  int64_t n0;
+  int64_t nb;
+  double cost;
+};
+
+// Widening engine: a K x 64 fp32 weight tile of a 2048-wide layer is 512 KB
+// and stays in L2 while the group's row blocks stream past it.
+constexpr int64_t kWideNB = 256;
+constexpr int64_t kWideMB = 128;
+// Cost of streaming one weight tile, in rows of compute: lets groups with few
+// rows still count for the memory traffic they cause.
+constexpr double kWeightStreamRows = 16.0;
+
+// A thread's share of the call's scratch: 64-byte aligned, sized before the
+// parallel region by the engine's bound for every tile (scratch_bytes below).
+struct Region {
+  char* data = nullptr;
+  int64_t bytes = 0;
+};
+
+struct ThreadBuffers {
+  Region a, b, acc;
+};
+
+template <typename T>
+inline T* workspace(const Region& r, int64_t numel) {
+  TORCH_INTERNAL_ASSERT(numel * static_cast<int64_t>(sizeof(T)) <= r.bytes);
+  return reinterpret_cast<T*>(r.data);
+}
+
+// Bytes each thread needs per region (the maximum over its tiles).
+struct ScratchBytes {
+  int64_t a = 0, b = 0, acc = 0;
+  void at_least(int64_t na, int64_t nb, int64_t nacc) {
+    a = std::max(a, na);
+    b = std::max(b, nb);
+    acc = std::max(acc, nacc);
+  }
+};
+
+// dst[r * ld + c] = src[r * rs + c * cs] for r < rows, c < cols, converted
+// to dst_t; columns in [cols, cols_pad) are zero.
+template <typename dst_t, typename src_t>
+void copy_block(dst_t* dst, int64_t ld, const src_t* src, int64_t rs, int64_t cs,
+                int64_t rows, int64_t cols, int64_t cols_pad) {
+  for (int64_t r = 0; r < rows; ++r) {
+    dst_t* d = dst + r * ld;
+    const src_t* s = src + r * rs;
+    if (cs == 1) {
+      for (int64_t c = 0; c < cols; ++c) d[c] = static_cast<dst_t>(s[c]);
+    } else {
+      for (int64_t c = 0; c < cols; ++c) d[c] = static_cast<dst_t>(s[c * cs]);
+    }
+    for (int64_t c = cols; c < cols_pad; ++c) d[c] = dst_t(0);
+  }
+}
+
+// Transposing copy in 16x16 blocks: dst[r * ld + c] = src[r * rs + c * cs]
+// where the source is contiguous along r (rs == 1), so reads stay sequential.
+template <typename dst_t, typename src_t>
+void copy_block_transposed(dst_t* dst, int64_t ld, const src_t* src, int64_t cs,
+                           int64_t rows, int64_t cols) {
+  constexpr int64_t kB = 16;
+  for (int64_t c0 = 0; c0 < cols; c0 += kB) {
+    const int64_t c1 = std::min(cols, c0 + kB);
+    for (int64_t r0 = 0; r0 < rows; r0 += kB) {
+      const int64_t r1 = std::min(rows, r0 + kB);
+      for (int64_t c = c0; c < c1; ++c) {
+        const src_t* s = src + c * cs;
+        for (int64_t r = r0; r < r1; ++r) dst[r * ld + c] = static_cast<dst_t>(s[r]);
+      }
+    }
+  }
+}
+
+// Row-major copy of a (rows x cols) strided block into dst with leading
+// dimension ld, choosing the loop order that reads the source sequentially.
+template <typename dst_t, typename src_t>
+void gather_block(dst_t* dst, int64_t ld, const src_t* src, int64_t rs, int64_t cs,
+                  int64_t rows, int64_t cols, int64_t cols_pad) {
+  if (rs == 1 && cs != 1 && rows > 1) {
+    copy_block_transposed(dst, ld, src, cs, rows, cols);
+    for (int64_t r = 0; r < rows; ++r)
+      for (int64_t c = cols; c < cols_pad; ++c) dst[r * ld + c] = dst_t(0);
+  } else {
+    copy_block(dst, ld, src, rs, cs, rows, cols, cols_pad);
+  }
+}
+
+// Gathered rows: dst row r = row idx[r] of src (zero for -1), converted to
+// dst_t, columns [cols, cols_pad) zero. This is where an MoE layer's token
+// gather happens: inside the tile packing, never as a copy of the tokens.
+template <typename dst_t, typename src_t>
+void gather_rows(dst_t* dst, int64_t ld, const src_t* src, const int64_t* idx, int64_t rs, int64_t cs,
+                 int64_t rows, int64_t cols, int64_t cols_pad) {
+  for (int64_t r = 0; r < rows; ++r) {
+    if (idx[r] < 0) {
+      std::fill(dst + r * ld, dst + r * ld + cols_pad, dst_t(0));
+    } else {
+      copy_block(dst + r * ld, ld, src + idx[r] * rs, rs, cs, 1, cols, cols_pad);
+    }
+  }
+}
+
+// Gathered columns: dst[r * ld + c] = src[r * rs + idx[c] * cs] (zero for
+// -1), columns [cols, cols_pad) zero. Column-outer, so a source whose columns
+// are rows of a row-major matrix (rs == 1: an MoE layer's tokens, transposed)
+// is read sequentially.
+template <typename dst_t, typename src_t>
+void gather_cols(dst_t* dst, int64_t ld, const src_t* src, const int64_t* idx, int64_t rs, int64_t cs,
+                 int64_t rows, int64_t cols, int64_t cols_pad) {
+  for (int64_t c = 0; c < cols; ++c) {
+    if (idx[c] < 0) {
+      for (int64_t r = 0; r < rows; ++r) dst[r * ld + c] = dst_t(0);
+    } else {
+      const src_t* s = src + idx[c] * cs;
+      for (int64_t r = 0; r < rows; ++r) dst[r * ld + c] = static_cast<dst_t>(s[r * rs]);
+    }
+  }
+  for (int64_t r = 0; r < rows; ++r)
+    for (int64_t c = cols; c < cols_pad; ++c) dst[r * ld + c] = dst_t(0);
+}
+
+// A (mb x kc) block of a problem's A starting at row m0 and column k0, into
+// dst (leading dimension ld, columns [kc, ld) zero): gathered or strided.
+template <typename dst_t, typename P>
+void load_a_block(dst_t* dst, int64_t ld, const P& p, int64_t m0, int64_t mb, int64_t k0, int64_t kc) {
+  if (p.a_row_idx != nullptr) {
+    gather_rows(dst, ld, p.a + k0 * p.a_cs, p.a_row_idx + m0, p.a_rs, p.a_cs, mb, kc, ld);
+  } else if (p.a_col_idx != nullptr) {
+    gather_cols(dst, ld, p.a + m0 * p.a_rs, p.a_col_idx + k0, p.a_rs, p.a_cs, mb, kc, ld);
+  } else {
+    gather_block(dst, ld, p.a + m0 * p.a_rs + k0 * p.a_cs, p.a_rs, p.a_cs, mb, kc, ld);
+  }
+}
+
+// out rows [m0, m0 + mb) x columns [n0, n0 + nb) = acc (+ bias), rounded once.
+template <typename out_t, typename acc_t, typename P>
+void store_tile(const P& p, int64_t m0, int64_t mb, int64_t n0, int64_t nb,
+                const acc_t* acc, int64_t ld_acc) {
+  for (int64_t r = 0; r < mb; ++r) {
+    out_t* o = p.c + (m0 + r) * p.c_rs + n0;
+    const acc_t* s = acc + r * ld_acc;
+    if (p.bias != nullptr) {
+      const acc_t* bb = p.bias + n0;
+      for (int64_t j = 0; j < nb; ++j) o[j] = static_cast<out_t>(s[j] + bb[j]);
+    } else {
+      for (int64_t j = 0; j < nb; ++j) o[j] = static_cast<out_t>(s[j]);
+    }
+  }
+}
+
+template <typename out_t, typename P>
+void store_bias_only(const P& p, int64_t n0, int64_t nb) {
+  for (int64_t r = 0; r < p.m; ++r) {
+    out_t* o = p.c + r * p.c_rs + n0;
+    for (int64_t j = 0; j < nb; ++j) {
+      o[j] = p.bias != nullptr ? static_cast<out_t>(p.bias[n0 + j]) : out_t(0);
+    }
+  }
+}
+
+// Row-major C (mb x nb, ldc) = A (mb x k, lda) B (k x nb, ldb), single-threaded.
+// Each output is summed along K in order from zero with Vectorized<T>::fmadd
+// (on AVX2/AVX-512 one rounding per step, as the AVX-512 engine), so its bits
+// do not depend on the blocking. A tile of kGemmRows rows x 2 vectors is held
+// in registers; edge tiles use the same code on partial vectors.
+constexpr int64_t kGemmRows = 4;
+
+template <typename T, int R>
+void gemm_tile(int64_t k, const T* a, int64_t lda, const T* b, int64_t ldb, T* c, int64_t ldc, int64_t w) {
+  using Vec = vec::Vectorized<T>;
+  constexpr int64_t kV = Vec::size();
+  const int64_t w0 = std::min<int64_t>(w, kV), w1 = std::max<int64_t>(w - kV, 0);
+  Vec acc0[R], acc1[R];
+  for (int i = 0; i < R; ++i) {
+    acc0[i] = Vec(T(0));
+    acc1[i] = Vec(T(0));
+  }
+  for (int64_t l = 0; l < k; ++l) {
+    const T* bl = b + l * ldb;
+    const Vec b0 = w0 == kV ? Vec::loadu(bl) : Vec::loadu(bl, w0);
+    const Vec b1 = w1 == kV ? Vec::loadu(bl + kV) : (w1 > 0 ? Vec::loadu(bl + kV, w1) : Vec(T(0)));
+    for (int i = 0; i < R; ++i) {
+      const Vec av(a[i * lda + l]);
+      acc0[i] = vec::fmadd(av, b0, acc0[i]);
+      acc1[i] = vec::fmadd(av, b1, acc1[i]);
+    }
+  }
+  for (int i = 0; i < R; ++i) {
+    acc0[i].store(c + i * ldc, w0);
+    if (w1 > 0) acc1[i].store(c + i * ldc + kV, w1);
+  }
+}
+
+template <typename T>
+void gemm_row_major(int64_t mb, int64_t nb, int64_t k, const T* a, int64_t lda, const T* b, int64_t ldb,
+                    T* c, int64_t ldc) {
+  constexpr int64_t kW = 2 * vec::Vectorized<T>::size();
+  for (int64_t j0 = 0; j0 < nb; j0 += kW) {
+    const int64_t w = std::min(kW, nb - j0);
+    int64_t r0 = 0;
+    for (; r0 + kGemmRows <= mb; r0 += kGemmRows) {
+      gemm_tile<T, kGemmRows>(k, a + r0 * lda, lda, b + j0, ldb, c + r0 * ldc + j0, ldc, w);
+    }
+    for (; r0 < mb; ++r0) {
+      gemm_tile<T, 1>(k, a + r0 * lda, lda, b + j0, ldb, c + r0 * ldc + j0, ldc, w);
+    }
+  }
+}
+
+} // namespace
+} // namespace at::native
