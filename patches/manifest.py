@@ -61,12 +61,7 @@ NOT_UPSTREAMED: dict[str, str] = {
 
 # Sources in MIRROR that are bound for upstream but that the series cannot
 # carry yet, with why (an exception to MIRROR holding only what is carried).
-PENDING_UPSTREAM: dict[str, str] = {
-    "torch_moe_ops/csrc/ATen/native/cuda/GroupedMM.c*": (
-        "zeroes the rows past offs[-1] after upstream's CUDA grouped GEMMs, but nothing in the series calls it "
-        "(upstream's CUDA _grouped_mm would, in GroupedBlas.cpp, which the wheel does not ship to edit here): "
-        "carried, it would be dead code"),
-}
+PENDING_UPSTREAM: dict[str, str] = {}
 
 NATIVE = "aten/src/ATen/native"
 SRC = "torch_moe_ops/csrc/ATen/native"
@@ -210,6 +205,10 @@ SERIES = [
         Patch(
             message="core/0002-grouped-mm-backward-and-opinfo.txt",
             changes=[
+                # _grouped_mm's CUDA entry: the shared checks, upstream's CUTLASS kernel or the fallback.
+                Copy(f"{NATIVE}/cuda/GroupedMM.h", f"{SRC}/cuda/GroupedMM.h"),
+                Copy(f"{NATIVE}/cuda/GroupedMM.cpp", f"{SRC}/cuda/GroupedMM.cpp"),
+                Dispatch("grouped_mm", keys=("CUDA",)),
                 Copy("torch/csrc/autograd/GroupedMMBackward.h", "patches/src/torch/csrc/autograd/GroupedMMBackward.h"),
                 Edit("tools/autograd/templates/Functions.cpp", [(
                     '#include "torch/csrc/autograd/FunctionsManual.h"\n',
@@ -219,7 +218,7 @@ SERIES = [
                 Derivatives(family="grouped_mm"),
                 OpInfoModule("grouped_mm", "grouped_mm", "OpInfo for ``torch._grouped_mm``.", op_db_call=(
                     'make_grouped_mm_opinfo("moe_ops.grouped_mm", torch.ops.moe_ops.grouped_mm.default)',
-                    'make_grouped_mm_opinfo("_grouped_mm", torch._grouped_mm, cuda_full_contract=False)')),
+                    'make_grouped_mm_opinfo("_grouped_mm", torch._grouped_mm)')),
                 Edit(OPINFO_INIT, [
                     ("    fft,\n    linalg,\n", "    fft,\n    grouped_mm,\n    linalg,\n"),
                     ("    *fft.op_db,\n    *linalg.op_db,\n", "    *fft.op_db,\n    *grouped_mm.op_db,\n    *linalg.op_db,\n"),

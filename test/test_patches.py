@@ -177,10 +177,13 @@ def test_torchgen_accepts_the_yaml_and_generates_the_backward(tree, tmp_path):
         (fn,) = [f for f in parsed.native_functions if str(f.func.name) == op.upstream.name]
         for key, kernel in op.upstream_dispatch().items():
             assert kernels[getattr(DispatchKey, key)].get_kernel(fn).kernel == kernel, (op.name, key)
-    # Upstream's own CUDA kernels stay where the series extends an entry.
-    for name in ("_grouped_mm", "_scaled_grouped_mm"):
-        (fn,) = [f for f in parsed.native_functions if str(f.func.name) == name]
-        assert kernels[DispatchKey.CUDA].get_kernel(fn).kernel == f"{name}_cuda"
+    # Upstream's own CUDA kernel stays where the series only extends an entry;
+    # _grouped_mm's is replaced by ours (upstream.dispatch), and no other key changes.
+    (fn,) = [f for f in parsed.native_functions if str(f.func.name) == "_scaled_grouped_mm"]
+    assert kernels[DispatchKey.CUDA].get_kernel(fn).kernel == "_scaled_grouped_mm_cuda"
+    (fn,) = [f for f in parsed.native_functions if str(f.func.name) == "_grouped_mm"]
+    assert {str(k): kernels[k].get_kernel(fn).kernel for k in kernels if kernels[k].get_kernel(fn)} == {
+        "CPU": "grouped_mm_cpu", "CUDA": "grouped_mm_cuda", "CompositeExplicitAutograd": "_grouped_mm"}
 
     # gen_autograd reads every template; the series only patch Functions.cpp.
     autograd = os.path.join(tree, "tools/autograd")
@@ -263,6 +266,96 @@ def test_backward_headers_match_python(tree, tmp_path):
         got = torch.ops.moe_patch_test.grouped_mm_mat_b_backward(grad, a, w.detach(), offs)
         torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-5)
         assert got.stride() == w.stride() == expected.stride()
+
+
+def test_grouped_mm_backward_is_symint_safe(tree, tmp_path):
+    """The grouped mm backward helpers traced with symbolic shapes (make_fx's
+    symbolic mode, what torch.compile(dynamic=True)'s AOT autograd does to
+    the generated GroupedMmBackward0): compiled into scratch ops registered as
+    CompositeImplicitAutograd, so the C++ runs on fake tensors whose sizes are
+    SymInts, where a .size() or .stride() read as int64_t raises. The traced
+    graphs, replayed on other sizes, give the helpers' eager values. The
+    helpers call at::_grouped_mm, whose CPU kernel and meta the series makes
+    ours; the installed torch has v2.14.1's, so here those calls go to
+    moe_ops::grouped_mm."""
+    from torch.fx.experimental.proxy_tensor import make_fx
+    from torch.utils.cpp_extension import load_inline
+
+    source = textwrap.dedent("""
+        #include <ATen/core/dispatch/Dispatcher.h>
+        #include <ATen/ops/_grouped_mm.h>
+        #include <torch/library.h>
+
+        namespace at {
+        inline Tensor moe_test_grouped_mm(const Tensor& a, const Tensor& b, const std::optional<Tensor>& offs,
+                                          const std::optional<Tensor>& bias = std::nullopt,
+                                          std::optional<ScalarType> out_dtype = std::nullopt) {
+          static auto op = c10::Dispatcher::singleton().findSchemaOrThrow("moe_ops::grouped_mm", "").typed<
+              Tensor(const Tensor&, const Tensor&, const std::optional<Tensor>&, const std::optional<Tensor>&,
+                     std::optional<ScalarType>)>();
+          return op.call(a, b, offs, bias, out_dtype);
+        }
+        } // namespace at
+        #define _grouped_mm moe_test_grouped_mm
+        #include "torch/csrc/autograd/GroupedMMBackward.h"
+        #undef _grouped_mm
+
+        namespace details = torch::autograd::generated::details;
+
+        at::Tensor mat_a_backward(const at::Tensor& grad, const at::Tensor& mat_b, const std::optional<at::Tensor>& offs) {
+          return details::grouped_mm_mat_a_backward(grad, mat_b, offs, mat_b.scalar_type());
+        }
+        at::Tensor mat_b_backward(const at::Tensor& grad, const at::Tensor& mat_a, const at::Tensor& mat_b,
+                                  const std::optional<at::Tensor>& offs) {
+          return details::grouped_mm_mat_b_backward(grad, mat_a, mat_b, offs, mat_a.scalar_type());
+        }
+        at::Tensor bias_backward(const at::Tensor& grad, const at::Tensor& mat_a, const at::Tensor& mat_b,
+                                 const std::optional<at::Tensor>& offs) {
+          return details::grouped_mm_bias_backward(grad, mat_a, mat_b, offs);
+        }
+
+        TORCH_LIBRARY(moe_patch_symint, m) {
+          m.def("mat_a_backward(Tensor grad, Tensor mat_b, Tensor? offs) -> Tensor");
+          m.def("mat_b_backward(Tensor grad, Tensor mat_a, Tensor mat_b, Tensor? offs) -> Tensor");
+          m.def("bias_backward(Tensor grad, Tensor mat_a, Tensor mat_b, Tensor? offs) -> Tensor");
+        }
+        TORCH_LIBRARY_IMPL(moe_patch_symint, CompositeImplicitAutograd, m) {
+          m.impl("mat_a_backward", &mat_a_backward);
+          m.impl("mat_b_backward", &mat_b_backward);
+          m.impl("bias_backward", &bias_backward);
+        }
+    """)
+    load_inline("moe_patch_symint", source, extra_include_paths=[str(tree)], extra_cflags=["-std=c++20"],
+                is_python_module=False, build_directory=str(tmp_path))
+    ops = torch.ops.moe_patch_symint
+    g = torch.Generator().manual_seed(0)
+
+    def problem(layout, total):
+        rand = lambda *s: torch.randn(*s, generator=g)  # noqa: E731
+        offs = torch.tensor([total // 3, total // 3, total], dtype=torch.int32)
+        if layout == "2d3d":  # weights stored (G, N, K), read transposed: the K-major branch
+            return rand(total + 2, 6), rand(3, 5, 6).transpose(-2, -1), offs, (total + 2, 5)
+        if layout == "3d2d":
+            return rand(3, 4, 6), rand(6, total), offs, (4, total)
+        if layout == "2d2d":
+            return rand(4, total), rand(total, 5), offs, (3, 4, 5)
+        return rand(3, total, 6), rand(3, 6, 5), None, (3, total, 5)
+
+    def backward(grad, a, b, offs):
+        return (ops.mat_a_backward(grad, b, offs), ops.mat_b_backward(grad, a, b, offs),
+                ops.bias_backward(grad, a, b, offs))
+
+    for layout in ("2d3d", "3d2d", "2d2d", "3d3d"):
+        a, b, offs, out_shape = problem(layout, 7)
+        gm = make_fx(backward, tracing_mode="symbolic")(torch.randn(out_shape, generator=g), a, b, offs)
+        placeholders = [n for n in gm.graph.nodes if n.op == "placeholder"]
+        assert any(isinstance(s, torch.SymInt) and not s.node.is_constant()
+                   for n in placeholders for s in n.meta["val"].shape), f"{layout}: nothing was symbolic"
+        for total in (7, 11, 20):
+            a, b, offs, out_shape = problem(layout, total)
+            grad = torch.randn(out_shape, generator=g)
+            for got, expected in zip(gm(grad, a, b, offs), backward(grad, a, b, offs), strict=True):
+                torch.testing.assert_close(got, expected, rtol=0, atol=0, msg=f"{layout}, total={total}")
 
 
 # (b2) The carried C++, compiled as in-tree (patches/proof.py) ------------------

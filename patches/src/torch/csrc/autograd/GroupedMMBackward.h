@@ -47,7 +47,9 @@ inline at::Tensor grouped_mm_mat_b_backward(
     const at::Tensor& grad, const at::Tensor& mat_a, const at::Tensor& mat_b, const std::optional<at::Tensor>& offs,
     at::ScalarType input_dtype) {
   const auto g = grouped_mm_grad_input(grad, input_dtype);
-  const bool k_major = mat_b.stride(-2) == 1 && mat_b.stride(-1) != 1 && mat_b.size(-1) > 1;
+  // Symbolic strides and sizes under torch.compile(dynamic=True): compared
+  // as SymInts (a guard), never read as int64_t.
+  const bool k_major = mat_b.sym_stride(-2) == 1 && mat_b.sym_stride(-1) != 1 && mat_b.sym_size(-1) > 1;
   if (k_major && (mat_b.dim() == 3) && (mat_a.dim() == 2 || mat_a.dim() == 3)) {
     return at::_grouped_mm(g.transpose(-2, -1), mat_a, grouped_mm_offs(offs)).transpose(-2, -1);
   }
@@ -69,16 +71,16 @@ inline at::Tensor grouped_mm_bias_backward(
   const auto acc = grad_dtype == at::kDouble ? at::kDouble : at::kFloat;
   if (mat_a.dim() == 2 && mat_b.dim() == 3) {
     // Row sums per group are a 2D x 2D grouped mm with a row of ones.
-    const auto ones = at::ones({1, grad.size(0)}, grad.options());
+    const auto ones = at::ones_symint({1, grad.sym_size(0)}, grad.options());
     const bool sixteen_bit = grad_dtype == at::kHalf || grad_dtype == at::kBFloat16;
     const auto out_dtype = sixteen_bit ? std::optional<at::ScalarType>(at::kFloat) : std::nullopt;
     return at::_grouped_mm(ones, grad, offs, std::nullopt, out_dtype).squeeze(1).to(grad_dtype);
   }
   if (mat_a.dim() == 3 && mat_b.dim() == 2) {
     const auto col_sum = grad.sum({0}, /*keepdim=*/false, acc);
-    const auto cols = at::arange(grad.size(1), offs->options());
+    const auto cols = at::arange(grad.sym_size(1), offs->options());
     const auto col_group = at::searchsorted(*offs, cols, /*out_int32=*/false, /*right=*/true);
-    const auto groups = at::arange(offs->size(0), col_group.options());
+    const auto groups = at::arange(offs->sym_size(0), col_group.options());
     const auto mask = col_group.unsqueeze(0).eq(groups.unsqueeze(1));
     return at::where(mask, col_sum.unsqueeze(0), 0).to(grad_dtype);
   }
