@@ -12,7 +12,9 @@ below derive from it and from our sources, one builder per kind of change:
 * OpInfoModule (opinfo.py): the OpInfos with their references;
 * SingleDimStrategy, StrategyModule (strategy.py): the DTensor strategies;
 * FxPassModule, PassTests (fx_passes.py): Inductor passes of torch_moe_ops/compile/ and their tests;
-* Edit (changes.py): anchored edits of upstream files (includes, __init__ lists).
+* Edit (changes.py): anchored edits of upstream files (includes, __init__ lists);
+  Insert: an in-repo block inserted at an anchor (the derivative helpers in
+  FunctionsManual.{h,cpp}).
 
 Series are applied in order; each series' patches are stacked on the
 previous series. Adding an op to a family that goes upstream needs no change
@@ -26,7 +28,7 @@ import os
 
 from torch_moe_ops import native_functions
 
-from .changes import REPO_ROOT, Copy, Edit, Patch, Series
+from .changes import REPO_ROOT, Copy, Edit, Insert, Patch, Series
 from .decomp_expect import DecompExpect
 from .errors import PatchError
 from .fx_passes import FxPassModule, PassTests
@@ -35,7 +37,7 @@ from .native_yaml import Derivatives, Dispatch, NativeFunctions
 from .opinfo import OpInfoModule
 from .strategy import SingleDimStrategy, StrategyModule
 
-__all__ = ["REPO_ROOT", "SERIES", "NOT_UPSTREAMED", "CARRIED_DIRS", "check_coverage", "Copy", "Edit", "Patch",
+__all__ = ["REPO_ROOT", "SERIES", "NOT_UPSTREAMED", "CARRIED_DIRS", "check_coverage", "Copy", "Edit", "Insert", "Patch",
            "Series", "FxPassModule", "PassTests"]
 
 # Every file under these in-repo directories must be either carried by some
@@ -177,6 +179,20 @@ GROUPED_MM_DOCS = [(
 
 OPINFO_INIT = "torch/testing/_internal/opinfo/definitions/__init__.py"
 
+# Derivative helpers go where upstream's are: declared in FunctionsManual.h
+# (after _grouped_mm's own, or before the header's last declaration), defined
+# at the end of FunctionsManual.cpp (the wheel does not ship it: patches/base.py
+# STAND_INS says what stands in for it). The in-repo blocks are MANUAL_SRC/<family>.{h,cpp}.
+FUNCTIONS_MANUAL_H = "torch/csrc/autograd/FunctionsManual.h"
+FUNCTIONS_MANUAL_CPP = "torch/csrc/autograd/FunctionsManual.cpp"
+MANUAL_SRC = "patches/src/torch/csrc/autograd/FunctionsManual"
+GROUPED_MM_MAT2_BACKWARD = (
+    "at::Tensor _grouped_mm_mat2_backward(\n    const at::Tensor& grad,\n    const at::Tensor& mat1,\n"
+    "    at::SymIntArrayRef sizes,\n    at::SymIntArrayRef strides,\n    c10::Layout layout,\n"
+    "    std::optional<Tensor> offs,\n    const at::Scalar& alpha);\n")
+VALUES_BACKWARD_DECL = "\nTensor values_backward(const Tensor& grad, const Tensor& self);\n"
+MANUAL_NAMESPACE_END = "\n} // namespace torch::autograd::generated::details\n"
+
 # The routing OpInfos test the forward until the derivatives land (the next PR
 # turns autograd on).
 ROUTING_NO_AUTOGRAD = (
@@ -209,12 +225,8 @@ SERIES = [
                 Copy(f"{NATIVE}/cuda/GroupedMM.h", f"{SRC}/cuda/GroupedMM.h"),
                 Copy(f"{NATIVE}/cuda/GroupedMM.cpp", f"{SRC}/cuda/GroupedMM.cpp"),
                 Dispatch("grouped_mm", keys=("CUDA",)),
-                Copy("torch/csrc/autograd/GroupedMMBackward.h", "patches/src/torch/csrc/autograd/GroupedMMBackward.h"),
-                Edit("tools/autograd/templates/Functions.cpp", [(
-                    '#include "torch/csrc/autograd/FunctionsManual.h"\n',
-                    '#include "torch/csrc/autograd/FunctionsManual.h"\n'
-                    '#include "torch/csrc/autograd/GroupedMMBackward.h"\n',
-                )]),
+                Insert(FUNCTIONS_MANUAL_H, f"{MANUAL_SRC}/grouped_mm.h", after=GROUPED_MM_MAT2_BACKWARD),
+                Insert(FUNCTIONS_MANUAL_CPP, f"{MANUAL_SRC}/grouped_mm.cpp", before=MANUAL_NAMESPACE_END),
                 Derivatives(family="grouped_mm"),
                 OpInfoModule("grouped_mm", "grouped_mm", "OpInfo for ``torch._grouped_mm``.", op_db_call=(
                     'make_grouped_mm_opinfo("moe_ops.grouped_mm", torch.ops.moe_ops.grouped_mm.default)',
@@ -247,12 +259,8 @@ SERIES = [
         Patch(
             message="core/0004-moe-routing-ops-derivatives.txt",
             changes=[
-                Copy("torch/csrc/autograd/MoERoutingBackward.h", "patches/src/torch/csrc/autograd/MoERoutingBackward.h"),
-                Edit("tools/autograd/templates/Functions.cpp", [(
-                    '#include "torch/csrc/autograd/GroupedMMBackward.h"\n',
-                    '#include "torch/csrc/autograd/GroupedMMBackward.h"\n'
-                    '#include "torch/csrc/autograd/MoERoutingBackward.h"\n',
-                )]),
+                Insert(FUNCTIONS_MANUAL_H, f"{MANUAL_SRC}/moe_routing.h", before=VALUES_BACKWARD_DECL),
+                Insert(FUNCTIONS_MANUAL_CPP, f"{MANUAL_SRC}/moe_routing.cpp", before=MANUAL_NAMESPACE_END),
                 Derivatives(family="routing", before="mode"),
                 Edit("torch/testing/_internal/opinfo/definitions/moe_routing.py", [ROUTING_NO_AUTOGRAD[::-1]]),
             ],

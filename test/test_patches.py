@@ -12,7 +12,7 @@ the result:
   against them (native/cpu/ per CPU capability, the CUDA files with the CUDA
   headers) with upstream's warnings as errors, each kernel the yaml names has
   the signature torchgen declares for it, and the autograd code generated from
-  the new formulas compiles; the backward headers agree with our Python
+  the new formulas compiles; the backward helpers agree with our Python
   autograd;
 * every patched Python file compiles; aten names in the patched meta functions
   and OpInfos resolve to the ops the patched yaml generates (with their
@@ -185,7 +185,7 @@ def test_torchgen_accepts_the_yaml_and_generates_the_backward(tree, tmp_path):
     assert {str(k): kernels[k].get_kernel(fn).kernel for k in kernels if kernels[k].get_kernel(fn)} == {
         "CPU": "grouped_mm_cpu", "CUDA": "grouped_mm_cuda", "CompositeExplicitAutograd": "_grouped_mm"}
 
-    # gen_autograd reads every template; the series only patch Functions.cpp.
+    # gen_autograd reads every template (the series patch none).
     autograd = os.path.join(tree, "tools/autograd")
     templates = os.path.join(os.path.dirname(torchgen.__file__), "packaged/autograd/templates")
     for path in glob.glob(os.path.join(templates, "*")):
@@ -194,13 +194,17 @@ def test_torchgen_accepts_the_yaml_and_generates_the_backward(tree, tmp_path):
             shutil.copyfile(path, dest)
     gen_autograd(native, tags, str(tmp_path), autograd, SelectiveBuilder.get_nop_selector())
     functions = (tmp_path / "Functions.cpp").read_text()
-    assert '#include "torch/csrc/autograd/GroupedMMBackward.h"' in functions
+    # The helpers the formulas call are FunctionsManual's, which Functions.cpp includes.
+    assert '#include "torch/csrc/autograd/FunctionsManual.h"' in functions
+    manual = pathlib.Path(tree, "torch/csrc/autograd/FunctionsManual.h").read_text()
+    for helper in ("grouped_mm_mat_a_backward", "grouped_mm_mat_b_backward", "grouped_mm_bias_backward",
+                   "moe_router_topk_backward"):
+        assert f"at::Tensor {helper}(" in manual, helper
     for call in ("grouped_mm_mat_a_backward(grad, mat2, offs, self_scalar_type)",
                  "grouped_mm_mat_b_backward(grad, self, mat2, offs, self_scalar_type)",
                  "grouped_mm_bias_backward(grad, self, mat2, offs)"):
         assert call in functions
     assert "struct TORCH_API GroupedMmBackward0" in (tmp_path / "Functions.h").read_text()
-    assert '#include "torch/csrc/autograd/MoERoutingBackward.h"' in functions
     for call in ("moe_router_topk_backward(grad, logits, expert_ids, score_func, renormalize, scaling_factor)",
                  "at::_moe_unpermute(grad, dst_rows)",
                  "_moe_unpermute_backward_symint(grad, dst_rows, permuted_sym_argsize_0, weights, "):
@@ -210,37 +214,49 @@ def test_torchgen_accepts_the_yaml_and_generates_the_backward(tree, tmp_path):
         assert f"struct TORCH_API {node}" in header
 
 
-def test_backward_headers_match_python(tree, tmp_path):
-    """The backward headers restate our Python autograd in C++: compile them
-    into scratch ops and compare (router_topk on every score function, the
-    weight gradient of grouped_mm on both weight layouts)."""
+# The derivative helpers as the series inserts them into FunctionsManual.cpp.
+MANUAL_SRC = os.path.join(manifest.REPO_ROOT, manifest.MANUAL_SRC)
+# Each scratch extension keeps its helpers to itself (another one loaded in the
+# process defines the same names).
+HIDDEN = ["-fvisibility=hidden"]
+
+
+def test_backward_helpers_match_python(tree, tmp_path):
+    """The backward helpers (FunctionsManual's, as the series adds them)
+    restate our Python autograd in C++: compile them into scratch ops and
+    compare (router_topk on every score function, the weight gradient of
+    grouped_mm on both weight layouts)."""
     from torch.utils.cpp_extension import load_inline
 
-    source = textwrap.dedent("""
+    source = textwrap.dedent(f"""
         #include <torch/library.h>
-        #include "torch/csrc/autograd/GroupedMMBackward.h"
-        #include "torch/csrc/autograd/MoERoutingBackward.h"
+        #include <torch/csrc/autograd/FunctionsManual.h>  // the patched tree's: the declarations
+
+        namespace torch::autograd::generated::details {{
+        #include "{MANUAL_SRC}/grouped_mm.cpp"
+        #include "{MANUAL_SRC}/moe_routing.cpp"
+        }} // namespace torch::autograd::generated::details
 
         at::Tensor grouped_mm_mat_b_backward(const at::Tensor& grad, const at::Tensor& mat_a,
-                                             const at::Tensor& mat_b, const at::Tensor& offs) {
+                                             const at::Tensor& mat_b, const at::Tensor& offs) {{
           return torch::autograd::generated::details::grouped_mm_mat_b_backward(
               grad, mat_a, mat_b, offs, mat_a.scalar_type());
-        }
+        }}
 
         at::Tensor router_topk_backward(const at::Tensor& grad, const at::Tensor& logits, const at::Tensor& ids,
-                                        c10::string_view score_func, bool renormalize, double scaling_factor) {
+                                        c10::string_view score_func, bool renormalize, double scaling_factor) {{
           return torch::autograd::generated::details::moe_router_topk_backward(
               grad, logits, ids, score_func, renormalize, scaling_factor);
-        }
+        }}
 
-        TORCH_LIBRARY(moe_patch_test, m) {
+        TORCH_LIBRARY(moe_patch_test, m) {{
           m.def("router_topk_backward(Tensor grad, Tensor logits, Tensor ids, str score_func, bool renormalize, "
                 "float scaling_factor) -> Tensor", &router_topk_backward);
           m.def("grouped_mm_mat_b_backward(Tensor grad, Tensor mat_a, Tensor mat_b, Tensor offs) -> Tensor",
                 &grouped_mm_mat_b_backward);
-        }
+        }}
     """)
-    load_inline("moe_patch_test", source, extra_include_paths=[str(tree)], extra_cflags=["-std=c++20"],
+    load_inline("moe_patch_test", source, extra_include_paths=[str(tree)], extra_cflags=["-std=c++20", *HIDDEN],
                 is_python_module=False, build_directory=str(tmp_path))
     g = torch.Generator().manual_seed(0)
     for score_func in ("softmax", "sigmoid", "softmax_after_topk"):
@@ -296,9 +312,13 @@ def test_grouped_mm_backward_is_symint_safe(tree, tmp_path):
           return op.call(a, b, offs, bias, out_dtype);
         }
         } // namespace at
+        #include <torch/csrc/autograd/FunctionsManual.h>  // the patched tree's: the declarations
         #define _grouped_mm moe_test_grouped_mm
-        #include "torch/csrc/autograd/GroupedMMBackward.h"
+        namespace torch::autograd::generated::details {
+        #include "MANUAL_SRC/grouped_mm.cpp"
+        } // namespace torch::autograd::generated::details
         #undef _grouped_mm
+""".replace("MANUAL_SRC", MANUAL_SRC) + """
 
         namespace details = torch::autograd::generated::details;
 
@@ -325,7 +345,7 @@ def test_grouped_mm_backward_is_symint_safe(tree, tmp_path):
           m.impl("bias_backward", &bias_backward);
         }
     """)
-    load_inline("moe_patch_symint", source, extra_include_paths=[str(tree)], extra_cflags=["-std=c++20"],
+    load_inline("moe_patch_symint", source, extra_include_paths=[str(tree)], extra_cflags=["-std=c++20", *HIDDEN],
                 is_python_module=False, build_directory=str(tmp_path))
     ops = torch.ops.moe_patch_symint
     g = torch.Generator().manual_seed(0)
@@ -379,6 +399,45 @@ def unit_results(compiled, prefix):
     failed = [r.report() for r in results if not r.ok]
     assert not failed, "\n\n".join(failed)
     return results
+
+
+def test_functions_manual_helpers_compile(compiled):
+    """The definitions the series adds to FunctionsManual.cpp, compiled in its
+    stand-in against the patched FunctionsManual.h (their declarations) with
+    upstream's warnings as errors."""
+    unit_results(compiled, proof.FUNCTIONS_MANUAL_CPP)
+
+
+def test_functions_manual_hunks_apply_to_the_whole_file(tmp_path):
+    """The FunctionsManual.cpp hunks are made against a stand-in holding the
+    real file's last lines only (patches/base.py STAND_INS); on v2.14.1's file
+    those lines sit thousands of lines further down, and git applies the
+    hunks there (at an offset). Shown on the stand-in with 7000 lines put
+    before its last function; that the real file ends so is what the stand-in
+    asserts (see STAND_INS), which only a source checkout shows."""
+    import subprocess
+
+    rel = proof.FUNCTIONS_MANUAL_CPP
+    stand_in = base.STAND_INS[rel]
+    at = stand_in.index("Tensor values_backward(")
+    longer = stand_in[:at] + "".join(f"// line {i}\n" for i in range(7000)) + stand_in[at:]
+    (tmp_path / os.path.dirname(rel)).mkdir(parents=True)
+    (tmp_path / rel).write_text(longer)
+    subprocess.run(["git", "init", "-q", str(tmp_path)], check=True)
+    applied = 0
+    for patch in sorted(glob.glob(os.path.join(manifest.REPO_ROOT, "patches", "core", "*.patch"))):
+        text = pathlib.Path(patch).read_text()
+        if f"diff --git a/{rel} " not in text:
+            continue
+        result = subprocess.run(["git", "apply", f"--include={rel}", "-"], input=text, text=True,
+                                capture_output=True, cwd=tmp_path)
+        assert result.returncode == 0, (patch, result.stderr)
+        applied += 1
+    assert applied == 2  # the grouped mm and the routing helpers
+    out = (tmp_path / rel).read_text()
+    assert out.count("// line ") == 7000 and out.endswith(base.STAND_INS[rel].splitlines(True)[-1])
+    for helper in ("grouped_mm_bias_backward(", "moe_router_topk_backward("):
+        assert out.index(helper) > out.index("Tensor values_backward(")
 
 
 @pytest.mark.parametrize("path", SOURCES)

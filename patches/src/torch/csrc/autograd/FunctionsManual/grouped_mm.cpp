@@ -1,4 +1,3 @@
-#pragma once
 
 // Backward of aten::_grouped_mm, called from derivatives.yaml.
 //
@@ -10,31 +9,20 @@
 // grad_mat_b is 2D x 2D over M; 2D x 2D (K grouped): grad_mat_a is 3D x 2D and
 // grad_mat_b is 2D x 3D.
 
-#include <ATen/core/Tensor.h>
-#include <ATen/ops/_grouped_mm.h>
-#include <ATen/ops/arange.h>
-#include <ATen/ops/ones.h>
-#include <ATen/ops/searchsorted.h>
-#include <ATen/ops/where.h>
-
-#include <optional>
-
-namespace torch::autograd::generated::details {
-
 // The generated code unpacks an absent Tensor? as an undefined tensor; the
 // kernels tell the layouts apart by whether offs is present.
-inline std::optional<at::Tensor> grouped_mm_offs(const std::optional<at::Tensor>& offs) {
+static std::optional<at::Tensor> grouped_mm_offs(const std::optional<at::Tensor>& offs) {
   return offs.has_value() && offs->defined() ? offs : std::nullopt;
 }
 
 // grad is cast to the input dtype (it is float32 under out_dtype=float32) and
 // made contiguous: x.sum().backward() hands an expanded, stride-0 gradient,
-// which the CUDA kernel rejects. For a contiguous gradient this is a no-op.
-inline at::Tensor grouped_mm_grad_input(const at::Tensor& grad, at::ScalarType input_dtype) {
+// which the fast CUDA kernel cannot read. For a contiguous gradient a no-op.
+static at::Tensor grouped_mm_grad_input(const at::Tensor& grad, at::ScalarType input_dtype) {
   return grad.to(input_dtype).contiguous();
 }
 
-inline at::Tensor grouped_mm_mat_a_backward(
+at::Tensor grouped_mm_mat_a_backward(
     const at::Tensor& grad, const at::Tensor& mat_b, const std::optional<at::Tensor>& offs,
     at::ScalarType input_dtype) {
   return at::_grouped_mm(grouped_mm_grad_input(grad, input_dtype), mat_b.transpose(-2, -1), grouped_mm_offs(offs));
@@ -43,7 +31,7 @@ inline at::Tensor grouped_mm_mat_a_backward(
 // grad_mat_b is produced in mat_b's own layout: for weights stored (G, N, K)
 // and passed transposed (mat_b K-major), as (grad^T mat_a)^T, so that
 // autograd need not copy it into the weight's layout.
-inline at::Tensor grouped_mm_mat_b_backward(
+at::Tensor grouped_mm_mat_b_backward(
     const at::Tensor& grad, const at::Tensor& mat_a, const at::Tensor& mat_b, const std::optional<at::Tensor>& offs,
     at::ScalarType input_dtype) {
   const auto g = grouped_mm_grad_input(grad, input_dtype);
@@ -61,7 +49,7 @@ inline at::Tensor grouped_mm_mat_b_backward(
 // offs[g-1]:offs[g], and its bias row only receives those. Accumulates in fp32
 // (fp64 for fp64) in a fixed order and returns the output dtype; when bias has
 // the input dtype, autograd casts the gradient to it (validate_outputs).
-inline at::Tensor grouped_mm_bias_backward(
+at::Tensor grouped_mm_bias_backward(
     const at::Tensor& grad,
     const at::Tensor& mat_a,
     const at::Tensor& mat_b,
@@ -86,5 +74,3 @@ inline at::Tensor grouped_mm_bias_backward(
   }
   return grad.sum({1}, /*keepdim=*/false, acc).to(grad_dtype);  // (G, M, N) outputs
 }
-
-} // namespace torch::autograd::generated::details
