@@ -37,8 +37,8 @@ from .native_yaml import Derivatives, Dispatch, NativeFunctions
 from .opinfo import OpInfoModule
 from .strategy import SingleDimStrategy, StrategyModule
 
-__all__ = ["REPO_ROOT", "SERIES", "NOT_UPSTREAMED", "CARRIED_DIRS", "check_coverage", "Copy", "Edit", "Insert", "Patch",
-           "Series", "FxPassModule", "PassTests"]
+__all__ = ["REPO_ROOT", "SERIES", "NOT_UPSTREAMED", "CARRIED_DIRS", "check_coverage", "Copy", "Edit", "Insert",
+           "Patch", "Series", "FxPassModule", "PassTests"]
 
 # Every file under these in-repo directories must be either carried by some
 # change below or listed in NOT_UPSTREAMED: a new kernel source that the

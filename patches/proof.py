@@ -512,7 +512,7 @@ def autograd_sources(tree: str, out_root: str, derivatives: set[str] | None = No
     if missing:
         raise PatchError(DERIVATIVES_YAML, None, f"no differentiability info for {sorted(missing)}")
 
-    # The templates as the tree has them (the series patches Functions.cpp).
+    # The templates as the tree has them (a series may patch them).
     templates = os.path.join(out_root, "templates")
     shutil.copytree(AUTOGRAD_TEMPLATES, templates, dirs_exist_ok=True)
     shutil.copytree(os.path.join(tree, AUTOGRAD_TEMPLATES_IN_TREE), templates, dirs_exist_ok=True)

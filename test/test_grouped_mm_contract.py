@@ -64,7 +64,8 @@ def assert_within_bound(out, a, b, offs, bias=None, out_dtype=None):
     assert out.dtype == out_dtype and out.shape == ref.shape
     err = (out.double() - ref).abs()
     bad = err > tol
-    assert not bad.any(), f"{int(bad.sum())} elements off: err {err[bad].max().item():.3g} > tol {tol[bad].min().item():.3g}"
+    assert not bad.any(), (f"{int(bad.sum())} elements off: err {err[bad].max().item():.3g} "
+                           f"> tol {tol[bad].min().item():.3g}")
 
 
 @requires_cuda_build
