@@ -108,7 +108,8 @@ class Dispatch:
             raise PatchError(self.path, None, f"{op.upstream.name} has no dispatch to extend")
         at += len("  dispatch:\n")
         if not self.keys:
-            return text[:at] + _dispatch_lines({k: op.upstream_dispatch()[k] for k in op.upstream.extends}) + text[at:]
+            extended = {k: op.upstream_dispatch()[k] for k in op.upstream.extends}
+            return text[:at] + _dispatch_lines(extended) + text[at:]
         missing = [k for k in self.keys if k not in op.upstream_dispatch()]
         if missing:
             raise PatchError(DECLARATION, None, f"{self.op}: no {missing} kernel declared")

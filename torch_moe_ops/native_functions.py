@@ -95,7 +95,8 @@ class Op:
 
     def upstream_dispatch(self) -> dict[str, str]:
         """The dispatch the series gives the aten op: every C++ key of ours
-        for a new op, the keys it extends upstream's entry with otherwise."""
+        for a new op, the keys it extends upstream's entry with otherwise;
+        and upstream.dispatch's (C++ kernels standing for Python ones here)."""
         keys = self.upstream.extends or tuple(self.cpp_dispatch())
         return {**{k: self.dispatch[k] for k in keys}, **self.upstream.dispatch}
 
