@@ -91,13 +91,21 @@ def test_cuda_entry_takes_what_the_cpu_kernel_takes(dtype):
 @requires_cuda_build
 def test_cuda_entry_zeroes_what_no_group_covers():
     """Rows (2D x 3D) and columns (3D x 2D) past offs[-1] are zero, never
-    memory left as allocated; an empty K slice (2D x 2D) gives its bias."""
+    memory left as allocated (a freed block of NaNs of the output's size is
+    what the allocator likely hands out); an empty K slice (2D x 2D) gives
+    its bias."""
+    def poison(*size):
+        block = torch.full(size, float("nan"))
+        del block
+
     a, b = torch.full((7, 4), float("nan")), torch.ones(2, 4, 3)
+    poison(7, 3)
     a[:5] = 1
     out = _entry(a, b, torch.tensor([2, 5], dtype=torch.int32))
     assert torch.equal(out[5:], torch.zeros(2, 3)) and torch.equal(out[:5], torch.full((5, 3), 4.0))
     a3, b2 = torch.ones(2, 3, 4), torch.full((4, 6), float("nan"))
     b2[:, :4] = 1
+    poison(3, 6)
     out = _entry(a3, b2, torch.tensor([1, 4], dtype=torch.int32))
     assert torch.equal(out[:, 4:], torch.zeros(3, 2)) and torch.equal(out[:, :4], torch.full((3, 4), 4.0))
     bias = torch.tensor([[1.0, 2.0], [3.0, 4.0]])
