@@ -1,11 +1,13 @@
 """Rebuilds the PyTorch v2.14.1 files the series touch from the installed wheel.
 
-The PyTorch source tree is not needed: the wheel ships every file the patches
-edit, under other paths. ``WHEEL_PATHS`` maps each in-tree path to its place in
-the wheel; ``build_base_tree`` copies them into a directory laid out like a
-PyTorch checkout. The one exception, a test expect file (the wheel ships no
-test/), is rebuilt: ``REBUILT`` maps it to the script that writes it the way
-its test does, run against the wheel.
+The PyTorch source tree is not needed: the wheel ships nearly every file the
+patches edit, under other paths. ``WHEEL_PATHS`` maps each in-tree path to its
+place in the wheel (``GUARDED``: headers the wheel wraps in a packaging guard,
+removed); ``build_base_tree`` copies them into a directory laid out like a
+PyTorch checkout. A test expect file (the wheel ships no test/) is rebuilt:
+``REBUILT`` maps it to the script that writes it the way its test does, run
+against the wheel. FunctionsManual.cpp (not shipped) has a stand-in holding
+the context of the hunks only (``STAND_INS``).
 """
 
 from __future__ import annotations
@@ -43,9 +45,53 @@ WHEEL_PATHS = {
     "torch/nn/functional.py": f"{_TORCH}/nn/functional.py",
 }
 
+# In-tree headers the wheel ships inside its packaging guard (#if
+# !defined(TORCH_STABLE_ONLY) ... #error ... #endif), removed to give the
+# in-tree text.
+GUARDED = {
+    "torch/csrc/autograd/FunctionsManual.h": f"{_TORCH}/include/torch/csrc/autograd/FunctionsManual.h",
+}
+_GUARD_OPEN = "#if !defined(TORCH_STABLE_ONLY) && !defined(TORCH_TARGET_VERSION)\n"
+_GUARD_CLOSE = ('\n#else\n#error "This file should not be included when either TORCH_STABLE_ONLY or '
+                'TORCH_TARGET_VERSION is defined."\n#endif  // !defined(TORCH_STABLE_ONLY) && '
+                '!defined(TORCH_TARGET_VERSION)\n')
+
 # In-tree path -> Python script that prints it, from the installed wheel.
 REBUILT = {
     HAS_DECOMPOSITION_EXPECT: EXPECT_SCRIPT,
+}
+
+# Stand-ins for upstream files the wheel does not ship, holding only what a
+# patch's hunks need as context. FunctionsManual.cpp (derivative helpers; the
+# series adds its own at the end, before the namespace closes): the lines its
+# definitions need (the header and ATen), the namespace, and the file's last
+# lines, those of values_backward, the last function of v2.14.1's file (as
+# pytorch/pytorch stores the file; the wheel's FunctionsManual.h agrees: its
+# last declaration is values_backward). Only those last lines reach the
+# patch, as context; git am finds them at the end of the real file (a hunk
+# applies at an offset). The body of values_backward is not reproduced.
+STAND_INS = {
+    "torch/csrc/autograd/FunctionsManual.cpp": (
+        "#include <torch/csrc/autograd/FunctionsManual.h>\n"
+        "\n"
+        "#include <ATen/ATen.h>\n"
+        "\n"
+        "// Stand-in: v2.14.1's file holds the derivative helpers here; only its\n"
+        "// last lines are reproduced, as the context of the series' hunks.\n"
+        "\n"
+        "namespace torch::autograd::generated::details {\n"
+        "\n"
+        "using at::Tensor;\n"
+        "\n"
+        "Tensor values_backward(const Tensor& grad, const Tensor& self) {\n"
+        "  Tensor grad_self;\n"
+        "  if (grad.defined()) {\n"
+        "    (void)self;  // the sparse and compressed layouts' gradients, in v2.14.1\n"
+        "  }\n"
+        "  return grad_self;\n"
+        "}\n"
+        "\n"
+        "} // namespace torch::autograd::generated::details\n"),
 }
 
 
@@ -77,6 +123,20 @@ def build_base_tree(root: str) -> None:
         dest = os.path.join(root, tree_path)
         os.makedirs(os.path.dirname(dest), exist_ok=True)
         shutil.copyfile(wheel_path, dest)
+    for tree_path, wheel_path in GUARDED.items():
+        with open(wheel_path, encoding="utf-8", newline="") as f:
+            text = f.read()
+        if not (text.startswith(_GUARD_OPEN) and text.endswith(_GUARD_CLOSE)):
+            raise PatchError(wheel_path, None, "is not wrapped in the packaging guard this module removes")
+        dest = os.path.join(root, tree_path)
+        os.makedirs(os.path.dirname(dest), exist_ok=True)
+        with open(dest, "w", encoding="utf-8", newline="") as f:
+            f.write(text[len(_GUARD_OPEN):-len(_GUARD_CLOSE)])
+    for tree_path, text in STAND_INS.items():
+        dest = os.path.join(root, tree_path)
+        os.makedirs(os.path.dirname(dest), exist_ok=True)
+        with open(dest, "w", encoding="utf-8", newline="") as f:
+            f.write(text)
     for tree_path in REBUILT:
         dest = os.path.join(root, tree_path)
         os.makedirs(os.path.dirname(dest), exist_ok=True)

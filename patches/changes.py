@@ -134,6 +134,34 @@ class Edit:
         return text
 
 
+@dataclass
+class Insert:
+    """An in-repo source's text inserted into an upstream file right after, or
+    right before, an anchor that occurs there exactly once (e.g. definitions
+    added to FunctionsManual.cpp before its namespace closes)."""
+
+    path: str
+    source: str
+    after: str | None = None
+    before: str | None = None
+    declared_at: str = field(default_factory=declared_at)
+
+    @property
+    def sources(self) -> list[str]:
+        return [self.source]
+
+    def apply(self, text: str | None) -> str:
+        if text is None:
+            raise PatchError(self.path, None, "does not exist in the base tree")
+        if (self.after is None) == (self.before is None):
+            file, line = self.declared_at.rsplit(":", 1)
+            raise PatchError(file, int(line), "an Insert needs exactly one of after= and before=")
+        block = read_source(self.source, self.declared_at)
+        anchor = self.after if self.after is not None else self.before
+        return rewrite.replace_once(text, anchor, anchor + block if self.after is not None else block + anchor,
+                                    self.path)
+
+
 # Placeholders of the messages, filled from the op declaration so that a
 # message naming a family's ops needs no edit when the family gains one:
 # {KIND:FAMILY} or {KIND:FAMILY:SEPARATOR} (default ", "), where KIND is

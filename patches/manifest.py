@@ -12,7 +12,9 @@ below derive from it and from our sources, one builder per kind of change:
 * OpInfoModule (opinfo.py): the OpInfos with their references;
 * SingleDimStrategy, StrategyModule (strategy.py): the DTensor strategies;
 * FxPassModule, PassTests (fx_passes.py): Inductor passes of torch_moe_ops/compile/ and their tests;
-* Edit (changes.py): anchored edits of upstream files (includes, __init__ lists).
+* Edit (changes.py): anchored edits of upstream files (includes, __init__ lists);
+  Insert: an in-repo block inserted at an anchor (the derivative helpers in
+  FunctionsManual.{h,cpp}).
 
 Series are applied in order; each series' patches are stacked on the
 previous series. Adding an op to a family that goes upstream needs no change
@@ -26,7 +28,7 @@ import os
 
 from torch_moe_ops import native_functions
 
-from .changes import REPO_ROOT, Copy, Edit, Patch, Series
+from .changes import REPO_ROOT, Copy, Edit, Insert, Patch, Series
 from .decomp_expect import DecompExpect
 from .errors import PatchError
 from .fx_passes import FxPassModule, PassTests
@@ -35,8 +37,8 @@ from .native_yaml import Derivatives, Dispatch, NativeFunctions
 from .opinfo import OpInfoModule
 from .strategy import SingleDimStrategy, StrategyModule
 
-__all__ = ["REPO_ROOT", "SERIES", "NOT_UPSTREAMED", "CARRIED_DIRS", "check_coverage", "Copy", "Edit", "Patch",
-           "Series", "FxPassModule", "PassTests"]
+__all__ = ["REPO_ROOT", "SERIES", "NOT_UPSTREAMED", "CARRIED_DIRS", "check_coverage", "Copy", "Edit", "Insert",
+           "Patch", "Series", "FxPassModule", "PassTests"]
 
 # Every file under these in-repo directories must be either carried by some
 # change below or listed in NOT_UPSTREAMED: a new kernel source that the
@@ -63,12 +65,7 @@ NOT_UPSTREAMED: dict[str, str] = {
 
 # Sources in MIRROR that are bound for upstream but that the series cannot
 # carry yet, with why (an exception to MIRROR holding only what is carried).
-PENDING_UPSTREAM: dict[str, str] = {
-    "torch_moe_ops/csrc/ATen/native/cuda/GroupedMM.c*": (
-        "zeroes the rows past offs[-1] after upstream's CUDA grouped GEMMs, but nothing in the series calls it "
-        "(upstream's CUDA _grouped_mm would, in GroupedBlas.cpp, which the wheel does not ship to edit here): "
-        "carried, it would be dead code"),
-}
+PENDING_UPSTREAM: dict[str, str] = {}
 
 NATIVE = "aten/src/ATen/native"
 SRC = "torch_moe_ops/csrc/ATen/native"
@@ -339,6 +336,20 @@ def fp8_op_db(*builders: str) -> str:
 
 FP8_OP_DB = fp8_op_db("quantize_fp8_opinfos", "swizzle_mx_scale_opinfos", "scaled_grouped_mm_opinfos")
 
+# Derivative helpers go where upstream's are: declared in FunctionsManual.h
+# (after _grouped_mm's own, or before the header's last declaration), defined
+# at the end of FunctionsManual.cpp (the wheel does not ship it: patches/base.py
+# STAND_INS says what stands in for it). The in-repo blocks are MANUAL_SRC/<family>.{h,cpp}.
+FUNCTIONS_MANUAL_H = "torch/csrc/autograd/FunctionsManual.h"
+FUNCTIONS_MANUAL_CPP = "torch/csrc/autograd/FunctionsManual.cpp"
+MANUAL_SRC = "patches/src/torch/csrc/autograd/FunctionsManual"
+GROUPED_MM_MAT2_BACKWARD = (
+    "at::Tensor _grouped_mm_mat2_backward(\n    const at::Tensor& grad,\n    const at::Tensor& mat1,\n"
+    "    at::SymIntArrayRef sizes,\n    at::SymIntArrayRef strides,\n    c10::Layout layout,\n"
+    "    std::optional<Tensor> offs,\n    const at::Scalar& alpha);\n")
+VALUES_BACKWARD_DECL = "\nTensor values_backward(const Tensor& grad, const Tensor& self);\n"
+MANUAL_NAMESPACE_END = "\n} // namespace torch::autograd::generated::details\n"
+
 SERIES = [
     Series("core", [
         # -- Stack 1: grouped mm on CPU (patches/rfc/0001-grouped-mm-cpu.md) ---------------------------
@@ -383,16 +394,16 @@ SERIES = [
         Patch(
             message="core/0002-grouped-mm-backward-and-opinfo.txt",
             changes=[
-                Copy("torch/csrc/autograd/GroupedMMBackward.h", "patches/src/torch/csrc/autograd/GroupedMMBackward.h"),
-                Edit("tools/autograd/templates/Functions.cpp", [(
-                    '#include "torch/csrc/autograd/FunctionsManual.h"\n',
-                    '#include "torch/csrc/autograd/FunctionsManual.h"\n'
-                    '#include "torch/csrc/autograd/GroupedMMBackward.h"\n',
-                )]),
+                # _grouped_mm's CUDA entry: the shared checks, upstream's CUTLASS kernel or the fallback.
+                Copy(f"{NATIVE}/cuda/GroupedMM.h", f"{SRC}/cuda/GroupedMM.h"),
+                Copy(f"{NATIVE}/cuda/GroupedMM.cpp", f"{SRC}/cuda/GroupedMM.cpp"),
+                Dispatch("grouped_mm", keys=("CUDA",)),
+                Insert(FUNCTIONS_MANUAL_H, f"{MANUAL_SRC}/grouped_mm.h", after=GROUPED_MM_MAT2_BACKWARD),
+                Insert(FUNCTIONS_MANUAL_CPP, f"{MANUAL_SRC}/grouped_mm.cpp", before=MANUAL_NAMESPACE_END),
                 Derivatives(family="grouped_mm"),
                 OpInfoModule("grouped_mm", "grouped_mm", "OpInfo for ``torch._grouped_mm``.", op_db_call=(
                     'make_grouped_mm_opinfo("moe_ops.grouped_mm", torch.ops.moe_ops.grouped_mm.default)',
-                    'make_grouped_mm_opinfo("_grouped_mm", torch._grouped_mm, cuda_full_contract=False)')),
+                    'make_grouped_mm_opinfo("_grouped_mm", torch._grouped_mm)')),
                 Edit(OPINFO_INIT, [
                     ("    fft,\n    linalg,\n", "    fft,\n    grouped_mm,\n    linalg,\n"),
                     ("    *fft.op_db,\n    *linalg.op_db,\n", "    *fft.op_db,\n    *grouped_mm.op_db,\n    *linalg.op_db,\n"),
@@ -465,12 +476,8 @@ SERIES = [
         Patch(
             message="core/0004-moe-router-topk-derivatives.txt",
             changes=[
-                Copy("torch/csrc/autograd/MoERoutingBackward.h", "patches/src/torch/csrc/autograd/MoERoutingBackward.h"),
-                Edit("tools/autograd/templates/Functions.cpp", [(
-                    '#include "torch/csrc/autograd/GroupedMMBackward.h"\n',
-                    '#include "torch/csrc/autograd/GroupedMMBackward.h"\n'
-                    '#include "torch/csrc/autograd/MoERoutingBackward.h"\n',
-                )]),
+                Insert(FUNCTIONS_MANUAL_H, f"{MANUAL_SRC}/moe_routing.h", before=VALUES_BACKWARD_DECL),
+                Insert(FUNCTIONS_MANUAL_CPP, f"{MANUAL_SRC}/moe_routing.cpp", before=MANUAL_NAMESPACE_END),
                 Derivatives(ops=["router_topk"], before="_moe_permute"),
                 Edit(ROUTING_OPINFO, [ROUTER_NO_AUTOGRAD[::-1]]),
             ],

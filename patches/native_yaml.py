@@ -92,8 +92,10 @@ class Dispatch:
     """The dispatch keys the declaration says the series adds to the
     upstream entry of op (``upstream.extends``; of a structured op, to its
     out= overload's entry, whose kernels are structured), first in its dispatch; or,
-    with ``keys``, those keys of a new op's declared dispatch, added last to
-    the entry an earlier NativeFunctions(later=keys) wrote without them."""
+    with ``keys``, those keys of the op's upstream dispatch, added last to
+    the entry an earlier NativeFunctions(later=keys) wrote without them, or
+    to an upstream entry whose kernel at that key ours replaces
+    (``upstream.dispatch``, its line removed)."""
 
     op: str
     keys: tuple[str, ...] = ()
@@ -117,10 +119,16 @@ class Dispatch:
             raise PatchError(self.path, None, f"{op.upstream.name} has no dispatch to extend")
         at += len("  dispatch:\n")
         if not self.keys:
-            return text[:at] + _dispatch_lines(op.upstream_dispatch()) + text[at:]
+            extended = {k: op.upstream_dispatch()[k] for k in op.upstream.extends}
+            return text[:at] + _dispatch_lines(extended) + text[at:]
         missing = [k for k in self.keys if k not in op.upstream_dispatch()]
         if missing:
             raise PatchError(DECLARATION, None, f"{self.op}: no {missing} kernel declared")
+        # A key upstream's entry already has (upstream.dispatch: ours replaces its kernel) loses its line.
+        for key in self.keys:
+            line = text.find(f"    {key}: ", at, end)
+            if line >= 0:
+                text = text[:line] + text[text.index("\n", line) + 1:]
         while text.startswith("    ", at):  # past the entry's dispatch lines
             at = text.index("\n", at) + 1
         return text[:at] + _dispatch_lines({k: op.upstream_dispatch()[k] for k in self.keys}) + text[at:]

@@ -80,6 +80,8 @@ TAGS_YAML = "aten/src/ATen/native/tags.yaml"
 DERIVATIVES_YAML = "tools/autograd/derivatives.yaml"
 AUTOGRAD_TEMPLATES_IN_TREE = "tools/autograd/templates"
 GENERATED_AUTOGRAD = "torch/csrc/autograd/generated"
+FUNCTIONS_MANUAL_CPP = "torch/csrc/autograd/FunctionsManual.cpp"
+FUNCTIONS_MANUAL_H = "torch/csrc/autograd/FunctionsManual.h"
 
 # The wheel wraps every installed header in this guard; torchgen does not write it.
 _GUARD_OPEN = "#if !defined(TORCH_STABLE_ONLY) && !defined(TORCH_TARGET_VERSION)\n"
@@ -512,7 +514,7 @@ def autograd_sources(tree: str, out_root: str, derivatives: set[str] | None = No
     if missing:
         raise PatchError(DERIVATIVES_YAML, None, f"no differentiability info for {sorted(missing)}")
 
-    # The templates as the tree has them (the series patches Functions.cpp).
+    # The templates as the tree has them (a series may patch them).
     templates = os.path.join(out_root, "templates")
     shutil.copytree(AUTOGRAD_TEMPLATES, templates, dirs_exist_ok=True)
     shutil.copytree(os.path.join(tree, AUTOGRAD_TEMPLATES_IN_TREE), templates, dirs_exist_ok=True)
@@ -676,6 +678,11 @@ def units(tree: str, overlay: str, autograd_root: str | None, kernels: list[Kern
             raise PatchError(path, None, "patches/proof.py does not know how ATen compiles this file")
     if autograd_root is not None:
         generated = ["-I", autograd_root]
+        # The derivative helpers the series adds to FunctionsManual.cpp, in its
+        # stand-in (patches/base.py STAND_INS), against the patched header.
+        out.append(Unit(f"{FUNCTIONS_MANUAL_CPP} (the series' helpers, in the stand-in of the file)",
+                        f'#include "{os.path.join(tree, FUNCTIONS_MANUAL_CPP)}"\n', "g++",
+                        CXX_FLAGS + WARNING_FLAGS + generated + includes))
         for rel, what in ((f"{GENERATED_AUTOGRAD}/Functions.cpp", "formulas"),
                           (f"{GENERATED_AUTOGRAD}/VariableTypeEverything.cpp", "autograd kernels")):
             out.append(Unit(f"{rel} (generated: the series' {what})",
@@ -746,7 +753,8 @@ def inputs_digest(tree: str) -> str:
     """Everything the series puts in the tree (it is what the units read), the
     torch wheel and the generator."""
     paths = sorted(set(carried_files()) | {NATIVE_YAML, TAGS_YAML, DERIVATIVES_YAML,
-                                           f"{AUTOGRAD_TEMPLATES_IN_TREE}/Functions.cpp"})
+                                           f"{AUTOGRAD_TEMPLATES_IN_TREE}/Functions.cpp",
+                                           FUNCTIONS_MANUAL_H, FUNCTIONS_MANUAL_CPP})
     return _sha("inputs/1", torch.__version__, TORCH_DIR, TORCHGEN_DIR,
                 *(p + "\0" + _read(os.path.join(tree, p)) for p in paths))
 

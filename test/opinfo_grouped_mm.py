@@ -13,7 +13,7 @@ from functools import partial
 
 import torch
 from torch.testing import make_tensor
-from torch.testing._internal.common_dtype import custom_types, floating_types_and
+from torch.testing._internal.common_dtype import floating_types_and
 from torch.testing._internal.opinfo.core import ErrorInput, OpInfo, SampleInput
 
 from torch_moe_ops.reference import torch_grouped_mm
@@ -33,10 +33,7 @@ def _transposed(t):
     return t.transpose(-2, -1).contiguous().transpose(-2, -1)
 
 
-def sample_inputs_grouped_mm(op_info, device, dtype, requires_grad, cuda_full_contract=True, **kwargs):
-    if not cuda_full_contract and torch.device(device).type == "cuda":
-        yield from _sample_inputs_grouped_mm_cuda(device, dtype, requires_grad)
-        return
+def sample_inputs_grouped_mm(op_info, device, dtype, requires_grad, **kwargs):
     make = partial(make_tensor, device=device, dtype=dtype, low=-1, high=1)
     sixteen_bit = dtype in (torch.float16, torch.bfloat16)
     K, N = 12, 10
@@ -83,29 +80,7 @@ def sample_inputs_grouped_mm(op_info, device, dtype, requires_grad, cuda_full_co
     yield sample(make((G, 5, K)), _transposed(make((G, K, N))), bias=make((G, N)), name="3d3d_b_transposed_bias")
 
 
-def _sample_inputs_grouped_mm_cuda(device, dtype, requires_grad):
-    """What a CUDA kernel narrower than the CPU one takes (the contract of
-    v2.14.1's _grouped_mm_cuda): bfloat16, 16-byte aligned strides (sizes that
-    are multiples of 8), no bias, no float32 output, and no rows past
-    offs[-1] (left unwritten, so not comparable with the reference); empty
-    groups included. Only a GPU can run these."""
-    make = partial(make_tensor, device=device, dtype=dtype, low=-1, high=1, requires_grad=requires_grad)
-    sizes = [16, 0, 32, 16]
-    G, M, K, N = len(sizes), sum(sizes), 16, 24
-    offs = _offs(sizes, device)
-    yield SampleInput(make((M, K)), args=(make((G, K, N)),), kwargs={"offs": offs}, name="2d3d")
-    yield SampleInput(make((M, K)), args=(_transposed(make((G, K, N))),), kwargs={"offs": offs},
-                      name="2d3d_b_transposed")
-    yield SampleInput(make((G, 16, K)), args=(make((G, K, N)),), kwargs={"offs": None}, name="3d3d")
-    yield SampleInput(make((G, 16, K)), args=(_transposed(make((G, K, N))),), kwargs={"offs": None},
-                      name="3d3d_b_transposed")
-
-
-def error_inputs_grouped_mm(op_info, device, cuda_full_contract=True, **kwargs):
-    if not cuda_full_contract and torch.device(device).type == "cuda":
-        # A narrower CUDA kernel raises its own RuntimeErrors (its messages,
-        # not these); the meta function's checks are tested on CPU.
-        return
+def error_inputs_grouped_mm(op_info, device, **kwargs):
     make = partial(make_tensor, device=device, dtype=torch.float32)
     offs = _offs([2, 3], device)
     a, b = make((5, 4)), make((2, 4, 3))
@@ -153,19 +128,17 @@ def reference_grouped_mm(mat_a, mat_b, offs=None, bias=None, out_dtype=None):
     return torch_grouped_mm(mat_a, mat_b, offs, bias, out_dtype)
 
 
-def make_grouped_mm_opinfo(name: str, op, cuda_full_contract: bool = True) -> OpInfo:
-    """cuda_full_contract=False: the CUDA kernel takes what v2.14.1's
-    _grouped_mm_cuda takes (bfloat16, aligned, no bias or float32 output),
-    and its samples and error inputs on CUDA are limited to that."""
+def make_grouped_mm_opinfo(name: str, op) -> OpInfo:
+    """Every device takes the same inputs: the CPU kernel, and the CUDA
+    kernel (here the Triton one; upstream the CUDA entry the core series
+    carries, native/cuda/GroupedMM.cpp)."""
     return OpInfo(
         name,
         op=op,
         ref=reference_grouped_mm,
         dtypes=floating_types_and(torch.float16, torch.bfloat16),
-        dtypesIfCUDA=floating_types_and(torch.float16, torch.bfloat16) if cuda_full_contract
-        else custom_types(torch.bfloat16),
-        sample_inputs_func=partial(sample_inputs_grouped_mm, cuda_full_contract=cuda_full_contract),
-        error_inputs_func=partial(error_inputs_grouped_mm, cuda_full_contract=cuda_full_contract),
+        sample_inputs_func=sample_inputs_grouped_mm,
+        error_inputs_func=error_inputs_grouped_mm,
         supports_out=False,
         supports_autograd=True,
         supports_forward_ad=False,

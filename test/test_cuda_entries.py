@@ -20,10 +20,10 @@ numerics (wgmma, tf32 off), TMA, the autotuner, the device-side asserts as
 asserts on the device, timing.
 
 In a build without CUDA (TORCH_MOE_OPS_CUDA=0) no C++ kernel is registered at
-the CUDA key and those slot tests skip, saying so. grouped_mm's zero-uncovered
-kernel (GroupedMM.cu, carried by the core series; no entry of this build
-calls it since scaled_grouped_mm's CUDA slot is the Triton kernel) is tested
-on the host through its body, below.
+the CUDA key and those slot tests skip, saying so. grouped_mm's C++ CUDA entry,
+the one the core series carries upstream (native/cuda/GroupedMM.cpp), is not
+registered here (the Triton kernel has the slot): test_grouped_mm_contract.py
+runs it on CPU tensors.
 """
 
 import importlib
@@ -260,41 +260,3 @@ def test_expert_mlp_entry_matches_cpu():
                                 kw.get("swiglu_limit", 7.0), [True, True, True, True])
         check_backward(args, kw, seed=0, got=grads)
 
-
-# ---------------------------------------- grouped_mm's zero-uncovered kernel
-
-
-@pytest.mark.parametrize("max_blocks", [1, 3, 4096])
-def test_zero_uncovered_kernel_body_on_host(max_blocks):
-    """grouped_mm_zero_uncovered_cuda (after upstream's grouped GEMM, which
-    leaves rows or columns past offs[-1] unwritten) over its whole grid on the
-    host: exactly the rows (2D x 3D) or columns (3D x 2D) at or past offs[-1]
-    become zero, in any output strides, offs read through its stride, no
-    offs (no groups) zeroing everything; max_blocks below the entry's 4096
-    makes threads stride. Runs in every build (the body is host code too).
-    Only a GPU shows the launch and the device's read of offs[-1]."""
-    zero = torch.ops.moe_ops_testing.grouped_mm_zero_uncovered_on_host
-    g = torch.Generator().manual_seed(0)
-    cases = []
-    for dtype in (torch.float32, torch.bfloat16, torch.float16, torch.float64):
-        for rows, cols in ((11, 10), (300, 7), (5, 0), (0, 4)):
-            x = torch.randn(rows, cols, generator=g).abs().to(dtype) + 1  # no zeros to begin with
-            for out in (x, x.t().contiguous().t(), torch.randn(rows, 2 * cols, generator=g).abs().to(dtype)[:, ::2] + 1):
-                for split_rows in (True, False):
-                    n = rows if split_rows else cols
-                    for ends in ([n], [0], [n // 3, n // 2], []):
-                        cases.append((out, split_rows, ends))
-    # offs read through its stride, at its last element.
-    strided_offs = torch.tensor([1, 99, 4, 99, 6, 99], dtype=torch.int32)[::2]
-    cases.append((torch.randn(9, 4, generator=g).abs() + 1, True, strided_offs))
-    for out, split_rows, ends in cases:
-        offs = ends if isinstance(ends, torch.Tensor) else torch.tensor(ends, dtype=torch.int32)
-        res = zero(out, offs, split_rows, max_blocks)
-        expected = out.clone()
-        limit = int(offs[-1]) if offs.numel() else 0
-        if split_rows:
-            expected[limit:] = 0
-        else:
-            expected[:, limit:] = 0
-        assert res.stride() == expected.stride() and torch.equal(res, expected), (out.shape, out.stride(), split_rows, ends)
-        assert res[:limit].ne(0).all() if split_rows else res[:, :limit].ne(0).all()

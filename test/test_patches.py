@@ -12,7 +12,7 @@ the result:
   against them (native/cpu/ per CPU capability, the CUDA files with the CUDA
   headers) with upstream's warnings as errors, each kernel the yaml names has
   the signature torchgen declares for it, and the autograd code generated from
-  the new formulas compiles; the backward headers agree with our Python
+  the new formulas compiles; the backward helpers agree with our Python
   autograd;
 * every patched Python file compiles; aten names in the patched meta functions
   and OpInfos resolve to the ops the patched yaml generates (with their
@@ -122,11 +122,16 @@ def series_paths(tree, status):
 
 def test_base_tree_holds_every_upstream_file_the_series_edits(tree):
     """Every file a patch modifies is in the base tree, from the wheel (none
-    needs vendoring: patches/base.py), and is listed upstream."""
+    needs vendoring: patches/base.py), and is listed upstream; the one file
+    the wheel lacks, FunctionsManual.cpp, has a stand-in of the lines its
+    hunks need, and is compiled into the wheel's libraries."""
     edited = series_paths(tree, "M")
-    from_wheel = set(edited) - set(base.REBUILT)
-    assert edited and from_wheel <= set(base.WHEEL_PATHS), from_wheel - set(base.WHEEL_PATHS)
-    assert from_wheel <= set(upstream_tree.load().wheel)
+    from_wheel = set(edited) - set(base.REBUILT) - set(base.STAND_INS)
+    assert edited and from_wheel <= set(base.WHEEL_PATHS) | set(base.GUARDED), \
+        from_wheel - set(base.WHEEL_PATHS) - set(base.GUARDED)
+    listed = upstream_tree.load()
+    assert from_wheel <= set(listed.wheel)
+    assert set(base.STAND_INS) <= set(edited) and set(base.STAND_INS) <= set(listed.binary)
 
 
 def test_upstream_tree_is_current():
@@ -180,12 +185,15 @@ def test_torchgen_accepts_the_yaml_and_generates_the_backward(tree, tmp_path):
             (fn,) = [f for f in parsed.native_functions if f.func.name == fn.structured_delegate]
         for key, kernel in op.upstream_dispatch().items():
             assert kernels[getattr(DispatchKey, key)].get_kernel(fn).kernel == kernel, (op.name, key)
-    # Upstream's own CUDA kernels stay where the series extends an entry.
-    for name in ("_grouped_mm", "_scaled_grouped_mm"):
-        (fn,) = [f for f in parsed.native_functions if str(f.func.name) == name]
-        assert kernels[DispatchKey.CUDA].get_kernel(fn).kernel == f"{name}_cuda"
+    # Upstream's own CUDA kernel stays where the series only extends an entry;
+    # _grouped_mm's is replaced by ours (upstream.dispatch), and no other key changes.
+    (fn,) = [f for f in parsed.native_functions if str(f.func.name) == "_scaled_grouped_mm"]
+    assert kernels[DispatchKey.CUDA].get_kernel(fn).kernel == "_scaled_grouped_mm_cuda"
+    (fn,) = [f for f in parsed.native_functions if str(f.func.name) == "_grouped_mm"]
+    assert {str(k): kernels[k].get_kernel(fn).kernel for k in kernels if kernels[k].get_kernel(fn)} == {
+        "CPU": "grouped_mm_cpu", "CUDA": "grouped_mm_cuda", "CompositeExplicitAutograd": "_grouped_mm"}
 
-    # gen_autograd reads every template; the series only patch Functions.cpp.
+    # gen_autograd reads every template (the series patch none).
     autograd = os.path.join(tree, "tools/autograd")
     templates = os.path.join(os.path.dirname(torchgen.__file__), "packaged/autograd/templates")
     for path in glob.glob(os.path.join(templates, "*")):
@@ -194,13 +202,17 @@ def test_torchgen_accepts_the_yaml_and_generates_the_backward(tree, tmp_path):
             shutil.copyfile(path, dest)
     gen_autograd(native, tags, str(tmp_path), autograd, SelectiveBuilder.get_nop_selector())
     functions = (tmp_path / "Functions.cpp").read_text()
-    assert '#include "torch/csrc/autograd/GroupedMMBackward.h"' in functions
+    # The helpers the formulas call are FunctionsManual's, which Functions.cpp includes.
+    assert '#include "torch/csrc/autograd/FunctionsManual.h"' in functions
+    manual = pathlib.Path(tree, "torch/csrc/autograd/FunctionsManual.h").read_text()
+    for helper in ("grouped_mm_mat_a_backward", "grouped_mm_mat_b_backward", "grouped_mm_bias_backward",
+                   "moe_router_topk_backward"):
+        assert f"at::Tensor {helper}(" in manual, helper
     for call in ("grouped_mm_mat_a_backward(grad, mat2, offs, self_scalar_type)",
                  "grouped_mm_mat_b_backward(grad, self, mat2, offs, self_scalar_type)",
                  "grouped_mm_bias_backward(grad, self, mat2, offs)"):
         assert call in functions
     assert "struct TORCH_API GroupedMmBackward0" in (tmp_path / "Functions.h").read_text()
-    assert '#include "torch/csrc/autograd/MoERoutingBackward.h"' in functions
     for call in ("moe_router_topk_backward(grad, logits, expert_ids, score_func, renormalize, scaling_factor)",
                  "at::_moe_unpermute(grad, dst_rows)",
                  "_moe_unpermute_backward_symint(grad, dst_rows, permuted_sym_argsize_0, weights, "):
@@ -210,37 +222,49 @@ def test_torchgen_accepts_the_yaml_and_generates_the_backward(tree, tmp_path):
         assert f"struct TORCH_API {node}" in header
 
 
-def test_backward_headers_match_python(tree, tmp_path):
-    """The backward headers restate our Python autograd in C++: compile them
-    into scratch ops and compare (router_topk on every score function, the
-    weight gradient of grouped_mm on both weight layouts)."""
+# The derivative helpers as the series inserts them into FunctionsManual.cpp.
+MANUAL_SRC = os.path.join(manifest.REPO_ROOT, manifest.MANUAL_SRC)
+# Each scratch extension keeps its helpers to itself (another one loaded in the
+# process defines the same names).
+HIDDEN = ["-fvisibility=hidden"]
+
+
+def test_backward_helpers_match_python(tree, tmp_path):
+    """The backward helpers (FunctionsManual's, as the series adds them)
+    restate our Python autograd in C++: compile them into scratch ops and
+    compare (router_topk on every score function, the weight gradient of
+    grouped_mm on both weight layouts)."""
     from torch.utils.cpp_extension import load_inline
 
-    source = textwrap.dedent("""
+    source = textwrap.dedent(f"""
         #include <torch/library.h>
-        #include "torch/csrc/autograd/GroupedMMBackward.h"
-        #include "torch/csrc/autograd/MoERoutingBackward.h"
+        #include <torch/csrc/autograd/FunctionsManual.h>  // the patched tree's: the declarations
+
+        namespace torch::autograd::generated::details {{
+        #include "{MANUAL_SRC}/grouped_mm.cpp"
+        #include "{MANUAL_SRC}/moe_routing.cpp"
+        }} // namespace torch::autograd::generated::details
 
         at::Tensor grouped_mm_mat_b_backward(const at::Tensor& grad, const at::Tensor& mat_a,
-                                             const at::Tensor& mat_b, const at::Tensor& offs) {
+                                             const at::Tensor& mat_b, const at::Tensor& offs) {{
           return torch::autograd::generated::details::grouped_mm_mat_b_backward(
               grad, mat_a, mat_b, offs, mat_a.scalar_type());
-        }
+        }}
 
         at::Tensor router_topk_backward(const at::Tensor& grad, const at::Tensor& logits, const at::Tensor& ids,
-                                        c10::string_view score_func, bool renormalize, double scaling_factor) {
+                                        c10::string_view score_func, bool renormalize, double scaling_factor) {{
           return torch::autograd::generated::details::moe_router_topk_backward(
               grad, logits, ids, score_func, renormalize, scaling_factor);
-        }
+        }}
 
-        TORCH_LIBRARY(moe_patch_test, m) {
+        TORCH_LIBRARY(moe_patch_test, m) {{
           m.def("router_topk_backward(Tensor grad, Tensor logits, Tensor ids, str score_func, bool renormalize, "
                 "float scaling_factor) -> Tensor", &router_topk_backward);
           m.def("grouped_mm_mat_b_backward(Tensor grad, Tensor mat_a, Tensor mat_b, Tensor offs) -> Tensor",
                 &grouped_mm_mat_b_backward);
-        }
+        }}
     """)
-    load_inline("moe_patch_test", source, extra_include_paths=[str(tree)], extra_cflags=["-std=c++20"],
+    load_inline("moe_patch_test", source, extra_include_paths=[str(tree)], extra_cflags=["-std=c++20", *HIDDEN],
                 is_python_module=False, build_directory=str(tmp_path))
     g = torch.Generator().manual_seed(0)
     for score_func in ("softmax", "sigmoid", "softmax_after_topk"):
@@ -268,6 +292,103 @@ def test_backward_headers_match_python(tree, tmp_path):
         assert got.stride() == w.stride() == expected.stride()
 
 
+def test_grouped_mm_backward_is_symint_safe(tree, tmp_path):
+    """The grouped mm backward helpers traced with symbolic shapes (make_fx's
+    symbolic mode, what torch.compile(dynamic=True)'s AOT autograd does to
+    the generated GroupedMmBackward0): compiled into scratch ops registered as
+    CompositeImplicitAutograd, so the C++ runs on fake tensors whose sizes are
+    SymInts. A size read as int64_t (.size(), not .sym_size()) specialises it:
+    the graph keeps the traced value as a constant (with .size(0) in the bias
+    gradient, replaying it on 13 rows fails its contraction check at 9). The
+    traced graphs, replayed on other sizes, give the helpers' eager values. The
+    helpers call at::_grouped_mm, whose CPU kernel and meta the series makes
+    ours; the installed torch has v2.14.1's, so here those calls go to
+    moe_ops::grouped_mm."""
+    from torch.fx.experimental.proxy_tensor import make_fx
+    from torch.utils.cpp_extension import load_inline
+
+    source = textwrap.dedent("""
+        #include <ATen/core/dispatch/Dispatcher.h>
+        #include <ATen/ops/_grouped_mm.h>
+        #include <torch/library.h>
+
+        namespace at {
+        inline Tensor moe_test_grouped_mm(const Tensor& a, const Tensor& b, const std::optional<Tensor>& offs,
+                                          const std::optional<Tensor>& bias = std::nullopt,
+                                          std::optional<ScalarType> out_dtype = std::nullopt) {
+          static auto op = c10::Dispatcher::singleton().findSchemaOrThrow("moe_ops::grouped_mm", "").typed<
+              Tensor(const Tensor&, const Tensor&, const std::optional<Tensor>&, const std::optional<Tensor>&,
+                     std::optional<ScalarType>)>();
+          return op.call(a, b, offs, bias, out_dtype);
+        }
+        } // namespace at
+        #include <torch/csrc/autograd/FunctionsManual.h>  // the patched tree's: the declarations
+        #define _grouped_mm moe_test_grouped_mm
+        namespace torch::autograd::generated::details {
+        #include "MANUAL_SRC/grouped_mm.cpp"
+        } // namespace torch::autograd::generated::details
+        #undef _grouped_mm
+""".replace("MANUAL_SRC", MANUAL_SRC) + """
+
+        namespace details = torch::autograd::generated::details;
+
+        at::Tensor mat_a_backward(const at::Tensor& grad, const at::Tensor& mat_b,
+                                  const std::optional<at::Tensor>& offs) {
+          return details::grouped_mm_mat_a_backward(grad, mat_b, offs, mat_b.scalar_type());
+        }
+        at::Tensor mat_b_backward(const at::Tensor& grad, const at::Tensor& mat_a, const at::Tensor& mat_b,
+                                  const std::optional<at::Tensor>& offs) {
+          return details::grouped_mm_mat_b_backward(grad, mat_a, mat_b, offs, mat_a.scalar_type());
+        }
+        at::Tensor bias_backward(const at::Tensor& grad, const at::Tensor& mat_a, const at::Tensor& mat_b,
+                                 const std::optional<at::Tensor>& offs) {
+          return details::grouped_mm_bias_backward(grad, mat_a, mat_b, offs);
+        }
+
+        TORCH_LIBRARY(moe_patch_symint, m) {
+          m.def("mat_a_backward(Tensor grad, Tensor mat_b, Tensor? offs) -> Tensor");
+          m.def("mat_b_backward(Tensor grad, Tensor mat_a, Tensor mat_b, Tensor? offs) -> Tensor");
+          m.def("bias_backward(Tensor grad, Tensor mat_a, Tensor mat_b, Tensor? offs) -> Tensor");
+        }
+        TORCH_LIBRARY_IMPL(moe_patch_symint, CompositeImplicitAutograd, m) {
+          m.impl("mat_a_backward", &mat_a_backward);
+          m.impl("mat_b_backward", &mat_b_backward);
+          m.impl("bias_backward", &bias_backward);
+        }
+    """)
+    load_inline("moe_patch_symint", source, extra_include_paths=[str(tree)], extra_cflags=["-std=c++20", *HIDDEN],
+                is_python_module=False, build_directory=str(tmp_path))
+    ops = torch.ops.moe_patch_symint
+    g = torch.Generator().manual_seed(0)
+
+    def problem(layout, total):
+        rand = lambda *s: torch.randn(*s, generator=g)  # noqa: E731
+        offs = torch.tensor([total // 3, total // 3, total], dtype=torch.int32)
+        if layout == "2d3d":  # weights stored (G, N, K), read transposed: the K-major branch
+            return rand(total + 2, 6), rand(3, 5, 6).transpose(-2, -1), offs, (total + 2, 5)
+        if layout == "3d2d":
+            return rand(3, 4, 6), rand(6, total), offs, (4, total)
+        if layout == "2d2d":
+            return rand(4, total), rand(total, 5), offs, (3, 4, 5)
+        return rand(3, total, 6), rand(3, 6, 5), None, (3, total, 5)
+
+    def backward(grad, a, b, offs):
+        return (ops.mat_a_backward(grad, b, offs), ops.mat_b_backward(grad, a, b, offs),
+                ops.bias_backward(grad, a, b, offs))
+
+    for layout in ("2d3d", "3d2d", "2d2d", "3d3d"):
+        a, b, offs, out_shape = problem(layout, 7)
+        gm = make_fx(backward, tracing_mode="symbolic")(torch.randn(out_shape, generator=g), a, b, offs)
+        placeholders = [n for n in gm.graph.nodes if n.op == "placeholder"]
+        assert any(isinstance(s, torch.SymInt) and not s.node.is_constant()
+                   for n in placeholders for s in n.meta["val"].shape), f"{layout}: nothing was symbolic"
+        for total in (7, 11, 20):
+            a, b, offs, out_shape = problem(layout, total)
+            grad = torch.randn(out_shape, generator=g)
+            for got, expected in zip(gm(grad, a, b, offs), backward(grad, a, b, offs), strict=True):
+                torch.testing.assert_close(got, expected, rtol=0, atol=0, msg=f"{layout}, total={total}")
+
+
 # (b2) The carried C++, compiled as in-tree (patches/proof.py) ------------------
 
 SOURCES = [p for p in proof.carried_files() if not p.endswith((".h", ".cuh"))]
@@ -289,6 +410,45 @@ def unit_results(compiled, prefix):
     failed = [r.report() for r in results if not r.ok]
     assert not failed, "\n\n".join(failed)
     return results
+
+
+def test_functions_manual_helpers_compile(compiled):
+    """The definitions the series adds to FunctionsManual.cpp, compiled in its
+    stand-in against the patched FunctionsManual.h (their declarations) with
+    upstream's warnings as errors."""
+    unit_results(compiled, proof.FUNCTIONS_MANUAL_CPP)
+
+
+def test_functions_manual_hunks_apply_to_the_whole_file(tmp_path):
+    """The FunctionsManual.cpp hunks are made against a stand-in holding the
+    real file's last lines only (patches/base.py STAND_INS); on v2.14.1's file
+    those lines sit thousands of lines further down, and git applies the
+    hunks there (at an offset). Shown on the stand-in with 7000 lines put
+    before its last function; that the real file ends so is what the stand-in
+    asserts (see STAND_INS), which only a source checkout shows."""
+    import subprocess
+
+    rel = proof.FUNCTIONS_MANUAL_CPP
+    stand_in = base.STAND_INS[rel]
+    at = stand_in.index("Tensor values_backward(")
+    longer = stand_in[:at] + "".join(f"// line {i}\n" for i in range(7000)) + stand_in[at:]
+    (tmp_path / os.path.dirname(rel)).mkdir(parents=True)
+    (tmp_path / rel).write_text(longer)
+    subprocess.run(["git", "init", "-q", str(tmp_path)], check=True)
+    applied = 0
+    for patch in sorted(glob.glob(os.path.join(manifest.REPO_ROOT, "patches", "core", "*.patch"))):
+        text = pathlib.Path(patch).read_text()
+        if f"diff --git a/{rel} " not in text:
+            continue
+        result = subprocess.run(["git", "apply", f"--include={rel}", "-"], input=text, text=True,
+                                capture_output=True, cwd=tmp_path)
+        assert result.returncode == 0, (patch, result.stderr)
+        applied += 1
+    assert applied == 2  # the grouped mm and the routing helpers
+    out = (tmp_path / rel).read_text()
+    assert out.count("// line ") == 7000 and out.endswith(base.STAND_INS[rel].splitlines(True)[-1])
+    for helper in ("grouped_mm_bias_backward(", "moe_router_topk_backward("):
+        assert out.index(helper) > out.index("Tensor values_backward(")
 
 
 @pytest.mark.parametrize("path", SOURCES)

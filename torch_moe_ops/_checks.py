@@ -47,10 +47,10 @@ def grouped_mm_out_size(mat_a: torch.Tensor, mat_b: torch.Tensor, offs: Optional
 
 
 def grouped_mm_out_strides(size: list, dtype: torch.dtype, device: torch.device) -> list:
-    """Contiguous on CPU; on CUDA the last dimension is padded to 16 bytes, as
-    upstream's TMA-based kernels allocate it."""
+    """Contiguous on CPU and ROCm (torch.version.cuda None); on CUDA the last
+    dimension is padded to 16 bytes, as upstream's TMA-based kernels allocate it."""
     padded = list(size)
-    if device.type == "cuda":
+    if device.type == "cuda" and torch.version.cuda is not None:
         align = 16 // dtype.itemsize
         padded[-1] = (padded[-1] + align - 1) // align * align
     strides = [1] * len(padded)
@@ -124,7 +124,8 @@ def check_grouped_mm_inputs(
     bias: Optional[torch.Tensor],
     out_dtype: Optional[torch.dtype],
 ) -> torch.dtype:
-    """Validates everything but the values of offs; returns the output dtype."""
+    """Validates everything but the values of offs; returns the output dtype.
+    The same on every device: the CUDA entry takes all it accepts."""
     chk = torch._check_value
     check_grouped_mm_dims("grouped_mm", mat_a, mat_b)
     chk(mat_a.dtype in GROUPED_MM_DTYPES,

@@ -25,7 +25,7 @@ PATH = os.path.join(os.path.dirname(os.path.abspath(__file__)), "native_function
 FAMILIES = ("grouped_mm", "experts", "routing", "fp8")
 _KEYS = {"func", "family", "readme", "dispatch", "upstream", "not_upstreamed", "backward_of",
          "benchmarked_through", "cpu_only", "cuda_tested"}
-_UPSTREAM_KEYS = {"name", "extends", "derivatives"}
+_UPSTREAM_KEYS = {"name", "extends", "derivatives", "dispatch"}
 
 
 # A dispatch value "py:<module>" says the kernel at that key is registered
@@ -48,6 +48,10 @@ class Upstream:
     name: str                   # the aten op, e.g. "_moe_permute"
     extends: tuple[str, ...]    # dispatch keys added to upstream's existing entry; () for a new op
     derivatives: str | None     # derivatives.yaml formula lines, unindented
+    # key -> the C++ kernel the series registers upstream where this build
+    # registers a Python one (py:<module>), e.g. the CUDA entry a Triton
+    # kernel stands in for here
+    dispatch: dict[str, str] = dataclasses.field(default_factory=dict)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -91,9 +95,10 @@ class Op:
 
     def upstream_dispatch(self) -> dict[str, str]:
         """The dispatch the series gives the aten op: every C++ key of ours
-        for a new op, the keys it extends upstream's entry with otherwise."""
+        for a new op, the keys it extends upstream's entry with otherwise;
+        and upstream.dispatch's (C++ kernels standing for Python ones here)."""
         keys = self.upstream.extends or tuple(self.cpp_dispatch())
-        return {k: self.dispatch[k] for k in keys}
+        return {**{k: self.dispatch[k] for k in keys}, **self.upstream.dispatch}
 
 
 def _op(entry: dict, index: int) -> Op:
@@ -128,7 +133,11 @@ def _op(entry: dict, index: int) -> Op:
         extends = tuple(upstream.get("extends", ()))
         if set(extends) - set(dispatch) or any(dispatch[k].startswith(PY) for k in extends):
             raise DeclarationError(f"{where}: upstream extends keys {extends} that dispatch has no C++ kernel for")
-        upstream = Upstream(upstream["name"], extends, upstream.get("derivatives"))
+        up_dispatch = dict(upstream.get("dispatch") or {})
+        if any(not dispatch.get(k, "").startswith(PY) for k in up_dispatch):
+            raise DeclarationError(f"{where}: upstream dispatch {up_dispatch} names keys that dispatch has no "
+                                   "Python kernel for (a C++ kernel of ours goes upstream as it is)")
+        upstream = Upstream(upstream["name"], extends, upstream.get("derivatives"), up_dispatch)
     return Op(func=func, family=entry["family"], dispatch=dict(dispatch), upstream=upstream,
               not_upstreamed=entry.get("not_upstreamed"), backward_of=entry.get("backward_of"),
               benchmarked_through=entry.get("benchmarked_through"), cpu_only=entry.get("cpu_only"),

@@ -1,7 +1,8 @@
 // Test-only ops, torch.ops.moe_ops_testing.*: the CUDA kernels of the routing
-// ops and grouped_mm's zero-uncovered kernel, run on the CPU.
+// ops, run on the CPU; grouped_mm's CUDA entry (its fallback) and its choice
+// of kernel, on CPU tensors.
 //
-// Each op mirrors its CUDA entry (native/cuda/MoE{RouterTopk,Permute,Unpermute}.cu, GroupedMM.cu):
+// Each routing op mirrors its CUDA entry (native/cuda/MoE{RouterTopk,Permute,Unpermute}.cu):
 // the same checks, allocations, arguments and launch sequence, with every
 // launch replaced by a walk over its grid, block by block and thread by
 // thread, calling the kernel's body (native/cuda/*.cuh, compiled here by the
@@ -14,11 +15,12 @@
 // uses (kMaxGridBlocks), so that small inputs reach their stride loops. Not
 // part of the moe_ops library and not carried upstream.
 
+#include <ATen/native/GroupedMM.h>
 #include <ATen/native/MoEPermute.h>
 #include <ATen/native/MoERouterTopk.h>
 #include <ATen/native/MoEUnpermute.h>
 #include <ATen/native/MoEUnpermuteBackward.h>
-#include <ATen/native/cuda/GroupedMM.cuh>
+#include <ATen/native/cuda/GroupedMM.h>
 #include <ATen/native/cuda/MoEPermute.cuh>
 #include <ATen/native/cuda/MoERouterTopk.cuh>
 #include <ATen/native/cuda/MoEUnpermute.cuh>
@@ -247,27 +249,23 @@ std::tuple<Tensor, Tensor> unpermute_backward_on_host(
   return {grad_permuted, grad_weights};
 }
 
-// grouped_mm_zero_uncovered_cuda on a copy of out (2-D, any strides).
-Tensor grouped_mm_zero_uncovered_on_host(const Tensor& out_in, const Tensor& offs, bool split_rows,
-                                         int64_t max_blocks) {
-  TORCH_CHECK_VALUE(max_blocks >= 1 && max_blocks <= kZeroUncoveredMaxBlocks,
-      "moe_ops_testing: max_blocks must be in [1, ", kZeroUncoveredMaxBlocks, "], got max_blocks=", max_blocks);
-  TORCH_CHECK_VALUE(out_in.dim() == 2, "grouped_mm_zero_uncovered: out must be 2-D, got ", out_in.dim(), "-D");
-  TORCH_CHECK_VALUE(offs.dim() == 1 && offs.scalar_type() == kInt,
-      "grouped_mm_zero_uncovered: offs must be 1-D int32, got ", offs.dim(), "-D ", offs.scalar_type());
-  Tensor out = out_in.clone(at::MemoryFormat::Preserve);
-  if (out.numel() == 0) return out;
-  const int32_t* covered =
-      offs.numel() > 0 ? offs.const_data_ptr<int32_t>() + (offs.size(0) - 1) * offs.stride(0) : nullptr;
-  AT_DISPATCH_FLOATING_TYPES_AND2(kBFloat16, kHalf, out.scalar_type(), "grouped_mm_zero_uncovered_on_host", [&] {
-    scalar_t* o = out.mutable_data_ptr<scalar_t>();
-    for_each_thread(grouped_mm_zero_uncovered_launch(out.numel(), max_blocks), [&](ThreadPos pos) {
-      grouped_mm_zero_uncovered_thread(pos, o, out.size(0), out.size(1), out.stride(0), out.stride(1), covered,
-                                       split_rows);
-    });
-  });
-  return out;
+// grouped_mm's CUDA entry's choice between upstream's fast kernel and the
+// fallback, device_ok standing for the device query.
+bool grouped_mm_cuda_fast_path_on_host(const Tensor& mat_a, const Tensor& mat_b, const std::optional<Tensor>& offs,
+                                       const std::optional<Tensor>& bias, std::optional<ScalarType> out_dtype,
+                                       bool device_ok) {
+  grouped_mm_check_inputs(mat_a, mat_b, offs, bias, out_dtype);
+  return grouped_mm_cuda_fast_path(mat_a, mat_b, offs, bias, out_dtype, device_ok);
 }
+
+#ifdef TORCH_MOE_OPS_WITH_CUDA
+// grouped_mm's CUDA entry (native/cuda/GroupedMM.cpp) itself: on CPU tensors
+// it takes the fallback, whose ATen calls run on the CPU.
+Tensor grouped_mm_cuda_entry_on_host(const Tensor& mat_a, const Tensor& mat_b, const std::optional<Tensor>& offs,
+                                     const std::optional<Tensor>& bias, std::optional<ScalarType> out_dtype) {
+  return grouped_mm_cuda(mat_a, mat_b, offs, bias, out_dtype);
+}
+#endif
 
 } // namespace
 } // namespace at::native
@@ -285,7 +283,14 @@ TORCH_LIBRARY(moe_ops_testing, m) {
   m.def(
       "unpermute_backward_on_host(Tensor grad_output, Tensor dst_rows, SymInt num_rows, Tensor? weights=None, "
       "Tensor? permuted=None) -> (Tensor grad_permuted, Tensor grad_weights)");
-  m.def("grouped_mm_zero_uncovered_on_host(Tensor out, Tensor offs, bool split_rows, int max_blocks=4096) -> Tensor");
+  m.def(
+      "grouped_mm_cuda_fast_path_on_host(Tensor mat_a, Tensor mat_b, Tensor? offs=None, Tensor? bias=None, "
+      "ScalarType? out_dtype=None, bool device_ok=True) -> bool");
+#ifdef TORCH_MOE_OPS_WITH_CUDA
+  m.def(
+      "grouped_mm_cuda_entry_on_host(Tensor mat_a, Tensor mat_b, Tensor? offs=None, Tensor? bias=None, "
+      "ScalarType? out_dtype=None) -> Tensor");
+#endif
 }
 
 TORCH_LIBRARY_IMPL(moe_ops_testing, CPU, m) {
@@ -293,5 +298,8 @@ TORCH_LIBRARY_IMPL(moe_ops_testing, CPU, m) {
   m.impl("permute_on_host", &at::native::permute_on_host);
   m.impl("unpermute_on_host", &at::native::unpermute_on_host);
   m.impl("unpermute_backward_on_host", &at::native::unpermute_backward_on_host);
-  m.impl("grouped_mm_zero_uncovered_on_host", &at::native::grouped_mm_zero_uncovered_on_host);
+  m.impl("grouped_mm_cuda_fast_path_on_host", &at::native::grouped_mm_cuda_fast_path_on_host);
+#ifdef TORCH_MOE_OPS_WITH_CUDA
+  m.impl("grouped_mm_cuda_entry_on_host", &at::native::grouped_mm_cuda_entry_on_host);
+#endif
 }

@@ -97,13 +97,17 @@ inline c10::SmallVector<int64_t, 3> grouped_mm_out_size(
   return {};
 }
 
-// Output strides: contiguous on CPU; on CUDA the last dimension is padded to
-// 16 bytes, the layout upstream's TMA-based kernels allocate. The meta
-// function (grouped_mm_out_strides) mirrors this.
+// Output strides: contiguous on CPU and ROCm; on CUDA the last dimension is
+// padded to 16 bytes, the layout upstream's TMA-based kernels allocate. The
+// meta function mirrors this (ROCm told apart by torch.version.cuda).
 inline c10::SmallVector<int64_t, 3> grouped_mm_out_strides(
     c10::IntArrayRef size, ScalarType dtype, c10::Device device) {
   c10::SmallVector<int64_t, 3> padded(size.begin(), size.end());
+#ifndef USE_ROCM
   if (device.is_cuda()) {
+#else
+  if (false) {
+#endif
     const int64_t align = 16 / static_cast<int64_t>(c10::elementSize(dtype));
     padded.back() = (padded.back() + align - 1) / align * align;
   }
@@ -253,10 +257,5 @@ Tensor grouped_mm_cpu(
     const std::optional<Tensor>& offs,
     const std::optional<Tensor>& bias,
     std::optional<ScalarType> out_dtype);
-
-// Zeroes the rows (split_rows, 2D x 3D) or columns (3D x 2D) of out at or past
-// offs[-1], reading offs on the device (native/cuda/GroupedMM.cu; declared for
-// every build: other CUDA sources call it).
-void grouped_mm_zero_uncovered_cuda(const Tensor& out, const Tensor& offs, bool split_rows);
 
 } // namespace at::native

@@ -1,8 +1,8 @@
 #pragma once
 
 // What the host-compilable kernel bodies of the MoE CUDA kernels share (see
-// cuda/MoERouting.cuh and cuda/GroupedMM.cuh): a thread's place in a 1-D
-// launch and the launch geometry.
+// cuda/MoERouting.cuh): a thread's place in a 1-D launch and the launch
+// geometry.
 //
 // A kernel here is a thin __global__ shell that reads its ThreadPos and calls
 // a body written as a C10_HOST_DEVICE function (__host__ __device__ under

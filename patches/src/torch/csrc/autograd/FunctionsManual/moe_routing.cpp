@@ -1,4 +1,3 @@
-#pragma once
 
 // Backward of aten::_moe_router_topk, called from derivatives.yaml.
 //
@@ -11,16 +10,7 @@
 // float64 logits). The scatters write k distinct ids per row, so the result
 // is deterministic.
 
-#include <ATen/TensorOperators.h>
-#include <ATen/core/Tensor.h>
-#include <ATen/ops/sigmoid.h>
-#include <ATen/ops/softmax.h>
-#include <ATen/ops/zeros_like.h>
-#include <c10/util/string_view.h>
-
-namespace torch::autograd::generated::details {
-
-inline at::Tensor moe_router_topk_backward(
+at::Tensor moe_router_topk_backward(
     const at::Tensor& grad_weights,
     const at::Tensor& logits,
     const at::Tensor& expert_ids,
@@ -55,5 +45,3 @@ inline at::Tensor moe_router_topk_backward(
   }
   return d_x.to(logits.scalar_type());
 }
-
-} // namespace torch::autograd::generated::details
