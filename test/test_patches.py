@@ -1462,6 +1462,15 @@ def test_yaml_entries_from_the_declaration():
     assert "_scaled_grouped_mm" not in patched  # upstream has it: Dispatch extends its entry instead
     with pytest.raises(PatchError, match="expected one entry '- func: _no_such_op\\('"):
         NativeFunctions("fp8", after="_no_such_op").apply(base)
+    # An op selection (a PR of one op) writes only its entries; a name not of the family is an error.
+    one = NativeFunctions("fp8", after="_grouped_mm", ops=("swizzle_mx_scale",)).apply(extended)
+    assert "- func: _swizzle_mx_scale(" in one and "_quantize_fp8" not in one
+    with pytest.raises(PatchError, match=r"\['permute'\] are not new upstream ops of the fp8 family"):
+        NativeFunctions("fp8", after="_grouped_mm", ops=("permute",)).apply(extended)
+    with pytest.raises(PatchError, match=r"\['scaled_grouped_mm'\] are not new upstream ops of the fp8 family"):
+        NativeFunctions("fp8", after="_grouped_mm", ops=("scaled_grouped_mm",)).apply(extended)
+    with pytest.raises(PatchError, match=r"\['permute'\] are not upstreamed ops of the fp8 family"):
+        DecompExpect("fp8", ops=("permute",)).names()
 
 
 def test_yaml_entries_of_some_ops_of_a_family():
@@ -1532,15 +1541,7 @@ def test_opinfo_module_of_some_ops_of_a_family():
     assert every == OpInfoModule("routing", "moe_routing", "Title.").apply(None)
     with pytest.raises(PatchError, match=r"ops=\['grouped_mm'\]: no such op of the routing family"):
         module("grouped_mm")
-    # An op selection (a PR of one op) writes only its entries; a name not of the family is an error.
-    one = NativeFunctions("fp8", after="_grouped_mm", ops=("swizzle_mx_scale",)).apply(extended)
-    assert "- func: _swizzle_mx_scale(" in one and "_quantize_fp8" not in one
-    with pytest.raises(PatchError, match=r"\['permute'\] are not new upstream ops of the fp8 family"):
-        NativeFunctions("fp8", after="_grouped_mm", ops=("permute",)).apply(extended)
-    with pytest.raises(PatchError, match=r"\['scaled_grouped_mm'\] are not new upstream ops of the fp8 family"):
-        NativeFunctions("fp8", after="_grouped_mm", ops=("scaled_grouped_mm",)).apply(extended)
-    with pytest.raises(PatchError, match=r"\['permute'\] are not upstreamed ops of the fp8 family"):
-        DecompExpect("fp8", ops=("permute",)).names()
+
 
 
 def test_stack_3_meta_blocks_partition_the_fp8_checks():
