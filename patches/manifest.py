@@ -439,7 +439,7 @@ SERIES = [
                 Copy(f"{NATIVE}/cpu/MoERoutingUtils.h", f"{SRC}/cpu/MoERoutingUtils.h"),
                 Copy(f"{NATIVE}/cpu/MoEUnpermuteKernel.cpp", f"{SRC}/cpu/MoEUnpermuteKernel.cpp"),
                 NativeFunctions("routing", after="_moe_permute", later=("CUDA",), ops=("unpermute",)),
-                Meta("routing", UNPERMUTE_META, after="meta_moe_permute", ops=("unpermute",), earlier_ops=("permute",)),
+                Meta("routing", UNPERMUTE_META, after="meta_moe_permute", ops=("unpermute",)),
                 DecompExpect("routing", ops=("unpermute",)),
                 OpInfoModule("routing", "moe_routing", ROUTING_OPINFO_TITLE, ops=("permute", "unpermute"),
                              edits=[PERMUTE_NO_AUTOGRAD, UNPERMUTE_NO_AUTOGRAD]),
@@ -452,8 +452,7 @@ SERIES = [
                 Copy(f"{NATIVE}/MoEUnpermuteBackward.cpp", f"{SRC}/MoEUnpermuteBackward.cpp"),
                 Copy(f"{NATIVE}/cpu/MoEUnpermuteBackwardKernel.cpp", f"{SRC}/cpu/MoEUnpermuteBackwardKernel.cpp"),
                 NativeFunctions("routing", after="_moe_unpermute", later=("CUDA",), ops=("unpermute_backward",)),
-                Meta("routing", UNPERMUTE_BACKWARD_META, after="meta_moe_unpermute", ops=("unpermute_backward",),
-                     earlier_ops=("permute", "unpermute")),
+                Meta("routing", UNPERMUTE_BACKWARD_META, after="meta_moe_unpermute", ops=("unpermute_backward",)),
                 DecompExpect("routing", ops=("unpermute_backward",)),
                 Derivatives(ops=["permute", "unpermute"], before="mode"),
                 Edit(ROUTING_OPINFO, [PERMUTE_NO_AUTOGRAD[::-1], UNPERMUTE_NO_AUTOGRAD[::-1]]),
@@ -466,8 +465,7 @@ SERIES = [
                 Copy(f"{NATIVE}/MoERouterTopk.cpp", f"{SRC}/MoERouterTopk.cpp"),
                 Copy(f"{NATIVE}/cpu/MoERouterTopkKernel.cpp", f"{SRC}/cpu/MoERouterTopkKernel.cpp"),
                 NativeFunctions("routing", after="_grouped_mm", later=("CUDA",), ops=("router_topk",)),
-                Meta("routing", ROUTER_TOPK_META, after="meta_grouped_mm", ops=("router_topk",),
-                     earlier_ops=("permute", "unpermute", "unpermute_backward")),
+                Meta("routing", ROUTER_TOPK_META, after="meta_grouped_mm", ops=("router_topk",)),
                 DecompExpect("routing", ops=("router_topk",)),
                 OpInfoModule("routing", "moe_routing", ROUTING_OPINFO_TITLE, ops=("router_topk", "permute", "unpermute"),
                              edits=[ROUTER_NO_AUTOGRAD]),
@@ -537,7 +535,7 @@ SERIES = [
                 Copy(f"{NATIVE}/MoESwizzleMXScale.h", f"{SRC}/MoESwizzleMXScale.h"),
                 Copy(f"{NATIVE}/MoESwizzleMXScale.cpp", f"{SRC}/MoESwizzleMXScale.cpp"),
                 NativeFunctions("fp8", after="_dequantize_fp8", ops=("swizzle_mx_scale",)),
-                Meta("fp8", SWIZZLE_MX_SCALE_META, ops=("swizzle_mx_scale",), earlier_ops=FP8_QUANTIZE_OPS,
+                Meta("fp8", SWIZZLE_MX_SCALE_META, ops=("swizzle_mx_scale",),
                      after="meta_dequantize_fp8"),
                 DecompExpect("fp8", ops=("swizzle_mx_scale",)),
                 OpInfoModule("fp8", "fp8", "", carried=FP8_OPINFOS["swizzle_mx_scale_opinfos"], extends=True,
@@ -552,7 +550,7 @@ SERIES = [
                 Copy(f"{NATIVE}/cpu/MoEScaledGroupedMMKernel.cpp", f"{SRC}/cpu/MoEScaledGroupedMMKernel.cpp"),
                 Dispatch("scaled_grouped_mm"),
                 Meta("fp8", SCALED_GROUPED_MM_CPU_META, ops=("scaled_grouped_mm",),
-                     earlier_ops=(*FP8_QUANTIZE_OPS, "swizzle_mx_scale"), after="meta_swizzle_mx_scale",
+                     after="meta_swizzle_mx_scale",
                      cpu_branch=("scaled_grouped_mm",),
                      edits=[(
                          "    # matching _scaled_grouped_mm_cuda Blas.cpp implementation\n",
@@ -582,7 +580,7 @@ SERIES = [
                 Copy(f"{NATIVE}/ScaledGroupedMMCPU.cpp", "patches/src/aten/src/ATen/native/ScaledGroupedMMCPU.cpp"),
                 Dispatch("scaled_grouped_mm_v2"),
                 Meta("fp8", SCALED_GROUPED_MM_V2_META, after="_meta_scaled_grouped_mm_cpu",
-                     ops=("scaled_grouped_mm_v2",), earlier_ops=(*FP8_QUANTIZE_OPS, "swizzle_mx_scale", "scaled_grouped_mm"),
+                     ops=("scaled_grouped_mm_v2",),
                      cpu_branch=("scaled_grouped_mm_v2",), edits=[(
                          "    _out_dtype = out_dtype or torch.bfloat16\n",
                          "    if mat_a.device.type == \"cpu\":  # the CPU kernel's checks of the stated recipes\n"
@@ -669,6 +667,22 @@ SERIES = [
     ]),
 ]
 
+
+
+def _chain_meta_blocks() -> None:
+    """A family's meta blocks that select ops (one PR per op) leave out the
+    checks an earlier PR's block carries: each block's earlier_ops are the
+    ops of the family's blocks before it in the series."""
+    carried: dict[str, tuple[str, ...]] = {}
+    for series in SERIES:
+        for patch in series.patches:
+            for change in patch.changes:
+                if isinstance(change, Meta) and change.ops:
+                    change.earlier_ops = carried.get(change.family, ())
+                    carried[change.family] = (*change.earlier_ops, *change.ops)
+
+
+_chain_meta_blocks()
 
 def check_coverage() -> None:
     """Every file under CARRIED_DIRS is the source of some change or, outside

@@ -26,7 +26,8 @@ class Meta:
     ``ops`` selects some of the family's ops (all when empty), for a PR of
     one op: the block carries their meta functions and the checks they reach
     but those of ``earlier_ops``, the family's ops an earlier PR's block
-    carries (and whose checks it may use)."""
+    carries (and whose checks it may use); the manifest derives them from
+    the series order."""
 
     family: str
     header: str
