@@ -309,6 +309,74 @@ ROUTER_NO_AUTOGRAD = ("gradcheck_wrapper=gradcheck_router_topk)",
                       "gradcheck_wrapper=gradcheck_router_topk, supports_autograd=False)")
 ROUTING_OPINFO = "torch/testing/_internal/opinfo/definitions/moe_routing.py"
 
+# MoERouterTopkKernel.cpp as the router's first PR leaves it: the scalar path
+# only (the file without its CPU_CAPABILITY_AVX512 blocks, and these edits);
+# the next PR carries the file itself and the samples sized for its vectors.
+ROUTER_SCALAR_KERNEL = [(
+    "// top-k (k rounds of a masked vector max with AVX-512, else an insertion\n"
+    "// list), then the weights. Tokens are independent, so the loop is split\n"
+    "// across threads; counts are summed from expert_ids after.\n",
+    "// top-k (an insertion list), then the weights. Tokens are independent, so\n"
+    "// the loop is split across threads; counts are summed from expert_ids after.\n",
+), (
+    "#include <ATen/native/cpu/MoEAvx512Utils.h>\n", "",
+), (
+    "  const int64_t grain = std::max<int64_t>(1, 4096 / experts);\n  constexpr bool use_vec = false;\n",
+    "  const int64_t grain = std::max<int64_t>(1, 4096 / experts);\n",
+), (
+    "    // Padded to whole vectors for the AVX-512 path.\n"
+    "    const int64_t padded = (experts + 15) / 16 * 16;\n"
+    "    std::vector<acc_t> score(padded), key(padded),",
+    "    std::vector<acc_t> score(experts), key(experts),",
+), (
+    "      if (use_vec) {\n        // Done above.\n      } else if (score_kind == RouterScore::kSoftmax) {\n",
+    "      if (score_kind == RouterScore::kSoftmax) {\n",
+), (
+    "      for (int64_t e = 0; !use_vec && e < experts; ++e) {\n",
+    "      for (const auto e : c10::irange(experts)) {\n",
+), (
+    "      if (!use_vec) {\n"
+    "        // Walked group by group (ascending ids, as a flat scan).\n"
+    "        int64_t found = 0;\n"
+    "        for (const auto g : c10::irange(n_group)) {\n"
+    "          if ((group_mask >> g) & 1) {\n"
+    "            for (int64_t e = g * group_size; e < (g + 1) * group_size; ++e) {\n"
+    "              topk_insert(top_ids.data(), top_keys.data(), found, k, e, key[e]);\n"
+    "            }\n"
+    "          }\n"
+    "        }\n"
+    "      }\n",
+    "      // Walked group by group (ascending ids, as a flat scan).\n"
+    "      int64_t found = 0;\n"
+    "      for (const auto g : c10::irange(n_group)) {\n"
+    "        if ((group_mask >> g) & 1) {\n"
+    "          for (int64_t e = g * group_size; e < (g + 1) * group_size; ++e) {\n"
+    "            topk_insert(top_ids.data(), top_keys.data(), found, k, e, key[e]);\n"
+    "          }\n"
+    "        }\n"
+    "      }\n",
+), (
+    "// Every capability's build registers its copy; the AVX512 one has the\n"
+    "// vector router (plain REGISTER_DISPATCH would leave that slot empty).\n",
+    "// Every capability's build registers its copy (plain REGISTER_DISPATCH\n"
+    "// would leave the AVX512 slot empty).\n",
+)]
+
+
+def _router_sample_block() -> str:
+    """The router samples of test/opinfo_routing.py sized for the AVX-512 build's vectors (from their
+    comment to the last of them): what the router's AVX-512 PR adds to its OpInfo."""
+    with open(os.path.join(REPO_ROOT, "test/opinfo_routing.py"), encoding="utf-8") as f:
+        text = f.read()
+    start = text.index("    # The AVX-512 build's vector router")
+    stop = text.index("\n", text.index('name="past_vector_width")', start)) + 1
+    return text[start:stop]
+
+
+ROUTER_VECTOR_SAMPLES = _router_sample_block()
+# The anchor in the module as generated: the sample before the block.
+ROUTER_VECTOR_SAMPLES_AFTER = 'name="strided_bias_dtype")\n'
+
 # Stack 3, one op per PR: the top-level definitions of test/opinfo_fp8.py each PR carries (its op's
 # builder and what only it uses), and the op_db statement of the upstream module after each PR.
 FP8_QUANTIZE_OPS = ("quantize_fp8", "dequantize_fp8")
@@ -463,12 +531,21 @@ SERIES = [
             changes=[
                 Copy(f"{NATIVE}/MoERouterTopk.h", f"{SRC}/MoERouterTopk.h"),
                 Copy(f"{NATIVE}/MoERouterTopk.cpp", f"{SRC}/MoERouterTopk.cpp"),
-                Copy(f"{NATIVE}/cpu/MoERouterTopkKernel.cpp", f"{SRC}/cpu/MoERouterTopkKernel.cpp"),
+                Copy(f"{NATIVE}/cpu/MoERouterTopkKernel.cpp", f"{SRC}/cpu/MoERouterTopkKernel.cpp",
+                     undefine=("CPU_CAPABILITY_AVX512",), edits=ROUTER_SCALAR_KERNEL),
                 NativeFunctions("routing", after="_grouped_mm", later=("CUDA",), ops=("router_topk",)),
                 Meta("routing", ROUTER_TOPK_META, after="meta_grouped_mm", ops=("router_topk",)),
                 DecompExpect("routing", ops=("router_topk",)),
                 OpInfoModule("routing", "moe_routing", ROUTING_OPINFO_TITLE, ops=("router_topk", "permute", "unpermute"),
-                             edits=[ROUTER_NO_AUTOGRAD]),
+                             edits=[ROUTER_NO_AUTOGRAD, (ROUTER_VECTOR_SAMPLES, "")]),
+            ],
+        ),
+        Patch(
+            message="core/0003e-moe-router-topk-cpu-avx512.txt",
+            changes=[
+                Copy(f"{NATIVE}/cpu/MoERouterTopkKernel.cpp", f"{SRC}/cpu/MoERouterTopkKernel.cpp", update=True),
+                Edit(ROUTING_OPINFO, [(ROUTER_VECTOR_SAMPLES_AFTER,
+                                       ROUTER_VECTOR_SAMPLES_AFTER + ROUTER_VECTOR_SAMPLES)]),
             ],
         ),
         Patch(

@@ -50,6 +50,16 @@ def sample_inputs_router_topk(op_info, device, dtype, requires_grad, **kwargs):
     yield SampleInput(logits(7, 8), args=(8,), kwargs=dict(score_func="sigmoid"), name="k_equals_e")
     yield SampleInput(logits(0, 8), args=(2,), name="zero_tokens")
     yield SampleInput(logits(5, 16, step=2), args=(3,), kwargs=dict(bias=bias(dtype)), name="strided_bias_dtype")
+    # The AVX-512 build's vector router (float32 selection, 16 experts per
+    # vector, up to 1024 experts): a partial last vector with ties across
+    # vectors; groups that straddle vectors; past 1024 experts, its scalar code.
+    def wide_bias(e):
+        return (torch.randint(-4, 5, (e,)) / 32).to(device=device)
+
+    yield SampleInput(logits(6, 37), args=(5,), kwargs=dict(bias=wide_bias(37)), name="vector_tail")
+    yield SampleInput(logits(6, 48), args=(3,), kwargs=dict(score_func="sigmoid", bias=wide_bias(48), n_group=4,
+                                                            topk_group=2), name="vector_groups_straddle")
+    yield SampleInput(logits(2, 1040), args=(4,), kwargs=dict(renormalize=True), name="past_vector_width")
 
 
 def error_inputs_router_topk(op_info, device, **kwargs):
