@@ -76,12 +76,18 @@ def rename_imports(text: str, path: str, modules: dict[str, str]) -> str:
 class FxPassModule:
     """``torch/_inductor/fx_passes/<module>.py`` from ``source`` (a module of
     torch_moe_ops/compile/): ``edits`` (anchored on the source) first, then
-    sibling imports renamed by ``modules`` and ops by their aten names."""
+    sibling imports renamed by ``modules`` and ops by their aten names.
+
+    A module that a stack grows over several PRs is carried by each as that
+    PR leaves it: ``edits`` in the earlier ones, ``update=True`` (the module
+    exists: an earlier PR added it) in the later ones, the last carrying the
+    source itself (as Copy does for a C++ file)."""
 
     module: str
     source: str
     modules: dict[str, str]
     edits: list[tuple[str, str]] = field(default_factory=list)
+    update: bool = False
     declared_at: str = field(default_factory=declared_at)
 
     @property
@@ -93,8 +99,11 @@ class FxPassModule:
         return [self.source]
 
     def apply(self, upstream: str | None) -> str:
-        if upstream is not None:
-            raise PatchError(self.path, None, "exists upstream; an FxPassModule adds a new module")
+        if self.update and upstream is None:
+            raise PatchError(self.path, None, "does not exist: an update needs an earlier FxPassModule of it")
+        if upstream is not None and not self.update:
+            raise PatchError(self.path, None, "exists upstream; an FxPassModule adds a new module (or, with "
+                                              "update=True, replaces the one an earlier PR added)")
         text = read_source(self.source, self.declared_at)
         for old, new in self.edits:
             text = rewrite.replace_once(text, old, new, self.source)

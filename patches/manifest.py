@@ -158,12 +158,32 @@ sharding propagation with the kernel's message.
 
 # ---------------------------------------------------------------------------
 # The Inductor MoE passes (torch_moe_ops/compile/). Only the rewrites whose target ops go upstream are
-# carried: the router (router.py -> aten._moe_router_topk) and the combine (combine.py ->
-# aten._moe_unpermute), with the helpers they share (_fx.py). The experts-block rewrite (pre_grad.py ->
-# expert_mlp) and the gather rewrite (post_grad.py -> grouped_mm_gather) target ops that stay here: the
-# builders reject any mention of them (patches/fx_passes.py), and the message says why.
+# carried: the router (router.py -> aten._moe_router_topk, with DeepSeek-V3's group limit in
+# group_limit.py) and the combine (combine.py -> aten._moe_unpermute), with the helpers they share
+# (_fx.py). The experts-block rewrite (pre_grad.py -> expert_mlp) and the gather rewrite (post_grad.py ->
+# grouped_mm_gather) target ops that stay here: the builders reject any mention of them
+# (patches/fx_passes.py), and the message says why.
 
-MOE_MODULES = {"_fx": "moe_fx_utils", "router": "moe_router", "combine": "moe_combine"}
+MOE_MODULES = {"_fx": "moe_fx_utils", "router": "moe_router", "combine": "moe_combine",
+               "group_limit": "moe_group_limit"}
+
+# moe_router.py as the router's PR leaves it: ungrouped (n_group = 1). The third PR adds DeepSeek-V3's
+# group-limited selection (group_limit.py -> moe_group_limit.py) and the router's match of it.
+ROUTER_UNGROUPED = [(
+    "choice = scores [+ bias] [group-limited as DeepSeek-V3];\n",
+    "choice = scores [+ bias];\n",
+), (
+    "op's selection rule (ties to the lower id, -inf for masked groups), an epsilon that vanishes in fp32.\n",
+    "op's selection rule (ties to the lower id), an epsilon that vanishes in fp32.\n",
+), (
+    "from .group_limit import match_group_limit\n", "",
+), (
+    "    n_group, topk_group, group_region = 1, 1, []\n"
+    "    group = match_group_limit(choice, vc.shape[-1])\n"
+    "    if group is not None:\n"
+    "        choice, n_group, topk_group, group_region = group\n",
+    "    n_group, topk_group, group_region = 1, 1, []\n",
+)]
 
 # The switch as the router's PR adds it; the combine's PR widens its comment (MOE_CONFIG_COMBINE).
 MOE_CONFIG = """\
@@ -671,13 +691,14 @@ SERIES = [
     ]),
     Series("compile", [
         # The router rewrite with the matching helpers and the test file, then the combine rewrite with
-        # its hook and its test case appended to that file.
+        # its hook and its test case appended to that file, then the router's group-limited selection
+        # (ungrouped until then: ROUTER_UNGROUPED) with its test case appended.
         Patch(
             message="compile/0001-inductor-moe-router-pass.txt",
             changes=[
                 FxPassModule("moe_fx_utils", "torch_moe_ops/compile/_fx.py", MOE_MODULES,
                              edits=[('COUNTER = "torch_moe_ops"\n', 'COUNTER = "moe_passes"\n')]),
-                FxPassModule("moe_router", "torch_moe_ops/compile/router.py", MOE_MODULES),
+                FxPassModule("moe_router", "torch_moe_ops/compile/router.py", MOE_MODULES, edits=ROUTER_UNGROUPED),
                 Edit("torch/_inductor/config.py", [(
                     "# set to True to enable the back-to-back GEMM pass\nb2b_gemm_pass = False\n",
                     "# set to True to enable the back-to-back GEMM pass\nb2b_gemm_pass = False\n\n" + MOE_CONFIG,
@@ -710,6 +731,15 @@ SERIES = [
                 )]),
                 PassTests(MOE_TESTS, "test/test_compile_passes.py", "",
                           ["_stock_combine", "_routing", "TestMoECombinePass"], extends=True),
+            ],
+        ),
+        Patch(
+            message="compile/0003-inductor-moe-router-group-limit.txt",
+            changes=[
+                FxPassModule("moe_group_limit", "torch_moe_ops/compile/group_limit.py", MOE_MODULES),
+                FxPassModule("moe_router", "torch_moe_ops/compile/router.py", MOE_MODULES, update=True),
+                PassTests(MOE_TESTS, "test/test_compile_passes.py", "",
+                          ["_GroupLimitedRouter", "TestMoERouterGroupLimitPass"], extends=True),
             ],
         ),
     ]),

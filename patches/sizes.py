@@ -56,11 +56,6 @@ OVER_LIMIT: dict[str, tuple[int, str]] = {
         "its OpInfo (312) cover every recipe. Fix: the rowwise kernel first, then the blockwise and the MX "
         "scales in PRs of their own (the target stack of patches/rfc/0003, on _scaled_grouped_mm_v2, "
         "which re-cuts this PR)")),
-    "compile/0001-inductor-moe-router-pass.txt": (544, (
-        "fx_passes/moe_router.py alone is 240 lines and the matching helpers it reads (moe_fx_utils.py) 160, "
-        "with the test file's 133 (the combine's PR, compile/0002, is 230). Fix: carry DeepSeek-V3's "
-        "group-limited selection (router.py's _group_limit, ~70 lines with its test) as a third PR, which "
-        "needs the router's matcher to take the group limit from a module of its own")),
 }
 
 

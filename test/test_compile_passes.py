@@ -463,6 +463,87 @@ class TestMoERouterPass(MoEPassTestCase):
         self.assertTrue(torch.equal(got[1], want[1]) and torch.equal(got[0], want[0]))
 
 
+class _GroupLimitedRouter(torch.nn.Module):
+    """DeepSeek-V3's router (transformers' DeepseekV3TopkRouter) after its gate: sigmoid, a bias for the
+    choice only, group-limited selection (the topk_group groups with the largest sum of their two best
+    keys stay eligible, the other groups' experts are masked to -inf), unsorted top-k, the unbiased scores
+    gathered, renormalised with an epsilon, scaled. Sizes are module attributes, as in the model (the
+    view and the expand need them static)."""
+
+    def __init__(self, k, n_group, topk_group, experts, fill=float("-inf")):
+        super().__init__()
+        self.k, self.n_group, self.topk_group, self.experts, self.fill = k, n_group, topk_group, experts, fill
+
+    def forward(self, logits, bias):
+        scores = logits.sigmoid()
+        choice = scores + bias
+        size = self.experts // self.n_group
+        group_scores = choice.view(-1, self.n_group, size).topk(2, dim=-1)[0].sum(dim=-1)
+        group_idx = torch.topk(group_scores, k=self.topk_group, dim=-1, sorted=False)[1]
+        group_mask = torch.zeros_like(group_scores)
+        group_mask.scatter_(1, group_idx, 1)
+        score_mask = group_mask.unsqueeze(-1).expand(-1, self.n_group, size).reshape(-1, self.experts)
+        choice = choice.masked_fill(~score_mask.bool(), self.fill)
+        ids = torch.topk(choice, k=self.k, dim=-1, sorted=False)[1]
+        weights = scores.gather(1, ids)
+        weights = weights / (weights.sum(dim=-1, keepdim=True) + 1e-20)
+        return weights * 2.5, ids
+
+
+class TestMoERouterGroupLimitPass(MoEPassTestCase):
+    @FEW
+    @given(tokens=st.sampled_from([1, 7, 33]), n_group=st.sampled_from([2, 4]), size=st.integers(2, 4),
+           data=st.data(), seed=st.integers(0, 2 ** 16))
+    def test_group_limited_router_rewrite(self, tokens, n_group, size, data, seed):
+        """DeepSeek-V3's group-limited router -> router_topk(n_group, topk_group): the same experts as eager
+        (random logits and bias: no ties between keys or group sums), and, paired by expert (both top-k are
+        unsorted), weights and the logits' gradient within fp32 summation order (sums of at most 12
+        experts' slots: the bounds of test_router_rewrite). Zero tokens are not drawn: the stock view(-1, G,
+        E / G) rejects an empty batch."""
+        self._fresh()
+        experts = n_group * size
+        topk_group = data.draw(st.integers(1, n_group), label="topk_group")
+        k = data.draw(st.integers(1, topk_group * size), label="k")
+        g = torch.Generator().manual_seed(seed)
+        logits = torch.randn(tokens, experts, generator=g)
+        bias = torch.randn(experts, generator=g) / 4
+        grad = torch.randn(tokens, k, generator=g)
+        fn = _GroupLimitedRouter(k, n_group, topk_group, experts)
+
+        def run(f):
+            x = logits.clone().requires_grad_(True)
+            weights, ids = f(x, bias)
+            order = ids.argsort(dim=-1)
+            weights, ids = weights.gather(-1, order), ids.gather(-1, order)
+            (weights * grad).sum().backward()
+            return weights.detach(), ids, x.grad
+
+        want = run(fn)
+        got = run(torch.compile(fn, fullgraph=True, dynamic=True))
+        self.assertEqual(_moe_counters(), {"router_topk": 1})
+        self.assertTrue(torch.equal(got[1].long(), want[1]))
+        tol = 2.0 ** -19
+        torch.testing.assert_close(got[0], want[0], rtol=tol, atol=tol * 2 ** -10)
+        torch.testing.assert_close(got[2], want[2], rtol=tol, atol=tol * 5)
+
+    def test_group_mask_other_than_minus_inf_left_alone(self):
+        """Older DeepSeek code masked the other groups' experts with 0, not -inf: with sigmoid scores in
+        (0, 1) and a bias, a masked expert's 0 can outrank a kept expert's negative key, which the op never
+        selects, so the router is left alone (and computes what eager does)."""
+        fn = _GroupLimitedRouter(2, 4, 2, 8, fill=0.0)
+        logits, bias = torch.randn(5, 8, generator=torch.Generator().manual_seed(0)), torch.full((8,), -0.75)
+
+        def by_id(weights, ids):  # both top-k are unsorted
+            order = ids.argsort(dim=-1)
+            return weights.gather(-1, order), ids.gather(-1, order)
+
+        got = by_id(*torch.compile(fn, fullgraph=True, dynamic=True)(logits, bias))
+        self.assertEqual(_moe_counters(), {})
+        want = by_id(*fn(logits, bias))
+        self.assertTrue(torch.equal(got[1], want[1]))
+        torch.testing.assert_close(got[0], want[0])
+
+
 def _stock_combine(x, ids, w, w1):
     """A stock experts layer up to its combine: tokens sorted by expert, one grouped GEMM, each row
     weighted and added back to its token (index_add)."""

@@ -1081,7 +1081,7 @@ def patched_moe_passes(tree, aten):
     sys.modules[package] = pkg
     modules = {}
     try:
-        for name in ("moe_fx_utils", "moe_router", "moe_combine"):
+        for name in ("moe_fx_utils", "moe_group_limit", "moe_router", "moe_combine"):
             spec = importlib.util.spec_from_file_location(f"{package}.{name}",
                                                           os.path.join(tree, f"torch/_inductor/fx_passes/{name}.py"))
             module = importlib.util.module_from_spec(spec)
@@ -1100,10 +1100,11 @@ def test_patched_moe_passes_rewrite_traced_graphs(patched_moe_passes):
     custom pass, moe_combine.run before the post-grad custom post pass; here in those slots), rewrite a
     stock router and a stock combine compiled with dynamic shapes into the patched aten ops (run by our
     kernels), bump the patched counter, and give eager's ids and, within fp32 / bf16 rounding, its values.
-    test_compile_passes.py's TestMoERouterPass and TestMoECombinePass (the patched test file) tests the same code in depth."""
+    test_compile_passes.py's TestMoERouterPass, TestMoERouterGroupLimitPass and TestMoECombinePass (the patched
+    test file) test the same code in depth."""
     from torch._dynamo.utils import counters
     from torch._inductor.utils import run_and_get_code
-    from test_compile_passes import _SoftmaxRouter, _stock_combine, _routing
+    from test_compile_passes import _GroupLimitedRouter, _SoftmaxRouter, _stock_combine, _routing
     fx_utils, router, combine = (patched_moe_passes[n] for n in ("moe_fx_utils", "moe_router", "moe_combine"))
     assert fx_utils.COUNTER == "moe_passes"
     with torch._inductor.config.patch(pre_grad_custom_pass=router.rewrite_routers,
@@ -1119,6 +1120,21 @@ def test_patched_moe_passes_rewrite_traced_graphs(patched_moe_passes):
         want = fn(logits)
         assert torch.equal(ids.long(), want[1])
         torch.testing.assert_close(weights, want[0], rtol=2.0 ** -20, atol=0)
+
+        # DeepSeek-V3's group-limited selection (moe_group_limit.py, compile/0003): both top-k unsorted
+        torch._dynamo.reset()
+        counters.clear()
+        fn = _GroupLimitedRouter(3, 4, 2, 12)
+        bias = torch.randn(12, generator=torch.Generator().manual_seed(1)) / 4
+        logits = torch.randn(9, 12, generator=torch.Generator().manual_seed(0))
+        (weights, ids), codes = run_and_get_code(torch.compile(fn, fullgraph=True, dynamic=True), logits, bias)
+        assert dict(counters["moe_passes"]) == {"router_topk": 1}
+        assert any("moe_ops.router_topk" in c for c in codes)
+        want = fn(logits, bias)
+        got_order, want_order = ids.long().argsort(-1), want[1].argsort(-1)
+        assert torch.equal(ids.long().gather(-1, got_order), want[1].gather(-1, want_order))
+        torch.testing.assert_close(weights.gather(-1, got_order), want[0].gather(-1, want_order),
+                                   rtol=2.0 ** -19, atol=2.0 ** -29)
 
         torch._dynamo.reset()
         counters.clear()
@@ -1423,6 +1439,25 @@ def test_pass_tests_extend_the_file_an_earlier_pr_added(tmp_path):
         manifest.PassTests("test/t.py", str(src), "", ["TestTwo"], extends=True).apply(text)
     with pytest.raises(PatchError, match="takes no header"):
         manifest.PassTests("test/t.py", str(src), "import os", ["helper", "TestTwo"], extends=True).apply(text)
+
+
+def test_fx_pass_module_grows_over_prs(tmp_path):
+    """A pass module a stack grows (the router: ungrouped, then with its group limit): the earlier PR
+    carries it with edits, the later one (update=True) the source itself, which needs the earlier's file;
+    without update=True a second FxPassModule of the module is refused."""
+    src = tmp_path / "m.py"
+    src.write_text("from .extra import more\n\n\ndef f():\n    return more()\n")
+    modules = {"extra": "moe_extra"}
+    first = manifest.FxPassModule("moe_m", str(src), modules, edits=[
+        ("from .extra import more\n", ""), ("    return more()\n", "    return 1\n")])
+    text = first.apply(None)
+    assert text == "\n\ndef f():\n    return 1\n"
+    later = manifest.FxPassModule("moe_m", str(src), modules, update=True)
+    assert later.apply(text) == "from .moe_extra import more\n\n\ndef f():\n    return more()\n"
+    with pytest.raises(PatchError, match="an update needs an earlier FxPassModule"):
+        later.apply(None)
+    with pytest.raises(PatchError, match="exists upstream"):
+        manifest.FxPassModule("moe_m", str(src), modules).apply(text)
 
 
 # Names and yaml entries derived from the declaration ------------------------
