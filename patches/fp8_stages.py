@@ -37,7 +37,8 @@ ROWWISE_ONLY_C10 = (
 HEADER_ROWWISE = [
     ("#include <ATen/native/MoEQuantize.h>\n", ""),
     (_span(HEADER, "//   mx, float8_e8m0fnu, 1x32 blocks along K", "// scale_result must be None"), ""),
-    ("enum class ScaledGroupedMMRecipe { kRowwise, kMX, kBlockwise };", "enum class ScaledGroupedMMRecipe { kRowwise };"),
+    ("enum class ScaledGroupedMMRecipe { kRowwise, kMX, kBlockwise };",
+     "enum class ScaledGroupedMMRecipe { kRowwise };"),
     (_span(HEADER, "// Blockwise: 2D x 3D and 3D x 3D only", "// bias and the scales' device"), ""),
     (_span(HEADER, "  const auto layout = grouped_mm_layout(mat_a, mat_b);\n\n  const int64_t groups =",
            "  scaled_grouped_mm_check_bias_and_devices("),
@@ -62,9 +63,10 @@ KERNEL_PORTABLE = [
     ("#include <ATen/native/cpu/MoEAvx512Utils.h>\n", ""),
     ("to bfloat16 tile buffers (AVX-512 integer code, a table on other CPUs),\n",
      "to bfloat16 tile buffers (a table lookup per byte),\n"),
-    ("// Every capability's build registers its copy; the AVX512 one has the\n// AVX-512 paths (plain REGISTER_DISPATCH "
-     "would leave that slot empty).\n",
-     "// Every capability's build registers its copy (plain REGISTER_DISPATCH\n// would leave the AVX512 slot empty).\n"),
+    ("// Every capability's build registers its copy; the AVX512 one has the\n"
+     "// AVX-512 paths (plain REGISTER_DISPATCH would leave that slot empty).\n",
+     "// Every capability's build registers its copy (plain REGISTER_DISPATCH\n"
+     "// would leave the AVX512 slot empty).\n"),
 ]
 
 # ... and without block scales in the conversion (rowwise: scales in the epilogue only).
@@ -93,15 +95,18 @@ KERNEL_ROWWISE = [
     ("    const ScaleMap none{};\n", ""),
     ("ta, a_map(0, s0), 0,\n                                          pa, 0);",
      "ta, pa, 0);"),
-    ("tb, b_map(g0), b_sc_bs,\n                                          pb, K * N);\n        ta_t = blob(pa, {s1 - s0, K}",
+    ("tb, b_map(g0), b_sc_bs,\n                                          pb, K * N);\n"
+     "        ta_t = blob(pa, {s1 - s0, K}",
      "tb, pb, K * N);\n        ta_t = blob(pa, {s1 - s0, K}"),
     ("ta, a_map(g0, 0), a_sc_bs,\n                                          pa, M * K);",
      "ta, pa, M * K);"),
-    ("tb, b_map(g0), b_sc_bs,\n                                          pb, K * N);\n        ta_t = blob(pa, {gc, M, K}",
+    ("tb, b_map(g0), b_sc_bs,\n                                          pb, K * N);\n"
+     "        ta_t = blob(pa, {gc, M, K}",
      "tb, pb, K * N);\n        ta_t = blob(pa, {gc, M, K}"),
     ("ta, none, 0, pa,\n                                          M * K);", "ta, pa, M * K);"),
     ("tb, none, 0, pb, 0);", "tb, pb, 0);"),
-    (_span(KERNEL, "        // MX: A (m, k) -> scale_a[m, k / 32]", "        const auto sa_str = convert_batch(A + s0 * a_cs"),
+    (_span(KERNEL, "        // MX: A (m, k) -> scale_a[m, k / 32]",
+           "        const auto sa_str = convert_batch(A + s0 * a_cs"),
      ""),
     ("a_rs, a_cs, ta, a2, 0, pa, 0);", "a_rs, a_cs, ta, pa, 0);"),
     ("b_rs, b_cs, tb, b2, 0, pb, 0);", "b_rs, b_cs, tb, pb, 0);"),
