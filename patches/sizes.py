@@ -56,13 +56,14 @@ OVER_LIMIT: dict[str, tuple[int, str]] = {
         "(whole-row segments) first, then the blocked recipes (1x128, 128x128), then MX (e8m0 scales, "
         "swizzle), each PR with its recipes' samples")),
     "core/0006c1-fp8-scaled-grouped-mm-cpu-rowwise.txt": (831, (
-        "_scaled_grouped_mm on CPU with rowwise scales (the block-scaled recipes, 0006c2, are 439 lines, the "
-        "AVX-512 decode, 0006c3, 76): the portable kernel alone is 279 lines as this PR carries it "
-        "(cpu/MoEScaledGroupedMMKernel.cpp: float8 conversion, chunk driver, epilogue), with the checks "
-        "(MoEScaledGroupedMM.h 164), entry (52), meta function (73) and OpInfo (262, of which ~100 the float64 "
-        "reference of every recipe, inlined). Fix: a reference per recipe in torch_moe_ops/reference.py (the "
-        "OpInfo of this PR inlines the rowwise one), and the 2D x 2D and 3D x 2D layouts (the backward's) in a PR "
-        "of their own, which needs the kernel's per-layout cases and the rowwise scale checks cut by layout")),
+        "_scaled_grouped_mm on CPU with rowwise scales (0006c2, the blockwise and MX scales, is 439; 0006c3, the "
+        "AVX-512 decode, 76): the portable kernel is 279 lines as this PR carries it "
+        "(cpu/MoEScaledGroupedMMKernel.cpp: float8 conversion, chunked driver, epilogue), the OpInfo 262 (~100 of "
+        "them the float64 reference of every recipe, inlined), the checks (MoEScaledGroupedMM.h) 164, the meta "
+        "function 73, the entry 52. Fix: a first PR whose CPU entry dequantises whole operands and calls "
+        "_grouped_mm's CPU kernel (code no in-repo source holds: a source-level switch first), the chunked kernel "
+        "after it; and a reference per recipe in torch_moe_ops/reference.py, so that this PR's OpInfo inlines "
+        "the rowwise one")),
     "compile/0001-inductor-moe-router-pass.txt": (544, (
         "fx_passes/moe_router.py alone is 240 lines and the matching helpers it reads (moe_fx_utils.py) 160, "
         "with the test file's 133 (the combine's PR, compile/0002, is 230). Fix: carry DeepSeek-V3's "
