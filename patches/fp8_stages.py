@@ -1,8 +1,7 @@
 """_scaled_grouped_mm's CPU kernel as each PR of stack 3 leaves it (patches/manifest.py): the rowwise
-recipe first, then the block-scaled recipes (blockwise 1x128 x 128x128 and MX), then the AVX-512 float8
-decode. The in-repo sources hold every recipe, one function per recipe in the checks
+recipe first, then blockwise (1x128 x 128x128), then MX, then the AVX-512 float8 decode. The in-repo sources hold every recipe, one function per recipe in the checks
 (MoEScaledGroupedMM.h, _checks.py) and the OpInfo (test/opinfo_fp8.py); these are the anchored edits
-that take the later recipes out of them (Copy's and Meta's ``edits``, OpInfoModule's ``source_edits``).
+that take the later recipes out of them (Copy's ``edits``, Meta's and OpInfoModule's ``source_edits``).
 Each anchor must match exactly once, so an edit of the sources that moves one fails the generator at
 that anchor instead of carrying a stale file."""
 
@@ -148,15 +147,105 @@ CHECKS_ROWWISE = [
 CHECKS_LATER = ("check_scaled_grouped_mm_blockwise_scales", "check_scaled_grouped_mm_mx_scales",
                 "_check_mx_blocked_scale")
 
-# test/opinfo_fp8.py, for the rowwise PR: its samples and error inputs; the later PR adds the others'.
-BLOCK_SCALED_SAMPLES = "        _scaled_grouped_mm_blockwise_operands,\n        _scaled_grouped_mm_mx_operands,\n"
-BLOCK_SCALED_ERRORS = "        _scaled_grouped_mm_blockwise_errors,\n        _scaled_grouped_mm_mx_errors,\n"
-OPINFO_ROWWISE = [(BLOCK_SCALED_SAMPLES, ""), (BLOCK_SCALED_ERRORS, "")]
-OPINFO_BLOCK_SCALED = [
-    ("        _scaled_grouped_mm_rowwise_operands,\n",
-     "        _scaled_grouped_mm_rowwise_operands,\n" + BLOCK_SCALED_SAMPLES),
-    ("        _scaled_grouped_mm_rowwise_errors,\n",
-     "        _scaled_grouped_mm_rowwise_errors,\n" + BLOCK_SCALED_ERRORS),
+# test/opinfo_fp8.py, for the rowwise PR: its samples and error inputs; the later PRs add the others'.
+OPINFO_ROWWISE = [
+    ("        _scaled_grouped_mm_blockwise_operands,\n        _scaled_grouped_mm_mx_operands,\n", ""),
+    ("        _scaled_grouped_mm_blockwise_errors,\n        _scaled_grouped_mm_mx_errors,\n", ""),
 ]
-BLOCK_SCALED_OPINFOS = ("_scaled_grouped_mm_blockwise_operands", "_scaled_grouped_mm_mx_operands",
-                        "_scaled_grouped_mm_blockwise_errors", "_scaled_grouped_mm_mx_errors")
+
+# The blockwise PR: rowwise and DeepSeek-V3's blockwise recipe, no MX (float32 block scales only).
+HEADER_BLOCKWISE = [
+    ("#include <ATen/native/MoEQuantize.h>\n", ""),
+    (_span(HEADER, "//   mx, float8_e8m0fnu, 1x32 blocks along K", "//   blockwise, float32, DeepSeek-V3's recipe"), ""),
+    ("enum class ScaledGroupedMMRecipe { kRowwise, kMX, kBlockwise };",
+     "enum class ScaledGroupedMMRecipe { kRowwise, kBlockwise };"),
+    (_span(HEADER, "// 2-D operands: the per-group blocked layout (swizzle_mx_scale)", "// bias and the scales' device"),
+     ""),
+    (_span(HEADER, "  } else if (scale_a.scalar_type() == kFloat && scale_b.scalar_type() == kFloat) {\n",
+           "  scaled_grouped_mm_check_bias_and_devices("),
+     "  } else {\n"
+     "    TORCH_CHECK_VALUE(scale_a.scalar_type() == kFloat && scale_b.scalar_type() == kFloat,\n"
+     '        "scaled_grouped_mm: scale_a and scale_b must both be float32 (rowwise, blockwise), got ",\n'
+     '        scale_a.scalar_type(), " and ", scale_b.scalar_type());\n'
+     "    recipe = ScaledGroupedMMRecipe::kRowwise;\n"
+     "    scaled_grouped_mm_check_rowwise_scales(mat_a, mat_b, scale_a, scale_b, groups);\n"
+     "  }\n"),
+]
+
+# ... the kernel's scale maps with float32 scales only.
+KERNEL_BLOCKWISE = [
+    KERNEL_ROWWISE[0],  # the MX sentence of the exactness comment
+    (_span(KERNEL, "// Where the scale of element (r, c) of an operand lives:", "// A run of n contiguous"),
+     "// Where the scale of element (r, c) of an operand lives:\n"
+     "// scf[(r / r_div) * r_mul + (c / c_div) * c_mul] (float32, blockwise); none\n"
+     "// means 1.\n"
+     "struct ScaleMap {\n"
+     "  const float* scf = nullptr;\n"
+     "  int64_t r_div = 1, r_mul = 0, c_div = 1, c_mul = 0;\n"
+     "  bool any() const { return scf != nullptr; }\n"
+     "};\n\n"),
+    (_span(KERNEL, "// A run of n contiguous float8 bytes; element i has scale", "template <typename dst_t>"),
+     "// A run of n contiguous float8 bytes; element i has scale\n"
+     "// scf[(i / every) * stride] (no scale pointer: 1).\n"
+     "struct Run {\n"
+     "  const uint8_t* src;\n"
+     "  int64_t n;\n"
+     "  const float* scf;\n"
+     "  int64_t every, stride;\n"
+     "  bool scaled() const { return scf != nullptr; }\n"
+     "  float scale(int64_t i) const { return scf[(i / every) * stride]; }\n"
+     "};\n\n"),
+    (", its scales at sm.sc + b * sc_bs), converted into dst +", ", its scales at sm.scf + b * sc_bs), converted into dst +"),
+    ("len, nullptr, nullptr, 1, 0};", "len, nullptr, 1, 0};"),
+    ("        run.sc = sm.sc != nullptr ? sm.sc + off : nullptr;\n"
+     "        run.scf = sm.scf != nullptr ? sm.scf + off : nullptr;\n",
+     "        run.scf = sm.scf + off;\n"),
+    ("  const float* sa;  // nullptr: no rowwise scales (MX folds them into the tiles)\n",
+     "  const float* sa;  // nullptr: no rowwise scales (blockwise folds them into the tiles)\n"),
+    ("// tile_t: bfloat16 (exact for rowwise and MX) or float32", "// tile_t: bfloat16 (exact for rowwise) or float32"),
+    ("  const bool mx = recipe == ScaledGroupedMMRecipe::kMX;\n", ""),
+    ("  const float* sa = mx ? nullptr : scale_a.const_data_ptr<float>();\n"
+     "  const float* sb = mx ? nullptr : scale_b.const_data_ptr<float>();\n",
+     "  const float* sa = scale_a.const_data_ptr<float>();\n  const float* sb = scale_b.const_data_ptr<float>();\n"),
+    (_span(KERNEL, "  const auto* sa8 = mx ?", "  Tensor bias_f ="), ""),
+    (_span(KERNEL, "    // Scale maps. MX: A element (m, k)", "    auto a_map = "),
+     "    // Scale maps. Blockwise: A (m, k) -> scale_a[.., m, k / 128], B (k, n) ->\n"
+     "    // scale_b[g, n / 128, k / 128]. Rowwise: none (epilogue).\n"),
+    ("      if (mx) s = ScaleMap{sa8 + (g * M + row0) * S, nullptr, 1, S, 32, 1};\n", ""),
+    ("ScaleMap{nullptr, sa + (g * M + row0) * KB, 1, KB, 128, 1};", "ScaleMap{sa + (g * M + row0) * KB, 1, KB, 128, 1};"),
+    ("      if (mx) s = ScaleMap{sb8 + g * N * S, nullptr, 32, 1, 1, S};\n", ""),
+    ("ScaleMap{nullptr, sb + g * NB * KB, 128, 1, 128, KB};", "ScaleMap{sb + g * NB * KB, 128, 1, 128, KB};"),
+    ("    const int64_t a_sc_bs = mx ? M * S : M * KB, b_sc_bs = mx ? N * S : NB * KB;",
+     "    const int64_t a_sc_bs = M * KB, b_sc_bs = NB * KB;"),
+    (_span(KERNEL, "        // MX: A (m, k) -> scale_a[m, k / 32]",
+           "        const auto sa_str = convert_batch(A + s0 * a_cs"),
+     ""),
+    ("a_rs, a_cs, ta, a2, 0, pa, 0);", "a_rs, a_cs, ta, none, 0, pa, 0);"),
+    ("b_rs, b_cs, tb, b2, 0, pb, 0);", "b_rs, b_cs, tb, none, 0, pb, 0);"),
+]
+
+CHECKS_BLOCKWISE = [
+    (_span("torch_moe_ops/_checks.py", "    elif f32:\n        recipe = \"rowwise\"\n",
+           "    chk(scale_a.device == mat_a.device and scale_b.device == mat_a.device,"),
+     "    else:\n"
+     "        chk(f32, lambda: \"scaled_grouped_mm: scale_a and scale_b must both be float32 (rowwise, blockwise), \"\n"
+     "            f\"got {_fp8_c10(scale_a.dtype)} and {_fp8_c10(scale_b.dtype)}\")\n"
+     "        recipe = \"rowwise\"\n"
+     "        check_scaled_grouped_mm_rowwise_scales(mat_a, mat_b, scale_a, scale_b, groups)\n"),
+]
+CHECKS_MX = ("check_scaled_grouped_mm_mx_scales", "_check_mx_blocked_scale")
+
+OPINFO_BLOCKWISE = [
+    ("        _scaled_grouped_mm_rowwise_operands,\n",
+     "        _scaled_grouped_mm_rowwise_operands,\n        _scaled_grouped_mm_blockwise_operands,\n"),
+    ("        _scaled_grouped_mm_rowwise_errors,\n",
+     "        _scaled_grouped_mm_rowwise_errors,\n        _scaled_grouped_mm_blockwise_errors,\n"),
+]
+OPINFO_MX = [
+    ("        _scaled_grouped_mm_blockwise_operands,\n",
+     "        _scaled_grouped_mm_blockwise_operands,\n        _scaled_grouped_mm_mx_operands,\n"),
+    ("        _scaled_grouped_mm_blockwise_errors,\n",
+     "        _scaled_grouped_mm_blockwise_errors,\n        _scaled_grouped_mm_mx_errors,\n"),
+]
+BLOCKWISE_OPINFOS = ("_scaled_grouped_mm_blockwise_operands", "_scaled_grouped_mm_blockwise_errors")
+MX_OPINFOS = ("_scaled_grouped_mm_mx_operands", "_scaled_grouped_mm_mx_errors")

@@ -319,7 +319,7 @@ FP8_OPINFOS = {
                              "error_inputs_dequantize_fp8", "_fp8_opinfo", "quantize_fp8_opinfos"],
     "swizzle_mx_scale_opinfos": ["swizzle_cases", "sample_inputs_swizzle_mx_scale", "error_inputs_swizzle_mx_scale",
                                  "swizzle_mx_scale_opinfos"],
-    # the rowwise recipe's PR; the block-scaled recipes' PR appends theirs (fp8_stages.OPINFO_BLOCK_SCALED)
+    # the rowwise recipe's PR; the blockwise and MX PRs append theirs (fp8_stages.OPINFO_BLOCKWISE, OPINFO_MX)
     "scaled_grouped_mm_opinfos": ["SCALED_MM_DTYPES", "_quantize_weight", "_f8_tag",
                                   "_scaled_grouped_mm_rowwise_operands", "_scaled_grouped_mm_operands",
                                   "scaled_grouped_mm_cases", "sample_inputs_scaled_grouped_mm",
@@ -547,7 +547,7 @@ SERIES = [
             ],
         ),
         # _scaled_grouped_mm's CPU kernel lands recipe by recipe (fp8_stages: the sources as each PR leaves
-        # them): rowwise scales, then the block-scaled recipes (blockwise, MX), then the AVX-512 decode.
+        # them): rowwise scales, blockwise scales, MX scales, then the AVX-512 decode.
         Patch(
             message="core/0006c1-fp8-scaled-grouped-mm-cpu-rowwise.txt",
             changes=[
@@ -574,7 +574,21 @@ SERIES = [
             ],
         ),
         Patch(
-            message="core/0006c2-fp8-scaled-grouped-mm-cpu-block-scaled.txt",
+            message="core/0006c2-fp8-scaled-grouped-mm-cpu-blockwise.txt",
+            changes=[
+                Copy(f"{NATIVE}/MoEScaledGroupedMM.h", f"{SRC}/MoEScaledGroupedMM.h", edits=fp8_stages.HEADER_BLOCKWISE,
+                     update=True),
+                Copy(f"{NATIVE}/cpu/MoEScaledGroupedMMKernel.cpp", f"{SRC}/cpu/MoEScaledGroupedMMKernel.cpp",
+                     undefine=("CPU_CAPABILITY_AVX512",),
+                     edits=fp8_stages.KERNEL_PORTABLE + fp8_stages.KERNEL_BLOCKWISE, update=True),
+                Meta("fp8", SCALED_GROUPED_MM_CPU_META, ops=("scaled_grouped_mm",), cpu_branch=("scaled_grouped_mm",),
+                     source_edits=fp8_stages.CHECKS_BLOCKWISE, leave_out=fp8_stages.CHECKS_MX, update=True),
+                OpInfoModule("fp8", "fp8", "", carried=list(fp8_stages.BLOCKWISE_OPINFOS), extends=True,
+                             op_db=FP8_OP_DB, edits=fp8_stages.OPINFO_BLOCKWISE),
+            ],
+        ),
+        Patch(
+            message="core/0006c3-fp8-scaled-grouped-mm-cpu-mx.txt",
             changes=[
                 Copy(f"{NATIVE}/MoEScaledGroupedMM.h", f"{SRC}/MoEScaledGroupedMM.h", update=True),
                 Copy(f"{NATIVE}/MoEScaledGroupedMM.cpp", f"{SRC}/MoEScaledGroupedMM.cpp", update=True),
@@ -582,12 +596,12 @@ SERIES = [
                      undefine=("CPU_CAPABILITY_AVX512",), edits=fp8_stages.KERNEL_PORTABLE, update=True),
                 Meta("fp8", SCALED_GROUPED_MM_CPU_META, ops=("scaled_grouped_mm",), cpu_branch=("scaled_grouped_mm",),
                      update=True),
-                OpInfoModule("fp8", "fp8", "", carried=list(fp8_stages.BLOCK_SCALED_OPINFOS), extends=True,
-                             op_db=FP8_OP_DB, edits=fp8_stages.OPINFO_BLOCK_SCALED),
+                OpInfoModule("fp8", "fp8", "", carried=list(fp8_stages.MX_OPINFOS), extends=True,
+                             op_db=FP8_OP_DB, edits=fp8_stages.OPINFO_MX),
             ],
         ),
         Patch(
-            message="core/0006c3-fp8-scaled-grouped-mm-cpu-avx512.txt",
+            message="core/0006c4-fp8-scaled-grouped-mm-cpu-avx512.txt",
             changes=[
                 Copy(f"{NATIVE}/cpu/MoEScaledGroupedMMKernel.cpp", f"{SRC}/cpu/MoEScaledGroupedMMKernel.cpp",
                      update=True),

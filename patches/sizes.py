@@ -56,8 +56,9 @@ OVER_LIMIT: dict[str, tuple[int, str]] = {
         "(whole-row segments) first, then the blocked recipes (1x128, 128x128), then MX (e8m0 scales, "
         "swizzle), each PR with its recipes' samples")),
     "core/0006c1-fp8-scaled-grouped-mm-cpu-rowwise.txt": (831, (
-        "_scaled_grouped_mm on CPU with rowwise scales (0006c2, the blockwise and MX scales, is 439; 0006c3, the "
-        "AVX-512 decode, 76): the portable kernel is 279 lines as this PR carries it "
+        "_scaled_grouped_mm on CPU with rowwise scales (the later PRs of its stack are under the limit: 0006c2 "
+        "blockwise 193, 0006c3 MX 298, 0006c4 the AVX-512 decode 76): the portable kernel is 279 lines as this PR "
+        "carries it "
         "(cpu/MoEScaledGroupedMMKernel.cpp: float8 conversion, chunked driver, epilogue), the OpInfo 262 (~100 of "
         "them the float64 reference of every recipe, inlined), the checks (MoEScaledGroupedMM.h) 164, the meta "
         "function 73, the entry 52. Fix: a first PR whose CPU entry dequantises whole operands and calls "
