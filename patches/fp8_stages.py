@@ -1,7 +1,8 @@
 """_scaled_grouped_mm's CPU kernel as each PR of stack 3 leaves it (patches/manifest.py): the rowwise
-recipe first, then blockwise (1x128 x 128x128), then MX, then the AVX-512 float8 decode. The in-repo sources hold every recipe, one function per recipe in the checks
-(MoEScaledGroupedMM.h, _checks.py) and the OpInfo (test/opinfo_fp8.py); these are the anchored edits
-that take the later recipes out of them (Copy's ``edits``, Meta's and OpInfoModule's ``source_edits``).
+recipe first, then blockwise (1x128 x 128x128), then MX, then the AVX-512 float8 decode. The in-repo
+sources hold every recipe, one function per recipe in the checks (MoEScaledGroupedMM.h, _checks.py)
+and the OpInfo (test/opinfo_fp8.py); these are the anchored edits that take the later recipes out of
+them (Copy's ``edits``, Meta's and OpInfoModule's ``source_edits``).
 Each anchor must match exactly once, so an edit of the sources that moves one fails the generator at
 that anchor instead of carrying a stale file."""
 
