@@ -28,6 +28,7 @@ import os
 
 from torch_moe_ops import native_functions
 
+from . import fp8_stages
 from .changes import REPO_ROOT, Copy, Edit, Insert, Patch, Series
 from .decomp_expect import DecompExpect
 from .errors import PatchError
@@ -406,9 +407,12 @@ FP8_OPINFOS = {
                              "error_inputs_dequantize_fp8", "_fp8_opinfo", "quantize_fp8_opinfos"],
     "swizzle_mx_scale_opinfos": ["swizzle_cases", "sample_inputs_swizzle_mx_scale", "error_inputs_swizzle_mx_scale",
                                  "swizzle_mx_scale_opinfos"],
-    "scaled_grouped_mm_opinfos": ["SCALED_MM_DTYPES", "_scaled_grouped_mm_operands", "scaled_grouped_mm_cases",
-                                  "sample_inputs_scaled_grouped_mm", "error_inputs_scaled_grouped_mm",
-                                  "scaled_grouped_mm_opinfos"],
+    # the rowwise recipe's PR; the blockwise and MX PRs append theirs (fp8_stages.OPINFO_BLOCKWISE, OPINFO_MX)
+    "scaled_grouped_mm_opinfos": ["SCALED_MM_DTYPES", "_quantize_weight", "_f8_tag",
+                                  "_scaled_grouped_mm_rowwise_operands", "_scaled_grouped_mm_operands",
+                                  "scaled_grouped_mm_cases", "sample_inputs_scaled_grouped_mm",
+                                  "_scaled_grouped_mm_error_operands", "_scaled_grouped_mm_rowwise_errors",
+                                  "error_inputs_scaled_grouped_mm", "scaled_grouped_mm_opinfos"],
 }
 # upstream's CUDA kernel of _scaled_grouped_mm is narrower than the CPU one's samples: tested in its own files
 FP8_CUDA_TESTED_ELSEWHERE = {"scaled_grouped_mm_opinfos": ', cuda_tested_elsewhere=("scaled_grouped_mm",)'}
@@ -639,16 +643,22 @@ SERIES = [
                              op_db=fp8_op_db("quantize_fp8_opinfos", "swizzle_mx_scale_opinfos")),
             ],
         ),
+        # _scaled_grouped_mm's CPU kernel lands recipe by recipe (fp8_stages: the sources as each PR leaves
+        # them): rowwise scales, blockwise scales, MX scales, then the AVX-512 decode.
         Patch(
-            message="core/0006c-fp8-scaled-grouped-mm-cpu.txt",
+            message="core/0006c1-fp8-scaled-grouped-mm-cpu-rowwise.txt",
             changes=[
-                Copy(f"{NATIVE}/MoEScaledGroupedMM.h", f"{SRC}/MoEScaledGroupedMM.h"),
-                Copy(f"{NATIVE}/MoEScaledGroupedMM.cpp", f"{SRC}/MoEScaledGroupedMM.cpp"),
-                Copy(f"{NATIVE}/cpu/MoEScaledGroupedMMKernel.cpp", f"{SRC}/cpu/MoEScaledGroupedMMKernel.cpp"),
+                Copy(f"{NATIVE}/MoEScaledGroupedMM.h", f"{SRC}/MoEScaledGroupedMM.h", edits=fp8_stages.HEADER_ROWWISE),
+                Copy(f"{NATIVE}/MoEScaledGroupedMM.cpp", f"{SRC}/MoEScaledGroupedMM.cpp",
+                     edits=fp8_stages.ENTRY_ROWWISE),
+                Copy(f"{NATIVE}/cpu/MoEScaledGroupedMMKernel.cpp", f"{SRC}/cpu/MoEScaledGroupedMMKernel.cpp",
+                     undefine=("CPU_CAPABILITY_AVX512",),
+                     edits=fp8_stages.KERNEL_PORTABLE + fp8_stages.KERNEL_ROWWISE),
                 Dispatch("scaled_grouped_mm"),
                 Meta("fp8", SCALED_GROUPED_MM_CPU_META, ops=("scaled_grouped_mm",),
                      after="meta_swizzle_mx_scale",
                      cpu_branch=("scaled_grouped_mm",),
+                     source_edits=fp8_stages.CHECKS_ROWWISE, leave_out=fp8_stages.CHECKS_LATER,
                      edits=[(
                          "    # matching _scaled_grouped_mm_cuda Blas.cpp implementation\n",
                          "    if mat_a.device.type == \"cpu\":  # the CPU kernel's checks, wider than the CUDA kernels'\n"
@@ -657,7 +667,41 @@ SERIES = [
                          "        )\n"
                          "    # matching _scaled_grouped_mm_cuda Blas.cpp implementation\n")]),
                 OpInfoModule("fp8", "fp8", "", carried=FP8_OPINFOS["scaled_grouped_mm_opinfos"], extends=True,
-                             op_db=FP8_OP_DB),
+                             op_db=FP8_OP_DB, source_edits=fp8_stages.OPINFO_ROWWISE),
+            ],
+        ),
+        Patch(
+            message="core/0006c2-fp8-scaled-grouped-mm-cpu-blockwise.txt",
+            changes=[
+                Copy(f"{NATIVE}/MoEScaledGroupedMM.h", f"{SRC}/MoEScaledGroupedMM.h", edits=fp8_stages.HEADER_BLOCKWISE,
+                     update=True),
+                Copy(f"{NATIVE}/cpu/MoEScaledGroupedMMKernel.cpp", f"{SRC}/cpu/MoEScaledGroupedMMKernel.cpp",
+                     undefine=("CPU_CAPABILITY_AVX512",),
+                     edits=fp8_stages.KERNEL_PORTABLE + fp8_stages.KERNEL_BLOCKWISE, update=True),
+                Meta("fp8", SCALED_GROUPED_MM_CPU_META, ops=("scaled_grouped_mm",), cpu_branch=("scaled_grouped_mm",),
+                     source_edits=fp8_stages.CHECKS_BLOCKWISE, leave_out=fp8_stages.CHECKS_MX, update=True),
+                OpInfoModule("fp8", "fp8", "", carried=list(fp8_stages.BLOCKWISE_OPINFOS), extends=True,
+                             op_db=FP8_OP_DB, edits=fp8_stages.OPINFO_BLOCKWISE),
+            ],
+        ),
+        Patch(
+            message="core/0006c3-fp8-scaled-grouped-mm-cpu-mx.txt",
+            changes=[
+                Copy(f"{NATIVE}/MoEScaledGroupedMM.h", f"{SRC}/MoEScaledGroupedMM.h", update=True),
+                Copy(f"{NATIVE}/MoEScaledGroupedMM.cpp", f"{SRC}/MoEScaledGroupedMM.cpp", update=True),
+                Copy(f"{NATIVE}/cpu/MoEScaledGroupedMMKernel.cpp", f"{SRC}/cpu/MoEScaledGroupedMMKernel.cpp",
+                     undefine=("CPU_CAPABILITY_AVX512",), edits=fp8_stages.KERNEL_PORTABLE, update=True),
+                Meta("fp8", SCALED_GROUPED_MM_CPU_META, ops=("scaled_grouped_mm",), cpu_branch=("scaled_grouped_mm",),
+                     update=True),
+                OpInfoModule("fp8", "fp8", "", carried=list(fp8_stages.MX_OPINFOS), extends=True,
+                             op_db=FP8_OP_DB, edits=fp8_stages.OPINFO_MX),
+            ],
+        ),
+        Patch(
+            message="core/0006c4-fp8-scaled-grouped-mm-cpu-avx512.txt",
+            changes=[
+                Copy(f"{NATIVE}/cpu/MoEScaledGroupedMMKernel.cpp", f"{SRC}/cpu/MoEScaledGroupedMMKernel.cpp",
+                     update=True),
             ],
         ),
         Patch(
@@ -785,7 +829,8 @@ def _chain_meta_blocks() -> None:
         for patch in series.patches:
             for change in patch.changes:
                 if isinstance(change, Meta) and change.ops:
-                    change.earlier_ops = carried.get(change.family, ())
+                    # (an op's later block, update=True, grows its own earlier block: not "earlier" to itself)
+                    change.earlier_ops = tuple(o for o in carried.get(change.family, ()) if o not in change.ops)
                     carried[change.family] = (*change.earlier_ops, *change.ops)
 
 

@@ -27,7 +27,14 @@ class Meta:
     one op: the block carries their meta functions and the checks they reach
     but those of ``earlier_ops``, the family's ops an earlier PR's block
     carries (and whose checks it may use); the manifest derives them from
-    the series order."""
+    the series order.
+
+    An op that lands over several PRs (one per recipe: _scaled_grouped_mm)
+    has a block per PR: ``source_edits`` (anchored on torch_moe_ops/_checks.py)
+    and ``leave_out`` (checks, our names) give the earlier PRs' checks without
+    what a later one adds; that later block (``update=True``) is the same
+    block grown, replacing the definitions the earlier one wrote (its header
+    stays), so its diff is what it adds."""
 
     family: str
     header: str
@@ -37,6 +44,9 @@ class Meta:
     after: str | None = None
     cpu_branch: tuple[str, ...] = ()
     edits: list[tuple[str, str]] = field(default_factory=list)
+    source_edits: list[tuple[str, str]] = field(default_factory=list)
+    leave_out: tuple[str, ...] = ()
+    update: bool = False
     path: str = META_REGISTRATIONS
     declared_at: str = field(default_factory=declared_at)
 
@@ -50,7 +60,8 @@ class Meta:
 
     def carried_checks(self) -> dict[str, str]:
         """The checks this block carries -> their upstream names."""
-        return names.op_checks(self.family, tuple(self.ops), tuple(self.earlier_ops))
+        checks = names.op_checks(self.family, tuple(self.ops), tuple(self.earlier_ops))
+        return {k: v for k, v in checks.items() if k not in self.leave_out}
 
     def meta_names(self) -> dict[str, str]:
         """fake kernel -> its upstream name."""
@@ -62,6 +73,8 @@ class Meta:
 
     def apply(self, upstream: str | None) -> str:
         checks_src, fake_src = (read_source(s, self.declared_at) for s in self.sources)
+        for old, new in self.source_edits:
+            checks_src = rewrite.replace_once(checks_src, old, new, names.CHECKS)
         mine = self.carried_checks()
         shared = {**names.shared_checks(self.family),
                   **(names.op_checks(self.family, tuple(self.earlier_ops)) if self.earlier_ops else {})}
@@ -82,6 +95,12 @@ class Meta:
             blocks.append(rewrite.replace_once(meta, f'@torch.library.register_fake("moe_ops::{op}")\n', register,
                                                self.fake_source))
         body = (checks + "\n\n" if checks else "") + "\n\n".join(blocks) + "\n\n"
+        if self.update:
+            # The earlier block's definitions, replaced by this one's in place (new checks among them).
+            written = {n for node in rewrite.parse(upstream, self.path).body for n in rewrite.top_level_names(node)}
+            mine = [n for node in rewrite.parse(body, self.path).body for n in rewrite.top_level_names(node)
+                    if n in written]
+            return rewrite.replace_definitions(upstream, self.path, mine, body)
         # Two blank lines between the header and a function (pycodestyle's E302), one before a constant.
         block = self.header + ("\n\n" if body.startswith(("def ", "@")) else "\n") + body
         for old, new in self.edits:

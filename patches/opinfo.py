@@ -56,7 +56,10 @@ class OpInfoModule:
     and imports they use) and ``op_db`` its op_db statement: the first such PR
     writes the module (its docstring ``title``), each later one
     (``extends=True``) appends its definitions before the op_db statement and
-    replaces that statement with its own."""
+    replaces that statement with its own. ``source_edits``, anchored on the
+    source, apply before the selection (an op whose samples land over
+    several PRs, one per recipe: a list of the recipes' sample functions
+    without the later PRs' ones)."""
 
     family: str
     module: str
@@ -67,6 +70,7 @@ class OpInfoModule:
     carried: list[str] | None = None
     op_db: str | None = None
     extends: bool = False
+    source_edits: list[tuple[str, str]] = field(default_factory=list)
     declared_at: str = field(default_factory=declared_at)
 
     @property
@@ -141,6 +145,8 @@ class OpInfoModule:
             raise PatchError(self.path, None, "exists already: extend it (extends=True)" if upstream is not None
                              else "does not exist yet: the first OpInfoModule of a module adds it (extends=False)")
         src, reference_src = (read_source(s, self.declared_at) for s in self.sources)
+        for old, new in self.source_edits:
+            src = rewrite.replace_once(src, old, new, self.source)
         tree = rewrite.parse(src, self.source)
         defined: list[str] = []
         if upstream is not None:

@@ -1590,19 +1590,27 @@ def test_opinfo_module_of_some_ops_of_a_family():
 
 def test_stack_3_meta_blocks_partition_the_fp8_checks():
     """Stack 3's meta blocks, one per op PR, carry every check of the fp8 family once between them, each
-    block the checks its ops reach but an earlier block's; each block names only its ops' meta functions."""
+    block the checks its ops reach but an earlier block's; each block names only its ops' meta functions.
+    _scaled_grouped_mm lands over three PRs (rowwise, blockwise, MX): each later block grows the one before
+    by the checks it left out."""
+    from patches import fp8_stages
     metas = [c for p in manifest.SERIES[0].patches for c in p.changes
              if isinstance(c, manifest.Meta) and c.family == "fp8"]
-    assert [m.ops for m in metas] == [manifest.FP8_QUANTIZE_OPS, ("swizzle_mx_scale",), ("scaled_grouped_mm",),
+    sgmm = ("scaled_grouped_mm",)
+    assert [m.ops for m in metas] == [manifest.FP8_QUANTIZE_OPS, ("swizzle_mx_scale",), sgmm, sgmm, sgmm,
                                       ("scaled_grouped_mm_v2",)]
+    assert [m.update for m in metas] == [False, False, False, True, True, False]
     carried = [set(m.carried_checks()) for m in metas]
-    assert set().union(*carried) == set(names.family_checks("fp8"))
-    assert sum(map(len, carried)) == len(names.family_checks("fp8"))  # disjoint
+    assert carried[2] < carried[3] < carried[4]
+    assert carried[4] - carried[2] == set(fp8_stages.CHECKS_LATER)
+    assert carried[4] - carried[3] == set(fp8_stages.CHECKS_MX)
+    final = carried[:2] + carried[4:]
+    assert set().union(*final) == set(names.family_checks("fp8"))
+    assert sum(map(len, final)) == len(names.family_checks("fp8"))  # disjoint
     assert "check_scaled_grouped_mm_inputs" in carried[2] and "check_swizzle_mx_scale_inputs" in carried[1]
-    assert [tuple(m.earlier_ops) for m in metas] == [(), manifest.FP8_QUANTIZE_OPS,
-                                                     (*manifest.FP8_QUANTIZE_OPS, "swizzle_mx_scale"),
-                                                     (*manifest.FP8_QUANTIZE_OPS, "swizzle_mx_scale",
-                                                      "scaled_grouped_mm")]
+    sgmm_earlier = (*manifest.FP8_QUANTIZE_OPS, "swizzle_mx_scale")
+    assert [tuple(m.earlier_ops) for m in metas] == [(), manifest.FP8_QUANTIZE_OPS, sgmm_earlier, sgmm_earlier,
+                                                     sgmm_earlier, (*sgmm_earlier, "scaled_grouped_mm")]
     assert list(metas[1].meta_names().values()) == ["meta_swizzle_mx_scale"]
     with pytest.raises(PatchError, match=r"\['router_topk'\] are not upstreamed ops of the fp8 family"):
         names.op_checks("fp8", ("router_topk",))

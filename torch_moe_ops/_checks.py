@@ -583,8 +583,56 @@ def _check_mx_blocked_scale(name: str, scale: torch.Tensor, operand: str, rows: 
         f"(swizzle_mx_scale(scale, offs, dim={dim})), which at this shape cannot be told from the plain grid")
 
 
+# The scale shapes of each recipe (MoEScaledGroupedMM.h), once the recipe is known.
+def check_scaled_grouped_mm_rowwise_scales(mat_a, mat_b, scale_a, scale_b, groups: int) -> None:
+    m, n = mat_a.shape[-2], mat_b.shape[-1]
+    want = {"2d3d": ([m], [groups, n]), "3d3d": ([groups, m], [groups, n]), "3d2d": ([groups, m], [n]),
+            "2d2d": ([groups * m], [groups * n])}[grouped_mm_layout(mat_a, mat_b)]
+    _check_scaled_grouped_mm_scale("scale_a", scale_a, want[0], "rowwise")
+    _check_scaled_grouped_mm_scale("scale_b", scale_b, want[1], "rowwise")
+
+
+def check_scaled_grouped_mm_blockwise_scales(mat_a, mat_b, scale_a, scale_b, groups: int) -> None:
+    """2D x 3D and 3D x 3D only (the caller checks the layout)."""
+    m, n, k = mat_a.shape[-2], mat_b.shape[-1], mat_a.shape[-1]
+    kb, nb = (k + 127) // 128, (n + 127) // 128
+    what = "blockwise (1x128 x 128x128)"
+    _check_scaled_grouped_mm_scale("scale_a", scale_a, [m, kb] if mat_a.dim() == 2 else [groups, m, kb], what)
+    _check_scaled_grouped_mm_scale("scale_b", scale_b, [groups, nb, kb], what)
+
+
+def check_scaled_grouped_mm_mx_scales(
+    mat_a, mat_b, scale_a, scale_b, groups: int, swizzled_a: bool, swizzled_b: bool
+) -> None:
+    """3-D operands: the plain (G, rows, S) grid or, swizzled, (G, round_up(rows, 128) * round_up(S, 4));
+    2-D operands: blocked per group (swizzle_mx_scale)."""
+    layout = grouped_mm_layout(mat_a, mat_b)
+    torch._check_value(layout != "3d2d",
+                       lambda: "scaled_grouped_mm: mx scaling supports 2D x 3D, 3D x 3D and 2D x 2D operands, got "
+                       f"mat_a {_sizes(mat_a)} and mat_b {_sizes(mat_b)}")
+    m, n, s = mat_a.shape[-2], mat_b.shape[-1], (mat_a.shape[-1] + 31) // 32
+
+    def check_3d(name, scale, rows, swizzled):
+        if swizzled:
+            want = [groups, _ceil_div(rows, 128) * 128 * _ceil_div(s, 4) * 4]
+            _check_scaled_grouped_mm_scale(name, scale, want, "mx (swizzled)")
+        else:
+            _check_scaled_grouped_mm_scale(name, scale, [groups, rows, s], "mx")
+
+    if layout == "2d2d":  # groups along K: offs must fall on 32-blocks (checked on values)
+        _check_mx_blocked_scale("scale_a", scale_a, "mat_a", m, s, 1)
+        _check_mx_blocked_scale("scale_b", scale_b, "mat_b^T", n, s, 1)
+        return
+    if layout == "2d3d":
+        _check_mx_blocked_scale("scale_a", scale_a, "mat_a", m, s, 0)
+    else:
+        check_3d("scale_a", scale_a, m, swizzled_a)
+    check_3d("scale_b", scale_b, n, swizzled_b)
+
+
 def check_scaled_grouped_mm_inputs(mat_a, mat_b, scale_a, scale_b, offs, bias, scale_result, out_dtype):
-    """Validates everything but the values of offs; returns (recipe, output dtype)."""
+    """Validates everything but the values of offs; returns (recipe, output dtype): the recipe told from
+    the scales' dtypes and ranks."""
     chk = torch._check_value
     check_grouped_mm_dims("scaled_grouped_mm", mat_a, mat_b)
     chk(mat_a.dtype in FP8_DATA_DTYPES,
@@ -598,51 +646,20 @@ def check_scaled_grouped_mm_inputs(mat_a, mat_b, scale_a, scale_b, offs, bias, s
     check_grouped_mm_layout("scaled_grouped_mm", mat_a, mat_b, offs)
     layout = grouped_mm_layout(mat_a, mat_b)
     groups = grouped_mm_num_groups(mat_a, offs)
-    m, n, k = mat_a.shape[-2], mat_b.shape[-1], mat_a.shape[-1]
-    k_fixed = layout in ("2d3d", "3d3d")
-    if scale_a.dtype == torch.float32 and scale_b.dtype == torch.float32 and k_fixed and scale_a.dim() == mat_a.dim():
+    f32 = scale_a.dtype == torch.float32 and scale_b.dtype == torch.float32
+    if f32 and layout in ("2d3d", "3d3d") and scale_a.dim() == mat_a.dim():  # scale_a one rank above rowwise's
         recipe = "blockwise (1x128 x 128x128)"
-        kb, nb = (k + 127) // 128, (n + 127) // 128
-        want = ([m, kb] if layout == "2d3d" else [groups, m, kb], [groups, nb, kb])
-    elif scale_a.dtype == torch.float32 and scale_b.dtype == torch.float32:
+        check_scaled_grouped_mm_blockwise_scales(mat_a, mat_b, scale_a, scale_b, groups)
+    elif f32:
         recipe = "rowwise"
-        want = {"2d3d": ([m], [groups, n]), "3d3d": ([groups, m], [groups, n]), "3d2d": ([groups, m], [n]),
-                "2d2d": ([groups * m], [groups * n])}[layout]
+        check_scaled_grouped_mm_rowwise_scales(mat_a, mat_b, scale_a, scale_b, groups)
     else:
         chk(scale_a.dtype == torch.float8_e8m0fnu and scale_b.dtype == torch.float8_e8m0fnu,
             lambda: "scaled_grouped_mm: scale_a and scale_b must both be float32 (rowwise, blockwise) or both "
             f"Float8_e8m0fnu (mx), got {_fp8_c10(scale_a.dtype)} and {_fp8_c10(scale_b.dtype)}")
         recipe = "mx"
-        chk(layout != "3d2d",
-            lambda: "scaled_grouped_mm: mx scaling supports 2D x 3D, 3D x 3D and 2D x 2D operands, got mat_a "
-            f"{_sizes(mat_a)} and mat_b {_sizes(mat_b)}")
-        s = (k + 31) // 32
-        sp = _ceil_div(s, 4) * 4
-
-        def swz(rows):
-            return [groups, _ceil_div(rows, 128) * 128 * sp]
-
-        def check_blocked(name, scale, operand, rows, dim):
-            _check_mx_blocked_scale(name, scale, operand, rows, s, dim)
-
-        if layout == "2d2d":
-            check_blocked("scale_a", scale_a, "mat_a", m, 1)
-        elif layout == "2d3d":
-            check_blocked("scale_a", scale_a, "mat_a", m, 0)
-        elif scale_a.dim() == 2:
-            _check_scaled_grouped_mm_scale("scale_a", scale_a, swz(m), "mx (swizzled)")
-        else:
-            _check_scaled_grouped_mm_scale("scale_a", scale_a, [groups, m, s], recipe)
-        if layout == "2d2d":
-            check_blocked("scale_b", scale_b, "mat_b^T", n, 1)
-        elif scale_b.dim() == 2:
-            _check_scaled_grouped_mm_scale("scale_b", scale_b, swz(n), "mx (swizzled)")
-        else:
-            _check_scaled_grouped_mm_scale("scale_b", scale_b, [groups, n, s], recipe)
-        want = None
-    if want is not None:
-        _check_scaled_grouped_mm_scale("scale_a", scale_a, want[0], recipe)
-        _check_scaled_grouped_mm_scale("scale_b", scale_b, want[1], recipe)
+        swizzled = (scale_a.dim() == 2, scale_b.dim() == 2)  # a 3-D operand's scale is swizzled when 2-D
+        check_scaled_grouped_mm_mx_scales(mat_a, mat_b, scale_a, scale_b, groups, *swizzled)
     chk(scale_a.device == mat_a.device and scale_b.device == mat_a.device,
         lambda: f"scaled_grouped_mm: scale_a and scale_b must be on the device of mat_a ({mat_a.device}), got "
         f"{scale_a.device} and {scale_b.device}")

@@ -1,0 +1,252 @@
+"""_scaled_grouped_mm's CPU kernel as each PR of stack 3 leaves it (patches/manifest.py): the rowwise
+recipe first, then blockwise (1x128 x 128x128), then MX, then the AVX-512 float8 decode. The in-repo
+sources hold every recipe, one function per recipe in the checks (MoEScaledGroupedMM.h, _checks.py)
+and the OpInfo (test/opinfo_fp8.py); these are the anchored edits that take the later recipes out of
+them (Copy's ``edits``, Meta's and OpInfoModule's ``source_edits``).
+Each anchor must match exactly once, so an edit of the sources that moves one fails the generator at
+that anchor instead of carrying a stale file."""
+
+from __future__ import annotations
+
+import os
+
+REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+NATIVE = "torch_moe_ops/csrc/ATen/native"
+
+
+def _span(path: str, start: str, stop: str) -> str:
+    """The text of the in-repo file path from start (included) to stop (excluded), each found once."""
+    with open(os.path.join(REPO_ROOT, path), encoding="utf-8") as f:
+        text = f.read()
+    if text.count(start) != 1:
+        raise ValueError(f"{path}: {start!r} occurs {text.count(start)} times")
+    begin = text.index(start)
+    end = text.index(stop, begin)
+    return text[begin:end]
+
+
+HEADER = f"{NATIVE}/MoEScaledGroupedMM.h"
+ENTRY = f"{NATIVE}/MoEScaledGroupedMM.cpp"
+KERNEL = f"{NATIVE}/cpu/MoEScaledGroupedMMKernel.cpp"
+
+ROWWISE_ONLY_C10 = (
+    '"scaled_grouped_mm: scale_a and scale_b must both be float32 (rowwise), got ", scale_a.scalar_type(), " and ",\n'
+    '      scale_b.scalar_type());\n')
+
+# MoEScaledGroupedMM.h: the checks of the rowwise recipe alone; the others' scales are refused.
+HEADER_ROWWISE = [
+    ("#include <ATen/native/MoEQuantize.h>\n", ""),
+    (_span(HEADER, "//   mx, float8_e8m0fnu, 1x32 blocks along K", "// scale_result must be None"), ""),
+    ("enum class ScaledGroupedMMRecipe { kRowwise, kMX, kBlockwise };",
+     "enum class ScaledGroupedMMRecipe { kRowwise };"),
+    (_span(HEADER, "// Blockwise: 2D x 3D and 3D x 3D only", "// bias and the scales' device"), ""),
+    (_span(HEADER, "  const auto layout = grouped_mm_layout(mat_a, mat_b);\n\n  const int64_t groups =",
+           "  scaled_grouped_mm_check_bias_and_devices("),
+     "  const int64_t groups = grouped_mm_num_groups(mat_a, mat_b, offs);\n"
+     "  TORCH_CHECK_VALUE(scale_a.scalar_type() == kFloat && scale_b.scalar_type() == kFloat,\n"
+     "      " + ROWWISE_ONLY_C10 +
+     "  const auto recipe = ScaledGroupedMMRecipe::kRowwise;\n"
+     "  scaled_grouped_mm_check_rowwise_scales(mat_a, mat_b, scale_a, scale_b, groups);\n"),
+]
+
+# MoEScaledGroupedMM.cpp: no mx scales to unswizzle, no 32-blocks for offs to fall on.
+ENTRY_ROWWISE = [
+    ("#include <ATen/native/MoEQuantize.h>\n#include <ATen/native/MoESwizzleMXScale.h>\n", ""),
+    (_span(ENTRY, "      TORCH_CHECK_VALUE(recipe != ScaledGroupedMMRecipe::kMX", "      prev = end;"), ""),
+    (_span(ENTRY, "    const int64_t s = (mat_a.size(-1) + 31) / 32;\n", "    scaled_grouped_mm_stub(kCPU"),
+     "    const Tensor sa = scale_a.contiguous(), sb = scale_b.contiguous();\n"),
+]
+
+# cpu/MoEScaledGroupedMMKernel.cpp without its CPU_CAPABILITY_AVX512 blocks (the PRs before the
+# AVX-512 decode's): the float8 bytes decoded by table.
+KERNEL_PORTABLE = [
+    ("#include <ATen/native/cpu/MoEAvx512Utils.h>\n", ""),
+    ("to bfloat16 tile buffers (AVX-512 integer code, a table on other CPUs),\n",
+     "to bfloat16 tile buffers (a table lookup per byte),\n"),
+    ("// Every capability's build registers its copy; the AVX512 one has the\n"
+     "// AVX-512 paths (plain REGISTER_DISPATCH would leave that slot empty).\n",
+     "// Every capability's build registers its copy (plain REGISTER_DISPATCH\n"
+     "// would leave the AVX512 slot empty).\n"),
+]
+
+# ... and without block scales in the conversion (rowwise: scales in the epilogue only).
+KERNEL_ROWWISE = [
+    ("; MX scales are powers of two folded into the\n// conversion, exact unless a product falls below "
+     "bfloat16's normal range\n// (2^-126)", ""),
+    (_span(KERNEL, "// Where the scale of element (r, c) of an operand lives:", "// A run of n contiguous"), ""),
+    (_span(KERNEL, "// A run of n contiguous float8 bytes; element i has scale", "template <typename dst_t>"),
+     "// A run of n contiguous float8 bytes.\nstruct Run {\n  const uint8_t* src;\n  int64_t n;\n};\n\n"),
+    ("    if (run.scaled()) v *= run.scale(i);\n", ""),
+    (", its scales at sm.sc + b * sc_bs), converted into dst +", "), converted into dst +"),
+    ("ScalarType t, const ScaleMap& sm, int64_t sc_bs, dst_t* dst,", "ScalarType t, dst_t* dst,"),
+    (_span(KERNEL, "      Run run{src + b * src_bs + i * src_step, len, nullptr, nullptr, 1, 0};\n",
+           "      if (src_inner != 1"),
+     "      Run run{src + b * src_bs + i * src_step, len};\n"),
+    ("  const float* sa;  // nullptr: no rowwise scales (MX folds them into the tiles)\n", "  const float* sa;\n"),
+    ("      const float s = bl.sa != nullptr ? bl.sa[r] : 1.0f;\n", "      const float s = bl.sa[r];\n"),
+    ("        float v = a[c];\n        if (bl.sa != nullptr) v = (v * s) * bl.sb[c];\n",
+     "        float v = (a[c] * s) * bl.sb[c];\n"),
+    (_span(KERNEL, "// tile_t: bfloat16 (exact for rowwise and MX)", "template <typename out_t, typename tile_t>"),
+     "// tile_t: bfloat16, which holds every float8 value exactly.\n"),
+    (_span(KERNEL, "  const bool mx = recipe == ScaledGroupedMMRecipe::kMX;\n", "  const auto ta = mat_a"), ""),
+    (_span(KERNEL, "  const float* sa = mx ? nullptr", "  Tensor bias_f ="),
+     "  const float* sa = scale_a.const_data_ptr<float>();\n  const float* sb = scale_b.const_data_ptr<float>();\n"),
+    (_span(KERNEL, "    // Scale maps. MX: A element (m, k)", "    Tensor ta_t, tb_t;"), ""),
+    ("    const ScaleMap none{};\n", ""),
+    ("ta, a_map(0, s0), 0,\n                                          pa, 0);",
+     "ta, pa, 0);"),
+    ("tb, b_map(g0), b_sc_bs,\n                                          pb, K * N);\n"
+     "        ta_t = blob(pa, {s1 - s0, K}",
+     "tb, pb, K * N);\n        ta_t = blob(pa, {s1 - s0, K}"),
+    ("ta, a_map(g0, 0), a_sc_bs,\n                                          pa, M * K);",
+     "ta, pa, M * K);"),
+    ("tb, b_map(g0), b_sc_bs,\n                                          pb, K * N);\n"
+     "        ta_t = blob(pa, {gc, M, K}",
+     "tb, pb, K * N);\n        ta_t = blob(pa, {gc, M, K}"),
+    ("ta, none, 0, pa,\n                                          M * K);", "ta, pa, M * K);"),
+    ("tb, none, 0, pb, 0);", "tb, pb, 0);"),
+    (_span(KERNEL, "        // MX: A (m, k) -> scale_a[m, k / 32]",
+           "        const auto sa_str = convert_batch(A + s0 * a_cs"),
+     ""),
+    ("a_rs, a_cs, ta, a2, 0, pa, 0);", "a_rs, a_cs, ta, pa, 0);"),
+    ("b_rs, b_cs, tb, b2, 0, pb, 0);", "b_rs, b_cs, tb, pb, 0);"),
+    ("                            rowwise ? sa + start[g] : nullptr, rowwise ? sb + g * N : nullptr, bias_g});",
+     "                            sa + start[g], sb + g * N, bias_g});"),
+    ("          blocks.push_back({ap + (g - g0) * acc.stride(0), acc_rs, op + g * M * n_out, n_out, M, N,\n"
+     "                            rowwise ? sa + g * M : nullptr, rowwise ? sb + g * N : nullptr, bias_g});\n"
+     "          break;\n        case GroupedMMLayout::k3d2d:",
+     "          blocks.push_back({ap + (g - g0) * acc.stride(0), acc_rs, op + g * M * n_out, n_out, M, N,\n"
+     "                            sa + g * M, sb + g * N, bias_g});\n"
+     "          break;\n        case GroupedMMLayout::k3d2d:"),
+    ("                            rowwise ? sa + g * M : nullptr, rowwise ? sb + g * N : nullptr, bias_g});\n"
+     "          break;\n      }",
+     "                            sa + g * M, sb + g * N, bias_g});\n          break;\n      }"),
+    (_span(KERNEL, "  const bool f32_tiles = recipe == ScaledGroupedMMRecipe::kBlockwise;", "} // namespace\n"),
+     "  if (out.scalar_type() == kFloat) {\n"
+     "    scaled_grouped_mm_typed<float, c10::BFloat16>(mat_a, mat_b, scale_a, scale_b, offs, bias, recipe, out);\n"
+     "  } else {\n"
+     "    scaled_grouped_mm_typed<c10::BFloat16, c10::BFloat16>(mat_a, mat_b, scale_a, scale_b, offs, bias, recipe,\n"
+     "                                                          out);\n"
+     "  }\n"
+     "}\n\n"),
+]
+
+# torch_moe_ops/_checks.py, for the rowwise PR's meta block: the recipe told from the scales is rowwise
+# or refused, as the kernel's checks have it (HEADER_ROWWISE). The checks of the other recipes are
+# left out of that block (CHECKS_LATER).
+CHECKS_ROWWISE = [
+    (_span("torch_moe_ops/_checks.py", "    f32 = scale_a.dtype == torch.float32 and scale_b.dtype == torch.float32\n",
+           "    chk(scale_a.device == mat_a.device and scale_b.device == mat_a.device,"),
+     "    chk(scale_a.dtype == torch.float32 and scale_b.dtype == torch.float32,\n"
+     "        lambda: \"scaled_grouped_mm: scale_a and scale_b must both be float32 (rowwise), got \"\n"
+     "        f\"{_fp8_c10(scale_a.dtype)} and {_fp8_c10(scale_b.dtype)}\")\n"
+     "    recipe = \"rowwise\"\n"
+     "    check_scaled_grouped_mm_rowwise_scales(mat_a, mat_b, scale_a, scale_b, groups)\n"),
+    ("    layout = grouped_mm_layout(mat_a, mat_b)\n    groups = grouped_mm_num_groups(mat_a, offs)\n    chk(scale_a",
+     "    groups = grouped_mm_num_groups(mat_a, offs)\n    chk(scale_a"),
+]
+CHECKS_LATER = ("check_scaled_grouped_mm_blockwise_scales", "check_scaled_grouped_mm_mx_scales",
+                "_check_mx_blocked_scale")
+
+# test/opinfo_fp8.py, for the rowwise PR: its samples and error inputs; the later PRs add the others'.
+OPINFO_ROWWISE = [
+    ("        _scaled_grouped_mm_blockwise_operands,\n        _scaled_grouped_mm_mx_operands,\n", ""),
+    ("        _scaled_grouped_mm_blockwise_errors,\n        _scaled_grouped_mm_mx_errors,\n", ""),
+]
+
+# The blockwise PR: rowwise and DeepSeek-V3's blockwise recipe, no MX (float32 block scales only).
+HEADER_BLOCKWISE = [
+    ("#include <ATen/native/MoEQuantize.h>\n", ""),
+    (_span(HEADER, "//   mx, float8_e8m0fnu, 1x32 blocks along K", "//   blockwise, float32, DeepSeek-V3's recipe"), ""),
+    ("enum class ScaledGroupedMMRecipe { kRowwise, kMX, kBlockwise };",
+     "enum class ScaledGroupedMMRecipe { kRowwise, kBlockwise };"),
+    (_span(HEADER, "// 2-D operands: the per-group blocked layout (swizzle_mx_scale)", "// bias and the scales' device"),
+     ""),
+    (_span(HEADER, "  } else if (scale_a.scalar_type() == kFloat && scale_b.scalar_type() == kFloat) {\n",
+           "  scaled_grouped_mm_check_bias_and_devices("),
+     "  } else {\n"
+     "    TORCH_CHECK_VALUE(scale_a.scalar_type() == kFloat && scale_b.scalar_type() == kFloat,\n"
+     '        "scaled_grouped_mm: scale_a and scale_b must both be float32 (rowwise, blockwise), got ",\n'
+     '        scale_a.scalar_type(), " and ", scale_b.scalar_type());\n'
+     "    recipe = ScaledGroupedMMRecipe::kRowwise;\n"
+     "    scaled_grouped_mm_check_rowwise_scales(mat_a, mat_b, scale_a, scale_b, groups);\n"
+     "  }\n"),
+]
+
+# ... the kernel's scale maps with float32 scales only.
+KERNEL_BLOCKWISE = [
+    KERNEL_ROWWISE[0],  # the MX sentence of the exactness comment
+    (_span(KERNEL, "// Where the scale of element (r, c) of an operand lives:", "// A run of n contiguous"),
+     "// Where the scale of element (r, c) of an operand lives:\n"
+     "// scf[(r / r_div) * r_mul + (c / c_div) * c_mul] (float32, blockwise); none\n"
+     "// means 1.\n"
+     "struct ScaleMap {\n"
+     "  const float* scf = nullptr;\n"
+     "  int64_t r_div = 1, r_mul = 0, c_div = 1, c_mul = 0;\n"
+     "  bool any() const { return scf != nullptr; }\n"
+     "};\n\n"),
+    (_span(KERNEL, "// A run of n contiguous float8 bytes; element i has scale", "template <typename dst_t>"),
+     "// A run of n contiguous float8 bytes; element i has scale\n"
+     "// scf[(i / every) * stride] (no scale pointer: 1).\n"
+     "struct Run {\n"
+     "  const uint8_t* src;\n"
+     "  int64_t n;\n"
+     "  const float* scf;\n"
+     "  int64_t every, stride;\n"
+     "  bool scaled() const { return scf != nullptr; }\n"
+     "  float scale(int64_t i) const { return scf[(i / every) * stride]; }\n"
+     "};\n\n"),
+    (", its scales at sm.sc + b * sc_bs), converted into dst +", ", its scales at sm.scf + b * sc_bs), converted into dst +"),
+    ("len, nullptr, nullptr, 1, 0};", "len, nullptr, 1, 0};"),
+    ("        run.sc = sm.sc != nullptr ? sm.sc + off : nullptr;\n"
+     "        run.scf = sm.scf != nullptr ? sm.scf + off : nullptr;\n",
+     "        run.scf = sm.scf + off;\n"),
+    ("  const float* sa;  // nullptr: no rowwise scales (MX folds them into the tiles)\n",
+     "  const float* sa;  // nullptr: no rowwise scales (blockwise folds them into the tiles)\n"),
+    ("// tile_t: bfloat16 (exact for rowwise and MX) or float32", "// tile_t: bfloat16 (exact for rowwise) or float32"),
+    ("  const bool mx = recipe == ScaledGroupedMMRecipe::kMX;\n", ""),
+    ("  const float* sa = mx ? nullptr : scale_a.const_data_ptr<float>();\n"
+     "  const float* sb = mx ? nullptr : scale_b.const_data_ptr<float>();\n",
+     "  const float* sa = scale_a.const_data_ptr<float>();\n  const float* sb = scale_b.const_data_ptr<float>();\n"),
+    (_span(KERNEL, "  const auto* sa8 = mx ?", "  Tensor bias_f ="), ""),
+    (_span(KERNEL, "    // Scale maps. MX: A element (m, k)", "    auto a_map = "),
+     "    // Scale maps. Blockwise: A (m, k) -> scale_a[.., m, k / 128], B (k, n) ->\n"
+     "    // scale_b[g, n / 128, k / 128]. Rowwise: none (epilogue).\n"),
+    ("      if (mx) s = ScaleMap{sa8 + (g * M + row0) * S, nullptr, 1, S, 32, 1};\n", ""),
+    ("ScaleMap{nullptr, sa + (g * M + row0) * KB, 1, KB, 128, 1};", "ScaleMap{sa + (g * M + row0) * KB, 1, KB, 128, 1};"),
+    ("      if (mx) s = ScaleMap{sb8 + g * N * S, nullptr, 32, 1, 1, S};\n", ""),
+    ("ScaleMap{nullptr, sb + g * NB * KB, 128, 1, 128, KB};", "ScaleMap{sb + g * NB * KB, 128, 1, 128, KB};"),
+    ("    const int64_t a_sc_bs = mx ? M * S : M * KB, b_sc_bs = mx ? N * S : NB * KB;",
+     "    const int64_t a_sc_bs = M * KB, b_sc_bs = NB * KB;"),
+    (_span(KERNEL, "        // MX: A (m, k) -> scale_a[m, k / 32]",
+           "        const auto sa_str = convert_batch(A + s0 * a_cs"),
+     ""),
+    ("a_rs, a_cs, ta, a2, 0, pa, 0);", "a_rs, a_cs, ta, none, 0, pa, 0);"),
+    ("b_rs, b_cs, tb, b2, 0, pb, 0);", "b_rs, b_cs, tb, none, 0, pb, 0);"),
+]
+
+CHECKS_BLOCKWISE = [
+    (_span("torch_moe_ops/_checks.py", "    elif f32:\n        recipe = \"rowwise\"\n",
+           "    chk(scale_a.device == mat_a.device and scale_b.device == mat_a.device,"),
+     "    else:\n"
+     "        chk(f32, lambda: \"scaled_grouped_mm: scale_a and scale_b must both be float32 (rowwise, blockwise), \"\n"
+     "            f\"got {_fp8_c10(scale_a.dtype)} and {_fp8_c10(scale_b.dtype)}\")\n"
+     "        recipe = \"rowwise\"\n"
+     "        check_scaled_grouped_mm_rowwise_scales(mat_a, mat_b, scale_a, scale_b, groups)\n"),
+]
+CHECKS_MX = ("check_scaled_grouped_mm_mx_scales", "_check_mx_blocked_scale")
+
+OPINFO_BLOCKWISE = [
+    ("        _scaled_grouped_mm_rowwise_operands,\n",
+     "        _scaled_grouped_mm_rowwise_operands,\n        _scaled_grouped_mm_blockwise_operands,\n"),
+    ("        _scaled_grouped_mm_rowwise_errors,\n",
+     "        _scaled_grouped_mm_rowwise_errors,\n        _scaled_grouped_mm_blockwise_errors,\n"),
+]
+OPINFO_MX = [
+    ("        _scaled_grouped_mm_blockwise_operands,\n",
+     "        _scaled_grouped_mm_blockwise_operands,\n        _scaled_grouped_mm_mx_operands,\n"),
+    ("        _scaled_grouped_mm_blockwise_errors,\n",
+     "        _scaled_grouped_mm_blockwise_errors,\n        _scaled_grouped_mm_mx_errors,\n"),
+]
+BLOCKWISE_OPINFOS = ("_scaled_grouped_mm_blockwise_operands", "_scaled_grouped_mm_blockwise_errors")
+MX_OPINFOS = ("_scaled_grouped_mm_mx_operands", "_scaled_grouped_mm_mx_errors")
