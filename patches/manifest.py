@@ -32,7 +32,8 @@ from .changes import REPO_ROOT, Copy, Edit, Insert, Patch, Series
 from .decomp_expect import DecompExpect
 from .errors import PatchError
 from .fx_passes import FxPassModule, PassTests
-from .meta import Meta
+from . import fp8_recipes
+from .meta import META_REGISTRATIONS, Meta
 from .native_yaml import Derivatives, Dispatch, NativeFunctions
 from .opinfo import OpInfoModule
 from .strategy import SingleDimStrategy, StrategyModule
@@ -308,6 +309,7 @@ UNPERMUTE_NO_AUTOGRAD = ("torch_unpermute, floating)", "torch_unpermute, floatin
 ROUTER_NO_AUTOGRAD = ("gradcheck_wrapper=gradcheck_router_topk)",
                       "gradcheck_wrapper=gradcheck_router_topk, supports_autograd=False)")
 ROUTING_OPINFO = "torch/testing/_internal/opinfo/definitions/moe_routing.py"
+FP8_OPINFO = "torch/testing/_internal/opinfo/definitions/fp8.py"
 
 # Stack 3, one op per PR: the top-level definitions of test/opinfo_fp8.py each PR carries (its op's
 # builder and what only it uses), and the op_db statement of the upstream module after each PR.
@@ -514,19 +516,50 @@ SERIES = [
         Patch(
             message="core/0006-fp8-cpu.txt",
             changes=[
-                Copy(f"{NATIVE}/MoEQuantize.h", f"{SRC}/MoEQuantize.h"),
-                Copy(f"{NATIVE}/MoEQuantize.cpp", f"{SRC}/MoEQuantize.cpp"),
-                Copy(f"{NATIVE}/cpu/MoEQuantizeKernel.cpp", f"{SRC}/cpu/MoEQuantizeKernel.cpp"),
-                Copy(f"{NATIVE}/cpu/MoEFp8Utils.h", f"{SRC}/cpu/MoEFp8Utils.h"),
+                Copy(f"{NATIVE}/MoEQuantize.h", f"{SRC}/MoEQuantize.h",
+                     edits=fp8_recipes.NO_MX_HEADER + fp8_recipes.NO_BLOCKED_HEADER),
+                Copy(f"{NATIVE}/MoEQuantize.cpp", f"{SRC}/MoEQuantize.cpp", edits=fp8_recipes.NO_MX_ENTRY),
+                Copy(f"{NATIVE}/cpu/MoEQuantizeKernel.cpp", f"{SRC}/cpu/MoEQuantizeKernel.cpp",
+                     undefine=("CPU_CAPABILITY_AVX512",),
+                     edits=fp8_recipes.PORTABLE_KERNEL + fp8_recipes.NO_MX_KERNEL),
+                Copy(f"{NATIVE}/cpu/MoEFp8Utils.h", f"{SRC}/cpu/MoEFp8Utils.h", edits=fp8_recipes.NO_MX_UTILS),
                 NativeFunctions("fp8", after="_moe_unpermute_backward", later=("CUDA",), ops=FP8_QUANTIZE_OPS),
                 Meta("fp8", FP8_QUANTIZE_META, ops=FP8_QUANTIZE_OPS, after="meta_moe_unpermute_backward"),
+                Edit(META_REGISTRATIONS, fp8_recipes.NO_MX_META + fp8_recipes.NO_BLOCKED_META),
                 DecompExpect("fp8", ops=FP8_QUANTIZE_OPS),
                 OpInfoModule("fp8", "fp8", "OpInfos of the fp8 ops.", carried=FP8_OPINFOS["quantize_fp8_opinfos"],
-                             op_db=fp8_op_db("quantize_fp8_opinfos")),
+                             op_db=fp8_op_db("quantize_fp8_opinfos"),
+                             edits=fp8_recipes.NO_MX_OPINFO + fp8_recipes.NO_BLOCKED_OPINFO),
                 Edit(OPINFO_INIT, [
                     ("    fft,\n    grouped_mm,\n", "    fft,\n    fp8,\n    grouped_mm,\n"),
                     ("    *fft.op_db,\n    *grouped_mm.op_db,\n", "    *fft.op_db,\n    *fp8.op_db,\n    *grouped_mm.op_db,\n"),
                 ]),
+            ],
+        ),
+        Patch(
+            message="core/0006a1-fp8-quantize-blockwise.txt",
+            changes=[
+                Copy(f"{NATIVE}/MoEQuantize.h", f"{SRC}/MoEQuantize.h", edits=fp8_recipes.NO_MX_HEADER, update=True),
+                Edit(META_REGISTRATIONS, fp8_recipes.landing(fp8_recipes.NO_BLOCKED_META)),
+                Edit(FP8_OPINFO, fp8_recipes.landing(fp8_recipes.NO_BLOCKED_OPINFO)),
+            ],
+        ),
+        Patch(
+            message="core/0006a2-fp8-quantize-mx.txt",
+            changes=[
+                Copy(f"{NATIVE}/MoEQuantize.h", f"{SRC}/MoEQuantize.h", update=True),
+                Copy(f"{NATIVE}/MoEQuantize.cpp", f"{SRC}/MoEQuantize.cpp", update=True),
+                Copy(f"{NATIVE}/cpu/MoEQuantizeKernel.cpp", f"{SRC}/cpu/MoEQuantizeKernel.cpp",
+                     undefine=("CPU_CAPABILITY_AVX512",), edits=fp8_recipes.PORTABLE_KERNEL, update=True),
+                Copy(f"{NATIVE}/cpu/MoEFp8Utils.h", f"{SRC}/cpu/MoEFp8Utils.h", update=True),
+                Edit(META_REGISTRATIONS, fp8_recipes.landing(fp8_recipes.NO_MX_META)),
+                Edit(FP8_OPINFO, fp8_recipes.landing(fp8_recipes.NO_MX_OPINFO)),
+            ],
+        ),
+        Patch(
+            message="core/0006a3-fp8-quantize-avx512.txt",
+            changes=[
+                Copy(f"{NATIVE}/cpu/MoEQuantizeKernel.cpp", f"{SRC}/cpu/MoEQuantizeKernel.cpp", update=True),
             ],
         ),
         Patch(
