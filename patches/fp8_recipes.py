@@ -16,6 +16,10 @@ whole-row loops among them) are left out by ``undefine`` until the last PR.
 
 from __future__ import annotations
 
+import os
+
+from .changes import REPO_ROOT, undefine
+
 Edits = list[tuple[str, str]]
 
 
@@ -291,7 +295,9 @@ NO_MX_KERNEL: Edits = [(
     "        const float a = amax < 1e-12f ? 1e-12f : amax;  // NaN stays NaN\n"
     "        const float q = f.max / a;\n"
     "        sf[bl.scale_offset(b, rb, s)] = 1.0f / q;\n",
-), (
+)]
+
+NO_MX_DEQUANTIZE_KERNEL: Edits = [(
     "  const bool mx = bl.recipe == Fp8Recipe::kMX;\n"
     "  const float* sf = mx ? nullptr : scale.const_data_ptr<float>();\n"
     "  const uint8_t* s8 = mx ? static_cast<const uint8_t*>(scale.const_data_ptr()) : nullptr;\n",
@@ -405,19 +411,6 @@ NO_MX_OPINFO: Edits = [(
     "    else:\n",
     "        out = grid[:, :, 0]\n    else:\n",
 ), (
-    "    if swizzle:\n"
-    "        return _fp8_unswizzle(s, rows, nseg)\n"
-    "    return s\n"
-    "\n\n"
-    "def _fp8_unswizzle(s: torch.Tensor, rows: int, nseg: int) -> torch.Tensor:\n"
-    '    """Swizzled scales (B, ...) of (rows, nseg) grids -> the grids (B, rows, nseg)."""\n'
-    "    nb = s.shape[0]\n"
-    "    rp, sp = -(-rows // 128) * 128, -(-nseg // 4) * 4\n"
-    "    flat = s.reshape(nb, rp // 128, sp // 4, 32, 4, 4)   # [tile r][tile c][j][i][c]\n"
-    "    grid = flat.permute(0, 1, 4, 3, 2, 5).reshape(nb, rp, sp)\n"
-    "    return grid[:, :rows, :nseg]\n",
-    "    return s\n",
-), (
     "    # mx: groups of whole 32-element blocks; the blocked (swizzled) scale layout.\n"
     '    yield "mx_offs", x(), "mx", dict(offs=_offs([32, 32, 96, 200], device))\n'
     '    yield "mx_swizzle_2d", _spread((130, 200), device, dtype, 4), "mx", dict(swizzle=True)\n'
@@ -438,28 +431,13 @@ NO_MX_OPINFO: Edits = [(
     '                r"be a multiple of 32 or C=64, got offs\\[0\\]=40", x, "mx", offs=_offs([40, 64], device),\n'
     '                name="offs_values")\n'
     "\n\n"
-    "def error_inputs_dequantize_fp8(",
-    "\n\ndef error_inputs_dequantize_fp8(",
-), (
-    "    yield e(r\"dequantize_fp8: recipe must be 'tensorwise', 'rowwise', 'blockwise_1x128', 'blockwise_128x128' \"\n"
-    "            r\"or 'mx', got 'MX'\", d, s, \"MX\")\n",
-    "    yield e(r\"dequantize_fp8: recipe must be 'tensorwise', 'rowwise', 'blockwise_1x128' or 'blockwise_128x128', \"\n"
-    "            r\"got 'MX'\", d, s, \"MX\")\n",
-), (
-    "    # mx\n"
-    '    dm, sm = (t.to(device) for t in torch_quantize_fp8(x.cpu(), "mx"))\n'
-    "    yield e(r\"dequantize_fp8: scale must be Float8_e8m0fnu for recipe 'mx', got Float\", dm, sm.float(), \"mx\")\n"
-    "    yield e(r\"dequantize_fp8: scale must have shape \\[4, 2\\] for data of sizes \\[4, 64\\] and recipe 'mx', \"\n"
-    '            r"got \\[4, 1\\]", dm, sm[:, :1], "mx")\n'
-    "    yield e(r\"dequantize_fp8: scale must have shape \\[128, 4\\] for data of sizes \\[4, 64\\] and recipe 'mx' \"\n"
-    '            r"\\(swizzled\\), got \\[4, 2\\]", dm, sm, "mx", swizzle=True)\n'
-    "\n\n"
     "def _fp8_opinfo(",
     "\n\ndef _fp8_opinfo(",
 ), (
-    "    quantised per output column, both float8 formats, the swizzled MX scale\n"
-    "    layout, per-group (offs) operands",
-    "    quantised per output column, both float8 formats, per-group (offs) operands",
+    "    column, both float8 formats, per-group (offs) operands with empty groups\n"
+    "    and columns past ``offs[-1]``, the swizzled MX scale layout, and values\n",
+    "    column, both float8 formats, per-group (offs) operands with empty groups\n"
+    "    and columns past ``offs[-1]``, and values\n",
 )]
 
 NO_BLOCKED_OPINFO: Edits = [(
@@ -478,9 +456,44 @@ NO_BLOCKED_OPINFO: Edits = [(
     "    yield e(r\"quantize_fp8: offs is supported with recipes 'tensorwise', 'rowwise' and 'mx', got \"\n"
     "            r\"'blockwise_128x128'\", x, \"blockwise_128x128\", offs=offs)\n"
     "\n\n"
-    "def error_inputs_dequantize_fp8(",
-    "\n\ndef error_inputs_dequantize_fp8(",
+    "def _fp8_opinfo(",
+    "\n\ndef _fp8_opinfo(",
+)]
+
+# The same cuts of dequantize_fp8's OpInfo and reference (appended by its PR).
+
+NO_MX_DEQUANTIZE_OPINFO: Edits = [(
+    "    if swizzle:\n"
+    "        return _fp8_unswizzle(s, rows, nseg)\n"
+    "    return s\n"
+    "\n\n"
+    "def _fp8_unswizzle(s: torch.Tensor, rows: int, nseg: int) -> torch.Tensor:\n"
+    '    """Swizzled scales (B, ...) of (rows, nseg) grids -> the grids (B, rows, nseg)."""\n'
+    "    nb = s.shape[0]\n"
+    "    rp, sp = -(-rows // 128) * 128, -(-nseg // 4) * 4\n"
+    "    flat = s.reshape(nb, rp // 128, sp // 4, 32, 4, 4)   # [tile r][tile c][j][i][c]\n"
+    "    grid = flat.permute(0, 1, 4, 3, 2, 5).reshape(nb, rp, sp)\n"
+    "    return grid[:, :rows, :nseg]\n",
+    "    return s\n",
 ), (
+    "    yield e(r\"dequantize_fp8: recipe must be 'tensorwise', 'rowwise', 'blockwise_1x128', 'blockwise_128x128' \"\n"
+    "            r\"or 'mx', got 'MX'\", d, s, \"MX\")\n",
+    "    yield e(r\"dequantize_fp8: recipe must be 'tensorwise', 'rowwise', 'blockwise_1x128' or 'blockwise_128x128', \"\n"
+    "            r\"got 'MX'\", d, s, \"MX\")\n",
+), (
+    "    # mx\n"
+    '    dm, sm = (t.to(device) for t in torch_quantize_fp8(x.cpu(), "mx"))\n'
+    "    yield e(r\"dequantize_fp8: scale must be Float8_e8m0fnu for recipe 'mx', got Float\", dm, sm.float(), \"mx\")\n"
+    "    yield e(r\"dequantize_fp8: scale must have shape \\[4, 2\\] for data of sizes \\[4, 64\\] and recipe 'mx', \"\n"
+    '            r"got \\[4, 1\\]", dm, sm[:, :1], "mx")\n'
+    "    yield e(r\"dequantize_fp8: scale must have shape \\[128, 4\\] for data of sizes \\[4, 64\\] and recipe 'mx' \"\n"
+    '            r"\\(swizzled\\), got \\[4, 2\\]", dm, sm, "mx", swizzle=True)\n'
+    "\n\n"
+    "def dequantize_fp8_opinfos(",
+    "\n\ndef dequantize_fp8_opinfos(",
+)]
+
+NO_BLOCKED_DEQUANTIZE_OPINFO: Edits = [(
     "    yield e(r\"dequantize_fp8: recipe must be 'tensorwise', 'rowwise', 'blockwise_1x128' or 'blockwise_128x128', \"\n"
     "            r\"got 'MX'\", d, s, \"MX\")\n",
     "    yield e(r\"dequantize_fp8: recipe must be 'tensorwise' or 'rowwise', got 'MX'\", d, s, \"MX\")\n",
@@ -489,6 +502,65 @@ NO_BLOCKED_OPINFO: Edits = [(
     "    yield e(r\"dequantize_fp8: scale must have shape \\[1, 1\\] for data of sizes \\[4, 64\\] and recipe \"\n"
     "            r\"'blockwise_128x128', got \\[4\\]\", d, s, \"blockwise_128x128\")\n"
     "\n\n"
-    "def _fp8_opinfo(",
-    "\n\ndef _fp8_opinfo(",
+    "def dequantize_fp8_opinfos(",
+    "\n\ndef dequantize_fp8_opinfos(",
 )]
+
+
+# -- _dequantize_fp8 lands in a PR of its own after _quantize_fp8 (both tensorwise and rowwise) ---------------
+
+def _text(path: str) -> str:
+    with open(os.path.join(REPO_ROOT, path), encoding="utf-8") as f:
+        return f.read()
+
+
+def _function(text: str, start: str) -> tuple[str, str]:
+    """An edit removing the definition that starts at ``start`` (up to its closing brace in column 0) and the
+    blank line after it."""
+    at = text.index(start)
+    end = text.index("\n}\n", at) + 3
+    if text.startswith("\n", end):
+        end += 1
+    return text[at:end], ""
+
+
+def _span(text: str, start: str, stop: str) -> tuple[str, str]:
+    """An edit removing the text from ``start`` up to (not including) ``stop``."""
+    at = text.index(start)
+    return text[at:text.index(stop, at)], ""
+
+
+_SRC = "torch_moe_ops/csrc/ATen/native"
+_HEADER = _text(f"{_SRC}/MoEQuantize.h")
+_ENTRY = _text(f"{_SRC}/MoEQuantize.cpp")
+_KERNEL = undefine(_text(f"{_SRC}/cpu/MoEQuantizeKernel.cpp"), "CPU_CAPABILITY_AVX512",
+                   f"{_SRC}/cpu/MoEQuantizeKernel.cpp")
+
+# Applied to the sources first (the NO_MX / NO_BLOCKED edits of quantize's text follow).
+NO_DEQUANTIZE_HEADER: Edits = [
+    ("// (_quantize_fp8, _dequantize_fp8), used by every backend.", "// (_quantize_fp8), used by every backend."),
+    _span(_HEADER, "inline ScalarType dequantize_fp8_out_dtype(", "// t with the strides"),
+    _span(_HEADER, "using dequantize_fp8_fn = void (*)(", "DECLARE_DISPATCH(quantize_fp8_fn"),
+    ("DECLARE_DISPATCH(dequantize_fp8_fn, dequantize_fp8_stub);\n", ""),
+    _span(_HEADER, "Tensor dequantize_fp8_cpu(", "// CUDA entry points"),
+    _span(_HEADER, "\nTensor dequantize_fp8_cuda(", "\n} // namespace at::native"),
+]
+
+NO_DEQUANTIZE_ENTRY: Edits = [
+    ("// CPU entry points of quantize_fp8 and dequantize_fp8: validate, allocate,\n",
+     "// CPU entry point of quantize_fp8: validate, allocate,\n"),
+    ("DEFINE_DISPATCH(dequantize_fp8_stub);\n", ""),
+    _function(_ENTRY, "Tensor dequantize_fp8_cpu("),
+]
+
+NO_DEQUANTIZE_KERNEL: Edits = [
+    ("// CPU kernels for quantize_fp8 and dequantize_fp8 (the recipes and their\n",
+     "// CPU kernel for quantize_fp8 (the recipes and their\n"),
+    ("// dequantize widens with a 256-entry table and multiplies by the block\n// scale, one row per task.\n", ""),
+    ("#include <ATen/native/cpu/MoEFp8Utils.h>\n", ""),
+    _function(_KERNEL, "template <typename out_t>\nvoid dequantize_scalar("),
+    _function(_KERNEL, "template <typename out_t>\nvoid row_dequantize("),
+    _function(_KERNEL, "template <typename out_t>\nvoid dequantize_typed("),
+    _function(_KERNEL, "void dequantize_fp8_kernel("),
+    ("ALSO_REGISTER_AVX512_DISPATCH(dequantize_fp8_stub, &dequantize_fp8_kernel)\n", ""),
+]

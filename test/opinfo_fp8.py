@@ -1,7 +1,7 @@
 """OpInfos of the fp8 ops ``moe_ops.quantize_fp8``, ``moe_ops.dequantize_fp8``,
 ``moe_ops.scaled_grouped_mm`` and ``moe_ops.swizzle_mx_scale``.
 
-One builder per op (``quantize_fp8_opinfos``: quantize_fp8 and its inverse,
+One builder per op (``quantize_fp8_opinfos``, ``dequantize_fp8_opinfos``,
 ``swizzle_mx_scale_opinfos``, ``scaled_grouped_mm_opinfos``), each with its
 samples, error inputs and plain-torch ref, so that each op's PR carries its
 own (patches/manifest.py). Error inputs cover every rejected argument.
@@ -417,23 +417,28 @@ def _fp8_opinfo(name, op, ref, dtypes, sample_inputs_func, error_inputs_func, cu
 
 
 def quantize_fp8_opinfos(name_of, op_of, cuda_tested_elsewhere=()) -> list[OpInfo]:
-    """quantize_fp8 and dequantize_fp8. Samples cover every recipe on 2-D and
-    3-D operands, sizes that are not multiples of the blocks (partial last
-    blocks), zero rows and zero columns, a transposed (column-major) weight
-    quantised per output column, both float8 formats, the swizzled MX scale
-    layout, per-group (offs) operands with empty groups and columns past
-    ``offs[-1]``, and values spanning 40 binades so that blocks differ in
-    scale. The refs are plain-torch implementations of the ops, which use
-    torch's own float -> float8 conversion. name_of and op_of map each op's
-    name ("quantize_fp8", ...) to the OpInfo's name and the op it calls; the
-    ops in cuda_tested_elsewhere skip CUDA."""
-    return [
-        _fp8_opinfo(name_of("quantize_fp8"), op_of("quantize_fp8"), torch_quantize_fp8, FP8_DTYPES,
-                    sample_inputs_quantize_fp8, error_inputs_quantize_fp8, "quantize_fp8" in cuda_tested_elsewhere),
-        _fp8_opinfo(name_of("dequantize_fp8"), op_of("dequantize_fp8"), torch_dequantize_fp8, FP8_DTYPES,
-                    sample_inputs_dequantize_fp8, error_inputs_dequantize_fp8,
-                    "dequantize_fp8" in cuda_tested_elsewhere),
-    ]
+    """quantize_fp8. Samples cover every recipe on 2-D and 3-D operands, sizes
+    that are not multiples of the blocks (partial last blocks), zero rows and
+    zero columns, a transposed (column-major) weight quantised per output
+    column, both float8 formats, per-group (offs) operands with empty groups
+    and columns past ``offs[-1]``, the swizzled MX scale layout, and values
+    spanning 40 binades so that blocks differ in scale. The ref is a
+    plain-torch implementation of the op, which uses torch's own float ->
+    float8 conversion. name_of and op_of map each op's name ("quantize_fp8",
+    ...) to the OpInfo's name and the op it calls; the ops in
+    cuda_tested_elsewhere skip CUDA."""
+    return [_fp8_opinfo(name_of("quantize_fp8"), op_of("quantize_fp8"), torch_quantize_fp8, FP8_DTYPES,
+                        sample_inputs_quantize_fp8, error_inputs_quantize_fp8,
+                        "quantize_fp8" in cuda_tested_elsewhere)]
+
+
+def dequantize_fp8_opinfos(name_of, op_of, cuda_tested_elsewhere=()) -> list[OpInfo]:
+    """dequantize_fp8: quantize_fp8's samples quantised by its reference,
+    dequantised to every floating dtype, against a plain-torch reference
+    (float32 products rounded once)."""
+    return [_fp8_opinfo(name_of("dequantize_fp8"), op_of("dequantize_fp8"), torch_dequantize_fp8, FP8_DTYPES,
+                        sample_inputs_dequantize_fp8, error_inputs_dequantize_fp8,
+                        "dequantize_fp8" in cuda_tested_elsewhere)]
 
 
 def scaled_grouped_mm_opinfos(name_of, op_of, cuda_tested_elsewhere=()) -> list[OpInfo]:
@@ -462,6 +467,7 @@ def swizzle_mx_scale_opinfos(name_of, op_of, cuda_tested_elsewhere=()) -> list[O
 def make_fp8_op_db(name_of, op_of, cuda_tested_elsewhere=()) -> list[OpInfo]:
     """The OpInfos of every fp8 op, in the declaration's order."""
     return [*quantize_fp8_opinfos(name_of, op_of, cuda_tested_elsewhere),
+            *dequantize_fp8_opinfos(name_of, op_of, cuda_tested_elsewhere),
             *scaled_grouped_mm_opinfos(name_of, op_of, cuda_tested_elsewhere),
             *swizzle_mx_scale_opinfos(name_of, op_of, cuda_tested_elsewhere)]
 

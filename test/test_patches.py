@@ -1549,17 +1549,19 @@ def test_stack_3_meta_blocks_partition_the_fp8_checks():
     block the checks its ops reach but an earlier block's; each block names only its ops' meta functions."""
     metas = [c for p in manifest.SERIES[0].patches for c in p.changes
              if isinstance(c, manifest.Meta) and c.family == "fp8"]
-    assert [m.ops for m in metas] == [manifest.FP8_QUANTIZE_OPS, ("swizzle_mx_scale",), ("scaled_grouped_mm",),
+    quantize, dequantize = ((op,) for op in manifest.FP8_QUANTIZE_OPS)
+    assert [m.ops for m in metas] == [quantize, dequantize, ("swizzle_mx_scale",), ("scaled_grouped_mm",),
                                       ("scaled_grouped_mm_v2",)]
     carried = [set(m.carried_checks()) for m in metas]
     assert set().union(*carried) == set(names.family_checks("fp8"))
     assert sum(map(len, carried)) == len(names.family_checks("fp8"))  # disjoint
-    assert "check_scaled_grouped_mm_inputs" in carried[2] and "check_swizzle_mx_scale_inputs" in carried[1]
-    assert [tuple(m.earlier_ops) for m in metas] == [(), manifest.FP8_QUANTIZE_OPS,
+    assert "check_dequantize_fp8_inputs" in carried[1] and "fp8_scale_size" in carried[0]
+    assert "check_scaled_grouped_mm_inputs" in carried[3] and "check_swizzle_mx_scale_inputs" in carried[2]
+    assert [tuple(m.earlier_ops) for m in metas] == [(), quantize, manifest.FP8_QUANTIZE_OPS,
                                                      (*manifest.FP8_QUANTIZE_OPS, "swizzle_mx_scale"),
                                                      (*manifest.FP8_QUANTIZE_OPS, "swizzle_mx_scale",
                                                       "scaled_grouped_mm")]
-    assert list(metas[1].meta_names().values()) == ["meta_swizzle_mx_scale"]
+    assert list(metas[2].meta_names().values()) == ["meta_swizzle_mx_scale"]
     with pytest.raises(PatchError, match=r"\['router_topk'\] are not upstreamed ops of the fp8 family"):
         names.op_checks("fp8", ("router_topk",))
 
