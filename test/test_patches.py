@@ -1574,7 +1574,7 @@ def test_opinfo_module_grows_one_op_per_pr():
     first = OpInfoModule("fp8", "fp8", "OpInfos.", carried=manifest.FP8_OPINFOS["quantize_fp8_opinfos"],
                          op_db=manifest.fp8_op_db("quantize_fp8_opinfos"))
     text = first.apply(None)
-    assert text.startswith('# mypy: ignore-errors\n\n"""OpInfos."""\n\nimport functools\n')
+    assert text.startswith('# mypy: ignore-errors\n\n"""OpInfos."""\n\nimport unittest\n')
     assert "def torch_quantize_fp8(" in text and "def torch_swizzle_mx_scale(" not in text
     assert "torch_moe_ops" not in text and "moe_ops" not in text.replace("_moe_", "")
     second = OpInfoModule("fp8", "fp8", "", carried=manifest.FP8_OPINFOS["swizzle_mx_scale_opinfos"],
