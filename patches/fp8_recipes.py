@@ -1,17 +1,20 @@
-"""The fp8 quantisation ops land recipe family by recipe family (core/0006,
-0006a1, 0006a2, 0006a3 of patches/manifest.py): tensorwise and rowwise, then
-the blocked recipes (1x128, 128x128), then MX (e8m0 scales, the swizzled
-layout), then the AVX-512 rows of the kernel. Each PR carries the files as it
-leaves them; the recipes not yet landed are rejected by the recipe parser with
-the list of those that are.
+"""The fp8 quantisation ops land op by op, then recipe family by recipe family
+(core/0006, 0006a1-a4 of patches/manifest.py): _quantize_fp8 tensorwise and
+rowwise, then _dequantize_fp8 (the same recipes), then the blocked recipes
+(1x128, 128x128), then MX (e8m0 scales, the swizzled layout), then the
+AVX-512 rows of the kernel. Each PR carries the files as it leaves them; the
+recipes not yet landed are rejected by the recipe parser with the list of
+those that are.
 
 The cuts, as anchored (old, new) edits: NO_MX_* take the MX recipe out of the
-in-repo sources, NO_BLOCKED_* then take the blocked recipes out of the result.
-A PR before MX applies NO_MX (then NO_BLOCKED before the blocked recipes); the
-generated files (the meta block, the OpInfo module) get the same edits and the
-PR that lands a family applies them reversed (``landing``). The kernel's
-AVX-512 rows (its ``#if defined(CPU_CAPABILITY_AVX512)`` blocks, the MX
-whole-row loops among them) are left out by ``undefine`` until the last PR.
+in-repo sources, NO_BLOCKED_* then take the blocked recipes out of the result,
+NO_DEQUANTIZE_* (applied first, computed from the sources) take
+_dequantize_fp8 out for the first PR. A PR before MX applies NO_MX (then
+NO_BLOCKED before the blocked recipes); the generated files (the meta block,
+the OpInfo module) get the same edits and the PR that lands a family applies
+them reversed (``landing``). The kernel's AVX-512 rows (its
+``#if defined(CPU_CAPABILITY_AVX512)`` blocks, the MX whole-row loops among
+them) are left out by ``undefine`` until the last PR.
 """
 
 from __future__ import annotations
