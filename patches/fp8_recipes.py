@@ -231,6 +231,14 @@ NO_MX_UTILS: Edits = [(
 # -- cpu/MoEQuantizeKernel.cpp (without its CPU_CAPABILITY_AVX512 blocks) -------------------------------
 
 PORTABLE_KERNEL: Edits = [(
+    "#include <ATen/native/cpu/MoEAvx512Utils.h>\n", "",
+), (
+    "      int64_t s0 = 0;\n      for (int64_t s = s0; s < nseg; ++s) {\n        ra[",
+    "      for (int64_t s = 0; s < nseg; ++s) {\n        ra[",
+), (
+    "      int64_t s0 = 0;\n      for (int64_t s = s0; s < nseg; ++s) {\n        row_quantize(",
+    "      for (int64_t s = 0; s < nseg; ++s) {\n        row_quantize(",
+), (
     "// code (the bits of c10's conversion on clamped inputs), AVX-512 where the\n"
     "// CPU has it, so that both paths give the same bytes.\n",
     "// code (the bits of c10's conversion on clamped inputs), so that an AVX-512\n"
