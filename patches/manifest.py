@@ -33,7 +33,8 @@ from .changes import REPO_ROOT, Copy, Edit, Insert, Patch, Series
 from .decomp_expect import DecompExpect
 from .errors import PatchError
 from .fx_passes import FxPassModule, PassTests
-from .meta import Meta
+from . import fp8_recipes
+from .meta import META_REGISTRATIONS, Meta
 from .native_yaml import Derivatives, Dispatch, NativeFunctions
 from .opinfo import OpInfoModule
 from .strategy import SingleDimStrategy, StrategyModule
@@ -106,9 +107,13 @@ ROUTER_TOPK_META = """\
 """
 
 FP8_QUANTIZE_META = """\
-# aten._quantize_fp8, _dequantize_fp8: checks and output allocation. These
-# restate the checks of ATen/native/MoEQuantize.h one for one, with the same
-# messages; keep them in step.
+# aten._quantize_fp8: checks and output allocation. These restate the checks
+# of ATen/native/MoEQuantize.h one for one, with the same messages; keep them
+# in step.
+"""
+
+FP8_DEQUANTIZE_META = """\
+# aten._dequantize_fp8: checks and output allocation (MoEQuantize.h, as above).
 """
 
 SWIZZLE_MX_SCALE_META = """\
@@ -329,6 +334,7 @@ UNPERMUTE_NO_AUTOGRAD = ("torch_unpermute, floating)", "torch_unpermute, floatin
 ROUTER_NO_AUTOGRAD = ("gradcheck_wrapper=gradcheck_router_topk)",
                       "gradcheck_wrapper=gradcheck_router_topk, supports_autograd=False)")
 ROUTING_OPINFO = "torch/testing/_internal/opinfo/definitions/moe_routing.py"
+FP8_OPINFO = "torch/testing/_internal/opinfo/definitions/fp8.py"
 
 # MoERouterTopkKernel.cpp as the router's first PR leaves it: the scalar path
 # only (the file without its CPU_CAPABILITY_AVX512 blocks, and these edits);
@@ -400,11 +406,12 @@ ROUTER_VECTOR_SAMPLES_AFTER = 'name="strided_bias_dtype")\n'
 
 # Stack 3, one op per PR: the top-level definitions of test/opinfo_fp8.py each PR carries (its op's
 # builder and what only it uses), and the op_db statement of the upstream module after each PR.
-FP8_QUANTIZE_OPS = ("quantize_fp8", "dequantize_fp8")
+FP8_QUANTIZE_OPS = ("quantize_fp8", "dequantize_fp8")  # one PR each, quantize first
 FP8_OPINFOS = {
-    "quantize_fp8_opinfos": ["FP8_DTYPES", "_offs", "_spread", "quantize_cases", "sample_inputs_quantize_fp8",
-                             "_dequantize_cases", "sample_inputs_dequantize_fp8", "_err", "error_inputs_quantize_fp8",
-                             "error_inputs_dequantize_fp8", "_fp8_opinfo", "quantize_fp8_opinfos"],
+    "quantize_fp8_opinfos": ["FP8_DTYPES", "_offs", "_spread", "quantize_cases", "sample_inputs_quantize_fp8", "_err",
+                             "error_inputs_quantize_fp8", "_fp8_opinfo", "quantize_fp8_opinfos"],
+    "dequantize_fp8_opinfos": ["_dequantize_cases", "sample_inputs_dequantize_fp8", "error_inputs_dequantize_fp8",
+                               "dequantize_fp8_opinfos"],
     "swizzle_mx_scale_opinfos": ["swizzle_cases", "sample_inputs_swizzle_mx_scale", "error_inputs_swizzle_mx_scale",
                                  "swizzle_mx_scale_opinfos"],
     # the rowwise recipe's PR; the blockwise and MX PRs append theirs (fp8_stages.OPINFO_BLOCKWISE, OPINFO_MX)
@@ -426,7 +433,8 @@ def fp8_op_db(*builders: str) -> str:
         f'{FP8_CUDA_TESTED_ELSEWHERE.get(b, "")}),\n' for b in builders) + "]\n"
 
 
-FP8_OP_DB = fp8_op_db("quantize_fp8_opinfos", "swizzle_mx_scale_opinfos", "scaled_grouped_mm_opinfos")
+FP8_OP_DB = fp8_op_db("quantize_fp8_opinfos", "dequantize_fp8_opinfos", "swizzle_mx_scale_opinfos",
+                      "scaled_grouped_mm_opinfos")
 
 # Derivative helpers go where upstream's are: declared in FunctionsManual.h
 # (after _grouped_mm's own, or before the header's last declaration), defined
@@ -615,19 +623,69 @@ SERIES = [
         Patch(
             message="core/0006-fp8-cpu.txt",
             changes=[
-                Copy(f"{NATIVE}/MoEQuantize.h", f"{SRC}/MoEQuantize.h"),
-                Copy(f"{NATIVE}/MoEQuantize.cpp", f"{SRC}/MoEQuantize.cpp"),
-                Copy(f"{NATIVE}/cpu/MoEQuantizeKernel.cpp", f"{SRC}/cpu/MoEQuantizeKernel.cpp"),
-                Copy(f"{NATIVE}/cpu/MoEFp8Utils.h", f"{SRC}/cpu/MoEFp8Utils.h"),
-                NativeFunctions("fp8", after="_moe_unpermute_backward", later=("CUDA",), ops=FP8_QUANTIZE_OPS),
-                Meta("fp8", FP8_QUANTIZE_META, ops=FP8_QUANTIZE_OPS, after="meta_moe_unpermute_backward"),
-                DecompExpect("fp8", ops=FP8_QUANTIZE_OPS),
+                Copy(f"{NATIVE}/MoEQuantize.h", f"{SRC}/MoEQuantize.h", edits=fp8_recipes.NO_DEQUANTIZE_HEADER
+                     + fp8_recipes.NO_MX_HEADER + fp8_recipes.NO_BLOCKED_HEADER),
+                Copy(f"{NATIVE}/MoEQuantize.cpp", f"{SRC}/MoEQuantize.cpp",
+                     edits=fp8_recipes.NO_DEQUANTIZE_ENTRY + fp8_recipes.NO_MX_ENTRY),
+                Copy(f"{NATIVE}/cpu/MoEQuantizeKernel.cpp", f"{SRC}/cpu/MoEQuantizeKernel.cpp",
+                     undefine=("CPU_CAPABILITY_AVX512",), edits=fp8_recipes.PORTABLE_KERNEL
+                     + fp8_recipes.NO_DEQUANTIZE_KERNEL + fp8_recipes.NO_MX_KERNEL),
+                NativeFunctions("fp8", after="_moe_unpermute_backward", later=("CUDA",), ops=("quantize_fp8",)),
+                Meta("fp8", FP8_QUANTIZE_META, ops=("quantize_fp8",), after="meta_moe_unpermute_backward"),
+                Edit(META_REGISTRATIONS, fp8_recipes.NO_MX_META + fp8_recipes.NO_BLOCKED_META),
+                DecompExpect("fp8", ops=("quantize_fp8",)),
                 OpInfoModule("fp8", "fp8", "OpInfos of the fp8 ops.", carried=FP8_OPINFOS["quantize_fp8_opinfos"],
-                             op_db=fp8_op_db("quantize_fp8_opinfos")),
+                             op_db=fp8_op_db("quantize_fp8_opinfos"),
+                             edits=fp8_recipes.NO_MX_OPINFO + fp8_recipes.NO_BLOCKED_OPINFO),
                 Edit(OPINFO_INIT, [
                     ("    fft,\n    grouped_mm,\n", "    fft,\n    fp8,\n    grouped_mm,\n"),
                     ("    *fft.op_db,\n    *grouped_mm.op_db,\n", "    *fft.op_db,\n    *fp8.op_db,\n    *grouped_mm.op_db,\n"),
                 ]),
+            ],
+        ),
+        Patch(
+            message="core/0006a1-fp8-dequantize-cpu.txt",
+            changes=[
+                Copy(f"{NATIVE}/MoEQuantize.h", f"{SRC}/MoEQuantize.h",
+                     edits=fp8_recipes.NO_MX_HEADER + fp8_recipes.NO_BLOCKED_HEADER, update=True),
+                Copy(f"{NATIVE}/MoEQuantize.cpp", f"{SRC}/MoEQuantize.cpp", edits=fp8_recipes.NO_MX_ENTRY, update=True),
+                Copy(f"{NATIVE}/cpu/MoEQuantizeKernel.cpp", f"{SRC}/cpu/MoEQuantizeKernel.cpp",
+                     undefine=("CPU_CAPABILITY_AVX512",), edits=fp8_recipes.PORTABLE_KERNEL
+                     + fp8_recipes.NO_MX_KERNEL + fp8_recipes.NO_MX_DEQUANTIZE_KERNEL, update=True),
+                Copy(f"{NATIVE}/cpu/MoEFp8Utils.h", f"{SRC}/cpu/MoEFp8Utils.h", edits=fp8_recipes.NO_MX_UTILS),
+                NativeFunctions("fp8", after="_quantize_fp8", later=("CUDA",), ops=("dequantize_fp8",)),
+                Meta("fp8", FP8_DEQUANTIZE_META, ops=("dequantize_fp8",), after="meta_quantize_fp8"),
+                DecompExpect("fp8", ops=("dequantize_fp8",)),
+                OpInfoModule("fp8", "fp8", "", carried=FP8_OPINFOS["dequantize_fp8_opinfos"], extends=True,
+                             op_db=fp8_op_db("quantize_fp8_opinfos", "dequantize_fp8_opinfos"),
+                             edits=fp8_recipes.NO_MX_DEQUANTIZE_OPINFO + fp8_recipes.NO_BLOCKED_DEQUANTIZE_OPINFO),
+            ],
+        ),
+        Patch(
+            message="core/0006a2-fp8-quantize-blockwise.txt",
+            changes=[
+                Copy(f"{NATIVE}/MoEQuantize.h", f"{SRC}/MoEQuantize.h", edits=fp8_recipes.NO_MX_HEADER, update=True),
+                Edit(META_REGISTRATIONS, fp8_recipes.landing(fp8_recipes.NO_BLOCKED_META)),
+                Edit(FP8_OPINFO, fp8_recipes.landing(fp8_recipes.NO_BLOCKED_OPINFO
+                                                     + fp8_recipes.NO_BLOCKED_DEQUANTIZE_OPINFO)),
+            ],
+        ),
+        Patch(
+            message="core/0006a3-fp8-quantize-mx.txt",
+            changes=[
+                Copy(f"{NATIVE}/MoEQuantize.h", f"{SRC}/MoEQuantize.h", update=True),
+                Copy(f"{NATIVE}/MoEQuantize.cpp", f"{SRC}/MoEQuantize.cpp", update=True),
+                Copy(f"{NATIVE}/cpu/MoEQuantizeKernel.cpp", f"{SRC}/cpu/MoEQuantizeKernel.cpp",
+                     undefine=("CPU_CAPABILITY_AVX512",), edits=fp8_recipes.PORTABLE_KERNEL, update=True),
+                Copy(f"{NATIVE}/cpu/MoEFp8Utils.h", f"{SRC}/cpu/MoEFp8Utils.h", update=True),
+                Edit(META_REGISTRATIONS, fp8_recipes.landing(fp8_recipes.NO_MX_META)),
+                Edit(FP8_OPINFO, fp8_recipes.landing(fp8_recipes.NO_MX_OPINFO + fp8_recipes.NO_MX_DEQUANTIZE_OPINFO)),
+            ],
+        ),
+        Patch(
+            message="core/0006a4-fp8-quantize-avx512.txt",
+            changes=[
+                Copy(f"{NATIVE}/cpu/MoEQuantizeKernel.cpp", f"{SRC}/cpu/MoEQuantizeKernel.cpp", update=True),
             ],
         ),
         Patch(
@@ -640,7 +698,8 @@ SERIES = [
                      after="meta_dequantize_fp8"),
                 DecompExpect("fp8", ops=("swizzle_mx_scale",)),
                 OpInfoModule("fp8", "fp8", "", carried=FP8_OPINFOS["swizzle_mx_scale_opinfos"], extends=True,
-                             op_db=fp8_op_db("quantize_fp8_opinfos", "swizzle_mx_scale_opinfos")),
+                             op_db=fp8_op_db("quantize_fp8_opinfos", "dequantize_fp8_opinfos",
+                                             "swizzle_mx_scale_opinfos")),
             ],
         ),
         # _scaled_grouped_mm's CPU kernel lands recipe by recipe (fp8_stages: the sources as each PR leaves

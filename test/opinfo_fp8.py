@@ -1,7 +1,7 @@
 """OpInfos of the fp8 ops ``moe_ops.quantize_fp8``, ``moe_ops.dequantize_fp8``,
 ``moe_ops.scaled_grouped_mm`` and ``moe_ops.swizzle_mx_scale``.
 
-One builder per op (``quantize_fp8_opinfos``: quantize_fp8 and its inverse,
+One builder per op (``quantize_fp8_opinfos``, ``dequantize_fp8_opinfos``,
 ``swizzle_mx_scale_opinfos``, ``scaled_grouped_mm_opinfos``), each with its
 samples, error inputs and plain-torch ref, so that each op's PR carries its
 own (patches/manifest.py). Error inputs cover every rejected argument.
@@ -58,14 +58,15 @@ def quantize_cases(device, dtype):
         # A weight (G, K, N) quantised per output column: blocks along K.
         w = _spread((2, 64, 40), device, dtype, 3)
         yield f"{recipe}_weight_transposed", w.transpose(-2, -1), recipe, {}
-    yield "mx_swizzle_2d", _spread((130, 200), device, dtype, 4), "mx", dict(swizzle=True)
-    yield "mx_swizzle_3d", _spread((2, 40, 96), device, dtype, 5), "mx", dict(swizzle=True)
     # Per-group operands of the 2D x 2D grouped GEMM: groups along C (tokens).
     x = partial(_spread, (7, 200), device, dtype, 6)
     yield "tensorwise_offs", x(), "tensorwise", dict(offs=_offs([50, 50, 130], device))
     yield "rowwise_offs", x(), "rowwise", dict(offs=_offs([10, 10, 64, 199], device))
     yield "rowwise_offs_no_groups", x(), "rowwise", dict(offs=_offs([], device))
+    # mx: groups of whole 32-element blocks; the blocked (swizzled) scale layout.
     yield "mx_offs", x(), "mx", dict(offs=_offs([32, 32, 96, 200], device))
+    yield "mx_swizzle_2d", _spread((130, 200), device, dtype, 4), "mx", dict(swizzle=True)
+    yield "mx_swizzle_3d", _spread((2, 40, 96), device, dtype, 5), "mx", dict(swizzle=True)
 
 
 def sample_inputs_quantize_fp8(op_info, device, dtype, requires_grad, **kwargs):
@@ -101,29 +102,31 @@ def _err(regex, *args, name="", **kw):
 def error_inputs_quantize_fp8(op_info, device, **kwargs):
     x = make_tensor((4, 64), device=device, dtype=torch.float32)
     offs = _offs([32, 64], device)
+    cpu = torch.device(device).type == "cpu"  # values of offs: checked by the kernels, not by fake kernels
     e = _err
     yield e(r"quantize_fp8: recipe must be 'tensorwise', 'rowwise', 'blockwise_1x128', 'blockwise_128x128' "
             r"or 'mx', got 'rowise'", x, "rowise")
-    yield e(r"quantize_fp8: x must be float32, bfloat16 or float16, got Double", x.double(), "mx")
-    yield e(r"quantize_fp8: float8_dtype must be Float8_e4m3fn or Float8_e5m2, got BFloat16", x, "mx",
+    yield e(r"quantize_fp8: x must be float32, bfloat16 or float16, got Double", x.double(), "rowwise")
+    yield e(r"quantize_fp8: float8_dtype must be Float8_e4m3fn or Float8_e5m2, got BFloat16", x, "rowwise",
             float8_dtype=torch.bfloat16)
     yield e(r"quantize_fp8: x must be 2-D or 3-D, got 1-D with sizes \[64\]", x[0], "rowwise")
     yield e(r"quantize_fp8: x must be 2-D or 3-D, got 4-D", x.view(1, 1, 4, 64), "rowwise")
-    yield e(r"quantize_fp8: swizzle=True needs recipe 'mx', got 'blockwise_1x128'", x, "blockwise_1x128",
-            swizzle=True)
+    yield e(r"quantize_fp8: swizzle=True needs recipe 'mx', got 'rowwise'", x, "rowwise", swizzle=True)
     yield e(r"quantize_fp8: offs needs a 2-D x, got x of sizes \[1, 4, 64\]", x.view(1, 4, 64), "rowwise",
             offs=offs)
-    yield e(r"quantize_fp8: offs is supported with recipes 'tensorwise', 'rowwise' and 'mx', got "
-            r"'blockwise_128x128'", x, "blockwise_128x128", offs=offs)
-    yield e(r"quantize_fp8: swizzle=True does not take offs", x, "mx", offs=offs, swizzle=True)
     yield e(r"quantize_fp8: offs must be 1-D, got 2-D with sizes \[1, 2\]", x, "rowwise", offs=offs.view(1, 2))
     yield e(r"quantize_fp8: offs must be int32, got Long", x, "rowwise", offs=offs.long())
-    if torch.device(device).type == "cpu":
-        # Values of offs: checked by the kernels, not by fake kernels.
+    if cpu:
         yield e(r"quantize_fp8: offs must be non-decreasing in \[0, C=64\], got offs\[1\]=16 after offs\[0\]=32",
                 x, "rowwise", offs=_offs([32, 16], device), name="offs_values")
         yield e(r"quantize_fp8: offs must be non-decreasing in \[0, C=64\], got offs\[0\]=65", x, "tensorwise",
                 offs=_offs([65], device), name="offs_values")
+    # blockwise
+    yield e(r"quantize_fp8: offs is supported with recipes 'tensorwise', 'rowwise' and 'mx', got "
+            r"'blockwise_128x128'", x, "blockwise_128x128", offs=offs)
+    # mx
+    yield e(r"quantize_fp8: swizzle=True does not take offs", x, "mx", offs=offs, swizzle=True)
+    if cpu:
         yield e(r"quantize_fp8: with recipe 'mx' every group must hold whole 32-element blocks: offs\[g\] must "
                 r"be a multiple of 32 or C=64, got offs\[0\]=40", x, "mx", offs=_offs([40, 64], device),
                 name="offs_values")
@@ -133,31 +136,33 @@ def error_inputs_dequantize_fp8(op_info, device, **kwargs):
     x = make_tensor((4, 64), device=device, dtype=torch.float32)
     d, s = torch_quantize_fp8(x.cpu(), "rowwise")
     d, s = d.to(device), s.to(device)
-    dm, sm = (t.to(device) for t in torch_quantize_fp8(x.cpu(), "mx"))
     offs = _offs([32, 64], device)
     e = _err
     yield e(r"dequantize_fp8: recipe must be 'tensorwise', 'rowwise', 'blockwise_1x128', 'blockwise_128x128' "
-            r"or 'mx', got 'MX'", dm, sm, "MX")
+            r"or 'mx', got 'MX'", d, s, "MX")
     yield e(r"dequantize_fp8: data must be Float8_e4m3fn or Float8_e5m2, got Float", x, s, "rowwise")
     yield e(r"dequantize_fp8: data must be 2-D or 3-D, got 1-D with sizes \[64\]", d[0], s, "rowwise")
-    yield e(r"dequantize_fp8: scale must be Float8_e8m0fnu for recipe 'mx', got Float", dm, sm.float(), "mx")
     yield e(r"dequantize_fp8: scale must be Float for recipe 'rowwise', got Float8_e8m0fnu", d,
             s.to(torch.float8_e8m0fnu), "rowwise")
     yield e(r"dequantize_fp8: scale must have shape \[4\] for data of sizes \[4, 64\] and recipe 'rowwise', "
             r"got \[4, 1\]", d, s.view(4, 1), "rowwise")
-    yield e(r"dequantize_fp8: scale must have shape \[4, 2\] for data of sizes \[4, 64\] and recipe 'mx', "
-            r"got \[4, 1\]", dm, sm[:, :1], "mx")
-    yield e(r"dequantize_fp8: scale must have shape \[128, 4\] for data of sizes \[4, 64\] and recipe 'mx' "
-            r"\(swizzled\), got \[4, 2\]", dm, sm, "mx", swizzle=True)
     yield e(r"dequantize_fp8: scale must have shape \[2, 4\] for data of sizes \[4, 64\] and recipe 'rowwise', "
             r"got \[4\]", d, s, "rowwise", offs=offs)
     yield e(r"dequantize_fp8: scale must have shape \[\] for data of sizes \[4, 64\] and recipe 'tensorwise', "
             r"got \[4\]", d, s, "tensorwise")
-    yield e(r"dequantize_fp8: scale must have shape \[1, 1\] for data of sizes \[4, 64\] and recipe "
-            r"'blockwise_128x128', got \[4\]", d, s, "blockwise_128x128")
     yield e(r"dequantize_fp8: out_dtype must be float32, bfloat16 or float16, got Double", d, s, "rowwise",
             out_dtype=torch.float64)
     yield e(r"dequantize_fp8: offs must be int32, got Long", d, s, "rowwise", offs=offs.long())
+    # blockwise
+    yield e(r"dequantize_fp8: scale must have shape \[1, 1\] for data of sizes \[4, 64\] and recipe "
+            r"'blockwise_128x128', got \[4\]", d, s, "blockwise_128x128")
+    # mx
+    dm, sm = (t.to(device) for t in torch_quantize_fp8(x.cpu(), "mx"))
+    yield e(r"dequantize_fp8: scale must be Float8_e8m0fnu for recipe 'mx', got Float", dm, sm.float(), "mx")
+    yield e(r"dequantize_fp8: scale must have shape \[4, 2\] for data of sizes \[4, 64\] and recipe 'mx', "
+            r"got \[4, 1\]", dm, sm[:, :1], "mx")
+    yield e(r"dequantize_fp8: scale must have shape \[128, 4\] for data of sizes \[4, 64\] and recipe 'mx' "
+            r"\(swizzled\), got \[4, 2\]", dm, sm, "mx", swizzle=True)
 
 
 def _quantize_weight(w, recipe, f8=None, offs=None, k_major=True):
@@ -477,23 +482,28 @@ def _fp8_opinfo(name, op, ref, dtypes, sample_inputs_func, error_inputs_func, cu
 
 
 def quantize_fp8_opinfos(name_of, op_of, cuda_tested_elsewhere=()) -> list[OpInfo]:
-    """quantize_fp8 and dequantize_fp8. Samples cover every recipe on 2-D and
-    3-D operands, sizes that are not multiples of the blocks (partial last
-    blocks), zero rows and zero columns, a transposed (column-major) weight
-    quantised per output column, both float8 formats, the swizzled MX scale
-    layout, per-group (offs) operands with empty groups and columns past
-    ``offs[-1]``, and values spanning 40 binades so that blocks differ in
-    scale. The refs are plain-torch implementations of the ops, which use
-    torch's own float -> float8 conversion. name_of and op_of map each op's
-    name ("quantize_fp8", ...) to the OpInfo's name and the op it calls; the
-    ops in cuda_tested_elsewhere skip CUDA."""
-    return [
-        _fp8_opinfo(name_of("quantize_fp8"), op_of("quantize_fp8"), torch_quantize_fp8, FP8_DTYPES,
-                    sample_inputs_quantize_fp8, error_inputs_quantize_fp8, "quantize_fp8" in cuda_tested_elsewhere),
-        _fp8_opinfo(name_of("dequantize_fp8"), op_of("dequantize_fp8"), torch_dequantize_fp8, FP8_DTYPES,
-                    sample_inputs_dequantize_fp8, error_inputs_dequantize_fp8,
-                    "dequantize_fp8" in cuda_tested_elsewhere),
-    ]
+    """quantize_fp8. Samples cover every recipe on 2-D and 3-D operands, sizes
+    that are not multiples of the blocks (partial last blocks), zero rows and
+    zero columns, a transposed (column-major) weight quantised per output
+    column, both float8 formats, per-group (offs) operands with empty groups
+    and columns past ``offs[-1]``, the swizzled MX scale layout, and values
+    spanning 40 binades so that blocks differ in scale. The ref is a
+    plain-torch implementation of the op, which uses torch's own float ->
+    float8 conversion. name_of and op_of map each op's name ("quantize_fp8",
+    ...) to the OpInfo's name and the op it calls; the ops in
+    cuda_tested_elsewhere skip CUDA."""
+    return [_fp8_opinfo(name_of("quantize_fp8"), op_of("quantize_fp8"), torch_quantize_fp8, FP8_DTYPES,
+                        sample_inputs_quantize_fp8, error_inputs_quantize_fp8,
+                        "quantize_fp8" in cuda_tested_elsewhere)]
+
+
+def dequantize_fp8_opinfos(name_of, op_of, cuda_tested_elsewhere=()) -> list[OpInfo]:
+    """dequantize_fp8: quantize_fp8's samples quantised by its reference,
+    dequantised to every floating dtype, against a plain-torch reference
+    (float32 products rounded once)."""
+    return [_fp8_opinfo(name_of("dequantize_fp8"), op_of("dequantize_fp8"), torch_dequantize_fp8, FP8_DTYPES,
+                        sample_inputs_dequantize_fp8, error_inputs_dequantize_fp8,
+                        "dequantize_fp8" in cuda_tested_elsewhere)]
 
 
 def scaled_grouped_mm_opinfos(name_of, op_of, cuda_tested_elsewhere=()) -> list[OpInfo]:
@@ -521,6 +531,7 @@ def swizzle_mx_scale_opinfos(name_of, op_of, cuda_tested_elsewhere=()) -> list[O
 def make_fp8_op_db(name_of, op_of, cuda_tested_elsewhere=()) -> list[OpInfo]:
     """The OpInfos of every fp8 op, in the declaration's order."""
     return [*quantize_fp8_opinfos(name_of, op_of, cuda_tested_elsewhere),
+            *dequantize_fp8_opinfos(name_of, op_of, cuda_tested_elsewhere),
             *scaled_grouped_mm_opinfos(name_of, op_of, cuda_tested_elsewhere),
             *swizzle_mx_scale_opinfos(name_of, op_of, cuda_tested_elsewhere)]
 

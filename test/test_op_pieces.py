@@ -242,8 +242,10 @@ def test_patch_messages_list_ops_through_placeholders():
     assert changes.fill_message("{backward_nodes:routing}", "x").split(", ")[0] == "MoeRouterTopkBackward0"
     # A PR of some of a family's ops (the ops= of its changes) lists those only.
     quantize = next(p for p in manifest.SERIES[0].patches if p.message == "core/0006-fp8-cpu.txt")
-    assert quantize.selection == {"fp8": {"quantize_fp8", "dequantize_fp8"}}
-    assert changes.fill_message("{ops:fp8: and }", "x", quantize.selection) == "_quantize_fp8 and _dequantize_fp8"
+    assert quantize.selection == {"fp8": {"quantize_fp8"}}
+    assert changes.fill_message("{ops:fp8: and }", "x", quantize.selection) == "_quantize_fp8"
+    assert changes.fill_message("{ops:fp8: and }", "x", {"fp8": {"quantize_fp8", "dequantize_fp8"}}) == (
+        "_quantize_fp8 and _dequantize_fp8")
     assert changes.fill_message("{ops:fp8: and }", "x", {"routing": {"permute"}}) == " and ".join(
         o.upstream.name for o in native_functions.upstreamed("fp8"))
     assert changes.fill_message("GroupedMM.{h,cpp}", "x") == "GroupedMM.{h,cpp}"

@@ -1597,21 +1597,23 @@ def test_stack_3_meta_blocks_partition_the_fp8_checks():
     metas = [c for p in manifest.SERIES[0].patches for c in p.changes
              if isinstance(c, manifest.Meta) and c.family == "fp8"]
     sgmm = ("scaled_grouped_mm",)
-    assert [m.ops for m in metas] == [manifest.FP8_QUANTIZE_OPS, ("swizzle_mx_scale",), sgmm, sgmm, sgmm,
+    quantize, dequantize = ((op,) for op in manifest.FP8_QUANTIZE_OPS)
+    assert [m.ops for m in metas] == [quantize, dequantize, ("swizzle_mx_scale",), sgmm, sgmm, sgmm,
                                       ("scaled_grouped_mm_v2",)]
-    assert [m.update for m in metas] == [False, False, False, True, True, False]
+    assert [m.update for m in metas] == [False, False, False, False, True, True, False]
     carried = [set(m.carried_checks()) for m in metas]
-    assert carried[2] < carried[3] < carried[4]
-    assert carried[4] - carried[2] == set(fp8_stages.CHECKS_LATER)
-    assert carried[4] - carried[3] == set(fp8_stages.CHECKS_MX)
-    final = carried[:2] + carried[4:]
+    assert carried[3] < carried[4] < carried[5]
+    assert carried[5] - carried[3] == set(fp8_stages.CHECKS_LATER)
+    assert carried[5] - carried[4] == set(fp8_stages.CHECKS_MX)
+    final = carried[:3] + carried[5:]
     assert set().union(*final) == set(names.family_checks("fp8"))
     assert sum(map(len, final)) == len(names.family_checks("fp8"))  # disjoint
-    assert "check_scaled_grouped_mm_inputs" in carried[2] and "check_swizzle_mx_scale_inputs" in carried[1]
+    assert "check_dequantize_fp8_inputs" in carried[1] and "fp8_scale_size" in carried[0]
+    assert "check_scaled_grouped_mm_inputs" in carried[3] and "check_swizzle_mx_scale_inputs" in carried[2]
     sgmm_earlier = (*manifest.FP8_QUANTIZE_OPS, "swizzle_mx_scale")
-    assert [tuple(m.earlier_ops) for m in metas] == [(), manifest.FP8_QUANTIZE_OPS, sgmm_earlier, sgmm_earlier,
-                                                     sgmm_earlier, (*sgmm_earlier, "scaled_grouped_mm")]
-    assert list(metas[1].meta_names().values()) == ["meta_swizzle_mx_scale"]
+    assert [tuple(m.earlier_ops) for m in metas] == [(), quantize, manifest.FP8_QUANTIZE_OPS, sgmm_earlier,
+                                                     sgmm_earlier, sgmm_earlier, (*sgmm_earlier, "scaled_grouped_mm")]
+    assert list(metas[2].meta_names().values()) == ["meta_swizzle_mx_scale"]
     with pytest.raises(PatchError, match=r"\['router_topk'\] are not upstreamed ops of the fp8 family"):
         names.op_checks("fp8", ("router_topk",))
 
@@ -1624,7 +1626,7 @@ def test_opinfo_module_grows_one_op_per_pr():
     first = OpInfoModule("fp8", "fp8", "OpInfos.", carried=manifest.FP8_OPINFOS["quantize_fp8_opinfos"],
                          op_db=manifest.fp8_op_db("quantize_fp8_opinfos"))
     text = first.apply(None)
-    assert text.startswith('# mypy: ignore-errors\n\n"""OpInfos."""\n\nimport functools\n')
+    assert text.startswith('# mypy: ignore-errors\n\n"""OpInfos."""\n\nimport unittest\n')
     assert "def torch_quantize_fp8(" in text and "def torch_swizzle_mx_scale(" not in text
     assert "torch_moe_ops" not in text and "moe_ops" not in text.replace("_moe_", "")
     second = OpInfoModule("fp8", "fp8", "", carried=manifest.FP8_OPINFOS["swizzle_mx_scale_opinfos"],
