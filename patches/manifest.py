@@ -285,6 +285,23 @@ WITHOUT_INNER_PRODUCT = [(
     "",
 )]
 
+# The AVX-512 engine's first PR: bfloat16 widened to float32 like float16; the
+# next PR adds its K pairs (GroupedMMAvx512BF16.h, MicroTraits<BFloat16, true>).
+WITHOUT_BF16_PAIRS = [(
+    "#include <ATen/native/cpu/GroupedMMAvx512BF16.h>\n", "",
+), (
+    "            if constexpr (std::is_same_v<scalar_t, BFloat16>) {\n"
+    "              if (cpu_has_avx512_bf16()) {\n"
+    "                run_tile_avx512<scalar_t, out_t, MicroTraits<BFloat16, true>>(p, t, buf, next_p, next);\n"
+    "              } else {\n"
+    "                run_tile_avx512<scalar_t, out_t, MicroTraits<BFloat16, false>>(p, t, buf, next_p, next);\n"
+    "              }\n"
+    "            } else {\n"
+    "              run_tile_avx512<scalar_t, out_t, MicroTraits<scalar_t>>(p, t, buf, next_p, next);\n"
+    "            }\n",
+    "            run_tile_avx512<scalar_t, out_t, MicroTraits<scalar_t>>(p, t, buf, next_p, next);\n",
+)]
+
 
 def _test_method(name: str) -> str:
     """The text of TestGroupedMM.<name> in patches/src/test/test_matmul.py, its decorators and the blank
@@ -298,6 +315,7 @@ def _test_method(name: str) -> str:
 
 
 AVX512_TEST = _test_method("test_grouped_mm_blocked")
+BF16_PAIRS_TEST = _test_method("test_grouped_mm_bfloat16_k_pairs")
 INNER_PRODUCT_TEST = _test_method("test_grouped_mm_weights_along_k")
 
 # Each routing OpInfo tests the forward until its op's derivatives land (a
@@ -369,7 +387,7 @@ SERIES = [
                      edits=[("from typing import TypeVar\n", "from typing import Optional, TypeVar\n")]),
                 Edit("torch/nn/functional.py", GROUPED_MM_DOCS),
                 Copy("test/test_matmul.py", "patches/src/test/test_matmul.py",
-                     edits=[(AVX512_TEST, ""), (INNER_PRODUCT_TEST, "")]),
+                     edits=[(AVX512_TEST, ""), (BF16_PAIRS_TEST, ""), (INNER_PRODUCT_TEST, "")]),
             ],
         ),
         Patch(
@@ -377,6 +395,16 @@ SERIES = [
             changes=[
                 Copy(f"{NATIVE}/cpu/MoEAvx512Utils.h", f"{SRC}/cpu/MoEAvx512Utils.h"),
                 Copy(f"{NATIVE}/cpu/GroupedMMAvx512.h", f"{SRC}/cpu/GroupedMMAvx512.h"),
+                Copy(f"{NATIVE}/cpu/GroupedMMKernel.cpp", f"{SRC}/cpu/GroupedMMKernel.cpp",
+                     edits=WITHOUT_INNER_PRODUCT + WITHOUT_BF16_PAIRS, update=True),
+                Copy("test/test_matmul.py", "patches/src/test/test_matmul.py",
+                     edits=[(BF16_PAIRS_TEST, ""), (INNER_PRODUCT_TEST, "")], update=True),
+            ],
+        ),
+        Patch(
+            message="core/0001bb-grouped-mm-cpu-avx512-bf16.txt",
+            changes=[
+                Copy(f"{NATIVE}/cpu/GroupedMMAvx512BF16.h", f"{SRC}/cpu/GroupedMMAvx512BF16.h"),
                 Copy(f"{NATIVE}/cpu/GroupedMMKernel.cpp", f"{SRC}/cpu/GroupedMMKernel.cpp", edits=WITHOUT_INNER_PRODUCT,
                      update=True),
                 Copy("test/test_matmul.py", "patches/src/test/test_matmul.py", edits=[(INNER_PRODUCT_TEST, "")],
