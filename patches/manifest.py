@@ -254,9 +254,51 @@ GROUPED_MM_DOCS = [(
 
 OPINFO_INIT = "torch/testing/_internal/opinfo/definitions/__init__.py"
 
-# GroupedMMKernel.cpp as the stack's PRs leave it. The first carries the
-# portable engine only: the file without its CPU_CAPABILITY_AVX512 blocks,
-# and these edits.
+def _source_block(path: str, first: str, last: str) -> str:
+    """The text of the in-repo source path from the line that starts with first to the line that starts with
+    last, both included, and the blank line after it: a block an earlier PR of a stack leaves out."""
+    with open(os.path.join(REPO_ROOT, path), encoding="utf-8") as f:
+        text = f.read()
+    start = text.index("\n" + first) + 1
+    stop = text.index("\n\n", text.index("\n" + last, start) + 1) + 2
+    return text[start:stop]
+
+
+# The stack's first PR: the checks, the meta function and a CPU entry that
+# computes through grouped_mm_fallback (the device-generic loop of ATen
+# matmuls); the next PR adds the kernel (grouped_mm_stub) and runs it instead.
+ENTRY_ON_FALLBACK_H = [(
+    "#include <ATen/native/DispatchStub.h>\n", "",
+), (
+    _source_block(f"{SRC}/GroupedMM.h", "// CPU kernel (native/cpu/GroupedMMKernel.cpp)", "    ScalarType out_dtype);"), "",
+), (
+    "// The CUDA entry runs it where upstream's grouped GEMM does not apply.\n",
+    "// grouped_mm_cpu computes through it.\n",
+)]
+ENTRY_ON_FALLBACK = [(
+    "// Entry points of _grouped_mm: the CPU kernel's (validate, allocate, run\n"
+    "// grouped_mm_stub), and the device-generic loop of ATen matmuls that the CUDA\n"
+    "// entry falls back to where upstream's grouped GEMM does not apply.\n",
+    "// Entry point of _grouped_mm on CPU: validate, then compute through the\n"
+    "// device-generic loop of ATen matmuls (grouped_mm_fallback).\n",
+), (
+    "DEFINE_DISPATCH(grouped_mm_stub);\n\n", "",
+), (
+    _source_block(f"{SRC}/GroupedMM.cpp", "Tensor grouped_mm_empty_cpu(", "}"), "",
+), (
+    "  grouped_mm_check_inputs(mat_a, mat_b, offs, bias, out_dtype);\n"
+    "  Tensor out = grouped_mm_empty_cpu(mat_a, mat_b, offs, grouped_mm_out_dtype(mat_a, out_dtype));\n"
+    "  if (out.numel() > 0) {\n"
+    "    grouped_mm_stub(kCPU, mat_a, mat_b, offs, bias, std::nullopt, std::nullopt, out);\n"
+    "  }\n"
+    "  return out;\n",
+    "  grouped_mm_check_inputs(mat_a, mat_b, offs, bias, out_dtype);\n"
+    "  return grouped_mm_fallback(mat_a, mat_b, offs, bias, out_dtype);\n",
+)]
+
+# GroupedMMKernel.cpp as the stack's PRs leave it. The kernel's first PR
+# carries the portable engine only: the file without its CPU_CAPABILITY_AVX512
+# blocks, and these edits.
 PORTABLE_KERNEL = [(
     "// Engines:\n"
     "//   widening: tiles gathered into float32 (float64) buffers and multiplied by\n"
@@ -311,6 +353,23 @@ WITHOUT_INNER_PRODUCT = [(
     "",
 )]
 
+# The AVX-512 engine's first PR: bfloat16 widened to float32 like float16; the
+# next PR adds its K pairs (GroupedMMAvx512BF16.h, MicroTraits<BFloat16, true>).
+WITHOUT_BF16_PAIRS = [(
+    "#include <ATen/native/cpu/GroupedMMAvx512BF16.h>\n", "",
+), (
+    "            if constexpr (std::is_same_v<scalar_t, BFloat16>) {\n"
+    "              if (cpu_has_avx512_bf16()) {\n"
+    "                run_tile_avx512<scalar_t, out_t, MicroTraits<BFloat16, true>>(p, t, buf, next_p, next);\n"
+    "              } else {\n"
+    "                run_tile_avx512<scalar_t, out_t, MicroTraits<BFloat16, false>>(p, t, buf, next_p, next);\n"
+    "              }\n"
+    "            } else {\n"
+    "              run_tile_avx512<scalar_t, out_t, MicroTraits<scalar_t>>(p, t, buf, next_p, next);\n"
+    "            }\n",
+    "            run_tile_avx512<scalar_t, out_t, MicroTraits<scalar_t>>(p, t, buf, next_p, next);\n",
+)]
+
 
 def _test_method(name: str) -> str:
     """The text of TestGroupedMM.<name> in patches/src/test/test_matmul.py, its decorators and the blank
@@ -323,7 +382,9 @@ def _test_method(name: str) -> str:
     return text[start:stop]
 
 
+KERNEL_TEST = _test_method("test_grouped_mm_deterministic")
 AVX512_TEST = _test_method("test_grouped_mm_blocked")
+BF16_PAIRS_TEST = _test_method("test_grouped_mm_bfloat16_k_pairs")
 INNER_PRODUCT_TEST = _test_method("test_grouped_mm_weights_along_k")
 
 # Each routing OpInfo tests the forward until its op's derivatives land (a
@@ -456,20 +517,29 @@ SERIES = [
         # The kernel lands engine by engine: each PR carries GroupedMMKernel.cpp (and the tests) as it
         # leaves them, the last one the file itself (Copy's undefine / edits / update).
         Patch(
-            message="core/0001-grouped-mm-cpu-kernel.txt",
+            message="core/0001-grouped-mm-cpu-checks-and-meta.txt",
             changes=[
-                Copy(f"{NATIVE}/GroupedMM.h", f"{SRC}/GroupedMM.h"),
-                Copy(f"{NATIVE}/GroupedMM.cpp", f"{SRC}/GroupedMM.cpp"),
-                Copy(f"{NATIVE}/cpu/GroupedMMKernelUtils.h", f"{SRC}/cpu/GroupedMMKernelUtils.h"),
-                Copy(f"{NATIVE}/cpu/GroupedMMKernel.cpp", f"{SRC}/cpu/GroupedMMKernel.cpp",
-                     undefine=("CPU_CAPABILITY_AVX512",), edits=PORTABLE_KERNEL),
+                Copy(f"{NATIVE}/GroupedMM.h", f"{SRC}/GroupedMM.h", edits=ENTRY_ON_FALLBACK_H),
+                Copy(f"{NATIVE}/GroupedMM.cpp", f"{SRC}/GroupedMM.cpp", edits=ENTRY_ON_FALLBACK),
                 Dispatch("grouped_mm"),
                 Meta("grouped_mm", GROUPED_MM_META, replaces=["meta_grouped_mm"],
                      # The checks annotate with Optional (they are written for Python 3.10).
                      edits=[("from typing import TypeVar\n", "from typing import Optional, TypeVar\n")]),
                 Edit("torch/nn/functional.py", GROUPED_MM_DOCS),
                 Copy("test/test_matmul.py", "patches/src/test/test_matmul.py",
-                     edits=[(AVX512_TEST, ""), (INNER_PRODUCT_TEST, "")]),
+                     edits=[(KERNEL_TEST, ""), (AVX512_TEST, ""), (BF16_PAIRS_TEST, ""), (INNER_PRODUCT_TEST, "")]),
+            ],
+        ),
+        Patch(
+            message="core/0001a-grouped-mm-cpu-kernel.txt",
+            changes=[
+                Copy(f"{NATIVE}/GroupedMM.h", f"{SRC}/GroupedMM.h", update=True),
+                Copy(f"{NATIVE}/GroupedMM.cpp", f"{SRC}/GroupedMM.cpp", update=True),
+                Copy(f"{NATIVE}/cpu/GroupedMMKernelUtils.h", f"{SRC}/cpu/GroupedMMKernelUtils.h"),
+                Copy(f"{NATIVE}/cpu/GroupedMMKernel.cpp", f"{SRC}/cpu/GroupedMMKernel.cpp",
+                     undefine=("CPU_CAPABILITY_AVX512",), edits=PORTABLE_KERNEL),
+                Copy("test/test_matmul.py", "patches/src/test/test_matmul.py",
+                     edits=[(AVX512_TEST, ""), (BF16_PAIRS_TEST, ""), (INNER_PRODUCT_TEST, "")], update=True),
             ],
         ),
         Patch(
@@ -477,6 +547,16 @@ SERIES = [
             changes=[
                 Copy(f"{NATIVE}/cpu/MoEAvx512Utils.h", f"{SRC}/cpu/MoEAvx512Utils.h"),
                 Copy(f"{NATIVE}/cpu/GroupedMMAvx512.h", f"{SRC}/cpu/GroupedMMAvx512.h"),
+                Copy(f"{NATIVE}/cpu/GroupedMMKernel.cpp", f"{SRC}/cpu/GroupedMMKernel.cpp",
+                     edits=WITHOUT_INNER_PRODUCT + WITHOUT_BF16_PAIRS, update=True),
+                Copy("test/test_matmul.py", "patches/src/test/test_matmul.py",
+                     edits=[(BF16_PAIRS_TEST, ""), (INNER_PRODUCT_TEST, "")], update=True),
+            ],
+        ),
+        Patch(
+            message="core/0001bb-grouped-mm-cpu-avx512-bf16.txt",
+            changes=[
+                Copy(f"{NATIVE}/cpu/GroupedMMAvx512BF16.h", f"{SRC}/cpu/GroupedMMAvx512BF16.h"),
                 Copy(f"{NATIVE}/cpu/GroupedMMKernel.cpp", f"{SRC}/cpu/GroupedMMKernel.cpp", edits=WITHOUT_INNER_PRODUCT,
                      update=True),
                 Copy("test/test_matmul.py", "patches/src/test/test_matmul.py", edits=[(INNER_PRODUCT_TEST, "")],

@@ -23,7 +23,9 @@ the result:
 * every PR is within patches/sizes.py's LIMIT (generated expect files
   excluded), or within the ceiling OVER_LIMIT records with its reason;
 * the new ops are in HasDecompTest's expect file; test/test_matmul.py, the
-  upstream test file the series adds, passes against this package's kernel;
+  upstream test file the series adds, passes against this package's kernel,
+  and as the grouped mm stack's first PR leaves it, against the device-generic
+  fallback that PR computes through;
 * the commit author comes from PATCH_AUTHOR (default: the fixed one);
 * regenerating the series reproduces patches/ byte for byte;
 * bad input to the generator fails naming the file (and line); a kernel that
@@ -54,7 +56,7 @@ import torchgen
 from torch._subclasses.fake_tensor import FakeTensorMode
 from torch.testing._internal.opinfo.core import SampleInput
 
-import torch_moe_ops  # noqa: F401
+import torch_moe_ops
 from patches import base, generate, manifest, names, proof, rewrite, sizes, upstream_tree
 from patches.decomp_expect import HAS_DECOMPOSITION_EXPECT, DecompExpect
 from patches.errors import PatchError
@@ -1275,6 +1277,29 @@ def test_upstream_test_matmul_passes_against_the_kernel(tree):
     failed = {t.id().rsplit(".", 1)[1] for t, _ in result.failures + result.errors}
     assert {"test_grouped_mm_bias_layout_2d3d_cpu_float32", "test_grouped_mm_out_dtype_float32_cpu_bfloat16",
             "test_grouped_mm_layouts_layout_2d3d_cpu_float64"} <= failed
+
+
+@pytest.mark.skipif(not torch_moe_ops.cuda_kernels_built(),
+                    reason="CPU-only build: the device-generic fallback is reached through the CUDA entry's test op")
+def test_first_pr_test_matmul_passes_on_the_fallback(tmp_path):
+    """The grouped mm stack's first PR computes on CPU through grouped_mm_fallback (the device-generic
+    loop of ATen matmuls; its kernel is the next PR): its test/test_matmul.py, as that PR leaves it,
+    passes with _grouped_mm = the CUDA entry on CPU tensors (the checks, then that fallback), and fails
+    for it off by 2^-10 relative."""
+    first = manifest.SERIES[0].patches[0]
+    test = next(c for c in first.changes if isinstance(c, manifest.Copy) and c.path == "test/test_matmul.py")
+    (tmp_path / "test").mkdir()
+    (tmp_path / "test/test_matmul.py").write_text(test.apply(None))
+    entry = torch.ops.moe_ops_testing.grouped_mm_cuda_entry_on_host.default
+    result, log = run_upstream_test_matmul(str(tmp_path), entry)
+    assert result.testsRun >= 40 and result.wasSuccessful() and not result.skipped, log
+
+    def off(*args, **kwargs):
+        out = entry(*args, **kwargs)
+        return out + out.abs() * 2.0 ** -10
+
+    result, _ = run_upstream_test_matmul(str(tmp_path), off)
+    assert len(result.failures) >= 20
 
 
 def test_commit_author_from_the_environment(tmp_path, monkeypatch):

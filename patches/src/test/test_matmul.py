@@ -187,6 +187,31 @@ class TestGroupedMM(TestCase):
         self.assertGroupedClose(torch._grouped_mm(a, b, offs=offs), a, b, offs)
 
     @onlyCPU
+    def test_grouped_mm_bfloat16_k_pairs(self, device):
+        # On CPUs with AVX512_BF16 (Sapphire Rapids, Zen 4) bfloat16 runs as K
+        # pairs, two K steps per vdpbf16ps; elsewhere it is widened to float32,
+        # and only that path runs. The pairs' edges: an odd K (the last element
+        # pairs with zero) below and past one K block (256), weights stored
+        # (G, N, K) with an even and an odd column stride (a K pair is one
+        # 32-bit word of the former), and A stored K-major (X^T of a weight
+        # gradient), with bias and a float32 output.
+        dtype = torch.bfloat16
+        for k in (1, 7, 255, 257, 600):
+            a, b, offs = _groups("2d3d", [9, 0, 20], device, dtype, k=k, n=70)
+            bias = torch.randn(3, 70, device=device, dtype=dtype)
+            self.assertGroupedClose(torch._grouped_mm(a, b, offs=offs, bias=bias), a, b, offs, bias)
+            out = torch._grouped_mm(a, b, offs=offs, out_dtype=torch.float32)
+            self.assertGroupedClose(out, a, b, offs)
+            for stride in (k + k % 2, k + 1 - k % 2):
+                w = torch.randn(3, 70, stride, device=device, dtype=dtype)[..., :k].transpose(-2, -1)
+                self.assertGroupedClose(torch._grouped_mm(a, w, offs=offs), a, w, offs)
+            x = torch.randn(a.size(0), 40, device=device, dtype=dtype).t()
+            self.assertGroupedClose(torch._grouped_mm(x, a, offs=offs), x, a, offs)
+            a3 = torch.randn(2, k, 30, device=device, dtype=dtype).transpose(-2, -1)
+            b3 = torch.randn(2, k, 50, device=device, dtype=dtype)
+            self.assertGroupedClose(torch._grouped_mm(a3, b3), a3, b3, None)
+
+    @onlyCPU
     @dtypes(torch.float32, torch.bfloat16, torch.float16)
     def test_grouped_mm_weights_along_k(self, device, dtype):
         # Expert weights stored (G, N, K), passed transposed: rows of A and

@@ -251,6 +251,22 @@ Tensor grouped_mm_empty_cpu(
     const std::optional<Tensor>& offs,
     ScalarType out_dtype);
 
+// Zeroes the rows (2D x 3D) or columns (3D x 2D) of out at or past offs[-1],
+// which no group covers, comparing offs[-1] on its device (no host sync).
+void grouped_mm_zero_uncovered(const Tensor& out, GroupedMMLayout layout, const std::optional<Tensor>& offs);
+
+// The device-generic grouped mm, for validated inputs: one mm / addmm per
+// group on the operands' device in float32 (float64 for float64) rounded once,
+// uncovered elements zeroed, grouped_mm_cpu's output layout. It reads offs on
+// the host (a sync, as upstream's fallback) and checks it with the CPU errors.
+// The CUDA entry runs it where upstream's grouped GEMM does not apply.
+Tensor grouped_mm_fallback(
+    const Tensor& mat_a,
+    const Tensor& mat_b,
+    const std::optional<Tensor>& offs,
+    const std::optional<Tensor>& bias,
+    std::optional<ScalarType> out_dtype);
+
 Tensor grouped_mm_cpu(
     const Tensor& mat_a,
     const Tensor& mat_b,

@@ -9,7 +9,7 @@
 // caller's memory, one cache-sized block at a time, so streaming the weights
 // from DRAM overlaps the arithmetic instead of preceding it. bfloat16 runs as
 // K pairs through vdpbf16ps where the CPU has AVX512_BF16, widened to float32
-// where it has not.
+// where it has not (GroupedMMAvx512BF16.h).
 
 #if defined(CPU_CAPABILITY_AVX512)
 
@@ -21,11 +21,6 @@
 
 namespace at::native {
 namespace {
-
-// vdpbf16ps (AVX512_BF16) is beyond ATen's AVX512 capability (its flags stop
-// at AVX512DQ), so the two kernels that use it carry their own target and run
-// only where cpuinfo reports AVX512_BF16 (cpu_has_avx512_bf16).
-#define GROUPED_MM_AVX512_BF16 __attribute__((target("avx512f,avx512bw,avx512vl,avx512dq,fma,avx512bf16")))
 
 // ---- AVX-512 engine ---------------------------------------------------------
 // Intrinsics, not Vectorized<T>: the engine's speed comes from what
@@ -82,11 +77,6 @@ inline void prefetch_row(const Prefetch& pf, int64_t row) {
        q += 64) {
     _mm_prefetch(q, _MM_HINT_T1);
   }
-}
-
-inline __mmask32 col_mask32(int64_t w, int64_t j0) {
-  const int64_t n = std::clamp<int64_t>(w - j0, 0, 32);
-  return static_cast<__mmask32>((uint64_t{1} << n) - 1);
 }
 
 // The all-lanes maskz_ forms of some intrinsics below avoid GCC 12's false
@@ -196,52 +186,6 @@ void micro_f32(const float* const* a, const float* b, const MicroArgs& x) {
   finish_acc<MR, out_t>(r, x);
 }
 
-// bfloat16 micro-kernel: a is MR rows of kc bfloat16 (pairs read as 32 bits),
-// b is ceil(kc / 2) x 64 K pairs; an odd last element pairs with zero.
-template <int MR, typename out_t>
-GROUPED_MM_AVX512_BF16 void micro_bf16(const BFloat16* const* a, const uint32_t* b, const MicroArgs& x) {
-  __m512 r[MR][4];
-  load_acc<MR>(r, x);
-  int64_t pf = x.pf_begin;
-  const int64_t pairs = x.kc / 2;
-  // One prefetched row every `every` K pairs: evenly spread, not in a burst
-  // that would overflow the outstanding-miss queues.
-  const int64_t every = std::max<int64_t>(1, pairs / std::max<int64_t>(1, x.pf_end - x.pf_begin));
-  int64_t until_pf = 0;
-  for (int64_t kp = 0; kp < pairs; ++kp) {
-    const uint32_t* bk = b + kp * kNR;
-    const __m512bh b0 = (__m512bh)_mm512_load_si512(bk), b1 = (__m512bh)_mm512_load_si512(bk + 16);
-    const __m512bh b2 = (__m512bh)_mm512_load_si512(bk + 32), b3 = (__m512bh)_mm512_load_si512(bk + 48);
-    for (int i = 0; i < MR; ++i) {
-      int32_t pair;
-      std::memcpy(&pair, a[i] + kp * x.a_step, sizeof(pair));
-      const __m512bh av = (__m512bh)_mm512_set1_epi32(pair);
-      r[i][0] = _mm512_dpbf16_ps(r[i][0], av, b0);
-      r[i][1] = _mm512_dpbf16_ps(r[i][1], av, b1);
-      r[i][2] = _mm512_dpbf16_ps(r[i][2], av, b2);
-      r[i][3] = _mm512_dpbf16_ps(r[i][3], av, b3);
-    }
-    if (--until_pf <= 0 && pf < x.pf_end) {
-      prefetch_row(x.pf, pf++);
-      until_pf = every;
-    }
-  }
-  if (x.kc % 2 != 0) {
-    const uint32_t* bk = b + pairs * kNR;
-    const __m512bh b0 = (__m512bh)_mm512_load_si512(bk), b1 = (__m512bh)_mm512_load_si512(bk + 16);
-    const __m512bh b2 = (__m512bh)_mm512_load_si512(bk + 32), b3 = (__m512bh)_mm512_load_si512(bk + 48);
-    for (int i = 0; i < MR; ++i) {
-      const __m512bh av = (__m512bh)_mm512_set1_epi32(a[i][pairs * x.a_step].x);
-      r[i][0] = _mm512_dpbf16_ps(r[i][0], av, b0);
-      r[i][1] = _mm512_dpbf16_ps(r[i][1], av, b1);
-      r[i][2] = _mm512_dpbf16_ps(r[i][2], av, b2);
-      r[i][3] = _mm512_dpbf16_ps(r[i][3], av, b3);
-    }
-  }
-  for (; pf < x.pf_end; ++pf) prefetch_row(x.pf, pf);
-  finish_acc<MR, out_t>(r, x);
-}
-
 // r[i] (16 dwords each) <- column i of the 16 x 16 dword matrix in r.
 inline void transpose_16x16_epi32(__m512i (&r)[16]) {
   __m512i t[16];
@@ -310,32 +254,6 @@ inline const T* b_row(const T* src, int64_t rs, const int64_t* rows, int64_t k) 
   return rows[k] < 0 ? nullptr : src + rows[k] * rs;
 }
 
-// kc rows of w contiguous bfloat16 (row k at b_row(src, rs, rows, k)) ->
-// ceil(kc / 2) x ldw words, word j of row kp = (row 2kp, row 2kp + 1) at
-// column j, zero past w and past kc; ldw a multiple of 32.
-void pack_pairs_bf16(uint32_t* dst, int64_t ldw, const BFloat16* src, int64_t rs,
-                                       const int64_t* rows, int64_t kc, int64_t w) {
-  // One two-source word permute per 16 output columns: lane 2c takes
-  // column c of row 2kp (x0), lane 2c + 1 column c of row 2kp + 1 (x1).
-  alignas(64) static const int16_t kLo[32] = {0, 32, 1, 33, 2, 34, 3, 35, 4, 36, 5, 37, 6, 38, 7, 39,
-                                              8, 40, 9, 41, 10, 42, 11, 43, 12, 44, 13, 45, 14, 46, 15, 47};
-  alignas(64) static const int16_t kHi[32] = {16, 48, 17, 49, 18, 50, 19, 51, 20, 52, 21, 53, 22, 54, 23, 55,
-                                              24, 56, 25, 57, 26, 58, 27, 59, 28, 60, 29, 61, 30, 62, 31, 63};
-  const __m512i idx0 = _mm512_load_si512(kLo), idx1 = _mm512_load_si512(kHi);
-  const int64_t pairs = (kc + 1) / 2;
-  for (int64_t kp = 0; kp < pairs; ++kp) {
-    const BFloat16* r0 = b_row(src, rs, rows, 2 * kp);
-    const BFloat16* r1 = 2 * kp + 1 < kc ? b_row(src, rs, rows, 2 * kp + 1) : nullptr;
-    for (int64_t j = 0; j < ldw; j += 32) {
-      const __mmask32 m = col_mask32(w, j);
-      const __m512i x0 = r0 != nullptr ? _mm512_maskz_loadu_epi16(m, r0 + j) : _mm512_setzero_si512();
-      const __m512i x1 = r1 != nullptr ? _mm512_maskz_loadu_epi16(m, r1 + j) : _mm512_setzero_si512();
-      _mm512_store_si512(dst + kp * ldw + j, _mm512_permutex2var_epi16(x0, idx0, x1));
-      _mm512_store_si512(dst + kp * ldw + j + 16, _mm512_permutex2var_epi16(x0, idx1, x1));
-    }
-  }
-}
-
 // kc rows of w contiguous float32 / float16 values -> kc x ldw float32, zero
 // past w; ldw a multiple of 16.
 template <typename scalar_t>
@@ -382,38 +300,6 @@ void pack_b_f32(float* dst, const scalar_t* src, int64_t rs, int64_t cs, int64_t
   }
 }
 
-// Weight block (kc x w) -> ceil(kc / 2) x 64 bfloat16 pairs (row 2p in the
-// low half, row 2p + 1 in the high half, zero past kc and past w).
-void pack_b_bf16(uint32_t* dst, const BFloat16* src, int64_t rs, int64_t cs, int64_t kc, int64_t w,
-                                   const int64_t* rows) {
-  const int64_t pairs = (kc + 1) / 2;
-  if (cs == 1) {
-    pack_pairs_bf16(dst, kNR, src, rs, rows, kc, w);
-    return;
-  }
-  if (rs == 1 && cs % 2 == 0 && rows == nullptr) {
-    // K-contiguous weights: a K pair is one 32-bit word of the source.
-    const int64_t full = kc / 2;
-    pack_words_transposed(dst, src, cs / 2, full, w);
-    if (full < pairs) {  // odd kc: the last row pairs with zero
-      for (int64_t j = 0; j < kNR; ++j) dst[full * kNR + j] = j < w ? src[(kc - 1) + j * cs].x : 0;
-    }
-    return;
-  }
-  for (int64_t kp = 0; kp < pairs; ++kp) {
-    for (int64_t j = w; j < kNR; ++j) dst[kp * kNR + j] = 0;
-  }
-  for (int64_t j = 0; j < w; ++j) {
-    for (int64_t kp = 0; kp < pairs; ++kp) {
-      const BFloat16* s0 = b_row(src, rs, rows, 2 * kp);
-      const BFloat16* s1 = 2 * kp + 1 < kc ? b_row(src, rs, rows, 2 * kp + 1) : nullptr;
-      const uint32_t lo = s0 != nullptr ? s0[j * cs].x : 0;
-      const uint32_t hi = s1 != nullptr ? s1[j * cs].x : 0;
-      dst[kp * kNR + j] = lo | (hi << 16);
-    }
-  }
-}
-
 // float16 / bfloat16 rows (unit column stride) -> float32 rows, ld apart.
 template <typename scalar_t>
 void widen_rows_16bit(float* dst, int64_t ld, const scalar_t* src, int64_t rs, int64_t rows,
@@ -430,19 +316,25 @@ void widen_rows_16bit(float* dst, int64_t ld, const scalar_t* src, int64_t rs, i
 // Per input type: the type A is read in by the micro-kernel, the packed
 // weight element, and the K block (a 32 KB packed weight block). bfloat16
 // runs as K pairs through vdpbf16ps where the CPU has AVX512_BF16
-// (kPairs), else widened to float32 like float16: exact, at float32 speed,
-// which on such CPUs is several times oneDNN's bfloat16 matmul.
+// (kPairs: GroupedMMAvx512BF16.h specialises these traits with the pair
+// kernels, which the tile driver calls through them), else widened to
+// float32 like float16: exact, at float32 speed, which on such CPUs is
+// several times oneDNN's bfloat16 matmul.
 template <typename scalar_t, bool kPairs = false>
 struct MicroTraits {
   using a_t = float;
   using b_t = float;
   static constexpr int64_t kKC = 128;
 };
-template <>
-struct MicroTraits<BFloat16, true> {
-  using a_t = BFloat16;
-  using b_t = uint32_t;
-  static constexpr int64_t kKC = 256;
+
+// Calls f(MicroTraits<scalar_t, ...>{}) with the traits scalar_t runs with on
+// this CPU (GroupedMMAvx512BF16.h chooses for bfloat16).
+template <typename scalar_t>
+struct MicroTraitsFor {
+  template <typename F>
+  static void visit(F&& f) {
+    f(MicroTraits<scalar_t>{});
+  }
 };
 
 template <typename Traits>
@@ -451,7 +343,7 @@ constexpr bool kPairsOf = std::is_same_v<typename Traits::b_t, uint32_t>;
 template <typename Traits, typename out_t, int MR>
 void call_micro(const typename Traits::a_t* const* a, const typename Traits::b_t* b, const MicroArgs& x) {
   if constexpr (kPairsOf<Traits>) {
-    micro_bf16<MR, out_t>(a, b, x);
+    Traits::template micro<MR, out_t>(a, b, x);
   } else {
     micro_f32<MR, out_t>(a, b, x);
   }
@@ -474,10 +366,9 @@ void dispatch_micro(int64_t mr, const typename Traits::a_t* const* a, const type
 // The K block of the broadcast engine for this input type on this CPU.
 template <typename scalar_t>
 int64_t micro_kc() {
-  if constexpr (std::is_same_v<scalar_t, BFloat16>) {
-    return cpu_has_avx512_bf16() ? MicroTraits<BFloat16, true>::kKC : MicroTraits<BFloat16, false>::kKC;
-  }
-  return MicroTraits<scalar_t>::kKC;
+  int64_t kc = 0;
+  MicroTraitsFor<scalar_t>::visit([&](auto traits) { kc = decltype(traits)::kKC; });
+  return kc;
 }
 
 // One tile: all rows of the problem x columns [n0, n0 + nb), nb <= kMicroNB
@@ -533,7 +424,7 @@ void run_tile_avx512(const Problem<scalar_t, out_t, float>& p, const Tile& t, Th
         if constexpr (kPairsOf<Traits>) {
           const int64_t ldw = (mc + 31) / 32 * 32;
           uint32_t* w = workspace<uint32_t>(buf.a, (kc + 1) / 2 * ldw);
-          pack_pairs_bf16(w, ldw, base, p.a_cs, cols, kc, mc);
+          Traits::pack_pairs(w, ldw, base, p.a_cs, cols, kc, mc);
           for (int64_t r = 0; r < mc; ++r) a_rows[r] = reinterpret_cast<const a_t*>(w) + 2 * r;
           a_step = 2 * ldw;
         } else {
@@ -569,7 +460,7 @@ void run_tile_avx512(const Problem<scalar_t, out_t, float>& p, const Tile& t, Th
         const int64_t* b_rows = p.b_idx != nullptr ? p.b_idx + k0 : nullptr;
         const scalar_t* b_blk = p.b + (b_rows != nullptr ? 0 : k0 * p.b_rs) + j0 * p.b_cs;
         if constexpr (kPairsOf<Traits>) {
-          pack_b_bf16(bpack, b_blk, p.b_rs, p.b_cs, kc, w, b_rows);
+          Traits::pack_b(bpack, b_blk, p.b_rs, p.b_cs, kc, w, b_rows);
         } else {
           pack_b_f32(bpack, b_blk, p.b_rs, p.b_cs, kc, w, b_rows);
         }
@@ -634,15 +525,7 @@ void avx512_scratch(const Problem<scalar_t, out_t, float>& p, const Tile& t, Scr
     s.at_least(kMC * (kKC + 32) * 4, kBRows * kNR * static_cast<int64_t>(sizeof(typename Traits::b_t)),
                k > kKC ? kMC * strips * kNR * 4 : 0);
   };
-  if constexpr (std::is_same_v<scalar_t, BFloat16>) {
-    if (cpu_has_avx512_bf16()) {
-      need(MicroTraits<BFloat16, true>{});
-    } else {
-      need(MicroTraits<BFloat16, false>{});
-    }
-  } else {
-    need(MicroTraits<scalar_t>{});
-  }
+  MicroTraitsFor<scalar_t>::visit(need);
 }
 
 } // namespace

@@ -3,12 +3,12 @@
 // The inner-product engine of the CPU grouped mm kernel, for operands whose
 // rows of A and columns of B are both contiguous along K: expert weights
 // stored (E, N, K), transformers' layout. Part of the AVX-512 engine
-// (GroupedMMAvx512.h), included with it by cpu/GroupedMMKernel.cpp in its
-// CPU_CAPABILITY_AVX512 build only.
+// (GroupedMMAvx512.h, GroupedMMAvx512BF16.h), included with it by
+// cpu/GroupedMMKernel.cpp in its CPU_CAPABILITY_AVX512 build only.
 
 #if defined(CPU_CAPABILITY_AVX512)
 
-#include <ATen/native/cpu/GroupedMMAvx512.h>
+#include <ATen/native/cpu/GroupedMMAvx512BF16.h>
 
 namespace at::native {
 namespace {

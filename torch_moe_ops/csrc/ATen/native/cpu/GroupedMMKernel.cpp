@@ -46,6 +46,7 @@
 
 #if defined(CPU_CAPABILITY_AVX512)
 #include <ATen/native/cpu/GroupedMMAvx512.h>
+#include <ATen/native/cpu/GroupedMMAvx512BF16.h>
 #include <ATen/native/cpu/GroupedMMInnerProduct.h>
 #include <ATen/ops/from_blob.h>
 #include <ATen/ops/mm.h>

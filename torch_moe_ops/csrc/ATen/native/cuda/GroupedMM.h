@@ -35,9 +35,9 @@ inline bool grouped_mm_tma_layout(const Tensor& mat) {
 }
 
 // Whether grouped_mm_cuda runs upstream's fast grouped GEMM (else
-// grouped_mm_fallback) on validated inputs: bfloat16 in and out, no bias,
-// TMA-readable operands, unit-stride offs, on a device that kernel is built
-// for (device_ok). Metadata only, so a CPU build tests it.
+// grouped_mm_fallback, native/GroupedMM.cpp) on validated inputs: bfloat16
+// in and out, no bias, TMA-readable operands, unit-stride offs, on a device
+// that kernel is built for (device_ok). Metadata only, so a CPU build tests it.
 inline bool grouped_mm_cuda_fast_path(
     const Tensor& mat_a,
     const Tensor& mat_b,
@@ -49,17 +49,6 @@ inline bool grouped_mm_cuda_fast_path(
       !bias.has_value() && (!offs.has_value() || offs->stride(0) == 1) && grouped_mm_tma_layout(mat_a) &&
       grouped_mm_tma_layout(mat_b);
 }
-
-// The device-generic grouped mm, for validated inputs: one mm / addmm per
-// group on the operands' device in float32 (float64 for float64) rounded once,
-// uncovered elements zeroed, grouped_mm_cpu's output layout. It reads offs on
-// the host (a sync, as upstream's fallback) and checks it with the CPU errors.
-Tensor grouped_mm_fallback(
-    const Tensor& mat_a,
-    const Tensor& mat_b,
-    const std::optional<Tensor>& offs,
-    const std::optional<Tensor>& bias,
-    std::optional<ScalarType> out_dtype);
 
 // The CUDA kernel of _grouped_mm: the shared checks, then the fast kernel
 // (offs checked on the device, uncovered rows zeroed) or the fallback.

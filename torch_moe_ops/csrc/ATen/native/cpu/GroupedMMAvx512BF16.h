@@ -1,0 +1,171 @@
+#pragma once
+
+// The bfloat16 K-pair kernels of the AVX-512 engine (GroupedMMAvx512.h): on
+// CPUs with AVX512_BF16, bfloat16 runs through vdpbf16ps, two K steps per
+// instruction, on weights packed as K pairs; elsewhere it stays widened to
+// float32. The tile driver reaches these kernels through
+// MicroTraits<BFloat16, true>, which MicroTraitsFor<BFloat16> chooses at run
+// time. Included by cpu/GroupedMMKernel.cpp in its CPU_CAPABILITY_AVX512
+// build only.
+
+#if defined(CPU_CAPABILITY_AVX512)
+
+#include <ATen/native/cpu/GroupedMMAvx512.h>
+
+namespace at::native {
+namespace {
+
+// vdpbf16ps (AVX512_BF16) is beyond ATen's AVX512 capability (its flags stop
+// at AVX512DQ), so the two kernels that use it carry their own target and run
+// only where cpuinfo reports AVX512_BF16 (cpu_has_avx512_bf16).
+#define GROUPED_MM_AVX512_BF16 __attribute__((target("avx512f,avx512bw,avx512vl,avx512dq,fma,avx512bf16")))
+
+// bfloat16 micro-kernel: a is MR rows of kc bfloat16 (pairs read as 32 bits),
+// b is ceil(kc / 2) x 64 K pairs; an odd last element pairs with zero.
+template <int MR, typename out_t>
+GROUPED_MM_AVX512_BF16 void micro_bf16(const BFloat16* const* a, const uint32_t* b, const MicroArgs& x) {
+  __m512 r[MR][4];
+  load_acc<MR>(r, x);
+  int64_t pf = x.pf_begin;
+  const int64_t pairs = x.kc / 2;
+  // One prefetched row every `every` K pairs: evenly spread, not in a burst
+  // that would overflow the outstanding-miss queues.
+  const int64_t every = std::max<int64_t>(1, pairs / std::max<int64_t>(1, x.pf_end - x.pf_begin));
+  int64_t until_pf = 0;
+  for (int64_t kp = 0; kp < pairs; ++kp) {
+    const uint32_t* bk = b + kp * kNR;
+    const __m512bh b0 = (__m512bh)_mm512_load_si512(bk), b1 = (__m512bh)_mm512_load_si512(bk + 16);
+    const __m512bh b2 = (__m512bh)_mm512_load_si512(bk + 32), b3 = (__m512bh)_mm512_load_si512(bk + 48);
+    for (int i = 0; i < MR; ++i) {
+      int32_t pair;
+      std::memcpy(&pair, a[i] + kp * x.a_step, sizeof(pair));
+      const __m512bh av = (__m512bh)_mm512_set1_epi32(pair);
+      r[i][0] = _mm512_dpbf16_ps(r[i][0], av, b0);
+      r[i][1] = _mm512_dpbf16_ps(r[i][1], av, b1);
+      r[i][2] = _mm512_dpbf16_ps(r[i][2], av, b2);
+      r[i][3] = _mm512_dpbf16_ps(r[i][3], av, b3);
+    }
+    if (--until_pf <= 0 && pf < x.pf_end) {
+      prefetch_row(x.pf, pf++);
+      until_pf = every;
+    }
+  }
+  if (x.kc % 2 != 0) {
+    const uint32_t* bk = b + pairs * kNR;
+    const __m512bh b0 = (__m512bh)_mm512_load_si512(bk), b1 = (__m512bh)_mm512_load_si512(bk + 16);
+    const __m512bh b2 = (__m512bh)_mm512_load_si512(bk + 32), b3 = (__m512bh)_mm512_load_si512(bk + 48);
+    for (int i = 0; i < MR; ++i) {
+      const __m512bh av = (__m512bh)_mm512_set1_epi32(a[i][pairs * x.a_step].x);
+      r[i][0] = _mm512_dpbf16_ps(r[i][0], av, b0);
+      r[i][1] = _mm512_dpbf16_ps(r[i][1], av, b1);
+      r[i][2] = _mm512_dpbf16_ps(r[i][2], av, b2);
+      r[i][3] = _mm512_dpbf16_ps(r[i][3], av, b3);
+    }
+  }
+  for (; pf < x.pf_end; ++pf) prefetch_row(x.pf, pf);
+  finish_acc<MR, out_t>(r, x);
+}
+
+inline __mmask32 col_mask32(int64_t w, int64_t j0) {
+  const int64_t n = std::clamp<int64_t>(w - j0, 0, 32);
+  return static_cast<__mmask32>((uint64_t{1} << n) - 1);
+}
+
+// kc rows of w contiguous bfloat16 (row k at b_row(src, rs, rows, k)) ->
+// ceil(kc / 2) x ldw words, word j of row kp = (row 2kp, row 2kp + 1) at
+// column j, zero past w and past kc; ldw a multiple of 32.
+void pack_pairs_bf16(uint32_t* dst, int64_t ldw, const BFloat16* src, int64_t rs,
+                                       const int64_t* rows, int64_t kc, int64_t w) {
+  // One two-source word permute per 16 output columns: lane 2c takes
+  // column c of row 2kp (x0), lane 2c + 1 column c of row 2kp + 1 (x1).
+  alignas(64) static const int16_t kLo[32] = {0, 32, 1, 33, 2, 34, 3, 35, 4, 36, 5, 37, 6, 38, 7, 39,
+                                              8, 40, 9, 41, 10, 42, 11, 43, 12, 44, 13, 45, 14, 46, 15, 47};
+  alignas(64) static const int16_t kHi[32] = {16, 48, 17, 49, 18, 50, 19, 51, 20, 52, 21, 53, 22, 54, 23, 55,
+                                              24, 56, 25, 57, 26, 58, 27, 59, 28, 60, 29, 61, 30, 62, 31, 63};
+  const __m512i idx0 = _mm512_load_si512(kLo), idx1 = _mm512_load_si512(kHi);
+  const int64_t pairs = (kc + 1) / 2;
+  for (int64_t kp = 0; kp < pairs; ++kp) {
+    const BFloat16* r0 = b_row(src, rs, rows, 2 * kp);
+    const BFloat16* r1 = 2 * kp + 1 < kc ? b_row(src, rs, rows, 2 * kp + 1) : nullptr;
+    for (int64_t j = 0; j < ldw; j += 32) {
+      const __mmask32 m = col_mask32(w, j);
+      const __m512i x0 = r0 != nullptr ? _mm512_maskz_loadu_epi16(m, r0 + j) : _mm512_setzero_si512();
+      const __m512i x1 = r1 != nullptr ? _mm512_maskz_loadu_epi16(m, r1 + j) : _mm512_setzero_si512();
+      _mm512_store_si512(dst + kp * ldw + j, _mm512_permutex2var_epi16(x0, idx0, x1));
+      _mm512_store_si512(dst + kp * ldw + j + 16, _mm512_permutex2var_epi16(x0, idx1, x1));
+    }
+  }
+}
+
+// Weight block (kc x w) -> ceil(kc / 2) x 64 bfloat16 pairs (row 2p in the
+// low half, row 2p + 1 in the high half, zero past kc and past w).
+void pack_b_bf16(uint32_t* dst, const BFloat16* src, int64_t rs, int64_t cs, int64_t kc, int64_t w,
+                                   const int64_t* rows) {
+  const int64_t pairs = (kc + 1) / 2;
+  if (cs == 1) {
+    pack_pairs_bf16(dst, kNR, src, rs, rows, kc, w);
+    return;
+  }
+  if (rs == 1 && cs % 2 == 0 && rows == nullptr) {
+    // K-contiguous weights: a K pair is one 32-bit word of the source.
+    const int64_t full = kc / 2;
+    pack_words_transposed(dst, src, cs / 2, full, w);
+    if (full < pairs) {  // odd kc: the last row pairs with zero
+      for (int64_t j = 0; j < kNR; ++j) dst[full * kNR + j] = j < w ? src[(kc - 1) + j * cs].x : 0;
+    }
+    return;
+  }
+  for (int64_t kp = 0; kp < pairs; ++kp) {
+    for (int64_t j = w; j < kNR; ++j) dst[kp * kNR + j] = 0;
+  }
+  for (int64_t j = 0; j < w; ++j) {
+    for (int64_t kp = 0; kp < pairs; ++kp) {
+      const BFloat16* s0 = b_row(src, rs, rows, 2 * kp);
+      const BFloat16* s1 = 2 * kp + 1 < kc ? b_row(src, rs, rows, 2 * kp + 1) : nullptr;
+      const uint32_t lo = s0 != nullptr ? s0[j * cs].x : 0;
+      const uint32_t hi = s1 != nullptr ? s1[j * cs].x : 0;
+      dst[kp * kNR + j] = lo | (hi << 16);
+    }
+  }
+}
+
+// bfloat16 as K pairs: A read as pairs, weights packed as pairs, 256 K a
+// block (the same 32 KB packed block as float32's 128). The kernels above,
+// as run_tile_avx512 calls them for traits whose b_t is a K pair (kPairsOf).
+template <>
+struct MicroTraits<BFloat16, true> {
+  using a_t = BFloat16;
+  using b_t = uint32_t;
+  static constexpr int64_t kKC = 256;
+
+  template <int MR, typename out_t>
+  static void micro(const a_t* const* a, const b_t* b, const MicroArgs& x) {
+    micro_bf16<MR, out_t>(a, b, x);
+  }
+  static void pack_pairs(uint32_t* dst, int64_t ldw, const BFloat16* src, int64_t rs, const int64_t* rows,
+                         int64_t kc, int64_t w) {
+    pack_pairs_bf16(dst, ldw, src, rs, rows, kc, w);
+  }
+  static void pack_b(uint32_t* dst, const BFloat16* src, int64_t rs, int64_t cs, int64_t kc, int64_t w,
+                     const int64_t* rows) {
+    pack_b_bf16(dst, src, rs, cs, kc, w, rows);
+  }
+};
+
+// K pairs where cpuinfo reports AVX512_BF16, else widened to float32.
+template <>
+struct MicroTraitsFor<BFloat16> {
+  template <typename F>
+  static void visit(F&& f) {
+    if (cpu_has_avx512_bf16()) {
+      f(MicroTraits<BFloat16, true>{});
+    } else {
+      f(MicroTraits<BFloat16, false>{});
+    }
+  }
+};
+
+} // namespace
+} // namespace at::native
+
+#endif // CPU_CAPABILITY_AVX512
