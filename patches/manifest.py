@@ -34,6 +34,7 @@ from .errors import PatchError
 from .fx_passes import FxPassModule, PassTests
 from .meta import Meta
 from .native_yaml import Derivatives, Dispatch, NativeFunctions
+from . import opinfo_lists
 from .opinfo import OpInfoModule
 from .strategy import SingleDimStrategy, StrategyModule
 
@@ -408,6 +409,7 @@ SERIES = [
                     ("    fft,\n    linalg,\n", "    fft,\n    grouped_mm,\n    linalg,\n"),
                     ("    *fft.op_db,\n    *linalg.op_db,\n", "    *fft.op_db,\n    *grouped_mm.op_db,\n    *linalg.op_db,\n"),
                 ]),
+                *opinfo_lists.entries("_grouped_mm"),
             ],
         ),
         # -- Stack 2: MoE routing ops (patches/rfc/0002-moe-routing-ops.md) ------------------------------
@@ -428,6 +430,7 @@ SERIES = [
                     ("    linalg,\n    signal,\n", "    linalg,\n    moe_routing,\n    signal,\n"),
                     ("    *linalg.op_db,\n    *signal.op_db,\n", "    *linalg.op_db,\n    *moe_routing.op_db,\n    *signal.op_db,\n"),
                 ]),
+                *opinfo_lists.entries("_moe_permute"),
             ],
         ),
         Patch(
@@ -443,6 +446,7 @@ SERIES = [
                 DecompExpect("routing", ops=("unpermute",)),
                 OpInfoModule("routing", "moe_routing", ROUTING_OPINFO_TITLE, ops=("permute", "unpermute"),
                              edits=[PERMUTE_NO_AUTOGRAD, UNPERMUTE_NO_AUTOGRAD]),
+                *opinfo_lists.entries("_moe_unpermute"),
             ],
         ),
         Patch(
@@ -469,6 +473,7 @@ SERIES = [
                 DecompExpect("routing", ops=("router_topk",)),
                 OpInfoModule("routing", "moe_routing", ROUTING_OPINFO_TITLE, ops=("router_topk", "permute", "unpermute"),
                              edits=[ROUTER_NO_AUTOGRAD]),
+                *opinfo_lists.entries("_moe_router_topk"),
             ],
         ),
         Patch(
@@ -527,6 +532,7 @@ SERIES = [
                     ("    fft,\n    grouped_mm,\n", "    fft,\n    fp8,\n    grouped_mm,\n"),
                     ("    *fft.op_db,\n    *grouped_mm.op_db,\n", "    *fft.op_db,\n    *fp8.op_db,\n    *grouped_mm.op_db,\n"),
                 ]),
+                *opinfo_lists.entries("_quantize_fp8", "_dequantize_fp8"),
             ],
         ),
         Patch(
@@ -540,6 +546,7 @@ SERIES = [
                 DecompExpect("fp8", ops=("swizzle_mx_scale",)),
                 OpInfoModule("fp8", "fp8", "", carried=FP8_OPINFOS["swizzle_mx_scale_opinfos"], extends=True,
                              op_db=fp8_op_db("quantize_fp8_opinfos", "swizzle_mx_scale_opinfos")),
+                *opinfo_lists.entries("_swizzle_mx_scale"),
             ],
         ),
         Patch(
@@ -561,6 +568,7 @@ SERIES = [
                          "    # matching _scaled_grouped_mm_cuda Blas.cpp implementation\n")]),
                 OpInfoModule("fp8", "fp8", "", carried=FP8_OPINFOS["scaled_grouped_mm_opinfos"], extends=True,
                              op_db=FP8_OP_DB),
+                *opinfo_lists.entries("_scaled_grouped_mm"),
             ],
         ),
         Patch(
@@ -683,6 +691,7 @@ def _chain_meta_blocks() -> None:
 
 
 _chain_meta_blocks()
+opinfo_lists.chain(SERIES)
 
 def check_coverage() -> None:
     """Every file under CARRIED_DIRS is the source of some change or, outside
