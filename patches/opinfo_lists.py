@@ -10,8 +10,12 @@ not listed here needs no entry, or was not checked (patches/README.md):
 * test/distributed/tensor/test_dtensor_ops.py, ``dtensor_fails``
   (``test_dtensor_op_db``: float32 samples through DTensor on a 4-rank
   mesh): the new ops have no sharding strategy in the core series
-  (NotImplementedError), and v2.14.1's ``_grouped_mm`` rule finds none for
-  the OpInfo's samples. ``_swizzle_mx_scale`` has no float32 test.
+  (NotImplementedError), and v2.14.1's ``_grouped_mm`` rule leaves no valid
+  strategy for the OpInfo's first sample (2d3d, float32).
+  ``_swizzle_mx_scale`` has no float32 test. With the distributed series'
+  rules (without this project's placement guard, as upstream runs them,
+  results compared on rank 0 as the test does) the test passes: the
+  entries go in the PR carrying the op's rules.
 * test/functorch/test_vmap.py, ``test_op_has_batch_rule``: no new op has a
   batching rule; with the vmap fallback disabled (as that test runs) every
   one raises "hit the vmap fallback which is currently disabled".
@@ -24,9 +28,10 @@ not listed here needs no entry, or was not checked (patches/README.md):
 
 An entry goes in the PR that adds the op's OpInfo (``entries`` in that
 Patch of the manifest) and leaves in the PR that makes the test pass
-(``removals``: the DTensor strategies of the quantisation ops); the entries of a list sit together, sorted, after
-an anchor line of the upstream file, so each PR's hunk rewrites the block
-the earlier PRs left (``earlier``, set from the series order).
+(``removals``: the DTensor rules). The entries of a list sit together,
+sorted, after an anchor line of the upstream file, so each PR's hunk
+rewrites the block the earlier PRs left (``earlier``, set from the series
+order).
 """
 
 from __future__ import annotations
