@@ -36,6 +36,7 @@ from .fx_passes import FxPassModule, PassTests
 from . import fp8_recipes
 from .meta import META_REGISTRATIONS, Meta
 from .native_yaml import Derivatives, Dispatch, NativeFunctions
+from . import opinfo_lists
 from .opinfo import OpInfoModule
 from .strategy import SingleDimStrategy, StrategyModule
 
@@ -588,6 +589,7 @@ SERIES = [
                     ("    fft,\n    linalg,\n", "    fft,\n    grouped_mm,\n    linalg,\n"),
                     ("    *fft.op_db,\n    *linalg.op_db,\n", "    *fft.op_db,\n    *grouped_mm.op_db,\n    *linalg.op_db,\n"),
                 ]),
+                *opinfo_lists.entries("_grouped_mm"),
             ],
         ),
         # -- Stack 2: MoE routing ops (patches/rfc/0002-moe-routing-ops.md) ------------------------------
@@ -608,6 +610,7 @@ SERIES = [
                     ("    linalg,\n    signal,\n", "    linalg,\n    moe_routing,\n    signal,\n"),
                     ("    *linalg.op_db,\n    *signal.op_db,\n", "    *linalg.op_db,\n    *moe_routing.op_db,\n    *signal.op_db,\n"),
                 ]),
+                *opinfo_lists.entries("_moe_permute"),
             ],
         ),
         Patch(
@@ -623,6 +626,7 @@ SERIES = [
                 DecompExpect("routing", ops=("unpermute",)),
                 OpInfoModule("routing", "moe_routing", ROUTING_OPINFO_TITLE, ops=("permute", "unpermute"),
                              edits=[PERMUTE_NO_AUTOGRAD, UNPERMUTE_NO_AUTOGRAD]),
+                *opinfo_lists.entries("_moe_unpermute"),
             ],
         ),
         Patch(
@@ -650,6 +654,7 @@ SERIES = [
                 DecompExpect("routing", ops=("router_topk",)),
                 OpInfoModule("routing", "moe_routing", ROUTING_OPINFO_TITLE, ops=("router_topk", "permute", "unpermute"),
                              edits=[ROUTER_NO_AUTOGRAD, (ROUTER_VECTOR_SAMPLES, "")]),
+                *opinfo_lists.entries("_moe_router_topk"),
             ],
         ),
         Patch(
@@ -721,6 +726,7 @@ SERIES = [
                     ("    fft,\n    grouped_mm,\n", "    fft,\n    fp8,\n    grouped_mm,\n"),
                     ("    *fft.op_db,\n    *grouped_mm.op_db,\n", "    *fft.op_db,\n    *fp8.op_db,\n    *grouped_mm.op_db,\n"),
                 ]),
+                *opinfo_lists.entries("_quantize_fp8"),
             ],
         ),
         Patch(
@@ -739,6 +745,7 @@ SERIES = [
                 OpInfoModule("fp8", "fp8", "", carried=FP8_OPINFOS["dequantize_fp8_opinfos"], extends=True,
                              op_db=fp8_op_db("quantize_fp8_opinfos", "dequantize_fp8_opinfos"),
                              edits=fp8_recipes.NO_MX_DEQUANTIZE_OPINFO + fp8_recipes.NO_BLOCKED_DEQUANTIZE_OPINFO),
+                *opinfo_lists.entries("_dequantize_fp8"),
             ],
         ),
         Patch(
@@ -780,6 +787,7 @@ SERIES = [
                 OpInfoModule("fp8", "fp8", "", carried=FP8_OPINFOS["swizzle_mx_scale_opinfos"], extends=True,
                              op_db=fp8_op_db("quantize_fp8_opinfos", "dequantize_fp8_opinfos",
                                              "swizzle_mx_scale_opinfos")),
+                *opinfo_lists.entries("_swizzle_mx_scale"),
             ],
         ),
         # _scaled_grouped_mm's CPU kernel lands recipe by recipe (fp8_stages: the sources as each PR leaves
@@ -807,6 +815,7 @@ SERIES = [
                          "    # matching _scaled_grouped_mm_cuda Blas.cpp implementation\n")]),
                 OpInfoModule("fp8", "fp8", "", carried=FP8_OPINFOS["scaled_grouped_mm_opinfos"], extends=True,
                              op_db=FP8_OP_DB, source_edits=fp8_stages.OPINFO_ROWWISE),
+                *opinfo_lists.entries("_scaled_grouped_mm"),
             ],
         ),
         Patch(
@@ -933,6 +942,7 @@ SERIES = [
                 SingleDimStrategy("torch/distributed/tensor/_ops/_matrix_ops.py", "distributed/grouped_mm_strategy.py",
                                   "grouped_mm", "grouped_mm_single_dim_strategy",
                                   provided=("_valid_grouped_mm_strides",)),
+                opinfo_lists.removals(opinfo_lists.DTENSOR_OPS, "_grouped_mm"),  # test_dtensor_op_db passes
             ],
         ),
         Patch(
@@ -944,6 +954,9 @@ SERIES = [
                     "from ._matrix_ops import *  # noqa: F403\n",
                     "from ._matrix_ops import *  # noqa: F403\nfrom ._moe_ops import *  # noqa: F403\n",
                 )]),
+                # test_dtensor_op_db passes with these rules
+                opinfo_lists.removals(opinfo_lists.DTENSOR_OPS, "_moe_router_topk", "_moe_permute", "_moe_unpermute",
+                                      "_quantize_fp8", "_dequantize_fp8"),
             ],
         ),
         Patch(
@@ -974,6 +987,7 @@ def _chain_meta_blocks() -> None:
 
 
 _chain_meta_blocks()
+opinfo_lists.chain(SERIES)
 
 def check_coverage() -> None:
     """Every file under CARRIED_DIRS is the source of some change or, outside

@@ -16,6 +16,11 @@ is, and says which source gave each path:
     A source file compiled into the wheel's libraries (the ``__FILE__`` of their
     error messages). With the ``wheel`` lines, exact for v2.14.1 but not
     complete: a .cpp/.cu file that leaves no trace in the binaries is missing.
+``source PATH``
+    An upstream file the wheel neither ships nor compiles (a test file),
+    which a patch edits through the stand-in ``base.py`` builds from its
+    lines as read in pytorch/pytorch (``UPSTREAM_EXCERPTS`` names the
+    commit); written from that table.
 ``absent PATH``
     A new file of the series, looked up by exact path in every version of
     pytorch/pytorch stored in the source index used to write this list (the
@@ -57,8 +62,10 @@ HEADER = """\
 # written by `python -m patches.upstream_tree` (patches/upstream_tree.py says
 # what each source covers). `dir`: the directories; `wheel`: files the torch
 # wheel named below ships; `binary`: further sources compiled into its
-# libraries (their __FILE__ strings); `absent`: the series' new files, looked
-# up by exact path in pytorch/pytorch (source index; newest stored version
+# libraries (their __FILE__ strings); `source`: test files the series edits,
+# read in pytorch/pytorch (patches/base.py UPSTREAM_EXCERPTS); `absent`: the
+# series' new files, looked up by exact path in pytorch/pytorch (source
+# index; newest stored version
 # 2.11.0a0 at f3b72801a6bc917d98d6b392c6d223f91348989f, v2.14.1 not stored)
 # and found in no stored version, except test/test_matmul.py: pytorch#185251
 # creates it after v2.14.1 (stored at ceeabedfeec671d6223ae049cb5a71273323bea3).
@@ -133,15 +140,17 @@ class UpstreamTree:
     wheel: list[str]
     binary: list[str]
     absent: list[str]
+    source: list[str] = dataclasses.field(default_factory=list)
 
     def upstream(self) -> list[str]:
-        return sorted(set(self.wheel) | set(self.binary))
+        return sorted(set(self.wheel) | set(self.binary) | set(self.source))
 
     def format(self) -> str:
         lines = [HEADER, f"torch {self.torch_version}\n"]
         lines += [f"dir {d}\n" for d in self.dirs]
         lines += [f"wheel {p}\n" for p in self.wheel]
         lines += [f"binary {p}\n" for p in sorted(set(self.binary) - set(self.wheel))]
+        lines += [f"source {p}\n" for p in self.source]
         lines += [f"absent {p}\n" for p in self.absent]
         return "".join(lines)
 
@@ -156,7 +165,7 @@ def load(path: str = LIST) -> UpstreamTree:
             kind, _, value = line.partition(" ")
             if kind == "torch":
                 tree.torch_version = value
-            elif kind in ("dir", "wheel", "binary", "absent"):
+            elif kind in ("dir", "wheel", "binary", "absent", "source"):
                 getattr(tree, "dirs" if kind == "dir" else kind).append(value)
             else:
                 from .errors import PatchError
@@ -166,7 +175,10 @@ def load(path: str = LIST) -> UpstreamTree:
 
 def current(absent: list[str]) -> UpstreamTree:
     dirs = touched_dirs()
-    return UpstreamTree(torch.__version__, dirs, wheel_paths(dirs), binary_paths(dirs), sorted(absent))
+    from .base import UPSTREAM_EXCERPTS
+
+    return UpstreamTree(torch.__version__, dirs, wheel_paths(dirs), binary_paths(dirs), sorted(absent),
+                        sorted(UPSTREAM_EXCERPTS))
 
 
 def collisions(new_paths: list[str], upstream_paths: list[str]) -> list[tuple[str, str]]:

@@ -61,7 +61,7 @@ from patches import base, generate, manifest, names, proof, rewrite, sizes, upst
 from patches.decomp_expect import HAS_DECOMPOSITION_EXPECT, DecompExpect
 from patches.errors import PatchError
 
-from opinfo_grouped_mm import error_inputs_grouped_mm, sample_inputs_grouped_mm
+from opinfo_grouped_mm import error_inputs_grouped_mm, make_grouped_mm_opinfo, sample_inputs_grouped_mm
 from opinfo_fp8 import op_db as fp8_op_db
 from test_fp8 import assert_scaled_mm_close
 from torch_moe_ops import native_functions
@@ -126,14 +126,16 @@ def test_base_tree_holds_every_upstream_file_the_series_edits(tree):
     """Every file a patch modifies is in the base tree, from the wheel (none
     needs vendoring: patches/base.py), and is listed upstream; the one file
     the wheel lacks, FunctionsManual.cpp, has a stand-in of the lines its
-    hunks need, and is compiled into the wheel's libraries."""
+    hunks need, and is compiled into the wheel's libraries; so have the test
+    files whose OpInfo lists the series extends (`source` lines)."""
     edited = series_paths(tree, "M")
     from_wheel = set(edited) - set(base.REBUILT) - set(base.STAND_INS)
     assert edited and from_wheel <= set(base.WHEEL_PATHS) | set(base.GUARDED), \
         from_wheel - set(base.WHEEL_PATHS) - set(base.GUARDED)
     listed = upstream_tree.load()
     assert from_wheel <= set(listed.wheel)
-    assert set(base.STAND_INS) <= set(edited) and set(base.STAND_INS) <= set(listed.binary)
+    assert set(base.STAND_INS) <= set(edited) and set(base.STAND_INS) <= set(listed.binary) | set(listed.source)
+    assert sorted(listed.source) == sorted(base.UPSTREAM_EXCERPTS)
 
 
 def test_upstream_tree_is_current():
@@ -453,6 +455,87 @@ def test_functions_manual_hunks_apply_to_the_whole_file(tmp_path):
         assert out.index(helper) > out.index("Tensor values_backward(")
 
 
+def _patches_of(rel):
+    """The series' patch files that touch rel, in order."""
+    out = []
+    for name in ("core", "compile", "distributed"):
+        for patch in sorted(glob.glob(os.path.join(manifest.REPO_ROOT, "patches", name, "*.patch"))):
+            if f"diff --git a/{rel} " in pathlib.Path(patch).read_text():
+                out.append(patch)
+    return out
+
+
+@pytest.mark.parametrize("rel", sorted(base.UPSTREAM_EXCERPTS))
+def test_opinfo_list_stand_ins_hold_the_recorded_upstream_lines(rel, tmp_path):
+    """A test file whose OpInfo lists the series extends (the wheel ships
+    none) stands in as the lines read in pytorch/pytorch (UPSTREAM_EXCERPTS,
+    with the commit), each excerpt after an elision line; the hunks made
+    against it apply, in order, to a copy with 300 unrelated lines on each
+    side of every elision (the rest of the real file), so their context is
+    the recorded upstream lines and nothing the stand-in adds."""
+    import subprocess
+
+    revision, excerpts = base.UPSTREAM_EXCERPTS[rel]
+    assert re.fullmatch(r"[0-9a-f]{40}", revision)
+    stand_in = base.STAND_INS[rel]
+    assert stand_in == base.excerpt_stand_in(rel)
+    for excerpt in excerpts:
+        assert excerpt.endswith("\n") and excerpt in stand_in
+    filler = "".join(f"# upstream line {i}\n" for i in range(300))
+    longer = base.excerpt_stand_in(rel, filler).replace(base.ELISION, base.ELISION + filler)
+    (tmp_path / os.path.dirname(rel)).mkdir(parents=True)
+    (tmp_path / rel).write_text(longer)
+    subprocess.run(["git", "init", "-q", str(tmp_path)], check=True)
+    patches = _patches_of(rel)
+    assert patches
+    for patch in patches:
+        result = subprocess.run(["git", "apply", f"--include={rel}", "-"], input=pathlib.Path(patch).read_text(),
+                                text=True, capture_output=True, cwd=tmp_path)
+        assert result.returncode == 0, (patch, result.stderr)
+    out = (tmp_path / rel).read_text()
+    assert out.count("# upstream line ") == longer.count("# upstream line ")
+    source = os.environ.get("PYTORCH_SOURCE")  # a pytorch/pytorch clone: the lines must be v2.14.1's
+    if source:
+        real = subprocess.run(["git", "-C", source, "show", f"v{base.UPSTREAM_VERSION}:{rel}"], check=True,
+                              capture_output=True, text=True).stdout
+        assert all(excerpt in real for excerpt in excerpts)
+
+
+def test_opinfo_list_entries_follow_the_opinfos():
+    """The lists name exactly the OpInfos the suites run and fail: every new
+    OpInfo in test_op_has_batch_rule's xfails (no op has a batching rule);
+    in dtensor_fails, every one with a float32 test (test_dtensor_op_db's only
+    dtype); in Inductor's expected failures, every one without a lowering, for
+    the dtypes test_comprehensive tests of it."""
+    from patches import opinfo_lists
+
+    grouped = make_grouped_mm_opinfo("_grouped_mm", torch._grouped_mm)
+    infos = {grouped.name: grouped}
+    for info in [*routing_op_db, *fp8_op_db]:
+        op = native_functions.op(info.name.removeprefix("moe_ops."))
+        infos[op.upstream.name] = info
+    listed = {}
+    for block in opinfo_lists.BLOCKS:
+        listed.setdefault(block.path, set()).update(block.ops)
+    carried = {c.ops for s in manifest.SERIES for p in s.patches for c in p.changes
+               if isinstance(c, opinfo_lists.ListEntries)}
+    assert {op for ops in carried for op in ops} == set(infos)
+    assert listed[opinfo_lists.FUNCTORCH_VMAP] == set(infos)
+    assert set(sizes.OPINFO_LISTS) == set(listed)
+    assert listed[opinfo_lists.DTENSOR_OPS] == {n for n, i in infos.items() if torch.float32 in i.dtypes}
+    lowered = {"_grouped_mm", "_scaled_grouped_mm"}  # tuned_grouped_mm, tuned_scaled_grouped_mm
+    tested_dtypes = {getattr(torch, d) for d in TESTED_BY_INDUCTOR}
+    assert listed[opinfo_lists.INDUCTOR_OPINFO] == {n for n, i in infos.items()
+                                                    if n not in lowered and set(i.dtypes) & tested_dtypes}
+    for name, dtypes in opinfo_lists.INDUCTOR_DTYPES.items():
+        tested = {d for d in TESTED_BY_INDUCTOR if getattr(torch, d) in infos[name].dtypes}
+        assert {opinfo_lists._INDUCTOR_DTYPES[d] for d in dtypes} == tested, name
+
+
+# test_comprehensive's allowed_dtypes
+TESTED_BY_INDUCTOR = ("float16", "float32", "float64", "int32", "int64", "bool")
+
+
 @pytest.mark.parametrize("path", SOURCES)
 def test_carried_file_compiles_in_tree(compiled, path):
     """Entry points with the yaml's kernel signatures and the generated
@@ -583,8 +666,8 @@ def test_patched_python_compiles(tree):
     files = patched_python_files(tree)
     # the meta functions, 4 OpInfo files, functional.py (grouped_mm's docstring), test/test_matmul.py;
     # the DTensor rules (_matrix_ops.py, _moe_ops.py and _ops/__init__.py); the MoE passes: 4 modules,
-    # the config switch, its two hooks and the tests
-    assert len(files) == 18
+    # the config switch, its two hooks and the tests; the OpInfo lists of 3 test files (their stand-ins)
+    assert len(files) == 21
     for path in files:
         with open(os.path.join(tree, path)) as f:
             compile(f.read(), path, "exec")
