@@ -36,6 +36,7 @@ WHEEL_PATHS = {
     "tools/autograd/templates/Functions.cpp": f"{_TORCHGEN}/packaged/autograd/templates/Functions.cpp",
     "torch/_meta_registrations.py": f"{_TORCH}/_meta_registrations.py",
     "torch/_inductor/config.py": f"{_TORCH}/_inductor/config.py",
+    "torch/_inductor/kernel/mm_grouped.py": f"{_TORCH}/_inductor/kernel/mm_grouped.py",
     "torch/_inductor/fx_passes/pre_grad.py": f"{_TORCH}/_inductor/fx_passes/pre_grad.py",
     "torch/_inductor/fx_passes/post_grad.py": f"{_TORCH}/_inductor/fx_passes/post_grad.py",
     "torch/testing/_internal/opinfo/definitions/__init__.py":

@@ -253,6 +253,32 @@ GROUPED_MM_DOCS = [(
     "            ``bias[g]`` to the outputs it owns (CPU only for now).\n",
 )]
 
+# Inductor's grouped mm lowerings hand the aten choice and the templates mat_a, mat_b, the scales and offs,
+# never bias or scale_result: once a meta function accepts a bias, a compiled call would drop it and
+# return the product without it. Upstream's metas reject bias, so nothing reaches them today; the PR whose
+# meta accepts it falls back to the op itself when one is given.
+MM_GROUPED_LOWERING = "torch/_inductor/kernel/mm_grouped.py"
+LOWERING_IMPORT = [("from ..lowering import register_lowering\n",
+                    "from ..lowering import fallback_handler, register_lowering\n")]
+GROUPED_MM_LOWERING_BIAS = LOWERING_IMPORT + [(
+    '    """Auto-tuning for _grouped_mm() operator."""\n\n',
+    '    """Auto-tuning for _grouped_mm() operator."""\n\n'
+    "    if bias is not None:\n"
+    "        # The aten choice and the templates below take no bias: run the op with it.\n"
+    "        return fallback_handler(aten._grouped_mm.default, add_to_fallback_set=False)(\n"
+    "            mat_a, mat_b, offs, bias, out_dtype\n"
+    "        )\n\n",
+)]
+SCALED_GROUPED_MM_LOWERING_BIAS = [(
+    '    """Auto-tuning for _scaled_grouped_mm() operator."""\n\n',
+    '    """Auto-tuning for _scaled_grouped_mm() operator."""\n\n'
+    "    if bias is not None or scale_result is not None:\n"
+    "        # As for _grouped_mm: the choices below take neither, so run the op with them.\n"
+    "        return fallback_handler(aten._scaled_grouped_mm.default, add_to_fallback_set=False)(\n"
+    "            mat_a, mat_b, scale_a, scale_b, offs, bias, scale_result, out_dtype, use_fast_accum\n"
+    "        )\n\n",
+)]
+
 OPINFO_INIT = "torch/testing/_internal/opinfo/definitions/__init__.py"
 
 def _source_block(path: str, first: str, last: str) -> str:
@@ -527,6 +553,7 @@ SERIES = [
                      # The checks annotate with Optional (they are written for Python 3.10).
                      edits=[("from typing import TypeVar\n", "from typing import Optional, TypeVar\n")]),
                 Edit("torch/nn/functional.py", GROUPED_MM_DOCS),
+                Edit(MM_GROUPED_LOWERING, GROUPED_MM_LOWERING_BIAS),
                 Copy("test/test_matmul.py", "patches/src/test/test_matmul.py",
                      edits=[(KERNEL_TEST, ""), (AVX512_TEST, ""), (BF16_PAIRS_TEST, ""), (INNER_PRODUCT_TEST, "")]),
             ],
@@ -802,6 +829,7 @@ SERIES = [
                      undefine=("CPU_CAPABILITY_AVX512",),
                      edits=fp8_stages.KERNEL_PORTABLE + fp8_stages.KERNEL_ROWWISE),
                 Dispatch("scaled_grouped_mm"),
+                Edit(MM_GROUPED_LOWERING, SCALED_GROUPED_MM_LOWERING_BIAS),
                 Meta("fp8", SCALED_GROUPED_MM_CPU_META, ops=("scaled_grouped_mm",),
                      after="meta_swizzle_mx_scale",
                      cpu_branch=("scaled_grouped_mm",),

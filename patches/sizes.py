@@ -39,10 +39,10 @@ OPINFO_LISTS = ("test/distributed/tensor/test_dtensor_ops.py", "test/functorch/t
 
 # Patch message (patches/messages/<series>/...) -> (ceiling, reason and fix).
 OVER_LIMIT: dict[str, tuple[int, str]] = {
-    "core/0001-grouped-mm-cpu-checks-and-meta.txt": (697, (
+    "core/0001-grouped-mm-cpu-checks-and-meta.txt": (716, (
         "the checks (GroupedMM.h as this PR carries it, 247 lines) and the meta function restating them one for "
         "one (167), with the CPU entry on the device-generic loop of ATen matmuls (GroupedMM.cpp, 99) and "
-        "test_matmul.py (171); the kernel is core/0001a. Fix: the base contract first (no bias, the input "
+        "test_matmul.py (182), and the Inductor lowering's fallback when a bias is given (8); the kernel is core/0001a. Fix: the base contract first (no bias, the input "
         "dtype out), bias and the fp32 output in a PR of their own (~150 of checks, meta and tests), which needs "
         "the checks of _checks.py and GroupedMM.h to take bias and out_dtype in functions of their own")),
     "core/0001a-grouped-mm-cpu-kernel.txt": (623, (
@@ -58,7 +58,7 @@ OVER_LIMIT: dict[str, tuple[int, str]] = {
         "PR of its own, the packing of K-contiguous weights (pack_words_transposed, ~60) with the inner-product "
         "PR, and the header split further (the micro-kernel and packers apart from the tile driver): wait for "
         "the float32 rewrite of the header")),
-    "core/0006c1-fp8-scaled-grouped-mm-cpu-rowwise.txt": (831, (
+    "core/0006c1-fp8-scaled-grouped-mm-cpu-rowwise.txt": (837, (
         "_scaled_grouped_mm on CPU with rowwise scales (the later PRs of its stack are under the limit: 0006c2 "
         "blockwise 193, 0006c3 MX 298, 0006c4 the AVX-512 decode 76): the portable kernel is 279 lines as this PR "
         "carries it "

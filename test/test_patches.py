@@ -1374,7 +1374,11 @@ def test_first_pr_test_matmul_passes_on_the_fallback(tmp_path):
     (tmp_path / "test").mkdir()
     (tmp_path / "test/test_matmul.py").write_text(test.apply(None))
     entry = torch.ops.moe_ops_testing.grouped_mm_cuda_entry_on_host.default
-    result, log = run_upstream_test_matmul(str(tmp_path), entry)
+    with torch.library._scoped_library("moe_ops_testing", "FRAGMENT") as lib:
+        # test_grouped_mm_bias_compiled compiles it: its fake is the kernel's (the same checks and shapes).
+        torch.library.register_fake("moe_ops_testing::grouped_mm_cuda_entry_on_host",
+                                    torch.ops.moe_ops.grouped_mm.default, lib=lib)
+        result, log = run_upstream_test_matmul(str(tmp_path), entry)
     assert result.testsRun >= 40 and result.wasSuccessful() and not result.skipped, log
 
     def off(*args, **kwargs):
@@ -1749,3 +1753,62 @@ def test_opinfo_module_grows_one_op_per_pr():
         OpInfoModule("fp8", "fp8", "", carried=["_offs"], extends=True, op_db="op_db = []\n").apply(text)
     with pytest.raises(PatchError, match="exists already"):
         first.apply(text)
+
+
+def _compiled_grouped_mm_bias_error(mm_grouped_path, op_name):
+    """Largest |compiled - eager| of aten.<op_name> with a bias on CPU, its CPU and Meta kernels those of
+    moe_ops.<op_name without the underscore> (what the series makes of them), Inductor's grouped mm
+    lowerings those of the module at mm_grouped_path (the wheel's or the patched one)."""
+    import importlib.util
+    from torch._inductor import lowering
+
+    op = getattr(torch.ops.aten, op_name).default
+    ours = getattr(torch.ops.moe_ops, op_name.lstrip("_")).default
+    saved_lowerings = {o: lowering.lowerings.get(o) for o in (torch.ops.aten._grouped_mm.default,
+                                                              torch.ops.aten._scaled_grouped_mm.default)}
+    saved_meta = op.py_kernels.get(torch._C.DispatchKey.Meta)
+    try:
+        with torch.library._scoped_library("aten", "IMPL") as lib:
+            lib.impl(op_name, ours, "CPU")
+            lib.impl(op_name, ours, "Meta")
+            op.py_kernels[torch._C.DispatchKey.Meta] = ours
+            op._dispatch_cache.clear()
+            spec = importlib.util.spec_from_file_location("torch._inductor.kernel.mm_grouped", mm_grouped_path)
+            spec.loader.exec_module(importlib.util.module_from_spec(spec))  # (re-)registers the lowerings
+            gen = torch.Generator().manual_seed(0)
+            offs = torch.tensor([3, 3, 8], dtype=torch.int32)
+            bias = torch.randn(3, 32, generator=gen)
+            if op_name == "_grouped_mm":
+                args = (torch.randn(8, 16, generator=gen), torch.randn(3, 16, 32, generator=gen))
+            else:
+                a, sa = torch.ops.moe_ops.quantize_fp8(torch.randn(8, 16, generator=gen), "rowwise")
+                b, sb = torch.ops.moe_ops.quantize_fp8(torch.randn(3, 32, 16, generator=gen), "rowwise")
+                args = (a, b.transpose(-2, -1), sa, sb)
+                bias = bias.bfloat16()
+
+            def fn(*args):
+                return op(*args, offs=offs, bias=bias)
+
+            with torch._inductor.config.patch(fx_graph_cache=False), \
+                    torch._functorch.config.patch(enable_autograd_cache=False):
+                torch._dynamo.reset()
+                got = torch.compile(fn, fullgraph=True)(*args)
+            return (got.float() - fn(*args).float()).abs().max().item()
+    finally:
+        torch._dynamo.reset()
+        for o, fn_ in saved_lowerings.items():
+            lowering.lowerings[o] = fn_
+        if saved_meta is not None:
+            op.py_kernels[torch._C.DispatchKey.Meta] = saved_meta
+        op._dispatch_cache.clear()
+
+
+@pytest.mark.parametrize("op_name", ["_grouped_mm", "_scaled_grouped_mm"])
+def test_patched_inductor_lowering_keeps_the_bias(tree, op_name):
+    """Inductor's grouped mm lowerings hand their choices mat_a, mat_b, the scales and offs, never the bias:
+    with the series' metas accepting one, the wheel's lowering returns the product without it (the control
+    below, off by about the bias), the patched one (core/0001, core/0006c1) runs the op with it."""
+    import torch._inductor.kernel.mm_grouped as wheel_module
+    assert _compiled_grouped_mm_bias_error(wheel_module.__file__, op_name) > 0.5
+    patched = os.path.join(tree, "torch/_inductor/kernel/mm_grouped.py")
+    assert _compiled_grouped_mm_bias_error(patched, op_name) <= 1e-5
