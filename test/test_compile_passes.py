@@ -407,6 +407,14 @@ class MoEPassTestCase(TestCase):
         torch._dynamo.reset()
         counters.clear()
 
+    def assertRouterRewritten(self, got, want):
+        """One router rewrite; eager's ids; (weights, ids, logits' gradient) within fp32 summation order."""
+        self.assertEqual(_moe_counters(), {"router_topk": 1})
+        self.assertTrue(torch.equal(got[1].long(), want[1]))
+        tol = 2.0 ** -19
+        torch.testing.assert_close(got[0], want[0], rtol=tol, atol=tol * 2 ** -10)
+        torch.testing.assert_close(got[2], want[2], rtol=tol, atol=tol * 5)
+
 
 class TestMoERouterPass(MoEPassTestCase):
     @FEW
@@ -437,11 +445,7 @@ class TestMoERouterPass(MoEPassTestCase):
 
         want = run(fn)
         got = run(torch.compile(fn, fullgraph=True, dynamic=True))
-        self.assertEqual(_moe_counters(), {"router_topk": 1})
-        self.assertTrue(torch.equal(got[1].long(), want[1]))
-        tol = 2.0 ** -19
-        torch.testing.assert_close(got[0], want[0], rtol=tol, atol=tol * 2 ** -10)
-        torch.testing.assert_close(got[2], want[2], rtol=tol, atol=tol * 5)
+        self.assertRouterRewritten(got, want)
 
     def test_router_left_alone_on_16bit_scores(self):
         """A bf16 router (torchtitan's on CPU: its fp32 autocast region is a no-op there, so the gate's
@@ -520,11 +524,7 @@ class TestMoERouterGroupLimitPass(MoEPassTestCase):
 
         want = run(fn)
         got = run(torch.compile(fn, fullgraph=True, dynamic=True))
-        self.assertEqual(_moe_counters(), {"router_topk": 1})
-        self.assertTrue(torch.equal(got[1].long(), want[1]))
-        tol = 2.0 ** -19
-        torch.testing.assert_close(got[0], want[0], rtol=tol, atol=tol * 2 ** -10)
-        torch.testing.assert_close(got[2], want[2], rtol=tol, atol=tol * 5)
+        self.assertRouterRewritten(got, want)
 
     def test_group_mask_other_than_minus_inf_left_alone(self):
         """Older DeepSeek code masked the other groups' experts with 0, not -inf: with sigmoid scores in
