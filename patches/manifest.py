@@ -258,9 +258,8 @@ GROUPED_MM_DOCS = [(
 # return the product without it. Upstream's metas reject bias, so nothing reaches them today; the PR whose
 # meta accepts it falls back to the op itself when one is given.
 MM_GROUPED_LOWERING = "torch/_inductor/kernel/mm_grouped.py"
-LOWERING_IMPORT = [("from ..lowering import register_lowering\n",
-                    "from ..lowering import fallback_handler, register_lowering\n")]
-GROUPED_MM_LOWERING_BIAS = LOWERING_IMPORT + [(
+GROUPED_MM_LOWERING_BIAS = [("from ..lowering import register_lowering\n",
+                             "from ..lowering import fallback_handler, register_lowering\n"), (
     '    """Auto-tuning for _grouped_mm() operator."""\n\n',
     '    """Auto-tuning for _grouped_mm() operator."""\n\n'
     "    if bias is not None:\n"
@@ -280,6 +279,15 @@ SCALED_GROUPED_MM_LOWERING_BIAS = [(
 )]
 
 OPINFO_INIT = "torch/testing/_internal/opinfo/definitions/__init__.py"
+
+
+def opinfo_module_registered(module: str, prev: str, nxt: str) -> Edit:
+    """definitions/__init__.py importing the OpInfo module and adding its op_db, between its alphabetical
+    neighbours prev and nxt (as the file lists them when the PR applies)."""
+    return Edit(OPINFO_INIT, [
+        (f"    {prev},\n    {nxt},\n", f"    {prev},\n    {module},\n    {nxt},\n"),
+        (f"    *{prev}.op_db,\n    *{nxt}.op_db,\n", f"    *{prev}.op_db,\n    *{module}.op_db,\n    *{nxt}.op_db,\n"),
+    ])
 
 def _source_block(path: str, first: str, last: str) -> str:
     """The text of the in-repo source path from the line that starts with first to the line that starts with
@@ -612,10 +620,7 @@ SERIES = [
                 OpInfoModule("grouped_mm", "grouped_mm", "OpInfo for ``torch._grouped_mm``.", op_db_call=(
                     'make_grouped_mm_opinfo("moe_ops.grouped_mm", torch.ops.moe_ops.grouped_mm.default)',
                     'make_grouped_mm_opinfo("_grouped_mm", torch._grouped_mm)')),
-                Edit(OPINFO_INIT, [
-                    ("    fft,\n    linalg,\n", "    fft,\n    grouped_mm,\n    linalg,\n"),
-                    ("    *fft.op_db,\n    *linalg.op_db,\n", "    *fft.op_db,\n    *grouped_mm.op_db,\n    *linalg.op_db,\n"),
-                ]),
+                opinfo_module_registered("grouped_mm", "fft", "linalg"),
                 *opinfo_lists.entries("_grouped_mm"),
             ],
         ),
@@ -633,10 +638,7 @@ SERIES = [
                 DecompExpect("routing", ops=("permute",)),
                 OpInfoModule("routing", "moe_routing", ROUTING_OPINFO_TITLE, ops=("permute",),
                              edits=[PERMUTE_NO_AUTOGRAD]),
-                Edit(OPINFO_INIT, [
-                    ("    linalg,\n    signal,\n", "    linalg,\n    moe_routing,\n    signal,\n"),
-                    ("    *linalg.op_db,\n    *signal.op_db,\n", "    *linalg.op_db,\n    *moe_routing.op_db,\n    *signal.op_db,\n"),
-                ]),
+                opinfo_module_registered("moe_routing", "linalg", "signal"),
                 *opinfo_lists.entries("_moe_permute"),
             ],
         ),
@@ -749,10 +751,7 @@ SERIES = [
                 OpInfoModule("fp8", "fp8", "OpInfos of the fp8 ops.", carried=FP8_OPINFOS["quantize_fp8_opinfos"],
                              op_db=fp8_op_db("quantize_fp8_opinfos"),
                              edits=fp8_recipes.NO_MX_OPINFO + fp8_recipes.NO_BLOCKED_OPINFO),
-                Edit(OPINFO_INIT, [
-                    ("    fft,\n    grouped_mm,\n", "    fft,\n    fp8,\n    grouped_mm,\n"),
-                    ("    *fft.op_db,\n    *grouped_mm.op_db,\n", "    *fft.op_db,\n    *fp8.op_db,\n    *grouped_mm.op_db,\n"),
-                ]),
+                opinfo_module_registered("fp8", "fft", "grouped_mm"),
                 *opinfo_lists.entries("_quantize_fp8"),
             ],
         ),

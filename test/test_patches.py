@@ -1757,8 +1757,8 @@ def test_opinfo_module_grows_one_op_per_pr():
 
 
 def _compiled_grouped_mm_bias_error(mm_grouped_path, op_name):
-    """Largest |compiled - eager| of aten.<op_name> with a bias on CPU, its CPU and Meta kernels those of
-    moe_ops.<op_name without the underscore> (what the series makes of them), Inductor's grouped mm
+    """Largest |compiled - eager| of aten.<op_name> with a bias on CPU: its CPU and Meta kernels those of
+    moe_ops.<op_name without its underscore> (what the series makes of them), Inductor's grouped mm
     lowerings those of the module at mm_grouped_path (the wheel's or the patched one)."""
     import importlib.util
     from torch._inductor import lowering
@@ -1797,8 +1797,8 @@ def _compiled_grouped_mm_bias_error(mm_grouped_path, op_name):
             return (got.float() - fn(*args).float()).abs().max().item()
     finally:
         torch._dynamo.reset()
-        for o, fn_ in saved_lowerings.items():
-            lowering.lowerings[o] = fn_
+        for o, saved in saved_lowerings.items():
+            lowering.lowerings[o] = saved
         if saved_meta is not None:
             op.py_kernels[torch._C.DispatchKey.Meta] = saved_meta
         op._dispatch_cache.clear()
