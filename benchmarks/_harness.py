@@ -70,16 +70,21 @@ def print_machine() -> None:
 
 
 def target(issue: int, key: str, what: str, where: str, value: Optional[float], op: str,
-           bound: float) -> Optional[dict]:
+           bound: float, ceiling: Optional[float] = None) -> Optional[dict]:
     """One target of one row, as its issue states it: value op bound, as
     measured (nothing rounded). key is its short label in the printed tables,
     what the ratio compared ("ours/dense"), where the rows it applies to. None
-    when the value was not measured (the target is then not listed)."""
+    when the value was not measured (the target is then not listed). ceiling:
+    the most the value can reach on this machine, where the benchmark can
+    bound it (the target is then marked out of reach when below it)."""
     if value is None or (isinstance(value, float) and math.isnan(value)):
         return None
     assert op in (">=", "<=")
     met = value >= bound if op == ">=" else value <= bound
-    return dict(issue=issue, key=key, what=what, where=where, op=op, bound=bound, value=float(value), met=bool(met))
+    t = dict(issue=issue, key=key, what=what, where=where, op=op, bound=bound, value=float(value), met=bool(met))
+    if ceiling is not None:
+        t["reachable"] = bool(ceiling >= bound)
+    return t
 
 
 def targets(*ts: Optional[dict]) -> list[dict]:

@@ -55,7 +55,7 @@ def check_doc(doc: dict, json_name: str, quick: bool) -> None:
         assert doc[section], f"{json_name}.json: no rows in {section!r}"
         for row in doc[section]:
             for t in row["targets"]:
-                assert set(t) == TARGET, t
+                assert TARGET <= set(t) <= TARGET | {"reachable"}, t
                 assert t["met"] == (t["value"] >= t["bound"] if t["op"] == ">=" else t["value"] <= t["bound"]), t
         tables.summary(name, doc), tables.missed(name, doc)
 
@@ -105,6 +105,33 @@ def test_check_exit_code(tmp_path):
     assert finish(doc, str(tmp_path / "x.json"), [], strict=True) == 0
     assert finish(doc, str(tmp_path / "x.json"), None, strict=True) == 0
     assert json.loads((tmp_path / "x.json").read_text()) == doc
+
+
+def test_grouped_mm_memory_bound():
+    """bench_grouped_mm's ceiling on ours/dense: the dense compute time over the
+    time to read the inputs and write a fresh output at the machine's rates."""
+    import torch
+    from bench_grouped_mm import memory_bound
+    rates = dict(read_gbs=20.0, fresh_write_gbs=5.0)
+    # Qwen3's weight gradient (2d2d kn, float32): 50 + 38 MB read, a 1.61 GB fresh output
+    # written: 0.33 s of memory traffic against 0.19 s of dense compute at 200 GFLOP/s.
+    m, k, n, g = 6144, 2048, 1536, 128
+    a, b = torch.empty(m, k).t(), torch.empty(m, n)
+    out = torch.empty(g, k, n)
+    flops = 2 * m * k * n
+    dense_s = flops / 200e9
+    memory_s = (a.numel() + b.numel()) * 4 / 20e9 + out.numel() * 4 / 5e9
+    bound = memory_bound(a, b, out, flops, 200.0, rates)
+    assert bound == pytest.approx(dense_s / memory_s, rel=1e-12)
+    assert 0.55 < bound < 0.62
+    # Memory time below the compute time: the bound is the dense rate itself.
+    assert memory_bound(a, b, torch.empty(k, n), flops, 200.0, rates) == 1.0
+    # A transposed view counts its whole storage: the (G, N, K) weights stream every element once.
+    slow = dict(read_gbs=4.0, fresh_write_gbs=5.0)
+    x, w = torch.empty(m, k), torch.empty(g, n, k).transpose(-2, -1)
+    expected = dense_s / ((x.numel() + w.numel()) * 4 / 4e9 + m * n * 4 / 5e9)
+    assert expected < 1
+    assert memory_bound(x, w, torch.empty(m, n), flops, 200.0, slow) == pytest.approx(expected, rel=1e-12)
 
 
 def digest(directory: Path) -> dict:
