@@ -27,7 +27,7 @@ them (row_targets), and writes the table as JSON (benchmarks/tables.py renders
 it, here and in the README). All timings of one row are taken side by side in
 one run, interleaved in rounds (median round per statement).
 
-    python benchmarks/bench_grouped_mm.py [--quick] [--check] [--out DIR] [--layouts 2d3d,...]
+    python benchmarks/bench_grouped_mm.py [--quick] [--check] [--out DIR] [--layouts 2d3d,...] [--dtypes float32]
 """
 
 from __future__ import annotations
@@ -229,8 +229,10 @@ def main(argv: Optional[list[str]] = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     add_common_args(parser, "two small shapes, short timing: proves the script runs (CI, tests)")
     parser.add_argument("--layouts", default=",".join(LAYOUTS), help="comma-separated subset of " + ",".join(LAYOUTS))
+    parser.add_argument("--dtypes", default="bfloat16,float32", help="comma-separated subset of bfloat16,float32")
     args = parser.parse_args(argv)
     layouts = [x for x in args.layouts.split(",") if x]
+    dtypes = {getattr(torch, x) for x in args.dtypes.split(",") if x}
 
     min_run_time, rounds = (0.01, 1) if args.quick else (0.3, 4)
     doc = dict(benchmark="grouped_mm", meta=metadata(__file__, argv, args.quick), results=[])
@@ -241,6 +243,8 @@ def main(argv: Optional[list[str]] = None) -> int:
     print("GFLOP/s of the grouped mm of an MoE layer, every layout, weights stored (G, K, N) ('kn') and "
           "(G, N, K) ('nk'); uneven tokens per expert\n")
     for cfg in configs(args.quick):
+        if cfg.dtype not in dtypes:
+            continue
         for layout in layouts:
             for order in ORDERS:
                 doc["results"].append(run(cfg, layout, order, min_run_time, rounds, rates))
