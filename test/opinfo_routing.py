@@ -216,7 +216,9 @@ def make_routing_op_db(name_of, op_of) -> list[OpInfo]:
                gradcheck_wrapper=gradcheck_router_topk),
         # The backward of permute is an unpermute: floating dtypes only.
         opinfo("permute", sample_inputs_permute, error_inputs_permute, torch_permute, PERMUTE_DTYPES),
-        opinfo("unpermute", sample_inputs_unpermute, error_inputs_unpermute, torch_unpermute, floating),
+        # Its backward, _moe_unpermute_backward, has no derivative: no double backward.
+        opinfo("unpermute", sample_inputs_unpermute, error_inputs_unpermute, torch_unpermute, floating,
+               supports_gradgrad=False),
     ]
 
 
