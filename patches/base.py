@@ -145,6 +145,55 @@ UPSTREAM_EXCERPTS = {
         "    )\n"
         "    def test_op_has_batch_rule(self, device, dtype, op):\n",
     ]),
+    "test/functorch/test_ops.py": ("28a580b0d22161650a6f4131276dddbf3a4699f4", [
+        "class TestOperators(TestCase):\n",
+        "    @skipOps(\n"
+        '        "TestOperators",\n'
+        '        "test_vmapvjp_has_batch_rule",\n'
+        "        vmapvjp_fail.union(\n"
+        "            {\n"
+        "                skip(\n"
+        '                    "to"\n'
+        "                ),  # RuntimeError: required rank 4 tensor to use channels_last format\n",
+        "            }\n"
+        "        ),\n"
+        "    )\n"
+        "    def test_vmapvjp_has_batch_rule(self, device, dtype, op):\n"
+        "        if not op.supports_autograd:\n"
+        '            self.skipTest("Skipped! Autograd not supported.")\n'
+        "            return\n",
+        "    @skipOps(\n"
+        '        "TestOperators",\n'
+        '        "test_jvpvjp",\n'
+        "        vjp_fail.union(\n"
+        "            {\n"
+        '                xfail("to_sparse", ""),  # NYI\n'
+        "                # RuntimeError: Trying to set a forward gradient that has a different size than that of the "
+        "original Tensor,\n"
+        "                # this is not supported. Tensor is of size [5, 2, 3] while the given forward gradient is of "
+        "size [1, 2, 3].\n"
+        '                xfail("normal", ""),\n',
+        '                xfail("native_dropout_backward"),  # NYI\n'
+        "            }\n"
+        "        ),\n"
+        "    )\n",
+        "    def test_jvpvjp(self, device, dtype, op):\n"
+        "        if not op.supports_autograd:\n"
+        '            self.skipTest("Skipped! Autograd not supported.")\n'
+        "            return\n",
+        "    @skipOps(\n"
+        '        "TestOperators",\n'
+        '        "test_vmapjvpvjp",\n'
+        "        vjp_fail.union(\n"
+        "            {\n"
+        "                # Following operators take too long, hence skipped\n"
+        '                skip("atleast_1d"),\n'
+        '                skip("atleast_2d"),\n',
+        '                xfail("native_dropout_backward"),\n'
+        "            }\n"
+        "        ),\n"
+        "    )\n",
+    ]),
     "test/inductor/test_torchinductor_opinfo.py": ("a75d35a521f55918d95a6719af3fb7425b9e2d80", [
         "inductor_expected_failures_single_sample = defaultdict(dict)\n"
         "\n"
@@ -161,12 +210,26 @@ UPSTREAM_EXCERPTS = {
         '    "atanh": {f32},\n',
         "}\n",
     ]),
+    "test/test_proxy_tensor.py": ("41b9238325dbc699bff414e03ca1c870b342f031", [
+        "make_fx_failures = {\n"
+        "    # unknown\n"
+        "    xfail('allclose'),\n"
+        "    xfail('equal'),\n"
+        "    # empty\n"
+        "    skip('new_empty'),\n"
+        "    skip('empty_like'),\n",
+        "    # AssertionError: Tensor-likes are not close!\n"
+        "    skip('empty_strided', '', device_type='cpu'),\n"
+        "}\n",
+    ]),
 }
 # What closes each stand-in after its last excerpt, so that it compiles.
 _STAND_IN_TAILS = {
     "test/distributed/tensor/test_dtensor_ops.py": "}\n",
     "test/functorch/test_vmap.py": "        pass\n",
+    "test/functorch/test_ops.py": "    # ...\n    def test_vmapjvpvjp(self, device, dtype, op):\n        pass\n",
     "test/inductor/test_torchinductor_opinfo.py": "",
+    "test/test_proxy_tensor.py": "",
 }
 ELISION = "# ...\n"
 

@@ -425,8 +425,9 @@ INNER_PRODUCT_TEST = _test_method("test_grouped_mm_weights_along_k")
 # Each routing OpInfo tests the forward until its op's derivatives land (a
 # later PR of the stack turns autograd on).
 ROUTING_OPINFO_TITLE = "OpInfos of the MoE routing ops (``torch.ops.aten._moe_*``)."
-PERMUTE_NO_AUTOGRAD = ("torch_permute, PERMUTE_DTYPES)", "torch_permute, PERMUTE_DTYPES,\n               supports_autograd=False)")
-UNPERMUTE_NO_AUTOGRAD = ("torch_unpermute, floating)", "torch_unpermute, floating,\n               supports_autograd=False)")
+PERMUTE_NO_AUTOGRAD = ("skips=PERMUTE_SKIPS)", "skips=PERMUTE_SKIPS, supports_autograd=False)")
+UNPERMUTE_NO_AUTOGRAD = ("floating,\n               supports_gradgrad=False)",
+                         "floating,\n               supports_autograd=False, supports_gradgrad=False)")
 ROUTER_NO_AUTOGRAD = ("gradcheck_wrapper=gradcheck_router_topk)",
                       "gradcheck_wrapper=gradcheck_router_topk, supports_autograd=False)")
 ROUTING_OPINFO = "torch/testing/_internal/opinfo/definitions/moe_routing.py"

@@ -34,8 +34,8 @@ GENERATED = ("test/expect/*.expect",)
 # device), bookkeeping that follows from the OpInfo the PR adds; two of them
 # are rewritten by their suites' own tooling (test_dtensor_ops.py's dry_run,
 # PYTORCH_COLLECT_EXPECT=1 for test_torchinductor_opinfo.py).
-OPINFO_LISTS = ("test/distributed/tensor/test_dtensor_ops.py", "test/functorch/test_vmap.py",
-                "test/inductor/test_torchinductor_opinfo.py")
+OPINFO_LISTS = ("test/distributed/tensor/test_dtensor_ops.py", "test/functorch/test_ops.py",
+                "test/functorch/test_vmap.py", "test/inductor/test_torchinductor_opinfo.py", "test/test_proxy_tensor.py")
 
 # Patch message (patches/messages/<series>/...) -> (ceiling, reason and fix).
 OVER_LIMIT: dict[str, tuple[int, str]] = {

@@ -42,6 +42,7 @@ import filecmp
 import glob
 import importlib.util
 import io
+import itertools
 import os
 import pathlib
 import re
@@ -55,6 +56,7 @@ import torch
 import torchgen
 from torch._subclasses.fake_tensor import FakeTensorMode
 from torch.testing._internal.opinfo.core import SampleInput
+from torch.utils._pytree import tree_leaves
 
 import torch_moe_ops
 from patches import base, generate, manifest, names, proof, rewrite, sizes, upstream_tree
@@ -503,7 +505,9 @@ def test_opinfo_list_stand_ins_hold_the_recorded_upstream_lines(rel, tmp_path):
 
 def test_opinfo_list_entries_follow_the_opinfos():
     """The lists name exactly the OpInfos the suites run and fail: every new
-    OpInfo in test_op_has_batch_rule's xfails (no op has a batching rule);
+    OpInfo in test_op_has_batch_rule's xfails (no op has a batching rule),
+    every differentiable one in functorch test_ops.py's
+    (test_vmapvjp_has_batch_rule, test_jvpvjp, test_vmapjvpvjp);
     in dtensor_fails, every one with a float32 test (test_dtensor_op_db's only
     dtype); in Inductor's expected failures, every one without a lowering, for
     the dtypes test_comprehensive tests of it."""
@@ -521,6 +525,21 @@ def test_opinfo_list_entries_follow_the_opinfos():
                if isinstance(c, opinfo_lists.ListEntries)}
     assert {op for ops in carried for op in ops} == set(infos)
     assert listed[opinfo_lists.FUNCTORCH_VMAP] == set(infos)
+    # functorch's TestOperators runs float32 compositions of vjp; no new op has a forward-AD formula or a
+    # batching rule, so every differentiable one fails vmap(vjp) without the fallback and jvp(vjp).
+    assert listed[opinfo_lists.FUNCTORCH_OPS] == {n for n, i in infos.items()
+                                                  if i.supports_autograd and torch.float32 in i.dtypes}
+    assert not any(i.supports_forward_ad for i in infos.values())
+    # make_fx_check's randomize_data fills every floating input with uniform_, which float8 lacks: the
+    # ops with a float32 test and float8 inputs (their samples decide; quantize's inputs are float32).
+    float8 = {d for d in vars(torch).values() if isinstance(d, torch.dtype) and "float8" in str(d)}
+
+    def takes_float8(info):
+        return any(isinstance(t, torch.Tensor) and t.dtype in float8
+                   for s in itertools.islice(info.sample_inputs("cpu", torch.float32), 100)
+                   for t in tree_leaves((s.input, s.args, s.kwargs)))
+    assert listed[opinfo_lists.PROXY_TENSOR] == {n for n, i in infos.items()
+                                                 if torch.float32 in i.dtypes and takes_float8(i)}
     assert set(sizes.OPINFO_LISTS) == set(listed)
     assert listed[opinfo_lists.DTENSOR_OPS] == {n for n, i in infos.items() if torch.float32 in i.dtypes}
     lowered = {"_grouped_mm", "_scaled_grouped_mm"}  # tuned_grouped_mm, tuned_scaled_grouped_mm
@@ -667,8 +686,8 @@ def test_patched_python_compiles(tree):
     # the meta functions, 4 OpInfo files, functional.py (grouped_mm's docstring), test/test_matmul.py,
     # the grouped mm lowerings (mm_grouped.py); the DTensor rules (_matrix_ops.py, _moe_ops.py and
     # _ops/__init__.py); the MoE passes: 4 modules, the config switch, its two hooks and the tests; the
-    # OpInfo lists of 3 test files (their stand-ins)
-    assert len(files) == 22
+    # OpInfo lists of 5 test files (their stand-ins)
+    assert len(files) == 24
     for path in files:
         with open(os.path.join(tree, path)) as f:
             compile(f.read(), path, "exec")
