@@ -446,8 +446,11 @@ def make_scaled_grouped_mm_v2_opinfo(name, op) -> OpInfo:
 
 
 def _structured_opinfo() -> OpInfo:
-    """The OpInfo upstream runs, on our op: a variant of its own here."""
-    (info,) = scaled_grouped_mm_v2_opinfos(lambda op: f"moe_ops.{op}", lambda op: getattr(torch.ops.moe_ops, op).default)
+    """The samples and error inputs of the OpInfo upstream runs, on our op: a variant of its own here,
+    with a float32 output too (upstream's claims bfloat16 alone: its meta function refuses the rest)."""
+    info = _fp8_opinfo("moe_ops.scaled_grouped_mm_v2", torch.ops.moe_ops.scaled_grouped_mm_v2.default,
+                       torch_scaled_grouped_mm_v2, SCALED_MM_DTYPES, sample_inputs_scaled_grouped_mm_v2_structured,
+                       error_inputs_scaled_grouped_mm_v2_structured)
     info.variant_test_name = "structured"
     return info
 
