@@ -227,9 +227,11 @@ def error_inputs_scaled_grouped_mm_v2(op_info, device, **kwargs):
 # operand is 2-D. So its samples are scaled_grouped_mm's recipes and layouts (test/opinfo_fp8.py) at
 # sizes within those checks, and its error inputs the kernel's own refusals of calls that pass them.
 def _scaled_grouped_mm_v2_structured_operands(rnd):
-    """(name, args, kwargs) of the structured samples, on the CPU, from rnd(*shape): K, N, M, G = 80, 32,
-    30, 4 and offs [5, 5, 17, 26] (an empty group, rows past offs[-1]) unless said; blockwise K, N = 208,
-    144 (a partial last block of each); weights stored (G, N, K)."""
+    """(name, args, kwargs) of the samples, on the CPU, from rnd(*shape): _scaled_grouped_mm's recipes and
+    layouts within what the structured meta function checks on every device before the kernel runs
+    (mat_a row-major, mat_b column-major, K and N multiples of 16, no bias, offs exactly when an operand
+    is 2-D). K, N, M, G = 80, 32, 30, 4 and offs [5, 5, 17, 26] (an empty group, rows past offs[-1])
+    unless said; blockwise K, N = 208, 144 (a partial last block of each); weights stored (G, N, K)."""
     K, N, M, G = 80, 32, 30, 4
     offs = _offs([5, 5, 17, 26], "cpu")
     R, MX, S, P = [ROWWISE], [BLOCKWISE_1X32], [SWIZZLE_32_4_4], [NO_SWIZZLE]
