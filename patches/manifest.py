@@ -519,7 +519,8 @@ FP8_OPINFOS = {
                                   "error_inputs_scaled_grouped_mm", "scaled_grouped_mm_opinfos"],
 }
 # upstream's CUDA kernel of _scaled_grouped_mm is narrower than the CPU one's samples: tested in its own files
-FP8_CUDA_TESTED_ELSEWHERE = {"scaled_grouped_mm_opinfos": ', cuda_tested_elsewhere=("scaled_grouped_mm",)'}
+FP8_CUDA_TESTED_ELSEWHERE = {"scaled_grouped_mm_opinfos": ', cuda_tested_elsewhere=("scaled_grouped_mm",)',
+                             "scaled_grouped_mm_v2_opinfos": ', cuda_tested_elsewhere=("scaled_grouped_mm_v2",)'}
 
 
 def fp8_op_db(*builders: str) -> str:
@@ -532,6 +533,17 @@ def fp8_op_db(*builders: str) -> str:
 
 FP8_OP_DB = fp8_op_db("quantize_fp8_opinfos", "dequantize_fp8_opinfos", "swizzle_mx_scale_opinfos",
                       "scaled_grouped_mm_opinfos")
+
+# _scaled_grouped_mm_v2's OpInfo (core/0008b), from its own test module: the samples and error inputs
+# within what its structured meta function passes on to the CPU kernel (test/opinfo_scaled_grouped_mm_v2.py).
+V2_OPINFO_SOURCE = "test/opinfo_scaled_grouped_mm_v2.py"
+V2_OPINFOS = ["TENSORWISE", "ROWWISE", "BLOCKWISE_1X16", "BLOCKWISE_1X32", "BLOCKWISE_1X128", "BLOCKWISE_128X128",
+              "NO_SWIZZLE", "SWIZZLE_32_4_4", "_scaled_grouped_mm_v2_structured_operands",
+              "_scaled_grouped_mm_v2_structured_samples", "sample_inputs_scaled_grouped_mm_v2_structured",
+              "_scaled_grouped_mm_v2_error_operands", "_v2_err", "error_inputs_scaled_grouped_mm_v2_structured",
+              "scaled_grouped_mm_v2_opinfos"]
+FP8_V2_OP_DB = fp8_op_db("quantize_fp8_opinfos", "dequantize_fp8_opinfos", "swizzle_mx_scale_opinfos",
+                         "scaled_grouped_mm_opinfos", "scaled_grouped_mm_v2_opinfos")
 
 # Derivative helpers go where upstream's are: declared in FunctionsManual.h
 # (after _grouped_mm's own, or before the header's last declaration), defined
@@ -906,6 +918,14 @@ SERIES = [
                          "            offs, bias, out_dtype, contraction_dim or [], use_fast_accum\n"
                          "        )\n"
                          "    _out_dtype = out_dtype or torch.bfloat16\n")]),
+            ],
+        ),
+        Patch(
+            message="core/0008b-scaled-grouped-mm-v2-opinfo.txt",
+            changes=[
+                OpInfoModule("fp8", "fp8", "", carried=V2_OPINFOS, extends=True, op_db=FP8_V2_OP_DB,
+                             source_file=V2_OPINFO_SOURCE),
+                *opinfo_lists.entries("_scaled_grouped_mm_v2"),
             ],
         ),
     ]),

@@ -59,7 +59,10 @@ class OpInfoModule:
     replaces that statement with its own. ``source_edits``, anchored on the
     source, apply before the selection (an op whose samples land over
     several PRs, one per recipe: a list of the recipes' sample functions
-    without the later PRs' ones)."""
+    without the later PRs' ones). ``source_file`` (with ``carried``): a test
+    module of one op (test/opinfo_<op>.py) whose definitions extend the
+    family's module; what it imports from another OpInfo test module must be
+    defined there already (an earlier PR's)."""
 
     family: str
     module: str
@@ -71,6 +74,7 @@ class OpInfoModule:
     op_db: str | None = None
     extends: bool = False
     source_edits: list[tuple[str, str]] = field(default_factory=list)
+    source_file: str | None = None
     declared_at: str = field(default_factory=declared_at)
 
     @property
@@ -79,7 +83,7 @@ class OpInfoModule:
 
     @property
     def source(self) -> str:
-        return f"test/opinfo_{self.family}.py"
+        return self.source_file or f"test/opinfo_{self.family}.py"
 
     @property
     def sources(self) -> list[str]:
@@ -170,6 +174,13 @@ class OpInfoModule:
         lines = src.splitlines(keepends=True)
         statements = []  # the source's imports the new code uses (this package's excepted)
         for node in tree.body:
+            if isinstance(node, ast.ImportFrom) and (node.module or "").startswith("opinfo_"):
+                # a sibling OpInfo test module's definitions: the upstream module's own by now
+                absent = [a.name for a in node.names if (a.asname or a.name) in used and a.name not in defined]
+                if absent or any(a.asname for a in node.names):
+                    raise PatchError(self.source, node.lineno, f"imports {absent or node.names} from {node.module}, "
+                                     f"which {self.path} does not define (carry them in an earlier PR)")
+                continue
             if isinstance(node, (ast.Import, ast.ImportFrom)) and not (
                     isinstance(node, ast.ImportFrom) and (node.module or "").split(".")[0] in ("__future__",
                                                                                                "torch_moe_ops")):
@@ -188,7 +199,12 @@ class OpInfoModule:
                     + new + "\n\n\n" + self.op_db.rstrip("\n") + "\n")
         else:
             text = upstream
-            missing = [t for t in statements if t not in text]
+            # (an import of names the module binds already, differently grouped, is not missing)
+            bound = {(a.asname or a.name).split(".")[0] for n in rewrite.parse(text, self.path).body
+                     if isinstance(n, (ast.Import, ast.ImportFrom)) for a in n.names}
+            missing = [t for t in statements if t not in text and not all(
+                (a.asname or a.name).split(".")[0] in bound or (a.asname or a.name).split(".")[0] not in used
+                for n in rewrite.parse(t, self.source).body for a in n.names)]
             if missing:
                 last = [n for n in rewrite.parse(text, self.path).body if isinstance(n, (ast.Import, ast.ImportFrom))][-1]
                 at = sum(len(line) for line in text.splitlines(keepends=True)[:last.end_lineno])

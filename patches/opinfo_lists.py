@@ -27,6 +27,13 @@ not listed here needs no entry, or was not checked (patches/README.md):
   batching rule; with the vmap fallback disabled (as that test runs) every
   one raises "hit the vmap fallback which is currently disabled".
   ``test_vmap_exhaustive`` passes through the fallback: no entry.
+  ``_scaled_grouped_mm_v2``'s OpInfo is bfloat16 only (its structured meta
+  function takes no other output), so it has no DTensor entry (float32
+  only) and no Inductor one (test_comprehensive tests no bfloat16); this
+  test runs every op at float32 regardless, and each of its samples hits
+  the disabled fallback (checked against our kernel, which takes a
+  float32 output; in-tree the meta function refuses one first: fails
+  either way).
 * test/functorch/test_ops.py, TestOperators (float32; test_vmap_autograd_grad
   float64 too): the fp8 ops have no autograd and skip every test; the four
   differentiable ops have no forward-AD formula (test_jvp, test_vmapjvpall*
@@ -55,9 +62,10 @@ not listed here needs no entry, or was not checked (patches/README.md):
   _scaled_mm's): SchemaCheckMode compares inputs with torch.allclose, which
   float8 and bcomplex32 lack, so _moe_permute's OpInfo skips it for those
   dtypes; _dequantize_fp8, _scaled_grouped_mm and _swizzle_mx_scale (float8
-  inputs) need the same skip in their OpInfos (still to add). test/export/test_export_opinfo.py (fake export of the
-  float32 samples onto a fake cuda:0 and xpu:0 device) passes for every op;
-  its samples with a non-tensor positional argument are not exported.
+  inputs) need the same skip in their OpInfos (still to add).
+* test/export/test_export_opinfo.py (fake export of the float32 samples onto
+  a fake cuda:0 and xpu:0 device) passes for every op: no entry; its samples
+  with a non-tensor positional argument are not exported.
 * test/inductor/test_torchinductor_opinfo.py,
   ``inductor_expected_failures_single_sample`` (``test_comprehensive`` runs
   with ``implicit_fallbacks=False``): an op with neither a lowering nor an
@@ -114,7 +122,7 @@ BLOCKS = [
     # test_op_has_batch_rule's xfails, first in its set.
     Block(FUNCTORCH_VMAP, '        "test_op_has_batch_rule",\n        vmap_fail.union(\n            {\n',
           ("_dequantize_fp8", "_grouped_mm", "_moe_permute", "_moe_router_topk", "_moe_unpermute", "_quantize_fp8",
-           "_scaled_grouped_mm", "_swizzle_mx_scale"),
+           "_scaled_grouped_mm", "_scaled_grouped_mm_v2", "_swizzle_mx_scale"),
           '                xfail("{op}"),  # no batching rule: hits the vmap fallback\n'),
     # test_comprehensive's expected failures, on each device, first in each dict.
     *(Block(INDUCTOR_OPINFO, f'inductor_expected_failures_single_sample["{device}"] = {{\n',

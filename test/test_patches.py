@@ -515,7 +515,11 @@ def test_opinfo_list_entries_follow_the_opinfos():
 
     grouped = make_grouped_mm_opinfo("_grouped_mm", torch._grouped_mm)
     infos = {grouped.name: grouped}
-    for info in [*routing_op_db, *fp8_op_db]:
+    from opinfo_scaled_grouped_mm_v2 import scaled_grouped_mm_v2_opinfos
+
+    # _scaled_grouped_mm_v2's as upstream builds it (core/0008b): bfloat16 alone
+    v2 = scaled_grouped_mm_v2_opinfos(lambda op: f"moe_ops.{op}", lambda op: getattr(torch.ops.moe_ops, op).default)
+    for info in [*routing_op_db, *fp8_op_db, *v2]:
         op = native_functions.op(info.name.removeprefix("moe_ops."))
         infos[op.upstream.name] = info
     listed = {}
@@ -817,22 +821,22 @@ def test_patched_scaled_grouped_mm_v2_meta_has_the_cpu_checks(meta):
     structured meta function allocates out)."""
     from opinfo_scaled_grouped_mm_v2 import op_db as v2_op_db
 
-    (info,) = v2_op_db
     fn = meta["meta_scaled_grouped_mm_v2"]
-    for dtype in info.dtypes:
-        for s in info.sample_inputs("cpu", dtype):
-            expected = info.op(s.input, *s.args, **s.kwargs)
-            with FakeTensorMode() as mode:
-                fake = lambda t: (mode.from_tensor(t) if isinstance(t, torch.Tensor)  # noqa: E731
-                                  else [fake(x) for x in t] if isinstance(t, list) else t)
-                got = fn(fake(s.input), *map(fake, s.args), **{k: fake(v) for k, v in s.kwargs.items()})
-            assert (got.shape, got.dtype) == (expected.shape, expected.dtype), s.name
-    for e in info.error_inputs("cpu"):
-        s = e.sample_input
-        if s.name == "offs_values":
-            continue
-        with pytest.raises(e.error_type, match=e.error_regex):
-            fn(s.input, *s.args, **s.kwargs)
+    for info in v2_op_db:  # ours, and the structured one core/0008b carries
+        for dtype in info.dtypes:
+            for s in info.sample_inputs("cpu", dtype):
+                expected = info.op(s.input, *s.args, **s.kwargs)
+                with FakeTensorMode() as mode:
+                    fake = lambda t: (mode.from_tensor(t) if isinstance(t, torch.Tensor)  # noqa: E731
+                                      else [fake(x) for x in t] if isinstance(t, list) else t)
+                    got = fn(fake(s.input), *map(fake, s.args), **{k: fake(v) for k, v in s.kwargs.items()})
+                assert (got.shape, got.dtype) == (expected.shape, expected.dtype), s.name
+        for e in info.error_inputs("cpu"):
+            s = e.sample_input
+            if s.name == "offs_values":
+                continue
+            with pytest.raises(e.error_type, match=e.error_regex):
+                fn(s.input, *s.args, **s.kwargs)
 
 
 @pytest.mark.parametrize("info", fp8_op_db, ids=lambda info: info.name)
@@ -931,20 +935,30 @@ def test_patched_routing_opinfo(tree, aten):
 def test_patched_fp8_opinfo(tree, aten):
     """The patched fp8 definitions module's op_db, built as upstream does:
     quantize and dequantize equal their refs bit for bit, scaled_grouped_mm is
-    close to its float64 ref, error inputs raise."""
-    ours = upstream_op_db(tree, aten, "torch/testing/_internal/opinfo/definitions/fp8.py", manifest.FP8_OP_DB)
-    ops = [info.name.split(".", 1)[1] for info in fp8_op_db]  # scaled_grouped_mm_v2's is a module of its own
+    close to its float64 ref, error inputs raise. _scaled_grouped_mm_v2's
+    (core/0008b) is within its structured meta function: v2.14.1's takes every
+    sample and error input (the wheel's op on CPU runs it, then finds no CPU
+    kernel), so in-tree its errors are the kernel's own."""
+    from test_scaled_grouped_mm_v2 import _structured_meta_passes
+
+    ours = upstream_op_db(tree, aten, "torch/testing/_internal/opinfo/definitions/fp8.py", manifest.FP8_V2_OP_DB)
+    ops = [info.name.split(".", 1)[1] for info in fp8_op_db] + ["scaled_grouped_mm_v2"]
     # in the stack's order (one PR per op), each op once
     assert sorted(info.name for info in ours) == sorted(names.aten_name(op) for op in ops)
     assert [info.op.impl for info in ours] == [getattr(torch.ops.moe_ops, info.name[1:]).default for info in ours]
-    # upstream's CUDA kernel of _scaled_grouped_mm is tested in its own files
+    # upstream's CUDA kernels of _scaled_grouped_mm and _scaled_grouped_mm_v2 are tested in their own files
     skipped = {info.name for info in ours if any(d.device_type == "cuda" for d in info.decorators)}
-    assert skipped == {"_scaled_grouped_mm"}
+    assert skipped == {"_scaled_grouped_mm", "_scaled_grouped_mm_v2"}
     for info in ours:
         dtype = torch.float32 if torch.float32 in info.dtypes else next(iter(info.dtypes))
         for s in info.sample_inputs("cpu", dtype):
             out = info.op(s.input, *s.args, **s.kwargs)
             ref = info.ref(s.input, *s.args, **s.kwargs)
+            if info.name == "_scaled_grouped_mm_v2":
+                assert _structured_meta_passes(s), s.name
+                mat_b, (sa,), _, _, (sb,), _, _ = s.args
+                assert_scaled_mm_close(out, s.input, mat_b, sa, sb, s.kwargs.get("offs"), None, s.kwargs["out_dtype"])
+                continue
             if info.name.endswith("scaled_grouped_mm"):  # float32 sums: within test_fp8's bound of the float64 ref
                 assert_scaled_mm_close(out, s.input, *s.args, **s.kwargs)
                 assert torch.equal(ref, torch_scaled_grouped_mm(s.input, *s.args, **s.kwargs)), s.name
@@ -957,6 +971,7 @@ def test_patched_fp8_opinfo(tree, aten):
                     torch.testing.assert_close(o, r, rtol=0, atol=0, equal_nan=True,
                                                msg=lambda m: f"{info.name} {s.name}: {m}")
         for e in info.error_inputs("cpu"):
+            assert info.name != "_scaled_grouped_mm_v2" or _structured_meta_passes(e.sample_input)
             with pytest.raises(e.error_type, match=e.error_regex):
                 info.op(e.sample_input.input, *e.sample_input.args, **e.sample_input.kwargs)
 

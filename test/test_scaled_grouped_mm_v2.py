@@ -34,6 +34,7 @@ from opinfo_scaled_grouped_mm_v2 import (
     ROWWISE,
     SWIZZLE_32_4_4,
     error_inputs_scaled_grouped_mm_v2,
+    error_inputs_scaled_grouped_mm_v2_structured,
     op_db,
     scaled_grouped_mm_v2_cases,
 )
@@ -41,7 +42,7 @@ from test_fp8 import assert_scaled_mm_close
 
 V1 = torch.ops.moe_ops.scaled_grouped_mm.default
 V2 = torch.ops.moe_ops.scaled_grouped_mm_v2.default
-(OPINFO,) = op_db
+OPINFO, STRUCTURED = op_db  # ours; the one upstream runs (definitions/fp8.py)
 
 
 def _cuda_slot(*args, **kwargs):
@@ -98,12 +99,13 @@ def _fake(mode, v):
     return mode.from_tensor(v) if isinstance(v, torch.Tensor) else v
 
 
+@pytest.mark.parametrize("errors", [error_inputs_scaled_grouped_mm_v2, error_inputs_scaled_grouped_mm_v2_structured])
 @pytest.mark.parametrize("where", ["cpu", "fake", "cuda_slot"])
-def test_error_inputs(where):
+def test_error_inputs(where, errors):
     """Every rejected combination, the same ValueError and message from each entry (the fake
     kernel checks everything but offs's values, which only the kernels read)."""
     seen = 0
-    for ei in error_inputs_scaled_grouped_mm_v2(OPINFO, "cpu"):
+    for ei in errors(OPINFO, "cpu"):
         s = ei.sample_input
         if where == "fake" and s.name == "offs_values":
             continue
@@ -115,7 +117,54 @@ def test_error_inputs(where):
             else:
                 (V2 if where == "cpu" else _cuda_slot)(s.input, *s.args, **s.kwargs)
         seen += 1
-    assert seen >= 40
+    assert seen >= 35
+
+
+def _structured_meta_passes(s) -> bool:
+    """Whether v2.14.1's structured meta function (TORCH_META_FUNC(_scaled_grouped_mm_v2), which checks
+    every call on every device) takes the sample: the wheel's op on CPU tensors runs it, then finds no CPU
+    kernel of the out= overload it allocated for; refused, it raises its own ValueError."""
+    try:
+        torch.ops.aten._scaled_grouped_mm_v2(s.input, *s.args, **s.kwargs)
+    except NotImplementedError as e:
+        assert "'aten::_scaled_grouped_mm_v2.out' with arguments from the 'CPU' backend" in str(e)
+        return True
+    except (ValueError, RuntimeError):
+        return False
+    raise AssertionError(f"{s.name}: the wheel ran _scaled_grouped_mm_v2 on CPU")
+
+
+def test_structured_opinfo_within_the_structured_meta_function():
+    """Upstream's OpInfo (definitions/fp8.py, core/0008b) is what the structured meta function passes
+    on to the CPU kernel in-tree: every sample and every error input gets past v2.14.1's (so its error
+    is the kernel's own, which test_error_inputs checks). Ours goes beyond it (float32 output, bias,
+    unaligned K and N, row-major weights), which is why upstream's is cut: most of ours it refuses."""
+    samples = list(STRUCTURED.sample_inputs("cpu", torch.bfloat16))
+    errors = [e.sample_input for e in STRUCTURED.error_inputs("cpu")]
+    assert len(samples) >= 20 and len(errors) >= 35
+    refused = [s.name for s in [*samples, *errors] if not _structured_meta_passes(s)]
+    assert refused == []
+    ours = [s for dtype in OPINFO.dtypes for s in OPINFO.sample_inputs("cpu", dtype)]
+    assert sum(not _structured_meta_passes(s) for s in ours) > len(ours) // 2
+
+
+def test_structured_opinfo_values():
+    """Its samples: v2 == v1 bit for bit, within the float32 bound of the float64 reference, which its
+    ref is; every supported recipe pair, MX 3-D scales plain and swizzled, the four layouts."""
+    stated = set()
+    for s in STRUCTURED.sample_inputs("cpu", torch.bfloat16):
+        mat_b, (sa,), ra, swa, (sb,), rb, swb = s.args
+        stated.add((ra[0], tuple(swa), rb[0], tuple(swb), s.input.dim(), mat_b.dim()))
+        offs, out_dtype = s.kwargs.get("offs"), s.kwargs["out_dtype"]
+        out = V2(s.input, *s.args, **s.kwargs)
+        assert out.dtype == torch.bfloat16 and "bias" not in s.kwargs, s.name
+        assert torch.equal(out, V1(s.input, mat_b, sa, sb, offs, None, None, out_dtype)), s.name
+        assert torch.equal(STRUCTURED.ref(s.input, *s.args, **{**s.kwargs, "out_dtype": torch.float64}),
+                           torch_scaled_grouped_mm(s.input, mat_b, sa, sb, offs, out_dtype=torch.float64)), s.name
+        assert_scaled_mm_close(out, s.input, mat_b, sa, sb, offs, None, out_dtype)
+    assert {(ra, rb) for ra, _, rb, _, _, _ in stated} == {(1, 1), (3, 3), (4, 5)}
+    assert {(a, b) for *_, a, b in stated} == {(2, 3), (3, 3), (3, 2), (2, 2)}
+    assert {(1,), (0,)} <= {swb for _, _, rb, swb, _, b in stated if rb == 3 and b == 3}
 
 
 def test_schema_and_enums_are_upstreams():

@@ -193,6 +193,26 @@ _LIB.impl("scaled_grouped_mm_v2", _scaled_grouped_mm_v2_cuda, "CUDA")
 
 FP8_TRAINING_RECIPES = ("rowwise", "mx")
 
+_scaled_grouped_mm_v2 = torch.ops.moe_ops.scaled_grouped_mm_v2.default
+# The training GEMMs' recipes as v2 states them: ScalingType values per operand.
+_V2_SCALING = {"rowwise": _checks.SCALING_TYPES.index("RowWise"), "mx": _checks.SCALING_TYPES.index("BlockWise1x32")}
+
+
+def _training_gemm(recipe: str, a_d: torch.Tensor, b_d: torch.Tensor, a_s: torch.Tensor, b_s: torch.Tensor,
+                   offs: torch.Tensor, out_dtype: torch.dtype) -> torch.Tensor:
+    """One training GEMM on scaled_grouped_mm_v2, its recipe stated rather than told from the scales:
+    RowWise x RowWise (never swizzled), or BlockWise1x32 x BlockWise1x32 with the 2-D operands' scales
+    blocked per group (SWIZZLE_32_4_4) and the 3-D weight's the plain grid (NO_SWIZZLE). v2 checks the
+    stated recipe, then runs v1's kernel on the same arguments: the same bits."""
+    code = [_V2_SCALING[recipe]]
+    if recipe == "mx":
+        swizzle_a = [_checks.SWIZZLE_32_4_4]  # mat_a is 2-D in every training GEMM
+        swizzle_b = [_checks.SWIZZLE_32_4_4 if b_d.dim() == 2 else _checks.NO_SWIZZLE]
+    else:
+        swizzle_a = swizzle_b = []
+    return _scaled_grouped_mm_v2(a_d, b_d, [a_s], code, swizzle_a, [b_s], code, swizzle_b, offs, None, out_dtype, [],
+                                 False)
+
 
 # A custom op (not moe_ops: it is composed in Python of moe_ops kernels, and
 # moe_ops holds exactly the schemas native_functions.yaml declares), so that its
@@ -201,9 +221,9 @@ def _fp8_grouped_mm_forward(a: torch.Tensor, b: torch.Tensor, offs: torch.Tensor
                             out_dtype: torch.dtype, wgrad_fp8: bool) -> torch.Tensor:
     """out = A @ B[g] per group of rows, every GEMM in float8 (torchao's MoE training recipe).
 
-    forward  out    = scaled_grouped_mm(q(A) along K,        q(B) along K per column n)      2D x 3D
-    dgrad    grad_A = scaled_grouped_mm(q(grad) along N,     q(B^T) along N per column k)    2D x 3D
-    wgrad    grad_B = scaled_grouped_mm(q(A^T) per group along tokens, q(grad^T) likewise)   2D x 2D
+    forward  out    = scaled_grouped_mm_v2(q(A) along K,        q(B) along K per column n)      2D x 3D
+    dgrad    grad_A = scaled_grouped_mm_v2(q(grad) along N,     q(B^T) along N per column k)    2D x 3D
+    wgrad    grad_B = scaled_grouped_mm_v2(q(A^T) per group along tokens, q(grad^T) likewise)   2D x 2D
     The operands are re-quantised along each GEMM's own contraction dimension,
     so every scale block lies within one reduction (and, for wgrad, one group).
     The high-precision A and B are saved, not their float8 copies: the backward
@@ -214,7 +234,7 @@ def _fp8_grouped_mm_forward(a: torch.Tensor, b: torch.Tensor, offs: torch.Tensor
     if recipe == "mx":  # 2-D operands' MX scales go blocked per group (upstream's layout)
         a_s = _swizzle_mx_scale(a_s, offs, 0)
     bt_d, b_s = _quantize(b.transpose(-2, -1), recipe, None, None, False)
-    return _scaled_grouped_mm(a_d, bt_d.transpose(-2, -1), a_s, b_s, offs, None, None, out_dtype, False)
+    return _training_gemm(recipe, a_d, bt_d.transpose(-2, -1), a_s, b_s, offs, out_dtype)
 
 
 _fp8_grouped_mm = torch.library.custom_op("moe_ops_training::fp8_grouped_mm", mutates_args=())(_fp8_grouped_mm_forward)
@@ -241,8 +261,7 @@ def _fp8_grouped_mm_backward(ctx, grad):
         if recipe == "mx":
             g_s = _swizzle_mx_scale(g_s, offs, 0)
         b_d, b_s = _quantize(b, recipe, None, None, False)               # (G, K, N), along N per k
-        grad_a = _scaled_grouped_mm(g_d, b_d.transpose(-2, -1), g_s, b_s, offs, None, None,
-                                    _out_dtype(a_dtype), False).to(a_dtype)
+        grad_a = _training_gemm(recipe, g_d, b_d.transpose(-2, -1), g_s, b_s, offs, _out_dtype(a_dtype)).to(a_dtype)
     if ctx.needs_input_grad[1]:
         if ctx.wgrad_fp8:
             # Blocks along the tokens, never across two experts' tokens.
@@ -252,7 +271,7 @@ def _fp8_grouped_mm_backward(ctx, grad):
                 at_s, gt_s = at_s.flatten(), gt_s.flatten()
             else:
                 at_s, gt_s = _swizzle_mx_scale(at_s, offs, 1), _swizzle_mx_scale(gt_s, offs, 1)
-            grad_b = _scaled_grouped_mm(at_d, gt_d.t(), at_s, gt_s, offs, None, None, torch.float32, False)
+            grad_b = _training_gemm(recipe, at_d, gt_d.t(), at_s, gt_s, offs, torch.float32)
         else:
             out_dtype = torch.float32 if grad.dtype in (torch.bfloat16, torch.float16) else None
             grad_b = torch.ops.moe_ops.grouped_mm(a.t(), grad, offs, None, out_dtype)
