@@ -695,6 +695,10 @@ KERNEL_WITHOUT_PREFETCH = [(
 WITHOUT_WEIGHT_GRAD_H = [(
     _source_block(AVX512_H, "// The K block of the broadcast engine for this input type", "}"), "",
 ), (
+    "// One tile: all rows of the problem x columns [n0, n0 + nb), nb <= kMicroNB\n"
+    "// unless K fits one block (then no accumulator buffer is needed).\n",
+    "// One tile: all rows of the problem x columns [n0, n0 + nb), nb <= kMicroNB.\n",
+), (
     "  // A stored K-major (the transposed operand of a weight gradient, dh^T or\n"
     "  // grad^T, gathered columns included) is packed K-major by the vector\n"
     "  // routine that packs B, and the micro-kernel steps through it along K.\n"
