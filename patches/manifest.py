@@ -406,6 +406,315 @@ WITHOUT_BF16_PAIRS = [(
 )]
 
 
+def _source_between(path: str, start: str, stop: str) -> str:
+    """The text of the in-repo source path from start up to and including stop (the first after it)."""
+    with open(os.path.join(REPO_ROOT, path), encoding="utf-8") as f:
+        text = f.read()
+    first = text.index(start)
+    return text[first:text.index(stop, first) + len(stop)]
+
+
+# The grouped dimension read through an index (grouped_mm_stub's a_index /
+# b_index) serves torch-moe-ops' grouped_mm_gather only: no op of the series
+# passes one. The portable kernel's PR leaves it out; the PR after it adds it
+# (the AVX-512 engines of the later PRs read through it).
+WITHOUT_INDEX_H = [(
+    "// a_index / b_index, when given, are contiguous int64 indices (-1 reads zeros)\n"
+    "// through which the grouped dimension of mat_a / mat_b is read: the row i of\n"
+    "// a 2D x 3D mat_a is mat_a[a_index[i]], in 2D x 2D the column k of mat_a is\n"
+    "// mat_a[:, a_index[k]] and the row k of mat_b is mat_b[b_index[k]]. _grouped_mm\n"
+    "// passes nullopt; a caller that routes tokens to groups can thus multiply them\n"
+    "// without first copying them into group order.\n", "",
+), (
+    "    const std::optional<Tensor>& bias,\n"
+    "    const std::optional<Tensor>& a_index,\n"
+    "    const std::optional<Tensor>& b_index,\n"
+    "    const Tensor& out);\n",
+    "    const std::optional<Tensor>& bias,\n"
+    "    const Tensor& out);\n",
+)]
+WITHOUT_INDEX_CPP = [(
+    "grouped_mm_stub(kCPU, mat_a, mat_b, offs, bias, std::nullopt, std::nullopt, out);",
+    "grouped_mm_stub(kCPU, mat_a, mat_b, offs, bias, out);",
+)]
+WITHOUT_INDEX_UTILS = [(
+    "  const acc_t* bias; // nullptr or n contiguous values\n"
+    "  // With indices (grouped_mm_stub's a_index / b_index): row r of A is at\n"
+    "  // a + a_row_idx[r] * a_rs, column k of A at a + a_col_idx[k] * a_cs, row k\n"
+    "  // of B at b + b_idx[k] * b_rs; an index of -1 reads zeros.\n"
+    "  const int64_t* a_row_idx = nullptr;\n"
+    "  const int64_t* a_col_idx = nullptr;\n"
+    "  const int64_t* b_idx = nullptr;\n"
+    "  bool a_gathered() const { return a_row_idx != nullptr || a_col_idx != nullptr; }\n",
+    "  const acc_t* bias; // nullptr or n contiguous values\n",
+), (
+    _source_block(f"{SRC}/cpu/GroupedMMKernelUtils.h", "// Gathered rows: dst row r", "}"), "",
+), (
+    _source_block(f"{SRC}/cpu/GroupedMMKernelUtils.h", "// Gathered columns: dst[r * ld + c]", "}"), "",
+), (
+    "// dst (leading dimension ld, columns [kc, ld) zero): gathered or strided.\n",
+    "// dst (leading dimension ld, columns [kc, ld) zero).\n",
+), (
+    "  if (p.a_row_idx != nullptr) {\n"
+    "    gather_rows(dst, ld, p.a + k0 * p.a_cs, p.a_row_idx + m0, p.a_rs, p.a_cs, mb, kc, ld);\n"
+    "  } else if (p.a_col_idx != nullptr) {\n"
+    "    gather_cols(dst, ld, p.a + m0 * p.a_rs, p.a_col_idx + k0, p.a_rs, p.a_cs, mb, kc, ld);\n"
+    "  } else {\n"
+    "    gather_block(dst, ld, p.a + m0 * p.a_rs + k0 * p.a_cs, p.a_rs, p.a_cs, mb, kc, ld);\n"
+    "  }\n",
+    "  gather_block(dst, ld, p.a + m0 * p.a_rs + k0 * p.a_cs, p.a_rs, p.a_cs, mb, kc, ld);\n",
+)]
+WITHOUT_INDEX_TILE = [(
+    "  const bool b_copy = p.b_idx != nullptr || !(kInPlace",
+    "  const bool b_copy = !(kInPlace",
+), (
+    "(p.m == 1 || p.a_rs >= p.k) && !p.a_gathered());\n",
+    "(p.m == 1 || p.a_rs >= p.k));\n",
+), (
+    "  if (p.b_idx != nullptr) {\n"
+    "    compute_t* w = workspace<compute_t>(buf.b, k * nb);\n"
+    "    gather_rows(w, nb, b, p.b_idx, p.b_rs, p.b_cs, k, nb, nb);\n"
+    "    b_ptr = w;\n"
+    "    ldb = nb;\n"
+    "  } else if (kInPlace",
+    "  if (kInPlace",
+), (
+    "(p.m == 1 || p.a_rs >= k) && !p.a_gathered();\n",
+    "(p.m == 1 || p.a_rs >= k);\n",
+)]
+WITHOUT_INDEX_ENTRY = [(
+    "                      const std::optional<Tensor>& bias, const std::optional<Tensor>& a_index,\n"
+    "                      const std::optional<Tensor>& b_index, const Tensor& out) {\n",
+    "                      const std::optional<Tensor>& bias, const Tensor& out) {\n",
+), (
+    "  const int64_t* a_idx = a_index.has_value() ? a_index->const_data_ptr<int64_t>() : nullptr;\n"
+    "  const int64_t* b_idx = b_index.has_value() ? b_index->const_data_ptr<int64_t>() : nullptr;\n", "",
+), (
+    "        p.a = a_idx != nullptr ? a : a + start * a_rs;\n"
+    "        p.a_row_idx = a_idx != nullptr ? a_idx + start : nullptr;\n",
+    "        p.a = a + start * a_rs;\n",
+), (
+    "        p.a = a_idx != nullptr ? a : a + start * a_cs;\n"
+    "        p.a_col_idx = a_idx != nullptr ? a_idx + start : nullptr;\n"
+    "        p.b = b_idx != nullptr ? b : b + start * b_rs;\n"
+    "        p.b_idx = b_idx != nullptr ? b_idx + start : nullptr;\n",
+    "        p.a = a + start * a_cs;\n"
+    "        p.b = b + start * b_rs;\n",
+), (
+    "                       const std::optional<Tensor>& bias, const std::optional<Tensor>& a_index,\n"
+    "                       const std::optional<Tensor>& b_index, const Tensor& out) {\n",
+    "                       const std::optional<Tensor>& bias, const Tensor& out) {\n",
+), (
+    "grouped_mm_typed<scalar_t, scalar_t>(mat_a, mat_b, offs, bias, a_index, b_index, out);",
+    "grouped_mm_typed<scalar_t, scalar_t>(mat_a, mat_b, offs, bias, out);",
+), (
+    "grouped_mm_typed<scalar_t, float>(mat_a, mat_b, offs, bias, a_index, b_index, out);",
+    "grouped_mm_typed<scalar_t, float>(mat_a, mat_b, offs, bias, out);",
+)]
+
+WITHOUT_INDEX_KERNEL = WITHOUT_INDEX_TILE + WITHOUT_INDEX_ENTRY
+
+# The portable kernel's first PR gathers every operand tile into scratch, the
+# B tile and each A row block by strided copies, and rounds every output in
+# the epilogue; the PR after it reads float operands in place, writes fp32
+# output directly and copies a transposed block in 16 x 16 blocks. The same
+# values meet in the same order, so the same bits.
+KERNEL_H = f"{SRC}/cpu/GroupedMMKernel.cpp"
+WIDENING_ALL_COPIED = [(
+    _source_between(KERNEL_H, "// ---- widening engine: row-major tiles",
+                    "      store_tile<out_t>(p, m0, mb, t.n0, nb, acc, nb);\n    }\n  }\n}\n"),
+    "// ---- widening engine: row-major tiles in compute_t (float or double) --------\n"
+    "// Operands are gathered tile by tile into the thread's scratch, which stays\n"
+    "// in cache.\n"
+    "template <typename scalar_t, typename out_t, typename compute_t>\n"
+    "void widening_scratch(const Problem<scalar_t, out_t, compute_t>& p, const Tile& t, ScratchBytes& s) {\n"
+    "  const auto e = static_cast<int64_t>(sizeof(compute_t));\n"
+    "  s.at_least(std::min(kWideMB, p.m) * p.k * e, p.k * t.nb * e, kWideMB * t.nb * e);\n"
+    "}\n"
+    "\n"
+    "template <typename scalar_t, typename out_t, typename compute_t>\n"
+    "void run_tile_widening(const Problem<scalar_t, out_t, compute_t>& p, const Tile& t, ThreadBuffers& buf) {\n"
+    "  const int64_t k = p.k;\n"
+    "  const int64_t nb = t.nb;\n"
+    "  compute_t* b = workspace<compute_t>(buf.b, k * nb);\n"
+    "  gather_block(b, nb, p.b + t.n0 * p.b_cs, p.b_rs, p.b_cs, k, nb, nb);\n"
+    "  compute_t* acc = workspace<compute_t>(buf.acc, kWideMB * nb);\n"
+    "  for (int64_t m0 = 0; m0 < p.m; m0 += kWideMB) {\n"
+    "    const int64_t mb = std::min(kWideMB, p.m - m0);\n"
+    "    compute_t* a = workspace<compute_t>(buf.a, mb * k);\n"
+    "    load_a_block(a, k, p, m0, mb, 0, k);\n"
+    "    gemm_row_major<compute_t>(mb, nb, k, a, k, b, nb, acc, nb);\n"
+    "    store_tile<out_t>(p, m0, mb, t.n0, nb, acc, nb);\n"
+    "  }\n"
+    "}\n",
+)]
+UTILS_H = f"{SRC}/cpu/GroupedMMKernelUtils.h"
+WITHOUT_TRANSPOSED_COPY = [(
+    _source_block(UTILS_H, "// Transposing copy in 16x16 blocks", "}"), "",
+), (
+    "// Row-major copy of a (rows x cols) strided block into dst with leading\n"
+    "// dimension ld, choosing the loop order that reads the source sequentially.\n",
+    "// Row-major copy of a (rows x cols) strided block into dst with leading\n"
+    "// dimension ld.\n",
+), (
+    "  if (rs == 1 && cs != 1 && rows > 1) {\n"
+    "    copy_block_transposed(dst, ld, src, cs, rows, cols);\n"
+    "    for (int64_t r = 0; r < rows; ++r)\n"
+    "      for (int64_t c = cols; c < cols_pad; ++c) dst[r * ld + c] = dst_t(0);\n"
+    "  } else {\n"
+    "    copy_block(dst, ld, src, rs, cs, rows, cols, cols_pad);\n"
+    "  }\n",
+    "  copy_block(dst, ld, src, rs, cs, rows, cols, cols_pad);\n",
+)]
+
+# The AVX-512 PR without at::mm for large groups (the PR after it).
+WITHOUT_MATMUL = [(
+    "//     memory while they compute,\n"
+    "//     and at::mm (oneDNN/MKL) per group where the BLAS is faster (groups of\n"
+    "//     hundreds of rows of bfloat16/float32 without bias), one group after the\n"
+    "//     other outside any parallel region (the BLAS threads each GEMM itself).\n",
+    "//     memory while they compute.\n",
+), (
+    "#include <ATen/ops/from_blob.h>\n#include <ATen/ops/mm.h>\n", "",
+), (
+    _source_between(f"{SRC}/cpu/GroupedMMKernel.cpp", "#if defined(CPU_CAPABILITY_AVX512)\n// ---- matmul engine",
+                    "#endif // CPU_CAPABILITY_AVX512\n\n"), "",
+), (
+    "problems, bool has_bias, bool gathered) {\n",
+    "problems) {\n",
+), (
+    _source_between(f"{SRC}/cpu/GroupedMMKernel.cpp", "  const Engine engine = choose_engine(",
+                    "  const bool micro = engine == Engine::kAvx512;\n"),
+    "  // float64 stays on the widening engine.\n"
+    "  constexpr bool micro = !std::is_same_v<scalar_t, double>;\n",
+), (
+    "  run_problems(problems, bias_ptr != nullptr, a_idx != nullptr || b_idx != nullptr);\n",
+    "  run_problems(problems);\n",
+)]
+AVX512_WITHOUT_MATMUL = [(
+    "// float32, float16 and bfloat16, except groups of hundreds of rows of\n"
+    "// float32, or of bfloat16 on CPUs with AVX512_BF16, where MKL / oneDNN are\n"
+    "// faster: micro-kernels that read the expert weights straight from the\n"
+    "// caller's memory, one cache-sized block at a time, so streaming the weights\n"
+    "// from DRAM overlaps the arithmetic instead of preceding it. bfloat16 runs as\n"
+    "// K pairs through vdpbf16ps where the CPU has AVX512_BF16, widened to float32\n"
+    "// where it has not (GroupedMMAvx512BF16.h).\n",
+    "// float32, float16 and bfloat16: micro-kernels that read the expert weights\n"
+    "// straight from the caller's memory, one cache-sized block at a time, so\n"
+    "// streaming the weights from DRAM overlaps the arithmetic instead of preceding\n"
+    "// it. bfloat16 runs as K pairs through vdpbf16ps where the CPU has\n"
+    "// AVX512_BF16, widened to float32 where it has not (GroupedMMAvx512BF16.h).\n",
+)]
+
+# The packing of K-contiguous weights by 16 x 16 register transposes lands
+# with the inner-product PR (weights stored along K); before it such weights
+# are packed element by element (the same values, so the same bits).
+WITHOUT_PACK_WORDS = [(
+    "// 4 x MR named accumulators, in-register 16 x 16 transposes, vdpbf16ps K\n"
+    "// pairs, L2 prefetch of the next weight block); see the measurements below.\n",
+    "// 4 x MR named accumulators, vdpbf16ps K pairs, L2 prefetch of the next\n"
+    "// weight block); see the measurements below.\n",
+), (
+    _source_block(f"{SRC}/cpu/GroupedMMAvx512.h", "// r[i] (16 dwords each)", "}"), "",
+), (
+    _source_block(f"{SRC}/cpu/GroupedMMAvx512.h", "// Packs 32-bit words of a K-contiguous source", "}"), "",
+), (
+    "  if constexpr (std::is_same_v<scalar_t, float>) {\n"
+    "    if (rs == 1 && rows == nullptr) {\n"
+    "      pack_words_transposed(reinterpret_cast<uint32_t*>(dst), src, cs, kc, w);\n"
+    "      return;\n"
+    "    }\n"
+    "  }\n", "",
+)]
+BF16_WITHOUT_PACK_WORDS = [(
+    _source_between(f"{SRC}/cpu/GroupedMMAvx512BF16.h", "  if (rs == 1 && cs % 2 == 0 && rows == nullptr) {\n",
+                    "    return;\n  }\n"), "",
+)]
+
+# The AVX-512 PR without the L2 prefetch of the next weight block (the PR
+# after it): the micro-kernels compute the same bits either way.
+AVX512_H = f"{SRC}/cpu/GroupedMMAvx512.h"
+WITHOUT_PREFETCH = [(
+    "// 4 x MR named accumulators, vdpbf16ps K pairs, L2 prefetch of the next\n"
+    "// weight block); see the measurements below.\n",
+    "// 4 x MR named accumulators, vdpbf16ps K pairs); see the measurements\n"
+    "// below.\n",
+), (
+    "// While a block is in use, the micro-kernels prefetch the next block into L2\n"
+    "// (a tile's last block: the next tile's first), a row every few K steps over\n"
+    "// the first half of the row blocks, so the DRAM stream overlaps the FMAs and\n"
+    "// the lines have landed before the next pack reads them (at 32 rows per\n"
+    "// expert this moved the bf16 kernel from ~305 to ~325 GFLOP/s).\n", "",
+), (
+    _source_block(AVX512_H, "// Rows of the next weight block to pull into L2", "}"), "",
+), (
+    _source_block(AVX512_H, "inline void prefetch_row(", "}"), "",
+), (
+    "  Prefetch pf;\n  int64_t pf_begin, pf_end; // rows of pf this call prefetches\n", "",
+), (
+    _source_between(AVX512_H, "  int64_t pf = x.pf_begin;\n", "  int64_t until_pf = 0;\n"), "",
+), (
+    "    if (--until_pf <= 0 && pf < x.pf_end) {\n"
+    "      prefetch_row(x.pf, pf++);\n"
+    "      until_pf = every;\n"
+    "    }\n", "",
+), (
+    "  for (; pf < x.pf_end; ++pf) prefetch_row(x.pf, pf);\n", "",
+), (
+    "// next: the tile this thread runs after t (nullptr if none), whose first\n"
+    "// weight block is prefetched while t's last one is in use: with a few dozen\n"
+    "// rows per expert a tile is short, and a cold first block stalls its pack.\n", "",
+), (
+    "ThreadBuffers& buf,\n                     const Problem<scalar_t, out_t, float>* next_p, const Tile* next) {\n",
+    "ThreadBuffers& buf) {\n",
+), (
+    "  // Weight rows are prefetched only when they are unit-stride rows in order.\n"
+    "  const bool b_prefetch = p.b_cs == 1 && p.b_idx == nullptr;\n", "",
+), (
+    _source_between(AVX512_H, "        // Next weight block of this tile: next strip", "        MicroArgs x;\n"),
+    "        MicroArgs x;\n",
+), (
+    "        x.pf = pf;\n", "",
+), (
+    _source_between(AVX512_H, "          // Over the first half of the row blocks, so the lines land",
+                    "          x.pf_end = mb < pf_blocks ? pf.rows * (mb + 1) / pf_blocks : 0;\n"), "",
+)]
+KERNEL_WITHOUT_PREFETCH = [(
+    "            const Tile* next = i + 1 < bounds[chunk + 1] ? &tiles[i + 1] : nullptr;\n"
+    "            const auto* next_p = next != nullptr ? &problems[next->problem] : nullptr;\n", "",
+), (
+    "            run_tile_avx512<scalar_t, out_t, MicroTraits<scalar_t>>(p, t, buf, next_p, next);\n",
+    "            run_tile_avx512<scalar_t, out_t, MicroTraits<scalar_t>>(p, t, buf);\n",
+)]
+
+# The AVX-512 PR without its two paths for weight-gradient shapes (2D x 2D, K
+# the routed rows of a group; the PR after the prefetch's): a K-major A packed
+# by the vector packer, and a tile spanning all of N when K fits one block.
+# Without them A is packed row by row and tiles stay kMicroNB wide: the same
+# values summed in the same K order, so the same bits.
+WITHOUT_WEIGHT_GRAD_H = [(
+    _source_block(AVX512_H, "// The K block of the broadcast engine for this input type", "}"), "",
+), (
+    "// One tile: all rows of the problem x columns [n0, n0 + nb), nb <= kMicroNB\n"
+    "// unless K fits one block (then no accumulator buffer is needed).\n",
+    "// One tile: all rows of the problem x columns [n0, n0 + nb), nb <= kMicroNB.\n",
+), (
+    "  // A stored K-major (the transposed operand of a weight gradient, dh^T or\n"
+    "  // grad^T, gathered columns included) is packed K-major by the vector\n"
+    "  // routine that packs B, and the micro-kernel steps through it along K.\n"
+    "  // Gathered rows of a K-major A are not: the packer walks rows in order.\n"
+    "  const bool a_k_major = !a_in_place && p.a_rs == 1 && p.a_cs != 1 && p.a_row_idx == nullptr;\n", "",
+), (
+    _source_between(AVX512_H, "      } else if (a_k_major) {\n", "      } else {\n        // Packed copy"),
+    "      } else {\n        // Packed copy",
+)]
+KERNEL_WITHOUT_WHOLE_N = [(
+    _source_between(f"{SRC}/cpu/GroupedMMKernel.cpp", "    int64_t problem_tile_n = tile_n;\n#if defined(CPU_CAPABILITY_AVX512)\n",
+                    "#endif\n"),
+    "    const int64_t problem_tile_n = tile_n;\n",
+)]
+
+
 def _test_method(name: str) -> str:
     """The text of TestGroupedMM.<name> in patches/src/test/test_matmul.py, its decorators and the blank
     line after it included: the tests a later PR of the stack adds."""
@@ -582,30 +891,82 @@ SERIES = [
         Patch(
             message="core/0001a-grouped-mm-cpu-kernel.txt",
             changes=[
-                Copy(f"{NATIVE}/GroupedMM.h", f"{SRC}/GroupedMM.h", update=True),
-                Copy(f"{NATIVE}/GroupedMM.cpp", f"{SRC}/GroupedMM.cpp", update=True),
-                Copy(f"{NATIVE}/cpu/GroupedMMKernelUtils.h", f"{SRC}/cpu/GroupedMMKernelUtils.h"),
+                Copy(f"{NATIVE}/GroupedMM.h", f"{SRC}/GroupedMM.h", edits=WITHOUT_INDEX_H, update=True),
+                Copy(f"{NATIVE}/GroupedMM.cpp", f"{SRC}/GroupedMM.cpp", edits=WITHOUT_INDEX_CPP, update=True),
+                Copy(f"{NATIVE}/cpu/GroupedMMKernelUtils.h", f"{SRC}/cpu/GroupedMMKernelUtils.h",
+                     edits=WITHOUT_INDEX_UTILS + WITHOUT_TRANSPOSED_COPY),
                 Copy(f"{NATIVE}/cpu/GroupedMMKernel.cpp", f"{SRC}/cpu/GroupedMMKernel.cpp",
-                     undefine=("CPU_CAPABILITY_AVX512",), edits=PORTABLE_KERNEL),
+                     undefine=("CPU_CAPABILITY_AVX512",),
+                     edits=PORTABLE_KERNEL + WIDENING_ALL_COPIED + WITHOUT_INDEX_ENTRY),
                 Copy("test/test_matmul.py", "patches/src/test/test_matmul.py",
                      edits=[(AVX512_TEST, ""), (BF16_PAIRS_TEST, ""), (INNER_PRODUCT_TEST, "")], update=True),
+            ],
+        ),
+        Patch(
+            message="core/0001a1-grouped-mm-cpu-in-place-operands.txt",
+            changes=[
+                Copy(f"{NATIVE}/cpu/GroupedMMKernelUtils.h", f"{SRC}/cpu/GroupedMMKernelUtils.h",
+                     edits=WITHOUT_INDEX_UTILS, update=True),
+                Copy(f"{NATIVE}/cpu/GroupedMMKernel.cpp", f"{SRC}/cpu/GroupedMMKernel.cpp",
+                     undefine=("CPU_CAPABILITY_AVX512",), edits=PORTABLE_KERNEL + WITHOUT_INDEX_KERNEL, update=True),
+            ],
+        ),
+        Patch(
+            message="core/0001a2-grouped-mm-cpu-index.txt",
+            changes=[
+                Copy(f"{NATIVE}/GroupedMM.h", f"{SRC}/GroupedMM.h", update=True),
+                Copy(f"{NATIVE}/GroupedMM.cpp", f"{SRC}/GroupedMM.cpp", update=True),
+                Copy(f"{NATIVE}/cpu/GroupedMMKernelUtils.h", f"{SRC}/cpu/GroupedMMKernelUtils.h", update=True),
+                Copy(f"{NATIVE}/cpu/GroupedMMKernel.cpp", f"{SRC}/cpu/GroupedMMKernel.cpp",
+                     undefine=("CPU_CAPABILITY_AVX512",), edits=PORTABLE_KERNEL, update=True),
             ],
         ),
         Patch(
             message="core/0001b-grouped-mm-cpu-avx512.txt",
             changes=[
                 Copy(f"{NATIVE}/cpu/MoEAvx512Utils.h", f"{SRC}/cpu/MoEAvx512Utils.h"),
-                Copy(f"{NATIVE}/cpu/GroupedMMAvx512.h", f"{SRC}/cpu/GroupedMMAvx512.h"),
+                Copy(f"{NATIVE}/cpu/GroupedMMAvx512.h", f"{SRC}/cpu/GroupedMMAvx512.h",
+                     edits=AVX512_WITHOUT_MATMUL + WITHOUT_PACK_WORDS + WITHOUT_PREFETCH + WITHOUT_WEIGHT_GRAD_H),
                 Copy(f"{NATIVE}/cpu/GroupedMMKernel.cpp", f"{SRC}/cpu/GroupedMMKernel.cpp",
-                     edits=WITHOUT_INNER_PRODUCT + WITHOUT_BF16_PAIRS, update=True),
+                     edits=WITHOUT_INNER_PRODUCT + WITHOUT_BF16_PAIRS + WITHOUT_MATMUL + KERNEL_WITHOUT_PREFETCH
+                     + KERNEL_WITHOUT_WHOLE_N, update=True),
                 Copy("test/test_matmul.py", "patches/src/test/test_matmul.py",
                      edits=[(BF16_PAIRS_TEST, ""), (INNER_PRODUCT_TEST, "")], update=True),
             ],
         ),
         Patch(
+            message="core/0001b1-grouped-mm-cpu-avx512-prefetch.txt",
+            changes=[
+                Copy(f"{NATIVE}/cpu/GroupedMMAvx512.h", f"{SRC}/cpu/GroupedMMAvx512.h",
+                     edits=AVX512_WITHOUT_MATMUL + WITHOUT_PACK_WORDS + WITHOUT_WEIGHT_GRAD_H, update=True),
+                Copy(f"{NATIVE}/cpu/GroupedMMKernel.cpp", f"{SRC}/cpu/GroupedMMKernel.cpp",
+                     edits=WITHOUT_INNER_PRODUCT + WITHOUT_BF16_PAIRS + WITHOUT_MATMUL + KERNEL_WITHOUT_WHOLE_N,
+                     update=True),
+            ],
+        ),
+        Patch(
+            message="core/0001b2-grouped-mm-cpu-avx512-weight-gradients.txt",
+            changes=[
+                Copy(f"{NATIVE}/cpu/GroupedMMAvx512.h", f"{SRC}/cpu/GroupedMMAvx512.h",
+                     edits=AVX512_WITHOUT_MATMUL + WITHOUT_PACK_WORDS, update=True),
+                Copy(f"{NATIVE}/cpu/GroupedMMKernel.cpp", f"{SRC}/cpu/GroupedMMKernel.cpp",
+                     edits=WITHOUT_INNER_PRODUCT + WITHOUT_BF16_PAIRS + WITHOUT_MATMUL, update=True),
+            ],
+        ),
+        Patch(
+            message="core/0001b3-grouped-mm-cpu-large-groups-mm.txt",
+            changes=[
+                Copy(f"{NATIVE}/cpu/GroupedMMAvx512.h", f"{SRC}/cpu/GroupedMMAvx512.h", edits=WITHOUT_PACK_WORDS,
+                     update=True),
+                Copy(f"{NATIVE}/cpu/GroupedMMKernel.cpp", f"{SRC}/cpu/GroupedMMKernel.cpp",
+                     edits=WITHOUT_INNER_PRODUCT + WITHOUT_BF16_PAIRS, update=True),
+            ],
+        ),
+        Patch(
             message="core/0001bb-grouped-mm-cpu-avx512-bf16.txt",
             changes=[
-                Copy(f"{NATIVE}/cpu/GroupedMMAvx512BF16.h", f"{SRC}/cpu/GroupedMMAvx512BF16.h"),
+                Copy(f"{NATIVE}/cpu/GroupedMMAvx512BF16.h", f"{SRC}/cpu/GroupedMMAvx512BF16.h",
+                     edits=BF16_WITHOUT_PACK_WORDS),
                 Copy(f"{NATIVE}/cpu/GroupedMMKernel.cpp", f"{SRC}/cpu/GroupedMMKernel.cpp", edits=WITHOUT_INNER_PRODUCT,
                      update=True),
                 Copy("test/test_matmul.py", "patches/src/test/test_matmul.py", edits=[(INNER_PRODUCT_TEST, "")],
@@ -615,6 +976,8 @@ SERIES = [
         Patch(
             message="core/0001c-grouped-mm-cpu-inner-product.txt",
             changes=[
+                Copy(f"{NATIVE}/cpu/GroupedMMAvx512.h", f"{SRC}/cpu/GroupedMMAvx512.h", update=True),
+                Copy(f"{NATIVE}/cpu/GroupedMMAvx512BF16.h", f"{SRC}/cpu/GroupedMMAvx512BF16.h", update=True),
                 Copy(f"{NATIVE}/cpu/GroupedMMInnerProduct.h", f"{SRC}/cpu/GroupedMMInnerProduct.h"),
                 Copy(f"{NATIVE}/cpu/GroupedMMKernel.cpp", f"{SRC}/cpu/GroupedMMKernel.cpp", update=True),
                 Copy("test/test_matmul.py", "patches/src/test/test_matmul.py", update=True),

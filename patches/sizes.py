@@ -45,19 +45,6 @@ OVER_LIMIT: dict[str, tuple[int, str]] = {
         "test_matmul.py (182), and the Inductor lowering's fallback when a bias is given (8); the kernel is core/0001a. Fix: the base contract first (no bias, the input "
         "dtype out), bias and the fp32 output in a PR of their own (~150 of checks, meta and tests), which needs "
         "the checks of _checks.py and GroupedMM.h to take bias and out_dtype in functions of their own")),
-    "core/0001a-grouped-mm-cpu-kernel.txt": (623, (
-        "the portable engine alone is 536 lines (cpu/GroupedMMKernelUtils.h 257, cpu/GroupedMMKernel.cpp 279 "
-        "as this PR carries it). Fix: the grouped dimension read through an index (grouped_mm_stub's a_index / "
-        "b_index, Problem's row and column indices, gather_rows / gather_cols, ~80 lines; no upstream op uses "
-        "it) in a PR of its own or out of the series, and the engine's helpers split from its tile loop")),
-    "core/0001b-grouped-mm-cpu-avx512.txt": (746, (
-        "cpu/GroupedMMAvx512.h alone is 534 lines (float32 micro-kernel, weight packing, prefetch, tile "
-        "driver of the broadcast engine; its bfloat16 K pairs are core/0001bb's GroupedMMAvx512BF16.h), with "
-        "the AVX-512 blocks of GroupedMMKernel.cpp (139) and MoEAvx512Utils.h (50). Fix: the at::mm path for "
-        "large groups (run_group_matmul, choose_engine's BLAS branch, ~80 lines of GroupedMMKernel.cpp) in a "
-        "PR of its own, the packing of K-contiguous weights (pack_words_transposed, ~60) with the inner-product "
-        "PR, and the header split further (the micro-kernel and packers apart from the tile driver): wait for "
-        "the float32 rewrite of the header")),
     "core/0006c1-fp8-scaled-grouped-mm-cpu-rowwise.txt": (837, (
         "_scaled_grouped_mm on CPU with rowwise scales (the later PRs of its stack are under the limit: 0006c2 "
         "blockwise 193, 0006c3 MX 298, 0006c4 the AVX-512 decode 76): the portable kernel is 279 lines as this PR "
