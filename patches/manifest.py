@@ -33,6 +33,7 @@ from .changes import REPO_ROOT, Copy, Edit, Insert, Patch, Series
 from .decomp_expect import DecompExpect
 from .errors import PatchError
 from .fx_passes import FxPassModule, PassTests
+from . import grouped_mm_stages
 from . import fp8_recipes
 from .meta import META_REGISTRATIONS, Meta
 from .native_yaml import Derivatives, Dispatch, NativeFunctions
@@ -243,8 +244,16 @@ GROUPED_MM_DOCS = [(
     "    ``mat_a`` and column-major ``mat_b`` for FP8 inputs). On CUDA devices with\n"
     "    :math:`SM \\ge 80`, inputs are expected to be ``torch.bfloat16`` values. On CPU,\n"
     "    inputs may be ``torch.float32``, ``torch.float16``, ``torch.bfloat16`` or\n"
-    "    ``torch.float64`` with any strides, ``bias`` is supported, and the rows (2D x 3D)\n"
-    "    or columns (3D x 2D) past ``offs[-1]`` are zero in the output.\n",
+    "    ``torch.float64`` with any strides, and the rows (2D x 3D) or columns (3D x 2D)\n"
+    "    past ``offs[-1]`` are zero in the output.\n",
+)]
+# The bias PR's: bias and the float32 output on CPU.
+GROUPED_MM_BIAS_DOCS = [(
+    "    ``torch.float64`` with any strides, and the rows (2D x 3D) or columns (3D x 2D)\n"
+    "    past ``offs[-1]`` are zero in the output.\n",
+    "    ``torch.float64`` with any strides, ``bias`` and a ``torch.float32`` ``out_dtype``\n"
+    "    (for 16-bit inputs) are supported, and the rows (2D x 3D) or columns (3D x 2D)\n"
+    "    past ``offs[-1]`` are zero in the output.\n",
 ), (
     "        bias: Optional tensor that is added to the grouped outputs. Bias is not\n"
     "            jagged and must be broadcastable to the result shape of each group.\n",
@@ -873,19 +882,37 @@ SERIES = [
         # -- Stack 1: grouped mm on CPU (patches/rfc/0001-grouped-mm-cpu.md) ---------------------------
         # The kernel lands engine by engine: each PR carries GroupedMMKernel.cpp (and the tests) as it
         # leaves them, the last one the file itself (Copy's undefine / edits / update).
+        # The contract lands in two PRs (grouped_mm_stages: the sources as the first leaves them): the base
+        # contract (the input dtype out, no bias), then bias and the float32 output.
         Patch(
             message="core/0001-grouped-mm-cpu-checks-and-meta.txt",
             changes=[
-                Copy(f"{NATIVE}/GroupedMM.h", f"{SRC}/GroupedMM.h", edits=ENTRY_ON_FALLBACK_H),
-                Copy(f"{NATIVE}/GroupedMM.cpp", f"{SRC}/GroupedMM.cpp", edits=ENTRY_ON_FALLBACK),
+                Copy(f"{NATIVE}/GroupedMM.h", f"{SRC}/GroupedMM.h",
+                     edits=ENTRY_ON_FALLBACK_H + grouped_mm_stages.HEADER_BASE),
+                Copy(f"{NATIVE}/GroupedMM.cpp", f"{SRC}/GroupedMM.cpp",
+                     edits=ENTRY_ON_FALLBACK + grouped_mm_stages.ENTRY_BASE),
                 Dispatch("grouped_mm"),
                 Meta("grouped_mm", GROUPED_MM_META, replaces=["meta_grouped_mm"],
+                     source_edits=grouped_mm_stages.CHECKS_BASE, leave_out=grouped_mm_stages.CHECKS_LATER,
                      # The checks annotate with Optional (they are written for Python 3.10).
                      edits=[("from typing import TypeVar\n", "from typing import Optional, TypeVar\n")]),
                 Edit("torch/nn/functional.py", GROUPED_MM_DOCS),
+                Copy("test/test_matmul.py", "patches/src/test/test_matmul.py",
+                     edits=[(KERNEL_TEST, ""), (AVX512_TEST, ""), (BF16_PAIRS_TEST, ""), (INNER_PRODUCT_TEST, ""),
+                            *grouped_mm_stages.TEST_BASE]),
+            ],
+        ),
+        Patch(
+            message="core/0001.1-grouped-mm-cpu-bias-and-fp32-output.txt",
+            changes=[
+                Copy(f"{NATIVE}/GroupedMM.h", f"{SRC}/GroupedMM.h", edits=ENTRY_ON_FALLBACK_H, update=True),
+                Copy(f"{NATIVE}/GroupedMM.cpp", f"{SRC}/GroupedMM.cpp", edits=ENTRY_ON_FALLBACK, update=True),
+                Meta("grouped_mm", GROUPED_MM_META, update=True),
+                Edit("torch/nn/functional.py", GROUPED_MM_BIAS_DOCS),
                 Edit(MM_GROUPED_LOWERING, GROUPED_MM_LOWERING_BIAS),
                 Copy("test/test_matmul.py", "patches/src/test/test_matmul.py",
-                     edits=[(KERNEL_TEST, ""), (AVX512_TEST, ""), (BF16_PAIRS_TEST, ""), (INNER_PRODUCT_TEST, "")]),
+                     edits=[(KERNEL_TEST, ""), (AVX512_TEST, ""), (BF16_PAIRS_TEST, ""), (INNER_PRODUCT_TEST, "")],
+                     update=True),
             ],
         ),
         Patch(

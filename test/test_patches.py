@@ -24,8 +24,8 @@ the result:
   excluded), or within the ceiling OVER_LIMIT records with its reason;
 * the new ops are in HasDecompTest's expect file; test/test_matmul.py, the
   upstream test file the series adds, passes against this package's kernel,
-  and as the grouped mm stack's first PR leaves it, against the device-generic
-  fallback that PR computes through;
+  and as each of the grouped mm stack's first two PRs leaves it, against the
+  device-generic fallback those PRs compute through;
 * the commit author comes from PATCH_AUTHOR (default: the fixed one);
 * regenerating the series reproduces patches/ byte for byte;
 * bad input to the generator fails naming the file (and line); a kernel that
@@ -1399,22 +1399,25 @@ def test_upstream_test_matmul_passes_against_the_kernel(tree):
 
 @pytest.mark.skipif(not torch_moe_ops.cuda_kernels_built(),
                     reason="CPU-only build: the device-generic fallback is reached through the CUDA entry's test op")
-def test_first_pr_test_matmul_passes_on_the_fallback(tmp_path):
-    """The grouped mm stack's first PR computes on CPU through grouped_mm_fallback (the device-generic
-    loop of ATen matmuls; its kernel is the next PR): its test/test_matmul.py, as that PR leaves it,
-    passes with _grouped_mm = the CUDA entry on CPU tensors (the checks, then that fallback), and fails
-    for it off by 2^-10 relative."""
-    first = manifest.SERIES[0].patches[0]
-    test = next(c for c in first.changes if isinstance(c, manifest.Copy) and c.path == "test/test_matmul.py")
+@pytest.mark.parametrize("pr, tests", [(0, 33), (1, 48)])
+def test_first_prs_test_matmul_pass_on_the_fallback(tmp_path, pr, tests):
+    """The grouped mm stack's first two PRs (the base contract; bias and the float32 output) compute on
+    CPU through grouped_mm_fallback (the device-generic loop of ATen matmuls; the kernel is the PR after
+    them): test/test_matmul.py, as each leaves it, passes with _grouped_mm = the CUDA entry on CPU
+    tensors (the checks, then that fallback), and fails for it off by 2^-10 relative."""
+    text = None
+    for patch in manifest.SERIES[0].patches[:pr + 1]:
+        text = next(c for c in patch.changes
+                    if isinstance(c, manifest.Copy) and c.path == "test/test_matmul.py").apply(text)
     (tmp_path / "test").mkdir()
-    (tmp_path / "test/test_matmul.py").write_text(test.apply(None))
+    (tmp_path / "test/test_matmul.py").write_text(text)
     entry = torch.ops.moe_ops_testing.grouped_mm_cuda_entry_on_host.default
     with torch.library._scoped_library("moe_ops_testing", "FRAGMENT") as lib:
         # test_grouped_mm_bias_compiled compiles it: its fake is the kernel's (the same checks and shapes).
         torch.library.register_fake("moe_ops_testing::grouped_mm_cuda_entry_on_host",
                                     torch.ops.moe_ops.grouped_mm.default, lib=lib)
         result, log = run_upstream_test_matmul(str(tmp_path), entry)
-    assert result.testsRun >= 40 and result.wasSuccessful() and not result.skipped, log
+    assert result.testsRun == tests and result.wasSuccessful() and not result.skipped, log
 
     def off(*args, **kwargs):
         out = entry(*args, **kwargs)
@@ -1842,7 +1845,7 @@ def _compiled_grouped_mm_bias_error(mm_grouped_path, op_name):
 def test_patched_inductor_lowering_keeps_the_bias(tree, op_name):
     """Inductor's grouped mm lowerings hand their choices mat_a, mat_b, the scales and offs, never the bias:
     with the series' metas accepting one, the wheel's lowering returns the product without it (the control
-    below, off by about the bias), the patched one (core/0001, core/0006c1) runs the op with it."""
+    below, off by about the bias), the patched one (core/0001.1, core/0006c1) runs the op with it."""
     import torch._inductor.kernel.mm_grouped as wheel_module
     assert _compiled_grouped_mm_bias_error(wheel_module.__file__, op_name) > 0.5
     patched = os.path.join(tree, "torch/_inductor/kernel/mm_grouped.py")

@@ -117,6 +117,29 @@ def check_grouped_mm_layout(op: str, mat_a: torch.Tensor, mat_b: torch.Tensor, o
             lambda: f"{op}: offs has {offs.shape[0]} groups but mat_a {_sizes(mat_a)} has {mat_a.shape[0]}")
 
 
+def check_grouped_mm_bias(
+    mat_a: torch.Tensor,
+    mat_b: torch.Tensor,
+    offs: Optional[torch.Tensor],
+    bias: Optional[torch.Tensor],
+    out_dtype: torch.dtype,
+) -> None:
+    """bias, when given: (G, N_out), in the input or the output dtype, on the device of mat_a (after the
+    checks of the operands and offs)."""
+    if bias is None:
+        return
+    chk = torch._check_value
+    groups = grouped_mm_num_groups(mat_a, offs)
+    n_out = grouped_mm_out_size(mat_a, mat_b, offs)[-1]
+    chk(bias.dim() == 2 and bias.shape[0] == groups and bias.shape[1] == n_out,
+        lambda: f"grouped_mm: bias must have shape (G, N) = ({groups}, {n_out}), got {_sizes(bias)}")
+    chk(bias.dtype in (mat_a.dtype, out_dtype),
+        lambda: f"grouped_mm: bias must have the input dtype ({_c10(mat_a.dtype)}) or the output dtype "
+        f"({_c10(out_dtype)}), got {_c10(bias.dtype)}")
+    chk(bias.device == mat_a.device,
+        lambda: f"grouped_mm: bias must be on the device of mat_a ({mat_a.device}), got {bias.device}")
+
+
 def check_grouped_mm_inputs(
     mat_a: torch.Tensor,
     mat_b: torch.Tensor,
@@ -135,17 +158,7 @@ def check_grouped_mm_inputs(
     check_grouped_mm_contraction("grouped_mm", mat_a, mat_b)
     out_dtype = grouped_mm_out_dtype(mat_a, out_dtype)
     check_grouped_mm_layout("grouped_mm", mat_a, mat_b, offs)
-
-    if bias is not None:
-        groups = grouped_mm_num_groups(mat_a, offs)
-        n_out = grouped_mm_out_size(mat_a, mat_b, offs)[-1]
-        chk(bias.dim() == 2 and bias.shape[0] == groups and bias.shape[1] == n_out,
-            lambda: f"grouped_mm: bias must have shape (G, N) = ({groups}, {n_out}), got {_sizes(bias)}")
-        chk(bias.dtype in (mat_a.dtype, out_dtype),
-            lambda: f"grouped_mm: bias must have the input dtype ({_c10(mat_a.dtype)}) or the output dtype "
-            f"({_c10(out_dtype)}), got {_c10(bias.dtype)}")
-        chk(bias.device == mat_a.device,
-            lambda: f"grouped_mm: bias must be on the device of mat_a ({mat_a.device}), got {bias.device}")
+    check_grouped_mm_bias(mat_a, mat_b, offs, bias, out_dtype)
     return out_dtype
 
 

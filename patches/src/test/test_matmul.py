@@ -255,6 +255,8 @@ class TestGroupedMM(TestCase):
             ((a, b), {"offs": _offs([3, -2], device)}, r"offs must be non-decreasing"),
             ((a, b), {"offs": _offs([2, 4], device)}, r"offs\[-1\]=6 exceeds the grouped dimension M"),
             ((a, b), {"offs": offs, "bias": torch.randn(3)}, r"bias must have shape \(G, N\) = \(2, 3\)"),
+            ((a, b), {"offs": offs, "bias": torch.randn(2, 3, dtype=torch.float64)},
+             r"bias must have the input dtype \(Float\) or the output dtype \(Float\), got Double"),
             ((a, b), {"offs": offs, "out_dtype": torch.bfloat16}, r"out_dtype must be the input dtype"),
         ]
         for args, kwargs, message in cases:

@@ -9,9 +9,9 @@
 //   3D x 2D  mat_a (G, M, K), mat_b (K, N),    offs splits N  -> out (M, N)
 //   2D x 2D  mat_a (M, K),    mat_b (K, N),    offs splits K  -> out (G, M, N)
 //   3D x 3D  mat_a (G, M, K), mat_b (G, K, N), no offs        -> out (G, M, N)
+// Output elements that no group covers (rows/columns past offs[-1]) are zero.
 // bias, when given, is (G, N_out) with N_out = out.size(-1); in 3D x 2D the
-// group g adds bias[g, n] to the columns n it owns. Output elements that no
-// group covers (rows/columns past offs[-1]) are zero.
+// group g adds bias[g, n] to the columns n it owns.
 
 #include <ATen/core/Tensor.h>
 #include <ATen/native/DispatchStub.h>
@@ -161,6 +161,29 @@ inline void grouped_mm_check_layout(
   }
 }
 
+// bias, when given: (G, N_out), in the input or the output dtype, on the
+// device of mat_a (after the checks of the operands and offs).
+inline void grouped_mm_check_bias(
+    const Tensor& mat_a,
+    const Tensor& mat_b,
+    const std::optional<Tensor>& offs,
+    const std::optional<Tensor>& bias,
+    std::optional<ScalarType> out_dtype) {
+  if (!bias.has_value()) {
+    return;
+  }
+  const int64_t groups = grouped_mm_num_groups(mat_a, mat_b, offs);
+  const int64_t n_out = grouped_mm_out_size(mat_a, mat_b, offs).back();
+  TORCH_CHECK_VALUE(bias->dim() == 2 && bias->size(0) == groups && bias->size(1) == n_out,
+      "grouped_mm: bias must have shape (G, N) = (", groups, ", ", n_out, "), got ", bias->sizes());
+  const auto out_t = grouped_mm_out_dtype(mat_a, out_dtype);
+  TORCH_CHECK_VALUE(bias->scalar_type() == mat_a.scalar_type() || bias->scalar_type() == out_t,
+      "grouped_mm: bias must have the input dtype (", mat_a.scalar_type(), ") or the output dtype (",
+      out_t, "), got ", bias->scalar_type());
+  TORCH_CHECK_VALUE(bias->device() == mat_a.device(),
+      "grouped_mm: bias must be on the device of mat_a (", mat_a.device(), "), got ", bias->device());
+}
+
 // Checks everything that does not need the values of offs. Every message
 // names the argument and the value received.
 inline void grouped_mm_check_inputs(
@@ -177,20 +200,7 @@ inline void grouped_mm_check_inputs(
   grouped_mm_check_contraction("grouped_mm", mat_a, mat_b);
   grouped_mm_out_dtype(mat_a, out_dtype);
   grouped_mm_check_layout("grouped_mm", mat_a, mat_b, offs);
-
-  if (bias.has_value()) {
-    const auto out_size = grouped_mm_out_size(mat_a, mat_b, offs);
-    const int64_t groups = grouped_mm_num_groups(mat_a, mat_b, offs);
-    const int64_t n_out = out_size.back();
-    TORCH_CHECK_VALUE(bias->dim() == 2 && bias->size(0) == groups && bias->size(1) == n_out,
-        "grouped_mm: bias must have shape (G, N) = (", groups, ", ", n_out, "), got ", bias->sizes());
-    const auto out_t = grouped_mm_out_dtype(mat_a, out_dtype);
-    TORCH_CHECK_VALUE(bias->scalar_type() == mat_a.scalar_type() || bias->scalar_type() == out_t,
-        "grouped_mm: bias must have the input dtype (", mat_a.scalar_type(), ") or the output dtype (",
-        out_t, "), got ", bias->scalar_type());
-    TORCH_CHECK_VALUE(bias->device() == mat_a.device(),
-        "grouped_mm: bias must be on the device of mat_a (", mat_a.device(), "), got ", bias->device());
-  }
+  grouped_mm_check_bias(mat_a, mat_b, offs, bias, out_dtype);
 }
 
 // Checks the values of a CPU offs tensor: 0 <= offs[0] <= offs[1] <= ... <=

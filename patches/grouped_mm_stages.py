@@ -1,0 +1,143 @@
+"""_grouped_mm's contract as the first two PRs of stack 1 leave it (patches/manifest.py): the base
+contract first (the input dtype out, no bias: both refused with a ValueError naming the value), then
+bias and the float32 output. The in-repo sources hold the whole contract, bias and the output dtype
+checked in functions of their own (grouped_mm_check_bias, grouped_mm_out_dtype in GroupedMM.h;
+check_grouped_mm_bias, grouped_mm_out_dtype in _checks.py); these are the anchored edits that take
+them out (Copy's ``edits``, Meta's ``source_edits`` and ``leave_out``), applied after the edits that
+put the CPU entry on the device-generic fallback (manifest.ENTRY_ON_FALLBACK*).
+Each anchor must match exactly once, so an edit of the sources that moves one fails the generator at
+that anchor instead of carrying a stale file."""
+
+from __future__ import annotations
+
+import os
+
+REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+NATIVE = "torch_moe_ops/csrc/ATen/native"
+HEADER = f"{NATIVE}/GroupedMM.h"
+TEST = "patches/src/test/test_matmul.py"
+
+
+def _span(path: str, start: str, stop: str) -> str:
+    """The text of the in-repo file path from start (included) to stop (excluded), each found once."""
+    with open(os.path.join(REPO_ROOT, path), encoding="utf-8") as f:
+        text = f.read()
+    if text.count(start) != 1:
+        raise ValueError(f"{path}: {start!r} occurs {text.count(start)} times")
+    begin = text.index(start)
+    return text[begin:text.index(stop, begin)]
+
+
+BIAS_REFUSED_C10 = '"grouped_mm: bias is not supported yet, got a bias of sizes ", bias->sizes());\n'
+
+# GroupedMM.h: the output dtype is the input dtype; a bias is refused.
+HEADER_BASE = [
+    ("// bias, when given, is (G, N_out) with N_out = out.size(-1); in 3D x 2D the\n"
+     "// group g adds bias[g, n] to the columns n it owns.\n", ""),
+    ("// Output dtype: the input dtype, or float32 for 16-bit inputs (the kernels\n"
+     "// accumulate in fp32 and round once).\n", "// Output dtype: the input dtype.\n"),
+    ("      out == in || (out == kFloat && (in == kHalf || in == kBFloat16)),\n"
+     '      "grouped_mm: out_dtype must be the input dtype (", in,\n'
+     '      ") or float32 for float16/bfloat16 inputs, got out_dtype=", out);\n',
+     "      out == in,\n"
+     '      "grouped_mm: out_dtype must be the input dtype (", in, "), got out_dtype=", out);\n'),
+    (_span(HEADER, "// Number of groups G.\n", "// Extent of the dimension"), ""),
+    (_span(HEADER, "// bias, when given: (G, N_out), in the input or the output dtype", "// Checks everything"), ""),
+    ("  grouped_mm_check_bias(mat_a, mat_b, offs, bias, out_dtype);\n",
+     "  TORCH_CHECK_VALUE(!bias.has_value(),\n      " + BIAS_REFUSED_C10),
+    ("// The device-generic grouped mm, for validated inputs: one mm / addmm per\n",
+     "// The device-generic grouped mm, for validated inputs: one mm per\n"),
+    ("Tensor grouped_mm_fallback(\n    const Tensor& mat_a,\n    const Tensor& mat_b,\n"
+     "    const std::optional<Tensor>& offs,\n    const std::optional<Tensor>& bias,\n",
+     "Tensor grouped_mm_fallback(\n    const Tensor& mat_a,\n    const Tensor& mat_b,\n"
+     "    const std::optional<Tensor>& offs,\n"),
+]
+
+# GroupedMM.cpp: the fallback without bias (one mm / bmm per group).
+ENTRY_BASE = [
+    ("#include <ATen/ops/addmm.h>\n", ""),
+    ("#include <ATen/ops/baddbmm.h>\n", ""),
+    ("// One group's product in the compute dtype, its bias row added before the\n"
+     "// single rounding to the output dtype (as the CPU kernel adds it to its\n"
+     "// accumulator).\n"
+     "Tensor grouped_mm_group(const Tensor& a, const Tensor& b, const std::optional<Tensor>& bias_row, "
+     "ScalarType compute) {\n"
+     "  const Tensor ac = a.to(compute);\n"
+     "  const Tensor bc = b.to(compute);\n"
+     "  return bias_row.has_value() ? at::addmm(bias_row->to(compute), ac, bc) : at::mm(ac, bc);\n",
+     "// One group's product in the compute dtype (rounded once to the output dtype\n"
+     "// by the caller's copy).\n"
+     "Tensor grouped_mm_group(const Tensor& a, const Tensor& b, ScalarType compute) {\n"
+     "  return at::mm(a.to(compute), b.to(compute));\n"),
+    ("    const std::optional<Tensor>& offs,\n    const std::optional<Tensor>& bias,\n"
+     "    std::optional<ScalarType> out_dtype) {\n  const auto layout",
+     "    const std::optional<Tensor>& offs,\n    std::optional<ScalarType> out_dtype) {\n  const auto layout"),
+    ("  // and each group's sum, bias included, rounds once to the output dtype: the\n"
+     "  // CPU kernel's numerics, whatever a backend's 16-bit matmul does with the\n"
+     "  // bias or the accumulator. The copies cost memory traffic, not flops.\n",
+     "  // and each group's sum rounds once to the output dtype: the CPU kernel's\n"
+     "  // numerics, whatever a backend's 16-bit matmul does with the accumulator.\n"
+     "  // The copies cost memory traffic, not flops.\n"),
+    ("  // Group g's bias, its entries from..from+n (3D x 2D: the columns g owns).\n"
+     "  auto bias_row = [&](int64_t g, int64_t from, int64_t n) {\n"
+     "    return bias.has_value() ? std::optional<Tensor>((*bias)[g].narrow(0, from, n)) : std::nullopt;\n"
+     "  };\n", ""),
+    ("    return out.copy_(bias.has_value() ? at::baddbmm(bias->to(compute).unsqueeze(1), a, b) : at::bmm(a, b));\n",
+     "    return out.copy_(at::bmm(a, b));\n"),
+    ("  const int64_t n_out = out.size(-1);\n", ""),
+    ("mat_b[g], bias_row(g, 0, n_out), compute));\n", "mat_b[g], compute));\n"),
+    ("mat_b.narrow(1, start, len), bias_row(g, start, len), compute));\n", "mat_b.narrow(1, start, len), compute));\n"),
+    ("  // the K slice start:end; an empty one gives zeros (+ bias)\n"
+     "      out[g].copy_(grouped_mm_group(mat_a.narrow(1, start, len), mat_b.narrow(0, start, len),\n"
+     "                                    bias_row(g, 0, n_out), compute));\n",
+     "  // the K slice start:end; an empty one gives zeros\n"
+     "      out[g].copy_(grouped_mm_group(mat_a.narrow(1, start, len), mat_b.narrow(0, start, len), compute));\n"),
+    ("  return grouped_mm_fallback(mat_a, mat_b, offs, bias, out_dtype);\n",
+     "  return grouped_mm_fallback(mat_a, mat_b, offs, out_dtype);\n"),
+]
+
+# torch_moe_ops/_checks.py, for the base PR's meta block: the same two refusals, with the same messages.
+CHECKS_BASE = [
+    ("        out == in_dtype or (out == torch.float32 and in_dtype in (torch.float16, torch.bfloat16)),\n"
+     '        lambda: f"grouped_mm: out_dtype must be the input dtype ({_c10(in_dtype)}) or float32 for "\n'
+     '        f"float16/bfloat16 inputs, got out_dtype={_c10(out)}",\n',
+     "        out == in_dtype,\n"
+     '        lambda: f"grouped_mm: out_dtype must be the input dtype ({_c10(in_dtype)}), got "\n'
+     '        f"out_dtype={_c10(out)}",\n'),
+    ("    check_grouped_mm_bias(mat_a, mat_b, offs, bias, out_dtype)\n",
+     "    chk(bias is None,\n"
+     '        lambda: f"grouped_mm: bias is not supported yet, got a bias of sizes {_sizes(bias)}")\n'),
+]
+CHECKS_LATER = ("check_grouped_mm_bias", "grouped_mm_num_groups")
+
+# test/test_matmul.py: the tests of bias, the float32 output and the compiled bias go with their PR.
+TEST_BASE = [
+    ("# (bias, float16/float32/float64, a float32 output for 16-bit inputs, zeroed\n"
+     "# rows past offs[-1], ValueErrors naming the argument) is tested on CPU only.\n",
+     "# (float16/float32/float64, zeroed rows past offs[-1], ValueErrors naming the\n"
+     "# argument) is tested on CPU only.\n"),
+    ("def _loop(a, b, offs, bias):\n", "def _loop(a, b, offs):\n"),
+    ("            out[s:e] = a[s:e] @ b[g] + (0 if bias is None else bias[g])\n", "            out[s:e] = a[s:e] @ b[g]\n"),
+    ("            out[:, s:e] = a[g] @ b[:, s:e] + (0 if bias is None else bias[g, s:e])\n",
+     "            out[:, s:e] = a[g] @ b[:, s:e]\n"),
+    ("            out[g] = a[:, s:e] @ b[s:e] + (0 if bias is None else bias[g])\n", "            out[g] = a[:, s:e] @ b[s:e]\n"),
+    ("    return a @ b + (0 if bias is None else bias[:, None])\n", "    return a @ b\n"),
+    (_span(TEST, "def _reference(a, b, offs, bias=None):\n", "\n\nclass TestGroupedMM"),
+     "def _reference(a, b, offs):\n"
+     '    """The float64 result, the magnitude |a| @ |b| that bounds a kernel\'s\n'
+     '    rounding error per element, and K."""\n'
+     "    a, b = a.double(), b.double()\n"
+     "    return _loop(a, b, offs), _loop(a.abs(), b.abs(), offs), a.size(-1)\n"),
+    ("    def assertGroupedClose(self, out, a, b, offs, bias=None):\n        ref, mag, k = _reference(a, b, offs, bias)\n",
+     "    def assertGroupedClose(self, out, a, b, offs):\n        ref, mag, k = _reference(a, b, offs)\n"),
+    ("        # The dot-product bound: K + 1 roundings of the accumulator (the\n"
+     "        # products' sums and the bias), then one rounding to the output dtype.\n",
+     "        # The dot-product bound: K + 1 roundings of the accumulator (the\n"
+     "        # products' sums), then one rounding to the output dtype.\n"),
+    (_span(TEST, "    @onlyCPU\n    @dtypes(torch.float32, torch.bfloat16, torch.float64)\n"
+                 "    @parametrize(\"layout\", [\"2d3d\", \"3d2d\", \"2d2d\", \"3d3d\"])\n    def test_grouped_mm_bias(",
+           "    @onlyCPU\n    @dtypes(torch.float32, torch.bfloat16)\n    def test_grouped_mm_rows_past_offs_are_zero("),
+     ""),
+    (_span(TEST, '            ((a, b), {"offs": offs, "bias": torch.randn(3)}', '            ((a, b), {"offs": offs, "out_dtype"'),
+     ""),
+]
