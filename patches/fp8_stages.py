@@ -250,3 +250,21 @@ OPINFO_MX = [
 ]
 BLOCKWISE_OPINFOS = ("_scaled_grouped_mm_blockwise_operands", "_scaled_grouped_mm_blockwise_errors")
 MX_OPINFOS = ("_scaled_grouped_mm_mx_operands", "_scaled_grouped_mm_mx_errors")
+
+# The float64 reference of the OpInfo (torch_scaled_grouped_mm of torch_moe_ops/reference.py, inlined in
+# definitions/fp8.py) as each PR leaves it: the rowwise PR's without the block-scaled recipes' branches, each
+# landed (fp8_recipes.landing) with its recipe's PR. Anchored on the generated module (OpInfoModule's edits).
+REFERENCE = "torch_moe_ops/reference.py"
+_BLOCKWISE_BRANCH = "    elif layout in (\"2d3d\", \"3d3d\") and scale_a.dim() == mat_a.dim():"
+_ROWWISE_2D2D = "    elif layout == \"2d2d\":  # per group"
+REF_NO_MX = [
+    (_span(REFERENCE, "    if scale_a.dtype == torch.float8_e8m0fnu:  # 1x32 blocks along K\n", _BLOCKWISE_BRANCH)
+     + _BLOCKWISE_BRANCH, _BLOCKWISE_BRANCH.replace("elif", "if", 1)),
+    (_span(REFERENCE, "def _fp8_unswizzle_groups(", "def torch_scaled_grouped_mm(") + "def torch_scaled_grouped_mm(",
+     "def torch_scaled_grouped_mm("),
+]
+REF_NO_BLOCKWISE = [
+    ("    k = a.shape[-1]\n    n = b.shape[-1]\n" + _BLOCKWISE_BRANCH.replace("elif", "if", 1)
+     + _span(REFERENCE, _BLOCKWISE_BRANCH, _ROWWISE_2D2D)[len(_BLOCKWISE_BRANCH):] + _ROWWISE_2D2D,
+     _ROWWISE_2D2D.replace("elif", "if", 1)),
+]

@@ -841,7 +841,8 @@ SERIES = [
                          "        )\n"
                          "    # matching _scaled_grouped_mm_cuda Blas.cpp implementation\n")]),
                 OpInfoModule("fp8", "fp8", "", carried=FP8_OPINFOS["scaled_grouped_mm_opinfos"], extends=True,
-                             op_db=FP8_OP_DB, source_edits=fp8_stages.OPINFO_ROWWISE),
+                             op_db=FP8_OP_DB, source_edits=fp8_stages.OPINFO_ROWWISE,
+                             edits=fp8_stages.REF_NO_MX + fp8_stages.REF_NO_BLOCKWISE),
                 *opinfo_lists.entries("_scaled_grouped_mm"),
             ],
         ),
@@ -857,6 +858,7 @@ SERIES = [
                      source_edits=fp8_stages.CHECKS_BLOCKWISE, leave_out=fp8_stages.CHECKS_MX, update=True),
                 OpInfoModule("fp8", "fp8", "", carried=list(fp8_stages.BLOCKWISE_OPINFOS), extends=True,
                              op_db=FP8_OP_DB, edits=fp8_stages.OPINFO_BLOCKWISE),
+                Edit(FP8_OPINFO, fp8_recipes.landing(fp8_stages.REF_NO_BLOCKWISE)),
             ],
         ),
         Patch(
@@ -870,6 +872,7 @@ SERIES = [
                      update=True),
                 OpInfoModule("fp8", "fp8", "", carried=list(fp8_stages.MX_OPINFOS), extends=True,
                              op_db=FP8_OP_DB, edits=fp8_stages.OPINFO_MX),
+                Edit(FP8_OPINFO, fp8_recipes.landing(fp8_stages.REF_NO_MX)),
             ],
         ),
         Patch(
