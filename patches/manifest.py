@@ -738,21 +738,37 @@ SERIES = [
             message="core/0006-fp8-cpu.txt",
             changes=[
                 Copy(f"{NATIVE}/MoEQuantize.h", f"{SRC}/MoEQuantize.h", edits=fp8_recipes.NO_DEQUANTIZE_HEADER
-                     + fp8_recipes.NO_MX_HEADER + fp8_recipes.NO_BLOCKED_HEADER),
+                     + fp8_recipes.NO_MX_HEADER + fp8_recipes.NO_BLOCKED_HEADER + fp8_recipes.NO_OFFS_HEADER),
                 Copy(f"{NATIVE}/MoEQuantize.cpp", f"{SRC}/MoEQuantize.cpp",
-                     edits=fp8_recipes.NO_DEQUANTIZE_ENTRY + fp8_recipes.NO_MX_ENTRY),
+                     edits=fp8_recipes.NO_DEQUANTIZE_ENTRY + fp8_recipes.NO_MX_ENTRY + fp8_recipes.NO_OFFS_ENTRY),
                 Copy(f"{NATIVE}/cpu/MoEQuantizeKernel.cpp", f"{SRC}/cpu/MoEQuantizeKernel.cpp",
                      undefine=("CPU_CAPABILITY_AVX512",), edits=fp8_recipes.PORTABLE_KERNEL
-                     + fp8_recipes.NO_DEQUANTIZE_KERNEL + fp8_recipes.NO_MX_KERNEL),
+                     + fp8_recipes.NO_DEQUANTIZE_KERNEL + fp8_recipes.NO_MX_KERNEL + fp8_recipes.NO_OFFS_KERNEL),
                 NativeFunctions("fp8", after="_moe_unpermute_backward", later=("CUDA",), ops=("quantize_fp8",)),
                 Meta("fp8", FP8_QUANTIZE_META, ops=("quantize_fp8",), after="meta_moe_unpermute_backward"),
-                Edit(META_REGISTRATIONS, fp8_recipes.NO_MX_META + fp8_recipes.NO_BLOCKED_META),
+                Edit(META_REGISTRATIONS, fp8_recipes.NO_MX_META + fp8_recipes.NO_BLOCKED_META
+                     + fp8_recipes.NO_OFFS_META),
                 DecompExpect("fp8", ops=("quantize_fp8",)),
                 OpInfoModule("fp8", "fp8", "OpInfos of the fp8 ops.", carried=FP8_OPINFOS["quantize_fp8_opinfos"],
                              op_db=fp8_op_db("quantize_fp8_opinfos"),
-                             edits=fp8_recipes.NO_MX_OPINFO + fp8_recipes.NO_BLOCKED_OPINFO),
+                             edits=fp8_recipes.NO_MX_OPINFO + fp8_recipes.NO_BLOCKED_OPINFO
+                             + fp8_recipes.NO_OFFS_OPINFO),
                 opinfo_module_registered("fp8", "fft", "grouped_mm"),
                 *opinfo_lists.entries("_quantize_fp8"),
+            ],
+        ),
+        Patch(
+            message="core/0006a0-fp8-quantize-offs.txt",
+            changes=[
+                Copy(f"{NATIVE}/MoEQuantize.h", f"{SRC}/MoEQuantize.h", edits=fp8_recipes.NO_DEQUANTIZE_HEADER
+                     + fp8_recipes.NO_MX_HEADER + fp8_recipes.NO_BLOCKED_HEADER, update=True),
+                Copy(f"{NATIVE}/MoEQuantize.cpp", f"{SRC}/MoEQuantize.cpp",
+                     edits=fp8_recipes.NO_DEQUANTIZE_ENTRY + fp8_recipes.NO_MX_ENTRY, update=True),
+                Copy(f"{NATIVE}/cpu/MoEQuantizeKernel.cpp", f"{SRC}/cpu/MoEQuantizeKernel.cpp",
+                     undefine=("CPU_CAPABILITY_AVX512",), edits=fp8_recipes.PORTABLE_KERNEL
+                     + fp8_recipes.NO_DEQUANTIZE_KERNEL + fp8_recipes.NO_MX_KERNEL, update=True),
+                Edit(META_REGISTRATIONS, fp8_recipes.landing(fp8_recipes.NO_OFFS_META)),
+                Edit(FP8_OPINFO, fp8_recipes.landing(fp8_recipes.NO_OFFS_OPINFO)),
             ],
         ),
         Patch(

@@ -69,14 +69,14 @@ OVER_LIMIT: dict[str, tuple[int, str]] = {
         "(code no in-repo source holds: a source-level switch first), the chunked kernel after it; the 3D x 2D "
         "and 2D x 2D layouts in a PR of their own; fp8.py importing torch_grouped_mm from grouped_mm.py "
         "(test_patches execs the module alone: it would need that module too)")),
-    "core/0006-fp8-cpu.txt": (716, (
-        "_quantize_fp8 alone, tensorwise and rowwise on the portable kernel (its dequantisation, the blockwise "
-        "and MX recipes and the AVX-512 rows are 0006a1-a4, 266/73/250/158): the checks (MoEQuantize.h as "
-        "this PR leaves it, 177), the kernel's three passes and fp8 rounding (233), the meta function (77) "
-        "and the OpInfo with its plain-torch reference (192) are what one working recipe needs. Fix: a "
-        "kernel shared by the recipes needs no further source cut; what would shrink it is carrying "
-        "offs (per-group operands: checks, offsets pass, samples, ~80 lines) in a PR of its own, or a "
-        "reference of the OpInfo shared with _scaled_grouped_mm's instead of inlined per module")),
+    "core/0006-fp8-cpu.txt": (631, (
+        "_quantize_fp8 alone, tensorwise and rowwise on the portable kernel (per-group operands, its "
+        "dequantisation, the blockwise and MX recipes and the AVX-512 rows are 0006a0-a4, 111/266/73/250/158): "
+        "the checks (MoEQuantize.h as this PR leaves it, 141), the kernel's three passes and fp8 rounding (222), "
+        "the meta function (67) and the OpInfo with its plain-torch reference (167) are what one working "
+        "recipe needs. Fix: a first PR whose CPU entry computes through ATen operations (the device-generic "
+        "code of native/cuda/MoEQuantize.cpp, moved to a file every build compiles: a source change) and the "
+        "kernel after it, as core/0001 and 0001a land _grouped_mm")),
 }
 
 
