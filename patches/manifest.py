@@ -837,18 +837,20 @@ SERIES = [
         Patch(
             message="core/0006c1-fp8-scaled-grouped-mm-cpu-rowwise.txt",
             changes=[
-                Copy(f"{NATIVE}/MoEScaledGroupedMM.h", f"{SRC}/MoEScaledGroupedMM.h", edits=fp8_stages.HEADER_ROWWISE),
+                Copy(f"{NATIVE}/MoEScaledGroupedMM.h", f"{SRC}/MoEScaledGroupedMM.h",
+                     edits=fp8_stages.HEADER_ROWWISE + fp8_stages.HEADER_FORWARD_LAYOUTS),
                 Copy(f"{NATIVE}/MoEScaledGroupedMM.cpp", f"{SRC}/MoEScaledGroupedMM.cpp",
                      edits=fp8_stages.ENTRY_ROWWISE),
                 Copy(f"{NATIVE}/cpu/MoEScaledGroupedMMKernel.cpp", f"{SRC}/cpu/MoEScaledGroupedMMKernel.cpp",
                      undefine=("CPU_CAPABILITY_AVX512",),
-                     edits=fp8_stages.KERNEL_PORTABLE + fp8_stages.KERNEL_ROWWISE),
+                     edits=fp8_stages.KERNEL_PORTABLE + fp8_stages.KERNEL_ROWWISE + fp8_stages.KERNEL_FORWARD_LAYOUTS),
                 Dispatch("scaled_grouped_mm"),
                 Edit(MM_GROUPED_LOWERING, SCALED_GROUPED_MM_LOWERING_BIAS),
                 Meta("fp8", SCALED_GROUPED_MM_CPU_META, ops=("scaled_grouped_mm",),
                      after="meta_swizzle_mx_scale",
                      cpu_branch=("scaled_grouped_mm",),
-                     source_edits=fp8_stages.CHECKS_ROWWISE, leave_out=fp8_stages.CHECKS_LATER,
+                     source_edits=fp8_stages.CHECKS_ROWWISE + fp8_stages.CHECKS_FORWARD_LAYOUTS,
+                     leave_out=fp8_stages.CHECKS_LATER,
                      edits=[(
                          "    # matching _scaled_grouped_mm_cuda Blas.cpp implementation\n",
                          "    if mat_a.device.type == \"cpu\":  # the CPU kernel's checks, wider than the CUDA kernels'\n"
@@ -858,8 +860,22 @@ SERIES = [
                          "    # matching _scaled_grouped_mm_cuda Blas.cpp implementation\n")]),
                 OpInfoModule("fp8", "fp8", "", carried=FP8_OPINFOS["scaled_grouped_mm_opinfos"], extends=True,
                              op_db=FP8_OP_DB, source_edits=fp8_stages.OPINFO_ROWWISE,
-                             edits=fp8_stages.REF_NO_MX + fp8_stages.REF_NO_BLOCKWISE),
+                             edits=fp8_stages.REF_NO_MX + fp8_stages.REF_NO_BLOCKWISE
+                             + fp8_stages.OPINFO_FORWARD_LAYOUTS),
                 *opinfo_lists.entries("_scaled_grouped_mm"),
+            ],
+        ),
+        Patch(
+            message="core/0006c1b-fp8-scaled-grouped-mm-cpu-rowwise-3d2d-2d2d.txt",
+            changes=[
+                Copy(f"{NATIVE}/MoEScaledGroupedMM.h", f"{SRC}/MoEScaledGroupedMM.h", edits=fp8_stages.HEADER_ROWWISE,
+                     update=True),
+                Copy(f"{NATIVE}/cpu/MoEScaledGroupedMMKernel.cpp", f"{SRC}/cpu/MoEScaledGroupedMMKernel.cpp",
+                     undefine=("CPU_CAPABILITY_AVX512",),
+                     edits=fp8_stages.KERNEL_PORTABLE + fp8_stages.KERNEL_ROWWISE, update=True),
+                Meta("fp8", SCALED_GROUPED_MM_CPU_META, ops=("scaled_grouped_mm",), cpu_branch=("scaled_grouped_mm",),
+                     source_edits=fp8_stages.CHECKS_ROWWISE, leave_out=fp8_stages.CHECKS_LATER, update=True),
+                Edit(FP8_OPINFO, fp8_recipes.landing(fp8_stages.OPINFO_FORWARD_LAYOUTS)),
             ],
         ),
         Patch(
