@@ -575,3 +575,169 @@ NO_DEQUANTIZE_KERNEL: Edits = [
     _function(_KERNEL, "void dequantize_fp8_kernel("),
     ("ALSO_REGISTER_AVX512_DISPATCH(dequantize_fp8_stub, &dequantize_fp8_kernel)\n", ""),
 ]
+
+
+# -- per-group operands (offs) land in a PR of their own after _quantize_fp8's first (core/0006a0) -------------
+# Applied after the NO_DEQUANTIZE / NO_MX / NO_BLOCKED edits of the first PR's files; until then offs is
+# rejected (the schema takes it from the start).
+
+NO_OFFS_HEADER: Edits = [(
+    "// Per-group operands (offs, 2-D x only): offs holds int32 cumulative group\n"
+    "// ends along C, the contraction dimension of the 2D x 2D (weight-gradient)\n"
+    "// grouped GEMM, so that no block straddles two groups:\n"
+    "//   tensorwise: one scale per group, scale (G,); rowwise: one per row and\n"
+    "//   group, scale (G, R) (flattened, the (G * R,) operand scale of the 2D x 2D\n"
+    "//   layout). Elements past offs[-1] belong to no group and quantise to zero.\n"
+    "// Rows (the tokens of a 2D x 3D forward operand) need no offs: no rowwise\n"
+    "// block spans two rows.\n",
+    "// offs: per-group operands (scales per group of columns), not yet supported:\n"
+    "// offs is rejected.\n",
+), (
+    "  if (groups >= 0) {\n"
+    "    switch (recipe) {\n"
+    "      case Fp8Recipe::kTensorwise: return {groups};\n"
+    "      case Fp8Recipe::kRowwise: return {groups, rows};\n"
+    "      default: break;\n"
+    "    }\n"
+    "  }\n",
+    "",
+), (
+    "  if (offs.has_value()) {\n"
+    "    TORCH_CHECK_VALUE(t.dim() == 2,\n"
+    "        op, \": offs needs a 2-D \", arg, \", got \", arg, \" of sizes \", t.sizes());\n"
+    "    TORCH_CHECK_VALUE(!swizzle, op, \": swizzle=True does not take offs\");\n"
+    "    TORCH_CHECK_VALUE(offs->dim() == 1, op, \": offs must be 1-D, got \", offs->dim(), \"-D with sizes \", offs->sizes());\n"
+    "    TORCH_CHECK_VALUE(offs->scalar_type() == kInt, op, \": offs must be int32, got \", offs->scalar_type());\n"
+    "    TORCH_CHECK_VALUE(offs->device() == t.device(),\n"
+    "        op, \": offs must be on the device of \", arg, \" (\", t.device(), \"), got \", offs->device());\n"
+    "  }\n",
+    "  TORCH_CHECK_VALUE(!offs.has_value(), op, \": offs (per-group scales) is not supported yet\");\n",
+), (
+    "// Values of a CPU offs: non-decreasing and within C.\n"
+    "inline void fp8_check_offsets_cpu(const char* op, const Tensor& offs, int64_t cols, Fp8Recipe recipe) {\n"
+    "  const int64_t groups = offs.size(0);\n"
+    "  const int32_t* data = offs.const_data_ptr<int32_t>();\n"
+    "  const int64_t stride = offs.stride(0);\n"
+    "  int64_t prev = 0;\n"
+    "  for (int64_t g = 0; g < groups; ++g) {\n"
+    "    const int64_t end = data[g * stride];\n"
+    "    TORCH_CHECK_VALUE(end >= prev && end <= cols,\n"
+    "        op, \": offs must be non-decreasing in [0, C=\", cols, \"], got offs[\", g, \"]=\", end,\n"
+    "        g == 0 ? std::string() : \" after offs[\" + std::to_string(g - 1) + \"]=\" + std::to_string(prev));\n"
+    "    prev = end;\n"
+    "  }\n"
+    "}\n"
+    "\n"
+    "// CPU kernels",
+    "// CPU kernels",
+)]
+
+NO_OFFS_ENTRY: Edits = [(
+    "  if (offs.has_value()) {\n"
+    "    fp8_check_offsets_cpu(\"quantize_fp8\", *offs, x.size(-1), recipe);\n"
+    "  }\n",
+    "",
+), (
+    "fp8_scale_size(x.sizes(), recipe, offs.has_value() ? offs->size(0) : -1, swizzle);",
+    "fp8_scale_size(x.sizes(), recipe, -1, swizzle);",
+)]
+
+NO_OFFS_KERNEL: Edits = [(
+    "#include <cstring>\n", "",
+), (
+    "  int64_t covered() const { return seg.back(); }  // columns past it belong to no group\n"
+    "  bool grouped;                   // tensorwise/rowwise with offs: scales per group\n",
+    "",
+), (
+    "    grouped = offs.has_value();\n", "",
+), (
+    "    if (grouped) {\n"
+    "      const int32_t* o = offs->const_data_ptr<int32_t>();\n"
+    "      for (const auto g : c10::irange(offs->size(0))) seg.push_back(o[g * offs->stride(0)]);\n"
+    "    } else if (const int64_t w = fp8_block_cols(r); w > 0) {\n",
+    "    if (const int64_t w = fp8_block_cols(r); w > 0) {\n",
+), (
+    "      case Fp8Recipe::kTensorwise: return grouped ? s : b;\n"
+    "      case Fp8Recipe::kRowwise: return grouped ? s * rows + rb : b * rows + rb;\n",
+    "      case Fp8Recipe::kTensorwise: return b;\n"
+    "      case Fp8Recipe::kRowwise: return b * rows + rb;\n",
+), (
+    "  const int64_t covered = bl.covered();\n", "",
+), (
+    "      if (covered < cols) {\n"
+    "        std::memset(dp + r * cols + covered, 0, cols - covered);\n"
+    "      }\n",
+    "",
+)]
+
+NO_OFFS_META: Edits = [(
+    "    if groups is not None and recipe == \"tensorwise\":\n"
+    "        return [groups]\n"
+    "    if groups is not None and recipe == \"rowwise\":\n"
+    "        return [groups, rows]\n"
+    "    if recipe == \"tensorwise\":\n",
+    "    if recipe == \"tensorwise\":\n",
+), (
+    "    if offs is not None:\n"
+    "        chk(t.dim() == 2, lambda: f\"{op}: offs needs a 2-D {arg}, got {arg} of sizes {_grouped_mm_sizes(t)}\")\n"
+    "        chk(not swizzle, lambda: f\"{op}: swizzle=True does not take offs\")\n"
+    "        chk(offs.dim() == 1, lambda: f\"{op}: offs must be 1-D, got {offs.dim()}-D with sizes {_grouped_mm_sizes(offs)}\")\n"
+    "        chk(offs.dtype == torch.int32, lambda: f\"{op}: offs must be int32, got {_grouped_mm_c10(offs.dtype)}\")\n"
+    "        chk(offs.device == t.device,\n"
+    "            lambda: f\"{op}: offs must be on the device of {arg} ({t.device}), got {offs.device}\")\n",
+    "    chk(offs is None, lambda: f\"{op}: offs (per-group scales) is not supported yet\")\n",
+)]
+
+NO_OFFS_OPINFO: Edits = [(
+    "from functools import partial\nfrom typing import Optional\n", "from typing import Optional\n",
+), (
+    "    if offs is not None and recipe != \"mx\":\n"
+    "        ends = offs.tolist()\n"
+    "        segs = list(zip([0] + ends[:-1], ends))\n"
+    "    elif bc:\n",
+    "    if bc:\n",
+), (
+    "    # q of every element (columns past the last group are set to +0 below).\n",
+    "    # q of every element.\n",
+), (
+    "    if offs is not None and recipe != \"mx\":\n"
+    "        y[:, :, segs[-1][1] if segs else 0:] = 0.0  # no group: +0\n"
+    "    data = y.to(f8)",
+    "    data = y.to(f8)",
+), (
+    "    if offs is not None and recipe == \"tensorwise\":\n"
+    "        return grid[0, 0]\n"
+    "    if offs is not None and recipe == \"rowwise\":\n"
+    "        return grid[0].t().contiguous()\n"
+    "    if recipe == \"tensorwise\":\n",
+    "    if recipe == \"tensorwise\":\n",
+), (
+    "    # Per-group operands of the 2D x 2D grouped GEMM: groups along C (tokens).\n"
+    "    x = partial(_spread, (7, 200), device, dtype, 6)\n"
+    "    yield \"tensorwise_offs\", x(), \"tensorwise\", dict(offs=_offs([50, 50, 130], device))\n"
+    "    yield \"rowwise_offs\", x(), \"rowwise\", dict(offs=_offs([10, 10, 64, 199], device))\n"
+    "    yield \"rowwise_offs_no_groups\", x(), \"rowwise\", dict(offs=_offs([], device))\n"
+    "\n\ndef sample_inputs_quantize_fp8(",
+    "\n\ndef sample_inputs_quantize_fp8(",
+), (
+    "    offs = _offs([32, 64], device)\n"
+    "    cpu = torch.device(device).type == \"cpu\"  # values of offs: checked by the kernels, not by fake kernels\n"
+    "    e = _err\n",
+    "    e = _err\n",
+), (
+    "    yield e(r\"quantize_fp8: offs needs a 2-D x, got x of sizes \\[1, 4, 64\\]\", x.view(1, 4, 64), \"rowwise\",\n"
+    "            offs=offs)\n"
+    "    yield e(r\"quantize_fp8: offs must be 1-D, got 2-D with sizes \\[1, 2\\]\", x, \"rowwise\", offs=offs.view(1, 2))\n"
+    "    yield e(r\"quantize_fp8: offs must be int32, got Long\", x, \"rowwise\", offs=offs.long())\n"
+    "    if cpu:\n"
+    "        yield e(r\"quantize_fp8: offs must be non-decreasing in \\[0, C=64\\], got offs\\[1\\]=16 after offs\\[0\\]=32\",\n"
+    "                x, \"rowwise\", offs=_offs([32, 16], device), name=\"offs_values\")\n"
+    "        yield e(r\"quantize_fp8: offs must be non-decreasing in \\[0, C=64\\], got offs\\[0\\]=65\", x, \"tensorwise\",\n"
+    "                offs=_offs([65], device), name=\"offs_values\")\n",
+    "    yield e(r\"quantize_fp8: offs \\(per-group scales\\) is not supported yet\", x, \"rowwise\",\n"
+    "            offs=_offs([32, 64], device))\n",
+), (
+    "    column, both float8 formats, per-group (offs) operands with empty groups\n"
+    "    and columns past ``offs[-1]``, and values\n",
+    "    column, both float8 formats, and values\n",
+)]

@@ -250,3 +250,110 @@ OPINFO_MX = [
 ]
 BLOCKWISE_OPINFOS = ("_scaled_grouped_mm_blockwise_operands", "_scaled_grouped_mm_blockwise_errors")
 MX_OPINFOS = ("_scaled_grouped_mm_mx_operands", "_scaled_grouped_mm_mx_errors")
+
+# The float64 reference of the OpInfo (torch_scaled_grouped_mm of torch_moe_ops/reference.py, inlined in
+# definitions/fp8.py) as each PR leaves it: the rowwise PR's without the block-scaled recipes' branches, each
+# landed (fp8_recipes.landing) with its recipe's PR. Anchored on the generated module (OpInfoModule's edits).
+REFERENCE = "torch_moe_ops/reference.py"
+_BLOCKWISE_BRANCH = "    elif layout in (\"2d3d\", \"3d3d\") and scale_a.dim() == mat_a.dim():"
+_ROWWISE_2D2D = "    elif layout == \"2d2d\":  # per group"
+REF_NO_MX = [
+    (_span(REFERENCE, "    if scale_a.dtype == torch.float8_e8m0fnu:  # 1x32 blocks along K\n", _BLOCKWISE_BRANCH)
+     + _BLOCKWISE_BRANCH, _BLOCKWISE_BRANCH.replace("elif", "if", 1)),
+    (_span(REFERENCE, "def _fp8_unswizzle_groups(", "def torch_scaled_grouped_mm(") + "def torch_scaled_grouped_mm(",
+     "def torch_scaled_grouped_mm("),
+]
+REF_NO_BLOCKWISE = [
+    ("    k = a.shape[-1]\n    n = b.shape[-1]\n" + _BLOCKWISE_BRANCH.replace("elif", "if", 1)
+     + _span(REFERENCE, _BLOCKWISE_BRANCH, _ROWWISE_2D2D)[len(_BLOCKWISE_BRANCH):] + _ROWWISE_2D2D,
+     _ROWWISE_2D2D.replace("elif", "if", 1)),
+]
+
+# The rowwise PR without the 3D x 2D and 2D x 2D layouts (refused until core/0006c1b, which lands them:
+# fp8_recipes.landing of the generated files' edits, the sources' files carried again without these).
+FORWARD_ONLY_C10 = (
+    '  TORCH_CHECK_VALUE(mat_b.dim() == 3,\n'
+    '      "scaled_grouped_mm: the 3D x 2D and 2D x 2D layouts are not supported yet, got mat_a ", mat_a.sizes(),\n'
+    '      " and mat_b ", mat_b.sizes());\n')
+HEADER_FORWARD_LAYOUTS = [
+    ("// in the four layouts of grouped_mm (GroupedMM.h), with float8_e4m3fn or\n"
+     "// float8_e5m2 operands and out_dtype bfloat16 (default, as upstream) or\n",
+     "// in grouped_mm's 2D x 3D and 3D x 3D layouts (GroupedMM.h; 3D x 2D and 2D x 2D\n"
+     "// are refused), with float8_e4m3fn or float8_e5m2 operands and out_dtype\n"
+     "// bfloat16 (default, as upstream) or\n"),
+    ("//     3D x 2D  scale_a (G, M)    scale_b (N,)\n"
+     "//     2D x 2D  scale_a (G * M,)  scale_b (G * N,)   (one scale per row and group,\n"
+     "//              group-major: quantize_fp8(..., \"rowwise\", offs=offs) flattened)\n", ""),
+    (_span(HEADER, "    case GroupedMMLayout::k3d2d:\n      scaled_grouped_mm_check_scale(\"scale_a\", scale_a, {groups, m}, what);",
+           "  }\n}\n"),
+     "    default:  // refused by scaled_grouped_mm_check_inputs\n      break;\n"),
+    ('  grouped_mm_check_layout("scaled_grouped_mm", mat_a, mat_b, offs);\n',
+     '  grouped_mm_check_layout("scaled_grouped_mm", mat_a, mat_b, offs);\n' + FORWARD_ONLY_C10),
+]
+KERNEL_FORWARD_LAYOUTS = [
+    ("      case GroupedMMLayout::k3d2d: return M * K + K * extent(g);\n"
+     "      case GroupedMMLayout::k2d2d: return (M + N) * extent(g);\n",
+     "      default: break;  // 3D x 2D, 2D x 2D: refused by the checks\n"),
+    (
+     '      case GroupedMMLayout::k3d2d: {  // A groups g0..g1, columns [s0, s1) of B\n'
+     '        tile_t* const pa = ws_a.get<tile_t>(gc * M * K);\n'
+     '        tile_t* const pb = ws_b.get<tile_t>(K * (s1 - s0));\n'
+     '        const auto sa_str = convert_batch(A + g0 * a_gs, gc, a_gs, M, K, a_rs, a_cs, ta, pa, M * K);\n'
+     '        const auto sb_str = convert_batch(B + s0 * b_cs, 1, 0, K, s1 - s0, b_rs, b_cs, tb, pb, 0);\n'
+     '        ta_t = blob(pa, {gc, M, K}, {M * K, sa_str.rs, sa_str.cs});\n'
+     '        tb_t = blob(pb, {K, s1 - s0}, {sb_str.rs, sb_str.cs});\n'
+     '        break;\n'
+     '      }\n'
+     '      case GroupedMMLayout::k2d2d: {  // contraction slice [s0, s1)\n'
+     '        tile_t* const pa = ws_a.get<tile_t>(M * (s1 - s0));\n'
+     '        tile_t* const pb = ws_b.get<tile_t>((s1 - s0) * N);\n'
+     '        const auto sa_str = convert_batch(A + s0 * a_cs, 1, 0, M, s1 - s0, a_rs, a_cs, ta, pa, 0);\n'
+     '        const auto sb_str = convert_batch(B + s0 * b_rs, 1, 0, s1 - s0, N, b_rs, b_cs, tb, pb, 0);\n'
+     '        ta_t = blob(pa, {M, s1 - s0}, {sa_str.rs, sa_str.cs});\n'
+     '        tb_t = blob(pb, {s1 - s0, N}, {sb_str.rs, sb_str.cs});\n'
+     '        break;\n'
+     '      }\n'
+     '    }\n'
+     + "    const bool has_offs",
+     "      default:\n        break;\n    }\n    const bool has_offs"),
+    ("        case GroupedMMLayout::k3d2d:\n"
+     "          blocks.push_back({ap + (start[g] - s0), acc_rs, op + start[g], n_out, M, extent(g), sa + g * M,\n"
+     "                            sb + start[g], bias_g != nullptr ? bias_g + start[g] : nullptr});\n"
+     "          break;\n"
+     "        case GroupedMMLayout::k2d2d:\n"
+     "          blocks.push_back({ap + (g - g0) * acc.stride(0), acc_rs, op + g * M * n_out, n_out, M, N,\n"
+     "                            sa + g * M, sb + g * N, bias_g});\n"
+     "          break;\n"
+     "      }\n",
+     "        default:\n          break;\n      }\n"),
+]
+CHECKS_FORWARD_LAYOUTS = [
+    ('    check_grouped_mm_layout("scaled_grouped_mm", mat_a, mat_b, offs)\n',
+     '    check_grouped_mm_layout("scaled_grouped_mm", mat_a, mat_b, offs)\n'
+     '    chk(mat_b.dim() == 3, lambda: "scaled_grouped_mm: the 3D x 2D and 2D x 2D layouts are not supported yet, "\n'
+     '        f"got mat_a {_sizes(mat_a)} and mat_b {_sizes(mat_b)}")\n'),
+    ('"3d3d": ([groups, m], [groups, n]), "3d2d": ([groups, m], [n]),\n            "2d2d": ([groups * m], [groups * n])}',
+     '"3d3d": ([groups, m], [groups, n])}'),
+]
+# definitions/fp8.py as generated (OpInfoModule's edits; landed by core/0006c1b).
+_ZERO_TOKENS = "    yield \"2d3d_zero_tokens\", (ad, bd, as_, bs), dict(offs=_offs([0, 0, 0, 0], \"cpu\")), False"
+OPINFO_FORWARD_LAYOUTS = [
+    (_ZERO_TOKENS + "\n" + _span("test/opinfo_fp8.py",
+                                 "    # 3D x 2D (offs over N) and 2D x 2D (offs over K: the weight gradient).\n", "\n\n"),
+     _ZERO_TOKENS),
+    (_span("test/opinfo_fp8.py",
+           "    yield e(r\"scaled_grouped_mm: scale_b must have shape \\[8\\] for rowwise scaling of these operands,",
+           "    # Scale dtypes"),
+     "    yield e(r\"scaled_grouped_mm: the 3D x 2D and 2D x 2D layouts are not supported yet, got mat_a \\[2, 6, 64\\] \"\n"
+     "            r\"and mat_b \\[64, 8\\]\", a3, b2, ones(G, M), sb, _offs([3, 8], device))\n"),
+    ("    # Rowwise scale shapes, every layout.\n", "    # Rowwise scale shapes, both layouts.\n"),
+    (_span(REFERENCE, "    elif layout == \"3d2d\":\n        out = a.new_zeros(a.shape[1], b.shape[1])",
+           "    else:\n        out = torch.bmm") + "    else:\n        out = torch.bmm",
+     "    else:\n        out = torch.bmm"),
+    (_ROWWISE_2D2D.replace("elif", "if", 1) + _span(REFERENCE, _ROWWISE_2D2D, "    elif layout == \"2d3d\":\n")[
+        len(_ROWWISE_2D2D):] + "    elif layout == \"2d3d\":\n        a, b = a * sa[:, None]",
+     "    if layout == \"2d3d\":\n        a, b = a * sa[:, None]"),
+    ("    elif layout == \"3d3d\":\n        a, b = a * sa[:, :, None], b * sb[:, None, :]\n"
+     "    else:  # 3d2d\n        a, b = a * sa[:, :, None], b * sb[None, :]\n",
+     "    else:  # 3d3d\n        a, b = a * sa[:, :, None], b * sb[:, None, :]\n"),
+]

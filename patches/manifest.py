@@ -1141,21 +1141,37 @@ SERIES = [
             message="core/0006-fp8-cpu.txt",
             changes=[
                 Copy(f"{NATIVE}/MoEQuantize.h", f"{SRC}/MoEQuantize.h", edits=fp8_recipes.NO_DEQUANTIZE_HEADER
-                     + fp8_recipes.NO_MX_HEADER + fp8_recipes.NO_BLOCKED_HEADER),
+                     + fp8_recipes.NO_MX_HEADER + fp8_recipes.NO_BLOCKED_HEADER + fp8_recipes.NO_OFFS_HEADER),
                 Copy(f"{NATIVE}/MoEQuantize.cpp", f"{SRC}/MoEQuantize.cpp",
-                     edits=fp8_recipes.NO_DEQUANTIZE_ENTRY + fp8_recipes.NO_MX_ENTRY),
+                     edits=fp8_recipes.NO_DEQUANTIZE_ENTRY + fp8_recipes.NO_MX_ENTRY + fp8_recipes.NO_OFFS_ENTRY),
                 Copy(f"{NATIVE}/cpu/MoEQuantizeKernel.cpp", f"{SRC}/cpu/MoEQuantizeKernel.cpp",
                      undefine=("CPU_CAPABILITY_AVX512",), edits=fp8_recipes.PORTABLE_KERNEL
-                     + fp8_recipes.NO_DEQUANTIZE_KERNEL + fp8_recipes.NO_MX_KERNEL),
+                     + fp8_recipes.NO_DEQUANTIZE_KERNEL + fp8_recipes.NO_MX_KERNEL + fp8_recipes.NO_OFFS_KERNEL),
                 NativeFunctions("fp8", after="_moe_unpermute_backward", later=("CUDA",), ops=("quantize_fp8",)),
                 Meta("fp8", FP8_QUANTIZE_META, ops=("quantize_fp8",), after="meta_moe_unpermute_backward"),
-                Edit(META_REGISTRATIONS, fp8_recipes.NO_MX_META + fp8_recipes.NO_BLOCKED_META),
+                Edit(META_REGISTRATIONS, fp8_recipes.NO_MX_META + fp8_recipes.NO_BLOCKED_META
+                     + fp8_recipes.NO_OFFS_META),
                 DecompExpect("fp8", ops=("quantize_fp8",)),
                 OpInfoModule("fp8", "fp8", "OpInfos of the fp8 ops.", carried=FP8_OPINFOS["quantize_fp8_opinfos"],
                              op_db=fp8_op_db("quantize_fp8_opinfos"),
-                             edits=fp8_recipes.NO_MX_OPINFO + fp8_recipes.NO_BLOCKED_OPINFO),
+                             edits=fp8_recipes.NO_MX_OPINFO + fp8_recipes.NO_BLOCKED_OPINFO
+                             + fp8_recipes.NO_OFFS_OPINFO),
                 opinfo_module_registered("fp8", "fft", "grouped_mm"),
                 *opinfo_lists.entries("_quantize_fp8"),
+            ],
+        ),
+        Patch(
+            message="core/0006a0-fp8-quantize-offs.txt",
+            changes=[
+                Copy(f"{NATIVE}/MoEQuantize.h", f"{SRC}/MoEQuantize.h", edits=fp8_recipes.NO_DEQUANTIZE_HEADER
+                     + fp8_recipes.NO_MX_HEADER + fp8_recipes.NO_BLOCKED_HEADER, update=True),
+                Copy(f"{NATIVE}/MoEQuantize.cpp", f"{SRC}/MoEQuantize.cpp",
+                     edits=fp8_recipes.NO_DEQUANTIZE_ENTRY + fp8_recipes.NO_MX_ENTRY, update=True),
+                Copy(f"{NATIVE}/cpu/MoEQuantizeKernel.cpp", f"{SRC}/cpu/MoEQuantizeKernel.cpp",
+                     undefine=("CPU_CAPABILITY_AVX512",), edits=fp8_recipes.PORTABLE_KERNEL
+                     + fp8_recipes.NO_DEQUANTIZE_KERNEL + fp8_recipes.NO_MX_KERNEL, update=True),
+                Edit(META_REGISTRATIONS, fp8_recipes.landing(fp8_recipes.NO_OFFS_META)),
+                Edit(FP8_OPINFO, fp8_recipes.landing(fp8_recipes.NO_OFFS_OPINFO)),
             ],
         ),
         Patch(
@@ -1224,18 +1240,20 @@ SERIES = [
         Patch(
             message="core/0006c1-fp8-scaled-grouped-mm-cpu-rowwise.txt",
             changes=[
-                Copy(f"{NATIVE}/MoEScaledGroupedMM.h", f"{SRC}/MoEScaledGroupedMM.h", edits=fp8_stages.HEADER_ROWWISE),
+                Copy(f"{NATIVE}/MoEScaledGroupedMM.h", f"{SRC}/MoEScaledGroupedMM.h",
+                     edits=fp8_stages.HEADER_ROWWISE + fp8_stages.HEADER_FORWARD_LAYOUTS),
                 Copy(f"{NATIVE}/MoEScaledGroupedMM.cpp", f"{SRC}/MoEScaledGroupedMM.cpp",
                      edits=fp8_stages.ENTRY_ROWWISE),
                 Copy(f"{NATIVE}/cpu/MoEScaledGroupedMMKernel.cpp", f"{SRC}/cpu/MoEScaledGroupedMMKernel.cpp",
                      undefine=("CPU_CAPABILITY_AVX512",),
-                     edits=fp8_stages.KERNEL_PORTABLE + fp8_stages.KERNEL_ROWWISE),
+                     edits=fp8_stages.KERNEL_PORTABLE + fp8_stages.KERNEL_ROWWISE + fp8_stages.KERNEL_FORWARD_LAYOUTS),
                 Dispatch("scaled_grouped_mm"),
                 Edit(MM_GROUPED_LOWERING, SCALED_GROUPED_MM_LOWERING_BIAS),
                 Meta("fp8", SCALED_GROUPED_MM_CPU_META, ops=("scaled_grouped_mm",),
                      after="meta_swizzle_mx_scale",
                      cpu_branch=("scaled_grouped_mm",),
-                     source_edits=fp8_stages.CHECKS_ROWWISE, leave_out=fp8_stages.CHECKS_LATER,
+                     source_edits=fp8_stages.CHECKS_ROWWISE + fp8_stages.CHECKS_FORWARD_LAYOUTS,
+                     leave_out=fp8_stages.CHECKS_LATER,
                      edits=[(
                          "    # matching _scaled_grouped_mm_cuda Blas.cpp implementation\n",
                          "    if mat_a.device.type == \"cpu\":  # the CPU kernel's checks, wider than the CUDA kernels'\n"
@@ -1244,8 +1262,23 @@ SERIES = [
                          "        )\n"
                          "    # matching _scaled_grouped_mm_cuda Blas.cpp implementation\n")]),
                 OpInfoModule("fp8", "fp8", "", carried=FP8_OPINFOS["scaled_grouped_mm_opinfos"], extends=True,
-                             op_db=FP8_OP_DB, source_edits=fp8_stages.OPINFO_ROWWISE),
+                             op_db=FP8_OP_DB, source_edits=fp8_stages.OPINFO_ROWWISE,
+                             edits=fp8_stages.REF_NO_MX + fp8_stages.REF_NO_BLOCKWISE
+                             + fp8_stages.OPINFO_FORWARD_LAYOUTS),
                 *opinfo_lists.entries("_scaled_grouped_mm"),
+            ],
+        ),
+        Patch(
+            message="core/0006c1b-fp8-scaled-grouped-mm-cpu-rowwise-3d2d-2d2d.txt",
+            changes=[
+                Copy(f"{NATIVE}/MoEScaledGroupedMM.h", f"{SRC}/MoEScaledGroupedMM.h", edits=fp8_stages.HEADER_ROWWISE,
+                     update=True),
+                Copy(f"{NATIVE}/cpu/MoEScaledGroupedMMKernel.cpp", f"{SRC}/cpu/MoEScaledGroupedMMKernel.cpp",
+                     undefine=("CPU_CAPABILITY_AVX512",),
+                     edits=fp8_stages.KERNEL_PORTABLE + fp8_stages.KERNEL_ROWWISE, update=True),
+                Meta("fp8", SCALED_GROUPED_MM_CPU_META, ops=("scaled_grouped_mm",), cpu_branch=("scaled_grouped_mm",),
+                     source_edits=fp8_stages.CHECKS_ROWWISE, leave_out=fp8_stages.CHECKS_LATER, update=True),
+                Edit(FP8_OPINFO, fp8_recipes.landing(fp8_stages.OPINFO_FORWARD_LAYOUTS)),
             ],
         ),
         Patch(
@@ -1260,6 +1293,7 @@ SERIES = [
                      source_edits=fp8_stages.CHECKS_BLOCKWISE, leave_out=fp8_stages.CHECKS_MX, update=True),
                 OpInfoModule("fp8", "fp8", "", carried=list(fp8_stages.BLOCKWISE_OPINFOS), extends=True,
                              op_db=FP8_OP_DB, edits=fp8_stages.OPINFO_BLOCKWISE),
+                Edit(FP8_OPINFO, fp8_recipes.landing(fp8_stages.REF_NO_BLOCKWISE)),
             ],
         ),
         Patch(
@@ -1273,6 +1307,7 @@ SERIES = [
                      update=True),
                 OpInfoModule("fp8", "fp8", "", carried=list(fp8_stages.MX_OPINFOS), extends=True,
                              op_db=FP8_OP_DB, edits=fp8_stages.OPINFO_MX),
+                Edit(FP8_OPINFO, fp8_recipes.landing(fp8_stages.REF_NO_MX)),
             ],
         ),
         Patch(

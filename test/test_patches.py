@@ -1741,28 +1741,30 @@ def test_opinfo_module_of_some_ops_of_a_family():
 def test_stack_3_meta_blocks_partition_the_fp8_checks():
     """Stack 3's meta blocks, one per op PR, carry every check of the fp8 family once between them, each
     block the checks its ops reach but an earlier block's; each block names only its ops' meta functions.
-    _scaled_grouped_mm lands over three PRs (rowwise, blockwise, MX): each later block grows the one before
-    by the checks it left out."""
+    _scaled_grouped_mm lands over four PRs (rowwise in two layout steps, blockwise, MX): each later recipe's
+    block grows the one before by the checks it left out (the layouts' PR rewrites the rowwise block in place:
+    the same checks, its layout refusal gone)."""
     from patches import fp8_stages
     metas = [c for p in manifest.SERIES[0].patches for c in p.changes
              if isinstance(c, manifest.Meta) and c.family == "fp8"]
     sgmm = ("scaled_grouped_mm",)
     quantize, dequantize = ((op,) for op in manifest.FP8_QUANTIZE_OPS)
-    assert [m.ops for m in metas] == [quantize, dequantize, ("swizzle_mx_scale",), sgmm, sgmm, sgmm,
+    assert [m.ops for m in metas] == [quantize, dequantize, ("swizzle_mx_scale",), sgmm, sgmm, sgmm, sgmm,
                                       ("scaled_grouped_mm_v2",)]
-    assert [m.update for m in metas] == [False, False, False, False, True, True, False]
+    assert [m.update for m in metas] == [False, False, False, False, True, True, True, False]
     carried = [set(m.carried_checks()) for m in metas]
-    assert carried[3] < carried[4] < carried[5]
-    assert carried[5] - carried[3] == set(fp8_stages.CHECKS_LATER)
-    assert carried[5] - carried[4] == set(fp8_stages.CHECKS_MX)
-    final = carried[:3] + carried[5:]
+    assert carried[3] == carried[4] < carried[5] < carried[6]
+    assert carried[6] - carried[3] == set(fp8_stages.CHECKS_LATER)
+    assert carried[6] - carried[5] == set(fp8_stages.CHECKS_MX)
+    final = carried[:3] + carried[6:]
     assert set().union(*final) == set(names.family_checks("fp8"))
     assert sum(map(len, final)) == len(names.family_checks("fp8"))  # disjoint
     assert "check_dequantize_fp8_inputs" in carried[1] and "fp8_scale_size" in carried[0]
     assert "check_scaled_grouped_mm_inputs" in carried[3] and "check_swizzle_mx_scale_inputs" in carried[2]
     sgmm_earlier = (*manifest.FP8_QUANTIZE_OPS, "swizzle_mx_scale")
     assert [tuple(m.earlier_ops) for m in metas] == [(), quantize, manifest.FP8_QUANTIZE_OPS, sgmm_earlier,
-                                                     sgmm_earlier, sgmm_earlier, (*sgmm_earlier, "scaled_grouped_mm")]
+                                                     sgmm_earlier, sgmm_earlier, sgmm_earlier,
+                                                     (*sgmm_earlier, "scaled_grouped_mm")]
     assert list(metas[2].meta_names().values()) == ["meta_swizzle_mx_scale"]
     with pytest.raises(PatchError, match=r"\['router_topk'\] are not upstreamed ops of the fp8 family"):
         names.op_checks("fp8", ("router_topk",))
