@@ -100,124 +100,29 @@ def sample_inputs_scaled_grouped_mm_v2(op_info, device, dtype, requires_grad, **
 
 
 def error_inputs_scaled_grouped_mm_v2(op_info, device, **kwargs):
-    f8, e8 = torch.float8_e4m3fn, torch.float8_e8m0fnu
-    M, K, N, G = 6, 64, 8, 2
-    a = torch.zeros(M, K, device=device).to(f8)
-    b = torch.zeros(G, N, K, device=device).to(f8).transpose(-2, -1)
-    a3 = torch.zeros(G, M, K, device=device).to(f8)
-    b2 = torch.zeros(K, N, device=device).to(f8)
-    offs = torch.tensor([2, 6], dtype=torch.int32, device=device)
-    ones = partial(torch.ones, device=device)
-    sa, sb = ones(M), ones(G, N)
-    # MX: mat_a's scale blocked per group (at least M rows, not the plain (M, 2)); mat_b's plain and swizzled.
-    sa_mx, sb_mx, sb_mx_swz = ones(M, 4).to(e8), ones(G, N, 2).to(e8), ones(G, 128 * 4).to(e8)
-    sa_bw, sb_bw = ones(M, 1), ones(G, 1, 1)  # blockwise: 1x128 of mat_a, 128x128 of mat_b^T
-    R, S1 = [ROWWISE], [SWIZZLE_32_4_4]
-    MX = [BLOCKWISE_1X32]
+    """The structured OpInfo's error inputs (the kernel's refusals), and the calls the structured meta
+    function refuses before the kernel in-tree, which the in-repo op checks itself: operands and
+    out_dtype, contraction_dim, offs, bias."""
+    yield from error_inputs_scaled_grouped_mm_v2_structured(op_info, device)
+    a, b, a3, b2, offs, ones = _scaled_grouped_mm_v2_error_operands(device)
+    M, N, G = 6, 16, 2
+    sa, sb, R = ones(M), ones(G, N), [ROWWISE]
 
-    def e(regex, mat_a, mat_b, scale_a, recipe_a, swizzle_a, scale_b, recipe_b, swizzle_b, offs=offs, name="",
-          **kw):
-        return ErrorInput(SampleInput(mat_a, args=(mat_b, scale_a, recipe_a, swizzle_a, scale_b, recipe_b, swizzle_b),
-                                      kwargs=dict(kw, offs=offs), name=name),
-                          error_type=ValueError, error_regex=regex)
+    def e(regex, *args, offs=offs, **kw):
+        return _v2_err(regex, *args, offs=offs, **kw)
 
     op = "scaled_grouped_mm_v2"
-    # Operands and out_dtype: the shared checks, under v2's name.
-    yield e(rf"{op}: mat_a must be Float8_e4m3fn or Float8_e5m2, got BFloat16", a.bfloat16(), b, [sa], R, [], [sb],
-            R, [])
-    yield e(rf"{op}: contraction sizes differ: mat_a \[6, 32\] has K=32 but mat_b \[2, 64, 8\] has K=64", a[:, :32],
+    yield e(rf"{op}: contraction sizes differ: mat_a \[6, 32\] has K=32 but mat_b \[2, 64, 16\] has K=64", a[:, :32],
             b, [sa], R, [], [sb], R, [])
     yield e(r"scaled_grouped_mm: out_dtype must be bfloat16 or float32, got Half", a, b, [sa], R, [], [sb], R, [],
             out_dtype=torch.float16)
-    # Malformed recipe and swizzle lists.
-    yield e(rf"{op}: recipe_a must hold one ScalingType \(one scale per operand on CPU\), got recipe_a=\[\]", a, b,
-            [sa], [], [], [sb], R, [])
-    yield e(rf"{op}: recipe_b must hold one ScalingType \(one scale per operand on CPU\), got recipe_b=\[1, 1\]", a,
-            b, [sa], R, [], [sb], [1, 1], [])
-    yield e(rf"{op}: recipe_a=\[6\] is not a ScalingType \(0 TensorWise .. 5 BlockWise128x128\)", a, b, [sa], [6],
-            [], [sb], R, [])
-    yield e(rf"{op}: recipe_b=\[-1\] is not a ScalingType", a, b, [sa], R, [], [sb], [-1], [])
-    yield e(rf"{op}: swizzle_a must hold at most one SwizzleType \(one scale per operand on CPU\), got "
-            r"swizzle_a=\[0, 0\]", a, b, [sa], R, [0, 0], [sb], R, [])
-    yield e(rf"{op}: swizzle_b=\[2\] is not a SwizzleType \(0 NO_SWIZZLE, 1 SWIZZLE_32_4_4\)", a, b, [sa], R, [],
-            [sb], R, [2])
-    yield e(rf"{op}: scale_a must hold one tensor for recipe_a=\[1\] \(RowWise\), got 0", a, b, [], R, [], [sb], R, [])
-    yield e(rf"{op}: scale_b must hold one tensor for recipe_b=\[1\] \(RowWise\), got 2", a, b, [sa], R, [], [sb, sb],
-            R, [])
     yield e(rf"{op}: contraction_dim must be \[\] or \[-1, -2\] \(K last in mat_a, first in mat_b\), got "
             r"contraction_dim=\[0, 1\]", a, b, [sa], R, [], [sb], R, [], contraction_dim=[0, 1])
     yield e(rf"{op}: contraction_dim must be .*, got contraction_dim=\[-1\]", a, b, [sa], R, [], [sb], R, [],
             contraction_dim=[-1])
     yield e(rf"{op}: offs is required when mat_a or mat_b is 2-D", a, b, [sa], R, [], [sb], R, [], offs=None)
-    # Recipe pairings the CPU kernel does not take, each refused by value.
-    for ra, rb, names in ((TENSORWISE, TENSORWISE, "TensorWise.*TensorWise"),
-                          (ROWWISE, TENSORWISE, "RowWise.*TensorWise"),
-                          (BLOCKWISE_1X16, BLOCKWISE_1X16, "BlockWise1x16.*BlockWise1x16"),
-                          (BLOCKWISE_1X32, ROWWISE, "BlockWise1x32.*RowWise"),
-                          (ROWWISE, BLOCKWISE_1X32, "RowWise.*BlockWise1x32"),
-                          (BLOCKWISE_128X128, BLOCKWISE_1X128, "BlockWise128x128.*BlockWise1x128"),
-                          (BLOCKWISE_1X128, BLOCKWISE_1X128, "BlockWise1x128.*BlockWise1x128"),
-                          (BLOCKWISE_1X128, ROWWISE, "BlockWise1x128.*RowWise")):
-        yield e(rf"{op}: recipe_a=\[{ra}\] \({names.split('.*')[0]}\) x recipe_b=\[{rb}\] \({names.split('.*')[1]}\) "
-                r"is not supported on CPU; the CPU kernel takes RowWise x RowWise", a, b, [sa], [ra], [], [sb], [rb],
-                [], name=f"recipes_{ra}_{rb}")
-    # RowWise x RowWise: never swizzled, float32, rowwise shapes (not told from them).
-    yield e(rf"{op}: RowWise scales are never swizzled: swizzle_a and swizzle_b must be \[\] or \[0\] \(NO_SWIZZLE\), "
-            r"got swizzle_a=\[\] and swizzle_b=\[1\]", a, b, [sa], R, [], [sb], R, S1)
-    yield e(rf"{op}: scale_a must be Float for recipe_a=\[1\] \(RowWise\), got Float8_e8m0fnu", a, b, [sa_mx], R, [],
-            [sb], R, [])
-    yield e(rf"{op}: scale_b must be Float for recipe_b=\[1\] \(RowWise\), got BFloat16", a, b, [sa], R, [],
-            [sb.bfloat16()], R, [])
-    # A blockwise-shaped scale stated RowWise is read as a wrong rowwise one (v1 would have taken it as blockwise).
-    yield e(r"scaled_grouped_mm: scale_a must have shape \[6\] for rowwise scaling of these operands, got \[6, 1\]",
-            a, b, [sa_bw], R, [], [sb_bw], R, [])
-    yield e(r"scaled_grouped_mm: scale_b must have shape \[8\] for rowwise scaling of these operands, got \[2, 8\]",
-            a3, b2, [ones(G, M)], R, [], [sb], R, [], offs=torch.tensor([3, 8], dtype=torch.int32, device=device))
-    # BlockWise1x32 x BlockWise1x32 (MXFP8).
-    yield e(rf"{op}: scale_a must be Float8_e8m0fnu for recipe_a=\[3\] \(BlockWise1x32\), got Float", a, b, [sa], MX,
-            S1, [sb_mx], MX, [])
-    yield e(rf"{op}: scale_b must be Float8_e8m0fnu for recipe_b=\[3\] \(BlockWise1x32\), got Float", a, b, [sa_mx],
-            MX, S1, [sb], MX, [])
-    yield e(rf"{op}: recipe_a=\[3\] x recipe_b=\[3\] \(BlockWise1x32, MXFP8\) supports 2D x 3D, 3D x 3D and 2D x 2D "
-            r"operands, got mat_a \[2, 6, 64\] and mat_b \[64, 8\]", a3, b2, [ones(G, M, 2).to(e8)], MX, [],
-            [ones(N, 4).to(e8)], MX, S1, offs=torch.tensor([3, 8], dtype=torch.int32, device=device))
-    yield e(rf"{op}: recipe_a=\[3\] \(BlockWise1x32\) of a 2-D mat_a takes its scale blocked per group "
-            r"\(swizzle_mx_scale\): swizzle_a must be \[1\] \(SWIZZLE_32_4_4\), got swizzle_a=\[\]", a, b, [sa_mx],
-            MX, [], [sb_mx], MX, [])
-    yield e(rf"{op}: recipe_b=\[3\] \(BlockWise1x32\) of a 2-D mat_b takes its scale blocked per group "
-            r"\(swizzle_mx_scale\): swizzle_b must be \[1\] \(SWIZZLE_32_4_4\), got swizzle_b=\[0\]", a, b2,
-            [ones(M, 4).to(e8)], MX, S1, [ones(N, 4).to(e8)], MX, [NO_SWIZZLE], name="2d2d")
-    # The swizzle stated, not the scale's rank, says which grid a 3-D operand's scale is in.
-    yield e(r"scaled_grouped_mm: scale_b must have shape \[2, 8, 2\] for mx scaling of these operands, got "
-            r"\[2, 512\]", a, b, [sa_mx], MX, S1, [sb_mx_swz], MX, [NO_SWIZZLE])
-    yield e(r"scaled_grouped_mm: scale_b must have shape \[2, 512\] for mx \(swizzled\) scaling of these operands, "
-            r"got \[2, 8, 2\]", a, b, [sa_mx], MX, S1, [sb_mx], MX, S1)
-    yield e(r"scaled_grouped_mm: scale_a must have shape \[2, 6, 2\] for mx scaling of these operands, got \[2, 512\]",
-            a3, b, [ones(G, 128 * 4).to(e8)], MX, [], [sb_mx], MX, [], offs=None)
-    yield e(r"scaled_grouped_mm: scale_a has the shape of the plain mx scale grid of mat_a, \[6, 2\]", a, b,
-            [ones(M, 2).to(e8)], MX, S1, [sb_mx], MX, [])
-    # BlockWise1x128 x BlockWise128x128.
-    BA, BB = [BLOCKWISE_1X128], [BLOCKWISE_128X128]
-    yield e(rf"{op}: BlockWise1x128 x BlockWise128x128 scales are never swizzled: swizzle_a and swizzle_b must be "
-            r"\[\] or \[0\] \(NO_SWIZZLE\), got swizzle_a=\[1\] and swizzle_b=\[\]", a, b, [sa_bw], BA, S1, [sb_bw],
-            BB, [])
-    yield e(rf"{op}: recipe_a=\[4\] \(BlockWise1x128\) x recipe_b=\[5\] \(BlockWise128x128\) supports 2D x 3D and "
-            r"3D x 3D operands, got mat_a \[6, 64\] and mat_b \[64, 8\]", a, b2, [sa_bw], BA, [], [sb_bw], BB, [])
-    yield e(rf"{op}: scale_b must be Float for recipe_b=\[5\] \(BlockWise128x128\), got Float8_e8m0fnu", a, b,
-            [sa_bw], BA, [], [sb_mx], BB, [])
-    # A rowwise-shaped scale stated blockwise is read as a wrong blockwise one (v1 would have taken it as rowwise).
-    yield e(r"scaled_grouped_mm: scale_a must have shape \[6, 1\] for blockwise \(1x128 x 128x128\) scaling of these "
-            r"operands, got \[6\]", a, b, [sa], BA, [], [sb], BB, [])
-    yield e(r"scaled_grouped_mm: scale_b must have shape \[2, 1, 1\] for blockwise \(1x128 x 128x128\) scaling of "
-            r"these operands, got \[2, 8\]", a, b, [sa_bw], BA, [], [sb], BB, [])
-    # The checks after the recipe's: bias, then offs values (CPU only: read on the host).
-    yield e(r"scaled_grouped_mm: bias must have shape \(G, N\) = \(2, 8\), got \[8\]", a, b, [sa], R, [], [sb], R, [],
-            bias=ones(N))
-    if torch.device(device).type == "cpu":
-        yield e(r"scaled_grouped_mm: offs must be non-decreasing in \[0, M \(mat_a.size\(0\)\)=6\], got offs\[1\]=7 "
-                r"after offs\[0\]=2", a,
-                b, [sa], R, [], [sb], R, [], offs=torch.tensor([2, 7], dtype=torch.int32, device=device),
-                name="offs_values")
+    yield e(r"scaled_grouped_mm: bias must have shape \(G, N\) = \(2, 16\), got \[16\]", a, b, [sa], R, [], [sb], R,
+            [], bias=ones(N))
 
 
 # -- The OpInfo upstream runs (definitions/fp8.py). In-tree, _scaled_grouped_mm_v2 is structured: its
