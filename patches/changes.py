@@ -22,6 +22,17 @@ from . import rewrite
 from .errors import PatchError
 
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def source_span(path: str, start: str, stop: str) -> str:
+    """The text of the in-repo file path from start (included) to the first stop after it
+    (excluded); start must occur once (the stage modules cut sources with it)."""
+    with open(os.path.join(REPO_ROOT, path), encoding="utf-8") as f:
+        text = f.read()
+    if text.count(start) != 1:
+        raise ValueError(f"{path}: {start!r} occurs {text.count(start)} times")
+    begin = text.index(start)
+    return text[begin:text.index(stop, begin)]
 MESSAGES = os.path.join(os.path.dirname(os.path.abspath(__file__)), "messages")
 
 

@@ -10,22 +10,11 @@ that anchor instead of carrying a stale file."""
 
 from __future__ import annotations
 
-import os
+from .changes import source_span as _span
 
-REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 NATIVE = "torch_moe_ops/csrc/ATen/native"
 HEADER = f"{NATIVE}/GroupedMM.h"
 TEST = "patches/src/test/test_matmul.py"
-
-
-def _span(path: str, start: str, stop: str) -> str:
-    """The text of the in-repo file path from start (included) to stop (excluded), each found once."""
-    with open(os.path.join(REPO_ROOT, path), encoding="utf-8") as f:
-        text = f.read()
-    if text.count(start) != 1:
-        raise ValueError(f"{path}: {start!r} occurs {text.count(start)} times")
-    begin = text.index(start)
-    return text[begin:text.index(stop, begin)]
 
 
 BIAS_REFUSED_C10 = '"grouped_mm: bias is not supported yet, got a bias of sizes ", bias->sizes());\n'
