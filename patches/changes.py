@@ -22,6 +22,7 @@ from . import rewrite
 from .errors import PatchError
 
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+MESSAGES = os.path.join(os.path.dirname(os.path.abspath(__file__)), "messages")
 
 
 def source_span(path: str, start: str, stop: str) -> str:
@@ -33,7 +34,6 @@ def source_span(path: str, start: str, stop: str) -> str:
         raise ValueError(f"{path}: {start!r} occurs {text.count(start)} times")
     begin = text.index(start)
     return text[begin:text.index(stop, begin)]
-MESSAGES = os.path.join(os.path.dirname(os.path.abspath(__file__)), "messages")
 
 
 def declared_at() -> str:

@@ -32,6 +32,11 @@ def _closure(source: str, roots: list[str]) -> list[str]:
     return seen
 
 
+def _bound_name(alias: ast.alias) -> str:
+    """The module-level name an import binds for alias ("os.path" binds "os")."""
+    return (alias.asname or alias.name).split(".")[0]
+
+
 @dataclass
 class OpInfoModule:
     """``module``.py of the OpInfo definitions from test/opinfo_<family>.py:
@@ -172,7 +177,7 @@ class OpInfoModule:
         used = {n.id for n in ast.walk(code) if isinstance(n, ast.Name)} | \
             {n.value.id for n in ast.walk(code) if isinstance(n, ast.Attribute) and isinstance(n.value, ast.Name)}
         lines = src.splitlines(keepends=True)
-        statements = []  # the source's imports the new code uses (this package's excepted)
+        statements = []  # (text, names bound) of the source's imports the new code uses (this package's excepted)
         for node in tree.body:
             if isinstance(node, ast.ImportFrom) and (node.module or "").startswith("opinfo_"):
                 # a sibling OpInfo test module's definitions: the upstream module's own by now
@@ -184,30 +189,28 @@ class OpInfoModule:
             if isinstance(node, (ast.Import, ast.ImportFrom)) and not (
                     isinstance(node, ast.ImportFrom) and (node.module or "").split(".")[0] in ("__future__",
                                                                                                "torch_moe_ops")):
-                if any((a.asname or a.name).split(".")[0] in used for a in node.names):
-                    statements.append("".join(lines[node.lineno - 1:node.end_lineno]))
+                names = {_bound_name(a) for a in node.names}
+                if names & used:
+                    statements.append(("".join(lines[node.lineno - 1:node.end_lineno]), names))
         if "Optional" in used:  # the references annotate with it (the module has no __future__ annotations)
-            statements.append("from typing import Optional\n")
+            statements.append(("from typing import Optional\n", {"Optional"}))
         new = new.rstrip("\n")
         if upstream is None:
             # The standard library's imports, then torch's, as upstream groups them.
-            std = sorted((t for t in statements if not t.startswith(("import torch", "from torch"))),
+            std = sorted((t for t, _ in statements if not t.startswith(("import torch", "from torch"))),
                          key=lambda t: (t.startswith("from "), t))
-            torch_imports = [t for t in statements if t.startswith(("import torch", "from torch"))]
+            torch_imports = [t for t, _ in statements if t.startswith(("import torch", "from torch"))]
             text = ('# mypy: ignore-errors\n\n"""' + self.title + '"""\n\n' + "".join(std)
                     + ("\n" if std and torch_imports else "") + "".join(torch_imports) + "\n\n"
                     + new + "\n\n\n" + self.op_db.rstrip("\n") + "\n")
         else:
             text = upstream
-            # (an import of names the module binds already, differently grouped, is not missing)
-            bound = {(a.asname or a.name).split(".")[0] for n in rewrite.parse(text, self.path).body
-                     if isinstance(n, (ast.Import, ast.ImportFrom)) for a in n.names}
-            missing = [t for t in statements if t not in text and not all(
-                (a.asname or a.name).split(".")[0] in bound or (a.asname or a.name).split(".")[0] not in used
-                for n in rewrite.parse(t, self.source).body for a in n.names)]
+            imports = [n for n in rewrite.parse(text, self.path).body if isinstance(n, (ast.Import, ast.ImportFrom))]
+            bound = {_bound_name(a) for n in imports for a in n.names}
+            # (an import whose used names the module binds already, differently grouped, is not missing)
+            missing = [t for t, names in statements if t not in text and (names & used) - bound]
             if missing:
-                last = [n for n in rewrite.parse(text, self.path).body if isinstance(n, (ast.Import, ast.ImportFrom))][-1]
-                at = sum(len(line) for line in text.splitlines(keepends=True)[:last.end_lineno])
+                at = sum(len(line) for line in text.splitlines(keepends=True)[:imports[-1].end_lineno])
                 text = text[:at] + "".join(missing) + text[at:]
             dbs = [n for n in rewrite.parse(text, self.path).body if "op_db" in rewrite.top_level_names(n)]
             if len(dbs) != 1:
