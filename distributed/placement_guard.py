@@ -33,7 +33,7 @@ from collections.abc import Callable
 import torch
 from torch.distributed.tensor import DTensor
 from torch.distributed.tensor._dtensor_spec import DTensorSpec, TensorMeta
-from torch.distributed.tensor._op_schema import OpSchema, OpStrategy, RuntimeSchemaInfo
+from torch.distributed.tensor._op_schema import OpSchema, OpStrategy, RuntimeSchemaInfo, TupleStrategy
 from torch.distributed.tensor._ops.single_dim_strategy import _PreparedSingleDimStrategy
 from torch.distributed.tensor._ops.utils import is_tensor_shardable
 from torch.distributed.tensor.placement_types import Partial, Placement, Replicate, Shard, _StridedShard
@@ -116,11 +116,13 @@ class _Guard:
     """The full-mesh filter that refuses placements no rule keeps (see the
     module docstring), then defers to the op's own filter."""
 
-    def __init__(self, op: torch._ops.OpOverload, info, explain: Callable[[dict], Explanation]):
+    def __init__(self, op: torch._ops.OpOverload, info, explain: Callable[[dict], Explanation],
+                 arg_names: dict[str, str]):
         self.op_name = op._schema.name.split("::")[-1]
         self.info = info  # the strategy as registered, without the guard
         self.inner = info.full_mesh_strategy_filter
         self.explain = explain
+        self.arg_names = arg_names
         # The expansion calls the filter once per candidate with the same
         # op_schema: verify once per schema.
         self._verified = None
@@ -135,18 +137,28 @@ class _Guard:
                 return False
         return self.inner is None or self.inner(mesh, op_schema, input_specs, output_specs)
 
-    @staticmethod
-    def _current(op_schema: OpSchema) -> list[tuple[str, tuple]]:
-        """(name, current placements) of the tensor inputs, in the order of the
-        rules: positional arguments, then keyword ones."""
-        names = [a.name for a in op_schema.op._schema.arguments]
+    def _inputs(self, op_schema: OpSchema) -> list[tuple[str, OpStrategy]]:
+        """(name, strategy) of the tensor inputs, in the order of the rules:
+        positional arguments, then keyword ones, a tensor list's elements
+        flattened (named ``scale_a[0]``...) as DTensor flattens them."""
+        names = [self.arg_names.get(a.name, a.name) for a in op_schema.op._schema.arguments]
         items = [(names[i], v) for i, v in enumerate(op_schema.args_schema)]
-        items += list(op_schema.kwargs_schema.items())
-        return [(n, v.strategies[0].output_spec.placements) for n, v in items if isinstance(v, OpStrategy)]
+        items += [(self.arg_names.get(n, n), v) for n, v in op_schema.kwargs_schema.items()]
+        out = []
+        for name, v in items:
+            if isinstance(v, OpStrategy):
+                out.append((name, v))
+            elif isinstance(v, (TupleStrategy, list, tuple)):
+                children = v.children if isinstance(v, TupleStrategy) else v
+                out += [(f"{name}[{i}]", c) for i, c in enumerate(children) if isinstance(c, OpStrategy)]
+        return out
+
+    def _current(self, op_schema: OpSchema) -> list[tuple[str, tuple]]:
+        """(name, current placements) of the tensor inputs (see _inputs)."""
+        return [(n, v.strategies[0].output_spec.placements) for n, v in self._inputs(op_schema)]
 
     def _strategies(self, op_schema: OpSchema) -> list[OpStrategy]:
-        vals = list(op_schema.args_schema) + list(op_schema.kwargs_schema.values())
-        return [v for v in vals if isinstance(v, OpStrategy)]
+        return [v for _, v in self._inputs(op_schema)]
 
     def _verify(self, mesh, op_schema: OpSchema) -> None:
         current = self._current(op_schema)
@@ -226,13 +238,16 @@ class _Guard:
             "Redistribute them explicitly to placements the op accepts.")
 
 
-def guard_placements(op: torch._ops.OpOverload, explain: Callable[[dict], Explanation]) -> None:
+def guard_placements(op: torch._ops.OpOverload, explain: Callable[[dict], Explanation],
+                     arg_names: dict[str, str] | None = None) -> None:
     """Wraps the single-dim strategy registered for op with the refusal of
     placements it cannot keep. explain(args by name, tensors as TensorMeta)
-    gives the reasons and dimension names of the messages."""
+    gives the reasons and dimension names of the messages. arg_names renames
+    schema arguments in them as the op's own errors name them (``self`` ->
+    ``mat_a``)."""
     propagator = DTensor._op_dispatcher.sharding_propagator
     info = propagator.op_single_dim_strategy_funcs[op]
     if isinstance(info.full_mesh_strategy_filter, _Guard):  # guarded already (module reloaded)
         info = info.full_mesh_strategy_filter.info
     propagator.op_single_dim_strategy_funcs[op] = dataclasses.replace(
-        info, full_mesh_strategy_filter=_Guard(op, info, explain))
+        info, full_mesh_strategy_filter=_Guard(op, info, explain, arg_names or {}))

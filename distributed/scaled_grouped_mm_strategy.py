@@ -38,7 +38,7 @@ from torch.distributed.tensor.placement_types import Partial, Placement, Replica
 
 from torch_moe_ops import _checks
 
-__all__ = ["scaled_grouped_mm_single_dim_strategy"]
+__all__ = ["scaled_grouped_mm_single_dim_strategy", "scaled_grouped_mm_v2_single_dim_strategy"]
 
 
 @register_single_dim_strategy(
@@ -98,3 +98,41 @@ def scaled_grouped_mm_single_dim_strategy(
         if recipe == "mx" and len(metas["scale_b"].shape) == 3:  # plain mx (G, N, K/32): columns of B not blocked
             strategies.append(rule(shard(2), mat_b=shard(2), scale_b=shard(1), bias=shard(1)))
     return strategies
+
+
+@register_single_dim_strategy(
+    torch.ops.moe_ops.scaled_grouped_mm_v2.default,
+    # The recipes, swizzles, out_dtype and contraction_dim are in the sharding
+    # cache's key; the scale lists are flattened into the tensor inputs.
+    schema_info=RuntimeSchemaInfo(
+        static_argnum=3,
+        static_kwargkey=["recipe_a", "swizzle_a", "recipe_b", "swizzle_b", "out_dtype", "contraction_dim",
+                         "use_fast_accum"],
+        needs_pytree=True,
+    ),
+)
+def scaled_grouped_mm_v2_single_dim_strategy(
+    op: OpOverload, args_schema: ArgsType, kwargs_schema: KwargsType
+) -> list[list[Placement | _ShardingPlaceholder | None]]:
+    # The v2 schema states the recipe that v1 tells from the scales; once its
+    # checks pass, the scales have v1's shapes for that recipe, one tensor per
+    # operand, and the tensor inputs flatten in v1's order (mat_a, mat_b,
+    # scale_a[0], scale_b[0], offs, bias): v1's rules apply as they are.
+    def arg(index: int, name: str, default=None):
+        if index < len(args_schema):
+            return args_schema[index]
+        return kwargs_schema.get(name, default)
+
+    def meta(m: TensorMeta | None) -> torch.Tensor | None:
+        if m is None:
+            return None
+        return torch.empty_strided(m.shape, m.stride, dtype=m.dtype, device="meta")
+
+    mat_a, mat_b, scale_a, scale_b = arg(0, "self"), arg(1, "mat2"), arg(2, "scale_a"), arg(5, "scale_b")
+    offs, bias, out_dtype = arg(8, "offs"), arg(9, "bias"), arg(10, "out_dtype")
+    _checks.check_scaled_grouped_mm_v2_inputs(
+        meta(mat_a), meta(mat_b), [meta(s) for s in scale_a], arg(3, "recipe_a"), arg(4, "swizzle_a", []),
+        [meta(s) for s in scale_b], arg(6, "recipe_b"), arg(7, "swizzle_b", []), meta(offs), meta(bias), out_dtype,
+        arg(11, "contraction_dim", []))
+    return scaled_grouped_mm_single_dim_strategy(
+        op, (mat_a, mat_b, scale_a[0], scale_b[0], offs, bias, None, out_dtype), {})

@@ -142,6 +142,17 @@ def _explain_scaled_grouped_mm(args: dict):
     return why_not, _GROUPED_MM_DIMS[layout]
 
 
+def _explain_scaled_grouped_mm_v2(args: dict):
+    """v1's reasons (its rules are v2's, see scaled_grouped_mm_v2_single_dim_strategy), the scales named as
+    the elements of v2's scale lists."""
+    v1 = dict(mat_a=args["self"], mat_b=args["mat2"], scale_a=args["scale_a"][0], scale_b=args["scale_b"][0],
+              offs=args["offs"], bias=args["bias"], scale_result=None, out_dtype=args["out_dtype"])
+    why_not, dims = _explain_scaled_grouped_mm(v1)
+    listed = {"scale_a": "scale_a[0]", "scale_b": "scale_b[0]"}
+    why_not = {(listed.get(name, name), dim): reason for (name, dim), reason in why_not.items()}
+    return why_not, {listed.get(name, name): d for name, d in dims.items()}
+
+
 # ------------------------------------------------------------ grouped_mm_gather
 
 _GATHER_INPUTS = ["mat_a", "mat_b", "offs", "a_index", "b_index", "bias"]
@@ -334,6 +345,7 @@ def _explain_unpermute_backward(args: dict):
 for _op, _explain in [
     (ops.grouped_mm.default, _explain_grouped_mm),
     (ops.scaled_grouped_mm.default, _explain_scaled_grouped_mm),
+    (ops.scaled_grouped_mm_v2.default, _explain_scaled_grouped_mm_v2),
     (ops.grouped_mm_gather.default, _explain_grouped_mm_gather),
     (ops.router_topk.default, _explain_router_topk),
     (ops.permute.default, _explain_permute),
@@ -345,4 +357,6 @@ for _op, _explain in [
     (ops.dequantize_fp8.default, _explain_fp8("data")),
     (ops.swizzle_mx_scale.default, _explain_swizzle_mx_scale),
 ]:
-    guard_placements(_op, _explain)
+    # v2's schema names its operands self and mat2; its errors name them mat_a and mat_b.
+    guard_placements(_op, _explain, {"self": "mat_a", "mat2": "mat_b"} if _op == ops.scaled_grouped_mm_v2.default
+                     else None)

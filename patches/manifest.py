@@ -1438,6 +1438,11 @@ SERIES = [
                 SingleDimStrategy("torch/distributed/tensor/_ops/_matrix_ops.py",
                                   "distributed/scaled_grouped_mm_strategy.py", "fp8",
                                   "scaled_grouped_mm_single_dim_strategy", after="grouped_mm_single_dim_strategy"),
+                SingleDimStrategy("torch/distributed/tensor/_ops/_matrix_ops.py",
+                                  "distributed/scaled_grouped_mm_strategy.py", "fp8",
+                                  "scaled_grouped_mm_v2_single_dim_strategy",
+                                  provided=("scaled_grouped_mm_single_dim_strategy",),  # the change above
+                                  after="scaled_grouped_mm_single_dim_strategy"),
             ],
         ),
     ]),

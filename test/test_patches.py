@@ -979,8 +979,8 @@ def test_patched_fp8_opinfo(tree, aten):
 def test_patched_strategy_matches_ours(tree, meta, monkeypatch):
     """The patched aten._grouped_mm single-dim strategy (_matrix_ops.py) gives
     the in-repo one's rules, and rejects bad inputs with the same message; so
-    does the aten._scaled_grouped_mm one distributed/0003 adds there, on every
-    OpInfo sample."""
+    do the aten._scaled_grouped_mm and _scaled_grouped_mm_v2 ones distributed/0003
+    adds there, on every OpInfo sample."""
     import torch._meta_registrations as upstream_meta
     from torch.distributed.tensor._dtensor_spec import TensorMeta
     from torch.distributed.tensor._ops import single_dim_strategy
@@ -1027,6 +1027,13 @@ def test_patched_strategy_matches_ours(tree, meta, monkeypatch):
     assert compare_strategies(module.scaled_grouped_mm_single_dim_strategy,
                               torch.ops.aten._scaled_grouped_mm.default, torch.ops.moe_ops.scaled_grouped_mm.default,
                               sample_cases(scaled)) > 0
+    # ... and aten._scaled_grouped_mm_v2's, after it: v1's rules for the recipe v2 states.
+    from opinfo_scaled_grouped_mm_v2 import op_db as v2_op_db
+    v2_cases = [case for info in [*fp8_op_db, *v2_op_db] if info.name == "moe_ops.scaled_grouped_mm_v2"
+                for case in sample_cases(info)]
+    assert compare_strategies(module.scaled_grouped_mm_v2_single_dim_strategy,
+                              torch.ops.aten._scaled_grouped_mm_v2.default,
+                              torch.ops.moe_ops.scaled_grouped_mm_v2.default, v2_cases) > 0
 
 
 def as_strategy_args(sample):
@@ -1035,6 +1042,8 @@ def as_strategy_args(sample):
     from torch.distributed.tensor._dtensor_spec import TensorMeta
 
     def meta(v):
+        if isinstance(v, list) and v and all(isinstance(t, torch.Tensor) for t in v):
+            return tuple(map(meta, v))  # a tensor list (v2's scales), as a TupleStrategy's metas
         return TensorMeta(v.shape, v.stride(), v.dtype) if isinstance(v, torch.Tensor) else v
     return tuple(map(meta, [sample.input, *sample.args])), {k: meta(v) for k, v in sample.kwargs.items()}
 

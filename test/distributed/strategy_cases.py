@@ -49,6 +49,16 @@ def _dt(mesh, t, p):
     return distribute_tensor(t, mesh, placements, src_data_rank=None)
 
 
+def _dts(mesh, v, p):
+    """An argument as DTensors placed p: a tensor, or each tensor of a tensor
+    list (v2's scale lists); anything else as it is."""
+    if isinstance(v, torch.Tensor):
+        return _dt(mesh, v.detach(), p)
+    if isinstance(v, list) and v and all(isinstance(t, torch.Tensor) for t in v):
+        return [_dt(mesh, t.detach(), p) for t in v]
+    return v
+
+
 FAILURES = []
 
 
@@ -66,8 +76,7 @@ def _collect(check):
 def _case(mesh, name, fn, full, placements, expected, rtol=1e-13, atol=None, grad=True, no_grad=()):
     """fn(**inputs) on DTensors vs on the full tensors: placements, values, and
     the gradients of the floating inputs (but those named in no_grad)."""
-    dts = {k: _dt(mesh, v.detach(), placements.get(k, Replicate())) if isinstance(v, torch.Tensor) else v
-           for k, v in full.items()}
+    dts = {k: _dts(mesh, v, placements.get(k, Replicate())) for k, v in full.items()}
     differentiable = {k: v for k, v in dts.items()
                       if grad and k not in no_grad and isinstance(v, DTensor) and v.dtype.is_floating_point
                       and v.dtype not in FP8}
@@ -107,8 +116,7 @@ def _case(mesh, name, fn, full, placements, expected, rtol=1e-13, atol=None, gra
 
 @_collect
 def _refused(mesh, name, fn, full, placements, match):
-    dts = {k: _dt(mesh, v, placements.get(k, Replicate())) if isinstance(v, torch.Tensor) else v
-           for k, v in full.items()}
+    dts = {k: _dts(mesh, v, placements.get(k, Replicate())) for k, v in full.items()}
     with pytest.raises((RuntimeError, ValueError), match=match):
         fn(**dts)
 
@@ -386,6 +394,35 @@ def _scaled_grouped_mm_cases(mesh):
           **tol)
     _refused(mesh, "scaled_grouped_mm mx K", sgm, basemx, dict(mat_a=Shard(2), mat_b=Shard(1)),
              r"scaled_grouped_mm: mat_a placed Shard\(2\).*blocks along K")
+
+    # _scaled_grouped_mm_v2: the recipe stated, the scales in one-tensor
+    # lists; v1's rules, the lists' elements following their operand.
+    def v2(recipe, swizzle=()):
+        def call(mat_a, mat_b, scale_a, scale_b, **kw):
+            return ops.scaled_grouped_mm_v2(mat_a, mat_b, scale_a, [recipe], list(swizzle), scale_b, [recipe],
+                                            list(swizzle), **kw)
+        return call
+
+    rw, mx = v2(1), v2(3, [0])  # RowWise; BlockWise1x32 with 3-D operands' plain (G, rows, K/32) scales
+    lists = lambda d: {**d, "scale_a": [d["scale_a"]], "scale_b": [d["scale_b"]]}  # noqa: E731
+    _case(mesh, "scaled_grouped_mm_v2 2d3d N", rw, lists(base), dict(mat_b=Shard(2), scale_b=Shard(1)), [Shard(1)],
+          **tol)
+    _case(mesh, "scaled_grouped_mm_v2 2d3d K, bias Partial", rw, {**lists(base), "bias": r(4, Nq).float()},
+          dict(mat_a=Shard(1), mat_b=Shard(1), bias=Partial()), [Partial()], **tol)
+    _case(mesh, "scaled_grouped_mm_v2 3d3d experts", rw, lists(base3),
+          dict(mat_a=Shard(0), mat_b=Shard(0), scale_a=Shard(0), scale_b=Shard(0)), [Shard(0)], **tol)
+    _case(mesh, "scaled_grouped_mm_v2 mx 3d3d N, scale_b chunked", mx, lists(basemx), dict(mat_b=Shard(2)),
+          [Shard(2)], **tol)
+    _refused(mesh, "scaled_grouped_mm_v2 2d3d experts", rw, lists(base), dict(mat_b=Shard(0), scale_b=Shard(0)),
+             r"scaled_grouped_mm_v2: mat_b placed Shard\(0\).*expert parallelism")
+    _refused(mesh, "scaled_grouped_mm_v2 2d3d scale_a rows", rw, lists(base), dict(scale_a=Shard(0)),
+             r"scaled_grouped_mm_v2: scale_a\[0\] placed Shard\(0\) on mesh dimension 0 cannot be honoured: offs splits")
+    _refused(mesh, "scaled_grouped_mm_v2 mx K", mx, lists(basemx), dict(mat_a=Shard(2), mat_b=Shard(1)),
+             r"scaled_grouped_mm_v2: mat_a placed Shard\(2\).*blocks along K")
+    # The v2 checks run before any rule: a refused recipe pair is the op's own error.
+    _refused(mesh, "scaled_grouped_mm_v2 recipe mismatch", lambda **kw: ops.scaled_grouped_mm_v2(
+        kw["mat_a"], kw["mat_b"], kw["scale_a"], [1], [], kw["scale_b"], [3], [], offs=kw["offs"]),
+        lists(base), {}, r"scaled_grouped_mm_v2: recipe_a=\[1\].*recipe_b=\[3\]")
 
 
 def _mesh_2d_cases(mesh):
