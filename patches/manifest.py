@@ -415,6 +415,57 @@ WITHOUT_BF16_PAIRS = [(
 )]
 
 
+# The PRs before the brgemm engine's (AMX, cpu/GroupedMMBrgemm.h): its comment (every stage) and its code
+# (the AVX-512 stages; the portable ones drop the CPU_CAPABILITY_AVX512 blocks that hold it anyway).
+BRGEMM_COMMENT = [(
+    "//   brgemm (GroupedMMBrgemm.h; the AVX512 build, bfloat16 and float16 where\n"
+    "//     cpublas::could_pack holds, i.e. AMX): ATen's batch-reduce GEMM per tile\n"
+    "//     on a packed weight block.\n", "",
+)]
+# Inside the span WITHOUT_MATMUL removes whole (the engine choice), so only for the stages after it.
+BRGEMM_ENGINE_CHOICE = [(
+    "enum class Engine { kMatmul, kWidening, kAvx512, kBrgemm };", "enum class Engine { kMatmul, kWidening, kAvx512 };",
+), (
+    "  if constexpr (std::is_same_v<scalar_t, BFloat16> || std::is_same_v<scalar_t, Half>) {\n"
+    "    // Where the CPU packs for brgemm (AMX), its matrix units run the tiles;\n"
+    "    // at::mm keeps the large bfloat16 groups (oneDNN's matmul uses AMX too).\n"
+    "    if (CpublasBrgemm::available<scalar_t>() && !(fallback == Engine::kMatmul && large_groups)) {\n"
+    "      return Engine::kBrgemm;\n"
+    "    }\n"
+    "  }\n", "",
+)]
+BRGEMM_REST = BRGEMM_COMMENT + [(
+    "#include <ATen/native/cpu/GroupedMMBrgemm.h>\n", "",
+), (
+    "  const bool brgemm = engine == Engine::kBrgemm;\n", "",
+), (
+    "  } else if (brgemm) {\n    tile_n = kBrgemmNB;\n  }\n", "  }\n",
+), (
+    "    if constexpr (std::is_same_v<scalar_t, BFloat16> || std::is_same_v<scalar_t, Half>) {\n"
+    "      if (brgemm) {\n"
+    "        brgemm_scratch<CpublasBrgemm>(p, t, need);\n"
+    "        continue;\n"
+    "      }\n"
+    "    }\n", "",
+), (
+    "        if constexpr (std::is_same_v<scalar_t, BFloat16> || std::is_same_v<scalar_t, Half>) {\n"
+    "          if (brgemm) {\n"
+    "            run_tile_brgemm<CpublasBrgemm>(p, t, buf);\n"
+    "            continue;\n"
+    "          }\n"
+    "        }\n", "",
+), (
+    "#if defined(CPU_CAPABILITY_AVX512)\n"
+    "    if constexpr (std::is_same_v<scalar_t, BFloat16> || std::is_same_v<scalar_t, Half>) {\n"
+    "      if (brgemm) {\n"
+    "        CpublasBrgemm::release<scalar_t>(); // the thread's AMX tile configuration\n"
+    "      }\n"
+    "    }\n"
+    "#endif\n", "",
+)]
+WITHOUT_BRGEMM = BRGEMM_ENGINE_CHOICE + BRGEMM_REST
+
+
 def _source_between(path: str, start: str, stop: str) -> str:
     """The text of the in-repo source path from start up to and including stop (the first after it)."""
     with open(os.path.join(REPO_ROOT, path), encoding="utf-8") as f:
@@ -924,7 +975,7 @@ SERIES = [
                      edits=WITHOUT_INDEX_UTILS + WITHOUT_TRANSPOSED_COPY),
                 Copy(f"{NATIVE}/cpu/GroupedMMKernel.cpp", f"{SRC}/cpu/GroupedMMKernel.cpp",
                      undefine=("CPU_CAPABILITY_AVX512",),
-                     edits=PORTABLE_KERNEL + WIDENING_ALL_COPIED + WITHOUT_INDEX_ENTRY),
+                     edits=BRGEMM_COMMENT + PORTABLE_KERNEL + WIDENING_ALL_COPIED + WITHOUT_INDEX_ENTRY),
                 Copy("test/test_matmul.py", "patches/src/test/test_matmul.py",
                      edits=[(AVX512_TEST, ""), (BF16_PAIRS_TEST, ""), (INNER_PRODUCT_TEST, "")], update=True),
             ],
@@ -935,7 +986,8 @@ SERIES = [
                 Copy(f"{NATIVE}/cpu/GroupedMMKernelUtils.h", f"{SRC}/cpu/GroupedMMKernelUtils.h",
                      edits=WITHOUT_INDEX_UTILS, update=True),
                 Copy(f"{NATIVE}/cpu/GroupedMMKernel.cpp", f"{SRC}/cpu/GroupedMMKernel.cpp",
-                     undefine=("CPU_CAPABILITY_AVX512",), edits=PORTABLE_KERNEL + WITHOUT_INDEX_KERNEL, update=True),
+                     undefine=("CPU_CAPABILITY_AVX512",), edits=BRGEMM_COMMENT + PORTABLE_KERNEL + WITHOUT_INDEX_KERNEL,
+                     update=True),
             ],
         ),
         Patch(
@@ -945,7 +997,7 @@ SERIES = [
                 Copy(f"{NATIVE}/GroupedMM.cpp", f"{SRC}/GroupedMM.cpp", update=True),
                 Copy(f"{NATIVE}/cpu/GroupedMMKernelUtils.h", f"{SRC}/cpu/GroupedMMKernelUtils.h", update=True),
                 Copy(f"{NATIVE}/cpu/GroupedMMKernel.cpp", f"{SRC}/cpu/GroupedMMKernel.cpp",
-                     undefine=("CPU_CAPABILITY_AVX512",), edits=PORTABLE_KERNEL, update=True),
+                     undefine=("CPU_CAPABILITY_AVX512",), edits=BRGEMM_COMMENT + PORTABLE_KERNEL, update=True),
             ],
         ),
         Patch(
@@ -955,8 +1007,8 @@ SERIES = [
                 Copy(f"{NATIVE}/cpu/GroupedMMAvx512.h", f"{SRC}/cpu/GroupedMMAvx512.h",
                      edits=AVX512_WITHOUT_MATMUL + WITHOUT_PACK_WORDS + WITHOUT_PREFETCH + WITHOUT_WEIGHT_GRAD_H),
                 Copy(f"{NATIVE}/cpu/GroupedMMKernel.cpp", f"{SRC}/cpu/GroupedMMKernel.cpp",
-                     edits=WITHOUT_INNER_PRODUCT + WITHOUT_BF16_PAIRS + WITHOUT_MATMUL + KERNEL_WITHOUT_PREFETCH
-                     + KERNEL_WITHOUT_WHOLE_N, update=True),
+                     edits=BRGEMM_REST + WITHOUT_INNER_PRODUCT + WITHOUT_BF16_PAIRS + WITHOUT_MATMUL
+                     + KERNEL_WITHOUT_PREFETCH + KERNEL_WITHOUT_WHOLE_N, update=True),
                 Copy("test/test_matmul.py", "patches/src/test/test_matmul.py",
                      edits=[(BF16_PAIRS_TEST, ""), (INNER_PRODUCT_TEST, "")], update=True),
             ],
@@ -967,8 +1019,8 @@ SERIES = [
                 Copy(f"{NATIVE}/cpu/GroupedMMAvx512.h", f"{SRC}/cpu/GroupedMMAvx512.h",
                      edits=AVX512_WITHOUT_MATMUL + WITHOUT_PACK_WORDS + WITHOUT_WEIGHT_GRAD_H, update=True),
                 Copy(f"{NATIVE}/cpu/GroupedMMKernel.cpp", f"{SRC}/cpu/GroupedMMKernel.cpp",
-                     edits=WITHOUT_INNER_PRODUCT + WITHOUT_BF16_PAIRS + WITHOUT_MATMUL + KERNEL_WITHOUT_WHOLE_N,
-                     update=True),
+                     edits=BRGEMM_REST + WITHOUT_INNER_PRODUCT + WITHOUT_BF16_PAIRS + WITHOUT_MATMUL
+                     + KERNEL_WITHOUT_WHOLE_N, update=True),
             ],
         ),
         Patch(
@@ -977,7 +1029,7 @@ SERIES = [
                 Copy(f"{NATIVE}/cpu/GroupedMMAvx512.h", f"{SRC}/cpu/GroupedMMAvx512.h",
                      edits=AVX512_WITHOUT_MATMUL + WITHOUT_PACK_WORDS, update=True),
                 Copy(f"{NATIVE}/cpu/GroupedMMKernel.cpp", f"{SRC}/cpu/GroupedMMKernel.cpp",
-                     edits=WITHOUT_INNER_PRODUCT + WITHOUT_BF16_PAIRS + WITHOUT_MATMUL, update=True),
+                     edits=BRGEMM_REST + WITHOUT_INNER_PRODUCT + WITHOUT_BF16_PAIRS + WITHOUT_MATMUL, update=True),
             ],
         ),
         Patch(
@@ -986,7 +1038,7 @@ SERIES = [
                 Copy(f"{NATIVE}/cpu/GroupedMMAvx512.h", f"{SRC}/cpu/GroupedMMAvx512.h", edits=WITHOUT_PACK_WORDS,
                      update=True),
                 Copy(f"{NATIVE}/cpu/GroupedMMKernel.cpp", f"{SRC}/cpu/GroupedMMKernel.cpp",
-                     edits=WITHOUT_INNER_PRODUCT + WITHOUT_BF16_PAIRS, update=True),
+                     edits=WITHOUT_BRGEMM + WITHOUT_INNER_PRODUCT + WITHOUT_BF16_PAIRS, update=True),
             ],
         ),
         Patch(
@@ -994,8 +1046,8 @@ SERIES = [
             changes=[
                 Copy(f"{NATIVE}/cpu/GroupedMMAvx512BF16.h", f"{SRC}/cpu/GroupedMMAvx512BF16.h",
                      edits=BF16_WITHOUT_PACK_WORDS),
-                Copy(f"{NATIVE}/cpu/GroupedMMKernel.cpp", f"{SRC}/cpu/GroupedMMKernel.cpp", edits=WITHOUT_INNER_PRODUCT,
-                     update=True),
+                Copy(f"{NATIVE}/cpu/GroupedMMKernel.cpp", f"{SRC}/cpu/GroupedMMKernel.cpp",
+                     edits=WITHOUT_BRGEMM + WITHOUT_INNER_PRODUCT, update=True),
                 Copy("test/test_matmul.py", "patches/src/test/test_matmul.py", edits=[(INNER_PRODUCT_TEST, "")],
                      update=True),
             ],
@@ -1006,8 +1058,16 @@ SERIES = [
                 Copy(f"{NATIVE}/cpu/GroupedMMAvx512.h", f"{SRC}/cpu/GroupedMMAvx512.h", update=True),
                 Copy(f"{NATIVE}/cpu/GroupedMMAvx512BF16.h", f"{SRC}/cpu/GroupedMMAvx512BF16.h", update=True),
                 Copy(f"{NATIVE}/cpu/GroupedMMInnerProduct.h", f"{SRC}/cpu/GroupedMMInnerProduct.h"),
-                Copy(f"{NATIVE}/cpu/GroupedMMKernel.cpp", f"{SRC}/cpu/GroupedMMKernel.cpp", update=True),
+                Copy(f"{NATIVE}/cpu/GroupedMMKernel.cpp", f"{SRC}/cpu/GroupedMMKernel.cpp", edits=WITHOUT_BRGEMM,
+                     update=True),
                 Copy("test/test_matmul.py", "patches/src/test/test_matmul.py", update=True),
+            ],
+        ),
+        Patch(
+            message="core/0001c1-grouped-mm-cpu-brgemm.txt",
+            changes=[
+                Copy(f"{NATIVE}/cpu/GroupedMMBrgemm.h", f"{SRC}/cpu/GroupedMMBrgemm.h"),
+                Copy(f"{NATIVE}/cpu/GroupedMMKernel.cpp", f"{SRC}/cpu/GroupedMMKernel.cpp", update=True),
             ],
         ),
         Patch(

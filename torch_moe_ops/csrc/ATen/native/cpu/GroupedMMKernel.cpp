@@ -19,6 +19,9 @@
 //     and at::mm (oneDNN/MKL) per group where the BLAS is faster (groups of
 //     hundreds of rows of bfloat16/float32 without bias), one group after the
 //     other outside any parallel region (the BLAS threads each GEMM itself).
+//   brgemm (GroupedMMBrgemm.h; the AVX512 build, bfloat16 and float16 where
+//     cpublas::could_pack holds, i.e. AMX): ATen's batch-reduce GEMM per tile
+//     on a packed weight block.
 // Accumulation is in float32 (float64 for float64) and rounded once in the
 // epilogue, which also adds the bias. The engine, the tiling and the K
 // blocking depend only on the shapes, strides and CPU, never on the thread
@@ -47,6 +50,7 @@
 #if defined(CPU_CAPABILITY_AVX512)
 #include <ATen/native/cpu/GroupedMMAvx512.h>
 #include <ATen/native/cpu/GroupedMMAvx512BF16.h>
+#include <ATen/native/cpu/GroupedMMBrgemm.h>
 #include <ATen/native/cpu/GroupedMMInnerProduct.h>
 #include <ATen/ops/from_blob.h>
 #include <ATen/ops/mm.h>
@@ -143,7 +147,7 @@ void run_group_matmul(const Problem<scalar_t, out_t, acc_t>& p) {
   at::mm_out(c_view, a_view, b_view);
 }
 
-enum class Engine { kMatmul, kWidening, kAvx512 };
+enum class Engine { kMatmul, kWidening, kAvx512, kBrgemm };
 
 // Average rows per group from which the BLAS behind at::mm (oneDNN's
 // bfloat16 matmul with AVX512_BF16, MKL's sgemm) overtakes the
@@ -171,6 +175,13 @@ Engine choose_engine(const std::vector<Problem<scalar_t, out_t, acc_t>>& problem
     }
   }
   const bool large_groups = rows >= kMatmulMinRows * std::max<int64_t>(nonempty, 1);
+  if constexpr (std::is_same_v<scalar_t, BFloat16> || std::is_same_v<scalar_t, Half>) {
+    // Where the CPU packs for brgemm (AMX), its matrix units run the tiles;
+    // at::mm keeps the large bfloat16 groups (oneDNN's matmul uses AMX too).
+    if (CpublasBrgemm::available<scalar_t>() && !(fallback == Engine::kMatmul && large_groups)) {
+      return Engine::kBrgemm;
+    }
+  }
   if constexpr (std::is_same_v<scalar_t, BFloat16>) {
     if (cpu_has_avx512_bf16() && !(fallback == Engine::kMatmul && large_groups)) {
       return Engine::kAvx512;
@@ -212,8 +223,11 @@ void run_problems(const std::vector<Problem<scalar_t, out_t, acc_t>>& problems, 
     return;
   }
   const bool micro = engine == Engine::kAvx512;
+  const bool brgemm = engine == Engine::kBrgemm;
   if (micro) {
     tile_n = kMicroNB;
+  } else if (brgemm) {
+    tile_n = kBrgemmNB;
   }
 #endif
 
@@ -268,6 +282,12 @@ void run_problems(const std::vector<Problem<scalar_t, out_t, acc_t>>& problems, 
     const auto& p = problems[t.problem];
     if (p.k == 0) continue;
 #if defined(CPU_CAPABILITY_AVX512)
+    if constexpr (std::is_same_v<scalar_t, BFloat16> || std::is_same_v<scalar_t, Half>) {
+      if (brgemm) {
+        brgemm_scratch<CpublasBrgemm>(p, t, need);
+        continue;
+      }
+    }
     if constexpr (!std::is_same_v<scalar_t, double>) {
       if (micro) {
         if (nt_eligible<scalar_t>(p)) {
@@ -301,6 +321,12 @@ void run_problems(const std::vector<Problem<scalar_t, out_t, acc_t>>& problems, 
           continue;
         }
 #if defined(CPU_CAPABILITY_AVX512)
+        if constexpr (std::is_same_v<scalar_t, BFloat16> || std::is_same_v<scalar_t, Half>) {
+          if (brgemm) {
+            run_tile_brgemm<CpublasBrgemm>(p, t, buf);
+            continue;
+          }
+        }
         if constexpr (!std::is_same_v<scalar_t, double>) {
           if (micro) {
             const Tile* next = i + 1 < bounds[chunk + 1] ? &tiles[i + 1] : nullptr;
@@ -327,6 +353,13 @@ void run_problems(const std::vector<Problem<scalar_t, out_t, acc_t>>& problems, 
         run_tile_widening(p, t, buf);
       }
     }
+#if defined(CPU_CAPABILITY_AVX512)
+    if constexpr (std::is_same_v<scalar_t, BFloat16> || std::is_same_v<scalar_t, Half>) {
+      if (brgemm) {
+        CpublasBrgemm::release<scalar_t>(); // the thread's AMX tile configuration
+      }
+    }
+#endif
   });
 }
 
