@@ -52,7 +52,7 @@ DEQUANTISED = "torch_moe_ops/csrc/testing/ScaledGroupedMMDequantised.cpp"
 ENTRY_DEQUANTISED = [
     ("validate, allocate, run the kernel.\n", "validate, allocate, compute.\n"),
     ("DEFINE_DISPATCH(scaled_grouped_mm_stub);\n\n",
-     _span(DEQUANTISED, "// Rowwise scales in 2D x 3D and 3D x 3D", "// The op:")),
+     _span(DEQUANTISED, "// Rowwise scales in 2D x 3D and 3D x 3D", "namespace {\n\n// The op:")),
     ("    const Tensor sa = scale_a.contiguous(), sb = scale_b.contiguous();\n"
      "    scaled_grouped_mm_stub(kCPU, mat_a, mat_b, sa, sb, offs, bias, recipe, out);\n",
      "    scaled_grouped_mm_dequantised(mat_a, mat_b, scale_a, scale_b, offs, bias, out);\n"),
