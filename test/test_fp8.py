@@ -91,7 +91,11 @@ def assert_scaled_mm_close(out, mat_a, mat_b, scale_a, scale_b, offs=None, bias=
     more per product. Then two scale multiplies, the bias add and the final
     rounding, <= 3 * 2^-24 more relative, plus half an ulp of out_dtype
     (2^-9 relative for bfloat16; taken as 2^-8 to cover the float32 error
-    carried into it). interpreted: out is the Triton kernel's in Triton's
+    carried into it). The rowwise arithmetic is the same in the kernel and in
+    the whole-operand ATen computation of the upstream series' first PR of the
+    op (moe_ops_testing.scaled_grouped_mm_dequantised), so the bound holds
+    for both (a multiply and add the compiler fuses round once, not twice).
+    interpreted: out is the Triton kernel's in Triton's
     interpreter (the CUDA slot on CPU tensors), whose float32 -> bfloat16
     conversion is not round-to-nearest-even: up to a whole bfloat16 ulp
     (2^-7 relative) instead of half. On a GPU the conversion rounds."""
