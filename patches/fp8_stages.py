@@ -45,6 +45,23 @@ ENTRY_ROWWISE = [
      "    const Tensor sa = scale_a.contiguous(), sb = scale_b.contiguous();\n"),
 ]
 
+# core/0006c1, before the chunked kernel (core/0006c1a): the entry computes through ATen operations on whole
+# operands (scaled_grouped_mm_dequantised, taken from the test-only op that test_fp8 proves against the float64
+# reference and the kernel) where it calls the kernel, and the header declares no kernel stub.
+DEQUANTISED = "torch_moe_ops/csrc/testing/ScaledGroupedMMDequantised.cpp"
+ENTRY_DEQUANTISED = [
+    ("validate, allocate, run the kernel.\n", "validate, allocate, compute.\n"),
+    ("DEFINE_DISPATCH(scaled_grouped_mm_stub);\n\n",
+     _span(DEQUANTISED, "// Rowwise scales in 2D x 3D and 3D x 3D", "namespace {\n\n// The op:")),
+    ("    const Tensor sa = scale_a.contiguous(), sb = scale_b.contiguous();\n"
+     "    scaled_grouped_mm_stub(kCPU, mat_a, mat_b, sa, sb, offs, bias, recipe, out);\n",
+     "    scaled_grouped_mm_dequantised(mat_a, mat_b, scale_a, scale_b, offs, bias, out);\n"),
+]
+HEADER_NO_STUB = [
+    ("#include <ATen/native/DispatchStub.h>\n", ""),
+    (_span(HEADER, "// CPU kernel (native/cpu/MoEScaledGroupedMMKernel.cpp)", "Tensor scaled_grouped_mm_cpu("), ""),
+]
+
 # cpu/MoEScaledGroupedMMKernel.cpp without its CPU_CAPABILITY_AVX512 blocks (the PRs before the
 # AVX-512 decode's): the float8 bytes decoded by table.
 KERNEL_PORTABLE = [
@@ -335,9 +352,6 @@ OPINFO_FORWARD_LAYOUTS = [
      "    yield e(r\"scaled_grouped_mm: the 3D x 2D and 2D x 2D layouts are not supported yet, got mat_a \\[2, 6, 64\\] \"\n"
      "            r\"and mat_b \\[64, 8\\]\", a3, b2, ones(G, M), sb, _offs([3, 8], device))\n"),
     ("    # Rowwise scale shapes, every layout.\n", "    # Rowwise scale shapes, both layouts.\n"),
-    (_span(REFERENCE, "    elif layout == \"3d2d\":\n        out = a.new_zeros(a.shape[1], b.shape[1])",
-           "    else:\n        out = torch.bmm") + "    else:\n        out = torch.bmm",
-     "    else:\n        out = torch.bmm"),
     (_ROWWISE_2D2D.replace("elif", "if", 1) + _span(REFERENCE, _ROWWISE_2D2D, "    elif layout == \"2d3d\":\n")[
         len(_ROWWISE_2D2D):] + "    elif layout == \"2d3d\":\n        a, b = a * sa[:, None]",
      "    if layout == \"2d3d\":\n        a, b = a * sa[:, None]"),

@@ -1296,17 +1296,15 @@ SERIES = [
             ],
         ),
         # _scaled_grouped_mm's CPU kernel lands recipe by recipe (fp8_stages: the sources as each PR leaves
-        # them): rowwise scales, blockwise scales, MX scales, then the AVX-512 decode.
+        # them): rowwise scales (first through ATen operations on whole operands, then the chunked kernel),
+        # blockwise scales, MX scales, then the AVX-512 decode.
         Patch(
             message="core/0006c1-fp8-scaled-grouped-mm-cpu-rowwise.txt",
             changes=[
                 Copy(f"{NATIVE}/MoEScaledGroupedMM.h", f"{SRC}/MoEScaledGroupedMM.h",
-                     edits=fp8_stages.HEADER_ROWWISE + fp8_stages.HEADER_FORWARD_LAYOUTS),
+                     edits=fp8_stages.HEADER_ROWWISE + fp8_stages.HEADER_FORWARD_LAYOUTS + fp8_stages.HEADER_NO_STUB),
                 Copy(f"{NATIVE}/MoEScaledGroupedMM.cpp", f"{SRC}/MoEScaledGroupedMM.cpp",
-                     edits=fp8_stages.ENTRY_ROWWISE),
-                Copy(f"{NATIVE}/cpu/MoEScaledGroupedMMKernel.cpp", f"{SRC}/cpu/MoEScaledGroupedMMKernel.cpp",
-                     undefine=("CPU_CAPABILITY_AVX512",),
-                     edits=fp8_stages.KERNEL_PORTABLE + fp8_stages.KERNEL_ROWWISE + fp8_stages.KERNEL_FORWARD_LAYOUTS),
+                     edits=fp8_stages.ENTRY_ROWWISE + fp8_stages.ENTRY_DEQUANTISED),
                 Dispatch("scaled_grouped_mm"),
                 Edit(MM_GROUPED_LOWERING, SCALED_GROUPED_MM_LOWERING_BIAS),
                 Meta("fp8", SCALED_GROUPED_MM_CPU_META, ops=("scaled_grouped_mm",),
@@ -1321,11 +1319,25 @@ SERIES = [
                          "            mat_a, mat_b, scale_a, scale_b, offs, bias, scale_result, out_dtype, use_fast_accum\n"
                          "        )\n"
                          "    # matching _scaled_grouped_mm_cuda Blas.cpp implementation\n")]),
+                # the float64 grouped mm its reference calls: _grouped_mm's OpInfo module defines it (core/0002)
                 OpInfoModule("fp8", "fp8", "", carried=FP8_OPINFOS["scaled_grouped_mm_opinfos"], extends=True,
+                             imports={"torch_grouped_mm": "torch.testing._internal.opinfo.definitions.grouped_mm"},
                              op_db=FP8_OP_DB, source_edits=fp8_stages.OPINFO_ROWWISE,
                              edits=fp8_stages.REF_NO_MX + fp8_stages.REF_NO_BLOCKWISE
                              + fp8_stages.OPINFO_FORWARD_LAYOUTS),
                 *opinfo_lists.entries("_scaled_grouped_mm"),
+            ],
+        ),
+        Patch(
+            message="core/0006c1a-fp8-scaled-grouped-mm-cpu-rowwise-kernel.txt",
+            changes=[
+                Copy(f"{NATIVE}/MoEScaledGroupedMM.h", f"{SRC}/MoEScaledGroupedMM.h",
+                     edits=fp8_stages.HEADER_ROWWISE + fp8_stages.HEADER_FORWARD_LAYOUTS, update=True),
+                Copy(f"{NATIVE}/MoEScaledGroupedMM.cpp", f"{SRC}/MoEScaledGroupedMM.cpp",
+                     edits=fp8_stages.ENTRY_ROWWISE, update=True),
+                Copy(f"{NATIVE}/cpu/MoEScaledGroupedMMKernel.cpp", f"{SRC}/cpu/MoEScaledGroupedMMKernel.cpp",
+                     undefine=("CPU_CAPABILITY_AVX512",),
+                     edits=fp8_stages.KERNEL_PORTABLE + fp8_stages.KERNEL_ROWWISE + fp8_stages.KERNEL_FORWARD_LAYOUTS),
             ],
         ),
         Patch(

@@ -20,13 +20,13 @@ REFERENCE = "torch_moe_ops/reference.py"
 DEFINITIONS = "torch/testing/_internal/opinfo/definitions"
 
 
-def _closure(source: str, roots: list[str]) -> list[str]:
-    """roots and the top-level names of source they use, transitively."""
+def _closure(source: str, roots: list[str], skip=()) -> list[str]:
+    """roots and the top-level names of source they use, transitively (none of skip, nor what only they use)."""
     top = {n: node for node in rewrite.parse(source, REFERENCE).body for n in rewrite.top_level_names(node)}
-    seen, todo = [], list(roots)
+    seen, todo = [], [r for r in roots if r not in skip]
     while todo:
         name = todo.pop()
-        if name not in seen:
+        if name not in seen and name not in skip:
             seen.append(name)
             todo += [n.id for n in ast.walk(top[name]) if isinstance(n, ast.Name) and n.id in top]
     return seen
@@ -67,7 +67,10 @@ class OpInfoModule:
     without the later PRs' ones). ``source_file`` (with ``carried``): a test
     module of one op (test/opinfo_<op>.py) whose definitions extend the
     family's module; what it imports from another OpInfo test module must be
-    defined there already (an earlier PR's)."""
+    defined there already (an earlier PR's). ``imports`` (with ``carried``):
+    references another upstream OpInfo module defines already, {name:
+    module}, imported from there instead of inlined again (a later PR of the
+    module finds them bound by that import)."""
 
     family: str
     module: str
@@ -80,6 +83,7 @@ class OpInfoModule:
     extends: bool = False
     source_edits: list[tuple[str, str]] = field(default_factory=list)
     source_file: str | None = None
+    imports: dict[str, str] = field(default_factory=dict)
     declared_at: str = field(default_factory=declared_at)
 
     @property
@@ -159,7 +163,8 @@ class OpInfoModule:
         tree = rewrite.parse(src, self.source)
         defined: list[str] = []
         if upstream is not None:
-            defined = [n for node in rewrite.parse(upstream, self.path).body for n in rewrite.top_level_names(node)]
+            defined = [n for node in rewrite.parse(upstream, self.path).body for n in rewrite.top_level_names(node)
+                       + [_bound_name(a) for a in getattr(node, "names", []) if isinstance(node, ast.ImportFrom)]]
             again = [n for n in self.carried if n in defined]
             if again:
                 raise PatchError(self.path, None, f"already defines {again}: carry each definition once")
@@ -170,8 +175,9 @@ class OpInfoModule:
         if len(imports) != 1:
             raise PatchError(self.source, None, "expected one import from torch_moe_ops.reference")
         roots = [a.name for a in imports[0].names if a.name in used and a.name not in defined]
-        refs = [n for n in _closure(reference_src, roots) if n not in defined]
-        references = rewrite.definitions(reference_src, REFERENCE, refs, provided=tuple(defined)) if refs else ""
+        refs = [n for n in _closure(reference_src, roots, skip=self.imports) if n not in defined]
+        references = rewrite.definitions(reference_src, REFERENCE, refs,
+                                         provided=(*defined, *self.imports)) if refs else ""
         new = (references + "\n\n\n" if references else "") + body
         code = rewrite.parse(new + "\n" + self.op_db, self.path)
         used = {n.id for n in ast.walk(code) if isinstance(n, ast.Name)} | \
@@ -192,6 +198,8 @@ class OpInfoModule:
                 names = {_bound_name(a) for a in node.names}
                 if names & used:
                     statements.append(("".join(lines[node.lineno - 1:node.end_lineno]), names))
+        statements += [(f"from {module} import {name}\n", {name}) for name, module in self.imports.items()
+                       if name in used]
         if "Optional" in used:  # the references annotate with it (the module has no __future__ annotations)
             statements.append(("from typing import Optional\n", {"Optional"}))
         new = new.rstrip("\n")

@@ -48,18 +48,6 @@ OVER_LIMIT: dict[str, tuple[int, str]] = {
         "layouts in two PRs (2D x 3D and 3D x 2D, the MoE forward; then 2D x 2D and 3D x 3D with their checks, "
         "fallback branches, reference and docs: roughly 80, not measured), which needs the layout checks in "
         "functions of their own")),
-    "core/0006c1-fp8-scaled-grouped-mm-cpu-rowwise.txt": (747, (
-        "_scaled_grouped_mm on CPU with rowwise scales in the 2D x 3D and 3D x 3D layouts (the later PRs of its "
-        "stack are under the limit: 0006c1b the 3D x 2D and 2D x 2D layouts 92, 0006c2 blockwise 201, 0006c3 MX "
-        "328, 0006c4 the AVX-512 decode 76): the portable kernel is 256 lines as this PR carries it "
-        "(cpu/MoEScaledGroupedMMKernel.cpp: float8 conversion, chunked driver, epilogue), the OpInfo 199 (its "
-        "float64 reference, inlined, holds only what these samples reach: the later layouts and recipes land "
-        "their branches, fp8_stages.OPINFO_FORWARD_LAYOUTS, REF_NO_BLOCKWISE, REF_NO_MX; torch_grouped_mm, 24 "
-        "of it, repeats definitions/grouped_mm.py's), the checks (MoEScaledGroupedMM.h) 159, the meta function "
-        "74, the entry 52. Fix: a first PR whose CPU entry dequantises whole operands and calls _grouped_mm's "
-        "CPU kernel (code no in-repo source holds: a source-level switch first), the chunked kernel after it; "
-        "fp8.py importing torch_grouped_mm from grouped_mm.py (~24; test_patches execs the module alone, so it "
-        "would need that module loaded too)")),
     "core/0006-fp8-cpu.txt": (637, (
         "_quantize_fp8 alone, tensorwise and rowwise on the portable kernel (per-group operands, its "
         "dequantisation, the blockwise and MX recipes and the AVX-512 rows are 0006a0-a4, 111/266/73/250/158): "

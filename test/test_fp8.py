@@ -38,7 +38,8 @@ from torch_moe_ops.reference import (
 
 from common import assert_same_bits_at_thread_counts
 from _device import instantiate_cpu_and_cuda
-from opinfo_fp8 import make_fp8_op_db, op_db as fp8_op_db
+from opinfo_fp8 import (SCALED_MM_DTYPES, _quantize_weight, _scaled_grouped_mm_rowwise_operands, make_fp8_op_db,
+                        op_db as fp8_op_db)
 
 E8M0 = torch.float8_e8m0fnu
 
@@ -90,7 +91,11 @@ def assert_scaled_mm_close(out, mat_a, mat_b, scale_a, scale_b, offs=None, bias=
     more per product. Then two scale multiplies, the bias add and the final
     rounding, <= 3 * 2^-24 more relative, plus half an ulp of out_dtype
     (2^-9 relative for bfloat16; taken as 2^-8 to cover the float32 error
-    carried into it). interpreted: out is the Triton kernel's in Triton's
+    carried into it). The rowwise arithmetic is the same in the kernel and in
+    the whole-operand ATen computation of the upstream series' first PR of the
+    op (moe_ops_testing.scaled_grouped_mm_dequantised), so the bound holds
+    for both (a multiply and add the compiler fuses round once, not twice).
+    interpreted: out is the Triton kernel's in Triton's
     interpreter (the CUDA slot on CPU tensors), whose float32 -> bfloat16
     conversion is not round-to-nearest-even: up to a whole bfloat16 ulp
     (2^-7 relative) instead of half. On a GPU the conversion rounds."""
@@ -480,6 +485,57 @@ def test_scaled_grouped_mm_is_dequantise_then_grouped_mm():
         exact = torch_grouped_mm(xf, wf, offs, out_dtype=torch.float64)
         absprod = torch_grouped_mm(xf.abs(), wf.abs(), offs, out_dtype=torch.float64)
         assert bool(((out.double() - exact).abs() <= (256 + 5) * 2.0 ** -24 * absprod).all()), ra
+
+
+
+def _dequantised_entry_cases():
+    """The OpInfo's rowwise samples in the layouts core/0006c1 takes (2D x 3D,
+    3D x 3D: empty groups, rows past offs[-1], zero tokens, both weight storage
+    orders, bias), and an A that neither dimension keeps contiguous."""
+    g = torch.Generator().manual_seed(11)
+
+    def rnd(*shape):
+        return torch.randn(shape, generator=g) * 3
+
+    for name, args, kw, _ in _scaled_grouped_mm_rowwise_operands(rnd):
+        if args[1].dim() == 3:
+            yield name, args, kw
+            if "bias" in kw:
+                yield name + "_no_bias", args, {k: v for k, v in kw.items() if k != "bias"}
+    ad, as_ = torch_quantize_fp8(rnd(30, 80), "rowwise")
+    strided = torch.zeros(30, 80, 2).to(ad.dtype)
+    strided[..., 1] = ad
+    bd, bs = _quantize_weight(rnd(4, 80, 24), "rowwise")
+    yield "2d3d_strided_a", (strided[..., 1], bd, as_, bs), dict(offs=torch.tensor([5, 5, 17, 26], dtype=torch.int32))
+
+
+@pytest.mark.parametrize("out_dtype", SCALED_MM_DTYPES)
+def test_dequantised_entry_matches_reference_and_kernel(out_dtype):
+    """moe_ops_testing.scaled_grouped_mm_dequantised runs the code of core/0006c1's
+    CPU entry (patches/fp8_stages.ENTRY_DEQUANTISED carries it there) before
+    core/0006c1a's kernel replaces it. On that PR's samples it is within the
+    bound the OpInfo test holds the kernel to (assert_scaled_mm_close: exact
+    products, float32 sums, two scale multiplies and the bias add, one
+    rounding; the arithmetic of both). Without a bias it gives the kernel's
+    bits: the same grouped mm sums the same bfloat16 tiles (one chunk at these
+    sizes) and the same two multiplies follow. With a bias the kernel's
+    compiler may fuse the second multiply and the add (one rounding fewer),
+    so there only the bound holds."""
+    op = torch.ops.moe_ops_testing.scaled_grouped_mm_dequantised
+    seen_bias = 0
+    for name, (a, b, sa, sb), kw in _dequantised_entry_cases():
+        offs, bias = kw.get("offs"), kw.get("bias")
+        out = op(a, b, sa, sb, offs, bias, out_dtype)
+        assert_scaled_mm_close(out, a, b, sa, sb, offs, bias, out_dtype)
+        kernel = torch.ops.moe_ops.scaled_grouped_mm(a, b, sa, sb, offs, bias, None, out_dtype)
+        if bias is None:
+            assert torch.equal(_bytes(out), _bytes(kernel)), name
+        seen_bias += bias is not None
+    assert seen_bias > 0
+    a2, b2 = torch.zeros(6, 64).to(torch.float8_e4m3fn), torch.zeros(64, 8).to(torch.float8_e4m3fn)
+    with pytest.raises(ValueError, match="rowwise scales in the 2D x 3D and 3D x 3D layouts only, got scale_a of "
+                                         "dtype Float and mat_b of sizes \\[64, 8\\]"):
+        op(a2, b2, torch.ones(12), torch.ones(16), torch.tensor([32, 64], dtype=torch.int32))
 
 
 def _sqnr_db(x, ref):

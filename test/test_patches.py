@@ -50,6 +50,7 @@ import shutil
 import sys
 import textwrap
 import unittest
+import unittest.mock
 
 import pytest
 import torch
@@ -880,16 +881,30 @@ class _TorchWithAten:
         return getattr(torch, name)
 
 
+def series_definitions(tree, source):
+    """The OpInfo definitions modules source imports that the series adds (the
+    wheel has none of them), loaded from tree under their upstream names."""
+    package = "torch.testing._internal.opinfo.definitions."
+    modules = {}
+    for node in ast_mod.parse(source).body:
+        if isinstance(node, ast_mod.ImportFrom) and (node.module or "").startswith(package):
+            rel = node.module.replace(".", "/") + ".py"
+            if not os.path.exists(os.path.join(os.path.dirname(torch.__file__), "..", rel)):
+                modules[node.module] = load_module(os.path.join(tree, rel), node.module)
+    return modules
+
+
 def upstream_op_db(tree, aten, rel, upstream_db):
     """op_db of the patched definitions module, as upstream builds it (its
     aten names resolved by the patched yaml, each op run by the moe_ops kernel
-    of the same schema)."""
+    of the same schema; the definitions modules it imports from the series')."""
     path = os.path.join(tree, rel)
     with open(path) as f:
         source = f.read()
     assert source.count(upstream_db) == 1
     namespace = {"__name__": "patched_" + os.path.basename(rel)[:-3]}
-    exec(compile(source.replace(upstream_db, ""), path, "exec"), namespace)
+    with unittest.mock.patch.dict(sys.modules, series_definitions(tree, source)):
+        exec(compile(source.replace(upstream_db, ""), path, "exec"), namespace)
     namespace["torch"] = _TorchWithAten(aten)
     try:
         exec(compile(upstream_db, path, "exec"), namespace)
