@@ -1141,12 +1141,11 @@ SERIES = [
             message="core/0006-fp8-cpu.txt",
             changes=[
                 Copy(f"{NATIVE}/MoEQuantize.h", f"{SRC}/MoEQuantize.h", edits=fp8_recipes.NO_DEQUANTIZE_HEADER
-                     + fp8_recipes.NO_MX_HEADER + fp8_recipes.NO_BLOCKED_HEADER + fp8_recipes.NO_OFFS_HEADER),
+                     + fp8_recipes.NO_MX_HEADER + fp8_recipes.NO_BLOCKED_HEADER + fp8_recipes.NO_OFFS_HEADER
+                     + fp8_recipes.ON_FALLBACK_HEADER + fp8_recipes.NO_CUDA_HEADER),
                 Copy(f"{NATIVE}/MoEQuantize.cpp", f"{SRC}/MoEQuantize.cpp",
-                     edits=fp8_recipes.NO_DEQUANTIZE_ENTRY + fp8_recipes.NO_MX_ENTRY + fp8_recipes.NO_OFFS_ENTRY),
-                Copy(f"{NATIVE}/cpu/MoEQuantizeKernel.cpp", f"{SRC}/cpu/MoEQuantizeKernel.cpp",
-                     undefine=("CPU_CAPABILITY_AVX512",), edits=fp8_recipes.PORTABLE_KERNEL
-                     + fp8_recipes.NO_DEQUANTIZE_KERNEL + fp8_recipes.NO_MX_KERNEL + fp8_recipes.NO_OFFS_KERNEL),
+                     edits=fp8_recipes.NO_DEQUANTIZE_ENTRY + fp8_recipes.NO_MX_ENTRY + fp8_recipes.NO_OFFS_ENTRY
+                     + fp8_recipes.ON_FALLBACK_ENTRY),
                 NativeFunctions("fp8", after="_moe_unpermute_backward", later=("CUDA",), ops=("quantize_fp8",)),
                 Meta("fp8", FP8_QUANTIZE_META, ops=("quantize_fp8",), after="meta_moe_unpermute_backward"),
                 Edit(META_REGISTRATIONS, fp8_recipes.NO_MX_META + fp8_recipes.NO_BLOCKED_META
@@ -1161,10 +1160,25 @@ SERIES = [
             ],
         ),
         Patch(
+            message="core/0006.1-fp8-quantize-cpu-kernel.txt",
+            changes=[
+                Copy(f"{NATIVE}/MoEQuantize.h", f"{SRC}/MoEQuantize.h", edits=fp8_recipes.NO_DEQUANTIZE_HEADER
+                     + fp8_recipes.NO_MX_HEADER + fp8_recipes.NO_BLOCKED_HEADER + fp8_recipes.NO_OFFS_HEADER
+                     + fp8_recipes.NO_CUDA_HEADER, update=True),
+                Copy(f"{NATIVE}/MoEQuantize.cpp", f"{SRC}/MoEQuantize.cpp",
+                     edits=fp8_recipes.NO_DEQUANTIZE_ENTRY + fp8_recipes.NO_MX_ENTRY + fp8_recipes.NO_OFFS_ENTRY,
+                     update=True),
+                Copy(f"{NATIVE}/cpu/MoEQuantizeKernel.cpp", f"{SRC}/cpu/MoEQuantizeKernel.cpp",
+                     undefine=("CPU_CAPABILITY_AVX512",), edits=fp8_recipes.PORTABLE_KERNEL
+                     + fp8_recipes.NO_DEQUANTIZE_KERNEL + fp8_recipes.NO_MX_KERNEL + fp8_recipes.NO_OFFS_KERNEL),
+            ],
+        ),
+        Patch(
             message="core/0006a0-fp8-quantize-offs.txt",
             changes=[
                 Copy(f"{NATIVE}/MoEQuantize.h", f"{SRC}/MoEQuantize.h", edits=fp8_recipes.NO_DEQUANTIZE_HEADER
-                     + fp8_recipes.NO_MX_HEADER + fp8_recipes.NO_BLOCKED_HEADER, update=True),
+                     + fp8_recipes.NO_MX_HEADER + fp8_recipes.NO_BLOCKED_HEADER + fp8_recipes.NO_CUDA_HEADER,
+                     update=True),
                 Copy(f"{NATIVE}/MoEQuantize.cpp", f"{SRC}/MoEQuantize.cpp",
                      edits=fp8_recipes.NO_DEQUANTIZE_ENTRY + fp8_recipes.NO_MX_ENTRY, update=True),
                 Copy(f"{NATIVE}/cpu/MoEQuantizeKernel.cpp", f"{SRC}/cpu/MoEQuantizeKernel.cpp",
@@ -1178,8 +1192,10 @@ SERIES = [
             message="core/0006a1-fp8-dequantize-cpu.txt",
             changes=[
                 Copy(f"{NATIVE}/MoEQuantize.h", f"{SRC}/MoEQuantize.h",
-                     edits=fp8_recipes.NO_MX_HEADER + fp8_recipes.NO_BLOCKED_HEADER, update=True),
-                Copy(f"{NATIVE}/MoEQuantize.cpp", f"{SRC}/MoEQuantize.cpp", edits=fp8_recipes.NO_MX_ENTRY, update=True),
+                     edits=fp8_recipes.NO_MX_HEADER + fp8_recipes.NO_BLOCKED_HEADER + fp8_recipes.NO_CUDA_HEADER,
+                     update=True),
+                Copy(f"{NATIVE}/MoEQuantize.cpp", f"{SRC}/MoEQuantize.cpp",
+                     edits=fp8_recipes.NO_MX_ENTRY + fp8_recipes.NO_MX_DEQUANTIZE_ENTRY, update=True),
                 Copy(f"{NATIVE}/cpu/MoEQuantizeKernel.cpp", f"{SRC}/cpu/MoEQuantizeKernel.cpp",
                      undefine=("CPU_CAPABILITY_AVX512",), edits=fp8_recipes.PORTABLE_KERNEL
                      + fp8_recipes.NO_MX_KERNEL + fp8_recipes.NO_MX_DEQUANTIZE_KERNEL, update=True),
@@ -1196,7 +1212,8 @@ SERIES = [
         Patch(
             message="core/0006a2-fp8-quantize-blockwise.txt",
             changes=[
-                Copy(f"{NATIVE}/MoEQuantize.h", f"{SRC}/MoEQuantize.h", edits=fp8_recipes.NO_MX_HEADER, update=True),
+                Copy(f"{NATIVE}/MoEQuantize.h", f"{SRC}/MoEQuantize.h",
+                     edits=fp8_recipes.NO_MX_HEADER + fp8_recipes.NO_CUDA_HEADER, update=True),
                 Edit(META_REGISTRATIONS, fp8_recipes.landing(fp8_recipes.NO_BLOCKED_META)),
                 Edit(FP8_OPINFO, fp8_recipes.landing(fp8_recipes.NO_BLOCKED_OPINFO
                                                      + fp8_recipes.NO_BLOCKED_DEQUANTIZE_OPINFO)),
@@ -1205,7 +1222,7 @@ SERIES = [
         Patch(
             message="core/0006a3-fp8-quantize-mx.txt",
             changes=[
-                Copy(f"{NATIVE}/MoEQuantize.h", f"{SRC}/MoEQuantize.h", update=True),
+                Copy(f"{NATIVE}/MoEQuantize.h", f"{SRC}/MoEQuantize.h", edits=fp8_recipes.NO_CUDA_HEADER, update=True),
                 Copy(f"{NATIVE}/MoEQuantize.cpp", f"{SRC}/MoEQuantize.cpp", update=True),
                 Copy(f"{NATIVE}/cpu/MoEQuantizeKernel.cpp", f"{SRC}/cpu/MoEQuantizeKernel.cpp",
                      undefine=("CPU_CAPABILITY_AVX512",), edits=fp8_recipes.PORTABLE_KERNEL, update=True),
@@ -1320,6 +1337,7 @@ SERIES = [
         Patch(
             message="core/0007-fp8-quantize-cuda.txt",
             changes=[
+                Copy(f"{NATIVE}/MoEQuantize.h", f"{SRC}/MoEQuantize.h", update=True),
                 Copy(f"{NATIVE}/cuda/MoEQuantize.cpp", f"{SRC}/cuda/MoEQuantize.cpp"),
                 *(Dispatch(op.name, keys=("CUDA",)) for op in native_functions.upstreamed("fp8")
                   if not op.upstream.extends and op.has_own_cuda_kernel),

@@ -60,14 +60,6 @@ OVER_LIMIT: dict[str, tuple[int, str]] = {
         "CPU kernel (code no in-repo source holds: a source-level switch first), the chunked kernel after it; "
         "fp8.py importing torch_grouped_mm from grouped_mm.py (~24; test_patches execs the module alone, so it "
         "would need that module loaded too)")),
-    "core/0006-fp8-cpu.txt": (637, (
-        "_quantize_fp8 alone, tensorwise and rowwise on the portable kernel (per-group operands, its "
-        "dequantisation, the blockwise and MX recipes and the AVX-512 rows are 0006a0-a4, 111/266/73/250/158): "
-        "the checks (MoEQuantize.h as this PR leaves it, 141), the kernel's three passes and fp8 rounding (222), "
-        "the meta function (67) and the OpInfo with its plain-torch reference (167) are what one working "
-        "recipe needs. Fix: a first PR whose CPU entry computes through ATen operations (the device-generic "
-        "code of native/cuda/MoEQuantize.cpp, moved to a file every build compiles: a source change) and the "
-        "kernel after it, as core/0001 and 0001a land _grouped_mm")),
 }
 
 
