@@ -886,3 +886,13 @@ ON_FALLBACK_ENTRY: Edits = [(
     "// x * q -> clamp -> float8, one NaN byte whatever the sign (as the CPU kernel).\n",
     "// x * q -> clamp -> float8, one NaN byte whatever the sign.\n",
 )]
+
+# The OpInfo samples that span several of the kernel's parallel tasks land with the kernel (core/0006.1).
+NO_KERNEL_OPINFO: Edits = [(
+    '        yield f"{recipe}_weight_transposed", w.transpose(-2, -1), recipe, {}\n'
+    "    # Rows enough for the CPU kernel to split them across threads (its tasks\n"
+    "    # hold ~32K elements), the tensorwise amax reduced over every task's rows.\n"
+    '    for recipe in ("tensorwise", "rowwise"):\n'
+    '        yield f"{recipe}_rows_across_threads", _spread((300, 128), device, dtype, 7), recipe, {}\n',
+    '        yield f"{recipe}_weight_transposed", w.transpose(-2, -1), recipe, {}\n',
+)]

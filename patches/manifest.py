@@ -1154,7 +1154,7 @@ SERIES = [
                 OpInfoModule("fp8", "fp8", "OpInfos of the fp8 ops.", carried=FP8_OPINFOS["quantize_fp8_opinfos"],
                              op_db=fp8_op_db("quantize_fp8_opinfos"),
                              edits=fp8_recipes.NO_MX_OPINFO + fp8_recipes.NO_BLOCKED_OPINFO
-                             + fp8_recipes.NO_OFFS_OPINFO),
+                             + fp8_recipes.NO_OFFS_OPINFO + fp8_recipes.NO_KERNEL_OPINFO),
                 opinfo_module_registered("fp8", "fft", "grouped_mm"),
                 *opinfo_lists.entries("_quantize_fp8"),
             ],
@@ -1171,6 +1171,7 @@ SERIES = [
                 Copy(f"{NATIVE}/cpu/MoEQuantizeKernel.cpp", f"{SRC}/cpu/MoEQuantizeKernel.cpp",
                      undefine=("CPU_CAPABILITY_AVX512",), edits=fp8_recipes.PORTABLE_KERNEL
                      + fp8_recipes.NO_DEQUANTIZE_KERNEL + fp8_recipes.NO_MX_KERNEL + fp8_recipes.NO_OFFS_KERNEL),
+                Edit(FP8_OPINFO, fp8_recipes.landing(fp8_recipes.NO_KERNEL_OPINFO)),
             ],
         ),
         Patch(
