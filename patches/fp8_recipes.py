@@ -14,13 +14,18 @@ NO_BLOCKED before the blocked recipes); the generated files (the meta block,
 the OpInfo module) get the same edits and the PR that lands a family applies
 them reversed (``landing``). The kernel's AVX-512 rows (its
 ``#if defined(CPU_CAPABILITY_AVX512)`` blocks, the MX whole-row loops among
-them) are left out by ``undefine`` until the last PR.
+them) are left out by ``undefine`` until the last PR. The device-generic
+fallbacks of MoEQuantize.cpp (ATen operations, which the CUDA entries of
+core/0007 run) are cut by the same edits, so each recipe PR grows the kernel
+and the fallback together; the first PR's CPU entry computes through the
+fallback (ON_FALLBACK_*), the kernel comes in the next (core/0006.1).
 """
 
 from __future__ import annotations
 
 import os
 
+from . import rewrite
 from .changes import REPO_ROOT, undefine
 
 Edits = list[tuple[str, str]]
@@ -198,7 +203,57 @@ NO_BLOCKED_HEADER: Edits = [(
 # -- ATen/native/MoEQuantize.cpp, cpu/MoEFp8Utils.h ----------------------------------------------------
 
 NO_MX_ENTRY: Edits = [(
-    "// run the kernels; and the unswizzling of their swizzled MX scales.\n", "// run the kernels.\n",
+    "// The unswizzling of swizzled MX scales (ATen operations too).\n", "",
+), (
+    "// The exponent of the largest power of two below fp8_max (OCP MX emax_elem).\n"
+    "int64_t fp8_emax(ScalarType t) {\n"
+    "  return t == kFloat8_e5m2 ? 15 : 8;\n"
+    "}\n"
+    "\n",
+    "",
+), (
+    "std::pair<Tensor, Tensor> fp8_block_scales(const Tensor& amax, Fp8Recipe recipe, ScalarType float8) {\n"
+    "  if (recipe == Fp8Recipe::kMX) {\n"
+    "    // floor(log2(amax)) from the float32 exponent field; 255 is inf or NaN.\n"
+    "    const Tensor field = amax.contiguous().view(kInt).bitwise_right_shift(23).bitwise_and(0xFF);\n"
+    "    const Tensor e = field.sub(127 + fp8_emax(float8)).clamp(-127, 127);\n"
+    "    const Tensor finite = field.ne(255);\n"
+    "    const Tensor byte = at::where(finite, e.add(127), at::scalar_tensor(255, e.options())).to(kByte);\n"
+    "    const Tensor pow2 = e.neg().add(127).bitwise_left_shift(23).view(kFloat);  // 2^-e, exact\n"
+    "    return {at::where(finite, pow2, kNaN), byte.view(kFloat8_e8m0fnu)};\n"
+    "  }\n",
+    "std::pair<Tensor, Tensor> fp8_block_scales(const Tensor& amax, Fp8Recipe /*recipe*/, ScalarType float8) {\n",
+), (
+    "// The blocked 32_4_4 layout of (B, R, S) scale grids (bytes).\n"
+    "Tensor fp8_swizzle(const Tensor& grid, bool two_d) {\n"
+    "  const int64_t nb = grid.size(0), rows = grid.size(1), s = grid.size(2);\n"
+    "  const int64_t rp = fp8_round_up(rows, 128), sp = fp8_round_up(s, 4);\n"
+    "  const Tensor padded = at::constant_pad_nd(grid, {0, sp - s, 0, rp - rows}, 0);\n"
+    "  // row 128 t + 32 i + j, column 4 u + c  ->  [t][u][j][i][c]\n"
+    "  const Tensor tiles = padded.view({nb, rp / 128, 4, 32, sp / 4, 4}).permute({0, 1, 4, 3, 2, 5}).contiguous();\n"
+    "  return fp8_dense_output(two_d ? tiles.view({rp, sp}) : tiles.view({nb, rp * sp}));\n"
+    "}\n"
+    "\n"
+    "// e8m0 -> float32: 2^(b - 127); 0 is the denormal 2^-127, 0xFF is NaN.\n"
+    "Tensor e8m0_to_float(const Tensor& scale) {\n"
+    "  const Tensor b = scale.view(kByte).to(kInt);\n"
+    "  Tensor bits = at::where(b.eq(0), at::scalar_tensor(0x00400000, b.options()), b.bitwise_left_shift(23));\n"
+    "  bits = at::where(b.eq(255), at::scalar_tensor(0x7FC00000, b.options()), bits);\n"
+    "  return bits.view(kFloat);\n"
+    "}\n"
+    "\n",
+    "",
+), (
+    "const std::optional<Tensor>& offs, bool swizzle) {\n  const Tensor xf = x.to(kFloat);\n",
+    "const std::optional<Tensor>& offs, bool /*swizzle*/) {\n  const Tensor xf = x.to(kFloat);\n",
+), (
+    "  if (offs.has_value() && recipe != Fp8Recipe::kMX) {  // tensorwise/rowwise per group of columns\n",
+    "  if (offs.has_value()) {  // per group of columns\n",
+), (
+    "  if (swizzle) {\n"
+    "    return {data, fp8_swizzle(scale.view(kByte), x.dim() == 2).view(kFloat8_e8m0fnu)};\n"
+    "  }\n",
+    "",
 ), (
     "\nTensor fp8_unswizzle_scale(const Tensor& scale, int64_t nb, int64_t rows, int64_t s) {\n"
     "  const int64_t rp = fp8_round_up(rows, 128), sp = fp8_round_up(s, 4);\n"
@@ -319,6 +374,23 @@ NO_MX_DEQUANTIZE_KERNEL: Edits = [(
     "        row_dequantize(dp + r * cols + bl.seg[s], op + r * cols + bl.seg[s], bl.seg[s + 1] - bl.seg[s], sc, lut);\n",
     "        const float sc = sf[bl.scale_offset(b, rb, s)];\n"
     "        row_dequantize(dp + r * cols + bl.seg[s], op + r * cols + bl.seg[s], bl.seg[s + 1] - bl.seg[s], sc, lut);\n",
+)]
+
+NO_MX_DEQUANTIZE_ENTRY: Edits = [(
+    "    bool swizzle) {\n  const Tensor df = data.to(kFloat);",
+    "    bool /*swizzle*/) {\n  const Tensor df = data.to(kFloat);",
+), (
+    "  if (offs.has_value() && recipe != Fp8Recipe::kMX) {\n    const int64_t rows = data.size(0)",
+    "  if (offs.has_value()) {\n    const int64_t rows = data.size(0)",
+), (
+    "  Tensor grid;\n"
+    "  if (recipe == Fp8Recipe::kMX) {\n"
+    "    grid = e8m0_to_float(swizzle ? fp8_unswizzle_scale(scale, g.nb, g.rows, g.nseg) : scale);\n"
+    "  } else {\n"
+    "    grid = scale;\n"
+    "  }\n"
+    "  grid = grid.reshape({g.nb, g.nrb, 1, g.nseg, 1});\n",
+    "  const Tensor grid = scale.reshape({g.nb, g.nrb, 1, g.nseg, 1});\n",
 )]
 
 # -- torch/_meta_registrations.py (the block Meta generates from torch_moe_ops/_checks.py) ----------------
@@ -554,14 +626,20 @@ NO_DEQUANTIZE_HEADER: Edits = [
     _span(_HEADER, "using dequantize_fp8_fn = void (*)(", "DECLARE_DISPATCH(quantize_fp8_fn"),
     ("DECLARE_DISPATCH(dequantize_fp8_fn, dequantize_fp8_stub);\n", ""),
     _span(_HEADER, "Tensor dequantize_fp8_cpu(", "// CUDA entry points"),
-    _span(_HEADER, "\nTensor dequantize_fp8_cuda(", "\n} // namespace at::native"),
+    ("// The device-generic quantisation and dequantisation (native/MoEQuantize.cpp):\n",
+     "// The device-generic quantisation (native/MoEQuantize.cpp):\n"),
+    _span(_HEADER, "\nTensor dequantize_fp8_fallback(", "\n// CPU kernels"),
 ]
 
 NO_DEQUANTIZE_ENTRY: Edits = [
-    ("// CPU entry points of quantize_fp8 and dequantize_fp8: validate, allocate,\n",
-     "// CPU entry point of quantize_fp8: validate, allocate,\n"),
+    ("// CPU entry points of quantize_fp8 and dequantize_fp8 (validate, allocate,\n"
+     "// run the kernels) and their device-generic fallbacks, written as ATen\n"
+     "// operations.\n",
+     "// CPU entry point of quantize_fp8 (validate, allocate, run the kernel) and\n"
+     "// its device-generic fallback, written as ATen operations.\n"),
     ("DEFINE_DISPATCH(dequantize_fp8_stub);\n", ""),
     _function(_ENTRY, "Tensor dequantize_fp8_cpu("),
+    _function(_ENTRY, "Tensor dequantize_fp8_fallback("),
 ]
 
 NO_DEQUANTIZE_KERNEL: Edits = [
@@ -577,11 +655,18 @@ NO_DEQUANTIZE_KERNEL: Edits = [
 ]
 
 
+# The CUDA entries (native/cuda/MoEQuantize.cpp) land in core/0007, their declarations with them.
+NO_CUDA_HEADER: Edits = [_span(_HEADER, "// CUDA entry points", "} // namespace at::native")]
+
+
 # -- per-group operands (offs) land in a PR of their own after _quantize_fp8's first (core/0006a0) -------------
 # Applied after the NO_DEQUANTIZE / NO_MX / NO_BLOCKED edits of the first PR's files; until then offs is
 # rejected (the schema takes it from the start).
 
 NO_OFFS_HEADER: Edits = [(
+    "// checks above accepted. Each caller checks the values of offs its own way.\n",
+    "// checks above accepted.\n",
+), (
     "// Per-group operands (offs, 2-D x only): offs holds int32 cumulative group\n"
     "// ends along C, the contraction dimension of the 2D x 2D (weight-gradient)\n"
     "// grouped GEMM, so that no block straddles two groups:\n"
@@ -628,8 +713,8 @@ NO_OFFS_HEADER: Edits = [(
     "  }\n"
     "}\n"
     "\n"
-    "// CPU kernels",
-    "// CPU kernels",
+    "// The device-generic quantisation",
+    "// The device-generic quantisation",
 )]
 
 NO_OFFS_ENTRY: Edits = [(
@@ -640,6 +725,19 @@ NO_OFFS_ENTRY: Edits = [(
 ), (
     "fp8_scale_size(x.sizes(), recipe, offs.has_value() ? offs->size(0) : -1, swizzle);",
     "fp8_scale_size(x.sizes(), recipe, -1, swizzle);",
+), (
+    "#include <ATen/native/GroupedMM.h>\n", "",
+), (
+    "#include <ATen/ops/zeros.h>\n", "",
+), (
+    "const std::optional<Tensor>& offs, bool /*swizzle*/) {\n  const Tensor xf = x.to(kFloat);\n\n",
+    "const std::optional<Tensor>& /*offs*/, bool /*swizzle*/) {\n  const Tensor xf = x.to(kFloat);\n",
+), (
+    _span(_ENTRY, "  if (offs.has_value() && recipe != Fp8Recipe::kMX) {  // tensorwise/rowwise per group of columns\n",
+          "  const BlockGrid g(x, recipe);")[0].replace(
+        "  if (offs.has_value() && recipe != Fp8Recipe::kMX) {  // tensorwise/rowwise per group of columns\n",
+        "  if (offs.has_value()) {  // per group of columns\n"),
+    "",
 )]
 
 NO_OFFS_KERNEL: Edits = [(
@@ -740,4 +838,61 @@ NO_OFFS_OPINFO: Edits = [(
     "    column, both float8 formats, per-group (offs) operands with empty groups\n"
     "    and columns past ``offs[-1]``, and values\n",
     "    column, both float8 formats, and values\n",
+)]
+
+
+# -- _quantize_fp8's first PR computes through the device-generic fallback (core/0006) ----------------------
+# Its CPU entry validates and calls quantize_fp8_fallback (ATen operations, native/MoEQuantize.cpp); the next
+# PR (core/0006k) adds the kernel (quantize_fp8_stub, cpu/MoEQuantizeKernel.cpp) and runs it instead, as
+# core/0001 and 0001a land _grouped_mm. Applied after the first PR's NO_* edits, to the text they leave.
+
+def _staged(text: str, edits: Edits) -> str:
+    for old, new in edits:
+        text = rewrite.replace_once(text, old, new, "fp8_recipes")
+    return text
+
+
+_FIRST_HEADER = _staged(_HEADER, NO_DEQUANTIZE_HEADER + NO_MX_HEADER + NO_BLOCKED_HEADER + NO_OFFS_HEADER)
+_FIRST_ENTRY = _staged(_ENTRY, NO_DEQUANTIZE_ENTRY + NO_MX_ENTRY + NO_OFFS_ENTRY)
+
+ON_FALLBACK_HEADER: Edits = [
+    ("#include <ATen/native/DispatchStub.h>\n", ""),
+    _span(_FIRST_HEADER, "// CPU kernels (native/cpu/MoEQuantizeKernel.cpp).", "std::tuple<Tensor, Tensor> quantize_fp8_cpu("),
+]
+
+ON_FALLBACK_ENTRY: Edits = [(
+    _FIRST_ENTRY[:_FIRST_ENTRY.index("#include")],
+    "// CPU entry point of quantize_fp8: validate, then compute through the\n"
+    "// device-generic fallback, written as ATen operations.\n"
+    "//\n"
+    "// No device code here: torch's float -> float8 conversion is c10's, the same\n"
+    "// function on host and device, and every other step (an amax, a float32\n"
+    "// division, a multiply, a clamp) is exact or correctly rounded, so the\n"
+    "// fallback gives the same bytes on any device. The price is a few passes over\n"
+    "// x and a float32 copy of it, where a fused kernel reads x twice.\n"
+    "\n",
+), (
+    "#include <ATen/ops/empty.h>\n", "",
+), (
+    "DEFINE_DISPATCH(quantize_fp8_stub);\n\n", "",
+), (
+    _FIRST_ENTRY[_FIRST_ENTRY.index("  Tensor data = at::empty("):_FIRST_ENTRY.index("  return {data, scale};\n")]
+    + "  return {data, scale};\n",
+    "  return quantize_fp8_fallback(x, recipe, float8_dtype.value_or(kFloat8_e4m3fn), offs, swizzle);\n",
+), (
+    "  // The comparison is in float32 (1e-12f), as the CPU kernel's; NaN passes.\n",
+    "  // The comparison is in float32 (1e-12f); NaN passes.\n",
+), (
+    "// x * q -> clamp -> float8, one NaN byte whatever the sign (as the CPU kernel).\n",
+    "// x * q -> clamp -> float8, one NaN byte whatever the sign.\n",
+)]
+
+# The OpInfo samples that span several of the kernel's parallel tasks land with the kernel (core/0006.1).
+NO_KERNEL_OPINFO: Edits = [(
+    '        yield f"{recipe}_weight_transposed", w.transpose(-2, -1), recipe, {}\n'
+    "    # Rows enough for the CPU kernel to split them across threads (its tasks\n"
+    "    # hold ~32K elements), the tensorwise amax reduced over every task's rows.\n"
+    '    for recipe in ("tensorwise", "rowwise"):\n'
+    '        yield f"{recipe}_rows_across_threads", _spread((300, 128), device, dtype, 7), recipe, {}\n',
+    '        yield f"{recipe}_weight_transposed", w.transpose(-2, -1), recipe, {}\n',
 )]

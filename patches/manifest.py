@@ -1201,12 +1201,11 @@ SERIES = [
             message="core/0006-fp8-cpu.txt",
             changes=[
                 Copy(f"{NATIVE}/MoEQuantize.h", f"{SRC}/MoEQuantize.h", edits=fp8_recipes.NO_DEQUANTIZE_HEADER
-                     + fp8_recipes.NO_MX_HEADER + fp8_recipes.NO_BLOCKED_HEADER + fp8_recipes.NO_OFFS_HEADER),
+                     + fp8_recipes.NO_MX_HEADER + fp8_recipes.NO_BLOCKED_HEADER + fp8_recipes.NO_OFFS_HEADER
+                     + fp8_recipes.ON_FALLBACK_HEADER + fp8_recipes.NO_CUDA_HEADER),
                 Copy(f"{NATIVE}/MoEQuantize.cpp", f"{SRC}/MoEQuantize.cpp",
-                     edits=fp8_recipes.NO_DEQUANTIZE_ENTRY + fp8_recipes.NO_MX_ENTRY + fp8_recipes.NO_OFFS_ENTRY),
-                Copy(f"{NATIVE}/cpu/MoEQuantizeKernel.cpp", f"{SRC}/cpu/MoEQuantizeKernel.cpp",
-                     undefine=("CPU_CAPABILITY_AVX512",), edits=fp8_recipes.PORTABLE_KERNEL
-                     + fp8_recipes.NO_DEQUANTIZE_KERNEL + fp8_recipes.NO_MX_KERNEL + fp8_recipes.NO_OFFS_KERNEL),
+                     edits=fp8_recipes.NO_DEQUANTIZE_ENTRY + fp8_recipes.NO_MX_ENTRY + fp8_recipes.NO_OFFS_ENTRY
+                     + fp8_recipes.ON_FALLBACK_ENTRY),
                 NativeFunctions("fp8", after="_moe_unpermute_backward", later=("CUDA",), ops=("quantize_fp8",)),
                 Meta("fp8", FP8_QUANTIZE_META, ops=("quantize_fp8",), after="meta_moe_unpermute_backward"),
                 Edit(META_REGISTRATIONS, fp8_recipes.NO_MX_META + fp8_recipes.NO_BLOCKED_META
@@ -1215,16 +1214,32 @@ SERIES = [
                 OpInfoModule("fp8", "fp8", "OpInfos of the fp8 ops.", carried=FP8_OPINFOS["quantize_fp8_opinfos"],
                              op_db=fp8_op_db("quantize_fp8_opinfos"),
                              edits=fp8_recipes.NO_MX_OPINFO + fp8_recipes.NO_BLOCKED_OPINFO
-                             + fp8_recipes.NO_OFFS_OPINFO),
+                             + fp8_recipes.NO_OFFS_OPINFO + fp8_recipes.NO_KERNEL_OPINFO),
                 opinfo_module_registered("fp8", "fft", "grouped_mm"),
                 *opinfo_lists.entries("_quantize_fp8"),
+            ],
+        ),
+        Patch(
+            message="core/0006.1-fp8-quantize-cpu-kernel.txt",
+            changes=[
+                Copy(f"{NATIVE}/MoEQuantize.h", f"{SRC}/MoEQuantize.h", edits=fp8_recipes.NO_DEQUANTIZE_HEADER
+                     + fp8_recipes.NO_MX_HEADER + fp8_recipes.NO_BLOCKED_HEADER + fp8_recipes.NO_OFFS_HEADER
+                     + fp8_recipes.NO_CUDA_HEADER, update=True),
+                Copy(f"{NATIVE}/MoEQuantize.cpp", f"{SRC}/MoEQuantize.cpp",
+                     edits=fp8_recipes.NO_DEQUANTIZE_ENTRY + fp8_recipes.NO_MX_ENTRY + fp8_recipes.NO_OFFS_ENTRY,
+                     update=True),
+                Copy(f"{NATIVE}/cpu/MoEQuantizeKernel.cpp", f"{SRC}/cpu/MoEQuantizeKernel.cpp",
+                     undefine=("CPU_CAPABILITY_AVX512",), edits=fp8_recipes.PORTABLE_KERNEL
+                     + fp8_recipes.NO_DEQUANTIZE_KERNEL + fp8_recipes.NO_MX_KERNEL + fp8_recipes.NO_OFFS_KERNEL),
+                Edit(FP8_OPINFO, fp8_recipes.landing(fp8_recipes.NO_KERNEL_OPINFO)),
             ],
         ),
         Patch(
             message="core/0006a0-fp8-quantize-offs.txt",
             changes=[
                 Copy(f"{NATIVE}/MoEQuantize.h", f"{SRC}/MoEQuantize.h", edits=fp8_recipes.NO_DEQUANTIZE_HEADER
-                     + fp8_recipes.NO_MX_HEADER + fp8_recipes.NO_BLOCKED_HEADER, update=True),
+                     + fp8_recipes.NO_MX_HEADER + fp8_recipes.NO_BLOCKED_HEADER + fp8_recipes.NO_CUDA_HEADER,
+                     update=True),
                 Copy(f"{NATIVE}/MoEQuantize.cpp", f"{SRC}/MoEQuantize.cpp",
                      edits=fp8_recipes.NO_DEQUANTIZE_ENTRY + fp8_recipes.NO_MX_ENTRY, update=True),
                 Copy(f"{NATIVE}/cpu/MoEQuantizeKernel.cpp", f"{SRC}/cpu/MoEQuantizeKernel.cpp",
@@ -1238,8 +1253,10 @@ SERIES = [
             message="core/0006a1-fp8-dequantize-cpu.txt",
             changes=[
                 Copy(f"{NATIVE}/MoEQuantize.h", f"{SRC}/MoEQuantize.h",
-                     edits=fp8_recipes.NO_MX_HEADER + fp8_recipes.NO_BLOCKED_HEADER, update=True),
-                Copy(f"{NATIVE}/MoEQuantize.cpp", f"{SRC}/MoEQuantize.cpp", edits=fp8_recipes.NO_MX_ENTRY, update=True),
+                     edits=fp8_recipes.NO_MX_HEADER + fp8_recipes.NO_BLOCKED_HEADER + fp8_recipes.NO_CUDA_HEADER,
+                     update=True),
+                Copy(f"{NATIVE}/MoEQuantize.cpp", f"{SRC}/MoEQuantize.cpp",
+                     edits=fp8_recipes.NO_MX_ENTRY + fp8_recipes.NO_MX_DEQUANTIZE_ENTRY, update=True),
                 Copy(f"{NATIVE}/cpu/MoEQuantizeKernel.cpp", f"{SRC}/cpu/MoEQuantizeKernel.cpp",
                      undefine=("CPU_CAPABILITY_AVX512",), edits=fp8_recipes.PORTABLE_KERNEL
                      + fp8_recipes.NO_MX_KERNEL + fp8_recipes.NO_MX_DEQUANTIZE_KERNEL, update=True),
@@ -1256,7 +1273,8 @@ SERIES = [
         Patch(
             message="core/0006a2-fp8-quantize-blockwise.txt",
             changes=[
-                Copy(f"{NATIVE}/MoEQuantize.h", f"{SRC}/MoEQuantize.h", edits=fp8_recipes.NO_MX_HEADER, update=True),
+                Copy(f"{NATIVE}/MoEQuantize.h", f"{SRC}/MoEQuantize.h",
+                     edits=fp8_recipes.NO_MX_HEADER + fp8_recipes.NO_CUDA_HEADER, update=True),
                 Edit(META_REGISTRATIONS, fp8_recipes.landing(fp8_recipes.NO_BLOCKED_META)),
                 Edit(FP8_OPINFO, fp8_recipes.landing(fp8_recipes.NO_BLOCKED_OPINFO
                                                      + fp8_recipes.NO_BLOCKED_DEQUANTIZE_OPINFO)),
@@ -1265,7 +1283,7 @@ SERIES = [
         Patch(
             message="core/0006a3-fp8-quantize-mx.txt",
             changes=[
-                Copy(f"{NATIVE}/MoEQuantize.h", f"{SRC}/MoEQuantize.h", update=True),
+                Copy(f"{NATIVE}/MoEQuantize.h", f"{SRC}/MoEQuantize.h", edits=fp8_recipes.NO_CUDA_HEADER, update=True),
                 Copy(f"{NATIVE}/MoEQuantize.cpp", f"{SRC}/MoEQuantize.cpp", update=True),
                 Copy(f"{NATIVE}/cpu/MoEQuantizeKernel.cpp", f"{SRC}/cpu/MoEQuantizeKernel.cpp",
                      undefine=("CPU_CAPABILITY_AVX512",), edits=fp8_recipes.PORTABLE_KERNEL, update=True),
@@ -1392,6 +1410,7 @@ SERIES = [
         Patch(
             message="core/0007-fp8-quantize-cuda.txt",
             changes=[
+                Copy(f"{NATIVE}/MoEQuantize.h", f"{SRC}/MoEQuantize.h", update=True),
                 Copy(f"{NATIVE}/cuda/MoEQuantize.cpp", f"{SRC}/cuda/MoEQuantize.cpp"),
                 *(Dispatch(op.name, keys=("CUDA",)) for op in native_functions.upstreamed("fp8")
                   if not op.upstream.extends and op.has_own_cuda_kernel),

@@ -48,14 +48,6 @@ OVER_LIMIT: dict[str, tuple[int, str]] = {
         "layouts in two PRs (2D x 3D and 3D x 2D, the MoE forward; then 2D x 2D and 3D x 3D with their checks, "
         "fallback branches, reference and docs: roughly 80, not measured), which needs the layout checks in "
         "functions of their own")),
-    "core/0006-fp8-cpu.txt": (637, (
-        "_quantize_fp8 alone, tensorwise and rowwise on the portable kernel (per-group operands, its "
-        "dequantisation, the blockwise and MX recipes and the AVX-512 rows are 0006a0-a4, 111/266/73/250/158): "
-        "the checks (MoEQuantize.h as this PR leaves it, 141), the kernel's three passes and fp8 rounding (222), "
-        "the meta function (67) and the OpInfo with its plain-torch reference (167) are what one working "
-        "recipe needs. Fix: a first PR whose CPU entry computes through ATen operations (the device-generic "
-        "code of native/cuda/MoEQuantize.cpp, moved to a file every build compiles: a source change) and the "
-        "kernel after it, as core/0001 and 0001a land _grouped_mm")),
 }
 
 

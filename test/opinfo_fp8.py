@@ -58,6 +58,10 @@ def quantize_cases(device, dtype):
         # A weight (G, K, N) quantised per output column: blocks along K.
         w = _spread((2, 64, 40), device, dtype, 3)
         yield f"{recipe}_weight_transposed", w.transpose(-2, -1), recipe, {}
+    # Rows enough for the CPU kernel to split them across threads (its tasks
+    # hold ~32K elements), the tensorwise amax reduced over every task's rows.
+    for recipe in ("tensorwise", "rowwise"):
+        yield f"{recipe}_rows_across_threads", _spread((300, 128), device, dtype, 7), recipe, {}
     # Per-group operands of the 2D x 2D grouped GEMM: groups along C (tokens).
     x = partial(_spread, (7, 200), device, dtype, 6)
     yield "tensorwise_offs", x(), "tensorwise", dict(offs=_offs([50, 50, 130], device))

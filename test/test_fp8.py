@@ -296,11 +296,14 @@ def test_swizzle_layout_by_hand():
     assert int(flat.count_nonzero()) == 130 * 5  # padding is zero bytes; every real scale is non-zero here
 
 
-# The CUDA entries of the three ops (native/cuda/MoEQuantize.cpp,
-# MoEScaledGroupedMM.cpp) are device-generic ATen code, except that rowwise
-# scaled_grouped_mm on sm_90+ CUDA tensors goes to upstream's kernel. Called
-# through the dispatcher's CUDA slot with CPU tensors they run here, so CI
-# proves them without a GPU: the same checks, the CPU kernels' bytes.
+# The CUDA entries of the three ops (native/cuda/MoEQuantize.cpp, which runs
+# the fallbacks of native/MoEQuantize.cpp, and MoEScaledGroupedMM.cpp) are
+# device-generic ATen code, except that rowwise scaled_grouped_mm on sm_90+
+# CUDA tensors goes to upstream's kernel. Called through the dispatcher's CUDA
+# slot with CPU tensors they run here, so CI proves them without a GPU: the
+# same checks, the CPU kernels' bytes (for the quantisation ops, also that the
+# patch series' core/0006, whose CPU entry computes through the fallback, gives
+# the bytes of the kernel core/0006.1 brings).
 requires_cuda_build = pytest.mark.skipif(not torch_moe_ops.cuda_kernels_built(), reason="CPU-only build")
 
 

@@ -252,6 +252,16 @@ inline void fp8_check_offsets_cpu(const char* op, const Tensor& offs, int64_t co
   }
 }
 
+// The device-generic quantisation and dequantisation (native/MoEQuantize.cpp):
+// ATen operations that give the same bytes on every device, for inputs the
+// checks above accepted. Each caller checks the values of offs its own way.
+std::tuple<Tensor, Tensor> quantize_fp8_fallback(
+    const Tensor& x, Fp8Recipe recipe, ScalarType float8, const std::optional<Tensor>& offs, bool swizzle);
+
+Tensor dequantize_fp8_fallback(
+    const Tensor& data, const Tensor& scale, Fp8Recipe recipe, ScalarType out_dtype,
+    const std::optional<Tensor>& offs, bool swizzle);
+
 // CPU kernels (native/cpu/MoEQuantizeKernel.cpp). x, data and out are
 // contiguous; scale is contiguous and fully written (swizzle padding too).
 using quantize_fp8_fn = void (*)(
@@ -271,7 +281,8 @@ Tensor dequantize_fp8_cpu(
     const Tensor& data, const Tensor& scale, c10::string_view recipe, std::optional<ScalarType> out_dtype,
     const std::optional<Tensor>& offs, bool swizzle);
 
-// CUDA entry points (native/cuda/MoEQuantize.cpp): device-generic ATen code.
+// CUDA entry points (native/cuda/MoEQuantize.cpp): the fallbacks, offs checked
+// on the device.
 std::tuple<Tensor, Tensor> quantize_fp8_cuda(
     const Tensor& x, c10::string_view recipe, std::optional<ScalarType> float8_dtype,
     const std::optional<Tensor>& offs, bool swizzle);
