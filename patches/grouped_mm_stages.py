@@ -170,7 +170,7 @@ ENTRY_TWO_LAYOUTS = [
 # runs upstream's kernel, which takes all four layouts, until the CUDA entry's PR).
 CHECKS_TWO_LAYOUTS = [
     ('    if layout == "3d3d":\n        check_grouped_mm_3d3d(op, mat_a, mat_b, offs)\n',
-     "    # CUDA runs its own kernel, which takes all four.\n"
+     "    # CPU only: CUDA tensors still run upstream's kernel, which takes all four.\n"
      '    chk(mat_a.device.type != "cpu" or layout in ("2d3d", "3d2d"),\n'
      '        lambda: f"{op}: the {mat_a.dim()}D x {mat_b.dim()}D layout (mat_a {_sizes(mat_a)}, mat_b {_sizes(mat_b)}) "\n'
      '        "is not supported on CPU yet, only 2D x 3D and 3D x 2D")\n'

@@ -1399,8 +1399,8 @@ def test_upstream_test_matmul_passes_against_the_kernel(tree):
 
 @pytest.mark.skipif(not torch_moe_ops.cuda_kernels_built(),
                     reason="CPU-only build: the device-generic fallback is reached through the CUDA entry's test op")
-@pytest.mark.parametrize("pr, tests", [(0, 19), (1, 33), (2, 48)])
-def test_first_prs_test_matmul_pass_on_the_fallback(tmp_path, pr, tests):
+@pytest.mark.parametrize("pr, tests, off_failures", [(0, 19, 10), (1, 33, 20), (2, 48, 20)])
+def test_first_prs_test_matmul_pass_on_the_fallback(tmp_path, pr, tests, off_failures):
     """The grouped mm stack's first three PRs (the base contract in the 2D x 3D and 3D x 2D layouts; the
     2D x 2D and 3D x 3D layouts; bias and the float32 output) compute on CPU through grouped_mm_fallback
     (the device-generic loop of ATen matmuls; the kernel is the PR after them): test/test_matmul.py, as
@@ -1426,7 +1426,7 @@ def test_first_prs_test_matmul_pass_on_the_fallback(tmp_path, pr, tests):
         return out + out.abs() * 2.0 ** -10
 
     result, _ = run_upstream_test_matmul(str(tmp_path), off)
-    assert len(result.failures) >= 20
+    assert len(result.failures) >= off_failures
 
 
 def test_commit_author_from_the_environment(tmp_path, monkeypatch):
