@@ -128,7 +128,8 @@ TEST_BASE = [
            "    @onlyCPU\n    @dtypes(torch.float32, torch.bfloat16)\n    def test_grouped_mm_rows_past_offs_are_zero("),
      ""),
     (_span(TEST, '            ((a, b), {"offs": offs, "bias": torch.randn(3)}', '            ((a, b), {"offs": offs, "out_dtype"'),
-     ""),
+     '            ((a, b), {"offs": offs, "bias": torch.randn(2, 3)}, r"bias is not supported yet, got a bias of sizes '
+     '\\[2, 3\\]"),\n'),
 ]
 
 
@@ -198,7 +199,9 @@ TEST_TWO_LAYOUTS = [
     ('    @parametrize("layout", ["2d3d", "3d2d", "2d2d", "3d3d"])\n    def test_grouped_mm_ragged(',
      '    @parametrize("layout", ["2d3d", "3d2d"])\n    def test_grouped_mm_ragged('),
     ("        a3 = torch.randn(3, 5, 4, device=device)\n", ""),
-    (_span(TEST, "            ((a3[:2], b), {\"offs\": offs}", "            ((a, b), {}, r\"offs is required"), ""),
+    (_span(TEST, "            ((a3[:2], b), {\"offs\": offs}", "            ((a, b), {}, r\"offs is required"),
+     '            ((a, b[0]), {"offs": offs}, r"the 2D x 2D layout \\(mat_a \\[5, 4\\], mat_b \\[4, 3\\]\\) is not "\n'
+     '             r"supported on CPU yet, only 2D x 3D and 3D x 2D"),\n'),
 ]
 
 # torch/nn/functional.py (after manifest.GROUPED_MM_DOCS): what CPU does not take yet; core/0001.0b reverses it.
