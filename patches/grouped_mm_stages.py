@@ -128,5 +128,93 @@ TEST_BASE = [
            "    @onlyCPU\n    @dtypes(torch.float32, torch.bfloat16)\n    def test_grouped_mm_rows_past_offs_are_zero("),
      ""),
     (_span(TEST, '            ((a, b), {"offs": offs, "bias": torch.randn(3)}', '            ((a, b), {"offs": offs, "out_dtype"'),
+     '            ((a, b), {"offs": offs, "bias": torch.randn(2, 3)}, r"bias is not supported yet, got a bias of sizes '
+     '\\[2, 3\\]"),\n'),
+]
+
+
+# -- core/0001 carries the 2D x 3D and 3D x 2D layouts (the MoE forward); core/0001.0b the other two (the
+# layouts of the weight gradient and of a batch), with their checks (grouped_mm_check_3d3d), the fallback's
+# branches, their tests and docs. Applied after the *_BASE edits above.
+
+TWO_LAYOUTS_REFUSED_C10 = (
+    '      op, ": the ", mat_a.dim(), "D x ", mat_b.dim(), "D layout (mat_a ", mat_a.sizes(), ", mat_b ",\n'
+    '      mat_b.sizes(), ") is not supported on CPU yet, only 2D x 3D and 3D x 2D");\n')
+
+# GroupedMM.h: grouped_mm_check_layout refuses 2D x 2D and 3D x 3D (the CPU entry is its only caller).
+HEADER_TWO_LAYOUTS = [
+    (_span(HEADER, "// 3D x 3D: a batch of G products, no offs.\n", "// offs against the layout"), ""),
+    ("// offs against the layout: None for 3D x 3D, else int32, 1-D, one entry per group.\n",
+     "// The layouts the CPU entry takes so far, and offs against them: int32, 1-D,\n"
+     "// one entry per group.\n"),
+    ("  if (layout == GroupedMMLayout::k3d3d) {\n"
+     "    grouped_mm_check_3d3d(op, mat_a, mat_b, offs);\n"
+     "    return;\n"
+     "  }\n",
+     "  TORCH_CHECK_VALUE(layout == GroupedMMLayout::k2d3d || layout == GroupedMMLayout::k3d2d,\n"
+     + TWO_LAYOUTS_REFUSED_C10),
+]
+
+# GroupedMM.cpp: the fallback's 2D x 3D and 3D x 2D branches only.
+ENTRY_TWO_LAYOUTS = [
+    ("#include <ATen/ops/bmm.h>\n", ""),
+    ("  if (layout == GroupedMMLayout::k3d3d) {\n"
+     "    const Tensor a = mat_a.to(compute), b = mat_b.to(compute);\n"
+     "    return out.copy_(at::bmm(a, b));\n"
+     "  }\n", ""),
+    ("    } else if (layout == GroupedMMLayout::k2d2d) {  // the K slice start:end; an empty one gives zeros\n"
+     "      out[g].copy_(grouped_mm_group(mat_a.narrow(1, start, len), mat_b.narrow(0, start, len), compute));\n",
      ""),
+]
+
+# _checks.py, for the meta function: the same refusal with the same message, for CPU tensors only (CUDA
+# runs upstream's kernel, which takes all four layouts, until the CUDA entry's PR).
+CHECKS_TWO_LAYOUTS = [
+    ('    if layout == "3d3d":\n        check_grouped_mm_3d3d(op, mat_a, mat_b, offs)\n',
+     "    # CPU only: CUDA tensors still run upstream's kernel, which takes all four.\n"
+     '    chk(mat_a.device.type != "cpu" or layout in ("2d3d", "3d2d"),\n'
+     '        lambda: f"{op}: the {mat_a.dim()}D x {mat_b.dim()}D layout (mat_a {_sizes(mat_a)}, mat_b {_sizes(mat_b)}) "\n'
+     '        "is not supported on CPU yet, only 2D x 3D and 3D x 2D")\n'
+     '    if layout == "3d3d":\n        check_grouped_mm_3d3d(op, mat_a, mat_b, offs)\n'),
+]
+
+# test/test_matmul.py: the two layouts' operands, reference and parametrisations; their error cases.
+TEST_TWO_LAYOUTS = [
+    ("    if layout == \"3d2d\":\n"
+     "        return make(g, m, k), make(k, total), _offs(sizes, device)\n"
+     "    if layout == \"2d2d\":\n"
+     "        return make(m, total), make(total, n), _offs(sizes, device)\n"
+     "    return make(g, m, k), make(g, k, n), None\n",
+     "    return make(g, m, k), make(k, total), _offs(sizes, device)  # 3d2d\n"),
+    ("        return out\n"
+     "    if a.dim() == 2:  # 2D x 2D: offs splits K, one output per group\n"
+     "        out = a.new_zeros(len(ends), a.size(0), b.size(1))\n"
+     "        for g, (s, e) in enumerate(zip(starts, ends)):\n"
+     "            out[g] = a[:, s:e] @ b[s:e]\n"
+     "        return out\n"
+     "    return a @ b\n",
+     "        return out\n"),
+    ('    @parametrize("layout", ["2d3d", "3d2d", "2d2d", "3d3d"])\n    def test_grouped_mm_layouts(',
+     '    @parametrize("layout", ["2d3d", "3d2d"])\n    def test_grouped_mm_layouts('),
+    ('    @parametrize("layout", ["2d3d", "3d2d", "2d2d", "3d3d"])\n    def test_grouped_mm_ragged(',
+     '    @parametrize("layout", ["2d3d", "3d2d"])\n    def test_grouped_mm_ragged('),
+    ("        a3 = torch.randn(3, 5, 4, device=device)\n", ""),
+    (_span(TEST, "            ((a3[:2], b), {\"offs\": offs}", "            ((a, b), {}, r\"offs is required"),
+     '            ((a, b[0]), {"offs": offs}, r"the 2D x 2D layout \\(mat_a \\[5, 4\\], mat_b \\[4, 3\\]\\) is not "\n'
+     '             r"supported on CPU yet, only 2D x 3D and 3D x 2D"),\n'),
+]
+
+# torch/nn/functional.py (after manifest.GROUPED_MM_DOCS): what CPU does not take yet; core/0001.0b reverses it.
+DOCS_TWO_LAYOUTS = [(
+    "    past ``offs[-1]`` are zero in the output.\n",
+    "    past ``offs[-1]`` are zero in the output; CPU does not take the 2D x 2D and\n"
+    "    3D x 3D layouts yet.\n",
+)]
+
+# GroupedMM.h before the CUDA entry's PR (core/0002), which uses them first (then the fp8 ops):
+# grouped_mm_group_index and grouped_mm_offs_ok, with the includes they alone need.
+WITHOUT_GROUP_INDEX_H = [
+    ("#include <ATen/ops/arange.h>\n", ""),
+    ("#include <ATen/ops/searchsorted.h>\n", ""),
+    (_span(HEADER, "// The group of every index 0 .. size-1", "// CPU kernel (native/cpu/GroupedMMKernel.cpp)"), ""),
 ]

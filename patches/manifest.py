@@ -933,30 +933,50 @@ SERIES = [
         # -- Stack 1: grouped mm on CPU (patches/rfc/0001-grouped-mm-cpu.md) ---------------------------
         # The kernel lands engine by engine: each PR carries GroupedMMKernel.cpp (and the tests) as it
         # leaves them, the last one the file itself (Copy's undefine / edits / update).
-        # The contract lands in two PRs (grouped_mm_stages: the sources as the first leaves them): the base
-        # contract (the input dtype out, no bias), then bias and the float32 output.
+        # The contract lands in three PRs (grouped_mm_stages: the sources as the first two leave them): the base
+        # contract (the input dtype out, no bias) in the 2D x 3D and 3D x 2D layouts, then the 2D x 2D and
+        # 3D x 3D layouts, then bias and the float32 output.
         Patch(
             message="core/0001-grouped-mm-cpu-checks-and-meta.txt",
             changes=[
                 Copy(f"{NATIVE}/GroupedMM.h", f"{SRC}/GroupedMM.h",
-                     edits=ENTRY_ON_FALLBACK_H + grouped_mm_stages.HEADER_BASE),
+                     edits=ENTRY_ON_FALLBACK_H + grouped_mm_stages.WITHOUT_GROUP_INDEX_H
+                     + grouped_mm_stages.HEADER_BASE + grouped_mm_stages.HEADER_TWO_LAYOUTS),
                 Copy(f"{NATIVE}/GroupedMM.cpp", f"{SRC}/GroupedMM.cpp",
-                     edits=ENTRY_ON_FALLBACK + grouped_mm_stages.ENTRY_BASE),
+                     edits=ENTRY_ON_FALLBACK + grouped_mm_stages.ENTRY_BASE + grouped_mm_stages.ENTRY_TWO_LAYOUTS),
                 Dispatch("grouped_mm"),
                 Meta("grouped_mm", GROUPED_MM_META, replaces=["meta_grouped_mm"],
-                     source_edits=grouped_mm_stages.CHECKS_BASE, leave_out=grouped_mm_stages.CHECKS_LATER,
+                     source_edits=grouped_mm_stages.CHECKS_BASE + grouped_mm_stages.CHECKS_TWO_LAYOUTS,
+                     leave_out=grouped_mm_stages.CHECKS_LATER,
                      # The checks annotate with Optional (they are written for Python 3.10).
                      edits=[("from typing import TypeVar\n", "from typing import Optional, TypeVar\n")]),
-                Edit("torch/nn/functional.py", GROUPED_MM_DOCS),
+                Edit("torch/nn/functional.py", GROUPED_MM_DOCS + grouped_mm_stages.DOCS_TWO_LAYOUTS),
                 Copy("test/test_matmul.py", "patches/src/test/test_matmul.py",
                      edits=[(KERNEL_TEST, ""), (AVX512_TEST, ""), (BF16_PAIRS_TEST, ""), (INNER_PRODUCT_TEST, ""),
-                            *grouped_mm_stages.TEST_BASE]),
+                            *grouped_mm_stages.TEST_BASE, *grouped_mm_stages.TEST_TWO_LAYOUTS]),
+            ],
+        ),
+        Patch(
+            message="core/0001.0b-grouped-mm-cpu-2d2d-and-3d3d.txt",
+            changes=[
+                Copy(f"{NATIVE}/GroupedMM.h", f"{SRC}/GroupedMM.h",
+                     edits=ENTRY_ON_FALLBACK_H + grouped_mm_stages.WITHOUT_GROUP_INDEX_H
+                     + grouped_mm_stages.HEADER_BASE, update=True),
+                Copy(f"{NATIVE}/GroupedMM.cpp", f"{SRC}/GroupedMM.cpp",
+                     edits=ENTRY_ON_FALLBACK + grouped_mm_stages.ENTRY_BASE, update=True),
+                Meta("grouped_mm", GROUPED_MM_META, source_edits=grouped_mm_stages.CHECKS_BASE,
+                     leave_out=grouped_mm_stages.CHECKS_LATER, update=True),
+                Edit("torch/nn/functional.py", [new_old[::-1] for new_old in grouped_mm_stages.DOCS_TWO_LAYOUTS]),
+                Copy("test/test_matmul.py", "patches/src/test/test_matmul.py",
+                     edits=[(KERNEL_TEST, ""), (AVX512_TEST, ""), (BF16_PAIRS_TEST, ""), (INNER_PRODUCT_TEST, ""),
+                            *grouped_mm_stages.TEST_BASE], update=True),
             ],
         ),
         Patch(
             message="core/0001.1-grouped-mm-cpu-bias-and-fp32-output.txt",
             changes=[
-                Copy(f"{NATIVE}/GroupedMM.h", f"{SRC}/GroupedMM.h", edits=ENTRY_ON_FALLBACK_H, update=True),
+                Copy(f"{NATIVE}/GroupedMM.h", f"{SRC}/GroupedMM.h",
+                     edits=ENTRY_ON_FALLBACK_H + grouped_mm_stages.WITHOUT_GROUP_INDEX_H, update=True),
                 Copy(f"{NATIVE}/GroupedMM.cpp", f"{SRC}/GroupedMM.cpp", edits=ENTRY_ON_FALLBACK, update=True),
                 Meta("grouped_mm", GROUPED_MM_META, update=True),
                 Edit("torch/nn/functional.py", GROUPED_MM_BIAS_DOCS),
@@ -969,7 +989,8 @@ SERIES = [
         Patch(
             message="core/0001a-grouped-mm-cpu-kernel.txt",
             changes=[
-                Copy(f"{NATIVE}/GroupedMM.h", f"{SRC}/GroupedMM.h", edits=WITHOUT_INDEX_H, update=True),
+                Copy(f"{NATIVE}/GroupedMM.h", f"{SRC}/GroupedMM.h",
+                     edits=WITHOUT_INDEX_H + grouped_mm_stages.WITHOUT_GROUP_INDEX_H, update=True),
                 Copy(f"{NATIVE}/GroupedMM.cpp", f"{SRC}/GroupedMM.cpp", edits=WITHOUT_INDEX_CPP, update=True),
                 Copy(f"{NATIVE}/cpu/GroupedMMKernelUtils.h", f"{SRC}/cpu/GroupedMMKernelUtils.h",
                      edits=WITHOUT_INDEX_UTILS + WITHOUT_TRANSPOSED_COPY),
@@ -993,7 +1014,8 @@ SERIES = [
         Patch(
             message="core/0001a2-grouped-mm-cpu-index.txt",
             changes=[
-                Copy(f"{NATIVE}/GroupedMM.h", f"{SRC}/GroupedMM.h", update=True),
+                Copy(f"{NATIVE}/GroupedMM.h", f"{SRC}/GroupedMM.h", edits=grouped_mm_stages.WITHOUT_GROUP_INDEX_H,
+                     update=True),
                 Copy(f"{NATIVE}/GroupedMM.cpp", f"{SRC}/GroupedMM.cpp", update=True),
                 Copy(f"{NATIVE}/cpu/GroupedMMKernelUtils.h", f"{SRC}/cpu/GroupedMMKernelUtils.h", update=True),
                 Copy(f"{NATIVE}/cpu/GroupedMMKernel.cpp", f"{SRC}/cpu/GroupedMMKernel.cpp",
@@ -1073,7 +1095,9 @@ SERIES = [
         Patch(
             message="core/0002-grouped-mm-backward-and-opinfo.txt",
             changes=[
-                # _grouped_mm's CUDA entry: the shared checks, upstream's CUTLASS kernel or the fallback.
+                # _grouped_mm's CUDA entry: the shared checks, upstream's CUTLASS kernel or the fallback; the
+                # check of offs on the device that it needs (grouped_mm_offs_ok, with grouped_mm_group_index).
+                Copy(f"{NATIVE}/GroupedMM.h", f"{SRC}/GroupedMM.h", update=True),
                 Copy(f"{NATIVE}/cuda/GroupedMM.h", f"{SRC}/cuda/GroupedMM.h"),
                 Copy(f"{NATIVE}/cuda/GroupedMM.cpp", f"{SRC}/cuda/GroupedMM.cpp"),
                 Dispatch("grouped_mm", keys=("CUDA",)),

@@ -93,15 +93,21 @@ def check_grouped_mm_contraction(op: str, mat_a: torch.Tensor, mat_b: torch.Tens
         f"but mat_b {_sizes(mat_b)} has K={mat_b.shape[-2]}")
 
 
+def check_grouped_mm_3d3d(op: str, mat_a: torch.Tensor, mat_b: torch.Tensor, offs: Optional[torch.Tensor]) -> None:
+    """3D x 3D: a batch of G products, no offs."""
+    chk = torch._check_value
+    chk(offs is None,
+        lambda: f"{op}: offs must be None when mat_a and mat_b are both 3-D, got offs of sizes {_sizes(offs)}")
+    chk(mat_a.shape[0] == mat_b.shape[0],
+        lambda: f"{op}: batch sizes differ: mat_a {_sizes(mat_a)}, mat_b {_sizes(mat_b)}")
+
+
 def check_grouped_mm_layout(op: str, mat_a: torch.Tensor, mat_b: torch.Tensor, offs: Optional[torch.Tensor]) -> None:
     """offs against the layout: None for 3D x 3D, else int32, 1-D, one entry per group."""
     chk = torch._check_value
     layout = grouped_mm_layout(mat_a, mat_b)
     if layout == "3d3d":
-        chk(offs is None,
-            lambda: f"{op}: offs must be None when mat_a and mat_b are both 3-D, got offs of sizes {_sizes(offs)}")
-        chk(mat_a.shape[0] == mat_b.shape[0],
-            lambda: f"{op}: batch sizes differ: mat_a {_sizes(mat_a)}, mat_b {_sizes(mat_b)}")
+        check_grouped_mm_3d3d(op, mat_a, mat_b, offs)
         return
     chk(offs is not None,
         lambda: f"{op}: offs is required when mat_a or mat_b is 2-D (mat_a {_sizes(mat_a)}, mat_b {_sizes(mat_b)})")

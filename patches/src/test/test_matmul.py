@@ -247,9 +247,13 @@ class TestGroupedMM(TestCase):
     @onlyCPU
     def test_grouped_mm_errors(self, device):
         a, b = torch.randn(5, 4, device=device), torch.randn(2, 4, 3, device=device)
+        a3 = torch.randn(3, 5, 4, device=device)
         offs = _offs([2, 3], device)
         cases = [
             ((a, torch.randn(2, 5, 3)), {"offs": offs}, r"contraction sizes differ"),
+            ((a3[:2], b), {"offs": offs}, r"offs must be None when mat_a and mat_b are both 3-D"),
+            ((a3, b), {}, r"batch sizes differ: mat_a \[3, 5, 4\], mat_b \[2, 4, 3\]"),
+            ((a, b[0]), {"offs": offs}, r"offs\[-1\]=5 exceeds the grouped dimension K \(mat_a.size\(1\)\)=4"),
             ((a, b), {}, r"offs is required when mat_a or mat_b is 2-D"),
             ((a, b), {"offs": offs.long()}, r"offs must be int32, got Long"),
             ((a, b), {"offs": _offs([3, -2], device)}, r"offs must be non-decreasing"),

@@ -61,21 +61,6 @@ inline int64_t grouped_mm_num_groups(const Tensor& mat_a, const Tensor& mat_b, c
 }
 
 // Extent of the dimension that offs splits (M, N or K); 0 for 3D x 3D.
-// The group of every index 0 .. size-1 along the grouped dimension: g where
-// offs[g-1] <= i < offs[g], and G = offs.size(0) past offs[-1]. int64, on
-// offs's device, no host sync (ATen operations on offs as it is).
-inline Tensor grouped_mm_group_index(const Tensor& offs, int64_t size) {
-  const Tensor o = offs.to(kLong);
-  return at::searchsorted(o, at::arange(size, o.options()), /*out_int32=*/false, /*right=*/true);
-}
-
-// Whether int64 offs (of any device) are non-negative, non-decreasing and at
-// most extent: a 0-dim bool tensor, for _assert_async where offs live on a GPU
-// (a host check would sync).
-inline Tensor grouped_mm_offs_ok(const Tensor& offs, int64_t extent) {
-  return offs.ge(0).all().logical_and(offs.diff().ge(0).all()).logical_and(offs.le(extent).all());
-}
-
 inline int64_t grouped_mm_split_size(const Tensor& mat_a, const Tensor& mat_b) {
   switch (grouped_mm_layout(mat_a, mat_b)) {
     case GroupedMMLayout::k2d3d: return mat_a.size(0);
@@ -135,15 +120,21 @@ inline void grouped_mm_check_contraction(const char* op, const Tensor& mat_a, co
       " but mat_b ", mat_b.sizes(), " has K=", mat_b.size(-2));
 }
 
+// 3D x 3D: a batch of G products, no offs.
+inline void grouped_mm_check_3d3d(
+    const char* op, const Tensor& mat_a, const Tensor& mat_b, const std::optional<Tensor>& offs) {
+  TORCH_CHECK_VALUE(!offs.has_value(),
+      op, ": offs must be None when mat_a and mat_b are both 3-D, got offs of sizes ", offs->sizes());
+  TORCH_CHECK_VALUE(mat_a.size(0) == mat_b.size(0),
+      op, ": batch sizes differ: mat_a ", mat_a.sizes(), ", mat_b ", mat_b.sizes());
+}
+
 // offs against the layout: None for 3D x 3D, else int32, 1-D, one entry per group.
 inline void grouped_mm_check_layout(
     const char* op, const Tensor& mat_a, const Tensor& mat_b, const std::optional<Tensor>& offs) {
   const auto layout = grouped_mm_layout(mat_a, mat_b);
   if (layout == GroupedMMLayout::k3d3d) {
-    TORCH_CHECK_VALUE(!offs.has_value(),
-        op, ": offs must be None when mat_a and mat_b are both 3-D, got offs of sizes ", offs->sizes());
-    TORCH_CHECK_VALUE(mat_a.size(0) == mat_b.size(0),
-        op, ": batch sizes differ: mat_a ", mat_a.sizes(), ", mat_b ", mat_b.sizes());
+    grouped_mm_check_3d3d(op, mat_a, mat_b, offs);
     return;
   }
   TORCH_CHECK_VALUE(offs.has_value(),
@@ -230,6 +221,21 @@ inline const char* grouped_mm_split_name(GroupedMMLayout layout) {
     case GroupedMMLayout::k3d3d: return "none";
   }
   return "";
+}
+
+// The group of every index 0 .. size-1 along the grouped dimension: g where
+// offs[g-1] <= i < offs[g], and G = offs.size(0) past offs[-1]. int64, on
+// offs's device, no host sync (ATen operations on offs as it is).
+inline Tensor grouped_mm_group_index(const Tensor& offs, int64_t size) {
+  const Tensor o = offs.to(kLong);
+  return at::searchsorted(o, at::arange(size, o.options()), /*out_int32=*/false, /*right=*/true);
+}
+
+// Whether int64 offs (of any device) are non-negative, non-decreasing and at
+// most extent: a 0-dim bool tensor, for _assert_async where offs live on a GPU
+// (a host check would sync).
+inline Tensor grouped_mm_offs_ok(const Tensor& offs, int64_t extent) {
+  return offs.ge(0).all().logical_and(offs.diff().ge(0).all()).logical_and(offs.le(extent).all());
 }
 
 // CPU kernel (native/cpu/GroupedMMKernel.cpp): writes every element of out
