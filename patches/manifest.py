@@ -465,6 +465,32 @@ BRGEMM_REST = BRGEMM_COMMENT + [(
 )]
 WITHOUT_BRGEMM = BRGEMM_ENGINE_CHOICE + BRGEMM_REST
 
+# The PRs before the transposed-tile engine's (float32, (E, N, K) weights, cpu/GroupedMMTransposedTile.h): its
+# comment (every stage) and its code (the AVX-512 stages). Applied before WITHOUT_INNER_PRODUCT, whose spans
+# it sits next to.
+TRANSPOSED_TILE_COMMENT = [(
+    "//   transposed tiles (GroupedMMTransposedTile.h; the AVX512 build): float32\n"
+    "//     groups of 17-48 rows with (E, N, K) weights, the weights broadcast in\n"
+    "//     place into tiles of C^T.\n", "",
+)]
+WITHOUT_TRANSPOSED_TILE = TRANSPOSED_TILE_COMMENT + [(
+    "#include <ATen/native/cpu/GroupedMMTransposedTile.h>\n", "",
+), (
+    "        if constexpr (std::is_same_v<scalar_t, float>) {\n"
+    "          if (tt_eligible<scalar_t>(p)) {\n"
+    "            tt_scratch(p, t, need);\n"
+    "            continue;\n"
+    "          }\n"
+    "        }\n", "",
+), (
+    "            if constexpr (std::is_same_v<scalar_t, float>) {\n"
+    "              if (tt_eligible<scalar_t>(p)) {\n"
+    "                run_tile_tt(p, t, buf);\n"
+    "                continue;\n"
+    "              }\n"
+    "            }\n", "",
+)]
+
 
 def _source_between(path: str, start: str, stop: str) -> str:
     """The text of the in-repo source path from start up to and including stop (the first after it)."""
@@ -790,6 +816,7 @@ KERNEL_TEST = _test_method("test_grouped_mm_deterministic")
 AVX512_TEST = _test_method("test_grouped_mm_blocked")
 BF16_PAIRS_TEST = _test_method("test_grouped_mm_bfloat16_k_pairs")
 INNER_PRODUCT_TEST = _test_method("test_grouped_mm_weights_along_k")
+TRANSPOSED_TILE_TEST = _test_method("test_grouped_mm_few_rows_weights_along_k")
 
 # Each routing OpInfo tests the forward until its op's derivatives land (a
 # later PR of the stack turns autograd on).
@@ -953,6 +980,7 @@ SERIES = [
                 Edit("torch/nn/functional.py", GROUPED_MM_DOCS + grouped_mm_stages.DOCS_TWO_LAYOUTS),
                 Copy("test/test_matmul.py", "patches/src/test/test_matmul.py",
                      edits=[(KERNEL_TEST, ""), (AVX512_TEST, ""), (BF16_PAIRS_TEST, ""), (INNER_PRODUCT_TEST, ""),
+                            (TRANSPOSED_TILE_TEST, ""),
                             *grouped_mm_stages.TEST_BASE, *grouped_mm_stages.TEST_TWO_LAYOUTS]),
             ],
         ),
@@ -969,6 +997,7 @@ SERIES = [
                 Edit("torch/nn/functional.py", [new_old[::-1] for new_old in grouped_mm_stages.DOCS_TWO_LAYOUTS]),
                 Copy("test/test_matmul.py", "patches/src/test/test_matmul.py",
                      edits=[(KERNEL_TEST, ""), (AVX512_TEST, ""), (BF16_PAIRS_TEST, ""), (INNER_PRODUCT_TEST, ""),
+                            (TRANSPOSED_TILE_TEST, ""),
                             *grouped_mm_stages.TEST_BASE], update=True),
             ],
         ),
@@ -982,7 +1011,8 @@ SERIES = [
                 Edit("torch/nn/functional.py", GROUPED_MM_BIAS_DOCS),
                 Edit(MM_GROUPED_LOWERING, GROUPED_MM_LOWERING_BIAS),
                 Copy("test/test_matmul.py", "patches/src/test/test_matmul.py",
-                     edits=[(KERNEL_TEST, ""), (AVX512_TEST, ""), (BF16_PAIRS_TEST, ""), (INNER_PRODUCT_TEST, "")],
+                     edits=[(KERNEL_TEST, ""), (AVX512_TEST, ""), (BF16_PAIRS_TEST, ""), (INNER_PRODUCT_TEST, ""),
+                            (TRANSPOSED_TILE_TEST, "")],
                      update=True),
             ],
         ),
@@ -996,9 +1026,11 @@ SERIES = [
                      edits=WITHOUT_INDEX_UTILS + WITHOUT_TRANSPOSED_COPY),
                 Copy(f"{NATIVE}/cpu/GroupedMMKernel.cpp", f"{SRC}/cpu/GroupedMMKernel.cpp",
                      undefine=("CPU_CAPABILITY_AVX512",),
-                     edits=BRGEMM_COMMENT + PORTABLE_KERNEL + WIDENING_ALL_COPIED + WITHOUT_INDEX_ENTRY),
+                     edits=TRANSPOSED_TILE_COMMENT + BRGEMM_COMMENT + PORTABLE_KERNEL + WIDENING_ALL_COPIED
+                     + WITHOUT_INDEX_ENTRY),
                 Copy("test/test_matmul.py", "patches/src/test/test_matmul.py",
-                     edits=[(AVX512_TEST, ""), (BF16_PAIRS_TEST, ""), (INNER_PRODUCT_TEST, "")], update=True),
+                     edits=[(AVX512_TEST, ""), (BF16_PAIRS_TEST, ""), (INNER_PRODUCT_TEST, ""), (TRANSPOSED_TILE_TEST, "")],
+                     update=True),
             ],
         ),
         Patch(
@@ -1007,7 +1039,8 @@ SERIES = [
                 Copy(f"{NATIVE}/cpu/GroupedMMKernelUtils.h", f"{SRC}/cpu/GroupedMMKernelUtils.h",
                      edits=WITHOUT_INDEX_UTILS, update=True),
                 Copy(f"{NATIVE}/cpu/GroupedMMKernel.cpp", f"{SRC}/cpu/GroupedMMKernel.cpp",
-                     undefine=("CPU_CAPABILITY_AVX512",), edits=BRGEMM_COMMENT + PORTABLE_KERNEL + WITHOUT_INDEX_KERNEL,
+                     undefine=("CPU_CAPABILITY_AVX512",), edits=TRANSPOSED_TILE_COMMENT + BRGEMM_COMMENT + PORTABLE_KERNEL
+                     + WITHOUT_INDEX_KERNEL,
                      update=True),
             ],
         ),
@@ -1019,7 +1052,8 @@ SERIES = [
                 Copy(f"{NATIVE}/GroupedMM.cpp", f"{SRC}/GroupedMM.cpp", update=True),
                 Copy(f"{NATIVE}/cpu/GroupedMMKernelUtils.h", f"{SRC}/cpu/GroupedMMKernelUtils.h", update=True),
                 Copy(f"{NATIVE}/cpu/GroupedMMKernel.cpp", f"{SRC}/cpu/GroupedMMKernel.cpp",
-                     undefine=("CPU_CAPABILITY_AVX512",), edits=BRGEMM_COMMENT + PORTABLE_KERNEL, update=True),
+                     undefine=("CPU_CAPABILITY_AVX512",),
+                     edits=TRANSPOSED_TILE_COMMENT + BRGEMM_COMMENT + PORTABLE_KERNEL, update=True),
             ],
         ),
         Patch(
@@ -1029,10 +1063,10 @@ SERIES = [
                 Copy(f"{NATIVE}/cpu/GroupedMMAvx512.h", f"{SRC}/cpu/GroupedMMAvx512.h",
                      edits=AVX512_WITHOUT_MATMUL + WITHOUT_PACK_WORDS + WITHOUT_PREFETCH + WITHOUT_WEIGHT_GRAD_H),
                 Copy(f"{NATIVE}/cpu/GroupedMMKernel.cpp", f"{SRC}/cpu/GroupedMMKernel.cpp",
-                     edits=BRGEMM_REST + WITHOUT_INNER_PRODUCT + WITHOUT_BF16_PAIRS + WITHOUT_MATMUL
+                     edits=WITHOUT_TRANSPOSED_TILE + BRGEMM_REST + WITHOUT_INNER_PRODUCT + WITHOUT_BF16_PAIRS + WITHOUT_MATMUL
                      + KERNEL_WITHOUT_PREFETCH + KERNEL_WITHOUT_WHOLE_N, update=True),
                 Copy("test/test_matmul.py", "patches/src/test/test_matmul.py",
-                     edits=[(BF16_PAIRS_TEST, ""), (INNER_PRODUCT_TEST, "")], update=True),
+                     edits=[(BF16_PAIRS_TEST, ""), (INNER_PRODUCT_TEST, ""), (TRANSPOSED_TILE_TEST, "")], update=True),
             ],
         ),
         Patch(
@@ -1041,7 +1075,7 @@ SERIES = [
                 Copy(f"{NATIVE}/cpu/GroupedMMAvx512.h", f"{SRC}/cpu/GroupedMMAvx512.h",
                      edits=AVX512_WITHOUT_MATMUL + WITHOUT_PACK_WORDS + WITHOUT_WEIGHT_GRAD_H, update=True),
                 Copy(f"{NATIVE}/cpu/GroupedMMKernel.cpp", f"{SRC}/cpu/GroupedMMKernel.cpp",
-                     edits=BRGEMM_REST + WITHOUT_INNER_PRODUCT + WITHOUT_BF16_PAIRS + WITHOUT_MATMUL
+                     edits=WITHOUT_TRANSPOSED_TILE + BRGEMM_REST + WITHOUT_INNER_PRODUCT + WITHOUT_BF16_PAIRS + WITHOUT_MATMUL
                      + KERNEL_WITHOUT_WHOLE_N, update=True),
             ],
         ),
@@ -1051,7 +1085,7 @@ SERIES = [
                 Copy(f"{NATIVE}/cpu/GroupedMMAvx512.h", f"{SRC}/cpu/GroupedMMAvx512.h",
                      edits=AVX512_WITHOUT_MATMUL + WITHOUT_PACK_WORDS, update=True),
                 Copy(f"{NATIVE}/cpu/GroupedMMKernel.cpp", f"{SRC}/cpu/GroupedMMKernel.cpp",
-                     edits=BRGEMM_REST + WITHOUT_INNER_PRODUCT + WITHOUT_BF16_PAIRS + WITHOUT_MATMUL, update=True),
+                     edits=WITHOUT_TRANSPOSED_TILE + BRGEMM_REST + WITHOUT_INNER_PRODUCT + WITHOUT_BF16_PAIRS + WITHOUT_MATMUL, update=True),
             ],
         ),
         Patch(
@@ -1060,7 +1094,7 @@ SERIES = [
                 Copy(f"{NATIVE}/cpu/GroupedMMAvx512.h", f"{SRC}/cpu/GroupedMMAvx512.h", edits=WITHOUT_PACK_WORDS,
                      update=True),
                 Copy(f"{NATIVE}/cpu/GroupedMMKernel.cpp", f"{SRC}/cpu/GroupedMMKernel.cpp",
-                     edits=WITHOUT_BRGEMM + WITHOUT_INNER_PRODUCT + WITHOUT_BF16_PAIRS, update=True),
+                     edits=WITHOUT_TRANSPOSED_TILE + WITHOUT_BRGEMM + WITHOUT_INNER_PRODUCT + WITHOUT_BF16_PAIRS, update=True),
             ],
         ),
         Patch(
@@ -1069,8 +1103,9 @@ SERIES = [
                 Copy(f"{NATIVE}/cpu/GroupedMMAvx512BF16.h", f"{SRC}/cpu/GroupedMMAvx512BF16.h",
                      edits=BF16_WITHOUT_PACK_WORDS),
                 Copy(f"{NATIVE}/cpu/GroupedMMKernel.cpp", f"{SRC}/cpu/GroupedMMKernel.cpp",
-                     edits=WITHOUT_BRGEMM + WITHOUT_INNER_PRODUCT, update=True),
-                Copy("test/test_matmul.py", "patches/src/test/test_matmul.py", edits=[(INNER_PRODUCT_TEST, "")],
+                     edits=WITHOUT_TRANSPOSED_TILE + WITHOUT_BRGEMM + WITHOUT_INNER_PRODUCT, update=True),
+                Copy("test/test_matmul.py", "patches/src/test/test_matmul.py",
+                     edits=[(INNER_PRODUCT_TEST, ""), (TRANSPOSED_TILE_TEST, "")],
                      update=True),
             ],
         ),
@@ -1080,16 +1115,26 @@ SERIES = [
                 Copy(f"{NATIVE}/cpu/GroupedMMAvx512.h", f"{SRC}/cpu/GroupedMMAvx512.h", update=True),
                 Copy(f"{NATIVE}/cpu/GroupedMMAvx512BF16.h", f"{SRC}/cpu/GroupedMMAvx512BF16.h", update=True),
                 Copy(f"{NATIVE}/cpu/GroupedMMInnerProduct.h", f"{SRC}/cpu/GroupedMMInnerProduct.h"),
-                Copy(f"{NATIVE}/cpu/GroupedMMKernel.cpp", f"{SRC}/cpu/GroupedMMKernel.cpp", edits=WITHOUT_BRGEMM,
+                Copy(f"{NATIVE}/cpu/GroupedMMKernel.cpp", f"{SRC}/cpu/GroupedMMKernel.cpp",
+                     edits=WITHOUT_TRANSPOSED_TILE + WITHOUT_BRGEMM, update=True),
+                Copy("test/test_matmul.py", "patches/src/test/test_matmul.py", edits=[(TRANSPOSED_TILE_TEST, "")],
                      update=True),
-                Copy("test/test_matmul.py", "patches/src/test/test_matmul.py", update=True),
             ],
         ),
         Patch(
             message="core/0001c1-grouped-mm-cpu-brgemm.txt",
             changes=[
                 Copy(f"{NATIVE}/cpu/GroupedMMBrgemm.h", f"{SRC}/cpu/GroupedMMBrgemm.h"),
+                Copy(f"{NATIVE}/cpu/GroupedMMKernel.cpp", f"{SRC}/cpu/GroupedMMKernel.cpp",
+                     edits=WITHOUT_TRANSPOSED_TILE, update=True),
+            ],
+        ),
+        Patch(
+            message="core/0001c2-grouped-mm-cpu-transposed-tile.txt",
+            changes=[
+                Copy(f"{NATIVE}/cpu/GroupedMMTransposedTile.h", f"{SRC}/cpu/GroupedMMTransposedTile.h"),
                 Copy(f"{NATIVE}/cpu/GroupedMMKernel.cpp", f"{SRC}/cpu/GroupedMMKernel.cpp", update=True),
+                Copy("test/test_matmul.py", "patches/src/test/test_matmul.py", update=True),
             ],
         ),
         Patch(

@@ -191,6 +191,51 @@ def test_weights_stored_transposed(dtype, k, n):
     torch.testing.assert_close(transposed, ref, rtol=tol["rtol"], atol=tol["atol"] * k)
 
 
+@pytest.mark.parametrize("k", [64, 301, 2048 + 37])
+def test_transposed_weights_few_rows_float32(k):
+    """float32 groups of 17-48 rows with weights stored (G, N, K): in the
+    AVX512 build (the one this machine runs) they take the transposed-tile
+    engine (cpu/GroupedMMTransposedTile.h), which keeps the group's rows in
+    vector lanes and broadcasts each weight from its (G, N, K) memory. It sums
+    along K in the same order as the broadcast engine that (G, K, N) weights
+    take, so the two storage orders give the same bits on those groups; the
+    inner-product engine, which the other nk groups take (5 and 64 rows here),
+    sums in another order, so this equality also shows which engine ran. K
+    past 2048 spills between K blocks, which must change no bit. Rows
+    column-major and gathered (-1 reads zeros), bias, N across the 8-column
+    and 16-column edges and past a 256-column tile, 3D x 3D, 1 and 2 threads.
+    Values against float64 within the float32 bound of a K-term sum (K * 2^-24
+    of the sum of the products' magnitudes)."""
+    g = torch.Generator().manual_seed(k)
+    sizes = [17, 0, 48, 33, 5, 64]
+    offs = torch.tensor(sizes).cumsum(0).to(torch.int32)
+    few = torch.cat([torch.arange(s, e) for s, e, n in zip([0] + offs.tolist()[:-1], offs.tolist(), sizes)
+                     if 17 <= n <= 48])
+    m = sum(sizes)
+    for n in (1, 9, 300):
+        w_nk = torch.randn(len(sizes), n, k, generator=g)
+        bias = torch.randn(len(sizes), n, generator=g)
+        a_row = torch.randn(m, k, generator=g)
+        idx = torch.randint(-1, m, (m,), generator=g)
+        for a in (a_row, a_row.t().contiguous().t()):
+            for name, run, ref_a in (
+                ("rows", lambda w: torch.ops.moe_ops.grouped_mm(a, w, offs, bias=bias), a),
+                ("gathered", lambda w: torch.ops.moe_ops.grouped_mm_gather(a, w, offs, idx, bias=bias),
+                 torch.where((idx >= 0)[:, None], a[idx.clamp(min=0)], 0.0))):
+                out = run(w_nk.transpose(-2, -1))
+                kn = run(w_nk.transpose(-2, -1).contiguous())
+                msg = f"k={k} n={n} {name} a.stride()={a.stride()}"
+                assert torch.equal(out[few], kn[few]), msg
+                ref = torch_grouped_mm(ref_a.double(), w_nk.transpose(-2, -1).double(), offs, bias=bias.double())
+                magnitude = torch_grouped_mm(ref_a.abs().double(), w_nk.transpose(-2, -1).abs().double(), offs)
+                assert ((out.double() - ref).abs() <= k * 2.0**-24 * magnitude + 1e-30).all(), msg
+                for bits in at_thread_counts(lambda: run(w_nk.transpose(-2, -1))).values():
+                    assert torch.equal(bits, out), msg
+        a3 = torch.randn(2, 40, k, generator=g)
+        w3 = torch.randn(2, n, k, generator=g).transpose(-2, -1)
+        assert torch.equal(torch.ops.moe_ops.grouped_mm(a3, w3), torch.ops.moe_ops.grouped_mm(a3, w3.contiguous()))
+
+
 def test_gradient_of_transposed_weights_keeps_their_layout():
     """transformers stores expert weights (E, N, K) and passes the transposed
     view: the weight gradient must arrive in that layout, or autograd copies

@@ -245,6 +245,27 @@ class TestGroupedMM(TestCase):
             self.assertGroupedClose(torch._grouped_mm(a3, w), a3, w, None)
 
     @onlyCPU
+    @dtypes(torch.float32)
+    def test_grouped_mm_few_rows_weights_along_k(self, device, dtype):
+        # float32 groups of 17-48 rows with weights stored (G, N, K) take the
+        # transposed-tile kernel on AVX-512 CPUs, which sums along K in the
+        # order the (G, K, N) storage is summed in: both storage orders give
+        # the same bits on those groups. K past one 2048 block, N past a tile
+        # and off the 8- and 16-column edges, A row-major and column-major.
+        sizes = [17, 0, 48, 33, 5]
+        few = torch.cat([torch.arange(s - n, s) for s, n in zip(itertools.accumulate(sizes), sizes) if n >= 17])
+        for k, n in ((64, 9), (301, 300), (2085, 20)):
+            a = torch.randn(sum(sizes), k, device=device, dtype=dtype)
+            w = torch.randn(len(sizes), n, k, device=device, dtype=dtype).transpose(-2, -1)
+            offs = _offs(sizes, device)
+            bias = torch.randn(len(sizes), n, device=device, dtype=dtype)
+            for x in (a, a.t().contiguous().t()):
+                out = torch._grouped_mm(x, w, offs=offs, bias=bias)
+                self.assertGroupedClose(out, x, w, offs, bias)
+                self.assertEqual(out[few], torch._grouped_mm(x, w.contiguous(), offs=offs, bias=bias)[few],
+                                 atol=0, rtol=0)
+
+    @onlyCPU
     def test_grouped_mm_errors(self, device):
         a, b = torch.randn(5, 4, device=device), torch.randn(2, 4, 3, device=device)
         a3 = torch.randn(3, 5, 4, device=device)

@@ -19,6 +19,9 @@
 //     and at::mm (oneDNN/MKL) per group where the BLAS is faster (groups of
 //     hundreds of rows of bfloat16/float32 without bias), one group after the
 //     other outside any parallel region (the BLAS threads each GEMM itself).
+//   transposed tiles (GroupedMMTransposedTile.h; the AVX512 build): float32
+//     groups of 17-48 rows with (E, N, K) weights, the weights broadcast in
+//     place into tiles of C^T.
 //   brgemm (GroupedMMBrgemm.h; the AVX512 build, bfloat16 and float16 where
 //     cpublas::could_pack holds, i.e. AMX): ATen's batch-reduce GEMM per tile
 //     on a packed weight block.
@@ -52,6 +55,7 @@
 #include <ATen/native/cpu/GroupedMMAvx512BF16.h>
 #include <ATen/native/cpu/GroupedMMBrgemm.h>
 #include <ATen/native/cpu/GroupedMMInnerProduct.h>
+#include <ATen/native/cpu/GroupedMMTransposedTile.h>
 #include <ATen/ops/from_blob.h>
 #include <ATen/ops/mm.h>
 #endif
@@ -290,6 +294,12 @@ void run_problems(const std::vector<Problem<scalar_t, out_t, acc_t>>& problems, 
     }
     if constexpr (!std::is_same_v<scalar_t, double>) {
       if (micro) {
+        if constexpr (std::is_same_v<scalar_t, float>) {
+          if (tt_eligible<scalar_t>(p)) {
+            tt_scratch(p, t, need);
+            continue;
+          }
+        }
         if (nt_eligible<scalar_t>(p)) {
           nt_scratch(p, need);
         } else {
@@ -331,6 +341,12 @@ void run_problems(const std::vector<Problem<scalar_t, out_t, acc_t>>& problems, 
           if (micro) {
             const Tile* next = i + 1 < bounds[chunk + 1] ? &tiles[i + 1] : nullptr;
             const auto* next_p = next != nullptr ? &problems[next->problem] : nullptr;
+            if constexpr (std::is_same_v<scalar_t, float>) {
+              if (tt_eligible<scalar_t>(p)) {
+                run_tile_tt(p, t, buf);
+                continue;
+              }
+            }
             if constexpr (std::is_same_v<scalar_t, float> || std::is_same_v<scalar_t, BFloat16>) {
               if (nt_eligible<scalar_t>(p)) {
                 run_tile_nt(p, t, buf, next_p, next);
