@@ -80,13 +80,8 @@ void run_one_group(const Tensor& mat_a, const Tensor& mat_b, const std::optional
   }
   ScratchBytes need;
   for (const Tile& t : tiles) brgemm_scratch<Brgemm>(p, t, need);
-  const auto round64 = [](int64_t bytes) { return (bytes + 63) / 64 * 64; };
-  const Tensor scratch = at::empty({round64(need.a) + round64(need.b) + round64(need.acc)}, at::kByte);
-  char* base = reinterpret_cast<char*>(scratch.data_ptr());
-  ThreadBuffers buf;
-  buf.a = {base, need.a};
-  buf.b = {base + round64(need.a), need.b};
-  buf.acc = {base + round64(need.a) + round64(need.b), need.acc};
+  const Tensor scratch = at::empty({need.slice()}, at::kByte);
+  ThreadBuffers buf = need.regions(reinterpret_cast<char*>(scratch.data_ptr()));
   for (const Tile& t : tiles) run_tile_brgemm<Brgemm>(p, t, buf);
   Brgemm::template release<scalar_t>();
 }

@@ -44,7 +44,10 @@ struct CpublasBrgemm {
   }
   template <typename T>
   static bool available() {
-    return std::is_same_v<T, float> || cpublas::could_pack(c10::CppTypeToScalarType<T>::value);
+    // could_pack asks oneDNN about the CPU, and every grouped mm call asks:
+    // the answer never changes within a process.
+    static const bool ok = std::is_same_v<T, float> || cpublas::could_pack(c10::CppTypeToScalarType<T>::value);
+    return ok;
   }
   // out (K x N, packed, leading dimension N) from row-major in (ld_in).
   template <typename T>

@@ -311,17 +311,12 @@ void run_problems(const std::vector<Problem<scalar_t, out_t, acc_t>>& problems, 
 #endif
     widening_scratch(p, t, need);
   }
-  const auto round64 = [](int64_t bytes) { return (bytes + 63) / 64 * 64; };
-  const int64_t slice = round64(need.a) + round64(need.b) + round64(need.acc);
+  const int64_t slice = need.slice();
   const Tensor scratch = at::empty({num_chunks * slice}, at::TensorOptions().dtype(kByte));
   char* const scratch_base = reinterpret_cast<char*>(scratch.data_ptr());
 
   at::parallel_for(0, num_chunks, 1, [&](int64_t begin, int64_t end) {
-    ThreadBuffers buf;
-    char* base = scratch_base + begin * slice;
-    buf.a = {base, need.a};
-    buf.b = {base + round64(need.a), need.b};
-    buf.acc = {base + round64(need.a) + round64(need.b), need.acc};
+    ThreadBuffers buf = need.regions(scratch_base + begin * slice);
     for (int64_t chunk = begin; chunk < end; ++chunk) {
       for (int64_t i = bounds[chunk]; i < bounds[chunk + 1]; ++i) {
         const Tile& t = tiles[i];

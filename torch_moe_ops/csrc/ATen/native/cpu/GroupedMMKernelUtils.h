@@ -80,6 +80,20 @@ struct ScratchBytes {
     b = std::max(b, nb);
     acc = std::max(acc, nacc);
   }
+  // One thread's slice of the call's scratch, each region 64-byte aligned.
+  static int64_t aligned(int64_t bytes) {
+    return (bytes + 63) / 64 * 64;
+  }
+  int64_t slice() const {
+    return aligned(a) + aligned(b) + aligned(acc);
+  }
+  ThreadBuffers regions(char* base) const {
+    ThreadBuffers buf;
+    buf.a = {base, a};
+    buf.b = {base + aligned(a), b};
+    buf.acc = {base + aligned(a) + aligned(b), acc};
+    return buf;
+  }
 };
 
 // dst[r * ld + c] = src[r * rs + c * cs] for r < rows, c < cols, converted
