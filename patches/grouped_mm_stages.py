@@ -1,6 +1,6 @@
-"""_grouped_mm's contract as the first two PRs of stack 1 leave it (patches/manifest.py): the base
+"""_grouped_mm's contract as the first PRs of stack 1 leave it (patches/manifest.py): the base
 contract first (the input dtype out, no bias: both refused with a ValueError naming the value), then
-bias and the float32 output. The in-repo sources hold the whole contract, bias and the output dtype
+the values of offs, the 2D x 2D and 3D x 3D layouts, bias and the float32 output. The in-repo sources hold the whole contract, bias and the output dtype
 checked in functions of their own (grouped_mm_check_bias, grouped_mm_out_dtype in GroupedMM.h;
 check_grouped_mm_bias, grouped_mm_out_dtype in _checks.py); these are the anchored edits that take
 them out (Copy's ``edits``, Meta's ``source_edits`` and ``leave_out``), applied after the edits that

@@ -942,9 +942,10 @@ SERIES = [
         # -- Stack 1: grouped mm on CPU (patches/rfc/0001-grouped-mm-cpu.md) ---------------------------
         # The kernel lands engine by engine: each PR carries GroupedMMKernel.cpp (and the tests) as it
         # leaves them, the last one the file itself (Copy's undefine / edits / update).
-        # The contract lands in three PRs (grouped_mm_stages: the sources as the first two leave them): the base
-        # contract (the input dtype out, no bias) in the 2D x 3D and 3D x 2D layouts, then the 2D x 2D and
-        # 3D x 3D layouts, then bias and the float32 output.
+        # The contract lands in four PRs (grouped_mm_stages: the sources as the first three leave them): the base
+        # contract (the input dtype out, no bias) in the 2D x 3D and 3D x 2D layouts, then the values of offs
+        # (checked, uncovered outputs zeroed), then the 2D x 2D and 3D x 3D layouts, then bias and the float32
+        # output. grouped_mm_out_strides waits for the CUDA entry (core/0002), the first to pad.
         Patch(
             message="core/0001-grouped-mm-cpu-checks-and-meta.txt",
             changes=[
