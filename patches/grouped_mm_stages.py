@@ -1,6 +1,6 @@
-"""_grouped_mm's contract as the first two PRs of stack 1 leave it (patches/manifest.py): the base
+"""_grouped_mm's contract as the first PRs of stack 1 leave it (patches/manifest.py): the base
 contract first (the input dtype out, no bias: both refused with a ValueError naming the value), then
-bias and the float32 output. The in-repo sources hold the whole contract, bias and the output dtype
+the values of offs, the 2D x 2D and 3D x 3D layouts, bias and the float32 output. The in-repo sources hold the whole contract, bias and the output dtype
 checked in functions of their own (grouped_mm_check_bias, grouped_mm_out_dtype in GroupedMM.h;
 check_grouped_mm_bias, grouped_mm_out_dtype in _checks.py); these are the anchored edits that take
 them out (Copy's ``edits``, Meta's ``source_edits`` and ``leave_out``), applied after the edits that
@@ -217,4 +217,83 @@ WITHOUT_GROUP_INDEX_H = [
     ("#include <ATen/ops/arange.h>\n", ""),
     ("#include <ATen/ops/searchsorted.h>\n", ""),
     (_span(HEADER, "// The group of every index 0 .. size-1", "// CPU kernel (native/cpu/GroupedMMKernel.cpp)"), ""),
+]
+
+
+# -- The values of offs land with core/0001.0a, the PR after core/0001: their host check
+# (grouped_mm_check_offsets_cpu with grouped_mm_split_size / split_name, read by the fallback) and the zeroed
+# output past offs[-1] (grouped_mm_zero_uncovered). core/0001 reads offs on the host unchecked (a bad end fails
+# in narrow, which the fallback then calls for empty groups too) and leaves the uncovered elements unwritten,
+# as upstream's kernels do. Applied after the *_TWO_LAYOUTS edits above.
+
+ENTRY = f"{NATIVE}/GroupedMM.cpp"
+
+HEADER_WITHOUT_OFFS_VALUES = [
+    ("// Output elements that no group covers (rows/columns past offs[-1]) are zero.\n", ""),
+    (_span(HEADER, "// Extent of the dimension that offs splits", "inline c10::SmallVector<int64_t, 3> grouped_mm_out_size("),
+     ""),
+    (_span(HEADER, "// Checks the values of a CPU offs tensor", "// The group of every index"), ""),
+    ("// Zeroes the rows (2D x 3D) or columns (3D x 2D) of out at or past offs[-1],\n"
+     "// which no group covers, comparing offs[-1] on its device (no host sync).\n"
+     "void grouped_mm_zero_uncovered(const Tensor& out, GroupedMMLayout layout, const std::optional<Tensor>& offs);\n\n",
+     ""),
+    ("// uncovered elements zeroed, grouped_mm_cpu's output layout. It reads offs on\n"
+     "// the host (a sync, as upstream's fallback) and checks it with the CPU errors.\n",
+     "// grouped_mm_cpu's output layout, elements no group covers unwritten. It reads\n"
+     "// offs on the host, their values unchecked yet (a bad end fails in narrow).\n"),
+]
+
+ENTRY_WITHOUT_OFFS_VALUES = [
+    ("#include <ATen/ops/arange.h>\n", ""),
+    ("#include <ATen/ops/zeros.h>\n", ""),
+    (_span(ENTRY, "// Zeroes the rows (2D x 3D) or columns (3D x 2D) of out at or past offs[-1],\n", "namespace {\n"), ""),
+    ("  // The group ends on the host, checked as the CPU kernel checks them.\n"
+     "  const Tensor ends = offs->to(kCPU);\n"
+     "  grouped_mm_check_offsets_cpu(ends, grouped_mm_split_size(mat_a, mat_b), grouped_mm_split_name(layout));\n",
+     "  const Tensor ends = offs->to(kCPU);\n"),
+    ("    if (layout == GroupedMMLayout::k2d3d && len > 0) {", "    if (layout == GroupedMMLayout::k2d3d) {"),
+    ("    } else if (layout == GroupedMMLayout::k3d2d && len > 0) {", "    } else if (layout == GroupedMMLayout::k3d2d) {"),
+    ("  grouped_mm_zero_uncovered(out, layout, offs);\n", ""),
+]
+
+# torch/nn/functional.py (after DOCS_TWO_LAYOUTS): no zeroed rows yet; core/0001.0a reverses it.
+DOCS_WITHOUT_OFFS_VALUES = [(
+    "    ``torch.float64`` with any strides, and the rows (2D x 3D) or columns (3D x 2D)\n"
+    "    past ``offs[-1]`` are zero in the output; CPU does not take the 2D x 2D and\n"
+    "    3D x 3D layouts yet.\n",
+    "    ``torch.float64`` with any strides; CPU does not take the 2D x 2D and 3D x 3D\n"
+    "    layouts yet.\n",
+)]
+
+TEST_WITHOUT_OFFS_VALUES = [
+    ("# (float16/float32/float64, zeroed rows past offs[-1], ValueErrors naming the\n"
+     "# argument) is tested on CPU only.\n",
+     "# (float16/float32/float64, ValueErrors naming the argument) is tested on CPU\n"
+     "# only.\n"),
+    (_span(TEST, "    @onlyCPU\n    @dtypes(torch.float32, torch.bfloat16)\n    def test_grouped_mm_rows_past_offs_are_zero(",
+           "    @onlyCPU\n    @dtypes(torch.float32, torch.bfloat16)\n    def test_grouped_mm_deterministic("), ""),
+    ('            ((a, b), {"offs": _offs([3, -2], device)}, r"offs must be non-decreasing"),\n'
+     '            ((a, b), {"offs": _offs([2, 4], device)}, r"offs\\[-1\\]=6 exceeds the grouped dimension M"),\n', ""),
+]
+
+
+# -- grouped_mm_out_strides (GroupedMM.h) lands with the CUDA entry's PR (core/0002), its first user that pads:
+# before it the C++ entries allocate contiguous outputs with at::empty (the meta function pads CUDA outputs
+# as upstream's kernels allocate them, GROUPED_MM_META_EARLY).
+
+WITHOUT_OUT_STRIDES_H = [
+    (_span(HEADER, "// Output strides: contiguous on CPU and ROCm;", "// Shape checks shared by the grouped GEMMs"), ""),
+]
+# GroupedMM.cpp's fallback (every stage before core/0002) ...
+WITHOUT_OUT_STRIDES_CPP = [
+    ("#include <ATen/ops/empty_strided.h>\n", "#include <ATen/ops/empty.h>\n"),
+    ("  Tensor out = at::empty_strided(size, grouped_mm_out_strides(size, out_t, mat_a.device()),\n"
+     "                                 mat_a.options().dtype(out_t));\n",
+     "  Tensor out = at::empty(size, mat_a.options().dtype(out_t));\n"),
+]
+# ... and grouped_mm_empty_cpu (the kernel's stages).
+WITHOUT_OUT_STRIDES_EMPTY_CPU = [
+    ("  Tensor out = at::empty_strided(size, grouped_mm_out_strides(size, out_dtype, mat_a.device()),\n"
+     "                                 mat_a.options().dtype(out_dtype));\n",
+     "  Tensor out = at::empty(size, mat_a.options().dtype(out_dtype));\n"),
 ]

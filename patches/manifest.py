@@ -83,6 +83,15 @@ GROUPED_MM_META = """\
 # ATen/native/GroupedMM.h one for one, with the same messages, so that an error
 # reads the same in eager and under torch.compile; keep the two in step.
 """
+# The header as the PRs before the CUDA entry's (core/0002) carry it: grouped_mm_out_strides comes with that
+# PR (grouped_mm_stages.WITHOUT_OUT_STRIDES_H), which puts GROUPED_MM_META in its place (GROUPED_MM_META_HEADER).
+GROUPED_MM_META_EARLY = """\
+# aten._grouped_mm: checks and output allocation. These restate
+# grouped_mm_check_inputs and grouped_mm_out_size of ATen/native/GroupedMM.h one
+# for one, with the same messages, so that an error reads the same in eager and
+# under torch.compile; keep the two in step (the strides are the kernels').
+"""
+GROUPED_MM_META_HEADER = Edit("torch/_meta_registrations.py", [(GROUPED_MM_META_EARLY, GROUPED_MM_META)])
 
 PERMUTE_META = """\
 # aten._moe_permute: checks and output allocation. These restate the checks of
@@ -960,28 +969,50 @@ SERIES = [
         # -- Stack 1: grouped mm on CPU (patches/rfc/0001-grouped-mm-cpu.md) ---------------------------
         # The kernel lands engine by engine: each PR carries GroupedMMKernel.cpp (and the tests) as it
         # leaves them, the last one the file itself (Copy's undefine / edits / update).
-        # The contract lands in three PRs (grouped_mm_stages: the sources as the first two leave them): the base
-        # contract (the input dtype out, no bias) in the 2D x 3D and 3D x 2D layouts, then the 2D x 2D and
-        # 3D x 3D layouts, then bias and the float32 output.
+        # The contract lands in four PRs (grouped_mm_stages: the sources as the first three leave them): the base
+        # contract (the input dtype out, no bias) in the 2D x 3D and 3D x 2D layouts, then the values of offs
+        # (checked, uncovered outputs zeroed), then the 2D x 2D and 3D x 3D layouts, then bias and the float32
+        # output. grouped_mm_out_strides waits for the CUDA entry (core/0002), the first to pad.
         Patch(
             message="core/0001-grouped-mm-cpu-checks-and-meta.txt",
             changes=[
                 Copy(f"{NATIVE}/GroupedMM.h", f"{SRC}/GroupedMM.h",
                      edits=ENTRY_ON_FALLBACK_H + grouped_mm_stages.WITHOUT_GROUP_INDEX_H
-                     + grouped_mm_stages.HEADER_BASE + grouped_mm_stages.HEADER_TWO_LAYOUTS),
+                     + grouped_mm_stages.WITHOUT_OUT_STRIDES_H + grouped_mm_stages.HEADER_BASE
+                     + grouped_mm_stages.HEADER_TWO_LAYOUTS + grouped_mm_stages.HEADER_WITHOUT_OFFS_VALUES),
                 Copy(f"{NATIVE}/GroupedMM.cpp", f"{SRC}/GroupedMM.cpp",
-                     edits=ENTRY_ON_FALLBACK + grouped_mm_stages.ENTRY_BASE + grouped_mm_stages.ENTRY_TWO_LAYOUTS),
+                     edits=ENTRY_ON_FALLBACK + grouped_mm_stages.WITHOUT_OUT_STRIDES_CPP + grouped_mm_stages.ENTRY_BASE
+                     + grouped_mm_stages.ENTRY_TWO_LAYOUTS + grouped_mm_stages.ENTRY_WITHOUT_OFFS_VALUES),
                 Dispatch("grouped_mm"),
-                Meta("grouped_mm", GROUPED_MM_META, replaces=["meta_grouped_mm"],
+                Meta("grouped_mm", GROUPED_MM_META_EARLY, replaces=["meta_grouped_mm"],
                      source_edits=grouped_mm_stages.CHECKS_BASE + grouped_mm_stages.CHECKS_TWO_LAYOUTS,
                      leave_out=grouped_mm_stages.CHECKS_LATER,
                      # The checks annotate with Optional (they are written for Python 3.10).
                      edits=[("from typing import TypeVar\n", "from typing import Optional, TypeVar\n")]),
-                Edit("torch/nn/functional.py", GROUPED_MM_DOCS + grouped_mm_stages.DOCS_TWO_LAYOUTS),
+                Edit("torch/nn/functional.py", GROUPED_MM_DOCS + grouped_mm_stages.DOCS_TWO_LAYOUTS
+                     + grouped_mm_stages.DOCS_WITHOUT_OFFS_VALUES),
                 Copy("test/test_matmul.py", "patches/src/test/test_matmul.py",
                      edits=[(KERNEL_TEST, ""), (AVX512_TEST, ""), (BF16_PAIRS_TEST, ""), (INNER_PRODUCT_TEST, ""),
                             (TRANSPOSED_TILE_TEST, ""),
-                            *grouped_mm_stages.TEST_BASE, *grouped_mm_stages.TEST_TWO_LAYOUTS]),
+                            *grouped_mm_stages.TEST_BASE, *grouped_mm_stages.TEST_TWO_LAYOUTS,
+                            *grouped_mm_stages.TEST_WITHOUT_OFFS_VALUES]),
+            ],
+        ),
+        Patch(
+            message="core/0001.0a-grouped-mm-cpu-offs-values.txt",
+            changes=[
+                Copy(f"{NATIVE}/GroupedMM.h", f"{SRC}/GroupedMM.h",
+                     edits=ENTRY_ON_FALLBACK_H + grouped_mm_stages.WITHOUT_GROUP_INDEX_H
+                     + grouped_mm_stages.WITHOUT_OUT_STRIDES_H + grouped_mm_stages.HEADER_BASE
+                     + grouped_mm_stages.HEADER_TWO_LAYOUTS, update=True),
+                Copy(f"{NATIVE}/GroupedMM.cpp", f"{SRC}/GroupedMM.cpp",
+                     edits=ENTRY_ON_FALLBACK + grouped_mm_stages.WITHOUT_OUT_STRIDES_CPP + grouped_mm_stages.ENTRY_BASE
+                     + grouped_mm_stages.ENTRY_TWO_LAYOUTS, update=True),
+                Edit("torch/nn/functional.py", [new_old[::-1] for new_old in grouped_mm_stages.DOCS_WITHOUT_OFFS_VALUES]),
+                Copy("test/test_matmul.py", "patches/src/test/test_matmul.py",
+                     edits=[(KERNEL_TEST, ""), (AVX512_TEST, ""), (BF16_PAIRS_TEST, ""), (INNER_PRODUCT_TEST, ""),
+                            (TRANSPOSED_TILE_TEST, ""),
+                            *grouped_mm_stages.TEST_BASE, *grouped_mm_stages.TEST_TWO_LAYOUTS], update=True),
             ],
         ),
         Patch(
@@ -989,10 +1020,11 @@ SERIES = [
             changes=[
                 Copy(f"{NATIVE}/GroupedMM.h", f"{SRC}/GroupedMM.h",
                      edits=ENTRY_ON_FALLBACK_H + grouped_mm_stages.WITHOUT_GROUP_INDEX_H
-                     + grouped_mm_stages.HEADER_BASE, update=True),
+                     + grouped_mm_stages.WITHOUT_OUT_STRIDES_H + grouped_mm_stages.HEADER_BASE, update=True),
                 Copy(f"{NATIVE}/GroupedMM.cpp", f"{SRC}/GroupedMM.cpp",
-                     edits=ENTRY_ON_FALLBACK + grouped_mm_stages.ENTRY_BASE, update=True),
-                Meta("grouped_mm", GROUPED_MM_META, source_edits=grouped_mm_stages.CHECKS_BASE,
+                     edits=ENTRY_ON_FALLBACK + grouped_mm_stages.WITHOUT_OUT_STRIDES_CPP + grouped_mm_stages.ENTRY_BASE,
+                     update=True),
+                Meta("grouped_mm", GROUPED_MM_META_EARLY, source_edits=grouped_mm_stages.CHECKS_BASE,
                      leave_out=grouped_mm_stages.CHECKS_LATER, update=True),
                 Edit("torch/nn/functional.py", [new_old[::-1] for new_old in grouped_mm_stages.DOCS_TWO_LAYOUTS]),
                 Copy("test/test_matmul.py", "patches/src/test/test_matmul.py",
@@ -1005,9 +1037,11 @@ SERIES = [
             message="core/0001.1-grouped-mm-cpu-bias-and-fp32-output.txt",
             changes=[
                 Copy(f"{NATIVE}/GroupedMM.h", f"{SRC}/GroupedMM.h",
-                     edits=ENTRY_ON_FALLBACK_H + grouped_mm_stages.WITHOUT_GROUP_INDEX_H, update=True),
-                Copy(f"{NATIVE}/GroupedMM.cpp", f"{SRC}/GroupedMM.cpp", edits=ENTRY_ON_FALLBACK, update=True),
-                Meta("grouped_mm", GROUPED_MM_META, update=True),
+                     edits=ENTRY_ON_FALLBACK_H + grouped_mm_stages.WITHOUT_GROUP_INDEX_H
+                     + grouped_mm_stages.WITHOUT_OUT_STRIDES_H, update=True),
+                Copy(f"{NATIVE}/GroupedMM.cpp", f"{SRC}/GroupedMM.cpp",
+                     edits=ENTRY_ON_FALLBACK + grouped_mm_stages.WITHOUT_OUT_STRIDES_CPP, update=True),
+                Meta("grouped_mm", GROUPED_MM_META_EARLY, update=True),
                 Edit("torch/nn/functional.py", GROUPED_MM_BIAS_DOCS),
                 Edit(MM_GROUPED_LOWERING, GROUPED_MM_LOWERING_BIAS),
                 Copy("test/test_matmul.py", "patches/src/test/test_matmul.py",
@@ -1020,8 +1054,11 @@ SERIES = [
             message="core/0001a-grouped-mm-cpu-kernel.txt",
             changes=[
                 Copy(f"{NATIVE}/GroupedMM.h", f"{SRC}/GroupedMM.h",
-                     edits=WITHOUT_INDEX_H + grouped_mm_stages.WITHOUT_GROUP_INDEX_H, update=True),
-                Copy(f"{NATIVE}/GroupedMM.cpp", f"{SRC}/GroupedMM.cpp", edits=WITHOUT_INDEX_CPP, update=True),
+                     edits=WITHOUT_INDEX_H + grouped_mm_stages.WITHOUT_GROUP_INDEX_H
+                     + grouped_mm_stages.WITHOUT_OUT_STRIDES_H, update=True),
+                Copy(f"{NATIVE}/GroupedMM.cpp", f"{SRC}/GroupedMM.cpp",
+                     edits=WITHOUT_INDEX_CPP + grouped_mm_stages.WITHOUT_OUT_STRIDES_CPP
+                     + grouped_mm_stages.WITHOUT_OUT_STRIDES_EMPTY_CPU, update=True),
                 Copy(f"{NATIVE}/cpu/GroupedMMKernelUtils.h", f"{SRC}/cpu/GroupedMMKernelUtils.h",
                      edits=WITHOUT_INDEX_UTILS + WITHOUT_TRANSPOSED_COPY),
                 Copy(f"{NATIVE}/cpu/GroupedMMKernel.cpp", f"{SRC}/cpu/GroupedMMKernel.cpp",
@@ -1047,9 +1084,11 @@ SERIES = [
         Patch(
             message="core/0001a2-grouped-mm-cpu-index.txt",
             changes=[
-                Copy(f"{NATIVE}/GroupedMM.h", f"{SRC}/GroupedMM.h", edits=grouped_mm_stages.WITHOUT_GROUP_INDEX_H,
+                Copy(f"{NATIVE}/GroupedMM.h", f"{SRC}/GroupedMM.h",
+                     edits=grouped_mm_stages.WITHOUT_GROUP_INDEX_H + grouped_mm_stages.WITHOUT_OUT_STRIDES_H, update=True),
+                Copy(f"{NATIVE}/GroupedMM.cpp", f"{SRC}/GroupedMM.cpp",
+                     edits=grouped_mm_stages.WITHOUT_OUT_STRIDES_CPP + grouped_mm_stages.WITHOUT_OUT_STRIDES_EMPTY_CPU,
                      update=True),
-                Copy(f"{NATIVE}/GroupedMM.cpp", f"{SRC}/GroupedMM.cpp", update=True),
                 Copy(f"{NATIVE}/cpu/GroupedMMKernelUtils.h", f"{SRC}/cpu/GroupedMMKernelUtils.h", update=True),
                 Copy(f"{NATIVE}/cpu/GroupedMMKernel.cpp", f"{SRC}/cpu/GroupedMMKernel.cpp",
                      undefine=("CPU_CAPABILITY_AVX512",),
@@ -1141,8 +1180,11 @@ SERIES = [
             message="core/0002-grouped-mm-backward-and-opinfo.txt",
             changes=[
                 # _grouped_mm's CUDA entry: the shared checks, upstream's CUTLASS kernel or the fallback; the
-                # check of offs on the device that it needs (grouped_mm_offs_ok, with grouped_mm_group_index).
+                # check of offs on the device that it needs (grouped_mm_offs_ok, with grouped_mm_group_index);
+                # the output strides of upstream's kernels (grouped_mm_out_strides: CUDA pads the last dimension).
                 Copy(f"{NATIVE}/GroupedMM.h", f"{SRC}/GroupedMM.h", update=True),
+                Copy(f"{NATIVE}/GroupedMM.cpp", f"{SRC}/GroupedMM.cpp", update=True),
+                GROUPED_MM_META_HEADER,
                 Copy(f"{NATIVE}/cuda/GroupedMM.h", f"{SRC}/cuda/GroupedMM.h"),
                 Copy(f"{NATIVE}/cuda/GroupedMM.cpp", f"{SRC}/cuda/GroupedMM.cpp"),
                 Dispatch("grouped_mm", keys=("CUDA",)),

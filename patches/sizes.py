@@ -38,22 +38,7 @@ OPINFO_LISTS = ("test/distributed/tensor/test_dtensor_ops.py", "test/functorch/t
                 "test/functorch/test_vmap.py", "test/inductor/test_torchinductor_opinfo.py", "test/test_proxy_tensor.py")
 
 # Patch message (patches/messages/<series>/...) -> (ceiling, reason and fix).
-OVER_LIMIT: dict[str, tuple[int, str]] = {
-    "core/0001-grouped-mm-cpu-checks-and-meta.txt": (597, (
-        "the base contract (the input dtype out, no bias; bias and the fp32 output are core/0001.1, 201) in the "
-        "2D x 3D and 3D x 2D layouts (2D x 2D and 3D x 3D, refused here, are core/0001.0b, 55): the checks "
-        "(GroupedMM.h as this PR carries it, 202 lines) and the meta function restating them one for one (164, 19 "
-        "of them upstream's meta removed; it keeps the 3D x 3D check, refusing the two layouts for CPU tensors "
-        "only, as CUDA runs upstream's kernel), with the CPU entry on the device-generic loop of ATen matmuls "
-        "(GroupedMM.cpp, 80) and test_matmul.py (142); the kernel is core/0001a, grouped_mm_group_index and "
-        "grouped_mm_offs_ok come with core/0002. Fix (not measured): the values of offs in a PR of their own "
-        "after this one (grouped_mm_check_offsets_cpu, grouped_mm_split_name, grouped_mm_zero_uncovered, the "
-        "fallback's host read of offs, test_grouped_mm_rows_past_offs_are_zero and the two value errors: ~60; "
-        "until then a bad offs fails in narrow), and grouped_mm_out_strides' CUDA padding (~9) carried from "
-        "core/0002, whose CUDA entry allocates on CUDA first: ~528, still over; the 2D x 2D and 3D x 3D cases "
-        "of grouped_mm_out_size / split_size / split_name (~8, a two-value layout enum here) and the header's "
-        "doc comments would be next")),
-}
+OVER_LIMIT: dict[str, tuple[int, str]] = {}
 
 
 def is_generated(path: str) -> bool:

@@ -1423,23 +1423,25 @@ def test_upstream_test_matmul_passes_against_the_kernel(tree):
 
 @pytest.mark.skipif(not torch_moe_ops.cuda_kernels_built(),
                     reason="CPU-only build: the device-generic fallback is reached through the CUDA entry's test op")
-@pytest.mark.parametrize("pr, tests, off_failures", [(0, 19, 10), (1, 33, 20), (2, 48, 20)])
+@pytest.mark.parametrize("pr, tests, off_failures", [(0, 17, 10), (1, 19, 10), (2, 33, 20), (3, 48, 20)])
 def test_first_prs_test_matmul_pass_on_the_fallback(tmp_path, pr, tests, off_failures):
-    """The grouped mm stack's first three PRs (the base contract in the 2D x 3D and 3D x 2D layouts; the
-    2D x 2D and 3D x 3D layouts; bias and the float32 output) compute on CPU through grouped_mm_fallback
-    (the device-generic loop of ATen matmuls; the kernel is the PR after them): test/test_matmul.py, as
-    each leaves it, passes with _grouped_mm = the CUDA entry on CPU tensors (the checks, then that
-    fallback), and fails for it off by 2^-10 relative. That entry takes all the series' contract; what a
-    PR still refuses (bias and another out_dtype before the third; 2D x 2D and 3D x 3D in the first) its
-    checks refuse first, as its meta function states them (_checks.py with the PR's source_edits), so the
-    tests of those refusals run against the PR's messages."""
+    """The grouped mm stack's first four PRs (the base contract in the 2D x 3D and 3D x 2D layouts; the
+    values of offs; the 2D x 2D and 3D x 3D layouts; bias and the float32 output) compute on CPU through
+    grouped_mm_fallback (the device-generic loop of ATen matmuls; the kernel is the PR after them):
+    test/test_matmul.py, as each leaves it, passes with _grouped_mm = the CUDA entry on CPU tensors (the
+    checks, then that fallback), and fails for it off by 2^-10 relative. That entry takes all the series'
+    contract; what a PR still refuses (bias and another out_dtype before the fourth; 2D x 2D and 3D x 3D
+    in the first two) its checks refuse first, as its meta function states them (_checks.py with the
+    source_edits of the PR's meta block, or of the last one before it), so the tests of those refusals run
+    against the PR's messages."""
     text = None
     for patch in manifest.SERIES[0].patches[:pr + 1]:
         text = next(c for c in patch.changes
                     if isinstance(c, manifest.Copy) and c.path == "test/test_matmul.py").apply(text)
     (tmp_path / "test").mkdir()
     (tmp_path / "test/test_matmul.py").write_text(text)
-    meta = next(c for c in manifest.SERIES[0].patches[pr].changes if isinstance(c, manifest.Meta))
+    meta = [c for patch in manifest.SERIES[0].patches[:pr + 1] for c in patch.changes
+            if isinstance(c, manifest.Meta)][-1]
     checks = pathlib.Path(manifest.REPO_ROOT, names.CHECKS).read_text()
     for old, new in meta.source_edits:
         checks = rewrite.replace_once(checks, old, new, names.CHECKS)
