@@ -826,6 +826,13 @@ AVX512_TEST = _test_method("test_grouped_mm_blocked")
 BF16_PAIRS_TEST = _test_method("test_grouped_mm_bfloat16_k_pairs")
 INNER_PRODUCT_TEST = _test_method("test_grouped_mm_weights_along_k")
 TRANSPOSED_TILE_TEST = _test_method("test_grouped_mm_few_rows_weights_along_k")
+# The kernel PRs' tests in the order the PRs add them; a PR's test_matmul.py leaves out those of later PRs.
+KERNEL_PR_TESTS = (KERNEL_TEST, AVX512_TEST, BF16_PAIRS_TEST, INNER_PRODUCT_TEST, TRANSPOSED_TILE_TEST)
+
+
+def without_tests_from(first: str) -> list[tuple[str, str]]:
+    """Edits removing the kernel PRs' tests from first on (the PR that adds first, and every later one)."""
+    return [(test, "") for test in KERNEL_PR_TESTS[KERNEL_PR_TESTS.index(first):]]
 
 # Each routing OpInfo tests the forward until its op's derivatives land (a
 # later PR of the stack turns autograd on).
@@ -992,8 +999,7 @@ SERIES = [
                 Edit("torch/nn/functional.py", GROUPED_MM_DOCS + grouped_mm_stages.DOCS_TWO_LAYOUTS
                      + grouped_mm_stages.DOCS_WITHOUT_OFFS_VALUES),
                 Copy("test/test_matmul.py", "patches/src/test/test_matmul.py",
-                     edits=[(KERNEL_TEST, ""), (AVX512_TEST, ""), (BF16_PAIRS_TEST, ""), (INNER_PRODUCT_TEST, ""),
-                            (TRANSPOSED_TILE_TEST, ""),
+                     edits=[*without_tests_from(KERNEL_TEST),
                             *grouped_mm_stages.TEST_BASE, *grouped_mm_stages.TEST_TWO_LAYOUTS,
                             *grouped_mm_stages.TEST_WITHOUT_OFFS_VALUES]),
             ],
@@ -1010,8 +1016,7 @@ SERIES = [
                      + grouped_mm_stages.ENTRY_TWO_LAYOUTS, update=True),
                 Edit("torch/nn/functional.py", [new_old[::-1] for new_old in grouped_mm_stages.DOCS_WITHOUT_OFFS_VALUES]),
                 Copy("test/test_matmul.py", "patches/src/test/test_matmul.py",
-                     edits=[(KERNEL_TEST, ""), (AVX512_TEST, ""), (BF16_PAIRS_TEST, ""), (INNER_PRODUCT_TEST, ""),
-                            (TRANSPOSED_TILE_TEST, ""),
+                     edits=[*without_tests_from(KERNEL_TEST),
                             *grouped_mm_stages.TEST_BASE, *grouped_mm_stages.TEST_TWO_LAYOUTS], update=True),
             ],
         ),
@@ -1028,8 +1033,7 @@ SERIES = [
                      leave_out=grouped_mm_stages.CHECKS_LATER, update=True),
                 Edit("torch/nn/functional.py", [new_old[::-1] for new_old in grouped_mm_stages.DOCS_TWO_LAYOUTS]),
                 Copy("test/test_matmul.py", "patches/src/test/test_matmul.py",
-                     edits=[(KERNEL_TEST, ""), (AVX512_TEST, ""), (BF16_PAIRS_TEST, ""), (INNER_PRODUCT_TEST, ""),
-                            (TRANSPOSED_TILE_TEST, ""),
+                     edits=[*without_tests_from(KERNEL_TEST),
                             *grouped_mm_stages.TEST_BASE], update=True),
             ],
         ),
@@ -1045,8 +1049,7 @@ SERIES = [
                 Edit("torch/nn/functional.py", GROUPED_MM_BIAS_DOCS),
                 Edit(MM_GROUPED_LOWERING, GROUPED_MM_LOWERING_BIAS),
                 Copy("test/test_matmul.py", "patches/src/test/test_matmul.py",
-                     edits=[(KERNEL_TEST, ""), (AVX512_TEST, ""), (BF16_PAIRS_TEST, ""), (INNER_PRODUCT_TEST, ""),
-                            (TRANSPOSED_TILE_TEST, "")],
+                     edits=without_tests_from(KERNEL_TEST),
                      update=True),
             ],
         ),
@@ -1066,7 +1069,7 @@ SERIES = [
                      edits=TRANSPOSED_TILE_COMMENT + BRGEMM_COMMENT + PORTABLE_KERNEL + WIDENING_ALL_COPIED
                      + WITHOUT_INDEX_ENTRY),
                 Copy("test/test_matmul.py", "patches/src/test/test_matmul.py",
-                     edits=[(AVX512_TEST, ""), (BF16_PAIRS_TEST, ""), (INNER_PRODUCT_TEST, ""), (TRANSPOSED_TILE_TEST, "")],
+                     edits=without_tests_from(AVX512_TEST),
                      update=True),
             ],
         ),
@@ -1105,7 +1108,7 @@ SERIES = [
                      edits=WITHOUT_TRANSPOSED_TILE + BRGEMM_REST + WITHOUT_INNER_PRODUCT + WITHOUT_BF16_PAIRS + WITHOUT_MATMUL
                      + KERNEL_WITHOUT_PREFETCH + KERNEL_WITHOUT_WHOLE_N, update=True),
                 Copy("test/test_matmul.py", "patches/src/test/test_matmul.py",
-                     edits=[(BF16_PAIRS_TEST, ""), (INNER_PRODUCT_TEST, ""), (TRANSPOSED_TILE_TEST, "")], update=True),
+                     edits=without_tests_from(BF16_PAIRS_TEST), update=True),
             ],
         ),
         Patch(
@@ -1144,7 +1147,7 @@ SERIES = [
                 Copy(f"{NATIVE}/cpu/GroupedMMKernel.cpp", f"{SRC}/cpu/GroupedMMKernel.cpp",
                      edits=WITHOUT_TRANSPOSED_TILE + WITHOUT_BRGEMM + WITHOUT_INNER_PRODUCT, update=True),
                 Copy("test/test_matmul.py", "patches/src/test/test_matmul.py",
-                     edits=[(INNER_PRODUCT_TEST, ""), (TRANSPOSED_TILE_TEST, "")],
+                     edits=without_tests_from(INNER_PRODUCT_TEST),
                      update=True),
             ],
         ),
@@ -1156,8 +1159,8 @@ SERIES = [
                 Copy(f"{NATIVE}/cpu/GroupedMMInnerProduct.h", f"{SRC}/cpu/GroupedMMInnerProduct.h"),
                 Copy(f"{NATIVE}/cpu/GroupedMMKernel.cpp", f"{SRC}/cpu/GroupedMMKernel.cpp",
                      edits=WITHOUT_TRANSPOSED_TILE + WITHOUT_BRGEMM, update=True),
-                Copy("test/test_matmul.py", "patches/src/test/test_matmul.py", edits=[(TRANSPOSED_TILE_TEST, "")],
-                     update=True),
+                Copy("test/test_matmul.py", "patches/src/test/test_matmul.py",
+                     edits=without_tests_from(TRANSPOSED_TILE_TEST), update=True),
             ],
         ),
         Patch(
