@@ -17,13 +17,13 @@ namespace {
 // only, so a kernel that first packs a weight block (the broadcast engine) or
 // re-reads it once per 6-row block (the inner-product engine) spends a large
 // part of its time moving weights rather than multiplying them (Ice Lake, one
-// thread, 48 rows per expert: 90-100 GFLOP/s for either, MKL's dense sgemm
-// ~140). Here the roles turn around: a tile of C^T holds up to 48 rows of C in
+// thread, 48 rows per expert: 85-100 GFLOP/s for either, MKL's dense sgemm
+// 125-160). Here the roles turn around: a tile of C^T holds up to 48 rows of C in
 // 3 vectors per output column, the group's rows are packed once per tile
 // into K-major order (48 x 2048 floats: 384 KB, L2-resident), and each weight
 // is broadcast straight from the caller's (E, N, K) memory, 8 weight rows
 // side by side, each read once per tile as 8 sequential streams that the
-// hardware prefetchers follow (same machine: 130-150 GFLOP/s).
+// hardware prefetchers follow (same machine: 125-150 GFLOP/s).
 //
 // Accumulation is float32 in K order, one FMA per product from zero, exactly
 // as in the broadcast engine, so the bits equal those of the same weights
@@ -45,7 +45,8 @@ bool tt_eligible(const P& p) {
 
 // acc[i][j] += at[k][16 i .. 16 i + 15] * b[j][k] over k < kc, for MV vectors
 // of rows and the 8 weight rows b; acc starts from zero (first) or from ct,
-// column j of the tile at ct + j * ldct, and ends in ct.
+// column j of the tile at ct + j * ldct, and ends in ct. Not inlined: inlined
+// into the tile loop, GCC 12 kept the 1-vector form's accumulators in memory.
 template <int MV>
 __attribute__((noinline)) void tt_micro(const float* at, int64_t ld_at, const float* const* b, int64_t kc,
                                         float* ct, int64_t ldct, bool first) {
