@@ -1,10 +1,11 @@
 """_grouped_mm's contract as the first PRs of stack 1 leave it (patches/manifest.py): the base
 contract first (the input dtype out, no bias: both refused with a ValueError naming the value), then
-the values of offs, the 2D x 2D and 3D x 3D layouts, bias and the float32 output. The in-repo sources hold the whole contract, bias and the output dtype
-checked in functions of their own (grouped_mm_check_bias, grouped_mm_out_dtype in GroupedMM.h;
-check_grouped_mm_bias, grouped_mm_out_dtype in _checks.py); these are the anchored edits that take
-them out (Copy's ``edits``, Meta's ``source_edits`` and ``leave_out``), applied after the edits that
-put the CPU entry on the device-generic fallback (manifest.ENTRY_ON_FALLBACK*).
+the values of offs, the 2D x 2D and 3D x 3D layouts, bias and the float32 output. The in-repo sources
+hold the whole contract, bias and the output dtype checked in functions of their own
+(grouped_mm_check_bias, grouped_mm_out_dtype in GroupedMM.h; check_grouped_mm_bias,
+grouped_mm_out_dtype in _checks.py); these are the anchored edits that take them out (Copy's
+``edits``, Meta's ``source_edits`` and ``leave_out``), applied after the edits that put the CPU entry
+on the device-generic fallback (manifest.ENTRY_ON_FALLBACK*).
 Each anchor must match exactly once, so an edit of the sources that moves one fails the generator at
 that anchor instead of carrying a stale file."""
 
@@ -14,6 +15,7 @@ from .changes import source_span as _span
 
 NATIVE = "torch_moe_ops/csrc/ATen/native"
 HEADER = f"{NATIVE}/GroupedMM.h"
+ENTRY = f"{NATIVE}/GroupedMM.cpp"
 TEST = "patches/src/test/test_matmul.py"
 
 
@@ -225,8 +227,6 @@ WITHOUT_GROUP_INDEX_H = [
 # output past offs[-1] (grouped_mm_zero_uncovered). core/0001 reads offs on the host unchecked (a bad end fails
 # in narrow, which the fallback then calls for empty groups too) and leaves the uncovered elements unwritten,
 # as upstream's kernels do. Applied after the *_TWO_LAYOUTS edits above.
-
-ENTRY = f"{NATIVE}/GroupedMM.cpp"
 
 HEADER_WITHOUT_OFFS_VALUES = [
     ("// Output elements that no group covers (rows/columns past offs[-1]) are zero.\n", ""),

@@ -22,6 +22,7 @@ from torch_moe_ops.reference import torch_grouped_mm
 
 from common import assert_same_bits_at_thread_counts, at_thread_counts
 from _device import instantiate_cpu_and_cuda
+from opinfo_experts import gathered
 from opinfo_grouped_mm import op_db
 
 # Kernels accumulate in fp32 (fp64 for fp64) and round once to the output
@@ -221,7 +222,7 @@ def test_transposed_weights_few_rows_float32(k):
             for name, run, ref_a in (
                 ("rows", lambda w: torch.ops.moe_ops.grouped_mm(a, w, offs, bias=bias), a),
                 ("gathered", lambda w: torch.ops.moe_ops.grouped_mm_gather(a, w, offs, idx, bias=bias),
-                 torch.where((idx >= 0)[:, None], a[idx.clamp(min=0)], 0.0))):
+                 gathered(a, idx, 0))):
                 out = run(w_nk.transpose(-2, -1))
                 kn = run(w_nk.transpose(-2, -1).contiguous())
                 msg = f"k={k} n={n} {name} a.stride()={a.stride()}"
