@@ -474,25 +474,25 @@ BRGEMM_REST = BRGEMM_COMMENT + [(
 )]
 WITHOUT_BRGEMM = BRGEMM_ENGINE_CHOICE + BRGEMM_REST
 
-# The PRs before the transposed-tile engine's (float32, (E, N, K) weights, cpu/GroupedMMTransposedTile.h): its
+# The PRs before the transposed-tile engine's (float32 and bfloat16, (E, N, K) weights, cpu/GroupedMMTransposedTile.h): its
 # comment (every stage) and its code (the AVX-512 stages). Applied before WITHOUT_INNER_PRODUCT, whose spans
 # it sits next to.
 TRANSPOSED_TILE_COMMENT = [(
     "//   transposed tiles (GroupedMMTransposedTile.h; the AVX512 build): float32\n"
-    "//     groups of 17-48 rows with (E, N, K) weights, the weights broadcast in\n"
-    "//     place into tiles of C^T.\n", "",
+    "//     groups of 17 rows and more (bfloat16: 25, with AVX512_BF16) with\n"
+    "//     (E, N, K) weights, the weights broadcast in place into tiles of C^T.\n", "",
 )]
 WITHOUT_TRANSPOSED_TILE = TRANSPOSED_TILE_COMMENT + [(
     "#include <ATen/native/cpu/GroupedMMTransposedTile.h>\n", "",
 ), (
-    "        if constexpr (std::is_same_v<scalar_t, float>) {\n"
+    "        if constexpr (std::is_same_v<scalar_t, float> || std::is_same_v<scalar_t, BFloat16>) {\n"
     "          if (tt_eligible<scalar_t>(p)) {\n"
     "            tt_scratch(p, t, need);\n"
     "            continue;\n"
     "          }\n"
     "        }\n", "",
 ), (
-    "            if constexpr (std::is_same_v<scalar_t, float>) {\n"
+    "            if constexpr (std::is_same_v<scalar_t, float> || std::is_same_v<scalar_t, BFloat16>) {\n"
     "              if (tt_eligible<scalar_t>(p)) {\n"
     "                run_tile_tt(p, t, buf);\n"
     "                continue;\n"

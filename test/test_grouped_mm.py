@@ -192,31 +192,54 @@ def test_weights_stored_transposed(dtype, k, n):
     torch.testing.assert_close(transposed, ref, rtol=tol["rtol"], atol=tol["atol"] * k)
 
 
+def cpu_has_avx512_bf16():
+    """What the CPU reports, read apart from torch and the kernel (Linux)."""
+    try:
+        with open("/proc/cpuinfo", encoding="ascii", errors="replace") as f:
+            return any(line.startswith("flags") and " avx512_bf16" in line for line in f)
+    except OSError:
+        return False
+
+
+# (dtype, the fewest rows of a group that the transposed-tile engine takes)
+TRANSPOSED_TILE_ROWS = {torch.float32: 17, torch.bfloat16: 25}
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("k", [64, 301, 2048 + 37])
-def test_transposed_weights_few_rows_float32(k):
-    """float32 groups of 17-48 rows with weights stored (G, N, K): in the
-    AVX512 build (the one this machine runs) they take the transposed-tile
-    engine (cpu/GroupedMMTransposedTile.h), which keeps the group's rows in
-    vector lanes and broadcasts each weight from its (G, N, K) memory. It sums
-    along K in the same order as the broadcast engine that (G, K, N) weights
-    take, so the two storage orders give the same bits on those groups; the
-    inner-product engine, which the other nk groups take (5 and 64 rows here),
-    sums in another order, so this equality also shows which engine ran. K
-    past 2048 spills between K blocks, which must change no bit. Rows
-    column-major and gathered (-1 reads zeros), bias, N across the 8-column
-    and 16-column edges and past a 256-column tile, 3D x 3D, 1 and 2 threads.
-    Values against float64 within the float32 bound of a K-term sum (K * 2^-24
-    of the sum of the products' magnitudes)."""
+def test_transposed_tiles(dtype, k):
+    """Groups with weights stored (G, N, K): in the AVX512 build (the one this
+    machine runs) float32 groups of 17 rows and more, and bfloat16 groups of
+    25 and more on CPUs with AVX512_BF16, take the transposed-tile engine
+    (cpu/GroupedMMTransposedTile.h), which keeps the group's rows in vector
+    lanes and broadcasts each weight (a K pair of bfloat16) from its (G, N, K)
+    memory. It sums along K in the same order as the broadcast engine that
+    (G, K, N) weights take, so the two storage orders give the same bits on
+    those groups; the inner-product engine, which the smaller nk groups take
+    (5 rows here, and 17 in bfloat16), sums in another order, so this equality
+    also shows which engine ran. Groups past 48 rows (64, 130: several passes
+    over the rows) and K past one block (2085; bfloat16 130-row groups from 256
+    on) spill between K blocks, which must change no bit; an odd K pairs its
+    last element with zero. Rows column-major and gathered (-1 reads zeros),
+    bias, N across the 8-column and 16-column edges and past a 256-column
+    tile, 3D x 3D, 1 and 2 threads. Values against float64 within the float32
+    bound of a K-term sum (K * 2^-24 of the sum of the products' magnitudes)
+    plus, for bfloat16, its rounding of the output (2^-8 relative).
+    Without AVX512_BF16 bfloat16 is widened to float32 by both engines, in
+    different orders: then only the values are checked."""
     g = torch.Generator().manual_seed(k)
-    sizes = [17, 0, 48, 33, 5, 64]
+    sizes = [17, 0, 48, 33, 5, 64, 130]
     offs = torch.tensor(sizes).cumsum(0).to(torch.int32)
-    few = torch.cat([torch.arange(s, e) for s, e, n in zip([0] + offs.tolist()[:-1], offs.tolist(), sizes)
-                     if 17 <= n <= 48])
+    fewest = TRANSPOSED_TILE_ROWS[dtype]
+    same_bits = dtype == torch.float32 or cpu_has_avx512_bf16()
+    tiled = torch.cat([torch.arange(s, e) for s, e, n in zip([0] + offs.tolist()[:-1], offs.tolist(), sizes)
+                       if n >= fewest])
+    rounding = 2.0**-8 if dtype == torch.bfloat16 else 0.0
     m = sum(sizes)
     for n in (1, 9, 300):
-        w_nk = torch.randn(len(sizes), n, k, generator=g)
-        bias = torch.randn(len(sizes), n, generator=g)
-        a_row = torch.randn(m, k, generator=g)
+        w_nk = torch.randn(len(sizes), n, k, generator=g).to(dtype)
+        bias = torch.randn(len(sizes), n, generator=g).to(dtype)
+        a_row = torch.randn(m, k, generator=g).to(dtype)
         idx = torch.randint(-1, m, (m,), generator=g)
         for a in (a_row, a_row.t().contiguous().t()):
             for name, run, ref_a in (
@@ -226,15 +249,40 @@ def test_transposed_weights_few_rows_float32(k):
                 out = run(w_nk.transpose(-2, -1))
                 kn = run(w_nk.transpose(-2, -1).contiguous())
                 msg = f"k={k} n={n} {name} a.stride()={a.stride()}"
-                assert torch.equal(out[few], kn[few]), msg
+                if same_bits:
+                    assert torch.equal(out[tiled], kn[tiled]), msg
                 ref = torch_grouped_mm(ref_a.double(), w_nk.transpose(-2, -1).double(), offs, bias=bias.double())
                 magnitude = torch_grouped_mm(ref_a.abs().double(), w_nk.transpose(-2, -1).abs().double(), offs)
-                assert ((out.double() - ref).abs() <= k * 2.0**-24 * magnitude + 1e-30).all(), msg
+                bound = k * 2.0**-24 * magnitude + rounding * ref.abs() + 1e-30
+                assert ((out.double() - ref).abs() <= bound).all(), msg
                 for bits in at_thread_counts(lambda: run(w_nk.transpose(-2, -1))).values():
                     assert torch.equal(bits, out), msg
-        a3 = torch.randn(2, 40, k, generator=g)
-        w3 = torch.randn(2, n, k, generator=g).transpose(-2, -1)
-        assert torch.equal(torch.ops.moe_ops.grouped_mm(a3, w3), torch.ops.moe_ops.grouped_mm(a3, w3.contiguous()))
+        a3 = torch.randn(2, 40, k, generator=g).to(dtype)
+        w3 = torch.randn(2, n, k, generator=g).to(dtype).transpose(-2, -1)
+        if same_bits:
+            assert torch.equal(torch.ops.moe_ops.grouped_mm(a3, w3), torch.ops.moe_ops.grouped_mm(a3, w3.contiguous()))
+
+
+@pytest.mark.skipif(not cpu_has_avx512_bf16(), reason="needs a CPU with AVX512_BF16 (/proc/cpuinfo)")
+@pytest.mark.parametrize("rows,w_order", [(8, "nk"), (48, "nk"), (48, "kn")])
+def test_bfloat16_kernels_run_where_the_cpu_has_avx512_bf16(rows, w_order):
+    """On a CPU with AVX512_BF16 the bfloat16 engines run vdpbf16ps, which
+    reads subnormal inputs as zero, as torch.mm's oneDNN matmul does on such a
+    CPU; the float32-widening kernels keep them. A subnormal row times 2^100
+    tells which ran, so this fails if the kernel's CPU check reads the CPU
+    wrongly (it did: cpuinfo's symbols, bound in an extension, reported no
+    AVX-512 at all on a Zen 5). Inner-product (8 rows, (G, N, K)),
+    transposed-tile (48, (G, N, K)) and broadcast (48, (G, K, N)) engines."""
+    k, n = 64, 16
+    tiny = torch.full((rows, k), 1e-39).bfloat16()
+    assert tiny.float()[0, 0] != 0 and tiny.float()[0, 0].abs() < torch.finfo(torch.float32).tiny
+    w = torch.full((1, n, k), 2.0**100).bfloat16()
+    w = w.transpose(-2, -1) if w_order == "nk" else w.transpose(-2, -1).contiguous()
+    offs = torch.tensor([rows], dtype=torch.int32)
+    ours = torch.ops.moe_ops.grouped_mm(tiny, w, offs, out_dtype=torch.float32)
+    dense = torch.mm(tiny, w[0]).float()
+    assert torch.equal(ours == 0, dense == 0), (ours[0, 0].item(), dense[0, 0].item())
+    assert (ours == 0).all()
 
 
 def test_gradient_of_transposed_weights_keeps_their_layout():

@@ -54,11 +54,17 @@ constexpr int64_t kMC = 192;
 // Output columns per tile (the unit of work balanced across threads).
 constexpr int64_t kMicroNB = 256;
 
-// cpuinfo, as at::cpu::is_avx512_bf16_supported (which libtorch does not
-// export). Ice Lake, where the tests run, has no AVX512_BF16: the vdpbf16ps
-// kernels are compiled there but only run on CPUs that have it.
+// What the CPU has, read once. GCC and Clang read CPUID (and XCR0) themselves:
+// an extension's cpuinfo_* symbols may bind to a copy of cpuinfo that reports
+// no ISA at all (torch 2.14.1 wheels: libc10's copy, where
+// cpuinfo_has_x86_avx512f() is false on AVX-512 CPUs), which kept the
+// vdpbf16ps kernels from ever running. cpuinfo where the builtins are missing.
 bool cpu_has_avx512_bf16() {
+#if defined(__GNUC__)
+  static const bool ok = (__builtin_cpu_init(), __builtin_cpu_supports("avx512bf16"));
+#else
   static const bool ok = cpuinfo_initialize() && cpuinfo_has_x86_avx512bf16();
+#endif
   return ok;
 }
 

@@ -20,8 +20,8 @@
 //     hundreds of rows of bfloat16/float32 without bias), one group after the
 //     other outside any parallel region (the BLAS threads each GEMM itself).
 //   transposed tiles (GroupedMMTransposedTile.h; the AVX512 build): float32
-//     groups of 17-48 rows with (E, N, K) weights, the weights broadcast in
-//     place into tiles of C^T.
+//     groups of 17 rows and more (bfloat16: 25, with AVX512_BF16) with
+//     (E, N, K) weights, the weights broadcast in place into tiles of C^T.
 //   brgemm (GroupedMMBrgemm.h; the AVX512 build, bfloat16 and float16 where
 //     cpublas::could_pack holds, i.e. AMX): ATen's batch-reduce GEMM per tile
 //     on a packed weight block.
@@ -153,9 +153,26 @@ void run_group_matmul(const Problem<scalar_t, out_t, acc_t>& p) {
 
 enum class Engine { kMatmul, kWidening, kAvx512, kBrgemm };
 
+// MKL's sgemm runs its fast kernels on Intel cores only: on AMD's (Zen 5,
+// measured) it reached half the micro-kernel's float32 rate. CPUID read
+// directly, as cpu_has_avx512_bf16 does (GroupedMMAvx512.h), and for the
+// same reason.
+bool cpu_is_intel() {
+#if defined(__GNUC__)
+  static const bool ok = (__builtin_cpu_init(), __builtin_cpu_is("intel"));
+#else
+  static const bool ok = cpuinfo_initialize() && cpuinfo_get_cores_count() > 0 &&
+      cpuinfo_get_core(0)->vendor == cpuinfo_vendor_intel;
+#endif
+  return ok;
+}
+
 // Average rows per group from which the BLAS behind at::mm (oneDNN's
 // bfloat16 matmul with AVX512_BF16, MKL's sgemm) overtakes the
-// micro-kernel: its weight packing is then amortised over enough rows.
+// micro-kernel: its weight packing is then amortised over enough rows. The
+// rows are the smaller side of each group's output: in 3D x 2D the tokens
+// are its columns, and oneDNN on a few dozen of them (Zen 5, bfloat16, 1536
+// weight rows) ran at 0.1x its dense rate.
 constexpr int64_t kMatmulMinRows = 256;
 
 // The AVX-512 micro-kernels (they beat oneDNN/MKL on fine-grained groups by
@@ -174,7 +191,7 @@ Engine choose_engine(const std::vector<Problem<scalar_t, out_t, acc_t>>& problem
   int64_t rows = 0, nonempty = 0;
   for (const auto& p : problems) {
     if (p.m > 0 && p.n > 0) {
-      rows += p.m;
+      rows += std::min(p.m, p.n);
       ++nonempty;
     }
   }
@@ -198,9 +215,9 @@ Engine choose_engine(const std::vector<Problem<scalar_t, out_t, acc_t>>& problem
   } else if constexpr (!std::is_same_v<scalar_t, double>) {
     // float32 groups of hundreds of rows amortise MKL's weight packing, and
     // on Intel cores its sgemm outruns the micro-kernel (Ice Lake: 0.6-0.8x
-    // of it at Mixtral's 512 rows per expert, measured); below that the
-    // micro-kernel's streamed weights win.
-    if (!(std::is_same_v<scalar_t, float> && fallback == Engine::kMatmul && large_groups)) {
+    // of it at Mixtral's 512 rows per expert, measured); below that, and on
+    // other cores, the micro-kernel's streamed weights win.
+    if (!(std::is_same_v<scalar_t, float> && fallback == Engine::kMatmul && large_groups && cpu_is_intel())) {
       return Engine::kAvx512;
     }
   }
@@ -294,7 +311,7 @@ void run_problems(const std::vector<Problem<scalar_t, out_t, acc_t>>& problems, 
     }
     if constexpr (!std::is_same_v<scalar_t, double>) {
       if (micro) {
-        if constexpr (std::is_same_v<scalar_t, float>) {
+        if constexpr (std::is_same_v<scalar_t, float> || std::is_same_v<scalar_t, BFloat16>) {
           if (tt_eligible<scalar_t>(p)) {
             tt_scratch(p, t, need);
             continue;
@@ -336,7 +353,7 @@ void run_problems(const std::vector<Problem<scalar_t, out_t, acc_t>>& problems, 
           if (micro) {
             const Tile* next = i + 1 < bounds[chunk + 1] ? &tiles[i + 1] : nullptr;
             const auto* next_p = next != nullptr ? &problems[next->problem] : nullptr;
-            if constexpr (std::is_same_v<scalar_t, float>) {
+            if constexpr (std::is_same_v<scalar_t, float> || std::is_same_v<scalar_t, BFloat16>) {
               if (tt_eligible<scalar_t>(p)) {
                 run_tile_tt(p, t, buf);
                 continue;

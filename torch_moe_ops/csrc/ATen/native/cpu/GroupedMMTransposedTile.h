@@ -1,46 +1,86 @@
 #pragma once
 
-// The transposed-tile engine of the CPU grouped mm kernel: float32 groups of a
-// few dozen rows whose expert weights are stored (E, N, K), transformers'
-// layout. Part of the AVX-512 engine (GroupedMMAvx512.h), included with it by
+// The transposed-tile engine of the CPU grouped mm kernel: float32 and
+// bfloat16 groups of a few dozen rows and more whose expert weights are stored
+// (E, N, K), transformers' layout. Part of the AVX-512 engine (GroupedMMAvx512.h), included with it by
 // cpu/GroupedMMKernel.cpp in its CPU_CAPABILITY_AVX512 build only.
 
 #if defined(CPU_CAPABILITY_AVX512)
 
 #include <ATen/native/cpu/GroupedMMAvx512.h>
+#include <ATen/native/cpu/GroupedMMAvx512BF16.h>
+#include <c10/util/bit_cast.h>
+
+#include <cstring>
 
 namespace at::native {
 namespace {
 
 // ---- transposed-tile engine: C^T tiles, the weights broadcast in place ------
-// With 17-48 rows per expert every float32 weight is used by that many rows
+// With a few dozen rows per expert every weight is used by that many rows
 // only, so a kernel that first packs a weight block (the broadcast engine) or
 // re-reads it once per 6-row block (the inner-product engine) spends a large
 // part of its time moving weights rather than multiplying them (Ice Lake, one
-// thread, 48 rows per expert: 85-100 GFLOP/s for either, MKL's dense sgemm
-// 125-160). Here the roles turn around: a tile of C^T holds up to 48 rows of C in
-// 3 vectors per output column, the group's rows are packed once per tile
-// into K-major order (48 x 2048 floats: 384 KB, L2-resident), and each weight
-// is broadcast straight from the caller's (E, N, K) memory, 8 weight rows
-// side by side, each read once per tile as 8 sequential streams that the
-// hardware prefetchers follow (same machine: 125-150 GFLOP/s).
+// thread, float32, 48 rows per expert: 85-100 GFLOP/s for either, MKL's dense
+// sgemm 125-160). Here the roles turn around: a tile of C^T holds up to 48
+// rows of C in 3 vectors per output column, the group's rows are packed once
+// per tile into K-major order (L2-resident: kTtPackedBytes at most), and each
+// weight is broadcast straight from the caller's (E, N, K) memory, 8 weight
+// rows side by side, each read as 8 sequential streams that the hardware
+// prefetchers follow (same machine: 125-150 GFLOP/s).
 //
-// Accumulation is float32 in K order, one FMA per product from zero, exactly
-// as in the broadcast engine, so the bits equal those of the same weights
-// stored (E, K, N), and depend only on the shapes. Blocks of K beyond kTtKC
-// spill to a float32 buffer, which changes no rounding.
+// It runs float32 groups of 17 rows and more, and bfloat16 groups of 25 and
+// more where the CPU has AVX512_BF16: a K pair of a weight row is one 32-bit
+// word, broadcast as it is into vdpbf16ps, and the rows are packed as K pairs.
+// Past 48 rows a tile makes several passes over the rows per K block, the
+// later ones finding the 8 weight rows' block in L1. Zen 5, 2 threads, K 2048,
+// N 1536, uniform groups (GFLOP/s, this engine against the inner-product
+// engine that (E, N, K) weights took before): float32 64-384 rows 380-410
+// against 260-270; bfloat16 32 rows 630 against 550, 48 rows 730, 96-384 rows
+// 820-920 (dense 930-970). Below 25 rows the bfloat16 inner-product engine is
+// faster (17 rows: 480 against 340), as is float32's below 17.
+//
+// Accumulation is float32 in K order (K pairs for bfloat16, an odd last
+// element paired with zero), from zero, exactly as in the broadcast engine,
+// so the bits equal those of the same weights stored (E, K, N), and depend
+// only on the shapes. Blocks of K spill to a float32 buffer, which changes no
+// rounding (blocks hold whole K pairs).
 constexpr int64_t kTtNR = 8;       // weight rows (output columns) per micro-kernel call
-constexpr int64_t kTtMinRows = 17; // fewer rows: memory-bound; the inner-product engine's prefetch wins
-constexpr int64_t kTtMaxRows = 48; // more rows: the other engines reuse each weight enough
-constexpr int64_t kTtKC = 2048;    // K per packed block of the group's rows
+// Fewer rows: the inner-product engine's prefetched weight stream wins.
+constexpr int64_t kTtMinRowsF32 = 17;
+constexpr int64_t kTtMinRowsBF16 = 25;
+// More rows leave the packed rows too short a K block (3D x 2D's 1536 weight
+// rows: 128 K of bfloat16), the tile's accumulators spilling at each: rows
+// stored along K then go to the inner-product engine, which reads them in
+// place (Zen 5, 3D x 2D of OLMoE / DeepSeek-V3, bfloat16: 640 / 440 GFLOP/s
+// against 450 / 300 here). It cannot read K-major rows (a transposed view),
+// for which this engine stays the faster one (540 / 310 against 410 / 220).
+constexpr int64_t kTtMaxRows = 512;
+constexpr int64_t kTtKC = 2048;    // K per packed block of the group's rows, at most
+constexpr int64_t kTtPackedBytes = 384 * 1024; // the packed block of the group's rows, at most
+
+// K elements per 32-bit word of the packed rows: a float32, or a bfloat16 K pair.
+template <typename scalar_t>
+constexpr int64_t kTtPerWord = static_cast<int64_t>(sizeof(uint32_t) / sizeof(scalar_t));
 
 template <typename scalar_t, typename P>
 bool tt_eligible(const P& p) {
-  if constexpr (!std::is_same_v<scalar_t, float>) {
-    return false;
+  const bool nk = p.b_rs == 1 && p.b_cs != 1 && p.b_idx == nullptr && (p.m <= kTtMaxRows || p.a_cs != 1);
+  if constexpr (std::is_same_v<scalar_t, float>) {
+    return nk && p.m >= kTtMinRowsF32;
+  } else if constexpr (std::is_same_v<scalar_t, BFloat16>) {
+    return nk && p.m >= kTtMinRowsBF16 && cpu_has_avx512_bf16();
   } else {
-    return p.b_rs == 1 && p.b_cs != 1 && p.b_idx == nullptr && p.m >= kTtMinRows && p.m <= kTtMaxRows;
+    return false;
   }
+}
+
+// K per block: the packed rows within kTtPackedBytes, in whole 32-element
+// steps (whole K pairs), at most kTtKC (which float32 up to 48 rows gets).
+template <typename scalar_t>
+int64_t tt_kc(int64_t k, int64_t mpad) {
+  const int64_t fit = kTtPackedBytes / (mpad * static_cast<int64_t>(sizeof(scalar_t))) / 32 * 32;
+  return std::min({k, kTtKC, std::max<int64_t>(fit, 32)});
 }
 
 // acc[i][j] += at[k][16 i .. 16 i + 15] * b[j][k] over k < kc, for MV vectors
@@ -72,40 +112,125 @@ __attribute__((noinline)) void tt_micro(const float* at, int64_t ld_at, const fl
   }
 }
 
-// at[k * mpad + r] = A[r, k0 + k] for k < kc, r < mpad (zero for r >= m and
-// for a -1 row index). Rows contiguous along K go 16 x 16 through registers.
-template <typename out_t>
-void tt_pack_a(const Problem<float, out_t, float>& p, int64_t k0, int64_t kc, int64_t mpad, float* at) {
-  const auto row = [&p](int64_t r) -> const float* {
+// The same for bfloat16: at holds K pairs (word kp of a row: elements 2 kp and
+// 2 kp + 1), each weight row's pair is loaded as one word and broadcast.
+template <int MV>
+GROUPED_MM_AVX512_BF16 __attribute__((noinline)) void tt_micro_bf16(const uint32_t* at, int64_t ld_at,
+                                                                    const BFloat16* const* b, int64_t kc,
+                                                                    float* ct, int64_t ldct, bool first) {
+  static_assert(kTtNR == 8);
+  __m512 acc[MV][kTtNR];
+  for (int i = 0; i < MV; ++i) {
+    for (int j = 0; j < kTtNR; ++j) {
+      acc[i][j] = first ? _mm512_setzero_ps() : _mm512_loadu_ps(ct + j * ldct + 16 * i);
+    }
+  }
+  const auto word = [](const BFloat16* s) {
+    int32_t w;
+    std::memcpy(&w, s, sizeof(w));
+    return w;
+  };
+  const BFloat16 *b0 = b[0], *b1 = b[1], *b2 = b[2], *b3 = b[3], *b4 = b[4], *b5 = b[5], *b6 = b[6], *b7 = b[7];
+  const int64_t pairs = kc / 2;
+  for (int64_t kp = 0; kp < pairs; ++kp) {
+    __m512bh a[MV];
+    for (int i = 0; i < MV; ++i) a[i] = (__m512bh)_mm512_loadu_si512(at + kp * ld_at + 16 * i);
+    const int64_t e = 2 * kp;
+    const int32_t bk[kTtNR] = {word(b0 + e), word(b1 + e), word(b2 + e), word(b3 + e),
+                               word(b4 + e), word(b5 + e), word(b6 + e), word(b7 + e)};
+    for (int j = 0; j < kTtNR; ++j) {
+      const __m512bh bv = (__m512bh)_mm512_set1_epi32(bk[j]);
+      for (int i = 0; i < MV; ++i) acc[i][j] = _mm512_dpbf16_ps(acc[i][j], a[i], bv);
+    }
+  }
+  if (kc % 2 != 0) {  // the last element pairs with zero; the one after it may not exist
+    __m512bh a[MV];
+    for (int i = 0; i < MV; ++i) a[i] = (__m512bh)_mm512_loadu_si512(at + pairs * ld_at + 16 * i);
+    for (int j = 0; j < kTtNR; ++j) {
+      const __m512bh bv = (__m512bh)_mm512_set1_epi32(b[j][kc - 1].x);
+      for (int i = 0; i < MV; ++i) acc[i][j] = _mm512_dpbf16_ps(acc[i][j], a[i], bv);
+    }
+  }
+  for (int i = 0; i < MV; ++i) {
+    for (int j = 0; j < kTtNR; ++j) _mm512_storeu_ps(ct + j * ldct + 16 * i, acc[i][j]);
+  }
+}
+
+// at[w * mpad + r] = word w of A[r, k0 .. k0 + kc) for w < ceil(kc / per
+// word), r < mpad: a float32, or the K pair (2 w, 2 w + 1) of bfloat16 with
+// zero past kc; zero for r >= m and for a -1 row index. Rows contiguous along
+// K go 16 x 16 words through registers; K-major rows are copied.
+template <typename scalar_t, typename out_t>
+void tt_pack_a(const Problem<scalar_t, out_t, float>& p, int64_t k0, int64_t kc, int64_t mpad, uint32_t* at) {
+  constexpr int64_t per = kTtPerWord<scalar_t>;
+  const int64_t words = (kc + per - 1) / per;
+  const auto row = [&p](int64_t r) -> const scalar_t* {
     const int64_t i = p.a_row_idx != nullptr ? p.a_row_idx[r] : r;
     return i < 0 ? nullptr : p.a + i * p.a_rs;
   };
-  if (p.a_cs != 1 || p.a_col_idx != nullptr) {
-    for (int64_t r = 0; r < mpad; ++r) {
-      const float* s = r < p.m ? row(r) : nullptr;
-      for (int64_t k = 0; k < kc; ++k) {
-        float v = 0.f;
-        if (s != nullptr) {
-          const int64_t c = p.a_col_idx != nullptr ? p.a_col_idx[k0 + k] : k0 + k;
-          v = c < 0 ? 0.f : s[c * p.a_cs];
+  if (p.a_rs == 1 && p.a_cs != 1 && p.a_row_idx == nullptr && p.a_col_idx == nullptr) {
+    // K-major rows (a transposed view, 3D x 2D's (E, K, N) weights): the
+    // rows' values at one K are contiguous already.
+    for (int64_t w = 0; w < words; ++w) {
+      uint32_t* dst = at + w * mpad;
+      const scalar_t* s0 = p.a + (k0 + w * per) * p.a_cs;
+      const scalar_t* s1 = per == 2 && w * per + 1 < kc ? s0 + p.a_cs : nullptr;
+      for (int64_t r = 0; r < mpad; r += 16) {
+        const __mmask16 lanes = moe_lanes16(p.m, r);
+        __m512i v;
+        if constexpr (per == 1) {
+          v = _mm512_maskz_loadu_epi32(lanes, s0 + r);
+        } else {
+          v = _mm512_maskz_cvtepu16_epi32(kAll16, _mm256_maskz_loadu_epi16(lanes, s0 + r));
+          if (s1 != nullptr) {
+            const __m512i hi = _mm512_maskz_cvtepu16_epi32(kAll16, _mm256_maskz_loadu_epi16(lanes, s1 + r));
+            v = _mm512_or_si512(v, _mm512_slli_epi32(hi, 16));
+          }
         }
-        at[k * mpad + r] = v;
+        _mm512_storeu_si512(dst + r, v);
+      }
+    }
+    return;
+  }
+  if (p.a_cs != 1 || p.a_col_idx != nullptr) {
+    const auto bits = [&p, k0](const scalar_t* s, int64_t k) -> uint32_t {
+      const int64_t c = p.a_col_idx != nullptr ? p.a_col_idx[k0 + k] : k0 + k;
+      if (c < 0) return 0;
+      if constexpr (std::is_same_v<scalar_t, float>) {
+        return c10::bit_cast<uint32_t>(s[c * p.a_cs]);
+      } else {
+        return s[c * p.a_cs].x;
+      }
+    };
+    for (int64_t r = 0; r < mpad; ++r) {
+      const scalar_t* s = r < p.m ? row(r) : nullptr;
+      for (int64_t w = 0; w < words; ++w) {
+        uint32_t v = 0;
+        if (s != nullptr) {
+          for (int64_t h = 0; h < per && w * per + h < kc; ++h) v |= bits(s, w * per + h) << (16 * h);
+        }
+        at[w * mpad + r] = v;
       }
     }
     return;
   }
   for (int64_t r0 = 0; r0 < mpad; r0 += 16) {
-    const float* rows[16];
+    const scalar_t* rows[16];
     for (int i = 0; i < 16; ++i) rows[i] = r0 + i < p.m ? row(r0 + i) : nullptr;
-    for (int64_t k = 0; k < kc; k += 16) {
-      const __mmask16 lanes = moe_lanes16(kc, k);
+    for (int64_t w0 = 0; w0 < words; w0 += 16) {
       __m512i v[16];
       for (int i = 0; i < 16; ++i) {
-        v[i] = rows[i] != nullptr ? _mm512_maskz_loadu_epi32(lanes, rows[i] + k0 + k) : _mm512_setzero_si512();
+        if (rows[i] == nullptr) {
+          v[i] = _mm512_setzero_si512();
+        } else if constexpr (per == 1) {
+          v[i] = _mm512_maskz_loadu_epi32(moe_lanes16(kc, w0), rows[i] + k0 + w0);
+        } else {
+          v[i] = _mm512_maskz_loadu_epi16(col_mask32(kc, 2 * w0), rows[i] + k0 + 2 * w0);
+        }
       }
       transpose_16x16_epi32(v);
-      for (int64_t q = 0; q < std::min<int64_t>(16, kc - k); ++q) {
-        _mm512_storeu_si512(at + (k + q) * mpad + r0, v[q]);
+      for (int64_t q = 0; q < std::min<int64_t>(16, words - w0); ++q) {
+        _mm512_storeu_si512(at + (w0 + q) * mpad + r0, v[q]);
       }
     }
   }
@@ -113,8 +238,8 @@ void tt_pack_a(const Problem<float, out_t, float>& p, int64_t k0, int64_t kc, in
 
 // Output rows of the tile from ct (column j of the tile at ct + j * mpad):
 // 16 x 16 blocks transposed in registers, + bias, rounded once to out_t.
-template <typename out_t>
-void tt_store(const Problem<float, out_t, float>& p, const Tile& t, const float* ct, int64_t mpad) {
+template <typename scalar_t, typename out_t>
+void tt_store(const Problem<scalar_t, out_t, float>& p, const Tile& t, const float* ct, int64_t mpad) {
   for (int64_t r0 = 0; r0 < p.m; r0 += 16) {
     for (int64_t j0 = 0; j0 < t.nb; j0 += 16) {
       __m512i v[16];
@@ -128,26 +253,32 @@ void tt_store(const Problem<float, out_t, float>& p, const Tile& t, const float*
         __m512 x = _mm512_castsi512_ps(v[i]);
         if (bias != nullptr) x = _mm512_add_ps(x, _mm512_maskz_loadu_ps(lanes, bias));
         out_t* o = p.c + (r0 + i) * p.c_rs + t.n0 + j0;
-        _mm512_mask_storeu_ps(o, lanes, x); // float32 inputs have a float32 output
+        if constexpr (std::is_same_v<out_t, float>) {
+          _mm512_mask_storeu_ps(o, lanes, x);
+        } else {
+          _mm256_mask_storeu_epi16(o, lanes, moe_cvt_f32_bf16(x)); // bfloat16 inputs, bfloat16 output
+        }
       }
     }
   }
 }
 
-// One tile: all rows of the problem (kTtMaxRows at most) x columns
-// [n0, n0 + nb), 8 weight rows at a time; the last group of 8 repeats its
-// last weight row, whose extra columns are never stored.
-template <typename out_t>
-void run_tile_tt(const Problem<float, out_t, float>& p, const Tile& t, ThreadBuffers& buf) {
+// One tile: all rows of the problem x columns [n0, n0 + nb), 8 weight rows
+// at a time; the last group of 8 repeats its last weight row, whose extra
+// columns are never stored. Per K block: the rows packed once, then per 8
+// weight rows every 48-row pass, the later passes finding the weights in L1.
+template <typename scalar_t, typename out_t>
+void run_tile_tt(const Problem<scalar_t, out_t, float>& p, const Tile& t, ThreadBuffers& buf) {
+  constexpr int64_t per = kTtPerWord<scalar_t>;
   const int64_t mpad = (p.m + 15) / 16 * 16;
-  const int64_t kc_max = std::min(p.k, kTtKC);
-  float* at = workspace<float>(buf.a, kc_max * mpad);
+  const int64_t kc_max = tt_kc<scalar_t>(p.k, mpad);
+  uint32_t* at = workspace<uint32_t>(buf.a, (kc_max + per - 1) / per * mpad);
   float* ct = workspace<float>(buf.acc, (t.nb + 15) / 16 * 16 * mpad);
-  for (int64_t k0 = 0; k0 < p.k; k0 += kTtKC) {
-    const int64_t kc = std::min(kTtKC, p.k - k0);
+  for (int64_t k0 = 0; k0 < p.k; k0 += kc_max) {
+    const int64_t kc = std::min(kc_max, p.k - k0);
     tt_pack_a(p, k0, kc, mpad, at);
     for (int64_t j0 = 0; j0 < t.nb; j0 += kTtNR) {
-      const float* b[kTtNR];
+      const scalar_t* b[kTtNR];
       for (int64_t j = 0; j < kTtNR; ++j) b[j] = p.b + (t.n0 + std::min(j0 + j, t.nb - 1)) * p.b_cs + k0;
       // 48-row passes; a 64-row rest as two of 32 rather than 48 + 16,
       // whose single vector per column would leave the loads the bottleneck.
@@ -155,12 +286,24 @@ void run_tile_tt(const Problem<float, out_t, float>& p, const Tile& t, ThreadBuf
         const int64_t left = (mpad - m0) / 16;
         const int64_t mv = left == 4 ? 2 : std::min<int64_t>(3, left);
         float* c = ct + j0 * mpad + m0;
-        if (mv == 3) {
-          tt_micro<3>(at + m0, mpad, b, kc, c, mpad, k0 == 0);
-        } else if (mv == 2) {
-          tt_micro<2>(at + m0, mpad, b, kc, c, mpad, k0 == 0);
+        const bool first = k0 == 0;
+        if constexpr (std::is_same_v<scalar_t, float>) {
+          const float* a = reinterpret_cast<const float*>(at) + m0;
+          if (mv == 3) {
+            tt_micro<3>(a, mpad, b, kc, c, mpad, first);
+          } else if (mv == 2) {
+            tt_micro<2>(a, mpad, b, kc, c, mpad, first);
+          } else {
+            tt_micro<1>(a, mpad, b, kc, c, mpad, first);
+          }
         } else {
-          tt_micro<1>(at + m0, mpad, b, kc, c, mpad, k0 == 0);
+          if (mv == 3) {
+            tt_micro_bf16<3>(at + m0, mpad, b, kc, c, mpad, first);
+          } else if (mv == 2) {
+            tt_micro_bf16<2>(at + m0, mpad, b, kc, c, mpad, first);
+          } else {
+            tt_micro_bf16<1>(at + m0, mpad, b, kc, c, mpad, first);
+          }
         }
         m0 += 16 * mv;
       }
@@ -170,10 +313,11 @@ void run_tile_tt(const Problem<float, out_t, float>& p, const Tile& t, ThreadBuf
 }
 
 // What run_tile_tt takes from the thread's scratch.
-template <typename out_t>
-void tt_scratch(const Problem<float, out_t, float>& p, const Tile& t, ScratchBytes& s) {
+template <typename scalar_t, typename out_t>
+void tt_scratch(const Problem<scalar_t, out_t, float>& p, const Tile& t, ScratchBytes& s) {
+  constexpr int64_t per = kTtPerWord<scalar_t>;
   const int64_t mpad = (p.m + 15) / 16 * 16;
-  s.at_least(std::min(p.k, kTtKC) * mpad * 4, 0, (t.nb + 15) / 16 * 16 * mpad * 4);
+  s.at_least((tt_kc<scalar_t>(p.k, mpad) + per - 1) / per * mpad * 4, 0, (t.nb + 15) / 16 * 16 * mpad * 4);
 }
 
 } // namespace
