@@ -17,7 +17,7 @@ namespace {
 
 // vdpbf16ps (AVX512_BF16) is beyond ATen's AVX512 capability (its flags stop
 // at AVX512DQ), so the two kernels that use it carry their own target and run
-// only where cpuinfo reports AVX512_BF16 (cpu_has_avx512_bf16).
+// only where the CPU reports AVX512_BF16 (cpu_has_avx512_bf16).
 #define GROUPED_MM_AVX512_BF16 __attribute__((target("avx512f,avx512bw,avx512vl,avx512dq,fma,avx512bf16")))
 
 // bfloat16 micro-kernel: a is MR rows of kc bfloat16 (pairs read as 32 bits),
@@ -152,7 +152,7 @@ struct MicroTraits<BFloat16, true> {
   }
 };
 
-// K pairs where cpuinfo reports AVX512_BF16, else widened to float32.
+// K pairs where the CPU reports AVX512_BF16, else widened to float32.
 template <>
 struct MicroTraitsFor<BFloat16> {
   template <typename F>
