@@ -83,6 +83,24 @@ int64_t tt_kc(int64_t k, int64_t mpad) {
   return std::min({k, kTtKC, std::max<int64_t>(fit, 32)});
 }
 
+// A micro-kernel's accumulators: column j of the tile at ct + j * ldct,
+// rows 16 i .. 16 i + 15 in acc[i][j]; zero when first.
+template <int MV>
+inline void tt_load_acc(__m512 (&acc)[MV][kTtNR], const float* ct, int64_t ldct, bool first) {
+  for (int i = 0; i < MV; ++i) {
+    for (int j = 0; j < kTtNR; ++j) {
+      acc[i][j] = first ? _mm512_setzero_ps() : _mm512_loadu_ps(ct + j * ldct + 16 * i);
+    }
+  }
+}
+
+template <int MV>
+inline void tt_store_acc(const __m512 (&acc)[MV][kTtNR], float* ct, int64_t ldct) {
+  for (int i = 0; i < MV; ++i) {
+    for (int j = 0; j < kTtNR; ++j) _mm512_storeu_ps(ct + j * ldct + 16 * i, acc[i][j]);
+  }
+}
+
 // acc[i][j] += at[k][16 i .. 16 i + 15] * b[j][k] over k < kc, for MV vectors
 // of rows and the 8 weight rows b; acc starts from zero (first) or from ct,
 // column j of the tile at ct + j * ldct, and ends in ct. Not inlined: inlined
@@ -92,11 +110,7 @@ __attribute__((noinline)) void tt_micro(const float* at, int64_t ld_at, const fl
                                         float* ct, int64_t ldct, bool first) {
   static_assert(kTtNR == 8);
   __m512 acc[MV][kTtNR];
-  for (int i = 0; i < MV; ++i) {
-    for (int j = 0; j < kTtNR; ++j) {
-      acc[i][j] = first ? _mm512_setzero_ps() : _mm512_loadu_ps(ct + j * ldct + 16 * i);
-    }
-  }
+  tt_load_acc<MV>(acc, ct, ldct, first);
   const float *b0 = b[0], *b1 = b[1], *b2 = b[2], *b3 = b[3], *b4 = b[4], *b5 = b[5], *b6 = b[6], *b7 = b[7];
   for (int64_t k = 0; k < kc; ++k) {
     __m512 a[MV];
@@ -107,9 +121,7 @@ __attribute__((noinline)) void tt_micro(const float* at, int64_t ld_at, const fl
       for (int i = 0; i < MV; ++i) acc[i][j] = _mm512_fmadd_ps(a[i], bv, acc[i][j]);
     }
   }
-  for (int i = 0; i < MV; ++i) {
-    for (int j = 0; j < kTtNR; ++j) _mm512_storeu_ps(ct + j * ldct + 16 * i, acc[i][j]);
-  }
+  tt_store_acc<MV>(acc, ct, ldct);
 }
 
 // The same for bfloat16: at holds K pairs (word kp of a row: elements 2 kp and
@@ -120,11 +132,7 @@ GROUPED_MM_AVX512_BF16 __attribute__((noinline)) void tt_micro_bf16(const uint32
                                                                     float* ct, int64_t ldct, bool first) {
   static_assert(kTtNR == 8);
   __m512 acc[MV][kTtNR];
-  for (int i = 0; i < MV; ++i) {
-    for (int j = 0; j < kTtNR; ++j) {
-      acc[i][j] = first ? _mm512_setzero_ps() : _mm512_loadu_ps(ct + j * ldct + 16 * i);
-    }
-  }
+  tt_load_acc<MV>(acc, ct, ldct, first);
   const auto word = [](const BFloat16* s) {
     int32_t w;
     std::memcpy(&w, s, sizeof(w));
@@ -151,9 +159,7 @@ GROUPED_MM_AVX512_BF16 __attribute__((noinline)) void tt_micro_bf16(const uint32
       for (int i = 0; i < MV; ++i) acc[i][j] = _mm512_dpbf16_ps(acc[i][j], a[i], bv);
     }
   }
-  for (int i = 0; i < MV; ++i) {
-    for (int j = 0; j < kTtNR; ++j) _mm512_storeu_ps(ct + j * ldct + 16 * i, acc[i][j]);
-  }
+  tt_store_acc<MV>(acc, ct, ldct);
 }
 
 // at[w * mpad + r] = word w of A[r, k0 .. k0 + kc) for w < ceil(kc / per
