@@ -1,7 +1,26 @@
 import os
 import sys
 
-from hypothesis import HealthCheck, settings
+
+def _cpu_flags() -> set:
+    try:
+        with open("/proc/cpuinfo", encoding="ascii", errors="replace") as f:
+            return next((set(line.split(":", 1)[1].split()) for line in f if line.startswith("flags")), set())
+    except OSError:
+        return set()
+
+
+# Triton's interpreter runs tl.dot as numpy's matmul, i.e. OpenBLAS, whose
+# kernel is chosen per CPU or by OPENBLAS_CORETYPE (this machine's environment
+# sets Haswell on a Zen 5). With the Haswell sgemm a fused and an unfused
+# Triton kernel multiplying the same rows in differently shaped blocks gave
+# results 1 ulp apart (test_triton_experts' bitwise checks failed); with the
+# SkylakeX kernel, which Ice Lake picks itself, the same bits. Pinned where the
+# CPU can run it, before numpy loads OpenBLAS.
+if {"avx512f", "avx512bw", "avx512dq", "avx512vl", "avx512cd"} <= _cpu_flags():
+    os.environ["OPENBLAS_CORETYPE"] = "SkylakeX"
+
+from hypothesis import HealthCheck, settings  # noqa: E402
 
 # test/opinfo_<family>.py are imported by name from the tests.
 sys.path.insert(0, os.path.dirname(__file__))

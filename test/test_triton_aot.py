@@ -46,7 +46,11 @@ MAX_REGS = 255
 
 @pytest.fixture(scope="module")
 def report():
-    return aot.report()
+    """aot.report(), computed in a fresh process (see fresh_compile: entries
+    the content cache lacks are compiled, which fails after this process ran
+    Triton's interpreter), read back through JSON as the stored report is."""
+    return json.loads(_fresh_python("import json, sys\nfrom torch_moe_ops.triton import aot\n"
+                                    "json.dump(aot.report(), sys.stdout)\n", timeout=3600))
 
 
 def test_report_is_up_to_date(report):
@@ -180,16 +184,21 @@ def fresh_compile(name: str) -> tuple[dict, dict]:
     process: Triton's interpreter, which other tests in this process may have
     run, patches triton.language in place, and a real compile after it fails
     ("'block_argument' object has no attribute 'dtype'")."""
+    out = json.loads(_fresh_python(_FRESH_COMPILE, name))
+    return out["entry"], out["keep"]
+
+
+def _fresh_python(code: str, *argv: str, timeout: int = 600) -> str:
+    """What python -c code argv... prints, run with this checkout importable
+    and without TRITON_INTERPRET."""
     import subprocess
 
-    root = Path(__file__).resolve().parent.parent
-    env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(root), os.environ.get("PYTHONPATH", "")]))
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")]))
     env.pop("TRITON_INTERPRET", None)
-    done = subprocess.run([sys.executable, "-c", _FRESH_COMPILE, name], capture_output=True, text=True, env=env,
-                          timeout=600)
+    done = subprocess.run([sys.executable, "-c", code, *argv], capture_output=True, text=True, env=env,
+                          timeout=timeout)
     assert done.returncode == 0, done.stderr[-4000:]
-    out = json.loads(done.stdout)
-    return out["entry"], out["keep"]
+    return done.stdout
 
 
 def test_fresh_compile_ptx_and_sass():
