@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import sys
 
 import torch
 import torch.distributed as dist
@@ -92,3 +93,9 @@ def main(argv=None) -> None:
 
 if __name__ == "__main__":
     main()
+    # torch 2.14.1's gloo can abort the process at interpreter exit, after the
+    # group is destroyed ("terminate called without an active exception"; 1
+    # run in 3 on a Zen 5 host): leave without the C++ static teardown.
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(0)
