@@ -1,14 +1,10 @@
 import os
 import sys
 
+# test/opinfo_<family>.py and the helpers are imported by name from the tests.
+sys.path.insert(0, os.path.dirname(__file__))
 
-def _cpu_flags() -> set:
-    try:
-        with open("/proc/cpuinfo", encoding="ascii", errors="replace") as f:
-            return next((set(line.split(":", 1)[1].split()) for line in f if line.startswith("flags")), set())
-    except OSError:
-        return set()
-
+from _cpu import cpu_flags  # noqa: E402
 
 # Triton's interpreter runs tl.dot as numpy's matmul, i.e. OpenBLAS, whose
 # kernel is chosen per CPU or by OPENBLAS_CORETYPE (this machine's environment
@@ -17,13 +13,10 @@ def _cpu_flags() -> set:
 # results 1 ulp apart (test_triton_experts' bitwise checks failed); with the
 # SkylakeX kernel, which Ice Lake picks itself, the same bits. Pinned where the
 # CPU can run it, before numpy loads OpenBLAS.
-if {"avx512f", "avx512bw", "avx512dq", "avx512vl", "avx512cd"} <= _cpu_flags():
+if {"avx512f", "avx512bw", "avx512dq", "avx512vl", "avx512cd"} <= cpu_flags():
     os.environ["OPENBLAS_CORETYPE"] = "SkylakeX"
 
 from hypothesis import HealthCheck, settings  # noqa: E402
-
-# test/opinfo_<family>.py are imported by name from the tests.
-sys.path.insert(0, os.path.dirname(__file__))
 
 # Property tests draw the same examples on every run and machine (derandomize):
 # a red CI run replays locally, and a green one is not luck of the draw. Each

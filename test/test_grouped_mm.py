@@ -21,6 +21,7 @@ from torch_moe_ops import native_functions
 from torch_moe_ops.reference import torch_grouped_mm
 
 from common import assert_same_bits_at_thread_counts, at_thread_counts
+from _cpu import cpu_flags
 from _device import instantiate_cpu_and_cuda
 from opinfo_experts import gathered
 from opinfo_grouped_mm import op_db
@@ -193,12 +194,8 @@ def test_weights_stored_transposed(dtype, k, n):
 
 
 def cpu_has_avx512_bf16():
-    """What the CPU reports, read apart from torch and the kernel (Linux)."""
-    try:
-        with open("/proc/cpuinfo", encoding="ascii", errors="replace") as f:
-            return any(line.startswith("flags") and " avx512_bf16" in line for line in f)
-    except OSError:
-        return False
+    """What the CPU reports, read apart from torch and the kernel."""
+    return "avx512_bf16" in cpu_flags()
 
 
 # (dtype, the fewest rows of a group that the transposed-tile engine takes)
