@@ -109,9 +109,10 @@ def test_check_exit_code(tmp_path):
 
 def test_grouped_mm_memory_bound():
     """bench_grouped_mm's ceiling on ours/dense: the dense compute time over the
-    time to read the inputs and write a fresh output at the machine's rates."""
+    time to read the inputs and write a fresh output at the machine's rates, or
+    over the compute time plus the fresh output's page zeroing."""
     import torch
-    from bench_grouped_mm import memory_bound
+    from bench_grouped_mm import memory_bound, zeroing_beyond_dense
     rates = dict(read_gbs=20.0, fresh_write_gbs=5.0)
     # Qwen3's weight gradient (2d2d kn, float32): 50 + 38 MB read, a 1.61 GB fresh output
     # written: 0.33 s of memory traffic against 0.19 s of dense compute at 200 GFLOP/s.
@@ -132,6 +133,12 @@ def test_grouped_mm_memory_bound():
     expected = dense_s / ((x.numel() + w.numel()) * 4 / 4e9 + m * n * 4 / 5e9)
     assert expected < 1
     assert memory_bound(x, w, torch.empty(m, n), flops, 200.0, slow) == pytest.approx(expected, rel=1e-12)
+    # Page zeroing of a fresh output runs on the cores: it adds to the compute time.
+    fast = dict(read_gbs=400.0, fresh_write_gbs=400.0)
+    assert memory_bound(a, b, out, flops, 200.0, fast) == 1.0
+    assert memory_bound(a, b, out, flops, 200.0, fast, zeroing_s=dense_s) == pytest.approx(0.5, rel=1e-12)
+    # ...and only where the grouped mm's output outgrows the dense mm's, whose rate includes its own.
+    assert zeroing_beyond_dense(torch.empty(m, n), x, w[0]) == 0.0
 
 
 def digest(directory: Path) -> dict:
