@@ -474,15 +474,53 @@ BRGEMM_REST = BRGEMM_COMMENT + [(
 )]
 WITHOUT_BRGEMM = BRGEMM_ENGINE_CHOICE + BRGEMM_REST
 
+def _source_between(path: str, start: str, stop: str) -> str:
+    """The text of the in-repo source path from start up to and including stop (the first after it)."""
+    with open(os.path.join(REPO_ROOT, path), encoding="utf-8") as f:
+        text = f.read()
+    first = text.index(start)
+    return text[first:text.index(stop, first) + len(stop)]
+
+
 # The PRs before the transposed-tile engine's (float32 and bfloat16, (E, N, K) weights, cpu/GroupedMMTransposedTile.h): its
 # comment (every stage) and its code (the AVX-512 stages). Applied before WITHOUT_INNER_PRODUCT, whose spans
 # it sits next to.
+# The PRs before 1c3's turned 3D x 2D groups (C^T = B^T A^T): the kernel's
+# turning, the transposed-tile engine's store of C^T, the Problem's flag and
+# the broadcast engine's transposed store (WITHOUT_TURNED_UTILS and
+# WITHOUT_TURNED_AVX512 below), and 1c3's lines of the upstream test.
+KERNEL_WITHOUT_TURNED = [(
+    _source_between(f"{SRC}/cpu/GroupedMMKernel.cpp",
+                    "#if defined(CPU_CAPABILITY_AVX512)\n// 3D x 2D (the expert's weights as A",
+                    "#endif // CPU_CAPABILITY_AVX512\n\n"), "",
+), (
+    "#if defined(CPU_CAPABILITY_AVX512)\n"
+    "  turn_3d2d_groups(bias_ptr != nullptr, a_idx != nullptr || b_idx != nullptr, problems);\n"
+    "#endif\n", "",
+)]
+TT_WITHOUT_TURNED = [(
+    "// 16 x 16 blocks transposed in registers, + bias, rounded once to out_t; a\n"
+    "// turned problem's C^T takes ct's columns as they are.\n",
+    "// 16 x 16 blocks transposed in registers, + bias, rounded once to out_t.\n",
+), (
+    _source_between(f"{SRC}/cpu/GroupedMMTransposedTile.h", "  if (p.c_transposed) {\n", "    return;\n  }\n"), "",
+)]
+TEST_MATMUL_WITHOUT_TURNED = [(
+    "        # row-major and column-major. 3D x 2D with more than 512 such weight\n"
+    "        # rows runs turned around (C^T = B^T A^T) in the same kernel, with\n"
+    "        # the same bits as the (G, K, N) storage, which it takes unturned.\n",
+    "        # row-major and column-major.\n",
+), (
+    _source_between("patches/src/test/test_matmul.py", "            w_nk = torch.randn(len(sizes), 520, k,",
+                    "                self.assertEqual(out[:, few], kn[:, few], atol=0, rtol=0)\n"), "",
+)]
+
 TRANSPOSED_TILE_COMMENT = [(
     "//   transposed tiles (GroupedMMTransposedTile.h; the AVX512 build): float32\n"
     "//     groups of 17 rows and more (bfloat16: 25, with AVX512_BF16) with\n"
     "//     (E, N, K) weights, the weights broadcast in place into tiles of C^T.\n", "",
 )]
-WITHOUT_TRANSPOSED_TILE = TRANSPOSED_TILE_COMMENT + [(
+WITHOUT_TRANSPOSED_TILE = TRANSPOSED_TILE_COMMENT + KERNEL_WITHOUT_TURNED + [(
     "#include <ATen/native/cpu/GroupedMMTransposedTile.h>\n", "",
 ), (
     "        if constexpr (std::is_same_v<scalar_t, float> || std::is_same_v<scalar_t, BFloat16>) {\n"
@@ -494,19 +532,11 @@ WITHOUT_TRANSPOSED_TILE = TRANSPOSED_TILE_COMMENT + [(
 ), (
     "            if constexpr (std::is_same_v<scalar_t, float> || std::is_same_v<scalar_t, BFloat16>) {\n"
     "              if (tt_eligible<scalar_t>(p)) {\n"
-    "                run_tile_tt(p, t, buf);\n"
+    "                run_tile_tt(p, t, buf, next_p, next);\n"
     "                continue;\n"
     "              }\n"
     "            }\n", "",
 )]
-
-
-def _source_between(path: str, start: str, stop: str) -> str:
-    """The text of the in-repo source path from start up to and including stop (the first after it)."""
-    with open(os.path.join(REPO_ROOT, path), encoding="utf-8") as f:
-        text = f.read()
-    first = text.index(start)
-    return text[first:text.index(stop, first) + len(stop)]
 
 
 # The grouped dimension read through an index (grouped_mm_stub's a_index /
@@ -644,6 +674,12 @@ WIDENING_ALL_COPIED = [(
     "}\n",
 )]
 UTILS_H = f"{SRC}/cpu/GroupedMMKernelUtils.h"
+# C^T outputs (a problem turned around for the transposed-tile engine, 1c2).
+WITHOUT_TURNED_UTILS = [(
+    _source_between(UTILS_H, "  // C^T stored instead: element (r, j)", "  bool c_transposed = false;\n"), "",
+), (
+    _source_between(UTILS_H, "// p as C^T = B^T A^T (no bias, no indices)", "  return q;\n}\n\n"), "",
+)]
 WITHOUT_TRANSPOSED_COPY = [(
     _source_block(UTILS_H, "// Transposing copy in 16x16 blocks", "}"), "",
 ), (
@@ -726,6 +762,25 @@ BF16_WITHOUT_PACK_WORDS = [(
                     "    return;\n  }\n"), "",
 )]
 
+# The broadcast engine's tiles of turned problems (C^T into the output's
+# columns), which only 1c2's turned 3D x 2D groups use.
+WITHOUT_TURNED_AVX512 = [(
+    _source_between(f"{SRC}/cpu/GroupedMMAvx512.h", "// Rows [m0, m0 + mc) of a turned problem's tile",
+                    "      }\n    }\n  }\n}\n\n"), "",
+), (
+    "  // A turned problem's tile ends in the accumulator buffer too, then goes to\n"
+    "  // the output's columns 16 x 16 at a time (store_acc_transposed).\n"
+    "  float* acc = k > kKC || p.c_transposed ? workspace<float>(buf.acc, kMC * strips * kNR) : nullptr;\n",
+    "  float* acc = k > kKC ? workspace<float>(buf.acc, kMC * strips * kNR) : nullptr;\n",
+), (
+    "        x.last = k0 + kc == k && !p.c_transposed;\n", "        x.last = k0 + kc == k;\n",
+), (
+    "    if (p.c_transposed) store_acc_transposed(p, t, acc, ld_acc, m0, mc);\n", "",
+), (
+    "               k > kKC || p.c_transposed ? kMC * strips * kNR * 4 : 0);\n",
+    "               k > kKC ? kMC * strips * kNR * 4 : 0);\n",
+)]
+
 # The AVX-512 PR without the L2 prefetch of the next weight block (the PR
 # after it): the micro-kernels compute the same bits either way.
 AVX512_H = f"{SRC}/cpu/GroupedMMAvx512.h"
@@ -735,15 +790,14 @@ WITHOUT_PREFETCH = [(
     "// 4 x MR named accumulators, vdpbf16ps K pairs); see the measurements\n"
     "// below.\n",
 ), (
-    "// While a block is in use, the micro-kernels prefetch the next block into L2\n"
-    "// (a tile's last block: the next tile's first), a row every few K steps over\n"
-    "// the first half of the row blocks, so the DRAM stream overlaps the FMAs and\n"
-    "// the lines have landed before the next pack reads them (at 32 rows per\n"
-    "// expert this moved the bf16 kernel from ~305 to ~325 GFLOP/s).\n", "",
+    _source_between(AVX512_H, "// While a block is in use, the micro-kernels prefetch",
+                    "// instead of one, Zen 5, vdpbf16ps: 650-665 to 725-740).\n"), "",
 ), (
     _source_block(AVX512_H, "// Rows of the next weight block to pull into L2", "}"), "",
 ), (
     _source_block(AVX512_H, "inline void prefetch_row(", "}"), "",
+), (
+    _source_between(AVX512_H, "// Weight blocks ahead of the one in use", "  return pf;\n}\n\n"), "",
 ), (
     "  Prefetch pf;\n  int64_t pf_begin, pf_end; // rows of pf this call prefetches\n", "",
 ), (
@@ -757,8 +811,8 @@ WITHOUT_PREFETCH = [(
     "  for (; pf < x.pf_end; ++pf) prefetch_row(x.pf, pf);\n", "",
 ), (
     "// next: the tile this thread runs after t (nullptr if none), whose first\n"
-    "// weight block is prefetched while t's last one is in use: with a few dozen\n"
-    "// rows per expert a tile is short, and a cold first block stalls its pack.\n", "",
+    "// weight blocks are prefetched while t's last ones are in use: with a few\n"
+    "// dozen rows per expert a tile is short, and a cold first block stalls its pack.\n", "",
 ), (
     "ThreadBuffers& buf,\n                     const Problem<scalar_t, out_t, float>* next_p, const Tile* next) {\n",
     "ThreadBuffers& buf) {\n",
@@ -766,13 +820,12 @@ WITHOUT_PREFETCH = [(
     "  // Weight rows are prefetched only when they are unit-stride rows in order.\n"
     "  const bool b_prefetch = p.b_cs == 1 && p.b_idx == nullptr;\n", "",
 ), (
-    _source_between(AVX512_H, "        // Next weight block of this tile: next strip", "        MicroArgs x;\n"),
+    _source_between(AVX512_H, "        // The weight block two ahead in this thread's order", "        MicroArgs x;\n"),
     "        MicroArgs x;\n",
 ), (
     "        x.pf = pf;\n", "",
 ), (
-    _source_between(AVX512_H, "          // Over the first half of the row blocks, so the lines land",
-                    "          x.pf_end = mb < pf_blocks ? pf.rows * (mb + 1) / pf_blocks : 0;\n"), "",
+    "          x.pf_begin = pf.rows * mb / m_blocks;\n          x.pf_end = pf.rows * (mb + 1) / m_blocks;\n", "",
 )]
 KERNEL_WITHOUT_PREFETCH = [(
     "            const Tile* next = i + 1 < bounds[chunk + 1] ? &tiles[i + 1] : nullptr;\n"
@@ -1063,7 +1116,7 @@ SERIES = [
                      edits=WITHOUT_INDEX_CPP + grouped_mm_stages.WITHOUT_OUT_STRIDES_CPP
                      + grouped_mm_stages.WITHOUT_OUT_STRIDES_EMPTY_CPU, update=True),
                 Copy(f"{NATIVE}/cpu/GroupedMMKernelUtils.h", f"{SRC}/cpu/GroupedMMKernelUtils.h",
-                     edits=WITHOUT_INDEX_UTILS + WITHOUT_TRANSPOSED_COPY),
+                     edits=WITHOUT_INDEX_UTILS + WITHOUT_TRANSPOSED_COPY + WITHOUT_TURNED_UTILS),
                 Copy(f"{NATIVE}/cpu/GroupedMMKernel.cpp", f"{SRC}/cpu/GroupedMMKernel.cpp",
                      undefine=("CPU_CAPABILITY_AVX512",),
                      edits=TRANSPOSED_TILE_COMMENT + BRGEMM_COMMENT + PORTABLE_KERNEL + WIDENING_ALL_COPIED
@@ -1077,7 +1130,7 @@ SERIES = [
             message="core/0001a1-grouped-mm-cpu-in-place-operands.txt",
             changes=[
                 Copy(f"{NATIVE}/cpu/GroupedMMKernelUtils.h", f"{SRC}/cpu/GroupedMMKernelUtils.h",
-                     edits=WITHOUT_INDEX_UTILS, update=True),
+                     edits=WITHOUT_INDEX_UTILS + WITHOUT_TURNED_UTILS, update=True),
                 Copy(f"{NATIVE}/cpu/GroupedMMKernel.cpp", f"{SRC}/cpu/GroupedMMKernel.cpp",
                      undefine=("CPU_CAPABILITY_AVX512",), edits=TRANSPOSED_TILE_COMMENT + BRGEMM_COMMENT + PORTABLE_KERNEL
                      + WITHOUT_INDEX_KERNEL,
@@ -1092,7 +1145,8 @@ SERIES = [
                 Copy(f"{NATIVE}/GroupedMM.cpp", f"{SRC}/GroupedMM.cpp",
                      edits=grouped_mm_stages.WITHOUT_OUT_STRIDES_CPP + grouped_mm_stages.WITHOUT_OUT_STRIDES_EMPTY_CPU,
                      update=True),
-                Copy(f"{NATIVE}/cpu/GroupedMMKernelUtils.h", f"{SRC}/cpu/GroupedMMKernelUtils.h", update=True),
+                Copy(f"{NATIVE}/cpu/GroupedMMKernelUtils.h", f"{SRC}/cpu/GroupedMMKernelUtils.h",
+                     edits=WITHOUT_TURNED_UTILS, update=True),
                 Copy(f"{NATIVE}/cpu/GroupedMMKernel.cpp", f"{SRC}/cpu/GroupedMMKernel.cpp",
                      undefine=("CPU_CAPABILITY_AVX512",),
                      edits=TRANSPOSED_TILE_COMMENT + BRGEMM_COMMENT + PORTABLE_KERNEL, update=True),
@@ -1103,7 +1157,8 @@ SERIES = [
             changes=[
                 Copy(f"{NATIVE}/cpu/MoEAvx512Utils.h", f"{SRC}/cpu/MoEAvx512Utils.h"),
                 Copy(f"{NATIVE}/cpu/GroupedMMAvx512.h", f"{SRC}/cpu/GroupedMMAvx512.h",
-                     edits=AVX512_WITHOUT_MATMUL + WITHOUT_PACK_WORDS + WITHOUT_PREFETCH + WITHOUT_WEIGHT_GRAD_H),
+                     edits=WITHOUT_TURNED_AVX512 + AVX512_WITHOUT_MATMUL + WITHOUT_PACK_WORDS + WITHOUT_PREFETCH
+                     + WITHOUT_WEIGHT_GRAD_H),
                 Copy(f"{NATIVE}/cpu/GroupedMMKernel.cpp", f"{SRC}/cpu/GroupedMMKernel.cpp",
                      edits=WITHOUT_TRANSPOSED_TILE + BRGEMM_REST + WITHOUT_INNER_PRODUCT + WITHOUT_BF16_PAIRS + WITHOUT_MATMUL
                      + KERNEL_WITHOUT_PREFETCH + KERNEL_WITHOUT_WHOLE_N, update=True),
@@ -1115,7 +1170,8 @@ SERIES = [
             message="core/0001b1-grouped-mm-cpu-avx512-prefetch.txt",
             changes=[
                 Copy(f"{NATIVE}/cpu/GroupedMMAvx512.h", f"{SRC}/cpu/GroupedMMAvx512.h",
-                     edits=AVX512_WITHOUT_MATMUL + WITHOUT_PACK_WORDS + WITHOUT_WEIGHT_GRAD_H, update=True),
+                     edits=WITHOUT_TURNED_AVX512 + AVX512_WITHOUT_MATMUL + WITHOUT_PACK_WORDS + WITHOUT_WEIGHT_GRAD_H,
+                     update=True),
                 Copy(f"{NATIVE}/cpu/GroupedMMKernel.cpp", f"{SRC}/cpu/GroupedMMKernel.cpp",
                      edits=WITHOUT_TRANSPOSED_TILE + BRGEMM_REST + WITHOUT_INNER_PRODUCT + WITHOUT_BF16_PAIRS + WITHOUT_MATMUL
                      + KERNEL_WITHOUT_WHOLE_N, update=True),
@@ -1125,7 +1181,7 @@ SERIES = [
             message="core/0001b2-grouped-mm-cpu-avx512-weight-gradients.txt",
             changes=[
                 Copy(f"{NATIVE}/cpu/GroupedMMAvx512.h", f"{SRC}/cpu/GroupedMMAvx512.h",
-                     edits=AVX512_WITHOUT_MATMUL + WITHOUT_PACK_WORDS, update=True),
+                     edits=WITHOUT_TURNED_AVX512 + AVX512_WITHOUT_MATMUL + WITHOUT_PACK_WORDS, update=True),
                 Copy(f"{NATIVE}/cpu/GroupedMMKernel.cpp", f"{SRC}/cpu/GroupedMMKernel.cpp",
                      edits=WITHOUT_TRANSPOSED_TILE + BRGEMM_REST + WITHOUT_INNER_PRODUCT + WITHOUT_BF16_PAIRS + WITHOUT_MATMUL, update=True),
             ],
@@ -1133,8 +1189,8 @@ SERIES = [
         Patch(
             message="core/0001b3-grouped-mm-cpu-large-groups-mm.txt",
             changes=[
-                Copy(f"{NATIVE}/cpu/GroupedMMAvx512.h", f"{SRC}/cpu/GroupedMMAvx512.h", edits=WITHOUT_PACK_WORDS,
-                     update=True),
+                Copy(f"{NATIVE}/cpu/GroupedMMAvx512.h", f"{SRC}/cpu/GroupedMMAvx512.h",
+                     edits=WITHOUT_TURNED_AVX512 + WITHOUT_PACK_WORDS, update=True),
                 Copy(f"{NATIVE}/cpu/GroupedMMKernel.cpp", f"{SRC}/cpu/GroupedMMKernel.cpp",
                      edits=WITHOUT_TRANSPOSED_TILE + WITHOUT_BRGEMM + WITHOUT_INNER_PRODUCT + WITHOUT_BF16_PAIRS, update=True),
             ],
@@ -1154,7 +1210,8 @@ SERIES = [
         Patch(
             message="core/0001c-grouped-mm-cpu-inner-product.txt",
             changes=[
-                Copy(f"{NATIVE}/cpu/GroupedMMAvx512.h", f"{SRC}/cpu/GroupedMMAvx512.h", update=True),
+                Copy(f"{NATIVE}/cpu/GroupedMMAvx512.h", f"{SRC}/cpu/GroupedMMAvx512.h", edits=WITHOUT_TURNED_AVX512,
+                     update=True),
                 Copy(f"{NATIVE}/cpu/GroupedMMAvx512BF16.h", f"{SRC}/cpu/GroupedMMAvx512BF16.h", update=True),
                 Copy(f"{NATIVE}/cpu/GroupedMMInnerProduct.h", f"{SRC}/cpu/GroupedMMInnerProduct.h"),
                 Copy(f"{NATIVE}/cpu/GroupedMMKernel.cpp", f"{SRC}/cpu/GroupedMMKernel.cpp",
@@ -1174,7 +1231,20 @@ SERIES = [
         Patch(
             message="core/0001c2-grouped-mm-cpu-transposed-tile.txt",
             changes=[
-                Copy(f"{NATIVE}/cpu/GroupedMMTransposedTile.h", f"{SRC}/cpu/GroupedMMTransposedTile.h"),
+                Copy(f"{NATIVE}/cpu/GroupedMMTransposedTile.h", f"{SRC}/cpu/GroupedMMTransposedTile.h",
+                     edits=TT_WITHOUT_TURNED),
+                Copy(f"{NATIVE}/cpu/GroupedMMKernel.cpp", f"{SRC}/cpu/GroupedMMKernel.cpp",
+                     edits=KERNEL_WITHOUT_TURNED, update=True),
+                Copy("test/test_matmul.py", "patches/src/test/test_matmul.py", edits=TEST_MATMUL_WITHOUT_TURNED,
+                     update=True),
+            ],
+        ),
+        Patch(
+            message="core/0001c3-grouped-mm-cpu-turned-3d2d.txt",
+            changes=[
+                Copy(f"{NATIVE}/cpu/GroupedMMKernelUtils.h", f"{SRC}/cpu/GroupedMMKernelUtils.h", update=True),
+                Copy(f"{NATIVE}/cpu/GroupedMMAvx512.h", f"{SRC}/cpu/GroupedMMAvx512.h", update=True),
+                Copy(f"{NATIVE}/cpu/GroupedMMTransposedTile.h", f"{SRC}/cpu/GroupedMMTransposedTile.h", update=True),
                 Copy(f"{NATIVE}/cpu/GroupedMMKernel.cpp", f"{SRC}/cpu/GroupedMMKernel.cpp", update=True),
                 Copy("test/test_matmul.py", "patches/src/test/test_matmul.py", update=True),
             ],

@@ -260,6 +260,49 @@ def test_transposed_tiles(dtype, k):
             assert torch.equal(torch.ops.moe_ops.grouped_mm(a3, w3), torch.ops.moe_ops.grouped_mm(a3, w3.contiguous()))
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("k", [64, 301, 2085])
+def test_transposed_tiles_turned_3d2d(dtype, k):
+    """3D x 2D in the AVX512 build runs turned around, as C^T = B^T A^T (2D x
+    3D, tokens x weights), its tiles stored into the output's columns: with
+    weights stored (G, N, K) row-major and more than 512 of them (kTtMaxRows)
+    each group of enough tokens (the transposed-tile engine's fewest rows) in
+    the transposed-tile engine, whose tile holds C^T already; with the weights
+    stored (G, K, N) (a K-major view) every group in the broadcast engine,
+    through its accumulator buffer and 16 x 16 transposes. Both sum the same
+    products in the same K order, so on the first groups the two storage
+    orders give the same bits (the groups of fewer tokens keep the
+    inner-product engine, unturned, in (G, N, K) storage). Values against
+    float64 within the bound of test_transposed_tiles; tokens^T K-contiguous
+    (as x.t(), the layout that turns) and row-major (which does not); 1 and 2
+    threads; N past a 256-column tile and off the 16-column edge."""
+    g = torch.Generator().manual_seed(k)
+    sizes = [30, 0, 48, 5, 100, 25]
+    offs = torch.tensor(sizes).cumsum(0).to(torch.int32)
+    fewest = TRANSPOSED_TILE_ROWS[dtype]
+    same_bits = dtype == torch.float32 or cpu_has_avx512_bf16()
+    tiled = torch.cat([torch.arange(s, e) for s, e, n in zip([0] + offs.tolist()[:-1], offs.tolist(), sizes)
+                       if n >= fewest])
+    rounding = 2.0**-8 if dtype == torch.bfloat16 else 0.0
+    m = sum(sizes)
+    for n in (513, 1100):
+        w_nk = torch.randn(len(sizes), n, k, generator=g).to(dtype)
+        x = torch.randn(m, k, generator=g).to(dtype)
+        for xt in (x.t(), x.t().contiguous()):
+            run = lambda w: torch.ops.moe_ops.grouped_mm(w, xt, offs)  # noqa: E731
+            out = run(w_nk)
+            msg = f"k={k} n={n} xt.stride()={xt.stride()}"
+            if same_bits:
+                kn = run(w_nk.transpose(-2, -1).contiguous().transpose(-2, -1))
+                assert torch.equal(out[:, tiled], kn[:, tiled]), msg
+            ref = torch_grouped_mm(w_nk.double(), xt.double(), offs)
+            magnitude = torch_grouped_mm(w_nk.abs().double(), xt.abs().double(), offs)
+            bound = k * 2.0**-24 * magnitude + rounding * ref.abs() + 1e-30
+            assert ((out.double() - ref).abs() <= bound).all(), msg
+            for bits in at_thread_counts(lambda: run(w_nk)).values():
+                assert torch.equal(bits, out), msg
+
+
 @pytest.mark.skipif(not cpu_has_avx512_bf16(), reason="needs a CPU with AVX512_BF16 (/proc/cpuinfo)")
 @pytest.mark.parametrize("rows,w_order", [(8, "nk"), (48, "nk"), (48, "kn")])
 def test_bfloat16_kernels_run_where_the_cpu_has_avx512_bf16(rows, w_order):

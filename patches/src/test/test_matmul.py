@@ -253,7 +253,9 @@ class TestGroupedMM(TestCase):
         # is summed in: both storage orders give the same bits on those
         # groups. Groups past 48 rows (several passes over the rows), K past
         # one block, N past a tile and off the 8- and 16-column edges, A
-        # row-major and column-major.
+        # row-major and column-major. 3D x 2D with more than 512 such weight
+        # rows runs turned around (C^T = B^T A^T) in the same kernel, with
+        # the same bits as the (G, K, N) storage, which it takes unturned.
         sizes = [17, 0, 48, 33, 5, 130]
         fewest = 17 if dtype == torch.float32 else 25
         same_bits = dtype == torch.float32 or torch.cpu._is_avx512_bf16_supported()
@@ -269,6 +271,12 @@ class TestGroupedMM(TestCase):
                 if same_bits:
                     self.assertEqual(out[few], torch._grouped_mm(x, w.contiguous(), offs=offs, bias=bias)[few],
                                      atol=0, rtol=0)
+            w_nk = torch.randn(len(sizes), 520, k, device=device, dtype=dtype)
+            out = torch._grouped_mm(w_nk, a.t(), offs=offs)
+            self.assertGroupedClose(out, w_nk, a.t(), offs)
+            if same_bits:
+                kn = torch._grouped_mm(w_nk.transpose(-2, -1).contiguous().transpose(-2, -1), a.t(), offs=offs)
+                self.assertEqual(out[:, few], kn[:, few], atol=0, rtol=0)
 
     @onlyCPU
     def test_grouped_mm_errors(self, device):

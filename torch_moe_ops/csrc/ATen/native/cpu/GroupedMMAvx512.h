@@ -34,11 +34,12 @@ namespace {
 // block is re-laid out into a 32 KB buffer of the thread's scratch right before use
 // (float32 for float32/float16 inputs, bfloat16 pairs interleaved along K for
 // vdpbf16ps), then every row block of the group runs against it from cache.
-// While a block is in use, the micro-kernels prefetch the next block into L2
-// (a tile's last block: the next tile's first), a row every few K steps over
-// the first half of the row blocks, so the DRAM stream overlaps the FMAs and
-// the lines have landed before the next pack reads them (at 32 rows per
-// expert this moved the bf16 kernel from ~305 to ~325 GFLOP/s).
+// While a block is in use, the micro-kernels prefetch the block after next
+// into L2 (past a tile's last blocks: the next tile's first), a row every few
+// K steps over all the row blocks, so the DRAM stream overlaps the FMAs and
+// the lines have landed before the pack reads them (at 32 rows per expert
+// this moved the bf16 kernel from ~305 to ~325 GFLOP/s; two blocks ahead
+// instead of one, Zen 5, vdpbf16ps: 650-665 to 725-740).
 //
 // Micro-kernel: C[MR x 64] in 4 x MR zmm accumulators, A broadcast one element
 // (float32) or one K pair (bfloat16) at a time from rows read in place when A
@@ -377,13 +378,67 @@ int64_t micro_kc() {
   return kc;
 }
 
+// Rows [m0, m0 + mc) of a turned problem's tile (Problem::c_transposed) from
+// the accumulator buffer (row r at acc + (r - m0) * ld_acc) to the output's
+// columns: 16 x 16 blocks transposed in registers, rounded once to out_t, so
+// each output row gets whole vectors rather than a scatter of single
+// elements, whose column-strided lines (a multiple of 4 KB apart) thrash L1.
+template <typename scalar_t, typename out_t>
+void store_acc_transposed(const Problem<scalar_t, out_t, float>& p, const Tile& t, const float* acc, int64_t ld_acc,
+                          int64_t m0, int64_t mc) {
+  for (int64_t r0 = 0; r0 < mc; r0 += 16) {
+    const __mmask16 lanes = moe_lanes16(mc, r0);
+    for (int64_t j0 = 0; j0 < t.nb; j0 += 16) {
+      __m512i v[16];
+      for (int i = 0; i < 16; ++i) {
+        v[i] = r0 + i < mc ? _mm512_loadu_si512(acc + (r0 + i) * ld_acc + j0) : _mm512_setzero_si512();
+      }
+      transpose_16x16_epi32(v);
+      for (int64_t q = 0; q < std::min<int64_t>(16, t.nb - j0); ++q) {
+        out_t* o = p.c + (t.n0 + j0 + q) * p.c_rs + m0 + r0;
+        const __m512 x = _mm512_castsi512_ps(v[q]);
+        if constexpr (std::is_same_v<out_t, float>) {
+          _mm512_mask_storeu_ps(o, lanes, x);
+        } else if constexpr (std::is_same_v<out_t, BFloat16>) {
+          _mm256_mask_storeu_epi16(o, lanes, moe_cvt_f32_bf16(x));
+        } else {
+          const __m256i h = _mm512_maskz_cvtps_ph(kAll16, x, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+          _mm256_mask_storeu_epi16(o, lanes, h);
+        }
+      }
+    }
+  }
+}
+
+// Weight blocks ahead of the one in use that the broadcast engine prefetches:
+// with one, spread over the first half of the row blocks, the lines still
+// arrived late (Zen 5, bfloat16, 32 rows per expert, weights streamed from
+// DRAM: 650-665 GFLOP/s with one, 725-740 with two, 770-800 from cache).
+constexpr int64_t kPrefetchBlocksAhead = 2;
+
+// Block i of tile t in the order the broadcast engine uses its weights (the
+// tile's 64-column strips K block by K block) as rows to prefetch; none past
+// the tile's last block.
+template <typename scalar_t, typename P>
+Prefetch weight_block(const P& p, const Tile& t, int64_t i, int64_t kc_max) {
+  Prefetch pf;
+  const int64_t strips = (t.nb + kNR - 1) / kNR;
+  const int64_t k0 = i / strips * kc_max, j0 = t.n0 + i % strips * kNR;
+  if (p.k <= 0 || k0 >= p.k) return pf;
+  pf.base = reinterpret_cast<const char*>(p.b + k0 * p.b_rs + j0);
+  pf.stride = p.b_rs * static_cast<int64_t>(sizeof(scalar_t));
+  pf.rows = std::min(kc_max, p.k - k0);
+  pf.bytes = std::min(kNR, t.n0 + t.nb - j0) * static_cast<int64_t>(sizeof(scalar_t));
+  return pf;
+}
+
 // One tile: all rows of the problem x columns [n0, n0 + nb), nb <= kMicroNB
 // unless K fits one block (then no accumulator buffer is needed).
 // Loop order per kMC rows: K blocks, then 64-column weight blocks, then MR-row
 // blocks, so each weight block is packed once and reused by every row block.
 // next: the tile this thread runs after t (nullptr if none), whose first
-// weight block is prefetched while t's last one is in use: with a few dozen
-// rows per expert a tile is short, and a cold first block stalls its pack.
+// weight blocks are prefetched while t's last ones are in use: with a few
+// dozen rows per expert a tile is short, and a cold first block stalls its pack.
 template <typename scalar_t, typename out_t, typename Traits>
 void run_tile_avx512(const Problem<scalar_t, out_t, float>& p, const Tile& t, ThreadBuffers& buf,
                      const Problem<scalar_t, out_t, float>* next_p, const Tile* next) {
@@ -394,7 +449,9 @@ void run_tile_avx512(const Problem<scalar_t, out_t, float>& p, const Tile& t, Th
   const int64_t k = p.k;
   const int64_t strips = (t.nb + kNR - 1) / kNR;
   b_t* bpack = workspace<b_t>(buf.b, kBRows * kNR);
-  float* acc = k > kKC ? workspace<float>(buf.acc, kMC * strips * kNR) : nullptr;
+  // A turned problem's tile ends in the accumulator buffer too, then goes to
+  // the output's columns 16 x 16 at a time (store_acc_transposed).
+  float* acc = k > kKC || p.c_transposed ? workspace<float>(buf.acc, kMC * strips * kNR) : nullptr;
   const int64_t ld_acc = strips * kNR;
   // A is read in place when its rows are unit-stride in the compute type,
   // gathered rows included: the micro-kernel takes one pointer per row.
@@ -470,26 +527,17 @@ void run_tile_avx512(const Problem<scalar_t, out_t, float>& p, const Tile& t, Th
         } else {
           pack_b_f32(bpack, b_blk, p.b_rs, p.b_cs, kc, w, b_rows);
         }
-        // Next weight block of this tile: next strip, else first strip of the
-        // next K block (the next row chunk rereads blocks already in cache).
+        // The weight block two ahead in this thread's order (this tile's
+        // strips, K block by K block, then the next tile's), pulled into L2
+        // over all the row blocks: a full block's time for its lines to land.
         Prefetch pf;
         if (b_prefetch) {
-          int64_t nk0 = k0, nj0 = j0 + kNR;
-          if (s + 1 == strips) {
-            nk0 = k0 + kKC;
-            nj0 = t.n0;
-          }
-          if (nk0 < k) {
-            pf.base = reinterpret_cast<const char*>(p.b + nk0 * p.b_rs + nj0);
-            pf.stride = p.b_rs * static_cast<int64_t>(sizeof(scalar_t));
-            pf.rows = std::min(kKC, k - nk0);
-            pf.bytes = std::min(kNR, t.n0 + t.nb - nj0) * static_cast<int64_t>(sizeof(scalar_t));
-          } else if (next != nullptr && m0 + kMC >= p.m && next_p->k > 0 && next_p->b_cs == 1 &&
-                     next_p->b_idx == nullptr) {
-            pf.base = reinterpret_cast<const char*>(next_p->b + next->n0);
-            pf.stride = next_p->b_rs * static_cast<int64_t>(sizeof(scalar_t));
-            pf.rows = std::min(kKC, next_p->k);
-            pf.bytes = std::min(kNR, next->nb) * static_cast<int64_t>(sizeof(scalar_t));
+          const int64_t ahead = k0 / kKC * strips + s + kPrefetchBlocksAhead;
+          const int64_t blocks = (k + kKC - 1) / kKC * strips;
+          if (ahead < blocks) {
+            pf = weight_block<scalar_t>(p, t, ahead, kKC);
+          } else if (next != nullptr && m0 + kMC >= p.m && next_p->b_cs == 1 && next_p->b_idx == nullptr) {
+            pf = weight_block<scalar_t>(*next_p, *next, ahead - blocks, kKC);
           }
         }
         MicroArgs x;
@@ -497,7 +545,7 @@ void run_tile_avx512(const Problem<scalar_t, out_t, float>& p, const Tile& t, Th
         x.a_step = a_step;
         x.ld_acc = ld_acc;
         x.first = k0 == 0;
-        x.last = k0 + kc == k;
+        x.last = k0 + kc == k && !p.c_transposed;
         x.ldc = p.c_rs;
         x.bias = p.bias != nullptr ? p.bias + j0 : nullptr;
         x.w = w;
@@ -507,14 +555,13 @@ void run_tile_avx512(const Problem<scalar_t, out_t, float>& p, const Tile& t, Th
           const int64_t mr = std::min(kMR, mc - r0);
           x.acc = acc != nullptr ? acc + r0 * ld_acc + s * kNR : nullptr;
           x.c = p.c + (m0 + r0) * p.c_rs + j0;
-          // Over the first half of the row blocks, so the lines land before the next pack.
-          const int64_t pf_blocks = (m_blocks + 1) / 2;
-          x.pf_begin = mb < pf_blocks ? pf.rows * mb / pf_blocks : 0;
-          x.pf_end = mb < pf_blocks ? pf.rows * (mb + 1) / pf_blocks : 0;
+          x.pf_begin = pf.rows * mb / m_blocks;
+          x.pf_end = pf.rows * (mb + 1) / m_blocks;
           dispatch_micro<Traits, out_t>(mr, a_rows + r0, bpack, x);
         }
       }
     }
+    if (p.c_transposed) store_acc_transposed(p, t, acc, ld_acc, m0, mc);
   }
 }
 
@@ -529,7 +576,7 @@ void avx512_scratch(const Problem<scalar_t, out_t, float>& p, const Tile& t, Scr
     const int64_t strips = (t.nb + kNR - 1) / kNR;
     // A block: at most kMC rows (padded to 32) x kKC (+1 for pairs) 4-byte words.
     s.at_least(kMC * (kKC + 32) * 4, kBRows * kNR * static_cast<int64_t>(sizeof(typename Traits::b_t)),
-               k > kKC ? kMC * strips * kNR * 4 : 0);
+               k > kKC || p.c_transposed ? kMC * strips * kNR * 4 : 0);
   };
   MicroTraitsFor<scalar_t>::visit(need);
 }

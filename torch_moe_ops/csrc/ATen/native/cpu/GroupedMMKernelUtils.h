@@ -30,6 +30,9 @@ struct Problem {
   int64_t b_rs, b_cs;
   out_t* c; // unit stride along n
   int64_t c_rs;
+  // C^T stored instead: element (r, j) at c + j * c_rs + r (a 3D x 2D group
+  // turned around for the transposed-tile engine, the only one that takes it).
+  bool c_transposed = false;
   const acc_t* bias; // nullptr or n contiguous values
   // With indices (grouped_mm_stub's a_index / b_index): row r of A is at
   // a + a_row_idx[r] * a_rs, column k of A at a + a_col_idx[k] * a_cs, row k
@@ -39,6 +42,23 @@ struct Problem {
   const int64_t* b_idx = nullptr;
   bool a_gathered() const { return a_row_idx != nullptr || a_col_idx != nullptr; }
 };
+
+// p as C^T = B^T A^T (no bias, no indices): B's columns become the rows,
+// A's rows the columns.
+template <typename P>
+P turned(const P& p) {
+  P q = p;
+  q.m = p.n;
+  q.n = p.m;
+  q.a = p.b;
+  q.a_rs = p.b_cs;
+  q.a_cs = p.b_rs;
+  q.b = p.a;
+  q.b_rs = p.a_cs;
+  q.b_cs = p.a_rs;
+  q.c_transposed = !p.c_transposed;
+  return q;
+}
 
 struct Tile {
   int64_t problem;

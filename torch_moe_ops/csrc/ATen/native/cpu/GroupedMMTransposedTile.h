@@ -37,8 +37,9 @@ namespace {
 // N 1536, uniform groups (GFLOP/s, this engine against the inner-product
 // engine that (E, N, K) weights took before): float32 64-384 rows 380-410
 // against 260-270; bfloat16 32 rows 630 against 550, 48 rows 730, 96-384 rows
-// 820-920 (dense 930-970). Below 25 rows the bfloat16 inner-product engine is
-// faster (17 rows: 480 against 340), as is float32's below 17.
+// 820-920 (dense 930-970), before the weight prefetch below. Below 25 rows the
+// bfloat16 inner-product engine is faster (17 rows: 480 against 340), as is
+// float32's below 17.
 //
 // Accumulation is float32 in K order (K pairs for bfloat16, an odd last
 // element paired with zero), from zero, exactly as in the broadcast engine,
@@ -101,18 +102,43 @@ inline void tt_store_acc(const __m512 (&acc)[MV][kTtNR], float* ct, int64_t ldct
   }
 }
 
+// The next 8 weight rows' K block, pulled into L2 while the micro-kernel
+// multiplies the current ones, in step with the K loop: a K step reads 4
+// bytes of each row (a float32, or a bfloat16 K pair), so every 16 steps use
+// up one line of each of the 8 rows, and every other step prefetches the same
+// line of one row of the next 8, a whole call ahead of its use. The hardware
+// prefetchers alone restart at every 4 KB row. Zen 5, 2 threads, weights
+// streamed from DRAM, GFLOP/s without and with: bfloat16 32 rows, K 1792, N
+// 1024 (DeepSeek-V3) 640-650 and 795-830; 48 rows, K 2048, N 1536 630-765 and
+// 850-875; float32 32-48 rows 310-340 and 400-435. Without rows to prefetch,
+// every step prefetches kNoRows' one line (it stays in L1), so the K loop has
+// no branch on it.
+alignas(64) inline const char kNoRows[64] = {};
+struct TtPrefetch {
+  const char* rows[kTtNR] = {kNoRows, kNoRows, kNoRows, kNoRows, kNoRows, kNoRows, kNoRows, kNoRows};
+  int64_t offset_mask = 0; // ~0 with rows to prefetch
+};
+
+// The line an even K step prefetches. The prefetch itself stays in the K
+// loop: GCC 12 deems a helper whose only effect is a prefetch free of side
+// effects and deletes its calls.
+inline const char* tt_prefetch_line(const TtPrefetch& pf, int64_t step) {
+  return pf.rows[(step >> 1) & 7] + (((step >> 4) << 6) & pf.offset_mask);
+}
+
 // acc[i][j] += at[k][16 i .. 16 i + 15] * b[j][k] over k < kc, for MV vectors
 // of rows and the 8 weight rows b; acc starts from zero (first) or from ct,
 // column j of the tile at ct + j * ldct, and ends in ct. Not inlined: inlined
 // into the tile loop, GCC 12 kept the 1-vector form's accumulators in memory.
 template <int MV>
 __attribute__((noinline)) void tt_micro(const float* at, int64_t ld_at, const float* const* b, int64_t kc,
-                                        float* ct, int64_t ldct, bool first) {
+                                        float* ct, int64_t ldct, bool first, const TtPrefetch& pf) {
   static_assert(kTtNR == 8);
   __m512 acc[MV][kTtNR];
   tt_load_acc<MV>(acc, ct, ldct, first);
   const float *b0 = b[0], *b1 = b[1], *b2 = b[2], *b3 = b[3], *b4 = b[4], *b5 = b[5], *b6 = b[6], *b7 = b[7];
   for (int64_t k = 0; k < kc; ++k) {
+    if ((k & 1) == 0) _mm_prefetch(tt_prefetch_line(pf, k), _MM_HINT_T1);
     __m512 a[MV];
     for (int i = 0; i < MV; ++i) a[i] = _mm512_loadu_ps(at + k * ld_at + 16 * i);
     const float bk[kTtNR] = {b0[k], b1[k], b2[k], b3[k], b4[k], b5[k], b6[k], b7[k]};
@@ -129,7 +155,8 @@ __attribute__((noinline)) void tt_micro(const float* at, int64_t ld_at, const fl
 template <int MV>
 GROUPED_MM_AVX512_BF16 __attribute__((noinline)) void tt_micro_bf16(const uint32_t* at, int64_t ld_at,
                                                                     const BFloat16* const* b, int64_t kc,
-                                                                    float* ct, int64_t ldct, bool first) {
+                                                                    float* ct, int64_t ldct, bool first,
+                                                                    const TtPrefetch& pf) {
   static_assert(kTtNR == 8);
   __m512 acc[MV][kTtNR];
   tt_load_acc<MV>(acc, ct, ldct, first);
@@ -141,6 +168,7 @@ GROUPED_MM_AVX512_BF16 __attribute__((noinline)) void tt_micro_bf16(const uint32
   const BFloat16 *b0 = b[0], *b1 = b[1], *b2 = b[2], *b3 = b[3], *b4 = b[4], *b5 = b[5], *b6 = b[6], *b7 = b[7];
   const int64_t pairs = kc / 2;
   for (int64_t kp = 0; kp < pairs; ++kp) {
+    if ((kp & 1) == 0) _mm_prefetch(tt_prefetch_line(pf, kp), _MM_HINT_T1);
     __m512bh a[MV];
     for (int i = 0; i < MV; ++i) a[i] = (__m512bh)_mm512_loadu_si512(at + kp * ld_at + 16 * i);
     const int64_t e = 2 * kp;
@@ -243,9 +271,25 @@ void tt_pack_a(const Problem<scalar_t, out_t, float>& p, int64_t k0, int64_t kc,
 }
 
 // Output rows of the tile from ct (column j of the tile at ct + j * mpad):
-// 16 x 16 blocks transposed in registers, + bias, rounded once to out_t.
+// 16 x 16 blocks transposed in registers, + bias, rounded once to out_t; a
+// turned problem's C^T takes ct's columns as they are.
 template <typename scalar_t, typename out_t>
 void tt_store(const Problem<scalar_t, out_t, float>& p, const Tile& t, const float* ct, int64_t mpad) {
+  if (p.c_transposed) {
+    for (int64_t j = 0; j < t.nb; ++j) {
+      out_t* o = p.c + (t.n0 + j) * p.c_rs;
+      for (int64_t r0 = 0; r0 < p.m; r0 += 16) {
+        const __mmask16 lanes = moe_lanes16(p.m, r0);
+        const __m512 x = _mm512_loadu_ps(ct + j * mpad + r0);
+        if constexpr (std::is_same_v<out_t, float>) {
+          _mm512_mask_storeu_ps(o + r0, lanes, x);
+        } else {
+          _mm256_mask_storeu_epi16(o + r0, lanes, moe_cvt_f32_bf16(x));
+        }
+      }
+    }
+    return;
+  }
   for (int64_t r0 = 0; r0 < p.m; r0 += 16) {
     for (int64_t j0 = 0; j0 < t.nb; j0 += 16) {
       __m512i v[16];
@@ -269,12 +313,37 @@ void tt_store(const Problem<scalar_t, out_t, float>& p, const Tile& t, const flo
   }
 }
 
+// Weight-row groups ahead of the one in use that the engine prefetches: one
+// is a whole micro-kernel call (about 2 us at 32 rows) ahead.
+constexpr int64_t kTtPrefetchAhead = 1;
+
+// Group i of tile t's weights in the order the engine uses them (8 rows over
+// one K block, the tile's rows K block by K block) as lines to prefetch; none
+// past the tile's last group.
+template <typename scalar_t, typename out_t>
+TtPrefetch tt_weight_group(const Problem<scalar_t, out_t, float>& p, const Tile& t, int64_t i) {
+  TtPrefetch pf;
+  const int64_t kc = tt_kc<scalar_t>(p.k, (p.m + 15) / 16 * 16);
+  const int64_t groups = (t.nb + kTtNR - 1) / kTtNR;
+  const int64_t k0 = i / groups * kc, j0 = i % groups * kTtNR;
+  if (k0 >= p.k) return pf;
+  pf.offset_mask = ~int64_t{0};
+  for (int64_t j = 0; j < kTtNR; ++j) {
+    pf.rows[j] = reinterpret_cast<const char*>(p.b + (t.n0 + std::min(j0 + j, t.nb - 1)) * p.b_cs + k0);
+  }
+  return pf;
+}
+
 // One tile: all rows of the problem x columns [n0, n0 + nb), 8 weight rows
 // at a time; the last group of 8 repeats its last weight row, whose extra
 // columns are never stored. Per K block: the rows packed once, then per 8
 // weight rows every 48-row pass, the later passes finding the weights in L1.
+// The first pass prefetches the weight rows used next: this tile's next 8,
+// else its next K block's first 8, else the first 8 of next (the tile this
+// thread runs after t, nullptr if none) when it runs in this engine.
 template <typename scalar_t, typename out_t>
-void run_tile_tt(const Problem<scalar_t, out_t, float>& p, const Tile& t, ThreadBuffers& buf) {
+void run_tile_tt(const Problem<scalar_t, out_t, float>& p, const Tile& t, ThreadBuffers& buf,
+                 const Problem<scalar_t, out_t, float>* next_p, const Tile* next) {
   constexpr int64_t per = kTtPerWord<scalar_t>;
   const int64_t mpad = (p.m + 15) / 16 * 16;
   const int64_t kc_max = tt_kc<scalar_t>(p.k, mpad);
@@ -286,6 +355,15 @@ void run_tile_tt(const Problem<scalar_t, out_t, float>& p, const Tile& t, Thread
     for (int64_t j0 = 0; j0 < t.nb; j0 += kTtNR) {
       const scalar_t* b[kTtNR];
       for (int64_t j = 0; j < kTtNR; ++j) b[j] = p.b + (t.n0 + std::min(j0 + j, t.nb - 1)) * p.b_cs + k0;
+      TtPrefetch pf;
+      const int64_t groups = (t.nb + kTtNR - 1) / kTtNR;
+      const int64_t ahead = k0 / kc_max * groups + j0 / kTtNR + kTtPrefetchAhead;
+      const int64_t total = (p.k + kc_max - 1) / kc_max * groups;
+      if (ahead < total) {
+        pf = tt_weight_group(p, t, ahead);
+      } else if (next != nullptr && next_p->k > 0 && tt_eligible<scalar_t>(*next_p)) {
+        pf = tt_weight_group(*next_p, *next, ahead - total);
+      }
       // 48-row passes; a 64-row rest as two of 32 rather than 48 + 16,
       // whose single vector per column would leave the loads the bottleneck.
       for (int64_t m0 = 0; m0 < mpad;) {
@@ -293,22 +371,23 @@ void run_tile_tt(const Problem<scalar_t, out_t, float>& p, const Tile& t, Thread
         const int64_t mv = left == 4 ? 2 : std::min<int64_t>(3, left);
         float* c = ct + j0 * mpad + m0;
         const bool first = k0 == 0;
+        const TtPrefetch& pass_pf = m0 == 0 ? pf : TtPrefetch{};
         if constexpr (std::is_same_v<scalar_t, float>) {
           const float* a = reinterpret_cast<const float*>(at) + m0;
           if (mv == 3) {
-            tt_micro<3>(a, mpad, b, kc, c, mpad, first);
+            tt_micro<3>(a, mpad, b, kc, c, mpad, first, pass_pf);
           } else if (mv == 2) {
-            tt_micro<2>(a, mpad, b, kc, c, mpad, first);
+            tt_micro<2>(a, mpad, b, kc, c, mpad, first, pass_pf);
           } else {
-            tt_micro<1>(a, mpad, b, kc, c, mpad, first);
+            tt_micro<1>(a, mpad, b, kc, c, mpad, first, pass_pf);
           }
         } else {
           if (mv == 3) {
-            tt_micro_bf16<3>(at + m0, mpad, b, kc, c, mpad, first);
+            tt_micro_bf16<3>(at + m0, mpad, b, kc, c, mpad, first, pass_pf);
           } else if (mv == 2) {
-            tt_micro_bf16<2>(at + m0, mpad, b, kc, c, mpad, first);
+            tt_micro_bf16<2>(at + m0, mpad, b, kc, c, mpad, first, pass_pf);
           } else {
-            tt_micro_bf16<1>(at + m0, mpad, b, kc, c, mpad, first);
+            tt_micro_bf16<1>(at + m0, mpad, b, kc, c, mpad, first, pass_pf);
           }
         }
         m0 += 16 * mv;
