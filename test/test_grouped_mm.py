@@ -202,6 +202,29 @@ def cpu_has_avx512_bf16():
 TRANSPOSED_TILE_ROWS = {torch.float32: 17, torch.bfloat16: 25}
 
 
+def transposed_tile_groups(sizes, dtype):
+    """offs of groups of these sizes; the output rows (2D x 3D) or columns
+    (3D x 2D) of the groups the transposed-tile engine takes; whether their
+    bits must equal those of the other weight storage order (float32, and
+    bfloat16 where vdpbf16ps runs: widened, the engines sum in other orders)."""
+    offs = torch.tensor(sizes).cumsum(0).to(torch.int32)
+    starts = [0] + offs.tolist()[:-1]
+    tiled = torch.cat([torch.arange(s, s + n) for s, n in zip(starts, sizes) if n >= TRANSPOSED_TILE_ROWS[dtype]])
+    return offs, tiled, dtype == torch.float32 or cpu_has_avx512_bf16()
+
+
+def assert_within_sum_bound(out, a, b, offs, bias, msg):
+    """out against the float64 grouped mm within the float32 bound of a K-term
+    sum (K * 2^-24 of the sum of the products' magnitudes) plus, for
+    bfloat16, its rounding of the output (2^-8 relative)."""
+    k = a.shape[-1]
+    ref = torch_grouped_mm(a.double(), b.double(), offs, bias=None if bias is None else bias.double())
+    magnitude = torch_grouped_mm(a.abs().double(), b.abs().double(), offs)
+    rounding = 2.0**-8 if out.dtype == torch.bfloat16 else 0.0
+    bound = k * 2.0**-24 * magnitude + rounding * ref.abs() + 1e-30
+    assert ((out.double() - ref).abs() <= bound).all(), msg
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("k", [64, 301, 2048 + 37])
 def test_transposed_tiles(dtype, k):
@@ -226,12 +249,7 @@ def test_transposed_tiles(dtype, k):
     different orders: then only the values are checked."""
     g = torch.Generator().manual_seed(k)
     sizes = [17, 0, 48, 33, 5, 64, 130]
-    offs = torch.tensor(sizes).cumsum(0).to(torch.int32)
-    fewest = TRANSPOSED_TILE_ROWS[dtype]
-    same_bits = dtype == torch.float32 or cpu_has_avx512_bf16()
-    tiled = torch.cat([torch.arange(s, e) for s, e, n in zip([0] + offs.tolist()[:-1], offs.tolist(), sizes)
-                       if n >= fewest])
-    rounding = 2.0**-8 if dtype == torch.bfloat16 else 0.0
+    offs, tiled, same_bits = transposed_tile_groups(sizes, dtype)
     m = sum(sizes)
     for n in (1, 9, 300):
         w_nk = torch.randn(len(sizes), n, k, generator=g).to(dtype)
@@ -248,10 +266,7 @@ def test_transposed_tiles(dtype, k):
                 msg = f"k={k} n={n} {name} a.stride()={a.stride()}"
                 if same_bits:
                     assert torch.equal(out[tiled], kn[tiled]), msg
-                ref = torch_grouped_mm(ref_a.double(), w_nk.transpose(-2, -1).double(), offs, bias=bias.double())
-                magnitude = torch_grouped_mm(ref_a.abs().double(), w_nk.transpose(-2, -1).abs().double(), offs)
-                bound = k * 2.0**-24 * magnitude + rounding * ref.abs() + 1e-30
-                assert ((out.double() - ref).abs() <= bound).all(), msg
+                assert_within_sum_bound(out, ref_a, w_nk.transpose(-2, -1), offs, bias, msg)
                 for bits in at_thread_counts(lambda: run(w_nk.transpose(-2, -1))).values():
                     assert torch.equal(bits, out), msg
         a3 = torch.randn(2, 40, k, generator=g).to(dtype)
@@ -278,12 +293,7 @@ def test_transposed_tiles_turned_3d2d(dtype, k):
     threads; N past a 256-column tile and off the 16-column edge."""
     g = torch.Generator().manual_seed(k)
     sizes = [30, 0, 48, 5, 100, 25]
-    offs = torch.tensor(sizes).cumsum(0).to(torch.int32)
-    fewest = TRANSPOSED_TILE_ROWS[dtype]
-    same_bits = dtype == torch.float32 or cpu_has_avx512_bf16()
-    tiled = torch.cat([torch.arange(s, e) for s, e, n in zip([0] + offs.tolist()[:-1], offs.tolist(), sizes)
-                       if n >= fewest])
-    rounding = 2.0**-8 if dtype == torch.bfloat16 else 0.0
+    offs, tiled, same_bits = transposed_tile_groups(sizes, dtype)
     m = sum(sizes)
     for n in (513, 1100):
         w_nk = torch.randn(len(sizes), n, k, generator=g).to(dtype)
@@ -295,10 +305,7 @@ def test_transposed_tiles_turned_3d2d(dtype, k):
             if same_bits:
                 kn = run(w_nk.transpose(-2, -1).contiguous().transpose(-2, -1))
                 assert torch.equal(out[:, tiled], kn[:, tiled]), msg
-            ref = torch_grouped_mm(w_nk.double(), xt.double(), offs)
-            magnitude = torch_grouped_mm(w_nk.abs().double(), xt.abs().double(), offs)
-            bound = k * 2.0**-24 * magnitude + rounding * ref.abs() + 1e-30
-            assert ((out.double() - ref).abs() <= bound).all(), msg
+            assert_within_sum_bound(out, w_nk, xt, offs, None, msg)
             for bits in at_thread_counts(lambda: run(w_nk)).values():
                 assert torch.equal(bits, out), msg
 
