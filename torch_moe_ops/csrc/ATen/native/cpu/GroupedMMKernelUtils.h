@@ -31,7 +31,8 @@ struct Problem {
   out_t* c; // unit stride along n
   int64_t c_rs;
   // C^T stored instead: element (r, j) at c + j * c_rs + r (a 3D x 2D group
-  // turned around for the transposed-tile engine, the only one that takes it).
+  // turned around, turn_3d2d_groups; only the transposed-tile and broadcast
+  // engines take such a problem).
   bool c_transposed = false;
   const acc_t* bias; // nullptr or n contiguous values
   // With indices (grouped_mm_stub's a_index / b_index): row r of A is at
