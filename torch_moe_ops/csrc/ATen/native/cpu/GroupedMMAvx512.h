@@ -106,6 +106,18 @@ inline __m512 cvt_16bit_f32(__m256i v) {
   }
 }
 
+// The lanes m of x, rounded once to out_t, stored at o.
+template <typename out_t>
+inline void store_lanes(out_t* o, __mmask16 m, __m512 x) {
+  if constexpr (std::is_same_v<out_t, float>) {
+    _mm512_mask_storeu_ps(o, m, x);
+  } else if constexpr (std::is_same_v<out_t, BFloat16>) {
+    _mm256_mask_storeu_epi16(o, m, moe_cvt_f32_bf16(x));
+  } else {
+    _mm256_mask_storeu_epi16(o, m, _mm512_maskz_cvtps_ph(kAll16, x, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC));
+  }
+}
+
 // Epilogue of one output row: (acc + bias), rounded once to out_t, w columns.
 template <typename out_t>
 inline void store_out_row(out_t* o, const __m512* v, const float* bias, int64_t w) {
@@ -115,13 +127,7 @@ inline void store_out_row(out_t* o, const __m512* v, const float* bias, int64_t 
     if (bias != nullptr) {
       x = _mm512_add_ps(x, _mm512_maskz_loadu_ps(m, bias + 16 * j));
     }
-    if constexpr (std::is_same_v<out_t, float>) {
-      _mm512_mask_storeu_ps(o + 16 * j, m, x);
-    } else if constexpr (std::is_same_v<out_t, BFloat16>) {
-      _mm256_mask_storeu_epi16(o + 16 * j, m, moe_cvt_f32_bf16(x));
-    } else {
-      _mm256_mask_storeu_epi16(o + 16 * j, m, _mm512_maskz_cvtps_ph(kAll16, x, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC));
-    }
+    store_lanes(o + 16 * j, m, x);
   }
 }
 
@@ -395,16 +401,7 @@ void store_acc_transposed(const Problem<scalar_t, out_t, float>& p, const Tile& 
       }
       transpose_16x16_epi32(v);
       for (int64_t q = 0; q < std::min<int64_t>(16, t.nb - j0); ++q) {
-        out_t* o = p.c + (t.n0 + j0 + q) * p.c_rs + m0 + r0;
-        const __m512 x = _mm512_castsi512_ps(v[q]);
-        if constexpr (std::is_same_v<out_t, float>) {
-          _mm512_mask_storeu_ps(o, lanes, x);
-        } else if constexpr (std::is_same_v<out_t, BFloat16>) {
-          _mm256_mask_storeu_epi16(o, lanes, moe_cvt_f32_bf16(x));
-        } else {
-          const __m256i h = _mm512_maskz_cvtps_ph(kAll16, x, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
-          _mm256_mask_storeu_epi16(o, lanes, h);
-        }
+        store_lanes(p.c + (t.n0 + j0 + q) * p.c_rs + m0 + r0, lanes, _mm512_castsi512_ps(v[q]));
       }
     }
   }

@@ -279,13 +279,7 @@ void tt_store(const Problem<scalar_t, out_t, float>& p, const Tile& t, const flo
     for (int64_t j = 0; j < t.nb; ++j) {
       out_t* o = p.c + (t.n0 + j) * p.c_rs;
       for (int64_t r0 = 0; r0 < p.m; r0 += 16) {
-        const __mmask16 lanes = moe_lanes16(p.m, r0);
-        const __m512 x = _mm512_loadu_ps(ct + j * mpad + r0);
-        if constexpr (std::is_same_v<out_t, float>) {
-          _mm512_mask_storeu_ps(o + r0, lanes, x);
-        } else {
-          _mm256_mask_storeu_epi16(o + r0, lanes, moe_cvt_f32_bf16(x));
-        }
+        store_lanes(o + r0, moe_lanes16(p.m, r0), _mm512_loadu_ps(ct + j * mpad + r0));
       }
     }
     return;
@@ -302,12 +296,7 @@ void tt_store(const Problem<scalar_t, out_t, float>& p, const Tile& t, const flo
       for (int64_t i = 0; i < std::min<int64_t>(16, p.m - r0); ++i) {
         __m512 x = _mm512_castsi512_ps(v[i]);
         if (bias != nullptr) x = _mm512_add_ps(x, _mm512_maskz_loadu_ps(lanes, bias));
-        out_t* o = p.c + (r0 + i) * p.c_rs + t.n0 + j0;
-        if constexpr (std::is_same_v<out_t, float>) {
-          _mm512_mask_storeu_ps(o, lanes, x);
-        } else {
-          _mm256_mask_storeu_epi16(o, lanes, moe_cvt_f32_bf16(x)); // bfloat16 inputs, bfloat16 output
-        }
+        store_lanes(p.c + (r0 + i) * p.c_rs + t.n0 + j0, lanes, x);
       }
     }
   }
