@@ -174,8 +174,18 @@ def memory_bound(a: torch.Tensor, b: torch.Tensor, out: torch.Tensor, flops: int
     expert's gradient) outgrows the dense one."""
     def nbytes(t: torch.Tensor) -> int:
         return t.untyped_storage().nbytes() if t.numel() else 0
-    memory_s = (nbytes(a) + nbytes(b)) / (rates["read_gbs"] * 1e9) + nbytes(out) / (rates["fresh_write_gbs"] * 1e9)
-    dense_s = flops / (dense_gflops * 1e9)
+    return bound_vs_dense(flops / (dense_gflops * 1e9), nbytes(a) + nbytes(b), nbytes(out), rates, zeroing_s)
+
+
+def bound_vs_dense(dense_s: float, read_bytes: int, fresh_write_bytes: int, rates: dict,
+                   zeroing_s: float = 0.0) -> float:
+    """The ceiling on ours/dense of a computation whose dense equivalent takes
+    dense_s, which must read read_bytes from DRAM and write fresh_write_bytes
+    to freshly allocated memory at the machine's rates (memory_rates), and
+    whose cores spend zeroing_s zeroing fresh pages beyond what the dense one
+    spends: compute at the dense rate overlapped with the memory traffic,
+    plus the zeroing (memory_bound, bench_moe_layer's layer_memory_bound)."""
+    memory_s = read_bytes / (rates["read_gbs"] * 1e9) + fresh_write_bytes / (rates["fresh_write_gbs"] * 1e9)
     return min(1.0, dense_s / max(memory_s, dense_s + zeroing_s))
 
 

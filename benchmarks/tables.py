@@ -120,7 +120,7 @@ def moe_layer_tag(r: dict) -> str:
 
 def moe_layer_table(doc: dict) -> str:
     head = (f"{'model':<14} {'T':>5} {'H':>5} {'I':>5} {'E':>4} {'k':>2} {'w':<3} {'impl':<10} {'fwd ms':>8} "
-            f"{'bwd ms':>8} {'total ms':>9} {'saved MB':>9} {'vs grouped_mm':>13}  targets")
+            f"{'bwd ms':>8} {'total ms':>9} {'saved MB':>9} {'vs grouped_mm':>13} {'vs dense':>8} {'bound':>6}  targets")
     lines = [head, rule(head)]
     for r in doc["results"]:
         pre = (f"{r['config']:<14} {r['tokens']:>5} {r['hidden']:>5} {r['intermediate']:>5} {r['experts']:>4} "
@@ -133,9 +133,14 @@ def moe_layer_table(doc: dict) -> str:
                 continue
             total = r["fwd_ms"][impl] + r["bwd_ms"][impl]
             speed = ratio(r["fwd_ms"]["grouped_mm"] + r["bwd_ms"]["grouped_mm"], total)
+            dense = ratio(r["fwd_ms"]["dense"] + r["bwd_ms"]["dense"], total)
+            # The memory bound on ours/dense (older runs have none), on ours' line.
+            bound = r.get("memory_bound_vs_dense") if impl == "ours" else None
             cell = target_cell(r["targets"]) if impl == "ours" else ""
             lines.append(f"{pre} {impl:<10} {r['fwd_ms'][impl]:>8.1f} {r['bwd_ms'][impl]:>8.1f} {total:>9.1f} "
-                         f"{num(r['saved_mb'].get(impl), '.1f', 9)} {num(speed, '.2f', 13, 'x')}  {cell}".rstrip())
+                         f"{num(r['saved_mb'].get(impl), '.1f', 9)} {num(speed, '.2f', 13, 'x')} "
+                         f"{num(dense, '.2f', 8, 'x')} {num(bound, '.2f', 6, 'x') if impl == 'ours' else '':>6}  "
+                         f"{cell}".rstrip())
     return "\n".join(lines)
 
 

@@ -141,6 +141,35 @@ def test_grouped_mm_memory_bound():
     assert zeroing_beyond_dense(torch.empty(m, n), x, w[0]) == 0.0
 
 
+def test_moe_layer_memory_bound(monkeypatch):
+    """bench_moe_layer's ceiling on the layer's ours/dense: every expert's
+    weights read twice (forward, backward) and their gradients written once
+    to fresh memory, against the dense MLP's time, plus the gradients' page
+    zeroing beyond the dense MLP's. DeepSeek-V3 at the benchmark's width
+    (hidden 1792, intermediate 512, 256 experts): 1.41 GB of bfloat16 weights."""
+    import torch
+    import bench_moe_layer
+    zeroing = {}  # seconds per shape, fixed here (the benchmark measures them)
+    monkeypatch.setattr(bench_moe_layer, "fresh_output_zeroing", lambda shape, dtype: zeroing.get(shape, 0.0))
+    e, h, i = 256, 1792, 512
+    params = [torch.empty(e, 2 * i, h, dtype=torch.bfloat16), torch.empty(e, h, i, dtype=torch.bfloat16)]
+    dense = [torch.empty(2 * i, h, dtype=torch.bfloat16), torch.empty(h, i, dtype=torch.bfloat16)]
+    w = e * 3 * i * h * 2
+    assert w == 1_409_286_144
+    rates = dict(read_gbs=80.0, fresh_write_gbs=33.0)
+    memory_s = 2 * w / 80e9 + w / 33e9  # 35 ms + 43 ms
+    for dense_s in (0.050, 0.077):
+        got = bench_moe_layer.layer_memory_bound(params, dense, dense_s, rates)
+        assert got == pytest.approx(dense_s / memory_s, rel=1e-12)
+    # The zeroing of the experts' gradients, less the dense MLP's, adds to the compute time.
+    zeroing.update({(e, 2 * i, h): 0.033, (e, h, i): 0.017, (2 * i, h): 0.001, (h, i): 0.001})
+    got = bench_moe_layer.layer_memory_bound(params, dense, 0.077, rates)
+    assert got == pytest.approx(0.077 / (0.077 + 0.048), rel=1e-12)
+    # Weights that fit the time the dense MLP computes, no zeroing: no ceiling below 1.
+    zeroing.clear()
+    assert bench_moe_layer.layer_memory_bound(params[:1], dense, 10.0, rates) == 1.0
+
+
 def digest(directory: Path) -> dict:
     return {p.name: hashlib.sha256(p.read_bytes()).hexdigest() for p in sorted(directory.glob("*"))}
 
