@@ -517,7 +517,7 @@ TEST_MATMUL_WITHOUT_TURNED = [(
 
 TRANSPOSED_TILE_COMMENT = [(
     "//   transposed tiles (GroupedMMTransposedTile.h; the AVX512 build): float32\n"
-    "//     groups of 17 rows and more (bfloat16: 25, with AVX512_BF16) with\n"
+    "//     groups of 17 rows and more (bfloat16: 18, with AVX512_BF16) with\n"
     "//     (E, N, K) weights, the weights broadcast in place into tiles of C^T.\n", "",
 )]
 WITHOUT_TRANSPOSED_TILE = TRANSPOSED_TILE_COMMENT + KERNEL_WITHOUT_TURNED + [(

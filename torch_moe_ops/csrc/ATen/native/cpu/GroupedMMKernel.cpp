@@ -20,7 +20,7 @@
 //     hundreds of rows of bfloat16/float32 without bias), one group after the
 //     other outside any parallel region (the BLAS threads each GEMM itself).
 //   transposed tiles (GroupedMMTransposedTile.h; the AVX512 build): float32
-//     groups of 17 rows and more (bfloat16: 25, with AVX512_BF16) with
+//     groups of 17 rows and more (bfloat16: 18, with AVX512_BF16) with
 //     (E, N, K) weights, the weights broadcast in place into tiles of C^T.
 //   brgemm (GroupedMMBrgemm.h; the AVX512 build, bfloat16 and float16 where
 //     cpublas::could_pack holds, i.e. AMX): ATen's batch-reduce GEMM per tile

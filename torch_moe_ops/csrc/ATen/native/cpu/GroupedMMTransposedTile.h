@@ -29,7 +29,7 @@ namespace {
 // rows side by side, each read as 8 sequential streams that the hardware
 // prefetchers follow (same machine: 125-150 GFLOP/s).
 //
-// It runs float32 groups of 17 rows and more, and bfloat16 groups of 25 and
+// It runs float32 groups of 17 rows and more, and bfloat16 groups of 18 and
 // more where the CPU has AVX512_BF16: a K pair of a weight row is one 32-bit
 // word, broadcast as it is into vdpbf16ps, and the rows are packed as K pairs.
 // Past 48 rows a tile makes several passes over the rows per K block, the
@@ -37,9 +37,11 @@ namespace {
 // N 1536, uniform groups (GFLOP/s, this engine against the inner-product
 // engine that (E, N, K) weights took before): float32 64-384 rows 380-410
 // against 260-270; bfloat16 32 rows 630 against 550, 48 rows 730, 96-384 rows
-// 820-920 (dense 930-970), before the weight prefetch below. Below 25 rows the
-// bfloat16 inner-product engine is faster (17 rows: 480 against 340), as is
-// float32's below 17.
+// 820-920 (dense 930-970), before the weight prefetch below. With it,
+// bfloat16 wins from 18 rows (K 1792, N 1024: 18 rows 475-530 against 430,
+// 20 rows 465-570 against 445-465, 24 rows 700 against 500); at 17 rows (two
+// vectors, 15 lanes idle) the inner-product engine is faster (480-505 against
+// 430-495), and at 12-14. Float32's inner-product engine wins below 17.
 //
 // Accumulation is float32 in K order (K pairs for bfloat16, an odd last
 // element paired with zero), from zero, exactly as in the broadcast engine,
@@ -49,7 +51,7 @@ namespace {
 constexpr int64_t kTtNR = 8;       // weight rows (output columns) per micro-kernel call
 // Fewer rows: the inner-product engine's prefetched weight stream wins.
 constexpr int64_t kTtMinRowsF32 = 17;
-constexpr int64_t kTtMinRowsBF16 = 25;
+constexpr int64_t kTtMinRowsBF16 = 18;
 // More rows leave the packed rows too short a K block (3D x 2D's 1536 weight
 // rows: 128 K of bfloat16), the tile's accumulators spilling at each: rows
 // stored along K then go to the inner-product engine, which reads them in
