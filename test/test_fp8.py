@@ -473,22 +473,22 @@ def test_property_swizzle_mx_scale(entry, rows, blocks, sizes, dim, seed):
 @pytest.mark.parametrize("k_major", [False, True])
 def test_scaled_grouped_mm_decodes_every_byte(f8, k_major):
     """Each of the 256 float8 codes (NaN, infinity, denormals among them)
-    lands exactly (-0 sums to +0, so 0x80 shows as 0): the weight is diagonal with the codes on its diagonal (a
+    lands exactly: the weight is diagonal with the codes on its diagonal (a
     263-long run, past eight 32-lane steps, with a 7-lane tail, in either
     storage order) and the tokens are ones, so out[i, j] is code j's value
-    (NaN where it is NaN) plus exact zeros, in float32 with unit scales. The
-    AVX-512 build decodes unscaled runs by 16-bit table lookup, a route of
-    its own beside the float32 one the scaled recipes take."""
+    (NaN where it is NaN) plus exact zeros, in float32 with unit scales
+    (-0 plus +0 is +0, so 0x80 shows as 0). The AVX-512 build decodes
+    unscaled runs by 16-bit table lookup, a route of its own beside the
+    float32 one the scaled recipes take."""
     n = 263
-    codes = torch.arange(n, dtype=torch.int64) % 256
-    diag = torch.zeros(n, n, dtype=torch.uint8)
-    diag[codes.new_tensor(range(n)), codes.new_tensor(range(n))] = codes.to(torch.uint8)
+    codes = (torch.arange(n) % 256).to(torch.uint8)
+    diag = torch.diag(codes)
     w = diag.view(f8)[None]  # (1, K, N)
     w = w.transpose(-2, -1).contiguous().transpose(-2, -1) if k_major else w
     ones = torch.ones(3, n).to(f8)
-    out = torch_moe_ops.scaled_grouped_mm(ones, w, torch.ones(3), torch.ones(1, n), torch.tensor([3], dtype=torch.int32),
-                                          out_dtype=torch.float32)
-    want = codes.to(torch.uint8).view(f8).float().expand(3, n)
+    offs = torch.tensor([3], dtype=torch.int32)
+    out = torch_moe_ops.scaled_grouped_mm(ones, w, torch.ones(3), torch.ones(1, n), offs, out_dtype=torch.float32)
+    want = codes.view(f8).float().expand(3, n)
     torch.testing.assert_close(out, want, rtol=0, atol=0, equal_nan=True)
     # A NaN code of either sign becomes bfloat16's one NaN, 0x7FC0, as c10::BFloat16(float) rounds
     # NaN, whichever route decodes it; the float32 product carries it out as 0x7FC00000.

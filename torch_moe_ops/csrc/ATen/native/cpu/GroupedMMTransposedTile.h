@@ -39,9 +39,9 @@ namespace {
 // against 260-270; bfloat16 32 rows 630 against 550, 48 rows 730, 96-384 rows
 // 820-920 (dense 930-970), before the weight prefetch below. With it,
 // bfloat16 wins from 18 rows (K 1792, N 1024: 18 rows 475-530 against 430,
-// 20 rows 465-570 against 445-465, 24 rows 700 against 500); at 17 rows (two
+// 20 rows 465-570 against 445-465, 24 rows 700 against 500). At 17 rows (two
 // vectors, 15 lanes idle) the inner-product engine is faster (480-505 against
-// 430-495), and at 12-14. Float32's inner-product engine wins below 17.
+// 430-495), as it is at 12-14 rows; float32's wins below 17 rows.
 //
 // Accumulation is float32 in K order (K pairs for bfloat16, an odd last
 // element paired with zero), from zero, exactly as in the broadcast engine,

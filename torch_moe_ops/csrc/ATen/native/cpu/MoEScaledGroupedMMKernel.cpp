@@ -101,9 +101,9 @@ void convert_run_scalar(const Run& run, dst_t* dst, const float* lut) {
 #pragma GCC diagnostic ignored "-Wmaybe-uninitialized"  // GCC 12 false positive on unmasked intrinsics
 #endif
 
-// How far ahead of the float8 bytes it reads the conversion prefetches: runs
-// are a few KB, shorter than the hardware prefetchers need to ramp up, and
-// the conversion had run at 7-8 GB/s of float8 without (16-18 with).
+// The conversion prefetches the float8 bytes this far ahead of its loads:
+// runs are a row of a few KB, too short for the hardware prefetchers to ramp
+// up, and the conversion read 7-8 GB/s of float8 without (16-18 with).
 constexpr int64_t kDecodePrefetchBytes = 1024;
 
 // 16 float8 bytes -> float32, exact: integer re-biasing for normals,
