@@ -495,6 +495,33 @@ def test_scaled_grouped_mm_decodes_every_byte(f8, k_major):
     assert set(out[out.isnan()].view(torch.int32).tolist()) <= {0x7FC00000}
 
 
+@pytest.mark.parametrize("k_major", [False, True])
+def test_scaled_grouped_mm_mx_weight_scale_per_element(k_major):
+    """MX weights stored (K, N) give each element of a run along N a scale of
+    its own (the AVX-512 build gathers 16 codes into a vector; stored
+    (N, K) the scale is one per 16 lanes). Weights all 1.0 under distinct
+    e8m0 codes per column and 32-block of K, tokens all 1.0 under code 127:
+    out[m, n] = 32 * (2^(s[n, 0] - 127) + 2^(s[n, 1] - 127)), exact in float32
+    (every partial sum spans < 24 bits: codes 15 apart at most), NaN where a
+    code is 0xFF. N = 37 crosses two 16-lane steps and a tail."""
+    g = torch.Generator().manual_seed(5)
+    m, k, n = 3, 64, 37
+    codes = torch.randint(115, 131, (1, n, k // 32), generator=g, dtype=torch.uint8)  # partial sums exact
+    codes[0, 20, 1] = 0xFF
+    one = torch.ones(()).to(torch.float8_e4m3fn)
+    w = one.expand(1, n, k).contiguous().transpose(-2, -1)  # (1, K, N) view of (1, N, K)
+    w = w if k_major else w.contiguous()
+    a = one.expand(m, k).contiguous()
+    offs = torch.tensor([m], dtype=torch.int32)
+    sa = torch_moe_ops.swizzle_mx_scale(torch.full((m, k // 32), 127, dtype=torch.uint8).view(torch.float8_e8m0fnu),
+                                        offs, 0)
+    sb = codes.view(torch.float8_e8m0fnu)
+    out = torch_moe_ops.scaled_grouped_mm(a, w, sa, sb, offs, out_dtype=torch.float32)
+    want = 32 * (2.0 ** (codes[0].double() - 127)).sum(1)
+    want[20] = float("nan")
+    torch.testing.assert_close(out.double(), want.expand(m, n), rtol=0, atol=0, equal_nan=True)
+
+
 def test_scaled_grouped_mm_is_dequantise_then_grouped_mm():
     """The MoE forward shape: equal to the exact (float64 reference) product
     of the operands dequantised by the reference, up to float32 accumulation:

@@ -132,6 +132,16 @@ inline __m512 fp8x16_to_f32(__m128i bytes, bool e5m2) {
   return _mm512_castsi512_ps(_mm512_or_si512(_mm512_castps_si512(v), sign));
 }
 
+// 16 e8m0 scale codes -> float32: the bits of moe_e8m0_to_float (2^(b - 127);
+// 0 the denormal 2^-127, 0xFF NaN).
+inline __m512 e8m0x16_to_f32(__m128i codes) {
+  const __m512i b = _mm512_cvtepu8_epi32(codes);
+  __m512i f = _mm512_slli_epi32(b, 23);
+  f = _mm512_mask_mov_epi32(f, _mm512_cmpeq_epi32_mask(b, _mm512_setzero_si512()), _mm512_set1_epi32(0x00400000));
+  f = _mm512_mask_mov_epi32(f, _mm512_cmpeq_epi32_mask(b, _mm512_set1_epi32(0xFF)), _mm512_set1_epi32(0x7FC00000));
+  return _mm512_castsi512_ps(f);
+}
+
 // The bfloat16 bits of the 128 float8 magnitudes (sign bit clear) of each
 // format, from the exact table. Four 32-entry vectors: vpermt2w looks up 64
 // entries at once, so two lookups and a blend cover a magnitude.
@@ -186,6 +196,20 @@ void convert_run_avx512(const Run& run, dst_t* dst, bool e5m2) {
     if (run.scaled()) {
       if (run.every % 16 == 0) {  // one scale per 16 lanes (runs start on block bounds)
         v = _mm512_mul_ps(v, _mm512_set1_ps(run.scale(i)));
+      } else if (run.sc != nullptr && run.every == 1) {
+        // A scale per element: MX weights stored (K, N), whose runs go along N
+        // and whose scales go along K. The codes are gathered into two 64-bit
+        // words and moved to a vector as registers: 16 byte stores read back
+        // as one vector load stalled on store forwarding, half the pass.
+        const int64_t lanes = std::min<int64_t>(16, run.n - i);
+        const uint8_t* sc = run.sc + i * run.stride;
+        uint64_t lo = 0, hi = 0;
+        for (int64_t j = 0; j < std::min<int64_t>(lanes, 8); ++j) {
+          lo |= static_cast<uint64_t>(sc[j * run.stride]) << (8 * j);
+        }
+        for (int64_t j = 8; j < lanes; ++j) hi |= static_cast<uint64_t>(sc[j * run.stride]) << (8 * (j - 8));
+        const __m128i codes = _mm_set_epi64x(static_cast<int64_t>(hi), static_cast<int64_t>(lo));
+        v = _mm512_mul_ps(v, e8m0x16_to_f32(codes));
       } else {
         for (int64_t j = 0; j < 16; ++j) {
           scales[j] = i + j < run.n ? run.scale(i + j) : 0.0f;
