@@ -308,6 +308,14 @@ void tt_store(const Problem<scalar_t, out_t, float>& p, const Tile& t, const flo
 // is a whole micro-kernel call (about 2 us at 32 rows) ahead.
 constexpr int64_t kTtPrefetchAhead = 1;
 
+// Weight row j of tile t from K element k0; past the tile's last row, the
+// last row (the tile's last group of 8 repeats it, its extra columns never
+// stored).
+template <typename scalar_t, typename out_t>
+const scalar_t* tt_weight_row(const Problem<scalar_t, out_t, float>& p, const Tile& t, int64_t j, int64_t k0) {
+  return p.b + (t.n0 + std::min(j, t.nb - 1)) * p.b_cs + k0;
+}
+
 // Group i of tile t's weights in the order the engine uses them (8 rows over
 // one K block, the tile's rows K block by K block) as lines to prefetch; none
 // past the tile's last group.
@@ -320,7 +328,7 @@ TtPrefetch tt_weight_group(const Problem<scalar_t, out_t, float>& p, const Tile&
   if (k0 >= p.k) return pf;
   pf.offset_mask = ~int64_t{0};
   for (int64_t j = 0; j < kTtNR; ++j) {
-    pf.rows[j] = reinterpret_cast<const char*>(p.b + (t.n0 + std::min(j0 + j, t.nb - 1)) * p.b_cs + k0);
+    pf.rows[j] = reinterpret_cast<const char*>(tt_weight_row(p, t, j0 + j, k0));
   }
   return pf;
 }
@@ -340,16 +348,17 @@ void run_tile_tt(const Problem<scalar_t, out_t, float>& p, const Tile& t, Thread
   const int64_t kc_max = tt_kc<scalar_t>(p.k, mpad);
   uint32_t* at = workspace<uint32_t>(buf.a, (kc_max + per - 1) / per * mpad);
   float* ct = workspace<float>(buf.acc, (t.nb + 15) / 16 * 16 * mpad);
+  // Groups of 8 weight rows per K block, and in the whole tile.
+  const int64_t groups = (t.nb + kTtNR - 1) / kTtNR;
+  const int64_t total = (p.k + kc_max - 1) / kc_max * groups;
   for (int64_t k0 = 0; k0 < p.k; k0 += kc_max) {
     const int64_t kc = std::min(kc_max, p.k - k0);
     tt_pack_a(p, k0, kc, mpad, at);
     for (int64_t j0 = 0; j0 < t.nb; j0 += kTtNR) {
       const scalar_t* b[kTtNR];
-      for (int64_t j = 0; j < kTtNR; ++j) b[j] = p.b + (t.n0 + std::min(j0 + j, t.nb - 1)) * p.b_cs + k0;
+      for (int64_t j = 0; j < kTtNR; ++j) b[j] = tt_weight_row(p, t, j0 + j, k0);
       TtPrefetch pf;
-      const int64_t groups = (t.nb + kTtNR - 1) / kTtNR;
       const int64_t ahead = k0 / kc_max * groups + j0 / kTtNR + kTtPrefetchAhead;
-      const int64_t total = (p.k + kc_max - 1) / kc_max * groups;
       if (ahead < total) {
         pf = tt_weight_group(p, t, ahead);
       } else if (next != nullptr && next_p->k > 0 && tt_eligible<scalar_t>(*next_p)) {
