@@ -784,6 +784,19 @@ WITHOUT_TURNED_AVX512 = [(
 # The AVX-512 PR without the L2 prefetch of the next weight block (the PR
 # after it): the micro-kernels compute the same bits either way.
 AVX512_H = f"{SRC}/cpu/GroupedMMAvx512.h"
+# The first row block's kernel packing the bfloat16 weight block as it
+# multiplies (MicroArgs::pack_b) lands with the K pairs it packs (0001bb).
+WITHOUT_PACK_IN_KERNEL = [(
+    _source_between(AVX512_H, "  // bfloat16 K pairs only: when src is set", "  } pack_b;\n"), "",
+), (
+    _source_between(AVX512_H, "        // Unit-stride bfloat16 rows in order are packed by the first row",
+                    "&& w == kNR;\n"), "",
+), (
+    "          if (!pack_in_kernel) Traits::pack_b(", "          Traits::pack_b(",
+), (
+    _source_between(AVX512_H, "          if constexpr (kPairsOf<Traits>) {\n            x.pack_b.src",
+                    "            x.pack_b.dst = bpack;\n          }\n"), "",
+)]
 WITHOUT_PREFETCH = [(
     "// 4 x MR named accumulators, vdpbf16ps K pairs, L2 prefetch of the next\n"
     "// weight block); see the measurements below.\n",
@@ -1158,7 +1171,7 @@ SERIES = [
                 Copy(f"{NATIVE}/cpu/MoEAvx512Utils.h", f"{SRC}/cpu/MoEAvx512Utils.h"),
                 Copy(f"{NATIVE}/cpu/GroupedMMAvx512.h", f"{SRC}/cpu/GroupedMMAvx512.h",
                      edits=WITHOUT_TURNED_AVX512 + AVX512_WITHOUT_MATMUL + WITHOUT_PACK_WORDS + WITHOUT_PREFETCH
-                     + WITHOUT_WEIGHT_GRAD_H),
+                     + WITHOUT_WEIGHT_GRAD_H + WITHOUT_PACK_IN_KERNEL),
                 Copy(f"{NATIVE}/cpu/GroupedMMKernel.cpp", f"{SRC}/cpu/GroupedMMKernel.cpp",
                      edits=WITHOUT_TRANSPOSED_TILE + BRGEMM_REST + WITHOUT_INNER_PRODUCT + WITHOUT_BF16_PAIRS + WITHOUT_MATMUL
                      + KERNEL_WITHOUT_PREFETCH + KERNEL_WITHOUT_WHOLE_N, update=True),
@@ -1170,8 +1183,8 @@ SERIES = [
             message="core/0001b1-grouped-mm-cpu-avx512-prefetch.txt",
             changes=[
                 Copy(f"{NATIVE}/cpu/GroupedMMAvx512.h", f"{SRC}/cpu/GroupedMMAvx512.h",
-                     edits=WITHOUT_TURNED_AVX512 + AVX512_WITHOUT_MATMUL + WITHOUT_PACK_WORDS + WITHOUT_WEIGHT_GRAD_H,
-                     update=True),
+                     edits=WITHOUT_TURNED_AVX512 + AVX512_WITHOUT_MATMUL + WITHOUT_PACK_WORDS + WITHOUT_WEIGHT_GRAD_H
+                     + WITHOUT_PACK_IN_KERNEL, update=True),
                 Copy(f"{NATIVE}/cpu/GroupedMMKernel.cpp", f"{SRC}/cpu/GroupedMMKernel.cpp",
                      edits=WITHOUT_TRANSPOSED_TILE + BRGEMM_REST + WITHOUT_INNER_PRODUCT + WITHOUT_BF16_PAIRS + WITHOUT_MATMUL
                      + KERNEL_WITHOUT_WHOLE_N, update=True),
@@ -1181,7 +1194,8 @@ SERIES = [
             message="core/0001b2-grouped-mm-cpu-avx512-weight-gradients.txt",
             changes=[
                 Copy(f"{NATIVE}/cpu/GroupedMMAvx512.h", f"{SRC}/cpu/GroupedMMAvx512.h",
-                     edits=WITHOUT_TURNED_AVX512 + AVX512_WITHOUT_MATMUL + WITHOUT_PACK_WORDS, update=True),
+                     edits=WITHOUT_TURNED_AVX512 + AVX512_WITHOUT_MATMUL + WITHOUT_PACK_WORDS + WITHOUT_PACK_IN_KERNEL,
+                     update=True),
                 Copy(f"{NATIVE}/cpu/GroupedMMKernel.cpp", f"{SRC}/cpu/GroupedMMKernel.cpp",
                      edits=WITHOUT_TRANSPOSED_TILE + BRGEMM_REST + WITHOUT_INNER_PRODUCT + WITHOUT_BF16_PAIRS + WITHOUT_MATMUL, update=True),
             ],
@@ -1190,7 +1204,7 @@ SERIES = [
             message="core/0001b3-grouped-mm-cpu-large-groups-mm.txt",
             changes=[
                 Copy(f"{NATIVE}/cpu/GroupedMMAvx512.h", f"{SRC}/cpu/GroupedMMAvx512.h",
-                     edits=WITHOUT_TURNED_AVX512 + WITHOUT_PACK_WORDS, update=True),
+                     edits=WITHOUT_TURNED_AVX512 + WITHOUT_PACK_WORDS + WITHOUT_PACK_IN_KERNEL, update=True),
                 Copy(f"{NATIVE}/cpu/GroupedMMKernel.cpp", f"{SRC}/cpu/GroupedMMKernel.cpp",
                      edits=WITHOUT_TRANSPOSED_TILE + WITHOUT_BRGEMM + WITHOUT_INNER_PRODUCT + WITHOUT_BF16_PAIRS, update=True),
             ],
@@ -1198,6 +1212,8 @@ SERIES = [
         Patch(
             message="core/0001bb-grouped-mm-cpu-avx512-bf16.txt",
             changes=[
+                Copy(f"{NATIVE}/cpu/GroupedMMAvx512.h", f"{SRC}/cpu/GroupedMMAvx512.h",
+                     edits=WITHOUT_TURNED_AVX512 + WITHOUT_PACK_WORDS, update=True),
                 Copy(f"{NATIVE}/cpu/GroupedMMAvx512BF16.h", f"{SRC}/cpu/GroupedMMAvx512BF16.h",
                      edits=BF16_WITHOUT_PACK_WORDS),
                 Copy(f"{NATIVE}/cpu/GroupedMMKernel.cpp", f"{SRC}/cpu/GroupedMMKernel.cpp",

@@ -147,6 +147,15 @@ struct MicroArgs {
   int64_t w; // valid output columns (<= 64)
   Prefetch pf;
   int64_t pf_begin, pf_end; // rows of pf this call prefetches
+  // bfloat16 K pairs only: when src is set, the weight block is not packed
+  // yet, and the kernel packs it into dst (the b it multiplies by) from the
+  // weight rows at src (rs elements apart, unit column stride) as it goes,
+  // for the row blocks after it.
+  struct {
+    const BFloat16* src = nullptr;
+    int64_t rs = 0;
+    uint32_t* dst = nullptr;
+  } pack_b;
 };
 
 template <int MR>
@@ -519,8 +528,12 @@ void run_tile_avx512(const Problem<scalar_t, out_t, float>& p, const Tile& t, Th
         const int64_t w = std::min(kNR, t.n0 + t.nb - j0);
         const int64_t* b_rows = p.b_idx != nullptr ? p.b_idx + k0 : nullptr;
         const scalar_t* b_blk = p.b + (b_rows != nullptr ? 0 : k0 * p.b_rs) + j0 * p.b_cs;
+        // Unit-stride bfloat16 rows in order are packed by the first row
+        // block's kernel (MicroArgs::pack_b), its loads and shuffles among
+        // its FMAs: a separate pass took 9-11% of a 32-row tile (Zen 5).
+        const bool pack_in_kernel = kPairsOf<Traits> && p.b_cs == 1 && b_rows == nullptr && w == kNR;
         if constexpr (kPairsOf<Traits>) {
-          Traits::pack_b(bpack, b_blk, p.b_rs, p.b_cs, kc, w, b_rows);
+          if (!pack_in_kernel) Traits::pack_b(bpack, b_blk, p.b_rs, p.b_cs, kc, w, b_rows);
         } else {
           pack_b_f32(bpack, b_blk, p.b_rs, p.b_cs, kc, w, b_rows);
         }
@@ -554,6 +567,11 @@ void run_tile_avx512(const Problem<scalar_t, out_t, float>& p, const Tile& t, Th
           x.c = p.c + (m0 + r0) * p.c_rs + j0;
           x.pf_begin = pf.rows * mb / m_blocks;
           x.pf_end = pf.rows * (mb + 1) / m_blocks;
+          if constexpr (kPairsOf<Traits>) {
+            x.pack_b.src = pack_in_kernel && mb == 0 ? b_blk : nullptr;
+            x.pack_b.rs = p.b_rs;
+            x.pack_b.dst = bpack;
+          }
           dispatch_micro<Traits, out_t>(mr, a_rows + r0, bpack, x);
         }
       }

@@ -20,50 +20,111 @@ namespace {
 // only where the CPU reports AVX512_BF16 (cpu_has_avx512_bf16).
 #define GROUPED_MM_AVX512_BF16 __attribute__((target("avx512f,avx512bw,avx512vl,avx512dq,fma,avx512bf16")))
 
+// Word permutes that interleave two rows of 32 bfloat16 into K pairs: lane
+// 2c takes column c of the first row, lane 2c + 1 column c of the second;
+// kPairLo for columns 0-15, kPairHi for 16-31.
+alignas(64) constexpr int16_t kPairLo[32] = {0, 32, 1, 33, 2, 34, 3, 35, 4, 36, 5, 37, 6, 38, 7, 39,
+                                             8, 40, 9, 41, 10, 42, 11, 43, 12, 44, 13, 45, 14, 46, 15, 47};
+alignas(64) constexpr int16_t kPairHi[32] = {16, 48, 17, 49, 18, 50, 19, 51, 20, 52, 21, 53, 22, 54, 23, 55,
+                                             24, 56, 25, 57, 26, 58, 27, 59, 28, 60, 29, 61, 30, 62, 31, 63};
+
+// The weights of K pair kp of the micro-kernel's 64 columns, from the packed
+// block, or (kPack) built from the weight rows 2kp and 2kp + 1 (the second
+// zero past kc) and stored into the block, as pack_pairs_bf16 lays them out.
+// Everything it reads is held in its members, so the kernel keeps it in
+// registers across the block's stores (which may alias anything). The rows
+// are read with plain loads, so only full 64-column strips: GCC 12 cannot
+// tell what a masked load reads, and with one in the loop it kept all 24
+// accumulators in memory, stored on every K pair (half the speed).
+template <bool kPack>
+struct PairWeights {
+  const uint32_t* b;
+  const BFloat16* src;
+  int64_t rs;
+  uint32_t* dst;
+  __m512i idx0, idx1;
+
+  GROUPED_MM_AVX512_BF16 explicit PairWeights(const uint32_t* b_, const MicroArgs& x)
+      : b(b_), src(x.pack_b.src), rs(x.pack_b.rs), dst(x.pack_b.dst), idx0(_mm512_load_si512(kPairLo)),
+        idx1(_mm512_load_si512(kPairHi)) {}
+
+  GROUPED_MM_AVX512_BF16 inline __attribute__((always_inline)) void get(__m512bh (&v)[4], int64_t kp,
+                                                                        bool second_row) const {
+    if constexpr (kPack) {
+      const BFloat16* r0 = src + 2 * kp * rs;
+      const __m512i x0 = _mm512_loadu_si512(r0), y0 = _mm512_loadu_si512(r0 + 32);
+      const __m512i x1 = second_row ? _mm512_loadu_si512(r0 + rs) : _mm512_setzero_si512();
+      const __m512i y1 = second_row ? _mm512_loadu_si512(r0 + rs + 32) : _mm512_setzero_si512();
+      const __m512i w0 = _mm512_permutex2var_epi16(x0, idx0, x1), w1 = _mm512_permutex2var_epi16(x0, idx1, x1);
+      const __m512i w2 = _mm512_permutex2var_epi16(y0, idx0, y1), w3 = _mm512_permutex2var_epi16(y0, idx1, y1);
+      uint32_t* to = dst + kp * kNR;
+      _mm512_store_si512(to, w0);
+      _mm512_store_si512(to + 16, w1);
+      _mm512_store_si512(to + 32, w2);
+      _mm512_store_si512(to + 48, w3);
+      v[0] = (__m512bh)w0, v[1] = (__m512bh)w1, v[2] = (__m512bh)w2, v[3] = (__m512bh)w3;
+    } else {
+      const uint32_t* from = b + kp * kNR;
+      v[0] = (__m512bh)_mm512_load_si512(from), v[1] = (__m512bh)_mm512_load_si512(from + 16);
+      v[2] = (__m512bh)_mm512_load_si512(from + 32), v[3] = (__m512bh)_mm512_load_si512(from + 48);
+    }
+  }
+};
+
 // bfloat16 micro-kernel: a is MR rows of kc bfloat16 (pairs read as 32 bits),
-// b is ceil(kc / 2) x 64 K pairs; an odd last element pairs with zero.
-template <int MR, typename out_t>
-GROUPED_MM_AVX512_BF16 void micro_bf16(const BFloat16* const* a, const uint32_t* b, const MicroArgs& x) {
+// b is ceil(kc / 2) x 64 K pairs (kPack: packed by this call); an odd last
+// element pairs with zero.
+template <int MR, typename out_t, bool kPack>
+GROUPED_MM_AVX512_BF16 void micro_bf16_pairs(const BFloat16* const* a, const uint32_t* b, const MicroArgs& x) {
   __m512 r[MR][4];
   load_acc<MR>(r, x);
+  const PairWeights<kPack> weights(b, x);
+  const BFloat16* rows[MR];
+  for (int i = 0; i < MR; ++i) rows[i] = a[i];
+  const int64_t a_step = x.a_step;
+  const Prefetch pf_rows = x.pf;
   int64_t pf = x.pf_begin;
+  const int64_t pf_end = x.pf_end;
   const int64_t pairs = x.kc / 2;
   // One prefetched row every `every` K pairs: evenly spread, not in a burst
   // that would overflow the outstanding-miss queues.
-  const int64_t every = std::max<int64_t>(1, pairs / std::max<int64_t>(1, x.pf_end - x.pf_begin));
+  const int64_t every = std::max<int64_t>(1, pairs / std::max<int64_t>(1, pf_end - pf));
   int64_t until_pf = 0;
+  __m512bh bv[4];
   for (int64_t kp = 0; kp < pairs; ++kp) {
-    const uint32_t* bk = b + kp * kNR;
-    const __m512bh b0 = (__m512bh)_mm512_load_si512(bk), b1 = (__m512bh)_mm512_load_si512(bk + 16);
-    const __m512bh b2 = (__m512bh)_mm512_load_si512(bk + 32), b3 = (__m512bh)_mm512_load_si512(bk + 48);
+    weights.get(bv, kp, true);
     for (int i = 0; i < MR; ++i) {
       int32_t pair;
-      std::memcpy(&pair, a[i] + kp * x.a_step, sizeof(pair));
+      std::memcpy(&pair, rows[i] + kp * a_step, sizeof(pair));
       const __m512bh av = (__m512bh)_mm512_set1_epi32(pair);
-      r[i][0] = _mm512_dpbf16_ps(r[i][0], av, b0);
-      r[i][1] = _mm512_dpbf16_ps(r[i][1], av, b1);
-      r[i][2] = _mm512_dpbf16_ps(r[i][2], av, b2);
-      r[i][3] = _mm512_dpbf16_ps(r[i][3], av, b3);
+      r[i][0] = _mm512_dpbf16_ps(r[i][0], av, bv[0]);
+      r[i][1] = _mm512_dpbf16_ps(r[i][1], av, bv[1]);
+      r[i][2] = _mm512_dpbf16_ps(r[i][2], av, bv[2]);
+      r[i][3] = _mm512_dpbf16_ps(r[i][3], av, bv[3]);
     }
-    if (--until_pf <= 0 && pf < x.pf_end) {
-      prefetch_row(x.pf, pf++);
+    if (--until_pf <= 0 && pf < pf_end) {
+      prefetch_row(pf_rows, pf++);
       until_pf = every;
     }
   }
   if (x.kc % 2 != 0) {
-    const uint32_t* bk = b + pairs * kNR;
-    const __m512bh b0 = (__m512bh)_mm512_load_si512(bk), b1 = (__m512bh)_mm512_load_si512(bk + 16);
-    const __m512bh b2 = (__m512bh)_mm512_load_si512(bk + 32), b3 = (__m512bh)_mm512_load_si512(bk + 48);
+    weights.get(bv, pairs, false);
     for (int i = 0; i < MR; ++i) {
-      const __m512bh av = (__m512bh)_mm512_set1_epi32(a[i][pairs * x.a_step].x);
-      r[i][0] = _mm512_dpbf16_ps(r[i][0], av, b0);
-      r[i][1] = _mm512_dpbf16_ps(r[i][1], av, b1);
-      r[i][2] = _mm512_dpbf16_ps(r[i][2], av, b2);
-      r[i][3] = _mm512_dpbf16_ps(r[i][3], av, b3);
+      const __m512bh av = (__m512bh)_mm512_set1_epi32(rows[i][pairs * a_step].x);
+      for (int j = 0; j < 4; ++j) r[i][j] = _mm512_dpbf16_ps(r[i][j], av, bv[j]);
     }
   }
-  for (; pf < x.pf_end; ++pf) prefetch_row(x.pf, pf);
+  for (; pf < pf_end; ++pf) prefetch_row(pf_rows, pf);
   finish_acc<MR, out_t>(r, x);
+}
+
+template <int MR, typename out_t>
+void micro_bf16(const BFloat16* const* a, const uint32_t* b, const MicroArgs& x) {
+  if (x.pack_b.src != nullptr) {
+    micro_bf16_pairs<MR, out_t, true>(a, b, x);
+  } else {
+    micro_bf16_pairs<MR, out_t, false>(a, b, x);
+  }
 }
 
 inline __mmask32 col_mask32(int64_t w, int64_t j0) {
@@ -76,13 +137,7 @@ inline __mmask32 col_mask32(int64_t w, int64_t j0) {
 // column j, zero past w and past kc; ldw a multiple of 32.
 void pack_pairs_bf16(uint32_t* dst, int64_t ldw, const BFloat16* src, int64_t rs,
                                        const int64_t* rows, int64_t kc, int64_t w) {
-  // One two-source word permute per 16 output columns: lane 2c takes
-  // column c of row 2kp (x0), lane 2c + 1 column c of row 2kp + 1 (x1).
-  alignas(64) static const int16_t kLo[32] = {0, 32, 1, 33, 2, 34, 3, 35, 4, 36, 5, 37, 6, 38, 7, 39,
-                                              8, 40, 9, 41, 10, 42, 11, 43, 12, 44, 13, 45, 14, 46, 15, 47};
-  alignas(64) static const int16_t kHi[32] = {16, 48, 17, 49, 18, 50, 19, 51, 20, 52, 21, 53, 22, 54, 23, 55,
-                                              24, 56, 25, 57, 26, 58, 27, 59, 28, 60, 29, 61, 30, 62, 31, 63};
-  const __m512i idx0 = _mm512_load_si512(kLo), idx1 = _mm512_load_si512(kHi);
+  const __m512i idx0 = _mm512_load_si512(kPairLo), idx1 = _mm512_load_si512(kPairHi);
   const int64_t pairs = (kc + 1) / 2;
   for (int64_t kp = 0; kp < pairs; ++kp) {
     const BFloat16* r0 = b_row(src, rs, rows, 2 * kp);
