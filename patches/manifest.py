@@ -781,9 +781,8 @@ WITHOUT_TURNED_AVX512 = [(
     "               k > kKC ? kMC * strips * kNR * 4 : 0);\n",
 )]
 
-# The AVX-512 PR without the L2 prefetch of the next weight block (the PR
-# after it): the micro-kernels compute the same bits either way.
 AVX512_H = f"{SRC}/cpu/GroupedMMAvx512.h"
+
 # The first row block's kernel packing the bfloat16 weight block as it
 # multiplies (MicroArgs::pack_b) lands with the K pairs it packs (0001bb).
 WITHOUT_PACK_IN_KERNEL = [(
@@ -797,6 +796,9 @@ WITHOUT_PACK_IN_KERNEL = [(
     _source_between(AVX512_H, "          if constexpr (kPairsOf<Traits>) {\n            x.pack_b.src",
                     "            x.pack_b.dst = bpack;\n          }\n"), "",
 )]
+
+# The AVX-512 PR without the L2 prefetch of the next weight block (the PR
+# after it): the micro-kernels compute the same bits either way.
 WITHOUT_PREFETCH = [(
     "// 4 x MR named accumulators, vdpbf16ps K pairs, L2 prefetch of the next\n"
     "// weight block); see the measurements below.\n",

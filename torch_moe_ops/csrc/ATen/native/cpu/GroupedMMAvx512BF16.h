@@ -79,6 +79,8 @@ GROUPED_MM_AVX512_BF16 void micro_bf16_pairs(const BFloat16* const* a, const uin
   __m512 r[MR][4];
   load_acc<MR>(r, x);
   const PairWeights<kPack> weights(b, x);
+  // Held in locals for the same reason as PairWeights' members: read
+  // through a and x, they would be reloaded after every packing store.
   const BFloat16* rows[MR];
   for (int i = 0; i < MR; ++i) rows[i] = a[i];
   const int64_t a_step = x.a_step;
@@ -118,6 +120,7 @@ GROUPED_MM_AVX512_BF16 void micro_bf16_pairs(const BFloat16* const* a, const uin
   finish_acc<MR, out_t>(r, x);
 }
 
+// The traits' kernel: the block packed by this call (x.pack_b.src set) or before it.
 template <int MR, typename out_t>
 void micro_bf16(const BFloat16* const* a, const uint32_t* b, const MicroArgs& x) {
   if (x.pack_b.src != nullptr) {
