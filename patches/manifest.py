@@ -783,6 +783,11 @@ WITHOUT_TURNED_AVX512 = [(
 
 AVX512_H = f"{SRC}/cpu/GroupedMMAvx512.h"
 
+# The 32-lane mask, first used by the bfloat16 K pairs (0001bb).
+WITHOUT_LANES32 = [(
+    _source_between(f"{SRC}/cpu/MoEAvx512Utils.h", "// The same for 32-wide chunks", "  return static_cast<__mmask32>((uint64_t{1} << w) - 1);\n}\n\n"), "",
+)]
+
 # The first row block's kernel packing the bfloat16 weight block as it
 # multiplies (MicroArgs::pack_b) lands with the K pairs it packs (0001bb).
 WITHOUT_PACK_IN_KERNEL = [(
@@ -1170,7 +1175,7 @@ SERIES = [
         Patch(
             message="core/0001b-grouped-mm-cpu-avx512.txt",
             changes=[
-                Copy(f"{NATIVE}/cpu/MoEAvx512Utils.h", f"{SRC}/cpu/MoEAvx512Utils.h"),
+                Copy(f"{NATIVE}/cpu/MoEAvx512Utils.h", f"{SRC}/cpu/MoEAvx512Utils.h", edits=WITHOUT_LANES32),
                 Copy(f"{NATIVE}/cpu/GroupedMMAvx512.h", f"{SRC}/cpu/GroupedMMAvx512.h",
                      edits=WITHOUT_TURNED_AVX512 + AVX512_WITHOUT_MATMUL + WITHOUT_PACK_WORDS + WITHOUT_PREFETCH
                      + WITHOUT_WEIGHT_GRAD_H + WITHOUT_PACK_IN_KERNEL),
@@ -1214,6 +1219,7 @@ SERIES = [
         Patch(
             message="core/0001bb-grouped-mm-cpu-avx512-bf16.txt",
             changes=[
+                Copy(f"{NATIVE}/cpu/MoEAvx512Utils.h", f"{SRC}/cpu/MoEAvx512Utils.h", update=True),
                 Copy(f"{NATIVE}/cpu/GroupedMMAvx512.h", f"{SRC}/cpu/GroupedMMAvx512.h",
                      edits=WITHOUT_TURNED_AVX512 + WITHOUT_PACK_WORDS, update=True),
                 Copy(f"{NATIVE}/cpu/GroupedMMAvx512BF16.h", f"{SRC}/cpu/GroupedMMAvx512BF16.h",

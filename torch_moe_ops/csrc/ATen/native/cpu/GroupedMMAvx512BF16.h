@@ -130,11 +130,6 @@ void micro_bf16(const BFloat16* const* a, const uint32_t* b, const MicroArgs& x)
   }
 }
 
-inline __mmask32 col_mask32(int64_t w, int64_t j0) {
-  const int64_t n = std::clamp<int64_t>(w - j0, 0, 32);
-  return static_cast<__mmask32>((uint64_t{1} << n) - 1);
-}
-
 // kc rows of w contiguous bfloat16 (row k at b_row(src, rs, rows, k)) ->
 // ceil(kc / 2) x ldw words, word j of row kp = (row 2kp, row 2kp + 1) at
 // column j, zero past w and past kc; ldw a multiple of 32.
@@ -146,7 +141,7 @@ void pack_pairs_bf16(uint32_t* dst, int64_t ldw, const BFloat16* src, int64_t rs
     const BFloat16* r0 = b_row(src, rs, rows, 2 * kp);
     const BFloat16* r1 = 2 * kp + 1 < kc ? b_row(src, rs, rows, 2 * kp + 1) : nullptr;
     for (int64_t j = 0; j < ldw; j += 32) {
-      const __mmask32 m = col_mask32(w, j);
+      const __mmask32 m = moe_lanes32(w, j);
       const __m512i x0 = r0 != nullptr ? _mm512_maskz_loadu_epi16(m, r0 + j) : _mm512_setzero_si512();
       const __m512i x1 = r1 != nullptr ? _mm512_maskz_loadu_epi16(m, r1 + j) : _mm512_setzero_si512();
       _mm512_store_si512(dst + kp * ldw + j, _mm512_permutex2var_epi16(x0, idx0, x1));

@@ -145,7 +145,7 @@ GROUPED_MM_AVX512_BF16 void nt_micro_bf16(const BFloat16* const* a, const BFloat
   }
   if (k % 32 != 0) {
     const int64_t off = full * 32;
-    const __mmask32 m = col_mask32(k, off);
+    const __mmask32 m = moe_lanes32(k, off);
     const __m512bh v0 = (__m512bh)_mm512_maskz_loadu_epi16(m, b0 + off);
     const __m512bh v1 = (__m512bh)_mm512_maskz_loadu_epi16(m, b1 + off);
     const __m512bh v2 = (__m512bh)_mm512_maskz_loadu_epi16(m, b2 + off);

@@ -261,7 +261,7 @@ void tt_pack_a(const Problem<scalar_t, out_t, float>& p, int64_t k0, int64_t kc,
         } else if constexpr (per == 1) {
           v[i] = _mm512_maskz_loadu_epi32(moe_lanes16(kc, w0), rows[i] + k0 + w0);
         } else {
-          v[i] = _mm512_maskz_loadu_epi16(col_mask32(kc, 2 * w0), rows[i] + k0 + 2 * w0);
+          v[i] = _mm512_maskz_loadu_epi16(moe_lanes32(kc, 2 * w0), rows[i] + k0 + 2 * w0);
         }
       }
       transpose_16x16_epi32(v);

@@ -22,6 +22,12 @@ inline __mmask16 moe_lanes16(int64_t n, int64_t j0) {
   return static_cast<__mmask16>((uint32_t{1} << w) - 1);
 }
 
+// The same for 32-wide chunks (masks of 16-bit or byte lanes).
+inline __mmask32 moe_lanes32(int64_t n, int64_t j0) {
+  const int64_t w = std::clamp<int64_t>(n - j0, 0, 32);
+  return static_cast<__mmask32>((uint64_t{1} << w) - 1);
+}
+
 // float32 -> bfloat16, round to nearest even, NaN -> 0x7FC0: the bits of
 // c10::BFloat16(float) (Vectorized<BFloat16>'s conversion gives NaN other
 // bits). Integer arithmetic, because vcvtneps2bf16 flushes denormal inputs

@@ -167,8 +167,7 @@ inline void convert_run_bf16_unscaled(const Run& run, BFloat16* dst, bool e5m2) 
   const __m512i t0 = _mm512_loadu_si512(bits), t1 = _mm512_loadu_si512(bits + 32);
   const __m512i t2 = _mm512_loadu_si512(bits + 64), t3 = _mm512_loadu_si512(bits + 96);
   for (int64_t i = 0; i < run.n; i += 32) {
-    const int64_t w = std::min<int64_t>(run.n - i, 32);
-    const __mmask32 m = static_cast<__mmask32>((uint64_t{1} << w) - 1);
+    const __mmask32 m = moe_lanes32(run.n, i);
     _mm_prefetch(reinterpret_cast<const char*>(run.src + i + kDecodePrefetchBytes), _MM_HINT_T0);
     const __m512i b = _mm512_cvtepu8_epi16(_mm256_maskz_loadu_epi8(m, run.src + i));
     const __m512i mag = _mm512_and_si512(b, _mm512_set1_epi16(0x7F));
