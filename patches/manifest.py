@@ -515,6 +515,58 @@ TEST_MATMUL_WITHOUT_TURNED = [(
                     "                self.assertEqual(out[:, few], kn[:, few], atol=0, rtol=0)\n"), "",
 )]
 
+# The PRs before 1c4's rows after a tile's last whole vector as inner
+# products (TtRows::rest): the transposed-tile engine pads them into a vector.
+TT_WITHOUT_REST = [(
+    "#include <ATen/native/cpu/GroupedMMInnerProduct.h>\n", "",
+), (
+    _source_between(f"{SRC}/cpu/GroupedMMTransposedTile.h", "// Rows past the tile's last whole 16-row vector take",
+                    "constexpr int64_t kTtMaxRestOneVector = 6;\n\n"), "",
+), (
+    _source_between(f"{SRC}/cpu/GroupedMMTransposedTile.h", "// How the engine splits a problem's rows:",
+                    "// order, so their bits are those of the same rows as a group of their own.\n"),
+    "// The tile's rows, padded to whole 16-row vectors, and its K block.\n",
+), (
+    "  int64_t rest;  // rows after them, as inner products; 0 for none\n", "",
+), (
+    _source_between(f"{SRC}/cpu/GroupedMMTransposedTile.h", "  const int64_t whole = p.m / 16 * 16;\n",
+                    "    return {whole, p.m - whole, kc};\n  }\n"), "",
+), (
+    "  return {mpad, 0, tt_kc<scalar_t>(p.k, mpad)};\n", "  return {mpad, tt_kc<scalar_t>(p.k, mpad)};\n",
+), (
+    _source_between(f"{SRC}/cpu/GroupedMMTransposedTile.h", "// The rest's rows of A (TtRows) in place;",
+                    "      nt_store(p, c_rs, c_cs, s.mpad + r0, mr, t.n0 + j, w, sums);\n    }\n  }\n}\n\n"), "",
+), (
+    "// The rest's rows (TtRows) after each 8 weight rows' passes.\n", "",
+), (
+    "  const scalar_t* rest_rows[kTtMaxRest];\n  tt_rest_rows(p, s, buf, rest_rows);\n", "",
+), (
+    "      if (s.rest > 0) tt_rest(p, t, s, j0, rest_rows);\n", "",
+), (
+    "  tt_store(p, t, ct, mpad, p.m - s.rest);\n", "  tt_store(p, t, ct, mpad, p.m);\n",
+), (
+    "  const int64_t zero_row = r.rest > 0 && p.a_row_idx != nullptr ? p.k * static_cast<int64_t>(sizeof(scalar_t)) : 0;\n"
+    "  s.at_least((r.kc + per - 1) / per * r.mpad * 4, zero_row,",
+    "  s.at_least((r.kc + per - 1) / per * r.mpad * 4, 0,",
+)]
+TEST_MATMUL_WITHOUT_REST = [(
+    "        # The rows after a group's last whole 16 (17 = 16 + 1, 33, 130) may\n"
+    "        # take inner products instead, with the bits of the same rows as a\n"
+    "        # group of their own.\n", "",
+), (
+    _source_between("patches/src/test/test_matmul.py", "        tiled = [(e, s - n, n) for e,",
+                    "for e, s, n in tiled if n % 16]\n"),
+    "        few = torch.cat([torch.arange(s - n, s) for s, n in zip(itertools.accumulate(sizes), sizes) if n >= fewest])\n",
+), (
+    _source_between("patches/src/test/test_matmul.py", "                    kn = torch._grouped_mm(x, w.contiguous(),",
+                    "torch.equal(out[r], own))\n"),
+    "                    self.assertEqual(out[few], torch._grouped_mm(x, w.contiguous(), offs=offs, bias=bias)[few],\n"
+    "                                     atol=0, rtol=0)\n",
+), (
+    _source_between("patches/src/test/test_matmul.py", "                for e, r, o in rest:\n                    own = torch._grouped_mm(w_nk",
+                    "torch.equal(out[:, r], own))\n"), "",
+)]
+
 TRANSPOSED_TILE_COMMENT = [(
     "//   transposed tiles (GroupedMMTransposedTile.h; the AVX512 build): float32\n"
     "//     groups of 17 rows and more (bfloat16: 18, with AVX512_BF16) with\n"
@@ -1256,11 +1308,11 @@ SERIES = [
             message="core/0001c2-grouped-mm-cpu-transposed-tile.txt",
             changes=[
                 Copy(f"{NATIVE}/cpu/GroupedMMTransposedTile.h", f"{SRC}/cpu/GroupedMMTransposedTile.h",
-                     edits=TT_WITHOUT_TURNED),
+                     edits=TT_WITHOUT_REST + TT_WITHOUT_TURNED),
                 Copy(f"{NATIVE}/cpu/GroupedMMKernel.cpp", f"{SRC}/cpu/GroupedMMKernel.cpp",
                      edits=KERNEL_WITHOUT_TURNED, update=True),
-                Copy("test/test_matmul.py", "patches/src/test/test_matmul.py", edits=TEST_MATMUL_WITHOUT_TURNED,
-                     update=True),
+                Copy("test/test_matmul.py", "patches/src/test/test_matmul.py",
+                     edits=TEST_MATMUL_WITHOUT_REST + TEST_MATMUL_WITHOUT_TURNED, update=True),
             ],
         ),
         Patch(
@@ -1268,8 +1320,17 @@ SERIES = [
             changes=[
                 Copy(f"{NATIVE}/cpu/GroupedMMKernelUtils.h", f"{SRC}/cpu/GroupedMMKernelUtils.h", update=True),
                 Copy(f"{NATIVE}/cpu/GroupedMMAvx512.h", f"{SRC}/cpu/GroupedMMAvx512.h", update=True),
-                Copy(f"{NATIVE}/cpu/GroupedMMTransposedTile.h", f"{SRC}/cpu/GroupedMMTransposedTile.h", update=True),
+                Copy(f"{NATIVE}/cpu/GroupedMMTransposedTile.h", f"{SRC}/cpu/GroupedMMTransposedTile.h",
+                     edits=TT_WITHOUT_REST, update=True),
                 Copy(f"{NATIVE}/cpu/GroupedMMKernel.cpp", f"{SRC}/cpu/GroupedMMKernel.cpp", update=True),
+                Copy("test/test_matmul.py", "patches/src/test/test_matmul.py", edits=TEST_MATMUL_WITHOUT_REST,
+                     update=True),
+            ],
+        ),
+        Patch(
+            message="core/0001c4-grouped-mm-cpu-tile-rest-rows.txt",
+            changes=[
+                Copy(f"{NATIVE}/cpu/GroupedMMTransposedTile.h", f"{SRC}/cpu/GroupedMMTransposedTile.h", update=True),
                 Copy("test/test_matmul.py", "patches/src/test/test_matmul.py", update=True),
             ],
         ),

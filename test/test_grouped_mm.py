@@ -202,15 +202,29 @@ def cpu_has_avx512_bf16():
 TRANSPOSED_TILE_ROWS = {torch.float32: 17, torch.bfloat16: 18}
 
 
-def transposed_tile_groups(sizes, dtype):
-    """offs of groups of these sizes; the output rows (2D x 3D) or columns
-    (3D x 2D) of the groups the transposed-tile engine takes; whether their
-    bits must equal those of the other weight storage order (float32, and
-    bfloat16 where vdpbf16ps runs: widened, the engines sum in other orders)."""
+def transposed_tile_groups(sizes, dtype, k, rows_along_k):
+    """offs of groups of these sizes; of the groups the transposed-tile engine
+    takes, the output rows (2D x 3D) or columns (3D x 2D) in its 16-row
+    vectors, and per group (its index, its rows) the rest after its last whole
+    vector (a slice) where they take inner products instead (TtRows: up to 6 rows after
+    one vector, 12 after more, when the rows of A are contiguous along K,
+    rows_along_k, and K fits one packed block of the vectors' rows); whether
+    the tiled rows' bits must equal those of the other weight storage order
+    (float32, and bfloat16 where vdpbf16ps runs: widened, the engines sum in
+    other orders)."""
     offs = torch.tensor(sizes).cumsum(0).to(torch.int32)
     starts = [0] + offs.tolist()[:-1]
-    tiled = torch.cat([torch.arange(s, s + n) for s, n in zip(starts, sizes) if n >= TRANSPOSED_TILE_ROWS[dtype]])
-    return offs, tiled, dtype == torch.float32 or cpu_has_avx512_bf16()
+    tiled, rest = [], []
+    for g, (s, n) in enumerate(zip(starts, sizes)):
+        if n < TRANSPOSED_TILE_ROWS[dtype]:
+            continue
+        whole = n // 16 * 16
+        kc = min(k, 2048, max(384 * 1024 // (whole * dtype.itemsize) // 32 * 32, 32))
+        if rows_along_k and kc == k and n - whole <= (6 if whole == 16 else 12):
+            rest += [(g, slice(s + whole, s + n))] if n > whole else []
+            n = whole
+        tiled.append(torch.arange(s, s + n))
+    return offs, torch.cat(tiled), rest, dtype == torch.float32 or cpu_has_avx512_bf16()
 
 
 def assert_within_sum_bound(out, a, b, offs, bias, msg):
@@ -230,26 +244,32 @@ def assert_within_sum_bound(out, a, b, offs, bias, msg):
 def test_transposed_tiles(dtype, k):
     """Groups with weights stored (G, N, K): in the AVX512 build (the one this
     machine runs) float32 groups of 17 rows and more, and bfloat16 groups of
-    25 and more on CPUs with AVX512_BF16, take the transposed-tile engine
+    18 and more on CPUs with AVX512_BF16, take the transposed-tile engine
     (cpu/GroupedMMTransposedTile.h), which keeps the group's rows in vector
     lanes and broadcasts each weight (a K pair of bfloat16) from its (G, N, K)
     memory. It sums along K in the same order as the broadcast engine that
     (G, K, N) weights take, so the two storage orders give the same bits on
-    those groups; the inner-product engine, which the smaller nk groups take
-    (5 rows here, and 17 in bfloat16), sums in another order, so this equality
-    also shows which engine ran. Groups past 48 rows (64, 130: several passes
-    over the rows) and K past one block (2085; bfloat16 130-row groups from 256
-    on) spill between K blocks, which must change no bit; an odd K pairs its
-    last element with zero. Rows column-major and gathered (-1 reads zeros),
-    bias, N across the 8-column and 16-column edges and past a 256-column
-    tile, 3D x 3D, 1 and 2 threads. Values against float64 within the float32
-    bound of a K-term sum (K * 2^-24 of the sum of the products' magnitudes)
-    plus, for bfloat16, its rounding of the output (2^-8 relative).
+    the rows in its 16-row vectors; the inner-product engine, which the
+    smaller nk groups take (5 rows here, and 17 in bfloat16), sums in another
+    order, so this equality also shows which engine ran. The rows after a
+    group's last whole vector (17 = 16 + 1, 33, 18, 130 = 128 + 2, 22, 44; 40
+    in 3D x 3D) take inner products when A's rows are contiguous along K and
+    K fits one block (not 2085): their bits must equal those of the same rows
+    as a group of their own, which the inner-product engine takes. Groups
+    past 48 rows (64, 130: several passes over the rows) and K past one block
+    (2085; bfloat16 130-row groups from 256 on) spill between K blocks, which
+    must change no bit; an odd K pairs its last element with zero. Rows
+    column-major and gathered (-1 reads zeros), bias, N across the 8-column
+    and 16-column edges and past a 256-column tile, 3D x 3D, 1 and 2 threads.
+    Values against float64 within the float32 bound of a K-term sum (K *
+    2^-24 of the sum of the products' magnitudes) plus, for bfloat16, its
+    rounding of the output (2^-8 relative).
     Without AVX512_BF16 bfloat16 is widened to float32 by both engines, in
     different orders: then only the values are checked."""
     g = torch.Generator().manual_seed(k)
-    sizes = [17, 0, 48, 33, 5, 64, 130, 18]  # 17 and 18: bfloat16's edge
-    offs, tiled, same_bits = transposed_tile_groups(sizes, dtype)
+    # 17 and 18: bfloat16's edge; 22 and 23, 44 and 45: the most rows after
+    # one vector and after more that take inner products, and one more.
+    sizes = [17, 0, 48, 33, 5, 64, 130, 18, 22, 23, 44, 45]
     m = sum(sizes)
     for n in (1, 9, 300):
         w_nk = torch.randn(len(sizes), n, k, generator=g).to(dtype)
@@ -257,6 +277,7 @@ def test_transposed_tiles(dtype, k):
         a_row = torch.randn(m, k, generator=g).to(dtype)
         idx = torch.randint(-1, m, (m,), generator=g)
         for a in (a_row, a_row.t().contiguous().t()):
+            offs, tiled, rest, same_bits = transposed_tile_groups(sizes, dtype, k, rows_along_k=a.stride(1) == 1)
             for name, run, ref_a in (
                 ("rows", lambda w: torch.ops.moe_ops.grouped_mm(a, w, offs, bias=bias), a),
                 ("gathered", lambda w: torch.ops.moe_ops.grouped_mm_gather(a, w, offs, idx, bias=bias),
@@ -266,13 +287,22 @@ def test_transposed_tiles(dtype, k):
                 msg = f"k={k} n={n} {name} a.stride()={a.stride()}"
                 if same_bits:
                     assert torch.equal(out[tiled], kn[tiled]), msg
+                    for e, rows in rest:
+                        own = torch.ops.moe_ops.grouped_mm(ref_a[rows], w_nk[e:e + 1].transpose(-2, -1),
+                                                           torch.tensor([rows.stop - rows.start], dtype=torch.int32),
+                                                           bias=bias[e:e + 1])
+                        assert torch.equal(out[rows], own), f"{msg} rest of group {e}"
                 assert_within_sum_bound(out, ref_a, w_nk.transpose(-2, -1), offs, bias, msg)
                 for bits in at_thread_counts(lambda: run(w_nk.transpose(-2, -1))).values():
                     assert torch.equal(bits, out), msg
         a3 = torch.randn(2, 40, k, generator=g).to(dtype)
         w3 = torch.randn(2, n, k, generator=g).to(dtype).transpose(-2, -1)
+        _, tiled3, rest3, same_bits = transposed_tile_groups([40], dtype, k, rows_along_k=True)
         if same_bits:
-            assert torch.equal(torch.ops.moe_ops.grouped_mm(a3, w3), torch.ops.moe_ops.grouped_mm(a3, w3.contiguous()))
+            out3 = torch.ops.moe_ops.grouped_mm(a3, w3)
+            assert torch.equal(out3[:, tiled3], torch.ops.moe_ops.grouped_mm(a3, w3.contiguous())[:, tiled3])
+            for _, rows in rest3:
+                assert torch.equal(out3[:, rows], torch.ops.moe_ops.grouped_mm(a3[:, rows], w3))
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
@@ -287,24 +317,31 @@ def test_transposed_tiles_turned_3d2d(dtype, k):
     through its accumulator buffer and 16 x 16 transposes. Both sum the same
     products in the same K order, so on the first groups the two storage
     orders give the same bits (the groups of fewer tokens keep the
-    inner-product engine, unturned, in (G, N, K) storage). Values against
-    float64 within the bound of test_transposed_tiles; tokens^T K-contiguous
-    (as x.t(), the layout that turns) and row-major (which does not); 1 and 2
-    threads; N past a 256-column tile and off the 16-column edge."""
+    inner-product engine, unturned, in (G, N, K) storage), except on the
+    tokens after a group's last whole 16 (100 = 96 + 4, with x.t() and K in
+    one block), which take inner products and must give the bits of the same
+    tokens as a group of their own. Values against float64 within the bound
+    of test_transposed_tiles; tokens^T K-contiguous (as x.t(), the layout
+    that turns) and row-major (which does not); 1 and 2 threads; N past a
+    256-column tile and off the 16-column edge."""
     g = torch.Generator().manual_seed(k)
     sizes = [30, 0, 48, 5, 100, 25]
-    offs, tiled, same_bits = transposed_tile_groups(sizes, dtype)
     m = sum(sizes)
     for n in (513, 1100):
         w_nk = torch.randn(len(sizes), n, k, generator=g).to(dtype)
         x = torch.randn(m, k, generator=g).to(dtype)
         for xt in (x.t(), x.t().contiguous()):
+            offs, tiled, rest, same_bits = transposed_tile_groups(sizes, dtype, k, rows_along_k=xt.stride(0) == 1)
             run = lambda w: torch.ops.moe_ops.grouped_mm(w, xt, offs)  # noqa: E731
             out = run(w_nk)
             msg = f"k={k} n={n} xt.stride()={xt.stride()}"
             if same_bits:
                 kn = run(w_nk.transpose(-2, -1).contiguous().transpose(-2, -1))
                 assert torch.equal(out[:, tiled], kn[:, tiled]), msg
+                for e, cols in rest:
+                    own = torch.ops.moe_ops.grouped_mm(w_nk[e:e + 1], xt[:, cols],
+                                                       torch.tensor([cols.stop - cols.start], dtype=torch.int32))
+                    assert torch.equal(out[:, cols], own), f"{msg} rest of group {e}"
             assert_within_sum_bound(out, w_nk, xt, offs, None, msg)
             for bits in at_thread_counts(lambda: run(w_nk)).values():
                 assert torch.equal(bits, out), msg

@@ -256,10 +256,15 @@ class TestGroupedMM(TestCase):
         # row-major and column-major. 3D x 2D with more than 512 such weight
         # rows runs turned around (C^T = B^T A^T) in the same kernel, with
         # the same bits as the (G, K, N) storage, which it takes unturned.
+        # The rows after a group's last whole 16 (17 = 16 + 1, 33, 130) may
+        # take inner products instead, with the bits of the same rows as a
+        # group of their own.
         sizes = [17, 0, 48, 33, 5, 130]
         fewest = 17 if dtype == torch.float32 else 18
         same_bits = dtype == torch.float32 or torch.cpu._is_avx512_bf16_supported()
-        few = torch.cat([torch.arange(s - n, s) for s, n in zip(itertools.accumulate(sizes), sizes) if n >= fewest])
+        tiled = [(e, s - n, n) for e, (s, n) in enumerate(zip(itertools.accumulate(sizes), sizes)) if n >= fewest]
+        few = torch.cat([torch.arange(s, s + n // 16 * 16) for _, s, n in tiled])
+        rest = [(e, slice(s + n // 16 * 16, s + n), _offs([n % 16], device)) for e, s, n in tiled if n % 16]
         for k, n in ((64, 9), (301, 300), (2085, 20)):
             a = torch.randn(sum(sizes), k, device=device, dtype=dtype)
             w = torch.randn(len(sizes), n, k, device=device, dtype=dtype).transpose(-2, -1)
@@ -269,14 +274,20 @@ class TestGroupedMM(TestCase):
                 out = torch._grouped_mm(x, w, offs=offs, bias=bias)
                 self.assertGroupedClose(out, x, w, offs, bias)
                 if same_bits:
-                    self.assertEqual(out[few], torch._grouped_mm(x, w.contiguous(), offs=offs, bias=bias)[few],
-                                     atol=0, rtol=0)
+                    kn = torch._grouped_mm(x, w.contiguous(), offs=offs, bias=bias)
+                    self.assertEqual(out[few], kn[few], atol=0, rtol=0)
+                    for e, r, o in rest:
+                        own = torch._grouped_mm(x[r], w[e:e + 1], offs=o, bias=bias[e:e + 1])
+                        self.assertTrue(torch.equal(out[r], kn[r]) or torch.equal(out[r], own))
             w_nk = torch.randn(len(sizes), 520, k, device=device, dtype=dtype)
             out = torch._grouped_mm(w_nk, a.t(), offs=offs)
             self.assertGroupedClose(out, w_nk, a.t(), offs)
             if same_bits:
                 kn = torch._grouped_mm(w_nk.transpose(-2, -1).contiguous().transpose(-2, -1), a.t(), offs=offs)
                 self.assertEqual(out[:, few], kn[:, few], atol=0, rtol=0)
+                for e, r, o in rest:
+                    own = torch._grouped_mm(w_nk[e:e + 1], a.t()[:, r], offs=o)
+                    self.assertTrue(torch.equal(out[:, r], kn[:, r]) or torch.equal(out[:, r], own))
 
     @onlyCPU
     def test_grouped_mm_errors(self, device):

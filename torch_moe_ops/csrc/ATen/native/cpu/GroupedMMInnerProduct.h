@@ -185,6 +185,20 @@ void dispatch_nt_micro(int64_t mr, const scalar_t* const* a, const scalar_t* con
   }
 }
 
+// Rows [r0, r0 + mr) x columns [n0, n0 + w) of C from the micro-kernel's
+// sums, + bias, rounded once to out_t; element (r, j) of C at c + c_rs r +
+// c_cs j.
+template <typename scalar_t, typename out_t>
+void nt_store(const Problem<scalar_t, out_t, float>& p, int64_t c_rs, int64_t c_cs, int64_t r0, int64_t mr,
+              int64_t n0, int64_t w, const float (*sums)[kNtNR]) {
+  for (int64_t i = 0; i < mr; ++i) {
+    out_t* o = p.c + (r0 + i) * c_rs + n0 * c_cs;
+    for (int64_t j = 0; j < w; ++j) {
+      o[j * c_cs] = static_cast<out_t>(p.bias != nullptr ? sums[i][j] + p.bias[n0 + j] : sums[i][j]);
+    }
+  }
+}
+
 // Whether a problem's operands suit the inner-product engine: float32 or
 // bfloat16 (vdpbf16ps), rows of A (gathered or not) and columns of B
 // contiguous along K, B not gathered, and K long enough that the final
@@ -286,12 +300,7 @@ void run_tile_nt(const Problem<scalar_t, out_t, float>& p, const Tile& t, Thread
         } else {
           dispatch_nt_micro<scalar_t>(mr, a_rows + r0, b_rows, k, sums, pf);
         }
-        for (int64_t i = 0; i < mr; ++i) {
-          out_t* o = p.c + (m0 + r0 + i) * p.c_rs + n0;
-          for (int64_t j = 0; j < w; ++j) {
-            o[j] = static_cast<out_t>(p.bias != nullptr ? sums[i][j] + p.bias[n0 + j] : sums[i][j]);
-          }
-        }
+        nt_store(p, p.c_rs, 1, m0 + r0, mr, n0, w, sums);
       }
     }
   }

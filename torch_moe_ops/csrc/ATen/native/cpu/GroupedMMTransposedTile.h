@@ -9,6 +9,7 @@
 
 #include <ATen/native/cpu/GroupedMMAvx512.h>
 #include <ATen/native/cpu/GroupedMMAvx512BF16.h>
+#include <ATen/native/cpu/GroupedMMInnerProduct.h>
 #include <c10/util/bit_cast.h>
 
 #include <cstring>
@@ -84,6 +85,45 @@ template <typename scalar_t>
 int64_t tt_kc(int64_t k, int64_t mpad) {
   const int64_t fit = kTtPackedBytes / (mpad * static_cast<int64_t>(sizeof(scalar_t))) / 32 * 32;
   return std::min({k, kTtKC, std::max<int64_t>(fit, 32)});
+}
+
+// Rows past the tile's last whole 16-row vector take inner products instead
+// of a vector of their own, which costs as much as 16 rows (20 rows ran as
+// 32, 33 as 48), up to kTtMaxRest of them after two vectors or more and
+// kTtMaxRestOneVector after one, whose single vector per column leaves the
+// loads the bottleneck. Zen 5, 2 threads, uniform groups streamed from DRAM,
+// K 1792, N 1024, bfloat16 GFLOP/s padded against inner products: 18 rows
+// 503 / 586, 20 rows 550 / 611, 22 rows 564 / 600, 23 rows 638 / 608 (7
+// after one vector: padded), 24 rows 666 / 619, 33 rows 635 / 850, 36 rows
+// 685 / 871, 42 rows 743 / 813, 44 rows 773 / 809, 45-47 rows even (13-15
+// after two vectors: padded), 58 rows 731 / 781, 60 rows 789 / 826; float32
+// 18 rows 253 / 315, 20 rows 277 / 335, 33 rows 305 / 415, 40 rows 366 / 412.
+constexpr int64_t kTtMaxRest = 12;
+constexpr int64_t kTtMaxRestOneVector = 6;
+
+// How the engine splits a problem's rows: the tile's vectors hold mpad rows
+// (all of them padded to whole vectors, or only the whole ones), the rest
+// run the inner-product engine's micro-kernel over the whole K right after
+// the tile's passes over each 8 weight rows, which are then still in cache.
+// That needs A's rows contiguous along K (the micro-kernel reads them in
+// place) and K in one block. Those rows sum in the inner-product engine's
+// order, so their bits are those of the same rows as a group of their own.
+struct TtRows {
+  int64_t mpad;  // rows in the tile's vectors, a multiple of 16
+  int64_t rest;  // rows after them, as inner products; 0 for none
+  int64_t kc;    // K per packed block of the vectors' rows
+};
+
+template <typename scalar_t, typename P>
+TtRows tt_rows(const P& p) {
+  const int64_t whole = p.m / 16 * 16;
+  const int64_t kc = tt_kc<scalar_t>(p.k, whole);
+  const int64_t most = whole == 16 ? kTtMaxRestOneVector : kTtMaxRest;
+  if (p.m - whole <= most && kc == p.k && p.a_cs == 1 && p.a_col_idx == nullptr) {
+    return {whole, p.m - whole, kc};
+  }
+  const int64_t mpad = (p.m + 15) / 16 * 16;
+  return {mpad, 0, tt_kc<scalar_t>(p.k, mpad)};
 }
 
 // A micro-kernel's accumulators: column j of the tile at ct + j * ldct,
@@ -272,21 +312,21 @@ void tt_pack_a(const Problem<scalar_t, out_t, float>& p, int64_t k0, int64_t kc,
   }
 }
 
-// Output rows of the tile from ct (column j of the tile at ct + j * mpad):
+// Output rows [0, m) of the tile from ct (column j at ct + j * mpad):
 // 16 x 16 blocks transposed in registers, + bias, rounded once to out_t; a
 // turned problem's C^T takes ct's columns as they are.
 template <typename scalar_t, typename out_t>
-void tt_store(const Problem<scalar_t, out_t, float>& p, const Tile& t, const float* ct, int64_t mpad) {
+void tt_store(const Problem<scalar_t, out_t, float>& p, const Tile& t, const float* ct, int64_t mpad, int64_t m) {
   if (p.c_transposed) {
     for (int64_t j = 0; j < t.nb; ++j) {
       out_t* o = p.c + (t.n0 + j) * p.c_rs;
-      for (int64_t r0 = 0; r0 < p.m; r0 += 16) {
-        store_lanes(o + r0, moe_lanes16(p.m, r0), _mm512_loadu_ps(ct + j * mpad + r0));
+      for (int64_t r0 = 0; r0 < m; r0 += 16) {
+        store_lanes(o + r0, moe_lanes16(m, r0), _mm512_loadu_ps(ct + j * mpad + r0));
       }
     }
     return;
   }
-  for (int64_t r0 = 0; r0 < p.m; r0 += 16) {
+  for (int64_t r0 = 0; r0 < m; r0 += 16) {
     for (int64_t j0 = 0; j0 < t.nb; j0 += 16) {
       __m512i v[16];
       for (int i = 0; i < 16; ++i) {
@@ -295,7 +335,7 @@ void tt_store(const Problem<scalar_t, out_t, float>& p, const Tile& t, const flo
       transpose_16x16_epi32(v);
       const __mmask16 lanes = moe_lanes16(t.nb, j0);
       const float* bias = p.bias != nullptr ? p.bias + t.n0 + j0 : nullptr;
-      for (int64_t i = 0; i < std::min<int64_t>(16, p.m - r0); ++i) {
+      for (int64_t i = 0; i < std::min<int64_t>(16, m - r0); ++i) {
         __m512 x = _mm512_castsi512_ps(v[i]);
         if (bias != nullptr) x = _mm512_add_ps(x, _mm512_maskz_loadu_ps(lanes, bias));
         store_lanes(p.c + (r0 + i) * p.c_rs + t.n0 + j0, lanes, x);
@@ -322,7 +362,7 @@ const scalar_t* tt_weight_row(const Problem<scalar_t, out_t, float>& p, const Ti
 template <typename scalar_t, typename out_t>
 TtPrefetch tt_weight_group(const Problem<scalar_t, out_t, float>& p, const Tile& t, int64_t i) {
   TtPrefetch pf;
-  const int64_t kc = tt_kc<scalar_t>(p.k, (p.m + 15) / 16 * 16);
+  const int64_t kc = tt_rows<scalar_t>(p).kc;
   const int64_t groups = (t.nb + kTtNR - 1) / kTtNR;
   const int64_t k0 = i / groups * kc, j0 = i % groups * kTtNR;
   if (k0 >= p.k) return pf;
@@ -333,6 +373,43 @@ TtPrefetch tt_weight_group(const Problem<scalar_t, out_t, float>& p, const Tile&
   return pf;
 }
 
+// The rest's rows of A (TtRows) in place; a -1 row index reads a row of
+// zeros from the b region.
+template <typename scalar_t, typename out_t>
+void tt_rest_rows(const Problem<scalar_t, out_t, float>& p, const TtRows& s, ThreadBuffers& buf,
+                  const scalar_t** rows) {
+  const scalar_t* zero = nullptr;
+  for (int64_t i = 0; i < s.rest; ++i) {
+    const int64_t r = s.mpad + i;
+    const int64_t row = p.a_row_idx != nullptr ? p.a_row_idx[r] : r;
+    if (row < 0 && zero == nullptr) {
+      scalar_t* z = workspace<scalar_t>(buf.b, p.k);
+      std::fill(z, z + p.k, scalar_t(0));
+      zero = z;
+    }
+    rows[i] = row < 0 ? zero : p.a + row * p.a_rs;
+  }
+}
+
+// The rest's rows x weight rows [j0, j0 + 8) of tile t, as inner products
+// over the whole K, stored (into C^T for a turned problem).
+template <typename scalar_t, typename out_t>
+void tt_rest(const Problem<scalar_t, out_t, float>& p, const Tile& t, const TtRows& s, int64_t j0,
+             const scalar_t* const* rows) {
+  const int64_t c_rs = p.c_transposed ? 1 : p.c_rs, c_cs = p.c_transposed ? p.c_rs : 1;
+  float sums[kNtMR][kNtNR];
+  for (int64_t j = j0; j < std::min(j0 + kTtNR, t.nb); j += kNtNR) {
+    const int64_t w = std::min(kNtNR, t.nb - j);
+    const scalar_t* b[kNtNR];
+    for (int64_t q = 0; q < kNtNR; ++q) b[q] = tt_weight_row(p, t, j + q, 0);
+    for (int64_t r0 = 0; r0 < s.rest; r0 += kNtMR) {
+      const int64_t mr = std::min(kNtMR, s.rest - r0);
+      dispatch_nt_micro<scalar_t>(mr, rows + r0, b, p.k, sums, NtPrefetch{});
+      nt_store(p, c_rs, c_cs, s.mpad + r0, mr, t.n0 + j, w, sums);
+    }
+  }
+}
+
 // One tile: all rows of the problem x columns [n0, n0 + nb), 8 weight rows
 // at a time; the last group of 8 repeats its last weight row, whose extra
 // columns are never stored. Per K block: the rows packed once, then per 8
@@ -340,12 +417,15 @@ TtPrefetch tt_weight_group(const Problem<scalar_t, out_t, float>& p, const Tile&
 // The first pass prefetches the weight rows used next: this tile's next 8,
 // else its next K block's first 8, else the first 8 of next (the tile this
 // thread runs after t, nullptr if none) when it runs in this engine.
+// The rest's rows (TtRows) after each 8 weight rows' passes.
 template <typename scalar_t, typename out_t>
 void run_tile_tt(const Problem<scalar_t, out_t, float>& p, const Tile& t, ThreadBuffers& buf,
                  const Problem<scalar_t, out_t, float>* next_p, const Tile* next) {
   constexpr int64_t per = kTtPerWord<scalar_t>;
-  const int64_t mpad = (p.m + 15) / 16 * 16;
-  const int64_t kc_max = tt_kc<scalar_t>(p.k, mpad);
+  const TtRows s = tt_rows<scalar_t>(p);
+  const int64_t mpad = s.mpad, kc_max = s.kc;
+  const scalar_t* rest_rows[kTtMaxRest];
+  tt_rest_rows(p, s, buf, rest_rows);
   uint32_t* at = workspace<uint32_t>(buf.a, (kc_max + per - 1) / per * mpad);
   float* ct = workspace<float>(buf.acc, (t.nb + 15) / 16 * 16 * mpad);
   // Groups of 8 weight rows per K block, and in the whole tile.
@@ -392,17 +472,19 @@ void run_tile_tt(const Problem<scalar_t, out_t, float>& p, const Tile& t, Thread
         }
         m0 += 16 * mv;
       }
+      if (s.rest > 0) tt_rest(p, t, s, j0, rest_rows);
     }
   }
-  tt_store(p, t, ct, mpad);
+  tt_store(p, t, ct, mpad, p.m - s.rest);
 }
 
 // What run_tile_tt takes from the thread's scratch.
 template <typename scalar_t, typename out_t>
 void tt_scratch(const Problem<scalar_t, out_t, float>& p, const Tile& t, ScratchBytes& s) {
   constexpr int64_t per = kTtPerWord<scalar_t>;
-  const int64_t mpad = (p.m + 15) / 16 * 16;
-  s.at_least((tt_kc<scalar_t>(p.k, mpad) + per - 1) / per * mpad * 4, 0, (t.nb + 15) / 16 * 16 * mpad * 4);
+  const TtRows r = tt_rows<scalar_t>(p);
+  const int64_t zero_row = r.rest > 0 && p.a_row_idx != nullptr ? p.k * static_cast<int64_t>(sizeof(scalar_t)) : 0;
+  s.at_least((r.kc + per - 1) / per * r.mpad * 4, zero_row, (t.nb + 15) / 16 * 16 * r.mpad * 4);
 }
 
 } // namespace
