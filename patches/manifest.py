@@ -534,12 +534,13 @@ TT_WITHOUT_REST = [(
 ), (
     "  return {mpad, 0, tt_kc<scalar_t>(p.k, mpad)};\n", "  return {mpad, tt_kc<scalar_t>(p.k, mpad)};\n",
 ), (
-    _source_between(f"{SRC}/cpu/GroupedMMTransposedTile.h", "// The rest's rows of A (TtRows) in place;",
+    _source_between(f"{SRC}/cpu/GroupedMMTransposedTile.h", "// The rest's rows x weight rows [j0, j0 + 8)",
                     "      nt_store(p, c_rs, c_cs, s.mpad + r0, mr, t.n0 + j, w, sums);\n    }\n  }\n}\n\n"), "",
 ), (
     "// The rest's rows (TtRows) after each 8 weight rows' passes.\n", "",
 ), (
-    "  const scalar_t* rest_rows[kTtMaxRest];\n  tt_rest_rows(p, s, buf, rest_rows);\n", "",
+    "  const scalar_t* rest_rows[kTtMaxRest];\n"
+    "  if (s.rest > 0) nt_a_rows(p, s.mpad, s.rest, nt_zero_row(p, buf.b), rest_rows);\n", "",
 ), (
     "      if (s.rest > 0) tt_rest(p, t, s, j0, rest_rows);\n", "",
 ), (

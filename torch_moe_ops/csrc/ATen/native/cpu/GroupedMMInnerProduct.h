@@ -199,6 +199,26 @@ void nt_store(const Problem<scalar_t, out_t, float>& p, int64_t c_rs, int64_t c_
   }
 }
 
+// What a -1 row index of A reads: a row of zeros in region, where A's rows
+// are gathered (else nullptr).
+template <typename scalar_t, typename out_t>
+const scalar_t* nt_zero_row(const Problem<scalar_t, out_t, float>& p, const Region& region) {
+  if (p.a_row_idx == nullptr) return nullptr;
+  scalar_t* z = workspace<scalar_t>(region, p.k);
+  std::fill(z, z + p.k, scalar_t(0));
+  return z;
+}
+
+// Rows [r0, r0 + n) of A in place, zero for a -1 row index.
+template <typename scalar_t, typename out_t>
+void nt_a_rows(const Problem<scalar_t, out_t, float>& p, int64_t r0, int64_t n, const scalar_t* zero,
+               const scalar_t** rows) {
+  for (int64_t r = 0; r < n; ++r) {
+    const int64_t row = p.a_row_idx != nullptr ? p.a_row_idx[r0 + r] : r0 + r;
+    rows[r] = row < 0 ? zero : p.a + row * p.a_rs;
+  }
+}
+
 // Whether a problem's operands suit the inner-product engine: float32 or
 // bfloat16 (vdpbf16ps), rows of A (gathered or not) and columns of B
 // contiguous along K, B not gathered, and K long enough that the final
@@ -225,22 +245,14 @@ void run_tile_nt(const Problem<scalar_t, out_t, float>& p, const Tile& t, Thread
   const int64_t k = p.k;
   const int64_t n_end = t.n0 + t.nb;
   const int64_t row_bytes = k * static_cast<int64_t>(sizeof(scalar_t));
-  // What a -1 row index reads.
-  const scalar_t* zero_row = nullptr;
-  if (p.a_row_idx != nullptr && !widen) {
-    scalar_t* z = workspace<scalar_t>(buf.a, k);
-    std::fill(z, z + k, scalar_t(0));
-    zero_row = z;
-  }
+  // What a -1 row index reads (widened, the rows are zero-filled instead).
+  const scalar_t* zero_row = widen ? nullptr : nt_zero_row(p, buf.a);
   const scalar_t* a_rows[kNtMC];
   const float* a_wide[kNtMC];
   float sums[kNtMR][kNtNR];
   for (int64_t m0 = 0; m0 < p.m; m0 += kNtMC) {
     const int64_t mc = std::min(kNtMC, p.m - m0);
-    for (int64_t r = 0; r < mc; ++r) {
-      const int64_t row = p.a_row_idx != nullptr ? p.a_row_idx[m0 + r] : m0 + r;
-      a_rows[r] = row < 0 ? zero_row : p.a + row * p.a_rs;
-    }
+    nt_a_rows(p, m0, mc, zero_row, a_rows);
     if constexpr (std::is_same_v<scalar_t, BFloat16>) {
       if (widen) {
         float* w = workspace<float>(buf.acc, mc * k);

@@ -373,24 +373,6 @@ TtPrefetch tt_weight_group(const Problem<scalar_t, out_t, float>& p, const Tile&
   return pf;
 }
 
-// The rest's rows of A (TtRows) in place; a -1 row index reads a row of
-// zeros from the b region.
-template <typename scalar_t, typename out_t>
-void tt_rest_rows(const Problem<scalar_t, out_t, float>& p, const TtRows& s, ThreadBuffers& buf,
-                  const scalar_t** rows) {
-  const scalar_t* zero = nullptr;
-  for (int64_t i = 0; i < s.rest; ++i) {
-    const int64_t r = s.mpad + i;
-    const int64_t row = p.a_row_idx != nullptr ? p.a_row_idx[r] : r;
-    if (row < 0 && zero == nullptr) {
-      scalar_t* z = workspace<scalar_t>(buf.b, p.k);
-      std::fill(z, z + p.k, scalar_t(0));
-      zero = z;
-    }
-    rows[i] = row < 0 ? zero : p.a + row * p.a_rs;
-  }
-}
-
 // The rest's rows x weight rows [j0, j0 + 8) of tile t, as inner products
 // over the whole K, stored (into C^T for a turned problem).
 template <typename scalar_t, typename out_t>
@@ -425,7 +407,7 @@ void run_tile_tt(const Problem<scalar_t, out_t, float>& p, const Tile& t, Thread
   const TtRows s = tt_rows<scalar_t>(p);
   const int64_t mpad = s.mpad, kc_max = s.kc;
   const scalar_t* rest_rows[kTtMaxRest];
-  tt_rest_rows(p, s, buf, rest_rows);
+  if (s.rest > 0) nt_a_rows(p, s.mpad, s.rest, nt_zero_row(p, buf.b), rest_rows);
   uint32_t* at = workspace<uint32_t>(buf.a, (kc_max + per - 1) / per * mpad);
   float* ct = workspace<float>(buf.acc, (t.nb + 15) / 16 * 16 * mpad);
   // Groups of 8 weight rows per K block, and in the whole tile.
