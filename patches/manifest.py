@@ -836,6 +836,42 @@ WITHOUT_TURNED_AVX512 = [(
 
 AVX512_H = f"{SRC}/cpu/GroupedMMAvx512.h"
 
+# The PRs before 1c5's streamed outputs: the broadcast engine's streaming
+# epilogue (stream_out_row, MicroArgs::stream, the tile's fence), and the
+# kernel's choice of at::mm by each group's smallest dimension (the smaller
+# side of its output before). First in their files' edit lists, so that the
+# other edits see the text they were written against; the PRs before 1b3
+# leave out choose_engine whole (WITHOUT_MATMUL), so they need no
+# KERNEL_WITHOUT_STREAM.
+AVX512_WITHOUT_STREAM = [(
+    _source_between(AVX512_H, "// Output types the epilogue can stream (stream_out_row).\n",
+                    "      _mm512_stream_si512(reinterpret_cast<__m512i*>(o + 16 * j), line);\n    }\n  }\n}\n\n"), "",
+), (
+    "  // With last: rows of all 64 columns at a 64-byte boundary are streamed\n"
+    "  // (kStreamTileBytes).\n  bool stream = false;\n", "",
+), (
+    _source_between(AVX512_H, "      out_t* o = static_cast<out_t*>(x.c) + i * x.ldc;\n",
+                    "      store_out_row<out_t>(o, r[i], x.bias, x.w);\n"),
+    "      store_out_row<out_t>(static_cast<out_t*>(x.c) + i * x.ldc, r[i], x.bias, x.w);\n",
+), (
+    "  const bool stream = kStreamable<out_t> && !p.c_transposed &&\n"
+    "      p.m * t.nb * static_cast<int64_t>(sizeof(out_t)) >= kStreamTileBytes;\n", "",
+), (
+    "        x.stream = stream;\n", "",
+), (
+    "  // Streaming stores are weakly ordered: visible before the tile counts as done.\n"
+    "  if (stream) _mm_sfence();\n", "",
+)]
+KERNEL_WITHOUT_STREAM = [(
+    _source_between(KERNEL_H, "// rows are the smallest dimension of each group's product:",
+                    "// Qwen3 `kn` 4% more, within the run-to-run spread).\n"),
+    "// rows are the smaller side of each group's output: in 3D x 2D the tokens\n"
+    "// are its columns, and oneDNN on a few dozen of them (Zen 5, bfloat16, 1536\n"
+    "// weight rows) ran at 0.1x its dense rate.\n",
+), (
+    "      rows += std::min({p.m, p.n, p.k});\n", "      rows += std::min(p.m, p.n);\n",
+)]
+
 # The 32-lane mask, first used by the bfloat16 K pairs (0001bb).
 WITHOUT_LANES32 = [(
     _source_between(f"{SRC}/cpu/MoEAvx512Utils.h", "// The same for 32-wide chunks", "  return static_cast<__mmask32>((uint64_t{1} << w) - 1);\n}\n\n"), "",
@@ -952,8 +988,9 @@ AVX512_TEST = _test_method("test_grouped_mm_blocked")
 BF16_PAIRS_TEST = _test_method("test_grouped_mm_bfloat16_k_pairs")
 INNER_PRODUCT_TEST = _test_method("test_grouped_mm_weights_along_k")
 TRANSPOSED_TILE_TEST = _test_method("test_grouped_mm_few_rows_weights_along_k")
+STREAM_TEST = _test_method("test_grouped_mm_weight_gradient_streamed")
 # The kernel PRs' tests in the order the PRs add them; a PR's test_matmul.py leaves out those of later PRs.
-KERNEL_PR_TESTS = (KERNEL_TEST, AVX512_TEST, BF16_PAIRS_TEST, INNER_PRODUCT_TEST, TRANSPOSED_TILE_TEST)
+KERNEL_PR_TESTS = (KERNEL_TEST, AVX512_TEST, BF16_PAIRS_TEST, INNER_PRODUCT_TEST, TRANSPOSED_TILE_TEST, STREAM_TEST)
 
 
 def without_tests_from(first: str) -> list[tuple[str, str]]:
@@ -1230,7 +1267,7 @@ SERIES = [
             changes=[
                 Copy(f"{NATIVE}/cpu/MoEAvx512Utils.h", f"{SRC}/cpu/MoEAvx512Utils.h", edits=WITHOUT_LANES32),
                 Copy(f"{NATIVE}/cpu/GroupedMMAvx512.h", f"{SRC}/cpu/GroupedMMAvx512.h",
-                     edits=WITHOUT_TURNED_AVX512 + AVX512_WITHOUT_MATMUL + WITHOUT_PACK_WORDS + WITHOUT_PREFETCH
+                     edits=AVX512_WITHOUT_STREAM + WITHOUT_TURNED_AVX512 + AVX512_WITHOUT_MATMUL + WITHOUT_PACK_WORDS + WITHOUT_PREFETCH
                      + WITHOUT_WEIGHT_GRAD_H + WITHOUT_PACK_IN_KERNEL),
                 Copy(f"{NATIVE}/cpu/GroupedMMKernel.cpp", f"{SRC}/cpu/GroupedMMKernel.cpp",
                      edits=WITHOUT_TRANSPOSED_TILE + BRGEMM_REST + WITHOUT_INNER_PRODUCT + WITHOUT_BF16_PAIRS + WITHOUT_MATMUL
@@ -1243,7 +1280,7 @@ SERIES = [
             message="core/0001b1-grouped-mm-cpu-avx512-prefetch.txt",
             changes=[
                 Copy(f"{NATIVE}/cpu/GroupedMMAvx512.h", f"{SRC}/cpu/GroupedMMAvx512.h",
-                     edits=WITHOUT_TURNED_AVX512 + AVX512_WITHOUT_MATMUL + WITHOUT_PACK_WORDS + WITHOUT_WEIGHT_GRAD_H
+                     edits=AVX512_WITHOUT_STREAM + WITHOUT_TURNED_AVX512 + AVX512_WITHOUT_MATMUL + WITHOUT_PACK_WORDS + WITHOUT_WEIGHT_GRAD_H
                      + WITHOUT_PACK_IN_KERNEL, update=True),
                 Copy(f"{NATIVE}/cpu/GroupedMMKernel.cpp", f"{SRC}/cpu/GroupedMMKernel.cpp",
                      edits=WITHOUT_TRANSPOSED_TILE + BRGEMM_REST + WITHOUT_INNER_PRODUCT + WITHOUT_BF16_PAIRS + WITHOUT_MATMUL
@@ -1254,7 +1291,7 @@ SERIES = [
             message="core/0001b2-grouped-mm-cpu-avx512-weight-gradients.txt",
             changes=[
                 Copy(f"{NATIVE}/cpu/GroupedMMAvx512.h", f"{SRC}/cpu/GroupedMMAvx512.h",
-                     edits=WITHOUT_TURNED_AVX512 + AVX512_WITHOUT_MATMUL + WITHOUT_PACK_WORDS + WITHOUT_PACK_IN_KERNEL,
+                     edits=AVX512_WITHOUT_STREAM + WITHOUT_TURNED_AVX512 + AVX512_WITHOUT_MATMUL + WITHOUT_PACK_WORDS + WITHOUT_PACK_IN_KERNEL,
                      update=True),
                 Copy(f"{NATIVE}/cpu/GroupedMMKernel.cpp", f"{SRC}/cpu/GroupedMMKernel.cpp",
                      edits=WITHOUT_TRANSPOSED_TILE + BRGEMM_REST + WITHOUT_INNER_PRODUCT + WITHOUT_BF16_PAIRS + WITHOUT_MATMUL, update=True),
@@ -1264,9 +1301,9 @@ SERIES = [
             message="core/0001b3-grouped-mm-cpu-large-groups-mm.txt",
             changes=[
                 Copy(f"{NATIVE}/cpu/GroupedMMAvx512.h", f"{SRC}/cpu/GroupedMMAvx512.h",
-                     edits=WITHOUT_TURNED_AVX512 + WITHOUT_PACK_WORDS + WITHOUT_PACK_IN_KERNEL, update=True),
+                     edits=AVX512_WITHOUT_STREAM + WITHOUT_TURNED_AVX512 + WITHOUT_PACK_WORDS + WITHOUT_PACK_IN_KERNEL, update=True),
                 Copy(f"{NATIVE}/cpu/GroupedMMKernel.cpp", f"{SRC}/cpu/GroupedMMKernel.cpp",
-                     edits=WITHOUT_TRANSPOSED_TILE + WITHOUT_BRGEMM + WITHOUT_INNER_PRODUCT + WITHOUT_BF16_PAIRS, update=True),
+                     edits=KERNEL_WITHOUT_STREAM + WITHOUT_TRANSPOSED_TILE + WITHOUT_BRGEMM + WITHOUT_INNER_PRODUCT + WITHOUT_BF16_PAIRS, update=True),
             ],
         ),
         Patch(
@@ -1274,11 +1311,11 @@ SERIES = [
             changes=[
                 Copy(f"{NATIVE}/cpu/MoEAvx512Utils.h", f"{SRC}/cpu/MoEAvx512Utils.h", update=True),
                 Copy(f"{NATIVE}/cpu/GroupedMMAvx512.h", f"{SRC}/cpu/GroupedMMAvx512.h",
-                     edits=WITHOUT_TURNED_AVX512 + WITHOUT_PACK_WORDS, update=True),
+                     edits=AVX512_WITHOUT_STREAM + WITHOUT_TURNED_AVX512 + WITHOUT_PACK_WORDS, update=True),
                 Copy(f"{NATIVE}/cpu/GroupedMMAvx512BF16.h", f"{SRC}/cpu/GroupedMMAvx512BF16.h",
                      edits=BF16_WITHOUT_PACK_WORDS),
                 Copy(f"{NATIVE}/cpu/GroupedMMKernel.cpp", f"{SRC}/cpu/GroupedMMKernel.cpp",
-                     edits=WITHOUT_TRANSPOSED_TILE + WITHOUT_BRGEMM + WITHOUT_INNER_PRODUCT, update=True),
+                     edits=KERNEL_WITHOUT_STREAM + WITHOUT_TRANSPOSED_TILE + WITHOUT_BRGEMM + WITHOUT_INNER_PRODUCT, update=True),
                 Copy("test/test_matmul.py", "patches/src/test/test_matmul.py",
                      edits=without_tests_from(INNER_PRODUCT_TEST),
                      update=True),
@@ -1287,12 +1324,13 @@ SERIES = [
         Patch(
             message="core/0001c-grouped-mm-cpu-inner-product.txt",
             changes=[
-                Copy(f"{NATIVE}/cpu/GroupedMMAvx512.h", f"{SRC}/cpu/GroupedMMAvx512.h", edits=WITHOUT_TURNED_AVX512,
+                Copy(f"{NATIVE}/cpu/GroupedMMAvx512.h", f"{SRC}/cpu/GroupedMMAvx512.h",
+                     edits=AVX512_WITHOUT_STREAM + WITHOUT_TURNED_AVX512,
                      update=True),
                 Copy(f"{NATIVE}/cpu/GroupedMMAvx512BF16.h", f"{SRC}/cpu/GroupedMMAvx512BF16.h", update=True),
                 Copy(f"{NATIVE}/cpu/GroupedMMInnerProduct.h", f"{SRC}/cpu/GroupedMMInnerProduct.h"),
                 Copy(f"{NATIVE}/cpu/GroupedMMKernel.cpp", f"{SRC}/cpu/GroupedMMKernel.cpp",
-                     edits=WITHOUT_TRANSPOSED_TILE + WITHOUT_BRGEMM, update=True),
+                     edits=KERNEL_WITHOUT_STREAM + WITHOUT_TRANSPOSED_TILE + WITHOUT_BRGEMM, update=True),
                 Copy("test/test_matmul.py", "patches/src/test/test_matmul.py",
                      edits=without_tests_from(TRANSPOSED_TILE_TEST), update=True),
             ],
@@ -1302,7 +1340,7 @@ SERIES = [
             changes=[
                 Copy(f"{NATIVE}/cpu/GroupedMMBrgemm.h", f"{SRC}/cpu/GroupedMMBrgemm.h"),
                 Copy(f"{NATIVE}/cpu/GroupedMMKernel.cpp", f"{SRC}/cpu/GroupedMMKernel.cpp",
-                     edits=WITHOUT_TRANSPOSED_TILE, update=True),
+                     edits=KERNEL_WITHOUT_STREAM + WITHOUT_TRANSPOSED_TILE, update=True),
             ],
         ),
         Patch(
@@ -1311,20 +1349,20 @@ SERIES = [
                 Copy(f"{NATIVE}/cpu/GroupedMMTransposedTile.h", f"{SRC}/cpu/GroupedMMTransposedTile.h",
                      edits=TT_WITHOUT_REST + TT_WITHOUT_TURNED),
                 Copy(f"{NATIVE}/cpu/GroupedMMKernel.cpp", f"{SRC}/cpu/GroupedMMKernel.cpp",
-                     edits=KERNEL_WITHOUT_TURNED, update=True),
+                     edits=KERNEL_WITHOUT_STREAM + KERNEL_WITHOUT_TURNED, update=True),
                 Copy("test/test_matmul.py", "patches/src/test/test_matmul.py",
-                     edits=TEST_MATMUL_WITHOUT_REST + TEST_MATMUL_WITHOUT_TURNED, update=True),
+                     edits=without_tests_from(STREAM_TEST) + TEST_MATMUL_WITHOUT_REST + TEST_MATMUL_WITHOUT_TURNED, update=True),
             ],
         ),
         Patch(
             message="core/0001c3-grouped-mm-cpu-turned-3d2d.txt",
             changes=[
                 Copy(f"{NATIVE}/cpu/GroupedMMKernelUtils.h", f"{SRC}/cpu/GroupedMMKernelUtils.h", update=True),
-                Copy(f"{NATIVE}/cpu/GroupedMMAvx512.h", f"{SRC}/cpu/GroupedMMAvx512.h", update=True),
+                Copy(f"{NATIVE}/cpu/GroupedMMAvx512.h", f"{SRC}/cpu/GroupedMMAvx512.h", edits=AVX512_WITHOUT_STREAM, update=True),
                 Copy(f"{NATIVE}/cpu/GroupedMMTransposedTile.h", f"{SRC}/cpu/GroupedMMTransposedTile.h",
                      edits=TT_WITHOUT_REST, update=True),
-                Copy(f"{NATIVE}/cpu/GroupedMMKernel.cpp", f"{SRC}/cpu/GroupedMMKernel.cpp", update=True),
-                Copy("test/test_matmul.py", "patches/src/test/test_matmul.py", edits=TEST_MATMUL_WITHOUT_REST,
+                Copy(f"{NATIVE}/cpu/GroupedMMKernel.cpp", f"{SRC}/cpu/GroupedMMKernel.cpp", edits=KERNEL_WITHOUT_STREAM, update=True),
+                Copy("test/test_matmul.py", "patches/src/test/test_matmul.py", edits=without_tests_from(STREAM_TEST) + TEST_MATMUL_WITHOUT_REST,
                      update=True),
             ],
         ),
@@ -1332,6 +1370,14 @@ SERIES = [
             message="core/0001c4-grouped-mm-cpu-tile-rest-rows.txt",
             changes=[
                 Copy(f"{NATIVE}/cpu/GroupedMMTransposedTile.h", f"{SRC}/cpu/GroupedMMTransposedTile.h", update=True),
+                Copy("test/test_matmul.py", "patches/src/test/test_matmul.py", edits=without_tests_from(STREAM_TEST), update=True),
+            ],
+        ),
+        Patch(
+            message="core/0001c5-grouped-mm-cpu-streamed-outputs.txt",
+            changes=[
+                Copy(f"{NATIVE}/cpu/GroupedMMAvx512.h", f"{SRC}/cpu/GroupedMMAvx512.h", update=True),
+                Copy(f"{NATIVE}/cpu/GroupedMMKernel.cpp", f"{SRC}/cpu/GroupedMMKernel.cpp", update=True),
                 Copy("test/test_matmul.py", "patches/src/test/test_matmul.py", update=True),
             ],
         ),

@@ -229,11 +229,13 @@ def transposed_tile_groups(sizes, dtype, k, rows_along_k):
 
 def assert_within_sum_bound(out, a, b, offs, bias, msg):
     """out against the float64 grouped mm within the float32 bound of a K-term
-    sum (K * 2^-24 of the sum of the products' magnitudes) plus, for
-    bfloat16, its rounding of the output (2^-8 relative)."""
-    k = a.shape[-1]
+    sum (K * 2^-24 of the sum of the products' magnitudes; with a bias, K + 1
+    terms, the bias's magnitude among them) plus, for bfloat16, its rounding
+    of the output (2^-8 relative)."""
+    k = a.shape[-1] + (bias is not None)
     ref = torch_grouped_mm(a.double(), b.double(), offs, bias=None if bias is None else bias.double())
-    magnitude = torch_grouped_mm(a.abs().double(), b.abs().double(), offs)
+    magnitude = torch_grouped_mm(a.abs().double(), b.abs().double(), offs,
+                                 bias=None if bias is None else bias.abs().double())
     rounding = 2.0**-8 if out.dtype == torch.bfloat16 else 0.0
     bound = k * 2.0**-24 * magnitude + rounding * ref.abs() + 1e-30
     assert ((out.double() - ref).abs() <= bound).all(), msg
@@ -345,6 +347,43 @@ def test_transposed_tiles_turned_3d2d(dtype, k):
             assert_within_sum_bound(out, w_nk, xt, offs, None, msg)
             for bits in at_thread_counts(lambda: run(w_nk)).values():
                 assert torch.equal(bits, out), msg
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("n", [1024, 1000])
+@pytest.mark.parametrize("with_bias", [False, True])
+def test_weight_gradient_outputs_streamed(dtype, n, with_bias):
+    """A weight gradient (2D x 2D) whose experts' outputs outgrow L2: in the
+    AVX512 build each tile of the broadcast engine here writes at least 1 MB
+    (kStreamTileBytes: 1024 rows x 256 columns or more), so it sends its
+    full, 64-byte aligned 64-column rows to memory with streaming stores, and
+    the rest with plain ones (n = 1000: rows 2000 bytes apart, so three in
+    four start unaligned; the last 40 columns). Every element is summed in K
+    order whatever the tile, so each holds the bits of the same rows run as a
+    small problem (64 rows: 256 KB tiles or less, plain stores), and of the
+    same product with the routed rows read through an index (as expert_mlp's
+    backward reads them); all within the float32 K-term bound of float64.
+    One expert's 300 routed rows take two K blocks (the streamed stores then
+    come from the accumulator buffer), three have none. On other builds this
+    checks the same values through plain stores."""
+    g = torch.Generator().manual_seed(n + with_bias)
+    sizes = [37, 0, 96, 300, 5, 0, 64, 1, 80, 17, 0, 128, 40, 9, 70, 33]
+    offs = torch.tensor(sizes).cumsum(0).to(torch.int32)
+    total, m = sum(sizes), 1024
+    x = torch.randn(total, m, generator=g).to(dtype)  # routed rows: A = x^T, K-major
+    dy = torch.randn(total, n, generator=g).to(dtype)
+    bias = torch.randn(len(sizes), n, generator=g).to(dtype) if with_bias else None
+    out = torch.ops.moe_ops.grouped_mm(x.t(), dy, offs, bias=bias)
+    assert out.shape == (len(sizes), m, n)
+    for r0 in (0, 64, m - 64):
+        small = torch.ops.moe_ops.grouped_mm(x[:, r0:r0 + 64].t(), dy, offs, bias=bias)
+        assert torch.equal(out[:, r0:r0 + 64], small), f"rows {r0}-{r0 + 63}"
+    if not with_bias:
+        tokens = torch.randn(300, m, generator=g).to(dtype)
+        rows = torch.randint(0, 300, (total,), generator=g)
+        gathered = torch.ops.moe_ops.grouped_mm_gather(tokens.t(), dy, offs, rows)
+        assert torch.equal(gathered, torch.ops.moe_ops.grouped_mm(tokens[rows].t(), dy, offs))
+    assert_within_sum_bound(out, x.t(), dy, offs, bias, f"{dtype} n={n}")
 
 
 @pytest.mark.skipif(not cpu_has_avx512_bf16(), reason="needs a CPU with AVX512_BF16 (/proc/cpuinfo)")

@@ -131,6 +131,38 @@ inline void store_out_row(out_t* o, const __m512* v, const float* bias, int64_t 
   }
 }
 
+// Output types the epilogue can stream (stream_out_row).
+template <typename out_t>
+constexpr bool kStreamable = std::is_same_v<out_t, float> || std::is_same_v<out_t, BFloat16>;
+
+// A tile that writes at least this much output sends its rows to memory with
+// streaming stores. Such a tile (a weight gradient's expert: a few dozen
+// routed rows of K, megabytes of output) outgrows L2 long before anything
+// reads its output back, and a plain store first reads the line it writes
+// (read-for-ownership), so every output line crossed the memory bus twice.
+// Zen 5, 2 threads, float32 weight gradients of routed experts (2D x 2D, 32
+// to 96 rows per expert, 1.1-1.9 GB of output): 8-13% less time.
+constexpr int64_t kStreamTileBytes = int64_t{1} << 20;
+
+// store_out_row's values for a full 64-column row at a 64-byte boundary,
+// written with streaming stores (the tile driver fences them: run_tile_avx512).
+template <typename out_t>
+inline void stream_out_row(out_t* o, const __m512* v, const float* bias) {
+  __m512 x[4];
+  for (int j = 0; j < 4; ++j) {
+    x[j] = bias != nullptr ? _mm512_add_ps(v[j], _mm512_loadu_ps(bias + 16 * j)) : v[j];
+  }
+  if constexpr (std::is_same_v<out_t, float>) {
+    for (int j = 0; j < 4; ++j) _mm512_stream_ps(o + 16 * j, x[j]);
+  } else {  // bfloat16: two rounded halves make one 64-byte line
+    for (int j = 0; j < 4; j += 2) {
+      const __m512i line =
+          _mm512_inserti64x4(_mm512_castsi256_si512(moe_cvt_f32_bf16(x[j])), moe_cvt_f32_bf16(x[j + 1]), 1);
+      _mm512_stream_si512(reinterpret_cast<__m512i*>(o + 16 * j), line);
+    }
+  }
+}
+
 // Accumulators of MR rows: start from zero (first K block) or from acc, and
 // end in acc (more K blocks follow) or in the output (last K block).
 struct MicroArgs {
@@ -141,6 +173,9 @@ struct MicroArgs {
   float* acc; // MR x 64 float32, leading dimension ld_acc
   int64_t ld_acc;
   bool first, last;
+  // With last: rows of all 64 columns at a 64-byte boundary are streamed
+  // (kStreamTileBytes).
+  bool stream = false;
   void* c; // output rows, leading dimension ldc (elements)
   int64_t ldc;
   const float* bias; // nullptr or the 64 columns' bias
@@ -171,7 +206,14 @@ template <int MR, typename out_t>
 inline void finish_acc(__m512 (&r)[MR][4], const MicroArgs& x) {
   for (int i = 0; i < MR; ++i) {
     if (x.last) {
-      store_out_row<out_t>(static_cast<out_t*>(x.c) + i * x.ldc, r[i], x.bias, x.w);
+      out_t* o = static_cast<out_t*>(x.c) + i * x.ldc;
+      if constexpr (kStreamable<out_t>) {
+        if (x.stream && x.w == kNR && reinterpret_cast<uintptr_t>(o) % 64 == 0) {
+          stream_out_row<out_t>(o, r[i], x.bias);
+          continue;
+        }
+      }
+      store_out_row<out_t>(o, r[i], x.bias, x.w);
     } else {
       for (int j = 0; j < 4; ++j) _mm512_storeu_ps(x.acc + i * x.ld_acc + 16 * j, r[i][j]);
     }
@@ -474,6 +516,8 @@ void run_tile_avx512(const Problem<scalar_t, out_t, float>& p, const Tile& t, Th
   const a_t* a_rows[kMC];
   // Weight rows are prefetched only when they are unit-stride rows in order.
   const bool b_prefetch = p.b_cs == 1 && p.b_idx == nullptr;
+  const bool stream = kStreamable<out_t> && !p.c_transposed &&
+      p.m * t.nb * static_cast<int64_t>(sizeof(out_t)) >= kStreamTileBytes;
 
   for (int64_t m0 = 0; m0 < p.m; m0 += kMC) {
     const int64_t mc = std::min(kMC, p.m - m0);
@@ -556,6 +600,7 @@ void run_tile_avx512(const Problem<scalar_t, out_t, float>& p, const Tile& t, Th
         x.ld_acc = ld_acc;
         x.first = k0 == 0;
         x.last = k0 + kc == k && !p.c_transposed;
+        x.stream = stream;
         x.ldc = p.c_rs;
         x.bias = p.bias != nullptr ? p.bias + j0 : nullptr;
         x.w = w;
@@ -578,6 +623,8 @@ void run_tile_avx512(const Problem<scalar_t, out_t, float>& p, const Tile& t, Th
     }
     if (p.c_transposed) store_acc_transposed(p, t, acc, ld_acc, m0, mc);
   }
+  // Streaming stores are weakly ordered: visible before the tile counts as done.
+  if (stream) _mm_sfence();
 }
 
 // What run_tile_avx512 takes from the thread's scratch for t.

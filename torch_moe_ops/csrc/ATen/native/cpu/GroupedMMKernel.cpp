@@ -170,9 +170,14 @@ bool cpu_is_intel() {
 // Average rows per group from which the BLAS behind at::mm (oneDNN's
 // bfloat16 matmul with AVX512_BF16, MKL's sgemm) overtakes the
 // micro-kernel: its weight packing is then amortised over enough rows. The
-// rows are the smaller side of each group's output: in 3D x 2D the tokens
-// are its columns, and oneDNN on a few dozen of them (Zen 5, bfloat16, 1536
-// weight rows) ran at 0.1x its dense rate.
+// rows are the smallest dimension of each group's product: in 3D x 2D the
+// tokens are its output's columns, and oneDNN on a few dozen of them (Zen 5,
+// bfloat16, 1536 weight rows) ran at 0.1x its dense rate; in 2D x 2D (a
+// weight gradient) they are its K: with a few dozen routed rows per expert
+// the micro-kernels, whose large tiles stream their output
+// (kStreamTileBytes), took 5-15% less time than oneDNN (Zen 5, bfloat16,
+// bench_grouped_mm's skewed 2d2d rows of DeepSeek-V3, OLMoE and Qwen3 `nk`;
+// Qwen3 `kn` 4% more, within the run-to-run spread).
 constexpr int64_t kMatmulMinRows = 256;
 
 // The AVX-512 micro-kernels (they beat oneDNN/MKL on fine-grained groups by
@@ -191,7 +196,7 @@ Engine choose_engine(const std::vector<Problem<scalar_t, out_t, acc_t>>& problem
   int64_t rows = 0, nonempty = 0;
   for (const auto& p : problems) {
     if (p.m > 0 && p.n > 0) {
-      rows += std::min(p.m, p.n);
+      rows += std::min({p.m, p.n, p.k});
       ++nonempty;
     }
   }
