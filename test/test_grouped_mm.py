@@ -355,7 +355,7 @@ def test_transposed_tiles_turned_3d2d(dtype, k):
 def test_weight_gradient_outputs_streamed(dtype, n, with_bias):
     """A weight gradient (2D x 2D) whose experts' outputs outgrow L2: in the
     AVX512 build each tile of the broadcast engine here writes at least 1 MB
-    (kStreamTileBytes: 1024 rows x 256 columns or more), so it sends its
+    (kStreamTileBytes: 2048 rows x 256 columns or more), so it sends its
     full, 64-byte aligned 64-column rows to memory with streaming stores, and
     the rest with plain ones (n = 1000: rows 2000 bytes apart, so three in
     four start unaligned; the last 40 columns). Every element is summed in K
@@ -363,13 +363,13 @@ def test_weight_gradient_outputs_streamed(dtype, n, with_bias):
     small problem (64 rows: 256 KB tiles or less, plain stores), and of the
     same product with the routed rows read through an index (as expert_mlp's
     backward reads them); all within the float32 K-term bound of float64.
-    One expert's 300 routed rows take two K blocks (the streamed stores then
-    come from the accumulator buffer), three have none. On other builds this
-    checks the same values through plain stores."""
+    One expert's 300 routed rows take two K blocks (its tiles 256 columns
+    wide, streamed from the accumulator buffer), three have none. On other
+    builds this checks the same values through plain stores."""
     g = torch.Generator().manual_seed(n + with_bias)
     sizes = [37, 0, 96, 300, 5, 0, 64, 1, 80, 17, 0, 128, 40, 9, 70, 33]
     offs = torch.tensor(sizes).cumsum(0).to(torch.int32)
-    total, m = sum(sizes), 1024
+    total, m = sum(sizes), 2048
     x = torch.randn(total, m, generator=g).to(dtype)  # routed rows: A = x^T, K-major
     dy = torch.randn(total, n, generator=g).to(dtype)
     bias = torch.randn(len(sizes), n, generator=g).to(dtype) if with_bias else None
