@@ -854,7 +854,7 @@ AVX512_WITHOUT_STREAM = [(
                     "      store_out_row<out_t>(o, r[i], x.bias, x.w);\n"),
     "      store_out_row<out_t>(static_cast<out_t*>(x.c) + i * x.ldc, r[i], x.bias, x.w);\n",
 ), (
-    "  const bool stream = kStreamable<out_t> && !p.c_transposed &&\n"
+    "  const bool stream = kStreamable<out_t> && !p.c_transposed && p.k <= std::min(p.m, p.n) &&\n"
     "      p.m * t.nb * static_cast<int64_t>(sizeof(out_t)) >= kStreamTileBytes;\n", "",
 ), (
     "        x.stream = stream;\n", "",

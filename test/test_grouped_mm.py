@@ -352,38 +352,41 @@ def test_transposed_tiles_turned_3d2d(dtype, k):
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("n", [1024, 1000])
 @pytest.mark.parametrize("with_bias", [False, True])
-def test_weight_gradient_outputs_streamed(dtype, n, with_bias):
+@pytest.mark.parametrize("m", [2048, 256])
+def test_weight_gradient_outputs_streamed(dtype, n, with_bias, m):
     """A weight gradient (2D x 2D) whose experts' outputs outgrow L2: in the
-    AVX512 build each tile of the broadcast engine here writes at least 1 MB
-    (kStreamTileBytes: 2048 rows x 256 columns or more), so it sends its
-    full, 64-byte aligned 64-column rows to memory with streaming stores, and
-    the rest with plain ones (n = 1000: rows 2000 bytes apart, so three in
-    four start unaligned; the last 40 columns). Every element is summed in K
-    order whatever the tile, so each holds the bits of the same rows run as a
-    small problem (64 rows: 256 KB tiles or less, plain stores), and of the
-    same product with the routed rows read through an index (as expert_mlp's
+    AVX512 build each tile of the broadcast engine here whose expert has no
+    more routed rows (K) than output rows writes at least 128 KB
+    (kStreamTileBytes; 256 rows x 256 columns or more), so it sends its full,
+    64-byte aligned 64-column rows to memory with streaming stores, and the
+    rest with plain ones (n = 1000: rows 2000 bytes apart, so three in four
+    start unaligned; the last 40 columns). With 256 output rows the expert of
+    300 routed rows keeps plain stores. Every element is summed in K order
+    whatever the tile, so each holds the bits of the same rows run as a small
+    problem (16 rows: 64 KB tiles or less, plain stores), and of the same
+    product with the routed rows read through an index (as expert_mlp's
     backward reads them); all within the float32 K-term bound of float64.
     One expert's 300 routed rows take two K blocks (its tiles 256 columns
-    wide, streamed from the accumulator buffer), three have none. On other
-    builds this checks the same values through plain stores."""
-    g = torch.Generator().manual_seed(n + with_bias)
+    wide, through the accumulator buffer), three have none. On other builds
+    this checks the same values through plain stores."""
+    g = torch.Generator().manual_seed(n + with_bias + m)
     sizes = [37, 0, 96, 300, 5, 0, 64, 1, 80, 17, 0, 128, 40, 9, 70, 33]
     offs = torch.tensor(sizes).cumsum(0).to(torch.int32)
-    total, m = sum(sizes), 2048
+    total = sum(sizes)
     x = torch.randn(total, m, generator=g).to(dtype)  # routed rows: A = x^T, K-major
     dy = torch.randn(total, n, generator=g).to(dtype)
     bias = torch.randn(len(sizes), n, generator=g).to(dtype) if with_bias else None
     out = torch.ops.moe_ops.grouped_mm(x.t(), dy, offs, bias=bias)
     assert out.shape == (len(sizes), m, n)
-    for r0 in (0, 64, m - 64):
-        small = torch.ops.moe_ops.grouped_mm(x[:, r0:r0 + 64].t(), dy, offs, bias=bias)
-        assert torch.equal(out[:, r0:r0 + 64], small), f"rows {r0}-{r0 + 63}"
+    for r0 in (0, 128, m - 16):
+        small = torch.ops.moe_ops.grouped_mm(x[:, r0:r0 + 16].t(), dy, offs, bias=bias)
+        assert torch.equal(out[:, r0:r0 + 16], small), f"rows {r0}-{r0 + 15}"
     if not with_bias:
         tokens = torch.randn(300, m, generator=g).to(dtype)
         rows = torch.randint(0, 300, (total,), generator=g)
         gathered = torch.ops.moe_ops.grouped_mm_gather(tokens.t(), dy, offs, rows)
         assert torch.equal(gathered, torch.ops.moe_ops.grouped_mm(tokens[rows].t(), dy, offs))
-    assert_within_sum_bound(out, x.t(), dy, offs, bias, f"{dtype} n={n}")
+    assert_within_sum_bound(out, x.t(), dy, offs, bias, f"{dtype} n={n} m={m}")
 
 
 @pytest.mark.skipif(not cpu_has_avx512_bf16(), reason="needs a CPU with AVX512_BF16 (/proc/cpuinfo)")

@@ -292,24 +292,26 @@ class TestGroupedMM(TestCase):
     @onlyCPU
     @dtypes(torch.float32, torch.bfloat16)
     def test_grouped_mm_weight_gradient_streamed(self, device, dtype):
-        # A weight gradient (2D x 2D) whose groups write 1 MB and more per
-        # tile (2048 rows): on AVX-512 CPUs the tiles send their full, 64-byte
-        # aligned 64-column rows to memory with streaming stores, the others
-        # (N 1000: most rows unaligned; the last 40 columns) with plain ones.
-        # Each element sums in K order whatever the tile, so it holds the bits
-        # of the same rows run as a small problem (plain stores). One group
-        # spans two K blocks (tiles 256 columns wide), three are empty.
+        # A weight gradient (2D x 2D) whose groups have fewer routed rows (K)
+        # than output rows: on AVX-512 CPUs its tiles that write 128 KB and
+        # more (256 rows and more) send their full, 64-byte aligned 64-column
+        # rows to memory with streaming stores, the others (N 1000: most rows
+        # unaligned; the last 40 columns) with plain ones, as does the group
+        # of 300 routed rows when there are 256 output rows. Each element sums
+        # in K order whatever the tile, so it holds the bits of the same rows
+        # run as a small problem (16 rows, plain stores). One group spans two
+        # K blocks (tiles 256 columns wide), three are empty.
         sizes = [37, 0, 96, 300, 5, 0, 64, 1, 80, 17, 0, 128, 40, 9, 70, 33]
         offs = _offs(sizes, device)
-        for n, with_bias in ((1024, False), (1000, True)):
-            x = torch.randn(sum(sizes), 2048, device=device, dtype=dtype)
+        for m, n, with_bias in ((2048, 1024, False), (256, 1000, True)):
+            x = torch.randn(sum(sizes), m, device=device, dtype=dtype)
             dy = torch.randn(sum(sizes), n, device=device, dtype=dtype)
             bias = torch.randn(len(sizes), n, device=device, dtype=dtype) if with_bias else None
             out = torch._grouped_mm(x.t(), dy, offs=offs, bias=bias)
             self.assertGroupedClose(out, x.t(), dy, offs, bias)
-            for r0 in (0, 1984):
-                small = torch._grouped_mm(x[:, r0:r0 + 64].t(), dy, offs=offs, bias=bias)
-                self.assertEqual(out[:, r0:r0 + 64], small, atol=0, rtol=0)
+            for r0 in (0, m - 16):
+                small = torch._grouped_mm(x[:, r0:r0 + 16].t(), dy, offs=offs, bias=bias)
+                self.assertEqual(out[:, r0:r0 + 16], small, atol=0, rtol=0)
 
     @onlyCPU
     def test_grouped_mm_errors(self, device):
