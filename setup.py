@@ -140,9 +140,10 @@ def extension():
     x86 = platform.machine().lower() in ("x86_64", "amd64")
     sources = sorted(glob.glob(os.path.join(CSRC, "*.cpp")) + glob.glob(os.path.join(native, "*.cpp"))
                      + glob.glob(os.path.join(CSRC, "moe", "*.cpp")) + glob.glob(os.path.join(CSRC, "testing", "*.cpp")))
-    # native/cpu/ (and testing/cpu/, test-only kernels built on native/cpu/
-    # headers): compiled once per CPU capability (BuildExtensionPerCapability).
-    cpu_kernels = sorted(glob.glob(os.path.join(native, "cpu", "*.cpp"))
+    # native/cpu/ (and moe/cpu/, project-only kernels, and testing/cpu/,
+    # test-only kernels built on native/cpu/ headers): compiled once per CPU
+    # capability (BuildExtensionPerCapability).
+    cpu_kernels = sorted(glob.glob(os.path.join(native, "cpu", "*.cpp")) + glob.glob(os.path.join(CSRC, "moe", "cpu", "*.cpp"))
                          + glob.glob(os.path.join(CSRC, "testing", "cpu", "*.cpp")))
     # The link is skipped when no source is newer than the library: list the
     # per-capability kernels and their headers as dependencies.

@@ -157,7 +157,8 @@ def test_gradcheck(activation):
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
-def test_16bit_and_fp32_close_to_float64(dtype):
+@pytest.mark.parametrize("bias", [True, False])
+def test_16bit_and_fp32_close_to_float64(dtype, bias):
     """Per element. h, act(h) and y round once each to the dtype (2^-9
     relative in bf16) and the combine accumulates in fp32: each output row is
     within 3 roundings of its own magnitude (its largest element), factor 4
@@ -168,12 +169,16 @@ def test_16bit_and_fp32_close_to_float64(dtype):
     (<grad_out, y> over hidden) cancel, so they are bounded by the sums of
     their absolute terms (|x|^T |dh| with dh's own cancelling sum
     |grad_out| @ |down|^T, and |grad_out| . |y|, in float64 one slot at a
-    time) instead of their rows."""
+    time) instead of their rows. Without biases the SwiGLU rows run the fused
+    kernels (ExpertSwiGLU.h) both ways; with them the backward's routing
+    weight gradient takes the down bias's term, through the ATen composition."""
     x, ids, w, gate_up, down, gub, dnb, views = make_problem(40, 64, 24, 8, 3, "swiglu", True, True, False, dtype, 5)
+    if not bias:
+        gub, dnb = torch.zeros_like(gub), torch.zeros_like(dnb)
     leaves = [t.requires_grad_() for t in (x, w, gate_up, down, gub, dnb)]
-    out = fused_experts(x, ids, w, *views(gate_up, down), gub, dnb)
+    out = fused_experts(x, ids, w, *views(gate_up, down), *((gub, dnb) if bias else (None, None)))
     grad = torch.randn(out.shape, dtype=torch.float64)
-    got = torch.autograd.grad(out, leaves, grad.to(dtype))
+    got = torch.autograd.grad(out, leaves if bias else leaves[:4], grad.to(dtype))
     leaves64 = [t.detach().double().requires_grad_() for t in leaves]
     ref = reference_experts(leaves64[0], ids, leaves64[1], *views(leaves64[2], leaves64[3]), leaves64[4],
                             leaves64[5], "swiglu", False)
@@ -182,6 +187,39 @@ def test_16bit_and_fp32_close_to_float64(dtype):
     magnitude = _cancelling_grad_magnitudes(leaves64, ids, grad, views)
     for name, g, r in zip(("tokens", "weights", "gate_up", "down", "gate_up_bias", "down_bias"), got, want):
         assert_rows_close(g, r, dtype, 4, f"grad of {name}", magnitude.get(name))
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+@pytest.mark.parametrize("weights", [True, False])
+def test_interleaved_swiglu_is_a_column_permutation(dtype, weights):
+    """gate and up interleaved in gate_up's columns (gpt-oss's layout) are the
+    same layer as gate then up with the columns permuted: every h column sums
+    the same products in the same order and each SwiGLU row is computed alone
+    in the fused kernels, so the output and the gradients of the routing
+    weights, of down and (permuted back) of gate_up keep their bits; the token
+    gradient sums over the permuted columns in another order, so it is close.
+    Inter 37: rows off the vector width."""
+    x, ids, w, gate_up, down, _, _, views = make_problem(33, 48, 37, 6, 2, "swiglu", False, False, False, dtype, 3,
+                                                         weights)
+    inter = down.shape[1]
+    perm = torch.stack([torch.arange(inter), torch.arange(inter) + inter], 1).reshape(-1)  # gate0, up0, gate1, ...
+    grad = torch.randn(33, 48, generator=torch.Generator().manual_seed(4)).to(dtype)
+    runs = []
+    for interleaved in (False, True):
+        leaves = [t.detach().clone().requires_grad_() for t in (x, gate_up[..., perm] if interleaved else gate_up,
+                                                                down)]
+        wl = w.detach().clone().requires_grad_() if weights else None
+        out = fused_experts(leaves[0], ids, wl, leaves[1], leaves[2], None, None, "swiglu", interleaved)
+        grads = torch.autograd.grad(out, leaves + ([wl] if weights else []), grad)
+        runs.append((out, *grads))
+    (out, gx, ggu, gdn, *gw), (out_i, gx_i, ggu_i, gdn_i, *gw_i) = runs
+    assert torch.equal(out, out_i)
+    assert torch.equal(ggu[..., perm], ggu_i)
+    assert torch.equal(gdn, gdn_i)
+    for a, b in zip(gw, gw_i):
+        assert torch.equal(a, b)
+    torch.testing.assert_close(gx, gx_i, **({"rtol": 2**-7, "atol": 2**-7 * gx.abs().max().item()}
+                                            if dtype == torch.bfloat16 else {"rtol": 1e-5, "atol": 1e-5}))
 
 
 def _cancelling_grad_magnitudes(leaves64, ids, grad, views):
