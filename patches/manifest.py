@@ -776,13 +776,13 @@ WITHOUT_MATMUL = [(
     "  run_problems(problems);\n",
 )]
 AVX512_WITHOUT_MATMUL = [(
-    "// float32, float16 and bfloat16, except groups of hundreds of rows of\n"
-    "// float32, or of bfloat16 on CPUs with AVX512_BF16, where MKL / oneDNN are\n"
-    "// faster: micro-kernels that read the expert weights straight from the\n"
-    "// caller's memory, one cache-sized block at a time, so streaming the weights\n"
-    "// from DRAM overlaps the arithmetic instead of preceding it. bfloat16 runs as\n"
-    "// K pairs through vdpbf16ps where the CPU has AVX512_BF16, widened to float32\n"
-    "// where it has not (GroupedMMAvx512BF16.h).\n",
+    "// float32, float16 and bfloat16, except groups of hundreds of rows where\n"
+    "// MKL / oneDNN are faster (float32 on Intel cores; bfloat16 on CPUs with\n"
+    "// AVX512_BF16 unless A and B are both row-major): micro-kernels that read the\n"
+    "// expert weights straight from the caller's memory, one cache-sized block at\n"
+    "// a time, so streaming the weights from DRAM overlaps the arithmetic instead\n"
+    "// of preceding it. bfloat16 runs as K pairs through vdpbf16ps where the CPU\n"
+    "// has AVX512_BF16, widened to float32 where it has not (GroupedMMAvx512BF16.h).\n",
     "// float32, float16 and bfloat16: micro-kernels that read the expert weights\n"
     "// straight from the caller's memory, one cache-sized block at a time, so\n"
     "// streaming the weights from DRAM overlaps the arithmetic instead of preceding\n"
@@ -835,6 +835,33 @@ WITHOUT_TURNED_AVX512 = [(
 )]
 
 AVX512_H = f"{SRC}/cpu/GroupedMMAvx512.h"
+
+# 1b3's at::mm takes every large bfloat16 group: the broadcast engine keeps
+# the row-major ones only from 1bb on, whose vdpbf16ps K pairs keep up with
+# oneDNN there (widened to float32 before, they could not).
+KERNEL_WITHOUT_BF16_BROADCAST = [(
+    _source_between(f"{SRC}/cpu/GroupedMMKernel.cpp", "// Every group with A and B row-major", "  });\n}\n\n"), "",
+), (
+    "// groups outside the broadcast layout (bf16_broadcast_layout); otherwise\n"
+    "// at::mm where it applies, else the widening engine.\n",
+    "// groups; otherwise at::mm where it applies, else the widening engine.\n",
+), (
+    "    if (cpu_has_avx512_bf16() &&\n"
+    "        !(fallback == Engine::kMatmul && large_groups && !bf16_broadcast_layout(problems))) {\n",
+    "    if (cpu_has_avx512_bf16() && !(fallback == Engine::kMatmul && large_groups)) {\n",
+)]
+AVX512_WITHOUT_BF16_BROADCAST = [(
+    "// AVX512_BF16 unless A and B are both row-major): micro-kernels that read the\n"
+    "// expert weights straight from the caller's memory, one cache-sized block at\n"
+    "// a time, so streaming the weights from DRAM overlaps the arithmetic instead\n"
+    "// of preceding it. bfloat16 runs as K pairs through vdpbf16ps where the CPU\n"
+    "// has AVX512_BF16, widened to float32 where it has not (GroupedMMAvx512BF16.h).\n",
+    "// AVX512_BF16): micro-kernels that read the expert weights straight from the\n"
+    "// caller's memory, one cache-sized block at a time, so streaming the weights\n"
+    "// from DRAM overlaps the arithmetic instead of preceding it. bfloat16 runs as\n"
+    "// K pairs through vdpbf16ps where the CPU has AVX512_BF16, widened to float32\n"
+    "// where it has not (GroupedMMAvx512BF16.h).\n",
+)]
 
 # The PRs before 1c5's streamed outputs: the broadcast engine's streaming
 # epilogue (stream_out_row, MicroArgs::stream, the tile's fence), and the
@@ -1301,9 +1328,11 @@ SERIES = [
             message="core/0001b3-grouped-mm-cpu-large-groups-mm.txt",
             changes=[
                 Copy(f"{NATIVE}/cpu/GroupedMMAvx512.h", f"{SRC}/cpu/GroupedMMAvx512.h",
-                     edits=AVX512_WITHOUT_STREAM + WITHOUT_TURNED_AVX512 + WITHOUT_PACK_WORDS + WITHOUT_PACK_IN_KERNEL, update=True),
+                     edits=AVX512_WITHOUT_STREAM + WITHOUT_TURNED_AVX512 + WITHOUT_PACK_WORDS + WITHOUT_PACK_IN_KERNEL
+                     + AVX512_WITHOUT_BF16_BROADCAST, update=True),
                 Copy(f"{NATIVE}/cpu/GroupedMMKernel.cpp", f"{SRC}/cpu/GroupedMMKernel.cpp",
-                     edits=KERNEL_WITHOUT_STREAM + WITHOUT_TRANSPOSED_TILE + WITHOUT_BRGEMM + WITHOUT_INNER_PRODUCT + WITHOUT_BF16_PAIRS, update=True),
+                     edits=KERNEL_WITHOUT_STREAM + WITHOUT_TRANSPOSED_TILE + WITHOUT_BRGEMM + WITHOUT_INNER_PRODUCT + WITHOUT_BF16_PAIRS
+                     + KERNEL_WITHOUT_BF16_BROADCAST, update=True),
             ],
         ),
         Patch(

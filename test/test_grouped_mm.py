@@ -411,6 +411,46 @@ def test_bfloat16_kernels_run_where_the_cpu_has_avx512_bf16(rows, w_order):
     assert (ours == 0).all()
 
 
+@pytest.mark.skipif(not cpu_has_avx512_bf16() or "amx_tile" in cpu_flags(),
+                    reason="needs a CPU with AVX512_BF16 and without AMX, whose small groups run brgemm tiles")
+@pytest.mark.parametrize("layout", ["2d3d", "3d3d"])
+def test_bfloat16_large_groups_row_major_stay_on_micro_kernels(layout):
+    """bfloat16 groups of hundreds of rows leave the micro-kernels for
+    oneDNN's matmul, except with A and B both row-major, where the broadcast
+    engine is as fast (bf16_broadcast_layout, GroupedMMKernel.cpp). Its rows
+    have the same bits whatever the group's size and the thread count, so each
+    16-row slice equals the slice run as its own small problem (always the
+    micro-kernels); oneDNN sums K = 2048 in another order and misses those
+    bits (checked: it does on a Zen 5). Groups of 300-620 rows, one empty,
+    N off the 64-column strip."""
+    g = torch.Generator().manual_seed(0)
+    k, n = 2048, 300  # the group's smallest dimension decides (choose_engine)
+    sizes = [300, 0, 620, 400] if layout == "2d3d" else [320] * 3
+    w = torch.randn(len(sizes), k, n, generator=g).bfloat16()
+    if layout == "2d3d":
+        offs = torch.tensor(sizes).cumsum(0).to(torch.int32)
+        a = torch.randn(sum(sizes), k, generator=g).bfloat16()
+        run = lambda: torch.ops.moe_ops.grouped_mm(a, w, offs)  # noqa: E731
+        starts = offs.tolist()
+        slices = [(e, s0 - size) for e, (s0, size) in enumerate(zip(starts, sizes)) if size]
+        rows_of = lambda e, r: (a[r:r + 16], out[r:r + 16])  # noqa: E731
+    else:
+        offs = None
+        a = torch.randn(len(sizes), sizes[0], k, generator=g).bfloat16()
+        run = lambda: torch.ops.moe_ops.grouped_mm(a, w)  # noqa: E731
+        slices = [(e, 0) for e in range(len(sizes))]
+        rows_of = lambda e, r: (a[e, r:r + 16], out[e, r:r + 16])  # noqa: E731
+    assert_same_bits_at_thread_counts(run)
+    out = run()
+    one = torch.tensor([16], dtype=torch.int32)
+    for e, r0 in slices:
+        for r in (r0, r0 + 144):
+            x, got = rows_of(e, r)
+            small = torch.ops.moe_ops.grouped_mm(x, w[e:e + 1], one)
+            assert torch.equal(got, small), f"{layout} expert {e} rows {r}-{r + 15}"
+    assert_within_sum_bound(out, a, w, offs, None, layout)
+
+
 def test_gradient_of_transposed_weights_keeps_their_layout():
     """transformers stores expert weights (E, N, K) and passes the transposed
     view: the weight gradient must arrive in that layout, or autograd copies

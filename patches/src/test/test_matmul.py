@@ -221,6 +221,18 @@ class TestGroupedMM(TestCase):
             a3 = torch.randn(2, k, 30, device=device, dtype=dtype).transpose(-2, -1)
             b3 = torch.randn(2, k, 50, device=device, dtype=dtype)
             self.assertGroupedClose(torch._grouped_mm(a3, b3), a3, b3, None)
+        # With the pairs, groups of hundreds of rows with A and B row-major
+        # stay on them rather than on mm: each row keeps the bits it has in a
+        # small group (mm sums this K in another order). Not with AMX, whose
+        # small groups run brgemm tiles.
+        if torch.cpu._is_avx512_bf16_supported() and not torch.cpu._is_amx_tile_supported():
+            a, b, offs = _groups("2d3d", [300, 0, 620], device, dtype, k=2048, n=300)
+            out = torch._grouped_mm(a, b, offs=offs)
+            self.assertGroupedClose(out, a, b, offs)
+            sixteen = torch.tensor([16], device=device, dtype=torch.int32)
+            for g, r in ((0, 0), (2, 300), (2, 900)):
+                small = torch._grouped_mm(a[r:r + 16], b[g:g + 1], offs=sixteen)
+                self.assertEqual(out[r:r + 16], small, atol=0, rtol=0)
 
     @onlyCPU
     @dtypes(torch.float32, torch.bfloat16, torch.float16)

@@ -3,13 +3,13 @@
 // The AVX-512 engine of the CPU grouped mm kernel (cpu/GroupedMMKernel.cpp,
 // which includes this header in its CPU_CAPABILITY_AVX512 build only; see
 // GroupedMMKernelUtils.h for why the definitions have internal linkage). For
-// float32, float16 and bfloat16, except groups of hundreds of rows of
-// float32, or of bfloat16 on CPUs with AVX512_BF16, where MKL / oneDNN are
-// faster: micro-kernels that read the expert weights straight from the
-// caller's memory, one cache-sized block at a time, so streaming the weights
-// from DRAM overlaps the arithmetic instead of preceding it. bfloat16 runs as
-// K pairs through vdpbf16ps where the CPU has AVX512_BF16, widened to float32
-// where it has not (GroupedMMAvx512BF16.h).
+// float32, float16 and bfloat16, except groups of hundreds of rows where
+// MKL / oneDNN are faster (float32 on Intel cores; bfloat16 on CPUs with
+// AVX512_BF16 unless A and B are both row-major): micro-kernels that read the
+// expert weights straight from the caller's memory, one cache-sized block at
+// a time, so streaming the weights from DRAM overlaps the arithmetic instead
+// of preceding it. bfloat16 runs as K pairs through vdpbf16ps where the CPU
+// has AVX512_BF16, widened to float32 where it has not (GroupedMMAvx512BF16.h).
 
 #if defined(CPU_CAPABILITY_AVX512)
 

@@ -180,9 +180,26 @@ bool cpu_is_intel() {
 // Qwen3 `kn` 4% more, within the run-to-run spread).
 constexpr int64_t kMatmulMinRows = 256;
 
+// Every group with A and B row-major (2D x 3D and 3D x 3D on (G, K, N)
+// weights), the bfloat16 broadcast engine's own layout, where it keeps up
+// with oneDNN at any group size, so the large groups stay with it too. Zen 5,
+// 2 threads: uniform groups of 2048-8192 rows 0.98-1.01x oneDNN's speed, of
+// 300 rows (K 2048, N 1536) 1.16x; Mixtral's shape at a quarter width (8
+// skewed groups, 512 rows on average) 1.21-1.23x a loop of at::mm over the
+// groups in 2D x 3D and 1.09-1.11x in 3D x 3D. With the weights stored
+// (G, N, K), or A column-major, the micro-kernels ran those rows at
+// 0.84-0.98x of oneDNN.
+template <typename scalar_t, typename out_t, typename acc_t>
+bool bf16_broadcast_layout(const std::vector<Problem<scalar_t, out_t, acc_t>>& problems) {
+  return std::all_of(problems.begin(), problems.end(), [](const auto& p) {
+    return p.m == 0 || p.n == 0 || (p.a_cs == 1 && p.b_cs == 1);
+  });
+}
+
 // The AVX-512 micro-kernels (they beat oneDNN/MKL on fine-grained groups by
 // overlapping the weight stream with compute), except for large bfloat16
-// groups; otherwise at::mm where it applies, else the widening engine.
+// groups outside the broadcast layout (bf16_broadcast_layout); otherwise
+// at::mm where it applies, else the widening engine.
 // at::mm cannot read rows through an index. It runs a whole group on all
 // threads, and MKL / oneDNN may then split K across them for small shapes,
 // which changes the bits with the thread count: so only for the large
@@ -209,7 +226,8 @@ Engine choose_engine(const std::vector<Problem<scalar_t, out_t, acc_t>>& problem
     }
   }
   if constexpr (std::is_same_v<scalar_t, BFloat16>) {
-    if (cpu_has_avx512_bf16() && !(fallback == Engine::kMatmul && large_groups)) {
+    if (cpu_has_avx512_bf16() &&
+        !(fallback == Engine::kMatmul && large_groups && !bf16_broadcast_layout(problems))) {
       return Engine::kAvx512;
     }
     // Without AVX512_BF16 oneDNN's bfloat16 matmul runs at a fraction of the
