@@ -26,6 +26,14 @@ using Vec = vec::Vectorized<float>;
 // for the task.
 constexpr int64_t kRowsPerTask = 64;
 
+// The dtypes ExpertMLP.cpp sends here (a float32 accumulation); float64 runs
+// its ATen composition.
+#define SWIGLU_DISPATCH(TYPE, NAME, ...)                        \
+  AT_DISPATCH_SWITCH(TYPE, NAME,                                \
+                     AT_DISPATCH_CASE(kFloat, __VA_ARGS__)      \
+                     AT_DISPATCH_CASE(kBFloat16, __VA_ARGS__)   \
+                     AT_DISPATCH_CASE(kHalf, __VA_ARGS__))
+
 // Row r of h widened to float32 as gate[0, I) and up[0, I); buf holds 2I.
 template <typename scalar_t>
 void load_gate_up(const scalar_t* row, int64_t inter, bool interleaved, float* buf, const float*& gate,
@@ -64,7 +72,7 @@ void store_row(const float* src, scalar_t* dst, int64_t n) {
 void swiglu_forward_kernel(const Tensor& h, bool interleaved, const Tensor& a) {
   TORCH_INTERNAL_ASSERT(h.is_contiguous());
   const int64_t rows = a.size(0), inter = a.size(1);
-  AT_DISPATCH_FLOATING_TYPES_AND2(kBFloat16, kHalf, h.scalar_type(), "expert_swiglu_forward", [&] {
+  SWIGLU_DISPATCH(h.scalar_type(), "expert_swiglu_forward", [&] {
     const scalar_t* hp = h.const_data_ptr<scalar_t>();
     scalar_t* ap = a.data_ptr<scalar_t>();
     at::parallel_for(0, rows, kRowsPerTask, [&](int64_t begin, int64_t end) {
@@ -91,7 +99,7 @@ void swiglu_backward_kernel(const Tensor& h, const Tensor& g, const std::optiona
   const float* gp = g.const_data_ptr<float>();
   const float* wp = row_weight.has_value() ? row_weight->const_data_ptr<float>() : nullptr;
   float* dwp = d_row_weight.defined() ? d_row_weight.data_ptr<float>() : nullptr;
-  AT_DISPATCH_FLOATING_TYPES_AND2(kBFloat16, kHalf, h.scalar_type(), "expert_swiglu_backward", [&] {
+  SWIGLU_DISPATCH(h.scalar_type(), "expert_swiglu_backward", [&] {
     const scalar_t* hp = h.const_data_ptr<scalar_t>();
     scalar_t* dhp = dh.data_ptr<scalar_t>();
     scalar_t* awp = aw.defined() ? aw.data_ptr<scalar_t>() : nullptr;
@@ -115,10 +123,14 @@ void swiglu_backward_kernel(const Tensor& h, const Tensor& g, const std::optiona
           const Vec x = Vec::loadu(gate + j, n), u = Vec::loadu(up + j, n), gv = Vec::loadu(gr + j, n);
           const Vec s = sigmoid(x);
           const Vec silu = x * s;
-          const Vec act = silu * u;
-          dot = dot + gv * act;
+          // act * w and the dot only where autograd asked for them (the
+          // branches are the same for every row).
+          if (dwp != nullptr || awp != nullptr) {
+            const Vec act = silu * u;
+            if (dwp != nullptr) dot = dot + gv * act;
+            if (awp != nullptr) (act * w).store(a_w + j, n);
+          }
           const Vec da = gv * w;
-          (act * w).store(a_w + j, n);
           (da * silu).store(d_up + j, n);
           (da * u * s * (Vec(1.f) + x * (Vec(1.f) - s))).store(d_gate + j, n);
         }
@@ -146,6 +158,8 @@ void swiglu_backward_kernel(const Tensor& h, const Tensor& g, const std::optiona
 }
 
 } // namespace
+
+#undef SWIGLU_DISPATCH
 
 // Every capability's build registers its copy (Vectorized<float> is 16 lanes
 // in the AVX512 one).
