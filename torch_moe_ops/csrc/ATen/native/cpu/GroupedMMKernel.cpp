@@ -186,8 +186,8 @@ constexpr int64_t kMatmulMinRows = 256;
 // 2 threads: uniform groups of 2048-8192 rows 0.98-1.01x oneDNN's speed, of
 // 300 rows (K 2048, N 1536) 1.16x; Mixtral's shape at a quarter width (8
 // skewed groups, 512 rows on average) 1.21-1.23x a loop of at::mm over the
-// groups in 2D x 3D and 1.09-1.11x in 3D x 3D. With the weights stored
-// (G, N, K), or A column-major, the micro-kernels ran those rows at
+// groups in 2D x 3D and 1.09-1.11x one at::bmm in 3D x 3D. With the weights
+// stored (G, N, K), or A column-major, the micro-kernels ran those rows at
 // 0.84-0.98x of oneDNN.
 template <typename scalar_t, typename out_t, typename acc_t>
 bool bf16_broadcast_layout(const std::vector<Problem<scalar_t, out_t, acc_t>>& problems) {
