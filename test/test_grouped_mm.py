@@ -427,27 +427,23 @@ def test_bfloat16_large_groups_row_major_stay_on_micro_kernels(layout):
     k, n = 2048, 300  # the group's smallest dimension decides (choose_engine)
     sizes = [300, 0, 620, 400] if layout == "2d3d" else [320] * 3
     w = torch.randn(len(sizes), k, n, generator=g).bfloat16()
+    ends = torch.tensor(sizes).cumsum(0)
     if layout == "2d3d":
-        offs = torch.tensor(sizes).cumsum(0).to(torch.int32)
+        offs = ends.to(torch.int32)
         a = torch.randn(sum(sizes), k, generator=g).bfloat16()
-        run = lambda: torch.ops.moe_ops.grouped_mm(a, w, offs)  # noqa: E731
-        starts = offs.tolist()
-        slices = [(e, s0 - size) for e, (s0, size) in enumerate(zip(starts, sizes)) if size]
-        rows_of = lambda e, r: (a[r:r + 16], out[r:r + 16])  # noqa: E731
     else:
         offs = None
         a = torch.randn(len(sizes), sizes[0], k, generator=g).bfloat16()
-        run = lambda: torch.ops.moe_ops.grouped_mm(a, w)  # noqa: E731
-        slices = [(e, 0) for e in range(len(sizes))]
-        rows_of = lambda e, r: (a[e, r:r + 16], out[e, r:r + 16])  # noqa: E731
+    run = lambda: torch.ops.moe_ops.grouped_mm(a, w, offs)  # noqa: E731
     assert_same_bits_at_thread_counts(run)
     out = run()
+    # Row r of either layout's A and output: 3D x 3D's groups laid end to end.
+    a_rows, out_rows = a.reshape(-1, k), out.reshape(-1, n)
     one = torch.tensor([16], dtype=torch.int32)
-    for e, r0 in slices:
-        for r in (r0, r0 + 144):
-            x, got = rows_of(e, r)
-            small = torch.ops.moe_ops.grouped_mm(x, w[e:e + 1], one)
-            assert torch.equal(got, small), f"{layout} expert {e} rows {r}-{r + 15}"
+    for e, (end, size) in enumerate(zip(ends.tolist(), sizes)):
+        for r in (end - size, end - size + 144) if size else ():
+            small = torch.ops.moe_ops.grouped_mm(a_rows[r:r + 16], w[e:e + 1], one)
+            assert torch.equal(out_rows[r:r + 16], small), f"{layout} expert {e} rows {r}-{r + 15}"
     assert_within_sum_bound(out, a, w, offs, None, layout)
 
 
