@@ -25,11 +25,26 @@ REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 MESSAGES = os.path.join(os.path.dirname(os.path.abspath(__file__)), "messages")
 
 
+# Sources as the PRs before some later PR see them: path -> (old, new) edits that take that PR's code out
+# (registered by its stage module, e.g. patches/float8_weights_stages.py, whose Copies apply the same
+# edits first: Copy.before). The spans that earlier PRs' edits are cut from read these texts, so that an
+# edit anchors on what its Copy holds.
+SOURCES_BEFORE: dict[str, list[tuple[str, str]]] = {}
+
+
+def source_text(path: str) -> str:
+    """The in-repo file path as the spans below see it (SOURCES_BEFORE applied)."""
+    with open(os.path.join(REPO_ROOT, path), encoding="utf-8") as f:
+        text = f.read()
+    for old, new in SOURCES_BEFORE.get(path, ()):
+        text = rewrite.replace_once(text, old, new, path)
+    return text
+
+
 def source_span(path: str, start: str, stop: str) -> str:
     """The text of the in-repo file path from start (included) to the first stop after it
     (excluded); start must occur once (the stage modules cut sources with it)."""
-    with open(os.path.join(REPO_ROOT, path), encoding="utf-8") as f:
-        text = f.read()
+    text = source_text(path)
     if text.count(start) != 1:
         raise ValueError(f"{path}: {start!r} occurs {text.count(start)} times")
     begin = text.index(start)
@@ -56,6 +71,8 @@ class Copy:
     """A new upstream file, byte-identical to an in-repo source; or, for a
     file that a stack adds over several PRs, that file as one PR leaves it.
 
+    ``before``: (old, new) anchored edits of the source itself, applied
+    first (a later PR's code, wherever it sits, #if blocks included);
     ``undefine``: macros whose ``#if defined(MACRO)`` blocks are not in this
     PR (their ``#else`` branches are); ``edits``: (old, new) anchored edits of
     the rest; ``update``: the file exists (an earlier PR of the series added
@@ -68,6 +85,7 @@ class Copy:
     edits: list[tuple[str, str]] = field(default_factory=list)
     update: bool = False
     declared_at: str = field(default_factory=declared_at)
+    before: list[tuple[str, str]] = field(default_factory=list)
 
     @property
     def sources(self) -> list[str]:
@@ -79,6 +97,8 @@ class Copy:
         if text is not None and not self.update:
             raise PatchError(self.path, None, "exists upstream; a Copy may only add new files")
         out = read_source(self.source, self.declared_at)
+        for old, new in self.before:
+            out = rewrite.replace_once(out, old, new, self.source)
         for macro in self.undefine:
             out = undefine(out, macro, self.source)
         for old, new in self.edits:

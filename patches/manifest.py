@@ -28,8 +28,9 @@ import os
 
 from torch_moe_ops import native_functions
 
+from . import float8_weights_stages  # first: registers the sources' spans as the PRs before it see them
 from . import fp8_stages
-from .changes import REPO_ROOT, Copy, Edit, Insert, Patch, Series
+from .changes import REPO_ROOT, Copy, Edit, Insert, Patch, Series, source_text
 from .decomp_expect import DecompExpect
 from .errors import PatchError
 from .fx_passes import FxPassModule, PassTests
@@ -310,8 +311,7 @@ def opinfo_module_registered(module: str, prev: str, nxt: str) -> Edit:
 def _source_block(path: str, first: str, last: str) -> str:
     """The text of the in-repo source path from the line that starts with first to the line that starts with
     last, both included, and the blank line after it: a block an earlier PR of a stack leaves out."""
-    with open(os.path.join(REPO_ROOT, path), encoding="utf-8") as f:
-        text = f.read()
+    text = source_text(path)
     start = text.index("\n" + first) + 1
     stop = text.index("\n\n", text.index("\n" + last, start) + 1) + 2
     return text[start:stop]
@@ -476,8 +476,7 @@ WITHOUT_BRGEMM = BRGEMM_ENGINE_CHOICE + BRGEMM_REST
 
 def _source_between(path: str, start: str, stop: str) -> str:
     """The text of the in-repo source path from start up to and including stop (the first after it)."""
-    with open(os.path.join(REPO_ROOT, path), encoding="utf-8") as f:
-        text = f.read()
+    text = source_text(path)
     first = text.index(start)
     return text[first:text.index(stop, first) + len(stop)]
 
@@ -1161,6 +1160,9 @@ GROUPED_MM_MAT2_BACKWARD = (
 VALUES_BACKWARD_DECL = "\nTensor values_backward(const Tensor& grad, const Tensor& self);\n"
 MANUAL_NAMESPACE_END = "\n} // namespace torch::autograd::generated::details\n"
 
+FP8_DECODE_PR = "core/0006c5a-fp8-scaled-grouped-mm-cpu-byte-decode.txt"
+FLOAT8_WEIGHTS_PR = "core/0006c5b-fp8-scaled-grouped-mm-cpu-float8-weights.txt"
+
 SERIES = [
     Series("core", [
         # -- Stack 1: grouped mm on CPU (patches/rfc/0001-grouped-mm-cpu.md) ---------------------------
@@ -1752,6 +1754,25 @@ SERIES = [
                      update=True),
             ],
         ),
+        # The float8 decode by byte arithmetic (shared with the next PR's engine), then rowwise float8 weights
+        # decoded in grouped mm's engine: the PRs before them carry their files without them
+        # (float8_weights_stages, applied by _without_float8_weights below).
+        Patch(
+            message=FP8_DECODE_PR,
+            changes=[
+                Copy(f"{NATIVE}/cpu/MoEFp8Avx512.h", float8_weights_stages.FP8_AVX512_H),
+                Copy(f"{NATIVE}/cpu/MoEScaledGroupedMMKernel.cpp", float8_weights_stages.SCALED_KERNEL,
+                     before=list(float8_weights_stages.BEFORE[float8_weights_stages.SCALED_KERNEL]), update=True),
+            ],
+        ),
+        Patch(
+            message=FLOAT8_WEIGHTS_PR,
+            changes=[
+                Copy(f"{NATIVE}/cpu/GroupedMMFloat8Weights.h", float8_weights_stages.FLOAT8_WEIGHTS_H),
+                *(Copy(f"{NATIVE}/{source[len(SRC) + 1:]}", source, update=True)
+                  for source in float8_weights_stages.BEFORE),
+            ],
+        ),
         Patch(
             message="core/0007-fp8-quantize-cuda.txt",
             changes=[
@@ -1902,6 +1923,21 @@ def _chain_meta_blocks() -> None:
 
 _chain_meta_blocks()
 opinfo_lists.chain(SERIES)
+
+
+def _without_float8_weights() -> None:
+    """Every Copy of a file that FP8_DECODE_PR or FLOAT8_WEIGHTS_PR changes, in
+    the PRs before them, takes their code out of the source first (Copy.before)."""
+    for series in SERIES:
+        for patch in series.patches:
+            if patch.message == FP8_DECODE_PR:
+                return
+            for change in patch.changes:
+                if isinstance(change, Copy) and change.source in float8_weights_stages.BEFORE_DECODE:
+                    change.before = float8_weights_stages.BEFORE_DECODE[change.source] + change.before
+
+
+_without_float8_weights()
 
 def check_coverage() -> None:
     """Every file under CARRIED_DIRS is the source of some change or, outside

@@ -37,6 +37,7 @@ from torch_moe_ops.reference import (
 )
 
 from common import assert_same_bits_at_thread_counts
+from _cpu import cpu_flags
 from _device import instantiate_cpu_and_cuda
 from opinfo_fp8 import (SCALED_MM_DTYPES, _quantize_weight, _scaled_grouped_mm_rowwise_operands, make_fp8_op_db,
                         op_db as fp8_op_db)
@@ -47,6 +48,17 @@ E8M0 = torch.float8_e8m0fnu
 def _bytes(t):
     """The bytes of a tensor, for bitwise comparison (NaN == NaN, -0 != +0)."""
     return t.contiguous().reshape(-1).view(torch.uint8)
+
+
+def float8_weights_decoded_in_gemm():
+    """Whether scaled_grouped_mm's rowwise 2D x 3D and 3D x 3D products run
+    on grouped mm's broadcast engine with the float8 weights decoded in its
+    packing (grouped_mm_float8_weights_stub): its AVX512 build, on a CPU with
+    AVX512_BF16 and without AMX (whose bfloat16 runs brgemm tiles). Elsewhere
+    the kernel converts the weights to bfloat16 tiles first."""
+    flags = cpu_flags()
+    return ("avx512_bf16" in flags and "amx_tile" not in flags
+            and torch.backends.cpu.get_cpu_capability() == "AVX512")
 
 
 def _call(op, s):
@@ -478,8 +490,12 @@ def test_scaled_grouped_mm_decodes_every_byte(f8, k_major):
     storage order) and the tokens are ones, so out[i, j] is code j's value
     (NaN where it is NaN) plus exact zeros, in float32 with unit scales
     (-0 plus +0 is +0, so 0x80 shows as 0). The AVX-512 build decodes
-    unscaled runs by 16-bit table lookup, a route of its own beside the
-    float32 one the scaled recipes take."""
+    unscaled runs by byte arithmetic (MoEFp8Avx512.h), routes of their own
+    beside the float32 one the scaled recipes take: in the conversion, or
+    where the GEMM decodes the weights (float8_weights_decoded_in_gemm) in
+    its packing, (K, N) weights among the first row block's products and
+    (N, K) weights transposed as codes (K and columns in whole blocks) or
+    column by column at the edges (the last 7 columns, the last 7 of K)."""
     n = 263
     codes = (torch.arange(n) % 256).to(torch.uint8)
     diag = torch.diag(codes)
@@ -544,6 +560,43 @@ def test_scaled_grouped_mm_is_dequantise_then_grouped_mm():
 
 
 
+@settings(max_examples=30, deadline=None)
+@given(st.sampled_from(["2d3d", "3d3d"]), st.lists(st.integers(0, 40), min_size=1, max_size=5),
+       st.one_of(st.sampled_from([64, 256, 320, 512]), st.integers(1, 600)),
+       st.one_of(st.sampled_from([16, 64, 80, 272]), st.integers(1, 300)),
+       st.sampled_from([torch.float8_e4m3fn, torch.float8_e5m2]), st.sampled_from([torch.bfloat16, torch.float32]),
+       st.booleans(), st.booleans(), st.integers(0, 2**31 - 1))
+def test_scaled_grouped_mm_rowwise_weights_in_both_orders(layout, sizes, k, n, f8, out_dtype, with_bias, a_k_major,
+                                                          seed):
+    """Rowwise float8 weights stored (K, N) and (N, K), at sizes that cross
+    the kernels' blocks (256 K, 64 and 256 columns, 6 rows) and their edges
+    (K or N not a multiple of 16 or 64), tokens row- or column-major: each
+    within the float64 bound, and both orders the same bits where the weights
+    are decoded in the GEMM's packing (float8_weights_decoded_in_gemm). There
+    the two orders' packing routes differ ((K, N): decoded among the first row
+    block's products, (N, K): transposed as codes, then decoded) and must land
+    the same K pairs; a converting kernel runs (N, K) tiles on other engines,
+    whose K order differs."""
+    g = torch.Generator().manual_seed(seed)
+    groups = len(sizes)
+    offs = torch.tensor(sizes, dtype=torch.int32).cumsum(0).to(torch.int32) if layout == "2d3d" else None
+    shape = (int(offs[-1]) + 1, k) if layout == "2d3d" else (groups, max(sizes), k)
+    a, sa = torch_quantize_fp8(torch.randn(shape, generator=g), "rowwise", f8)
+    if a_k_major:
+        a = a.transpose(-2, -1).contiguous().transpose(-2, -1)
+    w = torch.randn(groups, k, n, generator=g)
+    b_nk, sb = _quantize_weight(w, "rowwise", f8)
+    b_kn = b_nk.contiguous()
+    bias = torch.randn(groups, n, generator=g) if with_bias else None
+    outs = []
+    for b in (b_kn, b_nk):
+        out = torch.ops.moe_ops.scaled_grouped_mm(a, b, sa, sb, offs, bias, None, out_dtype)
+        assert_scaled_mm_close(out, a, b, sa, sb, offs, bias, out_dtype)
+        outs.append(out)
+    if float8_weights_decoded_in_gemm():
+        assert torch.equal(_bytes(outs[0]), _bytes(outs[1]))
+
+
 def _dequantised_entry_cases():
     """The OpInfo's rowwise samples in the layouts core/0006c1 takes (2D x 3D,
     3D x 3D: empty groups, rows past offs[-1], zero tokens, both weight storage
@@ -573,10 +626,15 @@ def test_dequantised_entry_matches_reference_and_kernel(out_dtype):
     bound the OpInfo test holds the kernel to (assert_scaled_mm_close: exact
     products, float32 sums, two scale multiplies and the bias add, one
     rounding; the arithmetic of both). Without a bias it gives the kernel's
-    bits: the same grouped mm sums the same bfloat16 tiles (one chunk at these
-    sizes) and the same two multiplies follow. With a bias the kernel's
-    compiler may fuse the second multiply and the add (one rounding fewer),
-    so there only the bound holds."""
+    bits where both sum in the same K order and the same two multiplies
+    follow: weights stored (K, N), which both multiply on the broadcast
+    engine, whether the kernel converts them to bfloat16 tiles first or
+    decodes them in the engine's packing; (N, K) weights only where the
+    kernel converts them (float8_weights_decoded_in_gemm), since the entry's
+    grouped mm then runs these small groups on the inner-product engine,
+    whose K order differs. With a bias the kernel's compiler may fuse the
+    second multiply and the add (one rounding fewer), so there only the
+    bound holds."""
     op = torch.ops.moe_ops_testing.scaled_grouped_mm_dequantised
     seen_bias = 0
     for name, (a, b, sa, sb), kw in _dequantised_entry_cases():
@@ -584,7 +642,7 @@ def test_dequantised_entry_matches_reference_and_kernel(out_dtype):
         out = op(a, b, sa, sb, offs, bias, out_dtype)
         assert_scaled_mm_close(out, a, b, sa, sb, offs, bias, out_dtype)
         kernel = torch.ops.moe_ops.scaled_grouped_mm(a, b, sa, sb, offs, bias, None, out_dtype)
-        if bias is None:
+        if bias is None and (b.stride(-1) == 1 or not float8_weights_decoded_in_gemm()):
             assert torch.equal(_bytes(out), _bytes(kernel)), name
         seen_bias += bias is not None
     assert seen_bias > 0

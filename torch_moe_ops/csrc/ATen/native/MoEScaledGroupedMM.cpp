@@ -12,6 +12,7 @@
 namespace at::native {
 
 DEFINE_DISPATCH(scaled_grouped_mm_stub);
+DEFINE_DISPATCH(grouped_mm_float8_weights_stub);
 
 Tensor scaled_grouped_mm_cpu_run(
     const Tensor& mat_a, const Tensor& mat_b, const Tensor& scale_a, const Tensor& scale_b,

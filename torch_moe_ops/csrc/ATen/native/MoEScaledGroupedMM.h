@@ -247,6 +247,21 @@ using scaled_grouped_mm_fn = void (*)(
     const Tensor& out);
 DECLARE_DISPATCH(scaled_grouped_mm_fn, scaled_grouped_mm_stub);
 
+// The rowwise recipe's 2D x 3D and 3D x 3D products on grouped_mm's CPU
+// kernel (cpu/GroupedMMKernel.cpp): out = mat_a (bfloat16, the float8 tokens
+// converted) x mat_b (the float8 weights as they are, any strides), scaled
+// by scale_a's rows and scale_b's columns, plus bias, rounded once to out's
+// dtype; the weights are decoded into the bfloat16 engine's packed blocks,
+// the scales applied as it stores its accumulators. scale_a / scale_b /
+// bias contiguous float32; out contiguous, its rows past offs[-1] left as
+// they are. Returns false, having written nothing, where that engine does
+// not run bfloat16 as vdpbf16ps K pairs (no AVX512_BF16; AMX, where brgemm
+// does; the builds below AVX512): the caller converts the weights itself.
+using grouped_mm_float8_weights_fn = bool (*)(
+    const Tensor& mat_a, const Tensor& mat_b, const Tensor& scale_a, const Tensor& scale_b,
+    const std::optional<Tensor>& offs, const std::optional<Tensor>& bias, const Tensor& out);
+DECLARE_DISPATCH(grouped_mm_float8_weights_fn, grouped_mm_float8_weights_stub);
+
 Tensor scaled_grouped_mm_cpu(
     const Tensor& mat_a, const Tensor& mat_b, const Tensor& scale_a, const Tensor& scale_b,
     const std::optional<Tensor>& offs, const std::optional<Tensor>& bias, const std::optional<Tensor>& scale_result,

@@ -182,6 +182,9 @@ struct MicroArgs {
   void* c; // output rows, leading dimension ldc (elements)
   int64_t ldc;
   const float* bias; // nullptr or the 64 columns' bias
+  // nullptr, or the MR rows' and the 64 columns' scales (Problem::row_scale).
+  const float* row_scale = nullptr;
+  const float* col_scale = nullptr;
   int64_t w; // valid output columns (<= 64)
   Prefetch pf;
   int64_t pf_begin, pf_end; // rows of pf this call prefetches
@@ -189,10 +192,13 @@ struct MicroArgs {
   // yet, and the kernel packs it into dst (the b it multiplies by) from the
   // weight rows at src (rs elements apart, unit column stride) as it goes,
   // for the row blocks after it.
+  // src8: the same from float8 codes (Problem::b8) of format e5m2.
   struct {
     const BFloat16* src = nullptr;
     int64_t rs = 0;
     uint32_t* dst = nullptr;
+    const uint8_t* src8 = nullptr;
+    bool e5m2 = false;
   } pack_b;
 };
 
@@ -207,6 +213,14 @@ inline void load_acc(__m512 (&r)[MR][4], const MicroArgs& x) {
 
 template <int MR, typename out_t>
 inline void finish_acc(__m512 (&r)[MR][4], const MicroArgs& x) {
+  if (x.last && x.row_scale != nullptr) {
+    __m512 cs[4];
+    for (int j = 0; j < 4; ++j) cs[j] = _mm512_maskz_loadu_ps(moe_lanes16(x.w, 16 * j), x.col_scale + 16 * j);
+    for (int i = 0; i < MR; ++i) {
+      const __m512 rs = _mm512_set1_ps(x.row_scale[i]);
+      for (int j = 0; j < 4; ++j) r[i][j] = _mm512_mul_ps(_mm512_mul_ps(r[i][j], rs), cs[j]);
+    }
+  }
   for (int i = 0; i < MR; ++i) {
     if (x.last) {
       out_t* o = static_cast<out_t*>(x.c) + i * x.ldc;
@@ -483,6 +497,19 @@ Prefetch weight_block(const P& p, const Tile& t, int64_t i, int64_t kc_max) {
   return pf;
 }
 
+// Float8 weights (Problem::b8): their packing and prefetch, in GroupedMMFloat8Weights.h.
+void pack_b_fp8_pairs(uint32_t* dst, const uint8_t* src, int64_t rs, int64_t cs, int64_t kc, int64_t w,
+                      bool e5m2);
+template <typename P>
+Prefetch float8_weight_block(const P& p, const Tile& t, int64_t i, int64_t kc_max);
+
+// Whether the broadcast engine prefetches p's weight blocks: unit-stride
+// rows in order, or float8 codes stored either way.
+template <typename P>
+bool weights_prefetched(const P& p) {
+  return p.b_idx == nullptr && (p.b_cs == 1 || (p.b8 != nullptr && p.b_rs == 1));
+}
+
 // One tile: all rows of the problem x columns [n0, n0 + nb), nb <= kMicroNB
 // unless K fits one block (then no accumulator buffer is needed).
 // Loop order per kMC rows: K blocks, then 64-column weight blocks, then MR-row
@@ -496,6 +523,9 @@ void run_tile_avx512(const Problem<scalar_t, out_t, float>& p, const Tile& t, Th
   using a_t = typename Traits::a_t;
   using b_t = typename Traits::b_t;
   constexpr int64_t kKC = Traits::kKC;
+  if constexpr (!kPairsOf<Traits>) {
+    TORCH_INTERNAL_ASSERT(p.b8 == nullptr, "float8 weights need the bfloat16 K-pair kernels");
+  }
   constexpr int64_t kBRows = std::is_same_v<b_t, uint32_t> ? kKC / 2 : kKC;
   const int64_t k = p.k;
   const int64_t strips = (t.nb + kNR - 1) / kNR;
@@ -517,8 +547,7 @@ void run_tile_avx512(const Problem<scalar_t, out_t, float>& p, const Tile& t, Th
   // What a -1 row index reads (at most kKC elements of a K block).
   alignas(64) static const a_t kZeroRow[kKC] = {};
   const a_t* a_rows[kMC];
-  // Weight rows are prefetched only when they are unit-stride rows in order.
-  const bool b_prefetch = p.b_cs == 1 && p.b_idx == nullptr;
+  const bool b_prefetch = weights_prefetched(p);
   const bool stream = kStreamable<out_t> && !p.c_transposed && p.k <= std::min(p.m, p.n) &&
       p.m * t.nb * static_cast<int64_t>(sizeof(out_t)) >= kStreamTileBytes;
 
@@ -574,13 +603,19 @@ void run_tile_avx512(const Problem<scalar_t, out_t, float>& p, const Tile& t, Th
         const int64_t j0 = t.n0 + s * kNR;
         const int64_t w = std::min(kNR, t.n0 + t.nb - j0);
         const int64_t* b_rows = p.b_idx != nullptr ? p.b_idx + k0 : nullptr;
-        const scalar_t* b_blk = p.b + (b_rows != nullptr ? 0 : k0 * p.b_rs) + j0 * p.b_cs;
+        const scalar_t* b_blk = p.b8 != nullptr ? nullptr : p.b + (b_rows != nullptr ? 0 : k0 * p.b_rs) + j0 * p.b_cs;
         // Unit-stride bfloat16 rows in order are packed by the first row
         // block's kernel (MicroArgs::pack_b), its loads and shuffles among
         // its FMAs: a separate pass took 9-11% of a 32-row tile (Zen 5).
+        // So are float8 weights stored (K, N) (GroupedMMFloat8Weights.h).
         const bool pack_in_kernel = kPairsOf<Traits> && p.b_cs == 1 && b_rows == nullptr && w == kNR;
+        const uint8_t* b8_blk = p.b8 != nullptr ? p.b8 + k0 * p.b_rs + j0 * p.b_cs : nullptr;
         if constexpr (kPairsOf<Traits>) {
-          if (!pack_in_kernel) Traits::pack_b(bpack, b_blk, p.b_rs, p.b_cs, kc, w, b_rows);
+          if (!pack_in_kernel && b8_blk != nullptr) {
+            pack_b_fp8_pairs(bpack, b8_blk, p.b_rs, p.b_cs, kc, w, p.b8_e5m2);
+          } else if (!pack_in_kernel) {
+            Traits::pack_b(bpack, b_blk, p.b_rs, p.b_cs, kc, w, b_rows);
+          }
         } else {
           pack_b_f32(bpack, b_blk, p.b_rs, p.b_cs, kc, w, b_rows);
         }
@@ -591,10 +626,13 @@ void run_tile_avx512(const Problem<scalar_t, out_t, float>& p, const Tile& t, Th
         if (b_prefetch) {
           const int64_t ahead = k0 / kKC * strips + s + kPrefetchBlocksAhead;
           const int64_t blocks = (k + kKC - 1) / kKC * strips;
+          const auto block = [&](const auto& q, const Tile& u, int64_t i) {
+            return q.b8 != nullptr ? float8_weight_block(q, u, i, kKC) : weight_block<scalar_t>(q, u, i, kKC);
+          };
           if (ahead < blocks) {
-            pf = weight_block<scalar_t>(p, t, ahead, kKC);
-          } else if (next != nullptr && m0 + kMC >= p.m && next_p->b_cs == 1 && next_p->b_idx == nullptr) {
-            pf = weight_block<scalar_t>(*next_p, *next, ahead - blocks, kKC);
+            pf = block(p, t, ahead);
+          } else if (next != nullptr && m0 + kMC >= p.m && weights_prefetched(*next_p)) {
+            pf = block(*next_p, *next, ahead - blocks);
           }
         }
         MicroArgs x;
@@ -606,6 +644,7 @@ void run_tile_avx512(const Problem<scalar_t, out_t, float>& p, const Tile& t, Th
         x.stream = stream;
         x.ldc = p.c_rs;
         x.bias = p.bias != nullptr ? p.bias + j0 : nullptr;
+        x.col_scale = p.col_scale != nullptr ? p.col_scale + j0 : nullptr;
         x.w = w;
         x.pf = pf;
         for (int64_t mb = 0; mb < m_blocks; ++mb) {
@@ -613,10 +652,13 @@ void run_tile_avx512(const Problem<scalar_t, out_t, float>& p, const Tile& t, Th
           const int64_t mr = std::min(kMR, mc - r0);
           x.acc = acc != nullptr ? acc + r0 * ld_acc + s * kNR : nullptr;
           x.c = p.c + (m0 + r0) * p.c_rs + j0;
+          x.row_scale = p.row_scale != nullptr ? p.row_scale + m0 + r0 : nullptr;
           x.pf_begin = pf.rows * mb / m_blocks;
           x.pf_end = pf.rows * (mb + 1) / m_blocks;
           if constexpr (kPairsOf<Traits>) {
             x.pack_b.src = pack_in_kernel && mb == 0 ? b_blk : nullptr;
+            x.pack_b.src8 = pack_in_kernel && mb == 0 ? b8_blk : nullptr;
+            x.pack_b.e5m2 = p.b8_e5m2;
             x.pack_b.rs = p.b_rs;
             x.pack_b.dst = bpack;
           }

@@ -72,13 +72,14 @@ struct PairWeights {
 };
 
 // bfloat16 micro-kernel: a is MR rows of kc bfloat16 (pairs read as 32 bits),
-// b is ceil(kc / 2) x 64 K pairs (kPack: packed by this call); an odd last
-// element pairs with zero.
-template <int MR, typename out_t, bool kPack>
+// b is ceil(kc / 2) x 64 K pairs, which Weights reads (PairWeights<false>)
+// or packs as it goes (PairWeights<true>; float8 weights:
+// GroupedMMFloat8Weights.h); an odd last element pairs with zero.
+template <int MR, typename out_t, typename Weights>
 GROUPED_MM_AVX512_BF16 void micro_bf16_pairs(const BFloat16* const* a, const uint32_t* b, const MicroArgs& x) {
   __m512 r[MR][4];
   load_acc<MR>(r, x);
-  const PairWeights<kPack> weights(b, x);
+  const Weights weights(b, x);
   // Held in locals for the same reason as PairWeights' members: read
   // through a and x, they would be reloaded after every packing store.
   const BFloat16* rows[MR];
@@ -120,13 +121,20 @@ GROUPED_MM_AVX512_BF16 void micro_bf16_pairs(const BFloat16* const* a, const uin
   finish_acc<MR, out_t>(r, x);
 }
 
-// The traits' kernel: the block packed by this call (x.pack_b.src set) or before it.
+// The kernel that packs float8 weights as it goes (GroupedMMFloat8Weights.h).
+template <int MR, typename out_t>
+void micro_bf16_float8(const BFloat16* const* a, const uint32_t* b, const MicroArgs& x);
+
+// The traits' kernel: the block packed by this call (x.pack_b.src or
+// x.pack_b.src8 set) or before it.
 template <int MR, typename out_t>
 void micro_bf16(const BFloat16* const* a, const uint32_t* b, const MicroArgs& x) {
-  if (x.pack_b.src != nullptr) {
-    micro_bf16_pairs<MR, out_t, true>(a, b, x);
+  if (x.pack_b.src8 != nullptr) {
+    micro_bf16_float8<MR, out_t>(a, b, x);
+  } else if (x.pack_b.src != nullptr) {
+    micro_bf16_pairs<MR, out_t, PairWeights<true>>(a, b, x);
   } else {
-    micro_bf16_pairs<MR, out_t, false>(a, b, x);
+    micro_bf16_pairs<MR, out_t, PairWeights<false>>(a, b, x);
   }
 }
 

@@ -229,7 +229,7 @@ bool nt_eligible(const P& p) {
     return false;
   }
   return p.a_cs == 1 && p.a_col_idx == nullptr && p.b_rs == 1 && p.b_cs != 1 && p.b_idx == nullptr &&
-      p.k >= 64;
+      p.b8 == nullptr && p.k >= 64;
 }
 
 // One tile: all rows of the problem x columns [n0, n0 + nb), 4 weight rows

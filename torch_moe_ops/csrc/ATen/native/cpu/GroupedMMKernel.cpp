@@ -25,6 +25,9 @@
 //   brgemm (GroupedMMBrgemm.h; the AVX512 build, bfloat16 and float16 where
 //     cpublas::could_pack holds, i.e. AMX): ATen's batch-reduce GEMM per tile
 //     on a packed weight block.
+// Float8 weights (GroupedMMFloat8Weights.h; scaled_grouped_mm's rowwise
+// recipe, grouped_mm_float8_weights_stub): the bfloat16 broadcast engine,
+// decoding them as it packs its weight blocks.
 // Accumulation is in float32 (float64 for float64) and rounded once in the
 // epilogue, which also adds the bias. The engine, the tiling and the K
 // blocking depend only on the shapes, strides and CPU, never on the thread
@@ -33,6 +36,7 @@
 // Scratch is allocated per call (one slice per thread) and freed at return.
 
 #include <ATen/native/GroupedMM.h>
+#include <ATen/native/MoEScaledGroupedMM.h>
 #include <ATen/native/cpu/GroupedMMKernelUtils.h>
 
 #include <ATen/Config.h>
@@ -54,6 +58,7 @@
 #include <ATen/native/cpu/GroupedMMAvx512.h>
 #include <ATen/native/cpu/GroupedMMAvx512BF16.h>
 #include <ATen/native/cpu/GroupedMMBrgemm.h>
+#include <ATen/native/cpu/GroupedMMFloat8Weights.h>
 #include <ATen/native/cpu/GroupedMMInnerProduct.h>
 #include <ATen/native/cpu/GroupedMMTransposedTile.h>
 #include <ATen/ops/from_blob.h>
@@ -272,7 +277,7 @@ void turn_3d2d_groups(bool has_bias, bool gathered, std::vector<Problem<scalar_t
   if constexpr (std::is_same_v<scalar_t, float> || std::is_same_v<scalar_t, BFloat16>) {
     if (has_bias || gathered || choose_engine(problems, has_bias, gathered) != Engine::kAvx512) return;
     for (auto& p : problems) {
-      if (p.m <= p.n || p.n == 0 || p.k == 0 || p.b_rs != 1) continue;
+      if (p.m <= p.n || p.n == 0 || p.k == 0 || p.b_rs != 1 || p.b8 != nullptr) continue;
       const auto q = turned(p);
       const bool to_tiles = !tt_eligible<scalar_t>(p) && tt_eligible<scalar_t>(q);
       const bool to_broadcast = p.a_rs == 1 && p.a_cs != 1;
@@ -538,10 +543,66 @@ void grouped_mm_kernel(const Tensor& mat_a, const Tensor& mat_b, const std::opti
   });
 }
 
+#if defined(CPU_CAPABILITY_AVX512)
+// The rowwise recipe's 2D x 3D or 3D x 3D product on the broadcast engine,
+// its weights float8 codes (Problem::b8), its scales and bias applied as the
+// accumulators are stored; see grouped_mm_float8_weights_fn.
+template <typename out_t>
+void grouped_mm_float8_weights_typed(const Tensor& mat_a, const Tensor& mat_b, const Tensor& scale_a,
+                                     const Tensor& scale_b, const std::optional<Tensor>& offs,
+                                     const std::optional<Tensor>& bias, const Tensor& out) {
+  const bool rows = grouped_mm_layout(mat_a, mat_b) == GroupedMMLayout::k2d3d;  // else 3D x 3D
+  const int64_t groups = grouped_mm_num_groups(mat_a, mat_b, offs);
+  const int64_t M = mat_a.size(-2), N = mat_b.size(-1);
+  const Tensor bias_f = bias.has_value() ? bias->to(kFloat).contiguous() : Tensor();
+  std::vector<Problem<BFloat16, out_t, float>> problems(groups);
+  int64_t start = 0;
+  for (const auto g : c10::irange(groups)) {
+    const int64_t end = rows ? offs->const_data_ptr<int32_t>()[g * offs->stride(0)] : 0;
+    auto& p = problems[g];
+    p.m = rows ? end - start : M;
+    p.n = N;
+    p.k = mat_a.size(-1);
+    p.a = mat_a.const_data_ptr<BFloat16>() + (rows ? start * mat_a.stride(0) : g * mat_a.stride(0));
+    p.a_rs = mat_a.stride(-2), p.a_cs = mat_a.stride(-1);
+    p.b8 = static_cast<const uint8_t*>(mat_b.const_data_ptr()) + g * mat_b.stride(0);
+    p.b8_e5m2 = mat_b.scalar_type() == kFloat8_e5m2;
+    p.b_rs = mat_b.stride(-2), p.b_cs = mat_b.stride(-1);
+    p.c = out.data_ptr<out_t>() + (rows ? start * out.stride(0) : g * out.stride(0));
+    p.c_rs = out.stride(-2);
+    p.bias = bias_f.defined() ? bias_f.const_data_ptr<float>() + g * N : nullptr;
+    p.row_scale = scale_a.const_data_ptr<float>() + (rows ? start : g * M);
+    p.col_scale = scale_b.const_data_ptr<float>() + g * N;
+    start = end;
+  }
+  run_problems(problems, bias.has_value(), false);
+}
+#endif // CPU_CAPABILITY_AVX512
+
+// grouped_mm_float8_weights_stub: the broadcast engine where it runs
+// bfloat16 as K pairs (with a bias, as here, bfloat16 never goes to at::mm).
+bool grouped_mm_float8_weights_kernel(const Tensor& mat_a, const Tensor& mat_b, const Tensor& scale_a,
+                                      const Tensor& scale_b, const std::optional<Tensor>& offs,
+                                      const std::optional<Tensor>& bias, const Tensor& out) {
+#if defined(CPU_CAPABILITY_AVX512)
+  if (cpu_has_avx512_bf16() && !CpublasBrgemm::available<BFloat16>()) {
+    TORCH_INTERNAL_ASSERT(mat_a.scalar_type() == kBFloat16 && scale_a.is_contiguous() && scale_b.is_contiguous());
+    if (out.scalar_type() == kFloat) {
+      grouped_mm_float8_weights_typed<float>(mat_a, mat_b, scale_a, scale_b, offs, bias, out);
+    } else {
+      grouped_mm_float8_weights_typed<BFloat16>(mat_a, mat_b, scale_a, scale_b, offs, bias, out);
+    }
+    return true;
+  }
+#endif
+  return false;
+}
+
 } // namespace
 
 // Every capability's build registers its copy; the AVX512 one has the
 // AVX-512 engine (plain REGISTER_DISPATCH would leave that slot empty).
 ALSO_REGISTER_AVX512_DISPATCH(grouped_mm_stub, &grouped_mm_kernel)
+ALSO_REGISTER_AVX512_DISPATCH(grouped_mm_float8_weights_stub, &grouped_mm_float8_weights_kernel)
 
 } // namespace at::native

@@ -41,6 +41,17 @@ struct Problem {
   const int64_t* a_row_idx = nullptr;
   const int64_t* a_col_idx = nullptr;
   const int64_t* b_idx = nullptr;
+  // Float8 weights (scaled_grouped_mm's rowwise recipe): B's elements are the
+  // float8 codes at b8 (b is null; b_rs / b_cs count codes), which the
+  // bfloat16 broadcast engine decodes as it packs them
+  // (GroupedMMFloat8Weights.h); no other engine takes such a problem.
+  const uint8_t* b8 = nullptr;
+  bool b8_e5m2 = false;
+  // With b8, rowwise scales (or nullptr): C[m, n] = round((acc[m, n] *
+  // row_scale[m]) * col_scale[n] + bias[n]), the scaled grouped mm's epilogue
+  // in the broadcast engine's.
+  const float* row_scale = nullptr;
+  const float* col_scale = nullptr;
   bool a_gathered() const { return a_row_idx != nullptr || a_col_idx != nullptr; }
 };
 
@@ -229,12 +240,17 @@ void store_tile(const P& p, int64_t m0, int64_t mb, int64_t n0, int64_t nb,
   }
 }
 
+// A product over K = 0: zero, scaled (Problem::row_scale: NaN where a scale
+// is not finite, as for any K), plus the bias.
 template <typename out_t, typename P>
 void store_bias_only(const P& p, int64_t n0, int64_t nb) {
   for (int64_t r = 0; r < p.m; ++r) {
     out_t* o = p.c + r * p.c_rs + n0;
     for (int64_t j = 0; j < nb; ++j) {
-      o[j] = p.bias != nullptr ? static_cast<out_t>(p.bias[n0 + j]) : out_t(0);
+      std::remove_const_t<std::remove_pointer_t<decltype(P::bias)>> v = 0;  // acc_t
+      if (p.row_scale != nullptr) v = (v * p.row_scale[r]) * p.col_scale[n0 + j];
+      if (p.bias != nullptr) v += p.bias[n0 + j];
+      o[j] = static_cast<out_t>(v);
     }
   }
 }

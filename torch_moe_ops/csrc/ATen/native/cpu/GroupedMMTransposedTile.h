@@ -69,7 +69,8 @@ constexpr int64_t kTtPerWord = static_cast<int64_t>(sizeof(uint32_t) / sizeof(sc
 
 template <typename scalar_t, typename P>
 bool tt_eligible(const P& p) {
-  const bool nk = p.b_rs == 1 && p.b_cs != 1 && p.b_idx == nullptr && (p.m <= kTtMaxRows || p.a_cs != 1);
+  const bool nk = p.b_rs == 1 && p.b_cs != 1 && p.b_idx == nullptr && p.b8 == nullptr &&
+      (p.m <= kTtMaxRows || p.a_cs != 1);
   if constexpr (std::is_same_v<scalar_t, float>) {
     return nk && p.m >= kTtMinRowsF32;
   } else if constexpr (std::is_same_v<scalar_t, BFloat16>) {

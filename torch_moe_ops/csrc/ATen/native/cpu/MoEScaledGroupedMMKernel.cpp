@@ -8,6 +8,11 @@
 // converted elements, or one group's operands when a group alone is larger),
 // never a dequantised copy of all operands of a large layer.
 //
+// Rowwise weights in 2D x 3D and 3D x 3D skip the conversion where grouped
+// mm's engine can decode them itself (grouped_mm_float8_weights_stub: AVX-512
+// CPUs with AVX512_BF16, without AMX): only A is converted, and the engine
+// applies the scales and the bias as it stores.
+//
 // Exactness: float8 -> bfloat16 is exact (3 or 2 mantissa bits, exponents
 // within bfloat16's); rowwise scales factor out of the K sum and are applied
 // to the float32 accumulator; MX scales are powers of two folded into the
@@ -17,6 +22,7 @@
 
 #include <ATen/native/MoEScaledGroupedMM.h>
 #include <ATen/native/cpu/MoEAvx512Utils.h>
+#include <ATen/native/cpu/MoEFp8Avx512.h>
 #include <ATen/native/cpu/MoEFp8Utils.h>
 
 #include <ATen/Dispatch.h>
@@ -94,7 +100,7 @@ void convert_run_scalar(const Run& run, dst_t* dst, const float* lut) {
 
 #if defined(CPU_CAPABILITY_AVX512)
 // Intrinsics: the float8 decode is integer bit surgery (expand, shift, blend
-// for denormals; 16-bit table lookups) that Vectorized<T> has no operations for.
+// for denormals; byte tables) that Vectorized<T> has no operations for.
 
 #if defined(__GNUC__) && !defined(__clang__)
 #pragma GCC diagnostic push
@@ -142,44 +148,19 @@ inline __m512 e8m0x16_to_f32(__m128i codes) {
   return _mm512_castsi512_ps(f);
 }
 
-// The bfloat16 bits of the 128 float8 magnitudes (sign bit clear) of each
-// format, from the exact table. Four 32-entry vectors: vpermt2w looks up 64
-// entries at once, so two lookups and a blend cover a magnitude.
-inline const uint16_t* fp8_magnitude_bf16_bits(bool e5m2) {
-  static const auto bits = [] {
-    std::array<std::array<uint16_t, 128>, 2> out{};
-    for (int f = 0; f < 2; ++f) {
-      const float* lut = moe_fp8_table(f == 1 ? kFloat8_e5m2 : kFloat8_e4m3fn);
-      for (int i = 0; i < 128; ++i) out[f][i] = c10::BFloat16(lut[i]).x;
-    }
-    return out;
-  }();
-  return bits[e5m2 ? 1 : 0].data();
-}
-
-// An unscaled run into bfloat16, 32 lanes at a time: a table lookup of the
-// magnitude in 16-bit lanes, the sign or-ed on. The same bits as the float32
-// route below (values exact; NaN -> 0x7FC0, as c10::BFloat16(float) gives),
-// at a third of its instructions: this pass, not the GEMM, bounded fp8 once
-// the GEMM ran on vdpbf16ps.
+// An unscaled run into bfloat16, 64 lanes at a time (MoEFp8ToBf16): the
+// same bits as the float32 route below at a fraction of its instructions.
+// This pass, not the GEMM, bounded fp8 once the GEMM ran on vdpbf16ps.
 inline void convert_run_bf16_unscaled(const Run& run, BFloat16* dst, bool e5m2) {
-  const uint16_t* bits = fp8_magnitude_bf16_bits(e5m2);
-  const __m512i t0 = _mm512_loadu_si512(bits), t1 = _mm512_loadu_si512(bits + 32);
-  const __m512i t2 = _mm512_loadu_si512(bits + 64), t3 = _mm512_loadu_si512(bits + 96);
-  for (int64_t i = 0; i < run.n; i += 32) {
-    const __mmask32 m = moe_lanes32(run.n, i);
-    _mm_prefetch(reinterpret_cast<const char*>(run.src + i + kDecodePrefetchBytes), _MM_HINT_T0);
-    const __m512i b = _mm512_cvtepu8_epi16(_mm256_maskz_loadu_epi8(m, run.src + i));
-    const __m512i mag = _mm512_and_si512(b, _mm512_set1_epi16(0x7F));
-    // vpermt2w reads the low 6 index bits: magnitudes 64-127 look up t2/t3 as 0-63.
-    const __m512i low = _mm512_permutex2var_epi16(t0, mag, t1);
-    const __m512i high = _mm512_permutex2var_epi16(t2, mag, t3);
-    __m512i v = _mm512_mask_mov_epi16(low, _mm512_test_epi16_mask(mag, _mm512_set1_epi16(0x40)), high);
-    const __mmask32 nan = _mm512_cmpgt_epu16_mask(v, _mm512_set1_epi16(0x7F80));
-    v = _mm512_or_si512(v, _mm512_slli_epi16(_mm512_and_si512(b, _mm512_set1_epi16(0x80)), 8));
-    v = _mm512_mask_mov_epi16(v, nan, _mm512_set1_epi16(0x7FC0));
-    _mm512_mask_storeu_epi16(dst + i, m, v);
-  }
+  moe_with_fp8_decoder(e5m2, [&](const auto& decode) {
+    for (int64_t i = 0; i < run.n; i += 64) {
+      _mm_prefetch(reinterpret_cast<const char*>(run.src + i + kDecodePrefetchBytes), _MM_HINT_T0);
+      __m512i v[2];
+      decode.run(run.src + i, moe_lanes64(run.n, i), v);
+      _mm512_mask_storeu_epi16(dst + i, moe_lanes32(run.n, i), v[0]);
+      _mm512_mask_storeu_epi16(dst + i + 32, moe_lanes32(run.n, i + 32), v[1]);
+    }
+  });
 }
 
 template <typename dst_t>
@@ -220,6 +201,28 @@ void convert_run_avx512(const Run& run, dst_t* dst, bool e5m2) {
       _mm512_mask_storeu_ps(dst + i, m, v);
     } else {
       _mm256_mask_storeu_epi16(dst + i, m, moe_cvt_f32_bf16(v));
+    }
+  }
+}
+
+// One output row of a block (epilogue below), 16 columns at a time: the
+// scalar loop's operations in its order and its rounding (moe_cvt_f32_bf16
+// gives c10::BFloat16(float)'s bits). Rounded one element at a time through
+// c10's conversion, the epilogue took 6% of a rowwise call (Zen 5, Qwen3's
+// up-projection).
+template <typename out_t>
+void epilogue_row_avx512(const float* acc, out_t* o, int64_t cols, const float* sa, const float* sb,
+                         const float* bias) {
+  const __m512 s = _mm512_set1_ps(sa != nullptr ? *sa : 1.0f);
+  for (int64_t c = 0; c < cols; c += 16) {
+    const __mmask16 m = moe_lanes16(cols, c);
+    __m512 v = _mm512_maskz_loadu_ps(m, acc + c);
+    if (sa != nullptr) v = _mm512_mul_ps(_mm512_mul_ps(v, s), _mm512_maskz_loadu_ps(m, sb + c));
+    if (bias != nullptr) v = _mm512_add_ps(v, _mm512_maskz_loadu_ps(m, bias + c));
+    if constexpr (std::is_same_v<out_t, float>) {
+      _mm512_mask_storeu_ps(o + c, m, v);
+    } else {
+      _mm256_mask_storeu_epi16(o + c, m, moe_cvt_f32_bf16(v));
     }
   }
 }
@@ -301,6 +304,10 @@ void epilogue(const std::vector<Block<out_t>>& blocks) {
       const int64_t r = j - first_row[bi];
       const float* a = bl.acc + r * bl.acc_rs;
       out_t* o = bl.out + r * bl.out_rs;
+#if defined(CPU_CAPABILITY_AVX512)
+      epilogue_row_avx512(a, o, bl.cols, bl.sa != nullptr ? bl.sa + r : nullptr, bl.sb, bl.bias);
+      continue;
+#endif
       const float s = bl.sa != nullptr ? bl.sa[r] : 1.0f;
       for (int64_t c = 0; c < bl.cols; ++c) {
         float v = a[c];
@@ -470,10 +477,77 @@ void scaled_grouped_mm_typed(const Tensor& mat_a, const Tensor& mat_b, const Ten
   }
 }
 
+#if defined(CPU_CAPABILITY_AVX512)
+// Rowwise float8 weights in 2D x 3D and 3D x 3D: A converted chunk by chunk
+// as above, then grouped mm's engine takes the weights as they are, decodes
+// them as it packs its weight blocks and applies the scales and the bias as
+// it stores its accumulators (grouped_mm_float8_weights_stub): no converted
+// weights, no float32 accumulator, no epilogue pass. A chunk counts A's
+// elements only. false, having written nothing to out, where the stub
+// declines (it does so for the CPU, before any work): the caller then
+// converts the weights too.
+bool scaled_grouped_mm_float8_weights(const Tensor& mat_a, const Tensor& mat_b, const Tensor& scale_a,
+                                      const Tensor& scale_b, const std::optional<Tensor>& offs,
+                                      const std::optional<Tensor>& bias, const Tensor& out) {
+  const bool rows = grouped_mm_layout(mat_a, mat_b) == GroupedMMLayout::k2d3d;  // else 3D x 3D
+  const int64_t groups = grouped_mm_num_groups(mat_a, mat_b, offs);
+  const auto* A = static_cast<const uint8_t*>(mat_a.const_data_ptr());
+  const int64_t a_rs = mat_a.stride(-2), a_cs = mat_a.stride(-1), a_gs = rows ? 0 : mat_a.stride(0);
+  const int64_t M = mat_a.size(-2), K = mat_a.size(-1);
+  const Tensor sa = scale_a.contiguous(), sb = scale_b.contiguous();
+  const std::optional<Tensor> bias_f = bias.has_value() ? std::optional<Tensor>(bias->to(kFloat).contiguous())
+                                                        : std::nullopt;
+
+  std::vector<int64_t> start(groups + 1, 0);  // 2D x 3D: group g has rows [start[g], start[g + 1])
+  for (const auto g : c10::irange(groups)) {
+    start[g + 1] = rows ? offs->const_data_ptr<int32_t>()[g * offs->stride(0)] : 0;
+  }
+  auto a_elems = [&](int64_t g) { return (rows ? start[g + 1] - start[g] : M) * K; };
+
+  Workspace ws_a;
+  for (int64_t g0 = 0; g0 < groups;) {
+    int64_t g1 = g0 + 1, elems = a_elems(g0);
+    while (g1 < groups && elems + a_elems(g1) <= kChunkElems) elems += a_elems(g1++);
+    const int64_t gc = g1 - g0, s0 = start[g0], s1 = start[g1];
+    std::vector<int32_t> ends(gc);
+    for (int64_t g = g0; g < g1; ++g) ends[g - g0] = static_cast<int32_t>(start[g + 1] - s0);
+
+    auto* const pa = ws_a.get<BFloat16>((rows ? s1 - s0 : gc * M) * K);
+    const auto a_str = rows ? convert_batch(A + s0 * a_rs, 1, 0, s1 - s0, K, a_rs, a_cs, mat_a.scalar_type(),
+                                            ScaleMap{}, 0, pa, 0)
+                            : convert_batch(A + g0 * a_gs, gc, a_gs, M, K, a_rs, a_cs, mat_a.scalar_type(),
+                                            ScaleMap{}, 0, pa, M * K);
+    const Tensor a_c = rows ? blob(pa, {s1 - s0, K}, {a_str.rs, a_str.cs})
+                            : blob(pa, {gc, M, K}, {M * K, a_str.rs, a_str.cs});
+    const auto offs_c = rows ? std::optional<Tensor>(at::from_blob(ends.data(), {gc}, at::TensorOptions().dtype(kInt)))
+                             : std::nullopt;
+    const int64_t r0 = rows ? s0 : g0, rn = rows ? s1 - s0 : gc;  // the chunk's rows of out and scale_a
+    const bool done = grouped_mm_float8_weights_stub(
+        kCPU, a_c, mat_b.narrow(0, g0, gc), sa.narrow(0, r0, rn), sb.narrow(0, g0, gc), offs_c,
+        bias_f.has_value() ? std::optional<Tensor>(bias_f->narrow(0, g0, gc)) : std::nullopt,
+        out.narrow(0, r0, rn));
+    if (!done) {
+      TORCH_INTERNAL_ASSERT(g0 == 0);
+      return false;
+    }
+    g0 = g1;
+  }
+  return true;
+}
+#endif
+
 void scaled_grouped_mm_kernel(const Tensor& mat_a, const Tensor& mat_b, const Tensor& scale_a,
                               const Tensor& scale_b, const std::optional<Tensor>& offs,
                               const std::optional<Tensor>& bias, ScaledGroupedMMRecipe recipe, const Tensor& out) {
   const bool f32_tiles = recipe == ScaledGroupedMMRecipe::kBlockwise;
+#if defined(CPU_CAPABILITY_AVX512)
+  const auto layout = grouped_mm_layout(mat_a, mat_b);
+  if (recipe == ScaledGroupedMMRecipe::kRowwise &&
+      (layout == GroupedMMLayout::k2d3d || layout == GroupedMMLayout::k3d3d) &&
+      scaled_grouped_mm_float8_weights(mat_a, mat_b, scale_a, scale_b, offs, bias, out)) {
+    return;
+  }
+#endif
   if (out.scalar_type() == kFloat) {
     if (f32_tiles) {
       scaled_grouped_mm_typed<float, float>(mat_a, mat_b, scale_a, scale_b, offs, bias, recipe, out);
