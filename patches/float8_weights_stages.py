@@ -116,6 +116,10 @@ _KERNEL = [
     (_span(KERNEL, "// Float8 weights (GroupedMMFloat8Weights.h;", "// Accumulation is in float32"), ""),
     ("#include <ATen/native/MoEScaledGroupedMM.h>\n", ""),
     ("#include <ATen/native/cpu/GroupedMMFloat8Weights.h>\n", ""),
+    ("  // Float8 weights (Problem::b8) run on the broadcast engine only, whatever their size.\n"
+     "  if (std::any_of(problems.begin(), problems.end(), [](const auto& p) { return p.b8 != nullptr; })) {\n"
+     "    return Engine::kAvx512;\n"
+     "  }\n", ""),
     ("      if (p.m <= p.n || p.n == 0 || p.k == 0 || p.b_rs != 1 || p.b8 != nullptr) continue;\n",
      "      if (p.m <= p.n || p.n == 0 || p.k == 0 || p.b_rs != 1) continue;\n"),
     (_span(KERNEL, "#if defined(CPU_CAPABILITY_AVX512)\n// The rowwise recipe's 2D x 3D or 3D x 3D product",

@@ -597,6 +597,28 @@ def test_scaled_grouped_mm_rowwise_weights_in_both_orders(layout, sizes, k, n, f
         assert torch.equal(_bytes(outs[0]), _bytes(outs[1]))
 
 
+@pytest.mark.parametrize("layout", ["2d3d", "3d3d"])
+@pytest.mark.parametrize("out_dtype", [torch.bfloat16, torch.float32])
+def test_scaled_grouped_mm_rowwise_large_groups(layout, out_dtype):
+    """Groups of hundreds of rows, no bias, bfloat16 out: the sizes at which
+    bfloat16 grouped mm leaves its micro-kernels for at::mm with (N, K)
+    weights. Float8 weights decoded in the GEMM (float8_weights_decoded_in_gemm)
+    must stay on the broadcast engine, the only one that reads them: within
+    the float64 bound, both storage orders the same bits."""
+    g = torch.Generator().manual_seed(4)
+    k, n = 288, 272  # at::mm takes groups whose smallest dimension averages 256 or more
+    offs = torch.tensor([300, 300, 920], dtype=torch.int32) if layout == "2d3d" else None
+    a, sa = torch_quantize_fp8(torch.randn((920, k) if layout == "2d3d" else (3, 300, k), generator=g), "rowwise")
+    b_nk, sb = _quantize_weight(torch.randn(3, k, n, generator=g), "rowwise")
+    outs = []
+    for b in (b_nk.contiguous(), b_nk):
+        out = torch.ops.moe_ops.scaled_grouped_mm(a, b, sa, sb, offs, None, None, out_dtype)
+        assert_scaled_mm_close(out, a, b, sa, sb, offs, None, out_dtype)
+        outs.append(out)
+    if float8_weights_decoded_in_gemm():
+        assert torch.equal(_bytes(outs[0]), _bytes(outs[1]))
+
+
 def _dequantised_entry_cases():
     """The OpInfo's rowwise samples in the layouts core/0006c1 takes (2D x 3D,
     3D x 3D: empty groups, rows past offs[-1], zero tokens, both weight storage

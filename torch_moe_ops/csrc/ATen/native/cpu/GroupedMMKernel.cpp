@@ -223,6 +223,10 @@ Engine choose_engine(const std::vector<Problem<scalar_t, out_t, acc_t>>& problem
     }
   }
   const bool large_groups = rows >= kMatmulMinRows * std::max<int64_t>(nonempty, 1);
+  // Float8 weights (Problem::b8) run on the broadcast engine only, whatever their size.
+  if (std::any_of(problems.begin(), problems.end(), [](const auto& p) { return p.b8 != nullptr; })) {
+    return Engine::kAvx512;
+  }
   if constexpr (std::is_same_v<scalar_t, BFloat16> || std::is_same_v<scalar_t, Half>) {
     // Where the CPU packs for brgemm (AMX), its matrix units run the tiles;
     // at::mm keeps the large bfloat16 groups (oneDNN's matmul uses AMX too).
@@ -579,8 +583,8 @@ void grouped_mm_float8_weights_typed(const Tensor& mat_a, const Tensor& mat_b, c
 }
 #endif // CPU_CAPABILITY_AVX512
 
-// grouped_mm_float8_weights_stub: the broadcast engine where it runs
-// bfloat16 as K pairs (with a bias, as here, bfloat16 never goes to at::mm).
+// grouped_mm_float8_weights_stub: the broadcast engine (choose_engine picks
+// it for any size of group), where it runs bfloat16 as K pairs.
 bool grouped_mm_float8_weights_kernel(const Tensor& mat_a, const Tensor& mat_b, const Tensor& scale_a,
                                       const Tensor& scale_b, const std::optional<Tensor>& offs,
                                       const std::optional<Tensor>& bias, const Tensor& out) {
