@@ -23,6 +23,30 @@
 namespace at::native {
 namespace {
 
+// The dword permute that spreads 64 codes over the 128-bit lanes so that
+// fp8_rows_to_pairs' in-lane interleaves end in column order.
+inline __m512i fp8_pair_spread() {
+  return _mm512_set_epi32(15, 11, 7, 3, 14, 10, 6, 2, 13, 9, 5, 1, 12, 8, 4, 0);
+}
+
+// K pair (row0, row1) of 64 columns of (K, N) codes -> q[j], the K-pair words
+// of columns 16j..16j + 15 as the packed block holds them (row1 zero unless
+// second): both rows decoded to bytes, then interleaved bytes to words and
+// the rows' words to pairs, in-lane (hence the spread).
+template <typename Decoder>
+inline __attribute__((always_inline)) void fp8_rows_to_pairs(const Decoder& decode, __m512i spread, __m512i row0,
+                                                             __m512i row1, bool second, __m512i (&q)[4]) {
+  __m512i lo0, hi0, lo1 = _mm512_setzero_si512(), hi1 = _mm512_setzero_si512();
+  decode(_mm512_permutexvar_epi32(spread, row0), lo0, hi0);
+  if (second) decode(_mm512_permutexvar_epi32(spread, row1), lo1, hi1);
+  const __m512i w0 = _mm512_unpacklo_epi8(lo0, hi0), w1 = _mm512_unpacklo_epi8(lo1, hi1);
+  const __m512i x0 = _mm512_unpackhi_epi8(lo0, hi0), x1 = _mm512_unpackhi_epi8(lo1, hi1);
+  q[0] = _mm512_unpacklo_epi16(w0, w1);
+  q[1] = _mm512_unpackhi_epi16(w0, w1);
+  q[2] = _mm512_unpacklo_epi16(x0, x1);
+  q[3] = _mm512_unpackhi_epi16(x0, x1);
+}
+
 // Weight block (kc x w float8 codes at src, strides rs / cs in codes) ->
 // ceil(kc / 2) x 64 bfloat16 K pairs (row 2p in the low half, row 2p + 1 in
 // the high half), zero past kc and past w; kc <= 256.
@@ -30,26 +54,16 @@ template <typename Decoder>
 void pack_b_fp8_pairs_with(const Decoder& decode, uint32_t* dst, const uint8_t* src, int64_t rs, int64_t cs,
                            int64_t kc, int64_t w, bool e5m2) {
   const int64_t pairs = (kc + 1) / 2;
-  if (cs == 1) {
-    // (K, N) storage: two weight rows decoded to bytes, whose interleaves
-    // (bytes to words, then the rows' words to K pairs) are in-lane; the
-    // codes' dwords are first spread so that they end in column order.
-    const __m512i spread = _mm512_set_epi32(15, 11, 7, 3, 14, 10, 6, 2, 13, 9, 5, 1, 12, 8, 4, 0);
+  if (cs == 1) {  // (K, N) storage: rows of codes, masked past w
+    const __m512i spread = fp8_pair_spread();
     const __mmask64 m = moe_lanes64(w, 0);
     for (int64_t kp = 0; kp < pairs; ++kp) {
       const uint8_t* r0 = src + 2 * kp * rs;
-      __m512i lo0, hi0, lo1 = _mm512_setzero_si512(), hi1 = _mm512_setzero_si512();
-      decode(_mm512_permutexvar_epi32(spread, _mm512_maskz_loadu_epi8(m, r0)), lo0, hi0);
-      if (2 * kp + 1 < kc) {
-        decode(_mm512_permutexvar_epi32(spread, _mm512_maskz_loadu_epi8(m, r0 + rs)), lo1, hi1);
-      }
-      const __m512i w0 = _mm512_unpacklo_epi8(lo0, hi0), w1 = _mm512_unpacklo_epi8(lo1, hi1);
-      const __m512i x0 = _mm512_unpackhi_epi8(lo0, hi0), x1 = _mm512_unpackhi_epi8(lo1, hi1);
-      uint32_t* to = dst + kp * kNR;
-      _mm512_store_si512(to, _mm512_unpacklo_epi16(w0, w1));
-      _mm512_store_si512(to + 16, _mm512_unpackhi_epi16(w0, w1));
-      _mm512_store_si512(to + 32, _mm512_unpacklo_epi16(x0, x1));
-      _mm512_store_si512(to + 48, _mm512_unpackhi_epi16(x0, x1));
+      const bool second = 2 * kp + 1 < kc;
+      __m512i q[4];
+      fp8_rows_to_pairs(decode, spread, _mm512_maskz_loadu_epi8(m, r0),
+                        second ? _mm512_maskz_loadu_epi8(m, r0 + rs) : _mm512_setzero_si512(), second, q);
+      for (int j = 0; j < 4; ++j) _mm512_store_si512(dst + kp * kNR + 16 * j, q[j]);
     }
     return;
   }
@@ -122,15 +136,18 @@ void pack_b_fp8_pairs_with(const Decoder& decode, uint32_t* dst, const uint8_t* 
 
 void pack_b_fp8_pairs(uint32_t* dst, const uint8_t* src, int64_t rs, int64_t cs, int64_t kc, int64_t w,
                       bool e5m2) {
-  moe_with_fp8_decoder(e5m2, [&](const auto& decode) { pack_b_fp8_pairs_with(decode, dst, src, rs, cs, kc, w, e5m2); });
+  moe_with_fp8_decoder(e5m2, [&](const auto& decode) {
+    pack_b_fp8_pairs_with(decode, dst, src, rs, cs, kc, w, e5m2);
+  });
 }
 
 // The weights of K pair kp of the micro-kernel's 64 columns, decoded from
 // the float8 rows 2kp and 2kp + 1 (x.pack_b.src8, rs codes apart; the second
-// zero past kc) as pack_b_fp8_pairs packs (K, N) storage, and stored into the
-// block for the row blocks after the first: PairWeights<true>'s job for
-// float8 codes, the decode among the first row block's FMAs instead of in a
-// pass of its own. Full 64-column strips only (plain loads, as PairWeights).
+// zero past kc) by fp8_rows_to_pairs, as pack_b_fp8_pairs packs (K, N)
+// storage, and stored into the block for the row blocks after the first:
+// PairWeights<true>'s job for float8 codes, the decode among the first row
+// block's FMAs instead of in a pass of its own. Full 64-column strips only
+// (plain loads, as PairWeights).
 template <bool kE5M2>
 struct Float8PairWeights {
   MoEFp8ToBf16<kE5M2> decode;
@@ -140,19 +157,14 @@ struct Float8PairWeights {
   __m512i spread;
 
   GROUPED_MM_AVX512_BF16 explicit Float8PairWeights(const uint32_t* /*b*/, const MicroArgs& x)
-      : src(x.pack_b.src8), rs(x.pack_b.rs), dst(x.pack_b.dst),
-        spread(_mm512_set_epi32(15, 11, 7, 3, 14, 10, 6, 2, 13, 9, 5, 1, 12, 8, 4, 0)) {}
+      : src(x.pack_b.src8), rs(x.pack_b.rs), dst(x.pack_b.dst), spread(fp8_pair_spread()) {}
 
   GROUPED_MM_AVX512_BF16 inline __attribute__((always_inline)) void get(__m512bh (&v)[4], int64_t kp,
                                                                         bool second_row) const {
     const uint8_t* r0 = src + 2 * kp * rs;
-    __m512i lo0, hi0, lo1 = _mm512_setzero_si512(), hi1 = _mm512_setzero_si512();
-    decode(_mm512_permutexvar_epi32(spread, _mm512_loadu_si512(r0)), lo0, hi0);
-    if (second_row) decode(_mm512_permutexvar_epi32(spread, _mm512_loadu_si512(r0 + rs)), lo1, hi1);
-    const __m512i w0 = _mm512_unpacklo_epi8(lo0, hi0), w1 = _mm512_unpacklo_epi8(lo1, hi1);
-    const __m512i x0 = _mm512_unpackhi_epi8(lo0, hi0), x1 = _mm512_unpackhi_epi8(lo1, hi1);
-    const __m512i q[4] = {_mm512_unpacklo_epi16(w0, w1), _mm512_unpackhi_epi16(w0, w1),
-                          _mm512_unpacklo_epi16(x0, x1), _mm512_unpackhi_epi16(x0, x1)};
+    __m512i q[4];
+    fp8_rows_to_pairs(decode, spread, _mm512_loadu_si512(r0),
+                      second_row ? _mm512_loadu_si512(r0 + rs) : _mm512_setzero_si512(), second_row, q);
     uint32_t* to = dst + kp * kNR;
     for (int j = 0; j < 4; ++j) {
       _mm512_store_si512(to + 16 * j, q[j]);
