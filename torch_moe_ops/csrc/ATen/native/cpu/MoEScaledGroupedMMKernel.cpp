@@ -48,6 +48,33 @@ namespace {
 // chunks pay more fork/joins, and more when the cores are shared.
 constexpr int64_t kChunkElems = int64_t{4} << 20;
 
+// Group g spans [start[g], start[g + 1]) of the split dimension (all zero
+// without offs: 3D x 3D).
+std::vector<int64_t> group_starts(const std::optional<Tensor>& offs, int64_t groups) {
+  std::vector<int64_t> start(groups + 1, 0);
+  for (const auto g : c10::irange(groups)) {
+    start[g + 1] = offs.has_value() ? offs->const_data_ptr<int32_t>()[g * offs->stride(0)] : 0;
+  }
+  return start;
+}
+
+// The end of the chunk of groups that starts at g0: as many groups as fit
+// kChunkElems converted elements by elems(g), at least one.
+template <typename Elems>
+int64_t chunk_end(int64_t g0, int64_t groups, const Elems& elems) {
+  int64_t g1 = g0 + 1, total = elems(g0);
+  while (g1 < groups && total + elems(g1) <= kChunkElems) total += elems(g1++);
+  return g1;
+}
+
+// The ends of groups [g0, g1) from the chunk's first row or column, as
+// grouped mm's offs over the chunk.
+std::vector<int32_t> chunk_ends(const std::vector<int64_t>& start, int64_t g0, int64_t g1) {
+  std::vector<int32_t> ends(g1 - g0);
+  for (int64_t g = g0; g < g1; ++g) ends[g - g0] = static_cast<int32_t>(start[g + 1] - start[g0]);
+  return ends;
+}
+
 // The converted operands of a chunk of groups, owned by the call and reused
 // by its chunks (grown to the largest). Megabytes: from c10's allocator, so
 // THP_MEM_ALLOC_ENABLE=1 gives them huge pages (first-touch faults otherwise
@@ -353,10 +380,7 @@ void scaled_grouped_mm_typed(const Tensor& mat_a, const Tensor& mat_b, const Ten
   const int64_t n_out = out.size(-1);
   out_t* op = out.data_ptr<out_t>();
 
-  std::vector<int64_t> start(groups + 1, 0);  // group g spans [start[g], start[g + 1]) of the split dimension
-  for (const auto g : c10::irange(groups)) {
-    start[g + 1] = offs.has_value() ? offs->const_data_ptr<int32_t>()[g * offs->stride(0)] : 0;
-  }
+  const std::vector<int64_t> start = group_starts(offs, groups);
   auto extent = [&](int64_t g) { return start[g + 1] - start[g]; };
   auto group_elems = [&](int64_t g) -> int64_t {
     switch (layout) {
@@ -370,12 +394,10 @@ void scaled_grouped_mm_typed(const Tensor& mat_a, const Tensor& mat_b, const Ten
 
   Workspace ws_a, ws_b;
   for (int64_t g0 = 0; g0 < groups;) {
-    int64_t g1 = g0 + 1, elems = group_elems(g0);
-    while (g1 < groups && elems + group_elems(g1) <= kChunkElems) elems += group_elems(g1++);
+    const int64_t g1 = chunk_end(g0, groups, group_elems);
     const int64_t gc = g1 - g0;
     const int64_t s0 = start[g0], s1 = start[g1];
-    std::vector<int32_t> ends(gc);
-    for (int64_t g = g0; g < g1; ++g) ends[g - g0] = static_cast<int32_t>(start[g + 1] - s0);
+    std::vector<int32_t> ends = chunk_ends(start, g0, g1);
     Tensor offs_c = at::from_blob(ends.data(), {gc}, at::TensorOptions().dtype(kInt));
 
     // Scale maps. MX: A element (m, k) -> scale_a[.., m, k / 32], B element
@@ -498,19 +520,14 @@ bool scaled_grouped_mm_float8_weights(const Tensor& mat_a, const Tensor& mat_b, 
   const std::optional<Tensor> bias_f = bias.has_value() ? std::optional<Tensor>(bias->to(kFloat).contiguous())
                                                         : std::nullopt;
 
-  std::vector<int64_t> start(groups + 1, 0);  // 2D x 3D: group g has rows [start[g], start[g + 1])
-  for (const auto g : c10::irange(groups)) {
-    start[g + 1] = rows ? offs->const_data_ptr<int32_t>()[g * offs->stride(0)] : 0;
-  }
+  const std::vector<int64_t> start = group_starts(offs, groups);  // 2D x 3D: group g's rows
   auto a_elems = [&](int64_t g) { return (rows ? start[g + 1] - start[g] : M) * K; };
 
   Workspace ws_a;
   for (int64_t g0 = 0; g0 < groups;) {
-    int64_t g1 = g0 + 1, elems = a_elems(g0);
-    while (g1 < groups && elems + a_elems(g1) <= kChunkElems) elems += a_elems(g1++);
+    const int64_t g1 = chunk_end(g0, groups, a_elems);
     const int64_t gc = g1 - g0, s0 = start[g0], s1 = start[g1];
-    std::vector<int32_t> ends(gc);
-    for (int64_t g = g0; g < g1; ++g) ends[g - g0] = static_cast<int32_t>(start[g + 1] - s0);
+    std::vector<int32_t> ends = chunk_ends(start, g0, g1);
 
     auto* const pa = ws_a.get<BFloat16>((rows ? s1 - s0 : gc * M) * K);
     const auto a_str = rows ? convert_batch(A + s0 * a_rs, 1, 0, s1 - s0, K, a_rs, a_cs, mat_a.scalar_type(),
