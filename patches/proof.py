@@ -49,6 +49,7 @@ patches/README.md.
 from __future__ import annotations
 
 import concurrent.futures
+import contextlib
 import dataclasses
 import functools
 import hashlib
@@ -132,7 +133,12 @@ def prune(directory: str, keep: int = 8) -> None:
     except OSError:
         return
     for path in entries[:-keep]:
-        shutil.rmtree(path, ignore_errors=True) if os.path.isdir(path) else os.remove(path)
+        # compile_all's threads prune the same directory: another may have removed it already.
+        if os.path.isdir(path):
+            shutil.rmtree(path, ignore_errors=True)
+        else:
+            with contextlib.suppress(FileNotFoundError):
+                os.remove(path)
 
 
 def _sha(*texts: str | bytes) -> str:
