@@ -204,3 +204,35 @@ def test_quick_mode_runs(script, tmp_path):
         assert tables.table(name, doc) in proc.stdout, name
         for line in tables.missed(name, doc):
             assert f"MISSED {line}" in proc.stdout
+
+
+def cpu_flags() -> set:
+    try:
+        text = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return set()
+    line = next((ln for ln in text.splitlines() if ln.startswith("flags")), "")
+    return set(line.split(":", 1)[-1].split())
+
+
+@pytest.mark.skipif(not {"avx512f", "avx512bw"} <= cpu_flags(), reason="the probe is AVX-512 code")
+def test_weight_stream_probe_runs(tmp_path):
+    """benchmarks/probe_weight_stream.c builds with the command its header gives and prints a
+    rate for each read order from each process (README: "What bounds the memory-bound groups");
+    one expert (3.7 MB) keeps it short, so the rates themselves mean nothing here."""
+    exe = tmp_path / "probe_weight_stream"
+    build = subprocess.run(["gcc", "-O2", "-Wall", "-Wextra", "-Werror", "-mavx512f", "-mavx512bw", "-o", str(exe),
+                            str(BENCH / "probe_weight_stream.c")], capture_output=True, text=True)
+    assert build.returncode == 0, build.stderr
+    proc = subprocess.run([str(exe), "2", "1"], capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    orders = ["rows", "blocks", "blocks+prefetch", "chunks16", "chunks8", "rows+pack"]
+    rates = {}
+    for line in proc.stdout.splitlines():
+        m = re.fullmatch(r"pid (\d+) (\S+) +([0-9.]+) GB/s", line)
+        assert m, line
+        rates.setdefault(m.group(2), []).append(float(m.group(3)))
+    assert sorted(rates) == sorted(orders)
+    assert all(len(v) == 2 and min(v) > 0 for v in rates.values()), rates
+    bad = subprocess.run([str(exe), "0"], capture_output=True, text=True, timeout=30)
+    assert bad.returncode == 2 and "usage" in bad.stderr
