@@ -89,9 +89,12 @@ GROUPED_MM_AVX512_BF16 void micro_bf16_pairs(const BFloat16* const* a, const uin
   int64_t pf = x.pf_begin;
   const int64_t pf_end = x.pf_end;
   const int64_t pairs = x.kc / 2;
-  // One prefetched row every `every` K pairs: evenly spread, not in a burst
-  // that would overflow the outstanding-miss queues.
-  const int64_t every = std::max<int64_t>(1, pairs / std::max<int64_t>(1, pf_end - pf));
+  // `per` prefetched rows every `every` K pairs: evenly spread over the
+  // loop. Prefetches issued back to back are mostly dropped (Zen 5: of 256
+  // rows prefetched in a burst, few were in L2 80 us later; with a few cycles
+  // between rows, all), so none may be left for after the loop.
+  const bool two = pf_end - pf > pairs;  // a block's rows (kc <= 2 pairs + 1) in one call
+  const int64_t every = std::max<int64_t>(1, pairs * (two ? 2 : 1) / std::max<int64_t>(1, pf_end - pf));
   int64_t until_pf = 0;
   __m512bh bv[4];
   for (int64_t kp = 0; kp < pairs; ++kp) {
@@ -107,6 +110,7 @@ GROUPED_MM_AVX512_BF16 void micro_bf16_pairs(const BFloat16* const* a, const uin
     }
     if (--until_pf <= 0 && pf < pf_end) {
       prefetch_row(pf_rows, pf++);
+      if (two && pf < pf_end) prefetch_row(pf_rows, pf++);
       until_pf = every;
     }
   }
