@@ -1,6 +1,6 @@
 // How fast one core reads expert weights from DRAM in the orders grouped mm's
 // CPU kernels could read them (benchmarks/README.md, "What bounds the
-// memory-bound groups"). No GEMM: loads (and, for "rows+pack", the K-pair
+// bfloat16 misses on DeepSeek-V3"). No GEMM: loads (and, for "rows+pack", the K-pair
 // interleave and its stores) only, so the numbers are the memory side's
 // ceiling for each order.
 //
@@ -135,8 +135,9 @@ static void run(int experts) {
   const char* names[] = {"rows", "blocks", "blocks+prefetch", "chunks16", "chunks8", "rows+pack"};
   for (int m = 0; m < 6; ++m) {
     double best = 1e30;
+    // The weights (64 experts by default: 235 MB) leave every cache between reps.
     for (int rep = 0; rep < 3; ++rep) {
-      barrier(m * 3 + rep + 1);  // the weights (>= 64 experts: > 200 MB) leave every cache between reps
+      barrier(m * 3 + rep + 1);
       const double t0 = now();
       switch (m) {
         case 0: rows(w, experts); break;

@@ -89,10 +89,11 @@ GROUPED_MM_AVX512_BF16 void micro_bf16_pairs(const BFloat16* const* a, const uin
   int64_t pf = x.pf_begin;
   const int64_t pf_end = x.pf_end;
   const int64_t pairs = x.kc / 2;
-  // `per` prefetched rows every `every` K pairs: evenly spread over the
-  // loop. Prefetches issued back to back are mostly dropped (Zen 5: of 256
-  // rows prefetched in a burst, few were in L2 80 us later; with a few cycles
-  // between rows, all), so none may be left for after the loop.
+  // One prefetched row every `every` K pairs (two where the call has more
+  // rows than K pairs), evenly spread over the loop. Prefetches issued back to
+  // back are mostly dropped (Zen 5: a block's rows prefetched in a burst read
+  // 80 us later at nearly the cost of no prefetch; a few cycles apart, at L2
+  // speed), so none may be left for after the loop.
   const bool two = pf_end - pf > pairs;  // a block's rows (kc <= 2 pairs + 1) in one call
   const int64_t every = std::max<int64_t>(1, pairs * (two ? 2 : 1) / std::max<int64_t>(1, pf_end - pf));
   int64_t until_pf = 0;
