@@ -71,6 +71,19 @@ struct PairWeights {
   }
 };
 
+// How a micro-kernel (this file's, the inner-product engine's) spreads
+// `items` prefetches (rows or lines) over the `steps` steps of its loop:
+// `per` at a time, every `every` steps, so that all of them leave from the
+// loop. Prefetches issued back to back after it are mostly dropped (Zen 5: a
+// block's rows prefetched in a burst read 80 us later at nearly the cost of
+// no prefetch; a few cycles apart, at L2 speed).
+struct PrefetchSpread {
+  int64_t per, every;
+  PrefetchSpread(int64_t items, int64_t steps)
+      : per(std::max<int64_t>(1, (items + steps - 1) / std::max<int64_t>(1, steps))),
+        every(std::max<int64_t>(1, steps * per / std::max<int64_t>(1, items))) {}
+};
+
 // bfloat16 micro-kernel: a is MR rows of kc bfloat16 (pairs read as 32 bits),
 // b is ceil(kc / 2) x 64 K pairs, which Weights reads (PairWeights<false>)
 // or packs as it goes (PairWeights<true>; float8 weights:
@@ -89,13 +102,12 @@ GROUPED_MM_AVX512_BF16 void micro_bf16_pairs(const BFloat16* const* a, const uin
   int64_t pf = x.pf_begin;
   const int64_t pf_end = x.pf_end;
   const int64_t pairs = x.kc / 2;
-  // One prefetched row every `every` K pairs (two where the call has more
-  // rows than K pairs), evenly spread over the loop. Prefetches issued back to
-  // back are mostly dropped (Zen 5: a block's rows prefetched in a burst read
-  // 80 us later at nearly the cost of no prefetch; a few cycles apart, at L2
-  // speed), so none may be left for after the loop.
-  const bool two = pf_end - pf > pairs;  // a block's rows (kc <= 2 pairs + 1) in one call
-  const int64_t every = std::max<int64_t>(1, pairs * (two ? 2 : 1) / std::max<int64_t>(1, pf_end - pf));
+  // The rows spread over the K pairs (PrefetchSpread), written out for at
+  // most two a step: a call prefetches at most one block's rows, kc <= 2
+  // pairs + 1 (an odd block's last row goes after the loop).
+  const PrefetchSpread spread(pf_end - pf, pairs);
+  const bool two = spread.per > 1;
+  const int64_t every = spread.every;
   int64_t until_pf = 0;
   __m512bh bv[4];
   for (int64_t kp = 0; kp < pairs; ++kp) {

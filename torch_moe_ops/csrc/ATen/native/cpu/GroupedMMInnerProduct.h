@@ -43,13 +43,6 @@ __attribute__((always_inline)) inline void nt_prefetch_line(const NtPrefetch& pf
   _mm_prefetch(pf.rows[r] + (line - r * pf.lines_per_row) * 64, _MM_HINT_T1);
 }
 
-// Lines a K step of the micro-kernel prefetches so that all of [begin, end)
-// go out from its loop: prefetches issued back to back after it are mostly
-// dropped (see micro_bf16_pairs).
-inline int64_t nt_lines_per_step(const NtPrefetch& pf, int64_t steps) {
-  return std::max<int64_t>(1, (pf.end - pf.begin + steps - 1) / std::max<int64_t>(1, steps));
-}
-
 // Sums of the 16 lanes of v0..v3 in lanes 0..3 of the result, in a fixed
 // order (pairs of lanes first, then the four 128-bit lanes).
 inline __m128 nt_reduce4(__m512 v0, __m512 v1, __m512 v2, __m512 v3) {
@@ -105,8 +98,8 @@ void nt_micro_f32(const float* const* a, const float* const* b, int64_t k, float
   NT_ROWS(float)
   NT_ACC(0) NT_ACC(1) NT_ACC(2) NT_ACC(3) NT_ACC(4) NT_ACC(5)
   const int64_t full = k / 16;
-  const int64_t per = nt_lines_per_step(pf, full);
-  const int64_t every = std::max<int64_t>(1, full * per / std::max<int64_t>(1, pf.end - pf.begin));
+  const PrefetchSpread spread(pf.end - pf.begin, full);
+  const int64_t per = spread.per, every = spread.every;
   int64_t line = pf.begin, next_pf = 0;
   for (int64_t s = 0; s < full; ++s) {
     const int64_t off = s * 16;
@@ -137,8 +130,8 @@ GROUPED_MM_AVX512_BF16 void nt_micro_bf16(const BFloat16* const* a, const BFloat
   NT_ROWS(BFloat16)
   NT_ACC(0) NT_ACC(1) NT_ACC(2) NT_ACC(3) NT_ACC(4) NT_ACC(5)
   const int64_t full = k / 32;
-  const int64_t per = nt_lines_per_step(pf, full);
-  const int64_t every = std::max<int64_t>(1, full * per / std::max<int64_t>(1, pf.end - pf.begin));
+  const PrefetchSpread spread(pf.end - pf.begin, full);
+  const int64_t per = spread.per, every = spread.every;
   int64_t line = pf.begin, next_pf = 0;
   constexpr __mmask32 kAll32 = ~__mmask32(0);
   for (int64_t s = 0; s < full; ++s) {
