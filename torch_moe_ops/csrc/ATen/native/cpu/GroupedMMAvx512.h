@@ -120,7 +120,7 @@ inline void store_lanes(out_t* o, __mmask16 m, __m512 x) {
 
 // Epilogue of one output row: (acc + bias), rounded once to out_t, w columns.
 template <typename out_t>
-inline __attribute__((always_inline)) void store_out_row(out_t* o, const __m512* v, const float* bias, int64_t w) {
+C10_ALWAYS_INLINE void store_out_row(out_t* o, const __m512* v, const float* bias, int64_t w) {
   for (int j = 0; j < 4; ++j) {
     const __mmask16 m = moe_lanes16(w, 16 * j);
     __m512 x = v[j];
@@ -153,7 +153,7 @@ constexpr int64_t kStreamTileBytes = int64_t{128} << 10;
 // kernels' accumulators went through the stack to reach it (Zen 4, bfloat16
 // weight gradients, 48 rows per expert, 1 thread: 267 -> 245 ms).
 template <typename out_t>
-inline __attribute__((always_inline)) void stream_out_row(out_t* o, const __m512* v, const float* bias) {
+C10_ALWAYS_INLINE void stream_out_row(out_t* o, const __m512* v, const float* bias) {
   __m512 x[4];
   for (int j = 0; j < 4; ++j) {
     x[j] = bias != nullptr ? _mm512_add_ps(v[j], _mm512_loadu_ps(bias + 16 * j)) : v[j];
@@ -218,7 +218,7 @@ inline void load_acc(__m512 (&r)[MR][4], const MicroArgs& x) {
 // the accumulators through the stack, a cost per micro-kernel call that
 // shows on short K blocks.
 template <int MR, typename out_t>
-inline __attribute__((always_inline)) void finish_acc(__m512 (&r)[MR][4], const MicroArgs& x) {
+C10_ALWAYS_INLINE void finish_acc(__m512 (&r)[MR][4], const MicroArgs& x) {
   if (x.last && x.row_scale != nullptr) {
     __m512 cs[4];
     for (int j = 0; j < 4; ++j) cs[j] = _mm512_maskz_loadu_ps(moe_lanes16(x.w, 16 * j), x.col_scale + 16 * j);
