@@ -78,12 +78,16 @@ _AVX512 = [
 ]
 
 _BF16 = [
-    ("// b is ceil(kc / 2) x 64 K pairs, which Weights reads (PairWeights<false>)\n"
-     "// or packs as it goes (PairWeights<true>; float8 weights:\n"
-     "// GroupedMMFloat8Weights.h); an odd last element pairs with zero.\n"
+    ("// (pairs read as 32 bits), run MR at a time, b is ceil(kc / 2) x 64 K pairs,\n"
+     "// which Weights reads (PairWeights<false>) or packs as it goes\n"
+     "// (PairWeights<true>, one block; float8 weights: GroupedMMFloat8Weights.h);\n"
+     "// an odd last element pairs with zero. The row-block loop and the K loop in\n",
+     "// (pairs read as 32 bits), run MR at a time, b is ceil(kc / 2) x 64 K pairs\n"
+     "// (kPack: packed by this call, one block); an odd last element pairs with\n"
+     "// zero. The row-block loop and the K loop in\n"),
+    ("// its prefetches (DeepSeek-V3's 2d3d `kn` row: 0.82x -> 0.61x dense).\n"
      "template <int MR, typename out_t, typename Weights>\n",
-     "// b is ceil(kc / 2) x 64 K pairs (kPack: packed by this call); an odd last\n"
-     "// element pairs with zero.\n"
+     "// its prefetches (DeepSeek-V3's 2d3d `kn` row: 0.82x -> 0.61x dense).\n"
      "template <int MR, typename out_t, bool kPack>\n"),
     ("  const Weights weights(b, x);\n", "  const PairWeights<kPack> weights(b, x);\n"),
     (_span(BF16, "// The kernel that packs float8 weights as it goes", "void pack_pairs_bf16("),

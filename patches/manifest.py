@@ -74,6 +74,7 @@ PENDING_UPSTREAM: dict[str, str] = {}
 
 NATIVE = "aten/src/ATen/native"
 SRC = "torch_moe_ops/csrc/ATen/native"
+BF16_H = f"{SRC}/cpu/GroupedMMAvx512BF16.h"
 
 # ---------------------------------------------------------------------------
 # Headers of the meta blocks (what they restate, and the C++ they must stay in step with).
@@ -809,6 +810,80 @@ WITHOUT_PACK_WORDS = [(
     "    }\n"
     "  }\n", "",
 )]
+# The PRs before 1c5's: the K-pair kernel's rounding by vcvtne2ps2bf16, its
+# runs of row blocks (MicroArgs::blocks, AVX512_WITHOUT_STREAM) and the
+# prefetch spread computed without a division.
+BF16_WITHOUT_SHORT_K = [(
+    _source_between(BF16_H, "// Kernels on short K blocks (a weight gradient's few dozen rows) compute",
+                    "    }\n  }\n};\n"),
+    "struct PrefetchSpread {\n"
+    "  int64_t per, every;\n"
+    "  PrefetchSpread(int64_t items, int64_t steps)\n"
+    "      : per(std::max<int64_t>(1, (items + steps - 1) / std::max<int64_t>(1, steps))),\n"
+    "        every(std::max<int64_t>(1, steps * per / std::max<int64_t>(1, items))) {}\n"
+    "};\n",
+), (
+    _source_between(BF16_H, "// The epilogue of a last K block of full 64-column bfloat16 rows without",
+                    "    return true;\n  }\n}\n\n"), "",
+), (
+    _source_between(BF16_H, "// bfloat16 micro-kernel: a is MicroArgs::blocks x MR rows",
+                    "    if (y.row_scale != nullptr) y.row_scale += MR;\n  }\n}\n\n"),
+    """// bfloat16 micro-kernel: a is MR rows of kc bfloat16 (pairs read as 32 bits),
+// b is ceil(kc / 2) x 64 K pairs (kPack: packed by this call); an odd last
+// element pairs with zero.
+template <int MR, typename out_t, bool kPack>
+GROUPED_MM_AVX512_BF16 void micro_bf16_pairs(const BFloat16* const* a, const uint32_t* b, const MicroArgs& x) {
+  __m512 r[MR][4];
+  load_acc<MR>(r, x);
+  const PairWeights<kPack> weights(b, x);
+  // Held in locals for the same reason as PairWeights' members: read
+  // through a and x, they would be reloaded after every packing store.
+  const BFloat16* rows[MR];
+  for (int i = 0; i < MR; ++i) rows[i] = a[i];
+  const int64_t a_step = x.a_step;
+  const Prefetch pf_rows = x.pf;
+  int64_t pf = x.pf_begin;
+  const int64_t pf_end = x.pf_end;
+  const int64_t pairs = x.kc / 2;
+  // The rows spread over the K pairs (PrefetchSpread), written out for at
+  // most two a step: a call prefetches at most one block's rows, kc <= 2
+  // pairs + 1 (an odd block's last row goes after the loop).
+  const PrefetchSpread spread(pf_end - pf, pairs);
+  const bool two = spread.per > 1;
+  const int64_t every = spread.every;
+  int64_t until_pf = 0;
+  __m512bh bv[4];
+  for (int64_t kp = 0; kp < pairs; ++kp) {
+    weights.get(bv, kp, true);
+    for (int i = 0; i < MR; ++i) {
+      int32_t pair;
+      std::memcpy(&pair, rows[i] + kp * a_step, sizeof(pair));
+      const __m512bh av = (__m512bh)_mm512_set1_epi32(pair);
+      r[i][0] = _mm512_dpbf16_ps(r[i][0], av, bv[0]);
+      r[i][1] = _mm512_dpbf16_ps(r[i][1], av, bv[1]);
+      r[i][2] = _mm512_dpbf16_ps(r[i][2], av, bv[2]);
+      r[i][3] = _mm512_dpbf16_ps(r[i][3], av, bv[3]);
+    }
+    if (--until_pf <= 0 && pf < pf_end) {
+      prefetch_row(pf_rows, pf++);
+      if (two && pf < pf_end) prefetch_row(pf_rows, pf++);
+      until_pf = every;
+    }
+  }
+  if (x.kc % 2 != 0) {
+    weights.get(bv, pairs, false);
+    for (int i = 0; i < MR; ++i) {
+      const __m512bh av = (__m512bh)_mm512_set1_epi32(rows[i][pairs * a_step].x);
+      for (int j = 0; j < 4; ++j) r[i][j] = _mm512_dpbf16_ps(r[i][j], av, bv[j]);
+    }
+  }
+  for (; pf < pf_end; ++pf) prefetch_row(pf_rows, pf);
+  finish_acc<MR, out_t>(r, x);
+}
+
+""",
+)]
+
 BF16_WITHOUT_PACK_WORDS = [(
     _source_between(f"{SRC}/cpu/GroupedMMAvx512BF16.h", "  if (rs == 1 && cs % 2 == 0 && rows == nullptr) {\n",
                     "    return;\n  }\n"), "",
@@ -870,6 +945,13 @@ AVX512_WITHOUT_BF16_BROADCAST = [(
 # leave out choose_engine whole (WITHOUT_MATMUL), so they need no
 # KERNEL_WITHOUT_STREAM.
 AVX512_WITHOUT_STREAM = [(
+    _source_between(AVX512_H, "  // Row blocks of MR rows the call runs, one after the other", "  int64_t blocks = 1;\n"), "",
+), (
+    _source_between(AVX512_H, "          // The bfloat16 K-pair kernel runs the full row blocks after the",
+                    "          x.pf_end = pf.rows * (mb + x.blocks) / m_blocks;\n"), "",
+), (
+    "          mb += x.blocks - 1;\n", "",
+), (
     _source_between(AVX512_H, "// Output types the epilogue can stream (stream_out_row).\n",
                     "      _mm512_stream_si512(reinterpret_cast<__m512i*>(o + 16 * j), line);\n    }\n  }\n}\n\n"), "",
 ), (
@@ -1015,8 +1097,10 @@ BF16_PAIRS_TEST = _test_method("test_grouped_mm_bfloat16_k_pairs")
 INNER_PRODUCT_TEST = _test_method("test_grouped_mm_weights_along_k")
 TRANSPOSED_TILE_TEST = _test_method("test_grouped_mm_few_rows_weights_along_k")
 STREAM_TEST = _test_method("test_grouped_mm_weight_gradient_streamed")
+ROUNDING_TEST = _test_method("test_grouped_mm_bfloat16_rounds_as_c10")
 # The kernel PRs' tests in the order the PRs add them; a PR's test_matmul.py leaves out those of later PRs.
-KERNEL_PR_TESTS = (KERNEL_TEST, AVX512_TEST, BF16_PAIRS_TEST, INNER_PRODUCT_TEST, TRANSPOSED_TILE_TEST, STREAM_TEST)
+KERNEL_PR_TESTS = (KERNEL_TEST, AVX512_TEST, BF16_PAIRS_TEST, INNER_PRODUCT_TEST, TRANSPOSED_TILE_TEST, STREAM_TEST,
+                   ROUNDING_TEST)
 
 
 def without_tests_from(first: str) -> list[tuple[str, str]]:
@@ -1344,7 +1428,7 @@ SERIES = [
                 Copy(f"{NATIVE}/cpu/GroupedMMAvx512.h", f"{SRC}/cpu/GroupedMMAvx512.h",
                      edits=AVX512_WITHOUT_STREAM + WITHOUT_TURNED_AVX512 + WITHOUT_PACK_WORDS, update=True),
                 Copy(f"{NATIVE}/cpu/GroupedMMAvx512BF16.h", f"{SRC}/cpu/GroupedMMAvx512BF16.h",
-                     edits=BF16_WITHOUT_PACK_WORDS),
+                     edits=BF16_WITHOUT_SHORT_K + BF16_WITHOUT_PACK_WORDS),
                 Copy(f"{NATIVE}/cpu/GroupedMMKernel.cpp", f"{SRC}/cpu/GroupedMMKernel.cpp",
                      edits=KERNEL_WITHOUT_STREAM + WITHOUT_TRANSPOSED_TILE + WITHOUT_BRGEMM + WITHOUT_INNER_PRODUCT, update=True),
                 Copy("test/test_matmul.py", "patches/src/test/test_matmul.py",
@@ -1358,7 +1442,8 @@ SERIES = [
                 Copy(f"{NATIVE}/cpu/GroupedMMAvx512.h", f"{SRC}/cpu/GroupedMMAvx512.h",
                      edits=AVX512_WITHOUT_STREAM + WITHOUT_TURNED_AVX512,
                      update=True),
-                Copy(f"{NATIVE}/cpu/GroupedMMAvx512BF16.h", f"{SRC}/cpu/GroupedMMAvx512BF16.h", update=True),
+                Copy(f"{NATIVE}/cpu/GroupedMMAvx512BF16.h", f"{SRC}/cpu/GroupedMMAvx512BF16.h",
+                     edits=BF16_WITHOUT_SHORT_K, update=True),
                 Copy(f"{NATIVE}/cpu/GroupedMMInnerProduct.h", f"{SRC}/cpu/GroupedMMInnerProduct.h"),
                 Copy(f"{NATIVE}/cpu/GroupedMMKernel.cpp", f"{SRC}/cpu/GroupedMMKernel.cpp",
                      edits=KERNEL_WITHOUT_STREAM + WITHOUT_TRANSPOSED_TILE + WITHOUT_BRGEMM, update=True),
@@ -1408,6 +1493,7 @@ SERIES = [
             message="core/0001c5-grouped-mm-cpu-streamed-outputs.txt",
             changes=[
                 Copy(f"{NATIVE}/cpu/GroupedMMAvx512.h", f"{SRC}/cpu/GroupedMMAvx512.h", update=True),
+                Copy(f"{NATIVE}/cpu/GroupedMMAvx512BF16.h", f"{SRC}/cpu/GroupedMMAvx512BF16.h", update=True),
                 Copy(f"{NATIVE}/cpu/GroupedMMKernel.cpp", f"{SRC}/cpu/GroupedMMKernel.cpp", update=True),
                 Copy("test/test_matmul.py", "patches/src/test/test_matmul.py", update=True),
             ],

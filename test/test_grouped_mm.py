@@ -411,6 +411,61 @@ def test_bfloat16_kernels_run_where_the_cpu_has_avx512_bf16(rows, w_order):
     assert (ours == 0).all()
 
 
+def c10_bfloat16_bits(x: torch.Tensor) -> torch.Tensor:
+    """The bits c10::BFloat16(float) gives each float32 of x, as int64: round
+    to nearest even (denormals included), every NaN 0x7FC0."""
+    b = x.contiguous().view(torch.int32).to(torch.int64) & 0xFFFFFFFF
+    r = ((b + 0x7FFF + ((b >> 16) & 1)) >> 16) & 0xFFFF
+    r[x.isnan()] = 0x7FC0
+    return r
+
+
+@pytest.mark.parametrize("layout", ["2d3d", "2d2d"])
+def test_bfloat16_outputs_round_denormals_and_nan_as_c10(layout):
+    """Where the CPU has AVX512_BF16 the bfloat16 kernels round full 64-column
+    rows with vcvtne2ps2bf16, which reads float32 denormals as zero and keeps
+    a NaN's sign and payload; rows holding either must round as
+    c10::BFloat16(float) does, the bits of every other bfloat16 output here.
+    Small integers, so every float32 sum is exact in any order; rows of A
+    that are zero leave the output a bias of bfloat16 denormals (2D x 3D);
+    a negative NaN with a payload in A makes its output rows (2D x 3D) or
+    columns of A's row (2D x 2D) NaN. Groups of 30 rows (2D x 3D) or 30 rows
+    of output (2D x 2D: A's rows), 128 columns: the row blocks after the first
+    run in one call of the kernel (MicroArgs::blocks)."""
+    g = torch.Generator().manual_seed(0)
+    groups, rows, k, n = 3, 30, 64, 128
+    nan = torch.tensor([0xFFA5 - 0x10000], dtype=torch.int16).view(torch.bfloat16)[0]  # negative, payload 0x25
+    if layout == "2d3d":
+        a = torch.randint(-3, 4, (groups * rows, k), generator=g).bfloat16()
+        a[7] = 0
+        a[40:52] = 0  # two whole row blocks of group 1
+        a[65, 9] = nan
+        b = torch.randint(-3, 4, (groups, k, n), generator=g).bfloat16()
+        bias = torch.randint(-3, 4, (groups, n), generator=g).bfloat16()
+        bias[:, ::3] = torch.tensor(2.0**-130).bfloat16() * torch.randint(1, 7, (groups, (n + 2) // 3), generator=g)
+        denormal = (bias.float() != 0) & (bias.float().abs() < torch.finfo(torch.float32).tiny)
+        assert denormal.sum() == groups * ((n + 2) // 3)
+        offs = torch.arange(1, groups + 1, dtype=torch.int32) * rows
+        ref = torch.cat([a[i * rows:(i + 1) * rows].double() @ b[i].double() + bias[i].double()
+                         for i in range(groups)]).float()
+        ref[65] = float("nan")
+    else:  # a weight gradient: A (M, total K) K-major, K = 16 routed rows per group
+        tokens = 16
+        x = torch.randint(-3, 4, (groups * tokens, rows), generator=g).bfloat16()
+        x[5, 3] = nan
+        a = x.t()
+        b = torch.randint(-3, 4, (groups * tokens, n), generator=g).bfloat16()
+        bias = None
+        offs = torch.arange(1, groups + 1, dtype=torch.int32) * tokens
+        ref = torch.stack([a[:, i * tokens:(i + 1) * tokens].double() @ b[i * tokens:(i + 1) * tokens].double()
+                           for i in range(groups)]).float()
+        ref[0, 3] = float("nan")
+    out = torch.ops.moe_ops.grouped_mm(a, b, offs, bias)
+    got = out.view(torch.int16).to(torch.int64) & 0xFFFF
+    want = c10_bfloat16_bits(ref)
+    assert torch.equal(got, want), (got != want).nonzero()[:8].tolist()
+
+
 @pytest.mark.skipif(not cpu_has_avx512_bf16() or "amx_tile" in cpu_flags(),
                     reason="needs a CPU with AVX512_BF16 and without AMX, whose small groups run brgemm tiles")
 @pytest.mark.parametrize("layout", ["2d3d", "3d3d"])

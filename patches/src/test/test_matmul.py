@@ -326,6 +326,31 @@ class TestGroupedMM(TestCase):
                 self.assertEqual(out[:, r0:r0 + 16], small, atol=0, rtol=0)
 
     @onlyCPU
+    def test_grouped_mm_bfloat16_rounds_as_c10(self, device):
+        # bfloat16 outputs round as c10::BFloat16(float) does, NaN and float32
+        # denormals included: on AVX512_BF16 CPUs full 64-column rows round
+        # with vcvtne2ps2bf16, which reads denormals as zero and keeps a NaN's
+        # sign and payload, so rows holding either must round otherwise. Small
+        # integers make every float32 sum exact, whatever its order; zero rows
+        # of A leave a bias of denormals; a negative NaN with a payload in A
+        # makes its output row NaN. Groups of 30 rows: the row blocks after the
+        # first run in one call of the kernel.
+        offs = _offs([30, 30, 30], device)
+        a = torch.randint(-3, 4, (90, 64), device=device).bfloat16()
+        a[7] = 0
+        a[40:52] = 0
+        a[65, 9] = torch.tensor(0xFFA5 - 0x10000, dtype=torch.int16).view(torch.bfloat16)
+        b = torch.randint(-3, 4, (3, 64, 128), device=device).bfloat16()
+        bias = torch.randint(-3, 4, (3, 128), device=device).bfloat16()
+        bias[:, ::3] = 2.0**-130 * torch.randint(1, 7, (3, 43), device=device)
+        out = torch._grouped_mm(a, b, offs=offs, bias=bias)
+        ref = torch.cat([a[30 * g:30 * (g + 1)].double() @ b[g].double() + bias[g].double() for g in range(3)])
+        bits = ref.float().view(torch.int32).long() & 0xFFFFFFFF
+        want = ((bits + 0x7FFF + ((bits >> 16) & 1)) >> 16) & 0xFFFF
+        want[65] = 0x7FC0
+        self.assertEqual(out.view(torch.int16).long() & 0xFFFF, want, atol=0, rtol=0)
+
+    @onlyCPU
     def test_grouped_mm_errors(self, device):
         a, b = torch.randn(5, 4, device=device), torch.randn(2, 4, 3, device=device)
         a3 = torch.randn(3, 5, 4, device=device)
