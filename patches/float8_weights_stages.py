@@ -49,6 +49,10 @@ _UTILS = [
 ]
 
 _AVX512 = [
+    ("  // Row blocks of MR rows the call runs, one after the other (c, acc and\n"
+     "  // row_scale step MR rows each): the bfloat16 K-pair kernel's only, whose\n",
+     "  // Row blocks of MR rows the call runs, one after the other (c and acc\n"
+     "  // step MR rows each): the bfloat16 K-pair kernel's only, whose\n"),
     (_span(AVX512, "  // nullptr, or the MR rows' and the 64 columns' scales", "  int64_t w; // valid output columns"), ""),
     ("  // src8: the same from float8 codes (Problem::b8) of format e5m2.\n", ""),
     ("    const uint8_t* src8 = nullptr;\n    bool e5m2 = false;\n", ""),
@@ -78,6 +82,11 @@ _AVX512 = [
 ]
 
 _BF16 = [
+    ("    if (!x.last || x.row_scale != nullptr || x.w != kNR) return false;\n",
+     "    if (!x.last || x.w != kNR) return false;\n"),
+    ("  MicroArgs y = x;  // the block's output, accumulator and scale rows\n",
+     "  MicroArgs y = x;  // the block's output and accumulator rows\n"),
+    ("    if (y.row_scale != nullptr) y.row_scale += MR;\n", ""),
     ("// (pairs read as 32 bits), run MR at a time, b is ceil(kc / 2) x 64 K pairs,\n"
      "// which Weights reads (PairWeights<false>) or packs as it goes\n"
      "// (PairWeights<true>, one block; float8 weights: GroupedMMFloat8Weights.h);\n"

@@ -827,7 +827,7 @@ BF16_WITHOUT_SHORT_K = [(
                     "    return true;\n  }\n}\n\n"), "",
 ), (
     _source_between(BF16_H, "// bfloat16 micro-kernel: a is MicroArgs::blocks x MR rows",
-                    "    if (y.row_scale != nullptr) y.row_scale += MR;\n  }\n}\n\n"),
+                    "    if (y.acc != nullptr) y.acc += MR * x.ld_acc;\n  }\n}\n\n"),
     """// bfloat16 micro-kernel: a is MR rows of kc bfloat16 (pairs read as 32 bits),
 // b is ceil(kc / 2) x 64 K pairs (kPack: packed by this call); an odd last
 // element pairs with zero.
