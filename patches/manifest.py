@@ -505,6 +505,14 @@ TT_WITHOUT_TURNED = [(
 ), (
     _source_between(f"{SRC}/cpu/GroupedMMTransposedTile.h", "  if (p.c_transposed) {\n", "    return;\n  }\n"), "",
 )]
+# The inner-product engine's store of C^T (a turned 3D x 2D group of few tokens, 1c3).
+NT_WITHOUT_TURNED = [(
+    "  // A turned 3D x 2D problem (turn_3d2d_groups) stores C^T into C's columns.\n"
+    "  const int64_t c_rs = p.c_transposed ? 1 : p.c_rs, c_cs = p.c_transposed ? p.c_rs : 1;\n", "",
+), (
+    "        nt_store(p, c_rs, c_cs, m0 + r0, mr, n0, w, sums);\n",
+    "        nt_store(p, p.c_rs, 1, m0 + r0, mr, n0, w, sums);\n",
+)]
 TEST_MATMUL_WITHOUT_TURNED = [(
     "        # row-major and column-major. 3D x 2D with more than 512 such weight\n"
     "        # rows runs turned around (C^T = B^T A^T) in the same kernel, with\n"
@@ -1444,7 +1452,8 @@ SERIES = [
                      update=True),
                 Copy(f"{NATIVE}/cpu/GroupedMMAvx512BF16.h", f"{SRC}/cpu/GroupedMMAvx512BF16.h",
                      edits=BF16_WITHOUT_SHORT_K, update=True),
-                Copy(f"{NATIVE}/cpu/GroupedMMInnerProduct.h", f"{SRC}/cpu/GroupedMMInnerProduct.h"),
+                Copy(f"{NATIVE}/cpu/GroupedMMInnerProduct.h", f"{SRC}/cpu/GroupedMMInnerProduct.h",
+                     edits=NT_WITHOUT_TURNED),
                 Copy(f"{NATIVE}/cpu/GroupedMMKernel.cpp", f"{SRC}/cpu/GroupedMMKernel.cpp",
                      edits=KERNEL_WITHOUT_STREAM + WITHOUT_TRANSPOSED_TILE + WITHOUT_BRGEMM, update=True),
                 Copy("test/test_matmul.py", "patches/src/test/test_matmul.py",
@@ -1477,6 +1486,7 @@ SERIES = [
                 Copy(f"{NATIVE}/cpu/GroupedMMAvx512.h", f"{SRC}/cpu/GroupedMMAvx512.h", edits=AVX512_WITHOUT_STREAM, update=True),
                 Copy(f"{NATIVE}/cpu/GroupedMMTransposedTile.h", f"{SRC}/cpu/GroupedMMTransposedTile.h",
                      edits=TT_WITHOUT_REST, update=True),
+                Copy(f"{NATIVE}/cpu/GroupedMMInnerProduct.h", f"{SRC}/cpu/GroupedMMInnerProduct.h", update=True),
                 Copy(f"{NATIVE}/cpu/GroupedMMKernel.cpp", f"{SRC}/cpu/GroupedMMKernel.cpp", edits=KERNEL_WITHOUT_STREAM, update=True),
                 Copy("test/test_matmul.py", "patches/src/test/test_matmul.py", edits=without_tests_from(STREAM_TEST) + TEST_MATMUL_WITHOUT_REST,
                      update=True),

@@ -270,7 +270,14 @@ Engine choose_engine(const std::vector<Problem<scalar_t, out_t, acc_t>>& problem
 // - weights stored (E, K, N) (A K-major): 2D x 3D with (E, K, N) weights, the
 //   broadcast engine, its tile going through the accumulator buffer to the
 //   output's columns (store_acc_transposed). As C = A B the transposed-tile
-//   engine repacked every weight for each group.
+//   engine repacked every weight for each group;
+// - weights stored (E, N, K) and fewer tokens than the transposed-tile engine
+//   takes (kTtMinRowsBF16 / kTtMinRowsF32): the inner-product engine either
+//   way, but as C = A B its 4 columns are tokens, a group of 1-17 tokens
+//   computes up to 3 padding columns per 4, and as C^T its 6 rows are
+//   tokens, run with exactly as many rows as there are (DeepSeek-V3, Zen 4,
+//   2 threads: bfloat16 92-99 -> 83-86 ms, float32 185-213 -> 162-169 ms;
+//   the same bits, each sum being the same dot product in the same order).
 // Zen 5, 2 threads, bfloat16, uniform groups, GFLOP/s as C = A B and turned,
 // (E, N, K) then (E, K, N): Qwen3 (48 tokens, K 2048, N 1536) 570 -> 855 and
 // 405 -> 745; OLMoE (96, 2048, 2048) 635 -> 895 and 530 -> 805; DeepSeek-V3
@@ -284,8 +291,16 @@ void turn_3d2d_groups(bool has_bias, bool gathered, std::vector<Problem<scalar_t
       if (p.m <= p.n || p.n == 0 || p.k == 0 || p.b_rs != 1 || p.b8 != nullptr) continue;
       const auto q = turned(p);
       const bool to_tiles = !tt_eligible<scalar_t>(p) && tt_eligible<scalar_t>(q);
+      // Only groups too small for the transposed-tile engine: larger ones that
+      // it does not take stay C = A B (turned, Mixtral's groups of 512 tokens
+      // and more ran its bfloat16 row at 305 against 342-364 GFLOP/s; without
+      // AVX512_BF16 the inner-product engine would widen each weight row once
+      // per 96 tokens instead of once).
+      const int64_t too_few = std::is_same_v<scalar_t, float> ? kTtMinRowsF32 : kTtMinRowsBF16;
+      const bool to_inner = !tt_eligible<scalar_t>(p) && nt_eligible<scalar_t>(p) && nt_eligible<scalar_t>(q) &&
+          q.m < too_few;
       const bool to_broadcast = p.a_rs == 1 && p.a_cs != 1;
-      if (to_tiles || to_broadcast) p = q;
+      if (to_tiles || to_inner || to_broadcast) p = q;
     }
   }
 }
