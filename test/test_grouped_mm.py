@@ -321,10 +321,11 @@ def test_transposed_tiles_turned_3d2d(dtype, k):
     orders give the same bits, except on the tokens after a group's last
     whole 16 (100 = 96 + 4, with x.t() and K in one block), which take inner
     products and must give the bits of the same tokens as a group of their
-    own. A group of fewer tokens (5) with (G, N, K) weights runs turned in the
-    inner-product engine, its rows the tokens (unturned, its 4 columns were,
-    mostly padding), and must give the bits of the same tokens as 2D x 3D
-    (C^T, the same dot products). Values against float64 within the bound
+    own. A group of fewer tokens (5) with (G, N, K) weights and x.t() runs
+    turned in the inner-product engine, its rows the tokens (unturned, its 4
+    columns were, mostly padding), and must give the bits of the same tokens
+    as 2D x 3D (C^T, the same dot products); unturned, with row-major
+    tokens^T, it has them too. Values against float64 within the bound
     of test_transposed_tiles; tokens^T K-contiguous (as x.t(), the layout
     that turns) and row-major (which does not); 1 and 2 threads; N past a
     256-column tile and off the 16-column edge."""
@@ -346,10 +347,10 @@ def test_transposed_tiles_turned_3d2d(dtype, k):
                     own = torch.ops.moe_ops.grouped_mm(w_nk[e:e + 1], xt[:, cols],
                                                        torch.tensor([cols.stop - cols.start], dtype=torch.int32))
                     assert torch.equal(out[:, cols], own), f"{msg} rest of group {e}"
-            few = slice(sum(sizes[:3]), sum(sizes[:4]))  # group 3, 5 tokens
-            as_2d3d = torch.ops.moe_ops.grouped_mm(xt[:, few].t(), w_nk[3:4].transpose(-2, -1),
-                                                   torch.tensor([few.stop - few.start], dtype=torch.int32))
-            assert torch.equal(out[:, few], as_2d3d.t()), f"{msg} group of 5 tokens"
+                few = slice(sum(sizes[:3]), sum(sizes[:4]))  # group 3, 5 tokens
+                as_2d3d = torch.ops.moe_ops.grouped_mm(xt[:, few].t(), w_nk[3:4].transpose(-2, -1),
+                                                       torch.tensor([few.stop - few.start], dtype=torch.int32))
+                assert torch.equal(out[:, few], as_2d3d.t()), f"{msg} group of 5 tokens"
             assert_within_sum_bound(out, w_nk, xt, offs, None, msg)
             for bits in at_thread_counts(lambda: run(w_nk)).values():
                 assert torch.equal(bits, out), msg
