@@ -507,10 +507,7 @@ TT_WITHOUT_TURNED = [(
 )]
 # The inner-product engine's store of C^T (a turned 3D x 2D group of few tokens, 1c3).
 NT_WITHOUT_TURNED = [(
-    "  // A turned 3D x 2D problem (turn_3d2d_groups) stores C^T into C's columns.\n"
-    "  const int64_t c_rs = p.c_transposed ? 1 : p.c_rs, c_cs = p.c_transposed ? p.c_rs : 1;\n", "",
-), (
-    "        nt_store(p, c_rs, c_cs, m0 + r0, mr, n0, w, sums);\n",
+    "        nt_store(p, p.c_row_stride(), p.c_col_stride(), m0 + r0, mr, n0, w, sums);\n",
     "        nt_store(p, p.c_rs, 1, m0 + r0, mr, n0, w, sums);\n",
 )]
 TEST_MATMUL_WITHOUT_TURNED = [(
@@ -543,7 +540,8 @@ TT_WITHOUT_REST = [(
     "  return {mpad, 0, tt_kc<scalar_t>(p.k, mpad)};\n", "  return {mpad, tt_kc<scalar_t>(p.k, mpad)};\n",
 ), (
     _source_between(f"{SRC}/cpu/GroupedMMTransposedTile.h", "// The rest's rows x weight rows [j0, j0 + 8)",
-                    "      nt_store(p, c_rs, c_cs, s.mpad + r0, mr, t.n0 + j, w, sums);\n    }\n  }\n}\n\n"), "",
+                    "      nt_store(p, p.c_row_stride(), p.c_col_stride(), s.mpad + r0, mr, t.n0 + j, w, sums);\n"
+                    "    }\n  }\n}\n\n"), "",
 ), (
     "// The rest's rows (TtRows) after each 8 weight rows' passes.\n", "",
 ), (
@@ -738,6 +736,9 @@ UTILS_H = f"{SRC}/cpu/GroupedMMKernelUtils.h"
 # C^T outputs (a problem turned around for the transposed-tile engine, 1c2).
 WITHOUT_TURNED_UTILS = [(
     _source_between(UTILS_H, "  // C^T stored instead: element (r, j)", "  bool c_transposed = false;\n"), "",
+), (
+    _source_between(UTILS_H, "  // Element (r, j) of the result at c + r * c_row_stride()",
+                    "  int64_t c_col_stride() const { return c_transposed ? c_rs : 1; }\n"), "",
 ), (
     _source_between(UTILS_H, "// p as C^T = B^T A^T (no bias, no indices)", "  return q;\n}\n\n"), "",
 )]

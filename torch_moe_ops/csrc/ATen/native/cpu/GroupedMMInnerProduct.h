@@ -247,8 +247,6 @@ void run_tile_nt(const Problem<scalar_t, out_t, float>& p, const Tile& t, Thread
   const int64_t k = p.k;
   const int64_t n_end = t.n0 + t.nb;
   const int64_t row_bytes = k * static_cast<int64_t>(sizeof(scalar_t));
-  // A turned 3D x 2D problem (turn_3d2d_groups) stores C^T into C's columns.
-  const int64_t c_rs = p.c_transposed ? 1 : p.c_rs, c_cs = p.c_transposed ? p.c_rs : 1;
   // What a -1 row index reads (widened, the rows are zero-filled instead).
   const scalar_t* zero_row = widen ? nullptr : nt_zero_row(p, buf.a);
   const scalar_t* a_rows[kNtMC];
@@ -316,7 +314,7 @@ void run_tile_nt(const Problem<scalar_t, out_t, float>& p, const Tile& t, Thread
         } else {
           dispatch_nt_micro<scalar_t>(mr, a_rows + r0, b_rows, k, sums, pf);
         }
-        nt_store(p, c_rs, c_cs, m0 + r0, mr, n0, w, sums);
+        nt_store(p, p.c_row_stride(), p.c_col_stride(), m0 + r0, mr, n0, w, sums);
       }
     }
   }

@@ -296,9 +296,8 @@ void turn_3d2d_groups(bool has_bias, bool gathered, std::vector<Problem<scalar_t
       // and more ran its bfloat16 row at 305 against 342-364 GFLOP/s; without
       // AVX512_BF16 the inner-product engine would widen each weight row once
       // per 96 tokens instead of once).
-      const int64_t too_few = std::is_same_v<scalar_t, float> ? kTtMinRowsF32 : kTtMinRowsBF16;
       const bool to_inner = !tt_eligible<scalar_t>(p) && nt_eligible<scalar_t>(p) && nt_eligible<scalar_t>(q) &&
-          q.m < too_few;
+          q.m < tt_min_rows<scalar_t>();
       const bool to_broadcast = p.a_rs == 1 && p.a_cs != 1;
       if (to_tiles || to_inner || to_broadcast) p = q;
     }

@@ -31,8 +31,8 @@ struct Problem {
   out_t* c; // unit stride along n
   int64_t c_rs;
   // C^T stored instead: element (r, j) at c + j * c_rs + r (a 3D x 2D group
-  // turned around, turn_3d2d_groups; only the transposed-tile and broadcast
-  // engines take such a problem).
+  // turned around, turn_3d2d_groups; the transposed-tile, broadcast and
+  // inner-product engines take such a problem).
   bool c_transposed = false;
   const acc_t* bias; // nullptr or n contiguous values
   // With indices (grouped_mm_stub's a_index / b_index): row r of A is at
@@ -53,6 +53,9 @@ struct Problem {
   const float* row_scale = nullptr;
   const float* col_scale = nullptr;
   bool a_gathered() const { return a_row_idx != nullptr || a_col_idx != nullptr; }
+  // Element (r, j) of the result at c + r * c_row_stride() + j * c_col_stride().
+  int64_t c_row_stride() const { return c_transposed ? 1 : c_rs; }
+  int64_t c_col_stride() const { return c_transposed ? c_rs : 1; }
 };
 
 // p as C^T = B^T A^T (no bias, no indices): B's columns become the rows,

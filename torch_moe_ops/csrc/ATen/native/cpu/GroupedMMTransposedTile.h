@@ -53,6 +53,10 @@ constexpr int64_t kTtNR = 8;       // weight rows (output columns) per micro-ker
 // Fewer rows: the inner-product engine's prefetched weight stream wins.
 constexpr int64_t kTtMinRowsF32 = 17;
 constexpr int64_t kTtMinRowsBF16 = 18;
+template <typename scalar_t>
+constexpr int64_t tt_min_rows() {
+  return std::is_same_v<scalar_t, float> ? kTtMinRowsF32 : kTtMinRowsBF16;
+}
 // More rows leave the packed rows too short a K block (3D x 2D's 1536 weight
 // rows: 128 K of bfloat16), the tile's accumulators spilling at each: rows
 // stored along K then go to the inner-product engine, which reads them in
@@ -72,9 +76,9 @@ bool tt_eligible(const P& p) {
   const bool nk = p.b_rs == 1 && p.b_cs != 1 && p.b_idx == nullptr && p.b8 == nullptr &&
       (p.m <= kTtMaxRows || p.a_cs != 1);
   if constexpr (std::is_same_v<scalar_t, float>) {
-    return nk && p.m >= kTtMinRowsF32;
+    return nk && p.m >= tt_min_rows<scalar_t>();
   } else if constexpr (std::is_same_v<scalar_t, BFloat16>) {
-    return nk && p.m >= kTtMinRowsBF16 && cpu_has_avx512_bf16();
+    return nk && p.m >= tt_min_rows<scalar_t>() && cpu_has_avx512_bf16();
   } else {
     return false;
   }
@@ -379,7 +383,6 @@ TtPrefetch tt_weight_group(const Problem<scalar_t, out_t, float>& p, const Tile&
 template <typename scalar_t, typename out_t>
 void tt_rest(const Problem<scalar_t, out_t, float>& p, const Tile& t, const TtRows& s, int64_t j0,
              const scalar_t* const* rows) {
-  const int64_t c_rs = p.c_transposed ? 1 : p.c_rs, c_cs = p.c_transposed ? p.c_rs : 1;
   float sums[kNtMR][kNtNR];
   for (int64_t j = j0; j < std::min(j0 + kTtNR, t.nb); j += kNtNR) {
     const int64_t w = std::min(kNtNR, t.nb - j);
@@ -388,7 +391,7 @@ void tt_rest(const Problem<scalar_t, out_t, float>& p, const Tile& t, const TtRo
     for (int64_t r0 = 0; r0 < s.rest; r0 += kNtMR) {
       const int64_t mr = std::min(kNtMR, s.rest - r0);
       dispatch_nt_micro<scalar_t>(mr, rows + r0, b, p.k, sums, NtPrefetch{});
-      nt_store(p, c_rs, c_cs, s.mpad + r0, mr, t.n0 + j, w, sums);
+      nt_store(p, p.c_row_stride(), p.c_col_stride(), s.mpad + r0, mr, t.n0 + j, w, sums);
     }
   }
 }
