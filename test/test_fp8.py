@@ -511,6 +511,30 @@ def test_scaled_grouped_mm_decodes_every_byte(f8, k_major):
     assert set(out[out.isnan()].view(torch.int32).tolist()) <= {0x7FC00000}
 
 
+@pytest.mark.skipif(torch.backends.cpu.get_cpu_capability() != "AVX512",
+                    reason="the float8 decoders are in the AVX512 build of the kernels only")
+@pytest.mark.parametrize("f8", [torch.float8_e4m3fn, torch.float8_e5m2])
+@pytest.mark.parametrize("decoder", ["byte_arithmetic", "byte_tables"])
+def test_fp8_decoders_every_code(f8, decoder):
+    """Both float8 -> bfloat16 decoders of MoEFp8Avx512.h, on every code
+    (NaN, infinity, denormals and both zeros among them): each kernel picks
+    one by the CPU (byte tables where it has AVX512_VBMI), so the engine's
+    tests run only that one here; moe_ops_testing.fp8_decode runs either.
+    Their words (run: 64 codes a step, a 7-code masked tail) and their low
+    and high bytes are exactly torch's float8 -> bfloat16 conversion, NaN
+    0x7FC0 whatever its sign."""
+    if decoder == "byte_tables" and "avx512vbmi" not in cpu_flags():
+        pytest.skip("decoder byte_tables needs AVX512_VBMI, which this CPU lacks")
+    g = torch.Generator().manual_seed(7)
+    codes = torch.cat([torch.arange(256), torch.randint(0, 256, (263,), generator=g)]).to(torch.uint8)
+    words, halves = torch.ops.moe_ops_testing.fp8_decode(codes, f8 == torch.float8_e5m2, decoder)
+    want = codes.view(f8).to(torch.bfloat16).view(torch.int16)
+    assert torch.equal(words, want)
+    assert torch.equal(halves[0], (want & 0xFF).to(torch.uint8))
+    assert torch.equal(halves[1], ((want >> 8) & 0xFF).to(torch.uint8))
+    assert set(want[codes.view(f8).float().isnan()].tolist()) <= {0x7FC0}
+
+
 @pytest.mark.parametrize("k_major", [False, True])
 def test_scaled_grouped_mm_mx_weight_scale_per_element(k_major):
     """MX weights stored (K, N) give each element of a run along N a scale of

@@ -49,9 +49,10 @@ inline __attribute__((always_inline)) void fp8_rows_to_pairs(const Decoder& deco
 
 // Weight block (kc x w float8 codes at src, strides rs / cs in codes) ->
 // ceil(kc / 2) x 64 bfloat16 K pairs (row 2p in the low half, row 2p + 1 in
-// the high half), zero past kc and past w; kc <= 256.
+// the high half), zero past kc and past w; kc <= 256. Inlined into each
+// decoder's caller (pack_b_fp8_pairs_vbmi's target attribute).
 template <typename Decoder>
-void pack_b_fp8_pairs_with(const Decoder& decode, uint32_t* dst, const uint8_t* src, int64_t rs, int64_t cs,
+inline __attribute__((always_inline)) void pack_b_fp8_pairs_with(const Decoder& decode, uint32_t* dst, const uint8_t* src, int64_t rs, int64_t cs,
                            int64_t kc, int64_t w, bool e5m2) {
   const int64_t pairs = (kc + 1) / 2;
   if (cs == 1) {  // (K, N) storage: rows of codes, masked past w
@@ -134,8 +135,23 @@ void pack_b_fp8_pairs_with(const Decoder& decode, uint32_t* dst, const uint8_t* 
   }
 }
 
+// The same by byte tables (AVX512_VBMI). (N, K) codes are packed in a pass
+// in series with the FMAs ((K, N) ones are decoded among them), which its
+// decode dominated: Zen 4, 2 threads, DeepSeek-V3 2d3d `nk`, the pass from
+// 11.8% to 8.65% of the call's perf samples.
+template <bool kE5M2>
+MOE_FP8_VBMI void pack_b_fp8_pairs_vbmi(uint32_t* dst, const uint8_t* src, int64_t rs, int64_t cs, int64_t kc,
+                                        int64_t w) {
+  static const MoEFp8ToBf16Vbmi<kE5M2> decode;
+  pack_b_fp8_pairs_with(decode, dst, src, rs, cs, kc, w, kE5M2);
+}
+
 void pack_b_fp8_pairs(uint32_t* dst, const uint8_t* src, int64_t rs, int64_t cs, int64_t kc, int64_t w,
                       bool e5m2) {
+  if (moe_cpu_has_avx512_vbmi()) {
+    return e5m2 ? pack_b_fp8_pairs_vbmi<true>(dst, src, rs, cs, kc, w)
+                : pack_b_fp8_pairs_vbmi<false>(dst, src, rs, cs, kc, w);
+  }
   moe_with_fp8_decoder(e5m2, [&](const auto& decode) {
     pack_b_fp8_pairs_with(decode, dst, src, rs, cs, kc, w, e5m2);
   });

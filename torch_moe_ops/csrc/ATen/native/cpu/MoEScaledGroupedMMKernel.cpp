@@ -175,19 +175,33 @@ inline __m512 e8m0x16_to_f32(__m128i codes) {
   return _mm512_castsi512_ps(f);
 }
 
-// An unscaled run into bfloat16, 64 lanes at a time (MoEFp8ToBf16): the
-// same bits as the float32 route below at a fraction of its instructions.
-// This pass, not the GEMM, bounded fp8 once the GEMM ran on vdpbf16ps.
+// An unscaled run into bfloat16, 64 lanes at a time (MoEFp8ToBf16, or
+// MoEFp8ToBf16Vbmi where the CPU has AVX512_VBMI): the same bits as the
+// float32 route below at a fraction of its instructions. This pass, not the
+// GEMM, bounded fp8 once the GEMM ran on vdpbf16ps.
+template <typename Decoder>
+inline __attribute__((always_inline)) void convert_run_bf16_with(const Decoder& decode, const Run& run,
+                                                                 BFloat16* dst) {
+  for (int64_t i = 0; i < run.n; i += 64) {
+    _mm_prefetch(reinterpret_cast<const char*>(run.src + i + kDecodePrefetchBytes), _MM_HINT_T0);
+    __m512i v[2];
+    decode.run(run.src + i, moe_lanes64(run.n, i), v);
+    _mm512_mask_storeu_epi16(dst + i, moe_lanes32(run.n, i), v[0]);
+    _mm512_mask_storeu_epi16(dst + i + 32, moe_lanes32(run.n, i + 32), v[1]);
+  }
+}
+
+template <bool kE5M2>
+MOE_FP8_VBMI void convert_run_bf16_vbmi(const Run& run, BFloat16* dst) {
+  static const MoEFp8ToBf16Vbmi<kE5M2> decode;
+  convert_run_bf16_with(decode, run, dst);
+}
+
 inline void convert_run_bf16_unscaled(const Run& run, BFloat16* dst, bool e5m2) {
-  moe_with_fp8_decoder(e5m2, [&](const auto& decode) {
-    for (int64_t i = 0; i < run.n; i += 64) {
-      _mm_prefetch(reinterpret_cast<const char*>(run.src + i + kDecodePrefetchBytes), _MM_HINT_T0);
-      __m512i v[2];
-      decode.run(run.src + i, moe_lanes64(run.n, i), v);
-      _mm512_mask_storeu_epi16(dst + i, moe_lanes32(run.n, i), v[0]);
-      _mm512_mask_storeu_epi16(dst + i + 32, moe_lanes32(run.n, i + 32), v[1]);
-    }
-  });
+  if (moe_cpu_has_avx512_vbmi()) {
+    return e5m2 ? convert_run_bf16_vbmi<true>(run, dst) : convert_run_bf16_vbmi<false>(run, dst);
+  }
+  moe_with_fp8_decoder(e5m2, [&](const auto& decode) { convert_run_bf16_with(decode, run, dst); });
 }
 
 template <typename dst_t>
