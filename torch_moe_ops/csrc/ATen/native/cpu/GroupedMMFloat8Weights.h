@@ -52,8 +52,9 @@ inline __attribute__((always_inline)) void fp8_rows_to_pairs(const Decoder& deco
 // the high half), zero past kc and past w; kc <= 256. Inlined into each
 // decoder's caller (pack_b_fp8_pairs_vbmi's target attribute).
 template <typename Decoder>
-inline __attribute__((always_inline)) void pack_b_fp8_pairs_with(const Decoder& decode, uint32_t* dst, const uint8_t* src, int64_t rs, int64_t cs,
-                           int64_t kc, int64_t w, bool e5m2) {
+inline __attribute__((always_inline)) void pack_b_fp8_pairs_with(const Decoder& decode, uint32_t* dst,
+                                                                 const uint8_t* src, int64_t rs, int64_t cs,
+                                                                 int64_t kc, int64_t w, bool e5m2) {
   const int64_t pairs = (kc + 1) / 2;
   if (cs == 1) {  // (K, N) storage: rows of codes, masked past w
     const __m512i spread = fp8_pair_spread();
