@@ -38,17 +38,26 @@ RESULTS = os.path.join(HERE, "results")
 OUT_ENV = "MOE_BENCH_OUT"
 
 
-def interleaved_medians(stmts: dict[str, str], env: dict, min_run_time: float, rounds: int) -> dict[str, float]:
+def interleaved_medians(stmts: dict[str, str], env: dict, min_run_time: float, rounds: int,
+                        min_runs: int = 1) -> dict[str, float]:
     """Seconds per call of each statement, with all of torch's threads.
 
     The statements take turns, round after round, and each keeps its median
     round: on this shared VM the machine's speed drifts over seconds, and
-    interleaving makes every ratio see the same drift."""
+    interleaving makes every ratio see the same drift. A round's value is the
+    median of at least min_runs timed blocks: a statement of a few hundred ms
+    fits 2-3 blocks in min_run_time, whose median is then the mean of two, and
+    one step that met a slow moment of the VM's page faults (5-20x their usual
+    system time) moved the round by half of it."""
     times: dict[str, list[float]] = {name: [] for name in stmts}
     for _ in range(rounds):
         for name, stmt in stmts.items():
             timer = Timer(stmt, globals=env, num_threads=torch.get_num_threads())
-            times[name].append(timer.blocked_autorange(min_run_time=min_run_time).median)
+            m = timer.blocked_autorange(min_run_time=min_run_time)
+            blocks = list(m.times)
+            while len(blocks) < min_runs:
+                blocks.append(timer.timeit(m.number_per_run).median)
+            times[name].append(statistics.median(blocks))
     return {name: statistics.median(ts) for name, ts in times.items()}
 
 

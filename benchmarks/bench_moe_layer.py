@@ -143,7 +143,8 @@ def layer_memory_bound(params: list, dense_params: list, dense_s: float, rates: 
     return bound_vs_dense(dense_s, 2 * weight_bytes, weight_bytes, rates, zeroing_s)
 
 
-def run(cfg: Config, experts: Qwen3MoeExperts, order: str, min_run_time: float, rounds: int, rates: dict) -> dict:
+def run(cfg: Config, experts: Qwen3MoeExperts, order: str, min_run_time: float, rounds: int, min_runs: int,
+        rates: dict) -> dict:
     gen = torch.Generator().manual_seed(1)
     ids, weights = routing(cfg, gen)
     x = torch.randn(cfg.tokens, cfg.hidden, generator=gen).to(cfg.dtype).requires_grad_()
@@ -219,7 +220,7 @@ def run(cfg: Config, experts: Qwen3MoeExperts, order: str, min_run_time: float, 
                 for kind, fn in (("fwd", "forward"), ("total", "forward_backward"))}
 
     t = interleaved_medians({**stmts(["grouped_mm", "unfused", "ours"]), "fwd dense": "dense_forward()",
-                             "total dense": "dense_forward_backward()"}, env, min_run_time, rounds)
+                             "total dense": "dense_forward_backward()"}, env, min_run_time, rounds, min_runs)
     if "eager" in impls:
         # One round: the loop's backward is seconds per step.
         t.update(interleaved_medians(stmts(["eager"]), env, 0.0, 1))
@@ -267,7 +268,9 @@ def main(argv: Optional[list[str]] = None) -> int:
     args = parser.parse_args(argv)
 
     moe_transformers.register()
-    min_run_time, rounds = (0.05, 1) if args.quick else (0.5, 3)
+    # A step takes 0.1-0.6 s, so min_run_time alone would time 1-5 of them a
+    # round: every round times at least min_runs.
+    min_run_time, rounds, min_runs = (0.05, 1, 1) if args.quick else (0.5, 3, 5)
     doc = dict(benchmark="moe_layer", meta=metadata(__file__, argv, args.quick), results=[])
     print_machine()
     print("MoE experts, bf16 forward + backward through transformers' experts module, side by side, weights stored "
@@ -279,7 +282,7 @@ def main(argv: Optional[list[str]] = None) -> int:
         experts = make_experts(cfg, torch.Generator().manual_seed(0))
         for order in ORDERS:
             doc["results"].append(run(cfg, experts if order == "nk" else transposed_experts(experts), order,
-                                      min_run_time, rounds, rates))
+                                      min_run_time, rounds, min_runs, rates))
             print("\n".join(tables.table("moe_layer", dict(results=doc["results"][-1:])).splitlines()[2:]),
                   flush=True)
     print()

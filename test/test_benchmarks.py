@@ -170,6 +170,43 @@ def test_moe_layer_memory_bound(monkeypatch):
     assert bench_moe_layer.layer_memory_bound(params[:1], dense, 10.0, rates) == 1.0
 
 
+def test_interleaved_medians_min_runs(monkeypatch):
+    """A round is the median of at least min_runs timed blocks: with the two
+    blocks min_run_time fits for a long statement, one slow block (a slow
+    moment of the VM) moved the round to the mean of the two."""
+    import _harness
+
+    import statistics
+
+    class Measurement:
+        def __init__(self, times):
+            self.times, self.number_per_run, self.median = times, 1, statistics.median(times)
+
+    calls = []
+
+    class FakeTimer:
+        """blocked_autorange: a fast and a slow block; timeit: fast blocks."""
+        def __init__(self, stmt, globals, num_threads):
+            self.stmt = stmt
+
+        def blocked_autorange(self, min_run_time):
+            calls.append(("autorange", self.stmt))
+            return Measurement([0.2, 1.0])
+
+        def timeit(self, number):
+            calls.append(("timeit", self.stmt, number))
+            return Measurement([0.2])
+
+    monkeypatch.setattr(_harness, "Timer", FakeTimer)
+    assert _harness.interleaved_medians({"a": "a()"}, {}, 0.5, 3) == {"a": pytest.approx(0.6)}
+    assert not [c for c in calls if c[0] == "timeit"]
+    calls.clear()
+    assert _harness.interleaved_medians({"a": "a()", "b": "b()"}, {}, 0.5, 3, min_runs=5) == {"a": 0.2, "b": 0.2}
+    # 3 more blocks a round and statement, interleaved: a's round, then b's.
+    assert calls[:4] == [("autorange", "a()"), ("timeit", "a()", 1), ("timeit", "a()", 1), ("timeit", "a()", 1)]
+    assert len(calls) == 3 * 2 * 4
+
+
 def digest(directory: Path) -> dict:
     return {p.name: hashlib.sha256(p.read_bytes()).hexdigest() for p in sorted(directory.glob("*"))}
 
