@@ -13,6 +13,7 @@ import hashlib
 import json
 import os
 import re
+import statistics
 import subprocess
 import sys
 from pathlib import Path
@@ -175,8 +176,6 @@ def test_interleaved_medians_min_runs(monkeypatch):
     blocks min_run_time fits for a long statement, one slow block (a slow
     moment of the VM) moved the round to the mean of the two."""
     import _harness
-
-    import statistics
 
     class Measurement:
         def __init__(self, times):
