@@ -29,10 +29,11 @@ else:
 
 
 if _C is not None:
-    from . import nn, ops
+    from . import memory, nn, ops
+    from .memory import cpu_cache_stats, empty_cpu_cache, set_cpu_cache_limit
     from .ops import *  # noqa: F403  (every family's public wrappers)
 
-    __all__ = [*ops.__all__, "nn", "ops", "cuda_kernels_built"]
+    __all__ = [*ops.__all__, *memory.__all__, "memory", "nn", "ops", "cuda_kernels_built"]
 
     # A torch without Triton (CPU wheels): the grouped GEMMs and experts have no CUDA kernel.
     if importlib.util.find_spec("triton") is not None:
@@ -40,13 +41,13 @@ if _C is not None:
 
         _triton_cuda.register_all()
 else:
-    __all__ = ["nn", "ops", "cuda_kernels_built"]
+    __all__ = ["memory", "nn", "ops", "cuda_kernels_built"]
 
     def __getattr__(name):
         # The ops and the layers (`nn`, `ops`, the wrappers) need _C. Another submodule not imported
         # yet is an AttributeError, so that `from torch_moe_ops import reference` imports it.
         wrapper = not name.startswith("_") and importlib.util.find_spec(f"{__name__}.{name}") is None
-        if name in ("nn", "ops") or wrapper:
+        if name in ("memory", "nn", "ops") or wrapper:
             raise ImportError(f"torch_moe_ops.{name}: {_C_MISSING}")
         raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 

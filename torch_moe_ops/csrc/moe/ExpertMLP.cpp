@@ -17,6 +17,7 @@
 // host and splits rows over threads.
 
 #include <moe/ExpertMLP.h>
+#include <moe/LargeOutputCache.h>
 #include <moe/ExpertSwiGLU.h>
 #include <ATen/native/GroupedMM.h>
 
@@ -152,11 +153,11 @@ bool fused_swiglu(const Activation& p, ScalarType acc) {
   return p.kind == ExpertActivation::kSwiGLU && acc == kFloat;
 }
 
-// A fresh buffer of the layer's size. Its first-touch page faults are the
-// allocator's business: c10's CPU allocator asks for huge pages with
-// THP_MEM_ALLOC_ENABLE=1.
+// A buffer of the layer's size, from the large-output cache: the same sizes
+// come back every step, and fresh pages would fault in (LargeOutputCache.h).
 Tensor empty_workspace(IntArrayRef size, const TensorOptions& options) {
-  return at::empty(size, options);
+  return options.device().is_cpu() ? torch_moe_ops::empty_cached(size, options.dtype().toScalarType())
+                                    : at::empty(size, options);
 }
 
 // fn(begin, end) over row chunks, in parallel.
