@@ -70,9 +70,21 @@ def thp_alloc() -> str:
     return os.environ.get("THP_MEM_ALLOC_ENABLE", "0")
 
 
+def cpu_cache_mb() -> Optional[int]:
+    """The large-output cache's limit in MiB (torch_moe_ops.memory; 0: off):
+    expert_mlp's weight gradients reuse its blocks instead of fresh pages, so
+    every result records it. None without the extension."""
+    try:
+        import torch_moe_ops
+        return torch_moe_ops.cpu_cache_stats()["limit_bytes"] >> 20
+    except (ImportError, AttributeError):
+        return None
+
+
 def print_machine() -> None:
     print(f"torch {torch.__version__}, {machine()}, {torch.get_num_threads()} threads, "
-          f"CPU capability {torch.backends.cpu.get_cpu_capability()}, THP_MEM_ALLOC_ENABLE={thp_alloc()}")
+          f"CPU capability {torch.backends.cpu.get_cpu_capability()}, THP_MEM_ALLOC_ENABLE={thp_alloc()}, "
+          f"large-output cache {cpu_cache_mb()} MiB")
 
 
 # ------------------------------------------------------------------ targets
@@ -152,7 +164,8 @@ def metadata(script: str, argv: Optional[list[str]], quick: bool) -> dict:
         date=datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
         machine=machine(), cores=os.cpu_count(), threads=torch.get_num_threads(), torch=torch.__version__,
         python=platform.python_version(), commit=commit(), command=command(script, argv), quick=quick,
-        cpu_capability=torch.backends.cpu.get_cpu_capability(), thp_mem_alloc_enable=thp_alloc())
+        cpu_capability=torch.backends.cpu.get_cpu_capability(), thp_mem_alloc_enable=thp_alloc(),
+        cpu_cache_mb=cpu_cache_mb())
 
 
 # ------------------------------------------------------------------ the run

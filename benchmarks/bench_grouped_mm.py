@@ -220,7 +220,8 @@ def zeroing_beyond_dense(ours: torch.Tensor, da: torch.Tensor, db: torch.Tensor)
                - fresh_output_zeroing((da.shape[0], db.shape[1]), ours.dtype))
 
 
-def run(cfg: Config, layout: str, order: str, min_run_time: float, rounds: int, rates: dict) -> dict:
+def run(cfg: Config, layout: str, order: str, min_run_time: float, rounds: int, min_runs: int,
+        rates: dict) -> dict:
     gen = torch.Generator().manual_seed(0)
     offs = routed_offsets(cfg, gen)
     a, b, goffs, da, db, flops = operands(cfg, layout, order, offs, gen)
@@ -233,7 +234,7 @@ def run(cfg: Config, layout: str, order: str, min_run_time: float, rounds: int, 
     env = dict(torch=torch, a=a, b=b, offs=goffs, da=da, db=db)
     t = interleaved_medians({"ours": "torch.ops.moe_ops.grouped_mm(a, b, offs)",
                              "upstream": "torch._grouped_mm(a, b, offs=offs)",
-                             "dense": "torch.mm(da, db)"}, env, min_run_time, rounds)
+                             "dense": "torch.mm(da, db)"}, env, min_run_time, rounds, min_runs)
     g = {name: flops / s / 1e9 for name, s in t.items()}
     counts = torch.diff(offs, prepend=offs.new_zeros(1))
     row = dict(
@@ -286,7 +287,11 @@ def main(argv: Optional[list[str]] = None) -> int:
     layouts = [x for x in args.layouts.split(",") if x]
     dtypes = {getattr(torch, x) for x in args.dtypes.split(",") if x}
 
-    min_run_time, rounds = (0.01, 1) if args.quick else (0.3, 4)
+    # The weight-gradient (2d2d) and float32 calls take 0.15-0.35 s, so
+    # min_run_time alone would time 1-2 of them a round (a median of two is
+    # their mean, and one slow call moves it): every round times at least
+    # min_runs of each statement.
+    min_run_time, rounds, min_runs = (0.01, 1, 1) if args.quick else (0.3, 4, 3)
     doc = dict(benchmark="grouped_mm", meta=metadata(__file__, argv, args.quick), results=[])
     print_machine()
     rates = memory_rates(args.quick)
@@ -299,7 +304,7 @@ def main(argv: Optional[list[str]] = None) -> int:
             continue
         for layout in layouts:
             for order in ORDERS:
-                doc["results"].append(run(cfg, layout, order, min_run_time, rounds, rates))
+                doc["results"].append(run(cfg, layout, order, min_run_time, rounds, min_runs, rates))
                 print(tables.table("grouped_mm", doc).splitlines()[-1], flush=True)
     print()
     print(tables.table("grouped_mm", doc))

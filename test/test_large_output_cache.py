@@ -239,3 +239,20 @@ def test_environment_variable(value, expect):
     result = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stderr
     assert expect in result.stdout
+
+
+@every_block_cached
+def test_profiler_and_stats_count_the_blocks():
+    """torch.profiler(profile_memory=True) sees a cached block's allocation
+    under the op that made it and its release, as it sees c10's own."""
+    from torch.profiler import profile
+
+    with profile(profile_memory=True) as prof:
+        out = grad_shaped((2, 16, 64))  # 8 KiB
+        assert memory.cpu_cache_stats()["in_use_bytes"] == 8 << 10
+        del out
+    stats = memory.cpu_cache_stats()
+    assert (stats["in_use_bytes"], stats["cached_bytes"]) == (0, 8 << 10)
+    usage = [(e.name, e.cpu_memory_usage) for e in prof.events()]
+    assert ("moe_ops::grouped_mm_gather", 8 << 10) in usage
+    assert ("[memory]", -(8 << 10)) in usage

@@ -30,7 +30,8 @@ __all__ = ["cpu_cache_stats", "empty_cpu_cache", "set_cpu_cache_limit"]
 
 def cpu_cache_stats() -> dict[str, int]:
     """Counters and settings: ``hits`` (requests served from a held block),
-    ``misses`` (cacheable requests that allocated), ``cached_bytes`` and
+    ``misses`` (cacheable requests that allocated), ``in_use_bytes`` (its
+    blocks that tensors hold now), ``cached_bytes`` and
     ``cached_blocks`` (held free now), ``limit_bytes``, ``min_block_bytes``."""
     return _C._cpu_cache_stats()
 

@@ -43,9 +43,9 @@ PyObject* call_translating_errors(F&& fn) {
 PyObject* cpu_cache_stats(PyObject*, PyObject*) {
   return call_translating_errors([] {
     const auto s = torch_moe_ops::large_output_cache_stats();
-    return Py_BuildValue("{s:L,s:L,s:L,s:L,s:L,s:L}", "hits", s.hits, "misses", s.misses, "cached_bytes",
-                         s.cached_bytes, "cached_blocks", s.cached_blocks, "limit_bytes", s.limit_bytes,
-                         "min_block_bytes", s.min_block_bytes);
+    return Py_BuildValue("{s:L,s:L,s:L,s:L,s:L,s:L,s:L}", "hits", s.hits, "misses", s.misses, "in_use_bytes",
+                         s.in_use_bytes, "cached_bytes", s.cached_bytes, "cached_blocks", s.cached_blocks,
+                         "limit_bytes", s.limit_bytes, "min_block_bytes", s.min_block_bytes);
   });
 }
 

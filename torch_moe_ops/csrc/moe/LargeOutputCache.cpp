@@ -52,11 +52,11 @@ class LargeOutputCache final : public c10::Allocator {
       // likeliest to be resident and in the TLB.
       for (auto it = free_.rbegin(); cacheable && it != free_.rend(); ++it) {
         if (it->bytes == n) {
-          Block block = *it;
+          const Block block = *it;
           free_.erase(std::next(it).base());
           cached_bytes_ -= static_cast<int64_t>(n);
           ++hits_;
-          return wrap(block);
+          return hand_out(block);
         }
       }
       misses_ += cacheable ? 1 : 0;
@@ -69,10 +69,11 @@ class LargeOutputCache final : public c10::Allocator {
       ptr = c10::alloc_cpu(n);
     } catch (const c10::Error&) {
       // The held blocks may be what the allocation lacks.
-      large_output_cache_empty();
+      empty();
       ptr = c10::alloc_cpu(n);
     }
-    return wrap(Block{ptr, n});
+    std::lock_guard<std::mutex> lock(mutex_);
+    return hand_out(Block{ptr, n});
   }
 
   void copy_data(void* dest, const void* src, std::size_t count) const override {
@@ -84,6 +85,7 @@ class LargeOutputCache final : public c10::Allocator {
     {
       std::lock_guard<std::mutex> lock(mutex_);
       const auto bytes = static_cast<int64_t>(block.bytes);
+      in_use_bytes_ -= bytes;
       if (bytes > limit_) {
         to_free.push_back(block.ptr);
       } else {
@@ -91,6 +93,7 @@ class LargeOutputCache final : public c10::Allocator {
         cached_bytes_ += bytes;
         evict_to(limit_, to_free);
       }
+      report(block.ptr, -bytes);
     }
     for (void* p : to_free) {  // outside the lock: unmapping takes time
       c10::free_cpu(p);
@@ -99,7 +102,7 @@ class LargeOutputCache final : public c10::Allocator {
 
   LargeOutputCacheStats stats() {
     std::lock_guard<std::mutex> lock(mutex_);
-    return {hits_, misses_, cached_bytes_, static_cast<int64_t>(free_.size()), limit_, min_block_};
+    return {hits_, misses_, in_use_bytes_, cached_bytes_, static_cast<int64_t>(free_.size()), limit_, min_block_};
   }
 
   void configure(int64_t limit, int64_t min_block) {
@@ -141,8 +144,21 @@ class LargeOutputCache final : public c10::Allocator {
     static_cast<LargeOutputCache*>(large_output_cache())->release(copy);
   }
 
-  static c10::DataPtr wrap(Block block) {
+  // Needs mutex_.
+  c10::DataPtr hand_out(Block block) {
+    in_use_bytes_ += static_cast<int64_t>(block.bytes);
+    report(block.ptr, static_cast<int64_t>(block.bytes));
     return {block.ptr, new Block(block), &delete_block, c10::Device(c10::DeviceType::CPU)};
+  }
+
+  // torch.profiler's memory events, as c10's CPU allocator records its own:
+  // in use and reserved (in use + held). Needs mutex_.
+  void report(void* ptr, int64_t delta) const {
+    if (c10::memoryProfilingEnabled()) {
+      c10::reportMemoryUsageToProfiler(ptr, delta, static_cast<size_t>(in_use_bytes_),
+                                       static_cast<size_t>(in_use_bytes_ + cached_bytes_),
+                                       c10::Device(c10::DeviceType::CPU));
+    }
   }
 
   // Drops the oldest held blocks until at most `bytes` are held. Needs mutex_.
@@ -156,6 +172,7 @@ class LargeOutputCache final : public c10::Allocator {
 
   std::mutex mutex_;
   std::deque<Block> free_;  // held blocks, oldest released first
+  int64_t in_use_bytes_ = 0;  // handed out by the cache and not released yet
   int64_t cached_bytes_ = 0;
   int64_t limit_;
   int64_t min_block_ = kDefaultMinBlockBytes;

@@ -34,6 +34,7 @@ namespace torch_moe_ops {
 struct LargeOutputCacheStats {
   int64_t hits = 0;           // requests served from a cached block
   int64_t misses = 0;         // cacheable requests that allocated
+  int64_t in_use_bytes = 0;   // cached-size blocks held by tensors now
   int64_t cached_bytes = 0;   // free bytes held now
   int64_t cached_blocks = 0;
   int64_t limit_bytes = 0;
