@@ -146,12 +146,16 @@ def test_moe_layer_memory_bound(monkeypatch):
     """bench_moe_layer's ceiling on the layer's ours/dense: every expert's
     weights read twice (forward, backward) and their gradients written once
     to fresh memory, against the dense MLP's time, plus the gradients' page
-    zeroing beyond the dense MLP's. DeepSeek-V3 at the benchmark's width
-    (hidden 1792, intermediate 512, 256 experts): 1.41 GB of bfloat16 weights."""
+    zeroing beyond the dense MLP's; where the large-output cache holds the
+    gradients, written into mapped memory (at the read rate, no zeroing).
+    DeepSeek-V3 at the benchmark's width (hidden 1792, intermediate 512, 256
+    experts): 1.41 GB of bfloat16 weights."""
     import torch
     import bench_moe_layer
     zeroing = {}  # seconds per shape, fixed here (the benchmark measures them)
     monkeypatch.setattr(bench_moe_layer, "fresh_output_zeroing", lambda shape, dtype: zeroing.get(shape, 0.0))
+    cached = [False]
+    monkeypatch.setattr(bench_moe_layer, "gradients_cached", lambda params: cached[0])
     e, h, i = 256, 1792, 512
     params = [torch.empty(e, 2 * i, h, dtype=torch.bfloat16), torch.empty(e, h, i, dtype=torch.bfloat16)]
     dense = [torch.empty(2 * i, h, dtype=torch.bfloat16), torch.empty(h, i, dtype=torch.bfloat16)]
@@ -169,6 +173,33 @@ def test_moe_layer_memory_bound(monkeypatch):
     # Weights that fit the time the dense MLP computes, no zeroing: no ceiling below 1.
     zeroing.clear()
     assert bench_moe_layer.layer_memory_bound(params[:1], dense, 10.0, rates) == 1.0
+    # Gradients in cached blocks: three passes at the read rate (52.8 ms), the zeroing ignored.
+    cached[0] = True
+    zeroing.update({(e, 2 * i, h): 0.033, (e, h, i): 0.017})
+    assert bench_moe_layer.layer_memory_bound(params, dense, 0.050, rates) == pytest.approx(
+        0.050 / (3 * w / 80e9), rel=1e-12)
+    assert bench_moe_layer.layer_memory_bound(params, dense, 0.077, rates) == 1.0
+
+
+def test_moe_layer_gradients_cached():
+    """Whether the cache keeps the gradients: each block at least its minimum,
+    all of them within its limit (DeepSeek-V3's 940 + 470 MB)."""
+    import torch
+    import bench_moe_layer
+    import torch_moe_ops
+    params = [torch.empty(256, 1024, 1792, dtype=torch.bfloat16), torch.empty(256, 1792, 512, dtype=torch.bfloat16)]
+    before = torch_moe_ops.cpu_cache_stats()
+    try:
+        torch_moe_ops.set_cpu_cache_limit(2 << 30, min_block_bytes=32 << 20)
+        assert bench_moe_layer.gradients_cached(params)
+        torch_moe_ops.set_cpu_cache_limit(1 << 30)  # 1.41 GB no longer fits
+        assert not bench_moe_layer.gradients_cached(params)
+        torch_moe_ops.set_cpu_cache_limit(2 << 30, min_block_bytes=512 << 20)  # down_proj's 470 MB too small
+        assert not bench_moe_layer.gradients_cached(params)
+        torch_moe_ops.set_cpu_cache_limit(0)
+        assert not bench_moe_layer.gradients_cached(params)
+    finally:
+        torch_moe_ops.set_cpu_cache_limit(before["limit_bytes"], before["min_block_bytes"])
 
 
 def test_interleaved_medians_min_runs(monkeypatch):
