@@ -3,8 +3,9 @@
 // setup.py writes into the build tree; torch_moe_ops/native_functions.py is
 // the generator), so an op is declared once. Kernels registered from Python
 // (Triton CUDA kernels in torch_moe_ops/triton/cuda.py), Meta (fake) and
-// autograd are in torch_moe_ops/ops/. This file only gathers the headers
-// declaring the kernels and opens the library's blocks.
+// autograd are in torch_moe_ops/ops/. This file gathers the headers declaring
+// the kernels and opens the library's blocks; its Python module (_C) holds
+// only the large-output cache's controls, which are not ops.
 
 #include <Python.h>
 #include <torch/library.h>
