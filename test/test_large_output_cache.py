@@ -28,34 +28,33 @@ NAN_BYTE = 0xFF  # 0xFFFF... is a NaN in bfloat16, float16, float32 and float64
 
 
 @contextlib.contextmanager
-def caching_every_block():
-    """Every block cached, from an empty cache; the settings restored after."""
+def cache_limit(limit_bytes, min_block_bytes=None):
+    """The cache's settings for the block; the ones before restored after."""
     before = memory.cpu_cache_stats()
-    memory.empty_cpu_cache()
-    memory.set_cpu_cache_limit(256 << 20, min_block_bytes=1)
+    memory.set_cpu_cache_limit(limit_bytes, min_block_bytes)
     try:
         yield
     finally:
         memory.set_cpu_cache_limit(before["limit_bytes"], before["min_block_bytes"])
-        memory.empty_cpu_cache()
 
 
 def every_block_cached(test):
+    """The test with every block cached, from an empty cache, emptied after."""
     @functools.wraps(test)
     def wrapper(*args, **kwargs):
-        with caching_every_block():
-            return test(*args, **kwargs)
+        memory.empty_cpu_cache()
+        try:
+            with cache_limit(256 << 20, min_block_bytes=1):
+                return test(*args, **kwargs)
+        finally:
+            memory.empty_cpu_cache()
     return wrapper
 
 
 def cache_off(fn):
     """fn() with nothing reused: every output in memory no tensor wrote before."""
-    before = memory.cpu_cache_stats()
-    memory.set_cpu_cache_limit(0)
-    try:
+    with cache_limit(0):
         return fn()
-    finally:
-        memory.set_cpu_cache_limit(before["limit_bytes"], before["min_block_bytes"])
 
 
 def offsets(sizes):

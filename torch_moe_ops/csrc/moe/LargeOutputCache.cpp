@@ -95,9 +95,7 @@ class LargeOutputCache final : public c10::Allocator {
       }
       report(block.ptr, -bytes);
     }
-    for (void* p : to_free) {  // outside the lock: unmapping takes time
-      c10::free_cpu(p);
-    }
+    free_blocks(to_free);
   }
 
   LargeOutputCacheStats stats() {
@@ -113,9 +111,7 @@ class LargeOutputCache final : public c10::Allocator {
       min_block_ = min_block;
       evict_to(limit_, to_free);
     }
-    for (void* p : to_free) {
-      c10::free_cpu(p);
-    }
+    free_blocks(to_free);
   }
 
   void fill_held(uint8_t byte) {
@@ -131,9 +127,7 @@ class LargeOutputCache final : public c10::Allocator {
       std::lock_guard<std::mutex> lock(mutex_);
       evict_to(0, to_free);
     }
-    for (void* p : to_free) {
-      c10::free_cpu(p);
-    }
+    free_blocks(to_free);
   }
 
  private:
@@ -161,7 +155,15 @@ class LargeOutputCache final : public c10::Allocator {
     }
   }
 
-  // Drops the oldest held blocks until at most `bytes` are held. Needs mutex_.
+  // Outside mutex_: unmapping takes time.
+  static void free_blocks(const std::vector<void*>& blocks) {
+    for (void* p : blocks) {
+      c10::free_cpu(p);
+    }
+  }
+
+  // Drops the oldest held blocks until at most `bytes` are held (into
+  // to_free, for free_blocks). Needs mutex_.
   void evict_to(int64_t bytes, std::vector<void*>& to_free) {
     while (cached_bytes_ > bytes && !free_.empty()) {
       cached_bytes_ -= static_cast<int64_t>(free_.front().bytes);
