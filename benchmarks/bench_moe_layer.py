@@ -49,8 +49,7 @@ from transformers.models.qwen3_moe.modeling_qwen3_moe import Qwen3MoeExperts
 import tables
 import torch_moe_ops.integrations.transformers as moe_transformers
 from _harness import add_common_args, finish, interleaved_medians, json_path, metadata, print_machine, target, targets
-from bench_grouped_mm import bound_vs_dense, fresh_output_zeroing, memory_rates
-import torch_moe_ops
+from bench_grouped_mm import bound_vs_dense, cache_holds, fresh_output_zeroing, memory_rates
 from torch_moe_ops import shapes
 
 ORDERS = ("nk", "kn")
@@ -155,11 +154,8 @@ def layer_memory_bound(params: list, dense_params: list, dense_s: float, rates: 
 
 def gradients_cached(params: list) -> bool:
     """Whether the large-output cache keeps every weight gradient's block
-    from one step to the next (each at least its minimum block, all within
-    its limit)."""
-    stats = torch_moe_ops.cpu_cache_stats()
-    sizes = [p.numel() * p.element_size() for p in params]
-    return all(n >= stats["min_block_bytes"] for n in sizes) and sum(sizes) <= stats["limit_bytes"]
+    from one step to the next."""
+    return cache_holds([p.numel() * p.element_size() for p in params])
 
 
 def run(cfg: Config, experts: Qwen3MoeExperts, order: str, min_run_time: float, rounds: int, min_runs: int,

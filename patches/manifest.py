@@ -62,8 +62,9 @@ NOT_UPSTREAMED: dict[str, str] = {
         "upstream takes the primitives, not the layer. grouped_mm_gather (GroupedMMGather.*: its checks and "
         "entry point) is _grouped_mm with the grouped dimension read through an index, an op no upstream "
         "schema has; its kernel is the carried one (grouped_mm_stub's index parameters). LargeOutputCache.* is "
-        "the extension's cache of large CPU blocks for those ops' outputs: upstream's CPU allocator policy is "
-        "not an op's to change"),
+        "the extension's cache of large CPU blocks for those ops' outputs, and GroupedMMCached.* the extension's "
+        "CPU entry of grouped_mm: the carried grouped_mm_cpu with its output from that cache; upstream's CPU "
+        "allocator policy is not an op's to change"),
     "torch_moe_ops/csrc/library.cpp": (
         "the extension's registration glue; in-tree, torchgen generates the registrations from the core "
         "series' native_functions.yaml entries"),

@@ -1,6 +1,6 @@
 """The large-output cache (csrc/moe/LargeOutputCache.h, torch_moe_ops.memory):
-the CPU blocks that grouped_mm_gather's outputs and expert_mlp's workspaces
-reuse. A reused block holds the bytes of the tensor that freed it, so every
+the CPU blocks that grouped_mm's and grouped_mm_gather's outputs and
+expert_mlp's workspaces reuse. A reused block holds the bytes of the tensor that freed it, so every
 test here first fills the held blocks with a NaN pattern, then checks the op's
 output bit for bit against the same op with the cache off (no block reused),
 and that a block was in fact reused (the hit counter, the data pointer).
@@ -90,6 +90,52 @@ def test_reused_block_gives_the_bits_of_a_fresh_one(m, n, sizes, extra, layout, 
 
     def run():
         return torch.ops.moe_ops.grouped_mm_gather(*args)
+
+    fresh = cache_off(run)
+    held = run()
+    ptr = held.data_ptr()
+    del held  # its block is held now
+    torch_moe_ops._C._cpu_cache_fill(NAN_BYTE)
+    hits = memory.cpu_cache_stats()["hits"]
+    out = run()
+    if out.numel() > 0:
+        assert memory.cpu_cache_stats()["hits"] == hits + 1
+        assert out.data_ptr() == ptr
+    assert torch.equal(out, fresh)
+
+
+@settings(max_examples=40, deadline=None)
+@given(m=st.integers(1, 24), k=st.integers(1, 24), n=st.integers(1, 24),
+       sizes=st.lists(st.integers(0, 9), min_size=1, max_size=5), extra=st.integers(0, 4),
+       layout=st.sampled_from(["2d3d", "3d2d", "2d2d", "3d3d"]), bias=st.booleans(), transposed=st.booleans(),
+       dtype=st.sampled_from([torch.float32, torch.bfloat16]), out_float32=st.booleans(), seed=st.integers(0, 2**16))
+@every_block_cached
+def test_grouped_mm_reused_block_gives_the_bits_of_a_fresh_one(m, k, n, sizes, extra, layout, bias, transposed,
+                                                               dtype, out_float32, seed):
+    """moe_ops::grouped_mm's CPU entry (csrc/moe/GroupedMMCached.h) in every
+    layout: rows (2D x 3D) and columns (3D x 2D) past offs[-1] zeroed, empty
+    groups (2D x 2D: a zero block, or the bias) written, never the old bytes."""
+    gen = torch.Generator().manual_seed(seed)
+    groups, offs = len(sizes), offsets(sizes)
+    split = int(offs[-1]) + extra  # the dimension offs splits; past offs[-1] no group covers it
+
+    def rnd(*shape):
+        """A tensor of shape, stored transposed in its last two dimensions when asked."""
+        if transposed:
+            return torch.randn(*shape[:-2], shape[-1], shape[-2], generator=gen).to(dtype).transpose(-2, -1)
+        return torch.randn(*shape, generator=gen).to(dtype)
+
+    a, b = {"2d3d": lambda: (rnd(split, k), rnd(groups, k, n)),
+            "3d2d": lambda: (rnd(groups, m, k), rnd(k, split)),
+            "2d2d": lambda: (rnd(m, split), rnd(split, n)),
+            "3d3d": lambda: (rnd(groups, m, k), rnd(groups, k, n))}[layout]()
+    out_n = split if layout == "3d2d" else n
+    kwargs = dict(offs=None if layout == "3d3d" else offs,
+                  bias=torch.randn(groups, out_n, generator=gen).to(dtype) if bias else None,
+                  out_dtype=torch.float32 if out_float32 and dtype != torch.float32 else None)
+
+    def run():
+        return torch.ops.moe_ops.grouped_mm(a, b, **kwargs)
 
     fresh = cache_off(run)
     held = run()

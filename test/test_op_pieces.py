@@ -73,7 +73,7 @@ def test_generated_registration_is_the_declaration():
 
 @pytest.mark.parametrize("line, error", [
     ('- func: "grouped_mm(Tensor mat_a) -> Tensor"', r"an entry must start with `- func: <schema>`"),
-    ("    CPU: grouped_mm_cpu  # ours", r"dispatch takes plain `KEY: function` lines"),
+    ("    CPU: grouped_mm_cached_cpu  # ours", r"dispatch takes plain `KEY: function` lines"),
     ("    CUDA: 'grouped_mm_cuda'", r"dispatch takes plain `KEY: function` lines"),
 ])
 def test_registration_reader_refuses_what_it_does_not_read(tmp_path, monkeypatch, line, error):
@@ -82,7 +82,7 @@ def test_registration_reader_refuses_what_it_does_not_read(tmp_path, monkeypatch
     if line.startswith("-"):
         text = text.replace("- func: grouped_mm(", line + "\n- func: grouped_mm(", 1)
     else:
-        text = text.replace("    CPU: grouped_mm_cpu\n", line + "\n", 1)
+        text = text.replace("    CPU: grouped_mm_cached_cpu\n", line + "\n", 1)
     bad = tmp_path / "native_functions.yaml"
     bad.write_text(text)
     monkeypatch.setattr(native_functions, "PATH", str(bad))
@@ -172,15 +172,23 @@ def test_opinfo_modules_hold_their_families_ops():
         assert {info.name.split(".", 1)[1] for info in db if info.variant_test_name} <= set(ops), family
 
 
-def test_declaration_errors_are_caught(tmp_path, monkeypatch):
+@pytest.mark.parametrize("old, new, error", [
+    ("  family: routing\n", "  famliy: routing\n", r"router_topk|entry \d+: unknown keys \['famliy'\]"),
+    # upstream.dispatch names the kernel the series registers in place of another of ours: never ours
+    # itself, never a key ours lacks.
+    ("      CPU: grouped_mm_cpu\n", "      CPU: grouped_mm_cached_cpu\n", r"grouped_mm: upstream dispatch .* names keys"),
+    ("      CPU: grouped_mm_cpu\n", "      XLA: grouped_mm_cpu\n", r"grouped_mm: upstream dispatch .* names keys"),
+])
+def test_declaration_errors_are_caught(tmp_path, monkeypatch, old, new, error):
     """A typo in the declaration fails at load, naming the op."""
     text = pathlib.Path(native_functions.PATH).read_text()
+    assert old in text
     bad = tmp_path / "native_functions.yaml"
-    bad.write_text(text.replace("  family: routing\n", "  famliy: routing\n", 1))
+    bad.write_text(text.replace(old, new, 1))
     monkeypatch.setattr(native_functions, "PATH", str(bad))
     native_functions.load.cache_clear()
     try:
-        with pytest.raises(native_functions.DeclarationError, match=r"router_topk|entry \d+: unknown keys \['famliy'\]"):
+        with pytest.raises(native_functions.DeclarationError, match=error):
             native_functions.load()
     finally:
         native_functions.load.cache_clear()
@@ -210,7 +218,7 @@ def test_op_has_every_piece(op):
         if opinfo.supports_autograd and not has(name, "Autograd"):
             missing.append("autograd (register_autograd), which its OpInfo claims")
     if decl.upstream is not None:
-        kernel = decl.dispatch["CPU"]
+        kernel = decl.upstream_dispatch()["CPU"]
         series = "".join(p.read_text() for p in sorted((ROOT / "patches/core").glob("*.patch")))
         # A dispatch line the series adds whose keys include CPU ("CPU:" or "CPU, CUDA:").
         dispatch = re.compile(rf"^\+    [\w, ]*\bCPU\b[\w, ]*: {kernel}$", re.M)

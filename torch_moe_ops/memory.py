@@ -6,7 +6,7 @@ the same sizes; glibc maps such blocks afresh every time, so each step writes
 its gradients into new pages that the kernel faults in and zeroes (22-40 ms of a
 Qwen3 layer's ~190 ms step on a 2-core Zen 4, benchmarks/README.md). CUDA's
 caching allocator keeps such blocks; c10's CPU allocator does not. The outputs
-of ``grouped_mm_gather`` and ``expert_mlp``'s CPU workspaces are therefore
+of ``grouped_mm`` and ``grouped_mm_gather`` and ``expert_mlp``'s CPU workspaces are therefore
 allocated from a bounded cache (``csrc/moe/LargeOutputCache.h``) that keeps a
 freed block for the next request of exactly its size.
 
@@ -15,8 +15,9 @@ memory itself) are cached; at most ``limit_bytes`` (2 GiB) are held free, the
 oldest released first when a new one does not fit; an allocation that fails
 empties the cache and tries once more. ``TORCH_MOE_OPS_CPU_CACHE_MB`` sets the
 limit at startup in MiB (0: no cache); :func:`set_cpu_cache_limit` changes it.
-Nothing else allocates from it: ``grouped_mm`` (carried upstream) and every
-other op allocate as ATen does.
+Nothing else allocates from it: every other op allocates as ATen does, as
+does ``torch._grouped_mm`` with the core series (its CPU kernel is
+``grouped_mm``'s; the cache is this extension's CPU entry around it).
 """
 
 from __future__ import annotations

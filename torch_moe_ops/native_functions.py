@@ -49,8 +49,9 @@ class Upstream:
     extends: tuple[str, ...]    # dispatch keys added to upstream's existing entry; () for a new op
     derivatives: str | None     # derivatives.yaml formula lines, unindented
     # key -> the C++ kernel the series registers upstream where this build
-    # registers a Python one (py:<module>), e.g. the CUDA entry a Triton
-    # kernel stands in for here
+    # registers another: a Python one (py:<module>), e.g. the CUDA entry a
+    # Triton kernel stands in for here, or a project-only C++ entry that wraps
+    # it (csrc/moe/)
     dispatch: dict[str, str] = dataclasses.field(default_factory=dict)
 
 
@@ -96,7 +97,8 @@ class Op:
     def upstream_dispatch(self) -> dict[str, str]:
         """The dispatch the series gives the aten op: every C++ key of ours
         for a new op, the keys it extends upstream's entry with otherwise;
-        and upstream.dispatch's (C++ kernels standing for Python ones here)."""
+        and upstream.dispatch's (C++ kernels standing for Python ones or
+        project-only wrappers here)."""
         keys = self.upstream.extends or tuple(self.cpp_dispatch())
         return {**{k: self.dispatch[k] for k in keys}, **self.upstream.dispatch}
 
@@ -134,9 +136,9 @@ def _op(entry: dict, index: int) -> Op:
         if set(extends) - set(dispatch) or any(dispatch[k].startswith(PY) for k in extends):
             raise DeclarationError(f"{where}: upstream extends keys {extends} that dispatch has no C++ kernel for")
         up_dispatch = dict(upstream.get("dispatch") or {})
-        if any(not dispatch.get(k, "").startswith(PY) for k in up_dispatch):
+        if any(dispatch.get(k) in (None, v) for k, v in up_dispatch.items()):
             raise DeclarationError(f"{where}: upstream dispatch {up_dispatch} names keys that dispatch has no "
-                                   "Python kernel for (a C++ kernel of ours goes upstream as it is)")
+                                   "kernel for, or the kernel dispatch has (a kernel of ours goes upstream as it is)")
         upstream = Upstream(upstream["name"], extends, upstream.get("derivatives"), up_dispatch)
     return Op(func=func, family=entry["family"], dispatch=dict(dispatch), upstream=upstream,
               not_upstreamed=entry.get("not_upstreamed"), backward_of=entry.get("backward_of"),

@@ -20,6 +20,7 @@
 #include <ATen/native/MoESwizzleMXScale.h>
 #include <ATen/native/MoEScaledGroupedMMv2.h>
 #include <moe/ExpertMLP.h>
+#include <moe/GroupedMMCached.h>
 #include <moe/GroupedMMGather.h>
 #include <moe/LargeOutputCache.h>
 

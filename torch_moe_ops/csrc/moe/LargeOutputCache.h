@@ -2,7 +2,7 @@
 
 // Project-only (csrc/moe/, outside the ATen mirror; why: patches/manifest.py
 // NOT_UPSTREAMED): a bounded cache of large CPU blocks for the outputs of the
-// MoE layer's backward.
+// MoE layer's backward (grouped_mm's, grouped_mm_gather's, expert_mlp's).
 //
 // Why: an expert layer's weight gradients are hundreds of MB that a training
 // step frees (zero_grad(set_to_none=True)) and the next step allocates again
