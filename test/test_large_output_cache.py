@@ -57,6 +57,23 @@ def cache_off(fn):
         return fn()
 
 
+def assert_reused_block_gives_fresh_bits(run):
+    """run()'s output written into the block of the output before it, that
+    block first filled with NaN, equals bit for bit its output with the cache
+    off; and the block was reused (one hit, the same data pointer)."""
+    fresh = cache_off(run)
+    held = run()
+    ptr = held.data_ptr()
+    del held  # its block is held now
+    torch_moe_ops._C._cpu_cache_fill(NAN_BYTE)
+    hits = memory.cpu_cache_stats()["hits"]
+    out = run()
+    if out.numel() > 0:
+        assert memory.cpu_cache_stats()["hits"] == hits + 1
+        assert out.data_ptr() == ptr
+    assert torch.equal(out, fresh)
+
+
 def offsets(sizes):
     return torch.tensor(sizes, dtype=torch.int32).cumsum(0, dtype=torch.int32)
 
@@ -88,20 +105,7 @@ def test_reused_block_gives_the_bits_of_a_fresh_one(m, n, sizes, extra, layout, 
         index = torch.randint(-1, rows + 3, (rows,), generator=gen)
         args = (a, b, offs, index, None)
 
-    def run():
-        return torch.ops.moe_ops.grouped_mm_gather(*args)
-
-    fresh = cache_off(run)
-    held = run()
-    ptr = held.data_ptr()
-    del held  # its block is held now
-    torch_moe_ops._C._cpu_cache_fill(NAN_BYTE)
-    hits = memory.cpu_cache_stats()["hits"]
-    out = run()
-    if out.numel() > 0:
-        assert memory.cpu_cache_stats()["hits"] == hits + 1
-        assert out.data_ptr() == ptr
-    assert torch.equal(out, fresh)
+    assert_reused_block_gives_fresh_bits(lambda: torch.ops.moe_ops.grouped_mm_gather(*args))
 
 
 @settings(max_examples=40, deadline=None)
@@ -134,20 +138,7 @@ def test_grouped_mm_reused_block_gives_the_bits_of_a_fresh_one(m, k, n, sizes, e
                   bias=torch.randn(groups, out_n, generator=gen).to(dtype) if bias else None,
                   out_dtype=torch.float32 if out_float32 and dtype != torch.float32 else None)
 
-    def run():
-        return torch.ops.moe_ops.grouped_mm(a, b, **kwargs)
-
-    fresh = cache_off(run)
-    held = run()
-    ptr = held.data_ptr()
-    del held  # its block is held now
-    torch_moe_ops._C._cpu_cache_fill(NAN_BYTE)
-    hits = memory.cpu_cache_stats()["hits"]
-    out = run()
-    if out.numel() > 0:
-        assert memory.cpu_cache_stats()["hits"] == hits + 1
-        assert out.data_ptr() == ptr
-    assert torch.equal(out, fresh)
+    assert_reused_block_gives_fresh_bits(lambda: torch.ops.moe_ops.grouped_mm(a, b, **kwargs))
 
 
 @settings(max_examples=12, deadline=None)
