@@ -23,8 +23,9 @@ namespace at::native {
 // mat_a and mat_b give the operands' shapes only (grouped_mm_gather passes
 // stand-ins of its gathered operands). It restates grouped_mm_empty_cpu with
 // another allocator: ATen's takes none, and the core series stages that
-// function's text (patches/grouped_mm_stages.py), so the two change together;
-// test_large_output_cache.py compares their outputs bit for bit.
+// function's text (patches/grouped_mm_stages.py), so the two change together.
+// Here every grouped_mm test runs through this one; test_large_output_cache.py
+// also runs it on reused, NaN-filled blocks.
 Tensor grouped_mm_empty_cached(
     const Tensor& mat_a,
     const Tensor& mat_b,
