@@ -1,9 +1,10 @@
 """The large-output cache (csrc/moe/LargeOutputCache.h, torch_moe_ops.memory):
 the CPU blocks that grouped_mm's and grouped_mm_gather's outputs and
-expert_mlp's workspaces reuse. A reused block holds the bytes of the tensor that freed it, so every
-test here first fills the held blocks with a NaN pattern, then checks the op's
-output bit for bit against the same op with the cache off (no block reused),
-and that a block was in fact reused (the hit counter, the data pointer).
+expert_mlp's workspaces reuse. A reused block holds the bytes of the tensor
+that freed it, so every test here first fills the held blocks with a NaN
+pattern, then checks the op's output bit for bit against the same op with the
+cache off (no block reused), and that a block was in fact reused (the hit
+counter, the data pointer).
 
 The tests cache every block (min_block_bytes=1) so that small shapes reach the
 cache; the default (32 MiB) only changes which requests do.

@@ -6,9 +6,9 @@ the same sizes; glibc maps such blocks afresh every time, so each step writes
 its gradients into new pages that the kernel faults in and zeroes (22-40 ms of a
 Qwen3 layer's ~190 ms step on a 2-core Zen 4, benchmarks/README.md). CUDA's
 caching allocator keeps such blocks; c10's CPU allocator does not. The outputs
-of ``grouped_mm`` and ``grouped_mm_gather`` and ``expert_mlp``'s CPU workspaces are therefore
-allocated from a bounded cache (``csrc/moe/LargeOutputCache.h``) that keeps a
-freed block for the next request of exactly its size.
+of ``grouped_mm`` and ``grouped_mm_gather`` and ``expert_mlp``'s CPU workspaces
+are therefore allocated from a bounded cache (``csrc/moe/LargeOutputCache.h``)
+that keeps a freed block for the next request of exactly its size.
 
 Policy: blocks of at least ``min_block_bytes`` (32 MiB: below it the heap reuses
 memory itself) are cached; at most ``limit_bytes`` (2 GiB) are held free, the
