@@ -75,9 +75,12 @@ class Copy:
     first (a later PR's code, wherever it sits, #if blocks included);
     ``undefine``: macros whose ``#if defined(MACRO)`` blocks are not in this
     PR (their ``#else`` branches are); ``edits``: (old, new) anchored edits of
-    the rest; ``update``: the file exists (an earlier PR of the series added
-    it) and this PR replaces it by the new text. The series' last version of
-    every file is the source itself (test_patches checks)."""
+    the rest; ``drop_lines``: lines, as they read without their indentation,
+    left out wherever they remain after the edits (a later PR's one-line
+    annotations, such as a loop's unrolling pragma, which no anchor could
+    name once each); ``update``: the file exists (an earlier PR of the series
+    added it) and this PR replaces it by the new text. The series' last
+    version of every file is the source itself (test_patches checks)."""
 
     path: str
     source: str
@@ -86,6 +89,7 @@ class Copy:
     update: bool = False
     declared_at: str = field(default_factory=declared_at)
     before: list[tuple[str, str]] = field(default_factory=list)
+    drop_lines: tuple[str, ...] = ()
 
     @property
     def sources(self) -> list[str]:
@@ -103,6 +107,8 @@ class Copy:
             out = undefine(out, macro, self.source)
         for old, new in self.edits:
             out = rewrite.replace_once(out, old, new, self.source)
+        if self.drop_lines:
+            out = "".join(line for line in out.splitlines(keepends=True) if line.strip() not in self.drop_lines)
         return out
 
 

@@ -82,8 +82,8 @@ _AVX512 = [
 ]
 
 _BF16 = [
-    ("    if (!x.last || x.row_scale != nullptr || x.w != kNR) return false;\n",
-     "    if (!x.last || x.w != kNR) return false;\n"),
+    ("    if (!x.last || x.row_scale != nullptr || x.w != kNR) {\n",
+     "    if (!x.last || x.w != kNR) {\n"),
     ("  MicroArgs y = x;  // the block's output, accumulator and scale rows\n",
      "  MicroArgs y = x;  // the block's output and accumulator rows\n"),
     ("    if (y.row_scale != nullptr) y.row_scale += MR;\n", ""),

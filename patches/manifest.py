@@ -835,8 +835,8 @@ BF16_WITHOUT_SHORT_K = [(
     "        every(std::max<int64_t>(1, steps * per / std::max<int64_t>(1, items))) {}\n"
     "};\n",
 ), (
-    _source_between(BF16_H, "// The epilogue of a last K block of full 64-column bfloat16 rows without",
-                    "    return true;\n  }\n}\n\n"), "",
+    _source_between(BF16_H, "// The epilogue of the bfloat16 K-pair kernels. A last K block of full",
+                    "  }\n}\n\n"), "",
 ), (
     _source_between(BF16_H, "// bfloat16 micro-kernel: a is MicroArgs::blocks x MR rows",
                     "    if (y.acc != nullptr) y.acc += MR * x.ld_acc;\n  }\n}\n\n"),
@@ -949,6 +949,16 @@ AVX512_WITHOUT_BF16_BROADCAST = [(
     "// where it has not (GroupedMMAvx512BF16.h).\n",
 )]
 
+# The PRs before 1c5's: the full unrolling of every loop over a micro-kernel's
+# accumulators (GROUPED_MM_UNROLL), which keeps them in registers on the short
+# K blocks of weight gradients. Its definition is an edit; its uses, one line
+# each, are Copy.drop_lines (UNROLL_LINES).
+AVX512_WITHOUT_UNROLL = [(
+    _source_between(AVX512_H, "// Every loop over a micro-kernel's accumulators (r[MR][4]) is unrolled in",
+                    "#endif\n\n"), "",
+)]
+UNROLL_LINES = ("GROUPED_MM_UNROLL",)
+
 # The PRs before 1c5's streamed outputs: the broadcast engine's streaming
 # epilogue (stream_out_row, MicroArgs::stream, the tile's fence), and the
 # kernel's choice of at::mm by each group's smallest dimension (the smaller
@@ -982,6 +992,7 @@ AVX512_WITHOUT_STREAM = [(
     "  // Streaming stores are weakly ordered: visible before the tile counts as done.\n"
     "  if (stream) _mm_sfence();\n", "",
 )]
+AVX512_BEFORE_1C5 = AVX512_WITHOUT_UNROLL + AVX512_WITHOUT_STREAM
 KERNEL_WITHOUT_STREAM = [(
     _source_between(KERNEL_H, "// rows are the smallest dimension of each group's product:",
                     "// Qwen3 `kn` 4% more, within the run-to-run spread).\n"),
@@ -1392,8 +1403,8 @@ SERIES = [
             changes=[
                 Copy(f"{NATIVE}/cpu/MoEAvx512Utils.h", f"{SRC}/cpu/MoEAvx512Utils.h", edits=WITHOUT_LANES32),
                 Copy(f"{NATIVE}/cpu/GroupedMMAvx512.h", f"{SRC}/cpu/GroupedMMAvx512.h",
-                     edits=AVX512_WITHOUT_STREAM + WITHOUT_TURNED_AVX512 + AVX512_WITHOUT_MATMUL + WITHOUT_PACK_WORDS + WITHOUT_PREFETCH
-                     + WITHOUT_WEIGHT_GRAD_H + WITHOUT_PACK_IN_KERNEL),
+                     edits=AVX512_BEFORE_1C5 + WITHOUT_TURNED_AVX512 + AVX512_WITHOUT_MATMUL + WITHOUT_PACK_WORDS + WITHOUT_PREFETCH
+                     + WITHOUT_WEIGHT_GRAD_H + WITHOUT_PACK_IN_KERNEL, drop_lines=UNROLL_LINES),
                 Copy(f"{NATIVE}/cpu/GroupedMMKernel.cpp", f"{SRC}/cpu/GroupedMMKernel.cpp",
                      edits=WITHOUT_TRANSPOSED_TILE + BRGEMM_REST + WITHOUT_INNER_PRODUCT + WITHOUT_BF16_PAIRS + WITHOUT_MATMUL
                      + KERNEL_WITHOUT_PREFETCH + KERNEL_WITHOUT_WHOLE_N, update=True),
@@ -1405,8 +1416,8 @@ SERIES = [
             message="core/0001b1-grouped-mm-cpu-avx512-prefetch.txt",
             changes=[
                 Copy(f"{NATIVE}/cpu/GroupedMMAvx512.h", f"{SRC}/cpu/GroupedMMAvx512.h",
-                     edits=AVX512_WITHOUT_STREAM + WITHOUT_TURNED_AVX512 + AVX512_WITHOUT_MATMUL + WITHOUT_PACK_WORDS + WITHOUT_WEIGHT_GRAD_H
-                     + WITHOUT_PACK_IN_KERNEL, update=True),
+                     edits=AVX512_BEFORE_1C5 + WITHOUT_TURNED_AVX512 + AVX512_WITHOUT_MATMUL + WITHOUT_PACK_WORDS + WITHOUT_WEIGHT_GRAD_H
+                     + WITHOUT_PACK_IN_KERNEL, update=True, drop_lines=UNROLL_LINES),
                 Copy(f"{NATIVE}/cpu/GroupedMMKernel.cpp", f"{SRC}/cpu/GroupedMMKernel.cpp",
                      edits=WITHOUT_TRANSPOSED_TILE + BRGEMM_REST + WITHOUT_INNER_PRODUCT + WITHOUT_BF16_PAIRS + WITHOUT_MATMUL
                      + KERNEL_WITHOUT_WHOLE_N, update=True),
@@ -1416,8 +1427,8 @@ SERIES = [
             message="core/0001b2-grouped-mm-cpu-avx512-weight-gradients.txt",
             changes=[
                 Copy(f"{NATIVE}/cpu/GroupedMMAvx512.h", f"{SRC}/cpu/GroupedMMAvx512.h",
-                     edits=AVX512_WITHOUT_STREAM + WITHOUT_TURNED_AVX512 + AVX512_WITHOUT_MATMUL + WITHOUT_PACK_WORDS + WITHOUT_PACK_IN_KERNEL,
-                     update=True),
+                     edits=AVX512_BEFORE_1C5 + WITHOUT_TURNED_AVX512 + AVX512_WITHOUT_MATMUL + WITHOUT_PACK_WORDS + WITHOUT_PACK_IN_KERNEL,
+                     update=True, drop_lines=UNROLL_LINES),
                 Copy(f"{NATIVE}/cpu/GroupedMMKernel.cpp", f"{SRC}/cpu/GroupedMMKernel.cpp",
                      edits=WITHOUT_TRANSPOSED_TILE + BRGEMM_REST + WITHOUT_INNER_PRODUCT + WITHOUT_BF16_PAIRS + WITHOUT_MATMUL, update=True),
             ],
@@ -1426,8 +1437,8 @@ SERIES = [
             message="core/0001b3-grouped-mm-cpu-large-groups-mm.txt",
             changes=[
                 Copy(f"{NATIVE}/cpu/GroupedMMAvx512.h", f"{SRC}/cpu/GroupedMMAvx512.h",
-                     edits=AVX512_WITHOUT_STREAM + WITHOUT_TURNED_AVX512 + WITHOUT_PACK_WORDS + WITHOUT_PACK_IN_KERNEL
-                     + AVX512_WITHOUT_BF16_BROADCAST, update=True),
+                     edits=AVX512_BEFORE_1C5 + WITHOUT_TURNED_AVX512 + WITHOUT_PACK_WORDS + WITHOUT_PACK_IN_KERNEL
+                     + AVX512_WITHOUT_BF16_BROADCAST, update=True, drop_lines=UNROLL_LINES),
                 Copy(f"{NATIVE}/cpu/GroupedMMKernel.cpp", f"{SRC}/cpu/GroupedMMKernel.cpp",
                      edits=KERNEL_WITHOUT_STREAM + WITHOUT_TRANSPOSED_TILE + WITHOUT_BRGEMM + WITHOUT_INNER_PRODUCT + WITHOUT_BF16_PAIRS
                      + KERNEL_WITHOUT_BF16_BROADCAST, update=True),
@@ -1438,9 +1449,9 @@ SERIES = [
             changes=[
                 Copy(f"{NATIVE}/cpu/MoEAvx512Utils.h", f"{SRC}/cpu/MoEAvx512Utils.h", update=True),
                 Copy(f"{NATIVE}/cpu/GroupedMMAvx512.h", f"{SRC}/cpu/GroupedMMAvx512.h",
-                     edits=AVX512_WITHOUT_STREAM + WITHOUT_TURNED_AVX512 + WITHOUT_PACK_WORDS, update=True),
+                     edits=AVX512_BEFORE_1C5 + WITHOUT_TURNED_AVX512 + WITHOUT_PACK_WORDS, update=True, drop_lines=UNROLL_LINES),
                 Copy(f"{NATIVE}/cpu/GroupedMMAvx512BF16.h", f"{SRC}/cpu/GroupedMMAvx512BF16.h",
-                     edits=BF16_WITHOUT_SHORT_K + BF16_WITHOUT_PACK_WORDS),
+                     edits=BF16_WITHOUT_SHORT_K + BF16_WITHOUT_PACK_WORDS, drop_lines=UNROLL_LINES),
                 Copy(f"{NATIVE}/cpu/GroupedMMKernel.cpp", f"{SRC}/cpu/GroupedMMKernel.cpp",
                      edits=KERNEL_WITHOUT_STREAM + WITHOUT_TRANSPOSED_TILE + WITHOUT_BRGEMM + WITHOUT_INNER_PRODUCT, update=True),
                 Copy("test/test_matmul.py", "patches/src/test/test_matmul.py",
@@ -1452,10 +1463,10 @@ SERIES = [
             message="core/0001c-grouped-mm-cpu-inner-product.txt",
             changes=[
                 Copy(f"{NATIVE}/cpu/GroupedMMAvx512.h", f"{SRC}/cpu/GroupedMMAvx512.h",
-                     edits=AVX512_WITHOUT_STREAM + WITHOUT_TURNED_AVX512,
-                     update=True),
+                     edits=AVX512_BEFORE_1C5 + WITHOUT_TURNED_AVX512,
+                     update=True, drop_lines=UNROLL_LINES),
                 Copy(f"{NATIVE}/cpu/GroupedMMAvx512BF16.h", f"{SRC}/cpu/GroupedMMAvx512BF16.h",
-                     edits=BF16_WITHOUT_SHORT_K, update=True),
+                     edits=BF16_WITHOUT_SHORT_K, update=True, drop_lines=UNROLL_LINES),
                 Copy(f"{NATIVE}/cpu/GroupedMMInnerProduct.h", f"{SRC}/cpu/GroupedMMInnerProduct.h",
                      edits=NT_WITHOUT_TURNED),
                 Copy(f"{NATIVE}/cpu/GroupedMMKernel.cpp", f"{SRC}/cpu/GroupedMMKernel.cpp",
@@ -1476,7 +1487,7 @@ SERIES = [
             message="core/0001c2-grouped-mm-cpu-transposed-tile.txt",
             changes=[
                 Copy(f"{NATIVE}/cpu/GroupedMMTransposedTile.h", f"{SRC}/cpu/GroupedMMTransposedTile.h",
-                     edits=TT_WITHOUT_REST + TT_WITHOUT_TURNED),
+                     edits=TT_WITHOUT_REST + TT_WITHOUT_TURNED, drop_lines=UNROLL_LINES),
                 Copy(f"{NATIVE}/cpu/GroupedMMKernel.cpp", f"{SRC}/cpu/GroupedMMKernel.cpp",
                      edits=KERNEL_WITHOUT_STREAM + KERNEL_WITHOUT_TURNED, update=True),
                 Copy("test/test_matmul.py", "patches/src/test/test_matmul.py",
@@ -1487,9 +1498,9 @@ SERIES = [
             message="core/0001c3-grouped-mm-cpu-turned-3d2d.txt",
             changes=[
                 Copy(f"{NATIVE}/cpu/GroupedMMKernelUtils.h", f"{SRC}/cpu/GroupedMMKernelUtils.h", update=True),
-                Copy(f"{NATIVE}/cpu/GroupedMMAvx512.h", f"{SRC}/cpu/GroupedMMAvx512.h", edits=AVX512_WITHOUT_STREAM, update=True),
+                Copy(f"{NATIVE}/cpu/GroupedMMAvx512.h", f"{SRC}/cpu/GroupedMMAvx512.h", edits=AVX512_BEFORE_1C5, update=True, drop_lines=UNROLL_LINES),
                 Copy(f"{NATIVE}/cpu/GroupedMMTransposedTile.h", f"{SRC}/cpu/GroupedMMTransposedTile.h",
-                     edits=TT_WITHOUT_REST, update=True),
+                     edits=TT_WITHOUT_REST, update=True, drop_lines=UNROLL_LINES),
                 Copy(f"{NATIVE}/cpu/GroupedMMInnerProduct.h", f"{SRC}/cpu/GroupedMMInnerProduct.h", update=True),
                 Copy(f"{NATIVE}/cpu/GroupedMMKernel.cpp", f"{SRC}/cpu/GroupedMMKernel.cpp", edits=KERNEL_WITHOUT_STREAM, update=True),
                 Copy("test/test_matmul.py", "patches/src/test/test_matmul.py", edits=without_tests_from(STREAM_TEST) + TEST_MATMUL_WITHOUT_REST,
@@ -1499,7 +1510,7 @@ SERIES = [
         Patch(
             message="core/0001c4-grouped-mm-cpu-tile-rest-rows.txt",
             changes=[
-                Copy(f"{NATIVE}/cpu/GroupedMMTransposedTile.h", f"{SRC}/cpu/GroupedMMTransposedTile.h", update=True),
+                Copy(f"{NATIVE}/cpu/GroupedMMTransposedTile.h", f"{SRC}/cpu/GroupedMMTransposedTile.h", update=True, drop_lines=UNROLL_LINES),
                 Copy("test/test_matmul.py", "patches/src/test/test_matmul.py", edits=without_tests_from(STREAM_TEST), update=True),
             ],
         ),
@@ -1508,6 +1519,7 @@ SERIES = [
             changes=[
                 Copy(f"{NATIVE}/cpu/GroupedMMAvx512.h", f"{SRC}/cpu/GroupedMMAvx512.h", update=True),
                 Copy(f"{NATIVE}/cpu/GroupedMMAvx512BF16.h", f"{SRC}/cpu/GroupedMMAvx512BF16.h", update=True),
+                Copy(f"{NATIVE}/cpu/GroupedMMTransposedTile.h", f"{SRC}/cpu/GroupedMMTransposedTile.h", update=True),
                 Copy(f"{NATIVE}/cpu/GroupedMMKernel.cpp", f"{SRC}/cpu/GroupedMMKernel.cpp", update=True),
                 Copy("test/test_matmul.py", "patches/src/test/test_matmul.py", update=True),
             ],

@@ -14,6 +14,8 @@ there but never run.
 """
 
 import os
+import re
+import shutil
 import subprocess
 import sys
 
@@ -157,3 +159,45 @@ def test_routing_and_fp8_bits_agree_across_builds(results):
         for x, y in zip(r["permute"], first["permute"]):
             assert torch.equal(x, y), cap
         assert torch.equal(r["unpermute"], first["unpermute"]), cap
+
+
+# The AVX512 build's micro-kernels whose accumulators fill the register file
+# (6 rows x 64 columns, 16 rows x 8 columns x 3): every loop over them must
+# be unrolled in full (GROUPED_MM_UNROLL in GroupedMMAvx512.h). One loop left
+# rolled gives the accumulator array an address, and GCC 12 then stores and
+# reloads all of it around every K loop, which on a weight gradient's short K
+# blocks costs as much as half the FMAs; the results stay right, so only the
+# compiled code shows it (and bench_grouped_mm's 2d2d rows). Before the
+# unrolling these kernels had 103-188 such moves each.
+REGISTER_KERNELS = re.compile(
+    r"(micro_bf16_pairs<6, (c10::BFloat16|float), at::native::\(anonymous namespace\)::PairWeights<false> >"
+    r"|micro_f32<6, float>|tt_micro<3>|tt_micro_bf16<3>)\(")
+MAX_STACK_MOVES = 16  # cold paths (an odd K's last pair, NaN rows) may spill a few
+
+
+def test_avx512_micro_kernels_keep_accumulators_in_registers():
+    import torch_moe_ops
+
+    so = torch_moe_ops._C.__file__
+    nm, objdump = shutil.which("nm"), shutil.which("objdump")
+    if nm is None or objdump is None:
+        pytest.skip("nm/objdump (binutils) not installed: the compiled kernels cannot be read")
+    comment = subprocess.run(["readelf", "-p", ".comment", so], capture_output=True, text=True).stdout
+    if "GCC:" not in comment or "clang" in comment.lower():
+        pytest.skip("built by another compiler than GCC: the counts below are GCC 12's")
+    symbols = subprocess.run([nm, "-S", "-C", so], capture_output=True, text=True, check=True).stdout
+    found = {}
+    for line in symbols.splitlines():
+        fields = line.split(None, 3)
+        match = REGISTER_KERNELS.search(fields[3]) if len(fields) == 4 else None
+        if match is None:
+            continue
+        start, size = int(fields[0], 16), int(fields[1], 16)
+        code = subprocess.run([objdump, "-d", "--no-show-raw-insn", f"--start-address={start}",
+                               f"--stop-address={start + size}", so], capture_output=True, text=True, check=True).stdout
+        found[match.group(1)] = sum(1 for insn in code.splitlines() if "zmm" in insn and "(%rsp)" in insn)
+    if not found:
+        pytest.skip("no AVX512 build of the kernels in this library (not x86, or built without it)")
+    assert len(found) == 5, sorted(found)
+    spilled = {name: n for name, n in found.items() if n > MAX_STACK_MOVES}
+    assert not spilled, f"zmm moves to or from the stack, at most {MAX_STACK_MOVES} allowed: {spilled}"

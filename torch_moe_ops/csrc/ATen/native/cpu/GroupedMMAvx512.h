@@ -47,6 +47,18 @@ namespace {
 // the A block). Accumulation is float32 in K order; a K block boundary spills
 // the accumulators to a float32 buffer, which does not change any rounding,
 // so the bits depend only on K and never on the tiling or thread count.
+// Every loop over a micro-kernel's accumulators (r[MR][4]) is unrolled in
+// full, so that each accumulator is a register. With one loop left rolled
+// (finish_acc's rows, whose body GCC 12 judged too large to peel), r needed an
+// address, and GCC kept it in a stack copy that it stored and reloaded around
+// every K loop: on short K blocks (a weight gradient's 32 routed rows) that
+// cost as much as half the FMAs. `#pragma GCC unroll` is GCC's and Clang's.
+#if defined(__GNUC__)
+#define GROUPED_MM_UNROLL _Pragma("GCC unroll 8")
+#else
+#define GROUPED_MM_UNROLL
+#endif
+
 constexpr int64_t kMR = 6;
 constexpr int64_t kNR = 64;
 // Rows of a group processed against one weight block: bounds the float32
@@ -121,6 +133,7 @@ inline void store_lanes(out_t* o, __mmask16 m, __m512 x) {
 // Epilogue of one output row: (acc + bias), rounded once to out_t, w columns.
 template <typename out_t>
 C10_ALWAYS_INLINE void store_out_row(out_t* o, const __m512* v, const float* bias, int64_t w) {
+  GROUPED_MM_UNROLL
   for (int j = 0; j < 4; ++j) {
     const __mmask16 m = moe_lanes16(w, 16 * j);
     __m512 x = v[j];
@@ -155,12 +168,15 @@ constexpr int64_t kStreamTileBytes = int64_t{128} << 10;
 template <typename out_t>
 C10_ALWAYS_INLINE void stream_out_row(out_t* o, const __m512* v, const float* bias) {
   __m512 x[4];
+  GROUPED_MM_UNROLL
   for (int j = 0; j < 4; ++j) {
     x[j] = bias != nullptr ? _mm512_add_ps(v[j], _mm512_loadu_ps(bias + 16 * j)) : v[j];
   }
   if constexpr (std::is_same_v<out_t, float>) {
+    GROUPED_MM_UNROLL
     for (int j = 0; j < 4; ++j) _mm512_stream_ps(o + 16 * j, x[j]);
   } else {  // bfloat16: two rounded halves make one 64-byte line
+    GROUPED_MM_UNROLL
     for (int j = 0; j < 4; j += 2) {
       const __m512i line =
           _mm512_inserti64x4(_mm512_castsi256_si512(moe_cvt_f32_bf16(x[j])), moe_cvt_f32_bf16(x[j + 1]), 1);
@@ -212,7 +228,9 @@ struct MicroArgs {
 
 template <int MR>
 inline void load_acc(__m512 (&r)[MR][4], const MicroArgs& x) {
+  GROUPED_MM_UNROLL
   for (int i = 0; i < MR; ++i) {
+    GROUPED_MM_UNROLL
     for (int j = 0; j < 4; ++j) {
       r[i][j] = x.first ? _mm512_setzero_ps() : _mm512_loadu_ps(x.acc + i * x.ld_acc + 16 * j);
     }
@@ -226,12 +244,16 @@ template <int MR, typename out_t>
 C10_ALWAYS_INLINE void finish_acc(__m512 (&r)[MR][4], const MicroArgs& x) {
   if (x.last && x.row_scale != nullptr) {
     __m512 cs[4];
+    GROUPED_MM_UNROLL
     for (int j = 0; j < 4; ++j) cs[j] = _mm512_maskz_loadu_ps(moe_lanes16(x.w, 16 * j), x.col_scale + 16 * j);
+    GROUPED_MM_UNROLL
     for (int i = 0; i < MR; ++i) {
       const __m512 rs = _mm512_set1_ps(x.row_scale[i]);
+      GROUPED_MM_UNROLL
       for (int j = 0; j < 4; ++j) r[i][j] = _mm512_mul_ps(_mm512_mul_ps(r[i][j], rs), cs[j]);
     }
   }
+  GROUPED_MM_UNROLL
   for (int i = 0; i < MR; ++i) {
     if (x.last) {
       out_t* o = static_cast<out_t*>(x.c) + i * x.ldc;
@@ -243,6 +265,7 @@ C10_ALWAYS_INLINE void finish_acc(__m512 (&r)[MR][4], const MicroArgs& x) {
       }
       store_out_row<out_t>(o, r[i], x.bias, x.w);
     } else {
+      GROUPED_MM_UNROLL
       for (int j = 0; j < 4; ++j) _mm512_storeu_ps(x.acc + i * x.ld_acc + 16 * j, r[i][j]);
     }
   }
@@ -262,6 +285,7 @@ void micro_f32(const float* const* a, const float* b, const MicroArgs& x) {
     const float* bk = b + k * kNR;
     const __m512 b0 = _mm512_load_ps(bk), b1 = _mm512_load_ps(bk + 16);
     const __m512 b2 = _mm512_load_ps(bk + 32), b3 = _mm512_load_ps(bk + 48);
+    GROUPED_MM_UNROLL
     for (int i = 0; i < MR; ++i) {
       const __m512 av = _mm512_set1_ps(a[i][k * x.a_step]);
       r[i][0] = _mm512_fmadd_ps(av, b0, r[i][0]);

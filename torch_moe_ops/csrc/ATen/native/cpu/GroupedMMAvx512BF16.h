@@ -92,40 +92,54 @@ struct PrefetchSpread {
   }
 };
 
-// The epilogue of a last K block of full 64-column bfloat16 rows without
-// scales: vcvtne2ps2bf16 rounds 32 values in one instruction where
-// moe_cvt_f32_bf16 takes eight for 16, a cost per call that shows on short K
-// blocks (Zen 4, 1 thread, weight gradients of 16 rows per expert, 2048 x
-// 1536 each: 193 -> 181 ms). It rounds to nearest even as c10::BFloat16
-// does, except that it reads denormals as zero and keeps a NaN's payload:
-// rows holding either (vfpclassps) take finish_acc's conversion. Returns
-// false, having stored nothing, where the call is not of that kind.
+// The epilogue of the bfloat16 K-pair kernels. A last K block of full
+// 64-column bfloat16 rows without scales is rounded by vcvtne2ps2bf16, 32
+// values in one instruction where moe_cvt_f32_bf16 takes eight for 16, a cost
+// per call that shows on short K blocks (Zen 4, 1 thread, weight gradients
+// of 16 rows per expert, 2048 x 1536 each: 193 -> 181 ms). It rounds to
+// nearest even as c10::BFloat16 does, except that it reads denormals as zero
+// and keeps a NaN's payload: rows holding either (vfpclassps) take
+// finish_acc's conversion, as does every other call.
+// The bias is added into the accumulators, which die here, so the sums need
+// no registers of their own: formed apart from them, GCC 12 held all 24 sums
+// at once (with the accumulators, more than the 32 registers) and spilled
+// them to the stack.
 template <int MR, typename out_t>
-GROUPED_MM_AVX512_BF16 C10_ALWAYS_INLINE bool store_rows_vcvtne(__m512 (&r)[MR][4], const MicroArgs& x) {
+GROUPED_MM_AVX512_BF16 C10_ALWAYS_INLINE void finish_acc_pairs(__m512 (&r)[MR][4], const MicroArgs& x) {
   if constexpr (!std::is_same_v<out_t, BFloat16>) {
-    return false;
+    finish_acc<MR, out_t>(r, x);
   } else {
-    if (!x.last || x.row_scale != nullptr || x.w != kNR) return false;
-    // The sums with the bias are formed twice, not held: with the
-    // accumulators they would need 48 registers. No bias adds -0, which
-    // leaves every value as it is (+0 would turn -0 into +0).
-    __m512 bias[4];
-    for (int j = 0; j < 4; ++j) {
-      bias[j] = x.bias != nullptr ? _mm512_loadu_ps(x.bias + 16 * j) : _mm512_set1_ps(-0.0f);
+    if (!x.last || x.row_scale != nullptr || x.w != kNR) {
+      finish_acc<MR, out_t>(r, x);
+      return;
     }
-    __mmask16 special = 0;
-    for (int i = 0; i < MR; ++i) {
+    if (x.bias != nullptr) {
+      GROUPED_MM_UNROLL
       for (int j = 0; j < 4; ++j) {
-        special |= _mm512_fpclass_ps_mask(_mm512_add_ps(r[i][j], bias[j]), 0xA1);  // QNaN | SNaN | denormal
+        const __m512 b = _mm512_loadu_ps(x.bias + 16 * j);
+        GROUPED_MM_UNROLL
+        for (int i = 0; i < MR; ++i) r[i][j] = _mm512_add_ps(r[i][j], b);
       }
     }
-    if (special != 0) return false;
+    __mmask16 special = 0;
+    GROUPED_MM_UNROLL
+    for (int i = 0; i < MR; ++i) {
+      GROUPED_MM_UNROLL
+      for (int j = 0; j < 4; ++j) special |= _mm512_fpclass_ps_mask(r[i][j], 0xA1);  // QNaN | SNaN | denormal
+    }
+    if (special != 0) {
+      MicroArgs summed = x;  // the bias is in r already
+      summed.bias = nullptr;
+      finish_acc<MR, out_t>(r, summed);
+      return;
+    }
+    GROUPED_MM_UNROLL
     for (int i = 0; i < MR; ++i) {
       BFloat16* o = static_cast<BFloat16*>(x.c) + i * x.ldc;
       const bool stream = x.stream && reinterpret_cast<uintptr_t>(o) % 64 == 0;
+      GROUPED_MM_UNROLL
       for (int j = 0; j < 4; j += 2) {
-        const __m512i line = (__m512i)_mm512_cvtne2ps_pbh(_mm512_add_ps(r[i][j + 1], bias[j + 1]),
-                                                          _mm512_add_ps(r[i][j], bias[j]));
+        const __m512i line = (__m512i)_mm512_cvtne2ps_pbh(r[i][j + 1], r[i][j]);
         if (stream) {
           _mm512_stream_si512(reinterpret_cast<__m512i*>(o + 16 * j), line);
         } else {
@@ -133,7 +147,6 @@ GROUPED_MM_AVX512_BF16 C10_ALWAYS_INLINE bool store_rows_vcvtne(__m512 (&r)[MR][
         }
       }
     }
-    return true;
   }
 }
 
@@ -161,6 +174,7 @@ GROUPED_MM_AVX512_BF16 void micro_bf16_pairs(const BFloat16* const* a, const uin
     // Held in locals for the same reason as PairWeights' members: read
     // through a and x, they would be reloaded after every packing store.
     const BFloat16* rows[MR];
+    GROUPED_MM_UNROLL
     for (int i = 0; i < MR; ++i) rows[i] = a[blk * MR + i];
     const int64_t pf_end = pf + pf_per_block + (blk < pf_extra ? 1 : 0);
     // The rows spread over the K pairs (PrefetchSpread), written out for at
@@ -173,6 +187,7 @@ GROUPED_MM_AVX512_BF16 void micro_bf16_pairs(const BFloat16* const* a, const uin
     __m512bh bv[4];
     for (int64_t kp = 0; kp < pairs; ++kp) {
       weights.get(bv, kp, true);
+      GROUPED_MM_UNROLL
       for (int i = 0; i < MR; ++i) {
         int32_t pair;
         std::memcpy(&pair, rows[i] + kp * a_step, sizeof(pair));
@@ -190,13 +205,15 @@ GROUPED_MM_AVX512_BF16 void micro_bf16_pairs(const BFloat16* const* a, const uin
     }
     if (x.kc % 2 != 0) {
       weights.get(bv, pairs, false);
+      GROUPED_MM_UNROLL
       for (int i = 0; i < MR; ++i) {
         const __m512bh av = (__m512bh)_mm512_set1_epi32(rows[i][pairs * a_step].x);
+        GROUPED_MM_UNROLL
         for (int j = 0; j < 4; ++j) r[i][j] = _mm512_dpbf16_ps(r[i][j], av, bv[j]);
       }
     }
     for (; pf < pf_end; ++pf) prefetch_row(pf_rows, pf);
-    if (!store_rows_vcvtne<MR, out_t>(r, y)) finish_acc<MR, out_t>(r, y);
+    finish_acc_pairs<MR, out_t>(r, y);
     y.c = static_cast<out_t*>(y.c) + MR * x.ldc;
     if (y.acc != nullptr) y.acc += MR * x.ld_acc;
     if (y.row_scale != nullptr) y.row_scale += MR;

@@ -135,7 +135,9 @@ TtRows tt_rows(const P& p) {
 // rows 16 i .. 16 i + 15 in acc[i][j]; zero when first.
 template <int MV>
 inline void tt_load_acc(__m512 (&acc)[MV][kTtNR], const float* ct, int64_t ldct, bool first) {
+  GROUPED_MM_UNROLL
   for (int i = 0; i < MV; ++i) {
+    GROUPED_MM_UNROLL
     for (int j = 0; j < kTtNR; ++j) {
       acc[i][j] = first ? _mm512_setzero_ps() : _mm512_loadu_ps(ct + j * ldct + 16 * i);
     }
@@ -144,7 +146,9 @@ inline void tt_load_acc(__m512 (&acc)[MV][kTtNR], const float* ct, int64_t ldct,
 
 template <int MV>
 inline void tt_store_acc(const __m512 (&acc)[MV][kTtNR], float* ct, int64_t ldct) {
+  GROUPED_MM_UNROLL
   for (int i = 0; i < MV; ++i) {
+    GROUPED_MM_UNROLL
     for (int j = 0; j < kTtNR; ++j) _mm512_storeu_ps(ct + j * ldct + 16 * i, acc[i][j]);
   }
 }
@@ -187,10 +191,13 @@ __attribute__((noinline)) void tt_micro(const float* at, int64_t ld_at, const fl
   for (int64_t k = 0; k < kc; ++k) {
     if ((k & 1) == 0) _mm_prefetch(tt_prefetch_line(pf, k), _MM_HINT_T1);
     __m512 a[MV];
+    GROUPED_MM_UNROLL
     for (int i = 0; i < MV; ++i) a[i] = _mm512_loadu_ps(at + k * ld_at + 16 * i);
     const float bk[kTtNR] = {b0[k], b1[k], b2[k], b3[k], b4[k], b5[k], b6[k], b7[k]};
+    GROUPED_MM_UNROLL
     for (int j = 0; j < kTtNR; ++j) {
       const __m512 bv = _mm512_set1_ps(bk[j]);
+      GROUPED_MM_UNROLL
       for (int i = 0; i < MV; ++i) acc[i][j] = _mm512_fmadd_ps(a[i], bv, acc[i][j]);
     }
   }
@@ -217,20 +224,26 @@ GROUPED_MM_AVX512_BF16 __attribute__((noinline)) void tt_micro_bf16(const uint32
   for (int64_t kp = 0; kp < pairs; ++kp) {
     if ((kp & 1) == 0) _mm_prefetch(tt_prefetch_line(pf, kp), _MM_HINT_T1);
     __m512bh a[MV];
+    GROUPED_MM_UNROLL
     for (int i = 0; i < MV; ++i) a[i] = (__m512bh)_mm512_loadu_si512(at + kp * ld_at + 16 * i);
     const int64_t e = 2 * kp;
     const int32_t bk[kTtNR] = {word(b0 + e), word(b1 + e), word(b2 + e), word(b3 + e),
                                word(b4 + e), word(b5 + e), word(b6 + e), word(b7 + e)};
+    GROUPED_MM_UNROLL
     for (int j = 0; j < kTtNR; ++j) {
       const __m512bh bv = (__m512bh)_mm512_set1_epi32(bk[j]);
+      GROUPED_MM_UNROLL
       for (int i = 0; i < MV; ++i) acc[i][j] = _mm512_dpbf16_ps(acc[i][j], a[i], bv);
     }
   }
   if (kc % 2 != 0) {  // the last element pairs with zero; the one after it may not exist
     __m512bh a[MV];
+    GROUPED_MM_UNROLL
     for (int i = 0; i < MV; ++i) a[i] = (__m512bh)_mm512_loadu_si512(at + pairs * ld_at + 16 * i);
+    GROUPED_MM_UNROLL
     for (int j = 0; j < kTtNR; ++j) {
       const __m512bh bv = (__m512bh)_mm512_set1_epi32(b[j][kc - 1].x);
+      GROUPED_MM_UNROLL
       for (int i = 0; i < MV; ++i) acc[i][j] = _mm512_dpbf16_ps(acc[i][j], a[i], bv);
     }
   }
