@@ -1,5 +1,6 @@
-"""Helpers shared by the test files: explicit thread counts and a record of
-which moe_ops kernels a piece of code dispatched to."""
+"""Helpers shared by the test files: explicit thread counts, a record of
+which moe_ops kernels a piece of code dispatched to, and the large-output
+cache's settings for a block."""
 
 import contextlib
 from typing import Optional
@@ -23,6 +24,20 @@ def num_threads(n: int):
         yield
     finally:
         torch.set_num_threads(saved)
+
+
+@contextlib.contextmanager
+def cache_limit(limit_bytes: int, min_block_bytes: Optional[int] = None):
+    """The large-output cache's settings (torch_moe_ops.memory) for the block;
+    the ones before restored after, whatever the block changed them to."""
+    from torch_moe_ops import memory
+
+    before = memory.cpu_cache_stats()
+    memory.set_cpu_cache_limit(limit_bytes, min_block_bytes)
+    try:
+        yield
+    finally:
+        memory.set_cpu_cache_limit(before["limit_bytes"], before["min_block_bytes"])
 
 
 def at_thread_counts(run, counts=THREAD_COUNTS):

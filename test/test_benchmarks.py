@@ -194,10 +194,9 @@ def test_moe_layer_gradients_cached():
     import torch
     import bench_moe_layer
     import torch_moe_ops
+    from common import cache_limit
     params = [torch.empty(256, 1024, 1792, dtype=torch.bfloat16), torch.empty(256, 1792, 512, dtype=torch.bfloat16)]
-    before = torch_moe_ops.cpu_cache_stats()
-    try:
-        torch_moe_ops.set_cpu_cache_limit(2 << 30, min_block_bytes=32 << 20)
+    with cache_limit(2 << 30, min_block_bytes=32 << 20):
         assert bench_moe_layer.gradients_cached(params)
         torch_moe_ops.set_cpu_cache_limit(1 << 30)  # 1.41 GB no longer fits
         assert not bench_moe_layer.gradients_cached(params)
@@ -205,8 +204,6 @@ def test_moe_layer_gradients_cached():
         assert not bench_moe_layer.gradients_cached(params)
         torch_moe_ops.set_cpu_cache_limit(0)
         assert not bench_moe_layer.gradients_cached(params)
-    finally:
-        torch_moe_ops.set_cpu_cache_limit(before["limit_bytes"], before["min_block_bytes"])
 
 
 def test_interleaved_medians_min_runs(monkeypatch):

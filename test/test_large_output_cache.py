@@ -10,7 +10,6 @@ The tests cache every block (min_block_bytes=1) so that small shapes reach the
 cache; the default (32 MiB) only changes which requests do.
 """
 
-import contextlib
 import functools
 import os
 import subprocess
@@ -23,20 +22,10 @@ from hypothesis import given, settings, strategies as st
 import torch_moe_ops
 from torch_moe_ops import fused_experts, memory
 
+from common import cache_limit
 from test_experts import make_problem
 
 NAN_BYTE = 0xFF  # 0xFFFF... is a NaN in bfloat16, float16, float32 and float64
-
-
-@contextlib.contextmanager
-def cache_limit(limit_bytes, min_block_bytes=None):
-    """The cache's settings for the block; the ones before restored after."""
-    before = memory.cpu_cache_stats()
-    memory.set_cpu_cache_limit(limit_bytes, min_block_bytes)
-    try:
-        yield
-    finally:
-        memory.set_cpu_cache_limit(before["limit_bytes"], before["min_block_bytes"])
 
 
 def every_block_cached(test):
