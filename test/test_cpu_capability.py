@@ -179,10 +179,10 @@ def test_avx512_micro_kernels_keep_accumulators_in_registers():
     import torch_moe_ops
 
     so = torch_moe_ops._C.__file__
-    nm, objdump = shutil.which("nm"), shutil.which("objdump")
-    if nm is None or objdump is None:
-        pytest.skip("nm/objdump (binutils) not installed: the compiled kernels cannot be read")
-    comment = subprocess.run(["readelf", "-p", ".comment", so], capture_output=True, text=True).stdout
+    nm, objdump, readelf = shutil.which("nm"), shutil.which("objdump"), shutil.which("readelf")
+    if nm is None or objdump is None or readelf is None:
+        pytest.skip("nm/objdump/readelf (binutils) not installed: the compiled kernels cannot be read")
+    comment = subprocess.run([readelf, "-p", ".comment", so], capture_output=True, text=True).stdout
     if "GCC:" not in comment or "clang" in comment.lower():
         pytest.skip("built by another compiler than GCC: the counts below are GCC 12's")
     symbols = subprocess.run([nm, "-S", "-C", so], capture_output=True, text=True, check=True).stdout
