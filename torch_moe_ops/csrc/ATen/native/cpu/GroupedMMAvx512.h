@@ -60,6 +60,9 @@ namespace {
 #endif
 
 constexpr int64_t kMR = 6;
+// Rows of a first row block that decodes float8 weights among its FMAs: at 6,
+// its decoder's constants pushed 18 accumulators a K pair to the stack.
+constexpr int64_t kFloat8DecodeMR = 3;
 constexpr int64_t kNR = 64;
 // Rows of a group processed against one weight block: bounds the float32
 // accumulator buffer (kMC x kMicroNB) and the packed A block.
@@ -588,7 +591,6 @@ void run_tile_avx512(const Problem<scalar_t, out_t, float>& p, const Tile& t, Th
 
   for (int64_t m0 = 0; m0 < p.m; m0 += kMC) {
     const int64_t mc = std::min(kMC, p.m - m0);
-    const int64_t m_blocks = (mc + kMR - 1) / kMR;
     for (int64_t k0 = 0; k0 < k; k0 += kKC) {
       const int64_t kc = std::min(kKC, k - k0);
       int64_t a_step = kRowStep;
@@ -682,9 +684,11 @@ void run_tile_avx512(const Problem<scalar_t, out_t, float>& p, const Tile& t, Th
         x.col_scale = p.col_scale != nullptr ? p.col_scale + j0 : nullptr;
         x.w = w;
         x.pf = pf;
+        const int64_t first_mr = std::min(kPairsOf<Traits> && pack_in_kernel && b8_blk ? kFloat8DecodeMR : kMR, mc);
+        const int64_t m_blocks = 1 + (mc - first_mr + kMR - 1) / kMR;
         for (int64_t mb = 0; mb < m_blocks; ++mb) {
-          const int64_t r0 = mb * kMR;
-          const int64_t mr = std::min(kMR, mc - r0);
+          const int64_t r0 = mb == 0 ? 0 : first_mr + (mb - 1) * kMR;
+          const int64_t mr = mb == 0 ? first_mr : std::min(kMR, mc - r0);
           x.acc = acc != nullptr ? acc + r0 * ld_acc + s * kNR : nullptr;
           x.c = p.c + (m0 + r0) * p.c_rs + j0;
           x.row_scale = p.row_scale != nullptr ? p.row_scale + m0 + r0 : nullptr;
@@ -701,7 +705,7 @@ void run_tile_avx512(const Problem<scalar_t, out_t, float>& p, const Tile& t, Th
           // first (which packs the weight block) in one call. With its
           // vcvtne2ps2bf16 rounding, Zen 4, 2 threads, bench_grouped_mm's
           // Qwen3 2d2d `kn` row: 167 -> 148-154 ms (oneDNN's loop: 147-154).
-          x.blocks = kPairsOf<Traits> && mb > 0 && mr == kMR ? mc / kMR - mb : 1;
+          x.blocks = kPairsOf<Traits> && mb > 0 && mr == kMR ? (mc - r0) / kMR : 1;
           x.pf_end = pf.rows * (mb + x.blocks) / m_blocks;
           dispatch_micro<Traits, out_t>(mr, a_rows + r0, bpack, x);
           mb += x.blocks - 1;

@@ -229,7 +229,8 @@ void micro_bf16_float8(const BFloat16* const* a, const uint32_t* b, const MicroA
 template <int MR, typename out_t>
 void micro_bf16(const BFloat16* const* a, const uint32_t* b, const MicroArgs& x) {
   if (x.pack_b.src8 != nullptr) {
-    micro_bf16_float8<MR, out_t>(a, b, x);
+    TORCH_INTERNAL_ASSERT(MR <= kFloat8DecodeMR);  // no wider float8 kernel is compiled
+    if constexpr (MR <= kFloat8DecodeMR) micro_bf16_float8<MR, out_t>(a, b, x);
   } else if (x.pack_b.src != nullptr) {
     micro_bf16_pairs<MR, out_t, PairWeights<true>>(a, b, x);
   } else {
