@@ -61,7 +61,7 @@ namespace {
 
 constexpr int64_t kMR = 6;
 // Rows of a first row block that decodes float8 weights among its FMAs: at 6,
-// its decoder's constants pushed 18 accumulators a K pair to the stack.
+// its decoder's constants cost 18 zmm stack moves a K pair (GCC 12).
 constexpr int64_t kFloat8DecodeMR = 3;
 constexpr int64_t kNR = 64;
 // Rows of a group processed against one weight block: bounds the float32
