@@ -78,7 +78,7 @@ _AVX512 = [
     ("        x.col_scale = p.col_scale != nullptr ? p.col_scale + j0 : nullptr;\n", ""),
     ("          x.row_scale = p.row_scale != nullptr ? p.row_scale + m0 + r0 : nullptr;\n", ""),
     (_span(AVX512, "// Rows of a first row block that decodes float8 weights", "constexpr int64_t kNR = 64;"), ""),
-    ("std::min(kPairsOf<Traits> && pack_in_kernel && b8_blk ? kFloat8DecodeMR : kMR, mc);\n", "std::min(kMR, mc);\n"),
+    ("std::min(pack_in_kernel && b8_blk != nullptr ? kFloat8DecodeMR : kMR, mc);\n", "std::min(kMR, mc);\n"),
     ("            x.pack_b.src8 = pack_in_kernel && mb == 0 ? b8_blk : nullptr;\n"
      "            x.pack_b.e5m2 = p.b8_e5m2;\n", ""),
 ]

@@ -684,7 +684,7 @@ void run_tile_avx512(const Problem<scalar_t, out_t, float>& p, const Tile& t, Th
         x.col_scale = p.col_scale != nullptr ? p.col_scale + j0 : nullptr;
         x.w = w;
         x.pf = pf;
-        const int64_t first_mr = std::min(kPairsOf<Traits> && pack_in_kernel && b8_blk ? kFloat8DecodeMR : kMR, mc);
+        const int64_t first_mr = std::min(pack_in_kernel && b8_blk != nullptr ? kFloat8DecodeMR : kMR, mc);
         const int64_t m_blocks = 1 + (mc - first_mr + kMR - 1) / kMR;
         for (int64_t mb = 0; mb < m_blocks; ++mb) {
           const int64_t r0 = mb == 0 ? 0 : first_mr + (mb - 1) * kMR;
