@@ -12,19 +12,13 @@ Tensor grouped_mm_empty_cached(
     const std::optional<Tensor>& offs,
     ScalarType out_dtype) {
   const auto layout = grouped_mm_layout(mat_a, mat_b);
-  int64_t covered = 0;
-  if (offs.has_value()) {
-    grouped_mm_check_offsets_cpu(*offs, grouped_mm_split_size(mat_a, mat_b), grouped_mm_split_name(layout));
-    covered = offs->size(0) > 0 ? offs->const_data_ptr<int32_t>()[(offs->size(0) - 1) * offs->stride(0)] : 0;
-  }
+  const int64_t covered = offs.has_value()
+      ? grouped_mm_check_offsets_cpu(*offs, grouped_mm_split_size(mat_a, mat_b), grouped_mm_split_name(layout))
+      : 0;
   const auto size = grouped_mm_out_size(mat_a, mat_b, offs);
   Tensor out = torch_moe_ops::empty_strided_cached(size, grouped_mm_out_strides(size, out_dtype, kCPU), out_dtype);
   // What no group covers is zero, never the bytes a reused block held.
-  if (layout == GroupedMMLayout::k2d3d && covered < out.size(0)) {
-    out.narrow(0, covered, out.size(0) - covered).zero_();
-  } else if (layout == GroupedMMLayout::k3d2d && covered < out.size(1)) {
-    out.narrow(1, covered, out.size(1) - covered).zero_();
-  }
+  grouped_mm_zero_past_cpu(out, layout, covered);
   return out;
 }
 

@@ -21,11 +21,11 @@ namespace at::native {
 // grouped_mm_empty_cpu's output (offs checked, rows (2D x 3D) or columns
 // (3D x 2D) past offs[-1] zeroed), its storage from the large-output cache.
 // mat_a and mat_b give the operands' shapes only (grouped_mm_gather passes
-// stand-ins of its gathered operands). It restates grouped_mm_empty_cpu with
-// another allocator: ATen's takes none, and the core series stages that
-// function's text (patches/grouped_mm_stages.py), so the two change together.
-// Here every grouped_mm test runs through this one; test_large_output_cache.py
-// also runs it on reused, NaN-filled blocks.
+// stand-ins of its gathered operands). Its steps are ATen's, around another
+// allocator (grouped_mm_empty_cpu takes none): the same helpers of
+// GroupedMM.h check offs and zero what no group covers. Here every grouped_mm
+// test runs through this one; test_large_output_cache.py also runs it on
+// reused, NaN-filled blocks.
 Tensor grouped_mm_empty_cached(
     const Tensor& mat_a,
     const Tensor& mat_b,

@@ -195,8 +195,9 @@ inline void grouped_mm_check_inputs(
 }
 
 // Checks the values of a CPU offs tensor: 0 <= offs[0] <= offs[1] <= ... <=
-// split_size; op names the operator the caller called.
-inline void grouped_mm_check_offsets_cpu(
+// split_size; op names the operator the caller called. Returns offs[-1] (0
+// for no groups), the extent the groups cover.
+inline int64_t grouped_mm_check_offsets_cpu(
     const Tensor& offs, int64_t split_size, const char* split_name, const char* op = "grouped_mm") {
   const int64_t groups = offs.size(0);
   const auto stride = offs.stride(0);
@@ -211,6 +212,7 @@ inline void grouped_mm_check_offsets_cpu(
   }
   TORCH_CHECK_VALUE(prev <= split_size,
       op, ": offs[-1]=", prev, " exceeds the grouped dimension ", split_name, "=", split_size);
+  return prev;
 }
 
 inline const char* grouped_mm_split_name(GroupedMMLayout layout) {
@@ -256,6 +258,17 @@ using grouped_mm_fn = void (*)(
     const std::optional<Tensor>& b_index,
     const Tensor& out);
 DECLARE_DISPATCH(grouped_mm_fn, grouped_mm_stub);
+
+// Zeroes the rows (2D x 3D) or columns (3D x 2D) of a CPU grouped mm's out at
+// or past covered (offs[-1], as grouped_mm_check_offsets_cpu returns it),
+// which no group covers and grouped_mm_stub does not write.
+inline void grouped_mm_zero_past_cpu(const Tensor& out, GroupedMMLayout layout, int64_t covered) {
+  if (layout == GroupedMMLayout::k2d3d && covered < out.size(0)) {
+    out.narrow(0, covered, out.size(0) - covered).zero_();
+  } else if (layout == GroupedMMLayout::k3d2d && covered < out.size(1)) {
+    out.narrow(1, covered, out.size(1) - covered).zero_();
+  }
+}
 
 // The output of a CPU grouped mm of mat_a and mat_b (tensors of the operands'
 // shapes, dtype and device), after checking the values of offs: rows (2D x
