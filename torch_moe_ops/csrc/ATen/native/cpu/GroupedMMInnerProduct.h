@@ -22,8 +22,8 @@ namespace {
 // an A row and a weight row, vectorised over K (16 float32 or 32 bfloat16
 // lanes, partial sums per lane, reduced once at the end in a fixed order).
 // A register tile holds MR A rows x 4 weight rows; the weight rows (from
-// DRAM, prefetched a block ahead) are reused from cache by every row block
-// of the group, the A rows (a few dozen, K-contiguous, gathered or not) stay
+// DRAM, prefetched ahead) are reused from cache by every row block of the
+// group, the A rows (a few dozen, K-contiguous, gathered or not) stay
 // in L2. No packing, no transpose, and rows need no padding.
 constexpr int64_t kNtMR = 6;
 constexpr int64_t kNtNR = 4;
@@ -31,7 +31,19 @@ constexpr int64_t kNtNR = 4;
 // L2 while the tile's weights stream past once.
 constexpr int64_t kNtMC = 96;
 
-// Lines of the next weight rows to prefetch during one micro-kernel call.
+// Blocks of kNtNR weight rows between the block in use and the one whose
+// lines its micro-kernel calls prefetch. A group of a few rows spends less
+// time on a block than DRAM takes to deliver the next (K 512, 1-17 rows: 64
+// to 1088 vdpbf16ps), so one block ahead left the stream waiting. Zen 4, 2
+// threads, DeepSeek-V3's forward down projection (K 512, N 1792, 16 routed
+// rows per expert on average), ms one / two blocks ahead: its 167 groups of
+// fewer than 18 rows 13.8-14.9 / 11.3-12.6 (weights read at 20.6-22.2 /
+// 24.4-27.1 GB/s), the whole call 30.1-31.6 / 27.4-28.1. Four of
+// bench_grouped_mm's `nk` rows moved by under 2%.
+constexpr int64_t kNtPrefetchAhead = 2;
+
+// Lines of the weight rows kNtPrefetchAhead blocks ahead to prefetch during
+// one micro-kernel call.
 struct NtPrefetch {
   const char* rows[kNtNR] = {};
   int64_t lines_per_row = 0;
@@ -283,19 +295,22 @@ void run_tile_nt(const Problem<scalar_t, out_t, float>& p, const Tile& t, Thread
           }
         }
       }
-      // The weight rows used next: this tile's next block, else (last row
-      // chunk) the next tile's first, when it reads its weights the same way.
+      // The weight rows used kNtPrefetchAhead blocks from now: this tile's,
+      // else (last row chunk) the next tile's, when it reads its weights the
+      // same way.
       NtPrefetch pf;
       const Problem<scalar_t, out_t, float>* pf_p = nullptr;
       int64_t pf_n = 0, pf_w = 0;
-      if (n0 + kNtNR < n_end) {
+      const int64_t ahead = n0 + kNtPrefetchAhead * kNtNR;
+      if (ahead < n_end) {
         pf_p = &p;
-        pf_n = n0 + kNtNR;
+        pf_n = ahead;
         pf_w = std::min(kNtNR, n_end - pf_n);
-      } else if (next != nullptr && m0 + kNtMC >= p.m && next_p->k == k && nt_eligible<scalar_t>(*next_p)) {
+      } else if (next != nullptr && m0 + kNtMC >= p.m && next_p->k == k && nt_eligible<scalar_t>(*next_p) &&
+                 ahead - n_end < next->nb) {
         pf_p = next_p;
-        pf_n = next->n0;
-        pf_w = std::min(kNtNR, next->nb);
+        pf_n = next->n0 + (ahead - n_end);
+        pf_w = std::min(kNtNR, next->nb - (ahead - n_end));
       }
       if (pf_p != nullptr) {
         for (int64_t j = 0; j < kNtNR; ++j) {
