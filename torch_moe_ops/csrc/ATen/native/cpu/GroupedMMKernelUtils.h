@@ -273,6 +273,7 @@ constexpr int64_t kGemmRows = 6;
   if constexpr (R > i) { (c##i##0).store(c + i * ldc, w0); if (w1 > 0) (c##i##1).store(c + i * ldc + kV, w1); }
 template <typename T, int R>
 void gemm_tile(int64_t k, const T* a, int64_t lda, const T* b, int64_t ldb, T* c, int64_t ldc, int64_t w) {
+  static_assert(R >= 1 && R <= 6, "WIDE_ROW and WIDE_STORE name six rows of accumulators");
   using Vec = vec::Vectorized<T>;
   constexpr int64_t kV = Vec::size();
   const int64_t w0 = std::min<int64_t>(w, kV), w1 = std::max<int64_t>(w - kV, 0);
