@@ -651,23 +651,39 @@ WITHOUT_INDEX_UTILS = [(
     "  }\n",
     "  gather_block(dst, ld, p.a + m0 * p.a_rs + k0 * p.a_cs, p.a_rs, p.a_cs, mb, kc, ld);\n",
 )]
+# The widening engine's B panels, gathered rows aside (the in-place PR; the
+# first PR packs its B blocks by a plain strided copy, without prefetch).
+WITHOUT_INDEX_B_PANELS = [(
+    "// columns past nb zero), gathered or strided, converted to dst_t. Packed\n",
+    "// columns past nb zero), strided, converted to dst_t. Packed\n",
+), (
+    "      if (p.b_idx != nullptr) {\n"
+    "        gather_rows(dst + j0 * kc, kW, b + j0 * p.b_cs, p.b_idx + k0, p.b_rs, p.b_cs, kc, w, kW);\n"
+    "      } else {\n"
+    "        gather_block(dst + j0 * kc, kW, b + j0 * p.b_cs + k0 * p.b_rs, p.b_rs, p.b_cs, kc, w, kW);\n"
+    "      }\n",
+    "      gather_block(dst + j0 * kc, kW, b + j0 * p.b_cs + k0 * p.b_rs, p.b_rs, p.b_cs, kc, w, kW);\n",
+), (
+    "    const int64_t row = p.b_idx != nullptr ? p.b_idx[k0 + l] : k0 + l;\n"
+    "    const src_t* s = row < 0 ? nullptr : b + row * p.b_rs;\n",
+    "    const src_t* s = b + (k0 + l) * p.b_rs;\n",
+), (
+    "      if (s == nullptr) {\n"
+    "        std::fill(d, d + kW, dst_t(0));\n"
+    "        continue;\n"
+    "      }\n", "",
+), (
+    "  if (p.b_idx != nullptr) return pf;  // gathered rows: not worth the bookkeeping\n", "",
+)]
 WITHOUT_INDEX_TILE = [(
-    "  const bool b_copy = p.b_idx != nullptr || !(kInPlace",
-    "  const bool b_copy = !(kInPlace",
+    "(p.m == 1 || p.a_rs >= p.k) &&\n      !p.a_gathered();\n",
+    "(p.m == 1 || p.a_rs >= p.k);\n",
 ), (
-    "(p.m == 1 || p.a_rs >= p.k) && !p.a_gathered());\n",
-    "(p.m == 1 || p.a_rs >= p.k));\n",
-), (
-    "  if (p.b_idx != nullptr) {\n"
-    "    compute_t* w = workspace<compute_t>(buf.b, k * nb);\n"
-    "    gather_rows(w, nb, b, p.b_idx, p.b_rs, p.b_cs, k, nb, nb);\n"
-    "    b_ptr = w;\n"
-    "    ldb = nb;\n"
-    "  } else if (kInPlace",
-    "  if (kInPlace",
-), (
-    "(p.m == 1 || p.a_rs >= k) && !p.a_gathered();\n",
+    "(p.m == 1 || p.a_rs >= k) &&\n      !p.a_gathered();\n",
     "(p.m == 1 || p.a_rs >= k);\n",
+), (
+    "p.b_cs == 1 && p.b_idx == nullptr;\n",
+    "p.b_cs == 1;\n",
 )]
 WITHOUT_INDEX_ENTRY = [(
     "                      const std::optional<Tensor>& bias, const std::optional<Tensor>& a_index,\n"
@@ -701,39 +717,51 @@ WITHOUT_INDEX_ENTRY = [(
 
 WITHOUT_INDEX_KERNEL = WITHOUT_INDEX_TILE + WITHOUT_INDEX_ENTRY
 
-# The portable kernel's first PR gathers every operand tile into scratch, the
-# B tile and each A row block by strided copies, and rounds every output in
-# the epilogue; the PR after it reads float operands in place, writes fp32
-# output directly and copies a transposed block in 16 x 16 blocks. The same
-# values meet in the same order, so the same bits.
+# The portable kernel's first PR gathers every operand block into scratch,
+# each A row block and B block K block by K block, and rounds every output in
+# the epilogue; the PR after it reads float operands in place (the first
+# register tile packing a row-major B's panel as it goes), prefetches the
+# next B block, writes fp32 output directly and copies a transposed block in
+# 16 x 16 blocks. The same values meet in the same order, so the same bits.
 KERNEL_H = f"{SRC}/cpu/GroupedMMKernel.cpp"
 WIDENING_ALL_COPIED = [(
     _source_between(KERNEL_H, "// ---- widening engine: row-major tiles",
                     "      store_tile<out_t>(p, m0, mb, t.n0, nb, acc, nb);\n    }\n  }\n}\n"),
     "// ---- widening engine: row-major tiles in compute_t (float or double) --------\n"
-    "// Operands are gathered tile by tile into the thread's scratch, which stays\n"
-    "// in cache.\n"
+    "// Operands are gathered tile by tile into scratch, B zero-padded to 2 vectors.\n"
+    "template <typename compute_t>\n"
+    "constexpr int64_t kWidePanel = 2 * vec::Vectorized<compute_t>::size();\n"
+    "\n"
     "template <typename scalar_t, typename out_t, typename compute_t>\n"
     "void widening_scratch(const Problem<scalar_t, out_t, compute_t>& p, const Tile& t, ScratchBytes& s) {\n"
+    "  const int64_t ldb = (t.nb + kWidePanel<compute_t> - 1) / kWidePanel<compute_t> * kWidePanel<compute_t>;\n"
     "  const auto e = static_cast<int64_t>(sizeof(compute_t));\n"
-    "  s.at_least(std::min(kWideMB, p.m) * p.k * e, p.k * t.nb * e, kWideMB * t.nb * e);\n"
+    "  s.at_least(std::min(kWideMB, p.m) * p.k * e, p.k * ldb * e, kWideMB * t.nb * e);\n"
     "}\n"
     "\n"
     "template <typename scalar_t, typename out_t, typename compute_t>\n"
     "void run_tile_widening(const Problem<scalar_t, out_t, compute_t>& p, const Tile& t, ThreadBuffers& buf) {\n"
+    "  constexpr int64_t kW = kWidePanel<compute_t>;\n"
     "  const int64_t k = p.k;\n"
     "  const int64_t nb = t.nb;\n"
-    "  compute_t* b = workspace<compute_t>(buf.b, k * nb);\n"
-    "  gather_block(b, nb, p.b + t.n0 * p.b_cs, p.b_rs, p.b_cs, k, nb, nb);\n"
+    "  const int64_t ldb = (nb + kW - 1) / kW * kW;\n"
+    "  compute_t* b = workspace<compute_t>(buf.b, k * ldb);\n"
+    "  gather_block(b, ldb, p.b + t.n0 * p.b_cs, p.b_rs, p.b_cs, k, nb, ldb);\n"
     "  compute_t* acc = workspace<compute_t>(buf.acc, kWideMB * nb);\n"
     "  for (int64_t m0 = 0; m0 < p.m; m0 += kWideMB) {\n"
     "    const int64_t mb = std::min(kWideMB, p.m - m0);\n"
     "    compute_t* a = workspace<compute_t>(buf.a, mb * k);\n"
     "    load_a_block(a, k, p, m0, mb, 0, k);\n"
-    "    gemm_row_major<compute_t>(mb, nb, k, a, k, b, nb, acc, nb);\n"
+    "    for (int64_t j0 = 0; j0 < nb; j0 += kW) {\n"
+    "      gemm_panel<compute_t>(mb, std::min(kW, nb - j0), k, a, k, b + j0, ldb, acc + j0, nb);\n"
+    "    }\n"
     "    store_tile<out_t>(p, m0, mb, t.n0, nb, acc, nb);\n"
     "  }\n"
     "}\n",
+), (
+    "        const Tile* next = i + 1 < bounds[chunk + 1] ? &tiles[i + 1] : nullptr;\n"
+    "        run_tile_widening(p, t, buf, next != nullptr ? &problems[next->problem] : nullptr, next);\n",
+    "        run_tile_widening(p, t, buf);\n",
 )]
 UTILS_H = f"{SRC}/cpu/GroupedMMKernelUtils.h"
 # C^T outputs (a problem turned around for the transposed-tile engine, 1c2).
@@ -744,6 +772,55 @@ WITHOUT_TURNED_UTILS = [(
                     "  int64_t c_col_stride() const { return c_transposed ? c_rs : 1; }\n"), "",
 ), (
     _source_between(UTILS_H, "// p as C^T = B^T A^T (no bias, no indices)", "  return q;\n}\n\n"), "",
+)]
+# The first PR's widening engine: no K blocks, no packing in the register
+# tile, no prefetch (WIDENING_ALL_COPIED).
+WIDENING_UTILS_ALL_COPIED = [(
+    _source_between(UTILS_H, "// Its K blocks: a 128-row A block", "sizeof(T));\n"), "",
+), (
+    _source_between(UTILS_H, "// A (kc x nb) block of a problem's B at row k0", "  return pf;\n}\n\n"), "",
+), (
+    _source_between(UTILS_H, "// Row-major C (mb x w, ldc) = A (mb x kc, lda) B, or C += A B with",
+                    "// stack on every K step (half the speed).\n"),
+    "// Row-major C (mb x w, ldc) = A (mb x k, lda) B (k rows of kW = 2 vectors, ldb\n"
+    "// apart, columns [w, kW) zero, so every load is full width), single-threaded.\n"
+    "// Each output is summed along K in order from zero with Vectorized<T>::fmadd\n"
+    "// (on AVX2/AVX-512 one rounding per step). A tile of kGemmRows rows x 2\n"
+    "// vectors is held in registers (AVX2: 12 accumulators of the 16 ymm), as\n"
+    "// named variables: GCC 12 stored an array of them to the stack on every K\n"
+    "// step (half the speed).\n",
+), (
+    _source_between(UTILS_H, "#define WIDE_LOAD(i)", "c##i##1 = Vec::loadu(c + i * ldc + kV, w1); } }\n"), "",
+), (
+    "template <typename T, int R, bool kPack>\n"
+    "void gemm_tile(int64_t kc, const T* a, int64_t lda, const T* b, int64_t ldb, T* pack, T* c, int64_t ldc, int64_t w,\n"
+    "               bool accumulate) {\n"
+    "  static_assert(R >= 1 && R <= 6, \"WIDE_LOAD, WIDE_ROW and WIDE_STORE name six rows of accumulators\");\n",
+    "template <typename T, int R>\n"
+    "void gemm_tile(int64_t kc, const T* a, int64_t lda, const T* b, int64_t ldb, T* c, int64_t ldc, int64_t w) {\n"
+    "  static_assert(R >= 1 && R <= 6, \"WIDE_ROW and WIDE_STORE name six rows of accumulators\");\n",
+), (
+    "  WIDE_LOAD(0) WIDE_LOAD(1) WIDE_LOAD(2) WIDE_LOAD(3) WIDE_LOAD(4) WIDE_LOAD(5)\n", "",
+), (
+    "    if constexpr (kPack) {\n"
+    "      b0.store(pack + l * 2 * kV);\n"
+    "      b1.store(pack + l * 2 * kV + kV);\n"
+    "    }\n", "",
+), (
+    "#undef WIDE_LOAD\n", "",
+), (
+    _source_between(UTILS_H, "// The tiles of a row block. With pack null",
+                    "  if (r0 < mb) run(std::integral_constant<int, 1>{}, r0);\n}\n"),
+    "template <typename T>\n"
+    "void gemm_panel(int64_t mb, int64_t w, int64_t k, const T* a, int64_t lda, const T* b, int64_t ldb, T* c,\n"
+    "                int64_t ldc) {\n"
+    "  int64_t r0 = 0;\n"
+    "  for (; r0 + kGemmRows <= mb; r0 += kGemmRows) {\n"
+    "    gemm_tile<T, kGemmRows>(k, a + r0 * lda, lda, b, ldb, c + r0 * ldc, ldc, w);\n"
+    "  }\n"
+    "  for (; r0 + 2 <= mb; r0 += 2) gemm_tile<T, 2>(k, a + r0 * lda, lda, b, ldb, c + r0 * ldc, ldc, w);\n"
+    "  if (r0 < mb) gemm_tile<T, 1>(k, a + r0 * lda, lda, b, ldb, c + r0 * ldc, ldc, w);\n"
+    "}\n",
 )]
 WITHOUT_TRANSPOSED_COPY = [(
     _source_block(UTILS_H, "// Transposing copy in 16x16 blocks", "}"), "",
@@ -1362,7 +1439,8 @@ SERIES = [
                      edits=WITHOUT_INDEX_CPP + grouped_mm_stages.WITHOUT_OUT_STRIDES_CPP
                      + grouped_mm_stages.WITHOUT_OUT_STRIDES_EMPTY_CPU, update=True),
                 Copy(f"{NATIVE}/cpu/GroupedMMKernelUtils.h", f"{SRC}/cpu/GroupedMMKernelUtils.h",
-                     edits=WITHOUT_INDEX_UTILS + WITHOUT_TRANSPOSED_COPY + WITHOUT_TURNED_UTILS),
+                     edits=WIDENING_UTILS_ALL_COPIED + WITHOUT_INDEX_UTILS + WITHOUT_TRANSPOSED_COPY
+                     + WITHOUT_TURNED_UTILS),
                 Copy(f"{NATIVE}/cpu/GroupedMMKernel.cpp", f"{SRC}/cpu/GroupedMMKernel.cpp",
                      undefine=("CPU_CAPABILITY_AVX512",),
                      edits=TRANSPOSED_TILE_COMMENT + BRGEMM_COMMENT + PORTABLE_KERNEL + WIDENING_ALL_COPIED
@@ -1376,7 +1454,7 @@ SERIES = [
             message="core/0001a1-grouped-mm-cpu-in-place-operands.txt",
             changes=[
                 Copy(f"{NATIVE}/cpu/GroupedMMKernelUtils.h", f"{SRC}/cpu/GroupedMMKernelUtils.h",
-                     edits=WITHOUT_INDEX_UTILS + WITHOUT_TURNED_UTILS, update=True),
+                     edits=WITHOUT_INDEX_UTILS + WITHOUT_INDEX_B_PANELS + WITHOUT_TURNED_UTILS, update=True),
                 Copy(f"{NATIVE}/cpu/GroupedMMKernel.cpp", f"{SRC}/cpu/GroupedMMKernel.cpp",
                      undefine=("CPU_CAPABILITY_AVX512",), edits=TRANSPOSED_TILE_COMMENT + BRGEMM_COMMENT + PORTABLE_KERNEL
                      + WITHOUT_INDEX_KERNEL,

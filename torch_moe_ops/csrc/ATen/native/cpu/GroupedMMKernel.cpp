@@ -69,72 +69,106 @@ namespace at::native {
 namespace {
 
 // ---- widening engine: row-major tiles in compute_t (float or double) --------
-// Float inputs with a unit inner stride are read in place; anything else
-// (transposed or broadcast operands, 16-bit types) is gathered tile by tile
-// into the thread's scratch, which stays in cache.
+// Goto's blocking: per K block, an A row block (float inputs with a unit
+// inner stride read in place; transposed, broadcast, gathered or 16-bit ones
+// gathered into the thread's scratch) and the tile's B block as 2-vector
+// column panels, each of which the row block's register tiles pass over from
+// L1. K blocks after the first add to the partial sums left in the output
+// (fp32) or the accumulator tile.
+template <typename compute_t>
+constexpr int64_t kWidePanel = 2 * vec::Vectorized<compute_t>::size();
+
 template <typename scalar_t, typename out_t, typename compute_t>
 void widening_scratch(const Problem<scalar_t, out_t, compute_t>& p, const Tile& t, ScratchBytes& s) {
-  // The same conditions as run_tile_widening's copies.
-  constexpr bool kInPlace = std::is_same_v<scalar_t, compute_t>;
-  const bool b_copy = p.b_idx != nullptr || !(kInPlace && p.b_cs == 1 && (p.k == 1 || p.b_rs >= t.nb));
-  const bool a_copy = !(kInPlace && p.a_cs == 1 && (p.m == 1 || p.a_rs >= p.k) && !p.a_gathered());
+  // The same condition as run_tile_widening's.
+  const bool a_in_place = std::is_same_v<scalar_t, compute_t> && p.a_cs == 1 && (p.m == 1 || p.a_rs >= p.k) &&
+      !p.a_gathered();
+  const int64_t kc = std::min(p.k, kWideKC<compute_t>);
+  const int64_t panels = (t.nb + kWidePanel<compute_t> - 1) / kWidePanel<compute_t>;
   const auto e = static_cast<int64_t>(sizeof(compute_t));
-  s.at_least(a_copy ? std::min(kWideMB, p.m) * p.k * e : 0, b_copy ? p.k * t.nb * e : 0,
+  s.at_least(a_in_place ? 0 : std::min(kWideMB, p.m) * kc * e, kc * panels * kWidePanel<compute_t> * e,
              std::is_same_v<out_t, compute_t> ? 0 : kWideMB * t.nb * e);
 }
 
+// next / next_t: the thread's next tile (or null), whose first B block is
+// prefetched while this tile's last one is computed.
 template <typename scalar_t, typename out_t, typename compute_t>
-void run_tile_widening(const Problem<scalar_t, out_t, compute_t>& p, const Tile& t, ThreadBuffers& buf) {
-  constexpr bool kInPlace = std::is_same_v<scalar_t, compute_t>;
+void run_tile_widening(const Problem<scalar_t, out_t, compute_t>& p, const Tile& t, ThreadBuffers& buf,
+                       const Problem<scalar_t, out_t, compute_t>* next, const Tile* next_t) {
+  constexpr int64_t kW = kWidePanel<compute_t>;
   const int64_t k = p.k;
   const int64_t nb = t.nb;
-  const scalar_t* b = p.b + t.n0 * p.b_cs;
-
-  const compute_t* b_ptr;
-  int64_t ldb;
-  if (p.b_idx != nullptr) {
-    compute_t* w = workspace<compute_t>(buf.b, k * nb);
-    gather_rows(w, nb, b, p.b_idx, p.b_rs, p.b_cs, k, nb, nb);
-    b_ptr = w;
-    ldb = nb;
-  } else if (kInPlace && p.b_cs == 1 && (k == 1 || p.b_rs >= nb)) {
-    b_ptr = reinterpret_cast<const compute_t*>(b);
-    ldb = k == 1 ? nb : p.b_rs;
-  } else {
-    compute_t* w = workspace<compute_t>(buf.b, k * nb);
-    gather_block(w, nb, b, p.b_rs, p.b_cs, k, nb, nb);
-    b_ptr = w;
-    ldb = nb;
-  }
-
+  const int64_t panels = (nb + kW - 1) / kW;
+  const int64_t kc_max = std::min(k, kWideKC<compute_t>);
+  compute_t* packed_b = workspace<compute_t>(buf.b, kc_max * panels * kW);
   // fp32 output without a type change accumulates straight into out, then
   // adds the bias: the same two roundings as the other engines' epilogue.
   constexpr bool kDirectOut = std::is_same_v<out_t, compute_t>;
   compute_t* acc = kDirectOut ? nullptr : workspace<compute_t>(buf.acc, kWideMB * nb);
-  const bool a_in_place = kInPlace && p.a_cs == 1 && (p.m == 1 || p.a_rs >= k) && !p.a_gathered();
+  const bool a_in_place = std::is_same_v<scalar_t, compute_t> && p.a_cs == 1 && (p.m == 1 || p.a_rs >= k) &&
+      !p.a_gathered();
+  // Full panels of a row-major B of compute_t are read in place and packed by
+  // gemm_panel as it goes, the next panel's rows prefetched meanwhile; other
+  // B blocks are packed whole (load_b_panels), the next block prefetched a
+  // share per panel: each expert's weights come from memory once per call.
+  const bool b_in_place = std::is_same_v<scalar_t, compute_t> && p.b_cs == 1 && p.b_idx == nullptr;
+  const int64_t in_place_nb = b_in_place ? nb / kW * kW : 0;
+  const int64_t fetch_nb = b_in_place ? kW : nb;
   for (int64_t m0 = 0; m0 < p.m; m0 += kWideMB) {
     const int64_t mb = std::min(kWideMB, p.m - m0);
-    const compute_t* a_ptr;
-    int64_t lda;
-    if (a_in_place) {
-      a_ptr = reinterpret_cast<const compute_t*>(p.a + m0 * p.a_rs);
-      lda = p.m == 1 ? k : p.a_rs;
-    } else {
-      compute_t* w = workspace<compute_t>(buf.a, mb * k);
-      load_a_block(w, k, p, m0, mb, 0, k);
-      a_ptr = w;
-      lda = k;
+    compute_t* c = kDirectOut ? reinterpret_cast<compute_t*>(p.c) + m0 * p.c_rs + t.n0 : acc;
+    const int64_t ldc = kDirectOut ? p.c_rs : nb;
+    for (int64_t k0 = 0; k0 < k; k0 += kc_max) {
+      const int64_t kc = std::min(kc_max, k - k0);
+      const compute_t* a;
+      int64_t lda;
+      if (a_in_place) {
+        a = reinterpret_cast<const compute_t*>(p.a + m0 * p.a_rs + k0);
+        lda = p.a_rs;
+      } else {
+        compute_t* w = workspace<compute_t>(buf.a, mb * kc);
+        load_a_block(w, kc, p, m0, mb, k0, kc);
+        a = w;
+        lda = kc;
+      }
+      if (in_place_nb < nb) {
+        load_b_panels<kW>(packed_b + in_place_nb * kc, p, k0, kc, t.n0 + in_place_nb, nb - in_place_nb);
+      }
+      // What is computed after this block: its next K block, the next row
+      // block's first, or the next tile's.
+      LinePrefetch after;
+      if (k0 + kc < k) {
+        after = b_block_lines(p, k0 + kc, std::min(kc_max, k - k0 - kc), t.n0, std::min(fetch_nb, nb));
+      } else if (m0 + kWideMB < p.m) {
+        after = b_block_lines(p, 0, kc_max, t.n0, std::min(fetch_nb, nb));
+      } else if (next != nullptr) {
+        after = b_block_lines(*next, 0, std::min(next->k, kWideKC<compute_t>), next_t->n0,
+                              std::min(fetch_nb, next_t->nb));
+      }
+      for (int64_t j = 0; j < panels; ++j) {
+        const int64_t j0 = j * kW;
+        compute_t* panel = packed_b + j0 * kc;
+        if (j0 < in_place_nb) {
+          const LinePrefetch ahead =
+              j0 + kW < nb ? b_block_lines(p, k0, kc, t.n0 + j0 + kW, std::min(kW, nb - j0 - kW)) : after;
+          const auto* b = reinterpret_cast<const compute_t*>(p.b + k0 * p.b_rs + t.n0 + j0);
+          gemm_panel<compute_t>(mb, kW, kc, a, lda, b, p.b_rs, panel, c + j0, ldc, /*accumulate=*/k0 > 0, ahead, 0,
+                                ahead.count);
+        } else {
+          const int64_t first = b_in_place ? 0 : after.count * j / panels;
+          const int64_t last = b_in_place ? after.count : after.count * (j + 1) / panels;
+          gemm_panel<compute_t>(mb, std::min(kW, nb - j0), kc, a, lda, panel, kW, nullptr, c + j0, ldc,
+                                /*accumulate=*/k0 > 0, after, first, last);
+        }
+      }
     }
     if constexpr (kDirectOut) {
-      compute_t* c = reinterpret_cast<compute_t*>(p.c) + m0 * p.c_rs + t.n0;
-      gemm_row_major<compute_t>(mb, nb, k, a_ptr, lda, b_ptr, ldb, c, p.c_rs);
       if (p.bias != nullptr) {
         for (int64_t r = 0; r < mb; ++r) {
-          for (int64_t j = 0; j < nb; ++j) c[r * p.c_rs + j] += p.bias[t.n0 + j];
+          for (int64_t j = 0; j < nb; ++j) c[r * ldc + j] += p.bias[t.n0 + j];
         }
       }
     } else {
-      gemm_row_major<compute_t>(mb, nb, k, a_ptr, lda, b_ptr, ldb, acc, nb);
       store_tile<out_t>(p, m0, mb, t.n0, nb, acc, nb);
     }
   }
@@ -458,7 +492,8 @@ void run_problems(const std::vector<Problem<scalar_t, out_t, acc_t>>& problems, 
           }
         }
 #endif
-        run_tile_widening(p, t, buf);
+        const Tile* next = i + 1 < bounds[chunk + 1] ? &tiles[i + 1] : nullptr;
+        run_tile_widening(p, t, buf, next != nullptr ? &problems[next->problem] : nullptr, next);
       }
     }
 #if defined(CPU_CAPABILITY_AVX512)

@@ -82,10 +82,13 @@ struct Tile {
   double cost;
 };
 
-// Widening engine: a K x 64 fp32 weight tile of a 2048-wide layer is 512 KB
-// and stays in L2 while the group's row blocks stream past it.
+// Widening engine: tiles of 256 columns, row blocks of 128 rows.
 constexpr int64_t kWideNB = 256;
 constexpr int64_t kWideMB = 128;
+// Its K blocks: a 128-row A block of 1 KB rows (128 KB) stays in L2, a B
+// panel (kc x 2 vectors, 16 KB of float32) in L1.
+template <typename T>
+constexpr int64_t kWideKC = 1024 / static_cast<int64_t>(sizeof(T));
 // Cost of streaming one weight tile, in rows of compute: lets groups with few
 // rows still count for the memory traffic they cause.
 constexpr double kWeightStreamRows = 16.0;
@@ -158,6 +161,14 @@ void copy_block_transposed(dst_t* dst, int64_t ld, const src_t* src, int64_t cs,
     const int64_t c1 = std::min(cols, c0 + kB);
     for (int64_t r0 = 0; r0 < rows; r0 += kB) {
       const int64_t r1 = std::min(rows, r0 + kB);
+      if constexpr (std::is_same_v<dst_t, float> && std::is_same_v<src_t, float>) {
+        // Whole blocks in registers (AVX2: four 8 x 8 shuffles): the scalar
+        // loop cost as much as the product of a weight block over 48 rows.
+        if (c1 - c0 == kB && r1 - r0 == kB) {
+          vec::transpose_mxn<float, kB, kB>(src + c0 * cs + r0, cs, dst + r0 * ld + c0, ld);
+          continue;
+        }
+      }
       for (int64_t c = c0; c < c1; ++c) {
         const src_t* s = src + c * cs;
         for (int64_t r = r0; r < r1; ++r) dst[r * ld + c] = static_cast<dst_t>(s[r]);
@@ -227,6 +238,89 @@ void load_a_block(dst_t* dst, int64_t ld, const P& p, int64_t m0, int64_t mb, in
   }
 }
 
+// A (kc x nb) block of a problem's B at row k0 and column n0, packed as
+// ceil(nb / kW) panels of kc rows x kW columns (panel j at dst + j * kc * kW,
+// columns past nb zero), gathered or strided, converted to dst_t. Packed
+// from the caller's memory K block by K block, so no copy of a whole weight
+// tile is made; a row-major B is copied row by row, each row's nb elements
+// read in one sequential run (copied panel by panel, the rows of (G, K, N)
+// weights are 64-byte pieces 2-12 KB apart, which the prefetchers and L1's
+// sets served badly), a column-major one panel by panel, transposed.
+template <int64_t kW, typename dst_t, typename P>
+void load_b_panels(dst_t* dst, const P& p, int64_t k0, int64_t kc, int64_t n0, int64_t nb) {
+  using src_t = std::remove_const_t<std::remove_pointer_t<decltype(P::b)>>;
+  const src_t* b = p.b + n0 * p.b_cs;
+  if (p.b_cs != 1) {
+    for (int64_t j0 = 0; j0 < nb; j0 += kW) {
+      const int64_t w = std::min(kW, nb - j0);
+      if (p.b_idx != nullptr) {
+        gather_rows(dst + j0 * kc, kW, b + j0 * p.b_cs, p.b_idx + k0, p.b_rs, p.b_cs, kc, w, kW);
+      } else {
+        gather_block(dst + j0 * kc, kW, b + j0 * p.b_cs + k0 * p.b_rs, p.b_rs, p.b_cs, kc, w, kW);
+      }
+    }
+    return;
+  }
+  for (int64_t l = 0; l < kc; ++l) {
+    const int64_t row = p.b_idx != nullptr ? p.b_idx[k0 + l] : k0 + l;
+    const src_t* s = row < 0 ? nullptr : b + row * p.b_rs;
+    for (int64_t j0 = 0; j0 < nb; j0 += kW) {
+      dst_t* d = dst + j0 * kc + l * kW;
+      const int64_t w = std::min(kW, nb - j0);
+      if (s == nullptr) {
+        std::fill(d, d + kW, dst_t(0));
+        continue;
+      }
+      if constexpr (std::is_same_v<dst_t, src_t>) {
+        std::memcpy(d, s + j0, sizeof(dst_t) * w);
+      } else {
+        for (int64_t j = 0; j < w; ++j) d[j] = static_cast<dst_t>(s[j0 + j]);
+      }
+      std::fill(d + w, d + kW, dst_t(0));
+    }
+  }
+}
+
+// The cache lines a B block (load_b_panels) will read: `count` lines in runs
+// of `run` consecutive lines, `stride` bytes apart (a row of (G, K, N)
+// weights, a column of (G, N, K) ones). The widening engine fetches the next
+// block's into L2 while it computes on this one: each expert's weights are
+// read from memory once per call, and the copy would otherwise wait for them.
+struct LinePrefetch {
+  const char* base = nullptr;
+  int64_t stride = 0, run = 1, count = 0;
+  // Lines [begin, end) of the block.
+  void issue(int64_t begin, int64_t end) const {
+#if defined(__GNUC__)
+    for (int64_t i = begin; i < end; ++i) __builtin_prefetch(base + (i / run) * stride + (i % run) * 64, 0, 2);
+#endif
+  }
+};
+
+template <typename P>
+LinePrefetch b_block_lines(const P& p, int64_t k0, int64_t kc, int64_t n0, int64_t nb) {
+  using scalar_t = std::remove_const_t<std::remove_pointer_t<decltype(P::b)>>;
+  constexpr int64_t e = sizeof(scalar_t);
+  LinePrefetch pf;
+  if (kc <= 0 || nb <= 0) return pf;
+  if (p.b_idx != nullptr) return pf;  // gathered rows: not worth the bookkeeping
+  const scalar_t* b = p.b + k0 * p.b_rs + n0 * p.b_cs;
+  pf.base = reinterpret_cast<const char*>(b) - reinterpret_cast<uintptr_t>(b) % 64;
+  // Runs of n bytes span ceil(n / 64) lines when every run starts on a line,
+  // one more otherwise.
+  const bool aligned = reinterpret_cast<uintptr_t>(b) % 64 == 0;
+  if (p.b_cs == 1) {
+    pf.stride = p.b_rs * e;
+    pf.run = (nb * e + 63) / 64 + (aligned && pf.stride % 64 == 0 ? 0 : 1);
+    pf.count = kc * pf.run;
+  } else if (p.b_rs == 1) {
+    pf.stride = p.b_cs * e;
+    pf.run = (kc * e + 63) / 64 + (aligned && pf.stride % 64 == 0 ? 0 : 1);
+    pf.count = nb * pf.run;
+  }
+  return pf;
+}
+
 // out rows [m0, m0 + mb) x columns [n0, n0 + nb) = acc (+ bias), rounded once.
 template <typename out_t, typename acc_t, typename P>
 void store_tile(const P& p, int64_t m0, int64_t mb, int64_t n0, int64_t nb,
@@ -258,53 +352,80 @@ void store_bias_only(const P& p, int64_t n0, int64_t nb) {
   }
 }
 
-// Row-major C (mb x nb, ldc) = A (mb x k, lda) B (k x nb, ldb), single-threaded.
-// Each output is summed along K in order from zero with Vectorized<T>::fmadd
-// (on AVX2/AVX-512 one rounding per step, as the AVX-512 engine), so its bits
-// do not depend on the blocking. A tile of kGemmRows rows x 2 vectors is held
-// in registers (AVX2: 12 accumulators of the 16 ymm), as named variables: GCC
-// 12 stored an array of them to the stack on every K step (half the speed).
+// Row-major C (mb x w, ldc) = A (mb x kc, lda) B, or C += A B with
+// accumulate, single-threaded; B's kc rows of kW = 2 vectors ldb apart (a
+// packed panel: load_b_panels, whose columns [w, kW) are zero, so every load
+// is full width). Each output is summed along K in order with
+// Vectorized<T>::fmadd (on AVX2 and AVX-512 one rounding per step, as the
+// AVX-512 engine), from zero or from the partial sum a previous K block
+// stored in C (exact in T): its bits do not depend on the blocking. A tile of
+// kGemmRows rows x 2 vectors is held in registers (AVX2: 12 accumulators of
+// the 16 ymm), as named variables: GCC 12 stored an array of them to the
+// stack on every K step (half the speed).
 constexpr int64_t kGemmRows = 6;
 
+#define WIDE_LOAD(i) \
+  if constexpr (R > i) { if (accumulate) { c##i##0 = Vec::loadu(c + i * ldc, w0); \
+                         if (w1 > 0) c##i##1 = Vec::loadu(c + i * ldc + kV, w1); } }
 #define WIDE_ROW(i) \
   if constexpr (R > i) { const Vec av(a[i * lda + l]); c##i##0 = vec::fmadd(av, b0, c##i##0); \
                          c##i##1 = vec::fmadd(av, b1, c##i##1); }
 #define WIDE_STORE(i) \
   if constexpr (R > i) { (c##i##0).store(c + i * ldc, w0); if (w1 > 0) (c##i##1).store(c + i * ldc + kV, w1); }
-template <typename T, int R>
-void gemm_tile(int64_t k, const T* a, int64_t lda, const T* b, int64_t ldb, T* c, int64_t ldc, int64_t w) {
-  static_assert(R >= 1 && R <= 6, "WIDE_ROW and WIDE_STORE name six rows of accumulators");
+template <typename T, int R, bool kPack>
+void gemm_tile(int64_t kc, const T* a, int64_t lda, const T* b, int64_t ldb, T* pack, T* c, int64_t ldc, int64_t w,
+               bool accumulate) {
+  static_assert(R >= 1 && R <= 6, "WIDE_LOAD, WIDE_ROW and WIDE_STORE name six rows of accumulators");
   using Vec = vec::Vectorized<T>;
   constexpr int64_t kV = Vec::size();
   const int64_t w0 = std::min<int64_t>(w, kV), w1 = std::max<int64_t>(w - kV, 0);
   const Vec z(T(0));
   Vec c00 = z, c01 = z, c10 = z, c11 = z, c20 = z, c21 = z, c30 = z, c31 = z, c40 = z, c41 = z, c50 = z, c51 = z;
-  for (int64_t l = 0; l < k; ++l) {
-    const T* bl = b + l * ldb;
-    const Vec b0 = w0 == kV ? Vec::loadu(bl) : Vec::loadu(bl, w0);
-    const Vec b1 = w1 == kV ? Vec::loadu(bl + kV) : (w1 > 0 ? Vec::loadu(bl + kV, w1) : z);
+  WIDE_LOAD(0) WIDE_LOAD(1) WIDE_LOAD(2) WIDE_LOAD(3) WIDE_LOAD(4) WIDE_LOAD(5)
+  for (int64_t l = 0; l < kc; ++l) {
+    const Vec b0 = Vec::loadu(b + l * ldb);
+    const Vec b1 = Vec::loadu(b + l * ldb + kV);
+    if constexpr (kPack) {
+      b0.store(pack + l * 2 * kV);
+      b1.store(pack + l * 2 * kV + kV);
+    }
     WIDE_ROW(0) WIDE_ROW(1) WIDE_ROW(2) WIDE_ROW(3) WIDE_ROW(4) WIDE_ROW(5)
   }
   WIDE_STORE(0) WIDE_STORE(1) WIDE_STORE(2) WIDE_STORE(3) WIDE_STORE(4) WIDE_STORE(5)
 }
+#undef WIDE_LOAD
 #undef WIDE_ROW
 #undef WIDE_STORE
 
+// The tiles of a row block. With pack null, B is a packed panel (ldb = kW);
+// otherwise it is read in place, a full-width panel of a row-major B of type
+// T, by the first register tile, which packs it into `pack` for the others as
+// it goes: a separate pass over the weights cost 17% of the time of 48-row
+// groups. Lines [line_begin, line_end) of `next` are prefetched, a share
+// before each register tile.
 template <typename T>
-void gemm_row_major(int64_t mb, int64_t nb, int64_t k, const T* a, int64_t lda, const T* b, int64_t ldb,
-                    T* c, int64_t ldc) {
+void gemm_panel(int64_t mb, int64_t w, int64_t kc, const T* a, int64_t lda, const T* b, int64_t ldb, T* pack,
+                T* c, int64_t ldc, bool accumulate, const LinePrefetch& next, int64_t line_begin, int64_t line_end) {
   constexpr int64_t kW = 2 * vec::Vectorized<T>::size();
-  for (int64_t j0 = 0; j0 < nb; j0 += kW) {
-    const int64_t w = std::min(kW, nb - j0);
-    int64_t r0 = 0;
-    for (; r0 + kGemmRows <= mb; r0 += kGemmRows) {
-      gemm_tile<T, kGemmRows>(k, a + r0 * lda, lda, b + j0, ldb, c + r0 * ldc + j0, ldc, w);
+  const int64_t tiles = mb / kGemmRows + (mb % kGemmRows) / 2 + (mb % 2);
+  const int64_t lines = line_end - line_begin;
+  int64_t tile = 0;
+  const auto run = [&](auto rows, int64_t r0) {
+    constexpr int R = decltype(rows)::value;
+    next.issue(line_begin + lines * tile / tiles, line_begin + lines * (tile + 1) / tiles);
+    if (pack != nullptr && tile == 0 && tiles > 1) {
+      gemm_tile<T, R, true>(kc, a + r0 * lda, lda, b, ldb, pack, c + r0 * ldc, ldc, w, accumulate);
+    } else if (pack != nullptr && tile > 0) {
+      gemm_tile<T, R, false>(kc, a + r0 * lda, lda, pack, kW, nullptr, c + r0 * ldc, ldc, w, accumulate);
+    } else {
+      gemm_tile<T, R, false>(kc, a + r0 * lda, lda, b, ldb, nullptr, c + r0 * ldc, ldc, w, accumulate);
     }
-    for (; r0 + 2 <= mb; r0 += 2) {
-      gemm_tile<T, 2>(k, a + r0 * lda, lda, b + j0, ldb, c + r0 * ldc + j0, ldc, w);
-    }
-    if (r0 < mb) gemm_tile<T, 1>(k, a + r0 * lda, lda, b + j0, ldb, c + r0 * ldc + j0, ldc, w);
-  }
+    ++tile;
+  };
+  int64_t r0 = 0;
+  for (; r0 + kGemmRows <= mb; r0 += kGemmRows) run(std::integral_constant<int, kGemmRows>{}, r0);
+  for (; r0 + 2 <= mb; r0 += 2) run(std::integral_constant<int, 2>{}, r0);
+  if (r0 < mb) run(std::integral_constant<int, 1>{}, r0);
 }
 
 } // namespace
