@@ -52,6 +52,12 @@ out["unpermute"] = unpermute(p, dst, inputs["combine_weights"])
 for recipe in ("rowwise", "blockwise_1x128", "mx"):
     d, s = quantize_fp8(inputs["fp8"], recipe)
     out["fp8 " + recipe] = (d.view(torch.uint8), s.view(torch.uint8) if s.element_size() == 1 else s)
+for name, (a, w, offs) in inputs["rows"].items():
+    # Each row again as a group of its own, its expert's weights in the same storage order.
+    e = torch.repeat_interleave(torch.arange(w.shape[0]), torch.diff(offs, prepend=offs.new_zeros(1)))
+    w_rows = w.transpose(-2, -1)[e].transpose(-2, -1) if w.stride(-2) == 1 else w[e]
+    alone = torch.arange(1, a.shape[0] + 1, dtype=torch.int32)
+    out["rows " + name] = (grouped_mm(a, w, offs), grouped_mm(a, w_rows, alone))
 torch.save(out, sys.argv[2])
 """
 
@@ -78,11 +84,24 @@ def _inputs():
         gmm[f"{dtype} kn"] = (a, w, offs, bias, idx)
         # (E, N, K) storage: the inner-product engine of the AVX512 build.
         gmm[f"{dtype} nk"] = (a, w.transpose(-2, -1).contiguous().transpose(-2, -1), offs, bias, idx)
+    # The widening engine (the DEFAULT and AVX2 builds): K 600 spans three K
+    # blocks (256 float32 / 128 float64 wide), N 40 two full 16-column panels
+    # and a partial one; groups of 1, 7, 48 and 130 rows take 1-row, 2-row and
+    # 6-row register tiles, the first tile of a multi-row group packing
+    # row-major weights as it reads them, a 1-row group reading them in place.
+    rows = {}
+    sizes = torch.tensor([1, 7, 48, 130])
+    for dtype in (torch.float32, torch.bfloat16, torch.float64):
+        a = rnd(int(sizes.sum()), 600).to(dtype)
+        w = rnd(len(sizes), 600, 40).to(dtype)
+        rows[f"{dtype} kn"] = (a, w, sizes.cumsum(0).to(torch.int32))
+        rows[f"{dtype} nk"] = (a, w.transpose(-2, -1).contiguous().transpose(-2, -1), sizes.cumsum(0).to(torch.int32))
     logits = rnd(200, 64)
     ids = rnd(200, 64).topk(4, dim=1).indices.to(torch.int32)
     tokens = rnd(200, 48).to(torch.bfloat16)
     fp8 = (rnd(96, 256) * 4).to(torch.bfloat16)
-    return dict(gmm=gmm, routing=(logits, ids, tokens), fp8=fp8, combine_weights=torch.rand(200, 4, generator=gen))
+    return dict(gmm=gmm, rows=rows, routing=(logits, ids, tokens), fp8=fp8,
+                combine_weights=torch.rand(200, 4, generator=gen))
 
 
 @pytest.fixture(scope="module")
@@ -131,6 +150,29 @@ def test_grouped_mm_every_build(results):
             _close_to_reference(r["wgrad " + name], ref_wgrad.double(), dtype, a.shape[0])
             # Rows no group covers (none here) and the empty group leave nothing uncovered.
             assert torch.isfinite(r["gmm " + name]).all()
+
+
+def test_widening_engine_rows_do_not_depend_on_their_group(results):
+    """In the widening engine each output sums along K in order from zero
+    with one fmadd per step, whatever its register tile, K block or panel:
+    so a row's bits in a group of 7, 48 or 130 rows equal its bits as a group
+    of its own (which reads the weights in place, unpacked), in both weight
+    storage orders. A row packed wrongly, a K block's partial sums not
+    reloaded, or a panel edge misread changes them. The AVX512 build runs
+    other engines, whose orders depend on the group's size: values only."""
+    inputs, out = results
+    for name, (a, w, offs) in inputs["rows"].items():
+        ref = torch_grouped_mm(a.double(), w.double(), offs)
+        # float64: K steps of float64 rounding, each within 2^-53 of the sum of |products|.
+        magnitude = torch_grouped_mm(a.double().abs(), w.double().abs(), offs)
+        for cap, r in out.items():
+            group, alone = r["rows " + name]
+            if a.dtype != torch.float64:
+                _close_to_reference(group, ref, a.dtype, a.shape[1])
+            else:
+                assert ((group - ref).abs() <= a.shape[1] * 2.0**-53 * magnitude).all(), (cap, name)
+            if cap in ("DEFAULT", "AVX2") or a.dtype == torch.float64:
+                assert torch.equal(group, alone), f"{cap} {name}: rows differ from the same rows alone"
 
 
 def test_routing_and_fp8_bits_agree_across_builds(results):
