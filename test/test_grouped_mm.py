@@ -475,21 +475,41 @@ def test_bfloat16_outputs_round_denormals_and_nan_as_c10(layout):
 
 @pytest.mark.skipif(not cpu_has_avx512_bf16() or "amx_tile" in cpu_flags(),
                     reason="needs a CPU with AVX512_BF16 and without AMX, whose small groups run brgemm tiles")
-@pytest.mark.parametrize("layout", ["2d3d", "3d3d"])
+@pytest.mark.parametrize("layout", ["2d3d", "3d3d", "3d2d"])
 def test_bfloat16_large_groups_row_major_stay_on_micro_kernels(layout):
     """bfloat16 groups of hundreds of rows leave the micro-kernels for
     oneDNN's matmul, except with A and B both row-major, where the broadcast
-    engine is as fast (bf16_broadcast_layout, GroupedMMKernel.cpp). Its rows
-    have the same bits whatever the group's size and the thread count, so each
-    16-row slice equals the slice run as its own small problem (always the
-    micro-kernels); oneDNN sums K = 2048 in another order and misses those
-    bits (checked: it does on a Zen 5). Groups of 300-620 rows, one empty,
-    N off the 64-column strip."""
+    engine is as fast (bf16_broadcast_layout, GroupedMMKernel.cpp), and 3D x
+    2D on (G, K, N) weights, which turned (C^T = tokens x weights) is in that
+    layout (turn_3d2d_groups). Its rows have the same bits whatever the
+    group's size and the thread count, so each 16-row slice (3D x 2D: 16
+    output columns) equals the slice run as its own small problem (always
+    the micro-kernels); oneDNN sums K = 2048 in another order and misses
+    those bits (checked: it does on a Zen 5, and on a Zen 4 for 3D x 2D).
+    Groups of 300-620 rows, one empty, N off the 64-column strip."""
     g = torch.Generator().manual_seed(0)
-    k, n = 2048, 300  # the group's smallest dimension decides (choose_engine)
-    sizes = [300, 0, 620, 400] if layout == "2d3d" else [320] * 3
+    # The group's smallest dimension decides (choose_engine); 3D x 2D groups
+    # turn only with more weight rows (N) than tokens.
+    k, n = 2048, 700 if layout == "3d2d" else 300
+    sizes = [320] * 3 if layout == "3d3d" else [300, 0, 620, 400]
     w = torch.randn(len(sizes), k, n, generator=g).bfloat16()
     ends = torch.tensor(sizes).cumsum(0)
+    if layout == "3d2d":
+        # Weights stored (G, K, N) as A (G, N, K): the column-major view; the
+        # tokens' transpose (K, M) as B, K-contiguous; out (N, M).
+        wt = w.transpose(-2, -1)
+        xt = torch.randn(sum(sizes), k, generator=g).bfloat16().t()
+        offs = ends.to(torch.int32)
+        run = lambda: torch.ops.moe_ops.grouped_mm(wt, xt, offs)  # noqa: E731
+        assert_same_bits_at_thread_counts(run)
+        out = run()
+        one = torch.tensor([16], dtype=torch.int32)
+        for e, (end, size) in enumerate(zip(ends.tolist(), sizes)):
+            for r in (end - size, end - size + 144) if size else ():
+                small = torch.ops.moe_ops.grouped_mm(wt[e:e + 1], xt[:, r:r + 16], one)
+                assert torch.equal(out[:, r:r + 16], small), f"{layout} expert {e} columns {r}-{r + 15}"
+        assert_within_sum_bound(out, wt, xt, offs, None, layout)
+        return
     if layout == "2d3d":
         offs = ends.to(torch.int32)
         a = torch.randn(sum(sizes), k, generator=g).bfloat16()

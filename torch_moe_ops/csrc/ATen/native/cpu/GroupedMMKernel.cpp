@@ -317,11 +317,17 @@ Engine choose_engine(const std::vector<Problem<scalar_t, out_t, acc_t>>& problem
 // 405 -> 745; OLMoE (96, 2048, 2048) 635 -> 895 and 530 -> 805; DeepSeek-V3
 // (32, 1792, 1024) 520 -> 780 and 305 -> 640 (dense 870-920).
 // Turned or not, the engines sum the same products in the same K order.
+// The choice of engine is made on the turned groups: turning brings large
+// bfloat16 groups on (E, K, N) weights into the broadcast layout, which keeps
+// them off at::mm (Mixtral's 3D x 2D `kn` row, Zen 4, 2 threads: 304 ->
+// 375 GFLOP/s, upstream's loop of mm 288). Groups stay as they are if the
+// turned ones would still go to at::mm, which writes C, never C^T.
 template <typename scalar_t, typename out_t, typename acc_t>
 void turn_3d2d_groups(bool has_bias, bool gathered, std::vector<Problem<scalar_t, out_t, acc_t>>& problems) {
   if constexpr (std::is_same_v<scalar_t, float> || std::is_same_v<scalar_t, BFloat16>) {
-    if (has_bias || gathered || choose_engine(problems, has_bias, gathered) != Engine::kAvx512) return;
-    for (auto& p : problems) {
+    if (has_bias || gathered) return;
+    auto turned_problems = problems;
+    for (auto& p : turned_problems) {
       if (p.m <= p.n || p.n == 0 || p.k == 0 || p.b_rs != 1 || p.b8 != nullptr) continue;
       const auto q = turned(p);
       const bool to_tiles = !tt_eligible<scalar_t>(p) && tt_eligible<scalar_t>(q);
@@ -334,6 +340,9 @@ void turn_3d2d_groups(bool has_bias, bool gathered, std::vector<Problem<scalar_t
           q.m < tt_min_rows<scalar_t>();
       const bool to_broadcast = p.a_rs == 1 && p.a_cs != 1;
       if (to_tiles || to_inner || to_broadcast) p = q;
+    }
+    if (choose_engine(turned_problems, has_bias, gathered) == Engine::kAvx512) {
+      problems = std::move(turned_problems);
     }
   }
 }
