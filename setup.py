@@ -168,6 +168,12 @@ def extension():
         # CUDAExtension and BuildExtension read the toolkit from this global,
         # which holds torch's guess, not necessarily the toolkit found above.
         cpp_extension.CUDA_HOME = toolkit
+        # A compiler launcher (as CMake's CMAKE_CUDA_COMPILER_LAUNCHER; .ci/cached_build
+        # sets .ci/compile_cache): torch's ninja rules take the nvcc command from
+        # PYTORCH_NVCC, so it names this toolkit's nvcc behind the launcher.
+        launcher = os.environ.get("TORCH_MOE_OPS_COMPILER_LAUNCHER")
+        if launcher and "PYTORCH_NVCC" not in os.environ:
+            os.environ["PYTORCH_NVCC"] = f"{launcher} {os.path.join(toolkit, 'bin', 'nvcc')}"
         # native/cuda/*.cpp: host code of the CUDA build (ATen's layout too).
         sources += sorted(glob.glob(os.path.join(native, "cuda", "*.cu")) + glob.glob(os.path.join(native, "cuda", "*.cpp")))
         macros.append(("TORCH_MOE_OPS_WITH_CUDA", None))

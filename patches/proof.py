@@ -37,9 +37,11 @@ proves that much without a PyTorch source tree (test/test_patches.py runs it;
    or changes runs here by the moe_ops kernel of the same schema.
 
 Results are cached under ``~/.cache/torch-moe-ops/patchproof`` (override with
-``TORCH_MOE_OPS_CACHE``), keyed by the content of everything the series
-touches, the flags, the compiler and the torch version: only a change
-recompiles.
+``TORCH_MOE_OPS_CACHE``) per unit, as ccache's direct mode does: keyed by the
+unit's text, flags, compiler, the torch version and the names of the files
+under its include roots, a unit is found compiled while every file the
+compiler read for it (its -MD list) has the content it had then. A change to
+one carried file recompiles the units that read it, not the series.
 
 Out of reach here: object code, linking (a kernel declared but never defined
 compiles), ATen's exact per-file flags, and running any of it in-tree; see
@@ -715,11 +717,8 @@ def intermediate_units(tree: str, overlay: str, scratch: str) -> list[Unit]:
         sources = [p for p in files if not p.endswith((".h", ".cuh"))
                    and (p in changed or any(f"<{h}>" in files[p] or f'"{h}"' in files[p] for h in headers))]
         staged = units(root, overlay, None, [], set(), sources)
-        # The cache key of a unit covers the series' end state, not these texts: name them in the unit.
-        digest = _sha("intermediate/1", *(p + "\0" + files[p] for p in sorted(files)))
         for unit in staged:
             unit.name = f"{message}: {unit.name}"
-            unit.source = f"// {message} at {digest}\n" + unit.source
         out += staged
     return out
 
@@ -756,49 +755,115 @@ def _compiler_id(compiler: str) -> str:
 
 
 def inputs_digest(tree: str) -> str:
-    """Everything the series puts in the tree (it is what the units read), the
-    torch wheel and the generator."""
-    paths = sorted(set(carried_files()) | {NATIVE_YAML, TAGS_YAML, DERIVATIVES_YAML,
-                                           f"{AUTOGRAD_TEMPLATES_IN_TREE}/Functions.cpp",
-                                           FUNCTIONS_MANUAL_H, FUNCTIONS_MANUAL_CPP})
-    return _sha("inputs/1", torch.__version__, TORCH_DIR, TORCHGEN_DIR,
-                *(p + "\0" + _read(os.path.join(tree, p)) for p in paths))
+    """What every unit depends on beyond the files it reads: the torch wheel and
+    the generator (the files are in each unit's manifest, compile_unit)."""
+    del tree  # the tree's files are checked per unit, by content
+    return _sha("inputs/2", torch.__version__, TORCH_DIR, TORCHGEN_DIR)
 
 
-def compile_unit(unit: Unit, tree: str, digest: str, placeholders: dict[str, str]) -> Result:
+# sha of a file's bytes, by (path, mtime, size): a unit's manifest lists ~1500
+# files, mostly the wheel's headers, and the 264 units share them.
+_FILE_SHAS: dict[tuple[str, int, int], str] = {}
+
+
+def _file_sha(path: str) -> str | None:
+    try:
+        st = os.stat(path)
+        key = (path, st.st_mtime_ns, st.st_size)
+        if key not in _FILE_SHAS:
+            with open(path, "rb") as f:
+                _FILE_SHAS[key] = hashlib.sha256(f.read()).hexdigest()[:24]
+        return _FILE_SHAS[key]
+    except OSError:
+        return None
+
+
+def layout_digest(placeholders: dict[str, str]) -> str:
+    """The names of the files under the placeholder roots (the tree, the
+    overlay, the autograd scratch): a file added where the include path finds
+    it first would change what a unit reads without changing any file its
+    manifest lists. Not tools/: torchgen's inputs, which some runs copy
+    templates into (no unit includes from it), and not .git or __pycache__."""
+    names = []
+    for root, name in sorted(placeholders.items(), key=lambda kv: kv[1]):
+        for d, dirs, files in os.walk(root):
+            dirs[:] = sorted(x for x in dirs if x not in (".git", "__pycache__")
+                             and not (d == root and x == "tools"))
+            names += [name + os.path.join(d, f)[len(root):] for f in sorted(files)]
+    return _sha("layout/1", *names)
+
+
+def _dependencies(depfile: str) -> list[str]:
+    """The prerequisites of a make-style depfile (the compiler's -MD output)."""
+    with open(depfile) as f:
+        text = f.read().replace("\\\n", " ")
+    return text.split(":", 1)[1].split() if ":" in text else []
+
+
+def compile_unit(unit: Unit, tree: str, digest: str, placeholders: dict[str, str],
+                 layout: str | None = None) -> Result:
+    """Compiles a unit, or finds it compiled: the cache holds, per unit (its
+    text, flags, compiler, digest and the layout of its roots), a manifest of
+    every file the compiler read and its content. A change to one carried file
+    recompiles only the units that read it."""
     if unit.skip:
         return Result(unit, False, unit.skip)
+    placeholders = {tree: "<tree>", **placeholders}
+    # Longest root first: the autograd scratch holds the intermediate trees.
+    roots = sorted(placeholders.items(), key=lambda kv: -len(kv[0]))
 
     def normal(text: str) -> str:
-        for path, name in placeholders.items():
+        for path, name in roots:
             text = text.replace(path, name)
         return text
 
-    key = _sha("compile/1", digest, _compiler_id(unit.compiler), normal(json.dumps(unit.flags)),
-               normal(unit.source))
-    marker = cache_dir("compiled", key)
-    if os.path.isfile(marker):
-        os.utime(marker)
+    def actual(path: str) -> str:
+        for root, name in roots:
+            if path.startswith(name):
+                return root + path[len(name):]
+        return path
+
+    key = _sha("compile/2", digest, _compiler_id(unit.compiler), normal(json.dumps(unit.flags)),
+               normal(unit.source), layout or layout_digest(placeholders))
+    manifest_path = cache_dir("compiled", key)
+    try:
+        with open(manifest_path) as f:
+            recorded = json.load(f)["read"]
+    except (OSError, ValueError, KeyError):
+        recorded = None
+    if recorded is not None and all(_file_sha(actual(p)) == sha for p, sha in recorded.items()):
+        os.utime(manifest_path)
         return Result(unit, True, cached=True)
     import time
     start = time.monotonic()
     suffix = ".cu" if unit.compiler.endswith("nvcc") else ".cpp"
     with tempfile.TemporaryDirectory(prefix="moe-proof-") as tmp:
         path = os.path.join(tmp, "unit" + suffix)
+        depfile = os.path.join(tmp, "unit.d")
         with open(path, "w") as f:
             f.write(unit.source)
         try:
-            result = subprocess.run([unit.compiler, *unit.flags, path], capture_output=True, text=True)
+            result = subprocess.run([unit.compiler, *unit.flags, "-MD", "-MF", depfile, path],
+                                    capture_output=True, text=True)
         except OSError as e:
             return Result(unit, False, f"{unit.compiler}: {e}")
-    seconds = time.monotonic() - start
-    output = normal(result.stderr + result.stdout).replace(path, "<unit>")
-    if result.returncode != 0:
-        return Result(unit, False, output, seconds=seconds)
-    os.makedirs(os.path.dirname(marker), exist_ok=True)
-    with open(marker, "w") as f:
-        f.write(unit.name + "\n")
-    prune(os.path.dirname(marker), keep=2000)
+        seconds = time.monotonic() - start
+        output = normal(result.stderr + result.stdout).replace(path, "<unit>")
+        if result.returncode != 0:
+            return Result(unit, False, output, seconds=seconds)
+        read = {}
+        for dep in _dependencies(depfile):
+            dep = os.path.normpath(os.path.join(os.getcwd(), dep))
+            if dep != path:
+                read[normal(dep)] = _file_sha(dep)
+    if not read or None in read.values():
+        return Result(unit, False, output + "\npatches/proof.py: the compiler wrote no usable dependency list",
+                      seconds=seconds)
+    os.makedirs(os.path.dirname(manifest_path), exist_ok=True)
+    with tempfile.NamedTemporaryFile("w", dir=os.path.dirname(manifest_path), delete=False) as f:
+        json.dump({"unit": unit.name, "read": read}, f)
+    os.replace(f.name, manifest_path)
+    prune(os.path.dirname(manifest_path), keep=2000)
     return Result(unit, True, output, seconds=seconds)
 
 
@@ -808,8 +873,9 @@ def compile_all(unit_list: list[Unit], tree: str, jobs: int | None = None,
     jobs = jobs or int(os.environ.get("MAX_JOBS") or 1)
     digest = inputs_digest(tree)
     placeholders = {tree: "<tree>", **(placeholders or {})}
+    layout = layout_digest(placeholders)
     with concurrent.futures.ThreadPoolExecutor(max_workers=max(1, jobs)) as pool:
-        results = pool.map(lambda u: compile_unit(u, tree, digest, placeholders), unit_list)
+        results = pool.map(lambda u: compile_unit(u, tree, digest, placeholders, layout), unit_list)
         return {r.unit.name: r for r in results}
 
 

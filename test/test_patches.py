@@ -645,6 +645,36 @@ def test_compile_rejects_a_definition_that_drifts_from_the_yaml(compiled, tree, 
     assert "moe_permute_cpu" in result.output and "overloaded function" in result.output, result.output[-3000:]
 
 
+def test_proof_compiles_a_unit_again_only_when_a_file_it_read_changes(compiled, tree, tmp_path, monkeypatch):
+    """The proof's cache (compile_unit) keeps, per unit, what the compiler read:
+    the series applied at another path finds MoEPermute.cpp compiled; an edit
+    of a carried header it does not read leaves it found; an edit of one it
+    reads compiles it again. (A cache of its own: the real one stays as the
+    series leaves it.)"""
+    monkeypatch.setenv("TORCH_MOE_OPS_CACHE", str(tmp_path / "cache"))
+    roots = {compiled.overlay: "<aten-headers>", compiled.autograd_root: "<autograd>"}
+
+    def permute_unit(copy):
+        (unit,) = proof.units(str(copy), compiled.overlay, None, compiled.kernels, compiled.roots,
+                              sources=["aten/src/ATen/native/MoEPermute.cpp"])
+        result = proof.compile_unit(unit, str(copy), proof.inputs_digest(str(copy)), roots)
+        assert result.ok, result.output[-3000:]
+        return result
+
+    first, second = tmp_path / "tree1", tmp_path / "tree2"
+    for copy in (first, second):
+        shutil.copytree(tree, copy, ignore=shutil.ignore_patterns(".git"))
+    assert not permute_unit(first).cached
+    assert permute_unit(second).cached
+    unread = second / "aten/src/ATen/native/GroupedMM.h"
+    unread.write_text(unread.read_text() + "\n// an edit MoEPermute.cpp does not read\n")
+    assert permute_unit(second).cached
+    read = second / "aten/src/ATen/native/MoEPermute.h"
+    read.write_text(read.read_text() + "\n// an edit MoEPermute.cpp reads\n")
+    assert not permute_unit(second).cached
+    assert permute_unit(second).cached
+
+
 def test_kernel_named_by_no_carried_file_is_rejected(compiled, tree, tmp_path):
     """native_functions.yaml naming a kernel no carried file defines (a typo)."""
     copy = tmp_path / "tree"
