@@ -114,3 +114,14 @@ def test_failures_and_other_calls_pass_through(tmp_path, compiler):
     version = subprocess.run([sys.executable, str(LAUNCHER), str(script), "--version"],
                              capture_output=True, text=True, check=True)
     assert version.stdout == subprocess.run(["c++", "--version"], capture_output=True, text=True).stdout
+
+
+def test_the_shim_as_its_own_compiler_fails_at_once(tmp_path):
+    """CXX=.ci/cached_cxx with TORCH_MOE_OPS_REAL_CXX naming the shim again would
+    exec in a loop (it did, when .ci/cached_build read CXX after setting it)."""
+    root = clone(tmp_path, "clone1")
+    shutil.copy(REPO / ".ci" / "cached_cxx", root / ".ci" / "cached_cxx")
+    shim = root / ".ci" / "cached_cxx"
+    result = subprocess.run([str(shim), "-v"], capture_output=True, text=True, timeout=60,
+                            env={**os.environ, "TORCH_MOE_OPS_REAL_CXX": str(shim)})
+    assert result.returncode != 0 and "this launcher's own shim" in result.stderr
