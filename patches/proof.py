@@ -754,10 +754,9 @@ def _compiler_id(compiler: str) -> str:
     return (shutil.which(compiler) or compiler) + "\n" + result.stdout.strip()
 
 
-def inputs_digest(tree: str) -> str:
+def inputs_digest() -> str:
     """What every unit depends on beyond the files it reads: the torch wheel and
     the generator (the files are in each unit's manifest, compile_unit)."""
-    del tree  # the tree's files are checked per unit, by content
     return _sha("inputs/2", torch.__version__, TORCH_DIR, TORCHGEN_DIR)
 
 
@@ -871,7 +870,7 @@ def compile_all(unit_list: list[Unit], tree: str, jobs: int | None = None,
                 placeholders: dict[str, str] | None = None) -> dict[str, Result]:
     """Compiles the units, jobs at a time (default: $MAX_JOBS, else 1)."""
     jobs = jobs or int(os.environ.get("MAX_JOBS") or 1)
-    digest = inputs_digest(tree)
+    digest = inputs_digest()
     placeholders = {tree: "<tree>", **(placeholders or {})}
     layout = layout_digest(placeholders)
     with concurrent.futures.ThreadPoolExecutor(max_workers=max(1, jobs)) as pool:
