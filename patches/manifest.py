@@ -759,7 +759,7 @@ WIDENING_ALL_COPIED = [(
     "  }\n"
     "}\n",
 ), (
-    "        const Tile* next = i + 1 < bounds[chunk + 1] ? &tiles[i + 1] : nullptr;\n"
+    "        const Tile* next = runs.next(tiles, chunk, i, own);\n"
     "        run_tile_widening(p, t, buf, next != nullptr ? &problems[next->problem] : nullptr, next);\n",
     "        run_tile_widening(p, t, buf);\n",
 )]
@@ -1145,7 +1145,7 @@ WITHOUT_PREFETCH = [(
     "          x.pf_begin = pf.rows * mb / m_blocks;\n          x.pf_end = pf.rows * (mb + 1) / m_blocks;\n", "",
 )]
 KERNEL_WITHOUT_PREFETCH = [(
-    "            const Tile* next = i + 1 < bounds[chunk + 1] ? &tiles[i + 1] : nullptr;\n"
+    "            const Tile* next = runs.next(tiles, chunk, i, own);\n"
     "            const auto* next_p = next != nullptr ? &problems[next->problem] : nullptr;\n", "",
 ), (
     "            run_tile_avx512<scalar_t, out_t, MicroTraits<scalar_t>>(p, t, buf, next_p, next);\n",

@@ -20,7 +20,7 @@ import torch_moe_ops  # noqa: F401
 from torch_moe_ops import native_functions
 from torch_moe_ops.reference import torch_grouped_mm
 
-from common import assert_same_bits_at_thread_counts, at_thread_counts
+from common import assert_same_bits_at_thread_counts, at_thread_counts, num_threads
 from _cpu import cpu_flags
 from _device import instantiate_cpu_and_cuda
 from opinfo_experts import gathered
@@ -111,6 +111,37 @@ class TestGroupedMM(TestCase):
             a = torch.randn(int(offs[-1]), 136, generator=g).to(dtype)
             b = torch.randn(24, 136, 200, generator=g).to(dtype)
             assert_same_bits_at_thread_counts(lambda: torch.ops.moe_ops.grouped_mm(a, b, offs))
+
+    @onlyCPU
+    def test_every_tile_once_when_threads_take_each_others(self, device):
+        # A thread done with its run of tiles takes the others' last ones
+        # (TileRuns in cpu/GroupedMMKernelUtils.h). 8 threads on this
+        # machine's 2 cores are descheduled at random, so their runs end at
+        # different times and they take from each other in a different
+        # pattern on every call. A tile skipped or written by the wrong
+        # thread's claim would leave the output block a NaN-filled tensor
+        # freed just before (the allocator hands the same block back).
+        g = torch.Generator().manual_seed(0)
+        sizes = torch.randint(0, 60, (32,), generator=g)
+        sizes[3] = 300  # one group of many rows among small ones: the cost estimate's worst case
+        offs = sizes.cumsum(0).to(torch.int32)
+        for dtype, transposed in ((torch.bfloat16, False), (torch.bfloat16, True), (torch.float32, True)):
+            a = torch.randn(int(offs[-1]), 96, generator=g).to(dtype)
+            b = torch.randn(32, 600, 96, generator=g).to(dtype).transpose(-2, -1) if transposed else \
+                torch.randn(32, 96, 600, generator=g).to(dtype)
+            with num_threads(1):
+                expected = torch.ops.moe_ops.grouped_mm(a, b, offs)
+            # float32 sums of 96 products, rounded once to dtype: within
+            # 96 u sum|a b| (u = 2^-24) plus half an ulp of dtype.
+            ref = torch_grouped_mm(a.double(), b.double(), offs)
+            bound = torch.finfo(dtype).eps / 2 * ref.abs() + 96 * 2.0**-24 * torch_grouped_mm(
+                a.double().abs(), b.double().abs(), offs)
+            self.assertTrue(bool(((expected.double() - ref).abs() <= bound).all()))
+            with num_threads(8):
+                for _ in range(10):
+                    poison = torch.full_like(expected, float("nan"))
+                    del poison
+                    self.assertTrue(torch.equal(torch.ops.moe_ops.grouped_mm(a, b, offs), expected))
 
     @onlyCPU
     def test_large_index_past_int32(self, device):

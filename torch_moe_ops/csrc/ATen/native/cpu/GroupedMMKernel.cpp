@@ -6,7 +6,8 @@
 // tiles of NB output columns; a tile computes all rows of its problem, so the
 // expert weight block it reads (K x NB) comes from memory once and is reused
 // from cache by every m-block. Tiles are split across threads by estimated
-// cost (not by count) so uneven groups stay balanced, and each tile runs
+// cost (not by count) so uneven groups stay balanced, a thread done with its
+// share takes tiles from the end of another's (TileRuns), and each tile runs
 // single-threaded: small GEMMs lose most of their speed when split.
 //
 // Engines:
@@ -403,7 +404,14 @@ void run_problems(const std::vector<Problem<scalar_t, out_t, acc_t>>& problems, 
   if (tiles.empty()) return;
 
   // Contiguous runs of tiles per thread, cut at equal shares of the cost;
-  // neighbouring tiles share their A rows, so runs keep them in cache.
+  // neighbouring tiles share their A rows, so runs keep them in cache. A
+  // thread done with its runs takes the others' last tiles (TileRuns): the
+  // estimate misjudges groups of a few rows and the 256-column tiles of one
+  // large group, and a VM's core may stall mid-call. Zen 4, 2 threads,
+  // bench_grouped_mm's operands, ours/dense, medians of 3-5 alternations in
+  // one process, static runs / claimed: DeepSeek-V3 bfloat16 2d3d `kn`
+  // 0.91 / 0.99, 2d2d `nk` 0.93 / 0.98; Qwen3 bfloat16 2d3d `nk` 0.88 / 0.92,
+  // float32 3d2d `nk` 1.17 / 1.23; OLMoE bfloat16 2d3d `kn` 0.94 / 1.01.
   const int64_t num_chunks = std::min<int64_t>(at::get_num_threads(), static_cast<int64_t>(tiles.size()));
   std::vector<int64_t> bounds(num_chunks + 1, static_cast<int64_t>(tiles.size()));
   bounds[0] = 0;
@@ -455,10 +463,16 @@ void run_problems(const std::vector<Problem<scalar_t, out_t, acc_t>>& problems, 
   const Tensor scratch = at::empty({num_chunks * slice}, at::TensorOptions().dtype(kByte));
   char* const scratch_base = reinterpret_cast<char*>(scratch.data_ptr());
 
+  TileRuns runs(bounds);
   at::parallel_for(0, num_chunks, 1, [&](int64_t begin, int64_t end) {
     ThreadBuffers buf = need.regions(scratch_base + begin * slice);
-    for (int64_t chunk = begin; chunk < end; ++chunk) {
-      for (int64_t i = bounds[chunk]; i < bounds[chunk + 1]; ++i) {
+    // The thread's own runs from the front, then what is left of every run
+    // from the back.
+    for (int64_t step = begin; step < end + num_chunks; ++step) {
+      const bool own = step < end;
+      const int64_t chunk = own ? step : step % num_chunks;
+      int64_t i = 0;
+      while (own ? runs.claim_front(chunk, i) : runs.claim_back(chunk, i)) {
         const Tile& t = tiles[i];
         const auto& p = problems[t.problem];
         if (p.k == 0) {
@@ -474,7 +488,7 @@ void run_problems(const std::vector<Problem<scalar_t, out_t, acc_t>>& problems, 
         }
         if constexpr (!std::is_same_v<scalar_t, double>) {
           if (micro) {
-            const Tile* next = i + 1 < bounds[chunk + 1] ? &tiles[i + 1] : nullptr;
+            const Tile* next = runs.next(tiles, chunk, i, own);
             const auto* next_p = next != nullptr ? &problems[next->problem] : nullptr;
             if constexpr (std::is_same_v<scalar_t, float> || std::is_same_v<scalar_t, BFloat16>) {
               if (tt_eligible<scalar_t>(p)) {
@@ -501,7 +515,7 @@ void run_problems(const std::vector<Problem<scalar_t, out_t, acc_t>>& problems, 
           }
         }
 #endif
-        const Tile* next = i + 1 < bounds[chunk + 1] ? &tiles[i + 1] : nullptr;
+        const Tile* next = runs.next(tiles, chunk, i, own);
         run_tile_widening(p, t, buf, next != nullptr ? &problems[next->problem] : nullptr, next);
       }
     }

@@ -12,9 +12,11 @@
 #include <c10/util/irange.h>
 
 #include <algorithm>
+#include <atomic>
 #include <cstdint>
 #include <cstring>
 #include <type_traits>
+#include <vector>
 
 namespace at::native {
 namespace {
@@ -80,6 +82,53 @@ struct Tile {
   int64_t n0;
   int64_t nb;
   double cost;
+};
+
+// The threads' runs of tiles ([bounds[c], bounds[c + 1]) for chunk c), each
+// claimed one tile at a time: by its own thread from the front, in order, and
+// by a thread whose runs are done from the back. The runs are cut at equal
+// shares of an estimated cost; claiming evens out what the estimate gets
+// wrong and a core the machine takes away in the middle of a call. A tile is
+// computed whole by whichever thread claims it, with that thread's scratch,
+// so the bits do not depend on who runs it. A run's unclaimed range lives in
+// one word (front << 32 | back) so that a claim is one compare-and-swap.
+class TileRuns {
+ public:
+  explicit TileRuns(const std::vector<int64_t>& bounds) : bounds_(bounds), runs_(bounds.size() - 1) {
+    TORCH_INTERNAL_ASSERT(bounds.back() < (int64_t{1} << 32), "grouped_mm: too many tiles: ", bounds.back());
+    for (const auto c : c10::irange(runs_.size())) {
+      runs_[c].store(static_cast<uint64_t>(bounds[c]) << 32 | static_cast<uint64_t>(bounds[c + 1]),
+                     std::memory_order_relaxed);
+    }
+  }
+  // The next tile of chunk c from the front into i; false when none is left.
+  bool claim_front(int64_t c, int64_t& i) { return claim(c, i, true); }
+  // The last tile of chunk c still unclaimed into i; false when none is left.
+  bool claim_back(int64_t c, int64_t& i) { return claim(c, i, false); }
+  // The tile of run c that a thread which claimed i there (from the front
+  // when own) is likely to run next, for the engines' prefetch: a hint only.
+  template <typename T>
+  const T* next(const std::vector<T>& tiles, int64_t c, int64_t i, bool own) const {
+    const int64_t j = own ? i + 1 : i - 1;
+    return j >= bounds_[c] && j < bounds_[c + 1] ? &tiles[j] : nullptr;
+  }
+
+ private:
+  bool claim(int64_t c, int64_t& i, bool front) {
+    std::atomic<uint64_t>& run = runs_[c];
+    uint64_t v = run.load(std::memory_order_relaxed);
+    for (;;) {
+      const uint64_t f = v >> 32, b = v & 0xffffffffu;
+      if (f >= b) return false;
+      const uint64_t claimed = front ? (f + 1) << 32 | b : f << 32 | (b - 1);
+      if (run.compare_exchange_weak(v, claimed, std::memory_order_relaxed)) {
+        i = static_cast<int64_t>(front ? f : b - 1);
+        return true;
+      }
+    }
+  }
+  std::vector<int64_t> bounds_;
+  std::vector<std::atomic<uint64_t>> runs_;
 };
 
 // Widening engine: tiles of 256 columns, row blocks of 128 rows.
