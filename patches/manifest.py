@@ -759,7 +759,7 @@ WIDENING_ALL_COPIED = [(
     "  }\n"
     "}\n",
 ), (
-    "        const Tile* next = runs.next(tiles, chunk, i, own);\n"
+    "        const Tile* next = i + 1 < bounds[chunk + 1] ? &tiles[i + 1] : nullptr;\n"
     "        run_tile_widening(p, t, buf, next != nullptr ? &problems[next->problem] : nullptr, next);\n",
     "        run_tile_widening(p, t, buf);\n",
 )]
@@ -1145,7 +1145,7 @@ WITHOUT_PREFETCH = [(
     "          x.pf_begin = pf.rows * mb / m_blocks;\n          x.pf_end = pf.rows * (mb + 1) / m_blocks;\n", "",
 )]
 KERNEL_WITHOUT_PREFETCH = [(
-    "            const Tile* next = runs.next(tiles, chunk, i, own);\n"
+    "            const Tile* next = i + 1 < bounds[chunk + 1] ? &tiles[i + 1] : nullptr;\n"
     "            const auto* next_p = next != nullptr ? &problems[next->problem] : nullptr;\n", "",
 ), (
     "            run_tile_avx512<scalar_t, out_t, MicroTraits<scalar_t>>(p, t, buf, next_p, next);\n",
@@ -1179,6 +1179,41 @@ KERNEL_WITHOUT_WHOLE_N = [(
     "    const int64_t problem_tile_n = tile_n;\n",
 )]
 
+
+# Before 1b1 each thread runs only its own run of tiles (TileRuns, the
+# claims from the back, comes with the prefetch of the tile run next).
+WITHOUT_TILE_RUNS_UTILS = [(
+    _source_between(UTILS_H, "// The threads' runs of tiles ([bounds[c], bounds[c + 1]) for chunk c), each",
+                    "  std::vector<std::atomic<uint64_t>> runs_;\n};\n\n"), "",
+), (
+    "#include <atomic>\n", "",
+), (
+    "#include <type_traits>\n#include <vector>\n", "#include <type_traits>\n",
+)]
+KERNEL_WITHOUT_TILE_RUNS = [(
+    "// cost (not by count) so uneven groups stay balanced, a thread done with its\n"
+    "// share takes tiles from the end of another's (TileRuns), and each tile runs\n",
+    "// cost (not by count) so uneven groups stay balanced, and each tile runs\n",
+), (
+    _source_between(KERNEL_H, "  // neighbouring tiles share their A rows, so runs keep them in cache. A\n",
+                    "  const int64_t num_chunks"),
+    "  // neighbouring tiles share their A rows, so runs keep them in cache.\n  const int64_t num_chunks",
+), (
+    "  TileRuns runs(bounds);\n", "",
+), (
+    _source_between(KERNEL_H, "    // The thread's own runs from the front, then what is left of every run\n",
+                    "      while (own ? runs.claim_front(chunk, i) : runs.claim_back(chunk, i)) {\n"),
+    "    for (int64_t chunk = begin; chunk < end; ++chunk) {\n"
+    "      for (int64_t i = bounds[chunk]; i < bounds[chunk + 1]; ++i) {\n",
+), (
+    "        const Tile* next = runs.next(tiles, chunk, i, own);\n        run_tile_widening",
+    "        const Tile* next = i + 1 < bounds[chunk + 1] ? &tiles[i + 1] : nullptr;\n        run_tile_widening",
+)]
+# The same in the AVX-512 build's micro-kernel branch (1b).
+KERNEL_MICRO_WITHOUT_TILE_RUNS = [(
+    "            const Tile* next = runs.next(tiles, chunk, i, own);\n            const auto* next_p",
+    "            const Tile* next = i + 1 < bounds[chunk + 1] ? &tiles[i + 1] : nullptr;\n            const auto* next_p",
+)]
 
 def _test_method(name: str) -> str:
     """The text of TestGroupedMM.<name> in patches/src/test/test_matmul.py, its decorators and the blank
@@ -1439,12 +1474,12 @@ SERIES = [
                      edits=WITHOUT_INDEX_CPP + grouped_mm_stages.WITHOUT_OUT_STRIDES_CPP
                      + grouped_mm_stages.WITHOUT_OUT_STRIDES_EMPTY_CPU, update=True),
                 Copy(f"{NATIVE}/cpu/GroupedMMKernelUtils.h", f"{SRC}/cpu/GroupedMMKernelUtils.h",
-                     edits=WIDENING_UTILS_ALL_COPIED + WITHOUT_INDEX_UTILS + WITHOUT_TRANSPOSED_COPY
-                     + WITHOUT_TURNED_UTILS),
+                     edits=WITHOUT_TILE_RUNS_UTILS + WIDENING_UTILS_ALL_COPIED + WITHOUT_INDEX_UTILS
+                     + WITHOUT_TRANSPOSED_COPY + WITHOUT_TURNED_UTILS),
                 Copy(f"{NATIVE}/cpu/GroupedMMKernel.cpp", f"{SRC}/cpu/GroupedMMKernel.cpp",
                      undefine=("CPU_CAPABILITY_AVX512",),
-                     edits=TRANSPOSED_TILE_COMMENT + BRGEMM_COMMENT + PORTABLE_KERNEL + WIDENING_ALL_COPIED
-                     + WITHOUT_INDEX_ENTRY),
+                     edits=KERNEL_WITHOUT_TILE_RUNS + TRANSPOSED_TILE_COMMENT + BRGEMM_COMMENT + PORTABLE_KERNEL
+                     + WIDENING_ALL_COPIED + WITHOUT_INDEX_ENTRY),
                 Copy("test/test_matmul.py", "patches/src/test/test_matmul.py",
                      edits=without_tests_from(AVX512_TEST),
                      update=True),
@@ -1454,10 +1489,11 @@ SERIES = [
             message="core/0001a1-grouped-mm-cpu-in-place-operands.txt",
             changes=[
                 Copy(f"{NATIVE}/cpu/GroupedMMKernelUtils.h", f"{SRC}/cpu/GroupedMMKernelUtils.h",
-                     edits=WITHOUT_INDEX_UTILS + WITHOUT_INDEX_B_PANELS + WITHOUT_TURNED_UTILS, update=True),
+                     edits=WITHOUT_TILE_RUNS_UTILS + WITHOUT_INDEX_UTILS + WITHOUT_INDEX_B_PANELS + WITHOUT_TURNED_UTILS,
+                     update=True),
                 Copy(f"{NATIVE}/cpu/GroupedMMKernel.cpp", f"{SRC}/cpu/GroupedMMKernel.cpp",
-                     undefine=("CPU_CAPABILITY_AVX512",), edits=TRANSPOSED_TILE_COMMENT + BRGEMM_COMMENT + PORTABLE_KERNEL
-                     + WITHOUT_INDEX_KERNEL,
+                     undefine=("CPU_CAPABILITY_AVX512",), edits=KERNEL_WITHOUT_TILE_RUNS + TRANSPOSED_TILE_COMMENT
+                     + BRGEMM_COMMENT + PORTABLE_KERNEL + WITHOUT_INDEX_KERNEL,
                      update=True),
             ],
         ),
@@ -1470,10 +1506,11 @@ SERIES = [
                      edits=grouped_mm_stages.WITHOUT_OUT_STRIDES_CPP + grouped_mm_stages.WITHOUT_OUT_STRIDES_EMPTY_CPU,
                      update=True),
                 Copy(f"{NATIVE}/cpu/GroupedMMKernelUtils.h", f"{SRC}/cpu/GroupedMMKernelUtils.h",
-                     edits=WITHOUT_TURNED_UTILS, update=True),
+                     edits=WITHOUT_TILE_RUNS_UTILS + WITHOUT_TURNED_UTILS, update=True),
                 Copy(f"{NATIVE}/cpu/GroupedMMKernel.cpp", f"{SRC}/cpu/GroupedMMKernel.cpp",
                      undefine=("CPU_CAPABILITY_AVX512",),
-                     edits=TRANSPOSED_TILE_COMMENT + BRGEMM_COMMENT + PORTABLE_KERNEL, update=True),
+                     edits=KERNEL_WITHOUT_TILE_RUNS + TRANSPOSED_TILE_COMMENT + BRGEMM_COMMENT + PORTABLE_KERNEL,
+                     update=True),
             ],
         ),
         Patch(
@@ -1484,8 +1521,9 @@ SERIES = [
                      edits=AVX512_BEFORE_1C5 + WITHOUT_TURNED_AVX512 + AVX512_WITHOUT_MATMUL + WITHOUT_PACK_WORDS + WITHOUT_PREFETCH
                      + WITHOUT_WEIGHT_GRAD_H + WITHOUT_PACK_IN_KERNEL, drop_lines=UNROLL_LINES),
                 Copy(f"{NATIVE}/cpu/GroupedMMKernel.cpp", f"{SRC}/cpu/GroupedMMKernel.cpp",
-                     edits=WITHOUT_TRANSPOSED_TILE + BRGEMM_REST + WITHOUT_INNER_PRODUCT + WITHOUT_BF16_PAIRS + WITHOUT_MATMUL
-                     + KERNEL_WITHOUT_PREFETCH + KERNEL_WITHOUT_WHOLE_N, update=True),
+                     edits=KERNEL_WITHOUT_TILE_RUNS + KERNEL_MICRO_WITHOUT_TILE_RUNS + WITHOUT_TRANSPOSED_TILE
+                     + BRGEMM_REST + WITHOUT_INNER_PRODUCT
+                     + WITHOUT_BF16_PAIRS + WITHOUT_MATMUL + KERNEL_WITHOUT_PREFETCH + KERNEL_WITHOUT_WHOLE_N, update=True),
                 Copy("test/test_matmul.py", "patches/src/test/test_matmul.py",
                      edits=without_tests_from(BF16_PAIRS_TEST), update=True),
             ],
@@ -1493,6 +1531,8 @@ SERIES = [
         Patch(
             message="core/0001b1-grouped-mm-cpu-avx512-prefetch.txt",
             changes=[
+                Copy(f"{NATIVE}/cpu/GroupedMMKernelUtils.h", f"{SRC}/cpu/GroupedMMKernelUtils.h",
+                     edits=WITHOUT_TURNED_UTILS, update=True),
                 Copy(f"{NATIVE}/cpu/GroupedMMAvx512.h", f"{SRC}/cpu/GroupedMMAvx512.h",
                      edits=AVX512_BEFORE_1C5 + WITHOUT_TURNED_AVX512 + AVX512_WITHOUT_MATMUL + WITHOUT_PACK_WORDS + WITHOUT_WEIGHT_GRAD_H
                      + WITHOUT_PACK_IN_KERNEL, update=True, drop_lines=UNROLL_LINES),
