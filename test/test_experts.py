@@ -156,6 +156,39 @@ def test_gradcheck(activation):
     assert torch.autograd.gradcheck(f, leaves)
 
 
+def test_double_backward_raises_and_the_composition_supports_it():
+    """expert_mlp's backward op has no derivative. Before it had an autograd
+    kernel that says so, a second derivative through fused_experts came back
+    None (d grad_x / d x), partly computed, or failed on an inner ATen op
+    ("derivative for aten::silu_backward is not implemented"), depending on
+    the loss. Now every one raises the same error, and the composition its
+    message points to is twice differentiable (gradgradcheck, float64)."""
+    x, ids, w, gate_up, down, _, _, views = make_problem(5, 4, 3, 3, 2, "swiglu", False, False, False,
+                                                         torch.float64, 0)
+    leaves = [t.requires_grad_() for t in (x, w, gate_up, down)]
+    for loss in (lambda o: o.sum(), lambda o: o.pow(2).sum()):
+        out = fused_experts(x, ids, w, *views(gate_up, down))
+        gx, gw = torch.autograd.grad(loss(out), (x, w), create_graph=True)
+        for first in (gx, gw):
+            for leaf in leaves:
+                with pytest.raises(RuntimeError, match="expert_mlp .fused_experts. has no double backward"):
+                    torch.autograd.grad(first.sum(), leaf, retain_graph=True, allow_unused=True)
+
+    gate_up_v, down_v = views(gate_up, down)
+    experts = gate_up_v.shape[0]
+
+    def composed(x, w, gate_up, down):
+        gate_up, down = views(gate_up, down)
+        rows, dst_rows, _, offs = torch_moe_ops.permute(x, ids, experts)
+        h = torch.ops.moe_ops.grouped_mm(rows, gate_up, offs)
+        gate, up = h.chunk(2, dim=-1)
+        y = torch.ops.moe_ops.grouped_mm(F.silu(gate) * up, down, offs)
+        return torch_moe_ops.unpermute(y, dst_rows, w)
+
+    torch.testing.assert_close(composed(*leaves), fused_experts(x, ids, w, gate_up_v, down_v), rtol=1e-12, atol=1e-12)
+    assert torch.autograd.gradgradcheck(composed, leaves)
+
+
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
 @pytest.mark.parametrize("bias", [True, False])
 def test_16bit_and_fp32_close_to_float64(dtype, bias):

@@ -176,6 +176,57 @@ def test_property_permute_unpermute(problem, dtype, seed):
                            torch_unpermute(permuted, dst_rows, weights))
 
 
+@settings(max_examples=25, deadline=None)
+@given(st.integers(0, 6), st.integers(1, 3), st.integers(0, 7), st.integers(1, 4), st.booleans(), st.booleans(),
+       st.integers(0, 2**31 - 1))
+def test_unpermute_double_backward(tokens, k, rows, hidden, with_weights, extra_rows, seed):
+    """Second derivatives of unpermute (its backward, unpermute_backward, has
+    its own derivative) against finite differences, in float64: dst_rows
+    drawn freely, so rows repeat (a row summed into several tokens) and slots
+    drop (-1); rows no slot names (extra_rows) get zero gradients. Before the
+    derivative was registered, autograd took unpermute_backward as constant:
+    gradgradcheck failed and a second derivative came back None, with a
+    warning only."""
+    g = torch.Generator().manual_seed(seed)
+    rows = max(rows, 1) + (3 if extra_rows else 0)
+    dst = torch.randint(-1, rows, (tokens, k), generator=g)
+    permuted = torch.randn(rows, hidden, generator=g, dtype=torch.float64, requires_grad=True)
+    inputs = [permuted]
+    if with_weights:
+        inputs.append(torch.rand(tokens, k, generator=g, dtype=torch.float64, requires_grad=True))
+
+    def f(*args):
+        return torch.ops.moe_ops.unpermute(args[0], dst, args[1] if with_weights else None)
+
+    assert torch.autograd.gradgradcheck(f, inputs)
+
+
+def test_unpermute_second_derivative_values():
+    """The helper's case, by value: out = sum_j w[t, j] * p[dst[t, j]], so
+    d/dw of sum(d out.sum() / dp) is the width of p (3) for every used slot."""
+    p = torch.randn(4, 3, dtype=torch.float64, requires_grad=True)
+    w = torch.rand(3, 2, dtype=torch.float64, requires_grad=True)
+    out = torch.ops.moe_ops.unpermute(p, torch.tensor([[0, 1], [2, 3], [-1, 2]]), w)
+    gp, = torch.autograd.grad(out.sum(), p, create_graph=True)
+    gw, = torch.autograd.grad(gp.sum(), w)
+    assert torch.equal(gw, torch.tensor([[3.0, 3.0], [3.0, 3.0], [0.0, 3.0]], dtype=torch.float64))
+
+
+def test_permute_and_gather_double_backward():
+    """permute's backward is an unpermute, grouped_mm_gather's scatters its
+    rows' gradients with unpermute_backward: both twice differentiable, with
+    tokens routed twice to one expert and a -1 gather index."""
+    g = torch.Generator().manual_seed(5)
+    tokens = torch.randn(4, 3, generator=g, dtype=torch.float64, requires_grad=True)
+    ids = torch.tensor([[0, 1], [1, 2], [2, 0], [1, 1]], dtype=torch.int32)
+    assert torch.autograd.gradgradcheck(lambda t: torch.ops.moe_ops.permute(t, ids, 3, 2)[0], (tokens,))
+    a = torch.randn(4, 5, generator=g, dtype=torch.float64, requires_grad=True)
+    b = torch.randn(2, 5, 3, generator=g, dtype=torch.float64, requires_grad=True)
+    offs = torch.tensor([3, 6], dtype=torch.int32)
+    index = torch.tensor([0, 2, 2, -1, 3, 0])
+    assert torch.autograd.gradgradcheck(lambda a, b: torch.ops.moe_ops.grouped_mm_gather(a, b, offs, index), (a, b))
+
+
 @settings(max_examples=100, deadline=None)
 @given(st.integers(0, 40), st.sampled_from([(8, 2, 1, 1), (16, 4, 4, 2), (32, 8, 8, 4), (12, 8, 3, 2), (6, 1, 1, 1)]),
        st.sampled_from(["softmax", "sigmoid", "softmax_after_topk"]), st.booleans(), st.booleans(),

@@ -235,3 +235,24 @@ def _backward(ctx, grad_out, grad_h):
 
 
 torch.library.register_autograd("moe_ops::expert_mlp", _backward, setup_context=_setup_context)
+
+
+def _backward_setup_context(ctx, inputs, output):
+    pass
+
+
+def _double_backward(ctx, *grads):
+    # Without an autograd kernel of its own, expert_mlp_backward ran under
+    # autograd's fallthrough: the ATen calls inside its float64 path recorded
+    # a partial graph, so a second derivative came back None, partly right or
+    # failing on an inner op ("derivative for aten::silu_backward is not
+    # implemented"). One clear error instead (the upstream series' generated
+    # autograd, with no derivative for _moe_expert_mlp_backward, raises too).
+    raise RuntimeError(
+        "moe_ops::expert_mlp (fused_experts) has no double backward: its backward, "
+        "moe_ops::expert_mlp_backward, is not differentiable. For higher-order gradients compose "
+        "permute, grouped_mm, the activation in torch and unpermute, which are.")
+
+
+torch.library.register_autograd("moe_ops::expert_mlp_backward", _double_backward,
+                                setup_context=_backward_setup_context)

@@ -99,7 +99,9 @@ def unpermute(
     Dropped slots (``dst_rows == -1``) contribute nothing. Accumulates in
     float32 (float64 for float64) in slot order and rounds once to the dtype
     of ``permuted``: deterministic, no atomics. ``weights`` is float32 or the
-    dtype of ``permuted``. Differentiable in ``permuted`` and ``weights``.
+    dtype of ``permuted``. Differentiable in ``permuted`` and ``weights``, to
+    any order (its backward, ``moe_ops::unpermute_backward``, is itself
+    differentiable).
     """
     return _unpermute(permuted, dst_rows, weights)
 
@@ -230,3 +232,50 @@ def _unpermute_autograd_backward(ctx, grad):
 
 torch.library.register_autograd(
     "moe_ops::unpermute", _unpermute_autograd_backward, setup_context=_unpermute_setup_context)
+
+
+def _unpermute_backward_setup_context(ctx, inputs, output):
+    grad_output, dst_rows, num_rows, weights, permuted = inputs
+    ctx.save_for_backward(grad_output, dst_rows, weights, permuted)
+    ctx.num_rows = num_rows
+
+
+def _unpermute_backward_autograd_backward(ctx, grad_grad_permuted, grad_grad_weights):
+    """unpermute's double backward. unpermute_backward is bilinear: with
+    g = grad_output, P = permuted, w = weights (ones when None),
+
+        grad_permuted[r]   = sum over (t, j) with dst_rows[t, j] = r of w[t, j] * g[t]
+        grad_weights[t, j] = <g[t], P[dst_rows[t, j]]>
+
+    so for incoming gradients hP of grad_permuted and hw of grad_weights
+
+        d grad_output[t] = sum_j w[t, j] * hP[dst_rows[t, j]] + hw[t, j] * P[dst_rows[t, j]]
+                         = unpermute(hP, dst_rows, w) + unpermute(P, dst_rows, hw)
+        d weights[t, j]  = <g[t], hP[dst_rows[t, j]]>      (unpermute_backward's grad_weights, P := hP)
+        d permuted[r]    = sum over dst_rows[t, j] = r of hw[t, j] * g[t]
+                                                          (its grad_permuted, w := hw)
+
+    each the op itself, so higher orders follow. Without this registration
+    autograd took unpermute_backward as a constant: a second derivative came
+    back None or zero, with only a warning."""
+    grad_output, dst_rows, weights, permuted = ctx.saved_tensors
+    # grad_weights is an empty placeholder when permuted was not given.
+    h_weights = grad_grad_weights if permuted is not None else None
+    h_permuted = grad_grad_permuted
+    d_grad = d_weights = d_permuted = None
+    if ctx.needs_input_grad[0]:
+        if h_permuted is not None:
+            d_grad = _unpermute(h_permuted, dst_rows, weights)
+        if h_weights is not None:
+            term = _unpermute(permuted, dst_rows, h_weights)
+            d_grad = term if d_grad is None else d_grad + term
+    if weights is not None and ctx.needs_input_grad[3] and h_permuted is not None:
+        d_weights = _unpermute_backward(grad_output, dst_rows, ctx.num_rows, weights, h_permuted)[1]
+    if permuted is not None and ctx.needs_input_grad[4] and h_weights is not None:
+        d_permuted = _unpermute_backward(grad_output, dst_rows, ctx.num_rows, h_weights, None)[0]
+    return d_grad, None, None, d_weights, d_permuted
+
+
+torch.library.register_autograd(
+    "moe_ops::unpermute_backward", _unpermute_backward_autograd_backward,
+    setup_context=_unpermute_backward_setup_context)
