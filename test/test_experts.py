@@ -387,6 +387,41 @@ def test_errors_in_eager_and_fake(change, regex):
         call({k: _fake(mode, v) for k, v in args.items()})
 
 
+@pytest.mark.parametrize("change, regex", [
+    (dict(grad=lambda g: g[:, :4]), r"grad_out must be Float of sizes \[9, 8\], got Float of sizes \[9, 4\]"),
+    (dict(grad=lambda g: g.double()), r"grad_out must be Float of sizes \[9, 8\], got Double of sizes \[9, 8\]"),
+    (dict(h=lambda h: h[:, 1:]), r"h must be Float of sizes \(R, N1\) = \(18, {n1}\), got Float of sizes \[18, {n1m}\]"),
+    (dict(h=lambda h: h.double()), r"h must be Float of sizes \(R, N1\) = \(18, {n1}\), got Double of sizes \[18, {n1}\]"),
+    (dict(h=lambda h: h.bfloat16()), r"h must be Float .* got BFloat16 of sizes \[18, {n1}\]"),
+])
+@pytest.mark.parametrize("activation", ["swiglu", "relu"])
+def test_backward_errors_in_eager_and_fake(change, regex, activation):
+    """expert_mlp_backward's own arguments, grad_out and h, checked alike by
+    the kernel and the fake kernel. The fake kernel checked neither (a wrong
+    grad_out or h traced to normal-looking outputs) and the kernel took h of
+    any dtype: float64 failed inside the SwiGLU kernel, bfloat16 in a GEMM,
+    neither naming h, and relu's path took both silently."""
+    x, src_rows, offs, dst_rows, w, gu, dn, gub, dnb = _op_args(bias=False)
+    if activation == "relu":
+        gu = gu[..., :4]  # N1 = I for an ungated activation
+    out, h = torch.ops.moe_ops.expert_mlp(x, src_rows, offs, dst_rows, w, gu, dn, None, None, activation)
+    n1 = h.shape[1]
+    regex = regex.format(n1=n1, n1m=n1 - 1)
+    args = dict(grad=torch.randn_like(out), h=h)
+    for key, fn in change.items():
+        args[key] = fn(args[key])
+    rest = (x, src_rows, offs, dst_rows, w, gu, dn, None, None)
+
+    def call(a, rest):
+        return torch.ops.moe_ops.expert_mlp_backward(a["grad"], *rest, a["h"], activation, False, 1.702, 7.0,
+                                                     [True, True, True, True])
+
+    with pytest.raises(ValueError, match=regex):
+        call(args, rest)
+    with FakeTensorMode() as mode, pytest.raises(ValueError, match=regex):
+        call({k: _fake(mode, v) for k, v in args.items()}, [_fake(mode, v) for v in rest])
+
+
 def test_routing_out_of_range_names_the_id():
     x, ids, w, gate_up, down, _, _, views = make_problem(4, 8, 4, 3, 2, "swiglu", False, True, False,
                                                          torch.float32, 6)

@@ -828,6 +828,20 @@ def test_fp8_grouped_mm_opcheck():
                               (a, b, offs, recipe, torch.bfloat16, wgrad_fp8))
 
 
+@pytest.mark.parametrize("recipe", ["tensorwise", "blockwise_1x128", "bogus"])
+def test_fp8_grouped_mm_op_names_a_bad_recipe(recipe):
+    """The op itself (torch.ops.moe_ops_training.fp8_grouped_mm, not the
+    wrapper) checks the recipe: a recipe quantize_fp8 knows but the training
+    GEMMs do not ran into a bare KeyError, in eager and in fake mode."""
+    a, b, offs, _ = _training_problem(torch.bfloat16, 3)
+    op = torch.ops.moe_ops_training.fp8_grouped_mm
+    regex = rf"fp8_grouped_mm: recipe must be 'rowwise' or 'mx', got '{recipe}'"
+    with pytest.raises(ValueError, match=regex):
+        op(a, b, offs, recipe, torch.bfloat16, True)
+    with FakeTensorMode() as mode, pytest.raises(ValueError, match=regex):
+        op(mode.from_tensor(a), mode.from_tensor(b), mode.from_tensor(offs), recipe, torch.bfloat16, True)
+
+
 def test_fp8_grouped_mm_compiles():
     torch._dynamo.reset()
     counter = torch._dynamo.testing.CompileCounterWithBackend("inductor")

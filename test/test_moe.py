@@ -250,3 +250,14 @@ def test_fp8_recipe_switch(recipe):
 def test_fp8_recipe_rejects_bias():
     with pytest.raises(ValueError, match="fp8_recipe does not support expert_bias"):
         MoEConfig(hidden=8, intermediate=8, num_experts=2, top_k=1, expert_bias=True, fp8_recipe="rowwise")
+
+
+@pytest.mark.parametrize("shape", [(4, 12), (4, 32), (2, 3, 8), (48,), ()])
+def test_rejects_tokens_of_another_width(shape):
+    """x's last dimension must be config.hidden. forward reshapes x to
+    (-1, hidden), which took any multiple of hidden elements as tokens: a
+    (4, 12) input to a hidden=16 layer ran as 3 tokens and came back (4, 12)."""
+    moe = MoE(MoEConfig(hidden=16, intermediate=8, num_experts=4, top_k=2))
+    with pytest.raises(ValueError, match=rf"MoE: x must end in hidden=16 \(config.hidden\), got x of sizes "
+                                         rf"\[{', '.join(map(str, shape))}\]"):
+        moe(torch.randn(shape))

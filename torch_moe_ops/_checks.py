@@ -221,6 +221,18 @@ EXPERT_ACTIVATIONS = ("swiglu", "geglu", "swiglu_clamped", "silu", "gelu", "relu
 GATED_ACTIVATIONS = ("swiglu", "geglu", "swiglu_clamped")
 
 
+def check_expert_mlp_backward_inputs(grad_out, tokens, src_rows, gate_up_proj, h) -> None:
+    """What expert_mlp_backward checks beyond check_expert_mlp_inputs (ExpertMLP.cpp, the same messages)."""
+    chk = torch._check_value
+    chk(grad_out.shape == tokens.shape and grad_out.dtype == tokens.dtype,
+        lambda: f"expert_mlp_backward: grad_out must be {_c10(tokens.dtype)} of sizes {_sizes(tokens)}, got "
+        f"{_c10(grad_out.dtype)} of sizes {_sizes(grad_out)}")
+    rows, n1 = src_rows.shape[0], gate_up_proj.shape[2]
+    chk(h.dim() == 2 and h.shape[0] == rows and h.shape[1] == n1 and h.dtype == tokens.dtype,
+        lambda: f"expert_mlp_backward: h must be {_c10(tokens.dtype)} of sizes (R, N1) = ({rows}, {n1}), got "
+        f"{_c10(h.dtype)} of sizes {_sizes(h)}")
+
+
 def check_expert_mlp_inputs(tokens, src_rows, offs, dst_rows, weights, gate_up_proj, down_proj, gate_up_bias,
                             down_bias, activation, gate_up_interleaved) -> None:
     chk = torch._check_value

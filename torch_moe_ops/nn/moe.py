@@ -203,6 +203,9 @@ class MoE(nn.Module):
     def forward(self, x: torch.Tensor):
         c = self.config
         shape = x.shape
+        # reshape alone would take any multiple of hidden elements as tokens.
+        if x.dim() == 0 or x.shape[-1] != c.hidden:
+            raise ValueError(f"MoE: x must end in hidden={c.hidden} (config.hidden), got x of sizes {list(shape)}")
         x = x.reshape(-1, c.hidden)
         logits = F.linear(x, self.router_weight)
         weights, expert_ids, counts = router_topk(logits, c.top_k, c.score_func, self.score_bias, c.n_group,

@@ -183,6 +183,7 @@ def _expert_mlp_backward_fake(grad_out, tokens, src_rows, offs, dst_rows, weight
                               swiglu_limit, output_mask):
     _checks.check_expert_mlp_inputs(tokens, src_rows, offs, dst_rows, weights, gate_up_proj, down_proj,
                                     gate_up_bias, down_bias, activation, gate_up_interleaved)
+    _checks.check_expert_mlp_backward_inputs(grad_out, tokens, src_rows, gate_up_proj, h)
     need_tokens, need_weights, need_gate_up, need_down = output_mask
     none = lambda: tokens.new_empty((0,))  # noqa: E731  (distinct tensors: outputs never alias)
     return (

@@ -217,6 +217,18 @@ def _training_gemm(recipe: str, a_d: torch.Tensor, b_d: torch.Tensor, a_s: torch
 # A custom op (not moe_ops: it is composed in Python of moe_ops kernels, and
 # moe_ops holds exactly the schemas native_functions.yaml declares), so that its
 # gradient is a register_autograd formula as every other op's.
+def _check_training_operands(a: torch.Tensor, b: torch.Tensor, recipe: str) -> None:
+    # Plain raises: the conditions are static (recipe, ranks, dtypes), which
+    # torch.compile evaluates at trace time. Both the wrapper and the op (called
+    # as torch.ops.moe_ops_training.fp8_grouped_mm) check.
+    if recipe not in FP8_TRAINING_RECIPES:
+        raise ValueError(f"fp8_grouped_mm: recipe must be 'rowwise' or 'mx', got '{recipe}'")
+    if a.dim() != 2 or b.dim() != 3:
+        raise ValueError(f"fp8_grouped_mm: a must be 2-D and b 3-D, got a {list(a.shape)} and b {list(b.shape)}")
+    if a.dtype not in (torch.bfloat16, torch.float32) or b.dtype != a.dtype:
+        raise ValueError(f"fp8_grouped_mm: a and b must both be bfloat16 or both float32, got {a.dtype} and {b.dtype}")
+
+
 def _fp8_grouped_mm_forward(a: torch.Tensor, b: torch.Tensor, offs: torch.Tensor, recipe: str,
                             out_dtype: torch.dtype, wgrad_fp8: bool) -> torch.Tensor:
     """out = A @ B[g] per group of rows, every GEMM in float8 (torchao's MoE training recipe).
@@ -230,6 +242,7 @@ def _fp8_grouped_mm_forward(a: torch.Tensor, b: torch.Tensor, offs: torch.Tensor
     quantises along other axes. wgrad_fp8=False computes the weight gradient in
     high precision instead (torchao's wgrad_with_hp).
     """
+    _check_training_operands(a, b, recipe)
     a_d, a_s = _quantize(a, recipe, None, None, False)
     if recipe == "mx":  # 2-D operands' MX scales go blocked per group (upstream's layout)
         a_s = _swizzle_mx_scale(a_s, offs, 0)
@@ -307,14 +320,7 @@ def fp8_grouped_mm(
     checked by the kernels on the values of ``offs``). The output has ``a``'s
     dtype (bfloat16 from bfloat16 inputs, float32 from float32).
     """
-    # Plain raises: the conditions are static (recipe, ranks, dtypes), which
-    # torch.compile evaluates at trace time.
-    if recipe not in FP8_TRAINING_RECIPES:
-        raise ValueError(f"fp8_grouped_mm: recipe must be 'rowwise' or 'mx', got '{recipe}'")
-    if a.dim() != 2 or b.dim() != 3:
-        raise ValueError(f"fp8_grouped_mm: a must be 2-D and b 3-D, got a {list(a.shape)} and b {list(b.shape)}")
-    if a.dtype not in (torch.bfloat16, torch.float32) or b.dtype != a.dtype:
-        raise ValueError(f"fp8_grouped_mm: a and b must both be bfloat16 or both float32, got {a.dtype} and {b.dtype}")
+    _check_training_operands(a, b, recipe)
     if wgrad not in ("auto", "fp8", "hp"):
         raise ValueError(f"fp8_grouped_mm: wgrad must be 'auto', 'fp8' or 'hp', got '{wgrad}'")
     wgrad_fp8 = wgrad == "fp8" or (wgrad == "auto" and recipe == "rowwise")

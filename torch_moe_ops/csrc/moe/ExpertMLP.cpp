@@ -273,9 +273,10 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> expert_mlp_backward_i
   TORCH_CHECK_VALUE(grad_out.sizes() == tokens.sizes() && grad_out.scalar_type() == tokens.scalar_type(),
       "expert_mlp_backward: grad_out must be ", tokens.scalar_type(), " of sizes ", tokens.sizes(), ", got ",
       grad_out.scalar_type(), " of sizes ", grad_out.sizes());
-  TORCH_CHECK_VALUE(h.dim() == 2 && h.size(0) == src_rows.size(0) && h.size(1) == gate_up_proj.size(2),
-      "expert_mlp_backward: h must be (R, N1) = (", src_rows.size(0), ", ", gate_up_proj.size(2), "), got ",
-      h.sizes());
+  TORCH_CHECK_VALUE(h.dim() == 2 && h.size(0) == src_rows.size(0) && h.size(1) == gate_up_proj.size(2) &&
+      h.scalar_type() == tokens.scalar_type(),
+      "expert_mlp_backward: h must be ", tokens.scalar_type(), " of sizes (R, N1) = (", src_rows.size(0), ", ",
+      gate_up_proj.size(2), "), got ", h.scalar_type(), " of sizes ", h.sizes());
   check_routing_values(tokens, src_rows, offs, dst_rows);
   const auto [need_tokens, need_weights, need_gate_up, need_down] = output_mask;
   const Activation p{expert_activation_from_name(activation), gate_up_interleaved, swiglu_alpha, swiglu_limit,
