@@ -480,7 +480,7 @@ def test_backward_rejects_what_expert_mlp_backward_rejects():
     tokens = args[0]
     h = torch.zeros(args[1].shape[0], args[5].shape[2])
     rest = (None, None, h, "swiglu", False, 1.702, 7.0)
-    for bad_grad, bad_h in ((tokens.double(), h), (tokens[:-1], h), (tokens, h[:, :-1])):
+    for bad_grad, bad_h in ((tokens.double(), h), (tokens[:-1], h), (tokens, h[:, :-1]), (tokens, h.double())):
         with pytest.raises(ValueError, match="expert_mlp_backward: (grad_out|h) must be") as tri:
             tex.triton_expert_mlp_backward(bad_grad, *args, *rest[:2], bad_h, *rest[3:])
         with pytest.raises((ValueError, RuntimeError)) as op:

@@ -214,9 +214,6 @@ def _training_gemm(recipe: str, a_d: torch.Tensor, b_d: torch.Tensor, a_s: torch
                                  False)
 
 
-# A custom op (not moe_ops: it is composed in Python of moe_ops kernels, and
-# moe_ops holds exactly the schemas native_functions.yaml declares), so that its
-# gradient is a register_autograd formula as every other op's.
 def _check_training_operands(a: torch.Tensor, b: torch.Tensor, recipe: str) -> None:
     # Plain raises: the conditions are static (recipe, ranks, dtypes), which
     # torch.compile evaluates at trace time. Both the wrapper and the op (called
@@ -229,6 +226,9 @@ def _check_training_operands(a: torch.Tensor, b: torch.Tensor, recipe: str) -> N
         raise ValueError(f"fp8_grouped_mm: a and b must both be bfloat16 or both float32, got {a.dtype} and {b.dtype}")
 
 
+# A custom op (not moe_ops: it is composed in Python of moe_ops kernels, and
+# moe_ops holds exactly the schemas native_functions.yaml declares), so that its
+# gradient is a register_autograd formula as every other op's.
 def _fp8_grouped_mm_forward(a: torch.Tensor, b: torch.Tensor, offs: torch.Tensor, recipe: str,
                             out_dtype: torch.dtype, wgrad_fp8: bool) -> torch.Tensor:
     """out = A @ B[g] per group of rows, every GEMM in float8 (torchao's MoE training recipe).

@@ -875,13 +875,7 @@ def triton_expert_mlp_backward(
 
     _check(tokens, src_rows, offs, dst_rows, weights, gate_up_proj, down_proj, gate_up_bias, down_bias, activation,
            gate_up_interleaved)
-    c10, sizes = _checks._c10, _checks._sizes  # expert_mlp_backward's own checks (ExpertMLP.cpp), same messages
-    torch._check_value(grad_out.shape == tokens.shape and grad_out.dtype == tokens.dtype, lambda: (
-        f"expert_mlp_backward: grad_out must be {c10(tokens.dtype)} of sizes {sizes(tokens)}, got "
-        f"{c10(grad_out.dtype)} of sizes {sizes(grad_out)}"))
-    torch._check_value(h.dim() == 2 and h.shape[0] == src_rows.shape[0] and h.shape[1] == gate_up_proj.shape[2],
-                       lambda: (f"expert_mlp_backward: h must be (R, N1) = ({src_rows.shape[0]}, "
-                                f"{gate_up_proj.shape[2]}), got {sizes(h)}"))
+    _checks.check_expert_mlp_backward_inputs(grad_out, tokens, src_rows, gate_up_proj, h)
     need_tokens, need_weights, need_gate_up, need_down = output_mask
     need_weights = need_weights and weights is not None
     none = lambda: tokens.new_empty((0,))  # noqa: E731
