@@ -238,10 +238,6 @@ def _backward(ctx, grad_out, grad_h):
 torch.library.register_autograd("moe_ops::expert_mlp", _backward, setup_context=_setup_context)
 
 
-def _backward_setup_context(ctx, inputs, output):
-    pass
-
-
 def _double_backward(ctx, *grads):
     # Without an autograd kernel of its own, expert_mlp_backward ran under
     # autograd's fallthrough: the ATen calls inside its float64 path recorded
@@ -255,5 +251,4 @@ def _double_backward(ctx, *grads):
         "permute, grouped_mm, the activation in torch and unpermute, which are.")
 
 
-torch.library.register_autograd("moe_ops::expert_mlp_backward", _double_backward,
-                                setup_context=_backward_setup_context)
+torch.library.register_autograd("moe_ops::expert_mlp_backward", _double_backward)

@@ -240,7 +240,7 @@ def _unpermute_backward_setup_context(ctx, inputs, output):
     ctx.num_rows = num_rows
 
 
-def _unpermute_backward_autograd_backward(ctx, grad_grad_permuted, grad_grad_weights):
+def _unpermute_backward_autograd_backward(ctx, h_permuted, grad_grad_weights):
     """unpermute's double backward. unpermute_backward is bilinear: with
     g = grad_output, P = permuted, w = weights (ones when None),
 
@@ -261,7 +261,6 @@ def _unpermute_backward_autograd_backward(ctx, grad_grad_permuted, grad_grad_wei
     grad_output, dst_rows, weights, permuted = ctx.saved_tensors
     # grad_weights is an empty placeholder when permuted was not given.
     h_weights = grad_grad_weights if permuted is not None else None
-    h_permuted = grad_grad_permuted
     d_grad = d_weights = d_permuted = None
     if ctx.needs_input_grad[0]:
         if h_permuted is not None:
