@@ -21,7 +21,7 @@ import torch_moe_ops
 from torch_moe_ops import fused_experts
 from torch_moe_ops.reference import torch_expert_mlp
 
-from common import assert_rows_close, assert_same_bits_at_thread_counts
+from common import assert_rows_close, assert_same_bits_at_thread_counts, num_threads
 from _device import instantiate_cpu_and_cuda
 from opinfo_experts import expert_mlp_opinfo, grouped_mm_gather_opinfo
 from test_grouped_mm import TOLERANCES
@@ -338,6 +338,50 @@ def test_bits_independent_of_thread_count_and_run():
 
     assert_same_bits_at_thread_counts(run)
 
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.bfloat16])
+@pytest.mark.parametrize("activation", ACTIVATIONS)
+def test_inference_mode_and_grad_inputs_on_worker_threads(activation, dtype):
+    """The ATen composition (every activation in float64; all but SwiGLU in
+    bfloat16) runs 128-row chunks on at::parallel_for's threads and calls ATen
+    ops there, so each worker must run under the caller's thread-local state.
+    Without it, under torch.inference_mode() a worker could not write its
+    chunk of a buffer made in inference mode (failed every time from 2
+    threads on), and in the backward, whose inputs require grad, workers
+    recorded autograd history on a shared buffer and raced on its grad_fn
+    (CI failed now and then on test_bits_independent_of_thread_count_and_run).
+    400 routed rows: 4 chunks. Forward and every gradient: the same bits in
+    inference mode, under no_grad and through autograd."""
+    x, ids, w, gate_up, down, gub, dnb, views = make_problem(100, 16, 8, 4, 4, activation, True, False, False,
+                                                             dtype, 5)
+    _, dst_rows, src_rows, offs = torch_moe_ops.permute(x[:, :0], ids, 4)
+    args = (x, src_rows, offs, dst_rows, w, *views(gate_up, down), gub, dnb, activation)
+    grad = torch.randn(100, 16, dtype=torch.float64).to(dtype)
+    leaves = [x, w, gate_up, down, gub, dnb]
+
+    def backward_op(out_h):
+        return torch.ops.moe_ops.expert_mlp_backward(grad, *args[:-1], out_h[1], activation, False, 1.702, 7.0,
+                                                     [True, True, True, True])
+
+    with num_threads(2):
+        with torch.no_grad():
+            want = torch.ops.moe_ops.expert_mlp(*args)
+            want_grads = backward_op(want)
+        with torch.inference_mode():
+            got = torch.ops.moe_ops.expert_mlp(*args)
+            got_grads = backward_op(got)
+        for t in leaves:
+            t.requires_grad_()
+        out = fused_experts(x, ids, w, *views(gate_up, down), gub, dnb, activation)
+        autograd_grads = torch.autograd.grad(out, leaves, grad)
+    for a, b in zip((*got, *got_grads), (*want, *want_grads)):
+        assert torch.equal(a, b)
+    assert torch.equal(out, want[0])
+    # expert_mlp_backward's outputs in the autograd function's order: tokens,
+    # weights, gate_up, down, then the two biases.
+    for a, b in zip(autograd_grads, want_grads):
+        assert torch.equal(a, b.view_as(a))
 
 def _op_args(dtype=torch.float32, bias=True):
     x, ids, w, gate_up, down, gub, dnb, views = make_problem(9, 8, 4, 3, 2, "swiglu", bias, True, False, dtype, 4)

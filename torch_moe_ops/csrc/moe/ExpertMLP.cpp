@@ -23,6 +23,7 @@
 
 #include <ATen/Functions.h>
 #include <ATen/Parallel.h>
+#include <ATen/ThreadLocalState.h>
 #include <ATen/TensorOperators.h>
 #include <ATen/core/dispatch/Dispatcher.h>
 
@@ -160,11 +161,21 @@ Tensor empty_workspace(IntArrayRef size, const TensorOptions& options) {
                                     : at::empty(size, options);
 }
 
-// fn(begin, end) over row chunks, in parallel.
+// fn(begin, end) over row chunks, in parallel. fn calls ATen ops, so each
+// worker runs under the caller's thread-local state: at::parallel_for's
+// OpenMP threads start from their own, with autograd and grad mode on and
+// inference mode off. Without the caller's state, a chunk recorded autograd
+// history on its slice of a shared buffer when an input required grad
+// (threads racing on the buffer's grad_fn: "a leaf Variable that requires
+// grad is being used in an in-place operation", now and then), and under
+// torch.inference_mode() a chunk's copy into a buffer made in inference mode
+// failed ("Inplace update to inference tensor outside InferenceMode").
 template <typename F>
 void for_row_chunks(int64_t rows, const F& fn) {
   const int64_t chunks = (rows + kChunkRows - 1) / kChunkRows;
+  const at::ThreadLocalState caller;
   at::parallel_for(0, chunks, 1, [&](int64_t begin, int64_t end) {
+    const at::ThreadLocalStateGuard guard(caller);
     for (int64_t c = begin; c < end; ++c) {
       fn(c * kChunkRows, std::min(rows, (c + 1) * kChunkRows));
     }
