@@ -19,6 +19,7 @@ from typing import Optional
 import torch
 
 from .. import _checks
+from .._autograd import register_autograd
 from .grouped_mm import _bias_grad
 from .routing import _unpermute_backward, permute
 
@@ -119,7 +120,7 @@ def _gather_backward(ctx, grad):
     return grad_a, grad_b, None, None, None, grad_bias, None
 
 
-torch.library.register_autograd("moe_ops::grouped_mm_gather", _gather_backward, setup_context=_gather_setup_context)
+register_autograd("moe_ops::grouped_mm_gather", _gather_backward, setup_context=_gather_setup_context)
 
 
 # ------------------------------------------------------------------ expert_mlp
@@ -235,7 +236,7 @@ def _backward(ctx, grad_out, grad_h):
             None, None, None, None)
 
 
-torch.library.register_autograd("moe_ops::expert_mlp", _backward, setup_context=_setup_context)
+register_autograd("moe_ops::expert_mlp", _backward, setup_context=_setup_context)
 
 
 def _double_backward(ctx, *grads):
@@ -251,4 +252,4 @@ def _double_backward(ctx, *grads):
         "permute, grouped_mm, the activation in torch and unpermute, which are.")
 
 
-torch.library.register_autograd("moe_ops::expert_mlp_backward", _double_backward)
+register_autograd("moe_ops::expert_mlp_backward", _double_backward)

@@ -28,6 +28,7 @@ from typing import Optional
 import torch
 
 from .. import _checks
+from .._autograd import refuse_forward_ad, register_not_differentiable
 
 # The public wrappers (torch_moe_ops.ops and torch_moe_ops re-export them).
 __all__ = ["dequantize_fp8", "fp8_grouped_mm", "quantize_fp8", "scaled_grouped_mm", "swizzle_mx_scale"]
@@ -188,6 +189,11 @@ def _scaled_grouped_mm_v2_cuda(self, mat2, scale_a, recipe_a, swizzle_a, scale_b
 _LIB = torch.library.Library("moe_ops", "IMPL")  # noqa: TOR901 (kept alive by this module)
 _LIB.impl("scaled_grouped_mm_v2", _scaled_grouped_mm_v2_cuda, "CUDA")
 
+# No derivatives (as upstream's _scaled_grouped_mm): a backward or a forward
+# tangent that reaches a float input (a scale, the values being quantised) raises.
+for _name in ("quantize_fp8", "dequantize_fp8", "scaled_grouped_mm", "scaled_grouped_mm_v2", "swizzle_mx_scale"):
+    register_not_differentiable(f"moe_ops::{_name}")
+
 
 # ------------------------------------------------------------------ training: fp8_grouped_mm
 
@@ -243,6 +249,9 @@ def _fp8_grouped_mm_forward(a: torch.Tensor, b: torch.Tensor, offs: torch.Tensor
     high precision instead (torchao's wgrad_with_hp).
     """
     _check_training_operands(a, b, recipe)
+    # custom_op's autograd kernel drops forward tangents as register_autograd's
+    # does (_autograd.py); the tensors reach this body as the caller passed them.
+    refuse_forward_ad("moe_ops_training::fp8_grouped_mm", (("a", a), ("b", b)))
     a_d, a_s = _quantize(a, recipe, None, None, False)
     if recipe == "mx":  # 2-D operands' MX scales go blocked per group (upstream's layout)
         a_s = _swizzle_mx_scale(a_s, offs, 0)

@@ -11,6 +11,7 @@ from typing import Optional
 import torch
 
 from .. import _checks
+from .._autograd import register_autograd
 
 # The public wrappers (torch_moe_ops.ops and torch_moe_ops re-export them).
 __all__ = ["grouped_mm"]
@@ -67,7 +68,8 @@ def _setup_context(ctx, inputs, output):
 
 
 def _bias_grad(grad: torch.Tensor, offs: Optional[torch.Tensor], layout: str, dtype: torch.dtype) -> torch.Tensor:
-    """Per-group column sums of grad, accumulated in fp32 (fp64 for fp64) in a fixed order."""
+    """Per-group column sums of grad, accumulated in fp32 (fp64 for fp64) in a fixed order (eager
+    ATen's; a compiled backward sums 3D x 2D's in Inductor's order, ~1 ulp from eager's)."""
     acc = torch.float64 if grad.dtype == torch.float64 else torch.float32
     if layout == "2d3d":
         # Row sums per group are a 2D x 2D grouped mm with a row of ones.
@@ -124,5 +126,5 @@ def _backward(ctx, grad):
     return grad_a, grad_b, None, grad_bias, None
 
 
-torch.library.register_autograd("moe_ops::grouped_mm", _backward, setup_context=_setup_context)
+register_autograd("moe_ops::grouped_mm", _backward, setup_context=_setup_context)
 

@@ -20,6 +20,7 @@ from typing import Optional
 import torch
 
 from .. import _checks
+from .._autograd import register_autograd
 
 # The public wrappers (torch_moe_ops.ops and torch_moe_ops re-export them).
 __all__ = ["permute", "router_topk", "unpermute"]
@@ -194,7 +195,7 @@ def _router_topk_backward(ctx, grad_weights, grad_ids, grad_counts):
     return d_x.to(logits.dtype), None, None, None, None, None, None, None
 
 
-torch.library.register_autograd(
+register_autograd(
     "moe_ops::router_topk", _router_topk_backward, setup_context=_router_topk_setup_context)
 
 
@@ -212,7 +213,7 @@ def _permute_backward(ctx, grad_permuted, grad_dst, grad_src, grad_offs):
     return _unpermute(grad_permuted, dst_rows, None), None, None, None, None, None
 
 
-torch.library.register_autograd("moe_ops::permute", _permute_backward, setup_context=_permute_setup_context)
+register_autograd("moe_ops::permute", _permute_backward, setup_context=_permute_setup_context)
 
 
 def _unpermute_setup_context(ctx, inputs, output):
@@ -230,7 +231,7 @@ def _unpermute_autograd_backward(ctx, grad):
     return (grad_permuted if ctx.need_permuted else None), None, (grad_weights if permuted is not None else None)
 
 
-torch.library.register_autograd(
+register_autograd(
     "moe_ops::unpermute", _unpermute_autograd_backward, setup_context=_unpermute_setup_context)
 
 
@@ -275,6 +276,6 @@ def _unpermute_backward_autograd_backward(ctx, h_permuted, grad_grad_weights):
     return d_grad, None, None, d_weights, d_permuted
 
 
-torch.library.register_autograd(
+register_autograd(
     "moe_ops::unpermute_backward", _unpermute_backward_autograd_backward,
     setup_context=_unpermute_backward_setup_context)

@@ -79,6 +79,7 @@ import triton
 import triton.language as tl
 
 from .. import _checks
+from .._autograd import register_autograd
 from . import fp8 as f8
 from . import grouped_mm as gm
 
@@ -1037,8 +1038,7 @@ def _autograd_setup_context(ctx, inputs, output):
     _setup_context(ctx, inputs, output)
 
 
-torch.library.register_autograd("moe_ops_triton::expert_mlp", _autograd_backward,
-                                setup_context=_autograd_setup_context)
+register_autograd("moe_ops_triton::expert_mlp", _autograd_backward, setup_context=_autograd_setup_context)
 
 
 @torch.library.custom_op("moe_ops_triton::expert_mlp_fp8_interpreted", mutates_args=())
