@@ -195,8 +195,8 @@ ROUTER_UNGROUPED = [(
     "choice = scores [+ bias] [group-limited as DeepSeek-V3];\n",
     "choice = scores [+ bias];\n",
 ), (
-    "op's selection rule (ties to the lower id, -inf for masked groups), an epsilon that vanishes in fp32.\n",
-    "op's selection rule (ties to the lower id), an epsilon that vanishes in fp32.\n",
+    "-inf for masked groups, an epsilon that vanishes in fp32. Exact ties are the exception no graph can\n",
+    "an epsilon that vanishes in fp32. Exact ties are the exception no graph can\n",
 ), (
     "from .group_limit import match_group_limit\n", "",
 ), (

@@ -447,6 +447,25 @@ class TestMoERouterPass(MoEPassTestCase):
         got = run(torch.compile(fn, fullgraph=True, dynamic=True))
         self.assertRouterRewritten(got, want)
 
+    def test_router_ties_go_to_the_lower_id(self):
+        """Exact ties, which no graph can rule out: the rewritten router takes the lowest ids, where CPU
+        torch.topk's order of equal values is unspecified. Padding tokens (all-zero logits) tie every
+        expert; a token with two equal top logits ties inside its top-k. The weights are eager's (tied
+        experts score the same); the other tokens' ids are eager's. compile/router.py and the README say
+        so."""
+        self._fresh()
+        logits = torch.randn(6, 8, generator=torch.Generator().manual_seed(3))
+        logits[1, 5] = logits[1, 2] = 5.0
+        logits[3:] = 0.0
+        fn = _SoftmaxRouter(2, False)
+        want = fn(logits)
+        got = torch.compile(fn, fullgraph=True, dynamic=True)(logits)
+        self.assertEqual(_moe_counters(), {"router_topk": 1})
+        self.assertEqual(got[1][3:].tolist(), [[0, 1]] * 3)
+        self.assertEqual(got[1][1].tolist(), [2, 5])
+        self.assertTrue(torch.equal(got[1][[0, 2]].long(), want[1][[0, 2]]))
+        torch.testing.assert_close(got[0], want[0], rtol=2.0 ** -19, atol=0)
+
     def test_router_left_alone_on_16bit_scores(self):
         """A bf16 router (torchtitan's on CPU: its fp32 autocast region is a no-op there, so the gate's
         logits and the scores are bf16) is left alone: the stock top-k selects on bf16-rounded scores, the

@@ -136,6 +136,34 @@ def test_zero_tokens_gives_zero_aux_loss():
     assert out.shape == (0, config.hidden) and int(counts.sum()) == 0 and float(loss) == 0.0
 
 
+
+@pytest.mark.parametrize("experts_impl", ["fused", "unfused"])
+def test_export_with_a_dynamic_token_count(experts_impl):
+    """torch.export with a dynamic token dimension: the exported program on
+    new token counts, 0 and 1 among them, gives eager's bits (output, counts,
+    aux loss). The aux loss branched on T == 0 in Python: export kept the
+    T > 0 branch and returned NaN for 0 tokens."""
+    torch.manual_seed(6)
+    config = MoEConfig(hidden=16, intermediate=8, num_experts=4, top_k=2, aux_loss=True, experts_impl=experts_impl)
+    moe = MoE(config)
+    tokens = torch.export.Dim("tokens", max=2**20)
+    program = torch.export.export(moe, (torch.randn(9, 16),), dynamic_shapes=({0: tokens},)).module()
+    for t in (0, 1, 5, 40):
+        x = torch.randn(t, 16)
+        for got, want in zip(program(x), moe(x)):
+            assert torch.equal(got, want), t
+    assert float(program(torch.randn(0, 16))[2]) == 0.0
+
+
+def test_export_with_an_unbounded_token_count_suggests_a_bound():
+    """The permuted rows must fit int32 offsets: T * top_k + ... <= 2^31 - 1.
+    Stated as T * k <= c, a symbolic T became the bound T <= c / k, which
+    torch.export's constraint report asserted on for k > 1 (an AssertionError
+    inside torch); stated as T <= c // k, export asks for the bound."""
+    moe = MoE(MoEConfig(hidden=16, intermediate=8, num_experts=4, top_k=2))
+    with pytest.raises(torch._dynamo.exc.UserError, match=r"tokens = Dim\('tokens', max=1073741823\)"):
+        torch.export.export(moe, (torch.randn(9, 16),), dynamic_shapes=({0: torch.export.Dim("tokens")},))
+
 @pytest.mark.parametrize("score_func", ["softmax", "sigmoid"])
 def test_aux_loss_and_its_gradient_match_the_formula(score_func):
     """The loss is computed in float32 from float32 logits: 1e-5 relative

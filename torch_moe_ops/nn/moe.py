@@ -224,13 +224,18 @@ def load_balancing_loss(logits: torch.Tensor, counts: torch.Tensor, config: MoEC
     """Switch Transformer's loss, E * sum_e f_e * P_e: f_e the fraction of
     (token, slot) pairs routed to e (no gradient), P_e the mean router
     probability of e (softmax, or sigmoid scores normalised per token)."""
-    if logits.shape[0] == 0:
-        return logits.new_zeros((), dtype=torch.float32)
+    # No branch on the token count, in Python or symbolic: torch.export kept
+    # only the T > 0 branch (0 tokens then gave 0/0 = NaN), an unbacked T could
+    # not be guarded, and sym_max(T, 1) simplifies to T while tracing (a
+    # dynamic size is assumed >= 2). The divisors are clamped as tensors, at
+    # run time: with T = 0 both sums are empty and the loss is 0.
+    tokens = logits.shape[0]
     x = logits.float()
     if config.score_func == "sigmoid":
         probs = torch.sigmoid(x)
         probs = probs / probs.sum(-1, keepdim=True)
     else:
         probs = torch.softmax(x, dim=-1)
-    fraction = counts.float() / max(logits.shape[0] * config.top_k, 1)
-    return config.num_experts * (fraction * probs.mean(0)).sum()
+    fraction = counts.float() / x.new_full((), tokens * config.top_k).clamp_min(1)
+    mean_probs = probs.sum(0) / x.new_full((), tokens).clamp_min(1)
+    return config.num_experts * (fraction * mean_probs).sum()
