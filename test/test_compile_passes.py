@@ -448,11 +448,9 @@ class TestMoERouterPass(MoEPassTestCase):
         self.assertRouterRewritten(got, want)
 
     def test_router_ties_go_to_the_lower_id(self):
-        """Exact ties, which no graph can rule out: the rewritten router takes the lowest ids, where CPU
-        torch.topk's order of equal values is unspecified. Padding tokens (all-zero logits) tie every
-        expert; a token with two equal top logits ties inside its top-k. The weights are eager's (tied
-        experts score the same); the other tokens' ids are eager's. compile/router.py and the README say
-        so."""
+        """Exact ties, which no graph can rule out, go to the lowest ids (torch.topk's order is unspecified):
+        padding tokens' all-zero logits tie every expert, two equal top logits tie inside the top-k. The
+        weights are eager's (tied experts score the same), and so are the other tokens' ids."""
         self._fresh()
         logits = torch.randn(6, 8, generator=torch.Generator().manual_seed(3))
         logits[1, 5] = logits[1, 2] = 5.0

@@ -383,10 +383,7 @@ def check_permute_inputs(
         lambda: f"permute: num_local_experts must be in [1, num_experts - first_expert = {num_experts - first_expert}]"
         f", got num_local_experts={num_local}")
     tokens_n, top_k = tokens.shape[0], expert_ids.shape[1]
-    # rows = T * k + L * (alignment - 1) <= 2^31 - 1, stated as a whole bound
-    # on T: with a symbolic T, T * k <= c became T <= c / k, which
-    # torch.export's constraint report cannot print for k > 1 (an
-    # AssertionError inside torch instead of "Suggested fixes: T = Dim(...)").
+    # rows <= 2^31 - 1 as a whole bound on T (T * k <= c gives export T <= c / k, which it cannot print).
     limit = 2**31 - 1 - num_local * (alignment - 1)
     chk(limit >= 0 and (top_k == 0 or tokens_n <= limit // top_k),
         lambda: f"permute: the permuted row count tokens * top_k + num_local_experts * (alignment - 1) = {tokens_n} * "

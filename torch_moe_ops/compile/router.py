@@ -7,9 +7,8 @@ before AOT autograd, so the op's own backward (the weights' gradient through the
 with it. It applies only where the op computes what the stock code does: scores in fp32 (or fp64),
 -inf for masked groups, an epsilon that vanishes in fp32. Exact ties are the exception no graph can
 rule out: the op takes the lower expert id, where torch.topk leaves the order of equal values
-unspecified (on CPU it is often not the lower id). Tied experts have equal scores, so the weights are
-the same, but the ids can differ from eager's; all-zero logits (a padding token's zero hidden
-state, a zero-initialised router) tie every expert.
+unspecified. Tied experts score the same, so the weights are eager's but the ids can differ; all-zero
+logits (a padding token's zero hidden state, a zero-initialised router) tie every expert.
 With 16-bit scores (a bf16 gate outside an fp32 autocast region, e.g. torchtitan on CPU, where an
 fp32 autocast is a no-op) the stock top-k selects on rounded scores and breaks their ties by index,
 where the op selects on the fp32 scores: the two pick different experts, so the router is left alone.
