@@ -383,6 +383,42 @@ def test_inference_mode_and_grad_inputs_on_worker_threads(activation, dtype):
     for a, b in zip(autograd_grads, want_grads):
         assert torch.equal(a, b.view_as(a))
 
+
+def _clamped_swiglu_torch(x, w, gate_up, down, limit=7.0, alpha=1.702):
+    """gpt-oss's clamped SwiGLU experts in plain torch (one expert, k = 1): torch.clamp's backward."""
+    h = x @ gate_up[0]
+    gate, up = h.chunk(2, dim=1)
+    g = gate.clamp(max=limit)
+    return (((up.clamp(-limit, limit) + 1) * g * torch.sigmoid(alpha * g)) @ down[0]) * w
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+def test_clamped_swiglu_gradient_is_zero_where_clamped(dtype):
+    """Where a clamp is active (gate > limit, |up| > limit) the
+    gradient is 0, even from an infinite upstream gradient, as torch.clamp's
+    backward selects it. The kernel multiplied by the mask instead: inf * 0 =
+    NaN in dh, which the weight-gradient GEMM spread over the expert's whole
+    gate_up column. Rows: gate above the limit with an infinite routing
+    weight; up below -limit likewise; both inside the range (finite). Every
+    gradient has torch's non-finite pattern and, where finite, its value."""
+    x = torch.tensor([[1.0, 0.5], [1.0, 0.0], [0.0, 1.0], [0.25, 0.25]], dtype=dtype)
+    ids = torch.zeros(4, 1, dtype=torch.int32)
+    w = torch.tensor([[1.0], [float("inf")], [float("inf")], [0.5]],
+                     dtype=torch.float32 if dtype != torch.float64 else dtype)
+    # Token 1: gate 10 > 7, up 1; token 2: gate 1, up -9 < -7; token 3: both inside.
+    gate_up = torch.tensor([[[10.0, 1.0], [1.0, -9.0]]], dtype=dtype)
+    down = torch.tensor([[[0.75, 0.5]]], dtype=dtype)  # one sign: grad_out @ down^T * w stays inf, not inf - inf
+    grads = []
+    for fn in (lambda *t: fused_experts(t[0], ids, t[1], t[2], t[3], activation="swiglu_clamped"),
+               _clamped_swiglu_torch):
+        leaves = [t.clone().requires_grad_() for t in (x, w, gate_up, down)]
+        grads.append(torch.autograd.grad(fn(*leaves), leaves, torch.ones(4, 2, dtype=dtype)))
+    for got, want in zip(*grads):
+        assert torch.equal(got.isfinite(), want.isfinite()) and torch.equal(got.isnan(), want.isnan()), (got, want)
+        finite = want.isfinite()
+        torch.testing.assert_close(got[finite], want[finite], rtol=1e-6 if dtype == torch.float32 else 1e-13,
+                                   atol=0)
+
 def _op_args(dtype=torch.float32, bias=True):
     x, ids, w, gate_up, down, gub, dnb, views = make_problem(9, 8, 4, 3, 2, "swiglu", bias, True, False, dtype, 4)
     _, dst_rows, src_rows, offs = torch_moe_ops.permute(x[:, :0], ids, 3)

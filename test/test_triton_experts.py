@@ -790,3 +790,29 @@ def test_fp8_property(p, recipe, seed):
                                     gate_up_interleaved=p["interleaved"], swiglu_limit=1.5, recipe=recipe,
                                     num_programs=p["programs"])
     assert_within(out, exact, tol, f"fp8 {recipe} out")
+
+
+def test_clamped_swiglu_gradient_is_zero_where_clamped():
+    """As test_experts.py's test of the same name, for the Triton backward:
+    where a clamp is active an infinite upstream gradient gives 0, not
+    inf * 0 = NaN (the gate's clamp multiplied by a 0 derivative). float64:
+    the six gradients have the C++ kernel's non-finite pattern and, where
+    finite, its values to 1e-13."""
+    x = torch.tensor([[1.0, 0.5], [1.0, 0.0], [0.0, 1.0], [0.25, 0.25]], dtype=torch.float64)
+    ids = torch.zeros(4, 1, dtype=torch.int32)
+    w = torch.tensor([[1.0], [float("inf")], [float("inf")], [0.5]], dtype=torch.float64)
+    gate_up = torch.tensor([[[10.0, 1.0], [1.0, -9.0]]], dtype=torch.float64)  # gate > 7; up < -7
+    down = torch.tensor([[[0.75, 0.5]]], dtype=torch.float64)
+    gub, dnb = torch.tensor([[0.5, -0.25]], dtype=torch.float64), torch.tensor([[0.125, 1.0]], dtype=torch.float64)
+    _, dst_rows, src_rows, offs = torch_moe_ops.permute(x[:, :0], ids, 1)
+    args = (x, src_rows, offs, dst_rows, w, gate_up, down, gub, dnb)
+    _, h = torch.ops.moe_ops.expert_mlp(*args, "swiglu_clamped")
+    rest = (h, "swiglu_clamped", False, 1.702, 7.0, (True,) * 4)
+    grad = torch.ones(4, 2, dtype=torch.float64)
+    want = torch.ops.moe_ops.expert_mlp_backward(grad, *args, *rest)
+    got = tex.triton_expert_mlp_backward(grad, *args, *rest)
+    assert not want[2].isfinite().all()  # the infinite weights reach the gate_up gradient
+    for g, r in zip(got, want):
+        assert torch.equal(g.isnan(), r.isnan()) and torch.equal(g.isinf(), r.isinf()), (g, r)
+        finite = r.isfinite()
+        torch.testing.assert_close(g[finite], r[finite], rtol=1e-13, atol=1e-13)

@@ -107,7 +107,10 @@ Tensor activation_forward(const Tensor& h, const Activation& p) {
 }
 
 // dL/dh from h and dL/da, in the accumulation type. Clamps pass the gradient
-// where min <= x <= max, as torch.clamp's backward does.
+// where min <= x <= max, as torch.clamp's backward does: selected, not
+// multiplied by the mask, so that an infinite or NaN gradient (or a NaN h)
+// outside the range gives 0 rather than inf * 0 = NaN, which the weight
+// gradient's GEMM would spread over the expert's whole column.
 Tensor activation_backward(const Tensor& h, const Tensor& da, const Activation& p) {
   switch (p.kind) {
     case ExpertActivation::kSiLU: return at::silu_backward(da, h);
@@ -128,8 +131,8 @@ Tensor activation_backward(const Tensor& h, const Tensor& da, const Activation& 
     const Tensor s = at::sigmoid(g * p.alpha);
     const Tensor glu = g * s;
     const Tensor up_c = up.clamp(-p.limit, p.limit);
-    d_up = (da * glu).mul_(up.ge(-p.limit).logical_and_(up.le(p.limit)));
-    d_gate = (da * (up_c + 1) * (s + g * p.alpha * s * (1 - s))).mul_(gate.le(p.limit));
+    d_up = at::where(up.ge(-p.limit).logical_and_(up.le(p.limit)), da * glu, 0);
+    d_gate = at::where(gate.le(p.limit), da * (up_c + 1) * (s + g * p.alpha * s * (1 - s)), 0);
   }
   if (p.interleaved) {
     return at::stack({d_gate, d_up}, 2).view({h.size(0), 2 * p.inter});
