@@ -261,6 +261,22 @@ def test_router_topk_real_widths(experts, k, n_group, topk_group, score_func, dt
     torch.testing.assert_close(w, rw, **WEIGHT_TOL[torch.float32])
 
 
+@pytest.mark.parametrize("disabled", [float("-inf"), float("nan")])
+def test_router_topk_group_limit_keeps_a_disabled_expert_of_a_kept_group(disabled):
+    """A -inf or NaN key (a bias that disables an expert, a NaN logit) inside
+    a kept group: only the kept groups are eligible, so when k needs it that
+    expert is chosen, never one of a dropped group. The reference masked the
+    dropped groups' keys with -inf, so the disabled expert tied with them and
+    its stable sort took expert 0 from the dropped group."""
+    logits = torch.tensor([[0.0, 0.0, 0.0, 10.0, 10.0, 1.0], [10.0, 1.0, 10.0, 0.0, 0.0, 0.0]])
+    bias = torch.tensor([0.0, disabled, 0.0, 0.0, 0.0, disabled])
+    args = (logits, 3, "sigmoid", bias, 2, 1, False, 1.0)  # 2 groups of 3 experts, 1 kept, k = 3
+    w, ids, counts = torch.ops.moe_ops.router_topk(*args)
+    rw, rids, rcounts = torch_router_topk(*args)
+    assert ids.tolist() == rids.tolist() == [[3, 4, 5], [0, 2, 1]]
+    assert torch.equal(counts, rcounts)
+    torch.testing.assert_close(w, rw, **WEIGHT_TOL[torch.float32])
+
 def test_cuda_kernels_registered_for_routing_ops():
     """Every routing op has a CUDA kernel in CUDA builds (the repo-wide check
     lives in test_grouped_mm.py; this names the routing ops explicitly)."""

@@ -82,8 +82,13 @@ def torch_router_topk(
         group_key = group_key.masked_fill(group_key.isnan(), float("-inf"))
         keep = torch.sort(group_key, dim=-1, descending=True, stable=True).indices[:, :topk_group]
         mask = torch.zeros(tokens, n_group, dtype=torch.bool, device=logits.device).scatter(1, keep, True)
-        key = key.masked_fill(~mask.repeat_interleave(group_size, dim=1), float("-inf"))
-    ids = torch.sort(key, dim=-1, descending=True, stable=True).indices[:, :k]
+    order = torch.sort(key, dim=-1, descending=True, stable=True).indices
+    if n_group > 1:
+        # Only the kept groups' experts are eligible: they go first, in key order. (Masking the
+        # others' keys with -inf would let them tie with a -inf key inside a kept group.)
+        eligible = mask.repeat_interleave(group_size, dim=1).gather(1, order)
+        order = order.gather(1, torch.sort(eligible.to(torch.int8), dim=-1, descending=True, stable=True).indices)
+    ids = order[:, :k]
     weights = scores.gather(1, ids)
     if score_func == "softmax_after_topk":
         weights = torch.softmax(weights, dim=-1)
@@ -186,6 +191,8 @@ def torch_expert_mlp(
     swiglu_limit: float = 7.0,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Reference experts: every step in float64, ``out`` and ``h`` rounded once to the tokens' dtype.
+    (The op also stores the activation in the tokens' dtype: in float16 it can overflow there and
+    not here.)
 
     Row ``r`` of ``h`` is token ``src_rows[r] // k`` (zeros for padding, -1)
     through its group's ``gate_up_proj``; rows past ``offs[-1]`` are zero."""

@@ -152,6 +152,11 @@ def fused_experts(
     gpt-oss's clamped, ``sigmoid(alpha * gate)``-gated, ``(up + 1)``; gate then up, or
     alternating with ``gate_up_interleaved``), ``I`` for ``"silu"``, ``"gelu"``, ``"relu"``.
     Optional biases ``(E, N1)`` and ``(E, H)``. Returns ``(T, H)`` in the tokens' dtype.
+
+    Rounding: ``h``, the activation and each row's down projection are stored in the tokens' dtype,
+    as a torch composition in that dtype stores them; the GEMMs' sums and the activation are computed
+    in float32 (float64 for float64), and each token's k rows are summed in float32 in slot order and
+    rounded once. So in float16 an activation past 65504 is inf, as in plain torch.
     """
     # Routing only: a zero-width view moves no token bytes through permute.
     _, dst_rows, src_rows, offs = permute(tokens.detach()[:, :0], expert_ids, gate_up_proj.shape[0])
