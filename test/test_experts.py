@@ -394,16 +394,19 @@ def _clamped_swiglu_torch(x, w, gate_up, down, limit=7.0, alpha=1.702):
 
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
 def test_clamped_swiglu_gradient_is_zero_where_clamped(dtype):
-    """Where a clamp is active (gate > limit, |up| > limit) the
-    gradient is 0, even from an infinite upstream gradient, as torch.clamp's
-    backward selects it. The kernel multiplied by the mask instead: inf * 0 =
-    NaN in dh, which the weight-gradient GEMM spread over the expert's whole
-    gate_up column. Rows: gate above the limit with an infinite routing
-    weight; up below -limit likewise; both inside the range (finite). Every
-    gradient has torch's non-finite pattern and, where finite, its value."""
-    x = torch.tensor([[1.0, 0.5], [1.0, 0.0], [0.0, 1.0], [0.25, 0.25]], dtype=dtype)
-    ids = torch.zeros(4, 1, dtype=torch.int32)
-    w = torch.tensor([[1.0], [float("inf")], [float("inf")], [0.5]],
+    """Where a clamp is active (gate >= limit, |up| >= limit: torch's clamp
+    passes 0 at the bounds too) the gradient is 0, even from an infinite
+    upstream gradient, as torch.clamp's backward selects it. The kernel
+    multiplied by the mask instead (inf * 0 = NaN in dh, which the
+    weight-gradient GEMM spread over the expert's whole gate_up column), and
+    passed the full gradient at the bounds (the gradients of tokens 4-6 were
+    off by up to 25x). Every gradient has torch's non-finite pattern and,
+    where finite, its value."""
+    # Tokens 4-6 sit exactly on a bound (gate = 7; up = -7; up = 7): torch's clamp passes 0 there.
+    x = torch.tensor([[1.0, 0.5], [1.0, 0.0], [0.0, 1.0], [0.25, 0.25], [0.5, 2.0], [2.0, 1.0], [-2.0, -1.0]],
+                     dtype=dtype)
+    ids = torch.zeros(7, 1, dtype=torch.int32)
+    w = torch.tensor([[1.0], [float("inf")], [float("inf")], [0.5], [1.0], [1.0], [0.75]],
                      dtype=torch.float32 if dtype != torch.float64 else dtype)
     # Token 1: gate 10 > 7, up 1; token 2: gate 1, up -9 < -7; token 3: both inside.
     gate_up = torch.tensor([[[10.0, 1.0], [1.0, -9.0]]], dtype=dtype)
@@ -412,12 +415,13 @@ def test_clamped_swiglu_gradient_is_zero_where_clamped(dtype):
     for fn in (lambda *t: fused_experts(t[0], ids, t[1], t[2], t[3], activation="swiglu_clamped"),
                _clamped_swiglu_torch):
         leaves = [t.clone().requires_grad_() for t in (x, w, gate_up, down)]
-        grads.append(torch.autograd.grad(fn(*leaves), leaves, torch.ones(4, 2, dtype=dtype)))
+        grads.append(torch.autograd.grad(fn(*leaves), leaves, torch.ones(7, 2, dtype=dtype)))
     for got, want in zip(*grads):
         assert torch.equal(got.isfinite(), want.isfinite()) and torch.equal(got.isnan(), want.isnan()), (got, want)
         finite = want.isfinite()
         torch.testing.assert_close(got[finite], want[finite], rtol=1e-6 if dtype == torch.float32 else 1e-13,
                                    atol=0)
+
 
 def _op_args(dtype=torch.float32, bias=True):
     x, ids, w, gate_up, down, gub, dnb, views = make_problem(9, 8, 4, 3, 2, "swiglu", bias, True, False, dtype, 4)

@@ -795,12 +795,15 @@ def test_fp8_property(p, recipe, seed):
 def test_clamped_swiglu_gradient_is_zero_where_clamped():
     """As test_experts.py's test of the same name, for the Triton backward:
     where a clamp is active an infinite upstream gradient gives 0, not
-    inf * 0 = NaN (the gate's clamp multiplied by a 0 derivative). float64:
-    the six gradients have the C++ kernel's non-finite pattern and, where
-    finite, its values to 1e-13."""
-    x = torch.tensor([[1.0, 0.5], [1.0, 0.0], [0.0, 1.0], [0.25, 0.25]], dtype=torch.float64)
-    ids = torch.zeros(4, 1, dtype=torch.int32)
-    w = torch.tensor([[1.0], [float("inf")], [float("inf")], [0.5]], dtype=torch.float64)
+    inf * 0 = NaN (the gate's clamp multiplied by a 0 derivative), and a
+    value on a bound gets 0 (the kernel passed it). float64: the six
+    gradients have the C++ kernel's non-finite pattern and, where finite,
+    its values to 1e-13."""
+    # Tokens 4-6 sit exactly on a bound (gate = 7; up = -7; up = 7): torch's clamp passes 0 there.
+    x = torch.tensor([[1.0, 0.5], [1.0, 0.0], [0.0, 1.0], [0.25, 0.25], [0.5, 2.0], [2.0, 1.0], [-2.0, -1.0]],
+                     dtype=torch.float64)
+    ids = torch.zeros(7, 1, dtype=torch.int32)
+    w = torch.tensor([[1.0], [float("inf")], [float("inf")], [0.5], [1.0], [1.0], [0.75]], dtype=torch.float64)
     gate_up = torch.tensor([[[10.0, 1.0], [1.0, -9.0]]], dtype=torch.float64)  # gate > 7; up < -7
     down = torch.tensor([[[0.75, 0.5]]], dtype=torch.float64)
     gub, dnb = torch.tensor([[0.5, -0.25]], dtype=torch.float64), torch.tensor([[0.125, 1.0]], dtype=torch.float64)
@@ -808,7 +811,7 @@ def test_clamped_swiglu_gradient_is_zero_where_clamped():
     args = (x, src_rows, offs, dst_rows, w, gate_up, down, gub, dnb)
     _, h = torch.ops.moe_ops.expert_mlp(*args, "swiglu_clamped")
     rest = (h, "swiglu_clamped", False, 1.702, 7.0, (True,) * 4)
-    grad = torch.ones(4, 2, dtype=torch.float64)
+    grad = torch.ones(7, 2, dtype=torch.float64)
     want = torch.ops.moe_ops.expert_mlp_backward(grad, *args, *rest)
     got = tex.triton_expert_mlp_backward(grad, *args, *rest)
     assert not want[2].isfinite().all()  # the infinite weights reach the gate_up gradient

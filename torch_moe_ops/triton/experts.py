@@ -361,18 +361,18 @@ def expert_gemm_kernel(
                         df = cdf + x * tl.exp(-0.5 * x * x) * 0.3989422804014327
                         up_f = up
                         d_up = da * f
-                    else:  # clamps pass the gradient where min <= x <= max, as torch.clamp's backward
+                    else:  # clamps pass the gradient strictly inside, as torch.clamp's backward
                         # (selected: an inf or NaN da outside gives 0, not inf * 0; ExpertMLP.cpp)
                         xc = tl.minimum(x, limit)
                         sg = 1.0 / (1.0 + tl.exp(-alpha * xc))
                         f = xc * sg
                         df = sg + xc * alpha * sg * (1.0 - sg)
                         up_f = tl.minimum(tl.maximum(up, -limit), limit) + 1.0
-                        d_up = tl.where((up >= -limit) & (up <= limit), da * f, 0.0)
+                        d_up = tl.where((up > -limit) & (up < limit), da * f, 0.0)
                     act = f * up_f
                     d_gate = da * up_f * df
                     if ACTIVATION == 2:
-                        d_gate = tl.where(x <= limit, d_gate, 0.0)
+                        d_gate = tl.where(x < limit, d_gate, 0.0)
                     dh_row = out_ptr + rows64 * stride_om
                     tl.store(dh_row + hcols_g[None, :].to(tl.int64) * stride_on, d_gate.to(out_ptr.dtype.element_ty),
                              mask=mask)

@@ -107,10 +107,11 @@ Tensor activation_forward(const Tensor& h, const Activation& p) {
 }
 
 // dL/dh from h and dL/da, in the accumulation type. Clamps pass the gradient
-// where min <= x <= max, as torch.clamp's backward does: selected, not
-// multiplied by the mask, so that an infinite or NaN gradient (or a NaN h)
-// outside the range gives 0 rather than inf * 0 = NaN, which the weight
-// gradient's GEMM would spread over the expert's whole column.
+// strictly inside the range, 0 at the bounds, as torch.clamp's backward does
+// (bfloat16 holds the limit 7 exactly: saturated gpt-oss gates sit on it).
+// Selected, not multiplied by the mask, so that an infinite or NaN gradient
+// (or a NaN h) outside the range gives 0 rather than inf * 0 = NaN, which the
+// weight gradient's GEMM would spread over the expert's whole column.
 Tensor activation_backward(const Tensor& h, const Tensor& da, const Activation& p) {
   switch (p.kind) {
     case ExpertActivation::kSiLU: return at::silu_backward(da, h);
@@ -131,8 +132,8 @@ Tensor activation_backward(const Tensor& h, const Tensor& da, const Activation& 
     const Tensor s = at::sigmoid(g * p.alpha);
     const Tensor glu = g * s;
     const Tensor up_c = up.clamp(-p.limit, p.limit);
-    d_up = at::where(up.ge(-p.limit).logical_and_(up.le(p.limit)), da * glu, 0);
-    d_gate = at::where(gate.le(p.limit), da * (up_c + 1) * (s + g * p.alpha * s * (1 - s)), 0);
+    d_up = at::where(up.gt(-p.limit).logical_and_(up.lt(p.limit)), da * glu, 0);
+    d_gate = at::where(gate.lt(p.limit), da * (up_c + 1) * (s + g * p.alpha * s * (1 - s)), 0);
   }
   if (p.interleaved) {
     return at::stack({d_gate, d_up}, 2).view({h.size(0), 2 * p.inter});
