@@ -83,6 +83,10 @@ def _float8_cases():
     yield OPS.scaled_grouped_mm_v2, {**dict(zip(names, args)), **kw}, ("scale_a", "scale_b")
 
 
+def _case_id(value):
+    return str(value) if isinstance(value, torch._ops.OpOverloadPacket) else ""
+
+
 def _with_tangent(kwargs, arg):
     """kwargs with arg made dual (a list of tensors: each of them)."""
     value = kwargs[arg]
@@ -91,7 +95,7 @@ def _with_tangent(kwargs, arg):
 
 
 @pytest.mark.parametrize("op, kwargs, args", [*_differentiable_cases(), *_float8_cases()],
-                         ids=lambda v: str(v) if isinstance(v, torch._ops.OpOverloadPacket) else "")
+                         ids=_case_id)
 def test_forward_ad_raises_naming_the_argument(op, kwargs, args):
     for arg in args:
         with fwAD.dual_level():
@@ -102,7 +106,7 @@ def test_forward_ad_raises_naming_the_argument(op, kwargs, args):
 
 
 @pytest.mark.parametrize("op, kwargs, args", [c for c in _differentiable_cases() if c[0] != OPS.expert_mlp_backward],
-                         ids=lambda v: str(v) if isinstance(v, torch._ops.OpOverloadPacket) else "")
+                         ids=_case_id)
 def test_reverse_mode_unchanged(op, kwargs, args):
     """The refusal does not reach reverse mode: the same first gradients in a
     dual level as outside one (expert_mlp_backward has none: its own
@@ -146,7 +150,7 @@ def test_functorch_transforms_raise():
 
 
 @pytest.mark.parametrize("op, kwargs, args", list(_float8_cases()),
-                         ids=lambda v: str(v) if isinstance(v, torch._ops.OpOverloadPacket) else "")
+                         ids=_case_id)
 def test_float8_ops_backward_raises(op, kwargs, args):
     """Gradients through the float8 ops came back None, with a warning; now
     the backward raises as upstream's _scaled_grouped_mm's does. Without

@@ -39,6 +39,11 @@ def refuse_forward_ad(op_name: str, named_args, hint: str = REVERSE_MODE_HINT) -
     """Raise if any (name, value) tensor carries a forward tangent at the
     current dual level. Under torch.func.jvp the op's autograd kernel runs
     first at the jvp layer, where the tangent is visible; that call raises."""
+    # No dual level, no tangent: one read instead of unpack_dual on every
+    # tensor (~1 us each, on every call of every op; the level is what
+    # unpack_dual itself reads, and torch.func.jvp enters one).
+    if fwAD._current_level < 0:
+        return
     for name, value in named_args:
         tensors = value if isinstance(value, (list, tuple)) else [value]  # Tensor[] (scaled_grouped_mm_v2's scales)
         if any(isinstance(t, torch.Tensor) and fwAD.unpack_dual(t).tangent is not None for t in tensors):
